@@ -1,0 +1,1 @@
+"""slimfx.cost."""

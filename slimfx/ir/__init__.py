@@ -1,0 +1,1 @@
+"""Capture, sites, the slimfx op vocabulary and the one graph-editing helper."""

@@ -1,0 +1,52 @@
+"""The slimfx op vocabulary: ``torch.library`` custom ops named for what they compute.
+
+Each op has a CPU/reference implementation and a fake (meta) implementation, so a rewritten
+model runs on CPU, exports with torch.export, and can be lowered by op name. Backend names
+never appear in op names. Kernels register faster implementations in ``slimfx.kernels``.
+
+    slimfx::lowrank_linear(x, U, V, bias?)   = x @ Vᵀ @ Uᵀ + bias      U: out×r, V: r×in
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["lowrank_linear", "OPS"]
+
+
+@torch.library.custom_op("slimfx::lowrank_linear", mutates_args=())
+def lowrank_linear(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``x @ Vᵀ @ Uᵀ + bias``: a linear whose weight is the rank-r product ``U @ V``."""
+    y = torch.nn.functional.linear(torch.nn.functional.linear(x, V), U, bias)
+    return y
+
+
+@lowrank_linear.register_fake
+def _(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None = None) -> Tensor:
+    torch._check(x.shape[-1] == V.shape[1], lambda: "x last dim must equal V.shape[1]")
+    torch._check(U.shape[1] == V.shape[0], lambda: "U.shape[1] must equal V.shape[0] (rank)")
+    return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+def _lowrank_setup(ctx, inputs, output):  # noqa: ANN001
+    x, U, V, bias = inputs
+    ctx.save_for_backward(x, U, V)
+    ctx.has_bias = bias is not None
+
+
+def _lowrank_backward(ctx, grad):  # noqa: ANN001
+    x, U, V = ctx.saved_tensors
+    h = torch.nn.functional.linear(x, V)  # … × r
+    g_h = grad @ U  # … × r
+    gx = g_h @ V
+    gU = grad.reshape(-1, grad.shape[-1]).T @ h.reshape(-1, h.shape[-1])
+    gV = g_h.reshape(-1, g_h.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+    gb = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return gx, gU, gV, gb
+
+
+lowrank_linear.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+
+#: op name → python handle, for lowering and counting by name.
+OPS: dict[str, object] = {"lowrank_linear": torch.ops.slimfx.lowrank_linear}

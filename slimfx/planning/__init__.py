@@ -1,0 +1,1 @@
+"""Decision configs, the budget problem, solvers and Plan. Plain Python + numpy/scipy."""

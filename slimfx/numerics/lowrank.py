@@ -1,0 +1,137 @@
+"""Low-rank factorization: plain truncated SVD and activation-whitened SVD.
+
+Plain:     W = P Σ Qᵀ,  Ŵ_r = P_r Σ_r Q_rᵀ  — minimizes ‖W − Ŵ‖_F.
+Whitened:  G = XᵀX = L Lᵀ,  W L = P Σ Qᵀ,  Ŵ_r = P_r Σ_r Q_rᵀ L⁻¹  — minimizes the output
+           error ‖(W − Ŵ)Xᵀ‖²_F = tr(E G Eᵀ) = ‖E L‖²_F, which equals Σ_{i>r} σ_i² exactly.
+
+Factors are returned split evenly, U = P_r Σ_r^½ (out × r) and V = Σ_r^½ Q_rᵀ L⁻¹ (r × in),
+so neither factor carries all the dynamic range (kinder to fp16/bf16 storage).
+
+A Gram matrix that is not positive definite (dead input channels, too few tokens) gets a
+damped Cholesky (G + λ·mean(diag G)·I for growing λ) and, failing that, an eigen square root
+with clamped eigenvalues; ``whiten`` says which it used.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from slimfx.numerics import register_form
+from slimfx.planning.configs import Decision, LowRankConfig
+
+__all__ = [
+    "whiten",
+    "lowrank_factors",
+    "lowrank_error_curve",
+    "max_useful_rank",
+]
+
+_DAMPS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2)
+
+
+def whiten(gram: Tensor) -> tuple[Tensor, Tensor, str]:
+    """A square root L of the Gram matrix (L Lᵀ ≈ G) and its inverse, in float64.
+
+    Returns ``(L, L_inv, how)`` with ``how`` in {"cholesky", "damped(λ)", "eigen"}.
+    """
+    G = gram.detach().to(torch.float64)
+    G = 0.5 * (G + G.T)
+    n = G.shape[0]
+    scale = float(G.diagonal().mean()) if n else 0.0
+    if scale <= 0:
+        eye = torch.eye(n, dtype=torch.float64)
+        return eye, eye, "identity (zero Gram)"
+    eye = torch.eye(n, dtype=torch.float64)
+    for damp in _DAMPS:
+        L, info = torch.linalg.cholesky_ex(G + damp * scale * eye)
+        if int(info) == 0:
+            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            if torch.isfinite(L_inv).all():
+                return L, L_inv, "cholesky" if damp == 0 else f"damped({damp:g})"
+    evals, Q = torch.linalg.eigh(G)
+    evals = evals.clamp_min(1e-10 * float(evals.max().clamp_min(1e-300)))
+    root = evals.sqrt()
+    return Q * root, (Q / root).T, "eigen"
+
+
+def _svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.linalg.svd(M, full_matrices=False)
+
+
+def max_useful_rank(in_features: int, out_features: int) -> int:
+    """The largest rank that still saves bytes: r·(in + out) < in·out."""
+    return max(0, (in_features * out_features - 1) // (in_features + out_features))
+
+
+def lowrank_factors(
+    weight: Tensor, rank: int, method: str = "whitened", gram: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """``U`` (out × rank), ``V`` (rank × in) in the weight's dtype with U @ V ≈ W.
+
+    ``method="whitened"`` uses ``gram`` (XᵀX); with ``gram=None`` it equals plain SVD.
+    """
+    out_f, in_f = weight.shape
+    if not 1 <= rank <= min(out_f, in_f):
+        raise ValueError(f"rank {rank} outside [1, {min(out_f, in_f)}] for a {out_f}×{in_f} weight")
+    W = weight.detach().to(torch.float64)
+    if method == "whitened" and gram is not None:
+        L, L_inv, _ = whiten(gram)
+        P, S, Qh = _svd(W @ L)
+        right = Qh[:rank] @ L_inv
+    elif method in ("svd", "whitened"):
+        P, S, Qh = _svd(W)
+        right = Qh[:rank]
+    else:
+        raise ValueError(f"unknown low-rank method {method!r}")
+    root = S[:rank].sqrt()
+    U = P[:, :rank] * root
+    V = root[:, None] * right
+    return U.to(weight.dtype), V.to(weight.dtype)
+
+
+def lowrank_error_curve(
+    weight: Tensor, gram: Tensor | None = None, method: str = "whitened"
+) -> Tensor:
+    """Relative output error tr(E G Eᵀ)/tr(W G Wᵀ) of the rank-r factorization for every
+    r = 0 … min(out, in), from one SVD (float64, entry 0 is 1.0, last is 0.0).
+
+    - whitened: Σ_{i>r} σ_i² / Σ σ_i² of W L (exact when the Gram was Cholesky-factorable).
+    - svd with a Gram: E_r = Σ_{i>r} σ_i p_i q_iᵀ ⇒ tr(E G Eᵀ) = Σ_{i>r} σ_i² q_iᵀ G q_i.
+    - no Gram: the Frobenius ratio Σ_{i>r} σ_i² / Σ σ_i².
+    """
+    W = weight.detach().to(torch.float64)
+    if method == "whitened" and gram is not None:
+        L, _, _ = whiten(gram)
+        terms = torch.linalg.svdvals(W @ L) ** 2
+        total = terms.sum()
+    elif method in ("svd", "whitened"):
+        _, S, Qh = _svd(W)
+        if gram is None:
+            terms = S**2
+            total = terms.sum()
+        else:
+            G = gram.detach().to(torch.float64)
+            terms = S**2 * ((Qh @ G) * Qh).sum(1)
+            total = ((W @ G) * W).sum()
+    else:
+        raise ValueError(f"unknown low-rank method {method!r}")
+    if total <= 0:
+        curve = torch.ones(terms.numel() + 1, dtype=torch.float64)
+        curve[-1] = 0.0
+        return curve
+    tail = torch.cat([terms.flip(0).cumsum(0).flip(0), terms.new_zeros(1)])
+    return (tail / total).clamp_min(0.0)
+
+
+def _factorize(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+    assert isinstance(decision, LowRankConfig)
+    U, V = lowrank_factors(weight, decision.rank, decision.method, gram)
+    return {"U": U, "V": V}
+
+
+def _reconstruct(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+    return tensors["U"] @ tensors["V"]
+
+
+register_form("lowrank", _factorize, _reconstruct)

@@ -56,10 +56,12 @@ def _ensure_loaded() -> None:
     # Importing the form modules registers them; done lazily to keep import order simple.
     from slimfx.numerics import lowrank  # noqa: F401
 
-    try:
-        from slimfx.numerics import quant, sparse  # noqa: F401
-    except ImportError:  # pragma: no cover - present once the quantized forms land
-        pass
+    for name in ("quant", "sparse", "combo"):  # present once the other forms land
+        try:
+            __import__(f"slimfx.numerics.{name}")
+        except ModuleNotFoundError as e:  # pragma: no cover
+            if e.name != f"slimfx.numerics.{name}":
+                raise
 
 
 def factorize(weight: Tensor, decision: Decision, gram: Tensor | None = None) -> dict[str, Tensor]:

@@ -2,11 +2,9 @@
 
 from slimfx.passes.rules import lowrank  # noqa: F401
 
-try:  # the quantized / sparse families register when present
-    from slimfx.passes.rules import quant  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from slimfx.passes.rules import sparse  # noqa: F401
-except ImportError:  # pragma: no cover
-    pass
+for _name in ("quant", "sparse", "combo"):  # the quantized / sparse families, once present
+    try:
+        __import__(f"slimfx.passes.rules.{_name}")
+    except ModuleNotFoundError as _e:  # pragma: no cover
+        if _e.name != f"slimfx.passes.rules.{_name}":
+            raise

@@ -1,1 +1,51 @@
-"""slimfx."""
+"""slimfx: make trained PyTorch models smaller and faster by compiler-style graph rewriting.
+
+    model = slimfx.optimize(model, budget=0.5, calibration=batches)
+    print(slimfx.report_of(model))
+"""
+
+from slimfx.planning.configs import (
+    DenseConfig,
+    LowRankConfig,
+    LowRankQuantConfig,
+    QuantConfig,
+    Sparse24Config,
+    Sparse24LowRankConfig,
+)
+from slimfx.planning.plan import Plan
+from slimfx.planning.problem import Budget, InfeasibleBudgetError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "optimize",
+    "report_of",
+    "save",
+    "load",
+    "Plan",
+    "Budget",
+    "InfeasibleBudgetError",
+    "DenseConfig",
+    "LowRankConfig",
+    "QuantConfig",
+    "Sparse24Config",
+    "LowRankQuantConfig",
+    "Sparse24LowRankConfig",
+    "Report",
+]
+
+
+def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers, no export)
+    if name in ("optimize", "report_of"):
+        from slimfx import api
+
+        return getattr(api, name)
+    if name in ("save", "load"):
+        from slimfx import io
+
+        return getattr(io, name)
+    if name == "Report":
+        from slimfx.report import Report
+
+        return Report
+    raise AttributeError(f"module 'slimfx' has no attribute {name!r}")

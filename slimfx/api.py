@@ -1,0 +1,452 @@
+"""``slimfx.optimize``: the one call. Orchestrates capture → sites → calibration → cost →
+plan → passes → report, and nothing else: every step lives in its own package.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
+from slimfx.cost.candidates import build_problem
+from slimfx.cost.sequential import run_sequential
+from slimfx.cost.target import latency as estimate_site_latency
+from slimfx.ir.capture import capture
+from slimfx.ir.find import find_linear_sites
+from slimfx.ir.sites import LinearSite
+from slimfx.passes.base import PassResult, SiteRecord
+from slimfx.passes.swap import apply_plan
+from slimfx.planning.configs import Decision, DenseConfig
+from slimfx.planning.plan import Plan
+from slimfx.planning.problem import Budget, BudgetProblem
+from slimfx.planning.solve import frontier, solve
+from slimfx.report import Report, SiteEntry
+
+__all__ = ["optimize", "report_of", "find_sites", "needs_gram"]
+
+REPORT_ATTR = "slimfx_report"
+
+
+def report_of(model: nn.Module) -> Report:
+    """The report of a model returned by ``optimize`` (KeyError-like error otherwise)."""
+    rep = getattr(model, REPORT_ATTR, None)
+    if rep is None:
+        raise ValueError("this model was not returned by slimfx.optimize (it has no report)")
+    return rep
+
+
+def needs_gram(decision: Decision) -> bool:
+    """Whether realizing ``decision`` uses calibration statistics (activation-aware)."""
+    kind = decision.kind
+    if kind == "lowrank":
+        return decision.method == "whitened"  # type: ignore[attr-defined]
+    if kind == "quant":
+        return decision.method in ("gptq", "awq")  # type: ignore[attr-defined]
+    if kind == "sparse24":
+        return decision.mask == "wanda" or decision.compensate  # type: ignore[attr-defined]
+    return kind in ("lowrank_quant", "sparse24_lowrank")
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "generate")
+
+
+def _example_call(model: nn.Module, batch: Any, max_tokens: int = 16) -> tuple[tuple, dict]:
+    """Arguments for capturing ``model`` from one calibration batch (trimmed for speed)."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
+        return (), {"input_ids": batch[:1, :max_tokens], "use_cache": False}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def find_sites(
+    model: nn.Module, example: tuple[tuple, dict]
+) -> tuple[list[LinearSite], dict[str, Any]]:
+    """Capture ``model`` and find its linear sites; the second value says how."""
+    t0 = time.perf_counter()
+    captured = capture(model, example[0], example[1], fallback=True)
+    sites = find_linear_sites(captured, model)
+    info = {"method": captured.method, "seconds": round(time.perf_counter() - t0, 2)}
+    if captured.fallback_reason:
+        info["fallback_reason"] = captured.fallback_reason
+    return sites, info
+
+
+def _check_weights(model: nn.Module, sites: Sequence[LinearSite]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    bad = [s.weight for s in sites if s.weight in params and not torch.isfinite(params[s.weight]).all()]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} weight(s) contain NaN or inf: {', '.join(bad[:5])}"
+            f"{' …' if len(bad) > 5 else ''}. Fix the checkpoint before optimizing."
+        )
+
+
+def _check_plan(plan: Plan, sites: Sequence[LinearSite]) -> None:
+    by = {s.fqn: s for s in sites}
+    unknown = [k for k in plan if k not in by]
+    if unknown:
+        import difflib
+
+        hints = []
+        for k in unknown[:3]:
+            m = difflib.get_close_matches(k, by, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {m[0]!r}?)" if m else ""))
+        raise ValueError(
+            f"plan names {len(unknown)} site(s) this model does not have: {', '.join(hints)}"
+        )
+    wrong = [
+        f"{k}: plan {tuple(plan.shapes[k])} vs model {by[k].shape}"
+        for k in plan
+        if k in plan.shapes and tuple(plan.shapes[k]) != by[k].shape
+    ]
+    if wrong:
+        raise ValueError("plan shapes do not match the model: " + "; ".join(wrong[:5]))
+
+
+def _split_heldout(batches: list, heldout: Sequence | None) -> tuple[list, list, str | None]:
+    if heldout is not None:
+        return batches, list(heldout), None
+    if len(batches) >= 2:
+        k = max(1, len(batches) // 8)
+        return batches[:-k], batches[-k:], None
+    return batches, batches, "only one calibration batch: the measured SQNR uses the same batch"
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
+        return model(input_ids=batch, use_cache=False)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+@torch.no_grad()
+def measure_site_errors(
+    model: nn.Module,
+    dense: Mapping[str, tuple[Tensor, Tensor | None]],
+    batches: Sequence,
+) -> dict[str, tuple[float, float]]:
+    """(SQNR dB, relative error) of each rewritten layer's output on ``batches``: the
+    rewritten module against the dense weight it replaced, on the same inputs."""
+    mods = dict(model.named_modules())
+    acc: dict[str, list[float]] = {k: [0.0, 0.0] for k in dense}
+    handles = []
+
+    def hook(name: str):
+        W, b = dense[name]
+
+        def fn(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            ref = torch.nn.functional.linear(args[0].to(W.dtype), W, b).double()
+            acc[name][0] += float((ref * ref).sum())
+            acc[name][1] += float(((ref - out.double()) ** 2).sum())
+
+        return fn
+
+    try:
+        for name in dense:
+            handles.append(mods[name].register_forward_hook(hook(name)))
+        for b in batches:
+            _call(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for k, (sig, err) in acc.items():
+        rel = err / sig if sig > 0 else float("nan")
+        out[k] = (10 * math.log10(sig / err) if err > 0 else float("inf"), rel)
+    return out
+
+
+def optimize(
+    model: nn.Module,
+    budget: float | Budget | None = 0.5,
+    *,
+    calibration: Sequence | None = None,
+    tokenizer: Any = None,
+    plan: Plan | None = None,
+    target: str = "cpu",
+    workload: str = "decode",
+    families: Sequence[str] = ("lowrank",),
+    sequential: bool = False,
+    fisher: bool = False,
+    solver: str = "auto",
+    heldout: Sequence | None = None,
+    example_inputs: tuple | None = None,
+    inplace: bool = False,
+    seq_len: int = 256,
+    latency_cache: Any = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Rewrite ``model``'s linears into cheaper forms under ``budget``; return the rewritten
+    model (same class) with its report at ``slimfx.report_of(model)``.
+
+    - ``budget``: a fraction of the rewritable linears' bytes **at 16 bits per weight** (the
+      reference is 16-bit whatever dtype the model is loaded in, so fp32 and bf16 loads give
+      one result), or a ``Budget(memory=…, bits=…, latency=…, max_error=…)``. ``1.0`` changes
+      nothing.
+    - ``calibration``: token-id tensors (B, L), strings (with ``tokenizer``), tensors or kwarg
+      dicts — real data the model will see; it drives every activation-aware estimate.
+    - ``plan``: replay a saved ``Plan`` (``Plan.load(path)``) — no cost model, no solver.
+      Activation-aware decisions still need the same calibration to reproduce the factors.
+    - ``target`` / ``workload``: "cpu" | "h100", "decode" | "prefill" — what latency means.
+    - ``families``: candidate families offered to the solver (e.g. "lowrank", "int4", "int8",
+      "int4_gptq", "sparse24", "lowrank_quant", "sparse24_lowrank").
+    - ``sequential``: realize the plan block by block with statistics from the already
+      rewritten prefix (later layers compensate earlier error); one block's activations live
+      at a time.
+    - ``fisher``: weight each site's error by a Fisher-style loss sensitivity.
+    - ``inplace``: rewrite the given model object instead of a copy.
+    """
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    bud = Budget.of(budget) if plan is None else Budget.of(budget if budget is not None else None)
+    if plan is not None and not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a slimfx Plan, got {type(plan).__name__}")
+
+    batches: list = []
+    if calibration is not None:
+        if isinstance(calibration, (str, bytes)):
+            raise TypeError("calibration must be a list of batches or strings, not one string")
+        batches = prepare_batches(list(calibration), tokenizer=tokenizer, seq_len=seq_len)
+        if not batches:
+            raise ValueError("calibration is empty: pass at least one batch of real inputs")
+
+    # ---- capture and sites
+    if example_inputs is not None:
+        example = (tuple(example_inputs), {})
+    elif batches:
+        example = _example_call(model, batches[0])
+    else:
+        raise ValueError(
+            "optimize needs calibration data (or example_inputs when replaying a plan that "
+            "uses no activation-aware decision) to capture the model"
+        )
+    t0 = time.perf_counter()
+    sites, cap_info = find_sites(model, example)
+    timings["capture"] = time.perf_counter() - t0
+    if cap_info["method"] != "export":
+        notes.append(
+            "torch.export failed; sites found by module-level discovery instead: "
+            + cap_info.get("fallback_reason", "")[:300]
+        )
+    if not sites:
+        raise ValueError("no linear layers found in this model: nothing to optimize")
+    _check_weights(model, sites)
+    by_fqn = {s.fqn: s for s in sites}
+    mods = dict(model.named_modules())
+
+    if plan is not None:
+        _check_plan(plan, sites)
+        aware = [k for k, d in plan.items() if needs_gram(d)]
+        if aware and not batches:
+            raise ValueError(
+                f"the plan uses activation-aware decisions at {len(aware)} site(s) (e.g. "
+                f"{aware[0]}: {plan[aware[0]].short()}); pass the same calibration= to "
+                "reproduce their factors"
+            )
+
+    fit_batches, eval_batches, note = _split_heldout(batches, heldout) if batches else ([], [], None)
+    if note:
+        notes.append(note)
+
+    # ---- statistics, problem, solution
+    stats: CalibrationStats | None = None
+    problem: BudgetProblem | None = None
+    solution = None
+    if fit_batches and (plan is None or any(needs_gram(d) for d in plan.values())):
+        t0 = time.perf_counter()
+        stats = collect_stats(
+            model, sites, fit_batches, fisher=fisher and plan is None, progress=progress
+        )
+        timings["calibration"] = time.perf_counter() - t0
+    weights = {s.fqn: mods[s.fqn].weight.detach() for s in sites}
+    if plan is None:
+        t0 = time.perf_counter()
+        problem, _cands = build_problem(
+            sites,
+            weights,
+            stats,
+            target=target,
+            workload=workload,
+            families=tuple(families),
+            cache=latency_cache,
+            progress=progress,
+        )
+        timings["candidates"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        solution = solve(problem, bud, method=solver)
+        timings["solve"] = time.perf_counter() - t0
+        plan = solution.to_plan(
+            shapes={s.fqn: s.shape for s in sites},
+            meta={
+                "budget": bud.to_dict(),
+                "target": target,
+                "workload": workload,
+                "families": list(families),
+                "solver": solution.solver,
+                "model_class": type(model).__name__,
+            },
+        )
+    else:
+        plan = Plan(
+            {**{s.fqn: DenseConfig() for s in sites}, **dict(plan.decisions)},
+            {**{s.fqn: s.shape for s in sites}, **plan.shapes},
+            dict(plan.meta),
+        )
+
+    # ---- apply
+    t0 = time.perf_counter()
+    dense_ref = {
+        s.fqn: (
+            mods[s.fqn].weight.detach().clone(),
+            None if mods[s.fqn].bias is None else mods[s.fqn].bias.detach().clone(),
+        )
+        for s in sites
+        if not isinstance(plan[s.fqn], DenseConfig)
+    }
+    if sequential and plan.rewrites():
+        new_model, result = _apply_sequential(model, plan, sites, fit_batches, inplace, progress)
+        notes.append("sequential: each block factorized with statistics from the rewritten prefix")
+    else:
+        grams = {s.fqn: stats.gram(s.fqn) for s in sites} if stats is not None else None
+        new_model, result = apply_plan(
+            model, plan, sites, grams, inplace=inplace, strict=True, progress=progress
+        )
+    timings["apply"] = time.perf_counter() - t0
+
+    # ---- measure
+    measured: dict[str, tuple[float, float]] = {}
+    if eval_batches and dense_ref:
+        t0 = time.perf_counter()
+        measured = measure_site_errors(new_model, dense_ref, eval_batches)
+        timings["measure"] = time.perf_counter() - t0
+
+    # ---- report
+    report = _build_report(
+        sites, plan, problem, result, measured, bud, target, workload, latency_cache
+    )
+    report.solver = solution.solver if solution is not None else "replayed plan"
+    report.capture = cap_info
+    report.notes = notes
+    if problem is not None:
+        t0 = time.perf_counter()
+        report.frontier = frontier(problem, [round(0.05 * i, 2) for i in range(1, 21)])
+        timings["frontier"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - t_start
+    report.timings = timings
+    report.meta = {"model_class": type(model).__name__, "plan": plan.to_dict()}
+    report.finalize(
+        params_before=sum(p.numel() for p in model.parameters()),
+        params_after=sum(p.numel() for p in new_model.parameters())
+        + sum(b.numel() for b in new_model.buffers()),
+    )
+    setattr(new_model, REPORT_ATTR, report)
+    return new_model
+
+
+def _apply_sequential(
+    model: nn.Module,
+    plan: Plan,
+    sites: list[LinearSite],
+    batches: list,
+    inplace: bool,
+    progress: bool,
+) -> tuple[nn.Module, PassResult]:
+    target_model = model if inplace else copy.deepcopy(model)
+    merged = PassResult(name="apply_plan(sequential)")
+
+    def on_block(i: int, name: str, block_sites: list[LinearSite], stats: CalibrationStats) -> None:
+        sub = Plan(
+            {s.fqn: plan[s.fqn] for s in block_sites},
+            {s.fqn: s.shape for s in block_sites},
+        )
+        grams = {s.fqn: stats.gram(s.fqn) for s in block_sites}
+        _, res = apply_plan(target_model, sub, block_sites, grams, inplace=True, strict=True)
+        merged.records.extend(res.records)
+        merged.modified |= res.modified
+
+    run_sequential(target_model, sites, batches, on_block, progress=progress)
+    return target_model, merged
+
+
+def _runner_up(options: list, chosen_idx: int) -> Any:
+    ch = options[chosen_idx]
+    better = [o for o in options if o is not ch and o.error < ch.error and o.bytes > ch.bytes]
+    if better:
+        return min(better, key=lambda o: (o.bytes, o.error))
+    cheaper = [o for o in options if o is not ch and o.bytes < ch.bytes]
+    return min(cheaper, key=lambda o: (o.error, -o.bytes)) if cheaper else None
+
+
+def _build_report(
+    sites: list[LinearSite],
+    plan: Plan,
+    problem: BudgetProblem | None,
+    result: PassResult,
+    measured: Mapping[str, tuple[float, float]],
+    budget: Budget,
+    target: str,
+    workload: str,
+    cache: Any,
+) -> Report:
+    records: dict[str, SiteRecord] = {r.fqn: r for r in result.records}
+    entries = []
+    for s in sites:
+        d = plan[s.fqn]
+        rec = records.get(s.fqn)
+        e = SiteEntry(
+            fqn=s.fqn,
+            shape=s.shape,
+            group=s.group,
+            chosen=d.short(),
+            decision=d.to_dict(),
+            bytes_before=DenseConfig().weight_bytes(s.in_features, s.out_features),
+            bytes_after=d.weight_bytes(s.in_features, s.out_features),
+            status=rec.status if rec else "skipped",
+            reason=rec.reason if rec else "",
+            seconds=rec.seconds if rec else 0.0,
+            extra=dict(rec.extra) if rec else {},
+        )
+        if s.tied and not isinstance(d, DenseConfig):
+            e.bytes_after += e.bytes_before  # the tied module keeps a dense copy
+            e.extra.setdefault("note", "tied weight: the other user keeps a dense copy")
+        if problem is not None:
+            so = problem.site(s.fqn)
+            idx = so.index_of(d)
+            opt = so.options[idx]
+            e.est_error = opt.error
+            e.latency_before_s = so.dense_latency_s
+            e.latency_after_s = opt.latency_s
+            e.latency_source = opt.source
+            ru = _runner_up(so.options, idx)
+            e.runner_up = ru.decision.short() if ru is not None else None
+            e.candidates = [
+                {
+                    "decision": o.decision.short(),
+                    "bytes": o.bytes,
+                    "error": o.error,
+                    "latency_s": o.latency_s,
+                }
+                for o in so.options
+            ]
+        else:
+            lat0, src = estimate_site_latency(DenseConfig(), s, target, workload, cache)
+            lat1, _ = estimate_site_latency(d, s, target, workload, cache)
+            e.latency_before_s, e.latency_after_s, e.latency_source = lat0, lat1, src
+        if s.fqn in measured:
+            e.measured_sqnr_db, e.measured_rel_error = measured[s.fqn]
+        entries.append(e)
+    return Report(sites=entries, budget=budget.to_dict(), target=target, workload=workload)

@@ -1,0 +1,207 @@
+"""Command line: ``slimfx optimize``, ``slimfx report``, ``slimfx export``,
+``slimfx calibrate-target``.
+
+    slimfx optimize --model smollm2 --budget 0.8 --calib lee --out out/smol
+    slimfx report out/smol              # the short table; --markdown, --plot, --diff OTHER
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _load_model(name: str):
+    from slimfx import models
+
+    if name == "smollm2":
+        return models.load_smollm2()
+    if name == "tiny":
+        import transformers  # noqa: F401
+
+        return models.tiny_llama(), None
+    raise SystemExit(f"unknown --model {name!r}; known: smollm2, tiny")
+
+
+def _calibration(tokenizer, name: str, n: int, seq_len: int, model=None):
+    import torch
+
+    if tokenizer is None:  # the tiny random model: random ids are all it can take
+        g = torch.Generator().manual_seed(0)
+        vocab = model.config.vocab_size
+        return [torch.randint(0, vocab, (1, seq_len), generator=g) for _ in range(n)], []
+    from slimfx.data.text import calibration_batches, heldout_windows
+
+    return (
+        calibration_batches(tokenizer, name=name, n=n, seq_len=seq_len),
+        heldout_windows(tokenizer, name=name, n=max(2, n // 2), seq_len=seq_len),
+    )
+
+
+def cmd_optimize(a: argparse.Namespace) -> int:
+    import slimfx
+    from slimfx.planning.problem import Budget
+
+    model, tok = _load_model(a.model)
+    calib, held = _calibration(tok, a.calib, a.n_calib, a.seq_len, model)
+    budget = Budget(bits=a.bits) if a.bits else a.budget
+    plan = slimfx.Plan.load(a.plan) if a.plan else None
+    t0 = time.perf_counter()
+    new = slimfx.optimize(
+        model,
+        budget,
+        calibration=calib,
+        plan=plan,
+        target=a.target,
+        workload=a.workload,
+        families=tuple(a.families.split(",")),
+        sequential=a.sequential,
+        fisher=a.fisher,
+        progress=not a.quiet,
+    )
+    rep = slimfx.report_of(new)
+    print(rep)
+    print(f"optimize took {time.perf_counter() - t0:.1f} s")
+    out = Path(a.out)
+    slimfx.save(new, out)
+    (out / "report.md").write_text(rep.to_markdown())
+    rep.plot(out / "report.png")
+    if a.eval and held:
+        from slimfx.eval import perplexity
+
+        import torch
+
+        w = torch.cat(held)
+        p0, p1 = perplexity(model, w, progress=not a.quiet), perplexity(new, w, progress=not a.quiet)
+        print(f"perplexity ({a.calib}, {w.shape[0]}×{w.shape[1]} held-out tokens): "
+              f"dense {p0:.3f} → slimfx {p1:.3f}")
+    if a.onnx:
+        from slimfx.backends.onnx import export_onnx
+
+        export_onnx(new, a.onnx, (calib[0][:, :16],))
+        print(f"wrote {a.onnx}")
+    print(f"wrote {out}/plan.json, report.json, report.md, report.png, model.safetensors")
+    return 0
+
+
+def _read_report(path: str):
+    from slimfx.report import Report
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / "report.json"
+    if not p.exists():
+        raise SystemExit(f"{path}: no report.json found")
+    d = json.loads(p.read_text())
+    if d.get("format") == "slimfx.plan":
+        raise SystemExit(f"{path} is a plan, not a report: `slimfx report` reads report.json")
+    return Report.from_dict(d)
+
+
+def cmd_report(a: argparse.Namespace) -> int:
+    rep = _read_report(a.path)
+    if a.diff:
+        other = _read_report(a.diff)
+        print(diff_reports(rep, other))
+        return 0
+    print(rep.to_markdown() if a.markdown else rep)
+    if a.plot:
+        rep.plot(a.plot)
+        print(f"wrote {a.plot}")
+    return 0
+
+
+def diff_reports(a, b) -> str:
+    """Per-site differences between two reports (decision, bytes, measured SQNR)."""
+    lines = [f"A: {a.headline()}", f"B: {b.headline()}"]
+    sb = {s.fqn: s for s in b.sites}
+    for s in a.sites:
+        o = sb.get(s.fqn)
+        if o is None:
+            lines.append(f"- {s.fqn}: only in A")
+        elif o.chosen != s.chosen:
+            sq = lambda e: "" if e.measured_sqnr_db is None else f" {e.measured_sqnr_db:.1f} dB"  # noqa: E731
+            lines.append(f"~ {s.fqn}: {s.chosen}{sq(s)} → {o.chosen}{sq(o)}")
+    lines += [f"+ {f}: only in B" for f in sb if f not in {s.fqn for s in a.sites}]
+    if len(lines) == 2:
+        lines.append("same decisions at every site")
+    return "\n".join(lines)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    import slimfx
+    from slimfx.backends.onnx import export_onnx
+
+    model = slimfx.load(a.dir)
+    import torch
+
+    ids = torch.zeros(1, 16, dtype=torch.long)
+    export_onnx(model, a.onnx, (ids,))
+    print(f"wrote {a.onnx}")
+    return 0
+
+
+def cmd_calibrate_target(a: argparse.Namespace) -> int:
+    from slimfx.cost.target import measure_target
+
+    measure_target(a.target, shapes=None, decisions=None, workloads=None, path=a.out,
+                   device=a.device)
+    print(f"wrote {a.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slimfx", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    o = sub.add_parser("optimize", help="optimize a model under a budget and save it")
+    o.add_argument("--model", default="smollm2", help="smollm2 | tiny")
+    o.add_argument("--budget", type=float, default=0.8, help="fraction of 16-bit bytes")
+    o.add_argument("--bits", type=float, default=None, help="effective bits/weight instead")
+    o.add_argument("--calib", default="lee", help="calibration text: lee (news) | wiki")
+    o.add_argument("--n-calib", type=int, default=16)
+    o.add_argument("--seq-len", type=int, default=256)
+    o.add_argument("--families", default="lowrank")
+    o.add_argument("--target", default="cpu")
+    o.add_argument("--workload", default="decode", choices=["decode", "prefill"])
+    o.add_argument("--sequential", action="store_true")
+    o.add_argument("--fisher", action="store_true")
+    o.add_argument("--plan", default=None, help="replay this plan.json instead of solving")
+    o.add_argument("--eval", action="store_true", help="perplexity before/after on held-out text")
+    o.add_argument("--onnx", default=None, help="also export to this .onnx path")
+    o.add_argument("--out", required=True)
+    o.add_argument("--quiet", action="store_true")
+    o.set_defaults(fn=cmd_optimize)
+    r = sub.add_parser("report", help="print a saved report (dir or report.json)")
+    r.add_argument("path")
+    r.add_argument("--markdown", action="store_true")
+    r.add_argument("--plot", default=None, help="write the PNG here")
+    r.add_argument("--diff", default=None, help="compare with another report")
+    r.set_defaults(fn=cmd_report)
+    e = sub.add_parser("export", help="export a saved optimized model to ONNX")
+    e.add_argument("dir")
+    e.add_argument("--onnx", required=True)
+    e.set_defaults(fn=cmd_export)
+    c = sub.add_parser("calibrate-target", help="measure kernel times into a cost cache")
+    c.add_argument("--target", default="h100")
+    c.add_argument("--device", default="cuda")
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=cmd_calibrate_target)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"slimfx: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

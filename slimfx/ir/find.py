@@ -1,0 +1,338 @@
+"""Site finders: the only pattern-recognition code in slimfx.
+
+Linear sites come from the exported graph when there is one::
+
+    aten.linear(x, W, b?)                      W a parameter
+    aten.mm(x', aten.t(W))                     x' = view(x)   (decomposed graphs)
+    aten.addmm(b, x', aten.permute(W, [1, 0]))
+
+one site per module (a module called twice gives one site, at its first call), in graph order.
+Linears reading the same graph node (looking through the views a decomposition adds) share a
+``group`` named after the first member: q/k/v share one input Gram matrix, gate/up another.
+When capture fell back to the module tree, ``discover_linear_sites`` walks ``nn.Linear``
+modules instead and groups them by running the model once with forward-pre-hooks.
+
+Attention sites are module-level metadata (heads, kv-heads, head_dim, causality, projections).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimfx.ir.capture import FQN_KEY, Captured, normalize_module_path
+from slimfx.ir.sites import AttentionSite, LinearSite
+
+__all__ = ["find_linear_sites", "discover_linear_sites", "find_attention_sites"]
+
+_aten = torch.ops.aten
+_LINEAR = {_aten.linear.default}
+_MM = {_aten.mm.default}
+_ADDMM = {_aten.addmm.default}
+_VIEWS = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default}
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _tied_names(model: nn.Module, weight: torch.Tensor, own: str) -> tuple[str, ...]:
+    """Other parameter FQNs that are the very same tensor object as ``weight``."""
+    return tuple(
+        name
+        for name, p in model.named_parameters(remove_duplicate=False)
+        if p is weight and name != own
+    )
+
+
+def _make_site(
+    model: nn.Module,
+    fqn: str,
+    module: nn.Module,
+    has_bias: bool,
+    group: str,
+    node: str | None,
+) -> LinearSite:
+    w = module.weight
+    out_f, in_f = w.shape
+    own = f"{fqn}.weight" if fqn else "weight"
+    return LinearSite(
+        fqn=fqn,
+        in_features=int(in_f),
+        out_features=int(out_f),
+        dtype=str(w.dtype),
+        has_bias=has_bias,
+        weight=own,
+        group=group,
+        tied=_tied_names(model, w, own),
+        node=node,
+    )
+
+
+def _has_2d_weight(module: nn.Module | None) -> bool:
+    w = getattr(module, "weight", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 2
+
+
+def _assign_groups(order: list[str], key_of: dict[str, Any]) -> dict[str, str]:
+    """fqn → group name: members with the same key are named after the first in ``order``."""
+    first: dict[Any, str] = {}
+    groups: dict[str, str] = {}
+    for fqn in order:
+        key = key_of.get(fqn)
+        if key is None:
+            groups[fqn] = fqn
+            continue
+        groups[fqn] = first.setdefault(key, fqn)
+    return groups
+
+
+# --------------------------------------------------------------------------- graph sites
+
+
+def _param_of(node: Any, params: dict[str, str]) -> str | None:
+    """Parameter FQN when ``node`` is a lifted parameter placeholder."""
+    if isinstance(node, torch.fx.Node) and node.op == "placeholder":
+        return params.get(node.name)
+    return None
+
+
+def _transposed_param(node: Any, params: dict[str, str]) -> str | None:
+    """Parameter FQN when ``node`` is ``t(W)`` / ``permute(W, [1, 0])`` / ``transpose(W, 0, 1)``."""
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return None
+    t = node.target
+    if t == _aten.t.default:
+        return _param_of(node.args[0], params)
+    if t == _aten.permute.default and list(node.args[1]) == [1, 0]:
+        return _param_of(node.args[0], params)
+    if t == _aten.transpose.int and {d % 2 for d in node.args[1:3]} == {0, 1}:
+        return _param_of(node.args[0], params)
+    return None
+
+
+def _strip_views(node: Any) -> Any:
+    while (
+        isinstance(node, torch.fx.Node)
+        and node.op == "call_function"
+        and node.target in _VIEWS
+    ):
+        node = node.args[0]
+    return node
+
+
+def _match_linear(
+    node: torch.fx.Node, params: dict[str, str]
+) -> tuple[str, Any, bool] | None:
+    """``(weight FQN, input key node, has_bias)`` when ``node`` computes x·Wᵀ (+b)."""
+    if node.op != "call_function":
+        return None
+    if node.target in _LINEAR:
+        w = _param_of(node.args[1], params)
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return (w, node.args[0], bias is not None) if w else None
+    if node.target in _MM:
+        w = _transposed_param(node.args[1], params)
+        return (w, _strip_views(node.args[0]), False) if w else None
+    if node.target in _ADDMM:
+        w = _transposed_param(node.args[2], params)
+        return (w, _strip_views(node.args[1]), True) if w else None
+    return None
+
+
+def _owner(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    node: torch.fx.Node,
+    weight: torch.Tensor,
+    weight_fqn: str,
+) -> str | None:
+    """The module that owns this use of ``weight``.
+
+    The node's own module (from its module stack) when its 2-D ``.weight`` is ``weight`` (an
+    ``nn.Linear`` or a module calling ``F.linear(x, self.weight)``); else an ``nn.Linear`` whose
+    weight is that tensor. A weight borrowed from another kind of module (an embedding used as
+    the output projection inside a parent's forward) gives no site.
+    """
+    fqn = node.meta.get(FQN_KEY)
+    if fqn is None:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            value = list(stack.values())[-1]
+            path = value[0] if isinstance(value, tuple) else str(value)
+            fqn = normalize_module_path(path, modules)
+    own = modules.get(fqn) if fqn is not None else None
+    if _has_2d_weight(own) and own.weight is weight:
+        return fqn
+    aliases = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+    for name in (weight_fqn, *aliases):
+        if name == "weight" or name.endswith(".weight"):
+            cand = name.rpartition(".")[0]
+            mod = modules.get(cand)
+            if isinstance(mod, nn.Linear) and mod.weight is weight:
+                return cand
+    return None
+
+
+def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
+    """Every linear layer of ``model`` with a parameter weight, one site per module, graph order.
+
+    With ``captured.method == "module"`` (export failed) this is
+    ``discover_linear_sites(model, captured.example_args, captured.example_kwargs)``.
+    """
+    if captured.method == "module" or captured.program is None:
+        return discover_linear_sites(model, captured.example_args, captured.example_kwargs)
+    program = captured.program
+    params = dict(program.graph_signature.inputs_to_parameters)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    modules = dict(model.named_modules())
+
+    order: list[str] = []
+    found: dict[str, tuple[str, bool, Any]] = {}  # fqn → (node name, has_bias, input key)
+    for node in program.graph.nodes:
+        match = _match_linear(node, params)
+        if match is None:
+            continue
+        weight_fqn, key, has_bias = match
+        weight = named.get(weight_fqn)
+        if weight is None:
+            raise ValueError(
+                f"graph parameter {weight_fqn!r} is not a parameter of {type(model).__name__}: "
+                "was the program captured from this model?"
+            )
+        fqn = _owner(model, modules, node, weight, weight_fqn)
+        if fqn is None or fqn in found:
+            continue
+        found[fqn] = (node.name, has_bias, key)
+        order.append(fqn)
+
+    groups = _assign_groups(order, {fqn: found[fqn][2] for fqn in order})
+    return [
+        _make_site(model, fqn, modules[fqn], found[fqn][1], groups[fqn], found[fqn][0])
+        for fqn in order
+    ]
+
+
+# --------------------------------------------------------------------------- module sites
+
+
+def discover_linear_sites(
+    model: nn.Module,
+    example_args: tuple[Any, ...] = (),
+    example_kwargs: dict[str, Any] | None = None,
+) -> list[LinearSite]:
+    """Linear sites from the module tree: every ``nn.Linear`` of ``model`` (``node=None``).
+
+    Without example inputs each linear is its own group, in ``named_modules`` order. With
+    example inputs the model runs once (eval mode, no grad; hooks removed and training flags
+    restored afterwards); linears whose first call receives the very same input tensor object
+    share a group, sites come in call order, and linears that were never called are left out.
+    """
+    modules = dict(model.named_modules())
+    linears = [(fqn, m) for fqn, m in modules.items() if isinstance(m, nn.Linear)]
+    if not example_args and not example_kwargs:
+        return [_make_site(model, fqn, m, m.bias is not None, fqn, None) for fqn, m in linears]
+
+    calls: list[str] = []
+    inputs: dict[str, torch.Tensor] = {}  # keeps inputs alive so their ids stay unique
+
+    def hook_for(fqn: str):  # noqa: ANN202
+        def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
+            if fqn not in inputs and args and isinstance(args[0], torch.Tensor):
+                inputs[fqn] = args[0]
+                calls.append(fqn)
+
+        return hook
+
+    flags = {m: m.training for m in model.modules()}
+    handles = [m.register_forward_pre_hook(hook_for(fqn)) for fqn, m in linears]
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(*example_args, **(example_kwargs or {}))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, flag in flags.items():
+            m.training = flag
+
+    groups = _assign_groups(calls, {fqn: id(inputs[fqn]) for fqn in calls})
+    sites = [
+        _make_site(model, fqn, modules[fqn], modules[fqn].bias is not None, groups[fqn], None)
+        for fqn in calls
+    ]
+    inputs.clear()
+    return sites
+
+
+# --------------------------------------------------------------------------- attention sites
+
+_CAUSAL_MODEL_TYPES = {
+    "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi",
+    "phi3", "gpt2", "gpt_neox", "gptj", "opt", "falcon", "olmo", "olmo2", "smollm3", "granite",
+    "starcoder2", "stablelm", "cohere", "deepseek_v3",
+}  # fmt: skip
+
+
+def _first_int(objs: Iterable[Any], *names: str) -> int | None:
+    for obj in objs:
+        for name in names:
+            v = getattr(obj, name, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+def _is_causal(module: nn.Module, config: Any) -> bool:
+    flag = getattr(module, "is_causal", None)
+    if isinstance(flag, bool):
+        return flag
+    if config is None:
+        return False
+    if getattr(config, "is_decoder", False):
+        return True
+    if getattr(config, "model_type", None) in _CAUSAL_MODEL_TYPES:
+        return True
+    archs = getattr(config, "architectures", None) or ()
+    return any(str(a).endswith("ForCausalLM") for a in archs)
+
+
+def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
+    """Attention blocks with ``q_proj``/``k_proj``/``v_proj``/``o_proj`` children.
+
+    Heads, kv-heads and head_dim come from the module's ``config`` (or the model's), then
+    from the module's own attributes: ``num_attention_heads`` / ``num_heads``,
+    ``num_key_value_heads`` (defaults to heads), ``head_dim`` (defaults to hidden / heads).
+    Causality: the module's ``is_causal``, else ``config.is_decoder`` or a decoder model type.
+    """
+    root_config = getattr(model, "config", None)
+    sites: list[AttentionSite] = []
+    for fqn, module in model.named_modules():
+        projs = {r: getattr(module, f"{r}_proj", None) for r in ("q", "k", "v", "o")}
+        if not all(isinstance(p, nn.Module) for p in projs.values()):
+            continue
+        config = getattr(module, "config", None)
+        config = root_config if config is None else config
+        sources = [c for c in (config, module) if c is not None]
+        heads = _first_int(sources, "num_attention_heads", "num_heads", "n_head")
+        if heads is None:
+            continue
+        kv = _first_int(sources, "num_key_value_heads", "num_kv_heads") or heads
+        hidden = _first_int(sources, "hidden_size", "embed_dim", "d_model")
+        head_dim = _first_int(sources, "head_dim") or (hidden // heads if hidden else None)
+        if head_dim is None:
+            continue
+        prefix = f"{fqn}." if fqn else ""
+        sites.append(
+            AttentionSite(
+                fqn=fqn,
+                num_heads=heads,
+                num_kv_heads=kv,
+                head_dim=head_dim,
+                causal=_is_causal(module, config),
+                projections={r: f"{prefix}{r}_proj" for r in projs},
+            )
+        )
+    return sites

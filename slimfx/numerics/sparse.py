@@ -1,0 +1,235 @@
+"""2:4 semi-structured sparsity: masks, error-compensating pruning, and the packed format.
+
+Masks keep two of every four consecutive input columns of each row (groups are columns
+[4k, 4k+4)):
+
+- magnitude: keep the two largest |W_ij| of each group.
+- wanda:     keep the two largest |W_ij|·‖x_j‖ = |W_ij|·sqrt(G_jj), G = XᵀX the input Gram
+             matrix (X rows are tokens); without a Gram this is magnitude.
+
+Compensation (SparseGPT-style optimal brain surgeon, one row-parallel sweep over the columns):
+with H = G + λ·mean(diag G)·I and the upper Cholesky factor C of H⁻¹ (H⁻¹ = Cᵀ C), columns
+are visited in order; zeroing w_j (all rows at once) costs w_j²/C_jj² in output error, and the
+best update of the columns not yet visited is  W[:, k] −= (w_j/C_jj)·C_jk  for k > j. C_jj² is
+[H_{j:, j:}⁻¹]_jj, the inverse Hessian of the columns still free, so the saliency w²/C_jj² is
+OBS's w²/[H⁻¹]_jj at that step. Updates are applied lazily per block of columns.
+
+With compensation the mask of each group of four is chosen when the sweep reaches it:
+``wanda`` by the OBS saliency of the already-updated weights (for a diagonal Gram this is
+Wanda's |W|²·G_jj), ``magnitude`` by |W| of the updated weights; ``fixed`` masks (computed
+up front from the original weight) are available through :func:`prune24`'s ``mask``.
+
+Packed format (see ``slimfx.numerics``): ``values`` out × in/2 in the weight's dtype (the two
+kept weights of every group, in column order); ``meta`` uint8 out × in/8: per group the two
+2-bit positions (first kept in bits 0-1, second in bits 2-3), two groups per byte, the even
+group in the low nibble. ``in_features`` must be a multiple of 8.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from slimfx.numerics import register_form
+from slimfx.planning.configs import Decision, Sparse24Config
+
+__all__ = [
+    "SPARSE24_METHODS",
+    "sparse24_unsupported",
+    "mask24",
+    "prune24",
+    "pack24",
+    "unpack24",
+]
+
+SPARSE24_METHODS = ("magnitude", "wanda")
+_DAMP = 0.01  # λ of the damped Hessian, relative to mean(diag G) (SparseGPT's usual value)
+_BLOCK = 128  # columns per lazy-update block
+
+
+def sparse24_unsupported(in_features: int) -> str | None:
+    """Why a linear with ``in_features`` inputs cannot be packed 2:4, or ``None`` when it can."""
+    if in_features % 8:
+        return (
+            f"in_features {in_features} is not a multiple of 8 (2:4 metadata packs two groups "
+            f"of four columns per byte)"
+        )
+    return None
+
+
+def _scores(weight: Tensor, method: str, gram: Tensor | None) -> Tensor:
+    W = weight.detach().abs().to(torch.float32)
+    if method == "magnitude" or gram is None:
+        if method not in SPARSE24_METHODS:
+            raise ValueError(f"unknown 2:4 mask method {method!r}; known: {SPARSE24_METHODS}")
+        return W
+    if method == "wanda":
+        norms = gram.detach().diagonal().to(torch.float64).clamp_min(0).sqrt()
+        return W * norms.to(torch.float32)[None, :]
+    raise ValueError(f"unknown 2:4 mask method {method!r}; known: {SPARSE24_METHODS}")
+
+
+def _keep_top2(scores: Tensor) -> Tensor:
+    """Boolean mask keeping the two highest scores of every group of four columns."""
+    out_f, in_f = scores.shape
+    groups = scores.reshape(out_f, in_f // 4, 4)
+    idx = groups.topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.reshape(out_f, in_f)
+
+
+def mask24(weight: Tensor, method: str = "magnitude", gram: Tensor | None = None) -> Tensor:
+    """Boolean mask (out × in), exactly two True in every group of four consecutive columns.
+
+    ``method``: ``magnitude`` (|W|) or ``wanda`` (|W|·sqrt(diag G); magnitude without a Gram).
+    """
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        raise ValueError(f"2:4 needs a 2-D weight with in_features % 4 == 0, got {tuple(weight.shape)}")
+    return _keep_top2(_scores(weight, method, gram))
+
+
+def _inverse_cholesky(gram: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Upper Cholesky factor C of (G + λI)⁻¹ (float64) and the mask of dead columns."""
+    H = gram.detach().to(torch.float64).clone()
+    H = 0.5 * (H + H.T)
+    dead = H.diagonal() <= 0
+    H[dead, :] = 0.0
+    H[:, dead] = 0.0
+    H.diagonal()[dead] = 1.0
+    eye = torch.eye(n, dtype=torch.float64)
+    scale = float(H.diagonal().mean())
+    for damp in (_DAMP, 0.1, 1.0):
+        L, info = torch.linalg.cholesky_ex(H + damp * scale * eye)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            C, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info) == 0 and torch.isfinite(C).all():
+                return C, dead
+    raise ValueError("the Gram matrix is too ill-conditioned for 2:4 compensation")
+
+
+def _prune_compensated(weight: Tensor, gram: Tensor, method: str, fixed: Tensor | None) -> Tensor:
+    out_f, in_f = weight.shape
+    C64, dead = _inverse_cholesky(gram, in_f)
+    C = C64.to(torch.float32)
+    W = weight.detach().to(torch.float32).clone()
+    W[:, dead] = 0.0  # a dead input never reaches the output: its weight is free to drop
+    mask = torch.zeros(out_f, in_f, dtype=torch.bool)
+    for b0 in range(0, in_f, _BLOCK):
+        b1 = min(b0 + _BLOCK, in_f)
+        Wb = W[:, b0:b1].clone()
+        Cb = C[b0:b1, b0:b1]
+        Err = torch.zeros_like(Wb)
+        for g in range(0, b1 - b0, 4):
+            # choose the group's mask from the weights as updated so far
+            w4 = Wb[:, g : g + 4]
+            if fixed is not None:
+                keep = fixed[:, b0 + g : b0 + g + 4]
+            elif method == "wanda":
+                sal = w4.square() / Cb.diagonal()[g : g + 4].square()[None, :]
+                keep = _keep_top2(sal)
+            else:
+                keep = _keep_top2(w4.abs())
+            mask[:, b0 + g : b0 + g + 4] = keep
+            for j in range(g, g + 4):
+                w = Wb[:, j]
+                q = torch.where(keep[:, j - g], w, torch.zeros_like(w))
+                err = (w - q) / Cb[j, j]
+                Wb[:, j] = q
+                Wb[:, j + 1 :] -= err[:, None] * Cb[j, j + 1 :][None, :]
+                Err[:, j] = err
+        W[:, b0:b1] = Wb
+        W[:, b1:] -= Err @ C[b0:b1, b1:]
+    W = torch.where(mask, W, torch.zeros_like(W))
+    return W
+
+
+def prune24(
+    weight: Tensor,
+    method: str = "magnitude",
+    gram: Tensor | None = None,
+    compensate: bool = False,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The 2:4-pruned weight (out × in, weight's dtype, zeros where pruned).
+
+    Without ``compensate`` the kept weights are unchanged (mask from :func:`mask24`, or the
+    given ``mask``). With ``compensate`` and a Gram the kept weights absorb the pruning error
+    (SparseGPT sweep); the mask is chosen during the sweep (see the module docstring) unless
+    ``mask`` fixes it. Compensation without a Gram (identity) changes nothing.
+    """
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        raise ValueError(f"2:4 needs a 2-D weight with in_features % 4 == 0, got {tuple(weight.shape)}")
+    if method not in SPARSE24_METHODS:
+        raise ValueError(f"unknown 2:4 mask method {method!r}; known: {SPARSE24_METHODS}")
+    if mask is not None:
+        if mask.shape != weight.shape or not is_24(mask):
+            raise ValueError("mask must have the weight's shape and keep 2 of every 4 columns")
+        mask = mask.to(torch.bool)
+    if compensate and gram is not None:
+        return _prune_compensated(weight, gram, method, mask).to(weight.dtype)
+    if mask is None:
+        mask = mask24(weight, method, gram)
+    return torch.where(mask, weight.detach(), torch.zeros_like(weight)).to(weight.dtype)
+
+
+def is_24(mask: Tensor) -> bool:
+    """True when ``mask`` (out × in, bool) keeps exactly two of every four columns."""
+    if mask.dim() != 2 or mask.shape[1] % 4:
+        return False
+    return bool((mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all())
+
+
+def pack24(weight_pruned: Tensor) -> dict[str, Tensor]:
+    """Pack a weight with at most two nonzeros per group of four into ``values`` / ``meta``.
+
+    Groups with fewer than two nonzeros keep zeros at their lowest free positions.
+    """
+    out_f, in_f = weight_pruned.shape
+    reason = sparse24_unsupported(in_f)
+    if reason:
+        raise ValueError(reason)
+    groups = weight_pruned.detach().reshape(out_f, in_f // 4, 4)
+    nz = groups != 0
+    if bool((nz.sum(-1) > 2).any()):
+        raise ValueError("weight is not 2:4 sparse: some group of four has more than two nonzeros")
+    # rank positions: nonzeros first, then lower positions first; keep the best two, sorted
+    pos = torch.arange(4)
+    key = nz.to(torch.int64) * 8 + (3 - pos)
+    idx = key.topk(2, dim=-1).indices.sort(dim=-1).values  # out × in/4 × 2, ascending
+    values = groups.gather(-1, idx).reshape(out_f, in_f // 2)
+    nib = (idx[..., 0] | (idx[..., 1] << 2)).reshape(out_f, in_f // 8, 2)
+    meta = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8)
+    return {"values": values.contiguous(), "meta": meta.contiguous()}
+
+
+def unpack24(values: Tensor, meta: Tensor, in_features: int) -> Tensor:
+    """The dense (out × in) weight of packed ``values`` / ``meta`` (inverse of :func:`pack24`)."""
+    out_f = values.shape[0]
+    if values.shape != (out_f, in_features // 2) or meta.shape != (out_f, in_features // 8):
+        raise ValueError(
+            f"values {tuple(values.shape)} / meta {tuple(meta.shape)} do not fit "
+            f"in_features={in_features}"
+        )
+    m = meta.to(torch.int64)
+    nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(out_f, in_features // 4)
+    idx = torch.stack([nib & 0x3, (nib >> 2) & 0x3], dim=-1)
+    dense = values.new_zeros(out_f, in_features // 4, 4)
+    dense.scatter_(-1, idx, values.reshape(out_f, in_features // 4, 2))
+    return dense.reshape(out_f, in_features)
+
+
+def _factorize(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+    assert isinstance(decision, Sparse24Config)
+    reason = sparse24_unsupported(weight.shape[1])
+    if reason:
+        raise ValueError(reason)
+    return pack24(prune24(weight, decision.mask, gram, decision.compensate))
+
+
+def _reconstruct(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+    values = tensors["values"]
+    return unpack24(values, tensors["meta"], 2 * values.shape[1])
+
+
+register_form("sparse24", _factorize, _reconstruct)

@@ -1,0 +1,290 @@
+"""Reports: what was planned, why, what was applied, and what it measured.
+
+A ``Report`` joins, per site, the options considered, the chosen one and the runner-up, bytes
+before/after, the estimated error and the measured one (SQNR of the layer's output on
+held-out batches), what the pass did (or why it rejected), and time spent. Outputs: ``str``
+(short table), ``to_markdown()``, stable ``to_json()`` and ``plot()`` (PNG).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SiteEntry", "Report", "REPORT_FORMAT"]
+
+REPORT_FORMAT = "slimfx.report"
+REPORT_VERSION = 1
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _r(x: float | None, nd: int = 6) -> float | None:
+    if x is None:
+        return None
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else (1e308 if x > 0 else -1e308)
+    return round(float(x), nd)
+
+
+@dataclass
+class SiteEntry:
+    """One site's line in the report."""
+
+    fqn: str
+    shape: tuple[int, int]
+    group: str = ""
+    chosen: str = "dense"
+    decision: dict[str, Any] = field(default_factory=dict)
+    runner_up: str | None = None
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+    est_error: float = 0.0
+    measured_sqnr_db: float | None = None
+    measured_rel_error: float | None = None
+    latency_before_s: float = 0.0
+    latency_after_s: float = 0.0
+    latency_source: str = "roofline"
+    status: str = "skipped"
+    reason: str = ""
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        for k in ("est_error", "measured_sqnr_db", "measured_rel_error", "seconds"):
+            d[k] = _r(d[k])
+        for k in ("latency_before_s", "latency_after_s"):
+            d[k] = _r(d[k], 12)
+        d["candidates"] = [
+            {**c, "error": _r(c.get("error")), "latency_s": _r(c.get("latency_s"), 12)}
+            for c in self.candidates
+        ]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SiteEntry:
+        d = dict(d)
+        d["shape"] = tuple(d["shape"])
+        return cls(**d)
+
+
+@dataclass
+class Report:
+    """The whole run. ``sites`` in graph order; ``totals`` computed by ``finalize``."""
+
+    sites: list[SiteEntry] = field(default_factory=list)
+    budget: dict[str, Any] = field(default_factory=dict)
+    target: str = "cpu"
+    workload: str = "decode"
+    solver: str = ""
+    capture: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    frontier: list[tuple[float, float, int]] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- totals
+    def finalize(self, params_before: int | None = None, params_after: int | None = None) -> Report:
+        """Compute the totals from the site entries (and the model's parameter counts)."""
+        dense = sum(s.bytes_before for s in self.sites)
+        after = sum(s.bytes_after for s in self.sites)
+        lat0 = sum(s.latency_before_s for s in self.sites)
+        lat1 = sum(s.latency_after_s for s in self.sites)
+        applied = [s for s in self.sites if s.status == "applied"]
+        self.totals = {
+            "sites": len(self.sites),
+            "rewritten": len(applied),
+            "rejected": sum(s.status == "rejected" for s in self.sites),
+            "bytes_before": dense,
+            "bytes_after": after,
+            "bytes_ratio": _r(after / dense if dense else 1.0),
+            "bits_per_weight": _r(16 * after / dense if dense else 16.0, 3),
+            "est_error_sum": _r(sum(s.est_error for s in self.sites)),
+            "est_latency_ratio": _r(lat1 / lat0 if lat0 else 1.0),
+            "latency_sources": sorted({s.latency_source for s in self.sites}),
+        }
+        if params_before is not None:
+            self.totals["params_before"] = params_before
+        if params_after is not None:
+            self.totals["params_after"] = params_after
+        sq = [s.measured_sqnr_db for s in applied if s.measured_sqnr_db is not None]
+        if sq:
+            self.totals["measured_sqnr_db_min"] = _r(min(sq), 2)
+            self.totals["measured_sqnr_db_median"] = _r(sorted(sq)[len(sq) // 2], 2)
+        return self
+
+    def site(self, fqn: str) -> SiteEntry:
+        for s in self.sites:
+            if s.fqn == fqn:
+                return s
+        raise KeyError(fqn)
+
+    # ---------------------------------------------------------------- outputs
+    def _rows(self, sites: list[SiteEntry]) -> list[list[str]]:
+        rows = []
+        for s in sites:
+            sq = "" if s.measured_sqnr_db is None else f"{s.measured_sqnr_db:.1f}"
+            rows.append(
+                [
+                    s.fqn,
+                    f"{s.shape[0]}×{s.shape[1]}",
+                    s.chosen,
+                    s.runner_up or "",
+                    f"{s.bytes_after / max(s.bytes_before, 1):.2f}",
+                    f"{s.est_error:.4f}",
+                    sq,
+                    s.status + (f": {s.reason}" if s.reason and s.status != "skipped" else ""),
+                ]
+            )
+        return rows
+
+    _HEAD = ["site", "shape", "chosen", "runner-up", "bytes", "est.err", "SQNR dB", "status"]
+
+    def headline(self) -> str:
+        t = self.totals or self.finalize().totals
+        b = self.budget
+        lim = ", ".join(f"{k}={v}" for k, v in b.items() if v is not None) or "none"
+        return (
+            f"slimfx: {t['rewritten']}/{t['sites']} sites rewritten; budget {lim}; "
+            f"bytes {_mb(t['bytes_before'])} → {_mb(t['bytes_after'])} "
+            f"({t['bytes_ratio']:.3f}, {t['bits_per_weight']:.2f} bits/weight); "
+            f"est. latency ×{t['est_latency_ratio']:.3f} ({self.target}/{self.workload}, "
+            f"{'/'.join(t['latency_sources'])})"
+        )
+
+    def __str__(self) -> str:
+        """A short table: the headline and the first rows (all rewritten sites up to 12)."""
+        lines = [self.headline()]
+        shown = [s for s in self.sites if s.status != "skipped"][:12]
+        if shown:
+            rows = [self._HEAD, *self._rows(shown)]
+            widths = [min(max(len(r[i]) for r in rows), 44) for i in range(len(self._HEAD))]
+            for r in rows:
+                lines.append("  ".join(c[:44].ljust(w) for c, w in zip(r, widths)).rstrip())
+            more = sum(s.status != "skipped" for s in self.sites) - len(shown)
+            if more > 0:
+                lines.append(f"… {more} more rewritten sites (to_markdown() lists all)")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def to_markdown(self) -> str:
+        t = self.totals or self.finalize().totals
+        out = ["# slimfx report", "", self.headline(), ""]
+        out += ["| total | value |", "|---|---|"]
+        out += [f"| {k} | {v} |" for k, v in t.items()]
+        if self.capture:
+            out += ["", f"Capture: {self.capture}"]
+        out += ["", "| " + " | ".join(self._HEAD) + " |", "|" + "---|" * len(self._HEAD)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in self._rows(self.sites)]
+        if self.notes:
+            out += ["", "## Notes", *[f"- {n}" for n in self.notes]]
+        if self.timings:
+            out += ["", "## Timings (s)", *[f"- {k}: {v:.2f}" for k, v in self.timings.items()]]
+        return "\n".join(out) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "budget": self.budget,
+            "target": self.target,
+            "workload": self.workload,
+            "solver": self.solver,
+            "capture": self.capture,
+            "totals": self.totals or self.finalize().totals,
+            "notes": list(self.notes),
+            "timings": {k: _r(v, 3) for k, v in self.timings.items()},
+            "frontier": [[_r(f, 4), _r(e), int(b)] for f, e, b in self.frontier],
+            "meta": self.meta,
+            "sites": [s.to_dict() for s in self.sites],
+        }
+
+    def to_json(self) -> str:
+        """Stable JSON: sorted keys, rounded floats — diffable between runs."""
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Report:
+        if d.get("format") != REPORT_FORMAT:
+            raise ValueError(f"not a slimfx report (format={d.get('format')!r})")
+        return cls(
+            sites=[SiteEntry.from_dict(s) for s in d["sites"]],
+            budget=d.get("budget", {}),
+            target=d.get("target", ""),
+            workload=d.get("workload", ""),
+            solver=d.get("solver", ""),
+            capture=d.get("capture", {}),
+            notes=list(d.get("notes", [])),
+            timings=dict(d.get("timings", {})),
+            frontier=[tuple(x) for x in d.get("frontier", [])],
+            totals=dict(d.get("totals", {})),
+            meta=dict(d.get("meta", {})),
+        )
+
+    @classmethod
+    def load(cls, path: str | Path) -> Report:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_json())
+        return path
+
+    # ------------------------------------------------------------------- plot
+    def plot(self, path: str | Path) -> Path:
+        """PNG with two panels: bits per weight (and rank) chosen per layer, and the
+        error-vs-budget frontier of the solved problem with the chosen point marked."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.5))
+        xs = range(len(self.sites))
+        bits = [16 * s.bytes_after / max(s.bytes_before, 1) for s in self.sites]
+        colors = {
+            "dense": "#999999",
+            "lowrank": "#1f77b4",
+            "quant": "#ff7f0e",
+            "sparse24": "#2ca02c",
+            "lowrank_quant": "#d62728",
+            "sparse24_lowrank": "#9467bd",
+        }
+        kinds = [s.decision.get("kind", "dense") for s in self.sites]
+        ax1.bar(xs, bits, color=[colors.get(k, "#8c564b") for k in kinds], width=1.0)
+        for i, s in enumerate(self.sites):
+            r = s.decision.get("rank")
+            if r is not None and len(self.sites) <= 80:
+                ax1.text(i, bits[i], str(r), ha="center", va="bottom", fontsize=5, rotation=90)
+        ax1.set_xlabel("site (graph order)")
+        ax1.set_ylabel("bits per weight (16 = dense)")
+        ax1.set_title("Chosen form per layer (rank annotated for low-rank)")
+        for k, c in colors.items():
+            if k in kinds:
+                ax1.bar([], [], color=c, label=k)
+        ax1.legend(fontsize=7)
+        if self.frontier:
+            f = [p[0] for p in self.frontier]
+            e = [p[1] for p in self.frontier]
+            ax2.plot(f, e, "o-", ms=3, label="solver optimum")
+            t = self.totals or self.finalize().totals
+            ax2.plot([t["bytes_ratio"]], [t["est_error_sum"]], "r*", ms=12, label="chosen")
+            ax2.set_yscale("log")
+            ax2.legend()
+        ax2.set_xlabel("memory budget (fraction of dense 16-bit bytes)")
+        ax2.set_ylabel("summed estimated error")
+        ax2.set_title("Error–budget frontier")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

@@ -289,6 +289,8 @@ def optimize(
         t0 = time.perf_counter()
         solution = solve(problem, bud, method=solver)
         timings["solve"] = time.perf_counter() - t0
+        if solution.note:
+            notes.append(f"solver: {solution.note}")
         plan = solution.to_plan(
             shapes={s.fqn: s.shape for s in sites},
             meta={

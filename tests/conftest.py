@@ -7,12 +7,7 @@ import torch
 from torch import nn
 
 
-@pytest.fixture
-def tiny_llama() -> nn.Module:
-    """A 2-layer LlamaForCausalLM (hidden 64, 4 heads, 2 kv heads, vocab 256, tied lm_head).
-
-    Seeded, eval mode, float32. Built fresh per test (≈50 ms) so tests may mutate it.
-    """
+def _build_tiny_llama() -> nn.Module:
     transformers = pytest.importorskip("transformers")  # the hf extra is optional
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
@@ -25,15 +20,40 @@ def tiny_llama() -> nn.Module:
         max_position_embeddings=128,
         tie_word_embeddings=True,
     )
-    model = transformers.LlamaForCausalLM(config).to(torch.float32).eval()
-    return model
+    return transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+
+
+def _build_tiny_ids() -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (2, 16), generator=gen)
+
+
+@pytest.fixture
+def tiny_llama() -> nn.Module:
+    """A 2-layer LlamaForCausalLM (hidden 64, 4 heads, 2 kv heads, vocab 256, tied lm_head).
+
+    Seeded, eval mode, float32. Built fresh per test (≈50 ms) so tests may mutate it.
+    """
+    return _build_tiny_llama()
 
 
 @pytest.fixture
 def tiny_ids() -> torch.Tensor:
     """(2, 16) token ids in [0, 256)."""
-    gen = torch.Generator().manual_seed(1)
-    return torch.randint(0, 256, (2, 16), generator=gen)
+    return _build_tiny_ids()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_captured() -> tuple[nn.Module, torch.Tensor, object]:
+    """``(model, ids, captured)``: a tiny_llama exported once per test module (≈1 s).
+
+    Shared by the tests of a module: read it, do not mutate it.
+    """
+    from slimfx.ir.capture import capture
+
+    model, ids = _build_tiny_llama(), _build_tiny_ids()
+    captured = capture(model, (), {"input_ids": ids, "use_cache": False}, fallback=False)
+    return model, ids, captured
 
 
 @pytest.fixture

@@ -1,1 +1,47 @@
-"""slimfx.cost."""
+"""slimfx.cost: calibration statistics, targets and latency, candidates, the budget problem.
+
+Importing this package registers the built-in candidate families (``lowrank``).
+"""
+
+from slimfx.cost import family_quant  # noqa: F401  (registers int8, int4, int4_gptq)
+from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
+from slimfx.cost.candidates import build_problem, lowrank_candidates, lowrank_ranks
+from slimfx.cost.families import FAMILIES, Candidate, SiteContext, register_family
+from slimfx.cost.sequential import find_blocks, run_sequential
+from slimfx.cost.target import (
+    TARGETS,
+    WORKLOADS,
+    MeasuredCache,
+    Target,
+    Workload,
+    estimate_latency,
+    latency,
+    measure_target,
+    target_of,
+    workload_of,
+)
+
+__all__ = [
+    "CalibrationStats",
+    "collect_stats",
+    "prepare_batches",
+    "find_blocks",
+    "run_sequential",
+    "Target",
+    "TARGETS",
+    "target_of",
+    "Workload",
+    "WORKLOADS",
+    "workload_of",
+    "estimate_latency",
+    "MeasuredCache",
+    "latency",
+    "measure_target",
+    "build_problem",
+    "lowrank_candidates",
+    "lowrank_ranks",
+    "SiteContext",
+    "Candidate",
+    "FAMILIES",
+    "register_family",
+]

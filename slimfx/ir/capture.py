@@ -16,7 +16,9 @@ flag is restored afterwards; no hooks are registered.
 
 from __future__ import annotations
 
+import os
 import re
+import sysconfig
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -241,9 +243,15 @@ def _first_useful_lines(text: str, limit: int = 3) -> str:
     return detail if len(detail) <= 400 else detail[:397] + "..."
 
 
+_STDLIB = os.path.realpath(sysconfig.get_paths()["stdlib"])
+
+
 def _is_torch_file(path: str) -> bool:
+    """Frames of torch itself or of the standard library: never the user's failing construct."""
     p = path.replace("\\", "/")
-    return "/torch/" in p or "/site-packages/torch" in p or "/_export/" in p
+    if "/torch/" in p or "/site-packages/torch" in p or "/_export/" in p:
+        return True
+    return os.path.realpath(path).startswith(_STDLIB + os.sep)
 
 
 def _location(exc: BaseException) -> str | None:
@@ -290,7 +298,7 @@ def _construct(exc: BaseException) -> str:
         )
     if "DynamicOutputShape" in name or "dynamic output shape" in text.lower():
         return "an op whose output shape depends on tensor values"
-    if isinstance(exc, TypeError) and ("positional argument" in text or "keyword argument" in text):
+    if isinstance(exc, TypeError) and "argument" in text:
         return "the call: forward() did not accept the example inputs"
     if "Unsupported" in name:
         return "a Python construct the tracer does not support"

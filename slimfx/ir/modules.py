@@ -94,3 +94,5 @@ def module_for(decision: Decision) -> type[SlimLinear]:
         raise KeyError(
             f"no module realizes decision kind {decision.kind!r}; known: {sorted(MODULES)}"
         ) from None
+
+import slimfx.ir.modules_quant  # noqa: E402,F401  (registers MODULES["quant"])

@@ -50,3 +50,7 @@ lowrank_linear.register_autograd(_lowrank_backward, setup_context=_lowrank_setup
 
 #: op name → python handle, for lowering and counting by name.
 OPS: dict[str, object] = {"lowrank_linear": torch.ops.slimfx.lowrank_linear}
+
+from slimfx.ir.ops_quant import quant_linear  # noqa: E402,F401  (registers slimfx::quant_linear)
+
+OPS["quant_linear"] = torch.ops.slimfx.quant_linear

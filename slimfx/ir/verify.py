@@ -42,8 +42,13 @@ class Invariant:
     message: str
 
 
+def _value(node: fx.Node) -> object:
+    # torch.export writes meta["val"]; dynamo graphs (torch.compile backend) "example_value".
+    return node.meta.get("val", node.meta.get("example_value"))
+
+
 def _has_val(node: fx.Node, gm: fx.GraphModule) -> bool:
-    return node.op != "call_function" or "val" in node.meta
+    return node.op != "call_function" or "val" in node.meta or "example_value" in node.meta
 
 
 def _has_origin(node: fx.Node, gm: fx.GraphModule) -> bool:
@@ -71,15 +76,15 @@ def _fqn_is_str(node: fx.Node, gm: fx.GraphModule) -> bool:
 def _slimfx_val_is_tensor(node: fx.Node, gm: fx.GraphModule) -> bool:
     if node.op != "call_function" or not is_slimfx_op(node.target):
         return True
-    return isinstance(node.meta.get("val"), torch.Tensor)
+    return isinstance(_value(node), torch.Tensor)
 
 
 INVARIANTS: list[Invariant] = [
     Invariant(
         "val",
         _has_val,
-        "call_function node {node} ({target}) has no meta['val'] (fake value); a pass created "
-        "it without propagating meta",
+        "call_function node {node} ({target}) has no meta['val'] (fake value; dynamo graphs: "
+        "meta['example_value']); a pass created it without propagating meta",
     ),
     Invariant(
         "origin",

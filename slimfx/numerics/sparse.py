@@ -37,6 +37,7 @@ __all__ = [
     "SPARSE24_METHODS",
     "sparse24_unsupported",
     "mask24",
+    "is_24",
     "prune24",
     "pack24",
     "unpack24",
@@ -131,13 +132,15 @@ def _prune_compensated(weight: Tensor, gram: Tensor, method: str, fixed: Tensor 
             else:
                 keep = _keep_top2(w4.abs())
             mask[:, b0 + g : b0 + g + 4] = keep
-            for j in range(g, g + 4):
+            for j in range(g, g + 4):  # sequential inside the group of four …
                 w = Wb[:, j]
                 q = torch.where(keep[:, j - g], w, torch.zeros_like(w))
                 err = (w - q) / Cb[j, j]
                 Wb[:, j] = q
-                Wb[:, j + 1 :] -= err[:, None] * Cb[j, j + 1 :][None, :]
+                Wb[:, j + 1 : g + 4] -= err[:, None] * Cb[j, j + 1 : g + 4][None, :]
                 Err[:, j] = err
+            # … then one rank-4 update of the rest of the block
+            Wb[:, g + 4 :] -= Err[:, g : g + 4] @ Cb[g : g + 4, g + 4 :]
         W[:, b0:b1] = Wb
         W[:, b1:] -= Err @ C[b0:b1, b1:]
     W = torch.where(mask, W, torch.zeros_like(W))

@@ -65,8 +65,10 @@ class Rule:
     def factorize(
         self, weight: Tensor, decision: Decision, gram: Tensor | None
     ) -> dict[str, Tensor]:
-        """The form's tensors (see ``slimfx.numerics``)."""
-        return factorize(weight, decision, gram)
+        """The form's tensors (see ``slimfx.numerics``), made contiguous: an SVD factor comes
+        back column-major, and a module built from it must compute exactly what the same
+        module loaded from a ``state_dict`` (always row-major) computes."""
+        return {k: t.contiguous() for k, t in factorize(weight, decision, gram).items()}
 
     def build_module(
         self,
@@ -91,7 +93,8 @@ class Rule:
         self, decision: Decision, tensors: dict[str, Tensor]
     ) -> tuple[Any, list[str], dict[str, Any]]:
         """For a graph rewrite: ``(op overload, ordered names of tensor args after x, extra
-        non-tensor kwargs)``; the bias goes last as a tensor arg named ``bias``."""
+        non-tensor kwargs)``; the bias goes last as a tensor arg named ``bias``. A name missing from
+        ``tensors`` is passed as ``None`` (an optional tensor arg, e.g. symmetric ``zeros``)."""
         raise NotImplementedError(f"{self.name} has no graph form")
 
 

@@ -12,7 +12,7 @@ Byte formulas (``in`` = in_features, ``out`` = out_features, bias always 2·out 
 - quant(b, g):  ceil(b·in·out / 8) + scales + zeros
                 scales: 2 bytes per (row, group); zeros: 1 byte per (row, group) when asymmetric
                 (a per-channel config has one group per row, g = in)
-- sparse24:     2·in·out/2 values + in·out/2 · 2 bits of indices = 1.25·in·out  (≈ 62.5% of dense)
+- sparse24:     2·in·out/2 values + in·out/2 · 2 bits of indices = 1.125·in·out  (56.25% of dense)
 - lowrank_quant(r, b, g): quant(b, g) + lowrank(r)
 - sparse24_lowrank(r):    sparse24 + lowrank(r)
 """

@@ -66,6 +66,8 @@ class Plan(Mapping[str, Decision]):
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"not a slimfx plan (a JSON {type(d).__name__}, not an object)")
         if d.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a slimfx plan (format={d.get('format')!r})")
         if d.get("version", 0) > PLAN_VERSION:
@@ -80,7 +82,11 @@ class Plan(Mapping[str, Decision]):
 
     @classmethod
     def from_json(cls, text: str) -> Plan:
-        return cls.from_dict(json.loads(text))
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a slimfx plan (not JSON: {e})") from e
+        return cls.from_dict(d)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -89,7 +95,10 @@ class Plan(Mapping[str, Decision]):
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
-        return cls.from_json(Path(path).read_text())
+        try:
+            return cls.from_json(Path(path).read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: {e}") from e
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Plan):

@@ -12,7 +12,10 @@ memory_limit = ``budget.memory_bytes(problem.dense_bytes)``; latency_limit =
 ``budget.latency × problem.dense_latency_s``. A budget with only ``max_error`` minimizes total
 bytes instead (ties: lower error); a budget with no limit at all keeps every site at its
 min-error option (dense, whose error is 0). Ties are broken deterministically: lower total
-error, then lower total bytes, then lower option index.
+error (totals within a relative 1e-9 tie), then lower total bytes, then lower option index.
+The index rule holds within each site for every method; between sites (two choices of equal
+error *and* bytes) ``dp`` takes the lowest index in site order, while ``milp`` keeps the one
+HiGHS returns (the same on every run, but not chosen by index).
 
 Methods:
 
@@ -24,7 +27,7 @@ Methods:
   within the limit, status ``feasible``).
 - ``greedy``: from each site's min-error option, repeatedly take the single downgrade with
   the smallest Δerror/Δbytes (Δerror/Δlatency for a latency limit): the next vertex of that
-  site's lower convex hull. Status ``feasible``.
+  site's lower convex hull. Status ``feasible`` (``optimal`` when no downgrade was needed).
 - ``auto``: ``milp``, or ``greedy`` when scipy's milp is missing or fails (``Solution.note``
   says why).
 """
@@ -33,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,6 +56,7 @@ __all__ = ["Solution", "solve", "frontier", "METHODS", "DP_MAX_CELLS", "MILP_TIM
 METHODS = ("auto", "milp", "dp", "greedy")
 DP_MAX_CELLS = 5_000_000  # float64 table cells (40 MB) before the DP coarsens bytes
 MILP_TIME_LIMIT_S = 60.0  # per HiGHS call; past it the best point found is returned, "feasible"
+STAGE2_NODE_LIMIT = 5000  # branch-and-bound nodes for the fewest-bytes tie refinement
 _REL_TIE = 1e-9  # two error totals within this relative distance are a tie
 _LAT_REL = 1e-9  # relative slack on the latency limit: float sums of seconds
 
@@ -167,11 +171,12 @@ class _Site:
 
 @dataclass
 class _Limits:
+    """The budget's limits in problem units; ``fits`` checks a choice against them."""
+
     cap: int | None  # integer byte limit
     lat: float | None  # latency limit, seconds (slack included)
-    mem_raw: float | None = None
+    mem_raw: float | None = None  # the limits as the budget states them
     lat_raw: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def fits(self, sites: list[_Site], ch: list[int]) -> bool:
         if self.cap is not None and sum(int(s.b[j]) for s, j in zip(sites, ch)) > self.cap:
@@ -220,40 +225,53 @@ def _frac(x: float, dense: float) -> float:
     return x / dense if dense else math.inf
 
 
-def _memory_message(problem: BudgetProblem, budget: Budget, lim: _Limits) -> str:
+def _cap_note(budget: Budget) -> str:
+    return f" with max_error={budget.max_error:g}" if budget.max_error is not None else ""
+
+
+def _memory_parts(problem: BudgetProblem, budget: Budget, lim: _Limits) -> tuple[str, str]:
+    """("memory budget 0.100 (1.2 MB)", "0.187 of dense (2.2 MB, 3.0 bits/weight)")."""
     dense = problem.dense_bytes
+    limit = lim.mem_raw or 0.0
+    bits = f"{budget.bits:g} bits/weight = " if budget.bits is not None else ""
     smallest = problem.min_bytes(budget.max_error)
     f = _frac(smallest, dense)
-    cap_note = f" with max_error={budget.max_error:g}" if budget.max_error is not None else ""
     return (
-        f"memory budget {_frac(lim.mem_raw or 0.0, dense):.3f} ({_fmt_bytes(lim.mem_raw or 0.0)})"
-        f" is infeasible{cap_note}: the smallest achievable is {f:.3f} of dense "
-        f"({_fmt_bytes(smallest)}, {16 * f:.1f} bits/weight)"
+        f"memory budget {bits}{_frac(limit, dense):.3f} ({_fmt_bytes(limit)})",
+        f"{f:.3f} of dense ({_fmt_bytes(smallest)}, {16 * f:.1f} bits/weight)",
     )
 
 
-def _latency_message(problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits) -> str:
-    dense = problem.dense_latency_s
+def _latency_parts(
+    problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits
+) -> tuple[str, str]:
+    """("latency budget 0.500 (1.2 ms)", "0.620 of dense (1.5 ms)")."""
     smallest = float(sum(s.t.min() for s in sites))
-    cap_note = f" with max_error={budget.max_error:g}" if budget.max_error is not None else ""
     return (
-        f"latency budget {budget.latency:.3f} ({(lim.lat_raw or 0.0) * 1e3:.4g} ms) is "
-        f"infeasible{cap_note}: the smallest achievable is {_frac(smallest, dense):.3f} of "
-        f"dense ({smallest * 1e3:.4g} ms)"
+        f"latency budget {budget.latency:.3f} ({(lim.lat_raw or 0.0) * 1e3:.4g} ms)",
+        f"{_frac(smallest, problem.dense_latency_s):.3f} of dense ({smallest * 1e3:.4g} ms)",
     )
 
 
-def _joint_message(
+def _memory_message(problem: BudgetProblem, budget: Budget, lim: _Limits) -> str:
+    limit, smallest = _memory_parts(problem, budget, lim)
+    return f"{limit} is infeasible{_cap_note(budget)}: the smallest achievable is {smallest}"
+
+
+def _latency_message(
     problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits
 ) -> str:
-    mem = _memory_message(problem, budget, lim).split(" is infeasible")[0]
-    lat = _latency_message(problem, budget, sites, lim).split(" is infeasible")[0]
-    smallest_mem = _memory_message(problem, budget, lim).split("smallest achievable is ")[1]
-    smallest_lat = _latency_message(problem, budget, sites, lim).split("smallest achievable is ")[1]
+    limit, smallest = _latency_parts(problem, budget, sites, lim)
+    return f"{limit} is infeasible{_cap_note(budget)}: the smallest achievable is {smallest}"
+
+
+def _joint_message(problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits) -> str:
+    mem, mem_min = _memory_parts(problem, budget, lim)
+    lat, lat_min = _latency_parts(problem, budget, sites, lim)
     return (
-        f"{mem} together with {lat} is infeasible, though each alone is reachable: the "
-        f"smallest achievable memory is {smallest_mem}, the smallest achievable latency is "
-        f"{smallest_lat}"
+        f"{mem} together with {lat} is infeasible{_cap_note(budget)}, though each alone is "
+        f"reachable: the smallest achievable memory is {mem_min}, the smallest achievable "
+        f"latency is {lat_min}"
     )
 
 
@@ -396,13 +414,14 @@ def _solve_milp(sites: list[_Site], lim: _Limits) -> tuple[list[int] | None, str
     def split(x: np.ndarray) -> list[int]:
         return [int(np.argmax(x[offs[k] : offs[k + 1]])) for k in range(len(sites))]
 
-    def run(c: np.ndarray, extra: list[LinearConstraint], time_limit: float) -> Any:
+    def run(c: np.ndarray, extra: list[LinearConstraint], **limit: float) -> Any:
+        options = {"mip_rel_gap": 0.0, "time_limit": MILP_TIME_LIMIT_S, "presolve": True}
         return milp(
             c,
             integrality=np.ones(n_var),
             bounds=Bounds(0, 1),
             constraints=[one_each, *extra],
-            options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True},
+            options={**options, **limit},
         )
 
     mem_rhs = None if lim.cap is None else (lim.cap - b_base) // g
@@ -420,10 +439,12 @@ def _solve_milp(sites: list[_Site], lim: _Limits) -> tuple[list[int] | None, str
     # limit (HiGHS accepts a row violated within its feasibility tolerance).
     ch1: list[int] | None = None
     status = "optimal"
-    for _ in range(4):
-        res = run(e / e_scale * 1e3, limits(mem_rhs, lat_rhs), MILP_TIME_LIMIT_S)
+    for attempt in range(4):
+        res = run(e / e_scale * 1e3, limits(mem_rhs, lat_rhs))
         if res.status == 2:
-            return None, "infeasible"
+            if attempt == 0:
+                return None, "infeasible"
+            raise RuntimeError("HiGHS: tightening a rounded-off limit made the problem infeasible")
         if res.x is None:
             raise RuntimeError(f"HiGHS: {res.message}")
         ch = split(res.x)
@@ -451,7 +472,9 @@ def _solve_milp(sites: list[_Site], lim: _Limits) -> tuple[list[int] | None, str
     e1_shift = (e1 - e_base) / e_scale
     row = LinearConstraint((e / e_scale)[None, :], -np.inf, e1_shift + max(tie / e_scale, 1e-12))
     try:
-        res = run(b // g, [*limits(mem_rhs, lat_rhs), row], min(10.0, MILP_TIME_LIMIT_S))
+        # A node limit, not a time limit, bounds this refinement: the result stays the same
+        # whatever the machine's load.
+        res = run(b // g, [*limits(mem_rhs, lat_rhs), row], node_limit=STAGE2_NODE_LIMIT)
     except Exception:  # noqa: BLE001 — stage 2 only refines a tie; stage 1 stands
         return ch1, status
     if res.x is not None:
@@ -516,52 +539,74 @@ def _solve_dp(sites: list[_Site], cap: int) -> tuple[list[int], str]:
 
 
 def _solve_greedy(sites: list[_Site], lim: _Limits, start: list[int]) -> tuple[list[int], str]:
-    """Downgrade along each site's lower hull of (resource, error) until within limits."""
-    ch = list(start)
-    tb = sum(int(s.b[j]) for s, j in zip(sites, ch))
-    cur_t = np.array([s.t[j] for s, j in zip(sites, ch)], dtype=np.float64)
-    tt = float(cur_t.sum())
+    """Downgrade along each site's lower hull of (resource, error) until within limits.
+
+    A move on the violated resource (memory first) must lower it; under both limits it must
+    also not raise the other resource on that site while the other is violated, and keep the
+    other's total within its limit once it is met, so each phase strictly decreases one
+    resource and the loop ends. When no such move exists, moves that shrink the summed
+    relative violation are taken instead.
+    """
+    n = len(sites)
+    sizes = [len(s.idx) for s in sites]
+    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    site_of = np.repeat(np.arange(n), sizes)
+    local = np.concatenate([np.arange(k) for k in sizes]) if n else np.zeros(0, np.int64)
+    B = np.concatenate([s.b for s in sites]).astype(np.float64) if n else np.zeros(0)
+    E = np.concatenate([s.e for s in sites]) if n else np.zeros(0)
+    T = np.concatenate([s.t for s in sites]) if n else np.zeros(0)
+    cur = offs[:-1] + np.asarray(start, dtype=np.int64)
+    cap, lat = lim.cap, lim.lat
     moves = 0
 
-    def best_move(k: int, res: str) -> tuple[float, float, int]:
-        s, j0 = sites[k], ch[k]
-        r, other = (s.b, s.t) if res == "mem" else (s.t, s.b)
-        ok = r < r[j0]
-        other_limited = lim.lat is not None if res == "mem" else lim.cap is not None
-        if other_limited:  # never undo progress on the other limit: guarantees termination
-            ok &= other <= other[j0]
-        cand = np.flatnonzero(ok)
-        if cand.size == 0:
-            return (math.inf, math.inf, -1)
-        step = (r[j0] - r[cand]).astype(np.float64)
-        slope = (s.e[cand] - s.e[j0]) / step
-        i = min(range(cand.size), key=lambda i: (slope[i], step[i], cand[i]))
-        return (float(slope[i]), float(step[i]), int(cand[i]))
+    def violation(tb: np.ndarray | float, tt: np.ndarray | float) -> np.ndarray | float:
+        v = 0.0
+        if cap is not None:
+            v = v + np.maximum(tb - cap, 0.0) / max(cap, 1)
+        if lat is not None:
+            v = v + np.maximum(tt - lat, 0.0) / max(lat, 1e-300)
+        return v
 
-    res_prev = None
-    table: list[tuple[float, float, int]] = []
     while True:
-        if lim.cap is not None and tb > lim.cap:
-            res = "mem"
-        elif lim.lat is not None and tt > lim.lat:
-            res = "lat"
-        else:
+        tb = float(B[cur].sum())
+        tt = float(T[cur].sum())
+        mem_bad = cap is not None and tb > cap
+        lat_bad = lat is not None and tt > lat
+        if not (mem_bad or lat_bad):
             break
-        if res != res_prev:
-            table = [best_move(k, res) for k in range(len(sites))]
-            res_prev = res
-        k = min(range(len(sites)), key=lambda k: (table[k][0], table[k][1], k))
-        slope, _, j = table[k]
-        if j < 0:
-            raise RuntimeError(
-                "greedy found no single downgrade that meets both the memory and the latency "
-                "limit; use method='milp' (exact)"
+        c = cur[site_of]
+        dB, dE, dT = B - B[c], E - E[c], T - T[c]
+        pick = None
+        for res in ("mem", "lat"):
+            if (res == "mem" and not mem_bad) or (res == "lat" and not lat_bad):
+                continue
+            d_own, d_other = (dB, dT) if res == "mem" else (dT, dB)
+            other_lim, other_tot, other_bad = (
+                (lat, tt, lat_bad) if res == "mem" else (cap, tb, mem_bad)
             )
-        s = sites[k]
-        tb += int(s.b[j]) - int(s.b[ch[k]])
-        cur_t[k] = s.t[j]
-        tt = float(cur_t.sum())  # re-summed, not accumulated: no drift against the limit
-        ch[k] = j
+            ok = d_own < 0
+            if other_lim is not None:
+                ok &= (d_other <= 0) if other_bad else (other_tot + d_other <= other_lim)
+            if ok.any():
+                gain = -d_own
+                pick = (ok, gain)
+                break
+        if pick is None:  # no clean move: shrink the summed relative violation
+            gain = violation(tb, tt) - violation(tb + dB, tt + dT)
+            ok = gain > 1e-15
+            if not ok.any():
+                raise RuntimeError(
+                    "greedy is stuck short of the memory and latency limits together; "
+                    "use method='milp' (exact)"
+                )
+            pick = (ok, gain)
+        ok, gain = pick
+        cand = np.flatnonzero(ok)
+        slope = dE[cand] / gain[cand]
+        # smallest Δerror per unit saved; then the nearest hull vertex; then site, option
+        order = np.lexsort((local[cand], site_of[cand], gain[cand], slope))
+        m = int(cand[order[0]])
+        cur[site_of[m]] = m
         moves += 1
-        table[k] = best_move(k, res)
+    ch = (cur - offs[:-1]).tolist()
     return ch, ("optimal" if moves == 0 else "feasible")

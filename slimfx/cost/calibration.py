@@ -1,0 +1,439 @@
+"""Calibration statistics: input Gram matrices per site group and optional Fisher sensitivity.
+
+For a linear ``y = x Wᵀ + b`` whose inputs over the calibration tokens are the rows of X
+(tokens × in), the activation-aware error of an approximation Ŵ is
+
+    ‖(W − Ŵ) Xᵀ‖²_F = tr(E G Eᵀ),   E = W − Ŵ,   G = XᵀX  (in × in)
+
+so the Gram matrix G is all the error proxies need. It is accumulated in float64 batch by
+batch from forward-pre-hooks (activations are never stored), once per *group*: sites that
+read the same input tensor (q/k/v, gate/up) share one G.
+
+Sensitivity (``fisher=True``): with g = ∂L/∂y the gradient of the loss at the site's output,
+the diagonal-Fisher estimate of the loss change caused by an output perturbation δy is
+½ Σ_i E[g_i²] δy_i². For a relative perturbation of 100% (δy_i² ≈ E[y_i²]) this gives
+
+    s_site = Σ_i E[g_i²] · E[y_i²]
+
+which is normalized so the mean over sites is 1.0; the problem builder multiplies each
+option's relative output error by it. Gradients are taken with ``torch.autograd.grad`` with
+respect to the site outputs, so no parameter ``.grad`` is ever written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from slimfx.ir.sites import LinearSite
+
+__all__ = ["CalibrationStats", "collect_stats", "prepare_batches", "GramRecorder"]
+
+#: float64 elements converted at once when accumulating a Gram (bounds the temporary copy).
+_CHUNK_ELEMS = 1 << 22
+
+
+@dataclass
+class CalibrationStats:
+    """What calibration measured.
+
+    - ``grams``: group → XᵀX (in × in, float64, CPU), summed over every token the group saw.
+    - ``tokens``: group → number of input rows accumulated into its Gram.
+    - ``site_group``: site FQN → group name.
+    - ``sensitivity``: site FQN → Fisher sensitivity (mean over sites 1.0), or ``None``.
+    - ``seconds``: wall time of the collection.
+    """
+
+    grams: dict[str, Tensor]
+    tokens: dict[str, int]
+    site_group: dict[str, str]
+    sensitivity: dict[str, float] | None = None
+    seconds: float = 0.0
+
+    def group_of(self, fqn: str) -> str:
+        """The group whose Gram ``fqn`` reads (the FQN itself for an unknown site)."""
+        return self.site_group.get(fqn, fqn)
+
+    def gram(self, fqn: str) -> Tensor | None:
+        """XᵀX of the input of site ``fqn`` (summed over tokens), or ``None`` if not measured."""
+        return self.grams.get(self.group_of(fqn))
+
+    def mean_gram(self, fqn: str) -> Tensor | None:
+        """XᵀX / tokens: the second-moment matrix of the site's input, or ``None``."""
+        g = self.gram(fqn)
+        if g is None:
+            return None
+        n = self.tokens.get(self.group_of(fqn), 0)
+        return g / max(n, 1)
+
+    def sensitivity_of(self, fqn: str) -> float:
+        """The site's sensitivity weight (1.0 when none was measured)."""
+        if self.sensitivity is None:
+            return 1.0
+        return float(self.sensitivity.get(fqn, 1.0))
+
+    def nbytes(self) -> int:
+        """Memory held by the Gram matrices."""
+        return sum(g.numel() * g.element_size() for g in self.grams.values())
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def accumulate_gram(gram: Tensor, x: Tensor) -> int:
+    """``gram += XᵀX`` for ``x`` flattened to (tokens × in), converted to float64 in chunks so
+    the temporary copy stays bounded. Returns the number of rows added."""
+    x2 = x.detach().reshape(-1, x.shape[-1])
+    rows = max(1, _CHUNK_ELEMS // max(1, x2.shape[1]))
+    for start in range(0, x2.shape[0], rows):
+        c = x2[start : start + rows].to(torch.float64)
+        gram.addmm_(c.T, c)
+    return int(x2.shape[0])
+
+
+def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
+    if args and isinstance(args[0], Tensor):
+        return args[0]
+    for key in ("input", "x", "hidden_states"):
+        if isinstance(kwargs.get(key), Tensor):
+            return kwargs[key]
+    for v in kwargs.values():
+        if isinstance(v, Tensor):
+            return v
+    return None
+
+
+def _module(modules: Mapping[str, nn.Module], fqn: str) -> nn.Module:
+    try:
+        return modules[fqn]
+    except KeyError:
+        raise ValueError(f"site {fqn!r} is not a module of the model") from None
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU when it has none)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """Move the tensors inside nested tuples / lists / dicts to ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
+        return type(obj)(*(to_device(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
+def is_hf(model: nn.Module) -> bool:
+    """A Hugging Face style model (called with ``input_ids=`` keyword)."""
+    return hasattr(model, "config")
+
+
+def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
+    """Run ``model`` on one calibration batch.
+
+    A token-id tensor goes in as ``model(input_ids=ids)`` for a Hugging Face model (one with a
+    ``config``; ``use_cache=False`` when it has a cache), as ``model(x)`` otherwise; a dict is
+    passed as keyword arguments, a tuple / list as positional ones. ``labels=True`` adds
+    ``labels=input_ids`` for a Hugging Face language-model loss.
+    """
+    batch = to_device(batch, model_device(model))
+    if isinstance(batch, dict):
+        kwargs = dict(batch)
+        if labels and "labels" not in kwargs:
+            if "input_ids" not in kwargs:
+                raise ValueError("fisher=True on a dict batch needs 'input_ids' or 'labels'")
+            kwargs["labels"] = kwargs["input_ids"]
+        return model(**kwargs)
+    if isinstance(batch, (tuple, list)):
+        if labels:
+            raise ValueError("fisher=True on a tuple batch needs loss_fn")
+        return model(*batch)
+    if isinstance(batch, Tensor):
+        if is_hf(model) and not batch.is_floating_point():
+            kwargs: dict[str, Any] = {"input_ids": batch}
+            if getattr(model.config, "use_cache", None) is not None:
+                kwargs["use_cache"] = False
+            if labels:
+                kwargs["labels"] = batch
+            return model(**kwargs)
+        if labels:
+            raise ValueError("fisher=True on a model without an LM loss needs loss_fn")
+        return model(batch)
+    raise TypeError(f"unsupported calibration batch type {type(batch).__name__}")
+
+
+def check_batches(batches: Iterable[Any] | None) -> list[Any]:
+    """The batches as a list; rejects an empty calibration and raw strings."""
+    batches = [] if batches is None else list(batches)
+    if not batches:
+        raise ValueError(
+            "calibration is empty: give at least one batch (token-id tensors, input tensors, "
+            "dicts of model kwargs, or texts through prepare_batches(texts, tokenizer))"
+        )
+    if any(isinstance(b, str) for b in batches):
+        raise ValueError(
+            "calibration texts need a tokenizer: turn them into token ids with "
+            "prepare_batches(texts, tokenizer, seq_len) first"
+        )
+    return batches
+
+
+class _ModeGuard:
+    """Puts every submodule in eval mode and restores each one's own training flag."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.flags = {m: m.training for m in model.modules()}
+        self.model = model
+
+    def __enter__(self) -> _ModeGuard:
+        self.model.eval()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for m, flag in self.flags.items():
+            m.training = flag
+
+
+class GramRecorder:
+    """Forward-pre-hooks that accumulate one input Gram per group of ``sites``.
+
+    Only the first member of each group (in ``sites`` order) is hooked: the other members
+    read the same tensor. Use as a context manager; hooks are removed on exit, exception or not.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], sites: Sequence[LinearSite]) -> None:
+        self.site_group = {s.fqn: s.group for s in sites}
+        self.leaders: dict[str, LinearSite] = {}
+        for s in sites:
+            self.leaders.setdefault(s.group, s)
+        self.modules = {g: _module(modules, s.fqn) for g, s in self.leaders.items()}
+        self.grams: dict[str, Tensor] = {}
+        self.tokens: dict[str, int] = {g: 0 for g in self.leaders}
+        self._handles: list[Any] = []
+
+    def _hook(self, group: str, in_features: int) -> Callable[..., None]:
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = _first_tensor(args, kwargs)
+            if x is None:
+                return
+            if x.shape[-1] != in_features:
+                raise ValueError(
+                    f"input of {self.leaders[group].fqn!r} has {x.shape[-1]} features, "
+                    f"the site says {in_features}"
+                )
+            g = self.grams.get(group)
+            if g is None:
+                g = self.grams[group] = torch.zeros(
+                    in_features, in_features, dtype=torch.float64, device=x.device
+                )
+            self.tokens[group] += accumulate_gram(g, x)
+
+        return hook
+
+    def __enter__(self) -> GramRecorder:
+        for group, site in self.leaders.items():
+            h = self.modules[group].register_forward_pre_hook(
+                self._hook(group, site.in_features), with_kwargs=True
+            )
+            self._handles.append(h)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def stats(
+        self, sensitivity: dict[str, float] | None = None, seconds: float = 0.0
+    ) -> CalibrationStats:
+        """The accumulated Grams (moved to CPU) as ``CalibrationStats``."""
+        grams = {g: t.cpu() for g, t in self.grams.items()}
+        return CalibrationStats(
+            grams, dict(self.tokens), dict(self.site_group), sensitivity, seconds
+        )
+
+
+class _FisherRecorder:
+    """Forward hooks on every site: E[y_i²] per output unit and the outputs for autograd."""
+
+    def __init__(self, modules: Mapping[str, nn.Module], sites: Sequence[LinearSite]) -> None:
+        self.sites = list(sites)
+        self.modules = {s.fqn: _module(modules, s.fqn) for s in sites}
+        self.y2 = {s.fqn: torch.zeros(s.out_features, dtype=torch.float64) for s in sites}
+        self.g2 = {s.fqn: torch.zeros(s.out_features, dtype=torch.float64) for s in sites}
+        self.rows = {s.fqn: 0 for s in sites}
+        self.outputs: list[tuple[str, Tensor]] = []
+        self._handles: list[Any] = []
+
+    def _hook(self, fqn: str) -> Callable[..., Tensor | None]:
+        def hook(_mod: nn.Module, _args: tuple[Any, ...], out: Any) -> Tensor | None:
+            if not isinstance(out, Tensor):
+                return None
+            y = out.detach().reshape(-1, out.shape[-1]).to(torch.float64)
+            self.y2[fqn] += (y * y).sum(0).cpu()
+            self.rows[fqn] += y.shape[0]
+            replaced = None
+            if not out.requires_grad:  # frozen model: make the output a leaf to reach it
+                out = replaced = out.detach().requires_grad_(True)
+            self.outputs.append((fqn, out))
+            return replaced
+
+        return hook
+
+    def backward(self, loss: Tensor) -> None:
+        """Squared output gradients of this batch's loss, without touching ``param.grad``."""
+        if not self.outputs:
+            return
+        tensors = [t for _, t in self.outputs]
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        for (fqn, _), g in zip(self.outputs, grads):
+            if g is not None:
+                g = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
+                self.g2[fqn] += (g * g).sum(0).cpu()
+        self.outputs.clear()
+
+    def sensitivity(self) -> dict[str, float]:
+        raw = {}
+        for s in self.sites:
+            n = max(self.rows[s.fqn], 1)
+            raw[s.fqn] = float(((self.g2[s.fqn] / n) * (self.y2[s.fqn] / n)).sum())
+        mean = sum(raw.values()) / max(len(raw), 1)
+        if not (mean > 0 and torch.isfinite(torch.tensor(mean))):
+            return {k: 1.0 for k in raw}
+        return {k: v / mean for k, v in raw.items()}
+
+    def __enter__(self) -> _FisherRecorder:
+        for fqn, m in self.modules.items():
+            self._handles.append(m.register_forward_hook(self._hook(fqn)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.outputs.clear()
+
+
+def _loss_of(
+    model: nn.Module, batch: Any, loss_fn: Callable[[nn.Module, Any], Tensor] | None
+) -> Tensor:
+    if loss_fn is not None:
+        return loss_fn(model, batch)
+    out = call_model(model, batch, labels=True)
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if not isinstance(loss, Tensor):
+        raise ValueError(
+            "fisher=True needs a loss: the model returned none for labels=input_ids; pass "
+            "loss_fn(model, batch) -> scalar tensor"
+        )
+    return loss
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def collect_stats(
+    model: nn.Module,
+    sites: Sequence[LinearSite],
+    batches: Iterable[Any],
+    *,
+    fisher: bool = False,
+    progress: bool = True,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+) -> CalibrationStats:
+    """Input Gram matrices (one per group) and, with ``fisher=True``, per-site sensitivity.
+
+    ``batches``: token-id tensors (B, L) (a Hugging Face model is called as
+    ``model(input_ids=ids)``), input tensors for plain models, dicts of keyword arguments, or
+    tuples of positional ones; texts go through :func:`prepare_batches` first. The model runs
+    in eval mode; afterwards every training flag is restored, every hook removed (also on an
+    exception), and no parameter's ``.grad`` or ``requires_grad`` has changed.
+
+    Without ``fisher`` one no-grad forward per batch. With it, one forward with autograd per
+    batch (the Grams are accumulated in the same pass) and a gradient of the loss — the
+    model's LM loss (``labels=input_ids``) or ``loss_fn(model, batch)`` — with respect to the
+    site outputs.
+    """
+    batches = check_batches(batches)
+    sites = list(sites)
+    if not sites:
+        raise ValueError("no sites to calibrate")
+    start = time.perf_counter()
+    modules = dict(model.named_modules())
+    grams = GramRecorder(modules, sites)
+    fish = _FisherRecorder(modules, sites) if fisher else None
+    bar = tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)
+    with _ModeGuard(model), grams:
+        if fish is None:
+            with torch.no_grad():
+                for batch in bar:
+                    call_model(model, batch)
+        else:
+            with fish, torch.enable_grad():
+                for batch in bar:
+                    loss = _loss_of(model, batch, loss_fn)
+                    fish.backward(loss)
+                    del loss
+    sens = fish.sensitivity() if fish is not None else None
+    return grams.stats(sens, time.perf_counter() - start)
+
+
+def _token_ids(tokenizer: Any, text: str) -> list[int]:
+    enc = tokenizer(text)
+    ids = enc["input_ids"] if isinstance(enc, Mapping) or hasattr(enc, "keys") else enc
+    if isinstance(ids, Tensor):
+        return [int(i) for i in ids.reshape(-1).tolist()]
+    if ids and isinstance(ids[0], (list, tuple)):  # a batch of one
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def prepare_batches(calibration: Any, tokenizer: Any = None, seq_len: int = 256) -> list[Any]:
+    """Calibration input as a list of model batches.
+
+    Texts (a string or a list of strings) are tokenized with ``tokenizer`` (a callable
+    returning ``input_ids``, e.g. a Hugging Face tokenizer), concatenated, and cut into
+    ``(1, seq_len)`` LongTensor windows (a shorter tail is dropped unless it is the only
+    window). Tensors, dicts and tuples pass through (a 1-D id tensor gains a batch dim).
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be ≥ 1, got {seq_len}")
+    if isinstance(calibration, (str, Tensor, dict)):
+        calibration = [calibration]
+    items = [] if calibration is None else list(calibration)
+    if not items:
+        raise ValueError("calibration is empty: give at least one text or batch")
+    texts = [c for c in items if isinstance(c, str)]
+    if texts and len(texts) != len(items):
+        raise TypeError("calibration mixes texts and tensors; give one kind")
+    if not texts:
+        return [c.unsqueeze(0) if isinstance(c, Tensor) and c.dim() == 1 else c for c in items]
+    if tokenizer is None:
+        raise ValueError("calibration texts need a tokenizer: prepare_batches(texts, tokenizer)")
+    ids: list[int] = []
+    for t in texts:
+        ids.extend(_token_ids(tokenizer, t))
+    if not ids:
+        raise ValueError("calibration is empty: the texts produced no tokens")
+    full = len(ids) // seq_len
+    if full == 0:
+        return [torch.tensor([ids], dtype=torch.long)]
+    flat = torch.tensor(ids[: full * seq_len], dtype=torch.long)
+    return [w.unsqueeze(0) for w in flat.view(full, seq_len)]

@@ -1,0 +1,170 @@
+"""Candidate generation and the budget problem.
+
+For each site the problem builder offers the dense form (error 0) plus what each enabled
+family proposes, and prices every option:
+
+- ``bytes``: ``decision.weight_bytes(in, out)`` (reference bytes: 16-bit floats, true integer
+  widths). A *tied* site (its weight is also, say, the input embedding) keeps the tie only
+  when dense: any other form leaves the other module a dense copy, so its 2·in·out bytes are
+  added to every non-dense option.
+- ``error``: the family's relative output error tr(E G Eᵀ)/tr(W G Wᵀ) times the site's
+  sensitivity (1 without Fisher statistics).
+- ``flops``, ``latency_s`` / ``source``: for the workload, measured when the cache has the
+  entry, roofline otherwise (``slimfx.cost.target``).
+
+The ``lowrank`` family: ranks on a ladder whose byte fractions of dense are
+0.05, 0.10, …, 0.90 (r = ⌊f·in·out/(in+out)⌋, deduplicated, 1 ≤ r and r·(in+out) < in·out),
+for the ``whitened`` method (needs a Gram; skipped without one) and plain ``svd``. Errors
+come from one SVD per site and method (``numerics.lowrank.lowrank_error_curve``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from slimfx.cost.calibration import CalibrationStats
+from slimfx.cost.families import FAMILIES, Candidate, SiteContext, register_family
+from slimfx.cost.target import MeasuredCache, Target, Workload, latency, target_of, workload_of
+from slimfx.ir.sites import LinearSite
+from slimfx.numerics.lowrank import lowrank_error_curve, max_useful_rank
+from slimfx.planning.configs import Decision, DenseConfig, LowRankConfig
+from slimfx.planning.problem import BudgetProblem, Option, SiteOptions
+
+__all__ = ["LOWRANK_FRACTIONS", "lowrank_ranks", "lowrank_candidates", "build_problem"]
+
+#: byte fractions of dense the low-rank ladder aims at.
+LOWRANK_FRACTIONS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 19))
+
+
+def lowrank_ranks(
+    in_f: int, out_f: int, fractions: Sequence[float] = LOWRANK_FRACTIONS
+) -> list[int]:
+    """Ranks whose bytes are at most each fraction of dense, ascending and deduplicated,
+    keeping only ranks that save bytes (1 ≤ r, r·(in+out) < in·out)."""
+    rmax = max_useful_rank(in_f, out_f)
+    ranks = {int(f * in_f * out_f // (in_f + out_f)) for f in fractions}
+    return sorted(r for r in ranks if 1 <= r <= rmax)
+
+
+def lowrank_candidates(ctx: SiteContext) -> list[Candidate]:
+    """Low-rank candidates of one site: whitened (with a Gram) then plain SVD, ranks ascending."""
+    out_f, in_f = ctx.weight.shape
+    ranks = lowrank_ranks(in_f, out_f)
+    if not ranks:
+        return []
+    dense = 2 * in_f * out_f
+    methods = ("whitened", "svd") if ctx.gram is not None else ("svd",)
+    found: list[Candidate] = []
+    for method in methods:
+        curve = lowrank_error_curve(ctx.weight, ctx.gram, method)
+        for r in ranks:
+            d = LowRankConfig(rank=r, method=method)
+            frac = d.weight_bytes(in_f, out_f) / dense
+            found.append(Candidate(d, float(curve[r]), f"{frac:.2f} of dense bytes"))
+    return found
+
+
+register_family("lowrank", lowrank_candidates)
+
+
+def _weight_of(weights: Mapping[str, Tensor], site: LinearSite) -> Tensor:
+    """The site's weight by module FQN, weight FQN, or a tied alias (``named_parameters``
+    lists a tied tensor once, under whichever name came first)."""
+    keys = (site.fqn, site.weight, *site.tied)
+    for key in keys:
+        if key in weights:
+            return weights[key]
+    raise KeyError(f"no weight for site {site.fqn!r} (looked up {', '.join(map(repr, keys))})")
+
+
+def _option(
+    decision: Decision,
+    error: float,
+    site: LinearSite,
+    tgt: Target,
+    wl: Workload,
+    cache: MeasuredCache | None,
+    sources: Counter[str],
+) -> Option:
+    """One priced option; a tied site pays the dense copy the other module keeps."""
+    in_f, out_f = site.in_features, site.out_features
+    secs, src = latency(decision, site, tgt, wl, cache)
+    sources[src] += 1
+    extra = 2 * in_f * out_f if site.tied and not isinstance(decision, DenseConfig) else 0
+    return Option(
+        decision,
+        bytes=decision.weight_bytes(in_f, out_f) + extra,
+        error=error,
+        flops=decision.flops(in_f, out_f, wl.tokens),
+        latency_s=secs,
+        source=src,
+    )
+
+
+def build_problem(
+    sites: Sequence[LinearSite],
+    weights: Mapping[str, Tensor],
+    stats: CalibrationStats | None,
+    *,
+    target: str | Target = "cpu",
+    workload: str | Workload = "decode",
+    families: Sequence[str] = ("lowrank",),
+    cache: MeasuredCache | None = None,
+    progress: bool = True,
+) -> tuple[BudgetProblem, dict[str, list[Candidate]]]:
+    """The numbers-only :class:`BudgetProblem` and, per site FQN, the families' candidates.
+
+    ``weights``: site FQN (or weight FQN, or a tied alias) → dense weight (out × in). ``stats``: Gram matrices
+    (and sensitivity) from calibration; ``None`` prices errors in the weight's Frobenius norm.
+    Sites and options come in a deterministic order: sites as given, dense first, then each
+    family's candidates in the family's order (a decision proposed twice is kept once; one
+    that saves no weight bytes over dense is dropped).
+    """
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise ValueError(
+            f"unknown candidate famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
+            f"registered: {sorted(FAMILIES)}"
+        )
+    tgt, wl = target_of(target), workload_of(workload)
+    site_opts: list[SiteOptions] = []
+    proposed: dict[str, list[Candidate]] = {}
+    sources: Counter[str] = Counter()
+    bar = tqdm(list(sites), desc="candidates", unit="site", disable=not progress, leave=False)
+    for site in bar:
+        W = _weight_of(weights, site)
+        if tuple(W.shape) != site.shape:
+            raise ValueError(
+                f"weight of {site.fqn!r} has shape {tuple(W.shape)}, site says {site.shape}"
+            )
+        in_f, out_f = site.in_features, site.out_features
+        gram = stats.gram(site.fqn) if stats is not None else None
+        sens = stats.sensitivity_of(site.fqn) if stats is not None else 1.0
+        ctx = SiteContext(site, W, gram, wl.name)
+
+        def option(decision: Decision, error: float, site: LinearSite = site) -> Option:
+            return _option(decision, error, site, tgt, wl, cache, sources)
+
+        dense = option(DenseConfig(), 0.0)
+        options, seen, cands = [dense], {DenseConfig()}, []
+        for fam in families:
+            for c in FAMILIES[fam](ctx):
+                if c.decision in seen or c.decision.weight_bytes(in_f, out_f) >= 2 * in_f * out_f:
+                    continue  # proposed twice, or saves no bytes
+                seen.add(c.decision)
+                cands.append(c)
+                options.append(option(c.decision, max(0.0, float(c.error)) * sens))
+        proposed[site.fqn] = cands
+        site_opts.append(SiteOptions(site.fqn, options, 2 * in_f * out_f, dense.latency_s))
+    meta = {
+        "families": list(families),
+        "calibrated": stats is not None,
+        "sensitivity": bool(stats is not None and stats.sensitivity is not None),
+        "tokens": wl.tokens,
+        "latency_sources": dict(sorted(sources.items())),
+    }
+    return BudgetProblem(site_opts, workload=wl.name, target=tgt.name, meta=meta), proposed

@@ -1,0 +1,413 @@
+"""Hardware targets, workloads, and the latency of one linear in one compressed form.
+
+Roofline estimate for a linear of ``in → out`` over ``T`` tokens (the workload)::
+
+    t = max(bytes_read / bandwidth,  flops / (peak · efficiency)) + launches · launch_s
+
+- ``bytes_read``: weight tensors at the target's ``float_bytes`` for floating-point parts
+  (dense weight, low-rank factors, quantization scales, 2:4 kept values, bias) and at their
+  true widths for integer codes, zero points and 2:4 indices; plus activations
+  T·(in + out)·float_bytes, plus T·r·float_bytes written and read back between the two
+  factors of a low-rank product.
+- ``flops``: ``decision.flops(in, out, T)``.
+- ``efficiency``: 1.0 for dense / low-rank / sparse forms; forms with quantized codes pay
+  ``target.dequant_efficiency`` on the compute term (dequantization in the inner loop) —
+  an assumption until measured.
+- ``launches``: kernels per forward: dense 1, low-rank 2, quant 1, 2:4 1, composite forms
+  the sum of their parts.
+
+Decode (T = 1) is memory bound, so a form's latency ratio to dense follows its byte ratio;
+prefill (T = 2048) on an H100 is compute bound for dense, so only FLOPs saved count there.
+
+Measured micro-benchmarks replace the roofline where present: :class:`MeasuredCache` is a
+JSON file keyed by (op, N = tokens, K = in, M = out, dtype, decision, target), written by
+:func:`measure_target` (the ``slimfx calibrate-target`` command).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimfx.ir.sites import LinearSite
+from slimfx.planning.configs import (
+    Decision,
+    DenseConfig,
+    LowRankConfig,
+    LowRankQuantConfig,
+    QuantConfig,
+    Sparse24Config,
+    Sparse24LowRankConfig,
+)
+
+__all__ = [
+    "Target",
+    "TARGETS",
+    "target_of",
+    "Workload",
+    "WORKLOADS",
+    "workload_of",
+    "storage",
+    "launches",
+    "estimate_latency",
+    "MeasuredCache",
+    "latency",
+    "measure_target",
+]
+
+
+@dataclass(frozen=True)
+class Target:
+    """Roofline numbers of one device.
+
+    ``bandwidth_Bps``: memory bandwidth (bytes/s). ``peak_flops``: dense peak in the compute
+    dtype (FLOP/s). ``launch_s``: fixed overhead per kernel / op call. ``float_bytes``: bytes
+    of a floating-point element as the target runs it (4 for fp32 CPUs, 2 for bf16 GPUs).
+    ``dequant_efficiency``: fraction of peak reached by kernels that dequantize on the fly.
+    """
+
+    name: str
+    bandwidth_Bps: float
+    peak_flops: float
+    launch_s: float
+    float_bytes: int = 2
+    notes: str = ""
+    dequant_efficiency: float = 0.7
+
+    def __post_init__(self) -> None:
+        for f in ("bandwidth_Bps", "peak_flops"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"{f} must be > 0, got {getattr(self, f)}")
+        if self.launch_s < 0 or self.float_bytes not in (1, 2, 4, 8):
+            raise ValueError("launch_s must be ≥ 0 and float_bytes one of 1, 2, 4, 8")
+        if not 0 < self.dequant_efficiency <= 1:
+            raise ValueError(f"dequant_efficiency must be in (0, 1], got {self.dequant_efficiency}")
+
+
+TARGETS: dict[str, Target] = {
+    "cpu": Target(
+        "cpu",
+        bandwidth_Bps=20e9,
+        peak_flops=200e9,
+        launch_s=5e-6,
+        float_bytes=4,
+        notes=(
+            "ASSUMPTIONS, not measurements: a conservative laptop/server CPU running fp32 — "
+            "20 GB/s memory bandwidth, 200 GFLOP/s fp32, 5 µs per op call; dequantization "
+            "efficiency 0.7 assumed. Replace with `slimfx calibrate-target cpu` measurements."
+        ),
+    ),
+    "h100": Target(
+        "h100",
+        bandwidth_Bps=3.35e12,
+        peak_flops=989e12,
+        launch_s=4e-6,
+        float_bytes=2,
+        notes=(
+            "H100 SXM published figures: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 tensor core; "
+            "~4 µs launch overhead and dequantization efficiency 0.7 are assumptions."
+        ),
+    ),
+}
+
+
+def target_of(target: str | Target) -> Target:
+    """A :class:`Target` from its name (KeyError lists the known ones) or itself."""
+    if isinstance(target, Target):
+        return target
+    try:
+        return TARGETS[target]
+    except KeyError:
+        raise KeyError(f"unknown target {target!r}; known: {sorted(TARGETS)}") from None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """How many tokens one forward of a linear processes (decode: 1, prefill: many)."""
+
+    name: str
+    tokens: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.tokens, int) and self.tokens >= 1):
+            raise ValueError(f"workload tokens must be an int ≥ 1, got {self.tokens}")
+
+
+WORKLOADS: dict[str, Workload] = {
+    "decode": Workload("decode", 1),
+    "prefill": Workload("prefill", 2048),
+}
+
+
+def workload_of(workload: str | Workload) -> Workload:
+    """A :class:`Workload` from its name (KeyError lists the known ones) or itself."""
+    if isinstance(workload, Workload):
+        return workload
+    try:
+        return WORKLOADS[workload]
+    except KeyError:
+        raise KeyError(f"unknown workload {workload!r}; known: {sorted(WORKLOADS)}") from None
+
+
+# --------------------------------------------------------------------------- roofline
+
+
+def _quant_storage(q: QuantConfig, in_f: int, out_f: int) -> tuple[int, int]:
+    groups = out_f * q.n_groups(in_f)
+    ints = math.ceil(q.bits * in_f * out_f / 8) + (0 if q.symmetric else groups)
+    return groups, ints
+
+
+def storage(decision: Decision, in_f: int, out_f: int) -> tuple[int, int]:
+    """``(float elements, integer bytes)`` the weight is stored in (bias excluded).
+
+    For the known kinds, ``2·floats + ints == decision.weight_bytes(in, out)``; an unknown
+    kind is priced as if its reference bytes were all 16-bit floats.
+    """
+    if isinstance(decision, DenseConfig):
+        return in_f * out_f, 0
+    if isinstance(decision, LowRankConfig):
+        return decision.rank * (in_f + out_f), 0
+    if isinstance(decision, QuantConfig):
+        return _quant_storage(decision, in_f, out_f)
+    if isinstance(decision, Sparse24Config):
+        kept = in_f * out_f // 2
+        return kept, math.ceil(2 * kept / 8)
+    if isinstance(decision, LowRankQuantConfig):
+        f, i = _quant_storage(decision.quant, in_f, out_f)
+        return f + decision.rank * (in_f + out_f), i
+    if isinstance(decision, Sparse24LowRankConfig):
+        kept = in_f * out_f // 2
+        return kept + decision.rank * (in_f + out_f), math.ceil(2 * kept / 8)
+    return decision.weight_bytes(in_f, out_f) // 2, 0
+
+
+def launches(decision: Decision) -> int:
+    """Kernel launches (op calls) per forward of the form."""
+    if isinstance(decision, LowRankConfig):
+        return 2
+    if isinstance(decision, (LowRankQuantConfig, Sparse24LowRankConfig)):
+        return 3
+    return 1
+
+
+def _rank(decision: Decision) -> int:
+    return int(getattr(decision, "rank", 0)) if decision.kind != "dense" else 0
+
+
+def _quantized(decision: Decision) -> bool:
+    return isinstance(decision, (QuantConfig, LowRankQuantConfig))
+
+
+def estimate_latency(
+    decision: Decision,
+    in_f: int,
+    out_f: int,
+    has_bias: bool,
+    target: str | Target,
+    workload: str | Workload,
+) -> float:
+    """Roofline seconds of one forward of the linear in form ``decision`` (module docstring)."""
+    tgt, wl = target_of(target), workload_of(workload)
+    t = wl.tokens
+    floats, ints = storage(decision, in_f, out_f)
+    if has_bias:
+        floats += out_f
+    acts = t * (in_f + out_f) + 2 * t * _rank(decision)
+    bytes_read = (floats + acts) * tgt.float_bytes + ints
+    eff = tgt.dequant_efficiency if _quantized(decision) else 1.0
+    flops = decision.flops(in_f, out_f, t)
+    roof = max(bytes_read / tgt.bandwidth_Bps, flops / (tgt.peak_flops * eff))
+    return roof + launches(decision) * tgt.launch_s
+
+
+# --------------------------------------------------------------------------- measurements
+
+_KEY_FIELDS = ("op", "N", "K", "M", "dtype", "decision", "device")
+
+
+class MeasuredCache:
+    """Measured seconds per (op, N = tokens, K = in, M = out, dtype, decision, device) in a
+    JSON file. ``device`` is the target name the measurement stands for (``cpu``, ``h100``)."""
+
+    version = 1
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.entries: dict[tuple[Any, ...], float] = {}
+        self.info: dict[tuple[Any, ...], dict[str, Any]] = {}
+        if self.path.exists():
+            self.load()
+
+    @staticmethod
+    def key(
+        op: str, N: int, K: int, M: int, dtype: str, decision: Decision | str, device: str
+    ) -> tuple[str, int, int, int, str, str, str]:
+        """The lookup key; ``decision`` may be a Decision (its ``short()``) or that string."""
+        d = decision.short() if isinstance(decision, Decision) else str(decision)
+        return (str(op), int(N), int(K), int(M), str(dtype), d, str(device))
+
+    def load(self) -> MeasuredCache:
+        """Read the file (replacing what is in memory)."""
+        data = json.loads(self.path.read_text())
+        if data.get("version", 1) > self.version:
+            raise ValueError(
+                f"{self.path}: cache version {data['version']} is newer than {self.version}"
+            )
+        self.entries, self.info = {}, {}
+        for rec in data.get("entries", []):
+            k = self.key(*(rec[f] for f in _KEY_FIELDS))
+            self.entries[k] = float(rec["seconds"])
+            extra = {f: v for f, v in rec.items() if f not in _KEY_FIELDS and f != "seconds"}
+            if extra:
+                self.info[k] = extra
+        return self
+
+    def save(self) -> None:
+        """Write the file atomically (sorted, stable JSON)."""
+        records = []
+        for k in sorted(self.entries):
+            rec: dict[str, Any] = dict(zip(_KEY_FIELDS, k))
+            rec["seconds"] = self.entries[k]
+            rec.update(self.info.get(k, {}))
+            records.append(rec)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps({"version": self.version, "entries": records}, indent=1))
+        os.replace(tmp, self.path)
+
+    def get(self, key: tuple[Any, ...]) -> float | None:
+        """Seconds for ``key`` (from :meth:`key`), or ``None``."""
+        return self.entries.get(self.key(*key))
+
+    def put(self, key: tuple[Any, ...], seconds: float, **info: Any) -> None:
+        """Record a measurement; ``info`` (e.g. the torch device) is saved alongside."""
+        k = self.key(*key)
+        self.entries[k] = float(seconds)
+        if info:
+            self.info[k] = info
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def latency(
+    decision: Decision,
+    site: LinearSite,
+    target: str | Target,
+    workload: str | Workload,
+    cache: MeasuredCache | None = None,
+) -> tuple[float, str]:
+    """``(seconds, "measured" | "roofline")`` for one forward of ``site`` in form ``decision``."""
+    tgt, wl = target_of(target), workload_of(workload)
+    if cache is not None:
+        key = MeasuredCache.key(
+            "linear", wl.tokens, site.in_features, site.out_features, site.dtype, decision, tgt.name
+        )
+        got = cache.get(key)
+        if got is not None:
+            return got, "measured"
+    return (
+        estimate_latency(decision, site.in_features, site.out_features, site.has_bias, tgt, wl),
+        "roofline",
+    )
+
+
+def _build_module(decision: Decision, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    out_f, in_f = weight.shape
+    if isinstance(decision, DenseConfig):
+        lin = nn.Linear(
+            in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        lin.weight.data.copy_(weight)
+        if bias is not None:
+            lin.bias.data.copy_(bias)
+        return lin
+    from slimfx.ir.modules import module_for
+    from slimfx.numerics import factorize
+
+    cls = module_for(decision)
+    tensors = factorize(weight.float().cpu(), decision, None)
+    tensors = {
+        k: v.to(weight.device, weight.dtype if v.is_floating_point() else v.dtype)
+        for k, v in tensors.items()
+    }
+    mod = cls.empty(decision, in_f, out_f, bias is not None, weight.dtype, weight.device)
+    return mod.load_factors(tensors, bias)
+
+
+def _time(fn: Callable[[], Any], device: torch.device, repeats: int, min_s: float) -> float:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        fn()
+    sync()
+    times = []
+    total = 0.0
+    while len(times) < repeats or total < min_s:
+        start = time.perf_counter()
+        fn()
+        sync()
+        dt = time.perf_counter() - start
+        times.append(dt)
+        total += dt
+        if len(times) >= 1000:
+            break
+    return statistics.median(times)
+
+
+def measure_target(
+    target_name: str,
+    shapes: Iterable[tuple[int, int] | LinearSite],
+    decisions: Sequence[Decision] | Callable[[int, int], Sequence[Decision]],
+    workloads: Iterable[str | Workload],
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    repeats: int = 10,
+    min_s: float = 0.02,
+) -> MeasuredCache:
+    """Time each (shape, decision, workload) with the slimfx modules on ``device`` and store
+    the median seconds in the cache at ``path`` under ``target_name``.
+
+    ``shapes``: ``(in, out)`` pairs or sites; ``decisions``: a list, or a function
+    ``(in, out) -> decisions`` (ranks depend on the shape). ``dtype`` defaults to float32 on
+    CPU and bfloat16 on CUDA; the key records it, and :func:`latency` looks entries up by the
+    site's dtype. Decisions that do not fit a shape, or have no module yet, are skipped.
+    """
+    dev = torch.device(device)
+    dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    cache = MeasuredCache(path)
+    gen = torch.Generator().manual_seed(0)
+    wls = [workload_of(w) for w in workloads]
+    for shape in shapes:
+        in_f, out_f = (
+            (shape.in_features, shape.out_features) if isinstance(shape, LinearSite) else shape
+        )
+        w = torch.randn(out_f, in_f, generator=gen).div_(math.sqrt(in_f)).to(dev, dt)
+        todo = decisions(in_f, out_f) if callable(decisions) else decisions
+        for decision in todo:
+            try:
+                mod = _build_module(decision, w, None)
+            except (KeyError, ValueError):
+                continue  # no module for this kind, or the rank does not fit the shape
+            for wl in wls:
+                x = torch.randn(wl.tokens, in_f, generator=gen).to(dev, dt)
+                with torch.inference_mode():
+                    secs = _time(lambda m=mod, x=x: m(x), dev, repeats, min_s)
+                key = MeasuredCache.key(
+                    "linear", wl.tokens, in_f, out_f, str(dt), decision, target_name
+                )
+                cache.put(key, secs, torch_device=str(dev))
+    cache.save()
+    return cache

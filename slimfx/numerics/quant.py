@@ -1,0 +1,305 @@
+"""Weight-only integer quantization: round-to-nearest (RTN) and GPTQ, in the stored format.
+
+Grid, per (row n, group g) with group g covering columns [g·G, (g+1)·G), maxq = 2^bits − 1:
+
+- asymmetric:  lo = min(0, min w), hi = max(0, max w),  s = (hi − lo) / maxq,
+               z = clamp(round(−lo / s), 0, maxq)  (an integer),  q = clamp(round(w/s) + z, 0, maxq)
+- symmetric:   s = max|w| / (2^(bits−1) − 1),  q = clamp(round(w/s) + o, 0, maxq),
+               o = 2^(bits−1) (8 for int4, 128 for int8), no ``zeros`` stored
+- dequantized: ŵ = (q − z) · s            (z = o when symmetric)
+
+The range is widened to contain 0 so the integer zero point always lies in [0, maxq]. An
+all-zero group has s = 0 and gets s = 1 (its codes then dequantize to exact zeros). The scale
+is rounded to its storage dtype (the weight's) *before* the codes are computed, so
+``dequantize`` reproduces exactly the grid the codes were chosen on.
+
+Stored tensors (see ``slimfx.numerics`` for the byte layout): ``qweight`` uint8 — int4 packed
+two per byte (column j in byte j//2, low nibble for even j: ONNX MatMulNBits order), int8 one
+per byte; ``scales`` (out × n_groups) in the weight dtype; ``zeros`` uint8 (out × n_groups)
+only when asymmetric. bits 2 and 3 are computed for error estimates only: their codes are
+stored one per byte (no packed format, no runtime op; ``LinearToQuant`` rejects them).
+
+Caveat for weights that already lie on a 4-bit grid with a *float* offset (GGUF Q4_1: w = d·q +
+m per 32-block, m arbitrary): an integer zero point reproduces such a block only when m/d is an
+integer; otherwise every weight of the block is off by the same m − d·round(m/d) (at most d/2).
+Re-quantizing a Q4_1 model at g32 is therefore not lossless in this format; on a grid with an
+integer offset (what this module itself produces) it is exact.
+
+GPTQ (``quantize_gptq``) quantizes columns in order and pushes each column's rounding error onto
+the columns not yet quantized through the upper Cholesky factor of the damped inverse Gram
+matrix, which minimizes the output error ‖(W − Ŵ)Xᵀ‖² one column at a time. slimfx uses GPTQ
+rather than AWQ because GPTQ uses the calibration Gram matrix directly, needs no per-input-
+channel activation scale at run time (AWQ's scale must be folded into the op producing the
+linear's input, which a per-linear rewrite cannot always do: residual streams, shared inputs),
+and its output is the same plain (q, s, z) MatMulNBits format as RTN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from slimfx.numerics import register_form
+from slimfx.planning.configs import Decision, QuantConfig
+
+__all__ = [
+    "quantize_rtn",
+    "quantize_gptq",
+    "dequantize",
+    "pack_int4",
+    "unpack_int4",
+    "group_width",
+    "symmetric_offset",
+]
+
+_BITS = (2, 3, 4, 8)
+
+
+def symmetric_offset(bits: int) -> int:
+    """The implicit zero point of symmetric codes: 2^(bits−1) (8 for int4, 128 for int8)."""
+    return 1 << (bits - 1)
+
+
+def group_width(in_features: int, bits: int, group_size: int | None) -> int:
+    """The group width G (``in_features`` when per-channel), after checking the shape:
+    ValueError when ``in_features`` is not a multiple of ``group_size`` or is odd for int4."""
+    if bits not in _BITS:
+        raise ValueError(f"bits must be one of {_BITS}, got {bits}")
+    G = in_features if group_size is None else group_size
+    if G <= 0 or in_features % G:
+        raise ValueError(f"in_features {in_features} is not a multiple of group size {G}")
+    if bits == 4 and in_features % 2:
+        raise ValueError(f"int4 packs two codes per byte: in_features {in_features} is odd")
+    return G
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """uint8 codes (out × in, values 0..15) → uint8 (out × ceil(in/2)); column j in byte j//2,
+    low nibble for even j. An odd ``in`` gets a zero high nibble in its last byte."""
+    if codes.dtype != torch.uint8:
+        raise TypeError(f"int4 codes must be uint8, got {codes.dtype}")
+    if codes.numel() and int(codes.max()) > 15:
+        raise ValueError("int4 codes must lie in [0, 15]")
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: Tensor, in_features: int | None = None) -> Tensor:
+    """Inverse of :func:`pack_int4`: uint8 (out × ceil(in/2)) → uint8 codes (out × in);
+    ``in_features`` defaults to twice the packed width."""
+    q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
+    return q if in_features is None else q[..., :in_features].contiguous()
+
+
+def _grid(
+    Wg: Tensor, bits: int, symmetric: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Scale (as stored, in ``dtype``), the same scale in fp32 and the zero point (fp32,
+    integer-valued) for each row of groups ``Wg`` (… × G, fp32) over its last dim."""
+    maxq = (1 << bits) - 1
+    if symmetric:
+        s = Wg.abs().amax(-1) / ((1 << (bits - 1)) - 1)
+    else:
+        lo = Wg.amin(-1).clamp(max=0.0)
+        hi = Wg.amax(-1).clamp(min=0.0)
+        s = (hi - lo) / maxq
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    stored = s.to(dtype)
+    s32 = stored.to(torch.float32)
+    bad = ~(s32 > 0) | ~torch.isfinite(s32)  # underflow/overflow in a narrow scale dtype
+    if bad.any():
+        s32 = torch.where(bad, torch.ones_like(s32), s32)
+        stored = s32.to(dtype)
+    if symmetric:
+        z = torch.full_like(s32, float(symmetric_offset(bits)))
+    else:
+        z = torch.round(-lo / s32).clamp(0, maxq)
+    return stored, s32, z
+
+
+def _codes(W: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
+    """Codes clamp(round(w/s) + z, 0, maxq) as fp32 (s and z broadcast against W)."""
+    return (torch.round(W / s) + z).clamp(0, (1 << bits) - 1)
+
+
+def _pack(
+    codes: Tensor, stored: Tensor, zeros: Tensor, bits: int, symmetric: bool
+) -> dict[str, Tensor]:
+    q = codes.to(torch.uint8)
+    out = {"qweight": pack_int4(q) if bits == 4 else q.contiguous(), "scales": stored.contiguous()}
+    if not symmetric:
+        out["zeros"] = zeros.to(torch.uint8).contiguous()
+    return out
+
+
+def _scale_dtype(weight: Tensor) -> torch.dtype:
+    if not weight.is_floating_point():
+        raise TypeError(f"weight dtype {weight.dtype} is not floating point")
+    return weight.dtype
+
+
+def quantize_rtn(
+    weight: Tensor, bits: int, group_size: int | None, symmetric: bool
+) -> dict[str, Tensor]:
+    """Round-to-nearest quantization of ``weight`` (out × in) to the stored format:
+    ``{"qweight", "scales"}`` plus ``"zeros"`` when asymmetric (see the module docstring).
+    ``group_size=None`` is per-channel (one group per row)."""
+    dtype = _scale_dtype(weight)
+    out_f, in_f = weight.shape
+    G = group_width(in_f, bits, group_size)
+    Wg = weight.detach().to(torch.float32).reshape(out_f, in_f // G, G)
+    stored, s, z = _grid(Wg, bits, symmetric, dtype)
+    codes = _codes(Wg, s[..., None], z[..., None], bits).reshape(out_f, in_f)
+    return _pack(codes, stored, z, bits, symmetric)
+
+
+def dequantize(
+    tensors: dict[str, Tensor],
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    in_features: int,
+) -> Tensor:
+    """The dense (out × in) weight (q − z)·s, computed in fp32 and returned in the scales'
+    dtype. ``zeros`` is ignored when ``symmetric`` (the offset 2^(bits−1) is used)."""
+    qw, scales = tensors["qweight"], tensors["scales"]
+    q = unpack_int4(qw, in_features) if bits == 4 else qw[:, :in_features]
+    G = in_features if group_size is None else group_size
+    out_f = q.shape[0]
+    n_groups = in_features // G
+    if n_groups * G != in_features:
+        raise ValueError(f"in_features {in_features} is not a multiple of group size {G}")
+    s = scales.to(torch.float32).reshape(out_f, n_groups, 1)
+    if symmetric:
+        z: Tensor | float = float(symmetric_offset(bits))
+    else:
+        z = tensors["zeros"].to(torch.float32).reshape(out_f, n_groups, 1)
+    W = (q.to(torch.float32).reshape(out_f, n_groups, G) - z) * s
+    return W.reshape(out_f, in_features).to(scales.dtype)
+
+
+_DAMP_GROWTH = (1.0, 10.0, 100.0, 1000.0)
+
+
+def _inverse_cholesky_upper(H: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹ (Uᵀ U = H⁻¹), float64; λ starts at
+    ``damp`` and grows ×10 while the damped matrix is not numerically positive definite."""
+    n = H.shape[0]
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    mean_diag = float(H.diagonal().mean())
+    for growth in _DAMP_GROWTH:
+        Hd = H + (damp * growth) * mean_diag * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) != 0:
+            continue
+        Hinv = torch.cholesky_inverse(L)
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+        if int(info) == 0 and torch.isfinite(U).all():
+            return U
+    raise ValueError(
+        f"Gram matrix is not positive definite even with damping {damp * _DAMP_GROWTH[-1]:g}"
+    )
+
+
+def quantize_gptq(
+    weight: Tensor,
+    gram: Tensor | None,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    damp: float = 0.01,
+    block: int = 128,
+) -> dict[str, Tensor]:
+    """GPTQ error-compensating rounding of ``weight`` (out × in) given the input Gram matrix
+    ``gram`` = XᵀX (in × in); same output format as :func:`quantize_rtn`.
+
+    Columns are quantized in order. With U the upper Cholesky factor of (G + λ·mean(diag G)·I)⁻¹
+    (λ = ``damp``), quantizing column j with error e = (w_j − ŵ_j) / U[j, j] updates every later
+    column k by w_k −= e · U[j, k]; updates are applied within blocks of ``block`` columns and
+    lazily to the rest. Each group's scale and zero are computed at its first column from the
+    current (already updated) weights of the whole group. Dead input channels (zero Gram
+    diagonal: the input is always 0 there) get diagonal 1 and a zero weight column, so they
+    neither receive nor spread error. ``gram=None`` falls back to RTN (with an identity Gram
+    GPTQ is exactly RTN).
+    """
+    if gram is None:
+        return quantize_rtn(weight, bits, group_size, symmetric)
+    dtype = _scale_dtype(weight)
+    out_f, in_f = weight.shape
+    G = group_width(in_f, bits, group_size)
+    if tuple(gram.shape) != (in_f, in_f):
+        raise ValueError(f"gram shape {tuple(gram.shape)} does not match in_features {in_f}")
+    if block < 1:
+        raise ValueError(f"block must be ≥ 1, got {block}")
+    dev = weight.device
+    W = weight.detach().to(torch.float32).clone()
+    H = gram.detach().to(device=dev, dtype=torch.float64).clone()
+    H = 0.5 * (H + H.T)
+    dead = H.diagonal() <= 0
+    if dead.any():
+        H[dead, dead] = 1.0
+        W[:, dead] = 0.0
+    U = _inverse_cholesky_upper(H, damp).to(torch.float32)
+
+    n_groups = in_f // G
+    scales = torch.empty(n_groups, out_f, dtype=dtype, device=dev)
+    zeros = torch.empty(n_groups, out_f, dtype=torch.float32, device=dev)
+    # Work on Wᵀ (in × out) so that one column of W is one contiguous row.
+    Wt = W.T.contiguous()
+    codes = torch.empty_like(Wt)
+    s = z = Wt.new_empty(0)
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        W1 = Wt[i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if j % G == 0:  # the group's current weights: the in-block part is W1, the rest is
+                # Wt[i2:] minus the not-yet-applied updates from this block's columns < i
+                head = W1[i : i + G]
+                if j + G > i2:
+                    tail = Wt[i2 : j + G] - U[i1 : i1 + i, i2 : j + G].T @ Err1[:i]
+                    head = torch.cat((head, tail), dim=0)
+                stored, s, z = _grid(head.T, bits, symmetric, dtype)
+                scales[j // G] = stored
+                zeros[j // G] = z
+            w = W1[i]
+            q = _codes(w, s, z, bits)
+            codes[j] = q
+            err = (w - (q - z) * s) / U1[i, i]
+            W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
+            Err1[i] = err
+        if i2 < in_f:
+            Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
+    codes, scales, zeros = codes.T, scales.T, zeros.T
+    return _pack(codes, scales, zeros, bits, symmetric)
+
+
+def _in_features(decision: QuantConfig, tensors: dict[str, Tensor]) -> int:
+    width = tensors["qweight"].shape[1]
+    return 2 * width if decision.bits == 4 else width
+
+
+def _factorize(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+    assert isinstance(decision, QuantConfig)
+    d = decision
+    if d.method == "rtn":
+        return quantize_rtn(weight, d.bits, d.group_size, d.symmetric)
+    if d.method == "gptq":
+        return quantize_gptq(weight, gram, d.bits, d.group_size, d.symmetric)
+    raise NotImplementedError(
+        f"quant method {d.method!r} is not implemented: AWQ needs a per-input-channel scale "
+        "folded into the op that produces the linear's input, which a per-linear rewrite "
+        "cannot always do; use method 'gptq' (uses the Gram matrix) or 'rtn'"
+    )
+
+
+def _reconstruct(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+    assert isinstance(decision, QuantConfig)
+    d = decision
+    return dequantize(tensors, d.bits, d.group_size, d.symmetric, _in_features(d, tensors))
+
+
+register_form("quant", _factorize, _reconstruct)

@@ -1,0 +1,138 @@
+"""Low-rank candidates and build_problem: errors on the one output-error scale, bytes, ties."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from slimfx.cost.calibration import CalibrationStats, collect_stats
+from slimfx.cost.candidates import LOWRANK_FRACTIONS, build_problem, lowrank_ranks
+from slimfx.cost.families import FAMILIES
+from slimfx.cost.target import MeasuredCache, estimate_latency
+from slimfx.ir.sites import LinearSite
+from slimfx.numerics import factorize, reconstruct
+from slimfx.planning.configs import DenseConfig, LowRankConfig
+from slimfx.planning.problem import BudgetProblem
+
+from . import llama_sites
+
+
+def _site(fqn: str, in_f: int, out_f: int, tied: tuple[str, ...] = ()) -> LinearSite:
+    return LinearSite(fqn, in_f, out_f, "torch.float64", False, f"{fqn}.weight", fqn, tied)
+
+
+def _problem_data(out_f: int = 48, in_f: int = 32, tokens: int = 200):  # noqa: ANN202
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
+    # correlated, unevenly scaled inputs so the whitened and plain SVDs differ
+    mix = torch.randn(in_f, in_f, generator=gen, dtype=torch.float64)
+    mix *= torch.logspace(0, -2, in_f, dtype=torch.float64)
+    X = torch.randn(tokens, in_f, generator=gen, dtype=torch.float64) @ mix
+    stats = CalibrationStats({"lin": X.T @ X}, {"lin": tokens}, {"lin": "lin"})
+    return W, X, stats
+
+
+def test_rank_ladder() -> None:
+    ranks = lowrank_ranks(64, 128)
+    assert ranks == sorted(set(ranks)) and len(ranks) == len(LOWRANK_FRACTIONS)
+    dense = 2 * 64 * 128
+    fracs = [LowRankConfig(r).weight_bytes(64, 128) / dense for r in ranks]
+    for f, target in zip(fracs, LOWRANK_FRACTIONS):
+        assert f <= target and (target - f) * dense < 2 * (64 + 128)  # the largest r below f
+    assert lowrank_ranks(4, 4) == [1]  # 8 bytes·r < 16: only r = 1 saves
+    assert lowrank_ranks(2, 2) == []
+    assert all(r * (70 + 5) < 70 * 5 for r in lowrank_ranks(70, 5))
+
+
+@pytest.mark.parametrize("method", ["whitened", "svd"])
+def test_error_equals_measured_output_error(method: str) -> None:
+    W, X, stats = _problem_data()
+    problem, cands = build_problem(
+        [_site("lin", 32, 48)], {"lin": W}, stats, families=("lowrank",), progress=False
+    )
+    opts = [o for o in problem.site("lin").options if getattr(o.decision, "method", "") == method]
+    assert len(opts) == len(lowrank_ranks(32, 48))
+    ref = ((W @ X.T) ** 2).sum()
+    for o in opts:
+        W_hat = reconstruct(o.decision, factorize(W, o.decision, stats.gram("lin")))
+        measured = (((W - W_hat) @ X.T) ** 2).sum() / ref
+        # float64 throughout; the estimate comes from one SVD, the measurement from X itself
+        assert o.error == pytest.approx(float(measured), rel=1e-7, abs=1e-12)
+    assert [c.decision for c in cands["lin"]] == [o.decision for o in problem.site("lin").options[1:]]
+
+
+def test_whitened_never_worse_and_sensitivity_scales() -> None:
+    W, _, stats = _problem_data()
+    p1, _ = build_problem([_site("lin", 32, 48)], {"lin": W}, stats, progress=False)
+    err = {(o.decision.method, o.decision.rank): o.error for o in p1.site("lin").options[1:]}
+    ranks = lowrank_ranks(32, 48)
+    assert all(err[("whitened", r)] <= err[("svd", r)] + 1e-12 for r in ranks)
+    assert any(err[("whitened", r)] < 0.9 * err[("svd", r)] for r in ranks)
+    stats.sensitivity = {"lin": 2.5}
+    p2, _ = build_problem([_site("lin", 32, 48)], {"lin": W}, stats, progress=False)
+    for a, b in zip(p1.site("lin").options, p2.site("lin").options):
+        assert b.error == pytest.approx(2.5 * a.error, rel=1e-12)
+
+
+def test_llama_problem(tiny_llama: nn.Module, tiny_ids: torch.Tensor) -> None:
+    sites = llama_sites(tiny_llama, tiny_ids)
+    stats = collect_stats(tiny_llama, sites, [tiny_ids], progress=False)
+    weights = {n: p.detach() for n, p in tiny_llama.named_parameters()}
+    problem, cands = build_problem(
+        sites, weights, stats, target="h100", workload="prefill", progress=False
+    )
+    assert [s.name for s in problem.sites] == [s.fqn for s in sites]
+    assert problem.target == "h100" and problem.workload == "prefill"
+    for site in sites:
+        so = problem.site(site.fqn)
+        dense = so.options[0]
+        assert isinstance(dense.decision, DenseConfig) and dense.error == 0.0
+        assert so.dense_bytes == dense.bytes == 2 * site.numel
+        assert so.dense_latency_s == dense.latency_s > 0
+        extra = 2 * site.numel if site.tied else 0
+        for o in so.options[1:]:
+            # candidates only where bytes are saved; a tied site also pays the dense copy
+            assert o.decision.weight_bytes(site.in_features, site.out_features) < 2 * site.numel
+            assert o.bytes == o.decision.weight_bytes(site.in_features, site.out_features) + extra
+            assert 0 <= o.error <= 1 and o.flops == o.decision.flops(*site.shape[::-1], 2048)
+        assert {o.decision.method for o in so.options[1:]} == {"whitened", "svd"}
+        assert len(cands[site.fqn]) == len(so.options) - 1
+    head = problem.site("lm_head")
+    assert any(s.tied for s in sites if s.fqn == "lm_head")
+    assert all(o.bytes > head.dense_bytes for o in head.options[1:])
+    again = BudgetProblem.from_json(problem.to_json())
+    assert again.to_json() == problem.to_json()
+    assert problem.meta["latency_sources"] == {"roofline": sum(len(s.options) for s in problem.sites)}
+
+
+def test_without_calibration_only_plain_svd() -> None:
+    W, _, _ = _problem_data()
+    problem, _ = build_problem([_site("lin", 32, 48)], {"lin.weight": W}, None, progress=False)
+    methods = {o.decision.method for o in problem.site("lin").options[1:]}
+    assert methods == {"svd"} and problem.meta["calibrated"] is False
+
+
+def test_deterministic_and_measured_latency(tmp_path) -> None:  # noqa: ANN001
+    W, _, stats = _problem_data()
+    site = _site("lin", 32, 48)
+    a, _ = build_problem([site], {"lin": W}, stats, progress=False)
+    b, _ = build_problem([site], {"lin": W}, stats, progress=False)
+    assert a.to_json() == b.to_json()
+    cache = MeasuredCache(tmp_path / "c.json")
+    d = LowRankConfig(rank=lowrank_ranks(32, 48)[0], method="svd")
+    cache.put(MeasuredCache.key("linear", 1, 32, 48, "torch.float64", d, "cpu"), 3e-6)
+    p, _ = build_problem([site], {"lin": W}, stats, cache=cache, progress=False)
+    got = {o.decision: (o.latency_s, o.source) for o in p.site("lin").options}
+    assert got[d] == (3e-6, "measured")
+    dense = got[DenseConfig()]
+    assert dense == (estimate_latency(DenseConfig(), 32, 48, False, "cpu", "decode"), "roofline")
+
+
+def test_unknown_family_lists_registered() -> None:
+    W, _, stats = _problem_data()
+    with pytest.raises(ValueError, match=r"unknown candidate family \['int3'\].*'lowrank'"):
+        build_problem([_site("lin", 32, 48)], {"lin": W}, stats, families=("int3",))
+    assert "lowrank" in FAMILIES
+    with pytest.raises(KeyError, match="no weight for site 'lin'"):
+        build_problem([_site("lin", 32, 48)], {}, stats, progress=False)

@@ -1,0 +1,150 @@
+"""Targets, the roofline latency, and the measured-latency cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from slimfx.cost.target import (
+    TARGETS,
+    MeasuredCache,
+    Target,
+    estimate_latency,
+    latency,
+    launches,
+    measure_target,
+    storage,
+    target_of,
+    workload_of,
+)
+from slimfx.ir.sites import LinearSite
+from slimfx.planning.configs import (
+    DenseConfig,
+    LowRankConfig,
+    LowRankQuantConfig,
+    QuantConfig,
+    Sparse24Config,
+    Sparse24LowRankConfig,
+)
+
+ALL = [
+    DenseConfig(),
+    LowRankConfig(16),
+    QuantConfig(4, 128),
+    QuantConfig(8, None, symmetric=True),
+    QuantConfig(3, 64),
+    Sparse24Config(),
+    LowRankQuantConfig(8, 4, 128),
+    Sparse24LowRankConfig(8),
+]
+
+
+def _site(in_f: int, out_f: int, dtype: str = "torch.float32") -> LinearSite:
+    return LinearSite("lin", in_f, out_f, dtype, False, "lin.weight", "lin")
+
+
+@pytest.mark.parametrize("decision", ALL, ids=lambda d: d.short())
+@pytest.mark.parametrize("shape", [(256, 512), (4096, 11008), (130, 70)])
+def test_storage_agrees_with_reference_bytes(decision, shape) -> None:  # noqa: ANN001
+    floats, ints = storage(decision, *shape)
+    assert 2 * floats + ints == decision.weight_bytes(*shape)
+
+
+def _roof(decision, in_f, out_f, tgt, wl) -> float:  # noqa: ANN001
+    """Latency minus the launch overhead: the roofline term alone."""
+    return estimate_latency(decision, in_f, out_f, False, tgt, wl) - launches(decision) * tgt.launch_s
+
+
+@pytest.mark.parametrize("target", ["cpu", "h100"])
+@pytest.mark.parametrize("rank", [64, 512, 1024])
+def test_decode_latency_follows_bytes(target: str, rank: int) -> None:
+    tgt, n = TARGETS[target], 4096
+    dense, lr = DenseConfig(), LowRankConfig(rank)
+    # memory bound: bytes / bandwidth exceeds flops / peak for both forms at one token
+    for d in (dense, lr):
+        floats, _ = storage(d, n, n)
+        assert floats * tgt.float_bytes / tgt.bandwidth_Bps > d.flops(n, n, 1) / tgt.peak_flops
+    ratio = _roof(lr, n, n, tgt, "decode") / _roof(dense, n, n, tgt, "decode")
+    byte_ratio = lr.weight_bytes(n, n) / dense.weight_bytes(n, n)
+    # the ratio differs from the byte ratio only by one token's activations (in + out + 2r
+    # floats), ≤ 1.6% of the smallest form's weights here (r = 64: 8320 vs 524288 floats)
+    assert ratio == pytest.approx(byte_ratio, rel=0.02)
+    assert launches(lr) == 2 and launches(dense) == 1
+
+
+def test_prefill_dense_is_compute_bound_on_h100() -> None:
+    tgt, n = TARGETS["h100"], 4096
+    dense = DenseConfig()
+    t = workload_of("prefill").tokens
+    flops_s = dense.flops(n, n, t) / tgt.peak_flops
+    bytes_s = (n * n + t * 2 * n) * tgt.float_bytes / tgt.bandwidth_Bps
+    assert flops_s > bytes_s
+    assert _roof(dense, n, n, tgt, "prefill") == pytest.approx(flops_s, rel=1e-12)
+    lr = LowRankConfig(1024)  # saves half the FLOPs: compute bound too, ratio = FLOP ratio
+    ratio = _roof(lr, n, n, tgt, "prefill") / _roof(dense, n, n, tgt, "prefill")
+    assert ratio == pytest.approx(lr.flops(n, n, t) / dense.flops(n, n, t), rel=1e-12)
+
+
+def test_quantized_forms_pay_dequantization_at_prefill() -> None:
+    tgt, n = TARGETS["h100"], 4096
+    q = QuantConfig(4, 128)
+    t = workload_of("prefill").tokens
+    expect = q.flops(n, n, t) / (tgt.peak_flops * tgt.dequant_efficiency)
+    assert _roof(q, n, n, tgt, "prefill") == pytest.approx(expect, rel=1e-12)
+    # at decode the int4 form reads ~a quarter of the bytes
+    ratio = _roof(q, n, n, tgt, "decode") / _roof(DenseConfig(), n, n, tgt, "decode")
+    assert 0.25 < ratio < 0.3
+
+
+def test_fp32_cpu_reads_four_bytes_per_float() -> None:
+    cpu = TARGETS["cpu"]
+    lat = _roof(DenseConfig(), 1024, 1024, cpu, "decode")
+    assert lat == pytest.approx((1024 * 1024 + 2048) * 4 / cpu.bandwidth_Bps, rel=1e-12)
+    assert "ASSUMPTION" in cpu.notes
+
+
+def test_unknown_names_and_bad_targets() -> None:
+    with pytest.raises(KeyError, match="known: \\['cpu', 'h100'\\]"):
+        target_of("tpu")
+    with pytest.raises(KeyError, match="decode"):
+        workload_of("batch")
+    with pytest.raises(ValueError, match="bandwidth_Bps"):
+        Target("x", 0.0, 1e9, 0.0)
+
+
+def test_measured_cache_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "lat.json"
+    cache = MeasuredCache(path)
+    site = _site(64, 32)
+    d = LowRankConfig(8)
+    key = MeasuredCache.key("linear", 1, 64, 32, "torch.float32", d, "cpu")
+    cache.put(key, 1.25e-5, torch_device="cpu")
+    cache.save()
+    data = json.loads(path.read_text())
+    assert data["entries"][0]["decision"] == "lowrank r=8" and data["version"] == 1
+
+    again = MeasuredCache(path)
+    assert len(again) == 1 and again.get(key) == 1.25e-5
+    assert again.info[key] == {"torch_device": "cpu"}
+    assert latency(d, site, "cpu", "decode", again) == (1.25e-5, "measured")
+    secs, src = latency(d, site, "cpu", "prefill", again)  # not measured for prefill
+    assert src == "roofline"
+    assert secs == estimate_latency(d, 64, 32, False, "cpu", "prefill")
+    assert latency(d, _site(64, 32, "torch.bfloat16"), "cpu", "decode", again)[1] == "roofline"
+
+
+def test_measure_target_times_cpu_modules(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.json"
+    decisions = [DenseConfig(), LowRankConfig(8), LowRankConfig(500)]
+    cache = measure_target(
+        "cpu", [(64, 32)], decisions, ["decode"], path, "cpu", repeats=3, min_s=0.0
+    )
+    # rank 500 does not fit a 32×64 weight: skipped
+    assert len(cache) == 2
+    reloaded = MeasuredCache(path)
+    for d in decisions[:2]:
+        secs, src = latency(d, _site(64, 32), "cpu", "decode", reloaded)
+        assert src == "measured" and 0 < secs < 1.0
+    assert latency(decisions[2], _site(64, 32), "cpu", "decode", reloaded)[1] == "roofline"

@@ -258,7 +258,9 @@ def _location(exc: BaseException) -> str | None:
     """``file:line in fn: code`` of the user code that failed, from the message or traceback."""
     text = str(exc)
     lines = text.splitlines()
-    marker = next((i for i, ln in enumerate(lines) if "following call raised this error" in ln), None)
+    marker = next(
+        (i for i, ln in enumerate(lines) if "following call raised this error" in ln), None
+    )
     search = lines[marker + 1 :] if marker is not None else lines
     found: tuple[str, str, str | None, str] | None = None
     for i, ln in enumerate(search):
@@ -276,7 +278,9 @@ def _location(exc: BaseException) -> str | None:
             if g and not _is_torch_file(g.group(1)):
                 found = (g.group(1), g.group(2), g.group(3), g.group(4).strip())
     if found is None:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if not _is_torch_file(f.filename)]
+        frames = [
+            f for f in traceback.extract_tb(exc.__traceback__) if not _is_torch_file(f.filename)
+        ]
         frames = [f for f in frames if not f.filename.endswith("slimfx/ir/capture.py")]
         if frames:
             f = frames[-1]

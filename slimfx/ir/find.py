@@ -114,18 +114,12 @@ def _transposed_param(node: Any, params: dict[str, str]) -> str | None:
 
 
 def _strip_views(node: Any) -> Any:
-    while (
-        isinstance(node, torch.fx.Node)
-        and node.op == "call_function"
-        and node.target in _VIEWS
-    ):
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in _VIEWS:
         node = node.args[0]
     return node
 
 
-def _match_linear(
-    node: torch.fx.Node, params: dict[str, str]
-) -> tuple[str, Any, bool] | None:
+def _match_linear(node: torch.fx.Node, params: dict[str, str]) -> tuple[str, Any, bool] | None:
     """``(weight FQN, input key node, has_bias)`` when ``node`` computes x·Wᵀ (+b)."""
     if node.op != "call_function":
         return None

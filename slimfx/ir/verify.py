@@ -4,6 +4,11 @@ Each :class:`Invariant` is checked on every node of the graph module and of its 
 modules (higher-order-op subgraphs). ``verify`` collects every failure and raises one
 :class:`VerificationError` listing them all, so a broken pass shows its whole damage at once.
 Other layers may append to :data:`INVARIANTS`.
+
+The table: every call_function node has a fake value (``meta["val"]``; dynamo graphs carry
+``meta["example_value"]``); every ``slimfx::*`` node has ``meta["slimfx.origin"]`` with
+pass/rule/site and a tensor value; every get_attr resolves on the module; ``meta["slimfx.fqn"]``
+is a string where present.
 """
 
 from __future__ import annotations

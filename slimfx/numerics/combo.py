@@ -184,12 +184,12 @@ def lqlora(
     best_err = metric.with_lowrank(E_sq, E, U, V)
     best = (q, U, V)
     for t in range(1, iters + 1):
+        prev = best_err
         if t > 1:  # low-rank step on the current quantization residual
             U, V = _split(*wh.randomized(E, rank), rank, weight.dtype)
             err = metric.with_lowrank(E_sq, E, U, V)
             if err < best_err:
                 best_err, best = err, (q, U, V)
-        prev = best_err
         # quantization step: Q = RTN(W − L)
         L = (U.to(torch.float32) @ V.to(torch.float32))
         q = _quantize((W - L).to(weight.dtype), gram, bits, group_size, symmetric, quantizer)
@@ -237,12 +237,12 @@ def sparse_plus_lowrank(
     best_err = metric.with_lowrank(E_sq, E, U, V)
     best = (S, U, V)
     for t in range(1, iters + 1):
-        if t > 1:
+        prev = best_err
+        if t > 1:  # low-rank step on the current pruning residual
             U, V = _split(*wh.randomized(E, rank), rank, weight.dtype)
             err = metric.with_lowrank(E_sq, E, U, V)
             if err < best_err:
                 best_err, best = err, (S, U, V)
-        prev = best_err
         L = U.to(torch.float32) @ V.to(torch.float32)
         S = prune24((W - L).to(weight.dtype), mask, gram, comp)
         E = W - S.to(torch.float32)

@@ -62,7 +62,9 @@ def direct_grams(model: nn.Module, fqns: list[str], batches: list[Any], call: An
 def hooks_left(model: nn.Module) -> int:
     """Number of forward / backward hooks still registered on any submodule."""
     return sum(
-        len(m._forward_pre_hooks) + len(m._forward_hooks) + len(m._backward_hooks)
+        len(m._forward_pre_hooks)
+        + len(m._forward_hooks)
+        + len(m._backward_hooks)
         + len(m._backward_pre_hooks)
         for m in model.modules()
     )

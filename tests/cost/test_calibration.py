@@ -143,7 +143,9 @@ class _TwoBranches(nn.Module):
 
 
 def _site(fqn: str, m: nn.Linear) -> LinearSite:
-    return LinearSite(fqn, m.in_features, m.out_features, "torch.float32", True, f"{fqn}.weight", fqn)
+    return LinearSite(
+        fqn, m.in_features, m.out_features, "torch.float32", True, f"{fqn}.weight", fqn
+    )
 
 
 def test_sensitivity_grows_with_output_scale() -> None:
@@ -155,7 +157,11 @@ def test_sensitivity_grows_with_output_scale() -> None:
     gen = torch.Generator().manual_seed(3)
     batches = [torch.randn(16, 8, generator=gen) for _ in range(2)]
     stats = collect_stats(
-        model, sites, batches, fisher=True, progress=False,
+        model,
+        sites,
+        batches,
+        fisher=True,
+        progress=False,
         loss_fn=lambda m, x: m(x).pow(2).mean(),
     )
     sens = stats.sensitivity
@@ -167,7 +173,9 @@ def test_sensitivity_grows_with_output_scale() -> None:
 
 def test_fisher_without_a_loss_asks_for_loss_fn(tiny_mlp: nn.Module) -> None:
     with pytest.raises(ValueError, match="loss_fn"):
-        collect_stats(tiny_mlp, plain_sites(tiny_mlp), [torch.randn(2, 16)], fisher=True, progress=False)
+        collect_stats(
+            tiny_mlp, plain_sites(tiny_mlp), [torch.randn(2, 16)], fisher=True, progress=False
+        )
     assert hooks_left(tiny_mlp) == 0
 
 

@@ -59,7 +59,9 @@ def test_error_equals_measured_output_error(method: str) -> None:
         measured = (((W - W_hat) @ X.T) ** 2).sum() / ref
         # float64 throughout; the estimate comes from one SVD, the measurement from X itself
         assert o.error == pytest.approx(float(measured), rel=1e-7, abs=1e-12)
-    assert [c.decision for c in cands["lin"]] == [o.decision for o in problem.site("lin").options[1:]]
+    assert [c.decision for c in cands["lin"]] == [
+        o.decision for o in problem.site("lin").options[1:]
+    ]
 
 
 def test_whitened_never_worse_and_sensitivity_scales() -> None:
@@ -103,7 +105,9 @@ def test_llama_problem(tiny_llama: nn.Module, tiny_ids: torch.Tensor) -> None:
     assert all(o.bytes > head.dense_bytes for o in head.options[1:])
     again = BudgetProblem.from_json(problem.to_json())
     assert again.to_json() == problem.to_json()
-    assert problem.meta["latency_sources"] == {"roofline": sum(len(s.options) for s in problem.sites)}
+    assert problem.meta["latency_sources"] == {
+        "roofline": sum(len(s.options) for s in problem.sites)
+    }
 
 
 def test_without_calibration_only_plain_svd() -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slimfx.cost.calibration import CalibrationStats, collect_stats
-from slimfx.cost.sequential import find_blocks, run_sequential
+from slimfx.cost.sequential import OnBlock, find_blocks, run_sequential
 from slimfx.ir.modules import LowRankLinear
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics import factorize
@@ -22,7 +22,7 @@ from . import hooks_left, llama_sites, plain_sites
 RTOL = 1e-6
 
 
-def _record(calls: list) -> callable:
+def _record(calls: list) -> OnBlock:
     def on_block(i: int, name: str, sites: list[LinearSite], stats: CalibrationStats) -> None:
         calls.append((i, name, [s.fqn for s in sites], stats))
 
@@ -44,7 +44,11 @@ def test_find_blocks_llama(tiny_llama: nn.Module, tiny_ids: torch.Tensor) -> Non
 
 def test_find_blocks_mlp_children(tiny_mlp: nn.Module) -> None:
     blocks = find_blocks(tiny_mlp, plain_sites(tiny_mlp))
-    assert [(n, [s.fqn for s in ss]) for n, ss in blocks] == [("0", ["0"]), ("2", ["2"]), ("4", ["4"])]
+    assert [(n, [s.fqn for s in ss]) for n, ss in blocks] == [
+        ("0", ["0"]),
+        ("2", ["2"]),
+        ("4", ["4"]),
+    ]
 
 
 class _Experts(nn.Module):
@@ -72,7 +76,9 @@ def test_noop_matches_collect_stats_llama(tiny_llama: nn.Module, tiny_ids: torch
     calls: list = []
     run_sequential(tiny_llama, sites, batches, _record(calls), progress=False)
     assert [(i, n) for i, n, *_ in calls] == [(0, "model.layers.0"), (1, "model.layers.1"), (2, "")]
-    assert [fs for *_, fs, _ in calls] == [[s.fqn for s in ss] for _, ss in find_blocks(tiny_llama, sites)]
+    assert [fs for *_, fs, _ in calls] == [
+        [s.fqn for s in ss] for _, ss in find_blocks(tiny_llama, sites)
+    ]
     assert set(calls[0][3].grams) == {
         "model.layers.0.self_attn.q_proj",
         "model.layers.0.self_attn.o_proj",
@@ -128,7 +134,12 @@ def test_rewritten_prefix_feeds_next_block(tiny_llama: nn.Module, tiny_ids: torc
     original = collect_stats(tiny_llama, sites, batches, progress=False)
     swapped = copy.deepcopy(tiny_llama)
     _swap_down_proj(swapped, 0)
-    expected = collect_stats(swapped, [s for s in sites if s.fqn != "model.layers.0.mlp.down_proj"], batches, progress=False)
+    expected = collect_stats(
+        swapped,
+        [s for s in sites if s.fqn != "model.layers.0.mlp.down_proj"],
+        batches,
+        progress=False,
+    )
 
     calls: list = []
 

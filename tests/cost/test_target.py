@@ -54,7 +54,9 @@ def test_storage_agrees_with_reference_bytes(decision, shape) -> None:  # noqa: 
 
 def _roof(decision, in_f, out_f, tgt, wl) -> float:  # noqa: ANN001
     """Latency minus the launch overhead: the roofline term alone."""
-    return estimate_latency(decision, in_f, out_f, False, tgt, wl) - launches(decision) * tgt.launch_s
+    return (
+        estimate_latency(decision, in_f, out_f, False, tgt, wl) - launches(decision) * tgt.launch_s
+    )
 
 
 @pytest.mark.parametrize("target", ["cpu", "h100"])

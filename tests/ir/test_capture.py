@@ -13,8 +13,8 @@ import slimfx.ir.ops  # noqa: F401  (registers torch.ops.slimfx.*)
 from slimfx.ir.capture import (
     FQN_KEY,
     ORIGIN_KEY,
-    CaptureError,
     Captured,
+    CaptureError,
     capture,
     normalize_module_path,
 )
@@ -69,7 +69,10 @@ def test_capture_tiny_llama_stamps_val_and_fqn(tiny_llama_captured):
         params[n.args[1].name].removesuffix(".weight") for n in linears
     ]
     sdpa = [n for n in nodes if n.target == torch.ops.aten.scaled_dot_product_attention.default]
-    assert [n.meta[FQN_KEY] for n in sdpa] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert [n.meta[FQN_KEY] for n in sdpa] == [
+        "model.layers.0.self_attn",
+        "model.layers.1.self_attn",
+    ]
 
 
 def test_captured_program_matches_eager(tiny_llama_captured):
@@ -98,7 +101,9 @@ def test_capture_tiny_mlp_fqns(tiny_mlp):
 
 def test_capture_strict_mode_paths_are_normalized(tiny_mlp):
     cap = capture(tiny_mlp, (torch.randn(3, 16),), strict=True)
-    fqns = [n.meta[FQN_KEY] for n in _call_nodes(cap.gm) if n.target == torch.ops.aten.linear.default]
+    fqns = [
+        n.meta[FQN_KEY] for n in _call_nodes(cap.gm) if n.target == torch.ops.aten.linear.default
+    ]
     assert fqns == ["0", "2", "4"]
 
 

@@ -54,9 +54,9 @@ def _check_llama_sites(model: nn.Module, sites: list, n_layers: int) -> None:
         p = f"model.layers.{i}."
         for role, shape in shapes.items():
             assert by[p + role].shape == shape, role
-        assert {by[p + r].group for r in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")} == {
-            p + "self_attn.q_proj"
-        }
+        assert {
+            by[p + r].group for r in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        } == {p + "self_attn.q_proj"}
         assert by[p + "mlp.gate_proj"].group == by[p + "mlp.up_proj"].group == p + "mlp.gate_proj"
         assert by[p + "self_attn.o_proj"].group == p + "self_attn.o_proj"
         assert by[p + "mlp.down_proj"].group == p + "mlp.down_proj"
@@ -249,7 +249,9 @@ def _load_smollm2() -> nn.Module:
 @pytest.mark.skipif(os.environ.get("SLIMFX_SLOW") != "1", reason="real model, ~25 s: SLIMFX_SLOW=1")
 def test_smollm2_sites():
     model = _load_smollm2()
-    ids = torch.randint(0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0)
+    )
     cap = capture(model, (), {"input_ids": ids, "use_cache": False}, fallback=False)
     sites = find_linear_sites(cap, model)
     n_layers = model.config.num_hidden_layers

@@ -145,16 +145,17 @@ def test_real_rank_error_equals_prediction(tiny_mlp: nn.Module, mlp_x: torch.Ten
         X, G = inputs[fqn], grams[fqn]
         with torch.no_grad():
             y, y_low = dense(X).double(), low(X).double()
-        b = 0.0 if dense.bias is None else dense.bias.double()
+        b = 0.0 if dense.bias is None else dense.bias.detach().double()
         measured = float((y_low - y).pow(2).sum() / (y - b).pow(2).sum())
         W_hat = reconstruct(plan[fqn], {"U": low.U.detach(), "V": low.V.detach()})
         predicted = relative_output_error(dense.weight, W_hat, G)
         curve = lowrank_error_curve(dense.weight, G, method)[r].item()
         assert 0.0 < measured < 1.0
-        # fp32 forward vs float64 prediction: agreement to ~1e-5 relative; 1e-3 is loose.
-        assert measured == pytest.approx(predicted, rel=1e-3), fqn
-        # the curve is the same number from one SVD (the factors are rounded to fp32)
-        assert measured == pytest.approx(curve, rel=1e-3), fqn
+        # fp32 forward vs float64 prediction: observed agreement ~1e-8 relative (errors are
+        # ~0.1-0.5, far above fp32 rounding); 1e-5 leaves room for other BLAS builds.
+        assert measured == pytest.approx(predicted, rel=1e-5), fqn
+        # the curve gives the same number from one SVD (the factors are rounded to fp32)
+        assert measured == pytest.approx(curve, rel=1e-5), fqn
 
 
 def test_rejects_rank_not_saving_bytes(tiny_mlp: nn.Module) -> None:

@@ -13,8 +13,8 @@ Two paths:
 - tiled fallback: two launches of one tiled matmul kernel (``c = a bᵀ + bias``, grouped
   program order), h = x Vᵀ stored in ``x.dtype``, then y = h Uᵀ + b.
 
-Accumulation is fp32, output in ``x.dtype``; U, V and bias are read in their own dtype and
-converted in registers.
+Accumulation is fp32, output in ``x.dtype``; U and V are converted to ``x.dtype`` by the
+launchers when they differ (a copy), the bias is rounded to ``x.dtype`` in registers.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ def matmul_bias(
 ) -> Tensor:
     """``a @ bᵀ + bias`` for 2-D ``a`` (M × K) and ``b`` (N × K), output in ``a.dtype``."""
     a = a.contiguous()
-    b = b.contiguous()
+    b = b.to(a.dtype).contiguous()  # rounded by torch (the interpreter's bf16 cast truncates)
     M, K = a.shape
     N = b.shape[0]
     c = torch.empty((M, N), dtype=a.dtype, device=a.device)
@@ -243,8 +243,8 @@ def lowrank_linear_fused(
     N, R = U.shape
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
-    U = U.contiguous()
-    V = V.contiguous()
+    U = U.to(x.dtype).contiguous()  # factors are used in x.dtype (see reference)
+    V = V.to(x.dtype).contiguous()
     out = torch.zeros((M, N), dtype=torch.float32, device=x.device)
     if M and N:
         cfg = config or next(c for c in FUSED_CONFIGS if M <= c.max_m)

@@ -1,0 +1,173 @@
+"""Layering: every import inside slimfx points down the one-way flow (docs/HELPERS.md).
+
+The checker parses each ``slimfx/**/*.py`` with ``ast`` (imports inside functions and under
+``TYPE_CHECKING`` count too), resolves relative imports, and checks each slimfx import against
+the rule of the importing file's package. Top-level modules (``slimfx/api.py``, ...) may import
+everything; a package with no rule is itself a failure, so a new package must get one.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "slimfx"
+
+_SOLVE = "slimfx.planning.solve"
+_PLANNING_NOT_SOLVE = ("slimfx.planning", (_SOLVE,))
+
+#: package → (allowed prefixes, each either "name" or (name, denied sub-prefixes)).
+RULES: dict[str, tuple] = {
+    "planning": ("slimfx.planning",),
+    "numerics": ("slimfx.numerics", "slimfx.planning.configs"),
+    "ir": ("slimfx.ir", "slimfx.planning.configs"),
+    "cost": ("slimfx.cost", "slimfx.ir", _PLANNING_NOT_SOLVE, "slimfx.numerics"),
+    "passes": ("slimfx.passes", "slimfx.ir", _PLANNING_NOT_SOLVE, "slimfx.numerics"),
+    "kernels": ("slimfx.kernels", "slimfx.ir"),
+    "backends": (
+        "slimfx.backends",
+        "slimfx.ir",
+        "slimfx.kernels",
+        "slimfx.passes",
+        "slimfx.numerics",
+        _PLANNING_NOT_SOLVE,
+    ),
+    "models": ("slimfx.models",),
+    "data": ("slimfx.data",),
+    "eval": ("slimfx.eval",),
+}
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def module_name(path: Path) -> str:
+    """``slimfx/ir/find.py`` → ``slimfx.ir.find``; ``slimfx/ir/__init__.py`` → ``slimfx.ir``."""
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def imported_names(source: str, module: str, is_package: bool = False) -> list[tuple[int, str]]:
+    """``(line, dotted target)`` of every import in ``source``, relative imports resolved.
+
+    ``from X import a`` yields ``X.a`` (``a`` may be a submodule); ``from X import *`` yields X.
+    """
+    package = module if is_package else module.rpartition(".")[0]
+    out: list[tuple[int, str]] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base_parts = package.split(".")
+                base_parts = base_parts[: len(base_parts) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                out.append((node.lineno, base if alias.name == "*" else f"{base}.{alias.name}"))
+    return out
+
+
+def _allowed(target: str, rule: tuple) -> bool:
+    for entry in rule:
+        prefix, denied = (entry, ()) if isinstance(entry, str) else entry
+        if _under(target, prefix) and not any(_under(target, d) for d in denied):
+            return True
+    return False
+
+
+def check_source(source: str, module: str, is_package: bool = False) -> list[str]:
+    """Violations of the layering rules by the imports of ``source`` (module ``module``)."""
+    parts = module.split(".")
+    if parts[0] != "slimfx":
+        raise ValueError(f"{module} is not inside slimfx")
+    if len(parts) == 1 or (len(parts) == 2 and not is_package):
+        return []  # slimfx/__init__.py and top-level modules orchestrate: they may import all
+    pkg = parts[1]
+    if pkg not in RULES:
+        return [f"{module}: package slimfx.{pkg} has no layering rule; add one to RULES"]
+    rule = RULES[pkg]
+    problems = []
+    for line, target in imported_names(source, module, is_package):
+        if _under(target, "slimfx") and not _allowed(target, rule):
+            problems.append(f"{module}:{line} imports {target} (slimfx.{pkg} may not)")
+    return problems
+
+
+def _package_files() -> list[Path]:
+    return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_package_respects_layering():
+    problems = []
+    for path in _package_files():
+        problems += check_source(
+            path.read_text(), module_name(path), is_package=path.name == "__init__.py"
+        )
+    assert not problems, "layering violations:\n" + "\n".join(problems)
+
+
+def test_checker_sees_the_whole_package():
+    mods = {module_name(p) for p in _package_files()}
+    assert {"slimfx.ir.capture", "slimfx.ir.find", "slimfx.planning.configs"} <= mods
+
+
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        ("slimfx.passes.lowrank", "from slimfx.cost import estimate"),
+        ("slimfx.passes.lowrank", "from slimfx.planning.solve import solve"),
+        ("slimfx.passes.lowrank", "from slimfx.planning import solve"),
+        ("slimfx.passes.rules.lowrank", "from ...cost.stats import gram"),
+        ("slimfx.ir.find", "import slimfx.numerics"),
+        ("slimfx.ir.find", "from slimfx.planning.plan import Plan"),
+        ("slimfx.numerics.svd", "from slimfx.planning import Plan"),
+        ("slimfx.planning.plan", "from slimfx.ir.sites import LinearSite"),
+        ("slimfx.kernels.lowrank.triton", "from slimfx.passes import manager"),
+        ("slimfx.backends.onnx", "from slimfx.cost import target"),
+        ("slimfx.models.tiny", "from slimfx.ir import capture"),
+        ("slimfx.data.calib", "import slimfx"),
+        ("slimfx.ir.find", "def f():\n    from slimfx.api import optimize\n"),  # lazy import
+        ("slimfx.newpkg.thing", "import torch"),  # a package with no rule
+    ],
+)
+def test_checker_catches_violation(module, source):
+    assert check_source(source, module), f"{module}: {source!r} should be rejected"
+
+
+@pytest.mark.parametrize(
+    "module, source",
+    [
+        (
+            "slimfx.passes.lowrank",
+            "from slimfx.planning.plan import Plan\nfrom slimfx.ir import ops",
+        ),
+        ("slimfx.passes.lowrank", "from slimfx.planning import Plan, configs"),
+        ("slimfx.cost.stats", "from slimfx.numerics import factorize\nimport slimfx.ir.find"),
+        ("slimfx.ir.modules", "from . import ops\nfrom ..planning.configs import Decision"),
+        ("slimfx.numerics.svd", "from slimfx.planning.configs import LowRankConfig"),
+        (
+            "slimfx.backends.eager",
+            "from slimfx.kernels import registry\nfrom slimfx.passes import x",
+        ),
+        ("slimfx.api", "from slimfx.planning.solve import solve\nfrom slimfx.cost import estimate"),
+        ("slimfx.planning.solve", "from .problem import BudgetProblem\nimport numpy"),
+    ],
+)
+def test_checker_accepts_allowed_imports(module, source):
+    assert check_source(source, module) == []
+
+
+def test_relative_import_in_package_init_resolves_to_the_package():
+    # in slimfx/passes/__init__.py, "from . import x" means slimfx.passes.x
+    assert imported_names("from . import rules", "slimfx.passes", is_package=True) == [
+        (1, "slimfx.passes.rules")
+    ]
+    assert check_source("from ..cost import x", "slimfx.passes", is_package=True)

@@ -64,7 +64,7 @@ def main() -> int:
 
     model, tok = load_smollm2()
     calib = calibration_batches(tok, name=a.corpus, n=a.n_calib, seq_len=a.seq_len)
-    held = torch.cat(heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len))
+    held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
     sites, _ = find_sites(model, ((), {"input_ids": calib[0][:, :16], "use_cache": False}))
     t0 = time.perf_counter()
     stats = collect_stats(model, sites, calib, progress=False)

@@ -33,7 +33,7 @@ def main() -> None:
     model, tok = load_smollm2()
     print(f"loaded SmolLM2-135M-Instruct in {time.perf_counter() - t0:.1f} s")
     calib = calibration_batches(tok, name="lee", n=a.n_calib, seq_len=a.seq_len)
-    held = torch.cat(heldout_windows(tok, name="lee", n=a.n_eval, seq_len=a.seq_len))
+    held = heldout_windows(tok, name="lee", n=a.n_eval, seq_len=a.seq_len)
 
     t0 = time.perf_counter()
     small = slimfx.optimize(

@@ -34,7 +34,7 @@ def _calibration(tokenizer, name: str, n: int, seq_len: int, model=None):
     if tokenizer is None:  # the tiny random model: random ids are all it can take
         g = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
-        return [torch.randint(0, vocab, (1, seq_len), generator=g) for _ in range(n)], []
+        return [torch.randint(0, vocab, (1, seq_len), generator=g) for _ in range(n)], None
     from slimfx.data.text import calibration_batches, heldout_windows
 
     return (
@@ -71,12 +71,10 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     slimfx.save(new, out)
     (out / "report.md").write_text(rep.to_markdown())
     rep.plot(out / "report.png")
-    if a.eval and held:
+    if a.eval and held is not None:
         from slimfx.eval import perplexity
 
-        import torch
-
-        w = torch.cat(held)
+        w = held
         p0, p1 = perplexity(model, w, progress=not a.quiet), perplexity(new, w, progress=not a.quiet)
         print(f"perplexity ({a.calib}, {w.shape[0]}×{w.shape[1]} held-out tokens): "
               f"dense {p0:.3f} → slimfx {p1:.3f}")

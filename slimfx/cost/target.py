@@ -26,6 +26,7 @@ JSON file keyed by (op, N = tokens, K = in, M = out, dtype, decision, target), w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -63,6 +64,10 @@ __all__ = [
     "MeasuredCache",
     "latency",
     "measure_target",
+    "runtime_label",
+    "compute_dtype",
+    "DEFAULT_SHAPES",
+    "default_decisions",
 ]
 
 
@@ -235,6 +240,29 @@ def estimate_latency(
 
 _KEY_FIELDS = ("op", "N", "K", "M", "dtype", "decision", "device")
 
+#: decision fields that change the stored values but not the layout or the kernels run
+_VALUE_ONLY_FIELDS = ("method", "mask", "compensate")
+
+
+def runtime_label(decision: Decision) -> str:
+    """``decision.short()`` with value-only fields (``method``, ``mask``, ``compensate``) set
+    to their defaults: a whitened and a plain rank-64 factorization run the same kernels in
+    the same time, so they share one measurement."""
+    if not dataclasses.is_dataclass(decision):
+        return decision.short()
+    reset = {
+        f.name: f.default
+        for f in dataclasses.fields(decision)
+        if f.name in _VALUE_ONLY_FIELDS and f.default is not dataclasses.MISSING
+    }
+    return dataclasses.replace(decision, **reset).short() if reset else decision.short()
+
+
+def compute_dtype(target: Target) -> torch.dtype:
+    """The dtype a target runs floating-point weights in: float32 for 4-byte floats,
+    bfloat16 for 2-byte ones (what ``measure_target`` times by default)."""
+    return {4: torch.float32, 8: torch.float64}.get(target.float_bytes, torch.bfloat16)
+
 
 class MeasuredCache:
     """Measured seconds per (op, N = tokens, K = in, M = out, dtype, decision, device) in a
@@ -253,8 +281,9 @@ class MeasuredCache:
     def key(
         op: str, N: int, K: int, M: int, dtype: str, decision: Decision | str, device: str
     ) -> tuple[str, int, int, int, str, str, str]:
-        """The lookup key; ``decision`` may be a Decision (its ``short()``) or that string."""
-        d = decision.short() if isinstance(decision, Decision) else str(decision)
+        """The lookup key; ``decision`` may be a Decision (its :func:`runtime_label`) or a
+        label string used as is."""
+        d = runtime_label(decision) if isinstance(decision, Decision) else str(decision)
         return (str(op), int(N), int(K), int(M), str(dtype), d, str(device))
 
     def load(self) -> MeasuredCache:
@@ -308,15 +337,21 @@ def latency(
     workload: str | Workload,
     cache: MeasuredCache | None = None,
 ) -> tuple[float, str]:
-    """``(seconds, "measured" | "roofline")`` for one forward of ``site`` in form ``decision``."""
+    """``(seconds, "measured" | "roofline")`` for one forward of ``site`` in form ``decision``.
+
+    The cache is looked up under the site's dtype, then under the target's compute dtype (a
+    model loaded in float32 for planning and deployed in bfloat16 on a GPU finds the bf16
+    measurements).
+    """
     tgt, wl = target_of(target), workload_of(workload)
     if cache is not None:
-        key = MeasuredCache.key(
-            "linear", wl.tokens, site.in_features, site.out_features, site.dtype, decision, tgt.name
-        )
-        got = cache.get(key)
-        if got is not None:
-            return got, "measured"
+        for dtype in dict.fromkeys((site.dtype, str(compute_dtype(tgt)))):
+            key = MeasuredCache.key(
+                "linear", wl.tokens, site.in_features, site.out_features, dtype, decision, tgt.name
+            )
+            got = cache.get(key)
+            if got is not None:
+                return got, "measured"
     return (
         estimate_latency(decision, site.in_features, site.out_features, site.has_bias, tgt, wl),
         "roofline",
@@ -346,55 +381,98 @@ def _build_module(decision: Decision, weight: torch.Tensor, bias: torch.Tensor |
     return mod.load_factors(tensors, bias)
 
 
-def _time(fn: Callable[[], Any], device: torch.device, repeats: int, min_s: float) -> float:
+def _time(
+    fn: Callable[[], Any], device: torch.device, repeats: int, min_s: float, max_s: float
+) -> float:
+    """Median seconds of ``fn`` after warm-up: at least 3 runs and ``min_s`` in total, at most
+    ``repeats`` runs unless that is shorter than ``min_s``, stopping early past ``max_s``."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(3):
-        fn()
+    start = time.perf_counter()
+    fn()
     sync()
-    times = []
+    if time.perf_counter() - start < 0.05:  # cheap: warm caches and clocks a little more
+        for _ in range(2):
+            fn()
+        sync()
+    times: list[float] = []
     total = 0.0
-    while len(times) < repeats or total < min_s:
+    while True:
         start = time.perf_counter()
         fn()
         sync()
         dt = time.perf_counter() - start
         times.append(dt)
         total += dt
-        if len(times) >= 1000:
+        n = len(times)
+        if n >= 3 and total >= min_s and (n >= repeats or total >= max_s):
+            break
+        if n >= 1000:
             break
     return statistics.median(times)
 
 
+#: SmolLM2-135M's linear shapes (in, out): q/o, k/v, gate/up, down, lm_head — the project's
+#: reference model; pass the shapes of your own model's sites for exact matches.
+DEFAULT_SHAPES: tuple[tuple[int, int], ...] = (
+    (576, 576),
+    (576, 192),
+    (576, 1536),
+    (1536, 576),
+    (576, 49152),
+)
+
+
+def default_decisions(in_f: int, out_f: int) -> list[Decision]:
+    """Dense plus the low-rank ladder the ``lowrank`` family offers for this shape."""
+    from slimfx.cost.candidates import lowrank_ranks  # candidates imports this module
+
+    return [DenseConfig(), *(LowRankConfig(r) for r in lowrank_ranks(in_f, out_f))]
+
+
 def measure_target(
     target_name: str,
-    shapes: Iterable[tuple[int, int] | LinearSite],
-    decisions: Sequence[Decision] | Callable[[int, int], Sequence[Decision]],
-    workloads: Iterable[str | Workload],
-    path: str | os.PathLike[str],
+    shapes: Iterable[tuple[int, int] | LinearSite] | None = None,
+    decisions: Sequence[Decision] | Callable[[int, int], Sequence[Decision]] | None = None,
+    workloads: Iterable[str | Workload] | None = None,
+    path: str | os.PathLike[str] = "latency.json",
     device: str | torch.device = "cpu",
     *,
     dtype: torch.dtype | None = None,
     repeats: int = 10,
     min_s: float = 0.02,
+    max_s: float = 1.0,
+    progress: bool = True,
 ) -> MeasuredCache:
     """Time each (shape, decision, workload) with the slimfx modules on ``device`` and store
-    the median seconds in the cache at ``path`` under ``target_name``.
+    the median seconds in the cache at ``path`` (entries already there are kept, the ones
+    measured again replaced) under ``target_name``.
 
-    ``shapes``: ``(in, out)`` pairs or sites; ``decisions``: a list, or a function
-    ``(in, out) -> decisions`` (ranks depend on the shape). ``dtype`` defaults to float32 on
-    CPU and bfloat16 on CUDA; the key records it, and :func:`latency` looks entries up by the
-    site's dtype. Decisions that do not fit a shape, or have no module yet, are skipped.
+    ``shapes``: ``(in, out)`` pairs or sites (default :data:`DEFAULT_SHAPES`); ``decisions``:
+    a list, or a function ``(in, out) -> decisions`` (default :func:`default_decisions`);
+    ``workloads``: default decode and prefill. ``dtype`` defaults to the target's compute
+    dtype (:func:`compute_dtype`; float32 for an unknown target on CPU, bfloat16 on CUDA).
+    Decisions that do not fit a shape, or have no module yet, are skipped. On CPU this times
+    the CPU: the numbers stand for the target only when run on it.
     """
+    from tqdm.auto import tqdm
+
     dev = torch.device(device)
-    dt = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if dtype is None:
+        if target_name in TARGETS:
+            dtype = compute_dtype(TARGETS[target_name])
+        else:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    shapes = DEFAULT_SHAPES if shapes is None else shapes
+    decisions = default_decisions if decisions is None else decisions
+    wls = [workload_of(w) for w in (("decode", "prefill") if workloads is None else workloads)]
     cache = MeasuredCache(path)
     gen = torch.Generator().manual_seed(0)
-    wls = [workload_of(w) for w in workloads]
-    for shape in shapes:
-        in_f, out_f = (
-            (shape.in_features, shape.out_features) if isinstance(shape, LinearSite) else shape
-        )
-        w = torch.randn(out_f, in_f, generator=gen).div_(math.sqrt(in_f)).to(dev, dt)
+    for shape in tqdm(list(shapes), desc="calibrate-target", disable=not progress, leave=False):
+        if isinstance(shape, LinearSite):
+            in_f, out_f = shape.in_features, shape.out_features
+        else:
+            in_f, out_f = shape
+        w = torch.randn(out_f, in_f, generator=gen).div_(math.sqrt(in_f)).to(dev, dtype)
         todo = decisions(in_f, out_f) if callable(decisions) else decisions
         for decision in todo:
             try:
@@ -402,12 +480,13 @@ def measure_target(
             except (KeyError, ValueError):
                 continue  # no module for this kind, or the rank does not fit the shape
             for wl in wls:
-                x = torch.randn(wl.tokens, in_f, generator=gen).to(dev, dt)
+                x = torch.randn(wl.tokens, in_f, generator=gen).to(dev, dtype)
                 with torch.inference_mode():
-                    secs = _time(lambda m=mod, x=x: m(x), dev, repeats, min_s)
+                    secs = _time(lambda m=mod, x=x: m(x), dev, repeats, min_s, max_s)
                 key = MeasuredCache.key(
-                    "linear", wl.tokens, in_f, out_f, str(dt), decision, target_name
+                    "linear", wl.tokens, in_f, out_f, str(dtype), decision, target_name
                 )
                 cache.put(key, secs, torch_device=str(dev))
+            del mod
     cache.save()
     return cache

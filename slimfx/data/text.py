@@ -81,14 +81,26 @@ def news_text() -> str:
 
 # Tags whose whole content is dropped (citations, formulas, galleries, code, ...).
 _DROP_TAGS = (
-    "ref", "math", "gallery", "timeline", "syntaxhighlight", "source", "pre", "score",
-    "imagemap", "chem", "hiero", "graph", "mapframe", "references", "table", "noinclude",
+    "ref",
+    "math",
+    "gallery",
+    "timeline",
+    "syntaxhighlight",
+    "source",
+    "pre",
+    "score",
+    "imagemap",
+    "chem",
+    "hiero",
+    "graph",
+    "mapframe",
+    "references",
+    "table",
+    "noinclude",
 )
 _RE_COMMENT = re.compile(r"<!--.*?-->", re.S)
 _RE_SELF_CLOSING_REF = re.compile(r"<ref\b[^>]*/>", re.I)
-_RE_DROP_TAG = re.compile(
-    r"<(" + "|".join(_DROP_TAGS) + r")\b[^>]*>.*?</\1\s*>", re.I | re.S
-)
+_RE_DROP_TAG = re.compile(r"<(" + "|".join(_DROP_TAGS) + r")\b[^>]*>.*?</\1\s*>", re.I | re.S)
 _RE_TEMPLATE = re.compile(r"\{\{(?:[^{}]|\{(?!\{)|\}(?!\}))*\}\}", re.S)  # innermost {{...}}
 _RE_TABLE = re.compile(r"\{\|(?:(?!\{\|).)*?\|\}", re.S)  # innermost {| ... |}
 _RE_LINK = re.compile(r"\[\[([^\[\]]*)\]\]")  # innermost [[...]]
@@ -100,8 +112,17 @@ _RE_MAGIC = re.compile(r"__[A-Z]+__")
 _RE_SPACE = re.compile(r"[ \t\u00a0]+")
 # Sections after which an article is lists of references and links, not prose.
 _TAIL_SECTIONS = {
-    "references", "see also", "external links", "further reading", "notes", "bibliography",
-    "sources", "footnotes", "citations", "notes and references", "works cited",
+    "references",
+    "see also",
+    "external links",
+    "further reading",
+    "notes",
+    "bibliography",
+    "sources",
+    "footnotes",
+    "citations",
+    "notes and references",
+    "works cited",
 }
 # Link namespaces that carry no prose (dropped whole, caption included).
 _DROP_LINK_PREFIXES = ("file", "image", "media", "category", "wikipedia", "wp", "template")

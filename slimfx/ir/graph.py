@@ -17,7 +17,6 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
@@ -190,9 +189,7 @@ def add_constant(
         attr = f"{base}_{i}"
     gm.register_buffer(attr, tensor.detach())
 
-    anchor = next(
-        (n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr")), None
-    )
+    anchor = next((n for n in gm.graph.nodes if n.op not in ("placeholder", "get_attr")), None)
     if anchor is None:  # pragma: no cover - a graph always ends with an output node
         raise ValueError("graph has no output node")
     with gm.graph.inserting_before(anchor):

@@ -152,13 +152,13 @@ KERNELS: dict[str, list[Kernel]] = {
             "slimfx.kernels.sparse24_linear",
             supports_attr="supports_semi_structured",
             run_attr="run_semi_structured",
-            description="torch to_sparse_semi_structured (CUTLASS/cuSPARSELt) for prefill, CUDA only",
+            description="torch to_sparse_semi_structured (CUTLASS/cuSPARSELt), prefill, CUDA",
         ),
         Kernel(
             "sparse24_linear_triton_gemv",
             "sparse24_linear",
             "slimfx.kernels.sparse24_linear.triton_kernel",
-            description="2:4 GEMV reading kept values + 2-bit indices (decode; any M runs, densified tl.dot for M>1)",
+            description="2:4 GEMV on kept values + 2-bit indices (any M; tl.dot for M>1)",
         ),
     ],
 }

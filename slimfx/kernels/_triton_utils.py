@@ -10,6 +10,8 @@ pass it as the ``INTERP_BF16`` constexpr, which is False on CUDA (no extra instr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -26,8 +28,14 @@ def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; 4 for the CPU interpreter, so tiny test shapes
     still exercise the split heuristics."""
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_sms(index)
     return 4
+
+
+@functools.cache
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 @triton.jit

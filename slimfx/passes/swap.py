@@ -99,7 +99,9 @@ def _dense_linear(model_modules: Mapping[str, nn.Module], site: LinearSite) -> n
     """The module at ``site.fqn``, checked to be a dense linear of the site's shape."""
     mod = model_modules.get(site.fqn)
     if mod is None:
-        raise ValueError(f"site {site.fqn!r} is not a module of this model{_suggest(site.fqn, model_modules)}")
+        raise ValueError(
+            f"site {site.fqn!r} is not a module of this model{_suggest(site.fqn, model_modules)}"
+        )
     w = getattr(mod, "weight", None)
     if not isinstance(w, Tensor) or w.dim() != 2:
         raise ValueError(
@@ -255,6 +257,9 @@ def apply_plan(
         from tqdm.auto import tqdm
 
         iterator = tqdm(jobs, desc="apply_plan", unit="site")
+    # Build every replacement first, then swap them in: a factorization that fails leaves even
+    # an in-place model as it was.
+    built: list[tuple[_Job, nn.Module]] = []
     aliases: dict[str, set[str]] = {}
     for job in iterator:
         site, decision = job.site, job.decision
@@ -264,7 +269,7 @@ def apply_plan(
         new = job.rule.build_module(site, linear, decision, _gram(grams, site))
         new.train(linear.training)
         new.requires_grad_(linear.weight.requires_grad)
-        _set_module(target, site.fqn, new)
+        built.append((job, new))
         records[site.fqn] = SiteRecord(
             site.fqn,
             decision.short(),
@@ -274,6 +279,8 @@ def apply_plan(
             dense_bytes(site),
             decision.bytes(site.in_features, site.out_features, site.has_bias),
         )
+    for job, new in built:
+        _set_module(target, job.site.fqn, new)
 
     if aliases:
         still = {name for name, _ in target.named_parameters(remove_duplicate=False)}

@@ -129,6 +129,8 @@ def test_deterministic_and_measured_latency(tmp_path) -> None:  # noqa: ANN001
     p, _ = build_problem([site], {"lin": W}, stats, cache=cache, progress=False)
     got = {o.decision: (o.latency_s, o.source) for o in p.site("lin").options}
     assert got[d] == (3e-6, "measured")
+    assert got[LowRankConfig(d.rank, "whitened")] == (3e-6, "measured")  # same kernels
+    assert p.meta["latency_sources"] == {"measured": 2, "roofline": len(got) - 2}
     dense = got[DenseConfig()]
     assert dense == (estimate_latency(DenseConfig(), 32, 48, False, "cpu", "decode"), "roofline")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from slimfx.cost.candidates import lowrank_ranks
 from slimfx.cost.target import (
     TARGETS,
     MeasuredCache,
@@ -134,14 +135,52 @@ def test_measured_cache_round_trip(tmp_path: Path) -> None:
     secs, src = latency(d, site, "cpu", "prefill", again)  # not measured for prefill
     assert src == "roofline"
     assert secs == estimate_latency(d, 64, 32, False, "cpu", "prefill")
-    assert latency(d, _site(64, 32, "torch.bfloat16"), "cpu", "decode", again)[1] == "roofline"
+    # a plain-SVD factorization of the same rank runs the same kernels: same measurement
+    assert latency(LowRankConfig(8, "svd"), site, "cpu", "decode", again)[1] == "measured"
+    assert latency(LowRankConfig(9), site, "cpu", "decode", again)[1] == "roofline"
+    assert latency(d, _site(32, 64), "cpu", "decode", again)[1] == "roofline"
+
+
+def test_lookup_falls_back_to_the_targets_compute_dtype(tmp_path: Path) -> None:
+    cache = MeasuredCache(tmp_path / "h100.json")
+    d = DenseConfig()
+    cache.put(MeasuredCache.key("linear", 1, 64, 32, "torch.bfloat16", d, "h100"), 2e-6)
+    assert latency(d, _site(64, 32, "torch.float32"), "h100", "decode", cache) == (2e-6, "measured")
+    # the CPU target computes in float32: a bf16 entry for another target name never matches
+    assert latency(d, _site(64, 32, "torch.float32"), "cpu", "decode", cache)[1] == "roofline"
+
+
+def test_measure_target_default_decisions(tmp_path: Path) -> None:
+    cache = measure_target(
+        "cpu",
+        [(64, 32)],
+        None,
+        ["decode"],
+        tmp_path / "d.json",
+        "cpu",
+        repeats=3,
+        min_s=0.0,
+        progress=False,
+    )
+    assert len(cache) == 1 + len(lowrank_ranks(64, 32))  # dense + the family's ladder
+    for r in lowrank_ranks(64, 32):
+        site = _site(64, 32)
+        assert latency(LowRankConfig(r, "svd"), site, "cpu", "decode", cache)[1] == "measured"
 
 
 def test_measure_target_times_cpu_modules(tmp_path: Path) -> None:
     path = tmp_path / "cpu.json"
     decisions = [DenseConfig(), LowRankConfig(8), LowRankConfig(500)]
     cache = measure_target(
-        "cpu", [(64, 32)], decisions, ["decode"], path, "cpu", repeats=3, min_s=0.0
+        "cpu",
+        [(64, 32)],
+        decisions,
+        ["decode"],
+        path,
+        "cpu",
+        repeats=3,
+        min_s=0.0,
+        progress=False,
     )
     # rank 500 does not fit a 32×64 weight: skipped
     assert len(cache) == 2

@@ -96,7 +96,9 @@ def test_registry_prefers_fused_for_decode() -> None:
     x33 = torch.randn(33, 96, device=DEVICE)
     kernel, reasons = sk.select("lowrank_linear", x33, U=U, V=V, bias=None)
     assert kernel is not None and kernel.name == "lowrank_linear_triton_tiled"
-    assert reasons == ["lowrank_linear_triton_fused: M=33 rows > 16 (the fused kernel is for decode)"]
+    assert reasons == [
+        "lowrank_linear_triton_fused: M=33 rows > 16 (the fused kernel is for decode)"
+    ]
     assert_close_scaled(kernel.run(x33, U=U, V=V, bias=None),
                         lowrank_linear_reference(x33, U, V), torch.float32)
 

@@ -54,7 +54,11 @@ FORMATS = [
 PATH_M = [1, 3, 33]  # GEMV with FMAs, GEMV with tl.dot, tiled prefill
 
 
-@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"int{f[0]}-g{f[1]}-{'sym' if f[2] else 'asym'}-K{f[3]}")
+def _fmt_id(f: tuple) -> str:
+    return f"int{f[0]}-g{f[1]}-{'sym' if f[2] else 'asym'}-K{f[3]}"
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=_fmt_id)
 @pytest.mark.parametrize("M", PATH_M)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_reference(fmt: tuple, M: int, dtype: torch.dtype) -> None:
@@ -65,8 +69,9 @@ def test_matches_reference(fmt: tuple, M: int, dtype: torch.dtype) -> None:
     bias = torch.randn(N, dtype=dtype, device=DEVICE) if (M + bits) % 2 else None
     assert tk.supports(x, bias=bias, bits=bits, group_size=G, **t) == (True, "")
     y = tk.quant_linear(x, bias=bias, bits=bits, group_size=G, **t)
-    ref = quant_linear_reference(x.cpu(), bias=None if bias is None else bias.cpu(), bits=bits,
-                                 group_size=G, **{k: v.cpu() if v is not None else None for k, v in t.items()})
+    cpu = {k: v.cpu() if v is not None else None for k, v in t.items()}
+    b_cpu = None if bias is None else bias.cpu()
+    ref = quant_linear_reference(x.cpu(), bias=b_cpu, bits=bits, group_size=G, **cpu)
     assert_close_scaled(y, ref, dtype)
 
 

@@ -14,6 +14,16 @@ OUT, IN, TOKENS = 24, 40, 300
 RANKS = (1, 3, 8, 16, 24)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine, 2-thread LAPACK calls (SVD) were
+    measured 250× slower than 1-thread ones. Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """A float64 weight (OUT × IN) and correlated inputs X (TOKENS × IN): the input
     channels have very different scales, so whitening has something to do."""
@@ -36,7 +46,9 @@ def test_error_curve_equals_measured_output_error(method: str) -> None:
     G = X.T @ X
     curve = lowrank_error_curve(W, G, method)
     assert curve.shape == (min(OUT, IN) + 1,)
-    assert curve[0].item() == pytest.approx(1.0) and curve[-1].item() == pytest.approx(0.0, abs=1e-12)
+    assert curve[0].item() == pytest.approx(1.0) and curve[-1].item() == pytest.approx(
+        0.0, abs=1e-12
+    )
     for r in RANKS:
         U, V = lowrank_factors(W, r, method, G)
         assert U.shape == (OUT, r) and V.shape == (r, IN)

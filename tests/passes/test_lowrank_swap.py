@@ -27,6 +27,16 @@ FULL_RANK_RULES = {"lowrank": LinearToLowRank(require_savings=False)}
 FP32_FULL_RANK = {"atol": 1e-5, "rtol": 1e-5}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine, 2-thread LAPACK calls (SVD) were
+    measured 250× slower than 1-thread ones. Restored after each test."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 class OpCounter(TorchDispatchMode):
     """Counts the ops that reach the dispatcher (a linear shows up as mm / addmm)."""
 
@@ -34,18 +44,18 @@ class OpCounter(TorchDispatchMode):
         super().__init__()
         self.counts: Counter[str] = Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.counts[str(func)] += 1
         return func(*args, **(kwargs or {}))
 
 
-def op_counts(model: nn.Module, *args, **kwargs) -> Counter[str]:  # noqa: ANN002, ANN003
+def op_counts(model: nn.Module, *args, **kwargs) -> Counter[str]:
     with torch.no_grad(), OpCounter() as c:
         model(*args, **kwargs)
     return c.counts
 
 
-def layer_inputs(model: nn.Module, fqns: list[str], *args, **kwargs) -> dict[str, torch.Tensor]:  # noqa: ANN002, ANN003
+def layer_inputs(model: nn.Module, fqns: list[str], *args, **kwargs) -> dict[str, torch.Tensor]:
     """Each listed layer's input in one forward, flattened to (tokens, in)."""
     mods = dict(model.named_modules())
     seen: dict[str, torch.Tensor] = {}
@@ -75,7 +85,7 @@ def assert_unchanged(model: nn.Module, snap: dict[str, torch.Tensor]) -> None:
         assert torch.equal(now[k], v), k
 
 
-def full_plan(sites, make) -> Plan:  # noqa: ANN001
+def full_plan(sites, make) -> Plan:
     return Plan({s.fqn: make(s) for s in sites}, {s.fqn: s.shape for s in sites})
 
 
@@ -98,7 +108,13 @@ def test_module_before_and_op_counts_after(tiny_mlp: nn.Module, mlp_x: torch.Ten
     new, result = apply_plan(tiny_mlp, plan, sites)
 
     assert type(new) is type(tiny_mlp) and new is not tiny_mlp
-    assert [type(m).__name__ for m in new] == ["LowRankLinear", "ReLU", "LowRankLinear", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in new] == [
+        "LowRankLinear",
+        "ReLU",
+        "LowRankLinear",
+        "ReLU",
+        "Linear",
+    ]
     after = op_counts(new, mlp_x)
     assert after["slimfx.lowrank_linear.default"] == 2
     assert after["aten.addmm.default"] + after["aten.mm.default"] == 1
@@ -110,19 +126,26 @@ def test_module_before_and_op_counts_after(tiny_mlp: nn.Module, mlp_x: torch.Ten
         assert rec.decision == plan[rec.fqn].short()
         # bytes_after is what the new module really stores, priced at 16 bits per value
         assert rec.bytes_after == 2 * sum(p.numel() for p in mod.parameters())
-        assert rec.bytes_before == 2 * sum(p.numel() for p in tiny_mlp.get_submodule(rec.fqn).parameters())
+        assert rec.bytes_before == 2 * sum(
+            p.numel() for p in tiny_mlp.get_submodule(rec.fqn).parameters()
+        )
         assert rec.seconds >= 0
 
 
 @pytest.mark.parametrize("method", ["svd", "whitened"])
-def test_full_rank_output_equals_dense(tiny_mlp: nn.Module, mlp_x: torch.Tensor, method: str) -> None:
+def test_full_rank_output_equals_dense(
+    tiny_mlp: nn.Module, mlp_x: torch.Tensor, method: str
+) -> None:
     """At r = min(in, out) U·V = W exactly (up to rounding), so the rewritten model computes
     what the dense one does. The registered rule rejects full rank (it saves no bytes); the
     test passes an unregistered ``LinearToLowRank(require_savings=False)`` through ``rules``,
     so the whole pass — validation, factorization, module build, swap — is exercised."""
     sites = discover_linear_sites(tiny_mlp)
     plan = full_plan(sites, lambda s: LowRankConfig(min(s.in_features, s.out_features), method))
-    grams = {f: x.double().T @ x.double() for f, x in layer_inputs(tiny_mlp, ["0", "2", "4"], mlp_x).items()}
+    grams = {
+        f: x.double().T @ x.double()
+        for f, x in layer_inputs(tiny_mlp, ["0", "2", "4"], mlp_x).items()
+    }
     new, result = apply_plan(tiny_mlp, plan, sites, grams, rules=FULL_RANK_RULES)
     assert len(result.applied()) == 3
     with torch.no_grad():
@@ -130,7 +153,9 @@ def test_full_rank_output_equals_dense(tiny_mlp: nn.Module, mlp_x: torch.Tensor,
 
 
 @pytest.mark.parametrize("method", ["svd", "whitened"])
-def test_real_rank_error_equals_prediction(tiny_mlp: nn.Module, mlp_x: torch.Tensor, method: str) -> None:
+def test_real_rank_error_equals_prediction(
+    tiny_mlp: nn.Module, mlp_x: torch.Tensor, method: str
+) -> None:
     """Per layer, fed the dense model's own input X: ‖y' − y‖² / ‖y − b‖² equals the
     numerics' prediction tr(E G Eᵀ)/tr(W G Wᵀ) with G = XᵀX."""
     sites = discover_linear_sites(tiny_mlp)
@@ -191,11 +216,15 @@ def test_rejects_rank_above_min_dim(tiny_mlp: nn.Module) -> None:
 
 def test_unknown_fqn_is_named_with_a_suggestion(tiny_llama: nn.Module) -> None:
     sites = discover_linear_sites(tiny_llama)
-    plan = Plan({"model.layers.0.self_attn.q_prj": LowRankConfig(4), "nothing.like.it": LowRankConfig(4)})
+    plan = Plan(
+        {"model.layers.0.self_attn.q_prj": LowRankConfig(4), "nothing.like.it": LowRankConfig(4)}
+    )
     with pytest.raises(ValueError) as err:
         apply_plan(tiny_llama, plan, sites)
     msg = str(err.value)
-    assert "'model.layers.0.self_attn.q_prj' (did you mean 'model.layers.0.self_attn.q_proj'?)" in msg
+    assert (
+        "'model.layers.0.self_attn.q_prj' (did you mean 'model.layers.0.self_attn.q_proj'?)" in msg
+    )
     assert "'nothing.like.it'" in msg
 
 
@@ -305,4 +334,6 @@ def test_save_load_route(tiny_llama: nn.Module, tiny_ids: torch.Tensor) -> None:
     ]
     fresh.load_state_dict(state)  # strict: every key and shape matches
     with torch.no_grad():
-        assert torch.equal(fresh(tiny_ids, use_cache=False).logits, new(tiny_ids, use_cache=False).logits)
+        assert torch.equal(
+            fresh(tiny_ids, use_cache=False).logits, new(tiny_ids, use_cache=False).logits
+        )

@@ -218,7 +218,8 @@ def _quant_gemv_kernel(
             BITS, GROUP, ZERO_OFFSET, PER_CHANNEL, HAS_ZEROS, BLOCK_N, BLOCK_K,
         )
         if BLOCK_M >= 16:
-            acc = mma(x, tl.trans(round_to(w, x.dtype, INTERP_BF16)), acc, DOT_PRECISION, INTERP_BF16)
+            wq = round_to(w, x.dtype, INTERP_BF16)
+            acc = mma(x, tl.trans(wq), acc, DOT_PRECISION, INTERP_BF16)
         else:
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
     if SPLIT_K == 1:
@@ -365,7 +366,8 @@ def supports(
         return False, "x has no in_features dimension"
     K = x.shape[-1]
     if qweight.dtype != torch.uint8 or qweight.dim() != 2:
-        return False, f"qweight must be a 2-D uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}"
+        got = f"{qweight.dtype} {tuple(qweight.shape)}"
+        return False, f"qweight must be a 2-D uint8 tensor, got {got}"
     N = qweight.shape[0]
     want = math.ceil(K / 2) if bits == 4 else K
     if qweight.shape[1] != want:
@@ -376,7 +378,8 @@ def supports(
         return False, f"group_size must be a positive int or None, got {group_size!r}"
     G = n_groups(K, group_size)
     if not scales.dtype.is_floating_point or tuple(scales.shape) != (N, G):
-        return False, f"scales must be floating ({N}, {G}), got {scales.dtype} {tuple(scales.shape)}"
+        got = f"{scales.dtype} {tuple(scales.shape)}"
+        return False, f"scales must be floating ({N}, {G}), got {got}"
     if zeros is not None and (zeros.dtype != torch.uint8 or tuple(zeros.shape) != (N, G)):
         return False, f"zeros must be uint8 ({N}, {G}), got {zeros.dtype} {tuple(zeros.shape)}"
     if not _is_per_channel(K, group_size, scales):

@@ -37,7 +37,7 @@ def sparse24_linear_triton(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor
 
 @sparse24_linear_triton.register_fake
 def _(x: Tensor, values: Tensor, meta: Tensor, bias: Tensor | None) -> Tensor:
-    torch._check(x.shape[-1] == 2 * values.shape[1], lambda: "x last dim must be 2·values.shape[1]")
+    torch._check(x.shape[-1] == 2 * values.shape[1], lambda: "x last dim must be 2·values cols")
     return x.new_empty((*x.shape[:-1], values.shape[0]))
 
 
@@ -76,7 +76,9 @@ def supports_semi_structured(
 _COMPRESSED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _compressed_weight(values: Tensor, meta: Tensor, in_features: int, dtype: torch.dtype):  # noqa: ANN202
+def _compressed_weight(
+    values: Tensor, meta: Tensor, in_features: int, dtype: torch.dtype
+) -> Tensor:
     from torch.sparse import to_sparse_semi_structured
 
     key = (meta.data_ptr(), meta._version, values._version, dtype)

@@ -87,13 +87,16 @@ class CalibrationStats:
 
 
 def accumulate_gram(gram: Tensor, x: Tensor) -> int:
-    """``gram += XᵀX`` for ``x`` flattened to (tokens × in), converted to float64 in chunks so
-    the temporary copy stays bounded. Returns the number of rows added."""
+    """``gram += XᵀX`` for ``x`` flattened to (tokens × in). Each chunk's product is formed in
+    float32 (a chunk of a few thousand tokens loses nothing that matters there, and fp64
+    matmul is several times slower on CPU) and summed into the float64 accumulator, where
+    precision matters: across many batches. Chunks bound the temporary copy. Returns the
+    number of rows added."""
     x2 = x.detach().reshape(-1, x.shape[-1])
     rows = max(1, _CHUNK_ELEMS // max(1, x2.shape[1]))
     for start in range(0, x2.shape[0], rows):
-        c = x2[start : start + rows].to(torch.float64)
-        gram.addmm_(c.T, c)
+        c = x2[start : start + rows].to(torch.float32)
+        gram.add_((c.T @ c).to(torch.float64))
     return int(x2.shape[0])
 
 

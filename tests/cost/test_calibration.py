@@ -12,8 +12,9 @@ from slimfx.ir.sites import LinearSite
 
 from . import direct_grams, hooks_left, llama_sites, plain_sites
 
-# Both sides are float64 sums of the same float32 inputs; only the summation order differs.
-RTOL = 1e-10
+# collect_stats forms each chunk's XᵀX in float32 (then sums chunks in float64); the reference
+# is a float64 product of the same inputs: agreement to float32 rounding of a short sum.
+RTOL = 5e-5
 
 
 def _snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -30,9 +31,9 @@ def test_gram_matches_direct_xtx_mlp(tiny_mlp: nn.Module) -> None:
     for s in sites:
         G, n = ref[s.fqn]
         assert stats.gram(s.fqn).dtype == torch.float64
-        torch.testing.assert_close(stats.gram(s.fqn), G, rtol=RTOL, atol=0)
+        torch.testing.assert_close(stats.gram(s.fqn), G, rtol=RTOL, atol=RTOL * 1e-1)
         assert stats.tokens[s.group] == n == 4 + 2 * 5
-        torch.testing.assert_close(stats.mean_gram(s.fqn), G / n, rtol=RTOL, atol=0)
+        torch.testing.assert_close(stats.mean_gram(s.fqn), G / n, rtol=RTOL, atol=RTOL * 1e-1)
     assert stats.nbytes() == 8 * (16 * 16 + 32 * 32 + 32 * 32)
     assert stats.sensitivity is None and stats.gram("nope") is None
 
@@ -52,7 +53,7 @@ def test_gram_one_per_group_llama(tiny_llama: nn.Module, tiny_ids: torch.Tensor)
     ref = direct_grams(tiny_llama, [s.fqn for s in sites], batches, call)
     for s in sites:
         G, n = ref[s.fqn]
-        torch.testing.assert_close(stats.gram(s.fqn), G, rtol=RTOL, atol=0)
+        torch.testing.assert_close(stats.gram(s.fqn), G, rtol=RTOL, atol=RTOL * 1e-1)
         assert stats.tokens[s.group] == n == 2 * tiny_ids.numel()
 
 

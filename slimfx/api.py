@@ -345,7 +345,7 @@ def optimize(
     report.notes = notes
     if problem is not None:
         t0 = time.perf_counter()
-        report.frontier = frontier(problem, [round(0.05 * i, 2) for i in range(1, 21)])
+        report.frontier = frontier(problem, [round(0.1 * i, 1) for i in range(1, 11)])
         timings["frontier"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     report.timings = timings

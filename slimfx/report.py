@@ -260,7 +260,7 @@ class Report:
             "sparse24_lowrank": "#9467bd",
         }
         kinds = [s.decision.get("kind", "dense") for s in self.sites]
-        ax1.bar(xs, bits, color=[colors.get(k, "#8c564b") for k in kinds], width=1.0)
+        ax1.bar(xs, bits, color=[colors.get(k, "#8c564b") for k in kinds], width=0.9)
         for i, s in enumerate(self.sites):
             r = s.decision.get("rank")
             if r is not None and len(self.sites) <= 80:
@@ -268,10 +268,10 @@ class Report:
         ax1.set_xlabel("site (graph order)")
         ax1.set_ylabel("bits per weight (16 = dense)")
         ax1.set_title("Chosen form per layer (rank annotated for low-rank)")
-        for k, c in colors.items():
-            if k in kinds:
-                ax1.bar([], [], color=c, label=k)
-        ax1.legend(fontsize=7)
+        from matplotlib.patches import Patch
+
+        present = [k for k in colors if k in kinds]
+        ax1.legend(handles=[Patch(color=colors[k], label=k) for k in present], fontsize=7)
         if self.frontier:
             f = [p[0] for p in self.frontier]
             e = [p[1] for p in self.frontier]

@@ -70,7 +70,7 @@ def main() -> int:
     stats = collect_stats(model, sites, calib, progress=False)
     mods = dict(model.named_modules())
     weights = {s.fqn: mods[s.fqn].weight.detach() for s in sites}
-    grams = {s.fqn: stats.gram(s.fqn) for s in sites}
+    grams = {s.fqn: stats.fit_gram(s.fqn) for s in sites}
     problem, _ = build_problem(sites, weights, stats, families=("lowrank",), progress=False)
     print(f"stats + candidates: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 

@@ -81,6 +81,30 @@ def find_sites(
     return sites, info
 
 
+def select_sites(
+    sites: list[LinearSite], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[LinearSite]:
+    """Filter sites by glob patterns; a pattern matching nothing raises (a typo would
+    otherwise silently optimize nothing or everything)."""
+    import fnmatch
+
+    for label, pats in (("include", include), ("exclude", exclude)):
+        if isinstance(pats, str):
+            raise TypeError(f"{label} takes a list of patterns, not one string")
+        for p in pats or ():
+            if not any(fnmatch.fnmatchcase(s.fqn, p) for s in sites):
+                raise ValueError(f"{label} pattern {p!r} matches no linear site of this model")
+    keep = [
+        s
+        for s in sites
+        if (not include or any(fnmatch.fnmatchcase(s.fqn, p) for p in include))
+        and not any(fnmatch.fnmatchcase(s.fqn, p) for p in exclude or ())
+    ]
+    if not keep:
+        raise ValueError("include/exclude leave no linear site to optimize")
+    return keep
+
+
 def _check_weights(model: nn.Module, sites: Sequence[LinearSite]) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
     bad = [s.weight for s in sites if s.weight in params and not torch.isfinite(params[s.weight]).all()]
@@ -187,6 +211,8 @@ def optimize(
     inplace: bool = False,
     seq_len: int = 256,
     latency_cache: Any = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
     progress: bool = True,
 ) -> nn.Module:
     """Rewrite ``model``'s linears into cheaper forms under ``budget``; return the rewritten
@@ -207,6 +233,9 @@ def optimize(
       rewritten prefix (later layers compensate earlier error); one block's activations live
       at a time.
     - ``fisher``: weight each site's error by a Fisher-style loss sensitivity.
+    - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
+      only included, non-excluded linears are candidates, and the budget is a fraction of
+      their bytes. A pattern that matches no site is an error.
     - ``inplace``: rewrite the given model object instead of a copy.
     """
     t_start = time.perf_counter()
@@ -244,6 +273,7 @@ def optimize(
         )
     if not sites:
         raise ValueError("no linear layers found in this model: nothing to optimize")
+    sites = select_sites(sites, include, exclude)
     _check_weights(model, sites)
     by_fqn = {s.fqn: s for s in sites}
     mods = dict(model.named_modules())
@@ -272,6 +302,14 @@ def optimize(
             model, sites, fit_batches, fisher=fisher and plan is None, progress=progress
         )
         timings["calibration"] = time.perf_counter() - t0
+        thin = stats.underdetermined()
+        if thin:
+            grp, (n, f) = next(iter(thin.items()))
+            notes.append(
+                f"calibration too small: {len(thin)} input group(s) saw fewer tokens than "
+                f"input features (e.g. {grp}: {n} tokens for {f} features); activation-aware "
+                "estimates are optimistic there — pass more calibration tokens"
+            )
     weights = {s.fqn: mods[s.fqn].weight.detach() for s in sites}
     if plan is None:
         t0 = time.perf_counter()
@@ -323,7 +361,7 @@ def optimize(
         new_model, result = _apply_sequential(model, plan, sites, fit_batches, inplace, progress)
         notes.append("sequential: each block factorized with statistics from the rewritten prefix")
     else:
-        grams = {s.fqn: stats.gram(s.fqn) for s in sites} if stats is not None else None
+        grams = {s.fqn: stats.fit_gram(s.fqn) for s in sites} if stats is not None else None
         new_model, result = apply_plan(
             model, plan, sites, grams, inplace=inplace, strict=True, progress=progress
         )
@@ -375,7 +413,7 @@ def _apply_sequential(
             {s.fqn: plan[s.fqn] for s in block_sites},
             {s.fqn: s.shape for s in block_sites},
         )
-        grams = {s.fqn: stats.gram(s.fqn) for s in block_sites}
+        grams = {s.fqn: stats.fit_gram(s.fqn) for s in block_sites}
         _, res = apply_plan(target_model, sub, block_sites, grams, inplace=True, strict=True)
         merged.records.extend(res.records)
         merged.modified |= res.modified

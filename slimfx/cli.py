@@ -94,10 +94,10 @@ def _read_report(path: str):
     if p.is_dir():
         p = p / "report.json"
     if not p.exists():
-        raise SystemExit(f"{path}: no report.json found")
+        raise FileNotFoundError(f"{path}: no report.json found")
     d = json.loads(p.read_text())
     if d.get("format") == "slimfx.plan":
-        raise SystemExit(f"{path} is a plan, not a report: `slimfx report` reads report.json")
+        raise ValueError(f"{path} is a plan, not a report: `slimfx report` reads report.json")
     return Report.from_dict(d)
 
 

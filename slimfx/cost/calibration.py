@@ -55,6 +55,29 @@ class CalibrationStats:
     site_group: dict[str, str]
     sensitivity: dict[str, float] | None = None
     seconds: float = 0.0
+    damp: float = 0.01
+
+    def fit_gram(self, fqn: str) -> Tensor | None:
+        """The Gram used to fit and to estimate: XᵀX + damp · mean(diag) · I.
+
+        The ridge (1% by default, GPTQ's usual damping) keeps directions the calibration
+        never excited from counting as free: without it, a Gram of fewer tokens than inputs
+        is singular and activation-aware fits look lossless on calibration data and fail on
+        anything else."""
+        g = self.gram(fqn)
+        if g is None or self.damp == 0:
+            return g
+        n = g.shape[0]
+        lam = self.damp * float(g.diagonal().mean())
+        return g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
+
+    def underdetermined(self) -> dict[str, tuple[int, int]]:
+        """Groups that saw fewer tokens than input features: group → (tokens, in_features)."""
+        return {
+            grp: (self.tokens.get(grp, 0), g.shape[0])
+            for grp, g in self.grams.items()
+            if self.tokens.get(grp, 0) < g.shape[0]
+        }
 
     def group_of(self, fqn: str) -> str:
         """The group whose Gram ``fqn`` reads (the FQN itself for an unknown site)."""

@@ -142,7 +142,7 @@ def build_problem(
                 f"weight of {site.fqn!r} has shape {tuple(W.shape)}, site says {site.shape}"
             )
         in_f, out_f = site.in_features, site.out_features
-        gram = stats.gram(site.fqn) if stats is not None else None
+        gram = stats.fit_gram(site.fqn) if stats is not None else None
         sens = stats.sensitivity_of(site.fqn) if stats is not None else 1.0
         ctx = SiteContext(site, W, gram, wl.name)
 

@@ -22,14 +22,15 @@ def _site(fqn: str, in_f: int, out_f: int, tied: tuple[str, ...] = ()) -> Linear
     return LinearSite(fqn, in_f, out_f, "torch.float64", False, f"{fqn}.weight", fqn, tied)
 
 
-def _problem_data(out_f: int = 48, in_f: int = 32, tokens: int = 200):  # noqa: ANN202
+def _problem_data(out_f: int = 48, in_f: int = 32, tokens: int = 200, damp: float = 0.0):  # noqa: ANN202
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(out_f, in_f, generator=gen, dtype=torch.float64)
     # correlated, unevenly scaled inputs so the whitened and plain SVDs differ
     mix = torch.randn(in_f, in_f, generator=gen, dtype=torch.float64)
     mix *= torch.logspace(0, -2, in_f, dtype=torch.float64)
     X = torch.randn(tokens, in_f, generator=gen, dtype=torch.float64) @ mix
-    stats = CalibrationStats({"lin": X.T @ X}, {"lin": tokens}, {"lin": "lin"})
+    # damp=0: the estimate must equal the error measured on X itself, exactly
+    stats = CalibrationStats({"lin": X.T @ X}, {"lin": tokens}, {"lin": "lin"}, damp=damp)
     return W, X, stats
 
 
@@ -142,3 +143,26 @@ def test_unknown_family_lists_registered() -> None:
     assert "lowrank" in FAMILIES
     with pytest.raises(KeyError, match="no weight for site 'lin'"):
         build_problem([_site("lin", 32, 48)], {}, stats, progress=False)
+
+
+def test_damped_gram_is_what_candidates_estimate_against() -> None:
+    """With the default 1% ridge, the estimate is the error under G + λI (λ = 1% of the mean
+    diagonal), and the whitened factors are fitted to that same matrix."""
+    W, X, stats = _problem_data(damp=0.01)
+    G = X.T @ X
+    Gd = stats.fit_gram("lin")
+    lam = 0.01 * float(G.diagonal().mean())
+    torch.testing.assert_close(Gd, G + lam * torch.eye(G.shape[0], dtype=G.dtype))
+    problem, _ = build_problem(
+        [_site("lin", 32, 48)], {"lin": W}, stats, families=("lowrank",), progress=False
+    )
+    for o in problem.site("lin").options[1:]:
+        W_hat = reconstruct(o.decision, factorize(W, o.decision, Gd))
+        E = W - W_hat
+        direct = float(((E @ Gd) * E).sum() / ((W @ Gd) * W).sum())
+        assert o.error == pytest.approx(direct, rel=1e-7, abs=1e-12)
+
+
+def test_underdetermined_groups_are_listed() -> None:
+    _, _, stats = _problem_data(tokens=20)  # 20 tokens for 32 inputs: singular Gram
+    assert stats.underdetermined() == {"lin": (20, 32)}

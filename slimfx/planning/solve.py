@@ -34,7 +34,10 @@ Methods:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -387,6 +390,26 @@ def _polish(sites: list[_Site], ch: list[int], lim: _Limits) -> list[int]:
 # MILP
 
 
+@contextlib.contextmanager
+def _quiet_stdout() -> Any:
+    """Silence HiGHS's C-level prints to file descriptor 1 (scipy's ``disp=False`` does not
+    cover them); Python-level output is flushed first and restored afterwards."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # captured / replaced stdout: nothing to do
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(fd)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), fd)
+            yield
+    finally:
+        os.dup2(saved, fd)
+        os.close(saved)
+
+
 def _solve_milp(sites: list[_Site], lim: _Limits) -> tuple[list[int] | None, str]:
     """Lexicographic MILP: min error, then min bytes at that error. ``None`` if infeasible."""
     from scipy.optimize import Bounds, LinearConstraint, milp
@@ -416,13 +439,14 @@ def _solve_milp(sites: list[_Site], lim: _Limits) -> tuple[list[int] | None, str
 
     def run(c: np.ndarray, extra: list[LinearConstraint], **limit: float) -> Any:
         options = {"mip_rel_gap": 0.0, "time_limit": MILP_TIME_LIMIT_S, "presolve": True}
-        return milp(
-            c,
-            integrality=np.ones(n_var),
-            bounds=Bounds(0, 1),
-            constraints=[one_each, *extra],
-            options={**options, **limit},
-        )
+        with _quiet_stdout():
+            return milp(
+                c,
+                integrality=np.ones(n_var),
+                bounds=Bounds(0, 1),
+                constraints=[one_each, *extra],
+                options={**options, **limit},
+            )
 
     mem_rhs = None if lim.cap is None else (lim.cap - b_base) // g
     lat_rhs = None if lim.lat is None else max(lim.lat - t_base, 0.0) / t_scale

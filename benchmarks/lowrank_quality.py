@@ -5,6 +5,7 @@ For each memory budget (fraction of the linears' 16-bit bytes, lm_head included)
   B. uniform whitened SVD   — same ranks, activation-aware (SVD-LLM-style) factors
   C. solver whitened        — per-layer ranks from the exact knapsack over error curves
   D. solver + sequential    — C's plan realized block by block from the rewritten prefix
+  E. solver + Fisher        — C with each layer's error weighted by its Fisher sensitivity
 
 The tied lm_head cannot be compressed without paying for a second copy (the embedding keeps
 the dense one), so uniform baselines keep it dense and spread the budget over the rest; the
@@ -16,6 +17,7 @@ solver faces the same prices. Calibration and evaluation windows never overlap.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import platform
 import sys
@@ -67,11 +69,13 @@ def main() -> int:
     held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
     sites, _ = find_sites(model, ((), {"input_ids": calib[0][:, :16], "use_cache": False}))
     t0 = time.perf_counter()
-    stats = collect_stats(model, sites, calib, progress=False)
+    stats = collect_stats(model, sites, calib, fisher=True, progress=False)
     mods = dict(model.named_modules())
     weights = {s.fqn: mods[s.fqn].weight.detach() for s in sites}
     grams = {s.fqn: stats.fit_gram(s.fqn) for s in sites}
-    problem, _ = build_problem(sites, weights, stats, families=("lowrank",), progress=False)
+    plain = dataclasses.replace(stats, sensitivity=None)  # same Grams, no loss weighting
+    problem, _ = build_problem(sites, weights, plain, families=("lowrank",), progress=False)
+    problem_f, _ = build_problem(sites, weights, stats, families=("lowrank",), progress=False)
     print(f"stats + candidates: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     ppl_dense = perplexity(model, held, progress=False)
@@ -81,6 +85,9 @@ def main() -> int:
             "A uniform SVD": uniform_plan(sites, b, "svd"),
             "B uniform whitened": uniform_plan(sites, b, "whitened"),
             "C solver whitened": solve(problem, Budget(memory=b)).to_plan(
+                {s.fqn: s.shape for s in sites}
+            ),
+            "E solver Fisher": solve(problem_f, Budget(memory=b)).to_plan(
                 {s.fqn: s.shape for s in sites}
             ),
         }
@@ -101,11 +108,11 @@ def main() -> int:
     print(f"\nSmolLM2-135M perplexity, {a.corpus} held-out {held.shape[0]}×{held.shape[1]} tokens; "
           f"dense fp32 = {ppl_dense:.2f}")
     print(f"{datetime.date.today()} · {platform.machine()} CPU · torch {torch.__version__}")
-    print("| budget | " + " | ".join(cols) + " | C vs A |")
+    print("| budget | " + " | ".join(cols) + " | A / E |")
     print("|---|" + "---|" * (len(cols) + 1))
     for b, res in rows:
-        gain = 100 * (1 - res["C solver whitened"] / res["A uniform SVD"])
-        print(f"| {b:.1f} | " + " | ".join(f"{res[c]:.2f}" for c in cols) + f" | {gain:.1f}% lower |")
+        gain = res["A uniform SVD"] / res["E solver Fisher"]
+        print(f"| {b:.1f} | " + " | ".join(f"{res[c]:.2f}" for c in cols) + f" | ×{gain:.3g} |")
     return 0
 
 

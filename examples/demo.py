@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--out", default="out/demo")
+    ap.add_argument("--no-fisher", action="store_true", help="unweighted error (faster)")
     a = ap.parse_args()
     torch.manual_seed(0)
 
@@ -37,7 +38,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     small = slimfx.optimize(
-        model, a.budget, calibration=calib, families=tuple(a.families.split(","))
+        model, a.budget, calibration=calib, families=tuple(a.families.split(",")),
+        fisher=not a.no_fisher,
     )
     print(f"optimize: {time.perf_counter() - t0:.1f} s")
     rep = slimfx.report_of(small)

@@ -275,7 +275,6 @@ def optimize(
         raise ValueError("no linear layers found in this model: nothing to optimize")
     sites = select_sites(sites, include, exclude)
     _check_weights(model, sites)
-    by_fqn = {s.fqn: s for s in sites}
     mods = dict(model.named_modules())
 
     if plan is not None:

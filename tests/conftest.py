@@ -15,19 +15,12 @@ if not torch.cuda.is_available():
 
 
 def _build_tiny_llama() -> nn.Module:
-    transformers = pytest.importorskip("transformers")  # the hf extra is optional
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=256,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).to(torch.float32).eval()
+    pytest.importorskip("transformers")  # the hf extra is optional
+    from slimfx.models import tiny_llama
+
+    # slimfx.models.tiny_llama with LlamaConfig's own token ids (no padding row) and 128
+    # positions: the model every test layer shares.
+    return tiny_llama(seed=0, max_position_embeddings=128, pad_token_id=None)
 
 
 def _build_tiny_ids() -> torch.Tensor:

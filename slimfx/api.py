@@ -8,6 +8,7 @@ import copy
 import math
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.planning.solve import frontier, solve
 from slimfx.report import Report, SiteEntry
 
-__all__ = ["optimize", "report_of", "find_sites", "needs_gram"]
+__all__ = ["optimize", "plan_model", "Planning", "report_of", "find_sites", "needs_gram"]
 
 REPORT_ATTR = "slimfx_report"
 
@@ -193,7 +194,35 @@ def measure_site_errors(
     return out
 
 
-def optimize(
+@dataclass
+class Planning:
+    """Everything ``optimize`` decides before touching the model: the sites, the statistics,
+    the problem and solution (``None`` when a plan was replayed) and the complete Plan."""
+
+    budget: Budget
+    sites: list[LinearSite]
+    plan: Plan
+    capture: dict[str, Any]
+    fit_batches: list
+    eval_batches: list
+    stats: CalibrationStats | None = None
+    problem: BudgetProblem | None = None
+    solution: Any = None
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def grams(self, sites: Sequence[LinearSite] | None = None) -> dict[str, Tensor | None] | None:
+        """The (damped) Gram each site is fitted with, or ``None`` without statistics."""
+        if self.stats is None:
+            return None
+        return {s.fqn: self.stats.fit_gram(s.fqn) for s in (sites or self.sites)}
+
+    @property
+    def solver(self) -> str:
+        return self.solution.solver if self.solution is not None else "replayed plan"
+
+
+def plan_model(
     model: nn.Module,
     budget: float | Budget | None = 0.5,
     *,
@@ -203,48 +232,24 @@ def optimize(
     target: str = "cpu",
     workload: str = "decode",
     families: Sequence[str] = ("lowrank",),
-    sequential: bool = False,
     fisher: bool = False,
     solver: str = "auto",
     heldout: Sequence | None = None,
     example_inputs: tuple | None = None,
-    inplace: bool = False,
     seq_len: int = 256,
     latency_cache: Any = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
-) -> nn.Module:
-    """Rewrite ``model``'s linears into cheaper forms under ``budget``; return the rewritten
-    model (same class) with its report at ``slimfx.report_of(model)``.
-
-    - ``budget``: a fraction of the rewritable linears' bytes **at 16 bits per weight** (the
-      reference is 16-bit whatever dtype the model is loaded in, so fp32 and bf16 loads give
-      one result), or a ``Budget(memory=…, bits=…, latency=…, max_error=…)``. ``1.0`` changes
-      nothing.
-    - ``calibration``: token-id tensors (B, L), strings (with ``tokenizer``), tensors or kwarg
-      dicts — real data the model will see; it drives every activation-aware estimate.
-    - ``plan``: replay a saved ``Plan`` (``Plan.load(path)``) — no cost model, no solver.
-      Activation-aware decisions still need the same calibration to reproduce the factors.
-    - ``target`` / ``workload``: "cpu" | "h100", "decode" | "prefill" — what latency means.
-    - ``families``: candidate families offered to the solver (e.g. "lowrank", "int4", "int8",
-      "int4_gptq", "sparse24", "lowrank_quant", "sparse24_lowrank").
-    - ``sequential``: realize the plan block by block with statistics from the already
-      rewritten prefix (later layers compensate earlier error); one block's activations live
-      at a time.
-    - ``fisher``: weight each site's error by a Fisher-style loss sensitivity.
-    - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
-      only included, non-excluded linears are candidates, and the budget is a fraction of
-      their bytes. A pattern that matches no site is an error.
-    - ``inplace``: rewrite the given model object instead of a copy.
-    """
-    t_start = time.perf_counter()
+) -> Planning:
+    """``optimize``'s planning half — capture, sites, checks, calibration statistics,
+    candidates, solve (or complete a replayed plan) — without rewriting anything. Shared by
+    ``optimize`` and the torch.compile backend (``slimfx.compile_api``). Arguments as there."""
     timings: dict[str, float] = {}
     notes: list[str] = []
-    bud = Budget.of(budget) if plan is None else Budget.of(budget if budget is not None else None)
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a slimfx Plan, got {type(plan).__name__}")
-
+    bud = Budget.of(budget)
     batches: list = []
     if calibration is not None:
         if isinstance(calibration, (str, bytes)):
@@ -294,7 +299,6 @@ def optimize(
     # ---- statistics, problem, solution
     stats: CalibrationStats | None = None
     problem: BudgetProblem | None = None
-    solution = None
     if fit_batches and (plan is None or any(needs_gram(d) for d in plan.values())):
         t0 = time.perf_counter()
         stats = collect_stats(
@@ -310,6 +314,7 @@ def optimize(
                 "estimates are optimistic there — pass more calibration tokens"
             )
     weights = {s.fqn: mods[s.fqn].weight.detach() for s in sites}
+    solution = None
     if plan is None:
         t0 = time.perf_counter()
         problem, _cands = build_problem(
@@ -346,6 +351,82 @@ def optimize(
             dict(plan.meta),
         )
 
+    return Planning(
+        bud, sites, plan, cap_info, fit_batches, eval_batches, stats, problem, solution,
+        notes, timings,
+    )
+
+
+def optimize(
+    model: nn.Module,
+    budget: float | Budget | None = 0.5,
+    *,
+    calibration: Sequence | None = None,
+    tokenizer: Any = None,
+    plan: Plan | None = None,
+    target: str = "cpu",
+    workload: str = "decode",
+    families: Sequence[str] = ("lowrank",),
+    sequential: bool = False,
+    fisher: bool = False,
+    solver: str = "auto",
+    heldout: Sequence | None = None,
+    example_inputs: tuple | None = None,
+    inplace: bool = False,
+    seq_len: int = 256,
+    latency_cache: Any = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    progress: bool = True,
+) -> nn.Module:
+    """Rewrite ``model``'s linears into cheaper forms under ``budget``; return the rewritten
+    model (same class) with its report at ``slimfx.report_of(model)``.
+
+    - ``budget``: a fraction of the rewritable linears' bytes **at 16 bits per weight** (the
+      reference is 16-bit whatever dtype the model is loaded in, so fp32 and bf16 loads give
+      one result), or a ``Budget(memory=…, bits=…, latency=…, max_error=…)``. ``1.0`` changes
+      nothing.
+    - ``calibration``: token-id tensors (B, L), strings (with ``tokenizer``), tensors or kwarg
+      dicts — real data the model will see; it drives every activation-aware estimate.
+    - ``plan``: replay a saved ``Plan`` (``Plan.load(path)``) — no cost model, no solver.
+      Activation-aware decisions still need the same calibration to reproduce the factors.
+    - ``target`` / ``workload``: "cpu" | "h100", "decode" | "prefill" — what latency means.
+    - ``families``: candidate families offered to the solver (e.g. "lowrank", "int4", "int8",
+      "int4_gptq", "sparse24", "lowrank_quant", "sparse24_lowrank").
+    - ``sequential``: realize the plan block by block with statistics from the already
+      rewritten prefix (later layers compensate earlier error); one block's activations live
+      at a time.
+    - ``fisher``: weight each site's error by a Fisher-style loss sensitivity.
+    - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
+      only included, non-excluded linears are candidates, and the budget is a fraction of
+      their bytes. A pattern that matches no site is an error.
+    - ``inplace``: rewrite the given model object instead of a copy.
+    """
+    t_start = time.perf_counter()
+    pl = plan_model(
+        model,
+        budget,
+        calibration=calibration,
+        tokenizer=tokenizer,
+        plan=plan,
+        target=target,
+        workload=workload,
+        families=families,
+        fisher=fisher,
+        solver=solver,
+        heldout=heldout,
+        example_inputs=example_inputs,
+        seq_len=seq_len,
+        latency_cache=latency_cache,
+        include=include,
+        exclude=exclude,
+        progress=progress,
+    )
+    bud, sites, plan, problem = pl.budget, pl.sites, pl.plan, pl.problem
+    fit_batches, eval_batches = pl.fit_batches, pl.eval_batches
+    notes, timings = pl.notes, pl.timings
+    mods = dict(model.named_modules())
+
     # ---- apply
     t0 = time.perf_counter()
     dense_ref = {
@@ -360,9 +441,8 @@ def optimize(
         new_model, result = _apply_sequential(model, plan, sites, fit_batches, inplace, progress)
         notes.append("sequential: each block factorized with statistics from the rewritten prefix")
     else:
-        grams = {s.fqn: stats.fit_gram(s.fqn) for s in sites} if stats is not None else None
         new_model, result = apply_plan(
-            model, plan, sites, grams, inplace=inplace, strict=True, progress=progress
+            model, plan, sites, pl.grams(), inplace=inplace, strict=True, progress=progress
         )
     timings["apply"] = time.perf_counter() - t0
 
@@ -377,8 +457,8 @@ def optimize(
     report = _build_report(
         sites, plan, problem, result, measured, bud, target, workload, latency_cache
     )
-    report.solver = solution.solver if solution is not None else "replayed plan"
-    report.capture = cap_info
+    report.solver = pl.solver
+    report.capture = pl.capture
     report.notes = notes
     if problem is not None:
         t0 = time.perf_counter()

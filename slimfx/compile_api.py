@@ -1,0 +1,127 @@
+"""``slimfx.backend``: the torch.compile backend with a budget.
+
+    compiled = torch.compile(model, backend=slimfx.backend(budget=0.5, model=model,
+                                                           calibration=batches))
+
+``slimfx.backends.compile.backend`` applies a Plan to each dynamo sub-graph; solving a budget
+needs the cost model and the solver, which ``slimfx.backends`` may not import. This top-level
+module (orchestration, like ``slimfx.api``) supplies the planner: :func:`plan_for_compile`
+runs ``optimize``'s planning steps — capture and sites, include/exclude, weight checks,
+calibration statistics on the same fit/held-out split, candidates, solve — with
+``slimfx.api``'s own functions, once for the whole model, and returns the Plan, the fitted
+Gram matrices and a report builder (``api._build_report``). The backend then applies that one
+Plan per sub-graph, so compiling gives the rewrite ``optimize(model, budget, calibration=…)``
+gives, with the same factors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+from slimfx import api
+from slimfx.backends.compile import Planned, SlimfxBackend
+from slimfx.backends.compile import backend as _backend
+from slimfx.passes.base import PassResult
+from slimfx.planning.plan import Plan
+from slimfx.report import Report
+
+__all__ = ["backend", "plan_for_compile"]
+
+
+def plan_for_compile(
+    model: nn.Module,
+    *,
+    budget: Any = None,
+    plan: Plan | None = None,
+    calibration: Sequence | None = None,
+    families: Sequence[str] = ("lowrank",),
+    target: str = "cpu",
+    workload: str = "decode",
+    tokenizer: Any = None,
+    seq_len: int = 256,
+    heldout: Sequence | None = None,
+    example_inputs: tuple | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    solver: str = "auto",
+    fisher: bool = False,
+    latency_cache: Any = None,
+    progress: bool = False,
+) -> Planned:
+    """Solve (``budget``) or complete (``plan``) one Plan for ``model`` as ``optimize`` does,
+    without rewriting the model; see the module docstring. Arguments as in ``optimize``."""
+    t_start = time.perf_counter()
+    if budget is None and plan is None:
+        raise ValueError("plan_for_compile needs budget= or plan=")
+    if calibration is None and example_inputs is None:
+        raise ValueError("solving a budget needs calibration data (or example_inputs with plan=)")
+    pl = api.plan_model(
+        model,
+        budget,
+        calibration=calibration,
+        tokenizer=tokenizer,
+        plan=plan,
+        target=target,
+        workload=workload,
+        families=families,
+        fisher=fisher,
+        solver=solver,
+        heldout=heldout,
+        example_inputs=example_inputs,
+        seq_len=seq_len,
+        latency_cache=latency_cache,
+        include=include,
+        exclude=exclude,
+        progress=progress,
+    )
+    seconds = time.perf_counter() - t_start
+
+    def build_report(result: PassResult) -> Report:
+        report = api._build_report(
+            pl.sites, pl.plan, pl.problem, result, {}, pl.budget, target, workload, latency_cache
+        )
+        report.solver = pl.solver
+        report.notes = list(pl.notes)
+        report.timings = {"plan": seconds}
+        report.meta = {
+            "model_class": type(model).__name__,
+            "plan": pl.plan.to_dict(),
+            "capture_for_planning": pl.capture,
+        }
+        return report
+
+    return Planned(
+        plan=pl.plan, sites=pl.sites, grams=pl.grams(), build_report=build_report, notes=pl.notes
+    )
+
+
+def backend(
+    budget: Any = None,
+    plan: Plan | None = None,
+    calibration: Sequence | None = None,
+    families: Sequence[str] = ("lowrank",),
+    target: str = "cpu",
+    workload: str = "decode",
+    inner: Any = "inductor",
+    lower_to_triton: bool = False,
+    **kw: Any,
+) -> SlimfxBackend:
+    """``slimfx.backends.backend`` with :func:`plan_for_compile` as its planner: with
+    ``budget=`` (and ``model=``, ``calibration=``) one Plan is solved for the whole model, then
+    applied to each dynamo sub-graph. All other arguments as there and in ``optimize``."""
+    kw.setdefault("planner", plan_for_compile)
+    return _backend(
+        budget,
+        plan,
+        calibration,
+        families,
+        target,
+        workload,
+        inner,
+        lower_to_triton,
+        **kw,
+    )

@@ -32,6 +32,7 @@ __all__ = [
     "LowRankQuantConfig",
     "Sparse24LowRankConfig",
     "Report",
+    "backend",
 ]
 
 
@@ -44,6 +45,10 @@ def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers
         from slimfx import io
 
         return getattr(io, name)
+    if name == "backend":  # torch.compile backend with a budget (slimfx.compile_api)
+        from slimfx.compile_api import backend
+
+        return backend
     if name == "Report":
         from slimfx.report import Report
 

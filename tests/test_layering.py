@@ -34,6 +34,7 @@ RULES: dict[str, tuple] = {
         "slimfx.passes",
         "slimfx.numerics",
         _PLANNING_NOT_SOLVE,
+        "slimfx.report",  # a leaf (imports nothing from slimfx): backends report what they ran
     ),
     "models": ("slimfx.models",),
     "data": ("slimfx.data",),

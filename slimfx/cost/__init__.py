@@ -3,7 +3,10 @@
 Importing this package registers the built-in candidate families (``lowrank``).
 """
 
-from slimfx.cost import family_quant  # noqa: F401  (registers int8, int4, int4_gptq)
+from slimfx.cost import (
+    family_quant,  # noqa: F401  (registers int8, int4, int4_gptq)
+    family_sparse,  # noqa: F401  (sparse24, lowrank_quant, sparse24_lowrank)
+)
 from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
 from slimfx.cost.candidates import build_problem, lowrank_candidates, lowrank_ranks
 from slimfx.cost.families import FAMILIES, Candidate, SiteContext, register_family

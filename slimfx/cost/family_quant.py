@@ -8,8 +8,8 @@
 Only group sizes that divide ``in_features`` are offered (the runtime op and the rule need
 whole groups), and int4 only for an even ``in_features``. Each candidate's error is the
 relative output error tr(E G Eᵀ)/tr(W G Wᵀ) of the dequantized weight — the same
-activation-aware scale as the low-rank family (``numerics.relative_output_error``; the
-denominator W G Wᵀ is computed once per site and shared by its candidates).
+activation-aware scale as the low-rank family (``numerics.relative_output_error``, here with
+float32 products and float64 sums, and the denominator W G Wᵀ computed once per site).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from slimfx.cost.families import Candidate, SiteContext, register_family
-from slimfx.numerics.quant import dequantize, quantize_gptq, quantize_rtn
+from slimfx.numerics.quant import dequantize, quantize_gptq_many, quantize_rtn
 from slimfx.planning.configs import QuantConfig
 
 __all__ = [
@@ -54,19 +54,25 @@ def _fits(d: QuantConfig, in_features: int) -> bool:
 
 
 class _Errors:
-    """tr(E G Eᵀ)/tr(W G Wᵀ) for several approximations of one weight, float64."""
+    """tr(E G Eᵀ)/tr(W G Wᵀ) for several approximations of one weight.
+
+    The products M·G run in float32 (≈10× faster than float64 on CPU, and the dominant cost of
+    these families: 49152×576×576 for SmolLM2's lm_head), the sums accumulate in float64.
+    On SmolLM2's calibration Grams (condition numbers up to 1.5e8) this agrees with the float64
+    ``numerics.relative_output_error`` to ≤ 2e-7 relative, GPTQ errors included."""
 
     def __init__(self, weight: Tensor, gram: Tensor | None) -> None:
-        self.W = weight.detach().to(torch.float64)
-        self.G = None if gram is None else gram.detach().to(torch.float64)
-        self.den = float(self._quad(self.W))
+        self.W = weight.detach().to(torch.float32)
+        self.G = None if gram is None else gram.detach().to(torch.float32)
+        self.den = self._quad(self.W)
 
-    def _quad(self, M: Tensor) -> Tensor:
-        return (M * M).sum() if self.G is None else ((M @ self.G) * M).sum()
+    def _quad(self, M: Tensor) -> float:
+        if self.G is None:
+            return float(M.to(torch.float64).square().sum())
+        return float(((M @ self.G) * M).sum(dtype=torch.float64))
 
     def __call__(self, approx: Tensor) -> float:
-        E = self.W - approx.detach().to(torch.float64)
-        num = float(self._quad(E))
+        num = self._quad(self.W - approx.detach().to(torch.float32))
         return num / self.den if self.den > 0 else float(num > 0)
 
 
@@ -78,11 +84,16 @@ def quant_candidates(ctx: SiteContext, configs: tuple[QuantConfig, ...]) -> list
         return []
     errors = _Errors(ctx.weight, ctx.gram)
     dense = 2 * in_f * out_f
+    gptq = [d for d in fitting if d.method == "gptq"]
+    by_config: dict[QuantConfig, dict[str, Tensor]] = {}
+    for bits, sym in sorted({(d.bits, d.symmetric) for d in gptq}):  # one column loop per grid
+        same = [d for d in gptq if (d.bits, d.symmetric) == (bits, sym)]
+        groups = [d.group_size for d in same]
+        by_config.update(zip(same, quantize_gptq_many(ctx.weight, ctx.gram, bits, groups, sym)))
     found: list[Candidate] = []
     for d in fitting:
-        if d.method == "gptq":
-            tensors = quantize_gptq(ctx.weight, ctx.gram, d.bits, d.group_size, d.symmetric)
-        else:
+        tensors = by_config.get(d)
+        if tensors is None:
             tensors = quantize_rtn(ctx.weight, d.bits, d.group_size, d.symmetric)
         approx = dequantize(tensors, d.bits, d.group_size, d.symmetric, in_f)
         frac = d.weight_bytes(in_f, out_f) / dense

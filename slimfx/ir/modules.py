@@ -96,3 +96,4 @@ def module_for(decision: Decision) -> type[SlimLinear]:
         ) from None
 
 import slimfx.ir.modules_quant  # noqa: E402,F401  (registers MODULES["quant"])
+import slimfx.ir.modules_sparse  # noqa: E402,F401  (registers the 2:4 and combined forms)

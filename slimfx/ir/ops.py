@@ -54,3 +54,7 @@ OPS: dict[str, object] = {"lowrank_linear": torch.ops.slimfx.lowrank_linear}
 from slimfx.ir.ops_quant import quant_linear  # noqa: E402,F401  (registers slimfx::quant_linear)
 
 OPS["quant_linear"] = torch.ops.slimfx.quant_linear
+
+from slimfx.ir.ops_sparse import OPS_SPARSE  # noqa: E402  (registers the 2:4 and combined ops)
+
+OPS.update(OPS_SPARSE)

@@ -36,6 +36,8 @@ and its output is the same plain (q, s, z) MatMulNBits format as RTN.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -45,6 +47,7 @@ from slimfx.planning.configs import Decision, QuantConfig
 __all__ = [
     "quantize_rtn",
     "quantize_gptq",
+    "quantize_gptq_many",
     "dequantize",
     "pack_int4",
     "unpack_int4",
@@ -184,18 +187,21 @@ _DAMP_GROWTH = (1.0, 10.0, 100.0, 1000.0)
 
 def _inverse_cholesky_upper(H: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹ (Uᵀ U = H⁻¹), float64; λ starts at
-    ``damp`` and grows ×10 while the damped matrix is not numerically positive definite."""
+    ``damp`` and grows ×10 while the damped matrix is not numerically positive definite.
+
+    Computed without forming H⁻¹: with J the reversal permutation and J H J = L Lᵀ,
+    H⁻¹ = J L⁻ᵀ L⁻¹ J = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular with a positive
+    diagonal, hence the Cholesky factor (one factorization and one triangular solve)."""
     n = H.shape[0]
     eye = torch.eye(n, dtype=H.dtype, device=H.device)
     mean_diag = float(H.diagonal().mean())
+    flipped = H.flip(0, 1)
     for growth in _DAMP_GROWTH:
-        Hd = H + (damp * growth) * mean_diag * eye
-        L, info = torch.linalg.cholesky_ex(Hd)
+        L, info = torch.linalg.cholesky_ex(flipped + (damp * growth) * mean_diag * eye)
         if int(info) != 0:
             continue
-        Hinv = torch.cholesky_inverse(L)
-        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-        if int(info) == 0 and torch.isfinite(U).all():
+        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+        if torch.isfinite(U).all():
             return U
     raise ValueError(
         f"Gram matrix is not positive definite even with damping {damp * _DAMP_GROWTH[-1]:g}"
@@ -223,11 +229,28 @@ def quantize_gptq(
     neither receive nor spread error. ``gram=None`` falls back to RTN (with an identity Gram
     GPTQ is exactly RTN).
     """
+    return quantize_gptq_many(weight, gram, bits, [group_size], symmetric, damp, block)[0]
+
+
+def quantize_gptq_many(
+    weight: Tensor,
+    gram: Tensor | None,
+    bits: int,
+    group_sizes: Sequence[int | None],
+    symmetric: bool,
+    damp: float = 0.01,
+    block: int = 128,
+) -> list[dict[str, Tensor]]:
+    """:func:`quantize_gptq` for several group sizes at once, one result per group size.
+
+    GPTQ treats rows independently given U, so the copies of W for the different group sizes
+    are stacked as extra rows and share one factorization and one column loop (the loop's
+    per-column overhead, not its arithmetic, dominates on CPU for SmolLM2-sized layers)."""
     if gram is None:
-        return quantize_rtn(weight, bits, group_size, symmetric)
+        return [quantize_rtn(weight, bits, g, symmetric) for g in group_sizes]
     dtype = _scale_dtype(weight)
     out_f, in_f = weight.shape
-    G = group_width(in_f, bits, group_size)
+    widths = [group_width(in_f, bits, g) for g in group_sizes]
     if tuple(gram.shape) != (in_f, in_f):
         raise ValueError(f"gram shape {tuple(gram.shape)} does not match in_features {in_f}")
     if block < 1:
@@ -242,13 +265,15 @@ def quantize_gptq(
         W[:, dead] = 0.0
     U = _inverse_cholesky_upper(H, damp).to(torch.float32)
 
-    n_groups = in_f // G
-    scales = torch.empty(n_groups, out_f, dtype=dtype, device=dev)
-    zeros = torch.empty(n_groups, out_f, dtype=torch.float32, device=dev)
-    # Work on Wᵀ (in × out) so that one column of W is one contiguous row.
-    Wt = W.T.contiguous()
+    k = len(widths)
+    rows = [slice(c * out_f, (c + 1) * out_f) for c in range(k)]
+    scales = [torch.empty(in_f // G, out_f, dtype=dtype, device=dev) for G in widths]
+    zeros = [torch.empty(in_f // G, out_f, dtype=torch.float32, device=dev) for G in widths]
+    # Work on the stacked Wᵀ (in × k·out): one column of W is one contiguous row.
+    Wt = W.T.repeat(1, k).contiguous()
     codes = torch.empty_like(Wt)
-    s = z = Wt.new_empty(0)
+    s = torch.empty(k * out_f, dtype=torch.float32, device=dev)
+    z = torch.empty_like(s)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1 = Wt[i1:i2].clone()
@@ -256,15 +281,19 @@ def quantize_gptq(
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             j = i1 + i
-            if j % G == 0:  # the group's current weights: the in-block part is W1, the rest is
-                # Wt[i2:] minus the not-yet-applied updates from this block's columns < i
-                head = W1[i : i + G]
+            for c, G in enumerate(widths):
+                if j % G:
+                    continue
+                # the group's current weights: the in-block part is W1, the rest is Wt[i2:]
+                # minus the not-yet-applied updates from this block's columns < i
+                r = rows[c]
+                head = W1[i : i + G, r]
                 if j + G > i2:
-                    tail = Wt[i2 : j + G] - U[i1 : i1 + i, i2 : j + G].T @ Err1[:i]
+                    tail = Wt[i2 : j + G, r] - U[i1 : i1 + i, i2 : j + G].T @ Err1[:i, r]
                     head = torch.cat((head, tail), dim=0)
-                stored, s, z = _grid(head.T, bits, symmetric, dtype)
-                scales[j // G] = stored
-                zeros[j // G] = z
+                stored, s[r], z[r] = _grid(head.T, bits, symmetric, dtype)
+                scales[c][j // G] = stored
+                zeros[c][j // G] = z[r]
             w = W1[i]
             q = _codes(w, s, z, bits)
             codes[j] = q
@@ -273,8 +302,7 @@ def quantize_gptq(
             Err1[i] = err
         if i2 < in_f:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
-    codes, scales, zeros = codes.T, scales.T, zeros.T
-    return _pack(codes, scales, zeros, bits, symmetric)
+    return [_pack(codes[:, rows[c]].T, scales[c].T, zeros[c].T, bits, symmetric) for c in range(k)]
 
 
 def _in_features(decision: QuantConfig, tensors: dict[str, Tensor]) -> int:

@@ -39,6 +39,7 @@ __all__ = [
     "mask24",
     "is_24",
     "prune24",
+    "Pruner24",
     "pack24",
     "unpack24",
 ]
@@ -85,7 +86,9 @@ def mask24(weight: Tensor, method: str = "magnitude", gram: Tensor | None = None
     ``method``: ``magnitude`` (|W|) or ``wanda`` (|W|·sqrt(diag G); magnitude without a Gram).
     """
     if weight.dim() != 2 or weight.shape[1] % 4:
-        raise ValueError(f"2:4 needs a 2-D weight with in_features % 4 == 0, got {tuple(weight.shape)}")
+        raise ValueError(
+            f"2:4 needs a 2-D weight with in_features % 4 == 0, got {tuple(weight.shape)}"
+        )
     return _keep_top2(_scores(weight, method, gram))
 
 
@@ -109,42 +112,83 @@ def _inverse_cholesky(gram: Tensor, n: int) -> tuple[Tensor, Tensor]:
     raise ValueError("the Gram matrix is too ill-conditioned for 2:4 compensation")
 
 
-def _prune_compensated(weight: Tensor, gram: Tensor, method: str, fixed: Tensor | None) -> Tensor:
-    out_f, in_f = weight.shape
-    C64, dead = _inverse_cholesky(gram, in_f)
-    C = C64.to(torch.float32)
-    W = weight.detach().to(torch.float32).clone()
-    W[:, dead] = 0.0  # a dead input never reaches the output: its weight is free to drop
+def _sweep(W: Tensor, C: Tensor, method: str, fixed: Tensor | None) -> Tensor:
+    """The compensated sweep on ``W`` (fp32, modified in place) with ``C`` (fp32 upper
+    Cholesky factor of the damped H⁻¹); returns the pruned weight."""
+    out_f, in_f = W.shape
     mask = torch.zeros(out_f, in_f, dtype=torch.bool)
+    inv_d2 = C.diagonal().square().reciprocal()
     for b0 in range(0, in_f, _BLOCK):
         b1 = min(b0 + _BLOCK, in_f)
         Wb = W[:, b0:b1].clone()
         Cb = C[b0:b1, b0:b1]
         Err = torch.zeros_like(Wb)
         for g in range(0, b1 - b0, 4):
-            # choose the group's mask from the weights as updated so far
-            w4 = Wb[:, g : g + 4]
+            T = Wb[:, g : g + 4]  # the group, as updated by every earlier column
             if fixed is not None:
                 keep = fixed[:, b0 + g : b0 + g + 4]
-            elif method == "wanda":
-                sal = w4.square() / Cb.diagonal()[g : g + 4].square()[None, :]
-                keep = _keep_top2(sal)
+            elif method == "wanda":  # OBS saliency w²/[H⁻¹]_jj
+                keep = _keep_top2(T.square() * inv_d2[b0 + g : b0 + g + 4])
             else:
-                keep = _keep_top2(w4.abs())
+                keep = _keep_top2(T.abs())
             mask[:, b0 + g : b0 + g + 4] = keep
-            for j in range(g, g + 4):  # sequential inside the group of four …
-                w = Wb[:, j]
-                q = torch.where(keep[:, j - g], w, torch.zeros_like(w))
-                err = (w - q) / Cb[j, j]
-                Wb[:, j] = q
-                Wb[:, j + 1 : g + 4] -= err[:, None] * Cb[j, j + 1 : g + 4][None, :]
-                Err[:, j] = err
+            drop = (~keep).to(T.dtype)
+            Cg = Cb[g : g + 4, g : g + 4]
+            E4 = Err[:, g : g + 4]
+            for j in range(4):  # sequential inside the group of four …
+                e = T[:, j] * drop[:, j] / Cg[j, j]
+                E4[:, j] = e
+                if j < 3:
+                    T[:, j + 1 :] -= e[:, None] * Cg[j, j + 1 :]
+            T.mul_(keep)
             # … then one rank-4 update of the rest of the block
-            Wb[:, g + 4 :] -= Err[:, g : g + 4] @ Cb[g : g + 4, g + 4 :]
+            if g + 4 < b1 - b0:
+                Wb[:, g + 4 :] -= E4 @ Cb[g : g + 4, g + 4 :]
         W[:, b0:b1] = Wb
-        W[:, b1:] -= Err @ C[b0:b1, b1:]
-    W = torch.where(mask, W, torch.zeros_like(W))
-    return W
+        if b1 < in_f:
+            W[:, b1:] -= Err @ C[b0:b1, b1:]
+    return W.mul_(mask)
+
+
+class Pruner24:
+    """2:4 pruning with one method and one Gram, reusable over many weights of the same
+    input: the damped inverse-Hessian Cholesky factor is computed once (S+L alternations and
+    the cost model prune many matrices against one Gram)."""
+
+    def __init__(self, method: str = "wanda", gram: Tensor | None = None, compensate: bool = True):
+        if method not in SPARSE24_METHODS:
+            raise ValueError(f"unknown 2:4 mask method {method!r}; known: {SPARSE24_METHODS}")
+        self.method, self.gram = method, gram
+        self.compensate = bool(compensate and gram is not None)
+        self._C: Tensor | None = None
+        self._dead: Tensor | None = None
+
+    def _factor(self, n: int) -> tuple[Tensor, Tensor]:
+        if self._C is None:
+            assert self.gram is not None
+            C64, self._dead = _inverse_cholesky(self.gram, n)
+            self._C = C64.to(torch.float32)
+        assert self._dead is not None
+        return self._C, self._dead
+
+    def __call__(self, weight: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The pruned weight (weight's dtype); ``mask`` fixes the kept positions."""
+        if weight.dim() != 2 or weight.shape[1] % 4:
+            raise ValueError(
+                f"2:4 needs a 2-D weight with in_features % 4 == 0, got {tuple(weight.shape)}"
+            )
+        if mask is not None:
+            if mask.shape != weight.shape or not is_24(mask):
+                raise ValueError("mask must have the weight's shape and keep 2 of every 4 columns")
+            mask = mask.to(torch.bool)
+        if not self.compensate:
+            if mask is None:
+                mask = mask24(weight, self.method, self.gram)
+            return torch.where(mask, weight.detach(), torch.zeros_like(weight))
+        C, dead = self._factor(weight.shape[1])
+        W = weight.detach().to(torch.float32).clone()
+        W[:, dead] = 0.0  # a dead input never reaches the output: its weight is free to drop
+        return _sweep(W, C, self.method, mask).to(weight.dtype)
 
 
 def prune24(
@@ -161,19 +205,7 @@ def prune24(
     (SparseGPT sweep); the mask is chosen during the sweep (see the module docstring) unless
     ``mask`` fixes it. Compensation without a Gram (identity) changes nothing.
     """
-    if weight.dim() != 2 or weight.shape[1] % 4:
-        raise ValueError(f"2:4 needs a 2-D weight with in_features % 4 == 0, got {tuple(weight.shape)}")
-    if method not in SPARSE24_METHODS:
-        raise ValueError(f"unknown 2:4 mask method {method!r}; known: {SPARSE24_METHODS}")
-    if mask is not None:
-        if mask.shape != weight.shape or not is_24(mask):
-            raise ValueError("mask must have the weight's shape and keep 2 of every 4 columns")
-        mask = mask.to(torch.bool)
-    if compensate and gram is not None:
-        return _prune_compensated(weight, gram, method, mask).to(weight.dtype)
-    if mask is None:
-        mask = mask24(weight, method, gram)
-    return torch.where(mask, weight.detach(), torch.zeros_like(weight)).to(weight.dtype)
+    return Pruner24(method, gram, compensate)(weight, mask)
 
 
 def is_24(mask: Tensor) -> bool:

@@ -40,8 +40,8 @@ def test_errors_equal_relative_output_error_recomputed(family: str, gram: bool) 
     for c in cands:
         approx = reconstruct(c.decision, factorize(ctx.weight, c.decision, ctx.gram))
         direct = relative_output_error(ctx.weight, approx, ctx.gram)
-        # the family shares the denominator between candidates: same sums, fp64 rounding only
-        assert c.error == pytest.approx(direct, rel=1e-9)
+        # the family multiplies in float32 (sums in float64): measured ≤ 2e-7 relative
+        assert c.error == pytest.approx(direct, rel=1e-5)
         assert 0 < c.error < 0.05  # int4/int8 on Gaussian weights: a few percent at most
 
 

@@ -1,0 +1,204 @@
+"""The linear sites of a dynamo (or export) sub-graph, mapped back to the model's parameters.
+
+Dynamo lifts parameters to graph inputs: the placeholders ``L_self_modules_fc1_parameters_
+weight_`` (any name for the root), and the tensors at those positions of ``example_inputs`` are
+the parameters themselves. With the model, a linear node's weight is matched to its parameter by
+identity; without it, by the placeholder's spelling (mangled names such as ``L__self___fc1_weight``
+or ``p_fc1_weight`` against candidate FQNs, e.g. a Plan's). The site is the module that owns the
+weight (the node's own module when its ``.weight`` is that tensor, else an ``nn.Linear`` holding
+it, as in ``slimfx.ir.find``); linears reading the same input node share a group. A linear whose
+weight is computed in the graph, or belongs to no linear module, is left alone and reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, fx, nn
+
+from slimfx.backends.triton_lowering import node_module_path
+from slimfx.ir.capture import FQN_KEY, normalize_module_path
+from slimfx.ir.sites import LinearSite
+from slimfx.passes.graph_rewrite import linear_nodes
+
+__all__ = ["GraphSites", "graph_linear_sites", "param_name_from_placeholder"]
+
+
+@dataclass
+class GraphSites:
+    """The linear sites of one sub-graph and what the backend needs to rewrite them."""
+
+    sites: list[LinearSite]
+    weights: dict[str, Tensor]
+    unresolved: list[str]  # "node: why", linears left alone
+    #: module path → why a linear node run in it was left alone; such a module stays dense in
+    #: this graph even when another of its linear nodes could be rewritten
+    left_alone: dict[str, str]
+
+
+def _linear_xwb(node: fx.Node) -> tuple[Any, Any, Any]:
+    a, k = node.args, node.kwargs
+    x = a[0] if len(a) > 0 else k.get("input")
+    w = a[1] if len(a) > 1 else k.get("weight")
+    b = a[2] if len(a) > 2 else k.get("bias")
+    return x, w, b
+
+
+def _attr(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def param_name_from_placeholder(name: str, candidates: Iterable[str] = ()) -> str | None:
+    """Parameter FQN spelled by a graph input or attribute name, or ``None``.
+
+    ``L_self_modules_layers_modules_0_modules_fc_parameters_weight_`` → ``layers.0.fc.weight``
+    (dynamo, any name for the root); mangled names (``L__self___fc1_weight``,
+    ``l__self___fc1_weight``, ``p_fc1_weight``, ``fc1_weight``) are matched against
+    ``candidates`` (parameter FQNs) by their ``_``-joined spelling."""
+    s = name
+    if "_parameters_" in s and (s.startswith("L_") or s.startswith("l_")):
+        body = s[2:].rstrip("_")
+        head, _, pname = body.rpartition("_parameters_")
+        parts = head.split("_modules_")
+        return ".".join([*parts[1:], pname]) if len(parts) > 1 else pname
+    mangled = s
+    for prefix in ("L__self___", "l__self___", "L__self__", "l__self__", "p_"):
+        if mangled.startswith(prefix):
+            mangled = mangled[len(prefix) :]
+            break
+    by_spelling = {c.replace(".", "_"): c for c in candidates}
+    return by_spelling.get(mangled)
+
+
+def _owner(
+    modules: Mapping[str, nn.Module],
+    aliases: Sequence[str],
+    node: fx.Node,
+    tensor: Tensor,
+) -> str | None:
+    """The module that owns this use of ``tensor`` (see ``slimfx.ir.find``): the node's own
+    module when its 2-D ``.weight`` is ``tensor``, else an ``nn.Linear`` holding it."""
+    path = node_module_path(node)
+    if path is not None:
+        path = normalize_module_path(path, dict(modules))
+        own = modules.get(path)
+        w = getattr(own, "weight", None)
+        if w is tensor and isinstance(w, Tensor) and w.dim() == 2:
+            return path
+    for name in aliases:
+        if name == "weight" or name.endswith(".weight"):
+            cand = name.rpartition(".")[0]
+            mod = modules.get(cand)
+            if isinstance(mod, nn.Linear) and mod.weight is tensor:
+                return cand
+    return None
+
+
+def graph_linear_sites(
+    gm: fx.GraphModule,
+    example_inputs: Sequence[Any],
+    model: nn.Module | None = None,
+    candidates: Iterable[str] = (),
+) -> GraphSites:
+    """The linear sites of ``gm`` (a dynamo or export graph), one per owning module, in graph
+    order, with the dense weight tensors to factorize; stamps ``meta["slimfx.fqn"]`` (the
+    owner) on every resolved linear node. ``candidates``: parameter FQNs that mangled names
+    may spell (used without ``model``)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    inputs = {n: example_inputs[i] for i, n in enumerate(placeholders) if i < len(example_inputs)}
+    names: dict[int, list[str]] = {}
+    modules: dict[str, nn.Module] = {}
+    if model is not None:
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+        modules = dict(model.named_modules())
+    candidates = list(candidates)
+
+    found: dict[str, dict[str, Any]] = {}
+    unresolved: list[tuple[fx.Node, str]] = []
+    for node in linear_nodes(gm):
+        x, w, b = _linear_xwb(node)
+        tensor, spelled = None, None
+        if isinstance(w, fx.Node) and w.op == "placeholder":
+            tensor, spelled = inputs.get(w), str(w.target)
+        elif isinstance(w, fx.Node) and w.op == "get_attr":
+            tensor, spelled = _attr(gm, str(w.target)), str(w.target)
+        if not isinstance(tensor, Tensor) or tensor.dim() != 2:
+            what = w.op if isinstance(w, fx.Node) else type(w).__name__
+            unresolved.append((node, f"weight is not a graph input or attribute ({what})"))
+            continue
+        if model is not None:
+            aliases = names.get(id(tensor), [])
+            if not aliases:
+                unresolved.append((node, f"weight {spelled} is not a parameter of the model"))
+                continue
+            owner = _owner(modules, aliases, node, tensor)
+            tied = tuple(a for a in aliases if a != (f"{owner}.weight" if owner else "weight"))
+        else:
+            pname = param_name_from_placeholder(spelled or "", candidates)
+            owner = pname.rpartition(".")[0] if pname and pname.endswith("weight") else None
+            if pname == "weight":
+                owner = ""
+            tied = ()
+        if owner is None:
+            unresolved.append((node, f"no linear module owns weight {spelled}"))
+            continue
+        entry = found.setdefault(
+            owner,
+            {"tensor": tensor, "bias": b is not None, "x": x, "node": node.name, "tied": tied},
+        )
+        if entry["tensor"] is not tensor:
+            unresolved.append((node, f"module {owner!r} multiplies by two different weights"))
+            continue
+        node.meta[FQN_KEY] = owner
+    for node in gm.graph.nodes:  # dynamo without inlined nn modules keeps nn.Linear calls
+        if node.op == "call_module" and isinstance(_attr(gm, str(node.target)), nn.Linear):
+            node.meta.setdefault(
+                "slimfx.left_alone_path", normalize_module_path(str(node.target), modules or None)
+            )
+            unresolved.append(
+                (
+                    node,
+                    "nn.Linear called as a submodule (call_module): only linear calls on "
+                    "parameters are rewritten (torch._dynamo.config.inline_inbuilt_nn_modules)",
+                )
+            )
+
+    first_of: dict[Any, str] = {}
+    sites = []
+    for fqn, e in found.items():
+        group = first_of.setdefault(e["x"], fqn)
+        out_f, in_f = e["tensor"].shape
+        sites.append(
+            LinearSite(
+                fqn=fqn,
+                in_features=int(in_f),
+                out_features=int(out_f),
+                dtype=str(e["tensor"].dtype),
+                has_bias=e["bias"],
+                weight=f"{fqn}.weight" if fqn else "weight",
+                group=group,
+                tied=e["tied"],
+                node=e["node"],
+            )
+        )
+    left_alone: dict[str, str] = {}
+    for node, why in unresolved:
+        path = (
+            node.meta.get(FQN_KEY)
+            or node.meta.get("slimfx.left_alone_path")
+            or node_module_path(node)
+        )
+        if path:
+            left_alone.setdefault(path, f"linear node {node.name} left alone: {why}")
+    return GraphSites(
+        sites=sites,
+        weights={fqn: e["tensor"] for fqn, e in found.items()},
+        unresolved=[f"{n.name}: {why}" for n, why in unresolved],
+        left_alone=left_alone,
+    )

@@ -1,0 +1,544 @@
+"""ONNX export of a (rewritten) model and an ONNX Runtime session that runs it.
+
+    res = export_onnx(model, "model.onnx", (ids,))        # ExportResult: op counts, notes, bytes
+    ort_model = ort_session("model.onnx", threads=4)
+    logits = ort_model(ids)                                 # torch in → torch out; numpy → numpy
+
+How each slimfx form is exported (``slimfx.backends.onnx_ops`` has the translations):
+
+- low-rank → two MatMul (+ Add bias), with ``Vᵀ`` / ``Uᵀ`` stored pre-transposed;
+- int4 / int8 weight-only → ``com.microsoft::MatMulNBits`` (block = the largest power of two
+  ≥ 16 dividing the group; per-channel groups become blocks with repeated scales), or a dense
+  MatMul when no such block exists (noted);
+- 2:4 sparse (and 2:4 + low-rank) → a dense MatMul: ONNX Runtime has no 2:4 kernel, so those
+  sites ship and run dense, and the notes (and the model's slimfx report) say so;
+- int4/int8 + low-rank → MatMulNBits + two MatMul + Add.
+
+Pipeline: ``torch.export`` (Hugging Face causal LMs are called as ``model(input_ids=ids,
+use_cache=False).logits``; dynamic batch and sequence axes) → a check that every slimfx op has
+a translation (else :class:`OnnxExportError` naming the op and the site) → ``torch.onnx.export``
+with the translation table → the fold markers replaced by re-laid-out initializers → save
+(external data above 1.5 GB or when asked) → ``onnx.checker.check_model(path)``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from slimfx.backends import onnx_ops
+from slimfx.ir.capture import normalize_module_path
+
+__all__ = ["ExportResult", "OnnxExportError", "OrtModel", "export_onnx", "ort_session"]
+
+#: Above this many bytes of weights the file gets its weights in an external data file.
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+_WRAP = "slimfx_wrapped"  # attribute name of the wrapped model inside the export wrapper
+_REPORT_ATTR = "slimfx_report"  # where slimfx.optimize leaves its report (slimfx.api)
+
+
+class OnnxExportError(ValueError):
+    """The model cannot be exported to ONNX as it is (the message says where and why)."""
+
+
+@dataclass
+class ExportResult:
+    """What ``export_onnx`` wrote.
+
+    - ``path`` / ``data_path``: the ``.onnx`` file and its external data file (or ``None``).
+    - ``file_bytes``: bytes on disk, both files together.
+    - ``op_counts``: ONNX op type → count in the saved graph (``MatMulNBits``, ``MatMul``, …).
+    - ``sites``: slimfx site FQN → how it was exported (e.g. ``MatMulNBits bits=4 block=32``).
+    - ``notes``: sites exported dense and other caveats, one line each.
+    - ``report_bytes``: reference bytes (16-bit floats, ``Decision.bytes``) of the rewritten
+      sites; ``site_file_bytes``: bytes of the initializers those sites read in the file.
+    """
+
+    path: Path
+    data_path: Path | None
+    file_bytes: int
+    op_counts: dict[str, int]
+    sites: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    report_bytes: int = 0
+    site_file_bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "data_path": None if self.data_path is None else str(self.data_path),
+            "file_bytes": self.file_bytes,
+            "op_counts": dict(sorted(self.op_counts.items())),
+            "sites": dict(self.sites),
+            "notes": list(self.notes),
+            "report_bytes": self.report_bytes,
+            "site_file_bytes": self.site_file_bytes,
+            "seconds": round(self.seconds, 2),
+        }
+
+    def __str__(self) -> str:
+        keys = ("MatMulNBits", "MatMul", "Gemm", "Add")
+        ops = ", ".join(f"{k} {self.op_counts[k]}" for k in keys if self.op_counts.get(k))
+        data = f" + {self.data_path.name}" if self.data_path else ""
+        lines = [
+            f"wrote {self.path}{data}: {self.file_bytes / 1e6:.2f} MB; {ops}; "
+            f"{len(self.sites)} slimfx site(s) exported in {self.seconds:.1f} s"
+        ]
+        if self.sites:
+            lines.append(
+                f"rewritten sites: {self.site_file_bytes / 1e6:.2f} MB in the file vs "
+                f"{self.report_bytes / 1e6:.2f} MB in the report (16-bit reference)"
+            )
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ capture
+
+
+class _LogitsOnly(nn.Module):
+    """``ids → model(input_ids=ids, use_cache=False).logits`` for a Hugging Face causal LM."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        setattr(self, _WRAP, model)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        out = getattr(self, _WRAP)(input_ids=input_ids, use_cache=False)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _is_hf_lm(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "generate")
+
+
+def _export_program(
+    model: nn.Module, example_inputs: Sequence[Any], dynamic: bool
+) -> tuple[torch.export.ExportedProgram, list[str] | None, list[str] | None, dict[str, str]]:
+    """``(program, input names, output names, {dim symbol: axis name})``."""
+    hf = _is_hf_lm(model)
+    args = tuple(example_inputs)
+    if hf:
+        if len(args) != 1 or not isinstance(args[0], Tensor) or args[0].is_floating_point():
+            raise OnnxExportError(
+                "a Hugging Face causal LM is exported as ids → logits: pass example_inputs=(ids,) "
+                "with one integer tensor of shape (batch, seq)"
+            )
+        ids = args[0].long()
+        if ids.dim() == 1:
+            ids = ids[None]
+        if dynamic:  # torch.export specializes axes of size 1: give it ≥ 2 of each
+            ids = ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)
+        args = (ids,)
+        wrapped: nn.Module = _LogitsOnly(model)
+        Dim = torch.export.Dim
+        shapes: Any = ({0: Dim("batch"), 1: Dim("seq")},) if dynamic else None
+        in_names, out_names = ["input_ids"], ["logits"]
+    else:
+        wrapped = model
+        in_names = out_names = None
+        shapes = None
+        if dynamic:
+            auto = torch.export.Dim.AUTO
+            shapes = tuple(
+                {d: auto for d in range(a.dim() - 1)} if isinstance(a, Tensor) and a.dim() > 1
+                else None
+                for a in args
+            )
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        program = torch.export.export(wrapped, args, dynamic_shapes=shapes, strict=False)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    names: dict[str, str] = {}
+    if hf and dynamic:
+        ph = [n for n in program.graph.nodes if n.op == "placeholder"]
+        user = [n for n in ph if n.name == "input_ids"] or ph[-1:]
+        val = user[0].meta.get("val") if user else None
+        if val is not None:
+            for axis, dim in zip(("batch", "seq"), val.shape):
+                if isinstance(dim, torch.SymInt):
+                    names[str(dim)] = axis
+    return program, in_names, out_names, names
+
+
+def _site_of(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<root>"
+    path = list(stack.values())[-1][0]
+    fqn = normalize_module_path(path)
+    fqn = fqn.removeprefix(_WRAP + ".").removeprefix(_WRAP)
+    return fqn or "<root>"
+
+
+def _check_translatable(program: torch.export.ExportedProgram, modules: Mapping[str, nn.Module]) -> None:
+    """Raise :class:`OnnxExportError` naming every slimfx-like op with no ONNX translation."""
+    missing = []
+    for gm in program.graph_module.modules():
+        if not isinstance(gm, torch.fx.GraphModule):
+            continue
+        for node in gm.graph.nodes:
+            t = node.target
+            if node.op != "call_function" or not isinstance(t, torch._ops.OpOverload):
+                continue
+            if not t.namespace.startswith("slimfx") or onnx_ops.translation_name(t) is not None:
+                continue
+            missing.append(f"{t._schema.name} at site {_site_of(node, modules)!r}")
+    if missing:
+        known = ", ".join(f"slimfx::{k}" for k in onnx_ops.TRANSLATIONS)
+        raise OnnxExportError(
+            f"no ONNX translation for {len(missing)} slimfx op call(s): " + "; ".join(missing)
+            + f". Ops with a translation: {known} (and their slimfx_kernels::*_triton twins)."
+        )
+
+
+# ------------------------------------------------------------------------- graph passes
+
+
+def _const(value: Any, marker: Any) -> np.ndarray:
+    if value.const_value is None or value.producer() is not None:
+        raise OnnxExportError(
+            f"{marker.op_type} at {marker.name}: input {value.name!r} is not a constant "
+            "initializer; slimfx weights must be parameters or buffers of the model"
+        )
+    return np.asarray(value.const_value.numpy())
+
+
+def _fold_markers(graph: Any) -> Counter[str]:
+    """Replace every ``slimfx.fold`` marker by the initializer it computes; count them."""
+    import onnx_ir as ir
+
+    folded: Counter[str] = Counter()
+    used_names = {v.name for v in graph.initializers.values()}
+    for node in list(graph):
+        if node.domain != onnx_ops.FOLD_DOMAIN:
+            continue
+        fn, suffix = onnx_ops.FOLDERS[node.op_type]
+        ins = [None if v is None else _const(v, node) for v in node.inputs]
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        arr = fn(ins, attrs)
+        base = node.inputs[0].name + suffix
+        name, k = base, 1
+        while name in used_names:
+            name, k = f"{base}.{k}", k + 1
+        used_names.add(name)
+        tensor = ir.tensor(arr, name=name)
+        init = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
+        init.const_value = tensor
+        graph.register_initializer(init)
+        node.outputs[0].replace_all_uses_with(init)
+        graph.remove(node, safe=True)
+        folded[node.op_type] += 1
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        del graph.initializers[name]
+    return folded
+
+
+def _rename_axes(model: Any, names: Mapping[str, str]) -> None:
+    """Give the dynamic axes readable names (``batch``, ``seq``) wherever they appear."""
+    import onnx_ir as ir
+
+    if not names:
+        return
+
+    def fix(v: Any) -> None:
+        if v is None or v.shape is None:
+            return
+        dims = [
+            ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names
+            else d
+            for d in v.shape
+        ]
+        v.shape = ir.Shape(dims)
+
+    g = model.graph
+    for v in [*g.inputs, *g.outputs]:
+        fix(v)
+    for node in g:
+        for v in node.outputs:
+            fix(v)
+
+
+def _fqn_of(node: Any) -> str | None:
+    """Site FQN of an ONNX node that a slimfx op translation made, else ``None``."""
+    hier = node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    if not hier.strip("[]").rsplit(",", 1)[-1].strip(" '\"").startswith("slimfx"):
+        return None
+    # cumulative module paths, outermost first, then the op's own scope:
+    # ['', 'slimfx_wrapped', 'slimfx_wrapped.model', …, '<site fqn>', 'lowrank_linear']
+    parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]
+    fqn = parts[-2] if len(parts) >= 2 else ""
+    fqn = fqn.removeprefix(_WRAP + ".").removeprefix(_WRAP)
+    return fqn or "<root>"
+
+
+def _describe(nodes: list[Any]) -> str:
+    """How a site was exported, from its ONNX nodes (``MatMulNBits bits=4 block=32 + 2×MatMul``)."""
+    types = Counter(n.op_type for n in nodes)
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    parts = []
+    for n in nbits:
+        a = n.attributes
+        parts.append(f"MatMulNBits bits={a['bits'].value} block={a['block_size'].value}")
+    mm = types.get("MatMul", 0)
+    if mm:
+        parts.append(f"{mm}×MatMul")
+    return " + ".join(parts) or ", ".join(types)
+
+
+def _site_summary(model: Any, markers: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, int]]:
+    """Per site: how it was exported and the bytes of the initializers its nodes read."""
+    by_site: dict[str, list[Any]] = {}
+    for node in model.graph:
+        fqn = _fqn_of(node)
+        if fqn is not None:
+            by_site.setdefault(fqn, []).append(node)
+    how: dict[str, str] = {}
+    nbytes: dict[str, int] = {}
+    for fqn, nodes in by_site.items():
+        desc = _describe(nodes)
+        if "Dense24T" in markers.get(fqn, []):
+            desc = "dense MatMul (2:4 densified: onnxruntime has no 2:4 kernel)"
+        elif "DequantT" in markers.get(fqn, []):
+            desc = "dense MatMul (quantized weight densified: no MatMulNBits block fits the group)"
+        how[fqn] = desc
+        seen = {v.name: v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
+        nbytes[fqn] = sum(int(v.const_value.nbytes) for v in seen.values() if v.const_value is not None)
+    return how, nbytes
+
+
+def _markers_by_site(model: Any) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for node in model.graph:
+        if node.domain == onnx_ops.FOLD_DOMAIN:
+            out.setdefault(_fqn_of(node) or "<root>", []).append(node.op_type)
+    return out
+
+
+def _reference_bytes(model: nn.Module, fqns: Sequence[str]) -> int:
+    mods = dict(model.named_modules())
+    total = 0
+    for f in fqns:
+        m = mods.get(f)
+        d = getattr(m, "decision", None)
+        if d is not None and hasattr(m, "in_features"):
+            total += d.bytes(m.in_features, m.out_features, getattr(m, "bias", None) is not None)
+    return total
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def export_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_inputs: Sequence[Any] | Tensor,
+    *,
+    dynamic: bool = True,
+    external_data: bool | None = None,
+    opset: int | None = None,
+    accuracy_level: int = 0,
+) -> ExportResult:
+    """Export ``model`` (dense or rewritten by slimfx) to ONNX at ``path``.
+
+    - ``example_inputs``: positional inputs of one call; a Hugging Face causal LM takes
+      ``(ids,)`` and is exported as ``input_ids → logits`` (``use_cache=False``).
+    - ``dynamic``: batch and sequence axes of a causal LM (the leading axes of other models'
+      inputs) stay symbolic, so one file serves any shape.
+    - ``external_data``: weights in ``<path>.data``; ``None`` = only above 1.5 GB of weights.
+    - ``opset``: the default-domain opset (torch's default when ``None``).
+    - ``accuracy_level``: MatMulNBits' compute accuracy (0 = float compute, the reference's
+      numerics; 4 = int8 activations, faster on CPU, less exact).
+
+    Raises :class:`OnnxExportError` when a slimfx op has no translation (naming the op and the
+    site) or the model holds bfloat16 weights (ONNX Runtime's CPU provider has no bfloat16
+    MatMul; call ``model.float()`` first). When the model carries a slimfx report
+    (``slimfx.report_of``), the export notes are appended to it and every rewritten site's
+    entry gets ``extra["onnx"]``.
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    if isinstance(example_inputs, Tensor):
+        example_inputs = (example_inputs,)
+    bf16 = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
+    if bf16:
+        raise OnnxExportError(
+            f"{len(bf16)} bfloat16 parameter(s) (e.g. {bf16[0]}): onnxruntime's CPU provider has "
+            "no bfloat16 MatMul / MatMulNBits; export model.float() (or .half()) instead"
+        )
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        program, in_names, out_names, axis_names = _export_program(model, example_inputs, dynamic)
+    _check_translatable(program, modules)
+
+    onnx_ops.export_options["accuracy_level"] = accuracy_level
+    kwargs: dict[str, Any] = {}
+    if opset is not None:
+        kwargs["opset_version"] = opset
+    prog = torch.onnx.export(
+        program,
+        (),
+        dynamo=True,
+        custom_translation_table=onnx_ops.translation_table(),
+        input_names=in_names,
+        output_names=out_names,
+        optimize=True,
+        verbose=False,
+        **kwargs,
+    )
+    ir_model = prog.model
+    markers = _markers_by_site(ir_model)
+    _fold_markers(ir_model.graph)
+    _rename_axes(ir_model, axis_names)
+    how, site_bytes = _site_summary(ir_model, markers)
+
+    weight_bytes = sum(
+        int(v.const_value.nbytes) for v in ir_model.graph.initializers.values() if v.const_value is not None
+    )
+    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data_path = path.with_name(path.name + ".data") if use_external else None
+    if data_path is not None and data_path.exists():
+        data_path.unlink()  # ir.save appends to an existing data file
+    import onnx
+    import onnx_ir as ir
+
+    ir.save(ir_model, path, external_data=None if data_path is None else data_path.name)
+    onnx.checker.check_model(str(path))
+
+    counts = Counter(n.op_type for n in ir_model.graph.all_nodes())
+    notes = []
+    dense24 = [f for f, h in how.items() if "2:4 densified" in h]
+    deq = [f for f, h in how.items() if "quantized weight densified" in h]
+    if dense24:
+        notes.append(
+            f"exported dense: onnxruntime has no 2:4 kernel — {len(dense24)} site(s): "
+            + ", ".join(dense24)
+        )
+    if deq:
+        notes.append(
+            f"exported dense: no power-of-two MatMulNBits block ≥ 16 divides the group — "
+            f"{len(deq)} site(s): " + ", ".join(deq)
+        )
+    float_dtypes = {str(p.dtype) for p in model.parameters() if p.is_floating_point()}
+    if "torch.float32" in float_dtypes and how:
+        notes.append(
+            "floats are stored in float32 in the file (4 bytes) where the report prices 16-bit "
+            "(2 bytes): low-rank factors, scales and biases take twice the report's bytes"
+        )
+    file_bytes = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
+    result = ExportResult(
+        path=path,
+        data_path=data_path,
+        file_bytes=file_bytes,
+        op_counts=dict(counts),
+        sites=how,
+        notes=notes,
+        report_bytes=_reference_bytes(model, list(how)),
+        site_file_bytes=sum(site_bytes.values()),
+        seconds=time.perf_counter() - t0,
+    )
+    _annotate_report(model, result)
+    return result
+
+
+def _annotate_report(model: nn.Module, result: ExportResult) -> None:
+    """Append the export's notes to the model's slimfx report, if it has one."""
+    rep = getattr(model, _REPORT_ATTR, None)
+    if rep is None or not hasattr(rep, "notes"):
+        return
+    rep.notes.append(
+        f"onnx export {result.path.name}: {result.file_bytes / 1e6:.2f} MB on disk; rewritten "
+        f"sites {result.site_file_bytes / 1e6:.2f} MB in the file vs "
+        f"{result.report_bytes / 1e6:.2f} MB reference; ops "
+        + ", ".join(f"{k} {v}" for k, v in sorted(result.op_counts.items()) if "MatMul" in k)
+    )
+    rep.notes.extend(f"onnx: {n}" for n in result.notes)
+    for entry in getattr(rep, "sites", []):
+        if entry.fqn in result.sites:
+            entry.extra["onnx"] = result.sites[entry.fqn]
+
+
+# ------------------------------------------------------------------------------ runtime
+
+
+class OrtModel:
+    """An ONNX Runtime session (CPU provider, all graph optimizations) called like a model.
+
+    ``ort_model(ids)`` feeds the positional inputs to the graph inputs in order and returns the
+    first output — torch tensors in, a torch tensor out; numpy arrays in, a numpy array out —
+    so it plugs into ``slimfx.eval.perplexity_of_logits_fn(ort_model, windows)``.
+    ``ort_model.session`` is the ``onnxruntime.InferenceSession``.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        threads: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """All outputs for ``feeds`` (input name → array), as ``session.run`` returns them."""
+        return self.session.run(None, dict(feeds))
+
+    def __call__(self, *inputs: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        if len(inputs) != len(self.input_names):
+            raise ValueError(
+                f"the graph takes {len(self.input_names)} input(s) {self.input_names}, "
+                f"got {len(inputs)}"
+            )
+        as_torch = any(isinstance(x, Tensor) for x in inputs)
+        arrays = [
+            x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x) for x in inputs
+        ]
+        arrays = [a.astype(np.int64) if a.dtype.kind in "iu" else a for a in arrays]
+        out = self.session.run(self.output_names[:1], dict(zip(self.input_names, arrays)))[0]
+        return torch.from_numpy(out) if as_torch else out
+
+    def __repr__(self) -> str:
+        return f"OrtModel({str(self.path)!r}, inputs={self.input_names}, outputs={self.output_names})"
+
+
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> OrtModel:
+    """Open an exported model with ONNX Runtime on CPU (graph optimizations on).
+
+    ``threads``: intra-op threads (ONNX Runtime's default — one per physical core — when
+    ``None``). The same in plain ONNX Runtime, without slimfx::
+
+        import numpy as np, onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = 4
+        sess = ort.InferenceSession("model.onnx", opts, providers=["CPUExecutionProvider"])
+        logits = sess.run(["logits"], {"input_ids": ids.astype(np.int64)})[0]
+
+    MatMulNBits is an ONNX Runtime contrib op (``com.microsoft`` domain): runtimes other than
+    ONNX Runtime may not run the quantized sites.
+    """
+    return OrtModel(path, threads=threads)

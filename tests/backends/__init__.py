@@ -1,0 +1,1 @@
+"""Backend tests: the torch.compile backend, Triton lowering (CPU: Triton interpreter)."""

@@ -49,6 +49,10 @@ def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers
         from slimfx.compile_api import backend
 
         return backend
+    if name in ("export_onnx", "ort_session"):  # ONNX export / ONNX Runtime (slimfx.backends.onnx)
+        from slimfx.backends import onnx
+
+        return getattr(onnx, name)
     if name == "Report":
         from slimfx.report import Report
 

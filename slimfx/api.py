@@ -241,6 +241,7 @@ def plan_model(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
+    backend: str | None = None,
 ) -> Planning:
     """``optimize``'s planning half — capture, sites, checks, calibration statistics,
     candidates, solve (or complete a replayed plan) — without rewriting anything. Shared by
@@ -284,6 +285,15 @@ def plan_model(
 
     if plan is not None:
         _check_plan(plan, sites)
+        if backend is not None:
+            from slimfx.backends.capabilities import check_plan
+
+            bad = check_plan(backend, plan, sites)
+            if bad:
+                raise ValueError(
+                    f"the plan has {len(bad)} site(s) backend {backend!r} cannot run:\n  "
+                    + "\n  ".join(bad)
+                )
         aware = [k for k, d in plan.items() if needs_gram(d)]
         if aware and not batches:
             raise ValueError(
@@ -317,6 +327,11 @@ def plan_model(
     solution = None
     if plan is None:
         t0 = time.perf_counter()
+        allow = None
+        if backend is not None:
+            from slimfx.backends.capabilities import allow_fn
+
+            allow = allow_fn(backend)
         problem, _cands = build_problem(
             sites,
             weights,
@@ -326,7 +341,13 @@ def plan_model(
             families=tuple(families),
             cache=latency_cache,
             progress=progress,
+            allow=allow,
         )
+        if problem.meta.get("not_allowed"):
+            notes.append(
+                f"backend {backend}: {problem.meta['not_allowed']} candidate(s) it cannot run "
+                "natively were not offered"
+            )
         timings["candidates"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         solution = solve(problem, bud, method=solver)
@@ -378,6 +399,7 @@ def optimize(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
+    backend: str | None = None,
 ) -> nn.Module:
     """Rewrite ``model``'s linears into cheaper forms under ``budget``; return the rewritten
     model (same class) with its report at ``slimfx.report_of(model)``.
@@ -401,6 +423,10 @@ def optimize(
       only included, non-excluded linears are candidates, and the budget is a fraction of
       their bytes. A pattern that matches no site is an error.
     - ``inplace``: rewrite the given model object instead of a copy.
+    - ``backend``: "eager" | "compile" | "triton" | "onnx" — what will run the model. The solver
+      is offered only candidates that backend runs natively (e.g. no 2:4 for "onnx": ONNX
+      Runtime would run it dense), and a replayed ``plan`` with a site the backend cannot run
+      raises ``ValueError`` naming every such site (``slimfx.backends.capabilities``).
     """
     t_start = time.perf_counter()
     pl = plan_model(
@@ -421,6 +447,7 @@ def optimize(
         include=include,
         exclude=exclude,
         progress=progress,
+        backend=backend,
     )
     bud, sites, plan, problem = pl.budget, pl.sites, pl.plan, pl.problem
     fit_batches, eval_batches = pl.fit_batches, pl.eval_batches
@@ -467,6 +494,8 @@ def optimize(
     timings["total"] = time.perf_counter() - t_start
     report.timings = timings
     report.meta = {"model_class": type(model).__name__, "plan": plan.to_dict()}
+    if backend is not None:
+        report.meta["backend"] = backend
     report.finalize(
         params_before=sum(p.numel() for p in model.parameters()),
         params_after=sum(p.numel() for p in new_model.parameters())

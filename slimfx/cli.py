@@ -81,8 +81,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     if a.onnx:
         from slimfx.backends.onnx import export_onnx
 
-        export_onnx(new, a.onnx, (calib[0][:, :16],))
-        print(f"wrote {a.onnx}")
+        print(export_onnx(new, a.onnx, (calib[0][:, :16],)))
     print(f"wrote {out}/plan.json, report.json, report.md, report.png, model.safetensors")
     return 0
 
@@ -139,8 +138,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     import torch
 
     ids = torch.zeros(1, 16, dtype=torch.long)
-    export_onnx(model, a.onnx, (ids,))
-    print(f"wrote {a.onnx}")
+    print(export_onnx(model, a.onnx, (ids,)))
     return 0
 
 

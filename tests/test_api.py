@@ -11,7 +11,7 @@ import torch
 import slimfx
 from slimfx import api
 from slimfx.ir.modules import LowRankLinear
-from slimfx.planning.configs import DenseConfig, LowRankConfig
+from slimfx.planning.configs import LowRankConfig
 from slimfx.planning.problem import Budget, InfeasibleBudgetError
 
 

@@ -18,6 +18,9 @@ _LAZY: dict[str, str] = {
     # Triton lowering (slimfx.backends.triton_lowering)
     "lower_to_triton": "slimfx.backends.triton_lowering",
     "unlower": "slimfx.backends.triton_lowering",
+    # ONNX export and ONNX Runtime (slimfx.backends.onnx); capabilities per backend
+    **dict.fromkeys(("export_onnx", "ort_session", "ExportResult"), "slimfx.backends.onnx"),
+    **dict.fromkeys(("supports", "check_plan"), "slimfx.backends.capabilities"),
 }
 
 __all__ = sorted(_LAZY)

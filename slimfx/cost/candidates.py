@@ -21,7 +21,7 @@ come from one SVD per site and method (``numerics.lowrank.lowrank_error_curve``)
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -115,6 +115,7 @@ def build_problem(
     families: Sequence[str] = ("lowrank",),
     cache: MeasuredCache | None = None,
     progress: bool = True,
+    allow: Callable[[LinearSite, Decision], bool] | None = None,
 ) -> tuple[BudgetProblem, dict[str, list[Candidate]]]:
     """The numbers-only :class:`BudgetProblem` and, per site FQN, the families' candidates.
 
@@ -122,7 +123,9 @@ def build_problem(
     (and sensitivity) from calibration; ``None`` prices errors in the weight's Frobenius norm.
     Sites and options come in a deterministic order: sites as given, dense first, then each
     family's candidates in the family's order (a decision proposed twice is kept once; one
-    that saves no weight bytes over dense is dropped).
+    that saves no weight bytes over dense is dropped). ``allow(site, decision)``: when given,
+    only candidates it accepts are offered (e.g. what a backend can run; dense always is);
+    ``meta["not_allowed"]`` counts the others.
     """
     unknown = [f for f in families if f not in FAMILIES]
     if unknown:
@@ -134,6 +137,7 @@ def build_problem(
     site_opts: list[SiteOptions] = []
     proposed: dict[str, list[Candidate]] = {}
     sources: Counter[str] = Counter()
+    not_allowed = 0
     bar = tqdm(list(sites), desc="candidates", unit="site", disable=not progress, leave=False)
     for site in bar:
         W = _weight_of(weights, site)
@@ -156,6 +160,9 @@ def build_problem(
                 if c.decision in seen or c.decision.weight_bytes(in_f, out_f) >= 2 * in_f * out_f:
                     continue  # proposed twice, or saves no bytes
                 seen.add(c.decision)
+                if allow is not None and not allow(site, c.decision):
+                    not_allowed += 1
+                    continue
                 cands.append(c)
                 options.append(option(c.decision, max(0.0, float(c.error)) * sens))
         proposed[site.fqn] = cands
@@ -166,5 +173,6 @@ def build_problem(
         "sensitivity": bool(stats is not None and stats.sensitivity is not None),
         "tokens": wl.tokens,
         "latency_sources": dict(sorted(sources.items())),
+        "not_allowed": not_allowed,
     }
     return BudgetProblem(site_opts, workload=wl.name, target=tgt.name, meta=meta), proposed

@@ -126,7 +126,9 @@ def _triton(
 
     if isinstance(decision, DenseConfig):
         return True, "dense: nn.Linear (no Triton kernel needed)"
-    dev = torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(
+        device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     if dev.type == "cpu" and not kernels.interpret_mode():
         return False, "triton: needs CUDA or TRITON_INTERPRET"
     op = OP_OF_KIND[decision.kind]

@@ -151,7 +151,8 @@ def _export_program(
         if dynamic:
             auto = torch.export.Dim.AUTO
             shapes = tuple(
-                {d: auto for d in range(a.dim() - 1)} if isinstance(a, Tensor) and a.dim() > 1
+                {d: auto for d in range(a.dim() - 1)}
+                if isinstance(a, Tensor) and a.dim() > 1
                 else None
                 for a in args
             )
@@ -174,7 +175,8 @@ def _export_program(
     return program, in_names, out_names, names
 
 
-def _site_of(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
+def _site_of(node: torch.fx.Node) -> str:
+    """Module path of the innermost module ``node`` ran in (the wrapper prefix removed)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return "<root>"
@@ -184,7 +186,7 @@ def _site_of(node: torch.fx.Node, modules: Mapping[str, nn.Module]) -> str:
     return fqn or "<root>"
 
 
-def _check_translatable(program: torch.export.ExportedProgram, modules: Mapping[str, nn.Module]) -> None:
+def _check_translatable(program: torch.export.ExportedProgram) -> None:
     """Raise :class:`OnnxExportError` naming every slimfx-like op with no ONNX translation."""
     missing = []
     for gm in program.graph_module.modules():
@@ -196,11 +198,12 @@ def _check_translatable(program: torch.export.ExportedProgram, modules: Mapping[
                 continue
             if not t.namespace.startswith("slimfx") or onnx_ops.translation_name(t) is not None:
                 continue
-            missing.append(f"{t._schema.name} at site {_site_of(node, modules)!r}")
+            missing.append(f"{t._schema.name} at site {_site_of(node)!r}")
     if missing:
         known = ", ".join(f"slimfx::{k}" for k in onnx_ops.TRANSLATIONS)
         raise OnnxExportError(
-            f"no ONNX translation for {len(missing)} slimfx op call(s): " + "; ".join(missing)
+            f"no ONNX translation for {len(missing)} slimfx op call(s): "
+            + "; ".join(missing)
             + f". Ops with a translation: {known} (and their slimfx_kernels::*_triton twins)."
         )
 
@@ -242,7 +245,9 @@ def _fold_markers(graph: Any) -> Counter[str]:
         node.outputs[0].replace_all_uses_with(init)
         graph.remove(node, safe=True)
         folded[node.op_type] += 1
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+    for name in [
+        n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()
+    ]:
         del graph.initializers[name]
     return folded
 
@@ -258,7 +263,8 @@ def _rename_axes(model: Any, names: Mapping[str, str]) -> None:
         if v is None or v.shape is None:
             return
         dims = [
-            ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim) and d.value in names
+            ir.SymbolicDim(names[d.value])
+            if isinstance(d, ir.SymbolicDim) and d.value in names
             else d
             for d in v.shape
         ]
@@ -300,7 +306,9 @@ def _describe(nodes: list[Any]) -> str:
     return " + ".join(parts) or ", ".join(types)
 
 
-def _site_summary(model: Any, markers: dict[str, list[str]]) -> tuple[dict[str, str], dict[str, int]]:
+def _site_summary(
+    model: Any, markers: dict[str, list[str]]
+) -> tuple[dict[str, str], dict[str, int]]:
     """Per site: how it was exported and the bytes of the initializers its nodes read."""
     by_site: dict[str, list[Any]] = {}
     for node in model.graph:
@@ -317,7 +325,9 @@ def _site_summary(model: Any, markers: dict[str, list[str]]) -> tuple[dict[str, 
             desc = "dense MatMul (quantized weight densified: no MatMulNBits block fits the group)"
         how[fqn] = desc
         seen = {v.name: v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
-        nbytes[fqn] = sum(int(v.const_value.nbytes) for v in seen.values() if v.const_value is not None)
+        nbytes[fqn] = sum(
+            int(v.const_value.nbytes) for v in seen.values() if v.const_value is not None
+        )
     return how, nbytes
 
 
@@ -380,36 +390,42 @@ def export_onnx(
             f"{len(bf16)} bfloat16 parameter(s) (e.g. {bf16[0]}): onnxruntime's CPU provider has "
             "no bfloat16 MatMul / MatMulNBits; export model.float() (or .half()) instead"
         )
-    modules = dict(model.named_modules())
     with torch.no_grad():
         program, in_names, out_names, axis_names = _export_program(model, example_inputs, dynamic)
-    _check_translatable(program, modules)
+    _check_translatable(program)
 
-    onnx_ops.export_options["accuracy_level"] = accuracy_level
     kwargs: dict[str, Any] = {}
     if opset is not None:
         kwargs["opset_version"] = opset
-    prog = torch.onnx.export(
-        program,
-        (),
-        dynamo=True,
-        custom_translation_table=onnx_ops.translation_table(),
-        input_names=in_names,
-        output_names=out_names,
-        optimize=True,
-        verbose=False,
-        **kwargs,
-    )
+    onnx_ops.export_options["accuracy_level"] = accuracy_level
+    try:
+        prog = torch.onnx.export(
+            program,
+            (),
+            dynamo=True,
+            custom_translation_table=onnx_ops.translation_table(),
+            input_names=in_names,
+            output_names=out_names,
+            optimize=True,
+            verbose=False,
+            **kwargs,
+        )
+    finally:
+        onnx_ops.export_options["accuracy_level"] = 0
     ir_model = prog.model
     markers = _markers_by_site(ir_model)
-    _fold_markers(ir_model.graph)
+    _fold_markers(ir_model.graph)  # every slimfx.fold marker → an initializer
     _rename_axes(ir_model, axis_names)
     how, site_bytes = _site_summary(ir_model, markers)
 
     weight_bytes = sum(
-        int(v.const_value.nbytes) for v in ir_model.graph.initializers.values() if v.const_value is not None
+        int(v.const_value.nbytes)
+        for v in ir_model.graph.initializers.values()
+        if v.const_value is not None
     )
-    use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    use_external = (
+        weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     data_path = path.with_name(path.name + ".data") if use_external else None
     if data_path is not None and data_path.exists():
@@ -522,7 +538,9 @@ class OrtModel:
         return torch.from_numpy(out) if as_torch else out
 
     def __repr__(self) -> str:
-        return f"OrtModel({str(self.path)!r}, inputs={self.input_names}, outputs={self.output_names})"
+        return (
+            f"OrtModel({str(self.path)!r}, inputs={self.input_names}, outputs={self.output_names})"
+        )
 
 
 def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> OrtModel:

@@ -62,7 +62,9 @@ def _site_op_counts(path: str) -> dict[str, Counter]:
         hier = meta.get("pkg.torch.onnx.class_hierarchy", "")
         if "slimfx." not in hier.rsplit(",", 1)[-1]:
             continue
-        scopes = [s.strip(" '\"") for s in meta["pkg.torch.onnx.name_scopes"].strip("[]").split(",")]
+        scopes = [
+            s.strip(" '\"") for s in meta["pkg.torch.onnx.name_scopes"].strip("[]").split(",")
+        ]
         fqn = scopes[-2].removeprefix("slimfx_wrapped.")
         out.setdefault(fqn, Counter())[node.op_type] += 1
     return out
@@ -98,9 +100,14 @@ def test_op_types_per_site(mixed):
     assert per_site[f"{L1}.mlp.up_proj"] == Counter(MatMulNBits=1, MatMul=2, Add=1)
     assert per_site[f"{L1}.mlp.down_proj"] == Counter(MatMul=1)  # 2:4 densified
     assert per_site[f"{L1}.mlp.gate_proj"] == Counter(MatMul=1)  # (S + UV) folded dense
-    nbits = {n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"}
+    nbits = {
+        n.name: {a.name: a.i for a in n.attribute} for n in graph.node if n.op_type == "MatMulNBits"
+    }
     assert sorted((a["bits"], a["block_size"]) for a in nbits.values()) == [
-        (4, 16), (4, 16), (4, 32), (8, 64)
+        (4, 16),
+        (4, 16),
+        (4, 32),
+        (8, 64),
     ]
 
 
@@ -112,8 +119,11 @@ def test_sites_and_notes(mixed):
     dense_note = [n for n in result.notes if "onnxruntime has no 2:4 kernel" in n]
     assert len(dense_note) == 1
     assert f"{L1}.mlp.down_proj" in dense_note[0] and f"{L1}.mlp.gate_proj" in dense_note[0]
-    shapes = {n: (m.in_features, m.out_features, m.bias is not None)
-              for n, m in model.named_modules() if n in PLAN}
+    shapes = {
+        n: (m.in_features, m.out_features, m.bias is not None)
+        for n, m in model.named_modules()
+        if n in PLAN
+    }
     assert result.report_bytes == sum(d.bytes(*shapes[f]) for f, d in PLAN.items())
     # fp32 floats (2× the 16-bit reference) and dense 2:4 sites: the file holds more
     assert result.site_file_bytes > result.report_bytes
@@ -207,6 +217,27 @@ def test_external_data_when_forced(tmp_path):
         torch.testing.assert_close(ort_session(res.path)(x), model(x), atol=ATOL, rtol=0)
 
 
+def test_triton_lowered_modules_export_like_the_reference(tmp_path):
+    pytest.importorskip("triton")
+    from slimfx.backends.triton_lowering import lower_module
+
+    model = _linears(64, 64, 32, bias=True)
+    x = torch.randn(3, 64)
+    sites, _ = find_sites(model, ((x,), {}))
+    plan = Plan({"0": QuantConfig(4, 32), "2": LowRankConfig(8, "svd")}, {})
+    new, _ = apply_plan(model, plan, sites)
+    _, lowered = lower_module(new)
+    if not all(
+        r.status == "applied" for r in lowered.records
+    ):  # e.g. kernels built w/o interpreter
+        pytest.skip("Triton kernels declined: " + "; ".join(r.reason for r in lowered.records))
+    res = export_onnx(new, tmp_path / "lowered.onnx", (x,))
+    # slimfx_kernels::*_triton ops take the same translations as the slimfx ops
+    assert res.sites == {"0": "MatMulNBits bits=4 block=32", "2": "2×MatMul"}
+    with torch.no_grad():
+        torch.testing.assert_close(ort_session(res.path)(x), new(x), atol=ATOL, rtol=0)
+
+
 # ------------------------------------------------------------------------------- errors
 
 
@@ -248,7 +279,7 @@ def test_bfloat16_model_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SLIMFX_SLOW") != "1", reason="SmolLM2 end to end, ~10 min")
+@pytest.mark.skipif(os.environ.get("SLIMFX_SLOW") != "1", reason="SmolLM2 end to end, ~2.5 min")
 def test_smollm2_optimized_ort_matches_torch(tmp_path):
     import slimfx
     from slimfx.data.text import calibration_batches, heldout_windows
@@ -260,7 +291,11 @@ def test_smollm2_optimized_ort_matches_torch(tmp_path):
     model, tok = load_smollm2()
     calib = calibration_batches(tok, "lee", n=8, seq_len=256)
     new = slimfx.optimize(
-        model, 0.8, calibration=calib, families=("lowrank", "int4", "int8"), backend="onnx",
+        model,
+        0.8,
+        calibration=calib,
+        families=("lowrank", "int4", "int8"),
+        backend="onnx",
         progress=False,
     )
     res = export_onnx(new, tmp_path / "smol.onnx", (calib[0][:, :16],))

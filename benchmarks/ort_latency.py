@@ -1,7 +1,7 @@
 """ONNX Runtime CPU latency and perplexity of SmolLM2-135M: dense vs slimfx vs ORT's own int4.
 
     .venv/bin/python benchmarks/ort_latency.py [--budgets 0.8,0.5,0.3] [--threads 2]
-        [--windows 4] [--reps 5] [--decode-reps 30] [--families lowrank,int4,int8]
+        [--windows 4] [--reps 5] [--decode-reps 30] [--past 256] [--families lowrank,int4,int8]
         [--accuracy-level 0] [--out DIR] [--json out.json]
 
 Variants, all exported from the same fp32 model and run side by side in one process:
@@ -24,11 +24,10 @@ intra-op threads, sessions timed round-robin so machine noise hits all variants 
 medians):
 
 - ``prefill``: one forward of a (1, 256) input;
-- ``1-token``: one forward of a (1, 1) input. **This is not a KV-cache decode step**: the
-  export has no ``past_key_values`` inputs, so a real decode step would be a forward of the
-  whole (1, L) prefix. The 1-token forward reads every weight once for one row, which is the
-  memory-bound regime of decode, but it skips attention over the cache (small next to the
-  weight reads for a 135M model at a few hundred tokens);
+- ``decode``: one KV-cache decode step — a (1, 1) input after a 256-token cache — of the
+  same graph: every variant is exported with ``kv_cache=True`` (``input_ids, past_key_i,
+  past_value_i → logits, present_key_i, present_value_i``), so prefill is that graph with an
+  empty cache and decode is a real per-token step reading the cache, as a deployment runs it;
 - ``ppl``: perplexity on the first ``--windows`` held-out news windows of 256 tokens
   (``slimfx.eval.perplexity_of_logits_fn`` over the ORT session);
 - ``MB``: the ONNX file on disk (fp32 floats; the tied embedding / lm_head stays dense).
@@ -94,14 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=4, help="held-out windows for perplexity")
     p.add_argument("--n-calib", type=int, default=8)
     p.add_argument("--reps", type=int, default=5, help="prefill repetitions per variant")
-    p.add_argument("--decode-reps", type=int, default=30, help="1-token repetitions")
+    p.add_argument("--decode-reps", type=int, default=30, help="decode-step repetitions")
+    p.add_argument("--past", type=int, default=256, help="cache length before the decode step")
     p.add_argument("--accuracy-level", type=int, default=0, help="MatMulNBits accuracy_level")
     p.add_argument("--out", default="/tmp/slimfx_ort_latency", help="folder for the .onnx files")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
 
     import slimfx
-    from slimfx.backends.onnx import export_onnx, ort_session
+    from slimfx.backends.onnx import export_onnx
+    from slimfx.backends.ort import ort_session
     from slimfx.data.text import calibration_batches, heldout_windows
     from slimfx.eval.perplexity import perplexity_of_logits_fn
     from slimfx.models import load_smollm2
@@ -111,13 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     model, tok = load_smollm2()
     calib = calibration_batches(tok, "lee", n=a.n_calib, seq_len=256)
-    windows = heldout_windows(tok, "lee", n=a.windows, seq_len=256)
+    windows = heldout_windows(tok, "lee", n=max(a.windows, 3), seq_len=256)
+    if not 1 <= a.past <= 256:
+        raise SystemExit("--past must be in 1..256 (one held-out window)")
     example = (calib[0][:, :16],)
 
     paths: dict[str, Path] = {}
     info: dict[str, dict] = {}
     t0 = time.perf_counter()
-    res = export_onnx(model, out / "dense.onnx", example, accuracy_level=a.accuracy_level)
+    res = export_onnx(
+        model, out / "dense.onnx", example, accuracy_level=a.accuracy_level, kv_cache=True
+    )
     paths["dense"] = res.path
     info["dense"] = {"budget": 1.0, "bits": 16.0, "sites": "dense"}
     print(f"[{time.perf_counter() - t0:6.0f} s] dense exported", file=sys.stderr, flush=True)
@@ -133,7 +138,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         rep = slimfx.report_of(new)
         name = f"slimfx b={b}"
-        res = export_onnx(new, out / f"slimfx_{b}.onnx", example, accuracy_level=a.accuracy_level)
+        res = export_onnx(
+            new,
+            out / f"slimfx_{b}.onnx",
+            example,
+            accuracy_level=a.accuracy_level,
+            kv_cache=True,
+        )
         paths[name] = res.path
         kinds: dict[str, int] = {}
         for s in rep.sites:
@@ -158,21 +169,24 @@ def main(argv: list[str] | None = None) -> int:
 
     sessions = {k: ort_session(v, threads=a.threads) for k, v in paths.items()}
     prefill_ids = windows[:1].numpy()
-    one = windows[:1, :1].numpy()
-    for s in sessions.values():  # warm up (first runs allocate and pre-pack)
-        s(prefill_ids)
-        s(one)
+    ctx = windows[1:2, : a.past].numpy()
+    one = windows[2:3, :1].numpy()  # any next token: timing only
+    caches = {}
+    for k, s in sessions.items():  # warm up (first runs allocate and pre-pack); fill caches
+        s.step(prefill_ids)
+        caches[k] = s.step(ctx)[1]
+        s.step(one, caches[k])
     pre: dict[str, list[float]] = {k: [] for k in sessions}
     dec: dict[str, list[float]] = {k: [] for k in sessions}
     for _ in range(a.reps):  # round-robin: drift and neighbours' load hit every variant
         for k, s in sessions.items():
-            pre[k].append(_median_ms(lambda s=s: s(prefill_ids), 1))
+            pre[k].append(_median_ms(lambda s=s: s.step(prefill_ids), 1))
     for _ in range(a.decode_reps):
         for k, s in sessions.items():
-            dec[k].append(_median_ms(lambda s=s: s(one), 1))
+            dec[k].append(_median_ms(lambda s=s, c=caches[k]: s.step(one, c), 1))
     rows = []
     for k, s in sessions.items():
-        ppl = perplexity_of_logits_fn(s, windows, batch_size=1, progress=False)
+        ppl = perplexity_of_logits_fn(s, windows[: a.windows], batch_size=1, progress=False)
         rows.append(
             {
                 "variant": k,
@@ -188,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"SmolLM2-135M-Instruct (fp32 export), ONNX Runtime {_ort_version()} CPU provider, "
         f"{a.threads} threads, {platform.processor() or platform.machine()}, "
-        f"{datetime.date.today().isoformat()}; perplexity on {windows.shape[0]}×256 held-out "
-        f"news tokens; medians of {a.reps} prefill / {a.decode_reps} 1-token runs",
+        f"{datetime.date.today().isoformat()}; perplexity on {a.windows}×256 held-out "
+        f"news tokens; medians of {a.reps} prefill / {a.decode_reps} decode-step runs "
+        f"(1 token after a {a.past}-token KV cache)",
         "",
         "| variant | bytes vs 16-bit | bits/w | file MB | prefill 1×256 ms | ×dense "
-        "| 1-token ms | ×dense | ppl | MatMulNBits / MatMul | sites |",
+        "| decode ms/token | ×dense | ppl | MatMulNBits / MatMul | sites |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

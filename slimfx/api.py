@@ -5,6 +5,7 @@ plan → passes → report, and nothing else: every step lives in its own packag
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
 from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import run_sequential
+from slimfx.cost.target import Target
 from slimfx.cost.target import latency as estimate_site_latency
 from slimfx.ir.capture import capture
 from slimfx.ir.find import find_linear_sites
@@ -229,7 +231,7 @@ def plan_model(
     calibration: Sequence | None = None,
     tokenizer: Any = None,
     plan: Plan | None = None,
-    target: str = "cpu",
+    target: str | Target = "cpu",
     workload: str = "decode",
     families: Sequence[str] = ("lowrank",),
     fisher: bool = False,
@@ -358,7 +360,7 @@ def plan_model(
             shapes={s.fqn: s.shape for s in sites},
             meta={
                 "budget": bud.to_dict(),
-                "target": target,
+                "target": _target_name(target),
                 "workload": workload,
                 "families": list(families),
                 "solver": solution.solver,
@@ -378,6 +380,23 @@ def plan_model(
     )
 
 
+#: ``plan_model``'s keyword-only options (``optimize`` and ``plan_for_compile`` take them too)
+_PLANNING_OPTIONS: tuple[str, ...] = tuple(
+    p.name
+    for p in inspect.signature(plan_model).parameters.values()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)
+
+
+def _planning_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``plan_model`` keyword arguments among ``arguments`` (a caller's ``locals()``).
+
+    ``optimize`` and ``slimfx.compile_api.plan_for_compile`` forward their planning options
+    with it, so each option is spelled once, in the signatures; an option the caller does not
+    take (``backend`` for ``plan_for_compile``) keeps ``plan_model``'s default."""
+    return {k: arguments[k] for k in _PLANNING_OPTIONS if k in arguments}
+
+
 def optimize(
     model: nn.Module,
     budget: float | Budget | None = 0.5,
@@ -385,7 +404,7 @@ def optimize(
     calibration: Sequence | None = None,
     tokenizer: Any = None,
     plan: Plan | None = None,
-    target: str = "cpu",
+    target: str | Target = "cpu",
     workload: str = "decode",
     families: Sequence[str] = ("lowrank",),
     sequential: bool = False,
@@ -412,7 +431,10 @@ def optimize(
       dicts — real data the model will see; it drives every activation-aware estimate.
     - ``plan``: replay a saved ``Plan`` (``Plan.load(path)``) — no cost model, no solver.
       Activation-aware decisions still need the same calibration to reproduce the factors.
-    - ``target`` / ``workload``: "cpu" | "h100", "decode" | "prefill" — what latency means.
+    - ``target`` / ``workload``: "cpu" | "h100" (or a ``slimfx.cost.target.Target`` with your
+      own roofline numbers), "decode" | "prefill" — what latency means. The two workloads can
+      choose different forms for one site: decode is bandwidth-bound (fewer bytes win), prefill
+      compute-bound (dequantizing costs, fewer FLOPs win).
     - ``families``: candidate families offered to the solver (e.g. "lowrank", "int4", "int8",
       "int4_gptq", "sparse24", "lowrank_quant", "sparse24_lowrank").
     - ``sequential``: realize the plan block by block with statistics from the already
@@ -429,26 +451,8 @@ def optimize(
       raises ``ValueError`` naming every such site (``slimfx.backends.capabilities``).
     """
     t_start = time.perf_counter()
-    pl = plan_model(
-        model,
-        budget,
-        calibration=calibration,
-        tokenizer=tokenizer,
-        plan=plan,
-        target=target,
-        workload=workload,
-        families=families,
-        fisher=fisher,
-        solver=solver,
-        heldout=heldout,
-        example_inputs=example_inputs,
-        seq_len=seq_len,
-        latency_cache=latency_cache,
-        include=include,
-        exclude=exclude,
-        progress=progress,
-        backend=backend,
-    )
+    # every planning option of this signature, by name (see _planning_options)
+    pl = plan_model(model, budget, **_planning_options(locals()))
     bud, sites, plan, problem = pl.budget, pl.sites, pl.plan, pl.problem
     fit_batches, eval_batches = pl.fit_batches, pl.eval_batches
     notes, timings = pl.notes, pl.timings
@@ -597,4 +601,11 @@ def _build_report(
         if s.fqn in measured:
             e.measured_sqnr_db, e.measured_rel_error = measured[s.fqn]
         entries.append(e)
-    return Report(sites=entries, budget=budget.to_dict(), target=target, workload=workload)
+    return Report(
+        sites=entries, budget=budget.to_dict(), target=_target_name(target), workload=workload
+    )
+
+
+def _target_name(target: Any) -> str:
+    """A target's name for plans and reports (``optimize`` takes a name or a ``Target``)."""
+    return target if isinstance(target, str) else str(getattr(target, "name", target))

@@ -3,6 +3,7 @@
 
     slimfx optimize --model smollm2 --budget 0.8 --calib lee --out out/smol
     slimfx report out/smol              # the short table; --markdown, --plot, --diff OTHER
+    slimfx export out/smol --onnx out/smol.onnx [--kv-cache]   # ONNX for onnxruntime
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     if a.onnx:
         from slimfx.backends.onnx import export_onnx
 
-        print(export_onnx(new, a.onnx, (calib[0][:, :16],)))
+        print(export_onnx(new, a.onnx, (calib[0][:, :16],), kv_cache=a.kv_cache,
+                          accuracy_level=a.accuracy_level))
     print(f"wrote {out}/plan.json, report.json, report.md, report.png, model.safetensors")
     return 0
 
@@ -138,7 +140,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     import torch
 
     ids = torch.zeros(1, 16, dtype=torch.long)
-    print(export_onnx(model, a.onnx, (ids,)))
+    print(export_onnx(model, a.onnx, (ids,), kv_cache=a.kv_cache, accuracy_level=a.accuracy_level))
     return 0
 
 
@@ -149,6 +151,13 @@ def cmd_calibrate_target(a: argparse.Namespace) -> int:
                    device=a.device)
     print(f"wrote {a.out}")
     return 0
+
+
+def _onnx_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache", action="store_true",
+                   help="export the decode step: ids + KV cache → logits + KV cache")
+    p.add_argument("--accuracy-level", type=int, default=0,
+                   help="MatMulNBits accuracy_level (0 float compute, 4 int8 activations)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--plan", default=None, help="replay this plan.json instead of solving")
     o.add_argument("--eval", action="store_true", help="perplexity before/after on held-out text")
     o.add_argument("--onnx", default=None, help="also export to this .onnx path")
+    _onnx_flags(o)
     o.add_argument("--out", required=True)
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(fn=cmd_optimize)
@@ -181,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a saved optimized model to ONNX")
     e.add_argument("dir")
     e.add_argument("--onnx", required=True)
+    _onnx_flags(e)
     e.set_defaults(fn=cmd_export)
     c = sub.add_parser("calibrate-target", help="measure kernel times into a cost cache")
     c.add_argument("--target", default="h100")

@@ -232,6 +232,32 @@ def test_cli_optimize_and_report(tmp_path, capsys):
     assert main(["report", str(out / "plan.json")]) == 2  # a plan is not a report
 
 
+def test_cli_onnx_export_runs_in_onnxruntime(tmp_path, capsys):
+    """`slimfx optimize ... --onnx` and `slimfx export DIR --onnx [--kv-cache]` write files
+    that onnxruntime runs and that agree with the saved torch model."""
+    pytest.importorskip("onnxruntime")
+    from slimfx.backends.ort import ort_session
+    from slimfx.cli import main
+
+    out = tmp_path / "run"
+    assert main(["optimize", "--model", "tiny", "--budget", "0.5", "--families", "int4,lowrank",
+                 "--n-calib", "3", "--seq-len", "32", "--out", str(out), "--quiet",
+                 "--onnx", str(tmp_path / "a.onnx")]) == 0
+    assert "MatMulNBits" in capsys.readouterr().out
+    assert main(["export", str(out), "--onnx", str(tmp_path / "b.onnx"), "--kv-cache"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    model = slimfx.load(out)
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+    plain, kv = ort_session(tmp_path / "a.onnx"), ort_session(tmp_path / "b.onnx")
+    assert not plain.kv_cache and kv.kv_cache
+    # fp32 both sides, MatMulNBits sums in another order: ~1e-6 on |logits| ≲ 2
+    assert (plain(ids) - ref).abs().max() < 1e-4
+    assert (kv(ids) - ref).abs().max() < 1e-4
+    assert main(["export", str(tmp_path / "missing"), "--onnx", str(tmp_path / "c.onnx")]) == 2
+
+
 @pytest.mark.skipif(os.environ.get("SLIMFX_REAL", "1") == "0", reason="SLIMFX_REAL=0 set")
 def test_smollm2_few_layers_real_text():
     """Real model, real text: optimize layers 0–1 of SmolLM2 on news text. The estimated error
@@ -271,3 +297,31 @@ def test_small_calibration_is_flagged_in_report():
 
     new = slimfx.optimize(tiny_llama(), 0.7, calibration=_calib(2, 16), progress=False)
     assert any("calibration too small" in n for n in slimfx.report_of(new).notes)
+
+
+def test_decode_and_prefill_choose_differently_and_the_report_says_which():
+    """Under one latency budget, a bandwidth-bound workload (decode: one token) buys fewer bytes
+    (quantized forms) and a compute-bound one (prefill) buys fewer FLOPs (low-rank): the
+    quantized forms dequantize at prefill and lose there. The report names the workload."""
+    from collections import Counter
+
+    from slimfx.cost.target import Target
+    from slimfx.models import tiny_llama
+
+    # launch_s=0 so that the tiny shapes follow the roofline; 100 GB/s and 1 TFLOP/s put decode
+    # on the bandwidth side and prefill (2048 tokens) on the compute side
+    tgt = Target("test", bandwidth_Bps=1e11, peak_flops=1e12, launch_s=0.0, float_bytes=2)
+    kinds, reports = {}, {}
+    for wl in ("decode", "prefill"):
+        new = slimfx.optimize(
+            tiny_llama(), Budget(latency=0.8), calibration=_calib(4), target=tgt, workload=wl,
+            families=("lowrank", "int4", "int8"), exclude=["lm_head"], progress=False,
+        )
+        rep = slimfx.report_of(new)
+        reports[wl] = rep
+        kinds[wl] = Counter(s.decision.get("kind", "dense") for s in rep.sites)
+        assert rep.totals["est_latency_ratio"] <= 0.8 + 1e-9
+        assert f"(test/{wl}, roofline)" in rep.headline()
+        assert json.loads(rep.to_json())["workload"] == wl
+    assert kinds["decode"]["quant"] > 0 and kinds["decode"]["lowrank"] == 0
+    assert kinds["prefill"]["lowrank"] > 0 and kinds["prefill"]["quant"] == 0

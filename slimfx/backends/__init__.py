@@ -19,7 +19,8 @@ _LAZY: dict[str, str] = {
     "lower_to_triton": "slimfx.backends.triton_lowering",
     "unlower": "slimfx.backends.triton_lowering",
     # ONNX export and ONNX Runtime (slimfx.backends.onnx); capabilities per backend
-    **dict.fromkeys(("export_onnx", "ort_session", "ExportResult"), "slimfx.backends.onnx"),
+    **dict.fromkeys(("export_onnx", "ExportResult", "OnnxExportError"), "slimfx.backends.onnx"),
+    **dict.fromkeys(("ort_session", "OrtModel"), "slimfx.backends.ort"),
     **dict.fromkeys(("supports", "check_plan"), "slimfx.backends.capabilities"),
 }
 

@@ -35,10 +35,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from slimfx.backends import onnx_ops
+from slimfx.backends import onnx_decode, onnx_ops
+from slimfx.backends.ort import OrtModel, ort_session
 from slimfx.ir.capture import normalize_module_path
 
 __all__ = ["ExportResult", "OnnxExportError", "OrtModel", "export_onnx", "ort_session"]
+
+# The runtime half lives in slimfx.backends.ort; re-exported here for one import line.
+
 
 #: Above this many bytes of weights the file gets its weights in an external data file.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
@@ -123,11 +127,18 @@ def _is_hf_lm(model: nn.Module) -> bool:
 
 
 def _export_program(
-    model: nn.Module, example_inputs: Sequence[Any], dynamic: bool
+    model: nn.Module, example_inputs: Sequence[Any], dynamic: bool, kv_cache: bool = False
 ) -> tuple[torch.export.ExportedProgram, list[str] | None, list[str] | None, dict[str, str]]:
     """``(program, input names, output names, {dim symbol: axis name})``."""
     hf = _is_hf_lm(model)
     args = tuple(example_inputs)
+    if kv_cache and not hf:
+        raise OnnxExportError(
+            "kv_cache=True exports a Hugging Face causal LM's decode step (a model with a "
+            f"config and generate()); {type(model).__name__} is not one"
+        )
+    if kv_cache:
+        return _export_decode_step(model, args, dynamic)
     if hf:
         if len(args) != 1 or not isinstance(args[0], Tensor) or args[0].is_floating_point():
             raise OnnxExportError(
@@ -172,6 +183,47 @@ def _export_program(
             for axis, dim in zip(("batch", "seq"), val.shape):
                 if isinstance(dim, torch.SymInt):
                     names[str(dim)] = axis
+    return program, in_names, out_names, names
+
+
+def _export_decode_step(
+    model: nn.Module, args: tuple, dynamic: bool
+) -> tuple[torch.export.ExportedProgram, list[str], list[str], dict[str, str]]:
+    """The decode-step graph (``slimfx.backends.onnx_decode``): ids + cache → logits + cache."""
+    if len(args) != 1 or not isinstance(args[0], Tensor) or args[0].is_floating_point():
+        raise OnnxExportError(
+            "kv_cache=True: pass example_inputs=(ids,) with one integer tensor (batch, seq)"
+        )
+    ids = args[0].long()
+    ids = ids[None] if ids.dim() == 1 else ids
+    if dynamic:  # torch.export specializes axes of size 0 and 1: give it ≥ 2 of each
+        ids = ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    past = onnx_decode.empty_past(model.config, ids.shape[0], length=3, dtype=dtype)
+    wrapped = onnx_decode.DecodeStep(model, _WRAP)
+    auto = torch.export.Dim.AUTO
+    shapes: Any = (
+        ({0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past)) if dynamic else None
+    )
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        program = torch.export.export(
+            wrapped, (ids, tuple(past)), dynamic_shapes=shapes, strict=False
+        )
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    in_names, out_names = onnx_decode.io_names(wrapped.layers)
+    names: dict[str, str] = {}
+    if dynamic:
+        ph = [n for n in program.graph.nodes if n.op == "placeholder"][-len(in_names):]
+        for i, node in enumerate(ph):
+            val = node.meta.get("val")
+            axes = ("batch", "seq") if i == 0 else ("batch", None, "past_seq", None)
+            for axis, dim in zip(axes, () if val is None else val.shape):
+                if axis and isinstance(dim, torch.SymInt):
+                    names.setdefault(str(dim), axis)
     return program, in_names, out_names, names
 
 
@@ -362,11 +414,16 @@ def export_onnx(
     external_data: bool | None = None,
     opset: int | None = None,
     accuracy_level: int = 0,
+    kv_cache: bool = False,
 ) -> ExportResult:
     """Export ``model`` (dense or rewritten by slimfx) to ONNX at ``path``.
 
     - ``example_inputs``: positional inputs of one call; a Hugging Face causal LM takes
       ``(ids,)`` and is exported as ``input_ids → logits`` (``use_cache=False``).
+    - ``kv_cache``: export a causal LM's decode step instead, ``input_ids, past_key_i,
+      past_value_i → logits, present_key_i, present_value_i`` (``slimfx.backends.onnx_decode``):
+      one graph for prefill (empty cache) and per-token decode; :class:`OrtModel` runs it
+      (``step``, ``generate``).
     - ``dynamic``: batch and sequence axes of a causal LM (the leading axes of other models'
       inputs) stay symbolic, so one file serves any shape.
     - ``external_data``: weights in ``<path>.data``; ``None`` = only above 1.5 GB of weights.
@@ -391,7 +448,9 @@ def export_onnx(
             "no bfloat16 MatMul / MatMulNBits; export model.float() (or .half()) instead"
         )
     with torch.no_grad():
-        program, in_names, out_names, axis_names = _export_program(model, example_inputs, dynamic)
+        program, in_names, out_names, axis_names = _export_program(
+            model, example_inputs, dynamic, kv_cache
+        )
     _check_translatable(program)
 
     kwargs: dict[str, Any] = {}
@@ -487,76 +546,3 @@ def _annotate_report(model: nn.Module, result: ExportResult) -> None:
     for entry in getattr(rep, "sites", []):
         if entry.fqn in result.sites:
             entry.extra["onnx"] = result.sites[entry.fqn]
-
-
-# ------------------------------------------------------------------------------ runtime
-
-
-class OrtModel:
-    """An ONNX Runtime session (CPU provider, all graph optimizations) called like a model.
-
-    ``ort_model(ids)`` feeds the positional inputs to the graph inputs in order and returns the
-    first output — torch tensors in, a torch tensor out; numpy arrays in, a numpy array out —
-    so it plugs into ``slimfx.eval.perplexity_of_logits_fn(ort_model, windows)``.
-    ``ort_model.session`` is the ``onnxruntime.InferenceSession``.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        threads: int | None = None,
-        providers: Sequence[str] = ("CPUExecutionProvider",),
-    ) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        """All outputs for ``feeds`` (input name → array), as ``session.run`` returns them."""
-        return self.session.run(None, dict(feeds))
-
-    def __call__(self, *inputs: Tensor | np.ndarray) -> Tensor | np.ndarray:
-        if len(inputs) != len(self.input_names):
-            raise ValueError(
-                f"the graph takes {len(self.input_names)} input(s) {self.input_names}, "
-                f"got {len(inputs)}"
-            )
-        as_torch = any(isinstance(x, Tensor) for x in inputs)
-        arrays = [
-            x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x) for x in inputs
-        ]
-        arrays = [a.astype(np.int64) if a.dtype.kind in "iu" else a for a in arrays]
-        out = self.session.run(self.output_names[:1], dict(zip(self.input_names, arrays)))[0]
-        return torch.from_numpy(out) if as_torch else out
-
-    def __repr__(self) -> str:
-        return (
-            f"OrtModel({str(self.path)!r}, inputs={self.input_names}, outputs={self.output_names})"
-        )
-
-
-def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> OrtModel:
-    """Open an exported model with ONNX Runtime on CPU (graph optimizations on).
-
-    ``threads``: intra-op threads (ONNX Runtime's default — one per physical core — when
-    ``None``). The same in plain ONNX Runtime, without slimfx::
-
-        import numpy as np, onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.intra_op_num_threads = 4
-        sess = ort.InferenceSession("model.onnx", opts, providers=["CPUExecutionProvider"])
-        logits = sess.run(["logits"], {"input_ids": ids.astype(np.int64)})[0]
-
-    MatMulNBits is an ONNX Runtime contrib op (``com.microsoft`` domain): runtimes other than
-    ONNX Runtime may not run the quantized sites.
-    """
-    return OrtModel(path, threads=threads)

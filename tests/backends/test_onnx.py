@@ -310,3 +310,11 @@ def test_smollm2_optimized_ort_matches_torch(tmp_path):
     # logits reach ~30 in magnitude; fp32 with a different summation order over 30 layers
     assert diff < 5e-2
     assert abs(p_ort / p_torch - 1) < 0.01  # the stated acceptance bound: within 1%
+    # the decode-step graph: greedy decoding with the KV cache in ORT = torch's generate
+    kv = export_onnx(new, tmp_path / "smol_kv.onnx", (calib[0][:, :16],), kv_cache=True)
+    assert kv.op_counts.get("MatMulNBits", 0) == res.op_counts.get("MatMulNBits", 0)
+    prompt = windows[1:2, :32]
+    ref_tokens = new.generate(prompt, max_new_tokens=12, do_sample=False)
+    got = ort_session(kv.path).generate(prompt, 12)
+    print(f"{kv}\ntorch {ref_tokens[0, 32:].tolist()}\nort   {got[0, 32:].tolist()}")
+    assert torch.equal(got, ref_tokens)

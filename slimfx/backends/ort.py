@@ -1,0 +1,138 @@
+"""ONNX Runtime sessions for models that ``slimfx.backends.onnx.export_onnx`` wrote.
+
+    ort_model = ort_session("model.onnx", threads=4)
+    logits = ort_model(ids)                       # torch in → torch out; numpy → numpy
+    tokens = ort_model.generate(ids, 20)          # a kv_cache=True export: greedy, with the cache
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from slimfx.backends import onnx_decode
+
+__all__ = ["OrtModel", "ort_session"]
+
+
+class OrtModel:
+    """An ONNX Runtime session (CPU provider, all graph optimizations) called like a model.
+
+    ``ort_model(ids)`` feeds the positional inputs to the graph inputs in order and returns the
+    first output — torch tensors in, a torch tensor out; numpy arrays in, a numpy array out —
+    so it plugs into ``slimfx.eval.perplexity_of_logits_fn(ort_model, windows)``.
+    ``ort_model.session`` is the ``onnxruntime.InferenceSession``.
+
+    A decode-step graph (``export_onnx(..., kv_cache=True)``) takes ``ort_model(ids)`` with an
+    empty cache; ``step(ids, past)`` returns ``(logits, present)`` and ``generate(ids, n)``
+    decodes greedily with the cache (``kv_cache`` is True for such a graph).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        threads: int | None = None,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.kv_cache = onnx_decode.is_kv_graph(self.input_names)
+        first = self.session.get_inputs()[1] if self.kv_cache else None
+        self._float = np.float16 if first is not None and "float16" in first.type else np.float32
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        """All outputs for ``feeds`` (input name → array), as ``session.run`` returns them."""
+        return self.session.run(None, dict(feeds))
+
+    def step(
+        self, ids: Tensor | np.ndarray, past: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One decode-step call: ``(logits, present)`` for ``ids`` after the cache ``past``
+        (``None``: empty, i.e. prefill). ``present`` is the next call's ``past``."""
+        if not self.kv_cache:
+            raise ValueError(
+                f"{self.path.name} has no KV-cache inputs; export it with kv_cache=True"
+            )
+        arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+        arr = arr.astype(np.int64).reshape(-1, arr.shape[-1])
+        if past is None:
+            feeds = onnx_decode.empty_feeds(self.session, arr.shape[0], self._float)
+        else:
+            if len(past) != len(self.input_names) - 1:
+                raise ValueError(
+                    f"past has {len(past)} tensors, the graph takes {len(self.input_names) - 1}"
+                )
+            feeds = dict(zip(self.input_names[1:], past))
+        feeds[self.input_names[0]] = arr
+        out = self.session.run(None, feeds)
+        return out[0], out[1:]
+
+    def generate(self, ids: Tensor | np.ndarray, max_new_tokens: int) -> Tensor | np.ndarray:
+        """Greedy decoding with the KV cache: the prompt in one prefill call, then one token a
+        call; returns prompt + new tokens (torch in → torch out)."""
+        as_torch = isinstance(ids, Tensor)
+        seq = ids.detach().cpu().numpy() if as_torch else np.asarray(ids)
+        seq = seq.astype(np.int64).reshape(-1, seq.shape[-1])
+        logits, past = self.step(seq)
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            seq = np.concatenate([seq, nxt], axis=1)
+            if seq.shape[1] - ids.shape[-1] == max_new_tokens:
+                break
+            logits, past = self.step(nxt, past)
+        return torch.from_numpy(seq) if as_torch else seq
+
+    def __call__(self, *inputs: Tensor | np.ndarray) -> Tensor | np.ndarray:
+        if self.kv_cache and len(inputs) == 1:
+            out = self.step(inputs[0])[0]
+            return torch.from_numpy(out) if isinstance(inputs[0], Tensor) else out
+        if len(inputs) != len(self.input_names):
+            raise ValueError(
+                f"the graph takes {len(self.input_names)} input(s) {self.input_names}, "
+                f"got {len(inputs)}"
+            )
+        as_torch = any(isinstance(x, Tensor) for x in inputs)
+        arrays = [
+            x.detach().cpu().numpy() if isinstance(x, Tensor) else np.asarray(x) for x in inputs
+        ]
+        arrays = [a.astype(np.int64) if a.dtype.kind in "iu" else a for a in arrays]
+        out = self.session.run(self.output_names[:1], dict(zip(self.input_names, arrays)))[0]
+        return torch.from_numpy(out) if as_torch else out
+
+    def __repr__(self) -> str:
+        return (
+            f"OrtModel({str(self.path)!r}, inputs={self.input_names}, outputs={self.output_names})"
+        )
+
+
+def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> OrtModel:
+    """Open an exported model with ONNX Runtime on CPU (graph optimizations on).
+
+    ``threads``: intra-op threads (ONNX Runtime's default — one per physical core — when
+    ``None``). The same in plain ONNX Runtime, without slimfx::
+
+        import numpy as np, onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = 4
+        sess = ort.InferenceSession("model.onnx", opts, providers=["CPUExecutionProvider"])
+        logits = sess.run(["logits"], {"input_ids": ids.astype(np.int64)})[0]
+
+    MatMulNBits is an ONNX Runtime contrib op (``com.microsoft`` domain): runtimes other than
+    ONNX Runtime may not run the quantized sites.
+    """
+    return OrtModel(path, threads=threads)

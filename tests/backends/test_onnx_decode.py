@@ -1,0 +1,152 @@
+"""The decode-step export (``export_onnx(..., kv_cache=True)``) and its ONNX Runtime session.
+
+A tiny Llama rewritten by a hand-written Plan (low-rank, int4, int8, 2:4) is exported once as
+``ids + KV cache → logits + KV cache`` and checked for: graph inputs/outputs and their dynamic
+axes; the slimfx op translations (same MatMulNBits count as the plain export); prefill logits,
+one decode step after a torch-computed cache, and greedy generation against the torch model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("transformers")
+
+from slimfx.api import find_sites  # noqa: E402
+from slimfx.backends.onnx import OnnxExportError, export_onnx  # noqa: E402
+from slimfx.backends.ort import ort_session  # noqa: E402
+from slimfx.passes.swap import apply_plan  # noqa: E402
+from slimfx.planning.configs import LowRankConfig, QuantConfig, Sparse24Config  # noqa: E402
+from slimfx.planning.plan import Plan  # noqa: E402
+
+L0, L1 = "model.layers.0", "model.layers.1"
+PLAN = {
+    f"{L0}.self_attn.q_proj": LowRankConfig(8, "svd"),
+    f"{L0}.mlp.up_proj": QuantConfig(4, 32, False),
+    f"{L1}.mlp.gate_proj": QuantConfig(8, None, True),
+    f"{L1}.mlp.down_proj": Sparse24Config("magnitude", False),
+}
+# fp32 throughout; MatMulNBits at accuracy_level 0 dequantizes to fp32 and sums in another
+# order than torch: logits (|logit| ≲ 2 here) agree to ~1e-6. 1e-4 still catches a wrong
+# cache position or a dropped cache (those move logits by > 1e-2).
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def decode(tmp_path_factory):
+    """``(rewritten model, ExportResult, OrtModel)`` of the decode-step export."""
+    from slimfx.models import tiny_llama
+
+    model = tiny_llama(seed=3)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    sites, _ = find_sites(model, ((), {"input_ids": ids, "use_cache": False}))
+    new, res = apply_plan(model, Plan(dict(PLAN), {}), sites)
+    assert {r.fqn for r in res.applied()} == set(PLAN)
+    path = tmp_path_factory.mktemp("onnx_kv") / "tiny_kv.onnx"
+    result = export_onnx(new, path, (ids[:1, :1],), kv_cache=True)  # (1, 1): still dynamic
+    return new, result, ort_session(path, threads=1)
+
+
+def _dims(value) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def test_graph_io_names_and_dynamic_axes(decode):
+    model, result, ort_model = decode
+    layers = model.config.num_hidden_layers
+    assert ort_model.kv_cache
+    assert ort_model.input_names == ["input_ids"] + [
+        f"past_{kv}_{i}" for i in range(layers) for kv in ("key", "value")
+    ]
+    assert ort_model.output_names[0] == "logits"
+    assert ort_model.output_names[1:] == [
+        f"present_{kv}_{i}" for i in range(layers) for kv in ("key", "value")
+    ]
+    g = onnx.load(str(result.path), load_external_data=False).graph
+    assert _dims(g.input[0]) == ["batch", "seq"]
+    assert _dims(g.input[1]) == ["batch", 2, "past_seq", 16]  # 2 kv heads, head_dim 16
+    assert _dims(g.output[0]) == ["batch", "seq", 256]
+
+
+def test_slimfx_sites_translated_like_the_plain_export(decode):
+    _, result, _ = decode
+    assert result.op_counts["MatMulNBits"] == 2  # int4 and int8 sites
+    assert set(result.sites) == set(PLAN)
+    assert "2:4 densified" in result.sites[f"{L1}.mlp.down_proj"]
+    assert result.sites[f"{L0}.self_attn.q_proj"].count("MatMul") >= 1
+
+
+def test_prefill_and_one_decode_step_match_torch(decode):
+    model, _, ort_model = decode
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, 256, (2, 7), generator=g)
+    nxt = torch.randint(0, 256, (2, 1), generator=g)
+    with torch.no_grad():
+        out = model(input_ids=prompt, use_cache=True)
+        ref_step = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    logits, present = ort_model.step(prompt)  # empty cache: a prefill
+    np.testing.assert_allclose(logits, out.logits.numpy(), atol=ATOL, rtol=0)
+    assert present[0].shape == (2, 2, 7, 16)
+    step_logits, present2 = ort_model.step(nxt, present)
+    np.testing.assert_allclose(step_logits, ref_step.logits.numpy(), atol=ATOL, rtol=0)
+    assert present2[0].shape == (2, 2, 8, 16)
+    # the cache the graph returns is the cache torch holds
+    k_torch = ref_step.past_key_values.layers[1].keys.numpy()
+    np.testing.assert_allclose(present2[2], k_torch, atol=ATOL, rtol=0)
+    # ort_model(ids) on a decode-step graph: an empty cache, the logits only
+    np.testing.assert_allclose(ort_model(prompt.numpy()), out.logits.numpy(), atol=ATOL, rtol=0)
+
+
+def test_decoding_without_the_cache_would_differ(decode):
+    """The step uses the cache: feeding a zero cache of the same length changes the logits."""
+    model, _, ort_model = decode
+    prompt = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(6))
+    _, present = ort_model.step(prompt)
+    nxt = np.array([[17]])
+    good = ort_model.step(nxt, present)[0]
+    zeros = ort_model.step(nxt, [np.zeros_like(p) for p in present])[0]
+    assert np.abs(good - zeros).max() > 1e-2
+
+
+def test_greedy_generation_matches_hf_generate(decode):
+    model, _, ort_model = decode
+    prompt = torch.tensor([[5, 77, 140, 9, 201, 33]])
+    ref = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    got = ort_model.generate(prompt, 12)
+    assert got.shape == (1, 18)
+    assert torch.equal(got, ref)
+    assert torch.equal(ort_model.generate(prompt, 0), prompt)
+
+
+def test_kv_cache_needs_a_causal_lm(tmp_path):
+    with pytest.raises(OnnxExportError, match="kv_cache=True exports a Hugging Face causal LM"):
+        export_onnx(nn.Linear(4, 4), tmp_path / "x.onnx", (torch.randn(2, 4),), kv_cache=True)
+
+
+def test_step_on_a_graph_without_cache_inputs_says_so(tmp_path):
+    res = export_onnx(nn.Sequential(nn.Linear(4, 4)), tmp_path / "p.onnx", (torch.randn(2, 4),))
+    plain = ort_session(res.path)
+    assert not plain.kv_cache
+    with pytest.raises(ValueError, match="export it with kv_cache=True"):
+        plain.step(np.zeros((1, 1), dtype=np.int64))
+
+
+def test_wrong_cache_length_is_refused(decode):
+    _, _, ort_model = decode
+    with pytest.raises(ValueError, match="past has 1 tensors, the graph takes 4"):
+        ort_model.step(np.array([[1]]), [np.zeros((1, 2, 1, 16), np.float32)])
+
+
+def test_op_counter_sanity(decode):
+    """The export's op counts are the saved graph's (guards the decode path's bookkeeping)."""
+    _, result, _ = decode
+    g = onnx.load(str(result.path), load_external_data=False).graph
+    assert Counter(n.op_type for n in g.node) == Counter(result.op_counts)

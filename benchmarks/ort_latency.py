@@ -1,19 +1,21 @@
 """ONNX Runtime CPU latency and perplexity of SmolLM2-135M: dense vs slimfx vs ORT's own int4.
 
     .venv/bin/python benchmarks/ort_latency.py [--budgets 0.8,0.5,0.3] [--threads 2]
-        [--windows 4] [--reps 5] [--decode-reps 30] [--past 256] [--families lowrank,int4,int8]
+        [--windows 4] [--reps 5] [--decode-reps 30] [--past 256]
+        [--families lowrank,int4,int8,int4_gptq] [--no-fisher]
         [--accuracy-level 0] [--out DIR] [--json out.json]
 
 Variants, all exported from the same fp32 model and run side by side in one process:
 
 - ``dense``: ``export_onnx`` of the unmodified model (MatMul on fp32 weights);
 - ``slimfx b=<budget>``: ``slimfx.optimize(model, budget, families=…, backend="onnx",
-  exclude=["lm_head"])`` on news calibration text (8 windows of 256 tokens), exported with
-  ``export_onnx`` (low-rank → two MatMul, int4/int8 → MatMulNBits); ``backend="onnx"`` keeps
-  2:4 out (ORT would run it dense). The budget is a fraction of the 16-bit bytes of the 210
-  transformer-block linears: ``lm_head`` shares its weight with the embedding, stays dense in
-  every variant (the ORT quantizer cannot see it either: its weight reaches MatMul through a
-  Transpose) and would make 0.3 infeasible (a compressed lm_head keeps a dense copy);
+  exclude=["lm_head"], fisher=True)`` on news calibration text (8 windows of 256 tokens),
+  exported with ``export_onnx`` (low-rank → two MatMul, int4/int8 → MatMulNBits);
+  ``backend="onnx"`` keeps 2:4 out (ORT would run it dense). The budget is a fraction of the
+  16-bit bytes of the 210 transformer-block linears: ``lm_head`` shares its weight with the
+  embedding, stays dense in every variant (the ORT quantizer cannot see it either: its weight
+  reaches MatMul through a Transpose) and would make 0.3 infeasible (a compressed lm_head
+  keeps a dense copy);
 - ``ort int4 b<32|128>``: ONNX Runtime's ``MatMulNBitsQuantizer`` (RTN, asymmetric, 4 bits)
   applied to the dense ONNX file — the peer at about the same bytes as slimfx's lowest budget
   (int4 + a 16-bit scale + a 4-bit zero point per block: 4.63 bits/weight at block 32 = 0.29
@@ -88,7 +90,8 @@ def _count(path: Path) -> dict[str, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--budgets", default="0.8,0.5,0.3")
-    p.add_argument("--families", default="lowrank,int4,int8")
+    p.add_argument("--families", default="lowrank,int4,int8,int4_gptq")
+    p.add_argument("--no-fisher", action="store_true", help="unweighted solver errors")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--windows", type=int, default=4, help="held-out windows for perplexity")
     p.add_argument("--n-calib", type=int, default=8)
@@ -134,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             families=tuple(a.families.split(",")),
             backend="onnx",
             exclude=["lm_head"],
+            fisher=not a.no_fisher,
             progress=False,
         )
         rep = slimfx.report_of(new)

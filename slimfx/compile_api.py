@@ -59,25 +59,8 @@ def plan_for_compile(
         raise ValueError("plan_for_compile needs budget= or plan=")
     if calibration is None and example_inputs is None:
         raise ValueError("solving a budget needs calibration data (or example_inputs with plan=)")
-    pl = api.plan_model(
-        model,
-        budget,
-        calibration=calibration,
-        tokenizer=tokenizer,
-        plan=plan,
-        target=target,
-        workload=workload,
-        families=families,
-        fisher=fisher,
-        solver=solver,
-        heldout=heldout,
-        example_inputs=example_inputs,
-        seq_len=seq_len,
-        latency_cache=latency_cache,
-        include=include,
-        exclude=exclude,
-        progress=progress,
-    )
+    # every planning option of this signature, by name (``backend`` keeps plan_model's default)
+    pl = api.plan_model(model, budget, **api._planning_options(locals()))
     seconds = time.perf_counter() - t_start
 
     def build_report(result: PassResult) -> Report:

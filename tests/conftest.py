@@ -67,3 +67,15 @@ def tiny_mlp() -> nn.Sequential:
         nn.ReLU(),
         nn.Linear(32, 8),
     ).eval()
+
+
+@pytest.fixture(scope="module")
+def one_thread():  # noqa: ANN201
+    """One intra-op thread for a whole test module, restored after it. Opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``: on the shared 2-core machine, two
+    OpenMP threads competing with other jobs made many small products ~40× slower (measured
+    58 s → 1.4 s for tests/cost/test_family_sparse.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

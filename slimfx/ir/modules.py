@@ -7,17 +7,33 @@ Every class can be built empty from ``(decision, in_features, out_features, bias
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from slimfx.ir import ops
-from slimfx.planning.configs import Decision, LowRankConfig
+from slimfx.planning.configs import Decision, LowRankConfig, LowRankQuantConfig, QuantConfig
 
 __all__ = ["SlimLinear", "LowRankLinear", "MODULES", "module_for"]
 
 
+#: where a module's tensors live (the ``device`` argument of every constructor below)
+_Device = torch.device | str | None
+
+
+def _param(*shape: int, dtype: torch.dtype, device: _Device) -> nn.Parameter:
+    """An uninitialized Parameter (filled by ``load_factors`` or ``load_state_dict``)."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
+
+
 class SlimLinear(nn.Module):
-    """Base of rewritten linears: remembers its decision and the dense shape it replaces."""
+    """Base of rewritten linears: remembers its decision and the dense shape it replaces.
+
+    Subclasses take ``(decision, in_features, out_features, bias, dtype, device)`` and build
+    their tensors with the ``_init_*`` helpers below, so each storage (low-rank factors,
+    quantized codes, bias) has one layout and one set of names (the state-dict keys).
+    """
 
     decision_kind: str = "abstract"
 
@@ -37,8 +53,13 @@ class SlimLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> SlimLinear:
-        """An instance with correctly shaped, uninitialized tensors (for load_state_dict)."""
-        raise NotImplementedError
+        """An instance with correctly shaped, uninitialized tensors (for load_state_dict).
+
+        Every subclass constructor takes these six arguments, in this order."""
+        if cls.decision_kind == "abstract":
+            raise NotImplementedError
+        make: Any = cls  # the subclass signature, not SlimLinear's three arguments
+        return make(decision, in_features, out_features, bias, dtype, device)
 
     def load_factors(self, tensors: dict[str, Tensor], bias: Tensor | None) -> SlimLinear:
         """Copy the tensors ``factorize`` produced (names match parameters/buffers)."""
@@ -50,6 +71,44 @@ class SlimLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.decision.short()}"
+
+    # ---- storage helpers (called from subclass constructors; they fix the tensor names)
+
+    def _init_bias(self, bias: bool, dtype: torch.dtype, device: _Device) -> None:
+        """``bias`` (Parameter, out) or ``None``."""
+        self.bias = _param(self.out_features, dtype=dtype, device=device) if bias else None
+
+    def _init_lowrank(self, rank: int, dtype: torch.dtype, device: _Device) -> None:
+        """``U`` (Parameter, out × rank) and ``V`` (Parameter, rank × in)."""
+        self.U = _param(self.out_features, rank, dtype=dtype, device=device)
+        self.V = _param(rank, self.in_features, dtype=dtype, device=device)
+
+    def _init_quant(
+        self,
+        decision: QuantConfig | LowRankQuantConfig,
+        op_name: str,
+        dtype: torch.dtype,
+        device: _Device,
+    ) -> None:
+        """Integer codes for a weight-only quantized ``decision`` (``bits``, ``group_size``,
+        ``symmetric``): attributes ``bits`` and ``group_size`` (``in_features`` when per
+        channel), persistent buffers ``qweight`` uint8 (out × in/2 for int4, out × in for
+        int8), ``scales`` (out × n_groups, ``dtype``) and ``zeros`` uint8 (out × n_groups, or
+        ``None`` when symmetric). ``op_name`` names the kernel in the bits error."""
+        in_f, out_f = self.in_features, self.out_features
+        if decision.bits not in (4, 8):
+            raise ValueError(f"bits {decision.bits} has no kernel ({op_name} runs 4 or 8)")
+        G = in_f if decision.group_size is None else decision.group_size
+        if in_f % G:
+            raise ValueError(f"in_features {in_f} is not a multiple of group size {G}")
+        self.bits, self.group_size = decision.bits, G
+        n_groups = in_f // G
+        width = (in_f + 1) // 2 if decision.bits == 4 else in_f
+        u8 = {"dtype": torch.uint8, "device": device}
+        self.register_buffer("qweight", torch.zeros(out_f, width, **u8))
+        self.register_buffer("scales", torch.ones(out_f, n_groups, dtype=dtype, device=device))
+        zeros = None if decision.symmetric else torch.zeros(out_f, n_groups, **u8)
+        self.register_buffer("zeros", zeros)
 
 
 class LowRankLinear(SlimLinear):
@@ -67,16 +126,8 @@ class LowRankLinear(SlimLinear):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(decision, in_features, out_features)
-        r = decision.rank
-        self.U = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
-        self.V = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        )
-
-    @classmethod
-    def empty(cls, decision, in_features, out_features, bias, dtype=torch.float32, device=None):  # noqa: ANN001
-        return cls(decision, in_features, out_features, bias, dtype, device)
+        self._init_lowrank(decision.rank, dtype, device)
+        self._init_bias(bias, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.lowrank_linear(x, self.U, self.V, self.bias)

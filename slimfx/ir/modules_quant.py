@@ -12,7 +12,7 @@ symmetric). ``bias`` is a Parameter when present. ``G`` is the config's group si
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from slimfx.ir import ops_quant
 from slimfx.ir.modules import MODULES, SlimLinear
@@ -36,29 +36,8 @@ class QuantLinear(SlimLinear):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(decision, in_features, out_features)
-        if decision.bits not in (4, 8):
-            raise ValueError(f"bits {decision.bits} has no kernel (quant_linear runs 4 or 8)")
-        G = in_features if decision.group_size is None else decision.group_size
-        if in_features % G:
-            raise ValueError(f"in_features {in_features} is not a multiple of group size {G}")
-        self.bits = decision.bits
-        self.group_size = G
-        n_groups = in_features // G
-        width = (in_features + 1) // 2 if decision.bits == 4 else in_features
-        u8 = {"dtype": torch.uint8, "device": device}
-        self.register_buffer("qweight", torch.zeros(out_features, width, **u8))
-        self.register_buffer(
-            "scales", torch.ones(out_features, n_groups, dtype=dtype, device=device)
-        )
-        zeros = None if decision.symmetric else torch.zeros(out_features, n_groups, **u8)
-        self.register_buffer("zeros", zeros)
-        self.bias = (
-            nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
-        )
-
-    @classmethod
-    def empty(cls, decision, in_features, out_features, bias, dtype=torch.float32, device=None):  # noqa: ANN001
-        return cls(decision, in_features, out_features, bias, dtype, device)
+        self._init_quant(decision, "quant_linear", dtype, device)
+        self._init_bias(bias, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops_quant.quant_linear(

@@ -12,17 +12,13 @@ Integer tensors are persistent buffers (``meta``, ``qweight``, ``zeros``; ``scal
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from slimfx.ir import ops_sparse
-from slimfx.ir.modules import MODULES, SlimLinear
+from slimfx.ir.modules import MODULES, SlimLinear, _Device, _param
 from slimfx.planning.configs import LowRankQuantConfig, Sparse24Config, Sparse24LowRankConfig
 
 __all__ = ["Sparse24Linear", "LowRankQuantLinear", "Sparse24LowRankLinear"]
-
-
-def _param(*shape: int, dtype: torch.dtype, device: torch.device | str | None) -> nn.Parameter:
-    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device))
 
 
 def _check_in(in_features: int) -> None:
@@ -36,9 +32,8 @@ def _check_in(in_features: int) -> None:
 class _SparseStorage(SlimLinear):
     """``values`` (Parameter, out × in/2) and ``meta`` (uint8 buffer, out × in/8)."""
 
-    def _init_sparse(
-        self, in_f: int, out_f: int, dtype: torch.dtype, device: torch.device | str | None
-    ) -> None:
+    def _init_sparse(self, dtype: torch.dtype, device: _Device) -> None:
+        in_f, out_f = self.in_features, self.out_features
         _check_in(in_f)
         self.values = _param(out_f, in_f // 2, dtype=dtype, device=device)
         self.register_buffer(
@@ -65,20 +60,8 @@ class Sparse24Linear(_SparseStorage):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(decision, in_features, out_features)
-        self._init_sparse(in_features, out_features, dtype, device)
-        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
-
-    @classmethod
-    def empty(  # noqa: D102  (SlimLinear.empty)
-        cls,
-        decision,
-        in_features,
-        out_features,
-        bias,
-        dtype=torch.float32,
-        device=None,  # noqa: ANN001
-    ):
-        return cls(decision, in_features, out_features, bias, dtype, device)
+        self._init_sparse(dtype, device)
+        self._init_bias(bias, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops_sparse.sparse24_linear(x, self.values, self.meta, self.bias)
@@ -99,38 +82,9 @@ class LowRankQuantLinear(SlimLinear):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(decision, in_features, out_features)
-        if decision.bits not in (4, 8):
-            raise ValueError(
-                f"bits {decision.bits} has no kernel (quant_lowrank_linear runs 4 or 8)"
-            )
-        G = in_features if decision.group_size is None else decision.group_size
-        if in_features % G:
-            raise ValueError(f"in_features {in_features} is not a multiple of group size {G}")
-        self.bits, self.group_size = decision.bits, G
-        n_groups = in_features // G
-        width = (in_features + 1) // 2 if decision.bits == 4 else in_features
-        u8 = {"dtype": torch.uint8, "device": device}
-        self.register_buffer("qweight", torch.zeros(out_features, width, **u8))
-        self.register_buffer(
-            "scales", torch.ones(out_features, n_groups, dtype=dtype, device=device)
-        )
-        zeros = None if decision.symmetric else torch.zeros(out_features, n_groups, **u8)
-        self.register_buffer("zeros", zeros)
-        self.U = _param(out_features, decision.rank, dtype=dtype, device=device)
-        self.V = _param(decision.rank, in_features, dtype=dtype, device=device)
-        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
-
-    @classmethod
-    def empty(  # noqa: D102  (SlimLinear.empty)
-        cls,
-        decision,
-        in_features,
-        out_features,
-        bias,
-        dtype=torch.float32,
-        device=None,  # noqa: ANN001
-    ):
-        return cls(decision, in_features, out_features, bias, dtype, device)
+        self._init_quant(decision, "quant_lowrank_linear", dtype, device)
+        self._init_lowrank(decision.rank, dtype, device)
+        self._init_bias(bias, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops_sparse.quant_lowrank_linear(
@@ -161,22 +115,9 @@ class Sparse24LowRankLinear(_SparseStorage):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(decision, in_features, out_features)
-        self._init_sparse(in_features, out_features, dtype, device)
-        self.U = _param(out_features, decision.rank, dtype=dtype, device=device)
-        self.V = _param(decision.rank, in_features, dtype=dtype, device=device)
-        self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
-
-    @classmethod
-    def empty(  # noqa: D102  (SlimLinear.empty)
-        cls,
-        decision,
-        in_features,
-        out_features,
-        bias,
-        dtype=torch.float32,
-        device=None,  # noqa: ANN001
-    ):
-        return cls(decision, in_features, out_features, bias, dtype, device)
+        self._init_sparse(dtype, device)
+        self._init_lowrank(decision.rank, dtype, device)
+        self._init_bias(bias, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops_sparse.sparse24_lowrank_linear(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import correlated_gram, gen, lowrank_plus_noise
 
 from slimfx.cost import FAMILIES
 from slimfx.cost.families import SiteContext
@@ -28,30 +29,8 @@ from slimfx.planning.configs import (
     Sparse24LowRankConfig,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Run this module's small tensor ops on one intra-op thread: on the shared 2-core
-    machine, two OpenMP threads competing with other jobs made the many small products here
-    ~40× slower (measured 58 s → 1.4 s for tests/cost/test_family_sparse.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _gram(in_f: int, seed: int = 0) -> torch.Tensor:
-    """Correlated inputs with log-normal channel scales."""
-    g = _gen(seed)
-    mix = torch.eye(in_f) + 2 * torch.randn(in_f, in_f, generator=g) / in_f**0.5
-    X = (torch.randn(1024, in_f, generator=g) @ mix) * torch.exp(
-        0.5 * torch.randn(in_f, generator=g)
-    )
-    return (X.T @ X).to(torch.float64)
+# one intra-op thread for this module's many small products (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ctx(W: torch.Tensor, gram: torch.Tensor | None) -> SiteContext:
@@ -60,17 +39,9 @@ def _ctx(W: torch.Tensor, gram: torch.Tensor | None) -> SiteContext:
     return SiteContext(site, W, gram)
 
 
-def _weight(out_f: int, in_f: int, seed: int = 1) -> torch.Tensor:
-    """A rank-8 component plus heavy-tailed noise: neither low rank nor easy to quantize."""
-    g = _gen(seed)
-    low = torch.randn(out_f, 8, generator=g) @ torch.randn(8, in_f, generator=g) * 0.3
-    noise = torch.randn(out_f, in_f, generator=g)
-    return low + noise * (1 + 3 * (torch.rand(out_f, in_f, generator=g) < 0.01))
-
-
 @pytest.fixture(scope="module")
 def ctx() -> SiteContext:
-    return _ctx(_weight(96, 128), _gram(128))
+    return _ctx(lowrank_plus_noise(96, 128), correlated_gram(128))
 
 
 def test_families_are_registered() -> None:
@@ -169,7 +140,8 @@ def test_lowrank_quant_ladder_and_lqlora_pairs(ctx: SiteContext) -> None:
 
 
 def test_lowrank_quant_skips_groups_that_do_not_divide() -> None:
-    ctx = _ctx(_weight(16, 96), _gram(96))  # 96 = 1.5 × 64: no int4 g64/g128 form fits
+    # 96 = 1.5 × 64: no int4 g64/g128 form fits
+    ctx = _ctx(lowrank_plus_noise(16, 96), correlated_gram(96))
     assert explain_lowrank_quant(ctx) == []
 
 
@@ -179,9 +151,9 @@ def test_lowrank_quant_skips_groups_that_do_not_divide() -> None:
 def test_filter_drops_combos_on_an_exactly_low_rank_weight() -> None:
     # W of rank 6: plain low-rank at any rank ≥ 6 is exact, and every combined form here has
     # the bytes of rank ≥ 6, so no combination can beat it
-    g = _gen(2)
+    g = gen(2)
     W = torch.randn(48, 6, generator=g) @ torch.randn(6, 64, generator=g)
-    ctx = _ctx(W, _gram(64))
+    ctx = _ctx(W, correlated_gram(64))
     lq, sl = explain_lowrank_quant(ctx), explain_sparse24_lowrank(ctx)
     assert lq and sl
     for v in lq + sl:
@@ -193,9 +165,9 @@ def test_filter_drops_combos_on_an_exactly_low_rank_weight() -> None:
 def test_filter_drops_lorc_that_int4_g32_alone_beats() -> None:
     # W already on an int4 g32 grid (integer zero points): int4 g32 alone is exact (error 0),
     # and every g64 / g128 + rank-r form has at least its bytes
-    W = _weight(64, 128)
+    W = lowrank_plus_noise(64, 128)
     W = dequantize(quantize(W, None, 4, 32, False, "rtn"), 4, 32, False, 128)
-    ctx = _ctx(W, _gram(128))
+    ctx = _ctx(W, correlated_gram(128))
     verdicts = explain_lowrank_quant(ctx)
     assert verdicts and not any(v.kept for v in verdicts)
     assert all("int4 g32 asym gptq alone is as good" in v.reason for v in verdicts)
@@ -224,7 +196,7 @@ def test_sparse24_lowrank_beats_both_parts(ctx: SiteContext) -> None:
 
 
 def test_sparse24_lowrank_without_gram_uses_magnitude() -> None:
-    ctx = _ctx(_weight(32, 64), None)
+    ctx = _ctx(lowrank_plus_noise(32, 64), None)
     verdicts = explain_sparse24_lowrank(ctx)
     assert {v.candidate.decision.mask for v in verdicts} == {"magnitude"}
     assert explain_sparse24_lowrank(_ctx(torch.randn(8, 36), None)) == []

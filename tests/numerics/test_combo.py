@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import correlated_gram, gen, lowrank_plus_noise
 
 from slimfx.numerics import factorize, reconstruct, relative_output_error
 from slimfx.numerics.combo import (
@@ -20,36 +21,8 @@ from slimfx.numerics.quant import dequantize
 from slimfx.numerics.sparse import prune24, unpack24
 from slimfx.planning.configs import LowRankQuantConfig, Sparse24LowRankConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Run this module's small tensor ops on one intra-op thread: on the shared 2-core
-    machine, two OpenMP threads competing with other jobs made the many small products here
-    ~40× slower (measured 58 s → 1.4 s for tests/cost/test_family_sparse.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def correlated_gram(in_f: int, n: int = 1024, seed: int = 0) -> torch.Tensor:
-    """XᵀX of correlated inputs with log-normal channel scales."""
-    g = _gen(seed)
-    mix = torch.eye(in_f) + 2 * torch.randn(in_f, in_f, generator=g) / in_f**0.5
-    X = (torch.randn(n, in_f, generator=g) @ mix) * torch.exp(0.5 * torch.randn(in_f, generator=g))
-    return (X.T @ X).to(torch.float64)
-
-
-def weight(out_f: int, in_f: int, seed: int = 1) -> torch.Tensor:
-    """A rank-8 component plus heavy-tailed noise (1% of entries 4× larger)."""
-    g = _gen(seed)
-    low = torch.randn(out_f, 8, generator=g) @ torch.randn(8, in_f, generator=g) * 0.3
-    noise = torch.randn(out_f, in_f, generator=g)
-    return low + noise * (1 + 3 * (torch.rand(out_f, in_f, generator=g) < 0.01))
+# one intra-op thread for this module's many small products (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _lq_approx(t: dict[str, torch.Tensor], g: int, sym: bool = False) -> torch.Tensor:
@@ -59,7 +32,7 @@ def _lq_approx(t: dict[str, torch.Tensor], g: int, sym: bool = False) -> torch.T
 
 @pytest.fixture(scope="module")
 def case() -> tuple[torch.Tensor, torch.Tensor]:
-    return weight(96, 128), correlated_gram(128)
+    return lowrank_plus_noise(96, 128), correlated_gram(128)
 
 
 # ------------------------------------------------------------------------------ LoRC
@@ -103,7 +76,7 @@ def test_lorc_factors_are_the_whitened_fit_of_the_residual(case) -> None:  # noq
 
 
 def test_lorc_without_gram_is_rtn_plus_plain_svd() -> None:
-    W = weight(32, 64)
+    W = lowrank_plus_noise(32, 64)
     t = lorc(W, None, 4, 4, 32)
     q = quantize(W, None, 4, 32, False, "rtn")
     assert torch.equal(t["qweight"], q["qweight"])
@@ -234,8 +207,8 @@ def test_bf16_weights_keep_their_dtype(case) -> None:  # noqa: ANN001
 def test_output_error_shortcut_matches_direct(case) -> None:  # noqa: ANN001
     W, G = case
     m = OutputError(W, G)
-    E = torch.randn(96, 128, generator=_gen(3))
-    U, V = torch.randn(96, 4, generator=_gen(4)), torch.randn(4, 128, generator=_gen(5))
+    E = torch.randn(96, 128, generator=gen(3))
+    U, V = torch.randn(96, 4, generator=gen(4)), torch.randn(4, 128, generator=gen(5))
     direct = m.sq(E - U @ V)
     # both sides form E·G in float32 (sums in float64)
     assert m.with_lowrank(m.sq(E), E, U, V) == pytest.approx(direct, rel=1e-5)

@@ -6,6 +6,8 @@ import itertools
 
 import pytest
 import torch
+from _helpers import correlated_gram as _correlated_gram
+from _helpers import gen
 
 from slimfx.numerics import factorize, reconstruct, relative_output_error
 from slimfx.numerics.sparse import (
@@ -19,29 +21,14 @@ from slimfx.numerics.sparse import (
 )
 from slimfx.planning.configs import Sparse24Config
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Run this module's small tensor ops on one intra-op thread: on the shared 2-core
-    machine, two OpenMP threads competing with other jobs made the many small products here
-    ~40× slower (measured 58 s → 1.4 s for tests/cost/test_family_sparse.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+# one intra-op thread for this module's many small products (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def correlated_gram(in_f: int, n: int = 1024, seed: int = 0) -> torch.Tensor:
-    """XᵀX of inputs with correlated channels and log-normal channel scales (as LLM
-    activations: a few channels carry most of the energy)."""
-    g = _gen(seed)
-    mix = torch.eye(in_f) + 2 * torch.randn(in_f, in_f, generator=g) / in_f**0.5
-    X = (torch.randn(n, in_f, generator=g) @ mix) * torch.exp(torch.randn(in_f, generator=g))
-    return (X.T @ X).to(torch.float64)
+    """``_helpers.correlated_gram`` with log channel scales of spread 1.0 (this module's data
+    since it was written; the combined-form tests use 0.5)."""
+    return _correlated_gram(in_f, n, seed, channel_spread=1.0)
 
 
 def _groups_of_four(mask: torch.Tensor) -> torch.Tensor:
@@ -53,7 +40,7 @@ def _groups_of_four(mask: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda"])
 def test_mask_keeps_exactly_two_of_every_four(method: str) -> None:
-    W = torch.randn(16, 64, generator=_gen(0))
+    W = torch.randn(16, 64, generator=gen(0))
     m = mask24(W, method, correlated_gram(64))
     assert m.dtype == torch.bool and m.shape == W.shape
     assert bool((_groups_of_four(m) == 2).all())
@@ -62,7 +49,7 @@ def test_mask_keeps_exactly_two_of_every_four(method: str) -> None:
 
 
 def test_magnitude_mask_keeps_the_two_largest() -> None:
-    W = torch.randn(8, 32, generator=_gen(1))
+    W = torch.randn(8, 32, generator=gen(1))
     m = mask24(W, "magnitude")
     kept = W.abs().masked_fill(~m, float("inf")).reshape(8, 8, 4).amin(-1)
     dropped = W.abs().masked_fill(m, float("-inf")).reshape(8, 8, 4).amax(-1)
@@ -93,7 +80,7 @@ def test_mask_rejects_bad_shapes_and_methods() -> None:
     ("method", "compensate"), list(itertools.product(["magnitude", "wanda"], [False, True]))
 )
 def test_pruned_weight_is_24(method: str, compensate: bool) -> None:
-    W = torch.randn(24, 64, generator=_gen(2))
+    W = torch.randn(24, 64, generator=gen(2))
     P = prune24(W, method, correlated_gram(64), compensate)
     assert P.shape == W.shape and P.dtype == W.dtype
     assert bool((_groups_of_four(P != 0) <= 2).all())
@@ -101,7 +88,7 @@ def test_pruned_weight_is_24(method: str, compensate: bool) -> None:
 
 
 def test_without_compensation_kept_weights_are_unchanged() -> None:
-    W = torch.randn(8, 32, generator=_gen(3))
+    W = torch.randn(8, 32, generator=gen(3))
     G = correlated_gram(32)
     m = mask24(W, "wanda", G)
     P = prune24(W, "wanda", G, compensate=False)
@@ -111,7 +98,7 @@ def test_without_compensation_kept_weights_are_unchanged() -> None:
 def test_compensation_with_identity_gram_changes_nothing() -> None:
     # H = (1+λ)·I: the inverse-Hessian factor is diagonal, so no weight is updated and the
     # OBS saliency w²/[H⁻¹]_jj orders like |w|
-    W = torch.randn(8, 64, generator=_gen(4))
+    W = torch.randn(8, 64, generator=gen(4))
     eye = torch.eye(64, dtype=torch.float64)
     plain = prune24(W, "magnitude")
     assert torch.equal(prune24(W, "magnitude", eye, True), plain)
@@ -120,7 +107,7 @@ def test_compensation_with_identity_gram_changes_nothing() -> None:
 
 
 def test_wanda_beats_magnitude_and_compensation_beats_both() -> None:
-    W = torch.randn(64, 128, generator=_gen(5))
+    W = torch.randn(64, 128, generator=gen(5))
     G = correlated_gram(128, seed=5)
     err = {
         name: relative_output_error(W, prune24(W, m, G, c), G)
@@ -137,7 +124,7 @@ def test_wanda_beats_magnitude_and_compensation_beats_both() -> None:
 
 def test_compensation_helps_a_fixed_mask() -> None:
     # with the mask held fixed, the sweep only moves kept weights: it must lower the error
-    W = torch.randn(32, 64, generator=_gen(6))
+    W = torch.randn(32, 64, generator=gen(6))
     G = correlated_gram(64, seed=6)
     m = mask24(W, "wanda", G)
     fixed = prune24(W, "wanda", G, compensate=True, mask=m)
@@ -148,7 +135,7 @@ def test_compensation_helps_a_fixed_mask() -> None:
 
 
 def test_dead_input_channels_are_handled() -> None:
-    W = torch.randn(8, 32, generator=_gen(7))
+    W = torch.randn(8, 32, generator=gen(7))
     G = correlated_gram(32)
     G[:, 3] = 0.0
     G[3, :] = 0.0
@@ -160,7 +147,7 @@ def test_pruner_is_reusable_and_matches_prune24() -> None:
     G = correlated_gram(32)
     pr = Pruner24("wanda", G, True)
     for seed in (8, 9):
-        W = torch.randn(8, 32, generator=_gen(seed))
+        W = torch.randn(8, 32, generator=gen(seed))
         assert torch.equal(pr(W), prune24(W, "wanda", G, True))
 
 
@@ -180,7 +167,7 @@ def test_pack_layout_by_hand() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pack_unpack_round_trip(dtype: torch.dtype) -> None:
-    W = torch.randn(16, 64, generator=_gen(10)).to(dtype)
+    W = torch.randn(16, 64, generator=gen(10)).to(dtype)
     P = prune24(W, "magnitude")
     P[0, :8] = 0.0  # groups with fewer than two nonzeros still pack
     t = pack24(P)
@@ -204,7 +191,7 @@ def test_pack_rejects_dense_and_misaligned() -> None:
 @pytest.mark.parametrize("cfg", [Sparse24Config("magnitude", False), Sparse24Config()], ids=str)
 def test_factorize_bytes_match_the_config(cfg: Sparse24Config) -> None:
     out_f, in_f = 24, 64
-    W = torch.randn(out_f, in_f, generator=_gen(11))
+    W = torch.randn(out_f, in_f, generator=gen(11))
     G = correlated_gram(in_f)
     t = factorize(W, cfg, G)
     assert set(t) == {"values", "meta"}

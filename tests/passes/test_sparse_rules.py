@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import gen
 from torch import nn
 
 from slimfx.ir.find import discover_linear_sites
@@ -35,19 +36,8 @@ SL = torch.ops.slimfx.sparse24_lowrank_linear.default
 SLIM_OPS = (SP, QL, SL)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # noqa: ANN202
-    """Run this module's small tensor ops on one intra-op thread: on the shared 2-core
-    machine, two OpenMP threads competing with other jobs made the many small products here
-    ~40× slower (measured 58 s → 1.4 s for tests/cost/test_family_sparse.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+# one intra-op thread for this module's many small products (see conftest.one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
@@ -94,9 +84,9 @@ def test_ops_are_in_the_vocabulary() -> None:
 @pytest.mark.parametrize(("op", "decision"), FORMS, ids=IDS)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_op_matches_reconstruct_then_linear(op, decision, with_bias: bool) -> None:  # noqa: ANN001
-    W = torch.randn(24, 64, generator=_gen(0))
-    b = torch.randn(24, generator=_gen(1)) if with_bias else None
-    x = torch.randn(2, 5, 64, generator=_gen(2))
+    W = torch.randn(24, 64, generator=gen(0))
+    b = torch.randn(24, generator=gen(1)) if with_bias else None
+    x = torch.randn(2, 5, 64, generator=gen(2))
     t, args = _args(decision, W, b)
     ref = F.linear(x, reconstruct(decision, t), b)
     # the op adds the low-rank branch separately: equal up to fp32 summation order
@@ -110,27 +100,27 @@ def test_sparse_op_agrees_with_the_kernels_reference() -> None:
         sparse24_linear_reference,
     )
 
-    W = torch.randn(24, 64, generator=_gen(20))
+    W = torch.randn(24, 64, generator=gen(20))
     t, args = _args(Sparse24Config("magnitude", False), W, None)
     assert torch.equal(
         densify_sparse24(t["values"], t["meta"], 64), unpack24(t["values"], t["meta"], 64)
     )
-    x = torch.randn(3, 64, generator=_gen(21))
+    x = torch.randn(3, 64, generator=gen(21))
     torch.testing.assert_close(SP(x, *args), sparse24_linear_reference(x, *args))
 
 
 @pytest.mark.parametrize(("op", "decision"), FORMS, ids=IDS)
 def test_op_runs_in_the_input_dtype(op, decision) -> None:  # noqa: ANN001
-    _, args = _args(decision, torch.randn(16, 64, generator=_gen(3)), None)
-    y = op(torch.randn(3, 64, generator=_gen(4)).to(torch.bfloat16), *args)
+    _, args = _args(decision, torch.randn(16, 64, generator=gen(3)), None)
+    y = op(torch.randn(3, 64, generator=gen(4)).to(torch.bfloat16), *args)
     assert y.dtype == torch.bfloat16 and y.shape == (3, 16)
 
 
 @pytest.mark.parametrize(("op", "decision"), FORMS, ids=IDS)
 def test_opcheck(op, decision) -> None:  # noqa: ANN001
-    _, args = _args(decision, torch.randn(16, 64, generator=_gen(5)), None)
-    b = torch.randn(16, generator=_gen(6), requires_grad=True)
-    x = torch.randn(3, 64, generator=_gen(7), requires_grad=True)
+    _, args = _args(decision, torch.randn(16, 64, generator=gen(5)), None)
+    b = torch.randn(16, generator=gen(6), requires_grad=True)
+    x = torch.randn(3, 64, generator=gen(7), requires_grad=True)
     args = tuple(
         a.clone().requires_grad_(True)
         if isinstance(a, torch.Tensor) and a.is_floating_point()
@@ -146,10 +136,10 @@ def test_opcheck(op, decision) -> None:  # noqa: ANN001
 
 @pytest.mark.parametrize(("op", "decision"), FORMS, ids=IDS)
 def test_gradients_match_autograd_through_the_dense_weight(op, decision) -> None:  # noqa: ANN001
-    W = torch.randn(12, 64, generator=_gen(8))
-    t, args = _args(decision, W, torch.randn(12, generator=_gen(9)))
-    x = torch.randn(2, 3, 64, generator=_gen(10))
-    grad = torch.randn(2, 3, 12, generator=_gen(11))
+    W = torch.randn(12, 64, generator=gen(8))
+    t, args = _args(decision, W, torch.randn(12, generator=gen(9)))
+    x = torch.randn(2, 3, 64, generator=gen(10))
+    grad = torch.randn(2, 3, 12, generator=gen(11))
     names = [n for n in ("values", "scales", "U", "V") if n in t]
 
     def run(use_op: bool) -> list[torch.Tensor]:
@@ -225,7 +215,7 @@ def test_module_state_dict_round_trip(cls, cfg) -> None:  # noqa: ANN001
         k: (v.shape, v.dtype) for k, v in sd.items()
     }
     fresh.load_state_dict(sd)
-    x = torch.randn(4, 64, generator=_gen(12))
+    x = torch.randn(4, 64, generator=gen(12))
     assert torch.equal(fresh(x), mod(x))
     t = {k: v for k, v in sd.items() if k != "bias"}
     torch.testing.assert_close(mod(x), F.linear(x, reconstruct(cfg, t), lin.bias))
@@ -305,7 +295,7 @@ def test_accepts_supported_forms() -> None:
 
 
 def test_op_calls() -> None:
-    W = torch.randn(16, 64, generator=_gen(13))
+    W = torch.randn(16, 64, generator=gen(13))
     assert LinearToSparse24().op_call(Sparse24Config(), {}) == (SP, ["values", "meta"], {})
     cfg = LowRankQuantConfig(4, 8, None, True)
     op, names, extra = LinearToLowRankQuant().op_call(cfg, factorize(W, cfg))
@@ -356,7 +346,7 @@ def _grams(model: nn.Sequential, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def test_swap_tiny_mlp(tiny_mlp: nn.Sequential) -> None:
-    x = torch.randn(256, 16, generator=_gen(14))
+    x = torch.randn(256, 16, generator=gen(14))
     with torch.no_grad():
         ref = tiny_mlp(x)
         new = _swap(tiny_mlp, MLP_PLAN)
@@ -383,7 +373,7 @@ def test_swap_state_dict_loads_into_empty_shells(tiny_mlp: nn.Sequential) -> Non
     )
     shell = empty_like_plan(shell, MLP_PLAN, discover_linear_sites(shell))
     shell.load_state_dict(sd)
-    x = torch.randn(5, 16, generator=_gen(15))
+    x = torch.randn(5, 16, generator=gen(15))
     with torch.no_grad():
         assert torch.equal(shell(x), new(x))
 
@@ -431,7 +421,7 @@ def test_graph_rewrite_agrees_with_module_swap(tiny_mlp: nn.Sequential) -> None:
     from slimfx.passes.graph_rewrite import apply_plan_exported
 
     plan = Plan({**MLP_PLAN.decisions, "2": LowRankQuantConfig(4, 4, 16, True, "lorc")})
-    x = torch.randn(8, 16, generator=_gen(16))
+    x = torch.randn(8, 16, generator=gen(16))
     ep = torch.export.export(tiny_mlp, (x,))
     gm, result = apply_plan_exported(ep, plan, discover_linear_sites(tiny_mlp))
     assert len(result.applied()) == 3

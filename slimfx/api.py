@@ -25,7 +25,7 @@ from slimfx.ir.find import find_linear_sites
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.passes.swap import apply_plan
-from slimfx.planning.configs import Decision, DenseConfig
+from slimfx.planning.configs import DEFAULT_FAMILIES, Decision, DenseConfig
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.planning.solve import frontier, solve
@@ -233,7 +233,7 @@ def plan_model(
     plan: Plan | None = None,
     target: str | Target = "cpu",
     workload: str = "decode",
-    families: Sequence[str] = ("lowrank",),
+    families: Sequence[str] = DEFAULT_FAMILIES,
     fisher: bool = False,
     solver: str = "auto",
     heldout: Sequence | None = None,
@@ -406,7 +406,7 @@ def optimize(
     plan: Plan | None = None,
     target: str | Target = "cpu",
     workload: str = "decode",
-    families: Sequence[str] = ("lowrank",),
+    families: Sequence[str] = DEFAULT_FAMILIES,
     sequential: bool = False,
     fisher: bool = False,
     solver: str = "auto",
@@ -435,8 +435,9 @@ def optimize(
       own roofline numbers), "decode" | "prefill" — what latency means. The two workloads can
       choose different forms for one site: decode is bandwidth-bound (fewer bytes win), prefill
       compute-bound (dequantizing costs, fewer FLOPs win).
-    - ``families``: candidate families offered to the solver (e.g. "lowrank", "int4", "int8",
-      "int4_gptq", "sparse24", "lowrank_quant", "sparse24_lowrank").
+    - ``families``: candidate families offered to the solver, mixed per layer under the one
+      budget: "lowrank", "int8", "int4", "int4_gptq" (the default, ``DEFAULT_FAMILIES``), and
+      opt-in "sparse24", "lowrank_quant", "sparse24_lowrank".
     - ``sequential``: realize the plan block by block with statistics from the already
       rewritten prefix (later layers compensate earlier error); one block's activations live
       at a time.

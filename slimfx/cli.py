@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from slimfx.planning.configs import DEFAULT_FAMILIES
+
 __all__ = ["main"]
 
 
@@ -170,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--calib", default="lee", help="calibration text: lee (news) | wiki")
     o.add_argument("--n-calib", type=int, default=16)
     o.add_argument("--seq-len", type=int, default=256)
-    o.add_argument("--families", default="lowrank")
+    o.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
+                   help="candidate families, comma-separated")
     o.add_argument("--target", default="cpu")
     o.add_argument("--workload", default="decode", choices=["decode", "prefill"])
     o.add_argument("--sequential", action="store_true")

@@ -26,6 +26,7 @@ from slimfx import api
 from slimfx.backends.compile import Planned, SlimfxBackend
 from slimfx.backends.compile import backend as _backend
 from slimfx.passes.base import PassResult
+from slimfx.planning.configs import DEFAULT_FAMILIES
 from slimfx.planning.plan import Plan
 from slimfx.report import Report
 
@@ -38,7 +39,7 @@ def plan_for_compile(
     budget: Any = None,
     plan: Plan | None = None,
     calibration: Sequence | None = None,
-    families: Sequence[str] = ("lowrank",),
+    families: Sequence[str] = DEFAULT_FAMILIES,
     target: str = "cpu",
     workload: str = "decode",
     tokenizer: Any = None,
@@ -86,7 +87,7 @@ def backend(
     budget: Any = None,
     plan: Plan | None = None,
     calibration: Sequence | None = None,
-    families: Sequence[str] = ("lowrank",),
+    families: Sequence[str] = DEFAULT_FAMILIES,
     target: str = "cpu",
     workload: str = "decode",
     inner: Any = "inductor",

@@ -10,7 +10,7 @@ import torch
 
 import slimfx
 from slimfx import api
-from slimfx.ir.modules import LowRankLinear
+from slimfx.ir.modules import SlimLinear
 from slimfx.planning.configs import LowRankConfig
 from slimfx.planning.problem import Budget, InfeasibleBudgetError
 
@@ -40,13 +40,18 @@ def test_same_class_smaller_and_report(optimized):
     rep = slimfx.report_of(new)
     t = rep.totals
     assert t["bytes_after"] <= 0.6 * t["bytes_before"] + 1
-    n_lowrank = sum(isinstance(m, LowRankLinear) for m in new.modules())
-    assert n_lowrank == t["rewritten"] > 0
+    n_swapped = sum(isinstance(m, SlimLinear) for m in new.modules())
+    assert n_swapped == t["rewritten"] > 0
     assert t["params_after"] < t["params_before"]
+    # the default families are mixed under the one budget: low-rank, int8, int4 (RTN, GPTQ)
+    kinds = {s.decision.get("kind") for s in rep.sites if s.status == "applied"}
+    assert kinds <= {"lowrank", "quant"} and "quant" in kinds
+    offered = {c["decision"].split()[0] for s in rep.sites for c in s.candidates}
+    assert offered == {"dense", "lowrank", "int8", "int4"}, offered
     # every rewritten site has an estimate and a measurement; skipped ones are dense
     for s in rep.sites:
         if s.status == "applied":
-            assert s.chosen.startswith("lowrank") and s.measured_sqnr_db is not None
+            assert s.measured_sqnr_db is not None
             assert s.runner_up is not None and len(s.candidates) > 1
         else:
             assert s.chosen == "dense"
@@ -57,7 +62,7 @@ def test_input_model_untouched(optimized):
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    assert not any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert not any(isinstance(m, SlimLinear) for m in model.modules())
 
 
 def test_generate_still_works(optimized):
@@ -185,7 +190,7 @@ def test_inplace_rewrites_given_object():
 
     model = tiny_llama()
     new = slimfx.optimize(model, 0.6, calibration=_calib(3), inplace=True, progress=False)
-    assert new is model and any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert new is model and any(isinstance(m, SlimLinear) for m in model.modules())
 
 
 def test_sequential_mode_runs_and_differs_from_one_shot(optimized):

@@ -70,7 +70,7 @@ from slimfx.backends.graph_sites import GraphSites, graph_linear_sites, param_na
 from slimfx.backends.triton_lowering import lower_graph, not_lowered
 from slimfx.passes.base import PassResult, Rule, SiteRecord
 from slimfx.passes.graph_rewrite import apply_plan_graph
-from slimfx.planning.configs import Decision
+from slimfx.planning.configs import DEFAULT_FAMILIES, Decision
 from slimfx.planning.plan import Plan
 from slimfx.report import Report
 
@@ -291,7 +291,7 @@ def backend(
     budget: Any = None,
     plan: Plan | None = None,
     calibration: Sequence | None = None,
-    families: Sequence[str] = ("lowrank",),
+    families: Sequence[str] = DEFAULT_FAMILIES,
     target: str = "cpu",
     workload: str = "decode",
     inner: str | Callable = "inductor",

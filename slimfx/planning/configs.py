@@ -35,7 +35,15 @@ __all__ = [
     "decision_from_dict",
     "register_decision",
     "DECISIONS",
+    "DEFAULT_FAMILIES",
 ]
+
+#: Candidate families the solver is offered when the caller names none (``optimize``, the
+#: compile backend, the CLI): low-rank, int8 and int4 weight-only (round-to-nearest and GPTQ).
+#: The rest are opt-in because they cost more to price than they usually win: 2:4 pays only
+#: on GPUs (and ONNX Runtime runs it dense), and the combined forms (``lowrank_quant``,
+#: ``sparse24_lowrank``) take minutes per 100M weights on a CPU.
+DEFAULT_FAMILIES: tuple[str, ...] = ("lowrank", "int8", "int4", "int4_gptq")
 
 DECISIONS: dict[str, type[Decision]] = {}
 

@@ -84,6 +84,26 @@ def find_sites(
     return sites, info
 
 
+def _drop_tied_sites(sites: list[LinearSite], notes: list[str]) -> list[LinearSite]:
+    """Leave tied sites (an ``lm_head`` sharing the embedding's weight) out of a bytes budget.
+
+    Rewriting a tied weight keeps a dense copy for its other user, so under a memory/bits
+    budget no form of it saves a byte: counted in the budget, its dense bytes would only shrink
+    what the other linears may keep (SmolLM2 at budget 0.3: 0.11 of their bytes instead of 0.3).
+    ``include=[...]`` naming it, or a latency budget (decode reads the whole head every token),
+    offers it again."""
+    tied = [s for s in sites if s.tied]
+    if not tied or len(tied) == len(sites):
+        return sites
+    for s in tied:
+        notes.append(
+            f"{s.fqn}: weight tied to {', '.join(s.tied)} — any rewrite keeps a dense copy, so "
+            "under a bytes budget it stays dense and outside the budget (include=[...] or a "
+            "latency budget offers it)"
+        )
+    return [s for s in sites if not s.tied]
+
+
 def select_sites(
     sites: list[LinearSite], include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> list[LinearSite]:
@@ -282,6 +302,8 @@ def plan_model(
     if not sites:
         raise ValueError("no linear layers found in this model: nothing to optimize")
     sites = select_sites(sites, include, exclude)
+    if plan is None and include is None and bud.latency is None:
+        sites = _drop_tied_sites(sites, notes)
     _check_weights(model, sites)
     mods = dict(model.named_modules())
 
@@ -444,7 +466,9 @@ def optimize(
     - ``fisher``: weight each site's error by a Fisher-style loss sensitivity.
     - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
       only included, non-excluded linears are candidates, and the budget is a fraction of
-      their bytes. A pattern that matches no site is an error.
+      their bytes. A pattern that matches no site is an error. Without ``include``, a tied
+      site (an ``lm_head`` sharing the embedding's weight) is left dense and outside a bytes
+      budget — rewriting it would keep a dense copy — and the report notes it.
     - ``inplace``: rewrite the given model object instead of a copy.
     - ``backend``: "eager" | "compile" | "triton" | "onnx" — what will run the model. The solver
       is offered only candidates that backend runs natively (e.g. no 2:4 for "onnx": ONNX

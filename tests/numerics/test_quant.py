@@ -319,3 +319,25 @@ def test_gptq_many_equals_one_group_size_at_a_time() -> None:
         # stacked rows only change BLAS blocking: a code may flip on an exact rounding tie
         assert (_codes(got, 4, n) == _codes(one, 4, n)).float().mean() > 0.999
         torch.testing.assert_close(got["scales"], one["scales"], rtol=1e-5, atol=1e-7)
+
+
+def test_gptq_factor_is_cached_per_gram_and_invalidated_by_an_edit() -> None:
+    """The damped inverse Cholesky factor is computed once per Gram object: a second call with
+    the same Gram reuses it (same tensor) and gives the same codes; an in-place edit of the
+    Gram (new version counter) or another Gram of equal values recomputes it."""
+    from slimfx.numerics import quant
+
+    n = 64
+    W = torch.randn(8, n, generator=_gen(25))
+    G = _correlated_gram(n, seed=26)
+    first = quantize_gptq(W, G, 4, 32, False)
+    U1 = quant._gptq_factor(G, 0.01, W.device)
+    assert quant._gptq_factor(G, 0.01, W.device) is U1
+    again = quantize_gptq(W, G, 4, 32, False)
+    assert torch.equal(again["qweight"], first["qweight"])
+    assert quant._gptq_factor(G.clone(), 0.01, W.device) is not U1  # another object
+    assert quant._gptq_factor(G, 0.1, W.device) is not U1  # another damping
+    G.mul_(4.0)  # same object, edited in place: the cached factor no longer applies
+    U4 = quant._gptq_factor(G, 0.01, W.device)
+    assert U4 is not U1
+    torch.testing.assert_close(U4, U1 / 2, rtol=1e-5, atol=1e-7)  # (4H)⁻¹ = H⁻¹/4

@@ -279,7 +279,9 @@ def test_bfloat16_model_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("SLIMFX_SLOW") != "1", reason="SmolLM2 end to end, ~2.5 min")
+@pytest.mark.skipif(
+    os.environ.get("SLIMFX_SLOW") != "1", reason="SmolLM2 end to end, 10–20 min on 2 cores"
+)
 def test_smollm2_optimized_ort_matches_torch(tmp_path):
     import slimfx
     from slimfx.data.text import calibration_batches, heldout_windows

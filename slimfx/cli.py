@@ -147,7 +147,16 @@ def cmd_export(a: argparse.Namespace) -> int:
 
 
 def cmd_calibrate_target(a: argparse.Namespace) -> int:
+    import torch
+
     from slimfx.cost.target import measure_target
+
+    if str(a.device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {a.device}: no CUDA device here (torch {torch.__version__}); "
+            "calibrate-target measures kernels on the device it will price — run it there, "
+            "or pass --device cpu --target cpu"
+        )
 
     measure_target(a.target, shapes=None, decisions=None, workloads=None, path=a.out,
                    device=a.device)

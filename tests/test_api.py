@@ -341,3 +341,13 @@ def test_decode_and_prefill_choose_differently_and_the_report_says_which():
         assert json.loads(rep.to_json())["workload"] == wl
     assert kinds["decode"]["quant"] > 0 and kinds["decode"]["lowrank"] == 0
     assert kinds["prefill"]["lowrank"] > 0 and kinds["prefill"]["quant"] == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cli_calibrate_target_without_cuda_says_so(tmp_path, capsys):
+    from slimfx.cli import main
+
+    out = tmp_path / "t.json"
+    assert main(["calibrate-target", "--device", "cuda", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device here" in err and not out.exists()

@@ -351,3 +351,21 @@ def test_cli_calibrate_target_without_cuda_says_so(tmp_path, capsys):
     assert main(["calibrate-target", "--device", "cuda", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device here" in err and not out.exists()
+
+
+def test_tied_head_is_offered_when_included_or_under_a_latency_budget():
+    """The tied lm_head leaves a bytes budget by default (see test_report_outputs), but naming
+    it in include=, or a latency budget (where rewriting it can pay), offers it again."""
+    from slimfx.models import tiny_llama
+
+    model = tiny_llama()
+    inc = slimfx.optimize(model, 0.8, calibration=_calib(3), include=["lm_head", "model.*"],
+                          families=("lowrank",), progress=False)
+    rep = slimfx.report_of(inc)
+    assert "lm_head" in {s.fqn for s in rep.sites}
+    assert not any(n.startswith("lm_head: weight tied") for n in rep.notes)
+    # int8: one launch and half the bytes, so it meets the latency limit where low-rank's two
+    # launches on these tiny shapes would not
+    lat = slimfx.optimize(model, Budget(memory=0.9, latency=1.0), calibration=_calib(3),
+                          families=("int8",), progress=False)
+    assert "lm_head" in {s.fqn for s in slimfx.report_of(lat).sites}

@@ -39,10 +39,8 @@ from slimfx.backends import onnx_decode, onnx_ops
 from slimfx.backends.ort import OrtModel, ort_session
 from slimfx.ir.capture import normalize_module_path
 
+# OrtModel and ort_session live in slimfx.backends.ort; re-exported here for one import line.
 __all__ = ["ExportResult", "OnnxExportError", "OrtModel", "export_onnx", "ort_session"]
-
-# The runtime half lives in slimfx.backends.ort; re-exported here for one import line.
-
 
 #: Above this many bytes of weights the file gets its weights in an external data file.
 EXTERNAL_DATA_THRESHOLD = 1_500_000_000
@@ -140,17 +138,8 @@ def _export_program(
     if kv_cache:
         return _export_decode_step(model, args, dynamic)
     if hf:
-        if len(args) != 1 or not isinstance(args[0], Tensor) or args[0].is_floating_point():
-            raise OnnxExportError(
-                "a Hugging Face causal LM is exported as ids → logits: pass example_inputs=(ids,) "
-                "with one integer tensor of shape (batch, seq)"
-            )
-        ids = args[0].long()
-        if ids.dim() == 1:
-            ids = ids[None]
-        if dynamic:  # torch.export specializes axes of size 1: give it ≥ 2 of each
-            ids = ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)
-        args = (ids,)
+        what = "a Hugging Face causal LM is exported as ids → logits"
+        args = (_example_ids(args, dynamic, what),)
         wrapped: nn.Module = _LogitsOnly(model)
         Dim = torch.export.Dim
         shapes: Any = ({0: Dim("batch"), 1: Dim("seq")},) if dynamic else None
@@ -167,13 +156,7 @@ def _export_program(
                 else None
                 for a in args
             )
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        program = torch.export.export(wrapped, args, dynamic_shapes=shapes, strict=False)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    program = _export_in_eval_mode(model, wrapped, args, shapes)
     names: dict[str, str] = {}
     if hf and dynamic:
         ph = [n for n in program.graph.nodes if n.op == "placeholder"]
@@ -186,18 +169,38 @@ def _export_program(
     return program, in_names, out_names, names
 
 
-def _export_decode_step(
-    model: nn.Module, args: tuple, dynamic: bool
-) -> tuple[torch.export.ExportedProgram, list[str], list[str], dict[str, str]]:
-    """The decode-step graph (``slimfx.backends.onnx_decode``): ids + cache → logits + cache."""
+def _example_ids(args: tuple, dynamic: bool, what: str) -> Tensor:
+    """The (batch, seq) int64 ids a causal LM export traces with; ``what`` opens the error."""
     if len(args) != 1 or not isinstance(args[0], Tensor) or args[0].is_floating_point():
         raise OnnxExportError(
-            "kv_cache=True: pass example_inputs=(ids,) with one integer tensor (batch, seq)"
+            f"{what}: pass example_inputs=(ids,) with one integer tensor of shape (batch, seq)"
         )
     ids = args[0].long()
     ids = ids[None] if ids.dim() == 1 else ids
     if dynamic:  # torch.export specializes axes of size 0 and 1: give it ≥ 2 of each
         ids = ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)
+    return ids
+
+
+def _export_in_eval_mode(
+    model: nn.Module, wrapped: nn.Module, args: tuple, shapes: Any
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``wrapped`` (non-strict) with ``model`` in eval mode; every module's
+    training flag is restored afterwards, so the user's model is left as it was."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        return torch.export.export(wrapped, args, dynamic_shapes=shapes, strict=False)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+def _export_decode_step(
+    model: nn.Module, args: tuple, dynamic: bool
+) -> tuple[torch.export.ExportedProgram, list[str], list[str], dict[str, str]]:
+    """The decode-step graph (``slimfx.backends.onnx_decode``): ids + cache → logits + cache."""
+    ids = _example_ids(args, dynamic, "kv_cache=True exports the decode step")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     past = onnx_decode.empty_past(model.config, ids.shape[0], length=3, dtype=dtype)
     wrapped = onnx_decode.DecodeStep(model, _WRAP)
@@ -205,15 +208,7 @@ def _export_decode_step(
     shapes: Any = (
         ({0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past)) if dynamic else None
     )
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        program = torch.export.export(
-            wrapped, (ids, tuple(past)), dynamic_shapes=shapes, strict=False
-        )
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    program = _export_in_eval_mode(model, wrapped, (ids, tuple(past)), shapes)
     in_names, out_names = onnx_decode.io_names(wrapped.layers)
     names: dict[str, str] = {}
     if dynamic:

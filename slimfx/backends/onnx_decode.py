@@ -91,10 +91,12 @@ def is_kv_graph(input_names: Sequence[str]) -> bool:
     return len(input_names) > 1 and input_names[1] == f"{PAST_KEY}0"
 
 
-def empty_feeds(session: Any, batch: int, dtype: np.dtype) -> dict[str, np.ndarray]:
-    """Empty cache inputs for an ONNX Runtime session of a decode-step graph."""
+def empty_feeds(session: Any, batch: int) -> dict[str, np.ndarray]:
+    """Empty cache inputs for an ONNX Runtime session of a decode-step graph, in the element
+    type each input declares (``tensor(float)``, ``tensor(float16)``)."""
     feeds = {}
     for inp in session.get_inputs()[1:]:
         _, kv_heads, _, head_dim = inp.shape
+        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         feeds[inp.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
     return feeds

@@ -20,6 +20,12 @@ from slimfx.backends import onnx_decode
 __all__ = ["OrtModel", "ort_session"]
 
 
+def _ids_array(ids: Tensor | np.ndarray) -> np.ndarray:
+    """Token ids as the (batch, seq) int64 array the graphs take."""
+    arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+    return arr.astype(np.int64).reshape(-1, arr.shape[-1])
+
+
 class OrtModel:
     """An ONNX Runtime session (CPU provider, all graph optimizations) called like a model.
 
@@ -51,8 +57,6 @@ class OrtModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.kv_cache = onnx_decode.is_kv_graph(self.input_names)
-        first = self.session.get_inputs()[1] if self.kv_cache else None
-        self._float = np.float16 if first is not None and "float16" in first.type else np.float32
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """All outputs for ``feeds`` (input name → array), as ``session.run`` returns them."""
@@ -67,10 +71,9 @@ class OrtModel:
             raise ValueError(
                 f"{self.path.name} has no KV-cache inputs; export it with kv_cache=True"
             )
-        arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
-        arr = arr.astype(np.int64).reshape(-1, arr.shape[-1])
+        arr = _ids_array(ids)
         if past is None:
-            feeds = onnx_decode.empty_feeds(self.session, arr.shape[0], self._float)
+            feeds = onnx_decode.empty_feeds(self.session, arr.shape[0])
         else:
             if len(past) != len(self.input_names) - 1:
                 raise ValueError(
@@ -84,17 +87,14 @@ class OrtModel:
     def generate(self, ids: Tensor | np.ndarray, max_new_tokens: int) -> Tensor | np.ndarray:
         """Greedy decoding with the KV cache: the prompt in one prefill call, then one token a
         call; returns prompt + new tokens (torch in → torch out)."""
-        as_torch = isinstance(ids, Tensor)
-        seq = ids.detach().cpu().numpy() if as_torch else np.asarray(ids)
-        seq = seq.astype(np.int64).reshape(-1, seq.shape[-1])
+        seq = _ids_array(ids)
         logits, past = self.step(seq)
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
             seq = np.concatenate([seq, nxt], axis=1)
-            if seq.shape[1] - ids.shape[-1] == max_new_tokens:
-                break
-            logits, past = self.step(nxt, past)
-        return torch.from_numpy(seq) if as_torch else seq
+            if i + 1 < max_new_tokens:  # the last token needs no further step
+                logits, past = self.step(nxt, past)
+        return torch.from_numpy(seq) if isinstance(ids, Tensor) else seq
 
     def __call__(self, *inputs: Tensor | np.ndarray) -> Tensor | np.ndarray:
         if self.kv_cache and len(inputs) == 1:

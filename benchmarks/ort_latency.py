@@ -62,6 +62,31 @@ def _median_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def time_sessions(
+    sessions: dict, windows: torch.Tensor, past: int, reps: int, decode_reps: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Prefill and decode-step milliseconds per KV-cache session, timed round-robin so that
+    drift and neighbours' load hit every variant alike: prefill = window 0 with an empty cache,
+    decode = one token after ``past`` tokens of window 1 (window 2's first token)."""
+    prefill_ids = windows[:1].numpy()
+    ctx = windows[1:2, :past].numpy()
+    one = windows[2:3, :1].numpy()  # any next token: timing only
+    caches = {}
+    for k, s in sessions.items():  # warm up (first runs allocate and pre-pack); fill caches
+        s.step(prefill_ids)
+        caches[k] = s.step(ctx)[1]
+        s.step(one, caches[k])
+    pre: dict[str, list[float]] = {k: [] for k in sessions}
+    dec: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(reps):
+        for k, s in sessions.items():
+            pre[k].append(_median_ms(lambda s=s: s.step(prefill_ids), 1))
+    for _ in range(decode_reps):
+        for k, s in sessions.items():
+            dec[k].append(_median_ms(lambda s=s, c=caches[k]: s.step(one, c), 1))
+    return pre, dec
+
+
 def _peer(dense_path: Path, out: Path, block: int, accuracy_level: int) -> Path:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -172,22 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     del model
 
     sessions = {k: ort_session(v, threads=a.threads) for k, v in paths.items()}
-    prefill_ids = windows[:1].numpy()
-    ctx = windows[1:2, : a.past].numpy()
-    one = windows[2:3, :1].numpy()  # any next token: timing only
-    caches = {}
-    for k, s in sessions.items():  # warm up (first runs allocate and pre-pack); fill caches
-        s.step(prefill_ids)
-        caches[k] = s.step(ctx)[1]
-        s.step(one, caches[k])
-    pre: dict[str, list[float]] = {k: [] for k in sessions}
-    dec: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(a.reps):  # round-robin: drift and neighbours' load hit every variant
-        for k, s in sessions.items():
-            pre[k].append(_median_ms(lambda s=s: s.step(prefill_ids), 1))
-    for _ in range(a.decode_reps):
-        for k, s in sessions.items():
-            dec[k].append(_median_ms(lambda s=s, c=caches[k]: s.step(one, c), 1))
+    pre, dec = time_sessions(sessions, windows, a.past, a.reps, a.decode_reps)
     rows = []
     for k, s in sessions.items():
         ppl = perplexity_of_logits_fn(s, windows[: a.windows], batch_size=1, progress=False)

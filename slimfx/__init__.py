@@ -33,6 +33,7 @@ __all__ = [
     "Sparse24LowRankConfig",
     "Report",
     "backend",
+    "calibrate_target",
 ]
 
 
@@ -53,6 +54,10 @@ def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers
         from slimfx.backends import onnx
 
         return getattr(onnx, name)
+    if name == "calibrate_target":  # measured kernel times for a target (slimfx.calibrate)
+        from slimfx.calibrate import calibrate_target
+
+        return calibrate_target
     if name == "Report":
         from slimfx.report import Report
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
 from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import run_sequential
-from slimfx.cost.target import Target
+from slimfx.cost.target import MeasuredCache, Target
 from slimfx.cost.target import latency as estimate_site_latency
 from slimfx.ir.capture import capture
 from slimfx.ir.find import find_linear_sites
@@ -232,6 +233,7 @@ class Planning:
     solution: Any = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    cache: MeasuredCache | None = None
 
     def grams(self, sites: Sequence[LinearSite] | None = None) -> dict[str, Tensor | None] | None:
         """The (damped) Gram each site is fitted with, or ``None`` without statistics."""
@@ -259,7 +261,7 @@ def plan_model(
     heldout: Sequence | None = None,
     example_inputs: tuple | None = None,
     seq_len: int = 256,
-    latency_cache: Any = None,
+    latency_cache: MeasuredCache | str | os.PathLike[str] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
@@ -273,6 +275,7 @@ def plan_model(
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a slimfx Plan, got {type(plan).__name__}")
     bud = Budget.of(budget)
+    cache = MeasuredCache.of(latency_cache, target)
     batches: list = []
     if calibration is not None:
         if isinstance(calibration, (str, bytes)):
@@ -363,10 +366,23 @@ def plan_model(
             target=target,
             workload=workload,
             families=tuple(families),
-            cache=latency_cache,
+            cache=cache,
             progress=progress,
             allow=allow,
         )
+        if cache is not None:
+            src = problem.meta["latency_sources"]
+            notes.append(
+                f"latency: {src.get('measured', 0)} of {sum(src.values())} options measured "
+                f"({cache.describe(_target_name(target))}), the rest from the roofline"
+            )
+        elif bud.latency is not None and backend == "onnx":
+            notes.append(
+                "latency budget priced by the roofline, which does not know ONNX Runtime's "
+                "kernels (at accuracy_level 0 its int8 MatMulNBits is slower than dense MatMul "
+                "on x86): measure them with `slimfx calibrate-target --backend onnx` and pass "
+                "latency_cache="
+            )
         if problem.meta.get("not_allowed"):
             notes.append(
                 f"backend {backend}: {problem.meta['not_allowed']} candidate(s) it cannot run "
@@ -398,7 +414,7 @@ def plan_model(
 
     return Planning(
         bud, sites, plan, cap_info, fit_batches, eval_batches, stats, problem, solution,
-        notes, timings,
+        notes, timings, cache,
     )
 
 
@@ -436,7 +452,7 @@ def optimize(
     example_inputs: tuple | None = None,
     inplace: bool = False,
     seq_len: int = 256,
-    latency_cache: Any = None,
+    latency_cache: MeasuredCache | str | os.PathLike[str] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     progress: bool = True,
@@ -474,6 +490,11 @@ def optimize(
       is offered only candidates that backend runs natively (e.g. no 2:4 for "onnx": ONNX
       Runtime would run it dense), and a replayed ``plan`` with a site the backend cannot run
       raises ``ValueError`` naming every such site (``slimfx.backends.capabilities``).
+    - ``latency_cache``: measured kernel times for ``target`` — a path written by ``slimfx
+      calibrate-target`` (``slimfx.calibrate_target``) or a ``MeasuredCache``. Options it holds
+      are priced from it, the rest by the roofline; each report entry says which
+      (``latency_source``) and a note says how many. E.g. ``target="ort-cpu", backend="onnx",
+      latency_cache="ort.json"`` prices ONNX Runtime's own MatMul / MatMulNBits times.
     """
     t_start = time.perf_counter()
     # every planning option of this signature, by name (see _planning_options)
@@ -511,7 +532,7 @@ def optimize(
 
     # ---- report
     report = _build_report(
-        sites, plan, problem, result, measured, bud, target, workload, latency_cache
+        sites, plan, problem, result, measured, bud, target, workload, pl.cache
     )
     report.solver = pl.solver
     report.capture = pl.capture

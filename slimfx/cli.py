@@ -52,7 +52,11 @@ def cmd_optimize(a: argparse.Namespace) -> int:
 
     model, tok = _load_model(a.model)
     calib, held = _calibration(tok, a.calib, a.n_calib, a.seq_len, model)
-    budget = Budget(bits=a.bits) if a.bits else a.budget
+    if a.bits is not None and a.budget is not None:
+        raise ValueError("give --budget or --bits, not both")
+    memory = a.budget if a.budget is not None or a.bits or a.latency else 0.8
+    memory = None if memory is None else Budget.of(memory).memory  # a fraction in (0, 1]
+    budget = Budget(memory=memory, bits=a.bits, latency=a.latency)
     plan = slimfx.Plan.load(a.plan) if a.plan else None
     t0 = time.perf_counter()
     new = slimfx.optimize(
@@ -66,6 +70,8 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         sequential=a.sequential,
         fisher=a.fisher,
         progress=not a.quiet,
+        latency_cache=a.latency_cache,
+        backend=a.backend,
     )
     rep = slimfx.report_of(new)
     print(rep)
@@ -149,18 +155,26 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_calibrate_target(a: argparse.Namespace) -> int:
     import torch
 
-    from slimfx.cost.target import measure_target
+    from slimfx.calibrate import calibrate_target, parse_shapes
 
-    if str(a.device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device {a.device}: no CUDA device here (torch {torch.__version__}); "
-            "calibrate-target measures kernels on the device it will price — run it there, "
-            "or pass --device cpu --target cpu"
-        )
-
-    measure_target(a.target, shapes=None, decisions=None, workloads=None, path=a.out,
-                   device=a.device)
-    print(f"wrote {a.out}")
+    device = a.device or ("cpu" if a.backend == "onnx" or not torch.cuda.is_available() else "cuda")
+    backend = a.backend or ("triton" if device.startswith("cuda") else "torch")
+    target = a.target or {"onnx": "ort-cpu"}.get(backend, "h100" if device != "cpu" else "cpu")
+    cache = calibrate_target(
+        target,
+        out=a.out,
+        backend=backend,
+        device=device,
+        shapes=parse_shapes(a.shapes),
+        threads=a.threads,
+        accuracy_level=a.accuracy_level,
+        progress=not a.quiet,
+        rotate_bytes=int(a.rotate_mb * (1 << 20)),
+    )
+    mine = [k for k in cache.entries if k[6] == target]
+    print(f"wrote {a.out}: {len(mine)} measurements for target {target!r} "
+          f"(backend {backend} on {device}); use it with "
+          f"optimize(..., target={target!r}, latency_cache={str(a.out)!r})")
     return 0
 
 
@@ -176,8 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("optimize", help="optimize a model under a budget and save it")
     o.add_argument("--model", default="smollm2", help="smollm2 | tiny")
-    o.add_argument("--budget", type=float, default=0.8, help="fraction of 16-bit bytes")
+    o.add_argument("--budget", type=float, default=None,
+                   help="fraction of 16-bit bytes (default 0.8 unless --bits or --latency)")
     o.add_argument("--bits", type=float, default=None, help="effective bits/weight instead")
+    o.add_argument("--latency", type=float, default=None,
+                   help="latency budget: a fraction of the dense linears' time for --workload")
+    o.add_argument("--latency-cache", default=None,
+                   help="measured kernel times (`slimfx calibrate-target`) for --target")
+    o.add_argument("--backend", default=None, choices=["eager", "compile", "triton", "onnx"],
+                   help="what will run the model: only forms it runs natively are offered")
     o.add_argument("--calib", default="lee", help="calibration text: lee (news) | wiki")
     o.add_argument("--n-calib", type=int, default=16)
     o.add_argument("--seq-len", type=int, default=256)
@@ -206,8 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     _onnx_flags(e)
     e.set_defaults(fn=cmd_export)
     c = sub.add_parser("calibrate-target", help="measure kernel times into a cost cache")
-    c.add_argument("--target", default="h100")
-    c.add_argument("--device", default="cuda")
+    c.add_argument("--backend", choices=["torch", "triton", "onnx"], default=None,
+                   help="what runs the forms: eager torch, Triton kernels, ONNX Runtime "
+                   "(default: triton on CUDA, else torch)")
+    c.add_argument("--target", default=None,
+                   help="name the measurements price (default: ort-cpu for onnx, h100 on CUDA, "
+                   "else cpu)")
+    c.add_argument("--device", default=None, help="cuda | cpu (default: cuda when present)")
+    c.add_argument("--shapes", default=None,
+                   help="IN x OUT linear shapes, comma-separated, e.g. 2048x2048,2048x8192 "
+                   "(default: SmolLM2-135M's)")
+    c.add_argument("--threads", type=int, default=None, help="intra-op threads")
+    c.add_argument("--accuracy-level", type=int, default=0,
+                   help="MatMulNBits accuracy_level (onnx): 0 float compute, 4 int8 activations")
+    c.add_argument("--rotate-mb", type=float, default=64,
+                   help="MiB of weight copies each form is spread over so that caches do not "
+                   "flatter small weights (0: one copy)")
+    c.add_argument("--quiet", action="store_true")
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_calibrate_target)
     return p

@@ -66,7 +66,7 @@ def plan_for_compile(
 
     def build_report(result: PassResult) -> Report:
         report = api._build_report(
-            pl.sites, pl.plan, pl.problem, result, {}, pl.budget, target, workload, latency_cache
+            pl.sites, pl.plan, pl.problem, result, {}, pl.budget, target, workload, pl.cache
         )
         report.solver = pl.solver
         report.notes = list(pl.notes)

@@ -20,6 +20,7 @@ come from one SVD per site and method (``numerics.lowrank.lowrank_error_curve``)
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
@@ -34,7 +35,13 @@ from slimfx.numerics.lowrank import lowrank_error_curve, max_useful_rank
 from slimfx.planning.configs import Decision, DenseConfig, LowRankConfig
 from slimfx.planning.problem import BudgetProblem, Option, SiteOptions
 
-__all__ = ["LOWRANK_FRACTIONS", "lowrank_ranks", "lowrank_candidates", "build_problem"]
+__all__ = [
+    "LOWRANK_FRACTIONS",
+    "lowrank_ranks",
+    "lowrank_candidates",
+    "build_problem",
+    "reprice",
+]
 
 #: byte fractions of dense the low-rank ladder aims at.
 LOWRANK_FRACTIONS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 19))
@@ -176,3 +183,42 @@ def build_problem(
         "not_allowed": not_allowed,
     }
     return BudgetProblem(site_opts, workload=wl.name, target=tgt.name, meta=meta), proposed
+
+
+def reprice(
+    problem: BudgetProblem,
+    sites: Sequence[LinearSite],
+    *,
+    target: str | Target,
+    workload: str | Workload | None = None,
+    cache: MeasuredCache | None = None,
+) -> BudgetProblem:
+    """``problem`` with every option's latency (and FLOPs) priced again for ``target`` /
+    ``workload`` (default: the problem's) from ``cache`` where it has the entry, the roofline
+    otherwise — bytes and errors unchanged, so new measurements or another deployment target
+    need no new candidates. ``sites``: the problem's sites (shapes), by FQN."""
+    tgt = target_of(target)
+    wl = workload_of(problem.workload if workload is None else workload)
+    by_name = {s.fqn: s for s in sites}
+    missing = [so.name for so in problem.sites if so.name not in by_name]
+    if missing:
+        raise KeyError(f"no site for {len(missing)} problem site(s), e.g. {missing[0]!r}")
+    sources: Counter[str] = Counter()
+    new_sites = []
+    for so in problem.sites:
+        site = by_name[so.name]
+        opts = []
+        for o in so.options:
+            secs, src = latency(o.decision, site, tgt, wl, cache)
+            sources[src] += 1
+            flops = o.decision.flops(site.in_features, site.out_features, wl.tokens)
+            opts.append(dataclasses.replace(o, latency_s=secs, source=src, flops=flops))
+        dense = next((o for o in opts if isinstance(o.decision, DenseConfig)), None)
+        dense_lat = dense.latency_s if dense is not None else so.dense_latency_s
+        new_sites.append(SiteOptions(so.name, opts, so.dense_bytes, dense_lat))
+    meta = {
+        **problem.meta,
+        "tokens": wl.tokens,
+        "latency_sources": dict(sorted(sources.items())),
+    }
+    return BudgetProblem(new_sites, workload=wl.name, target=tgt.name, meta=meta)

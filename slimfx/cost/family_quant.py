@@ -26,6 +26,7 @@ __all__ = [
     "INT4_CONFIGS",
     "INT4_GPTQ_CONFIGS",
     "quant_candidates",
+    "quant_fits",
     "int8_candidates",
     "int4_candidates",
     "int4_gptq_candidates",
@@ -48,7 +49,9 @@ INT4_GPTQ_CONFIGS: tuple[QuantConfig, ...] = (
 )
 
 
-def _fits(d: QuantConfig, in_features: int) -> bool:
+def quant_fits(d: QuantConfig, in_features: int) -> bool:
+    """Whether ``d`` can quantize a weight with ``in_features`` columns: whole groups, and an
+    even width for 4-bit codes (two per byte)."""
     G = in_features if d.group_size is None else d.group_size
     return in_features % G == 0 and not (d.bits == 4 and in_features % 2)
 
@@ -79,7 +82,7 @@ class _Errors:
 def quant_candidates(ctx: SiteContext, configs: tuple[QuantConfig, ...]) -> list[Candidate]:
     """One candidate per config that fits the site, error from the dequantized weight."""
     out_f, in_f = ctx.weight.shape
-    fitting = [d for d in configs if _fits(d, in_f)]
+    fitting = [d for d in configs if quant_fits(d, in_f)]
     if not fitting or not ctx.weight.is_floating_point():
         return []
     errors = _Errors(ctx.weight, ctx.gram)

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from slimfx.cost.families import Candidate, SiteContext, register_family
+from slimfx.cost.family_quant import quant_fits
 from slimfx.numerics.combo import (
     OutputError,
     default_quantizer,
@@ -106,8 +107,7 @@ def _fits_dense(d: Decision, in_f: int, out_f: int) -> bool:
 
 
 def _q_fits(bits: int, g: int | None, in_f: int) -> bool:
-    G = in_f if g is None else g
-    return in_f % G == 0 and not (bits == 4 and in_f % 2)
+    return quant_fits(QuantConfig(bits, g), in_f)
 
 
 # ----------------------------------------------------------------------------- sparse24

@@ -26,6 +26,7 @@ JSON file keyed by (op, N = tokens, K = in, M = out, dtype, decision, target), w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -99,17 +100,31 @@ class Target:
             raise ValueError(f"dequant_efficiency must be in (0, 1], got {self.dequant_efficiency}")
 
 
+_CPU = Target(
+    "cpu",
+    bandwidth_Bps=20e9,
+    peak_flops=200e9,
+    launch_s=5e-6,
+    float_bytes=4,
+    notes=(
+        "ASSUMPTIONS, not measurements: a conservative laptop/server CPU running fp32 — "
+        "20 GB/s memory bandwidth, 200 GFLOP/s fp32, 5 µs per op call; dequantization "
+        "efficiency 0.7 assumed. Replace with `slimfx calibrate-target --target cpu` "
+        "measurements."
+    ),
+)
+
 TARGETS: dict[str, Target] = {
-    "cpu": Target(
-        "cpu",
-        bandwidth_Bps=20e9,
-        peak_flops=200e9,
-        launch_s=5e-6,
-        float_bytes=4,
+    "cpu": _CPU,
+    "ort-cpu": dataclasses.replace(
+        _CPU,
+        name="ort-cpu",
         notes=(
-            "ASSUMPTIONS, not measurements: a conservative laptop/server CPU running fp32 — "
-            "20 GB/s memory bandwidth, 200 GFLOP/s fp32, 5 µs per op call; dequantization "
-            "efficiency 0.7 assumed. Replace with `slimfx calibrate-target cpu` measurements."
+            "ONNX Runtime's CPU provider (the onnx backend). Roofline numbers are the cpu "
+            "target's assumptions, and they cannot know ORT's kernels (its int8 MatMulNBits at "
+            "accuracy_level 0 is slower than fp32 MatMul on x86): measure them with "
+            "`slimfx calibrate-target --backend onnx --target ort-cpu` and pass the file as "
+            "latency_cache."
         ),
     ),
     "h100": Target(
@@ -286,6 +301,58 @@ class MeasuredCache:
         d = runtime_label(decision) if isinstance(decision, Decision) else str(decision)
         return (str(op), int(N), int(K), int(M), str(dtype), d, str(device))
 
+    @classmethod
+    def of(
+        cls, cache: MeasuredCache | str | os.PathLike[str] | None, target: str | Target | None = None
+    ) -> MeasuredCache | None:
+        """``optimize``'s ``latency_cache=``: ``None``, a cache, or the path of a cache file.
+
+        A missing file is a ``FileNotFoundError``; a cache with no measurement for ``target``
+        (a file calibrated for another target name) a ``ValueError`` that lists the names it
+        holds — it would price nothing, silently."""
+        if cache is None:
+            return None
+        if not isinstance(cache, MeasuredCache):
+            path = Path(cache)
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"latency cache {str(path)!r} does not exist; write it with "
+                    "`slimfx calibrate-target --out FILE` on the device it should price"
+                )
+            cache = cls(path)
+        if target is not None:
+            name = target.name if isinstance(target, Target) else str(target)
+            have = cache.targets()
+            if name not in have:
+                raise ValueError(
+                    f"latency cache {str(cache.path)!r} holds no measurement for target "
+                    f"{name!r} (it has: {', '.join(have) or 'none'}); pass target= one of "
+                    "those, or calibrate this one"
+                )
+        return cache
+
+    def targets(self) -> list[str]:
+        """The target names the cache holds measurements for."""
+        return sorted({k[6] for k in self.entries})
+
+    def describe(self, target: str) -> str:
+        """One line on what measured ``target``'s entries: runtimes, accuracy levels, threads,
+        torch devices (from the info saved with each entry)."""
+        infos = [self.info.get(k, {}) for k in self.entries if k[6] == target]
+        parts = []
+        for field_, fmt in (
+            ("runtime", "{}"),
+            ("torch_device", "on {}"),
+            ("accuracy_level", "accuracy_level {}"),
+            ("threads", "{} threads"),
+        ):
+            vals = sorted({str(i[field_]) for i in infos if i.get(field_) is not None})
+            if vals:
+                parts.append(fmt.format("/".join(vals)))
+        return f"{len(infos)} entries in {self.path.name}" + (
+            ": " + ", ".join(parts) if parts else ""
+        )
+
     def load(self) -> MeasuredCache:
         """Read the file (replacing what is in memory)."""
         data = json.loads(self.path.read_text())
@@ -358,7 +425,15 @@ def latency(
     )
 
 
-def _build_module(decision: Decision, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+def _build_module(
+    decision: Decision,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> nn.Module:
+    """The slimfx module of ``decision`` for ``weight``. ``svd``: the weight's (U, S, Vh), so a
+    plain low-rank ladder costs one SVD per shape rather than one per rank (timings only need
+    factors of the right shapes)."""
     out_f, in_f = weight.shape
     if isinstance(decision, DenseConfig):
         lin = nn.Linear(
@@ -372,7 +447,12 @@ def _build_module(decision: Decision, weight: torch.Tensor, bias: torch.Tensor |
     from slimfx.numerics import factorize
 
     cls = module_for(decision)
-    tensors = factorize(weight.float().cpu(), decision, None)
+    if svd is not None and isinstance(decision, LowRankConfig) and decision.rank <= len(svd[1]):
+        U, S, Vh = svd
+        r = decision.rank
+        tensors = {"U": U[:, :r] * S[:r], "V": Vh[:r]}
+    else:
+        tensors = factorize(weight.float().cpu(), decision, None)
     tensors = {
         k: v.to(weight.device, weight.dtype if v.is_floating_point() else v.dtype)
         for k, v in tensors.items()
@@ -423,10 +503,54 @@ DEFAULT_SHAPES: tuple[tuple[int, int], ...] = (
 
 
 def default_decisions(in_f: int, out_f: int) -> list[Decision]:
-    """Dense plus the low-rank ladder the ``lowrank`` family offers for this shape."""
+    """Dense, the low-rank ladder the ``lowrank`` family offers for this shape, and the int8 /
+    int4 layouts the quantization families offer (GPTQ and RTN share a layout and so one
+    measurement: :func:`runtime_label`)."""
     from slimfx.cost.candidates import lowrank_ranks  # candidates imports this module
+    from slimfx.cost.family_quant import INT4_CONFIGS, INT8_CONFIGS, quant_fits
 
-    return [DenseConfig(), *(LowRankConfig(r) for r in lowrank_ranks(in_f, out_f))]
+    return [
+        DenseConfig(),
+        *(LowRankConfig(r) for r in lowrank_ranks(in_f, out_f)),
+        *(d for d in INT8_CONFIGS + INT4_CONFIGS if quant_fits(d, in_f)),
+    ]
+
+
+#: ``runner(module) -> (callable, info)``: what to time for one built module, and what to
+#: record beside its measurements (the runtime, the kernel that ran, …).
+Runner = Callable[[nn.Module], tuple[Callable[[torch.Tensor], Any], dict[str, Any]]]
+
+
+class _Copies(nn.Module):
+    """``copies`` of one built linear with distinct weights (each tensor rolled along its first
+    axis), all applied to the same input: one call reads every copy's weights once, so with
+    enough copies the weights stream from memory rather than sit in a cache."""
+
+    def __init__(self, module: nn.Module, copies: int) -> None:
+        super().__init__()
+        self.in_features = int(module.in_features)
+        self.out_features = int(module.out_features)
+        mods = [module]
+        for i in range(1, copies):
+            m = copy.deepcopy(module)
+            with torch.no_grad():
+                for t in [*m.parameters(), *m.buffers()]:
+                    if t.dim() and t.shape[0] > 1:
+                        t.copy_(torch.roll(t, i % t.shape[0], 0))
+            mods.append(m)
+        self.copies = nn.ModuleList(mods)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(m(x) for m in self.copies)
+
+
+def _copies_for(module: nn.Module, rotate_bytes: int, max_copies: int) -> int:
+    stored = sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+    return max(1, min(max_copies, math.ceil(rotate_bytes / max(stored, 1))))
+
+
+def _eager(module: nn.Module) -> tuple[Callable[[torch.Tensor], Any], dict[str, Any]]:
+    return module, {"runtime": "torch eager"}
 
 
 def measure_target(
@@ -442,6 +566,9 @@ def measure_target(
     min_s: float = 0.02,
     max_s: float = 1.0,
     progress: bool = True,
+    runner: Runner | None = None,
+    rotate_bytes: int = 64 << 20,
+    max_copies: int = 64,
 ) -> MeasuredCache:
     """Time each (shape, decision, workload) with the slimfx modules on ``device`` and store
     the median seconds in the cache at ``path`` (entries already there are kept, the ones
@@ -453,6 +580,18 @@ def measure_target(
     dtype (:func:`compute_dtype`; float32 for an unknown target on CPU, bfloat16 on CUDA).
     Decisions that do not fit a shape, or have no module yet, are skipped. On CPU this times
     the CPU: the numbers stand for the target only when run on it.
+
+    ``runner(module) -> (fn, info)`` says what runs a built module (default: its eager forward):
+    ``fn(x)`` is timed and ``info`` saved with each entry — e.g. the Triton-lowered module, or an
+    ONNX Runtime session of the module's export (``slimfx.calibrate``). A runner that raises
+    ``ValueError`` for a decision skips it (its runtime cannot run that form).
+
+    Caches: a small weight read again and again sits in the L2 (or a CPU's L3) and times far
+    faster than inside a model, where every layer's weights stream from memory. So each form is
+    built as several copies with distinct weights — enough to store ``rotate_bytes`` (64 MiB,
+    beyond an H100's 50 MB L2), at most ``max_copies`` — run one after the other on the same
+    input, and the time of one call divided by the copies is recorded (``copies`` in the
+    entry's info). ``rotate_bytes=0`` times one copy.
     """
     from tqdm.auto import tqdm
 
@@ -466,6 +605,7 @@ def measure_target(
     decisions = default_decisions if decisions is None else decisions
     wls = [workload_of(w) for w in (("decode", "prefill") if workloads is None else workloads)]
     cache = MeasuredCache(path)
+    run = _eager if runner is None else runner
     gen = torch.Generator().manual_seed(0)
     for shape in tqdm(list(shapes), desc="calibrate-target", disable=not progress, leave=False):
         if isinstance(shape, LinearSite):
@@ -474,19 +614,28 @@ def measure_target(
             in_f, out_f = shape
         w = torch.randn(out_f, in_f, generator=gen).div_(math.sqrt(in_f)).to(dev, dtype)
         todo = decisions(in_f, out_f) if callable(decisions) else decisions
+        svd = None
+        if any(isinstance(d, LowRankConfig) for d in todo):
+            svd = torch.linalg.svd(w.float().cpu(), full_matrices=False)
         for decision in todo:
             try:
-                mod = _build_module(decision, w, None)
+                mod = _build_module(decision, w, None, svd)
             except (KeyError, ValueError):
                 continue  # no module for this kind, or the rank does not fit the shape
+            n = _copies_for(mod, rotate_bytes, max_copies)
+            try:
+                fn, info = run(_Copies(mod, n))
+            except ValueError:
+                continue  # the runtime cannot run this form
             for wl in wls:
                 x = torch.randn(wl.tokens, in_f, generator=gen).to(dev, dtype)
                 with torch.inference_mode():
-                    secs = _time(lambda m=mod, x=x: m(x), dev, repeats, min_s, max_s)
+                    secs = _time(lambda f=fn, x=x: f(x), dev, repeats, min_s, max_s) / n
                 key = MeasuredCache.key(
                     "linear", wl.tokens, in_f, out_f, str(dtype), decision, target_name
                 )
-                cache.put(key, secs, torch_device=str(dev))
-            del mod
+                cache.put(key, secs, torch_device=str(dev), copies=n, **info)
+            del mod, fn
+        cache.save()  # after each shape: a run cut short keeps what it measured
     cache.save()
     return cache

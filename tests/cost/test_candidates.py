@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from slimfx.cost.calibration import CalibrationStats, collect_stats
-from slimfx.cost.candidates import LOWRANK_FRACTIONS, build_problem, lowrank_ranks
+from slimfx.cost.candidates import LOWRANK_FRACTIONS, build_problem, lowrank_ranks, reprice
 from slimfx.cost.families import FAMILIES
 from slimfx.cost.target import MeasuredCache, estimate_latency
 from slimfx.ir.sites import LinearSite
@@ -134,6 +134,35 @@ def test_deterministic_and_measured_latency(tmp_path) -> None:  # noqa: ANN001
     assert p.meta["latency_sources"] == {"measured": 2, "roofline": len(got) - 2}
     dense = got[DenseConfig()]
     assert dense == (estimate_latency(DenseConfig(), 32, 48, False, "cpu", "decode"), "roofline")
+
+
+def test_reprice_keeps_errors_and_bytes_and_prices_again(tmp_path) -> None:  # noqa: ANN001
+    """reprice: new measurements (or another workload) without new candidates — the same
+    options, bytes and errors; latencies as build_problem would have priced them."""
+    W, _, stats = _problem_data()
+    site = _site("lin", 32, 48)
+    base, _ = build_problem([site], {"lin": W}, stats, families=("lowrank", "int8"),
+                            progress=False)
+    cache = MeasuredCache(tmp_path / "c.json")
+    for o in base.site("lin").options:
+        cache.put(MeasuredCache.key("linear", 1, 32, 48, "torch.float64", o.decision, "cpu"), 1e-3)
+    again = reprice(base, [site], target="cpu", cache=cache)
+    direct, _ = build_problem([site], {"lin": W}, stats, families=("lowrank", "int8"),
+                              cache=cache, progress=False)
+    assert again.to_json() == direct.to_json()
+    old, new = base.site("lin").options, again.site("lin").options
+    assert [(o.decision, o.bytes, o.error) for o in old] == [
+        (o.decision, o.bytes, o.error) for o in new
+    ]
+    assert {(o.latency_s, o.source) for o in new} == {(1e-3, "measured")}
+    assert again.site("lin").dense_latency_s == 1e-3
+    assert again.meta["latency_sources"] == {"measured": len(new)}
+    pre = reprice(base, [site], target="cpu", workload="prefill")
+    pre_direct, _ = build_problem([site], {"lin": W}, stats, families=("lowrank", "int8"),
+                                  workload="prefill", progress=False)
+    assert pre.to_json() == pre_direct.to_json() and pre.workload == "prefill"
+    with pytest.raises(KeyError, match="no site for 1 problem site"):
+        reprice(base, [_site("other", 32, 48)], target="cpu")
 
 
 def test_unknown_family_lists_registered() -> None:

@@ -5,7 +5,7 @@
                             backend="onnx", latency_cache="ort.json")
 
 Each linear shape is built in every form the default families offer (dense, the low-rank
-ladder, int8 and int4 layouts: ``slimfx.cost.target.default_decisions``) and run by what the
+ladder, int8 and int4 layouts: ``slimfx.cost.measure.default_decisions``) and run by what the
 backend deploys:
 
 - ``torch``: the eager slimfx modules (``F.linear`` for dense, the reference ops otherwise);
@@ -28,13 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfx.cost.target import (
-    DEFAULT_SHAPES,
-    MeasuredCache,
-    Runner,
-    Workload,
-    measure_target,
-)
+from slimfx.cost.measure import DEFAULT_SHAPES, Runner, measure_target
+from slimfx.cost.target import MeasuredCache, Workload
 from slimfx.planning.configs import Decision
 
 __all__ = ["BACKENDS", "calibrate_target", "parse_shapes", "triton_runner"]

@@ -15,7 +15,8 @@ import torch
 
 import slimfx
 from slimfx.calibrate import calibrate_target, parse_shapes
-from slimfx.cost.target import DEFAULT_SHAPES, MeasuredCache, default_decisions, latency
+from slimfx.cost.measure import DEFAULT_SHAPES, default_decisions
+from slimfx.cost.target import MeasuredCache, latency
 from slimfx.ir.modules import module_for
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics import factorize

@@ -1,7 +1,7 @@
 """Run one slimfx linear in ONNX Runtime, for measured latencies of the ``onnx`` backend.
 
 ``OnnxLinearRunner(threads=2, accuracy_level=0)`` is a runner for
-``slimfx.cost.target.measure_target``: given a built module (dense ``nn.Linear`` or a slimfx
+``slimfx.cost.measure.measure_target``: given a built module (dense ``nn.Linear`` or a slimfx
 swap module) it exports it with :func:`slimfx.backends.onnx.export_onnx` — the same
 translation a whole model gets (low-rank → two MatMul, int4/int8 → MatMulNBits) — opens an
 ONNX Runtime session and returns ``fn(x)`` that runs the session on ``x`` (tokens × in, float32).

@@ -10,6 +10,7 @@ from slimfx.cost import (
 from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
 from slimfx.cost.candidates import build_problem, lowrank_candidates, lowrank_ranks
 from slimfx.cost.families import FAMILIES, Candidate, SiteContext, register_family
+from slimfx.cost.measure import measure_target
 from slimfx.cost.sequential import find_blocks, run_sequential
 from slimfx.cost.target import (
     TARGETS,
@@ -19,7 +20,6 @@ from slimfx.cost.target import (
     Workload,
     estimate_latency,
     latency,
-    measure_target,
     target_of,
     workload_of,
 )

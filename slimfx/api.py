@@ -20,17 +20,17 @@ from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_bat
 from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import run_sequential
 from slimfx.cost.target import MeasuredCache, Target
-from slimfx.cost.target import latency as estimate_site_latency
 from slimfx.ir.capture import capture
 from slimfx.ir.find import find_linear_sites
 from slimfx.ir.sites import LinearSite
-from slimfx.passes.base import PassResult, SiteRecord
+from slimfx.passes.base import PassResult
 from slimfx.passes.swap import apply_plan
 from slimfx.planning.configs import DEFAULT_FAMILIES, Decision, DenseConfig
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.planning.solve import frontier, solve
-from slimfx.report import Report, SiteEntry
+from slimfx.report import Report
+from slimfx.reporting import build_report, target_name
 
 __all__ = ["optimize", "plan_model", "Planning", "report_of", "find_sites", "needs_gram"]
 
@@ -374,7 +374,7 @@ def plan_model(
             src = problem.meta["latency_sources"]
             notes.append(
                 f"latency: {src.get('measured', 0)} of {sum(src.values())} options measured "
-                f"({cache.describe(_target_name(target))}), the rest from the roofline"
+                f"({cache.describe(target_name(target))}), the rest from the roofline"
             )
         elif bud.latency is not None and backend == "onnx":
             notes.append(
@@ -398,7 +398,7 @@ def plan_model(
             shapes={s.fqn: s.shape for s in sites},
             meta={
                 "budget": bud.to_dict(),
-                "target": _target_name(target),
+                "target": target_name(target),
                 "workload": workload,
                 "families": list(families),
                 "solver": solution.solver,
@@ -531,7 +531,7 @@ def optimize(
         timings["measure"] = time.perf_counter() - t0
 
     # ---- report
-    report = _build_report(
+    report = build_report(
         sites, plan, problem, result, measured, bud, target, workload, pl.cache
     )
     report.solver = pl.solver
@@ -578,80 +578,3 @@ def _apply_sequential(
 
     run_sequential(target_model, sites, batches, on_block, progress=progress)
     return target_model, merged
-
-
-def _runner_up(options: list, chosen_idx: int) -> Any:
-    ch = options[chosen_idx]
-    better = [o for o in options if o is not ch and o.error < ch.error and o.bytes > ch.bytes]
-    if better:
-        return min(better, key=lambda o: (o.bytes, o.error))
-    cheaper = [o for o in options if o is not ch and o.bytes < ch.bytes]
-    return min(cheaper, key=lambda o: (o.error, -o.bytes)) if cheaper else None
-
-
-def _build_report(
-    sites: list[LinearSite],
-    plan: Plan,
-    problem: BudgetProblem | None,
-    result: PassResult,
-    measured: Mapping[str, tuple[float, float]],
-    budget: Budget,
-    target: str,
-    workload: str,
-    cache: Any,
-) -> Report:
-    records: dict[str, SiteRecord] = {r.fqn: r for r in result.records}
-    entries = []
-    for s in sites:
-        d = plan[s.fqn]
-        rec = records.get(s.fqn)
-        e = SiteEntry(
-            fqn=s.fqn,
-            shape=s.shape,
-            group=s.group,
-            chosen=d.short(),
-            decision=d.to_dict(),
-            bytes_before=DenseConfig().weight_bytes(s.in_features, s.out_features),
-            bytes_after=d.weight_bytes(s.in_features, s.out_features),
-            status=rec.status if rec else "skipped",
-            reason=rec.reason if rec else "",
-            seconds=rec.seconds if rec else 0.0,
-            extra=dict(rec.extra) if rec else {},
-        )
-        if s.tied and not isinstance(d, DenseConfig):
-            e.bytes_after += e.bytes_before  # the tied module keeps a dense copy
-            e.extra.setdefault("note", "tied weight: the other user keeps a dense copy")
-        if problem is not None:
-            so = problem.site(s.fqn)
-            idx = so.index_of(d)
-            opt = so.options[idx]
-            e.est_error = opt.error
-            e.latency_before_s = so.dense_latency_s
-            e.latency_after_s = opt.latency_s
-            e.latency_source = opt.source
-            ru = _runner_up(so.options, idx)
-            e.runner_up = ru.decision.short() if ru is not None else None
-            e.candidates = [
-                {
-                    "decision": o.decision.short(),
-                    "bytes": o.bytes,
-                    "error": o.error,
-                    "latency_s": o.latency_s,
-                }
-                for o in so.options
-            ]
-        else:
-            lat0, src = estimate_site_latency(DenseConfig(), s, target, workload, cache)
-            lat1, _ = estimate_site_latency(d, s, target, workload, cache)
-            e.latency_before_s, e.latency_after_s, e.latency_source = lat0, lat1, src
-        if s.fqn in measured:
-            e.measured_sqnr_db, e.measured_rel_error = measured[s.fqn]
-        entries.append(e)
-    return Report(
-        sites=entries, budget=budget.to_dict(), target=_target_name(target), workload=workload
-    )
-
-
-def _target_name(target: Any) -> str:
-    """A target's name for plans and reports (``optimize`` takes a name or a ``Target``)."""
-    return target if isinstance(target, str) else str(getattr(target, "name", target))

@@ -9,7 +9,7 @@ module (orchestration, like ``slimfx.api``) supplies the planner: :func:`plan_fo
 runs ``optimize``'s planning steps — capture and sites, include/exclude, weight checks,
 calibration statistics on the same fit/held-out split, candidates, solve — with
 ``slimfx.api``'s own functions, once for the whole model, and returns the Plan, the fitted
-Gram matrices and a report builder (``api._build_report``). The backend then applies that one
+Gram matrices and a report builder (``slimfx.reporting.build_report``). The backend then applies that one
 Plan per sub-graph, so compiling gives the rewrite ``optimize(model, budget, calibration=…)``
 gives, with the same factors.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from slimfx import api
+from slimfx import api, reporting
 from slimfx.backends.compile import Planned, SlimfxBackend
 from slimfx.backends.compile import backend as _backend
 from slimfx.passes.base import PassResult
@@ -65,7 +65,7 @@ def plan_for_compile(
     seconds = time.perf_counter() - t_start
 
     def build_report(result: PassResult) -> Report:
-        report = api._build_report(
+        report = reporting.build_report(
             pl.sites, pl.plan, pl.problem, result, {}, pl.budget, target, workload, pl.cache
         )
         report.solver = pl.solver

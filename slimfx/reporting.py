@@ -1,0 +1,103 @@
+"""The report of one planned and applied model: a :class:`~slimfx.report.SiteEntry` per site
+from the sites, the Plan, the priced problem (when one was solved) and the pass records.
+
+Shared by ``slimfx.optimize`` and the torch.compile backend (``slimfx.compile_api``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from slimfx.cost.target import latency as estimate_site_latency
+from slimfx.ir.sites import LinearSite
+from slimfx.passes.base import PassResult, SiteRecord
+from slimfx.planning.configs import DenseConfig
+from slimfx.planning.plan import Plan
+from slimfx.planning.problem import Budget, BudgetProblem
+from slimfx.report import Report, SiteEntry
+
+__all__ = ["build_report", "runner_up", "target_name"]
+
+
+def target_name(target: Any) -> str:
+    """A target's name for plans and reports (``optimize`` takes a name or a ``Target``)."""
+    return target if isinstance(target, str) else str(getattr(target, "name", target))
+
+
+def runner_up(options: list, chosen_idx: int) -> Any:
+    """The option a reader would weigh against the chosen one: the cheapest that is more
+    accurate (and larger), else the most accurate that is smaller; ``None`` when neither."""
+    ch = options[chosen_idx]
+    better = [o for o in options if o is not ch and o.error < ch.error and o.bytes > ch.bytes]
+    if better:
+        return min(better, key=lambda o: (o.bytes, o.error))
+    cheaper = [o for o in options if o is not ch and o.bytes < ch.bytes]
+    return min(cheaper, key=lambda o: (o.error, -o.bytes)) if cheaper else None
+
+
+def build_report(
+    sites: list[LinearSite],
+    plan: Plan,
+    problem: BudgetProblem | None,
+    result: PassResult,
+    measured: Mapping[str, tuple[float, float]],
+    budget: Budget,
+    target: str,
+    workload: str,
+    cache: Any,
+) -> Report:
+    """One entry per site: decision, bytes, pass status; with a solved ``problem`` the
+    estimated error, latency (and its source), runner-up and every candidate; without one
+    (a replayed plan) latencies priced again for ``target`` / ``workload`` from ``cache`` or
+    the roofline. ``measured``: site → (SQNR dB, relative error) on held-out batches."""
+    records: dict[str, SiteRecord] = {r.fqn: r for r in result.records}
+    entries = []
+    for s in sites:
+        d = plan[s.fqn]
+        rec = records.get(s.fqn)
+        e = SiteEntry(
+            fqn=s.fqn,
+            shape=s.shape,
+            group=s.group,
+            chosen=d.short(),
+            decision=d.to_dict(),
+            bytes_before=DenseConfig().weight_bytes(s.in_features, s.out_features),
+            bytes_after=d.weight_bytes(s.in_features, s.out_features),
+            status=rec.status if rec else "skipped",
+            reason=rec.reason if rec else "",
+            seconds=rec.seconds if rec else 0.0,
+            extra=dict(rec.extra) if rec else {},
+        )
+        if s.tied and not isinstance(d, DenseConfig):
+            e.bytes_after += e.bytes_before  # the tied module keeps a dense copy
+            e.extra.setdefault("note", "tied weight: the other user keeps a dense copy")
+        if problem is not None:
+            so = problem.site(s.fqn)
+            idx = so.index_of(d)
+            opt = so.options[idx]
+            e.est_error = opt.error
+            e.latency_before_s = so.dense_latency_s
+            e.latency_after_s = opt.latency_s
+            e.latency_source = opt.source
+            ru = runner_up(so.options, idx)
+            e.runner_up = ru.decision.short() if ru is not None else None
+            e.candidates = [
+                {
+                    "decision": o.decision.short(),
+                    "bytes": o.bytes,
+                    "error": o.error,
+                    "latency_s": o.latency_s,
+                }
+                for o in so.options
+            ]
+        else:
+            lat0, src = estimate_site_latency(DenseConfig(), s, target, workload, cache)
+            lat1, _ = estimate_site_latency(d, s, target, workload, cache)
+            e.latency_before_s, e.latency_after_s, e.latency_source = lat0, lat1, src
+        if s.fqn in measured:
+            e.measured_sqnr_db, e.measured_rel_error = measured[s.fqn]
+        entries.append(e)
+    return Report(
+        sites=entries, budget=budget.to_dict(), target=target_name(target), workload=workload
+    )

@@ -161,6 +161,7 @@ def restrict(problem: BudgetProblem, variant: Variant) -> BudgetProblem:
             [o for o in s.options if variant.allows(o.decision)],
             s.dense_bytes,
             s.dense_latency_s,
+            s.sensitivity,
         )
         for s in problem.sites
     ]
@@ -184,7 +185,7 @@ def merge_problems(parts: Sequence[BudgetProblem]) -> BudgetProblem:
                 if o.decision not in seen:
                     seen.add(o.decision)
                     opts.append(o)
-        sites.append(SiteOptions(s.name, opts, s.dense_bytes, s.dense_latency_s))
+        sites.append(SiteOptions(s.name, opts, s.dense_bytes, s.dense_latency_s, s.sensitivity))
     meta = {**first.meta, "families": [f for p in parts for f in p.meta.get("families", [])]}
     return BudgetProblem(sites, first.workload, first.target, meta)
 

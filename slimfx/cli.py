@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--target", default="cpu")
     o.add_argument("--workload", default="decode", choices=["decode", "prefill"])
     o.add_argument("--sequential", action="store_true")
-    o.add_argument("--fisher", action="store_true")
+    o.add_argument("--fisher", action=argparse.BooleanOptionalAction, default=None,
+                   help="weight errors by Fisher loss sensitivity (default: on for causal LMs)")
     o.add_argument("--plan", default=None, help="replay this plan.json instead of solving")
     o.add_argument("--eval", action="store_true", help="perplexity before/after on held-out text")
     o.add_argument("--onnx", default=None, help="also export to this .onnx path")

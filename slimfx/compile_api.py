@@ -49,7 +49,7 @@ def plan_for_compile(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     solver: str = "auto",
-    fisher: bool = False,
+    fisher: bool | None = None,
     latency_cache: Any = None,
     progress: bool = False,
 ) -> Planned:

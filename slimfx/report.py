@@ -34,7 +34,13 @@ def _r(x: float | None, nd: int = 6) -> float | None:
 
 @dataclass
 class SiteEntry:
-    """One site's line in the report."""
+    """One site's line in the report.
+
+    ``est_error``: the chosen form's estimated relative output error ‖(W−Ŵ)X‖²/‖WX‖² on the
+    calibration inputs — comparable with ``measured_sqnr_db`` (−10·log10) on held-out ones.
+    ``sensitivity``: the weight the solver gave this site's errors (Fisher loss sensitivity,
+    mean 1 over the sites; 1.0 without one); ``candidates[i]["error"]`` are unweighted too.
+    """
 
     fqn: str
     shape: tuple[int, int]
@@ -46,6 +52,7 @@ class SiteEntry:
     bytes_before: int = 0
     bytes_after: int = 0
     est_error: float = 0.0
+    sensitivity: float = 1.0
     measured_sqnr_db: float | None = None
     measured_rel_error: float | None = None
     latency_before_s: float = 0.0
@@ -59,7 +66,7 @@ class SiteEntry:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
-        for k in ("est_error", "measured_sqnr_db", "measured_rel_error", "seconds"):
+        for k in ("est_error", "sensitivity", "measured_sqnr_db", "measured_rel_error", "seconds"):
             d[k] = _r(d[k])
         for k in ("latency_before_s", "latency_after_s"):
             d[k] = _r(d[k], 12)
@@ -108,7 +115,8 @@ class Report:
             "bytes_after": after,
             "bytes_ratio": _r(after / dense if dense else 1.0),
             "bits_per_weight": _r(16 * after / dense if dense else 16.0, 3),
-            "est_error_sum": _r(sum(s.est_error for s in self.sites)),
+            # the solver's objective: each site's error weighted by its sensitivity
+            "est_error_sum": _r(sum(s.sensitivity * s.est_error for s in self.sites)),
             "est_latency_ratio": _r(lat1 / lat0 if lat0 else 1.0),
             "latency_sources": sorted({s.latency_source for s in self.sites}),
         }

@@ -76,7 +76,9 @@ def build_report(
             so = problem.site(s.fqn)
             idx = so.index_of(d)
             opt = so.options[idx]
-            e.est_error = opt.error
+            sens = so.sensitivity if so.sensitivity > 0 else 1.0
+            e.est_error = opt.error / sens  # the site's own relative output error
+            e.sensitivity = so.sensitivity
             e.latency_before_s = so.dense_latency_s
             e.latency_after_s = opt.latency_s
             e.latency_source = opt.source
@@ -86,7 +88,7 @@ def build_report(
                 {
                     "decision": o.decision.short(),
                     "bytes": o.bytes,
-                    "error": o.error,
+                    "error": o.error / sens,
                     "latency_s": o.latency_s,
                 }
                 for o in so.options

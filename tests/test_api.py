@@ -368,3 +368,52 @@ def test_tied_head_is_offered_when_included_or_under_a_latency_budget():
     lat = slimfx.optimize(model, Budget(memory=0.9, latency=1.0), calibration=_calib(3),
                           families=("int8",), progress=False)
     assert "lm_head" in {s.fqn for s in slimfx.report_of(lat).sites}
+
+
+def test_fisher_is_the_default_for_causal_lms_and_the_report_keeps_errors_unweighted():
+    """fisher=None (default) weighs a causal LM's site errors by their loss sensitivity and
+    says so; the report's est_error stays the site's own relative error (comparable with the
+    measured SQNR), its weight shown apart: est_error · sensitivity is what the solver summed."""
+    from slimfx.models import tiny_llama
+
+    model = tiny_llama()
+    kw = dict(calibration=_calib(4), families=("lowrank", "int8"), progress=False)
+    auto = slimfx.report_of(slimfx.optimize(model, 0.6, **kw))
+    off = slimfx.report_of(slimfx.optimize(model, 0.6, fisher=False, **kw))
+    assert any(n.startswith("sensitivity: each site's error weighted") for n in auto.notes)
+    assert not any(n.startswith("sensitivity") for n in off.notes)
+    sens = [s.sensitivity for s in auto.sites]
+    assert len(set(sens)) > 1 and sum(sens) / len(sens) == pytest.approx(1.0, rel=1e-6)
+    assert {s.sensitivity for s in off.sites} == {1.0}
+    same = [(a, b) for a, b in zip(auto.sites, off.sites) if a.chosen == b.chosen]
+    assert same  # the same form at a site has the same unweighted estimate in both runs
+    for a, b in same:
+        assert a.est_error == pytest.approx(b.est_error, rel=1e-9, abs=1e-15)
+    objective = sum(s.sensitivity * s.est_error for s in auto.sites)
+    assert auto.totals["est_error_sum"] == pytest.approx(objective, abs=1e-6)  # 6 decimals
+
+
+def test_fisher_default_off_without_an_lm_and_falls_back_with_a_note(monkeypatch):
+    from slimfx.models import tiny_llama
+
+    lin = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    xs = [torch.randn(4, 16) for _ in range(3)]
+    rep = slimfx.report_of(slimfx.optimize(lin, 0.8, calibration=xs, families=("lowrank",),
+                                           progress=False))
+    assert {s.sensitivity for s in rep.sites} == {1.0}
+    assert not any(n.startswith("sensitivity") for n in rep.notes)
+
+    real = api.collect_stats
+
+    def no_loss(*a, fisher=False, **k):  # a causal LM whose loss cannot be taken
+        if fisher:
+            raise ValueError("fisher=True needs a loss")
+        return real(*a, fisher=fisher, **k)
+
+    monkeypatch.setattr(api, "collect_stats", no_loss)
+    rep = slimfx.report_of(slimfx.optimize(tiny_llama(), 0.8, calibration=_calib(3),
+                                           families=("lowrank",), progress=False))
+    note = next(n for n in rep.notes if n.startswith("sensitivity"))
+    assert "unavailable" in note and "needs a loss" in note
+    with pytest.raises(ValueError, match="needs a loss"):  # asked for explicitly: an error
+        slimfx.optimize(tiny_llama(), 0.8, calibration=_calib(3), fisher=True, progress=False)

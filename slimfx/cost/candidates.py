@@ -173,7 +173,9 @@ def build_problem(
                 cands.append(c)
                 options.append(option(c.decision, max(0.0, float(c.error)) * sens))
         proposed[site.fqn] = cands
-        site_opts.append(SiteOptions(site.fqn, options, 2 * in_f * out_f, dense.latency_s))
+        site_opts.append(
+            SiteOptions(site.fqn, options, 2 * in_f * out_f, dense.latency_s, float(sens))
+        )
     meta = {
         "families": list(families),
         "calibrated": stats is not None,
@@ -215,7 +217,7 @@ def reprice(
             opts.append(dataclasses.replace(o, latency_s=secs, source=src, flops=flops))
         dense = next((o for o in opts if isinstance(o.decision, DenseConfig)), None)
         dense_lat = dense.latency_s if dense is not None else so.dense_latency_s
-        new_sites.append(SiteOptions(so.name, opts, so.dense_bytes, dense_lat))
+        new_sites.append(SiteOptions(so.name, opts, so.dense_bytes, dense_lat, so.sensitivity))
     meta = {
         **problem.meta,
         "tokens": wl.tokens,

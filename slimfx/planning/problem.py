@@ -59,12 +59,15 @@ class Option:
 @dataclass
 class SiteOptions:
     """The options of one site. ``dense_bytes`` / ``dense_latency_s`` are the site's
-    reference (its dense form at 16 bits) against which fractions are taken."""
+    reference (its dense form at 16 bits) against which fractions are taken. ``sensitivity``:
+    the weight the options' errors already carry (a Fisher loss sensitivity; 1.0 without one)
+    — ``option.error / sensitivity`` is the site's own relative output error."""
 
     name: str
     options: list[Option]
     dense_bytes: int
     dense_latency_s: float = 0.0
+    sensitivity: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.options:
@@ -191,6 +194,7 @@ class BudgetProblem:
                         "name": s.name,
                         "dense_bytes": s.dense_bytes,
                         "dense_latency_s": s.dense_latency_s,
+                        "sensitivity": s.sensitivity,
                         "options": [o.to_dict() for o in s.options],
                     }
                     for s in self.sites
@@ -209,6 +213,7 @@ class BudgetProblem:
                 [Option.from_dict(o) for o in s["options"]],
                 s["dense_bytes"],
                 s["dense_latency_s"],
+                s.get("sensitivity", 1.0),
             )
             for s in d["sites"]
         ]

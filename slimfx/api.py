@@ -105,6 +105,25 @@ def _drop_tied_sites(sites: list[LinearSite], notes: list[str]) -> list[LinearSi
     return [s for s in sites if not s.tied]
 
 
+def _roofline_caveat(target: str, backend: str | None) -> str:
+    """What a roofline-priced latency budget cannot know, for the runtime that will run it."""
+    head = f"latency budget priced by the {target} roofline (bytes and FLOPs, no measurement)"
+    if backend == "onnx":
+        return (
+            f"{head}, which does not know ONNX Runtime's kernels (at accuracy_level 0 its int8 "
+            "MatMulNBits is slower than dense MatMul on x86): measure them with `slimfx "
+            "calibrate-target --backend onnx` and pass latency_cache="
+        )
+    if target in ("cpu", "ort-cpu") and backend in (None, "eager", "compile"):
+        return (
+            f"{head}: it assumes kernels that read int4/int8 codes directly, while slimfx's "
+            "eager CPU ops dequantize the weight on every call (tens of times slower than "
+            "dense at decode) — deploy with backend='onnx', or measure with `slimfx "
+            "calibrate-target --backend torch --target cpu` and pass latency_cache="
+        )
+    return f"{head}: measure the device with `slimfx calibrate-target` and pass latency_cache="
+
+
 def _is_causal_lm(model: nn.Module) -> bool:
     can = getattr(model, "can_generate", None)
     return hasattr(model, "config") and callable(can) and bool(can())
@@ -414,13 +433,8 @@ def plan_model(
                 f"latency: {src.get('measured', 0)} of {sum(src.values())} options measured "
                 f"({cache.describe(target_name(target))}), the rest from the roofline"
             )
-        elif bud.latency is not None and backend == "onnx":
-            notes.append(
-                "latency budget priced by the roofline, which does not know ONNX Runtime's "
-                "kernels (at accuracy_level 0 its int8 MatMulNBits is slower than dense MatMul "
-                "on x86): measure them with `slimfx calibrate-target --backend onnx` and pass "
-                "latency_cache="
-            )
+        elif bud.latency is not None:
+            notes.append(_roofline_caveat(target_name(target), backend))
         if problem.meta.get("not_allowed"):
             notes.append(
                 f"backend {backend}: {problem.meta['not_allowed']} candidate(s) it cannot run "

@@ -417,3 +417,22 @@ def test_fisher_default_off_without_an_lm_and_falls_back_with_a_note(monkeypatch
     assert "unavailable" in note and "needs a loss" in note
     with pytest.raises(ValueError, match="needs a loss"):  # asked for explicitly: an error
         slimfx.optimize(tiny_llama(), 0.8, calibration=_calib(3), fisher=True, progress=False)
+
+
+def test_roofline_latency_budget_says_what_it_cannot_know():
+    """A latency budget without measurements is priced by the roofline; the report says what
+    that misses for the runtime at hand (eager CPU dequantizes every call)."""
+    from slimfx.cost.target import Target
+    from slimfx.models import tiny_llama
+
+    kw = dict(calibration=_calib(3), families=("int8", "lowrank"), exclude=["lm_head"],
+              fisher=False, progress=False)
+    cpu = slimfx.report_of(slimfx.optimize(tiny_llama(), Budget(latency=0.9), **kw))
+    note = next(n for n in cpu.notes if n.startswith("latency budget priced by the cpu roofline"))
+    assert "dequantize the weight on every call" in note and "--backend torch" in note
+    tgt = Target("gpu0", bandwidth_Bps=1e12, peak_flops=1e14, launch_s=0.0)
+    other = slimfx.report_of(slimfx.optimize(tiny_llama(), Budget(latency=0.9), target=tgt, **kw))
+    assert any(n.startswith("latency budget priced by the gpu0 roofline") and
+               "calibrate-target" in n for n in other.notes)
+    mem = slimfx.report_of(slimfx.optimize(tiny_llama(), 0.8, **kw))
+    assert not any(n.startswith("latency budget") for n in mem.notes)

@@ -63,6 +63,9 @@ def test_onnx_runner_runs_the_export_of_the_form(decision, ops, tmp_path) -> Non
 def test_onnx_runner_refuses_dense_fallbacks_and_bf16(tmp_path) -> None:  # noqa: ANN001
     from slimfx.backends.ort_timing import OnnxLinearRunner
 
+    temp = OnnxLinearRunner(threads=1)  # files go to a temporary folder, gone once opened
+    fn, _ = temp(_module(LowRankConfig(8)))
+    assert not any(temp.workdir.iterdir()) and fn(torch.randn(3, 64))[0].shape == (3, 32)
     runner = OnnxLinearRunner(threads=1, workdir=tmp_path)
     with pytest.raises(ValueError, match="runs this form dense"):
         runner(_module(Sparse24Config("magnitude", False)))

@@ -34,8 +34,8 @@ __all__ = ["OnnxLinearRunner"]
 class OnnxLinearRunner:
     """``runner(module) -> (fn, info)``: ``fn(x)`` runs the module's ONNX export in ONNX
     Runtime; ``info`` names the runtime, its version, the accuracy level, the threads and the
-    ops the export holds. ``workdir``: where the one-linear ``.onnx`` files go (a temporary
-    folder, removed with the runner, when ``None``)."""
+    ops the export holds. ``workdir``: where the one-linear ``.onnx`` files are kept; when
+    ``None`` each goes to a temporary folder and is deleted once its session is open."""
 
     def __init__(
         self,
@@ -71,6 +71,10 @@ class OnnxLinearRunner:
         if dense:
             raise ValueError(f"ONNX Runtime runs this form dense: {dense[0]}")
         sess = OrtModel(path, threads=self.threads)
+        if self._tmp is not None:  # the session holds the graph: keep disk use to one form
+            for f in (res.path, res.data_path):
+                if f is not None:
+                    f.unlink(missing_ok=True)
         name = sess.input_names[0]
 
         def fn(x: Tensor, run=sess.session.run, name=name) -> Any:

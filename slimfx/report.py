@@ -137,25 +137,29 @@ class Report:
         raise KeyError(fqn)
 
     # ---------------------------------------------------------------- outputs
-    def _rows(self, sites: list[SiteEntry]) -> list[list[str]]:
+    def _rows(self, sites: list[SiteEntry], full: bool = False) -> list[list[str]]:
         rows = []
         for s in sites:
             sq = "" if s.measured_sqnr_db is None else f"{s.measured_sqnr_db:.1f}"
-            rows.append(
-                [
-                    s.fqn,
-                    f"{s.shape[0]}×{s.shape[1]}",
-                    s.chosen,
-                    s.runner_up or "",
-                    f"{s.bytes_after / max(s.bytes_before, 1):.2f}",
-                    f"{s.est_error:.4f}",
-                    sq,
-                    s.status + (f": {s.reason}" if s.reason and s.status != "skipped" else ""),
-                ]
-            )
+            row = [
+                s.fqn,
+                f"{s.shape[0]}×{s.shape[1]}",
+                s.chosen,
+                s.runner_up or "",
+                f"{s.bytes_after / max(s.bytes_before, 1):.2f}",
+                f"{s.est_error:.4f}",
+                sq,
+            ]
+            if full:
+                lat = s.latency_after_s / s.latency_before_s if s.latency_before_s else 1.0
+                row += [f"{s.sensitivity:.2f}", f"{lat:.2f}", s.latency_source]
+            row.append(s.status + (f": {s.reason}" if s.reason and s.status != "skipped" else ""))
+            rows.append(row)
         return rows
 
     _HEAD = ["site", "shape", "chosen", "runner-up", "bytes", "est.err", "SQNR dB", "status"]
+    #: the markdown table adds each site's error weight and estimated latency (× its dense)
+    _FULL_HEAD = [*_HEAD[:-1], "sensitivity", "latency", "latency from", "status"]
 
     def headline(self) -> str:
         t = self.totals or self.finalize().totals
@@ -191,8 +195,12 @@ class Report:
         out += [f"| {k} | {v} |" for k, v in t.items()]
         if self.capture:
             out += ["", f"Capture: {self.capture}"]
-        out += ["", "| " + " | ".join(self._HEAD) + " |", "|" + "---|" * len(self._HEAD)]
-        out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in self._rows(self.sites)]
+        head = self._FULL_HEAD
+        out += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += [
+            "| " + " | ".join(c.replace("|", "/") for c in r) + " |"
+            for r in self._rows(self.sites, full=True)
+        ]
         if self.notes:
             out += ["", "## Notes", *[f"- {n}" for n in self.notes]]
         if self.timings:

@@ -82,6 +82,11 @@ def test_report_outputs(optimized, tmp_path):
     assert "sites rewritten" in text and "bits/weight" in text
     md = rep.to_markdown()
     assert md.count("\n| model.layers.") == len(rep.sites)  # every site
+    assert "| sensitivity | latency | latency from | status |" in md
+    q0 = rep.sites[0]
+    row = next(line for line in md.splitlines() if line.startswith(f"| {q0.fqn} |"))
+    lat = q0.latency_after_s / q0.latency_before_s
+    assert f"| {q0.sensitivity:.2f} | {lat:.2f} | roofline |" in row
     # the tied lm_head stays dense and outside the bytes budget, and the report says why
     assert "lm_head" not in {s.fqn for s in rep.sites}
     assert any(n.startswith("lm_head: weight tied to model.embed_tokens") for n in rep.notes)

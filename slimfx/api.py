@@ -603,6 +603,8 @@ def optimize(
     report.meta = {"model_class": type(model).__name__, "plan": plan.to_dict()}
     if backend is not None:
         report.meta["backend"] = backend
+    if pl.cache is not None:
+        report.meta["latency_cache"] = pl.cache.summary(target_name(target))
     report.finalize(
         params_before=sum(p.numel() for p in model.parameters()),
         params_after=sum(p.numel() for p in new_model.parameters())

@@ -115,7 +115,7 @@ def test_calibrate_rejects_bad_requests(tmp_path) -> None:  # noqa: ANN001
 TINY_SHAPES = [(64, 64), (64, 32), (64, 128), (128, 64)]  # tiny_llama's q/o, k/v, gate/up, down
 
 
-def _slow_int8_cache(path) -> MeasuredCache:  # noqa: ANN001
+def _slow_int8_cache(path, **info) -> MeasuredCache:  # noqa: ANN001
     """What ORT's CPU provider at accuracy_level 0 looks like: int4 MatMulNBits at half the
     dense time, int8 MatMulNBits ten times slower than dense, low-rank by its bytes."""
     cache = MeasuredCache(path)
@@ -127,7 +127,7 @@ def _slow_int8_cache(path) -> MeasuredCache:  # noqa: ANN001
             else:
                 t = dense * d.weight_bytes(in_f, out_f) / (2 * in_f * out_f)
             key = MeasuredCache.key("linear", 1, in_f, out_f, "torch.float32", d, "ort-cpu")
-            cache.put(key, t, runtime="synthetic")
+            cache.put(key, t, runtime="synthetic", **info)
     cache.save()
     return cache
 
@@ -216,3 +216,27 @@ def test_calibrate_triton_records_the_kernel_that_ran(tmp_path) -> None:  # noqa
     assert kernels["dense"] == "F.linear"
     assert kernels["lowrank r=4"].startswith("lowrank_linear_triton")
     assert kernels["int4 g32 asym rtn"] == "quant_linear_triton"
+
+
+def test_export_at_another_accuracy_level_than_measured_says_so(tmp_path) -> None:  # noqa: ANN001
+    """The report keeps what priced the plan; exporting at another MatMulNBits accuracy level
+    than the timings were measured at is noted (int8's speed differs most between levels)."""
+    from slimfx.backends.onnx import export_onnx
+    from slimfx.models import tiny_llama
+
+    path = tmp_path / "ort4.json"
+    _slow_int8_cache(path, accuracy_level=4, threads=2)
+    new = slimfx.optimize(tiny_llama(), Budget(latency=0.9), calibration=_calib(3),
+                          target="ort-cpu", backend="onnx", families=("int4",),
+                          exclude=["lm_head"], latency_cache=path, progress=False)
+    meta = slimfx.report_of(new).meta["latency_cache"]
+    assert meta == {"file": "ort4.json", "target": "ort-cpu", "entries": len(
+        MeasuredCache(path)), "runtime": ["synthetic"], "accuracy_level": [4], "threads": [2]}
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    same = export_onnx(new, tmp_path / "a4.onnx", (ids,), accuracy_level=4)
+    assert not any("priced with ONNX Runtime timings" in n for n in same.notes)
+    other = export_onnx(new, tmp_path / "a0.onnx", (ids,), accuracy_level=0)
+    note = next(n for n in other.notes if "priced with ONNX Runtime timings" in n)
+    assert "accuracy_level 4 (ort4.json)" in note and "uses accuracy_level 0" in note
+    assert other.accuracy_level == 0
+    assert any(n == f"onnx: {note}" for n in slimfx.report_of(new).notes)

@@ -74,6 +74,7 @@ class ExportResult:
     report_bytes: int = 0
     site_file_bytes: int = 0
     seconds: float = 0.0
+    accuracy_level: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -86,6 +87,7 @@ class ExportResult:
             "report_bytes": self.report_bytes,
             "site_file_bytes": self.site_file_bytes,
             "seconds": round(self.seconds, 2),
+            "accuracy_level": self.accuracy_level,
         }
 
     def __str__(self) -> str:
@@ -521,9 +523,27 @@ def export_onnx(
         report_bytes=_reference_bytes(model, list(how)),
         site_file_bytes=sum(site_bytes.values()),
         seconds=time.perf_counter() - t0,
+        accuracy_level=accuracy_level,
     )
+    result.notes.extend(_pricing_mismatch(model, accuracy_level))
     _annotate_report(model, result)
     return result
+
+
+def _pricing_mismatch(model: nn.Module, accuracy_level: int) -> list[str]:
+    """A note when the model's plan was priced with ONNX Runtime timings measured at another
+    MatMulNBits accuracy level than this export uses (its int8 kernel differs most)."""
+    rep = getattr(model, _REPORT_ATTR, None)
+    cache = getattr(rep, "meta", {}).get("latency_cache") or {}
+    levels = cache.get("accuracy_level")
+    if not levels or accuracy_level in levels:
+        return []
+    return [
+        f"the plan was priced with ONNX Runtime timings at accuracy_level "
+        f"{'/'.join(map(str, levels))} ({cache.get('file')}) but this export uses "
+        f"accuracy_level {accuracy_level}: its speed may differ from the report's estimate "
+        "(int8 MatMulNBits most of all) — export with the measured level"
+    ]
 
 
 def _annotate_report(model: nn.Module, result: ExportResult) -> None:

@@ -327,23 +327,25 @@ class MeasuredCache:
         """The target names the cache holds measurements for."""
         return sorted({k[6] for k in self.entries})
 
-    def describe(self, target: str) -> str:
-        """One line on what measured ``target``'s entries: runtimes, accuracy levels, threads,
-        torch devices (from the info saved with each entry)."""
+    def summary(self, target: str) -> dict[str, Any]:
+        """What measured ``target``'s entries: the file, the entry count and, from the info
+        saved with each entry, the sorted distinct runtimes, torch devices, accuracy levels and
+        threads (only the fields some entry has)."""
         infos = [self.info.get(k, {}) for k in self.entries if k[6] == target]
-        parts = []
-        for field_, fmt in (
-            ("runtime", "{}"),
-            ("torch_device", "on {}"),
-            ("accuracy_level", "accuracy_level {}"),
-            ("threads", "{} threads"),
-        ):
-            vals = sorted({str(i[field_]) for i in infos if i.get(field_) is not None})
+        out: dict[str, Any] = {"file": self.path.name, "target": target, "entries": len(infos)}
+        for f in ("runtime", "torch_device", "accuracy_level", "threads"):
+            vals = sorted({i[f] for i in infos if i.get(f) is not None}, key=str)
             if vals:
-                parts.append(fmt.format("/".join(vals)))
-        return f"{len(infos)} entries in {self.path.name}" + (
-            ": " + ", ".join(parts) if parts else ""
-        )
+                out[f] = vals
+        return out
+
+    def describe(self, target: str) -> str:
+        """:meth:`summary` in one line (for report notes)."""
+        s = self.summary(target)
+        fmt = (("runtime", "{}"), ("torch_device", "on {}"), ("accuracy_level",
+               "accuracy_level {}"), ("threads", "{} threads"))
+        parts = [f.format("/".join(map(str, s[k]))) for k, f in fmt if k in s]
+        return f"{s['entries']} entries in {s['file']}" + (": " + ", ".join(parts) if parts else "")
 
     def load(self) -> MeasuredCache:
         """Read the file (replacing what is in memory)."""

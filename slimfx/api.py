@@ -16,10 +16,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
+from slimfx.cost.calibration import (
+    CalibrationStats,
+    collect_planning_stats,
+    collect_stats,
+    prepare_batches,
+)
 from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import run_sequential
-from slimfx.cost.target import MeasuredCache, Target
+from slimfx.cost.target import MeasuredCache, Target, roofline_caveat
 from slimfx.ir.capture import capture
 from slimfx.ir.find import find_linear_sites
 from slimfx.ir.sites import LinearSite
@@ -103,65 +108,6 @@ def _drop_tied_sites(sites: list[LinearSite], notes: list[str]) -> list[LinearSi
             "latency budget offers it)"
         )
     return [s for s in sites if not s.tied]
-
-
-def _roofline_caveat(target: str, backend: str | None) -> str:
-    """What a roofline-priced latency budget cannot know, for the runtime that will run it."""
-    head = f"latency budget priced by the {target} roofline (bytes and FLOPs, no measurement)"
-    if backend == "onnx":
-        return (
-            f"{head}, which does not know ONNX Runtime's kernels (at accuracy_level 0 its int8 "
-            "MatMulNBits is slower than dense MatMul on x86): measure them with `slimfx "
-            "calibrate-target --backend onnx` and pass latency_cache="
-        )
-    if target in ("cpu", "ort-cpu") and backend in (None, "eager", "compile"):
-        return (
-            f"{head}: it assumes kernels that read int4/int8 codes directly, while slimfx's "
-            "eager CPU ops dequantize the weight on every call (tens of times slower than "
-            "dense at decode) — deploy with backend='onnx', or measure with `slimfx "
-            "calibrate-target --backend torch --target cpu` and pass latency_cache="
-        )
-    return f"{head}: measure the device with `slimfx calibrate-target` and pass latency_cache="
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    can = getattr(model, "can_generate", None)
-    return hasattr(model, "config") and callable(can) and bool(can())
-
-
-def _collect(
-    model: nn.Module,
-    sites: list[LinearSite],
-    batches: list,
-    fisher: bool | None,
-    solving: bool,
-    notes: list[str],
-    progress: bool,
-) -> CalibrationStats:
-    """Calibration statistics; Fisher sensitivity when asked, or by default (``fisher=None``)
-    for a causal LM on token ids. A default that cannot get a loss falls back, with a note."""
-    if not solving:  # a replayed plan needs Grams only
-        return collect_stats(model, sites, batches, fisher=False, progress=progress)
-    if fisher is not None:
-        return collect_stats(model, sites, batches, fisher=fisher, progress=progress)
-    ids = all(
-        (isinstance(b, Tensor) and not b.is_floating_point())
-        or (isinstance(b, dict) and "input_ids" in b)
-        for b in batches
-    )
-    if not (_is_causal_lm(model) and ids):
-        return collect_stats(model, sites, batches, fisher=False, progress=progress)
-    try:
-        stats = collect_stats(model, sites, batches, fisher=True, progress=progress)
-    except ValueError as e:
-        notes.append(f"sensitivity: Fisher (the causal-LM default) unavailable — {e}; errors "
-                     "unweighted")
-        return collect_stats(model, sites, batches, fisher=False, progress=progress)
-    notes.append(
-        "sensitivity: each site's error weighted by its Fisher loss sensitivity on the "
-        "calibration text (the default for a causal LM; fisher=False turns it off)"
-    )
-    return stats
 
 
 def select_sites(
@@ -397,7 +343,12 @@ def plan_model(
     problem: BudgetProblem | None = None
     if fit_batches and (plan is None or any(needs_gram(d) for d in plan.values())):
         t0 = time.perf_counter()
-        stats = _collect(model, sites, fit_batches, fisher, plan is None, notes, progress)
+        if plan is None:
+            stats, note = collect_planning_stats(model, sites, fit_batches, fisher, progress)
+            if note:
+                notes.append(note)
+        else:  # a replayed plan needs the Grams only
+            stats = collect_stats(model, sites, fit_batches, fisher=False, progress=progress)
         timings["calibration"] = time.perf_counter() - t0
         thin = stats.underdetermined()
         if thin:
@@ -434,7 +385,7 @@ def plan_model(
                 f"({cache.describe(target_name(target))}), the rest from the roofline"
             )
         elif bud.latency is not None:
-            notes.append(_roofline_caveat(target_name(target), backend))
+            notes.append(roofline_caveat(target_name(target), backend))
         if problem.meta.get("not_allowed"):
             notes.append(
                 f"backend {backend}: {problem.meta['not_allowed']} candidate(s) it cannot run "

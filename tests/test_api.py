@@ -408,14 +408,16 @@ def test_fisher_default_off_without_an_lm_and_falls_back_with_a_note(monkeypatch
     assert {s.sensitivity for s in rep.sites} == {1.0}
     assert not any(n.startswith("sensitivity") for n in rep.notes)
 
-    real = api.collect_stats
+    from slimfx.cost import calibration
+
+    real = calibration.collect_stats
 
     def no_loss(*a, fisher=False, **k):  # a causal LM whose loss cannot be taken
         if fisher:
             raise ValueError("fisher=True needs a loss")
         return real(*a, fisher=fisher, **k)
 
-    monkeypatch.setattr(api, "collect_stats", no_loss)
+    monkeypatch.setattr(calibration, "collect_stats", no_loss)
     rep = slimfx.report_of(slimfx.optimize(tiny_llama(), 0.8, calibration=_calib(3),
                                            families=("lowrank",), progress=False))
     note = next(n for n in rep.notes if n.startswith("sensitivity"))

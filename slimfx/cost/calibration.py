@@ -33,7 +33,14 @@ from tqdm.auto import tqdm
 
 from slimfx.ir.sites import LinearSite
 
-__all__ = ["CalibrationStats", "collect_stats", "prepare_batches", "GramRecorder"]
+__all__ = [
+    "CalibrationStats",
+    "collect_stats",
+    "collect_planning_stats",
+    "is_causal_lm",
+    "prepare_batches",
+    "GramRecorder",
+]
 
 #: float64 elements converted at once when accumulating a Gram (bounds the temporary copy).
 _CHUNK_ELEMS = 1 << 22
@@ -463,3 +470,42 @@ def prepare_batches(calibration: Any, tokenizer: Any = None, seq_len: int = 256)
         return [torch.tensor([ids], dtype=torch.long)]
     flat = torch.tensor(ids[: full * seq_len], dtype=torch.long)
     return [w.unsqueeze(0) for w in flat.view(full, seq_len)]
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """A Hugging Face model that generates (a causal LM: it returns a loss for labels=ids)."""
+    can = getattr(model, "can_generate", None)
+    return hasattr(model, "config") and callable(can) and bool(can())
+
+
+def collect_planning_stats(
+    model: nn.Module,
+    sites: Sequence[LinearSite],
+    batches: Sequence[Any],
+    fisher: bool | None,
+    progress: bool = True,
+) -> tuple[CalibrationStats, str | None]:
+    """:func:`collect_stats` for a solve, and a note for the report (or ``None``).
+
+    ``fisher=None`` (``optimize``'s default): Fisher sensitivity for a causal LM calibrated on
+    token ids, none otherwise; when that default cannot take a loss it falls back to unweighted
+    errors and the note says why. ``True`` / ``False`` are obeyed (``True`` raises as usual)."""
+    if fisher is not None:
+        return collect_stats(model, sites, batches, fisher=fisher, progress=progress), None
+    ids = all(
+        (isinstance(b, Tensor) and not b.is_floating_point())
+        or (isinstance(b, dict) and "input_ids" in b)
+        for b in batches
+    )
+    if not (is_causal_lm(model) and ids):
+        return collect_stats(model, sites, batches, fisher=False, progress=progress), None
+    try:
+        stats = collect_stats(model, sites, batches, fisher=True, progress=progress)
+    except ValueError as e:
+        note = (f"sensitivity: Fisher (the causal-LM default) unavailable — {e}; errors "
+                "unweighted")
+        return collect_stats(model, sites, batches, fisher=False, progress=progress), note
+    return stats, (
+        "sensitivity: each site's error weighted by its Fisher loss sensitivity on the "
+        "calibration text (the default for a causal LM; fisher=False turns it off)"
+    )

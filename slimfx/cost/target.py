@@ -61,6 +61,7 @@ __all__ = [
     "latency",
     "runtime_label",
     "compute_dtype",
+    "roofline_caveat",
 ]
 
 
@@ -417,3 +418,22 @@ def latency(
         estimate_latency(decision, site.in_features, site.out_features, site.has_bias, tgt, wl),
         "roofline",
     )
+
+
+def roofline_caveat(target: str, backend: str | None) -> str:
+    """What a roofline-priced latency budget cannot know, for the runtime that will run it."""
+    head = f"latency budget priced by the {target} roofline (bytes and FLOPs, no measurement)"
+    if backend == "onnx":
+        return (
+            f"{head}, which does not know ONNX Runtime's kernels (at accuracy_level 0 its int8 "
+            "MatMulNBits is slower than dense MatMul on x86): measure them with `slimfx "
+            "calibrate-target --backend onnx` and pass latency_cache="
+        )
+    if target in ("cpu", "ort-cpu") and backend in (None, "eager", "compile"):
+        return (
+            f"{head}: it assumes kernels that read int4/int8 codes directly, while slimfx's "
+            "eager CPU ops dequantize the weight on every call (tens of times slower than "
+            "dense at decode) — deploy with backend='onnx', or measure with `slimfx "
+            "calibrate-target --backend torch --target cpu` and pass latency_cache="
+        )
+    return f"{head}: measure the device with `slimfx calibrate-target` and pass latency_cache="

@@ -171,8 +171,7 @@ def cmd_calibrate_target(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         rotate_bytes=int(a.rotate_mb * (1 << 20)),
     )
-    mine = [k for k in cache.entries if k[6] == target]
-    print(f"wrote {a.out}: {len(mine)} measurements for target {target!r} "
+    print(f"wrote {a.out}: {cache.summary(target)['entries']} measurements for target {target!r} "
           f"(backend {backend} on {device}); use it with "
           f"optimize(..., target={target!r}, latency_cache={str(a.out)!r})")
     return 0

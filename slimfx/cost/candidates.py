@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -99,17 +100,29 @@ def _option(
 ) -> Option:
     """One priced option; a tied site pays the dense copy the other module keeps."""
     in_f, out_f = site.in_features, site.out_features
-    secs, src = latency(decision, site, tgt, wl, cache)
-    sources[src] += 1
     extra = 2 * in_f * out_f if site.tied and not isinstance(decision, DenseConfig) else 0
     return Option(
         decision,
         bytes=decision.weight_bytes(in_f, out_f) + extra,
         error=error,
-        flops=decision.flops(in_f, out_f, wl.tokens),
-        latency_s=secs,
-        source=src,
+        **_timing(decision, site, tgt, wl, cache, sources),
     )
+
+
+def _timing(
+    decision: Decision,
+    site: LinearSite,
+    tgt: Target,
+    wl: Workload,
+    cache: MeasuredCache | None,
+    sources: Counter[str],
+) -> dict[str, Any]:
+    """An option's ``flops``, ``latency_s`` and ``source`` for the workload (measured when the
+    cache has the entry, roofline otherwise); ``sources`` counts where latencies came from."""
+    secs, src = latency(decision, site, tgt, wl, cache)
+    sources[src] += 1
+    flops = decision.flops(site.in_features, site.out_features, wl.tokens)
+    return {"flops": flops, "latency_s": secs, "source": src}
 
 
 def build_problem(
@@ -209,12 +222,10 @@ def reprice(
     new_sites = []
     for so in problem.sites:
         site = by_name[so.name]
-        opts = []
-        for o in so.options:
-            secs, src = latency(o.decision, site, tgt, wl, cache)
-            sources[src] += 1
-            flops = o.decision.flops(site.in_features, site.out_features, wl.tokens)
-            opts.append(dataclasses.replace(o, latency_s=secs, source=src, flops=flops))
+        opts = [
+            dataclasses.replace(o, **_timing(o.decision, site, tgt, wl, cache, sources))
+            for o in so.options
+        ]
         dense = next((o for o in opts if isinstance(o.decision, DenseConfig)), None)
         dense_lat = dense.latency_s if dense is not None else so.dense_latency_s
         new_sites.append(SiteOptions(so.name, opts, so.dense_bytes, dense_lat, so.sensitivity))

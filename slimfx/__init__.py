@@ -32,6 +32,8 @@ __all__ = [
     "LowRankQuantConfig",
     "Sparse24LowRankConfig",
     "Report",
+    "forms",
+    "register_form",
     "backend",
     "calibrate_target",
 ]
@@ -58,6 +60,10 @@ def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers
         from slimfx.calibrate import calibrate_target
 
         return calibrate_target
+    if name in ("forms", "register_form"):  # the form registry (slimfx.forms)
+        import slimfx.forms as forms
+
+        return forms if name == "forms" else forms.register_form
     if name == "Report":
         from slimfx.report import Report
 

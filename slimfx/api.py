@@ -51,15 +51,11 @@ def report_of(model: nn.Module) -> Report:
 
 
 def needs_gram(decision: Decision) -> bool:
-    """Whether realizing ``decision`` uses calibration statistics (activation-aware)."""
-    kind = decision.kind
-    if kind == "lowrank":
-        return decision.method == "whitened"  # type: ignore[attr-defined]
-    if kind == "quant":
-        return decision.method in ("gptq", "awq")  # type: ignore[attr-defined]
-    if kind == "sparse24":
-        return decision.mask == "wanda" or decision.compensate  # type: ignore[attr-defined]
-    return kind in ("lowrank_quant", "sparse24_lowrank")
+    """Whether realizing ``decision`` uses calibration statistics (activation-aware): its
+    form's answer (``slimfx.forms``; an unregistered kind raises, naming the registered ones)."""
+    from slimfx import forms
+
+    return forms.form_of(decision).needs_gram(decision)
 
 
 def _is_hf(model: nn.Module) -> bool:

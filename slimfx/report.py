@@ -20,6 +20,19 @@ REPORT_FORMAT = "slimfx.report"
 REPORT_VERSION = 1
 
 
+#: plot colour of a kind no registered form has (a report loaded without the form's plugin).
+_UNKNOWN_COLOUR = "#8c564b"
+
+
+def _form_styles() -> tuple[dict[str, str], dict[str, str]]:
+    """Kind → plot colour and kind → legend label, from the registered forms (``slimfx.forms``,
+    imported here only: the report stays a leaf the backends may import)."""
+    from slimfx import forms
+
+    registered = forms.forms()
+    return {f.kind: f.colour for f in registered}, {f.kind: f.label for f in registered}
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.2f} MB"
 
@@ -267,16 +280,9 @@ class Report:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.5))
         xs = range(len(self.sites))
         bits = [16 * s.bytes_after / max(s.bytes_before, 1) for s in self.sites]
-        colors = {
-            "dense": "#999999",
-            "lowrank": "#1f77b4",
-            "quant": "#ff7f0e",
-            "sparse24": "#2ca02c",
-            "lowrank_quant": "#d62728",
-            "sparse24_lowrank": "#9467bd",
-        }
+        colors, labels = _form_styles()
         kinds = [s.decision.get("kind", "dense") for s in self.sites]
-        ax1.bar(xs, bits, color=[colors.get(k, "#8c564b") for k in kinds], width=0.9)
+        ax1.bar(xs, bits, color=[colors.get(k, _UNKNOWN_COLOUR) for k in kinds], width=0.9)
         for i, s in enumerate(self.sites):
             r = s.decision.get("rank")
             if r is not None and len(self.sites) <= 80:
@@ -287,7 +293,10 @@ class Report:
         from matplotlib.patches import Patch
 
         present = [k for k in colors if k in kinds]
-        ax1.legend(handles=[Patch(color=colors[k], label=k) for k in present], fontsize=7)
+        if any(k not in colors for k in kinds):
+            colors["?"], labels["?"] = _UNKNOWN_COLOUR, "unregistered kind"
+            present.append("?")
+        ax1.legend(handles=[Patch(color=colors[k], label=labels[k]) for k in present], fontsize=7)
         if self.frontier:
             f = [p[0] for p in self.frontier]
             e = [p[1] for p in self.frontier]

@@ -22,6 +22,7 @@ from slimfx.ir.sites import LinearSite
 from slimfx.numerics import factorize
 from slimfx.planning.configs import DenseConfig, LowRankConfig, QuantConfig, Sparse24Config
 from slimfx.planning.problem import Budget
+from slimfx.planning.shapes import LinearShape
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -125,7 +126,7 @@ def _slow_int8_cache(path, **info) -> MeasuredCache:  # noqa: ANN001
             if isinstance(d, QuantConfig):
                 t = dense * (10.0 if d.bits == 8 else 0.5)
             else:
-                t = dense * d.weight_bytes(in_f, out_f) / (2 * in_f * out_f)
+                t = dense * d.weight_bytes(LinearShape(in_f, out_f)) / (2 * in_f * out_f)
             key = MeasuredCache.key("linear", 1, in_f, out_f, "torch.float32", d, "ort-cpu")
             cache.put(key, t, runtime="synthetic", **info)
     cache.save()

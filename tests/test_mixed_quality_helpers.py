@@ -20,6 +20,7 @@ from slimfx.planning.configs import (
     Sparse24LowRankConfig,
 )
 from slimfx.planning.problem import Budget, BudgetProblem, Option, SiteOptions
+from slimfx.planning.shapes import LinearShape
 from slimfx.planning.solve import solve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,7 +129,7 @@ def _problem() -> BudgetProblem:
             (QuantConfig(4, 32, False, "gptq"), 0.004 * scale),
             (LowRankConfig(4, "whitened"), 0.5 * scale),
         ]
-        return [Option(d, d.weight_bytes(64, 64), e) for d, e in ds]
+        return [Option(d, d.weight_bytes(LinearShape(64, 64)), e) for d, e in ds]
 
     return BudgetProblem([SiteOptions("a", opts(1.0), 8192), SiteOptions("b", opts(3.0), 8192)])
 
@@ -151,7 +152,7 @@ def test_solve_cell_reports_infeasible_with_smallest_and_mixed_is_never_worse() 
     b = _bench()
     p = _problem()
     dense = p.dense_bytes
-    g32 = QuantConfig(4, 32, False, "rtn").weight_bytes(64, 64) * 2 / dense
+    g32 = QuantConfig(4, 32, False, "rtn").weight_bytes(LinearShape(64, 64)) * 2 / dense
     cell = b.solve_cell(p, b.Variant("int4_g32", "x", ("int4",), 32), 0.25)
     assert cell.status == "infeasible" and cell.smallest == pytest.approx(g32)
     assert cell.smallest > 0.25

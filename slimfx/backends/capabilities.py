@@ -6,15 +6,21 @@
 Backends:
 
 - ``"eager"``: the slimfx module / custom op with its CPU reference — every decision whose rule
-  accepts the site (``slimfx.passes``) and that has a module class.
+  accepts the site (``slimfx.passes``) and whose form has a module class.
 - ``"compile"``: ``torch.compile`` of the same modules: what eager runs.
-- ``"triton"``: eager's answer, then a Triton kernel of the decision's op must accept a
-  one-row (decode) call of the site's shape and dtype on the target device
-  (``slimfx.kernels.select``); on CPU that needs ``TRITON_INTERPRET=1``.
-- ``"onnx"``: ONNX Runtime (CPU): dense and low-rank run as MatMul; weight-only int4/int8 as
-  ``com.microsoft::MatMulNBits`` when a power-of-two block ≥ 16 divides the group
-  (:func:`matmul_nbits_block`); 2:4 sparse forms are exported dense (no 2:4 kernel), so they
-  are *not* supported: they would be priced as compressed but run and ship as dense.
+- ``"triton"``: eager's answer, then the form must have a Triton lowering, and a Triton kernel
+  of its op must accept a one-row (decode) call of the site's shape and dtype on the target
+  device, probed with the form's module built empty on that device and the lowering's
+  arguments (``slimfx.kernels.select``); on CPU that needs ``TRITON_INTERPRET=1``.
+- ``"onnx"``: ONNX Runtime (CPU), the form's ``onnx_probe``: dense and low-rank run as MatMul;
+  weight-only int4/int8 as ``com.microsoft::MatMulNBits`` when a power-of-two block ≥ 16
+  divides the group (:func:`matmul_nbits_block`); 2:4 sparse forms are exported dense (no 2:4
+  kernel), so they are *not* supported: they would be priced as compressed but run and ship
+  as dense.
+
+Every answer comes from the decision's form (``slimfx.forms``); an unregistered kind raises
+``forms.UnknownFormError`` naming the registered ones, and a piece a form lacks answers
+``(False, <its NotSupported reason>)``.
 
 ``reason`` is non-empty in both cases: what runs the site, or why it cannot.
 """
@@ -25,31 +31,23 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from slimfx import forms
+from slimfx.formats import RUNTIME_BITS
 from slimfx.ir.sites import LinearSite
-from slimfx.planning.configs import Decision, DenseConfig
+from slimfx.planning.configs import Decision
 from slimfx.planning.plan import Plan
 
 __all__ = [
     "BACKENDS",
-    "OP_OF_KIND",
     "supports",
     "check_plan",
     "allow_fn",
     "matmul_nbits_block",
+    "onnx_lowrank",
+    "onnx_quant",
 ]
 
 BACKENDS: tuple[str, ...] = ("eager", "compile", "triton", "onnx")
-
-#: decision kind → the slimfx op its module calls.
-OP_OF_KIND: dict[str, str] = {
-    "lowrank": "lowrank_linear",
-    "quant": "quant_linear",
-    "sparse24": "sparse24_linear",
-    "lowrank_quant": "quant_lowrank_linear",
-    "sparse24_lowrank": "sparse24_lowrank_linear",
-}
-
-NO_24_KERNEL = "onnxruntime has no 2:4 kernel"
 
 
 def matmul_nbits_block(group_size: int) -> int | None:
@@ -68,9 +66,9 @@ def _group(decision: Decision, site: LinearSite) -> int:
 
 
 def _eager(site: LinearSite, decision: Decision) -> tuple[bool, str]:
-    if isinstance(decision, DenseConfig):
-        return True, "dense: nn.Linear"
-    from slimfx.ir.modules import MODULES
+    form = forms.form_of(decision)
+    if form.native:
+        return True, f"{decision.kind}: {form.native}"
     from slimfx.passes.base import Verdict
     from slimfx.passes.swap import resolve_rule
 
@@ -80,9 +78,9 @@ def _eager(site: LinearSite, decision: Decision) -> tuple[bool, str]:
     verdict = rule.check(site, decision, None)
     if not verdict.ok:
         return False, verdict.reason
-    if decision.kind not in MODULES:
-        return False, f"no module realizes decision kind {decision.kind!r}"
-    return True, f"slimfx::{OP_OF_KIND.get(decision.kind, decision.kind)} (CPU reference)"
+    if not form.has("module"):
+        return False, f"no module realizes decision kind {decision.kind!r}: {form.why_not('module')}"
+    return True, f"slimfx::{form.op_name} (CPU reference)"
 
 
 def _dtype(site: LinearSite) -> torch.dtype:
@@ -90,80 +88,67 @@ def _dtype(site: LinearSite) -> torch.dtype:
     return dt if isinstance(dt, torch.dtype) and dt.is_floating_point else torch.float32
 
 
-def _dummy_call(
-    site: LinearSite, decision: Decision, device: torch.device, tokens: int
-) -> tuple[torch.Tensor, dict[str, object]]:
-    """A zero input of the site's shape and zero tensors in the decision's storage format."""
-    i, o, dt = site.in_features, site.out_features, _dtype(site)
-    f = {"dtype": dt, "device": device}
-    u8 = {"dtype": torch.uint8, "device": device}
-    x = torch.zeros(tokens, i, **f)
-    t: dict[str, object] = {}
-    kind = decision.kind
-    if kind in ("lowrank", "lowrank_quant", "sparse24_lowrank"):
-        r = decision.rank  # type: ignore[attr-defined]
-        t.update(U=torch.zeros(o, r, **f), V=torch.zeros(r, i, **f))
-    if kind in ("quant", "lowrank_quant"):
-        bits, G = decision.bits, _group(decision, site)  # type: ignore[attr-defined]
-        width = (i + 1) // 2 if bits == 4 else i
-        t.update(
-            qweight=torch.zeros(o, width, **u8),
-            scales=torch.ones(o, i // G, **f),
-            zeros=None if decision.symmetric else torch.zeros(o, i // G, **u8),  # type: ignore[attr-defined]
-            bits=bits,
-            group_size=G,
-        )
-    if kind in ("sparse24", "sparse24_lowrank"):
-        t.update(values=torch.zeros(o, i // 2, **f), meta=torch.zeros(o, (i + 7) // 8, **u8))
-    t["bias"] = torch.zeros(o, **f) if site.has_bias else None
-    return x, t
-
-
 def _triton(
     site: LinearSite, decision: Decision, device: str | torch.device | None, tokens: int
 ) -> tuple[bool, str]:
     from slimfx import kernels
 
-    if isinstance(decision, DenseConfig):
-        return True, "dense: nn.Linear (no Triton kernel needed)"
+    form = forms.form_of(decision)
+    if form.native:
+        return True, f"{decision.kind}: {form.native} (no Triton kernel needed)"
     dev = torch.device(
         device if device is not None else "cuda" if torch.cuda.is_available() else "cpu"
     )
     if dev.type == "cpu" and not kernels.interpret_mode():
         return False, "triton: needs CUDA or TRITON_INTERPRET"
-    op = OP_OF_KIND[decision.kind]
-    if op not in kernels.KERNELS:
-        return False, f"triton: no Triton kernel for slimfx::{op} (it runs the CPU reference)"
-    x, tensors = _dummy_call(site, decision, dev, tokens)
-    kernel, reasons = kernels.select(op, x, **tensors)
+    if not form.has("triton_lowering"):
+        return False, f"triton: {form.why_not('triton_lowering')}"
+    lowering = form.get("triton_lowering")
+    module = form.get("module").empty(
+        decision, site.in_features, site.out_features, site.has_bias, _dtype(site), dev
+    )
+    x = torch.zeros(tokens, site.in_features, dtype=_dtype(site), device=dev)
+    kernel, reasons = kernels.select(form.op_name, x, **lowering.args(module))
     if kernel is None:
         return False, "triton: " + "; ".join(reasons)
     return True, f"triton: {kernel.name}"
 
 
+def onnx_lowrank(site: LinearSite, decision: Decision) -> tuple[bool, str]:
+    """The ``lowrank`` form's ONNX probe: two MatMul."""
+    return True, "onnx: two MatMul"
+
+
+def onnx_quant(site: LinearSite, decision: Decision) -> tuple[bool, str]:
+    """The quantized forms' ONNX probe: MatMulNBits when ORT can take the bits and group."""
+    bits = decision.bits  # type: ignore[attr-defined]
+    g = decision.group_size  # type: ignore[attr-defined]
+    G = site.in_features if g is None else int(g)
+    if bits not in RUNTIME_BITS:
+        return False, f"MatMulNBits runs 4 or 8 bits, not {bits}"
+    block = matmul_nbits_block(G)
+    if block is None:
+        return False, (
+            f"no power-of-two block ≥ 16 divides group size {G} (MatMulNBits needs one); "
+            "it would be exported dense"
+        )
+    how = f"onnx: MatMulNBits bits={bits} block={block}"
+    if block != G:
+        how += f" (group {G} = {G // block} blocks, scales repeated)"
+    return True, how + (" + two MatMul" if getattr(decision, "rank", 0) else "")
+
+
 def _onnx(site: LinearSite, decision: Decision) -> tuple[bool, str]:
-    kind = decision.kind
-    if kind == "dense":
+    form = forms.form_of(decision)
+    if form.native:
         return True, "onnx: MatMul"
-    if kind == "lowrank":
-        return True, "onnx: two MatMul"
-    if kind in ("sparse24", "sparse24_lowrank"):
-        return False, f"no: priced as dense — {NO_24_KERNEL} (exported dense)"
-    if kind in ("quant", "lowrank_quant"):
-        bits, G = decision.bits, _group(decision, site)  # type: ignore[attr-defined]
-        if bits not in (4, 8):
-            return False, f"MatMulNBits runs 4 or 8 bits, not {bits}"
-        block = matmul_nbits_block(G)
-        if block is None:
-            return False, (
-                f"no power-of-two block ≥ 16 divides group size {G} (MatMulNBits needs one); "
-                "it would be exported dense"
-            )
-        how = f"onnx: MatMulNBits bits={bits} block={block}"
-        if block != G:
-            how += f" (group {G} = {G // block} blocks, scales repeated)"
-        return True, how + (" + two MatMul" if kind == "lowrank_quant" else "")
-    return False, f"no ONNX translation for decision kind {kind!r}"
+    if not form.has("onnx_translation"):
+        return False, f"no ONNX translation for decision kind {decision.kind!r}: " + form.why_not(
+            "onnx_translation"
+        )
+    if not form.has("onnx_probe"):
+        return False, form.why_not("onnx_probe")
+    return form.get("onnx_probe")(site, decision)
 
 
 def supports(

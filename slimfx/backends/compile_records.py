@@ -20,6 +20,7 @@ from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.planning.shapes import LinearShape
 from slimfx.report import Report, SiteEntry
 
 __all__ = ["DEFAULT_NOTE", "Planned", "GraphRecord", "merge_records", "compile_report"]
@@ -228,7 +229,7 @@ def _own_report(be: Any, result: PassResult, graphs: Sequence[GraphRecord]) -> R
         site, shape = _shape_of(be, r.fqn, graphs)
         d = be.plan[r.fqn] if be.plan is not None and r.fqn in be.plan else DenseConfig()
         out_f, in_f = shape
-        before = DenseConfig().weight_bytes(in_f, out_f)
+        before = DenseConfig().weight_bytes(LinearShape(in_f, out_f))
         entries.append(
             SiteEntry(
                 fqn=r.fqn,
@@ -237,7 +238,9 @@ def _own_report(be: Any, result: PassResult, graphs: Sequence[GraphRecord]) -> R
                 chosen=d.short(),
                 decision=d.to_dict(),
                 bytes_before=before,
-                bytes_after=d.weight_bytes(in_f, out_f) if r.status == "applied" else before,
+                bytes_after=(
+                    d.weight_bytes(LinearShape(in_f, out_f)) if r.status == "applied" else before
+                ),
                 status=r.status,
                 reason=r.reason,
                 seconds=r.seconds,

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from slimfx.backends import onnx_decode, onnx_ops
 from slimfx.backends.ort import OrtModel, ort_session
 from slimfx.ir.capture import normalize_module_path
+from slimfx.planning.shapes import LinearShape
 
 # OrtModel and ort_session live in slimfx.backends.ort; re-exported here for one import line.
 __all__ = ["ExportResult", "OnnxExportError", "OrtModel", "export_onnx", "ort_session"]
@@ -247,9 +248,10 @@ def _check_translatable(program: torch.export.ExportedProgram) -> None:
                 continue
             if not t.namespace.startswith("slimfx") or onnx_ops.translation_name(t) is not None:
                 continue
-            missing.append(f"{t._schema.name} at site {_site_of(node)!r}")
+            why = onnx_ops.why_untranslated(t._schema.name.split("::")[1].removesuffix("_triton"))
+            missing.append(f"{t._schema.name} at site {_site_of(node)!r} ({why})")
     if missing:
-        known = ", ".join(f"slimfx::{k}" for k in onnx_ops.TRANSLATIONS)
+        known = ", ".join(f"slimfx::{k}" for k in onnx_ops.translations())
         raise OnnxExportError(
             f"no ONNX translation for {len(missing)} slimfx op call(s): "
             + "; ".join(missing)
@@ -395,7 +397,8 @@ def _reference_bytes(model: nn.Module, fqns: Sequence[str]) -> int:
         m = mods.get(f)
         d = getattr(m, "decision", None)
         if d is not None and hasattr(m, "in_features"):
-            total += d.bytes(m.in_features, m.out_features, getattr(m, "bias", None) is not None)
+            shape = LinearShape(m.in_features, m.out_features)
+            total += d.bytes(shape, getattr(m, "bias", None) is not None)
     return total
 
 

@@ -6,8 +6,10 @@
     slimfx::quant_lowrank_linear(…)              → MatMulNBits(x, …) + MatMul(MatMul(x, Vᵀ), Uᵀ)
     slimfx::sparse24_lowrank_linear(…)           → MatMul(x, (S + U·V)ᵀ) [+ Add b] (densified)
 
-The Triton-lowered ops (``slimfx_kernels::<op>_triton``) take the same arguments and get the
-same translations.
+Each form names its op's translation (``slimfx.forms``: ``Form.onnx_translation``); an op
+whose form has none is not in the table, and the export refuses it with the form's reason. The
+Triton-lowered ops (``slimfx_kernels::<op>_triton``) take the same arguments and get the same
+translations.
 
 **Weights are re-laid out after the export, not in the graph.** A translation runs while the
 graph is built, before the exporter has attached the parameter values, so it cannot compute
@@ -17,7 +19,7 @@ domain ``slimfx.fold`` (``TransposeW``, ``NBitsB``, ``NBitsScales``, ``NBitsZero
 ``export_onnx`` once the values are attached) evaluates every marker from the initializers with
 :data:`FOLDERS` and replaces it by a new initializer, so no marker reaches the saved file.
 
-MatMulNBits layout from the slimfx storage format (``slimfx.numerics``): the int4 nibble order
+MatMulNBits layout from the slimfx storage format (``slimfx.formats``): the int4 nibble order
 is already MatMulNBits' (column k in byte k//2, low nibble for even k), so ``B`` is ``qweight``
 reshaped to ``[N, K / block, block · bits / 8]``; scales and integer zero points are repeated
 ``G / block`` times along the groups when the slimfx group G is a multiple of the block (the
@@ -40,14 +42,15 @@ from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
+from slimfx import forms
 from slimfx.backends.capabilities import matmul_nbits_block
-from slimfx.ir.ops_quant import dequantize_weight
-from slimfx.ir.ops_sparse import densify24
+from slimfx.formats import densify24
+from slimfx.formats import dequantize as dequantize_weight
 
 __all__ = [
     "FOLD_DOMAIN",
     "MSFT_DOMAIN",
-    "TRANSLATIONS",
+    "translations",
     "FOLDERS",
     "translation_table",
     "translation_name",
@@ -147,7 +150,7 @@ def _quant_branch(
 ) -> Any:
     """MatMulNBits (or a densified MatMul when no valid block exists) of ``x`` and the codes."""
     width = int(qweight.shape[1])
-    K = _in_features(x, 2 * width if bits == 4 else width)
+    K = _in_features(x, width * 8 // bits)  # whole packed chunks (the rules check it)
     G = K if G is None else int(G)
     N = int(qweight.shape[0])
     block = matmul_nbits_block(G)
@@ -206,24 +209,34 @@ def sparse24_lowrank_linear_onnx(
     return _add_bias(op.MatMul(x, _DENSE24_T(values, meta, U, V, K=K)), bias)
 
 
-#: op name (without namespace or ``_triton`` suffix) → translation function.
-TRANSLATIONS: dict[str, Callable[..., Any]] = {
-    "lowrank_linear": lowrank_linear_onnx,
-    "quant_linear": quant_linear_onnx,
-    "sparse24_linear": sparse24_linear_onnx,
-    "quant_lowrank_linear": quant_lowrank_linear_onnx,
-    "sparse24_lowrank_linear": sparse24_lowrank_linear_onnx,
-}
+def translations() -> dict[str, Callable[..., Any]]:
+    """Op name (without namespace or ``_triton`` suffix) → translation, for every registered
+    form that has one."""
+    return {
+        f.op_name: f.get("onnx_translation")
+        for f in forms.forms()
+        if f.has("op") and f.has("onnx_translation")
+    }
+
+
+def why_untranslated(name: str) -> str:
+    """Why slimfx op ``name`` has no ONNX translation (its form's reason, or no form)."""
+    form = forms.form_of_op(name)
+    if form is None:
+        return f"no registered form runs slimfx::{name}"
+    return form.why_not("onnx_translation") or f"slimfx::{name} has a translation"
+
 
 _NAMESPACES = ("slimfx", "slimfx_kernels")
 
 
 def translation_name(target: object) -> str | None:
-    """The :data:`TRANSLATIONS` key for a slimfx op overload, or ``None`` when it has none."""
+    """The :func:`translations` key for a slimfx op overload, or ``None`` when it has none."""
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in _NAMESPACES:
         return None
     name = target._schema.name.split("::", 1)[1].removesuffix("_triton")
-    return name if name in TRANSLATIONS else None
+    form = forms.form_of_op(name)
+    return name if form is not None and form.has("onnx_translation") else None
 
 
 def _bound(fn: Callable[..., Any], overload: torch._ops.OpOverload) -> Callable[..., Any]:
@@ -252,19 +265,20 @@ def _bound(fn: Callable[..., Any], overload: torch._ops.OpOverload) -> Callable[
 def translation_table() -> dict[torch._ops.OpOverload, Callable[..., Any]]:
     """``{op overload: translation}`` for every registered slimfx / slimfx_kernels op that has
     one (the argument to ``torch.onnx.export(custom_translation_table=...)``)."""
-    import slimfx.ir.ops  # noqa: F401  (registers the slimfx ops)
+    import slimfx.ir  # noqa: F401  (registers the slimfx ops)
 
+    known = translations()
     table: dict[torch._ops.OpOverload, Callable[..., Any]] = {}
     for ns in _NAMESPACES:
         namespace = getattr(torch.ops, ns)
-        for name in TRANSLATIONS:
+        for name in known:
             for candidate in (name, f"{name}_triton"):
                 if not hasattr(namespace, candidate):
                     continue
                 packet = getattr(namespace, candidate)
                 for ov_name in packet.overloads():
                     ov = getattr(packet, ov_name)
-                    table[ov] = _bound(TRANSLATIONS[name], ov)
+                    table[ov] = _bound(known[name], ov)
     return table
 
 

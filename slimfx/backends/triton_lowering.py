@@ -18,11 +18,12 @@ Two targets, one entry point, :func:`lower_to_triton`:
   provenance ``{"pass": "lower_to_triton", "rule": <kernel>, "site": <site>}``; the node it
   replaced is kept in ``meta["slimfx.lowered_from"]``). Symbolic sizes are checked at their
   size hints; the kernel op picks its own path (e.g. fused decode or tiled) per call.
-- a module-swapped ``nn.Module`` (what ``slimfx.optimize`` returns): each ``LowRankLinear`` /
-  ``QuantLinear`` / ``Sparse24Linear`` whose kernel accepts a one-row input of the module's
-  dtype and device has its class switched to a subclass (:class:`TritonLowRankLinear`,
-  :class:`TritonQuantLinear`, :class:`TritonSparse24Linear`) whose ``forward`` calls the
-  kernel op; the combined forms (no kernel op yet) are recorded as fallbacks. Why a class switch rather than a wrapper module: the
+- a module-swapped ``nn.Module`` (what ``slimfx.optimize`` returns): each slimfx module whose
+  form has a :class:`TritonLowering` (``slimfx.forms``: ``Form.triton_lowering``) and whose
+  kernel accepts a one-row input of the module's dtype and device has its class switched to
+  the lowering's subclass (:class:`TritonLowRankLinear`, :class:`TritonQuantLinear`,
+  :class:`TritonSparse24Linear`) whose ``forward`` calls the kernel op; a form without one
+  (the combined forms: no kernel op yet) is recorded as a fallback with its reason. Why a class switch rather than a wrapper module: the
   module tree, the FQNs a Plan names and the ``state_dict`` keys stay exactly as they were
   (a saved model loads into an unlowered one and back), ``isinstance(m, LowRankLinear)`` still
   holds, and the module deep-copies and pickles (the subclasses live in this module). The
@@ -44,7 +45,7 @@ import torch
 from torch import Tensor, fx, nn
 
 import slimfx.ir.ops  # noqa: F401  (registers the slimfx::* ops)
-from slimfx import kernels
+from slimfx import forms, kernels
 from slimfx.ir.capture import FQN_KEY, ORIGIN_KEY, normalize_module_path
 from slimfx.ir.graph import finalize, node_value, replace_node
 from slimfx.ir.modules import LowRankLinear
@@ -53,8 +54,8 @@ from slimfx.ir.modules_sparse import Sparse24Linear
 from slimfx.passes.base import PassResult, SiteRecord
 
 __all__ = [
-    "LOWERINGS",
-    "Lowering",
+    "TritonLowering",
+    "lowering_of_op",
     "lower_to_triton",
     "lower_graph",
     "not_lowered",
@@ -73,38 +74,19 @@ PASS_NAME = "lower_to_triton"
 LOWERED_FROM_KEY = "slimfx.lowered_from"
 
 
-@dataclass(frozen=True)
-class Lowering:
-    """One slimfx op and the Triton kernel op that computes the same thing.
-
-    ``op`` is the name in both the ``KERNELS`` registry and ``torch.ops.slimfx``; ``kernel_op``
-    the name in ``torch.ops.slimfx_kernels``. Both ops take the same named arguments.
-    """
-
-    op: str
-    kernel_op: str
-
-    def source(self) -> Any:
-        """``torch.ops.slimfx.<op>.default``, or ``None`` while that op is not registered."""
-        packet = getattr(torch.ops.slimfx, self.op, None) if _has_op("slimfx", self.op) else None
-        return None if packet is None else packet.default
-
-    def target(self) -> Any:
-        """``torch.ops.slimfx_kernels.<kernel_op>.default``."""
-        return getattr(torch.ops.slimfx_kernels, self.kernel_op).default
-
-
 def _has_op(namespace: str, name: str) -> bool:
     return hasattr(getattr(torch.ops, namespace), name)
 
 
-#: slimfx op name → its lowering. ``sparse24_linear`` applies once ``slimfx::sparse24_linear``
-#: is registered (by ``slimfx.ir``); the kernel op always is (by ``slimfx.kernels``).
-LOWERINGS: dict[str, Lowering] = {
-    "lowrank_linear": Lowering("lowrank_linear", "lowrank_linear_triton"),
-    "quant_linear": Lowering("quant_linear", "quant_linear_triton"),
-    "sparse24_linear": Lowering("sparse24_linear", "sparse24_linear_triton"),
-}
+def lowering_of_op(op: str) -> tuple[TritonLowering | None, str]:
+    """The lowering of slimfx op ``op`` (its form's ``triton_lowering``), or ``None`` and why
+    there is none."""
+    form = forms.form_of_op(op)
+    if form is None:
+        return None, f"no Triton lowering for slimfx::{op} (no registered form runs it)"
+    if not form.has("triton_lowering"):
+        return None, f"no Triton lowering for slimfx::{op}: {form.why_not('triton_lowering')}"
+    return form.get("triton_lowering"), ""
 
 
 def _is_triton(kernel: kernels.Kernel) -> bool:
@@ -122,7 +104,7 @@ def choose_kernel(op: str, x: Tensor, **tensors: Any) -> tuple[kernels.Kernel | 
     if kernel is None or _is_triton(kernel):
         return kernel, "; ".join(reasons)
     declined = list(reasons)
-    for other in kernels.KERNELS.get(op, []):
+    for other in kernels.kernels_of(op):
         if other is kernel or not _is_triton(other):
             continue
         ok, why = other.supports(x, **tensors)
@@ -256,9 +238,8 @@ def lower_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
         site = _site_of(node)
         shape = {"shape": _out_in(node)}
         t = time.perf_counter()
-        lowering = LOWERINGS.get(name)
+        lowering, reason = lowering_of_op(name)
         if lowering is None:
-            reason = f"no Triton lowering for slimfx::{name}"
             records.append(SiteRecord(site, name, "fallback", reason, extra=shape))
             continue
         bound = _bind(node.target, node)
@@ -316,17 +297,6 @@ def not_lowered(gm: fx.GraphModule, reason: str) -> PassResult:
 # --------------------------------------------------------------------------- modules
 
 
-def _module_check(
-    mod: nn.Module,
-    op: str,
-    args: Callable[[nn.Module], dict[str, Any]],
-    dtype: torch.dtype,
-    device: torch.device,
-) -> tuple[kernels.Kernel | None, str]:
-    x = torch.empty((1, mod.in_features), dtype=dtype, device=device)
-    return choose_kernel(op, x, **args(mod))
-
-
 def _lowrank_args(mod: nn.Module) -> dict[str, Any]:
     return {"U": mod.U, "V": mod.V, "bias": mod.bias}
 
@@ -350,8 +320,7 @@ class _Lowered:
     """Mixin of the lowered module classes: forward through the kernel op when a kernel
     accepts this call's (dtype, device), else the reference op with a warning."""
 
-    _slimfx_op: str = ""
-    _slimfx_args: Callable[[nn.Module], dict[str, Any]]
+    _slimfx_lowering: TritonLowering
     slimfx_lowering: dict[str, Any]
 
     def _kernel_ok(self, x: Tensor) -> bool:
@@ -361,7 +330,7 @@ class _Lowered:
             return True
         if key in info["declined"]:
             return False
-        kernel, why = _module_check(self, self._slimfx_op, type(self)._slimfx_args, *key)  # type: ignore[arg-type]
+        kernel, why = _module_check(self, self._slimfx_lowering, *key)  # type: ignore[arg-type]
         if kernel is not None:
             info["checked"].add(key)
             return True
@@ -373,58 +342,91 @@ class _Lowered:
         )
         return False
 
+    def forward(self, x: Tensor) -> Tensor:
+        if not self._kernel_ok(x):
+            return super().forward(x)  # type: ignore[misc]
+        low = self._slimfx_lowering
+        return low.target()(x, **low.args(self))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class TritonLowering:
+    """One form's Triton lowering: its slimfx op, the kernel op computing the same thing with
+    the same named arguments (``torch.ops.slimfx_kernels.<kernel_op>``), the module's
+    arguments to that op (``args(module)``, without ``x``), and the kernel-calling subclass of
+    the form's module that :func:`lower_module` switches a module's class to.
+    """
+
+    op: str
+    kernel_op: str
+    args: Callable[[nn.Module], dict[str, Any]]
+    lowered: type[nn.Module]
+
+    def source(self) -> Any:
+        """``torch.ops.slimfx.<op>.default``, or ``None`` while that op is not registered."""
+        packet = getattr(torch.ops.slimfx, self.op, None) if _has_op("slimfx", self.op) else None
+        return None if packet is None else packet.default
+
+    def target(self) -> Any:
+        """``torch.ops.slimfx_kernels.<kernel_op>.default``."""
+        return getattr(torch.ops.slimfx_kernels, self.kernel_op).default
+
+    @property
+    def reference(self) -> type[nn.Module]:
+        """The reference module class the lowered one subclasses."""
+        return self.lowered.__mro__[2]
+
+
+def _module_check(
+    mod: nn.Module, lowering: TritonLowering, dtype: torch.dtype, device: torch.device
+) -> tuple[kernels.Kernel | None, str]:
+    x = torch.empty((1, mod.in_features), dtype=dtype, device=device)
+    return choose_kernel(lowering.op, x, **lowering.args(mod))
+
 
 class TritonLowRankLinear(_Lowered, LowRankLinear):
     """A ``LowRankLinear`` whose forward calls ``slimfx_kernels::lowrank_linear_triton``."""
-
-    _slimfx_op = "lowrank_linear"
-    _slimfx_args = staticmethod(_lowrank_args)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._kernel_ok(x):
-            return super().forward(x)
-        return torch.ops.slimfx_kernels.lowrank_linear_triton(x, self.U, self.V, self.bias)
 
 
 class TritonQuantLinear(_Lowered, QuantLinear):
     """A ``QuantLinear`` whose forward calls ``slimfx_kernels::quant_linear_triton``."""
 
-    _slimfx_op = "quant_linear"
-    _slimfx_args = staticmethod(_quant_args)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._kernel_ok(x):
-            return super().forward(x)
-        return torch.ops.slimfx_kernels.quant_linear_triton(
-            x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group_size
-        )
-
 
 class TritonSparse24Linear(_Lowered, Sparse24Linear):
     """A ``Sparse24Linear`` whose forward calls ``slimfx_kernels::sparse24_linear_triton``."""
 
-    _slimfx_op = "sparse24_linear"
-    _slimfx_args = staticmethod(_sparse24_args)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self._kernel_ok(x):
-            return super().forward(x)
-        return torch.ops.slimfx_kernels.sparse24_linear_triton(x, self.values, self.meta, self.bias)
-
-
-#: reference module class → its lowered subclass (a class switch, see the module docstring).
-#: The combined forms (low-rank + quantized / sparse) have no kernel op yet: recorded fallbacks.
-MODULE_LOWERINGS: dict[type[nn.Module], type[nn.Module]] = {
-    LowRankLinear: TritonLowRankLinear,
-    QuantLinear: TritonQuantLinear,
-    Sparse24Linear: TritonSparse24Linear,
-}
+#: the lowerings the ``lowrank``, ``quant`` and ``sparse24`` forms name (``slimfx.forms``).
+LOWRANK = TritonLowering("lowrank_linear", "lowrank_linear_triton", _lowrank_args,
+                         TritonLowRankLinear)
+QUANT = TritonLowering("quant_linear", "quant_linear_triton", _quant_args, TritonQuantLinear)
+SPARSE24 = TritonLowering(
+    "sparse24_linear", "sparse24_linear_triton", _sparse24_args, TritonSparse24Linear
+)
+TritonLowRankLinear._slimfx_lowering = LOWRANK
+TritonQuantLinear._slimfx_lowering = QUANT
+TritonSparse24Linear._slimfx_lowering = SPARSE24
 
 
 def _module_dtype_device(mod: nn.Module) -> tuple[torch.dtype, torch.device]:
     floats = [t for t in (*mod.parameters(), *mod.buffers()) if t.is_floating_point()]
     ref = floats[0] if floats else next(iter(mod.parameters()))
     return ref.dtype, ref.device
+
+
+def _module_lowering(mod: nn.Module) -> tuple[TritonLowering | None, str]:
+    """The lowering of a slimfx module's form, or ``None`` and why there is none."""
+    no = f"no Triton-lowered form of {type(mod).__name__}"
+    try:
+        form = forms.form_of(mod.decision)
+    except forms.UnknownFormError as e:
+        return None, f"{no}: {e}"
+    if not form.has("triton_lowering"):
+        return None, f"{no}: {form.why_not('triton_lowering')}"
+    lowering = form.get("triton_lowering")
+    if type(mod) is not lowering.reference:
+        return None, f"{no}: its form lowers {lowering.reference.__name__}"
+    return lowering, ""
 
 
 def lower_module(model: nn.Module) -> tuple[nn.Module, PassResult]:
@@ -451,17 +453,14 @@ def lower_module(model: nn.Module) -> tuple[nn.Module, PassResult]:
                 )
             )
             continue
-        lowered_cls = MODULE_LOWERINGS.get(type(mod))
-        if lowered_cls is None:
-            records.append(
-                SiteRecord(fqn, kind, "fallback", f"no Triton-lowered form of {type(mod).__name__}")
-            )
+        lowering, reason = _module_lowering(mod)
+        if lowering is None:
+            records.append(SiteRecord(fqn, kind, "fallback", reason))
             continue
+        lowered_cls = lowering.lowered
         t = time.perf_counter()
         dtype, device = _module_dtype_device(mod)
-        kernel, why = _module_check(
-            mod, lowered_cls._slimfx_op, lowered_cls._slimfx_args, dtype, device
-        )
+        kernel, why = _module_check(mod, lowering, dtype, device)
         if kernel is None:
             records.append(SiteRecord(fqn, kind, "fallback", why or "no kernel accepted"))
             continue
@@ -479,10 +478,9 @@ def lower_module(model: nn.Module) -> tuple[nn.Module, PassResult]:
 
 def unlower(model: nn.Module) -> nn.Module:
     """Undo :func:`lower_module` in place: lowered modules get their reference class back."""
-    back = {v: k for k, v in MODULE_LOWERINGS.items()}
     for mod in model.modules():
-        if type(mod) in back:
-            mod.__class__ = back[type(mod)]
+        if isinstance(mod, _Lowered):
+            mod.__class__ = mod._slimfx_lowering.reference
             mod.__dict__.pop("slimfx_lowering", None)
     return model
 

@@ -3,7 +3,7 @@
 For each site the problem builder offers the dense form (error 0) plus what each enabled
 family proposes, and prices every option:
 
-- ``bytes``: ``decision.weight_bytes(in, out)`` (reference bytes: 16-bit floats, true integer
+- ``bytes``: ``decision.weight_bytes(shape)`` (reference bytes: 16-bit floats, true integer
   widths). A *tied* site (its weight is also, say, the input embedding) keeps the tie only
   when dense: any other form leaves the other module a dense copy, so its 2·in·out bytes are
   added to every non-dense option.
@@ -29,17 +29,19 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from slimfx.cost.calibration import CalibrationStats
-from slimfx.cost.families import FAMILIES, Candidate, SiteContext, register_family
+from slimfx.cost.families import Candidate, SiteContext, family, family_names
 from slimfx.cost.target import MeasuredCache, Target, Workload, latency, target_of, workload_of
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics.lowrank import lowrank_error_curve, max_useful_rank
 from slimfx.planning.configs import Decision, DenseConfig, LowRankConfig
 from slimfx.planning.problem import BudgetProblem, Option, SiteOptions
+from slimfx.planning.shapes import LinearShape
 
 __all__ = [
     "LOWRANK_FRACTIONS",
     "lowrank_ranks",
     "lowrank_candidates",
+    "timed_lowrank",
     "build_problem",
     "reprice",
 ]
@@ -71,12 +73,14 @@ def lowrank_candidates(ctx: SiteContext) -> list[Candidate]:
         curve = lowrank_error_curve(ctx.weight, ctx.gram, method)
         for r in ranks:
             d = LowRankConfig(rank=r, method=method)
-            frac = d.weight_bytes(in_f, out_f) / dense
+            frac = d.weight_bytes(ctx.shape) / dense
             found.append(Candidate(d, float(curve[r]), f"{frac:.2f} of dense bytes"))
     return found
 
 
-register_family("lowrank", lowrank_candidates)
+def timed_lowrank(in_f: int, out_f: int) -> list[Decision]:
+    """The low-rank layouts ``calibrate-target`` times by default: the family's rank ladder."""
+    return [LowRankConfig(r) for r in lowrank_ranks(in_f, out_f)]
 
 
 def _weight_of(weights: Mapping[str, Tensor], site: LinearSite) -> Tensor:
@@ -103,7 +107,7 @@ def _option(
     extra = 2 * in_f * out_f if site.tied and not isinstance(decision, DenseConfig) else 0
     return Option(
         decision,
-        bytes=decision.weight_bytes(in_f, out_f) + extra,
+        bytes=decision.weight_bytes(LinearShape(in_f, out_f)) + extra,
         error=error,
         **_timing(decision, site, tgt, wl, cache, sources),
     )
@@ -121,7 +125,7 @@ def _timing(
     cache has the entry, roofline otherwise); ``sources`` counts where latencies came from."""
     secs, src = latency(decision, site, tgt, wl, cache)
     sources[src] += 1
-    flops = decision.flops(site.in_features, site.out_features, wl.tokens)
+    flops = decision.flops(LinearShape(site.in_features, site.out_features), wl.tokens)
     return {"flops": flops, "latency_s": secs, "source": src}
 
 
@@ -147,11 +151,12 @@ def build_problem(
     only candidates it accepts are offered (e.g. what a backend can run; dense always is);
     ``meta["not_allowed"]`` counts the others.
     """
-    unknown = [f for f in families if f not in FAMILIES]
+    known = family_names()
+    unknown = [f for f in families if f not in known]
     if unknown:
         raise ValueError(
             f"unknown candidate famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; "
-            f"registered: {sorted(FAMILIES)}"
+            f"registered: {sorted(known)}"
         )
     tgt, wl = target_of(target), workload_of(workload)
     site_opts: list[SiteOptions] = []
@@ -176,8 +181,8 @@ def build_problem(
         dense = option(DenseConfig(), 0.0)
         options, seen, cands = [dense], {DenseConfig()}, []
         for fam in families:
-            for c in FAMILIES[fam](ctx):
-                if c.decision in seen or c.decision.weight_bytes(in_f, out_f) >= 2 * in_f * out_f:
+            for c in family(fam)(ctx):
+                if c.decision in seen or c.decision.weight_bytes(ctx.shape) >= 2 * in_f * out_f:
                     continue  # proposed twice, or saves no bytes
                 seen.add(c.decision)
                 if allow is not None and not allow(site, c.decision):

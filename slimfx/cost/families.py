@@ -2,8 +2,10 @@
 
 A family is a function ``(SiteContext) -> list[Candidate]``. It proposes decisions and
 estimates each one's *relative output error* tr(E G Eᵀ)/tr(W G Wᵀ) (unweighted; the problem
-builder multiplies by the site's sensitivity and adds bytes and latency). Families register
-by name; ``build_problem`` asks the families the user enabled.
+builder multiplies by the site's sensitivity and adds bytes and latency). A form offers its
+families by name (``Form.families`` in ``slimfx.forms``); :func:`register_family` adds one
+outside any form (e.g. another ladder of an existing kind). ``build_problem`` asks the
+families the user enabled through :func:`family`.
 """
 
 from __future__ import annotations
@@ -13,10 +15,20 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from slimfx import forms
 from slimfx.ir.sites import LinearSite
 from slimfx.planning.configs import Decision
+from slimfx.planning.shapes import LinearShape
 
-__all__ = ["SiteContext", "Candidate", "Family", "FAMILIES", "register_family"]
+__all__ = [
+    "SiteContext",
+    "Candidate",
+    "Family",
+    "FAMILIES",
+    "register_family",
+    "family",
+    "family_names",
+]
 
 
 @dataclass
@@ -27,6 +39,11 @@ class SiteContext:
     weight: Tensor  # out × in, the dense weight as loaded
     gram: Tensor | None  # in × in float64 XᵀX, None without calibration
     workload: str = "decode"
+
+    @property
+    def shape(self) -> LinearShape:
+        """The site's shape object (what decisions are priced against)."""
+        return LinearShape(self.site.in_features, self.site.out_features)
 
 
 @dataclass(frozen=True)
@@ -43,6 +60,26 @@ FAMILIES: dict[str, Family] = {}
 
 
 def register_family(name: str, fn: Family) -> Family:
-    """Register a candidate family under ``name`` (e.g. "lowrank", "int4", "sparse24")."""
+    """Register a candidate family under ``name`` outside any form (a form offers its own
+    through ``Form.families``); a name a form already offers is a ``ValueError``."""
+    owner = next((f.kind for f in forms.forms() if name in f.families), None)
+    if owner is not None:
+        raise ValueError(f"family {name!r} is already offered by form {owner!r}")
     FAMILIES[name] = fn
     return fn
+
+
+def family_names() -> list[str]:
+    """Every family name: the forms' (in registration order), then :data:`FAMILIES`."""
+    names = [n for f in forms.forms() for n in f.families]
+    return names + [n for n in FAMILIES if n not in names]
+
+
+def family(name: str) -> Family:
+    """The candidate family ``name``; ``KeyError`` lists the known ones."""
+    for f in forms.forms():
+        if name in f.families:
+            return f.family(name)
+    if name in FAMILIES:
+        return FAMILIES[name]
+    raise KeyError(f"unknown candidate family {name!r}; registered: {sorted(family_names())}")

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimfx.cost.families import Candidate, SiteContext, register_family
+from slimfx.cost.families import Candidate, SiteContext
 from slimfx.numerics.quant import dequantize, quantize_gptq_many, quantize_rtn
-from slimfx.planning.configs import QuantConfig
+from slimfx.planning.configs import Decision, QuantConfig
 
 __all__ = [
     "INT8_CONFIGS",
@@ -30,6 +30,7 @@ __all__ = [
     "int8_candidates",
     "int4_candidates",
     "int4_gptq_candidates",
+    "timed_quant",
 ]
 
 INT8_CONFIGS: tuple[QuantConfig, ...] = (
@@ -99,7 +100,7 @@ def quant_candidates(ctx: SiteContext, configs: tuple[QuantConfig, ...]) -> list
         if tensors is None:
             tensors = quantize_rtn(ctx.weight, d.bits, d.group_size, d.symmetric)
         approx = dequantize(tensors, d.bits, d.group_size, d.symmetric, in_f)
-        frac = d.weight_bytes(in_f, out_f) / dense
+        frac = d.weight_bytes(ctx.shape) / dense
         found.append(Candidate(d, errors(approx), f"{frac:.3f} of dense bytes"))
     return found
 
@@ -121,6 +122,7 @@ def int4_gptq_candidates(ctx: SiteContext) -> list[Candidate]:
     return quant_candidates(ctx, INT4_GPTQ_CONFIGS)
 
 
-register_family("int8", int8_candidates)
-register_family("int4", int4_candidates)
-register_family("int4_gptq", int4_gptq_candidates)
+def timed_quant(in_f: int, out_f: int) -> list[Decision]:
+    """The int8 / int4 layouts ``calibrate-target`` times by default (GPTQ and RTN share a
+    layout, and so one measurement: ``target.runtime_label``)."""
+    return [d for d in INT8_CONFIGS + INT4_CONFIGS if quant_fits(d, in_f)]

@@ -30,13 +30,12 @@ decision (same functions, same seeds), in the stored dtype.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from slimfx.cost.families import Candidate, SiteContext, register_family
+from slimfx.cost.families import Candidate, SiteContext
 from slimfx.cost.family_quant import quant_fits
 from slimfx.numerics.combo import (
     OutputError,
@@ -59,6 +58,7 @@ from slimfx.planning.configs import (
     Sparse24Config,
     Sparse24LowRankConfig,
 )
+from slimfx.planning.shapes import LinearShape
 
 __all__ = [
     "LQ_GROUPS",
@@ -99,11 +99,11 @@ class ComboVerdict:
 
 
 def _frac(d: Decision, in_f: int, out_f: int) -> str:
-    return f"{d.weight_bytes(in_f, out_f) / (2 * in_f * out_f):.3f} of dense bytes"
+    return f"{d.weight_bytes(LinearShape(in_f, out_f)) / (2 * in_f * out_f):.3f} of dense bytes"
 
 
 def _fits_dense(d: Decision, in_f: int, out_f: int) -> bool:
-    return d.weight_bytes(in_f, out_f) < DenseConfig().weight_bytes(in_f, out_f)
+    return d.weight_bytes(LinearShape(in_f, out_f)) < DenseConfig().weight_bytes(LinearShape(in_f, out_f))
 
 
 def _q_fits(bits: int, g: int | None, in_f: int) -> bool:
@@ -141,7 +141,7 @@ class _LowRankReference:
         self.curve = lowrank_error_curve(weight, gram, "whitened")
 
     def at_bytes(self, nbytes: int) -> tuple[int, float]:
-        per_rank = LowRankConfig(1).weight_bytes(self.in_f, self.out_f)
+        per_rank = LowRankConfig(1).weight_bytes(LinearShape(self.in_f, self.out_f))
         r = min(nbytes // per_rank, self.curve.numel() - 1)
         return r, float(self.curve[r])
 
@@ -212,7 +212,7 @@ def explain_lowrank_quant(
         out = []
         for bits, g, sym in QUANT_REFERENCES:
             qc = QuantConfig(bits, g, sym, quantizer)
-            b = qc.weight_bytes(in_f, out_f)
+            b = qc.weight_bytes(LinearShape(in_f, out_f))
             if _q_fits(bits, g, in_f) and b <= nbytes:
                 out.append((qc.short(), b, metric.rel(core(bits, g, sym)[2])))
         return out
@@ -225,7 +225,7 @@ def explain_lowrank_quant(
             d = LowRankQuantConfig(r, 4, g, False, "lorc")
             U, V = split_factors(P, S, right, r, W.dtype)
             err = metric.rel(metric.with_lowrank(E0_sq, E0, U, V))
-            nbytes = d.weight_bytes(in_f, out_f)
+            nbytes = d.weight_bytes(LinearShape(in_f, out_f))
             v = _verdict(
                 Candidate(d, err, _frac(d, in_f, out_f)), nbytes, lowrank, refs_upto(nbytes)
             )
@@ -279,7 +279,7 @@ def explain_sparse24_lowrank(
     E0 = W32 - S0.to(torch.float32)
     E0_sq = metric.sq(E0)
     refs: list[tuple[str, int, float]] = []  # the plain 2:4 candidates; S_0 is the best of them
-    nbytes_24 = Sparse24Config().weight_bytes(in_f, out_f)
+    nbytes_24 = Sparse24Config().weight_bytes(LinearShape(in_f, out_f))
     for d in [Sparse24Config("magnitude", False)] + (
         [Sparse24Config("wanda", False), Sparse24Config("wanda", True)] if gram is not None else []
     ):
@@ -299,7 +299,7 @@ def explain_sparse24_lowrank(
             + t["U"].float() @ t["V"].float()
         )
         err = metric.rel(metric.sq(W32 - Wh))
-        nbytes = d.weight_bytes(in_f, out_f)
+        nbytes = d.weight_bytes(LinearShape(in_f, out_f))
         verdicts.append(_verdict(Candidate(d, err, _frac(d, in_f, out_f)), nbytes, lowrank, refs))
     return verdicts
 
@@ -307,12 +307,3 @@ def explain_sparse24_lowrank(
 def sparse24_lowrank_candidates(ctx: SiteContext) -> list[Candidate]:
     """S + L candidates that beat both parts alone (see the module docstring)."""
     return [v.candidate for v in explain_sparse24_lowrank(ctx) if v.kept]
-
-
-_FAMILIES: dict[str, Callable[[SiteContext], list[Candidate]]] = {
-    "sparse24": sparse24_candidates,
-    "lowrank_quant": lowrank_quant_candidates,
-    "sparse24_lowrank": sparse24_lowrank_candidates,
-}
-for _name, _fn in _FAMILIES.items():
-    register_family(_name, _fn)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimfx import forms
 from slimfx.cost.target import (
     TARGETS,
     MeasuredCache,
@@ -42,7 +43,7 @@ def _build_module(
     plain low-rank ladder costs one SVD per shape rather than one per rank (timings only need
     factors of the right shapes)."""
     out_f, in_f = weight.shape
-    if isinstance(decision, DenseConfig):
+    if forms.form_of(decision).native:
         lin = nn.Linear(
             in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype
         )
@@ -50,10 +51,9 @@ def _build_module(
         if bias is not None:
             lin.bias.data.copy_(bias)
         return lin
-    from slimfx.ir.modules import module_for
     from slimfx.numerics import factorize
 
-    cls = module_for(decision)
+    cls = forms.form_of(decision).get("module")
     if svd is not None and isinstance(decision, LowRankConfig) and decision.rank <= len(svd[1]):
         U, S, Vh = svd
         r = decision.rank
@@ -109,18 +109,17 @@ DEFAULT_SHAPES: tuple[tuple[int, int], ...] = (
 )
 
 
-def default_decisions(in_f: int, out_f: int) -> list[Decision]:
-    """Dense, the low-rank ladder the ``lowrank`` family offers for this shape, and the int8 /
-    int4 layouts the quantization families offer (GPTQ and RTN share a layout and so one
-    measurement: :func:`runtime_label`)."""
-    from slimfx.cost.candidates import lowrank_ranks  # candidates imports this module
-    from slimfx.cost.family_quant import INT4_CONFIGS, INT8_CONFIGS, quant_fits
+def timed_dense(in_f: int, out_f: int) -> list[Decision]:
+    """The dense form's timed layout: the plain linear."""
+    return [DenseConfig()]
 
-    return [
-        DenseConfig(),
-        *(LowRankConfig(r) for r in lowrank_ranks(in_f, out_f)),
-        *(d for d in INT8_CONFIGS + INT4_CONFIGS if quant_fits(d, in_f)),
-    ]
+
+def default_decisions(in_f: int, out_f: int) -> list[Decision]:
+    """What each registered form times by default (``Form.timed``): dense, the low-rank ladder
+    the ``lowrank`` family offers for this shape, and the int8 / int4 layouts the quantization
+    families offer (GPTQ and RTN share a layout and so one measurement: :func:`runtime_label`).
+    Forms with no default layouts (2:4, combined forms) are timed only when asked for."""
+    return [d for form in forms.forms() if form.has("timed") for d in form.get("timed")(in_f, out_f)]
 
 
 #: ``runner(module) -> (callable, info)``: what to time for one built module, and what to
@@ -227,7 +226,7 @@ def measure_target(
         for decision in todo:
             try:
                 mod = _build_module(decision, w, None, svd)
-            except (KeyError, ValueError):
+            except (KeyError, ValueError, NotImplementedError):
                 continue  # no module for this kind, or the rank does not fit the shape
             n = _copies_for(mod, rotate_bytes, max_copies)
             try:

@@ -9,12 +9,15 @@ Roofline estimate for a linear of ``in → out`` over ``T`` tokens (the workload
   true widths for integer codes, zero points and 2:4 indices; plus activations
   T·(in + out)·float_bytes, plus T·r·float_bytes written and read back between the two
   factors of a low-rank product.
-- ``flops``: ``decision.flops(in, out, T)``.
-- ``efficiency``: 1.0 for dense / low-rank / sparse forms; forms with quantized codes pay
-  ``target.dequant_efficiency`` on the compute term (dequantization in the inner loop) —
+- ``flops``: ``decision.flops(shape, T)``.
+- ``efficiency``: 1.0 for dense / low-rank / sparse forms; forms whose kernels dequantize
+  codes (``decision.dequantizes``) pay ``target.dequant_efficiency`` on the compute term —
   an assumption until measured.
-- ``launches``: kernels per forward: dense 1, low-rank 2, quant 1, 2:4 1, composite forms
+- ``launches``: ``decision.launches()``: dense 1, low-rank 2, quant 1, 2:4 1, composite forms
   the sum of their parts.
+
+Every number comes from the decision's config (``storage``, ``flops``, ``launches``,
+``intermediate``, ``dequantizes``): a form that does not define one raises, never a default.
 
 Decode (T = 1) is memory bound, so a form's latency ratio to dense follows its byte ratio;
 prefill (T = 2048) on an H100 is compute bound for dense, so only FLOPs saved count there.
@@ -28,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,15 +39,8 @@ from typing import Any
 import torch
 
 from slimfx.ir.sites import LinearSite
-from slimfx.planning.configs import (
-    Decision,
-    DenseConfig,
-    LowRankConfig,
-    LowRankQuantConfig,
-    QuantConfig,
-    Sparse24Config,
-    Sparse24LowRankConfig,
-)
+from slimfx.planning.configs import Decision
+from slimfx.planning.shapes import LinearShape
 
 __all__ = [
     "Target",
@@ -175,57 +170,20 @@ def workload_of(workload: str | Workload) -> Workload:
 # --------------------------------------------------------------------------- roofline
 
 
-def _quant_storage(q: QuantConfig, in_f: int, out_f: int) -> tuple[int, int]:
-    groups = out_f * q.n_groups(in_f)
-    ints = math.ceil(q.bits * in_f * out_f / 8) + (0 if q.symmetric else groups)
-    return groups, ints
-
-
-def storage(decision: Decision, in_f: int, out_f: int) -> tuple[int, int]:
-    """``(float elements, integer bytes)`` the weight is stored in (bias excluded).
-
-    For the known kinds, ``2·floats + ints == decision.weight_bytes(in, out)``; an unknown
-    kind is priced as if its reference bytes were all 16-bit floats.
-    """
-    if isinstance(decision, DenseConfig):
-        return in_f * out_f, 0
-    if isinstance(decision, LowRankConfig):
-        return decision.rank * (in_f + out_f), 0
-    if isinstance(decision, QuantConfig):
-        return _quant_storage(decision, in_f, out_f)
-    if isinstance(decision, Sparse24Config):
-        kept = in_f * out_f // 2
-        return kept, math.ceil(2 * kept / 8)
-    if isinstance(decision, LowRankQuantConfig):
-        f, i = _quant_storage(decision.quant, in_f, out_f)
-        return f + decision.rank * (in_f + out_f), i
-    if isinstance(decision, Sparse24LowRankConfig):
-        kept = in_f * out_f // 2
-        return kept + decision.rank * (in_f + out_f), math.ceil(2 * kept / 8)
-    return decision.weight_bytes(in_f, out_f) // 2, 0
+def storage(decision: Decision, shape: LinearShape) -> tuple[int, int]:
+    """``(float elements, integer bytes)`` the weight is stored in (bias excluded):
+    ``decision.storage(shape)``, so ``2·floats + ints == decision.weight_bytes(shape)``."""
+    return decision.storage(shape)
 
 
 def launches(decision: Decision) -> int:
-    """Kernel launches (op calls) per forward of the form."""
-    if isinstance(decision, LowRankConfig):
-        return 2
-    if isinstance(decision, (LowRankQuantConfig, Sparse24LowRankConfig)):
-        return 3
-    return 1
-
-
-def _rank(decision: Decision) -> int:
-    return int(getattr(decision, "rank", 0)) if decision.kind != "dense" else 0
-
-
-def _quantized(decision: Decision) -> bool:
-    return isinstance(decision, (QuantConfig, LowRankQuantConfig))
+    """Kernel launches (op calls) per forward of the form: ``decision.launches()``."""
+    return decision.launches()
 
 
 def estimate_latency(
     decision: Decision,
-    in_f: int,
-    out_f: int,
+    shape: LinearShape,
     has_bias: bool,
     target: str | Target,
     workload: str | Workload,
@@ -233,15 +191,16 @@ def estimate_latency(
     """Roofline seconds of one forward of the linear in form ``decision`` (module docstring)."""
     tgt, wl = target_of(target), workload_of(workload)
     t = wl.tokens
-    floats, ints = storage(decision, in_f, out_f)
+    floats, ints = decision.storage(shape)
+    in_f, out_f = shape.in_features, shape.out_features
     if has_bias:
         floats += out_f
-    acts = t * (in_f + out_f) + 2 * t * _rank(decision)
+    acts = t * (in_f + out_f) + 2 * t * decision.intermediate()
     bytes_read = (floats + acts) * tgt.float_bytes + ints
-    eff = tgt.dequant_efficiency if _quantized(decision) else 1.0
-    flops = decision.flops(in_f, out_f, t)
+    eff = tgt.dequant_efficiency if decision.dequantizes else 1.0
+    flops = decision.flops(shape, t)
     roof = max(bytes_read / tgt.bandwidth_Bps, flops / (tgt.peak_flops * eff))
-    return roof + launches(decision) * tgt.launch_s
+    return roof + decision.launches() * tgt.launch_s
 
 
 # --------------------------------------------------------------------------- measurements
@@ -414,10 +373,8 @@ def latency(
             got = cache.get(key)
             if got is not None:
                 return got, "measured"
-    return (
-        estimate_latency(decision, site.in_features, site.out_features, site.has_bias, tgt, wl),
-        "roofline",
-    )
+    shape = LinearShape(site.in_features, site.out_features)
+    return estimate_latency(decision, shape, site.has_bias, tgt, wl), "roofline"
 
 
 def roofline_caveat(target: str, backend: str | None) -> str:

@@ -1,3 +1,8 @@
-"""Capture, sites, the slimfx op vocabulary and the one graph-editing helper."""
+"""Capture, sites, the slimfx op vocabulary and the one graph-editing helper.
 
-from slimfx.ir import ops  # noqa: E402,F401  (registers the slimfx:: op vocabulary)
+Importing this package registers every form's ``slimfx::`` op (``ops.slimfx_ops``).
+"""
+
+from slimfx.ir import ops
+
+ops.slimfx_ops()

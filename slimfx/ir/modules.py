@@ -2,7 +2,8 @@
 
 Every class can be built empty from ``(decision, in_features, out_features, bias, dtype)``
 (for loading a saved rewritten model) and filled from the tensors that
-``slimfx.numerics.factorize`` returns.
+``slimfx.numerics.factorize`` returns. Which class realizes a kind is its form's ``module``
+(``slimfx.forms``); :func:`module_for` asks the registry.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx import forms
+from slimfx.formats import RUNTIME_BITS, packed_width
 from slimfx.ir import ops
 from slimfx.planning.configs import Decision, LowRankConfig, LowRankQuantConfig, QuantConfig
 
-__all__ = ["SlimLinear", "LowRankLinear", "MODULES", "module_for"]
+__all__ = ["SlimLinear", "LowRankLinear", "module_for"]
 
 
 #: where a module's tensors live (the ``device`` argument of every constructor below)
@@ -92,18 +95,18 @@ class SlimLinear(nn.Module):
     ) -> None:
         """Integer codes for a weight-only quantized ``decision`` (``bits``, ``group_size``,
         ``symmetric``): attributes ``bits`` and ``group_size`` (``in_features`` when per
-        channel), persistent buffers ``qweight`` uint8 (out × in/2 for int4, out × in for
-        int8), ``scales`` (out × n_groups, ``dtype``) and ``zeros`` uint8 (out × n_groups, or
+        channel), persistent buffers ``qweight`` uint8 (out × ``formats.packed_width``: in/2 for
+        int4, in for int8), ``scales`` (out × n_groups, ``dtype``) and ``zeros`` uint8 (out × n_groups, or
         ``None`` when symmetric). ``op_name`` names the kernel in the bits error."""
         in_f, out_f = self.in_features, self.out_features
-        if decision.bits not in (4, 8):
+        if decision.bits not in RUNTIME_BITS:
             raise ValueError(f"bits {decision.bits} has no kernel ({op_name} runs 4 or 8)")
         G = in_f if decision.group_size is None else decision.group_size
         if in_f % G:
             raise ValueError(f"in_features {in_f} is not a multiple of group size {G}")
         self.bits, self.group_size = decision.bits, G
         n_groups = in_f // G
-        width = (in_f + 1) // 2 if decision.bits == 4 else in_f
+        width = packed_width(decision.bits, in_f)
         u8 = {"dtype": torch.uint8, "device": device}
         self.register_buffer("qweight", torch.zeros(out_f, width, **u8))
         self.register_buffer("scales", torch.ones(out_f, n_groups, dtype=dtype, device=device))
@@ -133,18 +136,11 @@ class LowRankLinear(SlimLinear):
         return ops.lowrank_linear(x, self.U, self.V, self.bias)
 
 
-#: decision kind → module class; the quantized/sparse forms register themselves here too.
-MODULES: dict[str, type[SlimLinear]] = {"lowrank": LowRankLinear}
-
-
 def module_for(decision: Decision) -> type[SlimLinear]:
-    """The module class that realizes ``decision`` (KeyError names the kind when none)."""
-    try:
-        return MODULES[decision.kind]
-    except KeyError:
-        raise KeyError(
-            f"no module realizes decision kind {decision.kind!r}; known: {sorted(MODULES)}"
-        ) from None
-
-import slimfx.ir.modules_quant  # noqa: E402,F401  (registers MODULES["quant"])
-import slimfx.ir.modules_sparse  # noqa: E402,F401  (registers the 2:4 and combined forms)
+    """The module class that realizes ``decision``: its form's ``module``. An unregistered kind
+    raises ``forms.UnknownFormError`` (a KeyError naming the registered kinds); a form with no
+    module of its own (dense) a KeyError saying so."""
+    form = forms.form_of(decision)
+    if not form.has("module"):
+        raise KeyError(f"no module realizes decision kind {decision.kind!r}: {form.why_not('module')}")
+    return form.get("module")

@@ -3,7 +3,7 @@
     y = x @ deq(W)ᵀ + b   via   slimfx::quant_linear(x, qweight, scales, zeros?, bias?, bits, G)
 
 Buffers (persistent, so ``state_dict`` / ``load_state_dict`` round-trip): ``qweight`` uint8
-(out × in/2 for int4, out × in for int8), ``scales`` (out × n_groups) in the weight dtype,
+(out × ``formats.packed_width(bits, in)``), ``scales`` (out × n_groups) in the weight dtype,
 ``zeros`` uint8 (out × n_groups) when asymmetric (``None`` and absent from the state dict when
 symmetric). ``bias`` is a Parameter when present. ``G`` is the config's group size, or
 ``in_features`` for a per-channel config.
@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from slimfx.ir import ops_quant
-from slimfx.ir.modules import MODULES, SlimLinear
+from slimfx.ir.modules import SlimLinear
 from slimfx.planning.configs import QuantConfig
 
 __all__ = ["QuantLinear"]
@@ -51,5 +51,3 @@ class QuantLinear(SlimLinear):
         )
         return w.to(self.scales.dtype)
 
-
-MODULES["quant"] = QuantLinear

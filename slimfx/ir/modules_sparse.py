@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from slimfx.ir import ops_sparse
-from slimfx.ir.modules import MODULES, SlimLinear, _Device, _param
+from slimfx.ir.modules import SlimLinear, _Device, _param
 from slimfx.planning.configs import LowRankQuantConfig, Sparse24Config, Sparse24LowRankConfig
 
 __all__ = ["Sparse24Linear", "LowRankQuantLinear", "Sparse24LowRankLinear"]
@@ -124,7 +124,3 @@ class Sparse24LowRankLinear(_SparseStorage):
             x, self.values, self.meta, self.U, self.V, self.bias
         )
 
-
-MODULES["sparse24"] = Sparse24Linear
-MODULES["lowrank_quant"] = LowRankQuantLinear
-MODULES["sparse24_lowrank"] = Sparse24LowRankLinear

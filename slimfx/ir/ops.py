@@ -3,6 +3,7 @@
 Each op has a CPU/reference implementation and a fake (meta) implementation, so a rewritten
 model runs on CPU, exports with torch.export, and can be lowered by op name. Backend names
 never appear in op names. Kernels register faster implementations in ``slimfx.kernels``.
+Each form names its op (``slimfx.forms``: ``Form.op``); :func:`slimfx_ops` registers them all.
 
     slimfx::lowrank_linear(x, U, V, bias?)   = x @ Vᵀ @ Uᵀ + bias      U: out×r, V: r×in
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lowrank_linear", "OPS"]
+__all__ = ["lowrank_linear", "slimfx_ops"]
 
 
 @torch.library.custom_op("slimfx::lowrank_linear", mutates_args=())
@@ -48,13 +49,9 @@ def _lowrank_backward(ctx, grad):  # noqa: ANN001
 
 lowrank_linear.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
 
-#: op name → python handle, for lowering and counting by name.
-OPS: dict[str, object] = {"lowrank_linear": torch.ops.slimfx.lowrank_linear}
+def slimfx_ops() -> dict[str, object]:
+    """Op name → ``torch.ops`` packet of every registered form's op (importing, and so
+    registering, each one)."""
+    from slimfx import forms
 
-from slimfx.ir.ops_quant import quant_linear  # noqa: E402,F401  (registers slimfx::quant_linear)
-
-OPS["quant_linear"] = torch.ops.slimfx.quant_linear
-
-from slimfx.ir.ops_sparse import OPS_SPARSE  # noqa: E402  (registers the 2:4 and combined ops)
-
-OPS.update(OPS_SPARSE)
+    return {f.op_name: f.op_packet() for f in forms.forms() if f.has("op")}

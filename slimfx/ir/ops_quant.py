@@ -3,8 +3,7 @@
     slimfx::quant_linear(x, qweight, scales, zeros?, bias?, bits, group_size)
         = x @ deq(W)ᵀ + bias,   deq(W)[n, k] = (q[n, k] − z[n, k // G]) · s[n, k // G]
 
-Storage (the format fixed in ``slimfx.numerics``; ir does not import numerics, so the unpacking
-is repeated here): ``qweight`` uint8, int4 two codes per byte (column k in byte k // 2, low
+Storage (``slimfx.formats``): ``qweight`` uint8, int4 two codes per byte (column k in byte k // 2, low
 nibble for even k), int8 one code per byte; ``scales`` (out × in/G); ``zeros`` uint8
 (out × in/G), or ``None`` for symmetric codes whose zero point is 2^(bits−1) (8 / 128).
 ``group_size`` G is ``in_features`` for a per-channel weight. in_features is ``x.shape[-1]``.
@@ -20,40 +19,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["quant_linear", "dequantize_weight"]
+from slimfx.formats import RUNTIME_BITS, centered_codes, packed_width
+from slimfx.formats import dequantize as dequantize_weight
 
-_BITS = (4, 8)
-
-
-def _codes(qweight: Tensor, bits: int, in_features: int) -> Tensor:
-    if bits == 4:
-        q = torch.stack((qweight & 0x0F, qweight >> 4), dim=-1).flatten(-2)
-        return q[:, :in_features]
-    return qweight[:, :in_features]
+__all__ = ["quant_linear", "dequantize_weight", "check_quant_args"]
 
 
-def _centered(
-    qweight: Tensor, zeros: Tensor | None, bits: int, group_size: int, in_features: int
-) -> tuple[Tensor, Tensor]:
-    """``(q − z)`` in fp32 (out × in) and the group index of every column."""
-    q = _codes(qweight, bits, in_features).to(torch.float32)
-    col_group = torch.arange(in_features, device=q.device) // group_size
-    if zeros is None:
-        return q - float(1 << (bits - 1)), col_group
-    return q - zeros.to(torch.float32)[:, col_group], col_group
-
-
-def dequantize_weight(
-    qweight: Tensor,
-    scales: Tensor,
-    zeros: Tensor | None,
-    bits: int,
-    group_size: int,
-    in_features: int,
-) -> Tensor:
-    """The fp32 dense weight (out × in) the stored codes represent."""
-    centered, col_group = _centered(qweight, zeros, bits, group_size, in_features)
-    return centered * scales.to(torch.float32)[:, col_group]
+def check_quant_args(
+    k: int, qweight: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, group_size: int,
+    op: str = "quant_linear",
+) -> None:
+    """``torch._check`` that the codes, scales and zeros fit ``k`` inputs in the format."""
+    torch._check(bits in RUNTIME_BITS, lambda: f"{op} runs 4 or 8 bits, got {bits}")
+    torch._check(qweight.dtype == torch.uint8, lambda: "qweight must be uint8")
+    width = packed_width(bits, k)
+    torch._check(
+        qweight.shape[1] == width,
+        lambda: f"qweight has {qweight.shape[1]} columns, expected {width} for in={k}",
+    )
+    torch._check(group_size > 0, lambda: "group_size must be positive")
+    torch._check(
+        scales.shape[0] == qweight.shape[0] and scales.shape[1] * group_size >= k,
+        lambda: "scales must be out × ceil(in / group_size)",
+    )
+    if zeros is not None:
+        torch._check(zeros.shape == scales.shape, lambda: "zeros must have the scales' shape")
 
 
 @torch.library.custom_op("slimfx::quant_linear", mutates_args=())
@@ -81,21 +71,7 @@ def _(
     bits: int,
     group_size: int,
 ) -> Tensor:
-    k = x.shape[-1]
-    torch._check(bits in _BITS, lambda: f"quant_linear runs 4 or 8 bits, got {bits}")
-    torch._check(qweight.dtype == torch.uint8, lambda: "qweight must be uint8")
-    width = (k + 1) // 2 if bits == 4 else k
-    torch._check(
-        qweight.shape[1] == width,
-        lambda: f"qweight has {qweight.shape[1]} columns, expected {width} for in={k}",
-    )
-    torch._check(group_size > 0, lambda: "group_size must be positive")
-    torch._check(
-        scales.shape[0] == qweight.shape[0] and scales.shape[1] * group_size >= k,
-        lambda: "scales must be out × ceil(in / group_size)",
-    )
-    if zeros is not None:
-        torch._check(zeros.shape == scales.shape, lambda: "zeros must have the scales' shape")
+    check_quant_args(x.shape[-1], qweight, scales, zeros, bits, group_size)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
@@ -110,7 +86,7 @@ def _setup(ctx, inputs, output) -> None:  # noqa: ANN001
 def _backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
     x, qweight, scales, zeros = ctx.saved_tensors
     k = x.shape[-1]
-    centered, col_group = _centered(qweight, zeros, ctx.bits, ctx.group_size, k)
+    centered, col_group = centered_codes(qweight, zeros, ctx.bits, ctx.group_size, k)
     gx = gs = gb = None
     if ctx.needs_input_grad[0]:
         w = centered * scales.to(torch.float32)[:, col_group]

@@ -7,8 +7,7 @@
     slimfx::sparse24_lowrank_linear(x, values, meta, U, V, bias?)
         = x @ Sᵀ + (x @ Vᵀ) @ Uᵀ + bias
 
-Storage (the format fixed in ``slimfx.numerics``; ir does not import numerics, so the 2:4
-unpacking is repeated here and the dequantization is ``ops_quant.dequantize_weight``):
+Storage (``slimfx.formats``, which also unpacks and dequantizes):
 ``values`` (out × in/2) the two kept weights of every group of four columns in column order;
 ``meta`` uint8 (out × in/8), per group two 2-bit positions (first kept in bits 0-1, second in
 bits 2-3), two groups per byte, the even group in the low nibble; S is the dense matrix they
@@ -26,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from slimfx.ir.ops_quant import dequantize_weight
+from slimfx.formats import densify24
+from slimfx.formats import positions24 as sparse24_positions
+from slimfx.ir.ops_quant import check_quant_args, dequantize_weight
 
 __all__ = [
     "sparse24_linear",
@@ -34,24 +35,7 @@ __all__ = [
     "sparse24_lowrank_linear",
     "sparse24_positions",
     "densify24",
-    "OPS_SPARSE",
 ]
-
-
-def sparse24_positions(meta: Tensor, in_features: int) -> Tensor:
-    """Column indices (out × in/2, int64) of the kept weights, in ``values`` order."""
-    m = meta.to(torch.int64)
-    nib = torch.stack((m & 0x0F, m >> 4), dim=-1).flatten(-2)[:, : in_features // 4]
-    pos = torch.stack((nib & 0x3, (nib >> 2) & 0x3), dim=-1)  # out × in/4 × 2
-    base = torch.arange(0, in_features, 4, device=meta.device)[None, :, None]
-    return (pos + base).reshape(meta.shape[0], in_features // 2)
-
-
-def densify24(values: Tensor, meta: Tensor, in_features: int) -> Tensor:
-    """The dense fp32 weight (out × in) of 2:4 ``values`` / ``meta``."""
-    out_f = values.shape[0]
-    dense = torch.zeros(out_f, in_features, dtype=torch.float32, device=values.device)
-    return dense.scatter_(1, sparse24_positions(meta, in_features), values.to(torch.float32))
 
 
 def _check_sparse(x: Tensor, values: Tensor, meta: Tensor) -> None:
@@ -181,17 +165,7 @@ def _(
     group_size: int,
 ) -> Tensor:
     k = x.shape[-1]
-    torch._check(bits in (4, 8), lambda: f"quant_lowrank_linear runs 4 or 8 bits, got {bits}")
-    torch._check(qweight.dtype == torch.uint8, lambda: "qweight must be uint8")
-    width = (k + 1) // 2 if bits == 4 else k
-    torch._check(qweight.shape[1] == width, lambda: f"qweight must have {width} columns")
-    torch._check(group_size > 0, lambda: "group_size must be positive")
-    torch._check(
-        scales.shape[0] == qweight.shape[0] and scales.shape[1] * group_size >= k,
-        lambda: "scales must be out × ceil(in / group_size)",
-    )
-    if zeros is not None:
-        torch._check(zeros.shape == scales.shape, lambda: "zeros must have the scales' shape")
+    check_quant_args(k, qweight, scales, zeros, bits, group_size, "quant_lowrank_linear")
     _check_lowrank(x, qweight.shape[0], U, V)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
@@ -270,10 +244,3 @@ def _sl_backward(ctx, grad: Tensor):  # noqa: ANN001, ANN202
 
 
 sparse24_lowrank_linear.register_autograd(_sl_backward, setup_context=_sl_setup)
-
-#: op name → python handle (merged into ``slimfx.ir.ops.OPS``).
-OPS_SPARSE: dict[str, object] = {
-    "sparse24_linear": torch.ops.slimfx.sparse24_linear,
-    "quant_lowrank_linear": torch.ops.slimfx.quant_lowrank_linear,
-    "sparse24_lowrank_linear": torch.ops.slimfx.sparse24_lowrank_linear,
-}

@@ -1,19 +1,21 @@
 """Kernel registry: several implementations per slimfx op, each with a ``supports()`` that says
 why not.
 
-``KERNELS[op_name]`` lists the implementations of one semantic op (``quant_linear``,
-``lowrank_linear``, ``sparse24_linear``) in order of preference. A :class:`Kernel` is a name, a
+Each form names the kernels of its op (``slimfx.forms``: ``Form.kernels``, the ``KERNELS`` list
+of the op's folder here) in order of preference; :func:`kernels_of` asks the registry. A
+:class:`Kernel` is a name, a
 ``supports(x, **tensors) -> (bool, reason)`` predicate and a ``run(x, **tensors)`` callable.
 :func:`select` returns the first kernel that accepts a call and the reasons the others declined,
 so a backend can fall back to the op's reference implementation and say why.
 
 Triton is imported lazily: ``import slimfx.kernels`` works without triton (every Triton kernel
-then declines with ``"triton is not installed"``). Importing this package registers the opaque
-``slimfx_kernels::<op>_triton`` custom ops (their fake implementations need no triton), so a
-graph that calls them exports and compiles wherever slimfx is importable.
+then declines with ``"triton is not installed"``). Importing this package imports every form's
+kernel folder, registering the opaque ``slimfx_kernels::<op>_triton`` custom ops (their fake
+implementations need no triton), so a graph that calls them exports and compiles wherever
+slimfx is importable.
 
-Per-op folders hold ``reference.py`` (plain torch ground truth from the storage format, see
-``slimfx.numerics``) and ``triton_kernel.py`` (docstring, configs, ``@triton.jit`` kernels,
+Per-op folders hold ``__init__.py`` (the kernel op and the ``KERNELS`` list), ``reference.py``
+(plain torch ground truth from the storage format, ``slimfx.formats``) and ``triton_kernel.py`` (docstring, configs, ``@triton.jit`` kernels,
 launcher, ``supports``).
 """
 
@@ -27,9 +29,11 @@ from typing import Any
 
 from torch import Tensor
 
+from slimfx import forms
+
 __all__ = [
     "Kernel",
-    "KERNELS",
+    "kernels_of",
     "select",
     "triton_available",
     "device_reason",
@@ -118,59 +122,25 @@ class Kernel:
         return self._resolve(self.run_attr)(x, **tensors)
 
 
-KERNELS: dict[str, list[Kernel]] = {
-    "quant_linear": [
-        Kernel(
-            "quant_linear_triton",
-            "quant_linear",
-            "slimfx.kernels.quant_linear.triton_kernel",
-            description="int4/int8 weight-only; split-K GEMV for M≤16, tiled matmul above",
-        ),
-    ],
-    "lowrank_linear": [
-        Kernel(
-            "lowrank_linear_triton_fused",
-            "lowrank_linear",
-            "slimfx.kernels.lowrank_linear.triton_kernel",
-            supports_attr="supports_fused",
-            run_attr="run_fused",
-            description="one launch, rank-r intermediate kept in registers (M≤16, r≤256)",
-        ),
-        Kernel(
-            "lowrank_linear_triton_tiled",
-            "lowrank_linear",
-            "slimfx.kernels.lowrank_linear.triton_kernel",
-            supports_attr="supports_tiled",
-            run_attr="run_tiled",
-            description="two tiled Triton matmuls through a global rank-r intermediate",
-        ),
-    ],
-    "sparse24_linear": [
-        Kernel(
-            "sparse24_linear_semi_structured",
-            "sparse24_linear",
-            "slimfx.kernels.sparse24_linear",
-            supports_attr="supports_semi_structured",
-            run_attr="run_semi_structured",
-            description="torch to_sparse_semi_structured (CUTLASS/cuSPARSELt), prefill, CUDA",
-        ),
-        Kernel(
-            "sparse24_linear_triton_gemv",
-            "sparse24_linear",
-            "slimfx.kernels.sparse24_linear.triton_kernel",
-            description="2:4 GEMV on kept values + 2-bit indices (any M; tl.dot for M>1)",
-        ),
-    ],
-}
+def kernels_of(op_name: str) -> list[Kernel]:
+    """The kernels of slimfx op ``op_name`` in order of preference (its form's ``kernels``;
+    empty when no form has that op or its form has no kernels)."""
+    form = forms.form_of_op(op_name)
+    if form is None or not form.has("kernels"):
+        return []
+    return list(form.get("kernels"))
 
 
 def select(op_name: str, x: Tensor, **tensors: Any) -> tuple[Kernel | None, list[str]]:
     """The first kernel of ``op_name`` that supports this call, and ``"name: reason"`` for each
     kernel before it that declined (all of them when none accepts)."""
-    if op_name not in KERNELS:
-        return None, [f"no kernels registered for op {op_name!r}; known: {sorted(KERNELS)}"]
+    form = forms.form_of_op(op_name)
+    if form is None or not form.has("kernels"):
+        known = sorted(f.op_name for f in forms.forms() if f.has("kernels"))
+        why = "" if form is None else f" ({form.why_not('kernels')})"
+        return None, [f"no kernels registered for op {op_name!r}{why}; known: {known}"]
     reasons: list[str] = []
-    for kernel in KERNELS[op_name]:
+    for kernel in kernels_of(op_name):
         ok, why = kernel.supports(x, **tensors)
         if ok:
             return kernel, reasons
@@ -178,5 +148,7 @@ def select(op_name: str, x: Tensor, **tensors: Any) -> tuple[Kernel | None, list
     return None, reasons
 
 
-# Registering the custom ops (fake implementations included) needs no triton.
-from slimfx.kernels import lowrank_linear, quant_linear, sparse24_linear  # noqa: E402,F401
+# Registering the kernel ops (fake implementations included) needs no triton.
+for _form in forms.forms():
+    if _form.has("kernels"):
+        _form.get("kernels")

@@ -3,82 +3,63 @@
 ``factorize(W, decision, gram)`` turns a dense weight into the tensors of a compressed form;
 ``reconstruct(decision, tensors)`` gives the dense matrix that form computes. The cost model
 uses them to measure errors, the passes to build modules and graph constants, so estimate and
-rewrite agree by construction. Imports nothing from slimfx but ``planning.configs``.
+rewrite agree by construction. Imports from slimfx only ``planning``, ``forms``, ``formats``.
 
-Storage formats (``out`` × ``in`` weight; shared with ``slimfx.ir.ops`` and the kernels):
+Which function factorizes a kind is the kind's form's business (``slimfx.forms``: its
+``factorize`` / ``reconstruct`` pieces, in this package's modules); the tensors are in the
+storage formats of ``slimfx.formats``:
 
 - lowrank:  ``U`` (out × r), ``V`` (r × in), weight dtype.            W ≈ U @ V
-- quant, bits=4: ``qweight`` uint8 (out × ceil(in/2)); column j sits in byte j//2, low nibble
-  for even j, high nibble for odd j (ONNX MatMulNBits order). ``scales`` (out × n_groups),
-  weight dtype. ``zeros`` uint8 (out × n_groups), integer zero points, or absent when
-  symmetric (then the code is offset by 8). Dequantized w = (q − z) · s, group g covering
-  columns [g·G, (g+1)·G).
-- quant, bits=8: ``qweight`` uint8 (out × in), zero point 128 when symmetric, same scales/zeros.
-- sparse24: ``values`` (out × in/2) weight dtype, the two kept weights of every group of four
-  in column order; ``meta`` uint8 (out × in/8): per group of four, two 2-bit positions
-  (first kept in bits 0-1, second in bits 2-3), two groups per byte (even group low nibble).
+- quant: ``qweight`` uint8 (out × ceil(bits·in/8), each row's codes a little-endian bit
+  stream: int4 column j in byte j//2, low nibble for even j — ONNX MatMulNBits order),
+  ``scales`` (out × n_groups) weight dtype, ``zeros`` uint8 (out × n_groups) integer zero
+  points, absent when symmetric (offset 2^(bits−1)). Dequantized w = (q − z) · s.
+- sparse24: ``values`` (out × in/2) weight dtype, ``meta`` uint8 (out × in/8) 2-bit positions.
 - lowrank_quant: the quant tensors plus ``U``, ``V``: W ≈ deq(q) + U @ V.
 - sparse24_lowrank: the sparse24 tensors plus ``U``, ``V``: W ≈ S + U @ V.
+- dense: ``weight`` (out × in), the weight itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
+from slimfx import forms
 from slimfx.planning.configs import Decision
 
 __all__ = [
     "factorize",
     "reconstruct",
     "relative_output_error",
-    "register_form",
-    "FACTORIZERS",
-    "RECONSTRUCTORS",
+    "factorize_dense",
+    "reconstruct_dense",
 ]
 
-Factorizer = Callable[[Tensor, Decision, "Tensor | None"], dict[str, Tensor]]
-Reconstructor = Callable[[Decision, dict[str, Tensor]], Tensor]
 
-FACTORIZERS: dict[str, Factorizer] = {}
-RECONSTRUCTORS: dict[str, Reconstructor] = {}
-
-
-def register_form(kind: str, factorizer: Factorizer, reconstructor: Reconstructor) -> None:
-    """Register how a decision kind is computed from, and turned back into, a dense weight."""
-    FACTORIZERS[kind] = factorizer
-    RECONSTRUCTORS[kind] = reconstructor
+def factorize_dense(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+    """The dense form's tensors: the weight itself."""
+    return {"weight": weight.detach().clone()}
 
 
-def _ensure_loaded() -> None:
-    # Importing the form modules registers them; done lazily to keep import order simple.
-    from slimfx.numerics import lowrank  # noqa: F401
-
-    for name in ("quant", "sparse", "combo"):  # present once the other forms land
-        try:
-            __import__(f"slimfx.numerics.{name}")
-        except ModuleNotFoundError as e:  # pragma: no cover
-            if e.name != f"slimfx.numerics.{name}":
-                raise
+def reconstruct_dense(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+    """The dense form's weight."""
+    return tensors["weight"]
 
 
 def factorize(weight: Tensor, decision: Decision, gram: Tensor | None = None) -> dict[str, Tensor]:
     """Tensors of ``decision``'s form for ``weight`` (out × in). ``gram`` is the input Gram
-    matrix XᵀX (in × in, float64) for activation-aware forms; ``None`` means identity."""
-    _ensure_loaded()
-    if decision.kind not in FACTORIZERS:
-        raise KeyError(f"no factorizer for decision kind {decision.kind!r}; known: {sorted(FACTORIZERS)}")
+    matrix XᵀX (in × in, float64) for activation-aware forms; ``None`` means identity. An
+    unregistered kind raises ``forms.UnknownFormError`` naming the registered ones."""
+    fn = forms.form_of(decision).get("factorize")
     if not torch.isfinite(weight).all():
         raise ValueError("weight has NaN or inf entries; cannot factorize")
-    return FACTORIZERS[decision.kind](weight, decision, gram)
+    return fn(weight, decision, gram)
 
 
 def reconstruct(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
     """The dense (out × in) matrix the compressed form computes."""
-    _ensure_loaded()
-    return RECONSTRUCTORS[decision.kind](decision, tensors)
+    return forms.form_of(decision).get("reconstruct")(decision, tensors)
 
 
 def relative_output_error(weight: Tensor, approx: Tensor, gram: Tensor | None = None) -> float:

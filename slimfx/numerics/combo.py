@@ -33,7 +33,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimfx.numerics import register_form
 from slimfx.numerics.lowrank import lowrank_factors, whiten
 from slimfx.numerics.quant import dequantize, quantize_gptq, quantize_rtn
 from slimfx.numerics.sparse import Pruner24, pack24, sparse24_unsupported, unpack24
@@ -293,7 +292,7 @@ def sparse_plus_lowrank(
     return {**pack24(S.to(weight.dtype)), "U": U, "V": V}
 
 
-def _factorize_lq(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+def factorize_lowrank_quant(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
     assert isinstance(decision, LowRankQuantConfig)
     d = decision
     if d.method == "lorc":
@@ -303,7 +302,7 @@ def _factorize_lq(weight: Tensor, decision: Decision, gram: Tensor | None) -> di
     raise ValueError(f"unknown lowrank_quant method {d.method!r}")
 
 
-def _reconstruct_lq(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+def reconstruct_lowrank_quant(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
     assert isinstance(decision, LowRankQuantConfig)
     d = decision
     V = tensors["V"]
@@ -311,16 +310,13 @@ def _reconstruct_lq(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
     return (W + tensors["U"].to(torch.float32) @ V.to(torch.float32)).to(V.dtype)
 
 
-def _factorize_sl(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+def factorize_sparse24_lowrank(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
     assert isinstance(decision, Sparse24LowRankConfig)
     return sparse_plus_lowrank(weight, gram, decision.rank, decision.mask)
 
 
-def _reconstruct_sl(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+def reconstruct_sparse24_lowrank(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
     values, U, V = tensors["values"], tensors["U"], tensors["V"]
     S = unpack24(values, tensors["meta"], V.shape[1]).to(torch.float32)
     return (S + U.to(torch.float32) @ V.to(torch.float32)).to(V.dtype)
 
-
-register_form("lowrank_quant", _factorize_lq, _reconstruct_lq)
-register_form("sparse24_lowrank", _factorize_sl, _reconstruct_sl)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimfx.numerics import register_form
 from slimfx.planning.configs import Decision, LowRankConfig
 
 __all__ = [
@@ -124,14 +123,12 @@ def lowrank_error_curve(
     return (tail / total).clamp_min(0.0)
 
 
-def _factorize(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+def factorize_lowrank(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
     assert isinstance(decision, LowRankConfig)
     U, V = lowrank_factors(weight, decision.rank, decision.method, gram)
     return {"U": U, "V": V}
 
 
-def _reconstruct(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+def reconstruct_lowrank(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
     return tensors["U"] @ tensors["V"]
 
-
-register_form("lowrank", _factorize, _reconstruct)

@@ -13,11 +13,12 @@ all-zero group has s = 0 and gets s = 1 (its codes then dequantize to exact zero
 is rounded to its storage dtype (the weight's) *before* the codes are computed, so
 ``dequantize`` reproduces exactly the grid the codes were chosen on.
 
-Stored tensors (see ``slimfx.numerics`` for the byte layout): ``qweight`` uint8 — int4 packed
-two per byte (column j in byte j//2, low nibble for even j: ONNX MatMulNBits order), int8 one
-per byte; ``scales`` (out × n_groups) in the weight dtype; ``zeros`` uint8 (out × n_groups)
-only when asymmetric. bits 2 and 3 are computed for error estimates only: their codes are
-stored one per byte (no packed format, no runtime op; ``LinearToQuant`` rejects them).
+Stored tensors (the formats of ``slimfx.formats``): ``qweight`` uint8, each row's codes packed
+as a little-endian bit stream (int4 two per byte, column j in byte j//2, low nibble for even j:
+ONNX MatMulNBits order; int8 one per byte; int2 four per byte; int3 eight per three bytes);
+``scales`` (out × n_groups) in the weight dtype; ``zeros`` uint8 (out × n_groups) only when
+asymmetric. bits 2 and 3 are packed and priced honestly but have no runtime op
+(``LinearToQuant`` rejects them): they serve error estimates.
 
 Caveat for weights that already lie on a 4-bit grid with a *float* offset (GGUF Q4_1: w = d·q +
 m per 32-block, m arbitrary): an integer zero point reproduces such a block only when m/d is an
@@ -42,7 +43,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from slimfx.numerics import register_form
+from slimfx import formats
+from slimfx.formats import symmetric_offset
 from slimfx.planning.configs import Decision, QuantConfig
 
 __all__ = [
@@ -56,44 +58,40 @@ __all__ = [
     "symmetric_offset",
 ]
 
-_BITS = (2, 3, 4, 8)
-
-
-def symmetric_offset(bits: int) -> int:
-    """The implicit zero point of symmetric codes: 2^(bits−1) (8 for int4, 128 for int8)."""
-    return 1 << (bits - 1)
-
-
 def group_width(in_features: int, bits: int, group_size: int | None) -> int:
     """The group width G (``in_features`` when per-channel), after checking the shape:
-    ValueError when ``in_features`` is not a multiple of ``group_size`` or is odd for int4."""
-    if bits not in _BITS:
-        raise ValueError(f"bits must be one of {_BITS}, got {bits}")
+    ValueError when ``in_features`` is not a multiple of ``group_size``, or not a whole number
+    of packed chunks (even for int4, a multiple of 4 for int2, of 8 for int3)."""
+    if bits not in formats.CODE_BITS:
+        raise ValueError(f"bits must be one of {formats.CODE_BITS}, got {bits}")
     G = in_features if group_size is None else group_size
     if G <= 0 or in_features % G:
         raise ValueError(f"in_features {in_features} is not a multiple of group size {G}")
     if bits == 4 and in_features % 2:
         raise ValueError(f"int4 packs two codes per byte: in_features {in_features} is odd")
+    chunk = formats.codes_per_chunk(bits)
+    if in_features % chunk:
+        raise ValueError(
+            f"int{bits} packs {chunk} codes in {chunk * bits // 8} bytes: in_features "
+            f"{in_features} is not a multiple of {chunk}"
+        )
     return G
 
 
 def pack_int4(codes: Tensor) -> Tensor:
-    """uint8 codes (out × in, values 0..15) → uint8 (out × ceil(in/2)); column j in byte j//2,
-    low nibble for even j. An odd ``in`` gets a zero high nibble in its last byte."""
+    """uint8 codes (out × in, values 0..15) → uint8 (out × ceil(in/2)) in the int4 format of
+    ``slimfx.formats`` (column j in byte j//2, low nibble for even j; an odd ``in`` gets a zero
+    high nibble in its last byte)."""
     if codes.dtype != torch.uint8:
         raise TypeError(f"int4 codes must be uint8, got {codes.dtype}")
-    if codes.numel() and int(codes.max()) > 15:
-        raise ValueError("int4 codes must lie in [0, 15]")
-    if codes.shape[-1] % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+    return formats.pack_codes(codes, 4)
 
 
 def unpack_int4(packed: Tensor, in_features: int | None = None) -> Tensor:
     """Inverse of :func:`pack_int4`: uint8 (out × ceil(in/2)) → uint8 codes (out × in);
     ``in_features`` defaults to twice the packed width."""
-    q = torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)
-    return q if in_features is None else q[..., :in_features].contiguous()
+    k = 2 * packed.shape[-1] if in_features is None else in_features
+    return formats.unpack_codes(packed, 4, k).contiguous()
 
 
 def _grid(
@@ -130,8 +128,7 @@ def _codes(W: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
 def _pack(
     codes: Tensor, stored: Tensor, zeros: Tensor, bits: int, symmetric: bool
 ) -> dict[str, Tensor]:
-    q = codes.to(torch.uint8)
-    out = {"qweight": pack_int4(q) if bits == 4 else q.contiguous(), "scales": stored.contiguous()}
+    out = {"qweight": formats.pack_codes(codes.to(torch.uint8), bits), "scales": stored.contiguous()}
     if not symmetric:
         out["zeros"] = zeros.to(torch.uint8).contiguous()
     return out
@@ -167,20 +164,13 @@ def dequantize(
 ) -> Tensor:
     """The dense (out × in) weight (q − z)·s, computed in fp32 and returned in the scales'
     dtype. ``zeros`` is ignored when ``symmetric`` (the offset 2^(bits−1) is used)."""
-    qw, scales = tensors["qweight"], tensors["scales"]
-    q = unpack_int4(qw, in_features) if bits == 4 else qw[:, :in_features]
+    scales = tensors["scales"]
     G = in_features if group_size is None else group_size
-    out_f = q.shape[0]
-    n_groups = in_features // G
-    if n_groups * G != in_features:
+    if in_features % G:
         raise ValueError(f"in_features {in_features} is not a multiple of group size {G}")
-    s = scales.to(torch.float32).reshape(out_f, n_groups, 1)
-    if symmetric:
-        z: Tensor | float = float(symmetric_offset(bits))
-    else:
-        z = tensors["zeros"].to(torch.float32).reshape(out_f, n_groups, 1)
-    W = (q.to(torch.float32).reshape(out_f, n_groups, G) - z) * s
-    return W.reshape(out_f, in_features).to(scales.dtype)
+    zeros = None if symmetric else tensors["zeros"]
+    W = formats.dequantize(tensors["qweight"], scales, zeros, bits, G, in_features)
+    return W.to(scales.dtype)
 
 
 _DAMP_GROWTH = (1.0, 10.0, 100.0, 1000.0)
@@ -341,28 +331,23 @@ def quantize_gptq_many(
 
 
 def _in_features(decision: QuantConfig, tensors: dict[str, Tensor]) -> int:
-    width = tensors["qweight"].shape[1]
-    return 2 * width if decision.bits == 4 else width
+    """The weight's columns from its packed codes (:func:`group_width` made them whole chunks,
+    so the packed width determines them)."""
+    return tensors["qweight"].shape[1] * 8 // decision.bits
 
 
-def _factorize(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+def factorize_quant(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+    """The ``quant`` form's tensors: round-to-nearest, or GPTQ with the Gram matrix."""
     assert isinstance(decision, QuantConfig)
     d = decision
-    if d.method == "rtn":
-        return quantize_rtn(weight, d.bits, d.group_size, d.symmetric)
     if d.method == "gptq":
         return quantize_gptq(weight, gram, d.bits, d.group_size, d.symmetric)
-    raise NotImplementedError(
-        f"quant method {d.method!r} is not implemented: AWQ needs a per-input-channel scale "
-        "folded into the op that produces the linear's input, which a per-linear rewrite "
-        "cannot always do; use method 'gptq' (uses the Gram matrix) or 'rtn'"
-    )
+    return quantize_rtn(weight, d.bits, d.group_size, d.symmetric)
 
 
-def _reconstruct(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+def reconstruct_quant(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+    """The dense weight the ``quant`` form's tensors represent."""
     assert isinstance(decision, QuantConfig)
     d = decision
     return dequantize(tensors, d.bits, d.group_size, d.symmetric, _in_features(d, tensors))
 
-
-register_form("quant", _factorize, _reconstruct)

@@ -19,7 +19,7 @@ With compensation the mask of each group of four is chosen when the sweep reache
 Wanda's |W|²·G_jj), ``magnitude`` by |W| of the updated weights; ``fixed`` masks (computed
 up front from the original weight) are available through :func:`prune24`'s ``mask``.
 
-Packed format (see ``slimfx.numerics``): ``values`` out × in/2 in the weight's dtype (the two
+Packed format (``slimfx.formats``): ``values`` out × in/2 in the weight's dtype (the two
 kept weights of every group, in column order); ``meta`` uint8 out × in/8: per group the two
 2-bit positions (first kept in bits 0-1, second in bits 2-3), two groups per byte, the even
 group in the low nibble. ``in_features`` must be a multiple of 8.
@@ -30,7 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimfx.numerics import register_form
+from slimfx import formats
+from slimfx.formats import sparse24_unsupported
 from slimfx.planning.configs import Decision, Sparse24Config
 
 __all__ = [
@@ -47,16 +48,6 @@ __all__ = [
 SPARSE24_METHODS = ("magnitude", "wanda")
 _DAMP = 0.01  # λ of the damped Hessian, relative to mean(diag G) (SparseGPT's usual value)
 _BLOCK = 128  # columns per lazy-update block
-
-
-def sparse24_unsupported(in_features: int) -> str | None:
-    """Why a linear with ``in_features`` inputs cannot be packed 2:4, or ``None`` when it can."""
-    if in_features % 8:
-        return (
-            f"in_features {in_features} is not a multiple of 8 (2:4 metadata packs two groups "
-            f"of four columns per byte)"
-        )
-    return None
 
 
 def _scores(weight: Tensor, method: str, gram: Tensor | None) -> Tensor:
@@ -216,45 +207,26 @@ def is_24(mask: Tensor) -> bool:
 
 
 def pack24(weight_pruned: Tensor) -> dict[str, Tensor]:
-    """Pack a weight with at most two nonzeros per group of four into ``values`` / ``meta``.
-
-    Groups with fewer than two nonzeros keep zeros at their lowest free positions.
-    """
-    out_f, in_f = weight_pruned.shape
-    reason = sparse24_unsupported(in_f)
+    """Pack a weight with at most two nonzeros per group of four into ``values`` / ``meta``
+    (``slimfx.formats``). Groups with fewer than two nonzeros keep zeros at their lowest free
+    positions."""
+    reason = sparse24_unsupported(weight_pruned.shape[1])
     if reason:
         raise ValueError(reason)
-    groups = weight_pruned.detach().reshape(out_f, in_f // 4, 4)
-    nz = groups != 0
-    if bool((nz.sum(-1) > 2).any()):
-        raise ValueError("weight is not 2:4 sparse: some group of four has more than two nonzeros")
-    # rank positions: nonzeros first, then lower positions first; keep the best two, sorted
-    pos = torch.arange(4)
-    key = nz.to(torch.int64) * 8 + (3 - pos)
-    idx = key.topk(2, dim=-1).indices.sort(dim=-1).values  # out × in/4 × 2, ascending
-    values = groups.gather(-1, idx).reshape(out_f, in_f // 2)
-    nib = (idx[..., 0] | (idx[..., 1] << 2)).reshape(out_f, in_f // 8, 2)
-    meta = (nib[..., 0] | (nib[..., 1] << 4)).to(torch.uint8)
-    return {"values": values.contiguous(), "meta": meta.contiguous()}
+    values, meta = formats.pack24(weight_pruned)
+    return {"values": values, "meta": meta}
 
 
 def unpack24(values: Tensor, meta: Tensor, in_features: int) -> Tensor:
-    """The dense (out × in) weight of packed ``values`` / ``meta`` (inverse of :func:`pack24`)."""
-    out_f = values.shape[0]
-    if values.shape != (out_f, in_features // 2) or meta.shape != (out_f, in_features // 8):
-        raise ValueError(
-            f"values {tuple(values.shape)} / meta {tuple(meta.shape)} do not fit "
-            f"in_features={in_features}"
-        )
-    m = meta.to(torch.int64)
-    nib = torch.stack([m & 0xF, m >> 4], dim=-1).reshape(out_f, in_features // 4)
-    idx = torch.stack([nib & 0x3, (nib >> 2) & 0x3], dim=-1)
-    dense = values.new_zeros(out_f, in_features // 4, 4)
-    dense.scatter_(-1, idx, values.reshape(out_f, in_features // 4, 2))
-    return dense.reshape(out_f, in_features)
+    """The dense (out × in) weight of packed ``values`` / ``meta`` (inverse of :func:`pack24`),
+    in the values' dtype."""
+    return formats.densify24(values, meta, in_features).to(values.dtype)
 
 
-def _factorize(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+def factorize_sparse24(
+    weight: Tensor, decision: Decision, gram: Tensor | None
+) -> dict[str, Tensor]:
+    """The ``sparse24`` form's tensors: prune two of every four (compensated or not), pack."""
     assert isinstance(decision, Sparse24Config)
     reason = sparse24_unsupported(weight.shape[1])
     if reason:
@@ -262,9 +234,7 @@ def _factorize(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[
     return pack24(prune24(weight, decision.mask, gram, decision.compensate))
 
 
-def _reconstruct(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+def reconstruct_sparse24(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
+    """The dense 2:4 weight the ``sparse24`` form's tensors represent."""
     values = tensors["values"]
     return unpack24(values, tensors["meta"], 2 * values.shape[1])
-
-
-register_form("sparse24", _factorize, _reconstruct)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx import forms
 from slimfx.ir.modules import SlimLinear, module_for
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics import factorize
@@ -98,23 +99,25 @@ class Rule:
         raise NotImplementedError(f"{self.name} has no graph form")
 
 
+#: rules registered with :func:`register_rule`: overrides of a form's own rule, by kind.
 RULES: dict[str, Rule] = {}
 
 
 def register_rule(rule: Rule) -> Rule:
-    """Make ``rule`` the one used for its decision kind."""
+    """Make ``rule`` the one used for its decision kind (over the form's own rule)."""
     RULES[rule.kind] = rule
     return rule
 
 
 def rule_for(decision: Decision) -> Rule:
-    """The rule for ``decision``'s kind; KeyError names the known kinds."""
-    from slimfx.passes import rules  # noqa: F401  (registers the built-in rules)
-
-    try:
+    """The rule for ``decision``'s kind: an override from :func:`register_rule`, else its form's
+    ``rule`` (``slimfx.forms``). KeyError names the registered kinds, or why the form has none."""
+    if decision.kind in RULES:
         return RULES[decision.kind]
-    except KeyError:
-        raise KeyError(f"no rule for decision kind {decision.kind!r}; known: {sorted(RULES)}") from None
+    form = forms.form_of(decision)
+    if not form.has("rule"):
+        raise KeyError(f"no rule for decision kind {decision.kind!r}: {form.why_not('rule')}")
+    return form.get("rule")
 
 
 @dataclass

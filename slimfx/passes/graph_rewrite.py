@@ -32,6 +32,7 @@ from slimfx.passes.base import PassResult, Rule, SiteRecord
 from slimfx.passes.swap import dense_bytes, raise_rejections, resolve_rule, validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.planning.shapes import LinearShape
 
 __all__ = [
     "apply_plan_graph",
@@ -271,7 +272,7 @@ def apply_plan_graph(
             "",
             time.perf_counter() - t,
             dense_bytes(site),
-            decision.bytes(site.in_features, site.out_features, site.has_bias),
+            decision.bytes(LinearShape(site.in_features, site.out_features), site.has_bias),
             {"nodes": new_names, "factor_cache_hit": hit},
         )
     if jobs:

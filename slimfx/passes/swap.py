@@ -27,13 +27,14 @@ from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, Rule, SiteRecord, Verdict, rule_for
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.planning.shapes import LinearShape
 
 __all__ = ["apply_plan", "empty_like_plan", "validate_plan", "dense_bytes", "resolve_rule"]
 
 
 def dense_bytes(site: LinearSite) -> int:
     """Reference bytes of the dense linear: 16-bit weight (+ 16-bit bias)."""
-    return DenseConfig().bytes(site.in_features, site.out_features, site.has_bias)
+    return DenseConfig().bytes(LinearShape(site.in_features, site.out_features), site.has_bias)
 
 
 def _suggest(name: str, known: Iterable[str]) -> str:
@@ -277,7 +278,7 @@ def apply_plan(
             "",
             time.perf_counter() - t,
             dense_bytes(site),
-            decision.bytes(site.in_features, site.out_features, site.has_bias),
+            decision.bytes(LinearShape(site.in_features, site.out_features), site.has_bias),
         )
     for job, new in built:
         _set_module(target, job.site.fqn, new)

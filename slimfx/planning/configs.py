@@ -1,18 +1,25 @@
 """Decision configs: what to do with one site, as frozen, versioned, JSON-able dataclasses.
 
-Every config knows its exact storage cost in *reference bytes* for a linear of shape
-(out_features, in_features): weights that stay floating point are priced at 16 bits whatever
-dtype the model was loaded in, integer codes at their bit width, and scales / zeros / masks /
-indices at their true size. One budget therefore gives one result for an fp32 or a bf16 load.
+A config is one piece of a form (``slimfx.forms``): it holds the facts the cost model needs,
+priced against the site's shape object (``slimfx.planning.shapes``): ``storage(shape)`` (float
+elements and integer bytes of the stored tensors), ``weight_bytes``, ``flops``, ``launches``,
+``intermediate`` (activations written and read back between launches), ``dequantizes`` and
+``needs_gram`` (whether realizing it uses calibration statistics). A linear form prices only a
+:class:`~slimfx.planning.shapes.LinearShape`; another shape raises a ``TypeError`` naming both.
+
+Prices are *reference bytes*: weights that stay floating point count 16 bits whatever dtype the
+model was loaded in, integer codes, zero points and indices their stored size (the formats of
+``slimfx.formats``). One budget therefore gives one result for an fp32 or a bf16 load, and
+``weight_bytes = 2·floats + ints`` equals the bytes of the tensors a built module stores.
 
 Byte formulas (``in`` = in_features, ``out`` = out_features, bias always 2·out when present):
 
 - dense:        2·in·out
 - lowrank(r):   2·r·(in + out)                                  (U: out×r, V: r×in, 16-bit)
-- quant(b, g):  ceil(b·in·out / 8) + scales + zeros
+- quant(b, g):  out·ceil(b·in / 8) + scales + zeros   (each row's codes a packed bit stream)
                 scales: 2 bytes per (row, group); zeros: 1 byte per (row, group) when asymmetric
                 (a per-channel config has one group per row, g = in)
-- sparse24:     2·in·out/2 values + in·out/2 · 2 bits of indices = 1.125·in·out  (56.25% of dense)
+- sparse24:     2·in·out/2 values + out·ceil(in/8) metadata bytes = 1.125·in·out (in % 8 == 0)
 - lowrank_quant(r, b, g): quant(b, g) + lowrank(r)
 - sparse24_lowrank(r):    sparse24 + lowrank(r)
 """
@@ -24,6 +31,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from slimfx.planning.shapes import WEIGHT_BYTES, LinearShape
+
 __all__ = [
     "Decision",
     "DenseConfig",
@@ -33,6 +42,7 @@ __all__ = [
     "LowRankQuantConfig",
     "Sparse24LowRankConfig",
     "decision_from_dict",
+    "linear_shape",
     "register_decision",
     "DECISIONS",
     "DEFAULT_FAMILIES",
@@ -56,24 +66,74 @@ def register_decision(cls: type[Decision]) -> type[Decision]:
     return cls
 
 
+def linear_shape(decision: Decision, shape: object) -> LinearShape:
+    """``shape`` when it is a :class:`LinearShape`; otherwise a ``TypeError`` saying that
+    ``decision``'s form prices linear sites only."""
+    if not isinstance(shape, LinearShape):
+        what = getattr(shape, "kind", type(shape).__name__)
+        raise TypeError(
+            f"decision kind {decision.kind!r} prices linear sites (a LinearShape), not a "
+            f"{what} shape {shape!r}"
+        )
+    return shape
+
+
 @dataclass(frozen=True)
 class Decision:
-    """Base of all decision configs. Subclasses set ``kind`` and ``version``."""
+    """Base of all decision configs. Subclasses set ``kind`` and ``version`` and define
+    ``storage``, ``flops`` and ``launches`` (the base raises: an unknown form is never priced
+    by a default)."""
 
     kind: ClassVar[str] = "abstract"
     version: ClassVar[int] = 1
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        """Exact reference bytes of the weight in this form (bias excluded)."""
-        raise NotImplementedError
+    def _missing(self, what: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"decision kind {self.kind!r} ({type(self).__name__}) does not define {what}"
+        )
 
-    def bytes(self, in_features: int, out_features: int, bias: bool = False) -> int:
+    def storage(self, shape: LinearShape) -> tuple[int, int]:
+        """``(float elements, integer bytes)`` of the stored weight tensors (bias excluded)."""
+        raise self._missing("storage(shape)")
+
+    def weight_bytes(self, shape: LinearShape) -> int:
+        """Exact reference bytes of the weight in this form (bias excluded): 16-bit floats
+        plus integer bytes (:meth:`storage`)."""
+        floats, ints = self.storage(linear_shape(self, shape))
+        return 2 * floats + ints
+
+    def bytes(self, shape: LinearShape, bias: bool = False) -> int:
         """Reference bytes including a 16-bit bias."""
-        return self.weight_bytes(in_features, out_features) + (2 * out_features if bias else 0)
+        shape = linear_shape(self, shape)
+        return self.weight_bytes(shape) + (2 * shape.out_features if bias else 0)
 
-    def flops(self, in_features: int, out_features: int, tokens: int = 1) -> int:
+    def costs(self, shape: LinearShape, bias: bool = False) -> dict[str, int]:
+        """Bytes per budget dimension (``slimfx.planning.shapes.DIMENSIONS``) this option
+        costs at a site of ``shape``: a linear form costs weight bytes only."""
+        return {WEIGHT_BYTES: self.bytes(shape, bias)}
+
+    def flops(self, shape: LinearShape, tokens: int = 1) -> int:
         """Multiply-adds ×2 for ``tokens`` rows of input (dequantization not counted)."""
-        return 2 * tokens * in_features * out_features
+        raise self._missing("flops(shape, tokens)")
+
+    def launches(self) -> int:
+        """Kernel launches (op calls) per forward."""
+        raise self._missing("launches()")
+
+    def intermediate(self) -> int:
+        """Activation elements per token a form writes and reads back between its launches
+        (the rank of a two-factor product); 0 for one-launch forms."""
+        return 0
+
+    @property
+    def dequantizes(self) -> bool:
+        """Whether its kernels dequantize integer codes in their inner loop (the roofline's
+        compute term then runs at ``Target.dequant_efficiency``)."""
+        return False
+
+    def needs_gram(self) -> bool:
+        """Whether realizing this decision uses calibration statistics (the input Gram)."""
+        return False
 
     def short(self) -> str:
         """A compact human label, e.g. ``lowrank r=64``."""
@@ -81,6 +141,7 @@ class Decision:
         return f"{self.kind}({fields})" if fields else self.kind
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"kind", "version", <fields>}`` (JSON-able; :func:`decision_from_dict` reads it)."""
         d: dict[str, Any] = {"kind": self.kind, "version": self.version}
         d.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
         return d
@@ -106,6 +167,25 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _lowrank_floats(rank: int, shape: LinearShape) -> int:
+    return rank * (shape.in_features + shape.out_features)
+
+
+def _quant_storage(
+    bits: int, group_size: int | None, symmetric: bool, shape: LinearShape
+) -> tuple[int, int]:
+    """Scales (floats) and codes + zero points (integer bytes) of a quantized weight."""
+    in_f, out_f = shape.in_features, shape.out_features
+    groups = out_f * (1 if group_size is None else math.ceil(in_f / group_size))
+    codes = out_f * math.ceil(bits * in_f / 8)
+    return groups, codes + (0 if symmetric else groups)
+
+
+def _sparse24_storage(shape: LinearShape) -> tuple[int, int]:
+    """Kept values (floats) and 2-bit position metadata (bytes) of a 2:4 weight."""
+    return shape.numel // 2, shape.out_features * math.ceil(shape.in_features / 8)
+
+
 @register_decision
 @dataclass(frozen=True)
 class DenseConfig(Decision):
@@ -113,8 +193,14 @@ class DenseConfig(Decision):
 
     kind: ClassVar[str] = "dense"
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        return 2 * in_features * out_features
+    def storage(self, shape: LinearShape) -> tuple[int, int]:
+        return linear_shape(self, shape).numel, 0
+
+    def flops(self, shape: LinearShape, tokens: int = 1) -> int:
+        return 2 * tokens * linear_shape(self, shape).numel
+
+    def launches(self) -> int:
+        return 1
 
     def short(self) -> str:
         return "dense"
@@ -140,17 +226,27 @@ class LowRankConfig(Decision):
         _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be ≥ 1, got {self.rank}")
         _check(self.method in LOWRANK_METHODS, f"method must be one of {LOWRANK_METHODS}")
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        return 2 * self.rank * (in_features + out_features)
+    def storage(self, shape: LinearShape) -> tuple[int, int]:
+        return _lowrank_floats(self.rank, linear_shape(self, shape)), 0
 
-    def flops(self, in_features: int, out_features: int, tokens: int = 1) -> int:
-        return 2 * tokens * self.rank * (in_features + out_features)
+    def flops(self, shape: LinearShape, tokens: int = 1) -> int:
+        return 2 * tokens * _lowrank_floats(self.rank, linear_shape(self, shape))
+
+    def launches(self) -> int:
+        return 2
+
+    def intermediate(self) -> int:
+        return self.rank
+
+    def needs_gram(self) -> bool:
+        return self.method == "whitened"
 
     def short(self) -> str:
         return f"lowrank r={self.rank}" + (" (svd)" if self.method == "svd" else "")
 
 
-QUANT_METHODS = ("rtn", "gptq", "awq")
+QUANT_METHODS = ("rtn", "gptq")
+QUANT_BITS = (2, 3, 4, 8)
 
 
 @register_decision
@@ -160,7 +256,8 @@ class QuantConfig(Decision):
 
     ``group_size=None`` means one group per output row (per-channel). ``symmetric`` stores no
     zero point. ``method``: ``rtn`` round-to-nearest, ``gptq`` error-compensating rounding with
-    the calibration Gram matrix, ``awq`` activation-aware per-input-channel scaling.
+    the calibration Gram matrix. ``bits`` 2 and 3 are packed and priced like 4 and 8 (each
+    row's codes one bit stream) but no runtime op runs them: they serve error estimates.
     """
 
     kind: ClassVar[str] = "quant"
@@ -170,7 +267,7 @@ class QuantConfig(Decision):
     method: str = "rtn"
 
     def __post_init__(self) -> None:
-        _check(self.bits in (2, 3, 4, 8), f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        _check(self.bits in QUANT_BITS, f"bits must be 2, 3, 4 or 8, got {self.bits}")
         _check(
             self.group_size is None or (isinstance(self.group_size, int) and self.group_size > 0),
             f"group_size must be a positive int or None, got {self.group_size}",
@@ -178,12 +275,25 @@ class QuantConfig(Decision):
         _check(self.method in QUANT_METHODS, f"method must be one of {QUANT_METHODS}")
 
     def n_groups(self, in_features: int) -> int:
+        """Scale groups per row (1 when per-channel)."""
         return 1 if self.group_size is None else math.ceil(in_features / self.group_size)
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        codes = math.ceil(self.bits * in_features * out_features / 8)
-        groups = out_features * self.n_groups(in_features)
-        return codes + 2 * groups + (0 if self.symmetric else groups)
+    def storage(self, shape: LinearShape) -> tuple[int, int]:
+        shape = linear_shape(self, shape)
+        return _quant_storage(self.bits, self.group_size, self.symmetric, shape)
+
+    def flops(self, shape: LinearShape, tokens: int = 1) -> int:
+        return 2 * tokens * linear_shape(self, shape).numel
+
+    def launches(self) -> int:
+        return 1
+
+    @property
+    def dequantizes(self) -> bool:
+        return True
+
+    def needs_gram(self) -> bool:
+        return self.method == "gptq"
 
     def short(self) -> str:
         g = "ch" if self.group_size is None else f"g{self.group_size}"
@@ -210,12 +320,17 @@ class Sparse24Config(Decision):
     def __post_init__(self) -> None:
         _check(self.mask in SPARSE_MASKS, f"mask must be one of {SPARSE_MASKS}")
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        kept = in_features * out_features // 2
-        return 2 * kept + math.ceil(2 * kept / 8)
+    def storage(self, shape: LinearShape) -> tuple[int, int]:
+        return _sparse24_storage(linear_shape(self, shape))
 
-    def flops(self, in_features: int, out_features: int, tokens: int = 1) -> int:
-        return tokens * in_features * out_features
+    def flops(self, shape: LinearShape, tokens: int = 1) -> int:
+        return tokens * linear_shape(self, shape).numel
+
+    def launches(self) -> int:
+        return 1
+
+    def needs_gram(self) -> bool:
+        return self.mask == "wanda" or self.compensate
 
     def short(self) -> str:
         return f"2:4 {self.mask}" + (" +comp" if self.compensate else "")
@@ -244,15 +359,30 @@ class LowRankQuantConfig(Decision):
 
     @property
     def quant(self) -> QuantConfig:
+        """The quantized core as a :class:`QuantConfig` (round-to-nearest)."""
         return QuantConfig(self.bits, self.group_size, self.symmetric, "rtn")
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        return self.quant.weight_bytes(in_features, out_features) + LowRankConfig(
-            self.rank
-        ).weight_bytes(in_features, out_features)
+    def storage(self, shape: LinearShape) -> tuple[int, int]:
+        shape = linear_shape(self, shape)
+        floats, ints = _quant_storage(self.bits, self.group_size, self.symmetric, shape)
+        return floats + _lowrank_floats(self.rank, shape), ints
 
-    def flops(self, in_features: int, out_features: int, tokens: int = 1) -> int:
-        return 2 * tokens * (in_features * out_features + self.rank * (in_features + out_features))
+    def flops(self, shape: LinearShape, tokens: int = 1) -> int:
+        shape = linear_shape(self, shape)
+        return 2 * tokens * (shape.numel + _lowrank_floats(self.rank, shape))
+
+    def launches(self) -> int:
+        return 3
+
+    def intermediate(self) -> int:
+        return self.rank
+
+    @property
+    def dequantizes(self) -> bool:
+        return True
+
+    def needs_gram(self) -> bool:
+        return True
 
     def short(self) -> str:
         return f"{self.quant.short().rsplit(' ', 1)[0]} + r={self.rank} {self.method}"
@@ -271,15 +401,23 @@ class Sparse24LowRankConfig(Decision):
         _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be ≥ 1, got {self.rank}")
         _check(self.mask in SPARSE_MASKS, f"mask must be one of {SPARSE_MASKS}")
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        return Sparse24Config(self.mask).weight_bytes(in_features, out_features) + LowRankConfig(
-            self.rank
-        ).weight_bytes(in_features, out_features)
+    def storage(self, shape: LinearShape) -> tuple[int, int]:
+        shape = linear_shape(self, shape)
+        floats, ints = _sparse24_storage(shape)
+        return floats + _lowrank_floats(self.rank, shape), ints
 
-    def flops(self, in_features: int, out_features: int, tokens: int = 1) -> int:
-        return tokens * in_features * out_features + 2 * tokens * self.rank * (
-            in_features + out_features
-        )
+    def flops(self, shape: LinearShape, tokens: int = 1) -> int:
+        shape = linear_shape(self, shape)
+        return tokens * shape.numel + 2 * tokens * _lowrank_floats(self.rank, shape)
+
+    def launches(self) -> int:
+        return 3
+
+    def intermediate(self) -> int:
+        return self.rank
+
+    def needs_gram(self) -> bool:
+        return True
 
     def short(self) -> str:
         return f"2:4 {self.mask} + r={self.rank}"

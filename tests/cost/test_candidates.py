@@ -14,6 +14,7 @@ from slimfx.ir.sites import LinearSite
 from slimfx.numerics import factorize, reconstruct
 from slimfx.planning.configs import DenseConfig, LowRankConfig
 from slimfx.planning.problem import BudgetProblem
+from slimfx.planning.shapes import LinearShape
 
 from . import llama_sites
 
@@ -38,7 +39,7 @@ def test_rank_ladder() -> None:
     ranks = lowrank_ranks(64, 128)
     assert ranks == sorted(set(ranks)) and len(ranks) == len(LOWRANK_FRACTIONS)
     dense = 2 * 64 * 128
-    fracs = [LowRankConfig(r).weight_bytes(64, 128) / dense for r in ranks]
+    fracs = [LowRankConfig(r).weight_bytes(LinearShape(64, 128)) / dense for r in ranks]
     for f, target in zip(fracs, LOWRANK_FRACTIONS):
         assert f <= target and (target - f) * dense < 2 * (64 + 128)  # the largest r below f
     assert lowrank_ranks(4, 4) == [1]  # 8 bytes·r < 16: only r = 1 saves
@@ -96,9 +97,9 @@ def test_llama_problem(tiny_llama: nn.Module, tiny_ids: torch.Tensor) -> None:
         extra = 2 * site.numel if site.tied else 0
         for o in so.options[1:]:
             # candidates only where bytes are saved; a tied site also pays the dense copy
-            assert o.decision.weight_bytes(site.in_features, site.out_features) < 2 * site.numel
-            assert o.bytes == o.decision.weight_bytes(site.in_features, site.out_features) + extra
-            assert 0 <= o.error <= 1 and o.flops == o.decision.flops(*site.shape[::-1], 2048)
+            assert o.decision.weight_bytes(LinearShape(site.in_features, site.out_features)) < 2 * site.numel
+            assert o.bytes == o.decision.weight_bytes(LinearShape(site.in_features, site.out_features)) + extra
+            assert 0 <= o.error <= 1 and o.flops == o.decision.flops(LinearShape(*site.shape[::-1]), 2048)
         assert {o.decision.method for o in so.options[1:]} == {"whitened", "svd"}
         assert len(cands[site.fqn]) == len(so.options) - 1
     head = problem.site("lm_head")

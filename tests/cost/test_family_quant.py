@@ -10,6 +10,7 @@ from slimfx.cost.families import SiteContext
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics import factorize, reconstruct, relative_output_error
 from slimfx.planning.configs import QuantConfig
+from slimfx.planning.shapes import LinearShape
 
 
 def _ctx(out_f: int, in_f: int, gram: bool, seed: int = 0) -> SiteContext:
@@ -83,5 +84,5 @@ def test_smaller_groups_cost_more_bytes_and_err_less() -> None:
     asym = [c for c in FAMILIES["int4"](ctx) if not c.decision.symmetric]
     by_g = sorted(asym, key=lambda c: c.decision.group_size)
     errs = [c.error for c in by_g]
-    nbytes = [c.decision.weight_bytes(128, 32) for c in by_g]
+    nbytes = [c.decision.weight_bytes(LinearShape(128, 32)) for c in by_g]
     assert errs == sorted(errs) and nbytes == sorted(nbytes, reverse=True)

@@ -28,6 +28,7 @@ from slimfx.planning.configs import (
     Sparse24Config,
     Sparse24LowRankConfig,
 )
+from slimfx.planning.shapes import LinearShape
 
 # one intra-op thread for this module's many small products (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -99,11 +100,11 @@ def test_lowrank_quant_kept_candidates_beat_both_parts(ctx: SiteContext) -> None
 
     for v in kept:
         d, err = v.candidate.decision, v.candidate.error
-        nbytes = d.weight_bytes(128, 96)
-        r = nbytes // LowRankConfig(1).weight_bytes(128, 96)
+        nbytes = d.weight_bytes(LinearShape(128, 96))
+        r = nbytes // LowRankConfig(1).weight_bytes(LinearShape(128, 96))
         assert err < float(curve[min(r, 96)])
         for (b, g, s), e in quant_refs.items():
-            if QuantConfig(b, g, s).weight_bytes(128, 96) <= nbytes:
+            if QuantConfig(b, g, s).weight_bytes(LinearShape(128, 96)) <= nbytes:
                 assert err < e, (d.short(), b, g)
         assert v.candidate.note.startswith("beats lowrank r=")
 
@@ -187,7 +188,7 @@ def test_sparse24_lowrank_beats_both_parts(ctx: SiteContext) -> None:
     best_24 = relative_output_error(W, prune24(W, "wanda", G, True), G)
     for v in verdicts:
         assert v.kept, v.reason  # measured: S+L r=8 0.018, r=16 0.0096 vs 2:4+comp 0.047
-        nbytes = v.candidate.decision.weight_bytes(128, 96)
+        nbytes = v.candidate.decision.weight_bytes(LinearShape(128, 96))
         assert v.candidate.error < best_24
         assert v.candidate.error < float(curve[min(nbytes // (2 * (128 + 96)), 96)])
     c = sparse24_lowrank_candidates(ctx)[0]

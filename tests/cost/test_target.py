@@ -27,6 +27,7 @@ from slimfx.planning.configs import (
     Sparse24Config,
     Sparse24LowRankConfig,
 )
+from slimfx.planning.shapes import LinearShape
 
 ALL = [
     DenseConfig(),
@@ -66,9 +67,9 @@ def test_decode_latency_follows_bytes(target: str, rank: int) -> None:
     # memory bound: bytes / bandwidth exceeds flops / peak for both forms at one token
     for d in (dense, lr):
         floats, _ = storage(d, n, n)
-        assert floats * tgt.float_bytes / tgt.bandwidth_Bps > d.flops(n, n, 1) / tgt.peak_flops
+        assert floats * tgt.float_bytes / tgt.bandwidth_Bps > d.flops(LinearShape(n, n), 1) / tgt.peak_flops
     ratio = _roof(lr, n, n, tgt, "decode") / _roof(dense, n, n, tgt, "decode")
-    byte_ratio = lr.weight_bytes(n, n) / dense.weight_bytes(n, n)
+    byte_ratio = lr.weight_bytes(LinearShape(n, n)) / dense.weight_bytes(LinearShape(n, n))
     # the ratio differs from the byte ratio only by one token's activations (in + out + 2r
     # floats), ≤ 1.6% of the smallest form's weights here (r = 64: 8320 vs 524288 floats)
     assert ratio == pytest.approx(byte_ratio, rel=0.02)
@@ -79,20 +80,20 @@ def test_prefill_dense_is_compute_bound_on_h100() -> None:
     tgt, n = TARGETS["h100"], 4096
     dense = DenseConfig()
     t = workload_of("prefill").tokens
-    flops_s = dense.flops(n, n, t) / tgt.peak_flops
+    flops_s = dense.flops(LinearShape(n, n), t) / tgt.peak_flops
     bytes_s = (n * n + t * 2 * n) * tgt.float_bytes / tgt.bandwidth_Bps
     assert flops_s > bytes_s
     assert _roof(dense, n, n, tgt, "prefill") == pytest.approx(flops_s, rel=1e-12)
     lr = LowRankConfig(1024)  # saves half the FLOPs: compute bound too, ratio = FLOP ratio
     ratio = _roof(lr, n, n, tgt, "prefill") / _roof(dense, n, n, tgt, "prefill")
-    assert ratio == pytest.approx(lr.flops(n, n, t) / dense.flops(n, n, t), rel=1e-12)
+    assert ratio == pytest.approx(lr.flops(LinearShape(n, n), t) / dense.flops(LinearShape(n, n), t), rel=1e-12)
 
 
 def test_quantized_forms_pay_dequantization_at_prefill() -> None:
     tgt, n = TARGETS["h100"], 4096
     q = QuantConfig(4, 128)
     t = workload_of("prefill").tokens
-    expect = q.flops(n, n, t) / (tgt.peak_flops * tgt.dequant_efficiency)
+    expect = q.flops(LinearShape(n, n), t) / (tgt.peak_flops * tgt.dequant_efficiency)
     assert _roof(q, n, n, tgt, "prefill") == pytest.approx(expect, rel=1e-12)
     # at decode the int4 form reads ~a quarter of the bytes
     ratio = _roof(q, n, n, tgt, "decode") / _roof(DenseConfig(), n, n, tgt, "decode")

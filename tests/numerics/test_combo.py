@@ -20,6 +20,7 @@ from slimfx.numerics.lowrank import lowrank_factors
 from slimfx.numerics.quant import dequantize
 from slimfx.numerics.sparse import prune24, unpack24
 from slimfx.planning.configs import LowRankQuantConfig, Sparse24LowRankConfig
+from slimfx.planning.shapes import LinearShape
 
 # one intra-op thread for this module's many small products (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,7 +178,7 @@ def test_lowrank_quant_bytes_and_reconstruction(
     expected = {"qweight", "scales", "U", "V"} | ({"zeros"} if not cfg.symmetric else set())
     assert set(t) == expected
     assert t["U"].shape == (96, cfg.rank) and t["V"].shape == (cfg.rank, 128)
-    assert _true_bytes(t, ("scales", "U", "V")) == cfg.weight_bytes(128, 96)
+    assert _true_bytes(t, ("scales", "U", "V")) == cfg.weight_bytes(LinearShape(128, 96))
     approx = reconstruct(cfg, t)
     deq = dequantize(t, cfg.bits, cfg.group_size, cfg.symmetric, 128)
     torch.testing.assert_close(approx, deq + t["U"] @ t["V"])
@@ -190,7 +191,7 @@ def test_sparse24_lowrank_bytes_and_reconstruction(case, mask: str) -> None:  # 
     cfg = Sparse24LowRankConfig(8, mask)
     t = factorize(W, cfg, G)
     assert set(t) == {"values", "meta", "U", "V"}
-    assert _true_bytes(t, ("values", "U", "V")) == cfg.weight_bytes(128, 96)
+    assert _true_bytes(t, ("values", "U", "V")) == cfg.weight_bytes(LinearShape(128, 96))
     S = unpack24(t["values"], t["meta"], 128)
     torch.testing.assert_close(reconstruct(cfg, t), S + t["U"] @ t["V"])
 

@@ -9,6 +9,7 @@ import torch
 from slimfx.numerics import factorize, reconstruct, relative_output_error
 from slimfx.numerics.lowrank import lowrank_error_curve, lowrank_factors, max_useful_rank, whiten
 from slimfx.planning.configs import LowRankConfig
+from slimfx.planning.shapes import LinearShape
 
 OUT, IN, TOKENS = 24, 40, 300
 RANKS = (1, 3, 8, 16, 24)
@@ -136,5 +137,5 @@ def test_rank_outside_range_is_an_error() -> None:
 def test_max_useful_rank_is_the_byte_break_even() -> None:
     for i, o in [(16, 32), (32, 32), (64, 256), (7, 3)]:
         r = max_useful_rank(i, o)
-        assert LowRankConfig(r).weight_bytes(i, o) < 2 * i * o if r else True
-        assert LowRankConfig(r + 1).weight_bytes(i, o) >= 2 * i * o
+        assert LowRankConfig(r).weight_bytes(LinearShape(i, o)) < 2 * i * o if r else True
+        assert LowRankConfig(r + 1).weight_bytes(LinearShape(i, o)) >= 2 * i * o

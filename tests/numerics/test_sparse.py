@@ -20,6 +20,7 @@ from slimfx.numerics.sparse import (
     unpack24,
 )
 from slimfx.planning.configs import Sparse24Config
+from slimfx.planning.shapes import LinearShape
 
 # one intra-op thread for this module's many small products (see conftest.one_thread)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -197,7 +198,7 @@ def test_factorize_bytes_match_the_config(cfg: Sparse24Config) -> None:
     assert set(t) == {"values", "meta"}
     # values priced at 16 bits each, meta at its true size (uint8)
     nbytes = 2 * t["values"].numel() + t["meta"].numel() * t["meta"].element_size()
-    assert nbytes == cfg.weight_bytes(in_f, out_f)
+    assert nbytes == cfg.weight_bytes(LinearShape(in_f, out_f))
     assert torch.equal(reconstruct(cfg, t), prune24(W, cfg.mask, G, cfg.compensate))
 
 

@@ -15,7 +15,7 @@ from slimfx.ir.capture import capture
 from slimfx.ir.find import find_linear_sites
 from slimfx.ir.graph import add_constant, replace_node
 from slimfx.ir.verify import ORIGIN_KEY, verify
-from slimfx.passes import RULES, apply_plan, apply_plan_exported, apply_plan_graph
+from slimfx.passes import apply_plan, apply_plan_exported, apply_plan_graph, rule_for
 from slimfx.passes.rules.lowrank import LinearToLowRank
 from slimfx.planning.configs import DenseConfig, LowRankConfig
 from slimfx.planning.plan import Plan
@@ -189,7 +189,7 @@ def test_dynamo_graph_is_rewritten(tiny_mlp, mlp_captured, mlp_x) -> None:
 
 def test_factor_cache_prevents_refactorization(tiny_mlp, mlp_captured, monkeypatch) -> None:
     cap, sites = mlp_captured
-    rule = RULES["lowrank"]
+    rule = rule_for(LowRankConfig())
     calls: list[str] = []
     real = rule.factorize
 

@@ -14,7 +14,7 @@ from torch import nn
 from slimfx.ir.find import discover_linear_sites
 from slimfx.ir.modules import module_for
 from slimfx.ir.modules_sparse import LowRankQuantLinear, Sparse24Linear, Sparse24LowRankLinear
-from slimfx.ir.ops import OPS
+from slimfx.ir.ops import slimfx_ops
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics import factorize, reconstruct
 from slimfx.numerics.quant import dequantize
@@ -78,7 +78,7 @@ IDS = [d.short() for _, d in FORMS]
 
 def test_ops_are_in_the_vocabulary() -> None:
     for name in ("sparse24_linear", "quant_lowrank_linear", "sparse24_lowrank_linear"):
-        assert OPS[name] is getattr(torch.ops.slimfx, name)
+        assert slimfx_ops()[name] is getattr(torch.ops.slimfx, name)
 
 
 @pytest.mark.parametrize(("op", "decision"), FORMS, ids=IDS)

@@ -23,6 +23,7 @@ from slimfx.planning.configs import (
 )
 from slimfx.planning.plan import PLAN_FORMAT, PLAN_VERSION, Plan
 from slimfx.planning.problem import Budget
+from slimfx.planning.shapes import LinearShape
 
 # Non-square shapes throughout, so an (in, out) swap changes the number.
 IN, OUT = 576, 1536
@@ -31,49 +32,50 @@ IN, OUT = 576, 1536
 
 
 def test_dense_bytes_are_16_bit_plus_bias():
-    assert DenseConfig().weight_bytes(IN, OUT) == 2 * 576 * 1536 == 1_769_472
-    assert DenseConfig().bytes(IN, OUT, bias=True) == 1_769_472 + 2 * 1536
+    assert DenseConfig().weight_bytes(LinearShape(IN, OUT)) == 2 * 576 * 1536 == 1_769_472
+    assert DenseConfig().bytes(LinearShape(IN, OUT), bias=True) == 1_769_472 + 2 * 1536
 
 
 def test_lowrank_bytes_and_flops():
     c = LowRankConfig(64)
-    assert c.weight_bytes(IN, OUT) == 2 * 64 * (576 + 1536) == 270_336
-    assert c.flops(IN, OUT, tokens=3) == 2 * 3 * 64 * 2112
-    assert DenseConfig().flops(IN, OUT, tokens=3) == 2 * 3 * 576 * 1536
+    assert c.weight_bytes(LinearShape(IN, OUT)) == 2 * 64 * (576 + 1536) == 270_336
+    assert c.flops(LinearShape(IN, OUT), tokens=3) == 2 * 3 * 64 * 2112
+    assert DenseConfig().flops(LinearShape(IN, OUT), tokens=3) == 2 * 3 * 576 * 1536
 
 
 def test_quant_bytes_group_128_asymmetric():
     # 576×576 from the docstring example: codes 4·576·576/8 = 165888, 5 groups per row,
     # a 2-byte scale and a 1-byte zero per (row, group).
-    assert QuantConfig(4, 128).weight_bytes(576, 576) == 165_888 + 2 * 576 * 5 + 576 * 5
+    assert QuantConfig(4, 128).weight_bytes(LinearShape(576, 576)) == 165_888 + 2 * 576 * 5 + 576 * 5
     # 1536 rows × ceil(576/128)=5 groups; swapping in/out would give 576 × 12 groups.
-    assert QuantConfig(4, 128).weight_bytes(IN, OUT) == 442_368 + 2 * 7680 + 7680
+    assert QuantConfig(4, 128).weight_bytes(LinearShape(IN, OUT)) == 442_368 + 2 * 7680 + 7680
 
 
 def test_quant_bytes_symmetric_per_channel_and_odd_widths():
-    assert QuantConfig(4, 128, symmetric=True).weight_bytes(576, 576) == 165_888 + 5760
+    assert QuantConfig(4, 128, symmetric=True).weight_bytes(LinearShape(576, 576)) == 165_888 + 5760
     # per channel: one group per output row
-    assert QuantConfig(8, None).weight_bytes(IN, OUT) == 884_736 + 2 * 1536 + 1536
-    # 3-bit codes round up to whole bytes; 250 inputs in groups of 100 → 3 groups per row
-    assert QuantConfig(3, 100).weight_bytes(250, 10) == 938 + 2 * 30 + 30  # ceil(937.5)
-    assert QuantConfig(2, 64).weight_bytes(IN, OUT) == 221_184 + 2 * 13_824 + 13_824
+    assert QuantConfig(8, None).weight_bytes(LinearShape(IN, OUT)) == 884_736 + 2 * 1536 + 1536
+    # each row's 3-bit codes are one bit stream rounded up to whole bytes (the stored format:
+    # slimfx.formats): 250 inputs → ceil(750/8) = 94 bytes per row; groups of 100 → 3 per row
+    assert QuantConfig(3, 100).weight_bytes(LinearShape(250, 10)) == 10 * 94 + 2 * 30 + 30
+    assert QuantConfig(2, 64).weight_bytes(LinearShape(IN, OUT)) == 221_184 + 2 * 13_824 + 13_824
 
 
 def test_sparse24_bytes_are_values_plus_two_bit_indices():
     # in·out/2 kept 16-bit values (= in·out bytes) + 2 bits of index per kept value
     # (= in·out/8 bytes): 1.125·in·out. The brief said 1.25·in·out, but the formula it
     # states (in·out/2 · 2 bits) is in·out/8 bytes, so 1.125 is the arithmetic.
-    assert Sparse24Config().weight_bytes(IN, OUT) == 884_736 + 110_592 == 1.125 * IN * OUT
-    assert Sparse24Config().flops(IN, OUT, tokens=2) == 2 * IN * OUT
+    assert Sparse24Config().weight_bytes(LinearShape(IN, OUT)) == 884_736 + 110_592 == 1.125 * IN * OUT
+    assert Sparse24Config().flops(LinearShape(IN, OUT), tokens=2) == 2 * IN * OUT
 
 
 def test_composite_bytes_are_sums_of_parts():
     lq = LowRankQuantConfig(rank=8, bits=4, group_size=128)
-    assert lq.weight_bytes(IN, OUT) == (442_368 + 3 * 7680) + 2 * 8 * (IN + OUT)
-    assert lq.flops(IN, OUT) == 2 * (IN * OUT + 8 * (IN + OUT))
+    assert lq.weight_bytes(LinearShape(IN, OUT)) == (442_368 + 3 * 7680) + 2 * 8 * (IN + OUT)
+    assert lq.flops(LinearShape(IN, OUT)) == 2 * (IN * OUT + 8 * (IN + OUT))
     sl = Sparse24LowRankConfig(rank=16)
-    assert sl.weight_bytes(IN, OUT) == 995_328 + 2 * 16 * (IN + OUT)
-    assert sl.bytes(IN, OUT, bias=True) == 995_328 + 2 * 16 * (IN + OUT) + 2 * OUT
+    assert sl.weight_bytes(LinearShape(IN, OUT)) == 995_328 + 2 * 16 * (IN + OUT)
+    assert sl.bytes(LinearShape(IN, OUT), bias=True) == 995_328 + 2 * 16 * (IN + OUT) + 2 * OUT
 
 
 # ---------------------------------------------------------------------------- validation

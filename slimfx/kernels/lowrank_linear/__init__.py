@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lowrank_linear_triton"]
+from slimfx.kernels import Kernel
+
+__all__ = ["lowrank_linear_triton", "KERNELS"]
 
 
 @torch.library.custom_op("slimfx_kernels::lowrank_linear_triton", mutates_args=())
@@ -27,3 +29,24 @@ def _(x: Tensor, U: Tensor, V: Tensor, bias: Tensor | None) -> Tensor:
     torch._check(x.shape[-1] == V.shape[1], lambda: "x last dim must equal V.shape[1]")
     torch._check(U.shape[1] == V.shape[0], lambda: "U.shape[1] must equal V.shape[0] (rank)")
     return x.new_empty((*x.shape[:-1], U.shape[0]))
+
+
+#: the kernels of ``slimfx::lowrank_linear``, in order of preference (the ``lowrank`` form's).
+KERNELS: list[Kernel] = [
+    Kernel(
+        "lowrank_linear_triton_fused",
+        "lowrank_linear",
+        "slimfx.kernels.lowrank_linear.triton_kernel",
+        supports_attr="supports_fused",
+        run_attr="run_fused",
+        description="one launch, rank-r intermediate kept in registers (M≤16, r≤256)",
+    ),
+    Kernel(
+        "lowrank_linear_triton_tiled",
+        "lowrank_linear",
+        "slimfx.kernels.lowrank_linear.triton_kernel",
+        supports_attr="supports_tiled",
+        run_attr="run_tiled",
+        description="two tiled Triton matmuls through a global rank-r intermediate",
+    ),
+]

@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["quant_linear_triton"]
+from slimfx.kernels import Kernel
+
+__all__ = ["quant_linear_triton", "KERNELS"]
 
 
 @torch.library.custom_op("slimfx_kernels::quant_linear_triton", mutates_args=())
@@ -42,3 +44,14 @@ def _(
     torch._check(bits in (4, 8), lambda: f"bits {bits} unsupported (4 or 8)")
     torch._check(qweight.dim() == 2, lambda: "qweight must be 2-D")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+#: the kernels of ``slimfx::quant_linear``, in order of preference (the ``quant`` form's).
+KERNELS: list[Kernel] = [
+    Kernel(
+        "quant_linear_triton",
+        "quant_linear",
+        "slimfx.kernels.quant_linear.triton_kernel",
+        description="int4/int8 weight-only; split-K GEMV for M≤16, tiled matmul above",
+    ),
+]

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from slimfx.kernels import Kernel
 from slimfx.kernels.sparse24_linear.reference import check_sparse24_args, densify_sparse24
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "supports_semi_structured",
     "run_semi_structured",
     "SEMI_STRUCTURED_MIN_M",
+    "KERNELS",
 ]
 
 #: Below this many rows the Triton GEMV serves the call (decode); from here the tensor-core
@@ -97,3 +99,22 @@ def run_semi_structured(
     """``F.linear`` on torch's compressed 2:4 weight (compressed once per weight, cached)."""
     w = _compressed_weight(values, meta, x.shape[-1], x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+#: the kernels of ``slimfx::sparse24_linear``, in order of preference (the ``sparse24`` form's).
+KERNELS: list[Kernel] = [
+    Kernel(
+        "sparse24_linear_semi_structured",
+        "sparse24_linear",
+        "slimfx.kernels.sparse24_linear",
+        supports_attr="supports_semi_structured",
+        run_attr="run_semi_structured",
+        description="torch to_sparse_semi_structured (CUTLASS/cuSPARSELt), prefill, CUDA",
+    ),
+    Kernel(
+        "sparse24_linear_triton_gemv",
+        "sparse24_linear",
+        "slimfx.kernels.sparse24_linear.triton_kernel",
+        description="2:4 GEMV on kept values + 2-bit indices (any M; tl.dot for M>1)",
+    ),
+]

@@ -1,6 +1,6 @@
 """Ground truth for ``sparse24_linear``: densify the 2:4 storage, then ``F.linear``.
 
-Storage (``slimfx.numerics``): ``values`` (N × K/2) in the weight dtype, the two kept weights of
+Storage (``slimfx.formats``, which implements the packing used here): ``values`` (N × K/2) in the weight dtype, the two kept weights of
 every group of four columns in column order; ``meta`` uint8 (N × K/8): per group of four, two
 2-bit positions (first kept in bits 0-1, second in bits 2-3), two groups per byte (even group
 in the low nibble). When K/4 is odd the last byte's high nibble is padding (meta has
@@ -17,6 +17,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from slimfx import formats
 
 __all__ = [
     "pack_sparse24",
@@ -36,28 +38,22 @@ def pack_sparse24(weight: Tensor) -> tuple[Tensor, Tensor]:
     if K % 4:
         raise ValueError(f"in_features {K} not a multiple of 4 for 2:4")
     groups = weight.reshape(N, K // 4, 4)
-    idx = groups.abs().float().topk(2, dim=-1, sorted=False).indices.sort(dim=-1).values
-    values = groups.gather(-1, idx).reshape(N, K // 2).contiguous()
-    nib = (idx[..., 0] | (idx[..., 1] << 2)).to(torch.uint8)  # N × K/4, one nibble per group
-    if nib.shape[1] % 2:
-        nib = F.pad(nib, (0, 1))
-    meta = (nib[:, 0::2] | (nib[:, 1::2] << 4)).contiguous()
+    idx = groups.abs().float().topk(2, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    values, meta = formats.pack24(torch.where(keep, groups, 0).reshape(N, K))
+    # a kept zero is packed at its group's lowest free position: same dense weight
     return values, meta
 
 
 def unpack_positions(meta: Tensor, in_features: int) -> Tensor:
     """Column-in-group positions (N × K/4 × 2, int64) of the two kept weights."""
-    nib = torch.stack((meta & 0x0F, meta >> 4), dim=-1).flatten(-2)[:, : in_features // 4]
-    return torch.stack((nib & 0x3, (nib >> 2) & 0x3), dim=-1).long()
+    cols = formats.positions24(meta, in_features).reshape(meta.shape[0], in_features // 4, 2)
+    return cols % 4
 
 
 def densify_sparse24(values: Tensor, meta: Tensor, in_features: int) -> Tensor:
     """The dense N × K weight (``values.dtype``) the 2:4 storage represents."""
-    N = values.shape[0]
-    pos = unpack_positions(meta, in_features)
-    dense = torch.zeros(N, in_features // 4, 4, dtype=torch.float32, device=values.device)
-    dense.scatter_add_(-1, pos, values.reshape(N, in_features // 4, 2).float())
-    return dense.reshape(N, in_features).to(values.dtype)
+    return formats.densify24(values, meta, in_features).to(values.dtype)
 
 
 def sparse24_linear_reference(

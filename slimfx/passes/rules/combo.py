@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimfx.formats import sparse24_unsupported
 from slimfx.ir.sites import LinearSite
-from slimfx.numerics.sparse import sparse24_unsupported
-from slimfx.passes.base import Rule, Verdict, register_rule
+from slimfx.passes.base import Rule, Verdict
 from slimfx.passes.rules.sparse import site_dtype_is_float
 from slimfx.planning.configs import (
     Decision,
@@ -28,6 +28,7 @@ from slimfx.planning.configs import (
     LowRankQuantConfig,
     Sparse24LowRankConfig,
 )
+from slimfx.planning.shapes import LinearShape
 
 __all__ = ["LinearToLowRankQuant", "LinearToSparse24LowRank"]
 
@@ -38,7 +39,8 @@ def _common(site: LinearSite, decision: Decision, rank: int) -> Verdict:
         return Verdict.reject(f"weight dtype {site.dtype} is not floating point")
     if rank > min(i, o):
         return Verdict.reject(f"rank {rank} exceeds min(in, out) = {min(i, o)}")
-    total, dense = decision.weight_bytes(i, o), DenseConfig().weight_bytes(i, o)
+    shape = LinearShape(i, o)
+    total, dense = decision.weight_bytes(shape), DenseConfig().weight_bytes(shape)
     if total >= dense:
         return Verdict.reject(
             f"{decision.short()} saves no bytes: core + rank-{rank} factors = {total} B ≥ "
@@ -107,5 +109,6 @@ class LinearToSparse24LowRank(Rule):
         return torch.ops.slimfx.sparse24_lowrank_linear.default, names, {}
 
 
-register_rule(LinearToLowRankQuant())
-register_rule(LinearToSparse24LowRank())
+#: the rules the ``lowrank_quant`` and ``sparse24_lowrank`` forms name (``slimfx.forms``).
+LOWRANK_QUANT_RULE = LinearToLowRankQuant()
+SPARSE24_LOWRANK_RULE = LinearToSparse24LowRank()

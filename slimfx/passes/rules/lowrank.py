@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from slimfx.ir.sites import LinearSite
-from slimfx.passes.base import Rule, Verdict, register_rule
+from slimfx.passes.base import Rule, Verdict
 from slimfx.planning.configs import Decision, LowRankConfig
 
 
@@ -46,4 +46,5 @@ class LinearToLowRank(Rule):
         return torch.ops.slimfx.lowrank_linear.default, ["U", "V"], {}
 
 
-register_rule(LinearToLowRank())
+#: the rule the ``lowrank`` form names (``slimfx.forms``).
+RULE = LinearToLowRank()

@@ -1,10 +1,9 @@
 """aten.linear(x, W, b) → slimfx.quant_linear(x, qweight, scales, zeros?, b, bits, G),
 W ≈ (q − z)·s per (row, group of G input columns); ``zeros`` is None when symmetric.
 
-Accepted when the runtime op can run it: bits ∈ {4, 8}, in_features a multiple of the group
-size (per-channel: G = in_features), an even in_features for int4 (two codes per byte), a
-floating-point weight, and a method slimfx implements (``rtn``, ``gptq``; ``awq`` is rejected:
-its per-input-channel scale would have to be folded into the op producing the input).
+Accepted when the runtime op can run it: bits ∈ ``formats.RUNTIME_BITS`` (4, 8), in_features a
+multiple of the group size (per-channel: G = in_features), an even in_features for int4 (two
+codes per byte), and a floating-point weight.
 """
 
 from __future__ import annotations
@@ -14,13 +13,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimfx.formats import RUNTIME_BITS
 from slimfx.ir.sites import LinearSite
-from slimfx.passes.base import Rule, Verdict, register_rule
+from slimfx.passes.base import Rule, Verdict
 from slimfx.planning.configs import Decision, QuantConfig
 
 __all__ = ["LinearToQuant"]
 
-_RUNTIME_BITS = (4, 8)
+_RUNTIME_BITS = RUNTIME_BITS
 
 
 def _site_dtype_is_float(dtype: str) -> bool | None:
@@ -46,12 +46,6 @@ class LinearToQuant(Rule):
             return Verdict.reject(
                 f"bits {decision.bits} has no kernel (slimfx::quant_linear runs 4 or 8 bits)"
             )
-        if decision.method == "awq":
-            return Verdict.reject(
-                "method 'awq' is not implemented: its per-input-channel scale must be folded "
-                "into the op producing the input, which a per-linear rewrite cannot always do; "
-                "use 'gptq' or 'rtn'"
-            )
         i = site.in_features
         G = i if decision.group_size is None else decision.group_size
         if i % G:
@@ -68,11 +62,11 @@ class LinearToQuant(Rule):
         the name stays in the list so positions hold, and the caller passes ``None`` for a name
         missing from ``tensors``."""
         assert isinstance(decision, QuantConfig)
-        width = tensors["qweight"].shape[1]
-        in_features = 2 * width if decision.bits == 4 else width
+        in_features = tensors["qweight"].shape[1] * 8 // decision.bits  # whole packed chunks
         G = in_features if decision.group_size is None else decision.group_size
         extra = {"bits": decision.bits, "group_size": G}
         return torch.ops.slimfx.quant_linear.default, ["qweight", "scales", "zeros"], extra
 
 
-register_rule(LinearToQuant())
+#: the rule the ``quant`` form names (``slimfx.forms``).
+RULE = LinearToQuant()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics.sparse import sparse24_unsupported
-from slimfx.passes.base import Rule, Verdict, register_rule
+from slimfx.passes.base import Rule, Verdict
 from slimfx.planning.configs import Decision
 
 __all__ = ["LinearToSparse24", "site_dtype_is_float"]
@@ -48,4 +48,5 @@ class LinearToSparse24(Rule):
         return torch.ops.slimfx.sparse24_linear.default, ["values", "meta"], {}
 
 
-register_rule(LinearToSparse24())
+#: the rule the ``sparse24`` form names (``slimfx.forms``).
+RULE = LinearToSparse24()

@@ -229,7 +229,8 @@ def _own_report(be: Any, result: PassResult, graphs: Sequence[GraphRecord]) -> R
         site, shape = _shape_of(be, r.fqn, graphs)
         d = be.plan[r.fqn] if be.plan is not None and r.fqn in be.plan else DenseConfig()
         out_f, in_f = shape
-        before = DenseConfig().weight_bytes(LinearShape(in_f, out_f))
+        lin = LinearShape(in_f, out_f) if in_f > 0 and out_f > 0 else None  # (0, 0): unknown
+        before = DenseConfig().weight_bytes(lin) if lin is not None else 0
         entries.append(
             SiteEntry(
                 fqn=r.fqn,
@@ -239,7 +240,7 @@ def _own_report(be: Any, result: PassResult, graphs: Sequence[GraphRecord]) -> R
                 decision=d.to_dict(),
                 bytes_before=before,
                 bytes_after=(
-                    d.weight_bytes(LinearShape(in_f, out_f)) if r.status == "applied" else before
+                    d.weight_bytes(lin) if r.status == "applied" and lin is not None else before
                 ),
                 status=r.status,
                 reason=r.reason,

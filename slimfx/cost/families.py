@@ -10,7 +10,7 @@ families the user enabled through :func:`family`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 from torch import Tensor
@@ -56,7 +56,30 @@ class Candidate:
 
 
 Family = Callable[[SiteContext], list[Candidate]]
-FAMILIES: dict[str, Family] = {}
+
+#: families registered with :func:`register_family`, outside any form.
+_EXTRA: dict[str, Family] = {}
+
+
+class _Families(Mapping[str, Family]):
+    """Name → family: the forms' families (in registration order), then :func:`register_family`
+    ones. A read-only view of the registry (``FAMILIES["int4"]``, ``"lowrank" in FAMILIES``)."""
+
+    def __getitem__(self, name: str) -> Family:
+        for f in forms.forms():
+            if name in f.families:
+                return f.family(name)
+        return _EXTRA[name]
+
+    def __iter__(self) -> Iterator[str]:
+        names = [n for f in forms.forms() for n in f.families]
+        return iter(names + [n for n in _EXTRA if n not in names])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+FAMILIES: Mapping[str, Family] = _Families()
 
 
 def register_family(name: str, fn: Family) -> Family:
@@ -65,21 +88,20 @@ def register_family(name: str, fn: Family) -> Family:
     owner = next((f.kind for f in forms.forms() if name in f.families), None)
     if owner is not None:
         raise ValueError(f"family {name!r} is already offered by form {owner!r}")
-    FAMILIES[name] = fn
+    _EXTRA[name] = fn
     return fn
 
 
 def family_names() -> list[str]:
-    """Every family name: the forms' (in registration order), then :data:`FAMILIES`."""
-    names = [n for f in forms.forms() for n in f.families]
-    return names + [n for n in FAMILIES if n not in names]
+    """Every family name: the forms' (in registration order), then the others."""
+    return list(FAMILIES)
 
 
 def family(name: str) -> Family:
     """The candidate family ``name``; ``KeyError`` lists the known ones."""
-    for f in forms.forms():
-        if name in f.families:
-            return f.family(name)
-    if name in FAMILIES:
+    try:
         return FAMILIES[name]
-    raise KeyError(f"unknown candidate family {name!r}; registered: {sorted(family_names())}")
+    except KeyError:
+        raise KeyError(
+            f"unknown candidate family {name!r}; registered: {sorted(family_names())}"
+        ) from None

@@ -32,6 +32,7 @@ from slimfx.planning.configs import (  # noqa: E402
     Sparse24LowRankConfig,
 )
 from slimfx.planning.plan import Plan  # noqa: E402
+from slimfx.planning.shapes import LinearShape  # noqa: E402
 from slimfx.report import Report, SiteEntry  # noqa: E402
 
 L0, L1 = "model.layers.0", "model.layers.1"
@@ -120,7 +121,7 @@ def test_sites_and_notes(mixed):
     assert len(dense_note) == 1
     assert f"{L1}.mlp.down_proj" in dense_note[0] and f"{L1}.mlp.gate_proj" in dense_note[0]
     shapes = {
-        n: (m.in_features, m.out_features, m.bias is not None)
+        n: (LinearShape(m.in_features, m.out_features), m.bias is not None)
         for n, m in model.named_modules()
         if n in PLAN
     }

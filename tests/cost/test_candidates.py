@@ -134,7 +134,7 @@ def test_deterministic_and_measured_latency(tmp_path) -> None:  # noqa: ANN001
     assert got[LowRankConfig(d.rank, "whitened")] == (3e-6, "measured")  # same kernels
     assert p.meta["latency_sources"] == {"measured": 2, "roofline": len(got) - 2}
     dense = got[DenseConfig()]
-    assert dense == (estimate_latency(DenseConfig(), 32, 48, False, "cpu", "decode"), "roofline")
+    assert dense == (estimate_latency(DenseConfig(), LinearShape(32, 48), False, "cpu", "decode"), "roofline")
 
 
 def test_reprice_keeps_errors_and_bytes_and_prices_again(tmp_path) -> None:  # noqa: ANN001

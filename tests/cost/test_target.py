@@ -48,14 +48,15 @@ def _site(in_f: int, out_f: int, dtype: str = "torch.float32") -> LinearSite:
 @pytest.mark.parametrize("decision", ALL, ids=lambda d: d.short())
 @pytest.mark.parametrize("shape", [(256, 512), (4096, 11008), (130, 70)])
 def test_storage_agrees_with_reference_bytes(decision, shape) -> None:  # noqa: ANN001
-    floats, ints = storage(decision, *shape)
-    assert 2 * floats + ints == decision.weight_bytes(*shape)
+    floats, ints = storage(decision, LinearShape(*shape))
+    assert 2 * floats + ints == decision.weight_bytes(LinearShape(*shape))
 
 
 def _roof(decision, in_f, out_f, tgt, wl) -> float:  # noqa: ANN001
     """Latency minus the launch overhead: the roofline term alone."""
     return (
-        estimate_latency(decision, in_f, out_f, False, tgt, wl) - launches(decision) * tgt.launch_s
+        estimate_latency(decision, LinearShape(in_f, out_f), False, tgt, wl)
+        - launches(decision) * tgt.launch_s
     )
 
 
@@ -66,8 +67,9 @@ def test_decode_latency_follows_bytes(target: str, rank: int) -> None:
     dense, lr = DenseConfig(), LowRankConfig(rank)
     # memory bound: bytes / bandwidth exceeds flops / peak for both forms at one token
     for d in (dense, lr):
-        floats, _ = storage(d, n, n)
-        assert floats * tgt.float_bytes / tgt.bandwidth_Bps > d.flops(LinearShape(n, n), 1) / tgt.peak_flops
+        floats, _ = storage(d, LinearShape(n, n))
+        flops = d.flops(LinearShape(n, n), 1)
+        assert floats * tgt.float_bytes / tgt.bandwidth_Bps > flops / tgt.peak_flops
     ratio = _roof(lr, n, n, tgt, "decode") / _roof(dense, n, n, tgt, "decode")
     byte_ratio = lr.weight_bytes(LinearShape(n, n)) / dense.weight_bytes(LinearShape(n, n))
     # the ratio differs from the byte ratio only by one token's activations (in + out + 2r
@@ -133,7 +135,7 @@ def test_measured_cache_round_trip(tmp_path: Path) -> None:
     assert latency(d, site, "cpu", "decode", again) == (1.25e-5, "measured")
     secs, src = latency(d, site, "cpu", "prefill", again)  # not measured for prefill
     assert src == "roofline"
-    assert secs == estimate_latency(d, 64, 32, False, "cpu", "prefill")
+    assert secs == estimate_latency(d, LinearShape(64, 32), False, "cpu", "prefill")
     # a plain-SVD factorization of the same rank runs the same kernels: same measurement
     assert latency(LowRankConfig(8, "svd"), site, "cpu", "decode", again)[1] == "measured"
     assert latency(LowRankConfig(9), site, "cpu", "decode", again)[1] == "roofline"

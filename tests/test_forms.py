@@ -1,0 +1,184 @@
+"""The form registry: every registered kind has every piece (or says why not), and every layer
+asked about a kind no form has gives a clear error naming it — never a default price."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+from slimfx import api, forms
+from slimfx.backends import capabilities, onnx_ops, triton_lowering
+from slimfx.cost.families import FAMILIES
+from slimfx.cost.target import estimate_latency
+from slimfx.ir.modules import SlimLinear, module_for
+from slimfx.ir.sites import LinearSite
+from slimfx.kernels import Kernel, kernels_of, select
+from slimfx.numerics import factorize, reconstruct
+from slimfx.passes.base import Rule, rule_for
+from slimfx.planning.configs import DECISIONS, Decision, LowRankConfig, decision_from_dict
+from slimfx.planning.shapes import WEIGHT_BYTES, AttentionShape, LinearShape
+from slimfx.report import Report, SiteEntry
+
+BUILTIN = ("dense", "lowrank", "quant", "sparse24", "lowrank_quant", "sparse24_lowrank")
+REGISTERED = forms.forms()
+
+
+def test_every_existing_kind_is_registered_once() -> None:
+    kinds = [f.kind for f in REGISTERED]
+    assert kinds[: len(BUILTIN)] == list(BUILTIN) and len(set(kinds)) == len(kinds)
+    for f in REGISTERED:
+        assert DECISIONS[f.kind] is f.config and f.config.kind == f.kind
+
+
+@pytest.mark.parametrize("form", REGISTERED, ids=lambda f: f.kind)
+def test_every_piece_is_there_or_says_why_not(form: forms.Form) -> None:
+    for piece in forms.PIECES:
+        if form.has(piece):
+            assert form.get(piece) is not None, piece
+        else:
+            assert form.why_not(piece), f"{form.kind}: {piece} is NotSupported without a reason"
+            with pytest.raises(NotImplementedError, match=re.escape(form.why_not(piece))):
+                form.get(piece)
+    assert form.label and re.fullmatch(r"#[0-9a-f]{6}", form.colour)
+    for name in form.families:
+        assert callable(form.family(name)) and FAMILIES[name] is form.family(name)
+
+
+@pytest.mark.parametrize("form", REGISTERED, ids=lambda f: f.kind)
+def test_pieces_agree_with_each_other(form: forms.Form) -> None:
+    if form.native:  # dense: torch's own layer; every backend runs it, nothing else to check
+        assert not any(form.has(p) for p in ("op", "module", "rule", "onnx_translation"))
+        return
+    op = form.op_packet()
+    assert op is getattr(torch.ops.slimfx, form.op_name)
+    module = form.get("module")
+    assert issubclass(module, SlimLinear) and module.decision_kind == form.kind
+    rule = form.get("rule")
+    assert isinstance(rule, Rule) and rule.kind == form.kind
+    assert form.has("onnx_translation"), "every built-in op exports (maybe dense)"
+    if form.has("triton_lowering"):
+        low = form.get("triton_lowering")
+        assert low.op == form.op_name and low.reference is module
+        assert issubclass(low.lowered, module)
+    if form.has("kernels"):
+        ks = form.get("kernels")
+        assert ks and all(isinstance(k, Kernel) and k.op == form.op_name for k in ks)
+        assert kernels_of(form.op_name) == list(ks)
+
+
+@pytest.mark.parametrize("form", REGISTERED, ids=lambda f: f.kind)
+def test_every_config_prices_itself(form: forms.Form) -> None:
+    d = form.config() if form.kind != "lowrank" else LowRankConfig(4)
+    shape = LinearShape(128, 32)
+    floats, ints = d.storage(shape)
+    assert d.weight_bytes(shape) == 2 * floats + ints > 0
+    assert d.costs(shape, bias=True) == {WEIGHT_BYTES: d.weight_bytes(shape) + 2 * 32}
+    assert d.flops(shape, 3) > 0 and d.launches() >= 1
+    assert isinstance(d.needs_gram(), bool) and isinstance(d.dequantizes, bool)
+    assert api.needs_gram(d) == d.needs_gram()
+    W = torch.randn(32, 128)
+    assert reconstruct(d, factorize(W, d)).shape == W.shape
+
+
+def test_a_linear_form_refuses_another_shape_kind() -> None:
+    att = AttentionShape(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
+    for f in REGISTERED:
+        with pytest.raises(TypeError, match=f"{f.kind!r} prices linear sites .* attention"):
+            f.config().weight_bytes(att) if f.kind != "lowrank" else LowRankConfig(2).flops(att)
+
+
+# ------------------------------------------------------------------ a kind no form has
+
+
+@dataclass(frozen=True)
+class Ghost(Decision):
+    """A decision config with no form (never registered)."""
+
+    kind: ClassVar[str] = "ghost"
+
+
+GHOST = Ghost()
+SITE = LinearSite("fc", 64, 32, "torch.float32", False, "fc.weight", "fc")
+UNKNOWN = r"no form registered for decision kind 'ghost'; registered: dense, lowrank"
+
+
+def test_lookups_of_an_unknown_kind_name_it_and_the_registered_ones() -> None:
+    with pytest.raises(forms.UnknownFormError, match=UNKNOWN) as e:
+        forms.form_of("ghost")
+    assert isinstance(e.value, KeyError) and str(e.value).startswith("no form registered")
+    for call in (
+        lambda: factorize(torch.randn(4, 8), GHOST),
+        lambda: reconstruct(GHOST, {}),
+        lambda: module_for(GHOST),
+        lambda: rule_for(GHOST),
+        lambda: api.needs_gram(GHOST),
+    ):
+        with pytest.raises(forms.UnknownFormError, match=UNKNOWN):
+            call()
+    with pytest.raises(ValueError, match="unknown decision kind 'ghost'"):
+        decision_from_dict({"kind": "ghost"})
+
+
+@pytest.mark.parametrize("backend", capabilities.BACKENDS)
+def test_every_backend_refuses_an_unknown_kind_clearly(backend: str) -> None:
+    with pytest.raises(forms.UnknownFormError, match=UNKNOWN):
+        capabilities.supports(backend, SITE, GHOST)
+
+
+def test_the_cost_model_never_prices_an_unknown_form_by_default() -> None:
+    # the old ladder priced an unknown kind as 16-bit with one launch; now the config must say
+    for call, what in (
+        (lambda: GHOST.weight_bytes(LinearShape(64, 32)), "storage"),
+        (lambda: estimate_latency(GHOST, LinearShape(64, 32), False, "cpu", "decode"), "storage"),
+        (lambda: GHOST.flops(LinearShape(64, 32)), "flops"),
+        (lambda: GHOST.launches(), "launches"),
+    ):
+        with pytest.raises(NotImplementedError, match=f"'ghost' \\(Ghost\\) does not define {what}"):
+            call()
+
+
+def test_kernels_onnx_and_triton_name_what_they_do_not_know() -> None:
+    kernel, reasons = select("ghost_linear", torch.zeros(1, 8))
+    assert kernel is None and "no kernels registered for op 'ghost_linear'" in reasons[0]
+    assert onnx_ops.translation_name(torch.ops.aten.mm.default) is None
+    assert "no registered form runs slimfx::ghost_linear" in onnx_ops.why_untranslated(
+        "ghost_linear"
+    )
+    low, why = triton_lowering.lowering_of_op("ghost_linear")
+    assert low is None and why.startswith("no Triton lowering for slimfx::ghost_linear")
+    low, why = triton_lowering.lowering_of_op("quant_lowrank_linear")
+    assert low is None and "no Triton kernel for slimfx::quant_lowrank_linear" in why
+
+
+def test_a_report_with_an_unregistered_kind_still_plots(tmp_path) -> None:  # noqa: ANN001
+    pytest.importorskip("matplotlib")
+    rep = Report(
+        sites=[
+            SiteEntry("a", (32, 64), decision={"kind": "ghost"}, bytes_before=4, bytes_after=2),
+            SiteEntry("b", (32, 64), decision={"kind": "lowrank", "rank": 2}, bytes_before=4,
+                      bytes_after=1),
+        ]
+    )
+    assert rep.plot(tmp_path / "p.png").stat().st_size > 0
+
+
+def test_registering_twice_or_with_a_mismatched_config_is_refused() -> None:
+    lowrank = forms.form_of("lowrank")
+    with pytest.raises(ValueError, match="'lowrank' already has a registered form"):
+        forms.register_form(forms.Form(**{**_fields(lowrank), "families": {}}))
+    with pytest.raises(ValueError, match="its config LowRankConfig has kind 'lowrank'"):
+        forms.Form(**{**_fields(lowrank), "kind": "other"})
+    with pytest.raises(ValueError, match="piece 'rule' is None"):
+        forms.Form(**{**_fields(lowrank), "rule": None})
+    with pytest.raises(ValueError, match="NotSupported needs a reason"):
+        forms.NotSupported("")
+
+
+def _fields(form: forms.Form) -> dict:
+    from dataclasses import fields
+
+    return {f.name: getattr(form, f.name) for f in fields(form) if f.name != "_cache"}

@@ -102,8 +102,9 @@ def _linear(W: torch.Tensor, bias: bool = False) -> nn.Linear:
 
 def _reference_bytes(tensors: list[torch.Tensor]) -> int:
     """Reference bytes of stored tensors: floating ones at 16 bits, integer ones as stored."""
-    return sum(2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size()
-               for t in tensors)
+    return sum(
+        2 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in tensors
+    )
 
 
 BUILT = [

@@ -137,7 +137,9 @@ def test_the_cost_model_never_prices_an_unknown_form_by_default() -> None:
         (lambda: GHOST.flops(LinearShape(64, 32)), "flops"),
         (lambda: GHOST.launches(), "launches"),
     ):
-        with pytest.raises(NotImplementedError, match=f"'ghost' \\(Ghost\\) does not define {what}"):
+        with pytest.raises(
+            NotImplementedError, match=f"'ghost' \\(Ghost\\) does not define {what}"
+        ):
             call()
 
 
@@ -159,8 +161,13 @@ def test_a_report_with_an_unregistered_kind_still_plots(tmp_path) -> None:  # no
     rep = Report(
         sites=[
             SiteEntry("a", (32, 64), decision={"kind": "ghost"}, bytes_before=4, bytes_after=2),
-            SiteEntry("b", (32, 64), decision={"kind": "lowrank", "rank": 2}, bytes_before=4,
-                      bytes_after=1),
+            SiteEntry(
+                "b",
+                (32, 64),
+                decision={"kind": "lowrank", "rank": 2},
+                bytes_before=4,
+                bytes_after=1,
+            ),
         ]
     )
     assert rep.plot(tmp_path / "p.png").stat().st_size > 0

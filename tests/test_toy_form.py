@@ -36,7 +36,9 @@ NO_TRITON = "toy form: no Triton kernel (a test form)"
 
 
 @torch.library.custom_op("slimfx::toy_scaled_linear", mutates_args=())
-def toy_scaled_linear(x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def toy_scaled_linear(
+    x: Tensor, codes: Tensor, scale: Tensor, bias: Tensor | None = None
+) -> Tensor:
     """``x @ (s · (q − 128))ᵀ + b``."""
     w = (codes.to(torch.float32) - 128.0) * scale.to(torch.float32)
     return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
@@ -158,7 +160,11 @@ def test_the_solver_picks_it_and_the_swap_applies_it(optimized) -> None:  # noqa
     # priced bytes are the stored ones: 1 byte per code + a 16-bit scale per row (+ bias)
     for s in applied:
         m = new.get_submodule(s.fqn)
-        stored = m.codes.numel() + 2 * m.scale.numel() + (2 * m.bias.numel() if m.bias is not None else 0)
+        stored = (
+            m.codes.numel()
+            + 2 * m.scale.numel()
+            + (2 * m.bias.numel() if m.bias is not None else 0)
+        )
         assert s.bytes_after == stored
     with torch.no_grad():
         ref, got = model(calib[0]).logits, new(calib[0]).logits
@@ -182,7 +188,9 @@ def test_onnx_export_refuses_it_with_the_forms_reason(optimized, tmp_path) -> No
     from slimfx.backends.onnx import OnnxExportError, export_onnx
 
     _, new, calib = optimized
-    with pytest.raises(OnnxExportError, match=r"slimfx::toy_scaled_linear at site .*" + re.escape(NO_ONNX)):
+    with pytest.raises(
+        OnnxExportError, match=r"slimfx::toy_scaled_linear at site .*" + re.escape(NO_ONNX)
+    ):
         export_onnx(new, tmp_path / "m.onnx", (calib[0][:, :8],))
     site = next(s for s in discover_linear_sites(nn.Linear(64, 32)))
     ok, why = capabilities.supports("onnx", site, ScaledConfig())
@@ -217,7 +225,11 @@ def test_a_plan_naming_it_round_trips_and_a_second_form_is_refused(registered) -
     plan = Plan({"0": ScaledConfig()}, shapes={"0": (32, 64)})
     assert Plan.from_json(plan.to_json())["0"] == ScaledConfig()
     assert forms.register_form(TOY) is TOY  # the same object again: nothing changes
-    other = forms.Form(**{**{k: getattr(TOY, k) for k in forms.Form.__dataclass_fields__
-                             if k != "_cache"}, "families": {}})
+    other = forms.Form(
+        **{
+            **{k: getattr(TOY, k) for k in forms.Form.__dataclass_fields__ if k != "_cache"},
+            "families": {},
+        }
+    )
     with pytest.raises(ValueError, match=f"decision kind {KIND!r} already has a registered form"):
         forms.register_form(other)

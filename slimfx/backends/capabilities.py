@@ -79,7 +79,8 @@ def _eager(site: LinearSite, decision: Decision) -> tuple[bool, str]:
     if not verdict.ok:
         return False, verdict.reason
     if not form.has("module"):
-        return False, f"no module realizes decision kind {decision.kind!r}: {form.why_not('module')}"
+        why = form.why_not("module")
+        return False, f"no module realizes decision kind {decision.kind!r}: {why}"
     return True, f"slimfx::{form.op_name} (CPU reference)"
 
 

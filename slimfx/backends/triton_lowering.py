@@ -23,7 +23,8 @@ Two targets, one entry point, :func:`lower_to_triton`:
   kernel accepts a one-row input of the module's dtype and device has its class switched to
   the lowering's subclass (:class:`TritonLowRankLinear`, :class:`TritonQuantLinear`,
   :class:`TritonSparse24Linear`) whose ``forward`` calls the kernel op; a form without one
-  (the combined forms: no kernel op yet) is recorded as a fallback with its reason. Why a class switch rather than a wrapper module: the
+  (the combined forms: no kernel op yet) is recorded as a fallback with its reason. Why a
+  class switch rather than a wrapper module: the
   module tree, the FQNs a Plan names and the ``state_dict`` keys stay exactly as they were
   (a saved model loads into an unlowered one and back), ``isinstance(m, LowRankLinear)`` still
   holds, and the module deep-copies and pickles (the subclasses live in this module). The

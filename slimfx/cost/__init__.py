@@ -1,15 +1,12 @@
 """slimfx.cost: calibration statistics, targets and latency, candidates, the budget problem.
 
-Importing this package registers the built-in candidate families (``lowrank``).
+Candidate families are offered by the forms (``slimfx.forms``: ``Form.families``) and looked up
+through ``families.family``; nothing here needs importing to register them.
 """
 
-from slimfx.cost import (
-    family_quant,  # noqa: F401  (registers int8, int4, int4_gptq)
-    family_sparse,  # noqa: F401  (sparse24, lowrank_quant, sparse24_lowrank)
-)
 from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
 from slimfx.cost.candidates import build_problem, lowrank_candidates, lowrank_ranks
-from slimfx.cost.families import FAMILIES, Candidate, SiteContext, register_family
+from slimfx.cost.families import FAMILIES, Candidate, SiteContext, family, register_family
 from slimfx.cost.measure import measure_target
 from slimfx.cost.sequential import find_blocks, run_sequential
 from slimfx.cost.target import (
@@ -46,5 +43,6 @@ __all__ = [
     "SiteContext",
     "Candidate",
     "FAMILIES",
+    "family",
     "register_family",
 ]

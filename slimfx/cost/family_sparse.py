@@ -103,7 +103,8 @@ def _frac(d: Decision, in_f: int, out_f: int) -> str:
 
 
 def _fits_dense(d: Decision, in_f: int, out_f: int) -> bool:
-    return d.weight_bytes(LinearShape(in_f, out_f)) < DenseConfig().weight_bytes(LinearShape(in_f, out_f))
+    shape = LinearShape(in_f, out_f)
+    return d.weight_bytes(shape) < DenseConfig().weight_bytes(shape)
 
 
 def _q_fits(bits: int, g: int | None, in_f: int) -> bool:

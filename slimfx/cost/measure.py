@@ -119,7 +119,8 @@ def default_decisions(in_f: int, out_f: int) -> list[Decision]:
     the ``lowrank`` family offers for this shape, and the int8 / int4 layouts the quantization
     families offer (GPTQ and RTN share a layout and so one measurement: :func:`runtime_label`).
     Forms with no default layouts (2:4, combined forms) are timed only when asked for."""
-    return [d for form in forms.forms() if form.has("timed") for d in form.get("timed")(in_f, out_f)]
+    timed = [f.get("timed") for f in forms.forms() if f.has("timed")]
+    return [d for fn in timed for d in fn(in_f, out_f)]
 
 
 #: ``runner(module) -> (callable, info)``: what to time for one built module, and what to

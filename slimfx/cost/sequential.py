@@ -120,14 +120,6 @@ def find_blocks(
     return blocks
 
 
-def _stream(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tensor:
-    if args and isinstance(args[0], Tensor):
-        return args[0]
-    if isinstance(kwargs.get("hidden_states"), Tensor):
-        return kwargs["hidden_states"]
-    raise TypeError("a block's input must be its first positional argument or hidden_states=")
-
-
 def _with_stream(
     args: tuple[Any, ...], kwargs: dict[str, Any], h: Tensor
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:

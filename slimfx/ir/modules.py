@@ -96,8 +96,8 @@ class SlimLinear(nn.Module):
         """Integer codes for a weight-only quantized ``decision`` (``bits``, ``group_size``,
         ``symmetric``): attributes ``bits`` and ``group_size`` (``in_features`` when per
         channel), persistent buffers ``qweight`` uint8 (out × ``formats.packed_width``: in/2 for
-        int4, in for int8), ``scales`` (out × n_groups, ``dtype``) and ``zeros`` uint8 (out × n_groups, or
-        ``None`` when symmetric). ``op_name`` names the kernel in the bits error."""
+        int4, in for int8), ``scales`` (out × n_groups, ``dtype``) and ``zeros`` uint8
+        (out × n_groups, or ``None`` when symmetric). ``op_name`` names the kernel in the bits error."""
         in_f, out_f = self.in_features, self.out_features
         if decision.bits not in RUNTIME_BITS:
             raise ValueError(f"bits {decision.bits} has no kernel ({op_name} runs 4 or 8)")
@@ -142,5 +142,6 @@ def module_for(decision: Decision) -> type[SlimLinear]:
     module of its own (dense) a KeyError saying so."""
     form = forms.form_of(decision)
     if not form.has("module"):
-        raise KeyError(f"no module realizes decision kind {decision.kind!r}: {form.why_not('module')}")
+        why = form.why_not("module")
+        raise KeyError(f"no module realizes decision kind {decision.kind!r}: {why}")
     return form.get("module")

@@ -3,8 +3,8 @@
     slimfx::quant_linear(x, qweight, scales, zeros?, bias?, bits, group_size)
         = x @ deq(W)ᵀ + bias,   deq(W)[n, k] = (q[n, k] − z[n, k // G]) · s[n, k // G]
 
-Storage (``slimfx.formats``): ``qweight`` uint8, int4 two codes per byte (column k in byte k // 2, low
-nibble for even k), int8 one code per byte; ``scales`` (out × in/G); ``zeros`` uint8
+Storage (``slimfx.formats``): ``qweight`` uint8, int4 two codes per byte (column k in byte
+k // 2, low nibble for even k), int8 one code per byte; ``scales`` (out × in/G); ``zeros`` uint8
 (out × in/G), or ``None`` for symmetric codes whose zero point is 2^(bits−1) (8 / 128).
 ``group_size`` G is ``in_features`` for a per-channel weight. in_features is ``x.shape[-1]``.
 

@@ -15,8 +15,8 @@ implementations need no triton), so a graph that calls them exports and compiles
 slimfx is importable.
 
 Per-op folders hold ``__init__.py`` (the kernel op and the ``KERNELS`` list), ``reference.py``
-(plain torch ground truth from the storage format, ``slimfx.formats``) and ``triton_kernel.py`` (docstring, configs, ``@triton.jit`` kernels,
-launcher, ``supports``).
+(plain torch ground truth from the storage format, ``slimfx.formats``) and ``triton_kernel.py``
+(docstring, configs, ``@triton.jit`` kernels, launcher, ``supports``).
 """
 
 from __future__ import annotations

@@ -292,7 +292,10 @@ def sparse_plus_lowrank(
     return {**pack24(S.to(weight.dtype)), "U": U, "V": V}
 
 
-def factorize_lowrank_quant(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+def factorize_lowrank_quant(
+    weight: Tensor, decision: Decision, gram: Tensor | None
+) -> dict[str, Tensor]:
+    """The ``lowrank_quant`` form's tensors (LoRC or LQ-LoRA)."""
     assert isinstance(decision, LowRankQuantConfig)
     d = decision
     if d.method == "lorc":
@@ -310,7 +313,10 @@ def reconstruct_lowrank_quant(decision: Decision, tensors: dict[str, Tensor]) ->
     return (W + tensors["U"].to(torch.float32) @ V.to(torch.float32)).to(V.dtype)
 
 
-def factorize_sparse24_lowrank(weight: Tensor, decision: Decision, gram: Tensor | None) -> dict[str, Tensor]:
+def factorize_sparse24_lowrank(
+    weight: Tensor, decision: Decision, gram: Tensor | None
+) -> dict[str, Tensor]:
+    """The ``sparse24_lowrank`` form's tensors (S + L)."""
     assert isinstance(decision, Sparse24LowRankConfig)
     return sparse_plus_lowrank(weight, gram, decision.rank, decision.mask)
 

@@ -128,7 +128,8 @@ def _codes(W: Tensor, s: Tensor, z: Tensor, bits: int) -> Tensor:
 def _pack(
     codes: Tensor, stored: Tensor, zeros: Tensor, bits: int, symmetric: bool
 ) -> dict[str, Tensor]:
-    out = {"qweight": formats.pack_codes(codes.to(torch.uint8), bits), "scales": stored.contiguous()}
+    qweight = formats.pack_codes(codes.to(torch.uint8), bits)
+    out = {"qweight": qweight, "scales": stored.contiguous()}
     if not symmetric:
         out["zeros"] = zeros.to(torch.uint8).contiguous()
     return out

@@ -95,11 +95,12 @@ def test_llama_problem(tiny_llama: nn.Module, tiny_ids: torch.Tensor) -> None:
         assert so.dense_bytes == dense.bytes == 2 * site.numel
         assert so.dense_latency_s == dense.latency_s > 0
         extra = 2 * site.numel if site.tied else 0
+        shape = LinearShape(site.in_features, site.out_features)
         for o in so.options[1:]:
             # candidates only where bytes are saved; a tied site also pays the dense copy
-            assert o.decision.weight_bytes(LinearShape(site.in_features, site.out_features)) < 2 * site.numel
-            assert o.bytes == o.decision.weight_bytes(LinearShape(site.in_features, site.out_features)) + extra
-            assert 0 <= o.error <= 1 and o.flops == o.decision.flops(LinearShape(*site.shape[::-1]), 2048)
+            assert o.decision.weight_bytes(shape) < 2 * site.numel
+            assert o.bytes == o.decision.weight_bytes(shape) + extra
+            assert 0 <= o.error <= 1 and o.flops == o.decision.flops(shape, 2048)
         assert {o.decision.method for o in so.options[1:]} == {"whitened", "svd"}
         assert len(cands[site.fqn]) == len(so.options) - 1
     head = problem.site("lm_head")
@@ -134,7 +135,8 @@ def test_deterministic_and_measured_latency(tmp_path) -> None:  # noqa: ANN001
     assert got[LowRankConfig(d.rank, "whitened")] == (3e-6, "measured")  # same kernels
     assert p.meta["latency_sources"] == {"measured": 2, "roofline": len(got) - 2}
     dense = got[DenseConfig()]
-    assert dense == (estimate_latency(DenseConfig(), LinearShape(32, 48), False, "cpu", "decode"), "roofline")
+    dense_s = estimate_latency(DenseConfig(), LinearShape(32, 48), False, "cpu", "decode")
+    assert dense == (dense_s, "roofline")
 
 
 def test_reprice_keeps_errors_and_bytes_and_prices_again(tmp_path) -> None:  # noqa: ANN001

@@ -88,7 +88,8 @@ def test_prefill_dense_is_compute_bound_on_h100() -> None:
     assert _roof(dense, n, n, tgt, "prefill") == pytest.approx(flops_s, rel=1e-12)
     lr = LowRankConfig(1024)  # saves half the FLOPs: compute bound too, ratio = FLOP ratio
     ratio = _roof(lr, n, n, tgt, "prefill") / _roof(dense, n, n, tgt, "prefill")
-    assert ratio == pytest.approx(lr.flops(LinearShape(n, n), t) / dense.flops(LinearShape(n, n), t), rel=1e-12)
+    nn_ = LinearShape(n, n)
+    assert ratio == pytest.approx(lr.flops(nn_, t) / dense.flops(nn_, t), rel=1e-12)
 
 
 def test_quantized_forms_pay_dequantization_at_prefill() -> None:

@@ -46,7 +46,8 @@ def test_lowrank_bytes_and_flops():
 def test_quant_bytes_group_128_asymmetric():
     # 576×576 from the docstring example: codes 4·576·576/8 = 165888, 5 groups per row,
     # a 2-byte scale and a 1-byte zero per (row, group).
-    assert QuantConfig(4, 128).weight_bytes(LinearShape(576, 576)) == 165_888 + 2 * 576 * 5 + 576 * 5
+    sq = LinearShape(576, 576)
+    assert QuantConfig(4, 128).weight_bytes(sq) == 165_888 + 2 * 576 * 5 + 576 * 5
     # 1536 rows × ceil(576/128)=5 groups; swapping in/out would give 576 × 12 groups.
     assert QuantConfig(4, 128).weight_bytes(LinearShape(IN, OUT)) == 442_368 + 2 * 7680 + 7680
 
@@ -65,7 +66,8 @@ def test_sparse24_bytes_are_values_plus_two_bit_indices():
     # in·out/2 kept 16-bit values (= in·out bytes) + 2 bits of index per kept value
     # (= in·out/8 bytes): 1.125·in·out. The brief said 1.25·in·out, but the formula it
     # states (in·out/2 · 2 bits) is in·out/8 bytes, so 1.125 is the arithmetic.
-    assert Sparse24Config().weight_bytes(LinearShape(IN, OUT)) == 884_736 + 110_592 == 1.125 * IN * OUT
+    shape = LinearShape(IN, OUT)
+    assert Sparse24Config().weight_bytes(shape) == 884_736 + 110_592 == 1.125 * IN * OUT
     assert Sparse24Config().flops(LinearShape(IN, OUT), tokens=2) == 2 * IN * OUT
 
 

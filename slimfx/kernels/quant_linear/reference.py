@@ -2,8 +2,9 @@
 
     y = x @ deq(W)ᵀ + b,   deq(W)[n, k] = (q[n, k] − z[n, k // G]) · s[n, k // G]
 
-Storage (``slimfx.formats``, which implements the unpacking used here): ``qweight`` uint8, int4 packed two per byte (column ``k`` in
-byte ``k // 2``, low nibble for even ``k``), int8 one per byte; ``scales`` (N × n_groups) in the
+Storage (``slimfx.formats``, which implements the unpacking used here): ``qweight`` uint8,
+int4 packed two per byte (column ``k`` in byte ``k // 2``, low nibble for even ``k``), int8 one
+per byte; ``scales`` (N × n_groups) in the
 weight dtype; ``zeros`` uint8 (N × n_groups) or ``None`` for symmetric codes (offset 8 for int4,
 128 for int8). ``group_size=None`` means per-channel (one group per row).
 

@@ -1,7 +1,7 @@
 """Ground truth for ``sparse24_linear``: densify the 2:4 storage, then ``F.linear``.
 
-Storage (``slimfx.formats``, which implements the packing used here): ``values`` (N × K/2) in the weight dtype, the two kept weights of
-every group of four columns in column order; ``meta`` uint8 (N × K/8): per group of four, two
+Storage (``slimfx.formats``, which implements the packing used here): ``values`` (N × K/2) in
+the weight dtype, the two kept weights of every group of four columns in column order; ``meta`` uint8 (N × K/8): per group of four, two
 2-bit positions (first kept in bits 0-1, second in bits 2-3), two groups per byte (even group
 in the low nibble). When K/4 is odd the last byte's high nibble is padding (meta has
 ceil(K/8) columns).

@@ -53,6 +53,13 @@ def test_int3_and_int2_are_little_endian_bit_streams() -> None:
     ]
 
 
+def test_the_configs_offer_exactly_the_packed_widths() -> None:
+    # planning may not import torch, so QuantConfig keeps its own tuple: they must agree
+    from slimfx.planning.configs import QUANT_BITS
+
+    assert QUANT_BITS == formats.CODE_BITS and set(formats.RUNTIME_BITS) <= set(QUANT_BITS)
+
+
 def test_codes_out_of_range_are_refused() -> None:
     with pytest.raises(ValueError, match=r"3-bit codes must lie in \[0, 7\]"):
         formats.pack_codes(torch.tensor([[8]], dtype=torch.uint8), 3)

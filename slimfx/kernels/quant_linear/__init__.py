@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimfx.formats import RUNTIME_BITS
 from slimfx.kernels import Kernel
 
 __all__ = ["quant_linear_triton", "KERNELS"]
@@ -41,7 +42,7 @@ def _(
     bits: int,
     group_size: int | None,
 ) -> Tensor:
-    torch._check(bits in (4, 8), lambda: f"bits {bits} unsupported (4 or 8)")
+    torch._check(bits in RUNTIME_BITS, lambda: f"bits {bits} unsupported (4 or 8)")
     torch._check(qweight.dim() == 2, lambda: "qweight must be 2-D")
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 

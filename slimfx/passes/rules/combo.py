@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from slimfx.formats import sparse24_unsupported
+from slimfx.formats import RUNTIME_BITS, sparse24_unsupported
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import Rule, Verdict
 from slimfx.passes.rules.sparse import site_dtype_is_float
@@ -61,7 +61,7 @@ class LinearToLowRankQuant(Rule):
             return v
         assert isinstance(decision, LowRankQuantConfig)
         i = site.in_features
-        if decision.bits not in (4, 8):
+        if decision.bits not in RUNTIME_BITS:
             return Verdict.reject(
                 f"bits {decision.bits} has no kernel "
                 "(slimfx::quant_lowrank_linear runs 4 or 8 bits)"

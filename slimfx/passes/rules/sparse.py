@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from slimfx.formats import sparse24_unsupported
 from slimfx.ir.sites import LinearSite
-from slimfx.numerics.sparse import sparse24_unsupported
 from slimfx.passes.base import Rule, Verdict
 from slimfx.planning.configs import Decision
 

@@ -17,7 +17,7 @@ from slimfx.cost.target import estimate_latency
 from slimfx.ir.modules import SlimLinear, module_for
 from slimfx.ir.sites import LinearSite
 from slimfx.kernels import Kernel, kernels_of, select
-from slimfx.numerics import factorize, reconstruct
+from slimfx.numerics import factorize, form_error, reconstruct
 from slimfx.passes.base import Rule, rule_for
 from slimfx.planning.configs import DECISIONS, Decision, LowRankConfig, decision_from_dict
 from slimfx.planning.shapes import WEIGHT_BYTES, AttentionShape, LinearShape
@@ -82,6 +82,8 @@ def test_every_config_prices_itself(form: forms.Form) -> None:
     assert api.needs_gram(d) == d.needs_gram()
     W = torch.randn(32, 128)
     assert reconstruct(d, factorize(W, d)).shape == W.shape
+    err = form_error(W, d)
+    assert err == 0.0 if form.kind == "dense" else 0.0 < err < 1.0
 
 
 def test_a_linear_form_refuses_another_shape_kind() -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "factorize",
     "reconstruct",
     "relative_output_error",
+    "form_error",
     "factorize_dense",
     "reconstruct_dense",
 ]
@@ -73,3 +74,10 @@ def relative_output_error(weight: Tensor, approx: Tensor, gram: Tensor | None = 
         G = gram.to(torch.float64)
         num, den = ((E @ G) * E).sum(), ((W @ G) * W).sum()
     return float(num / den) if den > 0 else float(num > 0)
+
+
+def form_error(weight: Tensor, decision: Decision, gram: Tensor | None = None) -> float:
+    """The relative output error of realizing ``decision`` on ``weight`` (any registered form):
+    its form's factorize, then reconstruct, then :func:`relative_output_error` with ``gram``."""
+    approx = reconstruct(decision, factorize(weight, decision, gram))
+    return relative_output_error(weight, approx, gram)

@@ -196,3 +196,76 @@ def test_relative_import_in_package_init_resolves_to_the_package():
         (1, "slimfx.passes.rules")
     ]
     assert check_source("from ..cost import x", "slimfx.passes", is_package=True)
+
+
+# ---------------------------------------------------------------- the form registry's pieces
+
+#: piece → the package its built-in implementations live in, and the packages that may ask the
+#: registry for it (its own and those above it): forms names pieces as strings, so the import
+#: rules above cannot see these edges; this table is their rule.
+PIECE_LAYERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "factorize": ("numerics", ("numerics", "cost", "passes", "backends")),
+    "reconstruct": ("numerics", ("numerics", "cost", "passes", "backends")),
+    "op": ("ir", ("ir", "kernels", "passes", "backends")),
+    "module": ("ir", ("ir", "cost", "passes", "backends")),
+    "rule": ("passes", ("passes", "backends")),
+    "kernels": ("kernels", ("kernels", "backends")),
+    "onnx_translation": ("backends", ("backends",)),
+    "onnx_probe": ("backends", ("backends",)),
+    "triton_lowering": ("backends", ("backends",)),
+    "timed": ("cost", ("cost",)),
+    "families": ("cost", ("cost",)),
+}
+
+
+def test_piece_table_covers_every_piece():
+    from slimfx.forms import PIECES
+
+    assert set(PIECES) | {"families"} == set(PIECE_LAYERS)
+
+
+def test_builtin_pieces_live_in_their_layer():
+    from slimfx import forms
+
+    problems = []
+    for form in forms.forms()[:6]:
+        for piece, (layer, _) in PIECE_LAYERS.items():
+            refs = list(form.families.values()) if piece == "families" else [getattr(form, piece)]
+            for ref in refs:
+                if isinstance(ref, str) and not ref.startswith(f"slimfx.{layer}"):
+                    problems.append(f"{form.kind}.{piece} = {ref!r} is not in slimfx.{layer}")
+    assert not problems, "\n".join(problems)
+
+
+def _asked_pieces(source: str) -> list[tuple[int, str]]:
+    """``(line, piece)`` of every ``<x>.get("piece")`` / ``.has`` / ``.why_not`` call."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("get", "has", "why_not")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and node.args[0].value in PIECE_LAYERS
+        ):
+            out.append((node.lineno, node.args[0].value))
+    return out
+
+
+def test_layers_ask_the_registry_only_for_pieces_at_or_below_them():
+    problems = []
+    for path in _package_files():
+        module = module_name(path)
+        parts = module.split(".")
+        if len(parts) < 3 or parts[1] == "forms":
+            continue
+        for line, piece in _asked_pieces(path.read_text()):
+            if parts[1] not in PIECE_LAYERS[piece][1]:
+                problems.append(f"{module}:{line} asks for the {piece!r} piece")
+    assert not problems, "pieces asked above their layer:\n" + "\n".join(problems)
+
+
+def test_piece_checker_catches_a_layer_asking_too_high():
+    src = 'form.get("rule")\nform.has("factorize")\nd.get("rank")\n'
+    assert _asked_pieces(src) == [(1, "rule"), (2, "factorize")]

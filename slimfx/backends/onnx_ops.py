@@ -42,7 +42,7 @@ from onnx.defs import OpSchema
 from onnxscript import opset18 as op
 from onnxscript.values import Op, Opset
 
-from slimfx import forms
+from slimfx import formats, forms
 from slimfx.backends.capabilities import matmul_nbits_block
 from slimfx.formats import densify24
 from slimfx.formats import dequantize as dequantize_weight
@@ -312,12 +312,9 @@ def _fold_scales(ins: list[np.ndarray | None], attrs: dict[str, Any]) -> np.ndar
 
 
 def _fold_zeros(ins: list[np.ndarray | None], attrs: dict[str, Any]) -> np.ndarray:
+    # MatMulNBits packs its zero points like the codes (two 4-bit ones per byte, even first)
     z = np.repeat(ins[0].astype(np.uint8), attrs["repeat"], axis=1)
-    if attrs["bits"] == 4:
-        if z.shape[1] % 2:
-            z = np.pad(z, ((0, 0), (0, 1)))
-        z = (z[:, 0::2] & 0x0F) | ((z[:, 1::2] & 0x0F) << 4)
-    return np.ascontiguousarray(z, dtype=np.uint8).reshape(-1)
+    return formats.pack_codes(_t(z), attrs["bits"]).numpy().reshape(-1)
 
 
 def _fold_dense24(ins: list[np.ndarray | None], attrs: dict[str, Any]) -> np.ndarray:

@@ -23,7 +23,7 @@ _PLANNING_NOT_SOLVE = ("slimfx.planning", (_SOLVE,))
 RULES: dict[str, tuple] = {
     "planning": ("slimfx.planning",),
     "numerics": ("slimfx.numerics", "slimfx.planning.configs"),
-    "ir": ("slimfx.ir", "slimfx.planning.configs"),
+    "ir": ("slimfx.ir", "slimfx.planning.configs", "slimfx.planning.shapes"),
     "cost": ("slimfx.cost", "slimfx.ir", _PLANNING_NOT_SOLVE, "slimfx.numerics"),
     "passes": ("slimfx.passes", "slimfx.ir", _PLANNING_NOT_SOLVE, "slimfx.numerics"),
     "kernels": ("slimfx.kernels", "slimfx.ir"),

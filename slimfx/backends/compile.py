@@ -70,6 +70,7 @@ from slimfx.backends.graph_sites import GraphSites, graph_linear_sites, param_na
 from slimfx.backends.triton_lowering import lower_graph, not_lowered
 from slimfx.passes.base import PassResult, Rule, SiteRecord
 from slimfx.passes.graph_rewrite import apply_plan_graph
+from slimfx.passes.validate import validate_plan, weight_sites
 from slimfx.planning.configs import DEFAULT_FAMILIES, Decision
 from slimfx.planning.plan import Plan
 from slimfx.report import Report
@@ -182,24 +183,7 @@ class SlimfxBackend:
         self.factor_cache: dict = {}
         self.graphs: list[GraphRecord] = []
         if model is not None and plan is not None:
-            self._check_plan_names(model, plan)
-
-    @staticmethod
-    def _check_plan_names(model: nn.Module, plan: Plan) -> None:
-        import difflib
-
-        mods = dict(model.named_modules())
-        bad = []
-        for fqn in plan:
-            w = getattr(mods.get(fqn), "weight", None)
-            if not (isinstance(w, Tensor) and w.dim() == 2):
-                m = difflib.get_close_matches(fqn, list(mods), n=1)
-                bad.append(f"{fqn!r}" + (f" (did you mean {m[0]!r}?)" if m else ""))
-        if bad:
-            raise ValueError(
-                f"plan names {len(bad)} site(s) that are not linear modules of "
-                f"{type(model).__name__}: {', '.join(bad[:5])}"
-            )
+            validate_plan(plan, weight_sites(model))
 
     # ----------------------------------------------------------------- per sub-graph
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

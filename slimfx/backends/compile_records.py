@@ -20,6 +20,7 @@ from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.planning.shapes import LinearShape
 from slimfx.report import Report, SiteEntry
 
 __all__ = ["DEFAULT_NOTE", "Planned", "GraphRecord", "merge_records", "compile_report"]
@@ -218,8 +219,10 @@ def _shape_of(be: Any, fqn: str, graphs: Sequence[GraphRecord]) -> tuple[LinearS
     for s in be.planned.sites if be.planned else ():
         if s.fqn == fqn:
             return s, s.shape
-    shape = tuple(be.plan.shapes.get(fqn, (0, 0))) if be.plan is not None else (0, 0)
-    return None, shape
+    recorded = be.plan.shapes.get(fqn) if be.plan is not None else None
+    if isinstance(recorded, LinearShape):
+        return None, (recorded.out_features, recorded.in_features)
+    return None, (0, 0)
 
 
 def _own_report(be: Any, result: PassResult, graphs: Sequence[GraphRecord]) -> Report:

@@ -12,7 +12,8 @@ Linears reading the same graph node (looking through the views a decomposition a
 When capture fell back to the module tree, ``discover_linear_sites`` walks ``nn.Linear``
 modules instead and groups them by running the model once with forward-pre-hooks.
 
-Attention sites are module-level metadata (heads, kv-heads, head_dim, causality, projections).
+Attention sites are module-level metadata (heads, kv-heads, head_dim, causality, rotary dims,
+window, layer index, projections); ``site.site_shape`` is their ``AttentionShape``.
 """
 
 from __future__ import annotations
@@ -293,6 +294,21 @@ def _is_causal(module: nn.Module, config: Any) -> bool:
     return any(str(a).endswith("ForCausalLM") for a in archs)
 
 
+def _rope_dim(config: Any, head_dim: int) -> int:
+    """Dims per head carrying rotary position: all of them for a config with a ``rope_theta``
+    (an attribute, or in ``rope_parameters``), times ``partial_rotary_factor`` when set and
+    kept even; none without."""
+    if config is None:
+        return 0
+    params = getattr(config, "rope_parameters", None)
+    params = params if isinstance(params, dict) else {}
+    if getattr(config, "rope_theta", None) is None and params.get("rope_theta") is None:
+        return 0
+    factor = getattr(config, "partial_rotary_factor", None) or params.get("partial_rotary_factor")
+    factor = factor or 1.0
+    return min(head_dim, int(head_dim * float(factor)) // 2 * 2)
+
+
 def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
     """Attention blocks with ``q_proj``/``k_proj``/``v_proj``/``o_proj`` children.
 
@@ -319,6 +335,8 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
         if head_dim is None:
             continue
         prefix = f"{fqn}." if fqn else ""
+        window = _first_int([config] if config is not None else [], "sliding_window")
+        layer = getattr(module, "layer_idx", None)
         sites.append(
             AttentionSite(
                 fqn=fqn,
@@ -326,7 +344,11 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
                 num_kv_heads=kv,
                 head_dim=head_dim,
                 causal=_is_causal(module, config),
-                projections={r: f"{prefix}{r}_proj" for r in projs},
+                projections=tuple((r, f"{prefix}{r}_proj") for r in projs),
+                hidden_size=hidden,
+                rope_dim=_rope_dim(config, head_dim),
+                sliding_window=window,
+                layer_idx=layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
             )
         )
     return sites

@@ -29,7 +29,8 @@ from slimfx.ir.capture import FQN_KEY, normalize_module_path
 from slimfx.ir.graph import add_constant, finalize, node_value, replace_node
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, Rule, SiteRecord
-from slimfx.passes.swap import dense_bytes, raise_rejections, resolve_rule, validate_plan
+from slimfx.passes.swap import dense_bytes, raise_rejections, resolve_rule
+from slimfx.passes.validate import validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
 

@@ -199,7 +199,11 @@ def test_problem_json_round_trip_keeps_costs_covers_and_shapes() -> None:
     assert back.site("attn").shape == ATTN and back.site("attn").kind == "attention"
     assert back.site("attn").options[1].covers == ("k", "v")
     assert back.site("attn").options[1].costs == problem.site("attn").options[1].costs
-    assert back.dense_costs == problem.dense_costs == {WEIGHT_BYTES: 3 * 4096, KV_BYTES_PER_TOKEN: KV_DENSE}
+    assert (
+        back.dense_costs
+        == problem.dense_costs
+        == {WEIGHT_BYTES: 3 * 4096, KV_BYTES_PER_TOKEN: KV_DENSE}
+    )
     assert back.to_json() == problem.to_json()
 
 
@@ -214,8 +218,11 @@ def test_dp_and_greedy_refuse_with_the_reason(method) -> None:
 
 def test_infeasible_budgets_name_the_smallest_achievable_per_dimension() -> None:
     problem = _problem(0.005)
-    with pytest.raises(InfeasibleBudgetError, match=r"kv budget 0\.100 \(13 B/token\).*smallest "
-                       r"achievable is 0\.250 of dense \(32 B/token\)"):
+    with pytest.raises(
+        InfeasibleBudgetError,
+        match=r"kv budget 0\.100 \(13 B/token\).*smallest "
+        r"achievable is 0\.250 of dense \(32 B/token\)",
+    ):
         solve(problem, Budget(kv=0.1))
     with pytest.raises(InfeasibleBudgetError, match=r"memory budget 0\.050 .*smallest achievable"):
         solve(problem, Budget(memory=0.05))
@@ -237,9 +244,7 @@ def test_option_costs_must_agree_with_bytes() -> None:
     with pytest.raises(ValueError, match="differs from bytes"):
         Option(DenseConfig(), 10, 0.0, costs={WEIGHT_BYTES: 11})
     with pytest.raises(ValueError, match="not other sites"):
-        BudgetProblem(
-            [SiteOptions("a", [Option(DenseConfig(), 1, 0.0, covers=("zzz",))], 1)]
-        )
+        BudgetProblem([SiteOptions("a", [Option(DenseConfig(), 1, 0.0, covers=("zzz",))], 1)])
 
 
 def test_budget_kv_is_a_fraction_and_only_in_to_dict_when_set() -> None:

@@ -38,8 +38,11 @@ def test_version_1_plan_loads_with_shapes_converted(tmp_path) -> None:
 
 def test_newer_version_names_the_version_needed() -> None:
     d = {**V1, "version": PLAN_VERSION + 1}
-    with pytest.raises(ValueError, match=r"plan version 3 is newer than this slimfx reads \(2\): "
-                       r"reading it needs a slimfx that reads plan version 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"plan version 3 is newer than this slimfx reads \(2\): "
+        r"reading it needs a slimfx that reads plan version 3",
+    ):
         Plan.from_dict(d)
 
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from slimfx.backends import onnx_decode, onnx_ops
 from slimfx.backends.ort import OrtModel, ort_session
-from slimfx.ir.capture import normalize_module_path
+from slimfx.ir.match import node_module_path
 
 # OrtModel and ort_session live in slimfx.backends.ort; re-exported here for one import line.
 __all__ = ["ExportResult", "OnnxExportError", "OrtModel", "export_onnx", "ort_session"]
@@ -226,11 +226,7 @@ def _export_decode_step(
 
 def _site_of(node: torch.fx.Node) -> str:
     """Module path of the innermost module ``node`` ran in (the wrapper prefix removed)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "<root>"
-    path = list(stack.values())[-1][0]
-    fqn = normalize_module_path(path)
+    fqn = node_module_path(node) or ""
     fqn = fqn.removeprefix(_WRAP + ".").removeprefix(_WRAP)
     return fqn or "<root>"
 

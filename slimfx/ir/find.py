@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfx.ir.capture import FQN_KEY, Captured, normalize_module_path
+from slimfx.ir.capture import Captured
+from slimfx.ir.match import weight_owner
 from slimfx.ir.sites import AttentionSite, LinearSite
 
 __all__ = ["find_linear_sites", "discover_linear_sites", "find_attention_sites"]
@@ -137,40 +138,6 @@ def _match_linear(node: torch.fx.Node, params: dict[str, str]) -> tuple[str, Any
     return None
 
 
-def _owner(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    node: torch.fx.Node,
-    weight: torch.Tensor,
-    weight_fqn: str,
-) -> str | None:
-    """The module that owns this use of ``weight``.
-
-    The node's own module (from its module stack) when its 2-D ``.weight`` is ``weight`` (an
-    ``nn.Linear`` or a module calling ``F.linear(x, self.weight)``); else an ``nn.Linear`` whose
-    weight is that tensor. A weight borrowed from another kind of module (an embedding used as
-    the output projection inside a parent's forward) gives no site.
-    """
-    fqn = node.meta.get(FQN_KEY)
-    if fqn is None:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            value = list(stack.values())[-1]
-            path = value[0] if isinstance(value, tuple) else str(value)
-            fqn = normalize_module_path(path, modules)
-    own = modules.get(fqn) if fqn is not None else None
-    if _has_2d_weight(own) and own.weight is weight:
-        return fqn
-    aliases = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
-    for name in (weight_fqn, *aliases):
-        if name == "weight" or name.endswith(".weight"):
-            cand = name.rpartition(".")[0]
-            mod = modules.get(cand)
-            if isinstance(mod, nn.Linear) and mod.weight is weight:
-                return cand
-    return None
-
-
 def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
     """Every linear layer of ``model`` with a parameter weight, one site per module, graph order.
 
@@ -197,7 +164,8 @@ def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
                 f"graph parameter {weight_fqn!r} is not a parameter of {type(model).__name__}: "
                 "was the program captured from this model?"
             )
-        fqn = _owner(model, modules, node, weight, weight_fqn)
+        aliases = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+        fqn = weight_owner(modules, node, weight, (weight_fqn, *aliases))
         if fqn is None or fqn in found:
             continue
         found[fqn] = (node.name, has_bias, key)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slimfx
-from slimfx import api
+from slimfx import api, stages
 from slimfx.ir.modules import SlimLinear
 from slimfx.planning.configs import LowRankConfig
 from slimfx.planning.problem import Budget, InfeasibleBudgetError
@@ -106,9 +106,12 @@ def test_plan_replay_without_cost_model_or_solver(optimized, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("replay must not run the cost model or the solver")
 
-    monkeypatch.setattr(api, "build_problem", boom)
-    monkeypatch.setattr(api, "solve", boom)
+    monkeypatch.setattr(stages, "build_problem", boom)
+    monkeypatch.setattr(stages, "solve_budget", boom)
     again = slimfx.optimize(model, plan=plan, calibration=_calib(), progress=False)
+    timings = slimfx.report_of(again).timings  # the pipeline's stages, timed by the manager
+    assert {"capture", "check_plan", "calibration", "complete_plan", "apply"} <= set(timings)
+    assert "candidates" not in timings and "solve" not in timings
     x = torch.randint(0, 256, (1, 12))
     torch.testing.assert_close(again(x).logits, new(x).logits, rtol=0, atol=1e-6)
     assert slimfx.report_of(again).solver == "replayed plan"
@@ -443,3 +446,23 @@ def test_roofline_latency_budget_says_what_it_cannot_know():
                "calibrate-target" in n for n in other.notes)
     mem = slimfx.report_of(slimfx.optimize(tiny_llama(), 0.8, **kw))
     assert not any(n.startswith("latency budget") for n in mem.notes)
+
+
+def test_optimize_keywords_are_the_planning_options_plus_its_own():
+    """One options object: every planning keyword of optimize is a PlanningOptions field
+    (and the reverse), so the two lists cannot drift apart."""
+    import dataclasses
+    import inspect
+
+    kw = {
+        p.name
+        for p in inspect.signature(slimfx.optimize).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    fields = {f.name for f in dataclasses.fields(stages.PlanningOptions)}
+    assert kw - fields == {"sequential", "inplace"}
+    assert fields <= kw
+    opts = stages.PlanningOptions.of({"solver": "milp", "sequential": True, "model": None})
+    assert opts.solver == "milp" and opts == stages.PlanningOptions(solver="milp")
+    with pytest.raises(TypeError, match="not both"):
+        api.plan_model(torch.nn.Linear(2, 2), 0.5, opts, solver="dp")

@@ -14,6 +14,7 @@ from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.planning.pricing import weight_bytes
 from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.report import Report, SiteEntry
 
@@ -62,8 +63,8 @@ def build_report(
             group=s.group,
             chosen=d.short(),
             decision=d.to_dict(),
-            bytes_before=DenseConfig().weight_bytes(s.in_features, s.out_features),
-            bytes_after=d.weight_bytes(s.in_features, s.out_features),
+            bytes_before=weight_bytes(DenseConfig(), s.site_shape),
+            bytes_after=weight_bytes(d, s.site_shape),
             status=rec.status if rec else "skipped",
             reason=rec.reason if rec else "",
             seconds=rec.seconds if rec else 0.0,

@@ -20,6 +20,7 @@ from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.planning.pricing import weight_bytes
 from slimfx.planning.shapes import LinearShape
 from slimfx.report import Report, SiteEntry
 
@@ -238,7 +239,7 @@ def _own_report(be: Any, result: PassResult, graphs: Sequence[GraphRecord]) -> R
         site, shape = _shape_of(be, r.fqn, graphs)
         d = be.plan[r.fqn] if be.plan is not None and r.fqn in be.plan else DenseConfig()
         out_f, in_f = shape
-        before = DenseConfig().weight_bytes(in_f, out_f)
+        before = weight_bytes(DenseConfig(), LinearShape(in_f, out_f)) if in_f else 0
         entries.append(
             SiteEntry(
                 fqn=r.fqn,
@@ -247,7 +248,9 @@ def _own_report(be: Any, result: PassResult, graphs: Sequence[GraphRecord]) -> R
                 chosen=d.short(),
                 decision=d.to_dict(),
                 bytes_before=before,
-                bytes_after=d.weight_bytes(in_f, out_f) if r.status == "applied" else before,
+                bytes_after=(
+                    weight_bytes(d, LinearShape(in_f, out_f)) if r.status == "applied" else before
+                ),
                 status=r.status,
                 reason=r.reason,
                 seconds=r.seconds,

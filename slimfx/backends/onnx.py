@@ -40,6 +40,8 @@ from slimfx.backends.ort import OrtModel, ort_session
 from slimfx.ir.match import node_module_path
 from slimfx.passes.base import PassResult
 from slimfx.passes.manager import PassManager, TimingInstrument
+from slimfx.planning.pricing import site_bytes
+from slimfx.planning.shapes import LinearShape
 
 # OrtModel and ort_session live in slimfx.backends.ort; re-exported here for one import line.
 __all__ = ["ExportResult", "OnnxExportError", "OrtModel", "export_onnx", "ort_session"]
@@ -395,7 +397,8 @@ def _reference_bytes(model: nn.Module, fqns: Sequence[str]) -> int:
         m = mods.get(f)
         d = getattr(m, "decision", None)
         if d is not None and hasattr(m, "in_features"):
-            total += d.bytes(m.in_features, m.out_features, getattr(m, "bias", None) is not None)
+            bias = getattr(m, "bias", None) is not None
+            total += site_bytes(d, LinearShape(m.in_features, m.out_features), bias)
     return total
 
 

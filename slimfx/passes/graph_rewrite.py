@@ -32,6 +32,7 @@ from slimfx.passes.swap import dense_bytes, raise_rejections, resolve_rule
 from slimfx.passes.validate import validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.planning.pricing import site_bytes
 
 __all__ = [
     "apply_plan_graph",
@@ -141,6 +142,10 @@ def apply_plan_graph(
         if site.fqn not in plan:
             continue
         decision = plan[site.fqn]
+        if site.kind != "linear":  # attention sites: their forms bring their own passes
+            reason = f"this pass rewrites linear sites, not {site.kind} sites"
+            records[site.fqn] = SiteRecord(site.fqn, decision.short(), "rejected", reason)
+            continue
         before = dense_bytes(site)
         if isinstance(decision, DenseConfig):
             records[site.fqn] = SiteRecord(
@@ -217,7 +222,7 @@ def apply_plan_graph(
             "",
             time.perf_counter() - t,
             dense_bytes(site),
-            decision.bytes(site.in_features, site.out_features, site.has_bias),
+            site_bytes(decision, site.site_shape, site.has_bias),
             {"nodes": new_names, "factor_cache_hit": hit},
         )
     if jobs:

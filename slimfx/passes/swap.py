@@ -27,13 +27,14 @@ from slimfx.passes.base import PassResult, Rule, SiteRecord, Verdict, rule_for
 from slimfx.passes.validate import suggest, validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.planning.pricing import site_bytes
 
 __all__ = ["apply_plan", "empty_like_plan", "validate_plan", "dense_bytes", "resolve_rule"]
 
 
 def dense_bytes(site: LinearSite) -> int:
     """Reference bytes of the dense linear: 16-bit weight (+ 16-bit bias)."""
-    return DenseConfig().bytes(site.in_features, site.out_features, site.has_bias)
+    return site_bytes(DenseConfig(), site.site_shape, site.has_bias)
 
 
 def resolve_rule(decision: Decision, rules: Mapping[str, Rule] | None = None) -> Rule | Verdict:
@@ -114,6 +115,10 @@ def _plan_jobs(
         if site.fqn not in plan:
             continue
         decision = plan[site.fqn]
+        if site.kind != "linear":  # attention sites: their forms bring their own passes
+            reason = f"this pass rewrites linear sites, not {site.kind} sites"
+            records[site.fqn] = SiteRecord(site.fqn, decision.short(), "rejected", reason)
+            continue
         before = dense_bytes(site)
         if isinstance(decision, DenseConfig):
             records[site.fqn] = SiteRecord(
@@ -253,7 +258,7 @@ def apply_plan(
             "",
             time.perf_counter() - t,
             dense_bytes(site),
-            decision.bytes(site.in_features, site.out_features, site.has_bias),
+            site_bytes(decision, site.site_shape, site.has_bias),
         )
     for job, new in built:
         _set_module(target, job.site.fqn, new)

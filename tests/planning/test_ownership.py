@@ -255,3 +255,32 @@ def test_budget_kv_is_a_fraction_and_only_in_to_dict_when_set() -> None:
     }
     with pytest.raises(ValueError, match="kv budget is a fraction"):
         Budget(kv=1.5)
+
+
+def test_module_swap_rejects_an_attention_decision_with_the_reason() -> None:
+    """A plan with an owning attention decision reaches the module swap: it validates the
+    plan (sites, shapes, owned sites) and rejects the attention site by reason, since no
+    pass rewrites attention sites yet; strict mode raises before touching the model."""
+    from torch import nn
+
+    from slimfx.ir.sites import AttentionSite, LinearSite
+    from slimfx.passes.swap import apply_plan
+
+    model = nn.ModuleDict({"k": nn.Linear(64, 32, bias=False), "v": nn.Linear(64, 32, bias=False)})
+    lin = [LinearSite(n, 64, 32, "torch.float32", False, f"{n}.weight", n) for n in ("k", "v")]
+    attn = AttentionSite("", 4, 2, 16, True, {"k": "k", "v": "v"}, hidden_size=64, layer_idx=0)
+    assert attn.site_shape == ATTN
+    plan = Plan(
+        {"": ToyLatentAttention(8)},
+        {"": ATTN, "k": LIN, "v": LIN},
+        owned_by={"k": "", "v": ""},
+    )
+    new, result = apply_plan(model, plan, [attn, *lin], strict=False)
+    assert [(r.fqn, r.status) for r in result.records] == [("", "rejected")]
+    assert "rewrites linear sites, not attention sites" in result.records[0].reason
+    assert not result.modified and isinstance(new["k"], nn.Linear)
+    with pytest.raises(ValueError, match="1 site\\(s\\) rejected"):
+        apply_plan(model, plan, [attn, *lin])
+    wrong = Plan({"": ToyLatentAttention(8)}, {"": AttentionShape(64, 4, 4, 16)})
+    with pytest.raises(ValueError, match="shapes do not match.*attention"):
+        apply_plan(model, wrong, [attn, *lin])

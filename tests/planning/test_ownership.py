@@ -284,3 +284,41 @@ def test_module_swap_rejects_an_attention_decision_with_the_reason() -> None:
     wrong = Plan({"": ToyLatentAttention(8)}, {"": AttentionShape(64, 4, 4, 16)})
     with pytest.raises(ValueError, match="shapes do not match.*attention"):
         apply_plan(model, wrong, [attn, *lin])
+
+
+@pytest.mark.parametrize("memory", [None, 0.5, 0.4])
+@pytest.mark.parametrize("kv", [1.0, 0.5, 0.3])
+def test_kv_cap_without_ownership_goes_through_the_milp(memory, kv) -> None:
+    """A cache-only form of the attention site (no weights, half the cache) under caps on
+    both dimensions: the MILP's answer equals brute force and honours each cap."""
+    attn = SiteOptions(
+        "attn",
+        [
+            Option(ToyDenseAttention(), 0, 0.0, costs={KV_BYTES_PER_TOKEN: KV_DENSE}),
+            Option(ToyLatentAttention(4), 0, 0.03, costs={KV_BYTES_PER_TOKEN: KV_DENSE // 2}),
+        ],
+        0,
+        kind="attention",
+        shape=ATTN,
+        dense_costs={KV_BYTES_PER_TOKEN: KV_DENSE},
+    )
+    problem = BudgetProblem([attn, _linear("k", 0.01), _linear("q", 0.02)])
+    budget = Budget(memory=memory, kv=kv)
+    want = _brute(problem, budget)
+    if want is None:
+        with pytest.raises(InfeasibleBudgetError, match="kv budget 0.300"):
+            solve(problem, budget)
+        return
+    sol = solve(problem, budget)
+    assert (sol.solver, sol.error, sol.bytes) == ("milp", pytest.approx(want[0]), want[1])
+    assert sol.costs[KV_BYTES_PER_TOKEN] <= kv * KV_DENSE
+
+
+def test_rules_reject_a_site_of_another_kind() -> None:
+    from slimfx.ir.sites import AttentionSite
+    from slimfx.passes.base import rule_for
+    from slimfx.planning.configs import LowRankConfig
+
+    attn = AttentionSite("attn", 4, 2, 16, True, {"k": "k"}, hidden_size=64)
+    verdict = rule_for(LowRankConfig(4)).check(attn, LowRankConfig(4))
+    assert not verdict.ok and "rewrites linear sites, not attention" in verdict.reason

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -162,8 +163,6 @@ def find_sites(
     model: nn.Module, example: tuple[tuple, dict]
 ) -> tuple[list[LinearSite], dict[str, Any]]:
     """Capture ``model`` and find its linear sites; the second value says how."""
-    import time
-
     t0 = time.perf_counter()
     captured = capture_graph(model, example[0], example[1], fallback=True)
     sites = find_linear_sites(captured, model)

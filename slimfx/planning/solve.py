@@ -435,14 +435,15 @@ def _solve_general(
 ) -> Solution:
     """The MILP path for ownership and extra dimensions: every capped dimension is checked
     alone first (the message names its smallest achievable), then all together."""
-    parts = []
+    parts = []  # (label, cap, per-site values, describe)
     if lim.cap is not None:
-        parts.append((lim.cap, lambda s: s.b, _memory_parts))
+        parts.append(("memory", lim.cap, lambda s: s.b, _memory_parts))
     if lim.lat is not None:
-        parts.append((lim.lat, lambda s: s.t, _latency_parts))
+        parts.append(("latency", lim.lat, lambda s: s.t, _latency_parts))
     if KV_BYTES_PER_TOKEN in lim.extra:
-        parts.append((lim.extra[KV_BYTES_PER_TOKEN], lambda s: s.c[KV_BYTES_PER_TOKEN], _kv_parts))
-    for cap, get, describe in parts:
+        cap = lim.extra[KV_BYTES_PER_TOKEN]
+        parts.append(("kv", cap, lambda s: s.c[KV_BYTES_PER_TOKEN], _kv_parts))
+    for _, cap, get, describe in parts:
         if _smallest(sites, get) > cap:
             limit, smallest = describe(problem, budget, sites, lim)
             raise InfeasibleBudgetError(
@@ -450,13 +451,12 @@ def _solve_general(
             )
     bytes_first = not parts and budget.max_error is not None
     ch, status = solve_milp(sites, lim, "bytes" if bytes_first else "error")
-    if ch is None:
-        described = [describe(problem, budget, sites, lim) for _, _, describe in parts]
+    if ch is None:  # each limit alone is reachable, all together not
+        described = [(label, *describe(problem, budget, sites, lim)) for label, *_, describe in parts]
         raise InfeasibleBudgetError(
-            " together with ".join(limit for limit, _ in described)
+            " together with ".join(limit for _, limit, _ in described)
             + f" is infeasible{_cap_note(budget)}, though each alone is reachable: "
-            + ", ".join(f"the smallest achievable {lim_.split(' budget')[0]} is {smallest}"
-                        for lim_, smallest in described)
+            + ", ".join(f"the smallest achievable {label} is {low}" for label, _, low in described)
         )
     return done(_polish(sites, ch, lim), "milp", status)
 

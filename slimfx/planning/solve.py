@@ -368,6 +368,11 @@ def solve(problem: BudgetProblem, budget: Budget, method: str = "auto") -> Solut
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     budget = Budget.of(budget)
+    if budget.kv is not None and not problem.dense_costs.get(KV_BYTES_PER_TOKEN):
+        raise ValueError(
+            f"Budget(kv={budget.kv:g}) caps the KV cache, but no site of this problem holds one "
+            "(no attention site was priced)"
+        )
     lim = _limits(problem, budget)
     milp_only = _needs_milp(problem, lim)
     if method in ("dp", "greedy") and milp_only:

@@ -211,9 +211,21 @@ def test_problem_json_round_trip_keeps_costs_covers_and_shapes() -> None:
 def test_dp_and_greedy_refuse_with_the_reason(method) -> None:
     with pytest.raises(ValueError, match=rf"method '{method}' cannot solve.*own other sites.*milp"):
         solve(_problem(0.005), Budget(memory=0.5), method)
-    plain = BudgetProblem([_linear("k", 0.01), _linear("v", 0.01)])
+    dense_attn = SiteOptions(
+        "attn",
+        [Option(ToyDenseAttention(), 0, 0.0, costs={KV_BYTES_PER_TOKEN: KV_DENSE})],
+        0,
+        kind="attention",
+        dense_costs={KV_BYTES_PER_TOKEN: KV_DENSE},
+    )
+    plain = BudgetProblem([_linear("k", 0.01), dense_attn])  # no ownership: only the kv cap
     with pytest.raises(ValueError, match=r"caps kv_bytes_per_token"):
         solve(plain, Budget(kv=0.5), method)
+
+
+def test_kv_budget_without_a_cache_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"Budget\(kv=0.5\) caps the KV cache, but no site"):
+        solve(BudgetProblem([_linear("k", 0.01)]), Budget(kv=0.5))
 
 
 def test_infeasible_budgets_name_the_smallest_achievable_per_dimension() -> None:

@@ -411,11 +411,13 @@ def solve(pl: Planning) -> PassResult:
 
 
 def complete_plan(pl: Planning) -> PassResult:
-    """A replayed plan completed to every site (dense where it says nothing)."""
+    """A replayed plan completed to every site (dense where it says nothing and no other
+    site's decision owns the site)."""
     plan = pl.options.plan
     assert plan is not None
+    unplanned = [s.fqn for s in pl.sites if s.fqn not in plan.owned_by]
     pl.plan = Plan(
-        {**{s.fqn: DenseConfig() for s in pl.sites}, **dict(plan.decisions)},
+        {**{fqn: DenseConfig() for fqn in unplanned}, **dict(plan.decisions)},
         {**{s.fqn: s.site_shape for s in pl.sites}, **plan.shapes},
         dict(plan.meta),
         dict(plan.owned_by),

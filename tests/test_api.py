@@ -466,3 +466,36 @@ def test_optimize_keywords_are_the_planning_options_plus_its_own():
     assert opts.solver == "milp" and opts == stages.PlanningOptions(solver="milp")
     with pytest.raises(TypeError, match="not both"):
         api.plan_model(torch.nn.Linear(2, 2), 0.5, opts, solver="dp")
+
+
+def test_plan_model_runs_its_stages_through_the_pass_manager(tiny_mlp):
+    """Planning is a pipeline: an instrument sees each stage, the timings name them, and a
+    replayed plan takes the check/complete stages instead of pricing and solving."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def before(self, name, obj) -> None:
+            self.seen.append(name)
+
+        def after(self, name, obj, result) -> None:
+            assert result.name == name and obj.sites
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 16, generator=gen) for _ in range(3)]
+    rec = Recorder()
+    pl = api.plan_model(
+        tiny_mlp, 0.5, calibration=batches, families=("lowrank",), progress=False,
+        instruments=[rec],
+    )  # fmt: skip
+    assert rec.seen == ["capture", "calibration", "candidates", "solve"]
+    assert set(rec.seen) <= set(pl.timings) and pl.solver == "milp"
+    assert pl.plan.shapes["2"] == pl.sites[1].site_shape  # shape objects in the plan
+    replay = Recorder()
+    again = api.plan_model(
+        tiny_mlp, None, stages.PlanningOptions(plan=pl.plan, calibration=batches, progress=False),
+        instruments=[replay],
+    )  # fmt: skip
+    assert replay.seen == ["capture", "check_plan", "calibration", "complete_plan"]
+    assert again.plan == pl.plan and again.problem is None

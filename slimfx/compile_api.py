@@ -29,39 +29,24 @@ from slimfx.passes.base import PassResult
 from slimfx.planning.configs import DEFAULT_FAMILIES
 from slimfx.planning.plan import Plan
 from slimfx.report import Report
+from slimfx.stages import PlanningOptions
 
 __all__ = ["backend", "plan_for_compile"]
 
 
-def plan_for_compile(
-    model: nn.Module,
-    *,
-    budget: Any = None,
-    plan: Plan | None = None,
-    calibration: Sequence | None = None,
-    families: Sequence[str] = DEFAULT_FAMILIES,
-    target: str = "cpu",
-    workload: str = "decode",
-    tokenizer: Any = None,
-    seq_len: int = 256,
-    heldout: Sequence | None = None,
-    example_inputs: tuple | None = None,
-    include: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
-    solver: str = "auto",
-    fisher: bool | None = None,
-    latency_cache: Any = None,
-    progress: bool = False,
-) -> Planned:
+def plan_for_compile(model: nn.Module, *, budget: Any = None, **options: Any) -> Planned:
     """Solve (``budget``) or complete (``plan``) one Plan for ``model`` as ``optimize`` does,
-    without rewriting the model; see the module docstring. Arguments as in ``optimize``."""
+    without rewriting the model; see the module docstring. ``options``: the planning keywords
+    of ``optimize`` (``slimfx.stages.PlanningOptions``; ``progress`` defaults to False here)."""
     t_start = time.perf_counter()
-    if budget is None and plan is None:
+    options.setdefault("progress", False)
+    opts = PlanningOptions(**options)
+    if budget is None and opts.plan is None:
         raise ValueError("plan_for_compile needs budget= or plan=")
-    if calibration is None and example_inputs is None:
+    if opts.calibration is None and opts.example_inputs is None:
         raise ValueError("solving a budget needs calibration data (or example_inputs with plan=)")
-    # every planning option of this signature, by name (``backend`` keeps plan_model's default)
-    pl = api.plan_model(model, budget, **api._planning_options(locals()))
+    pl = api.plan_model(model, budget, opts)
+    target, workload = opts.target, opts.workload
     seconds = time.perf_counter() - t_start
 
     def build_report(result: PassResult) -> Report:
@@ -70,7 +55,7 @@ def plan_for_compile(
         )
         report.solver = pl.solver
         report.notes = list(pl.notes)
-        report.timings = {"plan": seconds}
+        report.timings = {**pl.timings, "plan": seconds}
         report.meta = {
             "model_class": type(model).__name__,
             "plan": pl.plan.to_dict(),

@@ -15,7 +15,6 @@ from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget, BudgetProblem
-from slimfx.planning.shapes import LinearShape
 from slimfx.report import Report, SiteEntry
 
 __all__ = ["build_report", "runner_up", "target_name"]
@@ -63,8 +62,8 @@ def build_report(
             group=s.group,
             chosen=d.short(),
             decision=d.to_dict(),
-            bytes_before=DenseConfig().weight_bytes(LinearShape(s.in_features, s.out_features)),
-            bytes_after=d.weight_bytes(LinearShape(s.in_features, s.out_features)),
+            bytes_before=DenseConfig().weight_bytes(s.site_shape),
+            bytes_after=d.weight_bytes(s.site_shape),
             status=rec.status if rec else "skipped",
             reason=rec.reason if rec else "",
             seconds=rec.seconds if rec else 0.0,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import slimfx
-from slimfx import api
+from slimfx import api, stages
 from slimfx.ir.modules import SlimLinear
 from slimfx.planning.configs import LowRankConfig
 from slimfx.planning.problem import Budget, InfeasibleBudgetError
@@ -106,9 +106,12 @@ def test_plan_replay_without_cost_model_or_solver(optimized, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("replay must not run the cost model or the solver")
 
-    monkeypatch.setattr(api, "build_problem", boom)
-    monkeypatch.setattr(api, "solve", boom)
+    monkeypatch.setattr(stages, "build_problem", boom)
+    monkeypatch.setattr(stages, "solve_budget", boom)
     again = slimfx.optimize(model, plan=plan, calibration=_calib(), progress=False)
+    timings = slimfx.report_of(again).timings  # the pipeline's stages, timed by the manager
+    assert {"capture", "check_plan", "calibration", "complete_plan", "apply"} <= set(timings)
+    assert "candidates" not in timings and "solve" not in timings
     x = torch.randint(0, 256, (1, 12))
     torch.testing.assert_close(again(x).logits, new(x).logits, rtol=0, atol=1e-6)
     assert slimfx.report_of(again).solver == "replayed plan"
@@ -443,3 +446,56 @@ def test_roofline_latency_budget_says_what_it_cannot_know():
                "calibrate-target" in n for n in other.notes)
     mem = slimfx.report_of(slimfx.optimize(tiny_llama(), 0.8, **kw))
     assert not any(n.startswith("latency budget") for n in mem.notes)
+
+
+def test_optimize_keywords_are_the_planning_options_plus_its_own():
+    """One options object: every planning keyword of optimize is a PlanningOptions field
+    (and the reverse), so the two lists cannot drift apart."""
+    import dataclasses
+    import inspect
+
+    kw = {
+        p.name
+        for p in inspect.signature(slimfx.optimize).parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    fields = {f.name for f in dataclasses.fields(stages.PlanningOptions)}
+    assert kw - fields == {"sequential", "inplace"}
+    assert fields <= kw
+    opts = stages.PlanningOptions.of({"solver": "milp", "sequential": True, "model": None})
+    assert opts.solver == "milp" and opts == stages.PlanningOptions(solver="milp")
+    with pytest.raises(TypeError, match="not both"):
+        api.plan_model(torch.nn.Linear(2, 2), 0.5, opts, solver="dp")
+
+
+def test_plan_model_runs_its_stages_through_the_pass_manager(tiny_mlp):
+    """Planning is a pipeline: an instrument sees each stage, the timings name them, and a
+    replayed plan takes the check/complete stages instead of pricing and solving."""
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def before(self, name, obj) -> None:
+            self.seen.append(name)
+
+        def after(self, name, obj, result) -> None:
+            assert result.name == name and obj.sites
+
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randn(8, 16, generator=gen) for _ in range(3)]
+    rec = Recorder()
+    pl = api.plan_model(
+        tiny_mlp, 0.5, calibration=batches, families=("lowrank",), progress=False,
+        instruments=[rec],
+    )  # fmt: skip
+    assert rec.seen == ["capture", "calibration", "candidates", "solve"]
+    assert set(rec.seen) <= set(pl.timings) and pl.solver == "milp"
+    assert pl.plan.shapes["2"] == pl.sites[1].site_shape  # shape objects in the plan
+    replay = Recorder()
+    again = api.plan_model(
+        tiny_mlp, None, stages.PlanningOptions(plan=pl.plan, calibration=batches, progress=False),
+        instruments=[replay],
+    )  # fmt: skip
+    assert replay.seen == ["capture", "check_plan", "calibration", "complete_plan"]
+    assert again.plan == pl.plan and again.problem is None

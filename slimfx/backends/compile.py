@@ -70,6 +70,8 @@ from slimfx.backends.graph_sites import GraphSites, graph_linear_sites, param_na
 from slimfx.backends.triton_lowering import lower_graph, not_lowered
 from slimfx.passes.base import PassResult, Rule, SiteRecord
 from slimfx.passes.graph_rewrite import apply_plan_graph
+from slimfx.passes.manager import PassManager, TimingInstrument
+from slimfx.passes.validate import validate_plan, weight_sites
 from slimfx.planning.configs import DEFAULT_FAMILIES, Decision
 from slimfx.planning.plan import Plan
 from slimfx.report import Report
@@ -138,6 +140,75 @@ def _short(d: Decision) -> str:
     return d.short()
 
 
+class _Subgraph:
+    """One sub-graph's run of the backend's pipeline: the passes are bound methods that fill
+    the fields the sub-graph's :class:`GraphRecord` is made of."""
+
+    def __init__(self, be: SlimfxBackend, example_inputs: Sequence[Any]) -> None:
+        self.be, self.example_inputs = be, example_inputs
+        self.found: GraphSites | None = None
+        self.rewrite_result: PassResult | None = None
+        self.lowering: PassResult | None = None
+        self.not_planned: list[str] = []
+
+    def rewrite(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
+        """Map the graph's linears to the model's sites and apply the plan's decisions."""
+        be = self.be
+        found = self.found = graph_linear_sites(
+            gm,
+            self.example_inputs,
+            be.model,
+            candidates=[f"{f}.weight" if f else "weight" for f in (be.plan or ())],
+        )
+        self.not_planned = [s.fqn for s in found.sites if be.plan is None or s.fqn not in be.plan]
+        if be.plan is None:
+            return gm, PassResult(name="apply_plan_graph")
+        here = [s for s in found.sites if s.fqn in be.plan]
+        blocked = {s.fqn for s in here if s.fqn in found.left_alone}
+        blocked |= {p for p in found.left_alone if p in be.plan}
+        here = [s for s in here if s.fqn not in blocked]
+        rewrite = None
+        if here:
+            sub = Plan(
+                {s.fqn: be.plan[s.fqn] for s in here},
+                {s.fqn: be.plan.shapes[s.fqn] for s in here if s.fqn in be.plan.shapes},
+                dict(be.plan.meta),
+            )
+            gm, rewrite = apply_plan_graph(
+                gm,
+                sub,
+                here,
+                {s.fqn: found.weights[s.fqn] for s in here},
+                be.grams,
+                strict=be.strict,
+                factor_cache=be.factor_cache,
+                rules=be.rules,
+            )
+        if blocked:
+            rewrite = rewrite or PassResult(name="apply_plan_graph")
+            for fqn in sorted(blocked):
+                d = be.plan[fqn]
+                rewrite.records.append(SiteRecord(fqn, _short(d), "skipped", found.left_alone[fqn]))
+        self.rewrite_result = rewrite
+        return gm, rewrite or PassResult(name="apply_plan_graph")
+
+    def lower(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
+        """Lower slimfx ops to Triton kernel ops (not when gradients may flow)."""
+        if torch.is_grad_enabled() and any(
+            isinstance(t, Tensor) and t.requires_grad for t in self.example_inputs
+        ):
+            self.lowering = not_lowered(gm, NO_GRAD_REASON)
+        else:
+            gm, self.lowering = lower_graph(gm)
+        return gm, self.lowering
+
+
+def constant_sources(gm: fx.GraphModule) -> PassResult:
+    """``_give_constants_a_source`` as a pipeline pass."""
+    _give_constants_a_source(gm)
+    return PassResult(name="constant_sources")
+
+
 class SlimfxBackend:
     """A configured slimfx ``torch.compile`` backend (see the module docstring).
 
@@ -182,84 +253,30 @@ class SlimfxBackend:
         self.factor_cache: dict = {}
         self.graphs: list[GraphRecord] = []
         if model is not None and plan is not None:
-            self._check_plan_names(model, plan)
-
-    @staticmethod
-    def _check_plan_names(model: nn.Module, plan: Plan) -> None:
-        import difflib
-
-        mods = dict(model.named_modules())
-        bad = []
-        for fqn in plan:
-            w = getattr(mods.get(fqn), "weight", None)
-            if not (isinstance(w, Tensor) and w.dim() == 2):
-                m = difflib.get_close_matches(fqn, list(mods), n=1)
-                bad.append(f"{fqn!r}" + (f" (did you mean {m[0]!r}?)" if m else ""))
-        if bad:
-            raise ValueError(
-                f"plan names {len(bad)} site(s) that are not linear modules of "
-                f"{type(model).__name__}: {', '.join(bad[:5])}"
-            )
+            validate_plan(plan, weight_sites(model))
 
     # ----------------------------------------------------------------- per sub-graph
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         t0 = time.perf_counter()
-        found = graph_linear_sites(
-            gm,
-            example_inputs,
-            self.model,
-            candidates=[f"{f}.weight" if f else "weight" for f in (self.plan or ())],
-        )
-        rewrite = None
-        not_planned = [s.fqn for s in found.sites if self.plan is None or s.fqn not in self.plan]
-        if self.plan is not None:
-            here = [s for s in found.sites if s.fqn in self.plan]
-            blocked = {s.fqn for s in here if s.fqn in found.left_alone}
-            blocked |= {p for p in found.left_alone if p in self.plan}
-            here = [s for s in here if s.fqn not in blocked]
-            if here:
-                sub = Plan(
-                    {s.fqn: self.plan[s.fqn] for s in here},
-                    {s.fqn: self.plan.shapes[s.fqn] for s in here if s.fqn in self.plan.shapes},
-                    dict(self.plan.meta),
-                )
-                gm, rewrite = apply_plan_graph(
-                    gm,
-                    sub,
-                    here,
-                    {s.fqn: found.weights[s.fqn] for s in here},
-                    self.grams,
-                    strict=self.strict,
-                    factor_cache=self.factor_cache,
-                    rules=self.rules,
-                )
-            if blocked:
-                rewrite = rewrite or PassResult(name="apply_plan_graph")
-                for fqn in sorted(blocked):
-                    d = self.plan[fqn]
-                    rewrite.records.append(
-                        SiteRecord(fqn, _short(d), "skipped", found.left_alone[fqn])
-                    )
-        lowering = None
+        run = _Subgraph(self, example_inputs)
+        passes: list[Any] = [run.rewrite]
         if self.lower_to_triton:
-            if torch.is_grad_enabled() and any(
-                isinstance(t, Tensor) and t.requires_grad for t in example_inputs
-            ):
-                lowering = not_lowered(gm, NO_GRAD_REASON)
-            else:
-                gm, lowering = lower_graph(gm)
-        _give_constants_a_source(gm)
+            passes.append(run.lower)
+        passes.append(constant_sources)
+        timing = TimingInstrument()
+        gm, _ = PassManager(passes, [timing]).run(gm)
         refs = [weakref.ref(t) for t in example_inputs if isinstance(t, nn.Parameter)]
         self.graphs.append(
             GraphRecord(
                 index=len(self.graphs),
-                sites=found.sites,
-                rewrite=rewrite,
-                lowering=lowering,
-                unresolved=found.unresolved,
-                not_planned=not_planned,
+                sites=run.found.sites if run.found is not None else [],
+                rewrite=run.rewrite_result,
+                lowering=run.lowering,
+                unresolved=run.found.unresolved if run.found is not None else [],
+                not_planned=run.not_planned,
                 seconds=time.perf_counter() - t0,
                 param_refs=refs,
+                timings=list(timing.timings),
             )
         )
         return self._inner(gm, example_inputs)

@@ -63,6 +63,8 @@ class GraphRecord:
     not_planned: list[str]
     seconds: float
     param_refs: list[weakref.ref] = field(default_factory=list, repr=False)
+    #: (pass name, seconds) of this sub-graph's pipeline, in run order
+    timings: list[tuple[str, float]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         """A JSON-able line for the report: sites, applied / rejected / skipped, lowering."""
@@ -199,6 +201,11 @@ def compile_report(be: Any, graphs: Sequence[GraphRecord]) -> Report:
         notes.append(f"{len(unresolved)} linear node(s) left alone: {'; '.join(unresolved[:3])}")
     report.notes = [*report.notes, *(n for n in [*notes, *be.notes] if n not in report.notes)]
     report.capture = {"method": "dynamo", "graphs": len(graphs)}
+    timings = dict(report.timings)
+    for g in graphs:  # the per-sub-graph pipelines' passes, summed over sub-graphs
+        for name, seconds in g.timings:
+            timings[f"compile:{name}"] = timings.get(f"compile:{name}", 0.0) + seconds
+    report.timings = timings
     report.meta = {
         **report.meta,
         "backend": "slimfx",
@@ -219,8 +226,10 @@ def _shape_of(be: Any, fqn: str, graphs: Sequence[GraphRecord]) -> tuple[LinearS
     for s in be.planned.sites if be.planned else ():
         if s.fqn == fqn:
             return s, s.shape
-    shape = tuple(be.plan.shapes.get(fqn, (0, 0))) if be.plan is not None else (0, 0)
-    return None, shape
+    recorded = be.plan.shapes.get(fqn) if be.plan is not None else None
+    if isinstance(recorded, LinearShape):
+        return None, (recorded.out_features, recorded.in_features)
+    return None, (0, 0)
 
 
 def _own_report(be: Any, result: PassResult, graphs: Sequence[GraphRecord]) -> Report:

@@ -12,16 +12,15 @@ weight is computed in the graph, or belongs to no linear module, is left alone a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, fx, nn
 
-from slimfx.backends.triton_lowering import node_module_path
 from slimfx.ir.capture import FQN_KEY, normalize_module_path
+from slimfx.ir.match import linear_args, linear_nodes, node_module_path, weight_owner
 from slimfx.ir.sites import LinearSite
-from slimfx.passes.graph_rewrite import linear_nodes
 
 __all__ = ["GraphSites", "graph_linear_sites", "param_name_from_placeholder"]
 
@@ -36,14 +35,6 @@ class GraphSites:
     #: module path → why a linear node run in it was left alone; such a module stays dense in
     #: this graph even when another of its linear nodes could be rewritten
     left_alone: dict[str, str]
-
-
-def _linear_xwb(node: fx.Node) -> tuple[Any, Any, Any]:
-    a, k = node.args, node.kwargs
-    x = a[0] if len(a) > 0 else k.get("input")
-    w = a[1] if len(a) > 1 else k.get("weight")
-    b = a[2] if len(a) > 2 else k.get("bias")
-    return x, w, b
 
 
 def _attr(gm: fx.GraphModule, target: str) -> Any:
@@ -75,30 +66,6 @@ def param_name_from_placeholder(name: str, candidates: Iterable[str] = ()) -> st
     return by_spelling.get(mangled)
 
 
-def _owner(
-    modules: Mapping[str, nn.Module],
-    aliases: Sequence[str],
-    node: fx.Node,
-    tensor: Tensor,
-) -> str | None:
-    """The module that owns this use of ``tensor`` (see ``slimfx.ir.find``): the node's own
-    module when its 2-D ``.weight`` is ``tensor``, else an ``nn.Linear`` holding it."""
-    path = node_module_path(node)
-    if path is not None:
-        path = normalize_module_path(path, dict(modules))
-        own = modules.get(path)
-        w = getattr(own, "weight", None)
-        if w is tensor and isinstance(w, Tensor) and w.dim() == 2:
-            return path
-    for name in aliases:
-        if name == "weight" or name.endswith(".weight"):
-            cand = name.rpartition(".")[0]
-            mod = modules.get(cand)
-            if isinstance(mod, nn.Linear) and mod.weight is tensor:
-                return cand
-    return None
-
-
 def graph_linear_sites(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -122,7 +89,7 @@ def graph_linear_sites(
     found: dict[str, dict[str, Any]] = {}
     unresolved: list[tuple[fx.Node, str]] = []
     for node in linear_nodes(gm):
-        x, w, b = _linear_xwb(node)
+        x, w, b = linear_args(node)
         tensor, spelled = None, None
         if isinstance(w, fx.Node) and w.op == "placeholder":
             tensor, spelled = inputs.get(w), str(w.target)
@@ -137,7 +104,7 @@ def graph_linear_sites(
             if not aliases:
                 unresolved.append((node, f"weight {spelled} is not a parameter of the model"))
                 continue
-            owner = _owner(modules, aliases, node, tensor)
+            owner = weight_owner(modules, node, tensor, aliases)
             tied = tuple(a for a in aliases if a != (f"{owner}.weight" if owner else "weight"))
         else:
             pname = param_name_from_placeholder(spelled or "", candidates)

@@ -37,7 +37,9 @@ from torch import Tensor, nn
 
 from slimfx.backends import onnx_decode, onnx_ops
 from slimfx.backends.ort import OrtModel, ort_session
-from slimfx.ir.capture import normalize_module_path
+from slimfx.ir.match import node_module_path
+from slimfx.passes.base import PassResult
+from slimfx.passes.manager import PassManager, TimingInstrument
 from slimfx.planning.shapes import LinearShape
 
 # OrtModel and ort_session live in slimfx.backends.ort; re-exported here for one import line.
@@ -76,6 +78,7 @@ class ExportResult:
     site_file_bytes: int = 0
     seconds: float = 0.0
     accuracy_level: int = 0
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per export stage
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -89,6 +92,7 @@ class ExportResult:
             "site_file_bytes": self.site_file_bytes,
             "seconds": round(self.seconds, 2),
             "accuracy_level": self.accuracy_level,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
         }
 
     def __str__(self) -> str:
@@ -227,11 +231,7 @@ def _export_decode_step(
 
 def _site_of(node: torch.fx.Node) -> str:
     """Module path of the innermost module ``node`` ran in (the wrapper prefix removed)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "<root>"
-    path = list(stack.values())[-1][0]
-    fqn = normalize_module_path(path)
+    fqn = node_module_path(node) or ""
     fqn = fqn.removeprefix(_WRAP + ".").removeprefix(_WRAP)
     return fqn or "<root>"
 
@@ -405,6 +405,85 @@ def _reference_bytes(model: nn.Module, fqns: Sequence[str]) -> int:
 # ------------------------------------------------------------------------------ export
 
 
+class _Export:
+    """One export as a pipeline: each method is a stage run by the pass manager (whose timing
+    instrument fills ``ExportResult.timings``); the object passed between them holds the
+    options, and the stages keep what they make on ``self``."""
+
+    def __init__(
+        self, model: nn.Module, path: Path, args: tuple, dynamic: bool, kv_cache: bool
+    ) -> None:
+        self.model, self.path, self.args = model, path, args
+        self.dynamic, self.kv_cache = dynamic, kv_cache
+        self.data_path: Path | None = None
+        self.ir_model: Any = None
+        self.how: dict[str, str] = {}
+        self.site_bytes: dict[str, int] = {}
+
+    def torch_export(self, opts: dict) -> PassResult:
+        with torch.no_grad():
+            self.program, self.in_names, self.out_names, self.axis_names = _export_program(
+                self.model, self.args, self.dynamic, self.kv_cache
+            )
+        return PassResult("torch_export", True)
+
+    def check_translatable(self, opts: dict) -> PassResult:
+        _check_translatable(self.program)
+        return PassResult("check_translatable")
+
+    def to_onnx(self, opts: dict) -> PassResult:
+        kwargs: dict[str, Any] = {}
+        if opts["opset"] is not None:
+            kwargs["opset_version"] = opts["opset"]
+        onnx_ops.export_options["accuracy_level"] = opts["accuracy_level"]
+        try:
+            prog = torch.onnx.export(
+                self.program,
+                (),
+                dynamo=True,
+                custom_translation_table=onnx_ops.translation_table(),
+                input_names=self.in_names,
+                output_names=self.out_names,
+                optimize=True,
+                verbose=False,
+                **kwargs,
+            )
+        finally:
+            onnx_ops.export_options["accuracy_level"] = 0
+        self.ir_model = prog.model
+        return PassResult("to_onnx", True)
+
+    def fold_markers(self, opts: dict) -> PassResult:
+        markers = _markers_by_site(self.ir_model)
+        folded = _fold_markers(self.ir_model.graph)  # every slimfx.fold marker → an initializer
+        _rename_axes(self.ir_model, self.axis_names)
+        self.how, self.site_bytes = _site_summary(self.ir_model, markers)
+        return PassResult("fold_markers", bool(folded))
+
+    def save(self, opts: dict) -> PassResult:
+        import onnx
+        import onnx_ir as ir
+
+        weight_bytes = sum(
+            int(v.const_value.nbytes)
+            for v in self.ir_model.graph.initializers.values()
+            if v.const_value is not None
+        )
+        external = opts["external_data"]
+        use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external is None else external
+        path = self.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.data_path = path.with_name(path.name + ".data") if use_external else None
+        if self.data_path is not None and self.data_path.exists():
+            self.data_path.unlink()  # ir.save appends to an existing data file
+        name = None if self.data_path is None else self.data_path.name
+        ir.save(self.ir_model, path, external_data=name)
+        onnx.checker.check_model(str(path))
+        return PassResult("save", True)
+
+
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -438,7 +517,6 @@ def export_onnx(
     entry gets ``extra["onnx"]``.
     """
     t0 = time.perf_counter()
-    path = Path(path)
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     bf16 = [n for n, p in model.named_parameters() if p.dtype == torch.bfloat16]
@@ -447,54 +525,15 @@ def export_onnx(
             f"{len(bf16)} bfloat16 parameter(s) (e.g. {bf16[0]}): onnxruntime's CPU provider has "
             "no bfloat16 MatMul / MatMulNBits; export model.float() (or .half()) instead"
         )
-    with torch.no_grad():
-        program, in_names, out_names, axis_names = _export_program(
-            model, example_inputs, dynamic, kv_cache
-        )
-    _check_translatable(program)
-
-    kwargs: dict[str, Any] = {}
-    if opset is not None:
-        kwargs["opset_version"] = opset
-    onnx_ops.export_options["accuracy_level"] = accuracy_level
-    try:
-        prog = torch.onnx.export(
-            program,
-            (),
-            dynamo=True,
-            custom_translation_table=onnx_ops.translation_table(),
-            input_names=in_names,
-            output_names=out_names,
-            optimize=True,
-            verbose=False,
-            **kwargs,
-        )
-    finally:
-        onnx_ops.export_options["accuracy_level"] = 0
-    ir_model = prog.model
-    markers = _markers_by_site(ir_model)
-    _fold_markers(ir_model.graph)  # every slimfx.fold marker → an initializer
-    _rename_axes(ir_model, axis_names)
-    how, site_bytes = _site_summary(ir_model, markers)
-
-    weight_bytes = sum(
-        int(v.const_value.nbytes)
-        for v in ir_model.graph.initializers.values()
-        if v.const_value is not None
+    run = _Export(model, Path(path), tuple(example_inputs), dynamic, kv_cache)
+    timing = TimingInstrument()
+    stages = [run.torch_export, run.check_translatable, run.to_onnx, run.fold_markers, run.save]
+    PassManager(stages, [timing]).run(
+        {"opset": opset, "accuracy_level": accuracy_level, "external_data": external_data}
     )
-    use_external = (
-        weight_bytes > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    path, data_path, ir_model, how, site_bytes = (
+        run.path, run.data_path, run.ir_model, run.how, run.site_bytes
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data_path = path.with_name(path.name + ".data") if use_external else None
-    if data_path is not None and data_path.exists():
-        data_path.unlink()  # ir.save appends to an existing data file
-    import onnx
-    import onnx_ir as ir
-
-    ir.save(ir_model, path, external_data=None if data_path is None else data_path.name)
-    onnx.checker.check_model(str(path))
-
     counts = Counter(n.op_type for n in ir_model.graph.all_nodes())
     notes = []
     dense24 = [f for f, h in how.items() if "2:4 densified" in h]
@@ -527,6 +566,7 @@ def export_onnx(
         site_file_bytes=sum(site_bytes.values()),
         seconds=time.perf_counter() - t0,
         accuracy_level=accuracy_level,
+        timings=dict(timing.timings),
     )
     result.notes.extend(_pricing_mismatch(model, accuracy_level))
     _annotate_report(model, result)
@@ -561,6 +601,8 @@ def _annotate_report(model: nn.Module, result: ExportResult) -> None:
         + ", ".join(f"{k} {v}" for k, v in sorted(result.op_counts.items()) if "MatMul" in k)
     )
     rep.notes.extend(f"onnx: {n}" for n in result.notes)
+    if isinstance(getattr(rep, "timings", None), dict):
+        rep.timings.update({f"onnx:{k}": v for k, v in result.timings.items()})
     for entry in getattr(rep, "sites", []):
         if entry.fqn in result.sites:
             entry.extra["onnx"] = result.sites[entry.fqn]

@@ -35,7 +35,6 @@ Two targets, one entry point, :func:`lower_to_triton`:
 
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from collections.abc import Callable
@@ -47,8 +46,9 @@ from torch import Tensor, fx, nn
 
 import slimfx.ir.ops  # noqa: F401  (registers the slimfx::* ops)
 from slimfx import forms, kernels
-from slimfx.ir.capture import FQN_KEY, ORIGIN_KEY, normalize_module_path
+from slimfx.ir.capture import ORIGIN_KEY
 from slimfx.ir.graph import finalize, node_value, replace_node
+from slimfx.ir.match import node_module_path
 from slimfx.ir.modules import LowRankLinear
 from slimfx.ir.modules_quant import QuantLinear
 from slimfx.ir.modules_sparse import Sparse24Linear
@@ -186,24 +186,6 @@ def _arg_value(gm: fx.GraphModule, a: Any) -> tuple[Any, bool]:
             return obj, True
     v = node_value(a)
     return _concrete(v), v is not None
-
-
-_DYNAMO_ROOT = re.compile(r"^L\[\s*['\"]\w+['\"]\s*\]\.?")
-
-
-def node_module_path(node: fx.Node) -> str | None:
-    """The module path a node ran in: ``meta["slimfx.fqn"]``, else the innermost
-    ``nn_module_stack`` entry with the dynamo root (``L['self']`` / ``L['<any name>']``)
-    stripped; ``None`` when the graph does not say."""
-    fqn = node.meta.get(FQN_KEY)
-    if isinstance(fqn, str):
-        return fqn
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    value = list(stack.values())[-1]
-    path = value[0] if isinstance(value, tuple) else str(value)
-    return normalize_module_path(_DYNAMO_ROOT.sub("", path, count=1))
 
 
 def _site_of(node: fx.Node) -> str:

@@ -12,7 +12,8 @@ Linears reading the same graph node (looking through the views a decomposition a
 When capture fell back to the module tree, ``discover_linear_sites`` walks ``nn.Linear``
 modules instead and groups them by running the model once with forward-pre-hooks.
 
-Attention sites are module-level metadata (heads, kv-heads, head_dim, causality, projections).
+Attention sites are module-level metadata (heads, kv-heads, head_dim, causality, rotary dims,
+window, layer index, projections); ``site.site_shape`` is their ``AttentionShape``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfx.ir.capture import FQN_KEY, Captured, normalize_module_path
+from slimfx.ir.capture import Captured
+from slimfx.ir.match import weight_owner
 from slimfx.ir.sites import AttentionSite, LinearSite
 
 __all__ = ["find_linear_sites", "discover_linear_sites", "find_attention_sites"]
@@ -136,40 +138,6 @@ def _match_linear(node: torch.fx.Node, params: dict[str, str]) -> tuple[str, Any
     return None
 
 
-def _owner(
-    model: nn.Module,
-    modules: dict[str, nn.Module],
-    node: torch.fx.Node,
-    weight: torch.Tensor,
-    weight_fqn: str,
-) -> str | None:
-    """The module that owns this use of ``weight``.
-
-    The node's own module (from its module stack) when its 2-D ``.weight`` is ``weight`` (an
-    ``nn.Linear`` or a module calling ``F.linear(x, self.weight)``); else an ``nn.Linear`` whose
-    weight is that tensor. A weight borrowed from another kind of module (an embedding used as
-    the output projection inside a parent's forward) gives no site.
-    """
-    fqn = node.meta.get(FQN_KEY)
-    if fqn is None:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            value = list(stack.values())[-1]
-            path = value[0] if isinstance(value, tuple) else str(value)
-            fqn = normalize_module_path(path, modules)
-    own = modules.get(fqn) if fqn is not None else None
-    if _has_2d_weight(own) and own.weight is weight:
-        return fqn
-    aliases = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
-    for name in (weight_fqn, *aliases):
-        if name == "weight" or name.endswith(".weight"):
-            cand = name.rpartition(".")[0]
-            mod = modules.get(cand)
-            if isinstance(mod, nn.Linear) and mod.weight is weight:
-                return cand
-    return None
-
-
 def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
     """Every linear layer of ``model`` with a parameter weight, one site per module, graph order.
 
@@ -196,7 +164,8 @@ def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
                 f"graph parameter {weight_fqn!r} is not a parameter of {type(model).__name__}: "
                 "was the program captured from this model?"
             )
-        fqn = _owner(model, modules, node, weight, weight_fqn)
+        aliases = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
+        fqn = weight_owner(modules, node, weight, (weight_fqn, *aliases))
         if fqn is None or fqn in found:
             continue
         found[fqn] = (node.name, has_bias, key)
@@ -293,6 +262,21 @@ def _is_causal(module: nn.Module, config: Any) -> bool:
     return any(str(a).endswith("ForCausalLM") for a in archs)
 
 
+def _rope_dim(config: Any, head_dim: int) -> int:
+    """Dims per head carrying rotary position: all of them for a config with a ``rope_theta``
+    (an attribute, or in ``rope_parameters``), times ``partial_rotary_factor`` when set and
+    kept even; none without."""
+    if config is None:
+        return 0
+    params = getattr(config, "rope_parameters", None)
+    params = params if isinstance(params, dict) else {}
+    if getattr(config, "rope_theta", None) is None and params.get("rope_theta") is None:
+        return 0
+    factor = getattr(config, "partial_rotary_factor", None) or params.get("partial_rotary_factor")
+    factor = factor or 1.0
+    return min(head_dim, int(head_dim * float(factor)) // 2 * 2)
+
+
 def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
     """Attention blocks with ``q_proj``/``k_proj``/``v_proj``/``o_proj`` children.
 
@@ -319,6 +303,8 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
         if head_dim is None:
             continue
         prefix = f"{fqn}." if fqn else ""
+        window = _first_int([config] if config is not None else [], "sliding_window")
+        layer = getattr(module, "layer_idx", None)
         sites.append(
             AttentionSite(
                 fqn=fqn,
@@ -326,7 +312,11 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
                 num_kv_heads=kv,
                 head_dim=head_dim,
                 causal=_is_causal(module, config),
-                projections={r: f"{prefix}{r}_proj" for r in projs},
+                projections=tuple((r, f"{prefix}{r}_proj") for r in projs),
+                hidden_size=hidden,
+                rope_dim=_rope_dim(config, head_dim),
+                sliding_window=window,
+                layer_idx=layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
             )
         )
     return sites

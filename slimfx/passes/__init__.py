@@ -25,7 +25,8 @@ from slimfx.passes.manager import (
     TimingInstrument,
     VerifyInstrument,
 )
-from slimfx.passes.swap import apply_plan, empty_like_plan, validate_plan
+from slimfx.passes.swap import apply_plan, empty_like_plan
+from slimfx.passes.validate import validate_plan
 
 __all__ = [
     "RULES",

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from slimfx import forms
 from slimfx.ir.modules import SlimLinear, module_for
-from slimfx.ir.sites import LinearSite
+from slimfx.ir.sites import LinearSite, Site
 from slimfx.numerics import factorize
 from slimfx.planning.configs import Decision
 
@@ -43,15 +43,19 @@ class Verdict:
 
 
 class Rule:
-    """Applies one decision kind to a ``LinearSite``. Subclasses set ``kind`` and ``name``
-    and usually override ``check`` (calling ``super().check`` first) and ``op_call``."""
+    """Applies one decision kind to a site of kind ``site_kind`` (``"linear"``: a
+    ``LinearSite``). Subclasses set ``kind`` and ``name`` and usually override ``check``
+    (calling ``super().check`` first) and ``op_call``."""
 
     kind: str = "abstract"
     name: str = "Rule"
+    site_kind: str = "linear"
 
-    def check(self, site: LinearSite, decision: Decision, weight: Tensor | None = None) -> Verdict:
+    def check(self, site: Site, decision: Decision, weight: Tensor | None = None) -> Verdict:
         if decision.kind != self.kind:
             return Verdict.reject(f"{self.name} handles {self.kind!r}, not {decision.kind!r}")
+        if site.kind != self.site_kind:
+            return Verdict.reject(f"{self.name} rewrites {self.site_kind} sites, not {site.kind}")
         if weight is not None:
             if tuple(weight.shape) != site.shape:
                 return Verdict.reject(

@@ -17,7 +17,6 @@ construction; ``factor_cache`` keeps a weight from being factorized twice across
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any
@@ -25,14 +24,14 @@ from typing import Any
 import torch
 from torch import Tensor, fx
 
-from slimfx.ir.capture import FQN_KEY, normalize_module_path
 from slimfx.ir.graph import add_constant, finalize, node_value, replace_node
+from slimfx.ir.match import LINEAR_TARGETS, linear_args, linear_nodes, node_module_path, weight_is
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, Rule, SiteRecord
-from slimfx.passes.swap import dense_bytes, raise_rejections, resolve_rule, validate_plan
+from slimfx.passes.swap import dense_bytes, raise_rejections, resolve_rule
+from slimfx.passes.validate import validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
-from slimfx.planning.shapes import LinearShape
 
 __all__ = [
     "apply_plan_graph",
@@ -42,74 +41,20 @@ __all__ = [
     "FactorCache",
 ]
 
-#: call_function targets that compute ``x Wᵀ + b``.
-LINEAR_TARGETS: frozenset[Any] = frozenset(
-    {torch.ops.aten.linear.default, torch._C._nn.linear, torch.nn.functional.linear}
-)
-
 #: (id(dense weight), decision) → (the weight itself, its factor tensors).
 FactorCache = MutableMapping[tuple[int, Decision], tuple[Tensor, dict[str, Tensor]]]
-
-
-def linear_nodes(gm: fx.GraphModule) -> list[fx.Node]:
-    """The linear call nodes of ``gm`` (not of nested sub-graphs), in graph order."""
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEAR_TARGETS]
-
-
-def _linear_args(node: fx.Node) -> tuple[Any, Any, Any]:
-    """``(x, weight, bias)`` of a linear call, whether passed by position or keyword."""
-    a, k = node.args, node.kwargs
-    x = a[0] if len(a) > 0 else k.get("input")
-    w = a[1] if len(a) > 1 else k.get("weight")
-    b = a[2] if len(a) > 2 else k.get("bias")
-    return x, w, b
-
-
-_DYNAMO_ROOT = re.compile(r"^L\[\s*['\"]\w+['\"]\s*\]\.?")
-
-
-def _module_path(node: fx.Node) -> str | None:
-    """The module path the node ran in, or ``None`` when the graph does not say."""
-    fqn = node.meta.get(FQN_KEY)
-    if fqn:
-        return fqn
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return None
-    value = list(stack.values())[-1]
-    path = value[0] if isinstance(value, tuple) else str(value)
-    path = _DYNAMO_ROOT.sub("", path, count=1)  # L['self'].… / L['<any self name>'].…
-    return normalize_module_path(path) or None
-
-
-def _weight_is(node: Any, weight_fqn: str) -> bool:
-    """Whether ``node`` (a get_attr or placeholder) is the parameter ``weight_fqn``."""
-    if not isinstance(node, fx.Node):
-        return False
-    if node.op == "get_attr":
-        return str(node.target) == weight_fqn
-    if node.op != "placeholder":
-        return False
-    *mods, pname = weight_fqn.split(".")
-    target = str(node.target)
-    if target == "p_" + weight_fqn.replace(".", "_"):  # torch.export (lifted)
-        return True
-    # dynamo: L_<self arg name>_modules_<m1>_modules_<m2>_parameters_<name>_
-    suffix = "".join(f"_modules_{m}" for m in mods) + f"_parameters_{pname}_"
-    m = re.fullmatch(r"L_(\w+?)" + re.escape(suffix), target)
-    return bool(m) and "_modules_" not in m.group(1) and "_parameters_" not in m.group(1)
 
 
 def _matches(node: fx.Node, site: LinearSite, site_fqns: frozenset[str]) -> bool:
     """Whether the linear ``node`` computes ``site``: its module path says so; or, when that
     path is unknown or names no site (a parent calling ``F.linear(x, self.child.weight)``),
     its weight node is ``site.weight``; or, with neither, its name is ``site.node``."""
-    path = _module_path(node)
+    path = node_module_path(node) or None
     if path is not None and path in site_fqns:
         return path == site.fqn
-    _, w, _ = _linear_args(node)
+    _, w, _ = linear_args(node)
     if isinstance(w, fx.Node) and w.op in ("get_attr", "placeholder"):
-        return _weight_is(w, site.weight)
+        return weight_is(w, site.weight)
     return path is None and site.node is not None and node.name == site.node
 
 
@@ -128,7 +73,7 @@ def _dense_weight(
     if weights is not None and site.fqn in weights:
         return weights[site.fqn]
     for node in nodes:
-        _, w, _ = _linear_args(node)
+        _, w, _ = linear_args(node)
         if isinstance(w, fx.Node) and w.op == "get_attr":
             t = _get_attr_tensor(gm, str(w.target))
             if t is not None:
@@ -196,6 +141,10 @@ def apply_plan_graph(
         if site.fqn not in plan:
             continue
         decision = plan[site.fqn]
+        if site.kind != "linear":  # attention sites: their forms bring their own passes
+            reason = f"this pass rewrites linear sites, not {site.kind} sites"
+            records[site.fqn] = SiteRecord(site.fqn, decision.short(), "rejected", reason)
+            continue
         before = dense_bytes(site)
         if isinstance(decision, DenseConfig):
             records[site.fqn] = SiteRecord(
@@ -215,7 +164,7 @@ def apply_plan_graph(
                 f"says {site.shape} (out, in)"
             )
         for node in nodes:
-            wval = node_value(_linear_args(node)[1])
+            wval = node_value(linear_args(node)[1])
             if isinstance(wval, Tensor) and tuple(wval.shape) != site.shape:
                 raise ValueError(
                     f"site {site.fqn!r}: graph node {node.name} multiplies by a weight of shape "
@@ -261,7 +210,7 @@ def apply_plan_graph(
         origin = {"pass": "apply_plan_graph", "rule": rule.name, "site": site.fqn}
         new_names = []
         for node in nodes:
-            x, _, b = _linear_args(node)
+            x, _, b = linear_args(node)
             args = (x, *(consts.get(n) for n in names), b)
             new = replace_node(gm, node, op, args, extra, origin=origin, recompile=False)
             new_names.append(new.name)
@@ -272,7 +221,7 @@ def apply_plan_graph(
             "",
             time.perf_counter() - t,
             dense_bytes(site),
-            decision.bytes(LinearShape(site.in_features, site.out_features), site.has_bias),
+            decision.bytes(site.site_shape, site.has_bias),
             {"nodes": new_names, "factor_cache_hit": hit},
         )
     if jobs:

@@ -13,7 +13,6 @@ tensors, so a saved rewritten model's ``state_dict`` loads into a freshly built 
 from __future__ import annotations
 
 import copy
-import difflib
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,40 +24,16 @@ from torch import Tensor, nn
 from slimfx.ir.modules import module_for
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, Rule, SiteRecord, Verdict, rule_for
+from slimfx.passes.validate import suggest, validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
-from slimfx.planning.shapes import LinearShape
 
 __all__ = ["apply_plan", "empty_like_plan", "validate_plan", "dense_bytes", "resolve_rule"]
 
 
 def dense_bytes(site: LinearSite) -> int:
     """Reference bytes of the dense linear: 16-bit weight (+ 16-bit bias)."""
-    return DenseConfig().bytes(LinearShape(site.in_features, site.out_features), site.has_bias)
-
-
-def _suggest(name: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def validate_plan(plan: Plan, sites: Iterable[LinearSite]) -> dict[str, LinearSite]:
-    """FQN → site for every site; raise ``ValueError`` when the plan names FQNs that are not
-    sites (with the closest match) or records a shape that disagrees with a site's."""
-    site_map = {s.fqn: s for s in sites}
-    unknown = [fqn for fqn in plan if fqn not in site_map]
-    if unknown:
-        listed = ", ".join(f"{fqn!r}{_suggest(fqn, site_map)}" for fqn in unknown)
-        raise ValueError(
-            f"plan names {len(unknown)} site(s) that are not linear sites of this model: {listed}"
-        )
-    for fqn in plan:
-        if fqn in plan.shapes and tuple(plan.shapes[fqn]) != site_map[fqn].shape:
-            raise ValueError(
-                f"site {fqn!r}: plan was made for shape (out, in) = {tuple(plan.shapes[fqn])} but "
-                f"the model's site has {site_map[fqn].shape}"
-            )
-    return site_map
+    return DenseConfig().bytes(site.site_shape, site.has_bias)
 
 
 def resolve_rule(decision: Decision, rules: Mapping[str, Rule] | None = None) -> Rule | Verdict:
@@ -101,7 +76,7 @@ def _dense_linear(model_modules: Mapping[str, nn.Module], site: LinearSite) -> n
     mod = model_modules.get(site.fqn)
     if mod is None:
         raise ValueError(
-            f"site {site.fqn!r} is not a module of this model{_suggest(site.fqn, model_modules)}"
+            f"site {site.fqn!r} is not a module of this model{suggest(site.fqn, model_modules)}"
         )
     w = getattr(mod, "weight", None)
     if not isinstance(w, Tensor) or w.dim() != 2:
@@ -139,6 +114,10 @@ def _plan_jobs(
         if site.fqn not in plan:
             continue
         decision = plan[site.fqn]
+        if site.kind != "linear":  # attention sites: their forms bring their own passes
+            reason = f"this pass rewrites linear sites, not {site.kind} sites"
+            records[site.fqn] = SiteRecord(site.fqn, decision.short(), "rejected", reason)
+            continue
         before = dense_bytes(site)
         if isinstance(decision, DenseConfig):
             records[site.fqn] = SiteRecord(
@@ -278,7 +257,7 @@ def apply_plan(
             "",
             time.perf_counter() - t,
             dense_bytes(site),
-            decision.bytes(LinearShape(site.in_features, site.out_features), site.has_bias),
+            decision.bytes(site.site_shape, site.has_bias),
         )
     for job, new in built:
         _set_module(target, job.site.fqn, new)

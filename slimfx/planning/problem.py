@@ -3,16 +3,28 @@
 A ``BudgetProblem`` is what the cost model hands to a solver. It carries no tensors and no
 torch: each ``Option`` is a decision with its reference bytes, error (on one common scale),
 FLOPs and estimated latency for the workload the user asked for.
+
+Beyond one linear per site:
+
+- an option costs in several budget dimensions (``Option.costs``: ``weight_bytes`` — also
+  ``Option.bytes`` — and ``kv_bytes_per_token``, see ``slimfx.planning.shapes``), and a
+  ``Budget`` caps each (``memory``/``bits`` on weight bytes, ``kv`` on KV-cache bytes per token);
+- an option may own other sites (``Option.covers``: an attention conversion owning its k/v
+  projections). Its costs and error then include theirs, and an owned site takes no option of
+  its own when an owning option is chosen: each owned site is covered by exactly one of its
+  own options or by one owning option (``slimfx.planning.solve``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from slimfx.planning.configs import Decision, DenseConfig, decision_from_dict
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, Shape, shape_from_dict
 
 __all__ = ["Option", "SiteOptions", "BudgetProblem", "Budget", "InfeasibleBudgetError"]
 
@@ -30,6 +42,11 @@ class Option:
     relative output error (activation-aware, times sensitivity when known). ``latency_s``:
     estimated seconds per forward for the workload. ``source``: how latency was obtained
     (``roofline`` or ``measured``).
+
+    ``costs``: bytes per budget dimension (``slimfx.planning.shapes.DIMENSIONS``); its
+    ``weight_bytes`` entry is ``bytes`` (filled in when absent, an error when different).
+    ``covers``: names of other sites this option owns — its costs and error include theirs,
+    and they take no option of their own when it is chosen.
     """
 
     decision: Decision
@@ -38,9 +55,27 @@ class Option:
     flops: int = 0
     latency_s: float = 0.0
     source: str = "roofline"
+    costs: Mapping[str, int] = field(default_factory=dict)
+    covers: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        costs = {str(k): int(v) for k, v in dict(self.costs).items()}
+        if costs.setdefault(WEIGHT_BYTES, int(self.bytes)) != int(self.bytes):
+            raise ValueError(
+                f"option {self.decision.short()}: costs[{WEIGHT_BYTES!r}]={costs[WEIGHT_BYTES]} "
+                f"differs from bytes={self.bytes}"
+            )
+        if any(v < 0 for v in costs.values()):
+            raise ValueError(f"option {self.decision.short()}: negative cost in {costs}")
+        object.__setattr__(self, "costs", costs)
+        object.__setattr__(self, "covers", tuple(self.covers))
+
+    def cost(self, dimension: str) -> int:
+        """Bytes in ``dimension`` (0 for a dimension this option does not touch)."""
+        return self.costs.get(dimension, 0)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "decision": self.decision.to_dict(),
             "bytes": self.bytes,
             "error": self.error,
@@ -48,11 +83,17 @@ class Option:
             "latency_s": self.latency_s,
             "source": self.source,
         }
+        if set(self.costs) != {WEIGHT_BYTES}:
+            d["costs"] = dict(sorted(self.costs.items()))
+        if self.covers:
+            d["covers"] = list(self.covers)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Option:
         d = dict(d)
         d["decision"] = decision_from_dict(d["decision"])
+        d["covers"] = tuple(d.get("covers", ()))
         return cls(**d)
 
 
@@ -61,17 +102,27 @@ class SiteOptions:
     """The options of one site. ``dense_bytes`` / ``dense_latency_s`` are the site's
     reference (its dense form at 16 bits) against which fractions are taken. ``sensitivity``:
     the weight the options' errors already carry (a Fisher loss sensitivity; 1.0 without one)
-    — ``option.error / sensitivity`` is the site's own relative output error."""
+    — ``option.error / sensitivity`` is the site's own relative output error. ``kind`` /
+    ``shape``: the site's kind and shape object (recorded in the plan); ``dense_costs``: the
+    dense reference per budget dimension (``weight_bytes`` is ``dense_bytes``)."""
 
     name: str
     options: list[Option]
     dense_bytes: int
     dense_latency_s: float = 0.0
     sensitivity: float = 1.0
+    kind: str = "linear"
+    shape: Shape | None = None
+    dense_costs: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.options:
             raise ValueError(f"site {self.name!r} has no options")
+        self.dense_costs = {str(k): int(v) for k, v in self.dense_costs.items()}
+        if self.dense_costs.setdefault(WEIGHT_BYTES, int(self.dense_bytes)) != self.dense_bytes:
+            raise ValueError(f"site {self.name!r}: dense_costs disagree with dense_bytes")
+        if self.shape is not None and self.shape.kind != self.kind:
+            raise ValueError(f"site {self.name!r} is {self.kind!r} with a {self.shape.kind} shape")
         for o in self.options:
             if not (math.isfinite(o.error) and o.error >= 0):
                 raise ValueError(f"site {self.name!r}: option {o.decision.short()} has error {o.error}")
@@ -99,6 +150,7 @@ class Budget:
       and factors counted); ``bits=4`` is the same as ``memory=0.25``.
     - ``latency``: a fraction (0, 1] of the dense estimated latency for the workload.
     - ``max_error``: a cap on each site's estimated relative output error.
+    - ``kv``: a fraction (0, 1] of the attention sites' dense KV-cache bytes per token.
 
     Given only ``max_error``, the solver minimizes bytes; otherwise it minimizes the summed
     error under the limits.
@@ -108,8 +160,13 @@ class Budget:
     bits: float | None = None
     latency: float | None = None
     max_error: float | None = None
+    kv: float | None = None
 
     def __post_init__(self) -> None:
+        if self.kv is not None and not (
+            isinstance(self.kv, (int, float)) and not isinstance(self.kv, bool) and 0 < self.kv <= 1
+        ):
+            raise ValueError(f"kv budget is a fraction in (0, 1] of the dense cache, got {self.kv!r}")
         if self.memory is not None:
             if not (isinstance(self.memory, (int, float)) and math.isfinite(self.memory)):
                 raise ValueError(f"memory budget must be a number, got {self.memory!r}")
@@ -148,8 +205,21 @@ class Budget:
             return None
         return dense_bytes * self.memory if self.memory <= 1 else float(self.memory)
 
+    def caps(self, dense: Mapping[str, int]) -> dict[str, float]:
+        """Byte caps per budget dimension for a problem whose dense reference is ``dense``."""
+        out: dict[str, float] = {}
+        mem = self.memory_bytes(int(dense.get(WEIGHT_BYTES, 0)))
+        if mem is not None:
+            out[WEIGHT_BYTES] = mem
+        if self.kv is not None:
+            out[KV_BYTES_PER_TOKEN] = self.kv * dense.get(KV_BYTES_PER_TOKEN, 0)
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("memory", "bits", "latency", "max_error")}
+        d = {k: getattr(self, k) for k in ("memory", "bits", "latency", "max_error")}
+        if self.kv is not None:
+            d["kv"] = self.kv
+        return d
 
 
 @dataclass
@@ -165,10 +235,47 @@ class BudgetProblem:
         names = [s.name for s in self.sites]
         if len(set(names)) != len(names):
             raise ValueError("duplicate site names in BudgetProblem")
+        owned = self.owners()
+        for s in self.sites:
+            for o in s.options:
+                bad = [c for c in o.covers if c not in names or c == s.name]
+                if bad:
+                    raise ValueError(
+                        f"site {s.name!r}: option {o.decision.short()} covers {bad}, which are "
+                        "not other sites of this problem"
+                    )
+                if o.covers and s.name in owned:
+                    raise ValueError(
+                        f"site {s.name!r} is owned by {sorted(owned[s.name])} and owns sites "
+                        "itself; ownership is one level deep"
+                    )
+
+    def owners(self) -> dict[str, set[str]]:
+        """Owned site → the sites with an option that owns it."""
+        out: dict[str, set[str]] = {}
+        for s in self.sites:
+            for o in s.options:
+                for c in o.covers:
+                    out.setdefault(c, set()).add(s.name)
+        return out
+
+    @property
+    def covering(self) -> bool:
+        """Whether some option owns other sites (only the MILP solves such a problem)."""
+        return any(o.covers for s in self.sites for o in s.options)
 
     @property
     def dense_bytes(self) -> int:
         return sum(s.dense_bytes for s in self.sites)
+
+    @property
+    def dense_costs(self) -> dict[str, int]:
+        """The dense reference per budget dimension, summed over sites."""
+        out: dict[str, int] = {}
+        for s in self.sites:
+            for k, v in s.dense_costs.items():
+                out[k] = out.get(k, 0) + v
+        return out
 
     @property
     def dense_latency_s(self) -> float:
@@ -190,13 +297,7 @@ class BudgetProblem:
                 "target": self.target,
                 "meta": self.meta,
                 "sites": [
-                    {
-                        "name": s.name,
-                        "dense_bytes": s.dense_bytes,
-                        "dense_latency_s": s.dense_latency_s,
-                        "sensitivity": s.sensitivity,
-                        "options": [o.to_dict() for o in s.options],
-                    }
+                    _site_dict(s)
                     for s in self.sites
                 ],
             },
@@ -214,10 +315,29 @@ class BudgetProblem:
                 s["dense_bytes"],
                 s["dense_latency_s"],
                 s.get("sensitivity", 1.0),
+                s.get("kind", "linear"),
+                shape_from_dict(s["shape"]) if s.get("shape") else None,
+                dict(s.get("dense_costs", {})),
             )
             for s in d["sites"]
         ]
         return cls(sites, d["workload"], d["target"], d.get("meta", {}))
+
+
+def _site_dict(s: SiteOptions) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "name": s.name,
+        "dense_bytes": s.dense_bytes,
+        "dense_latency_s": s.dense_latency_s,
+        "sensitivity": s.sensitivity,
+        "options": [o.to_dict() for o in s.options],
+    }
+    if s.kind != "linear" or s.shape is not None:
+        d["kind"] = s.kind
+        d["shape"] = None if s.shape is None else s.shape.to_dict()
+    if set(s.dense_costs) != {WEIGHT_BYTES}:
+        d["dense_costs"] = dict(sorted(s.dense_costs.items()))
+    return d
 
 
 def allowed(site: SiteOptions, max_error: float | None) -> list[Option]:

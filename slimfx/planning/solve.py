@@ -30,21 +30,27 @@ Methods:
   site's lower convex hull. Status ``feasible`` (``optimal`` when no downgrade was needed).
 - ``auto``: ``milp``, or ``greedy`` when scipy's milp is missing or fails (``Solution.note``
   says why).
+
+Beyond the knapsack (``slimfx.planning.milp`` has the program): options that own other sites
+(``Option.covers``) turn "exactly one option per site" into a covering row for each owned site
+(one of its own options or one owning option), and a cap on another budget dimension
+(``Budget.kv``) adds its row. Only the MILP expresses them: ``dp`` and ``greedy`` refuse such
+a problem with the reason, ``auto`` takes the MILP and does not fall back. The totals of an
+infeasible budget are named per capped dimension (the smallest achievable of each).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from slimfx.planning.configs import Decision
+from slimfx.planning.heuristics import solve_dp, solve_greedy
+from slimfx.planning.milp import MILP_TIME_LIMIT_S, STAGE2_NODE_LIMIT, milp_min, solve_milp
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import (
     Budget,
@@ -53,13 +59,20 @@ from slimfx.planning.problem import (
     Option,
     allowed,
 )
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES
 
-__all__ = ["Solution", "solve", "frontier", "METHODS", "DP_MAX_CELLS", "MILP_TIME_LIMIT_S"]
+__all__ = [
+    "Solution",
+    "solve",
+    "frontier",
+    "METHODS",
+    "DP_MAX_CELLS",
+    "MILP_TIME_LIMIT_S",
+    "STAGE2_NODE_LIMIT",
+]
 
 METHODS = ("auto", "milp", "dp", "greedy")
 DP_MAX_CELLS = 5_000_000  # float64 table cells (40 MB) before the DP coarsens bytes
-MILP_TIME_LIMIT_S = 60.0  # per HiGHS call; past it the best point found is returned, "feasible"
-STAGE2_NODE_LIMIT = 5000  # branch-and-bound nodes for the fewest-bytes tie refinement
 _REL_TIE = 1e-9  # two error totals within this relative distance are a tie
 _LAT_REL = 1e-9  # relative slack on the latency limit: float sums of seconds
 
@@ -86,9 +99,16 @@ class Solution:
     latency_s: float
     budget: Budget | None = None
     note: str = ""
+    costs: dict[str, int] = field(default_factory=dict)
+    covered: dict[str, str] = field(default_factory=dict)
 
     def option(self, name: str) -> Option:
-        """The chosen Option of site ``name``."""
+        """The chosen Option of site ``name`` (``KeyError`` for a site an owner covers)."""
+        if name in self.covered:
+            raise KeyError(
+                f"site {name!r} takes no option of its own: {self.covered[name]!r}'s chosen "
+                "option owns it"
+            )
         return self.problem.site(name).options[self.choice[name]]
 
     def decision(self, name: str) -> Decision:
@@ -103,10 +123,11 @@ class Solution:
 
     def to_plan(
         self,
-        shapes: dict[str, tuple[int, int]] | None = None,
+        shapes: dict[str, Any] | None = None,
         meta: dict[str, Any] | None = None,
     ) -> Plan:
-        """A Plan of the chosen decisions; ``meta`` is merged over the solver's provenance."""
+        """A Plan of the chosen decisions (owned sites in ``owned_by``), with the problem's
+        site shapes updated by ``shapes``; ``meta`` is merged over the solver's provenance."""
         prov: dict[str, Any] = {
             "solver": self.solver,
             "status": self.status,
@@ -118,14 +139,23 @@ class Solution:
             "error": self.error,
             "latency_s": self.latency_s,
         }
+        if set(self.costs) - {WEIGHT_BYTES}:
+            prov["costs"] = dict(sorted(self.costs.items()))
         prov.update(meta or {})
-        decisions = {s.name: s.options[self.choice[s.name]].decision for s in self.problem.sites}
-        return Plan(decisions, dict(shapes or {}), prov)
+        decisions = {
+            s.name: s.options[self.choice[s.name]].decision
+            for s in self.problem.sites
+            if s.name in self.choice
+        }
+        recorded = {s.name: s.shape for s in self.problem.sites if s.shape is not None}
+        return Plan(decisions, {**recorded, **(shapes or {})}, prov, dict(self.covered))
 
     def summary(self) -> str:
         """A few lines: totals against dense, then one line per site."""
         p = self.problem
-        rewritten = sum(1 for s in p.sites if self.decision(s.name).kind != "dense")
+        rewritten = sum(
+            1 for s in p.sites if s.name in self.choice and self.decision(s.name).kind != "dense"
+        )
         lines = [
             f"{len(p.sites)} sites, {rewritten} rewritten — {self.solver} ({self.status})",
             f"  bytes   {_fmt_bytes(self.bytes)} = {self.fraction:.3f} of dense "
@@ -141,6 +171,9 @@ class Solution:
             lines.append(f"  note    {self.note}")
         width = max((len(s.name) for s in p.sites), default=4)
         for s in p.sites:
+            if s.name in self.covered:
+                lines.append(f"  {s.name:<{width}}  owned by {self.covered[s.name]}")
+                continue
             o = self.option(s.name)
             lines.append(
                 f"  {s.name:<{width}}  {o.decision.short():<28} {_fmt_bytes(o.bytes):>10}"
@@ -158,13 +191,18 @@ class Solution:
 
 @dataclass
 class _Site:
-    """One site's allowed options as arrays; ``idx[j]`` is the index into ``site.options``."""
+    """One site's allowed options as arrays; ``idx[j]`` is the index into ``site.options``.
+    ``c``: costs per extra capped dimension; ``cov[j]``: the sites option j owns; ``owned``:
+    whether an option of another site owns this one."""
 
     name: str
     idx: list[int]
     b: np.ndarray  # int64 bytes
     e: np.ndarray  # float64 error
     t: np.ndarray  # float64 latency seconds
+    c: dict[str, np.ndarray] = field(default_factory=dict)
+    cov: list[tuple[str, ...]] = field(default_factory=list)
+    owned: bool = False
 
     def best(self, key: str) -> int:
         """Local index minimizing (error, bytes, index) or (bytes, error, index)."""
@@ -174,21 +212,29 @@ class _Site:
 
 @dataclass
 class _Limits:
-    """The budget's limits in problem units; ``fits`` checks a choice against them."""
+    """The budget's limits in problem units; ``fits`` checks a choice against them (``-1``:
+    a site its owner covers, counted in the owner's option)."""
 
     cap: int | None  # integer byte limit
     lat: float | None  # latency limit, seconds (slack included)
     mem_raw: float | None = None  # the limits as the budget states them
     lat_raw: float | None = None
+    extra: dict[str, int] = field(default_factory=dict)  # other dimensions: integer caps
+    extra_raw: dict[str, float] = field(default_factory=dict)
 
     def fits(self, sites: list[_Site], ch: list[int]) -> bool:
-        if self.cap is not None and sum(int(s.b[j]) for s, j in zip(sites, ch)) > self.cap:
+        chosen = [(s, j) for s, j in zip(sites, ch) if j >= 0]
+        if self.cap is not None and sum(int(s.b[j]) for s, j in chosen) > self.cap:
             return False
-        return self.lat is None or float(sum(s.t[j] for s, j in zip(sites, ch))) <= self.lat
+        for dim, cap in self.extra.items():
+            if sum(int(s.c[dim][j]) for s, j in chosen) > cap:
+                return False
+        return self.lat is None or float(sum(s.t[j] for s, j in chosen)) <= self.lat
 
 
-def _arrays(problem: BudgetProblem, max_error: float | None) -> list[_Site]:
+def _arrays(problem: BudgetProblem, max_error: float | None, dims: Sequence[str] = ()) -> list[_Site]:
     out = []
+    owned = problem.owners()
     for s in problem.sites:
         keep = {id(o) for o in allowed(s, max_error)}
         idx = [i for i, o in enumerate(s.options) if id(o) in keep]
@@ -200,6 +246,9 @@ def _arrays(problem: BudgetProblem, max_error: float | None) -> list[_Site]:
                 np.array([int(o.bytes) for o in opts], dtype=np.int64),
                 np.array([float(o.error) for o in opts], dtype=np.float64),
                 np.array([float(o.latency_s) for o in opts], dtype=np.float64),
+                {d: np.array([o.cost(d) for o in opts], dtype=np.int64) for d in dims},
+                [o.covers for o in opts],
+                s.name in owned,
             )
         )
     return out
@@ -210,7 +259,17 @@ def _limits(problem: BudgetProblem, budget: Budget) -> _Limits:
     cap = None if mem is None else math.floor(mem * (1 + 1e-12))  # 0.57·100 is 56.999…
     lat_raw = None if budget.latency is None else budget.latency * problem.dense_latency_s
     lat = None if lat_raw is None else lat_raw * (1 + _LAT_REL)
-    return _Limits(cap, lat, mem, lat_raw)
+    raw = {k: v for k, v in budget.caps(problem.dense_costs).items() if k != WEIGHT_BYTES}
+    extra = {k: math.floor(v * (1 + 1e-12)) for k, v in raw.items()}
+    return _Limits(cap, lat, mem, lat_raw, extra, raw)
+
+
+def _smallest(sites: list[_Site], get: Any) -> float:
+    """The smallest achievable total of ``get(site)``: per-site minima, or (with ownership,
+    where an owned site may take nothing) the MILP's."""
+    if any(s.owned for s in sites):
+        return milp_min(sites, get)
+    return float(sum(get(s).min() for s in sites))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +291,14 @@ def _cap_note(budget: Budget) -> str:
     return f" with max_error={budget.max_error:g}" if budget.max_error is not None else ""
 
 
-def _memory_parts(problem: BudgetProblem, budget: Budget, lim: _Limits) -> tuple[str, str]:
+def _memory_parts(
+    problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits
+) -> tuple[str, str]:
     """("memory budget 0.100 (1.2 MB)", "0.187 of dense (2.2 MB, 3.0 bits/weight)")."""
     dense = problem.dense_bytes
     limit = lim.mem_raw or 0.0
     bits = f"{budget.bits:g} bits/weight = " if budget.bits is not None else ""
-    smallest = problem.min_bytes(budget.max_error)
+    smallest = _smallest(sites, lambda s: s.b)
     f = _frac(smallest, dense)
     return (
         f"memory budget {bits}{_frac(limit, dense):.3f} ({_fmt_bytes(limit)})",
@@ -249,15 +310,29 @@ def _latency_parts(
     problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits
 ) -> tuple[str, str]:
     """("latency budget 0.500 (1.2 ms)", "0.620 of dense (1.5 ms)")."""
-    smallest = float(sum(s.t.min() for s in sites))
+    smallest = _smallest(sites, lambda s: s.t)
     return (
         f"latency budget {budget.latency:.3f} ({(lim.lat_raw or 0.0) * 1e3:.4g} ms)",
         f"{_frac(smallest, problem.dense_latency_s):.3f} of dense ({smallest * 1e3:.4g} ms)",
     )
 
 
-def _memory_message(problem: BudgetProblem, budget: Budget, lim: _Limits) -> str:
-    limit, smallest = _memory_parts(problem, budget, lim)
+def _kv_parts(
+    problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits
+) -> tuple[str, str]:
+    """("kv budget 0.500 (96 B/token)", "0.750 of dense (144 B/token)")."""
+    dense = problem.dense_costs.get(KV_BYTES_PER_TOKEN, 0)
+    smallest = _smallest(sites, lambda s: s.c[KV_BYTES_PER_TOKEN])
+    return (
+        f"kv budget {budget.kv:.3f} ({lim.extra_raw[KV_BYTES_PER_TOKEN]:.0f} B/token)",
+        f"{_frac(smallest, dense):.3f} of dense ({smallest:.0f} B/token)",
+    )
+
+
+def _memory_message(
+    problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits
+) -> str:
+    limit, smallest = _memory_parts(problem, budget, sites, lim)
     return f"{limit} is infeasible{_cap_note(budget)}: the smallest achievable is {smallest}"
 
 
@@ -269,7 +344,7 @@ def _latency_message(
 
 
 def _joint_message(problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits) -> str:
-    mem, mem_min = _memory_parts(problem, budget, lim)
+    mem, mem_min = _memory_parts(problem, budget, sites, lim)
     lat, lat_min = _latency_parts(problem, budget, sites, lim)
     return (
         f"{mem} together with {lat} is infeasible{_cap_note(budget)}, though each alone is "
@@ -286,19 +361,32 @@ def solve(problem: BudgetProblem, budget: Budget, method: str = "auto") -> Solut
     """Pick one option per site of ``problem`` under ``budget`` (see the module docstring).
 
     Raises ``InfeasibleBudgetError`` when no choice meets the limits (the message names the
-    smallest achievable), ``ValueError`` for an unknown method or ``dp`` with a latency limit.
+    smallest achievable), ``ValueError`` for an unknown method, ``dp`` with a latency limit,
+    or ``dp`` / ``greedy`` on a problem only the MILP expresses (ownership, a cap on a budget
+    dimension other than weight bytes).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     budget = Budget.of(budget)
+    if budget.kv is not None and not problem.dense_costs.get(KV_BYTES_PER_TOKEN):
+        raise ValueError(
+            f"Budget(kv={budget.kv:g}) caps the KV cache, but no site of this problem holds one "
+            "(no attention site was priced)"
+        )
     lim = _limits(problem, budget)
+    milp_only = _needs_milp(problem, lim)
+    if method in ("dp", "greedy") and milp_only:
+        raise ValueError(f"method {method!r} cannot solve this problem: {milp_only}; use 'milp'")
     if method == "dp" and lim.lat is not None:
         raise ValueError("method 'dp' handles a memory limit only; use 'milp' for latency")
-    sites = _arrays(problem, budget.max_error)
+    sites = _arrays(problem, budget.max_error, list(lim.extra))
     name = "milp" if method == "auto" else method
 
     def done(ch: list[int], solver: str, status: str, note: str = "") -> Solution:
         return _solution(problem, budget, sites, ch, solver, status, note)
+
+    if milp_only:
+        return _solve_general(problem, budget, sites, lim, done)
 
     if lim.cap is None and lim.lat is None:  # separable: each site alone
         key = "bytes" if budget.max_error is not None else "error"
@@ -308,28 +396,73 @@ def solve(problem: BudgetProblem, budget: Budget, method: str = "auto") -> Solut
     if lim.fits(sites, start):  # the unconstrained optimum already fits
         return done(start, name, "optimal")
     if lim.cap is not None and sum(int(s.b.min()) for s in sites) > lim.cap:
-        raise InfeasibleBudgetError(_memory_message(problem, budget, lim))
+        raise InfeasibleBudgetError(_memory_message(problem, budget, sites, lim))
     if lim.lat is not None and float(sum(s.t.min() for s in sites)) > lim.lat:
         raise InfeasibleBudgetError(_latency_message(problem, budget, sites, lim))
 
     if method == "dp":
-        ch, status = _solve_dp(sites, lim.cap)  # type: ignore[arg-type]
+        ch, status = solve_dp(sites, lim.cap, DP_MAX_CELLS)  # type: ignore[arg-type]
         return done(_polish(sites, ch, lim), "dp", status)
     if method == "greedy":
-        ch, status = _solve_greedy(sites, lim, start)
+        ch, status = solve_greedy(sites, lim, start)
         return done(_polish(sites, ch, lim), "greedy", status)
     try:
-        ch, status = _solve_milp(sites, lim)
+        ch, status = solve_milp(sites, lim)
     except InfeasibleBudgetError:
         raise
     except Exception as exc:  # noqa: BLE001 — auto falls back on any solver failure
         if method == "milp":
             raise
-        ch, status = _solve_greedy(sites, lim, start)
+        ch, status = solve_greedy(sites, lim, start)
         note = f"milp unavailable or failed ({type(exc).__name__}: {exc}); greedy used"
         return done(_polish(sites, ch, lim), "greedy", status, note)
     if ch is None:  # proven infeasible: each limit alone is reachable, both together not
         raise InfeasibleBudgetError(_joint_message(problem, budget, sites, lim))
+    return done(_polish(sites, ch, lim), "milp", status)
+
+
+def _needs_milp(problem: BudgetProblem, lim: _Limits) -> str:
+    """Why only the MILP can solve ``problem`` under ``lim`` (``""`` when any method can)."""
+    why = []
+    if problem.covering:
+        owned = sorted(problem.owners())
+        why.append(
+            f"options own other sites ({', '.join(owned[:3])}{' …' if len(owned) > 3 else ''} "
+            "take no decision of their own when their owner's option is chosen)"
+        )
+    if lim.extra:
+        why.append(f"the budget caps {', '.join(sorted(lim.extra))}")
+    return " and ".join(why)
+
+
+def _solve_general(
+    problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits, done: Any
+) -> Solution:
+    """The MILP path for ownership and extra dimensions: every capped dimension is checked
+    alone first (the message names its smallest achievable), then all together."""
+    parts = []  # (label, cap, per-site values, describe)
+    if lim.cap is not None:
+        parts.append(("memory", lim.cap, lambda s: s.b, _memory_parts))
+    if lim.lat is not None:
+        parts.append(("latency", lim.lat, lambda s: s.t, _latency_parts))
+    if KV_BYTES_PER_TOKEN in lim.extra:
+        cap = lim.extra[KV_BYTES_PER_TOKEN]
+        parts.append(("kv", cap, lambda s: s.c[KV_BYTES_PER_TOKEN], _kv_parts))
+    for _, cap, get, describe in parts:
+        if _smallest(sites, get) > cap:
+            limit, smallest = describe(problem, budget, sites, lim)
+            raise InfeasibleBudgetError(
+                f"{limit} is infeasible{_cap_note(budget)}: the smallest achievable is {smallest}"
+            )
+    bytes_first = not parts and budget.max_error is not None
+    ch, status = solve_milp(sites, lim, "bytes" if bytes_first else "error")
+    if ch is None:  # each limit alone is reachable, all together not
+        described = [(label, *describe(problem, budget, sites, lim)) for label, *_, describe in parts]
+        raise InfeasibleBudgetError(
+            " together with ".join(limit for _, limit, _ in described)
+            + f" is infeasible{_cap_note(budget)}, though each alone is reachable: "
+            + ", ".join(f"the smallest achievable {label} is {low}" for label, _, low in described)
+        )
     return done(_polish(sites, ch, lim), "milp", status)
 
 
@@ -361,276 +494,43 @@ def _solution(
     status: str,
     note: str = "",
 ) -> Solution:
+    chosen = [(s, j) for s, j in zip(sites, ch) if j >= 0]
+    costs: dict[str, int] = {}
+    covered: dict[str, str] = {}
+    for s, j in chosen:
+        for dim, v in problem.site(s.name).options[s.idx[j]].costs.items():
+            costs[dim] = costs.get(dim, 0) + v
+        covered.update({c: s.name for c in s.cov[j]})
     return Solution(
-        choice={s.name: s.idx[j] for s, j in zip(sites, ch)},
+        choice={s.name: s.idx[j] for s, j in chosen},
         problem=problem,
         solver=solver,
         status=status,
-        bytes=sum(int(s.b[j]) for s, j in zip(sites, ch)),
-        error=float(sum(s.e[j] for s, j in zip(sites, ch))),
-        latency_s=float(sum(s.t[j] for s, j in zip(sites, ch))),
+        bytes=sum(int(s.b[j]) for s, j in chosen),
+        error=float(sum(s.e[j] for s, j in chosen)),
+        latency_s=float(sum(s.t[j] for s, j in chosen)),
         budget=budget,
         note=note,
+        costs=costs,
+        covered=covered,
     )
 
 
 def _polish(sites: list[_Site], ch: list[int], lim: _Limits) -> list[int]:
     """Per site, move to the option with the smallest (error, bytes, index) that is no worse
-    in error, bytes and (under a latency limit) latency: the tie rule within a site."""
+    in error, bytes, (under a latency limit) latency and every other capped dimension, and
+    owns the same sites: the tie rule within a site."""
     out = []
     for s, j in zip(sites, ch):
+        if j < 0:  # covered by its owner's option
+            out.append(j)
+            continue
         ok = (s.e <= s.e[j]) & (s.b <= s.b[j])
         if lim.lat is not None:
             ok &= s.t <= s.t[j]
+        for dim in lim.extra:
+            ok &= s.c[dim] <= s.c[dim][j]
+        if s.cov and any(s.cov):
+            ok &= np.array([c == s.cov[j] for c in s.cov])
         out.append(min(np.flatnonzero(ok).tolist(), key=lambda i: (s.e[i], s.b[i], i)))
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# MILP
-
-
-@contextlib.contextmanager
-def _quiet_stdout() -> Any:
-    """Silence HiGHS's C-level prints to file descriptor 1 (scipy's ``disp=False`` does not
-    cover them); Python-level output is flushed first and restored afterwards."""
-    try:
-        fd = sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # captured / replaced stdout: nothing to do
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(fd)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
-            yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-
-
-def _solve_milp(sites: list[_Site], lim: _Limits) -> tuple[list[int] | None, str]:
-    """Lexicographic MILP: min error, then min bytes at that error. ``None`` if infeasible."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import csr_array
-
-    sizes = [len(s.idx) for s in sites]
-    offs = np.concatenate([[0], np.cumsum(sizes)])
-    n_var = int(offs[-1])
-    cols = np.arange(n_var)
-
-    # Shift each site by its smallest value (exactly one option per site: a constant).
-    e = np.concatenate([s.e - s.e.min() for s in sites])
-    e_base = float(sum(s.e.min() for s in sites))
-    e_scale = float(e.max()) or 1.0
-    b = np.concatenate([s.b - s.b.min() for s in sites])
-    b_base = int(sum(int(s.b.min()) for s in sites))
-    g = int(np.gcd.reduce(b)) if b.any() else 1
-    t = np.concatenate([s.t - s.t.min() for s in sites])
-    t_base = float(sum(s.t.min() for s in sites))
-    t_scale = float(t.max()) or 1.0
-
-    rows = np.repeat(np.arange(len(sites)), sizes)
-    one_each = LinearConstraint(csr_array((np.ones(n_var), (rows, cols))), 1, 1)
-
-    def split(x: np.ndarray) -> list[int]:
-        return [int(np.argmax(x[offs[k] : offs[k + 1]])) for k in range(len(sites))]
-
-    def run(c: np.ndarray, extra: list[LinearConstraint], **limit: float) -> Any:
-        options = {"mip_rel_gap": 0.0, "time_limit": MILP_TIME_LIMIT_S, "presolve": True}
-        with _quiet_stdout():
-            return milp(
-                c,
-                integrality=np.ones(n_var),
-                bounds=Bounds(0, 1),
-                constraints=[one_each, *extra],
-                options={**options, **limit},
-            )
-
-    mem_rhs = None if lim.cap is None else (lim.cap - b_base) // g
-    lat_rhs = None if lim.lat is None else max(lim.lat - t_base, 0.0) / t_scale
-
-    def limits(mem_rhs: int | None, lat_rhs: float | None) -> list[LinearConstraint]:
-        out = []
-        if mem_rhs is not None:
-            out.append(LinearConstraint((b // g)[None, :].astype(np.float64), -np.inf, mem_rhs))
-        if lat_rhs is not None:
-            out.append(LinearConstraint((t / t_scale)[None, :], -np.inf, lat_rhs))
-        return out
-
-    # Stage 1: minimize error. Re-solve with a tighter row if rounding the binaries broke a
-    # limit (HiGHS accepts a row violated within its feasibility tolerance).
-    ch1: list[int] | None = None
-    status = "optimal"
-    for attempt in range(4):
-        res = run(e / e_scale * 1e3, limits(mem_rhs, lat_rhs))
-        if res.status == 2:
-            if attempt == 0:
-                return None, "infeasible"
-            raise RuntimeError("HiGHS: tightening a rounded-off limit made the problem infeasible")
-        if res.x is None:
-            raise RuntimeError(f"HiGHS: {res.message}")
-        ch = split(res.x)
-        if lim.fits(sites, ch):
-            ch1, status = ch, ("optimal" if res.status == 0 else "feasible")
-            break
-        tb = sum(int(s.b[j]) for s, j in zip(sites, ch))
-        tt = float(sum(s.t[j] for s, j in zip(sites, ch)))
-        if mem_rhs is not None and lim.cap is not None and tb > lim.cap:
-            mem_rhs -= -(-(tb - lim.cap) // g)
-        if lat_rhs is not None and lim.lat is not None and tt > lim.lat:
-            lat_rhs -= (tt - lim.lat) / t_scale * 1.001
-    if ch1 is None:
-        raise RuntimeError("HiGHS solutions kept violating the limits after rounding")
-
-    def err(ch: list[int]) -> float:
-        return float(sum(s.e[j] for s, j in zip(sites, ch)))
-
-    def nbytes(ch: list[int]) -> int:
-        return sum(int(s.b[j]) for s, j in zip(sites, ch))
-
-    # Stage 2: among solutions of that error, fewest bytes (the tie rule).
-    e1 = err(ch1)
-    tie = _REL_TIE * abs(e1)
-    e1_shift = (e1 - e_base) / e_scale
-    row = LinearConstraint((e / e_scale)[None, :], -np.inf, e1_shift + max(tie / e_scale, 1e-12))
-    try:
-        # A node limit, not a time limit, bounds this refinement: the result stays the same
-        # whatever the machine's load.
-        res = run(b // g, [*limits(mem_rhs, lat_rhs), row], node_limit=STAGE2_NODE_LIMIT)
-    except Exception:  # noqa: BLE001 — stage 2 only refines a tie; stage 1 stands
-        return ch1, status
-    if res.x is not None:
-        ch2 = split(res.x)
-        ok = lim.fits(sites, ch2) and err(ch2) <= e1 + tie + 1e-12 * e_scale
-        if ok and nbytes(ch2) < nbytes(ch1):
-            return ch2, status
-    return ch1, status
-
-
-# ---------------------------------------------------------------------------------------------
-# DP
-
-
-def _solve_dp(sites: list[_Site], cap: int) -> tuple[list[int], str]:
-    """Exact-bytes DP: G[k, u] = least error of sites k.. using exactly u byte units."""
-    base = sum(int(s.b.min()) for s in sites)
-    shifted = [s.b - s.b.min() for s in sites]
-    allb = np.concatenate(shifted) if shifted else np.zeros(0, np.int64)
-    g = int(np.gcd.reduce(allb)) if allb.any() else 1
-    units = [sh // g for sh in shifted]
-    room = (cap - base) // g
-    room = min(room, int(sum(int(u.max()) for u in units)))
-    n = len(sites)
-    status = "optimal"
-    if (n + 1) * (room + 1) > DP_MAX_CELLS:
-        # Coarsen: round every option's units UP to a quantum q, so Σ ceil(u/q) ≤ room // q
-        # implies Σ u ≤ room. Each site's smallest option stays at 0: never loses feasibility.
-        per_row = max(DP_MAX_CELLS // (n + 1) - 1, 1)
-        q = -(-room // per_row)
-        units = [-(-u // q) for u in units]
-        room = min(room // q, int(sum(int(u.max()) for u in units)))
-        status = "feasible"
-
-    G = np.full((n + 1, room + 1), np.inf)
-    G[n, 0] = 0.0
-    for k in range(n - 1, -1, -1):
-        row = G[k]
-        for j, u in enumerate(units[k].tolist()):
-            if u > room:
-                continue
-            np.minimum(row[u:], sites[k].e[j] + G[k + 1, : room + 1 - u], out=row[u:])
-    best = float(G[0].min())
-    rem = int(np.flatnonzero(G[0] <= best + _REL_TIE * abs(best))[0])  # ties: fewer bytes
-    ch = []
-    for k in range(n):
-        target = G[k, rem]
-        for j, u in enumerate(units[k].tolist()):  # ties: lowest index first
-            if u <= rem:
-                v = sites[k].e[j] + G[k + 1, rem - u]
-                if np.isfinite(v) and v <= target + _REL_TIE * abs(target):
-                    ch.append(j)
-                    rem -= u
-                    break
-        else:  # pragma: no cover — G[k, rem] is finite by construction
-            raise AssertionError("DP reconstruction failed")
-    return ch, status
-
-
-# ---------------------------------------------------------------------------------------------
-# Greedy
-
-
-def _solve_greedy(sites: list[_Site], lim: _Limits, start: list[int]) -> tuple[list[int], str]:
-    """Downgrade along each site's lower hull of (resource, error) until within limits.
-
-    A move on the violated resource (memory first) must lower it; under both limits it must
-    also not raise the other resource on that site while the other is violated, and keep the
-    other's total within its limit once it is met, so each phase strictly decreases one
-    resource and the loop ends. When no such move exists, moves that shrink the summed
-    relative violation are taken instead.
-    """
-    n = len(sites)
-    sizes = [len(s.idx) for s in sites]
-    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-    site_of = np.repeat(np.arange(n), sizes)
-    local = np.concatenate([np.arange(k) for k in sizes]) if n else np.zeros(0, np.int64)
-    B = np.concatenate([s.b for s in sites]).astype(np.float64) if n else np.zeros(0)
-    E = np.concatenate([s.e for s in sites]) if n else np.zeros(0)
-    T = np.concatenate([s.t for s in sites]) if n else np.zeros(0)
-    cur = offs[:-1] + np.asarray(start, dtype=np.int64)
-    cap, lat = lim.cap, lim.lat
-    moves = 0
-
-    def violation(tb: np.ndarray | float, tt: np.ndarray | float) -> np.ndarray | float:
-        v = 0.0
-        if cap is not None:
-            v = v + np.maximum(tb - cap, 0.0) / max(cap, 1)
-        if lat is not None:
-            v = v + np.maximum(tt - lat, 0.0) / max(lat, 1e-300)
-        return v
-
-    while True:
-        tb = float(B[cur].sum())
-        tt = float(T[cur].sum())
-        mem_bad = cap is not None and tb > cap
-        lat_bad = lat is not None and tt > lat
-        if not (mem_bad or lat_bad):
-            break
-        c = cur[site_of]
-        dB, dE, dT = B - B[c], E - E[c], T - T[c]
-        pick = None
-        for res in ("mem", "lat"):
-            if (res == "mem" and not mem_bad) or (res == "lat" and not lat_bad):
-                continue
-            d_own, d_other = (dB, dT) if res == "mem" else (dT, dB)
-            other_lim, other_tot, other_bad = (
-                (lat, tt, lat_bad) if res == "mem" else (cap, tb, mem_bad)
-            )
-            ok = d_own < 0
-            if other_lim is not None:
-                ok &= (d_other <= 0) if other_bad else (other_tot + d_other <= other_lim)
-            if ok.any():
-                gain = -d_own
-                pick = (ok, gain)
-                break
-        if pick is None:  # no clean move: shrink the summed relative violation
-            gain = violation(tb, tt) - violation(tb + dB, tt + dT)
-            ok = gain > 1e-15
-            if not ok.any():
-                raise RuntimeError(
-                    "greedy is stuck short of the memory and latency limits together; "
-                    "use method='milp' (exact)"
-                )
-            pick = (ok, gain)
-        ok, gain = pick
-        cand = np.flatnonzero(ok)
-        slope = dE[cand] / gain[cand]
-        # smallest Δerror per unit saved; then the nearest hull vertex; then site, option
-        order = np.lexsort((local[cand], site_of[cand], gain[cand], slope))
-        m = int(cand[order[0]])
-        cur[site_of[m]] = m
-        moves += 1
-    ch = (cur - offs[:-1]).tolist()
-    return ch, ("optimal" if moves == 0 else "feasible")

@@ -220,6 +220,9 @@ def test_budget_across_graph_break_matches_optimize_and_never_refactorizes(monke
         assert e.est_error == pytest.approx(ref.site(fqn).est_error)  # the planner's estimate
         assert len(e.extra["graphs"]) == 2 and e.extra["factor_cache_hits"] == 1
     assert report.capture == {"method": "dynamo", "graphs": len(be.graphs)}
+    # the sub-graphs ran as pipelines: every pass timed, summed over sub-graphs
+    assert [name for name, _ in be.graphs[0].timings] == ["rewrite", "constant_sources"]
+    assert {"plan", "capture", "solve", "compile:rewrite"} <= set(report.timings)
 
 
 def test_full_rank_plan_with_rules_override_equals_eager(tiny_mlp) -> None:
@@ -330,6 +333,9 @@ def test_recompile_of_the_same_graph_hits_the_cache_and_absent_sites_are_reporte
 def test_plan_names_are_checked_against_the_model(two) -> None:
     with pytest.raises(ValueError, match=r"'fc_2' \(did you mean 'fc2'\?\)"):
         backend(plan=Plan({"fc_2": DenseConfig()}), model=two)
+    # the same check as optimize and the module swap: shapes too
+    with pytest.raises(ValueError, match=r"shapes do not match.*'fc2'.*\(3, 3\)"):
+        backend(plan=Plan({"fc2": DenseConfig()}, {"fc2": (3, 3)}), model=two)
 
 
 def test_report_of_compiled_finds_the_session_or_says_why(two) -> None:

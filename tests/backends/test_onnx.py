@@ -138,6 +138,10 @@ def test_report_gets_the_export_notes(mixed):
     assert any("onnx export" in n and "MatMulNBits" in n for n in rep.notes)
     assert any("onnxruntime has no 2:4 kernel" in n for n in rep.notes)
     assert rep.site(f"{L0}.self_attn.q_proj").extra["onnx"] == "2×MatMul"
+    # the export ran as a pipeline: every stage timed, in the result and the model's report
+    stages = ["torch_export", "check_translatable", "to_onnx", "fold_markers", "save"]
+    assert list(result.timings) == stages and all(t >= 0 for t in result.timings.values())
+    assert {f"onnx:{s}" for s in stages} <= set(rep.timings)
 
 
 @pytest.mark.parametrize("batch,seq", [(3, 16), (2, 7), (1, 1)])

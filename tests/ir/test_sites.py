@@ -103,7 +103,12 @@ def test_tiny_llama_attention_sites(tiny_llama):
     assert [s.fqn for s in sites] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     s = sites[0]
     assert (s.num_heads, s.num_kv_heads, s.head_dim, s.causal) == (4, 2, 16, True)
-    assert s.projections == {r: f"model.layers.0.self_attn.{r}_proj" for r in "qkvo"}
+    assert dict(s.projections) == {r: f"model.layers.0.self_attn.{r}_proj" for r in "qkvo"}
+    assert s.projection("k") == "model.layers.0.self_attn.k_proj"
+    shape = s.site_shape  # hashable site, shape object the cost methods take
+    assert (shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.layer_idx) == (4, 2, 16, 0)
+    assert shape.hidden_size == tiny_llama.config.hidden_size and shape.rope_dim == 16
+    assert len({s, sites[1], s}) == 2 and s.kind == "attention"
 
 
 def test_attention_site_needs_head_counts():

@@ -178,7 +178,8 @@ def test_plan_json_round_trip(tmp_path: Path):
     assert d["format"] == PLAN_FORMAT and d["version"] == PLAN_VERSION
     back = Plan.from_json(text)
     assert back == plan and back.meta == plan.meta
-    assert back.shapes["model.layers.0.mlp.up_proj"] == (128, 64)  # tuples, not lists
+    # shape objects, (out, in) pairs converted
+    assert back.shapes["model.layers.0.mlp.up_proj"] == LinearShape(in_features=64, out_features=128)
     assert Plan.load(plan.save(tmp_path / "p.json")) == plan
     assert set(plan.rewrites()) == {
         "model.layers.0.self_attn.q_proj",

@@ -1,0 +1,584 @@
+"""``optimize``'s stages, run as a pipeline by the pass manager over one ``Planning`` state.
+
+    planning: capture → check_plan (replay) → calibration → candidates → solve | complete_plan
+    optimize: … → apply → measure → frontier
+
+Each stage is a function ``stage(pl: Planning) -> PassResult`` that reads and fills the state;
+``passes.manager.PassManager`` runs them with a ``TimingInstrument`` whose seconds per stage
+become the report's timings. The caller's options travel as one ``PlanningOptions`` object.
+``plan_model`` runs the planning stages only (shared with the torch.compile backend,
+``slimfx.compile_api``); ``slimfx.api.optimize`` runs all of them.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimfx.cost.calibration import (
+    CalibrationStats,
+    collect_planning_stats,
+    collect_stats,
+    prepare_batches,
+)
+from slimfx.cost.candidates import build_problem
+from slimfx.cost.sequential import run_sequential
+from slimfx.cost.target import MeasuredCache, Target, roofline_caveat
+from slimfx.ir.capture import capture as capture_graph
+from slimfx.ir.find import find_linear_sites
+from slimfx.ir.sites import LinearSite
+from slimfx.passes.base import PassResult
+from slimfx.passes.manager import Instrument, PassManager, TimingInstrument
+from slimfx.passes.swap import apply_plan
+from slimfx.passes.validate import validate_plan
+from slimfx.planning.configs import DEFAULT_FAMILIES, DenseConfig
+from slimfx.planning.plan import Plan
+from slimfx.planning.problem import Budget, BudgetProblem
+from slimfx.planning.solve import frontier as solve_frontier
+from slimfx.planning.solve import solve as solve_budget
+from slimfx.reporting import target_name
+
+__all__ = [
+    "PlanningOptions",
+    "Planning",
+    "plan_model",
+    "planning_stages",
+    "optimize_stages",
+    "run_stages",
+    "find_sites",
+    "select_sites",
+    "measure_site_errors",
+]
+
+Stage = Callable[["Planning"], PassResult]
+
+
+@dataclass(frozen=True)
+class PlanningOptions:
+    """Everything ``optimize`` (and the torch.compile backend's planner) is told about how to
+    plan, one field per keyword of ``optimize`` with its meaning and default there."""
+
+    calibration: Sequence | None = None
+    tokenizer: Any = None
+    plan: Plan | None = None
+    target: str | Target = "cpu"
+    workload: str = "decode"
+    families: Sequence[str] = DEFAULT_FAMILIES
+    fisher: bool | None = None
+    solver: str = "auto"
+    heldout: Sequence | None = None
+    example_inputs: tuple | None = None
+    seq_len: int = 256
+    latency_cache: MeasuredCache | str | os.PathLike[str] | None = None
+    include: Sequence[str] | None = None
+    exclude: Sequence[str] | None = None
+    progress: bool = True
+    backend: str | None = None
+
+    @classmethod
+    def of(cls, values: Mapping[str, Any]) -> PlanningOptions:
+        """The options among ``values`` (a caller's keyword arguments); others are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+@dataclass
+class Planning:
+    """The state the stages fill: the sites, the statistics, the problem and solution
+    (``None`` when a plan was replayed), the complete Plan; after ``optimize``'s own stages
+    the rewritten model, the pass result and the measured errors."""
+
+    budget: Budget
+    options: PlanningOptions = field(default_factory=PlanningOptions)
+    model: nn.Module | None = None
+    sites: list[LinearSite] = field(default_factory=list)
+    plan: Plan | None = None
+    capture: dict[str, Any] = field(default_factory=dict)
+    fit_batches: list = field(default_factory=list)
+    eval_batches: list = field(default_factory=list)
+    stats: CalibrationStats | None = None
+    problem: BudgetProblem | None = None
+    solution: Any = None
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    cache: MeasuredCache | None = None
+    batches: list = field(default_factory=list)
+    # optimize's stages
+    sequential: bool = False
+    inplace: bool = False
+    rewritten: nn.Module | None = None
+    result: PassResult | None = None
+    measured: dict[str, tuple[float, float]] = field(default_factory=dict)
+    frontier: list = field(default_factory=list)
+    dense_ref: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+
+    def grams(self, sites: Sequence[LinearSite] | None = None) -> dict[str, Tensor | None] | None:
+        """The (damped) Gram each site is fitted with, or ``None`` without statistics."""
+        if self.stats is None:
+            return None
+        return {s.fqn: self.stats.fit_gram(s.fqn) for s in (sites or self.sites)}
+
+    @property
+    def solver(self) -> str:
+        return self.solution.solver if self.solution is not None else "replayed plan"
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "generate")
+
+
+def _example_call(model: nn.Module, batch: Any, max_tokens: int = 16) -> tuple[tuple, dict]:
+    """Arguments for capturing ``model`` from one calibration batch (trimmed for speed)."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
+        return (), {"input_ids": batch[:1, :max_tokens], "use_cache": False}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
+        return model(input_ids=batch, use_cache=False)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def find_sites(
+    model: nn.Module, example: tuple[tuple, dict]
+) -> tuple[list[LinearSite], dict[str, Any]]:
+    """Capture ``model`` and find its linear sites; the second value says how."""
+    t0 = time.perf_counter()
+    captured = capture_graph(model, example[0], example[1], fallback=True)
+    sites = find_linear_sites(captured, model)
+    info = {"method": captured.method, "seconds": round(time.perf_counter() - t0, 2)}
+    if captured.fallback_reason:
+        info["fallback_reason"] = captured.fallback_reason
+    return sites, info
+
+
+def _drop_tied_sites(sites: list[LinearSite], notes: list[str]) -> list[LinearSite]:
+    """Leave tied sites (an ``lm_head`` sharing the embedding's weight) out of a bytes budget.
+
+    Rewriting a tied weight keeps a dense copy for its other user, so under a memory/bits
+    budget no form of it saves a byte: counted in the budget, its dense bytes would only shrink
+    what the other linears may keep (SmolLM2 at budget 0.3: 0.11 of their bytes instead of 0.3).
+    ``include=[...]`` naming it, or a latency budget (decode reads the whole head every token),
+    offers it again."""
+    tied = [s for s in sites if s.tied]
+    if not tied or len(tied) == len(sites):
+        return sites
+    for s in tied:
+        notes.append(
+            f"{s.fqn}: weight tied to {', '.join(s.tied)} — any rewrite keeps a dense copy, so "
+            "under a bytes budget it stays dense and outside the budget (include=[...] or a "
+            "latency budget offers it)"
+        )
+    return [s for s in sites if not s.tied]
+
+
+def select_sites(
+    sites: list[LinearSite], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[LinearSite]:
+    """Filter sites by glob patterns; a pattern matching nothing raises (a typo would
+    otherwise silently optimize nothing or everything)."""
+    import fnmatch
+
+    for label, pats in (("include", include), ("exclude", exclude)):
+        if isinstance(pats, str):
+            raise TypeError(f"{label} takes a list of patterns, not one string")
+        for p in pats or ():
+            if not any(fnmatch.fnmatchcase(s.fqn, p) for s in sites):
+                raise ValueError(f"{label} pattern {p!r} matches no linear site of this model")
+    keep = [
+        s
+        for s in sites
+        if (not include or any(fnmatch.fnmatchcase(s.fqn, p) for p in include))
+        and not any(fnmatch.fnmatchcase(s.fqn, p) for p in exclude or ())
+    ]
+    if not keep:
+        raise ValueError("include/exclude leave no linear site to optimize")
+    return keep
+
+
+def _check_weights(model: nn.Module, sites: Sequence[LinearSite]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    bad = [
+        s.weight for s in sites if s.weight in params and not torch.isfinite(params[s.weight]).all()
+    ]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} weight(s) contain NaN or inf: {', '.join(bad[:5])}"
+            f"{' …' if len(bad) > 5 else ''}. Fix the checkpoint before optimizing."
+        )
+
+
+def _split_heldout(batches: list, heldout: Sequence | None) -> tuple[list, list, str | None]:
+    if heldout is not None:
+        return batches, list(heldout), None
+    if len(batches) >= 2:
+        k = max(1, len(batches) // 8)
+        return batches[:-k], batches[-k:], None
+    return batches, batches, "only one calibration batch: the measured SQNR uses the same batch"
+
+
+def _needs_gram(decision: Any) -> bool:
+    from slimfx.api import needs_gram  # the api owns the list of activation-aware forms
+
+    return needs_gram(decision)
+
+
+# ------------------------------------------------------------------------------ stages
+
+
+def _done(name: str, modified: bool = False) -> PassResult:
+    return PassResult(name=name, modified=modified)
+
+
+def start(pl: Planning) -> None:
+    """Checks that need no model run: the plan's type, the budget, the latency cache, the
+    calibration batches (tokenized here)."""
+    opts = pl.options
+    if opts.plan is not None and not isinstance(opts.plan, Plan):
+        raise TypeError(f"plan must be a slimfx Plan, got {type(opts.plan).__name__}")
+    pl.cache = MeasuredCache.of(opts.latency_cache, opts.target)
+    if opts.calibration is not None:
+        if isinstance(opts.calibration, (str, bytes)):
+            raise TypeError("calibration must be a list of batches or strings, not one string")
+        pl.batches = prepare_batches(
+            list(opts.calibration), tokenizer=opts.tokenizer, seq_len=opts.seq_len
+        )
+        if not pl.batches:
+            raise ValueError("calibration is empty: pass at least one batch of real inputs")
+
+
+def capture(pl: Planning) -> PassResult:
+    """Capture the model, find its linear sites, apply include/exclude (and leave tied sites
+    out of a bytes budget), check their weights."""
+    model, opts = pl.model, pl.options
+    assert model is not None
+    if opts.example_inputs is not None:
+        example = (tuple(opts.example_inputs), {})
+    elif pl.batches:
+        example = _example_call(model, pl.batches[0])
+    else:
+        raise ValueError(
+            "optimize needs calibration data (or example_inputs when replaying a plan that "
+            "uses no activation-aware decision) to capture the model"
+        )
+    sites, pl.capture = find_sites(model, example)
+    if pl.capture["method"] != "export":
+        pl.notes.append(
+            "torch.export failed; sites found by module-level discovery instead: "
+            + pl.capture.get("fallback_reason", "")[:300]
+        )
+    if not sites:
+        raise ValueError("no linear layers found in this model: nothing to optimize")
+    sites = select_sites(sites, opts.include, opts.exclude)
+    if opts.plan is None and opts.include is None and pl.budget.latency is None:
+        sites = _drop_tied_sites(sites, pl.notes)
+    _check_weights(model, sites)
+    pl.sites = sites
+    return _done("capture")
+
+
+def check_plan(pl: Planning) -> PassResult:
+    """A replayed plan: its sites and shapes (``passes.validate.validate_plan``), what the
+    backend runs, and the calibration its activation-aware decisions need."""
+    plan, opts = pl.options.plan, pl.options
+    assert plan is not None
+    validate_plan(plan, pl.sites)
+    if opts.backend is not None:
+        from slimfx.backends.capabilities import check_plan as backend_check
+
+        bad = backend_check(opts.backend, plan, pl.sites)
+        if bad:
+            raise ValueError(
+                f"the plan has {len(bad)} site(s) backend {opts.backend!r} cannot run:\n  "
+                + "\n  ".join(bad)
+            )
+    aware = [k for k, d in plan.items() if _needs_gram(d)]
+    if aware and not pl.batches:
+        raise ValueError(
+            f"the plan uses activation-aware decisions at {len(aware)} site(s) (e.g. "
+            f"{aware[0]}: {plan[aware[0]].short()}); pass the same calibration= to "
+            "reproduce their factors"
+        )
+    return _done("check_plan")
+
+
+def calibration(pl: Planning) -> PassResult:
+    """Split fit / held-out batches; collect the statistics planning (or a replayed plan's
+    activation-aware decisions) needs."""
+    model, opts, plan = pl.model, pl.options, pl.options.plan
+    assert model is not None
+    fit, held, note = _split_heldout(pl.batches, opts.heldout) if pl.batches else ([], [], None)
+    pl.fit_batches, pl.eval_batches = fit, held
+    if note:
+        pl.notes.append(note)
+    if not fit or (plan is not None and not any(_needs_gram(d) for d in plan.values())):
+        return _done("calibration")
+    if plan is None:
+        pl.stats, note = collect_planning_stats(model, pl.sites, fit, opts.fisher, opts.progress)
+        if note:
+            pl.notes.append(note)
+    else:  # a replayed plan needs the Grams only
+        pl.stats = collect_stats(model, pl.sites, fit, fisher=False, progress=opts.progress)
+    thin = pl.stats.underdetermined()
+    if thin:
+        grp, (n, f) = next(iter(thin.items()))
+        pl.notes.append(
+            f"calibration too small: {len(thin)} input group(s) saw fewer tokens than "
+            f"input features (e.g. {grp}: {n} tokens for {f} features); activation-aware "
+            "estimates are optimistic there — pass more calibration tokens"
+        )
+    return _done("calibration", True)
+
+
+def candidates(pl: Planning) -> PassResult:
+    """Price every candidate of every site (``cost.candidates.build_problem``)."""
+    model, opts = pl.model, pl.options
+    assert model is not None
+    mods = dict(model.named_modules())
+    weights = {s.fqn: mods[s.fqn].weight.detach() for s in pl.sites}
+    allow = None
+    if opts.backend is not None:
+        from slimfx.backends.capabilities import allow_fn
+
+        allow = allow_fn(opts.backend)
+    pl.problem, _ = build_problem(
+        pl.sites,
+        weights,
+        pl.stats,
+        target=opts.target,
+        workload=opts.workload,
+        families=tuple(opts.families),
+        cache=pl.cache,
+        progress=opts.progress,
+        allow=allow,
+    )
+    name = target_name(opts.target)
+    if pl.cache is not None:
+        src = pl.problem.meta["latency_sources"]
+        pl.notes.append(
+            f"latency: {src.get('measured', 0)} of {sum(src.values())} options measured "
+            f"({pl.cache.describe(name)}), the rest from the roofline"
+        )
+    elif pl.budget.latency is not None:
+        pl.notes.append(roofline_caveat(name, opts.backend))
+    if pl.problem.meta.get("not_allowed"):
+        pl.notes.append(
+            f"backend {opts.backend}: {pl.problem.meta['not_allowed']} candidate(s) it cannot "
+            "run natively were not offered"
+        )
+    return _done("candidates", True)
+
+
+def solve(pl: Planning) -> PassResult:
+    """Solve the budget and turn the solution into the Plan."""
+    opts = pl.options
+    assert pl.problem is not None and pl.model is not None
+    pl.solution = solve_budget(pl.problem, pl.budget, method=opts.solver)
+    if pl.solution.note:
+        pl.notes.append(f"solver: {pl.solution.note}")
+    pl.plan = pl.solution.to_plan(
+        shapes={s.fqn: s.site_shape for s in pl.sites},
+        meta={
+            "budget": pl.budget.to_dict(),
+            "target": target_name(opts.target),
+            "workload": opts.workload,
+            "families": list(opts.families),
+            "solver": pl.solution.solver,
+            "model_class": type(pl.model).__name__,
+        },
+    )
+    return _done("solve", True)
+
+
+def complete_plan(pl: Planning) -> PassResult:
+    """A replayed plan completed to every site (dense where it says nothing and no other
+    site's decision owns the site)."""
+    plan = pl.options.plan
+    assert plan is not None
+    unplanned = [s.fqn for s in pl.sites if s.fqn not in plan.owned_by]
+    pl.plan = Plan(
+        {**{fqn: DenseConfig() for fqn in unplanned}, **dict(plan.decisions)},
+        {**{s.fqn: s.site_shape for s in pl.sites}, **plan.shapes},
+        dict(plan.meta),
+        dict(plan.owned_by),
+    )
+    return _done("complete_plan")
+
+
+def apply(pl: Planning) -> PassResult:
+    """Rewrite the model (a copy unless ``inplace``) by the plan: module swap, or block by
+    block with statistics from the rewritten prefix when ``sequential``. The dense weights of
+    the rewritten sites are kept first when there are held-out batches to measure them on."""
+    model, plan = pl.model, pl.plan
+    assert model is not None and plan is not None
+    if pl.eval_batches:
+        mods = dict(model.named_modules())
+        pl.dense_ref = {
+            s.fqn: (
+                mods[s.fqn].weight.detach().clone(),
+                None if mods[s.fqn].bias is None else mods[s.fqn].bias.detach().clone(),
+            )
+            for s in pl.sites
+            if not isinstance(plan[s.fqn], DenseConfig)
+        }
+    if pl.sequential and plan.rewrites():
+        pl.rewritten, pl.result = _apply_sequential(
+            model, plan, pl.sites, pl.fit_batches, pl.inplace, pl.options.progress
+        )
+        pl.notes.append(
+            "sequential: each block factorized with statistics from the rewritten prefix"
+        )
+    else:
+        pl.rewritten, pl.result = apply_plan(
+            model,
+            plan,
+            pl.sites,
+            pl.grams(),
+            inplace=pl.inplace,
+            strict=True,
+            progress=pl.options.progress,
+        )
+    return PassResult("apply", pl.result.modified, pl.result.records, pl.result.seconds)
+
+
+def measure(pl: Planning) -> PassResult:
+    """Each rewritten layer's output error on the held-out batches."""
+    if pl.dense_ref and pl.rewritten is not None:
+        pl.measured = measure_site_errors(pl.rewritten, pl.dense_ref, pl.eval_batches)
+    return _done("measure")
+
+
+def frontier(pl: Planning) -> PassResult:
+    """The error–budget frontier of the solved problem (the report's plot)."""
+    if pl.problem is not None:
+        pl.frontier = solve_frontier(pl.problem, [round(0.1 * i, 1) for i in range(1, 11)])
+    return _done("frontier")
+
+
+# ------------------------------------------------------------------------------ pipelines
+
+
+def planning_stages(options: PlanningOptions) -> list[Stage]:
+    """The planning pipeline for ``options``: a replayed plan is checked and completed, a
+    budget is priced and solved."""
+    if options.plan is not None:
+        return [capture, check_plan, calibration, complete_plan]
+    return [capture, calibration, candidates, solve]
+
+
+def optimize_stages(options: PlanningOptions) -> list[Stage]:
+    """``optimize``'s pipeline: planning, then apply, measure and the frontier."""
+    return [*planning_stages(options), apply, measure, frontier]
+
+
+def run_stages(
+    pl: Planning, stages: Sequence[Stage], instruments: Sequence[Instrument] = ()
+) -> Planning:
+    """Run ``stages`` over ``pl`` with the pass manager; their seconds go to ``pl.timings``."""
+    timing = TimingInstrument()
+    PassManager(list(stages), [timing, *instruments]).run(pl)
+    for name, seconds in timing.timings:
+        pl.timings[name] = pl.timings.get(name, 0.0) + seconds
+    return pl
+
+
+def plan_model(
+    model: nn.Module,
+    budget: float | Budget | None = 0.5,
+    options: PlanningOptions | None = None,
+    *,
+    instruments: Sequence[Instrument] = (),
+    **kwargs: Any,
+) -> Planning:
+    """``optimize``'s planning half — capture, sites, checks, calibration statistics,
+    candidates, solve (or complete a replayed plan) — without rewriting anything. Shared by
+    ``optimize`` and the torch.compile backend (``slimfx.compile_api``). ``options`` or the
+    same keywords as ``optimize`` (``PlanningOptions``'s fields), not both."""
+    if options is not None and kwargs:
+        raise TypeError("give options= or keyword options, not both")
+    opts = options if options is not None else PlanningOptions(**kwargs)
+    pl = Planning(Budget.of(budget), opts, model)
+    start(pl)
+    return run_stages(pl, planning_stages(opts), instruments)
+
+
+@torch.no_grad()
+def measure_site_errors(
+    model: nn.Module,
+    dense: Mapping[str, tuple[Tensor, Tensor | None]],
+    batches: Sequence,
+) -> dict[str, tuple[float, float]]:
+    """(SQNR dB, relative error) of each rewritten layer's output on ``batches``: the
+    rewritten module against the dense weight it replaced, on the same inputs."""
+    mods = dict(model.named_modules())
+    acc: dict[str, list[float]] = {k: [0.0, 0.0] for k in dense}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        W, b = dense[name]
+
+        def fn(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            ref = torch.nn.functional.linear(args[0].to(W.dtype), W, b).double()
+            acc[name][0] += float((ref * ref).sum())
+            acc[name][1] += float(((ref - out.double()) ** 2).sum())
+
+        return fn
+
+    try:
+        for name in dense:
+            handles.append(mods[name].register_forward_hook(hook(name)))
+        for b in batches:
+            _call(model, b)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for k, (sig, err) in acc.items():
+        rel = err / sig if sig > 0 else float("nan")
+        out[k] = (10 * math.log10(sig / err) if err > 0 else float("inf"), rel)
+    return out
+
+
+def _apply_sequential(
+    model: nn.Module,
+    plan: Plan,
+    sites: list[LinearSite],
+    batches: list,
+    inplace: bool,
+    progress: bool,
+) -> tuple[nn.Module, PassResult]:
+    target_model = model if inplace else copy.deepcopy(model)
+    merged = PassResult(name="apply_plan(sequential)")
+
+    def on_block(i: int, name: str, block_sites: list[LinearSite], stats: CalibrationStats) -> None:
+        sub = Plan(
+            {s.fqn: plan[s.fqn] for s in block_sites},
+            {s.fqn: s.site_shape for s in block_sites},
+        )
+        grams = {s.fqn: stats.fit_gram(s.fqn) for s in block_sites}
+        _, res = apply_plan(target_model, sub, block_sites, grams, inplace=True, strict=True)
+        merged.records.extend(res.records)
+        merged.modified |= res.modified
+
+    run_sequential(target_model, sites, batches, on_block, progress=progress)
+    return target_model, merged

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx import validate
 from slimfx.cost.calibration import (
     CalibrationStats,
     collect_planning_stats,
@@ -30,12 +31,14 @@ from slimfx.ir.find import find_linear_sites
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult
 from slimfx.passes.swap import apply_plan
+from slimfx.passes.transaction import in_transaction, run_in_transaction
 from slimfx.planning.configs import DEFAULT_FAMILIES, Decision, DenseConfig
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.planning.solve import frontier, solve
 from slimfx.report import Report
 from slimfx.reporting import build_report, target_name
+from slimfx.validate import calibration_items, check_batches, check_model, check_options
 
 __all__ = ["optimize", "plan_model", "Planning", "report_of", "find_sites", "needs_gram"]
 
@@ -85,6 +88,10 @@ def find_sites(
     captured = capture(model, example[0], example[1], fallback=True)
     sites = find_linear_sites(captured, model)
     info = {"method": captured.method, "seconds": round(time.perf_counter() - t0, 2)}
+    left = validate.direct_weight_readers(model, [s.fqn for s in sites])  # e.g. MHA's out_proj
+    if left:
+        sites = [s for s in sites if s.fqn not in left]
+        info["left_alone"] = left
     if captured.fallback_reason:
         info["fallback_reason"] = captured.fallback_reason
     return sites, info
@@ -277,6 +284,11 @@ def plan_model(
     ``optimize`` and the torch.compile backend (``slimfx.compile_api``). Arguments as there."""
     timings: dict[str, float] = {}
     notes: list[str] = []
+    model = check_model(model)  # every argument checked before any work (slimfx.validate)
+    check_options(target=target, workload=workload, families=families, seq_len=seq_len,
+                  include=include, exclude=exclude)
+    if heldout is not None:
+        heldout = check_batches(model, calibration_items(heldout, "heldout"), notes, "heldout")
     if plan is not None and not isinstance(plan, Plan):
         raise TypeError(f"plan must be a slimfx Plan, got {type(plan).__name__}")
     bud = Budget.of(budget)
@@ -285,7 +297,9 @@ def plan_model(
     if calibration is not None:
         if isinstance(calibration, (str, bytes)):
             raise TypeError("calibration must be a list of batches or strings, not one string")
-        batches = prepare_batches(list(calibration), tokenizer=tokenizer, seq_len=seq_len)
+        batches = prepare_batches(calibration_items(calibration), tokenizer=tokenizer,
+                                  seq_len=seq_len)
+        batches = check_batches(model, batches, notes)
         if not batches:
             raise ValueError("calibration is empty: pass at least one batch of real inputs")
 
@@ -302,6 +316,7 @@ def plan_model(
     t0 = time.perf_counter()
     sites, cap_info = find_sites(model, example)
     timings["capture"] = time.perf_counter() - t0
+    notes += [f"{k}: {why}" for k, why in cap_info.get("left_alone", {}).items()]
     if cap_info["method"] != "export":
         notes.append(
             "torch.export failed; sites found by module-level discovery instead: "
@@ -504,6 +519,9 @@ def optimize(
       (``latency_source``) and a note says how many. E.g. ``target="ort-cpu", backend="onnx",
       latency_cache="ort.json"`` prices ONNX Runtime's own MatMul / MatMulNBits times.
     """
+    model = check_model(model)  # unwraps torch.compile; refuses TorchScript, meta, rewritten
+    if inplace and not in_transaction(model):  # all or nothing, KeyboardInterrupt included
+        return run_in_transaction(model, optimize, {**locals(), "model": model})
     t_start = time.perf_counter()
     # every planning option of this signature, by name (see _planning_options)
     pl = plan_model(model, budget, **_planning_options(locals()))

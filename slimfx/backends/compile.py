@@ -201,6 +201,22 @@ class SlimfxBackend:
                 f"{type(model).__name__}: {', '.join(bad[:5])}"
             )
 
+    def _check_same_model(self, example_inputs: Sequence[Any], found: GraphSites) -> None:
+        """Raise when the graph's weights are none of ``model=``'s: the backend was built for
+        one module and is compiling another, so none of the planned sites can be found."""
+        if self.model is None or self.plan is None or not self.plan.rewrites():
+            return
+        params = [t for t in example_inputs if isinstance(t, nn.Parameter)]
+        own = {id(p) for p in self.model.parameters()}
+        foreign = [u for u in found.unresolved if "is not a parameter of the model" in u]
+        if (params and not any(id(p) in own for p in params)) or (foreign and not found.sites):
+            raise ValueError(
+                f"slimfx backend: this graph's weights belong to no module of the model= it "
+                f"was built for ({type(self.model).__name__}), so none of the plan's "
+                f"{len(self.plan.rewrites())} rewritten site(s) can be found; build the "
+                "backend with model= the module you compile"
+            )
+
     # ----------------------------------------------------------------- per sub-graph
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
         t0 = time.perf_counter()
@@ -210,6 +226,7 @@ class SlimfxBackend:
             self.model,
             candidates=[f"{f}.weight" if f else "weight" for f in (self.plan or ())],
         )
+        self._check_same_model(example_inputs, found)
         rewrite = None
         not_planned = [s.fqn for s in found.sites if self.plan is None or s.fqn not in self.plan]
         if self.plan is not None:

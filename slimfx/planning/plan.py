@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from slimfx.planning.configs import Decision, DenseConfig, decision_from_dict
+from slimfx.planning.schema import check_plan_dict
 
 __all__ = ["Plan", "PLAN_FORMAT", "PLAN_VERSION"]
 
@@ -70,12 +71,13 @@ class Plan(Mapping[str, Decision]):
             raise ValueError(f"not a slimfx plan (a JSON {type(d).__name__}, not an object)")
         if d.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a slimfx plan (format={d.get('format')!r})")
+        check_plan_dict(d)  # every field typed, errors naming the field
         if d.get("version", 0) > PLAN_VERSION:
             raise ValueError(
                 f"plan version {d['version']} is newer than this slimfx reads ({PLAN_VERSION})"
             )
         return cls(
-            {k: decision_from_dict(v) for k, v in d["decisions"].items()},
+            {k: _decision(k, v) for k, v in d["decisions"].items()},
             {k: tuple(v) for k, v in d.get("shapes", {}).items()},
             dict(d.get("meta", {})),
         )
@@ -104,3 +106,11 @@ class Plan(Mapping[str, Decision]):
         if not isinstance(other, Plan):
             return NotImplemented
         return self.decisions == other.decisions and self.shapes == other.shapes
+
+
+def _decision(fqn: str, d: Mapping[str, Any]) -> Decision:
+    """``decision_from_dict`` with the field named in its error."""
+    try:
+        return decision_from_dict(dict(d))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"decisions[{fqn!r}]: {e}") from e

@@ -110,6 +110,12 @@ class Budget:
     max_error: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("memory", "bits", "latency", "max_error"):  # numbers only: no str, no bool
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"Budget.{name} must be a number, got {v!r} ({type(v).__name__})")
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"Budget.{name} must be finite, got {v!r}")
         if self.memory is not None:
             if not (isinstance(self.memory, (int, float)) and math.isfinite(self.memory)):
                 raise ValueError(f"memory budget must be a number, got {self.memory!r}")

@@ -63,6 +63,13 @@ class LineInterrupt:
         sys.settrace(None)
 
 
+@pytest.fixture(autouse=True)
+def no_disk_flush(monkeypatch):
+    """fsync makes each save ~50 ms on this file system; these tests are about interruptions
+    of the process, not power loss, so the flush is skipped (the calls still happen)."""
+    monkeypatch.setattr(sio, "_fsync", lambda path: None)
+
+
 @pytest.fixture(scope="module")
 def two_models():
     """Two different rewrites of one MLP (different decisions, different outputs)."""
@@ -85,28 +92,26 @@ def _loaded_as(d: Path, outs: dict[str, torch.Tensor]) -> str:
 
 
 def _no_leftovers(d: Path) -> None:
-    sio.save  # the next save cleans temporaries; check that it does
-    assert not [p for p in d.parent.iterdir() if p.name.startswith(f".{d.name}.slimfx-tmp-")]
+    """Nothing but ``d`` beside it: a save removes what interrupted saves left behind."""
+    assert [p.name for p in d.parent.iterdir()] == [d.name]
 
 
 def test_save_interrupted_at_every_step_keeps_old_or_new(two_models, tmp_path):
     models, outs = two_models
     d = tmp_path / "m"
     sio.save(models["a"], d)
-    # every slimfx line (plan/report serialization included), or io.py's own lines only
-    # (which puts more of the draws on the commit steps)
-    roots, counts = (SLIMFX, sio.__file__), []
-    for root in roots:
-        with LineInterrupt(None, root) as counter:
-            sio.save(models["b"], d)
-        counts.append(counter.count)
-    assert min(counts) > 20
+    with LineInterrupt(None) as counter:
+        sio.save(models["b"], d)
+    n = counter.count
+    assert n > 100
     rng = random.Random(0)
     current, seen = "b", {"old": 0, "new": 0}
     for t in range(TRIALS):
         new = "a" if current == "b" else "b"
+        # even trials: any line; odd trials: the last 6% (the last fsyncs and the commit)
+        k = rng.randrange(1, n + 1) if t % 2 == 0 else rng.randrange(int(0.94 * n), n + 1)
         try:
-            with LineInterrupt(rng.randrange(1, counts[t % 2] + 1), roots[t % 2]):
+            with LineInterrupt(k):
                 sio.save(models[new], d)
         except KeyboardInterrupt:
             pass
@@ -114,7 +119,7 @@ def test_save_interrupted_at_every_step_keeps_old_or_new(two_models, tmp_path):
         assert got in (current, new)
         seen["new" if got == new else "old"] += 1
         current = got
-    assert seen["old"] > 10 and seen["new"] > 5, seen  # both sides of the commit were hit
+    assert seen["old"] > 10 and seen["new"] > 10, seen  # both sides of the commit were hit
     sio.save(models["a"], d)
     _no_leftovers(d)
     assert _loaded_as(d, outs) == "a"
@@ -143,18 +148,18 @@ def test_save_without_atomic_exchange_still_keeps_old_or_new(two_models, tmp_pat
 
 def test_save_interrupted_by_sigint_timer_keeps_old_or_new(two_models, tmp_path, monkeypatch):
     models, outs = two_models
-    real_fsync = sio._fsync
-
     def slow_fsync(path: Path) -> None:
         time.sleep(0.002)
-        real_fsync(path)
 
     monkeypatch.setattr(sio, "_fsync", slow_fsync)
     d = tmp_path / "m"
     sio.save(models["a"], d)
-    t0 = time.perf_counter()
-    sio.save(models["b"], d)
-    span = time.perf_counter() - t0
+    spans = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        sio.save(models["b"], d)
+        spans.append(time.perf_counter() - t0)
+    span = min(spans)  # the machine is shared: the fastest run bounds the delay
     rng, current, interrupted = random.Random(2), "b", 0
     for _ in range(TRIALS):
         new = "a" if current == "b" else "b"
@@ -171,7 +176,7 @@ def test_save_interrupted_by_sigint_timer_keeps_old_or_new(two_models, tmp_path,
         got = _loaded_as(d, outs)
         assert got in (current, new)
         current = got
-    assert interrupted > 20
+    assert interrupted > 20, interrupted  # most timers fire inside the save
 
 
 # --------------------------------------------------------------------------- in place

@@ -508,7 +508,8 @@ def optimize(
       their bytes. A pattern that matches no site is an error. Without ``include``, a tied
       site (an ``lm_head`` sharing the embedding's weight) is left dense and outside a bytes
       budget — rewriting it would keep a dense copy — and the report notes it.
-    - ``inplace``: rewrite the given model object instead of a copy.
+    - ``inplace``: rewrite the given model object instead of a copy — all or nothing: any
+      exception, ``KeyboardInterrupt`` included, restores it (``passes.transaction``).
     - ``backend``: "eager" | "compile" | "triton" | "onnx" — what will run the model. The solver
       is offered only candidates that backend runs natively (e.g. no 2:4 for "onnx": ONNX
       Runtime would run it dense), and a replayed ``plan`` with a site the backend cannot run

@@ -19,7 +19,7 @@ from slimfx.planning.problem import Budget
 
 X = torch.randn(2, 32, generator=torch.Generator().manual_seed(9))
 IDS = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(9))
-INT8 = QuantConfig(bits=8)
+INT8 = QuantConfig(bits=8, group_size=32)
 
 
 def _opt(model, calib, **kw):
@@ -205,6 +205,51 @@ def test_failing_inplace_rewrite_rolls_back(monkeypatch):
 
     monkeypatch.setattr(api, "measure_site_errors", boom)
     fails_untouched(m, X, lambda: _opt(m, feats(3), inplace=True), RuntimeError, "injected")
+
+
+def test_failing_inplace_rewrite_of_a_tied_head_restores_the_tie(monkeypatch):
+    """Rewriting a tied lm_head unties the config; a failure afterwards puts the tie back."""
+    from slimfx import api
+
+    m = llama()
+    assert m.config.tie_word_embeddings
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(api, "measure_site_errors", boom)
+    plan = Plan({"lm_head": INT8})
+    fails_untouched(m, IDS, lambda: slimfx.optimize(m, plan=plan, calibration=ids(3),
+                                                    inplace=True, progress=False),
+                    KeyboardInterrupt, "")
+    assert m.config.tie_word_embeddings
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+
+
+def test_sequential_inplace_failing_in_a_later_block_rolls_back(monkeypatch):
+    from slimfx import api
+
+    m = llama()
+    real, calls = api.apply_plan, []
+
+    def second_fails(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("block 2 failed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(api, "apply_plan", second_fails)
+    fails_untouched(m, IDS, lambda: _opt(m, ids(3), sequential=True, inplace=True),
+                    RuntimeError, "block 2 failed")
+    assert len(calls) == 2  # the first block had been swapped in before the failure
+
+
+def test_heldout_is_checked_like_calibration():
+    m = mlp()
+    held = feats(2)
+    held[1][3, 3] = float("inf")
+    fails_untouched(m, X, lambda: _opt(m, feats(3), heldout=held), ValueError,
+                    r"heldout batch 1: the tensor has 1 NaN/inf value")
 
 
 # --------------------------------------------------------------------------- plan JSON

@@ -182,6 +182,26 @@ def _main_input(batch: Any) -> tuple[str, Tensor] | None:
     return None
 
 
+def _runs(model: nn.Module, batch: Any) -> bool:
+    """Whether ``model`` takes ``batch`` (one no-grad forward): the width check above reads
+    the first *registered* linear, which need not be the first one the forward calls (or a
+    ``Flatten`` may come first). A model in training mode is not run (batch-norm statistics
+    would move): it is assumed to take the batch."""
+    if model.training:
+        return True
+    try:
+        with torch.no_grad():
+            if isinstance(batch, Mapping):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    except Exception:  # noqa: BLE001 - any failure means the batch does not fit
+        return False
+    return True
+
+
 def _rebuild(batch: Any, fn: Any) -> Any:
     if isinstance(batch, Tensor):
         return fn(batch)
@@ -248,7 +268,7 @@ def check_batches(
                     f"{name} batch {i}: {where} is {t.dtype}, but the model's first layer "
                     f"({first[0]}, a Linear) takes floating-point features"
                 )
-            if t.dim() == 0 or t.shape[-1] != linear.in_features:
+            if (t.dim() == 0 or t.shape[-1] != linear.in_features) and not _runs(model, b):
                 raise ValueError(
                     f"{name} batch {i}: {where} has shape {tuple(t.shape)}, but the model's "
                     f"first layer ({first[0]}) takes {linear.in_features} features in the last "

@@ -410,3 +410,11 @@ def test_backend_built_for_another_model_raises():
                                         r"built for \(Sequential\)"):
         torch.compile(copy.deepcopy(b), backend=be)(X)
     frozen.check()
+
+
+def test_width_check_runs_the_model_before_blaming_the_input():
+    """A Flatten before the first linear: the last dimension is not the linear's width, yet
+    the batch fits — no error."""
+    m = nn.Sequential(nn.Flatten(), nn.Linear(64, 16)).eval()
+    new = _opt(m, [torch.randn(4, 8, 8) for _ in range(3)])
+    assert slimfx.report_of(new).sites

@@ -185,7 +185,7 @@ def save(
     for name in extras or {}:
         if name in ("slimfx.json", "plan.json", "model.safetensors") or Path(name).name != name:
             raise ValueError(f"extras: {name!r} is not a free file name in a save")
-    d = Path(directory)
+    d = Path(os.path.abspath(directory))  # "." and "out/" name a directory with a parent
     _recover(d)
     check_save_target(d, overwrite)
     d.parent.mkdir(parents=True, exist_ok=True)

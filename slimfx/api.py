@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from slimfx.cost.target import MeasuredCache, Target
+from slimfx.passes.transaction import in_transaction, run_in_transaction
 from slimfx.planning.configs import DEFAULT_FAMILIES, Decision
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget
@@ -29,6 +30,7 @@ from slimfx.stages import (
     select_sites,
     start,
 )
+from slimfx.validate import check_model
 
 __all__ = [
     "optimize",
@@ -119,7 +121,8 @@ def optimize(
       their bytes. A pattern that matches no site is an error. Without ``include``, a tied
       site (an ``lm_head`` sharing the embedding's weight) is left dense and outside a bytes
       budget — rewriting it would keep a dense copy — and the report notes it.
-    - ``inplace``: rewrite the given model object instead of a copy.
+    - ``inplace``: rewrite the given model object instead of a copy — all or nothing: any
+      exception, ``KeyboardInterrupt`` included, restores it (``passes.transaction``).
     - ``backend``: "eager" | "compile" | "triton" | "onnx" — what will run the model. The solver
       is offered only candidates that backend runs natively (e.g. no 2:4 for "onnx": ONNX
       Runtime would run it dense), and a replayed ``plan`` with a site the backend cannot run
@@ -130,6 +133,9 @@ def optimize(
       (``latency_source``) and a note says how many. E.g. ``target="ort-cpu", backend="onnx",
       latency_cache="ort.json"`` prices ONNX Runtime's own MatMul / MatMulNBits times.
     """
+    model = check_model(model)  # unwraps torch.compile; refuses TorchScript, meta, rewritten
+    if inplace and not in_transaction(model):  # all or nothing, KeyboardInterrupt included
+        return run_in_transaction(model, optimize, {**locals(), "model": model})
     t_start = time.perf_counter()
     # every keyword of this signature that is a planning option (PlanningOptions' fields)
     pl = Planning(Budget.of(budget), PlanningOptions.of(locals()), model)

@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -46,18 +45,43 @@ def _calibration(tokenizer, name: str, n: int, seq_len: int, model=None):
     )
 
 
-def cmd_optimize(a: argparse.Namespace) -> int:
+def _check_optimize_args(a: argparse.Namespace):
+    """Every ``slimfx optimize`` argument checked before the model loads: the budget, the
+    plan file, names, counts, the latency cache and the output directory."""
     import slimfx
+    from slimfx.io import check_save_target
     from slimfx.planning.problem import Budget
+    from slimfx.validate import check_options
 
-    model, tok = _load_model(a.model)
-    calib, held = _calibration(tok, a.calib, a.n_calib, a.seq_len, model)
+    if a.model not in ("smollm2", "tiny"):
+        raise ValueError(f"unknown --model {a.model!r}; known: smollm2, tiny")
     if a.bits is not None and a.budget is not None:
         raise ValueError("give --budget or --bits, not both")
+    for flag, v in (("--seq-len", a.seq_len), ("--n-calib", a.n_calib)):
+        if v < 1:
+            raise ValueError(f"{flag} must be ≥ 1, got {v}")
+    from slimfx.data.text import CORPORA
+
+    if a.calib not in CORPORA:
+        raise ValueError(f"unknown --calib {a.calib!r}; known: {', '.join(sorted(CORPORA))}")
+    check_options(target=a.target, workload=a.workload, families=a.families.split(","),
+                  seq_len=a.seq_len)
     memory = a.budget if a.budget is not None or a.bits or a.latency else 0.8
     memory = None if memory is None else Budget.of(memory).memory  # a fraction in (0, 1]
     budget = Budget(memory=memory, bits=a.bits, latency=a.latency)
     plan = slimfx.Plan.load(a.plan) if a.plan else None
+    if a.latency_cache and not Path(a.latency_cache).is_file():
+        raise FileNotFoundError(f"--latency-cache {a.latency_cache}: no such file")
+    check_save_target(Path(a.out), a.overwrite)
+    return budget, plan
+
+
+def cmd_optimize(a: argparse.Namespace) -> int:
+    import slimfx
+
+    budget, plan = _check_optimize_args(a)
+    model, tok = _load_model(a.model)
+    calib, held = _calibration(tok, a.calib, a.n_calib, a.seq_len, model)
     t0 = time.perf_counter()
     new = slimfx.optimize(
         model,
@@ -76,10 +100,11 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     rep = slimfx.report_of(new)
     print(rep)
     print(f"optimize took {time.perf_counter() - t0:.1f} s")
+    from slimfx.io import save
+
     out = Path(a.out)
-    slimfx.save(new, out)
-    (out / "report.md").write_text(rep.to_markdown())
-    rep.plot(out / "report.png")
+    save(new, out, overwrite=a.overwrite, extras={
+        "report.md": lambda p: p.write_text(rep.to_markdown()), "report.png": rep.plot})
     if a.eval and held is not None:
         from slimfx.eval import perplexity
 
@@ -98,16 +123,20 @@ def cmd_optimize(a: argparse.Namespace) -> int:
 
 def _read_report(path: str):
     from slimfx.report import Report
+    from slimfx.validate import read_json_object
 
     p = Path(path)
     if p.is_dir():
         p = p / "report.json"
     if not p.exists():
         raise FileNotFoundError(f"{path}: no report.json found")
-    d = json.loads(p.read_text())
+    d = read_json_object(p, "slimfx report")
     if d.get("format") == "slimfx.plan":
         raise ValueError(f"{path} is a plan, not a report: `slimfx report` reads report.json")
-    return Report.from_dict(d)
+    try:
+        return Report.from_dict(d)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise ValueError(f"{p}: not a valid slimfx report ({type(e).__name__}: {e})") from e
 
 
 def cmd_report(a: argparse.Namespace) -> int:
@@ -144,7 +173,7 @@ def cmd_export(a: argparse.Namespace) -> int:
     import slimfx
     from slimfx.backends.onnx import export_onnx
 
-    model = slimfx.load(a.dir)
+    model = slimfx.load(a.dir, verify=not a.no_verify)
     import torch
 
     ids = torch.zeros(1, 16, dtype=torch.long)
@@ -213,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--onnx", default=None, help="also export to this .onnx path")
     _onnx_flags(o)
     o.add_argument("--out", required=True)
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace --out even when it is a non-empty directory that is not a "
+                   "slimfx save (an earlier slimfx save is always replaced)")
     o.add_argument("--quiet", action="store_true")
     o.set_defaults(fn=cmd_optimize)
     r = sub.add_parser("report", help="print a saved report (dir or report.json)")
@@ -224,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a saved optimized model to ONNX")
     e.add_argument("dir")
     e.add_argument("--onnx", required=True)
+    e.add_argument("--no-verify", action="store_true",
+                   help="skip the SHA-256 check of the saved files (faster load)")
     _onnx_flags(e)
     e.set_defaults(fn=cmd_export)
     c = sub.add_parser("calibrate-target", help="measure kernel times into a cost cache")
@@ -253,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"slimfx: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,61 +1,271 @@
-"""Saving and loading rewritten models.
+"""Saving and loading rewritten models, all or nothing, checked on load.
 
 ``slimfx.save(model, dir)`` writes ``plan.json`` (what was rewritten), ``model.safetensors``
 (every tensor, compressed forms included; shared tensors stored once), ``report.json`` when the
-model has a report, and — for a Hugging Face model — its ``config.json``. ``slimfx.load(dir)``
-rebuilds the architecture (from the HF config, or from a skeleton ``model=`` you pass), swaps
-in empty slimfx modules of the planned shapes, and loads the tensors. ``torch.save`` /
-``torch.load(weights_only=False)`` of the whole module also works.
+model has a report, for a Hugging Face model its ``config.json``, and the manifest
+``slimfx.json`` with the SHA-256 of every other file. ``slimfx.load(dir)`` verifies those
+hashes, rebuilds the architecture (from the HF config, or from a skeleton ``model=`` you pass),
+swaps in empty slimfx modules of the planned shapes, and loads the tensors.
+``torch.save`` / ``torch.load(weights_only=False)`` of the whole module also works.
+
+Atomicity: every file is written (and fsynced) into a temporary directory beside ``dir``,
+which then replaces ``dir`` in one step — an atomic exchange of the two directories
+(``renameat2(RENAME_EXCHANGE)``) where the OS offers it, else two renames with the old save
+parked at ``.<name>.slimfx-old`` in between, which ``load`` and the next ``save`` put back if
+an interruption left ``dir`` missing. An interrupted save (an exception, ``KeyboardInterrupt``)
+therefore leaves either the old save or the new one at ``dir``, never a mix; leftover
+temporary directories are removed by the next save to the same place.
+
+Safety: ``save`` refuses to replace a non-empty directory that is not an earlier slimfx save
+(or that holds files slimfx did not write) unless ``overwrite=True`` (CLI ``--overwrite``), and
+a path that is a file. ``load(verify=False)`` skips the hashing (reading every byte once) for
+speed; a mismatch otherwise raises ``ValueError`` naming the file.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from slimfx.passes.swap import empty_like_plan
 from slimfx.planning.plan import Plan
 
-__all__ = ["save", "load"]
+__all__ = ["save", "load", "is_slimfx_save", "check_save_target", "SAVE_FORMAT"]
+
+SAVE_FORMAT = "slimfx.save"
+SAVE_VERSION = 1
+#: files an earlier save (or the CLI beside it) may hold without ``overwrite=True``
+_OWN_FILES = {
+    "plan.json", "report.json", "model.safetensors", "config.json", "slimfx.json",
+    "report.md", "report.png", "generation_config.json",
+}
+_TMP = ".slimfx-tmp-"
+_OLD = ".slimfx-old"
 
 
-def save(model: nn.Module, directory: str | Path) -> Path:
-    """Write a rewritten model (from ``optimize``) to ``directory``."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def _backup(d: Path) -> Path:
+    return d.parent / f".{d.name}{_OLD}"
+
+
+def _recover(d: Path) -> None:
+    """Put back an old save parked by an interrupted two-rename commit."""
+    old = _backup(d)
+    if not d.exists() and old.is_dir():
+        os.replace(old, d)
+
+
+def _manifest(d: Path) -> dict[str, Any] | None:
+    """The manifest of a directory ``save`` wrote, or ``None`` when it has none."""
+    from slimfx.validate import read_json_object
+
+    p = d / "slimfx.json"
+    if not p.is_file():
+        return None
+    info = read_json_object(p, "slimfx save manifest")
+    if info.get("format", SAVE_FORMAT) != SAVE_FORMAT or "model_class" not in info:
+        raise ValueError(f"{p}: not a slimfx save manifest (no model_class / wrong format)")
+    return info
+
+
+def is_slimfx_save(directory: str | Path) -> bool:
+    """Whether ``directory`` holds an earlier ``slimfx.save`` and nothing else."""
+    d = Path(directory)
+    try:
+        info = _manifest(d)
+    except ValueError:
+        return False
+    if info is None:
+        return False
+    own = _OWN_FILES | set(info.get("files", {}))
+    return all(p.name in own for p in d.iterdir())
+
+
+def check_save_target(d: Path, overwrite: bool = False) -> None:
+    """Raise ``FileExistsError`` when ``save(..., overwrite=overwrite)`` may not write ``d``."""
+    if d.exists() and not d.is_dir():
+        raise FileExistsError(f"{d} exists and is a file; slimfx.save writes a directory")
+    if d.is_dir() and any(d.iterdir()) and not overwrite and not is_slimfx_save(d):
+        names = sorted(p.name for p in d.iterdir() if p.name not in _OWN_FILES)
+        shown = ", ".join(names[:5]) or "no slimfx.json manifest"
+        raise FileExistsError(
+            f"{d} is a non-empty directory that is not an earlier slimfx save ({shown}); "
+            "save elsewhere, or pass overwrite=True (CLI --overwrite) to replace the whole "
+            "directory"
+        )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` atomically (Linux ``renameat2``); False when the OS or
+    file system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _commit(tmp: Path, d: Path) -> None:
+    """Make ``tmp`` the directory at ``d``; the old ``d`` (if any) ends up removed."""
+    if not d.exists():
+        os.rename(tmp, d)
+    elif _exchange(tmp, d):
+        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old save
+    else:
+        old = _backup(d)
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(d, old)
+        os.rename(tmp, d)  # an interruption between the renames: _recover puts old back
+        shutil.rmtree(old, ignore_errors=True)
+    _fsync(d.parent)
+
+
+def _clean_stale(d: Path) -> None:
+    for p in d.parent.glob(f".{d.name}{_TMP}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    if d.exists():
+        shutil.rmtree(_backup(d), ignore_errors=True)
+
+
+def save(
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    overwrite: bool = False,
+    extras: Mapping[str, Callable[[Path], Any]] | None = None,
+) -> Path:
+    """Write a rewritten model (from ``optimize``) to ``directory``, all or nothing.
+
+    - ``overwrite``: replace a non-empty directory that is not an earlier slimfx save (its
+      whole content is replaced). An earlier slimfx save is always replaced.
+    - ``extras``: file name → writer called with the file's path inside the new save (the CLI
+      writes ``report.md`` and ``report.png`` this way); hashed like every file.
+
+    A ``torch.compile`` wrapper is unwrapped (its ``_orig_mod`` is saved). Raises
+    ``ValueError`` for a model without a slimfx report, ``FileExistsError`` for a target it
+    may not replace (before anything is written)."""
     from safetensors.torch import save_model
 
     from slimfx.api import REPORT_ATTR
+    from slimfx.validate import check_model
 
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
+    model = check_model(model, what="save", allow_rewritten=True)
     rep = getattr(model, REPORT_ATTR, None)
     if rep is None:
         raise ValueError("save() expects a model returned by slimfx.optimize (it carries the plan)")
     plan = Plan.from_dict(rep.meta["plan"])
-    plan.save(d / "plan.json")
-    rep.save(d / "report.json")
-    save_model(model, str(d / "model.safetensors"))
-    info = {"model_class": f"{type(model).__module__}.{type(model).__qualname__}"}
-    if hasattr(model, "config") and hasattr(model.config, "to_json_string"):
-        (d / "config.json").write_text(model.config.to_json_string())
-        info["hf"] = True
-    (d / "slimfx.json").write_text(json.dumps(info, indent=1))
+    for name in extras or {}:
+        if name in ("slimfx.json", "plan.json", "model.safetensors") or Path(name).name != name:
+            raise ValueError(f"extras: {name!r} is not a free file name in a save")
+    d = Path(os.path.abspath(directory))  # "." and "out/" name a directory with a parent
+    _recover(d)
+    check_save_target(d, overwrite)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(d)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}{_TMP}", dir=d.parent))
+    try:
+        plan.save(tmp / "plan.json")
+        rep.save(tmp / "report.json")
+        save_model(model, str(tmp / "model.safetensors"))
+        info: dict[str, Any] = {
+            "format": SAVE_FORMAT,
+            "version": SAVE_VERSION,
+            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        }
+        if hasattr(model, "config") and hasattr(model.config, "to_json_string"):
+            (tmp / "config.json").write_text(model.config.to_json_string())
+            info["hf"] = True
+        for name, write in (extras or {}).items():
+            write(tmp / name)
+        files = sorted(p.name for p in tmp.iterdir())
+        info["files"] = {name: _sha256(tmp / name) for name in files}
+        (tmp / "slimfx.json").write_text(json.dumps(info, indent=1))
+        for name in [*files, "slimfx.json"]:
+            _fsync(tmp / name)
+        _fsync(tmp)
+        _commit(tmp, d)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return d
 
 
-def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
+def _verify(d: Path, info: Mapping[str, Any]) -> None:
+    files = info.get("files")
+    if files is None:  # a save from before checksums: nothing to verify against
+        return
+    if not isinstance(files, Mapping):
+        raise ValueError(f"{d / 'slimfx.json'}: field 'files' must be an object")
+    for name, digest in files.items():
+        p = d / name
+        if not p.is_file():
+            raise ValueError(f"{p}: listed in slimfx.json but missing; the save is incomplete")
+        got = _sha256(p)
+        if got != digest:
+            raise ValueError(
+                f"{p}: SHA-256 mismatch (slimfx.json records {str(digest)[:16]}…, the file "
+                f"hashes to {got[:16]}…): the file changed after slimfx.save wrote it "
+                "(corrupted or edited). Save again, or load(..., verify=False) to skip the check"
+            )
+
+
+def load(directory: str | Path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
     """Load what ``save`` wrote. ``model``: a freshly built instance of the original
-    architecture (weights are overwritten); optional for Hugging Face models."""
+    architecture (weights are overwritten); optional for Hugging Face models. ``verify``:
+    check every file's SHA-256 against the manifest first (``False`` skips reading each file
+    twice); a mismatch raises ``ValueError`` naming the file, before ``model`` is touched."""
     from safetensors.torch import load_model
 
     from slimfx.ir.find import discover_linear_sites
 
     d = Path(directory)
+    _recover(d)
     if not (d / "plan.json").exists():
         raise FileNotFoundError(f"{d} has no plan.json: not a directory written by slimfx.save")
+    info = _manifest(d)
+    if info is None:
+        raise FileNotFoundError(f"{d} has no slimfx.json: not a directory written by slimfx.save")
+    if verify:
+        _verify(d, info)
     plan = Plan.load(d / "plan.json")
-    info = json.loads((d / "slimfx.json").read_text())
+    report = None
+    if (d / "report.json").exists():
+        from slimfx.report import Report
+        from slimfx.validate import read_json_object
+
+        raw = read_json_object(d / "report.json", "slimfx report")
+        try:
+            report = Report.from_dict(raw)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{d / 'report.json'}: not a valid slimfx report ({e!r})") from e
     if model is None:
         if not info.get("hf"):
             raise ValueError("this model is not a Hugging Face model: pass model= (a fresh instance)")
@@ -63,13 +273,20 @@ def load(directory: str | Path, model: nn.Module | None = None) -> nn.Module:
 
         cfg = AutoConfig.from_pretrained(d)
         model = AutoModelForCausalLM.from_config(cfg)
+    model = check_skeleton(model)
     model.eval()
     sites = discover_linear_sites(model)
     empty_like_plan(model, plan, sites)
     load_model(model, str(d / "model.safetensors"), strict=True)
-    if (d / "report.json").exists():
+    if report is not None:
         from slimfx.api import REPORT_ATTR
-        from slimfx.report import Report
 
-        setattr(model, REPORT_ATTR, Report.load(d / "report.json"))
+        setattr(model, REPORT_ATTR, report)
     return model
+
+
+def check_skeleton(model: Any) -> nn.Module:
+    """The ``model=`` of ``load``: a fresh eager module (a compiled wrapper is unwrapped)."""
+    from slimfx.validate import check_model
+
+    return check_model(model, what="load", allow_rewritten=True)

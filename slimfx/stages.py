@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx import validate
 from slimfx.cost.calibration import (
     CalibrationStats,
     collect_planning_stats,
@@ -111,6 +112,7 @@ class Planning:
     timings: dict[str, float] = field(default_factory=dict)
     cache: MeasuredCache | None = None
     batches: list = field(default_factory=list)
+    heldout: list | None = None
     # optimize's stages
     sequential: bool = False
     inplace: bool = False
@@ -167,6 +169,10 @@ def find_sites(
     captured = capture_graph(model, example[0], example[1], fallback=True)
     sites = find_linear_sites(captured, model)
     info = {"method": captured.method, "seconds": round(time.perf_counter() - t0, 2)}
+    left = validate.direct_weight_readers(model, [s.fqn for s in sites])  # e.g. MHA's out_proj
+    if left:
+        sites = [s for s in sites if s.fqn not in left]
+        info["left_alone"] = left
     if captured.fallback_reason:
         info["fallback_reason"] = captured.fallback_reason
     return sites, info
@@ -251,9 +257,17 @@ def _done(name: str, modified: bool = False) -> PassResult:
 
 
 def start(pl: Planning) -> None:
-    """Checks that need no model run: the plan's type, the budget, the latency cache, the
-    calibration batches (tokenized here)."""
+    """Checks before any work (``slimfx.validate``): the model, the options, the plan's type,
+    the budget, the latency cache, the calibration and held-out batches (tokenized here)."""
     opts = pl.options
+    pl.model = validate.check_model(pl.model)  # unwraps torch.compile; refuses TorchScript, meta
+    validate.check_options(
+        target=opts.target, workload=opts.workload, families=opts.families,
+        seq_len=opts.seq_len, include=opts.include, exclude=opts.exclude,
+    )  # fmt: skip
+    if opts.heldout is not None:
+        held = validate.calibration_items(opts.heldout, "heldout")
+        pl.heldout = validate.check_batches(pl.model, held, pl.notes, "heldout")
     if opts.plan is not None and not isinstance(opts.plan, Plan):
         raise TypeError(f"plan must be a slimfx Plan, got {type(opts.plan).__name__}")
     pl.cache = MeasuredCache.of(opts.latency_cache, opts.target)
@@ -261,8 +275,10 @@ def start(pl: Planning) -> None:
         if isinstance(opts.calibration, (str, bytes)):
             raise TypeError("calibration must be a list of batches or strings, not one string")
         pl.batches = prepare_batches(
-            list(opts.calibration), tokenizer=opts.tokenizer, seq_len=opts.seq_len
-        )
+            validate.calibration_items(opts.calibration), tokenizer=opts.tokenizer,
+            seq_len=opts.seq_len,
+        )  # fmt: skip
+        pl.batches = validate.check_batches(pl.model, pl.batches, pl.notes)
         if not pl.batches:
             raise ValueError("calibration is empty: pass at least one batch of real inputs")
 
@@ -282,6 +298,7 @@ def capture(pl: Planning) -> PassResult:
             "uses no activation-aware decision) to capture the model"
         )
     sites, pl.capture = find_sites(model, example)
+    pl.notes += [f"{k}: {why}" for k, why in pl.capture.get("left_alone", {}).items()]
     if pl.capture["method"] != "export":
         pl.notes.append(
             "torch.export failed; sites found by module-level discovery instead: "
@@ -327,7 +344,7 @@ def calibration(pl: Planning) -> PassResult:
     activation-aware decisions) needs."""
     model, opts, plan = pl.model, pl.options, pl.options.plan
     assert model is not None
-    fit, held, note = _split_heldout(pl.batches, opts.heldout) if pl.batches else ([], [], None)
+    fit, held, note = _split_heldout(pl.batches, pl.heldout) if pl.batches else ([], [], None)
     pl.fit_batches, pl.eval_batches = fit, held
     if note:
         pl.notes.append(note)

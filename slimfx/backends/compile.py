@@ -160,6 +160,7 @@ class _Subgraph:
             be.model,
             candidates=[f"{f}.weight" if f else "weight" for f in (be.plan or ())],
         )
+        be.check_same_model(self.example_inputs, found)
         self.not_planned = [s.fqn for s in found.sites if be.plan is None or s.fqn not in be.plan]
         if be.plan is None:
             return gm, PassResult(name="apply_plan_graph")
@@ -254,6 +255,22 @@ class SlimfxBackend:
         self.graphs: list[GraphRecord] = []
         if model is not None and plan is not None:
             validate_plan(plan, weight_sites(model))
+
+    def check_same_model(self, example_inputs: Sequence[Any], found: GraphSites) -> None:
+        """Raise when the graph's weights are none of ``model=``'s: the backend was built for
+        one module and is compiling another, so none of the planned sites can be found."""
+        if self.model is None or self.plan is None or not self.plan.rewrites():
+            return
+        params = [t for t in example_inputs if isinstance(t, nn.Parameter)]
+        own = {id(p) for p in self.model.parameters()}
+        foreign = [u for u in found.unresolved if "is not a parameter of the model" in u]
+        if (params and not any(id(p) in own for p in params)) or (foreign and not found.sites):
+            raise ValueError(
+                f"slimfx backend: this graph's weights belong to no module of the model= it "
+                f"was built for ({type(self.model).__name__}), so none of the plan's "
+                f"{len(self.plan.rewrites())} rewritten site(s) can be found; build the "
+                "backend with model= the module you compile"
+            )
 
     # ----------------------------------------------------------------- per sub-graph
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:

@@ -131,6 +131,26 @@ def _is_hf_lm(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate")
 
 
+def _check_example_fits(model: nn.Module, example_inputs: Sequence[Any]) -> None:
+    """Run ``model`` eagerly on ``example_inputs`` once: inputs it cannot take (a wrong
+    width, a wrong dtype) raise a ``ValueError`` that blames the inputs, not a later export
+    error about a layer."""
+    shapes = [
+        f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+        for t in example_inputs
+    ]
+    kw = {"use_cache": False} if _is_hf_lm(model) else {}
+    try:
+        with torch.no_grad():
+            model(*example_inputs, **kw)
+    except Exception as e:  # noqa: BLE001 - any failure here is the inputs' (or the model's)
+        raise ValueError(
+            f"export_onnx: the example inputs [{', '.join(shapes)}] do not fit the model — "
+            f"running it on them fails ({type(e).__name__}: {str(e)[:300]}); pass inputs of "
+            "the shape and dtype the model takes"
+        ) from e
+
+
 def _export_program(
     model: nn.Module, example_inputs: Sequence[Any], dynamic: bool, kv_cache: bool = False
 ) -> tuple[torch.export.ExportedProgram, list[str] | None, list[str] | None, dict[str, str]]:
@@ -525,6 +545,7 @@ def export_onnx(
             f"{len(bf16)} bfloat16 parameter(s) (e.g. {bf16[0]}): onnxruntime's CPU provider has "
             "no bfloat16 MatMul / MatMulNBits; export model.float() (or .half()) instead"
         )
+    _check_example_fits(model, example_inputs)
     run = _Export(model, Path(path), tuple(example_inputs), dynamic, kv_cache)
     timing = TimingInstrument()
     stages = [run.torch_export, run.check_translatable, run.to_onnx, run.fold_markers, run.save]

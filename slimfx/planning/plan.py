@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from slimfx.planning.configs import Decision, DenseConfig, decision_from_dict
+from slimfx.planning.schema import check_plan_dict
 from slimfx.planning.shapes import LinearShape, Shape, shape_from_dict
 
 __all__ = ["Plan", "PLAN_FORMAT", "PLAN_VERSION", "as_shape"]
@@ -98,6 +99,7 @@ class Plan(Mapping[str, Decision]):
             raise ValueError(f"not a slimfx plan (a JSON {type(d).__name__}, not an object)")
         if d.get("format") != PLAN_FORMAT:
             raise ValueError(f"not a slimfx plan (format={d.get('format')!r})")
+        check_plan_dict(d)  # every field typed, errors naming the field
         version = d.get("version", 1)
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
             raise ValueError(f"not a slimfx plan (version={version!r})")
@@ -110,7 +112,7 @@ class Plan(Mapping[str, Decision]):
         if version == 1:  # [out, in] lists
             shapes = {k: LinearShape(int(v[1]), int(v[0])) for k, v in shapes.items()}
         return cls(
-            {k: decision_from_dict(v) for k, v in d["decisions"].items()},
+            {k: _decision(k, v) for k, v in d["decisions"].items()},
             {k: as_shape(v) for k, v in shapes.items()},
             dict(d.get("meta", {})),
             dict(d.get("owned_by", {})),
@@ -144,3 +146,11 @@ class Plan(Mapping[str, Decision]):
             and self.shapes == other.shapes
             and self.owned_by == other.owned_by
         )
+
+
+def _decision(fqn: str, d: Mapping[str, Any]) -> Decision:
+    """``decision_from_dict`` with the field named in its error."""
+    try:
+        return decision_from_dict(dict(d))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"decisions[{fqn!r}]: {e}") from e

@@ -163,6 +163,12 @@ class Budget:
     kv: float | None = None
 
     def __post_init__(self) -> None:
+        for name in ("memory", "bits", "latency", "max_error", "kv"):  # numbers only: no str, no bool
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise TypeError(f"Budget.{name} must be a number, got {v!r} ({type(v).__name__})")
+            if v is not None and not math.isfinite(v):
+                raise ValueError(f"Budget.{name} must be finite, got {v!r}")
         if self.kv is not None and not (
             isinstance(self.kv, (int, float)) and not isinstance(self.kv, bool) and 0 < self.kv <= 1
         ):

@@ -1,0 +1,396 @@
+"""Input checks for the public entry points, run before any work starts.
+
+Every check raises ``TypeError`` (wrong kind of object) or ``ValueError`` (right kind, wrong
+value) with a message that names the argument — and for calibration the batch index — and
+says what was expected. Nothing here changes the user's model; ``check_batches`` returns new
+batch objects when it casts (dtype / device), with a note for the report.
+
+- :func:`check_model`: ``nn.Module``, not TorchScript, not on the ``meta`` device, not already
+  rewritten by slimfx; a ``torch.compile`` wrapper is unwrapped to its ``_orig_mod``.
+- :func:`calibration_items` / :func:`check_batches`: the container, then every batch's
+  tensors against the model (dtype, device, width, token-id range, finiteness, emptiness).
+- :func:`check_options`: target / workload / families / seq_len / include / exclude.
+- :func:`direct_weight_readers`: sites whose parent module reads the child's ``weight``
+  itself (``nn.MultiheadAttention.out_proj``); swapping those would break the parent.
+- :func:`read_json_object`: a JSON file that must hold an object, errors naming the file.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "check_model",
+    "unwrap_compiled",
+    "rewritten_modules",
+    "calibration_items",
+    "check_batches",
+    "check_options",
+    "direct_weight_readers",
+    "read_json_object",
+]
+
+_BATCH_KINDS = "a tensor, a dict of keyword tensors, a tuple of positional tensors, or a text"
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def unwrap_compiled(model: Any) -> Any:
+    """The eager module under a ``torch.compile`` wrapper (``_orig_mod``), else ``model``."""
+    inner = getattr(model, "_orig_mod", None)
+    while isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        model, inner = inner, getattr(inner, "_orig_mod", None)
+    return model
+
+
+def rewritten_modules(model: nn.Module) -> list[str]:
+    """FQNs of the modules of ``model`` that are slimfx forms (a rewritten model)."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m).__module__.startswith("slimfx.") and name
+    ]
+
+
+def check_model(model: Any, *, what: str = "optimize", allow_rewritten: bool = False) -> nn.Module:
+    """``model`` checked for ``what`` (and unwrapped from ``torch.compile``).
+
+    Raises ``TypeError`` for a non-module or a TorchScript module, ``ValueError`` for a model
+    with tensors on the ``meta`` device or (unless ``allow_rewritten``) one that already holds
+    slimfx modules: optimizing a rewritten model again does not compose plans, so it is
+    refused with what to do instead."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            f"{what}: model is a TorchScript module ({type(model).__name__}); slimfx rewrites "
+            "eager nn.Modules — pass the module before torch.jit.script / trace"
+        )
+    model = unwrap_compiled(model)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}")
+    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if meta:
+        raise ValueError(
+            f"{what}: {len(meta)} tensor(s) of the model are on the 'meta' device (e.g. "
+            f"{meta[0]}): they hold no values to compress. Load real weights first (e.g. "
+            "from_pretrained without a meta/empty-weights context, or model.to_empty(...) and "
+            "load_state_dict)"
+        )
+    if not allow_rewritten:
+        done = rewritten_modules(model)
+        if done:
+            raise ValueError(
+                f"{what}: this model was already rewritten by slimfx ({len(done)} site(s), e.g. "
+                f"{done[0]!r}); optimizing it again would not compose with the first plan. "
+                "Optimize the original dense model in one call instead (include=/exclude= pick "
+                "the sites, one budget covers them), or replay a combined plan on it with "
+                "optimize(original, plan=...)"
+            )
+    return model
+
+
+def _first_leaf(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first registered module holding parameters of its own."""
+    for name, m in model.named_modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            return name, m
+    return None
+
+
+def _embedding(model: nn.Module) -> nn.Embedding | None:
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Embedding):
+            return emb
+    first = _first_leaf(model)
+    return first[1] if first is not None and isinstance(first[1], nn.Embedding) else None
+
+
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.device | None]:
+    dtype = device = None
+    for p in model.parameters():
+        device = device or p.device
+        if p.is_floating_point():
+            return p.dtype, p.device
+    return dtype, device
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibration_items(calibration: Any, name: str = "calibration") -> list[Any]:
+    """The batches of ``calibration`` as a list: a list, tuple or generator of batches; a bare
+    tensor or a bare dict (one batch of keyword tensors) is one batch. Each batch must be
+    {_BATCH_KINDS}; anything else is a ``TypeError`` naming the batch index."""
+    if isinstance(calibration, (str, bytes)):
+        raise TypeError(f"{name} must be a list of batches or strings, not one string")
+    if isinstance(calibration, (Tensor, Mapping)):
+        items = [calibration]
+    elif isinstance(calibration, Iterable):
+        items = list(calibration)
+    else:
+        raise TypeError(
+            f"{name} must be a list, tuple or generator of batches ({_BATCH_KINDS}), got "
+            f"{type(calibration).__name__}"
+        )
+    for i, b in enumerate(items):
+        if isinstance(b, (Tensor, str)):
+            continue
+        if isinstance(b, Mapping):
+            bad = [k for k in b if not isinstance(k, str)]
+            if bad:
+                raise TypeError(f"{name} batch {i}: dict keys must be argument names, got {bad[0]!r}")
+            continue
+        if isinstance(b, (tuple, list)) and b and any(isinstance(t, Tensor) for t in b):
+            continue
+        raise TypeError(f"{name} batch {i}: expected {_BATCH_KINDS}, got {type(b).__name__}")
+    return items
+
+
+def _tensors_of(batch: Any) -> list[tuple[str, Tensor]]:
+    if isinstance(batch, Tensor):
+        return [("the tensor", batch)]
+    if isinstance(batch, Mapping):
+        return [(f"{k!r}", v) for k, v in batch.items() if isinstance(v, Tensor)]
+    return [(f"argument {j}", t) for j, t in enumerate(batch) if isinstance(t, Tensor)]
+
+
+def _main_input(batch: Any) -> tuple[str, Tensor] | None:
+    """The tensor a model's first layer reads: the batch, ``input_ids`` / the first tensor."""
+    if isinstance(batch, Tensor):
+        return "the tensor", batch
+    if isinstance(batch, Mapping):
+        for key in ("input_ids", "inputs_embeds", "input", "x"):
+            if isinstance(batch.get(key), Tensor):
+                return repr(key), batch[key]
+        return None
+    if batch and isinstance(batch[0], Tensor):
+        return "argument 0", batch[0]
+    return None
+
+
+def _runs(model: nn.Module, batch: Any) -> bool:
+    """Whether ``model`` takes ``batch`` (one no-grad forward): the width check above reads
+    the first *registered* linear, which need not be the first one the forward calls (or a
+    ``Flatten`` may come first). A model in training mode is not run (batch-norm statistics
+    would move): it is assumed to take the batch."""
+    if model.training:
+        return True
+    try:
+        with torch.no_grad():
+            if isinstance(batch, Mapping):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    except Exception:  # noqa: BLE001 - any failure means the batch does not fit
+        return False
+    return True
+
+
+def _rebuild(batch: Any, fn: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return fn(batch)
+    if isinstance(batch, Mapping):
+        return {k: fn(v) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    return type(batch)(fn(t) if isinstance(t, Tensor) else t for t in batch)
+
+
+def check_batches(
+    model: nn.Module, batches: Sequence[Any], notes: list[str] | None = None,
+    name: str = "calibration",
+) -> list[Any]:
+    """Check prepared batches against ``model``; return them (cast where that is safe).
+
+    Per batch ``i``: no tensor is empty (a zero-token batch would report a perfect rewrite
+    measured on nothing); floating tensors are finite; a model that takes token ids (an
+    embedding first) gets integer ids in ``[0, vocab)``; a model whose first layer is a linear
+    gets floating input of that width. Floating inputs of another dtype than the model's are
+    cast to it and tensors on another device moved to it, each with one note in ``notes``."""
+    dtype, device = _model_dtype_device(model)
+    emb = _embedding(model)
+    first = _first_leaf(model)
+    linear = first[1] if first is not None and isinstance(first[1], nn.Linear) else None
+    cast: set[str] = set()
+    out: list[Any] = []
+    width: tuple[int, int] | None = None
+    for i, b in enumerate(batches):
+        if isinstance(b, str):
+            raise TypeError(f"{name} batch {i}: a text needs a tokenizer= to become token ids")
+        tensors = _tensors_of(b)
+        if not tensors:
+            raise TypeError(f"{name} batch {i}: holds no tensor (expected {_BATCH_KINDS})")
+        for where, t in tensors:
+            if t.numel() == 0:
+                raise ValueError(
+                    f"{name} batch {i}: {where} is empty (shape {tuple(t.shape)}); every batch "
+                    "needs at least one token"
+                )
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                n = int((~torch.isfinite(t)).sum())
+                raise ValueError(
+                    f"{name} batch {i}: {where} has {n} NaN/inf value(s) of {t.numel()}; "
+                    "calibration must be finite"
+                )
+        main = _main_input(b)
+        if main is not None and emb is not None and main[0] != "'inputs_embeds'":
+            where, t = main
+            if t.is_floating_point() or t.dtype == torch.bool:
+                raise TypeError(
+                    f"{name} batch {i}: {where} is {t.dtype}, but {type(model).__name__} takes "
+                    "token ids (an integer tensor, e.g. torch.long)"
+                )
+            lo, hi = int(t.min()), int(t.max())
+            if lo < 0 or hi >= emb.num_embeddings:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"{name} batch {i}: token id {bad} is outside [0, {emb.num_embeddings}) "
+                    f"(the model's embedding has {emb.num_embeddings} rows)"
+                )
+        elif main is not None and linear is not None:
+            where, t = main
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"{name} batch {i}: {where} is {t.dtype}, but the model's first layer "
+                    f"({first[0]}, a Linear) takes floating-point features"
+                )
+            if (t.dim() == 0 or t.shape[-1] != linear.in_features) and not _runs(model, b):
+                raise ValueError(
+                    f"{name} batch {i}: {where} has shape {tuple(t.shape)}, but the model's "
+                    f"first layer ({first[0]}) takes {linear.in_features} features in the last "
+                    "dimension"
+                )
+        elif main is not None and main[1].is_floating_point() and main[1].dim() >= 1:
+            w = main[1].shape[-1]
+            if width is not None and w != width[1]:
+                raise ValueError(
+                    f"{name} batch {i}: {main[0]} has {w} features in the last dimension, "
+                    f"batch {width[0]} has {width[1]}"
+                )
+            width = width or (i, w)
+
+        def fix(t: Tensor) -> Tensor:
+            if device is not None and t.device != device:
+                cast.add(f"moved from {t.device} to the model's {device}")
+                t = t.to(device)
+            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                cast.add(f"cast from {t.dtype} to the model's {dtype}")
+                t = t.to(dtype)
+            return t
+
+        out.append(_rebuild(b, fix))
+    if cast and notes is not None:
+        notes.append(f"{name}: floating inputs {' and '.join(sorted(cast))}")
+    return out
+
+
+# --------------------------------------------------------------------------- options
+
+
+def check_options(
+    *,
+    target: Any = "cpu",
+    workload: Any = "decode",
+    families: Any = None,
+    seq_len: Any = 256,
+    include: Any = None,
+    exclude: Any = None,
+) -> None:
+    """Names and numbers of ``optimize``'s options, checked before any work: unknown names
+    raise ``ValueError`` listing the known ones."""
+    from slimfx.cost.families import FAMILIES
+    from slimfx.cost.target import TARGETS, WORKLOADS, Target, Workload
+
+    if not isinstance(target, Target):
+        if not isinstance(target, str):
+            raise TypeError(f"target must be a name or a Target, got {type(target).__name__}")
+        if target not in TARGETS:
+            raise ValueError(f"unknown target {target!r}; known: {', '.join(sorted(TARGETS))}")
+    if not isinstance(workload, Workload):
+        if not isinstance(workload, str) or workload not in WORKLOADS:
+            raise ValueError(
+                f"unknown workload {workload!r}; known: {', '.join(sorted(WORKLOADS))}"
+            )
+    if families is not None:
+        if isinstance(families, str):
+            raise TypeError(f"families takes a list of names, not one string ({families!r})")
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            raise ValueError(
+                f"unknown famil{'y' if len(unknown) == 1 else 'ies'} {unknown}; known: "
+                f"{', '.join(sorted(FAMILIES))}"
+            )
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise ValueError(f"seq_len must be an int ≥ 1, got {seq_len!r}")
+    for label, pats in (("include", include), ("exclude", exclude)):
+        if isinstance(pats, str):
+            raise TypeError(f"{label} takes a list of patterns, not one string")
+        for p in pats or ():
+            if not isinstance(p, str):
+                raise TypeError(f"{label} patterns must be strings, got {p!r}")
+
+
+# --------------------------------------------------------------------------- sites
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_source(cls: type) -> str:
+    try:
+        return inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def direct_weight_readers(model: nn.Module, fqns: Iterable[str]) -> dict[str, str]:
+    """FQN → reason for every site whose parent module's ``forward`` reads the child's
+    ``weight`` (or ``bias``) attribute itself instead of calling the child — e.g.
+    ``nn.MultiheadAttention`` hands ``out_proj.weight`` to ``F.multi_head_attention_forward``.
+    A slimfx module there has no dense ``weight``, so the parent would fail; such sites are
+    left dense (no form keeps a ``weight`` view)."""
+    out: dict[str, str] = {}
+    for fqn in fqns:
+        parent_name, _, child = fqn.rpartition(".")
+        if not child:
+            continue
+        try:
+            parent = model.get_submodule(parent_name) if parent_name else model
+        except AttributeError:
+            continue
+        src = _forward_source(type(parent))
+        if re.search(rf"\bself\.{re.escape(child)}\.(weight|bias)\b", src):
+            out[fqn] = (
+                f"left dense: its parent {type(parent).__name__} reads "
+                f"`{child}.weight` directly instead of calling it, so a rewritten module "
+                "there would break the parent's forward"
+            )
+    return out
+
+
+# --------------------------------------------------------------------------- files
+
+
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object in ``path``; ``ValueError`` naming the file when it is not JSON or not
+    an object (``what`` says which file it should have been)."""
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{p}: not a valid {what} (not JSON: {e})") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{p}: not a valid {what} (a JSON {type(d).__name__}, not an object)")
+    return d

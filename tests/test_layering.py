@@ -36,6 +36,15 @@ RULES: dict[str, tuple] = {
         _PLANNING_NOT_SOLVE,
         "slimfx.report",  # a leaf (imports nothing from slimfx): backends report what they ran
     ),
+    # forms: one folder per form with its vertical pieces; the layers below, never the solver
+    "forms": (
+        "slimfx.forms",
+        "slimfx.ir",
+        "slimfx.numerics",
+        "slimfx.kernels",
+        "slimfx.planning.configs",
+        "slimfx.planning.shapes",
+    ),
     "models": ("slimfx.models",),
     "data": ("slimfx.data",),
     "eval": ("slimfx.eval",),
@@ -137,6 +146,8 @@ def test_checker_sees_the_whole_package():
         ("slimfx.data.calib", "import slimfx"),
         ("slimfx.ir.find", "def f():\n    from slimfx.api import optimize\n"),  # lazy import
         ("slimfx.newpkg.thing", "import torch"),  # a package with no rule
+        ("slimfx.forms.kv.config", "from slimfx.planning.solve import solve"),
+        ("slimfx.forms.kv.cache", "from slimfx.cost import target"),
     ],
 )
 def test_checker_catches_violation(module, source):
@@ -160,6 +171,7 @@ def test_checker_catches_violation(module, source):
         ),
         ("slimfx.api", "from slimfx.planning.solve import solve\nfrom slimfx.cost import estimate"),
         ("slimfx.planning.solve", "from .problem import BudgetProblem\nimport numpy"),
+        ("slimfx.forms.kv.cache", "from slimfx.planning.shapes import AttentionShape"),
     ],
 )
 def test_checker_accepts_allowed_imports(module, source):

@@ -1,0 +1,139 @@
+"""SmolLM2-135M held-out perplexity vs KV-cache bytes per token, uniform KV forms.
+
+Every attention block is wrapped in ``SimulatedKVAttention``: each query attends to the past
+keys/values as the compressed cache would hold them when decoding token by token (the first
+``quantized_tokens(t)`` tokens dequantized, the residual window exact). Low-rank forms use
+factors fitted on calibration windows of the corpus's first half (disjoint from the held-out
+windows). The byte fraction is that of the 16-bit cache (23 040 B/token for SmolLM2) at the
+stated context, scales/minimums and the 16-bit window included.
+
+    python benchmarks/kv_quality.py [--n-eval 16] [--n-calib 16] [--seq-len 256] [--corpus news]
+        [--only NAME,...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from slimfx.data.text import calibration_batches, heldout_windows
+from slimfx.eval import perplexity
+from slimfx.forms.kv.calibrate import attention_grams, fit_site
+from slimfx.forms.kv.config import (
+    KVDenseConfig,
+    KVLatentQuantConfig,
+    KVLowRankConfig,
+    KVQuantConfig,
+    dense_fraction,
+)
+from slimfx.forms.kv.simulate import SimulatedKVAttention
+from slimfx.forms.kv.sites import find_attention_sites
+from slimfx.models import load_smollm2
+
+FORMS = {
+    "dense": KVDenseConfig(),
+    "int8 gk32 gv64": KVQuantConfig(8, 8, 32, 64, 0),
+    "int4 gk32 gv64": KVQuantConfig(4, 4, 32, 64, 0),
+    "int4 gk32 gv32": KVQuantConfig(4, 4, 32, 32, 0),
+    "int4 gk128 gv64": KVQuantConfig(4, 4, 128, 64, 0),
+    "int4 gk32 gv64 r32": KVQuantConfig(4, 4, 32, 64, 32),
+    "k4v2 gk32 gv32": KVQuantConfig(4, 2, 32, 32, 0),
+    "int2 gk32 gv64": KVQuantConfig(2, 2, 32, 64, 0),
+    "int2 gk32 gv32": KVQuantConfig(2, 2, 32, 32, 0),
+    "int2 gk32 gv32 r32": KVQuantConfig(2, 2, 32, 32, 32),
+    "int2 gk32 gv32 r128": KVQuantConfig(2, 2, 32, 32, 128),
+    "lowrank 1/2 k96 v96 whitened": KVLowRankConfig(96, 96, 1, "whitened"),
+    "lowrank 1/2 k96 v96 attention": KVLowRankConfig(96, 96, 1, "attention"),
+    "lowrank 1/2 k64 v128 attention": KVLowRankConfig(64, 128, 1, "attention"),
+    "lowrank 1/2 k96 v96 g3 attention": KVLowRankConfig(96, 96, 3, "attention"),
+    "lowrank 2/3 k128 v128 attention": KVLowRankConfig(128, 128, 1, "attention"),
+    "latent k128 v128 int4 g32": KVLatentQuantConfig(128, 128, 1, "attention", 4, 32, 0),
+    "latent k96 v96 int4 g32": KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 0),
+    "latent k64 v128 int4 g32": KVLatentQuantConfig(64, 128, 1, "attention", 4, 32, 0),
+    "latent k128 v128 int8 g32": KVLatentQuantConfig(128, 128, 1, "attention", 8, 32, 0),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-eval", type=int, default=16)
+    ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--corpus", default="news")
+    ap.add_argument("--context", type=int, default=8192, help="context the bytes are counted at")
+    ap.add_argument("--only", default="", help="comma-separated form names (default: all)")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    names = [n for n in FORMS if not a.only or n in a.only.split(",") or n == "dense"]
+
+    model, tok = load_smollm2()
+    model.eval()
+    held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
+    sites, rejected = find_attention_sites(model)
+    assert not rejected, rejected
+    mods = dict(model.named_modules())
+    parents = {s.fqn: s.fqn.rpartition(".") for s in sites}
+    shape = sites[0].shape
+    grams = None
+    if any(isinstance(FORMS[n], (KVLowRankConfig, KVLatentQuantConfig)) for n in names):
+        calib = calibration_batches(tok, name=a.corpus, n=a.n_calib, seq_len=a.seq_len)
+        t0 = time.perf_counter()
+        grams = attention_grams(model, sites, calib)
+        print(f"grams: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    rows = []
+    dense_ppl = None
+    for name in names:
+        cfg = FORMS[name]
+        t0 = time.perf_counter()
+        for s in sites:
+            factors = fit_site(model, s, grams[s.fqn], cfg) if hasattr(cfg, "method") else None
+            parent, _, child = parents[s.fqn]
+            setattr(mods[parent], child, SimulatedKVAttention(mods[s.fqn], cfg, factors))
+        try:
+            with torch.no_grad():
+                ppl = perplexity(model, held, progress=False)
+        finally:
+            for s in sites:
+                parent, _, child = parents[s.fqn]
+                setattr(mods[parent], child, mods[s.fqn])
+        dense_ppl = ppl if name == "dense" else dense_ppl
+        row = {
+            "form": name,
+            "config": cfg.to_dict(),
+            "fraction_at_context": dense_fraction(cfg, shape, a.context),
+            "fraction_steady": dense_fraction(cfg, shape),
+            "ppl": ppl,
+            "delta": ppl / dense_ppl - 1,
+            "seconds": time.perf_counter() - t0,
+        }
+        rows.append(row)
+        print(
+            f"| {name} | {row['fraction_at_context']:.3f} | {row['fraction_steady']:.3f} | "
+            f"{ppl:.2f} | {100 * row['delta']:+.1f}% |",
+            flush=True,
+        )
+    meta = {
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.machine()} {platform.processor()}",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        "n_eval": a.n_eval,
+        "seq_len": a.seq_len,
+        "corpus": a.corpus,
+        "context": a.context,
+    }
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

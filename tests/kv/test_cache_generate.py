@@ -72,7 +72,9 @@ def test_generate_int8_greedy_equals_dense_and_low_bits_run(tiny_llama, tiny_ids
     ids = tiny_ids
     dense = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), **gen_kw)
     int8 = KVCache.for_model(tiny_llama, KVQuantConfig(8, 8, 4, 16, 0))
-    got = tiny_llama.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=int8, **gen_kw)
+    got = tiny_llama.generate(
+        ids, attention_mask=torch.ones_like(ids), past_key_values=int8, **gen_kw
+    )
     assert torch.equal(got, dense)
     for form in (KVQuantConfig(4, 4, 4, 8, 4), KVQuantConfig(2, 2, 4, 8, 0)):
         cache = KVCache.for_model(tiny_llama, form)

@@ -103,14 +103,22 @@ def test_json_round_trip(cfg):
 @pytest.mark.parametrize(
     "cfg, shape, reason",
     [
-        (KVQuantConfig(value_group=12), SHAPE, "head_dim 16 is not divisible by the value group 12"),
+        (
+            KVQuantConfig(value_group=12),
+            SHAPE,
+            "head_dim 16 is not divisible by the value group 12",
+        ),
         (
             KVQuantConfig(value_group=16),
             AttentionShape(64, 4, 2, 16, 16, sliding_window=32),
             "sliding-window attention (window 32) is not supported",
         ),
         (KVLowRankConfig(8, 8, groups=3), SHAPE, "3 head groups do not divide num_kv_heads=2"),
-        (KVLowRankConfig(9, 8, groups=2), SHAPE, "key_rank 9 is not divisible by the 2 head groups"),
+        (
+            KVLowRankConfig(9, 8, groups=2),
+            SHAPE,
+            "key_rank 9 is not divisible by the 2 head groups",
+        ),
         (KVLowRankConfig(48, 8), SHAPE, "key_rank 48 exceeds the 1×32 dims"),
         (
             KVLatentQuantConfig(8, 8, 1, "attention", 4, 16),

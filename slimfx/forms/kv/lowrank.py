@@ -88,7 +88,8 @@ class LowRankKVAttention(nn.Module):
         if past_key_values is not None:
             if position_ids is None:
                 raise ValueError("LowRankKVAttention needs position_ids with a cache")
-            layer = past_key_values.layers[self.layer_idx]
+            layers = getattr(past_key_values, "layers", [])
+            layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
             if not hasattr(layer, "positions"):
                 raise TypeError(
                     f"layer {self.layer_idx} of the cache is a {type(layer).__name__}; a low-rank "

@@ -47,6 +47,8 @@ def test_quant_bytes_equal_the_real_cache_tensors(cfg, chunks):
     _feed(layer, chunks, 16, 16, SHAPE.num_kv_heads)
     n = sum(chunks)
     assert layer.get_seq_length() == n
+    assert layer.n_stored == cfg.quantized_tokens(n - chunks[-1])  # flushed before the last call
+    layer.flush()
     assert layer.n_stored == cfg.quantized_tokens(n)
     assert layer.nbytes() == cfg.cache_bytes(SHAPE, n)
 
@@ -61,6 +63,7 @@ def test_lowrank_and_latent_quant_bytes_equal_the_real_cache_tensors(chunks):
     lq = KVLatentQuantConfig(8, 16, 2, "attention", bits=4, group=4, residual=3)
     layer = QuantizedLatentLayer(lq)
     _feed(layer, chunks, 8, 16, 1, positions=True)
+    layer.flush()
     assert layer.n_stored == max(0, n - 3)
     assert layer.nbytes() == lq.cache_bytes(SHAPE, n)
 

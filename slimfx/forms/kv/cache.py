@@ -6,11 +6,13 @@ layer's KV form:
 - ``KVDenseConfig``       → transformers' own ``DynamicLayer`` (16-bit);
 - ``KVQuantConfig``       → :class:`QuantizedKVLayer`: a quantized store (packed codes, float16
   scales and minimums, layout of :mod:`slimfx.forms.kv.numerics`) plus a 16-bit window of the
-  most recent tokens. New tokens enter the window; whenever more than ``residual`` tokens wait
-  there, the oldest whole blocks of ``key_group`` tokens are quantized and moved to the store,
-  so after ``n`` tokens the store holds ``config.quantized_tokens(n)``. ``update`` returns the
-  store dequantized, then the window, then the new tokens exact: queries of one call see each
-  other exactly, past tokens as stored;
+  most recent tokens. New tokens enter the window; at the start of each ``update`` (and on
+  ``flush()``), the oldest whole blocks of ``key_group`` tokens beyond the ``residual`` most
+  recent are quantized and moved to the store, so with ``n`` tokens cached before a call the
+  store holds ``config.quantized_tokens(n)``. ``update`` returns the store dequantized, then
+  the window (the call's tokens included) exact: queries of one call see each other exactly,
+  past tokens as stored. ``config.cache_bytes(n)`` counts the flushed state (``flush()``);
+  between calls the window also holds the last call's tokens;
 - ``KVLowRankConfig``     → :class:`LatentLayer` (the 16-bit latent and the positions of its
   tokens; the attention rewritten by :mod:`slimfx.forms.kv.lowrank` rebuilds K/V);
 - ``KVLatentQuantConfig`` → :class:`QuantizedLatentLayer` (the latent quantized per token once
@@ -80,33 +82,40 @@ class _StoreLayer(DynamicLayer):
     def _target(self, tokens: int) -> int:
         raise NotImplementedError
 
+    def flush(self) -> None:
+        """Move the whole blocks that are out of the window into the store, so that it holds
+        ``config.quantized_tokens(n)`` of the ``n`` cached tokens."""
+        if not self.is_initialized:
+            return
+        move = self._target(self.get_seq_length()) - self.n_stored
+        if move <= 0:
+            return
+        new = self._quantize(self.keys[:, :, :move], self.values[:, :, :move])
+        if self.store is None:
+            self.store = new
+        else:
+            self.store = {n: torch.cat([self.store[n], t], dim=2) for n, t in new.items()}
+        self.n_stored += move
+        self.keys = self.keys[:, :, move:].clone()
+        self.values = self.values[:, :, move:].clone()
+
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
-        """Append the new tokens; return every cached token (store dequantized, window and new
-        tokens exact), then move whole blocks out of the window into the store."""
+        """Flush the tokens of earlier calls that left the window, append the new tokens, and
+        return every cached token (store dequantized, window and new tokens exact). A decode
+        step's query therefore reads ``quantized_tokens(t)`` of its ``t`` past tokens from the
+        store, and the layer's state after ``update`` is exactly what it read (what the decode
+        kernel reads)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if self.n_stored:
-            past_k, past_v = self._dequantize()
-            keys_out = torch.cat([past_k, self.keys, key_states], dim=-2)
-            values_out = torch.cat([past_v, self.values, value_states], dim=-2)
-        else:
-            keys_out = torch.cat([self.keys, key_states], dim=-2)
-            values_out = torch.cat([self.values, value_states], dim=-2)
+        self.flush()
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
-        move = self._target(self.get_seq_length()) - self.n_stored
-        if move > 0:
-            new = self._quantize(self.keys[:, :, :move], self.values[:, :, :move])
-            if self.store is None:
-                self.store = new
-            else:
-                self.store = {n: torch.cat([self.store[n], t], dim=2) for n, t in new.items()}
-            self.n_stored += move
-            self.keys = self.keys[:, :, move:].clone()
-            self.values = self.values[:, :, move:].clone()
-        return keys_out, values_out
+        if not self.n_stored:
+            return self.keys, self.values
+        past_k, past_v = self._dequantize()
+        return torch.cat([past_k, self.keys], dim=-2), torch.cat([past_v, self.values], dim=-2)
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:

@@ -125,3 +125,23 @@ def test_splits_and_refusals():
     args[12] = 12  # value group
     with pytest.raises(ValueError, match="head_dim 32 is not divisible by the value group 12"):
         tk.kv_decode_attention(*args)
+
+
+def test_benchmark_cli_smoke(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_attention.py"
+    spec = importlib.util.spec_from_file_location("slimfx_bench_kv_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "kv.json"
+    args = ["--device", "cpu", "--tiny", "--batches", "1", "--json", str(out)]
+    assert bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["context"] for r in rows] == [80, 161]
+    # int4 codes + fp16 scales/minimums + a bf16 window: well under the bf16 cache
+    assert all(
+        r["bytes_quant"] < 0.5 * r["bytes_bf16"] and r["rel_err_kernel"] < 2e-2 for r in rows
+    )

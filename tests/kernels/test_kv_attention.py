@@ -79,6 +79,7 @@ def _args(layer, cfg, q):
         (KVQuantConfig(2, 8, 16, 8, 0), 70),  # several splits at 4 "SMs"
         (KVQuantConfig(8, 2, 4, 32, 3), 6),
         (KVQuantConfig(4, 4, 32, 16, 0), 9),  # nothing quantized yet
+        (KVQuantConfig(4, 4, 8, 16, 3, sink=2), 30),  # sink tokens ride in the window
     ],
 )
 @pytest.mark.parametrize("heads", [(2, 1), (4, 2), (3, 3)])

@@ -37,7 +37,12 @@ def _simulated_logits(model, ids, form):
 
 @pytest.mark.parametrize(
     "form",
-    [KVQuantConfig(4, 4, 4, 8, 0), KVQuantConfig(2, 4, 4, 16, 3), KVQuantConfig(8, 2, 8, 4, 5)],
+    [
+        KVQuantConfig(4, 4, 4, 8, 0),
+        KVQuantConfig(2, 4, 4, 16, 3),
+        KVQuantConfig(8, 2, 8, 4, 5),
+        KVQuantConfig(2, 2, 4, 8, 2, sink=3),
+    ],
 )
 def test_token_by_token_cache_equals_one_pass_simulation(tiny_llama, form):
     ids = torch.randint(0, 256, (1, 21), generator=torch.Generator().manual_seed(3))

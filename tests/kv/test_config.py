@@ -39,6 +39,7 @@ def _feed(layer, chunks, width_k, width_v, heads, **kw):
         KVQuantConfig(4, 2, 8, 8, 5),
         KVQuantConfig(2, 2, 4, 4, 3),
         KVQuantConfig(4, 4, 32, 16, 0),  # fewer tokens than one block: all 16-bit
+        KVQuantConfig(4, 4, 4, 8, 2, sink=3),
     ],
 )
 @pytest.mark.parametrize("chunks", [(7,), (1,) * 23, (9, 1, 1, 1, 5, 1)])
@@ -93,7 +94,7 @@ def test_smollm2_fractions_match_the_formula():
     "cfg",
     [
         KVDenseConfig(),
-        KVQuantConfig(2, 8, 16, 32, 128),
+        KVQuantConfig(2, 8, 16, 32, 128, sink=4),
         KVLowRankConfig(64, 128, 3, "whitened"),
         KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 16),
     ],

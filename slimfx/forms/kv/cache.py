@@ -65,6 +65,7 @@ class _StoreLayer(DynamicLayer):
         super().__init__()
         self.store: dict[str, Tensor] | None = None
         self.n_stored = 0
+        self.sink = 0
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -84,20 +85,22 @@ class _StoreLayer(DynamicLayer):
 
     def flush(self) -> None:
         """Move the whole blocks that are out of the window into the store, so that it holds
-        ``config.quantized_tokens(n)`` of the ``n`` cached tokens."""
+        ``config.quantized_tokens(n)`` of the ``n`` cached tokens. The window keeps the ``sink``
+        first tokens in front of the most recent ones."""
         if not self.is_initialized:
             return
         move = self._target(self.get_seq_length()) - self.n_stored
         if move <= 0:
             return
-        new = self._quantize(self.keys[:, :, :move], self.values[:, :, :move])
+        s = self.sink
+        new = self._quantize(self.keys[:, :, s : s + move], self.values[:, :, s : s + move])
         if self.store is None:
             self.store = new
         else:
             self.store = {n: torch.cat([self.store[n], t], dim=2) for n, t in new.items()}
         self.n_stored += move
-        self.keys = self.keys[:, :, move:].clone()
-        self.values = self.values[:, :, move:].clone()
+        self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + move :]], dim=2)
+        self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + move :]], dim=2)
 
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
@@ -115,7 +118,10 @@ class _StoreLayer(DynamicLayer):
         if not self.n_stored:
             return self.keys, self.values
         past_k, past_v = self._dequantize()
-        return torch.cat([past_k, self.keys], dim=-2), torch.cat([past_v, self.values], dim=-2)
+        s = self.sink  # positions: sink tokens, the store, the recent window
+        keys = torch.cat([self.keys[:, :, :s], past_k, self.keys[:, :, s:]], dim=-2)
+        values = torch.cat([self.values[:, :, :s], past_v, self.values[:, :, s:]], dim=-2)
+        return keys, values
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -153,9 +159,10 @@ class _StoreLayer(DynamicLayer):
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
-        if n > self.keys.shape[-2]:
+        croppable = self.keys.shape[-2] - (self.sink if self.n_stored else 0)
+        if n > croppable:
             raise ValueError(
-                f"cannot crop {n} tokens: only the {self.keys.shape[-2]} tokens of the 16-bit "
+                f"cannot crop {n} tokens: only the {croppable} tokens of the 16-bit "
                 "window can be removed from a compressed cache"
             )
         self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
@@ -167,6 +174,7 @@ class QuantizedKVLayer(_StoreLayer):
     def __init__(self, config: KVQuantConfig) -> None:
         super().__init__()
         self.config = config
+        self.sink = config.sink
 
     def _target(self, tokens: int) -> int:
         return self.config.quantized_tokens(tokens)

@@ -18,7 +18,9 @@ context held by one sequence.
   The most recent tokens stay 16-bit: tokens move to the quantized store in whole blocks of
   ``key_group`` once more than ``residual`` tokens are waiting, so at context ``L`` the store
   holds ``Q(L) = max(0, ⌊(L − residual)/key_group⌋)·key_group`` tokens and ``L − Q(L)`` (between
-  ``residual`` and ``residual + key_group − 1`` once ``L ≥ residual``) are 16-bit.
+  ``residual`` and ``residual + key_group − 1`` once ``L ≥ residual``) are 16-bit. ``sink``: the
+  first tokens of the sequence (the attention sink most heads lean on) also stay 16-bit; the
+  store then holds positions ``sink … sink + Q − 1`` with ``Q = Q(L − sink)``.
 - ``kv_lowrank`` (Palu):   the cache holds a 16-bit latent of ``key_rank + value_rank`` values
   per token (summed over head groups): ``2·(key_rank + value_rank)`` bytes per token. The k/v
   projections become down (hidden → rank) and up (rank → group width, one block per group), so
@@ -143,7 +145,8 @@ class KVQuantConfig(KVDecision):
     ``key_bits`` / ``value_bits`` in {2, 4, 8}; ``key_group``: tokens sharing one key
     (scale, min) per channel — also the block in which tokens leave the 16-bit window;
     ``value_group``: channels sharing one value (scale, min) per token (must divide head_dim);
-    ``residual``: most recent tokens kept 16-bit (0: only the unfilled block).
+    ``residual``: most recent tokens kept 16-bit (0: only the unfilled block); ``sink``: first
+    tokens of the sequence kept 16-bit.
     """
 
     kind: ClassVar[str] = "kv_quant"
@@ -152,6 +155,7 @@ class KVQuantConfig(KVDecision):
     key_group: int = 32
     value_group: int = 64
     residual: int = 0
+    sink: int = 0
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -162,6 +166,10 @@ class KVQuantConfig(KVDecision):
         _check(
             isinstance(self.residual, int) and self.residual >= 0,
             f"residual must be an int ≥ 0, got {self.residual!r}",
+        )
+        _check(
+            isinstance(self.sink, int) and self.sink >= 0,
+            f"sink must be an int ≥ 0, got {self.sink!r}",
         )
 
     def check(self, shape: AttentionShape) -> str | None:
@@ -177,7 +185,7 @@ class KVQuantConfig(KVDecision):
 
     def quantized_tokens(self, tokens: int) -> int:
         """Tokens in the quantized store at context ``tokens`` (the rest are 16-bit)."""
-        return max(0, (tokens - self.residual) // self.key_group) * self.key_group
+        return max(0, (tokens - self.sink - self.residual) // self.key_group) * self.key_group
 
     def steady_bytes_per_token(self, shape: AttentionShape) -> float:
         H, D = shape.num_kv_heads, shape.head_dim
@@ -199,7 +207,8 @@ class KVQuantConfig(KVDecision):
             if self.key_bits == self.value_bits
             else f"k{self.key_bits}v{self.value_bits}"
         )
-        return f"kv {bits} gk{self.key_group} gv{self.value_group} r{self.residual}"
+        sink = f" s{self.sink}" if self.sink else ""
+        return f"kv {bits} gk{self.key_group} gv{self.value_group} r{self.residual}{sink}"
 
 
 @register_decision

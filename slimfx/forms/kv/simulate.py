@@ -100,10 +100,11 @@ def compressed_attention(
     v_deq: Tensor | None,
     n_quantized: Tensor | None,
     scaling: float,
+    sink: int = 0,
 ) -> Tensor:
     """Causal attention ``(B, Hq, T, D)`` where query ``t`` reads ``k_deq``/``v_deq`` for keys
-    ``j < n_quantized[t]`` and ``k``/``v`` otherwise (GQA: kv heads repeated). Softmax in
-    float32; output in ``q.dtype``."""
+    ``sink ≤ j < sink + n_quantized[t]`` and ``k``/``v`` otherwise (GQA: kv heads repeated).
+    Softmax in float32; output in ``q.dtype``."""
     B, Hq, T, D = q.shape
     rep = Hq // k.shape[1]
 
@@ -117,7 +118,7 @@ def compressed_attention(
     if n_quantized is None or k_deq is None:
         p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
         return (p @ r(v)).to(q.dtype)
-    use_q = j[None, :] < n_quantized.to(q.device)[:, None]
+    use_q = (j[None, :] < sink + n_quantized.to(q.device)[:, None]) & (j[None, :] >= sink)
     sq = qf @ r(k_deq).transpose(-1, -2) * scaling
     s = torch.where(use_q, sq, s).masked_fill(~causal, float("-inf"))
     p = torch.softmax(s, dim=-1)
@@ -160,13 +161,17 @@ def block_forward(
         k = apply_rope(_heads(attn.k_proj(hidden), hd), cos, sin)
         v = _heads(attn.v_proj(hidden), hd)
         if isinstance(config, KVQuantConfig):
-            k_deq = fake_quant_keys(k, config.key_bits, config.key_group)
+            s = config.sink  # the store's blocks start after the sink tokens
+            k_deq = torch.cat(
+                [k[:, :, :s], fake_quant_keys(k[:, :, s:], config.key_bits, config.key_group)], 2
+            )
             v_deq = fake_quant_values(v, config.value_bits, config.value_group)
         elif not isinstance(config, KVDenseConfig):
             raise TypeError(f"no simulation for {type(config).__name__}")
     if k_deq is not None:
         n_q = torch.tensor([config.quantized_tokens(t) for t in range(T)], device=hidden.device)
-    out = compressed_attention(q, k, v, k_deq, v_deq, n_q, scaling)
+    sink = getattr(config, "sink", 0)
+    out = compressed_attention(q, k, v, k_deq, v_deq, n_q, scaling, sink)
     out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
     return attn.o_proj(out)
 

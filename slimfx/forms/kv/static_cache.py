@@ -50,6 +50,8 @@ class StaticQuantizedKVLayer(StaticLayer):
                 f"max_cache_len {max_cache_len} must be a multiple of key_group "
                 f"{config.key_group} (the store holds whole blocks)"
             )
+        if config.sink:
+            raise ValueError("the static cache keeps no sink tokens yet (sink must be 0)")
         super().__init__(max_cache_len=max_cache_len)
         self.config = config
         self.window = config.residual + 2 * config.key_group

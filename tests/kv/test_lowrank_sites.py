@@ -164,3 +164,24 @@ def test_a_refused_rewrite_leaves_the_model_unchanged(tiny_llama):
     with pytest.raises(ValueError, match="3 head groups do not divide num_kv_heads=2"):
         apply_lowrank_kv(tiny_llama, sites, forms, factors)
     assert [type(m) for m in tiny_llama.modules()] == before
+
+
+def test_sink_tokens_of_the_low_rank_cache(tiny_llama):
+    sites, _ = find_attention_sites(tiny_llama)
+    s = sites[0]
+    calib = _calib(2, 20)
+    ins = capture_attention_inputs(tiny_llama, [s], calib)
+    gram = attention_grams(tiny_llama, [s], calib)[s.fqn]
+    attn = dict(tiny_llama.named_modules())[s.fqn]
+    errs = []
+    for sink in (0, 4, 20):  # 20: every token of the calibration windows is a sink
+        cfg = KVLowRankConfig(8, 8, 1, "attention", sink=sink)
+        errs.append(attention_error(attn, ins[s.fqn], cfg, fit_site(tiny_llama, s, gram, cfg)))
+    assert errs[0] > errs[1] > 0 and errs[2] < 1e-12
+    lq = KVLatentQuantConfig(8, 8, 1, "attention", bits=4, group=8, residual=2, sink=20)
+    f = fit_site(tiny_llama, s, gram, lq)
+    assert attention_error(attn, ins[s.fqn], lq, f) < 1e-12
+    # bytes: 3 sink tokens at 2·2·16·2 B, 7 latent tokens at 2·16 B
+    assert KVLowRankConfig(8, 8, sink=3).cache_bytes(s.shape, 10) == 3 * 128 + 7 * 32
+    with pytest.raises(ValueError, match="simulated only"):
+        apply_lowrank_kv(tiny_llama, [s], {s.fqn: KVLowRankConfig(8, 8, sink=1)}, {s.fqn: f})

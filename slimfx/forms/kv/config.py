@@ -25,6 +25,8 @@ context held by one sequence.
   per token (summed over head groups): ``2·(key_rank + value_rank)`` bytes per token. The k/v
   projections become down (hidden → rank) and up (rank → group width, one block per group), so
   the weights change too: ``weight_bytes = 2·(rank·hidden + rank·H·D/groups)`` for each of k, v.
+  ``sink`` first tokens hold their exact K/V (16-bit, ``2·H·D·2`` bytes each); the original
+  k/v projections are then kept too (their bytes count in ``projection_weight_bytes``).
 - ``kv_latent_quant``:     the latent quantized per token with one (scale, min) per
   ``group`` latent values (per head group), the residual window as for ``kv_quant``
   (block of ``key_group``-free: whole tokens, so ``Q(L) = max(0, L − residual)``).
@@ -229,8 +231,13 @@ class KVLowRankConfig(KVDecision):
     value_rank: int = 64
     groups: int = 1
     method: str = "attention"
+    sink: int = 0
 
     def __post_init__(self) -> None:
+        _check(
+            isinstance(self.sink, int) and self.sink >= 0,
+            f"sink must be an int ≥ 0, got {self.sink!r}",
+        )
         _pos_int("key_rank", self.key_rank)
         _pos_int("value_rank", self.value_rank)
         _pos_int("groups", self.groups)
@@ -259,15 +266,18 @@ class KVLowRankConfig(KVDecision):
         return float(2 * self.latent_width)
 
     def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
-        return 2 * self.latent_width * tokens
+        s = min(self.sink, tokens)
+        return 2 * self.latent_width * (tokens - s) + s * shape.kv_bytes_per_token(16)
 
     def projection_weight_bytes(self, shape: AttentionShape) -> int:
         group_dim = shape.kv_dim // self.groups
-        return 2 * self.latent_width * (shape.hidden_size + group_dim)
+        dense = 2 * 2 * shape.hidden_size * shape.kv_dim if self.sink else 0  # sinks' exact K/V
+        return 2 * self.latent_width * (shape.hidden_size + group_dim) + dense
 
     def short(self) -> str:
         g = f" g{self.groups}" if self.groups > 1 else ""
-        return f"kv lowrank k{self.key_rank} v{self.value_rank}{g}"
+        sink = f" s{self.sink}" if self.sink else ""
+        return f"kv lowrank k{self.key_rank} v{self.value_rank}{g}{sink}"
 
 
 @register_decision
@@ -285,9 +295,10 @@ class KVLatentQuantConfig(KVDecision):
     bits: int = 8
     group: int = 32
     residual: int = 0
+    sink: int = 0
 
     def __post_init__(self) -> None:
-        self.lowrank  # validates ranks and method  # noqa: B018
+        self.lowrank  # validates ranks, method and sink  # noqa: B018
         _check(self.bits in KV_BITS, f"bits must be one of {KV_BITS}, got {self.bits!r}")
         _pos_int("group", self.group)
         _check(
@@ -298,7 +309,7 @@ class KVLatentQuantConfig(KVDecision):
     @property
     def lowrank(self) -> KVLowRankConfig:
         """The factorization this form quantizes the latent of."""
-        return KVLowRankConfig(self.key_rank, self.value_rank, self.groups, self.method)
+        return KVLowRankConfig(self.key_rank, self.value_rank, self.groups, self.method, self.sink)
 
     def check(self, shape: AttentionShape) -> str | None:
         why = self.lowrank.check(shape)
@@ -314,7 +325,7 @@ class KVLatentQuantConfig(KVDecision):
 
     def quantized_tokens(self, tokens: int) -> int:
         """Tokens in the quantized store at context ``tokens``."""
-        return max(0, tokens - self.residual)
+        return max(0, tokens - self.sink - self.residual)
 
     def steady_bytes_per_token(self, shape: AttentionShape) -> float:
         w = self.lowrank.latent_width
@@ -323,7 +334,8 @@ class KVLatentQuantConfig(KVDecision):
     def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
         q = self.quantized_tokens(tokens)
         w = self.lowrank.latent_width
-        return q * (w * self.bits // 8 + 2 * SCALE_BYTES * (w // self.group)) + (tokens - q) * 2 * w
+        quant = q * (w * self.bits // 8 + 2 * SCALE_BYTES * (w // self.group))
+        return quant + self.lowrank.cache_bytes(shape, tokens - q)  # sinks among the 16-bit
 
     def projection_weight_bytes(self, shape: AttentionShape) -> int:
         return self.lowrank.projection_weight_bytes(shape)

@@ -137,6 +137,11 @@ def apply_lowrank_kv(
         why = lr.check(s.shape)
         if why:
             raise ValueError(f"{s.fqn}: {why}")
+        if lr.sink:
+            raise ValueError(
+                f"{s.fqn}: sink tokens of the low-rank cache are simulated only; the rewrite "
+                "does not keep them yet (sink must be 0)"
+            )
         if s.fqn not in factors:
             raise ValueError(f"{s.fqn}: no low-rank factors given")
     for s in todo:

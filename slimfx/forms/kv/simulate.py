@@ -92,6 +92,35 @@ def fake_quant_values(v: Tensor, bits: int, group: int) -> Tensor:
     return dequantize_values(*quantize_values(v, bits, group), bits, group, v.dtype)
 
 
+def tiered_attention(
+    q: Tensor, tiers: list[tuple[Tensor, Tensor, Tensor | None]], scaling: float
+) -> Tensor:
+    """Causal attention ``(B, Hq, T, D)`` where query ``t`` reads key/value ``j`` from the tier
+    whose ``(T, T)`` mask holds at ``[t, j]`` (the masks partition the causal triangle; the last
+    tier's mask may be None: every pair the others leave). GQA: kv heads repeated. Softmax in
+    float32; output in ``q.dtype``."""
+    B, Hq, T, D = q.shape
+    rep = Hq // tiers[0][0].shape[1]
+
+    def r(x: Tensor) -> Tensor:
+        return x.repeat_interleave(rep, dim=1).float() if rep > 1 else x.float()
+
+    qf = q.float()
+    j = torch.arange(T, device=q.device)
+    causal = j[None, :] <= j[:, None]
+    masks, left = [], torch.ones(T, T, dtype=torch.bool, device=q.device)
+    for _, _, m in tiers:
+        m = left if m is None else m & left
+        masks.append(m)
+        left = left & ~m
+    s = torch.zeros(B, Hq, T, T, device=q.device)
+    for (k, _, _), m in zip(tiers, masks):
+        s = torch.where(m, qf @ r(k).transpose(-1, -2) * scaling, s)
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+    out = sum((p * m.to(p.dtype)) @ r(v) for (_, v, _), m in zip(tiers, masks))
+    return out.to(q.dtype)
+
+
 def compressed_attention(
     q: Tensor,
     k: Tensor,
@@ -105,26 +134,12 @@ def compressed_attention(
     """Causal attention ``(B, Hq, T, D)`` where query ``t`` reads ``k_deq``/``v_deq`` for keys
     ``sink ≤ j < sink + n_quantized[t]`` and ``k``/``v`` otherwise (GQA: kv heads repeated).
     Softmax in float32; output in ``q.dtype``."""
-    B, Hq, T, D = q.shape
-    rep = Hq // k.shape[1]
-
-    def r(x: Tensor) -> Tensor:
-        return x.repeat_interleave(rep, dim=1).float() if rep > 1 else x.float()
-
-    qf = q.float()
-    s = qf @ r(k).transpose(-1, -2) * scaling
-    j = torch.arange(T, device=q.device)
-    causal = j[None, :] <= j[:, None]
     if n_quantized is None or k_deq is None:
-        p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
-        return (p @ r(v)).to(q.dtype)
+        return tiered_attention(q, [(k, v, None)], scaling)
+    T = q.shape[2]
+    j = torch.arange(T, device=q.device)
     use_q = (j[None, :] < sink + n_quantized.to(q.device)[:, None]) & (j[None, :] >= sink)
-    sq = qf @ r(k_deq).transpose(-1, -2) * scaling
-    s = torch.where(use_q, sq, s).masked_fill(~causal, float("-inf"))
-    p = torch.softmax(s, dim=-1)
-    uq = use_q.to(p.dtype)
-    out = (p * uq) @ r(v_deq) + (p * (1 - uq)) @ r(v)
-    return out.to(q.dtype)
+    return tiered_attention(q, [(k_deq, v_deq, use_q), (k, v, None)], scaling)
 
 
 def block_forward(
@@ -152,11 +167,23 @@ def block_forward(
         vb = getattr(attn.v_proj, "bias", None)
         k = apply_rope(_heads(rebuild(lk, factors["k_up"], kb), hd), cos, sin)
         v = _heads(rebuild(lv, factors["v_up"], vb), hd)
+        tiers = []
+        j = torch.arange(T, device=hidden.device)
+        sink = config.sink
+        if sink:  # the sink tokens' exact K/V (original projections)
+            ke = apply_rope(_heads(attn.k_proj(hidden), hd), cos, sin)
+            ve = _heads(attn.v_proj(hidden), hd)
+            tiers.append((ke, ve, (j < sink)[None, :].expand(T, T)))
         if isinstance(config, KVLatentQuantConfig):
             lkq = fake_quant_values(lk, config.bits, config.group)
             lvq = fake_quant_values(lv, config.bits, config.group)
-            k_deq = apply_rope(_heads(rebuild(lkq, factors["k_up"], kb), hd), cos, sin)
-            v_deq = _heads(rebuild(lvq, factors["v_up"], vb), hd)
+            kq = apply_rope(_heads(rebuild(lkq, factors["k_up"], kb), hd), cos, sin)
+            vq = _heads(rebuild(lvq, factors["v_up"], vb), hd)
+            n_q = torch.tensor([config.quantized_tokens(t) for t in range(T)], device=j.device)
+            tiers.append((kq, vq, (j[None, :] < sink + n_q[:, None])))
+        tiers.append((k, v, None))
+        out = tiered_attention(q, tiers, scaling)
+        return attn.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
     else:
         k = apply_rope(_heads(attn.k_proj(hidden), hd), cos, sin)
         v = _heads(attn.v_proj(hidden), hd)

@@ -185,3 +185,25 @@ def test_sink_tokens_of_the_low_rank_cache(tiny_llama):
     assert KVLowRankConfig(8, 8, sink=3).cache_bytes(s.shape, 10) == 3 * 128 + 7 * 32
     with pytest.raises(ValueError, match="simulated only"):
         apply_lowrank_kv(tiny_llama, [s], {s.fqn: KVLowRankConfig(8, 8, sink=1)}, {s.fqn: f})
+
+
+def test_fisher_weighting_of_the_block_error(tiny_llama):
+    from slimfx.forms.kv.config import KVQuantConfig
+
+    sites, _ = find_attention_sites(tiny_llama)
+    s = sites[1]
+    ins = capture_attention_inputs(tiny_llama, [s], _calib(2, 20))[s.fqn]
+    attn = dict(tiny_llama.named_modules())[s.fqn]
+    cfg = KVQuantConfig(2, 2, 4, 8, 0)
+    plain = attention_error(attn, ins, cfg)
+    assert plain > 0
+    assert attention_error(attn, ins, cfg, fisher=torch.full((64,), 3.0)) == pytest.approx(plain)
+    one = torch.zeros(64)
+    one[5] = 1.0  # only output channel 5 counts
+    with torch.no_grad():
+        y = [block_forward(attn, h, c, si, KVDenseConfig())[..., 5] for h, c, si in ins]
+        yc = [block_forward(attn, h, c, si, cfg)[..., 5] for h, c, si in ins]
+    want = sum(float(((b - a) ** 2).sum()) for a, b in zip(y, yc)) / sum(
+        float((a**2).sum()) for a in y
+    )
+    assert attention_error(attn, ins, cfg, fisher=one) == pytest.approx(want, rel=1e-5)

@@ -67,6 +67,12 @@ def test_lowrank_and_latent_quant_bytes_equal_the_real_cache_tensors(chunks):
     layer.flush()
     assert layer.n_stored == max(0, n - 3)
     assert layer.nbytes() == lq.cache_bytes(SHAPE, n)
+    ch = KVLatentQuantConfig(8, 16, 2, "attention", bits=2, group=4, residual=1, axis="channel")
+    layer = QuantizedLatentLayer(ch)
+    _feed(layer, chunks, 8, 16, 1, positions=True)
+    layer.flush()
+    assert layer.n_stored == (n - 1) // 4 * 4
+    assert layer.nbytes() == ch.cache_bytes(SHAPE, n)
 
 
 def test_smollm2_fractions_match_the_formula():
@@ -97,6 +103,7 @@ def test_smollm2_fractions_match_the_formula():
         KVQuantConfig(2, 8, 16, 32, 128, sink=4),
         KVLowRankConfig(64, 128, 3, "whitened"),
         KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 16),
+        KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 16, 2, "channel"),
     ],
 )
 def test_json_round_trip(cfg):

@@ -108,7 +108,12 @@ def _rewrite(model, form):
 
 
 @pytest.mark.parametrize(
-    "form", [KVLowRankConfig(32, 32, 2), KVLatentQuantConfig(32, 32, 2, "attention", 8, 8, 2)]
+    "form",
+    [
+        KVLowRankConfig(32, 32, 2),
+        KVLatentQuantConfig(32, 32, 2, "attention", 8, 8, 2),
+        KVLatentQuantConfig(32, 32, 2, "attention", 8, 4, 2, axis="channel"),
+    ],
 )
 def test_full_rank_rewrite_generates_the_dense_tokens(tiny_llama, tiny_ids, form):
     ids = tiny_ids

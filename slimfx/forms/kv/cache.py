@@ -277,8 +277,9 @@ class QuantizedLatentLayer(_StoreLayer):
 
     def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
         c = self.config
-        kq, ks, km = quantize_values(keys, c.bits, c.group)
-        vq, vs, vm = quantize_values(values, c.bits, c.group)
+        quant = quantize_values if c.axis == "token" else quantize_keys
+        kq, ks, km = quant(keys, c.bits, c.group)
+        vq, vs, vm = quant(values, c.bits, c.group)
         return {
             "k_codes": kq,
             "k_scale": ks,
@@ -290,8 +291,9 @@ class QuantizedLatentLayer(_StoreLayer):
 
     def _dequantize(self) -> tuple[Tensor, Tensor]:
         c, s = self.config, self.store
-        k = dequantize_values(s["k_codes"], s["k_scale"], s["k_min"], c.bits, c.group, self.dtype)
-        v = dequantize_values(s["v_codes"], s["v_scale"], s["v_min"], c.bits, c.group, self.dtype)
+        deq = dequantize_values if c.axis == "token" else dequantize_keys
+        k = deq(s["k_codes"], s["k_scale"], s["k_min"], c.bits, c.group, self.dtype)
+        v = deq(s["v_codes"], s["v_scale"], s["v_min"], c.bits, c.group, self.dtype)
         return k, v
 
     _record = LatentLayer._record

@@ -283,9 +283,13 @@ class KVLowRankConfig(KVDecision):
 @register_decision
 @dataclass(frozen=True)
 class KVLatentQuantConfig(KVDecision):
-    """The low-rank latent of :class:`KVLowRankConfig`, quantized per token: ``bits`` codes,
-    one float16 (scale, min) per ``group`` latent values, ``residual`` most recent tokens
-    16-bit. ``group`` must divide each group's key and value rank."""
+    """The low-rank latent of :class:`KVLowRankConfig`, quantized: ``bits`` codes with float16
+    (scale, min) pairs, ``residual`` most recent tokens 16-bit. ``axis="token"``: one pair per
+    token per ``group`` latent values (``group`` must divide each head group's ranks; tokens
+    leave the window one by one); ``axis="channel"``: one pair per latent channel per block of
+    ``group`` tokens, like the keys of ``kv_quant`` (tokens leave the window in blocks) — the
+    latent's channels carry the singular values, so their ranges differ by orders of magnitude
+    and a per-channel range suits them. Both cost ``w·bits/8 + 4·w/group`` bytes per token."""
 
     kind: ClassVar[str] = "kv_latent_quant"
     key_rank: int = 64
@@ -296,10 +300,12 @@ class KVLatentQuantConfig(KVDecision):
     group: int = 32
     residual: int = 0
     sink: int = 0
+    axis: str = "token"
 
     def __post_init__(self) -> None:
         self.lowrank  # validates ranks, method and sink  # noqa: B018
         _check(self.bits in KV_BITS, f"bits must be one of {KV_BITS}, got {self.bits!r}")
+        _check(self.axis in ("token", "channel"), "axis must be 'token' or 'channel'")
         _pos_int("group", self.group)
         _check(
             isinstance(self.residual, int) and self.residual >= 0,
@@ -317,7 +323,7 @@ class KVLatentQuantConfig(KVDecision):
             return why
         for name in ("key_rank", "value_rank"):
             per_group = getattr(self, name) // self.groups
-            if per_group % self.group:
+            if self.axis == "token" and per_group % self.group:
                 return f"{name} per head group ({per_group}) is not divisible by group {self.group}"
             if per_group % (8 // self.bits):
                 return f"{name} per head group ({per_group}) does not pack at {self.bits} bits"
@@ -325,7 +331,8 @@ class KVLatentQuantConfig(KVDecision):
 
     def quantized_tokens(self, tokens: int) -> int:
         """Tokens in the quantized store at context ``tokens``."""
-        return max(0, tokens - self.sink - self.residual)
+        n = max(0, tokens - self.sink - self.residual)
+        return n if self.axis == "token" else n // self.group * self.group
 
     def steady_bytes_per_token(self, shape: AttentionShape) -> float:
         w = self.lowrank.latent_width
@@ -334,14 +341,18 @@ class KVLatentQuantConfig(KVDecision):
     def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
         q = self.quantized_tokens(tokens)
         w = self.lowrank.latent_width
-        quant = q * (w * self.bits // 8 + 2 * SCALE_BYTES * (w // self.group))
+        if self.axis == "token":
+            quant = q * (w * self.bits // 8 + 2 * SCALE_BYTES * (w // self.group))
+        else:
+            quant = q * w * self.bits // 8 + (q // self.group) * w * 2 * SCALE_BYTES
         return quant + self.lowrank.cache_bytes(shape, tokens - q)  # sinks among the 16-bit
 
     def projection_weight_bytes(self, shape: AttentionShape) -> int:
         return self.lowrank.projection_weight_bytes(shape)
 
     def short(self) -> str:
-        return f"{self.lowrank.short()} int{self.bits} g{self.group} r{self.residual}"
+        ax = " ch" if self.axis == "channel" else ""
+        return f"{self.lowrank.short()} int{self.bits}{ax} g{self.group} r{self.residual}"
 
 
 def dense_fraction(config: KVDecision, shape: AttentionShape, context: int | None = None) -> float:

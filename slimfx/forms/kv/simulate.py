@@ -92,6 +92,16 @@ def fake_quant_values(v: Tensor, bits: int, group: int) -> Tensor:
     return dequantize_values(*quantize_values(v, bits, group), bits, group, v.dtype)
 
 
+def _fake_quant_latent(latent: Tensor, config: KVLatentQuantConfig) -> Tensor:
+    """The ``(B, T, w)`` latent as the store holds it: per token (``axis="token"``) or per
+    channel in blocks of ``group`` tokens counted from the first token after the sinks."""
+    if config.axis == "token":
+        return fake_quant_values(latent, config.bits, config.group)
+    s = config.sink
+    q = fake_quant_keys(latent[:, s:].unsqueeze(1), config.bits, config.group).squeeze(1)
+    return torch.cat([latent[:, :s], q], dim=1)
+
+
 def tiered_attention(
     q: Tensor, tiers: list[tuple[Tensor, Tensor, Tensor | None]], scaling: float
 ) -> Tensor:
@@ -175,8 +185,7 @@ def block_forward(
             ve = _heads(attn.v_proj(hidden), hd)
             tiers.append((ke, ve, (j < sink)[None, :].expand(T, T)))
         if isinstance(config, KVLatentQuantConfig):
-            lkq = fake_quant_values(lk, config.bits, config.group)
-            lvq = fake_quant_values(lv, config.bits, config.group)
+            lkq, lvq = (_fake_quant_latent(x, config) for x in (lk, lv))
             kq = apply_rope(_heads(rebuild(lkq, factors["k_up"], kb), hd), cos, sin)
             vq = _heads(rebuild(lvq, factors["v_up"], vb), hd)
             n_q = torch.tensor([config.quantized_tokens(t) for t in range(T)], device=j.device)

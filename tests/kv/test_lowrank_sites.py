@@ -212,3 +212,43 @@ def test_fisher_weighting_of_the_block_error(tiny_llama):
         float((a**2).sum()) for a in y
     )
     assert attention_error(attn, ins, cfg, fisher=one) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        KVLowRankConfig(16, 8, 2),
+        KVLatentQuantConfig(16, 16, 1, "attention", 4, 8, 3),
+        KVLatentQuantConfig(16, 16, 2, "whitened", 2, 4, 2, axis="channel"),
+    ],
+)
+def test_rewritten_model_decoding_equals_the_one_pass_simulation(form):
+    from slimfx.forms.kv.simulate import SimulatedKVAttention
+    from slimfx.models import tiny_llama
+
+    sim, rew = (tiny_llama(seed=0, max_position_embeddings=128, pad_token_id=None) for _ in "ab")
+    sites, _ = find_attention_sites(sim)
+    grams = attention_grams(sim, sites, _calib())
+    factors = {s.fqn: fit_site(sim, s, grams[s.fqn], form) for s in sites}
+    mods = dict(sim.named_modules())
+    for s in sites:
+        parent, _, child = s.fqn.rpartition(".")
+        setattr(mods[parent], child, SimulatedKVAttention(mods[s.fqn], form, factors[s.fqn]))
+    apply_lowrank_kv(rew, sites, {s.fqn: form for s in sites}, factors)
+    ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(4))
+    cache = KVCache.for_model(rew, form)
+    with torch.no_grad():
+        want = sim(ids, use_cache=False).logits
+        got = torch.cat(
+            [
+                rew(
+                    ids[:, t : t + 1],
+                    past_key_values=cache,
+                    use_cache=True,
+                    position_ids=torch.tensor([[t]]),
+                ).logits
+                for t in range(ids.shape[1])
+            ],
+            dim=1,
+        )
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)  # fp32, another order

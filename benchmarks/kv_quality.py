@@ -5,7 +5,10 @@ keys/values as the compressed cache would hold them when decoding token by token
 ``quantized_tokens(t)`` tokens dequantized, the residual window exact). Low-rank forms use
 factors fitted on calibration windows of the corpus's first half (disjoint from the held-out
 windows). The byte fraction is that of the 16-bit cache (23 040 B/token for SmolLM2) at the
-stated context, scales/minimums and the 16-bit window included.
+stated context (``--context``, default 8192) and in the limit, scales/minimums and the 16-bit
+tokens (window, sinks) included. ``store_share``: the share of (query, past token) pairs of a
+window that read the compressed store — with 256-token windows, long blocks or residual
+windows leave much of the past exact, which a long context would not.
 
     python benchmarks/kv_quality.py [--n-eval 16] [--n-calib 16] [--seq-len 256] [--corpus news]
         [--only NAME,...] [--json out.json]
@@ -57,7 +60,51 @@ FORMS = {
     "latent k96 v96 int4 g32": KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 0),
     "latent k64 v128 int4 g32": KVLatentQuantConfig(64, 128, 1, "attention", 4, 32, 0),
     "latent k128 v128 int8 g32": KVLatentQuantConfig(128, 128, 1, "attention", 8, 32, 0),
+    # what each trick buys (second pass): sink tokens, rank split between keys and values
+    "int4 gk128 gv64 s4": KVQuantConfig(4, 4, 128, 64, 0, sink=4),
+    "k4v2 gk32 gv32 s4": KVQuantConfig(4, 2, 32, 32, 0, sink=4),
+    "k4v2 gk128 gv32 s4": KVQuantConfig(4, 2, 128, 32, 0, sink=4),
+    "int2 gk32 gv32 s4": KVQuantConfig(2, 2, 32, 32, 0, sink=4),
+    "int2 gk32 gv32 r32 s4": KVQuantConfig(2, 2, 32, 32, 32, sink=4),
+    "k4v2 gk32 gv32 r32 s4": KVQuantConfig(4, 2, 32, 32, 32, sink=4),
+    "lowrank 1/2 k64 v128 attention s1": KVLowRankConfig(64, 128, 1, "attention", sink=1),
+    "lowrank 1/2 k64 v128 attention s4": KVLowRankConfig(64, 128, 1, "attention", sink=4),
+    "lowrank 1/2 k48 v144 attention s4": KVLowRankConfig(48, 144, 1, "attention", sink=4),
+    "lowrank 1/2 k64 v128 whitened s4": KVLowRankConfig(64, 128, 1, "whitened", sink=4),
+    "latent k64 v128 int8 g32 s4": KVLatentQuantConfig(64, 128, 1, "attention", 8, 32, 0, 4),
+    "latent k64 v128 int4 g32 s4": KVLatentQuantConfig(64, 128, 1, "attention", 4, 32, 0, 4),
+    "latent k128 v128 int4 g32 s4": KVLatentQuantConfig(128, 128, 1, "attention", 4, 32, 0, 4),
+    # third pass: the latent quantized per channel (its channels carry the singular values)
+    "latent k128 v128 int4 ch g32": KVLatentQuantConfig(
+        128, 128, 1, "attention", 4, 32, 0, 0, "channel"
+    ),
+    "latent k96 v96 int4 ch g32": KVLatentQuantConfig(
+        96, 96, 1, "attention", 4, 32, 0, 0, "channel"
+    ),
+    "latent k64 v128 int4 ch g32 s4": KVLatentQuantConfig(
+        64, 128, 1, "attention", 4, 32, 0, 4, "channel"
+    ),
+    "latent k128 v128 int2 ch g32 s4": KVLatentQuantConfig(
+        128, 128, 1, "attention", 2, 32, 0, 4, "channel"
+    ),
+    "latent k192 v192 int2 ch g32 s4": KVLatentQuantConfig(
+        192, 192, 1, "attention", 2, 32, 0, 4, "channel"
+    ),
+    "latent k128 v128 int8 ch g32 s4": KVLatentQuantConfig(
+        128, 128, 1, "attention", 8, 32, 0, 4, "channel"
+    ),
 }
+
+
+def store_share(cfg: object, seq_len: int) -> float:
+    """Share of the (query, past key) pairs of a ``seq_len`` window that read the compressed
+    store (a window this short keeps much of the past exact when blocks or windows are long)."""
+    pairs = sum(t + 1 for t in range(seq_len))
+    if isinstance(cfg, (KVQuantConfig, KVLatentQuantConfig)):
+        return sum(cfg.quantized_tokens(t) for t in range(seq_len)) / pairs
+    if isinstance(cfg, KVLowRankConfig):  # every token but the sinks is rebuilt from the latent
+        return sum(max(0, t + 1 - cfg.sink) for t in range(seq_len)) / pairs
+    return 0.0
 
 
 def main() -> int:
@@ -110,6 +157,7 @@ def main() -> int:
             "config": cfg.to_dict(),
             "fraction_at_context": dense_fraction(cfg, shape, a.context),
             "fraction_steady": dense_fraction(cfg, shape),
+            "store_share": store_share(cfg, a.seq_len),
             "ppl": ppl,
             "delta": ppl / dense_ppl - 1,
             "seconds": time.perf_counter() - t0,
@@ -117,7 +165,7 @@ def main() -> int:
         rows.append(row)
         print(
             f"| {name} | {row['fraction_at_context']:.3f} | {row['fraction_steady']:.3f} | "
-            f"{ppl:.2f} | {100 * row['delta']:+.1f}% |",
+            f"{row['store_share']:.2f} | {ppl:.2f} | {100 * row['delta']:+.1f}% |",
             flush=True,
         )
     meta = {

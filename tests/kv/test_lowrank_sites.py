@@ -113,6 +113,7 @@ def _rewrite(model, form):
         KVLowRankConfig(32, 32, 2),
         KVLatentQuantConfig(32, 32, 2, "attention", 8, 8, 2),
         KVLatentQuantConfig(32, 32, 2, "attention", 8, 4, 2, axis="channel"),
+        KVLowRankConfig(32, 32, 2, sink=2),
     ],
 )
 def test_full_rank_rewrite_generates_the_dense_tokens(tiny_llama, tiny_ids, form):
@@ -186,10 +187,8 @@ def test_sink_tokens_of_the_low_rank_cache(tiny_llama):
     lq = KVLatentQuantConfig(8, 8, 1, "attention", bits=4, group=8, residual=2, sink=20)
     f = fit_site(tiny_llama, s, gram, lq)
     assert attention_error(attn, ins[s.fqn], lq, f) < 1e-12
-    # bytes: 3 sink tokens at 2·2·16·2 B, 7 latent tokens at 2·16 B
-    assert KVLowRankConfig(8, 8, sink=3).cache_bytes(s.shape, 10) == 3 * 128 + 7 * 32
-    with pytest.raises(ValueError, match="simulated only"):
-        apply_lowrank_kv(tiny_llama, [s], {s.fqn: KVLowRankConfig(8, 8, sink=1)}, {s.fqn: f})
+    # bytes: 3 sink tokens' exact K/V at 2·2·16·2 B, 10 latent tokens at 2·16 B
+    assert KVLowRankConfig(8, 8, sink=3).cache_bytes(s.shape, 10) == 3 * 128 + 10 * 32
 
 
 def test_fisher_weighting_of_the_block_error(tiny_llama):
@@ -220,6 +219,8 @@ def test_fisher_weighting_of_the_block_error(tiny_llama):
         KVLowRankConfig(16, 8, 2),
         KVLatentQuantConfig(16, 16, 1, "attention", 4, 8, 3),
         KVLatentQuantConfig(16, 16, 2, "whitened", 2, 4, 2, axis="channel"),
+        KVLowRankConfig(8, 16, 1, sink=2),
+        KVLatentQuantConfig(16, 16, 1, "attention", 4, 4, 1, sink=3, axis="channel"),
     ],
 )
 def test_rewritten_model_decoding_equals_the_one_pass_simulation(form):
@@ -252,3 +253,12 @@ def test_rewritten_model_decoding_equals_the_one_pass_simulation(form):
             dim=1,
         )
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)  # fp32, another order
+    with torch.no_grad():  # the rewritten model without a cache: the same sinks, all exact
+        nocache = rew(ids, use_cache=False).logits
+    if form.kind == "kv_lowrank":
+        torch.testing.assert_close(nocache, want, atol=2e-5, rtol=1e-4)
+    if form.sink:  # the sink tokens' exact K/V are held
+        layer = cache.layers[0]
+        assert layer.sink_keys.shape == (1, 2, form.sink, 16)
+        if form.kind == "kv_lowrank":  # all floats: fp32 is twice the 16-bit reference bytes
+            assert layer.nbytes() == 2 * form.cache_bytes(sites[0].shape, ids.shape[1])

@@ -203,15 +203,18 @@ class QuantizedKVLayer(_StoreLayer):
         return k, v
 
 
-class LatentLayer(DynamicLayer):
-    """The 16-bit low-rank latent ``(B, 1, T, rank)`` of keys and of values, and the position
-    id of every cached token (``positions``, ``(B, T)``), which the rewritten attention needs to
-    rotate the rebuilt keys. Pass ``positions=`` to ``update``."""
+class _LatentSide:
+    """Side tensors of the latent layers, batch first: ``positions`` ``(B, T)`` of every cached
+    token (the rewritten attention rotates the rebuilt keys with them) and, when the form keeps
+    sink tokens, their exact post-RoPE keys and values ``sink_keys`` / ``sink_values``
+    ``(B, Hkv, sink, D)``."""
 
-    def __init__(self, config: KVLowRankConfig | KVLatentQuantConfig | None = None) -> None:
-        super().__init__()
-        self.config = config
-        self.positions: Tensor | None = None
+    positions: Tensor | None
+    sink_keys: Tensor | None
+    sink_values: Tensor | None
+
+    def _init_side(self) -> None:
+        self.positions = self.sink_keys = self.sink_values = None
 
     def _record(self, positions: Tensor | None, key_states: Tensor) -> None:
         if positions is None:
@@ -223,6 +226,36 @@ class LatentLayer(DynamicLayer):
             if self.positions is None
             else torch.cat([self.positions, positions], 1)
         )
+
+    def add_sink(self, keys: Tensor, values: Tensor) -> None:
+        """Append exact keys/values of sink tokens ``(B, Hkv, n, D)``."""
+        if self.sink_keys is None:
+            self.sink_keys, self.sink_values = keys, values
+        else:
+            self.sink_keys = torch.cat([self.sink_keys, keys], 2)
+            self.sink_values = torch.cat([self.sink_values, values], 2)
+
+    def _side_nbytes(self) -> int:
+        return _nbytes(self.sink_keys, self.sink_values)
+
+    def _map_side(self, fn: Any) -> None:
+        for name in ("positions", "sink_keys", "sink_values"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+
+class LatentLayer(_LatentSide, DynamicLayer):
+    """The 16-bit low-rank latent ``(B, 1, T, rank)`` of keys and of values, the position id of
+    every cached token and the sink tokens' exact K/V (:class:`_LatentSide`). Pass
+    ``positions=`` to ``update``."""
+
+    is_croppable = False
+
+    def __init__(self, config: KVLowRankConfig | KVLatentQuantConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self._init_side()
 
     def update(
         self,
@@ -236,41 +269,40 @@ class LatentLayer(DynamicLayer):
         return super().update(key_states, value_states)
 
     def nbytes(self) -> int:
-        """Bytes of the latent tensors (positions, shared by all layers in principle, excluded)."""
-        return _nbytes(self.keys, self.values)
+        """Bytes of the latent and sink tensors (positions, shared by all layers in principle,
+        excluded)."""
+        return _nbytes(self.keys, self.values) + self._side_nbytes()
 
     def reset(self) -> None:
-        self.positions = None
+        self._init_side()
         super().reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.positions is not None:
-            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+        self._map_side(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        if self.positions is not None:
-            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+        self._map_side(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: Tensor) -> None:
         super().batch_select_indices(indices)
-        if self.positions is not None:
-            self.positions = self.positions[indices]
+        self._map_side(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        super().crop(tokens_to_remove)
-        if self.positions is not None and tokens_to_remove < 0:
-            self.positions = self.positions[:, :tokens_to_remove]
+        if tokens_to_remove:
+            raise ValueError("a latent cache layer cannot be cropped")
 
 
-class QuantizedLatentLayer(_StoreLayer):
-    """The latent of :class:`LatentLayer`, quantized per token outside the 16-bit window."""
+class QuantizedLatentLayer(_LatentSide, _StoreLayer):
+    """The latent of :class:`LatentLayer`, quantized outside the 16-bit window (per token or
+    per channel in blocks, ``config.axis``); the sink tokens' latents stay 16-bit."""
 
     def __init__(self, config: KVLatentQuantConfig) -> None:
         super().__init__()
         self.config = config
-        self.positions: Tensor | None = None
+        self.sink = config.sink
+        self._init_side()
 
     def _target(self, tokens: int) -> int:
         return self.config.quantized_tokens(tokens)
@@ -296,8 +328,6 @@ class QuantizedLatentLayer(_StoreLayer):
         v = deq(s["v_codes"], s["v_scale"], s["v_min"], c.bits, c.group, self.dtype)
         return k, v
 
-    _record = LatentLayer._record
-
     def update(
         self,
         key_states: Tensor,
@@ -309,14 +339,16 @@ class QuantizedLatentLayer(_StoreLayer):
         self._record(positions, key_states)
         return super().update(key_states, value_states)
 
+    def nbytes(self) -> int:
+        return super().nbytes() + self._side_nbytes()
+
     def reset(self) -> None:
-        self.positions = None
+        self._init_side()
         super().reset()
 
     def _map(self, fn: Any) -> None:
         super()._map(fn)
-        if self.positions is not None:
-            self.positions = fn(self.positions)
+        self._map_side(fn)
 
 
 def layer_for(form: KVDecision) -> DynamicLayer:

@@ -25,8 +25,9 @@ context held by one sequence.
   per token (summed over head groups): ``2·(key_rank + value_rank)`` bytes per token. The k/v
   projections become down (hidden → rank) and up (rank → group width, one block per group), so
   the weights change too: ``weight_bytes = 2·(rank·hidden + rank·H·D/groups)`` for each of k, v.
-  ``sink`` first tokens hold their exact K/V (16-bit, ``2·H·D·2`` bytes each); the original
-  k/v projections are then kept too (their bytes count in ``projection_weight_bytes``).
+  ``sink`` first tokens also hold their exact K/V (16-bit, ``2·H·D·2`` bytes each, on top of
+  their latent); the original k/v projections are then kept too (their bytes count in
+  ``projection_weight_bytes``).
 - ``kv_latent_quant``:     the latent quantized per token with one (scale, min) per
   ``group`` latent values (per head group), the residual window as for ``kv_quant``
   (block of ``key_group``-free: whole tokens, so ``Q(L) = max(0, L − residual)``).
@@ -266,8 +267,9 @@ class KVLowRankConfig(KVDecision):
         return float(2 * self.latent_width)
 
     def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
+        # sink tokens keep their latent too (positions stay uniform) plus their exact K/V
         s = min(self.sink, tokens)
-        return 2 * self.latent_width * (tokens - s) + s * shape.kv_bytes_per_token(16)
+        return 2 * self.latent_width * tokens + s * shape.kv_bytes_per_token(16)
 
     def projection_weight_bytes(self, shape: AttentionShape) -> int:
         group_dim = shape.kv_dim // self.groups

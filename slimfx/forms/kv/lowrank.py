@@ -64,6 +64,9 @@ class LowRankKVAttention(nn.Module):
         self.v_up = nn.Parameter(factors["v_up"].to(device=dev, dtype=dt), requires_grad=False)
         self.k_bias = attn.k_proj.bias
         self.v_bias = attn.v_proj.bias
+        self.sink = getattr(form, "sink", 0)
+        if self.sink:  # the sink tokens' exact K/V need the original projections
+            self.k_proj, self.v_proj = attn.k_proj, attn.v_proj
         self._rotary = (rotary,)  # not a submodule: the model owns it
 
     def forward(
@@ -85,11 +88,24 @@ class LowRankKVAttention(nn.Module):
         q = apply_rope(q, cos, sin)
         lk = self.k_down(hidden_states).unsqueeze(1)  # (B, 1, T, rank)
         lv = self.v_down(hidden_states).unsqueeze(1)
+        layer, n0 = None, 0
+        if past_key_values is not None:
+            layers = getattr(past_key_values, "layers", [])
+            layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
+            n0 = layer.get_seq_length() if hasattr(layer, "positions") else 0
+        sink_k = sink_v = None
+        need = max(0, min(self.sink, n0 + T) - n0)  # this call's tokens that are sinks
+        if need:
+            sk = self.k_proj(hidden_states[:, :need]).view(B, need, -1, hd).transpose(1, 2)
+            sink_k = apply_rope(sk, cos[:, :need], sin[:, :need])
+            sink_v = self.v_proj(hidden_states[:, :need]).view(B, need, -1, hd).transpose(1, 2)
+            if hasattr(layer, "add_sink"):
+                layer.add_sink(sink_k, sink_v)
+        if hasattr(layer, "add_sink") and layer.sink_keys is not None:
+            sink_k, sink_v = layer.sink_keys, layer.sink_values
         if past_key_values is not None:
             if position_ids is None:
                 raise ValueError("LowRankKVAttention needs position_ids with a cache")
-            layers = getattr(past_key_values, "layers", [])
-            layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
             if not hasattr(layer, "positions"):
                 raise TypeError(
                     f"layer {self.layer_idx} of the cache is a {type(layer).__name__}; a low-rank "
@@ -102,6 +118,10 @@ class LowRankKVAttention(nn.Module):
         S = k.shape[1]
         k = apply_rope(k.view(B, S, -1, hd).transpose(1, 2), cos, sin)
         v = v.view(B, S, -1, hd).transpose(1, 2)
+        if sink_k is not None:  # the first tokens' exact K/V replace their rebuilt ones
+            ns = sink_k.shape[2]
+            k = torch.cat([sink_k.to(k.dtype), k[:, :, ns:]], dim=2)
+            v = torch.cat([sink_v.to(v.dtype), v[:, :, ns:]], dim=2)
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -137,11 +157,6 @@ def apply_lowrank_kv(
         why = lr.check(s.shape)
         if why:
             raise ValueError(f"{s.fqn}: {why}")
-        if lr.sink:
-            raise ValueError(
-                f"{s.fqn}: sink tokens of the low-rank cache are simulated only; the rewrite "
-                "does not keep them yet (sink must be 0)"
-            )
         if s.fqn not in factors:
             raise ValueError(f"{s.fqn}: no low-rank factors given")
     for s in todo:

@@ -93,6 +93,20 @@ FORMS = {
     "latent k128 v128 int8 ch g32 s4": KVLatentQuantConfig(
         128, 128, 1, "attention", 8, 32, 0, 4, "channel"
     ),
+    # fourth pass: toward 1/8 and 1/4 with sinks, Palu's plain whitening with sinks
+    "latent k64 v104 int4 ch g64 s4": KVLatentQuantConfig(
+        64, 104, 1, "whitened", 4, 64, 0, 4, "channel"
+    ),
+    "latent k64 v128 int4 ch g64 s4": KVLatentQuantConfig(
+        64, 128, 1, "whitened", 4, 64, 0, 4, "channel"
+    ),
+    "latent k144 v192 int4 ch g64 s4": KVLatentQuantConfig(
+        144, 192, 1, "whitened", 4, 64, 0, 4, "channel"
+    ),
+    "int2 gk64 gv64 r32 s4": KVQuantConfig(2, 2, 64, 64, 32, sink=4),
+    "int4 gk32 gv64 s4": KVQuantConfig(4, 4, 32, 64, 0, sink=4),
+    "lowrank 1/2 k64 v128 whitened s1": KVLowRankConfig(64, 128, 1, "whitened", sink=1),
+    "lowrank 1/2 k80 v112 whitened s4": KVLowRankConfig(80, 112, 1, "whitened", sink=4),
 }
 
 

@@ -279,7 +279,7 @@ class KVLowRankConfig(KVDecision):
     def short(self) -> str:
         g = f" g{self.groups}" if self.groups > 1 else ""
         sink = f" s{self.sink}" if self.sink else ""
-        return f"kv lowrank k{self.key_rank} v{self.value_rank}{g}{sink}"
+        return f"kv lowrank k{self.key_rank} v{self.value_rank}{g} {self.method}{sink}"
 
 
 @register_decision

@@ -13,8 +13,9 @@ layer's KV form:
   the window (the call's tokens included) exact: queries of one call see each other exactly,
   past tokens as stored. ``config.cache_bytes(n)`` counts the flushed state (``flush()``);
   between calls the window also holds the last call's tokens;
-- ``KVLowRankConfig``     → :class:`LatentLayer` (the 16-bit latent and the positions of its
-  tokens; the attention rewritten by :mod:`slimfx.forms.kv.lowrank` rebuilds K/V);
+- ``KVLowRankConfig``     → :class:`LatentLayer` (the 16-bit latent, the positions of its
+  tokens and the sink tokens' exact K/V; the attention rewritten by
+  :mod:`slimfx.forms.kv.lowrank` rebuilds K/V);
 - ``KVLatentQuantConfig`` → :class:`QuantizedLatentLayer` (the latent quantized per token once
   more than ``residual`` tokens wait).
 

@@ -11,6 +11,11 @@ stores latent and positions; on every call the module rebuilds K from the whole 
 unchanged. Keys are therefore rebuilt *before* RoPE, as Palu requires: a post-RoPE key is not
 low rank in a fixed basis. With no cache (``use_cache=False``) the latent of the call is used.
 
+Sink tokens (``form.sink > 0``): the module keeps the original ``k_proj`` / ``v_proj``; for the
+first ``sink`` tokens of the sequence it computes their exact K (rotated) and V, hands them to
+the cache layer (``add_sink``), and on every read they replace the rebuilt K/V of those
+positions. Their latent is cached too, so the latent stays one row per token.
+
 Rebuilding costs ``O(context · rank · kv_dim)`` per step; the absorbed form (W_up folded into
 q and o_proj) is the kernel-side follow-up.
 """

@@ -3,11 +3,12 @@
 A prompt of ``--prompt`` tokens of the news corpus's held-out half, ``--new`` greedy tokens,
 batch 1, fp32 on the CPU. For each cache: the tokens (equal to the ``DynamicCache`` run or the
 index of the first difference), the bytes of the tensors the cache holds afterwards (exact
-``nbytes``; fp32 floats, so the 16-bit window/latent count 4 bytes here), prefill seconds and
-decode milliseconds per token. The torch caches dequantize their whole store every step (the
+``nbytes``), prefill seconds and
+decode milliseconds per token (bf16 by default, so 16-bit entries take 2 bytes as in the
+configs' pricing; the low-rank factors are fitted in fp32 first). The torch caches dequantize their whole store every step (the
 fused Triton kernel is the GPU path), so their decode is expected to be slower than dense.
 
-    python benchmarks/kv_generate.py [--prompt 1024] [--new 32] [--json out.json]
+    python benchmarks/kv_generate.py [--prompt 1024] [--new 32] [--dtype bfloat16] [--json f]
 """
 
 from __future__ import annotations
@@ -30,18 +31,20 @@ from slimfx.models import load_smollm2
 
 
 def _run(model, ids, make_cache, new):  # noqa: ANN001, ANN202
-    """Prefill alone (timed), then ``generate`` on a fresh cache (timed)."""
+    """``generate`` of 1 token (the prefill) and of ``new`` tokens, each on a fresh cache;
+    decode time per token = the difference over ``new − 1`` steps."""
+    kw = {"do_sample": False}
     with torch.no_grad():
         t0 = time.perf_counter()
-        model(ids, past_key_values=make_cache(), use_cache=True)
+        model.generate(ids, past_key_values=make_cache(), max_new_tokens=1, **kw)
         prefill = time.perf_counter() - t0
         cache = make_cache()
         t0 = time.perf_counter()
         out = model.generate(
-            ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, do_sample=False
+            ids, past_key_values=cache, max_new_tokens=new, min_new_tokens=new, **kw
         )
         total = time.perf_counter() - t0
-    decode_ms = 1e3 * max(0.0, total - prefill) / max(1, new - 1)
+    decode_ms = 1e3 * (total - prefill) / max(1, new - 1)
     return out, cache, prefill, decode_ms
 
 
@@ -55,11 +58,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompt", type=int, default=1024)
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--dtype", default="bfloat16", help="model dtype (16-bit: bytes as priced)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2()
-    model.eval()
+    model = model.to(getattr(torch, a.dtype)).eval()
     _, held = split_tokens(corpus_tokens(tok, "news"))
     ids = held[: a.prompt].unsqueeze(0)
     rows = []
@@ -93,9 +97,12 @@ def main() -> int:
     # the low-rank rewrite (fit on 16 calibration windows), one sink token
     lr = KVLowRankConfig(64, 128, 1, "whitened", sink=1)
     sites, _ = find_attention_sites(model)
+    dtype = next(model.parameters()).dtype
+    model.float()
     grams = attention_grams(model, sites, calibration_batches(tok, name="news", n=16))
     factors = {s.fqn: fit_site(model, s, grams[s.fqn], lr) for s in sites}
     apply_lowrank_kv(model, sites, {s.fqn: lr for s in sites}, factors)
+    model.to(dtype)
     out, cache, pre, dec = _run(model, ids, lambda: KVCache.for_model(model, lr), a.new)
     rows.append(
         {

@@ -146,3 +146,15 @@ def test_benchmark_cli_smoke(tmp_path):
     assert all(
         r["bytes_quant"] < 0.5 * r["bytes_bf16"] and r["rel_err_kernel"] < 2e-2 for r in rows
     )
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_layer_decode_attention_equals_attention_over_what_update_returned(kernel):
+    cfg = KVQuantConfig(4, 2, 8, 16, 3, sink=2)
+    for n in (5, 31):  # nothing stored yet / store + window + sinks
+        layer, q, keys, values = _cache(cfg, 2, 4, 2, 32, n, torch.float32, seed=n)
+        got = layer.decode_attention(q.unsqueeze(2), 32**-0.5, kernel=kernel)
+        k, v = keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1)
+        p = torch.softmax(torch.einsum("bhd,bhnd->bhn", q, k) * 32**-0.5, -1)
+        want = torch.einsum("bhn,bhnd->bhd", p, v)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -193,6 +193,40 @@ class QuantizedKVLayer(_StoreLayer):
             "v_min": vm,
         }
 
+    def decode_attention(self, q: Tensor, scaling: float, kernel: bool = True) -> Tensor:
+        """One decode step's attention ``(B, Hq, D)`` for queries ``q`` ``(B, Hq, D)`` (or
+        ``(B, Hq, 1, D)``) over this layer's state after ``update``: the store read in place
+        (``kernel=True``: the Triton kernel ``slimfx_kernels::kv_decode_attention_triton``, its
+        dequantization fused; else the torch reference) and the 16-bit window (sinks
+        included). Equals softmax attention over what ``update`` returned."""
+        from slimfx.kernels.kv_attention import kv_decode_attention_triton
+        from slimfx.kernels.kv_attention.reference import kv_decode_attention_reference
+
+        if q.dim() == 4:
+            q = q.squeeze(2)
+        c = self.config
+        if self.store is None:
+            B, H, _, D = self.keys.shape
+            u8 = torch.empty(B, H, 0, D, dtype=torch.uint8, device=self.keys.device)
+            f16 = torch.empty(B, H, 0, D, dtype=torch.float16, device=self.keys.device)
+            store = {
+                "k_codes": u8[..., : D * c.key_bits // 8],
+                "k_scale": f16,
+                "k_min": f16,
+                "v_codes": u8[..., : D * c.value_bits // 8],
+                "v_scale": f16[..., : D // c.value_group],
+                "v_min": f16[..., : D // c.value_group],
+            }
+        else:
+            store = self.store
+        names = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")
+        args = (
+            q, *(store[n] for n in names), self.keys, self.values,
+            c.key_bits, c.value_bits, c.key_group, c.value_group, float(scaling),
+        )  # fmt: skip
+        fn = kv_decode_attention_triton if kernel else kv_decode_attention_reference
+        return fn(*args)
+
     def _dequantize(self) -> tuple[Tensor, Tensor]:
         c, s = self.config, self.store
         k = dequantize_keys(

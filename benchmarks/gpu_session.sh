@@ -30,3 +30,8 @@ step e2e_decode 330 python benchmarks/e2e_decode.py --json "$OUT/e2e_decode.json
 step calibrate_target 70 python -m slimfx.cli calibrate-target --backend triton --target h100 \
     --device cuda --shapes 2048x2048,2048x512,2048x8192,8192x2048 --quiet \
     --out "$OUT/target_h100.json"
+# Decode attention over the int4 KV cache (Triton, fused dequant) vs SDPA over bf16, contexts
+# 1k-32k, batch 1 and 8 (issue 10). The steps' limits now sum past one 600 s call: when the
+# earlier steps use their whole limits, run this one alone:
+#   run(command="python benchmarks/kv_attention.py --json $OUT/kv_attention.json")
+step kv_attention 90 python benchmarks/kv_attention.py --json "$OUT/kv_attention.json"

@@ -42,10 +42,28 @@ RULES: dict[str, tuple] = {
         _PLANNING_NOT_SOLVE,
         "slimfx.report",  # a leaf (imports nothing from slimfx): backends report what they ran
     ),
+    # forms: one folder per form with its vertical pieces; the layers below, never the solver
     "models": ("slimfx.models",),
     "data": ("slimfx.data",),
     "eval": ("slimfx.eval",),
 }
+
+#: a form folder (``slimfx/forms/<name>/``: every vertical piece of one form — config, numerics,
+#: module, cache, rewrite) may import the generic layers below it and the registry, never the
+#: solver; the generic layers reach a folder only through the registry.
+FORM_FOLDER: tuple = (
+    "slimfx.forms",
+    "slimfx.ir",
+    "slimfx.numerics",
+    "slimfx.kernels",
+    "slimfx.formats",
+    _PLANNING_NOT_SOLVE,
+)
+
+
+def _is_form_folder(parts: list[str]) -> bool:
+    return len(parts) >= 3 and parts[1] == "forms" and (PACKAGE / "forms" / parts[2]).is_dir()
+
 
 #: top-level modules that are leaves (the others orchestrate and may import everything).
 LEAVES: dict[str, tuple] = {
@@ -105,6 +123,8 @@ def check_source(source: str, module: str, is_package: bool = False) -> list[str
         rule, pkg = (module, *LEAVES[module]), module
     elif len(parts) == 1 or (len(parts) == 2 and not is_package):
         return []  # slimfx/__init__.py and top-level modules orchestrate: they may import all
+    elif _is_form_folder(parts):
+        rule, pkg = FORM_FOLDER, f"slimfx.forms.{parts[2]}"
     else:
         pkg = parts[1]
         if pkg not in RULES:
@@ -157,6 +177,8 @@ def test_checker_sees_the_whole_package():
         ("slimfx.formats", "from slimfx.planning.configs import QuantConfig"),
         ("slimfx.report", "from slimfx.cost import target"),
         ("slimfx.newpkg.thing", "import torch"),  # a package with no rule
+        ("slimfx.forms.kv.config", "from slimfx.planning.solve import solve"),
+        ("slimfx.forms.kv.cache", "from slimfx.cost import target"),
     ],
 )
 def test_checker_catches_violation(module, source):
@@ -184,6 +206,7 @@ def test_checker_catches_violation(module, source):
         ("slimfx.numerics.quant", "from slimfx import formats\nfrom slimfx.forms import form_of"),
         ("slimfx.kernels.quant_linear.reference", "from slimfx.formats import pack_codes"),
         ("slimfx.report", "from slimfx import forms"),
+        ("slimfx.forms.kv.cache", "from slimfx.planning.shapes import AttentionShape"),
     ],
 )
 def test_checker_accepts_allowed_imports(module, source):

@@ -1,0 +1,436 @@
+"""Compressed KV caches that Hugging Face ``generate()`` uses unchanged.
+
+``KVCache(forms)`` is a transformers ``Cache`` with one layer per decoder layer, chosen by that
+layer's KV form:
+
+- ``KVDenseConfig``       → transformers' own ``DynamicLayer`` (16-bit);
+- ``KVQuantConfig``       → :class:`QuantizedKVLayer`: a quantized store (packed codes, float16
+  scales and minimums, layout of :mod:`slimfx.forms.kv.numerics`) plus a 16-bit window of the
+  most recent tokens. New tokens enter the window; at the start of each ``update`` (and on
+  ``flush()``), the oldest whole blocks of ``key_group`` tokens beyond the ``residual`` most
+  recent are quantized and moved to the store, so with ``n`` tokens cached before a call the
+  store holds ``config.quantized_tokens(n)``. ``update`` returns the store dequantized, then
+  the window (the call's tokens included) exact: queries of one call see each other exactly,
+  past tokens as stored. ``config.cache_bytes(n)`` counts the flushed state (``flush()``);
+  between calls the window also holds the last call's tokens;
+- ``KVLowRankConfig``     → :class:`LatentLayer` (the 16-bit latent, the positions of its
+  tokens and the sink tokens' exact K/V; the attention rewritten by
+  :mod:`slimfx.forms.kv.lowrank` rebuilds K/V);
+- ``KVLatentQuantConfig`` → :class:`QuantizedLatentLayer` (the latent quantized per token once
+  more than ``residual`` tokens wait).
+
+Sliding-window layers are refused (the compressed layers never evict). Pass the cache as
+``model.generate(..., past_key_values=KVCache.for_model(model, form))``.
+
+The static variant for ``torch.compile`` is :class:`StaticQuantizedKVLayer` in
+:mod:`slimfx.forms.kv.static_cache`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+from slimfx.forms.kv.config import (
+    KVDecision,
+    KVDenseConfig,
+    KVLatentQuantConfig,
+    KVLowRankConfig,
+    KVQuantConfig,
+)
+from slimfx.forms.kv.numerics import (
+    dequantize_keys,
+    dequantize_values,
+    quantize_keys,
+    quantize_values,
+)
+
+__all__ = ["QuantizedKVLayer", "LatentLayer", "QuantizedLatentLayer", "KVCache", "layer_for"]
+
+
+def _nbytes(*tensors: Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+class _StoreLayer(DynamicLayer):
+    """A 16-bit window (``self.keys``/``self.values``) in front of a quantized store held in
+    ``self.store`` (name → tensor, all with batch first and tokens third)."""
+
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store: dict[str, Tensor] | None = None
+        self.n_stored = 0
+        self.sink = 0
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0].clone()
+        self.values = value_states[:, :, :0].clone()
+        self.is_initialized = True
+
+    # subclasses: _quantize(keys, values) -> dict, _dequantize() -> (keys, values), _target(n)
+    def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def _dequantize(self) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _target(self, tokens: int) -> int:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Move the whole blocks that are out of the window into the store, so that it holds
+        ``config.quantized_tokens(n)`` of the ``n`` cached tokens. The window keeps the ``sink``
+        first tokens in front of the most recent ones."""
+        if not self.is_initialized:
+            return
+        move = self._target(self.get_seq_length()) - self.n_stored
+        if move <= 0:
+            return
+        s = self.sink
+        new = self._quantize(self.keys[:, :, s : s + move], self.values[:, :, s : s + move])
+        if self.store is None:
+            self.store = new
+        else:
+            self.store = {n: torch.cat([self.store[n], t], dim=2) for n, t in new.items()}
+        self.n_stored += move
+        self.keys = torch.cat([self.keys[:, :, :s], self.keys[:, :, s + move :]], dim=2)
+        self.values = torch.cat([self.values[:, :, :s], self.values[:, :, s + move :]], dim=2)
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Flush the tokens of earlier calls that left the window, append the new tokens, and
+        return every cached token (store dequantized, window and new tokens exact). A decode
+        step's query therefore reads ``quantized_tokens(t)`` of its ``t`` past tokens from the
+        store, and the layer's state after ``update`` is exactly what it read (what the decode
+        kernel reads)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.flush()
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        if not self.n_stored:
+            return self.keys, self.values
+        past_k, past_v = self._dequantize()
+        s = self.sink  # positions: sink tokens, the store, the recent window
+        keys = torch.cat([self.keys[:, :, :s], past_k, self.keys[:, :, s:]], dim=-2)
+        values = torch.cat([self.values[:, :, :s], past_v, self.values[:, :, s:]], dim=-2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.n_stored + self.keys.shape[-2]
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds (store and window)."""
+        store = list(self.store.values()) if self.store else []
+        return _nbytes(self.keys, self.values, *store)
+
+    def reset(self) -> None:
+        self.store, self.n_stored = None, 0
+        super().reset()
+
+    def _map(self, fn: Any) -> None:
+        if self.get_seq_length() == 0:
+            return
+        self.keys, self.values = fn(self.keys), fn(self.values)
+        if self.store is not None:
+            self.store = {n: fn(t) for n, t in self.store.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        self._map(lambda t: t[indices, ...])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        n = -tokens_to_remove
+        if n == 0 or not self.is_initialized:
+            return
+        croppable = self.keys.shape[-2] - (self.sink if self.n_stored else 0)
+        if n > croppable:
+            raise ValueError(
+                f"cannot crop {n} tokens: only the {croppable} tokens of the 16-bit "
+                "window can be removed from a compressed cache"
+            )
+        self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
+
+
+class QuantizedKVLayer(_StoreLayer):
+    """KIVI-style quantized layer (see the module docstring)."""
+
+    def __init__(self, config: KVQuantConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.sink = config.sink
+
+    def _target(self, tokens: int) -> int:
+        return self.config.quantized_tokens(tokens)
+
+    def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
+        c = self.config
+        kq, ks, km = quantize_keys(keys, c.key_bits, c.key_group)
+        vq, vs, vm = quantize_values(values, c.value_bits, c.value_group)
+        return {
+            "k_codes": kq,
+            "k_scale": ks,
+            "k_min": km,
+            "v_codes": vq,
+            "v_scale": vs,
+            "v_min": vm,
+        }
+
+    def decode_attention(self, q: Tensor, scaling: float, kernel: bool = True) -> Tensor:
+        """One decode step's attention ``(B, Hq, D)`` for queries ``q`` ``(B, Hq, D)`` (or
+        ``(B, Hq, 1, D)``) over this layer's state after ``update``: the store read in place
+        (``kernel=True``: the Triton kernel ``slimfx_kernels::kv_decode_attention_triton``, its
+        dequantization fused; else the torch reference) and the 16-bit window (sinks
+        included). Equals softmax attention over what ``update`` returned."""
+        from slimfx.kernels.kv_attention import kv_decode_attention_triton
+        from slimfx.kernels.kv_attention.reference import kv_decode_attention_reference
+
+        if q.dim() == 4:
+            q = q.squeeze(2)
+        c = self.config
+        if self.store is None:
+            B, H, _, D = self.keys.shape
+            u8 = torch.empty(B, H, 0, D, dtype=torch.uint8, device=self.keys.device)
+            f16 = torch.empty(B, H, 0, D, dtype=torch.float16, device=self.keys.device)
+            store = {
+                "k_codes": u8[..., : D * c.key_bits // 8],
+                "k_scale": f16,
+                "k_min": f16,
+                "v_codes": u8[..., : D * c.value_bits // 8],
+                "v_scale": f16[..., : D // c.value_group],
+                "v_min": f16[..., : D // c.value_group],
+            }
+        else:
+            store = self.store
+        names = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")
+        args = (
+            q, *(store[n] for n in names), self.keys, self.values,
+            c.key_bits, c.value_bits, c.key_group, c.value_group, float(scaling),
+        )  # fmt: skip
+        fn = kv_decode_attention_triton if kernel else kv_decode_attention_reference
+        return fn(*args)
+
+    def _dequantize(self) -> tuple[Tensor, Tensor]:
+        c, s = self.config, self.store
+        k = dequantize_keys(
+            s["k_codes"], s["k_scale"], s["k_min"], c.key_bits, c.key_group, self.dtype
+        )
+        v = dequantize_values(
+            s["v_codes"], s["v_scale"], s["v_min"], c.value_bits, c.value_group, self.dtype
+        )
+        return k, v
+
+
+class _LatentSide:
+    """Side tensors of the latent layers, batch first: ``positions`` ``(B, T)`` of every cached
+    token (the rewritten attention rotates the rebuilt keys with them) and, when the form keeps
+    sink tokens, their exact post-RoPE keys and values ``sink_keys`` / ``sink_values``
+    ``(B, Hkv, sink, D)``."""
+
+    positions: Tensor | None
+    sink_keys: Tensor | None
+    sink_values: Tensor | None
+
+    def _init_side(self) -> None:
+        self.positions = self.sink_keys = self.sink_values = None
+
+    def _record(self, positions: Tensor | None, key_states: Tensor) -> None:
+        if positions is None:
+            raise ValueError("a latent cache layer needs the position ids of the new tokens")
+        B, T = key_states.shape[0], key_states.shape[-2]
+        positions = positions.expand(B, T)
+        self.positions = (
+            positions.clone()
+            if self.positions is None
+            else torch.cat([self.positions, positions], 1)
+        )
+
+    def add_sink(self, keys: Tensor, values: Tensor) -> None:
+        """Append exact keys/values of sink tokens ``(B, Hkv, n, D)``."""
+        if self.sink_keys is None:
+            self.sink_keys, self.sink_values = keys, values
+        else:
+            self.sink_keys = torch.cat([self.sink_keys, keys], 2)
+            self.sink_values = torch.cat([self.sink_values, values], 2)
+
+    def _side_nbytes(self) -> int:
+        return _nbytes(self.sink_keys, self.sink_values)
+
+    def _map_side(self, fn: Any) -> None:
+        for name in ("positions", "sink_keys", "sink_values"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+
+
+class LatentLayer(_LatentSide, DynamicLayer):
+    """The 16-bit low-rank latent ``(B, 1, T, rank)`` of keys and of values, the position id of
+    every cached token and the sink tokens' exact K/V (:class:`_LatentSide`). Pass
+    ``positions=`` to ``update``."""
+
+    is_croppable = False
+
+    def __init__(self, config: KVLowRankConfig | KVLatentQuantConfig | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self._init_side()
+
+    def update(
+        self,
+        key_states: Tensor,
+        value_states: Tensor,
+        *args: Any,
+        positions: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        self._record(positions, key_states)
+        return super().update(key_states, value_states)
+
+    def nbytes(self) -> int:
+        """Bytes of the latent and sink tensors (positions, shared by all layers in principle,
+        excluded)."""
+        return _nbytes(self.keys, self.values) + self._side_nbytes()
+
+    def reset(self) -> None:
+        self._init_side()
+        super().reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_side(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_side(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_side(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError("a latent cache layer cannot be cropped")
+
+
+class QuantizedLatentLayer(_LatentSide, _StoreLayer):
+    """The latent of :class:`LatentLayer`, quantized outside the 16-bit window (per token or
+    per channel in blocks, ``config.axis``); the sink tokens' latents stay 16-bit."""
+
+    def __init__(self, config: KVLatentQuantConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.sink = config.sink
+        self._init_side()
+
+    def _target(self, tokens: int) -> int:
+        return self.config.quantized_tokens(tokens)
+
+    def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
+        c = self.config
+        quant = quantize_values if c.axis == "token" else quantize_keys
+        kq, ks, km = quant(keys, c.bits, c.group)
+        vq, vs, vm = quant(values, c.bits, c.group)
+        return {
+            "k_codes": kq,
+            "k_scale": ks,
+            "k_min": km,
+            "v_codes": vq,
+            "v_scale": vs,
+            "v_min": vm,
+        }
+
+    def _dequantize(self) -> tuple[Tensor, Tensor]:
+        c, s = self.config, self.store
+        deq = dequantize_values if c.axis == "token" else dequantize_keys
+        k = deq(s["k_codes"], s["k_scale"], s["k_min"], c.bits, c.group, self.dtype)
+        v = deq(s["v_codes"], s["v_scale"], s["v_min"], c.bits, c.group, self.dtype)
+        return k, v
+
+    def update(
+        self,
+        key_states: Tensor,
+        value_states: Tensor,
+        *args: Any,
+        positions: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        self._record(positions, key_states)
+        return super().update(key_states, value_states)
+
+    def nbytes(self) -> int:
+        return super().nbytes() + self._side_nbytes()
+
+    def reset(self) -> None:
+        self._init_side()
+        super().reset()
+
+    def _map(self, fn: Any) -> None:
+        super()._map(fn)
+        self._map_side(fn)
+
+
+def layer_for(form: KVDecision) -> DynamicLayer:
+    """A fresh cache layer for one decoder layer in ``form``."""
+    if isinstance(form, KVDenseConfig):
+        return DynamicLayer()
+    if isinstance(form, KVQuantConfig):
+        return QuantizedKVLayer(form)
+    if isinstance(form, KVLatentQuantConfig):
+        return QuantizedLatentLayer(form)
+    if isinstance(form, KVLowRankConfig):
+        return LatentLayer(form)
+    raise TypeError(f"no cache layer for {type(form).__name__}")
+
+
+class KVCache(Cache):
+    """A transformers ``Cache`` whose layer ``i`` holds layer ``i``'s cache in ``forms[i]``."""
+
+    def __init__(self, forms: Sequence[KVDecision]) -> None:
+        self.forms = list(forms)
+        super().__init__(layers=[layer_for(f) for f in self.forms])
+
+    @classmethod
+    def for_model(
+        cls, model: Any, form: KVDecision | dict[int, KVDecision], default: KVDecision | None = None
+    ) -> KVCache:
+        """One layer per decoder layer of ``model``: ``form`` for all, or per layer index (the
+        missing ones ``default``, else 16-bit). Sliding-window layers are refused."""
+        config = model.config.get_text_config(decoder=True)
+        n = config.num_hidden_layers
+        types = getattr(config, "layer_types", None) or ["full_attention"] * n
+        forms = []
+        for i in range(n):
+            f = form.get(i, default or KVDenseConfig()) if isinstance(form, dict) else form
+            if types[i] != "full_attention" and not isinstance(f, KVDenseConfig):
+                raise ValueError(
+                    f"layer {i} is {types[i]!r}: {f.kind} supports full attention only"
+                )
+            forms.append(f)
+        return cls(forms)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds now."""
+        total = 0
+        for layer in self.layers:
+            if hasattr(layer, "nbytes"):
+                total += layer.nbytes()
+            elif layer.is_initialized:
+                total += _nbytes(layer.keys, layer.values)
+        return total

@@ -1,0 +1,95 @@
+"""Calibration for the KV forms: the inputs of each attention block and the Gram of them.
+
+:func:`capture_attention_inputs` runs the model on calibration batches (no cache) and keeps,
+per attention site, ``(hidden_states, cos, sin)`` as the block received them — what
+:func:`~slimfx.forms.kv.simulate.attention_error` replays. :func:`attention_grams` keeps only
+``XᵀX`` of those inputs (the shared input of k_proj and v_proj), what the low-rank fit needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimfx.forms.kv.sites import AttentionSite
+
+__all__ = ["capture_attention_inputs", "attention_grams", "fit_site"]
+
+
+@torch.no_grad()
+def _run(
+    model: nn.Module, sites: list[AttentionSite], batches: Iterable[Tensor], keep: Any
+) -> None:
+    mods = dict(model.named_modules())
+    handles = []
+    for site in sites:
+
+        def hook(_m: nn.Module, args: tuple, kwargs: dict, fqn: str = site.fqn) -> None:
+            hidden = kwargs.get("hidden_states", args[0] if args else None)
+            keep(fqn, hidden.detach(), kwargs.get("position_embeddings"))
+
+        handles.append(mods[site.fqn].register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        for ids in batches:
+            model(ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_attention_inputs(
+    model: nn.Module, sites: list[AttentionSite], batches: Iterable[Tensor]
+) -> dict[str, list[tuple[Tensor, Tensor, Tensor]]]:
+    """Per site fqn, one ``(hidden, cos, sin)`` per batch."""
+    out: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {s.fqn: [] for s in sites}
+
+    def keep(fqn: str, hidden: Tensor, pe: tuple[Tensor, Tensor]) -> None:
+        out[fqn].append((hidden, pe[0].detach(), pe[1].detach()))
+
+    _run(model, sites, batches, keep)
+    return out
+
+
+def attention_grams(
+    model: nn.Module, sites: list[AttentionSite], batches: Iterable[Tensor]
+) -> dict[str, Tensor]:
+    """Per site fqn, the float64 Gram ``XᵀX`` of the block's input over all calibration tokens."""
+    out: dict[str, Tensor] = {}
+
+    def keep(fqn: str, hidden: Tensor, _pe: Any) -> None:
+        x = hidden.reshape(-1, hidden.shape[-1]).double()
+        out[fqn] = out.get(fqn, 0) + x.T @ x
+
+    _run(model, sites, batches, keep)
+    return out
+
+
+def fit_site(model: nn.Module, site: AttentionSite, gram: Tensor, config: Any) -> dict[str, Tensor]:
+    """Low-rank factors of ``site``'s k/v projections for a ``KVLowRankConfig`` or
+    ``KVLatentQuantConfig`` (``config.method`` picks the output weighting)."""
+    from slimfx.forms.kv.numerics import fit_lowrank_kv, key_output_weight, value_output_weight
+
+    lr = getattr(config, "lowrank", config)
+    why = lr.check(site.shape)
+    if why:
+        raise ValueError(f"{site.fqn}: {why}")
+    mods = dict(model.named_modules())
+    sh = site.shape
+    heads = (sh.num_heads, sh.num_kv_heads, sh.head_dim)
+    kw = vw = None
+    if lr.method == "attention":
+        kw = key_output_weight(mods[site.q_proj].weight, gram, heads, sh.rope_dim)
+        vw = value_output_weight(mods[site.o_proj].weight, heads)
+    return fit_lowrank_kv(
+        mods[site.k_proj].weight,
+        mods[site.v_proj].weight,
+        gram,
+        lr.key_rank,
+        lr.value_rank,
+        lr.groups,
+        kw,
+        vw,
+    )

@@ -1,0 +1,362 @@
+"""KV-cache decision configs, priced against an :class:`~slimfx.planning.shapes.AttentionShape`.
+
+Each config is one registered decision (``register_decision``), frozen and JSON round-trips
+through ``decision_from_dict``. Bytes are *reference bytes* like the linear forms: floating-point
+cache entries at 16 bits whatever dtype the model runs in, integer codes at their bit width,
+scales and minimums at 2 bytes each (stored as float16).
+
+Notation: ``H`` = num_kv_heads, ``D`` = head_dim, ``hidden`` = hidden_size, ``L`` = tokens of
+context held by one sequence.
+
+- dense (16-bit):          per token ``2·H·D·2``.
+- ``kv_quant`` (KIVI):     keys per channel with one (scale, min) per ``key_group`` tokens,
+  values per token with one (scale, min) per ``value_group`` channels; asymmetric min/max.
+  Quantized bytes per token::
+
+      H·( D·key_bits/8 + 4·D/key_group  +  D·value_bits/8 + 4·D/value_group )
+
+  The most recent tokens stay 16-bit: tokens move to the quantized store in whole blocks of
+  ``key_group`` once more than ``residual`` tokens are waiting, so at context ``L`` the store
+  holds ``Q(L) = max(0, ⌊(L − residual)/key_group⌋)·key_group`` tokens and ``L − Q(L)`` (between
+  ``residual`` and ``residual + key_group − 1`` once ``L ≥ residual``) are 16-bit. ``sink``: the
+  first tokens of the sequence (the attention sink most heads lean on) also stay 16-bit; the
+  store then holds positions ``sink … sink + Q − 1`` with ``Q = Q(L − sink)``.
+- ``kv_lowrank`` (Palu):   the cache holds a 16-bit latent of ``key_rank + value_rank`` values
+  per token (summed over head groups): ``2·(key_rank + value_rank)`` bytes per token. The k/v
+  projections become down (hidden → rank) and up (rank → group width, one block per group), so
+  the weights change too: ``weight_bytes = 2·(rank·hidden + rank·H·D/groups)`` for each of k, v.
+  ``sink`` first tokens also hold their exact K/V (16-bit, ``2·H·D·2`` bytes each, on top of
+  their latent); the original k/v projections are then kept too (their bytes count in
+  ``projection_weight_bytes``).
+- ``kv_latent_quant``:     the latent quantized per token with one (scale, min) per
+  ``group`` latent values (per head group), the residual window as for ``kv_quant``
+  (block of ``key_group``-free: whole tokens, so ``Q(L) = max(0, L − residual)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from slimfx.planning.configs import Decision, register_decision
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
+
+__all__ = [
+    "KVDecision",
+    "KVDenseConfig",
+    "KVQuantConfig",
+    "KVLowRankConfig",
+    "KVLatentQuantConfig",
+    "KV_BITS",
+    "SCALE_BYTES",
+    "dense_fraction",
+]
+
+KV_BITS = (2, 4, 8)
+SCALE_BYTES = 2  # float16 scale, float16 minimum
+LOWRANK_KV_METHODS = ("whitened", "attention")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _pos_int(name: str, v: object) -> None:
+    _check(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+        f"{name} must be a positive int, got {v!r}",
+    )
+
+
+@dataclass(frozen=True)
+class KVDecision(Decision):
+    """Base of the KV-cache configs: priced per token of context, not per linear."""
+
+    kind: ClassVar[str] = "kv_abstract"
+
+    def weight_bytes(self, in_features: int, out_features: int) -> int:
+        raise TypeError(
+            f"{self.kind} is a KV-cache form: price it against an AttentionShape "
+            "(cache_bytes / bytes_per_token / costs), not a linear (in, out)"
+        )
+
+    def check(self, shape: AttentionShape) -> str | None:
+        """Why this form cannot apply to ``shape`` (``None``: it can)."""
+        if shape.sliding_window is not None:
+            return (
+                f"sliding-window attention (window {shape.sliding_window}) is not supported by "
+                "the compressed caches: they never evict"
+            )
+        return None
+
+    def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
+        """Exact reference bytes one sequence's cache of this layer holds at ``tokens``."""
+        raise NotImplementedError
+
+    def bytes_per_token(self, shape: AttentionShape, context: int | None = None) -> float:
+        """Cache bytes per token at ``context`` tokens (``None``: the steady-state rate, the
+        16-bit residual window amortized away)."""
+        if context is None:
+            return self.steady_bytes_per_token(shape)
+        _pos_int("context", context)
+        return self.cache_bytes(shape, context) / context
+
+    def steady_bytes_per_token(self, shape: AttentionShape) -> float:
+        """Bytes per token of the compressed store alone (the limit as context grows)."""
+        raise NotImplementedError
+
+    def projection_weight_bytes(self, shape: AttentionShape) -> int:
+        """Reference bytes of the k_proj and v_proj weights in this form (biases excluded)."""
+        return 2 * 2 * shape.hidden_size * shape.kv_dim
+
+    def costs(self, shape: AttentionShape, context: int | None = None) -> dict[str, float]:
+        """The option's cost vector: ``KV_BYTES_PER_TOKEN`` at ``context`` and the change of the
+        k/v projections' ``WEIGHT_BYTES`` against dense (negative: smaller)."""
+        dense = KVDenseConfig().projection_weight_bytes(shape)
+        return {
+            KV_BYTES_PER_TOKEN: self.bytes_per_token(shape, context),
+            WEIGHT_BYTES: self.projection_weight_bytes(shape) - dense,
+        }
+
+
+@register_decision
+@dataclass(frozen=True)
+class KVDenseConfig(KVDecision):
+    """The 16-bit cache, unchanged."""
+
+    kind: ClassVar[str] = "kv_dense"
+
+    def check(self, shape: AttentionShape) -> str | None:
+        return None
+
+    def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
+        return tokens * shape.kv_bytes_per_token(16)
+
+    def steady_bytes_per_token(self, shape: AttentionShape) -> float:
+        return float(shape.kv_bytes_per_token(16))
+
+    def short(self) -> str:
+        return "kv dense"
+
+
+@register_decision
+@dataclass(frozen=True)
+class KVQuantConfig(KVDecision):
+    """KIVI-style quantized cache (see the module docstring for the layout and bytes).
+
+    ``key_bits`` / ``value_bits`` in {2, 4, 8}; ``key_group``: tokens sharing one key
+    (scale, min) per channel — also the block in which tokens leave the 16-bit window;
+    ``value_group``: channels sharing one value (scale, min) per token (must divide head_dim);
+    ``residual``: most recent tokens kept 16-bit (0: only the unfilled block); ``sink``: first
+    tokens of the sequence kept 16-bit.
+    """
+
+    kind: ClassVar[str] = "kv_quant"
+    key_bits: int = 4
+    value_bits: int = 4
+    key_group: int = 32
+    value_group: int = 64
+    residual: int = 0
+    sink: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits"):
+            v = getattr(self, name)
+            _check(v in KV_BITS, f"{name} must be one of {KV_BITS}, got {v!r}")
+        _pos_int("key_group", self.key_group)
+        _pos_int("value_group", self.value_group)
+        _check(
+            isinstance(self.residual, int) and self.residual >= 0,
+            f"residual must be an int ≥ 0, got {self.residual!r}",
+        )
+        _check(
+            isinstance(self.sink, int) and self.sink >= 0,
+            f"sink must be an int ≥ 0, got {self.sink!r}",
+        )
+
+    def check(self, shape: AttentionShape) -> str | None:
+        if (why := super().check(shape)) is not None:
+            return why
+        D = shape.head_dim
+        if D % self.value_group:
+            return f"head_dim {D} is not divisible by the value group {self.value_group}"
+        for bits in (self.key_bits, self.value_bits):
+            if D % (8 // bits):
+                return f"head_dim {D} does not pack into bytes at {bits} bits"
+        return None
+
+    def quantized_tokens(self, tokens: int) -> int:
+        """Tokens in the quantized store at context ``tokens`` (the rest are 16-bit)."""
+        return max(0, (tokens - self.sink - self.residual) // self.key_group) * self.key_group
+
+    def steady_bytes_per_token(self, shape: AttentionShape) -> float:
+        H, D = shape.num_kv_heads, shape.head_dim
+        k = D * self.key_bits / 8 + 2 * SCALE_BYTES * D / self.key_group
+        v = D * self.value_bits / 8 + 2 * SCALE_BYTES * D / self.value_group
+        return H * (k + v)
+
+    def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
+        H, D = shape.num_kv_heads, shape.head_dim
+        q = self.quantized_tokens(tokens)
+        codes = H * q * D * (self.key_bits + self.value_bits) // 8
+        key_sm = H * (q // self.key_group) * D * 2 * SCALE_BYTES
+        value_sm = H * q * (D // self.value_group) * 2 * SCALE_BYTES
+        return codes + key_sm + value_sm + (tokens - q) * shape.kv_bytes_per_token(16)
+
+    def short(self) -> str:
+        bits = (
+            f"int{self.key_bits}"
+            if self.key_bits == self.value_bits
+            else f"k{self.key_bits}v{self.value_bits}"
+        )
+        sink = f" s{self.sink}" if self.sink else ""
+        return f"kv {bits} gk{self.key_group} gv{self.value_group} r{self.residual}{sink}"
+
+
+@register_decision
+@dataclass(frozen=True)
+class KVLowRankConfig(KVDecision):
+    """Palu-style low-rank cache: ``k_proj``/``v_proj`` factorized per head group, the cache
+    holds the pre-RoPE latent, keys are rebuilt (then rotated) and values rebuilt on read.
+
+    ``key_rank`` / ``value_rank``: latent width per token summed over the ``groups`` head
+    groups (each divisible by ``groups``; ``groups`` divides num_kv_heads). ``method``:
+    ``whitened`` (SVD of W·L with L Lᵀ the input Gram, Palu / SVD-LLM) or ``attention``
+    (also weighted on the output side: keys by the query energy per rotary pair, values by
+    o_proj's columns, so the fit minimizes the error of scores and of the block output).
+    """
+
+    kind: ClassVar[str] = "kv_lowrank"
+    key_rank: int = 64
+    value_rank: int = 64
+    groups: int = 1
+    method: str = "attention"
+    sink: int = 0
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.sink, int) and self.sink >= 0,
+            f"sink must be an int ≥ 0, got {self.sink!r}",
+        )
+        _pos_int("key_rank", self.key_rank)
+        _pos_int("value_rank", self.value_rank)
+        _pos_int("groups", self.groups)
+        _check(self.method in LOWRANK_KV_METHODS, f"method must be one of {LOWRANK_KV_METHODS}")
+
+    def check(self, shape: AttentionShape) -> str | None:
+        if (why := super().check(shape)) is not None:
+            return why
+        if shape.num_kv_heads % self.groups:
+            return f"{self.groups} head groups do not divide num_kv_heads={shape.num_kv_heads}"
+        group_dim = shape.kv_dim // self.groups
+        for name in ("key_rank", "value_rank"):
+            r = getattr(self, name)
+            if r % self.groups:
+                return f"{name} {r} is not divisible by the {self.groups} head groups"
+            if r // self.groups > group_dim:
+                return f"{name} {r} exceeds the {self.groups}×{group_dim} dims it factorizes"
+        return None
+
+    @property
+    def latent_width(self) -> int:
+        """Values the cache holds per token (keys and values, all groups)."""
+        return self.key_rank + self.value_rank
+
+    def steady_bytes_per_token(self, shape: AttentionShape) -> float:
+        return float(2 * self.latent_width)
+
+    def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
+        # sink tokens keep their latent too (positions stay uniform) plus their exact K/V
+        s = min(self.sink, tokens)
+        return 2 * self.latent_width * tokens + s * shape.kv_bytes_per_token(16)
+
+    def projection_weight_bytes(self, shape: AttentionShape) -> int:
+        group_dim = shape.kv_dim // self.groups
+        dense = 2 * 2 * shape.hidden_size * shape.kv_dim if self.sink else 0  # sinks' exact K/V
+        return 2 * self.latent_width * (shape.hidden_size + group_dim) + dense
+
+    def short(self) -> str:
+        g = f" g{self.groups}" if self.groups > 1 else ""
+        sink = f" s{self.sink}" if self.sink else ""
+        return f"kv lowrank k{self.key_rank} v{self.value_rank}{g} {self.method}{sink}"
+
+
+@register_decision
+@dataclass(frozen=True)
+class KVLatentQuantConfig(KVDecision):
+    """The low-rank latent of :class:`KVLowRankConfig`, quantized: ``bits`` codes with float16
+    (scale, min) pairs, ``residual`` most recent tokens 16-bit. ``axis="token"``: one pair per
+    token per ``group`` latent values (``group`` must divide each head group's ranks; tokens
+    leave the window one by one); ``axis="channel"``: one pair per latent channel per block of
+    ``group`` tokens, like the keys of ``kv_quant`` (tokens leave the window in blocks) — the
+    latent's channels carry the singular values, so their ranges differ by orders of magnitude
+    and a per-channel range suits them. Both cost ``w·bits/8 + 4·w/group`` bytes per token."""
+
+    kind: ClassVar[str] = "kv_latent_quant"
+    key_rank: int = 64
+    value_rank: int = 64
+    groups: int = 1
+    method: str = "attention"
+    bits: int = 8
+    group: int = 32
+    residual: int = 0
+    sink: int = 0
+    axis: str = "token"
+
+    def __post_init__(self) -> None:
+        self.lowrank  # validates ranks, method and sink  # noqa: B018
+        _check(self.bits in KV_BITS, f"bits must be one of {KV_BITS}, got {self.bits!r}")
+        _check(self.axis in ("token", "channel"), "axis must be 'token' or 'channel'")
+        _pos_int("group", self.group)
+        _check(
+            isinstance(self.residual, int) and self.residual >= 0,
+            f"residual must be an int ≥ 0, got {self.residual!r}",
+        )
+
+    @property
+    def lowrank(self) -> KVLowRankConfig:
+        """The factorization this form quantizes the latent of."""
+        return KVLowRankConfig(self.key_rank, self.value_rank, self.groups, self.method, self.sink)
+
+    def check(self, shape: AttentionShape) -> str | None:
+        why = self.lowrank.check(shape)
+        if why:
+            return why
+        for name in ("key_rank", "value_rank"):
+            per_group = getattr(self, name) // self.groups
+            if self.axis == "token" and per_group % self.group:
+                return f"{name} per head group ({per_group}) is not divisible by group {self.group}"
+            if per_group % (8 // self.bits):
+                return f"{name} per head group ({per_group}) does not pack at {self.bits} bits"
+        return None
+
+    def quantized_tokens(self, tokens: int) -> int:
+        """Tokens in the quantized store at context ``tokens``."""
+        n = max(0, tokens - self.sink - self.residual)
+        return n if self.axis == "token" else n // self.group * self.group
+
+    def steady_bytes_per_token(self, shape: AttentionShape) -> float:
+        w = self.lowrank.latent_width
+        return w * self.bits / 8 + 2 * SCALE_BYTES * w / self.group
+
+    def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
+        q = self.quantized_tokens(tokens)
+        w = self.lowrank.latent_width
+        if self.axis == "token":
+            quant = q * (w * self.bits // 8 + 2 * SCALE_BYTES * (w // self.group))
+        else:
+            quant = q * w * self.bits // 8 + (q // self.group) * w * 2 * SCALE_BYTES
+        return quant + self.lowrank.cache_bytes(shape, tokens - q)  # sinks among the 16-bit
+
+    def projection_weight_bytes(self, shape: AttentionShape) -> int:
+        return self.lowrank.projection_weight_bytes(shape)
+
+    def short(self) -> str:
+        ax = " ch" if self.axis == "channel" else ""
+        return f"{self.lowrank.short()} int{self.bits}{ax} g{self.group} r{self.residual}"
+
+
+def dense_fraction(config: KVDecision, shape: AttentionShape, context: int | None = None) -> float:
+    """Bytes per token of ``config`` as a fraction of the 16-bit cache."""
+    return config.bytes_per_token(shape, context) / shape.kv_bytes_per_token(16)

@@ -1,0 +1,171 @@
+"""The low-rank KV rewrite: the cache holds the latent, K and V are rebuilt on read.
+
+Design (the simplest correct one with Hugging Face attention): each attention site's module is
+replaced by :class:`LowRankKVAttention`, which keeps ``q_proj`` / ``o_proj``, replaces
+``k_proj`` / ``v_proj`` by ``k_down`` / ``v_down`` (hidden → rank, no bias) and per-group up
+projections, and calls ``past_key_values.update`` with the *latent* ``(B, 1, T, rank)``
+plus the tokens' position ids. The cache layer (``LatentLayer`` / ``QuantizedLatentLayer``)
+stores latent and positions; on every call the module rebuilds K from the whole cached latent
+(up projection + bias), rotates it with cos/sin of the cached positions (the model's
+``rotary_emb``), rebuilds V, and runs the model's configured attention function (SDPA, eager …)
+unchanged. Keys are therefore rebuilt *before* RoPE, as Palu requires: a post-RoPE key is not
+low rank in a fixed basis. With no cache (``use_cache=False``) the latent of the call is used.
+
+Sink tokens (``form.sink > 0``): the module keeps the original ``k_proj`` / ``v_proj``; for the
+first ``sink`` tokens of the sequence it computes their exact K (rotated) and V, hands them to
+the cache layer (``add_sink``), and on every read they replace the rebuilt K/V of those
+positions. Their latent is cached too, so the latent stays one row per token.
+
+Rebuilding costs ``O(context · rank · kv_dim)`` per step; the absorbed form (W_up folded into
+q and o_proj) is the kernel-side follow-up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
+from slimfx.forms.kv.simulate import apply_rope, rebuild
+from slimfx.forms.kv.sites import AttentionSite
+
+__all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary"]
+
+
+class LowRankKVAttention(nn.Module):
+    """HF attention with factorized k/v projections and a latent cache (module docstring)."""
+
+    def __init__(
+        self,
+        attn: nn.Module,
+        factors: dict[str, Tensor],
+        form: KVLowRankConfig | KVLatentQuantConfig,
+        rotary: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.config = attn.config
+        self.layer_idx = attn.layer_idx
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        self.num_key_value_groups = attn.num_key_value_groups
+        self.attention_dropout = getattr(attn, "attention_dropout", 0.0)
+        self.is_causal = True
+        self.form = form
+        self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
+        dt, dev = attn.k_proj.weight.dtype, attn.k_proj.weight.device
+        hidden = attn.k_proj.in_features
+        self.k_down = nn.Linear(
+            hidden, factors["k_down"].shape[0], bias=False, device=dev, dtype=dt
+        )
+        self.v_down = nn.Linear(
+            hidden, factors["v_down"].shape[0], bias=False, device=dev, dtype=dt
+        )
+        with torch.no_grad():
+            self.k_down.weight.copy_(factors["k_down"])
+            self.v_down.weight.copy_(factors["v_down"])
+        self.k_up = nn.Parameter(factors["k_up"].to(device=dev, dtype=dt), requires_grad=False)
+        self.v_up = nn.Parameter(factors["v_up"].to(device=dev, dtype=dt), requires_grad=False)
+        self.k_bias = attn.k_proj.bias
+        self.v_bias = attn.v_proj.bias
+        self.sink = getattr(form, "sink", 0)
+        if self.sink:  # the sink tokens' exact K/V need the original projections
+            self.k_proj, self.v_proj = attn.k_proj, attn.v_proj
+        self._rotary = (rotary,)  # not a submodule: the model owns it
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        attention_mask: Tensor | None = None,
+        past_key_values: Any = None,
+        position_ids: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Any]:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+
+        B, T, _ = hidden_states.shape
+        hd = self.head_dim
+        cos, sin = position_embeddings
+        q = self.q_proj(hidden_states).view(B, T, -1, hd).transpose(1, 2)
+        q = apply_rope(q, cos, sin)
+        lk = self.k_down(hidden_states).unsqueeze(1)  # (B, 1, T, rank)
+        lv = self.v_down(hidden_states).unsqueeze(1)
+        layer, n0 = None, 0
+        if past_key_values is not None:
+            layers = getattr(past_key_values, "layers", [])
+            layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
+            n0 = layer.get_seq_length() if hasattr(layer, "positions") else 0
+        sink_k = sink_v = None
+        need = max(0, min(self.sink, n0 + T) - n0)  # this call's tokens that are sinks
+        if need:
+            sk = self.k_proj(hidden_states[:, :need]).view(B, need, -1, hd).transpose(1, 2)
+            sink_k = apply_rope(sk, cos[:, :need], sin[:, :need])
+            sink_v = self.v_proj(hidden_states[:, :need]).view(B, need, -1, hd).transpose(1, 2)
+            if hasattr(layer, "add_sink"):
+                layer.add_sink(sink_k, sink_v)
+        if hasattr(layer, "add_sink") and layer.sink_keys is not None:
+            sink_k, sink_v = layer.sink_keys, layer.sink_values
+        if past_key_values is not None:
+            if position_ids is None:
+                raise ValueError("LowRankKVAttention needs position_ids with a cache")
+            if not hasattr(layer, "positions"):
+                raise TypeError(
+                    f"layer {self.layer_idx} of the cache is a {type(layer).__name__}; a low-rank "
+                    "KV model needs slimfx's KVCache (past_key_values=KVCache.for_model(...))"
+                )
+            lk, lv = past_key_values.update(lk, lv, self.layer_idx, positions=position_ids)
+            cos, sin = self._rotary[0](hidden_states, layer.positions)
+        k = rebuild(lk.squeeze(1), self.k_up, self.k_bias)
+        v = rebuild(lv.squeeze(1), self.v_up, self.v_bias)
+        S = k.shape[1]
+        k = apply_rope(k.view(B, S, -1, hd).transpose(1, 2), cos, sin)
+        v = v.view(B, S, -1, hd).transpose(1, 2)
+        if sink_k is not None:  # the first tokens' exact K/V replace their rebuilt ones
+            ns = sink_k.shape[2]
+            k = torch.cat([sink_k.to(k.dtype), k[:, :, ns:]], dim=2)
+            v = torch.cat([sink_v.to(v.dtype), v[:, :, ns:]], dim=2)
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        out, weights = fn(
+            self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
+        )
+        out = out.reshape(B, T, -1).contiguous()
+        return self.o_proj(out), weights
+
+
+def find_rotary(model: nn.Module) -> nn.Module:
+    """The model's shared rotary embedding module (``…rotary_emb``)."""
+    for name, m in model.named_modules():
+        if name.endswith("rotary_emb"):
+            return m
+    raise ValueError("no rotary_emb module found: the low-rank KV rewrite needs RoPE from it")
+
+
+def apply_lowrank_kv(
+    model: nn.Module,
+    sites: list[AttentionSite],
+    forms: dict[str, KVLowRankConfig | KVLatentQuantConfig],
+    factors: dict[str, dict[str, Tensor]],
+) -> list[str]:
+    """Replace each site in ``forms`` (by fqn) by :class:`LowRankKVAttention` with its
+    ``factors``; every site is checked before any is replaced, so a refusal leaves the model
+    unchanged. Returns the rewritten fqns."""
+    rotary = find_rotary(model)
+    mods = dict(model.named_modules())
+    todo = [s for s in sites if s.fqn in forms]
+    for s in todo:
+        lr = getattr(forms[s.fqn], "lowrank", forms[s.fqn])
+        why = lr.check(s.shape)
+        if why:
+            raise ValueError(f"{s.fqn}: {why}")
+        if s.fqn not in factors:
+            raise ValueError(f"{s.fqn}: no low-rank factors given")
+    for s in todo:
+        parent, _, child = s.fqn.rpartition(".")
+        new = LowRankKVAttention(mods[s.fqn], factors[s.fqn], forms[s.fqn], rotary)
+        setattr(mods[parent] if parent else model, child, new)
+    return [s.fqn for s in todo]

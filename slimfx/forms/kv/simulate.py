@@ -1,0 +1,263 @@
+"""An attention block's output with a compressed KV cache, computed in one pass.
+
+Each query ``t`` attends to keys/values ``0..t``; the first ``n_q(t) = config.quantized_tokens(t)``
+of them are read back from the compressed store (dequantized), the rest exactly — what the
+cache classes in :mod:`slimfx.forms.kv.cache` give when the sequence is decoded token by token
+(the store after the step that wrote ``t`` tokens holds ``quantized_tokens(t)`` of them; the
+residual window stays exact). Low-rank forms rebuild K (before RoPE) and V from the latent of
+every token; ``kv_latent_quant`` reads the quantized latent for the first ``n_q(t)`` tokens.
+
+Used for the error of a site (:func:`attention_error`, same scale as the linear forms:
+relative squared error of the block's output, optionally Fisher-weighted per output channel)
+and, by wrapping the attention modules (:class:`SimulatedKVAttention`), for perplexity.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimfx.forms.kv.config import (
+    KVDecision,
+    KVDenseConfig,
+    KVLatentQuantConfig,
+    KVLowRankConfig,
+    KVQuantConfig,
+)
+from slimfx.forms.kv.numerics import (
+    dequantize_keys,
+    dequantize_values,
+    quantize_keys,
+    quantize_values,
+)
+
+__all__ = [
+    "apply_rope",
+    "rebuild",
+    "fake_quant_keys",
+    "fake_quant_values",
+    "compressed_attention",
+    "block_forward",
+    "attention_error",
+    "SimulatedKVAttention",
+]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE as transformers' Llama applies it (``rotate_half`` pairs ``i``, ``i + d/2``) to the
+    first ``cos.shape[-1]`` dims of ``x`` ``(B, H, T, D)``; ``cos``/``sin`` ``(B, T, d)``."""
+    d = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1).to(x.dtype), sin.unsqueeze(1).to(x.dtype)
+    if d == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, rest = x[..., :d], x[..., d:]
+    return torch.cat([rot * cos + _rotate_half(rot) * sin, rest], dim=-1)
+
+
+def _heads(x: Tensor, head_dim: int) -> Tensor:
+    B, T, _ = x.shape
+    return x.view(B, T, -1, head_dim).transpose(1, 2)
+
+
+def rebuild(latent: Tensor, up: Tensor, bias: Tensor | None) -> Tensor:
+    """``(B, T, groups·r)`` latent → ``(B, T, kv_dim)`` through the per-group ``up`` (groups ×
+    group_dim × r), plus the projection's bias."""
+    B, T, _ = latent.shape
+    g, gd, r = up.shape
+    out = torch.einsum("btgr,gdr->btgd", latent.view(B, T, g, r), up.to(latent.dtype))
+    out = out.reshape(B, T, g * gd)
+    return out if bias is None else out + bias.to(out.dtype)
+
+
+def fake_quant_keys(k: Tensor, bits: int, group: int) -> Tensor:
+    """Keys ``(B, H, T, D)`` through quantize/dequantize; the tail after the last whole block
+    of ``group`` tokens is returned unchanged (the cache never stores it quantized)."""
+    T = k.shape[2]
+    full = T // group * group
+    if full == 0:
+        return k
+    deq = dequantize_keys(*quantize_keys(k[:, :, :full], bits, group), bits, group, k.dtype)
+    return torch.cat([deq, k[:, :, full:]], dim=2)
+
+
+def fake_quant_values(v: Tensor, bits: int, group: int) -> Tensor:
+    """Values (or any per-token tensor) through quantize/dequantize per token."""
+    return dequantize_values(*quantize_values(v, bits, group), bits, group, v.dtype)
+
+
+def _fake_quant_latent(latent: Tensor, config: KVLatentQuantConfig) -> Tensor:
+    """The ``(B, T, w)`` latent as the store holds it: per token (``axis="token"``) or per
+    channel in blocks of ``group`` tokens counted from the first token after the sinks."""
+    if config.axis == "token":
+        return fake_quant_values(latent, config.bits, config.group)
+    s = config.sink
+    q = fake_quant_keys(latent[:, s:].unsqueeze(1), config.bits, config.group).squeeze(1)
+    return torch.cat([latent[:, :s], q], dim=1)
+
+
+def tiered_attention(
+    q: Tensor, tiers: list[tuple[Tensor, Tensor, Tensor | None]], scaling: float
+) -> Tensor:
+    """Causal attention ``(B, Hq, T, D)`` where query ``t`` reads key/value ``j`` from the tier
+    whose ``(T, T)`` mask holds at ``[t, j]`` (the masks partition the causal triangle; the last
+    tier's mask may be None: every pair the others leave). GQA: kv heads repeated. Softmax in
+    float32; output in ``q.dtype``."""
+    B, Hq, T, D = q.shape
+    rep = Hq // tiers[0][0].shape[1]
+
+    def r(x: Tensor) -> Tensor:
+        return x.repeat_interleave(rep, dim=1).float() if rep > 1 else x.float()
+
+    qf = q.float()
+    j = torch.arange(T, device=q.device)
+    causal = j[None, :] <= j[:, None]
+    masks, left = [], torch.ones(T, T, dtype=torch.bool, device=q.device)
+    for _, _, m in tiers:
+        m = left if m is None else m & left
+        masks.append(m)
+        left = left & ~m
+    s = torch.zeros(B, Hq, T, T, device=q.device)
+    for (k, _, _), m in zip(tiers, masks):
+        s = torch.where(m, qf @ r(k).transpose(-1, -2) * scaling, s)
+    p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
+    out = sum((p * m.to(p.dtype)) @ r(v) for (_, v, _), m in zip(tiers, masks))
+    return out.to(q.dtype)
+
+
+def compressed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_deq: Tensor | None,
+    v_deq: Tensor | None,
+    n_quantized: Tensor | None,
+    scaling: float,
+    sink: int = 0,
+) -> Tensor:
+    """Causal attention ``(B, Hq, T, D)`` where query ``t`` reads ``k_deq``/``v_deq`` for keys
+    ``sink ≤ j < sink + n_quantized[t]`` and ``k``/``v`` otherwise (GQA: kv heads repeated).
+    Softmax in float32; output in ``q.dtype``."""
+    if n_quantized is None or k_deq is None:
+        return tiered_attention(q, [(k, v, None)], scaling)
+    T = q.shape[2]
+    j = torch.arange(T, device=q.device)
+    use_q = (j[None, :] < sink + n_quantized.to(q.device)[:, None]) & (j[None, :] >= sink)
+    return tiered_attention(q, [(k_deq, v_deq, use_q), (k, v, None)], scaling)
+
+
+def block_forward(
+    attn: nn.Module,
+    hidden: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    config: KVDecision,
+    factors: dict[str, Tensor] | None = None,
+) -> Tensor:
+    """Output of the HF attention block ``attn`` (its q/k/v/o projections, ``head_dim``,
+    ``scaling``) on ``hidden`` ``(B, T, hidden)`` for causal, unpadded sequences, with the
+    cache in form ``config``; ``factors`` (from ``fit_lowrank_kv``) for the low-rank forms."""
+    hd = attn.head_dim
+    scaling = float(getattr(attn, "scaling", hd**-0.5))
+    T = hidden.shape[1]
+    q = apply_rope(_heads(attn.q_proj(hidden), hd), cos, sin)
+    k_deq = v_deq = n_q = None
+    if isinstance(config, (KVLowRankConfig, KVLatentQuantConfig)):
+        if factors is None:
+            raise ValueError(f"{config.kind} needs the low-rank factors (fit_lowrank_kv)")
+        lk = hidden @ factors["k_down"].to(hidden.dtype).T
+        lv = hidden @ factors["v_down"].to(hidden.dtype).T
+        kb = getattr(attn.k_proj, "bias", None)
+        vb = getattr(attn.v_proj, "bias", None)
+        k = apply_rope(_heads(rebuild(lk, factors["k_up"], kb), hd), cos, sin)
+        v = _heads(rebuild(lv, factors["v_up"], vb), hd)
+        tiers = []
+        j = torch.arange(T, device=hidden.device)
+        sink = config.sink
+        if sink:  # the sink tokens' exact K/V (original projections)
+            ke = apply_rope(_heads(attn.k_proj(hidden), hd), cos, sin)
+            ve = _heads(attn.v_proj(hidden), hd)
+            tiers.append((ke, ve, (j < sink)[None, :].expand(T, T)))
+        if isinstance(config, KVLatentQuantConfig):
+            lkq, lvq = (_fake_quant_latent(x, config) for x in (lk, lv))
+            kq = apply_rope(_heads(rebuild(lkq, factors["k_up"], kb), hd), cos, sin)
+            vq = _heads(rebuild(lvq, factors["v_up"], vb), hd)
+            n_q = torch.tensor([config.quantized_tokens(t) for t in range(T)], device=j.device)
+            tiers.append((kq, vq, (j[None, :] < sink + n_q[:, None])))
+        tiers.append((k, v, None))
+        out = tiered_attention(q, tiers, scaling)
+        return attn.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
+    else:
+        k = apply_rope(_heads(attn.k_proj(hidden), hd), cos, sin)
+        v = _heads(attn.v_proj(hidden), hd)
+        if isinstance(config, KVQuantConfig):
+            s = config.sink  # the store's blocks start after the sink tokens
+            k_deq = torch.cat(
+                [k[:, :, :s], fake_quant_keys(k[:, :, s:], config.key_bits, config.key_group)], 2
+            )
+            v_deq = fake_quant_values(v, config.value_bits, config.value_group)
+        elif not isinstance(config, KVDenseConfig):
+            raise TypeError(f"no simulation for {type(config).__name__}")
+    if k_deq is not None:
+        n_q = torch.tensor([config.quantized_tokens(t) for t in range(T)], device=hidden.device)
+    sink = getattr(config, "sink", 0)
+    out = compressed_attention(q, k, v, k_deq, v_deq, n_q, scaling, sink)
+    out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
+    return attn.o_proj(out)
+
+
+@torch.no_grad()
+def attention_error(
+    attn: nn.Module,
+    inputs: list[tuple[Tensor, Tensor, Tensor]],
+    config: KVDecision,
+    factors: dict[str, Tensor] | None = None,
+    fisher: Tensor | None = None,
+) -> float:
+    """Relative squared error ``Σ‖w⊙(y_c − y)‖² / Σ‖w⊙y‖²`` of the block output over the
+    calibration ``inputs`` (``(hidden, cos, sin)`` each), ``y`` with the 16-bit cache, ``y_c``
+    with ``config``; ``w² = fisher`` (per output channel) when given."""
+    num = den = 0.0
+    w = None if fisher is None else fisher.float().clamp_min(0).sqrt()
+    for hidden, cos, sin in inputs:
+        y = block_forward(attn, hidden, cos, sin, KVDenseConfig()).float()
+        yc = block_forward(attn, hidden, cos, sin, config, factors).float()
+        e = yc - y
+        if w is not None:
+            e, y = e * w, y * w
+        num += float((e * e).sum())
+        den += float((y * y).sum())
+    return num / den if den > 0 else 0.0
+
+
+class SimulatedKVAttention(nn.Module):
+    """Drop-in for a HF attention module in *evaluation* of causal, unpadded, cache-less
+    forwards (perplexity): runs :func:`block_forward` with ``config``. Any attention mask is
+    taken to be the plain causal one; a cache passed in is refused."""
+
+    def __init__(
+        self, attn: nn.Module, config: KVDecision, factors: dict[str, Tensor] | None = None
+    ) -> None:
+        super().__init__()
+        self.attn = attn
+        self.config = config
+        self.factors = factors
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor],
+        attention_mask: Tensor | None = None,
+        past_key_values: Any = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        if past_key_values is not None:
+            raise ValueError("SimulatedKVAttention evaluates without a cache (use_cache=False)")
+        cos, sin = position_embeddings
+        return block_forward(self.attn, hidden_states, cos, sin, self.config, self.factors), None

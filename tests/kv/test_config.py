@@ -1,0 +1,155 @@
+"""KV configs: exact bytes against the real cache tensors, JSON round trip, rejection reasons."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from slimfx.forms.kv.cache import LatentLayer, QuantizedKVLayer, QuantizedLatentLayer
+from slimfx.forms.kv.config import (
+    KVDenseConfig,
+    KVLatentQuantConfig,
+    KVLowRankConfig,
+    KVQuantConfig,
+    dense_fraction,
+)
+from slimfx.planning.configs import decision_from_dict
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
+
+SHAPE = AttentionShape(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, rope_dim=16)
+SMOL = AttentionShape(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, rope_dim=64)
+
+
+def _feed(layer, chunks, width_k, width_v, heads, **kw):
+    gen = torch.Generator().manual_seed(0)
+    for n in chunks:
+        k = torch.randn(1, heads, n, width_k, generator=gen).half()
+        v = torch.randn(1, heads, n, width_v, generator=gen).half()
+        if kw:
+            kw = {"positions": torch.arange(layer.get_seq_length(), layer.get_seq_length() + n)}
+        layer.update(k, v, **kw)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        KVQuantConfig(8, 8, 4, 16, 0),
+        KVQuantConfig(4, 2, 8, 8, 5),
+        KVQuantConfig(2, 2, 4, 4, 3),
+        KVQuantConfig(4, 4, 32, 16, 0),  # fewer tokens than one block: all 16-bit
+        KVQuantConfig(4, 4, 4, 8, 2, sink=3),
+    ],
+)
+@pytest.mark.parametrize("chunks", [(7,), (1,) * 23, (9, 1, 1, 1, 5, 1)])
+def test_quant_bytes_equal_the_real_cache_tensors(cfg, chunks):
+    layer = QuantizedKVLayer(cfg)
+    _feed(layer, chunks, 16, 16, SHAPE.num_kv_heads)
+    n = sum(chunks)
+    assert layer.get_seq_length() == n
+    assert layer.n_stored == cfg.quantized_tokens(n - chunks[-1])  # flushed before the last call
+    layer.flush()
+    assert layer.n_stored == cfg.quantized_tokens(n)
+    assert layer.nbytes() == cfg.cache_bytes(SHAPE, n)
+
+
+@pytest.mark.parametrize("chunks", [(7,), (1,) * 13])
+def test_lowrank_and_latent_quant_bytes_equal_the_real_cache_tensors(chunks):
+    lr = KVLowRankConfig(key_rank=8, value_rank=16, groups=2)
+    layer = LatentLayer(lr)
+    _feed(layer, chunks, 8, 16, 1, positions=True)
+    n = sum(chunks)
+    assert layer.nbytes() == lr.cache_bytes(SHAPE, n) == 2 * 24 * n
+    lq = KVLatentQuantConfig(8, 16, 2, "attention", bits=4, group=4, residual=3)
+    layer = QuantizedLatentLayer(lq)
+    _feed(layer, chunks, 8, 16, 1, positions=True)
+    layer.flush()
+    assert layer.n_stored == max(0, n - 3)
+    assert layer.nbytes() == lq.cache_bytes(SHAPE, n)
+    ch = KVLatentQuantConfig(8, 16, 2, "attention", bits=2, group=4, residual=1, axis="channel")
+    layer = QuantizedLatentLayer(ch)
+    _feed(layer, chunks, 8, 16, 1, positions=True)
+    layer.flush()
+    assert layer.n_stored == (n - 1) // 4 * 4
+    assert layer.nbytes() == ch.cache_bytes(SHAPE, n)
+
+
+def test_smollm2_fractions_match_the_formula():
+    # 23 040 B/token over 30 layers, 768 per layer
+    assert SMOL.kv_bytes_per_token() == 768
+    int4 = KVQuantConfig(4, 4, 32, 64, 0)
+    # per head: keys 64·0.5 + 4·64/32 = 40, values 32 + 4 = 36 → 3·76 = 228
+    assert int4.steady_bytes_per_token(SMOL) == 228
+    assert dense_fraction(int4, SMOL) == pytest.approx(228 / 768)
+    lr = KVLowRankConfig(96, 96)
+    assert dense_fraction(lr, SMOL) == 0.5
+    # window of 128 tokens + the partial block: 8192 tokens → 8064 quantized
+    r = KVQuantConfig(4, 4, 32, 64, 128)
+    assert r.quantized_tokens(8192) == 8064
+    assert r.cache_bytes(SMOL, 8192) == 8064 * 228 + 128 * 768
+    assert r.bytes_per_token(SMOL, 8192) > r.bytes_per_token(SMOL)
+    costs = lr.costs(SMOL, 8192)
+    assert costs[KV_BYTES_PER_TOKEN] == 384
+    # k, v: 576×192 each dense; factorized 192·(576 + 192) in total
+    assert costs[WEIGHT_BYTES] == 2 * 192 * (576 + 192) - 2 * 2 * 576 * 192
+    assert KVDenseConfig().cache_bytes(SMOL, 10) == 7680
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        KVDenseConfig(),
+        KVQuantConfig(2, 8, 16, 32, 128, sink=4),
+        KVLowRankConfig(64, 128, 3, "whitened"),
+        KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 16),
+        KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 16, 2, "channel"),
+    ],
+)
+def test_json_round_trip(cfg):
+    back = decision_from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg and type(back) is type(cfg)
+
+
+@pytest.mark.parametrize(
+    "cfg, shape, reason",
+    [
+        (
+            KVQuantConfig(value_group=12),
+            SHAPE,
+            "head_dim 16 is not divisible by the value group 12",
+        ),
+        (
+            KVQuantConfig(value_group=16),
+            AttentionShape(64, 4, 2, 16, 16, sliding_window=32),
+            "sliding-window attention (window 32) is not supported",
+        ),
+        (KVLowRankConfig(8, 8, groups=3), SHAPE, "3 head groups do not divide num_kv_heads=2"),
+        (
+            KVLowRankConfig(9, 8, groups=2),
+            SHAPE,
+            "key_rank 9 is not divisible by the 2 head groups",
+        ),
+        (KVLowRankConfig(48, 8), SHAPE, "key_rank 48 exceeds the 1×32 dims"),
+        (
+            KVLatentQuantConfig(8, 8, 1, "attention", 4, 16),
+            SHAPE,
+            "key_rank per head group (8) is not divisible by group 16",
+        ),
+    ],
+)
+def test_rejection_reasons(cfg, shape, reason):
+    why = cfg.check(shape)
+    assert why is not None and reason in why
+
+
+def test_dense_accepts_sliding_windows_and_bad_values_raise():
+    assert KVDenseConfig().check(AttentionShape(64, 4, 2, 16, sliding_window=8)) is None
+    with pytest.raises(ValueError, match="key_bits must be one of"):
+        KVQuantConfig(key_bits=3)
+    with pytest.raises(ValueError, match="residual must be an int"):
+        KVQuantConfig(residual=-1)
+    with pytest.raises(ValueError, match="method must be one of"):
+        KVLowRankConfig(method="svd")
+    with pytest.raises(TypeError, match="price it against an AttentionShape"):
+        KVQuantConfig().weight_bytes(64, 64)

@@ -56,8 +56,8 @@ def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers
         from slimfx.backends import onnx
 
         return getattr(onnx, name)
-    if name == "calibrate_target":  # measured kernel times for a target (slimfx.calibrate)
-        from slimfx.calibrate import calibrate_target
+    if name == "calibrate_target":  # measured kernel times for a target (slimfx.latency_calibration)
+        from slimfx.latency_calibration import calibrate_target
 
         return calibrate_target
     if name in ("forms", "register_form"):  # the form registry (slimfx.forms)

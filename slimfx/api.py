@@ -17,7 +17,7 @@ from slimfx.planning.configs import DEFAULT_FAMILIES, Decision
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget
 from slimfx.report import Report
-from slimfx.reporting import build_report, target_name
+from slimfx.report_builder import build_report, target_name
 from slimfx.stages import (
     Planning,
     PlanningOptions,

@@ -184,10 +184,10 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_calibrate_target(a: argparse.Namespace) -> int:
     import torch
 
-    from slimfx.calibrate import calibrate_target, parse_shapes
+    from slimfx.latency_calibration import calibrate_target, parse_shapes
 
     device = a.device or ("cpu" if a.backend == "onnx" or not torch.cuda.is_available() else "cuda")
-    backend = a.backend or ("triton" if device.startswith("cuda") else "torch")
+    backend = a.backend or ("triton" if device.startswith("cuda") else "eager")
     target = a.target or {"onnx": "ort-cpu"}.get(backend, "h100" if device != "cpu" else "cpu")
     cache = calibrate_target(
         target,
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     _onnx_flags(e)
     e.set_defaults(fn=cmd_export)
     c = sub.add_parser("calibrate-target", help="measure kernel times into a cost cache")
-    c.add_argument("--backend", choices=["torch", "triton", "onnx"], default=None,
+    c.add_argument("--backend", choices=["eager", "triton", "onnx"], default=None,
                    help="what runs the forms: eager torch, Triton kernels, ONNX Runtime "
                    "(default: triton on CUDA, else torch)")
     c.add_argument("--target", default=None,

@@ -3,13 +3,13 @@
     compiled = torch.compile(model, backend=slimfx.backend(budget=0.5, model=model,
                                                            calibration=batches))
 
-``slimfx.backends.compile.backend`` applies a Plan to each dynamo sub-graph; solving a budget
+``slimfx.backends.compile.plan_backend`` applies a Plan to each dynamo sub-graph; solving a budget
 needs the cost model and the solver, which ``slimfx.backends`` may not import. This top-level
 module (orchestration, like ``slimfx.api``) supplies the planner: :func:`plan_for_compile`
 runs ``optimize``'s planning steps — capture and sites, include/exclude, weight checks,
 calibration statistics on the same fit/held-out split, candidates, solve — with
 ``slimfx.api``'s own functions, once for the whole model, and returns the Plan, the fitted
-Gram matrices and a report builder (``slimfx.reporting.build_report``). The backend then applies that one
+Gram matrices and a report builder (``slimfx.report_builder.build_report``). The backend then applies that one
 Plan per sub-graph, so compiling gives the rewrite ``optimize(model, budget, calibration=…)``
 gives, with the same factors.
 """
@@ -22,9 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from slimfx import api, reporting
-from slimfx.backends.compile import Planned, SlimfxBackend
-from slimfx.backends.compile import backend as _backend
+from slimfx import api, report_builder
+from slimfx.backends.compile import Planned, SlimfxBackend, plan_backend
 from slimfx.passes.base import PassResult
 from slimfx.planning.configs import DEFAULT_FAMILIES
 from slimfx.planning.plan import Plan
@@ -50,7 +49,7 @@ def plan_for_compile(model: nn.Module, *, budget: Any = None, **options: Any) ->
     seconds = time.perf_counter() - t_start
 
     def build_report(result: PassResult) -> Report:
-        report = reporting.build_report(
+        report = report_builder.build_report(
             pl.sites, pl.plan, pl.problem, result, {}, pl.budget, target, workload, pl.cache
         )
         report.solver = pl.solver
@@ -79,11 +78,11 @@ def backend(
     lower_to_triton: bool = False,
     **kw: Any,
 ) -> SlimfxBackend:
-    """``slimfx.backends.backend`` with :func:`plan_for_compile` as its planner: with
+    """``slimfx.backends.plan_backend`` with :func:`plan_for_compile` as its planner: with
     ``budget=`` (and ``model=``, ``calibration=``) one Plan is solved for the whole model, then
     applied to each dynamo sub-graph. All other arguments as there and in ``optimize``."""
     kw.setdefault("planner", plan_for_compile)
-    return _backend(
+    return plan_backend(
         budget,
         plan,
         calibration,

@@ -45,7 +45,7 @@ from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.planning.solve import frontier as solve_frontier
 from slimfx.planning.solve import solve as solve_budget
-from slimfx.reporting import target_name
+from slimfx.report_builder import target_name
 
 __all__ = [
     "PlanningOptions",

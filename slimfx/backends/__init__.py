@@ -11,7 +11,7 @@ from typing import Any
 
 _LAZY: dict[str, str] = {
     # torch.compile backend (slimfx.backends.compile)
-    "backend": "slimfx.backends.compile",
+    "plan_backend": "slimfx.backends.compile",
     "slimfx_backend": "slimfx.backends.compile",
     "SlimfxBackend": "slimfx.backends.compile",
     "report_of_compiled": "slimfx.backends.compile",

@@ -2,7 +2,7 @@
 
     torch.compile(model, backend="slimfx")                 # out of the box: see "Default" below
     torch.compile(model, backend=slimfx.backend(budget=0.5, model=model, calibration=batches))
-    torch.compile(model, backend=slimfx.backends.backend(plan=plan, model=model))
+    torch.compile(model, backend=slimfx.backends.plan_backend(plan=plan, model=model))
 
 Dynamo hands the backend one ``GraphModule`` per graph-broken region of the model, and a new
 one on every recompile (a new input shape, a failed guard). For each one the backend
@@ -39,11 +39,11 @@ that needs it — no budget, no plan, **no linear is rewritten**. slimfx ops alr
 (a model returned by ``slimfx.optimize``) are lowered to Triton kernel ops where a kernel
 accepts them (every fallback recorded with its reason), then inductor compiles the graph. The
 report says so. ``torch.compile(..., backend="slimfx", options={...})`` takes the keyword
-arguments of :func:`backend` (e.g. ``{"plan": plan, "model": model, "inner": "eager"}``);
+arguments of :func:`plan_backend` (e.g. ``{"plan": plan, "model": model, "inner": "eager"}``);
 those sessions lower by default too; ``mode=`` is passed to inductor as its mode options.
 
 Layering: solving a budget needs the cost model and the solver, which ``slimfx.backends`` may
-not import. ``backend(budget=…)`` therefore takes a ``planner`` callable; the top-level
+not import. ``plan_backend(budget=…)`` therefore takes a ``planner`` callable; the top-level
 ``slimfx.backend`` (``slimfx.compile_api``) is this same function with the planner that reuses
 ``slimfx.api``'s machinery wired in.
 """
@@ -78,7 +78,7 @@ from slimfx.report import Report
 
 __all__ = [
     "slimfx_backend",
-    "backend",
+    "plan_backend",
     "SlimfxBackend",
     "Planned",
     "GraphRecord",
@@ -321,7 +321,7 @@ class SlimfxBackend:
 # --------------------------------------------------------------------------- factories
 
 
-def backend(
+def plan_backend(
     budget: Any = None,
     plan: Plan | None = None,
     calibration: Sequence | None = None,
@@ -364,13 +364,13 @@ def backend(
     if budget is not None or calibration is not None:
         if planner is None:
             raise ValueError(
-                "backend(budget=...) / calibration= needs the cost model and the solver, which "
+                "plan_backend(budget=...) / calibration= needs the cost model and the solver, which "
                 "slimfx.backends may not import: call slimfx.backend(budget=..., model=..., "
                 "calibration=...) (the same function with slimfx.api's planner), or pass a "
                 "plan= (and grams=) or a planner="
             )
         if model is None:
-            raise ValueError("backend(budget=...) needs model= (the model torch.compile wraps)")
+            raise ValueError("plan_backend(budget=...) needs model= (the model torch.compile wraps)")
         planned = planner(
             model,
             budget=budget,
@@ -383,7 +383,7 @@ def backend(
         )
         plan = None
     elif kw:
-        raise TypeError(f"backend() got unexpected keyword arguments {sorted(kw)}")
+        raise TypeError(f"plan_backend() got unexpected keyword arguments {sorted(kw)}")
     return SlimfxBackend(
         plan,
         model=model,
@@ -433,7 +433,7 @@ def _session(options: Mapping[str, Any] | None, mode: str | None) -> SlimfxBacke
         io = dict(opts.get("inner_options") or {})
         io.setdefault("config_patches", {}).update(list_mode_options(mode))
         opts["inner_options"] = io
-    be = backend(**opts)
+    be = plan_backend(**opts)
     _SESSIONS[key] = (options, be)
     return be
 
@@ -450,12 +450,12 @@ def slimfx_backend(
 
     ``torch.compile(model, backend="slimfx")``: the default session — no budget, no plan, so no
     rewrite; slimfx ops already in the graph are lowered to Triton kernels where supported;
-    inductor compiles. ``options={...}`` (keyword arguments of :func:`backend`) configures one
+    inductor compiles. ``options={...}`` (keyword arguments of :func:`plan_backend`) configures one
     session per options dict (shared by that compilation's sub-graphs and recompiles);
     ``report_of_compiled(compiled)`` finds it. Direct calls may pass the same keywords.
     """
     if kwargs:
-        return backend(**{**dict(options or {}), **kwargs})(gm, example_inputs)
+        return plan_backend(**{**dict(options or {}), **kwargs})(gm, example_inputs)
     return _session(options, mode)(gm, example_inputs)
 
 

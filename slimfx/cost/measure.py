@@ -1,7 +1,7 @@
 """Micro-benchmarks of one linear in each compressed form, into a :class:`MeasuredCache`.
 
 :func:`measure_target` builds each (shape, decision) as the slimfx module the rewrite would
-install, runs it through a *runner* (eager by default; ``slimfx.calibrate`` passes the Triton
+install, runs it through a *runner* (eager by default; ``slimfx.latency_calibration`` passes the Triton
 lowering or an ONNX Runtime session of the form's export) and stores the median seconds under
 the target's name, for ``slimfx.cost.target.latency`` to find.
 """
@@ -190,7 +190,7 @@ def measure_target(
 
     ``runner(module) -> (fn, info)`` says what runs a built module (default: its eager forward):
     ``fn(x)`` is timed and ``info`` saved with each entry — e.g. the Triton-lowered module, or an
-    ONNX Runtime session of the module's export (``slimfx.calibrate``). A runner that raises
+    ONNX Runtime session of the module's export (``slimfx.latency_calibration``). A runner that raises
     ``ValueError`` for a decision skips it (its runtime cannot run that form).
 
     Caches: a small weight read again and again sits in the L2 (or a CPU's L3) and times far

@@ -391,6 +391,6 @@ def roofline_caveat(target: str, backend: str | None) -> str:
             f"{head}: it assumes kernels that read int4/int8 codes directly, while slimfx's "
             "eager CPU ops dequantize the weight on every call (tens of times slower than "
             "dense at decode) — deploy with backend='onnx', or measure with `slimfx "
-            "calibrate-target --backend torch --target cpu` and pass latency_cache="
+            "calibrate-target --backend eager --target cpu` and pass latency_cache="
         )
     return f"{head}: measure the device with `slimfx calibrate-target` and pass latency_cache="

@@ -22,8 +22,8 @@ from slimfx.backends import compile as sc
 from slimfx.backends.compile import (
     DEFAULT_NOTE,
     SlimfxBackend,
-    backend,
     param_name_from_placeholder,
+    plan_backend,
     report_of_compiled,
     slimfx_backend,
 )
@@ -128,16 +128,16 @@ def test_entry_point_is_registered() -> None:
     # the budget-capable factory is the same function with slimfx.api's planner wired in
     from slimfx.compile_api import backend as top_backend
 
-    assert slimfx.backend is top_backend and slimfx.backends.backend is backend
+    assert slimfx.backend is top_backend and slimfx.backends.plan_backend is plan_backend
 
 
 def test_budget_without_planner_names_the_top_level_entry() -> None:
     with pytest.raises(ValueError, match=r"slimfx\.backend\(budget=\.\.\., model=\.\.\."):
-        backend(budget=0.5)
+        plan_backend(budget=0.5)
     with pytest.raises(ValueError, match="not both"):
-        backend(budget=0.5, plan=TWO_PLAN)
+        plan_backend(budget=0.5, plan=TWO_PLAN)
     with pytest.raises(TypeError, match="unexpected keyword arguments"):
-        backend(plan=TWO_PLAN, tokenizer=None)
+        plan_backend(plan=TWO_PLAN, tokenizer=None)
 
 
 # --------------------------------------------------------------------------- compiled (slow)
@@ -231,7 +231,7 @@ def test_full_rank_plan_with_rules_override_equals_eager(tiny_mlp) -> None:
     graph as inputs and are matched to the model's by identity."""
     sites = discover_linear_sites(tiny_mlp)
     plan = Plan({s.fqn: LowRankConfig(min(s.shape), "svd") for s in sites})
-    be = backend(
+    be = plan_backend(
         plan=plan,
         model=tiny_mlp,
         inner="eager",
@@ -259,7 +259,7 @@ def test_parameters_matched_by_name_without_model(two, x16) -> None:
     """No model: dynamo placeholder names (and mangled ones, against the plan's FQNs) give the
     parameter FQNs; the rewrite equals the module swap of the same plan."""
     gm, inputs = dynamo_like(two, x16, "L__self___fc2_weight", stack=False)
-    be = backend(plan=TWO_PLAN, inner="eager")
+    be = plan_backend(plan=TWO_PLAN, inner="eager")
     fn = be(gm, inputs)
     assert sum(n.target == LOWRANK for n in gm.graph.nodes) == 2
     ref, _ = apply_plan(two, TWO_PLAN, discover_linear_sites(two))
@@ -281,7 +281,7 @@ def test_placeholder_name_normalization() -> None:
 
 def test_linear_with_computed_weight_is_left_alone_and_reported(two, x16) -> None:
     gm, inputs = dynamo_like(two, x16, "L_self_modules_fc2_parameters_weight_", computed_w2=True)
-    be = backend(plan=TWO_PLAN, model=two, inner="eager")
+    be = plan_backend(plan=TWO_PLAN, model=two, inner="eager")
     fn = be(gm, inputs)
     assert sum(n.target == LOWRANK for n in gm.graph.nodes) == 1  # fc1 only
     with torch.no_grad():
@@ -299,10 +299,10 @@ def test_rejection_strict_and_recorded(two, x16) -> None:
     plan = Plan({"fc1": LowRankConfig(16, "svd"), "fc2": LowRankConfig(3, "svd")})
     gm, inputs = dynamo_like(two, x16, "L_self_modules_fc2_parameters_weight_")
     with pytest.raises(ValueError, match=r"rank 16 saves no bytes"):
-        backend(plan=plan, model=two, inner="eager")(gm, inputs)
+        plan_backend(plan=plan, model=two, inner="eager")(gm, inputs)
     assert not any(n.target == LOWRANK for n in gm.graph.nodes)  # nothing edited
 
-    be = backend(plan=plan, model=two, inner="eager", strict=False)
+    be = plan_backend(plan=plan, model=two, inner="eager", strict=False)
     be(gm, inputs)
     report = be.report
     assert report.site("fc1").status == "rejected" and "saves no bytes" in report.site("fc1").reason
@@ -332,10 +332,10 @@ def test_recompile_of_the_same_graph_hits_the_cache_and_absent_sites_are_reporte
 
 def test_plan_names_are_checked_against_the_model(two) -> None:
     with pytest.raises(ValueError, match=r"'fc_2' \(did you mean 'fc2'\?\)"):
-        backend(plan=Plan({"fc_2": DenseConfig()}), model=two)
+        plan_backend(plan=Plan({"fc_2": DenseConfig()}), model=two)
     # the same check as optimize and the module swap: shapes too
     with pytest.raises(ValueError, match=r"shapes do not match.*'fc2'.*\(3, 3\)"):
-        backend(plan=Plan({"fc2": DenseConfig()}, {"fc2": (3, 3)}), model=two)
+        plan_backend(plan=Plan({"fc2": DenseConfig()}, {"fc2": (3, 3)}), model=two)
 
 
 def test_report_of_compiled_finds_the_session_or_says_why(two) -> None:
@@ -348,7 +348,7 @@ def test_report_of_compiled_finds_the_session_or_says_why(two) -> None:
         ("fc1", "not in any compiled graph"),
         ("fc2", "not in any compiled graph"),
     ]
-    be = backend(plan=TWO_PLAN, inner="eager")
+    be = plan_backend(plan=TWO_PLAN, inner="eager")
     assert report_of_compiled(torch.compile(two, backend=be)).sites == be.report.sites
 
 
@@ -356,7 +356,7 @@ def test_linear_submodule_calls_are_reported_not_rewritten(two, x16) -> None:
     """A graph that calls nn.Linear as a submodule (dynamo without inlined nn modules, or
     symbolic_trace) has no linear on parameters to rewrite: each is left alone, with why."""
     gm = fx.symbolic_trace(two)
-    be = backend(plan=TWO_PLAN, model=two, inner="eager")
+    be = plan_backend(plan=TWO_PLAN, model=two, inner="eager")
     fn = be(gm, [x16])
     with torch.no_grad():
         torch.testing.assert_close(fn(x16), two(x16), atol=0, rtol=0)
@@ -372,7 +372,7 @@ def test_lowering_is_declined_when_gradients_may_flow(tiny_mlp) -> None:
     model, _ = apply_plan(tiny_mlp, Plan({"2": LowRankConfig(4, "svd")}), sites)
     x = torch.randn(3, 16, requires_grad=True)
     gm = torch.export.export(model, (x,)).module()
-    be = backend(lower_to_triton=True, inner="eager")
+    be = plan_backend(lower_to_triton=True, inner="eager")
     be(gm, [x])  # grad mode on and x requires grad: the kernel ops have no backward
     assert sum(n.target == LOWRANK for n in gm.graph.nodes) == 1
     (rec,) = be.graphs[0].lowering.records

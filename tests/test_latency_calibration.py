@@ -1,4 +1,4 @@
-"""Measured latencies for a deployment target (slimfx.calibrate) and the solver using them.
+"""Measured latencies for a deployment target (slimfx.latency_calibration) and the solver using them.
 
 ONNX Runtime is timed on the one-linear exports of each form (what the onnx backend deploys):
 the entries carry the runtime, the accuracy level and the ops the export holds, and the export
@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import slimfx
-from slimfx.calibrate import calibrate_target, parse_shapes
 from slimfx.cost.measure import DEFAULT_SHAPES, default_decisions
 from slimfx.cost.target import MeasuredCache, latency
 from slimfx.ir.modules import module_for
 from slimfx.ir.sites import LinearSite
+from slimfx.latency_calibration import calibrate_target, parse_shapes
 from slimfx.numerics import factorize
 from slimfx.planning.configs import DenseConfig, LowRankConfig, QuantConfig, Sparse24Config
 from slimfx.planning.problem import Budget

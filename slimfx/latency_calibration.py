@@ -8,7 +8,7 @@ Each linear shape is built in every form the default families offer (dense, the 
 ladder, int8 and int4 layouts: ``slimfx.cost.measure.default_decisions``) and run by what the
 backend deploys:
 
-- ``torch``: the eager slimfx modules (``F.linear`` for dense, the reference ops otherwise);
+- ``eager``: the eager slimfx modules (``F.linear`` for dense, the reference ops otherwise);
 - ``triton``: the modules lowered to the Triton kernels (``slimfx.backends.triton_lowering``) —
   a form no kernel takes is timed as the reference op that would run, and its entry says why;
 - ``onnx``: ONNX Runtime running the form's ONNX export (MatMul / MatMulNBits), at the given
@@ -34,7 +34,7 @@ from slimfx.planning.configs import Decision
 
 __all__ = ["BACKENDS", "calibrate_target", "parse_shapes", "triton_runner"]
 
-BACKENDS = ("torch", "triton", "onnx")
+BACKENDS = ("eager", "triton", "onnx")  # the names slimfx.backends.capabilities uses
 
 
 def triton_runner(module: nn.Module) -> tuple[Callable[[torch.Tensor], Any], dict[str, Any]]:
@@ -76,7 +76,7 @@ def calibrate_target(
     target: str,
     *,
     out: str | os.PathLike[str],
-    backend: str = "torch",
+    backend: str = "eager",
     device: str = "cpu",
     shapes: Iterable[tuple[int, int]] | None = None,
     decisions: Sequence[Decision] | Callable[[int, int], Sequence[Decision]] | None = None,
@@ -92,7 +92,7 @@ def calibrate_target(
 
     ``shapes``: ``(in, out)`` pairs (default SmolLM2-135M's); ``decisions``: a list or a function
     of the shape (default ``default_decisions``: every layout the default families offer).
-    ``threads``: torch's intra-op threads for ``torch`` / ``triton`` on CPU, ONNX Runtime's for
+    ``threads``: torch's intra-op threads for ``eager`` / ``triton`` on CPU, ONNX Runtime's for
     ``onnx``. ``accuracy_level``: MatMulNBits' (``onnx`` only). ``timing``: ``repeats``,
     ``min_s``, ``max_s``, ``rotate_bytes``, ``max_copies`` of ``measure_target``.
     """

@@ -262,6 +262,7 @@ def plan_model(
     workload: str = "decode",
     families: Sequence[str] = DEFAULT_FAMILIES,
     fisher: bool | None = None,
+    sensitivity: str = "probe",
     solver: str = "auto",
     heldout: Sequence | None = None,
     example_inputs: tuple | None = None,
@@ -344,7 +345,9 @@ def plan_model(
     if fit_batches and (plan is None or any(needs_gram(d) for d in plan.values())):
         t0 = time.perf_counter()
         if plan is None:
-            stats, note = collect_planning_stats(model, sites, fit_batches, fisher, progress)
+            stats, note = collect_planning_stats(
+                model, sites, fit_batches, fisher, progress, estimator=sensitivity
+            )
             if note:
                 notes.append(note)
         else:  # a replayed plan needs the Grams only
@@ -450,6 +453,7 @@ def optimize(
     families: Sequence[str] = DEFAULT_FAMILIES,
     sequential: bool = False,
     fisher: bool | None = None,
+    sensitivity: str = "probe",
     solver: str = "auto",
     heldout: Sequence | None = None,
     example_inputs: tuple | None = None,
@@ -488,6 +492,11 @@ def optimize(
       no more than the same relative error inside one block, and a latency budget may spend it
       there (SmolLM2 at ``Budget(latency=0.6)``: held-out perplexity 198 unweighted vs 36.8) —
       and off otherwise; the report notes which.
+    - ``sensitivity``: how that weight is estimated (same pass): "probe" (default) — the
+      second-order loss change of two probe compressions per unit of relative error, median
+      normalized with a floor, which tracks the loss behind post-norms and qk-norms too
+      (``slimfx.cost.sensitivity``); "kfac" — its diagonal Kronecker-factored approximation;
+      "fisher" — the historical Σ E[g²]E[y²], mean normalized.
     - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
       only included, non-excluded linears are candidates, and the budget is a fraction of
       their bytes. A pattern that matches no site is an error. Without ``include``, a tied

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from slimfx.api import find_sites
 from slimfx.cost.calibration import collect_sensitivity, collect_stats
-from slimfx.cost.sensitivity import PROBES, kfac_error, probe_deltas, robust_normalize
+from slimfx.cost.sensitivity import PROBES, probe_deltas, robust_normalize
 from slimfx.numerics import factorize, reconstruct
 from slimfx.planning.configs import LowRankConfig
 

@@ -28,6 +28,7 @@ from slimfx.cost.target import MeasuredCache, Target, roofline_caveat
 from slimfx.ir.capture import capture
 from slimfx.ir.find import find_linear_sites
 from slimfx.ir.sites import LinearSite
+from slimfx.loss_check import loss_checks
 from slimfx.passes.base import PassResult
 from slimfx.passes.swap import apply_plan
 from slimfx.planning.configs import DEFAULT_FAMILIES, Decision, DenseConfig
@@ -464,6 +465,7 @@ def optimize(
     exclude: Sequence[str] | None = None,
     progress: bool = True,
     backend: str | None = None,
+    measure_loss: bool = False,
 ) -> nn.Module:
     """Rewrite ``model``'s linears into cheaper forms under ``budget``; return the rewritten
     model (same class) with its report at ``slimfx.report_of(model)``.
@@ -492,11 +494,9 @@ def optimize(
       no more than the same relative error inside one block, and a latency budget may spend it
       there (SmolLM2 at ``Budget(latency=0.6)``: held-out perplexity 198 unweighted vs 36.8) —
       and off otherwise; the report notes which.
-    - ``sensitivity``: how that weight is estimated (same pass): "probe" (default) — the
-      second-order loss change of two probe compressions per unit of relative error, median
-      normalized with a floor, which tracks the loss behind post-norms and qk-norms too
-      (``slimfx.cost.sensitivity``); "kfac" — its diagonal Kronecker-factored approximation;
-      "fisher" — the historical Σ E[g²]E[y²], mean normalized.
+    - ``sensitivity``: its estimator: "probe" (default; the loss change of two probe
+      compressions, median-normalized, floored — tracks the loss behind post-/qk-norms too,
+      ``slimfx.cost.sensitivity``), "kfac" (diagonal Kronecker), "fisher" (Σ E[g²]E[y²]).
     - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
       only included, non-excluded linears are candidates, and the budget is a fraction of
       their bytes. A pattern that matches no site is an error. Without ``include``, a tied
@@ -507,6 +507,8 @@ def optimize(
       is offered only candidates that backend runs natively (e.g. no 2:4 for "onnx": ONNX
       Runtime would run it dense), and a replayed ``plan`` with a site the backend cannot run
       raises ``ValueError`` naming every such site (``slimfx.backends.capabilities``).
+    - ``measure_loss``: each rewritten site's held-out loss change, measured (leave-one-out,
+      one forward per site and batch) and predicted, in ``report.sites[i].loss_change``.
     - ``latency_cache``: measured kernel times for ``target`` — a path written by ``slimfx
       calibrate-target`` (``slimfx.calibrate_target``) or a ``MeasuredCache``. Options it holds
       are priced from it, the rest by the roofline; each report entry says which
@@ -554,6 +556,7 @@ def optimize(
     report.solver = pl.solver
     report.capture = pl.capture
     report.notes = notes
+    loss_checks(report, new_model, dense_ref, eval_batches, pl.stats, measure_loss)
     if problem is not None:
         t0 = time.perf_counter()
         report.frontier = frontier(problem, [round(0.1 * i, 1) for i in range(1, 11)])

@@ -8,10 +8,13 @@ correlation over (site, form) pairs and per form, with each predictor:
   unweighted      rel_err (what ``fisher=False`` sums)
   fisher          s_fisher · rel_err, s = Σ E[g²]E[y²] (the previous default)
   probe           s_probe · rel_err, s = ½E[(ĝᵀΔW x)²]/rel_err of two probes (the new default)
+  probe-kind      the same from the probe of the form's kind only (int4 → int4 probe,
+                  low-rank → plain-SVD probe): a per-family weight
   kfac            s_kfac · rel_err, its diagonal Kronecker-factored approximation
   kfac-direct     ½ tr(ΔW Σₓ ΔWᵀ diag Σ_g) of the form itself
   exact-direct    ½ E[(ĝᵀ ΔW x)²] of the form itself (one more gradient pass)
   measured        s_meas · rel_err, s = measured calibration-loss increase of the two probes
+                  (KL to the dense model for the LMs, 1 − cos for MiniLM)
                   per unit rel_err (ZipLM/HAWQ-style; 2 forwards of the calibration per site)
 
 Models: SmolLM2-135M (LM loss on news text; measured: held-out cross-entropy increase and KL to
@@ -54,7 +57,10 @@ from slimfx.cost.sensitivity import PROBES, probe_deltas, robust_normalize
 from slimfx.numerics import factorize, reconstruct
 from slimfx.planning.configs import LowRankConfig
 
-PREDICTORS = ("unweighted", "fisher", "probe", "kfac", "kfac-direct", "exact-direct", "measured")
+PREDICTORS = (
+    "unweighted", "fisher", "probe", "probe-kind", "kfac", "kfac-direct", "exact-direct",
+    "measured",
+)
 FORMS = ("int4_g128", "lowrank_w0.25")
 
 
@@ -146,6 +152,9 @@ def predictiveness(
                     **{f"d_{k}": h[k] - base_h[k] for k in h},
                     "unweighted": pf["rel"],
                     **{e: weights[e][s.fqn] * pf["rel"] for e in weights},
+                    # the weight from the probe of the form's own kind only
+                    "probe-kind": pred[PROBES[FORMS.index(form)]]["probe"]
+                    / max(pred[PROBES[FORMS.index(form)]]["rel"], 1e-300) * pf["rel"],
                     "kfac-direct": pf.get("kfac", float("nan")),
                     "exact-direct": pf["probe"],
                 })
@@ -202,7 +211,7 @@ def smollm2(a: argparse.Namespace) -> dict[str, Any]:
     calib_eval = torch.cat(calib[: a.n_probe_calib])
     c_loss = lm_losses(model, calib_eval)
     rec = predictiveness("SmolLM2-135M", model, sites, meas, calib, held_loss,
-                         lambda: c_loss()["ce"], None)
+                         lambda: c_loss()["kl"], None)
     if a.ppl:
         rec["ppl"] = ppl_grid(a, model, tok, sites, calib)
     return rec

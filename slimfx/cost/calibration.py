@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimfx.cost.probe_loss import measured_raw
 from slimfx.cost.sensitivity import ESTIMATORS, FLOOR, ProbeRecorder, robust_normalize
 from slimfx.ir.sites import LinearSite
 
@@ -425,6 +426,8 @@ def collect_stats(
     """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
+    if fisher and estimator == "measured":
+        return _collect_measured(model, sites, batches, progress, loss_fn)
     if fisher and estimator != "fisher":
         stats, _ = collect_sensitivity(
             model, sites, batches, estimator=estimator, progress=progress, loss_fn=loss_fn
@@ -453,6 +456,27 @@ def collect_stats(
     sens = fish.sensitivity() if fish is not None else None
     stats = grams.stats(sens, time.perf_counter() - start)
     stats.estimator = "fisher" if fish is not None else None
+    return stats
+
+
+def _collect_measured(
+    model: nn.Module,
+    sites: Sequence[LinearSite],
+    batches: Iterable[Any],
+    progress: bool,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None,
+) -> CalibrationStats:
+    """Grams (no-grad pass) and the measured probe sensitivity (``slimfx.cost.probe_loss``)."""
+    if loss_fn is not None:
+        raise ValueError("estimator='measured' compares the model's logits; with loss_fn use "
+                         "estimator='probe'")
+    start = time.perf_counter()
+    batches = check_batches(batches)
+    stats = collect_stats(model, sites, batches, progress=progress)
+    with _ModeGuard(model):
+        raw = measured_raw(model, list(sites), batches, call_model, stats.fit_gram)
+    stats.sensitivity, stats.sensitivity_scale = robust_normalize(raw)
+    stats.estimator, stats.seconds = "measured", time.perf_counter() - start
     return stats
 
 
@@ -591,6 +615,9 @@ def collect_planning_stats(
         "kfac": "a Kronecker-factored (diagonal output-gradient) loss change of two probe "
         f"compressions per unit of relative error, median-normalized, floor {FLOOR:g}",
         "fisher": "Σ E[g²]E[y²] (Fisher), mean-normalized",
+        "measured": "the measured KL to the dense model of two probe compressions (int4 g128, "
+        f"low-rank at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
+        f"{FLOOR:g}",
     }[estimator]
     return stats, (
         "sensitivity: each site's error weighted by its loss sensitivity on the calibration "

@@ -53,11 +53,13 @@ __all__ = [
     "exact_error",
     "kfac_error",
     "probe_deltas",
+    "relative_error",
     "robust_normalize",
 ]
 
-#: estimators a :class:`ProbeRecorder` computes (see the module docstring).
-ESTIMATORS = ("probe", "kfac", "fisher")
+#: the estimators: a :class:`ProbeRecorder` computes the first three; "measured" runs the
+#: probes (``slimfx.cost.probe_loss``).
+ESTIMATORS = ("probe", "kfac", "fisher", "measured")
 #: the probe compressions: int4 RTN g128 and a plain low-rank at this fraction of dense bytes.
 PROBES = ("int4_g128", "lowrank_0.25")
 LOWRANK_PROBE_FRACTION = 0.25
@@ -110,7 +112,7 @@ def robust_normalize(
     return out, med
 
 
-def _rel_error(dW: Tensor, W: Tensor, gram: Tensor | None) -> float:
+def relative_error(dW: Tensor, W: Tensor, gram: Tensor | None) -> float:
     """tr(ΔW G ΔWᵀ) / tr(W G Wᵀ) (Frobenius without a Gram): the candidates' relative error."""
     dW, W = dW.to(torch.float64), W.to(torch.float64)
     if gram is None:
@@ -205,7 +207,7 @@ class ProbeRecorder:
         out = {}
         for name, dW in self.deltas[fqn].items():
             rec = {
-                "rel": _rel_error(dW, self.weights[fqn], gram),
+                "rel": relative_error(dW, self.weights[fqn], gram),
                 "probe": 0.5 * self.exact[fqn][name] / n,
             }
             if sigma_x is not None:
@@ -218,7 +220,7 @@ class ProbeRecorder:
     ) -> dict[str, float]:
         """Each site's un-normalized weight (loss change per unit relative error) under
         ``estimator`` ("probe", "kfac" or "fisher"). ``gram_of(fqn)`` → (damped Gram, tokens)."""
-        if estimator not in ESTIMATORS:
+        if estimator not in ESTIMATORS[:3]:
             raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
         raw: dict[str, float] = {}
         for s in self.sites:

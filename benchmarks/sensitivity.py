@@ -52,7 +52,8 @@ import torch
 from torch import Tensor
 
 from slimfx.api import find_sites
-from slimfx.cost.calibration import collect_sensitivity, collect_stats
+from slimfx.cost.calibration import call_model, collect_sensitivity, collect_stats
+from slimfx.cost.probe_loss import measured_raw
 from slimfx.cost.sensitivity import PROBES, probe_deltas, robust_normalize
 from slimfx.numerics import factorize, reconstruct
 from slimfx.planning.configs import LowRankConfig
@@ -210,6 +211,8 @@ def smollm2(a: argparse.Namespace) -> dict[str, Any]:
     held_loss = lm_losses(model, held)
     calib_eval = torch.cat(calib[: a.n_probe_calib])
     c_loss = lm_losses(model, calib_eval)
+    if a.ppl_only:
+        return {"model": "SmolLM2-135M", "ppl": ppl_grid(a, model, tok, sites, calib)}
     rec = predictiveness("SmolLM2-135M", model, sites, meas, calib, held_loss,
                          lambda: c_loss()["kl"], None)
     if a.ppl:
@@ -319,6 +322,15 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
         "fisher": robust_normalize(rec.raw("fisher", gram_of), floor=0.0)[0],
         "probe": stats.sensitivity,
     }
+    if a.measured_windows > 0:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            raw = measured_raw(model, sites, pcal, call_model, stats.fit_gram,
+                               windows=a.measured_windows)
+        weights["measured"] = robust_normalize(raw)[0]
+        out["seconds_measured"] = round(time.perf_counter() - t0, 1)
+        log(f"measured weights {out['seconds_measured']} s")
+    out["weights"] = weights
     stats.sensitivity = None
     mods = dict(model.named_modules())
     wts = {s.fqn: mods[s.fqn].weight.detach() for s in sites}
@@ -370,6 +382,9 @@ def main() -> int:
     ap.add_argument("--families", default="lowrank,int8,int4,int4_gptq")
     ap.add_argument("--ppl-calib", type=int, default=16)
     ap.add_argument("--ppl-eval", type=int, default=16)
+    ap.add_argument("--ppl-only", action="store_true", help="SmolLM2: only the perplexity grid")
+    ap.add_argument("--measured-windows", type=int, default=2,
+                    help="perplexity grid: calibration windows of the measured weighting (0: off)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -381,18 +396,20 @@ def main() -> int:
         t0 = time.perf_counter()
         res[m] = {"smollm2": smollm2, "olmo2": olmo2, "minilm": minilm}[m](a)
         res[m]["seconds_total"] = round(time.perf_counter() - t0, 1)
-        log(f"{m}: {json.dumps(res[m]['spearman'])}")
-        log(f"{m}: probe pass {res[m]['seconds_probe_pass']} s, fisher pass "
-            f"{res[m]['seconds_fisher_pass']} s")
+        if "spearman" in res[m]:
+            log(f"{m}: {json.dumps(res[m]['spearman'])}")
+            log(f"{m}: probe pass {res[m]['seconds_probe_pass']} s, fisher pass "
+                f"{res[m]['seconds_fisher_pass']} s")
         if a.json:
             with open(a.json, "w") as f:
                 json.dump(res, f, indent=1)
     for m in a.models.split(","):
-        print(f"\n{res[m]['model']}: {res[m]['measured_sites']} sites × 2 forms")
-        print("| measured / forms | " + " | ".join(PREDICTORS) + " |")
-        print("|---" * (len(PREDICTORS) + 1) + "|")
-        for k, v in res[m]["spearman"].items():
-            print(f"| {k} | " + " | ".join(f"{v[p]:.3f}" for p in PREDICTORS) + " |")
+        if "spearman" in res[m]:
+            print(f"\n{res[m]['model']}: {res[m]['measured_sites']} sites × 2 forms")
+            print("| measured / forms | " + " | ".join(PREDICTORS) + " |")
+            print("|---" * (len(PREDICTORS) + 1) + "|")
+            for k, v in res[m]["spearman"].items():
+                print(f"| {k} | " + " | ".join(f"{v[p]:.3f}" for p in PREDICTORS) + " |")
         if "ppl" in res[m]:
             print(json.dumps(res[m]["ppl"]["cells"]))
     return 0

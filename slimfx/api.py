@@ -496,7 +496,8 @@ def optimize(
       and off otherwise; the report notes which.
     - ``sensitivity``: its estimator: "probe" (default; the loss change of two probe
       compressions, median-normalized, floored — tracks the loss behind post-/qk-norms too,
-      ``slimfx.cost.sensitivity``), "kfac" (diagonal Kronecker), "fisher" (Σ E[g²]E[y²]).
+      ``slimfx.cost.sensitivity``), "kfac" (diagonal Kronecker), "fisher" (Σ E[g²]E[y²]),
+      "measured" (each probe run through the model: 2·sites·4 forwards, no backward).
     - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
       only included, non-excluded linears are candidates, and the budget is a fraction of
       their bytes. A pattern that matches no site is an error. Without ``include``, a tied

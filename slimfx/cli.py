@@ -93,6 +93,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         families=tuple(a.families.split(",")),
         sequential=a.sequential,
         fisher=a.fisher,
+        sensitivity=a.sensitivity,
         progress=not a.quiet,
         latency_cache=a.latency_cache,
         backend=a.backend,
@@ -236,7 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--workload", default="decode", choices=["decode", "prefill"])
     o.add_argument("--sequential", action="store_true")
     o.add_argument("--fisher", action=argparse.BooleanOptionalAction, default=None,
-                   help="weight errors by Fisher loss sensitivity (default: on for causal LMs)")
+                   help="weight errors by loss sensitivity (default: on for causal LMs)")
+    o.add_argument("--sensitivity", default="fisher",
+                   choices=["probe", "kfac", "fisher", "measured"],
+                   help="how the loss sensitivity is estimated (slimfx.cost.sensitivity)")
     o.add_argument("--plan", default=None, help="replay this plan.json instead of solving")
     o.add_argument("--eval", action="store_true", help="perplexity before/after on held-out text")
     o.add_argument("--onnx", default=None, help="also export to this .onnx path")

@@ -51,8 +51,10 @@ class SiteEntry:
 
     ``est_error``: the chosen form's estimated relative output error ‖(W−Ŵ)X‖²/‖WX‖² on the
     calibration inputs — comparable with ``measured_sqnr_db`` (−10·log10) on held-out ones.
-    ``sensitivity``: the weight the solver gave this site's errors (Fisher loss sensitivity,
-    mean 1 over the sites; 1.0 without one); ``candidates[i]["error"]`` are unweighted too.
+    ``sensitivity``: the weight the solver gave this site's errors (loss sensitivity: median
+    1 for the probe estimators, mean 1 for the Fisher product; 1.0 without one);
+    ``candidates[i]["error"]`` are unweighted too. ``loss_change`` (``measure_loss=True``):
+    ``{"predicted", "measured"}`` loss change of this site's chosen form on held-out batches.
     """
 
     fqn: str
@@ -75,6 +77,7 @@ class SiteEntry:
     reason: str = ""
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    loss_change: dict[str, float | None] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -74,6 +74,7 @@ class PlanningOptions:
     workload: str = "decode"
     families: Sequence[str] = DEFAULT_FAMILIES
     fisher: bool | None = None
+    sensitivity: str = "fisher"
     solver: str = "auto"
     heldout: Sequence | None = None
     example_inputs: tuple | None = None
@@ -351,7 +352,9 @@ def calibration(pl: Planning) -> PassResult:
     if not fit or (plan is not None and not any(_needs_gram(d) for d in plan.values())):
         return _done("calibration")
     if plan is None:
-        pl.stats, note = collect_planning_stats(model, pl.sites, fit, opts.fisher, opts.progress)
+        pl.stats, note = collect_planning_stats(
+            model, pl.sites, fit, opts.fisher, opts.progress, estimator=opts.sensitivity
+        )
         if note:
             pl.notes.append(note)
     else:  # a replayed plan needs the Grams only

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 
 import pytest
 import torch
 
 import slimfx
 from slimfx import api, stages
+from slimfx.cost.sensitivity import FLOOR
 from slimfx.ir.modules import SlimLinear
 from slimfx.planning.configs import LowRankConfig
 from slimfx.planning.problem import Budget, InfeasibleBudgetError
@@ -390,8 +392,14 @@ def test_fisher_is_the_default_for_causal_lms_and_the_report_keeps_errors_unweig
     off = slimfx.report_of(slimfx.optimize(model, 0.6, fisher=False, **kw))
     assert any(n.startswith("sensitivity: each site's error weighted") for n in auto.notes)
     assert not any(n.startswith("sensitivity") for n in off.notes)
-    sens = [s.sensitivity for s in auto.sites]
-    assert len(set(sens)) > 1 and sum(sens) / len(sens) == pytest.approx(1.0, rel=1e-6)
+    # the default estimator ("fisher") is mean-normalized
+    assert any("Σ E[g²]E[y²] (Fisher), mean-normalized" in n for n in auto.notes)
+    old = [s.sensitivity for s in auto.sites]
+    assert len(set(old)) > 1 and sum(old) / len(old) == pytest.approx(1.0, rel=1e-6)
+    probe = slimfx.report_of(slimfx.optimize(model, 0.6, sensitivity="probe", **kw))
+    sens = [s.sensitivity for s in probe.sites]  # "probe": median-normalized with a floor
+    assert len(set(sens)) > 1 and statistics.median(sens) == pytest.approx(1.0, rel=1e-6)
+    assert min(sens) >= FLOOR
     assert {s.sensitivity for s in off.sites} == {1.0}
     same = [(a, b) for a, b in zip(auto.sites, off.sites) if a.chosen == b.chosen]
     assert same  # the same form at a site has the same unweighted estimate in both runs
@@ -460,7 +468,7 @@ def test_optimize_keywords_are_the_planning_options_plus_its_own():
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     fields = {f.name for f in dataclasses.fields(stages.PlanningOptions)}
-    assert kw - fields == {"sequential", "inplace"}
+    assert kw - fields == {"sequential", "inplace", "measure_loss"}
     assert fields <= kw
     opts = stages.PlanningOptions.of({"solver": "milp", "sequential": True, "model": None})
     assert opts.solver == "milp" and opts == stages.PlanningOptions(solver="milp")

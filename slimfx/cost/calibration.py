@@ -18,6 +18,11 @@ the diagonal-Fisher estimate of the loss change caused by an output perturbation
 which is normalized so the mean over sites is 1.0; the problem builder multiplies each
 option's relative output error by it. Gradients are taken with ``torch.autograd.grad`` with
 respect to the site outputs, so no parameter ``.grad`` is ever written.
+
+``estimator="probe"`` (what ``optimize`` uses by default for a causal LM) replaces that product
+by the second-order loss change of two probe compressions per unit of relative error, median
+normalized with a floor (``slimfx.cost.sensitivity``); ``"kfac"`` is its Kronecker-factored
+approximation.
 """
 
 from __future__ import annotations
@@ -31,12 +36,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimfx.cost.probe_loss import measured_raw
+from slimfx.cost.sensitivity import ESTIMATORS, FLOOR, ProbeRecorder, robust_normalize
 from slimfx.ir.sites import LinearSite
 
 __all__ = [
     "CalibrationStats",
     "collect_stats",
     "collect_planning_stats",
+    "collect_sensitivity",
     "is_causal_lm",
     "prepare_batches",
     "GramRecorder",
@@ -53,8 +61,12 @@ class CalibrationStats:
     - ``grams``: group → XᵀX (in × in, float64, CPU), summed over every token the group saw.
     - ``tokens``: group → number of input rows accumulated into its Gram.
     - ``site_group``: site FQN → group name.
-    - ``sensitivity``: site FQN → Fisher sensitivity (mean over sites 1.0), or ``None``.
+    - ``sensitivity``: site FQN → loss sensitivity weight, or ``None``: the Fisher product
+      (mean over sites 1.0) or a probe estimate (median 1.0, floored; ``estimator``).
     - ``seconds``: wall time of the collection.
+    - ``estimator``: which sensitivity estimate (``None`` without one).
+    - ``sensitivity_scale``: loss change per unit of (weight · relative output error), in the
+      loss's units (probe estimators; 1.0 otherwise): weight · scale · rel_err predicts ΔL.
     """
 
     grams: dict[str, Tensor]
@@ -63,6 +75,8 @@ class CalibrationStats:
     sensitivity: dict[str, float] | None = None
     seconds: float = 0.0
     damp: float = 0.01
+    estimator: str | None = None
+    sensitivity_scale: float = 1.0
 
     def fit_gram(self, fqn: str) -> Tensor | None:
         """The Gram used to fit and to estimate: XᵀX + damp · mean(diag) · I.
@@ -390,8 +404,14 @@ def collect_stats(
     fisher: bool = False,
     progress: bool = True,
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+    estimator: str = "fisher",
 ) -> CalibrationStats:
     """Input Gram matrices (one per group) and, with ``fisher=True``, per-site sensitivity.
+
+    ``estimator`` (with ``fisher=True``): "fisher" — Σ E[g²]E[y²], mean 1 (the historical
+    weighting); "probe" / "kfac" — the loss change of probe compressions per unit relative
+    error, median 1 with a floor (:mod:`slimfx.cost.sensitivity`; one pass as well, plus two
+    probe matmuls per site and batch).
 
     ``batches``: token-id tensors (B, L) (a Hugging Face model is called as
     ``model(input_ids=ids)``), input tensors for plain models, dicts of keyword arguments, or
@@ -404,6 +424,15 @@ def collect_stats(
     model's LM loss (``labels=input_ids``) or ``loss_fn(model, batch)`` — with respect to the
     site outputs.
     """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
+    if fisher and estimator == "measured":
+        return _collect_measured(model, sites, batches, progress, loss_fn)
+    if fisher and estimator != "fisher":
+        stats, _ = collect_sensitivity(
+            model, sites, batches, estimator=estimator, progress=progress, loss_fn=loss_fn
+        )
+        return stats
     batches = check_batches(batches)
     sites = list(sites)
     if not sites:
@@ -425,7 +454,71 @@ def collect_stats(
                     fish.backward(loss)
                     del loss
     sens = fish.sensitivity() if fish is not None else None
-    return grams.stats(sens, time.perf_counter() - start)
+    stats = grams.stats(sens, time.perf_counter() - start)
+    stats.estimator = "fisher" if fish is not None else None
+    return stats
+
+
+def _collect_measured(
+    model: nn.Module,
+    sites: Sequence[LinearSite],
+    batches: Iterable[Any],
+    progress: bool,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None,
+) -> CalibrationStats:
+    """Grams (no-grad pass) and the measured probe sensitivity (``slimfx.cost.probe_loss``)."""
+    if loss_fn is not None:
+        raise ValueError("estimator='measured' compares the model's logits; with loss_fn use "
+                         "estimator='probe'")
+    start = time.perf_counter()
+    batches = check_batches(batches)
+    stats = collect_stats(model, sites, batches, progress=progress)
+    with _ModeGuard(model):
+        raw = measured_raw(model, list(sites), batches, call_model, stats.fit_gram)
+    stats.sensitivity, stats.sensitivity_scale = robust_normalize(raw)
+    stats.estimator, stats.seconds = "measured", time.perf_counter() - start
+    return stats
+
+
+def collect_sensitivity(
+    model: nn.Module,
+    sites: Sequence[LinearSite],
+    batches: Iterable[Any],
+    *,
+    estimator: str = "probe",
+    progress: bool = True,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+    extra: Mapping[str, Mapping[str, Tensor]] | None = None,
+) -> tuple[CalibrationStats, ProbeRecorder]:
+    """One forward + backward pass per batch: the Grams and a :class:`ProbeRecorder`'s
+    moments; the stats carry ``estimator``'s normalized weights (see
+    :mod:`slimfx.cost.sensitivity`). The recorder is returned for its per-probe predictions.
+    The loss is the model's LM loss (``labels=input_ids``) or ``loss_fn(model, batch)``.
+    ``extra``: more ΔWs per site to evaluate exactly in the same pass (``ProbeRecorder``)."""
+    batches = check_batches(batches)
+    sites = list(sites)
+    if not sites:
+        raise ValueError("no sites to calibrate")
+    start = time.perf_counter()
+    modules = dict(model.named_modules())
+    weights = {s.fqn: _module(modules, s.fqn).weight for s in sites}
+    grams = GramRecorder(modules, sites)
+    rec = ProbeRecorder(modules, sites, weights, extra)
+    bar = tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)
+    with _ModeGuard(model), grams, rec, torch.enable_grad():
+        for batch in bar:
+            loss = _loss_of(model, batch, loss_fn)
+            rec.backward(loss)
+            del loss
+    stats = grams.stats(None, 0.0)
+
+    def gram_of(fqn: str) -> tuple[Tensor | None, int]:
+        return stats.fit_gram(fqn), stats.tokens.get(stats.group_of(fqn), 0)
+
+    sens, scale = robust_normalize(rec.raw(estimator, gram_of))
+    stats.sensitivity, stats.sensitivity_scale, stats.estimator = sens, scale, estimator
+    stats.seconds = time.perf_counter() - start
+    return stats, rec
 
 
 def _token_ids(tokenizer: Any, text: str) -> list[int]:
@@ -484,14 +577,22 @@ def collect_planning_stats(
     batches: Sequence[Any],
     fisher: bool | None,
     progress: bool = True,
+    estimator: str = "fisher",
 ) -> tuple[CalibrationStats, str | None]:
     """:func:`collect_stats` for a solve, and a note for the report (or ``None``).
 
-    ``fisher=None`` (``optimize``'s default): Fisher sensitivity for a causal LM calibrated on
+    ``fisher=None`` (``optimize``'s default): loss sensitivity for a causal LM calibrated on
     token ids, none otherwise; when that default cannot take a loss it falls back to unweighted
-    errors and the note says why. ``True`` / ``False`` are obeyed (``True`` raises as usual)."""
+    errors and the note says why. ``True`` / ``False`` are obeyed (``True`` raises as usual).
+    ``estimator``: how the sensitivity is estimated ("probe", the default; "kfac"; "fisher",
+    the historical Σ E[g²]E[y²])."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
     if fisher is not None:
-        return collect_stats(model, sites, batches, fisher=fisher, progress=progress), None
+        stats = collect_stats(
+            model, sites, batches, fisher=fisher, progress=progress, estimator=estimator
+        )
+        return stats, None
     ids = all(
         (isinstance(b, Tensor) and not b.is_floating_point())
         or (isinstance(b, dict) and "input_ids" in b)
@@ -500,12 +601,25 @@ def collect_planning_stats(
     if not (is_causal_lm(model) and ids):
         return collect_stats(model, sites, batches, fisher=False, progress=progress), None
     try:
-        stats = collect_stats(model, sites, batches, fisher=True, progress=progress)
+        stats = collect_stats(
+            model, sites, batches, fisher=True, progress=progress, estimator=estimator
+        )
     except ValueError as e:
-        note = (f"sensitivity: Fisher (the causal-LM default) unavailable — {e}; errors "
-                "unweighted")
+        note = (f"sensitivity: loss sensitivity (the causal-LM default) unavailable — {e}; "
+                "errors unweighted")
         return collect_stats(model, sites, batches, fisher=False, progress=progress), note
+    how = {
+        "probe": "the second-order loss change of two probe compressions (int4 g128, low-rank "
+        "at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
+        f"{FLOOR:g}",
+        "kfac": "a Kronecker-factored (diagonal output-gradient) loss change of two probe "
+        f"compressions per unit of relative error, median-normalized, floor {FLOOR:g}",
+        "fisher": "Σ E[g²]E[y²] (Fisher), mean-normalized",
+        "measured": "the measured KL to the dense model of two probe compressions (int4 g128, "
+        f"low-rank at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
+        f"{FLOOR:g}",
+    }[estimator]
     return stats, (
-        "sensitivity: each site's error weighted by its Fisher loss sensitivity on the "
-        "calibration text (the default for a causal LM; fisher=False turns it off)"
+        "sensitivity: each site's error weighted by its loss sensitivity on the calibration "
+        f"text — {how} (the default for a causal LM; fisher=False turns it off)"
     )

@@ -1,0 +1,240 @@
+"""Loss sensitivity of each site from probe compressions (the default weighting for causal LMs).
+
+The solver sums, over sites, ``weight · relative output error`` of the chosen form, so a
+site's weight should be *the loss increase per unit of relative output error*. Three estimates
+of it are measured here, all from one forward + backward pass per calibration batch:
+
+- ``fisher`` (the historical one): Σᵢ E[gᵢ²]·E[yᵢ²] over the site's output units, g = ∂L/∂y.
+  It assumes the error of output unit i scales with yᵢ. Behind a scale-invariant norm (a
+  post-norm after the linear, qk-norm after a query / key projection) g is orthogonal to y
+  token by token, so units with a large y carry a small g and the product says little.
+- ``kfac`` (Kronecker-factored): for a *probe* error ΔW of the site,
+  ½·tr(ΔW Σₓ ΔWᵀ Σ_g) with Σₓ = E[x xᵀ] the input second moment (the Gram already collected)
+  and Σ_g the **diagonal** of E[ĝ ĝᵀ] (ĝ = T·g: the gradient of the per-token loss); the full
+  out × out Σ_g of every site would not fit (a 1536-wide projection alone is 19 MB in fp64).
+- ``probe`` (the default): the exact token-wise second-order change
+  ½·E_t[(ĝ_tᵀ ΔW x_t)²] of the same probe, accumulated during the backward pass — no
+  Kronecker assumption, so the orthogonality of g and y behind a norm is seen exactly.
+
+The probes are two compressions the solver actually offers, built from the weight alone (so
+one pass suffices): int4 round-to-nearest at group 128 (asymmetric; 64 / 32 / per-row when
+128 does not divide the input) and a plain-SVD truncation at a quarter of the dense bytes.
+A probe-based weight is ``ΔL̂(probe) / rel_err(probe)``, with rel_err the activation-aware
+relative error the candidates report (damped Gram); the two probes are combined by their
+geometric mean (quantization-like and low-rank-like errors differ in direction, and neither
+should dominate).
+
+Normalization (:func:`robust_normalize`): weights are divided by their **median** (not the
+mean), so no single very sensitive site can drive every other weight to ≈0, and raised to a
+floor of :data:`FLOOR` × median: below it the estimate is dominated by gradient noise of a
+few thousand calibration tokens (and a site can be cheap only up to a point: its error still
+propagates). The raw median is kept (``scale``) so ``weight · scale · rel_err`` is a
+predicted loss change in the loss's own units.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimfx.ir.sites import LinearSite
+from slimfx.numerics.quant import dequantize, quantize_rtn
+
+__all__ = [
+    "ESTIMATORS",
+    "FLOOR",
+    "PROBES",
+    "ProbeRecorder",
+    "exact_error",
+    "kfac_error",
+    "probe_deltas",
+    "relative_error",
+    "robust_normalize",
+]
+
+#: the estimators: a :class:`ProbeRecorder` computes the first three; "measured" runs the
+#: probes (``slimfx.cost.probe_loss``).
+ESTIMATORS = ("probe", "kfac", "fisher", "measured")
+#: the probe compressions: int4 RTN g128 and a plain low-rank at this fraction of dense bytes.
+PROBES = ("int4_g128", "lowrank_0.25")
+LOWRANK_PROBE_FRACTION = 0.25
+#: weights below this fraction of the median are raised to it.
+FLOOR = 0.05
+
+
+def probe_deltas(weight: Tensor) -> dict[str, Tensor]:
+    """ΔW = W − Ŵ (float32, out × in) of each probe compression of ``weight``."""
+    W = weight.detach().to(torch.float32)
+    out_f, in_f = W.shape
+    g = next((k for k in (128, 64, 32) if in_f % k == 0), None)
+    Wq = dequantize(quantize_rtn(W, 4, g, False), 4, g, False, in_f).to(torch.float32)
+    r = max(1, int(LOWRANK_PROBE_FRACTION * in_f * out_f // (in_f + out_f)))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    Wr = (U[:, :r] * S[:r]) @ Vh[:r]
+    return {"int4_g128": W - Wq, "lowrank_0.25": W - Wr}
+
+
+def kfac_error(dW: Tensor, sigma_x: Tensor, sigma_g: Tensor) -> float:
+    """tr(ΔW Σₓ ΔWᵀ Σ_g): the Kronecker-factored E[(gᵀ ΔW x)²].
+
+    ``sigma_g``: the out × out matrix E[g gᵀ], or its diagonal (a vector of E[gᵢ²])."""
+    dW = dW.to(torch.float64)
+    left = dW @ sigma_x.to(torch.float64)  # out × in
+    if sigma_g.dim() == 1:
+        return float(((left * dW).sum(1) * sigma_g.to(torch.float64)).sum())
+    return float(((left @ dW.T) * sigma_g.to(torch.float64)).sum())
+
+
+def exact_error(dW: Tensor, x: Tensor, g: Tensor) -> float:
+    """E_t[(g_tᵀ ΔW x_t)²] over the rows of ``x`` (T × in) and ``g`` (T × out)."""
+    d = x.to(torch.float64) @ dW.to(torch.float64).T
+    return float(((g.to(torch.float64) * d).sum(-1) ** 2).mean())
+
+
+def robust_normalize(
+    raw: Mapping[str, float], floor: float = FLOOR
+) -> tuple[dict[str, float], float]:
+    """``(weights, scale)``: ``raw / median`` raised to ``floor``, and the median. Non-finite or
+    non-positive medians give all-ones (nothing measured)."""
+    vals = [v for v in raw.values() if math.isfinite(v)]
+    med = statistics.median(vals) if vals else 0.0
+    if not (med > 0 and math.isfinite(med)):
+        return {k: 1.0 for k in raw}, 1.0
+    out = {}
+    for k, v in raw.items():
+        w = v / med if math.isfinite(v) else 1.0
+        out[k] = max(floor, w)
+    return out, med
+
+
+def relative_error(dW: Tensor, W: Tensor, gram: Tensor | None) -> float:
+    """tr(ΔW G ΔWᵀ) / tr(W G Wᵀ) (Frobenius without a Gram): the candidates' relative error."""
+    dW, W = dW.to(torch.float64), W.to(torch.float64)
+    if gram is None:
+        return float(dW.square().sum() / W.square().sum().clamp_min(1e-300))
+    G = gram.to(torch.float64)
+    num = ((dW @ G) * dW).sum()
+    den = ((W @ G) * W).sum()
+    return float(num / den.clamp_min(1e-300))
+
+
+class ProbeRecorder:
+    """Forward hooks on every site keep (input, output); :meth:`backward` takes this batch's
+    output gradients and accumulates E[ĝᵢ²], E[yᵢ²] and, per probe, Σ_t (ĝ_tᵀ ΔW x_t)².
+
+    ĝ = T·∂L/∂y with T the batch's token count: the gradient of the per-token loss when L is
+    a mean over tokens. Gradients are taken with ``torch.autograd.grad`` with respect to the
+    site outputs, so no parameter's ``.grad`` is written. ``extra``: site → name → ΔW of more
+    compressions to evaluate exactly in the same pass (they do not enter the weights)."""
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        sites: Sequence[LinearSite],
+        weights: Mapping[str, Tensor],
+        extra: Mapping[str, Mapping[str, Tensor]] | None = None,
+    ) -> None:
+        self.sites = list(sites)
+        self.modules = {s.fqn: modules[s.fqn] for s in self.sites}
+        self.weights = {s.fqn: weights[s.fqn].detach() for s in self.sites}
+        self.deltas = {s.fqn: probe_deltas(self.weights[s.fqn]) for s in self.sites}
+        for fqn, more in (extra or {}).items():  # more ΔWs to evaluate exactly (not weights)
+            self.deltas[fqn].update({k: v.detach().to(torch.float32) for k, v in more.items()})
+        z = {s.fqn: torch.zeros(s.out_features, dtype=torch.float64) for s in self.sites}
+        self.g2 = {k: v.clone() for k, v in z.items()}
+        self.y2 = {k: v.clone() for k, v in z.items()}
+        self.exact = {f: dict.fromkeys(d, 0.0) for f, d in self.deltas.items()}
+        self.rows = {s.fqn: 0 for s in self.sites}
+        self._pending: list[tuple[str, Tensor, Tensor]] = []
+        self._handles: list[Any] = []
+
+    def _hook(self, fqn: str) -> Callable[..., Tensor | None]:
+        def hook(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor | None:
+            if not isinstance(out, Tensor) or not args or not isinstance(args[0], Tensor):
+                return None
+            replaced = None
+            if not out.requires_grad:  # frozen model: make the output a leaf to reach it
+                out = replaced = out.detach().requires_grad_(True)
+            self._pending.append((fqn, args[0].detach(), out))
+            return replaced
+
+        return hook
+
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate this batch's moments; clears the kept activations."""
+        if not self._pending:
+            return
+        grads = torch.autograd.grad(loss, [o for _, _, o in self._pending], allow_unused=True)
+        for (fqn, x, out), g in zip(self._pending, grads):
+            if g is None:
+                continue
+            y = out.detach().reshape(-1, out.shape[-1]).to(torch.float32)
+            g = g.detach().reshape(-1, g.shape[-1]).to(torch.float32)
+            g = g * g.shape[0]  # per-token loss gradient (L is a mean over the batch's tokens)
+            x = x.reshape(-1, x.shape[-1]).to(torch.float32)
+            self.g2[fqn] += g.square().sum(0).to(torch.float64).cpu()
+            self.y2[fqn] += y.square().sum(0).to(torch.float64).cpu()
+            self.rows[fqn] += g.shape[0]
+            for name, dW in self.deltas[fqn].items():
+                d = x @ dW.to(x.device).T
+                self.exact[fqn][name] += float((g * d).sum(-1).to(torch.float64).square().sum())
+        self._pending.clear()
+
+    def __enter__(self) -> ProbeRecorder:
+        for fqn, m in self.modules.items():
+            self._handles.append(m.register_forward_hook(self._hook(fqn)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._pending.clear()
+
+    # ------------------------------------------------------------------ estimates
+
+    def predicted(self, fqn: str, gram: Tensor | None, tokens: int) -> dict[str, dict[str, float]]:
+        """Per probe: ``{"rel": relative error, "probe": ½E[(ĝᵀΔWx)²], "kfac": ½tr(ΔWΣₓΔWᵀΣ_g)}``.
+        ``gram``: the site's (damped) input Gram summed over ``tokens`` rows."""
+        n = max(self.rows[fqn], 1)
+        sigma_g = self.g2[fqn] / n
+        sigma_x = gram / max(tokens, 1) if gram is not None else None
+        out = {}
+        for name, dW in self.deltas[fqn].items():
+            rec = {
+                "rel": relative_error(dW, self.weights[fqn], gram),
+                "probe": 0.5 * self.exact[fqn][name] / n,
+            }
+            if sigma_x is not None:
+                rec["kfac"] = 0.5 * kfac_error(dW, sigma_x, sigma_g)
+            out[name] = rec
+        return out
+
+    def raw(
+        self, estimator: str, gram_of: Callable[[str], tuple[Tensor | None, int]]
+    ) -> dict[str, float]:
+        """Each site's un-normalized weight (loss change per unit relative error) under
+        ``estimator`` ("probe", "kfac" or "fisher"). ``gram_of(fqn)`` → (damped Gram, tokens)."""
+        if estimator not in ESTIMATORS[:3]:
+            raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
+        raw: dict[str, float] = {}
+        for s in self.sites:
+            n = max(self.rows[s.fqn], 1)
+            if estimator == "fisher":
+                raw[s.fqn] = float(((self.g2[s.fqn] / n) * (self.y2[s.fqn] / n)).sum())
+                continue
+            gram, tokens = gram_of(s.fqn)
+            est = estimator if (estimator == "probe" or gram is not None) else "probe"
+            pred = self.predicted(s.fqn, gram, tokens)
+            logs = [
+                math.log(p[est] / p["rel"])
+                for name, p in pred.items()
+                if name in PROBES and p[est] > 0 and p["rel"] > 0
+            ]
+            raw[s.fqn] = math.exp(sum(logs) / len(logs)) if logs else 0.0
+        return raw

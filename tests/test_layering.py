@@ -1,4 +1,4 @@
-"""Layering: every import inside slimfx points down the one-way flow (docs/DESIGN-NOTES.md).
+"""Layering: every import inside slimfx points down the one-way flow (docs/ARCHITECTURE.md).
 
 The checker parses each ``slimfx/**/*.py`` with ``ast`` (imports inside functions and under
 ``TYPE_CHECKING`` count too), resolves relative imports, and checks each slimfx import against

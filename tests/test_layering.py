@@ -36,6 +36,14 @@ RULES: dict[str, tuple] = {
         _PLANNING_NOT_SOLVE,
         "slimfx.report",  # a leaf (imports nothing from slimfx): backends report what they ran
     ),
+    # one folder per form holding every vertical piece of it (config, numerics, module, cache)
+    "forms": (
+        "slimfx.forms",
+        "slimfx.ir",
+        "slimfx.kernels",
+        "slimfx.numerics",
+        _PLANNING_NOT_SOLVE,
+    ),
     "models": ("slimfx.models",),
     "data": ("slimfx.data",),
     "eval": ("slimfx.eval",),
@@ -137,6 +145,8 @@ def test_checker_sees_the_whole_package():
         ("slimfx.data.calib", "import slimfx"),
         ("slimfx.ir.find", "def f():\n    from slimfx.api import optimize\n"),  # lazy import
         ("slimfx.newpkg.thing", "import torch"),  # a package with no rule
+        ("slimfx.forms.mla.convert", "from slimfx.cost import calibration"),
+        ("slimfx.forms.mla.numerics", "from slimfx.planning.solve import solve"),
     ],
 )
 def test_checker_catches_violation(module, source):

@@ -1,0 +1,132 @@
+"""GQA → MLA (latent attention) on SmolLM2-135M, training-free: perplexity vs KV bytes per token.
+
+Every attention block (30 layers, 9 heads, 3 kv heads, head_dim 64, hidden 576) is converted with
+one uniform ``MLAConfig``; the dense 16-bit cache holds 2·3·64 = 384 values per token per layer.
+A config's share of the cache = (rank + 3·2·rope_pairs) / 384 (16-bit latent). Variants:
+
+  svd            weight-only SVD of the norm-balanced [W_k,nope; W_v] (MHA2MLA-style baseline)
+  whitened/kv    SVD of [W_k,nope; W_v]·L, L Lᵀ = E[x xᵀ]; keys and values norm-balanced
+  pca/kv         principal components of the (centered) key/value outputs, norm-balanced
+  pca/attention  the same, key error weighted by the group's query Gram, value error by o_proj
+  +ls            up-projections refitted by least squares on the inputs the converted model
+                 gives (layers converted in order)
+  rope=<p>p/<s>  p RoPE pairs kept per kv head, chosen by s (norm, norm_freq, high_freq)
+  full rank      latent rank = 3·(64 − 2p) + 192: only the partial-RoPE change, no compression
+
+Calibration: windows from the first half of the news corpus; held-out perplexity on windows of
+the second half (as ``lowrank_quality.py``).
+
+    OMP_NUM_THREADS=1 python benchmarks/mla_quality.py [--n-calib 16] [--n-eval 16]
+        [--seq-len 256] [--preset main|rope|quick] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+
+import torch
+
+from slimfx.data.text import calibration_batches, heldout_windows
+from slimfx.eval.perplexity import perplexity
+from slimfx.forms.mla.config import MLAConfig
+from slimfx.forms.mla.convert import capture_attention_inputs, convert_model
+from slimfx.forms.mla.hf import describe_hf_attention
+from slimfx.models import load_smollm2
+
+KV_VALUES = 384  # 2 · 3 kv heads · 64 dims
+
+
+def _rank(share: float, pairs: int) -> int:
+    return round(share * KV_VALUES) - 3 * 2 * pairs
+
+
+def configs(preset: str) -> list[tuple[str, MLAConfig]]:
+    """(label, config) pairs of a preset."""
+    out: list[tuple[str, MLAConfig]] = []
+    if preset in ("rope", "main"):
+        for p in (4, 8) if preset == "main" else (2, 4, 8, 16):
+            for sel in ("norm", "norm_freq", "high_freq"):
+                full = 3 * (64 - 2 * p) + 192
+                out.append((f"full rank, rope {p}p/{sel}",
+                            MLAConfig(rank=min(full, 576), rope_pairs=p, rope_select=sel,
+                                      method="pca", objective="kv")))
+    if preset in ("main", "quick"):
+        for share, p in ((0.5, 4), (0.25, 2)) if preset == "main" else ((0.5, 4),):
+            r = _rank(share, p)
+            for label, kw in (
+                ("svd (weight-only)", dict(method="svd", objective="kv")),
+                ("svd + ls", dict(method="svd", objective="kv", refine=True)),
+                ("whitened/kv", dict(method="whitened", objective="kv")),
+                ("pca/kv", dict(method="pca", objective="kv")),
+                ("pca/attention", dict(method="pca", objective="attention")),
+                ("whitened/attention", dict(method="whitened", objective="attention")),
+                ("pca/attention + ls", dict(method="pca", objective="attention", refine=True)),
+            ):
+                for sel in ("norm", "norm_freq") if preset == "main" else ("norm",):
+                    out.append((f"{share:g} {label} rope {p}p/{sel}",
+                                MLAConfig(rank=r, rope_pairs=p, rope_select=sel, **kw)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--n-eval", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--corpus", default="lee")
+    ap.add_argument("--preset", default="main", choices=("main", "rope", "quick"))
+    ap.add_argument("--only", default="", help="comma-separated substrings of labels to run")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    model, tok = load_smollm2()
+    model.eval()
+    calib = calibration_batches(tok, name=a.corpus, n=a.n_calib, seq_len=a.seq_len)
+    held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
+    dense = perplexity(model, held, progress=False)
+    layers = model.model.layers
+    shape = describe_hf_attention(layers[0].self_attn, model.config, 0).shape
+    n_layers = len(layers)
+    inputs = capture_attention_inputs(model, calib, range(n_layers))
+    originals = [blk.self_attn for blk in layers]
+    print(f"dense perplexity {dense:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    rows = []
+    wanted = [s for s in a.only.split(",") if s]
+    for label, cfg in configs(a.preset):
+        if wanted and not any(w in label for w in wanted):
+            continue
+        t1 = time.time()
+        try:
+            convert_model(model, cfg, calib, inputs=inputs)
+            ppl = perplexity(model, held, progress=False)
+        finally:
+            for blk, attn in zip(layers, originals):
+                blk.self_attn = attn
+        kv = cfg.kv_bytes_per_token(shape)
+        row = dict(
+            label=label, config=cfg.to_dict(), ppl=ppl, delta=ppl / dense - 1,
+            kv_bytes_per_token_layer=kv, kv_share=kv / shape.kv_bytes_per_token(),
+            weight_bytes_delta_model=n_layers * cfg.weight_bytes_delta(shape),
+            seconds=time.time() - t1,
+        )
+        rows.append(row)
+        print(f"{label:48s} share {row['kv_share']:.3f} ppl {ppl:8.3f} ({row['delta']:+.1%})"
+              f"  Δweights {row['weight_bytes_delta_model'] / 1e6:+.2f} MB"
+              f"  {row['seconds']:.0f} s", flush=True)
+    meta = dict(
+        date=datetime.date.today().isoformat(), machine=f"{platform.machine()} CPU",
+        n_calib=a.n_calib, n_eval=a.n_eval, seq_len=a.seq_len, dense_ppl=dense,
+        kv_bytes_per_token_dense_layer=shape.kv_bytes_per_token(),
+    )
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The latent caches in Hugging Face ``generate()`` over a converted tiny Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forms.mla._tiny import calib_batches, tiny_gqa_llama
+from slimfx.forms.mla.cache import (
+    MLALatentCache,
+    MLAStaticLatentCache,
+    quantize_latent,
+)
+from slimfx.forms.mla.config import MLAConfig
+from slimfx.forms.mla.convert import convert_model
+from slimfx.planning.shapes import AttentionShape
+
+NEW = 10
+
+
+def _converted(kv_heads=3, **kw):
+    model = tiny_gqa_llama(kv_heads)
+    cfg = MLAConfig(**{**dict(rank=20, rope_pairs=2, method="pca"), **kw})
+    convert_model(model, cfg, calib_batches())
+    return model, cfg
+
+
+def _prompt():
+    return torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+
+
+def _generate(model, **kw):
+    with torch.no_grad():
+        return model.generate(_prompt(), max_new_tokens=NEW, do_sample=False,
+                              pad_token_id=0, **kw)
+
+
+def test_generate_with_latent_cache_equals_generate_without_cache():
+    model, _ = _converted()
+    no_cache = _generate(model, use_cache=False)
+    cache = MLALatentCache(model.config.num_hidden_layers)
+    with_cache = _generate(model, past_key_values=cache)
+    assert torch.equal(with_cache, no_cache)
+    assert cache.get_seq_length() == 7 + NEW - 1  # the last token is never fed back
+    layer = cache.layers[0]
+    assert layer.keys.shape == (2, 1, 7 + NEW - 1, 20)  # the latent, one row per token
+    assert layer.values.shape == (2, 1, 7 + NEW - 1, 3 * 2 * 2)  # RoPE keys of 3 kv heads
+
+
+def test_plain_dynamic_cache_also_holds_the_latent():
+    model, _ = _converted(kv_heads=2)
+    assert torch.equal(_generate(model), _generate(model, use_cache=False))
+
+
+def test_static_latent_cache_generates_the_same_tokens():
+    model, _ = _converted(kv_heads=1)
+    cache = MLAStaticLatentCache(model.config.num_hidden_layers, max_cache_len=32)
+    assert torch.equal(_generate(model, past_key_values=cache), _generate(model, use_cache=False))
+    assert cache.layers[0].keys.shape == (2, 1, 32, 20)
+
+
+def test_int8_latent_cache_bytes_and_tokens():
+    """bf16 model: the cache holds exactly MLAConfig.kv_bytes_per_token per token and layer."""
+    model, cfg = _converted(latent_bits=8)
+    model = model.to(torch.bfloat16)
+    cache = MLALatentCache(model.config.num_hidden_layers, latent_bits=8)
+    out = _generate(model, past_key_values=cache)
+    tokens = cache.get_seq_length()
+    shape = AttentionShape(96, 6, 3, 16, rope_dim=16)
+    per_token = cfg.kv_bytes_per_token(shape)
+    assert cache.nbytes() == 2 * model.config.num_hidden_layers * tokens * per_token
+    assert cache.layers[0].latent_codes.dtype == torch.int8
+    # int8 latent: the greedy tokens of this random model match the 16-bit cache's
+    ref = _generate(model, past_key_values=MLALatentCache(model.config.num_hidden_layers))
+    agree = (out[:, 7:] == ref[:, 7:]).float().mean()
+    assert agree >= 0.8, f"only {agree:.0%} of greedy tokens agree with the 16-bit cache"
+
+
+def test_quantize_latent_round_trip_error_is_half_a_step():
+    x = torch.randn(2, 1, 9, 13)
+    codes, scales = quantize_latent(x)
+    err = (codes.float() * scales - x).abs()
+    assert codes.dtype == torch.int8 and scales.shape == (2, 1, 9, 1)
+    assert torch.all(err <= scales * 0.5 + 1e-7)
+
+
+def test_bad_latent_bits():
+    with pytest.raises(ValueError, match="latent_bits"):
+        MLALatentCache(2, latent_bits=4)

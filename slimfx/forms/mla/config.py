@@ -15,7 +15,8 @@ Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_p
 - KV bytes per token: ``2·r + 2·K·2p`` (16-bit latent), or ``r + 2 + 2·K·2p`` with an int8
   latent (symmetric, one 16-bit scale per token).
 - weight bytes of the owned projections: ``2·(D·K·2p + D·r + r·K·(d − 2p) + r·K·d) + 2·K·d``
-  (RoPE key rows, down-projection, key and value up-projections, value bias), replacing the
+  (RoPE key rows, down-projection, key and value up-projections, value bias), plus with
+  ``rope_mix="pca"`` the mixing ``U_i`` (K×K per frequency: ``2·(d/2)·K²``), replacing the
   original ``2·2·D·K·d`` (+ bias). The absorbed decode form additionally stores
   ``W_uk`` folded into each query head (``H·(d − 2p)·r``) and ``W_uv`` folded into the output
   projection (``H·r·D``): ``absorbed_extra_bytes``.
@@ -29,7 +30,9 @@ from typing import ClassVar
 from slimfx.planning.configs import Decision, register_decision
 from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
 
-__all__ = ["MLAConfig", "MLA_METHODS", "MLA_OBJECTIVES", "ROPE_SELECTIONS", "LATENT_BITS"]
+__all__ = [
+    "MLAConfig", "MLA_METHODS", "MLA_OBJECTIVES", "ROPE_SELECTIONS", "ROPE_MIXES", "LATENT_BITS"
+]
 
 #: ``svd``: weight-only SVD of the norm-balanced ``[W_k_nope; W_v]`` (MHA2MLA-style, no data);
 #: ``whitened``: SVD of the weighted ``[W_k_nope; W_v]`` times the square root of the input
@@ -46,6 +49,9 @@ MLA_OBJECTIVES = ("kv", "attention")
 #: the calibration distances (1 − mean cos(θ·Δ)): a slow pair barely rotates, so dropping its
 #: rotation costs little whatever its norm.
 ROPE_SELECTIONS = ("norm", "high_freq", "norm_freq")
+#: ``none``: an entry is one kv head's pair; ``pca`` (RoRoPE-style): the K pairs of one
+#: frequency are first mixed by the eigenvectors of their calibrated second moment.
+ROPE_MIXES = ("none", "pca")
 LATENT_BITS = (16, 8)
 
 
@@ -59,9 +65,10 @@ def _check(cond: bool, msg: str) -> None:
 class MLAConfig(Decision):
     """Latent attention for one attention site (see the module docstring for the algebra).
 
-    ``rank``: latent width r. ``rope_pairs``: RoPE frequency pairs kept per kv head.
-    ``method`` / ``objective`` / ``rope_select``: see ``MLA_METHODS``, ``MLA_OBJECTIVES``,
-    ``ROPE_SELECTIONS``. ``refine``: refit the up-projections by closed-form least squares on
+    ``rank``: latent width r. ``rope_pairs``: RoPE pairs kept, per kv head on average (K·p
+    entries in all, one RoPE key shared by every query head). ``method`` / ``objective`` /
+    ``rope_select`` / ``rope_mix``: see ``MLA_METHODS``, ``MLA_OBJECTIVES``,
+    ``ROPE_SELECTIONS``, ``ROPE_MIXES``. ``refine``: refit the up-projections by closed-form least squares on
     calibration activations (inputs seen by the converted model when the caller gives them).
     ``latent_bits``: 16 or 8 (int8 latent cache, one 16-bit scale per token).
     """
@@ -72,6 +79,7 @@ class MLAConfig(Decision):
     method: str = "pca"
     objective: str = "attention"
     rope_select: str = "norm"
+    rope_mix: str = "none"
     refine: bool = False
     latent_bits: int = 16
 
@@ -93,8 +101,17 @@ class MLAConfig(Decision):
             self.rope_select in ROPE_SELECTIONS,
             f"MLAConfig.rope_select must be one of {ROPE_SELECTIONS}",
         )
+        _check(self.rope_mix in ROPE_MIXES, f"MLAConfig.rope_mix must be one of {ROPE_MIXES}")
         _check(isinstance(self.refine, bool), "MLAConfig.refine must be a bool")
         _check(self.latent_bits in LATENT_BITS, f"MLAConfig.latent_bits must be in {LATENT_BITS}")
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether fitting this config needs calibration statistics."""
+        return (
+            self.method != "svd" or self.rope_select != "high_freq" or self.refine
+            or self.rope_mix != "none"
+        )
 
     # -- validity against a site -----------------------------------------------------------
     def reason_invalid(self, shape: AttentionShape) -> str | None:
@@ -136,7 +153,8 @@ class MLAConfig(Decision):
         D, K, d, r, p2 = (
             shape.hidden_size, shape.num_kv_heads, shape.head_dim, self.rank, 2 * self.rope_pairs
         )
-        return 2 * (D * K * p2 + D * r + r * K * (d - p2) + r * K * d) + 2 * K * d
+        mix = 0 if self.rope_mix == "none" else (d // 2) * K * K  # U_i per frequency
+        return 2 * (D * K * p2 + D * r + r * K * (d - p2) + r * K * d) + 2 * K * d + 2 * mix
 
     def weight_bytes_delta(self, shape: AttentionShape, bias: bool = False) -> int:
         """Weight bytes added (positive) or removed (negative) by the conversion."""
@@ -160,7 +178,7 @@ class MLAConfig(Decision):
 
     def short(self) -> str:
         q = " int8" if self.latent_bits == 8 else ""
-        ref = "+ls" if self.refine else ""
+        ref = ("+ls" if self.refine else "") + ("" if self.rope_mix == "none" else " rorope")
         return (
             f"mla r={self.rank} rope={self.rope_pairs}p/{self.rope_select} "
             f"{self.method}/{self.objective}{ref}{q}"

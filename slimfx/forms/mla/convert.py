@@ -159,10 +159,7 @@ def convert_model(
     if not todo:
         return result
     inv_freq = _inv_freq(model)
-    needs_data = any(
-        plan[i].method != "svd" or plan[i].rope_select != "high_freq" or plan[i].refine
-        for i in todo
-    )
+    needs_data = any(plan[i].needs_data for i in todo)
     if needs_data and not batches:
         raise ValueError("calibration batches are needed for data-aware MLA configs")
     seq_len = int(batches[0].shape[-1]) if batches else 1

@@ -1,15 +1,18 @@
 """``MLAAttention``: a drop-in replacement for a Hugging Face Llama/Qwen2 attention block.
 
-Per token it computes and caches the latent ``c = W_dkv x`` (r) and the RoPE key of every kv
-head (K·2p, rotated), through the cache's ``update(latent, rope_key, layer_idx)`` — keys slot
-``(B, 1, T, r)``, values slot ``(B, 1, T, K·2p)`` — so ``DynamicCache``, ``StaticCache`` and
-:class:`~slimfx.forms.mla.cache.MLALatentCache` all hold the latent.
+Per token it computes and caches the latent ``c = W_dkv x`` (r) and one RoPE key shared by all
+query heads (2N = K·2p dims, rotated), through the cache's ``update(latent, rope_key,
+layer_idx)`` — keys slot ``(B, 1, T, r)``, values slot ``(B, 1, T, 2N)`` — so ``DynamicCache``,
+``StaticCache`` and :class:`~slimfx.forms.mla.cache.MLALatentCache` all hold the latent.
 
-Unabsorbed (prefill):  ``k_g = [k_rope_g ; W_uk,g c]``, ``v_g = W_uv,g c + b_g``, then the usual
-    GQA attention with the block's scaling, then ``o_proj``.
-Absorbed (decode):     ``q_lat,h = W_uk,gᵀ q_nope,h`` (r), scores ``q_rope,h·k_rope,g + q_lat,h·c``;
+Query head h (kv group g) reads the shared key space through ``q'_h = T_g q_h`` (K·d dims: the
+2N RoPE dims, then the nope dims; see ``numerics``).
+
+Unabsorbed (prefill):  ``k = [k_rope ; W_uk c]`` (one key head of K·d dims), ``v_g = W_uv,g c +
+    b_g``; attention with the block's scaling, then ``o_proj``.
+Absorbed (decode):     ``q_lat,h = W_ukᵀ q'_nope,h`` (r), scores ``q'_rope,h·k_rope + q_lat,h·c``;
     ``ctx_h = Σ_t a_t c_t`` (r); output ``Σ_h (W_o,h W_uv,g) ctx_h + W_o b`` — attention runs
-    directly over the latent, no key or value is rebuilt.
+    directly over the latent (multi-query: every head reads the same latent and RoPE key).
 
 The two are equal up to rounding (tests); ``absorb`` selects the form: ``"auto"`` (absorbed
 when one query token), ``"always"``, ``"never"``.
@@ -24,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .numerics import MLAWeights, head_dim_split
+from .numerics import MLAWeights
 
 __all__ = ["MLAAttention", "ABSORB_MODES"]
 
@@ -65,54 +68,55 @@ class MLAAttention(nn.Module):
         self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
         self.head_dim = orig.k_proj.out_features // num_kv_heads
         self.scaling = float(getattr(orig, "scaling", self.head_dim**-0.5))
-        self.rope_pairs = int(weights.rope_idx.shape[1])
+        self.rope_entries = int(weights.rope_freq.numel())
         self.rank = int(weights.w_dkv.shape[0])
         self.is_causal = True
         self.absorb = absorb
         dt, dev = orig.q_proj.weight.dtype, orig.q_proj.weight.device
-        qb = None if orig.q_proj.bias is None else orig.q_proj.bias[weights.q_perm]
-        self.q_proj = _linear(orig.q_proj.weight[weights.q_perm], qb, dt, dev)
+        self.q_proj = orig.q_proj
         self.k_rope_proj = _linear(weights.w_krope, weights.b_krope, dt, dev)
         self.kv_down = _linear(weights.w_dkv, None, dt, dev)
         self.k_up = _linear(weights.w_uk, None, dt, dev)
         self.v_up = _linear(weights.w_uv, weights.b_uv, dt, dev)
         self.o_proj = orig.o_proj
-        kept, _ = head_dim_split(weights.rope_idx, self.head_dim)
-        self.register_buffer("rope_dims", kept.to(dev), persistent=True)  # (K, 2p)
+        freq = weights.rope_freq.to(dev)
+        self.register_buffer("rope_freq", freq, persistent=True)  # (N,)
+        self.register_buffer("q_mix", weights.q_mix.to(dev, dt), persistent=True)  # (K, Kd, d)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
-    def nope_dim(self) -> int:
-        return self.head_dim - 2 * self.rope_pairs
+    def key_dim(self) -> int:
+        """Width of the shared key space (K·d)."""
+        return self.num_kv_heads * self.head_dim
 
     def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotate the kept pairs: ``x`` (B, n, T, 2p) with n = K or H (head h uses group h//G)."""
-        if self.rope_pairs == 0:
+        """Rotate ``x`` (B, n, T, 2N) at the kept entries' frequencies (cos/sin: (B, T, d))."""
+        if self.rope_entries == 0:
             return x
-        idx = self.rope_dims
-        if x.shape[1] != self.num_kv_heads:
-            idx = idx.repeat_interleave(self.num_heads // self.num_kv_heads, dim=0)
-        c = cos[:, None, :, :].expand(-1, idx.shape[0], -1, -1)
-        s = sin[:, None, :, :].expand(-1, idx.shape[0], -1, -1)
-        gather = idx[None, :, None, :].expand(c.shape[0], -1, c.shape[2], -1)
-        c = torch.gather(c, 3, gather).to(x.dtype)
-        s = torch.gather(s, 3, gather).to(x.dtype)
+        half = self.head_dim // 2
+        idx = torch.cat([self.rope_freq, self.rope_freq + half])
+        c = cos[..., idx][:, None].to(x.dtype)
+        s = sin[..., idx][:, None].to(x.dtype)
         return x * c + _rotate_half(x) * s
 
-    def absorbed_weights(self) -> tuple[Tensor, Tensor, Tensor]:
-        """``W_uk`` per kv head (K, d−2p, r), ``W_o,h W_uv,g`` per query head (H, D, r), and
-        the output bias ``W_o b`` (D) — what the absorbed form multiplies by."""
+    def _queries(self, hidden_states: Tensor) -> Tensor:
+        """``q'`` (B, H, T, K·d): every head's query on the shared key space."""
+        B, T, _ = hidden_states.shape
+        H, K, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q = self.q_proj(hidden_states).view(B, T, K, H // K, d)
+        return torch.einsum("btkgd,ked->bkgte", q, self.q_mix).reshape(B, H, T, K * d)
+
+    def absorbed_weights(self) -> tuple[Tensor, Tensor]:
+        """``W_o,h W_uv,g`` per query head (H, D, r) and the output bias ``W_o b`` (D)."""
         K, H, d, r = self.num_kv_heads, self.num_heads, self.head_dim, self.rank
-        w_uk = self.k_up.weight.reshape(K, self.nope_dim, r)
         w_uv = self.v_up.weight.reshape(K, d, r)
         wo = self.o_proj.weight.reshape(-1, H, d).transpose(0, 1)  # (H, D, d)
         w_o_lat = wo @ w_uv.repeat_interleave(H // K, dim=0)  # (H, D, r)
-        bias = self.o_proj.weight @ self.v_up.bias.reshape(K, d).repeat_interleave(
-            H // K, dim=0
-        ).reshape(-1)
+        b_heads = self.v_up.bias.reshape(K, d).repeat_interleave(H // K, dim=0).reshape(-1)
+        bias = self.o_proj.weight @ b_heads
         if self.o_proj.bias is not None:
             bias = bias + self.o_proj.bias
-        return w_uk, w_o_lat, bias
+        return w_o_lat, bias
 
     @staticmethod
     def _mask(mask: Tensor | None, T: int, S: int, device: torch.device) -> Tensor | None:
@@ -138,25 +142,22 @@ class MLAAttention(nn.Module):
         if position_embeddings is None:
             raise ValueError("MLAAttention needs position_embeddings (cos, sin) from the model")
         B, T, _ = hidden_states.shape
-        H, K, d, p2 = self.num_heads, self.num_kv_heads, self.head_dim, 2 * self.rope_pairs
+        n2 = 2 * self.rope_entries
         cos, sin = position_embeddings
-        q = self.q_proj(hidden_states).view(B, T, H, d).transpose(1, 2)
-        q_rope = self._rope(q[..., :p2], cos, sin)
-        q_nope = q[..., p2:]
-        k_rope = self.k_rope_proj(hidden_states).view(B, T, K, p2).transpose(1, 2)
-        k_rope = self._rope(k_rope, cos, sin)
+        q = self._queries(hidden_states)
+        q_rope = self._rope(q[..., :n2], cos, sin)
+        q_nope = q[..., n2:]
+        k_rope = self._rope(self.k_rope_proj(hidden_states)[:, None], cos, sin)  # (B,1,T,2N)
         latent = self.kv_down(hidden_states)[:, None]  # (B, 1, T, r)
-        rope_flat = k_rope.transpose(1, 2).reshape(B, 1, T, K * p2)
         if past_key_values is not None:
-            latent, rope_flat = past_key_values.update(latent, rope_flat, self.layer_idx)
+            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
         S = latent.shape[2]
-        k_rope_all = rope_flat.reshape(B, S, K, p2).transpose(1, 2)  # (B, K, S, 2p)
         mask = self._mask(attention_mask, T, S, hidden_states.device)
         absorbed = self.absorb == "always" or (self.absorb == "auto" and T == 1)
         if absorbed:
-            out = self._absorbed(q_rope, q_nope, k_rope_all, latent, mask)
+            out = self._absorbed(q_rope, q_nope, k_rope, latent, mask)
         else:
-            out = self._unabsorbed(q_rope, q_nope, k_rope_all, latent, mask)
+            out = self._unabsorbed(q_rope, q_nope, k_rope, latent, mask)
         return out, None
 
     def _unabsorbed(
@@ -165,10 +166,8 @@ class MLAAttention(nn.Module):
         B, H, T, _ = q_rope.shape
         K, d, S = self.num_kv_heads, self.head_dim, latent.shape[2]
         c = latent[:, 0]  # (B, S, r)
-        k_nope = self.k_up(c).view(B, S, K, self.nope_dim).transpose(1, 2)
-        v = self.v_up(c).view(B, S, K, d).transpose(1, 2)
-        k = torch.cat([k_rope, k_nope], dim=-1).repeat_interleave(H // K, dim=1)
-        v = v.repeat_interleave(H // K, dim=1)
+        k = torch.cat([k_rope, self.k_up(c)[:, None]], dim=-1).expand(B, H, S, self.key_dim)
+        v = self.v_up(c).view(B, S, K, d).transpose(1, 2).repeat_interleave(H // K, dim=1)
         q = torch.cat([q_rope, q_nope], dim=-1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
@@ -177,17 +176,11 @@ class MLAAttention(nn.Module):
         self, q_rope: Tensor, q_nope: Tensor, k_rope: Tensor, latent: Tensor, mask: Tensor | None
     ) -> Tensor:
         B, H, T, _ = q_rope.shape
-        K, r = self.num_kv_heads, self.rank
-        G = H // K
-        w_uk, w_o_lat, bias = self.absorbed_weights()
-        # q_lat[b, h, t] = W_uk,gᵀ q_nope[b, h, t]
-        q_lat = torch.einsum(
-            "bkgtn,knr->bkgtr", q_nope.reshape(B, K, G, T, self.nope_dim), w_uk
-        ).reshape(B, H, T, r)
+        r, S = self.rank, latent.shape[2]
+        w_o_lat, bias = self.absorbed_weights()
+        q_lat = q_nope @ self.k_up.weight  # (B, H, T, r) = W_ukᵀ q'_nope per head
         q = torch.cat([q_rope, q_lat], dim=-1)
-        S = latent.shape[2]
-        keys = torch.cat([k_rope, latent.expand(B, K, S, r)], dim=-1).repeat_interleave(G, dim=1)
+        keys = torch.cat([k_rope, latent], dim=-1).expand(B, H, S, k_rope.shape[-1] + r)
         vals = latent.expand(B, H, S, r)
         ctx = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling)
-        out = torch.einsum("bhtr,hdr->btd", ctx, w_o_lat)
-        return out + bias
+        return torch.einsum("bhtr,hdr->btd", ctx, w_o_lat) + bias

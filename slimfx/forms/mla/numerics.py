@@ -1,18 +1,26 @@
 """MLA conversion numerics: which RoPE pairs to keep, and the joint key/value latent.
 
 Notation for one attention block: ``x`` (D) the block's input, ``K`` kv heads of ``d`` dims,
-``H`` query heads, pair ``i`` of a head = dims ``(i, i + d/2)`` (the ``rotate_half`` layout)
-rotating at ``inv_freq[i]``. ``p`` pairs are kept per kv head; the other ``d − 2p`` dims of
-each key head are "nope" dims.
+``H`` query heads (group ``g(h) = h // (H/K)``), pair ``i`` of a head = dims ``(i, i + d/2)``
+(the ``rotate_half`` layout) rotating at ``inv_freq[i]``.
 
-Partial RoPE (per kv head ``g``): score of pair ``i`` =
-  ``norm``:      Σ_{h∈g} mean‖q_{h,i}‖ · mean‖k_{g,i}‖ (means over calibration tokens)
+Partial RoPE over a shared key space. RoPE at frequency ``i`` rotates the K kv heads' pairs by
+the same angle, so it commutes with any orthogonal mixing ``U_i`` (K×K) of those pairs across
+heads. The K·d key dims become K·d/2 entries ``(i, j)``: component ``j`` of frequency ``i``
+(``rope_mix="none"``: ``U_i = I``, component j = kv head j; ``"pca"``, RoRoPE-style: ``U_i`` =
+eigenvectors of the keys' K×K second moment at that frequency, so a frequency's positional
+energy concentrates in its first components). The ``K·p`` best entries keep their rotation
+(cached exactly, one RoPE key shared by all query heads); the rest lose it and enter the latent.
+Query head h reads entry (i, j) with weight ``U_i[j, g(h)]`` on its own pair i, so at full rank
+with every entry kept the block is unchanged. Entry scores:
+  ``norm``:      mean‖q_pair‖·‖k_pair‖ summed over the group's query heads (means over
+                 calibration tokens; with mixing, the RMS norms of the mixed components)
   ``norm_freq``: ``norm`` × (1 − E_Δ cos(θ_i Δ)), Δ over causal pairs of the calibration length
   ``high_freq``: θ_i (the fastest pairs).
-The top ``p`` pairs keep their rotation, computed exactly from ``k_proj``'s rows.
 
-Joint latent: ``y = M x + b`` with ``M = [W_k,nope; W_v]`` (every kv head's nope key rows, then
-every value row). A block-diagonal weight ``A`` sets what error counts (``MLAConfig.objective``).
+Joint latent: ``y = M x + b`` with ``M = [W_k,nope; W_v]`` (the mixed key rows of the dropped
+entries, then every value row). A block-diagonal weight ``A`` sets what error counts
+(``MLAConfig.objective``).
 With ``S`` the input's second moment (uncentered for ``whitened``, the covariance for ``pca``)
 and ``S = L Lᵀ``: ``A M L = P Σ Qᵀ``, ``W_dkv = P_rᵀ A M`` and ``W_up = A⁻¹ P_r`` — the best
 rank-r ``A``-weighted reconstruction of the outputs (for ``pca`` the mean goes into the bias:
@@ -35,13 +43,7 @@ from slimfx.numerics.lowrank import whiten
 
 from .config import MLAConfig
 
-__all__ = [
-    "AttentionCalib",
-    "MLAWeights",
-    "rope_pair_scores",
-    "select_rope_pairs",
-    "fit_mla",
-]
+__all__ = ["AttentionCalib", "MLAWeights", "key_space", "fit_mla"]
 
 
 @dataclass
@@ -76,18 +78,22 @@ class AttentionCalib:
         return out
 
 
+
 @dataclass
 class MLAWeights:
     """The converted block's weights (float64 until loaded into a module).
 
-    ``rope_idx`` (K, p): kept pair indices per kv head, ascending. ``q_perm`` (H·d): row order
-    of the new ``q_proj`` — per head its kept dims (first halves, then second halves), then its
-    nope dims. ``w_krope``/``b_krope``: ``k_proj`` rows of the kept dims (K·2p). ``w_dkv`` (r, D),
-    ``w_uk`` (K·(d−2p), r), ``w_uv`` (K·d, r), ``b_uv`` (K·d).
+    Key space: the K·d key dims of all kv heads mixed by an orthogonal ``T`` that maps each
+    frequency's K pairs onto K pairs of the same frequency (``k' = T k``; ``T`` a permutation
+    without mixing). Columns: the ``N`` kept entries' first halves, their second halves, then
+    the ``K·d − 2N`` nope dims. ``rope_freq`` (N): frequency index of each kept entry.
+    ``q_mix`` (K, K·d, d): query head h of group g reads the key space with ``T_g q_h``
+    (``T_g`` = ``T``'s columns of kv head g). ``w_krope``/``b_krope`` (2N rows),
+    ``w_dkv`` (r, D), ``w_uk`` (K·d − 2N, r), ``w_uv`` (K·d, r), ``b_uv`` (K·d).
     """
 
-    rope_idx: Tensor
-    q_perm: Tensor
+    rope_freq: Tensor
+    q_mix: Tensor
     w_krope: Tensor
     b_krope: Tensor | None
     w_dkv: Tensor
@@ -96,47 +102,82 @@ class MLAWeights:
     b_uv: Tensor
 
 
-def head_dim_split(rope_idx: Tensor, head_dim: int) -> tuple[Tensor, Tensor]:
-    """Per kv head, the kept dims ``(K, 2p)`` (first halves then second halves) and the nope
-    dims ``(K, d − 2p)`` in ascending order."""
-    half = head_dim // 2
-    kept = torch.cat([rope_idx, rope_idx + half], dim=1)
-    nope = []
-    for g in range(rope_idx.shape[0]):
-        mask = torch.ones(head_dim, dtype=torch.bool)
-        mask[kept[g]] = False
-        nope.append(torch.nonzero(mask).flatten())
-    return kept, torch.stack(nope) if nope else torch.empty(0, head_dim, dtype=torch.long)
+def _drift(freq: Tensor, seq_len: int) -> Tensor:
+    """1 − E cos(θΔ) over the causal pairs of a window of ``seq_len`` tokens, per frequency."""
+    L = max(seq_len, 2)
+    delta = torch.arange(L, dtype=torch.float64)
+    w = (L - delta) / (L - delta).sum()
+    return 1.0 - (w[None, :] * torch.cos(freq[:, None] * delta[None, :])).sum(1)
 
 
-def rope_pair_scores(
-    calib: AttentionCalib, inv_freq: Tensor, num_heads: int, how: str
-) -> Tensor:
-    """Score of each (kv head, pair), shape (K, d/2): higher = keep the rotation."""
-    K, half = calib.k_pair_norm.shape
-    group = num_heads // K
+def key_space(
+    cfg: MLAConfig, wq: Tensor, wk: Tensor, gram: Tensor | None, calib: AttentionCalib | None,
+    inv_freq: Tensor, H: int, K: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(T, rope_freq, kept_rows)``: the orthogonal key-space map (K·d × K·d, rows ordered
+    kept-a, kept-b, nope), the kept entries' frequencies and, for tests, which rows are kept.
+
+    Entries are (frequency i, component j): without mixing component j is kv head j; with
+    ``rope_mix="pca"`` the components are the eigenvectors of the keys' per-frequency K×K
+    second moment (RoRoPE-style: RoPE commutes with mixing heads at one frequency, so the
+    positional energy of a frequency concentrates in its first components). The ``K·p`` entries
+    with the best score keep their rotation."""
+    d = wk.shape[0] // K
+    half = d // 2
+    group = H // K
     freq = inv_freq.to(torch.float64)[:half]
-    if how == "high_freq":
-        return freq.expand(K, half).clone()
-    q = calib.q_pair_norm.to(torch.float64).reshape(K, group, half).sum(1)
-    score = q * calib.k_pair_norm.to(torch.float64)
-    if how == "norm":
-        return score
-    if how == "norm_freq":
-        L = max(calib.seq_len, 2)
-        delta = torch.arange(L, dtype=torch.float64)
-        w = (L - delta) / (L - delta).sum()  # causal pairs at distance Δ in a window of L
-        drift = 1.0 - (w[None, :] * torch.cos(freq[:, None] * delta[None, :])).sum(1)
-        return score * drift[None, :]
-    raise ValueError(f"unknown rope selection {how!r}")
+    f64 = torch.float64
+    U = torch.eye(K, dtype=f64).expand(half, K, K).clone()  # U[i]: rows = components
+    if cfg.rope_mix == "pca":
+        assert gram is not None
+        for i in range(half):
+            rows_a = torch.arange(K) * d + i
+            wa, wb = wk[rows_a], wk[rows_a + half]
+            C = wa @ gram @ wa.T + wb @ gram @ wb.T
+            _, vecs = torch.linalg.eigh(0.5 * (C + C.T))
+            U[i] = vecs.flip(1).T
+    # scores per entry (i, j)
+    if cfg.rope_select == "high_freq":
+        score = freq[:, None].expand(half, K).clone()
+    elif cfg.rope_mix == "none" and calib is not None:
+        qn = calib.q_pair_norm.to(f64).reshape(K, group, half).sum(1)  # (K, half)
+        score = (qn * calib.k_pair_norm.to(f64)).T  # (half, K)
+    else:  # RMS norms of mixed components, from the Gram
+        assert gram is not None
+        score = torch.empty(half, K, dtype=f64)
+        for i in range(half):
+            rows_a = torch.arange(K) * d + i
+            ka = U[i] @ wk[rows_a]
+            kb = U[i] @ wk[rows_a + half]
+            k_e = (ka @ gram * ka).sum(1) + (kb @ gram * kb).sum(1)
+            q_h = torch.stack([
+                (wq[h * d + i] @ gram @ wq[h * d + i]) + (wq[h * d + i + half] @ gram
+                                                          @ wq[h * d + i + half])
+                for h in range(H)
+            ])
+            q_e = (U[i][:, torch.arange(H) // group].square() * q_h[None, :]).sum(1)
+            score[i] = (q_e.clamp_min(0) * k_e.clamp_min(0)).sqrt()
+    if cfg.rope_select == "norm_freq":
+        score = score * _drift(freq, calib.seq_len if calib is not None else 2)[:, None]
+    n_keep = K * cfg.rope_pairs
+    order = torch.argsort(score.flatten(), descending=True, stable=True)
+    kept = torch.sort(order[:n_keep]).values
+    kept_set = set(kept.tolist())
+    dropped = [e for e in range(half * K) if e not in kept_set]
+    T = torch.zeros(K * d, K * d, dtype=f64)
 
+    def fill(row: int, entry: int, part: int) -> None:
+        i, j = divmod(entry, K)
+        T[row, torch.arange(K) * d + i + part * half] = U[i][j]
 
-def select_rope_pairs(scores: Tensor, pairs: int) -> Tensor:
-    """The ``pairs`` best-scoring pair indices per kv head, ascending, shape (K, pairs)."""
-    if pairs == 0:
-        return torch.empty(scores.shape[0], 0, dtype=torch.long)
-    top = torch.topk(scores, pairs, dim=1).indices
-    return torch.sort(top, dim=1).values
+    for n, e in enumerate(kept.tolist()):
+        fill(n, e, 0)
+        fill(n_keep + n, e, 1)
+    for n, e in enumerate(dropped):
+        fill(2 * n_keep + 2 * n, e, 0)
+        fill(2 * n_keep + 2 * n + 1, e, 1)
+    rope_freq = kept // K
+    return T, rope_freq, kept
 
 
 def _psd_sqrt(S: Tensor, rel_floor: float = 1e-6) -> tuple[Tensor, Tensor]:
@@ -149,48 +190,42 @@ def _psd_sqrt(S: Tensor, rel_floor: float = 1e-6) -> tuple[Tensor, Tensor]:
 
 
 def _weighting(
-    cfg: MLAConfig,
-    w_knope: list[Tensor],
-    w_v: list[Tensor],
-    wq_nope: list[list[Tensor]],
-    wo: list[list[Tensor]],
-    second_moment: Tensor | None,
+    cfg: MLAConfig, w_knope: Tensor, w_v: Tensor, q_nope: list[Tensor], wo: Tensor, K: int,
+    gram: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
-    """Block-diagonal ``A`` and ``A⁻¹`` over the outputs [k_nope of every head; v of every head].
+    """Block-diagonal ``A`` and ``A⁻¹`` over the outputs [k_nope; v of every kv head].
 
-    ``second_moment=None`` means weight-only (``svd``): keys scaled so ‖A_k W_k‖_F = ‖W_v‖_F."""
-    blocks_k, blocks_v, inv_k, inv_v = [], [], [], []
-    use_attention = cfg.objective == "attention" and second_moment is not None
-    for g in range(len(w_v)):
-        nk, nv = w_knope[g].shape[0], w_v[g].shape[0]
-        if use_attention:
-            qg = sum(W @ second_moment @ W.T for W in wq_nope[g]) if nk else torch.zeros(0, 0)
-            og = sum(W.T @ W for W in wo[g])
-            ak, ak_inv = _psd_sqrt(qg) if nk else (qg, qg)
-            av, av_inv = _psd_sqrt(og)
+    ``attention``: the nope-key block is the square root of Σ_h Q_h G Q_hᵀ (``Q_h`` = head h's
+    query rows on the nope key space), value block g the square root of Σ_{h∈g} W_o,hᵀ W_o,h.
+    Then keys are scaled so both blocks carry the same energy (norm balancing); ``gram=None``
+    (``svd``) balances the weights' Frobenius norms instead."""
+    f64 = torch.float64
+    nk, d = w_knope.shape[0], w_v.shape[0] // K
+    H = len(q_nope)
+    G = H // K
+    if cfg.objective == "attention" and gram is not None:
+        ak, ak_inv = _psd_sqrt(sum(Q @ gram @ Q.T for Q in q_nope)) if nk else (
+            torch.zeros(0, 0, dtype=f64),) * 2
+        vb, vb_inv = [], []
+        for g in range(K):
+            heads = [wo[:, h * d:(h + 1) * d] for h in range(g * G, (g + 1) * G)]
+            av, av_inv = _psd_sqrt(sum(W.T @ W for W in heads))
+            vb.append(av)
+            vb_inv.append(av_inv)
+        A, A_inv = torch.block_diag(ak, *vb), torch.block_diag(ak_inv, *vb_inv)
+    else:
+        A = torch.eye(nk + w_v.shape[0], dtype=f64)
+        A_inv = A.clone()
+    if nk:
+        Ak, Av = A[:nk, :nk], A[nk:, nk:]
+        if gram is None:
+            ek, ev = (Ak @ w_knope).square().sum(), (Av @ w_v).square().sum()
         else:
-            ak = ak_inv = torch.eye(nk, dtype=torch.float64)
-            av = av_inv = torch.eye(nv, dtype=torch.float64)
-        blocks_k.append(ak)
-        inv_k.append(ak_inv)
-        blocks_v.append(av)
-        inv_v.append(av_inv)
-    A = torch.block_diag(*blocks_k, *blocks_v)
-    A_inv = torch.block_diag(*inv_k, *inv_v)
-    # norm balancing: the key blocks carry as much weighted energy as the value blocks
-    nk_total = sum(w.shape[0] for w in w_knope)
-    if nk_total:
-        M_k = torch.cat(w_knope)
-        M_v = torch.cat(w_v)
-        Ak, Av = A[:nk_total, :nk_total], A[nk_total:, nk_total:]
-        if second_moment is None:
-            ek, ev = (Ak @ M_k).square().sum(), (Av @ M_v).square().sum()
-        else:
-            ek = torch.trace(Ak @ M_k @ second_moment @ M_k.T @ Ak.T)
-            ev = torch.trace(Av @ M_v @ second_moment @ M_v.T @ Av.T)
+            ek = torch.trace(Ak @ w_knope @ gram @ w_knope.T @ Ak.T)
+            ev = torch.trace(Av @ w_v @ gram @ w_v.T @ Av.T)
         alpha = float((ev / ek.clamp_min(1e-300)).sqrt())
-        A[:nk_total, :nk_total] *= alpha
-        A_inv[:nk_total, :nk_total] /= alpha
+        A[:nk, :nk] *= alpha
+        A_inv[:nk, :nk] /= alpha
     return A, A_inv
 
 
@@ -210,59 +245,44 @@ def fit_mla(
     """Fit the converted block's weights (see the module docstring).
 
     ``wq`` (H·d, D), ``wk``/``wv`` (K·d, D), ``wo`` (D, H·d) are the original projections.
-    ``calib`` may be ``None`` only for ``method="svd"`` with ``rope_select="high_freq"`` and
-    ``refine=False`` (nothing data-dependent).
+    ``calib`` may be ``None`` only for ``method="svd"``, ``rope_select="high_freq"``,
+    ``rope_mix="none"`` and ``refine=False`` (nothing data-dependent).
     """
     H, K = num_heads, num_kv_heads
     d = wk.shape[0] // K
     D = wk.shape[1]
-    half, p, r = d // 2, cfg.rope_pairs, cfg.rank
-    group = H // K
-    needs_data = cfg.method != "svd" or cfg.rope_select != "high_freq" or cfg.refine
-    if calib is None and needs_data:
+    r, G = cfg.rank, H // K
+    if calib is None and cfg.needs_data:
         raise ValueError(f"{cfg.short()} needs calibration statistics")
     f64 = torch.float64
     wq, wk, wv, wo = (t.detach().to(f64) for t in (wq, wk, wv, wo))
     bk = None if bk is None else bk.detach().to(f64)
     bv = torch.zeros(K * d, dtype=f64) if bv is None else bv.detach().to(f64)
+    gram = None if calib is None else calib.gram.to(f64)
 
-    if cfg.rope_select == "high_freq":
-        scores = inv_freq.to(f64)[:half].expand(K, half)
-    else:
-        scores = rope_pair_scores(calib, inv_freq, H, cfg.rope_select)  # type: ignore[arg-type]
-    rope_idx = select_rope_pairs(scores, p)
-    kept, nope = head_dim_split(rope_idx, d)
-
-    q_perm = torch.cat(
-        [h * d + torch.cat([kept[h // group], nope[h // group]]) for h in range(H)]
-    )
-    krope_rows = torch.cat([g * d + kept[g] for g in range(K)]) if p else torch.empty(0).long()
-    w_krope = wk[krope_rows]
-    b_krope = None if bk is None else bk[krope_rows]
-
-    w_knope = [wk[g * d + nope[g]] for g in range(K)]
-    b_knope = [
-        torch.zeros(d - 2 * p, dtype=f64) if bk is None else bk[g * d + nope[g]] for g in range(K)
-    ]
-    w_vs = [wv[g * d : (g + 1) * d] for g in range(K)]
-    wq_nope = [[wq[h * d + nope[g]] for h in range(g * group, (g + 1) * group)] for g in range(K)]
-    wo_heads = [[wo[:, h * d : (h + 1) * d] for h in range(g * group, (g + 1) * group)]
-                for g in range(K)]
-    M = torch.cat(w_knope + w_vs)
-    b = torch.cat(b_knope + [bv])
-    n_k = K * (d - 2 * p)
+    T, rope_freq, _ = key_space(cfg, wq, wk, gram, calib, inv_freq, H, K)
+    n2 = 2 * rope_freq.numel()
+    wk_mixed = T @ wk
+    w_krope = wk_mixed[:n2]
+    b_krope = None if bk is None else (T @ bk)[:n2]
+    w_knope = wk_mixed[n2:]
+    b_knope = torch.zeros(K * d - n2, dtype=f64) if bk is None else (T @ bk)[n2:]
+    q_mix = torch.stack([T[:, g * d:(g + 1) * d] for g in range(K)])  # (K, K·d, d)
+    q_nope = [q_mix[h // G, n2:] @ wq[h * d:(h + 1) * d] for h in range(H)]
+    M = torch.cat([w_knope, wv])
+    b = torch.cat([b_knope, bv])
+    n_k = w_knope.shape[0]
 
     if cfg.method == "svd":
         second, L = None, None
     else:
         assert calib is not None
-        second = calib.gram.to(f64)
+        second = gram
         if cfg.method == "pca":
             mu = calib.mean.to(f64)
             second = second - torch.outer(mu, mu)
         L, _, _ = whiten(second)
-    A, A_inv = _weighting(cfg, w_knope, w_vs, wq_nope, wo_heads,
-                          None if second is None else calib.gram.to(f64))  # type: ignore[union-attr]
+    A, A_inv = _weighting(cfg, w_knope, wv, q_nope, wo, K, gram if cfg.method != "svd" else None)
     target = A @ M if L is None else A @ M @ L
     P, _, _ = torch.linalg.svd(target, full_matrices=False)
     if r > P.shape[1]:
@@ -271,8 +291,8 @@ def fit_mla(
     w_dkv = P_r.T @ A @ M
     w_up = A_inv @ P_r
     if cfg.method == "pca":
-        mu_y = M @ calib.mean.to(f64) + b  # type: ignore[union-attr]
-        b_up = mu_y - w_up @ (w_dkv @ calib.mean.to(f64))  # type: ignore[union-attr]
+        mu_x = calib.mean.to(f64)  # type: ignore[union-attr]
+        b_up = (M @ mu_x + b) - w_up @ (w_dkv @ mu_x)
     else:
         b_up = w_up @ (P_r.T @ (A @ b))
 
@@ -285,14 +305,13 @@ def fit_mla(
         Dt[r, D] = 1.0
         Mt = torch.cat([M, b[:, None]], dim=1)
         lhs = Dt @ S_nn @ Dt.T
-        rhs = Mt @ S_on @ Dt.T
         lhs = lhs + 1e-9 * float(lhs.diagonal().mean()) * torch.eye(r + 1, dtype=f64)
-        sol = torch.linalg.solve(lhs, rhs.T).T
+        sol = torch.linalg.solve(lhs, (Mt @ S_on @ Dt.T).T).T
         w_up, b_up = sol[:, :r], sol[:, r]
 
     return MLAWeights(
-        rope_idx=rope_idx,
-        q_perm=q_perm,
+        rope_freq=rope_freq,
+        q_mix=q_mix,
         w_krope=w_krope,
         b_krope=b_krope,
         w_dkv=w_dkv,
@@ -300,4 +319,3 @@ def fit_mla(
         w_uv=w_up[n_k:],
         b_uv=b_up[n_k:],
     )
-

@@ -14,7 +14,7 @@ from slimfx.forms.mla.config import MLAConfig
 from slimfx.forms.mla.convert import attention_calib, capture_attention_inputs, convert_model
 from slimfx.forms.mla.hf import describe_hf_attention
 from slimfx.forms.mla.module import MLAAttention
-from slimfx.forms.mla.numerics import fit_mla, select_rope_pairs
+from slimfx.forms.mla.numerics import fit_mla
 from slimfx.planning.configs import decision_from_dict
 from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
 
@@ -76,10 +76,11 @@ def test_rope_dims_kept_exactly():
         rope_select="high_freq", method="pca")
     convert_model(model, cfg, calib_batches())
     attn = model.model.layers[0].self_attn
-    kept = list(range(p)) + [D_HEAD // 2 + i for i in range(p)]
-    assert attn.rope_dims.tolist() == [kept, kept]
-    rows = torch.tensor([g * D_HEAD + j for g in range(2) for j in kept])
-    assert torch.equal(attn.k_rope_proj.weight, orig_k[rows])
+    assert attn.rope_freq.tolist() == [0, 0, 1, 1, 2, 2]  # both kv heads' 3 fastest pairs
+    # the RoPE key rows are k_proj's rows of those pairs, copied exactly (first halves first)
+    rows = [g * D_HEAD + i for i in range(p) for g in range(2)]
+    rows += [r + D_HEAD // 2 for r in rows]
+    assert torch.equal(attn.k_rope_proj.weight, orig_k[torch.tensor(rows)])
     ref_model.model.rotary_emb.inv_freq[p:] = 0.0  # cos = 1, sin = 0 on the dropped pairs
     ids = eval_ids()
     torch.testing.assert_close(_logits(model, ids), _logits(ref_model, ids), atol=ATOL, rtol=0)
@@ -87,10 +88,42 @@ def test_rope_dims_kept_exactly():
     assert (_logits(model, ids) - _logits(tiny_gqa_llama(2), ids)).abs().max() > 1e-4
 
 
-def test_select_rope_pairs_takes_best_scores_per_head():
-    scores = torch.tensor([[0.1, 5.0, 0.3, 4.0], [9.0, 0.0, 1.0, 2.0]])
-    assert select_rope_pairs(scores, 2).tolist() == [[1, 3], [0, 3]]
-    assert select_rope_pairs(scores, 0).shape == (2, 0)
+@pytest.mark.parametrize("kv_heads", [2, 3])
+def test_rorope_mixing_is_exact_with_every_pair_kept(kv_heads):
+    """Mixing the kv heads' pairs per frequency commutes with RoPE: nothing changes at full
+    rank with every entry kept, and the RoPE key is one key shared by all query heads."""
+    model = tiny_gqa_llama(kv_heads)
+    ids = eval_ids()
+    ref = _logits(model, ids)
+    cfg = MLAConfig(rank=kv_heads * D_HEAD, rope_pairs=D_HEAD // 2, rope_mix="pca")
+    convert_model(model, cfg, calib_batches())
+    attn = model.model.layers[0].self_attn
+    assert attn.k_rope_proj.out_features == kv_heads * D_HEAD
+    mix = attn.q_mix.double()  # T_g: columns of kv head g in the orthogonal key-space map
+    eye = torch.eye(D_HEAD, dtype=torch.float64).expand(kv_heads, -1, -1)
+    torch.testing.assert_close(torch.einsum("ked,kef->kdf", mix, mix), eye, atol=1e-6, rtol=0)
+    torch.testing.assert_close(_logits(model, ids), ref, atol=ATOL, rtol=0)
+
+
+def test_rorope_concentrates_key_energy_in_kept_entries():
+    """With correlated kv heads (head 1 ≈ head 0), mixing puts a frequency's energy in one
+    component: at p pairs per head the kept RoPE key holds more of the keys' energy."""
+    model = tiny_gqa_llama(2)
+    for blk in model.model.layers:
+        with torch.no_grad():
+            w = blk.self_attn.k_proj.weight
+            w[D_HEAD:] = w[:D_HEAD] + 0.05 * w[D_HEAD:]
+    x = capture_attention_inputs(model, calib_batches(), [0])[0]
+    attn = model.model.layers[0].self_attn
+    calib = attention_calib(attn, x, 6, 2, 32)
+    energy = {}
+    for mix in ("none", "pca"):
+        cfg = MLAConfig(rank=8, rope_pairs=2, rope_mix=mix, rope_select="norm", method="svd")
+        w = fit_mla(cfg, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                    attn.o_proj.weight, None, None, 6, 2, model.model.rotary_emb.inv_freq, calib)
+        energy[mix] = float((x.double() @ w.w_krope.T).square().sum())
+    # the first component of a frequency holds ~ both heads' energy: ~2× per kept entry
+    assert energy["pca"] > 1.3 * energy["none"], energy
 
 
 def test_norm_selection_follows_calibrated_pair_norms():
@@ -101,17 +134,20 @@ def test_norm_selection_follows_calibrated_pair_norms():
         attn.k_proj.weight[D_HEAD + 5 + D_HEAD // 2] *= 50.0
     convert_model(model, {0: MLAConfig(rank=8, rope_pairs=1, rope_select="norm")},
                   calib_batches())
-    assert model.model.layers[0].self_attn.rope_dims[1].tolist() == [5, 5 + D_HEAD // 2]
+    attn = model.model.layers[0].self_attn
+    # K·p = 2 entries: the dominant pair (5, kv head 1) is one of them, copied from k_proj
+    assert 5 in attn.rope_freq.tolist()
+    n = attn.rope_freq.tolist().index(5)
+    scaled = tiny_gqa_llama(2).model.layers[0].self_attn.k_proj.weight[D_HEAD + 5] * 50.0
+    torch.testing.assert_close(attn.k_rope_proj.weight[n], scaled)
 
 
 def _kv_output_error(attn, w, x):
     """Relative error of the rebuilt [k_nope; v] outputs on inputs x (float64)."""
-    from slimfx.forms.mla.numerics import head_dim_split
-
-    _, nope = head_dim_split(w.rope_idx, D_HEAD)
-    wk = attn.k_proj.weight.double()
-    rows = torch.cat([g * D_HEAD + nope[g] for g in range(nope.shape[0])])
-    target = torch.cat([x @ wk[rows].T, x @ attn.v_proj.weight.double().T], 1)
+    n2 = w.w_krope.shape[0]
+    T = torch.cat(list(w.q_mix), dim=1)  # (K·d, K·d): the key-space map
+    wk = T @ attn.k_proj.weight.detach().double()
+    target = torch.cat([x @ wk[n2:].T, x @ attn.v_proj.weight.detach().double().T], 1)
     c = x @ w.w_dkv.T
     rebuilt = torch.cat([c @ w.w_uk.T, c @ w.w_uv.T + w.b_uv], 1)
     # key offsets are softmax-invariant and dropped: compare keys up to their mean
@@ -133,7 +169,7 @@ def test_least_squares_refinement_lowers_the_calibration_error_of_svd():
         cfg = MLAConfig(rank=12, rope_pairs=2, method="svd", objective="kv", refine=refine)
         w = fit_mla(cfg, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
                     attn.o_proj.weight, None, None, 6, 3, inv_freq, calib)
-        errs[refine] = _kv_output_error(attn, w, x.double())
+        errs[refine] = _kv_output_error(attn, w, x.double().detach())
     assert errs[True] < 0.9 * errs[False], errs
 
 

@@ -40,35 +40,65 @@ from slimfx.models import load_smollm2
 KV_VALUES = 384  # 2 · 3 kv heads · 64 dims
 
 
-def _rank(share: float, pairs: int) -> int:
-    return round(share * KV_VALUES) - 3 * 2 * pairs
-
-
-def configs(preset: str) -> list[tuple[str, MLAConfig]]:
-    """(label, config) pairs of a preset."""
+def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
+    """(label, config) pairs of a preset: ``rope`` (RoPE handling at full rank: the partial-RoPE
+    change alone, 4 pairs per kv head), ``fits`` (latent fits at 1/2 and 1/4 of the cache with
+    the RoPE handling ``rope``), ``ls`` (the sequential least-squares refinements)."""
+    fits = {
+        "svd (weight-only)": dict(method="svd", objective="kv"),
+        "svd + ls": dict(method="svd", objective="kv", refine=True),
+        "whitened/kv": dict(method="whitened", objective="kv"),
+        "pca/kv": dict(method="pca", objective="kv"),
+        "pca/attention": dict(method="pca", objective="attention"),
+        "whitened/attention": dict(method="whitened", objective="attention"),
+        "pca/attention + ls": dict(method="pca", objective="attention", refine=True),
+    }
     out: list[tuple[str, MLAConfig]] = []
-    if preset in ("rope", "main"):
-        for p in (4, 8) if preset == "main" else (2, 4, 8, 16):
-            for sel in ("norm", "norm_freq", "high_freq"):
-                full = 3 * (64 - 2 * p) + 192
-                out.append((f"full rank, rope {p}p/{sel}",
-                            MLAConfig(rank=min(full, 576), rope_pairs=p, rope_select=sel,
-                                      method="pca", objective="kv")))
-    if preset in ("main", "quick"):
-        for share, p in ((0.5, 4), (0.25, 2)) if preset == "main" else ((0.5, 4),):
-            r = _rank(share, p)
-            for label, kw in (
-                ("svd (weight-only)", dict(method="svd", objective="kv")),
-                ("svd + ls", dict(method="svd", objective="kv", refine=True)),
-                ("whitened/kv", dict(method="whitened", objective="kv")),
-                ("pca/kv", dict(method="pca", objective="kv")),
-                ("pca/attention", dict(method="pca", objective="attention")),
-                ("whitened/attention", dict(method="whitened", objective="attention")),
-                ("pca/attention + ls", dict(method="pca", objective="attention", refine=True)),
-            ):
-                for sel in ("norm", "norm_freq") if preset == "main" else ("norm",):
-                    out.append((f"{share:g} {label} rope {p}p/{sel}",
-                                MLAConfig(rank=r, rope_pairs=p, rope_select=sel, **kw)))
+
+    def tag(r: dict) -> str:
+        return r["rope_select"] + (" +mix" if r.get("rope_mix") == "pca" else "") + (
+            " +fold" if r.get("rope_fold") else "")
+
+    def fit(share: float, p: int, label: str, r: dict = rope, bits: int = 16) -> None:
+        rank = round(share * KV_VALUES) - 3 * 2 * p if bits == 16 else round(
+            share * 2 * KV_VALUES) - 2 - 2 * 3 * 2 * p
+        q = " int8" if bits == 8 else ""
+        out.append((f"{share:g} {label}{q} rope {p}p {tag(r)}",
+                    MLAConfig(rank=rank, rope_pairs=p, latent_bits=bits, **r, **fits[label])))
+
+    def full(p: int, **r: object) -> None:
+        rr = {"rope_select": "norm", **r}
+        out.append((f"full rank, rope {p}p {tag(rr)}",
+                    MLAConfig(rank=min(3 * (64 - 2 * p) + 192, 576), rope_pairs=p,
+                              method="pca", objective="kv", **rr)))
+
+    plain = dict(rope_select="norm")
+    if preset == "rope":
+        full(4, rope_select="norm")
+        full(4, rope_select="norm_freq")
+        full(4, rope_select="high_freq")
+        full(4, rope_select="norm_attn")
+        full(4, rope_select="norm_attn", rope_fold=True)
+        full(4, rope_select="norm_attn", rope_fold=True, rope_mix="pca")
+        full(4, rope_select="norm", rope_mix="pca")
+        full(8, rope_select="norm_attn", rope_fold=True, rope_mix="pca")
+    elif preset == "fits":
+        fit(0.5, 4, "svd (weight-only)", plain)
+        for label in ("pca/attention", "pca/kv", "whitened/kv", "whitened/attention",
+                      "svd (weight-only)"):
+            fit(0.5, 4, label)
+        fit(0.5, 2, "pca/attention")
+        fit(0.5, 8, "pca/attention")
+        fit(0.25, 2, "svd (weight-only)", plain)
+        fit(0.25, 2, "pca/attention")
+        fit(0.25, 4, "pca/attention")
+        fit(0.25, 2, "pca/attention", bits=8)
+    elif preset == "ls":
+        fit(0.5, 4, "svd + ls")
+        fit(0.5, 4, "pca/attention + ls")
+    else:
+        fit(0.5, 4, "svd (weight-only)", plain)
+        fit(0.5, 4, "pca/attention")
     return out
 
 
@@ -78,7 +108,10 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--corpus", default="lee")
-    ap.add_argument("--preset", default="main", choices=("main", "rope", "quick"))
+    ap.add_argument("--preset", default="fits", choices=("fits", "rope", "ls", "quick"))
+    ap.add_argument("--rope-select", default="norm_attn", help="RoPE entry score for the fits")
+    ap.add_argument("--rope-mix", default="pca", help="none | pca (RoRoPE-style) for the fits")
+    ap.add_argument("--no-rope-fold", action="store_true", help="fits without rope_fold")
     ap.add_argument("--only", default="", help="comma-separated substrings of labels to run")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
@@ -97,7 +130,8 @@ def main() -> None:
     print(f"dense perplexity {dense:.3f} ({time.time() - t0:.0f} s)", flush=True)
     rows = []
     wanted = [s for s in a.only.split(",") if s]
-    for label, cfg in configs(a.preset):
+    rope = dict(rope_select=a.rope_select, rope_mix=a.rope_mix, rope_fold=not a.no_rope_fold)
+    for label, cfg in configs(a.preset, rope):
         if wanted and not any(w in label for w in wanted):
             continue
         t1 = time.time()

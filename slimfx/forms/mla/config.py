@@ -48,7 +48,10 @@ MLA_OBJECTIVES = ("kv", "attention")
 #: rotating pairs; ``norm_freq`` weights the ``norm`` score by how far the pair rotates over
 #: the calibration distances (1 − mean cos(θ·Δ)): a slow pair barely rotates, so dropping its
 #: rotation costs little whatever its norm.
-ROPE_SELECTIONS = ("norm", "high_freq", "norm_freq")
+#: ``norm_attn`` weights the ``norm`` score by 1 − |E_w e^{iθΔ}|², the spread of the pair's
+#: rotation under the distances the original heads attend over (``w`` measured on calibration
+#: text): what is left after ``rope_fold`` replaces the rotation by its mean.
+ROPE_SELECTIONS = ("norm", "high_freq", "norm_freq", "norm_attn")
 #: ``none``: an entry is one kv head's pair; ``pca`` (RoRoPE-style): the K pairs of one
 #: frequency are first mixed by the eigenvectors of their calibrated second moment.
 ROPE_MIXES = ("none", "pca")
@@ -68,7 +71,9 @@ class MLAConfig(Decision):
     ``rank``: latent width r. ``rope_pairs``: RoPE pairs kept, per kv head on average (K·p
     entries in all, one RoPE key shared by every query head). ``method`` / ``objective`` /
     ``rope_select`` / ``rope_mix``: see ``MLA_METHODS``, ``MLA_OBJECTIVES``,
-    ``ROPE_SELECTIONS``, ``ROPE_MIXES``. ``refine``: refit the up-projections by closed-form least squares on
+    ``ROPE_SELECTIONS``, ``ROPE_MIXES``. ``rope_fold``: a dropped pair's query is multiplied by
+    the mean rotation E_w[R(θΔ)] over the distances its head attends to (calibrated), instead of
+    losing its rotation outright — a fixed 2×2 map per head and pair, folded into the query. ``refine``: refit the up-projections by closed-form least squares on
     calibration activations (inputs seen by the converted model when the caller gives them).
     ``latent_bits``: 16 or 8 (int8 latent cache, one 16-bit scale per token).
     """
@@ -80,6 +85,7 @@ class MLAConfig(Decision):
     objective: str = "attention"
     rope_select: str = "norm"
     rope_mix: str = "none"
+    rope_fold: bool = False
     refine: bool = False
     latent_bits: int = 16
 
@@ -103,6 +109,7 @@ class MLAConfig(Decision):
         )
         _check(self.rope_mix in ROPE_MIXES, f"MLAConfig.rope_mix must be one of {ROPE_MIXES}")
         _check(isinstance(self.refine, bool), "MLAConfig.refine must be a bool")
+        _check(isinstance(self.rope_fold, bool), "MLAConfig.rope_fold must be a bool")
         _check(self.latent_bits in LATENT_BITS, f"MLAConfig.latent_bits must be in {LATENT_BITS}")
 
     @property
@@ -110,7 +117,7 @@ class MLAConfig(Decision):
         """Whether fitting this config needs calibration statistics."""
         return (
             self.method != "svd" or self.rope_select != "high_freq" or self.refine
-            or self.rope_mix != "none"
+            or self.rope_mix != "none" or self.rope_fold
         )
 
     # -- validity against a site -----------------------------------------------------------
@@ -179,6 +186,7 @@ class MLAConfig(Decision):
     def short(self) -> str:
         q = " int8" if self.latent_bits == 8 else ""
         ref = ("+ls" if self.refine else "") + ("" if self.rope_mix == "none" else " rorope")
+        ref += " fold" if self.rope_fold else ""
         return (
             f"mla r={self.rank} rope={self.rope_pairs}p/{self.rope_select} "
             f"{self.method}/{self.objective}{ref}{q}"

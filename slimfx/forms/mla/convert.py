@@ -80,12 +80,51 @@ def capture_attention_inputs(
 
 
 @torch.no_grad()
+def attention_distances(
+    attn: nn.Module, x: Tensor, num_heads: int, num_kv_heads: int, seq_len: int,
+    inv_freq: Tensor,
+) -> Tensor:
+    """(E_w cos θ_iΔ, E_w sin θ_iΔ) per query head and pair, shape (H, d/2, 2): ``w`` is the
+    head's attention mass at distance Δ in the original block (causal softmax over windows of
+    ``seq_len`` rows of ``x``, RoPE at positions 0..L−1), averaged over queries."""
+    H, K = num_heads, num_kv_heads
+    d = attn.k_proj.out_features // K
+    half = d // 2
+    L = seq_len
+    xw = x.reshape(-1, L, x.shape[-1]).to(attn.q_proj.weight)
+    pos = torch.arange(L, dtype=torch.float64)
+    ang = pos[:, None] * inv_freq.double()[None, :half]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).float()
+    sin = torch.cat([ang.sin(), ang.sin()], -1).float()
+
+    def rope(t: Tensor) -> Tensor:
+        rot = torch.cat([-t[..., half:], t[..., :half]], -1)
+        return t * cos + rot * sin
+
+    dist = (pos[:, None] - pos[None, :]).clamp_min(0).long().flatten()
+    mass = torch.zeros(H, L, dtype=torch.float64)
+    scale = float(getattr(attn, "scaling", d**-0.5))
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for w in xw:
+        q = rope(attn.q_proj(w).float().view(L, H, d).transpose(0, 1))
+        k = rope(attn.k_proj(w).float().view(L, K, d).transpose(0, 1))
+        k = k.repeat_interleave(H // K, dim=0)
+        s = (q @ k.transpose(1, 2) * scale).masked_fill(~causal, float("-inf"))
+        p = torch.softmax(s, -1).double().reshape(H, -1)
+        mass.scatter_add_(1, dist.expand(H, -1), p)
+    wdist = mass / mass.sum(1, keepdim=True)
+    ang = pos[:, None] * inv_freq.double()[None, :half]  # (L, half) angle at distance Δ
+    return torch.stack([wdist @ ang.cos(), wdist @ ang.sin()], -1)
+
+
+@torch.no_grad()
 def attention_calib(
     attn: nn.Module, x: Tensor, num_heads: int, num_kv_heads: int, seq_len: int,
-    x_new: Tensor | None = None,
+    x_new: Tensor | None = None, inv_freq: Tensor | None = None,
 ) -> AttentionCalib:
     """Statistics of one block from its inputs ``x`` (tokens, D); ``x_new``: the inputs the
-    converted model gives for the same tokens (adds ``gram_new`` and ``cross``)."""
+    converted model gives for the same tokens (adds ``gram_new`` and ``cross``); ``inv_freq``:
+    also measure the attention distances (``rot_mean``, see :func:`attention_distances`)."""
     x64 = x.to(torch.float64)
     n = x64.shape[0]
     d = attn.k_proj.out_features // num_kv_heads
@@ -104,6 +143,8 @@ def attention_calib(
         tokens=n,
         seq_len=seq_len,
     )
+    if inv_freq is not None and seq_len > 1 and n % seq_len == 0:
+        calib.rot_mean = attention_distances(attn, x, num_heads, num_kv_heads, seq_len, inv_freq)
     if x_new is not None:
         ones = torch.ones(n, 1, dtype=torch.float64)
         xo = torch.cat([x64, ones], 1)
@@ -173,7 +214,8 @@ def convert_model(
             if c.refine and result.converted:
                 x_new = capture_attention_inputs(model, batches, [i], stop_after=i)[i]
             calib = attention_calib(
-                attn, inputs[i], shape.num_heads, shape.num_kv_heads, seq_len, x_new  # type: ignore[index]
+                attn, inputs[i], shape.num_heads, shape.num_kv_heads, seq_len, x_new,  # type: ignore[index]
+                inv_freq if (c.rope_fold or c.rope_select == "norm_attn") else None,
             )
         w = fit_mla(
             c,

@@ -5,8 +5,8 @@ query heads (2N = K·2p dims, rotated), through the cache's ``update(latent, rop
 layer_idx)`` — keys slot ``(B, 1, T, r)``, values slot ``(B, 1, T, 2N)`` — so ``DynamicCache``,
 ``StaticCache`` and :class:`~slimfx.forms.mla.cache.MLALatentCache` all hold the latent.
 
-Query head h (kv group g) reads the shared key space through ``q'_h = T_g q_h`` (K·d dims: the
-2N RoPE dims, then the nope dims; see ``numerics``).
+Query head h reads the shared key space through ``q'_h = q_mix_h q_h`` (K·d dims: the 2N RoPE
+dims, then the nope dims; see ``numerics``).
 
 Unabsorbed (prefill):  ``k = [k_rope ; W_uk c]`` (one key head of K·d dims), ``v_g = W_uv,g c +
     b_g``; attention with the block's scaling, then ``o_proj``.
@@ -81,7 +81,7 @@ class MLAAttention(nn.Module):
         self.o_proj = orig.o_proj
         freq = weights.rope_freq.to(dev)
         self.register_buffer("rope_freq", freq, persistent=True)  # (N,)
-        self.register_buffer("q_mix", weights.q_mix.to(dev, dt), persistent=True)  # (K, Kd, d)
+        self.register_buffer("q_mix", weights.q_mix.to(dev, dt), persistent=True)  # (H, Kd, d)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -102,9 +102,9 @@ class MLAAttention(nn.Module):
     def _queries(self, hidden_states: Tensor) -> Tensor:
         """``q'`` (B, H, T, K·d): every head's query on the shared key space."""
         B, T, _ = hidden_states.shape
-        H, K, d = self.num_heads, self.num_kv_heads, self.head_dim
-        q = self.q_proj(hidden_states).view(B, T, K, H // K, d)
-        return torch.einsum("btkgd,ked->bkgte", q, self.q_mix).reshape(B, H, T, K * d)
+        H, d = self.num_heads, self.head_dim
+        q = self.q_proj(hidden_states).view(B, T, H, d)
+        return torch.einsum("bthd,hed->bhte", q, self.q_mix)
 
     def absorbed_weights(self) -> tuple[Tensor, Tensor]:
         """``W_o,h W_uv,g`` per query head (H, D, r) and the output bias ``W_o b`` (D)."""

@@ -65,6 +65,7 @@ class AttentionCalib:
     seq_len: int
     gram_new: Tensor | None = None
     cross: Tensor | None = None
+    rot_mean: Tensor | None = None
     extra: dict = field(default_factory=dict)
 
     def augmented(self) -> Tensor:
@@ -87,8 +88,9 @@ class MLAWeights:
     frequency's K pairs onto K pairs of the same frequency (``k' = T k``; ``T`` a permutation
     without mixing). Columns: the ``N`` kept entries' first halves, their second halves, then
     the ``K·d − 2N`` nope dims. ``rope_freq`` (N): frequency index of each kept entry.
-    ``q_mix`` (K, K·d, d): query head h of group g reads the key space with ``T_g q_h``
-    (``T_g`` = ``T``'s columns of kv head g). ``w_krope``/``b_krope`` (2N rows),
+    ``q_mix`` (H, K·d, d): query head h of group g reads the key space with ``T_g F_h q_h``
+    (``T_g`` = ``T``'s columns of kv head g; ``F_h`` = I, or on the dropped rows the head's mean
+    rotation per pair with ``rope_fold``). ``w_krope``/``b_krope`` (2N rows),
     ``w_dkv`` (r, D), ``w_uk`` (K·d − 2N, r), ``w_uv`` (K·d, r), ``b_uv`` (K·d).
     """
 
@@ -159,6 +161,14 @@ def key_space(
             score[i] = (q_e.clamp_min(0) * k_e.clamp_min(0)).sqrt()
     if cfg.rope_select == "norm_freq":
         score = score * _drift(freq, calib.seq_len if calib is not None else 2)[:, None]
+    elif cfg.rope_select == "norm_attn":
+        if calib is None or calib.rot_mean is None:
+            raise ValueError("rope_select='norm_attn' needs the calibrated attention distances")
+        spread = 1.0 - calib.rot_mean.to(f64).square().sum(-1)  # (H, half)
+        if cfg.rope_mix == "none":
+            score = score * spread.reshape(K, group, half).mean(1).T
+        else:
+            score = score * spread.mean(0)[:, None]
     n_keep = K * cfg.rope_pairs
     order = torch.argsort(score.flatten(), descending=True, stable=True)
     kept = torch.sort(order[:n_keep]).values
@@ -267,8 +277,19 @@ def fit_mla(
     b_krope = None if bk is None else (T @ bk)[:n2]
     w_knope = wk_mixed[n2:]
     b_knope = torch.zeros(K * d - n2, dtype=f64) if bk is None else (T @ bk)[n2:]
-    q_mix = torch.stack([T[:, g * d:(g + 1) * d] for g in range(K)])  # (K, K·d, d)
-    q_nope = [q_mix[h // G, n2:] @ wq[h * d:(h + 1) * d] for h in range(H)]
+    q_mix = torch.stack([T[:, (h // G) * d:(h // G + 1) * d].clone() for h in range(H)])
+    if cfg.rope_fold:
+        if calib is None or calib.rot_mean is None:
+            raise ValueError("rope_fold needs the calibrated attention distances")
+        half = d // 2
+        idx = torch.arange(half)
+        for h in range(H):
+            C, S = calib.rot_mean[h, :, 0].to(f64), calib.rot_mean[h, :, 1].to(f64)
+            F = torch.zeros(d, d, dtype=f64)  # q̃_a = C q_a − S q_b, q̃_b = S q_a + C q_b
+            F[idx, idx], F[idx, idx + half] = C, -S
+            F[idx + half, idx], F[idx + half, idx + half] = S, C
+            q_mix[h, n2:] = q_mix[h, n2:] @ F
+    q_nope = [q_mix[h, n2:] @ wq[h * d:(h + 1) * d] for h in range(H)]
     M = torch.cat([w_knope, wv])
     b = torch.cat([b_knope, bv])
     n_k = w_knope.shape[0]

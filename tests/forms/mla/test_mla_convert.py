@@ -4,6 +4,7 @@ unabsorbed, partial RoPE, least-squares refinement, rejections, config bytes."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -99,8 +100,8 @@ def test_rorope_mixing_is_exact_with_every_pair_kept(kv_heads):
     convert_model(model, cfg, calib_batches())
     attn = model.model.layers[0].self_attn
     assert attn.k_rope_proj.out_features == kv_heads * D_HEAD
-    mix = attn.q_mix.double()  # T_g: columns of kv head g in the orthogonal key-space map
-    eye = torch.eye(D_HEAD, dtype=torch.float64).expand(kv_heads, -1, -1)
+    mix = attn.q_mix.double()  # per head: T_g, the columns of its kv head in the orthogonal map
+    eye = torch.eye(D_HEAD, dtype=torch.float64).expand(6, -1, -1)
     torch.testing.assert_close(torch.einsum("ked,kef->kdf", mix, mix), eye, atol=1e-6, rtol=0)
     torch.testing.assert_close(_logits(model, ids), ref, atol=ATOL, rtol=0)
 
@@ -145,7 +146,8 @@ def test_norm_selection_follows_calibrated_pair_norms():
 def _kv_output_error(attn, w, x):
     """Relative error of the rebuilt [k_nope; v] outputs on inputs x (float64)."""
     n2 = w.w_krope.shape[0]
-    T = torch.cat(list(w.q_mix), dim=1)  # (K·d, K·d): the key-space map
+    G = w.q_mix.shape[0] // (w.w_uv.shape[0] // D_HEAD)
+    T = torch.cat(list(w.q_mix[::G]), dim=1)  # (K·d, K·d): the key-space map
     wk = T @ attn.k_proj.weight.detach().double()
     target = torch.cat([x @ wk[n2:].T, x @ attn.v_proj.weight.detach().double().T], 1)
     c = x @ w.w_dkv.T
@@ -276,3 +278,44 @@ def test_config_validation_and_json_round_trip():
     assert "rope_pairs=40 exceeds" in MLAConfig(rope_pairs=40).reason_invalid(SMOL)
     nope = AttentionShape(576, 9, 3, 64, rope_dim=0)
     assert MLAConfig().reason_invalid(nope).startswith("no RoPE found")
+
+
+def test_attention_distances_match_eager_attention_probabilities():
+    """rot_mean = Σ_Δ w_h(Δ)·(cos θΔ, sin θΔ), w_h(Δ) = the head's attention mass at distance Δ
+    read from transformers' own eager attention probabilities."""
+    from slimfx.forms.mla.convert import attention_distances
+
+    model = tiny_gqa_llama(3, num_hidden_layers=1, attn_implementation="eager")
+    batches = calib_batches(n=3, length=20)
+    x = capture_attention_inputs(model, batches, [0])[0]
+    attn = model.model.layers[0].self_attn
+    inv_freq = model.model.rotary_emb.inv_freq
+    got = attention_distances(attn, x, 6, 3, 20, inv_freq)
+    mass = torch.zeros(6, 20, dtype=torch.float64)
+    for ids in batches:
+        with torch.no_grad():
+            probs = model(ids, output_attentions=True).attentions[0][0].double()  # (H, L, L)
+        for s in range(20):
+            for t in range(s + 1):
+                mass[:, s - t] += probs[:, s, t]
+    w = mass / mass.sum(1, keepdim=True)
+    ang = torch.arange(20, dtype=torch.float64)[:, None] * inv_freq.double()[None, :]
+    want = torch.stack([w @ ang.cos(), w @ ang.sin()], -1)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)  # fp32 softmax vs HF's
+
+
+def test_rope_fold_keeps_full_rank_exact_and_changes_dropped_pairs_only():
+    model = tiny_gqa_llama(2)
+    ids = eval_ids()
+    ref = _logits(model, ids)
+    full = MLAConfig(rank=2 * D_HEAD, rope_pairs=D_HEAD // 2, rope_fold=True,
+                     rope_select="norm_attn")
+    convert_model(model, full, calib_batches())
+    torch.testing.assert_close(_logits(model, ids), ref, atol=ATOL, rtol=0)
+    part = MLAConfig(rank=2 * (D_HEAD - 4) + 2 * D_HEAD, rope_pairs=2, rope_select="norm_attn")
+    a, b = tiny_gqa_llama(2), tiny_gqa_llama(2)
+    convert_model(a, part, calib_batches())
+    convert_model(b, dataclasses.replace(part, rope_fold=True), calib_batches())
+    qa, qb = a.model.layers[0].self_attn.q_mix, b.model.layers[0].self_attn.q_mix
+    assert torch.equal(qa[:, :8], qb[:, :8])  # the 2·K·p kept RoPE rows are untouched
+    assert not torch.allclose(qa[:, 8:], qb[:, 8:])

@@ -82,6 +82,11 @@ def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
         full(4, rope_select="norm_attn", rope_fold=True, rope_mix="pca")
         full(4, rope_select="norm", rope_mix="pca")
         full(8, rope_select="norm_attn", rope_fold=True, rope_mix="pca")
+    elif preset == "rope_more":
+        for p in (4, 8, 16):
+            full(p, rope_select="norm_freq", rope_mix="pca")
+            full(p, rope_select="norm_attn", rope_mix="pca")
+        full(8, rope_select="norm_freq")
     elif preset == "fits":
         fit(0.5, 4, "svd (weight-only)", plain)
         for label in ("pca/attention", "pca/kv", "whitened/kv", "whitened/attention",
@@ -108,7 +113,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--corpus", default="lee")
-    ap.add_argument("--preset", default="fits", choices=("fits", "rope", "ls", "quick"))
+    ap.add_argument("--preset", default="fits", choices=("fits", "rope", "rope_more", "ls", "quick"))
     ap.add_argument("--rope-select", default="norm_attn", help="RoPE entry score for the fits")
     ap.add_argument("--rope-mix", default="pca", help="none | pca (RoRoPE-style) for the fits")
     ap.add_argument("--no-rope-fold", action="store_true", help="fits without rope_fold")

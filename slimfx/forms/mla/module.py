@@ -72,6 +72,10 @@ class MLAAttention(nn.Module):
         self.rank = int(weights.w_dkv.shape[0])
         self.is_causal = True
         self.absorb = absorb
+        #: run absorbed one-token steps through ``slimfx_kernels::mla_decode_triton`` when it
+        #: supports the call (no padding mask); else (or when False) the torch path
+        self.decode_kernel = False
+        self.last_decode_path = ""
         dt, dev = orig.q_proj.weight.dtype, orig.q_proj.weight.device
         self.q_proj = orig.q_proj
         self.k_rope_proj = _linear(weights.w_krope, weights.b_krope, dt, dev)
@@ -179,8 +183,39 @@ class MLAAttention(nn.Module):
         r, S = self.rank, latent.shape[2]
         w_o_lat, bias = self.absorbed_weights()
         q_lat = q_nope @ self.k_up.weight  # (B, H, T, r) = W_ukᵀ q'_nope per head
+        if self.decode_kernel and T == 1:
+            ctx = self._kernel_step(q_rope, q_lat, k_rope, latent, mask)
+            if ctx is not None:
+                return torch.einsum("bhr,hdr->bd", ctx, w_o_lat)[:, None] + bias
+        self.last_decode_path = "torch"
         q = torch.cat([q_rope, q_lat], dim=-1)
         keys = torch.cat([k_rope, latent], dim=-1).expand(B, H, S, k_rope.shape[-1] + r)
         vals = latent.expand(B, H, S, r)
         ctx = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling)
         return torch.einsum("bhtr,hdr->btd", ctx, w_o_lat) + bias
+
+    def _kernel_step(
+        self, q_rope: Tensor, q_lat: Tensor, k_rope: Tensor, latent: Tensor, mask: Tensor | None
+    ) -> Tensor | None:
+        """One decode step through the Triton kernel, or ``None`` (with the reason kept in
+        ``last_decode_path``) when it cannot run this call."""
+        if mask is not None and not (mask.dtype == torch.bool and bool(mask.all())):
+            self.last_decode_path = "torch: a padding mask (the kernel reads a prefix)"
+            return None
+        try:
+            from slimfx.kernels.mla_decode import triton_kernel as tk
+        except ImportError as e:
+            self.last_decode_path = f"torch: {e}"
+            return None
+        B, S = latent.shape[0], latent.shape[2]
+        args = (
+            q_lat[:, :, 0].contiguous(), q_rope[:, :, 0].contiguous(), latent[:, 0], None,
+            k_rope[:, 0, :, None, :], torch.full((B,), S, dtype=torch.int32,
+                                                  device=latent.device), self.scaling,
+        )
+        ok, why = tk.supports(*args)
+        if not ok:
+            self.last_decode_path = f"torch: {why}"
+            return None
+        self.last_decode_path = "triton"
+        return tk.run(*args)

@@ -87,3 +87,20 @@ def test_quantize_latent_round_trip_error_is_half_a_step():
 def test_bad_latent_bits():
     with pytest.raises(ValueError, match="latent_bits"):
         MLALatentCache(2, latent_bits=4)
+
+
+def test_generate_through_the_triton_decode_kernel():
+    """Absorbed one-token steps run slimfx_kernels::mla_decode_triton (interpreted on CPU):
+    the same greedy tokens as the torch path."""
+    from slimfx.kernels import interpret_mode
+
+    if not torch.cuda.is_available() and not interpret_mode():
+        pytest.skip("no CUDA and TRITON_INTERPRET unset: the kernel cannot run here")
+    pytest.importorskip("triton")
+    model, _ = _converted(kv_heads=3)
+    ref = _generate(model, past_key_values=MLALatentCache(model.config.num_hidden_layers))
+    for blk in model.model.layers:
+        blk.self_attn.decode_kernel = True
+    out = _generate(model, past_key_values=MLALatentCache(model.config.num_hidden_layers))
+    assert model.model.layers[0].self_attn.last_decode_path == "triton"
+    assert torch.equal(out, ref)

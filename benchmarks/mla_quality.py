@@ -91,16 +91,16 @@ def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
         fit(0.5, 4, "svd (weight-only)", plain)
         for label in ("pca/attention", "pca/kv", "whitened/kv", "whitened/attention",
                       "svd (weight-only)"):
-            fit(0.5, 4, label)
-        fit(0.5, 2, "pca/attention")
-        fit(0.5, 8, "pca/attention")
+            fit(0.5, 8, label)
+        fit(0.5, 4, "pca/attention")
+        fit(0.5, 16, "pca/attention")
         fit(0.25, 2, "svd (weight-only)", plain)
-        fit(0.25, 2, "pca/attention")
-        fit(0.25, 4, "pca/attention")
-        fit(0.25, 2, "pca/attention", bits=8)
+        for p in (2, 4, 8):
+            fit(0.25, p, "pca/attention")
+        fit(0.25, 4, "pca/attention", bits=8)
     elif preset == "ls":
-        fit(0.5, 4, "svd + ls")
-        fit(0.5, 4, "pca/attention + ls")
+        fit(0.5, 8, "svd + ls")
+        fit(0.5, 8, "pca/attention + ls")
     else:
         fit(0.5, 4, "svd (weight-only)", plain)
         fit(0.5, 4, "pca/attention")
@@ -114,9 +114,9 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--corpus", default="lee")
     ap.add_argument("--preset", default="fits", choices=("fits", "rope", "rope_more", "ls", "quick"))
-    ap.add_argument("--rope-select", default="norm_attn", help="RoPE entry score for the fits")
+    ap.add_argument("--rope-select", default="norm_freq", help="RoPE entry score for the fits")
     ap.add_argument("--rope-mix", default="pca", help="none | pca (RoRoPE-style) for the fits")
-    ap.add_argument("--no-rope-fold", action="store_true", help="fits without rope_fold")
+    ap.add_argument("--rope-fold", action="store_true", help="fits with rope_fold")
     ap.add_argument("--only", default="", help="comma-separated substrings of labels to run")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
@@ -135,7 +135,7 @@ def main() -> None:
     print(f"dense perplexity {dense:.3f} ({time.time() - t0:.0f} s)", flush=True)
     rows = []
     wanted = [s for s in a.only.split(",") if s]
-    rope = dict(rope_select=a.rope_select, rope_mix=a.rope_mix, rope_fold=not a.no_rope_fold)
+    rope = dict(rope_select=a.rope_select, rope_mix=a.rope_mix, rope_fold=a.rope_fold)
     for label, cfg in configs(a.preset, rope):
         if wanted and not any(w in label for w in wanted):
             continue

@@ -52,6 +52,7 @@ def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
         "pca/attention": dict(method="pca", objective="attention"),
         "whitened/attention": dict(method="whitened", objective="attention"),
         "pca/attention + ls": dict(method="pca", objective="attention", refine=True),
+        "pca/kv + ls": dict(method="pca", objective="kv", refine=True),
     }
     out: list[tuple[str, MLAConfig]] = []
 
@@ -99,8 +100,8 @@ def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
             fit(0.25, p, "pca/attention")
         fit(0.25, 4, "pca/attention", bits=8)
     elif preset == "ls":
+        fit(0.5, 8, "pca/kv + ls")
         fit(0.5, 8, "svd + ls")
-        fit(0.5, 8, "pca/attention + ls")
     else:
         fit(0.5, 4, "svd (weight-only)", plain)
         fit(0.5, 4, "pca/attention")

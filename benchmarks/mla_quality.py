@@ -43,7 +43,8 @@ KV_VALUES = 384  # 2 · 3 kv heads · 64 dims
 def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
     """(label, config) pairs of a preset: ``rope`` (RoPE handling at full rank: the partial-RoPE
     change alone, 4 pairs per kv head), ``fits`` (latent fits at 1/2 and 1/4 of the cache with
-    the RoPE handling ``rope``), ``ls`` (the sequential least-squares refinements)."""
+    the RoPE handling ``rope``), ``ls`` (the sequential least-squares refinements, after two
+    quick extras)."""
     fits = {
         "svd (weight-only)": dict(method="svd", objective="kv"),
         "svd + ls": dict(method="svd", objective="kv", refine=True),
@@ -100,6 +101,8 @@ def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
             fit(0.25, p, "pca/attention")
         fit(0.25, 4, "pca/attention", bits=8)
     elif preset == "ls":
+        fit(0.25, 4, "pca/kv")  # (not sequential: quick extras first)
+        fit(0.5, 8, "pca/kv", bits=8)
         fit(0.5, 8, "pca/kv + ls")
         fit(0.5, 8, "svd + ls")
     else:

@@ -18,7 +18,7 @@ Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_p
   (RoPE key rows, down-projection, key and value up-projections, value bias), plus with
   ``rope_mix="pca"`` the mixing ``U_i`` (K×K per frequency: ``2·(d/2)·K²``), replacing the
   original ``2·2·D·K·d`` (+ bias). The absorbed decode form additionally stores
-  ``W_uk`` folded into each query head (``H·(d − 2p)·r``) and ``W_uv`` folded into the output
+  ``W_uk`` folded into each query head (``H·r·d``) and ``W_uv`` folded into the output
   projection (``H·r·D``): ``absorbed_extra_bytes``.
 """
 
@@ -168,9 +168,10 @@ class MLAConfig(Decision):
         return self.converted_weight_bytes(shape) - self.owned_weight_bytes(shape, bias)
 
     def absorbed_extra_bytes(self, shape: AttentionShape) -> int:
-        """Bytes of the absorbed decode matrices (``W_uk`` per query head, ``o_proj·W_uv``)."""
+        """Bytes of the absorbed decode matrices: ``W_ukᵀ`` composed with each query head's
+        key-space map (``H·r·d``) and ``o_proj·W_uv`` per head (``H·r·D``)."""
         H, d, r, D = shape.num_heads, shape.head_dim, self.rank, shape.hidden_size
-        return 2 * (H * (d - 2 * self.rope_pairs) * r + H * r * D)
+        return 2 * (H * r * d + H * r * D)
 
     def cost(self, shape: AttentionShape, bias: bool = False) -> dict[str, int]:
         """The budget vector: weight bytes of the owned projections and KV bytes per token."""

@@ -11,8 +11,10 @@ dims, then the nope dims; see ``numerics``).
 Unabsorbed (prefill):  ``k = [k_rope ; W_uk c]`` (one key head of K·d dims), ``v_g = W_uv,g c +
     b_g``; attention with the block's scaling, then ``o_proj``.
 Absorbed (decode):     ``q_lat,h = W_ukᵀ q'_nope,h`` (r), scores ``q'_rope,h·k_rope + q_lat,h·c``;
-    ``ctx_h = Σ_t a_t c_t`` (r); output ``Σ_h (W_o,h W_uv,g) ctx_h + W_o b`` — attention runs
-    directly over the latent (multi-query: every head reads the same latent and RoPE key).
+    ``ctx_h = Σ_t a_t c_t`` (r); output ``o_proj(W_uv,g ctx_h + b_g)`` — attention runs
+    directly over the latent (multi-query: every head reads the same latent and RoPE key); the
+    value up-projection is applied to the r-wide context after the attention, which equals
+    folding it into ``o_proj`` (``absorbed_weights``) without storing ``H·r·D`` weights.
 
 The two are equal up to rounding (tests); ``absorb`` selects the form: ``"auto"`` (absorbed
 when one query token), ``"always"``, ``"never"``.
@@ -181,18 +183,28 @@ class MLAAttention(nn.Module):
     ) -> Tensor:
         B, H, T, _ = q_rope.shape
         r, S = self.rank, latent.shape[2]
-        w_o_lat, bias = self.absorbed_weights()
         q_lat = q_nope @ self.k_up.weight  # (B, H, T, r) = W_ukᵀ q'_nope per head
         if self.decode_kernel and T == 1:
             ctx = self._kernel_step(q_rope, q_lat, k_rope, latent, mask)
             if ctx is not None:
-                return torch.einsum("bhr,hdr->bd", ctx, w_o_lat)[:, None] + bias
+                return self._latent_to_output(ctx[:, :, None])
         self.last_decode_path = "torch"
         q = torch.cat([q_rope, q_lat], dim=-1)
         keys = torch.cat([k_rope, latent], dim=-1).expand(B, H, S, k_rope.shape[-1] + r)
         vals = latent.expand(B, H, S, r)
         ctx = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling)
-        return torch.einsum("bhtr,hdr->btd", ctx, w_o_lat) + bias
+        return self._latent_to_output(ctx)
+
+    def _latent_to_output(self, ctx: Tensor) -> Tensor:
+        """``o_proj(W_uv,g ctx_h + b_g)`` for the per-head latent contexts ``ctx`` (B, H, T, r):
+        the value up-projection applied after the attention (cheaper at decode than storing
+        ``W_o,h W_uv,g``, which ``absorbed_weights`` gives)."""
+        B, H, T, r = ctx.shape
+        K, d = self.num_kv_heads, self.head_dim
+        w_uv = self.v_up.weight.view(K, d, r)
+        v = torch.einsum("bkgtr,kdr->btkgd", ctx.view(B, K, H // K, T, r), w_uv)
+        v = v + self.v_up.bias.view(K, 1, d)
+        return self.o_proj(v.reshape(B, T, H * d))
 
     def _kernel_step(
         self, q_rope: Tensor, q_lat: Tensor, k_rope: Tensor, latent: Tensor, mask: Tensor | None

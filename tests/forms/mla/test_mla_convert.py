@@ -319,3 +319,25 @@ def test_rope_fold_keeps_full_rank_exact_and_changes_dropped_pairs_only():
     qa, qb = a.model.layers[0].self_attn.q_mix, b.model.layers[0].self_attn.q_mix
     assert torch.equal(qa[:, :8], qb[:, :8])  # the 2·K·p kept RoPE rows are untouched
     assert not torch.allclose(qa[:, 8:], qb[:, 8:])
+
+
+def test_absorbed_extra_bytes_match_the_absorbed_matrices():
+    model = tiny_gqa_llama(3)
+    cfg = MLAConfig(rank=10, rope_pairs=2)
+    convert_model(model, cfg, calib_batches())
+    attn = model.model.layers[0].self_attn
+    w_o_lat, _ = attn.absorbed_weights()
+    q_abs = torch.einsum("nr,hnd->hrd", attn.k_up.weight, attn.q_mix[:, 12:])  # (H, r, d)
+    shape = AttentionShape(96, 6, 3, D_HEAD, rope_dim=D_HEAD)
+    assert cfg.absorbed_extra_bytes(shape) == 2 * (q_abs.numel() + w_o_lat.numel())
+
+
+def test_value_upprojection_after_attention_equals_folding_it_into_o_proj():
+    model = tiny_gqa_llama(3)
+    convert_model(model, MLAConfig(rank=10, rope_pairs=2), calib_batches())
+    attn = model.model.layers[0].self_attn
+    ctx = torch.randn(2, 6, 3, 10)
+    w_o_lat, bias = attn.absorbed_weights()
+    with torch.no_grad():
+        folded = torch.einsum("bhtr,hdr->btd", ctx, w_o_lat) + bias
+        torch.testing.assert_close(attn._latent_to_output(ctx), folded, atol=1e-5, rtol=0)

@@ -6,13 +6,16 @@ Stage 1, grid (batch, head blocks, sequence splits): a program owns ``BLOCK_H`` 
 one contiguous chunk of the sequence. It walks the chunk in tiles of ``BLOCK_T`` tokens; each
 latent tile (``BLOCK_T × R``) is read once and serves every head of the block twice — the
 scores ``q_lat @ cᵀ`` and the context ``p @ c`` (two ``tl.dot``) — so the latent, the bulk of
-the cache, is read once per head block (once in total when all heads fit one block). The RoPE
-key of each head's kv group is read alongside (``P`` values per token and kv head). Online
+the cache, is read once per head block (once in total when all heads fit one block of 16; twice
+for 32 heads). The converted models' RoPE key is shared by all heads (K = 1); K > 1 reads each
+head's group key. The RoPE
+key is read alongside (``P`` values per token and kv head). Online
 softmax (running max ``m``, sum ``l``, rescaled accumulator) in fp32; the chunk's ``m``, ``l``
 and unnormalised context go to a workspace.
 
-Stage 2, grid (batch, heads): merge the splits, ``ctx = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M}
-l_s`` with ``M = max_s m_s`` (empty splits carry ``m = −∞``), rounded once to the output dtype.
+Stage 2, one program per (batch, head): merge the splits one R-wide row at a time,
+``ctx = Σ_s e^{m_s − M} acc_s / Σ_s e^{m_s − M} l_s`` with ``M = max_s m_s`` (empty splits carry
+``m = −∞``), rounded once to the output dtype.
 
 int8 latent (``latent_scales`` given): the codes go through the dots in the query's dtype
 (exact for |code| ≤ 127 in fp16/bf16/fp32); the per-token scale multiplies the scores after the
@@ -154,10 +157,12 @@ def _mla_merge_kernel(
     big = tl.max(m, axis=0)
     safe = tl.where(big == float("-inf"), 0.0, big)
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - safe))
-    acc = tl.load(ws_acc + row[:, None] * R_PAD + offs_r[None, :], mask=s_mask[:, None],
-                  other=0.0)
-    num = tl.sum(acc * w[:, None], axis=0)
     den = tl.sum(l_sum * w, axis=0)
+    num = tl.zeros((R_PAD,), tl.float32)
+    for i in range(0, SPLITS):  # one R-wide row per split: no (splits × R) register tile
+        m_i = tl.load(ws_ml + (pid * SPLITS + i) * 2)
+        w_i = tl.where(m_i == float("-inf"), 0.0, tl.exp(m_i - safe))
+        num += w_i * tl.load(ws_acc + (pid * SPLITS + i) * R_PAD + offs_r)
     ctx = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
     tl.store(out + pid * R + offs_r, round_to(ctx, ODT, INTERP_BF16), mask=offs_r < R)
 

@@ -31,5 +31,5 @@ step calibrate_target 70 python -m slimfx.cli calibrate-target --backend triton 
     --device cuda --shapes 2048x2048,2048x512,2048x8192,8192x2048 --quiet \
     --out "$OUT/target_h100.json"
 # MLA decode attention over the latent cache (bf16 and int8 latent) vs SDPA over the GQA cache,
-# Llama-3-8B attention shape, contexts 1k–32k, batch 1 and 8
+# Llama-3-8B attention shape converted at 1/4 of the cache, contexts 1k–32k, batch 1 and 8
 step mla_decode 60 python benchmarks/mla_decode.py --json "$OUT/mla_decode.json"

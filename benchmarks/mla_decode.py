@@ -8,12 +8,13 @@ Per context length S and batch B, one query token per sequence, bf16:
 
 - ``sdpa gqa``   ``F.scaled_dot_product_attention(q, K, V, enable_gqa=True)`` over the original
   cache (K kv heads × head_dim keys and values per token);
-- ``mla bf16``   ``slimfx_kernels::mla_decode_triton`` over the latent (rank R) + RoPE keys
-  (K × P per token), query already absorbed (``q_lat`` = W_ukᵀ q_nope);
+- ``mla bf16``   ``slimfx_kernels::mla_decode_triton`` over the latent (rank R) + the RoPE key
+  shared by all heads (P per token), query already absorbed (``q_lat`` = W_ukᵀ q'_nope);
 - ``mla int8``   the same with int8 latent codes and one bf16 scale per token.
 
-The absorbed query/output projections (``W_uk``, ``W_o·W_uv``) are per-step GEMVs outside the
-attention and are not timed here. Each row: time per call (``triton.testing.do_bench`` on CUDA,
+The absorbed query/output projections (``W_ukᵀ`` on the query, ``W_uv`` on the r-wide context)
+are per-step GEMVs outside the attention and are not timed here; nor is issue 10's quantized-cache
+kernel (not on this branch). Each row: time per call (``triton.testing.do_bench`` on CUDA,
 L2 flushed; wall clock on CPU), the bytes the method must read (cache + queries), the HBM limit
 (those bytes over a device-to-device copy bandwidth measured in the same run) and ``bw%`` =
 limit / time. Every method is checked once against ``mla_decode_reference`` (MLA rows) or an
@@ -30,10 +31,11 @@ import sys
 import time
 
 SHAPES = {
-    # H query heads, K kv heads, head_dim, latent rank R, RoPE dims per kv head P: the latent
-    # cache holds R + K·P values per token vs 2·K·head_dim (1/4 of it here)
-    "llama3-8b": dict(H=32, K=8, d=128, R=448, P=8),
-    "smollm2": dict(H=9, K=3, d=64, R=72, P=8),
+    # H query heads, K kv heads and head_dim of the original GQA cache; latent rank R and the
+    # width P of the one RoPE key the converted block shares across heads (K·2p, p pairs per kv
+    # head): the latent cache holds R + P values per token vs 2·K·head_dim
+    "llama3-8b": dict(H=32, K=8, d=128, R=448, P=64),  # 1/4 of the cache, 4 pairs per kv head
+    "smollm2": dict(H=9, K=3, d=64, R=144, P=48),  # 1/2 of the cache, 8 pairs per kv head
     "tiny": dict(H=6, K=2, d=16, R=20, P=4),
 }
 
@@ -52,7 +54,7 @@ def _methods(torch, F, tk, reference, dev, dt, B: int, S: int, shape: dict) -> t
     q = rnd(B, H, 1, d)
     keys, vals = rnd(B, K, S, d), rnd(B, K, S, d)
     q_lat, q_rope = rnd(B, H, R) * 0.05, rnd(B, H, P)
-    latent, k_rope = rnd(B, S, R), rnd(B, S, K, P)
+    latent, k_rope = rnd(B, S, R), rnd(B, S, 1, P)  # one RoPE key shared by all heads
     codes = torch.randint(-127, 128, (B, S, R), generator=g).to(dev, torch.int8)
     scales = (torch.rand(B, S, generator=g) * 0.02).to(dev, dt)
     lengths = torch.full((B,), S, dtype=torch.int32, device=dev)
@@ -70,8 +72,8 @@ def _methods(torch, F, tk, reference, dev, dt, B: int, S: int, shape: dict) -> t
             partial(F.scaled_dot_product_attention, q, keys, vals, enable_gqa=True),
             2 * B * S * K * d * 2 + B * H * d * 2,
         ),
-        "mla bf16": (partial(tk.mla_decode, *bf16), B * S * (R * 2 + K * P * 2) + q_bytes),
-        "mla int8": (partial(tk.mla_decode, *int8), B * S * (R + 2 + K * P * 2) + q_bytes),
+        "mla bf16": (partial(tk.mla_decode, *bf16), B * S * (R * 2 + P * 2) + q_bytes),
+        "mla int8": (partial(tk.mla_decode, *int8), B * S * (R + 2 + P * 2) + q_bytes),
     }
     refs = {"sdpa gqa": sdpa_ref, "mla bf16": partial(reference, *bf16),
             "mla int8": partial(reference, *int8)}

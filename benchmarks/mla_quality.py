@@ -100,6 +100,11 @@ def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
         for p in (2, 4, 8):
             fit(0.25, p, "pca/attention")
         fit(0.25, 4, "pca/attention", bits=8)
+    elif preset == "int8":  # int8 latent at 1/2 of the cache
+        attn_mix = dict(rope_select="norm_attn", rope_mix="pca")
+        fit(0.5, 8, "pca/kv", attn_mix, bits=8)
+        fit(0.5, 10, "pca/kv", bits=8)
+        fit(0.5, 10, "pca/kv", attn_mix, bits=8)
     elif preset == "ls":
         fit(0.25, 4, "pca/kv")  # (not sequential: quick extras first)
         fit(0.5, 8, "pca/kv", bits=8)
@@ -117,7 +122,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--corpus", default="lee")
-    ap.add_argument("--preset", default="fits", choices=("fits", "rope", "rope_more", "ls", "quick"))
+    ap.add_argument("--preset", default="fits", choices=("fits", "rope", "rope_more", "int8", "ls", "quick"))
     ap.add_argument("--rope-select", default="norm_freq", help="RoPE entry score for the fits")
     ap.add_argument("--rope-mix", default="pca", help="none | pca (RoRoPE-style) for the fits")
     ap.add_argument("--rope-fold", action="store_true", help="fits with rope_fold")

@@ -100,11 +100,14 @@ def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
         for p in (2, 4, 8):
             fit(0.25, p, "pca/attention")
         fit(0.25, 4, "pca/attention", bits=8)
-    elif preset == "int8":  # int8 latent at 1/2 of the cache
+    elif preset == "int8":  # int8 latent at 1/2 and 1/4 of the cache
         attn_mix = dict(rope_select="norm_attn", rope_mix="pca")
         fit(0.5, 8, "pca/kv", attn_mix, bits=8)
         fit(0.5, 10, "pca/kv", bits=8)
         fit(0.5, 10, "pca/kv", attn_mix, bits=8)
+        fit(0.5, 12, "pca/kv", bits=8)
+        fit(0.25, 4, "pca/kv", bits=8)
+        fit(0.25, 6, "pca/kv", bits=8)
     elif preset == "ls":
         fit(0.25, 4, "pca/kv")  # (not sequential: quick extras first)
         fit(0.5, 8, "pca/kv", bits=8)
@@ -127,6 +130,7 @@ def main() -> None:
     ap.add_argument("--rope-mix", default="pca", help="none | pca (RoRoPE-style) for the fits")
     ap.add_argument("--rope-fold", action="store_true", help="fits with rope_fold")
     ap.add_argument("--only", default="", help="comma-separated substrings of labels to run")
+    ap.add_argument("--skip", type=int, default=0, help="skip the preset's first N configs")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     torch.manual_seed(0)
@@ -145,7 +149,7 @@ def main() -> None:
     rows = []
     wanted = [s for s in a.only.split(",") if s]
     rope = dict(rope_select=a.rope_select, rope_mix=a.rope_mix, rope_fold=a.rope_fold)
-    for label, cfg in configs(a.preset, rope):
+    for label, cfg in configs(a.preset, rope)[a.skip:]:
         if wanted and not any(w in label for w in wanted):
             continue
         t1 = time.time()

@@ -71,7 +71,8 @@ class MLAConfig(Decision):
     ``rank``: latent width r. ``rope_pairs``: RoPE pairs kept, per kv head on average (K·p
     entries in all, one RoPE key shared by every query head). ``method`` / ``objective`` /
     ``rope_select`` / ``rope_mix``: see ``MLA_METHODS``, ``MLA_OBJECTIVES``,
-    ``ROPE_SELECTIONS``, ``ROPE_MIXES``. ``rope_fold``: a dropped pair's query is multiplied by
+    ``ROPE_SELECTIONS``, ``ROPE_MIXES``; the defaults are the best measured on SmolLM2
+    (``benchmarks/RESULTS.md``). ``rope_fold``: a dropped pair's query is multiplied by
     the mean rotation E_w[R(θΔ)] over the distances its head attends to (calibrated), instead of
     losing its rotation outright — a fixed 2×2 map per head and pair, folded into the query. ``refine``: refit the up-projections by closed-form least squares on
     calibration activations (inputs seen by the converted model when the caller gives them).
@@ -80,11 +81,11 @@ class MLAConfig(Decision):
 
     kind: ClassVar[str] = "mla"
     rank: int = 64
-    rope_pairs: int = 4
+    rope_pairs: int = 8
     method: str = "pca"
-    objective: str = "attention"
-    rope_select: str = "norm"
-    rope_mix: str = "none"
+    objective: str = "kv"
+    rope_select: str = "norm_freq"
+    rope_mix: str = "pca"
     rope_fold: bool = False
     refine: bool = False
     latent_bits: int = 16

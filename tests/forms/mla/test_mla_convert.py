@@ -74,7 +74,7 @@ def test_rope_dims_kept_exactly():
     orig_k = model.model.layers[0].self_attn.k_proj.weight.clone()
     cfg = MLAConfig(rank=MLAConfig(rope_pairs=p).full_rank(
         AttentionShape(96, 6, 2, D_HEAD, rope_dim=D_HEAD)), rope_pairs=p,
-        rope_select="high_freq", method="pca")
+        rope_select="high_freq", rope_mix="none", method="pca")
     convert_model(model, cfg, calib_batches())
     attn = model.model.layers[0].self_attn
     assert attn.rope_freq.tolist() == [0, 0, 1, 1, 2, 2]  # both kv heads' 3 fastest pairs
@@ -133,7 +133,8 @@ def test_norm_selection_follows_calibrated_pair_norms():
     with torch.no_grad():  # make pair 5 of kv head 1 dominate the keys
         attn.k_proj.weight[D_HEAD + 5] *= 50.0
         attn.k_proj.weight[D_HEAD + 5 + D_HEAD // 2] *= 50.0
-    convert_model(model, {0: MLAConfig(rank=8, rope_pairs=1, rope_select="norm")},
+    convert_model(model, {0: MLAConfig(rank=8, rope_pairs=1, rope_select="norm",
+                                           rope_mix="none")},
                   calib_batches())
     attn = model.model.layers[0].self_attn
     # K·p = 2 entries: the dominant pair (5, kv head 1) is one of them, copied from k_proj
@@ -253,7 +254,7 @@ SMOL = AttentionShape(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64,
 
 
 def test_config_bytes_for_smollm2_shape():
-    cfg = MLAConfig(rank=168, rope_pairs=4)
+    cfg = MLAConfig(rank=168, rope_pairs=4, rope_mix="none")
     assert cfg.kv_bytes_per_token(SMOL) == 2 * 168 + 2 * 3 * 8  # = 384 = half of 768
     assert SMOL.kv_bytes_per_token() == 768
     q = MLAConfig(rank=168, rope_pairs=4, latent_bits=8)
@@ -265,6 +266,9 @@ def test_config_bytes_for_smollm2_shape():
     assert cfg.cost(SMOL) == {WEIGHT_BYTES: expect, KV_BYTES_PER_TOKEN: 384}
     with pytest.raises(TypeError, match="per attention site"):
         cfg.weight_bytes(576, 192)
+    # the RoRoPE-style mixing adds one K×K matrix per frequency: 32 · 3 · 3 16-bit values
+    mixed = MLAConfig(rank=168, rope_pairs=4, rope_mix="pca")
+    assert mixed.converted_weight_bytes(SMOL) == expect + 2 * 32 * 9
 
 
 def test_config_validation_and_json_round_trip():

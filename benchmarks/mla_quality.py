@@ -108,6 +108,12 @@ def configs(preset: str, rope: dict) -> list[tuple[str, MLAConfig]]:
         fit(0.5, 12, "pca/kv", bits=8)
         fit(0.25, 4, "pca/kv", bits=8)
         fit(0.25, 6, "pca/kv", bits=8)
+    elif preset == "int8_final":  # the int8 rows, latent rounded in the forward
+        fit(0.5, 10, "pca/kv", bits=8)
+        fit(0.25, 6, "pca/kv", bits=8)
+        fit(0.5, 8, "pca/kv", bits=8)
+        fit(0.5, 12, "pca/kv", bits=8)
+        fit(0.25, 4, "pca/kv", bits=8)
     elif preset == "ls":
         fit(0.25, 4, "pca/kv")  # (not sequential: quick extras first)
         fit(0.5, 8, "pca/kv", bits=8)
@@ -125,7 +131,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--corpus", default="lee")
-    ap.add_argument("--preset", default="fits", choices=("fits", "rope", "rope_more", "int8", "ls", "quick"))
+    ap.add_argument("--preset", default="fits", choices=("fits", "rope", "rope_more", "int8", "int8_final", "ls", "quick"))
     ap.add_argument("--rope-select", default="norm_freq", help="RoPE entry score for the fits")
     ap.add_argument("--rope-mix", default="pca", help="none | pca (RoRoPE-style) for the fits")
     ap.add_argument("--rope-fold", action="store_true", help="fits with rope_fold")

@@ -21,15 +21,9 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from .module import quantize_latent
+
 __all__ = ["MLALatentLayer", "MLALatentCache", "MLAStaticLatentCache", "quantize_latent"]
-
-
-def quantize_latent(latent: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric int8 per token: ``codes = round(c / s)``, ``s = max|c| / 127`` (s ≥ tiny)."""
-    scale = latent.abs().amax(dim=-1, keepdim=True).float() / 127.0
-    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
-    codes = torch.round(latent.float() / scale).clamp_(-127, 127).to(torch.int8)
-    return codes, scale.to(latent.dtype)
 
 
 class MLALatentLayer(DynamicLayer):

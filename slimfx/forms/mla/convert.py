@@ -224,7 +224,7 @@ def convert_model(
             shape.num_heads, shape.num_kv_heads, inv_freq, calib,
         )
         blocks[i].self_attn = MLAAttention(
-            attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb
+            attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb, latent_bits=c.latent_bits
         )
         result.converted.append(i)
         result.configs[i] = c

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from .numerics import MLAWeights
 
-__all__ = ["MLAAttention", "ABSORB_MODES"]
+__all__ = ["MLAAttention", "ABSORB_MODES", "quantize_latent"]
 
 ABSORB_MODES = ("auto", "always", "never")
 
@@ -47,6 +47,14 @@ def _linear(w: Tensor, b: Tensor | None, dtype: torch.dtype, device: torch.devic
     return lin
 
 
+def quantize_latent(latent: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per token: ``codes = round(c / s)``, ``s = max|c| / 127`` (s ≥ tiny)."""
+    scale = latent.abs().amax(dim=-1, keepdim=True).float() / 127.0
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.round(latent.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return codes, scale.to(latent.dtype)
+
+
 def _rotate_half(x: Tensor) -> Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -60,9 +68,14 @@ class MLAAttention(nn.Module):
 
     def __init__(
         self, orig: nn.Module, weights: MLAWeights, num_heads: int, num_kv_heads: int,
-        absorb: str = "auto",
+        absorb: str = "auto", latent_bits: int = 16,
     ) -> None:
         super().__init__()
+        if latent_bits not in (16, 8):
+            raise ValueError(f"latent_bits must be 16 or 8, got {latent_bits}")
+        #: 8: the latent is rounded to int8 (one scale per token) as soon as it is computed, so
+        #: every path (no cache, any cache) sees what an int8 latent cache holds
+        self.latent_bits = latent_bits
         if absorb not in ABSORB_MODES:
             raise ValueError(f"absorb must be one of {ABSORB_MODES}, got {absorb!r}")
         self.config = getattr(orig, "config", None)
@@ -155,6 +168,9 @@ class MLAAttention(nn.Module):
         q_nope = q[..., n2:]
         k_rope = self._rope(self.k_rope_proj(hidden_states)[:, None], cos, sin)  # (B,1,T,2N)
         latent = self.kv_down(hidden_states)[:, None]  # (B, 1, T, r)
+        if self.latent_bits == 8:
+            codes, scales = quantize_latent(latent)
+            latent = codes.to(latent.dtype) * scales
         if past_key_values is not None:
             latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
         S = latent.shape[2]

@@ -10,14 +10,19 @@ A config's share of the cache = (rank + 3·2·rope_pairs) / 384 (16-bit latent).
   pca/attention  the same, key error weighted by the group's query Gram, value error by o_proj
   +ls            up-projections refitted by least squares on the inputs the converted model
                  gives (layers converted in order)
-  rope=<p>p/<s>  p RoPE pairs kept per kv head, chosen by s (norm, norm_freq, high_freq)
+  rope <p>p <s>  p RoPE pairs per kv head (K·p entries), scored by s (norm, norm_freq,
+                 norm_attn, high_freq); "+mix": RoRoPE-style mixing; "+fold": rope_fold
   full rank      latent rank = 3·(64 − 2p) + 192: only the partial-RoPE change, no compression
 
 Calibration: windows from the first half of the news corpus; held-out perplexity on windows of
 the second half (as ``lowrank_quality.py``).
 
     OMP_NUM_THREADS=1 python benchmarks/mla_quality.py [--n-calib 16] [--n-eval 16]
-        [--seq-len 256] [--preset main|rope|quick] [--json out.json]
+        [--seq-len 256] [--preset fits|rope|rope_more|int8_final|ls|quick]
+        [--rope-select norm_freq] [--rope-mix pca] [--rope-fold] [--json out.json]
+
+Presets: ``rope``/``rope_more`` partial-RoPE handling at full rank; ``fits`` latent fits at 1/2
+and 1/4 of the cache; ``int8_final`` int8 latent at equal bytes; ``ls`` sequential refinement.
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# Every GPU measurement issue 3 asks for, in one `run` call on a lent GPU machine (≤ 10 min):
-#   run(command="bash benchmarks/gpu_session.sh", timeout_s=600)
-# Results land in $OUT (the device tool brings them back): kernels.json / e2e_decode.json /
-# target_h100.json and a log per step. Each step has its own time limit so that one slow step
-# cannot eat the others; a step that fails or times out is logged and the next one runs.
+# Every GPU measurement (linear kernels, end-to-end decode, calibrate-target, KV-cache and MLA
+# decode attention) on a lent GPU machine. The steps' limits sum to 720 s, past one 600 s call,
+# so run it as two calls, each naming its steps (no argument: every step):
+#   run(command="bash benchmarks/gpu_session.sh kernels e2e_decode", timeout_s=520)
+#   run(command="bash benchmarks/gpu_session.sh calibrate_target kv_attention mla_decode",
+#       timeout_s=260)
+# Results land in $OUT (the device tool brings them back): one JSON and one log per step. Each
+# step has its own time limit so that one slow step cannot eat the others; a step that fails or
+# times out is logged and the next one runs.
 set -u
 OUT="${OUT:-/tmp/slimfx_gpu}"
 mkdir -p "$OUT"
@@ -13,9 +17,11 @@ python -c "import torch, triton, transformers; print(torch.__version__, triton._
 transformers.__version__, torch.cuda.get_device_name(0))" | tee "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv >> "$OUT/versions.txt" 2>&1
 
-step() {  # step NAME SECONDS COMMAND...
+WANTED=" $* "
+step() {  # step NAME SECONDS COMMAND... (skipped when steps were named and NAME is not one)
     local name=$1 secs=$2
     shift 2
+    if [[ $WANTED != "  " && $WANTED != *" $name "* ]]; then return 0; fi
     echo "== $name (limit ${secs}s)"
     local t0=$SECONDS
     timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
@@ -31,7 +37,8 @@ step calibrate_target 70 python -m slimfx.cli calibrate-target --backend triton 
     --device cuda --shapes 2048x2048,2048x512,2048x8192,8192x2048 --quiet \
     --out "$OUT/target_h100.json"
 # Decode attention over the int4 KV cache (Triton, fused dequant) vs SDPA over bf16, contexts
-# 1k-32k, batch 1 and 8 (issue 10). The steps' limits now sum past one 600 s call: when the
-# earlier steps use their whole limits, run this one alone:
-#   run(command="python benchmarks/kv_attention.py --json $OUT/kv_attention.json")
+# 1k-32k, batch 1 and 8
 step kv_attention 90 python benchmarks/kv_attention.py --json "$OUT/kv_attention.json"
+# MLA decode attention over the latent cache (bf16 and int8 latent) vs SDPA over the GQA cache,
+# Llama-3-8B attention shape converted at 1/4 of the cache, contexts 1k–32k, batch 1 and 8
+step mla_decode 60 python benchmarks/mla_decode.py --json "$OUT/mla_decode.json"

@@ -42,7 +42,6 @@ RULES: dict[str, tuple] = {
         _PLANNING_NOT_SOLVE,
         "slimfx.report",  # a leaf (imports nothing from slimfx): backends report what they ran
     ),
-    # forms: one folder per form with its vertical pieces; the layers below, never the solver
     "models": ("slimfx.models",),
     "data": ("slimfx.data",),
     "eval": ("slimfx.eval",),
@@ -179,6 +178,8 @@ def test_checker_sees_the_whole_package():
         ("slimfx.newpkg.thing", "import torch"),  # a package with no rule
         ("slimfx.forms.kv.config", "from slimfx.planning.solve import solve"),
         ("slimfx.forms.kv.cache", "from slimfx.cost import target"),
+        ("slimfx.forms.mla.convert", "from slimfx.cost import calibration"),
+        ("slimfx.forms.mla.numerics", "from slimfx.planning.solve import solve"),
     ],
 )
 def test_checker_catches_violation(module, source):

@@ -1,0 +1,195 @@
+"""``MLAConfig``: convert one GQA/MHA attention block to multi-head latent attention (MLA).
+
+The decision owns the block's ``k_proj`` and ``v_proj``. Per token the converted block caches
+
+- one latent ``c = W_dkv x`` of ``rank`` values, shared by every head, from which the
+  position-free ("nope") key dims and the values of every kv head are rebuilt
+  (``k_nope = W_uk c``, ``v = W_uv c + b_v``), and
+- the RoPE key: ``rope_pairs`` rotary frequency pairs (2 dims each) per kv head, computed
+  exactly from the original ``k_proj`` rows and rotated as before. The other pairs lose their
+  rotation in both query and key (partial RoPE): they become position-free and enter the latent.
+
+Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_pairs,
+``r`` = rank; floating point priced at 16 bits):
+
+- KV bytes per token: ``2·r + 2·K·2p`` (16-bit latent), or ``r + 2 + 2·K·2p`` with an int8
+  latent (symmetric, one 16-bit scale per token).
+- weight bytes of the owned projections: ``2·(D·K·2p + D·r + r·K·(d − 2p) + r·K·d) + 2·K·d``
+  (RoPE key rows, down-projection, key and value up-projections, value bias), plus with
+  ``rope_mix="pca"`` the mixing ``U_i`` (K×K per frequency: ``2·(d/2)·K²``), replacing the
+  original ``2·2·D·K·d`` (+ bias). The absorbed decode form additionally stores
+  ``W_uk`` folded into each query head (``H·r·d``) and ``W_uv`` folded into the output
+  projection (``H·r·D``): ``absorbed_extra_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from slimfx.planning.configs import Decision, register_decision
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
+
+__all__ = [
+    "MLAConfig", "MLA_METHODS", "MLA_OBJECTIVES", "ROPE_SELECTIONS", "ROPE_MIXES", "LATENT_BITS"
+]
+
+#: ``svd``: weight-only SVD of the norm-balanced ``[W_k_nope; W_v]`` (MHA2MLA-style, no data);
+#: ``whitened``: SVD of the weighted ``[W_k_nope; W_v]`` times the square root of the input
+#: Gram (uncentered); ``pca``: principal components of the weighted key/value outputs,
+#: centered (the mean goes into the up-projection's bias).
+MLA_METHODS = ("svd", "whitened", "pca")
+#: ``kv``: key and value output errors, each block scaled to the same calibration norm;
+#: ``attention``: key error seen through the queries that read it (the group's query Gram),
+#: value error seen through ``o_proj`` (its head blocks' Gram), then norm-balanced.
+MLA_OBJECTIVES = ("kv", "attention")
+#: how the kept RoPE pairs are chosen per kv head: ``norm`` ranks pairs by the calibration mean
+#: ‖q_pair‖·‖k_pair‖ (summed over the group's query heads); ``high_freq`` keeps the fastest
+#: rotating pairs; ``norm_freq`` weights the ``norm`` score by how far the pair rotates over
+#: the calibration distances (1 − mean cos(θ·Δ)): a slow pair barely rotates, so dropping its
+#: rotation costs little whatever its norm.
+#: ``norm_attn`` weights the ``norm`` score by 1 − |E_w e^{iθΔ}|², the spread of the pair's
+#: rotation under the distances the original heads attend over (``w`` measured on calibration
+#: text): what is left after ``rope_fold`` replaces the rotation by its mean.
+ROPE_SELECTIONS = ("norm", "high_freq", "norm_freq", "norm_attn")
+#: ``none``: an entry is one kv head's pair; ``pca`` (RoRoPE-style): the K pairs of one
+#: frequency are first mixed by the eigenvectors of their calibrated second moment.
+ROPE_MIXES = ("none", "pca")
+LATENT_BITS = (16, 8)
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@register_decision
+@dataclass(frozen=True)
+class MLAConfig(Decision):
+    """Latent attention for one attention site (see the module docstring for the algebra).
+
+    ``rank``: latent width r. ``rope_pairs``: RoPE pairs kept, per kv head on average (K·p
+    entries in all, one RoPE key shared by every query head). ``method`` / ``objective`` /
+    ``rope_select`` / ``rope_mix``: see ``MLA_METHODS``, ``MLA_OBJECTIVES``,
+    ``ROPE_SELECTIONS``, ``ROPE_MIXES``; the defaults are the best measured on SmolLM2
+    (``benchmarks/RESULTS.md``). ``rope_fold``: a dropped pair's query is multiplied by
+    the mean rotation E_w[R(θΔ)] over the distances its head attends to (calibrated), instead of
+    losing its rotation outright — a fixed 2×2 map per head and pair, folded into the query. ``refine``: refit the up-projections by closed-form least squares on
+    calibration activations (inputs seen by the converted model when the caller gives them).
+    ``latent_bits``: 16 or 8 (int8 latent cache, one 16-bit scale per token).
+    """
+
+    kind: ClassVar[str] = "mla"
+    rank: int = 64
+    rope_pairs: int = 8
+    method: str = "pca"
+    objective: str = "kv"
+    rope_select: str = "norm_freq"
+    rope_mix: str = "pca"
+    rope_fold: bool = False
+    refine: bool = False
+    latent_bits: int = 16
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
+            f"MLAConfig.rank must be an int ≥ 1, got {self.rank!r}",
+        )
+        _check(
+            isinstance(self.rope_pairs, int) and self.rope_pairs >= 0,
+            f"MLAConfig.rope_pairs must be an int ≥ 0, got {self.rope_pairs!r}",
+        )
+        _check(self.method in MLA_METHODS, f"MLAConfig.method must be one of {MLA_METHODS}")
+        _check(
+            self.objective in MLA_OBJECTIVES,
+            f"MLAConfig.objective must be one of {MLA_OBJECTIVES}",
+        )
+        _check(
+            self.rope_select in ROPE_SELECTIONS,
+            f"MLAConfig.rope_select must be one of {ROPE_SELECTIONS}",
+        )
+        _check(self.rope_mix in ROPE_MIXES, f"MLAConfig.rope_mix must be one of {ROPE_MIXES}")
+        _check(isinstance(self.refine, bool), "MLAConfig.refine must be a bool")
+        _check(isinstance(self.rope_fold, bool), "MLAConfig.rope_fold must be a bool")
+        _check(self.latent_bits in LATENT_BITS, f"MLAConfig.latent_bits must be in {LATENT_BITS}")
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether fitting this config needs calibration statistics."""
+        return (
+            self.method != "svd" or self.rope_select != "high_freq" or self.refine
+            or self.rope_mix != "none" or self.rope_fold
+        )
+
+    # -- validity against a site -----------------------------------------------------------
+    def reason_invalid(self, shape: AttentionShape) -> str | None:
+        """Why this config cannot convert ``shape`` (``None`` when it can)."""
+        if shape.rope_dim == 0:
+            return "no RoPE found: MLA keeps RoPE on a decoupled key; a NoPE block is unsupported"
+        if shape.rope_dim != shape.head_dim:
+            return (
+                f"unsupported attention variant: RoPE on {shape.rope_dim} of {shape.head_dim} "
+                "head dims (partial rotary) is not handled"
+            )
+        if shape.sliding_window is not None:
+            return "sliding-window attention is unsupported (the latent cache keeps every token)"
+        if 2 * self.rope_pairs > shape.head_dim:
+            return f"rope_pairs={self.rope_pairs} exceeds head_dim/2={shape.head_dim // 2}"
+        full = self.full_rank(shape)
+        if self.rank > full:
+            return f"rank {self.rank} exceeds the full latent rank {full} of this block"
+        return None
+
+    def full_rank(self, shape: AttentionShape) -> int:
+        """The rank at which the latent loses nothing: min(hidden, K·(d − 2p) + K·d)."""
+        nope = shape.head_dim - 2 * self.rope_pairs
+        return min(shape.hidden_size, shape.num_kv_heads * (nope + shape.head_dim))
+
+    # -- bytes ------------------------------------------------------------------------------
+    def kv_bytes_per_token(self, shape: AttentionShape) -> int:
+        """Exact bytes the latent cache holds per token of context for this block."""
+        rope = 2 * shape.num_kv_heads * 2 * self.rope_pairs
+        latent = 2 * self.rank if self.latent_bits == 16 else self.rank + 2
+        return latent + rope
+
+    def owned_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
+        """Reference bytes of the original ``k_proj`` + ``v_proj`` this decision replaces."""
+        return 2 * 2 * shape.hidden_size * shape.kv_dim + (2 * 2 * shape.kv_dim if bias else 0)
+
+    def converted_weight_bytes(self, shape: AttentionShape) -> int:
+        """Reference bytes of the converted projections (unabsorbed storage, value bias incl.)."""
+        D, K, d, r, p2 = (
+            shape.hidden_size, shape.num_kv_heads, shape.head_dim, self.rank, 2 * self.rope_pairs
+        )
+        mix = 0 if self.rope_mix == "none" else (d // 2) * K * K  # U_i per frequency
+        return 2 * (D * K * p2 + D * r + r * K * (d - p2) + r * K * d) + 2 * K * d + 2 * mix
+
+    def weight_bytes_delta(self, shape: AttentionShape, bias: bool = False) -> int:
+        """Weight bytes added (positive) or removed (negative) by the conversion."""
+        return self.converted_weight_bytes(shape) - self.owned_weight_bytes(shape, bias)
+
+    def absorbed_extra_bytes(self, shape: AttentionShape) -> int:
+        """Bytes of the absorbed decode matrices: ``W_ukᵀ`` composed with each query head's
+        key-space map (``H·r·d``) and ``o_proj·W_uv`` per head (``H·r·D``)."""
+        H, d, r, D = shape.num_heads, shape.head_dim, self.rank, shape.hidden_size
+        return 2 * (H * r * d + H * r * D)
+
+    def cost(self, shape: AttentionShape, bias: bool = False) -> dict[str, int]:
+        """The budget vector: weight bytes of the owned projections and KV bytes per token."""
+        return {
+            WEIGHT_BYTES: self.converted_weight_bytes(shape),
+            KV_BYTES_PER_TOKEN: self.kv_bytes_per_token(shape),
+        }
+
+    def weight_bytes(self, in_features: int, out_features: int) -> int:
+        """Not a linear form: an MLA decision is priced against an ``AttentionShape``."""
+        raise TypeError("MLAConfig is priced per attention site: use cost(AttentionShape)")
+
+    def short(self) -> str:
+        q = " int8" if self.latent_bits == 8 else ""
+        ref = ("+ls" if self.refine else "") + ("" if self.rope_mix == "none" else " rorope")
+        ref += " fold" if self.rope_fold else ""
+        return (
+            f"mla r={self.rank} rope={self.rope_pairs}p/{self.rope_select} "
+            f"{self.method}/{self.objective}{ref}{q}"
+        )

@@ -1,0 +1,231 @@
+"""Convert the attention blocks of a Hugging Face Llama/Qwen2-style causal LM to MLA.
+
+    capture_attention_inputs(model, batches)   the hidden state each attention block reads
+    attention_calib(attn, x, ...)              → AttentionCalib (Gram, mean, pair norms)
+    convert_model(model, cfg, batches)         fit + swap every block (or the given layers)
+
+Every block is checked before any is changed (``describe_hf_attention`` and
+``MLAConfig.reason_invalid``): with ``strict=True`` (default) one rejected block raises and
+leaves the model untouched; otherwise the rejected blocks stay as they are and the result says
+why. With a ``refine`` config the blocks are converted in order and each one's up-projections
+are fitted on the inputs the already-converted layers give (sequential, closed form).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .config import MLAConfig
+from .hf import describe_hf_attention
+from .module import MLAAttention
+from .numerics import AttentionCalib, fit_mla
+
+__all__ = ["MLAConversion", "capture_attention_inputs", "attention_calib", "convert_model"]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    inner = getattr(model, "model", model)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no .model.layers (not a Llama-style LM)")
+    return layers
+
+
+def _inv_freq(model: nn.Module) -> Tensor:
+    rot = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rot is None or not hasattr(rot, "inv_freq"):
+        raise ValueError("no rotary embedding (model.model.rotary_emb.inv_freq) found")
+    return rot.inv_freq.detach().float().cpu()
+
+
+@torch.no_grad()
+def capture_attention_inputs(
+    model: nn.Module, batches: Sequence[Tensor], layers: Sequence[int], stop_after: int | None = None
+) -> dict[int, Tensor]:
+    """Per layer index, the attention block's input over all ``batches``: (tokens, D), float32
+    on CPU. ``stop_after``: stop the forward once that layer's input is seen (saves time)."""
+    store: dict[int, list[Tensor]] = {i: [] for i in layers}
+    hooks = []
+    blocks = _layers(model)
+
+    def make(i: int):
+        def hook(_mod, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            store[i].append(x.detach().reshape(-1, x.shape[-1]).float().cpu())
+            if stop_after is not None and i == stop_after:
+                raise _Stop
+
+        return hook
+
+    for i in layers:
+        hooks.append(blocks[i].self_attn.register_forward_pre_hook(make(i), with_kwargs=True))
+    try:
+        for ids in batches:
+            try:
+                model(ids.to(next(model.parameters()).device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: torch.cat(v) for i, v in store.items()}
+
+
+@torch.no_grad()
+def attention_distances(
+    attn: nn.Module, x: Tensor, num_heads: int, num_kv_heads: int, seq_len: int,
+    inv_freq: Tensor,
+) -> Tensor:
+    """(E_w cos θ_iΔ, E_w sin θ_iΔ) per query head and pair, shape (H, d/2, 2): ``w`` is the
+    head's attention mass at distance Δ in the original block (causal softmax over windows of
+    ``seq_len`` rows of ``x``, RoPE at positions 0..L−1), averaged over queries."""
+    H, K = num_heads, num_kv_heads
+    d = attn.k_proj.out_features // K
+    half = d // 2
+    L = seq_len
+    xw = x.reshape(-1, L, x.shape[-1]).to(attn.q_proj.weight)
+    pos = torch.arange(L, dtype=torch.float64)
+    ang = pos[:, None] * inv_freq.double()[None, :half]
+    cos = torch.cat([ang.cos(), ang.cos()], -1).float()
+    sin = torch.cat([ang.sin(), ang.sin()], -1).float()
+
+    def rope(t: Tensor) -> Tensor:
+        rot = torch.cat([-t[..., half:], t[..., :half]], -1)
+        return t * cos + rot * sin
+
+    dist = (pos[:, None] - pos[None, :]).clamp_min(0).long().flatten()
+    mass = torch.zeros(H, L, dtype=torch.float64)
+    scale = float(getattr(attn, "scaling", d**-0.5))
+    causal = torch.ones(L, L, dtype=torch.bool).tril()
+    for w in xw:
+        q = rope(attn.q_proj(w).float().view(L, H, d).transpose(0, 1))
+        k = rope(attn.k_proj(w).float().view(L, K, d).transpose(0, 1))
+        k = k.repeat_interleave(H // K, dim=0)
+        s = (q @ k.transpose(1, 2) * scale).masked_fill(~causal, float("-inf"))
+        p = torch.softmax(s, -1).double().reshape(H, -1)
+        mass.scatter_add_(1, dist.expand(H, -1), p)
+    wdist = mass / mass.sum(1, keepdim=True)
+    ang = pos[:, None] * inv_freq.double()[None, :half]  # (L, half) angle at distance Δ
+    return torch.stack([wdist @ ang.cos(), wdist @ ang.sin()], -1)
+
+
+@torch.no_grad()
+def attention_calib(
+    attn: nn.Module, x: Tensor, num_heads: int, num_kv_heads: int, seq_len: int,
+    x_new: Tensor | None = None, inv_freq: Tensor | None = None,
+) -> AttentionCalib:
+    """Statistics of one block from its inputs ``x`` (tokens, D); ``x_new``: the inputs the
+    converted model gives for the same tokens (adds ``gram_new`` and ``cross``); ``inv_freq``:
+    also measure the attention distances (``rot_mean``, see :func:`attention_distances`)."""
+    x64 = x.to(torch.float64)
+    n = x64.shape[0]
+    d = attn.k_proj.out_features // num_kv_heads
+    half = d // 2
+    dev, dt = attn.q_proj.weight.device, attn.q_proj.weight.dtype
+
+    def pair_norm(lin: nn.Linear, heads: int) -> Tensor:
+        y = lin(x.to(dev, dt)).float().cpu().reshape(n, heads, d)
+        return (y[..., :half].square() + y[..., half:].square()).sqrt().mean(0).double()
+
+    calib = AttentionCalib(
+        gram=x64.T @ x64 / n,
+        mean=x64.mean(0),
+        q_pair_norm=pair_norm(attn.q_proj, num_heads),
+        k_pair_norm=pair_norm(attn.k_proj, num_kv_heads),
+        tokens=n,
+        seq_len=seq_len,
+    )
+    if inv_freq is not None and seq_len > 1 and n % seq_len == 0:
+        calib.rot_mean = attention_distances(attn, x, num_heads, num_kv_heads, seq_len, inv_freq)
+    if x_new is not None:
+        ones = torch.ones(n, 1, dtype=torch.float64)
+        xo = torch.cat([x64, ones], 1)
+        xn = torch.cat([x_new.to(torch.float64), ones], 1)
+        calib.gram_new = xn.T @ xn / n
+        calib.cross = xo.T @ xn / n
+    return calib
+
+
+@dataclass
+class MLAConversion:
+    """What ``convert_model`` did: converted layer indices, the configs used, and the reason
+    for each rejected layer."""
+
+    converted: list[int] = field(default_factory=list)
+    configs: dict[int, MLAConfig] = field(default_factory=dict)
+    rejected: dict[int, str] = field(default_factory=dict)
+
+
+def convert_model(
+    model: nn.Module,
+    cfg: MLAConfig | Mapping[int, MLAConfig],
+    batches: Sequence[Tensor] | None = None,
+    strict: bool = True,
+    absorb: str = "auto",
+    inputs: Mapping[int, Tensor] | None = None,
+) -> MLAConversion:
+    """Replace attention blocks of ``model`` in place by :class:`MLAAttention`.
+
+    ``cfg``: one config for every layer or a mapping layer index → config (others untouched).
+    ``batches``: calibration input ids, each (1, L); needed unless every config is data-free.
+    ``inputs``: the blocks' inputs already captured from the original model on ``batches``
+    (:func:`capture_attention_inputs`), to share one capture between several conversions.
+    """
+    blocks = _layers(model)
+    hf_cfg = model.config
+    plan = {i: cfg for i in range(len(blocks))} if isinstance(cfg, MLAConfig) else dict(cfg)
+    result = MLAConversion()
+    shapes = {}
+    for i, c in sorted(plan.items()):
+        info = describe_hf_attention(blocks[i].self_attn, hf_cfg, i)
+        reason = info.reason or c.reason_invalid(info.shape)  # type: ignore[arg-type]
+        if reason:
+            result.rejected[i] = reason
+        else:
+            shapes[i] = info.shape
+    if result.rejected and strict:
+        raise ValueError(
+            "MLA conversion rejected (model unchanged): "
+            + "; ".join(f"layer {i}: {r}" for i, r in result.rejected.items())
+        )
+    todo = sorted(shapes)
+    if not todo:
+        return result
+    inv_freq = _inv_freq(model)
+    needs_data = any(plan[i].needs_data for i in todo)
+    if needs_data and not batches:
+        raise ValueError("calibration batches are needed for data-aware MLA configs")
+    seq_len = int(batches[0].shape[-1]) if batches else 1
+    if needs_data and (inputs is None or any(i not in inputs for i in todo)):
+        inputs = capture_attention_inputs(model, batches, todo)
+    for i in todo:
+        c, shape, attn = plan[i], shapes[i], blocks[i].self_attn
+        calib = None
+        if needs_data:
+            x_new = None
+            if c.refine and result.converted:
+                x_new = capture_attention_inputs(model, batches, [i], stop_after=i)[i]
+            calib = attention_calib(
+                attn, inputs[i], shape.num_heads, shape.num_kv_heads, seq_len, x_new,  # type: ignore[index]
+                inv_freq if (c.rope_fold or c.rope_select == "norm_attn") else None,
+            )
+        w = fit_mla(
+            c,
+            attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
+            attn.k_proj.bias, attn.v_proj.bias,
+            shape.num_heads, shape.num_kv_heads, inv_freq, calib,
+        )
+        blocks[i].self_attn = MLAAttention(
+            attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb, latent_bits=c.latent_bits
+        )
+        result.converted.append(i)
+        result.configs[i] = c
+    return result

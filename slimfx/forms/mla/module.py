@@ -1,0 +1,249 @@
+"""``MLAAttention``: a drop-in replacement for a Hugging Face Llama/Qwen2 attention block.
+
+Per token it computes and caches the latent ``c = W_dkv x`` (r) and one RoPE key shared by all
+query heads (2N = K·2p dims, rotated), through the cache's ``update(latent, rope_key,
+layer_idx)`` — keys slot ``(B, 1, T, r)``, values slot ``(B, 1, T, 2N)`` — so ``DynamicCache``,
+``StaticCache`` and :class:`~slimfx.forms.mla.cache.MLALatentCache` all hold the latent.
+
+Query head h reads the shared key space through ``q'_h = q_mix_h q_h`` (K·d dims: the 2N RoPE
+dims, then the nope dims; see ``numerics``).
+
+Unabsorbed (prefill):  ``k = [k_rope ; W_uk c]`` (one key head of K·d dims), ``v_g = W_uv,g c +
+    b_g``; attention with the block's scaling, then ``o_proj``.
+Absorbed (decode):     ``q_lat,h = W_ukᵀ q'_nope,h`` (r), scores ``q'_rope,h·k_rope + q_lat,h·c``;
+    ``ctx_h = Σ_t a_t c_t`` (r); output ``o_proj(W_uv,g ctx_h + b_g)`` — attention runs
+    directly over the latent (multi-query: every head reads the same latent and RoPE key); the
+    value up-projection is applied to the r-wide context after the attention, which equals
+    folding it into ``o_proj`` (``absorbed_weights``) without storing ``H·r·D`` weights.
+
+The two are equal up to rounding (tests); ``absorb`` selects the form: ``"auto"`` (absorbed
+when one query token), ``"always"``, ``"never"``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .numerics import MLAWeights
+
+__all__ = ["MLAAttention", "ABSORB_MODES", "quantize_latent"]
+
+ABSORB_MODES = ("auto", "always", "never")
+
+
+def _linear(w: Tensor, b: Tensor | None, dtype: torch.dtype, device: torch.device) -> nn.Linear:
+    with warnings.catch_warnings():  # a zero-width projection (no RoPE pair / no nope dim)
+        warnings.simplefilter("ignore", UserWarning)
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=device, dtype=dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    return lin
+
+
+def quantize_latent(latent: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per token: ``codes = round(c / s)``, ``s = max|c| / 127`` (s ≥ tiny)."""
+    scale = latent.abs().amax(dim=-1, keepdim=True).float() / 127.0
+    scale = scale.clamp_min(torch.finfo(torch.float32).tiny)
+    codes = torch.round(latent.float() / scale).clamp_(-127, 127).to(torch.int8)
+    return codes, scale.to(latent.dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class MLAAttention(nn.Module):
+    """Latent attention replacing ``orig`` (a Llama-style attention) with fitted ``weights``.
+
+    ``forward`` has the signature of ``LlamaAttention.forward`` and returns ``(output, None)``.
+    """
+
+    def __init__(
+        self, orig: nn.Module, weights: MLAWeights, num_heads: int, num_kv_heads: int,
+        absorb: str = "auto", latent_bits: int = 16,
+    ) -> None:
+        super().__init__()
+        if latent_bits not in (16, 8):
+            raise ValueError(f"latent_bits must be 16 or 8, got {latent_bits}")
+        #: 8: the latent is rounded to int8 (one scale per token) as soon as it is computed, so
+        #: every path (no cache, any cache) sees what an int8 latent cache holds
+        self.latent_bits = latent_bits
+        if absorb not in ABSORB_MODES:
+            raise ValueError(f"absorb must be one of {ABSORB_MODES}, got {absorb!r}")
+        self.config = getattr(orig, "config", None)
+        self.layer_idx = orig.layer_idx
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+        self.head_dim = orig.k_proj.out_features // num_kv_heads
+        self.scaling = float(getattr(orig, "scaling", self.head_dim**-0.5))
+        self.rope_entries = int(weights.rope_freq.numel())
+        self.rank = int(weights.w_dkv.shape[0])
+        self.is_causal = True
+        self.absorb = absorb
+        #: run absorbed one-token steps through ``slimfx_kernels::mla_decode_triton`` when it
+        #: supports the call (no padding mask); else (or when False) the torch path
+        self.decode_kernel = False
+        self.last_decode_path = ""
+        dt, dev = orig.q_proj.weight.dtype, orig.q_proj.weight.device
+        self.q_proj = orig.q_proj
+        self.k_rope_proj = _linear(weights.w_krope, weights.b_krope, dt, dev)
+        self.kv_down = _linear(weights.w_dkv, None, dt, dev)
+        self.k_up = _linear(weights.w_uk, None, dt, dev)
+        self.v_up = _linear(weights.w_uv, weights.b_uv, dt, dev)
+        self.o_proj = orig.o_proj
+        freq = weights.rope_freq.to(dev)
+        self.register_buffer("rope_freq", freq, persistent=True)  # (N,)
+        self.register_buffer("q_mix", weights.q_mix.to(dev, dt), persistent=True)  # (H, Kd, d)
+
+    # -- helpers ------------------------------------------------------------------------------
+    @property
+    def key_dim(self) -> int:
+        """Width of the shared key space (K·d)."""
+        return self.num_kv_heads * self.head_dim
+
+    def _rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Rotate ``x`` (B, n, T, 2N) at the kept entries' frequencies (cos/sin: (B, T, d))."""
+        if self.rope_entries == 0:
+            return x
+        half = self.head_dim // 2
+        idx = torch.cat([self.rope_freq, self.rope_freq + half])
+        c = cos[..., idx][:, None].to(x.dtype)
+        s = sin[..., idx][:, None].to(x.dtype)
+        return x * c + _rotate_half(x) * s
+
+    def _queries(self, hidden_states: Tensor) -> Tensor:
+        """``q'`` (B, H, T, K·d): every head's query on the shared key space."""
+        B, T, _ = hidden_states.shape
+        H, d = self.num_heads, self.head_dim
+        q = self.q_proj(hidden_states).view(B, T, H, d)
+        return torch.einsum("bthd,hed->bhte", q, self.q_mix)
+
+    def absorbed_weights(self) -> tuple[Tensor, Tensor]:
+        """``W_o,h W_uv,g`` per query head (H, D, r) and the output bias ``W_o b`` (D)."""
+        K, H, d, r = self.num_kv_heads, self.num_heads, self.head_dim, self.rank
+        w_uv = self.v_up.weight.reshape(K, d, r)
+        wo = self.o_proj.weight.reshape(-1, H, d).transpose(0, 1)  # (H, D, d)
+        w_o_lat = wo @ w_uv.repeat_interleave(H // K, dim=0)  # (H, D, r)
+        b_heads = self.v_up.bias.reshape(K, d).repeat_interleave(H // K, dim=0).reshape(-1)
+        bias = self.o_proj.weight @ b_heads
+        if self.o_proj.bias is not None:
+            bias = bias + self.o_proj.bias
+        return w_o_lat, bias
+
+    @staticmethod
+    def _mask(mask: Tensor | None, T: int, S: int, device: torch.device) -> Tensor | None:
+        """SDPA mask: HF's bool / additive mask sliced to ``S`` keys, or a causal mask with
+        the queries at the last ``T`` positions when HF passed none."""
+        if mask is not None:
+            return mask[..., :S]
+        if T == 1:
+            return None
+        q_pos = torch.arange(S - T, S, device=device)[:, None]
+        return torch.arange(S, device=device)[None, :] <= q_pos
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: Any | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        """Same contract as ``LlamaAttention.forward`` (attention weights are not returned)."""
+        if position_embeddings is None:
+            raise ValueError("MLAAttention needs position_embeddings (cos, sin) from the model")
+        B, T, _ = hidden_states.shape
+        n2 = 2 * self.rope_entries
+        cos, sin = position_embeddings
+        q = self._queries(hidden_states)
+        q_rope = self._rope(q[..., :n2], cos, sin)
+        q_nope = q[..., n2:]
+        k_rope = self._rope(self.k_rope_proj(hidden_states)[:, None], cos, sin)  # (B,1,T,2N)
+        latent = self.kv_down(hidden_states)[:, None]  # (B, 1, T, r)
+        if self.latent_bits == 8:
+            codes, scales = quantize_latent(latent)
+            latent = codes.to(latent.dtype) * scales
+        if past_key_values is not None:
+            latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
+        S = latent.shape[2]
+        mask = self._mask(attention_mask, T, S, hidden_states.device)
+        absorbed = self.absorb == "always" or (self.absorb == "auto" and T == 1)
+        if absorbed:
+            out = self._absorbed(q_rope, q_nope, k_rope, latent, mask)
+        else:
+            out = self._unabsorbed(q_rope, q_nope, k_rope, latent, mask)
+        return out, None
+
+    def _unabsorbed(
+        self, q_rope: Tensor, q_nope: Tensor, k_rope: Tensor, latent: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        B, H, T, _ = q_rope.shape
+        K, d, S = self.num_kv_heads, self.head_dim, latent.shape[2]
+        c = latent[:, 0]  # (B, S, r)
+        k = torch.cat([k_rope, self.k_up(c)[:, None]], dim=-1).expand(B, H, S, self.key_dim)
+        v = self.v_up(c).view(B, S, K, d).transpose(1, 2).repeat_interleave(H // K, dim=1)
+        q = torch.cat([q_rope, q_nope], dim=-1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, H * d))
+
+    def _absorbed(
+        self, q_rope: Tensor, q_nope: Tensor, k_rope: Tensor, latent: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        B, H, T, _ = q_rope.shape
+        r, S = self.rank, latent.shape[2]
+        q_lat = q_nope @ self.k_up.weight  # (B, H, T, r) = W_ukᵀ q'_nope per head
+        if self.decode_kernel and T == 1:
+            ctx = self._kernel_step(q_rope, q_lat, k_rope, latent, mask)
+            if ctx is not None:
+                return self._latent_to_output(ctx[:, :, None])
+        self.last_decode_path = "torch"
+        q = torch.cat([q_rope, q_lat], dim=-1)
+        keys = torch.cat([k_rope, latent], dim=-1).expand(B, H, S, k_rope.shape[-1] + r)
+        vals = latent.expand(B, H, S, r)
+        ctx = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling)
+        return self._latent_to_output(ctx)
+
+    def _latent_to_output(self, ctx: Tensor) -> Tensor:
+        """``o_proj(W_uv,g ctx_h + b_g)`` for the per-head latent contexts ``ctx`` (B, H, T, r):
+        the value up-projection applied after the attention (cheaper at decode than storing
+        ``W_o,h W_uv,g``, which ``absorbed_weights`` gives)."""
+        B, H, T, r = ctx.shape
+        K, d = self.num_kv_heads, self.head_dim
+        w_uv = self.v_up.weight.view(K, d, r)
+        v = torch.einsum("bkgtr,kdr->btkgd", ctx.view(B, K, H // K, T, r), w_uv)
+        v = v + self.v_up.bias.view(K, 1, d)
+        return self.o_proj(v.reshape(B, T, H * d))
+
+    def _kernel_step(
+        self, q_rope: Tensor, q_lat: Tensor, k_rope: Tensor, latent: Tensor, mask: Tensor | None
+    ) -> Tensor | None:
+        """One decode step through the Triton kernel, or ``None`` (with the reason kept in
+        ``last_decode_path``) when it cannot run this call."""
+        if mask is not None and not (mask.dtype == torch.bool and bool(mask.all())):
+            self.last_decode_path = "torch: a padding mask (the kernel reads a prefix)"
+            return None
+        try:
+            from slimfx.kernels.mla_decode import triton_kernel as tk
+        except ImportError as e:
+            self.last_decode_path = f"torch: {e}"
+            return None
+        B, S = latent.shape[0], latent.shape[2]
+        args = (
+            q_lat[:, :, 0].contiguous(), q_rope[:, :, 0].contiguous(), latent[:, 0], None,
+            k_rope[:, 0, :, None, :], torch.full((B,), S, dtype=torch.int32,
+                                                  device=latent.device), self.scaling,
+        )
+        ok, why = tk.supports(*args)
+        if not ok:
+            self.last_decode_path = f"torch: {why}"
+            return None
+        self.last_decode_path = "triton"
+        return tk.run(*args)

@@ -185,10 +185,10 @@ def _main_input(batch: Any) -> tuple[str, Tensor] | None:
 def _runs(model: nn.Module, batch: Any) -> bool:
     """Whether ``model`` takes ``batch`` (one no-grad forward): the width check above reads
     the first *registered* linear, which need not be the first one the forward calls (or a
-    ``Flatten`` may come first). A model in training mode is not run (batch-norm statistics
-    would move): it is assumed to take the batch."""
-    if model.training:
-        return True
+    ``Flatten`` may come first). It runs in eval mode (no batch-norm statistics move, no
+    dropout) and every module's mode is restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
     try:
         with torch.no_grad():
             if isinstance(batch, Mapping):
@@ -199,6 +199,9 @@ def _runs(model: nn.Module, batch: Any) -> bool:
                 model(batch)
     except Exception:  # noqa: BLE001 - any failure means the batch does not fit
         return False
+    finally:
+        for m, mode in modes:
+            m.training = mode
     return True
 
 

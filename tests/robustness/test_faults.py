@@ -39,6 +39,18 @@ def test_wrong_width_names_batch_and_first_layer(inplace):
                     r"takes 32 features")
 
 
+def test_wrong_width_is_named_for_a_model_in_training_mode():
+    """A freshly built module is in training mode: the width check still runs it (in eval
+    mode, so no batch-norm statistics move) and names the batch; every mode comes back."""
+    m = nn.Sequential(nn.Linear(32, 16), nn.BatchNorm1d(16), nn.Dropout(0.1), nn.Linear(16, 8))
+    m.train()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError, match=r"calibration batch 0: .*takes 32 features"):
+        _opt(m, [torch.randn(16, 31)])
+    assert all(mod.training for mod in m.modules())
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
 def test_float_ids_for_a_language_model():
     m = llama()
     calib = [c.float() for c in ids(2)]

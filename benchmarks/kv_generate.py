@@ -26,7 +26,7 @@ from slimfx.forms.kv.cache import KVCache
 from slimfx.forms.kv.calibrate import attention_grams, fit_site
 from slimfx.forms.kv.config import KVLowRankConfig, KVQuantConfig
 from slimfx.forms.kv.lowrank import apply_lowrank_kv
-from slimfx.forms.kv.sites import find_attention_sites
+from slimfx.ir.find import inspect_attention_sites
 from slimfx.models import load_smollm2
 
 
@@ -96,7 +96,7 @@ def main() -> int:
         )
     # the low-rank rewrite (fit on 16 calibration windows), one sink token
     lr = KVLowRankConfig(64, 128, 1, "whitened", sink=1)
-    sites, _ = find_attention_sites(model)
+    sites, _ = inspect_attention_sites(model)
     dtype = next(model.parameters()).dtype
     model.float()
     grams = attention_grams(model, sites, calibration_batches(tok, name="news", n=16))

@@ -36,7 +36,7 @@ from slimfx.forms.kv.config import (
     dense_fraction,
 )
 from slimfx.forms.kv.simulate import SimulatedKVAttention
-from slimfx.forms.kv.sites import find_attention_sites
+from slimfx.ir.find import inspect_attention_sites
 from slimfx.models import load_smollm2
 
 FORMS = {
@@ -137,11 +137,11 @@ def main() -> int:
     model, tok = load_smollm2()
     model.eval()
     held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
-    sites, rejected = find_attention_sites(model)
+    sites, rejected = inspect_attention_sites(model)
     assert not rejected, rejected
     mods = dict(model.named_modules())
     parents = {s.fqn: s.fqn.rpartition(".") for s in sites}
-    shape = sites[0].shape
+    shape = sites[0].site_shape
     grams = None
     if any(isinstance(FORMS[n], (KVLowRankConfig, KVLatentQuantConfig)) for n in names):
         calib = calibration_batches(tok, name=a.corpus, n=a.n_calib, seq_len=a.seq_len)

@@ -38,8 +38,7 @@ import torch
 from slimfx.data.text import calibration_batches, heldout_windows
 from slimfx.eval.perplexity import perplexity
 from slimfx.forms.mla.config import MLAConfig
-from slimfx.forms.mla.convert import capture_attention_inputs, convert_model
-from slimfx.forms.mla.hf import describe_hf_attention
+from slimfx.forms.mla.convert import capture_attention_inputs, convert_model, describe_block
 from slimfx.models import load_smollm2
 
 KV_VALUES = 384  # 2 · 3 kv heads · 64 dims
@@ -152,7 +151,7 @@ def main() -> None:
     held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
     dense = perplexity(model, held, progress=False)
     layers = model.model.layers
-    shape = describe_hf_attention(layers[0].self_attn, model.config, 0).shape
+    shape = describe_block(layers[0].self_attn, model.config, 0).site_shape
     n_layers = len(layers)
     inputs = capture_attention_inputs(model, calib, range(n_layers))
     originals = [blk.self_attn for blk in layers]

@@ -28,7 +28,16 @@ from slimfx.ir.capture import Captured
 from slimfx.ir.match import weight_owner
 from slimfx.ir.sites import AttentionSite, LinearSite
 
-__all__ = ["find_linear_sites", "discover_linear_sites", "find_attention_sites"]
+__all__ = [
+    "find_linear_sites",
+    "discover_linear_sites",
+    "find_attention_sites",
+    "describe_attention",
+    "inspect_attention_sites",
+    "attention_variant_reasons",
+    "ATTENTION_VARIANTS",
+    "MHA_REASON",
+]
 
 _aten = torch.ops.aten
 _LINEAR = {_aten.linear.default}
@@ -262,12 +271,16 @@ def _is_causal(module: nn.Module, config: Any) -> bool:
     return any(str(a).endswith("ForCausalLM") for a in archs)
 
 
-def _rope_dim(config: Any, head_dim: int) -> int:
+def _rope_dim(config: Any, head_dim: int, layer_idx: int | None = None) -> int:
     """Dims per head carrying rotary position: all of them for a config with a ``rope_theta``
     (an attribute, or in ``rope_parameters``), times ``partial_rotary_factor`` when set and
-    kept even; none without."""
+    kept even; none without, nor on a layer ``config.no_rope_layers`` marks as NoPE."""
     if config is None:
         return 0
+    no_rope = getattr(config, "no_rope_layers", None)
+    if no_rope is not None and layer_idx is not None and layer_idx < len(no_rope):
+        if not no_rope[layer_idx]:
+            return 0
     params = getattr(config, "rope_parameters", None)
     params = params if isinstance(params, dict) else {}
     if getattr(config, "rope_theta", None) is None and params.get("rope_theta") is None:
@@ -320,3 +333,139 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
             )
         )
     return sites
+
+
+# ------------------------------------------------- Hugging Face attention blocks (module level)
+
+MHA_REASON = (
+    "nn.MultiheadAttention keeps no KV cache between calls (no layer index, no position "
+    "encoding, q/k/v fused in in_proj_weight): there is no cache to compress"
+)
+_PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
+_QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+
+#: the attention variants a form may refuse, named for ``attention_variant_reasons``.
+ATTENTION_VARIANTS = ("no_rope", "partial_rotary", "qk_norm", "sliding_window")
+
+
+def _sliding_window(module: nn.Module, config: Any, layer_idx: int | None) -> int | None:
+    """The module's ``sliding_window``; else the config's, on a layer ``layer_types`` marks
+    ``"sliding_attention"`` (without ``layer_types``: when ``use_sliding_window`` is not off)."""
+    win = getattr(module, "sliding_window", None)
+    if isinstance(win, int) and not isinstance(win, bool) and win > 0:
+        return win
+    cfg_win = getattr(config, "sliding_window", None) if config is not None else None
+    if not isinstance(cfg_win, int) or isinstance(cfg_win, bool) or cfg_win <= 0:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        sliding = layer_idx is not None and layer_idx < len(types)
+        return cfg_win if sliding and types[layer_idx] == "sliding_attention" else None
+    return cfg_win if getattr(config, "use_sliding_window", True) else None
+
+
+def describe_attention(
+    module: nn.Module, fqn: str = "", config: Any = None, layer_idx: int | None = None
+) -> AttentionSite | str:
+    """The :class:`AttentionSite` of one Hugging Face decoder attention block, or why not.
+
+    A block is a site when it has ``q_proj``/``k_proj``/``v_proj``/``o_proj`` ``nn.Linear``
+    children, a ``head_dim`` (the module's, else the config's) and a layer index (the
+    ``layer_idx`` given, else the module's): Llama, Mistral, Qwen2/3, Gemma, SmolLM, …. Heads
+    come from the projection widths (a pruned model reads right), RoPE from ``config`` (the
+    module's when not given; ``partial_rotary_factor``, ``no_rope_layers``), the window as in
+    ``_sliding_window``. Variants a form may refuse (no RoPE, partial rotary, a q/k norm, a
+    window) are recorded on the site; :func:`attention_variant_reasons` words them.
+    """
+    if isinstance(module, nn.MultiheadAttention):
+        return MHA_REASON
+    name = type(module).__name__
+    missing = [p for p in _PROJS if not isinstance(getattr(module, p, None), nn.Linear)]
+    if missing:
+        return (
+            f"unsupported attention variant {name}: no nn.Linear {', '.join(missing)} "
+            "(fused or missing projections, or already rewritten)"
+        )
+    config = getattr(module, "config", None) if config is None else config
+    layer_idx = getattr(module, "layer_idx", None) if layer_idx is None else layer_idx
+    if not isinstance(layer_idx, int) or isinstance(layer_idx, bool):
+        return "no layer_idx: not a decoder attention with a cache layer"
+    q, k, v, _ = (getattr(module, p) for p in _PROJS)
+    head_dim = _first_int([module] + ([config] if config is not None else []), "head_dim")
+    if head_dim is None:
+        return f"unsupported attention variant {name}: no integer head_dim"
+    if k.out_features != v.out_features:
+        return f"k_proj ({k.out_features}) and v_proj ({v.out_features}) widths differ"
+    if q.out_features % head_dim or k.out_features % head_dim:
+        return f"projection widths are not multiples of head_dim {head_dim}"
+    heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+    if heads % kv_heads:
+        return f"{heads} query heads are not a multiple of {kv_heads} key/value heads"
+    prefix = f"{fqn}." if fqn else ""
+    norm = next((n for n in _QK_NORMS if getattr(module, n, None) is not None), None)
+    return AttentionSite(
+        fqn=fqn,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        causal=_is_causal(module, config),
+        projections=tuple((p[0], f"{prefix}{p}") for p in _PROJS),
+        hidden_size=q.in_features,
+        rope_dim=_rope_dim(config, head_dim, layer_idx),
+        sliding_window=_sliding_window(module, config, layer_idx),
+        layer_idx=layer_idx,
+        module_type=name,
+        qk_norm=norm,
+    )
+
+
+def attention_variant_reasons(site: AttentionSite) -> dict[str, str]:
+    """Variant name (``ATTENTION_VARIANTS``) → reason, for each variant ``site`` has."""
+    name = site.module_type or "attention"
+    out: dict[str, str] = {}
+    if site.rope_dim == 0:
+        out["no_rope"] = "no RoPE found: a NoPE block has no rotary dims to keep apart"
+    elif site.rope_dim != site.head_dim:
+        out["partial_rotary"] = (
+            f"unsupported attention variant {name}: RoPE on {site.rope_dim} of "
+            f"{site.head_dim} head dims (partial rotary) is not handled"
+        )
+    if site.qk_norm is not None:
+        out["qk_norm"] = (
+            f"unsupported attention variant {name}: per-head {site.qk_norm} sits between the "
+            "projection and RoPE, so keys are not linear in the hidden state"
+        )
+    if site.sliding_window is not None:
+        out["sliding_window"] = (
+            f"sliding-window attention (window {site.sliding_window}) is unsupported"
+        )
+    return out
+
+
+def inspect_attention_sites(
+    model: nn.Module, refuse: Iterable[str] = ()
+) -> tuple[list[AttentionSite], dict[str, str]]:
+    """``(sites, rejected)``: the Hugging Face attention sites of ``model`` in module order
+    (:func:`describe_attention`) and, for each attention-like module that is not one, the
+    reason by fqn: ``nn.MultiheadAttention``, blocks with q/k/v/o attributes that
+    ``describe_attention`` refuses, and sites with a variant named in ``refuse``
+    (``ATTENTION_VARIANTS``; the first such reason)."""
+    refuse = set(refuse)
+    unknown = refuse - set(ATTENTION_VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown attention variants {sorted(unknown)}; {ATTENTION_VARIANTS}")
+    sites: list[AttentionSite] = []
+    rejected: dict[str, str] = {}
+    for fqn, m in model.named_modules():
+        if not isinstance(m, nn.MultiheadAttention) and not all(hasattr(m, p) for p in _PROJS):
+            continue
+        got = describe_attention(m, fqn)
+        if isinstance(got, str):
+            rejected[fqn] = got
+            continue
+        why = [r for v, r in attention_variant_reasons(got).items() if v in refuse]
+        if why:
+            rejected[fqn] = why[0]
+        else:
+            sites.append(got)
+    return sites, rejected

@@ -69,7 +69,9 @@ class AttentionSite:
     ``o`` (a mapping given to the constructor is converted, so the site stays hashable);
     ``projection(role)`` looks one up. ``hidden_size`` is the residual width the block reads
     (``num_heads · head_dim`` when not given); ``rope_dim``, ``sliding_window`` and
-    ``layer_idx`` as in ``AttentionShape``.
+    ``layer_idx`` as in ``AttentionShape``. ``module_type``: the class name of the attention
+    module (``"LlamaAttention"``); ``qk_norm``: the attribute of a per-head norm between the
+    q/k projections and RoPE (``"k_norm"``, …), ``None`` without one.
     """
 
     fqn: str
@@ -82,6 +84,8 @@ class AttentionSite:
     rope_dim: int = 0
     sliding_window: int | None = None
     layer_idx: int | None = None
+    module_type: str | None = None
+    qk_norm: str | None = None
     kind: ClassVar[str] = "attention"
 
     def __post_init__(self) -> None:

@@ -111,6 +111,23 @@ def test_tiny_llama_attention_sites(tiny_llama):
     assert len({s, sites[1], s}) == 2 and s.kind == "attention"
 
 
+def test_inspect_attention_sites_records_variants_and_refuses_on_request():
+    from slimfx.ir.find import attention_variant_reasons, inspect_attention_sites
+    from slimfx.models import tiny_llama
+
+    model = tiny_llama(layer_types=["full_attention", "sliding_attention"], sliding_window=8)
+    sites, rejected = inspect_attention_sites(model)
+    assert not rejected and [s.module_type for s in sites] == ["LlamaAttention"] * 2
+    assert [s.sliding_window for s in sites] == [None, 8] and len(set(sites)) == 2
+    assert attention_variant_reasons(sites[0]) == {}
+    model.model.layers[0].self_attn.k_norm = nn.Identity()
+    sites, rejected = inspect_attention_sites(model, refuse=("qk_norm", "sliding_window"))
+    assert sites == [] and "per-head k_norm" in rejected["model.layers.0.self_attn"]
+    assert "window 8" in rejected["model.layers.1.self_attn"]
+    with pytest.raises(ValueError, match="unknown attention variants"):
+        inspect_attention_sites(model, refuse=("fused",))
+
+
 def test_attention_site_needs_head_counts():
     class Attn(nn.Module):
         def __init__(self) -> None:

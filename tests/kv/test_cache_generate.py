@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache
 from slimfx.forms.kv.cache import KVCache, QuantizedKVLayer
 from slimfx.forms.kv.config import KVDenseConfig, KVQuantConfig
 from slimfx.forms.kv.simulate import SimulatedKVAttention
-from slimfx.forms.kv.sites import find_attention_sites
+from slimfx.ir.find import inspect_attention_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,7 +26,7 @@ def _decode_logits(model, ids, cache):
 
 
 def _simulated_logits(model, ids, form):
-    sites, _ = find_attention_sites(model)
+    sites, _ = inspect_attention_sites(model)
     mods = dict(model.named_modules())
     for s in sites:
         parent, _, child = s.fqn.rpartition(".")
@@ -65,12 +65,12 @@ def test_16bit_cache_equals_dense_and_bytes_are_counted(tiny_llama, tiny_ids):
     form = KVQuantConfig(8, 8, 4, 16, 2)
     cache = KVCache.for_model(model, form)
     model.generate(ids, past_key_values=cache, **gen_kw)
-    (site, *_), _ = find_attention_sites(model)
+    (site, *_), _ = inspect_attention_sites(model)
     n = cache.get_seq_length()  # the last generated token is never fed back
     assert n == ids.shape[1] + 5
     for layer in cache.layers:
         layer.flush()
-    assert cache.nbytes() == 2 * form.cache_bytes(site.shape, n)
+    assert cache.nbytes() == 2 * form.cache_bytes(site.site_shape, n)
     assert all(isinstance(layer, QuantizedKVLayer) for layer in cache.layers)
 
 

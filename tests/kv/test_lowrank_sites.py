@@ -12,7 +12,7 @@ from slimfx.forms.kv.calibrate import attention_grams, capture_attention_inputs,
 from slimfx.forms.kv.config import KVDenseConfig, KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.lowrank import LowRankKVAttention, apply_lowrank_kv
 from slimfx.forms.kv.simulate import attention_error, block_forward
-from slimfx.forms.kv.sites import MHA_REASON, find_attention_sites
+from slimfx.ir.find import MHA_REASON, inspect_attention_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,9 +23,9 @@ def _calib(n=3, T=24, seed=5):
 
 
 def test_sites_of_tiny_llama_and_the_reasons_for_the_rest(tiny_llama):
-    sites, rejected = find_attention_sites(tiny_llama)
+    sites, rejected = inspect_attention_sites(tiny_llama)
     assert [s.layer_idx for s in sites] == [0, 1]
-    sh = sites[1].shape
+    sh = sites[1].site_shape
     assert (sh.hidden_size, sh.num_heads, sh.num_kv_heads, sh.head_dim, sh.rope_dim) == (
         64,
         4,
@@ -34,9 +34,9 @@ def test_sites_of_tiny_llama_and_the_reasons_for_the_rest(tiny_llama):
         16,
     )
     assert sh.sliding_window is None and not rejected
-    assert sites[0].k_proj == "model.layers.0.self_attn.k_proj"
+    assert sites[0].projection("k") == "model.layers.0.self_attn.k_proj"
     wrapper = nn.ModuleDict({"mha": nn.MultiheadAttention(16, 2), "llm": tiny_llama})
-    _, rejected = find_attention_sites(wrapper)
+    _, rejected = inspect_attention_sites(wrapper)
     assert rejected == {"mha": MHA_REASON}
 
 
@@ -44,13 +44,13 @@ def test_sliding_window_layers_are_seen():
     from slimfx.models import tiny_llama
 
     model = tiny_llama(layer_types=["full_attention", "sliding_attention"], sliding_window=8)
-    sites, _ = find_attention_sites(model)
-    assert [s.shape.sliding_window for s in sites] == [None, 8]
-    assert "sliding-window" in KVLowRankConfig(16, 16).check(sites[1].shape)
+    sites, _ = inspect_attention_sites(model)
+    assert [s.site_shape.sliding_window for s in sites] == [None, 8]
+    assert "sliding-window" in KVLowRankConfig(16, 16).check(sites[1].site_shape)
 
 
 def test_dense_simulation_equals_the_hf_block_and_full_rank_is_exact(tiny_llama):
-    sites, _ = find_attention_sites(tiny_llama)
+    sites, _ = inspect_attention_sites(tiny_llama)
     ins = capture_attention_inputs(tiny_llama, sites, _calib())
     grams = attention_grams(tiny_llama, sites, _calib())
     mods = dict(tiny_llama.named_modules())
@@ -75,12 +75,12 @@ def test_dense_simulation_equals_the_hf_block_and_full_rank_is_exact(tiny_llama)
 def test_each_fit_is_optimal_for_its_own_weighted_objective(tiny_llama):
     from slimfx.forms.kv.numerics import value_output_weight
 
-    sites, _ = find_attention_sites(tiny_llama)
+    sites, _ = inspect_attention_sites(tiny_llama)
     s = sites[0]
     gram = attention_grams(tiny_llama, [s], _calib(4, 32))[s.fqn].double()
     mods = dict(tiny_llama.named_modules())
-    W = mods[s.v_proj].weight.detach().double()
-    M = value_output_weight(mods[s.o_proj].weight, (4, 2, 16))
+    W = mods[s.projection("v")].weight.detach().double()
+    M = value_output_weight(mods[s.projection("o")].weight, (4, 2, 16))
 
     def objectives(f):
         E = W - torch.einsum(
@@ -100,7 +100,7 @@ def test_each_fit_is_optimal_for_its_own_weighted_objective(tiny_llama):
 
 
 def _rewrite(model, form):
-    sites, _ = find_attention_sites(model)
+    sites, _ = inspect_attention_sites(model)
     grams = attention_grams(model, sites, _calib())
     factors = {s.fqn: fit_site(model, s, grams[s.fqn], form) for s in sites}
     apply_lowrank_kv(model, sites, {s.fqn: form for s in sites}, factors)
@@ -139,7 +139,7 @@ def test_full_rank_rewrite_generates_the_dense_tokens(tiny_llama, tiny_ids, form
     assert torch.equal(got, dense)
     if form.kind == "kv_lowrank":  # batch 2 × 2 layers × fp32 (twice the 16-bit reference)
         n = cache.get_seq_length()
-        assert cache.nbytes() == 2 * 2 * 2 * form.cache_bytes(sites[0].shape, n)
+        assert cache.nbytes() == 2 * 2 * 2 * form.cache_bytes(sites[0].site_shape, n)
 
 
 def test_low_rank_generate_holds_the_latent_and_needs_the_kv_cache(tiny_llama, tiny_ids):
@@ -155,13 +155,13 @@ def test_low_rank_generate_holds_the_latent_and_needs_the_kv_cache(tiny_llama, t
     assert isinstance(layer, LatentLayer) and layer.keys.shape == (1, 1, 20, 16)
     assert torch.equal(layer.positions, torch.arange(20)[None])
     # fp32 run: twice the reference (16-bit) bytes
-    assert layer.nbytes() == 2 * form.cache_bytes(sites[0].shape, 20)
+    assert layer.nbytes() == 2 * form.cache_bytes(sites[0].site_shape, 20)
     with pytest.raises(TypeError, match="needs slimfx's KVCache"):
         tiny_llama.generate(ids, past_key_values=DynamicCache(), max_new_tokens=2)
 
 
 def test_a_refused_rewrite_leaves_the_model_unchanged(tiny_llama):
-    sites, _ = find_attention_sites(tiny_llama)
+    sites, _ = inspect_attention_sites(tiny_llama)
     before = [type(m) for m in tiny_llama.modules()]
     grams = attention_grams(tiny_llama, sites, _calib())
     good = KVLowRankConfig(16, 16)
@@ -173,7 +173,7 @@ def test_a_refused_rewrite_leaves_the_model_unchanged(tiny_llama):
 
 
 def test_sink_tokens_of_the_low_rank_cache(tiny_llama):
-    sites, _ = find_attention_sites(tiny_llama)
+    sites, _ = inspect_attention_sites(tiny_llama)
     s = sites[0]
     calib = _calib(2, 20)
     ins = capture_attention_inputs(tiny_llama, [s], calib)
@@ -188,13 +188,13 @@ def test_sink_tokens_of_the_low_rank_cache(tiny_llama):
     f = fit_site(tiny_llama, s, gram, lq)
     assert attention_error(attn, ins[s.fqn], lq, f) < 1e-12
     # bytes: 3 sink tokens' exact K/V at 2·2·16·2 B, 10 latent tokens at 2·16 B
-    assert KVLowRankConfig(8, 8, sink=3).cache_bytes(s.shape, 10) == 3 * 128 + 10 * 32
+    assert KVLowRankConfig(8, 8, sink=3).cache_bytes(s.site_shape, 10) == 3 * 128 + 10 * 32
 
 
 def test_fisher_weighting_of_the_block_error(tiny_llama):
     from slimfx.forms.kv.config import KVQuantConfig
 
-    sites, _ = find_attention_sites(tiny_llama)
+    sites, _ = inspect_attention_sites(tiny_llama)
     s = sites[1]
     ins = capture_attention_inputs(tiny_llama, [s], _calib(2, 20))[s.fqn]
     attn = dict(tiny_llama.named_modules())[s.fqn]
@@ -228,7 +228,7 @@ def test_rewritten_model_decoding_equals_the_one_pass_simulation(form):
     from slimfx.models import tiny_llama
 
     sim, rew = (tiny_llama(seed=0, max_position_embeddings=128, pad_token_id=None) for _ in "ab")
-    sites, _ = find_attention_sites(sim)
+    sites, _ = inspect_attention_sites(sim)
     grams = attention_grams(sim, sites, _calib())
     factors = {s.fqn: fit_site(sim, s, grams[s.fqn], form) for s in sites}
     mods = dict(sim.named_modules())
@@ -261,4 +261,4 @@ def test_rewritten_model_decoding_equals_the_one_pass_simulation(form):
         layer = cache.layers[0]
         assert layer.sink_keys.shape == (1, 2, form.sink, 16)
         if form.kind == "kv_lowrank":  # all floats: fp32 is twice the 16-bit reference bytes
-            assert layer.nbytes() == 2 * form.cache_bytes(sites[0].shape, ids.shape[1])
+            assert layer.nbytes() == 2 * form.cache_bytes(sites[0].site_shape, ids.shape[1])

@@ -8,7 +8,6 @@ transformers):
                     an ``AttentionShape`` (``cache_bytes``, ``bytes_per_token``, ``costs``),
                     ``check`` (why a site cannot take the form);
 - ``numerics``      group quantization of keys / values / latents, packing, the low-rank k/v fit;
-- ``sites``         ``find_attention_sites``: module-level attention sites of HF decoders;
 - ``calibrate``     attention-block inputs and Grams on calibration batches, ``fit_site``;
 - ``simulate``      an attention block's output with a compressed cache in one pass,
                     ``attention_error`` (the form's error), ``SimulatedKVAttention``;
@@ -16,5 +15,6 @@ transformers):
 - ``static_cache``  ``StaticKVCache``: the static-shape variant for ``torch.compile``;
 - ``lowrank``       ``apply_lowrank_kv``: k/v projections factorized, the cache holds the latent.
 
-The decode-attention kernel over the quantized store is ``slimfx.kernels.kv_attention``.
+Attention sites come from ``slimfx.ir.find.inspect_attention_sites`` (one introspection of
+Hugging Face attention blocks, shared with ``forms/mla``). The decode-attention kernel over the quantized store is ``slimfx.kernels.kv_attention``.
 """

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimfx.forms.kv.sites import AttentionSite
+from slimfx.ir.sites import AttentionSite
 
 __all__ = ["capture_attention_inputs", "attention_grams", "fit_site"]
 
@@ -73,19 +73,19 @@ def fit_site(model: nn.Module, site: AttentionSite, gram: Tensor, config: Any) -
     from slimfx.forms.kv.numerics import fit_lowrank_kv, key_output_weight, value_output_weight
 
     lr = getattr(config, "lowrank", config)
-    why = lr.check(site.shape)
+    why = lr.check(site.site_shape)
     if why:
         raise ValueError(f"{site.fqn}: {why}")
     mods = dict(model.named_modules())
-    sh = site.shape
+    sh = site.site_shape
     heads = (sh.num_heads, sh.num_kv_heads, sh.head_dim)
     kw = vw = None
     if lr.method == "attention":
-        kw = key_output_weight(mods[site.q_proj].weight, gram, heads, sh.rope_dim)
-        vw = value_output_weight(mods[site.o_proj].weight, heads)
+        kw = key_output_weight(mods[site.projection("q")].weight, gram, heads, sh.rope_dim)
+        vw = value_output_weight(mods[site.projection("o")].weight, heads)
     return fit_lowrank_kv(
-        mods[site.k_proj].weight,
-        mods[site.v_proj].weight,
+        mods[site.projection("k")].weight,
+        mods[site.projection("v")].weight,
         gram,
         lr.key_rank,
         lr.value_rank,

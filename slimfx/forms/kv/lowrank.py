@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.simulate import apply_rope, rebuild
-from slimfx.forms.kv.sites import AttentionSite
+from slimfx.ir.sites import AttentionSite
 
 __all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary"]
 
@@ -159,7 +159,7 @@ def apply_lowrank_kv(
     todo = [s for s in sites if s.fqn in forms]
     for s in todo:
         lr = getattr(forms[s.fqn], "lowrank", forms[s.fqn])
-        why = lr.check(s.shape)
+        why = lr.check(s.site_shape)
         if why:
             raise ValueError(f"{s.fqn}: {why}")
         if s.fqn not in factors:

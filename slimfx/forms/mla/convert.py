@@ -4,7 +4,7 @@
     attention_calib(attn, x, ...)              → AttentionCalib (Gram, mean, pair norms)
     convert_model(model, cfg, batches)         fit + swap every block (or the given layers)
 
-Every block is checked before any is changed (``describe_hf_attention`` and
+Every block is checked before any is changed (``describe_block`` and
 ``MLAConfig.reason_invalid``): with ``strict=True`` (default) one rejected block raises and
 leaves the model untouched; otherwise the rejected blocks stay as they are and the result says
 why. With a ``refine`` config the blocks are converted in order and each one's up-projections
@@ -19,12 +19,38 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from slimfx.ir.find import attention_variant_reasons, describe_attention
+from slimfx.ir.sites import AttentionSite
+
 from .config import MLAConfig
-from .hf import describe_hf_attention
 from .module import MLAAttention
 from .numerics import AttentionCalib, fit_mla
 
-__all__ = ["MLAConversion", "capture_attention_inputs", "attention_calib", "convert_model"]
+__all__ = [
+    "MLAConversion",
+    "MLA_REFUSES",
+    "capture_attention_inputs",
+    "attention_calib",
+    "convert_model",
+    "describe_block",
+]
+
+#: attention variants MLA cannot convert: it keeps RoPE on one decoupled key over every head
+#: dim, needs keys linear in the hidden state, and its latent cache keeps every token.
+MLA_REFUSES = ("no_rope", "partial_rotary", "qk_norm", "sliding_window")
+
+
+def describe_block(
+    attn: nn.Module, config: object, layer_idx: int, fqn: str = ""
+) -> AttentionSite | str:
+    """The attention site of ``attn`` (a Hugging Face Llama / Qwen2-style block of a model with
+    ``config``), or why MLA cannot convert it (``slimfx.ir.find.describe_attention`` and the
+    variants in ``MLA_REFUSES``)."""
+    site = describe_attention(attn, fqn, config, layer_idx)
+    if isinstance(site, str):
+        return site
+    why = [r for v, r in attention_variant_reasons(site).items() if v in MLA_REFUSES]
+    return why[0] if why else site
 
 
 class _Stop(Exception):
@@ -185,12 +211,12 @@ def convert_model(
     result = MLAConversion()
     shapes = {}
     for i, c in sorted(plan.items()):
-        info = describe_hf_attention(blocks[i].self_attn, hf_cfg, i)
-        reason = info.reason or c.reason_invalid(info.shape)  # type: ignore[arg-type]
+        site = describe_block(blocks[i].self_attn, hf_cfg, i)
+        reason = site if isinstance(site, str) else c.reason_invalid(site.site_shape)
         if reason:
             result.rejected[i] = reason
         else:
-            shapes[i] = info.shape
+            shapes[i] = site.site_shape  # type: ignore[union-attr]
     if result.rejected and strict:
         raise ValueError(
             "MLA conversion rejected (model unchanged): "

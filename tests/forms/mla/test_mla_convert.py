@@ -12,8 +12,12 @@ import torch
 
 from forms.mla._tiny import calib_batches, eval_ids, tiny_gqa_llama
 from slimfx.forms.mla.config import MLAConfig
-from slimfx.forms.mla.convert import attention_calib, capture_attention_inputs, convert_model
-from slimfx.forms.mla.hf import describe_hf_attention
+from slimfx.forms.mla.convert import (
+    attention_calib,
+    capture_attention_inputs,
+    convert_model,
+    describe_block,
+)
 from slimfx.forms.mla.module import MLAAttention
 from slimfx.forms.mla.numerics import fit_mla
 from slimfx.planning.configs import decision_from_dict
@@ -192,20 +196,21 @@ def _cfg(**kw):
 
 def test_rejects_no_rope():
     attn = tiny_gqa_llama(2).model.layers[0].self_attn
-    info = describe_hf_attention(attn, _cfg(rope_parameters=None), 0)
-    assert info.shape is None and info.reason.startswith("no RoPE found")
-    info = describe_hf_attention(attn, _cfg(no_rope_layers=[0, 1]), 0)
-    assert info.reason.startswith("no RoPE found")
+    assert describe_block(attn, _cfg(), 0).site_shape.rope_dim == D_HEAD
+    info = describe_block(attn, _cfg(rope_parameters=None), 0)
+    assert isinstance(info, str) and info.startswith("no RoPE found")
+    info = describe_block(attn, _cfg(no_rope_layers=[0, 1]), 0)
+    assert info.startswith("no RoPE found")
 
 
 def test_rejects_partial_rotary_and_qk_norm():
     attn = tiny_gqa_llama(2).model.layers[0].self_attn
     rope = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
-    info = describe_hf_attention(attn, _cfg(rope_parameters=rope), 0)
-    assert "partial rotary" in info.reason and "8 of 16" in info.reason
+    info = describe_block(attn, _cfg(rope_parameters=rope), 0)
+    assert "partial rotary" in info and "8 of 16" in info
     attn.q_norm = torch.nn.Identity()
-    info = describe_hf_attention(attn, _cfg(), 0)
-    assert info.reason.startswith("unsupported attention variant") and "q_norm" in info.reason
+    info = describe_block(attn, _cfg(), 0)
+    assert info.startswith("unsupported attention variant") and "q_norm" in info
 
 
 def test_rejects_sliding_window_and_leaves_model_unchanged():

@@ -31,7 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from slimfx.planning.shapes import WEIGHT_BYTES, LinearShape
+from slimfx.planning.shapes import WEIGHT_BYTES, AttentionShape, LinearShape
 
 __all__ = [
     "Decision",
@@ -43,6 +43,7 @@ __all__ = [
     "Sparse24LowRankConfig",
     "decision_from_dict",
     "linear_shape",
+    "attention_shape",
     "register_decision",
     "DECISIONS",
     "DEFAULT_FAMILIES",
@@ -64,6 +65,18 @@ def register_decision(cls: type[Decision]) -> type[Decision]:
         raise ValueError(f"decision kind {cls.kind!r} registered twice")
     DECISIONS[cls.kind] = cls
     return cls
+
+
+def attention_shape(decision: Decision, shape: object) -> AttentionShape:
+    """``shape`` when it is an :class:`AttentionShape`; otherwise a ``TypeError`` saying that
+    ``decision``'s form prices attention sites only (a KV-cache or attention form)."""
+    if not isinstance(shape, AttentionShape):
+        what = getattr(shape, "kind", type(shape).__name__)
+        raise TypeError(
+            f"decision kind {decision.kind!r} prices attention sites (an AttentionShape), not "
+            f"a {what} shape {shape!r}"
+        )
+    return shape
 
 
 def linear_shape(decision: Decision, shape: object) -> LinearShape:

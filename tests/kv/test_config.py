@@ -16,7 +16,7 @@ from slimfx.forms.kv.config import (
     dense_fraction,
 )
 from slimfx.planning.configs import decision_from_dict
-from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape, LinearShape
 
 SHAPE = AttentionShape(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, rope_dim=16)
 SMOL = AttentionShape(hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, rope_dim=64)
@@ -89,10 +89,13 @@ def test_smollm2_fractions_match_the_formula():
     assert r.quantized_tokens(8192) == 8064
     assert r.cache_bytes(SMOL, 8192) == 8064 * 228 + 128 * 768
     assert r.bytes_per_token(SMOL, 8192) > r.bytes_per_token(SMOL)
-    costs = lr.costs(SMOL, 8192)
+    costs = lr.costs(SMOL, context=8192)
     assert costs[KV_BYTES_PER_TOKEN] == 384
-    # k, v: 576×192 each dense; factorized 192·(576 + 192) in total
-    assert costs[WEIGHT_BYTES] == 2 * 192 * (576 + 192) - 2 * 2 * 576 * 192
+    # k, v: 576×192 each dense; factorized 192·(576 + 192) in total (the option owns k and v)
+    assert costs[WEIGHT_BYTES] == lr.weight_bytes(SMOL) == 2 * 192 * (576 + 192)
+    # steady state by default: the 16-bit window amortized away; a cache-only form owns no weight
+    assert r.costs(SMOL) == {KV_BYTES_PER_TOKEN: 228, WEIGHT_BYTES: 0}
+    assert r.costs(SMOL, context=8192)[KV_BYTES_PER_TOKEN] == r.cache_bytes(SMOL, 8192) / 8192
     assert KVDenseConfig().cache_bytes(SMOL, 10) == 7680
 
 
@@ -151,5 +154,7 @@ def test_dense_accepts_sliding_windows_and_bad_values_raise():
         KVQuantConfig(residual=-1)
     with pytest.raises(ValueError, match="method must be one of"):
         KVLowRankConfig(method="svd")
-    with pytest.raises(TypeError, match="price it against an AttentionShape"):
-        KVQuantConfig().weight_bytes(64, 64)
+    with pytest.raises(TypeError, match="'kv_quant' prices attention sites .* linear shape"):
+        KVQuantConfig().weight_bytes(LinearShape(64, 64))
+    with pytest.raises(TypeError, match="'kv_lowrank' prices attention sites"):
+        KVLowRankConfig().costs(LinearShape(64, 64))

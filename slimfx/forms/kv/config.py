@@ -38,7 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from slimfx.planning.configs import Decision, register_decision
+from slimfx.planning.configs import Decision, attention_shape, register_decision
 from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
 
 __all__ = [
@@ -75,11 +75,15 @@ class KVDecision(Decision):
 
     kind: ClassVar[str] = "kv_abstract"
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        raise TypeError(
-            f"{self.kind} is a KV-cache form: price it against an AttentionShape "
-            "(cache_bytes / bytes_per_token / costs), not a linear (in, out)"
-        )
+    #: the projections (roles) the form replaces, whose weights it then owns and prices
+    owns: ClassVar[tuple[str, ...]] = ()
+
+    def weight_bytes(self, shape: AttentionShape) -> int:
+        """Reference bytes of the weights this form owns at an attention site of ``shape``
+        (``projection_weight_bytes`` when it replaces k_proj / v_proj, else 0); a
+        ``TypeError`` for a linear shape: a KV-cache form prices attention sites."""
+        shape = attention_shape(self, shape)
+        return self.projection_weight_bytes(shape) if self.owns else 0
 
     def check(self, shape: AttentionShape) -> str | None:
         """Why this form cannot apply to ``shape`` (``None``: it can)."""
@@ -110,13 +114,20 @@ class KVDecision(Decision):
         """Reference bytes of the k_proj and v_proj weights in this form (biases excluded)."""
         return 2 * 2 * shape.hidden_size * shape.kv_dim
 
-    def costs(self, shape: AttentionShape, context: int | None = None) -> dict[str, float]:
-        """The option's cost vector: ``KV_BYTES_PER_TOKEN`` at ``context`` and the change of the
-        k/v projections' ``WEIGHT_BYTES`` against dense (negative: smaller)."""
-        dense = KVDenseConfig().projection_weight_bytes(shape)
+    def costs(
+        self, shape: AttentionShape, bias: bool = False, context: int | None = None
+    ) -> dict[str, float]:
+        """The option's cost vector at a site of ``shape``: ``KV_BYTES_PER_TOKEN`` and
+        ``WEIGHT_BYTES`` (:meth:`weight_bytes`: the owned k/v projections, biases not counted,
+        ``bias`` is accepted for the ``Decision.costs`` signature only).
+
+        Cache bytes depend on the context (the 16-bit residual window and sink tokens): by
+        default ``costs`` prices the **steady state** — the compressed store's bytes per token,
+        the limit as the context grows (:meth:`steady_bytes_per_token`); ``context=L`` prices
+        the exact ``cache_bytes(shape, L) / L`` instead."""
         return {
             KV_BYTES_PER_TOKEN: self.bytes_per_token(shape, context),
-            WEIGHT_BYTES: self.projection_weight_bytes(shape) - dense,
+            WEIGHT_BYTES: self.weight_bytes(shape),
         }
 
 
@@ -228,6 +239,7 @@ class KVLowRankConfig(KVDecision):
     """
 
     kind: ClassVar[str] = "kv_lowrank"
+    owns: ClassVar[tuple[str, ...]] = ("k", "v")
     key_rank: int = 64
     value_rank: int = 64
     groups: int = 1
@@ -294,6 +306,7 @@ class KVLatentQuantConfig(KVDecision):
     and a per-channel range suits them. Both cost ``w·bits/8 + 4·w/group`` bytes per token."""
 
     kind: ClassVar[str] = "kv_latent_quant"
+    owns: ClassVar[tuple[str, ...]] = ("k", "v")
     key_rank: int = 64
     value_rank: int = 64
     groups: int = 1

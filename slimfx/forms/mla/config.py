@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from slimfx.planning.configs import Decision, register_decision
+from slimfx.planning.configs import Decision, attention_shape, register_decision
 from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
 
 __all__ = [
@@ -174,16 +174,21 @@ class MLAConfig(Decision):
         H, d, r, D = shape.num_heads, shape.head_dim, self.rank, shape.hidden_size
         return 2 * (H * r * d + H * r * D)
 
-    def cost(self, shape: AttentionShape, bias: bool = False) -> dict[str, int]:
-        """The budget vector: weight bytes of the owned projections and KV bytes per token."""
+    def costs(self, shape: AttentionShape, bias: bool = False) -> dict[str, int]:
+        """The budget vector at a site of ``shape``: ``WEIGHT_BYTES`` of the converted k/v
+        projections the decision owns (:meth:`weight_bytes`) and ``KV_BYTES_PER_TOKEN``. The
+        latent cache has no 16-bit window and no sink, so its bytes per token are the same at
+        every context (no steady-state approximation); ``bias`` is accepted for the
+        ``Decision.costs`` signature (the value bias is always counted)."""
         return {
-            WEIGHT_BYTES: self.converted_weight_bytes(shape),
-            KV_BYTES_PER_TOKEN: self.kv_bytes_per_token(shape),
+            WEIGHT_BYTES: self.weight_bytes(shape),
+            KV_BYTES_PER_TOKEN: self.kv_bytes_per_token(attention_shape(self, shape)),
         }
 
-    def weight_bytes(self, in_features: int, out_features: int) -> int:
-        """Not a linear form: an MLA decision is priced against an ``AttentionShape``."""
-        raise TypeError("MLAConfig is priced per attention site: use cost(AttentionShape)")
+    def weight_bytes(self, shape: AttentionShape) -> int:
+        """Reference bytes of the converted projections (:meth:`converted_weight_bytes`); a
+        ``TypeError`` for a linear shape: an MLA decision prices attention sites."""
+        return self.converted_weight_bytes(attention_shape(self, shape))
 
     def short(self) -> str:
         q = " int8" if self.latent_bits == 8 else ""

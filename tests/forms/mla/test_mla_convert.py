@@ -21,7 +21,7 @@ from slimfx.forms.mla.convert import (
 from slimfx.forms.mla.module import MLAAttention
 from slimfx.forms.mla.numerics import fit_mla
 from slimfx.planning.configs import decision_from_dict
-from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape, LinearShape
 
 # fp32 model, factors fitted in float64 and rounded to fp32: logits of the 2-layer model agree
 # to ~1e-6 (measured ≤ 3e-7); 1e-5 leaves room for reassociation in other BLAS builds.
@@ -268,9 +268,10 @@ def test_config_bytes_for_smollm2_shape():
     expect = 2 * (576 * 24 + 576 * 168 + 168 * 168 + 168 * 192) + 2 * 192
     assert cfg.converted_weight_bytes(SMOL) == expect
     assert cfg.weight_bytes_delta(SMOL) == expect - 2 * 2 * 576 * 192
-    assert cfg.cost(SMOL) == {WEIGHT_BYTES: expect, KV_BYTES_PER_TOKEN: 384}
-    with pytest.raises(TypeError, match="per attention site"):
-        cfg.weight_bytes(576, 192)
+    assert cfg.costs(SMOL) == {WEIGHT_BYTES: expect, KV_BYTES_PER_TOKEN: 384}
+    assert cfg.weight_bytes(SMOL) == expect
+    with pytest.raises(TypeError, match="'mla' prices attention sites .* linear shape"):
+        cfg.weight_bytes(LinearShape(576, 192))
     # the RoRoPE-style mixing adds one K×K matrix per frequency: 32 · 3 · 3 16-bit values
     mixed = MLAConfig(rank=168, rope_pairs=4, rope_mix="pca")
     assert mixed.converted_weight_bytes(SMOL) == expect + 2 * 32 * 9

@@ -20,11 +20,14 @@ from slimfx.kernels import Kernel, kernels_of, select
 from slimfx.numerics import factorize, form_error, reconstruct
 from slimfx.passes.base import Rule, rule_for
 from slimfx.planning.configs import DECISIONS, Decision, LowRankConfig, decision_from_dict
-from slimfx.planning.shapes import WEIGHT_BYTES, AttentionShape, LinearShape
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape, LinearShape
 from slimfx.report import Report, SiteEntry
 
 BUILTIN = ("dense", "lowrank", "quant", "sparse24", "lowrank_quant", "sparse24_lowrank")
 REGISTERED = forms.forms()
+LINEAR = tuple(f for f in REGISTERED if f.site_kind == "linear")
+ATTENTION = tuple(f for f in REGISTERED if f.site_kind == "attention")
+ATTENTION_KINDS = ("kv_dense", "kv_quant", "kv_lowrank", "kv_latent_quant", "mla")
 
 
 def test_every_existing_kind_is_registered_once() -> None:
@@ -48,7 +51,7 @@ def test_every_piece_is_there_or_says_why_not(form: forms.Form) -> None:
         assert callable(form.family(name)) and FAMILIES[name] is form.family(name)
 
 
-@pytest.mark.parametrize("form", REGISTERED, ids=lambda f: f.kind)
+@pytest.mark.parametrize("form", LINEAR, ids=lambda f: f.kind)
 def test_pieces_agree_with_each_other(form: forms.Form) -> None:
     if form.native:  # dense: torch's own layer; every backend runs it, nothing else to check
         assert not any(form.has(p) for p in ("op", "module", "rule", "onnx_translation"))
@@ -70,7 +73,7 @@ def test_pieces_agree_with_each_other(form: forms.Form) -> None:
         assert kernels_of(form.op_name) == list(ks)
 
 
-@pytest.mark.parametrize("form", REGISTERED, ids=lambda f: f.kind)
+@pytest.mark.parametrize("form", LINEAR, ids=lambda f: f.kind)
 def test_every_config_prices_itself(form: forms.Form) -> None:
     d = form.config() if form.kind != "lowrank" else LowRankConfig(4)
     shape = LinearShape(128, 32)
@@ -88,9 +91,49 @@ def test_every_config_prices_itself(form: forms.Form) -> None:
 
 def test_a_linear_form_refuses_another_shape_kind() -> None:
     att = AttentionShape(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16)
-    for f in REGISTERED:
+    for f in LINEAR:
         with pytest.raises(TypeError, match=f"{f.kind!r} prices linear sites .* attention"):
             f.config().weight_bytes(att) if f.kind != "lowrank" else LowRankConfig(2).flops(att)
+
+
+def test_the_attention_forms_are_registered_with_slimfx_forms() -> None:
+    assert tuple(f.kind for f in ATTENTION) == ATTENTION_KINDS
+    assert set(REGISTERED) == set(LINEAR) | set(ATTENTION)
+
+
+@pytest.mark.parametrize("form", ATTENTION, ids=lambda f: f.kind)
+def test_attention_form_pieces_agree_and_price_an_attention_shape(form: forms.Form) -> None:
+    """An attention form prices an ``AttentionShape`` (both budget dimensions) and refuses a
+    linear one; the module swap has no rule for it (the form says what applies it instead);
+    its module is a torch module; its kernels are found by the op they implement."""
+    from torch import nn
+
+    assert not form.has("rule") and "not rewritten by the module swap" in form.why_not("rule")
+    assert not form.has("onnx_translation") and "not yet" in form.why_not("onnx_translation")
+    with pytest.raises(KeyError, match=re.escape(form.why_not("rule"))):
+        rule_for(form.config())
+    if form.has("module"):
+        assert issubclass(form.get("module"), nn.Module)
+    if form.has("kernels"):
+        ks = form.get("kernels")
+        assert form.kernel_op and all(isinstance(k, Kernel) and k.op == form.kernel_op for k in ks)
+        assert kernels_of(form.kernel_op) == list(ks) and forms.form_of_op(form.kernel_op) is form
+    shape = AttentionShape(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, rope_dim=16)
+    d = form.config(16, 16) if form.kind in ("kv_lowrank", "kv_latent_quant") else form.config()
+    if form.kind == "mla":
+        d = form.config(rank=16, rope_pairs=2)
+    costs = d.costs(shape)
+    assert set(costs) == {WEIGHT_BYTES, KV_BYTES_PER_TOKEN} and costs[KV_BYTES_PER_TOKEN] > 0
+    assert costs[WEIGHT_BYTES] == d.weight_bytes(shape) >= 0
+    with pytest.raises(TypeError, match=f"{form.kind!r} prices attention sites .* linear"):
+        d.weight_bytes(LinearShape(64, 32))
+
+
+def test_kernels_of_the_attention_kernel_folders() -> None:
+    assert [k.op for k in kernels_of("kv_attention")] == ["kv_attention"]
+    assert [k.op for k in kernels_of("mla_decode")] == ["mla_decode"]
+    kernel, why = select("kv_attention", torch.zeros(1, 4, 16))  # arguments missing: declined
+    assert kernel is None and why and "kv_attention_triton_split" in why[0]
 
 
 # ------------------------------------------------------------------ a kind no form has
@@ -105,7 +148,7 @@ class Ghost(Decision):
 
 GHOST = Ghost()
 SITE = LinearSite("fc", 64, 32, "torch.float32", False, "fc.weight", "fc")
-UNKNOWN = r"no form registered for decision kind 'ghost'; registered: dense, lowrank"
+UNKNOWN = r"no form registered for decision kind 'ghost'; registered: dense, kv_dense, kv_"
 
 
 def test_lookups_of_an_unknown_kind_name_it_and_the_registered_ones() -> None:

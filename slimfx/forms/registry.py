@@ -109,6 +109,11 @@ class Form:
     - ``families``: candidate family name → ``(SiteContext) -> [Candidate]``.
     - ``timed(in_features, out_features) -> [Decision]``: the layouts ``calibrate-target``
       times by default for this form (``[]``: none).
+    - ``site_kind``: the kind of site its decisions apply to and are priced against
+      (``"linear"``: a ``LinearShape``; ``"attention"``: an ``AttentionShape``).
+    - ``kernel_op``: for a form with no slimfx op of its own whose kernels run inside a cache
+      or an attention module (``kv_attention``, ``mla_decode``), the op name its kernels
+      implement, so :func:`form_of_op` (and ``slimfx.kernels.kernels_of``) find them.
     """
 
     kind: str
@@ -127,6 +132,8 @@ class Form:
     timed: Piece
     families: Mapping[str, Piece] = field(default_factory=dict)
     native: str = ""
+    site_kind: str = "linear"
+    kernel_op: str = ""
     _cache: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -260,6 +267,6 @@ def form_of_op(op: str) -> Form | None:
     ``None``."""
     name = op.split("::", 1)[-1]
     for form in _FORMS.values():
-        if form.op_name == name:
+        if form.op_name == name or (form.kernel_op and form.kernel_op == name):
             return form
     return None

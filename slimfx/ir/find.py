@@ -14,6 +14,10 @@ modules instead and groups them by running the model once with forward-pre-hooks
 
 Attention sites are module-level metadata (heads, kv-heads, head_dim, causality, rotary dims,
 window, layer index, projections); ``site.site_shape`` is their ``AttentionShape``.
+``find_attention_sites`` reads any block with q/k/v/o children and head counts;
+``describe_attention`` / ``inspect_attention_sites`` are the one introspection of Hugging Face
+decoder attention the attention forms use (KV cache, MLA): sites with a cache layer, the
+reason for every attention-like module that is not one, and the variants a form may refuse.
 """
 
 from __future__ import annotations

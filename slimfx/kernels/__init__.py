@@ -136,7 +136,7 @@ def select(op_name: str, x: Tensor, **tensors: Any) -> tuple[Kernel | None, list
     kernel before it that declined (all of them when none accepts)."""
     form = forms.form_of_op(op_name)
     if form is None or not form.has("kernels"):
-        known = sorted(f.op_name for f in forms.forms() if f.has("kernels"))
+        known = sorted(f.op_name or f.kernel_op for f in forms.forms() if f.has("kernels"))
         why = "" if form is None else f" ({form.why_not('kernels')})"
         return None, [f"no kernels registered for op {op_name!r}{why}; known: {known}"]
     reasons: list[str] = []

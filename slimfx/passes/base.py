@@ -21,7 +21,16 @@ from slimfx.ir.sites import LinearSite, Site
 from slimfx.numerics import factorize
 from slimfx.planning.configs import Decision
 
-__all__ = ["Verdict", "Rule", "RULES", "register_rule", "rule_for", "SiteRecord", "PassResult"]
+__all__ = [
+    "Verdict",
+    "Rule",
+    "RULES",
+    "register_rule",
+    "rule_for",
+    "non_linear_site_reason",
+    "SiteRecord",
+    "PassResult",
+]
 
 
 @dataclass(frozen=True)
@@ -122,6 +131,19 @@ def rule_for(decision: Decision) -> Rule:
     if not form.has("rule"):
         raise KeyError(f"no rule for decision kind {decision.kind!r}: {form.why_not('rule')}")
     return form.get("rule")
+
+
+def non_linear_site_reason(site: Site, decision: Decision) -> str:
+    """Why a linear-site pass (module swap, graph rewrite) does not apply ``decision`` at a site
+    of another kind: its form's reason when the form has no rule (a KV-cache or MLA form names
+    what applies it instead), else that the pass rewrites linear sites only."""
+    try:
+        form = forms.form_of(decision)
+    except forms.UnknownFormError:
+        form = None
+    if form is not None and decision.kind not in RULES and not form.has("rule"):
+        return f"{form.kind}: {form.why_not('rule')}"
+    return f"this pass rewrites linear sites, not {site.kind} sites"
 
 
 @dataclass

@@ -27,7 +27,7 @@ from torch import Tensor, fx
 from slimfx.ir.graph import add_constant, finalize, node_value, replace_node
 from slimfx.ir.match import LINEAR_TARGETS, linear_args, linear_nodes, node_module_path, weight_is
 from slimfx.ir.sites import LinearSite
-from slimfx.passes.base import PassResult, Rule, SiteRecord
+from slimfx.passes.base import PassResult, Rule, SiteRecord, non_linear_site_reason
 from slimfx.passes.swap import dense_bytes, raise_rejections, resolve_rule
 from slimfx.passes.validate import validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
@@ -142,7 +142,7 @@ def apply_plan_graph(
             continue
         decision = plan[site.fqn]
         if site.kind != "linear":  # attention sites: their forms bring their own passes
-            reason = f"this pass rewrites linear sites, not {site.kind} sites"
+            reason = non_linear_site_reason(site, decision)
             records[site.fqn] = SiteRecord(site.fqn, decision.short(), "rejected", reason)
             continue
         before = dense_bytes(site)

@@ -23,7 +23,14 @@ from torch import Tensor, nn
 
 from slimfx.ir.modules import module_for
 from slimfx.ir.sites import LinearSite
-from slimfx.passes.base import PassResult, Rule, SiteRecord, Verdict, rule_for
+from slimfx.passes.base import (
+    PassResult,
+    Rule,
+    SiteRecord,
+    Verdict,
+    non_linear_site_reason,
+    rule_for,
+)
 from slimfx.passes.validate import suggest, validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
@@ -115,7 +122,7 @@ def _plan_jobs(
             continue
         decision = plan[site.fqn]
         if site.kind != "linear":  # attention sites: their forms bring their own passes
-            reason = f"this pass rewrites linear sites, not {site.kind} sites"
+            reason = non_linear_site_reason(site, decision)
             records[site.fqn] = SiteRecord(site.fqn, decision.short(), "rejected", reason)
             continue
         before = dense_bytes(site)

@@ -52,6 +52,22 @@ def test_quant_bytes_equal_the_real_cache_tensors(cfg, chunks):
     layer.flush()
     assert layer.n_stored == cfg.quantized_tokens(n)
     assert layer.nbytes() == cfg.cache_bytes(SHAPE, n)
+    priced = cfg.costs(SHAPE, context=n)[KV_BYTES_PER_TOKEN] * n
+    assert priced == pytest.approx(layer.nbytes(), rel=1e-12)  # bytes/token × tokens, a float
+
+
+def test_steady_state_costs_are_the_real_cache_bytes_of_a_full_store():
+    """With no 16-bit window or sink and whole key blocks every token is quantized, so the
+    steady-state price ``costs(shape)`` times the tokens is exactly what the cache holds."""
+    cfg = KVQuantConfig(4, 2, 8, 8, 0)
+    layer = QuantizedKVLayer(cfg)
+    _feed(layer, (5, 11, 8), 16, 16, SHAPE.num_kv_heads)
+    layer.flush()
+    assert layer.n_stored == 24 and layer.nbytes() == cfg.costs(SHAPE)[KV_BYTES_PER_TOKEN] * 24
+    lr = KVLowRankConfig(key_rank=8, value_rank=16, groups=2)
+    latent = LatentLayer(lr)
+    _feed(latent, (7, 1, 4), 8, 16, 1, positions=True)
+    assert latent.nbytes() == lr.costs(SHAPE)[KV_BYTES_PER_TOKEN] * 12
 
 
 @pytest.mark.parametrize("chunks", [(7,), (1,) * 13])

@@ -12,26 +12,28 @@ The cache classes import transformers; import :mod:`.cache` directly when needed
 
 from __future__ import annotations
 
-from .config import MLAConfig
-from .convert import (
-    MLAConversion,
-    attention_calib,
-    capture_attention_inputs,
-    convert_model,
-    describe_block,
-)
-from .module import MLAAttention
-from .numerics import AttentionCalib, MLAWeights, fit_mla
+import importlib
+from typing import Any
 
-__all__ = [
-    "AttentionCalib",
-    "MLAAttention",
-    "MLAConfig",
-    "MLAConversion",
-    "MLAWeights",
-    "attention_calib",
-    "capture_attention_inputs",
-    "convert_model",
-    "describe_block",
-    "fit_mla",
-]
+#: public name → submodule; imported on first access so that ``slimfx.forms`` can register the
+#: form (``.form`` → ``.config``, no torch) without importing torch, transformers or ``ir``.
+_EXPORTS = {
+    "AttentionCalib": "numerics",
+    "MLAAttention": "module",
+    "MLAConfig": "config",
+    "MLAConversion": "convert",
+    "MLAWeights": "numerics",
+    "attention_calib": "convert",
+    "capture_attention_inputs": "convert",
+    "convert_model": "convert",
+    "describe_block": "convert",
+    "fit_mla": "numerics",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -3,7 +3,8 @@
 Registers the opaque custom op ``slimfx_kernels::kv_decode_attention_triton`` (fake
 implementation included; ``triton_op`` is not used because it fails under the interpreter);
 the Triton launcher is imported on the first real call. ``reference.kv_decode_attention_reference``
-is the ground truth; ``reference`` documents the storage layout.
+is the ground truth; ``reference`` documents the storage layout. ``KERNELS`` is what the
+``kv_quant`` form names (``slimfx.kernels.kernels_of("kv_attention")``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["kv_decode_attention_triton"]
+from slimfx.kernels import Kernel
+
+__all__ = ["kv_decode_attention_triton", "KERNELS"]
 
 
 @torch.library.custom_op("slimfx_kernels::kv_decode_attention_triton", mutates_args=())
@@ -60,3 +63,14 @@ def _(
     torch._check(q.dim() == 3, lambda: "q must be (B, Hq, D)")
     torch._check(k_win.dim() == 4, lambda: "the window must be (B, Hkv, Nw, D)")
     return torch.empty_like(q)
+
+
+KERNELS: list[Kernel] = [
+    Kernel(
+        "kv_attention_triton_split",
+        "kv_attention",
+        "slimfx.kernels.kv_attention.triton_kernel",
+        supports_attr="supports_call",
+        description="split-sequence decode attention, dequantization fused, GQA rows per program",
+    ),
+]

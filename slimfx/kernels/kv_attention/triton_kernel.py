@@ -24,7 +24,15 @@ from torch import Tensor
 from slimfx.kernels import device_reason
 from slimfx.kernels._triton_utils import num_sms
 
-__all__ = ["kv_decode_attention", "supports", "pick_splits", "merge_partials", "BLOCK_N"]
+__all__ = [
+    "kv_decode_attention",
+    "supports",
+    "supports_call",
+    "run",
+    "pick_splits",
+    "merge_partials",
+    "BLOCK_N",
+]
 
 BLOCK_N = 32
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -172,3 +180,23 @@ def kv_decode_attention(
         KB=key_bits, VB=value_bits, KG=key_group, VG=value_group, NSPLIT=S, BLOCK_N=BLOCK_N,
     )
     return merge_partials(po, pm, pl).to(q.dtype)
+
+
+def supports_call(q: Tensor, **tensors: object) -> tuple[bool, str]:
+    """Registry entry (``slimfx.kernels.Kernel``): :func:`supports` for a call given by the
+    op's argument names (``k_codes=…, k_win=…, key_bits=…``; the others are ignored)."""
+    keys = ("k_codes", "k_win", "key_bits", "value_bits", "key_group", "value_group")
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        return False, f"missing arguments {missing}"
+    return supports(q, *(tensors[k] for k in keys))  # type: ignore[arg-type]
+
+
+def run(q: Tensor, **tensors: object) -> Tensor:
+    """Registry entry: the opaque ``slimfx_kernels::kv_decode_attention_triton`` op, arguments
+    by name."""
+    names = (
+        "k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_win", "v_win",
+        "key_bits", "value_bits", "key_group", "value_group", "scaling",
+    )
+    return torch.ops.slimfx_kernels.kv_decode_attention_triton(q, *(tensors[n] for n in names))

@@ -3,6 +3,7 @@
 Registers the opaque custom op ``slimfx_kernels::mla_decode_triton`` (fake implementation
 included); the Triton launcher is imported on the first real call, so defining the op needs no
 triton. ``reference.mla_decode_reference`` is the ground truth and states the semantics.
+``KERNELS`` is what the ``mla`` form names (``slimfx.kernels.kernels_of("mla_decode")``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["mla_decode_triton"]
+from slimfx.kernels import Kernel
+
+__all__ = ["mla_decode_triton", "KERNELS"]
 
 
 @torch.library.custom_op("slimfx_kernels::mla_decode_triton", mutates_args=())
@@ -46,3 +49,13 @@ def _(
     torch._check(q_lat.dim() == 3, lambda: "q_lat must be (B, H, R)")
     torch._check(latent.dim() == 3, lambda: "latent must be (B, S, R)")
     return q_lat.new_empty(q_lat.shape)
+
+
+KERNELS: list[Kernel] = [
+    Kernel(
+        "mla_decode_triton_split",
+        "mla_decode",
+        "slimfx.kernels.mla_decode.triton_kernel",
+        description="split-sequence absorbed MLA decode over the (int8) latent, merge kernel",
+    ),
+]

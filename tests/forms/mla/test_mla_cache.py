@@ -13,7 +13,7 @@ from slimfx.forms.mla.cache import (
 )
 from slimfx.forms.mla.config import MLAConfig
 from slimfx.forms.mla.convert import convert_model
-from slimfx.planning.shapes import AttentionShape
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, AttentionShape
 
 NEW = 10
 
@@ -67,7 +67,8 @@ def test_int8_latent_cache_bytes_and_tokens():
     out = _generate(model, past_key_values=cache)
     tokens = cache.get_seq_length()
     shape = AttentionShape(96, 6, 3, 16, rope_dim=16)
-    per_token = cfg.kv_bytes_per_token(shape)  # r + 2 + 2·(K·2p) at 16-bit scale and keys
+    per_token = cfg.costs(shape)[KV_BYTES_PER_TOKEN]  # r + 2 + 2·(K·2p), 16-bit scale and keys
+    assert per_token == cfg.kv_bytes_per_token(shape)
     fp32_extra = 2 + 2 * (3 * 2 * 2)  # the fp32 model stores scale and RoPE key at 4 bytes
     assert cache.nbytes() == 2 * model.config.num_hidden_layers * tokens * (per_token + fp32_extra)
     assert cache.layers[0].latent_codes.dtype == torch.int8

@@ -270,6 +270,23 @@ class _LatentSide:
             self.sink_keys = torch.cat([self.sink_keys, keys], 2)
             self.sink_values = torch.cat([self.sink_values, values], 2)
 
+    def update(
+        self,
+        key_states: Tensor,
+        value_states: Tensor,
+        *args: Any,
+        positions: Tensor | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """Record the new tokens' ``positions`` (required), then the layer's own update (the
+        cache layer class after this mixin in the MRO)."""
+        self._record(positions, key_states)
+        return super().update(key_states, value_states)  # type: ignore[misc]
+
+    def reset(self) -> None:
+        self._init_side()
+        super().reset()  # type: ignore[misc]
+
     def _side_nbytes(self) -> int:
         return _nbytes(self.sink_keys, self.sink_values)
 
@@ -292,25 +309,10 @@ class LatentLayer(_LatentSide, DynamicLayer):
         self.config = config
         self._init_side()
 
-    def update(
-        self,
-        key_states: Tensor,
-        value_states: Tensor,
-        *args: Any,
-        positions: Tensor | None = None,
-        **kwargs: Any,
-    ) -> tuple[Tensor, Tensor]:
-        self._record(positions, key_states)
-        return super().update(key_states, value_states)
-
     def nbytes(self) -> int:
         """Bytes of the latent and sink tensors (positions, shared by all layers in principle,
         excluded)."""
         return _nbytes(self.keys, self.values) + self._side_nbytes()
-
-    def reset(self) -> None:
-        self._init_side()
-        super().reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -363,23 +365,8 @@ class QuantizedLatentLayer(_LatentSide, _StoreLayer):
         v = deq(s["v_codes"], s["v_scale"], s["v_min"], c.bits, c.group, self.dtype)
         return k, v
 
-    def update(
-        self,
-        key_states: Tensor,
-        value_states: Tensor,
-        *args: Any,
-        positions: Tensor | None = None,
-        **kwargs: Any,
-    ) -> tuple[Tensor, Tensor]:
-        self._record(positions, key_states)
-        return super().update(key_states, value_states)
-
     def nbytes(self) -> int:
         return super().nbytes() + self._side_nbytes()
-
-    def reset(self) -> None:
-        self._init_side()
-        super().reset()
 
     def _map(self, fn: Any) -> None:
         super()._map(fn)

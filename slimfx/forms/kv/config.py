@@ -69,6 +69,13 @@ def _pos_int(name: str, v: object) -> None:
     )
 
 
+def _nonneg_int(name: str, v: object) -> None:
+    _check(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+        f"{name} must be an int ≥ 0, got {v!r}",
+    )
+
+
 @dataclass(frozen=True)
 class KVDecision(Decision):
     """Base of the KV-cache configs: priced per token of context, not per linear."""
@@ -177,14 +184,8 @@ class KVQuantConfig(KVDecision):
             _check(v in KV_BITS, f"{name} must be one of {KV_BITS}, got {v!r}")
         _pos_int("key_group", self.key_group)
         _pos_int("value_group", self.value_group)
-        _check(
-            isinstance(self.residual, int) and self.residual >= 0,
-            f"residual must be an int ≥ 0, got {self.residual!r}",
-        )
-        _check(
-            isinstance(self.sink, int) and self.sink >= 0,
-            f"sink must be an int ≥ 0, got {self.sink!r}",
-        )
+        _nonneg_int("residual", self.residual)
+        _nonneg_int("sink", self.sink)
 
     def check(self, shape: AttentionShape) -> str | None:
         if (why := super().check(shape)) is not None:
@@ -247,10 +248,7 @@ class KVLowRankConfig(KVDecision):
     sink: int = 0
 
     def __post_init__(self) -> None:
-        _check(
-            isinstance(self.sink, int) and self.sink >= 0,
-            f"sink must be an int ≥ 0, got {self.sink!r}",
-        )
+        _nonneg_int("sink", self.sink)
         _pos_int("key_rank", self.key_rank)
         _pos_int("value_rank", self.value_rank)
         _pos_int("groups", self.groups)
@@ -322,10 +320,7 @@ class KVLatentQuantConfig(KVDecision):
         _check(self.bits in KV_BITS, f"bits must be one of {KV_BITS}, got {self.bits!r}")
         _check(self.axis in ("token", "channel"), "axis must be 'token' or 'channel'")
         _pos_int("group", self.group)
-        _check(
-            isinstance(self.residual, int) and self.residual >= 0,
-            f"residual must be an int ≥ 0, got {self.residual!r}",
-        )
+        _nonneg_int("residual", self.residual)
 
     @property
     def lowrank(self) -> KVLowRankConfig:

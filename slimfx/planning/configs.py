@@ -67,28 +67,29 @@ def register_decision(cls: type[Decision]) -> type[Decision]:
     return cls
 
 
+def _shape_of(decision: Decision, shape: object, cls: type, sites: str) -> Any:
+    if not isinstance(shape, cls):
+        what = getattr(shape, "kind", type(shape).__name__)
+        def a(word: str) -> str:
+            return f"an {word}" if word[:1].lower() in "aeiou" else f"a {word}"
+
+        raise TypeError(
+            f"decision kind {decision.kind!r} prices {sites} sites ({a(cls.__name__)}), "
+            f"not {a(str(what))} shape {shape!r}"
+        )
+    return shape
+
+
 def attention_shape(decision: Decision, shape: object) -> AttentionShape:
     """``shape`` when it is an :class:`AttentionShape`; otherwise a ``TypeError`` saying that
     ``decision``'s form prices attention sites only (a KV-cache or attention form)."""
-    if not isinstance(shape, AttentionShape):
-        what = getattr(shape, "kind", type(shape).__name__)
-        raise TypeError(
-            f"decision kind {decision.kind!r} prices attention sites (an AttentionShape), not "
-            f"a {what} shape {shape!r}"
-        )
-    return shape
+    return _shape_of(decision, shape, AttentionShape, "attention")
 
 
 def linear_shape(decision: Decision, shape: object) -> LinearShape:
     """``shape`` when it is a :class:`LinearShape`; otherwise a ``TypeError`` saying that
     ``decision``'s form prices linear sites only."""
-    if not isinstance(shape, LinearShape):
-        what = getattr(shape, "kind", type(shape).__name__)
-        raise TypeError(
-            f"decision kind {decision.kind!r} prices linear sites (a LinearShape), not a "
-            f"{what} shape {shape!r}"
-        )
-    return shape
+    return _shape_of(decision, shape, LinearShape, "linear")
 
 
 @dataclass(frozen=True)

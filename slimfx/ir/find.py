@@ -320,8 +320,8 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
         if head_dim is None:
             continue
         prefix = f"{fqn}." if fqn else ""
-        window = _first_int([config] if config is not None else [], "sliding_window")
         layer = getattr(module, "layer_idx", None)
+        layer = layer if isinstance(layer, int) and not isinstance(layer, bool) else None
         sites.append(
             AttentionSite(
                 fqn=fqn,
@@ -331,9 +331,9 @@ def find_attention_sites(model: nn.Module) -> list[AttentionSite]:
                 causal=_is_causal(module, config),
                 projections=tuple((r, f"{prefix}{r}_proj") for r in projs),
                 hidden_size=hidden,
-                rope_dim=_rope_dim(config, head_dim),
-                sliding_window=window,
-                layer_idx=layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
+                rope_dim=_rope_dim(config, head_dim, layer),
+                sliding_window=_sliding_window(module, config, layer),
+                layer_idx=layer,
             )
         )
     return sites

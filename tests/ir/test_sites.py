@@ -120,6 +120,8 @@ def test_inspect_attention_sites_records_variants_and_refuses_on_request():
     assert not rejected and [s.module_type for s in sites] == ["LlamaAttention"] * 2
     assert [s.sliding_window for s in sites] == [None, 8] and len(set(sites)) == 2
     assert attention_variant_reasons(sites[0]) == {}
+    # the generic finder reads the window per layer the same way (layer_types)
+    assert [s.sliding_window for s in find_attention_sites(model)] == [None, 8]
     model.model.layers[0].self_attn.k_norm = nn.Identity()
     sites, rejected = inspect_attention_sites(model, refuse=("qk_norm", "sliding_window"))
     assert sites == [] and "per-head k_norm" in rejected["model.layers.0.self_attn"]

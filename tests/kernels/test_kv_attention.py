@@ -116,6 +116,27 @@ def test_half_precision_and_the_custom_op():
     assert out.shape == q.shape and out.dtype == q.dtype
 
 
+def test_the_kv_quant_form_names_this_kernel_and_select_runs_it():
+    """``kernels.select("kv_attention", q, **args)`` (the lookup every backend uses) finds the
+    kernel through the ``kv_quant`` form and runs it; a bad call is declined with the reason."""
+    from slimfx.kernels import select
+
+    cfg = KVQuantConfig(4, 4, 8, 16, 2)
+    layer, q, *_ = _cache(cfg, 1, 4, 2, 32, 21, torch.float32, seed=1)
+    args = _args(layer, cfg, q)
+    names = (
+        "k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "k_win", "v_win",
+        "key_bits", "value_bits", "key_group", "value_group", "scaling",
+    )
+    kw = dict(zip(names, args[1:], strict=True))
+    kernel, declined = select("kv_attention", args[0], **kw)
+    assert kernel is not None and not declined and kernel.name == "kv_attention_triton_split"
+    ref = kv_decode_attention_reference(*args)
+    torch.testing.assert_close(kernel.run(args[0], **kw).cpu(), ref.cpu(), atol=1e-5, rtol=1e-5)
+    kernel, declined = select("kv_attention", args[0], **{**kw, "value_group": 12})
+    assert kernel is None and "not divisible by the value group 12" in declined[0]
+
+
 def test_splits_and_refusals():
     assert tk.pick_splits(1, 1, 0, torch.device("cpu")) == 1
     assert tk.pick_splits(1, 1, 10 * tk.BLOCK_N, torch.device("cpu")) == 8  # 2 × 4 "SMs"

@@ -82,6 +82,21 @@ def test_empty_splits_and_zero_length():
     assert torch.count_nonzero(out[1]) == 0
 
 
+def test_the_mla_form_names_this_kernel_and_select_runs_it():
+    """``kernels.select("mla_decode", q_lat, **tensors)`` finds the kernel through the ``mla``
+    form and runs the opaque op."""
+    from slimfx.kernels import select
+
+    t = make(1, 6, 2, 19, 20, 4, torch.float32)
+    lengths = torch.tensor([19], dtype=torch.int32, device=DEVICE)
+    kw = dict(q_rope=t["q_rope"], latent=t["latent"], latent_scales=None, k_rope=t["k_rope"],
+              lengths=lengths, scale=0.3)
+    kernel, declined = select("mla_decode", t["q_lat"], **kw)
+    assert kernel is not None and not declined and kernel.name == "mla_decode_triton_split"
+    ref = mla_decode_reference(t["q_lat"], *kw.values())
+    assert_close_scaled(kernel.run(t["q_lat"], **kw), ref, torch.float32)
+
+
 def test_custom_op_runs_and_has_a_fake():
     t = make(1, 6, 2, 19, 20, 4, torch.float32)
     lengths = torch.tensor([19], dtype=torch.int32, device=DEVICE)

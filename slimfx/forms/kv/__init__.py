@@ -7,6 +7,8 @@ transformers):
                     ``KVLatentQuantConfig``: registered decisions with exact bytes per token for
                     an ``AttentionShape`` (``cache_bytes``, ``bytes_per_token``, ``costs``),
                     ``check`` (why a site cannot take the form);
+- ``form``          the registered ``Form`` of each config (``site_kind="attention"``), imported
+                    by ``slimfx.forms``;
 - ``numerics``      group quantization of keys / values / latents, packing, the low-rank k/v fit;
 - ``calibrate``     attention-block inputs and Grams on calibration batches, ``fit_site``;
 - ``simulate``      an attention block's output with a compressed cache in one pass,

@@ -24,9 +24,7 @@ NO_RULE = (
 _NO_OP = NotSupported(
     "no slimfx op: the cache stores and reads the compressed keys and values itself"
 )
-_NO_WEIGHT = NotSupported(
-    "the form compresses the KV cache at run time, not a weight matrix"
-)
+_NO_WEIGHT = NotSupported("the form compresses the KV cache at run time, not a weight matrix")
 _FIT = NotSupported(
     "k/v factors are fitted per attention site on attention-block inputs "
     "(slimfx.forms.kv.calibrate.fit_site), not from one weight and its Gram"

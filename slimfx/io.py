@@ -133,18 +133,30 @@ def _exchange(a: Path, b: Path) -> bool:
     return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def _discard(p: Path) -> None:
+    """Remove a directory that no longer matters (the old save, once the new one is in place);
+    what an interruption leaves, the next save's ``_clean_stale`` removes. A Ctrl-C inside
+    ``rmtree`` can surface as an ``OSError`` from its own clean-up (a closed descriptor): the
+    ``KeyboardInterrupt`` is raised instead, never the clean-up's error."""
+    try:
+        shutil.rmtree(p, ignore_errors=True)
+    except OSError as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise e.__context__ from None
+
+
 def _commit(tmp: Path, d: Path) -> None:
     """Make ``tmp`` the directory at ``d``; the old ``d`` (if any) ends up removed."""
     if not d.exists():
         os.rename(tmp, d)
     elif _exchange(tmp, d):
-        shutil.rmtree(tmp, ignore_errors=True)  # now holds the old save
+        _discard(tmp)  # now holds the old save
     else:
         old = _backup(d)
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
         os.rename(d, old)
         os.rename(tmp, d)  # an interruption between the renames: _recover puts old back
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     _fsync(d.parent)
 
 

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimfx.cost.hooks import OutputHooks
 from slimfx.cost.probe_loss import measured_raw
 from slimfx.cost.sensitivity import ESTIMATORS, FLOOR, ProbeRecorder, robust_normalize
 from slimfx.ir.sites import LinearSite
@@ -315,7 +316,7 @@ class GramRecorder:
         )
 
 
-class _FisherRecorder:
+class _FisherRecorder(OutputHooks):
     """Forward hooks on every site: E[y_i²] per output unit and the outputs for autograd."""
 
     def __init__(self, modules: Mapping[str, nn.Module], sites: Sequence[LinearSite]) -> None:
@@ -325,7 +326,6 @@ class _FisherRecorder:
         self.g2 = {s.fqn: torch.zeros(s.out_features, dtype=torch.float64) for s in sites}
         self.rows = {s.fqn: 0 for s in sites}
         self.outputs: list[tuple[str, Tensor]] = []
-        self._handles: list[Any] = []
 
     def _hook(self, fqn: str) -> Callable[..., Tensor | None]:
         def hook(_mod: nn.Module, _args: tuple[Any, ...], out: Any) -> Tensor | None:
@@ -364,15 +364,7 @@ class _FisherRecorder:
             return {k: 1.0 for k in raw}
         return {k: v / mean for k, v in raw.items()}
 
-    def __enter__(self) -> _FisherRecorder:
-        for fqn, m in self.modules.items():
-            self._handles.append(m.register_forward_hook(self._hook(fqn)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _clear(self) -> None:
         self.outputs.clear()
 
 
@@ -394,6 +386,17 @@ def _loss_of(
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def _begin(
+    model: nn.Module, sites: Iterable[LinearSite], batches: Iterable[Any]
+) -> tuple[list[Any], list[LinearSite], float, dict[str, nn.Module]]:
+    """A calibration pass's checked batches and sites, its start time and the model's
+    modules by name."""
+    batches, sites = check_batches(batches), list(sites)
+    if not sites:
+        raise ValueError("no sites to calibrate")
+    return batches, sites, time.perf_counter(), dict(model.named_modules())
 
 
 def collect_stats(
@@ -433,12 +436,7 @@ def collect_stats(
             model, sites, batches, estimator=estimator, progress=progress, loss_fn=loss_fn
         )
         return stats
-    batches = check_batches(batches)
-    sites = list(sites)
-    if not sites:
-        raise ValueError("no sites to calibrate")
-    start = time.perf_counter()
-    modules = dict(model.named_modules())
+    batches, sites, start, modules = _begin(model, sites, batches)
     grams = GramRecorder(modules, sites)
     fish = _FisherRecorder(modules, sites) if fisher else None
     bar = tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)
@@ -495,12 +493,7 @@ def collect_sensitivity(
     :mod:`slimfx.cost.sensitivity`). The recorder is returned for its per-probe predictions.
     The loss is the model's LM loss (``labels=input_ids``) or ``loss_fn(model, batch)``.
     ``extra``: more ΔWs per site to evaluate exactly in the same pass (``ProbeRecorder``)."""
-    batches = check_batches(batches)
-    sites = list(sites)
-    if not sites:
-        raise ValueError("no sites to calibrate")
-    start = time.perf_counter()
-    modules = dict(model.named_modules())
+    batches, sites, start, modules = _begin(model, sites, batches)
     weights = {s.fqn: _module(modules, s.fqn).weight for s in sites}
     grams = GramRecorder(modules, sites)
     rec = ProbeRecorder(modules, sites, weights, extra)

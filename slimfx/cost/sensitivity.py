@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx.cost.hooks import OutputHooks
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics.quant import dequantize, quantize_rtn
 
@@ -123,7 +124,7 @@ def relative_error(dW: Tensor, W: Tensor, gram: Tensor | None) -> float:
     return float(num / den.clamp_min(1e-300))
 
 
-class ProbeRecorder:
+class ProbeRecorder(OutputHooks):
     """Forward hooks on every site keep (input, output); :meth:`backward` takes this batch's
     output gradients and accumulates E[ĝᵢ²], E[yᵢ²] and, per probe, Σ_t (ĝ_tᵀ ΔW x_t)².
 
@@ -151,7 +152,6 @@ class ProbeRecorder:
         self.exact = {f: dict.fromkeys(d, 0.0) for f, d in self.deltas.items()}
         self.rows = {s.fqn: 0 for s in self.sites}
         self._pending: list[tuple[str, Tensor, Tensor]] = []
-        self._handles: list[Any] = []
 
     def _hook(self, fqn: str) -> Callable[..., Tensor | None]:
         def hook(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor | None:
@@ -185,15 +185,7 @@ class ProbeRecorder:
                 self.exact[fqn][name] += float((g * d).sum(-1).to(torch.float64).square().sum())
         self._pending.clear()
 
-    def __enter__(self) -> ProbeRecorder:
-        for fqn, m in self.modules.items():
-            self._handles.append(m.register_forward_hook(self._hook(fqn)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _clear(self) -> None:
         self._pending.clear()
 
     # ------------------------------------------------------------------ estimates

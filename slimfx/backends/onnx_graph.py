@@ -1,0 +1,152 @@
+"""Edits of the exported ONNX IR graph: fold slimfx's ``slimfx.fold`` markers into the
+initializers they compute, name the dynamic axes, and summarize what each site became (op types,
+file bytes). Used by ``slimfx.backends.onnx.export_onnx``'s pipeline."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from slimfx.backends import onnx_ops
+
+__all__ = ["OnnxExportError", "WRAP"]
+
+WRAP = "slimfx_wrapped"  # attribute name of the wrapped model inside the export wrapper
+
+
+class OnnxExportError(ValueError):
+    """The model cannot be exported to ONNX as it is (the message says where and why)."""
+
+
+# ------------------------------------------------------------------------- graph passes
+
+
+def _const(value: Any, marker: Any) -> np.ndarray:
+    if value.const_value is None or value.producer() is not None:
+        raise OnnxExportError(
+            f"{marker.op_type} at {marker.name}: input {value.name!r} is not a constant "
+            "initializer; slimfx weights must be parameters or buffers of the model"
+        )
+    return np.asarray(value.const_value.numpy())
+
+
+def _fold_markers(graph: Any) -> Counter[str]:
+    """Replace every ``slimfx.fold`` marker by the initializer it computes; count them."""
+    import onnx_ir as ir
+
+    folded: Counter[str] = Counter()
+    used_names = {v.name for v in graph.initializers.values()}
+    for node in list(graph):
+        if node.domain != onnx_ops.FOLD_DOMAIN:
+            continue
+        fn, suffix = onnx_ops.FOLDERS[node.op_type]
+        ins = [None if v is None else _const(v, node) for v in node.inputs]
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        arr = fn(ins, attrs)
+        base = node.inputs[0].name + suffix
+        name, k = base, 1
+        while name in used_names:
+            name, k = f"{base}.{k}", k + 1
+        used_names.add(name)
+        tensor = ir.tensor(arr, name=name)
+        init = ir.Value(name=name, shape=tensor.shape, type=ir.TensorType(tensor.dtype))
+        init.const_value = tensor
+        graph.register_initializer(init)
+        node.outputs[0].replace_all_uses_with(init)
+        graph.remove(node, safe=True)
+        folded[node.op_type] += 1
+    for name in [
+        n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()
+    ]:
+        del graph.initializers[name]
+    return folded
+
+
+def _rename_axes(model: Any, names: Mapping[str, str]) -> None:
+    """Give the dynamic axes readable names (``batch``, ``seq``) wherever they appear."""
+    import onnx_ir as ir
+
+    if not names:
+        return
+
+    def fix(v: Any) -> None:
+        if v is None or v.shape is None:
+            return
+        dims = [
+            ir.SymbolicDim(names[d.value])
+            if isinstance(d, ir.SymbolicDim) and d.value in names
+            else d
+            for d in v.shape
+        ]
+        v.shape = ir.Shape(dims)
+
+    g = model.graph
+    for v in [*g.inputs, *g.outputs]:
+        fix(v)
+    for node in g:
+        for v in node.outputs:
+            fix(v)
+
+
+def _fqn_of(node: Any) -> str | None:
+    """Site FQN of an ONNX node that a slimfx op translation made, else ``None``."""
+    hier = node.metadata_props.get("pkg.torch.onnx.class_hierarchy", "")
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes", "")
+    if not hier.strip("[]").rsplit(",", 1)[-1].strip(" '\"").startswith("slimfx"):
+        return None
+    # cumulative module paths, outermost first, then the op's own scope:
+    # ['', 'slimfx_wrapped', 'slimfx_wrapped.model', …, '<site fqn>', 'lowrank_linear']
+    parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]
+    fqn = parts[-2] if len(parts) >= 2 else ""
+    fqn = fqn.removeprefix(WRAP + ".").removeprefix(WRAP)
+    return fqn or "<root>"
+
+
+def _describe(nodes: list[Any]) -> str:
+    """How a site was exported, from its ONNX nodes (``MatMulNBits bits=4 block=32 + 2×MatMul``)."""
+    types = Counter(n.op_type for n in nodes)
+    nbits = [n for n in nodes if n.op_type == "MatMulNBits"]
+    parts = []
+    for n in nbits:
+        a = n.attributes
+        parts.append(f"MatMulNBits bits={a['bits'].value} block={a['block_size'].value}")
+    mm = types.get("MatMul", 0)
+    if mm:
+        parts.append(f"{mm}×MatMul")
+    return " + ".join(parts) or ", ".join(types)
+
+
+def _site_summary(
+    model: Any, markers: dict[str, list[str]]
+) -> tuple[dict[str, str], dict[str, int]]:
+    """Per site: how it was exported and the bytes of the initializers its nodes read."""
+    by_site: dict[str, list[Any]] = {}
+    for node in model.graph:
+        fqn = _fqn_of(node)
+        if fqn is not None:
+            by_site.setdefault(fqn, []).append(node)
+    how: dict[str, str] = {}
+    nbytes: dict[str, int] = {}
+    for fqn, nodes in by_site.items():
+        desc = _describe(nodes)
+        if "Dense24T" in markers.get(fqn, []):
+            desc = "dense MatMul (2:4 densified: onnxruntime has no 2:4 kernel)"
+        elif "DequantT" in markers.get(fqn, []):
+            desc = "dense MatMul (quantized weight densified: no MatMulNBits block fits the group)"
+        how[fqn] = desc
+        seen = {v.name: v for n in nodes for v in n.inputs if v is not None and v.is_initializer()}
+        nbytes[fqn] = sum(
+            int(v.const_value.nbytes) for v in seen.values() if v.const_value is not None
+        )
+    return how, nbytes
+
+
+def _markers_by_site(model: Any) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for node in model.graph:
+        if node.domain == onnx_ops.FOLD_DOMAIN:
+            out.setdefault(_fqn_of(node) or "<root>", []).append(node.op_type)
+    return out

@@ -101,8 +101,10 @@ def unpack_codes(packed: Tensor, bits: int, in_features: int) -> Tensor:
     _check_bits(bits)
     if bits == 8:
         return packed[..., :in_features]
-    if bits == 4:
-        return torch.stack((packed & 0x0F, packed >> 4), dim=-1).flatten(-2)[..., :in_features]
+    if 8 % bits == 0:  # whole codes per byte (int2, int4): code i of a byte at bits·i
+        mask = (1 << bits) - 1
+        parts = [(packed >> (bits * i)) & mask for i in range(8 // bits)]
+        return torch.stack(parts, dim=-1).flatten(-2)[..., :in_features]
     n = codes_per_chunk(bits)
     nbytes = n * bits // 8
     chunks = math.ceil(in_features / n)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimfx import formats
 from slimfx.numerics.lowrank import whiten
 
 __all__ = [
@@ -56,13 +57,9 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(packed: Tensor, bits: int) -> Tensor:
-    """Inverse of :func:`pack_codes`: ``(..., D·bits/8)`` bytes → uint8 codes ``(..., D)``."""
-    if bits == 8:
-        return packed
-    per = 8 // bits
-    mask = (1 << bits) - 1
-    parts = [(packed >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(parts, dim=-1).flatten(-2)
+    """Inverse of :func:`pack_codes`: ``(..., D·bits/8)`` bytes → uint8 codes ``(..., D)``
+    (the integer-code format of ``slimfx.formats``)."""
+    return formats.unpack_codes(packed, bits, packed.shape[-1] * 8 // bits)
 
 
 def _minmax(x: Tensor, bits: int, dim: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -19,15 +19,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from slimfx import formats
+
 __all__ = ["unpack", "dequantize_store", "kv_decode_attention_reference"]
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
-    """``(…, D·bits/8)`` bytes → ``(…, D)`` codes (uint8)."""
-    if bits == 8:
-        return packed
-    per, mask = 8 // bits, (1 << bits) - 1
-    return torch.stack([(packed >> (bits * i)) & mask for i in range(per)], -1).flatten(-2)
+    """``(…, D·bits/8)`` bytes → ``(…, D)`` codes (uint8): ``slimfx.formats``' integer codes."""
+    return formats.unpack_codes(packed, bits, packed.shape[-1] * 8 // bits)
 
 
 def dequantize_store(

@@ -96,7 +96,7 @@ def main() -> int:
             new, _ = apply_plan(model, plan, sites, grams, inplace=False)
             res[name] = perplexity(new, held, progress=False)
             del new
-        from slimfx.api import _apply_sequential
+        from slimfx.stages import _apply_sequential
 
         new, _ = _apply_sequential(model, plans["C solver whitened"], sites, calib, False, False)
         res["D solver sequential"] = perplexity(new, held, progress=False)

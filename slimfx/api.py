@@ -22,7 +22,6 @@ from slimfx.report_builder import build_report, target_name
 from slimfx.stages import (
     Planning,
     PlanningOptions,
-    _apply_sequential,
     find_sites,
     measure_site_errors,
     optimize_stages,
@@ -45,8 +44,6 @@ __all__ = [
     "needs_gram",
 ]
 
-# re-exported for callers of the earlier layout (benchmarks use the sequential apply)
-_REEXPORTED = (_apply_sequential,)
 
 REPORT_ATTR = "slimfx_report"
 

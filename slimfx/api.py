@@ -88,6 +88,7 @@ def optimize(
     progress: bool = True,
     backend: str | None = None,
     measure_loss: bool = False,
+    kv_forms: Sequence[Any] | None = None,
 ) -> nn.Module:
     """Rewrite ``model``'s linears into cheaper forms under ``budget``; return the rewritten
     model (same class) with its report at ``slimfx.report_of(model)``.
@@ -95,7 +96,14 @@ def optimize(
     - ``budget``: a fraction of the rewritable linears' bytes **at 16 bits per weight** (the
       reference is 16-bit whatever dtype the model is loaded in, so fp32 and bf16 loads give
       one result), or a ``Budget(memory=…, bits=…, latency=…, max_error=…)``. ``1.0`` changes
-      nothing.
+      nothing. ``Budget(kv=…)`` also compresses the KV cache (a fraction of the 16-bit
+      cache; ``context=`` counts it at that many tokens, the 16-bit window included), and
+      ``Budget(total_bytes=…, context=…, batch=…)`` trades weights against the cache of
+      ``batch`` sequences: each attention layer then takes a KV form (quantized, low-rank,
+      quantized latent; ``slimfx.forms.kv``) chosen with the linear forms, and the returned
+      model's ``generate()`` keeps its cache in those forms.
+    - ``kv_forms``: the KV-cache candidates offered at every attention site (configs of
+      ``slimfx.forms.kv.config``); default ``forms.kv.candidates.default_kv_forms``.
     - ``calibration``: token-id tensors (B, L), strings (with ``tokenizer``), tensors or kwarg
       dicts — real data the model will see; it drives every activation-aware estimate.
     - ``plan``: replay a saved ``Plan`` (``Plan.load(path)``) — no cost model, no solver.
@@ -153,7 +161,7 @@ def optimize(
     assert pl.plan is not None and pl.rewritten is not None and pl.result is not None
     report = build_report(
         pl.sites, pl.plan, pl.problem, pl.result, pl.measured, pl.budget, target, workload,
-        pl.cache,
+        pl.cache, pl.attention_sites,
     )  # fmt: skip
     report.solver = pl.solver
     report.capture = pl.capture

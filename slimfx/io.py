@@ -256,6 +256,7 @@ def load(directory: str | Path, model: nn.Module | None = None, *, verify: bool 
     twice); a mismatch raises ``ValueError`` naming the file, before ``model`` is touched."""
     from safetensors.torch import load_model
 
+    from slimfx.forms.kv.apply import empty_kv_like_plan, split_plan
     from slimfx.ir.find import discover_linear_sites
 
     d = Path(directory)
@@ -288,7 +289,12 @@ def load(directory: str | Path, model: nn.Module | None = None, *, verify: bool 
     model = check_skeleton(model)
     model.eval()
     sites = discover_linear_sites(model)
-    empty_like_plan(model, plan, sites)
+    linear, kv = split_plan(plan)
+    empty_like_plan(model, linear, sites)
+    if kv:  # attention sites with a compressed cache: low-rank k/v modules, cache hooks
+        from slimfx.ir.find import inspect_attention_sites
+
+        empty_kv_like_plan(model, kv, inspect_attention_sites(model)[0])
     load_model(model, str(d / "model.safetensors"), strict=True)
     if report is not None:
         from slimfx.api import REPORT_ATTR

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SiteEntry", "Report", "REPORT_FORMAT"]
+__all__ = ["SiteEntry", "KVEntry", "Report", "REPORT_FORMAT"]
 
 REPORT_FORMAT = "slimfx.report"
 REPORT_VERSION = 1
@@ -100,6 +100,44 @@ class SiteEntry:
 
 
 @dataclass
+class KVEntry:
+    """One attention site's KV cache in the report.
+
+    Bytes per token are one sequence's cache of this layer per token of context (at the
+    budget's ``context`` when it gave one, else the steady state); ``cache_bytes_*`` that
+    cache at the context (``None`` without one). ``weight_bytes_after``: the k/v projections
+    a low-rank cache owns (their linear entries then say ``owned by``). ``est_error``: the
+    block output's relative error with this cache on calibration inputs (unweighted; the
+    solver summed ``sensitivity ×`` it)."""
+
+    fqn: str
+    layer: int | None = None
+    chosen: str = "kv dense"
+    decision: dict[str, Any] = field(default_factory=dict)
+    kv_bytes_per_token_before: float = 0.0
+    kv_bytes_per_token_after: float = 0.0
+    cache_bytes_before: int | None = None
+    cache_bytes_after: int | None = None
+    weight_bytes_after: int = 0
+    owns: list[str] = field(default_factory=list)
+    est_error: float = 0.0
+    sensitivity: float = 1.0
+    status: str = "skipped"
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("est_error", "sensitivity", "kv_bytes_per_token_before", "kv_bytes_per_token_after"):
+            d[k] = _r(d[k])
+        d["candidates"] = [{**c, "error": _r(c.get("error"))} for c in self.candidates]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> KVEntry:
+        return cls(**d)
+
+
+@dataclass
 class Report:
     """The whole run. ``sites`` in graph order; ``totals`` computed by ``finalize``."""
 
@@ -114,12 +152,14 @@ class Report:
     frontier: list[tuple[float, float, int]] = field(default_factory=list)
     totals: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    kv_sites: list[KVEntry] = field(default_factory=list)
 
     # ----------------------------------------------------------------- totals
     def finalize(self, params_before: int | None = None, params_after: int | None = None) -> Report:
         """Compute the totals from the site entries (and the model's parameter counts)."""
         dense = sum(s.bytes_before for s in self.sites)
         after = sum(s.bytes_after for s in self.sites)
+        after += sum(k.weight_bytes_after for k in self.kv_sites)  # owned k/v projections
         lat0 = sum(s.latency_before_s for s in self.sites)
         lat1 = sum(s.latency_after_s for s in self.sites)
         applied = [s for s in self.sites if s.status == "applied"]
@@ -136,6 +176,8 @@ class Report:
             "est_latency_ratio": _r(lat1 / lat0 if lat0 else 1.0),
             "latency_sources": sorted({s.latency_source for s in self.sites}),
         }
+        if self.kv_sites:
+            self.totals.update(self._kv_totals())
         if params_before is not None:
             self.totals["params_before"] = params_before
         if params_after is not None:
@@ -145,6 +187,56 @@ class Report:
             self.totals["measured_sqnr_db_min"] = _r(min(sq), 2)
             self.totals["measured_sqnr_db_median"] = _r(sorted(sq)[len(sq) // 2], 2)
         return self
+
+    def _kv_totals(self) -> dict[str, Any]:
+        ks = self.kv_sites
+        b0 = sum(k.kv_bytes_per_token_before for k in ks)
+        b1 = sum(k.kv_bytes_per_token_after for k in ks)
+        out: dict[str, Any] = {
+            "kv_sites": len(ks),
+            "kv_compressed": sum(k.status == "applied" for k in ks),
+            "kv_bytes_per_token_before": _r(b0, 2),
+            "kv_bytes_per_token_after": _r(b1, 2),
+            "kv_ratio": _r(b1 / b0 if b0 else 1.0),
+        }
+        if all(k.cache_bytes_after is not None for k in ks):
+            batch = int(self.budget.get("batch") or 1)
+            out["kv_cache_bytes_before"] = batch * sum(k.cache_bytes_before or 0 for k in ks)
+            out["kv_cache_bytes_after"] = batch * sum(k.cache_bytes_after or 0 for k in ks)
+        return out
+
+    def _kv_headline(self, t: dict[str, Any]) -> str:
+        if "kv_ratio" not in t:
+            return ""
+        at = ""
+        if "kv_cache_bytes_after" in t:
+            b = self.budget
+            at = (
+                f", {_mb(t['kv_cache_bytes_before'])} → {_mb(t['kv_cache_bytes_after'])} at "
+                f"{b.get('batch') or 1} × {b.get('context')} tokens"
+            )
+        return (
+            f"; KV cache {t['kv_bytes_per_token_before']:.0f} → "
+            f"{t['kv_bytes_per_token_after']:.0f} B/token ({t['kv_ratio']:.3f}{at}; "
+            f"{t['kv_compressed']}/{t['kv_sites']} layers compressed)"
+        )
+
+    def _kv_markdown(self) -> list[str]:
+        if not self.kv_sites:
+            return []
+        head = ["layer", "site", "chosen", "B/token", "of dense", "weights", "est.err", "status"]
+        out = ["", "## KV cache", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for k in self.kv_sites:
+            frac = k.kv_bytes_per_token_after / max(k.kv_bytes_per_token_before, 1e-12)
+            out.append(
+                "| " + " | ".join([
+                    "" if k.layer is None else str(k.layer), k.fqn, k.chosen,
+                    f"{k.kv_bytes_per_token_before:.0f} → {k.kv_bytes_per_token_after:.1f}",
+                    f"{frac:.3f}", _mb(k.weight_bytes_after) if k.owns else "–",
+                    f"{k.est_error:.4f}", k.status,
+                ]) + " |"
+            )  # fmt: skip
+        return out
 
     def site(self, fqn: str) -> SiteEntry:
         for s in self.sites:
@@ -186,7 +278,7 @@ class Report:
             f"bytes {_mb(t['bytes_before'])} → {_mb(t['bytes_after'])} "
             f"({t['bytes_ratio']:.3f}, {t['bits_per_weight']:.2f} bits/weight); "
             f"est. latency ×{t['est_latency_ratio']:.3f} ({self.target}/{self.workload}, "
-            f"{'/'.join(t['latency_sources'])})"
+            f"{'/'.join(t['latency_sources'])}){self._kv_headline(t)}"
         )
 
     def __str__(self) -> str:
@@ -217,6 +309,7 @@ class Report:
             "| " + " | ".join(c.replace("|", "/") for c in r) + " |"
             for r in self._rows(self.sites, full=True)
         ]
+        out += self._kv_markdown()
         if self.notes:
             out += ["", "## Notes", *[f"- {n}" for n in self.notes]]
         if self.timings:
@@ -238,6 +331,7 @@ class Report:
             "frontier": [[_r(f, 4), _r(e), int(b)] for f, e, b in self.frontier],
             "meta": self.meta,
             "sites": [s.to_dict() for s in self.sites],
+            **({"kv_sites": [k.to_dict() for k in self.kv_sites]} if self.kv_sites else {}),
         }
 
     def to_json(self) -> str:
@@ -260,6 +354,7 @@ class Report:
             frontier=[tuple(x) for x in d.get("frontier", [])],
             totals=dict(d.get("totals", {})),
             meta=dict(d.get("meta", {})),
+            kv_sites=[KVEntry.from_dict(k) for k in d.get("kv_sites", [])],
         )
 
     @classmethod

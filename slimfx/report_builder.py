@@ -10,12 +10,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from slimfx.cost.target import latency as estimate_site_latency
-from slimfx.ir.sites import LinearSite
+from slimfx.ir.sites import AttentionSite, LinearSite
 from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget, BudgetProblem
-from slimfx.report import Report, SiteEntry
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN
+from slimfx.report import KVEntry, Report, SiteEntry
 
 __all__ = ["build_report", "runner_up", "target_name"]
 
@@ -46,6 +47,7 @@ def build_report(
     target: str,
     workload: str,
     cache: Any,
+    attention_sites: list[AttentionSite] | None = None,
 ) -> Report:
     """One entry per site: decision, bytes, pass status; with a solved ``problem`` the
     estimated error, latency (and its source), runner-up and every candidate; without one
@@ -54,6 +56,17 @@ def build_report(
     records: dict[str, SiteRecord] = {r.fqn: r for r in result.records}
     entries = []
     for s in sites:
+        if s.fqn in plan.owned_by:  # a k/v projection a low-rank KV cache replaced
+            owner = plan.owned_by[s.fqn]
+            entries.append(
+                SiteEntry(
+                    fqn=s.fqn, shape=s.shape, group=s.group, chosen=f"owned by {owner}",
+                    decision=plan[owner].to_dict(),
+                    bytes_before=DenseConfig().weight_bytes(s.site_shape), bytes_after=0,
+                    status="applied", reason=f"replaced by {plan[owner].short()}",
+                )
+            )  # fmt: skip
+            continue
         d = plan[s.fqn]
         rec = records.get(s.fqn)
         e = SiteEntry(
@@ -100,6 +113,48 @@ def build_report(
         if s.fqn in measured:
             e.measured_sqnr_db, e.measured_rel_error = measured[s.fqn]
         entries.append(e)
-    return Report(
+    report = Report(
         sites=entries, budget=budget.to_dict(), target=target_name(target), workload=workload
     )
+    report.kv_sites = [
+        _kv_entry(a, plan, problem, budget) for a in attention_sites or () if a.fqn in plan
+    ]
+    return report
+
+
+def _kv_entry(site: AttentionSite, plan: Plan, problem: BudgetProblem | None, budget: Budget) -> KVEntry:
+    """The report line of one attention site's KV decision."""
+    from slimfx.forms.kv.config import KVDenseConfig
+
+    d, shape, ctx = plan[site.fqn], site.site_shape, budget.context
+    dense = KVDenseConfig()
+    owns = sorted(k for k, o in plan.owned_by.items() if o == site.fqn)
+    e = KVEntry(
+        fqn=site.fqn,
+        layer=site.layer_idx,
+        chosen=d.short(),
+        decision=d.to_dict(),
+        kv_bytes_per_token_before=dense.bytes_per_token(shape, ctx),
+        kv_bytes_per_token_after=d.bytes_per_token(shape, ctx),
+        cache_bytes_before=None if ctx is None else dense.cache_bytes(shape, ctx),
+        cache_bytes_after=None if ctx is None else d.cache_bytes(shape, ctx),
+        weight_bytes_after=d.weight_bytes(shape),
+        owns=owns,
+        status="skipped" if isinstance(d, KVDenseConfig) else "applied",
+    )
+    if problem is not None and site.fqn in {s.name for s in problem.sites}:
+        so = problem.site(site.fqn)
+        sens = so.sensitivity if so.sensitivity > 0 else 1.0
+        e.sensitivity = so.sensitivity
+        e.est_error = so.options[so.index_of(d)].error / sens
+        e.weight_bytes_after = so.options[so.index_of(d)].bytes
+        e.candidates = [
+            {
+                "decision": o.decision.short(),
+                "kv_bytes_per_token": o.cost(KV_BYTES_PER_TOKEN),
+                "weight_bytes": o.bytes,
+                "error": o.error / sens,
+            }
+            for o in so.options
+        ]
+    return e

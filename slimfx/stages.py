@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx import attention_stages as attention
 from slimfx import validate
 from slimfx.cost.calibration import (
     CalibrationStats,
@@ -35,7 +36,7 @@ from slimfx.cost.sequential import run_sequential
 from slimfx.cost.target import MeasuredCache, Target, roofline_caveat
 from slimfx.ir.capture import capture as capture_graph
 from slimfx.ir.find import find_linear_sites
-from slimfx.ir.sites import LinearSite
+from slimfx.ir.sites import AttentionSite, LinearSite
 from slimfx.passes.base import PassResult
 from slimfx.passes.manager import Instrument, PassManager, TimingInstrument
 from slimfx.passes.swap import apply_plan
@@ -84,6 +85,7 @@ class PlanningOptions:
     exclude: Sequence[str] | None = None
     progress: bool = True
     backend: str | None = None
+    kv_forms: Sequence[Any] | None = None
 
     @classmethod
     def of(cls, values: Mapping[str, Any]) -> PlanningOptions:
@@ -102,6 +104,9 @@ class Planning:
     options: PlanningOptions = field(default_factory=PlanningOptions)
     model: nn.Module | None = None
     sites: list[LinearSite] = field(default_factory=list)
+    attention_sites: list[AttentionSite] = field(default_factory=list)
+    attention_inputs: dict[str, list] = field(default_factory=dict)
+    kv_refused: dict[str, list[str]] = field(default_factory=dict)
     plan: Plan | None = None
     capture: dict[str, Any] = field(default_factory=dict)
     fit_batches: list = field(default_factory=list)
@@ -312,6 +317,8 @@ def capture(pl: Planning) -> PassResult:
         sites = _drop_tied_sites(sites, pl.notes)
     _check_weights(model, sites)
     pl.sites = sites
+    if attention.wanted(pl):
+        attention.find(pl)
     return _done("capture")
 
 
@@ -320,7 +327,7 @@ def check_plan(pl: Planning) -> PassResult:
     backend runs, and the calibration its activation-aware decisions need."""
     plan, opts = pl.options.plan, pl.options
     assert plan is not None
-    validate_plan(plan, pl.sites)
+    validate_plan(plan, [*pl.sites, *pl.attention_sites])
     if opts.backend is not None:
         from slimfx.backends.capabilities import check_plan as backend_check
 
@@ -359,6 +366,8 @@ def calibration(pl: Planning) -> PassResult:
             pl.notes.append(note)
     else:  # a replayed plan needs the Grams only
         pl.stats = collect_stats(model, pl.sites, fit, fisher=False, progress=opts.progress)
+    if pl.attention_sites and plan is None:
+        attention.collect(pl)
     thin = pl.stats.underdetermined()
     if thin:
         grp, (n, f) = next(iter(thin.items()))
@@ -401,6 +410,8 @@ def candidates(pl: Planning) -> PassResult:
         )
     elif pl.budget.latency is not None:
         pl.notes.append(roofline_caveat(name, opts.backend))
+    if pl.attention_sites:
+        attention.add_options(pl)
     if pl.problem.meta.get("not_allowed"):
         pl.notes.append(
             f"backend {opts.backend}: {pl.problem.meta['not_allowed']} candidate(s) it cannot "
@@ -417,7 +428,7 @@ def solve(pl: Planning) -> PassResult:
     if pl.solution.note:
         pl.notes.append(f"solver: {pl.solution.note}")
     pl.plan = pl.solution.to_plan(
-        shapes={s.fqn: s.site_shape for s in pl.sites},
+        shapes={s.fqn: s.site_shape for s in [*pl.sites, *pl.attention_sites]},
         meta={
             "budget": pl.budget.to_dict(),
             "target": target_name(opts.target),
@@ -438,7 +449,7 @@ def complete_plan(pl: Planning) -> PassResult:
     unplanned = [s.fqn for s in pl.sites if s.fqn not in plan.owned_by]
     pl.plan = Plan(
         {**{fqn: DenseConfig() for fqn in unplanned}, **dict(plan.decisions)},
-        {**{s.fqn: s.site_shape for s in pl.sites}, **plan.shapes},
+        {**{s.fqn: s.site_shape for s in [*pl.sites, *pl.attention_sites]}, **plan.shapes},
         dict(plan.meta),
         dict(plan.owned_by),
     )
@@ -449,8 +460,9 @@ def apply(pl: Planning) -> PassResult:
     """Rewrite the model (a copy unless ``inplace``) by the plan: module swap, or block by
     block with statistics from the rewritten prefix when ``sequential``. The dense weights of
     the rewritten sites are kept first when there are held-out batches to measure them on."""
-    model, plan = pl.model, pl.plan
-    assert model is not None and plan is not None
+    model, full = pl.model, pl.plan
+    assert model is not None and full is not None
+    plan, kv = attention.split(full)  # linear decisions for the module swap; KV forms after it
     if pl.eval_batches:
         mods = dict(model.named_modules())
         pl.dense_ref = {
@@ -459,7 +471,7 @@ def apply(pl: Planning) -> PassResult:
                 None if mods[s.fqn].bias is None else mods[s.fqn].bias.detach().clone(),
             )
             for s in pl.sites
-            if not isinstance(plan[s.fqn], DenseConfig)
+            if s.fqn in plan and not isinstance(plan[s.fqn], DenseConfig)
         }
     if pl.sequential and plan.rewrites():
         pl.rewritten, pl.result = _apply_sequential(
@@ -478,6 +490,9 @@ def apply(pl: Planning) -> PassResult:
             strict=True,
             progress=pl.options.progress,
         )
+    if kv:
+        done = attention.apply(pl, kv)
+        pl.result.modified |= bool(done)
     return PassResult("apply", pl.result.modified, pl.result.records, pl.result.seconds)
 
 
@@ -592,7 +607,7 @@ def _apply_sequential(
 
     def on_block(i: int, name: str, block_sites: list[LinearSite], stats: CalibrationStats) -> None:
         sub = Plan(
-            {s.fqn: plan[s.fqn] for s in block_sites},
+            {s.fqn: plan[s.fqn] for s in block_sites if s.fqn in plan},
             {s.fqn: s.site_shape for s in block_sites},
         )
         grams = {s.fqn: stats.fit_gram(s.fqn) for s in block_sites}

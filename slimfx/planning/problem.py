@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slimfx.planning.configs import Decision, DenseConfig, decision_from_dict
-from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, Shape, shape_from_dict
+from slimfx.planning.shapes import (
+    KV_BYTES_PER_TOKEN,
+    KV_CACHE_BYTES,
+    TOTAL_BYTES,
+    WEIGHT_BYTES,
+    Shape,
+    shape_from_dict,
+)
 
 __all__ = ["Option", "SiteOptions", "BudgetProblem", "Budget", "InfeasibleBudgetError"]
 
@@ -150,7 +157,14 @@ class Budget:
       and factors counted); ``bits=4`` is the same as ``memory=0.25``.
     - ``latency``: a fraction (0, 1] of the dense estimated latency for the workload.
     - ``max_error``: a cap on each site's estimated relative output error.
-    - ``kv``: a fraction (0, 1] of the attention sites' dense KV-cache bytes per token.
+    - ``kv``: a fraction (0, 1] of the attention sites' dense 16-bit KV cache: its bytes per
+      token at ``context`` tokens when given (the 16-bit residual window and sink tokens
+      counted), else the steady state (the compressed store alone, the limit as the context
+      grows).
+    - ``total_bytes``: one byte count for the sites' weights *and* the KV cache of ``batch``
+      sequences of ``context`` tokens (both required): weights and cache trade against each
+      other. Embeddings, norms and other parameters that are not sites are not counted.
+    - ``context`` / ``batch``: where the cache is counted (tokens per sequence, sequences).
 
     Given only ``max_error``, the solver minimizes bytes; otherwise it minimizes the summed
     error under the limits.
@@ -161,9 +175,12 @@ class Budget:
     latency: float | None = None
     max_error: float | None = None
     kv: float | None = None
+    total_bytes: float | None = None
+    context: int | None = None
+    batch: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("memory", "bits", "latency", "max_error", "kv"):  # numbers only: no str, no bool
+        for name in ("memory", "bits", "latency", "max_error", "kv", "total_bytes"):  # numbers only
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                 raise TypeError(f"Budget.{name} must be a number, got {v!r} ({type(v).__name__})")
@@ -186,6 +203,38 @@ class Budget:
             raise ValueError(f"max_error must be ≥ 0, got {self.max_error}")
         if self.memory is not None and self.bits is not None:
             raise ValueError("give memory or bits, not both")
+        self._check_cache_fields()
+
+    def _check_cache_fields(self) -> None:
+        for name in ("context", "batch"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"Budget.{name} is a number of tokens/sequences ≥ 1, got {v!r}")
+        if self.total_bytes is not None:
+            if self.total_bytes <= 1:
+                raise ValueError(
+                    f"total_bytes is a byte count (weights + KV cache), got {self.total_bytes!r};"
+                    " for fractions use memory= (weights) and kv= (cache)"
+                )
+            if self.context is None:
+                raise ValueError(
+                    "Budget(total_bytes=…) counts the KV cache at context= tokens per sequence "
+                    "(and batch= sequences, default 1): give context="
+                )
+        elif (self.context is not None or self.batch is not None) and self.kv is None:
+            raise ValueError(
+                "context= / batch= say where the KV cache is counted: they need kv= or total_bytes="
+            )
+        if self.batch is not None and self.total_bytes is None:
+            raise ValueError(
+                "batch= scales the cache in total_bytes= only (kv= is a fraction of the cache, "
+                "the same for every batch size)"
+            )
+
+    @property
+    def prices_cache(self) -> bool:
+        """Whether this budget counts the KV cache (``kv`` or ``total_bytes``)."""
+        return self.kv is not None or self.total_bytes is not None
 
     @classmethod
     def of(cls, budget: float | Budget | None) -> Budget:
@@ -218,13 +267,17 @@ class Budget:
         if mem is not None:
             out[WEIGHT_BYTES] = mem
         if self.kv is not None:
-            out[KV_BYTES_PER_TOKEN] = self.kv * dense.get(KV_BYTES_PER_TOKEN, 0)
+            dim = KV_CACHE_BYTES if KV_CACHE_BYTES in dense else KV_BYTES_PER_TOKEN
+            out[dim] = self.kv * dense.get(dim, 0)
+        if self.total_bytes is not None:
+            out[TOTAL_BYTES] = float(self.total_bytes)
         return out
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("memory", "bits", "latency", "max_error")}
-        if self.kv is not None:
-            d["kv"] = self.kv
+        for k in ("kv", "total_bytes", "context", "batch"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
         return d
 
 

@@ -4,8 +4,11 @@ A site has a *kind* (``"linear"``, ``"attention"``) and a shape object of that k
 methods of a decision take the shape object, the plan stores it, and a replay checks it. Shapes
 are frozen and hashable, and round-trip through JSON with their kind.
 
-Budget dimensions an option can cost in: ``WEIGHT_BYTES`` (bytes of stored weights) and
-``KV_BYTES_PER_TOKEN`` (bytes the KV cache holds per token of context, per sequence).
+Budget dimensions an option can cost in: ``WEIGHT_BYTES`` (bytes of stored weights),
+``KV_BYTES_PER_TOKEN`` (bytes the KV cache holds per token of context, per sequence, rounded up
+to a whole byte) and ``KV_CACHE_BYTES`` (the exact bytes of one sequence's cache at the context a
+problem was priced for; present only when a context was given). ``TOTAL_BYTES`` is derived by
+the solver (weight bytes + batch × cache bytes) for ``Budget(total_bytes=…)``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ __all__ = [
     "SHAPE_KINDS",
     "WEIGHT_BYTES",
     "KV_BYTES_PER_TOKEN",
+    "KV_CACHE_BYTES",
+    "TOTAL_BYTES",
     "DIMENSIONS",
 ]
 
 WEIGHT_BYTES = "weight_bytes"
 KV_BYTES_PER_TOKEN = "kv_bytes_per_token"
-DIMENSIONS = (WEIGHT_BYTES, KV_BYTES_PER_TOKEN)
+KV_CACHE_BYTES = "kv_cache_bytes"
+TOTAL_BYTES = "total_bytes"
+DIMENSIONS = (WEIGHT_BYTES, KV_BYTES_PER_TOKEN, KV_CACHE_BYTES)
 
 
 def _positive(owner: str, **fields: int | None) -> None:

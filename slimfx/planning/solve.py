@@ -59,7 +59,7 @@ from slimfx.planning.problem import (
     Option,
     allowed,
 )
-from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES
+from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, KV_CACHE_BYTES, TOTAL_BYTES, WEIGHT_BYTES
 
 __all__ = [
     "Solution",
@@ -232,7 +232,16 @@ class _Limits:
         return self.lat is None or float(sum(s.t[j] for s, j in chosen)) <= self.lat
 
 
-def _arrays(problem: BudgetProblem, max_error: float | None, dims: Sequence[str] = ()) -> list[_Site]:
+def _dim(o: Option, dim: str, batch: int) -> int:
+    """``o``'s cost in ``dim``; ``TOTAL_BYTES`` is derived: weight bytes + batch × cache bytes."""
+    if dim == TOTAL_BYTES:
+        return int(o.bytes) + batch * o.cost(KV_CACHE_BYTES)
+    return o.cost(dim)
+
+
+def _arrays(
+    problem: BudgetProblem, max_error: float | None, dims: Sequence[str] = (), batch: int = 1
+) -> list[_Site]:
     out = []
     owned = problem.owners()
     for s in problem.sites:
@@ -246,7 +255,7 @@ def _arrays(problem: BudgetProblem, max_error: float | None, dims: Sequence[str]
                 np.array([int(o.bytes) for o in opts], dtype=np.int64),
                 np.array([float(o.error) for o in opts], dtype=np.float64),
                 np.array([float(o.latency_s) for o in opts], dtype=np.float64),
-                {d: np.array([o.cost(d) for o in opts], dtype=np.int64) for d in dims},
+                {d: np.array([_dim(o, d, batch) for o in opts], dtype=np.int64) for d in dims},
                 [o.covers for o in opts],
                 s.name in owned,
             )
@@ -321,11 +330,31 @@ def _kv_parts(
     problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits
 ) -> tuple[str, str]:
     """("kv budget 0.500 (96 B/token)", "0.750 of dense (144 B/token)")."""
+    if KV_CACHE_BYTES in lim.extra:  # priced at a context: one sequence's cache
+        dense = problem.dense_costs.get(KV_CACHE_BYTES, 0)
+        smallest = _smallest(sites, lambda s: s.c[KV_CACHE_BYTES])
+        return (
+            f"kv budget {budget.kv:.3f} ({_fmt_bytes(lim.extra_raw[KV_CACHE_BYTES])} per "
+            f"sequence at {budget.context} tokens)",
+            f"{_frac(smallest, dense):.3f} of dense ({_fmt_bytes(smallest)})",
+        )
     dense = problem.dense_costs.get(KV_BYTES_PER_TOKEN, 0)
     smallest = _smallest(sites, lambda s: s.c[KV_BYTES_PER_TOKEN])
     return (
         f"kv budget {budget.kv:.3f} ({lim.extra_raw[KV_BYTES_PER_TOKEN]:.0f} B/token)",
         f"{_frac(smallest, dense):.3f} of dense ({smallest:.0f} B/token)",
+    )
+
+
+def _total_parts(
+    problem: BudgetProblem, budget: Budget, sites: list[_Site], lim: _Limits
+) -> tuple[str, str]:
+    """("total budget 1.2 GB (weights + cache of 16 × 8192 tokens)", "1.5 GB")."""
+    smallest = _smallest(sites, lambda s: s.c[TOTAL_BYTES])
+    where = f"weights + cache of {budget.batch or 1} × {budget.context} tokens"
+    return (
+        f"total budget {_fmt_bytes(lim.extra_raw[TOTAL_BYTES])} ({where})",
+        f"{_fmt_bytes(smallest)}",
     )
 
 
@@ -368,18 +397,14 @@ def solve(problem: BudgetProblem, budget: Budget, method: str = "auto") -> Solut
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     budget = Budget.of(budget)
-    if budget.kv is not None and not problem.dense_costs.get(KV_BYTES_PER_TOKEN):
-        raise ValueError(
-            f"Budget(kv={budget.kv:g}) caps the KV cache, but no site of this problem holds one "
-            "(no attention site was priced)"
-        )
+    _check_cache_pricing(problem, budget)
     lim = _limits(problem, budget)
     milp_only = _needs_milp(problem, lim)
     if method in ("dp", "greedy") and milp_only:
         raise ValueError(f"method {method!r} cannot solve this problem: {milp_only}; use 'milp'")
     if method == "dp" and lim.lat is not None:
         raise ValueError("method 'dp' handles a memory limit only; use 'milp' for latency")
-    sites = _arrays(problem, budget.max_error, list(lim.extra))
+    sites = _arrays(problem, budget.max_error, list(lim.extra), budget.batch or 1)
     name = "milp" if method == "auto" else method
 
     def done(ch: list[int], solver: str, status: str, note: str = "") -> Solution:
@@ -421,6 +446,25 @@ def solve(problem: BudgetProblem, budget: Budget, method: str = "auto") -> Solut
     return done(_polish(sites, ch, lim), "milp", status)
 
 
+def _check_cache_pricing(problem: BudgetProblem, budget: Budget) -> None:
+    """A budget on the cache needs attention sites priced at the budget's context."""
+    if not budget.prices_cache:
+        return
+    what = f"kv={budget.kv:g}" if budget.kv is not None else f"total_bytes={budget.total_bytes:g}"
+    if not problem.dense_costs.get(KV_BYTES_PER_TOKEN):
+        raise ValueError(
+            f"Budget({what}) counts the KV cache, but no site of this problem holds one "
+            "(no attention site was priced)"
+        )
+    priced = problem.meta.get("kv_context")
+    has_context = KV_CACHE_BYTES in problem.dense_costs
+    if (budget.context is not None or has_context) and priced != budget.context:
+        raise ValueError(
+            f"the problem's KV cache was priced at context={priced!r} but the budget counts it at "
+            f"context={budget.context!r}: build the problem for the budget's context"
+        )
+
+
 def _needs_milp(problem: BudgetProblem, lim: _Limits) -> str:
     """Why only the MILP can solve ``problem`` under ``lim`` (``""`` when any method can)."""
     why = []
@@ -445,9 +489,11 @@ def _solve_general(
         parts.append(("memory", lim.cap, lambda s: s.b, _memory_parts))
     if lim.lat is not None:
         parts.append(("latency", lim.lat, lambda s: s.t, _latency_parts))
-    if KV_BYTES_PER_TOKEN in lim.extra:
-        cap = lim.extra[KV_BYTES_PER_TOKEN]
-        parts.append(("kv", cap, lambda s: s.c[KV_BYTES_PER_TOKEN], _kv_parts))
+    for dim in (KV_BYTES_PER_TOKEN, KV_CACHE_BYTES):
+        if dim in lim.extra:
+            parts.append(("kv", lim.extra[dim], lambda s, d=dim: s.c[d], _kv_parts))
+    if TOTAL_BYTES in lim.extra:
+        parts.append(("total", lim.extra[TOTAL_BYTES], lambda s: s.c[TOTAL_BYTES], _total_parts))
     for _, cap, get, describe in parts:
         if _smallest(sites, get) > cap:
             limit, smallest = describe(problem, budget, sites, lim)
@@ -501,6 +547,10 @@ def _solution(
         for dim, v in problem.site(s.name).options[s.idx[j]].costs.items():
             costs[dim] = costs.get(dim, 0) + v
         covered.update({c: s.name for c in s.cov[j]})
+    if budget.total_bytes is not None:
+        costs[TOTAL_BYTES] = costs.get(WEIGHT_BYTES, 0) + (budget.batch or 1) * costs.get(
+            KV_CACHE_BYTES, 0
+        )
     return Solution(
         choice={s.name: s.idx[j] for s, j in chosen},
         problem=problem,

@@ -224,7 +224,7 @@ def test_dp_and_greedy_refuse_with_the_reason(method) -> None:
 
 
 def test_kv_budget_without_a_cache_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"Budget\(kv=0.5\) caps the KV cache, but no site"):
+    with pytest.raises(ValueError, match=r"Budget\(kv=0.5\) counts the KV cache, but no site"):
         solve(BudgetProblem([_linear("k", 0.01)]), Budget(kv=0.5))
 
 

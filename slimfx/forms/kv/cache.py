@@ -49,7 +49,15 @@ from slimfx.forms.kv.numerics import (
     quantize_values,
 )
 
-__all__ = ["QuantizedKVLayer", "LatentLayer", "QuantizedLatentLayer", "KVCache", "layer_for"]
+__all__ = [
+    "QuantizedKVLayer",
+    "LatentLayer",
+    "QuantizedLatentLayer",
+    "KVCache",
+    "layer_for",
+    "kv_forms_of",
+    "KV_FORM_ATTR",
+]
 
 
 def _nbytes(*tensors: Tensor | None) -> int:
@@ -373,6 +381,20 @@ class QuantizedLatentLayer(_LatentSide, _StoreLayer):
         self._map_side(fn)
 
 
+#: attribute of an attention module holding its KV form (``slimfx.forms.kv.apply``)
+KV_FORM_ATTR = "_slimfx_kv_form"
+
+
+def kv_forms_of(model: Any) -> dict[int, KVDecision]:
+    """Layer index → the KV form an attention module of ``model`` carries (empty: none)."""
+    out: dict[int, KVDecision] = {}
+    for m in model.modules():
+        form = getattr(m, KV_FORM_ATTR, None)
+        if isinstance(form, KVDecision) and isinstance(getattr(m, "layer_idx", None), int):
+            out[m.layer_idx] = form
+    return out
+
+
 def layer_for(form: KVDecision) -> DynamicLayer:
     """A fresh cache layer for one decoder layer in ``form``."""
     if isinstance(form, KVDenseConfig):
@@ -395,10 +417,17 @@ class KVCache(Cache):
 
     @classmethod
     def for_model(
-        cls, model: Any, form: KVDecision | dict[int, KVDecision], default: KVDecision | None = None
+        cls,
+        model: Any,
+        form: KVDecision | dict[int, KVDecision] | None = None,
+        default: KVDecision | None = None,
     ) -> KVCache:
         """One layer per decoder layer of ``model``: ``form`` for all, or per layer index (the
-        missing ones ``default``, else 16-bit). Sliding-window layers are refused."""
+        missing ones ``default``, else 16-bit); ``None``: the forms the model's attention
+        modules carry (``kv_forms_of``: a model ``optimize`` gave KV decisions).
+        Sliding-window layers are refused."""
+        if form is None:
+            form = kv_forms_of(model)
         config = model.config.get_text_config(decoder=True)
         n = config.num_hidden_layers
         types = getattr(config, "layer_types", None) or ["full_attention"] * n

@@ -8,7 +8,7 @@ per attention site, ``(hidden_states, cos, sin)`` as the block received them —
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -34,7 +34,10 @@ def _run(
         handles.append(mods[site.fqn].register_forward_pre_hook(hook, with_kwargs=True))
     try:
         for ids in batches:
-            model(ids, use_cache=False)
+            if isinstance(ids, Mapping):
+                model(**{**ids, "use_cache": False})
+            else:
+                model(ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()

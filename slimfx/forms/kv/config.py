@@ -268,6 +268,9 @@ class KVLowRankConfig(KVDecision):
                 return f"{name} {r} exceeds the {self.groups}×{group_dim} dims it factorizes"
         return None
 
+    def needs_gram(self) -> bool:
+        return True  # the k/v factors are fitted from the block's input Gram
+
     @property
     def latent_width(self) -> int:
         """Values the cache holds per token (keys and values, all groups)."""
@@ -321,6 +324,9 @@ class KVLatentQuantConfig(KVDecision):
         _check(self.axis in ("token", "channel"), "axis must be 'token' or 'channel'")
         _pos_int("group", self.group)
         _nonneg_int("residual", self.residual)
+
+    def needs_gram(self) -> bool:
+        return True
 
     @property
     def lowrank(self) -> KVLowRankConfig:

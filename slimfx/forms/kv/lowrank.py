@@ -111,7 +111,7 @@ class LowRankKVAttention(nn.Module):
         if past_key_values is not None:
             if position_ids is None:
                 raise ValueError("LowRankKVAttention needs position_ids with a cache")
-            if not hasattr(layer, "positions"):
+            if not hasattr(layer, "positions"):  # the pre-hook upgrades an empty 16-bit layer
                 raise TypeError(
                     f"layer {self.layer_idx} of the cache is a {type(layer).__name__}; a low-rank "
                     "KV model needs slimfx's KVCache (past_key_values=KVCache.for_model(...))"

@@ -37,6 +37,7 @@ __all__ = [
     "apply_rope",
     "rebuild",
     "fake_quant_keys",
+    "fake_quant_keys_all",
     "fake_quant_values",
     "compressed_attention",
     "block_forward",
@@ -87,19 +88,55 @@ def fake_quant_keys(k: Tensor, bits: int, group: int) -> Tensor:
     return torch.cat([deq, k[:, :, full:]], dim=2)
 
 
+def fake_quant_keys_all(k: Tensor, bits: int, group: int) -> Tensor:
+    """Every key through quantize/dequantize, the last partial block too (padded with copies of
+    its last token, which leave the block's range unchanged): the store at long context, where
+    the exact tail is a vanishing share of the tokens."""
+    T = k.shape[2]
+    pad = -T % group
+    if pad:
+        k = torch.cat([k, k[:, :, -1:].expand(-1, -1, pad, -1)], dim=2)
+    return dequantize_keys(*quantize_keys(k, bits, group), bits, group, k.dtype)[:, :, :T]
+
+
 def fake_quant_values(v: Tensor, bits: int, group: int) -> Tensor:
     """Values (or any per-token tensor) through quantize/dequantize per token."""
     return dequantize_values(*quantize_values(v, bits, group), bits, group, v.dtype)
 
 
-def _fake_quant_latent(latent: Tensor, config: KVLatentQuantConfig) -> Tensor:
+def _fake_quant_latent(latent: Tensor, config: KVLatentQuantConfig, steady: bool = False) -> Tensor:
     """The ``(B, T, w)`` latent as the store holds it: per token (``axis="token"``) or per
-    channel in blocks of ``group`` tokens counted from the first token after the sinks."""
+    channel in blocks of ``group`` tokens counted from the first token after the sinks
+    (``steady``: the last partial block quantized too)."""
     if config.axis == "token":
         return fake_quant_values(latent, config.bits, config.group)
     s = config.sink
-    q = fake_quant_keys(latent[:, s:].unsqueeze(1), config.bits, config.group).squeeze(1)
+    fq = fake_quant_keys_all if steady else fake_quant_keys
+    q = fq(latent[:, s:].unsqueeze(1), config.bits, config.group).squeeze(1)
     return torch.cat([latent[:, :s], q], dim=1)
+
+
+def _n_quantized(config: KVDecision, T: int, device: torch.device, steady: bool) -> Tensor:
+    """Per query ``t``: past tokens read from the store. ``steady``: every token older than
+    the residual window (and past the sinks), as at long context; else ``quantized_tokens(t)``
+    — what the cache holds at that step of token-by-token decoding."""
+    sink, residual = getattr(config, "sink", 0), getattr(config, "residual", 0)
+    if steady:
+        return torch.tensor([max(0, t - sink - residual) for t in range(T)], device=device)
+    return torch.tensor([config.quantized_tokens(t) for t in range(T)], device=device)
+
+
+def _project(attn: nn.Module, hidden: Tensor, role: str, hd: int) -> Tensor:
+    """``role``'s projection of ``hidden`` as heads ``(B, H, T, D)``, through the block's
+    q/k norm when it has one (per head: Qwen3-style; over the whole width: OLMo-2-style)."""
+    x = getattr(attn, f"{role}_proj")(hidden)
+    norm = getattr(attn, f"{role}_norm", None)
+    if norm is None:
+        return _heads(x, hd)
+    weight = getattr(norm, "weight", None)
+    if weight is not None and weight.numel() != hd:
+        return _heads(norm(x), hd)
+    return norm(_heads(x, hd))
 
 
 def tiered_attention(
@@ -159,14 +196,18 @@ def block_forward(
     sin: Tensor,
     config: KVDecision,
     factors: dict[str, Tensor] | None = None,
+    steady: bool = False,
 ) -> Tensor:
-    """Output of the HF attention block ``attn`` (its q/k/v/o projections, ``head_dim``,
-    ``scaling``) on ``hidden`` ``(B, T, hidden)`` for causal, unpadded sequences, with the
-    cache in form ``config``; ``factors`` (from ``fit_lowrank_kv``) for the low-rank forms."""
+    """Output of the HF attention block ``attn`` (its q/k/v/o projections, q/k norms,
+    ``head_dim``, ``scaling``) on ``hidden`` ``(B, T, hidden)`` for causal, unpadded sequences,
+    with the cache in form ``config``; ``factors`` (from ``fit_lowrank_kv``) for the low-rank
+    forms. ``steady``: every past token older than the residual window read from the store
+    (the last partial key block quantized too) — the cache at long context — instead of what
+    token-by-token decoding of these ``T`` tokens holds."""
     hd = attn.head_dim
     scaling = float(getattr(attn, "scaling", hd**-0.5))
     T = hidden.shape[1]
-    q = apply_rope(_heads(attn.q_proj(hidden), hd), cos, sin)
+    q = apply_rope(_project(attn, hidden, "q", hd), cos, sin)
     k_deq = v_deq = n_q = None
     if isinstance(config, (KVLowRankConfig, KVLatentQuantConfig)):
         if factors is None:
@@ -185,27 +226,26 @@ def block_forward(
             ve = _heads(attn.v_proj(hidden), hd)
             tiers.append((ke, ve, (j < sink)[None, :].expand(T, T)))
         if isinstance(config, KVLatentQuantConfig):
-            lkq, lvq = (_fake_quant_latent(x, config) for x in (lk, lv))
+            lkq, lvq = (_fake_quant_latent(x, config, steady) for x in (lk, lv))
             kq = apply_rope(_heads(rebuild(lkq, factors["k_up"], kb), hd), cos, sin)
             vq = _heads(rebuild(lvq, factors["v_up"], vb), hd)
-            n_q = torch.tensor([config.quantized_tokens(t) for t in range(T)], device=j.device)
+            n_q = _n_quantized(config, T, j.device, steady)
             tiers.append((kq, vq, (j[None, :] < sink + n_q[:, None])))
         tiers.append((k, v, None))
         out = tiered_attention(q, tiers, scaling)
         return attn.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
     else:
-        k = apply_rope(_heads(attn.k_proj(hidden), hd), cos, sin)
-        v = _heads(attn.v_proj(hidden), hd)
+        k = apply_rope(_project(attn, hidden, "k", hd), cos, sin)
+        v = _project(attn, hidden, "v", hd)
         if isinstance(config, KVQuantConfig):
             s = config.sink  # the store's blocks start after the sink tokens
-            k_deq = torch.cat(
-                [k[:, :, :s], fake_quant_keys(k[:, :, s:], config.key_bits, config.key_group)], 2
-            )
+            fq = fake_quant_keys_all if steady else fake_quant_keys
+            k_deq = torch.cat([k[:, :, :s], fq(k[:, :, s:], config.key_bits, config.key_group)], 2)
             v_deq = fake_quant_values(v, config.value_bits, config.value_group)
         elif not isinstance(config, KVDenseConfig):
             raise TypeError(f"no simulation for {type(config).__name__}")
     if k_deq is not None:
-        n_q = torch.tensor([config.quantized_tokens(t) for t in range(T)], device=hidden.device)
+        n_q = _n_quantized(config, T, hidden.device, steady)
     sink = getattr(config, "sink", 0)
     out = compressed_attention(q, k, v, k_deq, v_deq, n_q, scaling, sink)
     out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)

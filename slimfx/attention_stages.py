@@ -1,0 +1,136 @@
+"""The attention half of ``optimize``'s stages: KV-cache forms under the same budget.
+
+Called from ``slimfx.stages`` when the budget counts the KV cache (``Budget(kv=…)`` or
+``Budget(total_bytes=…, context=…)``) or a replayed plan has attention decisions:
+
+- ``find``: the model's attention sites (``ir.find.inspect_attention_sites``: Hugging Face
+  Llama / Qwen2 / Gemma-style blocks; the modules it refuses are noted with the reason);
+- ``collect``: the inputs each block receives on the first ``KV_ERROR_BATCHES`` calibration
+  batches (what the candidates' errors replay);
+- ``add_options``: each site's KV candidates (``forms.kv.candidates``) joined to the linear
+  problem — errors weighted by the site's o_proj sensitivity, costs in weight bytes, KV bytes
+  per token and (with a context) the cache bytes at that context; low-rank caches own the
+  site's k_proj / v_proj;
+- ``apply``: the chosen KV forms applied to the rewritten model (``forms.kv.apply``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from slimfx.planning.problem import BudgetProblem
+
+if TYPE_CHECKING:
+    from slimfx.stages import Planning
+
+__all__ = ["wanted", "find", "collect", "add_options", "apply", "split"]
+
+
+def wanted(pl: Planning) -> bool:
+    """Whether this run prices or applies KV-cache forms."""
+    plan = pl.options.plan
+    if plan is not None:
+        from slimfx.forms.kv.config import KVDecision
+
+        return any(isinstance(d, KVDecision) for d in plan.values())
+    return pl.budget.prices_cache
+
+
+def find(pl: Planning) -> None:
+    """Fill ``pl.attention_sites``; a budget on the cache with no site to price is an error."""
+    from slimfx.ir.find import inspect_attention_sites
+
+    assert pl.model is not None
+    sites, rejected = inspect_attention_sites(pl.model)
+    for fqn, why in rejected.items():
+        pl.notes.append(f"{fqn}: not an attention site for the KV cache — {why}")
+    if not sites:
+        why = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3]) or (
+            "no module with q_proj/k_proj/v_proj/o_proj (a Hugging Face Llama/Qwen2/Gemma-style "
+            "attention block)"
+        )
+        raise ValueError(f"the budget counts the KV cache but the model has no attention site: {why}")
+    pl.attention_sites = sites
+
+
+def collect(pl: Planning) -> None:
+    """The block inputs the KV candidates' errors are measured on."""
+    from slimfx.forms.kv.calibrate import capture_attention_inputs
+    from slimfx.forms.kv.candidates import KV_ERROR_BATCHES
+
+    assert pl.model is not None
+    batches = pl.fit_batches[:KV_ERROR_BATCHES]
+    if not batches:
+        raise ValueError("pricing KV-cache forms needs calibration batches (calibration=...)")
+    pl.attention_inputs = capture_attention_inputs(pl.model, pl.attention_sites, batches)
+    pl.notes.append(
+        f"KV cache: candidate errors measured on {len(batches)} calibration batch(es) per "
+        "attention site, in the steady state (every past token beyond the sinks read from the "
+        "compressed store, as at long context)"
+    )
+
+
+def _bias_bytes(pl: Planning, fqns: list[str]) -> int:
+    mods = dict(pl.model.named_modules())  # type: ignore[union-attr]
+    return sum(
+        2 * mods[f].bias.numel() for f in fqns if f in mods and getattr(mods[f], "bias", None) is not None
+    )
+
+
+def add_options(pl: Planning) -> None:
+    """Join every attention site's KV options to ``pl.problem``."""
+    from slimfx.forms.kv.candidates import kv_site_options
+
+    assert pl.problem is not None and pl.model is not None
+    linear = {s.name for s in pl.problem.sites}
+    context = pl.budget.context
+    forms = pl.options.kv_forms
+    added = []
+    for site in pl.attention_sites:
+        o_fqn, k_fqn, v_fqn = (site.projection(r) for r in ("o", "k", "v"))
+        weight = pl.problem.site(o_fqn).sensitivity if o_fqn in linear else 1.0
+        if o_fqn not in linear:
+            pl.notes.append(
+                f"{site.fqn}: o_proj is not a site of this problem, so its loss sensitivity is "
+                "unknown: the KV candidates' errors are unweighted (1.0)"
+            )
+        gram = pl.stats.fit_gram(k_fqn) if pl.stats is not None and k_fqn in linear else None
+        so, refused = kv_site_options(
+            pl.model,
+            site,
+            pl.attention_inputs.get(site.fqn, []),
+            gram,
+            weight=weight,
+            context=context,
+            forms=forms,
+            linear_sites=linear,
+            bias_bytes=_bias_bytes(pl, [str(k_fqn), str(v_fqn)]),
+        )
+        for short, why in refused.items():
+            pl.kv_refused.setdefault(why, []).append(f"{site.fqn} ({short})")
+        added.append(so)
+    for why, where in pl.kv_refused.items():
+        pl.notes.append(f"KV candidates not offered at {len(where)} site(s) (e.g. {where[0]}): {why}")
+    p = pl.problem
+    pl.problem = BudgetProblem(
+        [*p.sites, *added], p.workload, p.target, {**p.meta, "kv_context": context}
+    )
+
+
+def split(plan: Any) -> tuple[Any, dict]:
+    """The plan's linear part and its KV decisions (``forms.kv.apply.split_plan``)."""
+    from slimfx.forms.kv.apply import split_plan
+
+    return split_plan(plan)
+
+
+def apply(pl: Planning, decisions: dict) -> list[str]:
+    """Apply the KV decisions to ``pl.rewritten`` (low-rank forms fitted from k_proj's Gram)."""
+    from slimfx.forms.kv.apply import apply_kv_plan
+
+    assert pl.rewritten is not None
+    grams = {}
+    for site in pl.attention_sites:
+        k = site.projection("k")
+        grams[site.fqn] = pl.stats.fit_gram(k) if pl.stats is not None and k else None
+    return apply_kv_plan(pl.rewritten, decisions, pl.attention_sites, grams)

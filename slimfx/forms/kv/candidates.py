@@ -1,0 +1,219 @@
+"""KV-cache candidates of one attention site, priced and with their error, for the budget solver.
+
+``default_kv_forms(shape)`` is the candidate set (the forms and settings that won on SmolLM2 in
+``benchmarks/kv_quality.py``, adapted to the site's head_dim); ``kv_site_options`` turns a list of
+forms into the site's :class:`~slimfx.planning.problem.SiteOptions`:
+
+- **error**: the relative squared error of the attention block's output (``y = o_proj(...)``)
+  with the compressed cache, on the calibration inputs the block received, in the *steady*
+  state — every past token older than the residual window read from the store, as at long
+  context (:func:`~slimfx.forms.kv.simulate.block_forward` with ``steady=True``) — times the
+  site's loss-sensitivity weight (its ``o_proj``'s, the same output): the scale of the linear
+  forms' errors;
+- **costs**: ``weight_bytes`` (the k/v projections a low-rank form owns, biases included; 0 for
+  a quantized cache), ``kv_bytes_per_token`` (rounded up to a whole byte; at ``context`` tokens
+  when given, else the steady state) and, with a ``context``, ``kv_cache_bytes`` (one
+  sequence's exact cache bytes at that context);
+- **covers**: a low-rank form owns the site's k_proj and v_proj linear sites.
+
+A form the site cannot take (``config.check``, keys behind a q/k norm for the low-rank forms, k/v
+projections that are not sites of the problem) is left out, with the reason returned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from slimfx.ir.sites import AttentionSite
+from slimfx.planning.problem import Option, SiteOptions
+from slimfx.planning.shapes import (
+    KV_BYTES_PER_TOKEN,
+    KV_CACHE_BYTES,
+    WEIGHT_BYTES,
+    AttentionShape,
+)
+
+from .config import (
+    KVDecision,
+    KVDenseConfig,
+    KVLatentQuantConfig,
+    KVLowRankConfig,
+    KVQuantConfig,
+)
+
+__all__ = ["default_kv_forms", "kv_costs", "kv_site_options", "KV_ERROR_BATCHES", "SINK"]
+
+#: calibration batches the error of each KV candidate is measured on (block replays are cheap,
+#: but every candidate replays every batch)
+KV_ERROR_BATCHES = 4
+#: sink tokens kept 16-bit by the default candidates (the largest single gain measured)
+SINK = 4
+
+
+def _group(dim: int, want: int) -> int | None:
+    """The largest of ``want``, 32, 16, 8 that divides ``dim``."""
+    for g in (want, 32, 16, 8):
+        if g <= want and dim % g == 0:
+            return g
+    return None
+
+
+def _rank(fraction: float, width: int) -> int:
+    """``fraction`` of ``width`` rounded to a multiple of 8 (at least 8, at most ``width``)."""
+    return max(8, min(width, int(round(fraction * width / 8)) * 8))
+
+
+def default_kv_forms(shape: AttentionShape) -> list[KVDecision]:
+    """The default candidates for a site of ``shape``: the 16-bit cache; KIVI caches int8,
+    int4 (key blocks of 32 and 128 tokens), 4-bit keys with 2-bit values, int2; Palu low-rank
+    caches at 3/4, 1/2 and 3/8 of the cache (keys at half the values' rank: keys compress
+    more); low-rank latents quantized per channel at about 1/4 and 1/8. Every compressed form
+    keeps ``SINK`` first tokens 16-bit and no residual window (the steady state prices it)."""
+    D, kv = shape.head_dim, shape.kv_dim
+    out: list[KVDecision] = [KVDenseConfig()]
+    g64, g32 = _group(D, 64), _group(D, 32)
+    if g64 is not None and g32 is not None:
+        out += [
+            KVQuantConfig(8, 8, 32, g64, 0, SINK),
+            KVQuantConfig(4, 4, 32, g64, 0, SINK),
+            KVQuantConfig(4, 4, 128, g64, 0, SINK),
+            KVQuantConfig(4, 2, 32, g32, 0, SINK),
+            KVQuantConfig(2, 2, 32, g32, 0, SINK),
+        ]
+    for k, v in ((0.5, 1.0), (1 / 3, 2 / 3), (0.25, 0.5)):
+        out.append(KVLowRankConfig(_rank(k, kv), _rank(v, kv), 1, "whitened", SINK))
+    for k, v, bits, group in ((0.75, 1.0, 4, 64), (2 / 3, 2 / 3, 8, 32), (1 / 3, 0.54, 4, 64)):
+        out.append(
+            KVLatentQuantConfig(
+                _rank(k, kv), _rank(v, kv), 1, "whitened", bits, group, 0, SINK, "channel"
+            )
+        )
+    return out
+
+
+def kv_costs(
+    config: KVDecision, shape: AttentionShape, context: int | None, bias_bytes: int = 0
+) -> dict[str, int]:
+    """The option's integer cost vector (see the module docstring); ``bias_bytes``: the owned
+    k/v projections' biases, which a low-rank form keeps."""
+    costs = config.costs(shape, context=context)
+    out = {
+        WEIGHT_BYTES: int(costs[WEIGHT_BYTES]) + (bias_bytes if config.owns else 0),
+        KV_BYTES_PER_TOKEN: math.ceil(costs[KV_BYTES_PER_TOKEN] - 1e-9),
+    }
+    if context is not None:
+        out[KV_CACHE_BYTES] = config.cache_bytes(shape, context)
+    return out
+
+
+def _why_not(
+    config: KVDecision, site: AttentionSite, sites: set[str] | None
+) -> str | None:
+    why = config.check(site.site_shape)
+    if why or not config.owns:
+        return why
+    if site.qk_norm is not None:
+        return (
+            f"keys pass through the per-head {site.qk_norm} after k_proj: they are not linear in "
+            "the hidden state, so a low-rank cache cannot rebuild them"
+        )
+    if site.rope_dim not in (0, site.head_dim):
+        return "partial RoPE: the low-rank cache rotates every key dim it rebuilds"
+    missing = [r for r in config.owns if sites is not None and site.projection(r) not in sites]
+    if missing:
+        return (
+            f"{', '.join(f'{r}_proj' for r in missing)} is not a site of this problem "
+            "(excluded, or not a plain linear): a low-rank cache owns and replaces it"
+        )
+    return None
+
+
+@torch.no_grad()
+def _errors(
+    attn: nn.Module,
+    inputs: Sequence[tuple[Tensor, Tensor, Tensor]],
+    configs: Sequence[KVDecision],
+    factors: dict[KVLowRankConfig, dict[str, Tensor]],
+) -> list[float]:
+    """Relative squared error of the block output per config, dense outputs computed once."""
+    from .simulate import block_forward
+
+    num = [0.0] * len(configs)
+    den = 0.0
+    for hidden, cos, sin in inputs:
+        y = block_forward(attn, hidden, cos, sin, KVDenseConfig()).double()
+        den += float((y * y).sum())
+        for i, c in enumerate(configs):
+            if isinstance(c, KVDenseConfig):
+                continue
+            lr = getattr(c, "lowrank", c)
+            f = factors.get(lr) if isinstance(lr, KVLowRankConfig) else None
+            yc = block_forward(attn, hidden, cos, sin, c, f, steady=True).double()
+            num[i] += float(((yc - y) ** 2).sum())
+    return [n / den if den > 0 else 0.0 for n in num]
+
+
+def kv_site_options(
+    model: nn.Module,
+    site: AttentionSite,
+    inputs: Sequence[tuple[Tensor, Tensor, Tensor]],
+    gram: Tensor | None,
+    *,
+    weight: float = 1.0,
+    context: int | None = None,
+    forms: Sequence[KVDecision] | None = None,
+    linear_sites: set[str] | None = None,
+    bias_bytes: int = 0,
+) -> tuple[SiteOptions, dict[str, str]]:
+    """The site's options (module docstring) and, per refused form (its ``short()``), why.
+
+    ``inputs``: ``(hidden, cos, sin)`` per calibration batch as the block received them;
+    ``gram``: ``XᵀX`` of the block's input (k_proj's input Gram) for the low-rank fits;
+    ``weight``: the site's loss-sensitivity weight; ``linear_sites``: the problem's linear
+    sites (a low-rank form is offered only when k_proj and v_proj are among them)."""
+    from .calibrate import fit_site
+
+    shape = site.site_shape
+    refused: dict[str, str] = {}
+    chosen: list[KVDecision] = []
+    for c in default_kv_forms(shape) if forms is None else forms:
+        why = _why_not(c, site, linear_sites)
+        if why:
+            refused[c.short()] = why
+        elif c not in chosen:
+            chosen.append(c)
+    if not any(isinstance(c, KVDenseConfig) for c in chosen):
+        chosen.insert(0, KVDenseConfig())  # the 16-bit cache is always an option
+    factors: dict[KVLowRankConfig, dict[str, Tensor]] = {}
+    for c in chosen:
+        lr = getattr(c, "lowrank", c)
+        if isinstance(lr, KVLowRankConfig) and lr not in factors:
+            if gram is None:
+                raise ValueError(f"{site.fqn}: {c.short()} needs the input Gram of k_proj")
+            factors[lr] = fit_site(model, site, gram, lr)
+    attn = dict(model.named_modules())[site.fqn]
+    errors = _errors(attn, inputs, chosen, factors)
+    covers = tuple(str(site.projection(r)) for r in ("k", "v"))
+    options = []
+    for c, e in zip(chosen, errors):
+        costs = kv_costs(c, shape, context, bias_bytes)
+        options.append(
+            Option(
+                c,
+                costs[WEIGHT_BYTES],
+                weight * e,
+                costs=costs,
+                covers=covers if c.owns else (),
+            )
+        )
+    dense = kv_costs(KVDenseConfig(), shape, context)
+    return (
+        SiteOptions(
+            site.fqn, options, 0, 0.0, weight, "attention", shape, dense_costs=dense
+        ),
+        refused,
+    )

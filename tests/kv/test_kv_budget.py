@@ -1,0 +1,200 @@
+"""The KV cache under the budget: Budget(kv=, total_bytes=, context=, batch=) checks, the solver's
+joint weights + cache rows, and optimize() choosing KV forms per layer that generate() uses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+import slimfx
+from slimfx.forms.kv.cache import KVCache, LatentLayer, QuantizedKVLayer, kv_forms_of
+from slimfx.forms.kv.config import KVDenseConfig, KVLowRankConfig, KVQuantConfig
+from slimfx.planning.configs import DenseConfig, QuantConfig
+from slimfx.planning.problem import Budget, BudgetProblem, InfeasibleBudgetError, Option, SiteOptions
+from slimfx.planning.shapes import (
+    KV_BYTES_PER_TOKEN,
+    KV_CACHE_BYTES,
+    TOTAL_BYTES,
+    WEIGHT_BYTES,
+    AttentionShape,
+)
+from slimfx.planning.solve import solve
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _calib(n: int = 5, T: int = 48) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (1, T), generator=g) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------ Budget
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        ({"kv": 0}, r"kv budget is a fraction in \(0, 1\]"),
+        ({"total_bytes": 1e6}, r"give context="),
+        ({"total_bytes": 0.5, "context": 8}, r"total_bytes is a byte count"),
+        ({"context": 4096}, r"need kv= or total_bytes="),
+        ({"kv": 0.5, "batch": 4}, r"batch= scales the cache in total_bytes= only"),
+        ({"kv": 0.5, "context": 0}, r"Budget.context is a number of tokens"),
+        ({"total_bytes": 1e6, "context": 8, "batch": True}, r"Budget.batch"),
+    ],
+)
+def test_bad_cache_budgets_are_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        Budget(**kw)
+
+
+def test_budget_dict_carries_the_cache_fields():
+    b = Budget(memory=0.3, total_bytes=5e6, context=8192, batch=16)
+    assert b.prices_cache and not Budget(memory=0.3).prices_cache
+    assert b.to_dict() == {
+        "memory": 0.3, "bits": None, "latency": None, "max_error": None,
+        "total_bytes": 5e6, "context": 8192, "batch": 16,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ solver
+
+_SHAPE = AttentionShape(hidden_size=64, num_heads=4, num_kv_heads=2, head_dim=16, rope_dim=16)
+
+
+def _joint_problem(context: int | None) -> BudgetProblem:
+    """One linear site (dense 8 kB, int4 2 kB) and one attention site (16-bit, int4 cache)."""
+    from slimfx.forms.kv.candidates import kv_costs
+
+    lin = SiteOptions(
+        "lin",
+        [Option(DenseConfig(), 8000, 0.0), Option(QuantConfig(4, 32), 2000, 1.0)],
+        8000,
+    )
+    kv_opts = []
+    for form, err in ((KVDenseConfig(), 0.0), (KVQuantConfig(4, 4, 16, 16), 0.5)):
+        c = kv_costs(form, _SHAPE, context)
+        kv_opts.append(Option(form, c[WEIGHT_BYTES], err, costs=c))
+    att = SiteOptions(
+        "att", kv_opts, 0, kind="attention", shape=_SHAPE,
+        dense_costs=kv_costs(KVDenseConfig(), _SHAPE, context),
+    )  # fmt: skip
+    return BudgetProblem([lin, att], meta={"kv_context": context})
+
+
+def test_total_bytes_trades_weights_against_the_cache():
+    p = _joint_problem(context=100)
+    dense_cache = KVDenseConfig().cache_bytes(_SHAPE, 100)  # 128 B/token × 100
+    assert p.dense_costs[KV_CACHE_BYTES] == dense_cache == 12800
+    # batch 1: compressing the weights (error 1.0) or the cache (0.5): the cache is cheaper
+    s = solve(p, Budget(total_bytes=8000 + dense_cache - 6000, context=100))
+    assert isinstance(s.decision("att"), KVQuantConfig) and isinstance(s.decision("lin"), DenseConfig)
+    assert s.costs[TOTAL_BYTES] <= 8000 + dense_cache - 6000
+    # batch 4: the cache dominates; both must shrink
+    total = 2000 + 4 * KVQuantConfig(4, 4, 16, 16).cache_bytes(_SHAPE, 100)
+    s4 = solve(p, Budget(total_bytes=total, context=100, batch=4))
+    assert s4.costs[TOTAL_BYTES] == total
+    assert isinstance(s4.decision("lin"), QuantConfig)
+    with pytest.raises(InfeasibleBudgetError, match=r"total budget .* is infeasible.*smallest achievable"):
+        solve(p, Budget(total_bytes=total - 1, context=100, batch=4))
+
+
+def test_kv_fraction_at_a_context_counts_the_exact_cache():
+    p = _joint_problem(context=40)  # sinks/blocks: the 16-bit tail is a visible share at 40 tokens
+    q = KVQuantConfig(4, 4, 16, 16)
+    frac = q.cache_bytes(_SHAPE, 40) / KVDenseConfig().cache_bytes(_SHAPE, 40)
+    assert isinstance(solve(p, Budget(kv=frac, context=40)).decision("att"), KVQuantConfig)
+    with pytest.raises(InfeasibleBudgetError, match=r"kv budget .* per sequence at 40 tokens"):
+        solve(p, Budget(kv=frac * 0.99, context=40))
+    with pytest.raises(ValueError, match=r"priced at context=40 but the budget counts it at context=None"):
+        solve(p, Budget(kv=0.5))
+    steady = _joint_problem(context=None)
+    assert steady.dense_costs[KV_BYTES_PER_TOKEN] == 128
+    s = solve(steady, Budget(kv=0.5))
+    assert s.costs[KV_BYTES_PER_TOKEN] == q.steady_bytes_per_token(_SHAPE) == 2 * (12 + 12)
+
+
+# ------------------------------------------------------------------------------ optimize
+
+
+def test_optimize_with_a_kv_budget_compresses_every_layer_and_generate_uses_it(tiny_llama):
+    out = slimfx.optimize(tiny_llama, Budget(kv=0.35), calibration=_calib(), progress=False)
+    rep = slimfx.report_of(out)
+    assert rep.totals["kv_ratio"] <= 0.35 and rep.totals["kv_compressed"] == 2
+    forms = kv_forms_of(out)
+    assert sorted(forms) == [0, 1] and all(isinstance(f, KVQuantConfig) for f in forms.values())
+    assert "## KV cache" in rep.to_markdown() and "KV cache 256 →" in str(rep)
+    # generate() with its own cache, and with a DynamicCache the caller passes: compressed layers
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    cache = DynamicCache()
+    g = out.generate(ids, max_new_tokens=40, do_sample=False, past_key_values=cache)
+    assert g.shape[1] == 49 and all(isinstance(layer, QuantizedKVLayer) for layer in cache.layers)
+    assert out.generate(ids, max_new_tokens=40, do_sample=False).tolist() == g.tolist()
+    # the user's model keeps its 16-bit cache
+    assert kv_forms_of(tiny_llama) == {}
+    # a cache that already holds 16-bit tokens cannot be compressed after the fact
+    full = DynamicCache()
+    tiny_llama(ids, past_key_values=full, use_cache=True)
+    with pytest.raises(TypeError, match=r"already holds 16-bit tokens"):
+        out(ids, past_key_values=full, use_cache=True)
+
+
+def test_lowrank_kv_owns_its_projections_saves_loads_and_replays(tiny_llama, tmp_path):
+    calib = _calib()
+    forms = [KVDenseConfig(), KVLowRankConfig(16, 24, 1, "whitened", 0)]
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.7), calibration=calib, kv_forms=forms, progress=False
+    )
+    rep = slimfx.report_of(out)
+    plan = slimfx.Plan.from_dict(rep.meta["plan"])
+    k0 = "model.layers.0.self_attn.k_proj"
+    assert plan.owned_by[k0] == "model.layers.0.self_attn"
+    assert rep.site(k0).chosen == "owned by model.layers.0.self_attn"
+    kv0 = rep.kv_sites[0]
+    assert kv0.owns == [k0, "model.layers.0.self_attn.v_proj"]
+    assert kv0.weight_bytes_after == 2 * 40 * (64 + 32)  # k/v down + up factors, 16-bit
+    assert kv0.kv_bytes_per_token_after == 2 * 40
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4))
+    cache = DynamicCache()
+    g = out.generate(ids, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert all(isinstance(layer, LatentLayer) for layer in cache.layers)
+    # save → load: same logits, the same cache forms, generate() again
+    slimfx.save(out, tmp_path / "m")
+    back = slimfx.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, out(ids).logits, rtol=0, atol=0)
+    assert kv_forms_of(back) == kv_forms_of(out)
+    assert back.generate(ids, max_new_tokens=10, do_sample=False).tolist() == g.tolist()
+    # replaying the plan with the same calibration reproduces the model
+    again = slimfx.optimize(tiny_llama, plan=plan, calibration=calib, progress=False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, out(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_full_rank_lowrank_kv_equals_dense(tiny_llama):
+    from slimfx.forms.kv.apply import apply_kv_plan
+    from slimfx.forms.kv.calibrate import attention_grams
+    from slimfx.ir.find import inspect_attention_sites
+
+    sites, _ = inspect_attention_sites(tiny_llama)
+    grams = attention_grams(tiny_llama, sites, _calib())
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = tiny_llama(ids).logits
+    full = KVLowRankConfig(32, 32, 1, "whitened", 0)
+    apply_kv_plan(tiny_llama, {s.fqn: full for s in sites}, sites, grams)
+    with torch.no_grad():
+        got = tiny_llama(ids, past_key_values=KVCache.for_model(tiny_llama)).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_kv_budget_without_calibration_or_attention_is_refused(tiny_llama, tiny_mlp):
+    with pytest.raises(ValueError, match=r"no attention site"):
+        slimfx.optimize(
+            tiny_mlp, Budget(kv=0.5), calibration=[torch.randn(4, 16)], progress=False
+        )
+    with pytest.raises(ValueError, match=r"a kv budget .* is infeasible|kv budget"):
+        slimfx.optimize(
+            tiny_llama, Budget(kv=0.01), calibration=_calib(2), progress=False
+        )

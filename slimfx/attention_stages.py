@@ -49,7 +49,9 @@ def find(pl: Planning) -> None:
             "no module with q_proj/k_proj/v_proj/o_proj (a Hugging Face Llama/Qwen2/Gemma-style "
             "attention block)"
         )
-        raise ValueError(f"the budget counts the KV cache but the model has no attention site: {why}")
+        raise ValueError(
+            f"the budget counts the KV cache but the model has no attention site: {why}"
+        )
     pl.attention_sites = sites
 
 
@@ -73,7 +75,9 @@ def collect(pl: Planning) -> None:
 def _bias_bytes(pl: Planning, fqns: list[str]) -> int:
     mods = dict(pl.model.named_modules())  # type: ignore[union-attr]
     return sum(
-        2 * mods[f].bias.numel() for f in fqns if f in mods and getattr(mods[f], "bias", None) is not None
+        2 * mods[f].bias.numel()
+        for f in fqns
+        if f in mods and getattr(mods[f], "bias", None) is not None
     )
 
 
@@ -110,7 +114,9 @@ def add_options(pl: Planning) -> None:
             pl.kv_refused.setdefault(why, []).append(f"{site.fqn} ({short})")
         added.append(so)
     for why, where in pl.kv_refused.items():
-        pl.notes.append(f"KV candidates not offered at {len(where)} site(s) (e.g. {where[0]}): {why}")
+        pl.notes.append(
+            f"KV candidates not offered at {len(where)} site(s) (e.g. {where[0]}): {why}"
+        )
     p = pl.problem
     pl.problem = BudgetProblem(
         [*p.sites, *added], p.workload, p.target, {**p.meta, "kv_context": context}

@@ -127,7 +127,12 @@ class KVEntry:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("est_error", "sensitivity", "kv_bytes_per_token_before", "kv_bytes_per_token_after"):
+        for k in (
+            "est_error",
+            "sensitivity",
+            "kv_bytes_per_token_before",
+            "kv_bytes_per_token_after",
+        ):
             d[k] = _r(d[k])
         d["candidates"] = [{**c, "error": _r(c.get("error"))} for c in self.candidates]
         return d

@@ -122,7 +122,9 @@ def build_report(
     return report
 
 
-def _kv_entry(site: AttentionSite, plan: Plan, problem: BudgetProblem | None, budget: Budget) -> KVEntry:
+def _kv_entry(
+    site: AttentionSite, plan: Plan, problem: BudgetProblem | None, budget: Budget
+) -> KVEntry:
     """The report line of one attention site's KV decision."""
     from slimfx.forms.kv.config import KVDenseConfig
 

@@ -11,7 +11,13 @@ import slimfx
 from slimfx.forms.kv.cache import KVCache, LatentLayer, QuantizedKVLayer, kv_forms_of
 from slimfx.forms.kv.config import KVDenseConfig, KVLowRankConfig, KVQuantConfig
 from slimfx.planning.configs import DenseConfig, QuantConfig
-from slimfx.planning.problem import Budget, BudgetProblem, InfeasibleBudgetError, Option, SiteOptions
+from slimfx.planning.problem import (
+    Budget,
+    BudgetProblem,
+    InfeasibleBudgetError,
+    Option,
+    SiteOptions,
+)
 from slimfx.planning.shapes import (
     KV_BYTES_PER_TOKEN,
     KV_CACHE_BYTES,
@@ -89,14 +95,18 @@ def test_total_bytes_trades_weights_against_the_cache():
     assert p.dense_costs[KV_CACHE_BYTES] == dense_cache == 12800
     # batch 1: compressing the weights (error 1.0) or the cache (0.5): the cache is cheaper
     s = solve(p, Budget(total_bytes=8000 + dense_cache - 6000, context=100))
-    assert isinstance(s.decision("att"), KVQuantConfig) and isinstance(s.decision("lin"), DenseConfig)
+    assert isinstance(s.decision("att"), KVQuantConfig) and isinstance(
+        s.decision("lin"), DenseConfig
+    )
     assert s.costs[TOTAL_BYTES] <= 8000 + dense_cache - 6000
     # batch 4: the cache dominates; both must shrink
     total = 2000 + 4 * KVQuantConfig(4, 4, 16, 16).cache_bytes(_SHAPE, 100)
     s4 = solve(p, Budget(total_bytes=total, context=100, batch=4))
     assert s4.costs[TOTAL_BYTES] == total
     assert isinstance(s4.decision("lin"), QuantConfig)
-    with pytest.raises(InfeasibleBudgetError, match=r"total budget .* is infeasible.*smallest achievable"):
+    with pytest.raises(
+        InfeasibleBudgetError, match=r"total budget .* is infeasible.*smallest achievable"
+    ):
         solve(p, Budget(total_bytes=total - 1, context=100, batch=4))
 
 
@@ -107,7 +117,9 @@ def test_kv_fraction_at_a_context_counts_the_exact_cache():
     assert isinstance(solve(p, Budget(kv=frac, context=40)).decision("att"), KVQuantConfig)
     with pytest.raises(InfeasibleBudgetError, match=r"kv budget .* per sequence at 40 tokens"):
         solve(p, Budget(kv=frac * 0.99, context=40))
-    with pytest.raises(ValueError, match=r"priced at context=40 but the budget counts it at context=None"):
+    with pytest.raises(
+        ValueError, match=r"priced at context=40 but the budget counts it at context=None"
+    ):
         solve(p, Budget(kv=0.5))
     steady = _joint_problem(context=None)
     assert steady.dense_costs[KV_BYTES_PER_TOKEN] == 128
@@ -191,10 +203,6 @@ def test_full_rank_lowrank_kv_equals_dense(tiny_llama):
 
 def test_a_kv_budget_without_calibration_or_attention_is_refused(tiny_llama, tiny_mlp):
     with pytest.raises(ValueError, match=r"no attention site"):
-        slimfx.optimize(
-            tiny_mlp, Budget(kv=0.5), calibration=[torch.randn(4, 16)], progress=False
-        )
+        slimfx.optimize(tiny_mlp, Budget(kv=0.5), calibration=[torch.randn(4, 16)], progress=False)
     with pytest.raises(ValueError, match=r"a kv budget .* is infeasible|kv budget"):
-        slimfx.optimize(
-            tiny_llama, Budget(kv=0.01), calibration=_calib(2), progress=False
-        )
+        slimfx.optimize(tiny_llama, Budget(kv=0.01), calibration=_calib(2), progress=False)

@@ -110,9 +110,7 @@ def kv_costs(
     return out
 
 
-def _why_not(
-    config: KVDecision, site: AttentionSite, sites: set[str] | None
-) -> str | None:
+def _why_not(config: KVDecision, site: AttentionSite, sites: set[str] | None) -> str | None:
     why = config.check(site.site_shape)
     if why or not config.owns:
         return why
@@ -212,8 +210,6 @@ def kv_site_options(
         )
     dense = kv_costs(KVDenseConfig(), shape, context)
     return (
-        SiteOptions(
-            site.fqn, options, 0, 0.0, weight, "attention", shape, dense_costs=dense
-        ),
+        SiteOptions(site.fqn, options, 0, 0.0, weight, "attention", shape, dense_costs=dense),
         refused,
     )

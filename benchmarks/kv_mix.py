@@ -1,0 +1,187 @@
+"""SmolLM2-135M: the solver's per-layer KV-cache mix vs every uniform KV form at equal bytes, and
+one joint weights + cache budget vs hand-chosen splits of the same bytes.
+
+One planning run prices everything once (``slimfx.stages.plan_model`` with
+``Budget(total_bytes=…, context=…, batch=…)``: calibration statistics and Fisher sensitivities,
+every linear candidate of the default families, every attention site's KV candidates of
+``forms.kv.candidates.default_kv_forms``); each budget below is then solved on that problem.
+
+- **KV mix**: ``Budget(kv=f, context=C)`` for f = 1/2, 1/4, 1/8 (linears stay dense: no weight
+  cap) vs each default KV form applied uniformly whose cache fraction at C is ≤ f.
+- **Joint**: ``Budget(total_bytes=X, context=C, batch=B)`` with X = 0.35 of the linears' dense
+  bytes + 0.25 of the dense cache of B sequences of C tokens, vs ``Budget(memory=m, kv=k,
+  context=C)`` for hand-chosen weight shares m (k fills the rest of X).
+
+Every plan is evaluated the same way: its linear decisions applied (the module swap), every
+attention block wrapped in ``SimulatedKVAttention`` with its KV form (low-rank factors fitted
+from the block's input Gram) — the cache as token-by-token decoding holds it (``tests/kv``
+check the simulation against the real caches) — and held-out perplexity on windows of the
+corpus's second half.
+
+    python benchmarks/kv_mix.py [--n-calib 16] [--n-eval 8] [--context 8192] [--batch 16]
+        [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from slimfx.data.text import calibration_batches, heldout_windows
+from slimfx.eval import perplexity
+from slimfx.forms.kv.apply import split_plan
+from slimfx.forms.kv.calibrate import fit_site
+from slimfx.forms.kv.candidates import default_kv_forms
+from slimfx.forms.kv.config import KVDenseConfig, dense_fraction
+from slimfx.forms.kv.simulate import SimulatedKVAttention
+from slimfx.models import load_smollm2
+from slimfx.passes.swap import apply_plan
+from slimfx.planning.plan import Plan
+from slimfx.planning.problem import Budget, InfeasibleBudgetError
+from slimfx.planning.shapes import KV_CACHE_BYTES
+from slimfx.planning.solve import solve
+from slimfx.stages import PlanningOptions, plan_model
+
+
+def evaluate(pl, plan: Plan, held: torch.Tensor) -> float:
+    """Held-out perplexity of ``plan``: linears swapped, attention blocks simulated."""
+    linear, kv = split_plan(plan)
+    model, _ = apply_plan(pl.model, linear, pl.sites, pl.grams(), inplace=False, strict=True)
+    mods = dict(model.named_modules())
+    for site in pl.attention_sites:
+        d = kv.get(site.fqn, KVDenseConfig())
+        factors = None
+        if d.owns:
+            gram = pl.stats.fit_gram(site.projection("k"))
+            factors = fit_site(pl.model, site, gram, getattr(d, "lowrank", d))
+        parent, _, child = site.fqn.rpartition(".")
+        setattr(mods[parent], child, SimulatedKVAttention(mods[site.fqn], d, factors))
+    with torch.no_grad():
+        return perplexity(model, held, progress=False)
+
+
+def uniform_plan(pl, form) -> Plan:
+    """Every attention site in ``form``, every linear dense."""
+    from slimfx.planning.configs import DenseConfig
+
+    owned = {}
+    decisions = {s.fqn: DenseConfig() for s in pl.sites}
+    for a in pl.attention_sites:
+        decisions[a.fqn] = form
+        if form.owns:
+            for r in form.owns:
+                decisions.pop(a.projection(r))
+                owned[a.projection(r)] = a.fqn
+    shapes = {s.fqn: s.site_shape for s in [*pl.sites, *pl.attention_sites]}
+    return Plan(decisions, shapes, {}, owned)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--n-eval", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--corpus", default="news")
+    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model, tok = load_smollm2()
+    model.eval()
+    calib = calibration_batches(tok, name=a.corpus, n=a.n_calib, seq_len=a.seq_len)
+    held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
+    # the total budget of the joint row; the problem is priced once for it
+    t0 = time.perf_counter()
+    probe = plan_model(
+        model, Budget(kv=1.0, context=a.context), PlanningOptions(calibration=calib, progress=False)
+    )
+    W = probe.problem.dense_bytes
+    C = probe.problem.dense_costs[KV_CACHE_BYTES]
+    X = 0.35 * W + 0.25 * a.batch * C
+    pl = probe  # the same problem serves every budget at this context
+    print(
+        f"planning: {time.perf_counter() - t0:.0f} s; linears {W / 1e6:.1f} MB dense, cache "
+        f"{C / 1e6:.1f} MB per sequence at {a.context} tokens; total budget {X / 1e9:.3f} GB",
+        file=sys.stderr,
+        flush=True,
+    )
+    shapes = {s.fqn: s.site_shape for s in [*pl.sites, *pl.attention_sites]}
+    rows = []
+
+    def run(label: str, budget: Budget | None, plan: Plan | None = None, frac: float | None = None):
+        t = time.perf_counter()
+        sol = None
+        if plan is None:
+            try:
+                sol = solve(pl.problem, budget)
+            except InfeasibleBudgetError as e:
+                print(f"| {label} | infeasible: {e} |", flush=True)
+                return None
+            plan = sol.to_plan(shapes)
+        ppl = evaluate(pl, plan, held)
+        _, kv = split_plan(plan)
+        forms = sorted({d.short() for d in kv.values()})
+        row = {
+            "label": label,
+            "budget": None if budget is None else budget.to_dict(),
+            "kv_fraction": frac if sol is None else sol.costs.get(KV_CACHE_BYTES, 0) / C,
+            "weight_fraction": None if sol is None else sol.bytes / W,
+            "total_bytes": None
+            if sol is None
+            else sol.bytes + a.batch * sol.costs.get(KV_CACHE_BYTES, 0),
+            "ppl": ppl,
+            "forms": forms,
+            "seconds": time.perf_counter() - t,
+        }
+        rows.append(row)
+        wf = "" if row["weight_fraction"] is None else f"{row['weight_fraction']:.3f}"
+        print(
+            f"| {label} | {row['kv_fraction']:.3f} | {wf} | {ppl:.2f} | {len(forms)} forms |",
+            flush=True,
+        )
+        return row
+
+    dense = run("dense", None, uniform_plan(pl, KVDenseConfig()), 1.0)
+    shape = pl.attention_sites[0].site_shape
+    for form in default_kv_forms(shape)[1:]:
+        run(
+            f"uniform {form.short()}",
+            None,
+            uniform_plan(pl, form),
+            dense_fraction(form, shape, a.context),
+        )
+    for f in (0.5, 0.25, 0.125):
+        run(f"solver mix kv={f:g}", Budget(kv=f, context=a.context))
+    run(
+        f"joint total={X / 1e9:.3f} GB",
+        Budget(total_bytes=X, context=a.context, batch=a.batch),
+    )
+    for m in (0.25, 0.3, 0.35, 0.5, 0.8, 1.0):
+        k = (X - m * W) / (a.batch * C)
+        if 0 < k <= 1:
+            run(f"hand split memory={m} kv={k:.3f}", Budget(memory=m, kv=k, context=a.context))
+    meta = {
+        "command": " ".join(sys.argv),
+        "machine": f"{platform.machine()} {platform.processor()}",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+        "dense_ppl": dense["ppl"] if dense else None,
+        "weights_dense_bytes": W,
+        "cache_dense_bytes_per_sequence": C,
+        "total_bytes": X,
+        "timings": pl.timings,
+    }
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""KV forms beyond Llama: q/k norms (Qwen3 per head, OLMo-2 over the width) are simulated as the
+real cache holds them, low-rank caches are refused behind a q/k norm, sliding-window layers keep
+their 16-bit cache with the reason in the report, and a kv budget on those models still plans."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+import slimfx
+from slimfx.forms.kv.cache import KVCache
+from slimfx.forms.kv.config import KVQuantConfig
+from slimfx.forms.kv.simulate import SimulatedKVAttention, block_forward
+from slimfx.ir.find import inspect_attention_sites
+from slimfx.planning.problem import Budget
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_SMALL = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+)  # fmt: skip
+
+
+def _model(family: str):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "qwen3":
+        cfg = tf.Qwen3Config(**_SMALL, head_dim=16)
+        return tf.Qwen3ForCausalLM(cfg).eval()
+    if family == "olmo2":
+        return tf.Olmo2ForCausalLM(tf.Olmo2Config(**_SMALL)).eval()
+    raise ValueError(family)
+
+
+def _perturb_norms(model) -> None:
+    """Random q/k norm weights, so that a simulation skipping them would be visibly wrong."""
+    g = torch.Generator().manual_seed(9)
+    for name, p in model.named_parameters():
+        if "q_norm" in name or "k_norm" in name:
+            p.data = 0.5 + torch.rand(p.shape, generator=g)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"])
+def test_qk_norm_blocks_simulate_what_the_real_cache_holds(family):
+    model = _model(family)
+    _perturb_norms(model)
+    sites, _ = inspect_attention_sites(model)
+    assert all(s.qk_norm is not None for s in sites)
+    form = KVQuantConfig(4, 4, 4, 8, 0)
+    ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(3))
+    cache = KVCache.for_model(model, form)
+    logits = []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            r = model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]]))
+            logits.append(r.logits)
+        got = torch.cat(logits, 1)
+        dense = model(ids).logits
+        mods = dict(model.named_modules())
+        for s in sites:
+            parent, _, child = s.fqn.rpartition(".")
+            setattr(mods[parent], child, SimulatedKVAttention(mods[s.fqn], form))
+        want = model(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+    assert (got - dense).abs().max() > 1e-4  # the cache really was compressed
+
+
+def test_block_forward_with_a_16bit_cache_equals_the_block_behind_qk_norms():
+    model = _model("qwen3")
+    _perturb_norms(model)
+    attn = model.model.layers[0].self_attn
+    h = torch.randn(1, 11, 64, generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(11)[None]
+    cos, sin = model.model.rotary_emb(h, pos)
+    from slimfx.forms.kv.config import KVDenseConfig
+
+    mask = torch.full((11, 11), float("-inf")).triu(1)[None, None]
+    with torch.no_grad():
+        want = attn(h, (cos, sin), mask)[0]
+        got = block_forward(attn, h, cos, sin, KVDenseConfig())
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_a_kv_budget_on_qk_norm_and_sliding_window_models_plans_with_reasons(tiny_llama):
+    calib = [torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    out = slimfx.optimize(_model("qwen3"), Budget(kv=0.5), calibration=calib, progress=False)
+    rep = slimfx.report_of(out)
+    assert rep.totals["kv_ratio"] <= 0.5
+    assert all(not k.owns for k in rep.kv_sites)  # no low-rank cache behind k_norm
+    assert any("not linear in the hidden state" in n for n in rep.notes)
+    ids = calib[0][:, :6]
+    assert out.generate(ids, max_new_tokens=5, do_sample=False).shape == (1, 11)
+
+    from slimfx.models import tiny_llama as build
+
+    swa = build(seed=0, layer_types=["full_attention", "sliding_attention"], sliding_window=8)
+    out = slimfx.optimize(swa, Budget(kv=0.7), calibration=calib, progress=False)
+    rep = slimfx.report_of(out)
+    assert [k.status for k in rep.kv_sites] == ["applied", "skipped"]
+    assert any("sliding-window attention (window 8)" in n for n in rep.notes)
+    cache = DynamicCache(config=swa.config)
+    out.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    assert type(cache.layers[1]).__name__ == "DynamicSlidingWindowLayer"

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from slimfx.planning.problem import BudgetProblem
 
 if TYPE_CHECKING:
+    from slimfx.ir.sites import AttentionSite
     from slimfx.stages import Planning
 
 __all__ = ["wanted", "find", "collect", "add_options", "apply", "split"]
@@ -36,19 +37,37 @@ def wanted(pl: Planning) -> bool:
     return pl.budget.prices_cache
 
 
-def find(pl: Planning) -> None:
-    """Fill ``pl.attention_sites``; a budget on the cache with no site to price is an error."""
+def find(pl: Planning, graph_sites: list[AttentionSite] = ()) -> None:  # type: ignore[assignment]
+    """Fill ``pl.attention_sites`` (the Hugging Face attention modules, which hold a cache
+    layer); attention found in the captured graph (``graph_sites``) outside such a module is
+    noted with why its cache stays 16-bit. A budget on the cache with no site is an error."""
     from slimfx.ir.find import inspect_attention_sites
 
     assert pl.model is not None
     sites, rejected = inspect_attention_sites(pl.model)
     for fqn, why in rejected.items():
         pl.notes.append(f"{fqn}: not an attention site for the KV cache — {why}")
+    known = {s.fqn for s in sites} | set(rejected)
+    for g in graph_sites:
+        if g.fqn not in known:
+            pl.notes.append(
+                f"{g.fqn}: attention in the graph (q/k/v/o = "
+                f"{', '.join(f for _, f in g.projections)}) keeps its cache: KV forms run in "
+                "Hugging Face attention modules (a layer_idx into a transformers Cache)"
+            )
+    for node, why in pl.capture.get("attention_rejected", {}).items():
+        pl.notes.append(f"graph attention node {node}: not a site — {why}")
     if not sites:
         why = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3]) or (
             "no module with q_proj/k_proj/v_proj/o_proj (a Hugging Face Llama/Qwen2/Gemma-style "
             "attention block)"
         )
+        if graph_sites:
+            why += (
+                f"; the graph has attention at {', '.join(g.fqn for g in graph_sites[:3])}, but "
+                "KV forms run in Hugging Face attention modules (a layer_idx into a "
+                "transformers Cache)"
+            )
         raise ValueError(
             f"the budget counts the KV cache but the model has no attention site: {why}"
         )

@@ -168,13 +168,22 @@ def _call(model: nn.Module, batch: Any) -> Any:
 
 
 def find_sites(
-    model: nn.Module, example: tuple[tuple, dict]
+    model: nn.Module, example: tuple[tuple, dict], attention: list | None = None
 ) -> tuple[list[LinearSite], dict[str, Any]]:
-    """Capture ``model`` and find its linear sites; the second value says how."""
+    """Capture ``model`` and find its linear sites; the second value says how. ``attention``:
+    a list to fill with the attention sites of the captured graph
+    (``ir.attention_graph``; their refusals go to ``info["attention_rejected"]``)."""
     t0 = time.perf_counter()
     captured = capture_graph(model, example[0], example[1], fallback=True)
     sites = find_linear_sites(captured, model)
     info = {"method": captured.method, "seconds": round(time.perf_counter() - t0, 2)}
+    if attention is not None:
+        from slimfx.ir.attention_graph import find_graph_attention_sites
+
+        found, refused = find_graph_attention_sites(captured, model, sites)
+        attention.extend(found)
+        if refused:
+            info["attention_rejected"] = refused
     left = validate.direct_weight_readers(model, [s.fqn for s in sites])  # e.g. MHA's out_proj
     if left:
         sites = [s for s in sites if s.fqn not in left]
@@ -303,7 +312,8 @@ def capture(pl: Planning) -> PassResult:
             "optimize needs calibration data (or example_inputs when replaying a plan that "
             "uses no activation-aware decision) to capture the model"
         )
-    sites, pl.capture = find_sites(model, example)
+    graph_attention: list[AttentionSite] = []
+    sites, pl.capture = find_sites(model, example, graph_attention)
     pl.notes += [f"{k}: {why}" for k, why in pl.capture.get("left_alone", {}).items()]
     if pl.capture["method"] != "export":
         pl.notes.append(
@@ -318,7 +328,7 @@ def capture(pl: Planning) -> PassResult:
     _check_weights(model, sites)
     pl.sites = sites
     if attention.wanted(pl):
-        attention.find(pl)
+        attention.find(pl, graph_attention)
     return _done("capture")
 
 

@@ -85,7 +85,9 @@ def test_block_forward_with_a_16bit_cache_equals_the_block_behind_qk_norms():
 
 
 def test_a_kv_budget_on_qk_norm_and_sliding_window_models_plans_with_reasons(tiny_llama):
-    calib = [torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    calib = [
+        torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
     out = slimfx.optimize(_model("qwen3"), Budget(kv=0.5), calibration=calib, progress=False)
     rep = slimfx.report_of(out)
     assert rep.totals["kv_ratio"] <= 0.5

@@ -206,3 +206,26 @@ def test_a_kv_budget_without_calibration_or_attention_is_refused(tiny_llama, tin
         slimfx.optimize(tiny_mlp, Budget(kv=0.5), calibration=[torch.randn(4, 16)], progress=False)
     with pytest.raises(ValueError, match=r"a kv budget .* is infeasible|kv budget"):
         slimfx.optimize(tiny_llama, Budget(kv=0.01), calibration=_calib(2), progress=False)
+
+
+@pytest.mark.slow
+def test_static_cache_under_torch_compile_equals_eager(tiny_llama):
+    """generate() with transformers' StaticCache: the pre-hook puts the static quantized layer
+    in it, and a compiled forward gives the eager tokens (≈2 min on a 2-core CPU)."""
+    from transformers.cache_utils import StaticCache
+
+    from slimfx.forms.kv.static_cache import StaticQuantizedKVLayer
+
+    forms = [KVDenseConfig(), KVQuantConfig(4, 4, 8, 16, 0, 0)]
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.45), calibration=_calib(4), kv_forms=forms, progress=False
+    )
+    ids = _calib(1)[0][:, :9]
+    eager = StaticCache(config=out.config, max_cache_len=64)
+    want = out.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=eager)
+    assert all(isinstance(layer, StaticQuantizedKVLayer) for layer in eager.layers)
+    assert want.tolist() == out.generate(ids, max_new_tokens=20, do_sample=False).tolist()
+    out.forward = torch.compile(out.forward)
+    cache = StaticCache(config=out.config, max_cache_len=64)
+    got = out.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=cache)
+    assert got.tolist() == want.tolist()

@@ -79,3 +79,13 @@ def one_thread():  # noqa: ANN201
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.slow`` tests run only with ``SLIMFX_SLOW=1`` (``make test-all``)."""
+    if os.environ.get("SLIMFX_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set SLIMFX_SLOW=1 (make test-all)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

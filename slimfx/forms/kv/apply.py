@@ -39,11 +39,13 @@ __all__ = ["apply_kv_plan", "split_plan", "empty_kv_like_plan", "upgrade_cache_l
 _HOOK_ATTR = "_slimfx_kv_hook"
 
 
-def split_plan(plan: Plan) -> tuple[Plan, dict[str, KVDecision]]:
-    """``(linear plan, attention decisions)``: the plan without its KV-cache decisions (and
-    without the sites they own, which the linear pass leaves as they are), and those
-    decisions by attention-site fqn."""
-    kv = {k: d for k, d in plan.items() if isinstance(d, KVDecision)}
+def split_plan(plan: Plan) -> tuple[Plan, dict[str, Any]]:
+    """``(linear plan, attention decisions)``: the plan without the decisions of attention
+    sites (forms with ``site_kind="attention"``: KV caches, MLA) and without the sites they
+    own, which the linear pass leaves as they are; and those decisions by attention fqn."""
+    from slimfx.forms import form_of
+
+    kv = {k: d for k, d in plan.items() if form_of(d).site_kind == "attention"}
     linear = Plan(
         {k: d for k, d in plan.items() if k not in kv},
         {k: s for k, s in plan.shapes.items() if k not in kv and k not in plan.owned_by},

@@ -1,0 +1,140 @@
+"""Finding and selecting what ``optimize`` plans over: capture and linear sites (with the
+graph's attention sites), include/exclude patterns, tied sites, weight checks, the held-out
+split, and how a model is called on a calibration batch. Used by ``slimfx.stages``."""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimfx import validate
+from slimfx.ir.capture import capture as capture_graph
+from slimfx.ir.find import find_linear_sites
+from slimfx.ir.sites import LinearSite
+
+__all__ = ["find_sites", "select_sites"]
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model, "generate")
+
+
+def _example_call(model: nn.Module, batch: Any, max_tokens: int = 16) -> tuple[tuple, dict]:
+    """Arguments for capturing ``model`` from one calibration batch (trimmed for speed)."""
+    if isinstance(batch, Mapping):
+        return (), dict(batch)
+    if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
+        return (), {"input_ids": batch[:1, :max_tokens], "use_cache": False}
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch), {}
+    return (batch,), {}
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
+        return model(input_ids=batch, use_cache=False)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def find_sites(
+    model: nn.Module, example: tuple[tuple, dict], attention: list | None = None
+) -> tuple[list[LinearSite], dict[str, Any]]:
+    """Capture ``model`` and find its linear sites; the second value says how. ``attention``:
+    a list to fill with the attention sites of the captured graph
+    (``ir.attention_graph``; their refusals go to ``info["attention_rejected"]``)."""
+    t0 = time.perf_counter()
+    captured = capture_graph(model, example[0], example[1], fallback=True)
+    sites = find_linear_sites(captured, model)
+    info = {"method": captured.method, "seconds": round(time.perf_counter() - t0, 2)}
+    if attention is not None:
+        from slimfx.ir.attention_graph import find_graph_attention_sites
+
+        found, refused = find_graph_attention_sites(captured, model, sites)
+        attention.extend(found)
+        if refused:
+            info["attention_rejected"] = refused
+    left = validate.direct_weight_readers(model, [s.fqn for s in sites])  # e.g. MHA's out_proj
+    if left:
+        sites = [s for s in sites if s.fqn not in left]
+        info["left_alone"] = left
+    if captured.fallback_reason:
+        info["fallback_reason"] = captured.fallback_reason
+    return sites, info
+
+
+def _drop_tied_sites(sites: list[LinearSite], notes: list[str]) -> list[LinearSite]:
+    """Leave tied sites (an ``lm_head`` sharing the embedding's weight) out of a bytes budget.
+
+    Rewriting a tied weight keeps a dense copy for its other user, so under a memory/bits
+    budget no form of it saves a byte: counted in the budget, its dense bytes would only shrink
+    what the other linears may keep (SmolLM2 at budget 0.3: 0.11 of their bytes instead of 0.3).
+    ``include=[...]`` naming it, or a latency budget (decode reads the whole head every token),
+    offers it again."""
+    tied = [s for s in sites if s.tied]
+    if not tied or len(tied) == len(sites):
+        return sites
+    for s in tied:
+        notes.append(
+            f"{s.fqn}: weight tied to {', '.join(s.tied)} — any rewrite keeps a dense copy, so "
+            "under a bytes budget it stays dense and outside the budget (include=[...] or a "
+            "latency budget offers it)"
+        )
+    return [s for s in sites if not s.tied]
+
+
+def select_sites(
+    sites: list[LinearSite], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> list[LinearSite]:
+    """Filter sites by glob patterns; a pattern matching nothing raises (a typo would
+    otherwise silently optimize nothing or everything)."""
+    for label, pats in (("include", include), ("exclude", exclude)):
+        if isinstance(pats, str):
+            raise TypeError(f"{label} takes a list of patterns, not one string")
+        for p in pats or ():
+            if not any(fnmatch.fnmatchcase(s.fqn, p) for s in sites):
+                raise ValueError(f"{label} pattern {p!r} matches no linear site of this model")
+    keep = [
+        s
+        for s in sites
+        if (not include or any(fnmatch.fnmatchcase(s.fqn, p) for p in include))
+        and not any(fnmatch.fnmatchcase(s.fqn, p) for p in exclude or ())
+    ]
+    if not keep:
+        raise ValueError("include/exclude leave no linear site to optimize")
+    return keep
+
+
+def _check_weights(model: nn.Module, sites: Sequence[LinearSite]) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    bad = [
+        s.weight for s in sites if s.weight in params and not torch.isfinite(params[s.weight]).all()
+    ]
+    if bad:
+        raise ValueError(
+            f"{len(bad)} weight(s) contain NaN or inf: {', '.join(bad[:5])}"
+            f"{' …' if len(bad) > 5 else ''}. Fix the checkpoint before optimizing."
+        )
+
+
+def _split_heldout(batches: list, heldout: Sequence | None) -> tuple[list, list, str | None]:
+    if heldout is not None:
+        return batches, list(heldout), None
+    if len(batches) >= 2:
+        k = max(1, len(batches) // 8)
+        return batches[:-k], batches[-k:], None
+    return batches, batches, "only one calibration batch: the measured SQNR uses the same batch"
+
+
+def _needs_gram(decision: Any) -> bool:
+    from slimfx.api import needs_gram  # the api owns the list of activation-aware forms
+
+    return needs_gram(decision)

@@ -6,6 +6,7 @@
 - :mod:`.cache`     latent caches for ``generate()`` (dynamic, int8 latent, static)
 - :mod:`.convert`   ``describe_block`` (the block's site, or why not), calibration capture and
                     ``convert_model``
+- :mod:`.save`      ``save_converted`` / ``load_converted``: the converted model on disk
 
 The cache classes import transformers; import :mod:`.cache` directly when needed.
 """
@@ -28,6 +29,8 @@ _EXPORTS = {
     "convert_model": "convert",
     "describe_block": "convert",
     "fit_mla": "numerics",
+    "load_converted": "save",
+    "save_converted": "save",
 }
 
 __all__ = sorted(_EXPORTS)

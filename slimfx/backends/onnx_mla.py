@@ -1,27 +1,30 @@
 """ONNX export of a causal LM converted to multi-head latent attention, with the latent cache.
 
-``export_mla_onnx(model, "m.onnx", ids)`` writes one decode-step graph (the same contract as
+``export_mla_onnx(model, "m.onnx", ids)`` writes one decode-step graph (the contract of
 ``export_onnx(..., kv_cache=True)`` in ``slimfx.backends.onnx_decode``)::
 
-    input_ids (batch, seq), past_key_i, past_value_i → logits, present_key_i, present_value_i
+    input_ids (batch, seq), past_key_i, past_value_i[, past_scale_i]
+        → logits, present_key_i, present_value_i[, present_scale_i]
 
 where, for a layer converted to MLA (:class:`~slimfx.forms.mla.module.MLAAttention`), the cache
-pair is the *latent cache* — ``past_key_i`` the latent ``c = W_dkv x`` (batch, 1, past_seq, r)
-and ``past_value_i`` the rotated RoPE key shared by every query head (batch, 1, past_seq, 2N) —
-the slots the block fills in the torch caches; a layer left unconverted keeps its keys and
+is the *latent cache* — ``past_key_i`` the latent ``c = W_dkv x`` (batch, 1, past_seq, r) and
+``past_value_i`` the rotated RoPE key shared by every query head (batch, 1, past_seq, 2N), the
+slots the block fills in the torch caches; an int8-latent block (``latent_bits=8``) stores in
+``past_key_i`` the int8 codes and in ``past_scale_i`` one scale per token (batch, 1, past_seq,
+1), as ``MLALatentCache(latent_bits=8)`` does; a layer left unconverted keeps its keys and
 values (batch, kv_heads, past_seq, head_dim). One graph serves prefill (empty cache) and
-per-token decode, so :class:`slimfx.backends.ort.OrtModel` runs it unchanged (``step``,
-``generate``). Rows of a batch share one length (no padding mask).
+per-token decode; :class:`LatentOrtModel` (``latent_ort_session``) runs it (``step``,
+``generate``; a graph without int8 layers also runs in the plain ``OrtModel``). Rows of a
+batch share one length (no padding mask).
 
 Inside, every converted block is the absorbed form written with plain ops: the query projection
 and the per-head key-space map (MatMul), RoPE on the kept entries (Gather of cos/sin, Mul, Add),
 the latent and RoPE-key projections (MatMul), ``q_lat = q_nope W_uk`` (MatMul), scores
 ``q_rope k_ropeᵀ + q_lat cᵀ`` (two MatMul over the latent cache: keys and values are never
 rebuilt), a causal mask from positions, Softmax, ``ctx = p c`` (MatMul over the latent), the
-value up-projection per head (MatMul) and ``o_proj`` (MatMul). An int8-latent block
-(``latent_bits=8``) rounds its latent in the graph (per-token scale) exactly as in torch; the
-graph's cache then holds the dequantized latent in the model's float type (the int8 storage is
-not exported yet).
+value up-projection per head (MatMul) and ``o_proj`` (MatMul). The int8 latent is quantized
+(per-token scale, Round, Clip, Cast) and dequantized (Cast, Mul) in the graph exactly as in
+torch.
 """
 
 from __future__ import annotations
@@ -35,20 +38,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from slimfx.backends import onnx_decode
 from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _rename_axes
+from slimfx.backends.ort import OrtModel
+from slimfx.forms.mla.cache import MLALatentLayer
 from slimfx.forms.mla.module import MLAAttention, quantize_latent
 
 __all__ = [
-    "MLAOnnxExport",
+    "CacheInput",
+    "LatentDecodeStep",
+    "LatentOrtModel",
     "MLAExportBlock",
+    "MLAOnnxExport",
     "empty_latent_past",
     "export_blocks",
     "export_mla_onnx",
-    "latent_cache_geometry",
+    "latent_cache_layout",
+    "latent_ort_session",
 ]
 
 
@@ -59,18 +69,114 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def latent_cache_geometry(model: nn.Module) -> list[tuple[tuple[int, int], tuple[int, int]]]:
-    """Per layer, ``((heads, width) of past_key_i, (heads, width) of past_value_i)``: ``(1, r)``
-    and ``(1, 2N)`` for an MLA block, ``(kv_heads, head_dim)`` twice for another block."""
+@dataclass(frozen=True)
+class CacheInput:
+    """One cache tensor of the graph: ``name`` (``past_key_3``; the output is
+    ``present_key_3``), its shape ``(batch, heads, past_seq, width)`` and element type."""
+
+    name: str
+    heads: int
+    width: int
+    dtype: torch.dtype
+
+
+def _kind(attn: nn.Module) -> str:
+    if not isinstance(attn, MLAAttention):
+        return "kv"
+    return "mla8" if attn.latent_bits == 8 else "mla"
+
+
+def latent_cache_layout(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[CacheInput]:
+    """The graph's cache tensors in input order (``dtype``: the model's float type). Per layer
+    ``i``: an MLA block has ``past_key_i`` (the latent, (1, r)) and ``past_value_i`` (the RoPE
+    key, (1, 2N)); an int8-latent block holds in ``past_key_i`` the int8 codes and adds
+    ``past_scale_i`` (one scale per token, (1, 1)); another block ``past_key_i`` and
+    ``past_value_i`` of (kv_heads, head_dim)."""
     _, kv_heads, head_dim = onnx_decode.cache_geometry(model.config)
-    out = []
-    for blk in _layers(model):
-        a = blk.self_attn
-        if isinstance(a, MLAAttention):
-            out.append(((1, a.rank), (1, 2 * a.rope_entries)))
-        else:
-            out.append(((kv_heads, head_dim), (kv_heads, head_dim)))
+    out: list[CacheInput] = []
+    for i, blk in enumerate(_layers(model)):
+        a, kind = blk.self_attn, _kind(blk.self_attn)
+        if kind == "kv":
+            out += [CacheInput(f"past_key_{i}", kv_heads, head_dim, dtype),
+                    CacheInput(f"past_value_{i}", kv_heads, head_dim, dtype)]
+            continue
+        out += [CacheInput(f"past_key_{i}", 1, a.rank, torch.int8 if kind == "mla8" else dtype),
+                CacheInput(f"past_value_{i}", 1, 2 * a.rope_entries, dtype)]
+        if kind == "mla8":
+            out.append(CacheInput(f"past_scale_{i}", 1, 1, dtype))
     return out
+
+
+def empty_latent_past(
+    model: nn.Module, batch: int, length: int = 0, dtype: torch.dtype = torch.float32
+) -> list[Tensor]:
+    """A cache of ``length`` positions (zeros) in the graph's layout
+    (:func:`latent_cache_layout`), flat in input order."""
+    return [torch.zeros(batch, c.heads, length, c.width, dtype=c.dtype)
+            for c in latent_cache_layout(model, dtype)]
+
+
+class LatentDecodeStep(nn.Module):
+    """``(ids, past…) → (logits, present…)`` around a causal LM with MLA blocks, the cache
+    laid out as :func:`latent_cache_layout` says: each layer's tensors become a cache layer
+    (``DynamicLayer``; ``MLALatentLayer(8)`` for an int8 latent) that the blocks update."""
+
+    def __init__(self, model: nn.Module, wrap_name: str) -> None:
+        super().__init__()
+        self._wrap_name = wrap_name
+        setattr(self, wrap_name, model)
+        self.kinds = [_kind(blk.self_attn) for blk in _layers(model)]
+
+    def forward(self, input_ids: Tensor, past: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        from transformers.cache_utils import Cache, DynamicLayer
+
+        model = getattr(self, self._wrap_name)
+        layers: list[Any] = []
+        k = 0
+        for kind in self.kinds:
+            if kind == "mla8":
+                codes, rope, scales = past[k:k + 3]
+                k += 3
+                layer = MLALatentLayer(latent_bits=8)
+                layer.lazy_initialization(rope, rope)
+                layer.latent_codes, layer.latent_scales = codes, scales
+                layer.keys, layer.values = codes, rope
+            else:
+                a, b = past[k:k + 2]
+                k += 2
+                layer = DynamicLayer()
+                layer.lazy_initialization(a, b)
+                layer.keys, layer.values = a, b
+            layers.append(layer)
+        cache = Cache(layers=layers)
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        present: list[Tensor] = []
+        for kind, layer in zip(self.kinds, cache.layers):
+            if kind == "mla8":
+                present += [layer.latent_codes, layer.values, layer.latent_scales]
+            else:
+                present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+class LatentOrtModel(OrtModel):
+    """:class:`~slimfx.backends.ort.OrtModel` for a graph :func:`export_mla_onnx` wrote:
+    the empty cache of a prefill is built from the graph's declared cache inputs (int8 codes
+    included), so ``step`` and ``generate`` run any latent layout."""
+
+    def step(
+        self, ids: Tensor | np.ndarray, past: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(logits, present)`` for ``ids`` after ``past`` (``None``: an empty cache)."""
+        if past is None:
+            batch = int(np.asarray(ids).reshape(-1, np.asarray(ids).shape[-1]).shape[0])
+            types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                     "tensor(int8)": np.int8}
+            past = [
+                np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype=types[inp.type])
+                for inp in self.session.get_inputs()[1:]
+            ]
+        return super().step(ids, past)
 
 
 class MLAExportBlock(nn.Module):
@@ -153,14 +259,14 @@ def export_blocks(model: nn.Module) -> Iterator[list[int]]:
 @dataclass
 class MLAOnnxExport:
     """What :func:`export_mla_onnx` wrote: ``path``, ``file_bytes``, ONNX ``op_counts``, the
-    converted ``mla_layers``, the cache geometry per layer (``latent_cache_geometry``), the
-    cache's bytes per token in the file's float type (all layers) and ``seconds``."""
+    converted ``mla_layers``, the graph's cache tensors (:func:`latent_cache_layout`), the
+    cache's bytes per token as the graph stores it (all layers) and ``seconds``."""
 
     path: Path
     file_bytes: int
     op_counts: dict[str, int]
     mla_layers: list[int]
-    cache_geometry: list[tuple[tuple[int, int], tuple[int, int]]]
+    cache_layout: list[CacheInput]
     cache_bytes_per_token: int
     seconds: float
     notes: list[str] = field(default_factory=list)
@@ -193,12 +299,13 @@ def export_mla_onnx(
     ids = example_ids.long()
     ids = ids[None] if ids.dim() == 1 else ids
     ids = ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)  # no 0/1 axes
-    geometry = latent_cache_geometry(model)
+    layout = latent_cache_layout(model, dtype)
     past = empty_latent_past(model, ids.shape[0], length=3, dtype=dtype)
-    wrapped = onnx_decode.DecodeStep(model, WRAP)
+    wrapped = LatentDecodeStep(model, WRAP)
     auto = torch.export.Dim.AUTO
     shapes: Any = ({0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
-    in_names, out_names = onnx_decode.io_names(len(geometry))
+    in_names = ["input_ids", *(c.name for c in layout)]
+    out_names = ["logits", *(c.name.replace("past_", "present_", 1) for c in layout)]
     flags = {m: m.training for m in model.modules()}
     path = Path(path)
     try:
@@ -220,18 +327,15 @@ def export_mla_onnx(
     ir.save(onnx_prog.model, path)
     onnx.checker.check_model(str(path))
     counts = Counter(n.op_type for n in onnx_prog.model.graph.all_nodes())
-    elem = torch.empty((), dtype=dtype).element_size()
-    per_token = sum(ha * wa + hb * wb for (ha, wa), (hb, wb) in geometry) * elem
+    per_token = sum(c.heads * c.width * torch.empty((), dtype=c.dtype).element_size()
+                    for c in layout)
     notes = []
-    if any(getattr(b.self_attn, "latent_bits", 16) == 8 for b in _layers(model)):
-        notes.append("int8-latent blocks: the graph's cache holds the dequantized latent in the "
-                     "model's float type (the int8 codes and scales are not exported yet)")
     return MLAOnnxExport(
         path=path,
         file_bytes=path.stat().st_size,
         op_counts=dict(counts),
         mla_layers=mla_layers,
-        cache_geometry=geometry,
+        cache_layout=layout,
         cache_bytes_per_token=per_token,
         seconds=time.perf_counter() - t0,
         notes=notes,
@@ -245,18 +349,16 @@ def _axis_names(ir_model: Any) -> dict[str, str]:
     names: dict[str, str] = {}
     for k, v in enumerate(ir_model.graph.inputs):
         axes = ("batch", "seq") if k == 0 else ("batch", None, "past_seq", None)
+        if v.shape is not None and len(v.shape) != len(axes):
+            continue
         for axis, dim in zip(axes, v.shape or ()):
             if axis and isinstance(dim, ir.SymbolicDim) and dim.value is not None:
                 names.setdefault(dim.value, axis)
     return names
 
 
-def empty_latent_past(model: nn.Module, batch: int, length: int = 0,
-                      dtype: torch.dtype = torch.float32) -> Sequence[Tensor]:
-    """A cache of ``length`` positions (zeros) in the graph's layout, ``[past_key_0,
-    past_value_0, …]`` (see :func:`latent_cache_geometry`)."""
-    out: list[Tensor] = []
-    for (ha, wa), (hb, wb) in latent_cache_geometry(model):
-        out += [torch.zeros(batch, ha, length, wa, dtype=dtype),
-                torch.zeros(batch, hb, length, wb, dtype=dtype)]
-    return out
+
+def latent_ort_session(path: str | os.PathLike[str], threads: int | None = None) -> LatentOrtModel:
+    """Open a graph :func:`export_mla_onnx` wrote with ONNX Runtime on CPU (see
+    :func:`slimfx.backends.ort.ort_session`)."""
+    return LatentOrtModel(path, threads=threads)

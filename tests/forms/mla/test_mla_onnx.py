@@ -18,7 +18,7 @@ pytest.importorskip("onnxscript")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 from slimfx.backends.onnx_graph import OnnxExportError  # noqa: E402
-from slimfx.backends.onnx_mla import export_mla_onnx  # noqa: E402
+from slimfx.backends.onnx_mla import export_mla_onnx, latent_ort_session  # noqa: E402
 from slimfx.backends.ort import ort_session  # noqa: E402
 
 STEPS = 6
@@ -65,16 +65,25 @@ def test_ort_decode_with_latent_cache_matches_torch(tmp_path, kv_heads, kw):
     convert_model(model, cfg, calib_batches())
     prompt = _prompt()
     res = export_mla_onnx(model, tmp_path / "m.onnx", prompt)
-    sess = ort_session(res.path, threads=1)
+    int8 = cfg.latent_bits == 8
+    # a 16-bit latent graph runs in the plain OrtModel; the int8 one needs its typed cache
+    sess = (latent_ort_session if int8 else ort_session)(res.path, threads=1)
     assert sess.kv_cache and res.mla_layers == [0, 1]
     ort_logits, ort_tokens, past = _ort_steps(sess, prompt)
     ref = _torch_steps(model, prompt, ort_tokens, cfg.latent_bits)
     torch.testing.assert_close(ort_logits, ref, atol=ATOL, rtol=0)
-    # the graph's cache is the latent: (B, 1, S, r) and the RoPE key (B, 1, S, 2·K·p)
+    # the graph's cache is the latent: (B, 1, S, r) — int8 codes + one scale per token for an
+    # int8 latent — and the RoPE key (B, 1, S, 2·K·p)
     S = prompt.shape[1] + STEPS - 1
     assert past[0].shape == (2, 1, S, cfg.rank)
     assert past[1].shape == (2, 1, S, 2 * kv_heads * cfg.rope_pairs)
-    assert res.cache_bytes_per_token == 2 * 4 * (cfg.rank + 2 * kv_heads * cfg.rope_pairs)
+    rope_bytes = 4 * 2 * kv_heads * cfg.rope_pairs  # fp32 model: floats take 4 bytes
+    if int8:
+        assert past[0].dtype == np.int8 and past[2].shape == (2, 1, S, 1)
+        assert [p.shape for p in past[3:6]] == [p.shape for p in past[:3]]
+        assert res.cache_bytes_per_token == 2 * (cfg.rank + 4 + rope_bytes)
+    else:
+        assert res.cache_bytes_per_token == 2 * (4 * cfg.rank + rope_bytes)
     # attention runs over the latent: no per-head keys or values are expanded or rebuilt
     assert "Expand" not in res.op_counts and res.op_counts["Softmax"] == 2
     # the model in torch is the one it was: its MLA blocks are back after the export
@@ -83,6 +92,9 @@ def test_ort_decode_with_latent_cache_matches_torch(tmp_path, kv_heads, kw):
         hf = model.generate(prompt, max_new_tokens=STEPS, do_sample=False, pad_token_id=0,
                             past_key_values=MLALatentCache(2, latent_bits=cfg.latent_bits))
     assert torch.equal(sess.generate(prompt, STEPS), hf)
+    if int8:  # the plain OrtModel cannot feed int8 codes: it says so through ORT's type check
+        with pytest.raises(Exception, match="(?i)type"):
+            ort_session(res.path, threads=1).step(prompt)
 
 
 def test_partially_converted_model_keeps_kv_cache_for_other_layers(tmp_path):
@@ -90,7 +102,10 @@ def test_partially_converted_model_keeps_kv_cache_for_other_layers(tmp_path):
     convert_model(model, {0: MLAConfig(rank=10, rope_pairs=2)}, calib_batches())
     prompt = _prompt(batch=1, length=5)
     res = export_mla_onnx(model, tmp_path / "m.onnx", prompt)
-    assert res.cache_geometry == [((1, 10), (1, 8)), ((2, 16), (2, 16))]
+    assert [(c.name, c.heads, c.width) for c in res.cache_layout] == [
+        ("past_key_0", 1, 10), ("past_value_0", 1, 8),
+        ("past_key_1", 2, 16), ("past_value_1", 2, 16),
+    ]
     sess = ort_session(res.path, threads=1)
     ort_logits, ort_tokens, past = _ort_steps(sess, prompt)
     assert past[2].shape == (1, 2, 5 + STEPS - 1, 16)  # layer 1: plain keys

@@ -6,6 +6,9 @@
 - :mod:`.cache`     latent caches for ``generate()`` (dynamic, int8 latent, static)
 - :mod:`.convert`   ``describe_block`` (the block's site, or why not), calibration capture and
                     ``convert_model``
+- :mod:`.candidates` ``mla_candidates`` (per rank: config, block-output error, costs) and
+                    ``apply_mla`` for the budget solver
+- :mod:`.save`      ``save_converted`` / ``load_converted``: the converted model on disk
 
 The cache classes import transformers; import :mod:`.cache` directly when needed.
 """
@@ -21,13 +24,18 @@ _EXPORTS = {
     "AttentionCalib": "numerics",
     "MLAAttention": "module",
     "MLAConfig": "config",
+    "MLAContext": "candidates",
     "MLAConversion": "convert",
     "MLAWeights": "numerics",
+    "apply_mla": "candidates",
     "attention_calib": "convert",
     "capture_attention_inputs": "convert",
     "convert_model": "convert",
     "describe_block": "convert",
     "fit_mla": "numerics",
+    "load_converted": "save",
+    "mla_candidates": "candidates",
+    "save_converted": "save",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -252,6 +252,7 @@ def convert_model(
         blocks[i].self_attn = MLAAttention(
             attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb, latent_bits=c.latent_bits
         )
+        blocks[i].self_attn.mla_config = c
         result.converted.append(i)
         result.configs[i] = c
     return result

@@ -24,6 +24,11 @@ _FIT = NotSupported(
     "and calibration statistics (slimfx.forms.mla.numerics.fit_mla), not from one weight"
 )
 
+_ONNX = (
+    "export_onnx translating an MLA block: not yet; the converted model's decode step with "
+    "its latent cache is exported by slimfx.backends.onnx_mla.export_mla_onnx"
+)
+
 MLA = register_form(
     Form(
         kind="mla",
@@ -35,8 +40,8 @@ MLA = register_form(
         reconstruct=_FIT,
         module="slimfx.forms.mla.module:MLAAttention",
         rule=NotSupported(NO_RULE),
-        onnx_translation=NotSupported("ONNX translation of MLA blocks: not yet"),
-        onnx_probe=NotSupported("ONNX export of MLA blocks: not yet"),
+        onnx_translation=NotSupported(_ONNX),
+        onnx_probe=NotSupported(_ONNX),
         triton_lowering=NotSupported("no graph-level Triton lowering of attention sites yet"),
         kernels="slimfx.kernels.mla_decode:KERNELS",
         timed=NotSupported("calibrate-target times linear layouts only"),

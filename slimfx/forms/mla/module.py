@@ -64,7 +64,10 @@ class MLAAttention(nn.Module):
     """Latent attention replacing ``orig`` (a Llama-style attention) with fitted ``weights``.
 
     ``forward`` has the signature of ``LlamaAttention.forward`` and returns ``(output, None)``.
+    ``mla_config``: the ``MLAConfig`` it was fitted with (set by ``convert_model``; saved).
     """
+
+    mla_config: Any = None
 
     def __init__(
         self, orig: nn.Module, weights: MLAWeights, num_heads: int, num_kv_heads: int,

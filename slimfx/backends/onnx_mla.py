@@ -1,0 +1,364 @@
+"""ONNX export of a causal LM converted to multi-head latent attention, with the latent cache.
+
+``export_mla_onnx(model, "m.onnx", ids)`` writes one decode-step graph (the contract of
+``export_onnx(..., kv_cache=True)`` in ``slimfx.backends.onnx_decode``)::
+
+    input_ids (batch, seq), past_key_i, past_value_i[, past_scale_i]
+        → logits, present_key_i, present_value_i[, present_scale_i]
+
+where, for a layer converted to MLA (:class:`~slimfx.forms.mla.module.MLAAttention`), the cache
+is the *latent cache* — ``past_key_i`` the latent ``c = W_dkv x`` (batch, 1, past_seq, r) and
+``past_value_i`` the rotated RoPE key shared by every query head (batch, 1, past_seq, 2N), the
+slots the block fills in the torch caches; an int8-latent block (``latent_bits=8``) stores in
+``past_key_i`` the int8 codes and in ``past_scale_i`` one scale per token (batch, 1, past_seq,
+1), as ``MLALatentCache(latent_bits=8)`` does; a layer left unconverted keeps its keys and
+values (batch, kv_heads, past_seq, head_dim). One graph serves prefill (empty cache) and
+per-token decode; :class:`LatentOrtModel` (``latent_ort_session``) runs it (``step``,
+``generate``; a graph without int8 layers also runs in the plain ``OrtModel``). Rows of a
+batch share one length (no padding mask).
+
+Inside, every converted block is the absorbed form written with plain ops: the query projection
+and the per-head key-space map (MatMul), RoPE on the kept entries (Gather of cos/sin, Mul, Add),
+the latent and RoPE-key projections (MatMul), ``q_lat = q_nope W_uk`` (MatMul), scores
+``q_rope k_ropeᵀ + q_lat cᵀ`` (two MatMul over the latent cache: keys and values are never
+rebuilt), a causal mask from positions, Softmax, ``ctx = p c`` (MatMul over the latent), the
+value up-projection per head (MatMul) and ``o_proj`` (MatMul). The int8 latent is quantized
+(per-token scale, Round, Clip, Cast) and dequantized (Cast, Mul) in the graph exactly as in
+torch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from slimfx.backends import onnx_decode
+from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _rename_axes
+from slimfx.backends.ort import OrtModel
+from slimfx.forms.mla.cache import MLALatentLayer
+from slimfx.forms.mla.module import MLAAttention, quantize_latent
+
+__all__ = [
+    "CacheInput",
+    "LatentDecodeStep",
+    "LatentOrtModel",
+    "MLAExportBlock",
+    "MLAOnnxExport",
+    "empty_latent_past",
+    "export_blocks",
+    "export_mla_onnx",
+    "latent_cache_layout",
+    "latent_ort_session",
+]
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", model), "layers", None)
+    if layers is None:
+        raise OnnxExportError(f"{type(model).__name__} has no .model.layers (not a Llama-style LM)")
+    return layers
+
+
+@dataclass(frozen=True)
+class CacheInput:
+    """One cache tensor of the graph: ``name`` (``past_key_3``; the output is
+    ``present_key_3``), its shape ``(batch, heads, past_seq, width)`` and element type."""
+
+    name: str
+    heads: int
+    width: int
+    dtype: torch.dtype
+
+
+def _kind(attn: nn.Module) -> str:
+    if not isinstance(attn, MLAAttention):
+        return "kv"
+    return "mla8" if attn.latent_bits == 8 else "mla"
+
+
+def latent_cache_layout(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[CacheInput]:
+    """The graph's cache tensors in input order (``dtype``: the model's float type). Per layer
+    ``i``: an MLA block has ``past_key_i`` (the latent, (1, r)) and ``past_value_i`` (the RoPE
+    key, (1, 2N)); an int8-latent block holds in ``past_key_i`` the int8 codes and adds
+    ``past_scale_i`` (one scale per token, (1, 1)); another block ``past_key_i`` and
+    ``past_value_i`` of (kv_heads, head_dim)."""
+    _, kv_heads, head_dim = onnx_decode.cache_geometry(model.config)
+    out: list[CacheInput] = []
+    for i, blk in enumerate(_layers(model)):
+        a, kind = blk.self_attn, _kind(blk.self_attn)
+        if kind == "kv":
+            out += [CacheInput(f"past_key_{i}", kv_heads, head_dim, dtype),
+                    CacheInput(f"past_value_{i}", kv_heads, head_dim, dtype)]
+            continue
+        out += [CacheInput(f"past_key_{i}", 1, a.rank, torch.int8 if kind == "mla8" else dtype),
+                CacheInput(f"past_value_{i}", 1, 2 * a.rope_entries, dtype)]
+        if kind == "mla8":
+            out.append(CacheInput(f"past_scale_{i}", 1, 1, dtype))
+    return out
+
+
+def empty_latent_past(
+    model: nn.Module, batch: int, length: int = 0, dtype: torch.dtype = torch.float32
+) -> list[Tensor]:
+    """A cache of ``length`` positions (zeros) in the graph's layout
+    (:func:`latent_cache_layout`), flat in input order."""
+    return [torch.zeros(batch, c.heads, length, c.width, dtype=c.dtype)
+            for c in latent_cache_layout(model, dtype)]
+
+
+class LatentDecodeStep(nn.Module):
+    """``(ids, past…) → (logits, present…)`` around a causal LM with MLA blocks, the cache
+    laid out as :func:`latent_cache_layout` says: each layer's tensors become a cache layer
+    (``DynamicLayer``; ``MLALatentLayer(8)`` for an int8 latent) that the blocks update."""
+
+    def __init__(self, model: nn.Module, wrap_name: str) -> None:
+        super().__init__()
+        self._wrap_name = wrap_name
+        setattr(self, wrap_name, model)
+        self.kinds = [_kind(blk.self_attn) for blk in _layers(model)]
+
+    def forward(self, input_ids: Tensor, past: Sequence[Tensor]) -> tuple[Tensor, ...]:
+        from transformers.cache_utils import Cache, DynamicLayer
+
+        model = getattr(self, self._wrap_name)
+        layers: list[Any] = []
+        k = 0
+        for kind in self.kinds:
+            if kind == "mla8":
+                codes, rope, scales = past[k:k + 3]
+                k += 3
+                layer = MLALatentLayer(latent_bits=8)
+                layer.lazy_initialization(rope, rope)
+                layer.latent_codes, layer.latent_scales = codes, scales
+                layer.keys, layer.values = codes, rope
+            else:
+                a, b = past[k:k + 2]
+                k += 2
+                layer = DynamicLayer()
+                layer.lazy_initialization(a, b)
+                layer.keys, layer.values = a, b
+            layers.append(layer)
+        cache = Cache(layers=layers)
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        present: list[Tensor] = []
+        for kind, layer in zip(self.kinds, cache.layers):
+            if kind == "mla8":
+                present += [layer.latent_codes, layer.values, layer.latent_scales]
+            else:
+                present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+class LatentOrtModel(OrtModel):
+    """:class:`~slimfx.backends.ort.OrtModel` for a graph :func:`export_mla_onnx` wrote:
+    the empty cache of a prefill is built from the graph's declared cache inputs (int8 codes
+    included), so ``step`` and ``generate`` run any latent layout."""
+
+    def step(
+        self, ids: Tensor | np.ndarray, past: Sequence[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """``(logits, present)`` for ``ids`` after ``past`` (``None``: an empty cache)."""
+        if past is None:
+            batch = int(np.asarray(ids).reshape(-1, np.asarray(ids).shape[-1]).shape[0])
+            types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                     "tensor(int8)": np.int8}
+            past = [
+                np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype=types[inp.type])
+                for inp in self.session.get_inputs()[1:]
+            ]
+        return super().step(ids, past)
+
+
+class MLAExportBlock(nn.Module):
+    """The absorbed form of an :class:`MLAAttention` in export-friendly ops (module docstring).
+
+    Same call contract as the block it wraps (``forward(hidden_states, position_embeddings,
+    attention_mask, past_key_values)``); the mask it uses is the causal one over the cache
+    (queries at the last ``seq`` positions), HF's ``attention_mask`` is ignored."""
+
+    def __init__(self, mla: MLAAttention) -> None:
+        super().__init__()
+        self.mla = mla
+        K, H, d, r = mla.num_kv_heads, mla.num_heads, mla.head_dim, mla.rank
+        w_uv = mla.v_up.weight.detach().reshape(K, d, r).repeat_interleave(H // K, dim=0)
+        b_uv = mla.v_up.bias.detach().reshape(K, 1, d).repeat_interleave(H // K, dim=0)
+        # per query head: value up-projection (H, r, d) and bias (H, 1, d), laid out for MatMul
+        self.register_buffer("w_uv_heads", w_uv.transpose(1, 2).contiguous(), persistent=False)
+        self.register_buffer("b_uv_heads", b_uv.contiguous(), persistent=False)
+        self.register_buffer(
+            "q_mix_t", mla.q_mix.detach().transpose(1, 2).contiguous(), persistent=False
+        )
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        position_embeddings: tuple[Tensor, Tensor] | None = None,
+        attention_mask: Tensor | None = None,
+        past_key_values: Any | None = None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, None]:
+        """Absorbed latent attention (module docstring); returns ``(output, None)``."""
+        m = self.mla
+        if position_embeddings is None:
+            raise ValueError("MLAExportBlock needs position_embeddings (cos, sin) from the model")
+        B, T, _ = hidden_states.shape
+        H, d, n2 = m.num_heads, m.head_dim, 2 * m.rope_entries
+        cos, sin = position_embeddings
+        q = m.q_proj(hidden_states).view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
+        q = torch.matmul(q, self.q_mix_t)  # (B, H, T, K·d): the shared key space
+        q_rope = m._rope(q[..., :n2], cos, sin)
+        q_lat = torch.matmul(q[..., n2:], m.k_up.weight)  # (B, H, T, r)
+        k_rope = m._rope(m.k_rope_proj(hidden_states)[:, None], cos, sin)  # (B, 1, T, 2N)
+        latent = m.kv_down(hidden_states)[:, None]  # (B, 1, T, r)
+        if m.latent_bits == 8:
+            codes, scales = quantize_latent(latent)
+            latent = codes.to(latent.dtype) * scales
+        if past_key_values is not None:
+            latent, k_rope = past_key_values.update(latent, k_rope, m.layer_idx)
+        S = latent.shape[2]
+        scores = torch.matmul(q_lat, latent.transpose(-1, -2))
+        if n2:
+            scores = scores + torch.matmul(q_rope, k_rope.transpose(-1, -2))
+        q_pos = torch.arange(T, device=latent.device) + (S - T)
+        causal = torch.arange(S, device=latent.device)[None, :] <= q_pos[:, None]  # (T, S)
+        scores = (scores * m.scaling).masked_fill(~causal, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        ctx = torch.matmul(probs, latent)  # (B, H, T, r): attention over the latent
+        v = torch.matmul(ctx, self.w_uv_heads) + self.b_uv_heads  # (B, H, T, d)
+        return m.o_proj(v.transpose(1, 2).reshape(B, T, H * d)), None
+
+
+@contextmanager
+def export_blocks(model: nn.Module) -> Iterator[list[int]]:
+    """Swap every :class:`MLAAttention` of ``model`` for its :class:`MLAExportBlock` for the
+    duration of the ``with`` (the original blocks are put back, also on an error); yields the
+    converted layer indices."""
+    blocks = _layers(model)
+    orig = {
+        i: blk.self_attn for i, blk in enumerate(blocks) if isinstance(blk.self_attn, MLAAttention)
+    }
+    try:
+        for i, a in orig.items():
+            blocks[i].self_attn = MLAExportBlock(a)
+        yield sorted(orig)
+    finally:
+        for i, a in orig.items():
+            blocks[i].self_attn = a
+
+
+@dataclass
+class MLAOnnxExport:
+    """What :func:`export_mla_onnx` wrote: ``path``, ``file_bytes``, ONNX ``op_counts``, the
+    converted ``mla_layers``, the graph's cache tensors (:func:`latent_cache_layout`), the
+    cache's bytes per token as the graph stores it (all layers) and ``seconds``."""
+
+    path: Path
+    file_bytes: int
+    op_counts: dict[str, int]
+    mla_layers: list[int]
+    cache_layout: list[CacheInput]
+    cache_bytes_per_token: int
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+def export_mla_onnx(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    example_ids: Tensor,
+    *,
+    opset: int | None = None,
+) -> MLAOnnxExport:
+    """Export the decode step of ``model`` (a Hugging Face Llama-style causal LM with
+    :class:`MLAAttention` blocks) with its latent cache to ``path`` (module docstring).
+
+    ``example_ids``: (batch, seq) token ids to trace with (batch and sequence axes and the cache
+    length stay dynamic). Raises :class:`OnnxExportError` for a model without MLA blocks or
+    with bfloat16 weights (ONNX Runtime's CPU provider has no bfloat16 MatMul)."""
+    import onnx
+    import onnx_ir as ir
+
+    t0 = time.perf_counter()
+    if not any(isinstance(b.self_attn, MLAAttention) for b in _layers(model)):
+        raise OnnxExportError("export_mla_onnx: the model has no MLAAttention block; use "
+                              "slimfx.backends.onnx.export_onnx(..., kv_cache=True)")
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    if dtype == torch.bfloat16:
+        raise OnnxExportError("bfloat16 weights: onnxruntime's CPU provider has no bfloat16 "
+                              "MatMul; export model.float() (or .half()) instead")
+    ids = example_ids.long()
+    ids = ids[None] if ids.dim() == 1 else ids
+    ids = ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)  # no 0/1 axes
+    layout = latent_cache_layout(model, dtype)
+    past = empty_latent_past(model, ids.shape[0], length=3, dtype=dtype)
+    wrapped = LatentDecodeStep(model, WRAP)
+    auto = torch.export.Dim.AUTO
+    shapes: Any = ({0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
+    in_names = ["input_ids", *(c.name for c in layout)]
+    out_names = ["logits", *(c.name.replace("past_", "present_", 1) for c in layout)]
+    flags = {m: m.training for m in model.modules()}
+    path = Path(path)
+    try:
+        model.eval()
+        with export_blocks(model) as mla_layers, torch.no_grad():
+            program = torch.export.export(
+                wrapped, (ids, tuple(past)), dynamic_shapes=shapes, strict=False
+            )
+            kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
+            onnx_prog = torch.onnx.export(
+                program, (), dynamo=True, input_names=in_names, output_names=out_names,
+                optimize=True, verbose=False, **kwargs,
+            )
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ir.save(onnx_prog.model, path)
+    onnx.checker.check_model(str(path))
+    counts = Counter(n.op_type for n in onnx_prog.model.graph.all_nodes())
+    per_token = sum(c.heads * c.width * torch.empty((), dtype=c.dtype).element_size()
+                    for c in layout)
+    notes = []
+    return MLAOnnxExport(
+        path=path,
+        file_bytes=path.stat().st_size,
+        op_counts=dict(counts),
+        mla_layers=mla_layers,
+        cache_layout=layout,
+        cache_bytes_per_token=per_token,
+        seconds=time.perf_counter() - t0,
+        notes=notes,
+    )
+
+
+def _axis_names(ir_model: Any) -> dict[str, str]:
+    """Symbol → readable name for the graph inputs' dynamic axes (batch, seq, past_seq)."""
+    import onnx_ir as ir
+
+    names: dict[str, str] = {}
+    for k, v in enumerate(ir_model.graph.inputs):
+        axes = ("batch", "seq") if k == 0 else ("batch", None, "past_seq", None)
+        if v.shape is not None and len(v.shape) != len(axes):
+            continue
+        for axis, dim in zip(axes, v.shape or ()):
+            if axis and isinstance(dim, ir.SymbolicDim) and dim.value is not None:
+                names.setdefault(dim.value, axis)
+    return names
+
+
+
+def latent_ort_session(path: str | os.PathLike[str], threads: int | None = None) -> LatentOrtModel:
+    """Open a graph :func:`export_mla_onnx` wrote with ONNX Runtime on CPU (see
+    :func:`slimfx.backends.ort.ort_session`)."""
+    return LatentOrtModel(path, threads=threads)

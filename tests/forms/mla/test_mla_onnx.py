@@ -1,0 +1,137 @@
+"""ONNX export of a converted tiny Llama's decode step with the latent cache, run by ONNX
+Runtime: prefill and every decode step's logits against torch, greedy tokens, graph layout."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from forms.mla._tiny import calib_batches, tiny_gqa_llama
+from slimfx.forms.mla.cache import MLALatentCache
+from slimfx.forms.mla.config import MLAConfig
+from slimfx.forms.mla.convert import convert_model
+from slimfx.forms.mla.module import MLAAttention
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+from slimfx.backends.onnx_graph import OnnxExportError  # noqa: E402
+from slimfx.backends.onnx_mla import export_mla_onnx, latent_ort_session  # noqa: E402
+from slimfx.backends.ort import ort_session  # noqa: E402
+
+STEPS = 6
+# fp32 everywhere; ORT fuses and reorders the reductions: measured ≤ 6e-7 on these logits
+# (|logits| ≤ 1.6); 1e-4 leaves room for other CPUs' kernels without hiding a wrong formula
+# (dropping the causal mask moves the prefill logits of the first model by 0.6).
+ATOL = 1e-4
+
+
+def _prompt(batch=2, length=6):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(7))
+
+
+def _torch_steps(model, prompt, tokens, latent_bits=16):
+    """Logits of the prefill's last position and of each decode step fed ``tokens``."""
+    cache = MLALatentCache(model.config.num_hidden_layers, latent_bits=latent_bits)
+    with torch.no_grad():
+        out = [model(prompt, past_key_values=cache, use_cache=True).logits[:, -1]]
+        for t in tokens.T[:-1]:
+            out.append(model(t[:, None], past_key_values=cache, use_cache=True).logits[:, -1])
+    return torch.stack(out)
+
+
+def _ort_steps(sess, prompt):
+    """ORT greedy decoding through its own cache: the logits per step and the tokens."""
+    logits, past = sess.step(prompt)
+    out, toks = [logits[:, -1]], []
+    for _ in range(STEPS):
+        nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        toks.append(nxt)
+        if len(toks) < STEPS:
+            logits, past = sess.step(nxt, past)
+            out.append(logits[:, -1])
+    return torch.from_numpy(np.stack(out)), torch.from_numpy(np.concatenate(toks, 1)), past
+
+
+@pytest.mark.parametrize(
+    "kv_heads,kw",
+    [(2, {}), (3, {"rope_pairs": 0, "rank": 9}), (1, {"latent_bits": 8, "rope_pairs": 3})],
+)
+def test_ort_decode_with_latent_cache_matches_torch(tmp_path, kv_heads, kw):
+    model = tiny_gqa_llama(kv_heads, attention_bias=kw.get("latent_bits") == 8)
+    cfg = MLAConfig(**{**dict(rank=12, rope_pairs=2), **kw})
+    convert_model(model, cfg, calib_batches())
+    prompt = _prompt()
+    res = export_mla_onnx(model, tmp_path / "m.onnx", prompt)
+    int8 = cfg.latent_bits == 8
+    # a 16-bit latent graph runs in the plain OrtModel; the int8 one needs its typed cache
+    sess = (latent_ort_session if int8 else ort_session)(res.path, threads=1)
+    assert sess.kv_cache and res.mla_layers == [0, 1]
+    ort_logits, ort_tokens, past = _ort_steps(sess, prompt)
+    ref = _torch_steps(model, prompt, ort_tokens, cfg.latent_bits)
+    torch.testing.assert_close(ort_logits, ref, atol=ATOL, rtol=0)
+    # the graph's cache is the latent: (B, 1, S, r) — int8 codes + one scale per token for an
+    # int8 latent — and the RoPE key (B, 1, S, 2·K·p)
+    S = prompt.shape[1] + STEPS - 1
+    assert past[0].shape == (2, 1, S, cfg.rank)
+    assert past[1].shape == (2, 1, S, 2 * kv_heads * cfg.rope_pairs)
+    rope_bytes = 4 * 2 * kv_heads * cfg.rope_pairs  # fp32 model: floats take 4 bytes
+    if int8:
+        assert past[0].dtype == np.int8 and past[2].shape == (2, 1, S, 1)
+        assert [p.shape for p in past[3:6]] == [p.shape for p in past[:3]]
+        assert res.cache_bytes_per_token == 2 * (cfg.rank + 4 + rope_bytes)
+    else:
+        assert res.cache_bytes_per_token == 2 * (4 * cfg.rank + rope_bytes)
+    # attention runs over the latent: no per-head keys or values are expanded or rebuilt
+    assert "Expand" not in res.op_counts and res.op_counts["Softmax"] == 2
+    # the model in torch is the one it was: its MLA blocks are back after the export
+    assert all(isinstance(b.self_attn, MLAAttention) for b in model.model.layers)
+    with torch.no_grad():
+        hf = model.generate(prompt, max_new_tokens=STEPS, do_sample=False, pad_token_id=0,
+                            past_key_values=MLALatentCache(2, latent_bits=cfg.latent_bits))
+    assert torch.equal(sess.generate(prompt, STEPS), hf)
+    if int8:  # the plain OrtModel cannot feed int8 codes: it says so through ORT's type check
+        with pytest.raises(Exception, match="(?i)type"):
+            ort_session(res.path, threads=1).step(prompt)
+
+
+def test_partially_converted_model_keeps_kv_cache_for_other_layers(tmp_path):
+    model = tiny_gqa_llama(2)
+    convert_model(model, {0: MLAConfig(rank=10, rope_pairs=2)}, calib_batches())
+    prompt = _prompt(batch=1, length=5)
+    res = export_mla_onnx(model, tmp_path / "m.onnx", prompt)
+    assert [(c.name, c.heads, c.width) for c in res.cache_layout] == [
+        ("past_key_0", 1, 10), ("past_value_0", 1, 8),
+        ("past_key_1", 2, 16), ("past_value_1", 2, 16),
+    ]
+    sess = ort_session(res.path, threads=1)
+    ort_logits, ort_tokens, past = _ort_steps(sess, prompt)
+    assert past[2].shape == (1, 2, 5 + STEPS - 1, 16)  # layer 1: plain keys
+    torch.testing.assert_close(ort_logits, _torch_steps(model, prompt, ort_tokens), atol=ATOL,
+                               rtol=0)
+
+
+def test_refuses_unconverted_and_bf16_models(tmp_path):
+    with pytest.raises(OnnxExportError, match="no MLAAttention"):
+        export_mla_onnx(tiny_gqa_llama(2), tmp_path / "a.onnx", _prompt())
+    model = tiny_gqa_llama(2)
+    convert_model(model, MLAConfig(rank=10, rope_pairs=2), calib_batches())
+    with pytest.raises(OnnxExportError, match="bfloat16"):
+        export_mla_onnx(model.to(torch.bfloat16), tmp_path / "b.onnx", _prompt())
+    assert not (tmp_path / "b.onnx").exists()
+
+
+def test_graph_axes_are_named(tmp_path):
+    import onnx
+
+    model = tiny_gqa_llama(2)
+    convert_model(model, MLAConfig(rank=10, rope_pairs=2), calib_batches())
+    res = export_mla_onnx(model, tmp_path / "m.onnx", _prompt())
+    g = onnx.load(str(res.path)).graph
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in g.input}
+    assert dims["input_ids"] == ["batch", "seq"]
+    assert dims["past_key_0"] == ["batch", 1, "past_seq", 10]
+    assert dims["past_value_1"] == ["batch", 1, "past_seq", 8]

@@ -100,14 +100,42 @@ def _bias_bytes(pl: Planning, fqns: list[str]) -> int:
     )
 
 
+def _forms(kv_forms: Any, shape: Any) -> tuple[list | None, bool]:
+    """``(KV configs or None for the defaults, whether MLA is offered)`` from ``kv_forms``:
+    KV-cache configs, ``"default"`` (``default_kv_forms``) and ``"mla"`` (``MLA_LADDER``)."""
+    from slimfx.forms.kv.candidates import default_kv_forms
+    from slimfx.forms.kv.config import KVDecision
+
+    if kv_forms is None:
+        return None, False
+    if isinstance(kv_forms, str):
+        raise TypeError('kv_forms takes a list (e.g. ["default", "mla"]), not one string')
+    out: list = []
+    mla = False
+    for f in kv_forms:
+        if f == "default":
+            out += default_kv_forms(shape)
+        elif f == "mla":
+            mla = True
+        elif isinstance(f, KVDecision):
+            out.append(f)
+        else:
+            raise ValueError(
+                f"kv_forms entry {f!r} is not a KV-cache config (slimfx.forms.kv.config), "
+                '"default" or "mla"'
+            )
+    return out, mla
+
+
 def add_options(pl: Planning) -> None:
-    """Join every attention site's KV options to ``pl.problem``."""
+    """Join every attention site's KV (and MLA) options to ``pl.problem``."""
     from slimfx.forms.kv.candidates import kv_site_options
+    from slimfx.forms.mla.plan import mla_options
+    from slimfx.planning.problem import SiteOptions
 
     assert pl.problem is not None and pl.model is not None
     linear = {s.name for s in pl.problem.sites}
     context = pl.budget.context
-    forms = pl.options.kv_forms
     added = []
     for site in pl.attention_sites:
         o_fqn, k_fqn, v_fqn = (site.projection(r) for r in ("o", "k", "v"))
@@ -118,10 +146,12 @@ def add_options(pl: Planning) -> None:
                 "unknown: the KV candidates' errors are unweighted (1.0)"
             )
         gram = pl.stats.fit_gram(k_fqn) if pl.stats is not None and k_fqn in linear else None
+        forms, mla = _forms(pl.options.kv_forms, site.site_shape)
+        inputs = pl.attention_inputs.get(site.fqn, [])
         so, refused = kv_site_options(
             pl.model,
             site,
-            pl.attention_inputs.get(site.fqn, []),
+            inputs,
             gram,
             weight=weight,
             context=context,
@@ -129,6 +159,16 @@ def add_options(pl: Planning) -> None:
             linear_sites=linear,
             bias_bytes=_bias_bytes(pl, [str(k_fqn), str(v_fqn)]),
         )
+        if mla:
+            opts, why = mla_options(
+                pl.model, site, inputs, gram, weight=weight, context=context, linear_sites=linear
+            )
+            if why:
+                refused["mla"] = why
+            so = SiteOptions(
+                so.name, [*so.options, *opts], so.dense_bytes, so.dense_latency_s,
+                so.sensitivity, so.kind, so.shape, so.dense_costs,
+            )  # fmt: skip
         for short, why in refused.items():
             pl.kv_refused.setdefault(why, []).append(f"{site.fqn} ({short})")
         added.append(so)
@@ -150,12 +190,23 @@ def split(plan: Any) -> tuple[Any, dict]:
 
 
 def apply(pl: Planning, decisions: dict) -> list[str]:
-    """Apply the KV decisions to ``pl.rewritten`` (low-rank forms fitted from k_proj's Gram)."""
+    """Apply the attention decisions to ``pl.rewritten``: KV forms (low-rank ones fitted from
+    k_proj's Gram), then MLA conversions (fitted on the calibration batches through the
+    rewritten model, ``forms.mla.candidates.apply_mla``)."""
     from slimfx.forms.kv.apply import apply_kv_plan
+    from slimfx.forms.mla.candidates import apply_mla
+    from slimfx.forms.mla.config import MLAConfig
 
     assert pl.rewritten is not None
+    mla = {k: d for k, d in decisions.items() if isinstance(d, MLAConfig)}
+    kv = {k: d for k, d in decisions.items() if k not in mla}
     grams = {}
     for site in pl.attention_sites:
         k = site.projection("k")
         grams[site.fqn] = pl.stats.fit_gram(k) if pl.stats is not None and k else None
-    return apply_kv_plan(pl.rewritten, decisions, pl.attention_sites, grams)
+    done = apply_kv_plan(pl.rewritten, kv, pl.attention_sites, grams)
+    if mla:
+        if not pl.fit_batches:
+            raise ValueError("MLA decisions are fitted on calibration data: pass calibration=")
+        done += apply_mla(pl.rewritten, pl.attention_sites, mla, pl.fit_batches)
+    return done

@@ -45,8 +45,14 @@ SAVE_FORMAT = "slimfx.save"
 SAVE_VERSION = 1
 #: files an earlier save (or the CLI beside it) may hold without ``overwrite=True``
 _OWN_FILES = {
-    "plan.json", "report.json", "model.safetensors", "config.json", "slimfx.json",
-    "report.md", "report.png", "generation_config.json",
+    "plan.json",
+    "report.json",
+    "model.safetensors",
+    "config.json",
+    "slimfx.json",
+    "report.md",
+    "report.png",
+    "generation_config.json",
 }
 _TMP = ".slimfx-tmp-"
 _OLD = ".slimfx-old"
@@ -249,7 +255,9 @@ def _verify(d: Path, info: Mapping[str, Any]) -> None:
             )
 
 
-def load(directory: str | Path, model: nn.Module | None = None, *, verify: bool = True) -> nn.Module:
+def load(
+    directory: str | Path, model: nn.Module | None = None, *, verify: bool = True
+) -> nn.Module:
     """Load what ``save`` wrote. ``model``: a freshly built instance of the original
     architecture (weights are overwritten); optional for Hugging Face models. ``verify``:
     check every file's SHA-256 against the manifest first (``False`` skips reading each file
@@ -281,7 +289,9 @@ def load(directory: str | Path, model: nn.Module | None = None, *, verify: bool 
             raise ValueError(f"{d / 'report.json'}: not a valid slimfx report ({e!r})") from e
     if model is None:
         if not info.get("hf"):
-            raise ValueError("this model is not a Hugging Face model: pass model= (a fresh instance)")
+            raise ValueError(
+                "this model is not a Hugging Face model: pass model= (a fresh instance)"
+            )
         from transformers import AutoConfig, AutoModelForCausalLM
 
         cfg = AutoConfig.from_pretrained(d)
@@ -291,10 +301,15 @@ def load(directory: str | Path, model: nn.Module | None = None, *, verify: bool 
     sites = discover_linear_sites(model)
     linear, kv = split_plan(plan)
     empty_like_plan(model, linear, sites)
-    if kv:  # attention sites with a compressed cache: low-rank k/v modules, cache hooks
+    if kv:  # attention sites: compressed caches (low-rank k/v modules, cache hooks), MLA
+        from slimfx.forms.mla.config import MLAConfig
+        from slimfx.forms.mla.plan import empty_mla_like_plan
         from slimfx.ir.find import inspect_attention_sites
 
-        empty_kv_like_plan(model, kv, inspect_attention_sites(model)[0])
+        att = inspect_attention_sites(model)[0]
+        mla = {k: d for k, d in kv.items() if isinstance(d, MLAConfig)}
+        empty_kv_like_plan(model, {k: d for k, d in kv.items() if k not in mla}, att)
+        empty_mla_like_plan(model, mla, att)
     load_model(model, str(d / "model.safetensors"), strict=True)
     if report is not None:
         from slimfx.api import REPORT_ATTR

@@ -71,7 +71,7 @@ def default_kv_forms(shape: AttentionShape) -> list[KVDecision]:
     """The default candidates for a site of ``shape``: the 16-bit cache; KIVI caches int8,
     int4 (key blocks of 32 and 128 tokens), 4-bit keys with 2-bit values, int2; Palu low-rank
     caches at 3/4, 1/2 and 3/8 of the cache (keys at half the values' rank: keys compress
-    more); low-rank latents quantized per channel at about 1/4 and 1/8. Every compressed form
+    more); low-rank latents quantized per channel at about 3/8, 1/4, 1/8 and 1/10. Every compressed form
     keeps ``SINK`` first tokens 16-bit and no residual window (the steady state prices it)."""
     D, kv = shape.head_dim, shape.kv_dim
     out: list[KVDecision] = [KVDenseConfig()]
@@ -86,7 +86,8 @@ def default_kv_forms(shape: AttentionShape) -> list[KVDecision]:
         ]
     for k, v in ((0.5, 1.0), (1 / 3, 2 / 3), (0.25, 0.5)):
         out.append(KVLowRankConfig(_rank(k, kv), _rank(v, kv), 1, "whitened", SINK))
-    for k, v, bits, group in ((0.75, 1.0, 4, 64), (2 / 3, 2 / 3, 8, 32), (1 / 3, 0.54, 4, 64)):
+    latents = ((0.75, 1.0, 4, 64), (2 / 3, 2 / 3, 8, 32), (1 / 3, 0.54, 4, 64), (0.25, 0.46, 4, 64))
+    for k, v, bits, group in latents:
         out.append(
             KVLatentQuantConfig(
                 _rank(k, kv), _rank(v, kv), 1, "whitened", bits, group, 0, SINK, "channel"

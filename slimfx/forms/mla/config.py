@@ -80,6 +80,8 @@ class MLAConfig(Decision):
     """
 
     kind: ClassVar[str] = "mla"
+    #: the projections (roles) the conversion replaces
+    owns: ClassVar[tuple[str, ...]] = ("k", "v")
     rank: int = 64
     rope_pairs: int = 8
     method: str = "pca"
@@ -152,21 +154,35 @@ class MLAConfig(Decision):
         latent = 2 * self.rank if self.latent_bits == 16 else self.rank + 2
         return latent + rope
 
+    def bytes_per_token(self, shape: AttentionShape, context: int | None = None) -> float:
+        """Cache bytes per token (the same at every context: no 16-bit window, no sink)."""
+        return float(self.kv_bytes_per_token(shape))
+
+    def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
+        """Exact bytes one sequence's latent cache of this block holds at ``tokens``."""
+        return self.kv_bytes_per_token(shape) * tokens
+
     def owned_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
         """Reference bytes of the original ``k_proj`` + ``v_proj`` this decision replaces."""
         return 2 * 2 * shape.hidden_size * shape.kv_dim + (2 * 2 * shape.kv_dim if bias else 0)
 
-    def converted_weight_bytes(self, shape: AttentionShape) -> int:
-        """Reference bytes of the converted projections (unabsorbed storage, value bias incl.)."""
-        D, K, d, r, p2 = (
-            shape.hidden_size, shape.num_kv_heads, shape.head_dim, self.rank, 2 * self.rope_pairs
+    def converted_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
+        """Reference bytes of what the converted block stores besides q_proj/o_proj (unabsorbed
+        form): the RoPE key rows (``2N × D``, N = K·p; their bias with ``bias``), the
+        down-projection, the key and value up-projections, the value bias, each query head's
+        map into the mixed key space ``q_mix`` (``H × K·d × d``; the RoRoPE mixing lives in it
+        and in the RoPE rows) at 16 bits, and the N kept frequencies' indices at 2 bytes each —
+        the module's tensors, so priced bytes = stored bytes (``tests/forms/mla``)."""
+        D, H, K, d, r = (
+            shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, self.rank
         )
-        mix = 0 if self.rope_mix == "none" else (d // 2) * K * K  # U_i per frequency
-        return 2 * (D * K * p2 + D * r + r * K * (d - p2) + r * K * d) + 2 * K * d + 2 * mix
+        n2 = 2 * K * self.rope_pairs
+        floats = D * n2 + D * r + r * (K * d - n2) + r * K * d + K * d + H * K * d * d
+        return 2 * (floats + (n2 if bias else 0)) + 2 * (n2 // 2)
 
     def weight_bytes_delta(self, shape: AttentionShape, bias: bool = False) -> int:
         """Weight bytes added (positive) or removed (negative) by the conversion."""
-        return self.converted_weight_bytes(shape) - self.owned_weight_bytes(shape, bias)
+        return self.converted_weight_bytes(shape, bias) - self.owned_weight_bytes(shape, bias)
 
     def absorbed_extra_bytes(self, shape: AttentionShape) -> int:
         """Bytes of the absorbed decode matrices: ``W_ukᵀ`` composed with each query head's

@@ -264,17 +264,18 @@ def test_config_bytes_for_smollm2_shape():
     assert SMOL.kv_bytes_per_token() == 768
     q = MLAConfig(rank=168, rope_pairs=4, latent_bits=8)
     assert q.kv_bytes_per_token(SMOL) == 168 + 2 + 48
-    # k_rope rows 576·24, down 576·168, k_up 168·3·56, v_up 168·192, value bias 192
-    expect = 2 * (576 * 24 + 576 * 168 + 168 * 168 + 168 * 192) + 2 * 192
+    # k_rope rows 576·24, down 576·168, k_up 168·3·56, v_up 168·192, value bias 192, q_mix
+    # 9·192·64, and the 12 kept frequencies' indices (2 bytes each)
+    expect = 2 * (576 * 24 + 576 * 168 + 168 * 168 + 168 * 192 + 9 * 192 * 64) + 2 * 192 + 2 * 12
     assert cfg.converted_weight_bytes(SMOL) == expect
     assert cfg.weight_bytes_delta(SMOL) == expect - 2 * 2 * 576 * 192
     assert cfg.costs(SMOL) == {WEIGHT_BYTES: expect, KV_BYTES_PER_TOKEN: 384}
     assert cfg.weight_bytes(SMOL) == expect
     with pytest.raises(TypeError, match="'mla' prices attention sites .* linear shape"):
         cfg.weight_bytes(LinearShape(576, 192))
-    # the RoRoPE-style mixing adds one K×K matrix per frequency: 32 · 3 · 3 16-bit values
+    # the RoRoPE-style mixing is folded into q_mix and the RoPE rows: no tensor of its own
     mixed = MLAConfig(rank=168, rope_pairs=4, rope_mix="pca")
-    assert mixed.converted_weight_bytes(SMOL) == expect + 2 * 32 * 9
+    assert mixed.converted_weight_bytes(SMOL) == expect
 
 
 def test_config_validation_and_json_round_trip():

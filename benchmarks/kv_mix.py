@@ -25,21 +25,23 @@ corpus's second half.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
+import dataclasses
 import sys
 import time
 
 import torch
+from _common import dump, run_meta
 
 from slimfx.data.text import calibration_batches, heldout_windows
 from slimfx.eval import perplexity
 from slimfx.forms.kv.apply import split_plan
 from slimfx.forms.kv.calibrate import fit_site
 from slimfx.forms.kv.candidates import default_kv_forms
-from slimfx.forms.kv.config import KVDenseConfig, dense_fraction
+from slimfx.forms.kv.config import KVDenseConfig
 from slimfx.forms.kv.simulate import SimulatedKVAttention
+from slimfx.forms.mla.candidates import apply_mla
+from slimfx.forms.mla.config import MLAConfig
+from slimfx.forms.mla.plan import MLA_LADDER, _context
 from slimfx.models import load_smollm2
 from slimfx.passes.swap import apply_plan
 from slimfx.planning.plan import Plan
@@ -50,11 +52,17 @@ from slimfx.stages import PlanningOptions, plan_model
 
 
 def evaluate(pl, plan: Plan, held: torch.Tensor) -> float:
-    """Held-out perplexity of ``plan``: linears swapped, attention blocks simulated."""
+    """Held-out perplexity of ``plan``: linears swapped, MLA layers converted (fitted on the
+    calibration batches), the other attention blocks simulated with their cache."""
     linear, kv = split_plan(plan)
     model, _ = apply_plan(pl.model, linear, pl.sites, pl.grams(), inplace=False, strict=True)
+    mla = {k: d for k, d in kv.items() if isinstance(d, MLAConfig)}
+    if mla:
+        apply_mla(model, pl.attention_sites, mla, pl.fit_batches)
     mods = dict(model.named_modules())
     for site in pl.attention_sites:
+        if site.fqn in mla:
+            continue
         d = kv.get(site.fqn, KVDenseConfig())
         factors = None
         if d.owns:
@@ -91,6 +99,7 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=8192)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--json", default="")
+    ap.add_argument("--mla", action="store_true", help="offer MLA conversions too")
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2()
@@ -99,8 +108,11 @@ def main() -> int:
     held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
     # the total budget of the joint row; the problem is priced once for it
     t0 = time.perf_counter()
+    kv_forms = ["default", "mla"] if a.mla else None
     probe = plan_model(
-        model, Budget(kv=1.0, context=a.context), PlanningOptions(calibration=calib, progress=False)
+        model,
+        Budget(kv=1.0, context=a.context),
+        PlanningOptions(calibration=calib, progress=False, kv_forms=kv_forms),
     )
     W = probe.problem.dense_bytes
     C = probe.problem.dense_costs[KV_CACHE_BYTES]
@@ -150,13 +162,17 @@ def main() -> int:
 
     dense = run("dense", None, uniform_plan(pl, KVDenseConfig()), 1.0)
     shape = pl.attention_sites[0].site_shape
-    for form in default_kv_forms(shape)[1:]:
-        run(
-            f"uniform {form.short()}",
-            None,
-            uniform_plan(pl, form),
-            dense_fraction(form, shape, a.context),
-        )
+    uniform = default_kv_forms(shape)[1:]
+    if a.mla:  # the MLA ladder's configs (the same at every layer: one shape)
+        base = _context(shape.head_dim).base
+        full = base.full_rank(shape)
+        for bits in MLA_LADDER["latent_bits"]:
+            for f in MLA_LADDER["rank_fractions"]:
+                r = min(full, max(1, round(f * full)))
+                uniform.append(dataclasses.replace(base, rank=r, latent_bits=bits))
+    for form in uniform:
+        frac = form.cache_bytes(shape, a.context) / KVDenseConfig().cache_bytes(shape, a.context)
+        run(f"uniform {form.short()}", None, uniform_plan(pl, form), frac)
     for f in (0.5, 0.25, 0.125):
         run(f"solver mix kv={f:g}", Budget(kv=f, context=a.context))
     run(
@@ -167,19 +183,14 @@ def main() -> int:
         k = (X - m * W) / (a.batch * C)
         if 0 < k <= 1:
             run(f"hand split memory={m} kv={k:.3f}", Budget(memory=m, kv=k, context=a.context))
-    meta = {
-        "command": " ".join(sys.argv),
-        "machine": f"{platform.machine()} {platform.processor()}",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-        "dense_ppl": dense["ppl"] if dense else None,
-        "weights_dense_bytes": W,
-        "cache_dense_bytes_per_sequence": C,
-        "total_bytes": X,
-        "timings": pl.timings,
-    }
-    if a.json:
-        with open(a.json, "w") as fh:
-            json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+    meta = run_meta(
+        dense_ppl=dense["ppl"] if dense else None,
+        weights_dense_bytes=W,
+        cache_dense_bytes_per_sequence=C,
+        total_bytes=X,
+        timings=pl.timings,
+    )
+    dump(a.json, meta, rows)
     return 0
 
 

@@ -17,13 +17,11 @@ windows leave much of the past exact, which a long context would not.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 
 import torch
+from _common import dump, run_meta
 
 from slimfx.data.text import calibration_batches, heldout_windows
 from slimfx.eval import perplexity
@@ -182,18 +180,13 @@ def main() -> int:
             f"{row['store_share']:.2f} | {ppl:.2f} | {100 * row['delta']:+.1f}% |",
             flush=True,
         )
-    meta = {
-        "command": " ".join(sys.argv),
-        "machine": f"{platform.machine()} {platform.processor()}",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
-        "n_eval": a.n_eval,
-        "seq_len": a.seq_len,
-        "corpus": a.corpus,
-        "context": a.context,
-    }
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta = run_meta(
+        n_eval=a.n_eval,
+        seq_len=a.seq_len,
+        corpus=a.corpus,
+        context=a.context,
+    )
+    dump(a.json, meta, rows)
     return 0
 
 

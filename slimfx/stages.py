@@ -326,6 +326,13 @@ def solve(pl: Planning) -> PassResult:
     pl.solution = solve_budget(pl.problem, pl.budget, method=opts.solver)
     if pl.solution.note:
         pl.notes.append(f"solver: {pl.solution.note}")
+    grown = pl.solution.bytes - pl.problem.dense_bytes
+    if grown > 0:  # only a cache budget lets the weights grow: the chosen KV forms' own weights
+        pl.notes.append(
+            f"the chosen attention forms add {grown / 1e6:.2f} MB of weights over the dense "
+            "linears (low-rank caches keep the original k/v projections for their sink tokens; "
+            "MLA stores its query maps): memory=1.0 in the Budget forbids that"
+        )
     pl.plan = pl.solution.to_plan(
         shapes={s.fqn: s.site_shape for s in [*pl.sites, *pl.attention_sites]},
         meta={

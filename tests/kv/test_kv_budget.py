@@ -229,3 +229,18 @@ def test_static_cache_under_torch_compile_equals_eager(tiny_llama):
     cache = StaticCache(config=out.config, max_cache_len=64)
     got = out.generate(ids, max_new_tokens=20, do_sample=False, past_key_values=cache)
     assert got.tolist() == want.tolist()
+
+
+def test_weights_grown_by_a_cache_form_are_noted(tiny_llama):
+    forms = [KVDenseConfig(), KVLowRankConfig(16, 24, 1, "whitened", sink=2)]
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.7), calibration=_calib(3), kv_forms=forms, progress=False
+    )
+    rep = slimfx.report_of(out)
+    assert rep.totals["bytes_ratio"] > 1  # the sinks' exact K/V keep the original k/v
+    assert any("add" in n and "memory=1.0" in n for n in rep.notes)
+    capped = slimfx.optimize(
+        tiny_llama, Budget(memory=1.0, kv=0.7), calibration=_calib(3), kv_forms=forms,
+        progress=False,
+    )  # fmt: skip
+    assert slimfx.report_of(capped).totals["bytes_ratio"] <= 1.0  # other linears pay for it

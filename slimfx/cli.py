@@ -66,9 +66,13 @@ def _check_optimize_args(a: argparse.Namespace):
         raise ValueError(f"unknown --calib {a.calib!r}; known: {', '.join(sorted(CORPORA))}")
     check_options(target=a.target, workload=a.workload, families=a.families.split(","),
                   seq_len=a.seq_len)
-    memory = a.budget if a.budget is not None or a.bits or a.latency else 0.8
+    cache_only = a.kv is not None or a.total_bytes is not None
+    memory = a.budget if a.budget is not None or a.bits or a.latency or cache_only else 0.8
     memory = None if memory is None else Budget.of(memory).memory  # a fraction in (0, 1]
-    budget = Budget(memory=memory, bits=a.bits, latency=a.latency)
+    budget = Budget(
+        memory=memory, bits=a.bits, latency=a.latency, kv=a.kv, total_bytes=a.total_bytes,
+        context=a.context, batch=a.batch,
+    )  # fmt: skip
     plan = slimfx.Plan.load(a.plan) if a.plan else None
     if a.latency_cache and not Path(a.latency_cache).is_file():
         raise FileNotFoundError(f"--latency-cache {a.latency_cache}: no such file")
@@ -224,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--bits", type=float, default=None, help="effective bits/weight instead")
     o.add_argument("--latency", type=float, default=None,
                    help="latency budget: a fraction of the dense linears' time for --workload")
+    o.add_argument("--kv", type=float, default=None,
+                   help="KV-cache budget: a fraction of the 16-bit cache (per layer forms)")
+    o.add_argument("--total-bytes", type=float, default=None,
+                   help="one byte budget for the linears' weights + the KV cache")
+    o.add_argument("--context", type=int, default=None,
+                   help="tokens per sequence the KV cache is counted at")
+    o.add_argument("--batch", type=int, default=None, help="sequences (with --total-bytes)")
     o.add_argument("--latency-cache", default=None,
                    help="measured kernel times (`slimfx calibrate-target`) for --target")
     o.add_argument("--backend", default=None, choices=["eager", "compile", "triton", "onnx"],

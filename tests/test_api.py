@@ -258,6 +258,20 @@ def test_cli_optimize_and_report(tmp_path, capsys):
     assert main(["report", str(out / "plan.json")]) == 2  # a plan is not a report
 
 
+def test_cli_optimize_with_a_kv_budget(tmp_path, capsys):
+    from slimfx.cli import main
+
+    out = tmp_path / "kv"
+    assert main(["optimize", "--model", "tiny", "--kv", "0.5", "--context", "512", "--n-calib",
+                 "3", "--seq-len", "32", "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "KV cache 256 →" in text and "at 1 × 512 tokens" in text
+    rep = slimfx.report_of(slimfx.load(out))
+    assert rep.budget == {"memory": None, "bits": None, "latency": None, "max_error": None,
+                          "kv": 0.5, "context": 512}
+    assert rep.totals["kv_cache_bytes_after"] <= 0.5 * rep.totals["kv_cache_bytes_before"]
+
+
 def test_cli_onnx_export_runs_in_onnxruntime(tmp_path, capsys):
     """`slimfx optimize ... --onnx` and `slimfx export DIR --onnx [--kv-cache]` write files
     that onnxruntime runs and that agree with the saved torch model."""

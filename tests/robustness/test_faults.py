@@ -320,6 +320,9 @@ def test_cli_bad_plan_and_budget_are_checked_before_the_model_loads(tmp_path, mo
         (["--target", "tpu", "--out", str(tmp_path / "o")], "unknown target 'tpu'"),
         (["--out", str(tmp_path / "file")], "exists and is a file"),
         (["--out", str(tmp_path / "mine")], "not an earlier slimfx save (notes.txt)"),
+        (["--total-bytes", "1e6", "--out", str(tmp_path / "o")], "give context="),
+        (["--kv", "0", "--out", str(tmp_path / "o")], "kv budget is a fraction"),
+        (["--kv", "0.5", "--batch", "4", "--out", str(tmp_path / "o")], "batch= scales"),
     ]
     for args, msg in cases:
         assert cli.main(base + args) == 2

@@ -117,6 +117,9 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         p0, p1 = perplexity(model, w, progress=not a.quiet), perplexity(new, w, progress=not a.quiet)
         print(f"perplexity ({a.calib}, {w.shape[0]}×{w.shape[1]} held-out tokens): "
               f"dense {p0:.3f} → slimfx {p1:.3f}")
+        if rep.kv_sites:
+            print("note: this perplexity runs without a KV cache, so quantized caches are not "
+                  "exercised (benchmarks/kv_mix.py measures them as decoding holds them)")
     if a.onnx:
         from slimfx.backends.onnx import export_onnx
 

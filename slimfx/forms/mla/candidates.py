@@ -39,7 +39,7 @@ from slimfx.planning.shapes import AttentionShape
 from .config import MLAConfig
 from .convert import _inv_freq, _layers, attention_calib, convert_model, describe_block
 from .module import MLAAttention
-from .numerics import fit_mla
+from .numerics import MLAWeights, fit_mla
 
 __all__ = ["DEFAULT_RANK_FRACTIONS", "MLAContext", "mla_candidates", "apply_mla", "site_layer"]
 
@@ -53,12 +53,14 @@ class MLAContext:
 
     ``base``: the template config (fit method, objective, RoPE selection and mixing, …); its
     ``rank`` is replaced by each candidate's. ``rope_pairs``: kept RoPE pairs per kv head to
-    offer (default: ``base.rope_pairs``). ``latent_bits``: latent widths to offer (16, 8).
+    offer (default: ``base.rope_pairs``). ``latent_bits``: latent widths to offer; by default
+    both (on SmolLM2 the int8 latent's error is within 1.1% of the 16-bit one at about 0.6× the
+    bytes, ``benchmarks/RESULTS.md``, so the 16-bit options are dominated there).
     ``inv_freq``: RoPE inverse frequencies (default: the model's ``rotary_emb.inv_freq``)."""
 
     base: MLAConfig = MLAConfig()
     rope_pairs: tuple[int, ...] | None = None
-    latent_bits: tuple[int, ...] = (16,)
+    latent_bits: tuple[int, ...] = (16, 8)
     inv_freq: Tensor | None = None
 
 
@@ -142,12 +144,16 @@ def mla_candidates(
     refs = [block_forward(attn, h, c, s, KVDenseConfig()).float() for h, c, s in inputs]
     den = sum(float(y.square().sum()) for y in refs)
     out = []
+    fits: dict[MLAConfig, MLAWeights] = {}  # the fit does not depend on the latent's bits
     for cfg in configs:
-        w = fit_mla(
-            cfg, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
-            attn.k_proj.bias, attn.v_proj.bias, shape.num_heads, shape.num_kv_heads, inv_freq,
-            calib if cfg.needs_data else None,
-        )
+        key = replace(cfg, latent_bits=16)
+        if key not in fits:
+            fits[key] = fit_mla(
+                cfg, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
+                attn.o_proj.weight, attn.k_proj.bias, attn.v_proj.bias, shape.num_heads,
+                shape.num_kv_heads, inv_freq, calib if cfg.needs_data else None,
+            )
+        w = fits[key]
         conv = MLAAttention(attn, w, shape.num_heads, shape.num_kv_heads, absorb="never",
                             latent_bits=cfg.latent_bits)
         num = 0.0

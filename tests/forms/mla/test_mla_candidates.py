@@ -38,7 +38,7 @@ def test_errors_decrease_with_rank_and_costs_are_the_configs(kv_heads):
     sites = _sites(model)
     _, inputs, grams = _calib(model, sites)
     site = sites[1]
-    ctx = MLAContext(base=MLAConfig(rope_pairs=2))
+    ctx = MLAContext(base=MLAConfig(rope_pairs=2), latent_bits=(16,))
     cands = mla_candidates(model, site, inputs[site.fqn], grams[site.fqn],
                            rank_fractions=(0.25, 0.5, 0.75, 1.0), context=ctx)
     full = MLAConfig(rope_pairs=2).full_rank(site.site_shape)  # K·(d − 4) + K·d
@@ -62,7 +62,8 @@ def test_full_rank_with_every_rope_pair_kept_has_zero_error():
     sites = _sites(model)
     _, inputs, grams = _calib(model, sites)
     site = sites[0]
-    ctx = MLAContext(base=MLAConfig(rope_pairs=D_HEAD // 2, rope_select="norm"))
+    ctx = MLAContext(base=MLAConfig(rope_pairs=D_HEAD // 2, rope_select="norm"),
+                     latent_bits=(16,))
     [(cfg, err, _)] = mla_candidates(model, site, inputs[site.fqn], grams[site.fqn],
                                      rank_fractions=(1.0,), context=ctx)
     assert cfg.rank == 2 * D_HEAD
@@ -78,10 +79,9 @@ def test_candidate_error_is_the_error_of_the_converted_block():
     sites = _sites(model)
     batches, inputs, grams = _calib(model, sites)
     site = sites[1]
-    ctx = MLAContext(base=MLAConfig(rope_pairs=3), latent_bits=(16, 8))
     cands = mla_candidates(model, site, inputs[site.fqn], grams[site.fqn],
-                           rank_fractions=(0.5,), context=ctx)
-    assert [c.latent_bits for c, _, _ in cands] == [16, 8]
+                           rank_fractions=(0.5,), context=MLAContext(MLAConfig(rope_pairs=3)))
+    assert [c.latent_bits for c, _, _ in cands] == [16, 8]  # both by default
     assert cands[1][1] > cands[0][1]  # the int8 latent adds its rounding
     cfg, err, _ = cands[1]
     orig = model.model.layers[1].self_attn

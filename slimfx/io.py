@@ -24,18 +24,16 @@ speed; a mismatch otherwise raises ``ValueError`` naming the file.
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from slimfx import files
 from slimfx.passes.swap import empty_like_plan
 from slimfx.planning.plan import Plan
 
@@ -54,37 +52,6 @@ _OWN_FILES = {
     "report.png",
     "generation_config.json",
 }
-_TMP = ".slimfx-tmp-"
-_OLD = ".slimfx-old"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _backup(d: Path) -> Path:
-    return d.parent / f".{d.name}{_OLD}"
-
-
-def _recover(d: Path) -> None:
-    """Put back an old save parked by an interrupted two-rename commit."""
-    old = _backup(d)
-    if not d.exists() and old.is_dir():
-        os.replace(old, d)
 
 
 def _manifest(d: Path) -> dict[str, Any] | None:
@@ -127,52 +94,6 @@ def check_save_target(d: Path, overwrite: bool = False) -> None:
         )
 
 
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap directories ``a`` and ``b`` atomically (Linux ``renameat2``); False when the OS or
-    file system cannot."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
-
-
-def _discard(p: Path) -> None:
-    """Remove a directory that no longer matters (the old save, once the new one is in place);
-    what an interruption leaves, the next save's ``_clean_stale`` removes. A Ctrl-C inside
-    ``rmtree`` can surface as an ``OSError`` from its own clean-up (a closed descriptor): the
-    ``KeyboardInterrupt`` is raised instead, never the clean-up's error."""
-    try:
-        shutil.rmtree(p, ignore_errors=True)
-    except OSError as e:
-        if isinstance(e.__context__, KeyboardInterrupt):
-            raise e.__context__ from None
-
-
-def _commit(tmp: Path, d: Path) -> None:
-    """Make ``tmp`` the directory at ``d``; the old ``d`` (if any) ends up removed."""
-    if not d.exists():
-        os.rename(tmp, d)
-    elif _exchange(tmp, d):
-        _discard(tmp)  # now holds the old save
-    else:
-        old = _backup(d)
-        _discard(old)
-        os.rename(d, old)
-        os.rename(tmp, d)  # an interruption between the renames: _recover puts old back
-        _discard(old)
-    _fsync(d.parent)
-
-
-def _clean_stale(d: Path) -> None:
-    for p in d.parent.glob(f".{d.name}{_TMP}*"):
-        shutil.rmtree(p, ignore_errors=True)
-    if d.exists():
-        shutil.rmtree(_backup(d), ignore_errors=True)
-
-
 def save(
     model: nn.Module,
     directory: str | Path,
@@ -204,11 +125,9 @@ def save(
         if name in ("slimfx.json", "plan.json", "model.safetensors") or Path(name).name != name:
             raise ValueError(f"extras: {name!r} is not a free file name in a save")
     d = Path(os.path.abspath(directory))  # "." and "out/" name a directory with a parent
-    _recover(d)
+    files.recover(d)
     check_save_target(d, overwrite)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(d)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}{_TMP}", dir=d.parent))
+    tmp = files.tmp_dir(d)
     try:
         plan.save(tmp / "plan.json")
         rep.save(tmp / "report.json")
@@ -223,13 +142,10 @@ def save(
             info["hf"] = True
         for name, write in (extras or {}).items():
             write(tmp / name)
-        files = sorted(p.name for p in tmp.iterdir())
-        info["files"] = {name: _sha256(tmp / name) for name in files}
+        info["files"] = files.hashes(tmp)
         (tmp / "slimfx.json").write_text(json.dumps(info, indent=1))
-        for name in [*files, "slimfx.json"]:
-            _fsync(tmp / name)
-        _fsync(tmp)
-        _commit(tmp, d)
+        files.flush(tmp)
+        files.commit(tmp, d)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -237,16 +153,16 @@ def save(
 
 
 def _verify(d: Path, info: Mapping[str, Any]) -> None:
-    files = info.get("files")
-    if files is None:  # a save from before checksums: nothing to verify against
+    listed = info.get("files")
+    if listed is None:  # a save from before checksums: nothing to verify against
         return
-    if not isinstance(files, Mapping):
+    if not isinstance(listed, Mapping):
         raise ValueError(f"{d / 'slimfx.json'}: field 'files' must be an object")
-    for name, digest in files.items():
+    for name, digest in listed.items():
         p = d / name
         if not p.is_file():
             raise ValueError(f"{p}: listed in slimfx.json but missing; the save is incomplete")
-        got = _sha256(p)
+        got = files.sha256(p)
         if got != digest:
             raise ValueError(
                 f"{p}: SHA-256 mismatch (slimfx.json records {str(digest)[:16]}…, the file "
@@ -268,7 +184,7 @@ def load(
     from slimfx.ir.find import discover_linear_sites
 
     d = Path(directory)
-    _recover(d)
+    files.recover(d)
     if not (d / "plan.json").exists():
         raise FileNotFoundError(f"{d} has no plan.json: not a directory written by slimfx.save")
     info = _manifest(d)

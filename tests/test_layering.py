@@ -52,6 +52,7 @@ RULES: dict[str, tuple] = {
 #: solver; the generic layers reach a folder only through the registry.
 FORM_FOLDER: tuple = (
     "slimfx.forms",
+    "slimfx.files",
     "slimfx.ir",
     "slimfx.numerics",
     "slimfx.kernels",
@@ -67,6 +68,7 @@ def _is_form_folder(parts: list[str]) -> bool:
 #: top-level modules that are leaves (the others orchestrate and may import everything).
 LEAVES: dict[str, tuple] = {
     "slimfx.formats": (),  # storage formats: imports nothing from slimfx
+    "slimfx.files": (),  # all-or-nothing directory writes: imports nothing from slimfx
     "slimfx.report": ("slimfx.forms",),  # labels and colours come from the form registry
 }
 

@@ -26,6 +26,7 @@ import torch
 
 import slimfx
 from robustness._util import Frozen, feats, mlp, out_of
+from slimfx import files
 from slimfx import io as sio
 from slimfx.planning.configs import LowRankConfig, QuantConfig
 from slimfx.planning.plan import Plan
@@ -67,7 +68,7 @@ class LineInterrupt:
 def no_disk_flush(monkeypatch):
     """fsync makes each save ~50 ms on this file system; these tests are about interruptions
     of the process, not power loss, so the flush is skipped (the calls still happen)."""
-    monkeypatch.setattr(sio, "_fsync", lambda path: None)
+    monkeypatch.setattr(files, "fsync", lambda path: None)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_save_without_atomic_exchange_still_keeps_old_or_new(two_models, tmp_pat
     """Where the OS has no directory exchange, the two-rename commit parks the old save and
     ``load`` puts it back when an interruption fell between the renames."""
     models, outs = two_models
-    monkeypatch.setattr(sio, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(files, "exchange", lambda a, b: False)
     d = tmp_path / "m"
     sio.save(models["a"], d)
     with LineInterrupt(None) as counter:
@@ -151,7 +152,7 @@ def test_save_interrupted_by_sigint_timer_keeps_old_or_new(two_models, tmp_path,
     def slow_fsync(path: Path) -> None:
         time.sleep(0.002)
 
-    monkeypatch.setattr(sio, "_fsync", slow_fsync)
+    monkeypatch.setattr(files, "fsync", slow_fsync)
     d = tmp_path / "m"
     sio.save(models["a"], d)
     spans = []

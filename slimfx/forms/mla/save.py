@@ -24,17 +24,16 @@ left ``dir`` missing). A non-empty directory that is not an MLA save is refused 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from slimfx import files
 from slimfx.planning.configs import decision_from_dict
 
 from .module import MLAAttention
@@ -46,8 +45,6 @@ MLA_SAVE_FORMAT = "slimfx.mla"
 MLA_SAVE_VERSION = 1
 _MANIFEST = "mla.json"
 _OWN = {_MANIFEST, "config.json", "generation_config.json", "model.safetensors"}
-_TMP = ".mla-tmp-"
-_OLD = ".mla-old"
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -78,35 +75,6 @@ def _layer_record(attn: MLAAttention) -> dict[str, Any]:
         "absorb": attn.absorb,
         "latent_bits": attn.latent_bits,
     }
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _backup(d: Path) -> Path:
-    return d.parent / f".{d.name}{_OLD}"
-
-
-def _recover(d: Path) -> None:
-    """Put back an earlier save parked by an interrupted commit."""
-    old = _backup(d)
-    if not d.exists() and old.is_dir():
-        os.replace(old, d)
 
 
 def _read_manifest(d: Path) -> dict[str, Any] | None:
@@ -146,7 +114,7 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError("save_converted: the model has no Hugging Face config to rebuild it from")
     d = Path(os.path.abspath(directory))
-    _recover(d)
+    files.recover(d)
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is a file; save_converted writes a directory")
     if d.is_dir() and any(d.iterdir()) and not overwrite and not _is_mla_save(d):
@@ -154,10 +122,7 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
             f"{d} is a non-empty directory that is not an earlier MLA save; save elsewhere or "
             "pass overwrite=True to replace it"
         )
-    d.parent.mkdir(parents=True, exist_ok=True)
-    for p in d.parent.glob(f".{d.name}{_TMP}*"):
-        shutil.rmtree(p, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}{_TMP}", dir=d.parent))
+    tmp = files.tmp_dir(d)
     try:
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(config.to_json_string())
@@ -172,21 +137,10 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
             "dtype": str(dtype).removeprefix("torch."),
             "layers": {str(i): _layer_record(a) for i, a in sorted(layers.items())},
         }
-        files = sorted(p.name for p in tmp.iterdir())
-        info["files"] = {name: _sha256(tmp / name) for name in files}
+        info["files"] = files.hashes(tmp)
         (tmp / _MANIFEST).write_text(json.dumps(info, indent=1))
-        for name in [*files, _MANIFEST]:
-            _fsync(tmp / name)
-        _fsync(tmp)
-        if d.exists():
-            old = _backup(d)
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(d, old)
-            os.rename(tmp, d)  # interrupted here: _recover puts the old save back
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, d)
-        _fsync(d.parent)
+        files.flush(tmp)
+        files.commit(tmp, d)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -225,7 +179,7 @@ def load_converted(
     from safetensors.torch import load_model
 
     d = Path(directory)
-    _recover(d)
+    files.recover(d)
     info = _read_manifest(d)
     if info is None:
         raise FileNotFoundError(f"{d} has no {_MANIFEST}: not a directory save_converted wrote")
@@ -235,7 +189,7 @@ def load_converted(
         p = d / name
         if not p.is_file():
             raise ValueError(f"{p}: listed in {_MANIFEST} but missing; the save is incomplete")
-        if verify and _sha256(p) != digest:
+        if verify and files.sha256(p) != digest:
             raise ValueError(f"{p}: SHA-256 mismatch with {_MANIFEST}: the file changed after "
                              "the save (corrupted or edited)")
     if model is None:

@@ -1,0 +1,128 @@
+"""All-or-nothing directory writes, shared by every save (``slimfx.io``, ``forms.mla.save``).
+
+A save is written into a fresh temporary directory next to the target (``tmp_dir``), each file
+hashed and flushed (``seal``), then swapped in by ``commit``: one atomic directory exchange
+where the OS has it (Linux ``renameat2``), else two renames with the old save parked at
+``backup(d)`` in between — ``recover(d)`` (called by every load and save) puts it back when an
+interruption fell between them. ``clean_stale`` removes what an interrupted save left. A leaf:
+imports nothing from slimfx. Callers use the functions through the module
+(``files.fsync(...)``) so that tests can stand in for the disk flush or the exchange.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "sha256", "fsync", "backup", "recover", "exchange", "discard", "commit", "clean_stale",
+    "tmp_dir", "hashes", "flush", "TMP", "OLD",
+]  # fmt: skip
+
+TMP = ".slimfx-tmp-"
+OLD = ".slimfx-old"
+
+
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories
+        pass
+    finally:
+        os.close(fd)
+
+
+def backup(d: Path) -> Path:
+    """Where the two-rename commit parks the old ``d``."""
+    return d.parent / f".{d.name}{OLD}"
+
+
+def recover(d: Path) -> None:
+    """Put back an old save parked by an interrupted two-rename commit."""
+    old = backup(d)
+    if not d.exists() and old.is_dir():
+        os.replace(old, d)
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap directories ``a`` and ``b`` atomically (Linux ``renameat2``); False when the OS or
+    file system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def discard(p: Path) -> None:
+    """Remove a directory that no longer matters (the old save, once the new one is in place);
+    what an interruption leaves, the next save's ``clean_stale`` removes. A Ctrl-C inside
+    ``rmtree`` can surface as an ``OSError`` from its own clean-up (a closed descriptor): the
+    ``KeyboardInterrupt`` is raised instead, never the clean-up's error."""
+    try:
+        shutil.rmtree(p, ignore_errors=True)
+    except OSError as e:
+        if isinstance(e.__context__, KeyboardInterrupt):
+            raise e.__context__ from None
+
+
+def commit(tmp: Path, d: Path) -> None:
+    """Make ``tmp`` the directory at ``d``; the old ``d`` (if any) ends up removed."""
+    if not d.exists():
+        os.rename(tmp, d)
+    elif exchange(tmp, d):
+        discard(tmp)  # now holds the old save
+    else:
+        old = backup(d)
+        discard(old)
+        os.rename(d, old)
+        os.rename(tmp, d)  # an interruption between the renames: recover puts old back
+        discard(old)
+    fsync(d.parent)
+
+
+def clean_stale(d: Path) -> None:
+    """Remove what an interrupted save of ``d`` left behind: temporary directories, and the
+    parked old save once ``d`` itself is in place."""
+    for p in d.parent.glob(f".{d.name}{TMP}*"):
+        shutil.rmtree(p, ignore_errors=True)
+    if d.exists():
+        shutil.rmtree(backup(d), ignore_errors=True)
+
+
+def tmp_dir(d: Path) -> Path:
+    """A fresh temporary directory next to ``d`` (its parent created), stale ones removed."""
+    d.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(d)
+    return Path(tempfile.mkdtemp(prefix=f".{d.name}{TMP}", dir=d.parent))
+
+
+def hashes(tmp: Path) -> dict[str, str]:
+    """SHA-256 of every file in ``tmp`` by name (a manifest's ``files``)."""
+    return {p.name: sha256(p) for p in sorted(tmp.iterdir())}
+
+
+def flush(tmp: Path) -> None:
+    """Flush every file of ``tmp`` and the directory itself, before ``commit``."""
+    for p in sorted(tmp.iterdir()):
+        fsync(p)
+    fsync(tmp)
+
+

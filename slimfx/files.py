@@ -11,16 +11,19 @@ imports nothing from slimfx. Callers use the functions through the module
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
     "sha256", "fsync", "backup", "recover", "exchange", "discard", "commit", "clean_stale",
-    "tmp_dir", "hashes", "flush", "TMP", "OLD",
+    "tmp_dir", "writing", "finish", "hashes", "flush", "TMP", "OLD",
 ]  # fmt: skip
 
 TMP = ".slimfx-tmp-"
@@ -112,6 +115,28 @@ def tmp_dir(d: Path) -> Path:
     d.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(d)
     return Path(tempfile.mkdtemp(prefix=f".{d.name}{TMP}", dir=d.parent))
+
+
+def finish(tmp: Path, d: Path, manifest: str, info: dict) -> Path:
+    """Close a save written into ``tmp``: ``info["files"]`` = every file's SHA-256, ``info``
+    written as the JSON ``manifest``, everything flushed, ``tmp`` committed as ``d``."""
+    info["files"] = hashes(tmp)
+    (tmp / manifest).write_text(json.dumps(info, indent=1))
+    flush(tmp)
+    commit(tmp, d)
+    return d
+
+
+@contextlib.contextmanager
+def writing(d: Path) -> Iterator[Path]:
+    """A fresh ``tmp_dir(d)`` to write a save into, removed when the body raises (a Ctrl-C
+    too); the body ends with ``finish``."""
+    tmp = tmp_dir(d)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def hashes(tmp: Path) -> dict[str, str]:

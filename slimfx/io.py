@@ -24,9 +24,7 @@ speed; a mismatch otherwise raises ``ValueError`` naming the file.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -127,8 +125,7 @@ def save(
     d = Path(os.path.abspath(directory))  # "." and "out/" name a directory with a parent
     files.recover(d)
     check_save_target(d, overwrite)
-    tmp = files.tmp_dir(d)
-    try:
+    with files.writing(d) as tmp:
         plan.save(tmp / "plan.json")
         rep.save(tmp / "report.json")
         save_model(model, str(tmp / "model.safetensors"))
@@ -142,14 +139,7 @@ def save(
             info["hf"] = True
         for name, write in (extras or {}).items():
             write(tmp / name)
-        info["files"] = files.hashes(tmp)
-        (tmp / "slimfx.json").write_text(json.dumps(info, indent=1))
-        files.flush(tmp)
-        files.commit(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return d
+        return files.finish(tmp, d, "slimfx.json", info)
 
 
 def _verify(d: Path, info: Mapping[str, Any]) -> None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +121,7 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
             f"{d} is a non-empty directory that is not an earlier MLA save; save elsewhere or "
             "pass overwrite=True to replace it"
         )
-    tmp = files.tmp_dir(d)
-    try:
+    with files.writing(d) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(config.to_json_string())
         gen = getattr(model, "generation_config", None)
@@ -137,14 +135,7 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
             "dtype": str(dtype).removeprefix("torch."),
             "layers": {str(i): _layer_record(a) for i, a in sorted(layers.items())},
         }
-        info["files"] = files.hashes(tmp)
-        (tmp / _MANIFEST).write_text(json.dumps(info, indent=1))
-        files.flush(tmp)
-        files.commit(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return d
+        return files.finish(tmp, d, _MANIFEST, info)
 
 
 def _shell(orig: nn.Module, rec: dict[str, Any]) -> MLAAttention:

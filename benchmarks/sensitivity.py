@@ -45,6 +45,7 @@ import math
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -54,7 +55,13 @@ from torch import Tensor
 from slimfx.api import find_sites
 from slimfx.cost.calibration import call_model, collect_sensitivity, collect_stats
 from slimfx.cost.probe_loss import measured_raw
-from slimfx.cost.sensitivity import PROBES, probe_deltas, robust_normalize
+from slimfx.cost.sensitivity import (
+    PROBES,
+    combine_geometric,
+    kind_weights,
+    probe_deltas,
+    robust_normalize,
+)
 from slimfx.numerics import factorize, reconstruct
 from slimfx.planning.configs import LowRankConfig
 
@@ -308,7 +315,9 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
     from slimfx.planning.solve import solve
 
     out: dict[str, Any] = {}
-    pcal = calibration_batches(tok, n=a.ppl_calib, seq_len=a.seq_len)
+    both = calibration_batches(tok, n=a.ppl_calib + a.ppl_check, seq_len=a.seq_len)
+    pcal, check = both[: a.ppl_calib], torch.cat(both[a.ppl_calib :])  # same seed: disjoint
+    check_loss = lm_losses(model, check)  # held-out *calibration* windows: what "auto" sees
     held = heldout_windows(tok, n=a.ppl_eval, seq_len=a.seq_len)
     t0 = time.perf_counter()
     stats, rec = collect_sensitivity(model, sites, pcal, progress=False)
@@ -317,11 +326,20 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
     def gram_of(fqn: str) -> tuple[Tensor | None, int]:
         return stats.fit_gram(fqn), stats.tokens.get(stats.group_of(fqn), 0)
 
-    weights = {
+    ratios = rec.ratios("probe", gram_of)
+    fisher_w = robust_normalize(rec.raw("fisher", gram_of), floor=0.0)[0]
+    kind_w = kind_weights(ratios, stats.sensitivity_scale)
+    weights: dict[str, dict[str, Any]] = {
         "unweighted": {s.fqn: 1.0 for s in sites},
-        "fisher": robust_normalize(rec.raw("fisher", gram_of), floor=0.0)[0],
+        "fisher": fisher_w,
         "probe": stats.sensitivity,
+        "probe-kind": kind_w,
+        "geo": combine_geometric(fisher_w, stats.sensitivity)[0],
+        "geo-kind": {
+            f: {k: math.sqrt(fisher_w[f] * v) for k, v in kw.items()} for f, kw in kind_w.items()
+        },
     }
+    weights = {k: v for k, v in weights.items() if k in a.weightings.split(",")}
     if a.measured_windows > 0:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -342,6 +360,9 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
     count = held.shape[0] * (held.shape[1] - 1)
     out["dense"] = math.exp(float(window_nll(model, held).sum()) / count)
     cells = []
+    def weight_of(w: Any, decision: Any) -> float:
+        return float(w.get(decision.kind, 1.0)) if isinstance(w, dict) else float(w)
+
     for b in [float(x) for x in a.budgets.split(",")]:
         lowrank_only = b >= 0.8
         for wname, w in weights.items():
@@ -349,9 +370,12 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
             for so in base.sites:
                 opts = [o for o in so.options if not lowrank_only or
                         type(o.decision).__name__ in ("DenseConfig", "LowRankConfig")]
-                opts = [dataclasses.replace(o, error=o.error * w[so.name]) for o in opts]
+                ws = w[so.name]
+                opts = [dataclasses.replace(o, error=o.error * weight_of(ws, o.decision))
+                        for o in opts]
+                site_w = ws if not isinstance(ws, dict) else max(ws.values())
                 sites_w.append(SiteOptions(so.name, opts, so.dense_bytes, so.dense_latency_s,
-                                           w[so.name]))
+                                           site_w))
             prob = BudgetProblem(sites_w, base.workload, base.target, base.meta)
             try:
                 sol = solve(prob, Budget(memory=b))
@@ -361,10 +385,28 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
             dec = {s.name: sol.decision(s.name) for s in prob.sites}
             with swap.applied(dec):
                 ppl = math.exp(float(window_nll(model, held).sum()) / count)
+                chk = check_loss() if a.ppl_check else {}
             cells.append({"budget": b, "weighting": wname, "ppl": round(ppl, 3),
-                          "fraction": round(sol.fraction, 4), "lowrank_only": lowrank_only})
-            log(f"ppl budget {b} {wname}: {ppl:.3f}")
+                          "fraction": round(sol.fraction, 4), "lowrank_only": lowrank_only,
+                          "check_ce": chk.get("ce"), "check_kl": chk.get("kl"),
+                          "kinds": dict(Counter(d.kind for d in dec.values()))})
+            log(f"ppl budget {b} {wname}: {ppl:.3f} check {chk}")
     out["cells"] = cells
+    out["auto"] = auto_pick(cells, a.auto.split(","))
+    return out
+
+
+def auto_pick(cells: Sequence[Mapping[str, Any]], among: Sequence[str]) -> list[dict]:
+    """Per budget, the plan among the weightings ``among`` with the lowest KL to the dense
+    model on the held-out calibration windows (what ``sensitivity="auto"`` would keep)."""
+    out = []
+    for b in sorted({c["budget"] for c in cells}, reverse=True):
+        cand = [c for c in cells if c["budget"] == b and c["weighting"] in among
+                and c.get("check_kl") is not None]
+        if cand:
+            best = min(cand, key=lambda c: c["check_kl"])
+            out.append({"budget": b, "among": list(among), "picked": best["weighting"],
+                        "ppl": best["ppl"]})
     return out
 
 
@@ -382,6 +424,11 @@ def main() -> int:
     ap.add_argument("--families", default="lowrank,int8,int4,int4_gptq")
     ap.add_argument("--ppl-calib", type=int, default=16)
     ap.add_argument("--ppl-eval", type=int, default=16)
+    ap.add_argument("--ppl-check", type=int, default=4,
+                    help="held-out calibration windows scored per plan (for 'auto')")
+    ap.add_argument("--weightings", default="unweighted,fisher,probe,probe-kind,geo,geo-kind")
+    ap.add_argument("--auto", default="fisher,probe-kind",
+                    help="weightings 'auto' chooses among (lowest held-out calibration KL)")
     ap.add_argument("--ppl-only", action="store_true", help="SmolLM2: only the perplexity grid")
     ap.add_argument("--measured-windows", type=int, default=2,
                     help="perplexity grid: calibration windows of the measured weighting (0: off)")
@@ -412,6 +459,7 @@ def main() -> int:
                 print(f"| {k} | " + " | ".join(f"{v[p]:.3f}" for p in PREDICTORS) + " |")
         if "ppl" in res[m]:
             print(json.dumps(res[m]["ppl"]["cells"]))
+            print(json.dumps(res[m]["ppl"]["auto"]))
     return 0
 
 

@@ -38,7 +38,13 @@ from tqdm.auto import tqdm
 
 from slimfx.cost.hooks import OutputHooks
 from slimfx.cost.probe_loss import measured_raw
-from slimfx.cost.sensitivity import ESTIMATORS, FLOOR, ProbeRecorder, robust_normalize
+from slimfx.cost.sensitivity import (
+    ESTIMATORS,
+    FLOOR,
+    ProbeRecorder,
+    probe_weights,
+    robust_normalize,
+)
 from slimfx.ir.sites import LinearSite
 
 __all__ = [
@@ -68,6 +74,8 @@ class CalibrationStats:
     - ``estimator``: which sensitivity estimate (``None`` without one).
     - ``sensitivity_scale``: loss change per unit of (weight · relative output error), in the
       loss's units (probe estimators; 1.0 otherwise): weight · scale · rel_err predicts ΔL.
+    - ``kind_sensitivity``: site FQN → decision kind → weight, for estimators that weigh each
+      kind of option by its own probe ("probe-kind"); kinds not listed use ``sensitivity``.
     """
 
     grams: dict[str, Tensor]
@@ -78,6 +86,7 @@ class CalibrationStats:
     damp: float = 0.01
     estimator: str | None = None
     sensitivity_scale: float = 1.0
+    kind_sensitivity: dict[str, dict[str, float]] | None = None
 
     def fit_gram(self, fqn: str) -> Tensor | None:
         """The Gram used to fit and to estimate: XᵀX + damp · mean(diag) · I.
@@ -122,6 +131,14 @@ class CalibrationStats:
         if self.sensitivity is None:
             return 1.0
         return float(self.sensitivity.get(fqn, 1.0))
+
+    def sensitivity_for(self, fqn: str, kind: str) -> float:
+        """The weight of an option of decision ``kind`` at site ``fqn``: its per-kind weight
+        when one was measured, the site's :meth:`sensitivity_of` otherwise."""
+        per = (self.kind_sensitivity or {}).get(fqn)
+        if per is not None and kind in per:
+            return float(per[kind])
+        return self.sensitivity_of(fqn)
 
     def nbytes(self) -> int:
         """Memory held by the Gram matrices."""
@@ -508,8 +525,9 @@ def collect_sensitivity(
     def gram_of(fqn: str) -> tuple[Tensor | None, int]:
         return stats.fit_gram(fqn), stats.tokens.get(stats.group_of(fqn), 0)
 
-    sens, scale = robust_normalize(rec.raw(estimator, gram_of))
-    stats.sensitivity, stats.sensitivity_scale, stats.estimator = sens, scale, estimator
+    stats.sensitivity, stats.sensitivity_scale, stats.kind_sensitivity = probe_weights(
+        rec, estimator, gram_of)
+    stats.estimator = estimator
     stats.seconds = time.perf_counter() - start
     return stats, rec
 
@@ -605,6 +623,11 @@ def collect_planning_stats(
         "probe": "the second-order loss change of two probe compressions (int4 g128, low-rank "
         "at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
         f"{FLOOR:g}",
+        "probe-kind": "the second-order loss change per unit of relative error of the probe of "
+        "each option's own kind (int4 g128 for quantized options, low-rank at 1/4 of the bytes "
+        f"for low-rank ones; both for the others), median-normalized, floor {FLOOR:g}",
+        "geo": "the geometric mean of the Fisher product Σ E[g²]E[y²] and the probe weight, "
+        f"median-normalized, floor {FLOOR:g}",
         "kfac": "a Kronecker-factored (diagonal output-gradient) loss change of two probe "
         f"compressions per unit of relative error, median-normalized, floor {FLOOR:g}",
         "fisher": "Σ E[g²]E[y²] (Fisher), mean-normalized",

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -49,21 +49,28 @@ from slimfx.numerics.quant import dequantize, quantize_rtn
 __all__ = [
     "ESTIMATORS",
     "FLOOR",
+    "KIND_PROBE",
     "PROBES",
     "ProbeRecorder",
+    "combine_geometric",
     "exact_error",
+    "geometric_mean",
     "kfac_error",
+    "kind_weights",
+    "probe_weights",
     "probe_deltas",
     "relative_error",
     "robust_normalize",
 ]
 
-#: the estimators: a :class:`ProbeRecorder` computes the first three; "measured" runs the
+#: the estimators: a :class:`ProbeRecorder` computes all but "measured", which runs the
 #: probes (``slimfx.cost.probe_loss``).
-ESTIMATORS = ("probe", "kfac", "fisher", "measured")
+ESTIMATORS = ("probe", "probe-kind", "geo", "kfac", "fisher", "measured")
 #: the probe compressions: int4 RTN g128 and a plain low-rank at this fraction of dense bytes.
 PROBES = ("int4_g128", "lowrank_0.25")
 LOWRANK_PROBE_FRACTION = 0.25
+#: the probe that stands for each decision kind in per-kind weights ("probe-kind").
+KIND_PROBE = {"quant": "int4_g128", "lowrank": "lowrank_0.25"}
 #: weights below this fraction of the median are raised to it.
 FLOOR = 0.05
 
@@ -190,9 +197,12 @@ class ProbeRecorder(OutputHooks):
 
     # ------------------------------------------------------------------ estimates
 
-    def predicted(self, fqn: str, gram: Tensor | None, tokens: int) -> dict[str, dict[str, float]]:
-        """Per probe: ``{"rel": relative error, "probe": ½E[(ĝᵀΔWx)²], "kfac": ½tr(ΔWΣₓΔWᵀΣ_g)}``.
-        ``gram``: the site's (damped) input Gram summed over ``tokens`` rows."""
+    def predicted(
+        self, fqn: str, gram: Tensor | None, tokens: int, kfac: bool = True
+    ) -> dict[str, dict[str, float]]:
+        """Per probe: ``{"rel": relative error, "probe": ½E[(ĝᵀΔWx)²], "kfac": ½tr(ΔWΣₓΔWᵀΣ_g)}``
+        (``kfac`` only when asked and a Gram is given). ``gram``: the site's (damped) input
+        Gram summed over ``tokens`` rows."""
         n = max(self.rows[fqn], 1)
         sigma_g = self.g2[fqn] / n
         sigma_x = gram / max(tokens, 1) if gram is not None else None
@@ -202,31 +212,101 @@ class ProbeRecorder(OutputHooks):
                 "rel": relative_error(dW, self.weights[fqn], gram),
                 "probe": 0.5 * self.exact[fqn][name] / n,
             }
-            if sigma_x is not None:
+            if kfac and sigma_x is not None:
                 rec["kfac"] = 0.5 * kfac_error(dW, sigma_x, sigma_g)
             out[name] = rec
+        return out
+
+    def ratios(
+        self, estimator: str, gram_of: Callable[[str], tuple[Tensor | None, int]]
+    ) -> dict[str, dict[str, float]]:
+        """Site → probe → loss change per unit relative error of that probe under
+        ``estimator`` ("probe" or "kfac"; "kfac" falls back to "probe" without a Gram). A probe
+        whose estimate or relative error is not positive is left out."""
+        out: dict[str, dict[str, float]] = {}
+        for s in self.sites:
+            gram, tokens = gram_of(s.fqn)
+            est = estimator if (estimator == "probe" or gram is not None) else "probe"
+            pred = self.predicted(s.fqn, gram, tokens, kfac=est == "kfac")
+            out[s.fqn] = {
+                name: p[est] / p["rel"]
+                for name, p in pred.items()
+                if name in PROBES and p[est] > 0 and p["rel"] > 0
+            }
         return out
 
     def raw(
         self, estimator: str, gram_of: Callable[[str], tuple[Tensor | None, int]]
     ) -> dict[str, float]:
         """Each site's un-normalized weight (loss change per unit relative error) under
-        ``estimator`` ("probe", "kfac" or "fisher"). ``gram_of(fqn)`` → (damped Gram, tokens)."""
-        if estimator not in ESTIMATORS[:3]:
+        ``estimator`` ("probe", "kfac" or "fisher"). ``gram_of(fqn)`` → (damped Gram, tokens).
+        "probe" / "kfac": the geometric mean of the probes' :meth:`ratios`."""
+        if estimator not in ("probe", "kfac", "fisher"):
             raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
-        raw: dict[str, float] = {}
-        for s in self.sites:
-            n = max(self.rows[s.fqn], 1)
-            if estimator == "fisher":
+        if estimator == "fisher":
+            raw: dict[str, float] = {}
+            for s in self.sites:
+                n = max(self.rows[s.fqn], 1)
                 raw[s.fqn] = float(((self.g2[s.fqn] / n) * (self.y2[s.fqn] / n)).sum())
-                continue
-            gram, tokens = gram_of(s.fqn)
-            est = estimator if (estimator == "probe" or gram is not None) else "probe"
-            pred = self.predicted(s.fqn, gram, tokens)
-            logs = [
-                math.log(p[est] / p["rel"])
-                for name, p in pred.items()
-                if name in PROBES and p[est] > 0 and p["rel"] > 0
-            ]
-            raw[s.fqn] = math.exp(sum(logs) / len(logs)) if logs else 0.0
-        return raw
+            return raw
+        return {f: geometric_mean(r.values()) for f, r in self.ratios(estimator, gram_of).items()}
+
+
+def geometric_mean(values: Iterable[float]) -> float:
+    """exp(mean(log v)) of the positive values (0.0 when there are none)."""
+    logs = [math.log(v) for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(logs) / len(logs)) if logs else 0.0
+
+
+def kind_weights(
+    ratios: Mapping[str, Mapping[str, float]], scale: float, floor: float = FLOOR
+) -> dict[str, dict[str, float]]:
+    """Per-kind weights ("probe-kind"): site → decision kind → the ratio of the probe of that
+    kind (:data:`KIND_PROBE`) divided by ``scale`` (the median of the sites' combined weights,
+    so both kinds stay in one unit: loss per relative error) and raised to ``floor``. A site
+    without that probe's ratio gets its combined weight."""
+    out: dict[str, dict[str, float]] = {}
+    for fqn, r in ratios.items():
+        comb = geometric_mean(r.values()) / scale if scale > 0 else 1.0
+        out[fqn] = {
+            kind: max(floor, (r[probe] / scale) if probe in r and scale > 0 else comb)
+            for kind, probe in KIND_PROBE.items()
+        }
+    return out
+
+
+def probe_weights(
+    rec: ProbeRecorder,
+    estimator: str,
+    gram_of: Callable[[str], tuple[Tensor | None, int]],
+) -> tuple[dict[str, float], float, dict[str, dict[str, float]] | None]:
+    """``(site weights, scale, per-kind weights or None)`` of one recorded pass:
+
+    - "probe" / "kfac": the probes' combined ratio through :func:`robust_normalize`;
+    - "probe-kind": the same site weights (and scale), plus :func:`kind_weights` — an option
+      of a kind with its own probe is weighted by that probe alone;
+    - "geo": :func:`combine_geometric` of the Fisher product and the "probe" weight (scale 1:
+      not in loss units);
+    - "fisher": Σ E[g²]E[y²], median-normalized without a floor."""
+    if estimator == "probe-kind":
+        sens, scale = robust_normalize(rec.raw("probe", gram_of))
+        return sens, scale, kind_weights(rec.ratios("probe", gram_of), scale)
+    if estimator == "geo":
+        w, scale = combine_geometric(rec.raw("fisher", gram_of), rec.raw("probe", gram_of))
+        return w, scale, None
+    if estimator == "fisher":
+        return (*robust_normalize(rec.raw("fisher", gram_of), floor=0.0), None)
+    if estimator not in ("probe", "kfac"):
+        raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
+    return (*robust_normalize(rec.raw(estimator, gram_of)), None)
+
+
+def combine_geometric(
+    a: Mapping[str, float], b: Mapping[str, float], floor: float = FLOOR
+) -> tuple[dict[str, float], float]:
+    """√(a·b) per site of two weightings (each median-normalized first), median-normalized
+    again with ``floor``: ``(weights, 1.0)``."""
+    na, _ = robust_normalize(a, floor=0.0)
+    nb, _ = robust_normalize(b, floor=0.0)
+    w, _ = robust_normalize({k: math.sqrt(max(na[k], 0.0) * max(nb[k], 0.0)) for k in na}, floor)
+    return w, 1.0

@@ -7,9 +7,11 @@ correlation over (site, form) pairs and per form, with each predictor:
 
   unweighted      rel_err (what ``fisher=False`` sums)
   fisher          s_fisher · rel_err, s = Σ E[g²]E[y²] (the previous default)
-  probe           s_probe · rel_err, s = ½E[(ĝᵀΔW x)²]/rel_err of two probes (the new default)
+  probe           s_probe · rel_err, s = ½E[(ĝᵀΔW x)²]/rel_err of two probes
   probe-kind      the same from the probe of the form's kind only (int4 → int4 probe,
                   low-rank → plain-SVD probe): a per-family weight
+  geo             √(s_fisher · s_probe) · rel_err, median-normalized (the default)
+  geo-kind        √(s_fisher · s_probe-kind) · rel_err
   kfac            s_kfac · rel_err, its diagonal Kronecker-factored approximation
   kfac-direct     ½ tr(ΔW Σₓ ΔWᵀ diag Σ_g) of the form itself
   exact-direct    ½ E[(ĝᵀ ΔW x)²] of the form itself (one more gradient pass)
@@ -26,9 +28,13 @@ labels sampled from the model's own next-token distribution and the measured los
 dense model).
 
 Part 2 — quality (``--ppl``): SmolLM2 perplexity of the solver's plans at each budget with
-the three weightings (unweighted, fisher, probe) on one candidate set (families lowrank, int8,
-int4, int4_gptq; the candidates' errors are built once unweighted and multiplied by each
-weighting, which is what ``build_problem`` does with the weight in the stats).
+each weighting (``--weightings``; per-kind weights multiply each option by its kind's weight)
+on one candidate set (families lowrank, int8, int4, int4_gptq; the candidates' errors are
+built once unweighted and multiplied by each weighting, which is what ``build_problem`` does
+with the weights in the stats). Each plan is also scored by its KL to the dense model on
+``--ppl-check`` held-out *calibration* windows (disjoint from the fit and the evaluation
+windows), and ``auto`` reports which plan a choice by that score would keep among
+``--auto``'s weightings (one solve and one scoring forward per weighting).
 
     OMP_NUM_THREADS=1 python benchmarks/sensitivity.py [--models smollm2,minilm,olmo2]
         [--every 3] [--n-calib 8] [--n-held 4] [--ppl] [--budgets 0.8,0.5,0.35,0.3,0.25]
@@ -60,15 +66,17 @@ from slimfx.cost.sensitivity import (
     combine_geometric,
     kind_weights,
     probe_deltas,
+    probe_weights,
     robust_normalize,
 )
 from slimfx.numerics import factorize, reconstruct
 from slimfx.planning.configs import LowRankConfig
 
 PREDICTORS = (
-    "unweighted", "fisher", "probe", "probe-kind", "kfac", "kfac-direct", "exact-direct",
-    "measured",
+    "unweighted", "fisher", "probe", "probe-kind", "geo", "geo-kind", "kfac", "kfac-direct",
+    "exact-direct", "measured",
 )
+KIND_OF_FORM = {"int4_g128": "quant", "lowrank_w0.25": "lowrank"}
 FORMS = ("int4_g128", "lowrank_w0.25")
 
 
@@ -131,6 +139,9 @@ def predictiveness(
         e: robust_normalize(rec_.raw(e, gram_of), floor=0.0 if e == "fisher" else 0.05)[0]
         for e in ("fisher", "probe", "kfac")
     }
+    weights["geo"] = combine_geometric(weights["fisher"], weights["probe"])[0]
+    probe_scale = robust_normalize(rec_.raw("probe", gram_of))[1]
+    kind_w = kind_weights(rec_.ratios("probe", gram_of), probe_scale)
     # measured probe weight: calibration-loss increase of each probe per unit rel_err
     base_c = calib_loss()
     base_h = held_loss()
@@ -163,6 +174,8 @@ def predictiveness(
                     # the weight from the probe of the form's own kind only
                     "probe-kind": pred[PROBES[FORMS.index(form)]]["probe"]
                     / max(pred[PROBES[FORMS.index(form)]]["rel"], 1e-300) * pf["rel"],
+                    "geo-kind": math.sqrt(weights["fisher"][s.fqn]
+                                          * kind_w[s.fqn][KIND_OF_FORM[form]]) * pf["rel"],
                     "kfac-direct": pf.get("kfac", float("nan")),
                     "exact-direct": pf["probe"],
                 })
@@ -334,7 +347,7 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
         "fisher": fisher_w,
         "probe": stats.sensitivity,
         "probe-kind": kind_w,
-        "geo": combine_geometric(fisher_w, stats.sensitivity)[0],
+        "geo": probe_weights(rec, "geo", gram_of)[0],  # = √(fisher_w · probe), renormalized
         "geo-kind": {
             f: {k: math.sqrt(fisher_w[f] * v) for k, v in kw.items()} for f, kw in kind_w.items()
         },

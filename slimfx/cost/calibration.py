@@ -19,10 +19,12 @@ which is normalized so the mean over sites is 1.0; the problem builder multiplie
 option's relative output error by it. Gradients are taken with ``torch.autograd.grad`` with
 respect to the site outputs, so no parameter ``.grad`` is ever written.
 
-``estimator="probe"`` (what ``optimize`` uses by default for a causal LM) replaces that product
-by the second-order loss change of two probe compressions per unit of relative error, median
-normalized with a floor (``slimfx.cost.sensitivity``); ``"kfac"`` is its Kronecker-factored
-approximation.
+``estimator="probe"`` replaces that product by the second-order loss change of two probe
+compressions per unit of relative error, median normalized with a floor
+(``slimfx.cost.sensitivity``); ``"kfac"`` is its Kronecker-factored approximation,
+``"probe-kind"`` weighs each option kind by its own probe, and ``"geo"`` — what ``optimize``
+uses by default for a causal LM — is the geometric mean of the Fisher and probe weights, both
+from the probe pass.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 from slimfx.cost.hooks import OutputHooks
 from slimfx.cost.probe_loss import measured_raw
 from slimfx.cost.sensitivity import (
+    DEFAULT_ESTIMATOR,
     ESTIMATORS,
     FLOOR,
     ProbeRecorder,
@@ -429,9 +432,10 @@ def collect_stats(
     """Input Gram matrices (one per group) and, with ``fisher=True``, per-site sensitivity.
 
     ``estimator`` (with ``fisher=True``): "fisher" — Σ E[g²]E[y²], mean 1 (the historical
-    weighting); "probe" / "kfac" — the loss change of probe compressions per unit relative
-    error, median 1 with a floor (:mod:`slimfx.cost.sensitivity`; one pass as well, plus two
-    probe matmuls per site and batch).
+    weighting); "probe" / "kfac" / "probe-kind" / "geo" — from the loss change of probe
+    compressions per unit relative error, median 1 with a floor (:mod:`slimfx.cost.sensitivity`;
+    one pass as well, plus two probe matmuls per site and batch); "measured" — the probes run
+    through the model.
 
     ``batches``: token-id tensors (B, L) (a Hugging Face model is called as
     ``model(input_ids=ids)``), input tensors for plain models, dicts of keyword arguments, or
@@ -588,15 +592,16 @@ def collect_planning_stats(
     batches: Sequence[Any],
     fisher: bool | None,
     progress: bool = True,
-    estimator: str = "fisher",
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> tuple[CalibrationStats, str | None]:
     """:func:`collect_stats` for a solve, and a note for the report (or ``None``).
 
     ``fisher=None`` (``optimize``'s default): loss sensitivity for a causal LM calibrated on
     token ids, none otherwise; when that default cannot take a loss it falls back to unweighted
     errors and the note says why. ``True`` / ``False`` are obeyed (``True`` raises as usual).
-    ``estimator``: how the sensitivity is estimated ("probe", the default; "kfac"; "fisher",
-    the historical Σ E[g²]E[y²])."""
+    ``estimator``: how the sensitivity is estimated (:data:`~slimfx.cost.sensitivity.ESTIMATORS`;
+    "geo", the default, the geometric mean of the Fisher and probe weights; "fisher", the
+    historical Σ E[g²]E[y²])."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
     if fisher is not None:
@@ -626,8 +631,9 @@ def collect_planning_stats(
         "probe-kind": "the second-order loss change per unit of relative error of the probe of "
         "each option's own kind (int4 g128 for quantized options, low-rank at 1/4 of the bytes "
         f"for low-rank ones; both for the others), median-normalized, floor {FLOOR:g}",
-        "geo": "the geometric mean of the Fisher product Σ E[g²]E[y²] and the probe weight, "
-        f"median-normalized, floor {FLOOR:g}",
+        "geo": "the geometric mean of the Fisher product Σ E[g²]E[y²] and the probe weight (the "
+        "second-order loss change of two probe compressions, int4 g128 and low-rank at 1/4 of "
+        f"the bytes, per unit of relative error), median-normalized, floor {FLOOR:g}",
         "kfac": "a Kronecker-factored (diagonal output-gradient) loss change of two probe "
         f"compressions per unit of relative error, median-normalized, floor {FLOOR:g}",
         "fisher": "Σ E[g²]E[y²] (Fisher), mean-normalized",

@@ -1,8 +1,8 @@
-"""Loss sensitivity of each site from probe compressions (the default weighting for causal LMs).
+"""Loss sensitivity of each site: the weight the solver puts on each site's error.
 
 The solver sums, over sites, ``weight · relative output error`` of the chosen form, so a
-site's weight should be *the loss increase per unit of relative output error*. Three estimates
-of it are measured here, all from one forward + backward pass per calibration batch:
+site's weight should be *the loss increase per unit of relative output error*. The estimates
+below all come from one forward + backward pass per calibration batch:
 
 - ``fisher`` (the historical one): Σᵢ E[gᵢ²]·E[yᵢ²] over the site's output units, g = ∂L/∂y.
   It assumes the error of output unit i scales with yᵢ. Behind a scale-invariant norm (a
@@ -12,9 +12,17 @@ of it are measured here, all from one forward + backward pass per calibration ba
   ½·tr(ΔW Σₓ ΔWᵀ Σ_g) with Σₓ = E[x xᵀ] the input second moment (the Gram already collected)
   and Σ_g the **diagonal** of E[ĝ ĝᵀ] (ĝ = T·g: the gradient of the per-token loss); the full
   out × out Σ_g of every site would not fit (a 1536-wide projection alone is 19 MB in fp64).
-- ``probe`` (the default): the exact token-wise second-order change
-  ½·E_t[(ĝ_tᵀ ΔW x_t)²] of the same probe, accumulated during the backward pass — no
-  Kronecker assumption, so the orthogonality of g and y behind a norm is seen exactly.
+- ``probe``: the exact token-wise second-order change ½·E_t[(ĝ_tᵀ ΔW x_t)²] of the same
+  probe, accumulated during the backward pass — no Kronecker assumption, so the orthogonality
+  of g and y behind a norm is seen exactly. The best single-site predictor here, but on
+  SmolLM2 its plans at budgets 0.3 / 0.35 are 4.9% / 0.5% worse than Fisher's.
+- ``probe-kind``: the probe weight per decision kind — a quantized option weighted by the
+  int4 probe's ratio, a low-rank option by the low-rank probe's (:func:`kind_weights`).
+- ``geo`` (``optimize``'s default for a causal LM, :data:`DEFAULT_ESTIMATOR`): the geometric
+  mean of the Fisher and probe weights (:func:`combine_geometric`). On SmolLM2 it plans no
+  worse than both Fisher and unweighted errors at every budget measured, where the probe alone
+  loses at 0.3 (``benchmarks/RESULTS.md``); it ranks single-site losses better than Fisher,
+  but below the probe alone on a post-norm / qk-norm decoder.
 
 The probes are two compressions the solver actually offers, built from the weight alone (so
 one pass suffices): int4 round-to-nearest at group 128 (asymmetric; 64 / 32 / per-row when
@@ -47,6 +55,7 @@ from slimfx.ir.sites import LinearSite
 from slimfx.numerics.quant import dequantize, quantize_rtn
 
 __all__ = [
+    "DEFAULT_ESTIMATOR",
     "ESTIMATORS",
     "FLOOR",
     "KIND_PROBE",
@@ -65,7 +74,9 @@ __all__ = [
 
 #: the estimators: a :class:`ProbeRecorder` computes all but "measured", which runs the
 #: probes (``slimfx.cost.probe_loss``).
-ESTIMATORS = ("probe", "probe-kind", "geo", "kfac", "fisher", "measured")
+ESTIMATORS = ("geo", "probe", "probe-kind", "kfac", "fisher", "measured")
+#: what ``optimize`` uses for a causal LM (``sensitivity=``).
+DEFAULT_ESTIMATOR = "geo"
 #: the probe compressions: int4 RTN g128 and a plain low-rank at this fraction of dense bytes.
 PROBES = ("int4_g128", "lowrank_0.25")
 LOWRANK_PROBE_FRACTION = 0.25
@@ -285,15 +296,18 @@ def probe_weights(
     - "probe" / "kfac": the probes' combined ratio through :func:`robust_normalize`;
     - "probe-kind": the same site weights (and scale), plus :func:`kind_weights` — an option
       of a kind with its own probe is weighted by that probe alone;
-    - "geo": :func:`combine_geometric` of the Fisher product and the "probe" weight (scale 1:
-      not in loss units);
+    - "geo" (the causal-LM default): :func:`combine_geometric` of the Fisher product
+      (median-normalized, no floor) and the "probe" weight (median-normalized, floored); the
+      scale is the probe's, so ``weight · scale · rel_err`` is still a loss change where the
+      two agree;
     - "fisher": Σ E[g²]E[y²], median-normalized without a floor."""
     if estimator == "probe-kind":
         sens, scale = robust_normalize(rec.raw("probe", gram_of))
         return sens, scale, kind_weights(rec.ratios("probe", gram_of), scale)
     if estimator == "geo":
-        w, scale = combine_geometric(rec.raw("fisher", gram_of), rec.raw("probe", gram_of))
-        return w, scale, None
+        probe, scale = robust_normalize(rec.raw("probe", gram_of))
+        fisher, _ = robust_normalize(rec.raw("fisher", gram_of), floor=0.0)
+        return combine_geometric(fisher, probe)[0], scale, None
     if estimator == "fisher":
         return (*robust_normalize(rec.raw("fisher", gram_of), floor=0.0), None)
     if estimator not in ("probe", "kfac"):

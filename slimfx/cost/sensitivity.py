@@ -62,6 +62,7 @@ __all__ = [
     "PROBES",
     "ProbeRecorder",
     "combine_geometric",
+    "energy",
     "exact_error",
     "geometric_mean",
     "kfac_error",
@@ -131,15 +132,21 @@ def robust_normalize(
     return out, med
 
 
-def relative_error(dW: Tensor, W: Tensor, gram: Tensor | None) -> float:
-    """tr(ΔW G ΔWᵀ) / tr(W G Wᵀ) (Frobenius without a Gram): the candidates' relative error."""
-    dW, W = dW.to(torch.float64), W.to(torch.float64)
+def energy(M: Tensor, gram: Tensor | None) -> float:
+    """tr(M G Mᵀ) in float64 (‖M‖²_F without a Gram)."""
+    M = M.to(torch.float64)
     if gram is None:
-        return float(dW.square().sum() / W.square().sum().clamp_min(1e-300))
-    G = gram.to(torch.float64)
-    num = ((dW @ G) * dW).sum()
-    den = ((W @ G) * W).sum()
-    return float(num / den.clamp_min(1e-300))
+        return float(M.square().sum())
+    return float(((M @ gram.to(torch.float64)) * M).sum())
+
+
+def relative_error(
+    dW: Tensor, W: Tensor, gram: Tensor | None, den: float | None = None
+) -> float:
+    """tr(ΔW G ΔWᵀ) / tr(W G Wᵀ) (Frobenius without a Gram): the candidates' relative error.
+    ``den``: tr(W G Wᵀ) when already known (:func:`energy`)."""
+    den = energy(W, gram) if den is None else den
+    return energy(dW, gram) / max(den, 1e-300)
 
 
 class ProbeRecorder(OutputHooks):
@@ -218,9 +225,10 @@ class ProbeRecorder(OutputHooks):
         sigma_g = self.g2[fqn] / n
         sigma_x = gram / max(tokens, 1) if gram is not None else None
         out = {}
+        den = energy(self.weights[fqn], gram)  # once per site, not per probe
         for name, dW in self.deltas[fqn].items():
             rec = {
-                "rel": relative_error(dW, self.weights[fqn], gram),
+                "rel": relative_error(dW, self.weights[fqn], gram, den),
                 "probe": 0.5 * self.exact[fqn][name] / n,
             }
             if kfac and sigma_x is not None:

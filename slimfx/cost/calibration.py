@@ -43,8 +43,8 @@ from slimfx.cost.probe_loss import measured_raw
 from slimfx.cost.sensitivity import (
     DEFAULT_ESTIMATOR,
     ESTIMATORS,
-    FLOOR,
     ProbeRecorder,
+    describe,
     probe_weights,
     robust_normalize,
 )
@@ -624,23 +624,7 @@ def collect_planning_stats(
         note = (f"sensitivity: loss sensitivity (the causal-LM default) unavailable — {e}; "
                 "errors unweighted")
         return collect_stats(model, sites, batches, fisher=False, progress=progress), note
-    how = {
-        "probe": "the second-order loss change of two probe compressions (int4 g128, low-rank "
-        "at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
-        f"{FLOOR:g}",
-        "probe-kind": "the second-order loss change per unit of relative error of the probe of "
-        "each option's own kind (int4 g128 for quantized options, low-rank at 1/4 of the bytes "
-        f"for low-rank ones; both for the others), median-normalized, floor {FLOOR:g}",
-        "geo": "the geometric mean of the Fisher product Σ E[g²]E[y²] and the probe weight (the "
-        "second-order loss change of two probe compressions, int4 g128 and low-rank at 1/4 of "
-        f"the bytes, per unit of relative error), median-normalized, floor {FLOOR:g}",
-        "kfac": "a Kronecker-factored (diagonal output-gradient) loss change of two probe "
-        f"compressions per unit of relative error, median-normalized, floor {FLOOR:g}",
-        "fisher": "Σ E[g²]E[y²] (Fisher), mean-normalized",
-        "measured": "the measured KL to the dense model of two probe compressions (int4 g128, "
-        f"low-rank at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
-        f"{FLOOR:g}",
-    }[estimator]
+    how = describe(estimator)
     return stats, (
         "sensitivity: each site's error weighted by its loss sensitivity on the calibration "
         f"text — {how} (the default for a causal LM; fisher=False turns it off)"

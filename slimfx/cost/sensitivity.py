@@ -62,6 +62,7 @@ __all__ = [
     "PROBES",
     "ProbeRecorder",
     "combine_geometric",
+    "describe",
     "energy",
     "exact_error",
     "geometric_mean",
@@ -332,3 +333,24 @@ def combine_geometric(
     nb, _ = robust_normalize(b, floor=0.0)
     w, _ = robust_normalize({k: math.sqrt(max(na[k], 0.0) * max(nb[k], 0.0)) for k in na}, floor)
     return w, 1.0
+
+
+def describe(estimator: str) -> str:
+    """How ``estimator`` weighs a site, in words (for the report's note)."""
+    return {
+        "probe": "the second-order loss change of two probe compressions (int4 g128, low-rank "
+        "at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
+        f"{FLOOR:g}",
+        "probe-kind": "the second-order loss change per unit of relative error of the probe of "
+        "each option's own kind (int4 g128 for quantized options, low-rank at 1/4 of the bytes "
+        f"for low-rank ones; both for the others), median-normalized, floor {FLOOR:g}",
+        "geo": "the geometric mean of the Fisher product Σ E[g²]E[y²] and the probe weight (the "
+        "second-order loss change of two probe compressions, int4 g128 and low-rank at 1/4 of "
+        f"the bytes, per unit of relative error), median-normalized, floor {FLOOR:g}",
+        "kfac": "a Kronecker-factored (diagonal output-gradient) loss change of two probe "
+        f"compressions per unit of relative error, median-normalized, floor {FLOOR:g}",
+        "fisher": "Σ E[g²]E[y²] (Fisher), mean-normalized",
+        "measured": "the measured KL to the dense model of two probe compressions (int4 g128, "
+        f"low-rank at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
+        f"{FLOOR:g}",
+    }[estimator]

@@ -122,8 +122,8 @@ def optimize(
       75.8 vs 129.5 Fisher; ``benchmarks/RESULTS.md``), "fisher" (Σ E[g²]E[y²], the previous
       default), "probe" (the loss change of two probe compressions per unit error — tracks
       the loss behind post-/qk-norms best, but plans 4.9% worse than "fisher" on SmolLM2 at
-      0.3), "probe-kind" (each option kind weighted by its own probe), "kfac" (diagonal
-      Kronecker), "measured" (each probe run through the model: 2·sites·4 forwards, no
+      0.3), "probe-kind" (each option kind weighted by its own probe; the report shows the
+      site's combined weight), "kfac" (diagonal Kronecker), "measured" (each probe run through the model: 2·sites·4 forwards, no
       backward).
     - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
       only included, non-excluded linears are candidates, and the budget is a fraction of

@@ -123,8 +123,8 @@ def optimize(
       default), "probe" (the loss change of two probe compressions per unit error — tracks
       the loss behind post-/qk-norms best, but plans 4.9% worse than "fisher" on SmolLM2 at
       0.3), "probe-kind" (each option kind weighted by its own probe; the report shows the
-      site's combined weight), "kfac" (diagonal Kronecker), "measured" (each probe run through the model: 2·sites·4 forwards, no
-      backward).
+      site's combined weight), "kfac" (diagonal Kronecker), "measured" (each probe run
+      through the model: 2·sites·4 forwards, no backward).
     - ``include`` / ``exclude``: glob patterns over site FQNs (``"model.layers.0.*"``);
       only included, non-excluded linears are candidates, and the budget is a fraction of
       their bytes. A pattern that matches no site is an error. Without ``include``, a tied

@@ -7,9 +7,11 @@ correlation over (site, form) pairs and per form, with each predictor:
 
   unweighted      rel_err (what ``fisher=False`` sums)
   fisher          s_fisher · rel_err, s = Σ E[g²]E[y²] (the previous default)
-  probe           s_probe · rel_err, s = ½E[(ĝᵀΔW x)²]/rel_err of two probes (the new default)
+  probe           s_probe · rel_err, s = ½E[(ĝᵀΔW x)²]/rel_err of two probes
   probe-kind      the same from the probe of the form's kind only (int4 → int4 probe,
                   low-rank → plain-SVD probe): a per-family weight
+  geo             √(s_fisher · s_probe) · rel_err, median-normalized (the default)
+  geo-kind        √(s_fisher · s_probe-kind) · rel_err
   kfac            s_kfac · rel_err, its diagonal Kronecker-factored approximation
   kfac-direct     ½ tr(ΔW Σₓ ΔWᵀ diag Σ_g) of the form itself
   exact-direct    ½ E[(ĝᵀ ΔW x)²] of the form itself (one more gradient pass)
@@ -26,9 +28,13 @@ labels sampled from the model's own next-token distribution and the measured los
 dense model).
 
 Part 2 — quality (``--ppl``): SmolLM2 perplexity of the solver's plans at each budget with
-the three weightings (unweighted, fisher, probe) on one candidate set (families lowrank, int8,
-int4, int4_gptq; the candidates' errors are built once unweighted and multiplied by each
-weighting, which is what ``build_problem`` does with the weight in the stats).
+each weighting (``--weightings``; per-kind weights multiply each option by its kind's weight)
+on one candidate set (families lowrank, int8, int4, int4_gptq; the candidates' errors are
+built once unweighted and multiplied by each weighting, which is what ``build_problem`` does
+with the weights in the stats). Each plan is also scored by its KL to the dense model on
+``--ppl-check`` held-out *calibration* windows (disjoint from the fit and the evaluation
+windows), and ``auto`` reports which plan a choice by that score would keep among
+``--auto``'s weightings (one solve and one scoring forward per weighting).
 
     OMP_NUM_THREADS=1 python benchmarks/sensitivity.py [--models smollm2,minilm,olmo2]
         [--every 3] [--n-calib 8] [--n-held 4] [--ppl] [--budgets 0.8,0.5,0.35,0.3,0.25]
@@ -45,6 +51,7 @@ import math
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -54,14 +61,22 @@ from torch import Tensor
 from slimfx.api import find_sites
 from slimfx.cost.calibration import call_model, collect_sensitivity, collect_stats
 from slimfx.cost.probe_loss import measured_raw
-from slimfx.cost.sensitivity import PROBES, probe_deltas, robust_normalize
+from slimfx.cost.sensitivity import (
+    PROBES,
+    combine_geometric,
+    kind_weights,
+    probe_deltas,
+    probe_weights,
+    robust_normalize,
+)
 from slimfx.numerics import factorize, reconstruct
 from slimfx.planning.configs import LowRankConfig
 
 PREDICTORS = (
-    "unweighted", "fisher", "probe", "probe-kind", "kfac", "kfac-direct", "exact-direct",
-    "measured",
+    "unweighted", "fisher", "probe", "probe-kind", "geo", "geo-kind", "kfac", "kfac-direct",
+    "exact-direct", "measured",
 )
+KIND_OF_FORM = {"int4_g128": "quant", "lowrank_w0.25": "lowrank"}
 FORMS = ("int4_g128", "lowrank_w0.25")
 
 
@@ -124,6 +139,9 @@ def predictiveness(
         e: robust_normalize(rec_.raw(e, gram_of), floor=0.0 if e == "fisher" else 0.05)[0]
         for e in ("fisher", "probe", "kfac")
     }
+    weights["geo"] = combine_geometric(weights["fisher"], weights["probe"])[0]
+    probe_scale = robust_normalize(rec_.raw("probe", gram_of))[1]
+    kind_w = kind_weights(rec_.ratios("probe", gram_of), probe_scale)
     # measured probe weight: calibration-loss increase of each probe per unit rel_err
     base_c = calib_loss()
     base_h = held_loss()
@@ -156,6 +174,8 @@ def predictiveness(
                     # the weight from the probe of the form's own kind only
                     "probe-kind": pred[PROBES[FORMS.index(form)]]["probe"]
                     / max(pred[PROBES[FORMS.index(form)]]["rel"], 1e-300) * pf["rel"],
+                    "geo-kind": math.sqrt(weights["fisher"][s.fqn]
+                                          * kind_w[s.fqn][KIND_OF_FORM[form]]) * pf["rel"],
                     "kfac-direct": pf.get("kfac", float("nan")),
                     "exact-direct": pf["probe"],
                 })
@@ -308,7 +328,9 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
     from slimfx.planning.solve import solve
 
     out: dict[str, Any] = {}
-    pcal = calibration_batches(tok, n=a.ppl_calib, seq_len=a.seq_len)
+    both = calibration_batches(tok, n=a.ppl_calib + a.ppl_check, seq_len=a.seq_len)
+    pcal, check = both[: a.ppl_calib], torch.cat(both[a.ppl_calib :])  # same seed: disjoint
+    check_loss = lm_losses(model, check)  # held-out *calibration* windows: what "auto" sees
     held = heldout_windows(tok, n=a.ppl_eval, seq_len=a.seq_len)
     t0 = time.perf_counter()
     stats, rec = collect_sensitivity(model, sites, pcal, progress=False)
@@ -317,11 +339,20 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
     def gram_of(fqn: str) -> tuple[Tensor | None, int]:
         return stats.fit_gram(fqn), stats.tokens.get(stats.group_of(fqn), 0)
 
-    weights = {
+    ratios = rec.ratios("probe", gram_of)
+    fisher_w = robust_normalize(rec.raw("fisher", gram_of), floor=0.0)[0]
+    kind_w = kind_weights(ratios, stats.sensitivity_scale)
+    weights: dict[str, dict[str, Any]] = {
         "unweighted": {s.fqn: 1.0 for s in sites},
-        "fisher": robust_normalize(rec.raw("fisher", gram_of), floor=0.0)[0],
+        "fisher": fisher_w,
         "probe": stats.sensitivity,
+        "probe-kind": kind_w,
+        "geo": probe_weights(rec, "geo", gram_of)[0],  # = √(fisher_w · probe), renormalized
+        "geo-kind": {
+            f: {k: math.sqrt(fisher_w[f] * v) for k, v in kw.items()} for f, kw in kind_w.items()
+        },
     }
+    weights = {k: v for k, v in weights.items() if k in a.weightings.split(",")}
     if a.measured_windows > 0:
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -342,6 +373,9 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
     count = held.shape[0] * (held.shape[1] - 1)
     out["dense"] = math.exp(float(window_nll(model, held).sum()) / count)
     cells = []
+    def weight_of(w: Any, decision: Any) -> float:
+        return float(w.get(decision.kind, 1.0)) if isinstance(w, dict) else float(w)
+
     for b in [float(x) for x in a.budgets.split(",")]:
         lowrank_only = b >= 0.8
         for wname, w in weights.items():
@@ -349,9 +383,12 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
             for so in base.sites:
                 opts = [o for o in so.options if not lowrank_only or
                         type(o.decision).__name__ in ("DenseConfig", "LowRankConfig")]
-                opts = [dataclasses.replace(o, error=o.error * w[so.name]) for o in opts]
+                ws = w[so.name]
+                opts = [dataclasses.replace(o, error=o.error * weight_of(ws, o.decision))
+                        for o in opts]
+                site_w = ws if not isinstance(ws, dict) else max(ws.values())
                 sites_w.append(SiteOptions(so.name, opts, so.dense_bytes, so.dense_latency_s,
-                                           w[so.name]))
+                                           site_w))
             prob = BudgetProblem(sites_w, base.workload, base.target, base.meta)
             try:
                 sol = solve(prob, Budget(memory=b))
@@ -361,10 +398,28 @@ def ppl_grid(a: argparse.Namespace, model: torch.nn.Module, tok: Any, sites: Seq
             dec = {s.name: sol.decision(s.name) for s in prob.sites}
             with swap.applied(dec):
                 ppl = math.exp(float(window_nll(model, held).sum()) / count)
+                chk = check_loss() if a.ppl_check else {}
             cells.append({"budget": b, "weighting": wname, "ppl": round(ppl, 3),
-                          "fraction": round(sol.fraction, 4), "lowrank_only": lowrank_only})
-            log(f"ppl budget {b} {wname}: {ppl:.3f}")
+                          "fraction": round(sol.fraction, 4), "lowrank_only": lowrank_only,
+                          "check_ce": chk.get("ce"), "check_kl": chk.get("kl"),
+                          "kinds": dict(Counter(d.kind for d in dec.values()))})
+            log(f"ppl budget {b} {wname}: {ppl:.3f} check {chk}")
     out["cells"] = cells
+    out["auto"] = auto_pick(cells, a.auto.split(","))
+    return out
+
+
+def auto_pick(cells: Sequence[Mapping[str, Any]], among: Sequence[str]) -> list[dict]:
+    """Per budget, the plan among the weightings ``among`` with the lowest KL to the dense
+    model on the held-out calibration windows (what ``sensitivity="auto"`` would keep)."""
+    out = []
+    for b in sorted({c["budget"] for c in cells}, reverse=True):
+        cand = [c for c in cells if c["budget"] == b and c["weighting"] in among
+                and c.get("check_kl") is not None]
+        if cand:
+            best = min(cand, key=lambda c: c["check_kl"])
+            out.append({"budget": b, "among": list(among), "picked": best["weighting"],
+                        "ppl": best["ppl"]})
     return out
 
 
@@ -382,6 +437,11 @@ def main() -> int:
     ap.add_argument("--families", default="lowrank,int8,int4,int4_gptq")
     ap.add_argument("--ppl-calib", type=int, default=16)
     ap.add_argument("--ppl-eval", type=int, default=16)
+    ap.add_argument("--ppl-check", type=int, default=4,
+                    help="held-out calibration windows scored per plan (for 'auto')")
+    ap.add_argument("--weightings", default="unweighted,fisher,probe,probe-kind,geo,geo-kind")
+    ap.add_argument("--auto", default="fisher,probe-kind",
+                    help="weightings 'auto' chooses among (lowest held-out calibration KL)")
     ap.add_argument("--ppl-only", action="store_true", help="SmolLM2: only the perplexity grid")
     ap.add_argument("--measured-windows", type=int, default=2,
                     help="perplexity grid: calibration windows of the measured weighting (0: off)")
@@ -412,6 +472,7 @@ def main() -> int:
                 print(f"| {k} | " + " | ".join(f"{v[p]:.3f}" for p in PREDICTORS) + " |")
         if "ppl" in res[m]:
             print(json.dumps(res[m]["ppl"]["cells"]))
+            print(json.dumps(res[m]["ppl"]["auto"]))
     return 0
 
 

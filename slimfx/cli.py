@@ -252,8 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sequential", action="store_true")
     o.add_argument("--fisher", action=argparse.BooleanOptionalAction, default=None,
                    help="weight errors by loss sensitivity (default: on for causal LMs)")
-    o.add_argument("--sensitivity", default="fisher",
-                   choices=["probe", "kfac", "fisher", "measured"],
+    o.add_argument("--sensitivity", default="geo",
+                   choices=["geo", "probe", "probe-kind", "kfac", "fisher", "measured"],
                    help="how the loss sensitivity is estimated (slimfx.cost.sensitivity)")
     o.add_argument("--plan", default=None, help="replay this plan.json instead of solving")
     o.add_argument("--eval", action="store_true", help="perplexity before/after on held-out text")

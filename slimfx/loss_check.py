@@ -76,7 +76,7 @@ def annotate_loss_changes(
 ) -> None:
     """Each measured site's ``loss_change``: ``{"predicted", "measured"}`` (predicted only
     when the weights are in loss units, i.e. a probe estimator), and a note with the count."""
-    loss_units = stats is not None and stats.estimator in ("probe", "kfac", "measured")
+    loss_units = stats is not None and stats.estimator in ("geo", "probe", "probe-kind", "kfac", "measured")
     for e in report.sites:
         if e.fqn not in measured:
             continue

@@ -82,7 +82,7 @@ class PlanningOptions:
     workload: str = "decode"
     families: Sequence[str] = DEFAULT_FAMILIES
     fisher: bool | None = None
-    sensitivity: str = "fisher"
+    sensitivity: str = "geo"
     solver: str = "auto"
     heldout: Sequence | None = None
     example_inputs: tuple | None = None

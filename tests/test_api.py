@@ -406,14 +406,16 @@ def test_fisher_is_the_default_for_causal_lms_and_the_report_keeps_errors_unweig
     off = slimfx.report_of(slimfx.optimize(model, 0.6, fisher=False, **kw))
     assert any(n.startswith("sensitivity: each site's error weighted") for n in auto.notes)
     assert not any(n.startswith("sensitivity") for n in off.notes)
-    # the default estimator ("fisher") is mean-normalized
-    assert any("Σ E[g²]E[y²] (Fisher), mean-normalized" in n for n in auto.notes)
-    old = [s.sensitivity for s in auto.sites]
-    assert len(set(old)) > 1 and sum(old) / len(old) == pytest.approx(1.0, rel=1e-6)
-    probe = slimfx.report_of(slimfx.optimize(model, 0.6, sensitivity="probe", **kw))
-    sens = [s.sensitivity for s in probe.sites]  # "probe": median-normalized with a floor
+    # the default estimator ("geo": Fisher × probe, geometric mean) is median-normalized with
+    # a floor; "fisher" (the previous default) is mean-normalized
+    assert any("the geometric mean of the Fisher product" in n for n in auto.notes)
+    sens = [s.sensitivity for s in auto.sites]
     assert len(set(sens)) > 1 and statistics.median(sens) == pytest.approx(1.0, rel=1e-6)
     assert min(sens) >= FLOOR
+    fisher = slimfx.report_of(slimfx.optimize(model, 0.6, sensitivity="fisher", **kw))
+    assert any("Σ E[g²]E[y²] (Fisher), mean-normalized" in n for n in fisher.notes)
+    old = [s.sensitivity for s in fisher.sites]
+    assert len(set(old)) > 1 and sum(old) / len(old) == pytest.approx(1.0, rel=1e-6)
     assert {s.sensitivity for s in off.sites} == {1.0}
     same = [(a, b) for a, b in zip(auto.sites, off.sites) if a.chosen == b.chosen]
     assert same  # the same form at a site has the same unweighted estimate in both runs

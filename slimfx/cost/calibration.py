@@ -19,10 +19,12 @@ which is normalized so the mean over sites is 1.0; the problem builder multiplie
 option's relative output error by it. Gradients are taken with ``torch.autograd.grad`` with
 respect to the site outputs, so no parameter ``.grad`` is ever written.
 
-``estimator="probe"`` (what ``optimize`` uses by default for a causal LM) replaces that product
-by the second-order loss change of two probe compressions per unit of relative error, median
-normalized with a floor (``slimfx.cost.sensitivity``); ``"kfac"`` is its Kronecker-factored
-approximation.
+``estimator="probe"`` replaces that product by the second-order loss change of two probe
+compressions per unit of relative error, median normalized with a floor
+(``slimfx.cost.sensitivity``); ``"kfac"`` is its Kronecker-factored approximation,
+``"probe-kind"`` weighs each option kind by its own probe, and ``"geo"`` — what ``optimize``
+uses by default for a causal LM — is the geometric mean of the Fisher and probe weights, both
+from the probe pass.
 """
 
 from __future__ import annotations
@@ -38,7 +40,14 @@ from tqdm.auto import tqdm
 
 from slimfx.cost.hooks import OutputHooks
 from slimfx.cost.probe_loss import measured_raw
-from slimfx.cost.sensitivity import ESTIMATORS, FLOOR, ProbeRecorder, robust_normalize
+from slimfx.cost.sensitivity import (
+    DEFAULT_ESTIMATOR,
+    ESTIMATORS,
+    ProbeRecorder,
+    describe,
+    probe_weights,
+    robust_normalize,
+)
 from slimfx.ir.sites import LinearSite
 
 __all__ = [
@@ -68,6 +77,8 @@ class CalibrationStats:
     - ``estimator``: which sensitivity estimate (``None`` without one).
     - ``sensitivity_scale``: loss change per unit of (weight · relative output error), in the
       loss's units (probe estimators; 1.0 otherwise): weight · scale · rel_err predicts ΔL.
+    - ``kind_sensitivity``: site FQN → decision kind → weight, for estimators that weigh each
+      kind of option by its own probe ("probe-kind"); kinds not listed use ``sensitivity``.
     """
 
     grams: dict[str, Tensor]
@@ -78,6 +89,7 @@ class CalibrationStats:
     damp: float = 0.01
     estimator: str | None = None
     sensitivity_scale: float = 1.0
+    kind_sensitivity: dict[str, dict[str, float]] | None = None
 
     def fit_gram(self, fqn: str) -> Tensor | None:
         """The Gram used to fit and to estimate: XᵀX + damp · mean(diag) · I.
@@ -122,6 +134,14 @@ class CalibrationStats:
         if self.sensitivity is None:
             return 1.0
         return float(self.sensitivity.get(fqn, 1.0))
+
+    def sensitivity_for(self, fqn: str, kind: str) -> float:
+        """The weight of an option of decision ``kind`` at site ``fqn``: its per-kind weight
+        when one was measured, the site's :meth:`sensitivity_of` otherwise."""
+        per = (self.kind_sensitivity or {}).get(fqn)
+        if per is not None and kind in per:
+            return float(per[kind])
+        return self.sensitivity_of(fqn)
 
     def nbytes(self) -> int:
         """Memory held by the Gram matrices."""
@@ -412,9 +432,10 @@ def collect_stats(
     """Input Gram matrices (one per group) and, with ``fisher=True``, per-site sensitivity.
 
     ``estimator`` (with ``fisher=True``): "fisher" — Σ E[g²]E[y²], mean 1 (the historical
-    weighting); "probe" / "kfac" — the loss change of probe compressions per unit relative
-    error, median 1 with a floor (:mod:`slimfx.cost.sensitivity`; one pass as well, plus two
-    probe matmuls per site and batch).
+    weighting); "probe" / "kfac" / "probe-kind" / "geo" — from the loss change of probe
+    compressions per unit relative error, median 1 with a floor (:mod:`slimfx.cost.sensitivity`;
+    one pass as well, plus two probe matmuls per site and batch); "measured" — the probes run
+    through the model.
 
     ``batches``: token-id tensors (B, L) (a Hugging Face model is called as
     ``model(input_ids=ids)``), input tensors for plain models, dicts of keyword arguments, or
@@ -508,8 +529,9 @@ def collect_sensitivity(
     def gram_of(fqn: str) -> tuple[Tensor | None, int]:
         return stats.fit_gram(fqn), stats.tokens.get(stats.group_of(fqn), 0)
 
-    sens, scale = robust_normalize(rec.raw(estimator, gram_of))
-    stats.sensitivity, stats.sensitivity_scale, stats.estimator = sens, scale, estimator
+    stats.sensitivity, stats.sensitivity_scale, stats.kind_sensitivity = probe_weights(
+        rec, estimator, gram_of)
+    stats.estimator = estimator
     stats.seconds = time.perf_counter() - start
     return stats, rec
 
@@ -570,15 +592,16 @@ def collect_planning_stats(
     batches: Sequence[Any],
     fisher: bool | None,
     progress: bool = True,
-    estimator: str = "fisher",
+    estimator: str = DEFAULT_ESTIMATOR,
 ) -> tuple[CalibrationStats, str | None]:
     """:func:`collect_stats` for a solve, and a note for the report (or ``None``).
 
     ``fisher=None`` (``optimize``'s default): loss sensitivity for a causal LM calibrated on
     token ids, none otherwise; when that default cannot take a loss it falls back to unweighted
     errors and the note says why. ``True`` / ``False`` are obeyed (``True`` raises as usual).
-    ``estimator``: how the sensitivity is estimated ("probe", the default; "kfac"; "fisher",
-    the historical Σ E[g²]E[y²])."""
+    ``estimator``: how the sensitivity is estimated (:data:`~slimfx.cost.sensitivity.ESTIMATORS`;
+    "geo", the default, the geometric mean of the Fisher and probe weights; "fisher", the
+    historical Σ E[g²]E[y²])."""
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
     if fisher is not None:
@@ -601,17 +624,7 @@ def collect_planning_stats(
         note = (f"sensitivity: loss sensitivity (the causal-LM default) unavailable — {e}; "
                 "errors unweighted")
         return collect_stats(model, sites, batches, fisher=False, progress=progress), note
-    how = {
-        "probe": "the second-order loss change of two probe compressions (int4 g128, low-rank "
-        "at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
-        f"{FLOOR:g}",
-        "kfac": "a Kronecker-factored (diagonal output-gradient) loss change of two probe "
-        f"compressions per unit of relative error, median-normalized, floor {FLOOR:g}",
-        "fisher": "Σ E[g²]E[y²] (Fisher), mean-normalized",
-        "measured": "the measured KL to the dense model of two probe compressions (int4 g128, "
-        f"low-rank at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
-        f"{FLOOR:g}",
-    }[estimator]
+    how = describe(estimator)
     return stats, (
         "sensitivity: each site's error weighted by its loss sensitivity on the calibration "
         f"text — {how} (the default for a causal LM; fisher=False turns it off)"

@@ -8,7 +8,8 @@ family proposes, and prices every option:
   when dense: any other form leaves the other module a dense copy, so its 2·in·out bytes are
   added to every non-dense option.
 - ``error``: the family's relative output error tr(E G Eᵀ)/tr(W G Wᵀ) times the site's
-  sensitivity (1 without Fisher statistics).
+  sensitivity (1 without Fisher statistics) — the weight of the option's decision kind when
+  the statistics carry per-kind weights (``CalibrationStats.sensitivity_for``).
 - ``flops``, ``latency_s`` / ``source``: for the workload, measured when the cache has the
   entry, roofline otherwise (``slimfx.cost.target``).
 
@@ -189,7 +190,8 @@ def build_problem(
                     not_allowed += 1
                     continue
                 cands.append(c)
-                options.append(option(c.decision, max(0.0, float(c.error)) * sens))
+                w = stats.sensitivity_for(site.fqn, c.decision.kind) if stats is not None else 1.0
+                options.append(option(c.decision, max(0.0, float(c.error)) * w))
         proposed[site.fqn] = cands
         site_opts.append(
             SiteOptions(site.fqn, options, 2 * in_f * out_f, dense.latency_s, float(sens))

@@ -1,8 +1,8 @@
-"""Loss sensitivity of each site from probe compressions (the default weighting for causal LMs).
+"""Loss sensitivity of each site: the weight the solver puts on each site's error.
 
 The solver sums, over sites, ``weight · relative output error`` of the chosen form, so a
-site's weight should be *the loss increase per unit of relative output error*. Three estimates
-of it are measured here, all from one forward + backward pass per calibration batch:
+site's weight should be *the loss increase per unit of relative output error*. The estimates
+below all come from one forward + backward pass per calibration batch:
 
 - ``fisher`` (the historical one): Σᵢ E[gᵢ²]·E[yᵢ²] over the site's output units, g = ∂L/∂y.
   It assumes the error of output unit i scales with yᵢ. Behind a scale-invariant norm (a
@@ -12,9 +12,17 @@ of it are measured here, all from one forward + backward pass per calibration ba
   ½·tr(ΔW Σₓ ΔWᵀ Σ_g) with Σₓ = E[x xᵀ] the input second moment (the Gram already collected)
   and Σ_g the **diagonal** of E[ĝ ĝᵀ] (ĝ = T·g: the gradient of the per-token loss); the full
   out × out Σ_g of every site would not fit (a 1536-wide projection alone is 19 MB in fp64).
-- ``probe`` (the default): the exact token-wise second-order change
-  ½·E_t[(ĝ_tᵀ ΔW x_t)²] of the same probe, accumulated during the backward pass — no
-  Kronecker assumption, so the orthogonality of g and y behind a norm is seen exactly.
+- ``probe``: the exact token-wise second-order change ½·E_t[(ĝ_tᵀ ΔW x_t)²] of the same
+  probe, accumulated during the backward pass — no Kronecker assumption, so the orthogonality
+  of g and y behind a norm is seen exactly. The best single-site predictor here, but on
+  SmolLM2 its plans at budgets 0.3 / 0.35 are 4.9% / 0.5% worse than Fisher's.
+- ``probe-kind``: the probe weight per decision kind — a quantized option weighted by the
+  int4 probe's ratio, a low-rank option by the low-rank probe's (:func:`kind_weights`).
+- ``geo`` (``optimize``'s default for a causal LM, :data:`DEFAULT_ESTIMATOR`): the geometric
+  mean of the Fisher and probe weights (:func:`combine_geometric`). On SmolLM2 it plans no
+  worse than both Fisher and unweighted errors at every budget measured, where the probe alone
+  loses at 0.3 (``benchmarks/RESULTS.md``); it ranks single-site losses better than Fisher,
+  but below the probe alone on a post-norm / qk-norm decoder.
 
 The probes are two compressions the solver actually offers, built from the weight alone (so
 one pass suffices): int4 round-to-nearest at group 128 (asymmetric; 64 / 32 / per-row when
@@ -36,7 +44,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,23 +55,35 @@ from slimfx.ir.sites import LinearSite
 from slimfx.numerics.quant import dequantize, quantize_rtn
 
 __all__ = [
+    "DEFAULT_ESTIMATOR",
     "ESTIMATORS",
     "FLOOR",
+    "KIND_PROBE",
     "PROBES",
     "ProbeRecorder",
+    "combine_geometric",
+    "describe",
+    "energy",
     "exact_error",
+    "geometric_mean",
     "kfac_error",
+    "kind_weights",
+    "probe_weights",
     "probe_deltas",
     "relative_error",
     "robust_normalize",
 ]
 
-#: the estimators: a :class:`ProbeRecorder` computes the first three; "measured" runs the
+#: the estimators: a :class:`ProbeRecorder` computes all but "measured", which runs the
 #: probes (``slimfx.cost.probe_loss``).
-ESTIMATORS = ("probe", "kfac", "fisher", "measured")
+ESTIMATORS = ("geo", "probe", "probe-kind", "kfac", "fisher", "measured")
+#: what ``optimize`` uses for a causal LM (``sensitivity=``).
+DEFAULT_ESTIMATOR = "geo"
 #: the probe compressions: int4 RTN g128 and a plain low-rank at this fraction of dense bytes.
 PROBES = ("int4_g128", "lowrank_0.25")
 LOWRANK_PROBE_FRACTION = 0.25
+#: the probe that stands for each decision kind in per-kind weights ("probe-kind").
+KIND_PROBE = {"quant": "int4_g128", "lowrank": "lowrank_0.25"}
 #: weights below this fraction of the median are raised to it.
 FLOOR = 0.05
 
@@ -113,15 +133,21 @@ def robust_normalize(
     return out, med
 
 
-def relative_error(dW: Tensor, W: Tensor, gram: Tensor | None) -> float:
-    """tr(ΔW G ΔWᵀ) / tr(W G Wᵀ) (Frobenius without a Gram): the candidates' relative error."""
-    dW, W = dW.to(torch.float64), W.to(torch.float64)
+def energy(M: Tensor, gram: Tensor | None) -> float:
+    """tr(M G Mᵀ) in float64 (‖M‖²_F without a Gram)."""
+    M = M.to(torch.float64)
     if gram is None:
-        return float(dW.square().sum() / W.square().sum().clamp_min(1e-300))
-    G = gram.to(torch.float64)
-    num = ((dW @ G) * dW).sum()
-    den = ((W @ G) * W).sum()
-    return float(num / den.clamp_min(1e-300))
+        return float(M.square().sum())
+    return float(((M @ gram.to(torch.float64)) * M).sum())
+
+
+def relative_error(
+    dW: Tensor, W: Tensor, gram: Tensor | None, den: float | None = None
+) -> float:
+    """tr(ΔW G ΔWᵀ) / tr(W G Wᵀ) (Frobenius without a Gram): the candidates' relative error.
+    ``den``: tr(W G Wᵀ) when already known (:func:`energy`)."""
+    den = energy(W, gram) if den is None else den
+    return energy(dW, gram) / max(den, 1e-300)
 
 
 class ProbeRecorder(OutputHooks):
@@ -190,43 +216,141 @@ class ProbeRecorder(OutputHooks):
 
     # ------------------------------------------------------------------ estimates
 
-    def predicted(self, fqn: str, gram: Tensor | None, tokens: int) -> dict[str, dict[str, float]]:
-        """Per probe: ``{"rel": relative error, "probe": ½E[(ĝᵀΔWx)²], "kfac": ½tr(ΔWΣₓΔWᵀΣ_g)}``.
-        ``gram``: the site's (damped) input Gram summed over ``tokens`` rows."""
+    def predicted(
+        self, fqn: str, gram: Tensor | None, tokens: int, kfac: bool = True
+    ) -> dict[str, dict[str, float]]:
+        """Per probe: ``{"rel": relative error, "probe": ½E[(ĝᵀΔWx)²], "kfac": ½tr(ΔWΣₓΔWᵀΣ_g)}``
+        (``kfac`` only when asked and a Gram is given). ``gram``: the site's (damped) input
+        Gram summed over ``tokens`` rows."""
         n = max(self.rows[fqn], 1)
         sigma_g = self.g2[fqn] / n
         sigma_x = gram / max(tokens, 1) if gram is not None else None
         out = {}
+        den = energy(self.weights[fqn], gram)  # once per site, not per probe
         for name, dW in self.deltas[fqn].items():
             rec = {
-                "rel": relative_error(dW, self.weights[fqn], gram),
+                "rel": relative_error(dW, self.weights[fqn], gram, den),
                 "probe": 0.5 * self.exact[fqn][name] / n,
             }
-            if sigma_x is not None:
+            if kfac and sigma_x is not None:
                 rec["kfac"] = 0.5 * kfac_error(dW, sigma_x, sigma_g)
             out[name] = rec
+        return out
+
+    def ratios(
+        self, estimator: str, gram_of: Callable[[str], tuple[Tensor | None, int]]
+    ) -> dict[str, dict[str, float]]:
+        """Site → probe → loss change per unit relative error of that probe under
+        ``estimator`` ("probe" or "kfac"; "kfac" falls back to "probe" without a Gram). A probe
+        whose estimate or relative error is not positive is left out."""
+        out: dict[str, dict[str, float]] = {}
+        for s in self.sites:
+            gram, tokens = gram_of(s.fqn)
+            est = estimator if (estimator == "probe" or gram is not None) else "probe"
+            pred = self.predicted(s.fqn, gram, tokens, kfac=est == "kfac")
+            out[s.fqn] = {
+                name: p[est] / p["rel"]
+                for name, p in pred.items()
+                if name in PROBES and p[est] > 0 and p["rel"] > 0
+            }
         return out
 
     def raw(
         self, estimator: str, gram_of: Callable[[str], tuple[Tensor | None, int]]
     ) -> dict[str, float]:
         """Each site's un-normalized weight (loss change per unit relative error) under
-        ``estimator`` ("probe", "kfac" or "fisher"). ``gram_of(fqn)`` → (damped Gram, tokens)."""
-        if estimator not in ESTIMATORS[:3]:
+        ``estimator`` ("probe", "kfac" or "fisher"). ``gram_of(fqn)`` → (damped Gram, tokens).
+        "probe" / "kfac": the geometric mean of the probes' :meth:`ratios`."""
+        if estimator not in ("probe", "kfac", "fisher"):
             raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
-        raw: dict[str, float] = {}
-        for s in self.sites:
-            n = max(self.rows[s.fqn], 1)
-            if estimator == "fisher":
+        if estimator == "fisher":
+            raw: dict[str, float] = {}
+            for s in self.sites:
+                n = max(self.rows[s.fqn], 1)
                 raw[s.fqn] = float(((self.g2[s.fqn] / n) * (self.y2[s.fqn] / n)).sum())
-                continue
-            gram, tokens = gram_of(s.fqn)
-            est = estimator if (estimator == "probe" or gram is not None) else "probe"
-            pred = self.predicted(s.fqn, gram, tokens)
-            logs = [
-                math.log(p[est] / p["rel"])
-                for name, p in pred.items()
-                if name in PROBES and p[est] > 0 and p["rel"] > 0
-            ]
-            raw[s.fqn] = math.exp(sum(logs) / len(logs)) if logs else 0.0
-        return raw
+            return raw
+        return {f: geometric_mean(r.values()) for f, r in self.ratios(estimator, gram_of).items()}
+
+
+def geometric_mean(values: Iterable[float]) -> float:
+    """exp(mean(log v)) of the positive values (0.0 when there are none)."""
+    logs = [math.log(v) for v in values if v > 0 and math.isfinite(v)]
+    return math.exp(sum(logs) / len(logs)) if logs else 0.0
+
+
+def kind_weights(
+    ratios: Mapping[str, Mapping[str, float]], scale: float, floor: float = FLOOR
+) -> dict[str, dict[str, float]]:
+    """Per-kind weights ("probe-kind"): site → decision kind → the ratio of the probe of that
+    kind (:data:`KIND_PROBE`) divided by ``scale`` (the median of the sites' combined weights,
+    so both kinds stay in one unit: loss per relative error) and raised to ``floor``. A site
+    without that probe's ratio gets its combined weight."""
+    out: dict[str, dict[str, float]] = {}
+    for fqn, r in ratios.items():
+        comb = geometric_mean(r.values()) / scale if scale > 0 else 1.0
+        out[fqn] = {
+            kind: max(floor, (r[probe] / scale) if probe in r and scale > 0 else comb)
+            for kind, probe in KIND_PROBE.items()
+        }
+    return out
+
+
+def probe_weights(
+    rec: ProbeRecorder,
+    estimator: str,
+    gram_of: Callable[[str], tuple[Tensor | None, int]],
+) -> tuple[dict[str, float], float, dict[str, dict[str, float]] | None]:
+    """``(site weights, scale, per-kind weights or None)`` of one recorded pass:
+
+    - "probe" / "kfac": the probes' combined ratio through :func:`robust_normalize`;
+    - "probe-kind": the same site weights (and scale), plus :func:`kind_weights` — an option
+      of a kind with its own probe is weighted by that probe alone;
+    - "geo" (the causal-LM default): :func:`combine_geometric` of the Fisher product
+      (median-normalized, no floor) and the "probe" weight (median-normalized, floored); the
+      scale is the probe's, so ``weight · scale · rel_err`` is still a loss change where the
+      two agree;
+    - "fisher": Σ E[g²]E[y²], median-normalized without a floor."""
+    if estimator == "probe-kind":
+        sens, scale = robust_normalize(rec.raw("probe", gram_of))
+        return sens, scale, kind_weights(rec.ratios("probe", gram_of), scale)
+    if estimator == "geo":
+        probe, scale = robust_normalize(rec.raw("probe", gram_of))
+        fisher, _ = robust_normalize(rec.raw("fisher", gram_of), floor=0.0)
+        return combine_geometric(fisher, probe)[0], scale, None
+    if estimator == "fisher":
+        return (*robust_normalize(rec.raw("fisher", gram_of), floor=0.0), None)
+    if estimator not in ("probe", "kfac"):
+        raise ValueError(f"unknown sensitivity estimator {estimator!r}; one of {ESTIMATORS}")
+    return (*robust_normalize(rec.raw(estimator, gram_of)), None)
+
+
+def combine_geometric(
+    a: Mapping[str, float], b: Mapping[str, float], floor: float = FLOOR
+) -> tuple[dict[str, float], float]:
+    """√(a·b) per site of two weightings (each median-normalized first), median-normalized
+    again with ``floor``: ``(weights, 1.0)``."""
+    na, _ = robust_normalize(a, floor=0.0)
+    nb, _ = robust_normalize(b, floor=0.0)
+    w, _ = robust_normalize({k: math.sqrt(max(na[k], 0.0) * max(nb[k], 0.0)) for k in na}, floor)
+    return w, 1.0
+
+
+def describe(estimator: str) -> str:
+    """How ``estimator`` weighs a site, in words (for the report's note)."""
+    return {
+        "probe": "the second-order loss change of two probe compressions (int4 g128, low-rank "
+        "at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
+        f"{FLOOR:g}",
+        "probe-kind": "the second-order loss change per unit of relative error of the probe of "
+        "each option's own kind (int4 g128 for quantized options, low-rank at 1/4 of the bytes "
+        f"for low-rank ones; both for the others), median-normalized, floor {FLOOR:g}",
+        "geo": "the geometric mean of the Fisher product Σ E[g²]E[y²] and the probe weight (the "
+        "second-order loss change of two probe compressions, int4 g128 and low-rank at 1/4 of "
+        f"the bytes, per unit of relative error), median-normalized, floor {FLOOR:g}",
+        "kfac": "a Kronecker-factored (diagonal output-gradient) loss change of two probe "
+        f"compressions per unit of relative error, median-normalized, floor {FLOOR:g}",
+        "fisher": "Σ E[g²]E[y²] (Fisher), mean-normalized",
+        "measured": "the measured KL to the dense model of two probe compressions (int4 g128, "
+        f"low-rank at 1/4 of the bytes) per unit of relative error, median-normalized, floor "
+        f"{FLOOR:g}",
+    }[estimator]

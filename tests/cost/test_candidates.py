@@ -198,3 +198,25 @@ def test_damped_gram_is_what_candidates_estimate_against() -> None:
 def test_underdetermined_groups_are_listed() -> None:
     _, _, stats = _problem_data(tokens=20)  # 20 tokens for 32 inputs: singular Gram
     assert stats.underdetermined() == {"lin": (20, 32)}
+
+
+def test_per_kind_weights_multiply_each_option_by_its_kinds_weight() -> None:
+    """``kind_sensitivity`` ("probe-kind"): a quantized option's error carries the quant
+    weight, a low-rank option's the low-rank weight; a kind without its own weight (and the
+    site's reported sensitivity) uses the site weight."""
+    W, _, stats = _problem_data(damp=0.01)
+    fams = ("lowrank", "int8", "sparse24")
+    base, _ = build_problem([_site("lin", 32, 48)], {"lin": W}, stats, families=fams,
+                            progress=False)
+    stats.sensitivity = {"lin": 3.0}
+    stats.kind_sensitivity = {"lin": {"quant": 0.5, "lowrank": 7.0}}
+    p, _ = build_problem([_site("lin", 32, 48)], {"lin": W}, stats, families=fams,
+                         progress=False)
+    want = {"dense": 0.0, "quant": 0.5, "lowrank": 7.0, "sparse24": 3.0}
+    kinds = set()
+    for a, b in zip(base.site("lin").options, p.site("lin").options):
+        assert a.decision == b.decision
+        kinds.add(b.decision.kind)
+        assert b.error == pytest.approx(want[b.decision.kind] * a.error, rel=1e-12, abs=0.0)
+    assert kinds == set(want)
+    assert p.site("lin").sensitivity == 3.0

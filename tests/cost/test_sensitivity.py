@@ -11,9 +11,11 @@ from torch import nn
 from slimfx.cost.calibration import collect_sensitivity, collect_stats
 from slimfx.cost.sensitivity import (
     FLOOR,
+    KIND_PROBE,
     PROBES,
     exact_error,
     kfac_error,
+    kind_weights,
     probe_deltas,
     robust_normalize,
 )
@@ -192,3 +194,54 @@ def test_measured_estimator_agrees_with_the_second_order_one_and_leaves_the_mode
     with pytest.raises(ValueError, match="with loss_fn use estimator='probe'"):
         collect_stats(model, sites, ids, fisher=True, estimator="measured",
                       loss_fn=lambda m, b: m(input_ids=b).logits.sum(), progress=False)
+
+
+def test_kind_weights_use_each_kinds_own_probe_in_one_unit() -> None:
+    ratios = {"a": {"int4_g128": 2.0, "lowrank_0.25": 8.0}, "b": {"int4_g128": 1.0},
+              "c": {"int4_g128": 1e-6, "lowrank_0.25": 1e-6}}
+    w = kind_weights(ratios, scale=2.0)
+    assert w["a"] == {"quant": 1.0, "lowrank": 4.0}  # both over the one scale: comparable
+    assert w["b"] == {"quant": 0.5, "lowrank": 0.5}  # no low-rank probe: the combined weight
+    assert w["c"] == {"quant": FLOOR, "lowrank": FLOOR}
+
+
+def test_probe_kind_estimator_weights_are_the_probe_ratios_over_the_site_scale() -> None:
+    net = _NormNet()
+    xs, loss_fn, _ = _distortion_setup(net)
+    sites = [_site(n, getattr(net, n)) for n in ("a", "b", "head")]
+    stats, rec = collect_sensitivity(net, sites, xs, loss_fn=loss_fn, estimator="probe-kind",
+                                     progress=False)
+    xs, loss_fn, _ = _distortion_setup(net)  # the same pseudo-gradients again
+    plain, _ = collect_sensitivity(net, sites, xs, loss_fn=loss_fn, progress=False)
+    assert stats.estimator == "probe-kind"
+    # site weights and scale are the "probe" estimator's
+    assert stats.sensitivity == pytest.approx(plain.sensitivity, rel=1e-9)
+    assert stats.sensitivity_scale == pytest.approx(plain.sensitivity_scale, rel=1e-9)
+    for s in sites:
+        tokens = stats.tokens[stats.group_of(s.fqn)]
+        pred = rec.predicted(s.fqn, stats.fit_gram(s.fqn), tokens, kfac=False)
+        for kind, probe in KIND_PROBE.items():
+            want = max(FLOOR, pred[probe]["probe"] / pred[probe]["rel"] / stats.sensitivity_scale)
+            assert stats.sensitivity_for(s.fqn, kind) == pytest.approx(want, rel=1e-9)
+        assert stats.sensitivity_for(s.fqn, "sparse24") == stats.sensitivity_of(s.fqn)
+    # the geometric mean of the two kinds' weights is the site weight (none at the floor here)
+    for s in sites:
+        kw = stats.kind_sensitivity[s.fqn]
+        assert (kw["quant"] * kw["lowrank"]) ** 0.5 == pytest.approx(
+            stats.sensitivity[s.fqn], rel=1e-9)
+
+
+def test_geo_estimator_is_the_geometric_mean_of_fisher_and_probe() -> None:
+    net = _NormNet()
+    xs, loss_fn, _ = _distortion_setup(net)
+    sites = [_site(n, getattr(net, n)) for n in ("a", "b", "head")]
+    geo, _ = collect_sensitivity(net, sites, xs, loss_fn=loss_fn, estimator="geo",
+                                 progress=False)
+    xs, loss_fn, _ = _distortion_setup(net)  # the same pseudo-gradients in each pass
+    fisher = collect_stats(net, sites, xs, fisher=True, loss_fn=loss_fn, progress=False)
+    xs, loss_fn, _ = _distortion_setup(net)
+    probe, _ = collect_sensitivity(net, sites, xs, loss_fn=loss_fn, progress=False)
+    raw = {k: (fisher.sensitivity[k] * probe.sensitivity[k]) ** 0.5 for k in geo.sensitivity}
+    want, _ = robust_normalize(raw)
+    assert geo.sensitivity == pytest.approx(want, rel=1e-6)
+    assert geo.estimator == "geo" and geo.kind_sensitivity is None

@@ -90,7 +90,7 @@ def build_report(
             idx = so.index_of(d)
             opt = so.options[idx]
             sens = so.sensitivity if so.sensitivity > 0 else 1.0
-            e.est_error = opt.error / sens  # the site's own relative output error
+            e.est_error = opt.error / (opt.weight or sens)  # the site's own relative error
             e.sensitivity = so.sensitivity
             e.latency_before_s = so.dense_latency_s
             e.latency_after_s = opt.latency_s
@@ -101,7 +101,7 @@ def build_report(
                 {
                     "decision": o.decision.short(),
                     "bytes": o.bytes,
-                    "error": o.error / sens,
+                    "error": o.error / (o.weight or sens),
                     "latency_s": o.latency_s,
                 }
                 for o in so.options

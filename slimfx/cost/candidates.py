@@ -176,8 +176,11 @@ def build_problem(
         sens = stats.sensitivity_of(site.fqn) if stats is not None else 1.0
         ctx = SiteContext(site, W, gram, wl.name)
 
-        def option(decision: Decision, error: float, site: LinearSite = site) -> Option:
-            return _option(decision, error, site, tgt, wl, cache, sources)
+        def option(
+            decision: Decision, error: float, weight: float | None = None, site: LinearSite = site
+        ) -> Option:
+            o = _option(decision, error, site, tgt, wl, cache, sources)
+            return o if weight is None else dataclasses.replace(o, weight=weight)
 
         dense = option(DenseConfig(), 0.0)
         options, seen, cands = [dense], {DenseConfig()}, []
@@ -191,7 +194,8 @@ def build_problem(
                     continue
                 cands.append(c)
                 w = stats.sensitivity_for(site.fqn, c.decision.kind) if stats is not None else 1.0
-                options.append(option(c.decision, max(0.0, float(c.error)) * w))
+                own = None if w == sens else float(w)  # a per-kind weight differs
+                options.append(option(c.decision, max(0.0, float(c.error)) * w, own))
         proposed[site.fqn] = cands
         site_opts.append(
             SiteOptions(site.fqn, options, 2 * in_f * out_f, dense.latency_s, float(sens))

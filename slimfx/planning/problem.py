@@ -53,7 +53,9 @@ class Option:
     ``costs``: bytes per budget dimension (``slimfx.planning.shapes.DIMENSIONS``); its
     ``weight_bytes`` entry is ``bytes`` (filled in when absent, an error when different).
     ``covers``: names of other sites this option owns — its costs and error include theirs,
-    and they take no option of their own when it is chosen.
+    and they take no option of their own when it is chosen. ``weight``: the loss-sensitivity
+    weight ``error`` carries when it is not its site's (a per-kind weight); ``None``: the
+    site's ``sensitivity``.
     """
 
     decision: Decision
@@ -64,6 +66,7 @@ class Option:
     source: str = "roofline"
     costs: Mapping[str, int] = field(default_factory=dict)
     covers: tuple[str, ...] = ()
+    weight: float | None = None
 
     def __post_init__(self) -> None:
         costs = {str(k): int(v) for k, v in dict(self.costs).items()}
@@ -94,6 +97,8 @@ class Option:
             d["costs"] = dict(sorted(self.costs.items()))
         if self.covers:
             d["covers"] = list(self.covers)
+        if self.weight is not None:
+            d["weight"] = self.weight
         return d
 
     @classmethod

@@ -220,3 +220,8 @@ def test_per_kind_weights_multiply_each_option_by_its_kinds_weight() -> None:
         assert b.error == pytest.approx(want[b.decision.kind] * a.error, rel=1e-12, abs=0.0)
     assert kinds == set(want)
     assert p.site("lin").sensitivity == 3.0
+    # each option says the weight its error carries where it is not the site's (the report
+    # divides by it to show the site's own relative error)
+    for b in p.site("lin").options:
+        k = b.decision.kind
+        assert b.weight == (None if k in ("dense", "sparse24") else want[k])

@@ -111,7 +111,7 @@ def main() -> int:
     kv_forms = ["default", "mla"] if a.mla else None
     probe = plan_model(
         model,
-        Budget(kv=1.0, context=a.context),
+        Budget(memory=1.0, kv=1.0, context=a.context),  # a weight cap: linears priced too
         PlanningOptions(calibration=calib, progress=False, kv_forms=kv_forms),
     )
     W = probe.problem.dense_bytes

@@ -52,8 +52,9 @@ def test_streamed_equals_in_memory(tmp_path: Path, tie: bool, fisher: bool) -> N
     # the loaded model runs and gives the in-memory model's logits
     ids = calib[0]
     with torch.no_grad():
-        torch.testing.assert_close(loaded(input_ids=ids).logits, ref(input_ids=ids).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            loaded(input_ids=ids).logits, ref(input_ids=ids).logits, rtol=0, atol=0
+        )
 
 
 def test_sharded_checkpoint_streams(tmp_path: Path) -> None:
@@ -61,8 +62,9 @@ def test_sharded_checkpoint_streams(tmp_path: Path) -> None:
     assert (ckpt / "model.safetensors.index.json").is_file()
     calib = calibration()
     ref = slimfx.optimize(build(False), 0.5, calibration=calib, fisher=False, progress=False)
-    res = optimize_checkpoint(ckpt, 0.5, calibration=calib, fisher=False,
-                              out=tmp_path / "out", progress=False)
+    res = optimize_checkpoint(
+        ckpt, 0.5, calibration=calib, fisher=False, out=tmp_path / "out", progress=False
+    )
     assert res.plan.to_dict() == slimfx.report_of(ref).meta["plan"]
 
 
@@ -76,8 +78,9 @@ def test_missing_shard_is_named_before_anything_is_written(tmp_path: Path) -> No
     gone = sorted(set(index["weight_map"].values()))[1]
     (ckpt / gone).unlink()
     with pytest.raises(CheckpointError, match=f"shard file.*missing: {gone}"):
-        optimize_checkpoint(ckpt, 0.5, calibration=calibration(), out=tmp_path / "out",
-                            progress=False)
+        optimize_checkpoint(
+            ckpt, 0.5, calibration=calibration(), out=tmp_path / "out", progress=False
+        )
     _assert_nothing_written(tmp_path)
 
 
@@ -86,10 +89,14 @@ def test_shape_mismatch_is_named_before_anything_is_written(tmp_path: Path) -> N
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["intermediate_size"] = 96  # the stored MLP weights are 128 wide
     (ckpt / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"shape mismatch: model\.layers\.0\.mlp\.gate_proj"
-                       r"\.weight: checkpoint \(128, 64\), model \(96, 64\)"):
-        optimize_checkpoint(ckpt, 0.5, calibration=calibration(), out=tmp_path / "out",
-                            progress=False)
+    with pytest.raises(
+        CheckpointError,
+        match=r"shape mismatch: model\.layers\.0\.mlp\.gate_proj"
+        r"\.weight: checkpoint \(128, 64\), model \(96, 64\)",
+    ):
+        optimize_checkpoint(
+            ckpt, 0.5, calibration=calibration(), out=tmp_path / "out", progress=False
+        )
     _assert_nothing_written(tmp_path)
 
 
@@ -101,16 +108,23 @@ def test_missing_tensor_is_named(tmp_path: Path) -> None:
     del tensors["model.layers.2.mlp.down_proj.weight"]
     save_file(tensors, ckpt / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"missing: model\.layers\.2\.mlp\.down_proj"):
-        optimize_checkpoint(ckpt, 0.5, calibration=calibration(), out=tmp_path / "out",
-                            progress=False)
+        optimize_checkpoint(
+            ckpt, 0.5, calibration=calibration(), out=tmp_path / "out", progress=False
+        )
     _assert_nothing_written(tmp_path)
 
 
 def test_probe_sensitivity_is_refused_not_replaced(tmp_path: Path) -> None:
     ckpt = save_checkpoint(tmp_path / "ckpt", True)
     with pytest.raises(ValueError, match="sensitivity='probe' is not available streamed"):
-        optimize_checkpoint(ckpt, 0.5, calibration=calibration(), sensitivity="probe",
-                            out=tmp_path / "out", progress=False)
+        optimize_checkpoint(
+            ckpt,
+            0.5,
+            calibration=calibration(),
+            sensitivity="probe",
+            out=tmp_path / "out",
+            progress=False,
+        )
     _assert_nothing_written(tmp_path)
 
 
@@ -129,19 +143,22 @@ def test_failed_write_leaves_no_loadable_directory(tmp_path: Path, monkeypatch) 
 
     monkeypatch.setattr(writer.StreamedSafetensors, "write", failing)
     with pytest.raises(OSError, match="no space"):
-        optimize_checkpoint(ckpt, 0.5, calibration=calibration(), fisher=False,
-                            out=tmp_path / "out", progress=False)
+        optimize_checkpoint(
+            ckpt, 0.5, calibration=calibration(), fisher=False, out=tmp_path / "out", progress=False
+        )
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.slimfx-tmp-*"))  # the partial directory is removed
     # an earlier save at the target stays what it was
     monkeypatch.setattr(writer.StreamedSafetensors, "write", real)
-    first = optimize_checkpoint(ckpt, 0.5, calibration=calibration(), fisher=False,
-                                out=tmp_path / "out", progress=False)
+    first = optimize_checkpoint(
+        ckpt, 0.5, calibration=calibration(), fisher=False, out=tmp_path / "out", progress=False
+    )
     before = (tmp_path / "out" / "model.safetensors").read_bytes()
     calls["n"] = 0
     monkeypatch.setattr(writer.StreamedSafetensors, "write", failing)
     with pytest.raises(OSError):
-        optimize_checkpoint(ckpt, 0.3, calibration=calibration(), fisher=False,
-                            out=tmp_path / "out", progress=False)
+        optimize_checkpoint(
+            ckpt, 0.3, calibration=calibration(), fisher=False, out=tmp_path / "out", progress=False
+        )
     assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
     assert slimfx.load(tmp_path / "out").slimfx_report.meta["plan"] == first.plan.to_dict()

@@ -27,7 +27,6 @@ import dataclasses
 import os
 import resource
 import time
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,17 +37,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from slimfx import validate
-from slimfx.cost.calibration import (
-    CalibrationStats,
-    GramRecorder,
-    _FisherRecorder,
-    _loss_of,
-    _ModeGuard,
-    call_model,
-    prepare_batches,
-)
-from slimfx.cost.candidates import build_problem
-from slimfx.cost.sequential import _capture_inputs, _plan, _run_block
+from slimfx.cost.calibration import CalibrationStats, _ModeGuard, prepare_batches
+from slimfx.cost.sequential import _capture_inputs, _plan
 from slimfx.cost.target import MeasuredCache, Target
 from slimfx.ir.find import discover_linear_sites
 from slimfx.ir.sites import LinearSite
@@ -61,9 +51,21 @@ from slimfx.planning.solve import solve as solve_budget
 from slimfx.report import Report
 from slimfx.report_builder import build_report, target_name
 from slimfx.stages import _drop_tied_sites, _split_heldout, select_sites
-from slimfx.stream.blocks import block_backward, replayed, stream_of
 from slimfx.stream.checkpoint import Checkpoint, release
+from slimfx.stream.dist import Comm
 from slimfx.stream.output import write_output
+from slimfx.stream.statistics import (
+    Moments,
+    block_fisher,
+    block_sites,
+    block_statistics,
+    fisher_moments,
+    head_backward,
+    merge_problems,
+    price,
+    sensitivity,
+    tail_statistics,
+)
 from slimfx.stream.workdir import WorkDir, fingerprint
 
 __all__ = ["optimize_checkpoint", "StreamResult", "FAIL_AFTER_BLOCK_ENV"]
@@ -75,13 +77,13 @@ FAIL_AFTER_BLOCK_ENV = "SLIMFX_STREAM_FAIL_AFTER_BLOCK"
 @dataclass
 class StreamResult:
     """What a streamed optimize did: the saved directory, the plan, the problem it solved,
-    the report written beside it, notes, seconds per stage, blocks computed in this run
+    the report written beside it (``None`` on ranks other than 0, which write nothing), notes, seconds per stage, blocks computed in this run
     (fewer than all after a resume) and the process's peak resident memory."""
 
     out: Path
     plan: Plan
     problem: BudgetProblem
-    report: Report
+    report: Report | None
     sites: list[LinearSite]
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
@@ -115,36 +117,6 @@ def _token_batches(
                 f"[0, {vocab}) (the model's embedding has {vocab} rows)"
             )
     return batches
-
-
-def _block_sites(block: nn.Module, name: str, inputs: Any, keep: set[str]) -> list[LinearSite]:
-    """The block's linear sites in call order, grouped by shared input (one run of the
-    block on one batch), under their full names; only those in ``keep``."""
-    args, kwargs = inputs
-    local = discover_linear_sites(block, tuple(args), dict(kwargs))
-    pre = f"{name}."
-    sites = [
-        dataclasses.replace(s, fqn=pre + s.fqn, weight=pre + s.weight, group=pre + s.group)
-        for s in local
-    ]
-    return [s for s in sites if s.fqn in keep]
-
-
-def _merge(parts: Sequence[BudgetProblem], families: Sequence[str]) -> BudgetProblem:
-    sources: Counter[str] = Counter()
-    for p in parts:
-        sources.update(p.meta["latency_sources"])
-    first = parts[0]
-    meta = {
-        "families": list(families),
-        "calibrated": True,
-        "sensitivity": False,
-        "tokens": first.meta["tokens"],
-        "latency_sources": dict(sorted(sources.items())),
-        "not_allowed": sum(p.meta["not_allowed"] for p in parts),
-    }
-    sites = [s for p in parts for s in p.sites]
-    return BudgetProblem(sites, workload=first.workload, target=first.target, meta=meta)
 
 
 def _weigh(problem: BudgetProblem, sens: dict[str, float]) -> BudgetProblem:
@@ -225,6 +197,7 @@ def optimize_checkpoint(
             "sensitivity='fisher' (streamed exactly, block by block) or fisher=False"
         )
     outp = Path(os.path.abspath(out))
+    comm = Comm()
     check_save_target(outp, overwrite)
     cache = MeasuredCache.of(latency_cache, target)
     ckpt = Checkpoint(path, dtype)
@@ -254,6 +227,10 @@ def optimize_checkpoint(
     fit, held, note = _split_heldout(batches, held_in)
     if note:
         notes.append(note)
+    if len(fit) < comm.world:
+        raise ValueError(
+            f"{len(fit)} calibration batch(es) for {comm.world} ranks: every rank needs one"
+        )
     key = fingerprint(
         {
             "checkpoint": str(Path(path).resolve()),
@@ -267,127 +244,85 @@ def optimize_checkpoint(
             "exclude": exclude,
             "fisher": fisher,
             "cache": str(latency_cache),
+            "world": comm.world,
         },
         fit,
     )
-    wd = WorkDir(Path(work) if work else outp.parent / f".{outp.name}.slimfx-work", key)
+    work_path = Path(work) if work else outp.parent / f".{outp.name}.slimfx-work"
+    if comm.rank == 0:  # rank 0 clears a stale work directory before the others look
+        wd = WorkDir(work_path, key)
+    comm.barrier()
+    if comm.rank > 0:
+        wd = WorkDir(work_path, key)
     if wd.cleared:
         notes.append("stream: the work directory held another run's statistics; started over")
-    device = torch.device("cpu")
+    inp = f"in-r{comm.rank}" if comm.active else "in"  # each rank's activations
     timings["load_head"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- statistics, candidates
     t = time.perf_counter()
-    start = wd.resume_point(len(names))
+    mine = comm.mine(len(fit))
+    local = [fit[b] for b in mine]
+    start = comm.min(wd.resume_point(len(names), inp))
     if start:
         notes.append(
             f"stream: resumed at block {start} of {len(names)} (statistics of blocks "
             f"0–{start - 1} read from the work directory)"
         )
-        inputs = wd.load("in", start)
+        inputs = wd.load(inp, start)
     else:
         with _ModeGuard(model), torch.no_grad():
-            inputs = _capture_inputs(model, model.get_submodule(names[0]), fit)
-        wd.save("in", 0, inputs)
+            inputs = _capture_inputs(model, model.get_submodule(names[0]), local)
+        wd.save(inp, 0, inputs)
     fail_after = os.environ.get(FAIL_AFTER_BLOCK_ENV)
-    as_tuple = False
     computed = 0
-    bar = tqdm(
-        range(start, len(names)),
-        desc="stream: statistics",
-        unit="block",
-        disable=not progress,
-        leave=False,
-    )
+    pricing = {"target": target, "workload": workload, "families": tuple(families),
+               "cache": cache}  # fmt: skip
+    bar = tqdm(range(start, len(names)), desc="stream: statistics", unit="block",
+               disable=not progress or comm.rank > 0, leave=False)  # fmt: skip
     for i in bar:
         name = names[i]
         block = ckpt.materialize(model, name)
         with _ModeGuard(block), torch.no_grad():
-            sites = _block_sites(block, name, inputs[0], keep)
-            entry: dict[str, Any] = {
-                "sites": sites,
-                "grams": {},
-                "tokens": {},
-                "site_group": {},
-                "problem": None,
-            }
-            if sites:
-                t0 = time.perf_counter()
-                with GramRecorder(dict(model.named_modules()), sites) as rec:
-                    _run_block(block, inputs, device)
-                stats = rec.stats(None, time.perf_counter() - t0)
-                weights = {s.fqn: model.get_submodule(s.fqn).weight.detach() for s in sites}
-                problem, _ = build_problem(
-                    sites,
-                    weights,
-                    stats,
-                    target=target,
-                    workload=workload,
-                    families=tuple(families),
-                    cache=cache,
-                    progress=False,
-                )
-                entry.update(
-                    grams=stats.grams,
-                    tokens=stats.tokens,
-                    site_group=stats.site_group,
-                    problem=problem,
-                )
-            nxt = _run_block(block, inputs, device)
+            sites = block_sites(block, name, inputs[0], keep)
+            stats, nxt = block_statistics(model, block, sites, inputs, mine, comm)
+            problem = price(model, sites, stats, comm, **pricing) if stats else None
             as_tuple = isinstance(block(*inputs[0][0], **inputs[0][1]), tuple)
         release(block)
-        wd.save("block", i, {**entry, "as_tuple": as_tuple})
-        wd.save("in", i + 1, nxt)
+        if comm.rank == 0:
+            wd.save("block", i, {"sites": sites, "stats": stats, "problem": problem,
+                                 "as_tuple": as_tuple})  # fmt: skip
+        wd.save(inp, i + 1, nxt)
         if not fisher:
-            wd.drop("in", i)
+            wd.drop(inp, i)
         inputs, computed = nxt, computed + 1
         if fail_after is not None and i == int(fail_after):
             raise RuntimeError(
                 f"{FAIL_AFTER_BLOCK_ENV}={fail_after}: simulated crash after block {i}"
             )
+    comm.barrier()  # every block file is written
     final = inputs
     del inputs
     entries = [wd.load("block", i) for i in range(len(names))]
     as_tuple = entries[-1]["as_tuple"]
-    grams: dict[str, Tensor] = {}
-    tokens: dict[str, int] = {}
-    groups: dict[str, str] = {}
-    for e in entries:
-        grams.update(e["grams"])
-        tokens.update(e["tokens"])
-        groups.update(e["site_group"])
     parts = [e["problem"] for e in entries if e["problem"] is not None]
-    block_sites = {names[i]: e["sites"] for i, e in enumerate(entries)}
+    by_block = {names[i]: e["sites"] for i, e in enumerate(entries)}
+    all_stats = [e["stats"] for e in entries if e["stats"] is not None]
     del entries
     if tail:  # sites after the blocks (an untied head): the model's forward over the last states
-        with (
-            _ModeGuard(model),
-            torch.no_grad(),
-            GramRecorder(dict(model.named_modules()), tail) as rec,
-        ):
-            with replayed(model, names, [stream_of(x) for x in final], as_tuple):
-                for b in fit:
-                    call_model(model, b)
-        stats = rec.stats()
-        weights = {s.fqn: model.get_submodule(s.fqn).weight.detach() for s in tail}
-        problem, _ = build_problem(
-            tail,
-            weights,
-            stats,
-            target=target,
-            workload=workload,
-            families=tuple(families),
-            cache=cache,
-            progress=False,
-        )
-        parts.append(problem)
-        grams.update(stats.grams)
-        tokens.update(stats.tokens)
-        groups.update(stats.site_group)
-    sites = [s for n in names for s in block_sites[n]] + tail
+        with _ModeGuard(model), torch.no_grad():
+            tstats = tail_statistics(model, names, tail, local, final, mine, as_tuple, comm)
+        parts.append(price(model, tail, tstats, comm, **pricing))
+        all_stats.append(tstats)
+    sites = [s for n in names for s in by_block[n]] + tail
     if not sites:
         raise ValueError("include/exclude leave no linear site to optimize")
-    stats = CalibrationStats(grams, tokens, groups)
+    stats = CalibrationStats(
+        {k: v for st in all_stats for k, v in st.grams.items()},
+        {k: v for st in all_stats for k, v in st.tokens.items()},
+        {k: v for st in all_stats for k, v in st.site_group.items()},
+    )
+    del all_stats
     thin = stats.underdetermined()
     if thin:
         grp, (n_tok, f) = next(iter(thin.items()))
@@ -396,13 +331,16 @@ def optimize_checkpoint(
             f"input features (e.g. {grp}: {n_tok} tokens for {f} features); activation-aware "
             "estimates are optimistic there — pass more calibration tokens"
         )
-    problem = _merge(parts, families)
+    problem = merge_problems(parts, families)
     timings["calibration+candidates"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- fisher, streamed backward
     if fisher:
         t = time.perf_counter()
-        sens = _streamed_fisher(model, ckpt, wd, names, sites, fit, final, as_tuple, progress)
+        sens = _streamed_fisher(
+            model, ckpt, wd, inp, names, by_block, tail, local, mine, final, as_tuple, comm,
+            progress,
+        )  # fmt: skip
         problem = _weigh(problem, sens)
         stats.sensitivity, stats.estimator = sens, "fisher"
         notes.append(
@@ -415,7 +353,8 @@ def optimize_checkpoint(
 
     # ---------------------------------------------------------------- solve
     t = time.perf_counter()
-    solution = solve_budget(problem, bud, method=solver)
+    solution = solve_budget(problem, bud, method=solver) if comm.rank == 0 else None
+    solution = comm.broadcast(solution)  # rank 0 solves
     if solution.note:
         notes.append(f"solver: {solution.note}")
     plan = solution.to_plan(
@@ -432,10 +371,18 @@ def optimize_checkpoint(
     timings["solve"] = time.perf_counter() - t
 
     # ---------------------------------------------------------------- apply and write
+    if comm.rank > 0:  # rank 0 writes
+        comm.barrier()
+        return StreamResult(outp, plan, problem, None, sites, notes, timings, computed,
+                            _peak_rss_mb())  # fmt: skip
     t = time.perf_counter()
-    result, measured, output = write_output(
-        ckpt, model, plan, names, block_sites, tail, stats, held, outp, as_tuple, progress
-    )
+    try:
+        result, measured, output = write_output(
+            ckpt, model, plan, names, by_block, tail, stats, held, outp, as_tuple, progress
+        )
+    except BaseException:
+        comm.barrier()
+        raise
     timings["apply+write"] = time.perf_counter() - t
     try:
         report = _report(
@@ -459,6 +406,8 @@ def optimize_checkpoint(
     except BaseException:
         output.discard()
         raise
+    finally:
+        comm.barrier()
     if not keep_work:
         wd.remove()
     return StreamResult(
@@ -496,40 +445,38 @@ def _streamed_fisher(
     model: nn.Module,
     ckpt: Checkpoint,
     wd: WorkDir,
+    inp: str,
     names: list[str],
-    sites: list[LinearSite],
-    fit: list[Tensor],
+    by_block: dict[str, list[LinearSite]],
+    tail: list[LinearSite],
+    local: list[Tensor],
+    mine: list[int],
     final: list[Any],
     as_tuple: bool,
+    comm: Comm,
     progress: bool,
 ) -> dict[str, float]:
     """The Fisher sensitivity of every site (``cost.calibration``'s recorder and formula),
-    with the backward run block by block from the head down."""
-    rec = _FisherRecorder(dict(model.named_modules()), sites)
-    grads: list[Tensor] = []
-    with _ModeGuard(model), rec, torch.enable_grad():
-        for b, batch in enumerate(fit):
-            h = stream_of(final[b]).detach().requires_grad_(True)
-            with replayed(model, names, [h], as_tuple):
-                loss = _loss_of(model, batch, None)
-            (g,) = torch.autograd.grad(loss, h, retain_graph=True)
-            rec.backward(loss)
-            grads.append(g.detach())
-            del loss
-    bar = tqdm(
-        list(reversed(range(len(names)))),
-        desc="stream: fisher",
-        unit="block",
-        disable=not progress,
-        leave=False,
-    )
+    the backward run block by block from the head down, each rank on its own batches; the
+    per-batch moments are summed in batch order."""
+    per: dict[int, Moments] = {}
+    grads = []
+    with _ModeGuard(model):
+        for j, b in enumerate(mine):
+            g, per[b] = head_backward(model, names, tail, local[j], final[j], as_tuple)
+            grads.append(g)
+    moments = fisher_moments(comm.gather(per))
+    bar = tqdm(list(reversed(range(len(names)))), desc="stream: fisher", unit="block",
+               disable=not progress or comm.rank > 0, leave=False)  # fmt: skip
     for i in bar:
         block = ckpt.materialize(model, names[i])
-        inputs = wd.load("in", i)
-        with _ModeGuard(block), rec:
-            grads = [
-                block_backward(block, inputs[b], grads[b], rec, torch.device("cpu"))
-                for b in range(len(fit))
-            ]
+        inputs = wd.load(inp, i)
+        sites = by_block[names[i]]
+        per = {}
+        with _ModeGuard(block):
+            for j, b in enumerate(mine):
+                grads[j], per[b] = block_fisher(model, block, sites, inputs[j], grads[j])
+        moments.update(fisher_moments(comm.gather(per)))
         release(block)
-    return rec.sensitivity()
+    all_sites = [s for n in names for s in by_block[n]] + tail
+    return sensitivity(model, all_sites, moments)

@@ -82,13 +82,13 @@ class WorkDir:
     def drop(self, kind: str, i: int) -> None:
         self._file(kind, i).unlink(missing_ok=True)
 
-    def resume_point(self, n_blocks: int) -> int:
+    def resume_point(self, n_blocks: int, inputs: str = "in") -> int:
         """The first block to compute: blocks before it have statistics and its inputs are
-        stored (0 when nothing usable is there)."""
+        stored as ``<inputs>_<k>.pt`` (0 when nothing usable is there)."""
         k = 0
         while k < n_blocks and self.has("block", k):
             k += 1
-        while k > 0 and not self.has("in", k):  # in_<n> holds the last block's outputs
+        while k > 0 and not self.has(inputs, k):  # in_<n> holds the last block's outputs
             k -= 1
         return k
 

@@ -287,7 +287,9 @@ def optimize_checkpoint(
             sites = block_sites(block, name, inputs[0], keep)
             stats, nxt = block_statistics(model, block, sites, inputs, mine, comm)
             problem = price(model, sites, stats, comm, **pricing) if stats else None
-            as_tuple = isinstance(block(*inputs[0][0], **inputs[0][1]), tuple)
+            as_tuple = i == len(names) - 1 and isinstance(
+                block(*inputs[0][0], **inputs[0][1]), tuple
+            )  # the last block's output type: the head's replay returns the same
         release(block)
         if comm.rank == 0:
             wd.save("block", i, {"sites": sites, "stats": stats, "problem": problem,
@@ -402,6 +404,7 @@ def optimize_checkpoint(
         )
         timings["total"] = time.perf_counter() - t_start
         report.timings = timings
+        report.meta["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         output.commit(report)
     except BaseException:
         output.discard()

@@ -291,9 +291,11 @@ def optimize_checkpoint(
                 block(*inputs[0][0], **inputs[0][1]), tuple
             )  # the last block's output type: the head's replay returns the same
         release(block)
-        if comm.rank == 0:
-            wd.save("block", i, {"sites": sites, "stats": stats, "problem": problem,
-                                 "as_tuple": as_tuple})  # fmt: skip
+        if comm.rank == 0:  # the Grams stay on disk until the block is rewritten
+            thin = stats.underdetermined() if stats else {}
+            wd.save("stats", i, stats)
+            wd.save("block", i, {"sites": sites, "problem": problem, "as_tuple": as_tuple,
+                                 "thin": thin})  # fmt: skip
         wd.save(inp, i + 1, nxt)
         if not fisher:
             wd.drop(inp, i)
@@ -309,23 +311,23 @@ def optimize_checkpoint(
     as_tuple = entries[-1]["as_tuple"]
     parts = [e["problem"] for e in entries if e["problem"] is not None]
     by_block = {names[i]: e["sites"] for i, e in enumerate(entries)}
-    all_stats = [e["stats"] for e in entries if e["stats"] is not None]
+    thin = {k: v for e in entries for k, v in e["thin"].items()}
     del entries
+    tstats = None
     if tail:  # sites after the blocks (an untied head): the model's forward over the last states
         with _ModeGuard(model), torch.no_grad():
             tstats = tail_statistics(model, names, tail, local, final, mine, as_tuple, comm)
         parts.append(price(model, tail, tstats, comm, **pricing))
-        all_stats.append(tstats)
+        thin.update(tstats.underdetermined())
     sites = [s for n in names for s in by_block[n]] + tail
     if not sites:
         raise ValueError("include/exclude leave no linear site to optimize")
-    stats = CalibrationStats(
-        {k: v for st in all_stats for k, v in st.grams.items()},
-        {k: v for st in all_stats for k, v in st.tokens.items()},
-        {k: v for st in all_stats for k, v in st.site_group.items()},
-    )
-    del all_stats
-    thin = stats.underdetermined()
+    index = {n: i for i, n in enumerate(names)}
+
+    def stats_of(name: str) -> CalibrationStats | None:
+        """A block's statistics, read back from the work directory ("" : the tail's)."""
+        return tstats if name == "" else wd.load("stats", index[name])
+
     if thin:
         grp, (n_tok, f) = next(iter(thin.items()))
         notes.append(
@@ -344,7 +346,6 @@ def optimize_checkpoint(
             progress,
         )  # fmt: skip
         problem = _weigh(problem, sens)
-        stats.sensitivity, stats.estimator = sens, "fisher"
         notes.append(
             "sensitivity: each site's error weighted by its loss sensitivity on the calibration "
             "text — Σ E[g²]E[y²] (Fisher), mean-normalized, its backward streamed block by "
@@ -380,7 +381,7 @@ def optimize_checkpoint(
     t = time.perf_counter()
     try:
         result, measured, output = write_output(
-            ckpt, model, plan, names, by_block, tail, stats, held, outp, as_tuple, progress
+            ckpt, model, plan, names, by_block, tail, stats_of, held, outp, as_tuple, progress
         )
     except BaseException:
         comm.barrier()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,14 +126,15 @@ def write_output(
     names: list[str],
     block_sites: Mapping[str, list[LinearSite]],
     tail: list[LinearSite],
-    stats: CalibrationStats,
+    stats_of: Callable[[str], CalibrationStats | None],
     held: list[Tensor],
     out: Path,
     as_tuple: bool,
     progress: bool,
 ) -> tuple[PassResult, dict[str, tuple[float, float]], Output]:
     """Rewrite and write every block, then the rest of the model, into a new save directory
-    (not yet committed: the caller commits it with the report). Returns the merged pass
+    (not yet committed: the caller commits it with the report); ``stats_of(block name)``
+    reads a block's Grams back (``""``: the sites after the blocks). Returns the merged pass
     result, the measured errors and the pending :class:`Output`."""
     sites = [s for n in names for s in block_sites[n]] + tail
     layout_model = ckpt.skeleton()
@@ -155,7 +156,7 @@ def write_output(
                 block = ckpt.materialize(model, name)
                 bs = block_sites[name]
                 dense = _dense_ref(model, plan, bs)
-                _apply(model, plan, bs, stats, merged)
+                _apply(model, plan, bs, stats_of(name) if bs else None, merged)
                 block = model.get_submodule(name)
                 with _ModeGuard(block), torch.no_grad():
                     if dense:
@@ -164,7 +165,7 @@ def write_output(
                 file.write(stored_tensors(block, name, layout))
                 release(block)
             dense = _dense_ref(model, plan, tail)
-            _apply(model, plan, tail, stats, merged)
+            _apply(model, plan, tail, stats_of("") if tail else None, merged)
             if dense:
                 with _ModeGuard(model), torch.no_grad():
                     with replayed(model, names, [stream_of(x) for x in inputs], as_tuple):

@@ -2,6 +2,8 @@
 ``slimfx calibrate-target``.
 
     slimfx optimize --model smollm2 --budget 0.8 --calib lee --out out/smol
+    slimfx optimize --model ckpt/ --budget 0.3 --out out/big   # a checkpoint dir, streamed
+    torchrun --nproc-per-node 2 -m slimfx optimize --model ckpt/ --budget 0.3 --out out/big
     slimfx report out/smol              # the short table; --markdown, --plot, --diff OTHER
     slimfx export out/smol --onnx out/smol.onnx [--kv-cache]   # ONNX for onnxruntime
 """
@@ -53,8 +55,10 @@ def _check_optimize_args(a: argparse.Namespace):
     from slimfx.planning.problem import Budget
     from slimfx.validate import check_options
 
-    if a.model not in ("smollm2", "tiny"):
-        raise ValueError(f"unknown --model {a.model!r}; known: smollm2, tiny")
+    if a.model not in ("smollm2", "tiny") and not Path(a.model).is_dir():
+        raise ValueError(
+            f"unknown --model {a.model!r}; known: smollm2, tiny, or a checkpoint directory"
+        )
     if a.bits is not None and a.budget is not None:
         raise ValueError("give --budget or --bits, not both")
     for flag, v in (("--seq-len", a.seq_len), ("--n-calib", a.n_calib)):
@@ -62,7 +66,14 @@ def _check_optimize_args(a: argparse.Namespace):
             raise ValueError(f"{flag} must be ≥ 1, got {v}")
     from slimfx.data.text import CORPORA
 
-    if a.calib not in CORPORA:
+    streamed = Path(a.model).is_dir()
+    if streamed:
+        unsupported = [flag for flag, on in (("--plan", a.plan), ("--sequential", a.sequential),
+                       ("--backend", a.backend), ("--eval", a.eval), ("--onnx", a.onnx)) if on]
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)}: not available with a checkpoint "
+                             "directory (the streamed optimize)")
+    if a.calib not in CORPORA and not (streamed and a.calib == "random"):
         raise ValueError(f"unknown --calib {a.calib!r}; known: {', '.join(sorted(CORPORA))}")
     check_options(target=a.target, workload=a.workload, families=a.families.split(","),
                   seq_len=a.seq_len)
@@ -80,10 +91,76 @@ def _check_optimize_args(a: argparse.Namespace):
     return budget, plan
 
 
+def _init_distributed() -> bool:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1): gloo on CPU, nccl
+    when each rank has a GPU. False when not launched by torchrun."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _checkpoint_calibration(a: argparse.Namespace):
+    """The streamed run's calibration: the corpus through the checkpoint's tokenizer, or
+    seeded random ids with ``--calib random`` (random-weight checkpoints, smoke tests)."""
+    import json
+
+    import torch
+
+    if a.calib == "random":
+        vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
+        g = torch.Generator().manual_seed(0)
+        return [torch.randint(0, vocab, (1, a.seq_len), generator=g) for _ in range(a.n_calib)]
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.model)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model {a.model}: no tokenizer in the checkpoint directory ({e}); "
+                         "pass --calib random for random token ids") from None
+    from slimfx.data.text import calibration_batches
+
+    return calibration_batches(tok, name=a.calib, n=a.n_calib, seq_len=a.seq_len)
+
+
+def cmd_optimize_checkpoint(a: argparse.Namespace, budget) -> int:
+    """``slimfx optimize --model DIR``: the layer-streamed optimize (``slimfx.stream``), on
+    every rank of a torchrun launch."""
+    from slimfx.stream import optimize_checkpoint
+
+    dist = _init_distributed()
+    calib = _checkpoint_calibration(a)
+    t0 = time.perf_counter()
+    res = optimize_checkpoint(
+        a.model, budget, calibration=calib, out=a.out, target=a.target, workload=a.workload,
+        families=tuple(a.families.split(",")), fisher=a.fisher,
+        sensitivity=a.sensitivity or "fisher",  # what a block-by-block backward gives
+        latency_cache=a.latency_cache, overwrite=a.overwrite, progress=not a.quiet,
+    )  # fmt: skip
+    if res.report is not None:  # rank 0 wrote
+        print(res.report)
+        print(f"optimize (streamed{', distributed' if dist else ''}) took "
+              f"{time.perf_counter() - t0:.1f} s, peak RSS {res.peak_rss_mb:.0f} MB")
+        print(f"wrote {res.out}/plan.json, report.json, model.safetensors")
+    if dist:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return 0
+
+
 def cmd_optimize(a: argparse.Namespace) -> int:
     import slimfx
 
     budget, plan = _check_optimize_args(a)
+    if Path(a.model).is_dir():
+        return cmd_optimize_checkpoint(a, budget)
     model, tok = _load_model(a.model)
     calib, held = _calibration(tok, a.calib, a.n_calib, a.seq_len, model)
     t0 = time.perf_counter()
@@ -97,7 +174,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         families=tuple(a.families.split(",")),
         sequential=a.sequential,
         fisher=a.fisher,
-        sensitivity=a.sensitivity,
+        sensitivity=a.sensitivity or "geo",
         progress=not a.quiet,
         latency_cache=a.latency_cache,
         backend=a.backend,
@@ -225,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slimfx", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("optimize", help="optimize a model under a budget and save it")
-    o.add_argument("--model", default="smollm2", help="smollm2 | tiny")
+    o.add_argument("--model", default="smollm2",
+                   help="smollm2 | tiny | a Hugging Face checkpoint directory (config.json + "
+                   "safetensors), optimized one decoder block at a time (docs/STREAMING.md)")
     o.add_argument("--budget", type=float, default=None,
                    help="fraction of 16-bit bytes (default 0.8 unless --bits or --latency)")
     o.add_argument("--bits", type=float, default=None, help="effective bits/weight instead")
@@ -242,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measured kernel times (`slimfx calibrate-target`) for --target")
     o.add_argument("--backend", default=None, choices=["eager", "compile", "triton", "onnx"],
                    help="what will run the model: only forms it runs natively are offered")
-    o.add_argument("--calib", default="lee", help="calibration text: lee (news) | wiki")
+    o.add_argument("--calib", default="lee",
+                   help="calibration text: lee (news) | wiki; random (ids) for a directory")
     o.add_argument("--n-calib", type=int, default=16)
     o.add_argument("--seq-len", type=int, default=256)
     o.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
@@ -252,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--sequential", action="store_true")
     o.add_argument("--fisher", action=argparse.BooleanOptionalAction, default=None,
                    help="weight errors by loss sensitivity (default: on for causal LMs)")
-    o.add_argument("--sensitivity", default="geo",
+    o.add_argument("--sensitivity", default=None,
                    choices=["geo", "probe", "probe-kind", "kfac", "fisher", "measured"],
-                   help="how the loss sensitivity is estimated (slimfx.cost.sensitivity)")
+                   help="how the loss sensitivity is estimated (slimfx.cost.sensitivity; "
+                        "default geo, fisher for a checkpoint directory: the streamed backward "
+                        "gives the Fisher product only)")
     o.add_argument("--plan", default=None, help="replay this plan.json instead of solving")
     o.add_argument("--eval", action="store_true", help="perplexity before/after on held-out text")
     o.add_argument("--onnx", default=None, help="also export to this .onnx path")

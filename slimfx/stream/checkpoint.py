@@ -1,0 +1,230 @@
+"""A Hugging Face checkpoint directory read one tensor at a time, and a model skeleton on meta.
+
+A checkpoint directory holds ``config.json`` and the weights as ``model.safetensors`` or as
+shards listed by ``model.safetensors.index.json``. :class:`Checkpoint` maps every tensor name
+to its shard and reads a tensor with ``safetensors.safe_open`` only when asked, so nothing but
+the tensors of the module being materialized is ever in memory.
+
+:meth:`Checkpoint.skeleton` builds the model from its config on the meta device (no storage),
+checks every parameter and persistent buffer against the checkpoint — a missing tensor, a
+missing shard file or a shape mismatch raises :class:`CheckpointError` naming it, before any
+work — and :meth:`Checkpoint.materialize` / :func:`release` load and free one submodule.
+Buffers a checkpoint does not store (rotary inverse frequencies) are rebuilt by constructing
+their module again from the config on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Checkpoint", "CheckpointError", "release"]
+
+_INDEX = "model.safetensors.index.json"
+_SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be streamed: what is wrong and where."""
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory, by name, read lazily.
+
+    - ``path``: the directory (``config.json`` + ``model.safetensors`` or an index and shards).
+    - ``dtype``: cast floating tensors to this dtype on read (``None``: as stored).
+    """
+
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        self.path = Path(path)
+        self.dtype = dtype
+        if not self.path.is_dir():
+            raise CheckpointError(f"{self.path}: not a checkpoint directory")
+        if not (self.path / "config.json").is_file():
+            raise CheckpointError(f"{self.path}: no config.json (not a Hugging Face checkpoint)")
+        self.files = self._index()
+        self._headers: dict[str, dict[str, Any]] = {}
+
+    def _index(self) -> dict[str, str]:
+        """tensor name → shard file name; a listed shard that does not exist raises."""
+        index = self.path / _INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a safetensors index ({e!r})") from e
+            missing = sorted({f for f in weight_map.values() if not (self.path / f).is_file()})
+            if missing:
+                raise CheckpointError(
+                    f"{self.path}: shard file(s) listed in {_INDEX} are missing: "
+                    f"{', '.join(missing)}"
+                )
+            return dict(weight_map)
+        single = self.path / _SINGLE
+        if not single.is_file():
+            raise CheckpointError(f"{self.path}: no {_SINGLE} and no {_INDEX}")
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {k: _SINGLE for k in f.keys()}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor ``name`` (read from the shard header only)."""
+        from safetensors import safe_open
+
+        file = self.files[name]
+        head = self._headers.get(file)
+        if head is None:
+            with safe_open(str(self.path / file), framework="pt") as f:
+                head = self._headers[file] = {
+                    k: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                }
+        return head[name]
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names``, read shard by shard (each opened once)."""
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            if n not in self.files:
+                raise CheckpointError(f"{self.path}: tensor {n!r} is not in the checkpoint")
+            by_file.setdefault(self.files[n], []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for file, keys in by_file.items():
+            with safe_open(str(self.path / file), framework="pt") as f:
+                for k in keys:
+                    t = f.get_tensor(k)
+                    if self.dtype is not None and t.is_floating_point():
+                        t = t.to(self.dtype)
+                    out[k] = t
+        return out
+
+    def config(self) -> Any:
+        """The model's ``transformers`` config."""
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(self.path)
+
+    def stored_dtype(self) -> torch.dtype:
+        """The dtype of the first floating tensor as stored (the skeleton's dtype)."""
+        for name in self.files:
+            t = self.read([name])[name]
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    def skeleton(self) -> nn.Module:
+        """The causal LM of ``config.json`` on the meta device (tied weights tied), checked
+        against the checkpoint: every parameter and persistent buffer must be stored (under
+        its own name or a tied alias) with the module's shape."""
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.config()
+        dtype = self.dtype or self.stored_dtype()
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model.eval()
+        self.check(model)
+        return model
+
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`CheckpointError` listing every tensor of ``model`` that the
+        checkpoint lacks or stores with another shape."""
+        missing, wrong = [], []
+        for names, t in _tensors(model):
+            stored = next((n for n in names if n in self.files), None)
+            if stored is None:
+                missing.append(names[0])
+            elif self.shape(stored) != tuple(t.shape):
+                wrong.append(f"{stored}: checkpoint {self.shape(stored)}, model {tuple(t.shape)}")
+        if missing or wrong:
+            lines = [f"missing: {m}" for m in missing[:10]] + [
+                f"shape mismatch: {w}" for w in wrong[:10]
+            ]
+            raise CheckpointError(
+                f"{self.path} does not match its config.json ({len(missing)} tensor(s) missing, "
+                f"{len(wrong)} shape mismatch(es)); nothing was written:\n  " + "\n  ".join(lines)
+            )
+
+    def materialize(self, model: nn.Module, prefix: str, skip: Iterable[str] = ()) -> nn.Module:
+        """Load the submodule ``prefix`` of ``model`` (``""``: the whole model) onto the CPU
+        from the checkpoint, except the submodules named in ``skip`` (full names); returns
+        it. Tensors already loaded stay; tied tensors keep their tie (one tensor, set under
+        every name)."""
+        module = model.get_submodule(prefix) if prefix else model
+        pre = f"{prefix}." if prefix else ""
+        skipped = tuple(f"{s}." for s in skip)
+        for names, t in _tensors(module):
+            if t.device.type != "meta" or all((pre + n).startswith(skipped) for n in names):
+                continue
+            full = [pre + n for n in names]
+            stored = next((n for n in full if n in self.files), None)
+            if stored is None:
+                raise CheckpointError(f"{self.path}: tensor {full[0]!r} is not in the checkpoint")
+            value = self.read([stored])[stored]
+            for n in names:
+                _set_tensor(module, n, value, isinstance(t, nn.Parameter))
+        _rebuild_buffers(module, model, skipped)
+        return module
+
+
+def _tensors(module: nn.Module) -> list[tuple[list[str], torch.Tensor]]:
+    """Each distinct parameter / persistent buffer of ``module`` with all its names."""
+    seen: dict[int, tuple[list[str], torch.Tensor]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        seen.setdefault(id(p), ([], p))[0].append(name)
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        for b_name, b in mod.named_buffers(recurse=False):
+            if b is None or b_name in mod._non_persistent_buffers_set:
+                continue
+            full = f"{mod_name}.{b_name}" if mod_name else b_name
+            seen.setdefault(id(b), ([], b))[0].append(full)
+    return [(sorted(set(names), key=names.index), t) for names, t in seen.values()]
+
+
+def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, param: bool) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if param:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[attr] = value
+
+
+def _rebuild_buffers(module: nn.Module, model: nn.Module, skipped: tuple[str, ...]) -> None:
+    """Non-persistent buffers still on meta (not stored in a checkpoint): build the module
+    that owns them again on the CPU from the model's config and take its buffers."""
+    cfg = getattr(model, "config", None)
+    for name, mod in module.named_modules():
+        if skipped and f"{name}.".startswith(skipped):
+            continue
+        meta = [
+            b for b in mod._non_persistent_buffers_set
+            if mod._buffers.get(b) is not None and mod._buffers[b].device.type == "meta"
+        ]  # fmt: skip
+        if not meta:
+            continue
+        try:
+            fresh = type(mod)(config=cfg)
+        except TypeError as e:
+            raise CheckpointError(
+                f"cannot stream {type(model).__name__}: buffer(s) {meta} of {name or 'the model'} "
+                f"are not stored in the checkpoint and {type(mod).__name__}(config=...) cannot "
+                f"rebuild them ({e})"
+            ) from e
+        for b in meta:
+            mod._buffers[b] = fresh._buffers[b]
+        for attr, v in vars(fresh).items():  # e.g. attention_scaling computed with the buffers
+            if not attr.startswith("_") and not isinstance(v, (nn.Module, torch.Tensor)):
+                setattr(mod, attr, v)
+
+
+def release(module: nn.Module) -> None:
+    """Free a materialized submodule's storage: every parameter and buffer back to meta."""
+    module.to("meta")

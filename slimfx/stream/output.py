@@ -1,0 +1,172 @@
+"""The streamed write: each block loaded, rewritten by the plan, measured, written and freed;
+the directory committed atomically in ``slimfx.save``'s format (``slimfx.load`` reads it).
+
+The plan is realized by ``passes.swap.apply_plan`` on one block at a time with the Gram
+matrices calibration stored, so each written tensor is what the in-memory ``optimize``
+writes. The measured output error of each rewritten site uses the held-out batches carried
+through the already rewritten blocks (as ``optimize``'s measure stage, which runs the
+rewritten model), with ``stages.measure_site_errors`` on the block.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from slimfx.cost.calibration import CalibrationStats, _ModeGuard
+from slimfx.cost.sequential import _capture_inputs, _run_block
+from slimfx.ir.sites import LinearSite
+from slimfx.passes.base import PassResult
+from slimfx.passes.swap import apply_plan, empty_like_plan
+from slimfx.planning.configs import DenseConfig
+from slimfx.planning.plan import Plan
+from slimfx.report import Report
+from slimfx.stages import measure_site_errors
+from slimfx.stream.blocks import replayed, stream_of
+from slimfx.stream.checkpoint import Checkpoint, release
+from slimfx.stream.writer import StreamedSafetensors, layout_of, stored_tensors
+
+__all__ = ["write_output", "Output"]
+
+
+class Output:
+    """A save being written: a temporary directory beside ``out`` until :meth:`commit`."""
+
+    def __init__(self, out: Path) -> None:
+        from slimfx import files
+
+        self.out = out
+        files.recover(out)
+        self.tmp = files.tmp_dir(out)
+        self.model_class = ""
+
+    def commit(self, report: Report) -> None:
+        """Write the report and the manifest, flush, and exchange the directory into place."""
+        from slimfx import files
+        from slimfx.io import SAVE_FORMAT, SAVE_VERSION
+
+        report.save(self.tmp / "report.json")
+        info: dict[str, Any] = {
+            "format": SAVE_FORMAT,
+            "version": SAVE_VERSION,
+            "model_class": self.model_class,
+            "hf": True,
+        }
+        files.finish(self.tmp, self.out, "slimfx.json", info)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _measure_block(
+    block: nn.Module,
+    name: str,
+    dense: Mapping[str, tuple[Tensor, Tensor | None]],
+    inputs: Sequence[Any],
+) -> dict[str, tuple[float, float]]:
+    """``measure_site_errors`` on one block: its calls as keyword batches, names full."""
+    pre = f"{name}."
+    local = {k[len(pre) :]: v for k, v in dense.items()}
+    batches = []
+    for args, kwargs in inputs:
+        kw = dict(kwargs)
+        kw["hidden_states"] = stream_of((args, kwargs))
+        if len(args) > 1:
+            raise ValueError("a block called with more than one positional argument")
+        batches.append(kw)
+    got = measure_site_errors(block, local, batches)
+    return {pre + k: v for k, v in got.items()}
+
+
+def _dense_ref(model: nn.Module, plan: Plan, sites: Sequence[LinearSite]) -> dict[str, Any]:
+    ref = {}
+    for s in sites:
+        if not isinstance(plan[s.fqn], DenseConfig):
+            m = model.get_submodule(s.fqn)
+            b = None if m.bias is None else m.bias.detach().clone()
+            ref[s.fqn] = (m.weight.detach().clone(), b)
+    return ref
+
+
+def _apply(
+    model: nn.Module,
+    plan: Plan,
+    sites: list[LinearSite],
+    stats: CalibrationStats,
+    merged: PassResult,
+) -> None:
+    if not sites:
+        return
+    sub = Plan({s.fqn: plan[s.fqn] for s in sites}, {s.fqn: s.site_shape for s in sites})
+    grams = {s.fqn: stats.fit_gram(s.fqn) for s in sites}
+    _, res = apply_plan(model, sub, sites, grams, inplace=True, strict=True)
+    merged.records.extend(res.records)
+    merged.modified |= res.modified
+
+
+def write_output(
+    ckpt: Checkpoint,
+    model: nn.Module,
+    plan: Plan,
+    names: list[str],
+    block_sites: Mapping[str, list[LinearSite]],
+    tail: list[LinearSite],
+    stats_of: Callable[[str], CalibrationStats | None],
+    held: list[Tensor],
+    out: Path,
+    as_tuple: bool,
+    progress: bool,
+) -> tuple[PassResult, dict[str, tuple[float, float]], Output]:
+    """Rewrite and write every block, then the rest of the model, into a new save directory
+    (not yet committed: the caller commits it with the report); ``stats_of(block name)``
+    reads a block's Grams back (``""``: the sites after the blocks). Returns the merged pass
+    result, the measured errors and the pending :class:`Output`."""
+    sites = [s for n in names for s in block_sites[n]] + tail
+    layout_model = ckpt.skeleton()
+    empty_like_plan(layout_model, plan, sites)
+    layout, _aliases = layout_of(layout_model)
+    output = Output(out)
+    output.model_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    merged = PassResult(name="apply_plan(stream)")
+    measured: dict[str, tuple[float, float]] = {}
+    try:
+        plan.save(output.tmp / "plan.json")
+        (output.tmp / "config.json").write_text(layout_model.config.to_json_string())
+        file = StreamedSafetensors(output.tmp / "model.safetensors", layout, {"format": "pt"})
+        try:
+            with _ModeGuard(model), torch.no_grad():
+                inputs = _capture_inputs(model, model.get_submodule(names[0]), held)
+            bar = tqdm(names, desc="stream: write", unit="block", disable=not progress, leave=False)
+            for name in bar:
+                block = ckpt.materialize(model, name)
+                bs = block_sites[name]
+                dense = _dense_ref(model, plan, bs)
+                _apply(model, plan, bs, stats_of(name) if bs else None, merged)
+                block = model.get_submodule(name)
+                with _ModeGuard(block), torch.no_grad():
+                    if dense:
+                        measured.update(_measure_block(block, name, dense, inputs))
+                    inputs = _run_block(block, inputs, torch.device("cpu"))
+                file.write(stored_tensors(block, name, layout))
+                release(block)
+            dense = _dense_ref(model, plan, tail)
+            _apply(model, plan, tail, stats_of("") if tail else None, merged)
+            if dense:
+                with _ModeGuard(model), torch.no_grad():
+                    with replayed(model, names, [stream_of(x) for x in inputs], as_tuple):
+                        measured.update(measure_site_errors(model, dense, held))
+            file.write(stored_tensors(model, "", file.pending()))
+            file.close()
+        except BaseException:
+            file.abort()
+            raise
+    except BaseException:
+        output.discard()
+        raise
+    return merged, measured, output

@@ -2,18 +2,23 @@
 
 ``export_onnx_kv(model, path)`` writes two kinds of graph:
 
-- the **step graph** ``path``: ``input_ids (batch, seq)``, per layer the 16-bit window
-  ``window_key_i`` / ``window_value_i`` ``(batch, kv_heads, window, head_dim)`` and, for a
-  ``kv_quant`` layer, its quantized store → ``logits`` and the updated windows
-  ``present_window_key_i`` / ``present_window_value_i`` (input window + the call's tokens).
-  The store stays compressed between steps, in the layout of :mod:`slimfx.forms.kv.numerics`
-  blocked by ``key_group`` tokens (``nb`` whole blocks; the same bytes as the torch
+- the **step graph** ``path``: ``input_ids (batch, seq)`` and, per group ``j`` of layers
+  sharing a form (in the order of first appearance; one tensor per group, not per layer:
+  ``torch.export`` and the ONNX translation slow down sharply with the number of dynamic
+  inputs), the 16-bit window ``window_j`` ``(layers, 2, batch, kv_heads, W, head_dim)`` (keys
+  at ``[:, 0]``, values at ``[:, 1]``) and, for a ``kv_quant`` group, its quantized store →
+  ``logits`` and ``present_window_j`` (input window + the call's tokens). The store stays
+  compressed between steps, in the layout of :mod:`slimfx.forms.kv.numerics` blocked by
+  ``key_group`` tokens (``nb`` whole blocks; the same bytes as the torch
   ``QuantizedKVLayer``)::
 
-      k_codes_i (batch, H, nb, key_group, D·key_bits/8)  uint8    k_scale_i, k_min_i (batch, H, nb, D)
-      v_codes_i (batch, H, nb, key_group, D·value_bits/8) uint8   v_scale_i, v_min_i
-                                                     (batch, H, nb, key_group, D/value_group) float16
+      k_codes_j (layers, batch, H, nb, key_group, D·key_bits/8)    uint8
+      k_scale_j, k_min_j (layers, batch, H, nb, D)                 float16
+      v_codes_j (layers, batch, H, nb, key_group, D·value_bits/8)  uint8
+      v_scale_j, v_min_j (layers, batch, H, nb, key_group, D/value_group)  float16
 
+  Each layer's store is dequantized inside that layer's attention call (an export-time cache
+  layer does it in ``update``), so ONNX Runtime holds one layer's dequantized K/V at a time.
   The graph unpacks the codes with ``BitShift``/``BitwiseAnd``, dequantizes with
   ``Cast``/``Mul``/``Add`` (``q·scale + min``: the minimum is a float, not an integer zero
   point, so ``DequantizeLinear`` does not express it) and attends over ``sink window ‖ store ‖
@@ -22,14 +27,15 @@
   with symmetric scales per tensor or per channel fixed for the whole cache, quantizing new
   tokens itself: KIVI's per-block key ranges, per-token value ranges and float minimums do
   not fit it, so the step dequantizes before a plain attention.
-- one **flush graph** per distinct ``kv_quant`` config, ``<stem>.flush<j>.onnx``: 16-bit
-  window blocks ``(batch, H, nb, key_group, D)`` of keys and of values → the six store arrays
-  of those blocks. Flushing runs as a second graph, not inside the step: the store grows by
-  whole blocks only on some steps, a data-dependent output shape a single exported step
-  graph cannot have (``torch.export`` needs one output shape rule), and the driver runs it
-  only when a block leaves the window (every ``key_group`` tokens).
+- one **flush graph** per ``kv_quant`` group, ``<stem>.flush<n>.onnx``: 16-bit window
+  blocks ``(rows, H, nb, key_group, D)`` of keys and of values (the group's layers stacked on
+  the batch axis) → the six store arrays of those blocks. Flushing runs as a second graph,
+  not inside the step: the store grows by whole blocks only on some steps, a data-dependent
+  output shape a single exported step graph cannot have (``torch.export`` needs one output
+  shape rule), and the driver runs it only when a block leaves the window (every
+  ``key_group`` tokens).
 
-:class:`OrtKVDecoder` drives them: before each step it flushes, per layer, the tokens that
+:class:`OrtKVDecoder` drives them: before each step it flushes, per group, the tokens that
 ``QuantizedKVLayer.flush`` would move (``config.quantized_tokens(n)`` of the ``n`` cached
 tokens), runs the step, keeps the returned window; ``generate`` decodes greedily, the prompt in
 chunks of ``prefill_chunk`` tokens. Layers in ``kv_dense`` keep a window only. Low-rank forms
@@ -49,6 +55,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
+from transformers.cache_utils import DynamicLayer
 
 from slimfx.backends import onnx_decode
 from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _fold_markers, _rename_axes
@@ -108,53 +115,96 @@ def _unpack(codes: Tensor, bits: int) -> Tensor:
 def dequantize_store(
     store: Sequence[Tensor], form: KVQuantConfig, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """The blocked store arrays (``STORE_NAMES`` order) → keys, values ``(B, H, nb·key_group,
-    D)`` in ``dtype`` (float32 arithmetic, as ``numerics.dequantize_keys``/``_values``)."""
+    """The blocked store arrays of one layer (``STORE_NAMES`` order, ``(B, H, nb, …)``) →
+    keys, values ``(B, H, nb·key_group, D)`` in ``dtype`` (float32 arithmetic, as
+    ``numerics.dequantize_keys`` / ``dequantize_values``)."""
     kc, ks, km, vc, vs, vm = store
-    k = _unpack(kc, form.key_bits) * ks.float().unsqueeze(3) + km.float().unsqueeze(3)
+    k = _unpack(kc, form.key_bits) * ks.float().unsqueeze(-2) + km.float().unsqueeze(-2)
     v = _unpack(vc, form.value_bits)
     v = v.unflatten(-1, (-1, form.value_group))
     v = v * vs.float().unsqueeze(-1) + vm.float().unsqueeze(-1)
-    return k.flatten(2, 3).to(dtype), v.flatten(-2).flatten(2, 3).to(dtype)
+    return k.flatten(-3, -2).to(dtype), v.flatten(-2).flatten(-3, -2).to(dtype)
+
+
+def _groups(forms: Sequence[KVDecision]) -> list[tuple[KVDecision, list[int]]]:
+    """Layers grouped by form, in the order of first appearance: ``[(form, layers)]``."""
+    out: list[tuple[KVDecision, list[int]]] = []
+    for i, f in enumerate(forms):
+        for g, layers in out:
+            if g == f:
+                layers.append(i)
+                break
+        else:
+            out.append((f, [i]))
+    return out
+
+
+class _ExportLayer(DynamicLayer):
+    """The cache layer the step graph traces: its window ``(2, B, H, W, D)`` and its store
+    arrays are graph inputs; ``update`` dequantizes the store *there*, in the layer's own
+    attention call (so ONNX Runtime holds one layer's dequantized K/V at a time), and returns
+    ``sinks ‖ store ‖ recent window ‖ new tokens`` as ``QuantizedKVLayer.update`` does."""
+
+    def __init__(self, window: Tensor, store: Sequence[Tensor] | None, form: KVDecision) -> None:
+        super().__init__()
+        self.window, self.store, self.form = window, store, form
+        self.keys, self.values = window[0], window[1]
+        self.is_initialized = True
+        self.stored = 0 if store is None else store[0].shape[2] * form.key_group
+        self.new: tuple[Tensor, Tensor] | None = None
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):  # noqa: ANN201
+        self.new = (key_states, value_states)
+        kw, vw = self.window[0], self.window[1]
+        if self.store is None:
+            return torch.cat([kw, key_states], 2), torch.cat([vw, value_states], 2)
+        k, v = dequantize_store(self.store, self.form, kw.dtype)  # type: ignore[arg-type]
+        s = self.form.sink  # type: ignore[attr-defined]
+        keys = torch.cat([kw[:, :, :s], k, kw[:, :, s:], key_states], dim=2)
+        values = torch.cat([vw[:, :, :s], v, vw[:, :, s:], value_states], dim=2)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.window.shape[3] + self.stored
 
 
 class _Step(nn.Module):
-    """``(ids, windows, stores) → (logits, *windows')`` around a Hugging Face causal LM."""
+    """``(ids, windows, stores) → (logits, *windows')`` around a Hugging Face causal LM, one
+    window tensor ``(layers, 2, B, H, W, D)`` and six store tensors ``(layers, B, H, nb, …)``
+    per group of layers sharing a form (few graph inputs: tracing time grows with them)."""
 
     def __init__(self, model: nn.Module, forms: Sequence[KVDecision]) -> None:
         super().__init__()
         setattr(self, WRAP, model)
         self.forms = list(forms)
+        self.groups = _groups(forms)
 
     def forward(
         self, input_ids: Tensor, windows: Sequence[Tensor], stores: Sequence[Tensor]
     ) -> tuple[Tensor, ...]:
-        from transformers import DynamicCache
+        from transformers.cache_utils import Cache
 
         model = getattr(self, WRAP)
-        pairs, j = [], 0
-        for i, f in enumerate(self.forms):
-            kw, vw = windows[2 * i], windows[2 * i + 1]
+        layers: list[_ExportLayer | None] = [None] * len(self.forms)
+        j = 0
+        for (f, idx), win in zip(self.groups, windows):
+            st = None
             if isinstance(f, KVQuantConfig):
-                k, v = dequantize_store(stores[j : j + 6], f, kw.dtype)
-                j += 6
-                s = f.sink
-                kw = torch.cat([kw[:, :, :s], k, kw[:, :, s:]], dim=2)
-                vw = torch.cat([vw[:, :, :s], v, vw[:, :, s:]], dim=2)
-            pairs.append((kw, vw))
-        # every layer caches the same tokens (their windows and stores split them differently
-        # when the forms' blocks differ): tell the tracer so the one mask fits every layer
-        for kw, vw in pairs:
-            torch._check(kw.shape[2] == pairs[0][0].shape[2])
-            torch._check(vw.shape[2] == kw.shape[2])
-        cache = DynamicCache(ddp_cache_data=pairs, config=model.config)
+                st, j = stores[j : j + 6], j + 6
+            for n, i in enumerate(idx):
+                layers[i] = _ExportLayer(win[n], None if st is None else [a[n] for a in st], f)
+        # every layer caches the same tokens (groups split them differently between window
+        # and store): tell the tracer, so the one mask fits every layer
+        first = layers[0]
+        for la in layers:
+            torch._check(la.get_seq_length() == first.get_seq_length())  # type: ignore[union-attr]
+        cache = Cache(layers=layers)
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        seq = input_ids.shape[1]
-        new: list[Tensor] = []
-        for i, layer in enumerate(out.past_key_values.layers):
-            new.append(torch.cat([windows[2 * i], layer.keys[:, :, -seq:]], dim=2))
-            new.append(torch.cat([windows[2 * i + 1], layer.values[:, :, -seq:]], dim=2))
-        return (out.logits, *new)
+        present = []
+        for (_, idx), win in zip(self.groups, windows):
+            new = torch.stack([torch.stack(layers[i].new) for i in idx])  # type: ignore[union-attr, arg-type]
+            present.append(torch.cat([win, new], dim=-2))
+        return (out.logits, *present)
 
 
 def _pack(codes: Tensor, bits: int) -> Tensor:
@@ -189,27 +239,27 @@ class _Flush(nn.Module):
         )  # fmt: skip
 
 
-def _names(forms: Sequence[KVDecision]) -> tuple[list[str], list[str]]:
+def _names(groups: Sequence[tuple[KVDecision, list[int]]]) -> tuple[list[str], list[str]]:
     ins, outs = ["input_ids"], ["logits"]
-    for i in range(len(forms)):
-        ins += [f"window_key_{i}", f"window_value_{i}"]
-        outs += [f"present_window_key_{i}", f"present_window_value_{i}"]
-    for i, f in enumerate(forms):
+    for j in range(len(groups)):
+        ins.append(f"window_{j}")
+        outs.append(f"present_window_{j}")
+    for j, (f, _) in enumerate(groups):
         if isinstance(f, KVQuantConfig):
-            ins += [f"{n}_{i}" for n in STORE_NAMES]
+            ins += [f"{n}_{j}" for n in STORE_NAMES]
     return ins, outs
 
 
-def _empty_store(form: KVQuantConfig, B: int, H: int, D: int, nb: int) -> list[Tensor]:
-    g = form.key_group
+def _example_store(form: KVQuantConfig, L: int, B: int, H: int, D: int, nb: int) -> list:
+    g, vg = form.key_group, form.value_group
     u8, f16 = torch.uint8, torch.float16
     return [
-        torch.randint(0, 256, (B, H, nb, g, D * form.key_bits // 8), dtype=u8),
-        torch.rand(B, H, nb, D, dtype=f16),
-        torch.rand(B, H, nb, D, dtype=f16),
-        torch.randint(0, 256, (B, H, nb, g, D * form.value_bits // 8), dtype=u8),
-        torch.rand(B, H, nb, g, D // form.value_group, dtype=f16),
-        torch.rand(B, H, nb, g, D // form.value_group, dtype=f16),
+        torch.randint(0, 256, (L, B, H, nb, g, D * form.key_bits // 8), dtype=u8),
+        torch.rand(L, B, H, nb, D, dtype=f16),
+        torch.rand(L, B, H, nb, D, dtype=f16),
+        torch.randint(0, 256, (L, B, H, nb, g, D * form.value_bits // 8), dtype=u8),
+        torch.rand(L, B, H, nb, g, D // vg, dtype=f16),
+        torch.rand(L, B, H, nb, g, D // vg, dtype=f16),
     ]
 
 
@@ -280,28 +330,33 @@ def export_onnx_kv(
         )
     _, H, D = onnx_decode.cache_geometry(model.config)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    # example sizes ≥ 2 (torch.export specializes axes of 0 and 1), each window longer than
-    # its sink tokens (a window sliced at the sink would otherwise be specialized), the same
-    # cached length in every layer (window + NB blocks)
-    B, NB = 2, 2
-    blocks = [f.key_group * NB if isinstance(f, KVQuantConfig) else 0 for f in forms]
-    sinks = [f.sink if isinstance(f, KVQuantConfig) else 0 for f in forms]
-    total = max(b + s + 3 for b, s in zip(blocks, sinks))
     for i, f in enumerate(forms):
         why = f.check(AttentionShape(H * D, H, H, D))
         if why:
             raise OnnxExportError(f"layer {i}: {f.short()}: {why}")
+    groups = _groups(forms)
+    # example sizes ≥ 2 (torch.export specializes axes of 0 and 1), each window longer than
+    # its sink tokens (a window sliced at the sink would otherwise be specialized), the same
+    # cached length in every group (window + NB blocks)
+    B, NB = 2, 2
+    quant = [isinstance(f, KVQuantConfig) for f, _ in groups]
+    blocks = [f.key_group * NB if q else 0 for (f, _), q in zip(groups, quant)]  # type: ignore[attr-defined]
+    sinks = [f.sink if q else 0 for (f, _), q in zip(groups, quant)]  # type: ignore[attr-defined]
+    total = max(b + s + 3 for b, s in zip(blocks, sinks))
     ids = torch.randint(0, 8, (B, 2))
-    windows = tuple(torch.randn(B, H, total - b, D, dtype=dtype) for b in blocks for _ in range(2))
+    windows = tuple(
+        torch.randn(len(idx), 2, B, H, total - b, D, dtype=dtype)
+        for (_, idx), b in zip(groups, blocks)
+    )
     stores: list[Tensor] = []
-    for f in forms:
-        if isinstance(f, KVQuantConfig):
-            stores += _empty_store(f, B, H, D, NB)
+    for (f, idx), q in zip(groups, quant):
+        if q:
+            stores += _example_store(f, len(idx), B, H, D, NB)  # type: ignore[arg-type]
     auto = torch.export.Dim.AUTO
     shapes = (
         {0: auto, 1: auto},
-        tuple({0: auto, 2: auto} for _ in windows),
-        tuple({0: auto, 2: auto} for _ in stores),
+        tuple({2: auto, 4: auto} for _ in windows),
+        tuple({1: auto, 3: auto} for _ in stores),
     )
     step = _Step(model, forms)
     flags = {m: m.training for m in model.modules()}
@@ -314,15 +369,12 @@ def export_onnx_kv(
     finally:
         for m, flag in flags.items():
             m.training = flag
-    ins, outs = _names(forms)
+    ins, outs = _names(groups)
     # one name per symbol: ORT plans buffers as if equal names were equal sizes
     axes: list[tuple] = [("batch", "seq")]
-    axes += [("batch", None, f"window_{i}", None) for i in range(len(forms)) for _ in "kv"]
+    axes += [(None, None, "batch", None, f"window_{j}") for j in range(len(groups))]
     axes += [
-        ("batch", None, f"blocks_{i}")
-        for i, f in enumerate(forms)
-        if isinstance(f, KVQuantConfig)
-        for _ in STORE_NAMES
+        (None, "batch", None, f"blocks_{j}") for j, q in enumerate(quant) if q for _ in STORE_NAMES
     ]
     meta = json.dumps([f.to_dict() for f in forms])
     _to_onnx(program, path, ins, outs, _axis_names(program, len(ins), axes), meta)
@@ -360,30 +412,35 @@ class OrtKVDecoder:
     """Greedy decoding in ONNX Runtime with the cache held compressed (module docstring).
 
     ``step(ids)`` runs one call (any number of tokens) after the cached ones and returns the
-    logits ``(batch, seq, vocab)``; ``flush()`` moves the tokens out of the window as the next
-    step would; ``reset()`` empties the cache; ``generate(ids, n,
-    prefill_chunk)``; ``store`` / ``windows`` are the arrays held between steps (per layer),
-    ``cache_nbytes()`` their bytes and ``seq_length`` the cached tokens."""
+    logits ``(batch, seq, vocab)``; ``flush()`` moves the tokens that left the window into the
+    store as the next step would; ``reset()`` empties the cache; ``generate(ids, n,
+    prefill_chunk)`` decodes greedily. The arrays held between steps, per group of layers
+    sharing a form (``groups``): ``windows[j]`` ``(layers, 2, batch, H, W, D)`` and
+    ``stores[j]`` (six arrays ``(layers, batch, H, nb, …)``, ``None`` for 16-bit layers);
+    ``layer_window(i)`` / ``layer_store(i)`` give one layer's; ``cache_nbytes()`` their bytes,
+    ``seq_length`` the cached tokens."""
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
         import onnx
 
         self.path = Path(path)
         self.session = _session(self.path, threads)
-        meta = {p.key: p.value for p in onnx.load(str(self.path), load_external_data=False)
-                .metadata_props}  # fmt: skip
+        proto = onnx.load(str(self.path), load_external_data=False)
+        meta = {p.key: p.value for p in proto.metadata_props}
         self.forms: list[KVDecision] = [decision_from_dict(d) for d in json.loads(meta[META_KEY])]
-        self.flush_sessions: dict[KVQuantConfig, Any] = {}
-        j = 0
-        for f in self.forms:
-            if isinstance(f, KVQuantConfig) and f not in self.flush_sessions:
-                self.flush_sessions[f] = _session(self.path.with_name(f"{self.path.stem}.flush{j}.onnx"),
-                                         threads)  # fmt: skip
-                j += 1
+        self.groups = _groups(self.forms)
+        self.flush_sessions: dict[int, Any] = {}
+        n = 0
+        for j, (f, _) in enumerate(self.groups):
+            if isinstance(f, KVQuantConfig):
+                fpath = self.path.with_name(f"{self.path.stem}.flush{n}.onnx")
+                self.flush_sessions[j], n = _session(fpath, threads), n + 1
         inp = self.session.get_inputs()
         self.input_names = [i.name for i in inp]
         self.dtype = np.float16 if inp[1].type == "tensor(float16)" else np.float32
-        _, self.kv_heads, _, self.head_dim = inp[1].shape
+        _, _, _, self.kv_heads, _, self.head_dim = inp[1].shape
+        self._where = {i: (j, n) for j, (_, idx) in enumerate(self.groups) for n, i in
+                       enumerate(idx)}  # fmt: skip
         self.reset()
 
     def reset(self, batch: int = 1) -> None:
@@ -391,43 +448,63 @@ class OrtKVDecoder:
         H, D = self.kv_heads, self.head_dim
         self.batch, self.seq_length = batch, 0
         self.windows = [
-            [np.zeros((batch, H, 0, D), self.dtype) for _ in range(2)] for _ in self.forms
+            np.zeros((len(idx), 2, batch, H, 0, D), self.dtype) for _, idx in self.groups
         ]
-        self.store: list[list[np.ndarray] | None] = []
-        self.n_stored = [0] * len(self.forms)
-        for f in self.forms:
+        self.stores: list[list[np.ndarray] | None] = []
+        self.n_stored = [0] * len(self.groups)
+        for f, idx in self.groups:
             if not isinstance(f, KVQuantConfig):
-                self.store.append(None)
+                self.stores.append(None)
                 continue
-            g, vg = f.key_group, f.value_group
-            self.store.append([
-                np.zeros((batch, H, 0, g, D * f.key_bits // 8), np.uint8),
-                np.zeros((batch, H, 0, D), np.float16),
-                np.zeros((batch, H, 0, D), np.float16),
-                np.zeros((batch, H, 0, g, D * f.value_bits // 8), np.uint8),
-                np.zeros((batch, H, 0, g, D // vg), np.float16),
-                np.zeros((batch, H, 0, g, D // vg), np.float16),
+            g, vg, lead = f.key_group, f.value_group, (len(idx), batch, H, 0)
+            self.stores.append([
+                np.zeros((*lead, g, D * f.key_bits // 8), np.uint8),
+                np.zeros((*lead, D), np.float16),
+                np.zeros((*lead, D), np.float16),
+                np.zeros((*lead, g, D * f.value_bits // 8), np.uint8),
+                np.zeros((*lead, g, D // vg), np.float16),
+                np.zeros((*lead, g, D // vg), np.float16),
             ])  # fmt: skip
 
+    def layer_window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``i``'s 16-bit window: keys, values ``(batch, H, W, D)``."""
+        j, n = self._where[i]
+        return self.windows[j][n, 0], self.windows[j][n, 1]
+
+    def layer_store(self, i: int) -> list[np.ndarray] | None:
+        """Layer ``i``'s store arrays (``STORE_NAMES`` order, ``(batch, H, nb, …)``)."""
+        j, n = self._where[i]
+        st = self.stores[j]
+        return None if st is None else [a[n] for a in st]
+
+    def layer_stored_tokens(self, i: int) -> int:
+        """Tokens in layer ``i``'s quantized store."""
+        return self.n_stored[self._where[i][0]]
+
     def flush(self) -> None:
-        """Move the window tokens ``QuantizedKVLayer.flush`` would move into the store."""
-        for i, f in enumerate(self.forms):
+        """Move the window tokens ``QuantizedKVLayer.flush`` would move into the store (one
+        flush-graph run per group, its layers stacked on the batch axis)."""
+        for j, (f, _) in enumerate(self.groups):
             if not isinstance(f, KVQuantConfig):
                 continue
-            move = f.quantized_tokens(self.seq_length) - self.n_stored[i]
+            move = f.quantized_tokens(self.seq_length) - self.n_stored[j]
             if move <= 0:
                 continue
-            s, g = f.sink, f.key_group
-            kw, vw = self.windows[i]
-            B, H, _, D = kw.shape
-            blocks = [w[:, :, s : s + move].reshape(B, H, move // g, g, D) for w in (kw, vw)]
-            new = self.flush_sessions[f].run(
-                None, {"key_blocks": blocks[0], "value_blocks": blocks[1]}
-            )
-            self.store[i] = [np.concatenate([a, b], axis=2) for a, b in zip(self.store[i], new)]
-            self.n_stored[i] += move
-            self.windows[i] = [np.concatenate([w[:, :, :s], w[:, :, s + move :]], 2)
-                               for w in (kw, vw)]  # fmt: skip
+            s, g, w = f.sink, f.key_group, self.windows[j]
+            L, _, B, H, _, D = w.shape
+            blk = w[..., s : s + move, :].reshape(L, 2, B, H, move // g, g, D)
+            feeds = {
+                "key_blocks": blk[:, 0].reshape(L * B, H, move // g, g, D),
+                "value_blocks": blk[:, 1].reshape(L * B, H, move // g, g, D),
+            }
+            new = self.flush_sessions[j].run(None, feeds)
+            old = self.stores[j]
+            assert old is not None
+            self.stores[j] = [
+                np.concatenate([a, b.reshape(L, B, *b.shape[1:])], axis=3) for a, b in zip(old, new)
+            ]
+            self.n_stored[j] += move
+            self.windows[j] = np.concatenate([w[..., :s, :], w[..., s + move :, :]], axis=-2)
 
     def step(self, ids: Tensor | np.ndarray) -> np.ndarray:
         """Logits of ``ids`` (batch, seq) after the cached tokens; the cache then holds them."""
@@ -438,13 +515,13 @@ class OrtKVDecoder:
         self.flush()
         feeds: dict[str, np.ndarray] = {"input_ids": arr}
         names = iter(self.input_names[1:])
-        for kw, vw in self.windows:
-            feeds[next(names)], feeds[next(names)] = kw, vw
-        for st in self.store:
+        for w in self.windows:
+            feeds[next(names)] = w
+        for st in self.stores:
             for a in st or ():
                 feeds[next(names)] = a
         out = self.session.run(None, feeds)
-        self.windows = [[out[1 + 2 * i], out[2 + 2 * i]] for i in range(len(self.forms))]
+        self.windows = out[1:]
         self.seq_length += arr.shape[1]
         return out[0]
 
@@ -468,11 +545,11 @@ class OrtKVDecoder:
 
     def store_nbytes(self) -> int:
         """Bytes of the quantized store arrays held now."""
-        return sum(a.nbytes for st in self.store for a in (st or ()))
+        return sum(a.nbytes for st in self.stores for a in (st or ()))
 
     def window_nbytes(self) -> int:
         """Bytes of the 16-bit (model dtype) windows held now."""
-        return sum(w.nbytes for pair in self.windows for w in pair)
+        return sum(w.nbytes for w in self.windows)
 
     def cache_nbytes(self) -> int:
         """Bytes of every cache array held between steps."""

@@ -105,11 +105,11 @@ def test_logits_every_step_match_torch_kvcache(exported, name):
     # float16 scale/minimum by one ulp and a code by one step at a rounding boundary.
     for i, f in forms.items():
         if not isinstance(f, KVQuantConfig):
-            assert dec.store[i] is None
+            assert dec.layer_store(i) is None
             continue
         layer = cache.layers[i]
-        assert dec.n_stored[i] == layer.n_stored > 0
-        for n, arr in zip(STORE_NAMES, dec.store[i]):
+        assert dec.layer_stored_tokens(i) == layer.n_stored > 0
+        for n, arr in zip(STORE_NAMES, dec.layer_store(i)):
             t = layer.store[n].numpy()
             assert arr.dtype == t.dtype and arr.nbytes == t.nbytes, n
             a = arr.reshape(t.shape)
@@ -120,6 +120,8 @@ def test_logits_every_step_match_torch_kvcache(exported, name):
                 assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99, n
             else:  # one float16 ulp (2^-10 relative; 2^-24 absolute among subnormals)
                 np.testing.assert_allclose(a, t, rtol=2**-10, atol=2**-24, err_msg=n)
+        for got_w, want_w in zip(dec.layer_window(i), (layer.keys, layer.values)):
+            np.testing.assert_allclose(got_w, want_w.numpy(), atol=ATOL, rtol=0)
 
 
 def test_chunked_prefill_and_generate_match_torch(exported):
@@ -149,48 +151,70 @@ def test_cache_bytes_are_what_the_config_prices(exported, tokens):
     for i, f in FORMS_A.items():
         q = f.quantized_tokens(tokens)
         window_16 = (tokens - q) * SHAPE.kv_bytes_per_token(16)
-        store = sum(a.nbytes for a in dec.store[i])
-        window = sum(w.nbytes for w in dec.windows[i])
-        assert dec.n_stored[i] == q
+        store = sum(a.nbytes for a in dec.layer_store(i))
+        window = sum(w.nbytes for w in dec.layer_window(i))
+        assert dec.layer_stored_tokens(i) == q
         assert store == f.cache_bytes(SHAPE, tokens) - window_16
         assert window == 2 * window_16  # float32 window entries: 4 bytes for the priced 2
     assert dec.cache_nbytes() == dec.store_nbytes() + dec.window_nbytes()
+    assert dec.store_nbytes() + dec.window_nbytes() // 2 == sum(
+        f.cache_bytes(SHAPE, tokens) for f in FORMS_A.values()
+    )
 
 
 def test_graph_inputs_and_ops(exported):
+    """One window input per group of layers sharing a form, six store inputs per quantized
+    group: uint8 codes, float16 scales/minimums, a dynamic block axis of its own."""
     _, res, _ = exported["A"]
     g = onnx.load(str(res.path)).graph
     inputs = {i.name: i for i in g.input}
     elem = onnx.TensorProto
-    for i, f in FORMS_A.items():
+    assert len(inputs) == 1 + 2 + 12  # two forms: two groups of one layer
+    for j, f in FORMS_A.items():
+        dims = {}
         for n in STORE_NAMES:
-            t = inputs[f"{n}_{i}"].type.tensor_type
+            t = inputs[f"{n}_{j}"].type.tensor_type
             assert t.elem_type == (elem.UINT8 if n.endswith("codes") else elem.FLOAT16)
-            assert t.shape.dim[2].dim_param == f"blocks_{i}"
-            assert (
-                t.shape.dim[-1].dim_value
-                == {
-                    "k_codes": 16 * f.key_bits // 8,
-                    "v_codes": 16 * f.value_bits // 8,
-                    "k_scale": 16,
-                    "k_min": 16,
-                    "v_scale": 16 // f.value_group,
-                    "v_min": 16 // f.value_group,
-                }[n]
-            )
-        assert inputs[f"window_key_{i}"].type.tensor_type.shape.dim[2].dim_param
-    assert [o.name for o in g.output] == ["logits"] + [
-        f"present_window_{kv}_{i}" for i in range(2) for kv in ("key", "value")
-    ]
+            dims[n] = [d.dim_param or d.dim_value for d in t.shape.dim]
+        D = 16
+        assert dims["k_codes"] == [1, "batch", 2, f"blocks_{j}", f.key_group, D * f.key_bits // 8]
+        assert dims["k_scale"] == dims["k_min"] == [1, "batch", 2, f"blocks_{j}", D]
+        assert dims["v_codes"][-1] == D * f.value_bits // 8
+        assert dims["v_scale"][-2:] == [f.key_group, D // f.value_group]
+        w = [d.dim_param or d.dim_value for d in inputs[f"window_{j}"].type.tensor_type.shape.dim]
+        assert w[:4] == [1, 2, "batch", 2] and w[5] == D and w[4] not in (0, 1)
+    assert [o.name for o in g.output] == ["logits", "present_window_0", "present_window_1"]
     ops = {n.op_type for n in g.node}
     assert {"BitShift", "BitwiseAnd", "Mul", "Add", "Cast"} <= ops  # unpack + dequantize
     assert "DequantizeLinear" not in ops  # float minimums: not an integer zero point
     assert len(res.flush_paths) == 2 and all(p.exists() for p in res.flush_paths)
-    # B: the dense layer has a window and no store
+    # B: the 16-bit layer has a window and no store; one quantized group, one flush graph
     _, res_b, _ = exported["B"]
     names = {i.name for i in onnx.load(str(res_b.path)).graph.input}
-    assert "window_key_0" in names and "k_codes_0" not in names and "k_codes_1" in names
+    assert names == {"input_ids", "window_0", "window_1", *(f"{n}_1" for n in STORE_NAMES)}
     assert len(res_b.flush_paths) == 1
+
+
+def test_layers_sharing_a_form_are_stacked(tmp_path):
+    """Three layers, two sharing a form: two groups; logits match torch after the flushes."""
+    from slimfx.models import tiny_llama
+
+    model = tiny_llama(seed=4, num_hidden_layers=3)
+    f, h = KVQuantConfig(4, 4, 4, 16, residual=2, sink=1), KVQuantConfig(2, 2, 8, 16)
+    forms = [f, h, f]
+    res = export_onnx_kv(model, tmp_path / "three.onnx", dict(enumerate(forms)))
+    names = [i.name for i in onnx.load(str(res.path)).graph.input]
+    assert names[:3] == ["input_ids", "window_0", "window_1"] and len(names) == 15
+    dec = OrtKVDecoder(res.path, threads=1)
+    assert [idx for _, idx in dec.groups] == [[0, 2], [1]]
+    ids = _ids(1, 9, seed=3)
+    cache = KVCache(forms)
+    dec.reset(1)
+    with torch.no_grad():
+        for c in (ids, *_ids(1, 20, seed=4).split(1, dim=1)):
+            ref = model(input_ids=c, past_key_values=cache, use_cache=True).logits
+            np.testing.assert_allclose(dec.step(c), ref.numpy(), atol=ATOL, rtol=0)
+    assert [dec.layer_stored_tokens(i) for i in range(3)] == [la.n_stored for la in cache.layers]
 
 
 def test_refusals_and_model_unchanged(tmp_path):

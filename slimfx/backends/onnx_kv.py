@@ -421,12 +421,9 @@ class OrtKVDecoder:
     ``seq_length`` the cached tokens."""
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
-        import onnx
-
         self.path = Path(path)
         self.session = _session(self.path, threads)
-        proto = onnx.load(str(self.path), load_external_data=False)
-        meta = {p.key: p.value for p in proto.metadata_props}
+        meta = self.session.get_modelmeta().custom_metadata_map  # not onnx.load: no 2nd copy
         self.forms: list[KVDecision] = [decision_from_dict(d) for d in json.loads(meta[META_KEY])]
         self.groups = _groups(self.forms)
         self.flush_sessions: dict[int, Any] = {}

@@ -71,6 +71,7 @@ __all__ = [
     "OrtKVDecoder",
     "export_onnx_kv",
     "export_forms",
+    "dequantize_store",
 ]
 
 STORE_NAMES = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")

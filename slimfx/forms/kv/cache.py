@@ -184,6 +184,22 @@ class QuantizedKVLayer(_StoreLayer):
         super().__init__()
         self.config = config
         self.sink = config.sink
+        #: set by ``slimfx.forms.kv.fused`` for the coming call: a one-token ``update``
+        #: then returns the 16-bit window only (the store is read in place by
+        #: :meth:`decode_attention`, not dequantized)
+        self.fused_decode = False
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """``_StoreLayer.update``; with ``fused_decode`` set and one new token, the same state
+        change but only the window (sinks, recent tokens, the new one) is returned."""
+        if not (self.fused_decode and key_states.shape[-2] == 1 and self.is_initialized):
+            return super().update(key_states, value_states, *args, **kwargs)
+        self.flush()
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        return self.keys, self.values
 
     def _target(self, tokens: int) -> int:
         return self.config.quantized_tokens(tokens)

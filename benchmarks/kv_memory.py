@@ -1,0 +1,243 @@
+"""SmolLM2-135M at long context: peak memory and decode speed, compressed KV cache vs 16-bit.
+
+Each configuration runs in a fresh subprocess (``--worker``) so its peak RSS (the kernel's
+``VmHWM``) is its own: the model is loaded, then a prompt of ``context − new`` tokens of the
+news corpus's held-out half (repeated if shorter) is prefilled **in chunks** of ``--chunk``
+tokens and ``--new`` tokens are decoded greedily, batch 1, fp32 (ONNX Runtime's CPU provider
+has no bfloat16 MatMul; the torch runs use fp32 too so both paths compare).
+
+- ``torch dense``: ``model.generate(..., prefill_chunk_size=chunk)`` with the default
+  ``DynamicCache``;
+- ``torch <form>``: the same ``generate()`` with ``KVCache.for_model(model, form)`` (each
+  chunk's call flushes the blocks that left the window, so the 16-bit window never holds more
+  than ``residual + key_group + chunk`` tokens);
+- ``ort dense`` / ``ort <form>``: ``slimfx.backends.onnx_kv``'s step graph (exported once per
+  form in a separate process before the runs) driven by ``OrtKVDecoder``: the prompt in calls
+  of ``chunk`` tokens, then one token a call; the store stays uint8/float16 between steps.
+
+Reported per run: peak RSS, RSS after loading the model (torch) or opening the session (ORT),
+their difference (what prefill + decode added), the bytes of the cache arrays after the run,
+prefill seconds and decode ms/token (median over the decode steps; torch: time between
+consecutive logits-processor calls of ``generate``).
+
+    python benchmarks/kv_memory.py [--contexts 8192] [--new 16] [--chunk 512] [--threads 1]
+        [--work DIR] [--json f]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FORMS = {
+    "int4 gk32 gv64 s4": dict(key_bits=4, value_bits=4, key_group=32, value_group=64, sink=4),
+    "int2 gk32 gv32 r32 s4": dict(
+        key_bits=2, value_bits=2, key_group=32, value_group=32, residual=32, sink=4
+    ),
+}
+CONFIGS = [
+    "torch dense",
+    *(f"torch {n}" for n in FORMS),
+    "ort dense",
+    *(f"ort {n}" for n in FORMS),
+]
+
+
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` field in bytes (``VmRSS``, ``VmHWM``)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _form(name: str):  # noqa: ANN202
+    from slimfx.forms.kv.config import KVDenseConfig, KVQuantConfig
+
+    return KVDenseConfig() if name == "dense" else KVQuantConfig(**FORMS[name])
+
+
+def _prompt(tok, n: int):  # noqa: ANN001, ANN202
+    import torch
+
+    from slimfx.data.text import corpus_tokens, split_tokens
+
+    _, held = split_tokens(corpus_tokens(tok, "news"))
+    reps = -(-n // held.numel())
+    return torch.cat([held] * reps)[:n].unsqueeze(0)
+
+
+def _onnx_path(work: Path, form: str) -> Path:
+    return work / (form.replace(" ", "_") + ".onnx")
+
+
+def _export(work: Path, form: str) -> None:
+    """Worker: export the SmolLM2 step graph of ``form`` (all layers) into ``work``."""
+    from slimfx.backends.onnx_kv import export_onnx_kv
+    from slimfx.models import load_smollm2
+
+    model, _ = load_smollm2()
+    export_onnx_kv(model, _onnx_path(work, form), _form(form))
+
+
+def _torch_run(form: str, context: int, new: int, chunk: int) -> dict:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+    from transformers.cache_utils import DynamicCache
+
+    from slimfx.forms.kv.cache import KVCache
+    from slimfx.models import load_smollm2
+
+    model, tok = load_smollm2()
+    ids = _prompt(tok, context - new)
+    rss_loaded = _status("VmRSS")
+    stamps: list[float] = []
+
+    class _Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):  # noqa: ANN001, ANN204
+            stamps.append(time.perf_counter())
+            return scores
+
+    cache = DynamicCache() if form == "dense" else KVCache.for_model(model, _form(form))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(
+            ids,
+            past_key_values=cache,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            prefill_chunk_size=chunk,
+            logits_processor=LogitsProcessorList([_Clock()]),
+        )
+    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if hasattr(cache, "nbytes"):
+        nbytes = cache.nbytes()
+    else:
+        nbytes = sum(la.keys.nbytes + la.values.nbytes for la in cache.layers)
+    return {
+        "rss_loaded": rss_loaded,
+        "prefill_s": stamps[0] - t0,
+        "decode_ms": 1e3 * statistics.median(steps),
+        "cache_bytes": nbytes,
+    }
+
+
+def _ort_run(work: Path, form: str, context: int, new: int, chunk: int, threads: int) -> dict:
+    import numpy as np
+
+    from slimfx.backends.onnx_kv import OrtKVDecoder
+    from slimfx.models import load_smollm2
+
+    _, tok = load_smollm2()
+    ids = _prompt(tok, context - new).numpy()
+    dec = OrtKVDecoder(_onnx_path(work, form), threads=threads)
+    rss_loaded = _status("VmRSS")
+    t0 = time.perf_counter()
+    for a in range(0, ids.shape[1], chunk):
+        logits = dec.step(ids[:, a : a + chunk])
+    prefill = time.perf_counter() - t0
+    steps = []
+    for _ in range(new - 1):
+        nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        t = time.perf_counter()
+        logits = dec.step(nxt)
+        steps.append(time.perf_counter() - t)
+    return {
+        "rss_loaded": rss_loaded,
+        "prefill_s": prefill,
+        "decode_ms": 1e3 * statistics.median(steps),
+        "cache_bytes": dec.cache_nbytes(),
+    }
+
+
+def _worker(a: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    backend, form = a.worker.split(" ", 1)
+    if backend == "export":
+        _export(Path(a.work), form)
+        return 0
+    if backend == "torch":
+        row = _torch_run(form, a.context, a.new, a.chunk)
+    else:
+        row = _ort_run(Path(a.work), form, a.context, a.new, a.chunk, a.threads)
+    row.update(config=a.worker, context=a.context, peak_rss=_status("VmHWM"))
+    print("RESULT " + json.dumps(row), flush=True)
+    return 0
+
+
+def _spawn(a: argparse.Namespace, worker: str, context: int) -> dict | None:
+    cmd = [
+        sys.executable, __file__, "--worker", worker, "--context", str(context),
+        "--new", str(a.new), "--chunk", str(a.chunk), "--threads", str(a.threads),
+        "--work", a.work,
+    ]  # fmt: skip
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's slimfx first
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=path)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if p.returncode:
+        print(f"{worker} @ {context}: failed\n{p.stderr[-2000:]}", file=sys.stderr, flush=True)
+        return None
+    for line in p.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192])
+    ap.add_argument("--context", type=int, default=8192, help=argparse.SUPPRESS)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--work", default="", help="folder for the ONNX exports (default: a temp dir)")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+    if a.worker:
+        return _worker(a)
+    a.work = a.work or tempfile.mkdtemp(prefix="kv_memory_")
+    for c in a.configs:
+        backend, form = c.split(" ", 1)
+        if backend == "ort" and not _onnx_path(Path(a.work), form).exists():
+            t = time.perf_counter()
+            _spawn(a, f"export {form}", 0)
+            print(f"exported {form} in {time.perf_counter() - t:.0f} s", flush=True)
+    rows = []
+    print("| config | context | peak RSS | after load | added | cache arrays | prefill | "
+          "decode |", flush=True)  # fmt: skip
+    for context in a.contexts:
+        for c in a.configs:
+            r = _spawn(a, c, context)
+            if r is None:
+                continue
+            rows.append(r)
+            mib = 2**20
+            print(
+                f"| {c} | {context} | {r['peak_rss'] / mib:.0f} MiB | "
+                f"{r['rss_loaded'] / mib:.0f} MiB | "
+                f"{(r['peak_rss'] - r['rss_loaded']) / mib:.0f} MiB | "
+                f"{r['cache_bytes'] / mib:.1f} MiB | {r['prefill_s']:.1f} s | "
+                f"{r['decode_ms']:.0f} ms |",
+                flush=True,
+            )
+            if a.json:
+                Path(a.json).write_text(json.dumps({"args": vars(a), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""The fused decode kernel inside Hugging Face attention: ``use_fused_decode(model)``.
+
+Registers an attention function ``"slimfx_kv_fused"`` with transformers' ``AttentionInterface``
+(and ``sdpa``'s mask builder under the same name) and switches the model to it. A forward
+pre-hook on every attention module looks up the cache layer the call will use
+(``past_key_values.layers[layer_idx]``); when it is a :class:`~slimfx.forms.kv.cache.
+QuantizedKVLayer` the layer's ``fused_decode`` flag is set, so a one-token ``update`` returns
+only the 16-bit window instead of dequantizing the whole store, and the attention function
+runs :meth:`QuantizedKVLayer.decode_attention` — the store read in place by the Triton kernel
+``slimfx_kernels::kv_decode_attention_triton`` (``kernel=True``; its dequantization fused) or
+the torch reference. Every other call (prefill, chunked prefill, 16-bit layers, other
+caches) goes to transformers' ``sdpa`` attention unchanged.
+
+Decode steps need an attention mask that hides nothing (no left padding): a mask that hides a
+past token raises a ``ValueError`` (the fused path has no mask input). ``undo()`` on the
+returned handle removes the hooks and restores the previous attention implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from slimfx.forms.kv.cache import QuantizedKVLayer
+
+__all__ = ["FUSED_ATTENTION", "FusedDecode", "fused_attention", "use_fused_decode"]
+
+FUSED_ATTENTION = "slimfx_kv_fused"
+_LAYER_ATTR = "_slimfx_fused_layer"
+_KERNEL_ATTR = "_slimfx_fused_kernel"
+
+
+def _check_mask(mask: Tensor | None) -> None:
+    if mask is None:
+        return
+    hidden = ~mask if mask.dtype == torch.bool else mask < 0
+    if bool(hidden.any()):
+        raise ValueError(
+            "the fused KV decode attention takes no mask: this decode step's mask hides cached "
+            "tokens (a padded batch?); run the model without use_fused_decode"
+        )
+
+
+def fused_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Transformers attention-function signature (query ``(B, Hq, q_len, D)``; returns
+    ``(B, q_len, Hq, D)``): one-token steps over a fused-mode quantized layer through
+    ``decode_attention``, everything else through ``sdpa``."""
+    layer = getattr(module, _LAYER_ATTR, None)
+    if layer is not None and layer.fused_decode and query.shape[2] == 1:
+        _check_mask(attention_mask)
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        out = layer.decode_attention(query, scale, kernel=getattr(module, _KERNEL_ATTR, True))
+        return out.unsqueeze(1), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+def _bind_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: find this call's cache layer; fused mode for a quantized one."""
+    cache = kwargs.get("past_key_values")
+    layers = getattr(cache, "layers", None) or []
+    idx = module.layer_idx
+    layer = layers[idx] if idx < len(layers) else None
+    if isinstance(layer, QuantizedKVLayer):
+        layer.fused_decode = True
+        setattr(module, _LAYER_ATTR, layer)
+    else:
+        setattr(module, _LAYER_ATTR, None)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(FUSED_ATTENTION, fused_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(FUSED_ATTENTION, sdpa_mask)
+
+
+@dataclass
+class FusedDecode:
+    """Handle of :func:`use_fused_decode`: the hooked attention modules; ``undo()``."""
+
+    model: nn.Module
+    previous: Any
+    modules: list[nn.Module] = field(default_factory=list)
+    handles: list[Any] = field(default_factory=list)
+
+    def undo(self) -> None:
+        """Remove the hooks and restore the model's previous attention implementation."""
+        for h in self.handles:
+            h.remove()
+        for m in self.modules:
+            layer = getattr(m, _LAYER_ATTR, None)
+            if layer is not None:
+                layer.fused_decode = False
+            for attr in (_LAYER_ATTR, _KERNEL_ATTR):
+                if hasattr(m, attr):
+                    delattr(m, attr)
+        self.model.set_attn_implementation(self.previous)
+        self.handles, self.modules = [], []
+
+
+def use_fused_decode(model: nn.Module, kernel: bool = True) -> FusedDecode:
+    """Run the decode steps of ``model`` (a Hugging Face decoder) over quantized cache layers
+    with the fused decode attention (module docstring). ``kernel``: the Triton kernel (GPU, or
+    CPU under ``TRITON_INTERPRET=1``); ``False``: the torch reference of the same op."""
+    attn = [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")
+    ]
+    if not attn or not hasattr(model, "set_attn_implementation"):
+        raise ValueError(
+            f"{type(model).__name__}: no attention module with a layer_idx and an o_proj "
+            "(a Hugging Face decoder is needed)"
+        )
+    _register()
+    previous = model.config.get_text_config(decoder=True)._attn_implementation
+    handle = FusedDecode(model, previous)
+    for m in attn:
+        setattr(m, _KERNEL_ATTR, kernel)
+        setattr(m, _LAYER_ATTR, None)
+        handle.handles.append(m.register_forward_pre_hook(_bind_layer, with_kwargs=True))
+        handle.modules.append(m)
+    model.set_attn_implementation(FUSED_ATTENTION)
+    return handle

@@ -1,0 +1,244 @@
+"""ONNX Runtime decode over the quantized KV cache (``slimfx.backends.onnx_kv``).
+
+A tiny random Llama (2 layers, 2 kv heads × head_dim 16) is exported twice with per-layer
+``kv_quant`` / ``kv_dense`` forms and driven by :class:`OrtKVDecoder`; the reference is the same
+torch model called step by step with slimfx's ``KVCache`` of the same forms. Checked: logits of
+every call (prefill, chunked prefill, 40 greedy decode steps crossing several block flushes and
+the sink/residual boundaries), the quantized store arrays ORT holds against the torch layer's
+store (equal codes, scales and minimums), their byte counts against ``config.cache_bytes``,
+the graph's inputs (uint8 codes, float16 scales, dynamic block axis) and ops, and the refusals.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+pytest.importorskip("transformers")
+
+from slimfx.backends.onnx_graph import OnnxExportError  # noqa: E402
+from slimfx.backends.onnx_kv import (  # noqa: E402
+    STORE_NAMES,
+    OrtKVDecoder,
+    export_forms,
+    export_onnx_kv,
+)
+from slimfx.forms.kv.cache import KV_FORM_ATTR, KVCache  # noqa: E402
+from slimfx.forms.kv.config import (  # noqa: E402
+    KVDenseConfig,
+    KVLowRankConfig,
+    KVQuantConfig,
+)
+from slimfx.forms.kv.numerics import unpack_codes  # noqa: E402
+from slimfx.planning.shapes import AttentionShape  # noqa: E402
+
+# fp32 model and fp32 window on both sides; the store dequantizes with the same float32
+# arithmetic (q·scale + min): logits (|logit| ≲ 2) agree to ~5e-7 in practice. 1e-4 still
+# catches a wrong block order, a missed flush or a wrong sink split (those move logits by
+# > 1e-2).
+ATOL = 1e-4
+SHAPE = AttentionShape(64, 4, 2, 16)
+
+FORMS_A = {
+    # int4 keys / int2 values, sink and residual window: flushes whole blocks of 8 tokens
+    0: KVQuantConfig(4, 2, key_group=8, value_group=8, residual=4, sink=2),
+    # int8 keys / int4 values, blocks of 4, no window beyond the unfilled block
+    1: KVQuantConfig(8, 4, key_group=4, value_group=16, residual=0),
+}
+FORMS_B = {0: KVDenseConfig(), 1: KVQuantConfig(2, 2, key_group=8, value_group=16, residual=8)}
+
+
+def _model():
+    from slimfx.models import tiny_llama
+
+    return tiny_llama(seed=3)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """name → (model, KVExportResult, OrtKVDecoder) for the two per-layer form mixes."""
+    out = {}
+    d = tmp_path_factory.mktemp("onnx_kv")
+    for name, forms in (("A", FORMS_A), ("B", FORMS_B)):
+        model = _model()
+        res = export_onnx_kv(model, d / f"tiny_{name}.onnx", forms)
+        out[name] = (model, res, OrtKVDecoder(res.path, threads=1))
+    return out
+
+
+def _ids(batch: int, n: int, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _torch_calls(model, forms, chunks, steps):
+    """Torch logits of each prefill chunk and of ``steps`` greedy decode steps with a
+    ``KVCache``; returns (logits per call, the tokens fed at each decode step, the cache)."""
+    cache = KVCache([forms[i] for i in range(2)])
+    logits, fed = [], []
+    with torch.no_grad():
+        for c in chunks:
+            logits.append(model(input_ids=c, past_key_values=cache, use_cache=True).logits)
+        for _ in range(steps):
+            nxt = logits[-1][:, -1].argmax(-1)[:, None]
+            fed.append(nxt)
+            logits.append(model(input_ids=nxt, past_key_values=cache, use_cache=True).logits)
+    return logits, fed, cache
+
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_logits_every_step_match_torch_kvcache(exported, name):
+    model, res, dec = exported[name]
+    forms = FORMS_A if name == "A" else FORMS_B
+    ids = _ids(2, 11)
+    ref, fed, cache = _torch_calls(model, forms, [ids], steps=40)
+    dec.reset(batch=2)
+    got = [dec.step(ids)] + [dec.step(t) for t in fed]
+    assert len(got) == len(ref) == 41
+    for i, (g, r) in enumerate(zip(got, ref)):
+        np.testing.assert_allclose(g, r.numpy(), atol=ATOL, rtol=0, err_msg=f"call {i}")
+    # the store ORT holds is the torch layer's store, reshaped into blocks. Not bit-equal:
+    # ORT's k/v projections differ from torch's in the last float32 bit, which can move a
+    # float16 scale/minimum by one ulp and a code by one step at a rounding boundary.
+    for i, f in forms.items():
+        if not isinstance(f, KVQuantConfig):
+            assert dec.layer_store(i) is None
+            continue
+        layer = cache.layers[i]
+        assert dec.layer_stored_tokens(i) == layer.n_stored > 0
+        for n, arr in zip(STORE_NAMES, dec.layer_store(i)):
+            t = layer.store[n].numpy()
+            assert arr.dtype == t.dtype and arr.nbytes == t.nbytes, n
+            a = arr.reshape(t.shape)
+            if n.endswith("codes"):
+                bits = f.key_bits if n[0] == "k" else f.value_bits
+                codes = [unpack_codes(torch.from_numpy(x), bits).int() for x in (a, t)]
+                diff = (codes[0] - codes[1]).abs()
+                assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99, n
+            else:  # one float16 ulp (2^-10 relative; 2^-24 absolute among subnormals)
+                np.testing.assert_allclose(a, t, rtol=2**-10, atol=2**-24, err_msg=n)
+        for got_w, want_w in zip(dec.layer_window(i), (layer.keys, layer.values)):
+            np.testing.assert_allclose(got_w, want_w.numpy(), atol=ATOL, rtol=0)
+
+
+def test_chunked_prefill_and_generate_match_torch(exported):
+    """The prompt in chunks of 5 (each chunk's call flushes what left the window, like
+    ``QuantizedKVLayer.update``), then greedy decoding: same tokens as the torch loop."""
+    model, _, dec = exported["A"]
+    ids = _ids(1, 23, seed=7)
+    chunks = list(ids.split(5, dim=1))
+    ref, fed, _ = _torch_calls(model, FORMS_A, chunks, steps=12)
+    seq = dec.generate(ids, 13, prefill_chunk=5)
+    want = torch.cat([ids, *fed, ref[-1][:, -1].argmax(-1)[:, None]], dim=1)
+    np.testing.assert_array_equal(seq, want.numpy())
+    # the same chunks step by step give the torch logits of every chunk
+    dec.reset(1)
+    for c, r in zip(chunks, ref):
+        np.testing.assert_allclose(dec.step(c), r.numpy(), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 9, 40, 61])
+def test_cache_bytes_are_what_the_config_prices(exported, tokens):
+    """After ``flush()`` the store arrays hold exactly the config's quantized bytes and the
+    window holds the rest at the model's element size (fp32 here: twice the 16-bit price)."""
+    _, _, dec = exported["A"]
+    dec.reset(1)
+    dec.step(_ids(1, tokens, seed=tokens))
+    dec.flush()
+    for i, f in FORMS_A.items():
+        q = f.quantized_tokens(tokens)
+        window_16 = (tokens - q) * SHAPE.kv_bytes_per_token(16)
+        store = sum(a.nbytes for a in dec.layer_store(i))
+        window = sum(w.nbytes for w in dec.layer_window(i))
+        assert dec.layer_stored_tokens(i) == q
+        assert store == f.cache_bytes(SHAPE, tokens) - window_16
+        assert window == 2 * window_16  # float32 window entries: 4 bytes for the priced 2
+    assert dec.cache_nbytes() == dec.store_nbytes() + dec.window_nbytes()
+    assert dec.store_nbytes() + dec.window_nbytes() // 2 == sum(
+        f.cache_bytes(SHAPE, tokens) for f in FORMS_A.values()
+    )
+
+
+def test_graph_inputs_and_ops(exported):
+    """One window input per group of layers sharing a form, six store inputs per quantized
+    group: uint8 codes, float16 scales/minimums, a dynamic block axis of its own."""
+    _, res, _ = exported["A"]
+    g = onnx.load(str(res.path)).graph
+    inputs = {i.name: i for i in g.input}
+    elem = onnx.TensorProto
+    assert len(inputs) == 1 + 2 + 12  # two forms: two groups of one layer
+    for j, f in FORMS_A.items():
+        dims = {}
+        for n in STORE_NAMES:
+            t = inputs[f"{n}_{j}"].type.tensor_type
+            assert t.elem_type == (elem.UINT8 if n.endswith("codes") else elem.FLOAT16)
+            dims[n] = [d.dim_param or d.dim_value for d in t.shape.dim]
+        D = 16
+        assert dims["k_codes"] == [1, "batch", 2, f"blocks_{j}", f.key_group, D * f.key_bits // 8]
+        assert dims["k_scale"] == dims["k_min"] == [1, "batch", 2, f"blocks_{j}", D]
+        assert dims["v_codes"][-1] == D * f.value_bits // 8
+        assert dims["v_scale"][-2:] == [f.key_group, D // f.value_group]
+        w = [d.dim_param or d.dim_value for d in inputs[f"window_{j}"].type.tensor_type.shape.dim]
+        assert w[:4] == [1, 2, "batch", 2] and w[5] == D and w[4] not in (0, 1)
+    assert [o.name for o in g.output] == ["logits", "present_window_0", "present_window_1"]
+    ops = {n.op_type for n in g.node}
+    assert {"BitShift", "BitwiseAnd", "Mul", "Add", "Cast"} <= ops  # unpack + dequantize
+    assert "DequantizeLinear" not in ops  # float minimums: not an integer zero point
+    assert len(res.flush_paths) == 2 and all(p.exists() for p in res.flush_paths)
+    # B: the 16-bit layer has a window and no store; one quantized group, one flush graph
+    _, res_b, _ = exported["B"]
+    names = {i.name for i in onnx.load(str(res_b.path)).graph.input}
+    assert names == {"input_ids", "window_0", "window_1", *(f"{n}_1" for n in STORE_NAMES)}
+    assert len(res_b.flush_paths) == 1
+
+
+def test_layers_sharing_a_form_are_stacked(tmp_path):
+    """Three layers, two sharing a form: two groups; logits match torch after the flushes."""
+    from slimfx.models import tiny_llama
+
+    model = tiny_llama(seed=4, num_hidden_layers=3)
+    f, h = KVQuantConfig(4, 4, 4, 16, residual=2, sink=1), KVQuantConfig(2, 2, 8, 16)
+    forms = [f, h, f]
+    res = export_onnx_kv(model, tmp_path / "three.onnx", dict(enumerate(forms)))
+    names = [i.name for i in onnx.load(str(res.path)).graph.input]
+    assert names[:3] == ["input_ids", "window_0", "window_1"] and len(names) == 15
+    dec = OrtKVDecoder(res.path, threads=1)
+    assert [idx for _, idx in dec.groups] == [[0, 2], [1]]
+    ids = _ids(1, 9, seed=3)
+    cache = KVCache(forms)
+    dec.reset(1)
+    with torch.no_grad():
+        for c in (ids, *_ids(1, 20, seed=4).split(1, dim=1)):
+            ref = model(input_ids=c, past_key_values=cache, use_cache=True).logits
+            np.testing.assert_allclose(dec.step(c), ref.numpy(), atol=ATOL, rtol=0)
+    assert [dec.layer_stored_tokens(i) for i in range(3)] == [la.n_stored for la in cache.layers]
+
+
+def test_refusals_and_model_unchanged(tmp_path):
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(OnnxExportError, match="kv_lowrank is not exported.*latent"):
+        export_onnx_kv(model, tmp_path / "x.onnx", KVLowRankConfig(8, 8, 1))
+    with pytest.raises(OnnxExportError, match="head_dim 16 is not divisible by the value group 32"):
+        export_onnx_kv(model, tmp_path / "x.onnx", KVQuantConfig(4, 4, 8, 32))
+    with pytest.raises(OnnxExportError, match="bfloat16"):
+        export_onnx_kv(_model().to(torch.bfloat16), tmp_path / "x.onnx", KVQuantConfig())
+    assert not (tmp_path / "x.onnx").exists()
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not model.training
+
+
+def test_export_forms_reads_the_model(exported):
+    model = _model()
+    assert export_forms(model) == [KVDenseConfig(), KVDenseConfig()]
+    setattr(model.model.layers[1].self_attn, KV_FORM_ATTR, FORMS_A[1])
+    assert export_forms(model) == [KVDenseConfig(), FORMS_A[1]]
+    # a decoder opened on a fresh cache refuses a batch it was not reset for
+    _, _, dec = exported["B"]
+    dec.reset(1)
+    with pytest.raises(ValueError, match="batch 2 ≠ the cache's 1"):
+        dec.step(_ids(2, 3))

@@ -4,7 +4,8 @@ The form lives in the model: each attention module with a compressed-cache decis
 (attribute ``KV_FORM_ATTR``) and a forward pre-hook (:func:`upgrade_cache_layer`) that, the
 first time the module sees a cache, replaces that cache's still-empty 16-bit layer for this
 module's ``layer_idx`` by the compressed layer of its form (``cache.layer_for``; the static
-quantized layer for a ``StaticLayer``). So whatever cache ``generate()`` builds (its default
+quantized layer for a ``StaticLayer``); layer classes it does not know (an exporter's
+stand-in, a caller's own) are left as they are. So whatever cache ``generate()`` builds (its default
 ``DynamicCache``, or ``cache_implementation="static"`` for a quantized cache) ends up holding
 the compressed cache; a ``KVCache.for_model(model)`` passed in is used as it is. A layer that
 already holds 16-bit tokens is refused (the hook cannot compress the past it did not see).
@@ -79,6 +80,8 @@ def upgrade_cache_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
 
     if isinstance(layer, (_StoreLayer, LatentLayer, StaticQuantizedKVLayer)):
         return  # a compressed layer: a KVCache (or this hook) built it
+    if type(layer) not in (DynamicLayer, StaticLayer):
+        return  # a layer class of the caller's (an export's stand-in): theirs to hold
 
     empty = not getattr(layer, "is_initialized", False)
     if type(layer) is DynamicLayer and empty:

@@ -1,0 +1,47 @@
+"""What optimize() chose for the attention sites runs in ONNX Runtime: the quantized caches
+through backends/onnx_kv, MLA layers through backends/onnx_mla — greedy tokens as in torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimfx
+from slimfx.forms.kv.config import KVDenseConfig, KVQuantConfig
+from slimfx.planning.problem import Budget
+
+pytest.importorskip("onnxruntime")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _calib() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(0, 256, (1, 48), generator=g) for _ in range(4)]
+
+
+def test_optimized_quantized_cache_runs_in_onnxruntime(tiny_llama, tmp_path):
+    from slimfx.backends.onnx_kv import OrtKVDecoder, export_onnx_kv
+
+    forms = [KVDenseConfig(), KVQuantConfig(4, 4, 8, 16, 0, 0)]
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.45), calibration=_calib(), kv_forms=forms, progress=False
+    )
+    res = export_onnx_kv(out, tmp_path / "kv.onnx")
+    assert res.forms == [forms[1], forms[1]]  # the forms the optimized model carries
+    ids = _calib()[0][:, :9]
+    want = out.generate(ids, max_new_tokens=12, do_sample=False)
+    assert OrtKVDecoder(res.path).generate(ids, 12).tolist() == want.tolist()
+
+
+def test_optimized_mla_layers_run_in_onnxruntime(tiny_llama, tmp_path):
+    from slimfx.backends.onnx_mla import export_mla_onnx, latent_ort_session
+
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.6), calibration=_calib(), kv_forms=[KVDenseConfig(), "mla"],
+        progress=False,
+    )  # fmt: skip
+    ids = _calib()[0][:, :9]
+    export_mla_onnx(out, tmp_path / "mla.onnx", ids)
+    want = out.generate(ids, max_new_tokens=12, do_sample=False)
+    got = latent_ort_session(tmp_path / "mla.onnx").generate(ids, 12)
+    assert torch.as_tensor(got).tolist() == want.tolist()

@@ -180,6 +180,11 @@ def optimize_checkpoint(
     timings: dict[str, float] = {}
     notes: list[str] = []
     bud = Budget.of(budget)
+    if bud.prices_cache:
+        raise ValueError(
+            "the streamed optimize prices weights only: a budget on the KV cache (kv= / "
+            "total_bytes=) needs the in-memory optimize (slimfx.optimize) for now"
+        )
     validate.check_options(
         target=target,
         workload=workload,

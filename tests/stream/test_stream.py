@@ -130,6 +130,16 @@ def test_probe_sensitivity_is_refused_not_replaced(tmp_path: Path) -> None:
     _assert_nothing_written(tmp_path)
 
 
+def test_a_kv_cache_budget_is_refused_not_ignored(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpt", True)
+    with pytest.raises(ValueError, match="needs the in-memory optimize"):
+        optimize_checkpoint(
+            ckpt, slimfx.Budget(memory=0.5, kv=0.5), calibration=calibration(),
+            out=tmp_path / "out", progress=False,
+        )  # fmt: skip
+    _assert_nothing_written(tmp_path)
+
+
 def test_failed_write_leaves_no_loadable_directory(tmp_path: Path, monkeypatch) -> None:
     from slimfx.stream import writer
 

@@ -72,10 +72,13 @@ def main() -> None:
         same = "same tokens as torch" if torch.equal(ort_out, out) else "DIFFERENT tokens"
         print(f"onnxruntime generate() with the KV cache ({same}):",
               tok.decode(ort_out[0], skip_special_tokens=True))
-    slimfx.save(small, out_dir)
-    (out_dir / "report.md").write_text(rep.to_markdown())
-    rep.plot(out_dir / "report.png")
-    print(f"wrote {out_dir}/report.md, report.json, plan.json, report.png, model.safetensors")
+    save_dir = out_dir / "model"  # a slimfx save holds its own files only: the ONNX sits beside
+    slimfx.save(
+        small,
+        save_dir,
+        extras={"report.md": lambda p: p.write_text(rep.to_markdown()), "report.png": rep.plot},
+    )
+    print(f"wrote {save_dir}/: report.md, report.json, plan.json, report.png, model.safetensors")
 
 
 if __name__ == "__main__":

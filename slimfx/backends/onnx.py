@@ -375,6 +375,27 @@ class _Export:
 
 
 
+def _check_cache_is_16bit(model: nn.Module) -> None:
+    """``kv_cache=True`` exports a 16-bit cache: a model whose attention keeps a compressed
+    cache (``optimize`` with a KV budget) is refused with where its export lives."""
+    from slimfx.forms.kv.cache import kv_forms_of
+    from slimfx.forms.mla.module import MLAAttention
+
+    kv = kv_forms_of(model)
+    if kv:
+        layer, form = next(iter(sorted(kv.items())))
+        raise OnnxExportError(
+            f"{len(kv)} attention layer(s) keep a compressed KV cache (e.g. layer {layer}: "
+            f"{form.short()}); kv_cache=True exports a 16-bit cache — export the decode step "
+            "over the compressed cache with slimfx.backends.onnx_kv.export_onnx_kv"
+        )
+    if any(isinstance(m, MLAAttention) for m in model.modules()):
+        raise OnnxExportError(
+            "MLA layers cache a latent, not keys and values: export the decode step with "
+            "slimfx.backends.onnx_mla.export_mla_onnx"
+        )
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike[str],
@@ -417,6 +438,8 @@ def export_onnx(
             "no bfloat16 MatMul / MatMulNBits; export model.float() (or .half()) instead"
         )
     _check_example_fits(model, example_inputs)
+    if kv_cache:
+        _check_cache_is_16bit(model)
     run = _Export(model, Path(path), tuple(example_inputs), dynamic, kv_cache)
     timing = TimingInstrument()
     stages = [run.torch_export, run.check_translatable, run.to_onnx, run.fold_markers, run.save]

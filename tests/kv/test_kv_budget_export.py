@@ -45,3 +45,15 @@ def test_optimized_mla_layers_run_in_onnxruntime(tiny_llama, tmp_path):
     want = out.generate(ids, max_new_tokens=12, do_sample=False)
     got = latent_ort_session(tmp_path / "mla.onnx").generate(ids, 12)
     assert torch.as_tensor(got).tolist() == want.tolist()
+
+
+def test_the_16bit_cache_export_refuses_a_compressed_cache(tiny_llama, tmp_path):
+    from slimfx.backends.onnx import OnnxExportError, export_onnx
+
+    forms = [KVDenseConfig(), KVQuantConfig(4, 4, 8, 16, 0, 0)]
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.45), calibration=_calib(), kv_forms=forms, progress=False
+    )
+    with pytest.raises(OnnxExportError, match=r"compressed KV cache .*export_onnx_kv"):
+        export_onnx(out, tmp_path / "x.onnx", (_calib()[0][:, :9],), kv_cache=True)
+    assert not (tmp_path / "x.onnx").exists()

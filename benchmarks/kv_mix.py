@@ -100,6 +100,11 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--json", default="")
     ap.add_argument("--mla", action="store_true", help="offer MLA conversions too")
+    ap.add_argument(
+        "--mla-only",
+        action="store_true",
+        help="MLA alone: the solver's per-layer ranks vs each uniform MLA rank (no joint rows)",
+    )
     a = ap.parse_args()
     torch.manual_seed(0)
     model, tok = load_smollm2()
@@ -109,9 +114,13 @@ def main() -> int:
     # the total budget of the joint row; the problem is priced once for it
     t0 = time.perf_counter()
     kv_forms = ["default", "mla"] if a.mla else None
+    if a.mla_only:
+        kv_forms = [KVDenseConfig(), "mla"]
     probe = plan_model(
         model,
-        Budget(memory=1.0, kv=1.0, context=a.context),  # a weight cap: linears priced too
+        Budget(kv=1.0, context=a.context)  # MLA alone: the linears stay dense, unpriced
+        if a.mla_only
+        else Budget(memory=1.0, kv=1.0, context=a.context),  # a weight cap: linears priced
         PlanningOptions(calibration=calib, progress=False, kv_forms=kv_forms),
     )
     W = probe.problem.dense_bytes
@@ -162,8 +171,8 @@ def main() -> int:
 
     dense = run("dense", None, uniform_plan(pl, KVDenseConfig()), 1.0)
     shape = pl.attention_sites[0].site_shape
-    uniform = default_kv_forms(shape)[1:]
-    if a.mla:  # the MLA ladder's configs (the same at every layer: one shape)
+    uniform = [] if a.mla_only else default_kv_forms(shape)[1:]
+    if a.mla or a.mla_only:  # the MLA ladder's configs (the same at every layer: one shape)
         base = _context(shape.head_dim).base
         full = base.full_rank(shape)
         for bits in MLA_LADDER["latent_bits"]:
@@ -173,16 +182,21 @@ def main() -> int:
     for form in uniform:
         frac = form.cache_bytes(shape, a.context) / KVDenseConfig().cache_bytes(shape, a.context)
         run(f"uniform {form.short()}", None, uniform_plan(pl, form), frac)
-    for f in (0.5, 0.25, 0.125):
-        run(f"solver mix kv={f:g}", Budget(kv=f, context=a.context))
-    run(
-        f"joint total={X / 1e9:.3f} GB",
-        Budget(total_bytes=X, context=a.context, batch=a.batch),
-    )
-    for m in (0.25, 0.3, 0.35, 0.5, 0.8, 1.0):
-        k = (X - m * W) / (a.batch * C)
-        if 0 < k <= 1:
-            run(f"hand split memory={m} kv={k:.3f}", Budget(memory=m, kv=k, context=a.context))
+    if a.mla_only:  # the solver at each uniform MLA rank's own bytes
+        for row in [r for r in rows if r["label"].startswith("uniform mla")]:
+            f = row["kv_fraction"]
+            run(f"solver mla ranks kv={f:.3f}", Budget(kv=f, context=a.context))
+    else:
+        for f in (0.5, 0.25, 0.125):
+            run(f"solver mix kv={f:g}", Budget(kv=f, context=a.context))
+        run(
+            f"joint total={X / 1e9:.3f} GB",
+            Budget(total_bytes=X, context=a.context, batch=a.batch),
+        )
+        for m in (0.25, 0.3, 0.35, 0.5, 0.8, 1.0):
+            k = (X - m * W) / (a.batch * C)
+            if 0 < k <= 1:
+                run(f"hand split memory={m} kv={k:.3f}", Budget(memory=m, kv=k, context=a.context))
     meta = run_meta(
         dense_ppl=dense["ppl"] if dense else None,
         weights_dense_bytes=W,

@@ -38,6 +38,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from slimfx.cost.batches import (  # model_device … prepare_batches: re-exported (see __all__)
+    call_model,
+    check_batches,
+    is_hf,
+    model_device,
+    prepare_batches,
+    to_device,
+)
 from slimfx.cost.hooks import OutputHooks
 from slimfx.cost.probe_loss import measured_raw
 from slimfx.cost.sensitivity import (
@@ -58,6 +66,11 @@ __all__ = [
     "is_causal_lm",
     "prepare_batches",
     "GramRecorder",
+    "call_model",
+    "check_batches",
+    "is_hf",
+    "model_device",
+    "to_device",
 ]
 
 #: float64 elements converted at once when accumulating a Gram (bounds the temporary copy).
@@ -182,83 +195,6 @@ def _module(modules: Mapping[str, nn.Module], fqn: str) -> nn.Module:
         return modules[fqn]
     except KeyError:
         raise ValueError(f"site {fqn!r} is not a module of the model") from None
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU when it has none)."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def to_device(obj: Any, device: torch.device | str) -> Any:
-    """Move the tensors inside nested tuples / lists / dicts to ``device``."""
-    if isinstance(obj, Tensor):
-        return obj.to(device)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
-        return type(obj)(*(to_device(v, device) for v in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    return obj
-
-
-def is_hf(model: nn.Module) -> bool:
-    """A Hugging Face style model (called with ``input_ids=`` keyword)."""
-    return hasattr(model, "config")
-
-
-def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
-    """Run ``model`` on one calibration batch.
-
-    A token-id tensor goes in as ``model(input_ids=ids)`` for a Hugging Face model (one with a
-    ``config``; ``use_cache=False`` when it has a cache), as ``model(x)`` otherwise; a dict is
-    passed as keyword arguments, a tuple / list as positional ones. ``labels=True`` adds
-    ``labels=input_ids`` for a Hugging Face language-model loss.
-    """
-    batch = to_device(batch, model_device(model))
-    if isinstance(batch, dict):
-        kwargs = dict(batch)
-        if labels and "labels" not in kwargs:
-            if "input_ids" not in kwargs:
-                raise ValueError("fisher=True on a dict batch needs 'input_ids' or 'labels'")
-            kwargs["labels"] = kwargs["input_ids"]
-        return model(**kwargs)
-    if isinstance(batch, (tuple, list)):
-        if labels:
-            raise ValueError("fisher=True on a tuple batch needs loss_fn")
-        return model(*batch)
-    if isinstance(batch, Tensor):
-        if is_hf(model) and not batch.is_floating_point():
-            kwargs: dict[str, Any] = {"input_ids": batch}
-            if getattr(model.config, "use_cache", None) is not None:
-                kwargs["use_cache"] = False
-            if labels:
-                kwargs["labels"] = batch
-            return model(**kwargs)
-        if labels:
-            raise ValueError("fisher=True on a model without an LM loss needs loss_fn")
-        return model(batch)
-    raise TypeError(f"unsupported calibration batch type {type(batch).__name__}")
-
-
-def check_batches(batches: Iterable[Any] | None) -> list[Any]:
-    """The batches as a list; rejects an empty calibration and raw strings."""
-    batches = [] if batches is None else list(batches)
-    if not batches:
-        raise ValueError(
-            "calibration is empty: give at least one batch (token-id tensors, input tensors, "
-            "dicts of model kwargs, or texts through prepare_batches(texts, tokenizer))"
-        )
-    if any(isinstance(b, str) for b in batches):
-        raise ValueError(
-            "calibration texts need a tokenizer: turn them into token ids with "
-            "prepare_batches(texts, tokenizer, seq_len) first"
-        )
-    return batches
 
 
 class _ModeGuard:
@@ -534,50 +470,6 @@ def collect_sensitivity(
     stats.estimator = estimator
     stats.seconds = time.perf_counter() - start
     return stats, rec
-
-
-def _token_ids(tokenizer: Any, text: str) -> list[int]:
-    enc = tokenizer(text)
-    ids = enc["input_ids"] if isinstance(enc, Mapping) or hasattr(enc, "keys") else enc
-    if isinstance(ids, Tensor):
-        return [int(i) for i in ids.reshape(-1).tolist()]
-    if ids and isinstance(ids[0], (list, tuple)):  # a batch of one
-        ids = ids[0]
-    return [int(i) for i in ids]
-
-
-def prepare_batches(calibration: Any, tokenizer: Any = None, seq_len: int = 256) -> list[Any]:
-    """Calibration input as a list of model batches.
-
-    Texts (a string or a list of strings) are tokenized with ``tokenizer`` (a callable
-    returning ``input_ids``, e.g. a Hugging Face tokenizer), concatenated, and cut into
-    ``(1, seq_len)`` LongTensor windows (a shorter tail is dropped unless it is the only
-    window). Tensors, dicts and tuples pass through (a 1-D id tensor gains a batch dim).
-    """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be ≥ 1, got {seq_len}")
-    if isinstance(calibration, (str, Tensor, dict)):
-        calibration = [calibration]
-    items = [] if calibration is None else list(calibration)
-    if not items:
-        raise ValueError("calibration is empty: give at least one text or batch")
-    texts = [c for c in items if isinstance(c, str)]
-    if texts and len(texts) != len(items):
-        raise TypeError("calibration mixes texts and tensors; give one kind")
-    if not texts:
-        return [c.unsqueeze(0) if isinstance(c, Tensor) and c.dim() == 1 else c for c in items]
-    if tokenizer is None:
-        raise ValueError("calibration texts need a tokenizer: prepare_batches(texts, tokenizer)")
-    ids: list[int] = []
-    for t in texts:
-        ids.extend(_token_ids(tokenizer, t))
-    if not ids:
-        raise ValueError("calibration is empty: the texts produced no tokens")
-    full = len(ids) // seq_len
-    if full == 0:
-        return [torch.tensor([ids], dtype=torch.long)]
-    flat = torch.tensor(ids[: full * seq_len], dtype=torch.long)
-    return [w.unsqueeze(0) for w in flat.view(full, seq_len)]
 
 
 def is_causal_lm(model: nn.Module) -> bool:

@@ -123,6 +123,27 @@ def _check(
     return by_fqn
 
 
+def _install(
+    model: nn.Module,
+    decisions: Mapping[str, KVDecision],
+    sites: list[AttentionSite],
+    factors: Mapping[str, dict[str, Tensor]],
+) -> list[str]:
+    """Swap the low-rank sites' attention for ``LowRankKVAttention`` with ``factors``, mark
+    every compressed site with its form and hook; returns the marked fqns."""
+    from .lowrank import apply_lowrank_kv
+
+    lowrank = {k: d for k, d in decisions.items() if d.owns}
+    apply_lowrank_kv(model, sites, lowrank, dict(factors))  # type: ignore[arg-type]
+    mods = dict(model.named_modules())
+    done = []
+    for k, d in decisions.items():
+        if not isinstance(d, KVDenseConfig):
+            _mark(mods[k], d)
+            done.append(k)
+    return done
+
+
 def apply_kv_plan(
     model: nn.Module,
     decisions: Mapping[str, KVDecision],
@@ -134,24 +155,17 @@ def apply_kv_plan(
     checked (and every low-rank fit made) before the model changes. Returns the fqns given a
     compressed cache."""
     from .calibrate import fit_site
-    from .lowrank import apply_lowrank_kv
 
     by_fqn = _check(decisions, sites)
-    lowrank = {k: d for k, d in decisions.items() if d.owns}
     factors: dict[str, dict[str, Tensor]] = {}
-    for k, d in lowrank.items():
+    for k, d in decisions.items():
+        if not d.owns:
+            continue
         gram = (grams or {}).get(k)
         if gram is None:
             raise ValueError(f"{k}: {d.short()} is fitted from calibration data (no input Gram)")
         factors[k] = fit_site(model, by_fqn[k], gram, getattr(d, "lowrank", d))
-    apply_lowrank_kv(model, sites, lowrank, factors)  # type: ignore[arg-type]
-    mods = dict(model.named_modules())
-    done = []
-    for k, d in decisions.items():
-        if not isinstance(d, KVDenseConfig):
-            _mark(mods[k], d)
-            done.append(k)
-    return done
+    return _install(model, decisions, sites, factors)
 
 
 def empty_kv_like_plan(
@@ -160,15 +174,8 @@ def empty_kv_like_plan(
     """Give a freshly built ``model`` the modules ``apply_kv_plan`` made (low-rank attention
     with zero factors of the decided ranks, hooks), so the saved state dict loads into it."""
     by_fqn = _check(decisions, sites)
-    lowrank = {k: d for k, d in decisions.items() if d.owns}
-    factors = {k: _zero_factors(model, by_fqn[k], d) for k, d in lowrank.items()}
-    from .lowrank import apply_lowrank_kv
-
-    apply_lowrank_kv(model, sites, lowrank, factors)  # type: ignore[arg-type]
-    mods = dict(model.named_modules())
-    for k, d in decisions.items():
-        if not isinstance(d, KVDenseConfig):
-            _mark(mods[k], d)
+    zeros = {k: _zero_factors(model, by_fqn[k], d) for k, d in decisions.items() if d.owns}
+    _install(model, decisions, sites, zeros)
     return model
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from slimfx.ir.sites import AttentionSite
@@ -74,8 +73,7 @@ def empty_mla_like_plan(
 ) -> nn.Module:
     """Give a freshly built ``model`` an empty :class:`MLAAttention` (zero weights of the
     decided shapes) at every site in ``decisions``, so the saved state dict loads."""
-    from .module import MLAAttention
-    from .numerics import MLAWeights
+    from .save import mla_shell
 
     by_fqn = {s.fqn: s for s in sites}
     mods = dict(model.named_modules())
@@ -83,20 +81,11 @@ def empty_mla_like_plan(
         if fqn not in by_fqn:
             raise ValueError(f"MLA decision for {fqn!r}, which is not an attention site")
         sh, orig = by_fqn[fqn].site_shape, mods[fqn]
-        H, K, d, D = sh.num_heads, sh.num_kv_heads, sh.head_dim, sh.hidden_size
-        N, r = K * cfg.rope_pairs, cfg.rank
-        z = torch.zeros
-        w = MLAWeights(
-            rope_freq=z(N, dtype=torch.long),
-            q_mix=z(H, K * d, d),
-            w_krope=z(2 * N, D),
-            b_krope=z(2 * N) if orig.k_proj.bias is not None else None,
-            w_dkv=z(r, D),
-            w_uk=z(K * d - 2 * N, r),
-            w_uv=z(K * d, r),
-            b_uv=z(K * d),
-        )
-        new = MLAAttention(orig, w, H, K, latent_bits=cfg.latent_bits)
+        new = mla_shell(
+            orig, sh.num_heads, sh.num_kv_heads, sh.head_dim, cfg.rank,
+            sh.num_kv_heads * cfg.rope_pairs, rope_bias=orig.k_proj.bias is not None,
+            latent_bits=cfg.latent_bits,
+        )  # fmt: skip
         new.mla_config = cfg
         parent, _, child = fqn.rpartition(".")
         setattr(mods[parent] if parent else model, child, new)

@@ -138,23 +138,43 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
         return files.finish(tmp, d, _MANIFEST, info)
 
 
-def _shell(orig: nn.Module, rec: dict[str, Any]) -> MLAAttention:
-    """An :class:`MLAAttention` of the recorded shapes with zero weights (filled by loading)."""
-    H, K, d = int(rec["num_heads"]), int(rec["num_kv_heads"]), int(rec["head_dim"])
-    r, N = int(rec["rank"]), int(rec["rope_entries"])
+def mla_shell(
+    orig: nn.Module,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    rank: int,
+    rope_entries: int,
+    *,
+    rope_bias: bool,
+    absorb: str = "auto",
+    latent_bits: int = 16,
+) -> MLAAttention:
+    """An :class:`MLAAttention` replacing ``orig`` with zero weights of these shapes (filled by
+    loading a saved state dict): ``rope_entries`` kept RoPE entries (K·pairs), latent ``rank``."""
+    H, K, d, r, N = num_heads, num_kv_heads, head_dim, rank, rope_entries
     D = orig.q_proj.in_features
     z = torch.zeros
     w = MLAWeights(
         rope_freq=z(N, dtype=torch.long),
         q_mix=z(H, K * d, d),
         w_krope=z(2 * N, D),
-        b_krope=z(2 * N) if rec["rope_bias"] else None,
+        b_krope=z(2 * N) if rope_bias else None,
         w_dkv=z(r, D),
         w_uk=z(K * d - 2 * N, r),
         w_uv=z(K * d, r),
         b_uv=z(K * d),
     )
-    attn = MLAAttention(orig, w, H, K, absorb=rec["absorb"], latent_bits=int(rec["latent_bits"]))
+    return MLAAttention(orig, w, H, K, absorb=absorb, latent_bits=latent_bits)
+
+
+def _shell(orig: nn.Module, rec: dict[str, Any]) -> MLAAttention:
+    """The :func:`mla_shell` of a layer record of the manifest."""
+    attn = mla_shell(
+        orig, int(rec["num_heads"]), int(rec["num_kv_heads"]), int(rec["head_dim"]),
+        int(rec["rank"]), int(rec["rope_entries"]), rope_bias=bool(rec["rope_bias"]),
+        absorb=rec["absorb"], latent_bits=int(rec["latent_bits"]),
+    )  # fmt: skip
     if rec.get("config") is not None:
         attn.mla_config = decision_from_dict(rec["config"])
     return attn

@@ -41,7 +41,7 @@ from slimfx.forms.kv.config import KVDenseConfig
 from slimfx.forms.kv.simulate import SimulatedKVAttention
 from slimfx.forms.mla.candidates import apply_mla
 from slimfx.forms.mla.config import MLAConfig
-from slimfx.forms.mla.plan import MLA_LADDER, _context
+from slimfx.forms.mla.plan import MLA_LADDER, ladder_context
 from slimfx.models import load_smollm2
 from slimfx.passes.swap import apply_plan
 from slimfx.planning.plan import Plan
@@ -173,7 +173,7 @@ def main() -> int:
     shape = pl.attention_sites[0].site_shape
     uniform = [] if a.mla_only else default_kv_forms(shape)[1:]
     if a.mla or a.mla_only:  # the MLA ladder's configs (the same at every layer: one shape)
-        base = _context(shape.head_dim).base
+        base = ladder_context(shape.head_dim).base
         full = base.full_rank(shape)
         for bits in MLA_LADDER["latent_bits"]:
             for f in MLA_LADDER["rank_fractions"]:

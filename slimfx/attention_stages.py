@@ -30,10 +30,8 @@ __all__ = ["wanted", "find", "collect", "add_options", "apply", "split"]
 def wanted(pl: Planning) -> bool:
     """Whether this run prices or applies KV-cache forms."""
     plan = pl.options.plan
-    if plan is not None:
-        from slimfx.forms.kv.config import KVDecision
-
-        return any(isinstance(d, KVDecision) for d in plan.values())
+    if plan is not None:  # decisions of attention-kind forms (KV caches, MLA)
+        return bool(split(plan)[1])
     return pl.budget.prices_cache
 
 

@@ -148,8 +148,8 @@ def _kv_entry(
         so = problem.site(site.fqn)
         sens = so.sensitivity if so.sensitivity > 0 else 1.0
         e.sensitivity = so.sensitivity
-        e.est_error = so.options[so.index_of(d)].error / sens
-        e.weight_bytes_after = so.options[so.index_of(d)].bytes
+        chosen = so.options[so.index_of(d)]
+        e.est_error, e.weight_bytes_after = chosen.error / sens, chosen.bytes
         e.candidates = [
             {
                 "decision": o.decision.short(),

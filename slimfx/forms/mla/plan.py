@@ -23,7 +23,7 @@ from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, KV_CACHE_BYTES, WEIGHT_BY
 from .candidates import MLAContext, mla_candidates
 from .config import MLAConfig
 
-__all__ = ["MLA_LADDER", "mla_options", "empty_mla_like_plan"]
+__all__ = ["MLA_LADDER", "ladder_context", "mla_options", "empty_mla_like_plan"]
 
 #: the MLA candidates the solver is offered per site: latent ranks (fractions of the full
 #: rank) × int8 / 16-bit latents, with RoPE kept on 10 of 32 frequency pairs per kv head
@@ -31,7 +31,8 @@ __all__ = ["MLA_LADDER", "mla_options", "empty_mla_like_plan"]
 MLA_LADDER = dict(rank_fractions=(0.25, 0.5, 0.75), latent_bits=(8, 16), rope_share=10 / 32)
 
 
-def _context(head_dim: int) -> MLAContext:
+def ladder_context(head_dim: int) -> MLAContext:
+    """The ladder's MLA variants at a head dim: ``rope_share`` of its pairs, both latent widths."""
     pairs = max(1, round(MLA_LADDER["rope_share"] * head_dim / 2))  # type: ignore[operator]
     return MLAContext(base=MLAConfig(rope_pairs=pairs), latent_bits=MLA_LADDER["latent_bits"])
 
@@ -52,7 +53,7 @@ def mla_options(
         return [], "k_proj/v_proj are not sites of this problem: MLA owns and replaces them"
     try:
         cands = mla_candidates(
-            model, site, inputs, gram, MLA_LADDER["rank_fractions"], _context(site.head_dim)
+            model, site, inputs, gram, MLA_LADDER["rank_fractions"], ladder_context(site.head_dim)
         )  # type: ignore[arg-type]
     except ValueError as e:
         return [], str(e).split(": ", 1)[-1]

@@ -42,3 +42,9 @@ def test_optimize_converts_to_mla_and_prices_what_it_stores(tiny_llama, tmp_path
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, out(ids).logits, rtol=0, atol=0)
     assert back.generate(ids, max_new_tokens=8, do_sample=False).tolist() == tokens.tolist()
+    # the plan replays: the same calibration converts the same layers to the same blocks
+    plan = slimfx.Plan.from_dict(rep.meta["plan"])
+    again = slimfx.optimize(tiny_llama, plan=plan, calibration=calib, progress=False)
+    assert isinstance(again.model.layers[0].self_attn, MLAAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, out(ids).logits, rtol=1e-5, atol=1e-5)

@@ -36,6 +36,8 @@ __all__ = [
     "register_form",
     "backend",
     "calibrate_target",
+    "prepare_cpu",
+    "release_cpu",
 ]
 
 
@@ -64,6 +66,10 @@ def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers
         import slimfx.forms as forms
 
         return forms if name == "forms" else forms.register_form
+    if name in ("prepare_cpu", "release_cpu"):  # packed CPU kernels (slimfx.ir.cpu_runtime)
+        from slimfx.ir import cpu_runtime
+
+        return getattr(cpu_runtime, name)
     if name == "Report":
         from slimfx.report import Report
 

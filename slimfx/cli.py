@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     _onnx_flags(e)
     e.set_defaults(fn=cmd_export)
     c = sub.add_parser("calibrate-target", help="measure kernel times into a cost cache")
-    c.add_argument("--backend", choices=["eager", "triton", "onnx"], default=None,
+    c.add_argument("--backend", choices=["eager", "torch", "triton", "onnx"], default=None,
                    help="what runs the forms: eager torch, Triton kernels, ONNX Runtime "
                    "(default: triton on CUDA, else torch)")
     c.add_argument("--target", default=None,

@@ -162,12 +162,15 @@ def _verify(d: Path, info: Mapping[str, Any]) -> None:
 
 
 def load(
-    directory: str | Path, model: nn.Module | None = None, *, verify: bool = True
+    directory: str | Path, model: nn.Module | None = None, *, verify: bool = True,
+    cpu_kernels: bool = True,
 ) -> nn.Module:
     """Load what ``save`` wrote. ``model``: a freshly built instance of the original
     architecture (weights are overwritten); optional for Hugging Face models. ``verify``:
     check every file's SHA-256 against the manifest first (``False`` skips reading each file
-    twice); a mismatch raises ``ValueError`` naming the file, before ``model`` is touched."""
+    twice); a mismatch raises ``ValueError`` naming the file, before ``model`` is touched.
+    ``cpu_kernels``: pack the int4/int8 linears for torch's CPU kernels
+    (``slimfx.prepare_cpu``), as ``optimize`` does; ``False`` keeps the reference ops."""
     from safetensors.torch import load_model
 
     from slimfx.forms.kv.apply import empty_kv_like_plan, split_plan
@@ -217,6 +220,10 @@ def load(
         empty_kv_like_plan(model, {k: d for k, d in kv.items() if k not in mla}, att)
         empty_mla_like_plan(model, mla, att)
     load_model(model, str(d / "model.safetensors"), strict=True)
+    if cpu_kernels:
+        from slimfx.ir.cpu_runtime import prepare_cpu
+
+        prepare_cpu(model)
     if report is not None:
         from slimfx.api import REPORT_ATTR
 

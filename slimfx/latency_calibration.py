@@ -8,7 +8,9 @@ Each linear shape is built in every form the default families offer (dense, the 
 ladder, int8 and int4 layouts: ``slimfx.cost.measure.default_decisions``) and run by what the
 backend deploys:
 
-- ``eager``: the eager slimfx modules (``F.linear`` for dense, the reference ops otherwise);
+- ``eager`` (alias ``torch``): the eager slimfx modules as ``optimize`` returns them
+  (``F.linear`` for dense, int4/int8 packed for torch's CPU kernels by ``slimfx.prepare_cpu``,
+  the reference ops where no kernel takes the layout);
 - ``triton``: the modules lowered to the Triton kernels (``slimfx.backends.triton_lowering``) —
   a form no kernel takes is timed as the reference op that would run, and its entry says why;
 - ``onnx``: ONNX Runtime running the form's ONNX export (MatMul / MatMulNBits), at the given
@@ -96,6 +98,7 @@ def calibrate_target(
     ``onnx``. ``accuracy_level``: MatMulNBits' (``onnx`` only). ``timing``: ``repeats``,
     ``min_s``, ``max_s``, ``rotate_bytes``, ``max_copies`` of ``measure_target``.
     """
+    backend = "eager" if backend == "torch" else backend
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     dev = torch.device(device)

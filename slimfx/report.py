@@ -78,6 +78,7 @@ class SiteEntry:
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
     loss_change: dict[str, float | None] | None = None
+    runtime: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -158,6 +159,9 @@ class Report:
     totals: dict[str, Any] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     kv_sites: list[KVEntry] = field(default_factory=list)
+    #: what the latency estimates assume runs the model: "torch-eager", "torch-compile",
+    #: "triton" or "onnxruntime" ("" in reports written before it was recorded)
+    runtime: str = ""
 
     # ----------------------------------------------------------------- totals
     def finalize(self, params_before: int | None = None, params_after: int | None = None) -> Report:
@@ -265,14 +269,14 @@ class Report:
             ]
             if full:
                 lat = s.latency_after_s / s.latency_before_s if s.latency_before_s else 1.0
-                row += [f"{s.sensitivity:.2f}", f"{lat:.2f}", s.latency_source]
+                row += [f"{s.sensitivity:.2f}", f"{lat:.2f}", s.latency_source, s.runtime]
             row.append(s.status + (f": {s.reason}" if s.reason and s.status != "skipped" else ""))
             rows.append(row)
         return rows
 
     _HEAD = ["site", "shape", "chosen", "runner-up", "bytes", "est.err", "SQNR dB", "status"]
     #: the markdown table adds each site's error weight and estimated latency (× its dense)
-    _FULL_HEAD = [*_HEAD[:-1], "sensitivity", "latency", "latency from", "status"]
+    _FULL_HEAD = [*_HEAD[:-1], "sensitivity", "latency", "latency from", "runs as", "status"]
 
     def headline(self) -> str:
         t = self.totals or self.finalize().totals
@@ -282,7 +286,8 @@ class Report:
             f"slimfx: {t['rewritten']}/{t['sites']} sites rewritten; budget {lim}; "
             f"bytes {_mb(t['bytes_before'])} → {_mb(t['bytes_after'])} "
             f"({t['bytes_ratio']:.3f}, {t['bits_per_weight']:.2f} bits/weight); "
-            f"est. latency ×{t['est_latency_ratio']:.3f} ({self.target}/{self.workload}, "
+            f"est. latency ×{t['est_latency_ratio']:.3f} ("
+            f"{self.runtime + ' on ' if self.runtime else ''}{self.target}/{self.workload}, "
             f"{'/'.join(t['latency_sources'])}){self._kv_headline(t)}"
         )
 
@@ -328,6 +333,7 @@ class Report:
             "budget": self.budget,
             "target": self.target,
             "workload": self.workload,
+            "runtime": self.runtime,
             "solver": self.solver,
             "capture": self.capture,
             "totals": self.totals or self.finalize().totals,
@@ -352,6 +358,7 @@ class Report:
             budget=d.get("budget", {}),
             target=d.get("target", ""),
             workload=d.get("workload", ""),
+            runtime=d.get("runtime", ""),
             solver=d.get("solver", ""),
             capture=d.get("capture", {}),
             notes=list(d.get("notes", [])),

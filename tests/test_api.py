@@ -84,7 +84,7 @@ def test_report_outputs(optimized, tmp_path):
     assert "sites rewritten" in text and "bits/weight" in text
     md = rep.to_markdown()
     assert md.count("\n| model.layers.") == len(rep.sites)  # every site
-    assert "| sensitivity | latency | latency from | status |" in md
+    assert "| sensitivity | latency | latency from | runs as | status |" in md
     q0 = rep.sites[0]
     row = next(line for line in md.splitlines() if line.startswith(f"| {q0.fqn} |"))
     lat = q0.latency_after_s / q0.latency_before_s
@@ -286,7 +286,7 @@ def test_cli_onnx_export_runs_in_onnxruntime(tmp_path, capsys):
     assert "MatMulNBits" in capsys.readouterr().out
     assert main(["export", str(out), "--onnx", str(tmp_path / "b.onnx"), "--kv-cache"]) == 0
     assert "wrote" in capsys.readouterr().out
-    model = slimfx.load(out)
+    model = slimfx.load(out, cpu_kernels=False)  # the exact reference ops the export follows
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(input_ids=ids, use_cache=False).logits
@@ -326,8 +326,9 @@ def test_smollm2_few_layers_real_text():
             # held-out vs calibration data: measured 2–4 dB from the estimate on this text
             assert abs(-10 * math.log10(s.est_error) - s.measured_sqnr_db) < 6.0, s
     p0, p1 = perplexity(model, held, progress=False), perplexity(new, held, progress=False)
-    # measured 45.5 → 62.2 (2026-11-23): early layers of a 135M model are sensitive
-    assert p0 < p1 < 2.0 * p0, (p0, p1)
+    # measured 45.5 → 62.2 (2026-11-23, Fisher weighting); 45.46 → 45.46 with "geo" and the
+    # packed CPU kernels (2026-12-05): at 0.7 the loss change is within bf16 rounding noise
+    assert 0.99 * p0 < p1 < 2.0 * p0, (p0, p1)
     ids = tok("The weather today", return_tensors="pt").input_ids
     assert new.generate(ids, max_new_tokens=5, do_sample=False).shape[1] == ids.shape[1] + 5
 
@@ -360,7 +361,7 @@ def test_decode_and_prefill_choose_differently_and_the_report_says_which():
         rep = slimfx.report_of(new)
         kinds[wl] = Counter(s.decision.get("kind", "dense") for s in rep.sites)
         assert rep.totals["est_latency_ratio"] <= 0.8 + 1e-9
-        assert f"(test/{wl}, roofline)" in rep.headline()
+        assert f"(torch-eager on test/{wl}, roofline)" in rep.headline()
         assert json.loads(rep.to_json())["workload"] == wl
     assert kinds["decode"]["quant"] > 0 and kinds["decode"]["lowrank"] == 0
     assert kinds["prefill"]["lowrank"] > 0 and kinds["prefill"]["quant"] == 0
@@ -463,7 +464,7 @@ def test_roofline_latency_budget_says_what_it_cannot_know():
               fisher=False, progress=False)
     cpu = slimfx.report_of(slimfx.optimize(tiny_llama(), Budget(latency=0.9), **kw))
     note = next(n for n in cpu.notes if n.startswith("latency budget priced by the cpu roofline"))
-    assert "dequantize the weight on every call" in note and "--backend eager" in note
+    assert "rebuild their weight every call" in note and "--backend torch" in note
     tgt = Target("gpu0", bandwidth_Bps=1e12, peak_flops=1e14, launch_s=0.0)
     other = slimfx.report_of(slimfx.optimize(tiny_llama(), Budget(latency=0.9), target=tgt, **kw))
     assert any(n.startswith("latency budget priced by the gpu0 roofline") and
@@ -484,7 +485,7 @@ def test_optimize_keywords_are_the_planning_options_plus_its_own():
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     }
     fields = {f.name for f in dataclasses.fields(stages.PlanningOptions)}
-    assert kw - fields == {"sequential", "inplace", "measure_loss"}
+    assert kw - fields == {"sequential", "inplace", "measure_loss", "cpu_kernels"}
     assert fields <= kw
     opts = stages.PlanningOptions.of({"solver": "milp", "sequential": True, "model": None})
     assert opts.solver == "milp" and opts == stages.PlanningOptions(solver="milp")

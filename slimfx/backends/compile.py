@@ -24,7 +24,9 @@ one on every recompile (a new input shape, a failed guard). For each one the bac
    factorization code as the module swap — with one ``factor_cache`` keyed by parameter
    identity shared by all sub-graphs and recompiles: no weight is factorized twice;
 4. optionally lowers slimfx ops to Triton kernel ops (``triton_lowering.lower_graph``), not
-   when gradients may flow (the kernel ops have no backward: recorded as a fallback);
+   when gradients may flow (the kernel ops have no backward: recorded as a fallback); on a
+   CPU graph without gradients, the quantized op nodes left are packed for torch's CPU
+   kernels (``cpu_pack.pack_graph_cpu``, ``cpu_kernels=True``) — the kernels eager runs;
 5. hands the graph to the inner backend (``"inductor"`` by default; ``"eager"``,
    ``"aot_eager"``, any registered name or a callable).
 
@@ -66,6 +68,7 @@ from slimfx.backends.compile_records import (
     compile_report,
     merge_records,
 )
+from slimfx.backends.cpu_pack import pack_graph_cpu, wants_cpu_pack
 from slimfx.backends.graph_sites import GraphSites, graph_linear_sites, param_name_from_placeholder
 from slimfx.backends.triton_lowering import lower_graph, not_lowered
 from slimfx.passes.base import PassResult, Rule, SiteRecord
@@ -193,6 +196,17 @@ class _Subgraph:
         self.rewrite_result = rewrite
         return gm, rewrite or PassResult(name="apply_plan_graph")
 
+    def pack_cpu(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
+        """Quantized op nodes → torch's packed CPU kernels (``backends.cpu_pack``)."""
+        gm, packed = pack_graph_cpu(gm)
+        if self.lowering is not None:  # keep Triton's records of the nodes it lowered
+            taken = {r.fqn for r in packed.records}
+            kept = [r for r in self.lowering.records if r.fqn not in taken]
+            packed.records[:0] = kept
+            packed.modified = packed.modified or self.lowering.modified
+        self.lowering = packed
+        return gm, packed
+
     def lower(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
         """Lower slimfx ops to Triton kernel ops (not when gradients may flow)."""
         if torch.is_grad_enabled() and any(
@@ -228,6 +242,7 @@ class SlimfxBackend:
         inner: str | Callable = "inductor",
         inner_options: Mapping[str, Any] | None = None,
         lower_to_triton: bool = False,
+        cpu_kernels: bool = True,
         rules: Mapping[str, Rule] | None = None,
         strict: bool = True,
         planned: Planned | None = None,
@@ -247,6 +262,7 @@ class SlimfxBackend:
         )
         self._inner = _resolve_inner(inner, inner_options)
         self.lower_to_triton = lower_to_triton
+        self.cpu_kernels = cpu_kernels
         self.rules = rules
         self.strict = strict
         self.planned = planned
@@ -279,6 +295,8 @@ class SlimfxBackend:
         passes: list[Any] = [run.rewrite]
         if self.lower_to_triton:
             passes.append(run.lower)
+        if self.cpu_kernels and wants_cpu_pack(example_inputs):
+            passes.append(run.pack_cpu)  # what Triton did not take, on a CPU graph
         passes.append(constant_sources)
         timing = TimingInstrument()
         gm, _ = PassManager(passes, [timing]).run(gm)
@@ -337,6 +355,7 @@ def plan_backend(
     strict: bool = True,
     inner_options: Mapping[str, Any] | None = None,
     planner: Planner | None = None,
+    cpu_kernels: bool = True,
     **kw: Any,
 ) -> SlimfxBackend:
     """A configured slimfx backend for ``torch.compile(model, backend=...)``.
@@ -353,6 +372,8 @@ def plan_backend(
       ``"eager"``, ``"aot_eager"``, a registered name or a callable; ``inner_options`` are
       passed to it as keyword arguments.
     - ``lower_to_triton``: lower slimfx ops to Triton kernel ops where a kernel accepts them.
+    - ``cpu_kernels`` (keyword, default True): on CPU graphs, pack the quantized op nodes for
+      torch's CPU kernels (``backends.cpu_pack``).
     - ``rules`` / ``strict``: as in ``passes.apply_plan_graph`` (strict: a rejected decision
       fails the compilation with every reason).
 
@@ -391,6 +412,7 @@ def plan_backend(
         inner=inner,
         inner_options=inner_options,
         lower_to_triton=lower_to_triton,
+        cpu_kernels=cpu_kernels,
         rules=rules,
         strict=strict,
         planned=planned,

@@ -157,7 +157,13 @@ def _copies_for(module: nn.Module, rotate_bytes: int, max_copies: int) -> int:
 
 
 def _eager(module: nn.Module) -> tuple[Callable[[torch.Tensor], Any], dict[str, Any]]:
-    return module, {"runtime": "torch eager"}
+    """The module as ``optimize`` returns it: quantized linears packed for torch's CPU kernels
+    (``slimfx.ir.cpu_runtime.prepare_cpu``); ``info["kernel"]`` says what runs."""
+    from slimfx.ir.cpu_runtime import prepare_cpu
+
+    runs = prepare_cpu(module)
+    kernels = sorted({rt.label() for rt in runs.values()})
+    return module, {"runtime": "torch eager", "kernel": "/".join(kernels) or "F.linear"}
 
 
 def measure_target(

@@ -13,6 +13,9 @@ Roofline estimate for a linear of ``in → out`` over ``T`` tokens (the workload
 - ``efficiency``: 1.0 for dense / low-rank / sparse forms; forms whose kernels dequantize
   codes (``decision.dequantizes``) pay ``target.dequant_efficiency`` on the compute term —
   an assumption until measured.
+- ``torch_cpu`` targets (``cpu``): a form PyTorch's CPU path runs as a reference op (2:4 forms,
+  quantized layouts no packed kernel takes: ``slimfx.ir.cpu_packed``) also writes and reads
+  back its dense float weight and pays the elementwise rebuild, every call.
 - ``launches``: ``decision.launches()``: dense 1, low-rank 2, quant 1, 2:4 1, composite forms
   the sum of their parts.
 
@@ -68,6 +71,9 @@ class Target:
     dtype (FLOP/s). ``launch_s``: fixed overhead per kernel / op call. ``float_bytes``: bytes
     of a floating-point element as the target runs it (4 for fp32 CPUs, 2 for bf16 GPUs).
     ``dequant_efficiency``: fraction of peak reached by kernels that dequantize on the fly.
+    ``torch_cpu``: the runtime is PyTorch on the CPU, whose packed int4/int8 kernels read the
+    codes directly but whose reference ops (2:4 forms, layouts no packed kernel takes) rebuild
+    the dense weight on every call — priced as such.
     """
 
     name: str
@@ -77,6 +83,7 @@ class Target:
     float_bytes: int = 2
     notes: str = ""
     dequant_efficiency: float = 0.7
+    torch_cpu: bool = False
 
     def __post_init__(self) -> None:
         for f in ("bandwidth_Bps", "peak_flops"):
@@ -94,6 +101,7 @@ _CPU = Target(
     peak_flops=200e9,
     launch_s=5e-6,
     float_bytes=4,
+    torch_cpu=True,
     notes=(
         "ASSUMPTIONS, not measurements: a conservative laptop/server CPU running fp32 — "
         "20 GB/s memory bandwidth, 200 GFLOP/s fp32, 5 µs per op call; dequantization "
@@ -107,6 +115,7 @@ TARGETS: dict[str, Target] = {
     "ort-cpu": dataclasses.replace(
         _CPU,
         name="ort-cpu",
+        torch_cpu=False,
         notes=(
             "ONNX Runtime's CPU provider (the onnx backend). Roofline numbers are the cpu "
             "target's assumptions, and they cannot know ORT's kernels (its int8 MatMulNBits at "
@@ -199,8 +208,37 @@ def estimate_latency(
     bytes_read = (floats + acts) * tgt.float_bytes + ints
     eff = tgt.dequant_efficiency if decision.dequantizes else 1.0
     flops = decision.flops(shape, t)
+    if tgt.torch_cpu and _densified_per_call(decision, shape):
+        # PyTorch on the CPU runs this form's reference op: the whole weight is rebuilt in
+        # floats (written, then read back by F.linear) on every call, and the rebuild is
+        # elementwise work over in·out entries at the dequantization efficiency
+        bytes_read += 2 * in_f * out_f * tgt.float_bytes
+        flops += _DENSIFY_OPS * in_f * out_f
     roof = max(bytes_read / tgt.bandwidth_Bps, flops / (tgt.peak_flops * eff))
     return roof + decision.launches() * tgt.launch_s
+
+
+#: elementwise operations per weight entry when a reference op rebuilds the dense weight
+#: (unpack, subtract the zero point, scale, gather the group's scale / scatter the 2:4 values)
+_DENSIFY_OPS = 8
+
+
+def _densified_per_call(decision: Decision, shape: LinearShape) -> bool:
+    """Whether PyTorch on the CPU rebuilds ``decision``'s dense weight on every call: the 2:4
+    forms always (no CPU kernel reads the layout), quantized forms whose layout no packed CPU
+    kernel takes (``slimfx.ir.cpu_packed.cpu_kernel_for``); dense, low-rank and forms slimfx
+    does not know, never."""
+    from slimfx.ir.cpu_packed import cpu_kernel_for
+
+    if decision.kind in ("sparse24", "sparse24_lowrank"):
+        return True
+    quant = getattr(decision, "quant", None)
+    core = quant if isinstance(quant, Decision) else decision
+    bits = getattr(core, "bits", None)
+    if not decision.dequantizes or bits is None:
+        return False
+    group = getattr(core, "group_size", None) or shape.in_features
+    return cpu_kernel_for(bits, group, shape.in_features, shape.out_features)[0] is None
 
 
 # --------------------------------------------------------------------------- measurements
@@ -388,9 +426,9 @@ def roofline_caveat(target: str, backend: str | None) -> str:
         )
     if target in ("cpu", "ort-cpu") and backend in (None, "eager", "compile"):
         return (
-            f"{head}: it assumes kernels that read int4/int8 codes directly, while slimfx's "
-            "eager CPU ops dequantize the weight on every call (tens of times slower than "
-            "dense at decode) — deploy with backend='onnx', or measure with `slimfx "
-            "calibrate-target --backend eager --target cpu` and pass latency_cache="
+            f"{head}: PyTorch's packed int4/int8 CPU kernels read the codes but do not reach "
+            "the bandwidth floor, and the 2:4 forms rebuild their weight every call (priced "
+            "so) — measure them with `slimfx calibrate-target --backend torch --target cpu` "
+            "and pass latency_cache="
         )
     return f"{head}: measure the device with `slimfx calibrate-target` and pass latency_cache="

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from slimfx import forms
 from slimfx.formats import RUNTIME_BITS, packed_width
-from slimfx.ir import ops
+from slimfx.ir import cpu_packed, ops
 from slimfx.planning.configs import Decision, LowRankConfig, LowRankQuantConfig, QuantConfig
 
 __all__ = ["SlimLinear", "LowRankLinear", "module_for"]
@@ -74,6 +74,27 @@ class SlimLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {self.decision.short()}"
+
+    # ---- the packed CPU path (slimfx.ir.cpu_runtime installs it; slimfx.ir.cpu_packed runs it)
+
+    def _packed_product(self, x: Tensor) -> Tensor | None:
+        """``x @ deq(W)ᵀ`` (no bias) by the packed CPU kernel installed on this module, or
+        ``None`` where the reference op must run: nothing installed, ``x`` not on the CPU,
+        under ``torch.export`` (graphs and ONNX keep the reference op), or a forward that
+        needs ``x``'s gradient. Codes changed since packing are packed again first (eager)."""
+        packed = self.__dict__.get("_cpu_packed")
+        if packed is None or x.device.type != "cpu" or torch.compiler.is_exporting():
+            return None
+        if torch.is_grad_enabled() and x.requires_grad:
+            return None
+        q, s, z = self.qweight, self.scales, self.zeros
+        if not torch.compiler.is_compiling() and packed.stale(q, s, z):
+            packed = cpu_packed.pack_quant(
+                q, s, z, self.bits, self.group_size, self.in_features,
+                activations=packed.policy, dequant_rows=packed.dequant_rows,
+            )
+            self.__dict__["_cpu_packed"] = packed
+        return packed(x)
 
     # ---- storage helpers (called from subclass constructors; they fix the tensor names)
 

@@ -40,6 +40,9 @@ class QuantLinear(SlimLinear):
         self._init_bias(bias, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._packed_product(x)
+        if y is not None:
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         return ops_quant.quant_linear(
             x, self.qweight, self.scales, self.zeros, self.bias, self.bits, self.group_size
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from slimfx.ir import ops_sparse
+from slimfx.ir import ops, ops_sparse
 from slimfx.ir.modules import SlimLinear, _Device, _param
 from slimfx.planning.configs import LowRankQuantConfig, Sparse24Config, Sparse24LowRankConfig
 
@@ -87,6 +87,9 @@ class LowRankQuantLinear(SlimLinear):
         self._init_bias(bias, dtype, device)
 
     def forward(self, x: Tensor) -> Tensor:
+        y = self._packed_product(x)
+        if y is not None:
+            return y + ops.lowrank_linear(x, self.U, self.V, self.bias)
         return ops_sparse.quant_lowrank_linear(
             x,
             self.qweight,

@@ -1,0 +1,153 @@
+"""What runs each rewritten linear on the CPU in PyTorch, and installing the packed kernels.
+
+    records = slimfx.prepare_cpu(model)        # optimize() and load() call it for CPU models
+    records["model.layers.0.mlp.up_proj"]       # CpuRuntime(kernel="int4pack", ...)
+    slimfx.release_cpu(model)                   # drop the packed copies (reference ops again)
+
+Per form (``slimfx.ir.cpu_packed`` holds the kernels):
+
+- weight-only int4 / int8 (and the quantized part of low-rank + quantized): the packed torch
+  kernels where the layout fits (``cpu_kernel_for``), else the reference op with the reason;
+- low-rank: its two GEMMs in the model's dtype (no dequantization to avoid);
+- 2:4 sparse and 2:4 + low-rank: the reference op, which densifies the weight on every call —
+  no CPU kernel reads the 2:4 layout, so these sites run **slower than dense** in eager (the
+  record says so; a latency budget should price them with a measured cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from slimfx.ir import cpu_packed
+from slimfx.ir.modules import SlimLinear
+
+__all__ = ["CpuRuntime", "prepare_cpu", "release_cpu", "cpu_runtimes", "runtime_of"]
+
+
+@dataclass(frozen=True)
+class CpuRuntime:
+    """How one rewritten linear runs on the CPU in PyTorch eager.
+
+    ``kernel``: what runs (``"int4pack"``, ``"int8pack"``, ``"two GEMMs"``, ``"reference op"``);
+    ``activations``: the dtype at the kernel boundary; ``reason``: why this and not faster;
+    ``slower_than_dense``: whether this path is known to be slower than the dense layer at
+    decode (the reference ops that dequantize or densify the whole weight per call)."""
+
+    kernel: str
+    activations: str
+    reason: str
+    slower_than_dense: bool
+
+    def label(self) -> str:
+        """``int4pack (bf16 activations)``-style text for reports."""
+        return f"{self.kernel} ({self.activations} activations)"
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def runtime_of(module: SlimLinear, activations: str = "auto") -> CpuRuntime:
+    """The CPU runtime ``module``'s form gets (without packing anything)."""
+    model_dtype = next(module.parameters(), None)
+    dtype = model_dtype.dtype if model_dtype is not None else torch.float32
+    if hasattr(module, "qweight"):
+        dtype = module.scales.dtype
+        kernel, why = cpu_packed.cpu_kernel_for(
+            module.bits, module.group_size, module.in_features, module.out_features
+        )
+        if kernel is not None:
+            act = cpu_packed.act_dtype_for(dtype, activations)
+            if act != dtype:
+                why += (f"; activations rounded to {_dtype_name(act)} at the boundary (the "
+                        f"kernel is slower than dense with {_dtype_name(dtype)} ones)")
+            if hasattr(module, "U"):
+                kernel, why = f"{kernel} + two GEMMs", why + "; the low-rank part as two GEMMs"
+            return CpuRuntime(kernel, _dtype_name(act), why, False)
+        return CpuRuntime(
+            "reference op", _dtype_name(dtype),
+            f"{why}: the whole weight is dequantized on every call", True,
+        )
+    if module.decision_kind == "lowrank":
+        return CpuRuntime("two GEMMs", _dtype_name(dtype), "x·Vᵀ then ·Uᵀ (F.linear twice)", False)
+    return CpuRuntime(
+        "reference op", _dtype_name(dtype),
+        f"no CPU kernel reads the {module.decision_kind} layout: the weight is densified on "
+        "every call",
+        True,
+    )
+
+
+def prepare_cpu(
+    model: nn.Module,
+    *,
+    activations: str = "auto",
+    dequant_rows: int | None = cpu_packed.DEFAULT_DEQUANT_ROWS,
+) -> dict[str, CpuRuntime]:
+    """Pack every quantized linear of ``model`` that lives on the CPU for its torch CPU kernel
+    (``slimfx.ir.cpu_packed``) and return what runs each rewritten linear, by module name.
+
+    ``activations``: ``"auto"`` (fp32 models' kernels run on bf16 activations, half models in
+    their dtype), ``"model"`` (the model's dtype: exact up to accumulation order, slow for fp32)
+    or ``"bf16"``. ``dequant_rows``: rows from which a call dequantizes into a scratch weight
+    and runs one GEMM instead (prefill; ``None``, the default, never — see ``cpu_packed``). Idempotent; modules on another device are left alone."""
+    cpu_packed.act_dtype_for(torch.float32, activations)  # validates the policy
+    if dequant_rows is not None and not (isinstance(dequant_rows, int) and dequant_rows >= 1):
+        raise ValueError(f"dequant_rows must be None or an int ≥ 1, got {dequant_rows!r}")
+    out: dict[str, CpuRuntime] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, SlimLinear):
+            continue
+        rt = runtime_of(m, activations)
+        m.__dict__.pop("_cpu_packed", None)
+        dev = next(iter(m.buffers()), next(iter(m.parameters()), None))
+        if dev is not None and dev.device.type != "cpu":
+            out[name] = CpuRuntime(
+                "reference op", _dtype_name(dev.dtype),
+                f"on {dev.device.type}: the packed kernels are CPU-only (backend='triton' "
+                "lowers to GPU kernels)", False,
+            )
+            continue
+        out[name] = rt
+        if not hasattr(m, "qweight") or rt.kernel == "reference op":
+            continue
+        m.__dict__["_cpu_packed"] = cpu_packed.pack_quant(
+            m.qweight, m.scales, m.zeros, m.bits, m.group_size, m.in_features,
+            activations=activations, dequant_rows=dequant_rows,
+        )
+    return out
+
+
+def release_cpu(model: nn.Module) -> int:
+    """Drop every packed copy in ``model`` (its linears run the reference ops again); returns
+    how many were dropped."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, SlimLinear) and m.__dict__.pop("_cpu_packed", None) is not None:
+            n += 1
+    return n
+
+
+def cpu_runtimes(model: nn.Module) -> dict[str, CpuRuntime]:
+    """What runs each rewritten linear now: the packed kernel where one is installed, else the
+    reference path (without installing anything)."""
+    out: dict[str, CpuRuntime] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, SlimLinear):
+            continue
+        packed = m.__dict__.get("_cpu_packed")
+        if packed is None and hasattr(m, "qweight"):
+            out[name] = CpuRuntime(
+                "reference op", _dtype_name(m.scales.dtype),
+                "no packed kernel installed (slimfx.prepare_cpu installs them): the whole "
+                "weight is dequantized on every call", True,
+            )
+            continue
+        out[name] = runtime_of(m, packed.policy if packed is not None else "auto")
+    return out

@@ -10,7 +10,8 @@ dense ``F.linear`` vs the slimfx modules (int8 per channel and g128, int4 g32/g6
 same bytes as int4 g32) as ``optimize`` returns them (packed kernels installed) and the
 reference op they replace; each timed over enough copies of the weight to overflow the caches
 (so decode times are memory-bound, as in a model), next to the copy-bandwidth floor: the
-stored bytes read at this box's measured copy bandwidth.
+stored bytes at this box's measured read bandwidth (a sum over 256 MiB; the copy bandwidth is
+printed too).
 
 **generate**: SmolLM2-135M (fp32, real weights) optimized on the lee news text at each budget
 (saved under ``--cache`` and reused), then: held-out perplexity with the packed kernels and with
@@ -53,6 +54,13 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() / s
 
 
+def read_bandwidth() -> float:
+    """Bytes/s read by a sum over 256 MiB of fp32 (what a decode GEMV streams)."""
+    a = torch.ones(64 * 2**20, dtype=torch.float32)
+    s = _time(lambda: a.sum(), 10)
+    return a.numel() * 4 / s
+
+
 def _modules(in_f: int, out_f: int, seed: int, dtype: torch.dtype) -> dict[str, nn.Module]:
     from slimfx.ir.cpu_runtime import prepare_cpu
     from slimfx.ir.modules import module_for
@@ -91,8 +99,9 @@ def _stored_bytes(mod: nn.Module) -> int:
 
 @torch.no_grad()
 def part_linears(reps: int, pool_mb: int) -> list[dict]:
-    bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e9:.1f} GB/s (read + write), threads {torch.get_num_threads()}")
+    bw, copy = read_bandwidth(), copy_bandwidth()
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s, copy {copy / 1e9:.1f} GB/s (read + write), "
+          f"threads {torch.get_num_threads()}")
     rows = []
     for in_f, out_f in SHAPES:
         n_copies = max(2, int(pool_mb * 2**20 // (in_f * out_f * 4)))
@@ -110,7 +119,7 @@ def part_linears(reps: int, pool_mb: int) -> list[dict]:
                     s = _time(lambda mods=mods, it=it, k=k, x=x: mods[next(it) % k](x), r)
                     if name == "dense":
                         base = s
-                    floor = _stored_bytes(mods[0]) / (bw / 2)
+                    floor = _stored_bytes(mods[0]) / bw
                     rows.append({**line, "form": name, "us": s * 1e6, "x_dense": s / base,
                                  "floor_us": floor * 1e6})
                     print(f"{line['shape']:>11} M={rows_m:<3} {line['act']:>8} {name:<28} "
@@ -218,6 +227,9 @@ def part_generate(a: argparse.Namespace) -> list[dict]:
                                             for t in [*model.parameters(), *model.buffers()])}
         row["ppl"] = perplexity(model, held)
         if name.startswith("slimfx"):
+            from slimfx.ir.cpu_runtime import packed_bytes
+
+            row["packed_bytes"] = packed_bytes(model)
             n = slimfx.release_cpu(model)
             row["ppl_reference_ops"] = perplexity(model, held)
             row["decode_ms_reference_ops"] = _decode_ms(model, prompt, 6)
@@ -226,7 +238,7 @@ def part_generate(a: argparse.Namespace) -> list[dict]:
         row["decode_ms"] = _decode_ms(model, prompt, a.tokens)
         row["prefill_ms"] = _prefill_ms(model, ids)
         row["decode_ms_static"] = _decode_ms_static(model, prompt, a.tokens, False)[0]
-        if a.compile:
+        if a.compile and not name.startswith("torchao"):  # torchao: eager only (time)
             ms, warm_s = _decode_ms_static(model, prompt, a.tokens, True)
             row["decode_ms_compile"], row["compile_s"] = ms, warm_s
             torch._dynamo.reset()

@@ -103,10 +103,12 @@ _CPU = Target(
     float_bytes=4,
     torch_cpu=True,
     notes=(
-        "ASSUMPTIONS, not measurements: a conservative laptop/server CPU running fp32 — "
-        "20 GB/s memory bandwidth, 200 GFLOP/s fp32, 5 µs per op call; dequantization "
-        "efficiency 0.7 assumed. Replace with `slimfx calibrate-target --target cpu` "
-        "measurements."
+        "ASSUMPTIONS, not measurements: a conservative laptop/server CPU running an fp32 "
+        "model in PyTorch — 20 GB/s memory bandwidth, 200 GFLOP/s fp32, 5 µs per op call; "
+        "dequantization efficiency 0.7 assumed. On the project's 2-core AVX-512 box the eager "
+        "module call itself costs ~15–20 µs, so small linears run closer to dense than this "
+        "roofline says (benchmarks/cpu_torch.py). Replace with `slimfx calibrate-target "
+        "--backend torch --target cpu` measurements."
     ),
 )
 

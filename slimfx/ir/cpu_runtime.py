@@ -24,7 +24,9 @@ from torch import nn
 from slimfx.ir import cpu_packed
 from slimfx.ir.modules import SlimLinear
 
-__all__ = ["CpuRuntime", "prepare_cpu", "release_cpu", "cpu_runtimes", "runtime_of"]
+__all__ = [
+    "CpuRuntime", "prepare_cpu", "release_cpu", "cpu_runtimes", "runtime_of", "packed_bytes",
+]
 
 
 @dataclass(frozen=True)
@@ -151,3 +153,14 @@ def cpu_runtimes(model: nn.Module) -> dict[str, CpuRuntime]:
             continue
         out[name] = runtime_of(m, packed.policy if packed is not None else "auto")
     return out
+
+
+def packed_bytes(model: nn.Module) -> int:
+    """Bytes the packed copies add to ``model``'s memory (beside the stored codes)."""
+    total = 0
+    for m in model.modules():
+        packed = m.__dict__.get("_cpu_packed") if isinstance(m, SlimLinear) else None
+        if packed is not None:
+            total += sum(t.numel() * t.element_size()
+                         for t in packed.kernel_tensors() if t is not None)
+    return total

@@ -118,7 +118,11 @@ def test_repacks_when_codes_change_and_release() -> None:
         assert _rel(after, before) > 0.1
         a.qweight.zero_()  # written in place
         assert _rel(a(x), _reference(a, x)) < 8e-3
-    assert release_cpu(a) == 1 and release_cpu(a) == 0
+    from slimfx.ir.cpu_runtime import packed_bytes
+
+    # int4 g32: the codes again (in·out / 2) plus bf16 scale and offset per group
+    assert packed_bytes(a) == 48 * 128 // 2 + (128 // 32) * 48 * 2 * 2
+    assert release_cpu(a) == 1 and release_cpu(a) == 0 and packed_bytes(a) == 0
     with torch.no_grad():
         assert torch.equal(a(x), _reference(a, x))
 

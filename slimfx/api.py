@@ -210,8 +210,7 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
     for s in report.sites:
         rt = runs.get(s.fqn)
         if rt is not None:
-            s.runtime = rt.label() + ("; slower than dense in eager" if rt.slower_than_dense
-                                      else "")
+            s.runtime = rt.label() + rt.caveat()
     slow = sorted(n for n, rt in runs.items() if rt.slower_than_dense)
     if slow:
         report.notes.append(

@@ -36,19 +36,34 @@ class CpuRuntime:
     ``kernel``: what runs (``"int4pack"``, ``"int8pack"``, ``"two GEMMs"``, ``"reference op"``);
     ``activations``: the dtype at the kernel boundary; ``reason``: why this and not faster;
     ``slower_than_dense``: whether this path is known to be slower than the dense layer at
-    decode (the reference ops that dequantize or densify the whole weight per call)."""
+    decode (the reference ops that dequantize or densify the whole weight per call; an int8
+    weight of many groups in a half-precision model); ``slower_at_prefill``: whether the dense
+    GEMM beats it on prefill-sized inputs (the packed kernels in a half-precision model, whose
+    dense layer is itself a fast bf16 GEMM) — both measured by ``benchmarks/cpu_torch.py``."""
 
     kernel: str
     activations: str
     reason: str
     slower_than_dense: bool
+    slower_at_prefill: bool = False
 
     def label(self) -> str:
         """``int4pack (bf16 activations)``-style text for reports."""
         return f"{self.kernel} ({self.activations} activations)"
 
+    def caveat(self) -> str:
+        """``"; slower than dense in eager"``-style text where dense is faster, else ``""``."""
+        if self.slower_than_dense:
+            return "; slower than dense in eager"
+        return "; slower than dense at prefill" if self.slower_at_prefill else ""
+
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+#: int8 group count from which a half-precision model's packed int8 linear is slower than its
+#: dense GEMV (12 groups of 128 measured 1.6× dense bf16 at decode; per channel 0.5×)
+_MANY_GROUPS = 8
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -69,9 +84,19 @@ def runtime_of(module: SlimLinear, activations: str = "auto") -> CpuRuntime:
             if act != dtype:
                 why += (f"; activations rounded to {_dtype_name(act)} at the boundary (the "
                         f"kernel is slower than dense with {_dtype_name(dtype)} ones)")
+            half = dtype in (torch.bfloat16, torch.float16)
+            slow = False
+            groups = module.in_features // module.group_size
+            if half and kernel == "int8pack" and groups >= _MANY_GROUPS:
+                slow = True
+                why += (f"; one kernel call per group ({groups} groups): slower than the dense "
+                        f"{_dtype_name(dtype)} GEMV at decode")
+            if half:
+                why += (f"; the dense {_dtype_name(dtype)} GEMM beats the packed kernel on "
+                        "prefill-sized inputs")
             if hasattr(module, "U"):
                 kernel, why = f"{kernel} + two GEMMs", why + "; the low-rank part as two GEMMs"
-            return CpuRuntime(kernel, _dtype_name(act), why, False)
+            return CpuRuntime(kernel, _dtype_name(act), why, slow, half)
         return CpuRuntime(
             "reference op", _dtype_name(dtype),
             f"{why}: the whole weight is dequantized on every call", True,

@@ -98,9 +98,15 @@ def test_leading_dims_bf16_model_and_no_grad_fallback() -> None:
     assert torch.equal(y, _reference(mod, xg))
     y.sum().backward()
     assert xg.grad is not None
-    # a bf16 model runs the kernel in its own dtype
+    # a bf16 model runs the kernel in its own dtype; its dense bf16 GEMM wins at prefill
     half = _quant(QuantConfig(4, 32, False)).to(torch.bfloat16)
-    assert prepare_cpu(half)[""].activations == "bfloat16"
+    rt = prepare_cpu(half)[""]
+    assert rt.activations == "bfloat16" and rt.slower_at_prefill and not rt.slower_than_dense
+    assert rt.caveat() == "; slower than dense at prefill"
+    many = _quant(QuantConfig(8, 16, False)).to(torch.bfloat16)  # 8 groups of 16
+    rt8 = runtime_of(many)
+    assert rt8.slower_than_dense and "8 groups" in rt8.reason
+    assert not runtime_of(_quant(QuantConfig(8, 16, False))).slower_than_dense  # fp32 model
     with torch.no_grad():
         xb = x.to(torch.bfloat16)
         assert _rel(half(xb), _reference(half, xb)) < 1e-2

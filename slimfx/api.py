@@ -175,6 +175,10 @@ def optimize(
     pl.timings["total"] = time.perf_counter() - t_start
     report.timings = pl.timings
     report.meta = {"model_class": type(model).__name__, "plan": pl.plan.to_dict()}
+    if pl.memory:  # resident MB around each stage (stages.MemoryInstrument)
+        report.meta["stage_memory_mb"] = pl.memory
+    if pl.problem is not None and "family_seconds" in pl.problem.meta:
+        report.meta["candidate_seconds"] = pl.problem.meta["family_seconds"]
     if backend is not None:
         report.meta["backend"] = backend
     if pl.cache is not None:

@@ -5,7 +5,8 @@
 
 Each stage is a function ``stage(pl: Planning) -> PassResult`` that reads and fills the state;
 ``passes.manager.PassManager`` runs them with a ``TimingInstrument`` whose seconds per stage
-become the report's timings. The caller's options travel as one ``PlanningOptions`` object.
+become the report's timings, and a ``MemoryInstrument``'s resident-memory readings at each
+stage's boundaries (Linux: ``/proc/self/status``) its per-stage memory. The caller's options travel as one ``PlanningOptions`` object.
 ``plan_model`` runs the planning stages only (shared with the torch.compile backend,
 ``slimfx.compile_api``); ``slimfx.api.optimize`` runs all of them.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -65,6 +67,8 @@ __all__ = [
     "find_sites",
     "select_sites",
     "measure_site_errors",
+    "MemoryInstrument",
+    "rss_mb",
 ]
 
 Stage = Callable[["Planning"], PassResult]
@@ -134,6 +138,7 @@ class Planning:
     measured: dict[str, tuple[float, float]] = field(default_factory=dict)
     frontier: list = field(default_factory=list)
     dense_ref: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def grams(self, sites: Sequence[LinearSite] | None = None) -> dict[str, Tensor | None] | None:
         """The (damped) Gram each site is fitted with, or ``None`` without statistics."""
@@ -144,6 +149,66 @@ class Planning:
     @property
     def solver(self) -> str:
         return self.solution.solver if self.solution is not None else "replayed plan"
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def rss_mb() -> dict[str, float] | None:
+    """This process's resident memory now (``rss``) and its high-water mark (``hwm``) in MB
+    (``/proc/self/status``); ``None`` where that file does not exist (not Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            text = f.read()
+    except OSError:
+        return None
+    out = {}
+    for key, name in (("VmRSS", "rss"), ("VmHWM", "hwm")):
+        m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
+        if m is None:
+            return None
+        out[name] = int(m.group(1)) / 1024.0
+    return out
+
+
+def _reset_peak() -> bool:
+    """Reset the high-water mark to the current resident size (Linux ≥ 4.0: ``5`` written to
+    ``/proc/self/clear_refs``); ``False`` where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class MemoryInstrument:
+    """Resident memory around each stage, in MB (``memory``: stage name → ``rss_before``,
+    ``rss_after`` and ``peak``, the process's highest resident size during the stage).
+
+    The peak is the stage's own where the high-water mark can be reset before it
+    (``/proc/self/clear_refs``; ``peak_is_stage``), else the process's peak so far. A stage's
+    growth is ``peak - rss_before``: what it held at once over what it was handed. Records
+    nothing where ``/proc/self/status`` is missing."""
+
+    def __init__(self) -> None:
+        self.memory: dict[str, dict[str, float]] = {}
+        self._before: dict[str, float] | None = None
+        self.peak_is_stage = True
+
+    def before(self, pass_name: str, obj: Any) -> None:
+        self.peak_is_stage = _reset_peak() and self.peak_is_stage
+        self._before = rss_mb()
+
+    def after(self, pass_name: str, obj: Any, result: PassResult) -> None:
+        now = rss_mb()
+        if now is None or self._before is None:
+            return
+        self.memory[pass_name] = {
+            "rss_before": round(self._before["rss"], 1),
+            "rss_after": round(now["rss"], 1),
+            "peak": round(now["hwm"], 1),
+        }
 
 
 # ------------------------------------------------------------------------------ stages
@@ -437,11 +502,13 @@ def optimize_stages(options: PlanningOptions) -> list[Stage]:
 def run_stages(
     pl: Planning, stages: Sequence[Stage], instruments: Sequence[Instrument] = ()
 ) -> Planning:
-    """Run ``stages`` over ``pl`` with the pass manager; their seconds go to ``pl.timings``."""
-    timing = TimingInstrument()
-    PassManager(list(stages), [timing, *instruments]).run(pl)
+    """Run ``stages`` over ``pl`` with the pass manager; their seconds go to ``pl.timings``,
+    their resident memory (``MemoryInstrument``, MB) to ``pl.memory``."""
+    timing, memory = TimingInstrument(), MemoryInstrument()
+    PassManager(list(stages), [timing, memory, *instruments]).run(pl)
     for name, seconds in timing.timings:
         pl.timings[name] = pl.timings.get(name, 0.0) + seconds
+    pl.memory.update(memory.memory)
     return pl
 
 

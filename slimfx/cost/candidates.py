@@ -22,6 +22,7 @@ come from one SVD per site and method (``numerics.lowrank.lowrank_error_curve``)
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -150,7 +151,8 @@ def build_problem(
     family's candidates in the family's order (a decision proposed twice is kept once; one
     that saves no weight bytes over dense is dropped). ``allow(site, decision)``: when given,
     only candidates it accepts are offered (e.g. what a backend can run; dense always is);
-    ``meta["not_allowed"]`` counts the others.
+    ``meta["not_allowed"]`` counts the others; ``meta["family_seconds"]``: each family's
+    seconds over all sites.
     """
     known = family_names()
     unknown = [f for f in families if f not in known]
@@ -164,6 +166,7 @@ def build_problem(
     proposed: dict[str, list[Candidate]] = {}
     sources: Counter[str] = Counter()
     not_allowed = 0
+    fam_seconds = dict.fromkeys(families, 0.0)
     bar = tqdm(list(sites), desc="candidates", unit="site", disable=not progress, leave=False)
     for site in bar:
         W = _weight_of(weights, site)
@@ -185,7 +188,10 @@ def build_problem(
         dense = option(DenseConfig(), 0.0)
         options, seen, cands = [dense], {DenseConfig()}, []
         for fam in families:
-            for c in family(fam)(ctx):
+            t0 = time.perf_counter()
+            found = family(fam)(ctx)
+            fam_seconds[fam] += time.perf_counter() - t0
+            for c in found:
                 if c.decision in seen or c.decision.weight_bytes(ctx.shape) >= 2 * in_f * out_f:
                     continue  # proposed twice, or saves no bytes
                 seen.add(c.decision)
@@ -207,6 +213,7 @@ def build_problem(
         "tokens": wl.tokens,
         "latency_sources": dict(sorted(sources.items())),
         "not_allowed": not_allowed,
+        "family_seconds": {k: round(v, 3) for k, v in fam_seconds.items()},
     }
     return BudgetProblem(site_opts, workload=wl.name, target=tgt.name, meta=meta), proposed
 

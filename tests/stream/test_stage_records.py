@@ -1,0 +1,68 @@
+"""The stage records of ``optimize``: resident memory around each stage (``MemoryInstrument``)
+and each candidate family's seconds, next to the seconds per stage."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import slimfx  # noqa: E402
+from slimfx.passes.base import PassResult  # noqa: E402
+from slimfx.passes.manager import PassManager  # noqa: E402
+from slimfx.stages import MemoryInstrument, rss_mb  # noqa: E402
+
+from ._util import build, calibration  # noqa: E402
+
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or rss_mb() is None,
+    reason="resident memory is read from /proc/self/status (Linux)",
+)
+
+
+@linux_only
+def test_memory_instrument_sees_a_stage_peak_that_was_freed() -> None:
+    held: list[torch.Tensor] = []
+
+    def spike(_: object) -> PassResult:  # 256 MB touched, then freed within the stage
+        t = torch.ones(64 * 2**20)
+        del t
+        return PassResult("spike")
+
+    def keep(_: object) -> PassResult:  # 128 MB kept past the stage
+        held.append(torch.ones(32 * 2**20))
+        return PassResult("keep")
+
+    ins = MemoryInstrument()
+    PassManager([spike, keep], [ins]).run(None)
+    s, k = ins.memory["spike"], ins.memory["keep"]
+    assert ins.peak_is_stage  # clear_refs worked: each stage's peak is its own
+    # the spike's peak is ≥ 256 MB over its start though nothing stays (slack: allocator, 16 MB)
+    assert s["peak"] - s["rss_before"] >= 240
+    assert abs(s["rss_after"] - s["rss_before"]) < 64
+    # the kept tensor shows in the RSS after, and the peak was reset: not the spike's 256 MB
+    assert k["rss_after"] - k["rss_before"] >= 120
+    assert k["peak"] - k["rss_before"] < 200
+    assert held
+
+
+def test_optimize_records_memory_and_family_seconds_per_stage() -> None:
+    families = ("lowrank", "int8", "int4", "int4_gptq")
+    new = slimfx.optimize(
+        build(), 0.4, calibration=calibration(), families=families, progress=False
+    )
+    rep = slimfx.report_of(new)
+    secs = rep.meta["candidate_seconds"]
+    assert list(secs) == list(families)
+    assert all(v >= 0 for v in secs.values())
+    assert sum(secs.values()) <= rep.timings["candidates"]  # a part of the stage's seconds
+    if rss_mb() is None:
+        pytest.skip("no /proc/self/status: memory per stage is not recorded (Linux only)")
+    mem = rep.meta["stage_memory_mb"]
+    stages = [k for k in rep.timings if k != "total"]
+    assert list(mem) == stages  # one record per timed stage, in run order
+    for rec in mem.values():
+        assert rec["peak"] >= max(rec["rss_before"], rec["rss_after"]) - 1.0  # kB rounding

@@ -139,6 +139,7 @@ class Planning:
     frontier: list = field(default_factory=list)
     dense_ref: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    family_seconds: dict[str, float] = field(default_factory=dict)
 
     def grams(self, sites: Sequence[LinearSite] | None = None) -> dict[str, Tensor | None] | None:
         """The (damped) Gram each site is fitted with, or ``None`` without statistics."""
@@ -364,6 +365,7 @@ def candidates(pl: Planning) -> PassResult:
         cache=pl.cache,
         progress=opts.progress,
         allow=allow,
+        family_seconds=pl.family_seconds,
     )
     name = target_name(opts.target)
     if pl.cache is not None:

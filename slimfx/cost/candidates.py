@@ -142,6 +142,7 @@ def build_problem(
     cache: MeasuredCache | None = None,
     progress: bool = True,
     allow: Callable[[LinearSite, Decision], bool] | None = None,
+    family_seconds: dict[str, float] | None = None,
 ) -> tuple[BudgetProblem, dict[str, list[Candidate]]]:
     """The numbers-only :class:`BudgetProblem` and, per site FQN, the families' candidates.
 
@@ -151,8 +152,8 @@ def build_problem(
     family's candidates in the family's order (a decision proposed twice is kept once; one
     that saves no weight bytes over dense is dropped). ``allow(site, decision)``: when given,
     only candidates it accepts are offered (e.g. what a backend can run; dense always is);
-    ``meta["not_allowed"]`` counts the others; ``meta["family_seconds"]``: each family's
-    seconds over all sites.
+    ``meta["not_allowed"]`` counts the others. ``family_seconds``: when given, each family's
+    seconds over all sites are added to it (family name → seconds).
     """
     known = family_names()
     unknown = [f for f in families if f not in known]
@@ -166,7 +167,7 @@ def build_problem(
     proposed: dict[str, list[Candidate]] = {}
     sources: Counter[str] = Counter()
     not_allowed = 0
-    fam_seconds = dict.fromkeys(families, 0.0)
+    fam_seconds = family_seconds if family_seconds is not None else {}
     bar = tqdm(list(sites), desc="candidates", unit="site", disable=not progress, leave=False)
     for site in bar:
         W = _weight_of(weights, site)
@@ -190,7 +191,7 @@ def build_problem(
         for fam in families:
             t0 = time.perf_counter()
             found = family(fam)(ctx)
-            fam_seconds[fam] += time.perf_counter() - t0
+            fam_seconds[fam] = fam_seconds.get(fam, 0.0) + time.perf_counter() - t0
             for c in found:
                 if c.decision in seen or c.decision.weight_bytes(ctx.shape) >= 2 * in_f * out_f:
                     continue  # proposed twice, or saves no bytes
@@ -213,7 +214,6 @@ def build_problem(
         "tokens": wl.tokens,
         "latency_sources": dict(sorted(sources.items())),
         "not_allowed": not_allowed,
-        "family_seconds": {k: round(v, 3) for k, v in fam_seconds.items()},
     }
     return BudgetProblem(site_opts, workload=wl.name, target=tgt.name, meta=meta), proposed
 

@@ -146,10 +146,8 @@ def price(
 def merge_problems(parts: Sequence[BudgetProblem], families: Sequence[str]) -> BudgetProblem:
     """One problem of the parts' sites, in order, with their metadata combined."""
     sources: Counter[str] = Counter()
-    seconds: Counter[str] = Counter()
     for p in parts:
         sources.update(p.meta["latency_sources"])
-        seconds.update(p.meta.get("family_seconds", {}))
     first = parts[0]
     meta = {
         "families": list(families),
@@ -158,7 +156,6 @@ def merge_problems(parts: Sequence[BudgetProblem], families: Sequence[str]) -> B
         "tokens": first.meta["tokens"],
         "latency_sources": dict(sorted(sources.items())),
         "not_allowed": sum(p.meta["not_allowed"] for p in parts),
-        "family_seconds": {f: round(seconds[f], 3) for f in families},
     }
     sites: list[SiteOptions] = [s for p in parts for s in p.sites]
     return BudgetProblem(sites, workload=first.workload, target=first.target, meta=meta)

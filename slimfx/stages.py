@@ -105,6 +105,25 @@ class PlanningOptions:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+class FitGrams(Mapping[str, "Tensor | None"]):
+    """Site FQN → ``stats.fit_gram(fqn)``, computed on each read (nothing is cached)."""
+
+    def __init__(self, stats: CalibrationStats, fqns: Sequence[str]) -> None:
+        self.stats, self.fqns = stats, list(dict.fromkeys(fqns))
+        self._known = set(self.fqns)
+
+    def __getitem__(self, fqn: str) -> Tensor | None:
+        if fqn not in self._known:
+            raise KeyError(fqn)
+        return self.stats.fit_gram(fqn)
+
+    def __iter__(self):  # noqa: ANN204 - Iterator[str]
+        return iter(self.fqns)
+
+    def __len__(self) -> int:
+        return len(self.fqns)
+
+
 @dataclass
 class Planning:
     """The state the stages fill: the sites, the statistics, the problem and solution
@@ -141,11 +160,15 @@ class Planning:
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
     family_seconds: dict[str, float] = field(default_factory=dict)
 
-    def grams(self, sites: Sequence[LinearSite] | None = None) -> dict[str, Tensor | None] | None:
-        """The (damped) Gram each site is fitted with, or ``None`` without statistics."""
+    def grams(
+        self, sites: Sequence[LinearSite] | None = None
+    ) -> Mapping[str, Tensor | None] | None:
+        """The (damped) Gram each site is fitted with, by site FQN, or ``None`` without
+        statistics. Each is formed when it is read (``FitGrams``), so a rewrite holds one
+        damped copy at a time rather than one per site."""
         if self.stats is None:
             return None
-        return {s.fqn: self.stats.fit_gram(s.fqn) for s in (sites or self.sites)}
+        return FitGrams(self.stats, [s.fqn for s in (sites or self.sites)])
 
     @property
     def solver(self) -> str:
@@ -156,7 +179,9 @@ class Planning:
 
 
 def rss_mb() -> dict[str, float] | None:
-    """This process's resident memory now (``rss``) and its high-water mark (``hwm``) in MB
+    """This process's resident memory now (``rss``), its high-water mark (``hwm``) and the
+    anonymous part of ``rss`` (``anon``: what the process allocated, not file pages such as
+    a memory-mapped checkpoint's weights touched for the first time) in MB
     (``/proc/self/status``); ``None`` where that file does not exist (not Linux)."""
     try:
         with open("/proc/self/status") as f:
@@ -164,9 +189,11 @@ def rss_mb() -> dict[str, float] | None:
     except OSError:
         return None
     out = {}
-    for key, name in (("VmRSS", "rss"), ("VmHWM", "hwm")):
+    for key, name in (("VmRSS", "rss"), ("VmHWM", "hwm"), ("RssAnon", "anon")):
         m = re.search(rf"^{key}:\s+(\d+) kB", text, re.M)
         if m is None:
+            if name == "anon":  # before Linux 4.5
+                continue
             return None
         out[name] = int(m.group(1)) / 1024.0
     return out
@@ -185,7 +212,8 @@ def _reset_peak() -> bool:
 
 class MemoryInstrument:
     """Resident memory around each stage, in MB (``memory``: stage name → ``rss_before``,
-    ``rss_after`` and ``peak``, the process's highest resident size during the stage).
+    ``rss_after`` and ``peak``, the process's highest resident size during the stage; and
+    ``anon_before`` / ``anon_after``, the anonymous part, where the kernel reports it).
 
     The peak is the stage's own where the high-water mark can be reset before it
     (``/proc/self/clear_refs``; ``peak_is_stage``), else the process's peak so far. A stage's
@@ -205,11 +233,15 @@ class MemoryInstrument:
         now = rss_mb()
         if now is None or self._before is None:
             return
-        self.memory[pass_name] = {
+        rec = {
             "rss_before": round(self._before["rss"], 1),
             "rss_after": round(now["rss"], 1),
             "peak": round(now["hwm"], 1),
         }
+        if "anon" in now and "anon" in self._before:
+            rec["anon_before"] = round(self._before["anon"], 1)
+            rec["anon_after"] = round(now["anon"], 1)
+        self.memory[pass_name] = rec
 
 
 # ------------------------------------------------------------------------------ stages
@@ -437,11 +469,14 @@ def apply(pl: Planning) -> PassResult:
     assert model is not None and full is not None
     plan, kv = attention.split(full)  # linear decisions for the module swap; KV forms after it
     if pl.eval_batches:
+        # the caller's model is rewritten only with ``inplace``: otherwise its own tensors are
+        # the dense reference (a copy would hold every rewritten weight twice more)
+        keep = (lambda t: t.detach().clone()) if pl.inplace else (lambda t: t.detach())
         mods = dict(model.named_modules())
         pl.dense_ref = {
             s.fqn: (
-                mods[s.fqn].weight.detach().clone(),
-                None if mods[s.fqn].bias is None else mods[s.fqn].bias.detach().clone(),
+                keep(mods[s.fqn].weight),
+                None if mods[s.fqn].bias is None else keep(mods[s.fqn].bias),
             )
             for s in pl.sites
             if s.fqn in plan and not isinstance(plan[s.fqn], DenseConfig)
@@ -454,12 +489,13 @@ def apply(pl: Planning) -> PassResult:
             "sequential: each block factorized with statistics from the rewritten prefix"
         )
     else:
+        target = model if pl.inplace else _copy_sharing(model, plan, pl.sites)
         pl.rewritten, pl.result = apply_plan(
-            model,
+            target,
             plan,
             pl.sites,
             pl.grams(),
-            inplace=pl.inplace,
+            inplace=True,
             strict=True,
             progress=pl.options.progress,
         )
@@ -569,6 +605,27 @@ def measure_site_errors(
         rel = err / sig if sig > 0 else float("nan")
         out[k] = (10 * math.log10(sig / err) if err > 0 else float("inf"), rel)
     return out
+
+
+def _copy_sharing(model: nn.Module, plan: Plan, sites: Sequence[LinearSite]) -> nn.Module:
+    """A deep copy of ``model`` that shares (does not copy) the weight of every site
+    the plan rewrites and whose weight no other module uses: ``apply_plan`` reads them once to
+    build the replacement and then drops the copy's linear, so copying them would only hold
+    every rewritten weight twice at the peak. The caller's tensors are never written."""
+    mods = dict(model.named_modules())
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    memo: dict[int, Any] = {}
+    for s in sites:
+        d = plan.decisions.get(s.fqn)
+        if d is None or isinstance(d, DenseConfig) or s.tied:
+            continue
+        lin = mods[s.fqn]
+        w = lin.weight
+        if isinstance(w, Tensor) and owners.get(id(w), 0) == 1:
+            memo[id(w)] = w
+    return copy.deepcopy(model, memo)
 
 
 def _apply_sequential(

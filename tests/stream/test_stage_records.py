@@ -46,7 +46,29 @@ def test_memory_instrument_sees_a_stage_peak_that_was_freed() -> None:
     # the kept tensor shows in the RSS after, and the peak was reset: not the spike's 256 MB
     assert k["rss_after"] - k["rss_before"] >= 120
     assert k["peak"] - k["rss_before"] < 200
+    if "anon_after" in k:  # the kept tensor is anonymous memory (no file behind it)
+        assert k["anon_after"] - k["anon_before"] >= 120
     assert held
+
+
+def test_copy_for_apply_shares_only_the_rewritten_weights() -> None:
+    from slimfx.planning.configs import DenseConfig, LowRankConfig
+    from slimfx.planning.plan import Plan
+    from slimfx.site_selection import find_sites
+    from slimfx.stages import _copy_sharing
+
+    model = build(tie=True)
+    sites, _ = find_sites(model, ((calibration(1)[0],), {}))
+    by = {s.fqn: s for s in sites}
+    q, o, head = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.o_proj", "lm_head"
+    plan = Plan({q: LowRankConfig(4), o: DenseConfig(), head: LowRankConfig(4)},
+                {k: by[k].site_shape for k in (q, o, head)})  # fmt: skip
+    copy = _copy_sharing(model, plan, sites)
+    mods, cmods = dict(model.named_modules()), dict(copy.named_modules())
+    assert cmods[q].weight is mods[q].weight  # rewritten: read once, never copied
+    assert cmods[o].weight is not mods[o].weight  # dense: the copy owns it
+    assert cmods[head].weight is not mods[head].weight  # tied to the embedding: copied
+    assert cmods[head].weight is cmods["model.embed_tokens"].weight  # and still tied
 
 
 def test_optimize_records_memory_and_family_seconds_per_stage() -> None:
@@ -66,3 +88,19 @@ def test_optimize_records_memory_and_family_seconds_per_stage() -> None:
     assert list(mem) == stages  # one record per timed stage, in run order
     for rec in mem.values():
         assert rec["peak"] >= max(rec["rss_before"], rec["rss_after"]) - 1.0  # kB rounding
+
+
+@linux_only
+def test_streamed_optimize_records_memory_per_stage(tmp_path) -> None:
+    from slimfx.stream import optimize_checkpoint
+
+    from ._util import save_checkpoint
+
+    ckpt = save_checkpoint(tmp_path / "ckpt")
+    res = optimize_checkpoint(
+        ckpt, 0.4, calibration=calibration(), out=tmp_path / "out", progress=False
+    )
+    stages = ["load_head", "calibration+candidates", "fisher", "solve", "apply+write"]
+    assert list(res.memory) == stages
+    assert all(r["peak"] >= r["rss_before"] - 1.0 for r in res.memory.values())
+    assert slimfx.load(tmp_path / "out").slimfx_report.meta["stage_memory_mb"] == res.memory

@@ -14,6 +14,8 @@ stage's boundaries (Linux: ``/proc/self/status``) its per-stage memory. The call
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
 import math
 import os
 import re
@@ -69,6 +71,7 @@ __all__ = [
     "measure_site_errors",
     "MemoryInstrument",
     "rss_mb",
+    "trim_heap",
 ]
 
 Stage = Callable[["Planning"], PassResult]
@@ -199,6 +202,26 @@ def rss_mb() -> dict[str, float] | None:
     return out
 
 
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc's ``malloc_trim``): large
+    tensors freed by a stage otherwise stay in this process's resident memory, cached by the
+    allocator for reuse. ``False`` where there is no glibc (nothing done)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC is False:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
+
+
+_LIBC: Any = None
+
+
 def _reset_peak() -> bool:
     """Reset the high-water mark to the current resident size (Linux ≥ 4.0: ``5`` written to
     ``/proc/self/clear_refs``); ``False`` where that is not allowed."""
@@ -242,6 +265,18 @@ class MemoryInstrument:
             rec["anon_before"] = round(self._before["anon"], 1)
             rec["anon_after"] = round(now["anon"], 1)
         self.memory[pass_name] = rec
+
+
+class _TrimAfter:
+    """After each stage, the heap's free pages go back to the system (``trim_heap``): what a
+    stage freed (calibration's probe deltas and activations, apply's temporaries) no longer
+    counts in the resident memory of the stages after it."""
+
+    def before(self, pass_name: str, obj: Any) -> None:
+        pass
+
+    def after(self, pass_name: str, obj: Any, result: PassResult) -> None:
+        trim_heap()
 
 
 # ------------------------------------------------------------------------------ stages
@@ -543,7 +578,7 @@ def run_stages(
     """Run ``stages`` over ``pl`` with the pass manager; their seconds go to ``pl.timings``,
     their resident memory (``MemoryInstrument``, MB) to ``pl.memory``."""
     timing, memory = TimingInstrument(), MemoryInstrument()
-    PassManager(list(stages), [timing, memory, *instruments]).run(pl)
+    PassManager(list(stages), [timing, memory, _TrimAfter(), *instruments]).run(pl)
     for name, seconds in timing.timings:
         pl.timings[name] = pl.timings.get(name, 0.0) + seconds
     pl.memory.update(memory.memory)

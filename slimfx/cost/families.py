@@ -11,8 +11,8 @@ families the user enabled through :func:`family`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 

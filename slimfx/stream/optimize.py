@@ -163,6 +163,7 @@ def optimize_checkpoint(
     keep_work: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    sequential: bool = False,
 ) -> StreamResult:
     """Optimize the causal LM stored in checkpoint directory ``path`` (``config.json`` +
     safetensors) under ``budget`` with one decoder block in memory at a time, and write the
@@ -176,7 +177,10 @@ def optimize_checkpoint(
     kept (default ``.<out name>.slimfx-work`` beside ``out``); a run killed after block k
     resumes from block k+1 when called again with the same arguments; removed after success
     unless ``keep_work``. ``overwrite`` as for ``slimfx.save``. A missing shard, a missing
-    tensor or a shape mismatch raises ``CheckpointError`` before anything is written."""
+    tensor or a shape mismatch raises ``CheckpointError`` before anything is written.
+    ``sequential``: as for ``optimize`` — the plan is solved as usual, then each block is
+    fitted with Grams taken on the outputs of the already rewritten blocks (the calibration
+    batches carried through the write, on rank 0)."""
     from slimfx.io import check_save_target
 
     t_start = time.perf_counter()
@@ -399,8 +403,13 @@ def optimize_checkpoint(
     memory.before("", None)
     try:
         result, measured, output = write_output(
-            ckpt, model, plan, names, by_block, tail, stats_of, held, outp, as_tuple, progress
-        )
+            ckpt, model, plan, names, by_block, tail, stats_of, held, outp, as_tuple, progress,
+            sequential=fit if sequential and plan.rewrites() else None,
+        )  # fmt: skip
+        if sequential and plan.rewrites():
+            notes.append(
+                "sequential: each block factorized with statistics from the rewritten prefix"
+            )
     except BaseException:
         comm.barrier()
         raise

@@ -69,6 +69,7 @@ __all__ = [
     "find_sites",
     "select_sites",
     "measure_site_errors",
+    "FitGrams",
     "MemoryInstrument",
     "rss_mb",
     "trim_heap",

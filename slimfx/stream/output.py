@@ -27,7 +27,7 @@ from slimfx.passes.swap import apply_plan, empty_like_plan
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
 from slimfx.report import Report
-from slimfx.stages import measure_site_errors
+from slimfx.stages import FitGrams, measure_site_errors
 from slimfx.stream.blocks import replayed, stream_of
 from slimfx.stream.checkpoint import Checkpoint, release
 from slimfx.stream.writer import StreamedSafetensors, layout_of, stored_tensors
@@ -104,7 +104,7 @@ def _apply(
     if not sites:
         return
     sub = Plan({s.fqn: plan[s.fqn] for s in sites}, {s.fqn: s.site_shape for s in sites})
-    grams = {s.fqn: stats.fit_gram(s.fqn) for s in sites}
+    grams = FitGrams(stats, [s.fqn for s in sites])  # one damped Gram formed at a time
     _, res = apply_plan(model, sub, sites, grams, inplace=True, strict=True)
     merged.records.extend(res.records)
     merged.modified |= res.modified

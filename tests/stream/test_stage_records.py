@@ -123,3 +123,18 @@ def test_trim_heap_returns_freed_heap_pages() -> None:
     assert before - after >= 150  # ~190 MB were freed; trimming gives most of it back
     assert after <= freed
     assert keep.sum() == 16
+
+
+def test_fit_gram_is_the_damped_gram_bit_for_bit() -> None:
+    from slimfx.cost.calibration import CalibrationStats
+
+    g_ = torch.Generator().manual_seed(0)
+    X = torch.randn(300, 577, dtype=torch.float64, generator=g_)
+    X[:, 0] = 0.0  # an input that never fires: a zero row and column in the Gram
+    g = X.T @ X
+    st = CalibrationStats({"grp": g}, {"grp": 300}, {"site": "grp"})
+    lam = 0.01 * float(g.diagonal().mean())
+    ref = g + lam * torch.eye(577, dtype=torch.float64)  # the definition (XᵀX + λ·mean·I)
+    got = st.fit_gram("site")
+    assert torch.equal(got.view(torch.int64), ref.view(torch.int64))  # same bits, signs of 0
+    assert torch.equal(st.grams["grp"], g)  # the stored Gram is not damped in place

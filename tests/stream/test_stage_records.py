@@ -138,3 +138,23 @@ def test_fit_gram_is_the_damped_gram_bit_for_bit() -> None:
     got = st.fit_gram("site")
     assert torch.equal(got.view(torch.int64), ref.view(torch.int64))  # same bits, signs of 0
     assert torch.equal(st.grams["grp"], g)  # the stored Gram is not damped in place
+
+
+@pytest.mark.parametrize(
+    "family", ["lowrank", "int4_gptq", "sparse24", "lowrank_quant", "sparse24_lowrank"]
+)
+def test_optimize_leaves_the_callers_weights_unchanged_though_apply_shares_them(
+    family: str,
+) -> None:
+    # apply reads the weights it replaces from the caller's model (stages._copy_sharing):
+    # no form may write into them. One family at a time, so its own forms are built.
+    model = build(tie=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    new = slimfx.optimize(model, 0.85, calibration=calibration(), families=(family,),
+                          fisher=False, progress=False)  # fmt: skip
+    plan = slimfx.report_of(new).meta["plan"]["decisions"]
+    assert sum(d["kind"] != "dense" for d in plan.values()) >= 3  # built from shared weights
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k

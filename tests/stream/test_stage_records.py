@@ -158,3 +158,27 @@ def test_optimize_leaves_the_callers_weights_unchanged_though_apply_shares_them(
     assert set(after) == set(before)
     for k, v in before.items():
         assert torch.equal(after[k], v), k
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (192, 576), (1536, 576), (576, 1536)])
+def test_compact_probes_rebuild_the_probe_deltas_bit_for_bit(shape) -> None:
+    from slimfx.cost.sensitivity import _CompactProbes
+    from slimfx.numerics.quant import dequantize, quantize_rtn
+
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    out_f, in_f = shape
+    # the probes by their definition: int4 RTN at group 128 (or the largest of 64 / 32 that
+    # divides in); the SVD truncated at a quarter of the dense bytes
+    g = next(k for k in (128, 64, 32) if in_f % k == 0)
+    Wq = dequantize(quantize_rtn(W, 4, g, False), 4, g, False, in_f)
+    r = int(0.25 * in_f * out_f // (in_f + out_f))
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    ref = {"int4_g128": W - Wq, "lowrank_0.25": W - (U[:, :r] * S[:r]) @ Vh[:r]}
+    probes = _CompactProbes(W)
+    for _ in range(2):  # every read rebuilds the same bits
+        got = probes.deltas()
+        for k, v in ref.items():
+            assert torch.equal(got[k].view(torch.int32), v.view(torch.int32)), k
+    held = sum(t.numel() * t.element_size() for t in (*probes.q.values(), probes.left,
+               probes.right))  # fmt: skip
+    assert held <= 0.25 * 2 * W.numel() * 4  # ≤ a quarter of the two float32 ΔWs

@@ -68,7 +68,8 @@ def worker(a: argparse.Namespace) -> None:
         new = slimfx.optimize(model, a.budget, calibration=calib, progress=False)
         slimfx.save(new, a.out, overwrite=True)
         rep = slimfx.report_of(new)
-        out.update(plan=rep.meta["plan"]["decisions"], timings={"load": t_load, **rep.timings})
+        out.update(plan=rep.meta["plan"]["decisions"], timings={"load": t_load, **rep.timings},
+                   memory=rep.meta.get("stage_memory_mb", {}))  # fmt: skip
     else:
         import torch.distributed as dist
 
@@ -81,6 +82,7 @@ def worker(a: argparse.Namespace) -> None:
             overwrite=True, progress=False,
         )  # fmt: skip
         out.update(plan=res.plan.to_dict()["decisions"], timings=res.timings,
+                   memory=res.memory,
                    rank=dist.get_rank() if a.worker == "dist" else 0)  # fmt: skip
         if a.worker == "dist":
             dist.destroy_process_group()
@@ -178,6 +180,11 @@ def main() -> None:
             rows = {m: _run(m, a, str(d), str(tmp / f"out-{name}-{m}")) for m in a.modes.split(",")}
             results[name] = {"info": info, "rows": rows}
             print(_table(name, info, rows), flush=True)
+            for mode, rs in rows.items():  # each stage's resident MB: before, after, own peak
+                for r in rs:
+                    mem = ", ".join(f"{k} {v['rss_before']:.0f}/{v['rss_after']:.0f}/"
+                                    f"{v['peak']:.0f}" for k, v in r.get("memory", {}).items())
+                    print(f"{mode}: stage RSS MB before/after/peak: {mem}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if a.json:

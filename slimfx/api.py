@@ -181,6 +181,10 @@ def optimize(
     pl.timings["total"] = time.perf_counter() - t_start
     report.timings = pl.timings
     report.meta = {"model_class": type(model).__name__, "plan": pl.plan.to_dict()}
+    if pl.memory:  # resident MB around each stage (stages.MemoryInstrument)
+        report.meta["stage_memory_mb"] = pl.memory
+    if pl.family_seconds:  # each candidate family's seconds in the candidates stage
+        report.meta["candidate_seconds"] = {k: round(v, 3) for k, v in pl.family_seconds.items()}
     if backend is not None:
         report.meta["backend"] = backend
     if pl.cache is not None:

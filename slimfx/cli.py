@@ -68,8 +68,8 @@ def _check_optimize_args(a: argparse.Namespace):
 
     streamed = Path(a.model).is_dir()
     if streamed:
-        unsupported = [flag for flag, on in (("--plan", a.plan), ("--sequential", a.sequential),
-                       ("--backend", a.backend), ("--eval", a.eval), ("--onnx", a.onnx)) if on]
+        unsupported = [flag for flag, on in (("--plan", a.plan), ("--backend", a.backend),
+                       ("--eval", a.eval), ("--onnx", a.onnx)) if on]
         if unsupported:
             raise ValueError(f"{', '.join(unsupported)}: not available with a checkpoint "
                              "directory (the streamed optimize)")
@@ -142,6 +142,7 @@ def cmd_optimize_checkpoint(a: argparse.Namespace, budget) -> int:
         families=tuple(a.families.split(",")), fisher=a.fisher,
         sensitivity=a.sensitivity or "fisher",  # what a block-by-block backward gives
         latency_cache=a.latency_cache, overwrite=a.overwrite, progress=not a.quiet,
+        sequential=a.sequential,
     )  # fmt: skip
     if res.report is not None:  # rank 0 wrote
         print(res.report)

@@ -5,7 +5,9 @@
 
 Each stage is a function ``stage(pl: Planning) -> PassResult`` that reads and fills the state;
 ``passes.manager.PassManager`` runs them with a ``TimingInstrument`` whose seconds per stage
-become the report's timings. The caller's options travel as one ``PlanningOptions`` object.
+become the report's timings, and a ``MemoryInstrument``'s resident-memory readings at each
+stage's boundaries (``slimfx.stage_memory``) its memory per stage. The caller's options
+travel as one ``PlanningOptions`` object.
 ``plan_model`` runs the planning stages only (shared with the torch.compile backend,
 ``slimfx.compile_api``); ``slimfx.api.optimize`` runs all of them.
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -54,6 +56,7 @@ from slimfx.site_selection import (
     find_sites,
     select_sites,
 )
+from slimfx.stage_memory import MemoryInstrument, TrimAfter, rss_mb, trim_heap
 
 __all__ = [
     "PlanningOptions",
@@ -65,6 +68,10 @@ __all__ = [
     "find_sites",
     "select_sites",
     "measure_site_errors",
+    "FitGrams",
+    "MemoryInstrument",
+    "rss_mb",
+    "trim_heap",
 ]
 
 Stage = Callable[["Planning"], PassResult]
@@ -101,6 +108,25 @@ class PlanningOptions:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+class FitGrams(Mapping[str, "Tensor | None"]):
+    """Site FQN → ``stats.fit_gram(fqn)``, computed on each read (nothing is cached)."""
+
+    def __init__(self, stats: CalibrationStats, fqns: Sequence[str]) -> None:
+        self.stats, self.fqns = stats, list(dict.fromkeys(fqns))
+        self._known = set(self.fqns)
+
+    def __getitem__(self, fqn: str) -> Tensor | None:
+        if fqn not in self._known:
+            raise KeyError(fqn)
+        return self.stats.fit_gram(fqn)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.fqns)
+
+    def __len__(self) -> int:
+        return len(self.fqns)
+
+
 @dataclass
 class Planning:
     """The state the stages fill: the sites, the statistics, the problem and solution
@@ -134,12 +160,18 @@ class Planning:
     measured: dict[str, tuple[float, float]] = field(default_factory=dict)
     frontier: list = field(default_factory=list)
     dense_ref: dict[str, tuple[Tensor, Tensor | None]] = field(default_factory=dict)
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    family_seconds: dict[str, float] = field(default_factory=dict)
 
-    def grams(self, sites: Sequence[LinearSite] | None = None) -> dict[str, Tensor | None] | None:
-        """The (damped) Gram each site is fitted with, or ``None`` without statistics."""
+    def grams(
+        self, sites: Sequence[LinearSite] | None = None
+    ) -> Mapping[str, Tensor | None] | None:
+        """The (damped) Gram each site is fitted with, by site FQN, or ``None`` without
+        statistics. Each is formed when it is read (``FitGrams``), so a rewrite holds one
+        damped copy at a time rather than one per site."""
         if self.stats is None:
             return None
-        return {s.fqn: self.stats.fit_gram(s.fqn) for s in (sites or self.sites)}
+        return FitGrams(self.stats, [s.fqn for s in (sites or self.sites)])
 
     @property
     def solver(self) -> str:
@@ -299,6 +331,7 @@ def candidates(pl: Planning) -> PassResult:
         cache=pl.cache,
         progress=opts.progress,
         allow=allow,
+        family_seconds=pl.family_seconds,
     )
     name = target_name(opts.target)
     if pl.cache is not None:
@@ -370,11 +403,14 @@ def apply(pl: Planning) -> PassResult:
     assert model is not None and full is not None
     plan, kv = attention.split(full)  # linear decisions for the module swap; KV forms after it
     if pl.eval_batches:
+        # the caller's model is rewritten only with ``inplace``: otherwise its own tensors are
+        # the dense reference (a copy would hold every rewritten weight twice more)
+        keep = (lambda t: t.detach().clone()) if pl.inplace else (lambda t: t.detach())
         mods = dict(model.named_modules())
         pl.dense_ref = {
             s.fqn: (
-                mods[s.fqn].weight.detach().clone(),
-                None if mods[s.fqn].bias is None else mods[s.fqn].bias.detach().clone(),
+                keep(mods[s.fqn].weight),
+                None if mods[s.fqn].bias is None else keep(mods[s.fqn].bias),
             )
             for s in pl.sites
             if s.fqn in plan and not isinstance(plan[s.fqn], DenseConfig)
@@ -387,12 +423,13 @@ def apply(pl: Planning) -> PassResult:
             "sequential: each block factorized with statistics from the rewritten prefix"
         )
     else:
+        target = model if pl.inplace else _copy_sharing(model, plan, pl.sites)
         pl.rewritten, pl.result = apply_plan(
-            model,
+            target,
             plan,
             pl.sites,
             pl.grams(),
-            inplace=pl.inplace,
+            inplace=True,
             strict=True,
             progress=pl.options.progress,
         )
@@ -437,11 +474,13 @@ def optimize_stages(options: PlanningOptions) -> list[Stage]:
 def run_stages(
     pl: Planning, stages: Sequence[Stage], instruments: Sequence[Instrument] = ()
 ) -> Planning:
-    """Run ``stages`` over ``pl`` with the pass manager; their seconds go to ``pl.timings``."""
-    timing = TimingInstrument()
-    PassManager(list(stages), [timing, *instruments]).run(pl)
+    """Run ``stages`` over ``pl`` with the pass manager; their seconds go to ``pl.timings``,
+    their resident memory (``MemoryInstrument``, MB) to ``pl.memory``."""
+    timing, memory = TimingInstrument(), MemoryInstrument()
+    PassManager(list(stages), [timing, memory, TrimAfter(), *instruments]).run(pl)
     for name, seconds in timing.timings:
         pl.timings[name] = pl.timings.get(name, 0.0) + seconds
+    pl.memory.update(memory.memory)
     return pl
 
 
@@ -500,6 +539,27 @@ def measure_site_errors(
         rel = err / sig if sig > 0 else float("nan")
         out[k] = (10 * math.log10(sig / err) if err > 0 else float("inf"), rel)
     return out
+
+
+def _copy_sharing(model: nn.Module, plan: Plan, sites: Sequence[LinearSite]) -> nn.Module:
+    """A deep copy of ``model`` that shares (does not copy) the weight of every site
+    the plan rewrites and whose weight no other module uses: ``apply_plan`` reads them once to
+    build the replacement and then drops the copy's linear, so copying them would only hold
+    every rewritten weight twice at the peak. The caller's tensors are never written."""
+    mods = dict(model.named_modules())
+    owners: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        owners[id(p)] = owners.get(id(p), 0) + 1
+    memo: dict[int, Any] = {}
+    for s in sites:
+        d = plan.decisions.get(s.fqn)
+        if d is None or isinstance(d, DenseConfig) or s.tied:
+            continue
+        lin = mods[s.fqn]
+        w = lin.weight
+        if isinstance(w, Tensor) and owners.get(id(w), 0) == 1:
+            memo[id(w)] = w
+    return copy.deepcopy(model, memo)
 
 
 def _apply_sequential(

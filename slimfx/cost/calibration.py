@@ -114,9 +114,10 @@ class CalibrationStats:
         g = self.gram(fqn)
         if g is None or self.damp == 0:
             return g
-        n = g.shape[0]
         lam = self.damp * float(g.diagonal().mean())
-        return g + lam * torch.eye(n, dtype=g.dtype, device=g.device)
+        out = g.clone()  # = g + lam·I: the off-diagonal sums gain +0.0 (exact), no n² identity
+        out.diagonal().add_(lam)
+        return out
 
     def underdetermined(self) -> dict[str, tuple[int, int]]:
         """Groups that saw fewer tokens than input features: group → (tokens, in_features)."""

@@ -22,6 +22,7 @@ come from one SVD per site and method (``numerics.lowrank.lowrank_error_curve``)
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -141,6 +142,7 @@ def build_problem(
     cache: MeasuredCache | None = None,
     progress: bool = True,
     allow: Callable[[LinearSite, Decision], bool] | None = None,
+    family_seconds: dict[str, float] | None = None,
 ) -> tuple[BudgetProblem, dict[str, list[Candidate]]]:
     """The numbers-only :class:`BudgetProblem` and, per site FQN, the families' candidates.
 
@@ -150,7 +152,8 @@ def build_problem(
     family's candidates in the family's order (a decision proposed twice is kept once; one
     that saves no weight bytes over dense is dropped). ``allow(site, decision)``: when given,
     only candidates it accepts are offered (e.g. what a backend can run; dense always is);
-    ``meta["not_allowed"]`` counts the others.
+    ``meta["not_allowed"]`` counts the others. ``family_seconds``: when given, each family's
+    seconds over all sites are added to it (family name → seconds).
     """
     known = family_names()
     unknown = [f for f in families if f not in known]
@@ -164,6 +167,7 @@ def build_problem(
     proposed: dict[str, list[Candidate]] = {}
     sources: Counter[str] = Counter()
     not_allowed = 0
+    fam_seconds = family_seconds if family_seconds is not None else {}
     bar = tqdm(list(sites), desc="candidates", unit="site", disable=not progress, leave=False)
     for site in bar:
         W = _weight_of(weights, site)
@@ -185,7 +189,10 @@ def build_problem(
         dense = option(DenseConfig(), 0.0)
         options, seen, cands = [dense], {DenseConfig()}, []
         for fam in families:
-            for c in family(fam)(ctx):
+            t0 = time.perf_counter()
+            found = family(fam)(ctx)
+            fam_seconds[fam] = fam_seconds.get(fam, 0.0) + time.perf_counter() - t0
+            for c in found:
                 if c.decision in seen or c.decision.weight_bytes(ctx.shape) >= 2 * in_f * out_f:
                     continue  # proposed twice, or saves no bytes
                 seen.add(c.decision)

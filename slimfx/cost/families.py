@@ -11,7 +11,8 @@ families the user enabled through :func:`family`.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import Tensor
 
@@ -39,6 +40,9 @@ class SiteContext:
     weight: Tensor  # out × in, the dense weight as loaded
     gram: Tensor | None  # in × in float64 XᵀX, None without calibration
     workload: str = "decode"
+    #: values the site's families share (e.g. the quantization families' error denominator),
+    #: filled by the first family that needs one; lives as long as the context (one site)
+    shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def shape(self) -> LinearShape:

@@ -86,7 +86,9 @@ def quant_candidates(ctx: SiteContext, configs: tuple[QuantConfig, ...]) -> list
     fitting = [d for d in configs if quant_fits(d, in_f)]
     if not fitting or not ctx.weight.is_floating_point():
         return []
-    errors = _Errors(ctx.weight, ctx.gram)
+    errors = ctx.shared.get("quant_errors")
+    if errors is None:  # int8, int4 and int4_gptq of one site share W, G in fp32 and W G Wᵀ
+        errors = ctx.shared["quant_errors"] = _Errors(ctx.weight, ctx.gram)
     dense = 2 * in_f * out_f
     gptq = [d for d in fitting if d.method == "gptq"]
     by_config: dict[QuantConfig, dict[str, Tensor]] = {}

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -90,14 +90,50 @@ FLOOR = 0.05
 
 def probe_deltas(weight: Tensor) -> dict[str, Tensor]:
     """ΔW = W − Ŵ (float32, out × in) of each probe compression of ``weight``."""
-    W = weight.detach().to(torch.float32)
-    out_f, in_f = W.shape
-    g = next((k for k in (128, 64, 32) if in_f % k == 0), None)
-    Wq = dequantize(quantize_rtn(W, 4, g, False), 4, g, False, in_f).to(torch.float32)
-    r = max(1, int(LOWRANK_PROBE_FRACTION * in_f * out_f // (in_f + out_f)))
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    Wr = (U[:, :r] * S[:r]) @ Vh[:r]
-    return {"int4_g128": W - Wq, "lowrank_0.25": W - Wr}
+    return _CompactProbes(weight).deltas()
+
+
+class _Deltas(Mapping[str, dict[str, Tensor]]):
+    """``ProbeRecorder.deltas``: each site's ΔWs, rebuilt when read (nothing cached)."""
+
+    def __init__(
+        self, probes: Mapping[str, _CompactProbes], extra: Mapping[str, dict[str, Tensor]]
+    ) -> None:
+        self.probes, self.extra = probes, extra
+
+    def __getitem__(self, fqn: str) -> dict[str, Tensor]:
+        return {**self.probes[fqn].deltas(), **self.extra.get(fqn, {})}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.probes)
+
+    def __len__(self) -> int:
+        return len(self.probes)
+
+
+class _CompactProbes:
+    """One site's probe compressions kept small — the int4 probe's packed codes, scales and
+    zeros, the low-rank probe's two rank-r factors: about 1.5 bytes per weight instead of the
+    8 of two float32 ΔWs — and rebuilt each time they are read by the same operations, so
+    :meth:`deltas` gives the same ΔWs bit for bit every time (a ``ProbeRecorder`` holds one
+    per site for the whole calibration pass)."""
+
+    def __init__(self, weight: Tensor) -> None:
+        W = weight.detach().to(torch.float32)
+        out_f, in_f = W.shape
+        self.W, self.in_f = W, in_f
+        self.g = next((k for k in (128, 64, 32) if in_f % k == 0), None)
+        self.q = quantize_rtn(W, 4, self.g, False)
+        r = max(1, int(LOWRANK_PROBE_FRACTION * in_f * out_f // (in_f + out_f)))
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        self.left = U[:, :r] * S[:r]
+        self.right = Vh[:r].clone()  # the r rows only (a slice would keep all of Vh alive)
+
+    def deltas(self) -> dict[str, Tensor]:
+        """The probes' ΔW = W − Ŵ, float32, out × in."""
+        Wq = dequantize(self.q, 4, self.g, False, self.in_f).to(torch.float32)
+        Wr = self.left @ self.right
+        return {"int4_g128": self.W - Wq, "lowrank_0.25": self.W - Wr}
 
 
 def kfac_error(dW: Tensor, sigma_x: Tensor, sigma_g: Tensor) -> float:
@@ -169,15 +205,25 @@ class ProbeRecorder(OutputHooks):
         self.sites = list(sites)
         self.modules = {s.fqn: modules[s.fqn] for s in self.sites}
         self.weights = {s.fqn: weights[s.fqn].detach() for s in self.sites}
-        self.deltas = {s.fqn: probe_deltas(self.weights[s.fqn]) for s in self.sites}
+        self._probes = {s.fqn: _CompactProbes(self.weights[s.fqn]) for s in self.sites}
+        self._extra: dict[str, dict[str, Tensor]] = {}
         for fqn, more in (extra or {}).items():  # more ΔWs to evaluate exactly (not weights)
-            self.deltas[fqn].update({k: v.detach().to(torch.float32) for k, v in more.items()})
+            self._extra[fqn] = {k: v.detach().to(torch.float32) for k, v in more.items()}
+        names = list(PROBES)
         z = {s.fqn: torch.zeros(s.out_features, dtype=torch.float64) for s in self.sites}
         self.g2 = {k: v.clone() for k, v in z.items()}
         self.y2 = {k: v.clone() for k, v in z.items()}
-        self.exact = {f: dict.fromkeys(d, 0.0) for f, d in self.deltas.items()}
+        self.exact = {
+            s.fqn: dict.fromkeys([*names, *self._extra.get(s.fqn, {})], 0.0) for s in self.sites
+        }
         self.rows = {s.fqn: 0 for s in self.sites}
         self._pending: list[tuple[str, Tensor, Tensor]] = []
+
+    @property
+    def deltas(self) -> Mapping[str, dict[str, Tensor]]:
+        """Site → probe name → ΔW: the probes rebuilt on each read (``_CompactProbes``), then
+        the site's ``extra`` ones."""
+        return _Deltas(self._probes, self._extra)
 
     def _hook(self, fqn: str) -> Callable[..., Tensor | None]:
         def hook(_mod: nn.Module, args: tuple[Any, ...], out: Any) -> Tensor | None:

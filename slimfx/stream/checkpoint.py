@@ -226,5 +226,10 @@ def _rebuild_buffers(module: nn.Module, model: nn.Module, skipped: tuple[str, ..
 
 
 def release(module: nn.Module) -> None:
-    """Free a materialized submodule's storage: every parameter and buffer back to meta."""
+    """Free a materialized submodule's storage: every parameter and buffer back to meta, and
+    the heap's free pages back to the system (``stages.trim_heap``), so that what one block
+    freed does not stay resident while the next is loaded."""
+    from slimfx.stages import trim_heap
+
     module.to("meta")
+    trim_heap()

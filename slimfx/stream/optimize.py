@@ -50,7 +50,7 @@ from slimfx.planning.solve import frontier as solve_frontier
 from slimfx.planning.solve import solve as solve_budget
 from slimfx.report import Report
 from slimfx.report_builder import build_report, target_name
-from slimfx.stages import _drop_tied_sites, _split_heldout, select_sites
+from slimfx.stages import MemoryInstrument, _drop_tied_sites, _split_heldout, select_sites
 from slimfx.stream.checkpoint import Checkpoint, release
 from slimfx.stream.dist import Comm
 from slimfx.stream.output import write_output
@@ -78,7 +78,9 @@ FAIL_AFTER_BLOCK_ENV = "SLIMFX_STREAM_FAIL_AFTER_BLOCK"
 class StreamResult:
     """What a streamed optimize did: the saved directory, the plan, the problem it solved,
     the report written beside it (``None`` on ranks other than 0, which write nothing), notes, seconds per stage, blocks computed in this run
-    (fewer than all after a resume) and the process's peak resident memory."""
+    (fewer than all after a resume), the process's peak resident memory, and each stage's
+    resident memory (``memory``: stage → MB before, after and the stage's own peak, as
+    ``stages.MemoryInstrument`` records it; empty off Linux)."""
 
     out: Path
     plan: Plan
@@ -89,6 +91,7 @@ class StreamResult:
     timings: dict[str, float] = field(default_factory=dict)
     blocks_computed: int = 0
     peak_rss_mb: float = 0.0
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _peak_rss_mb() -> float:
@@ -160,6 +163,7 @@ def optimize_checkpoint(
     keep_work: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    sequential: bool = False,
 ) -> StreamResult:
     """Optimize the causal LM stored in checkpoint directory ``path`` (``config.json`` +
     safetensors) under ``budget`` with one decoder block in memory at a time, and write the
@@ -173,11 +177,15 @@ def optimize_checkpoint(
     kept (default ``.<out name>.slimfx-work`` beside ``out``); a run killed after block k
     resumes from block k+1 when called again with the same arguments; removed after success
     unless ``keep_work``. ``overwrite`` as for ``slimfx.save``. A missing shard, a missing
-    tensor or a shape mismatch raises ``CheckpointError`` before anything is written."""
+    tensor or a shape mismatch raises ``CheckpointError`` before anything is written.
+    ``sequential``: as for ``optimize`` — the plan is solved as usual, then each block is
+    fitted with Grams taken on the outputs of the already rewritten blocks (the calibration
+    batches carried through the write, on rank 0)."""
     from slimfx.io import check_save_target
 
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
+    memory = MemoryInstrument()  # resident MB around each stage (peak reset at its start)
     notes: list[str] = []
     bud = Budget.of(budget)
     if bud.prices_cache:
@@ -226,6 +234,7 @@ def optimize_checkpoint(
             "block 0) are not supported streamed"
         )
     t = time.perf_counter()
+    memory.before("", None)
     ckpt.materialize(model, "", skip=names)
     batches = _token_batches(model, calibration, tokenizer, seq_len, "calibration")
     held_in = _token_batches(model, heldout, tokenizer, seq_len, "heldout") if heldout else None
@@ -263,9 +272,11 @@ def optimize_checkpoint(
         notes.append("stream: the work directory held another run's statistics; started over")
     inp = f"in-r{comm.rank}" if comm.active else "in"  # each rank's activations
     timings["load_head"] = time.perf_counter() - t
+    memory.after("load_head", None, None)
 
     # ---------------------------------------------------------------- statistics, candidates
     t = time.perf_counter()
+    memory.before("", None)
     mine = comm.mine(len(fit))
     local = [fit[b] for b in mine]
     start = comm.min(wd.resume_point(len(names), inp))
@@ -342,10 +353,12 @@ def optimize_checkpoint(
         )
     problem = merge_problems(parts, families)
     timings["calibration+candidates"] = time.perf_counter() - t
+    memory.after("calibration+candidates", None, None)
 
     # ---------------------------------------------------------------- fisher, streamed backward
     if fisher:
         t = time.perf_counter()
+        memory.before("", None)
         sens = _streamed_fisher(
             model, ckpt, wd, inp, names, by_block, tail, local, mine, final, as_tuple, comm,
             progress,
@@ -357,10 +370,12 @@ def optimize_checkpoint(
             "block (the default for a causal LM; fisher=False turns it off)"
         )
         timings["fisher"] = time.perf_counter() - t
+        memory.after("fisher", None, None)
     del final
 
     # ---------------------------------------------------------------- solve
     t = time.perf_counter()
+    memory.before("", None)
     solution = solve_budget(problem, bud, method=solver) if comm.rank == 0 else None
     solution = comm.broadcast(solution)  # rank 0 solves
     if solution.note:
@@ -377,21 +392,29 @@ def optimize_checkpoint(
         },
     )
     timings["solve"] = time.perf_counter() - t
+    memory.after("solve", None, None)
 
     # ---------------------------------------------------------------- apply and write
     if comm.rank > 0:  # rank 0 writes
         comm.barrier()
         return StreamResult(outp, plan, problem, None, sites, notes, timings, computed,
-                            _peak_rss_mb())  # fmt: skip
+                            _peak_rss_mb(), memory.memory)  # fmt: skip
     t = time.perf_counter()
+    memory.before("", None)
     try:
         result, measured, output = write_output(
-            ckpt, model, plan, names, by_block, tail, stats_of, held, outp, as_tuple, progress
-        )
+            ckpt, model, plan, names, by_block, tail, stats_of, held, outp, as_tuple, progress,
+            sequential=fit if sequential and plan.rewrites() else None,
+        )  # fmt: skip
+        if sequential and plan.rewrites():
+            notes.append(
+                "sequential: each block factorized with statistics from the rewritten prefix"
+            )
     except BaseException:
         comm.barrier()
         raise
     timings["apply+write"] = time.perf_counter() - t
+    memory.after("apply+write", None, None)
     try:
         report = _report(
             sites,
@@ -411,6 +434,8 @@ def optimize_checkpoint(
         timings["total"] = time.perf_counter() - t_start
         report.timings = timings
         report.meta["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        if memory.memory:
+            report.meta["stage_memory_mb"] = memory.memory
         output.commit(report)
     except BaseException:
         output.discard()
@@ -420,7 +445,8 @@ def optimize_checkpoint(
     if not keep_work:
         wd.remove()
     return StreamResult(
-        outp, plan, problem, report, sites, notes, timings, computed, _peak_rss_mb()
+        outp, plan, problem, report, sites, notes, timings, computed, _peak_rss_mb(),
+        memory.memory,
     )
 
 

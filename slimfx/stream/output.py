@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from slimfx.cost.calibration import CalibrationStats, _ModeGuard
+from slimfx.cost.calibration import CalibrationStats, GramRecorder, _ModeGuard, call_model
 from slimfx.cost.sequential import _capture_inputs, _run_block
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult
@@ -27,7 +27,7 @@ from slimfx.passes.swap import apply_plan, empty_like_plan
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
 from slimfx.report import Report
-from slimfx.stages import measure_site_errors
+from slimfx.stages import FitGrams, measure_site_errors
 from slimfx.stream.blocks import replayed, stream_of
 from slimfx.stream.checkpoint import Checkpoint, release
 from slimfx.stream.writer import StreamedSafetensors, layout_of, stored_tensors
@@ -104,10 +104,20 @@ def _apply(
     if not sites:
         return
     sub = Plan({s.fqn: plan[s.fqn] for s in sites}, {s.fqn: s.site_shape for s in sites})
-    grams = {s.fqn: stats.fit_gram(s.fqn) for s in sites}
+    grams = FitGrams(stats, [s.fqn for s in sites])  # one damped Gram formed at a time
     _, res = apply_plan(model, sub, sites, grams, inplace=True, strict=True)
     merged.records.extend(res.records)
     merged.modified |= res.modified
+
+
+def _prefix_stats(
+    model: nn.Module, block: nn.Module, sites: list[LinearSite], inputs: list[Any]
+) -> CalibrationStats:
+    """The Grams of ``block``'s sites (dense) on ``inputs``, the rewritten prefix's outputs."""
+    with _ModeGuard(block), torch.no_grad():
+        with GramRecorder(dict(model.named_modules()), sites) as rec:
+            _run_block(block, inputs, torch.device("cpu"))
+    return rec.stats()
 
 
 def write_output(
@@ -122,11 +132,17 @@ def write_output(
     out: Path,
     as_tuple: bool,
     progress: bool,
+    sequential: list[Tensor] | None = None,
 ) -> tuple[PassResult, dict[str, tuple[float, float]], Output]:
     """Rewrite and write every block, then the rest of the model, into a new save directory
     (not yet committed: the caller commits it with the report); ``stats_of(block name)``
     reads a block's Grams back (``""``: the sites after the blocks). Returns the merged pass
-    result, the measured errors and the pending :class:`Output`."""
+    result, the measured errors and the pending :class:`Output`.
+
+    ``sequential``: the calibration batches to fit each block with statistics from the already
+    rewritten prefix instead (``optimize(sequential=True)``, ``cost.sequential``): they are
+    carried through the rewritten blocks, each block's Grams recorded on them with the dense
+    block, and ``stats_of`` is not read."""
     sites = [s for n in names for s in block_sites[n]] + tail
     layout_model = ckpt.skeleton()
     empty_like_plan(layout_model, plan, sites)
@@ -142,21 +158,41 @@ def write_output(
         try:
             with _ModeGuard(model), torch.no_grad():
                 inputs = _capture_inputs(model, model.get_submodule(names[0]), held)
+                fit = (
+                    None
+                    if sequential is None
+                    else _capture_inputs(model, model.get_submodule(names[0]), sequential)
+                )
             bar = tqdm(names, desc="stream: write", unit="block", disable=not progress, leave=False)
             for name in bar:
                 block = ckpt.materialize(model, name)
                 bs = block_sites[name]
                 dense = _dense_ref(model, plan, bs)
-                _apply(model, plan, bs, stats_of(name) if bs else None, merged)
+                if fit is not None and bs:  # Grams on the rewritten prefix's outputs
+                    stats = _prefix_stats(model, block, bs, fit)
+                else:
+                    stats = stats_of(name) if bs else None
+                _apply(model, plan, bs, stats, merged)
                 block = model.get_submodule(name)
                 with _ModeGuard(block), torch.no_grad():
                     if dense:
                         measured.update(_measure_block(block, name, dense, inputs))
                     inputs = _run_block(block, inputs, torch.device("cpu"))
+                    if fit is not None:
+                        fit = _run_block(block, fit, torch.device("cpu"))
                 file.write(stored_tensors(block, name, layout))
                 release(block)
             dense = _dense_ref(model, plan, tail)
-            _apply(model, plan, tail, stats_of("") if tail else None, merged)
+            if fit is not None and tail:  # the head's Grams behind the rewritten blocks
+                with _ModeGuard(model), torch.no_grad():
+                    with replayed(model, names, [stream_of(x) for x in fit], as_tuple):
+                        with GramRecorder(dict(model.named_modules()), tail) as rec:
+                            for b in sequential or []:
+                                call_model(model, b)
+                tail_stats = rec.stats()
+            else:
+                tail_stats = stats_of("") if tail else None
+            _apply(model, plan, tail, tail_stats, merged)
             if dense:
                 with _ModeGuard(model), torch.no_grad():
                     with replayed(model, names, [stream_of(x) for x in inputs], as_tuple):

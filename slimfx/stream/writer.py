@@ -104,7 +104,7 @@ class StreamedSafetensors:
             start, _ = self.offsets[name]
             data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
             self._f.seek(self.base + start)
-            self._f.write(data.tobytes())
+            self._f.write(memoryview(data))  # the tensor's own bytes: no copy (.tobytes())
             self.written.add(name)
 
     def pending(self) -> list[str]:

@@ -53,7 +53,7 @@ def test_cli_refuses_a_missing_shard_before_writing(tmp_path: Path, capsys) -> N
 
 @pytest.mark.parametrize(
     "flags, named",
-    [(["--sequential"], "--sequential"), (["--eval", "--backend", "onnx"], "--backend, --eval")],
+    [(["--plan", "p.json"], "--plan"), (["--eval", "--backend", "onnx"], "--backend, --eval")],
 )
 def test_cli_refuses_flags_the_streamed_path_lacks(tmp_path: Path, capsys, flags, named) -> None:
     ckpt = save_checkpoint(tmp_path / "ckpt", tie=True)

@@ -57,7 +57,7 @@ CONFIGS = [
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: c.short())
-@pytest.mark.parametrize("rows", [1, 5, 70])
+@pytest.mark.parametrize("rows", [1, 5, 40, 70])  # 40: grouped int8 rebuilds for one GEMM
 @pytest.mark.parametrize("dequant_rows", [None, 64])  # 70 rows: the dequantize-then-GEMM path
 def test_packed_matches_reference(cfg: QuantConfig, rows: int, dequant_rows: int | None) -> None:
     mod = _quant(cfg)

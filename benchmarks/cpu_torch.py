@@ -150,16 +150,18 @@ def _prefill_ms(model: nn.Module, ids: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def _decode_ms_static(model: nn.Module, prompt: torch.Tensor, n: int, compiled: bool,
+def _decode_ms_static(model: nn.Module, prompt: torch.Tensor, n: int, compiled: bool | str,
                       warm: int = 3) -> tuple[float, float]:
     """``(ms per decode step, seconds of warm-up)``: greedy steps over one fixed-size
     ``StaticCache`` (so a compiled forward sees one shape and compiles once), eager or through
-    ``torch.compile(model.forward)`` (inductor); the prompt's prefill runs eager."""
+    ``torch.compile(model.forward)`` (inductor; ``compiled`` a string: that backend, e.g.
+    ``"slimfx"``); the prompt's prefill runs eager."""
     from transformers import StaticCache
 
     L = prompt.shape[1]
     cache = StaticCache(config=model.config, max_cache_len=L + n + warm + 1)
-    fwd = torch.compile(model.forward) if compiled else model.forward
+    fwd = (torch.compile(model.forward, backend=compiled) if isinstance(compiled, str)
+           else torch.compile(model.forward) if compiled else model.forward)
     out = model(prompt, past_key_values=cache, use_cache=True, cache_position=torch.arange(L))
     tok = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
@@ -242,6 +244,10 @@ def part_generate(a: argparse.Namespace) -> list[dict]:
             ms, warm_s = _decode_ms_static(model, prompt, a.tokens, True)
             row["decode_ms_compile"], row["compile_s"] = ms, warm_s
             torch._dynamo.reset()
+            if name.startswith("slimfx"):  # backend="slimfx": its CPU path, then inductor
+                ms, warm_s = _decode_ms_static(model, prompt, a.tokens, "slimfx")
+                row["decode_ms_compile_slimfx"] = ms
+                torch._dynamo.reset()
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
               flush=True)
         rows.append(row)
@@ -265,6 +271,8 @@ def part_generate(a: argparse.Namespace) -> list[dict]:
                 f"×{r['compile_speedup_vs_dense_compile']:.2f})"
                 if "decode_ms_compile" in r else "")
         ref = f" ({r['ppl_reference_ops']:.2f})" if "ppl_reference_ops" in r else ""
+        if "decode_ms_compile_slimfx" in r:
+            comp += f"; backend='slimfx' {r['decode_ms_compile_slimfx']:.1f}"
         print(f"| {r['model']} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.2f}{ref} | "
               f"{r['decode_ms']:.1f} (×{r['decode_speedup']:.2f}) | {r['decode_ms_static']:.1f} | "
               f"{comp} | {r['prefill_ms']:.0f} (×{r['prefill_speedup']:.2f}) |")

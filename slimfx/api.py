@@ -215,6 +215,7 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
         rt = runs.get(s.fqn)
         if rt is not None:
             s.runtime = rt.label() + rt.caveat()
+            s.extra["cpu_runtime"] = rt.to_dict()  # kernel, activations, reason, flags
     slow = sorted(n for n, rt in runs.items() if rt.slower_than_dense)
     if slow:
         report.notes.append(

@@ -45,6 +45,8 @@ def test_optimize_installs_kernels_and_reports_them(optimized):
     for s in quant:
         bits = s.decision["bits"]
         assert s.runtime == f"int{bits}pack (bfloat16 activations)", s.runtime
+        rt = s.extra["cpu_runtime"]  # the choice with its reason
+        assert rt["kernel"] == f"int{bits}pack" and "activations rounded to bfloat16" in rt["reason"]
     for s in sparse:
         assert s.runtime.endswith("slower than dense in eager")
     if sparse:

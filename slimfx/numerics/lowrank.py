@@ -33,21 +33,36 @@ def whiten(gram: Tensor) -> tuple[Tensor, Tensor, str]:
     """A square root L of the Gram matrix (L Lᵀ ≈ G) and its inverse, in float64.
 
     Returns ``(L, L_inv, how)`` with ``how`` in {"cholesky", "damped(λ)", "eigen"}.
+    The damping is added to the diagonal in place (``+ 0.0`` on the whole matrix first keeps
+    the bits of ``G + λ·I``) and the identity the solve needs reuses that memory, so at most
+    three n×n float64 matrices live at once (G, L, L⁻¹).
     """
-    G = gram.detach().to(torch.float64)
-    G = 0.5 * (G + G.T)
+    def symmetric() -> Tensor:
+        G = gram.detach().to(torch.float64)
+        G = G + G.T
+        return G.mul_(0.5)
+
+    G = symmetric()
     n = G.shape[0]
     scale = float(G.diagonal().mean()) if n else 0.0
     if scale <= 0:
         eye = torch.eye(n, dtype=torch.float64)
         return eye, eye, "identity (zero Gram)"
-    eye = torch.eye(n, dtype=torch.float64)
+    G.add_(0.0)
+    diag0 = G.diagonal().clone()
     for damp in _DAMPS:
-        L, info = torch.linalg.cholesky_ex(G + damp * scale * eye)
+        G.diagonal().copy_(diag0 + damp * scale)
+        L, info = torch.linalg.cholesky_ex(G)
         if int(info) == 0:
-            L_inv = torch.linalg.solve_triangular(L, eye, upper=False)
+            G.zero_().diagonal().fill_(1.0)  # the identity, in G's memory
+            L_inv = torch.linalg.solve_triangular(L, G, upper=False)
             if torch.isfinite(L_inv).all():
                 return L, L_inv, "cholesky" if damp == 0 else f"damped({damp:g})"
+            del L_inv
+            G = symmetric().add_(0.0)  # rare: rebuild for the next damping
+        del L
+    del G
+    G = symmetric()  # the undamped matrix, bit for bit (rare path)
     evals, Q = torch.linalg.eigh(G)
     evals = evals.clamp_min(1e-10 * float(evals.max().clamp_min(1e-300)))
     root = evals.sqrt()

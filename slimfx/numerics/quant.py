@@ -183,18 +183,28 @@ def _inverse_cholesky_upper(H: Tensor, damp: float) -> Tensor:
 
     Computed without forming H⁻¹: with J the reversal permutation and J H J = L Lᵀ,
     H⁻¹ = J L⁻ᵀ L⁻¹ J = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular with a positive
-    diagonal, hence the Cholesky factor (one factorization and one triangular solve)."""
-    n = H.shape[0]
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    diagonal, hence the Cholesky factor (one factorization and one triangular solve).
+
+    Memory: besides ``H``, at most three n×n float64 matrices live at once (the damped flip,
+    reused as the solve's identity; L; the solve) — the damping is added to the diagonal in
+    place; ``+ 0.0`` on the whole matrix first keeps the bits of ``H + λ·I`` (a −0.0 entry
+    becomes +0.0 there too)."""
     mean_diag = float(H.diagonal().mean())
-    flipped = H.flip(0, 1)
+    flipped = H.flip(0, 1).add_(0.0)
+    diag0 = flipped.diagonal().clone()
     for growth in _DAMP_GROWTH:
-        L, info = torch.linalg.cholesky_ex(flipped + (damp * growth) * mean_diag * eye)
+        flipped.diagonal().copy_(diag0 + (damp * growth) * mean_diag)
+        L, info = torch.linalg.cholesky_ex(flipped)
         if int(info) != 0:
+            del L
             continue
-        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+        flipped.zero_().diagonal().fill_(1.0)  # the identity, in the damped matrix's memory
+        U = torch.linalg.solve_triangular(L, flipped, upper=False)
+        del L
+        U = U.flip(0, 1)
         if torch.isfinite(U).all():
             return U
+        flipped = H.flip(0, 1).add_(0.0)  # rare: rebuild for the next damping
     raise ValueError(
         f"Gram matrix is not positive definite even with damping {damp * _DAMP_GROWTH[-1]:g}"
     )
@@ -224,12 +234,16 @@ def _gptq_factor(gram: Tensor, damp: float, device: torch.device) -> Tensor:
         for ref, ver, d, dev, U in _FACTOR_CACHE:
             if ref() is gram and ver == version and d == damp and dev == device:
                 return U
-    H = gram.detach().to(device=device, dtype=torch.float64).clone()
-    H = 0.5 * (H + H.T)
+    G = gram.detach().to(device=device, dtype=torch.float64)
+    H = G + G.T  # (one temporary fewer than 0.5 * (H + H.T) on a clone; the same bits)
+    del G
+    H.mul_(0.5)
     dead = H.diagonal() <= 0
     if dead.any():
         H[dead, dead] = 1.0
-    U = _inverse_cholesky_upper(H, damp).to(torch.float32)
+    U = _inverse_cholesky_upper(H, damp)
+    del H
+    U = U.to(torch.float32)
     if version is not None:
         live = [e for e in _FACTOR_CACHE if e[0]() is not None]
         _FACTOR_CACHE[:] = live[len(live) - (_FACTOR_CACHE_SIZE - 1) :] if live else []

@@ -25,7 +25,7 @@ from slimfx.ir import cpu_packed
 from slimfx.ir.graph import finalize
 from slimfx.passes.base import PassResult, SiteRecord
 
-__all__ = ["PASS_NAME", "pack_graph_cpu"]
+__all__ = ["PASS_NAME", "pack_graph_cpu", "wants_cpu_pack"]
 
 PASS_NAME = "pack_cpu_kernels"
 _OPS = ("quant_linear", "quant_lowrank_linear")

@@ -134,15 +134,12 @@ class PackedLinear:
         return _versions(now) != self.versions
 
     def __call__(self, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).to(self.act_dtype)
-        if self.dequant_rows is not None and x2.shape[0] >= self.dequant_rows:
+        if self.dequant_rows is not None and x.numel() >= self.dequant_rows * self.in_features:
             w = fast_dequantize(*self.canonical, self.bits, self.stored_group,
                                 self.in_features, self.act_dtype)
-            y = F.linear(x2, w)
-        else:
-            y = run_packed(x2, self.kernel, *self.kernel_tensors(), self.group_size)
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+            return F.linear(x.to(self.act_dtype), w).to(x.dtype)
+        return packed_linear(x, self.kernel, *self.kernel_tensors(), self.group_size,
+                             self.act_dtype)
 
     def kernel_tensors(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """The three tensors :func:`run_packed` takes for this kernel."""
@@ -272,11 +269,7 @@ def fast_dequantize(
     """``(q − z)·s`` as an ``out × in`` tensor of ``dtype`` computed in that dtype (the codes
     and ``q − z`` are exact in bf16; one rounding per product) — the prefill scratch."""
     out_f = qweight.shape[0]
-    if bits == 4:
-        lo, hi = qweight & 15, qweight >> 4
-        codes = torch.stack((lo, hi), dim=-1).reshape(out_f, -1)[:, :in_features]
-    else:
-        codes = qweight
+    codes = formats.unpack_codes(qweight, bits, in_features)
     ng = scales.shape[1]
     w = codes.to(dtype).reshape(out_f, ng, -1)
     w = w - (torch.full((1,), formats.symmetric_offset(bits), dtype=dtype) if zeros is None

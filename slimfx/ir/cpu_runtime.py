@@ -72,8 +72,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def runtime_of(module: SlimLinear, activations: str = "auto") -> CpuRuntime:
     """The CPU runtime ``module``'s form gets (without packing anything)."""
-    model_dtype = next(module.parameters(), None)
-    dtype = model_dtype.dtype if model_dtype is not None else torch.float32
+    first = next(module.parameters(), None)
+    dtype = first.dtype if first is not None else torch.float32
     if hasattr(module, "qweight"):
         dtype = module.scales.dtype
         kernel, why = cpu_packed.cpu_kernel_for(

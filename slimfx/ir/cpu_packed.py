@@ -156,6 +156,13 @@ def run_packed(
     (``a`` the packed codes, ``b`` the (groups, out, 2) scales and offsets) or ``int8pack``
     (``a`` (groups, out, G) int8 codes, ``b`` (groups, out) scales, ``corr`` the zero-point
     term or ``None``). A plain function of tensors, so graphs can call it (compile backend)."""
+    k_in = a.shape[1] * 2 if kernel == "int4pack" else a.shape[0] * a.shape[2]
+    if x2.shape[-1] != k_in:
+        # the int8 path slices x by group and would read a wrong-width input silently
+        raise RuntimeError(
+            f"packed {kernel} linear takes {k_in} input features, got an input of width "
+            f"{x2.shape[-1]}"
+        )
     if kernel == "int4pack":
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), a, group_size, b)
     G, ng = group_size, a.shape[0]

@@ -112,6 +112,19 @@ def test_leading_dims_bf16_model_and_no_grad_fallback() -> None:
         assert _rel(half(xb), _reference(half, xb)) < 1e-2
 
 
+@pytest.mark.parametrize("cfg", [QuantConfig(8, None, True), QuantConfig(8, 32, False),
+                                 QuantConfig(4, 32, False)], ids=lambda c: c.short())
+@pytest.mark.parametrize("width", [127, 129, 96])
+def test_wrong_width_input_is_refused(cfg: QuantConfig, width: int) -> None:
+    """The int8 kernel runs per group on slices of x: a wider or narrower input must raise,
+    never read the first ``in`` columns of it (as the reference op would refuse it too)."""
+    mod = _quant(cfg)
+    prepare_cpu(mod)
+    with torch.no_grad(), pytest.raises(RuntimeError, match=rf"takes 128 input features, "
+                                                            rf"got an input of width {width}"):
+        mod(torch.randn(2, width))
+
+
 def test_repacks_when_codes_change_and_release() -> None:
     a, b = _quant(QuantConfig(4, 32, False), seed=0), _quant(QuantConfig(4, 32, False), seed=7)
     prepare_cpu(a)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -45,6 +46,7 @@ from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.planning.solve import frontier as solve_frontier
 from slimfx.planning.solve import solve as solve_budget
+from slimfx.pool import site_pool
 from slimfx.report_builder import target_name
 from slimfx.site_selection import (
     _call,
@@ -109,16 +111,23 @@ class PlanningOptions:
 
 
 class FitGrams(Mapping[str, "Tensor | None"]):
-    """Site FQN → ``stats.fit_gram(fqn)``, computed on each read (nothing is cached)."""
+    """Site FQN → ``stats.fit_gram(fqn)``, computed on read; each thread keeps the last
+    group's (consecutive sites of one group get the same object, whose GPTQ factor is then
+    cached by identity; the previous group's is dropped when another is read)."""
 
     def __init__(self, stats: CalibrationStats, fqns: Sequence[str]) -> None:
         self.stats, self.fqns = stats, list(dict.fromkeys(fqns))
         self._known = set(self.fqns)
+        self._last = threading.local()
 
     def __getitem__(self, fqn: str) -> Tensor | None:
         if fqn not in self._known:
             raise KeyError(fqn)
-        return self.stats.fit_gram(fqn)
+        group, last = self.stats.group_of(fqn), self._last
+        if getattr(last, "group", None) != group:
+            last.group, last.gram = group, None
+            last.gram = self.stats.fit_gram(fqn)
+        return last.gram
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.fqns)
@@ -451,7 +460,11 @@ def frontier(pl: Planning) -> PassResult:
     if pl.problem is not None and any(
         len(s.options) > 1 for s in pl.problem.sites if s.kind == "linear"
     ):
-        pl.frontier = solve_frontier(pl.problem, [round(0.1 * i, 1) for i in range(1, 11)])
+        # independent solves, run side by side (the MILP solver releases the GIL): the same
+        # points as one after the other
+        problem, fractions = pl.problem, [round(0.1 * i, 1) for i in range(1, 11)]
+        points = site_pool(lambda f: solve_frontier(problem, [f]), fractions)
+        pl.frontier = [p for one in points for p in one]
     return _done("frontier")
 
 

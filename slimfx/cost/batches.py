@@ -4,13 +4,15 @@ calibration statistics (``cost.calibration``), sequential mode and the stages.""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "STACK_TOKENS",
+    "stack_windows",
     "model_device", "to_device", "is_hf", "call_model", "check_batches", "prepare_batches",
 ]  # fmt: skip
 
@@ -90,6 +92,38 @@ def check_batches(batches: Iterable[Any] | None) -> list[Any]:
             "prepare_batches(texts, tokenizer, seq_len) first"
         )
     return batches
+
+
+#: token windows stacked into one forward + backward of the sensitivity pass, at most.
+STACK_TOKENS = 1024
+
+
+def stack_windows(batches: Sequence[Any], max_tokens: int = STACK_TOKENS) -> list[Any]:
+    """Consecutive token-id batches of one shape stacked along the batch axis, at most
+    ``max_tokens`` tokens per stack; anything else (dicts, float inputs, other shapes) passes
+    unchanged and ends a stack. For a causal LM without padding a stack computes what its
+    windows do one by one — every token attends within its own row and the loss is the mean
+    over the stack's tokens — in larger matrix products and fewer Python-level hook calls."""
+    out: list[Any] = []
+    run: list[Tensor] = []
+
+    def flush() -> None:
+        if run:
+            out.append(run[0] if len(run) == 1 else torch.cat(run, 0))
+            run.clear()
+
+    for b in batches:
+        stackable = isinstance(b, Tensor) and b.dim() == 2 and not b.is_floating_point()
+        if not stackable:
+            flush()
+            out.append(b)
+            continue
+        if run and (b.shape[1:] != run[0].shape[1:] or b.dtype != run[0].dtype
+                    or (sum(t.shape[0] for t in run) + b.shape[0]) * b.shape[1] > max_tokens):
+            flush()
+        run.append(b)
+    flush()
+    return out
 
 
 def _token_ids(tokenizer: Any, text: str) -> list[int]:

@@ -39,11 +39,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from slimfx.cost.batches import (  # model_device … prepare_batches: re-exported (see __all__)
+    STACK_TOKENS,
     call_model,
     check_batches,
     is_hf,
     model_device,
     prepare_batches,
+    stack_windows,
     to_device,
 )
 from slimfx.cost.hooks import OutputHooks
@@ -169,14 +171,19 @@ def accumulate_gram(gram: Tensor, x: Tensor) -> int:
     """``gram += XᵀX`` for ``x`` flattened to (tokens × in). Each chunk's product is formed in
     float32 (a chunk of a few thousand tokens loses nothing that matters there, and fp64
     matmul is several times slower on CPU) and summed into the float64 accumulator, where
-    precision matters: across many batches. Chunks bound the temporary copy. Returns the
+    precision matters: across many batches. Chunks bound the temporary copy and never span
+    two rows of a (batch, seq, in) input, so windows stacked into one batch
+    (``cost.batches.stack_windows``) add the same bits as when run one by one. Returns the
     number of rows added."""
-    x2 = x.detach().reshape(-1, x.shape[-1])
-    rows = max(1, _CHUNK_ELEMS // max(1, x2.shape[1]))
-    for start in range(0, x2.shape[0], rows):
-        c = x2[start : start + rows].to(torch.float32)
-        gram.add_((c.T @ c).to(torch.float64))
-    return int(x2.shape[0])
+    x = x.detach()
+    per_row = [x] if x.dim() < 3 else list(x.reshape(-1, *x.shape[-2:]))
+    for xr in per_row:
+        x2 = xr.reshape(-1, xr.shape[-1])
+        rows = max(1, _CHUNK_ELEMS // max(1, x2.shape[1]))
+        for start in range(0, x2.shape[0], rows):
+            c = x2[start : start + rows].to(torch.float32)
+            gram.add_((c.T @ c).to(torch.float64))
+    return int(x.numel() // max(1, x.shape[-1]))
 
 
 def _first_tensor(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Tensor | None:
@@ -445,13 +452,19 @@ def collect_sensitivity(
     progress: bool = True,
     loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
     extra: Mapping[str, Mapping[str, Tensor]] | None = None,
+    stack_tokens: int | None = STACK_TOKENS,
 ) -> tuple[CalibrationStats, ProbeRecorder]:
     """One forward + backward pass per batch: the Grams and a :class:`ProbeRecorder`'s
     moments; the stats carry ``estimator``'s normalized weights (see
     :mod:`slimfx.cost.sensitivity`). The recorder is returned for its per-probe predictions.
     The loss is the model's LM loss (``labels=input_ids``) or ``loss_fn(model, batch)``.
-    ``extra``: more ΔWs per site to evaluate exactly in the same pass (``ProbeRecorder``)."""
+    ``extra``: more ΔWs per site to evaluate exactly in the same pass (``ProbeRecorder``).
+    ``stack_tokens``: with the model's own LM loss, consecutive token windows of one shape run
+    stacked, up to this many tokens per pass (``cost.batches.stack_windows``: the same sums,
+    fewer and larger products); ``None`` runs each batch alone."""
     batches, sites, start, modules = _begin(model, sites, batches)
+    if stack_tokens is not None and loss_fn is None:
+        batches = stack_windows(batches, stack_tokens)
     weights = {s.fqn: _module(modules, s.fqn).weight for s in sites}
     grams = GramRecorder(modules, sites)
     rec = ProbeRecorder(modules, sites, weights, extra)

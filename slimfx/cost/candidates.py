@@ -15,13 +15,17 @@ family proposes, and prices every option:
 
 The ``lowrank`` family: ranks on a ladder whose byte fractions of dense are
 0.05, 0.10, …, 0.90 (r = ⌊f·in·out/(in+out)⌋, deduplicated, 1 ≤ r and r·(in+out) < in·out),
-for the ``whitened`` method (needs a Gram; skipped without one) and plain ``svd``. Errors
-come from one SVD per site and method (``numerics.lowrank.lowrank_error_curve``).
+for the ``whitened`` method with a Gram and plain ``svd`` without one. Plain SVD is not
+offered next to whitened: at every rank the whitened truncation *minimizes* the output error
+tr(E G Eᵀ) the candidates are priced by (Eckart–Young on W L), so a plain-SVD option of the
+same rank and bytes is never better and the solver would never pick it. Errors come from one
+eigen-decomposition per site (``numerics.lowrank.lowrank_error_curve``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -38,6 +42,7 @@ from slimfx.numerics.lowrank import lowrank_error_curve, max_useful_rank
 from slimfx.planning.configs import Decision, DenseConfig, LowRankConfig
 from slimfx.planning.problem import BudgetProblem, Option, SiteOptions
 from slimfx.planning.shapes import LinearShape
+from slimfx.pool import site_pool
 
 __all__ = [
     "LOWRANK_FRACTIONS",
@@ -63,13 +68,14 @@ def lowrank_ranks(
 
 
 def lowrank_candidates(ctx: SiteContext) -> list[Candidate]:
-    """Low-rank candidates of one site: whitened (with a Gram) then plain SVD, ranks ascending."""
+    """Low-rank candidates of one site, ranks ascending: whitened with a Gram (it dominates
+    plain SVD in the error it is priced by), plain SVD without one."""
     out_f, in_f = ctx.weight.shape
     ranks = lowrank_ranks(in_f, out_f)
     if not ranks:
         return []
     dense = 2 * in_f * out_f
-    methods = ("whitened", "svd") if ctx.gram is not None else ("svd",)
+    methods = ("whitened",) if ctx.gram is not None else ("svd",)
     found: list[Candidate] = []
     for method in methods:
         curve = lowrank_error_curve(ctx.weight, ctx.gram, method)
@@ -143,6 +149,7 @@ def build_problem(
     progress: bool = True,
     allow: Callable[[LinearSite, Decision], bool] | None = None,
     family_seconds: dict[str, float] | None = None,
+    workers: int | None = None,
 ) -> tuple[BudgetProblem, dict[str, list[Candidate]]]:
     """The numbers-only :class:`BudgetProblem` and, per site FQN, the families' candidates.
 
@@ -153,7 +160,9 @@ def build_problem(
     that saves no weight bytes over dense is dropped). ``allow(site, decision)``: when given,
     only candidates it accepts are offered (e.g. what a backend can run; dense always is);
     ``meta["not_allowed"]`` counts the others. ``family_seconds``: when given, each family's
-    seconds over all sites are added to it (family name → seconds).
+    seconds over all sites are added to it (family name → seconds, summed over workers).
+    ``workers``: sites fitted at once, each on one thread (``slimfx.pool.site_pool``; default:
+    torch's intra-op thread count) — the same numbers as a one-thread run, in site order.
     """
     known = family_names()
     unknown = [f for f in families if f not in known]
@@ -168,17 +177,43 @@ def build_problem(
     sources: Counter[str] = Counter()
     not_allowed = 0
     fam_seconds = family_seconds if family_seconds is not None else {}
-    bar = tqdm(list(sites), desc="candidates", unit="site", disable=not progress, leave=False)
-    for site in bar:
+    sites = list(sites)
+    for site in sites:  # every shape checked before any fit runs
         W = _weight_of(weights, site)
         if tuple(W.shape) != site.shape:
             raise ValueError(
                 f"weight of {site.fqn!r} has shape {tuple(W.shape)}, site says {site.shape}"
             )
+
+    last = threading.local()  # the damped Gram of the group this thread fits now
+
+    def fit_gram(site: LinearSite) -> Tensor | None:
+        if stats is None:
+            return None
+        group = stats.group_of(site.fqn)
+        if getattr(last, "group", None) != group:
+            last.group, last.gram = group, None  # the previous group's is freed first
+            last.gram = stats.fit_gram(site.fqn)
+        return last.gram
+
+    def propose(site: LinearSite) -> list[tuple[str, list[Candidate], float]]:
+        # the sites of one group share one Gram object: its GPTQ factor is cached by identity
+        ctx = SiteContext(site, _weight_of(weights, site), fit_gram(site), wl.name)
+        found = []
+        for fam in families:
+            t0 = time.perf_counter()
+            found.append((fam, family(fam)(ctx), time.perf_counter() - t0))
+        return found
+
+    bar = tqdm(total=len(sites), desc="candidates", unit="site", disable=not progress,
+               leave=False)
+    by_group = (lambda s: stats.group_of(s.fqn)) if stats is not None else None
+    proposals_in_order = site_pool(propose, sites, workers, key=by_group)
+    for site, proposals in zip(sites, proposals_in_order, strict=True):
+        bar.update()
         in_f, out_f = site.in_features, site.out_features
-        gram = stats.fit_gram(site.fqn) if stats is not None else None
         sens = stats.sensitivity_of(site.fqn) if stats is not None else 1.0
-        ctx = SiteContext(site, W, gram, wl.name)
+        shape = LinearShape(in_f, out_f)
 
         def option(
             decision: Decision, error: float, weight: float | None = None, site: LinearSite = site
@@ -188,12 +223,10 @@ def build_problem(
 
         dense = option(DenseConfig(), 0.0)
         options, seen, cands = [dense], {DenseConfig()}, []
-        for fam in families:
-            t0 = time.perf_counter()
-            found = family(fam)(ctx)
-            fam_seconds[fam] = fam_seconds.get(fam, 0.0) + time.perf_counter() - t0
+        for fam, found, secs in proposals:
+            fam_seconds[fam] = fam_seconds.get(fam, 0.0) + secs
             for c in found:
-                if c.decision in seen or c.decision.weight_bytes(ctx.shape) >= 2 * in_f * out_f:
+                if c.decision in seen or c.decision.weight_bytes(shape) >= 2 * in_f * out_f:
                     continue  # proposed twice, or saves no bytes
                 seen.add(c.decision)
                 if allow is not None and not allow(site, c.decision):
@@ -207,6 +240,7 @@ def build_problem(
         site_opts.append(
             SiteOptions(site.fqn, options, 2 * in_f * out_f, dense.latency_s, float(sens))
         )
+    bar.close()
     meta = {
         "families": list(families),
         "calibrated": stats is not None,

@@ -125,15 +125,34 @@ class _CompactProbes:
         self.g = next((k for k in (128, 64, 32) if in_f % k == 0), None)
         self.q = quantize_rtn(W, 4, self.g, False)
         r = max(1, int(LOWRANK_PROBE_FRACTION * in_f * out_f // (in_f + out_f)))
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        self.left = U[:, :r] * S[:r]
-        self.right = Vh[:r].clone()  # the r rows only (a slice would keep all of Vh alive)
+        self.left, self.right = _truncation(W, r)
+
+    def int4_delta(self) -> Tensor:
+        """The int4 probe's ΔW = W − Ŵ (float32, out × in), rebuilt."""
+        return self.W - dequantize(self.q, 4, self.g, False, self.in_f).to(torch.float32)
 
     def deltas(self) -> dict[str, Tensor]:
         """The probes' ΔW = W − Ŵ, float32, out × in."""
-        Wq = dequantize(self.q, 4, self.g, False, self.in_f).to(torch.float32)
-        Wr = self.left @ self.right
-        return {"int4_g128": self.W - Wq, "lowrank_0.25": self.W - Wr}
+        return {"int4_g128": self.int4_delta(), "lowrank_0.25": self.W - self.left @ self.right}
+
+
+def _truncation(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
+    """``(left, right)`` float32 with ``left @ right`` the best rank-``r`` approximation of
+    ``W`` (float32; the truncated SVD): the projection onto the top-``r`` singular vectors
+    of the smaller side, from the eigen-decomposition of ``W Wᵀ`` or ``Wᵀ W`` (several times
+    faster than an SVD on CPU; nothing is divided by a singular value)."""
+    if W.shape[0] <= W.shape[1]:
+        _, U = torch.linalg.eigh(W @ W.T)
+        Ur = U[:, -r:].flip(1).contiguous()
+        return Ur, Ur.T @ W
+    _, V = torch.linalg.eigh(W.T @ W)
+    Vr = V[:, -r:].flip(1)
+    return W @ Vr, Vr.T.contiguous()
+
+
+def _plain_linear(m: nn.Module) -> bool:
+    """``m`` computes ``F.linear(x, weight, bias)`` (its output minus the bias is x Wᵀ)."""
+    return isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward
 
 
 def kfac_error(dW: Tensor, sigma_x: Tensor, sigma_g: Tensor) -> float:
@@ -170,11 +189,13 @@ def robust_normalize(
 
 
 def energy(M: Tensor, gram: Tensor | None) -> float:
-    """tr(M G Mᵀ) in float64 (‖M‖²_F without a Gram)."""
-    M = M.to(torch.float64)
+    """tr(M G Mᵀ) (‖M‖²_F without a Gram): the product M·G in float32, the sums in float64
+    — the candidates' error arithmetic (``cost.family_quant``; ≤ 2e-7 relative from an
+    all-float64 product on SmolLM2's Grams)."""
     if gram is None:
-        return float(M.square().sum())
-    return float(((M @ gram.to(torch.float64)) * M).sum())
+        return float(M.to(torch.float64).square().sum())
+    M = M.to(torch.float32)
+    return float(((M @ gram.to(torch.float32)) * M).sum(dtype=torch.float64))
 
 
 def relative_error(
@@ -252,10 +273,32 @@ class ProbeRecorder(OutputHooks):
             self.g2[fqn] += g.square().sum(0).to(torch.float64).cpu()
             self.y2[fqn] += y.square().sum(0).to(torch.float64).cpu()
             self.rows[fqn] += g.shape[0]
-            for name, dW in self.deltas[fqn].items():
-                d = x @ dW.to(x.device).T
-                self.exact[fqn][name] += float((g * d).sum(-1).to(torch.float64).square().sum())
+            for name, gdx in self._probe_products(fqn, x, g, out.detach()):
+                self.exact[fqn][name] += float(gdx.to(torch.float64).square().sum())
         self._pending.clear()
+
+    def _probe_products(
+        self, fqn: str, x: Tensor, g: Tensor, out: Tensor
+    ) -> Iterator[tuple[str, Tensor]]:
+        """``(name, ĝ_tᵀ ΔW x_t per token)`` of each probe and extra ΔW. The low-rank probe
+        goes through its factors — ĝᵀ(W − L R)x = ĝᵀ(y − b) − (ĝ L)·(R x) — where the site is
+        a plain ``nn.Linear`` with a float32/64 output (y − b is x Wᵀ); a full product
+        otherwise."""
+        probes = self._probes[fqn]
+        dev = x.device
+        yield "int4_g128", (g * (x @ probes.int4_delta().to(dev).T)).sum(-1)
+        mod = self.modules[fqn]
+        if _plain_linear(mod) and out.dtype in (torch.float32, torch.float64):
+            wx = out.reshape(-1, out.shape[-1]).to(torch.float32)
+            if mod.bias is not None:
+                wx = wx - mod.bias.detach().to(wx)
+            low = (g @ probes.left.to(dev)) * (x @ probes.right.to(dev).T)
+            yield "lowrank_0.25", (g * wx).sum(-1) - low.sum(-1)
+        else:
+            dW = self.weights[fqn].to(torch.float32) - probes.left @ probes.right
+            yield "lowrank_0.25", (g * (x @ dW.to(dev).T)).sum(-1)
+        for name, dW in self._extra.get(fqn, {}).items():
+            yield name, (g * (x @ dW.to(dev).T)).sum(-1)
 
     def _clear(self) -> None:
         self._pending.clear()

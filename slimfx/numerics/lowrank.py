@@ -29,10 +29,12 @@ __all__ = [
 _DAMPS = (0.0, 1e-8, 1e-6, 1e-4, 1e-2)
 
 
-def whiten(gram: Tensor) -> tuple[Tensor, Tensor, str]:
+def whiten(gram: Tensor, inverse: bool = True) -> tuple[Tensor, Tensor | None, str]:
     """A square root L of the Gram matrix (L Lᵀ ≈ G) and its inverse, in float64.
 
-    Returns ``(L, L_inv, how)`` with ``how`` in {"cholesky", "damped(λ)", "eigen"}.
+    Returns ``(L, L_inv, how)`` with ``how`` in {"cholesky", "damped(λ)", "eigen"};
+    ``inverse=False`` skips the inverse (``L_inv`` is ``None``; the triangular solve is most
+    of the cost) — L is the same either way.
     The damping is added to the diagonal in place (``+ 0.0`` on the whole matrix first keeps
     the bits of ``G + λ·I``) and the identity the solve needs reuses that memory, so at most
     three n×n float64 matrices live at once (G, L, L⁻¹).
@@ -53,6 +55,8 @@ def whiten(gram: Tensor) -> tuple[Tensor, Tensor, str]:
     for damp in _DAMPS:
         G.diagonal().copy_(diag0 + damp * scale)
         L, info = torch.linalg.cholesky_ex(G)
+        if int(info) == 0 and not inverse:
+            return L, None, "cholesky" if damp == 0 else f"damped({damp:g})"
         if int(info) == 0:
             G.zero_().diagonal().fill_(1.0)  # the identity, in G's memory
             L_inv = torch.linalg.solve_triangular(L, G, upper=False)
@@ -66,7 +70,7 @@ def whiten(gram: Tensor) -> tuple[Tensor, Tensor, str]:
     evals, Q = torch.linalg.eigh(G)
     evals = evals.clamp_min(1e-10 * float(evals.max().clamp_min(1e-300)))
     root = evals.sqrt()
-    return Q * root, (Q / root).T, "eigen"
+    return Q * root, (Q / root).T if inverse else None, "eigen"
 
 
 def _svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,32 +108,61 @@ def lowrank_factors(
     return U.to(weight.dtype), V.to(weight.dtype)
 
 
+def _gram_of_rows(M: Tensor) -> Tensor:
+    """``M Mᵀ`` or ``Mᵀ M``, whichever is smaller: its eigenvalues are the squared singular
+    values of ``M`` (the rest are zero)."""
+    return M @ M.T if M.shape[0] <= M.shape[1] else M.T @ M
+
+
+def _descending(evals: Tensor) -> Tensor:
+    """Ascending eigenvalues (``eigh``'s order) flipped, rounding negatives to 0."""
+    return evals.flip(0).clamp_min(0.0)
+
+
 def lowrank_error_curve(
     weight: Tensor, gram: Tensor | None = None, method: str = "whitened"
 ) -> Tensor:
     """Relative output error tr(E G Eᵀ)/tr(W G Wᵀ) of the rank-r factorization for every
-    r = 0 … min(out, in), from one SVD (float64, entry 0 is 1.0, last is 0.0).
+    r = 0 … min(out, in) (float64, entry 0 is 1.0, last is 0.0).
 
-    - whitened: Σ_{i>r} σ_i² / Σ σ_i² of W L (exact when the Gram was Cholesky-factorable).
-    - svd with a Gram: E_r = Σ_{i>r} σ_i p_i q_iᵀ ⇒ tr(E G Eᵀ) = Σ_{i>r} σ_i² q_iᵀ G q_i.
+    - whitened: Σ_{i>r} σ_i² / Σ σ_i² of W L (exact when the Gram was Cholesky-factorable);
+      σ_i² are the eigenvalues of the smaller of (W L)(W L)ᵀ and (W L)ᵀ(W L).
+    - svd with a Gram: E_r = Σ_{i>r} σ_i p_i q_iᵀ ⇒ tr(E G Eᵀ) = Σ_{i>r} σ_i² q_iᵀ G q_i;
+      with out ≤ in the singular vectors come from ``eigh(W Wᵀ)`` and σ_i² q_iᵀ G q_i =
+      p_iᵀ (W G Wᵀ) p_i, otherwise from ``eigh(Wᵀ W)``.
     - no Gram: the Frobenius ratio Σ_{i>r} σ_i² / Σ σ_i².
+
+    Eigen-decompositions of the smaller product replace SVDs: the same numbers to rounding
+    (singular values below ~1e-8·σ_max lose relative precision, their terms do not matter),
+    several times faster on CPU; no factor is formed (the chosen rank is fitted at apply).
     """
     W = weight.detach().to(torch.float64)
+    rank_max = min(W.shape)
     if method == "whitened" and gram is not None:
-        L, _, _ = whiten(gram)
-        terms = torch.linalg.svdvals(W @ L) ** 2
+        L, _, _ = whiten(gram, inverse=False)
+        terms = _descending(torch.linalg.eigvalsh(_gram_of_rows(W @ L)))
+        del L
         total = terms.sum()
     elif method in ("svd", "whitened"):
-        _, S, Qh = _svd(W)
         if gram is None:
-            terms = S**2
+            terms = _descending(torch.linalg.eigvalsh(_gram_of_rows(W)))
             total = terms.sum()
         else:
             G = gram.detach().to(torch.float64)
-            terms = S**2 * ((Qh @ G) * Qh).sum(1)
-            total = ((W @ G) * W).sum()
+            if W.shape[0] <= W.shape[1]:
+                _, P = torch.linalg.eigh(W @ W.T)
+                P = P.flip(1)
+                WGWt = (W @ G) @ W.T
+                terms = ((WGWt @ P) * P).sum(0)
+                total = WGWt.diagonal().sum()
+            else:
+                evals, Q = torch.linalg.eigh(W.T @ W)
+                Q = Q.flip(1)
+                terms = _descending(evals) * ((G @ Q) * Q).sum(0)
+                total = ((W @ G) * W).sum()
     else:
         raise ValueError(f"unknown low-rank method {method!r}")
+    terms = terms[:rank_max]
     if total <= 0:
         curve = torch.ones(terms.numel() + 1, dtype=torch.float64)
         curve[-1] = 0.0

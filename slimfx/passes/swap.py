@@ -34,6 +34,7 @@ from slimfx.passes.base import (
 from slimfx.passes.validate import suggest, validate_plan
 from slimfx.planning.configs import Decision, DenseConfig
 from slimfx.planning.plan import Plan
+from slimfx.pool import site_pool
 
 __all__ = ["apply_plan", "empty_like_plan", "validate_plan", "dense_bytes", "resolve_rule"]
 
@@ -210,6 +211,7 @@ def apply_plan(
     strict: bool = True,
     progress: bool = False,
     rules: Mapping[str, Rule] | None = None,
+    workers: int | None = None,
 ) -> tuple[nn.Module, PassResult]:
     """Replace every planned linear of ``model`` by the module its decision calls for.
 
@@ -223,6 +225,8 @@ def apply_plan(
       that site dense.
     - ``rules``: decision kind → Rule, overriding the registered rules (e.g. a
       ``LinearToLowRank(require_savings=False)`` for full-rank checks).
+    - ``workers``: sites fitted at once, one thread each (``slimfx.pool.site_pool``; default
+      torch's intra-op thread count, at most 4): the same modules as a one-thread run.
 
     Unknown FQNs, shapes that disagree with the plan or the module, and NaN/inf weights always
     raise ``ValueError``. A rewritten site whose weight was tied to another parameter unties it:
@@ -248,12 +252,19 @@ def apply_plan(
     # an in-place model as it was.
     built: list[tuple[_Job, nn.Module]] = []
     aliases: dict[str, set[str]] = {}
-    for job in iterator:
-        site, decision = job.site, job.decision
+
+    def build(job: _Job) -> tuple[nn.Module, float]:
         t = time.perf_counter()
+        linear = modules[job.site.fqn]
+        new = job.rule.build_module(job.site, linear, job.decision, _gram(grams, job.site))
+        return new, time.perf_counter() - t
+
+    # the sites' fits run side by side, one thread each (slimfx.pool: the same numbers)
+    fitted = site_pool(build, jobs, workers, key=lambda job: job.site.group)
+    for job, (new, secs) in zip(iterator, fitted, strict=True):
+        site, decision = job.site, job.decision
         linear = modules[site.fqn]
         aliases[site.fqn] = _aliases(target, linear.weight, site.weight) | set(site.tied)
-        new = job.rule.build_module(site, linear, decision, _gram(grams, site))
         new.train(linear.training)
         new.requires_grad_(linear.weight.requires_grad)
         built.append((job, new))
@@ -262,7 +273,7 @@ def apply_plan(
             decision.short(),
             "applied",
             "",
-            time.perf_counter() - t,
+            secs,
             dense_bytes(site),
             decision.bytes(site.site_shape, site.has_bias),
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,24 +33,40 @@ STAGE2_NODE_LIMIT = 5000  # branch-and-bound nodes for the tie refinement
 _REL_TIE = 1e-9
 
 
+_QUIET_LOCK = threading.Lock()
+_quiet: dict[str, int] = {"depth": 0, "fd": -1, "saved": -1}
+
+
 @contextlib.contextmanager
 def _quiet_stdout() -> Any:
     """Silence HiGHS's C-level prints to file descriptor 1 (scipy's ``disp=False`` does not
-    cover them); Python-level output is flushed first and restored afterwards."""
+    cover them); Python-level output is flushed first and restored afterwards.
+
+    Solves may run on several threads at once (the report's frontier): the descriptor is
+    process-wide, so the first to enter saves and redirects it and the last to leave restores
+    it (a per-call save would let a later thread save the redirected descriptor and "restore"
+    /dev/null for good)."""
     try:
         fd = sys.stdout.fileno()
     except (AttributeError, OSError, ValueError):  # captured / replaced stdout: nothing to do
         yield
         return
-    sys.stdout.flush()
-    saved = os.dup(fd)
+    with _QUIET_LOCK:
+        if _quiet["depth"] == 0:
+            sys.stdout.flush()
+            _quiet["fd"], _quiet["saved"] = fd, os.dup(fd)
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, fd)
+            os.close(null)
+        _quiet["depth"] += 1
     try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), fd)
-            yield
+        yield
     finally:
-        os.dup2(saved, fd)
-        os.close(saved)
+        with _QUIET_LOCK:
+            _quiet["depth"] -= 1
+            if _quiet["depth"] == 0:
+                os.dup2(_quiet["saved"], _quiet["fd"])
+                os.close(_quiet["saved"])
 
 
 class _Model:

@@ -73,6 +73,8 @@ def test_copy_for_apply_shares_only_the_rewritten_weights() -> None:
 
 
 def test_optimize_records_memory_and_family_seconds_per_stage() -> None:
+    from slimfx.pool import default_workers
+
     families = ("lowrank", "int8", "int4", "int4_gptq")
     new = slimfx.optimize(
         build(), 0.4, calibration=calibration(), families=families, progress=False
@@ -81,7 +83,8 @@ def test_optimize_records_memory_and_family_seconds_per_stage() -> None:
     secs = rep.meta["candidate_seconds"]
     assert list(secs) == list(families)
     assert all(v >= 0 for v in secs.values())
-    assert sum(secs.values()) <= rep.timings["candidates"]  # a part of the stage's seconds
+    # seconds summed over the workers that fit sites side by side (slimfx.pool)
+    assert sum(secs.values()) <= rep.timings["candidates"] * default_workers() + 0.05
     if rss_mb() is None:
         pytest.skip("no /proc/self/status: memory per stage is not recorded (Linux only)")
     mem = rep.meta["stage_memory_mb"]
@@ -174,11 +177,15 @@ def test_compact_probes_rebuild_the_probe_deltas_bit_for_bit(shape) -> None:
     Wq = dequantize(quantize_rtn(W, 4, g, False), 4, g, False, in_f)
     r = int(0.25 * in_f * out_f // (in_f + out_f))
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    ref = {"int4_g128": W - Wq, "lowrank_0.25": W - (U[:, :r] * S[:r]) @ Vh[:r]}
+    svd = W - (U[:, :r] * S[:r]) @ Vh[:r]
     probes = _CompactProbes(W)
+    first = probes.deltas()
+    assert torch.equal(first["int4_g128"].view(torch.int32), (W - Wq).view(torch.int32))
+    # the truncation comes from an eigen-decomposition: the SVD's to float32 rounding
+    torch.testing.assert_close(first["lowrank_0.25"], svd, rtol=0, atol=2e-4 * W.abs().max())
     for _ in range(2):  # every read rebuilds the same bits
         got = probes.deltas()
-        for k, v in ref.items():
+        for k, v in first.items():
             assert torch.equal(got[k].view(torch.int32), v.view(torch.int32)), k
     held = sum(t.numel() * t.element_size() for t in (*probes.q.values(), probes.left,
                probes.right))  # fmt: skip

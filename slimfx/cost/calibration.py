@@ -182,7 +182,7 @@ def accumulate_gram(gram: Tensor, x: Tensor) -> int:
         rows = max(1, _CHUNK_ELEMS // max(1, x2.shape[1]))
         for start in range(0, x2.shape[0], rows):
             c = x2[start : start + rows].to(torch.float32)
-            gram.add_((c.T @ c).to(torch.float64))
+            gram.add_(c.T @ c)  # widened to float64 inside the add (the same bits as .to())
     return int(x.numel() // max(1, x.shape[-1]))
 
 
@@ -476,8 +476,14 @@ def collect_sensitivity(
             del loss
     stats = grams.stats(None, 0.0)
 
+    last: dict[str, Any] = {}  # the damped Gram of the group read last (q/k/v share one)
+
     def gram_of(fqn: str) -> tuple[Tensor | None, int]:
-        return stats.fit_gram(fqn), stats.tokens.get(stats.group_of(fqn), 0)
+        group = stats.group_of(fqn)
+        if last.get("group") != group:
+            last.clear()
+            last.update(group=group, gram=stats.fit_gram(fqn))
+        return last["gram"], stats.tokens.get(group, 0)
 
     stats.sensitivity, stats.sensitivity_scale, stats.kind_sensitivity = probe_weights(
         rec, estimator, gram_of)

@@ -198,7 +198,9 @@ def build_problem(
 
     def propose(site: LinearSite) -> list[tuple[str, list[Candidate], float]]:
         # the sites of one group share one Gram object: its GPTQ factor is cached by identity
-        ctx = SiteContext(site, _weight_of(weights, site), fit_gram(site), wl.name)
+        ctx = SiteContext(
+            site, _weight_of(weights, site), fit_gram(site), wl.name, tuple(families)
+        )
         found = []
         for fam in families:
             t0 = time.perf_counter()

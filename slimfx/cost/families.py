@@ -40,6 +40,9 @@ class SiteContext:
     weight: Tensor  # out × in, the dense weight as loaded
     gram: Tensor | None  # in × in float64 XᵀX, None without calibration
     workload: str = "decode"
+    #: the families offered for this site in this problem (a family may leave out what
+    #: another one offers better at the same layout)
+    families: tuple[str, ...] = ()
     #: values the site's families share (e.g. the quantization families' error denominator),
     #: filled by the first family that needs one; lives as long as the context (one site)
     shared: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

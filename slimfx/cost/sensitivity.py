@@ -86,6 +86,23 @@ LOWRANK_PROBE_FRACTION = 0.25
 KIND_PROBE = {"quant": "int4_g128", "lowrank": "lowrank_0.25"}
 #: weights below this fraction of the median are raised to it.
 FLOOR = 0.05
+#: the int4 probe's product x·ΔWᵀ in bfloat16 (True), float32 (False), or bfloat16 where the
+#: device multiplies it natively (None: CUDA, or a CPU with AVX512-BF16/AMX — 4.5× float32's
+#: speed on the dev box). Measured on SmolLM2 (15 × 256 tokens): the probe's sums move by
+#: ≤ 0.4% and the sites' weights by ≤ 0.1% (median 0.008%), far inside the estimate's own
+#: noise; calibration 34.6 → 31.4 s.
+PROBE_BF16: bool | None = None
+
+
+def _probe_in_bf16(x: Tensor) -> bool:
+    if x.dtype != torch.float32:
+        return False
+    if PROBE_BF16 is not None:
+        return PROBE_BF16
+    if x.device.type == "cuda":
+        return True
+    fast = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return x.device.type == "cpu" and fast is not None and bool(fast())
 
 
 def probe_deltas(weight: Tensor) -> dict[str, Tensor]:
@@ -286,7 +303,11 @@ class ProbeRecorder(OutputHooks):
         otherwise."""
         probes = self._probes[fqn]
         dev = x.device
-        yield "int4_g128", (g * (x @ probes.int4_delta().to(dev).T)).sum(-1)
+        if _probe_in_bf16(x):
+            dx = (x.to(torch.bfloat16) @ probes.int4_delta().to(dev, torch.bfloat16).T).float()
+        else:
+            dx = x @ probes.int4_delta().to(dev).T
+        yield "int4_g128", (g * dx).sum(-1)
         mod = self.modules[fqn]
         if _plain_linear(mod) and out.dtype in (torch.float32, torch.float64):
             wx = out.reshape(-1, out.shape[-1]).to(torch.float32)
@@ -315,12 +336,22 @@ class ProbeRecorder(OutputHooks):
         sigma_g = self.g2[fqn] / n
         sigma_x = gram / max(tokens, 1) if gram is not None else None
         out = {}
-        den = energy(self.weights[fqn], gram)  # once per site, not per probe
+        W = self.weights[fqn].to(torch.float32)
+        g32 = None if gram is None else gram.to(torch.float32)  # once per site, not per probe
+        WG = None if g32 is None else W @ g32
+        den = energy(W, None) if WG is None else float((WG * W).sum(dtype=torch.float64))
+        probes = self._probes[fqn]
         for name, dW in self.deltas[fqn].items():
-            rec = {
-                "rel": relative_error(dW, self.weights[fqn], gram, den),
-                "probe": 0.5 * self.exact[fqn][name] / n,
-            }
+            if name == "lowrank_0.25" and WG is not None:
+                # tr((W − LR) G (W − LR)ᵀ) = tr(W G Wᵀ) − 2 tr(L R G Wᵀ) + tr(L R G Rᵀ Lᵀ):
+                # products of the rank-r factors instead of a full out × in × in one
+                L, R = probes.left, probes.right
+                cross = float(((WG @ R.T) * L).sum(dtype=torch.float64))
+                own = float(((L @ ((R @ g32) @ R.T)) * L).sum(dtype=torch.float64))
+                rel = max(den - 2.0 * cross + own, 0.0) / max(den, 1e-300)
+            else:
+                rel = relative_error(dW, W, g32, den)
+            rec = {"rel": rel, "probe": 0.5 * self.exact[fqn][name] / n}
             if kfac and sigma_x is not None:
                 rec["kfac"] = 0.5 * kfac_error(dW, sigma_x, sigma_g)
             out[name] = rec

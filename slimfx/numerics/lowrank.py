@@ -126,7 +126,8 @@ def lowrank_error_curve(
     r = 0 … min(out, in) (float64, entry 0 is 1.0, last is 0.0).
 
     - whitened: Σ_{i>r} σ_i² / Σ σ_i² of W L (exact when the Gram was Cholesky-factorable);
-      σ_i² are the eigenvalues of the smaller of (W L)(W L)ᵀ and (W L)ᵀ(W L).
+      σ_i² are the eigenvalues of W G Wᵀ when out ≤ in (no Cholesky at all), else of
+      (W L)ᵀ(W L).
     - svd with a Gram: E_r = Σ_{i>r} σ_i p_i q_iᵀ ⇒ tr(E G Eᵀ) = Σ_{i>r} σ_i² q_iᵀ G q_i;
       with out ≤ in the singular vectors come from ``eigh(W Wᵀ)`` and σ_i² q_iᵀ G q_i =
       p_iᵀ (W G Wᵀ) p_i, otherwise from ``eigh(Wᵀ W)``.
@@ -138,7 +139,15 @@ def lowrank_error_curve(
     """
     W = weight.detach().to(torch.float64)
     rank_max = min(W.shape)
-    if method == "whitened" and gram is not None:
+    if method == "whitened" and gram is not None and W.shape[0] <= W.shape[1]:
+        # σ_i² of W L are the eigenvalues of W L Lᵀ Wᵀ = W G Wᵀ: no square root needed (for
+        # a PSD G that Cholesky refuses this is still the whitened optimum's tail; whiten's
+        # damping is a workaround for the factors)
+        G = gram.detach().to(torch.float64)
+        terms = _descending(torch.linalg.eigvalsh((W @ G) @ W.T))
+        del G
+        total = terms.sum()
+    elif method == "whitened" and gram is not None:
         L, _, _ = whiten(gram, inverse=False)
         terms = _descending(torch.linalg.eigvalsh(_gram_of_rows(W @ L)))
         del L

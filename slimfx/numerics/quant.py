@@ -312,6 +312,7 @@ def quantize_gptq_many(
     # Work on the stacked Wᵀ (in × k·out): one column of W is one contiguous row.
     Wt = W.T.repeat(1, k).contiguous()
     codes = torch.empty_like(Wt)
+    maxq = (1 << bits) - 1
     s = torch.empty(k * out_f, dtype=torch.float32, device=dev)
     z = torch.empty_like(s)
     for i1 in range(0, in_f, block):
@@ -319,6 +320,7 @@ def quantize_gptq_many(
         W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
+        diag = U1.diagonal().tolist()  # the same float32 values, read once per block
         for i in range(i2 - i1):
             j = i1 + i
             for c, G in enumerate(widths):
@@ -334,12 +336,14 @@ def quantize_gptq_many(
                 stored, s[r], z[r] = _grid(head.T, bits, symmetric, dtype)
                 scales[c][j // G] = stored
                 zeros[c][j // G] = z[r]
-            w = W1[i]
-            q = _codes(w, s, z, bits)
-            codes[j] = q
-            err = (w - (q - z) * s) / U1[i, i]
+            # _codes and the error, written in place into their rows (the same operations in
+            # the same order as `_codes(w, s, z)` and `(w − (q − z)·s) / U[j, j]`: the same
+            # bits, fewer temporaries and copies in this per-column loop)
+            w, q, err = W1[i], codes[j], Err1[i]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=err).mul_(s)
+            torch.sub(w, err, out=err).div_(diag[i])
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
-            Err1[i] = err
         if i2 < in_f:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
     return [_pack(codes[:, rows[c]].T, scales[c].T, zeros[c].T, bits, symmetric) for c in range(k)]

@@ -86,3 +86,21 @@ def test_smaller_groups_cost_more_bytes_and_err_less() -> None:
     errs = [c.error for c in by_g]
     nbytes = [c.decision.weight_bytes(LinearShape(128, 32)) for c in by_g]
     assert errs == sorted(errs) and nbytes == sorted(nbytes, reverse=True)
+
+
+def test_int4_leaves_out_the_rtn_layouts_gptq_offers_better() -> None:
+    """Next to int4_gptq (with a Gram) the int4 family keeps only the layout GPTQ does not
+    fit (symmetric g128); alone, or without a Gram, it offers every RTN layout."""
+    import dataclasses
+
+    both = dataclasses.replace(_ctx(16, 128, gram=True, seed=3), families=("int4", "int4_gptq"))
+    assert [c.decision for c in FAMILIES["int4"](both)] == [QuantConfig(4, 128, True)]
+    alone = dataclasses.replace(both, families=("int4",), shared={})
+    assert len(FAMILIES["int4"](alone)) == 4
+    no_gram = dataclasses.replace(both, gram=None, shared={})
+    assert len(FAMILIES["int4"](no_gram)) == 4
+    # what is left out is priced worse by GPTQ at the same layout, every time
+    rtn = {c.decision.group_size: c.error for c in FAMILIES["int4"](alone)
+           if not c.decision.symmetric}
+    for c in FAMILIES["int4_gptq"](both):
+        assert c.error < rtn[c.decision.group_size]

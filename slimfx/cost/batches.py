@@ -95,7 +95,7 @@ def check_batches(batches: Iterable[Any] | None) -> list[Any]:
 
 
 #: token windows stacked into one forward + backward of the sensitivity pass, at most.
-STACK_TOKENS = 1024
+STACK_TOKENS = 512
 
 
 def stack_windows(batches: Sequence[Any], max_tokens: int = STACK_TOKENS) -> list[Any]:

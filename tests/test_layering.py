@@ -18,10 +18,10 @@ PACKAGE = ROOT / "slimfx"
 
 _SOLVE = "slimfx.planning.solve"
 _PLANNING_NOT_SOLVE = ("slimfx.planning", (_SOLVE,))
-#: the bottom every layer may import: the storage formats (a leaf) and the form registry (which
-#: imports only planning's configs and shapes; it names other layers' pieces as strings and
-#: resolves them on demand — see slimfx/forms/registry.py).
-_BASE = ("slimfx.formats", "slimfx.forms")
+#: the bottom every layer may import: the storage formats and the site pool (leaves) and the
+#: form registry (which imports only planning's configs and shapes; it names other layers'
+#: pieces as strings and resolves them on demand — see slimfx/forms/registry.py).
+_BASE = ("slimfx.formats", "slimfx.pool", "slimfx.forms")
 
 #: package → (allowed prefixes, each either "name" or (name, denied sub-prefixes)).
 RULES: dict[str, tuple] = {
@@ -86,6 +86,7 @@ def _is_form_folder(parts: list[str]) -> bool:
 LEAVES: dict[str, tuple] = {
     "slimfx.formats": (),  # storage formats: imports nothing from slimfx
     "slimfx.files": (),  # all-or-nothing directory writes: imports nothing from slimfx
+    "slimfx.pool": (),  # per-site work on threads: imports nothing from slimfx
     "slimfx.report": ("slimfx.forms",),  # labels and colours come from the form registry
 }
 

@@ -177,9 +177,10 @@ def dequantize(
 _DAMP_GROWTH = (1.0, 10.0, 100.0, 1000.0)
 
 
-def _inverse_cholesky_upper(H: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹ (Uᵀ U = H⁻¹), float64; λ starts at
-    ``damp`` and grows ×10 while the damped matrix is not numerically positive definite.
+def _inverse_cholesky_upper(H: Tensor, damp: float) -> tuple[Tensor, float]:
+    """``(U, λ·mean(diag H))``: the upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹
+    (Uᵀ U = H⁻¹), float64, and the ridge added; λ starts at ``damp`` and grows ×10 while the
+    damped matrix is not numerically positive definite.
 
     Computed without forming H⁻¹: with J the reversal permutation and J H J = L Lᵀ,
     H⁻¹ = J L⁻ᵀ L⁻¹ J = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular with a positive
@@ -203,21 +204,30 @@ def _inverse_cholesky_upper(H: Tensor, damp: float) -> Tensor:
         del L
         U = U.flip(0, 1)
         if torch.isfinite(U).all():
-            return U
+            return U, (damp * growth) * mean_diag
         flipped = H.flip(0, 1).add_(0.0)  # rare: rebuild for the next damping
     raise ValueError(
         f"Gram matrix is not positive definite even with damping {damp * _DAMP_GROWTH[-1]:g}"
     )
 
 
-#: (weakref to the caller's Gram, its version counter, damp, device) → U; see _gptq_factor.
-_FACTOR_CACHE: list[tuple[weakref.ref[Tensor], int, float, torch.device, Tensor]] = []
+#: (weakref to the caller's Gram, its version counter, damp, device) → (U, ridge); see
+#: _gptq_factor.
+_FACTOR_CACHE: list[tuple[weakref.ref[Tensor], int, float, torch.device, tuple[Tensor, float]]] = []
 _FACTOR_CACHE_SIZE = 4
 
 
 def _gptq_factor(gram: Tensor, damp: float, device: torch.device) -> Tensor:
-    """U (float32) of the damped inverse of ``gram`` with dead channels given diagonal 1, as
-    the GPTQ loop uses it; cached per Gram *object*.
+    """U (float32) of the damped inverse of ``gram`` (:func:`_gptq_factor_and_ridge`)."""
+    return _gptq_factor_and_ridge(gram, damp, device)[0]
+
+
+def _gptq_factor_and_ridge(
+    gram: Tensor, damp: float, device: torch.device
+) -> tuple[Tensor, float]:
+    """``(U, ridge)``: U (float32) of the damped inverse of ``gram`` with dead channels given
+    diagonal 1, as the GPTQ loop uses it, and the ridge added to the diagonal; cached per Gram
+    *object*.
 
     Callers that quantize several weights (or the same weight several times: LQ-LoRA's
     alternations, the cost model's group sizes and references) against one Gram would
@@ -241,14 +251,14 @@ def _gptq_factor(gram: Tensor, damp: float, device: torch.device) -> Tensor:
     dead = H.diagonal() <= 0
     if dead.any():
         H[dead, dead] = 1.0
-    U = _inverse_cholesky_upper(H, damp)
+    U, ridge = _inverse_cholesky_upper(H, damp)
     del H
-    U = U.to(torch.float32)
+    out = (U.to(torch.float32), ridge)
     if version is not None:
         live = [e for e in _FACTOR_CACHE if e[0]() is not None]
         _FACTOR_CACHE[:] = live[len(live) - (_FACTOR_CACHE_SIZE - 1) :] if live else []
-        _FACTOR_CACHE.append((weakref.ref(gram), version, damp, device, U))
-    return U
+        _FACTOR_CACHE.append((weakref.ref(gram), version, damp, device, out))
+    return out
 
 
 def quantize_gptq(
@@ -283,8 +293,14 @@ def quantize_gptq_many(
     symmetric: bool,
     damp: float = 0.01,
     block: int = 128,
+    losses: list[tuple[float, float]] | None = None,
 ) -> list[dict[str, Tensor]]:
     """:func:`quantize_gptq` for several group sizes at once, one result per group size.
+
+    ``losses``: when given (and no input channel is dead), filled per group size with
+    ``(tr(E H Eᵀ), ridge)`` — GPTQ's own loss Σⱼ ‖errⱼ‖², which equals the output error of
+    E = W − Ŵ under H = G + ridge·I exactly (E = Err·U and U H Uᵀ = I), so tr(E G Eᵀ) is that
+    minus ridge·‖E‖²_F with no in × in product (``cost.family_quant`` prices with it).
 
     GPTQ treats rows independently given U, so the copies of W for the different group sizes
     are stacked as extra rows and share one factorization and one column loop (the loop's
@@ -303,7 +319,7 @@ def quantize_gptq_many(
     dead = gram.detach().diagonal().to(dev) <= 0
     if dead.any():
         W[:, dead] = 0.0
-    U = _gptq_factor(gram, damp, dev)
+    U, ridge = _gptq_factor_and_ridge(gram, damp, dev)
 
     k = len(widths)
     rows = [slice(c * out_f, (c + 1) * out_f) for c in range(k)]
@@ -315,6 +331,7 @@ def quantize_gptq_many(
     maxq = (1 << bits) - 1
     s = torch.empty(k * out_f, dtype=torch.float32, device=dev)
     z = torch.empty_like(s)
+    loss = [0.0] * k
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
         W1 = Wt[i1:i2].clone()
@@ -344,8 +361,13 @@ def quantize_gptq_many(
             torch.sub(q, z, out=err).mul_(s)
             torch.sub(w, err, out=err).div_(diag[i])
             W1[i:].addr_(U1[i, i:], err, alpha=-1.0)
+        if losses is not None:
+            for c in range(k):
+                loss[c] += float(Err1[:, rows[c]].square().sum(dtype=torch.float64))
         if i2 < in_f:
             Wt[i2:].addmm_(U[i1:i2, i2:].T, Err1, alpha=-1.0)
+    if losses is not None and not dead.any():
+        losses[:] = [(v, ridge) for v in loss]
     return [_pack(codes[:, rows[c]].T, scales[c].T, zeros[c].T, bits, symmetric) for c in range(k)]
 
 

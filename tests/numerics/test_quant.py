@@ -344,3 +344,28 @@ def test_gptq_factor_is_cached_per_gram_and_invalidated_by_an_edit() -> None:
     U4 = quant._gptq_factor(G, 0.01, W.device)
     assert U4 is not U1
     torch.testing.assert_close(U4, U1 / 2, rtol=1e-5, atol=1e-7)  # (4H)⁻¹ = H⁻¹/4
+
+
+def test_gptq_loss_is_the_output_error_under_the_damped_gram() -> None:
+    """GPTQ's own Σ‖err‖² equals tr(E (G + ridge·I) Eᵀ) of the packed result (E = Err·U and
+    U H Uᵀ = I); with a dead input channel no loss is reported (the caller multiplies)."""
+    from slimfx.numerics.quant import dequantize, quantize_gptq_many
+
+    g = torch.Generator().manual_seed(7)
+    W = torch.randn(48, 128, generator=g) * 0.05
+    X = torch.randn(400, 128, generator=g) @ torch.randn(128, 128, generator=g)
+    G = (X.T @ X).double()
+    losses: list[tuple[float, float]] = []
+    fits = quantize_gptq_many(W, G, 4, [32, 64], False, losses=losses)
+    assert len(losses) == 2
+    for gs, fit, (loss, ridge) in zip((32, 64), fits, losses):
+        E = (W - dequantize(fit, 4, gs, False, 128)).double()
+        H = G + ridge * torch.eye(128, dtype=torch.float64)
+        assert loss == pytest.approx(float(((E @ H) * E).sum()), rel=1e-5)
+        assert ridge == pytest.approx(0.01 * float(G.diagonal().mean()), rel=1e-12)
+    dead = G.clone()
+    dead[5, :] = 0.0
+    dead[:, 5] = 0.0
+    none: list[tuple[float, float]] = []
+    quantize_gptq_many(W, dead, 4, [32], False, losses=none)
+    assert none == []

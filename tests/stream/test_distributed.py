@@ -34,7 +34,7 @@ def work(rank, world):
     dist.init_process_group("gloo", init_method="file://{init}", rank=rank, world_size=world)
     try:
         res = optimize_checkpoint({ckpt!r}, 0.4, calibration=calibration(n=7), fisher={fisher},
-                                  out={out!r}, progress=False)
+                                  out={out!r}, progress=False, sequential={sequential})
         assert (res.report is None) == (rank > 0)
         print(f"rank {{rank}}: {{len(res.plan.rewrites())}} rewrites, "
               f"{{res.blocks_computed}} blocks", flush=True)
@@ -47,7 +47,9 @@ if __name__ == "__main__":
 """
 
 
-def _two_ranks(tmp_path: Path, ckpt: Path, out: Path, fisher: bool) -> str:
+def _two_ranks(
+    tmp_path: Path, ckpt: Path, out: Path, fisher: bool, sequential: bool = False
+) -> str:
     script = tmp_path / "spawn.py"
     script.write_text(
         _SPAWN.format(
@@ -56,6 +58,7 @@ def _two_ranks(tmp_path: Path, ckpt: Path, out: Path, fisher: bool) -> str:
             ckpt=str(ckpt),
             out=str(out),
             fisher=fisher,
+            sequential=sequential,
             init=str(tmp_path / "pg"),
         )
     )
@@ -85,3 +88,23 @@ def test_two_ranks_equal_one(tmp_path: Path, fisher: bool) -> None:
     # the saved report keeps 6 decimals of each sensitivity
     assert got == {s.fqn: round(s.sensitivity, 6) for s in one.report.sites}
     assert not (tmp_path / ".two.slimfx-work").exists()
+
+
+def test_two_ranks_sequential_equal_one(tmp_path: Path) -> None:
+    """Sequential mode under torch.distributed: the statistics and candidates are spread over
+    the ranks, rank 0 refits each block on the rewritten prefix and writes — the same plan and
+    tensors as one process (and not the non-sequential tensors)."""
+    ckpt = save_checkpoint(tmp_path / "ckpt", tie=False)
+    kw = dict(calibration=calibration(n=7), fisher=True, progress=False)
+    one = optimize_checkpoint(ckpt, 0.4, out=tmp_path / "one", sequential=True, **kw)
+    optimize_checkpoint(ckpt, 0.4, out=tmp_path / "plain", **kw)
+    log = _two_ranks(tmp_path, ckpt, tmp_path / "two", True, sequential=True)
+    assert "rank 0:" in log and "rank 1:" in log
+    two = slimfx.load(tmp_path / "two")
+    assert two.slimfx_report.meta["plan"] == one.plan.to_dict()
+    assert any(n.startswith("sequential:") for n in two.slimfx_report.notes)
+    a, b = slimfx.load(tmp_path / "one").state_dict(), two.state_dict()
+    assert set(a) == set(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    c = slimfx.load(tmp_path / "plain").state_dict()
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # sequential refits changed something

@@ -65,7 +65,9 @@ def worker(a: argparse.Namespace) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
         t_load = time.perf_counter() - t0
-        new = slimfx.optimize(model, a.budget, calibration=calib, progress=False)
+        # the streamed engine computes the Fisher weighting ("geo" needs every site at once)
+        new = slimfx.optimize(model, a.budget, calibration=calib, progress=False,
+                              sensitivity="fisher")
         slimfx.save(new, a.out, overwrite=True)
         rep = slimfx.report_of(new)
         out.update(plan=rep.meta["plan"]["decisions"], timings={"load": t_load, **rep.timings},

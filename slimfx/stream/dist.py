@@ -3,11 +3,12 @@ in batch order, candidate fits spread over ranks.
 
 Calibration batch ``b`` belongs to rank ``b mod world``; each rank runs its own batches through
 every block (its share of the activations is all it holds). At a block boundary each rank's
-per-batch statistics (Gram matrices, Fisher moments) are gathered and summed **in batch order**
-on every rank — the order a single process sums them in — so the reduced statistics, and with
-them the candidates, the plan and the written tensors, are bit for bit those of one process
-(a sum over ranks' partial sums would differ in the last bits). The cost is that a block's
-per-batch Grams travel once (batches × in² float64 per input group, transiently).
+per-batch statistics (Gram matrices, Fisher moments) are summed **in batch order** on every
+rank — the order a single process sums them in — so the reduced statistics, and with them the
+candidates, the plan and the written tensors, are bit for bit those of one process (a sum over
+ranks' partial sums would differ in the last bits). The Grams travel batch by batch, each
+broadcast by its owner and added at once (``Comm.ordered_sum``: one batch's Grams in flight,
+not all of a block's); the small Fisher moments are gathered.
 The per-site candidate fits are split round-robin over ranks and gathered; rank 0 solves,
 broadcasts the plan and writes. Works with any backend ``torch.distributed`` offers (gloo on
 CPU; nccl moves the gathered objects through the GPU).
@@ -76,6 +77,36 @@ class Comm:
     def spread(self, n: int, fn: Callable[[int], T]) -> dict[int, T]:
         """``fn(i)`` for this rank's share of ``range(n)`` (round-robin), gathered."""
         return self.gather({i: fn(i) for i in self.mine(n)})
+
+
+    def ordered_sum(self, local: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """:func:`ordered_sum` over every rank's ``batch → {key: tensor}`` (each batch owned
+        by one rank), the same bits on every rank, with one batch's tensors in flight at a
+        time: batch by batch in order, its owner broadcasts each tensor and every rank adds it
+        to its accumulator — not every batch's tensors gathered at once (a block's per-batch
+        Grams, pickled, were most of a rank's peak)."""
+        if not self.active:
+            return ordered_sum(local)
+        meta = self.gather(
+            {b: [(k, tuple(v.shape), v.dtype) for k, v in t.items()] for b, t in local.items()}
+        )
+        nccl = dist.get_backend() == "nccl"
+        dev = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        out: dict[str, torch.Tensor] = {}
+        for b in sorted(meta):
+            owner = b % self.world
+            for k, shape, dtype in meta[b]:
+                if b in local:
+                    t = local[b][k].to(dev)
+                else:
+                    t = torch.empty(shape, dtype=dtype, device=dev)
+                dist.broadcast(t, src=owner)
+                t = t.cpu()
+                if k in out:
+                    out[k] += t
+                else:
+                    out[k] = torch.zeros_like(t) + t
+        return out
 
 
 def ordered_sum(per_batch: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

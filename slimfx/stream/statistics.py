@@ -82,10 +82,9 @@ def _reduce(
     per: dict[int, tuple[dict[str, Tensor], dict[str, int]]], sites: list[LinearSite], comm: Comm
 ) -> CalibrationStats:
     """Every rank's per-batch Grams summed in batch order."""
-    per = comm.gather(per)
-    grams = ordered_sum({b: g for b, (g, _) in per.items()})
+    grams = comm.ordered_sum({b: g for b, (g, _) in per.items()})
     tokens: Counter[str] = Counter()
-    for _, t in per.values():
+    for t in comm.gather({b: t for b, (_, t) in per.items()}).values():
         tokens.update(t)
     return CalibrationStats(grams, dict(tokens), {s.fqn: s.group for s in sites})
 

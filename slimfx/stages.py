@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -112,22 +111,17 @@ class PlanningOptions:
 
 class FitGrams(Mapping[str, "Tensor | None"]):
     """Site FQN → ``stats.fit_gram(fqn)``, computed on read; each thread keeps the last
-    group's (consecutive sites of one group get the same object, whose GPTQ factor is then
-    cached by identity; the previous group's is dropped when another is read)."""
+    group's (``CalibrationStats.group_fit_grams``)."""
 
     def __init__(self, stats: CalibrationStats, fqns: Sequence[str]) -> None:
         self.stats, self.fqns = stats, list(dict.fromkeys(fqns))
         self._known = set(self.fqns)
-        self._last = threading.local()
+        self._fit = stats.group_fit_grams()
 
     def __getitem__(self, fqn: str) -> Tensor | None:
         if fqn not in self._known:
             raise KeyError(fqn)
-        group, last = self.stats.group_of(fqn), self._last
-        if getattr(last, "group", None) != group:
-            last.group, last.gram = group, None
-            last.gram = self.stats.fit_gram(fqn)
-        return last.gram
+        return self._fit(fqn)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.fqns)

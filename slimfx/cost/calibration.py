@@ -29,6 +29,7 @@ from the probe pass.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -120,6 +121,21 @@ class CalibrationStats:
         out = g.clone()  # = g + lam·I: the off-diagonal sums gain +0.0 (exact), no n² identity
         out.diagonal().add_(lam)
         return out
+
+    def group_fit_grams(self) -> Callable[[str], Tensor | None]:
+        """``fit_gram`` that keeps, per thread, the last group's result: consecutive sites of
+        one group (q/k/v, gate/up) get the same object — formed once, and its GPTQ factor is
+        cached by identity — and the previous group's is dropped when another is read."""
+        last = threading.local()
+
+        def fit(fqn: str) -> Tensor | None:
+            group = self.group_of(fqn)
+            if getattr(last, "group", None) != group:
+                last.group, last.gram = group, None  # the previous group's is freed first
+                last.gram = self.fit_gram(fqn)
+            return last.gram
+
+        return fit
 
     def underdetermined(self) -> dict[str, tuple[int, int]]:
         """Groups that saw fewer tokens than input features: group → (tokens, in_features)."""
@@ -476,14 +492,10 @@ def collect_sensitivity(
             del loss
     stats = grams.stats(None, 0.0)
 
-    last: dict[str, Any] = {}  # the damped Gram of the group read last (q/k/v share one)
+    fit = stats.group_fit_grams()  # q/k/v read one damped Gram
 
     def gram_of(fqn: str) -> tuple[Tensor | None, int]:
-        group = stats.group_of(fqn)
-        if last.get("group") != group:
-            last.clear()
-            last.update(group=group, gram=stats.fit_gram(fqn))
-        return last["gram"], stats.tokens.get(group, 0)
+        return fit(fqn), stats.tokens.get(stats.group_of(fqn), 0)
 
     stats.sensitivity, stats.sensitivity_scale, stats.kind_sensitivity = probe_weights(
         rec, estimator, gram_of)

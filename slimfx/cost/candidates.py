@@ -25,7 +25,6 @@ eigen-decomposition per site (``numerics.lowrank.lowrank_error_curve``).
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -185,22 +184,12 @@ def build_problem(
                 f"weight of {site.fqn!r} has shape {tuple(W.shape)}, site says {site.shape}"
             )
 
-    last = threading.local()  # the damped Gram of the group this thread fits now
-
-    def fit_gram(site: LinearSite) -> Tensor | None:
-        if stats is None:
-            return None
-        group = stats.group_of(site.fqn)
-        if getattr(last, "group", None) != group:
-            last.group, last.gram = group, None  # the previous group's is freed first
-            last.gram = stats.fit_gram(site.fqn)
-        return last.gram
+    fit = stats.group_fit_grams() if stats is not None else None
 
     def propose(site: LinearSite) -> list[tuple[str, list[Candidate], float]]:
         # the sites of one group share one Gram object: its GPTQ factor is cached by identity
-        ctx = SiteContext(
-            site, _weight_of(weights, site), fit_gram(site), wl.name, tuple(families)
-        )
+        gram = fit(site.fqn) if fit is not None else None
+        ctx = SiteContext(site, _weight_of(weights, site), gram, wl.name, tuple(families))
         found = []
         for fam in families:
             t0 = time.perf_counter()

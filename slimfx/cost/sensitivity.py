@@ -148,9 +148,13 @@ class _CompactProbes:
         """The int4 probe's ΔW = W − Ŵ (float32, out × in), rebuilt."""
         return self.W - dequantize(self.q, 4, self.g, False, self.in_f).to(torch.float32)
 
+    def lowrank_delta(self) -> Tensor:
+        """The low-rank probe's ΔW = W − L R (float32, out × in), rebuilt."""
+        return self.W - self.left @ self.right
+
     def deltas(self) -> dict[str, Tensor]:
         """The probes' ΔW = W − Ŵ, float32, out × in."""
-        return {"int4_g128": self.int4_delta(), "lowrank_0.25": self.W - self.left @ self.right}
+        return {"int4_g128": self.int4_delta(), "lowrank_0.25": self.lowrank_delta()}
 
 
 def _truncation(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -316,8 +320,7 @@ class ProbeRecorder(OutputHooks):
             low = (g @ probes.left.to(dev)) * (x @ probes.right.to(dev).T)
             yield "lowrank_0.25", (g * wx).sum(-1) - low.sum(-1)
         else:
-            dW = self.weights[fqn].to(torch.float32) - probes.left @ probes.right
-            yield "lowrank_0.25", (g * (x @ dW.to(dev).T)).sum(-1)
+            yield "lowrank_0.25", (g * (x @ probes.lowrank_delta().to(dev).T)).sum(-1)
         for name, dW in self._extra.get(fqn, {}).items():
             yield name, (g * (x @ dW.to(dev).T)).sum(-1)
 

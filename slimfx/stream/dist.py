@@ -101,11 +101,7 @@ class Comm:
                 else:
                     t = torch.empty(shape, dtype=dtype, device=dev)
                 dist.broadcast(t, src=owner)
-                t = t.cpu()
-                if k in out:
-                    out[k] += t
-                else:
-                    out[k] = torch.zeros_like(t) + t
+                _accumulate(out, k, t.cpu())
         return out
 
 
@@ -115,8 +111,14 @@ def ordered_sum(per_batch: dict[int, dict[str, torch.Tensor]]) -> dict[str, torc
     out: dict[str, torch.Tensor] = {}
     for b in sorted(per_batch):
         for k, v in per_batch[b].items():
-            if k in out:
-                out[k] += v
-            else:
-                out[k] = torch.zeros_like(v) + v
+            _accumulate(out, k, v)
     return out
+
+
+def _accumulate(out: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
+    """``out[key] += value``, the first value added to a zero accumulator (the bits a
+    single process's running sum has)."""
+    if key in out:
+        out[key] += value
+    else:
+        out[key] = torch.zeros_like(value) + value

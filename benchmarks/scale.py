@@ -84,7 +84,7 @@ def worker(a: argparse.Namespace) -> None:
             overwrite=True, progress=False,
         )  # fmt: skip
         out.update(plan=res.plan.to_dict()["decisions"], timings=res.timings,
-                   memory=res.memory,
+                   memory=res.memory, parts=res.parts,
                    rank=dist.get_rank() if a.worker == "dist" else 0)  # fmt: skip
         if a.worker == "dist":
             dist.destroy_process_group()
@@ -133,14 +133,17 @@ def _run(mode: str, a: argparse.Namespace, model_dir: str, out: str) -> list[dic
 
 def _table(name: str, info: dict[str, Any], rows: dict[str, list[dict[str, Any]]]) -> str:
     lines = [f"### {name}", "", json.dumps(info), "",
-             "| mode | wall s (optimize) | peak RSS MB | stages (s) | plan = inmem |",
+             f"| mode | wall s (optimize) | peak RSS MB | stages (s) | plan = {next(iter(rows))} |",
              "|---|---|---|---|---|"]  # fmt: skip
-    ref = rows["inmem"][0]["plan"] if "inmem" in rows else None
+    ref = next(iter(rows.values()))[0]["plan"]  # the first mode's plan (rank 0's)
     for mode, rs in rows.items():
         for r in rs:
             st = ", ".join(f"{k} {v:.1f}" for k, v in r["timings"].items() if k != "total")
+            if r.get("parts"):  # the streamed stage's parts, summed over blocks
+                st += " (" + ", ".join(f"{k.split(': ')[-1]} {v:.1f}"
+                                       for k, v in r["parts"].items()) + ")"  # fmt: skip
             label = mode if mode != "dist" else f"dist rank {r['rank']}"
-            same = "—" if ref is None else str(r["plan"] == ref)
+            same = str(r["plan"] == ref)
             lines.append(f"| {label} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} | {st} | "
                          f"{same} |")
     return "\n".join(lines)

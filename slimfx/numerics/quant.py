@@ -58,6 +58,7 @@ __all__ = [
     "symmetric_offset",
 ]
 
+
 def group_width(in_features: int, bits: int, group_size: int | None) -> int:
     """The group width G (``in_features`` when per-channel), after checking the shape:
     ValueError when ``in_features`` is not a multiple of ``group_size``, or not a whole number
@@ -177,35 +178,73 @@ def dequantize(
 _DAMP_GROWTH = (1.0, 10.0, 100.0, 1000.0)
 
 
-def _inverse_cholesky_upper(H: Tensor, damp: float) -> tuple[Tensor, float]:
-    """``(U, λ·mean(diag H))``: the upper Cholesky factor U of (H + λ·mean(diag H)·I)⁻¹
-    (Uᵀ U = H⁻¹), float64, and the ridge added; λ starts at ``damp`` and grows ×10 while the
-    damped matrix is not numerically positive definite.
+def _reverse_in_place(H: Tensor, chunk: int = 1 << 16) -> Tensor:
+    """``H.flip(0, 1)`` written into ``H``'s own memory (a contiguous matrix reversed as one
+    flat array is the matrix flipped along both axes), a ``chunk`` of elements at a time."""
+    flat = H.view(-1)
+    n = flat.numel()
+    for a in range(0, n // 2, chunk):
+        b = min(a + chunk, n // 2)
+        front = flat[a:b].clone()
+        flat[a:b] = flat[n - b : n - a].flip(0)
+        flat[n - b : n - a] = front.flip(0)
+    return H
+
+
+def _flipped_symmetric(gram: Tensor, device: torch.device) -> tuple[Tensor, float]:
+    """``(J H J, mean(diag H))`` with H = ½(G + Gᵀ) in float64, its dead channels (diagonal
+    ≤ 0) given diagonal 1 and J the reversal, as one new matrix: the flip is done in place."""
+    G = gram.detach().to(device=device, dtype=torch.float64)
+    H = G + G.T  # (one temporary fewer than 0.5 * (H + H.T) on a clone; the same bits)
+    del G
+    H.mul_(0.5)
+    dead = H.diagonal() <= 0
+    if dead.any():
+        H[dead, dead] = 1.0
+    mean_diag = float(H.diagonal().mean())  # (a strided diagonal: its own summation order)
+    return _reverse_in_place(H).add_(0.0), mean_diag
+
+
+def _inverse_cholesky_upper(
+    gram: Tensor, damp: float, device: torch.device
+) -> tuple[Tensor, float]:
+    """``(U, λ·mean(diag H))``: the upper Cholesky factor U (float32) of (H + λ·mean(diag H)·I)⁻¹
+    (Uᵀ U = H⁻¹) for H = ½(G + Gᵀ) with dead channels given diagonal 1 (float64 throughout),
+    and the ridge added; λ starts at ``damp`` and grows ×10 while the damped matrix is not
+    numerically positive definite.
 
     Computed without forming H⁻¹: with J the reversal permutation and J H J = L Lᵀ,
     H⁻¹ = J L⁻ᵀ L⁻¹ J = (J L⁻¹ J)ᵀ (J L⁻¹ J), and J L⁻¹ J is upper triangular with a positive
     diagonal, hence the Cholesky factor (one factorization and one triangular solve).
 
-    Memory: besides ``H``, at most three n×n float64 matrices live at once (the damped flip,
-    reused as the solve's identity; L; the solve) — the damping is added to the diagonal in
-    place; ``+ 0.0`` on the whole matrix first keeps the bits of ``H + λ·I`` (a −0.0 entry
-    becomes +0.0 there too)."""
-    mean_diag = float(H.diagonal().mean())
-    flipped = H.flip(0, 1).add_(0.0)
+    Memory: besides ``gram``, at most two n×n float64 matrices live at once — J H J (flipped in
+    place, damped on its diagonal in place, factorized in place into L) and the solve's
+    right-hand side, an identity in column-major order that the solve overwrites with L⁻¹
+    (the layout ``solve_triangular`` returns: the same bits as a solve into a new matrix) —
+    and U is flipped after its cast to float32 (casting and flipping commute). ``+ 0.0`` on
+    the whole matrix keeps the bits of ``H + λ·I`` (a −0.0 entry becomes +0.0 there too)."""
+    flipped: Tensor | None
+    flipped, mean_diag = _flipped_symmetric(gram, device)
+    n = flipped.shape[0]
     diag0 = flipped.diagonal().clone()
+    info = torch.empty((), dtype=torch.int32, device=device)
     for growth in _DAMP_GROWTH:
+        if flipped is None:  # rare: the last damping failed; rebuild
+            flipped = _flipped_symmetric(gram, device)[0]
         flipped.diagonal().copy_(diag0 + (damp * growth) * mean_diag)
-        L, info = torch.linalg.cholesky_ex(flipped)
+        # L, in place: the matrix is symmetric, so its column-major view (the layout LAPACK
+        # factorizes in) holds the same values and the factorization needs no copy
+        flipped = flipped.T
+        torch.linalg.cholesky_ex(flipped, out=(flipped, info))
         if int(info) != 0:
-            del L
+            flipped = None
             continue
-        flipped.zero_().diagonal().fill_(1.0)  # the identity, in the damped matrix's memory
-        U = torch.linalg.solve_triangular(L, flipped, upper=False)
-        del L
-        U = U.flip(0, 1)
+        U = torch.eye(n, dtype=torch.float64, device=device).T  # column-major identity
+        torch.linalg.solve_triangular(flipped, U, upper=False, out=U)
+        flipped = None
         if torch.isfinite(U).all():
-            return U, (damp * growth) * mean_diag
-        flipped = H.flip(0, 1).add_(0.0)  # rare: rebuild for the next damping
+            return U.to(torch.float32).flip(0, 1), (damp * growth) * mean_diag
+        del U
     raise ValueError(
         f"Gram matrix is not positive definite even with damping {damp * _DAMP_GROWTH[-1]:g}"
     )
@@ -222,9 +261,7 @@ def _gptq_factor(gram: Tensor, damp: float, device: torch.device) -> Tensor:
     return _gptq_factor_and_ridge(gram, damp, device)[0]
 
 
-def _gptq_factor_and_ridge(
-    gram: Tensor, damp: float, device: torch.device
-) -> tuple[Tensor, float]:
+def _gptq_factor_and_ridge(gram: Tensor, damp: float, device: torch.device) -> tuple[Tensor, float]:
     """``(U, ridge)``: U (float32) of the damped inverse of ``gram`` with dead channels given
     diagonal 1, as the GPTQ loop uses it, and the ridge added to the diagonal; cached per Gram
     *object*.
@@ -244,21 +281,18 @@ def _gptq_factor_and_ridge(
         for ref, ver, d, dev, U in _FACTOR_CACHE:
             if ref() is gram and ver == version and d == damp and dev == device:
                 return U
-    G = gram.detach().to(device=device, dtype=torch.float64)
-    H = G + G.T  # (one temporary fewer than 0.5 * (H + H.T) on a clone; the same bits)
-    del G
-    H.mul_(0.5)
-    dead = H.diagonal() <= 0
-    if dead.any():
-        H[dead, dead] = 1.0
-    U, ridge = _inverse_cholesky_upper(H, damp)
-    del H
-    out = (U.to(torch.float32), ridge)
+    out = _inverse_cholesky_upper(gram, damp, device)
     if version is not None:
         live = [e for e in _FACTOR_CACHE if e[0]() is not None]
         _FACTOR_CACHE[:] = live[len(live) - (_FACTOR_CACHE_SIZE - 1) :] if live else []
-        _FACTOR_CACHE.append((weakref.ref(gram), version, damp, device, out))
+        _FACTOR_CACHE.append((weakref.ref(gram, _forget), version, damp, device, out))
     return out
+
+
+def _forget(ref: weakref.ref[Tensor]) -> None:
+    """A cached Gram was freed: its factors go too (nothing can look them up any more, and
+    an n×n factor of the last fitted site would otherwise stay until four more are cached)."""
+    _FACTOR_CACHE[:] = [e for e in _FACTOR_CACHE if e[0] is not ref]
 
 
 def quantize_gptq(
@@ -391,4 +425,3 @@ def reconstruct_quant(decision: Decision, tensors: dict[str, Tensor]) -> Tensor:
     assert isinstance(decision, QuantConfig)
     d = decision
     return dequantize(tensors, d.bits, d.group_size, d.symmetric, _in_features(d, tensors))
-

@@ -78,7 +78,6 @@ class Comm:
         """``fn(i)`` for this rank's share of ``range(n)`` (round-robin), gathered."""
         return self.gather({i: fn(i) for i in self.mine(n)})
 
-
     def ordered_sum(self, local: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """:func:`ordered_sum` over every rank's ``batch → {key: tensor}`` (each batch owned
         by one rank), the same bits on every rank, with one batch's tensors in flight at a

@@ -27,6 +27,7 @@ import dataclasses
 import os
 import resource
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,10 @@ class StreamResult:
     the report written beside it (``None`` on ranks other than 0, which write nothing), notes, seconds per stage, blocks computed in this run
     (fewer than all after a resume), the process's peak resident memory, and each stage's
     resident memory (``memory``: stage → MB before, after and the stage's own peak, as
-    ``stages.MemoryInstrument`` records it; empty off Linux)."""
+    ``stages.MemoryInstrument`` records it; empty off Linux), and seconds of a stage's parts
+    summed over the blocks computed in this run (``parts``: "calibration+candidates:
+    statistics" — the blocks' forward passes and Grams, "…: gram_reduction" — of that, the
+    reduction over ranks, "…: candidates" — the priced fits)."""
 
     out: Path
     plan: Plan
@@ -92,6 +96,7 @@ class StreamResult:
     blocks_computed: int = 0
     peak_rss_mb: float = 0.0
     memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    parts: dict[str, float] = field(default_factory=dict)
 
 
 def _peak_rss_mb() -> float:
@@ -292,6 +297,7 @@ def optimize_checkpoint(
         wd.save(inp, 0, inputs)
     fail_after = os.environ.get(FAIL_AFTER_BLOCK_ENV)
     computed = 0
+    clock: Counter[str] = Counter()  # the stage's parts, summed over blocks
     pricing = {"target": target, "workload": workload, "families": tuple(families),
                "cache": cache}  # fmt: skip
     bar = tqdm(range(start, len(names)), desc="stream: statistics", unit="block",
@@ -301,8 +307,12 @@ def optimize_checkpoint(
         block = ckpt.materialize(model, name)
         with _ModeGuard(block), torch.no_grad():
             sites = block_sites(block, name, inputs[0], keep)
-            stats, nxt = block_statistics(model, block, sites, inputs, mine, comm)
+            t_stat = time.perf_counter()
+            stats, nxt = block_statistics(model, block, sites, inputs, mine, comm, clock)
+            t_price = time.perf_counter()
+            clock["statistics"] += t_price - t_stat
             problem = price(model, sites, stats, comm, **pricing) if stats else None
+            clock["candidates"] += time.perf_counter() - t_price
             as_tuple = i == len(names) - 1 and isinstance(
                 block(*inputs[0][0], **inputs[0][1]), tuple
             )  # the last block's output type: the head's replay returns the same
@@ -316,6 +326,7 @@ def optimize_checkpoint(
         if not fisher:
             wd.drop(inp, i)
         inputs, computed = nxt, computed + 1
+        stats = problem = None  # on disk now: not held through the later stages
         if fail_after is not None and i == int(fail_after):
             raise RuntimeError(
                 f"{FAIL_AFTER_BLOCK_ENV}={fail_after}: simulated crash after block {i}"
@@ -353,6 +364,7 @@ def optimize_checkpoint(
         )
     problem = merge_problems(parts, families)
     timings["calibration+candidates"] = time.perf_counter() - t
+    breakdown = {f"calibration+candidates: {k}": round(v, 3) for k, v in clock.items()}
     memory.after("calibration+candidates", None, None)
 
     # ---------------------------------------------------------------- fisher, streamed backward
@@ -398,7 +410,7 @@ def optimize_checkpoint(
     if comm.rank > 0:  # rank 0 writes
         comm.barrier()
         return StreamResult(outp, plan, problem, None, sites, notes, timings, computed,
-                            _peak_rss_mb(), memory.memory)  # fmt: skip
+                            _peak_rss_mb(), memory.memory, breakdown)  # fmt: skip
     t = time.perf_counter()
     memory.before("", None)
     try:
@@ -436,6 +448,7 @@ def optimize_checkpoint(
         report.meta["peak_rss_mb"] = round(_peak_rss_mb(), 1)
         if memory.memory:
             report.meta["stage_memory_mb"] = memory.memory
+        report.meta["stage_parts_s"] = breakdown
         output.commit(report)
     except BaseException:
         output.discard()
@@ -445,8 +458,17 @@ def optimize_checkpoint(
     if not keep_work:
         wd.remove()
     return StreamResult(
-        outp, plan, problem, report, sites, notes, timings, computed, _peak_rss_mb(),
+        outp,
+        plan,
+        problem,
+        report,
+        sites,
+        notes,
+        timings,
+        computed,
+        _peak_rss_mb(),
         memory.memory,
+        breakdown,
     )
 
 

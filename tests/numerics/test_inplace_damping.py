@@ -91,3 +91,37 @@ def test_gptq_factor_is_bit_identical_to_the_plain_formula(name: str) -> None:
     U0 = _plain_gptq_u(gram, 0.01)
     assert torch.equal(U.view(torch.int32), U0.view(torch.int32))
     assert torch.equal(gram, before)
+
+
+def _wide_grams() -> dict[str, torch.Tensor]:
+    """Sizes past the vectorized reductions' chunks (the damping's mean of the diagonal is
+    summed in the strided diagonal's order), a dead channel, and a matrix the first damping
+    does not make positive definite (the rebuilt-matrix path)."""
+    g = torch.Generator().manual_seed(1)
+    out = {}
+    for n in (777, 1536):
+        X = torch.randn(n + 100, n, generator=g)
+        X[:, 3] = 0.0
+        out[f"{n} + dead"] = X.T @ X
+    Q, _ = torch.linalg.qr(torch.randn(300, 300, generator=g, dtype=torch.float64))
+    d = torch.ones(300, dtype=torch.float64)
+    d[0] = -0.05  # λ = 1e-2·mean(diag) ≈ 0.01 does not lift it, 10× that does
+    out["needs 10x damping"] = (Q * d) @ Q.T
+    return out
+
+
+@pytest.mark.parametrize("name", list(_wide_grams()))
+def test_gptq_factor_in_place_matches_the_plain_formula_at_width(name: str) -> None:
+    gram = _wide_grams()[name]
+    before = gram.clone()
+    quant._FACTOR_CACHE.clear()
+    U, ridge = quant._gptq_factor_and_ridge(gram, 0.01, torch.device("cpu"))
+    U0 = _plain_gptq_u(gram, 0.01)
+    assert torch.equal(U.view(torch.int32), U0.view(torch.int32))
+    assert U.stride() == U0.stride()  # the GPTQ loop's slices and products see the same layout
+    assert torch.equal(gram, before)
+    mean = float(gram.double().diagonal().clamp_min(0).mean())  # (dead → 1 moves it by 1/n)
+    if name == "needs 10x damping":
+        assert ridge == pytest.approx(0.1 * mean, rel=1e-9)
+    else:
+        assert ridge == pytest.approx(0.01 * mean, rel=1e-2)

@@ -344,6 +344,9 @@ def test_gptq_factor_is_cached_per_gram_and_invalidated_by_an_edit() -> None:
     U4 = quant._gptq_factor(G, 0.01, W.device)
     assert U4 is not U1
     torch.testing.assert_close(U4, U1 / 2, rtol=1e-5, atol=1e-7)  # (4H)⁻¹ = H⁻¹/4
+    assert any(e[0]() is G for e in quant._FACTOR_CACHE)
+    del G  # a freed Gram's factors leave the cache with it
+    assert all(e[0]() is not None for e in quant._FACTOR_CACHE)
 
 
 def test_gptq_loss_is_the_output_error_under_the_damped_gram() -> None:

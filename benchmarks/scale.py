@@ -3,7 +3,7 @@
 Models: a random-weight Llama-architecture checkpoint (SmolLM2's tokenizer and vocabulary,
 ``--layers`` × hidden ``--hidden``, saved as safetensors by this script) and SmolLM2-135M's
 own checkpoint directory. Each configuration runs in a fresh process, so its peak resident
-memory (``ru_maxrss``) is its own:
+memory (the kernel's high-water mark, read around every stage) is its own:
 
   inmem    ``AutoModelForCausalLM.from_pretrained`` + ``slimfx.optimize`` + ``slimfx.save``
   stream   ``slimfx.stream.optimize_checkpoint`` on one process
@@ -24,7 +24,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -47,8 +46,18 @@ def _calibration(model_dir: str, n: int, seq_len: int) -> list:
     return calibration_batches(tok, name="lee", n=n, seq_len=seq_len)
 
 
-def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _hwm_mb() -> float:
+    """The kernel's resident high-water mark (since the last reset), MB."""
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024.0
+
+
+def _peak_mb(before: float, memory: dict[str, dict[str, float]]) -> float:
+    """The worker's peak resident MB: the high-water mark before ``optimize`` (loading), every
+    stage's own peak and the mark at the end. Not ``ru_maxrss``: the stages reset the mark, after
+    which ``ru_maxrss`` knows only the last stage's peak."""
+    return max([before, _hwm_mb()] + [r["peak"] for r in memory.values()])
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -65,6 +74,7 @@ def worker(a: argparse.Namespace) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32)
         t_load = time.perf_counter() - t0
+        before = _hwm_mb()
         # the streamed engine computes the Fisher weighting ("geo" needs every site at once)
         new = slimfx.optimize(model, a.budget, calibration=calib, progress=False,
                               sensitivity="fisher")
@@ -79,6 +89,7 @@ def worker(a: argparse.Namespace) -> None:
 
         if a.worker == "dist":
             dist.init_process_group("gloo")
+        before = _hwm_mb()
         res = optimize_checkpoint(
             a.model_dir, a.budget, calibration=calib, out=a.out, dtype=torch.float32,
             overwrite=True, progress=False,
@@ -88,7 +99,7 @@ def worker(a: argparse.Namespace) -> None:
                    rank=dist.get_rank() if a.worker == "dist" else 0)  # fmt: skip
         if a.worker == "dist":
             dist.destroy_process_group()
-    out.update(wall_s=time.perf_counter() - t0, peak_rss_mb=_peak_mb())
+    out.update(wall_s=time.perf_counter() - t0, peak_rss_mb=_peak_mb(before, out["memory"]))
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -109,6 +120,19 @@ def random_checkpoint(path: Path, layers: int, hidden: int) -> dict[str, Any]:
     block = sum(p.numel() for p in model.model.layers[0].parameters())
     return {"params": n, "block_params": block, "embed_params": cfg.vocab_size * hidden,
             "layers": layers, "hidden": hidden, "intermediate": cfg.intermediate_size}
+
+
+def _checkpoint_in_child(path: Path, a: argparse.Namespace) -> dict[str, Any]:
+    """``random_checkpoint`` in a child process. Built here, the model would raise this
+    process's peak resident memory, and Linux carries a process's high-water mark through
+    fork + exec into ``ru_maxrss`` of the workers it starts: a 1B model built here made a
+    streamed worker report the 4.9 GB of building it as its own peak."""
+    code = (f"import json, sys; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); "
+            f"from scale import random_checkpoint; from pathlib import Path; "
+            f"print(json.dumps(random_checkpoint(Path({str(path)!r}), {a.layers}, {a.hidden})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _run(mode: str, a: argparse.Namespace, model_dir: str, out: str) -> list[dict[str, Any]]:
@@ -177,9 +201,9 @@ def main() -> None:
     }
     try:
         for name in a.models.split(","):
-            if name == "random":
+            if name == "random":  # built in a child: see _checkpoint_in_child
                 d = tmp / "random"
-                info = random_checkpoint(d, a.layers, a.hidden)
+                info = _checkpoint_in_child(d, a)
             else:
                 d, info = Path(smollm2_cache_dir()), {"checkpoint": "SmolLM2-135M"}
             rows = {m: _run(m, a, str(d), str(tmp / f"out-{name}-{m}")) for m in a.modes.split(",")}

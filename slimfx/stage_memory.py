@@ -75,14 +75,29 @@ class MemoryInstrument:
     The peak is the stage's own where the high-water mark can be reset before it
     (``/proc/self/clear_refs``; ``peak_is_stage``), else the process's peak so far. A stage's
     growth is ``peak - rss_before``: what it held at once over what it was handed. Records
-    nothing where ``/proc/self/status`` is missing."""
+    nothing where ``/proc/self/status`` is missing.
+
+    ``peak_mb``: the process's highest resident size so far, stages and the time between them
+    — the high-water mark is read before each reset. (After a reset, ``getrusage``'s
+    ``ru_maxrss`` only knows the peak since then; it also carries the high-water mark of the
+    process that started this one through ``fork`` + ``exec``: neither is this run's peak.)"""
 
     def __init__(self) -> None:
         self.memory: dict[str, dict[str, float]] = {}
         self._before: dict[str, float] | None = None
         self.peak_is_stage = True
+        self._peak = 0.0
+
+    @property
+    def peak_mb(self) -> float | None:
+        """The process's peak resident MB so far (``None`` without ``/proc/self/status``)."""
+        now = rss_mb()
+        return None if now is None else round(max(self._peak, now["hwm"]), 1)
 
     def before(self, pass_name: str, obj: Any) -> None:
+        seen = rss_mb()  # the peak since the last reset: between stages, or before the first
+        if seen is not None:
+            self._peak = max(self._peak, seen["hwm"])
         self.peak_is_stage = _reset_peak() and self.peak_is_stage
         self._before = rss_mb()
 
@@ -90,6 +105,7 @@ class MemoryInstrument:
         now = rss_mb()
         if now is None or self._before is None:
             return
+        self._peak = max(self._peak, now["hwm"])
         rec = {
             "rss_before": round(self._before["rss"], 1),
             "rss_after": round(now["rss"], 1),

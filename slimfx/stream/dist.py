@@ -9,14 +9,13 @@ candidates, the plan and the written tensors, are bit for bit those of one proce
 ranks' partial sums would differ in the last bits). The Grams travel batch by batch, each
 broadcast by its owner and added at once (``Comm.ordered_sum``: one batch's Grams in flight,
 not all of a block's); the small Fisher moments are gathered.
-The per-site candidate fits are split round-robin over ranks and gathered; rank 0 solves,
-broadcasts the plan and writes. Works with any backend ``torch.distributed`` offers (gloo on
+The candidate fits are split over ranks by input group (``statistics.assign_groups``) and
+gathered; rank 0 solves, broadcasts the plan and writes. Works with any backend ``torch.distributed`` offers (gloo on
 CPU; nccl moves the gathered objects through the GPU).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -73,10 +72,6 @@ class Comm:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
-
-    def spread(self, n: int, fn: Callable[[int], T]) -> dict[int, T]:
-        """``fn(i)`` for this rank's share of ``range(n)`` (round-robin), gathered."""
-        return self.gather({i: fn(i) for i in self.mine(n)})
 
     def ordered_sum(self, local: dict[int, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """:func:`ordered_sum` over every rank's ``batch → {key: tensor}`` (each batch owned

@@ -99,7 +99,12 @@ class StreamResult:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mb(memory: MemoryInstrument) -> float:
+    """This run's peak resident MB: the instrument's (its stage resets of the high-water mark
+    make ``ru_maxrss`` report only the last stage's), else ``ru_maxrss`` (no ``/proc``)."""
+    peak = memory.peak_mb
+    if peak is not None:
+        return peak
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -410,7 +415,7 @@ def optimize_checkpoint(
     if comm.rank > 0:  # rank 0 writes
         comm.barrier()
         return StreamResult(outp, plan, problem, None, sites, notes, timings, computed,
-                            _peak_rss_mb(), memory.memory, breakdown)  # fmt: skip
+                            _peak_rss_mb(memory), memory.memory, breakdown)  # fmt: skip
     t = time.perf_counter()
     memory.before("", None)
     try:
@@ -445,7 +450,7 @@ def optimize_checkpoint(
         )
         timings["total"] = time.perf_counter() - t_start
         report.timings = timings
-        report.meta["peak_rss_mb"] = round(_peak_rss_mb(), 1)
+        report.meta["peak_rss_mb"] = round(_peak_rss_mb(memory), 1)
         if memory.memory:
             report.meta["stage_memory_mb"] = memory.memory
         report.meta["stage_parts_s"] = breakdown
@@ -466,7 +471,7 @@ def optimize_checkpoint(
         notes,
         timings,
         computed,
-        _peak_rss_mb(),
+        _peak_rss_mb(memory),
         memory.memory,
         breakdown,
     )

@@ -48,16 +48,17 @@ def _calibration(model_dir: str, n: int, seq_len: int) -> list:
 
 def _hwm_mb() -> float:
     """The kernel's resident high-water mark (since the last reset), MB."""
-    with open("/proc/self/status") as f:
-        line = next(x for x in f if x.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024.0
+    from slimfx.stage_memory import rss_mb
+
+    return rss_mb()["hwm"]
 
 
-def _peak_mb(before: float, memory: dict[str, dict[str, float]]) -> float:
+def _peak_mb(before: float, memory: dict[str, dict[str, float]], *more: float) -> float:
     """The worker's peak resident MB: the high-water mark before ``optimize`` (loading), every
-    stage's own peak and the mark at the end. Not ``ru_maxrss``: the stages reset the mark, after
-    which ``ru_maxrss`` knows only the last stage's peak."""
-    return max([before, _hwm_mb()] + [r["peak"] for r in memory.values()])
+    stage's own peak, the mark at the end and ``more`` (the streamed run's own peak, which also
+    sees between its stages). Not ``ru_maxrss``: the stages reset the mark, after which
+    ``ru_maxrss`` knows only the last stage's peak."""
+    return max([before, _hwm_mb(), *more] + [r["peak"] for r in memory.values()])
 
 
 def worker(a: argparse.Namespace) -> None:
@@ -95,11 +96,12 @@ def worker(a: argparse.Namespace) -> None:
             overwrite=True, progress=False,
         )  # fmt: skip
         out.update(plan=res.plan.to_dict()["decisions"], timings=res.timings,
-                   memory=res.memory, parts=res.parts,
+                   memory=res.memory, parts=res.parts, own_peak=[res.peak_rss_mb],
                    rank=dist.get_rank() if a.worker == "dist" else 0)  # fmt: skip
         if a.worker == "dist":
             dist.destroy_process_group()
-    out.update(wall_s=time.perf_counter() - t0, peak_rss_mb=_peak_mb(before, out["memory"]))
+    peak = _peak_mb(before, out["memory"], *out.pop("own_peak", ()))
+    out.update(wall_s=time.perf_counter() - t0, peak_rss_mb=peak)
     print("RESULT " + json.dumps(out), flush=True)
 
 

@@ -105,6 +105,29 @@ FORMS = {
     "int4 gk32 gv64 s4": KVQuantConfig(4, 4, 32, 64, 0, sink=4),
     "lowrank 1/2 k64 v128 whitened s1": KVLowRankConfig(64, 128, 1, "whitened", sink=1),
     "lowrank 1/2 k80 v112 whitened s4": KVLowRankConfig(80, 112, 1, "whitened", sink=4),
+    # fifth pass: mixed widths — a larger latent whose smallest channels are stored at 2 bits
+    # (``low_bits``), against the uniform 4-bit latents of the same bytes above
+    "latent k48 v88 int4 ch g64 s4": KVLatentQuantConfig(
+        48, 88, 1, "whitened", 4, 64, 0, 4, "channel"
+    ),
+    **{
+        f"latent k{k} v{v} int4 ch k{kl}v{vl}@int2 g64 s4": KVLatentQuantConfig(
+            k, v, 1, "whitened", 4, 64, 0, 4, "channel", 2, kl, vl
+        )
+        for k, v, kl, vl in (
+            (72, 120, 48, 80),  # ≈ 1/10
+            (80, 112, 48, 72),
+            (72, 128, 24, 48),  # ≈ 1/8
+            (80, 144, 40, 80),
+            (88, 136, 48, 80),
+            (88, 136, 48, 72),
+            (96, 144, 64, 104),
+            (96, 152, 72, 112),
+            (96, 152, 64, 104),
+            (128, 192, 112, 160),  # more 2-bit channels: ≈ 0.146
+            (192, 192, 64, 32),  # ≈ 1/4, full rank
+        )
+    },
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -91,6 +92,68 @@ def test_lowrank_and_latent_quant_bytes_equal_the_real_cache_tensors(chunks):
     assert layer.nbytes() == ch.cache_bytes(SHAPE, n)
 
 
+@pytest.mark.parametrize("chunks", [(7,), (1,) * 13, (9, 1, 1, 1, 5, 1)])
+@pytest.mark.parametrize(
+    "cfg, stores",
+    [
+        # keys 4 channels at 4 bits + 4 at 2, values 8 + 8: both stores per role
+        (
+            KVLatentQuantConfig(8, 16, 1, "whitened", 4, 4, 1, axis="channel", low_bits=2,
+                                key_low=4, value_low=8),
+            {"k": 4, "k_tail": 4, "v": 8, "v_tail": 8},
+        ),
+        # 2 groups, every key channel in the 2-bit tail: the keys have no full-width store
+        (
+            KVLatentQuantConfig(8, 16, 2, "whitened", 8, 4, 2, axis="channel",
+                                low_bits=2, key_low=8, value_low=8),
+            {"k_tail": 8, "v": 8, "v_tail": 8},
+        ),
+    ],
+)
+def test_mixed_width_latent_bytes_equal_the_real_cache_tensors(cfg, stores, chunks):
+    layer = QuantizedLatentLayer(cfg)
+    _feed(layer, chunks, cfg.key_rank, cfg.value_rank, 1, positions=True)
+    layer.flush()
+    n = sum(chunks)
+    assert layer.n_stored == cfg.quantized_tokens(n)
+    assert layer.nbytes() == cfg.cache_bytes(SHAPE, n)
+    if layer.n_stored:
+        got = {k[: -len("_codes")]: v.shape[-1] for k, v in layer.store.items() if "codes" in k}
+        bits = {"k": cfg.bits, "v": cfg.bits, "k_tail": cfg.low_bits, "v_tail": cfg.low_bits}
+        assert got == {k: c * bits[k] // 8 for k, c in stores.items()}  # packed bytes per token
+    # steady state: codes at their widths + one fp16 (scale, min) per channel per block
+    w = cfg.key_rank + cfg.value_rank
+    code_bits = sum(c * bits for c, bits in (
+        (w - cfg.key_low - cfg.value_low, cfg.bits), (cfg.key_low + cfg.value_low, cfg.low_bits)
+    ))  # fmt: skip
+    assert cfg.steady_bytes_per_token(SHAPE) == code_bits / 8 + 4 * w / cfg.group
+
+
+def _stored(cfg, k, v):
+    layer = QuantizedLatentLayer(cfg)
+    layer.update(k, v, positions=torch.arange(k.shape[2]))
+    layer.flush()
+    assert layer.n_stored == k.shape[2]
+    return layer._dequantize()
+
+
+def test_mixed_width_store_is_each_channel_at_its_own_width():
+    """Per-channel ranges make the channels independent: the mixed store's full-width channels
+    are bit for bit what a uniform ``bits`` store gives them and its tail what a ``low_bits``
+    store gives; the split follows each head group's channel order."""
+    g = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(1, 1, 8, 16, generator=g) for _ in "kv")
+    mixed = KVLatentQuantConfig(16, 16, 2, "whitened", 8, 8, 0, axis="channel", low_bits=2,
+                                key_low=8, value_low=8)  # fmt: skip
+    got = _stored(mixed, k, v)  # per group of 8 channels: 4 at 8 bits, then 4 at 2 bits
+    for bits, cols in ((8, [0, 1, 2, 3, 8, 9, 10, 11]), (2, [4, 5, 6, 7, 12, 13, 14, 15])):
+        uniform = KVLatentQuantConfig(8, 8, 1, "whitened", bits, 8, 0, axis="channel")
+        want = _stored(uniform, k[..., cols], v[..., cols])
+        assert torch.equal(got[0][..., cols], want[0]) and torch.equal(got[1][..., cols], want[1])
+    assert not torch.equal(got[0], _stored(replace(mixed, low_bits=0, key_low=0, value_low=0),
+                                           k, v)[0])  # fmt: skip
+
+
 def test_smollm2_fractions_match_the_formula():
     # 23 040 B/token over 30 layers, 768 per layer
     assert SMOL.kv_bytes_per_token() == 768
@@ -123,6 +186,7 @@ def test_smollm2_fractions_match_the_formula():
         KVLowRankConfig(64, 128, 3, "whitened"),
         KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 16),
         KVLatentQuantConfig(96, 96, 1, "attention", 4, 32, 16, 2, "channel"),
+        KVLatentQuantConfig(80, 144, 1, "whitened", 4, 64, 0, 4, "channel", 2, 40, 80),
     ],
 )
 def test_json_round_trip(cfg):
@@ -155,6 +219,11 @@ def test_json_round_trip(cfg):
             SHAPE,
             "key_rank per head group (8) is not divisible by group 16",
         ),
+        (
+            KVLatentQuantConfig(8, 8, 1, "whitened", 4, 4, axis="channel", low_bits=2, key_low=2),
+            SHAPE,
+            "key latent: 2 channels per head group do not pack at 2 bits",
+        ),
     ],
 )
 def test_rejection_reasons(cfg, shape, reason):
@@ -174,3 +243,16 @@ def test_dense_accepts_sliding_windows_and_bad_values_raise():
         KVQuantConfig().weight_bytes(LinearShape(64, 64))
     with pytest.raises(TypeError, match="'kv_lowrank' prices attention sites"):
         KVLowRankConfig().costs(LinearShape(64, 64))
+    ch = dict(axis="channel", key_low=8)
+    for kw, msg in (
+        (dict(key_low=8), "key_low / value_low need low_bits"),
+        (dict(low_bits=2, key_low=8), "mixed widths .* need axis='channel'"),
+        (dict(low_bits=4, **ch), "low_bits must be one of .* below bits=4"),
+        (dict(low_bits=2, axis="channel"), "needs key_low or value_low > 0"),
+        (dict(low_bits=2, axis="channel", value_low=72), "value_low=72 exceeds its latent rank 64"),
+        (dict(low_bits=2, axis="channel", groups=2, key_low=5), "not divisible by 2 groups"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            KVLatentQuantConfig(64, 64, **{"bits": 4, **kw})
+    short = KVLatentQuantConfig(80, 144, 1, "whitened", 4, 64, 0, 4, "channel", 2, 40, 64).short()
+    assert short == "kv lowrank k80 v144 whitened s4 int4 ch k40v64@int2 g64 r0"

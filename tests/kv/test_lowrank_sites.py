@@ -221,6 +221,10 @@ def test_fisher_weighting_of_the_block_error(tiny_llama):
         KVLatentQuantConfig(16, 16, 2, "whitened", 2, 4, 2, axis="channel"),
         KVLowRankConfig(8, 16, 1, sink=2),
         KVLatentQuantConfig(16, 16, 1, "attention", 4, 4, 1, sink=3, axis="channel"),
+        KVLatentQuantConfig(
+            16, 16, 2, "whitened", 4, 4, 2, sink=2, axis="channel", low_bits=2, key_low=8,
+            value_low=8,
+        ),
     ],
 )
 def test_rewritten_model_decoding_equals_the_one_pass_simulation(form):

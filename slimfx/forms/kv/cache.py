@@ -16,8 +16,9 @@ layer's KV form:
 - ``KVLowRankConfig``     → :class:`LatentLayer` (the 16-bit latent, the positions of its
   tokens and the sink tokens' exact K/V; the attention rewritten by
   :mod:`slimfx.forms.kv.lowrank` rebuilds K/V);
-- ``KVLatentQuantConfig`` → :class:`QuantizedLatentLayer` (the latent quantized per token once
-  more than ``residual`` tokens wait).
+- ``KVLatentQuantConfig`` → :class:`QuantizedLatentLayer` (the latent quantized per token or
+  per channel once more than ``residual`` tokens wait; with mixed widths the ``low_bits``
+  channels are a second store, ``k_tail_*`` / ``v_tail_*``).
 
 Sliding-window layers are refused (the compressed layers never evict). Pass the cache as
 ``model.generate(..., past_key_values=KVCache.for_model(model, form))``.
@@ -45,8 +46,10 @@ from slimfx.forms.kv.config import (
 from slimfx.forms.kv.numerics import (
     dequantize_keys,
     dequantize_values,
+    join_latent,
     quantize_keys,
     quantize_values,
+    split_latent,
 )
 
 __all__ = [
@@ -368,26 +371,40 @@ class QuantizedLatentLayer(_LatentSide, _StoreLayer):
     def _target(self, tokens: int) -> int:
         return self.config.quantized_tokens(tokens)
 
+    def _segments(self, role: str) -> list[tuple[str, int, int]]:
+        """``(store name prefix, channels per group, bits)`` of the role's latent segments:
+        ``k`` / ``v`` for the full-width channels, ``k_tail`` / ``v_tail`` for the
+        ``low_bits`` ones (``config.segments``)."""
+        pre = role[0]
+        segs = self.config.segments(role) if self.config.axis == "channel" else []
+        if not segs:  # per token: one segment at ``bits``
+            return [(pre, 0, self.config.bits)]
+        names = [pre, f"{pre}_tail"] if segs[0][1] == self.config.bits else [f"{pre}_tail"]
+        return [(nm, n, b) for nm, (n, b) in zip(names, segs)]
+
     def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
         c = self.config
         quant = quantize_values if c.axis == "token" else quantize_keys
-        kq, ks, km = quant(keys, c.bits, c.group)
-        vq, vs, vm = quant(values, c.bits, c.group)
-        return {
-            "k_codes": kq,
-            "k_scale": ks,
-            "k_min": km,
-            "v_codes": vq,
-            "v_scale": vs,
-            "v_min": vm,
-        }
+        out: dict[str, Tensor] = {}
+        for role, x in (("key", keys), ("value", values)):
+            segs = self._segments(role)
+            parts = [x] if len(segs) == 1 else split_latent(x, c.groups, [n for _, n, _ in segs])
+            for (name, _, bits), part in zip(segs, parts):
+                codes, scale, mn = quant(part, bits, c.group)
+                out |= {f"{name}_codes": codes, f"{name}_scale": scale, f"{name}_min": mn}
+        return out
 
     def _dequantize(self) -> tuple[Tensor, Tensor]:
         c, s = self.config, self.store
         deq = dequantize_values if c.axis == "token" else dequantize_keys
-        k = deq(s["k_codes"], s["k_scale"], s["k_min"], c.bits, c.group, self.dtype)
-        v = deq(s["v_codes"], s["v_scale"], s["v_min"], c.bits, c.group, self.dtype)
-        return k, v
+        out = []
+        for role in ("key", "value"):
+            parts = [
+                deq(s[f"{nm}_codes"], s[f"{nm}_scale"], s[f"{nm}_min"], bits, c.group, self.dtype)
+                for nm, _, bits in self._segments(role)
+            ]
+            out.append(parts[0] if len(parts) == 1 else join_latent(parts, c.groups))
+        return out[0], out[1]
 
     def nbytes(self) -> int:
         return super().nbytes() + self._side_nbytes()

@@ -71,8 +71,9 @@ def default_kv_forms(shape: AttentionShape) -> list[KVDecision]:
     """The default candidates for a site of ``shape``: the 16-bit cache; KIVI caches int8,
     int4 (key blocks of 32 and 128 tokens), 4-bit keys with 2-bit values, int2; Palu low-rank
     caches at 3/4, 1/2 and 3/8 of the cache (keys at half the values' rank: keys compress
-    more); low-rank latents quantized per channel at about 3/8, 1/4, 1/8 and 1/10. Every compressed form
-    keeps ``SINK`` first tokens 16-bit and no residual window (the steady state prices it)."""
+    more); low-rank latents quantized per channel (``LATENTS``: at about 1/4, 3/8, 1/8 and
+    1/10, the smallest channels of three of them at 2 bits). Every compressed form keeps
+    ``SINK`` first tokens 16-bit and no residual window (the steady state prices it)."""
     D, kv = shape.head_dim, shape.kv_dim
     out: list[KVDecision] = [KVDenseConfig()]
     g64, g32 = _group(D, 64), _group(D, 32)
@@ -86,14 +87,29 @@ def default_kv_forms(shape: AttentionShape) -> list[KVDecision]:
         ]
     for k, v in ((0.5, 1.0), (1 / 3, 2 / 3), (0.25, 0.5)):
         out.append(KVLowRankConfig(_rank(k, kv), _rank(v, kv), 1, "whitened", SINK))
-    latents = ((0.75, 1.0, 4, 64), (2 / 3, 2 / 3, 8, 32), (1 / 3, 0.54, 4, 64), (0.25, 0.46, 4, 64))
-    for k, v, bits, group in latents:
+    for k, v, bits, group, k_low, v_low in LATENTS:
+        kr, vr = _rank(k, kv), _rank(v, kv)
+        kl, vl = (min(_rank(f, kv), r) if f else 0 for f, r in ((k_low, kr), (v_low, vr)))
         out.append(
             KVLatentQuantConfig(
-                _rank(k, kv), _rank(v, kv), 1, "whitened", bits, group, 0, SINK, "channel"
+                kr, vr, 1, "whitened", bits, group, 0, SINK, "channel", 2 if kl + vl else 0, kl, vl
             )
         )
     return out
+
+
+#: the default quantized latents: key rank, value rank (fractions of kv_dim), bits, token block,
+#: and the key / value channels (fractions of kv_dim) in a 2-bit tail. At about 1/4, 3/8, 1/8
+#: and 1/10 of the 16-bit cache on SmolLM2; the mixed widths (the smallest channels at 2
+#: bits, a larger rank) beat a uniform 4-bit latent at equal bytes: 1/8 +13% → +5.5%,
+#: 1/4 +0.9% → +0.5% (``benchmarks/RESULTS.md``)
+LATENTS = (
+    (1.0, 1.0, 4, 64, 1 / 3, 1 / 6),
+    (0.75, 1.0, 4, 64, 0, 0),
+    (2 / 3, 2 / 3, 8, 32, 0, 0),
+    (11 / 24, 17 / 24, 4, 64, 1 / 4, 3 / 8),
+    (3 / 8, 5 / 8, 4, 64, 1 / 4, 5 / 12),
+)
 
 
 def kv_costs(

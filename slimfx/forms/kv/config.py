@@ -30,7 +30,9 @@ context held by one sequence.
   ``projection_weight_bytes``).
 - ``kv_latent_quant``:     the latent quantized per token with one (scale, min) per
   ``group`` latent values (per head group), the residual window as for ``kv_quant``
-  (block of ``key_group``-free: whole tokens, so ``Q(L) = max(0, L − residual)``).
+  (block of ``key_group``-free: whole tokens, so ``Q(L) = max(0, L − residual)``); or per
+  channel with one (scale, min) per latent channel per block of ``group`` tokens (tokens leave
+  the window in blocks), optionally with the smallest channels at ``low_bits``.
 """
 
 from __future__ import annotations
@@ -304,7 +306,14 @@ class KVLatentQuantConfig(KVDecision):
     leave the window one by one); ``axis="channel"``: one pair per latent channel per block of
     ``group`` tokens, like the keys of ``kv_quant`` (tokens leave the window in blocks) — the
     latent's channels carry the singular values, so their ranges differ by orders of magnitude
-    and a per-channel range suits them. Both cost ``w·bits/8 + 4·w/group`` bytes per token."""
+    and a per-channel range suits them. Both cost ``w·bits/8 + 4·w/group`` bytes per token.
+
+    Mixed widths (``low_bits`` > 0, per-channel axis only): the last ``key_low`` / ``value_low``
+    channels of each head group's key / value latent — the ones with the smallest singular
+    values, the fit orders them — are stored at ``low_bits`` instead of ``bits`` (transform
+    coding's bit allocation: more bits where the variance is): ``w_hi·bits/8 + w_lo·low_bits/8
+    + 4·w/group`` bytes per token. At equal bytes a larger latent with a 2-bit tail beats a
+    uniform 4-bit one (SmolLM2 at 1/8 of the cache, ``benchmarks/RESULTS.md``)."""
 
     kind: ClassVar[str] = "kv_latent_quant"
     owns: ClassVar[tuple[str, ...]] = ("k", "v")
@@ -317,6 +326,9 @@ class KVLatentQuantConfig(KVDecision):
     residual: int = 0
     sink: int = 0
     axis: str = "token"
+    low_bits: int = 0
+    key_low: int = 0
+    value_low: int = 0
 
     def __post_init__(self) -> None:
         self.lowrank  # validates ranks, method and sink  # noqa: B018
@@ -324,6 +336,26 @@ class KVLatentQuantConfig(KVDecision):
         _check(self.axis in ("token", "channel"), "axis must be 'token' or 'channel'")
         _pos_int("group", self.group)
         _nonneg_int("residual", self.residual)
+        _nonneg_int("key_low", self.key_low)
+        _nonneg_int("value_low", self.value_low)
+        if not self.low_bits:
+            _check(
+                self.key_low == self.value_low == 0,
+                "key_low / value_low need low_bits (the width of those channels)",
+            )
+            return
+        _check(
+            self.low_bits in KV_BITS and self.low_bits < self.bits,
+            f"low_bits must be one of {KV_BITS} below bits={self.bits}, got {self.low_bits!r}",
+        )
+        _check(self.axis == "channel", "mixed widths (low_bits) need axis='channel'")
+        _check(self.key_low + self.value_low > 0, "low_bits needs key_low or value_low > 0")
+        for name, low, rank in (
+            ("key_low", self.key_low, self.key_rank),
+            ("value_low", self.value_low, self.value_rank),
+        ):
+            _check(low <= rank, f"{name}={low} exceeds its latent rank {rank}")
+            _check(low % self.groups == 0, f"{name}={low} is not divisible by {self.groups} groups")
 
     def needs_gram(self) -> bool:
         return True
@@ -337,13 +369,26 @@ class KVLatentQuantConfig(KVDecision):
         why = self.lowrank.check(shape)
         if why:
             return why
-        for name in ("key_rank", "value_rank"):
-            per_group = getattr(self, name) // self.groups
+        for role in ("key", "value"):
+            per_group = getattr(self, f"{role}_rank") // self.groups
             if self.axis == "token" and per_group % self.group:
-                return f"{name} per head group ({per_group}) is not divisible by group {self.group}"
-            if per_group % (8 // self.bits):
-                return f"{name} per head group ({per_group}) does not pack at {self.bits} bits"
+                return f"{role}_rank per head group ({per_group}) is not divisible by group {self.group}"
+            for n, bits in self.segments(role):
+                if n % (8 // bits):
+                    return f"{role} latent: {n} channels per head group do not pack at {bits} bits"
         return None
+
+    def segments(self, role: str) -> list[tuple[int, int]]:
+        """``(channels per head group, bits)`` of the ``role`` ("key" / "value") latent, in
+        channel order: the full-width channels, then the ``low_bits`` tail (empty segments
+        left out)."""
+        rank = getattr(self, f"{role}_rank") // self.groups
+        low = getattr(self, f"{role}_low") // self.groups
+        return [(n, b) for n, b in ((rank - low, self.bits), (low, self.low_bits)) if n]
+
+    def _code_bits(self) -> int:
+        """Code bits per token of the whole latent (every group, keys and values)."""
+        return self.groups * sum(n * b for r in ("key", "value") for n, b in self.segments(r))
 
     def quantized_tokens(self, tokens: int) -> int:
         """Tokens in the quantized store at context ``tokens``."""
@@ -352,7 +397,7 @@ class KVLatentQuantConfig(KVDecision):
 
     def steady_bytes_per_token(self, shape: AttentionShape) -> float:
         w = self.lowrank.latent_width
-        return w * self.bits / 8 + 2 * SCALE_BYTES * w / self.group
+        return self._code_bits() / 8 + 2 * SCALE_BYTES * w / self.group
 
     def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
         q = self.quantized_tokens(tokens)
@@ -360,7 +405,7 @@ class KVLatentQuantConfig(KVDecision):
         if self.axis == "token":
             quant = q * (w * self.bits // 8 + 2 * SCALE_BYTES * (w // self.group))
         else:
-            quant = q * w * self.bits // 8 + (q // self.group) * w * 2 * SCALE_BYTES
+            quant = q * self._code_bits() // 8 + (q // self.group) * w * 2 * SCALE_BYTES
         return quant + self.lowrank.cache_bytes(shape, tokens - q)  # sinks among the 16-bit
 
     def projection_weight_bytes(self, shape: AttentionShape) -> int:
@@ -368,7 +413,8 @@ class KVLatentQuantConfig(KVDecision):
 
     def short(self) -> str:
         ax = " ch" if self.axis == "channel" else ""
-        return f"{self.lowrank.short()} int{self.bits}{ax} g{self.group} r{self.residual}"
+        tail = f" k{self.key_low}v{self.value_low}@int{self.low_bits}" if self.low_bits else ""
+        return f"{self.lowrank.short()} int{self.bits}{ax}{tail} g{self.group} r{self.residual}"
 
 
 def dense_fraction(config: KVDecision, shape: AttentionShape, context: int | None = None) -> float:

@@ -23,6 +23,8 @@ heads reading the kv head, so it minimizes the error after o_proj.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -38,6 +40,8 @@ __all__ = [
     "dequantize_values",
     "quantize_tokens",
     "dequantize_tokens",
+    "split_latent",
+    "join_latent",
     "fit_lowrank_kv",
     "key_output_weight",
     "value_output_weight",
@@ -123,6 +127,18 @@ def dequantize_values(
 # per-token quantization of any last dim (the low-rank latent) is the value layout
 quantize_tokens = quantize_values
 dequantize_tokens = dequantize_values
+
+
+def split_latent(x: Tensor, groups: int, sizes: Sequence[int]) -> list[Tensor]:
+    """A latent ``(..., groups·Σsizes)`` (head groups one after the other) → one tensor per
+    segment ``(..., groups·size)``: channels ``[Σsizes[:j], Σsizes[:j+1])`` of every group."""
+    parts = x.unflatten(-1, (groups, -1)).split(list(sizes), dim=-1)
+    return [p.flatten(-2) for p in parts]
+
+
+def join_latent(parts: Sequence[Tensor], groups: int) -> Tensor:
+    """Inverse of :func:`split_latent`."""
+    return torch.cat([p.unflatten(-1, (groups, -1)) for p in parts], dim=-1).flatten(-2)
 
 
 def key_output_weight(

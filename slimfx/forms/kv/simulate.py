@@ -29,8 +29,10 @@ from slimfx.forms.kv.config import (
 from slimfx.forms.kv.numerics import (
     dequantize_keys,
     dequantize_values,
+    join_latent,
     quantize_keys,
     quantize_values,
+    split_latent,
 )
 
 __all__ = [
@@ -104,16 +106,21 @@ def fake_quant_values(v: Tensor, bits: int, group: int) -> Tensor:
     return dequantize_values(*quantize_values(v, bits, group), bits, group, v.dtype)
 
 
-def _fake_quant_latent(latent: Tensor, config: KVLatentQuantConfig, steady: bool = False) -> Tensor:
-    """The ``(B, T, w)`` latent as the store holds it: per token (``axis="token"``) or per
-    channel in blocks of ``group`` tokens counted from the first token after the sinks
-    (``steady``: the last partial block quantized too)."""
+def _fake_quant_latent(
+    latent: Tensor, config: KVLatentQuantConfig, role: str, steady: bool = False
+) -> Tensor:
+    """The ``(B, T, w)`` ``role`` ("key" / "value") latent as the store holds it: per token
+    (``axis="token"``) or per channel in blocks of ``group`` tokens counted from the first token
+    after the sinks, each channel segment at its width (``config.segments``; ``steady``: the
+    last partial block quantized too)."""
     if config.axis == "token":
         return fake_quant_values(latent, config.bits, config.group)
     s = config.sink
     fq = fake_quant_keys_all if steady else fake_quant_keys
-    q = fq(latent[:, s:].unsqueeze(1), config.bits, config.group).squeeze(1)
-    return torch.cat([latent[:, :s], q], dim=1)
+    segs = config.segments(role)
+    parts = split_latent(latent[:, s:], config.groups, [n for n, _ in segs])
+    q = [fq(p.unsqueeze(1), b, config.group).squeeze(1) for p, (_, b) in zip(parts, segs)]
+    return torch.cat([latent[:, :s], join_latent(q, config.groups)], dim=1)
 
 
 def _n_quantized(config: KVDecision, T: int, device: torch.device, steady: bool) -> Tensor:
@@ -226,7 +233,8 @@ def block_forward(
             ve = _heads(attn.v_proj(hidden), hd)
             tiers.append((ke, ve, (j < sink)[None, :].expand(T, T)))
         if isinstance(config, KVLatentQuantConfig):
-            lkq, lvq = (_fake_quant_latent(x, config, steady) for x in (lk, lv))
+            lkq = _fake_quant_latent(lk, config, "key", steady)
+            lvq = _fake_quant_latent(lv, config, "value", steady)
             kq = apply_rope(_heads(rebuild(lkq, factors["k_up"], kb), hd), cos, sin)
             vq = _heads(rebuild(lvq, factors["v_up"], vb), hd)
             n_q = _n_quantized(config, T, j.device, steady)

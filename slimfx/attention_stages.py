@@ -135,6 +135,7 @@ def add_options(pl: Planning) -> None:
     linear = {s.name for s in pl.problem.sites}
     context = pl.budget.context
     added = []
+    kl = _MeasuredKL(pl)
     for site in pl.attention_sites:
         o_fqn, k_fqn, v_fqn = (site.projection(r) for r in ("o", "k", "v"))
         weight = pl.problem.site(o_fqn).sensitivity if o_fqn in linear else 1.0
@@ -159,8 +160,9 @@ def add_options(pl: Planning) -> None:
         )
         if mla:
             opts, why = mla_options(
-                pl.model, site, inputs, gram, weight=weight, context=context, linear_sites=linear
-            )
+                pl.model, site, inputs, None, weight=weight, context=context,
+                linear_sites=linear, measure=kl.measure(site), fit_inputs=kl.fit_inputs(site),
+            )  # fmt: skip
             if why:
                 refused["mla"] = why
             so = SiteOptions(
@@ -174,10 +176,95 @@ def add_options(pl: Planning) -> None:
         pl.notes.append(
             f"KV candidates not offered at {len(where)} site(s) (e.g. {where[0]}): {why}"
         )
+    added = kl.reprice(added)
     p = pl.problem
     pl.problem = BudgetProblem(
         [*p.sites, *added], p.workload, p.target, {**p.meta, "kv_context": context}
     )
+
+
+class _MeasuredKL:
+    """MLA options priced by the measured KL of converting one block at a time
+    (``forms.mla.measured``): ``measure(site)`` is the callback ``mla_options`` hands each
+    candidate's converted block to, ``reprice`` puts the KLs on the solver's scale. A model
+    whose layers cannot be replayed keeps the block-error proxy, with a note."""
+
+    def __init__(self, pl: Planning) -> None:
+        self.pl = pl
+        self.replay: Any = None
+        self.failed: str | None = None
+        self.kls: dict[tuple[str, Any], float] = {}
+
+    def measure(self, site: AttentionSite) -> Any:
+        from slimfx.forms.mla.candidates import site_layer
+        from slimfx.forms.mla.measured import KL_BATCHES, LayerReplay
+
+        if self.failed is not None:
+            return None
+        if self.replay is None:
+            try:
+                self.replay = LayerReplay(self.pl.model, self.pl.fit_batches[:KL_BATCHES])
+            except ValueError as e:
+                self.failed = str(e)
+                return None
+        try:
+            layer = site_layer(self.pl.model, site)  # type: ignore[arg-type]
+        except ValueError:
+            return None  # mla_options refuses the site with its reason
+
+        def record(cfg: Any, conv: Any) -> None:
+            self.kls[(site.fqn, cfg)] = self.replay.kl(layer, conv)
+
+        return record
+
+    def fit_inputs(self, site: AttentionSite) -> Any:
+        """The block's inputs over every calibration batch (one forward up to its layer):
+        what ``apply_mla`` fits the conversion on, so the options priced are the blocks
+        applied (``None`` for a site MLA refuses)."""
+        from slimfx.forms.mla.candidates import site_layer
+        from slimfx.forms.mla.convert import capture_attention_inputs
+
+        try:
+            layer = site_layer(self.pl.model, site)  # type: ignore[arg-type]
+        except ValueError:
+            return None
+        batches = self.pl.fit_batches
+        return capture_attention_inputs(self.pl.model, batches, [layer], stop_after=layer)[layer]
+
+    def reprice(self, added: list) -> list:
+        from dataclasses import replace
+
+        from slimfx.forms.mla.config import MLAConfig
+        from slimfx.forms.mla.measured import KL_BATCHES, rescale
+
+        if self.failed is not None:
+            self.pl.notes.append(
+                f"MLA options keep the block-error proxy (not measured in the loss): {self.failed}"
+            )
+        keys = [
+            (so.name, o.decision)
+            for so in added
+            for o in so.options
+            if isinstance(o.decision, MLAConfig) and (so.name, o.decision) in self.kls
+        ]
+        if not keys:
+            return added
+        proxy = {(so.name, o.decision): o.error for so in added for o in so.options}
+        errors, c = rescale([proxy[k] for k in keys], [self.kls[k] for k in keys])
+        new = dict(zip(keys, errors))
+        self.pl.notes.append(
+            f"MLA options priced by the measured KL of converting one block at a time, on "
+            f"{KL_BATCHES} calibration batch(es) (forms.mla.measured), times {c:.4g} (the median "
+            f"ratio of the block-error proxy to the KL over {len(keys)} options)"
+        )
+        return [
+            replace(so, options=[
+                replace(o, error=new[(so.name, o.decision)])
+                if (so.name, o.decision) in new else o
+                for o in so.options
+            ])
+            for so in added
+        ]  # fmt: skip
 
 
 def split(plan: Any) -> tuple[Any, dict]:

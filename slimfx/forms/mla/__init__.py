@@ -8,6 +8,8 @@
                     ``convert_model``
 - :mod:`.candidates` ``mla_candidates`` (per rank: config, block-output error, costs) and
                     ``apply_mla`` for the budget solver
+- :mod:`.measured`  ``LayerReplay``: an option's price as the measured KL of converting one
+                    block (the solver's MLA errors), ``rescale`` onto the proxy's scale
 - :mod:`.save`      ``save_converted`` / ``load_converted``: the converted model on disk
 
 The cache classes import transformers; import :mod:`.cache` directly when needed.
@@ -27,6 +29,7 @@ _EXPORTS = {
     "MLAContext": "candidates",
     "MLAConversion": "convert",
     "MLAWeights": "numerics",
+    "LayerReplay": "measured",
     "apply_mla": "candidates",
     "attention_calib": "convert",
     "capture_attention_inputs": "convert",

@@ -25,7 +25,7 @@ decision: ``ValueError``, model unchanged).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -111,6 +111,8 @@ def mla_candidates(
     gram: Tensor | None = None,
     rank_fractions: Sequence[float] = DEFAULT_RANK_FRACTIONS,
     context: MLAContext | None = None,
+    measure: Callable[[MLAConfig, nn.Module], None] | None = None,
+    fit_inputs: Tensor | None = None,
 ) -> list[tuple[MLAConfig, float, dict[str, float]]]:
     """``(config, error, costs)`` per MLA candidate of ``site`` (module docstring).
 
@@ -118,9 +120,14 @@ def mla_candidates(
     every batch of the same length ``T`` (the calibration sequence length). ``gram``: ``XᵀX``
     of those hidden states summed over all tokens (``slimfx.forms.kv.calibrate
     .attention_grams``), reused as the fit's second moment; computed from ``inputs`` when
-    ``None``. ``rank_fractions``: latent ranks as fractions of the full rank (rounded,
+    ``None``. ``fit_inputs``: the block's inputs ``(tokens, D)`` the fit's statistics come from
+    instead (``gram`` then unused) — the whole calibration set, as ``convert_model`` (what
+    ``apply_mla`` runs) fits, so that the priced block is the applied one; the errors are still
+    measured on ``inputs``. ``rank_fractions``: latent ranks as fractions of the full rank (rounded,
     deduplicated, at least 1). ``context``: the other variants offered (:class:`MLAContext`).
-    Candidates are ordered by RoPE pairs, latent bits, then rank."""
+    ``measure``: called with each candidate's config and converted block (e.g. to measure its
+    loss, :class:`~slimfx.forms.mla.measured.LayerReplay`). Candidates are ordered by RoPE
+    pairs, latent bits, then rank."""
     ctx = context or MLAContext()
     if not inputs:
         raise ValueError(f"{site.fqn}: no calibration inputs for the MLA candidates")
@@ -130,6 +137,11 @@ def mla_candidates(
     if any(h.shape[1] != seq_len for h, _, _ in inputs):
         raise ValueError(f"{site.fqn}: calibration inputs of different lengths")
     x = torch.cat([h.reshape(-1, h.shape[-1]).float().cpu() for h, _, _ in inputs])
+    if fit_inputs is not None:
+        if fit_inputs.dim() != 2 or fit_inputs.shape[1] != x.shape[1]:
+            raise ValueError(f"{site.fqn}: fit_inputs is {tuple(fit_inputs.shape)}, the inputs "
+                             f"are {x.shape[1]} wide")
+        x, gram = fit_inputs.float().cpu(), None
     inv_freq = _inv_freq(model) if ctx.inv_freq is None else ctx.inv_freq.detach().float().cpu()
     needs_rot = ctx.base.rope_fold or ctx.base.rope_select == "norm_attn"
     calib = attention_calib(
@@ -160,6 +172,8 @@ def mla_candidates(
         for (h, c, s), y in zip(inputs, refs):
             yc = conv(h, position_embeddings=(c, s), attention_mask=None)[0].float()
             num += float((yc - y).square().sum())
+        if measure is not None:
+            measure(cfg, conv)
         costs = {k: float(v) for k, v in cfg.costs(shape).items()}
         out.append((cfg, num / den if den > 0 else 0.0, costs))
     return out

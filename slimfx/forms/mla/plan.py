@@ -12,7 +12,7 @@ the site's k_proj and v_proj. ``MLA_LADDER`` is what ``kv_forms=[..., "mla"]`` o
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
@@ -46,15 +46,20 @@ def mla_options(
     weight: float,
     context: int | None,
     linear_sites: set[str] | None = None,
+    measure: Callable[[MLAConfig, nn.Module], None] | None = None,
+    fit_inputs: Tensor | None = None,
 ) -> tuple[list[Option], str | None]:
-    """The site's MLA options, or ``([], why)`` when MLA cannot convert it."""
+    """The site's MLA options, or ``([], why)`` when MLA cannot convert it; ``measure`` is
+    handed each candidate's converted block; ``fit_inputs``: the block inputs its fit's
+    statistics come from (``mla_candidates``)."""
     owned = [site.projection(r) for r in ("k", "v")]
     if linear_sites is not None and any(f not in linear_sites for f in owned):
         return [], "k_proj/v_proj are not sites of this problem: MLA owns and replaces them"
     try:
         cands = mla_candidates(
-            model, site, inputs, gram, MLA_LADDER["rank_fractions"], ladder_context(site.head_dim)
-        )  # type: ignore[arg-type]
+            model, site, inputs, gram, MLA_LADDER["rank_fractions"],
+            ladder_context(site.head_dim), measure, fit_inputs,
+        )  # type: ignore[arg-type]  # fmt: skip
     except ValueError as e:
         return [], str(e).split(": ", 1)[-1]
     out = []

@@ -142,3 +142,29 @@ def test_apply_mla_checks_all_then_converts():
     assert isinstance(model.model.layers[1].self_attn, MLAAttention)
     assert not isinstance(model.model.layers[0].self_attn, MLAAttention)
     assert model.model.layers[1].self_attn.rank == 8
+
+
+def test_fit_inputs_give_the_block_convert_model_fits():
+    """With ``fit_inputs`` = the block's inputs over every calibration batch, the candidate
+    handed to ``measure`` is the block ``convert_model`` builds from those batches (what
+    ``apply_mla`` applies), although the errors are measured on fewer inputs."""
+    from slimfx.forms.mla.convert import capture_attention_inputs as capture_all
+
+    model = tiny_gqa_llama(3)
+    sites = _sites(model)
+    batches, inputs, grams = _calib(model, sites, n=5)
+    site = sites[1]
+    x_all = capture_all(model, batches, [1])[1]
+    cfg = MLAConfig(rank=30, rope_pairs=2)
+    ctx = MLAContext(base=cfg, latent_bits=(16,))
+    full = cfg.full_rank(site.site_shape)
+    blocks = []
+    mla_candidates(model, site, inputs[site.fqn][:2], grams[site.fqn], (30 / full,), ctx,
+                   measure=lambda c, m: blocks.append(m.state_dict()), fit_inputs=x_all)
+    convert_model(model, {1: cfg}, batches)
+    want = model.model.layers[1].self_attn.state_dict()
+    assert blocks and blocks[0].keys() == want.keys()
+    for k, v in want.items():
+        torch.testing.assert_close(blocks[0][k], v, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fit_inputs is"):
+        mla_candidates(model, sites[0], inputs[sites[0].fqn], fit_inputs=x_all[:, :5])

@@ -256,3 +256,19 @@ def test_dense_accepts_sliding_windows_and_bad_values_raise():
             KVLatentQuantConfig(64, 64, **{"bits": 4, **kw})
     short = KVLatentQuantConfig(80, 144, 1, "whitened", 4, 64, 0, 4, "channel", 2, 40, 64).short()
     assert short == "kv lowrank k80 v144 whitened s4 int4 ch k40v64@int2 g64 r0"
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 80, 128, 256])
+@pytest.mark.parametrize("kv_heads", [1, 2, 8])
+def test_default_forms_are_valid_and_the_mixed_latents_sit_at_their_shares(head_dim, kv_heads):
+    from slimfx.forms.kv.candidates import default_kv_forms
+
+    shape = AttentionShape(head_dim * kv_heads * 4, kv_heads * 4, kv_heads, head_dim, head_dim)
+    forms = default_kv_forms(shape)
+    assert [f.short() for f in forms if f.check(shape)] == []
+    mixed = sorted(
+        dense_fraction(f, shape) for f in forms if getattr(f, "low_bits", 0)
+    )  # steady state: ≈ 1/10, 1/8, 1/4 of the 16-bit cache
+    assert len(mixed) == 3
+    for got, want in zip(mixed, (0.1, 0.125, 0.25)):
+        assert abs(got - want) < 0.035, (mixed, shape)

@@ -19,7 +19,7 @@ check the simulation against the real caches) — and held-out perplexity on win
 corpus's second half.
 
     python benchmarks/kv_mix.py [--n-calib 16] [--n-eval 8] [--context 8192] [--batch 16]
-        [--json out.json]
+        [--mla | --mla-only [--mla-ranks 0.25,0.5,0.75]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -105,7 +105,15 @@ def main() -> int:
         action="store_true",
         help="MLA alone: the solver's per-layer ranks vs each uniform MLA rank (no joint rows)",
     )
+    ap.add_argument(
+        "--mla-ranks",
+        default="",
+        help="comma-separated latent ranks (fractions of the full rank) for MLA_LADDER, "
+        "instead of its default (0.25,0.5,0.75)",
+    )
     a = ap.parse_args()
+    if a.mla_ranks:  # the ladder plan_model offers and the uniform rows below both read it
+        MLA_LADDER["rank_fractions"] = tuple(float(f) for f in a.mla_ranks.split(","))
     torch.manual_seed(0)
     model, tok = load_smollm2()
     model.eval()

@@ -244,3 +244,32 @@ def test_weights_grown_by_a_cache_form_are_noted(tiny_llama):
         progress=False,
     )  # fmt: skip
     assert slimfx.report_of(capped).totals["bytes_ratio"] <= 1.0  # other linears pay for it
+
+
+def test_a_mixed_width_latent_is_chosen_generates_with_its_two_stores_and_saves(
+    tiny_llama, tmp_path
+):
+    from slimfx.forms.kv.cache import QuantizedLatentLayer
+    from slimfx.forms.kv.config import KVLatentQuantConfig
+
+    mixed = KVLatentQuantConfig(16, 24, 1, "whitened", 4, 8, 0, 0, "channel", 2, 8, 8)
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.3), calibration=_calib(), kv_forms=[KVDenseConfig(), mixed],
+        progress=False,
+    )  # fmt: skip
+    rep = slimfx.report_of(out)
+    assert {k.decision["low_bits"] for k in rep.kv_sites} == {2}
+    # keys: 8 channels × 4 bits + 8 × 2; values 16 × 4 + 8 × 2; (scale, min) per 8 tokens
+    assert rep.kv_sites[0].kv_bytes_per_token_after == (8 * 4 + 8 * 2 + 16 * 4 + 8 * 2) // 8 + 20
+    ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(4))
+    cache = DynamicCache()
+    g = out.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
+    layer = cache.layers[0]
+    assert isinstance(layer, QuantizedLatentLayer) and layer.n_stored == 16
+    assert {n for n in layer.store if n.endswith("_codes")} == {
+        "k_codes", "k_tail_codes", "v_codes", "v_tail_codes"
+    }  # fmt: skip
+    slimfx.save(out, tmp_path / "m")
+    back = slimfx.load(tmp_path / "m")
+    assert kv_forms_of(back) == kv_forms_of(out)
+    assert back.generate(ids, max_new_tokens=12, do_sample=False).tolist() == g.tolist()

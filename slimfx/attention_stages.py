@@ -195,11 +195,21 @@ class _MeasuredKL:
         self.failed: str | None = None
         self.kls: dict[tuple[str, Any], float] = {}
 
-    def measure(self, site: AttentionSite) -> Any:
+    def _layer(self, site: AttentionSite) -> int | None:
+        """The site's decoder-layer index (``None``: not one MLA converts — ``mla_options``
+        refuses the site with its reason)."""
         from slimfx.forms.mla.candidates import site_layer
+
+        try:
+            return site_layer(self.pl.model, site)  # type: ignore[arg-type]
+        except ValueError:
+            return None
+
+    def measure(self, site: AttentionSite) -> Any:
         from slimfx.forms.mla.measured import KL_BATCHES, LayerReplay
 
-        if self.failed is not None:
+        layer = self._layer(site)
+        if self.failed is not None or layer is None:
             return None
         if self.replay is None:
             try:
@@ -207,10 +217,6 @@ class _MeasuredKL:
             except ValueError as e:
                 self.failed = str(e)
                 return None
-        try:
-            layer = site_layer(self.pl.model, site)  # type: ignore[arg-type]
-        except ValueError:
-            return None  # mla_options refuses the site with its reason
 
         def record(cfg: Any, conv: Any) -> None:
             self.kls[(site.fqn, cfg)] = self.replay.kl(layer, conv)
@@ -221,12 +227,10 @@ class _MeasuredKL:
         """The block's inputs over every calibration batch (one forward up to its layer):
         what ``apply_mla`` fits the conversion on, so the options priced are the blocks
         applied (``None`` for a site MLA refuses)."""
-        from slimfx.forms.mla.candidates import site_layer
         from slimfx.forms.mla.convert import capture_attention_inputs
 
-        try:
-            layer = site_layer(self.pl.model, site)  # type: ignore[arg-type]
-        except ValueError:
+        layer = self._layer(site)
+        if layer is None:
             return None
         batches = self.pl.fit_batches
         return capture_attention_inputs(self.pl.model, batches, [layer], stop_after=layer)[layer]

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from slimfx.cost.sensitivity import PROBES, probe_deltas, relative_error
 from slimfx.ir.sites import LinearSite
+from slimfx.numerics.divergence import kl_sum
 
 __all__ = ["MEASURE_WINDOWS", "measured_raw"]
 
@@ -59,9 +60,8 @@ def measured_raw(
         def kl() -> float:
             tot = n = 0.0
             for b, lp_ref in zip(use, ref):
-                lp = _logprobs(call(model, b))
-                tot += float((lp_ref.exp() * (lp_ref - lp)).sum())
-                n += lp_ref.numel() / lp_ref.shape[-1]
+                t, k = kl_sum(lp_ref, _logprobs(call(model, b)))
+                tot, n = tot + t, n + k
             return tot / max(n, 1.0)
 
         raw: dict[str, float] = {}

@@ -376,11 +376,8 @@ class QuantizedLatentLayer(_LatentSide, _StoreLayer):
         ``k`` / ``v`` for the full-width channels, ``k_tail`` / ``v_tail`` for the
         ``low_bits`` ones (``config.segments``)."""
         pre = role[0]
-        segs = self.config.segments(role) if self.config.axis == "channel" else []
-        if not segs:  # per token: one segment at ``bits``
-            return [(pre, 0, self.config.bits)]
-        names = [pre, f"{pre}_tail"] if segs[0][1] == self.config.bits else [f"{pre}_tail"]
-        return [(nm, n, b) for nm, (n, b) in zip(names, segs)]
+        return [(pre if b == self.config.bits else f"{pre}_tail", n, b)
+                for n, b in self.config.segments(role)]  # fmt: skip
 
     def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
         c = self.config

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx.numerics.divergence import kl_sum
+
 from .convert import _layers
 
 __all__ = ["LayerReplay", "rescale", "KL_BATCHES"]
@@ -115,9 +117,8 @@ class LayerReplay:
         """Mean KL(reference ‖ model with ``layers[layer].self_attn = attn``) per token, in nats."""
         total = count = 0.0
         for ref, logits in zip(self.ref, self._logits(layer, attn)):
-            lq = torch.log_softmax(logits.float(), -1)
-            total += float((ref.exp() * (ref - lq)).sum())
-            count += ref.shape[0] * ref.shape[1]
+            t, n = kl_sum(ref, torch.log_softmax(logits.float(), -1))
+            total, count = total + t, count + n
         return total / count
 
 

@@ -15,6 +15,12 @@ has no bfloat16 MatMul; the torch runs use fp32 too so both paths compare).
   form in a separate process before the runs) driven by ``OrtKVDecoder``: the prompt in calls
   of ``chunk`` tokens, then one token a call; the store stays uint8/float16 between steps.
 
+The ``latent …`` form (the default 1/8-of-the-cache candidate: a whitened low-rank latent,
+int4 with its smallest channels at int2, per channel in blocks of 64 tokens, 4 sink tokens)
+first rewrites every attention layer (``apply_lowrank_kv``, factors fitted on 16 × 256 tokens
+of the news corpus's first half, the same in the torch worker and the export); its cache
+rebuilds K/V from the whole latent at every step, on both paths.
+
 Reported per run: peak RSS, RSS after loading the model (torch) or opening the session (ORT),
 their difference (what prefill + decode added), the bytes of the cache arrays after the run,
 prefill seconds and decode ms/token (median over the decode steps; torch: time between
@@ -42,11 +48,15 @@ FORMS = {
         key_bits=2, value_bits=2, key_group=32, value_group=32, residual=32, sink=4
     ),
 }
+#: the default 1/8 latent of ``forms.kv.candidates.LATENTS`` on SmolLM2's kv width 192
+LATENT = "latent k88 v136 int4 ch k48v72@int2 g64 s4"
 CONFIGS = [
     "torch dense",
     *(f"torch {n}" for n in FORMS),
+    f"torch {LATENT}",
     "ort dense",
     *(f"ort {n}" for n in FORMS),
+    f"ort {LATENT}",
 ]
 
 
@@ -60,9 +70,32 @@ def _status(key: str) -> int:
 
 
 def _form(name: str):  # noqa: ANN202
-    from slimfx.forms.kv.config import KVDenseConfig, KVQuantConfig
+    from slimfx.forms.kv.config import KVDenseConfig, KVLatentQuantConfig, KVQuantConfig
 
+    if name == LATENT:
+        return KVLatentQuantConfig(88, 136, 1, "whitened", 4, 64, 0, 4, "channel", 2, 48, 72)
     return KVDenseConfig() if name == "dense" else KVQuantConfig(**FORMS[name])
+
+
+def _load(form: str):  # noqa: ANN202
+    """SmolLM2 (fp32) and its tokenizer; for the latent form, every attention layer rewritten
+    to rebuild K/V from the latent (factors fitted on the news corpus's first half)."""
+    from slimfx.models import load_smollm2
+
+    model, tok = load_smollm2()
+    if form == LATENT:
+        from slimfx.data.text import calibration_batches
+        from slimfx.forms.kv.calibrate import attention_grams, fit_site
+        from slimfx.forms.kv.lowrank import apply_lowrank_kv
+        from slimfx.ir.find import inspect_attention_sites
+
+        cfg = _form(form)
+        sites, _ = inspect_attention_sites(model)
+        calib = calibration_batches(tok, name="news", n=16, seq_len=256)
+        grams = attention_grams(model, sites, calib)
+        factors = {s.fqn: fit_site(model, s, grams[s.fqn], cfg) for s in sites}
+        apply_lowrank_kv(model, sites, {s.fqn: cfg for s in sites}, factors)
+    return model, tok
 
 
 def _prompt(tok, n: int):  # noqa: ANN001, ANN202
@@ -82,9 +115,8 @@ def _onnx_path(work: Path, form: str) -> Path:
 def _export(work: Path, form: str) -> None:
     """Worker: export the SmolLM2 step graph of ``form`` (all layers) into ``work``."""
     from slimfx.backends.onnx_kv import export_onnx_kv
-    from slimfx.models import load_smollm2
 
-    model, _ = load_smollm2()
+    model, _ = _load(form)
     export_onnx_kv(model, _onnx_path(work, form), _form(form))
 
 
@@ -94,9 +126,8 @@ def _torch_run(form: str, context: int, new: int, chunk: int) -> dict:
     from transformers.cache_utils import DynamicCache
 
     from slimfx.forms.kv.cache import KVCache
-    from slimfx.models import load_smollm2
 
-    model, tok = load_smollm2()
+    model, tok = _load(form)
     ids = _prompt(tok, context - new)
     rss_loaded = _status("VmRSS")
     stamps: list[float] = []
@@ -134,7 +165,7 @@ def _torch_run(form: str, context: int, new: int, chunk: int) -> dict:
 def _ort_run(work: Path, form: str, context: int, new: int, chunk: int, threads: int) -> dict:
     import numpy as np
 
-    from slimfx.backends.onnx_kv import OrtKVDecoder
+    from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
     from slimfx.models import load_smollm2
 
     _, tok = load_smollm2()

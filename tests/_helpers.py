@@ -1,5 +1,5 @@
 """Seeded test data shared by the numerics, cost and passes tests of the 2:4 and combined
-forms. Imported as ``from _helpers import …``: pytest puts ``tests/`` on ``sys.path`` when it
+forms, and the torch reference of the ONNX KV-cache decode tests. Imported as ``from _helpers import …``: pytest puts ``tests/`` on ``sys.path`` when it
 loads ``tests/conftest.py`` (that folder is not a package)."""
 
 from __future__ import annotations
@@ -32,3 +32,47 @@ def lowrank_plus_noise(out_f: int, in_f: int, seed: int = 1) -> torch.Tensor:
     low = torch.randn(out_f, 8, generator=g) @ torch.randn(8, in_f, generator=g) * 0.3
     noise = torch.randn(out_f, in_f, generator=g)
     return low + noise * (1 + 3 * (torch.rand(out_f, in_f, generator=g) < 0.01))
+
+
+def kv_torch_calls(model, forms, chunks, steps):  # noqa: ANN001, ANN201
+    """Torch logits of each prefill chunk and of ``steps`` greedy decode steps with slimfx's
+    ``KVCache`` of ``forms`` (per layer, a sequence or an index → form dict); returns (logits
+    per call, the tokens fed at each decode step, the cache)."""
+    from slimfx.forms.kv.cache import KVCache
+
+    cache = KVCache([forms[i] for i in range(len(forms))])
+    logits, fed = [], []
+    with torch.no_grad():
+        for c in chunks:
+            logits.append(model(input_ids=c, past_key_values=cache, use_cache=True).logits)
+        for _ in range(steps):
+            nxt = logits[-1][:, -1].argmax(-1)[:, None]
+            fed.append(nxt)
+            logits.append(model(input_ids=nxt, past_key_values=cache, use_cache=True).logits)
+    return logits, fed, cache
+
+
+def codes_close(got, want, bits: int, name: str) -> None:  # noqa: ANN001
+    """Packed ``bits``-bit codes (numpy, same shape) equal up to one step at a few places: ORT's
+    k/v projections differ from torch's in the last float32 bit, which can move a float16
+    scale/minimum by one ulp and a code by one step at a rounding boundary."""
+    from slimfx.forms.kv.numerics import unpack_codes
+
+    codes = [unpack_codes(torch.from_numpy(x), bits).int() for x in (got, want)]
+    diff = (codes[0] - codes[1]).abs()
+    assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99, name
+
+
+def kv_ort_matches_torch(model, dec, forms, ids, steps: int, atol: float):  # noqa: ANN001, ANN201
+    """Prefill ``ids`` and decode ``steps`` greedy tokens in torch (:func:`kv_torch_calls`) and
+    through the ONNX decoder ``dec`` (reset to the batch); every call's logits agree within
+    ``atol``. Returns the torch cache."""
+    import numpy as np
+
+    ref, fed, cache = kv_torch_calls(model, forms, [ids], steps=steps)
+    dec.reset(batch=ids.shape[0])
+    got = [dec.step(ids)] + [dec.step(t) for t in fed]
+    assert len(got) == len(ref) == steps + 1
+    for i, (g, r) in enumerate(zip(got, ref)):
+        np.testing.assert_allclose(g, r.numpy(), atol=atol, rtol=0, err_msg=f"call {i}")
+    return cache

@@ -1,4 +1,5 @@
-"""ONNX Runtime decode over the KIVI-quantized KV cache (``kv_quant`` forms).
+"""ONNX Runtime decode over the compressed KV cache (every KV form: ``kv_quant``,
+``kv_lowrank``, ``kv_latent_quant``, ``kv_dense``).
 
 ``export_onnx_kv(model, path)`` writes two kinds of graph:
 
@@ -35,12 +36,10 @@
   shape rule), and the driver runs it only when a block leaves the window (every
   ``key_group`` tokens).
 
-:class:`OrtKVDecoder` drives them: before each step it flushes, per group, the tokens that
-``QuantizedKVLayer.flush`` would move (``config.quantized_tokens(n)`` of the ``n`` cached
-tokens), runs the step, keeps the returned window; ``generate`` decodes greedily, the prompt in
-chunks of ``prefill_chunk`` tokens. Layers in ``kv_dense`` keep a window only. Low-rank forms
-(``kv_lowrank``, ``kv_latent_quant``) are refused: their attention module is rewritten to
-rebuild K/V from a latent and the cached positions, which this export does not trace.
+Low-rank groups (``kv_lowrank``, ``kv_latent_quant``: the attention rebuilds K/V from a cached
+latent) carry a latent window, a latent store and a sink buffer instead, and a latent flush
+graph: :mod:`slimfx.backends.onnx_kv_latent`. :class:`~slimfx.backends.onnx_kv_decoder.OrtKVDecoder`
+drives the graphs in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -52,23 +51,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
 from slimfx.backends import onnx_decode
 from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _fold_markers, _rename_axes
+from slimfx.backends.onnx_kv_latent import (
+    LATENT_FORMS,
+    ExportLatentLayer,
+    LatentFlush,
+    latent_store_names,
+    latent_store_shapes,
+)
+from slimfx.backends.onnx_kv_latent import pack_codes as _pack
+from slimfx.backends.onnx_kv_latent import unpack_codes as _unpack
 from slimfx.forms.kv.cache import kv_forms_of
-from slimfx.forms.kv.config import KVDecision, KVDenseConfig, KVQuantConfig
+from slimfx.forms.kv.config import KVDecision, KVDenseConfig, KVLatentQuantConfig, KVQuantConfig
 from slimfx.forms.kv.numerics import _minmax
-from slimfx.planning.configs import decision_from_dict
 from slimfx.planning.shapes import AttentionShape
 
 __all__ = [
     "STORE_NAMES",
     "KVExportResult",
-    "OrtKVDecoder",
     "export_onnx_kv",
     "export_forms",
     "dequantize_store",
@@ -76,41 +81,67 @@ __all__ = [
 
 STORE_NAMES = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")
 META_KEY = "slimfx.kv_forms"
+META_GEOMETRY = "slimfx.kv_geometry"  # [kv_heads, head_dim]
+
+
+def _lowrank_modules(model: nn.Module) -> dict[int, Any]:
+    """Layer index → the attention module rewritten to a low-rank KV one."""
+    from slimfx.forms.kv.lowrank import LowRankKVAttention
+
+    return {m.layer_idx: m for m in model.modules() if isinstance(m, LowRankKVAttention)}
+
+
+def _factors(form: Any) -> Any:
+    return getattr(form, "lowrank", form)
 
 
 def export_forms(
     model: nn.Module, form: KVDecision | dict[int, KVDecision] | None = None
 ) -> list[KVDecision]:
     """Per decoder layer, the KV form the export gives it: ``form`` for all, per layer index
-    (missing: 16-bit), or ``None``: the forms the model carries (``kv_forms_of``). Raises
-    :class:`OnnxExportError` for a form the export does not take."""
+    (missing: 16-bit), or ``None``: the forms the model carries (``kv_forms_of``; a layer
+    rewritten by ``apply_lowrank_kv`` without a recorded form: its module's). A low-rank form
+    needs the layer's attention rewritten with factors of those ranks, and a rewritten layer
+    a low-rank form; anything else raises :class:`OnnxExportError`."""
     layers = onnx_decode.cache_geometry(model.config)[0]
+    lowrank = _lowrank_modules(model)
     if form is None:
-        form = kv_forms_of(model)
+        form = {i: m.form for i, m in lowrank.items()} | kv_forms_of(model)
     out: list[KVDecision] = []
     for i in range(layers):
         f = form.get(i, KVDenseConfig()) if isinstance(form, dict) else form
-        if not isinstance(f, (KVQuantConfig, KVDenseConfig)):
+        mod = lowrank.get(i)
+        if isinstance(f, LATENT_FORMS):
+            if mod is None:
+                raise OnnxExportError(
+                    f"layer {i}: {f.short()} needs the layer's attention rewritten to rebuild "
+                    "K/V from a latent (slimfx.optimize with a KV budget, or "
+                    "slimfx.forms.kv.lowrank.apply_lowrank_kv); its k/v projections are dense"
+                )
+            if _factors(f) != _factors(mod.form):
+                raise OnnxExportError(
+                    f"layer {i}: {f.short()} does not match the layer's factors "
+                    f"({_factors(mod.form).short()})"
+                )
+        elif mod is not None:
             raise OnnxExportError(
-                f"layer {i}: {f.kind} is not exported — the ONNX KV-cache step takes kv_quant "
-                "and kv_dense layers; low-rank caches rebuild K/V inside a rewritten attention "
-                "module from a latent and the cached positions, which this export does not trace"
+                f"layer {i}: its attention rebuilds K/V from a latent ({mod.form.short()}): "
+                f"export it with a low-rank form of those factors, not {f.kind}"
             )
+        elif not isinstance(f, (KVQuantConfig, KVDenseConfig)):
+            raise OnnxExportError(f"layer {i}: {f.kind} is not exported")
         out.append(f)
     return out
 
 
-def _unpack(codes: Tensor, bits: int) -> Tensor:
-    """uint8 packed codes → float32 code values (last dim ``·8/bits``): the layout of
-    ``formats.unpack_codes`` (code ``i`` of a byte at bits ``bits·i``), computed in int32
-    because the ONNX exporter types a uint8 mask constant as int8 (``BitwiseAnd`` then fails
-    to load in ONNX Runtime)."""
-    if bits == 8:
-        return codes.float()
-    c = codes.to(torch.int32)
-    mask = (1 << bits) - 1
-    parts = [(c >> (bits * i)) & mask for i in range(8 // bits)]
-    return torch.stack(parts, dim=-1).flatten(-2).float()
+def _store_names(form: KVDecision) -> list[str]:
+    """The store arrays of a group in ``form`` (none: no quantized store)."""
+    return list(STORE_NAMES) if isinstance(form, KVQuantConfig) else latent_store_names(form)
+
+
+def _has_sink(form: KVDecision) -> bool:
+    """Whether a group in ``form`` carries a sink buffer of exact K/V (low-rank forms)."""
+    return isinstance(form, LATENT_FORMS) and form.sink > 0
 
 
 def dequantize_store(
@@ -154,6 +185,10 @@ class _ExportLayer(DynamicLayer):
         self.stored = 0 if store is None else store[0].shape[2] * form.key_group
         self.new: tuple[Tensor, Tensor] | None = None
 
+    def present(self) -> Tensor:
+        """The call's keys and values ``(2, B, H, T, D)``."""
+        return torch.stack(self.new)  # type: ignore[arg-type]
+
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any):  # noqa: ANN201
         self.new = (key_states, value_states)
         kw, vw = self.window[0], self.window[1]
@@ -170,9 +205,11 @@ class _ExportLayer(DynamicLayer):
 
 
 class _Step(nn.Module):
-    """``(ids, windows, stores) → (logits, *windows')`` around a Hugging Face causal LM, one
-    window tensor ``(layers, 2, B, H, W, D)`` and six store tensors ``(layers, B, H, nb, …)``
-    per group of layers sharing a form (few graph inputs: tracing time grows with them)."""
+    """``(ids, windows, stores, sinks) → (logits, *windows', *sinks')`` around a Hugging Face
+    causal LM, per group of layers sharing a form one window tensor (``(layers, 2, B, H, W,
+    D)``, or ``(layers, B, W, rk + rv)`` for a low-rank group), its store arrays and, for a
+    low-rank group with sinks, its sink buffer (few graph inputs: tracing time grows with
+    them)."""
 
     def __init__(self, model: nn.Module, forms: Sequence[KVDecision]) -> None:
         super().__init__()
@@ -181,44 +218,40 @@ class _Step(nn.Module):
         self.groups = _groups(forms)
 
     def forward(
-        self, input_ids: Tensor, windows: Sequence[Tensor], stores: Sequence[Tensor]
+        self,
+        input_ids: Tensor,
+        windows: Sequence[Tensor],
+        stores: Sequence[Tensor],
+        sinks: Sequence[Tensor],
     ) -> tuple[Tensor, ...]:
         from transformers.cache_utils import Cache
 
         model = getattr(self, WRAP)
-        layers: list[_ExportLayer | None] = [None] * len(self.forms)
-        j = 0
+        layers: list[Any] = [None] * len(self.forms)
+        stores, sinks = iter(stores), iter(sinks)
         for (f, idx), win in zip(self.groups, windows):
-            st = None
-            if isinstance(f, KVQuantConfig):
-                st, j = stores[j : j + 6], j + 6
+            st = [next(stores) for _ in _store_names(f)] or None
+            sk = next(sinks) if _has_sink(f) else None
             for n, i in enumerate(idx):
-                layers[i] = _ExportLayer(win[n], None if st is None else [a[n] for a in st], f)
+                one = None if st is None else [a[n] for a in st]
+                if isinstance(f, LATENT_FORMS):
+                    layers[i] = ExportLatentLayer(win[n], one, None if sk is None else sk[n], f)
+                else:
+                    layers[i] = _ExportLayer(win[n], one, f)
         # every layer caches the same tokens (groups split them differently between window
         # and store): tell the tracer, so the one mask fits every layer
         first = layers[0]
         for la in layers:
-            torch._check(la.get_seq_length() == first.get_seq_length())  # type: ignore[union-attr]
+            torch._check(la.get_seq_length() == first.get_seq_length())
         cache = Cache(layers=layers)
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
-        present = []
-        for (_, idx), win in zip(self.groups, windows):
-            new = torch.stack([torch.stack(layers[i].new) for i in idx])  # type: ignore[union-attr, arg-type]
+        present, present_sinks = [], []
+        for (f, idx), win in zip(self.groups, windows):
+            new = torch.stack([layers[i].present() for i in idx])
             present.append(torch.cat([win, new], dim=-2))
-        return (out.logits, *present)
-
-
-def _pack(codes: Tensor, bits: int) -> Tensor:
-    """uint8 codes ``(..., D)`` → packed bytes ``(..., D·bits/8)``, the layout of
-    ``numerics.pack_codes``, computed in int32 (see :func:`_unpack`)."""
-    if bits == 8:
-        return codes
-    per = 8 // bits
-    c = codes.to(torch.int32).unflatten(-1, (-1, per))
-    out = c[..., 0]
-    for i in range(1, per):
-        out = out | (c[..., i] << (bits * i))
-    return out.to(torch.uint8)
+            if _has_sink(f):
+                present_sinks.append(torch.stack([layers[i].present_sink for i in idx]))
+        return (out.logits, *present, *present_sinks)
 
 
 class _Flush(nn.Module):
@@ -246,8 +279,11 @@ def _names(groups: Sequence[tuple[KVDecision, list[int]]]) -> tuple[list[str], l
         ins.append(f"window_{j}")
         outs.append(f"present_window_{j}")
     for j, (f, _) in enumerate(groups):
-        if isinstance(f, KVQuantConfig):
-            ins += [f"{n}_{j}" for n in STORE_NAMES]
+        ins += [f"{n}_{j}" for n in _store_names(f)]
+    for j, (f, _) in enumerate(groups):
+        if _has_sink(f):
+            ins.append(f"sink_{j}")
+            outs.append(f"present_sink_{j}")
     return ins, outs
 
 
@@ -265,7 +301,12 @@ def _example_store(form: KVQuantConfig, L: int, B: int, H: int, D: int, nb: int)
 
 
 def _to_onnx(
-    program: Any, path: Path, ins: list[str], outs: list[str], axes: dict[str, str], meta: str
+    program: Any,
+    path: Path,
+    ins: list[str],
+    outs: list[str],
+    axes: dict[str, str],
+    meta: dict[str, str],
 ) -> None:
     import onnx
     import onnx_ir as ir
@@ -285,7 +326,7 @@ def _to_onnx(
     model = prog.model
     _fold_markers(model.graph)
     _rename_axes(model, axes)
-    model.metadata_props[META_KEY] = meta
+    model.metadata_props.update(meta)
     path.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, path)
     onnx.checker.check_model(str(path))
@@ -310,7 +351,7 @@ class KVExportResult:
     path: Path
     flush_paths: list[Path]
     forms: list[KVDecision]
-    flush_forms: list[KVQuantConfig] = field(default_factory=list)
+    flush_forms: list[KVDecision] = field(default_factory=list)
 
 
 def export_onnx_kv(
@@ -340,24 +381,31 @@ def export_onnx_kv(
     # its sink tokens (a window sliced at the sink would otherwise be specialized), the same
     # cached length in every group (window + NB blocks)
     B, NB = 2, 2
-    quant = [isinstance(f, KVQuantConfig) for f, _ in groups]
-    blocks = [f.key_group * NB if q else 0 for (f, _), q in zip(groups, quant)]  # type: ignore[attr-defined]
-    sinks = [f.sink if q else 0 for (f, _), q in zip(groups, quant)]  # type: ignore[attr-defined]
-    total = max(b + s + 3 for b, s in zip(blocks, sinks))
+    stored = [_example_stored(f, NB) for f, _ in groups]
+    total = max(n + getattr(f, "sink", 0) + 3 for (f, _), n in zip(groups, stored))
     ids = torch.randint(0, 8, (B, 2))
-    windows = tuple(
-        torch.randn(len(idx), 2, B, H, total - b, D, dtype=dtype)
-        for (_, idx), b in zip(groups, blocks)
-    )
-    stores: list[Tensor] = []
-    for (f, idx), q in zip(groups, quant):
-        if q:
-            stores += _example_store(f, len(idx), B, H, D, NB)  # type: ignore[arg-type]
-    auto = torch.export.Dim.AUTO
+    windows, stores, sinks = [], [], []
+    win_shapes, store_shapes = [], []
+    for (f, idx), n in zip(groups, stored):
+        L = len(idx)
+        if isinstance(f, LATENT_FORMS):
+            windows.append(torch.randn(L, B, total - n, f.key_rank + f.value_rank, dtype=dtype))
+            win_shapes.append({1: AUTO, 2: AUTO})
+            if isinstance(f, KVLatentQuantConfig):
+                stores += [_random(shape, dt) for shape, dt in latent_store_shapes(f, (L, B), n)]
+            if _has_sink(f):
+                sinks.append(torch.randn(L, 2, B, H, f.sink, D, dtype=dtype))
+        else:
+            windows.append(torch.randn(L, 2, B, H, total - n, D, dtype=dtype))
+            win_shapes.append({2: AUTO, 4: AUTO})
+            if isinstance(f, KVQuantConfig):
+                stores += _example_store(f, L, B, H, D, NB)
+        store_shapes += [_store_axes(f, "shape")] * len(_store_names(f))
     shapes = (
-        {0: auto, 1: auto},
-        tuple({2: auto, 4: auto} for _ in windows),
-        tuple({1: auto, 3: auto} for _ in stores),
+        {0: AUTO, 1: AUTO},
+        tuple(win_shapes),
+        tuple(store_shapes),
+        tuple({2: AUTO} for _ in sinks),
     )
     step = _Step(model, forms)
     flags = {m: m.training for m in model.modules()}
@@ -365,7 +413,10 @@ def export_onnx_kv(
         model.eval()
         with torch.no_grad():
             program = torch.export.export(
-                step, (ids, windows, tuple(stores)), dynamic_shapes=shapes, strict=False
+                step,
+                (ids, tuple(windows), tuple(stores), tuple(sinks)),
+                dynamic_shapes=shapes,
+                strict=False,
             )
     finally:
         for m, flag in flags.items():
@@ -373,182 +424,58 @@ def export_onnx_kv(
     ins, outs = _names(groups)
     # one name per symbol: ORT plans buffers as if equal names were equal sizes
     axes: list[tuple] = [("batch", "seq")]
-    axes += [(None, None, "batch", None, f"window_{j}") for j in range(len(groups))]
-    axes += [
-        (None, "batch", None, f"blocks_{j}") for j, q in enumerate(quant) if q for _ in STORE_NAMES
-    ]
-    meta = json.dumps([f.to_dict() for f in forms])
+    for j, (f, _) in enumerate(groups):
+        latent = isinstance(f, LATENT_FORMS)
+        axes.append((None, "batch", f"window_{j}") if latent else
+                    (None, None, "batch", None, f"window_{j}"))  # fmt: skip
+    for j, (f, _) in enumerate(groups):
+        axes += [_store_axes(f, f"blocks_{j}")] * len(_store_names(f))
+    axes += [(None, None, "batch")] * len(sinks)
+    meta = {META_KEY: json.dumps([f.to_dict() for f in forms]), META_GEOMETRY: json.dumps([H, D])}
     _to_onnx(program, path, ins, outs, _axis_names(program, len(ins), axes), meta)
 
-    flush_forms: list[KVQuantConfig] = []
-    for f in forms:
-        if isinstance(f, KVQuantConfig) and f not in flush_forms:
-            flush_forms.append(f)
+    flush_forms = [f for f, _ in groups if _store_names(f)]
     flush_paths = []
     for j, f in enumerate(flush_forms):
-        blocks = tuple(torch.randn(B, H, NB, f.key_group, D, dtype=dtype) for _ in range(2))
-        shp = tuple({0: auto, 2: auto} for _ in blocks)
+        if isinstance(f, KVLatentQuantConfig):
+            n = _example_stored(f, NB)
+            lat = tuple(torch.randn(B, n, r, dtype=dtype) for r in (f.key_rank, f.value_rank))
+            flush, f_ins = LatentFlush(f), ["key_latent", "value_latent"]
+            f_axes_in = [("batch", "tokens")] * 2
+        else:
+            lat = tuple(torch.randn(B, H, NB, f.key_group, D, dtype=dtype) for _ in range(2))
+            flush, f_ins = _Flush(f), ["key_blocks", "value_blocks"]
+            f_axes_in = [("batch", None, "blocks")] * 2
+        shp = tuple({i: AUTO for i, a in enumerate(f_axes_in[0]) if a} for _ in lat)
         with torch.no_grad():
-            prog = torch.export.export(_Flush(f), blocks, dynamic_shapes=shp, strict=False)
+            prog = torch.export.export(flush, lat, dynamic_shapes=shp, strict=False)
         fpath = path.with_name(f"{path.stem}.flush{j}.onnx")
-        f_ins = ["key_blocks", "value_blocks"]
-        f_axes = _axis_names(prog, 2, [("batch", None, "blocks")] * 2)
-        _to_onnx(prog, fpath, f_ins, list(STORE_NAMES), f_axes, json.dumps(f.to_dict()))
+        f_axes = _axis_names(prog, 2, f_axes_in)
+        _to_onnx(prog, fpath, f_ins, _store_names(f), f_axes, {META_KEY: json.dumps(f.to_dict())})
         flush_paths.append(fpath)
     return KVExportResult(path, flush_paths, forms, flush_forms)
 
 
-def _session(path: Path, threads: int | None) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+AUTO = torch.export.Dim.AUTO
 
 
-class OrtKVDecoder:
-    """Greedy decoding in ONNX Runtime with the cache held compressed (module docstring).
+def _example_stored(form: KVDecision, nb: int) -> int:
+    """Tokens in an example store of ``nb`` blocks (0: no store)."""
+    if isinstance(form, KVQuantConfig):
+        return form.key_group * nb
+    return form.group * nb if isinstance(form, KVLatentQuantConfig) else 0
 
-    ``step(ids)`` runs one call (any number of tokens) after the cached ones and returns the
-    logits ``(batch, seq, vocab)``; ``flush()`` moves the tokens that left the window into the
-    store as the next step would; ``reset()`` empties the cache; ``generate(ids, n,
-    prefill_chunk)`` decodes greedily. The arrays held between steps, per group of layers
-    sharing a form (``groups``): ``windows[j]`` ``(layers, 2, batch, H, W, D)`` and
-    ``stores[j]`` (six arrays ``(layers, batch, H, nb, …)``, ``None`` for 16-bit layers);
-    ``layer_window(i)`` / ``layer_store(i)`` give one layer's; ``cache_nbytes()`` their bytes,
-    ``seq_length`` the cached tokens."""
 
-    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
-        self.path = Path(path)
-        self.session = _session(self.path, threads)
-        meta = self.session.get_modelmeta().custom_metadata_map  # not onnx.load: no 2nd copy
-        self.forms: list[KVDecision] = [decision_from_dict(d) for d in json.loads(meta[META_KEY])]
-        self.groups = _groups(self.forms)
-        self.flush_sessions: dict[int, Any] = {}
-        n = 0
-        for j, (f, _) in enumerate(self.groups):
-            if isinstance(f, KVQuantConfig):
-                fpath = self.path.with_name(f"{self.path.stem}.flush{n}.onnx")
-                self.flush_sessions[j], n = _session(fpath, threads), n + 1
-        inp = self.session.get_inputs()
-        self.input_names = [i.name for i in inp]
-        self.dtype = np.float16 if inp[1].type == "tensor(float16)" else np.float32
-        _, _, _, self.kv_heads, _, self.head_dim = inp[1].shape
-        self._where = {i: (j, n) for j, (_, idx) in enumerate(self.groups) for n, i in
-                       enumerate(idx)}  # fmt: skip
-        self.reset()
+def _store_axes(form: KVDecision, name: str) -> Any:
+    """A group's store arrays: their dynamic axes (``name="shape"``: torch.export's spec) or
+    the ONNX axis names (``name``: the block axis's)."""
+    latent = isinstance(form, LATENT_FORMS)
+    if name == "shape":
+        return {1: AUTO, 2: AUTO} if latent else {1: AUTO, 3: AUTO}
+    return (None, "batch", name) if latent else (None, "batch", None, name)
 
-    def reset(self, batch: int = 1) -> None:
-        """Empty the cache for a batch of ``batch`` rows."""
-        H, D = self.kv_heads, self.head_dim
-        self.batch, self.seq_length = batch, 0
-        self.windows = [
-            np.zeros((len(idx), 2, batch, H, 0, D), self.dtype) for _, idx in self.groups
-        ]
-        self.stores: list[list[np.ndarray] | None] = []
-        self.n_stored = [0] * len(self.groups)
-        for f, idx in self.groups:
-            if not isinstance(f, KVQuantConfig):
-                self.stores.append(None)
-                continue
-            g, vg, lead = f.key_group, f.value_group, (len(idx), batch, H, 0)
-            self.stores.append([
-                np.zeros((*lead, g, D * f.key_bits // 8), np.uint8),
-                np.zeros((*lead, D), np.float16),
-                np.zeros((*lead, D), np.float16),
-                np.zeros((*lead, g, D * f.value_bits // 8), np.uint8),
-                np.zeros((*lead, g, D // vg), np.float16),
-                np.zeros((*lead, g, D // vg), np.float16),
-            ])  # fmt: skip
 
-    def layer_window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Layer ``i``'s 16-bit window: keys, values ``(batch, H, W, D)``."""
-        j, n = self._where[i]
-        return self.windows[j][n, 0], self.windows[j][n, 1]
-
-    def layer_store(self, i: int) -> list[np.ndarray] | None:
-        """Layer ``i``'s store arrays (``STORE_NAMES`` order, ``(batch, H, nb, …)``)."""
-        j, n = self._where[i]
-        st = self.stores[j]
-        return None if st is None else [a[n] for a in st]
-
-    def layer_stored_tokens(self, i: int) -> int:
-        """Tokens in layer ``i``'s quantized store."""
-        return self.n_stored[self._where[i][0]]
-
-    def flush(self) -> None:
-        """Move the window tokens ``QuantizedKVLayer.flush`` would move into the store (one
-        flush-graph run per group, its layers stacked on the batch axis)."""
-        for j, (f, _) in enumerate(self.groups):
-            if not isinstance(f, KVQuantConfig):
-                continue
-            move = f.quantized_tokens(self.seq_length) - self.n_stored[j]
-            if move <= 0:
-                continue
-            s, g, w = f.sink, f.key_group, self.windows[j]
-            L, _, B, H, _, D = w.shape
-            blk = w[..., s : s + move, :].reshape(L, 2, B, H, move // g, g, D)
-            feeds = {
-                "key_blocks": blk[:, 0].reshape(L * B, H, move // g, g, D),
-                "value_blocks": blk[:, 1].reshape(L * B, H, move // g, g, D),
-            }
-            new = self.flush_sessions[j].run(None, feeds)
-            old = self.stores[j]
-            assert old is not None
-            self.stores[j] = [
-                np.concatenate([a, b.reshape(L, B, *b.shape[1:])], axis=3) for a, b in zip(old, new)
-            ]
-            self.n_stored[j] += move
-            self.windows[j] = np.concatenate([w[..., :s, :], w[..., s + move :, :]], axis=-2)
-
-    def step(self, ids: Tensor | np.ndarray) -> np.ndarray:
-        """Logits of ``ids`` (batch, seq) after the cached tokens; the cache then holds them."""
-        arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
-        arr = arr.astype(np.int64).reshape(-1, arr.shape[-1])
-        if arr.shape[0] != self.batch:
-            raise ValueError(f"batch {arr.shape[0]} ≠ the cache's {self.batch}: call reset()")
-        self.flush()
-        feeds: dict[str, np.ndarray] = {"input_ids": arr}
-        names = iter(self.input_names[1:])
-        for w in self.windows:
-            feeds[next(names)] = w
-        for st in self.stores:
-            for a in st or ():
-                feeds[next(names)] = a
-        out = self.session.run(None, feeds)
-        self.windows = out[1:]
-        self.seq_length += arr.shape[1]
-        return out[0]
-
-    def generate(
-        self, ids: Tensor | np.ndarray, max_new_tokens: int, prefill_chunk: int | None = None
-    ) -> np.ndarray:
-        """Greedy decoding from a fresh cache: the prompt in calls of ``prefill_chunk`` tokens
-        (``None``: one call), then one token a call; returns prompt + new tokens."""
-        seq = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
-        seq = seq.astype(np.int64).reshape(-1, seq.shape[-1])
-        self.reset(seq.shape[0])
-        chunk = prefill_chunk or seq.shape[1]
-        for a in range(0, seq.shape[1], chunk):
-            logits = self.step(seq[:, a : a + chunk])
-        for i in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            seq = np.concatenate([seq, nxt], axis=1)
-            if i + 1 < max_new_tokens:
-                logits = self.step(nxt)
-        return seq
-
-    def store_nbytes(self) -> int:
-        """Bytes of the quantized store arrays held now."""
-        return sum(a.nbytes for st in self.stores for a in (st or ()))
-
-    def window_nbytes(self) -> int:
-        """Bytes of the 16-bit (model dtype) windows held now."""
-        return sum(w.nbytes for w in self.windows)
-
-    def cache_nbytes(self) -> int:
-        """Bytes of every cache array held between steps."""
-        return self.store_nbytes() + self.window_nbytes()
+def _random(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, dtype=dtype)
+    return torch.rand(shape, dtype=dtype)

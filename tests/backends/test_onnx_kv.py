@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from _helpers import codes_close, kv_ort_matches_torch, kv_torch_calls
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -23,17 +24,16 @@ pytest.importorskip("transformers")
 from slimfx.backends.onnx_graph import OnnxExportError  # noqa: E402
 from slimfx.backends.onnx_kv import (  # noqa: E402
     STORE_NAMES,
-    OrtKVDecoder,
     export_forms,
     export_onnx_kv,
 )
+from slimfx.backends.onnx_kv_decoder import OrtKVDecoder  # noqa: E402
 from slimfx.forms.kv.cache import KV_FORM_ATTR, KVCache  # noqa: E402
 from slimfx.forms.kv.config import (  # noqa: E402
     KVDenseConfig,
     KVLowRankConfig,
     KVQuantConfig,
 )
-from slimfx.forms.kv.numerics import unpack_codes  # noqa: E402
 from slimfx.planning.shapes import AttentionShape  # noqa: E402
 
 # fp32 model and fp32 window on both sides; the store dequantizes with the same float32
@@ -74,35 +74,13 @@ def _ids(batch: int, n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
-def _torch_calls(model, forms, chunks, steps):
-    """Torch logits of each prefill chunk and of ``steps`` greedy decode steps with a
-    ``KVCache``; returns (logits per call, the tokens fed at each decode step, the cache)."""
-    cache = KVCache([forms[i] for i in range(2)])
-    logits, fed = [], []
-    with torch.no_grad():
-        for c in chunks:
-            logits.append(model(input_ids=c, past_key_values=cache, use_cache=True).logits)
-        for _ in range(steps):
-            nxt = logits[-1][:, -1].argmax(-1)[:, None]
-            fed.append(nxt)
-            logits.append(model(input_ids=nxt, past_key_values=cache, use_cache=True).logits)
-    return logits, fed, cache
-
-
 @pytest.mark.parametrize("name", ["A", "B"])
 def test_logits_every_step_match_torch_kvcache(exported, name):
     model, res, dec = exported[name]
     forms = FORMS_A if name == "A" else FORMS_B
-    ids = _ids(2, 11)
-    ref, fed, cache = _torch_calls(model, forms, [ids], steps=40)
-    dec.reset(batch=2)
-    got = [dec.step(ids)] + [dec.step(t) for t in fed]
-    assert len(got) == len(ref) == 41
-    for i, (g, r) in enumerate(zip(got, ref)):
-        np.testing.assert_allclose(g, r.numpy(), atol=ATOL, rtol=0, err_msg=f"call {i}")
-    # the store ORT holds is the torch layer's store, reshaped into blocks. Not bit-equal:
-    # ORT's k/v projections differ from torch's in the last float32 bit, which can move a
-    # float16 scale/minimum by one ulp and a code by one step at a rounding boundary.
+    cache = kv_ort_matches_torch(model, dec, forms, _ids(2, 11), steps=40, atol=ATOL)
+    # the store ORT holds is the torch layer's store, reshaped into blocks (not bit-equal:
+    # codes_close)
     for i, f in forms.items():
         if not isinstance(f, KVQuantConfig):
             assert dec.layer_store(i) is None
@@ -114,10 +92,7 @@ def test_logits_every_step_match_torch_kvcache(exported, name):
             assert arr.dtype == t.dtype and arr.nbytes == t.nbytes, n
             a = arr.reshape(t.shape)
             if n.endswith("codes"):
-                bits = f.key_bits if n[0] == "k" else f.value_bits
-                codes = [unpack_codes(torch.from_numpy(x), bits).int() for x in (a, t)]
-                diff = (codes[0] - codes[1]).abs()
-                assert diff.max() <= 1 and (diff == 0).float().mean() > 0.99, n
+                codes_close(a, t, f.key_bits if n[0] == "k" else f.value_bits, n)
             else:  # one float16 ulp (2^-10 relative; 2^-24 absolute among subnormals)
                 np.testing.assert_allclose(a, t, rtol=2**-10, atol=2**-24, err_msg=n)
         for got_w, want_w in zip(dec.layer_window(i), (layer.keys, layer.values)):
@@ -130,7 +105,7 @@ def test_chunked_prefill_and_generate_match_torch(exported):
     model, _, dec = exported["A"]
     ids = _ids(1, 23, seed=7)
     chunks = list(ids.split(5, dim=1))
-    ref, fed, _ = _torch_calls(model, FORMS_A, chunks, steps=12)
+    ref, fed, _ = kv_torch_calls(model, FORMS_A, chunks, steps=12)
     seq = dec.generate(ids, 13, prefill_chunk=5)
     want = torch.cat([ids, *fed, ref[-1][:, -1].argmax(-1)[:, None]], dim=1)
     np.testing.assert_array_equal(seq, want.numpy())
@@ -220,8 +195,9 @@ def test_layers_sharing_a_form_are_stacked(tmp_path):
 def test_refusals_and_model_unchanged(tmp_path):
     model = _model()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(OnnxExportError, match="kv_lowrank is not exported.*latent"):
-        export_onnx_kv(model, tmp_path / "x.onnx", KVLowRankConfig(8, 8, 1))
+    with pytest.raises(OnnxExportError, match="layer 0: kv lowrank k8 v8 whitened needs the "
+                       "layer's attention rewritten .* k/v projections are dense"):
+        export_onnx_kv(model, tmp_path / "x.onnx", KVLowRankConfig(8, 8, 1, "whitened"))
     with pytest.raises(OnnxExportError, match="head_dim 16 is not divisible by the value group 32"):
         export_onnx_kv(model, tmp_path / "x.onnx", KVQuantConfig(4, 4, 8, 32))
     with pytest.raises(OnnxExportError, match="bfloat16"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import slimfx
-from slimfx.forms.kv.config import KVDenseConfig, KVQuantConfig
+from slimfx.forms.kv.config import KVDenseConfig, KVLatentQuantConfig, KVQuantConfig
 from slimfx.planning.problem import Budget
 
 pytest.importorskip("onnxruntime")
@@ -20,7 +20,8 @@ def _calib() -> list[torch.Tensor]:
 
 
 def test_optimized_quantized_cache_runs_in_onnxruntime(tiny_llama, tmp_path):
-    from slimfx.backends.onnx_kv import OrtKVDecoder, export_onnx_kv
+    from slimfx.backends.onnx_kv import export_onnx_kv
+    from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
 
     forms = [KVDenseConfig(), KVQuantConfig(4, 4, 8, 16, 0, 0)]
     out = slimfx.optimize(
@@ -28,6 +29,24 @@ def test_optimized_quantized_cache_runs_in_onnxruntime(tiny_llama, tmp_path):
     )
     res = export_onnx_kv(out, tmp_path / "kv.onnx")
     assert res.forms == [forms[1], forms[1]]  # the forms the optimized model carries
+    ids = _calib()[0][:, :9]
+    want = out.generate(ids, max_new_tokens=12, do_sample=False)
+    assert OrtKVDecoder(res.path).generate(ids, 12).tolist() == want.tolist()
+
+
+def test_optimized_low_rank_cache_runs_in_onnxruntime(tiny_llama, tmp_path):
+    """A plan whose cache is a quantized low-rank latent (with sink tokens) exports from the
+    optimized model as it is and generates torch's tokens in ONNX Runtime."""
+    from slimfx.backends.onnx_kv import export_onnx_kv
+    from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
+
+    lat = KVLatentQuantConfig(16, 16, 2, "whitened", 4, 8, 0, sink=2, axis="channel")
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.45), calibration=_calib(), kv_forms=[KVDenseConfig(), lat],
+        progress=False,
+    )  # fmt: skip
+    res = export_onnx_kv(out, tmp_path / "kv.onnx")
+    assert res.forms == [lat, lat]
     ids = _calib()[0][:, :9]
     want = out.generate(ids, max_new_tokens=12, do_sample=False)
     assert OrtKVDecoder(res.path).generate(ids, 12).tolist() == want.tolist()

@@ -60,6 +60,7 @@ __all__ = [
     "layer_for",
     "kv_forms_of",
     "KV_FORM_ATTR",
+    "latent_segments",
 ]
 
 
@@ -358,6 +359,15 @@ class LatentLayer(_LatentSide, DynamicLayer):
             raise ValueError("a latent cache layer cannot be cropped")
 
 
+def latent_segments(config: KVLatentQuantConfig, role: str) -> list[tuple[str, int, int]]:
+    """``(store name prefix, channels per head group, bits)`` of the role's ("key" / "value")
+    latent segments: ``k`` / ``v`` for the full-width channels, ``k_tail`` / ``v_tail`` for
+    the ``low_bits`` ones (``config.segments``)."""
+    pre = role[0]
+    return [(pre if b == config.bits else f"{pre}_tail", n, b)
+            for n, b in config.segments(role)]  # fmt: skip
+
+
 class QuantizedLatentLayer(_LatentSide, _StoreLayer):
     """The latent of :class:`LatentLayer`, quantized outside the 16-bit window (per token or
     per channel in blocks, ``config.axis``); the sink tokens' latents stay 16-bit."""
@@ -372,12 +382,7 @@ class QuantizedLatentLayer(_LatentSide, _StoreLayer):
         return self.config.quantized_tokens(tokens)
 
     def _segments(self, role: str) -> list[tuple[str, int, int]]:
-        """``(store name prefix, channels per group, bits)`` of the role's latent segments:
-        ``k`` / ``v`` for the full-width channels, ``k_tail`` / ``v_tail`` for the
-        ``low_bits`` ones (``config.segments``)."""
-        pre = role[0]
-        return [(pre if b == self.config.bits else f"{pre}_tail", n, b)
-                for n, b in self.config.segments(role)]  # fmt: skip
+        return latent_segments(self.config, role)
 
     def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
         c = self.config

@@ -14,7 +14,11 @@ low rank in a fixed basis. With no cache (``use_cache=False``) the latent of the
 Sink tokens (``form.sink > 0``): the module keeps the original ``k_proj`` / ``v_proj``; for the
 first ``sink`` tokens of the sequence it computes their exact K (rotated) and V, hands them to
 the cache layer (``add_sink``), and on every read they replace the rebuilt K/V of those
-positions. Their latent is cached too, so the latent stays one row per token.
+positions. Their latent is cached too, so the latent stays one row per token. "The first
+tokens of this call that are sinks" depends on the cached length — a branch one exported graph
+cannot hold — so under the ONNX export (a cache layer with ``merge_sinks``,
+:mod:`slimfx.backends.onnx_kv_latent`) the module computes every call token's exact K/V and
+the layer puts the first ``sink`` positions' in place by a gather over positions.
 
 Rebuilding costs ``O(context · rank · kv_dim)`` per step; the absorbed form (W_up folded into
 q and o_proj) is the kernel-side follow-up.
@@ -93,21 +97,25 @@ class LowRankKVAttention(nn.Module):
         q = apply_rope(q, cos, sin)
         lk = self.k_down(hidden_states).unsqueeze(1)  # (B, 1, T, rank)
         lv = self.v_down(hidden_states).unsqueeze(1)
-        layer, n0 = None, 0
+        layer = None
         if past_key_values is not None:
             layers = getattr(past_key_values, "layers", [])
             layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
-            n0 = layer.get_seq_length() if hasattr(layer, "positions") else 0
+        # the ONNX export's cache layer merges the sinks without a shape-dependent branch: it
+        # takes every call token's exact K/V and keeps those of the first ``sink`` positions
+        export = hasattr(layer, "merge_sinks")
         sink_k = sink_v = None
-        need = max(0, min(self.sink, n0 + T) - n0)  # this call's tokens that are sinks
-        if need:
-            sk = self.k_proj(hidden_states[:, :need]).view(B, need, -1, hd).transpose(1, 2)
-            sink_k = apply_rope(sk, cos[:, :need], sin[:, :need])
-            sink_v = self.v_proj(hidden_states[:, :need]).view(B, need, -1, hd).transpose(1, 2)
-            if hasattr(layer, "add_sink"):
-                layer.add_sink(sink_k, sink_v)
-        if hasattr(layer, "add_sink") and layer.sink_keys is not None:
-            sink_k, sink_v = layer.sink_keys, layer.sink_values
+        if export and self.sink:
+            sink_k, sink_v = self._exact(hidden_states, cos, sin)
+        elif not export:
+            n0 = layer.get_seq_length() if hasattr(layer, "positions") else 0
+            need = max(0, min(self.sink, n0 + T) - n0)  # this call's tokens that are sinks
+            if need:
+                sink_k, sink_v = self._exact(hidden_states[:, :need], cos[:, :need], sin[:, :need])
+                if hasattr(layer, "add_sink"):
+                    layer.add_sink(sink_k, sink_v)
+            if hasattr(layer, "add_sink") and layer.sink_keys is not None:
+                sink_k, sink_v = layer.sink_keys, layer.sink_values
         if past_key_values is not None:
             if position_ids is None:
                 raise ValueError("LowRankKVAttention needs position_ids with a cache")
@@ -123,7 +131,9 @@ class LowRankKVAttention(nn.Module):
         S = k.shape[1]
         k = apply_rope(k.view(B, S, -1, hd).transpose(1, 2), cos, sin)
         v = v.view(B, S, -1, hd).transpose(1, 2)
-        if sink_k is not None:  # the first tokens' exact K/V replace their rebuilt ones
+        if export and sink_k is not None:
+            k, v = layer.merge_sinks(k, v, sink_k, sink_v)
+        elif sink_k is not None:  # the first tokens' exact K/V replace their rebuilt ones
             ns = sink_k.shape[2]
             k = torch.cat([sink_k.to(k.dtype), k[:, :, ns:]], dim=2)
             v = torch.cat([sink_v.to(v.dtype), v[:, :, ns:]], dim=2)
@@ -135,6 +145,14 @@ class LowRankKVAttention(nn.Module):
         )
         out = out.reshape(B, T, -1).contiguous()
         return self.o_proj(out), weights
+
+    def _exact(self, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """The original projections' K (rotated) and V of ``hidden`` ``(B, n, hidden)``:
+        ``(B, Hkv, n, head_dim)`` each."""
+        B, n, _ = hidden.shape
+        k = self.k_proj(hidden).view(B, n, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(B, n, -1, self.head_dim).transpose(1, 2)
+        return apply_rope(k, cos, sin), v
 
 
 def find_rotary(model: nn.Module) -> nn.Module:

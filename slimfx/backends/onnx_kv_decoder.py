@@ -1,0 +1,217 @@
+"""ONNX Runtime's side of the compressed-KV decode export (:mod:`slimfx.backends.onnx_kv`).
+
+:class:`OrtKVDecoder` drives the step graph and the flush graphs: before each step it flushes,
+per group of layers sharing a form, the tokens that the torch cache layer's ``flush`` would
+move (``config.quantized_tokens(n)`` of the ``n`` cached tokens), runs the step, keeps the
+returned windows (and a low-rank group's sink buffer); ``generate`` decodes greedily, the
+prompt in chunks of ``prefill_chunk`` tokens. Layers in ``kv_dense`` keep a window only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from slimfx.backends.onnx_kv import META_GEOMETRY, META_KEY, _groups, _has_sink, _store_names
+from slimfx.backends.onnx_kv_latent import LATENT_FORMS, latent_store_shapes
+from slimfx.forms.kv.config import KVDecision, KVLatentQuantConfig, KVQuantConfig
+from slimfx.planning.configs import decision_from_dict
+
+__all__ = ["OrtKVDecoder"]
+
+_NP = {torch.uint8: np.uint8, torch.float16: np.float16}
+
+
+def _session(path: Path, threads: int | None) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+class OrtKVDecoder:
+    """Greedy decoding in ONNX Runtime with the cache held compressed (module docstring).
+
+    ``step(ids)`` runs one call (any number of tokens) after the cached ones and returns the
+    logits ``(batch, seq, vocab)``; ``flush()`` moves the tokens that left the window into the
+    store as the next step would; ``reset()`` empties the cache; ``generate(ids, n,
+    prefill_chunk)`` decodes greedily. The arrays held between steps, per group of layers
+    sharing a form (``groups``): ``windows[j]`` (``(layers, 2, batch, H, W, D)``; a low-rank
+    group's ``(layers, batch, W, rk + rv)``), ``stores[j]`` (its store arrays, ``None``
+    without a store) and ``sinks[j]`` (a low-rank group's sink buffer, else ``None``);
+    ``layer_window(i)`` / ``layer_store(i)`` / ``layer_sink(i)`` give one layer's;
+    ``cache_nbytes()`` their bytes, ``seq_length`` the cached tokens."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.session = _session(self.path, threads)
+        meta = self.session.get_modelmeta().custom_metadata_map  # not onnx.load: no 2nd copy
+        self.forms: list[KVDecision] = [decision_from_dict(d) for d in json.loads(meta[META_KEY])]
+        self.groups = _groups(self.forms)
+        self.flush_sessions: dict[int, Any] = {}
+        n = 0
+        for j, (f, _) in enumerate(self.groups):
+            if _store_names(f):
+                fpath = self.path.with_name(f"{self.path.stem}.flush{n}.onnx")
+                self.flush_sessions[j], n = _session(fpath, threads), n + 1
+        inp = self.session.get_inputs()
+        self.input_names = [i.name for i in inp]
+        self.dtype = np.float16 if inp[1].type == "tensor(float16)" else np.float32
+        self.kv_heads, self.head_dim = json.loads(meta[META_GEOMETRY])
+        self._where = {i: (j, n) for j, (_, idx) in enumerate(self.groups) for n, i in
+                       enumerate(idx)}  # fmt: skip
+        self.reset()
+
+    def reset(self, batch: int = 1) -> None:
+        """Empty the cache for a batch of ``batch`` rows."""
+        H, D = self.kv_heads, self.head_dim
+        self.batch, self.seq_length = batch, 0
+        self.windows, self.stores, self.sinks = [], [], []
+        self.n_stored = [0] * len(self.groups)
+        for f, idx in self.groups:
+            L = len(idx)
+            latent = isinstance(f, LATENT_FORMS)
+            width = f.key_rank + f.value_rank if latent else 0
+            shape = (L, batch, 0, width) if latent else (L, 2, batch, H, 0, D)
+            self.windows.append(np.zeros(shape, self.dtype))
+            sink = (L, 2, batch, H, f.sink, D) if _has_sink(f) else None
+            self.sinks.append(None if sink is None else np.zeros(sink, self.dtype))
+            if isinstance(f, KVLatentQuantConfig):
+                shapes = latent_store_shapes(f, (L, batch), 0)
+                self.stores.append([np.zeros(s, _NP[dt]) for s, dt in shapes])
+            elif isinstance(f, KVQuantConfig):
+                g, vg, lead = f.key_group, f.value_group, (L, batch, H, 0)
+                self.stores.append([
+                    np.zeros((*lead, g, D * f.key_bits // 8), np.uint8),
+                    np.zeros((*lead, D), np.float16),
+                    np.zeros((*lead, D), np.float16),
+                    np.zeros((*lead, g, D * f.value_bits // 8), np.uint8),
+                    np.zeros((*lead, g, D // vg), np.float16),
+                    np.zeros((*lead, g, D // vg), np.float16),
+                ])  # fmt: skip
+            else:
+                self.stores.append(None)
+
+    def layer_window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``i``'s 16-bit window: keys, values ``(batch, H, W, D)``; a low-rank
+        layer's key and value latents ``(batch, W, rank)``."""
+        j, n = self._where[i]
+        f, w = self.groups[j][0], self.windows[j][n]
+        if isinstance(f, LATENT_FORMS):
+            return w[..., : f.key_rank], w[..., f.key_rank :]
+        return w[0], w[1]
+
+    def layer_store(self, i: int) -> list[np.ndarray] | None:
+        """Layer ``i``'s store arrays (the group's store names, batch first)."""
+        j, n = self._where[i]
+        st = self.stores[j]
+        return None if st is None else [a[n] for a in st]
+
+    def layer_sink(self, i: int) -> np.ndarray | None:
+        """Layer ``i``'s sink buffer ``(2, batch, H, sink, D)`` (low-rank layers with sinks)."""
+        j, n = self._where[i]
+        return None if self.sinks[j] is None else self.sinks[j][n]
+
+    def layer_stored_tokens(self, i: int) -> int:
+        """Tokens in layer ``i``'s quantized store."""
+        return self.n_stored[self._where[i][0]]
+
+    def flush(self) -> None:
+        """Move the window tokens the torch cache layer's ``flush`` would move into the store
+        (one flush-graph run per group, its layers stacked on the batch axis)."""
+        for j, (f, _) in enumerate(self.groups):
+            if j not in self.flush_sessions:
+                continue
+            move = f.quantized_tokens(self.seq_length) - self.n_stored[j]
+            if move <= 0:
+                continue
+            s, w = f.sink, self.windows[j]
+            if isinstance(f, LATENT_FORMS):
+                L, B, _, _ = w.shape
+                blk = w[:, :, s : s + move].reshape(L * B, move, -1)
+                feeds = {"key_latent": blk[..., : f.key_rank],
+                         "value_latent": blk[..., f.key_rank :]}  # fmt: skip
+                axis = 2
+            else:
+                L, _, B, H, _, D = w.shape
+                g = f.key_group
+                blk = w[..., s : s + move, :].reshape(L, 2, B, H, move // g, g, D)
+                feeds = {
+                    "key_blocks": blk[:, 0].reshape(L * B, H, move // g, g, D),
+                    "value_blocks": blk[:, 1].reshape(L * B, H, move // g, g, D),
+                }
+                axis = 3
+            new = self.flush_sessions[j].run(None, feeds)
+            old = self.stores[j]
+            assert old is not None
+            self.stores[j] = [
+                np.concatenate([a, b.reshape(L, B, *b.shape[1:])], axis=axis)
+                for a, b in zip(old, new)
+            ]
+            self.n_stored[j] += move
+            self.windows[j] = np.concatenate([w[..., :s, :], w[..., s + move :, :]], axis=-2)
+
+    def step(self, ids: Tensor | np.ndarray) -> np.ndarray:
+        """Logits of ``ids`` (batch, seq) after the cached tokens; the cache then holds them."""
+        arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+        arr = arr.astype(np.int64).reshape(-1, arr.shape[-1])
+        if arr.shape[0] != self.batch:
+            raise ValueError(f"batch {arr.shape[0]} ≠ the cache's {self.batch}: call reset()")
+        self.flush()
+        feeds: dict[str, np.ndarray] = {"input_ids": arr}
+        names = iter(self.input_names[1:])
+        held = [*self.windows, *(a for st in self.stores for a in st or ())]
+        held += [sk for sk in self.sinks if sk is not None]
+        for a in held:
+            feeds[next(names)] = a
+        out = self.session.run(None, feeds)
+        n = len(self.windows)
+        self.windows = out[1 : 1 + n]
+        sinks = iter(out[1 + n :])
+        self.sinks = [None if sk is None else next(sinks) for sk in self.sinks]
+        self.seq_length += arr.shape[1]
+        return out[0]
+
+    def generate(
+        self, ids: Tensor | np.ndarray, max_new_tokens: int, prefill_chunk: int | None = None
+    ) -> np.ndarray:
+        """Greedy decoding from a fresh cache: the prompt in calls of ``prefill_chunk`` tokens
+        (``None``: one call), then one token a call; returns prompt + new tokens."""
+        seq = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
+        seq = seq.astype(np.int64).reshape(-1, seq.shape[-1])
+        self.reset(seq.shape[0])
+        chunk = prefill_chunk or seq.shape[1]
+        for a in range(0, seq.shape[1], chunk):
+            logits = self.step(seq[:, a : a + chunk])
+        for i in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+            seq = np.concatenate([seq, nxt], axis=1)
+            if i + 1 < max_new_tokens:
+                logits = self.step(nxt)
+        return seq
+
+    def store_nbytes(self) -> int:
+        """Bytes of the quantized store arrays held now."""
+        return sum(a.nbytes for st in self.stores for a in (st or ()))
+
+    def window_nbytes(self) -> int:
+        """Bytes of the 16-bit (model dtype) windows held now."""
+        return sum(w.nbytes for w in self.windows)
+
+    def sink_nbytes(self) -> int:
+        """Bytes of the low-rank groups' sink buffers (model dtype)."""
+        return sum(sk.nbytes for sk in self.sinks if sk is not None)
+
+    def cache_nbytes(self) -> int:
+        """Bytes of every cache array held between steps."""
+        return self.store_nbytes() + self.window_nbytes() + self.sink_nbytes()

@@ -18,7 +18,8 @@ has no bfloat16 MatMul; the torch runs use fp32 too so both paths compare).
 The ``latent …`` form (the default 1/8-of-the-cache candidate: a whitened low-rank latent,
 int4 with its smallest channels at int2, per channel in blocks of 64 tokens, 4 sink tokens)
 first rewrites every attention layer (``apply_lowrank_kv``, factors fitted on 16 × 256 tokens
-of the news corpus's first half, the same in the torch worker and the export); its cache
+of the news corpus's first half by a ``fit`` worker before the runs and read from the work
+folder by the torch worker and the export, so no row's memory includes the fit); its cache
 rebuilds K/V from the whole latent at every step, on both paths.
 
 Reported per run: peak RSS, RSS after loading the model (torch) or opening the session (ORT),
@@ -77,24 +78,42 @@ def _form(name: str):  # noqa: ANN202
     return KVDenseConfig() if name == "dense" else KVQuantConfig(**FORMS[name])
 
 
-def _load(form: str):  # noqa: ANN202
+def _factors_path(work: Path) -> Path:
+    return work / "latent_factors.pt"
+
+
+def _fit(work: Path) -> None:
+    """Worker: fit the latent form's factors of every SmolLM2 attention layer (16 × 256
+    tokens of the news corpus's first half) into ``work``."""
+    import torch
+
+    from slimfx.data.text import calibration_batches
+    from slimfx.forms.kv.calibrate import attention_grams, fit_site
+    from slimfx.ir.find import inspect_attention_sites
+    from slimfx.models import load_smollm2
+
+    model, tok = load_smollm2()
+    sites, _ = inspect_attention_sites(model)
+    grams = attention_grams(model, sites, calibration_batches(tok, name="news", n=16, seq_len=256))
+    cfg = _form(LATENT)
+    torch.save({s.fqn: fit_site(model, s, grams[s.fqn], cfg) for s in sites}, _factors_path(work))
+
+
+def _load(form: str, work: Path):  # noqa: ANN202
     """SmolLM2 (fp32) and its tokenizer; for the latent form, every attention layer rewritten
-    to rebuild K/V from the latent (factors fitted on the news corpus's first half)."""
+    to rebuild K/V from the latent (the ``fit`` worker's factors)."""
     from slimfx.models import load_smollm2
 
     model, tok = load_smollm2()
     if form == LATENT:
-        from slimfx.data.text import calibration_batches
-        from slimfx.forms.kv.calibrate import attention_grams, fit_site
+        import torch
+
         from slimfx.forms.kv.lowrank import apply_lowrank_kv
         from slimfx.ir.find import inspect_attention_sites
 
-        cfg = _form(form)
         sites, _ = inspect_attention_sites(model)
-        calib = calibration_batches(tok, name="news", n=16, seq_len=256)
-        grams = attention_grams(model, sites, calib)
-        factors = {s.fqn: fit_site(model, s, grams[s.fqn], cfg) for s in sites}
-        apply_lowrank_kv(model, sites, {s.fqn: cfg for s in sites}, factors)
+        factors = torch.load(_factors_path(work))
+        apply_lowrank_kv(model, sites, {s.fqn: _form(form) for s in sites}, factors)
     return model, tok
 
 
@@ -116,18 +135,18 @@ def _export(work: Path, form: str) -> None:
     """Worker: export the SmolLM2 step graph of ``form`` (all layers) into ``work``."""
     from slimfx.backends.onnx_kv import export_onnx_kv
 
-    model, _ = _load(form)
+    model, _ = _load(form, work)
     export_onnx_kv(model, _onnx_path(work, form), _form(form))
 
 
-def _torch_run(form: str, context: int, new: int, chunk: int) -> dict:
+def _torch_run(work: Path, form: str, context: int, new: int, chunk: int) -> dict:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
     from transformers.cache_utils import DynamicCache
 
     from slimfx.forms.kv.cache import KVCache
 
-    model, tok = _load(form)
+    model, tok = _load(form, work)
     ids = _prompt(tok, context - new)
     rss_loaded = _status("VmRSS")
     stamps: list[float] = []
@@ -195,11 +214,14 @@ def _worker(a: argparse.Namespace) -> int:
 
     torch.set_num_threads(a.threads)
     backend, form = a.worker.split(" ", 1)
+    if backend == "fit":
+        _fit(Path(a.work))
+        return 0
     if backend == "export":
         _export(Path(a.work), form)
         return 0
     if backend == "torch":
-        row = _torch_run(form, a.context, a.new, a.chunk)
+        row = _torch_run(Path(a.work), form, a.context, a.new, a.chunk)
     else:
         row = _ort_run(Path(a.work), form, a.context, a.new, a.chunk, a.threads)
     row.update(config=a.worker, context=a.context, peak_rss=_status("VmHWM"))
@@ -241,6 +263,8 @@ def main() -> int:
     if a.worker:
         return _worker(a)
     a.work = a.work or tempfile.mkdtemp(prefix="kv_memory_")
+    if any(c.endswith(LATENT) for c in a.configs) and not _factors_path(Path(a.work)).exists():
+        _spawn(a, f"fit {LATENT}", 0)
     for c in a.configs:
         backend, form = c.split(" ", 1)
         if backend == "ort" and not _onnx_path(Path(a.work), form).exists():

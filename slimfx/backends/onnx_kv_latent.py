@@ -42,6 +42,7 @@ from transformers.cache_utils import DynamicLayer
 
 from slimfx.forms.kv.cache import latent_segments
 from slimfx.forms.kv.config import KVDecision, KVLatentQuantConfig, KVLowRankConfig
+from slimfx.forms.kv.lowrank import merge_sinks
 from slimfx.forms.kv.numerics import _minmax, join_latent, split_latent
 
 __all__ = [
@@ -218,21 +219,9 @@ class ExportLatentLayer(DynamicLayer):
         return self.new
 
     def merge_sinks(self, k: Tensor, v: Tensor, ek: Tensor, ev: Tensor) -> tuple[Tensor, Tensor]:
-        """Rebuilt K/V ``(B, Hkv, S, D)`` with the first ``sink`` positions replaced by exact
-        ones: from the held buffer for past tokens, from ``ek`` / ``ev`` (the call's exact
-        K/V, ``(B, Hkv, T, D)``) for this call's. Sets ``present_sink``."""
-        s, sink = self.form.sink, self.sink
-        assert sink is not None
-        n0, T, S = self.get_seq_length(), ek.shape[2], k.shape[2]
-        exact = torch.stack([torch.cat([sink[0], ek], 2), torch.cat([sink[1], ev], 2)])
-        exact = exact.to(k.dtype)
-
-        def index(n: int) -> Tensor:  # position p → entry of `exact` (past: p, call: s+p−n0)
-            p = torch.arange(n, device=k.device)
-            i = torch.where(p < n0, p, p - n0 + s)
-            return torch.where(i < s + T, i, torch.zeros_like(i))
-
-        self.present_sink = exact.index_select(3, index(s))
-        full = exact.index_select(3, index(S))
-        keep = (torch.arange(S, device=k.device) < s).view(1, 1, S, 1)
-        return torch.where(keep, full[0], k), torch.where(keep, full[1], v)
+        """Rebuilt K/V with the first ``sink`` positions exact (``lowrank.merge_sinks``);
+        sets ``present_sink``."""
+        assert self.sink is not None
+        n0 = self.get_seq_length()
+        k, v, self.present_sink = merge_sinks(k, v, ek, ev, self.sink, n0, self.form.sink)
+        return k, v

@@ -231,3 +231,28 @@ def test_refusals_and_model_unchanged(tmp_path):
     quant = KVLatentQuantConfig(16, 24, 2, "attention", 8, 8, 0, sink=3)
     assert export_forms(model, {0: FORMS_A[0], 1: quant}) == [FORMS_A[0], quant]
     assert export_forms(model) == [FORMS_A[0], FORMS_A[1]]  # unmarked: the modules' forms
+
+
+def test_qwen2_biases(tmp_path):
+    """Qwen2's k/v projections have biases: the rebuilt K/V add them, the sink tokens' exact
+    K/V come from the biased projections — in ONNX Runtime as in torch."""
+    import transformers as tf
+
+    cfg = tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("bias"):
+                p.normal_(0, 0.5)
+    sites, _ = inspect_attention_sites(model)
+    forms = dict(FORMS_A)
+    grams = attention_grams(model, sites, _calib())
+    factors = {s.fqn: fit_site(model, s, grams[s.fqn], forms[i]) for i, s in enumerate(sites)}
+    apply_lowrank_kv(model, sites, {s.fqn: forms[i] for i, s in enumerate(sites)}, factors)
+    assert model.model.layers[0].self_attn.k_bias is not None
+    res = export_onnx_kv(model, tmp_path / "qwen2.onnx", forms)
+    dec = OrtKVDecoder(res.path, threads=1)
+    kv_ort_matches_torch(model, dec, forms, _ids(2, 9, seed=2), steps=16, atol=ATOL)

@@ -1,16 +1,33 @@
-"""The static quantized cache: reads equal the dynamic cache's, a decode step traces into one
-graph (torch.compile fullgraph), generate() greedy int8 tokens equal dense."""
+"""The static compressed caches: reads equal the dynamic cache's token for token (sink tokens,
+chunked prefill after a past, per-channel and per-token latents), a decode step traces into
+one graph (torch.compile fullgraph), generate() with a static cache gives the dynamic cache's
+tokens for every form."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from slimfx.forms.kv.cache import QuantizedKVLayer
-from slimfx.forms.kv.config import KVDenseConfig, KVLowRankConfig, KVQuantConfig
-from slimfx.forms.kv.static_cache import StaticKVCache, StaticQuantizedKVLayer
+from slimfx.forms.kv.cache import KVCache, QuantizedKVLayer, QuantizedLatentLayer
+from slimfx.forms.kv.config import (
+    KVDenseConfig,
+    KVLatentQuantConfig,
+    KVLowRankConfig,
+    KVQuantConfig,
+)
+from slimfx.forms.kv.static_cache import (
+    StaticKVCache,
+    StaticLatentLayer,
+    StaticQuantizedKVLayer,
+    StaticQuantizedLatentLayer,
+    static_layer_for,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+MIXED = KVLatentQuantConfig(
+    16, 24, 2, "whitened", 4, 4, 2, sink=2, axis="channel", low_bits=2, key_low=8, value_low=8
+)
 
 
 @pytest.mark.parametrize(
@@ -19,11 +36,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
         (KVQuantConfig(4, 4, 4, 8, 0), (1,) * 30),
         (KVQuantConfig(2, 8, 4, 16, 5), (1,) * 31),
         (KVQuantConfig(4, 2, 8, 8, 3), (13,) + (1,) * 20),  # prefill longer than the ring
+        (KVQuantConfig(4, 4, 4, 8, 2, sink=3), (1,) * 30),  # sink tokens
+        (KVQuantConfig(4, 4, 4, 8, 1, sink=2), (5, 9, 1, 1, 11, 1, 1)),  # chunks after a past
     ],
 )
 def test_static_reads_equal_the_dynamic_cache(cfg, chunks):
     g = torch.Generator().manual_seed(0)
-    dyn, sta = QuantizedKVLayer(cfg), StaticQuantizedKVLayer(cfg, max_cache_len=48)
+    dyn, sta = QuantizedKVLayer(cfg), StaticQuantizedKVLayer(cfg, max_cache_len=47)
     n = 0
     for T in chunks:
         k = torch.randn(2, 2, T, 16, generator=g)
@@ -31,14 +50,41 @@ def test_static_reads_equal_the_dynamic_cache(cfg, chunks):
         dk, dv = dyn.update(k, v)
         sk, sv = sta.update(k, v)
         n += T
-        assert sk.shape == (2, 2, 48, 16) and int(sta.get_seq_length()) == n
+        assert sk.shape == (2, 2, 47, 16) and int(sta.get_seq_length()) == n
         torch.testing.assert_close(sk[:, :, :n], dk, atol=0, rtol=0)
         torch.testing.assert_close(sv[:, :, :n], dv, atol=0, rtol=0)
     assert dyn.n_stored > 0  # the store was exercised
 
 
+@pytest.mark.parametrize(
+    "cfg, chunks",
+    [
+        (MIXED, (1,) * 30),
+        (MIXED, (7, 1, 10, 1, 1, 6)),
+        (KVLatentQuantConfig(24, 16, 2, "attention", 8, 4, 3), (1,) * 20),  # per token
+        (KVLatentQuantConfig(24, 16, 2, "attention", 4, 8, 0, sink=1), (9, 1, 1, 4, 1)),
+    ],
+)
+def test_static_latent_reads_equal_the_dynamic_cache(cfg, chunks):
+    g = torch.Generator().manual_seed(1)
+    dyn, sta = QuantizedLatentLayer(cfg), StaticQuantizedLatentLayer(cfg, max_cache_len=45)
+    n = 0
+    for T in chunks:
+        lk = torch.randn(2, 1, T, cfg.key_rank, generator=g)
+        lv = torch.randn(2, 1, T, cfg.value_rank, generator=g)
+        pos = torch.arange(n, n + T).unsqueeze(0)
+        dk, dv = dyn.update(lk, lv, positions=pos)
+        sk, sv = sta.update(lk, lv, positions=pos)
+        n += T
+        assert sk.shape == (2, 1, 45, cfg.key_rank)
+        torch.testing.assert_close(sk[:, :, :n], dk, atol=0, rtol=0)
+        torch.testing.assert_close(sv[:, :, :n], dv, atol=0, rtol=0)
+    assert dyn.n_stored > 0
+    assert torch.equal(sta.positions, torch.arange(45).expand(2, 45))
+
+
 def test_a_decode_step_compiles_into_one_graph():
-    cfg = KVQuantConfig(4, 4, 4, 8, 2)
+    cfg = KVQuantConfig(4, 4, 4, 8, 2, sink=2)
     g = torch.Generator().manual_seed(1)
     eager, comp = StaticQuantizedKVLayer(cfg, 32), StaticQuantizedKVLayer(cfg, 32)
     k0, v0 = torch.randn(1, 2, 9, 16, generator=g), torch.randn(1, 2, 9, 16, generator=g)
@@ -58,13 +104,71 @@ def test_static_generate_int8_equals_dense(tiny_llama, tiny_ids):
     ids = tiny_ids[:1]
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
     dense = tiny_llama.generate(ids, **kw)
-    forms = [KVQuantConfig(8, 8, 4, 16, 2), KVDenseConfig()]
-    got = tiny_llama.generate(ids, past_key_values=StaticKVCache(forms, 32), **kw)
+    forms = [KVQuantConfig(8, 8, 4, 16, 2, sink=1), KVDenseConfig()]
+    got = tiny_llama.generate(ids, past_key_values=StaticKVCache(forms, 30), **kw)
     assert torch.equal(got, dense)
 
 
+def _low_rank_model():
+    """A tiny Llama with layer 0 a mixed-width quantized latent, layer 1 a 16-bit latent, both
+    with sink tokens (fitted on random tokens)."""
+    from slimfx.forms.kv.calibrate import attention_grams, fit_site
+    from slimfx.forms.kv.lowrank import apply_lowrank_kv
+    from slimfx.ir.find import inspect_attention_sites
+    from slimfx.models import tiny_llama
+
+    forms = [MIXED, KVLowRankConfig(16, 24, 2, "attention", sink=3)]
+    model = tiny_llama(seed=0)
+    sites, _ = inspect_attention_sites(model)
+    g = torch.Generator().manual_seed(5)
+    grams = attention_grams(model, sites, [torch.randint(0, 256, (1, 24), generator=g)] * 3)
+    factors = {s.fqn: fit_site(model, s, grams[s.fqn], forms[i]) for i, s in enumerate(sites)}
+    apply_lowrank_kv(model, sites, {s.fqn: forms[i] for i, s in enumerate(sites)}, factors)
+    return model, forms
+
+
+def test_static_low_rank_caches_generate_the_dynamic_tokens_and_compile():
+    """generate() with a static cache of latent layers (built by the cache-upgrade hook from
+    transformers' StaticCache, or given) = with the dynamic KVCache; a decode step of the whole
+    model traces into one graph (fullgraph) and gives the eager logits over 10 steps."""
+    from transformers.cache_utils import StaticCache
+
+    model, forms = _low_rank_model()
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    want = model.generate(ids, past_key_values=KVCache(forms), **kw)
+    got = model.generate(ids, past_key_values=StaticKVCache(forms, 24), **kw)
+    assert got.tolist() == want.tolist()
+
+    eager, comp = StaticKVCache(forms, 24), StaticKVCache(forms, 24)
+    assert isinstance(eager.layers[1], StaticLatentLayer)
+    with torch.no_grad():
+        for c in (eager, comp):  # prefill stays eager, as in transformers
+            out = model(ids, past_key_values=c, use_cache=True)
+        torch._dynamo.reset()
+
+        def step(tok, pos, cache):  # noqa: ANN001, ANN202
+            return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+        compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=False)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        for t in range(7, 17):
+            pos = torch.full((2, 1), t)
+            ref = step(tok, pos, eager)
+            torch.testing.assert_close(compiled(tok, pos, comp), ref, atol=1e-5, rtol=1e-5)
+            tok = ref[:, -1].argmax(-1, keepdim=True)
+    # transformers' own StaticCache: the hook swaps in the static latent layers
+    hf = StaticCache(config=model.config, max_cache_len=24)
+    from slimfx.forms.kv.apply import _mark
+
+    for layer, f in zip(model.model.layers, forms):
+        _mark(layer.self_attn, f)
+    assert model.generate(ids, past_key_values=hf, **kw).tolist() == want.tolist()
+    assert isinstance(hf.layers[0], StaticQuantizedLatentLayer)
+
+
 def test_static_refusals():
-    with pytest.raises(ValueError, match="must be a multiple of key_group 32"):
-        StaticQuantizedKVLayer(KVQuantConfig(), 40)
-    with pytest.raises(TypeError, match="no static cache layer for kv_lowrank"):
-        StaticKVCache([KVLowRankConfig()], 64)
+    with pytest.raises(ValueError, match="max_cache_len 4 must exceed sink 4"):
+        StaticQuantizedKVLayer(KVQuantConfig(sink=4), 4)
+    with pytest.raises(TypeError, match="no static cache layer for str"):
+        static_layer_for("int4", 64)  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ transformers):
 - ``simulate``      an attention block's output with a compressed cache in one pass,
                     ``attention_error`` (the form's error), ``SimulatedKVAttention``;
 - ``cache``         ``KVCache``: a transformers ``Cache`` that ``generate()`` uses unchanged;
-- ``static_cache``  ``StaticKVCache``: the static-shape variant for ``torch.compile``;
+- ``static_cache``  ``StaticKVCache``: the static-shape variants (every form) for ``torch.compile``;
 - ``lowrank``       ``apply_lowrank_kv``: k/v projections factorized, the cache holds the latent.
 
 Attention sites come from ``slimfx.ir.find.inspect_attention_sites`` (one introspection of

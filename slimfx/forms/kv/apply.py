@@ -33,7 +33,7 @@ from slimfx.ir.sites import AttentionSite
 from slimfx.planning.plan import Plan
 
 from .cache import KV_FORM_ATTR, LatentLayer, _StoreLayer, layer_for
-from .config import KVDecision, KVDenseConfig, KVQuantConfig
+from .config import KVDecision, KVDenseConfig
 
 __all__ = ["apply_kv_plan", "split_plan", "empty_kv_like_plan", "upgrade_cache_layer"]
 
@@ -76,9 +76,9 @@ def upgrade_cache_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     layer = layers[idx]
     from transformers.cache_utils import DynamicLayer, StaticLayer
 
-    from .static_cache import StaticQuantizedKVLayer
+    from .static_cache import StaticLatentLayer, _StaticStoreLayer, static_layer_for
 
-    if isinstance(layer, (_StoreLayer, LatentLayer, StaticQuantizedKVLayer)):
+    if isinstance(layer, (_StoreLayer, LatentLayer, _StaticStoreLayer, StaticLatentLayer)):
         return  # a compressed layer: a KVCache (or this hook) built it
     if type(layer) not in (DynamicLayer, StaticLayer):
         return  # a layer class of the caller's (an export's stand-in): theirs to hold
@@ -87,15 +87,14 @@ def upgrade_cache_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     if type(layer) is DynamicLayer and empty:
         layers[idx] = layer_for(form)
         return
-    if type(layer) is StaticLayer and empty and isinstance(form, KVQuantConfig):
-        layers[idx] = StaticQuantizedKVLayer(form, layer.max_cache_len)
+    if type(layer) is StaticLayer and empty:
+        layers[idx] = static_layer_for(form, layer.max_cache_len)
         return
     raise TypeError(
         f"layer {idx} of the cache is a {type(layer).__name__}"
         f"{'' if empty else ' that already holds 16-bit tokens'}: this model keeps that layer "
         f"as {form.short()} — pass no cache (generate() builds one), an empty DynamicCache, "
         "or slimfx.forms.kv.cache.KVCache.for_model(model)"
-        + (" (the low-rank caches have no static variant)" if type(layer) is StaticLayer else "")
     )
 
 

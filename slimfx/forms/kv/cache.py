@@ -23,7 +23,7 @@ layer's KV form:
 Sliding-window layers are refused (the compressed layers never evict). Pass the cache as
 ``model.generate(..., past_key_values=KVCache.for_model(model, form))``.
 
-The static variant for ``torch.compile`` is :class:`StaticQuantizedKVLayer` in
+The static variants for ``torch.compile`` (every form) are in
 :mod:`slimfx.forms.kv.static_cache`.
 """
 
@@ -61,6 +61,8 @@ __all__ = [
     "kv_forms_of",
     "KV_FORM_ATTR",
     "latent_segments",
+    "encode_store",
+    "decode_store",
 ]
 
 
@@ -209,17 +211,7 @@ class QuantizedKVLayer(_StoreLayer):
         return self.config.quantized_tokens(tokens)
 
     def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
-        c = self.config
-        kq, ks, km = quantize_keys(keys, c.key_bits, c.key_group)
-        vq, vs, vm = quantize_values(values, c.value_bits, c.value_group)
-        return {
-            "k_codes": kq,
-            "k_scale": ks,
-            "k_min": km,
-            "v_codes": vq,
-            "v_scale": vs,
-            "v_min": vm,
-        }
+        return encode_store(self.config, keys, values)
 
     def decode_attention(self, q: Tensor, scaling: float, kernel: bool = True) -> Tensor:
         """One decode step's attention ``(B, Hq, D)`` for queries ``q`` ``(B, Hq, D)`` (or
@@ -256,14 +248,7 @@ class QuantizedKVLayer(_StoreLayer):
         return fn(*args)
 
     def _dequantize(self) -> tuple[Tensor, Tensor]:
-        c, s = self.config, self.store
-        k = dequantize_keys(
-            s["k_codes"], s["k_scale"], s["k_min"], c.key_bits, c.key_group, self.dtype
-        )
-        v = dequantize_values(
-            s["v_codes"], s["v_scale"], s["v_min"], c.value_bits, c.value_group, self.dtype
-        )
-        return k, v
+        return decode_store(self.config, self.store, self.dtype)
 
 
 class _LatentSide:
@@ -368,6 +353,53 @@ def latent_segments(config: KVLatentQuantConfig, role: str) -> list[tuple[str, i
             for n, b in config.segments(role)]  # fmt: skip
 
 
+def encode_store(
+    config: KVQuantConfig | KVLatentQuantConfig, keys: Tensor, values: Tensor
+) -> dict[str, Tensor]:
+    """The store arrays (name → tensor, batch first, tokens third) of ``keys`` / ``values``
+    ``(B, H, T, D)`` — a ``kv_quant`` layer's K/V, or a ``kv_latent_quant`` layer's key and
+    value latents ``(B, 1, T, rank)`` — in ``config``'s layout (:mod:`.numerics`). Per-channel
+    arrays have one row per block of tokens (``T`` a multiple of the block), the rest one per
+    token."""
+    c = config
+    if isinstance(c, KVQuantConfig):
+        kq, ks, km = quantize_keys(keys, c.key_bits, c.key_group)
+        vq, vs, vm = quantize_values(values, c.value_bits, c.value_group)
+        return {"k_codes": kq, "k_scale": ks, "k_min": km,
+                "v_codes": vq, "v_scale": vs, "v_min": vm}  # fmt: skip
+    quant = quantize_values if c.axis == "token" else quantize_keys
+    out: dict[str, Tensor] = {}
+    for role, x in (("key", keys), ("value", values)):
+        segs = latent_segments(c, role)
+        parts = [x] if len(segs) == 1 else split_latent(x, c.groups, [n for _, n, _ in segs])
+        for (name, _, bits), part in zip(segs, parts):
+            codes, scale, mn = quant(part, bits, c.group)
+            out |= {f"{name}_codes": codes, f"{name}_scale": scale, f"{name}_min": mn}
+    return out
+
+
+def decode_store(
+    config: KVQuantConfig | KVLatentQuantConfig, store: dict[str, Tensor], dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Inverse of :func:`encode_store`: keys and values (or latents) in ``dtype``."""
+    c, s = config, store
+    if isinstance(c, KVQuantConfig):
+        k = dequantize_keys(s["k_codes"], s["k_scale"], s["k_min"], c.key_bits, c.key_group, dtype)
+        v = dequantize_values(
+            s["v_codes"], s["v_scale"], s["v_min"], c.value_bits, c.value_group, dtype
+        )
+        return k, v
+    deq = dequantize_values if c.axis == "token" else dequantize_keys
+    out = []
+    for role in ("key", "value"):
+        parts = [
+            deq(s[f"{nm}_codes"], s[f"{nm}_scale"], s[f"{nm}_min"], bits, c.group, dtype)
+            for nm, _, bits in latent_segments(c, role)
+        ]
+        out.append(parts[0] if len(parts) == 1 else join_latent(parts, c.groups))
+    return out[0], out[1]
+
+
 class QuantizedLatentLayer(_LatentSide, _StoreLayer):
     """The latent of :class:`LatentLayer`, quantized outside the 16-bit window (per token or
     per channel in blocks, ``config.axis``); the sink tokens' latents stay 16-bit."""
@@ -381,32 +413,11 @@ class QuantizedLatentLayer(_LatentSide, _StoreLayer):
     def _target(self, tokens: int) -> int:
         return self.config.quantized_tokens(tokens)
 
-    def _segments(self, role: str) -> list[tuple[str, int, int]]:
-        return latent_segments(self.config, role)
-
     def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
-        c = self.config
-        quant = quantize_values if c.axis == "token" else quantize_keys
-        out: dict[str, Tensor] = {}
-        for role, x in (("key", keys), ("value", values)):
-            segs = self._segments(role)
-            parts = [x] if len(segs) == 1 else split_latent(x, c.groups, [n for _, n, _ in segs])
-            for (name, _, bits), part in zip(segs, parts):
-                codes, scale, mn = quant(part, bits, c.group)
-                out |= {f"{name}_codes": codes, f"{name}_scale": scale, f"{name}_min": mn}
-        return out
+        return encode_store(self.config, keys, values)
 
     def _dequantize(self) -> tuple[Tensor, Tensor]:
-        c, s = self.config, self.store
-        deq = dequantize_values if c.axis == "token" else dequantize_keys
-        out = []
-        for role in ("key", "value"):
-            parts = [
-                deq(s[f"{nm}_codes"], s[f"{nm}_scale"], s[f"{nm}_min"], bits, c.group, self.dtype)
-                for nm, _, bits in self._segments(role)
-            ]
-            out.append(parts[0] if len(parts) == 1 else join_latent(parts, c.groups))
-        return out[0], out[1]
+        return decode_store(self.config, self.store, self.dtype)
 
     def nbytes(self) -> int:
         return super().nbytes() + self._side_nbytes()

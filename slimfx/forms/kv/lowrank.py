@@ -35,7 +35,7 @@ from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.simulate import apply_rope, rebuild
 from slimfx.ir.sites import AttentionSite
 
-__all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary"]
+__all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary", "merge_sinks"]
 
 
 class LowRankKVAttention(nn.Module):
@@ -153,6 +153,31 @@ class LowRankKVAttention(nn.Module):
         k = self.k_proj(hidden).view(B, n, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(B, n, -1, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
+
+
+def merge_sinks(
+    k: Tensor, v: Tensor, ek: Tensor, ev: Tensor, held: Tensor, n0: Any, sink: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Sink tokens without a shape-dependent branch (the ONNX export's and the static cache's
+    path). ``k`` / ``v`` ``(B, Hkv, S, D)``: K/V rebuilt for cache positions ``0 … S−1``;
+    ``ek`` / ``ev`` ``(B, Hkv, T, D)``: the exact K/V of the call's tokens, at positions
+    ``n0 … n0+T−1`` (``n0``: the cached length before the call, an int, SymInt or 0-dim
+    tensor); ``held`` ``(2, B, Hkv, sink, D)``: the exact K/V of the sink tokens cached before.
+    Returns ``k`` / ``v`` with each position ``p < sink`` exact — ``held[:, …, p]`` for a past
+    token, the call's for this call's — and the sink buffer after the call (entries of
+    positions not reached yet unspecified, never read)."""
+    T, S = ek.shape[2], k.shape[2]
+    exact = torch.stack([torch.cat([held[0], ek], 2), torch.cat([held[1], ev], 2)]).to(k.dtype)
+
+    def index(n: int) -> Tensor:  # position p → entry of `exact` (past: p, call: sink+p−n0)
+        p = torch.arange(n, device=k.device)
+        i = torch.where(p < n0, p, p - n0 + sink)
+        return torch.where(i < sink + T, i, torch.zeros_like(i))
+
+    full = exact.index_select(3, index(S))
+    keep = (torch.arange(S, device=k.device) < sink).view(1, 1, S, 1)
+    k, v = torch.where(keep, full[0], k), torch.where(keep, full[1], v)
+    return k, v, exact.index_select(3, index(sink))
 
 
 def find_rotary(model: nn.Module) -> nn.Module:

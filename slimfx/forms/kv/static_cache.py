@@ -1,23 +1,34 @@
-"""The static-shape quantized cache, for ``torch.compile`` (and CUDA graphs).
+"""Static-shape compressed caches, for ``torch.compile`` (and CUDA graphs).
 
-:class:`StaticQuantizedKVLayer` preallocates, for ``max_cache_len`` tokens, the packed codes and
-float16 scales/minimums of the quantized store (layout of :mod:`slimfx.forms.kv.numerics`) and
-a 16-bit *ring* of ``W = residual + 2·key_group`` slots; nothing is reallocated and every index
-is a tensor, so a decode step traces into one graph with no data-dependent shapes.
+Every layer preallocates, for ``max_cache_len`` (``M``) tokens, what it holds; nothing is
+reallocated and every index is a tensor, so a decode step traces into one graph with no
+data-dependent shapes. A step returns full-length ``(B, H, M, ·)`` tensors (positions after
+the call's last token are masked by the static attention mask).
 
-The residual window: token ``p`` is written to ring slot ``p mod W``. Before writing, the step
-re-quantizes, unconditionally, block ``b = max(0, ⌊(p − residual)/key_group⌋ − 1)`` — the newest
-block that is out of the window — from the ring into the store (``index_copy_``). Each block is
-quantized during the ``key_group`` steps after it leaves the window, from its final tokens, so
-the repeats are idempotent; the store's blocks that are not complete yet hold throw-away codes
-that nobody reads. A step returns full-length ``(B, H, max_cache_len, D)`` keys/values: the
-dequantized store for positions ``j < quantized_tokens(p)``, the ring (exact) for the rest
-(positions after ``p`` are masked by the static attention mask). The ring covers
-``[p − W + 1, p] ⊇ [quantized_tokens(p), p]``. A call with several tokens (prefill) runs the
-same per-token bookkeeping in a loop and returns its own tokens exact.
+- :class:`StaticQuantizedKVLayer` (``kv_quant``) and :class:`StaticQuantizedLatentLayer`
+  (``kv_latent_quant``, the latents in place of K/V) keep the quantized store (layout of
+  :func:`.cache.encode_store`, room for ``M − sink`` tokens rounded up to whole blocks), a 16-bit
+  *ring* of ``W = residual + 2·block`` slots and a 16-bit buffer of the ``sink`` first tokens
+  (``block``: ``key_group`` tokens; a per-channel latent's ``group``; 1 for a per-token latent,
+  whose tokens leave the window one by one).
 
-So the static cache holds ``W`` 16-bit tokens where the dynamic one holds ``residual`` to
-``residual + key_group − 1``; reads equal the dynamic cache's token for token.
+  The residual window: token ``p`` is written to ring slot ``p mod W`` (and, if ``p < sink``,
+  to the sink buffer). Before writing, the step re-quantizes, unconditionally, store block
+  ``b = max(0, ⌊(p − sink − residual)/block⌋ − 1)`` — the newest block out of the window —
+  from the ring (``index_copy_``). Each block is quantized during the ``block`` steps after it
+  leaves the window, from its final tokens, so the repeats are idempotent; blocks that are not
+  complete yet hold throw-away codes nobody reads. A call reads, right after writing its first
+  token, as the dynamic layer does after its flush: position ``j`` from the sink buffer if
+  ``j < sink``, from the store if ``j < sink + quantized_tokens(n0)`` (``n0``: the tokens
+  before the call), else from the ring — which then covers ``[n0 − W + 1, n0]``, every window
+  token. The call's own tokens are returned exact. So the static layer holds ``W`` 16-bit tokens
+  where the dynamic one holds ``residual`` to ``residual + block − 1``, and reads equal the
+  dynamic cache's token for token (chunked prefill included).
+- :class:`StaticLatentLayer` (``kv_lowrank``): the 16-bit latent of every position.
+
+The latent layers also give the low-rank attention (:mod:`.lowrank`) the positions ``0 … M−1``
+and the sink tokens' exact K/V: a ``(2, B, Hkv, sink, D)`` buffer merged by
+``lowrank.merge_sinks`` (no shape-dependent branch), updated in place.
 """
 
 from __future__ import annotations
@@ -28,80 +39,102 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, StaticLayer
 
-from slimfx.forms.kv.config import KVDecision, KVDenseConfig, KVQuantConfig
-from slimfx.forms.kv.numerics import (
-    dequantize_keys,
-    dequantize_values,
-    quantize_keys,
-    quantize_values,
+from slimfx.forms.kv.cache import decode_store, encode_store
+from slimfx.forms.kv.config import (
+    KVDecision,
+    KVDenseConfig,
+    KVLatentQuantConfig,
+    KVLowRankConfig,
+    KVQuantConfig,
 )
+from slimfx.forms.kv.lowrank import merge_sinks
 
-__all__ = ["StaticQuantizedKVLayer", "StaticKVCache"]
+__all__ = [
+    "StaticQuantizedKVLayer",
+    "StaticQuantizedLatentLayer",
+    "StaticLatentLayer",
+    "StaticKVCache",
+    "static_layer_for",
+]
 
 
-class StaticQuantizedKVLayer(StaticLayer):
-    """Static-shape KIVI layer (module docstring)."""
+def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
+    return torch.zeros(shape, dtype=like.dtype, device=like.device)
+
+
+class _StaticStoreLayer(StaticLayer):
+    """Quantized store + ring + sink buffer (module docstring). ``self.keys`` /
+    ``self.values`` are the ring."""
 
     is_compileable = True
 
-    def __init__(self, config: KVQuantConfig, max_cache_len: int, **kwargs: Any) -> None:
-        if max_cache_len % config.key_group:
-            raise ValueError(
-                f"max_cache_len {max_cache_len} must be a multiple of key_group "
-                f"{config.key_group} (the store holds whole blocks)"
-            )
-        if config.sink:
-            raise ValueError("the static cache keeps no sink tokens yet (sink must be 0)")
+    def __init__(
+        self, config: KVQuantConfig | KVLatentQuantConfig, max_cache_len: int, block: int
+    ) -> None:
+        if max_cache_len <= config.sink:
+            raise ValueError(f"max_cache_len {max_cache_len} must exceed sink {config.sink}")
         super().__init__(max_cache_len=max_cache_len)
-        self.config = config
-        self.window = config.residual + 2 * config.key_group
+        self.config, self.block = config, block
+        self.sink, self.residual = config.sink, config.residual
+        self.window = config.residual + 2 * block
+        self.room = -(-(max_cache_len - config.sink) // block) * block  # store tokens
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        c, M, W = self.config, self.max_cache_len, self.window
-        B, H, _, D = key_states.shape
-        dev = key_states.device
-        self.dtype, self.device = key_states.dtype, dev
-        self.batch_size, self.num_heads, self.k_head_dim = B, H, D
-        self.v_head_dim = D
-
-        def z(*shape: int, dtype: torch.dtype = torch.float16) -> Tensor:
-            return torch.zeros(shape, dtype=dtype, device=dev)
-
-        self.store = {
-            "k_codes": z(B, H, M, D * c.key_bits // 8, dtype=torch.uint8),
-            "k_scale": z(B, H, M // c.key_group, D),
-            "k_min": z(B, H, M // c.key_group, D),
-            "v_codes": z(B, H, M, D * c.value_bits // 8, dtype=torch.uint8),
-            "v_scale": z(B, H, M, D // c.value_group),
-            "v_min": z(B, H, M, D // c.value_group),
-        }
-        self.keys = z(B, H, W, D, dtype=self.dtype)  # the ring
-        self.values = z(B, H, W, D, dtype=self.dtype)
-        self.cumulative_length = self.cumulative_length.to(dev)
+        B, H = key_states.shape[:2]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = B, H
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        # the store's arrays, shaped by encoding zeros: token rows (room) or block rows
+        zk = _zeros((B, H, self.room, self.k_head_dim), key_states)
+        zv = _zeros((B, H, self.room, self.v_head_dim), value_states)
+        self.store = encode_store(self.config, zk, zv)
+        W, s = self.window, max(self.sink, 1)
+        self.keys = _zeros((B, H, W, self.k_head_dim), key_states)
+        self.values = _zeros((B, H, W, self.v_head_dim), value_states)
+        self.sink_keys = _zeros((B, H, s, self.k_head_dim), key_states)
+        self.sink_values = _zeros((B, H, s, self.v_head_dim), value_states)
+        self.cumulative_length = self.cumulative_length.to(self.device)
         self.is_initialized = True
 
     def _write_one(self, k1: Tensor, v1: Tensor) -> None:
-        c, W, G = self.config, self.window, self.config.key_group
-        p = self.cumulative_length
-        b = torch.clamp(torch.div(p - c.residual, G, rounding_mode="floor") - 1, min=0)
-        toks = b * G + torch.arange(G, device=self.device)
-        slots = toks % W
-        kq, ks, km = quantize_keys(self.keys.index_select(2, slots), c.key_bits, G)
-        vq, vs, vm = quantize_values(
-            self.values.index_select(2, slots), c.value_bits, c.value_group
+        G, W, s, p = self.block, self.window, self.sink, self.cumulative_length
+        b = torch.clamp(torch.div(p - s - self.residual, G, rounding_mode="floor") - 1, min=0)
+        toks = b * G + torch.arange(G, device=self.device)  # store rows of block b
+        slots = (toks + s) % W
+        new = encode_store(
+            self.config, self.keys.index_select(2, slots), self.values.index_select(2, slots)
         )
-        s = self.store
-        blk = b.reshape(1)
-        s["k_codes"].index_copy_(2, toks, kq)
-        s["k_scale"].index_copy_(2, blk, ks)
-        s["k_min"].index_copy_(2, blk, km)
-        s["v_codes"].index_copy_(2, toks, vq)
-        s["v_scale"].index_copy_(2, toks, vs)
-        s["v_min"].index_copy_(2, toks, vm)
+        for name, t in self.store.items():
+            t.index_copy_(2, toks if t.shape[2] == self.room else b.reshape(1), new[name])
         slot = (p % W).reshape(1)
         self.keys.index_copy_(2, slot, k1)
         self.values.index_copy_(2, slot, v1)
+        if s:
+            i = torch.clamp(p, max=s - 1).reshape(1)
+            first = p < s
+            self.sink_keys.index_copy_(2, i, torch.where(first, k1, self.sink_keys.index_select(2, i)))
+            self.sink_values.index_copy_(
+                2, i, torch.where(first, v1, self.sink_values.index_select(2, i))
+            )
         self.cumulative_length.add_(1)
+
+    def _read(self, n0: Tensor) -> tuple[Tensor, Tensor]:
+        """Full-length keys/values as the dynamic layer returns them after its flush with
+        ``n0`` tokens before the call (module docstring)."""
+        G, W, s, M = self.block, self.window, self.sink, self.max_cache_len
+        n_q = torch.clamp(torch.div(n0 - s - self.residual, G, rounding_mode="floor"), min=0) * G
+        kd, vd = decode_store(self.config, self.store, self.dtype)
+        idx = torch.arange(M, device=self.device)
+        rows = torch.clamp(idx - s, 0, self.room - 1)
+        stored = ((idx >= s) & (idx - s < n_q)).view(1, 1, M, 1)
+        out = []
+        for d, ring, sinks in ((kd, self.keys, self.sink_keys), (vd, self.values, self.sink_values)):
+            x = torch.where(stored, d.index_select(2, rows), ring.index_select(2, idx % W))
+            if s:
+                first = (idx < s).view(1, 1, M, 1)
+                x = torch.where(first, sinks.index_select(2, torch.clamp(idx, max=s - 1)), x)
+            out.append(x)
+        return out[0], out[1]
 
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
@@ -109,25 +142,12 @@ class StaticQuantizedKVLayer(StaticLayer):
         """Write the call's tokens; return full-length keys/values (module docstring)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        c, M, W = self.config, self.max_cache_len, self.window
-        start = self.cumulative_length.clone()
+        self._start = start = self.cumulative_length.clone()
         T = key_states.shape[-2]
         for i in range(T):
             self._write_one(key_states[:, :, i : i + 1], value_states[:, :, i : i + 1])
-        last = self.cumulative_length - 1  # the position of the call's last query
-        n_q = torch.clamp(torch.div(last - c.residual, c.key_group, rounding_mode="floor"), min=0)
-        n_q = n_q * c.key_group
-        s = self.store
-        kd = dequantize_keys(
-            s["k_codes"], s["k_scale"], s["k_min"], c.key_bits, c.key_group, self.dtype
-        )
-        vd = dequantize_values(
-            s["v_codes"], s["v_scale"], s["v_min"], c.value_bits, c.value_group, self.dtype
-        )
-        idx = torch.arange(M, device=self.device)
-        ring = (idx >= n_q).view(1, 1, M, 1)
-        keys = torch.where(ring, self.keys.index_select(2, idx % W), kd)
-        values = torch.where(ring, self.values.index_select(2, idx % W), vd)
+            if i == 0:
+                keys, values = self._read(start)
         if T > 1:  # the call's own tokens exact, even those already out of the window
             pos = start + torch.arange(T, device=self.device)
             keys = keys.index_copy(2, pos, key_states)
@@ -136,23 +156,106 @@ class StaticQuantizedKVLayer(StaticLayer):
 
     def reset(self) -> None:
         if self.is_initialized:
-            for t in self.store.values():
+            for t in (*self.store.values(), self.sink_keys, self.sink_values):
                 t.zero_()
         super().reset()
 
 
+class StaticQuantizedKVLayer(_StaticStoreLayer):
+    """Static-shape KIVI layer (module docstring)."""
+
+    def __init__(self, config: KVQuantConfig, max_cache_len: int, **kwargs: Any) -> None:
+        super().__init__(config, max_cache_len, config.key_group)
+
+
+class _StaticLatentSide:
+    """What the low-rank attention reads from a static latent layer: ``positions`` ``(B, M)``
+    = ``0 … M−1``, and ``merge_sinks`` over the exact-K/V buffer ``exact_sinks``."""
+
+    max_cache_len: int
+    cumulative_length: Tensor
+    _start: Tensor
+
+    def _init_latent_side(self, config: Any, like: Tensor) -> None:
+        M, B = self.max_cache_len, like.shape[0]
+        self.positions = torch.arange(M, device=like.device).unsqueeze(0).expand(B, M)
+        self.form_sink = config.sink
+        self.exact_sinks: Tensor | None = None
+
+    def merge_sinks(self, k: Tensor, v: Tensor, ek: Tensor, ev: Tensor) -> tuple[Tensor, Tensor]:
+        """The sink positions' exact K/V in place of the rebuilt ones; the buffer updated."""
+        if self.exact_sinks is None:  # the first call: the K/V shapes are known now
+            B, H, _, D = k.shape
+            self.exact_sinks = torch.zeros(2, B, H, self.form_sink, D, dtype=k.dtype, device=k.device)
+        k, v, present = merge_sinks(k, v, ek, ev, self.exact_sinks, self._start, self.form_sink)
+        self.exact_sinks.copy_(present)
+        return k, v
+
+    def _reset_latent_side(self) -> None:
+        if self.exact_sinks is not None:
+            self.exact_sinks.zero_()
+
+
+class StaticQuantizedLatentLayer(_StaticLatentSide, _StaticStoreLayer):
+    """Static ``kv_latent_quant`` layer: latents ``(B, 1, T, rank)`` in, full-length latents
+    out (module docstring)."""
+
+    def __init__(self, config: KVLatentQuantConfig, max_cache_len: int, **kwargs: Any) -> None:
+        super().__init__(config, max_cache_len, config.group if config.axis == "channel" else 1)
+        self.positions: Tensor | None = None  # set on the first call
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._init_latent_side(self.config, key_states)
+
+    def reset(self) -> None:
+        self._reset_latent_side()
+        super().reset()
+
+
+class StaticLatentLayer(_StaticLatentSide, StaticLayer):
+    """Static ``kv_lowrank`` layer: the 16-bit latents of every position (module docstring)."""
+
+    def __init__(self, config: KVLowRankConfig, max_cache_len: int, **kwargs: Any) -> None:
+        super().__init__(max_cache_len=max_cache_len)
+        self.config = config
+        self.positions: Tensor | None = None  # set on the first call
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._init_latent_side(self.config, key_states)
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._start = self.cumulative_length.clone()
+        return super().update(key_states, value_states)
+
+    def reset(self) -> None:
+        self._reset_latent_side()
+        super().reset()
+
+
+def static_layer_for(form: KVDecision, max_cache_len: int) -> StaticLayer:
+    """A fresh static cache layer of ``max_cache_len`` tokens for one decoder layer in
+    ``form``."""
+    if isinstance(form, KVDenseConfig):
+        return StaticLayer(max_cache_len)
+    if isinstance(form, KVQuantConfig):
+        return StaticQuantizedKVLayer(form, max_cache_len)
+    if isinstance(form, KVLatentQuantConfig):
+        return StaticQuantizedLatentLayer(form, max_cache_len)
+    if isinstance(form, KVLowRankConfig):
+        return StaticLatentLayer(form, max_cache_len)
+    raise TypeError(f"no static cache layer for {type(form).__name__}")
+
+
 class StaticKVCache(Cache):
-    """A static transformers ``Cache``: :class:`StaticQuantizedKVLayer` for ``KVQuantConfig``
-    layers, transformers' ``StaticLayer`` for 16-bit ones (other forms: not yet)."""
+    """A static transformers ``Cache`` whose layer ``i`` holds layer ``i``'s cache in
+    ``forms[i]`` (:func:`static_layer_for`)."""
 
     def __init__(self, forms: list[KVDecision], max_cache_len: int) -> None:
-        layers = []
-        for i, f in enumerate(forms):
-            if isinstance(f, KVQuantConfig):
-                layers.append(StaticQuantizedKVLayer(f, max_cache_len))
-            elif isinstance(f, KVDenseConfig):
-                layers.append(StaticLayer(max_cache_len))
-            else:
-                raise TypeError(f"layer {i}: no static cache layer for {f.kind} yet")
         self.forms = list(forms)
-        super().__init__(layers=layers)
+        super().__init__(layers=[static_layer_for(f, max_cache_len) for f in self.forms])

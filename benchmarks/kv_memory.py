@@ -27,8 +27,14 @@ their difference (what prefill + decode added), the bytes of the cache arrays af
 prefill seconds and decode ms/token (median over the decode steps; torch: time between
 consecutive logits-processor calls of ``generate``).
 
+With ``--parity``, for each ``ort <form>`` configuration instead: torch (the same form's
+``KVCache``) and ONNX Runtime side by side on a 150-token prompt in calls of 64 tokens and 20
+greedy steps — the largest |logit difference| over every call and whether the greedy tokens
+agree (fp32 both; a quantized store can differ by one code step where ORT's projections differ
+from torch's in the last float32 bit).
+
     python benchmarks/kv_memory.py [--contexts 8192] [--new 16] [--chunk 512] [--threads 1]
-        [--work DIR] [--json f]
+        [--work DIR] [--json f] [--parity]
 """
 
 from __future__ import annotations
@@ -209,6 +215,37 @@ def _ort_run(work: Path, form: str, context: int, new: int, chunk: int, threads:
     }
 
 
+def _parity(work: Path, form: str) -> dict:
+    import numpy as np
+    import torch
+
+    from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
+    from slimfx.forms.kv.cache import KVCache
+
+    model, tok = _load(form, work)
+    ids = _prompt(tok, 150)
+    dec = OrtKVDecoder(_onnx_path(work, form), threads=1)
+    cache = KVCache.for_model(model, _form(form))
+    worst, same = 0.0, True
+
+    def call(c: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        nonlocal worst
+        ref = model(input_ids=c, past_key_values=cache, use_cache=True).logits
+        got = dec.step(c)
+        worst = max(worst, float(np.abs(got - ref.numpy()).max()))
+        return ref, got
+
+    with torch.no_grad():
+        for c in ids.split(64, dim=1):
+            ref, got = call(c)
+        for _ in range(20):
+            nxt = ref[:, -1:].argmax(-1)
+            same &= int(nxt) == int(got[0, -1].argmax())
+            ref, got = call(nxt)
+    return {"max_abs_logit_diff": worst, "max_abs_logit": float(ref.abs().max()),
+            "greedy_equal": same}  # fmt: skip
+
+
 def _worker(a: argparse.Namespace) -> int:
     import torch
 
@@ -220,7 +257,9 @@ def _worker(a: argparse.Namespace) -> int:
     if backend == "export":
         _export(Path(a.work), form)
         return 0
-    if backend == "torch":
+    if backend == "parity":
+        row = _parity(Path(a.work), form)
+    elif backend == "torch":
         row = _torch_run(Path(a.work), form, a.context, a.new, a.chunk)
     else:
         row = _ort_run(Path(a.work), form, a.context, a.new, a.chunk, a.threads)
@@ -259,6 +298,7 @@ def main() -> int:
     ap.add_argument("--work", default="", help="folder for the ONNX exports (default: a temp dir)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--json", default="")
+    ap.add_argument("--parity", action="store_true", help="torch vs ORT logits (module doc)")
     a = ap.parse_args()
     if a.worker:
         return _worker(a)
@@ -271,6 +311,16 @@ def main() -> int:
             t = time.perf_counter()
             _spawn(a, f"export {form}", 0)
             print(f"exported {form} in {time.perf_counter() - t:.0f} s", flush=True)
+    if a.parity:
+        print("| form | max abs logit diff | max abs logit | greedy tokens equal |")
+        for c in a.configs:
+            backend, form = c.split(" ", 1)
+            if backend == "ort" and form != "dense":
+                r = _spawn(a, f"parity {form}", 0)
+                if r is not None:
+                    print(f"| {form} | {r['max_abs_logit_diff']:.3g} | "
+                          f"{r['max_abs_logit']:.1f} | {r['greedy_equal']} |", flush=True)  # fmt: skip
+        return 0
     rows = []
     print("| config | context | peak RSS | after load | added | cache arrays | prefill | "
           "decode |", flush=True)  # fmt: skip

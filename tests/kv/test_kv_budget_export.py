@@ -45,6 +45,7 @@ def test_optimized_low_rank_cache_runs_in_onnxruntime(tiny_llama, tmp_path):
         tiny_llama, Budget(kv=0.45), calibration=_calib(), kv_forms=[KVDenseConfig(), lat],
         progress=False,
     )  # fmt: skip
+    assert not any(m.training for m in out.modules())  # rewritten modules in eval mode too
     res = export_onnx_kv(out, tmp_path / "kv.onnx")
     assert res.forms == [lat, lat]
     ids = _calib()[0][:, :9]
@@ -59,6 +60,7 @@ def test_optimized_mla_layers_run_in_onnxruntime(tiny_llama, tmp_path):
         tiny_llama, Budget(kv=0.6), calibration=_calib(), kv_forms=[KVDenseConfig(), "mla"],
         progress=False,
     )  # fmt: skip
+    assert not any(m.training for m in out.modules())  # the MLA modules in eval mode too
     ids = _calib()[0][:, :9]
     export_mla_onnx(out, tmp_path / "mla.onnx", ids)
     want = out.generate(ids, max_new_tokens=12, do_sample=False)

@@ -20,8 +20,11 @@ cannot hold — so under the ONNX export (a cache layer with ``merge_sinks``,
 :mod:`slimfx.backends.onnx_kv_latent`) the module computes every call token's exact K/V and
 the layer puts the first ``sink`` positions' in place by a gather over positions.
 
-Rebuilding costs ``O(context · rank · kv_dim)`` per step; the absorbed form (W_up folded into
-q and o_proj) is the kernel-side follow-up.
+Rebuilding costs ``O(context · rank · kv_dim)`` per step. A one-token (decode) call absorbs
+the value up-projection: the attention weights contract with the value latent and each head's
+rows of ``v_up`` apply after (``O(heads · context · rank)``); keys are still rebuilt — past
+RoPE a key up-projection cannot fold into the query. The ONNX export and the static caches take
+the rebuilding path.
 """
 
 from __future__ import annotations
@@ -39,7 +42,11 @@ __all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary", "merge_sinks
 
 
 class LowRankKVAttention(nn.Module):
-    """HF attention with factorized k/v projections and a latent cache (module docstring)."""
+    """HF attention with factorized k/v projections and a latent cache (module docstring).
+    ``absorb_decode``: one-token calls contract the attention weights with the value latent
+    (:meth:`_decode_absorbed`) instead of rebuilding V; False: always rebuild."""
+
+    absorb_decode = True
 
     def __init__(
         self,
@@ -127,15 +134,19 @@ class LowRankKVAttention(nn.Module):
             lk, lv = past_key_values.update(lk, lv, self.layer_idx, positions=position_ids)
             cos, sin = self._rotary[0](hidden_states, layer.positions)
         k = rebuild(lk.squeeze(1), self.k_up, self.k_bias)
-        v = rebuild(lv.squeeze(1), self.v_up, self.v_bias)
         S = k.shape[1]
         k = apply_rope(k.view(B, S, -1, hd).transpose(1, 2), cos, sin)
-        v = v.view(B, S, -1, hd).transpose(1, 2)
+        ns = 0 if export or sink_k is None else sink_k.shape[2]
+        if ns:  # the first tokens' exact K/V replace their rebuilt ones
+            k = torch.cat([sink_k.to(k.dtype), k[:, :, ns:]], dim=2)
+        absorb = self.absorb_decode and T == 1 and not export  # (no attention dropout here)
+        if absorb and not kwargs.get("output_attentions"):
+            out = self._decode_absorbed(q, k, lv.squeeze(1), attention_mask, sink_v if ns else None)
+            return self.o_proj(out.reshape(B, T, -1)), None
+        v = rebuild(lv.squeeze(1), self.v_up, self.v_bias).view(B, S, -1, hd).transpose(1, 2)
         if export and sink_k is not None:
             k, v = layer.merge_sinks(k, v, sink_k, sink_v)
-        elif sink_k is not None:  # the first tokens' exact K/V replace their rebuilt ones
-            ns = sink_k.shape[2]
-            k = torch.cat([sink_k.to(k.dtype), k[:, :, ns:]], dim=2)
+        elif ns:
             v = torch.cat([sink_v.to(v.dtype), v[:, :, ns:]], dim=2)
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -145,6 +156,38 @@ class LowRankKVAttention(nn.Module):
         )
         out = out.reshape(B, T, -1).contiguous()
         return self.o_proj(out), weights
+
+    def _decode_absorbed(
+        self, q: Tensor, k: Tensor, lv: Tensor, mask: Tensor | None, sink_v: Tensor | None
+    ) -> Tensor:
+        """One query token's attention with the value up-projection absorbed: each head's
+        softmax weights contract with the value *latent* ``lv`` ``(B, S, rank)`` and the
+        result goes through that head's rows of ``v_up`` (+ bias), instead of rebuilding every
+        cached token's V (``S·rank·kv_dim`` → ``heads·S·rank`` multiply-adds). ``q`` ``(B, Hq,
+        1, D)``, ``k`` ``(B, Hkv, S, D)`` with the sinks' exact keys in place, ``sink_v``
+        ``(B, Hkv, ns, D)`` the sinks' exact values (their latent rows are skipped). Softmax in
+        float32 as transformers' eager attention; equal to it up to rounding (tested).
+        Returns ``(B, 1, Hq, D)``."""
+        B, Hq, _, D = q.shape
+        Hkv, S = k.shape[1], k.shape[2]
+        rep = Hq // Hkv
+        scores = torch.einsum("bhrd,bhsd->bhrs", q.view(B, Hkv, rep, D), k) * self.scaling
+        if mask is not None:
+            m = mask[:, :, -1:, :S]  # (B, 1, 1, S)
+            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+        p = scores.float().softmax(-1).to(q.dtype)
+        ns = 0 if sink_v is None else sink_v.shape[2]
+        g, _, r = self.v_up.shape
+        pg = p[..., ns:].reshape(B, g, Hkv // g, rep, S - ns)
+        ctx = torch.einsum("bgjrs,bsgz->bgjrz", pg, lv[:, ns:].reshape(B, S - ns, g, r))
+        up = self.v_up.to(q.dtype).view(g, Hkv // g, D, r)
+        out = torch.einsum("bgjrz,gjdz->bgjrd", ctx, up).reshape(B, Hkv, rep, D)
+        if self.v_bias is not None:  # rebuilt values carry the bias; weights sum to Σp
+            bias = self.v_bias.to(q.dtype).view(1, Hkv, 1, D)
+            out = out + p[..., ns:].sum(-1, keepdim=True) * bias
+        if ns:
+            out = out + torch.einsum("bhrs,bhsd->bhrd", p[..., :ns], sink_v.to(q.dtype))
+        return out.reshape(B, Hq, 1, D).transpose(1, 2)
 
     def _exact(self, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """The original projections' K (rotated) and V of ``hidden`` ``(B, n, hidden)``:
@@ -210,5 +253,6 @@ def apply_lowrank_kv(
     for s in todo:
         parent, _, child = s.fqn.rpartition(".")
         new = LowRankKVAttention(mods[s.fqn], factors[s.fqn], forms[s.fqn], rotary)
+        new.train(mods[s.fqn].training)  # a new module starts in training mode
         setattr(mods[parent] if parent else model, child, new)
     return [s.fqn for s in todo]

@@ -253,6 +253,7 @@ def convert_model(
             attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb, latent_bits=c.latent_bits
         )
         blocks[i].self_attn.mla_config = c
+        blocks[i].self_attn.train(attn.training)  # a new module starts in training mode
         result.converted.append(i)
         result.configs[i] = c
     return result

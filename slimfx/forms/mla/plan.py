@@ -93,6 +93,7 @@ def empty_mla_like_plan(
             latent_bits=cfg.latent_bits,
         )  # fmt: skip
         new.mla_config = cfg
+        new.train(orig.training)
         parent, _, child = fqn.rpartition(".")
         setattr(mods[parent] if parent else model, child, new)
     return model

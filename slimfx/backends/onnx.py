@@ -42,6 +42,7 @@ from slimfx.backends.onnx_graph import (
     _markers_by_site,
     _rename_axes,
     _site_summary,
+    write_files,
 )
 from slimfx.backends.ort import OrtModel, ort_session
 from slimfx.ir.match import node_module_path
@@ -363,13 +364,14 @@ class _Export:
         external = opts["external_data"]
         use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external is None else external
         path = self.path
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.data_path = path.with_name(path.name + ".data") if use_external else None
-        if self.data_path is not None and self.data_path.exists():
-            self.data_path.unlink()  # ir.save appends to an existing data file
         name = None if self.data_path is None else self.data_path.name
-        ir.save(self.ir_model, path, external_data=name)
-        onnx.checker.check_model(str(path))
+
+        def write(tmp: Path) -> None:  # a fresh folder: no old data file to append to
+            ir.save(self.ir_model, tmp / path.name, external_data=name)
+            onnx.checker.check_model(str(tmp / path.name))
+
+        write_files(path, write)
         return PassResult("save", True)
 
 

@@ -4,21 +4,43 @@ file bytes). Used by ``slimfx.backends.onnx.export_onnx``'s pipeline."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from slimfx import files
 from slimfx.backends import onnx_ops
 
-__all__ = ["OnnxExportError", "WRAP"]
+__all__ = ["OnnxExportError", "WRAP", "write_files"]
 
 WRAP = "slimfx_wrapped"  # attribute name of the wrapped model inside the export wrapper
 
 
 class OnnxExportError(ValueError):
     """The model cannot be exported to ONNX as it is (the message says where and why)."""
+
+
+def write_files(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write one export's files all or nothing: ``write(tmp)`` puts them, under their final
+    names, in a fresh temporary directory next to ``path`` (a failure there leaves the folder
+    as it was); then each file is flushed and moved into ``path.parent`` by an atomic rename,
+    ``path`` itself last — so a loadable ``path`` never sits beside a half-written companion
+    (external data, flush graphs), and an interrupt never leaves a truncated file."""
+    tmp = files.tmp_dir(path)
+    try:
+        write(tmp)
+        done = sorted((p for p in tmp.iterdir()), key=lambda p: p.name == path.name)
+        for f in done:
+            files.fsync(f)
+        for f in done:
+            os.replace(f, path.parent / f.name)
+        files.fsync(path.parent)
+    finally:
+        files.discard(tmp)
 
 
 # ------------------------------------------------------------------------- graph passes

@@ -56,7 +56,13 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
 from slimfx.backends import onnx_decode
-from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _fold_markers, _rename_axes
+from slimfx.backends.onnx_graph import (
+    WRAP,
+    OnnxExportError,
+    _fold_markers,
+    _rename_axes,
+    write_files,
+)
 from slimfx.backends.onnx_kv_latent import (
     LATENT_FORMS,
     ExportLatentLayer,
@@ -327,7 +333,6 @@ def _to_onnx(
     _fold_markers(model.graph)
     _rename_axes(model, axes)
     model.metadata_props.update(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ir.save(model, path)
     onnx.checker.check_model(str(path))
 
@@ -432,7 +437,7 @@ def export_onnx_kv(
         axes += [_store_axes(f, f"blocks_{j}")] * len(_store_names(f))
     axes += [(None, None, "batch")] * len(sinks)
     meta = {META_KEY: json.dumps([f.to_dict() for f in forms]), META_GEOMETRY: json.dumps([H, D])}
-    _to_onnx(program, path, ins, outs, _axis_names(program, len(ins), axes), meta)
+    graphs = [(program, path.name, ins, outs, _axis_names(program, len(ins), axes), meta)]
 
     flush_forms = [f for f, _ in groups if _store_names(f)]
     flush_paths = []
@@ -451,8 +456,18 @@ def export_onnx_kv(
             prog = torch.export.export(flush, lat, dynamic_shapes=shp, strict=False)
         fpath = path.with_name(f"{path.stem}.flush{j}.onnx")
         f_axes = _axis_names(prog, 2, f_axes_in)
-        _to_onnx(prog, fpath, f_ins, _store_names(f), f_axes, {META_KEY: json.dumps(f.to_dict())})
+        f_meta = {META_KEY: json.dumps(f.to_dict())}
+        graphs.append((prog, fpath.name, f_ins, _store_names(f), f_axes, f_meta))
         flush_paths.append(fpath)
+
+    def write(tmp: Path) -> None:
+        for prog, name, *rest in graphs:
+            _to_onnx(prog, tmp / name, *rest)
+
+    write_files(path, write)  # the step graph last: never beside another export's flushes
+    for old in path.parent.glob(f"{path.stem}.flush*.onnx"):
+        if old not in flush_paths:  # a previous export's extra flush graph
+            old.unlink()
     return KVExportResult(path, flush_paths, forms, flush_forms)
 
 

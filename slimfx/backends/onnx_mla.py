@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.backends import onnx_decode
-from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _rename_axes
+from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _rename_axes, write_files
 from slimfx.backends.ort import OrtModel
 from slimfx.forms.mla.cache import MLALatentLayer
 from slimfx.forms.mla.module import MLAAttention, quantize_latent
@@ -323,9 +323,11 @@ def export_mla_onnx(
         for m, flag in flags.items():
             m.training = flag
     _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(onnx_prog.model, path)
-    onnx.checker.check_model(str(path))
+    def write(tmp: Path) -> None:
+        ir.save(onnx_prog.model, tmp / path.name)
+        onnx.checker.check_model(str(tmp / path.name))
+
+    write_files(path, write)
     counts = Counter(n.op_type for n in onnx_prog.model.graph.all_nodes())
     per_token = sum(c.heads * c.width * torch.empty((), dtype=c.dtype).element_size()
                     for c in layout)

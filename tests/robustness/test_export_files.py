@@ -1,0 +1,69 @@
+"""ONNX exports write their files all or nothing: a failure while writing leaves the previous
+export byte for byte (no truncated file, no temporary folder), a successful re-export replaces
+every file of the set and removes a previous export's extra flush graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from slimfx.backends import onnx_kv  # noqa: E402
+from slimfx.backends.onnx import export_onnx  # noqa: E402
+from slimfx.forms.kv.config import KVQuantConfig  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_a_failed_export_leaves_the_previous_file(tmp_path, monkeypatch):
+    import onnx
+
+    path = tmp_path / "m.onnx"
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 8))
+    export_onnx(model, path, (torch.randn(2, 16),), external_data=True)
+    before = _snapshot(tmp_path)
+    assert set(before) == {"m.onnx", "m.onnx.data"}
+
+    def broken(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(onnx.checker, "check_model", broken)  # after the files are written
+    with pytest.raises(RuntimeError, match="disk full"):
+        export_onnx(nn.Sequential(nn.Linear(16, 8)), path, (torch.randn(2, 16),), external_data=True)
+    assert _snapshot(tmp_path) == before  # old model and data, no temporary folder
+
+
+def test_kv_export_set_is_all_or_nothing(tmp_path, monkeypatch):
+    from slimfx.models import tiny_llama
+
+    model, path = tiny_llama(seed=3), tmp_path / "kv.onnx"
+    two = {0: KVQuantConfig(4, 4, 4, 16), 1: KVQuantConfig(8, 8, 4, 16)}
+    res = onnx_kv.export_onnx_kv(model, path, two)
+    assert [p.name for p in res.flush_paths] == ["kv.flush0.onnx", "kv.flush1.onnx"]
+    before = _snapshot(tmp_path)
+
+    calls = []
+    real = onnx_kv._to_onnx
+
+    def fail_on_second(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        calls.append(a[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(onnx_kv, "_to_onnx", fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        onnx_kv.export_onnx_kv(model, path, {0: KVQuantConfig(2, 2, 4, 16), 1: KVQuantConfig(4, 2, 8, 8)})
+    assert _snapshot(tmp_path) == before
+    monkeypatch.setattr(onnx_kv, "_to_onnx", real)
+    one = onnx_kv.export_onnx_kv(model, path, KVQuantConfig(2, 2, 4, 16))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kv.flush0.onnx", "kv.onnx"]
+    assert one.flush_paths == [tmp_path / "kv.flush0.onnx"]
+    assert (tmp_path / "kv.onnx").read_bytes() != before["kv.onnx"]

@@ -41,6 +41,7 @@ RULES: dict[str, tuple] = {
         "slimfx.numerics",
         _PLANNING_NOT_SOLVE,
         "slimfx.report",  # a leaf (imports nothing from slimfx): backends report what they ran
+        "slimfx.files",  # a leaf: exports write their files all or nothing
     ),
     # layer-streamed optimize: the in-memory pipeline's pieces run one block at a time, so it
     # orchestrates like the top level, but neither the api nor the cli import it back

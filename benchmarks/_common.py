@@ -20,6 +20,16 @@ def run_meta(**extra: Any) -> dict[str, Any]:
     }
 
 
+def copy_bandwidth(torch: Any, device: Any, bench: Any, mib: int = 256) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write) measured now with ``bench``
+    (a callable → µs per call): the bandwidth limit the decode benchmarks hold their bytes
+    against, on the card that runs them rather than a published figure."""
+    n = mib * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * n / (bench(lambda: dst.copy_(src)) * 1e-6)
+
+
 def dump(path: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Write ``{"meta": meta, "rows": rows}`` to ``path`` (nothing when ``path`` is empty)."""
     if path:

@@ -1,5 +1,6 @@
 """Decode-attention step time over a quantized KV cache (Triton, fused dequantization) vs
-PyTorch SDPA over the bf16 cache, and the bytes each reads against the bandwidth limit.
+PyTorch SDPA over the bf16 cache, and the bytes each reads against the bandwidth limit (a
+device-to-device copy measured in the same run unless ``--peak-gbps`` is given).
 
 For each context (default 1k/4k/16k/32k tokens) and batch (1, 8): one query token per sequence,
 GQA shape of an 8B Llama by default (32 query heads, 8 kv heads, head_dim 128). The quantized
@@ -10,7 +11,7 @@ Times: ``triton.testing.do_bench`` medians on CUDA; ``--device cpu --tiny`` runs
 through the Triton interpreter (tiny shapes, wall-clock, numbers meaningless).
 
     python benchmarks/kv_attention.py [--bits 4] [--contexts 1024,4096,16384,32768]
-        [--batches 1,8] [--peak-gbps 4800] [--json out.json]
+        [--batches 1,8] [--peak-gbps GB/s] [--json out.json]
     TRITON_INTERPRET=1 python benchmarks/kv_attention.py --device cpu --tiny
 """
 
@@ -22,6 +23,10 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import copy_bandwidth  # noqa: E402
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,7 +40,10 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--heads", default="32,8,128", help="query heads, kv heads, head_dim")
     ap.add_argument("--contexts", default="1024,4096,16384,32768")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--peak-gbps", type=float, default=4800.0, help="HBM bandwidth (H200: 4800)")
+    ap.add_argument(
+        "--peak-gbps", type=float, default=0.0,
+        help="bandwidth limit in GB/s (default: a device copy measured in the same run)",
+    )  # fmt: skip
     ap.add_argument("--json", default="")
     return ap.parse_args(argv)
 
@@ -113,7 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         batches = [1, 2] if a.batches == "1,8" else batches
         a.window = min(a.window, 8)
     bits, kg, vg = a.bits, a.key_group if not a.tiny else 8, min(a.value_group, D)
-    rows = []
+    if not a.peak_gbps:  # the card's own copy bandwidth (read + write), measured now
+        a.peak_gbps = (
+            copy_bandwidth(torch, a.device, lambda fn: _time(fn, a.device, a.tiny)) / 1e9
+            if a.device == "cuda" else float("nan")
+        )  # fmt: skip
+    rows, bad = [], 0
     for B in batches:
         for ctx in contexts:
             n_win = a.window + (ctx - a.window) % kg
@@ -159,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"({row['gbps_sdpa']:7.1f} GB/s)  ratio {row['ratio']:.3f}  err {err:.1e}",
                 flush=True,
             )
-            assert err < 2e-2, f"kernel disagrees with the reference: {err}"
+            if err >= 2e-2:  # recorded, and the run ends non-zero after every row
+                bad += 1
+                row["mismatch"] = True
+                print(f"  MISMATCH: the kernel is {err:.1e} from the reference", flush=True)
     if a.json:
         meta = {
             "device": a.device,
@@ -169,12 +185,13 @@ def main(argv: list[str] | None = None) -> int:
             "key_group": kg,
             "value_group": vg,
             "peak_gbps": a.peak_gbps,
+            "peak_source": "measured device copy" if a.device == "cuda" else "none (CPU)",
         }
         if a.device == "cuda":
             meta["gpu"] = torch.cuda.get_device_name(0)
         with open(a.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    return 0
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

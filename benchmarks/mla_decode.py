@@ -12,9 +12,13 @@ Per context length S and batch B, one query token per sequence, bf16:
   shared by all heads (P per token), query already absorbed (``q_lat`` = W_ukᵀ q'_nope);
 - ``mla int8``   the same with int8 latent codes and one bf16 scale per token.
 
+- ``kv int4``    ``slimfx_kernels::kv_decode_attention_triton`` over the int4 KV cache of the
+  original GQA block (keys per channel in 32-token groups, values per token in 32-channel
+  groups, float16 scales and minimums, a bf16 window of the last 32 tokens): the quantized
+  cache the latent competes with.
+
 The absorbed query/output projections (``W_ukᵀ`` on the query, ``W_uv`` on the r-wide context)
-are per-step GEMVs outside the attention and are not timed here; nor is issue 10's quantized-cache
-kernel (not on this branch). Each row: time per call (``triton.testing.do_bench`` on CUDA,
+are per-step GEMVs outside the attention and are not timed here. Each row: time per call (``triton.testing.do_bench`` on CUDA,
 L2 flushed; wall clock on CPU), the bytes the method must read (cache + queries), the HBM limit
 (those bytes over a device-to-device copy bandwidth measured in the same run) and ``bw%`` =
 limit / time. Every method is checked once against ``mla_decode_reference`` (MLA rows) or an
@@ -29,6 +33,11 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import copy_bandwidth  # noqa: E402
+from kv_attention import make_cache  # noqa: E402
 
 SHAPES = {
     # H query heads, K kv heads and head_dim of the original GQA cache; latent rank R and the
@@ -67,6 +76,17 @@ def _methods(torch, F, tk, reference, dev, dt, B: int, S: int, shape: dict) -> t
         vv = vals.float().repeat_interleave(H // K, 1)
         return torch.softmax(q.float() @ kk.transpose(-1, -2) * scale, -1) @ vv
 
+    # issue 10's int4 KV cache of the same GQA block (keys per channel in 32-token groups,
+    # values per token in 32-channel groups, a 32-token bf16 window), its fused Triton kernel
+    from slimfx.kernels.kv_attention import kv_decode_attention_triton
+    from slimfx.kernels.kv_attention.reference import kv_decode_attention_reference
+
+    kg, vg, win = (8, 8, 8) if d < 32 else (32, 32, 32)  # the tiny shape: smaller groups
+    n_win = min(S, win) + (S - min(S, win)) % kg
+    store, k_win, v_win, _, _ = make_cache(B, K, d, S - n_win, n_win, 4, kg, vg, dev, seed=S + B)
+    kv4 = (q[:, :, 0], *store, k_win, v_win, 4, 4, kg, vg, scale)
+    kv4_bytes = sum(t.numel() * t.element_size() for t in (*store, k_win, v_win)) + B * H * d * 2
+
     methods = {
         "sdpa gqa": (
             partial(F.scaled_dot_product_attention, q, keys, vals, enable_gqa=True),
@@ -74,9 +94,11 @@ def _methods(torch, F, tk, reference, dev, dt, B: int, S: int, shape: dict) -> t
         ),
         "mla bf16": (partial(tk.mla_decode, *bf16), B * S * (R * 2 + P * 2) + q_bytes),
         "mla int8": (partial(tk.mla_decode, *int8), B * S * (R + 2 + P * 2) + q_bytes),
+        "kv int4": (partial(kv_decode_attention_triton, *kv4), kv4_bytes),
     }
     refs = {"sdpa gqa": sdpa_ref, "mla bf16": partial(reference, *bf16),
-            "mla int8": partial(reference, *int8)}
+            "mla int8": partial(reference, *int8),
+            "kv int4": partial(kv_decode_attention_reference, *kv4)}
     return methods, refs
 
 
@@ -112,11 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         def bench(fn) -> float:
             return triton.testing.do_bench(fn, warmup=10, rep=50) * 1e3  # µs
 
-        n = 256 * 2**20
-        src, dst = torch.empty(n, dtype=torch.uint8, device=dev), torch.empty_like(
-            torch.empty(n, dtype=torch.uint8, device=dev))
-        copy_us = bench(lambda: dst.copy_(src))
-        bw = 2 * n / (copy_us * 1e-6)  # bytes/s (read + write)
+        bw = copy_bandwidth(torch, dev, bench)  # bytes/s (read + write)
         name = torch.cuda.get_device_name(dev)
     else:
         def bench(fn) -> float:

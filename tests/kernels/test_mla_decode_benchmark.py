@@ -30,9 +30,9 @@ def test_tiny_cpu_smoke(tmp_path: Path) -> None:
     out = tmp_path / "mla.json"
     assert _load().main(["--device", "cpu", "--tiny", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert {r["method"] for r in rows} == {"sdpa gqa", "mla bf16", "mla int8"}
+    assert {r["method"] for r in rows} == {"sdpa gqa", "mla bf16", "mla int8", "kv int4"}
     assert all(r["ok"] for r in rows)
-    # the latent cache reads fewer bytes than the GQA cache at every size
+    # the latent and the int4 caches read fewer bytes than the GQA cache at every size
     for r in rows:
         if r["method"] != "sdpa gqa":
             base = next(b for b in rows if b["method"] == "sdpa gqa"

@@ -10,7 +10,9 @@ Called from ``slimfx.stages`` when the budget counts the KV cache (``Budget(kv=â
 - ``add_options``: each site's KV candidates (``forms.kv.candidates``) joined to the linear
   problem â€” errors weighted by the site's o_proj sensitivity, costs in weight bytes, KV bytes
   per token and (with a context) the cache bytes at that context; low-rank caches own the
-  site's k_proj / v_proj;
+  site's k_proj / v_proj; every option's latency is one attention step of the workload at the
+  context (``cost.target.estimate_attention_latency``: the cache read, rebuilds, and the
+  projections an owning form replaces), so a latency budget sees the cache too;
 - ``apply``: the chosen KV forms applied to the rewritten model (``forms.kv.apply``).
 """
 
@@ -176,11 +178,38 @@ def add_options(pl: Planning) -> None:
         pl.notes.append(
             f"KV candidates not offered at {len(where)} site(s) (e.g. {where[0]}): {why}"
         )
-    added = kl.reprice(added)
+    added = [_timed(pl, so) for so in kl.reprice(added)]
     p = pl.problem
     pl.problem = BudgetProblem(
         [*p.sites, *added], p.workload, p.target, {**p.meta, "kv_context": context}
     )
+
+
+def _timed(pl: Planning, so: Any) -> Any:
+    """``so`` with every option's ``latency_s`` / ``flops``: one attention step of the
+    workload for ``batch`` sequences (the budget's, else 1) at the budget's context. Without a
+    context the cache read is not priced (the step attends over its own tokens only), and a
+    note says so; a latency budget then needs a context (``Budget`` refuses it)."""
+    from dataclasses import replace
+
+    from slimfx.cost.target import estimate_attention_latency, workload_of
+
+    ctx, batch = pl.budget.context, pl.budget.batch or 1
+    wl = workload_of(pl.options.workload)
+    if ctx is None and not any("cache read is not priced" in n for n in pl.notes):
+        pl.notes.append(
+            "attention latencies: no context= given, so the KV cache read is not priced (each "
+            "step attends over its own tokens); the projections a low-rank or MLA form "
+            "replaces are"
+        )
+    ctx = ctx if ctx is not None else wl.tokens
+    opts = []
+    for o in so.options:
+        secs = estimate_attention_latency(o.decision, so.shape, pl.options.target, wl, ctx, batch)
+        work = o.decision.step_work(so.shape, ctx, wl.tokens)
+        opts.append(replace(o, latency_s=secs, flops=batch * work.flops, source="roofline"))
+    dense = next(o for o in opts if o.decision.kind == "kv_dense")
+    return replace(so, options=opts, dense_latency_s=dense.latency_s)
 
 
 class _MeasuredKL:

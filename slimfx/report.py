@@ -100,6 +100,11 @@ class SiteEntry:
         return cls(**d)
 
 
+def _ratio(after: float, before: float) -> str:
+    """``after / before`` as ``×0.52`` (``–`` when nothing was priced)."""
+    return f"×{after / before:.2f}" if before > 0 else "–"
+
+
 @dataclass
 class KVEntry:
     """One attention site's KV cache in the report.
@@ -109,7 +114,9 @@ class KVEntry:
     cache at the context (``None`` without one). ``weight_bytes_after``: the k/v projections
     a low-rank cache owns (their linear entries then say ``owned by``). ``est_error``: the
     block output's relative error with this cache on calibration inputs (unweighted; the
-    solver summed ``sensitivity ×`` it)."""
+    solver summed ``sensitivity ×`` it). ``latency_*_s``: one attention step of the workload
+    at the context with the 16-bit cache / the chosen form (the cache read, rebuilds and the
+    projections the form owns; ``cost.target.estimate_attention_latency``)."""
 
     fqn: str
     layer: int | None = None
@@ -125,6 +132,8 @@ class KVEntry:
     sensitivity: float = 1.0
     status: str = "skipped"
     candidates: list[dict[str, Any]] = field(default_factory=list)
+    latency_before_s: float = 0.0
+    latency_after_s: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,6 +144,8 @@ class KVEntry:
             "kv_bytes_per_token_after",
         ):
             d[k] = _r(d[k])
+        for k in ("latency_before_s", "latency_after_s"):
+            d[k] = _r(d[k], 12)
         d["candidates"] = [{**c, "error": _r(c.get("error"))} for c in self.candidates]
         return d
 
@@ -169,8 +180,8 @@ class Report:
         dense = sum(s.bytes_before for s in self.sites)
         after = sum(s.bytes_after for s in self.sites)
         after += sum(k.weight_bytes_after for k in self.kv_sites)  # owned k/v projections
-        lat0 = sum(s.latency_before_s for s in self.sites)
-        lat1 = sum(s.latency_after_s for s in self.sites)
+        lat0 = sum(s.latency_before_s for s in [*self.sites, *self.kv_sites])
+        lat1 = sum(s.latency_after_s for s in [*self.sites, *self.kv_sites])
         applied = [s for s in self.sites if s.status == "applied"]
         self.totals = {
             "sites": len(self.sites),
@@ -233,7 +244,10 @@ class Report:
     def _kv_markdown(self) -> list[str]:
         if not self.kv_sites:
             return []
-        head = ["layer", "site", "chosen", "B/token", "of dense", "weights", "est.err", "status"]
+        head = [
+            "layer", "site", "chosen", "B/token", "of dense", "weights", "est.err", "latency",
+            "status",
+        ]  # fmt: skip
         out = ["", "## KV cache", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for k in self.kv_sites:
             frac = k.kv_bytes_per_token_after / max(k.kv_bytes_per_token_before, 1e-12)
@@ -242,7 +256,8 @@ class Report:
                     "" if k.layer is None else str(k.layer), k.fqn, k.chosen,
                     f"{k.kv_bytes_per_token_before:.0f} → {k.kv_bytes_per_token_after:.1f}",
                     f"{frac:.3f}", _mb(k.weight_bytes_after) if k.owns else "–",
-                    f"{k.est_error:.4f}", k.status,
+                    f"{k.est_error:.4f}", _ratio(k.latency_after_s, k.latency_before_s),
+                    k.status,
                 ]) + " |"
             )  # fmt: skip
         return out

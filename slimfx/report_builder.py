@@ -64,6 +64,8 @@ def build_report(
                     decision=plan[owner].to_dict(),
                     bytes_before=DenseConfig().weight_bytes(s.site_shape), bytes_after=0,
                     status="applied", reason=f"replaced by {plan[owner].short()}",
+                    # its dense time stays in the total; the owner's option pays its work
+                    latency_before_s=_dense_latency(problem, s.fqn),
                 )
             )  # fmt: skip
             continue
@@ -122,6 +124,12 @@ def build_report(
     return report
 
 
+def _dense_latency(problem: BudgetProblem | None, name: str) -> float:
+    """The dense latency the problem priced for site ``name`` (0.0 without one)."""
+    names = {s.name for s in problem.sites} if problem is not None else set()
+    return problem.site(name).dense_latency_s if name in names else 0.0
+
+
 def _kv_entry(
     site: AttentionSite, plan: Plan, problem: BudgetProblem | None, budget: Budget
 ) -> KVEntry:
@@ -150,12 +158,14 @@ def _kv_entry(
         e.sensitivity = so.sensitivity
         chosen = so.options[so.index_of(d)]
         e.est_error, e.weight_bytes_after = chosen.error / sens, chosen.bytes
+        e.latency_before_s, e.latency_after_s = so.dense_latency_s, chosen.latency_s
         e.candidates = [
             {
                 "decision": o.decision.short(),
                 "kv_bytes_per_token": o.cost(KV_BYTES_PER_TOKEN),
                 "weight_bytes": o.bytes,
                 "error": o.error / sens,
+                "latency_s": o.latency_s,
             }
             for o in so.options
         ]

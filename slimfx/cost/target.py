@@ -25,6 +25,10 @@ Every number comes from the decision's config (``storage``, ``flops``, ``launche
 Decode (T = 1) is memory bound, so a form's latency ratio to dense follows its byte ratio;
 prefill (T = 2048) on an H100 is compute bound for dense, so only FLOPs saved count there.
 
+Attention steps over a KV cache (KV-cache and MLA decisions): :func:`estimate_attention_latency`
+prices ``decision.step_work`` — the cache read, the rebuilt entries, the owned projections —
+the same way.
+
 Measured micro-benchmarks replace the roofline where present: :class:`MeasuredCache` is a
 JSON file keyed by (op, N = tokens, K = in, M = out, dtype, decision, target), written by
 ``slimfx.cost.measure.measure_target`` (the ``slimfx calibrate-target`` command).
@@ -43,7 +47,7 @@ import torch
 
 from slimfx.ir.sites import LinearSite
 from slimfx.planning.configs import Decision
-from slimfx.planning.shapes import LinearShape
+from slimfx.planning.shapes import AttentionShape, LinearShape
 
 __all__ = [
     "Target",
@@ -55,6 +59,7 @@ __all__ = [
     "storage",
     "launches",
     "estimate_latency",
+    "estimate_attention_latency",
     "MeasuredCache",
     "latency",
     "runtime_label",
@@ -73,7 +78,9 @@ class Target:
     ``dequant_efficiency``: fraction of peak reached by kernels that dequantize on the fly.
     ``torch_cpu``: the runtime is PyTorch on the CPU, whose packed int4/int8 kernels read the
     codes directly but whose reference ops (2:4 forms, layouts no packed kernel takes) rebuild
-    the dense weight on every call — priced as such.
+    the dense weight on every call — priced as such. ``fused_attention``: one-token decode
+    steps run the fused Triton attention kernels over compressed caches (the int4/int8 KV
+    store, the MLA latent) that read the cache in place.
     """
 
     name: str
@@ -84,6 +91,7 @@ class Target:
     notes: str = ""
     dequant_efficiency: float = 0.7
     torch_cpu: bool = False
+    fused_attention: bool = False
 
     def __post_init__(self) -> None:
         for f in ("bandwidth_Bps", "peak_flops"):
@@ -132,9 +140,12 @@ TARGETS: dict[str, Target] = {
         peak_flops=989e12,
         launch_s=4e-6,
         float_bytes=2,
+        fused_attention=True,
         notes=(
             "H100 SXM published figures: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16 tensor core; "
-            "~4 µs launch overhead and dequantization efficiency 0.7 are assumptions."
+            "~4 µs launch overhead and dequantization efficiency 0.7 are assumptions; decode "
+            "attention over a quantized KV / MLA cache assumes the fused Triton kernels run "
+            "(forms.kv.fused.use_fused_decode; MLAAttention.decode_kernel)."
         ),
     ),
 }
@@ -218,6 +229,36 @@ def estimate_latency(
         flops += _DENSIFY_OPS * in_f * out_f
     roof = max(bytes_read / tgt.bandwidth_Bps, flops / (tgt.peak_flops * eff))
     return roof + decision.launches() * tgt.launch_s
+
+
+def estimate_attention_latency(
+    decision: Decision,
+    shape: AttentionShape,
+    target: str | Target,
+    workload: str | Workload,
+    context: int,
+    batch: int = 1,
+) -> float:
+    """Roofline seconds of one attention step with the cache in form ``decision`` (a KV-cache
+    or MLA decision): ``batch`` sequences, each with ``workload.tokens`` new tokens and
+    ``context`` tokens cached after the step (``decision.step_work``)::
+
+        bytes = batch·(cache_floats·fb + cache_ints + 2·rebuilt·fb) + weight_floats·fb
+        t = max(bytes / bandwidth, batch·flops / (peak · eff)) + launches · launch_s
+
+    ``eff``: the dequantization efficiency for forms that expand codes; on a target with fused
+    attention a one-token step of a form that has the kernel rebuilds nothing and saves the
+    two launches of the rebuild."""
+    tgt, wl = target_of(target), workload_of(workload)
+    w = decision.step_work(shape, context, wl.tokens)
+    fused = w.fused and tgt.fused_attention and wl.tokens == 1
+    rebuilt = 0 if fused else w.rebuilt
+    fb = tgt.float_bytes
+    bytes_read = batch * (w.cache_floats * fb + w.cache_ints + 2 * rebuilt * fb)
+    bytes_read += w.weight_floats * fb
+    eff = tgt.dequant_efficiency if w.dequantizes else 1.0
+    roof = max(bytes_read / tgt.bandwidth_Bps, batch * w.flops / (tgt.peak_flops * eff))
+    return roof + max(1, w.launches - (2 if fused else 0)) * tgt.launch_s
 
 
 #: elementwise operations per weight entry when a reference op rebuilds the dense weight

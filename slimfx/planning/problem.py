@@ -160,7 +160,9 @@ class Budget:
       absolute byte count when > 1.
     - ``bits``: effective bits per weight over the rewritable linears (scales, zeros, masks
       and factors counted); ``bits=4`` is the same as ``memory=0.25``.
-    - ``latency``: a fraction (0, 1] of the dense estimated latency for the workload.
+    - ``latency``: a fraction (0, 1] of the dense estimated latency for the workload; with
+      ``kv`` or ``total_bytes`` the attention steps over the cache at ``context`` (and
+      ``batch``) count too, so ``context`` is required.
     - ``max_error``: a cap on each site's estimated relative output error.
     - ``kv``: a fraction (0, 1] of the attention sites' dense 16-bit KV cache: its bytes per
       token at ``context`` tokens when given (the 16-bit residual window and sink tokens
@@ -226,6 +228,11 @@ class Budget:
                     "Budget(total_bytes=…) counts the KV cache at context= tokens per sequence "
                     "(and batch= sequences, default 1): give context="
                 )
+        elif self.latency is not None and self.kv is not None and self.context is None:
+            raise ValueError(
+                "Budget(latency=…, kv=…) prices each attention step's read of the KV cache, "
+                "which grows with its length: give context= (tokens per sequence)"
+            )
         elif (self.context is not None or self.batch is not None) and self.kv is None:
             raise ValueError(
                 "context= / batch= say where the KV cache is counted: they need kv= or total_bytes="

@@ -27,6 +27,7 @@ __all__ = [
     "KV_CACHE_BYTES",
     "TOTAL_BYTES",
     "DIMENSIONS",
+    "AttentionWork",
 ]
 
 WEIGHT_BYTES = "weight_bytes"
@@ -110,6 +111,35 @@ class AttentionShape:
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
+
+
+@dataclass(frozen=True)
+class AttentionWork:
+    """What one forward of an attention block does with its cache, per sequence: ``tokens``
+    new tokens (1 at decode) with ``context`` tokens in the cache after the step — the numbers a
+    KV-cache or MLA decision gives (``step_work``) and a target's roofline prices.
+
+    - ``cache_floats``: floating-point cache entries read (at the target's float width);
+      ``cache_ints``: integer codes and 16-bit scales read, in bytes;
+    - ``weight_floats``: weight entries the form's own projections read per step (the k/v
+      factors of a low-rank cache, the converted projections of MLA; 0 when the k/v projections
+      stay linear sites of their own), read once per step whatever the batch;
+    - ``flops``: arithmetic of the step (attention, rebuilds, dequantization, own projections);
+    - ``rebuilt``: floating-point entries a runtime writes and reads back (dequantized or
+      rebuilt keys/values/latents) when no fused kernel reads the cache in place;
+    - ``launches``: op calls of the step; ``dequantizes``: integer codes are expanded on the fly
+      (the compute term runs at the target's dequantization efficiency);
+    - ``fused``: a fused decode kernel reads this cache in place (one launch, nothing rebuilt)
+      on targets that run one at one-token steps."""
+
+    cache_floats: int
+    cache_ints: int
+    weight_floats: int
+    flops: int
+    rebuilt: int
+    launches: int
+    dequantizes: bool = False
+    fused: bool = False
 
 
 Shape = LinearShape | AttentionShape

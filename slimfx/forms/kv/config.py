@@ -41,7 +41,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from slimfx.planning.configs import Decision, attention_shape, register_decision
-from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
+from slimfx.planning.shapes import (
+    KV_BYTES_PER_TOKEN,
+    WEIGHT_BYTES,
+    AttentionShape,
+    AttentionWork,
+)
 
 __all__ = [
     "KVDecision",
@@ -123,6 +128,12 @@ class KVDecision(Decision):
         """Reference bytes of the k_proj and v_proj weights in this form (biases excluded)."""
         return 2 * 2 * shape.hidden_size * shape.kv_dim
 
+    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+        """One attention step of one sequence (:class:`AttentionWork`): ``tokens`` new tokens,
+        ``context`` tokens in the cache after it. A form that does not define it cannot be
+        priced for latency (no default)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define step_work")
+
     def costs(
         self, shape: AttentionShape, bias: bool = False, context: int | None = None
     ) -> dict[str, float]:
@@ -155,6 +166,10 @@ class KVDenseConfig(KVDecision):
 
     def steady_bytes_per_token(self, shape: AttentionShape) -> float:
         return float(shape.kv_bytes_per_token(16))
+
+    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+        C = _step_context(context, tokens)
+        return AttentionWork(C * 2 * shape.kv_dim, 0, 0, _attend_flops(shape, C, tokens), 0, 1)
 
     def short(self) -> str:
         return "kv dense"
@@ -217,6 +232,16 @@ class KVQuantConfig(KVDecision):
         key_sm = H * (q // self.key_group) * D * 2 * SCALE_BYTES
         value_sm = H * q * (D // self.value_group) * 2 * SCALE_BYTES
         return codes + key_sm + value_sm + (tokens - q) * shape.kv_bytes_per_token(16)
+
+    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+        """The store's codes and scales plus the 16-bit tokens are read; without the fused
+        kernel the store is dequantized to keys and values first (written, read back)."""
+        C = _step_context(context, tokens)
+        q = self.quantized_tokens(C)
+        floats = (C - q) * 2 * shape.kv_dim
+        flops = _attend_flops(shape, C, tokens) + DEQUANT_OPS * q * 2 * shape.kv_dim
+        ints = self.cache_bytes(shape, C) - 2 * floats
+        return AttentionWork(floats, ints, 0, flops, q * 2 * shape.kv_dim, 3, True, True)
 
     def short(self) -> str:
         bits = (
@@ -290,6 +315,35 @@ class KVLowRankConfig(KVDecision):
         group_dim = shape.kv_dim // self.groups
         dense = 2 * 2 * shape.hidden_size * shape.kv_dim if self.sink else 0  # sinks' exact K/V
         return 2 * self.latent_width * (shape.hidden_size + group_dim) + dense
+
+    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+        """The new tokens' latent (the down-projections), keys rebuilt for every cached token
+        and rotated, then attention; at one-token steps the values stay latent (the attention
+        weights meet the value latent, then its up-projection: absorbed), at longer steps
+        they are rebuilt too. The factors are read once per step; the sinks' exact K/V come
+        from the original projections only while the sequence is shorter than the sinks (not
+        priced)."""
+        C = _step_context(context, tokens)
+        return self._lowrank_work(shape, C, tokens, C)
+
+    def _lowrank_work(
+        self, shape: AttentionShape, C: int, T: int, latent_floats: int
+    ) -> AttentionWork:
+        """:meth:`step_work` with ``latent_floats`` latent tokens read as 16-bit."""
+        H, D, kv = shape.num_heads, shape.head_dim, shape.kv_dim
+        gd, rk, rv = kv // self.groups, self.key_rank, self.value_rank
+        s = min(self.sink, C)
+        flops = 2 * T * shape.hidden_size * (rk + rv) + 2 * C * rk * gd + ROPE_OPS * C * kv
+        flops += 2 * H * D * C * T  # scores
+        if T == 1:  # absorbed values: weights × value latent per head, then its up-projection
+            flops += 2 * H * C * (rv // self.groups) + 2 * H * (rv // self.groups) * D
+            rebuilt = C * kv
+        else:
+            flops += 2 * C * rv * gd + 2 * H * D * C * T
+            rebuilt = 2 * C * kv
+        floats = latent_floats * self.latent_width + s * 2 * kv
+        weights = self.latent_width * (shape.hidden_size + gd)
+        return AttentionWork(floats, 0, weights, flops, rebuilt, 5)
 
     def short(self) -> str:
         g = f" g{self.groups}" if self.groups > 1 else ""
@@ -411,10 +465,41 @@ class KVLatentQuantConfig(KVDecision):
     def projection_weight_bytes(self, shape: AttentionShape) -> int:
         return self.lowrank.projection_weight_bytes(shape)
 
+    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+        """:class:`KVLowRankConfig`'s step over a latent whose stored tokens are dequantized
+        first (written, read back: no fused kernel reads a quantized latent)."""
+        C = _step_context(context, tokens)
+        q = self.quantized_tokens(C)
+        w = self.lowrank._lowrank_work(shape, C, tokens, C - q)
+        ints = self.cache_bytes(shape, C) - 2 * w.cache_floats
+        n = q * self.lowrank.latent_width
+        return AttentionWork(
+            w.cache_floats, ints, w.weight_floats, w.flops + DEQUANT_OPS * n, w.rebuilt + n,
+            w.launches + 2, True,
+        )  # fmt: skip
+
     def short(self) -> str:
         ax = " ch" if self.axis == "channel" else ""
         tail = f" k{self.key_low}v{self.value_low}@int{self.low_bits}" if self.low_bits else ""
         return f"{self.lowrank.short()} int{self.bits}{ax}{tail} g{self.group} r{self.residual}"
+
+
+#: elementwise operations per dequantized code (unpack, subtract the minimum, scale)
+DEQUANT_OPS = 4
+#: elementwise operations per rotated key entry (two multiplies, an add, the half swap)
+ROPE_OPS = 4
+
+
+def _step_context(context: int, tokens: int) -> int:
+    """Tokens in the cache after a step of ``tokens`` at ``context`` (at least the step)."""
+    _pos_int("context", context)
+    _pos_int("tokens", tokens)
+    return max(context, tokens)
+
+
+def _attend_flops(shape: AttentionShape, context: int, tokens: int) -> int:
+    """Scores and weighted values of ``tokens`` queries over ``context`` keys, every head."""
+    return 4 * shape.num_heads * shape.head_dim * context * tokens
 
 
 def dense_fraction(config: KVDecision, shape: AttentionShape, context: int | None = None) -> float:

@@ -28,7 +28,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from slimfx.planning.configs import Decision, attention_shape, register_decision
-from slimfx.planning.shapes import KV_BYTES_PER_TOKEN, WEIGHT_BYTES, AttentionShape
+from slimfx.planning.shapes import (
+    KV_BYTES_PER_TOKEN,
+    WEIGHT_BYTES,
+    AttentionShape,
+    AttentionWork,
+)
 
 __all__ = [
     "MLAConfig", "MLA_METHODS", "MLA_OBJECTIVES", "ROPE_SELECTIONS", "ROPE_MIXES", "LATENT_BITS"
@@ -161,6 +166,35 @@ class MLAConfig(Decision):
     def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
         """Exact bytes one sequence's latent cache of this block holds at ``tokens``."""
         return self.kv_bytes_per_token(shape) * tokens
+
+    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+        """One attention step of one sequence (``tokens`` new, ``context`` cached after it).
+        Every converted projection (``q_mix``, RoPE rows, down, key/value up) is read once;
+        one-token steps attend over the latent directly (absorbed: ``q_lat = W_ukᵀ q'``,
+        scores over ``[k_rope ; c]``, the context stays r wide until ``v_up``; the key row
+        ``[k_rope ; c]`` is built per token unless the fused kernel reads the cache in place);
+        longer steps rebuild every cached token's keys and values (unabsorbed). ``q_proj`` and
+        ``o_proj`` stay linear sites of their own."""
+        if not (isinstance(context, int) and isinstance(tokens, int) and context >= 1
+                and tokens >= 1):
+            raise ValueError(f"context and tokens are ints ≥ 1, got {context!r}, {tokens!r}")
+        C, T = max(context, tokens), tokens
+        D, H, K, d, r = (
+            shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, self.rank
+        )
+        n2 = 2 * K * self.rope_pairs
+        nope = K * d - n2
+        weights = H * K * d * d + D * n2 + D * r + r * nope + r * K * d
+        flops = 2 * T * (H * d * K * d + D * n2 + D * r) + 4 * C * n2  # q', k_rope, c; RoPE
+        if T == 1:
+            flops += 2 * H * nope * r + 2 * H * C * (n2 + r) + 2 * H * C * r + 2 * H * r * d
+            rebuilt = C * (n2 + r)
+        else:
+            flops += 2 * C * r * (nope + K * d) + 2 * H * T * C * (K * d + d)
+            rebuilt = C * (2 * K * d)
+        floats = C * (n2 + (r if self.latent_bits == 16 else 0))
+        ints = self.cache_bytes(shape, C) - 2 * floats
+        return AttentionWork(floats, ints, weights, flops, rebuilt, 6, self.latent_bits == 8, True)
 
     def owned_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
         """Reference bytes of the original ``k_proj`` + ``v_proj`` this decision replaces."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import codes_close, kv_ort_matches_torch, kv_torch_calls
+from _helpers import codes_close, kv_ort_matches_torch, kv_torch_calls, tiny_qwen2_biased
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -236,17 +236,7 @@ def test_refusals_and_model_unchanged(tmp_path):
 def test_qwen2_biases(tmp_path):
     """Qwen2's k/v projections have biases: the rebuilt K/V add them, the sink tokens' exact
     K/V come from the biased projections — in ONNX Runtime as in torch."""
-    import transformers as tf
-
-    cfg = tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128)  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.5)
+    model = tiny_qwen2_biased()
     sites, _ = inspect_attention_sites(model)
     forms = dict(FORMS_A)
     grams = attention_grams(model, sites, _calib())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import tiny_qwen2_biased
 
 from slimfx.forms.kv.cache import KVCache
 from slimfx.forms.kv.calibrate import attention_grams, fit_site
@@ -22,17 +23,7 @@ FORMS = [
 
 
 def _model(attn: str):
-    import transformers as tf
-
-    cfg = tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=128, attn_implementation=attn)  # fmt: skip
-    torch.manual_seed(0)
-    model = tf.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n.endswith("bias"):
-                p.normal_(0, 0.5)
+    model = tiny_qwen2_biased(attn)
     sites, _ = inspect_attention_sites(model)
     g = torch.Generator().manual_seed(5)
     grams = attention_grams(model, sites, [torch.randint(3, 256, (1, 24), generator=g)] * 3)

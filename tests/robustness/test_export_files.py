@@ -41,12 +41,14 @@ def test_a_failed_export_leaves_the_previous_file(tmp_path, monkeypatch):
 
 
 def test_kv_export_set_is_all_or_nothing(tmp_path, monkeypatch):
+    """A previous set of three files (step graph, two flush graphs; their contents do not
+    matter) survives an export interrupted after its first graph; a complete export of one
+    flush graph then replaces the set and drops the stale second flush graph."""
     from slimfx.models import tiny_llama
 
     model, path = tiny_llama(seed=3), tmp_path / "kv.onnx"
-    two = {0: KVQuantConfig(4, 4, 4, 16), 1: KVQuantConfig(8, 8, 4, 16)}
-    res = onnx_kv.export_onnx_kv(model, path, two)
-    assert [p.name for p in res.flush_paths] == ["kv.flush0.onnx", "kv.flush1.onnx"]
+    for i, name in enumerate(["kv.onnx", "kv.flush0.onnx", "kv.flush1.onnx"]):
+        (tmp_path / name).write_bytes(bytes([i]) * 100)
     before = _snapshot(tmp_path)
 
     calls = []
@@ -61,9 +63,10 @@ def test_kv_export_set_is_all_or_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_kv, "_to_onnx", fail_on_second)
     with pytest.raises(KeyboardInterrupt):
         onnx_kv.export_onnx_kv(model, path, {0: KVQuantConfig(2, 2, 4, 16), 1: KVQuantConfig(4, 2, 8, 8)})
+    assert len(calls) == 2  # the step graph was written (to the temporary folder) first
     assert _snapshot(tmp_path) == before
     monkeypatch.setattr(onnx_kv, "_to_onnx", real)
     one = onnx_kv.export_onnx_kv(model, path, KVQuantConfig(2, 2, 4, 16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kv.flush0.onnx", "kv.onnx"]
     assert one.flush_paths == [tmp_path / "kv.flush0.onnx"]
-    assert (tmp_path / "kv.onnx").read_bytes() != before["kv.onnx"]
+    assert all((tmp_path / n).read_bytes() != before[n] for n in ("kv.onnx", "kv.flush0.onnx"))

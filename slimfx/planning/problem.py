@@ -171,7 +171,10 @@ class Budget:
     - ``total_bytes``: one byte count for the sites' weights *and* the KV cache of ``batch``
       sequences of ``context`` tokens (both required): weights and cache trade against each
       other. Embeddings, norms and other parameters that are not sites are not counted.
-    - ``context`` / ``batch``: where the cache is counted (tokens per sequence, sequences).
+    - ``context`` / ``batch``: where the cache is counted (tokens per sequence, sequences);
+      with ``latency``, also how long and how many the sequences are that each attention step
+      reads (linears are priced at the workload's tokens whatever the batch: at decode their
+      weights, read once, dominate).
 
     Given only ``max_error``, the solver minimizes bytes; otherwise it minimizes the summed
     error under the limits.
@@ -237,10 +240,10 @@ class Budget:
             raise ValueError(
                 "context= / batch= say where the KV cache is counted: they need kv= or total_bytes="
             )
-        if self.batch is not None and self.total_bytes is None:
+        if self.batch is not None and self.total_bytes is None and self.latency is None:
             raise ValueError(
-                "batch= scales the cache in total_bytes= only (kv= is a fraction of the cache, "
-                "the same for every batch size)"
+                "batch= scales the cache in total_bytes= only, and the attention steps of a "
+                "latency= budget (kv= is a fraction of the cache, the same for every batch size)"
             )
 
     @property

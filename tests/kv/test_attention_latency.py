@@ -65,6 +65,15 @@ def test_the_dense_step_is_attention_over_the_cache():
     )
     assert t2 == pytest.approx(2 * t1, rel=1e-9)
     assert t1 == pytest.approx(16384 * 2 * 192 * 2 / 3.35e12, rel=1e-9)
+    # every sequence of the batch reads its own cache
+    t8 = estimate_attention_latency(KVDenseConfig(), SMOL, H100_NO_LAUNCH, "decode", 16384, 8)
+    assert t8 == pytest.approx(8 * t1, rel=1e-9)
+    # a low-rank form reads its factors once per step, whatever the batch
+    lr = KVLowRankConfig(96, 192, 1, "whitened", 0)
+    w = lr.step_work(SMOL, 64)
+    one, two = (estimate_attention_latency(lr, SMOL, H100_NO_LAUNCH, "decode", 64, b) for b in (1, 2))
+    per_seq = (w.cache_floats + 2 * w.rebuilt) * 2 / 3.35e12
+    assert two - one == pytest.approx(per_seq, rel=1e-9)
 
 
 def test_fused_and_reference_runtimes_price_a_quantized_cache_differently():
@@ -130,7 +139,7 @@ def test_a_form_without_step_work_is_not_priced():
 def test_a_latency_budget_with_a_kv_budget_needs_a_context():
     with pytest.raises(ValueError, match=r"give context="):
         Budget(latency=0.5, kv=0.5)
-    Budget(latency=0.5, kv=0.5, context=4096)  # fine
+    Budget(latency=0.5, kv=0.5, context=4096, batch=8)  # the batch the steps read for
 
 
 def _calib(n: int = 4, T: int = 48) -> list[torch.Tensor]:

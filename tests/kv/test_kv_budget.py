@@ -45,7 +45,7 @@ def _calib(n: int = 5, T: int = 48) -> list[torch.Tensor]:
         ({"total_bytes": 1e6}, r"give context="),
         ({"total_bytes": 0.5, "context": 8}, r"total_bytes is a byte count"),
         ({"context": 4096}, r"need kv= or total_bytes="),
-        ({"kv": 0.5, "batch": 4}, r"batch= scales the cache in total_bytes= only"),
+        ({"kv": 0.5, "batch": 4}, r"batch= scales the cache in total_bytes= only, and the attention steps of a latency"),
         ({"kv": 0.5, "context": 0}, r"Budget.context is a number of tokens"),
         ({"total_bytes": 1e6, "context": 8, "batch": True}, r"Budget.batch"),
     ],

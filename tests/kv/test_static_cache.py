@@ -167,6 +167,33 @@ def test_static_low_rank_caches_generate_the_dynamic_tokens_and_compile():
     assert isinstance(hf.layers[0], StaticQuantizedLatentLayer)
 
 
+def test_static_low_rank_caches_rotate_left_padded_rows_at_their_positions():
+    """A left-padded row's tokens sit at positions shifted by its padding: the static latent
+    layers record the call's position_ids per slot, as the dynamic layers do, so the rebuilt
+    keys are rotated alike (with slot indices instead, the padded row's logits moved ~4e-3)."""
+    model, forms = _low_rank_model()
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1: three pad tokens on the left
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, attention_mask=mask)
+    with torch.no_grad():
+        want = model.generate(ids, past_key_values=KVCache(forms), output_logits=True,
+                              return_dict_in_generate=True, **kw)  # fmt: skip
+        got = model.generate(ids, past_key_values=StaticKVCache(forms, 24), output_logits=True,
+                             return_dict_in_generate=True, **kw)  # fmt: skip
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    cache = StaticKVCache(forms, 24)
+    with torch.no_grad():
+        pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # what generate() passes
+        model(ids, attention_mask=mask, position_ids=pos_ids, past_key_values=cache, use_cache=True)
+    pos = cache.layers[1].positions
+    assert pos[0, :9].tolist() == list(range(9)) and pos[1, 3:9].tolist() == list(range(6))
+    cache.reset()
+    assert torch.equal(cache.layers[1].positions, torch.arange(24).repeat(2, 1))
+
+
 def test_static_refusals():
     with pytest.raises(ValueError, match="max_cache_len 4 must exceed sink 4"):
         StaticQuantizedKVLayer(KVQuantConfig(sink=4), 4)

@@ -16,15 +16,17 @@ first ``sink`` tokens of the sequence it computes their exact K (rotated) and V,
 the cache layer (``add_sink``), and on every read they replace the rebuilt K/V of those
 positions. Their latent is cached too, so the latent stays one row per token. "The first
 tokens of this call that are sinks" depends on the cached length — a branch one exported graph
-cannot hold — so under the ONNX export (a cache layer with ``merge_sinks``,
-:mod:`slimfx.backends.onnx_kv_latent`) the module computes every call token's exact K/V and
-the layer puts the first ``sink`` positions' in place by a gather over positions.
+cannot hold — so with a branch-free cache layer (one with ``merge_sinks``: the ONNX export's,
+:mod:`slimfx.backends.onnx_kv_latent`, and the static caches for torch.compile) the module
+computes every call token's exact K/V and the layer puts the first ``sink`` positions' in
+place by a gather over positions.
 
 Rebuilding costs ``O(context · rank · kv_dim)`` per step. A one-token (decode) call absorbs
 the value up-projection: the attention weights contract with the value latent and each head's
 rows of ``v_up`` apply after (``O(heads · context · rank)``); keys are still rebuilt — past
-RoPE a key up-projection cannot fold into the query. The ONNX export and the static caches take
-the rebuilding path.
+RoPE a key up-projection cannot fold into the query. The branch-free cache layers and attention
+masks other than a 4-D one (flash attention's 2-D padding mask, flex attention's block mask)
+take the rebuilding path.
 """
 
 from __future__ import annotations
@@ -108,13 +110,14 @@ class LowRankKVAttention(nn.Module):
         if past_key_values is not None:
             layers = getattr(past_key_values, "layers", [])
             layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
-        # the ONNX export's cache layer merges the sinks without a shape-dependent branch: it
-        # takes every call token's exact K/V and keeps those of the first ``sink`` positions
-        export = hasattr(layer, "merge_sinks")
+        # a branch-free cache layer (the ONNX export's, the static ones) merges the sinks
+        # without a shape-dependent branch: it takes every call token's exact K/V and keeps
+        # those of the first ``sink`` positions
+        branchless = hasattr(layer, "merge_sinks")
         sink_k = sink_v = None
-        if export and self.sink:
+        if branchless and self.sink:
             sink_k, sink_v = self._exact(hidden_states, cos, sin)
-        elif not export:
+        elif not branchless:
             n0 = layer.get_seq_length() if hasattr(layer, "positions") else 0
             need = max(0, min(self.sink, n0 + T) - n0)  # this call's tokens that are sinks
             if need:
@@ -136,15 +139,18 @@ class LowRankKVAttention(nn.Module):
         k = rebuild(lk.squeeze(1), self.k_up, self.k_bias)
         S = k.shape[1]
         k = apply_rope(k.view(B, S, -1, hd).transpose(1, 2), cos, sin)
-        ns = 0 if export or sink_k is None else sink_k.shape[2]
+        ns = 0 if branchless or sink_k is None else sink_k.shape[2]
         if ns:  # the first tokens' exact K/V replace their rebuilt ones
             k = torch.cat([sink_k.to(k.dtype), k[:, :, ns:]], dim=2)
-        absorb = self.absorb_decode and T == 1 and not export  # (no attention dropout here)
+        mask_ok = attention_mask is None or (
+            isinstance(attention_mask, Tensor) and attention_mask.dim() == 4
+        )  # the absorbed path reads a 4-D additive / boolean mask
+        absorb = self.absorb_decode and T == 1 and not branchless and mask_ok  # (no dropout)
         if absorb and not kwargs.get("output_attentions"):
             out = self._decode_absorbed(q, k, lv.squeeze(1), attention_mask, sink_v if ns else None)
             return self.o_proj(out.reshape(B, T, -1)), None
         v = rebuild(lv.squeeze(1), self.v_up, self.v_bias).view(B, S, -1, hd).transpose(1, 2)
-        if export and sink_k is not None:
+        if branchless and sink_k is not None:
             k, v = layer.merge_sinks(k, v, sink_k, sink_v)
         elif ns:
             v = torch.cat([sink_v.to(v.dtype), v[:, :, ns:]], dim=2)

@@ -169,31 +169,57 @@ class StaticQuantizedKVLayer(_StaticStoreLayer):
 
 
 class _StaticLatentSide:
-    """What the low-rank attention reads from a static latent layer: ``positions`` ``(B, M)``
-    = ``0 … M−1``, and ``merge_sinks`` over the exact-K/V buffer ``exact_sinks``."""
+    """What the low-rank attention reads from a static latent layer: ``positions`` ``(B, M)``,
+    the rotary position of the token in each slot (the caller's ``position_ids``: a
+    left-padded row's tokens sit at shifted positions; slots not written yet keep their
+    index), and ``merge_sinks`` over the exact-K/V buffer ``exact_sinks``. The concrete layers
+    list it first, so its ``lazy_initialization`` / ``update`` / ``reset`` wrap theirs."""
 
     max_cache_len: int
     cumulative_length: Tensor
+    config: Any
     _start: Tensor
 
-    def _init_latent_side(self, config: Any, like: Tensor) -> None:
-        M, B = self.max_cache_len, like.shape[0]
-        self.positions = torch.arange(M, device=like.device).unsqueeze(0).expand(B, M)
-        self.form_sink = config.sink
+    def __init__(self, config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config = config
+        self.positions: Tensor | None = None  # set on the first call
         self.exact_sinks: Tensor | None = None
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)  # type: ignore[misc]
+        M, B = self.max_cache_len, key_states.shape[0]
+        self.positions = torch.arange(M, device=key_states.device).repeat(B, 1)
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any,
+        positions: Tensor | None = None, **kwargs: Any,
+    ) -> tuple[Tensor, Tensor]:
+        """The layer's update; then the call's ``positions`` written into its slots."""
+        out = super().update(key_states, value_states)  # type: ignore[misc]
+        if positions is not None:
+            assert self.positions is not None
+            B, T = self.positions.shape[0], key_states.shape[-2]
+            slots = self._start + torch.arange(T, device=self.positions.device)
+            self.positions.index_copy_(1, slots, positions.to(self.positions).expand(B, T))
+        return out
 
     def merge_sinks(self, k: Tensor, v: Tensor, ek: Tensor, ev: Tensor) -> tuple[Tensor, Tensor]:
         """The sink positions' exact K/V in place of the rebuilt ones; the buffer updated."""
+        sink = self.config.sink
         if self.exact_sinks is None:  # the first call: the K/V shapes are known now
             B, H, _, D = k.shape
-            self.exact_sinks = torch.zeros(2, B, H, self.form_sink, D, dtype=k.dtype, device=k.device)
-        k, v, present = merge_sinks(k, v, ek, ev, self.exact_sinks, self._start, self.form_sink)
+            self.exact_sinks = torch.zeros(2, B, H, sink, D, dtype=k.dtype, device=k.device)
+        k, v, present = merge_sinks(k, v, ek, ev, self.exact_sinks, self._start, sink)
         self.exact_sinks.copy_(present)
         return k, v
 
-    def _reset_latent_side(self) -> None:
+    def reset(self) -> None:
         if self.exact_sinks is not None:
             self.exact_sinks.zero_()
+        if self.positions is not None:
+            self.positions.copy_(torch.arange(self.max_cache_len, device=self.positions.device))
+        super().reset()  # type: ignore[misc]
 
 
 class StaticQuantizedLatentLayer(_StaticLatentSide, _StaticStoreLayer):
@@ -201,29 +227,15 @@ class StaticQuantizedLatentLayer(_StaticLatentSide, _StaticStoreLayer):
     out (module docstring)."""
 
     def __init__(self, config: KVLatentQuantConfig, max_cache_len: int, **kwargs: Any) -> None:
-        super().__init__(config, max_cache_len, config.group if config.axis == "channel" else 1)
-        self.positions: Tensor | None = None  # set on the first call
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._init_latent_side(self.config, key_states)
-
-    def reset(self) -> None:
-        self._reset_latent_side()
-        super().reset()
+        block = config.group if config.axis == "channel" else 1
+        super().__init__(config, config, max_cache_len, block)
 
 
 class StaticLatentLayer(_StaticLatentSide, StaticLayer):
     """Static ``kv_lowrank`` layer: the 16-bit latents of every position (module docstring)."""
 
     def __init__(self, config: KVLowRankConfig, max_cache_len: int, **kwargs: Any) -> None:
-        super().__init__(max_cache_len=max_cache_len)
-        self.config = config
-        self.positions: Tensor | None = None  # set on the first call
-
-    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
-        super().lazy_initialization(key_states, value_states)
-        self._init_latent_side(self.config, key_states)
+        super().__init__(config, max_cache_len=max_cache_len)
 
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
@@ -231,11 +243,7 @@ class StaticLatentLayer(_StaticLatentSide, StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self._start = self.cumulative_length.clone()
-        return super().update(key_states, value_states)
-
-    def reset(self) -> None:
-        self._reset_latent_side()
-        super().reset()
+        return super().update(key_states, value_states, **kwargs)
 
 
 def static_layer_for(form: KVDecision, max_cache_len: int) -> StaticLayer:

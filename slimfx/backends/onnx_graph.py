@@ -25,11 +25,12 @@ class OnnxExportError(ValueError):
 
 
 def write_files(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write one export's files all or nothing: ``write(tmp)`` puts them, under their final
-    names, in a fresh temporary directory next to ``path`` (a failure there leaves the folder
-    as it was); then each file is flushed and moved into ``path.parent`` by an atomic rename,
-    ``path`` itself last — so a loadable ``path`` never sits beside a half-written companion
-    (external data, flush graphs), and an interrupt never leaves a truncated file."""
+    """Write one export's files: ``write(tmp)`` puts them, under their final names, in a fresh
+    temporary directory next to ``path`` (a failure or interrupt there leaves the folder as it
+    was); then each file is flushed and moved into ``path.parent`` by an atomic rename,
+    ``path`` itself last. No file is ever truncated or half-written; only an interrupt between
+    two of the renames can leave new companions (external data, flush graphs) beside the old
+    ``path`` — the KV decoder checks each flush graph's recorded form against its step graph."""
     tmp = files.tmp_dir(path)
     try:
         write(tmp)

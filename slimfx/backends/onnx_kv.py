@@ -28,7 +28,9 @@
   with symmetric scales per tensor or per channel fixed for the whole cache, quantizing new
   tokens itself: KIVI's per-block key ranges, per-token value ranges and float minimums do
   not fit it, so the step dequantizes before a plain attention.
-- one **flush graph** per ``kv_quant`` group, ``<stem>.flush<n>.onnx``: 16-bit window
+- one **flush graph** per group with a store, ``<stem>.flush<n>.onnx`` (``n`` counts those
+  groups, low-rank ones included; each records its form, checked by the decoder); for a
+  ``kv_quant`` group: 16-bit window
   blocks ``(rows, H, nb, key_group, D)`` of keys and of values (the group's layers stacked on
   the batch axis) → the six store arrays of those blocks. Flushing runs as a second graph,
   not inside the step: the store grows by whole blocks only on some steps, a data-dependent
@@ -44,6 +46,7 @@ drives the graphs in ONNX Runtime.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Sequence
@@ -67,14 +70,16 @@ from slimfx.backends.onnx_kv_latent import (
     LATENT_FORMS,
     ExportLatentLayer,
     LatentFlush,
+    dequantize_blocks,
+    dequantize_groups,
     latent_store_names,
     latent_store_shapes,
+    quantize_blocks,
+    quantize_groups,
 )
-from slimfx.backends.onnx_kv_latent import pack_codes as _pack
-from slimfx.backends.onnx_kv_latent import unpack_codes as _unpack
 from slimfx.forms.kv.cache import kv_forms_of
 from slimfx.forms.kv.config import KVDecision, KVDenseConfig, KVLatentQuantConfig, KVQuantConfig
-from slimfx.forms.kv.numerics import _minmax
+from slimfx.forms.kv.lowrank import LowRankKVAttention
 from slimfx.planning.shapes import AttentionShape
 
 __all__ = [
@@ -92,8 +97,6 @@ META_GEOMETRY = "slimfx.kv_geometry"  # [kv_heads, head_dim]
 
 def _lowrank_modules(model: nn.Module) -> dict[int, Any]:
     """Layer index → the attention module rewritten to a low-rank KV one."""
-    from slimfx.forms.kv.lowrank import LowRankKVAttention
-
     return {m.layer_idx: m for m in model.modules() if isinstance(m, LowRankKVAttention)}
 
 
@@ -156,12 +159,9 @@ def dequantize_store(
     """The blocked store arrays of one layer (``STORE_NAMES`` order, ``(B, H, nb, …)``) →
     keys, values ``(B, H, nb·key_group, D)`` in ``dtype`` (float32 arithmetic, as
     ``numerics.dequantize_keys`` / ``dequantize_values``)."""
-    kc, ks, km, vc, vs, vm = store
-    k = _unpack(kc, form.key_bits) * ks.float().unsqueeze(-2) + km.float().unsqueeze(-2)
-    v = _unpack(vc, form.value_bits)
-    v = v.unflatten(-1, (-1, form.value_group))
-    v = v * vs.float().unsqueeze(-1) + vm.float().unsqueeze(-1)
-    return k.flatten(-3, -2).to(dtype), v.flatten(-2).flatten(-3, -2).to(dtype)
+    k = dequantize_blocks(*store[:3], form.key_bits)
+    v = dequantize_groups(*store[3:], form.value_bits, form.value_group)
+    return k.flatten(-3, -2).to(dtype), v.flatten(-3, -2).to(dtype)
 
 
 def _groups(forms: Sequence[KVDecision]) -> list[tuple[KVDecision, list[int]]]:
@@ -263,20 +263,16 @@ class _Step(nn.Module):
 class _Flush(nn.Module):
     """Window blocks ``(B, H, nb, key_group, D)`` of keys and values → the store arrays of
     those blocks: the quantization of ``numerics.quantize_keys`` / ``quantize_values`` (its
-    ``_minmax``), blocked, packed by :func:`_pack`."""
+    ``_minmax``), blocked, packed (``onnx_kv_latent.quantize_blocks`` / ``quantize_groups``)."""
 
     def __init__(self, form: KVQuantConfig) -> None:
         super().__init__()
         self.form = form
 
     def forward(self, keys: Tensor, values: Tensor) -> tuple[Tensor, ...]:
-        f = self.form
-        kq, ks, km = _minmax(keys, f.key_bits, dim=3)  # per channel over each block
-        vq, vs, vm = _minmax(values.unflatten(-1, (-1, f.value_group)), f.value_bits, dim=-1)
-        return (
-            _pack(kq, f.key_bits), ks.squeeze(3), km.squeeze(3),
-            _pack(vq.flatten(-2), f.value_bits), vs.squeeze(-1), vm.squeeze(-1),
-        )  # fmt: skip
+        f = self.form  # keys per channel over each block, values per token per group
+        k = quantize_blocks(keys, f.key_bits, 3)
+        return (*k, *quantize_groups(values, f.value_bits, f.value_group))
 
 
 def _names(groups: Sequence[tuple[KVDecision, list[int]]]) -> tuple[list[str], list[str]]:
@@ -293,16 +289,19 @@ def _names(groups: Sequence[tuple[KVDecision, list[int]]]) -> tuple[list[str], l
     return ins, outs
 
 
-def _example_store(form: KVQuantConfig, L: int, B: int, H: int, D: int, nb: int) -> list:
-    g, vg = form.key_group, form.value_group
-    u8, f16 = torch.uint8, torch.float16
+def quant_store_shapes(
+    form: KVQuantConfig, lead: tuple[int, ...], D: int, nb: int
+) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """``(shape, dtype)`` of a ``kv_quant`` store's arrays (``STORE_NAMES`` order) of ``nb``
+    blocks after the ``lead`` axes ``(layers, batch, kv_heads)``."""
+    g, vg, u8, f16 = form.key_group, form.value_group, torch.uint8, torch.float16
     return [
-        torch.randint(0, 256, (L, B, H, nb, g, D * form.key_bits // 8), dtype=u8),
-        torch.rand(L, B, H, nb, D, dtype=f16),
-        torch.rand(L, B, H, nb, D, dtype=f16),
-        torch.randint(0, 256, (L, B, H, nb, g, D * form.value_bits // 8), dtype=u8),
-        torch.rand(L, B, H, nb, g, D // vg, dtype=f16),
-        torch.rand(L, B, H, nb, g, D // vg, dtype=f16),
+        ((*lead, nb, g, D * form.key_bits // 8), u8),
+        ((*lead, nb, D), f16),
+        ((*lead, nb, D), f16),
+        ((*lead, nb, g, D * form.value_bits // 8), u8),
+        ((*lead, nb, g, D // vg), f16),
+        ((*lead, nb, g, D // vg), f16),
     ]
 
 
@@ -350,8 +349,9 @@ def _axis_names(program: Any, n_inputs: int, axes: Sequence[Sequence[str | None]
 
 @dataclass
 class KVExportResult:
-    """What :func:`export_onnx_kv` wrote: the step graph, the flush graphs (one per distinct
-    ``kv_quant`` config, in the order of ``flush_forms``) and the per-layer forms."""
+    """What :func:`export_onnx_kv` wrote: the step graph, the flush graphs (one per group of
+    layers whose form has a store — ``kv_quant``, ``kv_latent_quant`` — in the order of
+    ``flush_forms``) and the per-layer forms."""
 
     path: Path
     flush_paths: list[Path]
@@ -364,7 +364,7 @@ def export_onnx_kv(
     path: str | os.PathLike[str],
     form: KVDecision | dict[int, KVDecision] | None = None,
 ) -> KVExportResult:
-    """Export a Hugging Face causal LM's decode step over the quantized KV cache (module
+    """Export a Hugging Face causal LM's decode step over its compressed KV cache (module
     docstring) to ``path`` and its flush graphs next to it. ``form``: as
     :func:`export_forms` (``None``: the forms the model carries). Batch, sequence, window and
     store lengths stay dynamic. The model (float32 or float16 weights) is left unchanged."""
@@ -404,8 +404,8 @@ def export_onnx_kv(
             windows.append(torch.randn(L, 2, B, H, total - n, D, dtype=dtype))
             win_shapes.append({2: AUTO, 4: AUTO})
             if isinstance(f, KVQuantConfig):
-                stores += _example_store(f, L, B, H, D, NB)
-        store_shapes += [_store_axes(f, "shape")] * len(_store_names(f))
+                stores += [_random(sh, dt) for sh, dt in quant_store_shapes(f, (L, B, H), D, NB)]
+        store_shapes += [_store_dynamic(f)] * len(_store_names(f))
     shapes = (
         {0: AUTO, 1: AUTO},
         tuple(win_shapes),
@@ -434,7 +434,7 @@ def export_onnx_kv(
         axes.append((None, "batch", f"window_{j}") if latent else
                     (None, None, "batch", None, f"window_{j}"))  # fmt: skip
     for j, (f, _) in enumerate(groups):
-        axes += [_store_axes(f, f"blocks_{j}")] * len(_store_names(f))
+        axes += [_store_axis_names(f, f"blocks_{j}")] * len(_store_names(f))
     axes += [(None, None, "batch")] * len(sinks)
     meta = {META_KEY: json.dumps([f.to_dict() for f in forms]), META_GEOMETRY: json.dumps([H, D])}
     graphs = [(program, path.name, ins, outs, _axis_names(program, len(ins), axes), meta)]
@@ -464,8 +464,8 @@ def export_onnx_kv(
         for prog, name, *rest in graphs:
             _to_onnx(prog, tmp / name, *rest)
 
-    write_files(path, write)  # the step graph last: never beside another export's flushes
-    for old in path.parent.glob(f"{path.stem}.flush*.onnx"):
+    write_files(path, write)  # the step graph renamed last; the decoder checks each flush's form
+    for old in path.parent.glob(f"{glob.escape(path.stem)}.flush*.onnx"):
         if old not in flush_paths:  # a previous export's extra flush graph
             old.unlink()
     return KVExportResult(path, flush_paths, forms, flush_forms)
@@ -481,13 +481,14 @@ def _example_stored(form: KVDecision, nb: int) -> int:
     return form.group * nb if isinstance(form, KVLatentQuantConfig) else 0
 
 
-def _store_axes(form: KVDecision, name: str) -> Any:
-    """A group's store arrays: their dynamic axes (``name="shape"``: torch.export's spec) or
-    the ONNX axis names (``name``: the block axis's)."""
-    latent = isinstance(form, LATENT_FORMS)
-    if name == "shape":
-        return {1: AUTO, 2: AUTO} if latent else {1: AUTO, 3: AUTO}
-    return (None, "batch", name) if latent else (None, "batch", None, name)
+def _store_dynamic(form: KVDecision) -> dict[int, Any]:
+    """torch.export's dynamic axes of a group's store arrays (batch, blocks)."""
+    return {1: AUTO, 2: AUTO} if isinstance(form, LATENT_FORMS) else {1: AUTO, 3: AUTO}
+
+
+def _store_axis_names(form: KVDecision, blocks: str) -> tuple[str | None, ...]:
+    """The ONNX axis names of a group's store arrays (``blocks``: the block axis's)."""
+    return (None, "batch", blocks) if isinstance(form, LATENT_FORMS) else (None, "batch", None, blocks)
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:

@@ -4,7 +4,9 @@
 per group of layers sharing a form, the tokens that the torch cache layer's ``flush`` would
 move (``config.quantized_tokens(n)`` of the ``n`` cached tokens), runs the step, keeps the
 returned windows (and a low-rank group's sink buffer); ``generate`` decodes greedily, the
-prompt in chunks of ``prefill_chunk`` tokens. Layers in ``kv_dense`` keep a window only.
+prompt in chunks of ``prefill_chunk`` tokens. Layers in ``kv_dense`` keep a 16-bit window only,
+``kv_lowrank`` layers a latent window (and the sink buffer), the quantized forms a window and a
+store. Each flush graph must carry the form of its group (checked when the decoder opens it).
 """
 
 from __future__ import annotations
@@ -18,8 +20,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from slimfx.backends.onnx_kv import META_GEOMETRY, META_KEY, _groups, _has_sink, _store_names
+from slimfx.backends.onnx_kv import (
+    META_GEOMETRY,
+    META_KEY,
+    _groups,
+    _has_sink,
+    _store_names,
+    quant_store_shapes,
+)
 from slimfx.backends.onnx_kv_latent import LATENT_FORMS, latent_store_shapes
+from slimfx.backends.ort import inference_session
 from slimfx.forms.kv.config import KVDecision, KVLatentQuantConfig, KVQuantConfig
 from slimfx.planning.configs import decision_from_dict
 
@@ -28,15 +38,30 @@ __all__ = ["OrtKVDecoder"]
 _NP = {torch.uint8: np.uint8, torch.float16: np.float16}
 
 
-def _session(path: Path, threads: int | None) -> Any:
-    import onnxruntime as ort
+def _flush_session(path: Path, form: KVDecision, threads: int | None) -> Any:
+    """The flush graph at ``path``, checked to be the one exported for ``form`` (a set whose
+    files come from different exports would quantize with another form's settings)."""
+    sess = inference_session(path, threads)
+    got = sess.get_modelmeta().custom_metadata_map.get(META_KEY)
+    if got is None or decision_from_dict(json.loads(got)) != form:
+        have = "no form" if got is None else decision_from_dict(json.loads(got)).short()
+        raise ValueError(
+            f"{path.name} was exported for {have}, but the step graph's group needs "
+            f"{form.short()}: the files come from different exports; export again"
+        )
+    return sess
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads is not None:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+def _geometry(meta: dict[str, str], inputs: list[Any]) -> tuple[int, int]:
+    """(kv_heads, head_dim): recorded by the export, or — in a graph exported before it was
+    recorded, which held 16-bit windows only — read off the first window input's shape."""
+    if META_GEOMETRY in meta:
+        H, D = json.loads(meta[META_GEOMETRY])
+        return int(H), int(D)
+    for i in inputs:
+        if i.name.startswith("window_") and len(i.shape) == 6:
+            return int(i.shape[3]), int(i.shape[5])
+    raise ValueError(f"the graph records no {META_GEOMETRY!r} and has no 16-bit window input")
 
 
 class OrtKVDecoder:
@@ -54,7 +79,7 @@ class OrtKVDecoder:
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
         self.path = Path(path)
-        self.session = _session(self.path, threads)
+        self.session = inference_session(self.path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map  # not onnx.load: no 2nd copy
         self.forms: list[KVDecision] = [decision_from_dict(d) for d in json.loads(meta[META_KEY])]
         self.groups = _groups(self.forms)
@@ -63,11 +88,11 @@ class OrtKVDecoder:
         for j, (f, _) in enumerate(self.groups):
             if _store_names(f):
                 fpath = self.path.with_name(f"{self.path.stem}.flush{n}.onnx")
-                self.flush_sessions[j], n = _session(fpath, threads), n + 1
+                self.flush_sessions[j], n = _flush_session(fpath, f, threads), n + 1
         inp = self.session.get_inputs()
         self.input_names = [i.name for i in inp]
         self.dtype = np.float16 if inp[1].type == "tensor(float16)" else np.float32
-        self.kv_heads, self.head_dim = json.loads(meta[META_GEOMETRY])
+        self.kv_heads, self.head_dim = _geometry(meta, inp)
         self._where = {i: (j, n) for j, (_, idx) in enumerate(self.groups) for n, i in
                        enumerate(idx)}  # fmt: skip
         self.reset()
@@ -90,15 +115,8 @@ class OrtKVDecoder:
                 shapes = latent_store_shapes(f, (L, batch), 0)
                 self.stores.append([np.zeros(s, _NP[dt]) for s, dt in shapes])
             elif isinstance(f, KVQuantConfig):
-                g, vg, lead = f.key_group, f.value_group, (L, batch, H, 0)
-                self.stores.append([
-                    np.zeros((*lead, g, D * f.key_bits // 8), np.uint8),
-                    np.zeros((*lead, D), np.float16),
-                    np.zeros((*lead, D), np.float16),
-                    np.zeros((*lead, g, D * f.value_bits // 8), np.uint8),
-                    np.zeros((*lead, g, D // vg), np.float16),
-                    np.zeros((*lead, g, D // vg), np.float16),
-                ])  # fmt: skip
+                shapes = quant_store_shapes(f, (L, batch, H), D, 0)
+                self.stores.append([np.zeros(s, _NP[dt]) for s, dt in shapes])
             else:
                 self.stores.append(None)
 

@@ -86,6 +86,31 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     return out.to(torch.uint8)
 
 
+def quantize_blocks(x: Tensor, bits: int, dim: int) -> list[Tensor]:
+    """Per-channel codes over the block axis ``dim`` (each channel's min/max over the block):
+    packed codes, scales, minimums (``numerics._minmax``; ``dim`` dropped from the last two)."""
+    q, s, m = _minmax(x, bits, dim=dim)
+    return [pack_codes(q, bits), s.squeeze(dim), m.squeeze(dim)]
+
+
+def quantize_groups(x: Tensor, bits: int, group: int) -> list[Tensor]:
+    """Per-token codes over groups of ``group`` channels of the last axis: packed codes,
+    scales and minimums ``(…, channels / group)``."""
+    q, s, m = _minmax(x.unflatten(-1, (-1, group)), bits, dim=-1)
+    return [pack_codes(q.flatten(-2), bits), s.squeeze(-1), m.squeeze(-1)]
+
+
+def dequantize_blocks(codes: Tensor, scale: Tensor, mn: Tensor, bits: int) -> Tensor:
+    """Inverse of :func:`quantize_blocks` with the block axis second to last (float32)."""
+    return unpack_codes(codes, bits) * scale.float().unsqueeze(-2) + mn.float().unsqueeze(-2)
+
+
+def dequantize_groups(codes: Tensor, scale: Tensor, mn: Tensor, bits: int, group: int) -> Tensor:
+    """Inverse of :func:`quantize_groups` (float32)."""
+    x = unpack_codes(codes, bits).unflatten(-1, (-1, group))
+    return (x * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1)).flatten(-2)
+
+
 def _segments(form: KVLatentQuantConfig, role: str) -> list[tuple[str, int, int]]:
     """``(store name prefix, channels over all head groups, bits)`` of the role's segments."""
     return [(name, form.groups * n, b) for name, n, b in latent_segments(form, role)]
@@ -124,15 +149,11 @@ def dequantize_latent(
     for role in ("key", "value"):
         parts = []
         for _, _, bits in _segments(form, role):
-            codes, scale, mn = next(it), next(it), next(it)
-            q = unpack_codes(codes, bits)
+            arrays = next(it), next(it), next(it)
             if form.axis == "channel":  # (B, nb, g, w) · (B, nb, 1, w)
-                x = q * scale.float().unsqueeze(-2) + mn.float().unsqueeze(-2)
-                x = x.flatten(1, 2)
+                parts.append(dequantize_blocks(*arrays, bits).flatten(1, 2))
             else:  # (B, n, w/g, g) · (B, n, w/g, 1)
-                x = q.unflatten(-1, (-1, form.group))
-                x = (x * scale.float().unsqueeze(-1) + mn.float().unsqueeze(-1)).flatten(-2)
-            parts.append(x)
+                parts.append(dequantize_groups(*arrays, bits, form.group))
         out.append((parts[0] if len(parts) == 1 else join_latent(parts, form.groups)).to(dtype))
     return out[0], out[1]
 
@@ -156,11 +177,9 @@ class LatentFlush(nn.Module):
             parts = [x] if len(segs) == 1 else split_latent(x, f.groups, sizes)
             for (_, _, bits), part in zip(segs, parts):
                 if f.axis == "channel":  # per channel over each block of `group` tokens
-                    q, s, m = _minmax(part.unflatten(1, (-1, f.group)), bits, dim=2)
-                    out += [pack_codes(q, bits), s.squeeze(2), m.squeeze(2)]
+                    out += quantize_blocks(part.unflatten(1, (-1, f.group)), bits, 2)
                 else:  # per token over each `group` channels
-                    q, s, m = _minmax(part.unflatten(-1, (-1, f.group)), bits, dim=-1)
-                    out += [pack_codes(q.flatten(-2), bits), s.squeeze(-1), m.squeeze(-1)]
+                    out += quantize_groups(part, bits, f.group)
         return tuple(out)
 
 
@@ -203,11 +222,12 @@ class ExportLatentLayer(DynamicLayer):
         n0 = self.get_seq_length()
         new = torch.cat([key_states.squeeze(1), value_states.squeeze(1)], dim=-1)
         self.new = new
-        lat = torch.cat([self.window, new], dim=1)
-        if self.store is not None:
-            k, v = dequantize_latent(self.store, self.form, lat.dtype)  # type: ignore[arg-type]
+        parts = [self.window, new]
+        if self.store is not None:  # sinks ‖ store ‖ recent ‖ new, in one concatenation
+            k, v = dequantize_latent(self.store, self.form, new.dtype)  # type: ignore[arg-type]
             s = self.form.sink
-            lat = torch.cat([lat[:, :s], torch.cat([k, v], dim=-1), lat[:, s:]], dim=1)
+            parts = [self.window[:, :s], torch.cat([k, v], dim=-1), self.window[:, s:], new]
+        lat = torch.cat(parts, dim=1)
         S = n0 + key_states.shape[2]
         self.positions = torch.arange(S, device=lat.device).unsqueeze(0).expand(B, S)
         r = self.key_rank

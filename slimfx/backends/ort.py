@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,15 +46,8 @@ class OrtModel:
         threads: int | None = None,
         providers: Sequence[str] = ("CPUExecutionProvider",),
     ) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            opts.intra_op_num_threads = int(threads)
-            opts.inter_op_num_threads = 1
         self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), opts, providers=list(providers))
+        self.session = inference_session(path, threads, providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.kv_cache = onnx_decode.is_kv_graph(self.input_names)
@@ -117,6 +111,23 @@ class OrtModel:
         return (
             f"OrtModel({str(self.path)!r}, inputs={self.input_names}, outputs={self.output_names})"
         )
+
+
+def inference_session(
+    path: str | os.PathLike[str],
+    threads: int | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> Any:
+    """An ``onnxruntime.InferenceSession`` of ``path`` with every graph optimization on and
+    ``threads`` intra-op threads (one inter-op thread) when given."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+        opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=list(providers))
 
 
 def ort_session(path: str | os.PathLike[str], threads: int | None = None) -> OrtModel:

@@ -218,3 +218,36 @@ def test_export_forms_reads_the_model(exported):
     dec.reset(1)
     with pytest.raises(ValueError, match="batch 2 ≠ the cache's 1"):
         dec.step(_ids(2, 3))
+
+
+def test_the_decoder_checks_its_files(exported, tmp_path):
+    """Flush graphs of another export are refused with the reason (each records its form); a
+    step graph that records no geometry (exported before it was recorded) reads the kv heads
+    and head_dim off its window input and decodes the same logits."""
+    import shutil
+
+    _, res, dec = exported["A"]
+    for p in [res.path, *res.flush_paths]:
+        shutil.copy(p, tmp_path / p.name)
+    stem = res.path.stem
+    swapped = tmp_path / f"{stem}.flush0.onnx", tmp_path / f"{stem}.flush1.onnx"
+    swapped[0].rename(tmp_path / "t")
+    swapped[1].rename(swapped[0])
+    (tmp_path / "t").rename(swapped[1])
+    with pytest.raises(ValueError, match=r"flush0.onnx was exported for kv k8v4 gk4 gv16 r0, "
+                       r"but the step graph's group needs kv k4v2 gk8 gv8 r4 s2: the files come "
+                       r"from different exports; export again"):  # fmt: skip
+        OrtKVDecoder(tmp_path / res.path.name, threads=1)
+    for p in res.flush_paths:
+        shutil.copy(p, tmp_path / p.name)
+    graph = onnx.load(str(tmp_path / res.path.name))
+    kept = [m for m in graph.metadata_props if m.key != "slimfx.kv_geometry"]
+    del graph.metadata_props[:]
+    graph.metadata_props.extend(kept)
+    onnx.save(graph, str(tmp_path / res.path.name))
+    old = OrtKVDecoder(tmp_path / res.path.name, threads=1)
+    assert (old.kv_heads, old.head_dim) == (dec.kv_heads, dec.head_dim) == (2, 16)
+    dec.reset(2)
+    old.reset(2)
+    ids = _ids(2, 5)
+    np.testing.assert_array_equal(old.step(ids), dec.step(ids))

@@ -192,7 +192,7 @@ def _timed(pl: Planning, so: Any) -> Any:
     note says so; a latency budget then needs a context (``Budget`` refuses it)."""
     from dataclasses import replace
 
-    from slimfx.cost.target import estimate_attention_latency, workload_of
+    from slimfx.cost.target import attention_work, estimate_attention_latency, workload_of
 
     ctx, batch = pl.budget.context, pl.budget.batch or 1
     wl = workload_of(pl.options.workload)
@@ -204,9 +204,10 @@ def _timed(pl: Planning, so: Any) -> Any:
         )
     ctx = ctx if ctx is not None else wl.tokens
     opts = []
+    tgt = pl.options.target
     for o in so.options:
-        secs = estimate_attention_latency(o.decision, so.shape, pl.options.target, wl, ctx, batch)
-        work = o.decision.step_work(so.shape, ctx, wl.tokens)
+        work = attention_work(o.decision, so.shape, tgt, wl, ctx)
+        secs = estimate_attention_latency(o.decision, so.shape, tgt, wl, ctx, batch, work)
         opts.append(replace(o, latency_s=secs, flops=batch * work.flops, source="roofline"))
     dense = next(o for o in opts if o.decision.kind == "kv_dense")
     return replace(so, options=opts, dense_latency_s=dense.latency_s)

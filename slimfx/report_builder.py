@@ -14,7 +14,7 @@ from slimfx.ir.sites import AttentionSite, LinearSite
 from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.planning.configs import DenseConfig
 from slimfx.planning.plan import Plan
-from slimfx.planning.problem import Budget, BudgetProblem
+from slimfx.planning.problem import Budget, BudgetProblem, SiteOptions
 from slimfx.planning.shapes import KV_BYTES_PER_TOKEN
 from slimfx.report import KVEntry, Report, SiteEntry
 
@@ -65,7 +65,10 @@ def build_report(
                     bytes_before=DenseConfig().weight_bytes(s.site_shape), bytes_after=0,
                     status="applied", reason=f"replaced by {plan[owner].short()}",
                     # its dense time stays in the total; the owner's option pays its work
-                    latency_before_s=_dense_latency(problem, s.fqn),
+                    latency_before_s=(
+                        estimate_site_latency(DenseConfig(), s, target, workload, cache)[0]
+                        if problem is None else _dense_latency(problem, s.fqn)
+                    ),
                 )
             )  # fmt: skip
             continue
@@ -119,21 +122,39 @@ def build_report(
         sites=entries, budget=budget.to_dict(), target=target_name(target), workload=workload
     )
     report.kv_sites = [
-        _kv_entry(a, plan, problem, budget) for a in attention_sites or () if a.fqn in plan
+        _kv_entry(a, plan, problem, budget, target, workload)
+        for a in attention_sites or ()
+        if a.fqn in plan
     ]
     return report
 
 
+def _site_options(problem: BudgetProblem | None, name: str) -> SiteOptions | None:
+    """The problem's options of site ``name`` (``None``: no problem, or not one of its sites)."""
+    try:
+        return None if problem is None else problem.site(name)
+    except KeyError:
+        return None
+
+
 def _dense_latency(problem: BudgetProblem | None, name: str) -> float:
     """The dense latency the problem priced for site ``name`` (0.0 without one)."""
-    names = {s.name for s in problem.sites} if problem is not None else set()
-    return problem.site(name).dense_latency_s if name in names else 0.0
+    so = _site_options(problem, name)
+    return 0.0 if so is None else so.dense_latency_s
 
 
 def _kv_entry(
-    site: AttentionSite, plan: Plan, problem: BudgetProblem | None, budget: Budget
+    site: AttentionSite,
+    plan: Plan,
+    problem: BudgetProblem | None,
+    budget: Budget,
+    target: Any,
+    workload: str,
 ) -> KVEntry:
-    """The report line of one attention site's KV decision."""
+    """The report line of one attention site's KV decision; without a problem (a replayed
+    plan) its attention steps priced again for ``target`` / ``workload`` at the budget's
+    context and batch (the step's own tokens without a context), as the solve prices them."""
+    from slimfx.cost.target import estimate_attention_latency, workload_of
     from slimfx.forms.kv.config import KVDenseConfig
 
     d, shape, ctx = plan[site.fqn], site.site_shape, budget.context
@@ -152,8 +173,14 @@ def _kv_entry(
         owns=owns,
         status="skipped" if isinstance(d, KVDenseConfig) else "applied",
     )
-    if problem is not None and site.fqn in {s.name for s in problem.sites}:
-        so = problem.site(site.fqn)
+    so = _site_options(problem, site.fqn)
+    if problem is None:
+        c = ctx if ctx is not None else workload_of(workload).tokens
+        e.latency_before_s, e.latency_after_s = (
+            estimate_attention_latency(f, shape, target, workload, c, budget.batch or 1)
+            for f in (dense, d)
+        )
+    if so is not None:
         sens = so.sensitivity if so.sensitivity > 0 else 1.0
         e.sensitivity = so.sensitivity
         chosen = so.options[so.index_of(d)]

@@ -60,6 +60,7 @@ __all__ = [
     "launches",
     "estimate_latency",
     "estimate_attention_latency",
+    "attention_work",
     "MeasuredCache",
     "latency",
     "runtime_label",
@@ -80,7 +81,9 @@ class Target:
     codes directly but whose reference ops (2:4 forms, layouts no packed kernel takes) rebuild
     the dense weight on every call — priced as such. ``fused_attention``: one-token decode
     steps run the fused Triton attention kernels over compressed caches (the int4/int8 KV
-    store, the MLA latent) that read the cache in place.
+    store, the MLA latent) that read the cache in place. ``branchless_attention``: the runtime
+    runs one exported step graph (ONNX Runtime), so low-rank caches take their branch-free
+    path (values rebuilt, the sinks' exact K/V every step).
     """
 
     name: str
@@ -92,6 +95,7 @@ class Target:
     dequant_efficiency: float = 0.7
     torch_cpu: bool = False
     fused_attention: bool = False
+    branchless_attention: bool = False
 
     def __post_init__(self) -> None:
         for f in ("bandwidth_Bps", "peak_flops"):
@@ -126,6 +130,7 @@ TARGETS: dict[str, Target] = {
         _CPU,
         name="ort-cpu",
         torch_cpu=False,
+        branchless_attention=True,
         notes=(
             "ONNX Runtime's CPU provider (the onnx backend). Roofline numbers are the cpu "
             "target's assumptions, and they cannot know ORT's kernels (its int8 MatMulNBits at "
@@ -231,6 +236,19 @@ def estimate_latency(
     return roof + decision.launches() * tgt.launch_s
 
 
+def attention_work(
+    decision: Decision,
+    shape: AttentionShape,
+    target: str | Target,
+    workload: str | Workload,
+    context: int,
+) -> Any:
+    """``decision.step_work`` of one sequence's attention step of ``workload`` at ``context``,
+    on the path ``target``'s runtime takes (``Target.branchless_attention``)."""
+    tgt, wl = target_of(target), workload_of(workload)
+    return decision.step_work(shape, context, wl.tokens, branchless=tgt.branchless_attention)
+
+
 def estimate_attention_latency(
     decision: Decision,
     shape: AttentionShape,
@@ -238,6 +256,7 @@ def estimate_attention_latency(
     workload: str | Workload,
     context: int,
     batch: int = 1,
+    work: Any = None,
 ) -> float:
     """Roofline seconds of one attention step with the cache in form ``decision`` (a KV-cache
     or MLA decision): ``batch`` sequences, each with ``workload.tokens`` new tokens and
@@ -248,9 +267,10 @@ def estimate_attention_latency(
 
     ``eff``: the dequantization efficiency for forms that expand codes; on a target with fused
     attention a one-token step of a form that has the kernel rebuilds nothing and saves the
-    two launches of the rebuild."""
+    two launches of the rebuild. ``work``: :func:`attention_work`'s result when the caller
+    has it already."""
     tgt, wl = target_of(target), workload_of(workload)
-    w = decision.step_work(shape, context, wl.tokens)
+    w = work if work is not None else attention_work(decision, shape, tgt, wl, context)
     fused = w.fused and tgt.fused_attention and wl.tokens == 1
     rebuilt = 0 if fused else w.rebuilt
     fb = tgt.float_bytes

@@ -100,8 +100,17 @@ def test_low_rank_steps_pay_the_rebuild_and_their_projections():
     lr = KVLowRankConfig(96, 192, 1, "whitened", 0)
     w = lr.step_work(SMOL, 4096)
     assert w.cache_floats == 4096 * 288 and w.weight_floats == 288 * (576 + 192)
-    assert w.rebuilt == 4096 * 192  # keys rebuilt; one-token steps keep the values latent
-    assert lr.step_work(SMOL, 4096, 2).rebuilt == 2 * 4096 * 192
+    cos_sin = 2 * 4096 * 64  # cos and sin of every cached position
+    assert w.rebuilt == 4096 * 192 + cos_sin  # keys rebuilt; one-token steps keep values latent
+    assert lr.step_work(SMOL, 4096, 2).rebuilt == 2 * 4096 * 192 + cos_sin
+    # ONNX Runtime runs the branch-free step graph: values rebuilt, and with sinks the original
+    # k/v projections run on every step
+    s4 = KVLowRankConfig(96, 192, 1, "whitened", 4)
+    b = s4.step_work(SMOL, 4096, branchless=True)
+    assert b.rebuilt == 2 * 4096 * 192 + cos_sin
+    assert b.weight_floats == s4.step_work(SMOL, 4096).weight_floats + 2 * 576 * 192
+    ort, cpu = (estimate_attention_latency(s4, SMOL, t, "decode", 4096) for t in ("ort-cpu", "cpu"))
+    assert ort > cpu
     # the rebuild is 2·C·rank·width FLOPs on top of the attention
     assert w.flops > 2 * 4096 * 96 * 192 + 2 * 9 * 64 * 4096
     # no fused kernel: the same bytes on every target, and slower than 16-bit at long context
@@ -120,6 +129,10 @@ def test_mla_decode_attends_over_the_latent():
     n2 = 2 * 3 * 8
     assert w.cache_floats == 4096 * (144 + n2) and w.fused
     assert m.step_work(SMOL, 4096, 7).rebuilt == 4096 * 2 * 192  # prefill rebuilds K and V
+    # an int8 latent is dequantized whole by the cache layer: not read in place
+    m8 = MLAConfig(rank=144, rope_pairs=8, latent_bits=8)
+    w8 = m8.step_work(SMOL, 4096)
+    assert not w8.fused and w8.dequantizes and w8.rebuilt == w.rebuilt + 4096 * 144
     fused = estimate_attention_latency(m, SMOL, H100_NO_LAUNCH, "decode", 32768, batch=8)
     dense = estimate_attention_latency(KVDenseConfig(), SMOL, H100_NO_LAUNCH, "decode", 32768, 8)
     assert fused < dense * (144 + n2) / 384 * 1.05  # bandwidth bound over the latent
@@ -194,6 +207,16 @@ def test_an_owning_form_pays_for_the_projections_it_replaces(tiny_llama):
     lat1 = sum(s.latency_after_s for s in [*rep.sites, *rep.kv_sites])
     assert rep.totals["est_latency_ratio"] == pytest.approx(lat1 / lat0, abs=1e-4)
     assert [c["latency_s"] > 0 for c in kv0.candidates] == [True, True]
+    # replaying the plan prices the attention steps again, as the solve did
+    plan = slimfx.Plan.from_dict(rep.meta["plan"])
+    again = slimfx.report_of(slimfx.optimize(
+        tiny_llama, Budget(kv=0.7, context=64), plan=plan, calibration=_calib(), progress=False
+    ))  # fmt: skip
+    assert again.kv_sites[0].latency_after_s == pytest.approx(kv0.latency_after_s, rel=1e-12)
+    assert again.kv_sites[0].latency_before_s == pytest.approx(kv0.latency_before_s, rel=1e-12)
+    assert [s.latency_before_s for s in again.sites if s.fqn in kv0.owns] == pytest.approx(
+        [s.latency_before_s for s in owned], rel=1e-12
+    )
 
 
 def test_without_a_context_the_cache_read_is_not_priced_and_a_note_says_so(tiny_llama):

@@ -128,10 +128,13 @@ class KVDecision(Decision):
         """Reference bytes of the k_proj and v_proj weights in this form (biases excluded)."""
         return 2 * 2 * shape.hidden_size * shape.kv_dim
 
-    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+    def step_work(
+        self, shape: AttentionShape, context: int, tokens: int = 1, branchless: bool = False
+    ) -> AttentionWork:
         """One attention step of one sequence (:class:`AttentionWork`): ``tokens`` new tokens,
-        ``context`` tokens in the cache after it. A form that does not define it cannot be
-        priced for latency (no default)."""
+        ``context`` tokens in the cache after it; ``branchless``: the runtime runs one exported
+        step graph (ONNX Runtime), so the low-rank forms take their branch-free path. A form
+        that does not define it cannot be priced for latency (no default)."""
         raise NotImplementedError(f"{type(self).__name__} does not define step_work")
 
     def costs(
@@ -167,7 +170,9 @@ class KVDenseConfig(KVDecision):
     def steady_bytes_per_token(self, shape: AttentionShape) -> float:
         return float(shape.kv_bytes_per_token(16))
 
-    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+    def step_work(
+        self, shape: AttentionShape, context: int, tokens: int = 1, branchless: bool = False
+    ) -> AttentionWork:
         C = _step_context(context, tokens)
         return AttentionWork(C * 2 * shape.kv_dim, 0, 0, _attend_flops(shape, C, tokens), 0, 1)
 
@@ -233,7 +238,9 @@ class KVQuantConfig(KVDecision):
         value_sm = H * q * (D // self.value_group) * 2 * SCALE_BYTES
         return codes + key_sm + value_sm + (tokens - q) * shape.kv_bytes_per_token(16)
 
-    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+    def step_work(
+        self, shape: AttentionShape, context: int, tokens: int = 1, branchless: bool = False
+    ) -> AttentionWork:
         """The store's codes and scales plus the 16-bit tokens are read; without the fused
         kernel the store is dequantized to keys and values first (written, read back)."""
         C = _step_context(context, tokens)
@@ -316,33 +323,39 @@ class KVLowRankConfig(KVDecision):
         dense = 2 * 2 * shape.hidden_size * shape.kv_dim if self.sink else 0  # sinks' exact K/V
         return 2 * self.latent_width * (shape.hidden_size + group_dim) + dense
 
-    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
-        """The new tokens' latent (the down-projections), keys rebuilt for every cached token
-        and rotated, then attention; at one-token steps the values stay latent (the attention
-        weights meet the value latent, then its up-projection: absorbed), at longer steps
-        they are rebuilt too. The factors are read once per step; the sinks' exact K/V come
-        from the original projections only while the sequence is shorter than the sinks (not
-        priced)."""
+    def step_work(
+        self, shape: AttentionShape, context: int, tokens: int = 1, branchless: bool = False
+    ) -> AttentionWork:
+        """The new tokens' latent (the down-projections), cos/sin of every cached position,
+        keys rebuilt for every cached token and rotated, then attention; at one-token steps
+        of the eager path the values stay latent (the attention weights meet the value latent,
+        then its up-projection: absorbed), otherwise they are rebuilt too. The factors are read
+        once per step. The sinks' exact K/V come from the original projections only while the
+        sequence is shorter than the sinks on the eager path (not priced); on a branch-free
+        runtime (``branchless``) every step runs them."""
         C = _step_context(context, tokens)
-        return self._lowrank_work(shape, C, tokens, C)
+        return self._lowrank_work(shape, C, tokens, C, branchless)
 
     def _lowrank_work(
-        self, shape: AttentionShape, C: int, T: int, latent_floats: int
+        self, shape: AttentionShape, C: int, T: int, latent_floats: int, branchless: bool
     ) -> AttentionWork:
         """:meth:`step_work` with ``latent_floats`` latent tokens read as 16-bit."""
-        H, D, kv = shape.num_heads, shape.head_dim, shape.kv_dim
+        H, D, kv, hidden = shape.num_heads, shape.head_dim, shape.kv_dim, shape.hidden_size
         gd, rk, rv = kv // self.groups, self.key_rank, self.value_rank
         s = min(self.sink, C)
-        flops = 2 * T * shape.hidden_size * (rk + rv) + 2 * C * rk * gd + ROPE_OPS * C * kv
+        flops = 2 * T * hidden * (rk + rv) + 2 * C * rk * gd + ROPE_OPS * C * (kv + D)
         flops += 2 * H * D * C * T  # scores
-        if T == 1:  # absorbed values: weights × value latent per head, then its up-projection
+        rebuilt = C * kv + 2 * C * D  # rebuilt keys; cos and sin of every cached position
+        if T == 1 and not branchless:  # absorbed values: weights × value latent, then v_up
             flops += 2 * H * C * (rv // self.groups) + 2 * H * (rv // self.groups) * D
-            rebuilt = C * kv
         else:
             flops += 2 * C * rv * gd + 2 * H * D * C * T
-            rebuilt = 2 * C * kv
+            rebuilt += C * kv
+        weights = self.latent_width * (hidden + gd)
+        if branchless and self.sink:  # every call token's exact K/V
+            weights += 2 * hidden * kv
+            flops += 4 * T * hidden * kv
         floats = latent_floats * self.latent_width + s * 2 * kv
-        weights = self.latent_width * (shape.hidden_size + gd)
         return AttentionWork(floats, 0, weights, flops, rebuilt, 5)
 
     def short(self) -> str:
@@ -465,12 +478,14 @@ class KVLatentQuantConfig(KVDecision):
     def projection_weight_bytes(self, shape: AttentionShape) -> int:
         return self.lowrank.projection_weight_bytes(shape)
 
-    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+    def step_work(
+        self, shape: AttentionShape, context: int, tokens: int = 1, branchless: bool = False
+    ) -> AttentionWork:
         """:class:`KVLowRankConfig`'s step over a latent whose stored tokens are dequantized
         first (written, read back: no fused kernel reads a quantized latent)."""
         C = _step_context(context, tokens)
         q = self.quantized_tokens(C)
-        w = self.lowrank._lowrank_work(shape, C, tokens, C - q)
+        w = self.lowrank._lowrank_work(shape, C, tokens, C - q, branchless)
         ints = self.cache_bytes(shape, C) - 2 * w.cache_floats
         n = q * self.lowrank.latent_width
         return AttentionWork(

@@ -167,14 +167,18 @@ class MLAConfig(Decision):
         """Exact bytes one sequence's latent cache of this block holds at ``tokens``."""
         return self.kv_bytes_per_token(shape) * tokens
 
-    def step_work(self, shape: AttentionShape, context: int, tokens: int = 1) -> AttentionWork:
+    def step_work(
+        self, shape: AttentionShape, context: int, tokens: int = 1, branchless: bool = False
+    ) -> AttentionWork:
         """One attention step of one sequence (``tokens`` new, ``context`` cached after it).
         Every converted projection (``q_mix``, RoPE rows, down, key/value up) is read once;
+        only the new tokens' queries and RoPE key are rotated (the cache holds rotated keys);
         one-token steps attend over the latent directly (absorbed: ``q_lat = W_ukᵀ q'``,
         scores over ``[k_rope ; c]``, the context stays r wide until ``v_up``; the key row
-        ``[k_rope ; c]`` is built per token unless the fused kernel reads the cache in place);
-        longer steps rebuild every cached token's keys and values (unabsorbed). ``q_proj`` and
-        ``o_proj`` stay linear sites of their own."""
+        ``[k_rope ; c]`` is built per token unless the fused kernel reads a 16-bit cache in
+        place); longer steps rebuild every cached token's keys and values (unabsorbed). An
+        int8 latent is dequantized whole every step (the cache layer does it). ``q_proj`` and
+        ``o_proj`` stay linear sites of their own; ``branchless`` changes nothing here."""
         if not (isinstance(context, int) and isinstance(tokens, int) and context >= 1
                 and tokens >= 1):
             raise ValueError(f"context and tokens are ints ≥ 1, got {context!r}, {tokens!r}")
@@ -185,16 +189,19 @@ class MLAConfig(Decision):
         n2 = 2 * K * self.rope_pairs
         nope = K * d - n2
         weights = H * K * d * d + D * n2 + D * r + r * nope + r * K * d
-        flops = 2 * T * (H * d * K * d + D * n2 + D * r) + 4 * C * n2  # q', k_rope, c; RoPE
+        flops = 2 * T * (H * d * K * d + D * n2 + D * r) + 4 * T * (H + 1) * n2  # ...; RoPE
         if T == 1:
             flops += 2 * H * nope * r + 2 * H * C * (n2 + r) + 2 * H * C * r + 2 * H * r * d
             rebuilt = C * (n2 + r)
         else:
             flops += 2 * C * r * (nope + K * d) + 2 * H * T * C * (K * d + d)
             rebuilt = C * (2 * K * d)
-        floats = C * (n2 + (r if self.latent_bits == 16 else 0))
+        int8 = self.latent_bits == 8
+        floats = C * (n2 + (0 if int8 else r))
         ints = self.cache_bytes(shape, C) - 2 * floats
-        return AttentionWork(floats, ints, weights, flops, rebuilt, 6, self.latent_bits == 8, True)
+        if int8:  # the cache layer dequantizes the whole latent each step
+            rebuilt, flops = rebuilt + C * r, flops + 4 * C * r
+        return AttentionWork(floats, ints, weights, flops, rebuilt, 6, int8, not int8)
 
     def owned_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
         """Reference bytes of the original ``k_proj`` + ``v_proj`` this decision replaces."""

@@ -181,7 +181,8 @@ def add_options(pl: Planning) -> None:
     added = [_timed(pl, so) for so in kl.reprice(added)]
     p = pl.problem
     pl.problem = BudgetProblem(
-        [*p.sites, *added], p.workload, p.target, {**p.meta, "kv_context": context}
+        [*p.sites, *added], p.workload, p.target,
+        {**p.meta, "kv_context": context, "kv_batch": pl.budget.batch or 1},
     )
 
 
@@ -190,9 +191,8 @@ def _timed(pl: Planning, so: Any) -> Any:
     workload for ``batch`` sequences (the budget's, else 1) at the budget's context. Without a
     context the cache read is not priced (the step attends over its own tokens only), and a
     note says so; a latency budget then needs a context (``Budget`` refuses it)."""
-    from dataclasses import replace
-
-    from slimfx.cost.target import attention_work, estimate_attention_latency, workload_of
+    from slimfx.cost.candidates import time_attention_site
+    from slimfx.cost.target import workload_of
 
     ctx, batch = pl.budget.context, pl.budget.batch or 1
     wl = workload_of(pl.options.workload)
@@ -202,15 +202,7 @@ def _timed(pl: Planning, so: Any) -> Any:
             "step attends over its own tokens); the projections a low-rank or MLA form "
             "replaces are"
         )
-    ctx = ctx if ctx is not None else wl.tokens
-    opts = []
-    tgt = pl.options.target
-    for o in so.options:
-        work = attention_work(o.decision, so.shape, tgt, wl, ctx)
-        secs = estimate_attention_latency(o.decision, so.shape, tgt, wl, ctx, batch, work)
-        opts.append(replace(o, latency_s=secs, flops=batch * work.flops, source="roofline"))
-    dense = next(o for o in opts if o.decision.kind == "kv_dense")
-    return replace(so, options=opts, dense_latency_s=dense.latency_s)
+    return time_attention_site(so, pl.options.target, wl, ctx or wl.tokens, batch)
 
 
 class _MeasuredKL:

@@ -35,7 +35,16 @@ from tqdm.auto import tqdm
 
 from slimfx.cost.calibration import CalibrationStats
 from slimfx.cost.families import Candidate, SiteContext, family, family_names
-from slimfx.cost.target import MeasuredCache, Target, Workload, latency, target_of, workload_of
+from slimfx.cost.target import (
+    MeasuredCache,
+    Target,
+    Workload,
+    attention_work,
+    estimate_attention_latency,
+    latency,
+    target_of,
+    workload_of,
+)
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics.lowrank import lowrank_error_curve, max_useful_rank
 from slimfx.planning.configs import Decision, DenseConfig, LowRankConfig
@@ -50,6 +59,7 @@ __all__ = [
     "timed_lowrank",
     "build_problem",
     "reprice",
+    "time_attention_site",
 ]
 
 #: byte fractions of dense the low-rank ladder aims at.
@@ -243,6 +253,25 @@ def build_problem(
     return BudgetProblem(site_opts, workload=wl.name, target=tgt.name, meta=meta), proposed
 
 
+def time_attention_site(
+    so: SiteOptions, target: str | Target, workload: str | Workload, context: int, batch: int
+) -> SiteOptions:
+    """An attention site's options with their ``latency_s`` / ``flops``: one attention step of
+    ``workload`` for ``batch`` sequences at ``context`` cached tokens
+    (:func:`~slimfx.cost.target.estimate_attention_latency`); the 16-bit cache's is the site's
+    dense latency."""
+    tgt, wl = target_of(target), workload_of(workload)
+    opts = []
+    for o in so.options:
+        work = attention_work(o.decision, so.shape, tgt, wl, context)
+        secs = estimate_attention_latency(o.decision, so.shape, tgt, wl, context, batch, work)
+        opts.append(
+            dataclasses.replace(o, latency_s=secs, flops=batch * work.flops, source="roofline")
+        )
+    dense = next(o for o in opts if o.decision.kind == "kv_dense")
+    return dataclasses.replace(so, options=opts, dense_latency_s=dense.latency_s)
+
+
 def reprice(
     problem: BudgetProblem,
     sites: Sequence[LinearSite],
@@ -254,16 +283,27 @@ def reprice(
     """``problem`` with every option's latency (and FLOPs) priced again for ``target`` /
     ``workload`` (default: the problem's) from ``cache`` where it has the entry, the roofline
     otherwise — bytes and errors unchanged, so new measurements or another deployment target
-    need no new candidates. ``sites``: the problem's sites (shapes), by FQN."""
+    need no new candidates. ``sites``: the problem's linear sites (shapes), by FQN; attention
+    sites (KV-cache, MLA options) are priced by the roofline from their own shapes at the
+    context and batch the problem was priced for (``meta["kv_context"]`` /
+    ``meta["kv_batch"]``)."""
     tgt = target_of(target)
     wl = workload_of(problem.workload if workload is None else workload)
     by_name = {s.fqn: s for s in sites}
-    missing = [so.name for so in problem.sites if so.name not in by_name]
+    missing = [
+        so.name for so in problem.sites if so.kind != "attention" and so.name not in by_name
+    ]
     if missing:
         raise KeyError(f"no site for {len(missing)} problem site(s), e.g. {missing[0]!r}")
     sources: Counter[str] = Counter()
     new_sites = []
+    ctx = problem.meta.get("kv_context") or wl.tokens
+    batch = problem.meta.get("kv_batch") or 1
     for so in problem.sites:
+        if so.kind == "attention":
+            new_sites.append(time_attention_site(so, tgt, wl, ctx, batch))
+            sources["roofline"] += len(so.options)
+            continue
         site = by_name[so.name]
         opts = [
             dataclasses.replace(o, **_timing(o.decision, site, tgt, wl, cache, sources))
@@ -271,7 +311,7 @@ def reprice(
         ]
         dense = next((o for o in opts if isinstance(o.decision, DenseConfig)), None)
         dense_lat = dense.latency_s if dense is not None else so.dense_latency_s
-        new_sites.append(SiteOptions(so.name, opts, so.dense_bytes, dense_lat, so.sensitivity))
+        new_sites.append(dataclasses.replace(so, options=opts, dense_latency_s=dense_lat))
     meta = {
         **problem.meta,
         "tokens": wl.tokens,

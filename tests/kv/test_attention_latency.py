@@ -231,3 +231,28 @@ def test_without_a_context_the_cache_read_is_not_priced_and_a_note_says_so(tiny_
     assert kv0.latency_after_s == pytest.approx(
         estimate_attention_latency(forms[1], shape, "cpu", "decode", 1), rel=1e-12
     )
+
+
+def test_reprice_prices_attention_sites_for_another_target(tiny_llama):
+    """cost.candidates.reprice of a problem with attention sites (it raised KeyError on them):
+    the attention options are priced for the new target at the problem's context and batch,
+    as the solve prices them; the linear sites keep their shapes and kinds."""
+    from slimfx.cost.candidates import reprice
+    from slimfx.stages import plan_model
+
+    b = Budget(latency=1.0, kv=1.0, context=512, batch=4)
+    pl = plan_model(tiny_llama, b, calibration=_calib(), kv_forms=FORMS_TINY, progress=False)
+    assert pl.problem.meta["kv_context"] == 512 and pl.problem.meta["kv_batch"] == 4
+    on_h100 = plan_model(
+        tiny_llama, b, calibration=_calib(), kv_forms=FORMS_TINY, progress=False, target="h100"
+    )
+    again = reprice(pl.problem, pl.sites, target="h100")
+    for so in again.sites:
+        want = on_h100.problem.site(so.name)
+        assert so.kind == want.kind and so.shape == want.shape
+        assert [o.latency_s for o in so.options] == pytest.approx(
+            [o.latency_s for o in want.options], rel=1e-12
+        )
+    att = again.site("model.layers.0.self_attn")
+    dense = estimate_attention_latency(KVDenseConfig(), att.shape, "h100", "decode", 512, 4)
+    assert att.dense_latency_s == pytest.approx(dense, rel=1e-12)

@@ -129,6 +129,8 @@ def _forms(kv_forms: Any, shape: Any) -> tuple[list | None, bool]:
 
 def add_options(pl: Planning) -> None:
     """Join every attention site's KV (and MLA) options to ``pl.problem``."""
+    from slimfx.cost.candidates import time_attention_site
+    from slimfx.cost.target import workload_of
     from slimfx.forms.kv.candidates import kv_site_options
     from slimfx.forms.mla.plan import mla_options
     from slimfx.planning.problem import SiteOptions
@@ -178,31 +180,23 @@ def add_options(pl: Planning) -> None:
         pl.notes.append(
             f"KV candidates not offered at {len(where)} site(s) (e.g. {where[0]}): {why}"
         )
-    added = [_timed(pl, so) for so in kl.reprice(added)]
-    p = pl.problem
-    pl.problem = BudgetProblem(
-        [*p.sites, *added], p.workload, p.target,
-        {**p.meta, "kv_context": context, "kv_batch": pl.budget.batch or 1},
-    )
-
-
-def _timed(pl: Planning, so: Any) -> Any:
-    """``so`` with every option's ``latency_s`` / ``flops``: one attention step of the
-    workload for ``batch`` sequences (the budget's, else 1) at the budget's context. Without a
-    context the cache read is not priced (the step attends over its own tokens only), and a
-    note says so; a latency budget then needs a context (``Budget`` refuses it)."""
-    from slimfx.cost.candidates import time_attention_site
-    from slimfx.cost.target import workload_of
-
-    ctx, batch = pl.budget.context, pl.budget.batch or 1
+    # every option's latency: one attention step of the workload for the budget's batch at its
+    # context; without a context the cache read is not priced (a step attends over its own
+    # tokens only), and a latency budget then needs one (``Budget`` refuses it)
     wl = workload_of(pl.options.workload)
-    if ctx is None and not any("cache read is not priced" in n for n in pl.notes):
+    if context is None:
         pl.notes.append(
             "attention latencies: no context= given, so the KV cache read is not priced (each "
             "step attends over its own tokens); the projections a low-rank or MLA form "
             "replaces are"
         )
-    return time_attention_site(so, pl.options.target, wl, ctx or wl.tokens, batch)
+    step = (pl.options.target, wl, context or wl.tokens, pl.budget.batch or 1)
+    added = [time_attention_site(so, *step) for so in kl.reprice(added)]
+    p = pl.problem
+    pl.problem = BudgetProblem(
+        [*p.sites, *added], p.workload, p.target,
+        {**p.meta, "kv_context": context, "kv_batch": pl.budget.batch or 1},
+    )
 
 
 class _MeasuredKL:

@@ -371,7 +371,8 @@ class _Export:
             ir.save(self.ir_model, tmp / path.name, external_data=name)
             onnx.checker.check_model(str(tmp / path.name))
 
-        write_files(path, write)
+        # a previous export's external data is stale when this one has none (or another name)
+        write_files(path, write, stale=lambda p: p.name == path.name + ".data")
         return PassResult("save", True)
 
 

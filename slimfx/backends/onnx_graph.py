@@ -24,13 +24,18 @@ class OnnxExportError(ValueError):
     """The model cannot be exported to ONNX as it is (the message says where and why)."""
 
 
-def write_files(path: Path, write: Callable[[Path], Any]) -> None:
+def write_files(
+    path: Path, write: Callable[[Path], Any], stale: Callable[[Path], bool] | None = None
+) -> None:
     """Write one export's files: ``write(tmp)`` puts them, under their final names, in a fresh
     temporary directory next to ``path`` (a failure or interrupt there leaves the folder as it
     was); then each file is flushed and moved into ``path.parent`` by an atomic rename,
     ``path`` itself last. No file is ever truncated or half-written; only an interrupt between
     two of the renames can leave new companions (external data, flush graphs) beside the old
-    ``path`` — the KV decoder checks each flush graph's recorded form against its step graph."""
+    ``path`` — the KV decoder checks each flush graph's recorded form against its step graph.
+    ``stale(p)``: true for a file of ``path.parent`` that a previous export of ``path`` wrote
+    and this one does not (its external data, an extra flush graph); those are removed once
+    the new set is in place."""
     tmp = files.tmp_dir(path)
     try:
         write(tmp)
@@ -42,6 +47,11 @@ def write_files(path: Path, write: Callable[[Path], Any]) -> None:
         files.fsync(path.parent)
     finally:
         files.discard(tmp)
+    if stale is not None:
+        kept = {f.name for f in done}
+        for old in path.parent.iterdir():
+            if old.name not in kept and old.is_file() and stale(old):
+                old.unlink()
 
 
 # ------------------------------------------------------------------------- graph passes

@@ -46,6 +46,7 @@ drives the graphs in ONNX Runtime.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import os
@@ -460,14 +461,15 @@ def export_onnx_kv(
         graphs.append((prog, fpath.name, f_ins, _store_names(f), f_axes, f_meta))
         flush_paths.append(fpath)
 
+    flush_glob = f"{glob.escape(path.stem)}.flush*.onnx"
+
     def write(tmp: Path) -> None:
         for prog, name, *rest in graphs:
             _to_onnx(prog, tmp / name, *rest)
 
-    write_files(path, write)  # the step graph renamed last; the decoder checks each flush's form
-    for old in path.parent.glob(f"{glob.escape(path.stem)}.flush*.onnx"):
-        if old not in flush_paths:  # a previous export's extra flush graph
-            old.unlink()
+    # the step graph renamed last; the decoder checks each flush's form; a previous export's
+    # extra flush graphs are removed
+    write_files(path, write, stale=lambda p: fnmatch.fnmatchcase(p.name, flush_glob))
     return KVExportResult(path, flush_paths, forms, flush_forms)
 
 

@@ -38,15 +38,24 @@ def test_a_failed_export_leaves_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         export_onnx(nn.Sequential(nn.Linear(16, 8)), path, (torch.randn(2, 16),), external_data=True)
     assert _snapshot(tmp_path) == before  # old model and data, no temporary folder
+    # a successful export without external data removes the previous one's data file (it
+    # would be left beside a model that does not read it), and leaves other files alone
+    monkeypatch.undo()
+    (tmp_path / "other.onnx.data").write_bytes(b"not ours")
+    export_onnx(model, path, (torch.randn(2, 16),), external_data=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "other.onnx.data"]
+    assert onnx.load(str(path)).graph.initializer[0].data_location == onnx.TensorProto.DEFAULT
 
 
 def test_kv_export_set_is_all_or_nothing(tmp_path, monkeypatch):
     """A previous set of three files (step graph, two flush graphs; their contents do not
     matter) survives an export interrupted after its first graph; a complete export of one
-    flush graph then replaces the set and drops the stale second flush graph."""
+    flush graph then replaces the set and drops the stale second flush graph. (One layer:
+    what is checked is the files, and each layer adds ~6 s of export.)"""
     from slimfx.models import tiny_llama
 
-    model, path = tiny_llama(seed=3), tmp_path / "kv.onnx"
+    model, path = tiny_llama(seed=3, num_hidden_layers=1), tmp_path / "kv.onnx"
+    (tmp_path / "kv.flush.onnx.bak").write_bytes(b"not a flush graph of this export")
     for i, name in enumerate(["kv.onnx", "kv.flush0.onnx", "kv.flush1.onnx"]):
         (tmp_path / name).write_bytes(bytes([i]) * 100)
     before = _snapshot(tmp_path)
@@ -62,11 +71,13 @@ def test_kv_export_set_is_all_or_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(onnx_kv, "_to_onnx", fail_on_second)
     with pytest.raises(KeyboardInterrupt):
-        onnx_kv.export_onnx_kv(model, path, {0: KVQuantConfig(2, 2, 4, 16), 1: KVQuantConfig(4, 2, 8, 8)})
+        onnx_kv.export_onnx_kv(model, path, KVQuantConfig(2, 2, 4, 16))
     assert len(calls) == 2  # the step graph was written (to the temporary folder) first
     assert _snapshot(tmp_path) == before
     monkeypatch.setattr(onnx_kv, "_to_onnx", real)
     one = onnx_kv.export_onnx_kv(model, path, KVQuantConfig(2, 2, 4, 16))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["kv.flush0.onnx", "kv.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "kv.flush.onnx.bak", "kv.flush0.onnx", "kv.onnx"
+    ]
     assert one.flush_paths == [tmp_path / "kv.flush0.onnx"]
     assert all((tmp_path / n).read_bytes() != before[n] for n in ("kv.onnx", "kv.flush0.onnx"))

@@ -117,6 +117,13 @@ def test_plan_replay_without_cost_model_or_solver(optimized, monkeypatch):
     x = torch.randint(0, 256, (1, 12))
     torch.testing.assert_close(again(x).logits, new(x).logits, rtol=0, atol=1e-6)
     assert slimfx.report_of(again).solver == "replayed plan"
+    # the tied lm_head the solve left out (bytes budget) stays out of the replay's report:
+    # the same sites, bytes and estimated latency
+    solved, replayed = slimfx.report_of(new), slimfx.report_of(again)
+    assert "lm_head" not in {s.fqn for s in solved.sites}
+    assert [s.fqn for s in replayed.sites] == [s.fqn for s in solved.sites]
+    for key in ("bytes_before", "bytes_after", "est_latency_ratio"):
+        assert replayed.totals[key] == pytest.approx(solved.totals[key], rel=1e-9), key
 
 
 def test_budget_one_changes_nothing():
@@ -393,6 +400,11 @@ def test_tied_head_is_offered_when_included_or_under_a_latency_budget():
     lat = slimfx.optimize(model, Budget(memory=0.9, latency=1.0), calibration=_calib(3),
                           families=("int8",), progress=False)
     assert "lm_head" in {s.fqn for s in slimfx.report_of(lat).sites}
+    # a plan that decides the tied head keeps it when replayed (with the other sites)
+    plan = slimfx.Plan.from_dict(slimfx.report_of(inc).meta["plan"])
+    again = slimfx.report_of(slimfx.optimize(model, plan=plan, calibration=_calib(3), progress=False))
+    assert [s.fqn for s in again.sites] == [s.fqn for s in rep.sites]
+    assert again.totals["bytes_after"] == rep.totals["bytes_after"]
 
 
 def test_fisher_is_the_default_for_causal_lms_and_the_report_keeps_errors_unweighted():

@@ -49,13 +49,15 @@ FORMS_A = {
     # int8 keys / int4 values, blocks of 4, no window beyond the unfilled block
     1: KVQuantConfig(8, 4, key_group=4, value_group=16, residual=0),
 }
-FORMS_B = {0: KVDenseConfig(), 1: KVQuantConfig(2, 2, key_group=8, value_group=16, residual=8)}
+_INT2 = KVQuantConfig(2, 2, key_group=8, value_group=16, residual=8, sink=1)
+# three layers, 0 and 2 sharing a form (one group, stacked on the layer axis), 1 left 16-bit
+FORMS_B = {0: _INT2, 1: KVDenseConfig(), 2: _INT2}
 
 
-def _model():
+def _model(layers: int = 2):
     from slimfx.models import tiny_llama
 
-    return tiny_llama(seed=3)
+    return tiny_llama(seed=3, num_hidden_layers=layers)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def exported(tmp_path_factory):
     out = {}
     d = tmp_path_factory.mktemp("onnx_kv")
     for name, forms in (("A", FORMS_A), ("B", FORMS_B)):
-        model = _model()
+        model = _model(layers=len(forms))
         res = export_onnx_kv(model, d / f"tiny_{name}.onnx", forms)
         out[name] = (model, res, OrtKVDecoder(res.path, threads=1))
     return out
@@ -163,33 +165,36 @@ def test_graph_inputs_and_ops(exported):
     assert {"BitShift", "BitwiseAnd", "Mul", "Add", "Cast"} <= ops  # unpack + dequantize
     assert "DequantizeLinear" not in ops  # float minimums: not an integer zero point
     assert len(res.flush_paths) == 2 and all(p.exists() for p in res.flush_paths)
-    # B: the 16-bit layer has a window and no store; one quantized group, one flush graph
-    _, res_b, _ = exported["B"]
-    names = {i.name for i in onnx.load(str(res_b.path)).graph.input}
-    assert names == {"input_ids", "window_0", "window_1", *(f"{n}_1" for n in STORE_NAMES)}
+    # B: layers 0 and 2 share a form (one group: its window and stores stacked on the layer
+    # axis); the 16-bit layer has a window and no store; one quantized group, one flush graph
+    _, res_b, dec_b = exported["B"]
+    g_b = onnx.load(str(res_b.path)).graph
+    names = [i.name for i in g_b.input]
+    assert names == ["input_ids", "window_0", "window_1", *(f"{n}_0" for n in STORE_NAMES)]
+    stacked = [d.dim_param or d.dim_value for d in g_b.input[1].type.tensor_type.shape.dim]
+    assert stacked[:3] == [2, 2, "batch"]
+    assert [idx for _, idx in dec_b.groups] == [[0, 2], [1]]
     assert len(res_b.flush_paths) == 1
 
 
-def test_layers_sharing_a_form_are_stacked(tmp_path):
-    """Three layers, two sharing a form: two groups; logits match torch after the flushes."""
-    from slimfx.models import tiny_llama
-
-    model = tiny_llama(seed=4, num_hidden_layers=3)
-    f, h = KVQuantConfig(4, 4, 4, 16, residual=2, sink=1), KVQuantConfig(2, 2, 8, 16)
-    forms = [f, h, f]
-    res = export_onnx_kv(model, tmp_path / "three.onnx", dict(enumerate(forms)))
-    names = [i.name for i in onnx.load(str(res.path)).graph.input]
-    assert names[:3] == ["input_ids", "window_0", "window_1"] and len(names) == 15
-    dec = OrtKVDecoder(res.path, threads=1)
-    assert [idx for _, idx in dec.groups] == [[0, 2], [1]]
+def test_layers_sharing_a_form_are_stacked(exported):
+    """B's layers 0 and 2 (one group): one-token steps after a prompt give torch's logits, and
+    each layer's share of the stacked store holds what its torch layer stored."""
+    model, _, dec = exported["B"]
     ids = _ids(1, 9, seed=3)
-    cache = KVCache(forms)
+    cache = KVCache([FORMS_B[i] for i in range(3)])
     dec.reset(1)
     with torch.no_grad():
         for c in (ids, *_ids(1, 20, seed=4).split(1, dim=1)):
             ref = model(input_ids=c, past_key_values=cache, use_cache=True).logits
             np.testing.assert_allclose(dec.step(c), ref.numpy(), atol=ATOL, rtol=0)
-    assert [dec.layer_stored_tokens(i) for i in range(3)] == [la.n_stored for la in cache.layers]
+    for i in (0, 2):
+        layer = cache.layers[i]
+        assert dec.layer_stored_tokens(i) == layer.n_stored > 0
+        for n, arr in zip(STORE_NAMES, dec.layer_store(i)):
+            bits = _INT2.key_bits if n[0] == "k" else _INT2.value_bits
+            if n.endswith("codes"):
+                codes_close(arr.reshape(layer.store[n].shape), layer.store[n].numpy(), bits, n)
 
 
 def test_refusals_and_model_unchanged(tmp_path):

@@ -29,7 +29,6 @@ from slimfx.backends.onnx_kv_decoder import OrtKVDecoder  # noqa: E402
 from slimfx.backends.onnx_kv_latent import latent_store_names  # noqa: E402
 from slimfx.forms.kv.calibrate import attention_grams, fit_site  # noqa: E402
 from slimfx.forms.kv.config import (  # noqa: E402
-    KVDenseConfig,
     KVLatentQuantConfig,
     KVLowRankConfig,
     KVQuantConfig,
@@ -52,11 +51,14 @@ FORMS_A = {
     # 16-bit latent, 3 sink tokens
     1: KVLowRankConfig(16, 24, 2, "attention", sink=3),
 }  # fmt: skip
+_PER_TOKEN = KVLatentQuantConfig(24, 16, 2, "attention", 8, 4, 3)
 FORMS_B = {
     # per-token int8 latent, a window of 3 recent tokens, no sinks
-    0: KVLatentQuantConfig(24, 16, 2, "attention", 8, 4, 3),
+    0: _PER_TOKEN,
     # a layer left dense: KIVI's cache over the original projections
     1: KVQuantConfig(4, 4, key_group=4, value_group=16, residual=2, sink=1),
+    # layer 2 shares layer 0's form: one group of two layers
+    2: _PER_TOKEN,
 }
 
 
@@ -87,7 +89,7 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx_kv_latent")
     torch.set_num_threads(1)
     for name, forms in (("A", FORMS_A), ("B", FORMS_B)):
-        model = _rewritten(forms)
+        model = _rewritten(forms, layers=len(forms))
         res = export_onnx_kv(model, d / f"tiny_{name}.onnx", forms)
         out[name] = (model, res, OrtKVDecoder(res.path, threads=1))
     return out
@@ -191,27 +193,33 @@ def test_graph_inputs(exported):
     assert outs == ["logits", "present_window_0", "present_window_1", "present_sink_0",
                     "present_sink_1"]  # fmt: skip
     assert len(res.flush_paths) == 1  # the 16-bit latent has no store to flush into
-    _, res_b, _ = exported["B"]
+    # B: layers 0 and 2 share a latent form (one group, stacked on the layer axis), layer 1 a
+    # quantized cache; KIVI's sinks sit in its window
+    _, res_b, dec_b = exported["B"]
     names_b = [i.name for i in onnx.load(str(res_b.path)).graph.input]
-    assert "sink_0" not in names_b and "sink_1" not in names_b  # KIVI's sinks sit in its window
+    assert names_b[:3] == ["input_ids", "window_0", "window_1"] and "sink_0" not in names_b
+    assert dims_of(res_b.path, "window_0")[:2] == [2, "batch"]
+    assert [idx for _, idx in dec_b.groups] == [[0, 2], [1]]
+    assert res_b.forms == [FORMS_B[i] for i in range(3)]
     assert len(res_b.flush_paths) == 2
 
 
-def test_three_layers_with_a_dense_one_and_a_shared_form(tmp_path):
-    """Layers 0 and 2 share a latent form (one group), layer 1 stays 16-bit."""
-    lat = KVLatentQuantConfig(16, 16, 2, "whitened", 4, 4, 1, sink=1, axis="channel")
-    forms = {0: lat, 1: KVDenseConfig(), 2: lat}
-    model = _rewritten(forms, layers=3, seed=2)
-    res = export_onnx_kv(model, tmp_path / "three.onnx")  # the forms the modules carry
-    assert res.forms == [lat, KVDenseConfig(), lat]
-    dec = OrtKVDecoder(res.path, threads=1)
-    assert [idx for _, idx in dec.groups] == [[0, 2], [1]]
-    ref, fed, cache = kv_torch_calls(model, forms, [_ids(1, 6, seed=3)], steps=14)
+def dims_of(path, name):  # noqa: ANN001, ANN201
+    t = {i.name: i for i in onnx.load(str(path)).graph.input}[name].type.tensor_type
+    return [d.dim_param or d.dim_value for d in t.shape.dim]
+
+
+def test_layers_sharing_a_form_store_alike(exported):
+    """Layers 0 and 2 of B (one group): after a prompt and one-token steps each holds the
+    torch layer's stored tokens and store (read back per layer from the stacked arrays)."""
+    model, _, dec = exported["B"]
+    ref, fed, cache = kv_torch_calls(model, FORMS_B, [_ids(1, 6, seed=3)], steps=14)
     dec.reset(1)
     got = [dec.step(_ids(1, 6, seed=3))] + [dec.step(t) for t in fed]
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r.numpy(), atol=ATOL, rtol=0)
-    assert [dec.layer_stored_tokens(i) for i in (0, 2)] == [cache.layers[0].n_stored] * 2
+    for i in (0, 2):
+        _store_matches(dec, cache.layers[i], i, FORMS_B[i])
 
 
 def test_refusals_and_model_unchanged(tmp_path):

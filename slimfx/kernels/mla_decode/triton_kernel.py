@@ -72,7 +72,7 @@ def _mla_split_kernel(
     H, S, R, P, K, GROUP, SPLITS, scale,
     HAS_ROPE: tl.constexpr, INT8: tl.constexpr, CDT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, SHARED_ROPE: tl.constexpr = False,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -97,7 +97,11 @@ def _mla_split_kernel(
         qr = tl.load(
             q_rope + (pid_b * H + offs_h[:, None]) * P + offs_p[None, :],
             mask=h_mask[:, None] & p_mask[None, :], other=0.0,
-        ).to(tl.float32)
+        )
+        if SHARED_ROPE:
+            qr = qr.to(CDT)
+        else:
+            qr = qr.to(tl.float32)
 
     m = tl.full((BLOCK_H,), float("-inf"), tl.float32)
     l_sum = tl.zeros((BLOCK_H,), tl.float32)
@@ -117,7 +121,11 @@ def _mla_split_kernel(
         if INT8:
             sc = tl.load(lat_scales + pid_b * S + offs_t, mask=t_mask, other=0.0).to(tl.float32)
             s = s * sc[None, :]
-        if HAS_ROPE:
+        if HAS_ROPE and SHARED_ROPE:
+            kr2 = tl.load(k_rope + (pid_b * S + offs_t[:, None]) * P + offs_p[None, :],
+                          mask=t_mask[:, None] & p_mask[None, :], other=0.0).to(CDT)
+            s = mma(qr, tl.trans(kr2), s, DOT_PRECISION, INTERP_BF16)
+        elif HAS_ROPE:
             kr = tl.load(
                 k_rope
                 + ((pid_b * S + offs_t[None, :, None]) * K + group[:, None, None]) * P
@@ -203,9 +211,12 @@ def mla_decode(
         H, S, R, P, K, H // K, splits, float(scale),
         HAS_ROPE=P > 0, INT8=int8, CDT=_TL[cdt],
         BLOCK_H=cfg.block_h, BLOCK_T=cfg.block_t, R_PAD=r_pad,
-        P_PAD=max(2, triton.next_power_of_2(max(P, 1))),
+        # one RoPE key shared by every head (MLA's): a (tokens × P) tile through a dot (its
+        # inner size ≥ 16 on CUDA); per-group keys: a (heads × tokens × P) tile, summed
+        P_PAD=max(16 if K == 1 else 2, triton.next_power_of_2(max(P, 1))),
         DOT_PRECISION="ieee" if cdt == torch.float32 else "tf32",
-        INTERP_BF16=interp, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERP_BF16=interp, SHARED_ROPE=K == 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     _mla_merge_kernel[(B * H,)](
         ws_acc, ws_ml, out, R, splits,

@@ -7,7 +7,12 @@ import datetime
 import json
 import platform
 import sys
+from pathlib import Path
 from typing import Any
+
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in sys.path:  # run from a checkout where slimfx is not installed (the GPU machine)
+    sys.path.append(_ROOT)
 
 
 def run_meta(**extra: Any) -> dict[str, Any]:

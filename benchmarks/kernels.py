@@ -327,8 +327,14 @@ def run_benchmarks(args: argparse.Namespace) -> tuple[list[Row], dict]:
                     row.bw_frac = row.us_bw_limit / t
                 rows.append(row)
                 print(_format_row(row), flush=True)
+                _write(args.json, meta, rows)  # a step cut short keeps the rows it measured
                 torch.cuda.empty_cache()
     return rows, meta
+
+
+def _write(path: Path | None, meta: dict, rows: list[Row]) -> None:
+    if path:
+        path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=1))
 
 
 # ---------------------------------------------------------------------------------- output
@@ -379,8 +385,7 @@ def main(argv: list[str] | None = None) -> int:
           "bw% = HBM-limit µs / method µs "
           "(graph time where captured, else eager)")
     if args.json:
-        args.json.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]},
-                                        indent=1))
+        _write(args.json, meta, rows)
         print(f"wrote {args.json}")
     return 0
 

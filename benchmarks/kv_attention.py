@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth  # noqa: E402
+from _common import copy_bandwidth, dump  # noqa: E402
 
 
 def _args(argv: list[str] | None) -> argparse.Namespace:
@@ -166,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 "rel_err_sdpa": sd_err,
             }
             rows.append(row)
+            dump(a.json, {"partial": True}, rows)  # kept if the step is cut short
             print(
                 f"B={B:2d} ctx={ctx:6d} int{bits}: {us_q:9.1f} us ({row['gbps_quant']:7.1f} GB/s, "
                 f"{100 * row['gbps_quant'] / a.peak_gbps:5.1f}% of peak)  sdpa bf16: {us_d:9.1f} us "
@@ -189,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         if a.device == "cuda":
             meta["gpu"] = torch.cuda.get_device_name(0)
-        with open(a.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        dump(a.json, meta, rows)
     return 1 if bad else 0
 
 

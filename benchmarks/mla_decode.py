@@ -28,7 +28,6 @@ fp32 softmax attention (SDPA rows).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import copy_bandwidth  # noqa: E402
+from _common import copy_bandwidth, dump  # noqa: E402
 from kv_attention import make_cache  # noqa: E402
 
 SHAPES = {
@@ -55,17 +54,17 @@ def _methods(torch, F, tk, reference, dev, dt, B: int, S: int, shape: dict) -> t
 
     H, K, d, R, P = (shape[k] for k in ("H", "K", "d", "R", "P"))
     scale = d**-0.5
-    g = torch.Generator(device="cpu").manual_seed(S + B)
+    g = torch.Generator(device=dev).manual_seed(S + B)  # drawn where they are used
 
     def rnd(*size: int):
-        return torch.randn(*size, generator=g).to(dev, dt)
+        return torch.randn(*size, generator=g, device=dev).to(dt)
 
     q = rnd(B, H, 1, d)
     keys, vals = rnd(B, K, S, d), rnd(B, K, S, d)
     q_lat, q_rope = rnd(B, H, R) * 0.05, rnd(B, H, P)
     latent, k_rope = rnd(B, S, R), rnd(B, S, 1, P)  # one RoPE key shared by all heads
-    codes = torch.randint(-127, 128, (B, S, R), generator=g).to(dev, torch.int8)
-    scales = (torch.rand(B, S, generator=g) * 0.02).to(dev, dt)
+    codes = torch.randint(-127, 128, (B, S, R), generator=g, device=dev).to(torch.int8)
+    scales = (torch.rand(B, S, generator=g, device=dev) * 0.02).to(dt)
     lengths = torch.full((B,), S, dtype=torch.int32, device=dev)
     bf16 = (q_lat, q_rope, latent, None, k_rope, lengths, scale)
     int8 = (q_lat, q_rope, codes, scales, k_rope, lengths, scale)
@@ -159,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
                            limit_us=limit_us, bw_pct=100 * limit_us / us, rel_err=err,
                            ok=err < 2e-2)
                 rows.append(row)
+                dump(a.json, dict(device=name, partial=True), rows)  # kept if the step is cut
                 print(f"B={B:<2d} S={S:<6d} {mname:9s} {us:10.1f} µs  {nbytes / 1e6:9.3f} MB  "
                       f"limit {limit_us:8.1f} µs  bw {row['bw_pct']:5.1f}%  err {err:.1e}"
                       + ("" if row["ok"] else "  MISMATCH"), flush=True)
@@ -171,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                     r["x_sdpa"] = r["us"] / base
     meta = dict(device=name, torch=torch.__version__, shape=shape, dtype="bfloat16",
                 copy_bandwidth_gbs=bw / 1e9, date=time.strftime("%Y-%m-%d"))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    dump(a.json, meta, rows)
     return 0 if all(r["ok"] for r in rows) else 1
 
 

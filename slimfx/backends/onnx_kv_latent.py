@@ -238,7 +238,9 @@ class ExportLatentLayer(DynamicLayer):
         assert self.new is not None
         return self.new
 
-    def merge_sinks(self, k: Tensor, v: Tensor, ek: Tensor, ev: Tensor) -> tuple[Tensor, Tensor]:
+    def merge_sinks(
+        self, k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """Rebuilt K/V with the first ``sink`` positions exact (``lowrank.merge_sinks``);
         sets ``present_sink``."""
         assert self.sink is not None

@@ -193,6 +193,15 @@ def test_graph_inputs(exported):
     assert outs == ["logits", "present_window_0", "present_window_1", "present_sink_0",
                     "present_sink_1"]  # fmt: skip
     assert len(res.flush_paths) == 1  # the 16-bit latent has no store to flush into
+    # one If per low-rank layer (torch.cond on the call length): one-token calls attend over
+    # the value latent (absorbed: einsums with the latent and v_up, no value rebuilt), longer
+    # ones over rebuilt values (the attention's two MatMuls)
+    ifs = [n for n in g.node if n.op_type == "If"]
+    assert len(ifs) == 2
+    for n in ifs:
+        ops = {a.name: [x.op_type for x in a.g.node] for a in n.attribute}
+        assert ops["then_branch"].count("MatMul") == 0 and ops["then_branch"].count("Einsum") >= 3
+        assert ops["else_branch"].count("MatMul") == 2
     # B: layers 0 and 2 share a latent form (one group, stacked on the layer axis), layer 1 a
     # quantized cache; KIVI's sinks sit in its window
     _, res_b, dec_b = exported["B"]

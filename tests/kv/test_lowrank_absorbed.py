@@ -12,6 +12,7 @@ from slimfx.forms.kv.cache import KVCache
 from slimfx.forms.kv.calibrate import attention_grams, fit_site
 from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.lowrank import LowRankKVAttention, apply_lowrank_kv
+from slimfx.forms.kv.static_cache import StaticKVCache
 from slimfx.ir.find import inspect_attention_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,11 +33,13 @@ def _model(attn: str):
     return model
 
 
-def _decode(model, ids, mask, absorb: bool, steps: int = 12):
-    """Prefill then ``steps`` greedy one-token calls; the logits of every decode call."""
+def _decode(model, ids, mask, absorb: bool, steps: int = 12, static: bool = False):
+    """Prefill then ``steps`` greedy one-token calls; the logits of every decode call.
+    ``static``: the branch-free static latent layers (sinks merged by a gather) instead."""
     LowRankKVAttention.absorb_decode = absorb
     try:
-        cache, out = KVCache(FORMS), []
+        cache = StaticKVCache(FORMS, ids.shape[1] + steps) if static else KVCache(FORMS)
+        out = []
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             r = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
@@ -51,27 +54,29 @@ def _decode(model, ids, mask, absorb: bool, steps: int = 12):
     return torch.cat(out, 1)
 
 
-@pytest.mark.parametrize("attn", ["eager", "sdpa"])
-def test_absorbed_decode_equals_rebuilding_v(attn):
+@pytest.mark.parametrize(("attn", "static"), [("eager", False), ("sdpa", False), ("sdpa", True)])
+def test_absorbed_decode_equals_rebuilding_v(attn, static):
+    """Also on the branch-free static layers, whose absorbed step corrects the sinks' rows by
+    their exact values (no shape-dependent slice: the ONNX export's path)."""
     model = _model(attn)
     assert not model.model.layers[0].self_attn.training  # the rewrite keeps eval mode
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # the second row left-padded by 3
     calls = []
-    orig = LowRankKVAttention._decode_absorbed
+    orig = LowRankKVAttention._absorbed
 
     def spy(self, *a, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
         calls.append(1)
         return orig(self, *a, **k)
 
-    LowRankKVAttention._decode_absorbed = spy
+    LowRankKVAttention._absorbed = spy
     try:
-        got = _decode(model, ids, mask, absorb=True)
+        got = _decode(model, ids, mask, absorb=True, static=static)
         n_absorbed = len(calls)
-        want = _decode(model, ids, mask, absorb=False)
+        want = _decode(model, ids, mask, absorb=False, static=static)
     finally:
-        LowRankKVAttention._decode_absorbed = orig
+        LowRankKVAttention._absorbed = orig
     assert n_absorbed == 12 * 2 and len(calls) == n_absorbed  # every decode call, both layers
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 

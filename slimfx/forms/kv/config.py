@@ -328,11 +328,12 @@ class KVLowRankConfig(KVDecision):
     ) -> AttentionWork:
         """The new tokens' latent (the down-projections), cos/sin of every cached position,
         keys rebuilt for every cached token and rotated, then attention; at one-token steps
-        of the eager path the values stay latent (the attention weights meet the value latent,
-        then its up-projection: absorbed), otherwise they are rebuilt too. The factors are read
-        once per step. The sinks' exact K/V come from the original projections only while the
-        sequence is shorter than the sinks on the eager path (not priced); on a branch-free
-        runtime (``branchless``) every step runs them."""
+        the values stay latent (the attention weights meet the value latent, then its
+        up-projection: absorbed — an ``If`` on the call length in the exported graph),
+        otherwise they are rebuilt too. The factors are read once per step. The sinks' exact
+        K/V come from the original projections only while the sequence is shorter than the
+        sinks on the eager path (not priced); on a branch-free runtime (``branchless``) every
+        step runs them."""
         C = _step_context(context, tokens)
         return self._lowrank_work(shape, C, tokens, C, branchless)
 
@@ -346,7 +347,7 @@ class KVLowRankConfig(KVDecision):
         flops = 2 * T * hidden * (rk + rv) + 2 * C * rk * gd + ROPE_OPS * C * (kv + D)
         flops += 2 * H * D * C * T  # scores
         rebuilt = C * kv + 2 * C * D  # rebuilt keys; cos and sin of every cached position
-        if T == 1 and not branchless:  # absorbed values: weights × value latent, then v_up
+        if T == 1:  # absorbed values: weights × value latent, then v_up
             flops += 2 * H * C * (rv // self.groups) + 2 * H * (rv // self.groups) * D
         else:
             flops += 2 * C * rv * gd + 2 * H * D * C * T

@@ -24,9 +24,10 @@ place by a gather over positions.
 Rebuilding costs ``O(context · rank · kv_dim)`` per step. A one-token (decode) call absorbs
 the value up-projection: the attention weights contract with the value latent and each head's
 rows of ``v_up`` apply after (``O(heads · context · rank)``); keys are still rebuilt — past
-RoPE a key up-projection cannot fold into the query. The branch-free cache layers and attention
-masks other than a 4-D one (flash attention's 2-D padding mask, flex attention's block mask)
-take the rebuilding path.
+RoPE a key up-projection cannot fold into the query. With a branch-free cache layer the same
+holds; where the call length is symbolic (an exported graph serves every length) the choice is
+a ``torch.cond`` — an ``If`` in ONNX. Attention masks other than a 4-D one (flash attention's
+2-D padding mask, flex attention's block mask) take the rebuilding path.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ __all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary", "merge_sinks
 class LowRankKVAttention(nn.Module):
     """HF attention with factorized k/v projections and a latent cache (module docstring).
     ``absorb_decode``: one-token calls contract the attention weights with the value latent
-    (:meth:`_decode_absorbed`) instead of rebuilding V; False: always rebuild."""
+    (:meth:`_absorbed`) instead of rebuilding V; False: always rebuild."""
 
     absorb_decode = True
 
@@ -145,55 +146,109 @@ class LowRankKVAttention(nn.Module):
         mask_ok = attention_mask is None or (
             isinstance(attention_mask, Tensor) and attention_mask.dim() == 4
         )  # the absorbed path reads a 4-D additive / boolean mask
-        absorb = self.absorb_decode and T == 1 and not branchless and mask_ok  # (no dropout)
-        if absorb and not kwargs.get("output_attentions"):
-            out = self._decode_absorbed(q, k, lv.squeeze(1), attention_mask, sink_v if ns else None)
+        absorb = self.absorb_decode and mask_ok and not kwargs.get("output_attentions")
+        fn = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        if branchless and absorb:
+            out = self._branchless_step(fn, q, k, lv.squeeze(1), layer, sink_k, sink_v,
+                                        attention_mask, kwargs)  # fmt: skip
+            return self.o_proj(out.reshape(B, T, -1)), None
+        if absorb and T == 1 and not branchless:  # (no dropout)
+            out = self._absorbed(q, k, lv.squeeze(1), attention_mask, sink_v if ns else None)
             return self.o_proj(out.reshape(B, T, -1)), None
         v = rebuild(lv.squeeze(1), self.v_up, self.v_bias).view(B, S, -1, hd).transpose(1, 2)
         if branchless and sink_k is not None:
             k, v = layer.merge_sinks(k, v, sink_k, sink_v)
         elif ns:
             v = torch.cat([sink_v.to(v.dtype), v[:, :, ns:]], dim=2)
-        fn = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
         out, weights = fn(
             self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
         out = out.reshape(B, T, -1).contiguous()
         return self.o_proj(out), weights
 
-    def _decode_absorbed(
+    def _branchless_step(
+        self, fn: Any, q: Tensor, k: Tensor, lv: Tensor, layer: Any, sink_k: Tensor | None,
+        sink_v: Tensor | None, mask: Tensor | None, kwargs: dict[str, Any],
+    ) -> Tensor:  # fmt: skip
+        """A branch-free layer's step (ONNX export, static caches): the sinks' exact keys put in
+        place, then one-token calls attend absorbed (:meth:`_absorbed`) and longer calls over
+        rebuilt values. Where the call length is symbolic (an exported graph for every length)
+        the choice is a ``torch.cond`` — an ``If`` in ONNX — else a Python branch. Returns
+        ``(B, T, Hq, D)``."""
+        B, _, T, D = q.shape
+        head = None  # the sinks' exact values, positions 0 … sink−1 (those ≥ S unspecified)
+        if sink_k is not None:
+            k, head = layer.merge_sinks(k, None, sink_k, sink_v)
+        extra = [t for t in (head, mask) if t is not None]
+
+        def split(rest: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
+            it = iter(rest)
+            return (None if head is None else next(it)), (None if mask is None else next(it))
+
+        def absorbed(q: Tensor, k: Tensor, lv: Tensor, *rest: Tensor) -> Tensor:
+            h, m = split(rest)
+            return self._absorbed(q, k, lv, m, h).reshape(-1, q.shape[1] * D).clone(memory_format=torch.contiguous_format)
+
+        def rebuilt(q: Tensor, k: Tensor, lv: Tensor, *rest: Tensor) -> Tensor:
+            h, m = split(rest)
+            S = k.shape[2]
+            v = rebuild(lv, self.v_up, self.v_bias).view(B, S, -1, D).transpose(1, 2)
+            if h is not None:  # positions < sink take the exact values
+                pos = torch.arange(S, device=v.device)
+                exact = h.to(v.dtype).index_select(2, torch.clamp(pos, max=h.shape[2] - 1))
+                v = torch.where((pos < h.shape[2]).view(1, 1, S, 1), exact, v)
+            out, _ = fn(self, q, k, v, m, dropout=0.0, scaling=self.scaling, **kwargs)
+            return out.reshape(-1, q.shape[1] * D).clone(memory_format=torch.contiguous_format)
+
+        # both branches give (B·T, Hq·D): torch.cond needs outputs whose strides are plain
+        # products of the sizes, which a symbolic T axis in the middle is not
+        ops = (q, k, lv, *extra)
+        if isinstance(T, int):
+            out = (absorbed if T == 1 else rebuilt)(*ops)
+        else:
+            torch._check(T >= 1)  # (the strides then simplify to plain products)
+            out = torch.cond(T == 1, absorbed, rebuilt, ops)
+        return out.view(B, T, -1, D)
+
+    def _absorbed(
         self, q: Tensor, k: Tensor, lv: Tensor, mask: Tensor | None, sink_v: Tensor | None
     ) -> Tensor:
-        """One query token's attention with the value up-projection absorbed: each head's
-        softmax weights contract with the value *latent* ``lv`` ``(B, S, rank)`` and the
-        result goes through that head's rows of ``v_up`` (+ bias), instead of rebuilding every
-        cached token's V (``S·rank·kv_dim`` → ``heads·S·rank`` multiply-adds). ``q`` ``(B, Hq,
-        1, D)``, ``k`` ``(B, Hkv, S, D)`` with the sinks' exact keys in place, ``sink_v``
-        ``(B, Hkv, ns, D)`` the sinks' exact values (their latent rows are skipped). Softmax in
-        float32 as transformers' eager attention; equal to it up to rounding (tested).
-        Returns ``(B, 1, Hq, D)``."""
-        B, Hq, _, D = q.shape
+        """Attention with the value up-projection absorbed: each head's softmax weights
+        contract with the value *latent* ``lv`` ``(B, S, rank)`` and the result goes through
+        that head's rows of ``v_up`` (+ bias), instead of rebuilding every cached token's V
+        (``S·rank·kv_dim`` → ``heads·S·rank`` multiply-adds per query: the decode path).
+        ``q`` ``(B, Hq, T, D)``, ``k`` ``(B, Hkv, S, D)`` with the sinks' exact keys in place,
+        ``sink_v`` ``(B, Hkv, n, D)`` the exact values of positions ``0 … n−1`` (those ≥ S
+        ignored: their weight is 0), which replace the rebuilt ones by a correction over those
+        ``n`` positions — static lengths, no shape-dependent slice; ``mask`` 4-D (``(B, 1, T,
+        ≥S)``) or ``None`` (no mask: a one-token call). Softmax in float32 as transformers' eager attention; equal to it up to
+        rounding (tested). Returns ``(B, T, Hq, D)``."""
+        B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         rep = Hq // Hkv
-        scores = torch.einsum("bhrd,bhsd->bhrs", q.view(B, Hkv, rep, D), k) * self.scaling
+        scores = torch.einsum("bhrtd,bhsd->bhrts", q.view(B, Hkv, rep, T, D), k) * self.scaling
         if mask is not None:
-            m = mask[:, :, -1:, :S]  # (B, 1, 1, S)
+            m = mask[:, :, -T:, :S].unsqueeze(2)  # (B, 1, 1, T, S)
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
         p = scores.float().softmax(-1).to(q.dtype)
-        ns = 0 if sink_v is None else sink_v.shape[2]
         g, _, r = self.v_up.shape
-        pg = p[..., ns:].reshape(B, g, Hkv // g, rep, S - ns)
-        ctx = torch.einsum("bgjrs,bsgz->bgjrz", pg, lv[:, ns:].reshape(B, S - ns, g, r))
+        pg = p.reshape(B, g, Hkv // g, rep, T, S)
+        ctx = torch.einsum("bgjrts,bsgz->bgjrtz", pg, lv.reshape(B, S, g, r))
         up = self.v_up.to(q.dtype).view(g, Hkv // g, D, r)
-        out = torch.einsum("bgjrz,gjdz->bgjrd", ctx, up).reshape(B, Hkv, rep, D)
-        if self.v_bias is not None:  # rebuilt values carry the bias; weights sum to Σp
-            bias = self.v_bias.to(q.dtype).view(1, Hkv, 1, D)
-            out = out + p[..., ns:].sum(-1, keepdim=True) * bias
-        if ns:
-            out = out + torch.einsum("bhrs,bhsd->bhrd", p[..., :ns], sink_v.to(q.dtype))
-        return out.reshape(B, Hq, 1, D).transpose(1, 2)
+        out = torch.einsum("bgjrtz,gjdz->bgjrtd", ctx, up).reshape(B, Hkv, rep, T, D)
+        if self.v_bias is not None:  # rebuilt values carry the bias; weights sum to 1
+            out = out + self.v_bias.to(q.dtype).view(1, Hkv, 1, 1, D)
+        if sink_v is not None:  # the sinks' exact values replace their rebuilt ones
+            n = sink_v.shape[2]
+            pos = torch.arange(n, device=q.device)
+            at = torch.clamp(pos, max=S - 1)  # positions past S (a short sequence) weigh 0
+            ph = p.index_select(-1, at) * (pos < S).to(p.dtype)
+            vh = rebuild(lv.index_select(1, at), self.v_up, self.v_bias)
+            delta = sink_v.to(q.dtype) - vh.view(B, n, Hkv, D).transpose(1, 2)
+            out = out + torch.einsum("bhrts,bhsd->bhrtd", ph, delta)
+        return out.reshape(B, Hq, T, D).transpose(1, 2)
 
     def _exact(self, hidden: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
         """The original projections' K (rotated) and V of ``hidden`` ``(B, n, hidden)``:
@@ -205,7 +260,7 @@ class LowRankKVAttention(nn.Module):
 
 
 def merge_sinks(
-    k: Tensor, v: Tensor, ek: Tensor, ev: Tensor, held: Tensor, n0: Any, sink: int
+    k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor, held: Tensor, n0: Any, sink: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Sink tokens without a shape-dependent branch (the ONNX export's and the static cache's
     path). ``k`` / ``v`` ``(B, Hkv, S, D)``: K/V rebuilt for cache positions ``0 … S−1``;
@@ -214,7 +269,8 @@ def merge_sinks(
     tensor); ``held`` ``(2, B, Hkv, sink, D)``: the exact K/V of the sink tokens cached before.
     Returns ``k`` / ``v`` with each position ``p < sink`` exact — ``held[:, …, p]`` for a past
     token, the call's for this call's — and the sink buffer after the call (entries of
-    positions not reached yet unspecified, never read)."""
+    positions not reached yet unspecified, never read). ``v=None`` (values kept latent): the
+    returned ``v`` is the exact values of positions ``0 … sink−1`` alone (the buffer's)."""
     T, S = ek.shape[2], k.shape[2]
     exact = torch.stack([torch.cat([held[0], ek], 2), torch.cat([held[1], ev], 2)]).to(k.dtype)
 
@@ -223,10 +279,13 @@ def merge_sinks(
         i = torch.where(p < n0, p, p - n0 + sink)
         return torch.where(i < sink + T, i, torch.zeros_like(i))
 
-    full = exact.index_select(3, index(S))
     keep = (torch.arange(S, device=k.device) < sink).view(1, 1, S, 1)
+    present = exact.index_select(3, index(sink))
+    if v is None:  # values kept latent: the exact values of positions 0 … sink−1 alone
+        return torch.where(keep, exact[0].index_select(2, index(S)), k), present[1], present
+    full = exact.index_select(3, index(S))
     k, v = torch.where(keep, full[0], k), torch.where(keep, full[1], v)
-    return k, v, exact.index_select(3, index(sink))
+    return k, v, present
 
 
 def find_rotary(model: nn.Module) -> nn.Module:

@@ -204,7 +204,9 @@ class _StaticLatentSide:
             self.positions.index_copy_(1, slots, positions.to(self.positions).expand(B, T))
         return out
 
-    def merge_sinks(self, k: Tensor, v: Tensor, ek: Tensor, ev: Tensor) -> tuple[Tensor, Tensor]:
+    def merge_sinks(
+        self, k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor
+    ) -> tuple[Tensor, Tensor]:
         """The sink positions' exact K/V in place of the rebuilt ones; the buffer updated."""
         sink = self.config.sink
         if self.exact_sinks is None:  # the first call: the K/V shapes are known now

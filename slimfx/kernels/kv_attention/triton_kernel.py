@@ -53,9 +53,11 @@ def _online(scores, vals, m_i, l_i, acc):
 def _kv_decode_split_kernel(
     Q, KC, KS, KM, VC, VS, VM, KW, VW, PO, PM, PL,
     n_store, n_win, chunk, scaling,
+    NSPLIT,  # a runtime int: as a constant, every new split count (every 32 tokens at first
+    # in a decode loop) would compile the kernel again
     HKV: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
     KB: tl.constexpr, VB: tl.constexpr, KG: tl.constexpr, VG: tl.constexpr,
-    NSPLIT: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
@@ -175,9 +177,9 @@ def kv_decode_attention(
     pl = torch.empty_like(pm)
     c = [t.contiguous() for t in (q, k_codes, k_scale, k_min, v_codes, v_scale, v_min, k_win, v_win)]
     _kv_decode_split_kernel[(B * Hkv, S + 1)](
-        *c, po, pm, pl, Ns, Nw, chunk, float(scaling),
+        *c, po, pm, pl, Ns, Nw, chunk, float(scaling), S,
         HKV=Hkv, REP=rep, REP_P=max(2, triton.next_power_of_2(rep)), D=D,
-        KB=key_bits, VB=value_bits, KG=key_group, VG=value_group, NSPLIT=S, BLOCK_N=BLOCK_N,
+        KB=key_bits, VB=value_bits, KG=key_group, VG=value_group, BLOCK_N=BLOCK_N,
     )
     return merge_partials(po, pm, pl).to(q.dtype)
 

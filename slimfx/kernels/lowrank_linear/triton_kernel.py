@@ -101,7 +101,8 @@ def _lowrank_fused_kernel(
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: row × stride passes 2^31 at e.g. 16k prefill tokens × a 128k-vocab lm_head
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_r = offs_r < R
@@ -163,7 +164,8 @@ def _matmul_bias_kernel(
     rows = tl.minimum(num_pid_m - first_m, GROUP_M)
     pid_m = first_m + (pid % per_group) % rows
     pid_n = (pid % per_group) // rows
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    # int64 rows: row × stride passes 2^31 at e.g. 16k prefill tokens × a 128k-vocab lm_head
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N

@@ -74,7 +74,7 @@ def _mla_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, R_PAD: tl.constexpr, P_PAD: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERP_BF16: tl.constexpr, SHARED_ROPE: tl.constexpr = False,
 ):
-    pid_b = tl.program_id(0)
+    pid_b = tl.program_id(0).to(tl.int64)  # (b·S + t)·R passes 2^31 at large batch × context
     pid_h = tl.program_id(1)
     pid_s = tl.program_id(2)
     length = tl.load(lengths + pid_b)

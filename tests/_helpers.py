@@ -78,13 +78,14 @@ def kv_ort_matches_torch(model, dec, forms, ids, steps: int, atol: float):  # no
     return cache
 
 
-def tiny_qwen2_biased(attn: str = "sdpa"):  # noqa: ANN201
-    """A 2-layer Qwen2ForCausalLM (hidden 64, 4 heads, 2 kv heads, vocab 256), eval mode,
-    seeded, its biases drawn large (N(0, 0.5)) so that a test sees them in the K/V it checks."""
+def tiny_qwen2_biased(attn: str = "sdpa", layers: int = 2):  # noqa: ANN201
+    """A ``layers``-layer Qwen2ForCausalLM (hidden 64, 4 heads, 2 kv heads, vocab 256), eval
+    mode, seeded, its biases drawn large (N(0, 0.5)) so that a test sees them in the K/V it
+    checks."""
     import transformers as tf
 
     cfg = tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128, attn_implementation=attn)  # fmt: skip
     torch.manual_seed(0)
     model = tf.Qwen2ForCausalLM(cfg).eval()

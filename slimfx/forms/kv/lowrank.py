@@ -177,7 +177,7 @@ class LowRankKVAttention(nn.Module):
         rebuilt values. Where the call length is symbolic (an exported graph for every length)
         the choice is a ``torch.cond`` — an ``If`` in ONNX — else a Python branch. Returns
         ``(B, T, Hq, D)``."""
-        B, _, T, D = q.shape
+        B, Hq, T, D = q.shape
         head = None  # the sinks' exact values, positions 0 … sink−1 (those ≥ S unspecified)
         if sink_k is not None:
             k, head = layer.merge_sinks(k, None, sink_k, sink_v)
@@ -187,9 +187,12 @@ class LowRankKVAttention(nn.Module):
             it = iter(rest)
             return (None if head is None else next(it)), (None if mask is None else next(it))
 
+        def flat(out: Tensor) -> Tensor:  # (B, T, Hq, D) → a fresh dense (B·T, Hq·D)
+            return out.reshape(-1, Hq * D).clone(memory_format=torch.contiguous_format)
+
         def absorbed(q: Tensor, k: Tensor, lv: Tensor, *rest: Tensor) -> Tensor:
             h, m = split(rest)
-            return self._absorbed(q, k, lv, m, h).reshape(-1, q.shape[1] * D).clone(memory_format=torch.contiguous_format)
+            return flat(self._absorbed(q, k, lv, m, h))
 
         def rebuilt(q: Tensor, k: Tensor, lv: Tensor, *rest: Tensor) -> Tensor:
             h, m = split(rest)
@@ -200,7 +203,7 @@ class LowRankKVAttention(nn.Module):
                 exact = h.to(v.dtype).index_select(2, torch.clamp(pos, max=h.shape[2] - 1))
                 v = torch.where((pos < h.shape[2]).view(1, 1, S, 1), exact, v)
             out, _ = fn(self, q, k, v, m, dropout=0.0, scaling=self.scaling, **kwargs)
-            return out.reshape(-1, q.shape[1] * D).clone(memory_format=torch.contiguous_format)
+            return flat(out)
 
         # both branches give (B·T, Hq·D): torch.cond needs outputs whose strides are plain
         # products of the sizes, which a symbolic T axis in the middle is not

@@ -91,6 +91,24 @@ def _drop_tied_sites(sites: list[LinearSite], notes: list[str]) -> list[LinearSi
     return [s for s in sites if not s.tied]
 
 
+def _drop_unplanned_tied_sites(
+    sites: list[LinearSite], plan: Any, notes: list[str]
+) -> list[LinearSite]:
+    """A replayed ``plan``'s sites: a tied site the plan does not decide was left out of the
+    plan's solve (:func:`_drop_tied_sites`), so it is left out again — the replay then reports
+    the sites and totals the solve did. A plan that decides a tied site keeps it."""
+    decided = {*plan.decisions, *plan.owned_by}
+    left = [s for s in sites if s.tied and s.fqn not in decided]
+    if not left or len(left) == len(sites):
+        return sites
+    for s in left:
+        notes.append(
+            f"{s.fqn}: weight tied to {', '.join(s.tied)}, not in the plan: left dense and "
+            "outside the report, as in the plan's solve"
+        )
+    return [s for s in sites if s not in left]
+
+
 def select_sites(
     sites: list[LinearSite], include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> list[LinearSite]:

@@ -51,6 +51,7 @@ from slimfx.site_selection import (
     _call,
     _check_weights,
     _drop_tied_sites,
+    _drop_unplanned_tied_sites,
     _example_call,
     _needs_gram,
     _split_heldout,
@@ -241,14 +242,7 @@ def capture(pl: Planning) -> PassResult:
         raise ValueError("no linear layers found in this model: nothing to optimize")
     sites = select_sites(sites, opts.include, opts.exclude)
     if opts.plan is not None and opts.include is None:
-        # a tied site the replayed plan does not decide was left out of its solve (as below):
-        # left out again, the replay reports the sites and totals the solve did
-        decided = {*opts.plan.decisions, *opts.plan.owned_by}
-        undecided_tied = [s for s in sites if s.tied and s.fqn not in decided]
-        if undecided_tied and len(undecided_tied) < len(sites):
-            sites = [s for s in sites if s not in undecided_tied]
-            pl.notes += [f"{s.fqn}: weight tied to {', '.join(s.tied)}, not in the plan: left "
-                         "dense and outside the report, as in the plan's solve" for s in undecided_tied]  # fmt: skip
+        sites = _drop_unplanned_tied_sites(sites, opts.plan, pl.notes)
     elif opts.include is None and pl.budget.latency is None:
         sites = _drop_tied_sites(sites, pl.notes)
     _check_weights(model, sites)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -71,42 +71,30 @@ def find_sites(
     return sites, info
 
 
-def _drop_tied_sites(sites: list[LinearSite], notes: list[str]) -> list[LinearSite]:
+_TIED_WHY = (
+    "any rewrite keeps a dense copy, so under a bytes budget it stays dense and outside the "
+    "budget (include=[...] or a latency budget offers it)"
+)
+
+
+def _drop_tied_sites(
+    sites: list[LinearSite], notes: list[str], keep: Collection[str] = (), why: str = _TIED_WHY
+) -> list[LinearSite]:
     """Leave tied sites (an ``lm_head`` sharing the embedding's weight) out of a bytes budget.
 
     Rewriting a tied weight keeps a dense copy for its other user, so under a memory/bits
     budget no form of it saves a byte: counted in the budget, its dense bytes would only shrink
     what the other linears may keep (SmolLM2 at budget 0.3: 0.11 of their bytes instead of 0.3).
     ``include=[...]`` naming it, or a latency budget (decode reads the whole head every token),
-    offers it again."""
-    tied = [s for s in sites if s.tied]
+    offers it again. A replayed plan passes the sites it decides as ``keep``: a tied site it
+    does not decide was left out of its solve, and left out again the replay reports the sites
+    and totals the solve did."""
+    tied = [s for s in sites if s.tied and s.fqn not in keep]
     if not tied or len(tied) == len(sites):
         return sites
     for s in tied:
-        notes.append(
-            f"{s.fqn}: weight tied to {', '.join(s.tied)} — any rewrite keeps a dense copy, so "
-            "under a bytes budget it stays dense and outside the budget (include=[...] or a "
-            "latency budget offers it)"
-        )
-    return [s for s in sites if not s.tied]
-
-
-def _drop_unplanned_tied_sites(
-    sites: list[LinearSite], plan: Any, notes: list[str]
-) -> list[LinearSite]:
-    """A replayed ``plan``'s sites: a tied site the plan does not decide was left out of the
-    plan's solve (:func:`_drop_tied_sites`), so it is left out again — the replay then reports
-    the sites and totals the solve did. A plan that decides a tied site keeps it."""
-    decided = {*plan.decisions, *plan.owned_by}
-    left = [s for s in sites if s.tied and s.fqn not in decided]
-    if not left or len(left) == len(sites):
-        return sites
-    for s in left:
-        notes.append(
-            f"{s.fqn}: weight tied to {', '.join(s.tied)}, not in the plan: left dense and "
-            "outside the report, as in the plan's solve"
-        )
-    return [s for s in sites if s not in left]
+        notes.append(f"{s.fqn}: weight tied to {', '.join(s.tied)} — {why}")
+    return [s for s in sites if s not in tied]
 
 
 def select_sites(

@@ -51,7 +51,6 @@ from slimfx.site_selection import (
     _call,
     _check_weights,
     _drop_tied_sites,
-    _drop_unplanned_tied_sites,
     _example_call,
     _needs_gram,
     _split_heldout,
@@ -242,7 +241,9 @@ def capture(pl: Planning) -> PassResult:
         raise ValueError("no linear layers found in this model: nothing to optimize")
     sites = select_sites(sites, opts.include, opts.exclude)
     if opts.plan is not None and opts.include is None:
-        sites = _drop_unplanned_tied_sites(sites, opts.plan, pl.notes)
+        decided = {*opts.plan.decisions, *opts.plan.owned_by}
+        why = "not in the replayed plan: left dense and outside the report, as in its solve"
+        sites = _drop_tied_sites(sites, pl.notes, keep=decided, why=why)
     elif opts.include is None and pl.budget.latency is None:
         sites = _drop_tied_sites(sites, pl.notes)
     _check_weights(model, sites)

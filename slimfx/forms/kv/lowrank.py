@@ -154,7 +154,7 @@ class LowRankKVAttention(nn.Module):
             out = self._branchless_step(fn, q, k, lv.squeeze(1), layer, sink_k, sink_v,
                                         attention_mask, kwargs)  # fmt: skip
             return self.o_proj(out.reshape(B, T, -1)), None
-        if absorb and T == 1 and not branchless:  # (no dropout)
+        if absorb and T == 1:  # (no dropout)
             out = self._absorbed(q, k, lv.squeeze(1), attention_mask, sink_v if ns else None)
             return self.o_proj(out.reshape(B, T, -1)), None
         v = rebuild(lv.squeeze(1), self.v_up, self.v_bias).view(B, S, -1, hd).transpose(1, 2)
@@ -226,8 +226,8 @@ class LowRankKVAttention(nn.Module):
         ``sink_v`` ``(B, Hkv, n, D)`` the exact values of positions ``0 … n−1`` (those ≥ S
         ignored: their weight is 0), which replace the rebuilt ones by a correction over those
         ``n`` positions — static lengths, no shape-dependent slice; ``mask`` 4-D (``(B, 1, T,
-        ≥S)``) or ``None`` (no mask: a one-token call). Softmax in float32 as transformers' eager attention; equal to it up to
-        rounding (tested). Returns ``(B, T, Hq, D)``."""
+        ≥S)``) or ``None`` (no mask: a one-token call). Softmax in float32 as transformers'
+        eager attention; equal to it up to rounding (tested). Returns ``(B, T, Hq, D)``."""
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         rep = Hq // Hkv

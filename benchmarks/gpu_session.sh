@@ -6,6 +6,7 @@
 #   run(command="bash benchmarks/gpu_session.sh kv_attention mla_decode", timeout_s=240)
 #   run(command="bash benchmarks/gpu_session.sh kernels calibrate_target e2e_decode",
 #       timeout_s=520)
+#   run(command="bash benchmarks/gpu_session.sh attention_steps", timeout_s=200)  # if time is left
 # Results land in $OUT (the device tool brings them back): one JSON and one log per step. Each
 # step has its own time limit so that one slow step cannot eat the others; a step that fails or
 # times out is logged and the next one runs. The machine fetches nothing: slimfx is imported
@@ -48,3 +49,8 @@ step calibrate_target 70 $PY -m slimfx.cli calibrate-target --backend triton --t
     --device cuda --shapes 2048x2048,2048x512,2048x8192,8192x2048 --quiet \
     --out "$OUT/target_h100.json"
 step e2e_decode 250 $PY benchmarks/e2e_decode.py --runs 3 --json "$OUT/e2e_decode.json"
+# a third call if time is left: every default KV-cache / MLA form's decode-attention step
+# (the fused kernels) timed at 1k/2k/4k/8k/16k tokens, and the 2k / 8k steps priced from the
+# 1k / 4k / 16k ones (what `calibrate-target --attention` stores) against the h100 roofline
+step attention_steps 180 $PY benchmarks/attention_steps.py --device cuda --target h100 \
+    --json "$OUT/attention_steps.json"

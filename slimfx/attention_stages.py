@@ -18,6 +18,7 @@ Called from ``slimfx.stages`` when the budget counts the KV cache (``Budget(kv=â
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from slimfx.planning.problem import BudgetProblem
@@ -190,8 +191,15 @@ def add_options(pl: Planning) -> None:
             "step attends over its own tokens); the projections a low-rank or MLA form "
             "replaces are"
         )
-    step = (pl.options.target, wl, context or wl.tokens, pl.budget.batch or 1)
+    step = (pl.options.target, wl, context or wl.tokens, pl.budget.batch or 1, pl.cache)
     added = [time_attention_site(so, *step) for so in kl.reprice(added)]
+    if pl.cache is not None:
+        src = Counter(o.source for so in added for o in so.options)
+        pl.notes.append(
+            f"attention steps: {src.get('measured', 0)} of {src.total()} options measured, "
+            f"{src.get('measured, roofline-scaled', 0)} scaled from a measurement by the "
+            f"roofline, the rest from the roofline"
+        )
     p = pl.problem
     pl.problem = BudgetProblem(
         [*p.sites, *added], p.workload, p.target,

@@ -270,6 +270,7 @@ def cmd_export(a: argparse.Namespace) -> int:
 def cmd_calibrate_target(a: argparse.Namespace) -> int:
     import torch
 
+    from slimfx.cost.measure_attention import parse_attention_shapes
     from slimfx.latency_calibration import calibrate_target, parse_shapes
 
     device = a.device or ("cpu" if a.backend == "onnx" or not torch.cuda.is_available() else "cuda")
@@ -285,11 +286,24 @@ def cmd_calibrate_target(a: argparse.Namespace) -> int:
         accuracy_level=a.accuracy_level,
         progress=not a.quiet,
         rotate_bytes=int(a.rotate_mb * (1 << 20)),
+        attention=parse_attention_shapes(a.attention or "none"),
+        contexts=_ints("--contexts", a.contexts),
+        batches=_ints("--batches", a.batches),
     )
     print(f"wrote {a.out}: {cache.summary(target)['entries']} measurements for target {target!r} "
           f"(backend {backend} on {device}); use it with "
           f"optimize(..., target={target!r}, latency_cache={str(a.out)!r})")
     return 0
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"{flag} takes integers ≥ 1, got {text!r}")
+    return vals
 
 
 def _onnx_flags(p: argparse.ArgumentParser) -> None:
@@ -372,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--shapes", default=None,
                    help="IN x OUT linear shapes, comma-separated, e.g. 2048x2048,2048x8192 "
                    "(default: SmolLM2-135M's)")
+    c.add_argument("--attention", default=None,
+                   help="also time the KV-cache / MLA attention steps of these shapes: smollm2 "
+                   "or HIDDEN:HEADS:KV_HEADS:HEAD_DIM, comma-separated (default: none)")
+    c.add_argument("--contexts", default="1024,4096,16384",  # measure_attention.DEFAULT_CONTEXTS
+                   help="cached tokens the attention steps are timed at (default %(default)s)")
+    c.add_argument("--batches", default="1",
+                   help="sequences per attention step (default %(default)s)")
     c.add_argument("--threads", type=int, default=None, help="intra-op threads")
     c.add_argument("--accuracy-level", type=int, default=0,
                    help="MatMulNBits accuracy_level (onnx): 0 float compute, 4 int8 activations")

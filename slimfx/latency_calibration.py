@@ -16,6 +16,11 @@ backend deploys:
 - ``onnx``: ONNX Runtime running the form's ONNX export (MatMul / MatMulNBits), at the given
   MatMulNBits ``accuracy_level`` and thread count (``slimfx.backends.ort_timing``).
 
+With ``attention=`` (``--attention`` on the command line) it also times one decode step of
+each KV-cache and MLA form over a cache of each context (``slimfx.cost.measure_attention``:
+the attention block minus its linear sites, the fused decode kernels on CUDA) — ``eager`` and
+``triton`` only.
+
 The measured seconds land in a :class:`~slimfx.cost.target.MeasuredCache` under the target's
 name; ``optimize(..., target=<name>, latency_cache=<file>)`` prices each option from it (the
 report says ``measured`` or ``roofline`` per site).
@@ -31,8 +36,10 @@ import torch
 from torch import nn
 
 from slimfx.cost.measure import DEFAULT_SHAPES, Runner, measure_target
+from slimfx.cost.measure_attention import DEFAULT_CONTEXTS, measure_attention
 from slimfx.cost.target import MeasuredCache, Workload
 from slimfx.planning.configs import Decision
+from slimfx.planning.shapes import AttentionShape
 
 __all__ = ["BACKENDS", "calibrate_target", "parse_shapes", "triton_runner"]
 
@@ -87,6 +94,9 @@ def calibrate_target(
     accuracy_level: int = 0,
     dtype: torch.dtype | None = None,
     progress: bool = True,
+    attention: Iterable[AttentionShape] | None = None,
+    contexts: Sequence[int] = DEFAULT_CONTEXTS,
+    batches: Sequence[int] = (1,),
     **timing: Any,
 ) -> MeasuredCache:
     """Time every default form of each shape with ``backend`` on ``device`` and store the
@@ -107,7 +117,14 @@ def calibrate_target(
             f"device {device}: no CUDA device here (torch {torch.__version__}); calibrate-target "
             "measures kernels on the device it will price — run it there, or use device cpu"
         )
+    attention = list(attention or ())
     runner: Runner | None = None
+    if attention and backend == "onnx":
+        raise ValueError(
+            "attention steps are timed with the eager modules (or on CUDA the fused kernels); "
+            "ONNX Runtime's step graphs are not timed here (benchmarks/kv_ort_decode.py measures "
+            "them): leave out attention with backend onnx"
+        )
     if backend == "onnx":
         if dev.type != "cpu":
             raise ValueError("backend onnx times ONNX Runtime's CPU provider: use device cpu")
@@ -123,6 +140,11 @@ def calibrate_target(
     if threads is not None and backend != "onnx":
         torch.set_num_threads(int(threads))
     try:
+        if attention:  # first: checks its arguments before the linears' long run
+            measure_attention(
+                target, attention, None, contexts, out, dev, dtype=dtype, batches=batches,
+                progress=progress,
+            )  # fmt: skip
         return measure_target(
             target,
             shapes=list(shapes) if shapes is not None else None,

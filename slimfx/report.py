@@ -116,7 +116,9 @@ class KVEntry:
     block output's relative error with this cache on calibration inputs (unweighted; the
     solver summed ``sensitivity ×`` it). ``latency_*_s``: one attention step of the workload
     at the context with the 16-bit cache / the chosen form (the cache read, rebuilds and the
-    projections the form owns; ``cost.target.estimate_attention_latency``)."""
+    projections the form owns), ``latency_source`` where the chosen form's came from
+    (``cost.target.attention_latency``: ``measured``, ``measured, roofline-scaled`` or
+    ``roofline``)."""
 
     fqn: str
     layer: int | None = None
@@ -134,6 +136,7 @@ class KVEntry:
     candidates: list[dict[str, Any]] = field(default_factory=list)
     latency_before_s: float = 0.0
     latency_after_s: float = 0.0
+    latency_source: str = "roofline"
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -218,6 +221,7 @@ class Report:
             "kv_bytes_per_token_before": _r(b0, 2),
             "kv_bytes_per_token_after": _r(b1, 2),
             "kv_ratio": _r(b1 / b0 if b0 else 1.0),
+            "kv_latency_sources": sorted({k.latency_source for k in ks}),
         }
         if all(k.cache_bytes_after is not None for k in ks):
             batch = int(self.budget.get("batch") or 1)

@@ -122,7 +122,7 @@ def build_report(
         sites=entries, budget=budget.to_dict(), target=target_name(target), workload=workload
     )
     report.kv_sites = [
-        _kv_entry(a, plan, problem, budget, target, workload)
+        _kv_entry(a, plan, problem, budget, target, workload, cache)
         for a in attention_sites or ()
         if a.fqn in plan
     ]
@@ -150,11 +150,13 @@ def _kv_entry(
     budget: Budget,
     target: Any,
     workload: str,
+    cache: Any = None,
 ) -> KVEntry:
     """The report line of one attention site's KV decision; without a problem (a replayed
     plan) its attention steps priced again for ``target`` / ``workload`` at the budget's
-    context and batch (the step's own tokens without a context), as the solve prices them."""
-    from slimfx.cost.target import estimate_attention_latency, workload_of
+    context and batch (the step's own tokens without a context) from ``cache`` or the
+    roofline, as the solve prices them."""
+    from slimfx.cost.target import attention_latency, workload_of
     from slimfx.forms.kv.config import KVDenseConfig
 
     d, shape, ctx = plan[site.fqn], site.site_shape, budget.context
@@ -176,8 +178,8 @@ def _kv_entry(
     so = _site_options(problem, site.fqn)
     if problem is None:
         c = ctx if ctx is not None else workload_of(workload).tokens
-        e.latency_before_s, e.latency_after_s = (
-            estimate_attention_latency(f, shape, target, workload, c, budget.batch or 1)
+        (e.latency_before_s, _), (e.latency_after_s, e.latency_source) = (
+            attention_latency(f, shape, target, workload, c, budget.batch or 1, cache)
             for f in (dense, d)
         )
     if so is not None:
@@ -186,6 +188,7 @@ def _kv_entry(
         chosen = so.options[so.index_of(d)]
         e.est_error, e.weight_bytes_after = chosen.error / sens, chosen.bytes
         e.latency_before_s, e.latency_after_s = so.dense_latency_s, chosen.latency_s
+        e.latency_source = chosen.source
         e.candidates = [
             {
                 "decision": o.decision.short(),

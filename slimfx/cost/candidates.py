@@ -39,8 +39,8 @@ from slimfx.cost.target import (
     MeasuredCache,
     Target,
     Workload,
+    attention_latency,
     attention_work,
-    estimate_attention_latency,
     latency,
     target_of,
     workload_of,
@@ -254,20 +254,24 @@ def build_problem(
 
 
 def time_attention_site(
-    so: SiteOptions, target: str | Target, workload: str | Workload, context: int, batch: int
+    so: SiteOptions,
+    target: str | Target,
+    workload: str | Workload,
+    context: int,
+    batch: int,
+    cache: MeasuredCache | None = None,
 ) -> SiteOptions:
     """An attention site's options with their ``latency_s`` / ``flops``: one attention step of
-    ``workload`` for ``batch`` sequences at ``context`` cached tokens
+    ``workload`` for ``batch`` sequences at ``context`` cached tokens — measured where ``cache``
+    holds the step (:func:`~slimfx.cost.target.attention_latency`), else the roofline
     (:func:`~slimfx.cost.target.estimate_attention_latency`); the 16-bit cache's is the site's
     dense latency."""
     tgt, wl = target_of(target), workload_of(workload)
     opts = []
     for o in so.options:
         work = attention_work(o.decision, so.shape, tgt, wl, context)
-        secs = estimate_attention_latency(o.decision, so.shape, tgt, wl, context, batch, work)
-        opts.append(
-            dataclasses.replace(o, latency_s=secs, flops=batch * work.flops, source="roofline")
-        )
+        secs, src = attention_latency(o.decision, so.shape, tgt, wl, context, batch, cache, work)
+        opts.append(dataclasses.replace(o, latency_s=secs, flops=batch * work.flops, source=src))
     dense = next(o for o in opts if o.decision.kind == "kv_dense")
     return dataclasses.replace(so, options=opts, dense_latency_s=dense.latency_s)
 
@@ -284,8 +288,9 @@ def reprice(
     ``workload`` (default: the problem's) from ``cache`` where it has the entry, the roofline
     otherwise — bytes and errors unchanged, so new measurements or another deployment target
     need no new candidates. ``sites``: the problem's linear sites (shapes), by FQN; attention
-    sites (KV-cache, MLA options) are priced by the roofline from their own shapes at the
-    context and batch the problem was priced for (``meta["kv_context"]`` /
+    sites (KV-cache, MLA options) are priced from their own shapes (measured steps in
+    ``cache``, else the roofline: :func:`time_attention_site`) at the context and batch the
+    problem was priced for (``meta["kv_context"]`` /
     ``meta["kv_batch"]``)."""
     tgt = target_of(target)
     wl = workload_of(problem.workload if workload is None else workload)
@@ -301,8 +306,9 @@ def reprice(
     batch = problem.meta.get("kv_batch") or 1
     for so in problem.sites:
         if so.kind == "attention":
-            new_sites.append(time_attention_site(so, tgt, wl, ctx, batch))
-            sources["roofline"] += len(so.options)
+            timed = time_attention_site(so, tgt, wl, ctx, batch, cache)
+            sources.update(o.source for o in timed.options)
+            new_sites.append(timed)
             continue
         site = by_name[so.name]
         opts = [

@@ -37,6 +37,7 @@ JSON file keyed by (op, N = tokens, K = in, M = out, dtype, decision, target), w
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ __all__ = [
     "launches",
     "estimate_latency",
     "estimate_attention_latency",
+    "attention_latency",
     "attention_work",
     "MeasuredCache",
     "latency",
@@ -355,6 +357,27 @@ class MeasuredCache:
         return (str(op), int(N), int(K), int(M), str(dtype), d, str(device))
 
     @classmethod
+    def attention_key(
+        cls, shape: AttentionShape, tokens: int, context: int, batch: int, dtype: str,
+        decision: Decision | str, device: str,
+    ) -> tuple[str, int, int, int, str, str, str]:
+        """The key of one attention step (``measure_attention``): op ``attention:H/KxD@hidden``
+        (heads, kv heads, head_dim, hidden size; ``~W`` for a sliding window), N = the step's
+        tokens, K = the context after it, M = the batch."""
+        w = "" if shape.sliding_window is None else f"~{shape.sliding_window}"
+        op = (f"attention:{shape.num_heads}/{shape.num_kv_heads}x{shape.head_dim}"
+              f"@{shape.hidden_size}{w}")  # fmt: skip
+        return cls.key(op, tokens, context, batch, dtype, decision, device)
+
+    def contexts(self, key: tuple[Any, ...]) -> list[tuple[int, float]]:
+        """``(context, seconds)`` of every entry equal to the attention ``key`` but for its
+        context (K), sorted by context."""
+        k = self.key(*key)
+        return sorted(
+            (e[2], s) for e, s in self.entries.items() if e[:2] == k[:2] and e[3:] == k[3:]
+        )
+
+    @classmethod
     def of(
         cls, cache: MeasuredCache | str | os.PathLike[str] | None, target: str | Target | None = None
     ) -> MeasuredCache | None:
@@ -476,6 +499,59 @@ def latency(
                 return got, "measured"
     shape = LinearShape(site.in_features, site.out_features)
     return estimate_latency(decision, shape, site.has_bias, tgt, wl), "roofline"
+
+
+def attention_latency(
+    decision: Decision,
+    shape: AttentionShape,
+    target: str | Target,
+    workload: str | Workload,
+    context: int,
+    batch: int = 1,
+    cache: MeasuredCache | None = None,
+    work: Any = None,
+) -> tuple[float, str]:
+    """``(seconds, source)`` of one attention step (:func:`estimate_attention_latency`'s
+    arguments) from the steps ``cache`` holds for this shape, decision, batch and the target's
+    compute dtype (``slimfx.cost.measure_attention``), else the roofline:
+
+    - ``"measured"``: the step measured at ``context``, or linear in the context between the
+      two measured contexts around it, or beyond the largest along the line through the two
+      largest (an attention step is affine in its context: a fixed part, a part per token);
+    - ``"measured, roofline-scaled"``: below the smallest measured context (or with one
+      context only, or a line that falls), the nearest measurement times the roofline's
+      ratio between the two contexts;
+    - ``"roofline"``: no measurement of this shape, decision and batch."""
+    tgt, wl = target_of(target), workload_of(workload)
+    roof = functools.partial(estimate_attention_latency, decision, shape, tgt, wl, batch=batch)
+    if cache is not None:
+        key = MeasuredCache.attention_key(
+            shape, wl.tokens, context, batch, str(compute_dtype(tgt)), decision, tgt.name
+        )
+        pts = cache.contexts(key)
+        if pts:
+            return _from_curve(pts, context, roof, work)
+    return roof(context=context, work=work), "roofline"
+
+
+def _from_curve(
+    pts: list[tuple[int, float]], c: int, roof: Any, work: Any
+) -> tuple[float, str]:
+    """:func:`attention_latency` from measured ``(context, seconds)`` points."""
+    below = [p for p in pts if p[0] <= c]
+    above = [p for p in pts if p[0] >= c]
+    if below and above:
+        (c0, s0), (c1, s1) = below[-1], above[0]
+        if c0 == c1:
+            return s0, "measured"
+        return s0 + (s1 - s0) * (c - c0) / (c1 - c0), "measured"
+    if below and len(pts) >= 2:
+        (c0, s0), (c1, s1) = pts[-2], pts[-1]
+        if s1 >= s0:
+            return s1 + (s1 - s0) * (c - c1) / (c1 - c0), "measured"
+    c0, s0 = below[-1] if below else above[0]
+    scale = roof(context=c, work=work) / roof(context=c0)
+    return s0 * scale, "measured, roofline-scaled"
 
 
 def roofline_caveat(target: str, backend: str | None) -> str:

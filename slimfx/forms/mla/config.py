@@ -174,11 +174,11 @@ class MLAConfig(Decision):
         Every converted projection (``q_mix``, RoPE rows, down, key/value up) is read once;
         only the new tokens' queries and RoPE key are rotated (the cache holds rotated keys);
         one-token steps attend over the latent directly (absorbed: ``q_lat = W_ukᵀ q'``,
-        scores over ``[k_rope ; c]``, the context stays r wide until ``v_up``; the key row
-        ``[k_rope ; c]`` is built per token unless the fused kernel reads a 16-bit cache in
-        place); longer steps rebuild every cached token's keys and values (unabsorbed). An
-        int8 latent is dequantized whole every step (the cache layer does it). ``q_proj`` and
-        ``o_proj`` stay linear sites of their own; ``branchless`` changes nothing here."""
+        scores ``q_rope k_ropeᵀ + q_lat cᵀ`` with every head a row of one product over the
+        shared cache, the context stays r wide until ``v_up``: nothing rebuilt); longer steps
+        rebuild every cached token's keys and values (unabsorbed). An int8 latent is
+        dequantized whole every step (the cache layer does it). ``q_proj`` and ``o_proj`` stay
+        linear sites of their own; ``branchless`` changes nothing here."""
         if not (isinstance(context, int) and isinstance(tokens, int) and context >= 1
                 and tokens >= 1):
             raise ValueError(f"context and tokens are ints ≥ 1, got {context!r}, {tokens!r}")
@@ -192,7 +192,7 @@ class MLAConfig(Decision):
         flops = 2 * T * (H * d * K * d + D * n2 + D * r) + 4 * T * (H + 1) * n2  # ...; RoPE
         if T == 1:
             flops += 2 * H * nope * r + 2 * H * C * (n2 + r) + 2 * H * C * r + 2 * H * r * d
-            rebuilt = C * (n2 + r)
+            rebuilt = 0
         else:
             flops += 2 * C * r * (nope + K * d) + 2 * H * T * C * (K * d + d)
             rebuilt = C * (2 * K * d)

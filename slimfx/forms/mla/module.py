@@ -208,10 +208,23 @@ class MLAAttention(nn.Module):
             if ctx is not None:
                 return self._latent_to_output(ctx[:, :, None])
         self.last_decode_path = "torch"
-        q = torch.cat([q_rope, q_lat], dim=-1)
-        keys = torch.cat([k_rope, latent], dim=-1).expand(B, H, S, k_rope.shape[-1] + r)
-        vals = latent.expand(B, H, S, r)
-        ctx = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=self.scaling)
+        # every head attends over the one shared latent (and RoPE key): the heads are rows of
+        # one product per sequence, so the cache is read as it is — never copied per head, nor
+        # concatenated into a key row
+        c, kr = latent[:, 0], k_rope[:, 0]  # (B, S, r), (B, S, 2N)
+        rows = (B, H * T)
+        scores = q_lat.reshape(*rows, r) @ c.mT
+        if kr.shape[-1]:
+            scores = scores + q_rope.reshape(*rows, -1) @ kr.mT
+        scores = (scores * self.scaling).view(B, H, T, S).float()
+        if mask is not None:
+            scores = (
+                scores.masked_fill(~mask, float("-inf"))
+                if mask.dtype == torch.bool
+                else scores + mask.float()
+            )
+        p = torch.softmax(scores, dim=-1).to(c.dtype)
+        ctx = (p.view(*rows, S) @ c).view(B, H, T, r)
         return self._latent_to_output(ctx)
 
     def _latent_to_output(self, ctx: Tensor) -> Tensor:

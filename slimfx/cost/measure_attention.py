@@ -163,10 +163,15 @@ def _refusal(decision: Decision, shape: AttentionShape) -> str | None:
 
 
 class _StepClock:
-    """Seconds of each forward of ``attn`` minus the forwards of ``inner`` modules it calls."""
+    """Seconds of each forward of ``attn`` minus the forwards of ``inner`` modules it calls.
 
-    def __init__(self, attn: nn.Module, inner: Iterable[nn.Module], sync: Callable[[], None]):
-        self.sync, self.steps, self._start, self._inner = sync, [], 0.0, 0.0
+    On CUDA the hooks record events on the stream (no synchronization inside the step, which
+    would add its own wait to the time); the step's end event is waited for after it."""
+
+    def __init__(self, attn: nn.Module, inner: Iterable[nn.Module], cuda: bool = False):
+        self.cuda, self.steps = cuda, []
+        self._start: Any = None
+        self._inner: list[tuple[Any, Any]] = []
         self.handles = [
             attn.register_forward_pre_hook(self._attn_in),
             attn.register_forward_hook(self._attn_out),
@@ -177,21 +182,31 @@ class _StepClock:
                 m.register_forward_hook(self._inner_out),
             ]
 
+    def _stamp(self) -> Any:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _seconds(self, a: Any, b: Any) -> float:
+        return a.elapsed_time(b) / 1e3 if self.cuda else b - a
+
     def _attn_in(self, *_: Any) -> None:
-        self.sync()
-        self._inner, self._start = 0.0, time.perf_counter()
+        self._inner, self._start = [], self._stamp()
 
     def _attn_out(self, *_: Any) -> None:
-        self.sync()
-        self.steps.append(time.perf_counter() - self._start - self._inner)
+        end = self._stamp()
+        if self.cuda:
+            end.synchronize()
+        inner = sum(self._seconds(a, b) for a, b in self._inner)
+        self.steps.append(self._seconds(self._start, end) - inner)
 
     def _inner_in(self, *_: Any) -> None:
-        self.sync()
-        self._t = time.perf_counter()
+        self._inner.append((self._stamp(), None))
 
     def _inner_out(self, *_: Any) -> None:
-        self.sync()
-        self._inner += time.perf_counter() - self._t
+        self._inner[-1] = (self._inner[-1][0], self._stamp())
 
     def remove(self) -> None:
         for h in self.handles:
@@ -221,7 +236,6 @@ def _time_steps(
     """Median attention-step seconds at each context (module docstring)."""
     attn = model.model.layers[0].self_attn
     dev = next(model.parameters()).device
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(2)
 
     def ids(n: int) -> torch.Tensor:
@@ -234,7 +248,7 @@ def _time_steps(
             n = min(chunk, ctx - tokens - held)
             model(input_ids=ids(n), past_key_values=cache, use_cache=True)
             held += n
-        clock = _StepClock(attn, _linear_sites(attn, decision), sync)
+        clock = _StepClock(attn, _linear_sites(attn, decision), cuda=dev.type == "cuda")
         try:
             for _ in range(steps + 2):  # two warm-up steps
                 model(input_ids=ids(tokens), past_key_values=cache, use_cache=True)

@@ -25,9 +25,10 @@ from slimfx.forms.mla.config import MLAConfig
 from slimfx.planning.problem import Budget
 from slimfx.planning.shapes import AttentionShape
 
+from .test_attention_latency import SMOL
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SMOL = AttentionShape(576, 9, 3, 64, 64)
 TINY = AttentionShape(64, 4, 2, 16, 16)  # tiny_llama's attention
 INT4 = KVQuantConfig(4, 4, 32, 64, 0, 4)
 F32 = "torch.float32"
@@ -89,7 +90,7 @@ class _Sleepy(nn.Module):
 def test_the_step_clock_leaves_out_the_linear_sites_inside_the_block() -> None:
     inner = _Sleepy(0.06)
     block = _Sleepy(0.01, inner)
-    clock = _StepClock(block, [inner], lambda: None)
+    clock = _StepClock(block, [inner])
     for _ in range(3):
         block(torch.zeros(1))
     clock.remove()

@@ -100,6 +100,23 @@ def test_a_decode_step_compiles_into_one_graph():
         torch.testing.assert_close(got[1], want[1], atol=0, rtol=0)
 
 
+def test_inductor_compiles_a_layer_with_sinks_from_its_first_call():
+    """The default candidates keep sink tokens: inductor (not only dynamo) compiles the static
+    layer's first call — which builds the read indices, writes two tokens and reads every
+    position — equal to eager (≈20 s cold). Arange arithmetic as read indices failed
+    inductor's index simplification there ("vr must not be None for symbol q1"), in a compiled
+    prefill and in a compiled decode step alike, until they became constant tensors."""
+    cfg = KVQuantConfig(4, 4, 4, 8, 0, sink=3)
+    g = torch.Generator().manual_seed(2)
+    eager, comp = StaticQuantizedKVLayer(cfg, 24), StaticQuantizedKVLayer(cfg, 24)
+    torch._dynamo.reset()
+    step = torch.compile(lambda k, v: comp.update(k, v), fullgraph=True, dynamic=False)
+    k, v = torch.randn(1, 2, 2, 16, generator=g), torch.randn(1, 2, 2, 16, generator=g)
+    want, got = eager.update(k, v), step(k, v)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+
+
 def test_static_generate_int8_equals_dense(tiny_llama, tiny_ids):
     ids = tiny_ids[:1]
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)

@@ -62,6 +62,10 @@ def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
+def _index(values: list[int], layer: Any) -> Tensor:
+    return torch.tensor(values, dtype=torch.long, device=layer.device)
+
+
 class _StaticStoreLayer(StaticLayer):
     """Quantized store + ring + sink buffer (module docstring). ``self.keys`` /
     ``self.values`` are the ring."""
@@ -93,6 +97,14 @@ class _StaticStoreLayer(StaticLayer):
         self.values = _zeros((B, H, W, self.v_head_dim), value_states)
         self.sink_keys = _zeros((B, H, s, self.k_head_dim), key_states)
         self.sink_values = _zeros((B, H, s, self.v_head_dim), value_states)
+        # where each of the M positions is read from, computed once: the rows of the store, the
+        # ring slots, the sink rows — constant index tensors built from Python ints, not arange
+        # arithmetic: inductor's index simplification fails on the latter with sinks ("vr must
+        # not be None"), in a compiled step and in a compiled first call that initializes
+        M, room = self.max_cache_len, self.room
+        self.read_rows = _index([min(max(i - self.sink, 0), room - 1) for i in range(M)], self)
+        self.read_slots = _index([i % W for i in range(M)], self)
+        self.read_sinks = _index([min(i, s - 1) for i in range(M)], self)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.is_initialized = True
 
@@ -125,14 +137,15 @@ class _StaticStoreLayer(StaticLayer):
         n_q = torch.clamp(torch.div(n0 - s - self.residual, G, rounding_mode="floor"), min=0) * G
         kd, vd = decode_store(self.config, self.store, self.dtype)
         idx = torch.arange(M, device=self.device)
-        rows = torch.clamp(idx - s, 0, self.room - 1)
         stored = ((idx >= s) & (idx - s < n_q)).view(1, 1, M, 1)
         out = []
         for d, ring, sinks in ((kd, self.keys, self.sink_keys), (vd, self.values, self.sink_values)):
-            x = torch.where(stored, d.index_select(2, rows), ring.index_select(2, idx % W))
+            x = torch.where(
+                stored, d.index_select(2, self.read_rows), ring.index_select(2, self.read_slots)
+            )
             if s:
                 first = (idx < s).view(1, 1, M, 1)
-                x = torch.where(first, sinks.index_select(2, torch.clamp(idx, max=s - 1)), x)
+                x = torch.where(first, sinks.index_select(2, self.read_sinks), x)
             out.append(x)
         return out[0], out[1]
 

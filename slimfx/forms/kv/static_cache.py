@@ -133,7 +133,7 @@ class _StaticStoreLayer(StaticLayer):
     def _read(self, n0: Tensor) -> tuple[Tensor, Tensor]:
         """Full-length keys/values as the dynamic layer returns them after its flush with
         ``n0`` tokens before the call (module docstring)."""
-        G, W, s, M = self.block, self.window, self.sink, self.max_cache_len
+        G, s, M = self.block, self.sink, self.max_cache_len
         n_q = torch.clamp(torch.div(n0 - s - self.residual, G, rounding_mode="floor"), min=0) * G
         kd, vd = decode_store(self.config, self.store, self.dtype)
         idx = torch.arange(M, device=self.device)

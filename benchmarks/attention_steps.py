@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
+        # beside the JSON (a run cut short keeps every form it measured), else a scratch file
+        path = Path(a.json).with_suffix(".cache.json") if a.json else Path(tmp) / "all.json"
         every = measure_attention(
-            tgt.name, [shape], decisions, sorted({*fit, *held}), Path(tmp) / "all.json",
-            a.device, steps=a.steps, progress=False,
+            tgt.name, [shape], decisions, sorted({*fit, *held}), path, a.device,
+            steps=a.steps, progress=False,
         )  # fmt: skip
         print(f"# measured in {time.perf_counter() - t0:.0f} s", flush=True)
         part = MeasuredCache(Path(tmp) / "fit.json")

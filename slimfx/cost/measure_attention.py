@@ -85,8 +85,8 @@ def default_attention_decisions(shape: AttentionShape) -> list[Decision]:
     return out
 
 
-def _model(shape: AttentionShape, max_tokens: int, device: torch.device, dtype: torch.dtype):  # noqa: ANN202
-    """A one-layer Llama whose attention has ``shape`` (random weights)."""
+def _model(shape: AttentionShape, max_tokens: int):  # noqa: ANN202
+    """A one-layer float32 Llama on the CPU whose attention has ``shape`` (random weights)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if shape.rope_dim != shape.head_dim or shape.sliding_window is not None:
@@ -101,12 +101,15 @@ def _model(shape: AttentionShape, max_tokens: int, device: torch.device, dtype: 
     )  # fmt: skip
     with torch.random.fork_rng(devices=[]):  # the caller's RNG stays as it was
         torch.manual_seed(0)
-        m = LlamaForCausalLM(cfg).eval()
-    return m.to(device, dtype)
+        return LlamaForCausalLM(cfg).eval()
 
 
-def _apply(model: nn.Module, decision: Decision, fused: bool) -> tuple[Any, dict[str, Any]]:
-    """Give ``model``'s one attention block ``decision``; ``(the cache to decode with, info)``."""
+def _apply(
+    model: nn.Module, decision: Decision, fused: bool, device: torch.device, dtype: torch.dtype
+) -> tuple[Any, dict[str, Any]]:
+    """Give ``model``'s one attention block ``decision`` — fitted on the CPU in float32, as
+    ``optimize`` fits, then moved to ``device`` / ``dtype`` — and switch on the fused kernels
+    with ``fused``; ``(the cache to decode with, info)``."""
     from transformers import DynamicCache
 
     from slimfx.forms.kv.apply import apply_kv_plan
@@ -120,12 +123,12 @@ def _apply(model: nn.Module, decision: Decision, fused: bool) -> tuple[Any, dict
 
     sites, _ = inspect_attention_sites(model)
     fqn = sites[0].fqn
-    dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(1)
-    calib = [torch.randint(0, 256, (1, 64), generator=g).to(dev) for _ in range(4)]
+    calib = [torch.randint(0, 256, (1, 64), generator=g) for _ in range(4)]
     info = {"runtime": "torch eager", "kernel": "torch"}
     if isinstance(decision, MLAConfig):
         apply_mla(model, sites, {fqn: decision}, calib)
+        model.to(device, dtype)
         if fused:
             dict(model.named_modules())[fqn].decode_kernel = True
             info = {"runtime": "triton", "kernel": "mla_decode"}
@@ -133,9 +136,11 @@ def _apply(model: nn.Module, decision: Decision, fused: bool) -> tuple[Any, dict
     if not isinstance(decision, KVDecision):
         raise ValueError(f"{decision.short()} is not an attention-site decision")
     if isinstance(decision, KVDenseConfig):
+        model.to(device, dtype)
         return DynamicCache(), info
     grams = attention_grams(model, sites, calib) if decision.owns else None
     apply_kv_plan(model, {fqn: decision}, sites, grams)
+    model.to(device, dtype)
     if fused and isinstance(decision, KVQuantConfig):
         from slimfx.forms.kv.fused import use_fused_decode
 
@@ -305,8 +310,8 @@ def measure_attention(
     todo = [(s, d, b) for s in shapes for d in (pick(s) if callable(pick) else pick)
             for b in batches if _refusal(d, s) is None]  # fmt: skip
     for shape, decision, batch in tqdm(todo, desc="attention steps", disable=not progress):
-        model = _model(shape, ctxs[-1] + steps * tokens + 8, dev, dtype)
-        kv_cache, info = _apply(model, decision, fused)
+        model = _model(shape, ctxs[-1] + steps * tokens + 8)
+        kv_cache, info = _apply(model, decision, fused, dev, dtype)
         secs = _time_steps(model, kv_cache, decision, ctxs, tokens, batch, steps, chunk)
         if info["runtime"] == "triton":  # what the last step ran: the kernel, or why not
             info["decode_path"] = _decode_path(model, kv_cache)

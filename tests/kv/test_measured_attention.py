@@ -210,3 +210,27 @@ def test_cli_calibrate_target_times_attention_steps_too(tmp_path, capsys) -> Non
                  "--out", str(tmp_path / "o.json")]) == 2  # fmt: skip
     assert "--contexts takes comma-separated integers" in capsys.readouterr().err
     assert not (tmp_path / "o.json").exists()
+
+
+def test_the_attention_steps_benchmark_runs_on_tiny_shapes(tmp_path) -> None:
+    """benchmarks/attention_steps.py (a step of gpu_session.sh): every form measured, each
+    held-out context priced from the fit contexts and by the roofline; the measurements kept
+    beside the JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_steps.py"
+    spec = importlib.util.spec_from_file_location("slimfx_bench_attention_steps", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "a.json"
+    argv = ["--shape", "64:4:2:16", "--fit", "40,120", "--held", "80", "--steps", "2",
+            "--json", str(out)]  # fmt: skip
+    assert mod.main(argv) == 0
+    got = json.loads(out.read_text())
+    assert len(got["rows"]) == len(default_attention_decisions(TINY))
+    assert all(r["src@80"] == "measured" and r["fit/meas@80"] > 0 for r in got["rows"])
+    assert set(got["meta"]["summary"]) == {"fit@80", "roof@80"}
+    kept = MeasuredCache(tmp_path / "a.cache.json")
+    assert {k[2] for k in kept.entries} == {40, 80, 120}

@@ -250,7 +250,7 @@ class Report:
             return []
         head = [
             "layer", "site", "chosen", "B/token", "of dense", "weights", "est.err", "latency",
-            "status",
+            "latency from", "status",
         ]  # fmt: skip
         out = ["", "## KV cache", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for k in self.kv_sites:
@@ -261,7 +261,7 @@ class Report:
                     f"{k.kv_bytes_per_token_before:.0f} → {k.kv_bytes_per_token_after:.1f}",
                     f"{frac:.3f}", _mb(k.weight_bytes_after) if k.owns else "–",
                     f"{k.est_error:.4f}", _ratio(k.latency_after_s, k.latency_before_s),
-                    k.status,
+                    k.latency_source, k.status,
                 ]) + " |"
             )  # fmt: skip
         return out

@@ -310,7 +310,7 @@ def measure_attention(
     todo = [(s, d, b) for s in shapes for d in (pick(s) if callable(pick) else pick)
             for b in batches if _refusal(d, s) is None]  # fmt: skip
     for shape, decision, batch in tqdm(todo, desc="attention steps", disable=not progress):
-        model = _model(shape, ctxs[-1] + steps * tokens + 8)
+        model = _model(shape, ctxs[-1] + (steps + 2) * tokens + 8)
         kv_cache, info = _apply(model, decision, fused, dev, dtype)
         secs = _time_steps(model, kv_cache, decision, ctxs, tokens, batch, steps, chunk)
         if info["runtime"] == "triton":  # what the last step ran: the kernel, or why not

@@ -21,10 +21,9 @@ from torch import nn
 
 from slimfx import forms
 from slimfx.cost.target import (
-    TARGETS,
     MeasuredCache,
     Workload,
-    compute_dtype,
+    measured_dtype,
     workload_of,
 )
 from slimfx.ir.sites import LinearSite
@@ -190,7 +189,8 @@ def measure_target(
     ``shapes``: ``(in, out)`` pairs or sites (default :data:`DEFAULT_SHAPES`); ``decisions``:
     a list, or a function ``(in, out) -> decisions`` (default :func:`default_decisions`);
     ``workloads``: default decode and prefill. ``dtype`` defaults to the target's compute
-    dtype (:func:`compute_dtype`; float32 for an unknown target on CPU, bfloat16 on CUDA).
+    dtype (:func:`~slimfx.cost.target.measured_dtype`; float32 for an unknown target on CPU,
+    bfloat16 on CUDA).
     Decisions that do not fit a shape, or have no module yet, are skipped. On CPU this times
     the CPU: the numbers stand for the target only when run on it.
 
@@ -209,11 +209,7 @@ def measure_target(
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
-    if dtype is None:
-        if target_name in TARGETS:
-            dtype = compute_dtype(TARGETS[target_name])
-        else:
-            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    dtype = measured_dtype(target_name, dev) if dtype is None else dtype
     shapes = DEFAULT_SHAPES if shapes is None else shapes
     decisions = default_decisions if decisions is None else decisions
     wls = [workload_of(w) for w in (("decode", "prefill") if workloads is None else workloads)]

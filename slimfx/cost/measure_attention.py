@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfx.cost.target import TARGETS, MeasuredCache, compute_dtype
+from slimfx.cost.target import MeasuredCache, measured_dtype
 from slimfx.planning.configs import Decision
 from slimfx.planning.shapes import AttentionShape
 
@@ -293,13 +293,7 @@ def measure_attention(
     from tqdm.auto import tqdm
 
     dev = torch.device(device)
-    if dtype is None:
-        known = TARGETS.get(target_name)
-        dtype = (
-            compute_dtype(known)
-            if known
-            else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-        )
+    dtype = measured_dtype(target_name, dev) if dtype is None else dtype
     ctxs = sorted({int(c) for c in contexts})
     if not ctxs or ctxs[0] <= tokens:
         raise ValueError(f"contexts must exceed the step's {tokens} tokens, got {list(contexts)}")

@@ -67,6 +67,7 @@ __all__ = [
     "latency",
     "runtime_label",
     "compute_dtype",
+    "measured_dtype",
     "roofline_caveat",
 ]
 
@@ -332,6 +333,14 @@ def compute_dtype(target: Target) -> torch.dtype:
     """The dtype a target runs floating-point weights in: float32 for 4-byte floats,
     bfloat16 for 2-byte ones (what ``measure_target`` times by default)."""
     return {4: torch.float32, 8: torch.float64}.get(target.float_bytes, torch.bfloat16)
+
+
+def measured_dtype(target_name: str, device: torch.device) -> torch.dtype:
+    """The dtype a calibration times in by default: a known target's compute dtype
+    (:func:`compute_dtype`), else bfloat16 on CUDA and float32 elsewhere."""
+    if target_name in TARGETS:
+        return compute_dtype(TARGETS[target_name])
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 class MeasuredCache:

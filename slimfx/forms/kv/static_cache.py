@@ -62,8 +62,8 @@ def _zeros(shape: tuple[int, ...], like: Tensor) -> Tensor:
     return torch.zeros(shape, dtype=like.dtype, device=like.device)
 
 
-def _index(values: list[int], layer: Any) -> Tensor:
-    return torch.tensor(values, dtype=torch.long, device=layer.device)
+def _index(values: list[int], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 class _StaticStoreLayer(StaticLayer):
@@ -101,10 +101,10 @@ class _StaticStoreLayer(StaticLayer):
         # ring slots, the sink rows — constant index tensors built from Python ints, not arange
         # arithmetic: inductor's index simplification fails on the latter with sinks ("vr must
         # not be None"), in a compiled step and in a compiled first call that initializes
-        M, room = self.max_cache_len, self.room
-        self.read_rows = _index([min(max(i - self.sink, 0), room - 1) for i in range(M)], self)
-        self.read_slots = _index([i % W for i in range(M)], self)
-        self.read_sinks = _index([min(i, s - 1) for i in range(M)], self)
+        M, room, dev = self.max_cache_len, self.room, self.device
+        self.read_rows = _index([min(max(i - self.sink, 0), room - 1) for i in range(M)], dev)
+        self.read_slots = _index([i % W for i in range(M)], dev)
+        self.read_sinks = _index([min(i, s - 1) for i in range(M)], dev)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.is_initialized = True
 

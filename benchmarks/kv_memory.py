@@ -11,6 +11,9 @@ has no bfloat16 MatMul; the torch runs use fp32 too so both paths compare).
 - ``torch <form>``: the same ``generate()`` with ``KVCache.for_model(model, form)`` (each
   chunk's call flushes the blocks that left the window, so the 16-bit window never holds more
   than ``residual + key_group + chunk`` tokens);
+- ``torch-inplace <form>``: the same with ``use_fused_decode(model)`` — a quantized store is
+  read in place at each decode step (on the CPU the torch op ``kv_decode_attention_folded``,
+  its scales folded into the two products) instead of dequantized by ``update``;
 - ``ort dense`` / ``ort <form>``: ``slimfx.backends.onnx_kv``'s step graph (exported once per
   form in a separate process before the runs) driven by ``OrtKVDecoder``: the prompt in calls
   of ``chunk`` tokens, then one token a call; the store stays uint8/float16 between steps.
@@ -60,6 +63,7 @@ LATENT = "latent k88 v136 int4 ch k48v72@int2 g64 s4"
 CONFIGS = [
     "torch dense",
     *(f"torch {n}" for n in FORMS),
+    *(f"torch-inplace {n}" for n in FORMS),
     f"torch {LATENT}",
     "ort dense",
     *(f"ort {n}" for n in FORMS),
@@ -145,7 +149,9 @@ def _export(work: Path, form: str) -> None:
     export_onnx_kv(model, _onnx_path(work, form), _form(form))
 
 
-def _torch_run(work: Path, form: str, context: int, new: int, chunk: int) -> dict:
+def _torch_run(
+    work: Path, form: str, context: int, new: int, chunk: int, inplace: bool = False
+) -> dict:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
     from transformers.cache_utils import DynamicCache
@@ -163,6 +169,10 @@ def _torch_run(work: Path, form: str, context: int, new: int, chunk: int) -> dic
             return scores
 
     cache = DynamicCache() if form == "dense" else KVCache.for_model(model, _form(form))
+    if inplace:
+        from slimfx.forms.kv.fused import use_fused_decode
+
+        use_fused_decode(model)
     t0 = time.perf_counter()
     with torch.no_grad():
         model.generate(
@@ -179,7 +189,10 @@ def _torch_run(work: Path, form: str, context: int, new: int, chunk: int) -> dic
         nbytes = cache.nbytes()
     else:
         nbytes = sum(la.keys.nbytes + la.values.nbytes for la in cache.layers)
+    paths = {getattr(la.self_attn, "last_decode_path", "") for la in model.model.layers}
     return {
+        "decode_path": ",".join(sorted(p for p in paths if p))
+        or ("sdpa" if form == "dense" else "sdpa over the store dequantized by update"),
         "rss_loaded": rss_loaded,
         "prefill_s": stamps[0] - t0,
         "decode_ms": 1e3 * statistics.median(steps),
@@ -259,8 +272,9 @@ def _worker(a: argparse.Namespace) -> int:
         return 0
     if backend == "parity":
         row = _parity(Path(a.work), form)
-    elif backend == "torch":
-        row = _torch_run(Path(a.work), form, a.context, a.new, a.chunk)
+    elif backend in ("torch", "torch-inplace"):
+        inplace = backend == "torch-inplace"
+        row = _torch_run(Path(a.work), form, a.context, a.new, a.chunk, inplace)
     else:
         row = _ort_run(Path(a.work), form, a.context, a.new, a.chunk, a.threads)
     row.update(config=a.worker, context=a.context, peak_rss=_status("VmHWM"))
@@ -323,7 +337,7 @@ def main() -> int:
         return 0
     rows = []
     print("| config | context | peak RSS | after load | added | cache arrays | prefill | "
-          "decode |", flush=True)  # fmt: skip
+          "decode | decode path |", flush=True)  # fmt: skip
     for context in a.contexts:
         for c in a.configs:
             r = _spawn(a, c, context)
@@ -336,7 +350,7 @@ def main() -> int:
                 f"{r['rss_loaded'] / mib:.0f} MiB | "
                 f"{(r['peak_rss'] - r['rss_loaded']) / mib:.0f} MiB | "
                 f"{r['cache_bytes'] / mib:.1f} MiB | {r['prefill_s']:.1f} s | "
-                f"{r['decode_ms']:.0f} ms |",
+                f"{r['decode_ms']:.0f} ms | {r.get('decode_path', 'ORT graph')} |",
                 flush=True,
             )
             if a.json:

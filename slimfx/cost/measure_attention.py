@@ -9,9 +9,10 @@ always, ``k_proj`` / ``v_proj`` unless the form owns them), so the entry covers 
 decision's ``step_work`` prices — the cache read and rebuild, the attention, the projections
 the form owns. Contexts are measured in increasing order on one growing cache.
 
-On CUDA the fused decode kernels run where a form has one (``use_fused_decode`` for the
-quantized cache, ``MLAAttention.decode_kernel``), as the ``h100`` target assumes; elsewhere
-the eager modules as ``optimize`` returns them.
+A quantized cache's steps read its store in place (``use_fused_decode``: the Triton kernel on
+CUDA, as the ``h100`` target assumes; the torch op ``kv_decode_attention_folded`` elsewhere);
+an MLA block runs its decode kernel on CUDA (``MLAAttention.decode_kernel``); every other form
+runs the eager modules as ``optimize`` returns them. Each entry names what ran.
 
 ``cost.target.attention_latency`` prices an option from these entries: the measured step at
 the context asked for, interpolated linearly between measured contexts (an attention step is
@@ -105,11 +106,15 @@ def _model(shape: AttentionShape, max_tokens: int):  # noqa: ANN202
 
 
 def _apply(
-    model: nn.Module, decision: Decision, fused: bool, device: torch.device, dtype: torch.dtype
+    model: nn.Module,
+    decision: Decision,
+    fused: bool | None,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[Any, dict[str, Any]]:
     """Give ``model``'s one attention block ``decision`` — fitted on the CPU in float32, as
-    ``optimize`` fits, then moved to ``device`` / ``dtype`` — and switch on the fused kernels
-    with ``fused``; ``(the cache to decode with, info)``."""
+    ``optimize`` fits, then moved to ``device`` / ``dtype`` — and its decode path (``fused``:
+    see :func:`measure_attention`); ``(the cache to decode with, info)``."""
     from transformers import DynamicCache
 
     from slimfx.forms.kv.apply import apply_kv_plan
@@ -129,7 +134,7 @@ def _apply(
     if isinstance(decision, MLAConfig):
         apply_mla(model, sites, {fqn: decision}, calib)
         model.to(device, dtype)
-        if fused:
+        if fused or (fused is None and device.type == "cuda"):
             dict(model.named_modules())[fqn].decode_kernel = True
             info = {"runtime": "triton", "kernel": "mla_decode"}
         return MLALatentCache(1, latent_bits=decision.latent_bits), info
@@ -141,22 +146,21 @@ def _apply(
     grams = attention_grams(model, sites, calib) if decision.owns else None
     apply_kv_plan(model, {fqn: decision}, sites, grams)
     model.to(device, dtype)
-    if fused and isinstance(decision, KVQuantConfig):
+    if fused is not False and isinstance(decision, KVQuantConfig):
         from slimfx.forms.kv.fused import use_fused_decode
 
-        use_fused_decode(model)
-        info = {"runtime": "triton", "kernel": "kv_decode_attention"}
+        use_fused_decode(model, kernel=fused)
+        if fused or device.type == "cuda":
+            info = {"runtime": "triton", "kernel": "kv_decode_attention"}
+        else:
+            info = {"runtime": "torch eager", "kernel": "kv_decode_attention_folded"}
     return KVCache([decision]), info
 
 
-def _decode_path(model: nn.Module, kv_cache: Any) -> str:
-    """``"triton"`` when the last decode step ran the fused kernel, else the torch path (and
-    the reason, where the block records one)."""
-    attn = model.model.layers[0].self_attn
-    path = getattr(attn, "last_decode_path", None)
-    if path is not None:  # an MLA block records its last one-token step
-        return path or "torch"
-    return "triton" if getattr(kv_cache.layers[0], "fused_decode", False) else "torch"
+def _decode_path(model: nn.Module) -> str:
+    """What the last decode step ran, as the attention module records it (an MLA block; a
+    quantized cache's in-place step): ``"triton"``, ``"torch"`` or ``"torch: <why>"``."""
+    return getattr(model.model.layers[0].self_attn, "last_decode_path", "") or "torch"
 
 
 def _refusal(decision: Decision, shape: AttentionShape) -> str | None:
@@ -287,8 +291,9 @@ def measure_attention(
     ``decisions``: a list or a function of the shape (default
     :func:`default_attention_decisions`); a decision the shape refuses is skipped.
     ``contexts``: tokens in the cache after the step (at least two give the affine fit
-    ``attention_latency`` interpolates). ``fused``: run the fused decode kernels (default: on
-    CUDA). ``dtype``: default the target's compute dtype. ``chunk``: prefill tokens per call.
+    ``attention_latency`` interpolates). ``fused``: the decode path — ``None`` (default) what
+    slimfx runs on ``device`` (module docstring), ``True`` the Triton kernels on any device,
+    ``False`` the eager modules (a quantized store dequantized every step). ``dtype``: default the target's compute dtype. ``chunk``: prefill tokens per call.
     """
     from tqdm.auto import tqdm
 
@@ -297,7 +302,6 @@ def measure_attention(
     ctxs = sorted({int(c) for c in contexts})
     if not ctxs or ctxs[0] <= tokens:
         raise ValueError(f"contexts must exceed the step's {tokens} tokens, got {list(contexts)}")
-    fused = dev.type == "cuda" if fused is None else fused
     shapes = list(DEFAULT_ATTENTION_SHAPES if shapes is None else shapes)
     pick = default_attention_decisions if decisions is None else decisions
     cache = MeasuredCache(path)
@@ -307,8 +311,8 @@ def measure_attention(
         model = _model(shape, ctxs[-1] + (steps + 2) * tokens + 8)
         kv_cache, info = _apply(model, decision, fused, dev, dtype)
         secs = _time_steps(model, kv_cache, decision, ctxs, tokens, batch, steps, chunk)
-        if info["runtime"] == "triton":  # what the last step ran: the kernel, or why not
-            info["decode_path"] = _decode_path(model, kv_cache)
+        if info["kernel"] != "torch":  # what the last step ran: the kernel, or why not
+            info["decode_path"] = _decode_path(model)
         for ctx, s in secs.items():
             key = MeasuredCache.attention_key(
                 shape, tokens, ctx, batch, str(dtype), decision, target_name

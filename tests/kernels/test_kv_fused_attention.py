@@ -2,7 +2,7 @@
 
 A tiny random Llama (4 query / 2 kv heads, head_dim 16) decodes over a ``KVCache`` of
 ``kv_quant`` layers three ways: plain (``update`` dequantizes the store, sdpa attends), fused
-with the torch reference, fused with the Triton kernel (interpreted on the CPU). Logits of
+with the torch op, fused with the Triton kernel (interpreted on the CPU). Logits of
 every call must agree; the fused runs must never dequantize the store and must call
 ``decode_attention`` once per layer and decode step.
 """
@@ -101,25 +101,41 @@ def test_fused_decode_matches_the_torch_path(forms, batch, prompt):
     assert model.config._attn_implementation != FUSED_ATTENTION  # undo() restored it
 
 
-def test_padded_decode_step_is_refused():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_padded_decode_steps_apply_the_mask(kernel):
+    """A left-padded batch: the torch op applies the mask; with the kernel asked for, the step
+    goes to the torch op and says why. Logits equal the plain path's (store dequantized, sdpa
+    with the mask)."""
     model = _model()
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(6))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding in row 1
-    cache = KVCache([KVQuantConfig(4, 4, 4, 16)] * 2)
-    handle = use_fused_decode(model, kernel=False)
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
-            mask = torch.cat([mask, torch.ones(2, 1, dtype=mask.dtype)], 1)
-            with pytest.raises(ValueError, match="hides cached tokens"):
-                model(
-                    input_ids=ids[:, :1], attention_mask=mask, past_key_values=cache,
-                    use_cache=True,
-                )  # fmt: skip
-    finally:
-        handle.undo()
-    assert all(not la.fused_decode for la in cache.layers)
+    forms = [KVQuantConfig(4, 4, 4, 16, residual=2, sink=1)] * 2
+    runs = []
+    for fused in (False, True):
+        cache, m = KVCache(forms), mask
+        handle = use_fused_decode(model, kernel=kernel) if fused else None
+        out = []
+        try:
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=m, past_key_values=cache).logits
+                for _ in range(6):
+                    m = torch.cat([m, torch.ones(2, 1, dtype=m.dtype)], 1)
+                    nxt = logits[:, -1:].argmax(-1)
+                    logits = model(input_ids=nxt, attention_mask=m, past_key_values=cache).logits
+                    out.append(logits)
+            paths = {getattr(la.self_attn, "last_decode_path", None) for la in model.model.layers}
+        finally:
+            if handle is not None:
+                handle.undo()
+        runs.append(out)
+    assert all(la.n_stored > 0 for la in cache.layers)
+    for g, r in zip(*runs[::-1]):
+        torch.testing.assert_close(g, r, atol=ATOL, rtol=0)
+    assert paths == {"torch: a padding mask (the kernel takes none)" if kernel else "torch"}
+    q = torch.randn(2, 4, 16)
+    with pytest.raises(ValueError, match="takes no mask"):
+        cache.layers[0].decode_attention(q, 0.25, kernel=True, mask=m[:, None, None].bool())
 
 
 def test_no_attention_module_is_refused():
@@ -132,16 +148,16 @@ def test_generate_uses_the_kernel_and_gives_the_same_tokens(monkeypatch):
     calls = []
     orig = QuantizedKVLayer.decode_attention
 
-    def att(self, q, scaling, kernel=True):  # noqa: ANN001, ANN202
+    def att(self, q, scaling, kernel=True, mask=None):  # noqa: ANN001, ANN202
         calls.append(kernel)
-        return orig(self, q, scaling, kernel)
+        return orig(self, q, scaling, kernel, mask)
 
     ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(7))
     forms = [KVQuantConfig(4, 4, 4, 16, residual=2, sink=1)] * 2
     kw = dict(max_new_tokens=10, min_new_tokens=10, do_sample=False)
     with torch.no_grad():
         ref = model.generate(ids, past_key_values=KVCache(forms), **kw)
-        handle = use_fused_decode(model)
+        handle = use_fused_decode(model, kernel=True)
         monkeypatch.setattr(QuantizedKVLayer, "decode_attention", att)
         cache = KVCache(forms)
         try:

@@ -112,6 +112,9 @@ def test_measure_attention_times_each_form_at_each_context(tmp_path) -> None:
         assert [c for c, _ in pts] == [40, 72] and all(s > 0 for _, s in pts)
         assert cache.info[cache.key(*key)]["runtime"] == "torch eager"
         assert attention_latency(d, TINY, "cpu", "decode", 56, 1, cache)[1] == "measured"
+    # the quantized cache's steps read the store in place (the torch op on the CPU)
+    info = cache.info[cache.key(*MeasuredCache.attention_key(TINY, 1, 40, 1, F32, forms[1], "cpu"))]
+    assert info["kernel"] == "kv_decode_attention_folded" and info["decode_path"] == "torch"
     assert MeasuredCache(path).entries == cache.entries  # saved
     # a form the shape refuses is skipped; bad contexts are refused
     sw = AttentionShape(64, 4, 2, 16, 16, sliding_window=32)

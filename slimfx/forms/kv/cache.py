@@ -60,10 +60,19 @@ __all__ = [
     "layer_for",
     "kv_forms_of",
     "KV_FORM_ATTR",
+    "hides_tokens",
     "latent_segments",
     "encode_store",
     "decode_store",
 ]
+
+
+def hides_tokens(mask: Tensor | None) -> bool:
+    """Whether a transformers attention mask (bool ``True`` = attend, or additive) hides any
+    token."""
+    if mask is None:
+        return False
+    return bool((~mask if mask.dtype == torch.bool else mask < 0).any())
 
 
 def _nbytes(*tensors: Tensor | None) -> int:
@@ -213,14 +222,18 @@ class QuantizedKVLayer(_StoreLayer):
     def _quantize(self, keys: Tensor, values: Tensor) -> dict[str, Tensor]:
         return encode_store(self.config, keys, values)
 
-    def decode_attention(self, q: Tensor, scaling: float, kernel: bool = True) -> Tensor:
+    def decode_attention(
+        self, q: Tensor, scaling: float, kernel: bool = True, mask: Tensor | None = None
+    ) -> Tensor:
         """One decode step's attention ``(B, Hq, D)`` for queries ``q`` ``(B, Hq, D)`` (or
         ``(B, Hq, 1, D)``) over this layer's state after ``update``: the store read in place
-        (``kernel=True``: the Triton kernel ``slimfx_kernels::kv_decode_attention_triton``, its
-        dequantization fused; else the torch reference) and the 16-bit window (sinks
-        included). Equals softmax attention over what ``update`` returned."""
-        from slimfx.kernels.kv_attention import kv_decode_attention_triton
-        from slimfx.kernels.kv_attention.reference import kv_decode_attention_reference
+        and the 16-bit window (sinks included) — ``kernel=True``: the Triton kernel
+        ``slimfx_kernels::kv_decode_attention_triton`` (dequantization fused; it takes no mask:
+        one that hides a cached token is refused), else the torch op
+        ``kv_attention.folded.kv_decode_attention_folded`` (scales folded into the products;
+        ``mask``, transformers' decode mask over the cached tokens, applied). Equals softmax
+        attention over what ``update`` returned."""
+        from slimfx.kernels.kv_attention.folded import kv_decode_attention_folded
 
         if q.dim() == 4:
             q = q.squeeze(2)
@@ -244,8 +257,16 @@ class QuantizedKVLayer(_StoreLayer):
             q, *(store[n] for n in names), self.keys, self.values,
             c.key_bits, c.value_bits, c.key_group, c.value_group, float(scaling),
         )  # fmt: skip
-        fn = kv_decode_attention_triton if kernel else kv_decode_attention_reference
-        return fn(*args)
+        if not kernel:
+            return kv_decode_attention_folded(*args, mask=mask, sink=self.sink)
+        if hides_tokens(mask):
+            raise ValueError(
+                "the KV decode kernel takes no mask: this step's mask hides cached tokens "
+                "(a padded batch?); use kernel=False (the torch op applies the mask)"
+            )
+        from slimfx.kernels.kv_attention import kv_decode_attention_triton
+
+        return kv_decode_attention_triton(*args)
 
     def _dequantize(self) -> tuple[Tensor, Tensor]:
         return decode_store(self.config, self.store, self.dtype)

@@ -1,4 +1,5 @@
-"""The fused decode kernel inside Hugging Face attention: ``use_fused_decode(model)``.
+"""Decode steps that read a quantized KV store in place inside Hugging Face attention:
+``use_fused_decode(model)``.
 
 Registers an attention function ``"slimfx_kv_fused"`` with transformers' ``AttentionInterface``
 (and ``sdpa``'s mask builder under the same name) and switches the model to it. A forward
@@ -7,13 +8,17 @@ pre-hook on every attention module looks up the cache layer the call will use
 QuantizedKVLayer` the layer's ``fused_decode`` flag is set, so a one-token ``update`` returns
 only the 16-bit window instead of dequantizing the whole store, and the attention function
 runs :meth:`QuantizedKVLayer.decode_attention` — the store read in place by the Triton kernel
-``slimfx_kernels::kv_decode_attention_triton`` (``kernel=True``; its dequantization fused) or
-the torch reference. Every other call (prefill, chunked prefill, 16-bit layers, other
-caches) goes to transformers' ``sdpa`` attention unchanged.
+``slimfx_kernels::kv_decode_attention_triton`` (its dequantization fused) or by the torch op
+``kv_decode_attention_folded`` (the scales folded into the two products; the CPU's path).
+``kernel=None`` picks the kernel for CUDA queries and the torch op elsewhere; ``True`` / ``False``
+force one. Every other call (prefill, chunked prefill, 16-bit layers, other caches) goes to
+transformers' ``sdpa`` attention unchanged.
 
-Decode steps need an attention mask that hides nothing (no left padding): a mask that hides a
-past token raises a ``ValueError`` (the fused path has no mask input). ``undo()`` on the
-returned handle removes the hooks and restores the previous attention implementation.
+The kernel has no mask input: a decode step whose mask hides a cached token (a left-padded
+batch) runs the torch op, which applies the mask. Each attention module records the path of its
+last fused step in ``last_decode_path``: ``"triton"``, ``"torch"``, or ``"torch: <why the
+kernel did not run>"``. ``undo()`` on the returned handle removes the hooks and restores the
+previous attention implementation.
 """
 
 from __future__ import annotations
@@ -21,27 +26,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
-from slimfx.forms.kv.cache import QuantizedKVLayer
+from slimfx.forms.kv.cache import QuantizedKVLayer, hides_tokens
 
 __all__ = ["FUSED_ATTENTION", "FusedDecode", "fused_attention", "use_fused_decode"]
 
 FUSED_ATTENTION = "slimfx_kv_fused"
 _LAYER_ATTR = "_slimfx_fused_layer"
 _KERNEL_ATTR = "_slimfx_fused_kernel"
-
-
-def _check_mask(mask: Tensor | None) -> None:
-    if mask is None:
-        return
-    hidden = ~mask if mask.dtype == torch.bool else mask < 0
-    if bool(hidden.any()):
-        raise ValueError(
-            "the fused KV decode attention takes no mask: this decode step's mask hides cached "
-            "tokens (a padded batch?); run the model without use_fused_decode"
-        )
+_PATH_ATTR = "last_decode_path"
 
 
 def fused_attention(
@@ -59,9 +53,14 @@ def fused_attention(
     ``decode_attention``, everything else through ``sdpa``."""
     layer = getattr(module, _LAYER_ATTR, None)
     if layer is not None and layer.fused_decode and query.shape[2] == 1:
-        _check_mask(attention_mask)
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-        out = layer.decode_attention(query, scale, kernel=getattr(module, _KERNEL_ATTR, True))
+        kernel, path = getattr(module, _KERNEL_ATTR, None), ""
+        if kernel is None:
+            kernel = query.is_cuda
+        if kernel and hides_tokens(attention_mask):
+            kernel, path = False, ": a padding mask (the kernel takes none)"
+        out = layer.decode_attention(query, scale, kernel=kernel, mask=attention_mask)
+        setattr(module, _PATH_ATTR, ("triton" if kernel else "torch") + path)
         return out.unsqueeze(1), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -71,12 +70,18 @@ def fused_attention(
 
 
 def _bind_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: find this call's cache layer; fused mode for a quantized one."""
+    """Forward pre-hook: find this call's cache layer; fused mode for a quantized one — only
+    while the model's attention function is this module's (``update`` returning the window
+    alone to any other function would drop the store from attention)."""
     cache = kwargs.get("past_key_values")
     layers = getattr(cache, "layers", None) or []
     idx = module.layer_idx
     layer = layers[idx] if idx < len(layers) else None
-    if isinstance(layer, QuantizedKVLayer):
+    routed = getattr(module.config, "_attn_implementation", None) == FUSED_ATTENTION
+    if isinstance(layer, QuantizedKVLayer) and not routed:
+        layer.fused_decode = False
+        setattr(module, _LAYER_ATTR, None)
+    elif isinstance(layer, QuantizedKVLayer):
         layer.fused_decode = True
         setattr(module, _LAYER_ATTR, layer)
     else:
@@ -108,17 +113,18 @@ class FusedDecode:
             layer = getattr(m, _LAYER_ATTR, None)
             if layer is not None:
                 layer.fused_decode = False
-            for attr in (_LAYER_ATTR, _KERNEL_ATTR):
+            for attr in (_LAYER_ATTR, _KERNEL_ATTR, _PATH_ATTR):
                 if hasattr(m, attr):
                     delattr(m, attr)
         self.model.set_attn_implementation(self.previous)
         self.handles, self.modules = [], []
 
 
-def use_fused_decode(model: nn.Module, kernel: bool = True) -> FusedDecode:
+def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecode:
     """Run the decode steps of ``model`` (a Hugging Face decoder) over quantized cache layers
-    with the fused decode attention (module docstring). ``kernel``: the Triton kernel (GPU, or
-    CPU under ``TRITON_INTERPRET=1``); ``False``: the torch reference of the same op."""
+    with the store read in place (module docstring). ``kernel``: ``None`` the Triton kernel for
+    CUDA queries and the torch op elsewhere; ``True`` the kernel (on the CPU only under
+    ``TRITON_INTERPRET=1``); ``False`` the torch op."""
     attn = [
         m
         for m in model.modules()

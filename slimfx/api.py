@@ -157,6 +157,11 @@ def optimize(
       3·10⁻³ relative error per layer) — without them, eager CPU inference dequantizes every
       weight on every call. The report's "runs as" column says what runs each site, and which
       sites still run slower than dense. ``False`` keeps the exact reference ops.
+
+    A model given quantized KV caches reads them in place at one-token decode steps
+    (``slimfx.forms.kv.fused.use_fused_decode``, installed when the model runs sdpa attention
+    and ``backend`` is not "onnx"; a report note says what runs): the store is never
+    dequantized. ``model.set_attn_implementation("sdpa")`` returns to the plain path.
     """
     model = check_model(model)  # unwraps torch.compile; refuses TorchScript, meta, rewritten
     if inplace and not in_transaction(model):  # all or nothing, KeyboardInterrupt included
@@ -206,10 +211,17 @@ RUNTIMES = {None: "torch-eager", "eager": "torch-eager", "compile": "torch-compi
 
 
 def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: bool) -> None:
-    """Install the packed CPU kernels (``pack``) and record what runs each site."""
+    """Install the packed CPU kernels (``pack``) and the in-place decode step of quantized KV
+    caches, and record what runs each site."""
     from slimfx.ir.cpu_runtime import cpu_runtimes, prepare_cpu
 
     report.runtime = RUNTIMES.get(backend, str(backend))
+    if backend != "onnx":  # ONNX Runtime runs its own step graph over the store
+        from slimfx.forms.kv.fused import install_in_place_decode
+
+        note = install_in_place_decode(model)
+        if note is not None:
+            report.notes.append(note)
     runs = prepare_cpu(model) if pack else cpu_runtimes(model)
     for s in report.sites:
         rt = runs.get(s.fqn)

@@ -170,7 +170,9 @@ def load(
     check every file's SHA-256 against the manifest first (``False`` skips reading each file
     twice); a mismatch raises ``ValueError`` naming the file, before ``model`` is touched.
     ``cpu_kernels``: pack the int4/int8 linears for torch's CPU kernels
-    (``slimfx.prepare_cpu``), as ``optimize`` does; ``False`` keeps the reference ops."""
+    (``slimfx.prepare_cpu``), as ``optimize`` does; ``False`` keeps the reference ops. Quantized
+    KV caches are read in place at decode steps, as ``optimize`` installs it
+    (``slimfx.forms.kv.fused.install_in_place_decode``)."""
     from safetensors.torch import load_model
 
     from slimfx.forms.kv.apply import empty_kv_like_plan, split_plan
@@ -224,6 +226,10 @@ def load(
         from slimfx.ir.cpu_runtime import prepare_cpu
 
         prepare_cpu(model)
+    if kv:  # quantized caches read in place at decode steps, as optimize installs it
+        from slimfx.forms.kv.fused import install_in_place_decode
+
+        install_in_place_decode(model)
     if report is not None:
         from slimfx.api import REPORT_ATTR
 

@@ -145,11 +145,39 @@ def test_optimize_with_a_kv_budget_compresses_every_layer_and_generate_uses_it(t
     assert out.generate(ids, max_new_tokens=40, do_sample=False).tolist() == g.tolist()
     # the user's model keeps its 16-bit cache
     assert kv_forms_of(tiny_llama) == {}
+    assert tiny_llama.config._attn_implementation == "sdpa"  # and its attention function
     # a cache that already holds 16-bit tokens cannot be compressed after the fact
     full = DynamicCache()
     tiny_llama(ids, past_key_values=full, use_cache=True)
     with pytest.raises(TypeError, match=r"already holds 16-bit tokens"):
         out(ids, past_key_values=full, use_cache=True)
+
+
+def test_quantized_caches_are_read_in_place_after_optimize_and_load(tiny_llama, tmp_path):
+    """optimize installs the in-place decode step (a note says so), its greedy tokens equal the
+    plain path's (the model switched back to sdpa), and load installs it again."""
+    from slimfx.forms.kv.fused import FUSED_ATTENTION
+
+    out = slimfx.optimize(tiny_llama, Budget(kv=0.35), calibration=_calib(), progress=False)
+    rep = slimfx.report_of(out)
+    assert any("read their store in place" in n for n in rep.notes), rep.notes
+    assert out.config._attn_implementation == FUSED_ATTENTION
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # a left-padded row: the torch op applies the mask
+    kw = dict(max_new_tokens=140, do_sample=False, attention_mask=mask)  # gk128 fills a block
+    cache = DynamicCache()
+    got = out.generate(ids, past_key_values=cache, **kw)
+    assert all(la.n_stored > 0 for la in cache.layers)
+    paths = {la.self_attn.last_decode_path for la in out.model.layers}
+    assert paths == {"torch"}
+    slimfx.save(out, tmp_path / "m")
+    back = slimfx.load(tmp_path / "m")
+    assert back.config._attn_implementation == FUSED_ATTENTION
+    assert back.generate(ids, **kw).tolist() == got.tolist()
+    out.set_attn_implementation("sdpa")  # the plain path: update dequantizes the store
+    assert out.generate(ids, **kw).tolist() == got.tolist()
+    assert {la.self_attn.last_decode_path for la in out.model.layers} == {"torch"}  # unchanged
 
 
 def test_lowrank_kv_owns_its_projections_saves_loads_and_replays(tiny_llama, tmp_path):

@@ -30,7 +30,13 @@ from torch import Tensor, nn
 
 from slimfx.forms.kv.cache import QuantizedKVLayer, hides_tokens
 
-__all__ = ["FUSED_ATTENTION", "FusedDecode", "fused_attention", "use_fused_decode"]
+__all__ = [
+    "FUSED_ATTENTION",
+    "FusedDecode",
+    "fused_attention",
+    "install_in_place_decode",
+    "use_fused_decode",
+]
 
 FUSED_ATTENTION = "slimfx_kv_fused"
 _LAYER_ATTR = "_slimfx_fused_layer"
@@ -135,13 +141,52 @@ def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecod
             f"{type(model).__name__}: no attention module with a layer_idx and an o_proj "
             "(a Hugging Face decoder is needed)"
         )
-    _register()
     previous = model.config.get_text_config(decoder=True)._attn_implementation
+    if previous == FUSED_ATTENTION:
+        raise ValueError(f"{type(model).__name__} already runs use_fused_decode's attention")
+    _register()
+    model.set_attn_implementation(FUSED_ATTENTION)  # first: a model that refuses is unchanged
     handle = FusedDecode(model, previous)
     for m in attn:
         setattr(m, _KERNEL_ATTR, kernel)
         setattr(m, _LAYER_ATTR, None)
         handle.handles.append(m.register_forward_pre_hook(_bind_layer, with_kwargs=True))
         handle.modules.append(m)
-    model.set_attn_implementation(FUSED_ATTENTION)
     return handle
+
+
+def install_in_place_decode(model: nn.Module) -> str | None:
+    """What ``optimize`` and ``load`` do with a model whose attention modules carry a quantized
+    cache form: :func:`use_fused_decode` when the model runs transformers' ``sdpa`` attention
+    (the function's other calls go to sdpa, so nothing else changes), else leave it. Returns
+    the report's note — what runs the decode steps and why — or ``None`` (no quantized
+    cache)."""
+    from .cache import KV_FORM_ATTR
+    from .config import KVQuantConfig
+
+    n = sum(isinstance(getattr(m, KV_FORM_ATTR, None), KVQuantConfig) for m in model.modules())
+    if not n:
+        return None
+    plain = (
+        f"the {n} layer(s) with a quantized KV cache dequantize their whole store at every "
+        "decode step"
+    )
+    config = getattr(model, "config", None)
+    impl = config.get_text_config(decoder=True)._attn_implementation if config else None
+    if impl == FUSED_ATTENTION:
+        return None  # installed already (a model optimized again, or loaded into)
+    if impl != "sdpa":
+        return (
+            f"{plain}: the model runs attention {impl!r}, which use_fused_decode would replace "
+            "by sdpa for prefill — call slimfx.forms.kv.fused.use_fused_decode(model) to read "
+            "the store in place"
+        )
+    try:
+        use_fused_decode(model)
+    except ValueError as e:
+        return f"{plain}: the in-place decode step could not be installed ({e})"
+    return (
+        f"the {n} layer(s) with a quantized KV cache read their store in place at one-token "
+        "decode steps (slimfx.forms.kv.fused.use_fused_decode: the Triton kernel on CUDA, a "
+        "torch op elsewhere; each attention module's last_decode_path says which ran)"
+    )

@@ -176,3 +176,23 @@ def test_a_model_switched_to_another_attention_keeps_reading_the_store():
             handle.undo()
     torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
     assert not any(la.fused_decode for la in cache.layers) and cache.layers[0].n_stored == 20
+
+
+def test_cpu_step_benchmark_runs_every_form(tmp_path, capsys):
+    """``benchmarks/kv_cpu_step.py`` on a short context: a row per form with the three paths
+    timed and the in-place step checked against the reference."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_cpu_step.py"
+    spec = importlib.util.spec_from_file_location("slimfx_bench_kv_cpu_step", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    args = ["--contexts", "100", "--batches", "2", "--heads", "4,2,64", "--reps", "1"]
+    assert bench.main([*args, "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["form"] for r in rows] == [f[0] for f in bench.FORMS]
+    assert all(r["rel_err"] < 1e-4 and set(r["ms"]) == {"dense", "plain", "in_place"} for r in rows)
+    assert capsys.readouterr().out.count("| 100 | 2 |") == len(bench.FORMS)

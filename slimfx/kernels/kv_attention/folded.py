@@ -111,12 +111,13 @@ def kv_decode_attention_folded(
         for t0 in range(0, Ns, step):
             t1 = min(Ns, t0 + step)
             w = ps[..., t0:t1, None] * vs[:, :, None, t0:t1]  # (B, H, rep, n, ng)
+            wg = w.permute(4, 0, 1, 2, 3)  # per group: a product over the group's columns
             for i, plane in enumerate(_planes(v_codes[:, :, t0:t1], value_bits)):
-                if ng == 1:
-                    o = w.squeeze(-1) @ plane
-                else:
-                    o = torch.einsum(
-                        "bhrtg,bhtgc->bhrgc", w, plane.view(B, H, t1 - t0, ng, -1)
-                    ).reshape(B, H, rep, D // pv)
+                v = plane.view(B, H, t1 - t0, ng, -1)
+                o = (
+                    torch.cat([wg[j] @ v[..., j, :] for j in range(ng)], -1)
+                    if ng > 1
+                    else wg[0] @ plane
+                )
                 out[..., i::pv] += o
     return out.reshape(B, Hq, D).to(q.dtype)

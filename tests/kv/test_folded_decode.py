@@ -196,3 +196,24 @@ def test_cpu_step_benchmark_runs_every_form(tmp_path, capsys):
     assert [r["form"] for r in rows] == [f[0] for f in bench.FORMS]
     assert all(r["rel_err"] < 1e-4 and set(r["ms"]) == {"dense", "plain", "in_place"} for r in rows)
     assert capsys.readouterr().out.count("| 100 | 2 |") == len(bench.FORMS)
+
+
+def test_attention_arguments_the_step_lacks_are_refused():
+    """A soft-capped or sink-logit attention call in fused mode raises instead of attending
+    without them (the layer has returned only its window by then)."""
+    from slimfx.forms.kv.fused import _KERNEL_ATTR, _LAYER_ATTR, fused_attention
+
+    layer = QuantizedKVLayer(KVQuantConfig(4, 4, 4, 16))
+    k = torch.randn(1, 2, 12, 16)
+    layer.update(k, k)
+    layer.fused_decode = True
+    layer.update(k[:, :, :1], k[:, :, :1])
+    module = torch.nn.Module()
+    setattr(module, _LAYER_ATTR, layer)  # what use_fused_decode's hook binds
+    setattr(module, _KERNEL_ATTR, False)
+    q = torch.randn(1, 4, 1, 16)
+    out, _ = fused_attention(module, q, None, None, None, scaling=0.25)
+    assert out.shape == (1, 1, 4, 16) and module.last_decode_path == "torch"
+    for kw in ({"softcap": 30.0}, {"s_aux": torch.zeros(4)}):
+        with pytest.raises(ValueError, match=f"has no {next(iter(kw))}"):
+            fused_attention(module, q, None, None, None, scaling=0.25, **kw)

@@ -42,6 +42,9 @@ FUSED_ATTENTION = "slimfx_kv_fused"
 _LAYER_ATTR = "_slimfx_fused_layer"
 _KERNEL_ATTR = "_slimfx_fused_kernel"
 _PATH_ATTR = "last_decode_path"
+#: attention-function arguments that change the attention's math, which the step lacks (logit
+#: soft-capping: Gemma 2; learned sink logits: gpt-oss)
+_UNSUPPORTED = ("softcap", "s_aux")
 
 
 def fused_attention(
@@ -59,6 +62,12 @@ def fused_attention(
     ``decode_attention``, everything else through ``sdpa``."""
     layer = getattr(module, _LAYER_ATTR, None)
     if layer is not None and layer.fused_decode and query.shape[2] == 1:
+        extra = [k for k in _UNSUPPORTED if kwargs.get(k) is not None]
+        if extra:  # the window alone is at hand: refuse rather than attend without them
+            raise ValueError(
+                f"the in-place KV decode step has no {' / '.join(extra)} (this model's "
+                "attention uses it): run the model without use_fused_decode"
+            )
         scale = query.shape[-1] ** -0.5 if scaling is None else scaling
         kernel, path = getattr(module, _KERNEL_ATTR, None), ""
         if kernel is None:

@@ -160,8 +160,8 @@ def optimize(
 
     A model given quantized KV caches reads them in place at one-token decode steps
     (``slimfx.forms.kv.fused.use_fused_decode``, installed when the model runs sdpa attention
-    and ``backend`` is not "onnx"; a report note says what runs): the store is never
-    dequantized. ``model.set_attn_implementation("sdpa")`` returns to the plain path.
+    and ``backend`` is None, "eager" or "triton"; a report note says what runs): the store is
+    never dequantized. ``model.set_attn_implementation("sdpa")`` returns to the plain path.
     """
     model = check_model(model)  # unwraps torch.compile; refuses TorchScript, meta, rewritten
     if inplace and not in_transaction(model):  # all or nothing, KeyboardInterrupt included
@@ -216,7 +216,9 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
     from slimfx.ir.cpu_runtime import cpu_runtimes, prepare_cpu
 
     report.runtime = RUNTIMES.get(backend, str(backend))
-    if backend != "onnx":  # ONNX Runtime runs its own step graph over the store
+    if backend in (None, "eager", "triton"):  # ORT runs its own step graph over the store;
+        # under torch.compile the static cache is the compiled path (the eager step's loop
+        # over store chunks would specialize on the store's length)
         from slimfx.forms.kv.fused import install_in_place_decode
 
         note = install_in_place_decode(model)

@@ -106,3 +106,43 @@ def test_a_kv_budget_on_qk_norm_and_sliding_window_models_plans_with_reasons(tin
     cache = DynamicCache(config=swa.config)
     out.generate(ids, max_new_tokens=12, do_sample=False, past_key_values=cache)
     assert type(cache.layers[1]).__name__ == "DynamicSlidingWindowLayer"
+
+
+def _family(name: str):  # noqa: ANN202
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "qwen2":
+        return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_SMALL)).eval()
+    if name == "mistral":
+        return tf.MistralForCausalLM(tf.MistralConfig(**_SMALL, sliding_window=None)).eval()
+    return _model(name)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "olmo2", "mistral"])
+def test_quantized_caches_read_in_place_give_the_plain_paths_tokens(family):
+    """Beyond Llama: a kv budget's quantized caches, read in place at the decode steps (what
+    optimize installs), give the greedy tokens of the plain path (store dequantized, sdpa) for
+    a left-padded batch — q/k norms and biases included."""
+    from slimfx.forms.kv.fused import FUSED_ATTENTION
+
+    model = _family(family)
+    if family in ("qwen3", "olmo2"):
+        _perturb_norms(model)
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 256, (1, 48), generator=g) for _ in range(4)]
+    out = slimfx.optimize(
+        model, Budget(kv=0.4), calibration=calib, progress=False,
+        kv_forms=[KVQuantConfig(4, 4, 16, 16, sink=2), KVQuantConfig(8, 8, 16, 16)],
+    )  # fmt: skip
+    assert out.config._attn_implementation == FUSED_ATTENTION
+    ids = torch.randint(3, 256, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False, attention_mask=mask)
+    cache = DynamicCache()
+    got = out.generate(ids, past_key_values=cache, **kw)
+    assert sum(getattr(la, "n_stored", 0) > 0 for la in cache.layers) == 2
+    assert {la.self_attn.last_decode_path for la in out.model.layers} == {"torch"}
+    out.set_attn_implementation("sdpa")
+    assert out.generate(ids, **kw).tolist() == got.tolist()

@@ -20,6 +20,14 @@ from slimfx.kernels.kv_attention.reference import dequantize_store, kv_decode_at
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.fixture
+def always_folded(monkeypatch):
+    """The tiny stores of these tests would be dequantized (``DEQUANTIZE_ROWS``): fold them."""
+    from slimfx.kernels.kv_attention import folded
+
+    monkeypatch.setattr(folded, "DEQUANTIZE_ROWS", 0)
+
+
 def _store(B, H, N, D, kb, vb, G, Gv, Nw, seed=0):
     g = torch.Generator().manual_seed(seed)
 
@@ -46,20 +54,24 @@ def _store(B, H, N, D, kb, vb, G, Gv, Nw, seed=0):
         (2, 2, 32, 64, 0, 3, 3, 3, 1024),  # empty store: the window alone
     ],
 )
-def test_folded_step_equals_the_reference(kb, vb, G, Gv, N, Nw, H, rep, chunk):
+@pytest.mark.parametrize("rows", [0, 1 << 30], ids=["folded", "dequantized"])
+def test_folded_step_equals_the_reference(kb, vb, G, Gv, N, Nw, H, rep, chunk, rows):
     D, B = 64, 2
     store = _store(B, H, N, D, kb, vb, G, Gv, Nw)
     q = torch.randn(B, H * rep, D, generator=torch.Generator().manual_seed(1))
     ref = kv_decode_attention_reference(q, *store, kb, vb, G, Gv, 0.125)
-    got = kv_decode_attention_folded(q, *store, kb, vb, G, Gv, 0.125, chunk=chunk)
+    got = kv_decode_attention_folded(
+        q, *store, kb, vb, G, Gv, 0.125, chunk=chunk, dequantize_rows=rows
+    )
     assert got.shape == ref.shape and got.dtype == q.dtype
     # fp32 summation order only; random int8 codes with scales ~1 give scores of hundreds, whose
     # last-bit differences move the softmax by ~1e-5 relative (seen: 2e-5)
     torch.testing.assert_close(got, ref, atol=1e-6 * ref.abs().max().item(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [0, 1 << 30], ids=["folded", "dequantized"])
 @pytest.mark.parametrize("additive", [False, True])
-def test_mask_hides_exactly_its_tokens_in_the_layers_order(additive):
+def test_mask_hides_exactly_its_tokens_in_the_layers_order(additive, rows):
     """Mask columns follow the layer's order — ``sink`` window tokens, the store, the rest of the
     window — and the masked tokens are dropped from attention (against attention over the
     dequantized cache without them)."""
@@ -77,7 +89,9 @@ def test_mask_hides_exactly_its_tokens_in_the_layers_order(additive):
     mask = keep[:, None, None]
     if additive:
         mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    got = kv_decode_attention_folded(q, *store, kb, vb, G, Gv, 0.2, mask=mask, sink=sink, chunk=32)
+    got = kv_decode_attention_folded(
+        q, *store, kb, vb, G, Gv, 0.2, mask=mask, sink=sink, chunk=32, dequantize_rows=rows
+    )
     for b in range(B):
         kk, vv = k[b][:, keep[b]], v[b][:, keep[b]]
         ref = F.scaled_dot_product_attention(
@@ -88,6 +102,7 @@ def test_mask_hides_exactly_its_tokens_in_the_layers_order(additive):
         kv_decode_attention_folded(q, *store, kb, vb, G, Gv, 0.2, mask=mask[..., 1:], sink=sink)
 
 
+@pytest.mark.usefixtures("always_folded")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_step_equals_attention_over_what_update_returned(dtype):
     """A real layer (sinks, residual window, blocks moving into the store during the steps):
@@ -122,6 +137,7 @@ def _tiny():
     return tiny_llama(seed=3)
 
 
+@pytest.mark.usefixtures("always_folded")
 def test_cpu_default_is_the_torch_op_and_generate_gives_the_same_tokens(monkeypatch):
     """``use_fused_decode(model)`` on the CPU: every decode step runs the torch op (recorded in
     ``last_decode_path``), no store is dequantized, and greedy tokens equal the plain path's —
@@ -217,3 +233,24 @@ def test_attention_arguments_the_step_lacks_are_refused():
     for kw in ({"softcap": 30.0}, {"s_aux": torch.zeros(4)}):
         with pytest.raises(ValueError, match=f"has no {next(iter(kw))}"):
             fused_attention(module, q, None, None, None, scaling=0.25, **kw)
+
+
+def test_small_stores_are_dequantized_large_ones_folded(monkeypatch):
+    """``DEQUANTIZE_ROWS`` picks the path: a store of at most that many rows (tokens × batch ×
+    kv heads) is dequantized, a larger one never is."""
+    from slimfx.kernels.kv_attention import folded, reference
+
+    calls = []
+    orig = reference.dequantize_store
+    monkeypatch.setattr(reference, "dequantize_store", lambda *a: calls.append(1) or orig(*a))
+    q = torch.randn(2, 4, 64, generator=torch.Generator().manual_seed(2))
+    for n, expect in (
+        (folded.DEQUANTIZE_ROWS // 4, 1),
+        (folded.DEQUANTIZE_ROWS // 4 + 32, 0),
+    ):  # int4
+        calls.clear()
+        store = _store(2, 2, n, 64, 4, 4, 32, 64, 3)
+        got = kv_decode_attention_folded(q, *store, 4, 4, 32, 64, 0.125)
+        ref = kv_decode_attention_reference(q, *store, 4, 4, 32, 64, 0.125)
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        assert len(calls) == expect + 1  # + the reference's own call

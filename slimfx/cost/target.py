@@ -386,6 +386,16 @@ class MeasuredCache:
             (e[2], s) for e, s in self.entries.items() if e[:2] == k[:2] and e[3:] == k[3:]
         )
 
+    def batches(self, key: tuple[Any, ...]) -> dict[int, list[tuple[int, float]]]:
+        """Per measured batch (M), the ``(context, seconds)`` of every entry equal to the
+        attention ``key`` but for its context and batch, sorted by batch and context."""
+        k = self.key(*key)
+        out: dict[int, list[tuple[int, float]]] = {}
+        for e, s in self.entries.items():
+            if e[:2] == k[:2] and e[4:] == k[4:]:
+                out.setdefault(e[3], []).append((e[2], s))
+        return {m: sorted(pts) for m, pts in sorted(out.items())}
+
     @classmethod
     def of(
         cls, cache: MeasuredCache | str | os.PathLike[str] | None, target: str | Target | None = None
@@ -530,17 +540,51 @@ def attention_latency(
     - ``"measured, roofline-scaled"``: below the smallest measured context (or with one
       context only, or a line that falls), the nearest measurement times the roofline's
       ratio between the two contexts;
-    - ``"roofline"``: no measurement of this shape, decision and batch."""
+    - ``"roofline"``: no measurement of this shape and decision.
+
+    A batch not measured is priced from the measured ones at ``context`` the same way along the
+    batch (a step is affine in it too: a fixed part, a part per sequence): linear between the
+    two measured batches around it or along the two largest beyond them (``"measured"``), else
+    the nearest measured batch times the roofline's ratio between the two batches
+    (``"measured, roofline-scaled"``)."""
     tgt, wl = target_of(target), workload_of(workload)
-    roof = functools.partial(estimate_attention_latency, decision, shape, tgt, wl, batch=batch)
+    roof = functools.partial(estimate_attention_latency, decision, shape, tgt, wl)
     if cache is not None:
         key = MeasuredCache.attention_key(
             shape, wl.tokens, context, batch, str(compute_dtype(tgt)), decision, tgt.name
         )
-        pts = cache.contexts(key)
-        if pts:
-            return _from_curve(pts, context, roof, work)
-    return roof(context=context, work=work), "roofline"
+        curves = cache.batches(key)
+        if batch in curves:
+            return _from_curve(curves[batch], context, functools.partial(roof, batch=batch), work)
+        if curves:
+            at = {
+                b: _from_curve(pts, context, functools.partial(roof, batch=b), work)
+                for b, pts in curves.items()
+            }
+            return _along_batch(at, batch, roof, context, work)
+    return roof(context=context, batch=batch, work=work), "roofline"
+
+
+def _along_batch(
+    at: dict[int, tuple[float, str]], b: int, roof: Any, context: int, work: Any
+) -> tuple[float, str]:
+    """:func:`attention_latency` at batch ``b`` from the prices ``at`` measured batches (each
+    ``(seconds, source)`` at the context)."""
+    pts = sorted((m, s) for m, (s, _) in at.items())
+    scaled = "measured, roofline-scaled"
+    below = [p for p in pts if p[0] < b]
+    above = [p for p in pts if p[0] > b]
+    if below and above:
+        (b0, s0), (b1, s1) = below[-1], above[0]
+        src = "measured" if at[b0][1] == at[b1][1] == "measured" else scaled
+        return s0 + (s1 - s0) * (b - b0) / (b1 - b0), src
+    if below and len(pts) >= 2 and pts[-1][1] >= pts[-2][1]:
+        (b0, s0), (b1, s1) = pts[-2], pts[-1]
+        src = "measured" if at[b0][1] == at[b1][1] == "measured" else scaled
+        return s1 + (s1 - s0) * (b - b1) / (b1 - b0), src
+    b0, s0 = below[-1] if below else above[0]
+    ratio = roof(context=context, batch=b, work=work) / roof(context=context, batch=b0, work=work)
+    return s0 * ratio, scaled
 
 
 def _from_curve(

@@ -55,13 +55,26 @@ def test_the_lookup_interpolates_extrapolates_and_scales_by_the_roofline(tmp_pat
     s, src = price(256)  # below: the smallest measurement scaled by the roofline's ratio
     assert src == "measured, roofline-scaled"
     assert s == pytest.approx(1e-3 * roof(256) / roof(1024), rel=1e-12)
-    # another batch, shape, target or layout: not measured → the roofline
-    for kw in ({"batch": 8}, {"shape": AttentionShape(576, 9, 9, 64, 64)}, {"target": "h100"},
+    # another shape, target or layout: not measured → the roofline
+    for kw in ({"shape": AttentionShape(576, 9, 9, 64, 64)}, {"target": "h100"},
                {"d": KVQuantConfig(8, 8, 32, 64, 0, 4)}):  # fmt: skip
         s, src = price(4096, **kw)
         assert src == "roofline"
         args = (kw.get("d", INT4), kw.get("shape", SMOL), kw.get("target", "cpu"), "decode")
         assert s == estimate_attention_latency(*args, 4096, kw.get("batch", 1))
+    # another batch, one measured: the measured batch's price times the roofline's ratio
+    s, src = price(4096, batch=8)
+    assert src == "measured, roofline-scaled"
+    r = estimate_attention_latency(INT4, SMOL, "cpu", "decode", 4096, 8) / roof(4096)
+    assert s == pytest.approx(price(4096)[0] * r, rel=1e-12)
+    # two batches measured: linear between them and along the line beyond them
+    _put(cache, INT4, SMOL, [(1024, 3e-3), (8192, 20e-3)], batch=4)
+    s, src = price(4096, batch=2)
+    at1, at4 = price(4096)[0], 3e-3 + 17e-3 * 3072 / 7168
+    assert src == "measured" and s == pytest.approx(at1 + (at4 - at1) / 3, rel=1e-12)
+    s, src = price(1024, batch=16)
+    assert src == "measured" and s == pytest.approx(3e-3 + (3e-3 - 1e-3) * 12 / 3, rel=1e-12)
+    assert price(4096, batch=4) == (pytest.approx(at4, rel=1e-12), "measured")
     # a value-only field (the fit method) runs the same step: one measurement serves both
     lr = KVLowRankConfig(64, 128, 1, "whitened", 4)
     _put(cache, lr, SMOL, [(1024, 2e-3)])

@@ -252,3 +252,24 @@ def test_the_attention_steps_benchmark_runs_on_tiny_shapes(tmp_path) -> None:
     assert set(got["meta"]["summary"]) == {"fit@80", "roof@80"}
     kept = MeasuredCache(tmp_path / "a.cache.json")
     assert {k[2] for k in kept.entries} == {40, 80, 120}
+
+
+def test_attention_batches_benchmark_prices_every_check(tmp_path) -> None:
+    """``benchmarks/attention_batches.py`` on a small shape and context: a row per form the
+    shape takes, every check batch priced from measurements."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_batches.py"
+    spec = importlib.util.spec_from_file_location("slimfx_bench_attention_batches", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "b.json"
+    args = ["--shape", "256:4:2:64", "--context", "72", "--steps", "1", "--json", str(out)]
+    assert bench.main(args) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["form"] for r in rows][0] == "kv dense" and len(rows) == 4
+    for r in rows:
+        assert len(r["priced"]) == len(bench.CHECKS)
+        assert all(src.startswith("measured") and x > 0 for x, src in r["priced"].values())

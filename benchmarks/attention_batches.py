@@ -1,7 +1,7 @@
 """Attention steps at batches not measured, priced from the measured ones vs measured.
 
 ``slimfx.cost.measure_attention`` times a few KV-cache forms of one attention shape (SmolLM2's
-by default) at one context and batches 1, 2, 4, 8; then ``cost.target.attention_latency``
+by default) at one context and batches 1, 2, 4, 8; then ``cost.attention_price.attention_latency``
 prices each check batch from a subset of the others only (linear between two measured
 batches, along the two largest beyond them, else the nearest scaled by the roofline's batch
 ratio) and the roofline prices it alone. Printed: price / measured for each.
@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
 
+    from slimfx.cost.attention_price import attention_latency
     from slimfx.cost.measure_attention import measure_attention, parse_attention_shapes
-    from slimfx.cost.target import MeasuredCache, attention_latency, estimate_attention_latency
+    from slimfx.cost.target import MeasuredCache, estimate_attention_latency
     from slimfx.forms.kv.config import KVDenseConfig, KVLowRankConfig, KVQuantConfig
 
     shape = parse_attention_shapes(a.shape)[0]

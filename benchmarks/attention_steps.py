@@ -2,7 +2,7 @@
 roofline: every default KV-cache and MLA form of one attention shape (SmolLM2-135M's by default)
 timed at several contexts (``slimfx.cost.measure_attention``, one growing cache per form), then
 each "held-out" context priced from the "fit" contexts only (what ``calibrate-target
---attention`` stores by default; ``slimfx.cost.target.attention_latency``: linear between the two
+--attention`` stores by default; ``slimfx.cost.attention_price.attention_latency``: linear between the two
 around it, along the two largest beyond them) and by the target's roofline, both against the
 measured step.
 
@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from slimfx.cost.attention_price import attention_latency
     from slimfx.cost.measure_attention import (
         default_attention_decisions,
         measure_attention,
@@ -61,7 +62,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     from slimfx.cost.target import (
         MeasuredCache,
-        attention_latency,
         compute_dtype,
         estimate_attention_latency,
         target_of,

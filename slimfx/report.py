@@ -117,7 +117,7 @@ class KVEntry:
     solver summed ``sensitivity ×`` it). ``latency_*_s``: one attention step of the workload
     at the context with the 16-bit cache / the chosen form (the cache read, rebuilds and the
     projections the form owns), ``latency_source`` where the chosen form's came from
-    (``cost.target.attention_latency``: ``measured``, ``measured, roofline-scaled`` or
+    (``cost.attention_price.attention_latency``: ``measured``, ``measured, roofline-scaled`` or
     ``roofline``)."""
 
     fqn: str

@@ -156,7 +156,8 @@ def _kv_entry(
     plan) its attention steps priced again for ``target`` / ``workload`` at the budget's
     context and batch (the step's own tokens without a context) from ``cache`` or the
     roofline, as the solve prices them."""
-    from slimfx.cost.target import attention_latency, workload_of
+    from slimfx.cost.attention_price import attention_latency
+    from slimfx.cost.target import workload_of
     from slimfx.forms.kv.config import KVDenseConfig
 
     d, shape, ctx = plan[site.fqn], site.site_shape, budget.context

@@ -33,13 +33,13 @@ from typing import Any
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from slimfx.cost.attention_price import attention_latency
 from slimfx.cost.calibration import CalibrationStats
 from slimfx.cost.families import Candidate, SiteContext, family, family_names
 from slimfx.cost.target import (
     MeasuredCache,
     Target,
     Workload,
-    attention_latency,
     attention_work,
     latency,
     target_of,
@@ -263,7 +263,7 @@ def time_attention_site(
 ) -> SiteOptions:
     """An attention site's options with their ``latency_s`` / ``flops``: one attention step of
     ``workload`` for ``batch`` sequences at ``context`` cached tokens — measured where ``cache``
-    holds the step (:func:`~slimfx.cost.target.attention_latency`), else the roofline
+    holds the step (:func:`~slimfx.cost.attention_price.attention_latency`), else the roofline
     (:func:`~slimfx.cost.target.estimate_attention_latency`); the 16-bit cache's is the site's
     dense latency."""
     tgt, wl = target_of(target), workload_of(workload)

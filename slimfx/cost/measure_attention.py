@@ -14,7 +14,7 @@ CUDA, as the ``h100`` target assumes; the torch op ``kv_decode_attention_folded`
 an MLA block runs its decode kernel on CUDA (``MLAAttention.decode_kernel``); every other form
 runs the eager modules as ``optimize`` returns them. Each entry names what ran.
 
-``cost.target.attention_latency`` prices an option from these entries: the measured step at
+``cost.attention_price.attention_latency`` prices an option from these entries: the measured step at
 the context asked for, interpolated linearly between measured contexts (an attention step is
 affine in its context), extrapolated from the two largest above them and scaled by the
 roofline below them.

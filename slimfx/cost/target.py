@@ -37,7 +37,6 @@ JSON file keyed by (op, N = tokens, K = in, M = out, dtype, decision, target), w
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from dataclasses import dataclass
@@ -61,7 +60,6 @@ __all__ = [
     "launches",
     "estimate_latency",
     "estimate_attention_latency",
-    "attention_latency",
     "attention_work",
     "MeasuredCache",
     "latency",
@@ -518,93 +516,6 @@ def latency(
                 return got, "measured"
     shape = LinearShape(site.in_features, site.out_features)
     return estimate_latency(decision, shape, site.has_bias, tgt, wl), "roofline"
-
-
-def attention_latency(
-    decision: Decision,
-    shape: AttentionShape,
-    target: str | Target,
-    workload: str | Workload,
-    context: int,
-    batch: int = 1,
-    cache: MeasuredCache | None = None,
-    work: Any = None,
-) -> tuple[float, str]:
-    """``(seconds, source)`` of one attention step (:func:`estimate_attention_latency`'s
-    arguments) from the steps ``cache`` holds for this shape, decision, batch and the target's
-    compute dtype (``slimfx.cost.measure_attention``), else the roofline:
-
-    - ``"measured"``: the step measured at ``context``, or linear in the context between the
-      two measured contexts around it, or beyond the largest along the line through the two
-      largest (an attention step is affine in its context: a fixed part, a part per token);
-    - ``"measured, roofline-scaled"``: below the smallest measured context (or with one
-      context only, or a line that falls), the nearest measurement times the roofline's
-      ratio between the two contexts;
-    - ``"roofline"``: no measurement of this shape and decision.
-
-    A batch not measured is priced from the measured ones at ``context`` the same way along the
-    batch (a step is affine in it too: a fixed part, a part per sequence): linear between the
-    two measured batches around it or along the two largest beyond them (``"measured"``), else
-    the nearest measured batch times the roofline's ratio between the two batches
-    (``"measured, roofline-scaled"``)."""
-    tgt, wl = target_of(target), workload_of(workload)
-    roof = functools.partial(estimate_attention_latency, decision, shape, tgt, wl)
-    if cache is not None:
-        key = MeasuredCache.attention_key(
-            shape, wl.tokens, context, batch, str(compute_dtype(tgt)), decision, tgt.name
-        )
-        curves = cache.batches(key)
-        if batch in curves:
-            return _from_curve(curves[batch], context, functools.partial(roof, batch=batch), work)
-        if curves:
-            at = {
-                b: _from_curve(pts, context, functools.partial(roof, batch=b), work)
-                for b, pts in curves.items()
-            }
-            return _along_batch(at, batch, roof, context, work)
-    return roof(context=context, batch=batch, work=work), "roofline"
-
-
-def _along_batch(
-    at: dict[int, tuple[float, str]], b: int, roof: Any, context: int, work: Any
-) -> tuple[float, str]:
-    """:func:`attention_latency` at batch ``b`` from the prices ``at`` measured batches (each
-    ``(seconds, source)`` at the context)."""
-    pts = sorted((m, s) for m, (s, _) in at.items())
-    scaled = "measured, roofline-scaled"
-    below = [p for p in pts if p[0] < b]
-    above = [p for p in pts if p[0] > b]
-    if below and above:
-        (b0, s0), (b1, s1) = below[-1], above[0]
-        src = "measured" if at[b0][1] == at[b1][1] == "measured" else scaled
-        return s0 + (s1 - s0) * (b - b0) / (b1 - b0), src
-    if below and len(pts) >= 2 and pts[-1][1] >= pts[-2][1]:
-        (b0, s0), (b1, s1) = pts[-2], pts[-1]
-        src = "measured" if at[b0][1] == at[b1][1] == "measured" else scaled
-        return s1 + (s1 - s0) * (b - b1) / (b1 - b0), src
-    b0, s0 = below[-1] if below else above[0]
-    ratio = roof(context=context, batch=b, work=work) / roof(context=context, batch=b0, work=work)
-    return s0 * ratio, scaled
-
-
-def _from_curve(
-    pts: list[tuple[int, float]], c: int, roof: Any, work: Any
-) -> tuple[float, str]:
-    """:func:`attention_latency` from measured ``(context, seconds)`` points."""
-    below = [p for p in pts if p[0] <= c]
-    above = [p for p in pts if p[0] >= c]
-    if below and above:
-        (c0, s0), (c1, s1) = below[-1], above[0]
-        if c0 == c1:
-            return s0, "measured"
-        return s0 + (s1 - s0) * (c - c0) / (c1 - c0), "measured"
-    if below and len(pts) >= 2:
-        (c0, s0), (c1, s1) = pts[-2], pts[-1]
-        if s1 >= s0:
-            return s1 + (s1 - s0) * (c - c1) / (c1 - c0), "measured"
-    c0, s0 = below[-1] if below else above[0]
-    scale = roof(context=c, work=work) / roof(context=c0)
-    return s0 * scale, "measured, roofline-scaled"
 
 
 def roofline_caveat(target: str, backend: str | None) -> str:

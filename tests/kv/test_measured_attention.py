@@ -1,5 +1,5 @@
 """Measured attention steps (``slimfx.cost.measure_attention``) and the prices made of them
-(``cost.target.attention_latency``): what is timed (the block minus its linear sites), the
+(``cost.attention_price.attention_latency``): what is timed (the block minus its linear sites), the
 lookup between and beyond the measured contexts, and a solver that follows the measurements
 where they contradict the roofline."""
 
@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import slimfx
+from slimfx.cost.attention_price import attention_latency
 from slimfx.cost.measure_attention import (
     DEFAULT_ATTENTION_SHAPES,
     _StepClock,
@@ -19,7 +20,7 @@ from slimfx.cost.measure_attention import (
     measure_attention,
     parse_attention_shapes,
 )
-from slimfx.cost.target import MeasuredCache, attention_latency, estimate_attention_latency
+from slimfx.cost.target import MeasuredCache, estimate_attention_latency
 from slimfx.forms.kv.config import KVDenseConfig, KVLowRankConfig, KVQuantConfig
 from slimfx.forms.mla.config import MLAConfig
 from slimfx.planning.problem import Budget

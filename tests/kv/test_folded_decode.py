@@ -254,3 +254,31 @@ def test_small_stores_are_dequantized_large_ones_folded(monkeypatch):
         ref = kv_decode_attention_reference(q, *store, 4, 4, 32, 64, 0.125)
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert len(calls) == expect + 1  # + the reference's own call
+
+
+def test_a_compiled_forward_keeps_the_plain_path(monkeypatch):
+    """Under ``torch.compile`` (dynamo; ``backend="eager"`` keeps it fast) the layers are not
+    put in fused mode unless the kernel was asked for: the plain path runs (the store
+    dequantized by ``update``) and the tokens equal the eager in-place run's."""
+    model = _tiny()
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(9))
+    forms = [KVQuantConfig(4, 4, 4, 16)] * 2
+    kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)  # few shapes: quick
+    handle = use_fused_decode(model)
+    try:
+        with torch.no_grad():
+            ref = model.generate(ids, past_key_values=KVCache(forms), **kw)
+            calls = []
+            orig = QuantizedKVLayer._dequantize
+            monkeypatch.setattr(
+                QuantizedKVLayer, "_dequantize", lambda self: calls.append(1) or orig(self)
+            )
+            eager_forward = model.forward
+            model.forward = torch.compile(eager_forward, backend="eager")
+            cache = KVCache(forms)
+            got = model.generate(ids, past_key_values=cache, **kw)
+    finally:
+        handle.undo()
+        torch._dynamo.reset()
+    assert torch.equal(got, ref)
+    assert calls and not any(la.fused_decode for la in cache.layers)

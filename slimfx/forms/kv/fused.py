@@ -19,6 +19,9 @@ batch) runs the torch op, which applies the mask. Each attention module records 
 last fused step in ``last_decode_path``: ``"triton"``, ``"torch"``, or ``"torch: <why the
 kernel did not run>"``. ``undo()`` on the returned handle removes the hooks and restores the
 previous attention implementation.
+Under ``torch.compile`` (a compiled ``forward``) the layers stay on the plain path unless
+``kernel=True``: the compiled path for a quantized cache is the static cache
+(``cache_implementation="static"``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from slimfx.forms.kv.cache import QuantizedKVLayer, hides_tokens
@@ -93,6 +97,11 @@ def _bind_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     idx = module.layer_idx
     layer = layers[idx] if idx < len(layers) else None
     routed = getattr(module.config, "_attn_implementation", None) == FUSED_ATTENTION
+    # under torch.compile the plain path unless the Triton kernel was asked for: the torch
+    # op's loop over store chunks would specialize on the growing store (the compiled path for
+    # a quantized cache is the static cache)
+    if torch.compiler.is_compiling() and getattr(module, _KERNEL_ATTR, None) is not True:
+        routed = False
     if isinstance(layer, QuantizedKVLayer) and not routed:
         layer.fused_decode = False
         setattr(module, _LAYER_ATTR, None)

@@ -178,6 +178,25 @@ def test_quantized_caches_are_read_in_place_after_optimize_and_load(tiny_llama, 
     out.set_attn_implementation("sdpa")  # the plain path: update dequantizes the store
     assert out.generate(ids, **kw).tolist() == got.tolist()
     assert {la.self_attn.last_decode_path for la in out.model.layers} == {"torch"}  # unchanged
+    # use_fused_decode on an optimized model: the installation optimize made, kernel choice set
+    from slimfx.forms.kv.fused import use_fused_decode
+
+    with pytest.raises(ValueError, match="set it back to 'sdpa' first"):
+        use_fused_decode(_bare_fused(tiny_llama))  # the function set by hand, no hooks
+    h = use_fused_decode(back, kernel=False)
+    assert use_fused_decode(back) is h and back.config._attn_implementation == FUSED_ATTENTION
+    h.undo()
+    assert back.config._attn_implementation == "sdpa"
+    assert back.generate(ids, **kw).tolist() == got.tolist()
+
+
+def _bare_fused(model):  # noqa: ANN001, ANN202
+    """``model`` switched to the fused attention function by hand, without the hooks."""
+    from slimfx.forms.kv.fused import FUSED_ATTENTION, _register
+
+    _register()
+    model.set_attn_implementation(FUSED_ATTENTION)
+    return model
 
 
 def test_lowrank_kv_owns_its_projections_saves_loads_and_replays(tiny_llama, tmp_path):

@@ -46,6 +46,7 @@ FUSED_ATTENTION = "slimfx_kv_fused"
 _LAYER_ATTR = "_slimfx_fused_layer"
 _KERNEL_ATTR = "_slimfx_fused_kernel"
 _PATH_ATTR = "last_decode_path"
+_HANDLE_ATTR = "_slimfx_fused_decode"
 #: attention-function arguments that change the attention's math, which the step lacks (logit
 #: soft-capping: Gemma 2; learned sink logits: gpt-oss)
 _UNSUPPORTED = ("softcap", "s_aux")
@@ -142,13 +143,16 @@ class FusedDecode:
                     delattr(m, attr)
         self.model.set_attn_implementation(self.previous)
         self.handles, self.modules = [], []
+        if getattr(self.model, _HANDLE_ATTR, None) is self:
+            delattr(self.model, _HANDLE_ATTR)
 
 
 def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecode:
     """Run the decode steps of ``model`` (a Hugging Face decoder) over quantized cache layers
     with the store read in place (module docstring). ``kernel``: ``None`` the Triton kernel for
     CUDA queries and the torch op elsewhere; ``True`` the kernel (on the CPU only under
-    ``TRITON_INTERPRET=1``); ``False`` the torch op."""
+    ``TRITON_INTERPRET=1``); ``False`` the torch op. On a model that has it already (as
+    ``optimize`` returns one) it sets ``kernel`` and returns the same handle."""
     attn = [
         m
         for m in model.modules()
@@ -160,8 +164,16 @@ def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecod
             "(a Hugging Face decoder is needed)"
         )
     previous = model.config.get_text_config(decoder=True)._attn_implementation
-    if previous == FUSED_ATTENTION:
-        raise ValueError(f"{type(model).__name__} already runs use_fused_decode's attention")
+    if previous == FUSED_ATTENTION:  # installed already (optimize does): the same handle
+        handle = getattr(model, _HANDLE_ATTR, None)
+        if handle is None:
+            raise ValueError(
+                f"{type(model).__name__} runs the attention function {FUSED_ATTENTION!r} "
+                "without use_fused_decode's hooks: set it back to 'sdpa' first"
+            )
+        for m in handle.modules:
+            setattr(m, _KERNEL_ATTR, kernel)
+        return handle
     _register()
     model.set_attn_implementation(FUSED_ATTENTION)  # first: a model that refuses is unchanged
     handle = FusedDecode(model, previous)
@@ -170,6 +182,7 @@ def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecod
         setattr(m, _LAYER_ATTR, None)
         handle.handles.append(m.register_forward_pre_hook(_bind_layer, with_kwargs=True))
         handle.modules.append(m)
+    setattr(model, _HANDLE_ATTR, handle)
     return handle
 
 

@@ -224,6 +224,10 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
         note = install_in_place_decode(model)
         if note is not None:
             report.notes.append(note)
+    from slimfx.forms.kv.fused import decode_step_label
+
+    for k in report.kv_sites:
+        k.decode_step = decode_step_label(k.decision.get("kind"), model)
     runs = prepare_cpu(model) if pack else cpu_runtimes(model)
     for s in report.sites:
         rt = runs.get(s.fqn)

@@ -118,7 +118,9 @@ class KVEntry:
     at the context with the 16-bit cache / the chosen form (the cache read, rebuilds and the
     projections the form owns), ``latency_source`` where the chosen form's came from
     (``cost.attention_price.attention_latency``: ``measured``, ``measured, roofline-scaled`` or
-    ``roofline``)."""
+    ``roofline``). ``decode_step``: what runs this layer's one-token steps in the returned model
+    (``forms.kv.fused.decode_step_label``: a quantized store read in place or dequantized every
+    step, …)."""
 
     fqn: str
     layer: int | None = None
@@ -137,6 +139,7 @@ class KVEntry:
     latency_before_s: float = 0.0
     latency_after_s: float = 0.0
     latency_source: str = "roofline"
+    decode_step: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -250,7 +253,7 @@ class Report:
             return []
         head = [
             "layer", "site", "chosen", "B/token", "of dense", "weights", "est.err", "latency",
-            "latency from", "status",
+            "latency from", "decode step", "status",
         ]  # fmt: skip
         out = ["", "## KV cache", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for k in self.kv_sites:
@@ -261,7 +264,7 @@ class Report:
                     f"{k.kv_bytes_per_token_before:.0f} → {k.kv_bytes_per_token_after:.1f}",
                     f"{frac:.3f}", _mb(k.weight_bytes_after) if k.owns else "–",
                     f"{k.est_error:.4f}", _ratio(k.latency_after_s, k.latency_before_s),
-                    k.latency_source, k.status,
+                    k.latency_source, k.decode_step or "–", k.status,
                 ]) + " |"
             )  # fmt: skip
         return out

@@ -161,6 +161,8 @@ def test_quantized_caches_are_read_in_place_after_optimize_and_load(tiny_llama, 
     out = slimfx.optimize(tiny_llama, Budget(kv=0.35), calibration=_calib(), progress=False)
     rep = slimfx.report_of(out)
     assert any("read their store in place" in n for n in rep.notes), rep.notes
+    assert {k.decode_step for k in rep.kv_sites} == {"store read in place"}
+    assert "| decode step |" in rep.to_markdown() and "| store read in place |" in rep.to_markdown()
     assert out.config._attn_implementation == FUSED_ATTENTION
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)

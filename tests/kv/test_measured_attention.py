@@ -193,7 +193,8 @@ def test_measured_steps_steer_the_solver(tiny_llama, tmp_path) -> None:
         assert k0.latency_after_s == pytest.approx(0.8e-5 * at512, rel=1e-12)
         assert any("attention steps: 6 of 6 options measured" in n for n in rep.notes)
         table = rep.to_markdown().split("## KV cache")[1]
-        assert "| latency | latency from |" in table and "| measured | applied |" in table
+        assert "| latency | latency from | decode step |" in table
+        assert f"| measured | {k0.decode_step} | applied |" in table and k0.decode_step
     plan = slimfx.Plan.from_dict(rep.meta["plan"])
     again = slimfx.report_of(
         slimfx.optimize(tiny_llama, b, plan=plan, latency_cache=str(path), **kw)

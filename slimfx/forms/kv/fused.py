@@ -38,6 +38,7 @@ __all__ = [
     "FUSED_ATTENTION",
     "FusedDecode",
     "fused_attention",
+    "decode_step_label",
     "install_in_place_decode",
     "use_fused_decode",
 ]
@@ -221,3 +222,23 @@ def install_in_place_decode(model: nn.Module) -> str | None:
         "decode steps (slimfx.forms.kv.fused.use_fused_decode: the Triton kernel on CUDA, a "
         "torch op elsewhere; each attention module's last_decode_path says which ran)"
     )
+
+
+#: what runs the one-token steps over each cache form besides a quantized store
+_STEP_LABELS = {
+    "kv_dense": "16-bit cache",
+    "kv_lowrank": "keys rebuilt from the latent, values absorbed",
+    "kv_latent_quant": "latent dequantized, keys rebuilt, values absorbed",
+    "mla": "over the latent (absorbed)",
+}
+
+
+def decode_step_label(kind: str | None, model: nn.Module) -> str:
+    """The report's "decode step" of a KV entry whose form is ``kind`` on ``model``: for a
+    quantized store whether it is read in place (``use_fused_decode`` installed) or
+    dequantized at every step; a short description for the other forms."""
+    if kind != "kv_quant":
+        return _STEP_LABELS.get(str(kind), "")
+    if getattr(model, _HANDLE_ATTR, None) is not None:
+        return "store read in place"
+    return "store dequantized every step"

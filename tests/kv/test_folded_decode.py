@@ -131,6 +131,14 @@ def test_layer_step_equals_attention_over_what_update_returned(dtype):
     assert fused.n_stored == plain.n_stored > 24
 
 
+def _count_dequantize(monkeypatch) -> list:  # noqa: ANN001
+    """From now on, one entry per ``QuantizedKVLayer._dequantize`` call (the plain path)."""
+    calls: list = []
+    orig = QuantizedKVLayer._dequantize
+    monkeypatch.setattr(QuantizedKVLayer, "_dequantize", lambda self: calls.append(1) or orig(self))
+    return calls
+
+
 def _tiny():
     from slimfx.models import tiny_llama
 
@@ -150,11 +158,7 @@ def test_cpu_default_is_the_torch_op_and_generate_gives_the_same_tokens(monkeypa
     kw = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False, attention_mask=mask)
     with torch.no_grad():
         ref = model.generate(ids, past_key_values=KVCache(forms), **kw)
-        calls = []
-        orig = QuantizedKVLayer._dequantize
-        monkeypatch.setattr(
-            QuantizedKVLayer, "_dequantize", lambda self: calls.append(1) or orig(self)
-        )
+        calls = _count_dequantize(monkeypatch)
         handle = use_fused_decode(model)
         cache = KVCache(forms)
         try:
@@ -268,11 +272,7 @@ def test_a_compiled_forward_keeps_the_plain_path(monkeypatch):
     try:
         with torch.no_grad():
             ref = model.generate(ids, past_key_values=KVCache(forms), **kw)
-            calls = []
-            orig = QuantizedKVLayer._dequantize
-            monkeypatch.setattr(
-                QuantizedKVLayer, "_dequantize", lambda self: calls.append(1) or orig(self)
-            )
+            calls = _count_dequantize(monkeypatch)
             eager_forward = model.forward
             model.forward = torch.compile(eager_forward, backend="eager")
             cache = KVCache(forms)

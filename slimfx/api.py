@@ -213,19 +213,16 @@ RUNTIMES = {None: "torch-eager", "eager": "torch-eager", "compile": "torch-compi
 def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: bool) -> None:
     """Install the packed CPU kernels (``pack``) and the in-place decode step of quantized KV
     caches, and record what runs each site."""
+    from slimfx.forms.kv.fused import decode_step_label, install_in_place_decode
     from slimfx.ir.cpu_runtime import cpu_runtimes, prepare_cpu
 
     report.runtime = RUNTIMES.get(backend, str(backend))
     if backend in (None, "eager", "triton"):  # ORT runs its own step graph over the store;
         # under torch.compile the static cache is the compiled path (the eager step's loop
         # over store chunks would specialize on the store's length)
-        from slimfx.forms.kv.fused import install_in_place_decode
-
         note = install_in_place_decode(model)
         if note is not None:
             report.notes.append(note)
-    from slimfx.forms.kv.fused import decode_step_label
-
     for k in report.kv_sites:
         k.decode_step = decode_step_label(k.decision.get("kind"), model)
     runs = prepare_cpu(model) if pack else cpu_runtimes(model)

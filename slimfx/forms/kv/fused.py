@@ -104,14 +104,10 @@ def _bind_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     # a quantized cache is the static cache)
     if torch.compiler.is_compiling() and getattr(module, _KERNEL_ATTR, None) is not True:
         routed = False
-    if isinstance(layer, QuantizedKVLayer) and not routed:
-        layer.fused_decode = False
-        setattr(module, _LAYER_ATTR, None)
-    elif isinstance(layer, QuantizedKVLayer):
-        layer.fused_decode = True
-        setattr(module, _LAYER_ATTR, layer)
-    else:
-        setattr(module, _LAYER_ATTR, None)
+    quantized = isinstance(layer, QuantizedKVLayer)
+    if quantized:
+        layer.fused_decode = routed
+    setattr(module, _LAYER_ATTR, layer if quantized and routed else None)
 
 
 def _register() -> None:

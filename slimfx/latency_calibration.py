@@ -18,8 +18,9 @@ backend deploys:
 
 With ``attention=`` (``--attention`` on the command line) it also times one decode step of
 each KV-cache and MLA form over a cache of each context (``slimfx.cost.measure_attention``:
-the attention block minus its linear sites, the fused decode kernels on CUDA) — ``eager`` and
-``triton`` only.
+the attention block minus its linear sites; a quantized store read in place as ``optimize``
+installs it — the Triton kernel on CUDA, the torch op ``kv_decode_attention_folded`` on the
+CPU — and MLA's decode kernel on CUDA) — ``eager`` and ``triton`` only.
 
 The measured seconds land in a :class:`~slimfx.cost.target.MeasuredCache` under the target's
 name; ``optimize(..., target=<name>, latency_cache=<file>)`` prices each option from it (the
@@ -121,7 +122,7 @@ def calibrate_target(
     runner: Runner | None = None
     if attention and backend == "onnx":
         raise ValueError(
-            "attention steps are timed with the eager modules (or on CUDA the fused kernels); "
+            "attention steps are timed with the PyTorch modules (and slimfx's decode kernels); "
             "ONNX Runtime's step graphs are not timed here (benchmarks/kv_ort_decode.py measures "
             "them): leave out attention with backend onnx"
         )

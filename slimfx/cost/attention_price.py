@@ -68,6 +68,31 @@ def attention_latency(
     return roof(context=context, batch=batch, work=work), "roofline"
 
 
+def _line(pts: list[tuple[int, float]], x: int) -> tuple[float, list[int]] | None:
+    """The value at ``x`` on the measured ``(x, value)`` points (sorted by ``x``) and the points
+    it used: the point at ``x``, linear between its neighbours, or beyond the largest along the
+    line through the two largest (unless that line falls); ``None`` otherwise (below the
+    smallest, one point, a falling line)."""
+    below = [p for p in pts if p[0] <= x]
+    above = [p for p in pts if p[0] >= x]
+    if below and above:
+        (x0, y0), (x1, y1) = below[-1], above[0]
+        if x0 == x1:
+            return y0, [x0]
+        return y0 + (y1 - y0) * (x - x0) / (x1 - x0), [x0, x1]
+    if below and len(pts) >= 2 and pts[-1][1] >= pts[-2][1]:
+        (x0, y0), (x1, y1) = pts[-2], pts[-1]
+        return y1 + (y1 - y0) * (x - x1) / (x1 - x0), [x0, x1]
+    return None
+
+
+def _nearest(pts: list[tuple[int, float]], x: int) -> tuple[int, float]:
+    """The measured point to scale from when :func:`_line` has no value: the largest below
+    ``x``, else the smallest."""
+    below = [p for p in pts if p[0] <= x]
+    return below[-1] if below else pts[0]
+
+
 def _along_batch(
     at: dict[int, tuple[float, str]], b: int, roof: Any, context: int, work: Any
 ) -> tuple[float, str]:
@@ -75,34 +100,20 @@ def _along_batch(
     ``(seconds, source)`` at the context)."""
     pts = sorted((m, s) for m, (s, _) in at.items())
     scaled = "measured, roofline-scaled"
-    below = [p for p in pts if p[0] < b]
-    above = [p for p in pts if p[0] > b]
-    if below and above:
-        (b0, s0), (b1, s1) = below[-1], above[0]
-        src = "measured" if at[b0][1] == at[b1][1] == "measured" else scaled
-        return s0 + (s1 - s0) * (b - b0) / (b1 - b0), src
-    if below and len(pts) >= 2 and pts[-1][1] >= pts[-2][1]:
-        (b0, s0), (b1, s1) = pts[-2], pts[-1]
-        src = "measured" if at[b0][1] == at[b1][1] == "measured" else scaled
-        return s1 + (s1 - s0) * (b - b1) / (b1 - b0), src
-    b0, s0 = below[-1] if below else above[0]
+    got = _line(pts, b)
+    if got is not None:
+        s, used = got
+        return s, "measured" if all(at[m][1] == "measured" for m in used) else scaled
+    b0, s0 = _nearest(pts, b)
     ratio = roof(context=context, batch=b, work=work) / roof(context=context, batch=b0, work=work)
     return s0 * ratio, scaled
 
 
 def _from_curve(pts: list[tuple[int, float]], c: int, roof: Any, work: Any) -> tuple[float, str]:
     """:func:`attention_latency` from measured ``(context, seconds)`` points."""
-    below = [p for p in pts if p[0] <= c]
-    above = [p for p in pts if p[0] >= c]
-    if below and above:
-        (c0, s0), (c1, s1) = below[-1], above[0]
-        if c0 == c1:
-            return s0, "measured"
-        return s0 + (s1 - s0) * (c - c0) / (c1 - c0), "measured"
-    if below and len(pts) >= 2:
-        (c0, s0), (c1, s1) = pts[-2], pts[-1]
-        if s1 >= s0:
-            return s1 + (s1 - s0) * (c - c1) / (c1 - c0), "measured"
-    c0, s0 = below[-1] if below else above[0]
+    got = _line(pts, c)
+    if got is not None:
+        return got[0], "measured"
+    c0, s0 = _nearest(pts, c)
     scale = roof(context=c, work=work) / roof(context=c0)
     return s0 * scale, "measured, roofline-scaled"

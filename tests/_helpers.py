@@ -1,8 +1,13 @@
 """Seeded test data shared by the numerics, cost and passes tests of the 2:4 and combined
-forms, and the torch reference of the ONNX KV-cache decode tests. Imported as ``from _helpers import …``: pytest puts ``tests/`` on ``sys.path`` when it
+forms, the torch reference of the ONNX KV-cache decode tests, and the loader of benchmark
+scripts for their smoke tests. Imported as ``from _helpers import …``: pytest puts ``tests/`` on ``sys.path`` when it
 loads ``tests/conftest.py`` (that folder is not a package)."""
 
 from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -94,3 +99,13 @@ def tiny_qwen2_biased(attn: str = "sdpa", layers: int = 2):  # noqa: ANN201
             if n.endswith("bias"):
                 p.normal_(0, 0.5)
     return model
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """The script ``benchmarks/<name>.py`` as a module (benchmarks are scripts, not a package)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"slimfx_bench_{name}", script)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

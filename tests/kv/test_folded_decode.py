@@ -201,14 +201,11 @@ def test_a_model_switched_to_another_attention_keeps_reading_the_store():
 def test_cpu_step_benchmark_runs_every_form(tmp_path, capsys):
     """``benchmarks/kv_cpu_step.py`` on a short context: a row per form with the three paths
     timed and the in-place step checked against the reference."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_cpu_step.py"
-    spec = importlib.util.spec_from_file_location("slimfx_bench_kv_cpu_step", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from _helpers import load_benchmark
+
+    bench = load_benchmark("kv_cpu_step")
     out = tmp_path / "r.json"
     args = ["--contexts", "100", "--batches", "2", "--heads", "4,2,64", "--reps", "1"]
     assert bench.main([*args, "--json", str(out)]) == 0

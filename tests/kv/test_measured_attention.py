@@ -236,14 +236,11 @@ def test_the_attention_steps_benchmark_runs_on_tiny_shapes(tmp_path) -> None:
     """benchmarks/attention_steps.py (a step of gpu_session.sh): every form measured, each
     held-out context priced from the fit contexts and by the roofline; the measurements kept
     beside the JSON."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_steps.py"
-    spec = importlib.util.spec_from_file_location("slimfx_bench_attention_steps", script)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from _helpers import load_benchmark
+
+    mod = load_benchmark("attention_steps")
     out = tmp_path / "a.json"
     argv = ["--shape", "64:4:2:16", "--fit", "40,120", "--held", "80", "--steps", "2",
             "--json", str(out)]  # fmt: skip
@@ -259,14 +256,11 @@ def test_the_attention_steps_benchmark_runs_on_tiny_shapes(tmp_path) -> None:
 def test_attention_batches_benchmark_prices_every_check(tmp_path) -> None:
     """``benchmarks/attention_batches.py`` on a small shape and context: a row per form the
     shape takes, every check batch priced from measurements."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "attention_batches.py"
-    spec = importlib.util.spec_from_file_location("slimfx_bench_attention_batches", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from _helpers import load_benchmark
+
+    bench = load_benchmark("attention_batches")
     out = tmp_path / "b.json"
     args = ["--shape", "256:4:2:64", "--context", "72", "--steps", "1", "--json", str(out)]
     assert bench.main(args) == 0

@@ -9,25 +9,19 @@ forward's logits; the bound arithmetic; and one whole CPU run of ``main``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from _helpers import load_benchmark
 from torch import nn
 
 pytest.importorskip("transformers")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "e2e_decode.py"
-
 
 @pytest.fixture(scope="module")
 def e2e():
-    spec = importlib.util.spec_from_file_location("e2e_decode", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("e2e_decode")
 
 
 @pytest.fixture(scope="module")

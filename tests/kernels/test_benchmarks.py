@@ -3,25 +3,15 @@ thing (built on tiny shapes, run once under the interpreter: the same launch cod
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
+from _helpers import load_benchmark
 
 from . import DEVICE, kernels_interpreted_or_cuda, triton_skip_reason
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels.py"
-
 
 def _load():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("slimfx_bench_kernels", _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("kernels")
 
 
 def test_help_and_no_gpu_message(capsys: pytest.CaptureFixture[str]) -> None:

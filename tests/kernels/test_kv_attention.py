@@ -150,14 +150,11 @@ def test_splits_and_refusals():
 
 
 def test_benchmark_cli_smoke(tmp_path):
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "kv_attention.py"
-    spec = importlib.util.spec_from_file_location("slimfx_bench_kv_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from _helpers import load_benchmark
+
+    bench = load_benchmark("kv_attention")
     out = tmp_path / "kv.json"
     args = ["--device", "cpu", "--tiny", "--batches", "1", "--json", str(out)]
     assert bench.main(args) == 0

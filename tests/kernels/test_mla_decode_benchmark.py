@@ -3,25 +3,17 @@ reference (tiny shapes under the Triton interpreter)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from _helpers import load_benchmark
 
 from . import DEVICE, triton_skip_reason
 
-_SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mla_decode.py"
-
 
 def _load():  # noqa: ANN202
-    spec = importlib.util.spec_from_file_location("slimfx_bench_mla_decode", _SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("mla_decode")
 
 
 @pytest.mark.skipif(bool(triton_skip_reason()) or DEVICE.type != "cpu",

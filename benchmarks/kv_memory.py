@@ -14,6 +14,14 @@ has no bfloat16 MatMul; the torch runs use fp32 too so both paths compare).
 - ``torch-inplace <form>``: the same with ``use_fused_decode(model)`` — a quantized store is
   read in place at each decode step (on the CPU the torch op ``kv_decode_attention_folded``,
   its scales folded into the two products) instead of dequantized by ``update``;
+- ``compiled dense`` / ``compiled <form>`` / ``compiled-inplace <form>`` (not in the default
+  list; the first decode step compiles, the median ignores it): ``generate()`` over a static
+  cache of ``context`` tokens — transformers' ``StaticCache`` for dense, ``StaticKVCache`` for a
+  form — with the decode steps compiled by ``generate`` itself (``CompileConfig(mode="default")``,
+  allowed on the CPU); the prompt is prefilled in one eager call (``generate`` would compile a
+  chunked prefill too). ``compiled-inplace`` adds ``use_fused_decode``: the static layers' steps
+  read the tokens written so far, the store in place (an opaque op in the compiled graph),
+  instead of dequantizing the whole preallocated store;
 - ``ort dense`` / ``ort <form>``: ``slimfx.backends.onnx_kv``'s step graph (exported once per
   form in a separate process before the runs) driven by ``OrtKVDecoder``: the prompt in calls
   of ``chunk`` tokens, then one token a call; the store stays uint8/float16 between steps.
@@ -53,20 +61,23 @@ import time
 from pathlib import Path
 
 FORMS = {
+    "int8 gk32 gv64 s4": dict(key_bits=8, value_bits=8, key_group=32, value_group=64, sink=4),
     "int4 gk32 gv64 s4": dict(key_bits=4, value_bits=4, key_group=32, value_group=64, sink=4),
     "int2 gk32 gv32 r32 s4": dict(
         key_bits=2, value_bits=2, key_group=32, value_group=32, residual=32, sink=4
     ),
 }
+#: asked for by name only (not in the default list)
+INT8 = "int8 gk32 gv64 s4"
 #: the default 1/8 latent of ``forms.kv.candidates.LATENTS`` on SmolLM2's kv width 192
 LATENT = "latent k88 v136 int4 ch k48v72@int2 g64 s4"
 CONFIGS = [
     "torch dense",
-    *(f"torch {n}" for n in FORMS),
-    *(f"torch-inplace {n}" for n in FORMS),
+    *(f"torch {n}" for n in FORMS if n != INT8),
+    *(f"torch-inplace {n}" for n in FORMS if n != INT8),
     f"torch {LATENT}",
     "ort dense",
-    *(f"ort {n}" for n in FORMS),
+    *(f"ort {n}" for n in FORMS if n != INT8),
     f"ort {LATENT}",
 ]
 
@@ -150,7 +161,8 @@ def _export(work: Path, form: str) -> None:
 
 
 def _torch_run(
-    work: Path, form: str, context: int, new: int, chunk: int, inplace: bool = False
+    work: Path, form: str, context: int, new: int, chunk: int, inplace: bool = False,
+    compiled: bool = False,
 ) -> dict:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
@@ -169,6 +181,19 @@ def _torch_run(
             return scores
 
     cache = DynamicCache() if form == "dense" else KVCache.for_model(model, _form(form))
+    extra: dict = dict(prefill_chunk_size=chunk)
+    if compiled:
+        from transformers import CompileConfig
+        from transformers.cache_utils import StaticCache
+
+        from slimfx.forms.kv.static_cache import StaticKVCache
+
+        n = model.config.num_hidden_layers
+        cache = (StaticCache(config=model.config, max_cache_len=context) if form == "dense"
+                 else StaticKVCache([_form(form)] * n, context))  # fmt: skip
+        cc = CompileConfig(mode="default", dynamic=False)
+        cc._compile_all_devices = True  # transformers compiles on accelerators only otherwise
+        extra = dict(compile_config=cc)
     if inplace:
         from slimfx.forms.kv.fused import use_fused_decode
 
@@ -181,14 +206,20 @@ def _torch_run(
             max_new_tokens=new,
             min_new_tokens=new,
             do_sample=False,
-            prefill_chunk_size=chunk,
             logits_processor=LogitsProcessorList([_Clock()]),
+            **extra,
         )
     steps = [b - a for a, b in zip(stamps, stamps[1:])]
     if hasattr(cache, "nbytes"):
         nbytes = cache.nbytes()
-    else:
-        nbytes = sum(la.keys.nbytes + la.values.nbytes for la in cache.layers)
+    else:  # 16-bit layers; a static quantized layer's ring, sinks and preallocated store
+        nbytes = sum(
+            t.nbytes
+            for la in cache.layers
+            for t in (la.keys, la.values, getattr(la, "sink_keys", None),
+                      getattr(la, "sink_values", None), *getattr(la, "store", {}).values())
+            if t is not None
+        )  # fmt: skip
     paths = {getattr(la.self_attn, "last_decode_path", "") for la in model.model.layers}
     return {
         "decode_path": ",".join(sorted(p for p in paths if p))
@@ -272,9 +303,9 @@ def _worker(a: argparse.Namespace) -> int:
         return 0
     if backend == "parity":
         row = _parity(Path(a.work), form)
-    elif backend in ("torch", "torch-inplace"):
-        inplace = backend == "torch-inplace"
-        row = _torch_run(Path(a.work), form, a.context, a.new, a.chunk, inplace)
+    elif backend in ("torch", "torch-inplace", "compiled", "compiled-inplace"):
+        inplace, compiled = backend.endswith("-inplace"), backend.startswith("compiled")
+        row = _torch_run(Path(a.work), form, a.context, a.new, a.chunk, inplace, compiled)
     else:
         row = _ort_run(Path(a.work), form, a.context, a.new, a.chunk, a.threads)
     row.update(config=a.worker, context=a.context, peak_rss=_status("VmHWM"))

@@ -217,9 +217,8 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
     from slimfx.ir.cpu_runtime import cpu_runtimes, prepare_cpu
 
     report.runtime = RUNTIMES.get(backend, str(backend))
-    if backend in (None, "eager", "triton"):  # ORT runs its own step graph over the store;
-        # under torch.compile the static cache is the compiled path (the eager step's loop
-        # over store chunks would specialize on the store's length)
+    if backend in (None, "eager", "triton", "compile"):  # ORT runs its own step graph;
+        # under torch.compile only the static cache's layers read in place (an opaque op)
         note = install_in_place_decode(model)
         if note is not None:
             report.notes.append(note)

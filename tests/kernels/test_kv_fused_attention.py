@@ -167,3 +167,32 @@ def test_generate_uses_the_kernel_and_gives_the_same_tokens(monkeypatch):
     assert torch.equal(got, ref)
     assert calls == [True] * 9 * 2  # 9 decode steps (the 10th token needs none) × 2 layers
     assert all(la.n_stored > 0 for la in cache.layers)  # the steps read a non-empty store
+
+
+def test_static_layer_steps_through_the_kernel_equal_the_torch_op():
+    """A static quantized layer in fused mode: ``kernel=True`` (the Triton kernel inside the
+    static op) equals the folded torch step over steps that move blocks into the store; a mask
+    hiding a cached token (left padding) sends the step to the torch op inside the op, which
+    applies it (a mask the kernel ignored would change the result)."""
+    from slimfx.forms.kv.static_cache import StaticQuantizedKVLayer
+
+    cfg = KVQuantConfig(4, 2, 8, 8, residual=4, sink=2)
+    M, B, H, D = 48, 2, 2, 16
+    g = torch.Generator().manual_seed(9)
+    layer = StaticQuantizedKVLayer(cfg, M)
+    layer.update(torch.randn(B, H, 7, D, generator=g), torch.randn(B, H, 7, D, generator=g))
+    layer.fused_decode = True
+    for t in range(7, 30):
+        layer.update(torch.randn(B, H, 1, D, generator=g), torch.randn(B, H, 1, D, generator=g))
+        q = torch.randn(B, 4, D, generator=g)
+        mask = (torch.arange(M) <= t).view(1, 1, 1, M).expand(B, 1, 1, M).clone()
+        want = layer.decode_attention(q, 0.25, kernel=False, mask=mask)
+        got = layer.decode_attention(q, 0.25, kernel=True, mask=mask)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    assert not layer.step_hides_tokens(mask)
+    mask[1, ..., :3] = False
+    assert layer.step_hides_tokens(mask)
+    want = layer.decode_attention(q, 0.25, kernel=False, mask=mask)
+    torch.testing.assert_close(layer.decode_attention(q, 0.25, kernel=True, mask=mask), want)
+    unmasked = layer.decode_attention(q, 0.25, kernel=False)
+    assert (unmasked[1] - want[1]).abs().max() > 1e-3 and torch.equal(unmasked[0], want[0])

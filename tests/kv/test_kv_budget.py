@@ -173,6 +173,10 @@ def test_quantized_caches_are_read_in_place_after_optimize_and_load(tiny_llama, 
     assert all(la.n_stored > 0 for la in cache.layers)
     paths = {la.self_attn.last_decode_path for la in out.model.layers}
     assert paths == {"torch"}
+    # transformers' static cache (upgraded by the form's hook) reads in place too: same tokens
+    out.model.layers[0].self_attn.last_decode_path = None
+    assert out.generate(ids, cache_implementation="static", **kw).tolist() == got.tolist()
+    assert out.model.layers[0].self_attn.last_decode_path == "torch"
     slimfx.save(out, tmp_path / "m")
     back = slimfx.load(tmp_path / "m")
     assert back.config._attn_implementation == FUSED_ATTENTION
@@ -190,6 +194,20 @@ def test_quantized_caches_are_read_in_place_after_optimize_and_load(tiny_llama, 
     h.undo()
     assert back.config._attn_implementation == "sdpa"
     assert back.generate(ids, **kw).tolist() == got.tolist()
+
+
+def test_optimize_for_torch_compile_installs_the_in_place_step(tiny_llama):
+    """backend="compile": the static cache's layers read in place under torch.compile (an
+    opaque op), so optimize installs the step there too."""
+    from slimfx.forms.kv.fused import FUSED_ATTENTION
+
+    out = slimfx.optimize(
+        tiny_llama, Budget(kv=0.35), calibration=_calib(), backend="compile", progress=False
+    )
+    rep = slimfx.report_of(out)
+    assert out.config._attn_implementation == FUSED_ATTENTION
+    assert any("static caches on the CPU too, compiled or not" in n for n in rep.notes), rep.notes
+    assert {k.decode_step for k in rep.kv_sites} == {"store read in place"}
 
 
 def _bare_fused(model):  # noqa: ANN001, ANN202

@@ -19,9 +19,21 @@ batch) runs the torch op, which applies the mask. Each attention module records 
 last fused step in ``last_decode_path``: ``"triton"``, ``"torch"``, or ``"torch: <why the
 kernel did not run>"``. ``undo()`` on the returned handle removes the hooks and restores the
 previous attention implementation.
-Under ``torch.compile`` (a compiled ``forward``) the layers stay on the plain path unless
-``kernel=True``: the compiled path for a quantized cache is the static cache
-(``cache_implementation="static"``).
+The static cache's quantized layers (:class:`~slimfx.forms.kv.static_cache.
+StaticQuantizedKVLayer`: ``StaticKVCache``, or transformers' ``StaticCache`` /
+``cache_implementation="static"`` upgraded by the form's hook) take the same route: a fused-mode
+one-token ``update`` writes the token without building full-length K/V, and the opaque op
+``slimfx_kernels::kv_decode_attention_static`` attends over the tokens written so far (the
+folded torch step, or the kernel) instead of the whole preallocation. That op keeps one graph
+under ``torch.compile``, so compiled steps over a static cache read in place; a dynamic layer
+stays on the plain path under ``torch.compile`` unless ``kernel=True`` (the torch op's loop over
+store chunks would specialize on the growing store). Under compile the static step cannot look
+at the mask's values: ``last_decode_path`` says ``"triton"`` for the kernel choice even where the
+op sends a padded batch's step to the torch op. The static op reads the token count on the host,
+which a CUDA graph cannot capture (transformers compiles ``generate`` over a static cache with
+``mode="reduce-overhead"`` on CUDA): with ``kernel=None`` a static cache on CUDA keeps the plain
+path; ``kernel=True`` / ``False`` route it (the op is tagged ``cudagraph_unsafe``, so inductor
+leaves CUDA graphs out of such a step).
 """
 
 from __future__ import annotations
@@ -33,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.forms.kv.cache import QuantizedKVLayer, hides_tokens
+from slimfx.forms.kv.static_cache import StaticQuantizedKVLayer
 
 __all__ = [
     "FUSED_ATTENTION",
@@ -78,7 +91,12 @@ def fused_attention(
         kernel, path = getattr(module, _KERNEL_ATTR, None), ""
         if kernel is None:
             kernel = query.is_cuda
-        if kernel and hides_tokens(attention_mask):
+        hides = (
+            layer.step_hides_tokens
+            if isinstance(layer, StaticQuantizedKVLayer)
+            else hides_tokens
+        )
+        if kernel and hides(attention_mask):
             kernel, path = False, ": a padding mask (the kernel takes none)"
         out = layer.decode_attention(query, scale, kernel=kernel, mask=attention_mask)
         setattr(module, _PATH_ATTR, ("triton" if kernel else "torch") + path)
@@ -102,12 +120,21 @@ def _bind_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     # under torch.compile the plain path unless the Triton kernel was asked for: the torch
     # op's loop over store chunks would specialize on the growing store (the compiled path for
     # a quantized cache is the static cache)
-    if torch.compiler.is_compiling() and getattr(module, _KERNEL_ATTR, None) is not True:
+    dynamic = isinstance(layer, QuantizedKVLayer)
+    kernel = getattr(module, _KERNEL_ATTR, None)
+    if dynamic and torch.compiler.is_compiling() and kernel is not True:
         routed = False
-    quantized = isinstance(layer, QuantizedKVLayer)
+    static = isinstance(layer, StaticQuantizedKVLayer)
+    if static and kernel is None and _on_cuda(layer):
+        routed = False  # the static op reads the length on the host: no CUDA graph holds it
+    quantized = dynamic or static
     if quantized:
         layer.fused_decode = routed
     setattr(module, _LAYER_ATTR, layer if quantized and routed else None)
+
+
+def _on_cuda(layer: Any) -> bool:
+    return bool(layer.is_initialized) and layer.device.type == "cuda"
 
 
 def _register() -> None:
@@ -216,7 +243,8 @@ def install_in_place_decode(model: nn.Module) -> str | None:
     return (
         f"the {n} layer(s) with a quantized KV cache read their store in place at one-token "
         "decode steps (slimfx.forms.kv.fused.use_fused_decode: the Triton kernel on CUDA, a "
-        "torch op elsewhere; each attention module's last_decode_path says which ran)"
+        "torch op elsewhere; static caches on the CPU too, compiled or not; each attention "
+        "module's last_decode_path says which ran)"
     )
 
 

@@ -24,6 +24,12 @@ the call's last token are masked by the static attention mask).
   token. The call's own tokens are returned exact. So the static layer holds ``W`` 16-bit tokens
   where the dynamic one holds ``residual`` to ``residual + block − 1``, and reads equal the
   dynamic cache's token for token (chunked prefill included).
+  A multi-token call (a prefill, a chunk) writes its tokens in one pass of tensor ops
+  (``_write_many``: the state the token-by-token writes would leave; compiled, it is a few
+  ops instead of a graph unrolled per token). In fused mode
+  (``slimfx.forms.kv.fused``) a one-token ``update`` of :class:`StaticQuantizedKVLayer` writes
+  the token and builds no full-length K/V: ``decode_attention`` attends over the tokens written
+  so far, the store read in place (``kernels.kv_attention.static_step``).
 - :class:`StaticLatentLayer` (``kv_lowrank``): the 16-bit latent of every position.
 
 The latent layers also give the low-rank attention (:mod:`.lowrank`) the positions ``0 … M−1``
@@ -39,7 +45,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, StaticLayer
 
-from slimfx.forms.kv.cache import decode_store, encode_store
+from slimfx.forms.kv.cache import decode_store, encode_store, hides_tokens
 from slimfx.forms.kv.config import (
     KVDecision,
     KVDenseConfig,
@@ -130,6 +136,45 @@ class _StaticStoreLayer(StaticLayer):
             )
         self.cumulative_length.add_(1)
 
+    def _write_many(self, k: Tensor, v: Tensor) -> None:
+        """What ``T`` calls of :meth:`_write_one` leave, in one pass of tensor ops (no
+        data-dependent shape: eager and traced alike). The blocks due during those writes,
+        ``b0 … b1`` (at most ``K = (T−1)//G + 2``; the ``K`` slots past ``b1`` repeat ``b1``,
+        so duplicate writes carry equal values), are quantized once from their exact tokens —
+        the ring's for positions before the call, the call's own after; positions not written
+        yet (an early block 0) read the call's last token: throw-away codes nobody reads, as
+        the loop's stale ring slots — then the newest ``min(T, W)`` tokens go to the ring and
+        those before ``sink`` to the sink buffer."""
+        G, W, s, T = self.block, self.window, self.sink, k.shape[-2]
+        p0, dev = self.cumulative_length, self.device
+
+        def due(p: Tensor) -> Tensor:  # the block _write_one re-quantizes before writing p
+            return torch.clamp(torch.div(p - s - self.residual, G, rounding_mode="floor") - 1, min=0)
+
+        b0, b1 = due(p0), due(p0 + T - 1)
+        blocks = torch.minimum(b0 + torch.arange((T - 1) // G + 2, device=dev), b1)
+        rows = (blocks[:, None] * G + torch.arange(G, device=dev)).reshape(-1)  # store rows
+        pos = rows + s
+        src = torch.where(pos >= p0, W + torch.clamp(pos - p0, max=T - 1), pos % W)
+        enc = encode_store(
+            self.config,
+            torch.cat([self.keys, k], 2).index_select(2, src),
+            torch.cat([self.values, v], 2).index_select(2, src),
+        )
+        for name, t in self.store.items():
+            t.index_copy_(2, rows if t.shape[2] == self.room else blocks, enc[name])
+        n = min(T, W)  # the ring keeps the newest W positions
+        slots = (p0 + (T - n) + torch.arange(n, device=dev)) % W
+        self.keys.index_copy_(2, slots, k[:, :, T - n :])
+        self.values.index_copy_(2, slots, v[:, :, T - n :])
+        if s:
+            r = torch.arange(s, device=dev)
+            inside = ((r >= p0) & (r < p0 + T)).view(1, 1, s, 1)
+            at = torch.clamp(r - p0, 0, T - 1)
+            for buf, x in ((self.sink_keys, k), (self.sink_values, v)):
+                buf.copy_(torch.where(inside, x.index_select(2, at), buf))
+        self.cumulative_length.add_(T)
+
     def _read(self, n0: Tensor) -> tuple[Tensor, Tensor]:
         """Full-length keys/values as the dynamic layer returns them after its flush with
         ``n0`` tokens before the call (module docstring)."""
@@ -157,10 +202,10 @@ class _StaticStoreLayer(StaticLayer):
             self.lazy_initialization(key_states, value_states)
         self._start = start = self.cumulative_length.clone()
         T = key_states.shape[-2]
-        for i in range(T):
-            self._write_one(key_states[:, :, i : i + 1], value_states[:, :, i : i + 1])
-            if i == 0:
-                keys, values = self._read(start)
+        self._write_one(key_states[:, :, :1], value_states[:, :, :1])
+        keys, values = self._read(start)
+        if T > 1:  # a prefill or a chunk: the rest in one pass
+            self._write_many(key_states[:, :, 1:], value_states[:, :, 1:])
         if T > 1:  # the call's own tokens exact, even those already out of the window
             pos = start + torch.arange(T, device=self.device)
             keys = keys.index_copy(2, pos, key_states)
@@ -179,6 +224,52 @@ class StaticQuantizedKVLayer(_StaticStoreLayer):
 
     def __init__(self, config: KVQuantConfig, max_cache_len: int, **kwargs: Any) -> None:
         super().__init__(config, max_cache_len, config.key_group)
+        #: set by ``slimfx.forms.kv.fused`` for the coming call: a one-token ``update`` then
+        #: writes the token and returns the ring (nobody reads it); :meth:`decode_attention`
+        #: attends over the tokens written so far, the store read in place
+        self.fused_decode = False
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """``_StaticStoreLayer.update``; with ``fused_decode`` set and one new token, the same
+        state change without building the full-length K/V."""
+        if not (self.fused_decode and key_states.shape[-2] == 1):
+            return super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._start = self.cumulative_length.clone()
+        self._write_one(key_states, value_states)
+        return self.keys, self.values
+
+    def step_hides_tokens(self, mask: Tensor | None) -> bool:
+        """Whether the static decode ``mask`` hides one of the tokens written so far (a padded
+        batch; the columns after them are always hidden). Under ``torch.compile`` it cannot
+        be read: ``False``, and the op itself sends a hiding mask to the torch step."""
+        if mask is None or torch.compiler.is_compiling():
+            return False
+        return hides_tokens(mask[..., -1:, : int(self._start) + 1])
+
+    def decode_attention(
+        self, q: Tensor, scaling: float, kernel: bool = False, mask: Tensor | None = None
+    ) -> Tensor:
+        """One decode step's attention ``(B, Hq, D)`` for ``q`` ``(B, Hq, D)`` (or ``(B, Hq, 1,
+        D)``) after a fused-mode ``update``: the opaque op
+        ``slimfx_kernels::kv_decode_attention_static`` reads the sinks, the store quantized so
+        far (in place) and the ring's window — the tokens ``0 … n0``, not the preallocation;
+        ``mask``: the static decode mask. Equals softmax attention over what the plain
+        ``update`` returns under that mask."""
+        from slimfx.kernels.kv_attention.static_step import kv_decode_attention_static
+
+        if q.dim() == 4:
+            q = q.squeeze(2)
+        c, st = self.config, self.store
+        names = ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min")
+        return kv_decode_attention_static(
+            q, *(st[n] for n in names), self.keys, self.values, self.sink_keys,
+            self.sink_values, self._start, mask, c.key_bits, c.value_bits, c.key_group,
+            c.value_group, self.sink, self.residual, float(scaling), bool(kernel),
+        )  # fmt: skip
 
 
 class _StaticLatentSide:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.backends import onnx_decode, onnx_ops
+from slimfx.backends.onnx_attention import export_attention
 from slimfx.backends.onnx_graph import (
     WRAP,
     OnnxExportError,
@@ -238,7 +239,8 @@ def _export_decode_step(
     shapes: Any = (
         ({0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past)) if dynamic else None
     )
-    program = _export_in_eval_mode(model, wrapped, (ids, tuple(past)), shapes)
+    with export_attention(model):  # GQA without expanding the cache (onnx_attention)
+        program = _export_in_eval_mode(model, wrapped, (ids, tuple(past)), shapes)
     in_names, out_names = onnx_decode.io_names(wrapped.layers)
     names: dict[str, str] = {}
     if dynamic:

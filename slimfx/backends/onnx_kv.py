@@ -27,7 +27,8 @@
   Runtime's ``GroupQueryAttention`` does take a uint8/int8 cache on the CPU provider, but only
   with symmetric scales per tensor or per channel fixed for the whole cache, quantizing new
   tokens itself: KIVI's per-block key ranges, per-token value ranges and float minimums do
-  not fit it, so the step dequantizes before a plain attention.
+  not fit it, so the step dequantizes before a plain attention (the query heads grouped by kv
+  head, :mod:`slimfx.backends.onnx_attention`: K/V are not expanded per query head).
 - one **flush graph** per group with a store, ``<stem>.flush<n>.onnx`` (``n`` counts those
   groups, low-rank ones included; each records its form, checked by the decoder); for a
   ``kv_quant`` group: 16-bit window
@@ -60,6 +61,7 @@ from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
 from slimfx.backends import onnx_decode
+from slimfx.backends.onnx_attention import export_attention
 from slimfx.backends.onnx_graph import (
     WRAP,
     OnnxExportError,
@@ -417,7 +419,7 @@ def export_onnx_kv(
     flags = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), export_attention(model):
             program = torch.export.export(
                 step,
                 (ids, tuple(windows), tuple(stores), tuple(sinks)),

@@ -150,3 +150,64 @@ def test_op_counter_sanity(decode):
     _, result, _ = decode
     g = onnx.load(str(result.path), load_external_data=False).graph
     assert Counter(n.op_type for n in g.node) == Counter(result.op_counts)
+
+
+def test_the_step_attends_without_expanding_or_transposing_the_cache(decode, tmp_path):
+    """GQA (4 query / 2 kv heads): the step graph groups the query heads by kv head instead
+    of expanding K/V to every head (``repeat_kv``: a rank-5 ``Expand`` per K and V) and
+    transposing the expanded keys. The one ``Transpose`` of the cached keys per layer feeds
+    the score ``MatMul`` directly, and ONNX Runtime folds it into a ``FusedMatMul`` with
+    ``transB``. The rewritten model's attention function is restored."""
+    import onnxruntime as ort
+
+    model, result, _ = decode
+    g = onnx.shape_inference.infer_shapes(
+        onnx.load(str(result.path), load_external_data=False)
+    ).graph
+    rank = {v.name: len(v.type.tensor_type.shape.dim) for v in [*g.value_info, *g.output]}
+    assert not [n.name for n in g.node if n.op_type == "Expand" and rank[n.output[0]] == 5]
+    shapes = {v.name: _dims(v) for v in [*g.value_info, *g.input, *g.output]}
+    users = {i: n.op_type for n in g.node for i in n.input}
+    def over_cache(dims: list) -> bool:  # (batch, heads, cached + new tokens, head_dim)
+        return len(dims) == 4 and isinstance(dims[2], str) and dims[2] != "seq"
+
+    cached = [n for n in g.node if n.op_type == "Transpose" and over_cache(shapes[n.input[0]])]
+    assert len(cached) == 2 and {users[n.output[0]] for n in cached} == {"MatMul"}
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(result.path), so, providers=["CPUExecutionProvider"])
+    opt = onnx.load(str(tmp_path / "opt.onnx"), load_external_data=False).graph
+    fused = [n for n in opt.node if n.op_type == "FusedMatMul"
+             and any(a.name == "transB" and a.i == 1 for a in n.attribute)]  # fmt: skip
+    assert len(fused) >= 2
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("rep, Tq, Tk", [(1, 5, 5), (3, 1, 9), (2, 4, 11)])
+@pytest.mark.parametrize("masked", ["bool", "additive", "none"])
+def test_grouped_attention_equals_sdpa(rep, Tq, Tk, masked):
+    """``onnx_attention.grouped_attention`` = SDPA over K/V repeated per query head (the
+    transformers path), with a bool / additive padding mask or none (causal, the queries the
+    last ``Tq`` positions)."""
+    import torch.nn.functional as F
+
+    from slimfx.backends.onnx_attention import grouped_attention
+
+    g = torch.Generator().manual_seed(rep * 100 + Tq + Tk)
+    B, Hkv, D = 2, 2, 8
+    q = torch.randn(B, Hkv * rep, Tq, D, generator=g)
+    k, v = torch.randn(B, Hkv, Tk, D, generator=g), torch.randn(B, Hkv, Tk, D, generator=g)
+    causal = torch.arange(Tk)[None, :] <= torch.arange(Tq)[:, None] + (Tk - Tq)
+    keep = causal[None, None].expand(B, 1, Tq, Tk).clone()
+    keep[1, :, :, :2] = False  # row 1: two pad tokens on the left
+    mask = {"bool": keep, "additive": torch.zeros(B, 1, Tq, Tk).masked_fill(~keep, -1e9),
+            "none": None}[masked]  # fmt: skip
+    ref_mask = causal if masked == "none" else keep
+    want = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=ref_mask, scale=0.3
+    ).transpose(1, 2)
+    got, _ = grouped_attention(nn.Module(), q, k, v, mask, scaling=0.3)
+    if masked == "additive":  # a query that sees no token (a pad query): no defined output
+        sees = ref_mask.any(-1)[:, 0]  # (B, Tq)
+        got, want = got[sees], want[sees]
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # bool: such rows 0, as sdpa

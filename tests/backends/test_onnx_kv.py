@@ -76,6 +76,13 @@ def _ids(batch: int, n: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
+def _code_scales(store, f, role):  # noqa: ANN001, ANN202
+    """The float16 scale of every key (``role`` "k") or value code of a torch store."""
+    if role == "k":  # one per channel per block of key_group tokens
+        return store["k_scale"].repeat_interleave(f.key_group, dim=2)
+    return store["v_scale"].repeat_interleave(f.value_group, dim=-1)  # per token per group
+
+
 @pytest.mark.parametrize("name", ["A", "B"])
 def test_logits_every_step_match_torch_kvcache(exported, name):
     model, res, dec = exported[name]
@@ -94,7 +101,8 @@ def test_logits_every_step_match_torch_kvcache(exported, name):
             assert arr.dtype == t.dtype and arr.nbytes == t.nbytes, n
             a = arr.reshape(t.shape)
             if n.endswith("codes"):
-                codes_close(a, t, f.key_bits if n[0] == "k" else f.value_bits, n)
+                codes_close(a, t, f.key_bits if n[0] == "k" else f.value_bits, n,
+                            _code_scales(layer.store, f, n[0]))  # fmt: skip
             else:  # one float16 ulp (2^-10 relative; 2^-24 absolute among subnormals)
                 np.testing.assert_allclose(a, t, rtol=2**-10, atol=2**-24, err_msg=n)
         for got_w, want_w in zip(dec.layer_window(i), (layer.keys, layer.values)):

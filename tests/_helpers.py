@@ -107,6 +107,33 @@ def tiny_qwen2_biased(attn: str = "sdpa", layers: int = 2):  # noqa: ANN201
     return model
 
 
+def compiled_static_steps(model, ids, forms, max_len: int, steps: int, backend, atol: float):  # noqa: ANN001, ANN201
+    """Prefill ``ids`` eagerly into two ``StaticKVCache`` of ``forms`` (as transformers does),
+    then ``steps`` greedy one-token steps of the whole model, eager on one cache and compiled
+    (``fullgraph``, ``backend``) on the other; every step's logits agree within ``atol``.
+    Returns the compiled run's cache."""
+    from slimfx.forms.kv.static_cache import StaticKVCache
+
+    eager, comp = StaticKVCache(forms, max_len), StaticKVCache(forms, max_len)
+    with torch.no_grad():
+        for c in (eager, comp):
+            out = model(ids, past_key_values=c, use_cache=True)
+        torch._dynamo.reset()
+
+        def step(tok, pos, cache):  # noqa: ANN001, ANN202
+            return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
+
+        compiled = torch.compile(step, fullgraph=True, backend=backend, dynamic=False)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        n = ids.shape[1]
+        for t in range(n, n + steps):
+            pos = torch.full((ids.shape[0], 1), t)
+            want = step(tok, pos, eager)
+            torch.testing.assert_close(compiled(tok, pos, comp), want, atol=atol, rtol=atol)
+            tok = want[:, -1].argmax(-1, keepdim=True)
+    return comp
+
+
 def load_benchmark(name: str) -> ModuleType:
     """The script ``benchmarks/<name>.py`` as a module (benchmarks are scripts, not a package)."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import compiled_static_steps
 
 from slimfx.forms.kv.cache import KVCache, QuantizedKVLayer, QuantizedLatentLayer
 from slimfx.forms.kv.config import (
@@ -157,23 +158,8 @@ def test_static_low_rank_caches_generate_the_dynamic_tokens_and_compile():
     got = model.generate(ids, past_key_values=StaticKVCache(forms, 24), **kw)
     assert got.tolist() == want.tolist()
 
-    eager, comp = StaticKVCache(forms, 24), StaticKVCache(forms, 24)
-    assert isinstance(eager.layers[1], StaticLatentLayer)
-    with torch.no_grad():
-        for c in (eager, comp):  # prefill stays eager, as in transformers
-            out = model(ids, past_key_values=c, use_cache=True)
-        torch._dynamo.reset()
-
-        def step(tok, pos, cache):  # noqa: ANN001, ANN202
-            return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
-
-        compiled = torch.compile(step, fullgraph=True, backend="eager", dynamic=False)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        for t in range(7, 17):
-            pos = torch.full((2, 1), t)
-            ref = step(tok, pos, eager)
-            torch.testing.assert_close(compiled(tok, pos, comp), ref, atol=1e-5, rtol=1e-5)
-            tok = ref[:, -1].argmax(-1, keepdim=True)
+    comp = compiled_static_steps(model, ids, forms, 24, 10, "eager", atol=1e-5)
+    assert isinstance(comp.layers[1], StaticLatentLayer)
     # transformers' own StaticCache: the hook swaps in the static latent layers
     hf = StaticCache(config=model.config, max_cache_len=24)
     from slimfx.forms.kv.apply import _mark

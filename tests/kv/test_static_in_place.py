@@ -133,40 +133,28 @@ def test_generate_over_a_static_cache_reads_in_place_and_gives_the_plain_tokens(
     assert torch.equal(via_hf.sequences, want.sequences)
 
 
-def test_a_compiled_decode_step_is_one_graph_with_the_op():
+def test_a_compiled_decode_step_is_one_graph_with_the_op(monkeypatch):
     """A whole-model decode step compiled with ``fullgraph`` over 12 steps that move blocks
     into the store: one graph (no recompile), calling the static op once per layer and never
     the full-length read; logits equal the eager in-place steps'."""
+    from _helpers import compiled_static_steps
     from torch._dynamo.testing import EagerAndRecordGraphs
 
     model = _tiny()
     ids = torch.randint(3, 256, (1, 10), generator=torch.Generator().manual_seed(8))
     forms = [KVQuantConfig(4, 4, 4, 16, residual=2, sink=1)] * 2
     handle = use_fused_decode(model)
-    eager, comp = StaticKVCache(forms, 30), StaticKVCache(forms, 30)
     rec = EagerAndRecordGraphs()
+    reads = _count_reads(monkeypatch)
     try:
-        with torch.no_grad():
-            for c in (eager, comp):  # prefill stays eager, as in transformers
-                out = model(ids, past_key_values=c, use_cache=True)
-            torch._dynamo.reset()
-
-            def step(tok, pos, cache):  # noqa: ANN001, ANN202
-                return model(tok, position_ids=pos, past_key_values=cache, use_cache=True).logits
-
-            compiled = torch.compile(step, fullgraph=True, backend=rec, dynamic=False)
-            tok = out.logits[:, -1].argmax(-1, keepdim=True)
-            for t in range(10, 22):
-                pos = torch.full((1, 1), t)
-                want = step(tok, pos, eager)
-                torch.testing.assert_close(compiled(tok, pos, comp), want, atol=1e-6, rtol=0)
-                tok = want[:, -1].argmax(-1, keepdim=True)
+        comp = compiled_static_steps(model, ids, forms, 30, 12, rec, atol=1e-6)
     finally:
         handle.undo()
         torch._dynamo.reset()
     assert len(rec.graphs) == 1
     code = rec.graphs[0].code
     assert code.count("kv_decode_attention_static") == 2
+    assert reads == [0] * 4  # the prefills (2 caches × 2 layers); no step, eager or traced
     assert int(comp.layers[0].cumulative_length) == 22
 
 

@@ -51,6 +51,7 @@ from slimfx.forms.kv.numerics import (
     quantize_values,
     split_latent,
 )
+from slimfx.kernels.kv_attention.folded import hides_tokens  # re-exported: the caches' mask test
 
 __all__ = [
     "QuantizedKVLayer",
@@ -65,14 +66,6 @@ __all__ = [
     "encode_store",
     "decode_store",
 ]
-
-
-def hides_tokens(mask: Tensor | None) -> bool:
-    """Whether a transformers attention mask (bool ``True`` = attend, or additive) hides any
-    token."""
-    if mask is None:
-        return False
-    return bool((~mask if mask.dtype == torch.bool else mask < 0).any())
 
 
 def _nbytes(*tensors: Tensor | None) -> int:

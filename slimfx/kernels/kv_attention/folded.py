@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["kv_decode_attention_folded", "CHUNK_ROWS", "DEQUANTIZE_ROWS"]
+__all__ = ["kv_decode_attention_folded", "hides_tokens", "CHUNK_ROWS", "DEQUANTIZE_ROWS"]
 
 #: store rows (tokens × sequences × kv heads) converted to float at a time by default: 4096
 #: tokens of SmolLM2's 3 kv heads at batch 1 (2–3× fewer torch calls than 1024 tokens, ~10%
@@ -37,6 +37,14 @@ CHUNK_ROWS = 12288
 #: ~1.5–2k rows at batch 1 and 4); scaled by the code planes, (8/key_bits + 8/value_bits) / 4:
 #: int8 1024 rows, int2 4096
 DEQUANTIZE_ROWS = 2048
+
+
+def hides_tokens(mask: Tensor | None) -> bool:
+    """Whether a transformers attention mask (bool ``True`` = attend, or additive) hides any
+    token."""
+    if mask is None:
+        return False
+    return bool((~mask if mask.dtype == torch.bool else mask < 0).any())
 
 
 def _planes(codes: Tensor, bits: int) -> list[Tensor]:

@@ -38,12 +38,6 @@ def static_read_plan(
     return sinks, n_q, slots
 
 
-def _hides(mask: Tensor | None) -> bool:
-    if mask is None:
-        return False
-    return bool((~mask if mask.dtype == torch.bool else mask < 0).any())
-
-
 #: the op reads the token count on the host (``int(n0)``): a CUDA graph cannot capture it
 _TAGS = (torch.Tag.cudagraph_unsafe,) if hasattr(torch.Tag, "cudagraph_unsafe") else ()
 
@@ -79,7 +73,7 @@ def kv_decode_attention_static(
     arrays are the layer's whole preallocation (``room`` token rows, ``room / key_group`` key
     blocks); ``ring_*`` ``(B, Hkv, W, D)``; ``sink_*`` ``(B, Hkv, max(sink, 1), D)``; ``mask``:
     the static decode mask ``(B, 1, 1, max_cache_len)`` (bool or additive) or ``None``."""
-    from .folded import kv_decode_attention_folded
+    from .folded import hides_tokens, kv_decode_attention_folded
 
     sinks, n_q, slots = static_read_plan(
         int(n0), sink, residual, key_group, ring_k.shape[2]
@@ -96,7 +90,7 @@ def kv_decode_attention_static(
     if mask is not None:
         mask = mask[..., -1:, :n]
     args = (q, *store, k_win, v_win, key_bits, value_bits, key_group, value_group, scaling)
-    if kernel and not _hides(mask):
+    if kernel and not hides_tokens(mask):
         from .triton_kernel import kv_decode_attention
 
         return kv_decode_attention(*args)

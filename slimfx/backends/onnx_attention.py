@@ -72,14 +72,6 @@ def grouped_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    AttentionInterface.register(EXPORT_ATTENTION, grouped_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(EXPORT_ATTENTION, sdpa_mask)
-
-
 @contextlib.contextmanager
 def export_attention(model: nn.Module) -> Iterator[None]:
     """Within the block ``model`` (a Hugging Face model; anything else is left alone) runs
@@ -89,8 +81,10 @@ def export_attention(model: nn.Module) -> Iterator[None]:
     if config is None or not hasattr(model, "set_attn_implementation"):
         yield
         return
+    from slimfx.forms.kv.fused import register_attention
+
     previous = config.get_text_config(decoder=True)._attn_implementation
-    _register()
+    register_attention(EXPORT_ATTENTION, grouped_attention)
     model.set_attn_implementation(EXPORT_ATTENTION)
     try:
         yield

@@ -53,6 +53,7 @@ __all__ = [
     "fused_attention",
     "decode_step_label",
     "install_in_place_decode",
+    "register_attention",
     "use_fused_decode",
 ]
 
@@ -137,12 +138,17 @@ def _on_cuda(layer: Any) -> bool:
     return bool(layer.is_initialized) and layer.device.type == "cuda"
 
 
-def _register() -> None:
+def register_attention(name: str, fn: Any) -> None:
+    """Register ``fn`` as transformers' attention function ``name``, with sdpa's masks."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    AttentionInterface.register(FUSED_ATTENTION, fused_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(FUSED_ATTENTION, sdpa_mask)
+    AttentionInterface.register(name, fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+def _register() -> None:
+    register_attention(FUSED_ATTENTION, fused_attention)
 
 
 @dataclass

@@ -114,9 +114,15 @@ class _StaticStoreLayer(StaticLayer):
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.is_initialized = True
 
+    def _due(self, p: Tensor) -> Tensor:
+        """The store block :meth:`_write_one` re-quantizes before writing position ``p``: the
+        newest block out of the window (0 until one is)."""
+        t = torch.div(p - self.sink - self.residual, self.block, rounding_mode="floor")
+        return torch.clamp(t - 1, min=0)
+
     def _write_one(self, k1: Tensor, v1: Tensor) -> None:
         G, W, s, p = self.block, self.window, self.sink, self.cumulative_length
-        b = torch.clamp(torch.div(p - s - self.residual, G, rounding_mode="floor") - 1, min=0)
+        b = self._due(p)
         toks = b * G + torch.arange(G, device=self.device)  # store rows of block b
         slots = (toks + s) % W
         new = encode_store(
@@ -147,11 +153,7 @@ class _StaticStoreLayer(StaticLayer):
         those before ``sink`` to the sink buffer."""
         G, W, s, T = self.block, self.window, self.sink, k.shape[-2]
         p0, dev = self.cumulative_length, self.device
-
-        def due(p: Tensor) -> Tensor:  # the block _write_one re-quantizes before writing p
-            return torch.clamp(torch.div(p - s - self.residual, G, rounding_mode="floor") - 1, min=0)
-
-        b0, b1 = due(p0), due(p0 + T - 1)
+        b0, b1 = self._due(p0), self._due(p0 + T - 1)
         blocks = torch.minimum(b0 + torch.arange((T - 1) // G + 2, device=dev), b1)
         rows = (blocks[:, None] * G + torch.arange(G, device=dev)).reshape(-1)  # store rows
         pos = rows + s
@@ -204,9 +206,9 @@ class _StaticStoreLayer(StaticLayer):
         T = key_states.shape[-2]
         self._write_one(key_states[:, :, :1], value_states[:, :, :1])
         keys, values = self._read(start)
-        if T > 1:  # a prefill or a chunk: the rest in one pass
+        if T > 1:  # a prefill or a chunk: the rest in one pass; the call's own tokens
+            # returned exact, even those already out of the window
             self._write_many(key_states[:, :, 1:], value_states[:, :, 1:])
-        if T > 1:  # the call's own tokens exact, even those already out of the window
             pos = start + torch.arange(T, device=self.device)
             keys = keys.index_copy(2, pos, key_states)
             values = values.index_copy(2, pos, value_states)

@@ -13,7 +13,9 @@ Called from ``slimfx.stages`` when the budget counts the KV cache (``Budget(kv=â
   site's k_proj / v_proj; every option's latency is one attention step of the workload at the
   context (``cost.target.estimate_attention_latency``: the cache read, rebuilds, and the
   projections an owning form replaces), so a latency budget sees the cache too;
-- ``apply``: the chosen KV forms applied to the rewritten model (``forms.kv.apply``).
+- ``apply``: the chosen KV forms applied to the rewritten model (``forms.kv.apply``);
+- ``explain_infeasible``: an infeasible cache budget's error, with the layers and reasons that
+  limit the cache.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-from slimfx.planning.problem import BudgetProblem
+from slimfx.planning.problem import BudgetProblem, InfeasibleBudgetError
 
 if TYPE_CHECKING:
     from slimfx.ir.sites import AttentionSite
     from slimfx.stages import Planning
 
-__all__ = ["wanted", "find", "collect", "add_options", "apply", "split"]
+__all__ = ["wanted", "find", "collect", "add_options", "apply", "split", "explain_infeasible"]
 
 
 def wanted(pl: Planning) -> bool:
@@ -205,6 +207,28 @@ def add_options(pl: Planning) -> None:
         [*p.sites, *added], p.workload, p.target,
         {**p.meta, "kv_context": context, "kv_batch": pl.budget.batch or 1},
     )
+
+
+def explain_infeasible(pl: Planning, exc: InfeasibleBudgetError) -> InfeasibleBudgetError:
+    """``exc`` with what limits the cache, for a budget that counts it: the attention layers
+    left with the 16-bit cache alone, and each reason a KV form was refused (the report's notes
+    never reach a user whose budget fails)."""
+    if not pl.budget.prices_cache or pl.problem is None:
+        return exc
+    kinds = [so for so in pl.problem.sites if so.kind == "attention"]
+    fixed = [so.name for so in kinds if len(so.options) == 1]
+    parts = []
+    if fixed:
+        parts.append(
+            f"{len(fixed)} of {len(kinds)} attention layer(s) can take no KV form and keep the "
+            f"16-bit cache ({', '.join(fixed[:3])}{' â€¦' if len(fixed) > 3 else ''})"
+        )
+    for why, where in list(pl.kv_refused.items())[:4]:  # entries "fqn (form)"
+        sites = {w.split(" (", 1)[0] for w in where}
+        parts.append(f"{len(where)} form(s) refused at {len(sites)} site(s), e.g. {where[0]}: {why}")
+    if not parts:
+        return exc
+    return InfeasibleBudgetError(f"{exc}. What limits the cache: " + "; ".join(parts))
 
 
 class _MeasuredKL:

@@ -2,6 +2,7 @@
 ``slimfx calibrate-target``.
 
     slimfx optimize --model smollm2 --budget 0.8 --calib lee --out out/smol
+    slimfx optimize --model smollm2 --kv 0.25 --context 8192 --kv-forms default,mla --out out/kv
     slimfx optimize --model ckpt/ --budget 0.3 --out out/big   # a checkpoint dir, streamed
     torchrun --nproc-per-node 2 -m slimfx optimize --model ckpt/ --budget 0.3 --out out/big
     slimfx report out/smol              # the short table; --markdown, --plot, --diff OTHER
@@ -78,6 +79,14 @@ def _check_optimize_args(a: argparse.Namespace):
     check_options(target=a.target, workload=a.workload, families=a.families.split(","),
                   seq_len=a.seq_len)
     cache_only = a.kv is not None or a.total_bytes is not None
+    if a.kv_forms is not None:
+        a.kv_forms = _kv_forms(a.kv_forms)
+        if not cache_only:
+            raise ValueError("--kv-forms chooses among KV-cache forms: give --kv or --total-bytes "
+                             "(with --context) too")
+        if streamed:
+            raise ValueError("--kv-forms: the streamed optimize of a checkpoint directory takes "
+                             "no KV budget")
     memory = a.budget if a.budget is not None or a.bits or a.latency or cache_only else 0.8
     memory = None if memory is None else Budget.of(memory).memory  # a fraction in (0, 1]
     budget = Budget(
@@ -89,6 +98,14 @@ def _check_optimize_args(a: argparse.Namespace):
         raise FileNotFoundError(f"--latency-cache {a.latency_cache}: no such file")
     check_save_target(Path(a.out), a.overwrite)
     return budget, plan
+
+
+def _kv_forms(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    bad = [n for n in names if n not in ("default", "mla")]
+    if not names or bad:
+        raise ValueError(f"--kv-forms takes default and/or mla, comma-separated; got {text!r}")
+    return list(dict.fromkeys(names))
 
 
 def _init_distributed() -> bool:
@@ -179,6 +196,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         progress=not a.quiet,
         latency_cache=a.latency_cache,
         backend=a.backend,
+        kv_forms=a.kv_forms,
     )
     rep = slimfx.report_of(new)
     print(rep)
@@ -199,10 +217,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
             print("note: this perplexity runs without a KV cache, so quantized caches are not "
                   "exercised (benchmarks/kv_mix.py measures them as decoding holds them)")
     if a.onnx:
-        from slimfx.backends.onnx import export_onnx
-
-        print(export_onnx(new, a.onnx, (calib[0][:, :16],), kv_cache=a.kv_cache,
-                          accuracy_level=a.accuracy_level))
+        print(_export(new, a, calib[0][:, :16]))
     print(f"wrote {out}/plan.json, report.json, report.md, report.png, model.safetensors")
     return 0
 
@@ -255,15 +270,43 @@ def diff_reports(a, b) -> str:
     return "\n".join(lines)
 
 
+def _export(model, a: argparse.Namespace, ids) -> str:
+    """``--onnx`` (``--kv-cache``): the decode step over the cache the model keeps — 16-bit
+    (``export_onnx``), compressed KV caches (``onnx_kv.export_onnx_kv``: a step graph and
+    its flush graphs) or MLA's latent cache (``onnx_mla.export_mla_onnx``)."""
+    from slimfx.backends.onnx import export_onnx
+    from slimfx.backends.onnx_mla import cache_kinds
+
+    mla, compressed = cache_kinds(model) if a.kv_cache else ([], [])
+    if not (mla or compressed):
+        return str(export_onnx(model, a.onnx, (ids,), kv_cache=a.kv_cache,
+                               accuracy_level=a.accuracy_level))
+    if a.accuracy_level:
+        raise ValueError("--accuracy-level: the decode-step export over a compressed KV or MLA "
+                         "cache takes none (MatMulNBits at its default, float compute)")
+    if mla:
+        from slimfx.backends.onnx_mla import export_mla_onnx
+
+        res = export_mla_onnx(model, a.onnx, ids)  # refuses a mix with compressed KV caches
+        return (f"wrote {res.path}: the decode step over the MLA latent cache of layer(s) "
+                f"{', '.join(map(str, res.mla_layers))} ({res.cache_bytes_per_token} B/token); "
+                "slimfx.backends.onnx_mla.latent_ort_session runs it")
+    from slimfx.backends.onnx_kv import export_onnx_kv
+
+    res = export_onnx_kv(model, a.onnx)
+    flush = "".join(f", {p.name}" for p in res.flush_paths)
+    return (f"wrote {res.path.name}{flush} in {res.path.parent}: the decode step over the "
+            f"compressed KV cache of layer(s) {', '.join(map(str, compressed))}; "
+            "slimfx.backends.onnx_kv_decoder.OrtKVDecoder runs it")
+
+
 def cmd_export(a: argparse.Namespace) -> int:
     import slimfx
-    from slimfx.backends.onnx import export_onnx
 
     model = slimfx.load(a.dir, verify=not a.no_verify)
     import torch
 
-    ids = torch.zeros(1, 16, dtype=torch.long)
-    print(export_onnx(model, a.onnx, (ids,), kv_cache=a.kv_cache, accuracy_level=a.accuracy_level))
+    print(_export(model, a, torch.zeros(1, 16, dtype=torch.long)))
     return 0
 
 
@@ -332,6 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--context", type=int, default=None,
                    help="tokens per sequence the KV cache is counted at")
     o.add_argument("--batch", type=int, default=None, help="sequences (with --total-bytes)")
+    o.add_argument("--kv-forms", default=None,
+                   help="KV-cache candidates, comma-separated: default (quantized, low-rank and "
+                   "quantized-latent caches), mla (training-free MLA conversions); default: "
+                   "default")
     o.add_argument("--latency-cache", default=None,
                    help="measured kernel times (`slimfx calibrate-target`) for --target")
     o.add_argument("--backend", default=None, choices=["eager", "compile", "triton", "onnx"],

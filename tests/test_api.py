@@ -305,6 +305,57 @@ def test_cli_onnx_export_runs_in_onnxruntime(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--onnx", str(tmp_path / "c.onnx")]) == 2
 
 
+def test_cli_exports_the_decode_step_over_a_compressed_cache(tmp_path, capsys):
+    """`--kv-cache` on a model with a KV budget exports the step over its compressed cache
+    (plain `export_onnx` refuses one) and `--kv-forms mla` reaches the MLA conversions; both
+    run in onnxruntime with torch's greedy tokens."""
+    pytest.importorskip("onnxruntime")
+    from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
+    from slimfx.backends.onnx_mla import latent_ort_session
+    from slimfx.cli import main
+
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    out = tmp_path / "kv"
+    assert main(["optimize", "--model", "tiny", "--kv", "0.4", "--context", "512", "--n-calib",
+                 "3", "--seq-len", "32", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(out), "--onnx", str(tmp_path / "kv.onnx"), "--kv-cache"]) == 0
+    assert "over the compressed KV cache of layer(s) 0, 1" in capsys.readouterr().out
+    model = slimfx.load(out)
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert OrtKVDecoder(tmp_path / "kv.onnx").generate(ids, 8).tolist() == want.tolist()
+    assert main(["export", str(out), "--onnx", str(tmp_path / "x.onnx"), "--kv-cache",
+                 "--accuracy-level", "4"]) == 2
+    assert "--accuracy-level" in capsys.readouterr().err
+
+    mla = tmp_path / "mla"
+    assert main(["optimize", "--model", "tiny", "--kv", "0.6", "--context", "512",
+                 "--kv-forms", "mla", "--n-calib", "3", "--seq-len", "32", "--out", str(mla),
+                 "--quiet", "--onnx", str(tmp_path / "mla.onnx"), "--kv-cache"]) == 0
+    assert "over the MLA latent cache of layer(s) 0, 1" in capsys.readouterr().out
+    model = slimfx.load(mla)
+    want = model.generate(ids, max_new_tokens=8, do_sample=False)
+    got = latent_ort_session(tmp_path / "mla.onnx").generate(ids, 8)
+    assert torch.as_tensor(got).tolist() == want.tolist()
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--kv-forms", "mla"], "give --kv or --total-bytes"),
+        (["--kv", "0.5", "--context", "64", "--kv-forms", "mla,int4"], "default and/or mla"),
+        (["--kv", "0.5", "--context", "64", "--kv-forms", ","], "default and/or mla"),
+    ],
+)
+def test_cli_kv_forms_is_checked_before_any_work(tmp_path, capsys, args, msg):
+    from slimfx.cli import main
+
+    out = tmp_path / "never"
+    assert main(["optimize", "--model", "tiny", *args, "--out", str(out), "--quiet"]) == 2
+    assert msg in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.skipif(os.environ.get("SLIMFX_REAL", "1") == "0", reason="SLIMFX_REAL=0 set")
 def test_smollm2_few_layers_real_text():
     """Real model, real text: optimize layers 0–1 of SmolLM2 on news text. The estimated error

@@ -115,6 +115,18 @@ def export_forms(
     rewritten by ``apply_lowrank_kv`` without a recorded form: its module's). A low-rank form
     needs the layer's attention rewritten with factors of those ranks, and a rewritten layer
     a low-rank form; anything else raises :class:`OnnxExportError`."""
+    from slimfx.backends.onnx_mla import cache_kinds
+
+    mla, compressed = cache_kinds(model)
+    if mla:
+        raise OnnxExportError(
+            f"layer(s) {', '.join(map(str, mla))} are MLA layers (a latent cache, not keys and "
+            "values): "
+            + (f"with layer(s) {', '.join(map(str, compressed))} keeping a compressed KV cache "
+               "the model has no ONNX decode-step export (one graph holds either kind)"
+               if compressed else
+               "export the decode step with slimfx.backends.onnx_mla.export_mla_onnx")
+        )
     layers = onnx_decode.cache_geometry(model.config)[0]
     lowrank = _lowrank_modules(model)
     if form is None:

@@ -49,6 +49,7 @@ from slimfx.forms.mla.cache import MLALatentLayer
 from slimfx.forms.mla.module import MLAAttention, quantize_latent
 
 __all__ = [
+    "cache_kinds",
     "CacheInput",
     "LatentDecodeStep",
     "LatentOrtModel",
@@ -67,6 +68,20 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     if layers is None:
         raise OnnxExportError(f"{type(model).__name__} has no .model.layers (not a Llama-style LM)")
     return layers
+
+
+def cache_kinds(model: nn.Module) -> tuple[list[int], list[int]]:
+    """``(MLA layers, layers with a compressed KV cache)`` of ``model`` by layer index: the
+    two kinds of compressed cache, which the two decode-step exports hold one each
+    (``export_mla_onnx``, ``onnx_kv.export_onnx_kv``)."""
+    from slimfx.forms.kv.cache import kv_forms_of
+    from slimfx.forms.kv.config import KVDenseConfig
+    from slimfx.forms.kv.lowrank import LowRankKVAttention
+
+    mla = sorted(m.layer_idx for m in model.modules() if isinstance(m, MLAAttention))
+    kv = {i for i, f in kv_forms_of(model).items() if not isinstance(f, KVDenseConfig)}
+    kv |= {m.layer_idx for m in model.modules() if isinstance(m, LowRankKVAttention)}
+    return mla, sorted(kv - set(mla))
 
 
 @dataclass(frozen=True)
@@ -292,6 +307,13 @@ def export_mla_onnx(
     if not any(isinstance(b.self_attn, MLAAttention) for b in _layers(model)):
         raise OnnxExportError("export_mla_onnx: the model has no MLAAttention block; use "
                               "slimfx.backends.onnx.export_onnx(..., kv_cache=True)")
+    compressed = cache_kinds(model)[1]
+    if compressed:  # the graph would hold their caches 16-bit: refuse rather than widen them
+        raise OnnxExportError(
+            f"layer(s) {', '.join(map(str, compressed))} keep a compressed KV cache, which the "
+            "MLA export's 16-bit cache of the other layers would not hold: a model mixing MLA "
+            "layers with compressed KV caches has no ONNX decode-step export"
+        )
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     if dtype == torch.bfloat16:
         raise OnnxExportError("bfloat16 weights: onnxruntime's CPU provider has no bfloat16 "

@@ -146,3 +146,28 @@ def test_quantized_caches_read_in_place_give_the_plain_paths_tokens(family):
     assert {la.self_attn.last_decode_path for la in out.model.layers} == {"torch"}
     out.set_attn_implementation("sdpa")
     assert out.generate(ids, **kw).tolist() == got.tolist()
+
+
+def test_an_infeasible_cache_budget_names_the_layers_and_reasons_that_limit_it():
+    """The solver's "smallest achievable" alone does not say why: the error names the layers
+    left with the 16-bit cache and each refusal's reason (which the report would have held)."""
+    from slimfx.models import tiny_llama as build
+    from slimfx.planning.problem import InfeasibleBudgetError
+
+    calib = [
+        torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(i)) for i in range(3)
+    ]
+    swa = build(seed=0, layer_types=["sliding_attention"] * 2, sliding_window=8)
+    before = {k: v.clone() for k, v in swa.state_dict().items()}
+    with pytest.raises(InfeasibleBudgetError) as err:
+        slimfx.optimize(swa, Budget(kv=0.5, context=256), calibration=calib, progress=False)
+    msg = str(err.value)
+    assert "the smallest achievable is 1.000 of dense" in msg
+    assert "2 of 2 attention layer(s) can take no KV form and keep the 16-bit cache" in msg
+    assert "sliding-window attention (window 8)" in msg
+    assert all(torch.equal(before[k], v) for k, v in swa.state_dict().items())
+
+    # one sliding layer: feasible at 0.7 (test above), infeasible below what the other can give
+    mixed = build(seed=0, layer_types=["full_attention", "sliding_attention"], sliding_window=8)
+    with pytest.raises(InfeasibleBudgetError, match=r"1 of 2 attention layer\(s\) .*layers\.1"):
+        slimfx.optimize(mixed, Budget(kv=0.3, context=256), calibration=calib, progress=False)

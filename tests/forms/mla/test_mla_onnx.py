@@ -113,6 +113,28 @@ def test_partially_converted_model_keeps_kv_cache_for_other_layers(tmp_path):
                                rtol=0)
 
 
+def test_a_mix_of_mla_layers_and_compressed_kv_caches_is_refused_by_both_exports(tmp_path):
+    """Neither decode-step export holds both kinds of compressed cache: the MLA export would
+    give the other layer a 16-bit cache and the KV export traced the MLA block into a shape
+    error; each now refuses with the layers and the other export's name."""
+    from slimfx.backends.onnx_kv import export_onnx_kv
+    from slimfx.forms.kv.apply import apply_kv_plan
+    from slimfx.forms.kv.config import KVQuantConfig
+    from slimfx.ir.find import inspect_attention_sites
+
+    model = tiny_gqa_llama(2)
+    convert_model(model, {0: MLAConfig(rank=10, rope_pairs=2)}, calib_batches())
+    with pytest.raises(OnnxExportError, match=r"layer\(s\) 0 are MLA layers.*export_mla_onnx"):
+        export_onnx_kv(model, tmp_path / "kv.onnx")  # MLA + 16-bit: the MLA export's job
+    sites, _ = inspect_attention_sites(model)
+    apply_kv_plan(model, {s.fqn: KVQuantConfig(4, 4, 8, 8) for s in sites}, sites)
+    with pytest.raises(OnnxExportError, match=r"layer\(s\) 1 keep a compressed KV cache"):
+        export_mla_onnx(model, tmp_path / "m.onnx", _prompt())
+    with pytest.raises(OnnxExportError, match=r"layer\(s\) 1 keeping a compressed KV cache"):
+        export_onnx_kv(model, tmp_path / "kv.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 def test_refuses_unconverted_and_bf16_models(tmp_path):
     with pytest.raises(OnnxExportError, match="no MLAAttention"):
         export_mla_onnx(tiny_gqa_llama(2), tmp_path / "a.onnx", _prompt())

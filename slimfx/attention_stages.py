@@ -134,7 +134,7 @@ def add_options(pl: Planning) -> None:
     """Join every attention site's KV (and MLA) options to ``pl.problem``."""
     from slimfx.cost.candidates import time_attention_site
     from slimfx.cost.target import workload_of
-    from slimfx.forms.kv.candidates import kv_site_options
+    from slimfx.forms.kv.candidates import cache_only_reason, kv_site_options
     from slimfx.forms.mla.plan import mla_options
     from slimfx.planning.problem import SiteOptions
 
@@ -147,9 +147,10 @@ def add_options(pl: Planning) -> None:
         o_fqn, k_fqn, v_fqn = (site.projection(r) for r in ("o", "k", "v"))
         weight = pl.problem.site(o_fqn).sensitivity if o_fqn in linear else 1.0
         if o_fqn not in linear:
+            what = "its output projection" if o_fqn is None else o_fqn.rpartition(".")[2]
             pl.notes.append(
-                f"{site.fqn}: o_proj is not a site of this problem, so its loss sensitivity is "
-                "unknown: the KV candidates' errors are unweighted (1.0)"
+                f"{site.fqn}: {what} is not a linear site of this problem, so its loss "
+                "sensitivity is unknown: the KV candidates' errors are unweighted (1.0)"
             )
         gram = pl.stats.fit_gram(k_fqn) if pl.stats is not None and k_fqn in linear else None
         forms, mla = _forms(pl.options.kv_forms, site.site_shape)
@@ -165,7 +166,9 @@ def add_options(pl: Planning) -> None:
             linear_sites=linear,
             bias_bytes=_bias_bytes(pl, [str(k_fqn), str(v_fqn)]),
         )
-        if mla:
+        if mla and site.cache_only:
+            refused["mla"] = cache_only_reason(site)
+        elif mla:
             opts, why = mla_options(
                 pl.model, site, inputs, None, weight=weight, context=context,
                 linear_sites=linear, measure=kl.measure(site), fit_inputs=kl.fit_inputs(site),

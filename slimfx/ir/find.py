@@ -37,6 +37,7 @@ __all__ = [
     "discover_linear_sites",
     "find_attention_sites",
     "describe_attention",
+    "describe_cache_attention",
     "inspect_attention_sites",
     "attention_variant_reasons",
     "ATTENTION_VARIANTS",
@@ -423,6 +424,71 @@ def describe_attention(
     )
 
 
+#: the output projection's attribute in blocks without an ``o_proj`` (Phi, GPT-NeoX: ``dense``;
+#: OPT: ``out_proj``; GPT-2: ``c_proj``)
+_OUT_PROJS = ("o_proj", "dense", "out_proj", "c_proj")
+
+
+def describe_cache_attention(
+    module: nn.Module, fqn: str = "", config: Any = None
+) -> AttentionSite | str:
+    """A *cache-only* site (``AttentionSite.cache_only``) for a Hugging Face decoder attention
+    block that :func:`describe_attention` refuses for its projections, or why not: a module
+    named ``…Attention`` with a layer index whose ``forward`` takes ``past_key_values`` (the
+    transformers ``Cache`` whose layer a quantized form replaces) — Phi-3 (fused
+    ``qkv_proj``), Phi, OPT, GPT-2. Heads, kv-heads and head_dim come from the module, then
+    its config; whether the block really calls transformers' attention interface with keys of
+    that shape is checked when its candidates are measured (``forms.kv.simulate``)."""
+    import inspect
+
+    name = type(module).__name__
+    config = getattr(module, "config", None) if config is None else config
+    layer_idx = getattr(module, "layer_idx", None)
+    if not isinstance(layer_idx, int) or isinstance(layer_idx, bool):
+        return "no layer_idx: not a decoder attention with a cache layer"
+    if not _is_causal(module, config):
+        return f"{name} is not causal (an encoder's attention): it keeps no KV cache"
+    params = inspect.signature(module.forward).parameters
+    if "past_key_values" not in params:
+        cache = next((p for p in ("layer_past", "past_key_value") if p in params), None)
+        return (
+            f"unsupported attention variant {name}: its forward takes the cache as "
+            f"{cache or 'no argument'} (the KV forms hold a layer of past_key_values)"
+        )
+    sources = [module] + ([config] if config is not None else [])
+    heads = _first_int(sources, "num_heads", "num_attention_heads", "n_head")
+    if heads is None:
+        return f"unsupported attention variant {name}: no head count"
+    kv = _first_int(sources, "num_key_value_heads", "num_kv_heads") or heads
+    hidden = _first_int(sources, "hidden_size", "embed_dim", "d_model")
+    head_dim = _first_int(sources, "head_dim", "head_size") or (hidden // heads if hidden else None)
+    if head_dim is None:
+        return f"unsupported attention variant {name}: no head_dim"
+    if heads % kv:
+        return f"{heads} query heads are not a multiple of {kv} key/value heads"
+    prefix = f"{fqn}." if fqn else ""
+    roles = {r: f"{r}_proj" for r in "qkv"}
+    projs = [(r, f"{prefix}{a}") for r, a in roles.items()
+             if isinstance(getattr(module, a, None), nn.Linear)]  # fmt: skip
+    out = next((a for a in _OUT_PROJS if isinstance(getattr(module, a, None), nn.Module)), None)
+    if out is not None:
+        projs.append(("o", f"{prefix}{out}"))
+    return AttentionSite(
+        fqn=fqn,
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        causal=True,
+        projections=tuple(projs),
+        hidden_size=hidden,
+        rope_dim=_rope_dim(config, head_dim, layer_idx),
+        sliding_window=_sliding_window(module, config, layer_idx),
+        layer_idx=layer_idx,
+        module_type=name,
+        cache_only=True,
+    )
+
+
 def attention_variant_reasons(site: AttentionSite) -> dict[str, str]:
     """Variant name (``ATTENTION_VARIANTS``) → reason, for each variant ``site`` has."""
     name = site.module_type or "attention"
@@ -461,9 +527,12 @@ def inspect_attention_sites(
     sites: list[AttentionSite] = []
     rejected: dict[str, str] = {}
     for fqn, m in model.named_modules():
-        if not isinstance(m, nn.MultiheadAttention) and not all(hasattr(m, p) for p in _PROJS):
+        if isinstance(m, nn.MultiheadAttention) or all(hasattr(m, p) for p in _PROJS):
+            got = describe_attention(m, fqn)
+        elif type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx"):
+            got = describe_cache_attention(m, fqn)
+        else:
             continue
-        got = describe_attention(m, fqn)
         if isinstance(got, str):
             rejected[fqn] = got
             continue

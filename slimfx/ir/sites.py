@@ -71,7 +71,10 @@ class AttentionSite:
     (``num_heads · head_dim`` when not given); ``rope_dim``, ``sliding_window`` and
     ``layer_idx`` as in ``AttentionShape``. ``module_type``: the class name of the attention
     module (``"LlamaAttention"``); ``qk_norm``: the attribute of a per-head norm between the
-    q/k projections and RoPE (``"k_norm"``, …), ``None`` without one.
+    q/k projections and RoPE (``"k_norm"``, …), ``None`` without one. ``cache_only``: a block
+    without separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears (Phi-3's fused
+    ``qkv_proj``, Phi's ``dense``, OPT's ``out_proj``) whose cache can be compressed where it
+    is held, but whose computation no form rewrites (quantized caches only).
     """
 
     fqn: str
@@ -86,6 +89,7 @@ class AttentionSite:
     layer_idx: int | None = None
     module_type: str | None = None
     qk_norm: str | None = None
+    cache_only: bool = False
     kind: ClassVar[str] = "attention"
 
     def __post_init__(self) -> None:

@@ -2,7 +2,8 @@
 
 :func:`capture_attention_inputs` runs the model on calibration batches (no cache) and keeps,
 per attention site, ``(hidden_states, cos, sin)`` as the block received them — what
-:func:`~slimfx.forms.kv.simulate.attention_error` replays. :func:`attention_grams` keeps only
+:func:`~slimfx.forms.kv.simulate.attention_error` replays — or, for a cache-only site, the
+whole call (:class:`~slimfx.forms.kv.replay.BlockCall`, replayed through the block itself). :func:`attention_grams` keeps only
 ``XᵀX`` of those inputs (the shared input of k_proj and v_proj), what the low-rank fit needs.
 """
 
@@ -28,8 +29,7 @@ def _run(
     for site in sites:
 
         def hook(_m: nn.Module, args: tuple, kwargs: dict, fqn: str = site.fqn) -> None:
-            hidden = kwargs.get("hidden_states", args[0] if args else None)
-            keep(fqn, hidden.detach(), kwargs.get("position_embeddings"))
+            keep(fqn, args, kwargs)
 
         handles.append(mods[site.fqn].register_forward_pre_hook(hook, with_kwargs=True))
     try:
@@ -43,14 +43,35 @@ def _run(
             h.remove()
 
 
+def _hidden(args: tuple, kwargs: dict) -> Tensor:
+    return kwargs.get("hidden_states", args[0] if args else None).detach()
+
+
+def _detached(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached(v) for v in x)
+    return x
+
+
 def capture_attention_inputs(
     model: nn.Module, sites: list[AttentionSite], batches: Iterable[Tensor]
-) -> dict[str, list[tuple[Tensor, Tensor, Tensor]]]:
-    """Per site fqn, one ``(hidden, cos, sin)`` per batch."""
-    out: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {s.fqn: [] for s in sites}
+) -> dict[str, list[Any]]:
+    """Per site fqn, one ``(hidden, cos, sin)`` per batch — for a cache-only site, whose block
+    is replayed as it is (``replay.BlockCall``), the whole call."""
+    from .replay import BlockCall
 
-    def keep(fqn: str, hidden: Tensor, pe: tuple[Tensor, Tensor]) -> None:
-        out[fqn].append((hidden, pe[0].detach(), pe[1].detach()))
+    out: dict[str, list[Any]] = {s.fqn: [] for s in sites}
+    whole = {s.fqn for s in sites if s.cache_only}
+
+    def keep(fqn: str, args: tuple, kwargs: dict) -> None:
+        if fqn in whole:
+            kw = {k: _detached(v) for k, v in kwargs.items() if k != "past_key_values"}
+            out[fqn].append(BlockCall(_detached(args), kw))
+            return
+        pe = kwargs.get("position_embeddings")
+        out[fqn].append((_hidden(args, kwargs), pe[0].detach(), pe[1].detach()))
 
     _run(model, sites, batches, keep)
     return out
@@ -62,7 +83,8 @@ def attention_grams(
     """Per site fqn, the float64 Gram ``XᵀX`` of the block's input over all calibration tokens."""
     out: dict[str, Tensor] = {}
 
-    def keep(fqn: str, hidden: Tensor, _pe: Any) -> None:
+    def keep(fqn: str, args: tuple, kwargs: dict) -> None:
+        hidden = _hidden(args, kwargs)
         x = hidden.reshape(-1, hidden.shape[-1]).double()
         out[fqn] = out.get(fqn, 0) + x.T @ x
 

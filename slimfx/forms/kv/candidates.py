@@ -9,7 +9,8 @@ forms into the site's :class:`~slimfx.planning.problem.SiteOptions`:
   state — every past token older than the residual window read from the store, as at long
   context (:func:`~slimfx.forms.kv.simulate.block_forward` with ``steady=True``) — times the
   site's loss-sensitivity weight (its ``o_proj``'s, the same output): the scale of the linear
-  forms' errors;
+  forms' errors; a cache-only site's block (Phi-3's fused projections, …) is replayed through
+  its own forward with the attention function simulating the cache (:mod:`.replay`);
 - **costs**: ``weight_bytes`` (the k/v projections a low-rank form owns, biases included; 0 for
   a quantized cache), ``kv_bytes_per_token`` (rounded up to a whole byte; at ``context`` tokens
   when given, else the steady state) and, with a ``context``, ``kv_cache_bytes`` (one
@@ -17,13 +18,17 @@ forms into the site's :class:`~slimfx.planning.problem.SiteOptions`:
 - **covers**: a low-rank form owns the site's k_proj and v_proj linear sites.
 
 A form the site cannot take (``config.check``, keys behind a q/k norm for the low-rank forms, k/v
-projections that are not sites of the problem) is left out, with the reason returned.
+projections that are not sites of the problem, a cache-only site for the low-rank forms, a
+block the replay finds attending otherwise than its site says) is left out, with the reason
+returned.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +49,12 @@ from .config import (
     KVLowRankConfig,
     KVQuantConfig,
 )
+from .replay import SiteMismatch
 
-__all__ = ["default_kv_forms", "kv_costs", "kv_site_options", "KV_ERROR_BATCHES", "SINK"]
+__all__ = [
+    "default_kv_forms", "kv_costs", "kv_site_options", "cache_only_reason", "KV_ERROR_BATCHES",
+    "SINK",
+]  # fmt: skip
 
 #: calibration batches the error of each KV candidate is measured on (block replays are cheap,
 #: but every candidate replays every batch)
@@ -131,6 +140,8 @@ def _why_not(config: KVDecision, site: AttentionSite, sites: set[str] | None) ->
     why = config.check(site.site_shape)
     if why or not config.owns:
         return why
+    if site.cache_only:
+        return cache_only_reason(site)
     if site.qk_norm is not None:
         return (
             f"keys pass through the per-head {site.qk_norm} after k_proj: they are not linear in "
@@ -147,28 +158,48 @@ def _why_not(config: KVDecision, site: AttentionSite, sites: set[str] | None) ->
     return None
 
 
+def cache_only_reason(site: AttentionSite) -> str:
+    """Why a cache-only site takes no form that rewrites its block (low-rank caches, MLA)."""
+    return (
+        f"{site.module_type or 'the block'} has no separate q_proj/k_proj/v_proj/o_proj linears "
+        "(fused or renamed projections): only quantized caches, which keep the block's own "
+        "computation, are offered there"
+    )
+
+
 @torch.no_grad()
 def _errors(
-    attn: nn.Module,
-    inputs: Sequence[tuple[Tensor, Tensor, Tensor]],
+    model: nn.Module,
+    site: AttentionSite,
+    inputs: Sequence[Any],
     configs: Sequence[KVDecision],
     factors: dict[KVLowRankConfig, dict[str, Tensor]],
 ) -> list[float]:
-    """Relative squared error of the block output per config, dense outputs computed once."""
+    """Relative squared error of the block output per config, dense outputs computed once: by
+    :func:`.simulate.block_forward`, or for a cache-only site by replaying the block
+    (:mod:`.replay`; raises ``replay.SiteMismatch`` for a block that does not attend as its
+    site says)."""
+    from .replay import replay_block, simulating
     from .simulate import block_forward
 
+    attn = dict(model.named_modules())[site.fqn]
     num = [0.0] * len(configs)
     den = 0.0
-    for hidden, cos, sin in inputs:
-        y = block_forward(attn, hidden, cos, sin, KVDenseConfig()).double()
-        den += float((y * y).sum())
-        for i, c in enumerate(configs):
-            if isinstance(c, KVDenseConfig):
-                continue
-            lr = getattr(c, "lowrank", c)
-            f = factors.get(lr) if isinstance(lr, KVLowRankConfig) else None
-            yc = block_forward(attn, hidden, cos, sin, c, f, steady=True).double()
-            num[i] += float(((yc - y) ** 2).sum())
+
+    def run(x: Any, c: KVDecision, steady: bool) -> Tensor:
+        if site.cache_only:
+            return replay_block(attn, x, c, site.num_kv_heads, site.head_dim)
+        lr = getattr(c, "lowrank", c)
+        f = factors.get(lr) if isinstance(lr, KVLowRankConfig) else None
+        return block_forward(attn, *x, c, f, steady=steady)
+
+    with simulating(model) if site.cache_only else nullcontext():
+        for x in inputs:
+            y = run(x, KVDenseConfig(), False).double()
+            den += float((y * y).sum())
+            for i, c in enumerate(configs):
+                if not isinstance(c, KVDenseConfig):
+                    num[i] += float(((run(x, c, True).double() - y) ** 2).sum())
     return [n / den if den > 0 else 0.0 for n in num]
 
 
@@ -210,8 +241,13 @@ def kv_site_options(
             if gram is None:
                 raise ValueError(f"{site.fqn}: {c.short()} needs the input Gram of k_proj")
             factors[lr] = fit_site(model, site, gram, lr)
-    attn = dict(model.named_modules())[site.fqn]
-    errors = _errors(attn, inputs, chosen, factors)
+    try:
+        errors = _errors(model, site, inputs, chosen, factors)
+    except SiteMismatch as e:  # the block does not attend as its site says: 16-bit only
+        why = f"the cache simulation cannot replay {site.module_type or 'this block'}: {e}"
+        refused.update({c.short(): why for c in chosen if not isinstance(c, KVDenseConfig)})
+        chosen = [KVDenseConfig()]
+        errors = [0.0]
     covers = tuple(str(site.projection(r)) for r in ("k", "v"))
     options = []
     for c, e in zip(chosen, errors):

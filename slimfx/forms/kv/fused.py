@@ -117,7 +117,9 @@ def _bind_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     layers = getattr(cache, "layers", None) or []
     idx = module.layer_idx
     layer = layers[idx] if idx < len(layers) else None
-    routed = getattr(module.config, "_attn_implementation", None) == FUSED_ATTENTION
+    routed = getattr(getattr(module, "config", None), "_attn_implementation", None) == (
+        FUSED_ATTENTION
+    )
     # under torch.compile the plain path unless the Triton kernel was asked for: the torch
     # op's loop over store chunks would specialize on the growing store (the compiled path for
     # a quantized cache is the static cache)
@@ -186,12 +188,13 @@ def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecod
     attn = [
         m
         for m in model.modules()
-        if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "o_proj")
+        if isinstance(getattr(m, "layer_idx", None), int)
+        and (hasattr(m, "o_proj") or type(m).__name__.endswith("Attention"))
     ]
     if not attn or not hasattr(model, "set_attn_implementation"):
         raise ValueError(
-            f"{type(model).__name__}: no attention module with a layer_idx and an o_proj "
-            "(a Hugging Face decoder is needed)"
+            f"{type(model).__name__}: no attention module with a layer_idx (an o_proj, or a "
+            "class named …Attention): a Hugging Face decoder is needed"
         )
     previous = model.config.get_text_config(decoder=True)._attn_implementation
     if previous == FUSED_ATTENTION:  # installed already (optimize does): the same handle

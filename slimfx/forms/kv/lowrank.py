@@ -308,9 +308,11 @@ def apply_lowrank_kv(
     """Replace each site in ``forms`` (by fqn) by :class:`LowRankKVAttention` with its
     ``factors``; every site is checked before any is replaced, so a refusal leaves the model
     unchanged. Returns the rewritten fqns."""
+    todo = [s for s in sites if s.fqn in forms]
+    if not todo:  # (a model without RoPE may still take quantized caches)
+        return []
     rotary = find_rotary(model)
     mods = dict(model.named_modules())
-    todo = [s for s in sites if s.fqn in forms]
     for s in todo:
         lr = getattr(forms[s.fqn], "lowrank", forms[s.fqn])
         why = lr.check(s.site_shape)

@@ -42,6 +42,7 @@ __all__ = [
     "fake_quant_keys_all",
     "fake_quant_values",
     "compressed_attention",
+    "quantized_cache_attention",
     "block_forward",
     "attention_error",
     "SimulatedKVAttention",
@@ -215,7 +216,6 @@ def block_forward(
     scaling = float(getattr(attn, "scaling", hd**-0.5))
     T = hidden.shape[1]
     q = apply_rope(_project(attn, hidden, "q", hd), cos, sin)
-    k_deq = v_deq = n_q = None
     if isinstance(config, (KVLowRankConfig, KVLatentQuantConfig)):
         if factors is None:
             raise ValueError(f"{config.kind} needs the low-rank factors (fit_lowrank_kv)")
@@ -242,22 +242,30 @@ def block_forward(
         tiers.append((k, v, None))
         out = tiered_attention(q, tiers, scaling)
         return attn.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
-    else:
-        k = apply_rope(_project(attn, hidden, "k", hd), cos, sin)
-        v = _project(attn, hidden, "v", hd)
-        if isinstance(config, KVQuantConfig):
-            s = config.sink  # the store's blocks start after the sink tokens
-            fq = fake_quant_keys_all if steady else fake_quant_keys
-            k_deq = torch.cat([k[:, :, :s], fq(k[:, :, s:], config.key_bits, config.key_group)], 2)
-            v_deq = fake_quant_values(v, config.value_bits, config.value_group)
-        elif not isinstance(config, KVDenseConfig):
-            raise TypeError(f"no simulation for {type(config).__name__}")
-    if k_deq is not None:
-        n_q = _n_quantized(config, T, hidden.device, steady)
-    sink = getattr(config, "sink", 0)
-    out = compressed_attention(q, k, v, k_deq, v_deq, n_q, scaling, sink)
+    k = apply_rope(_project(attn, hidden, "k", hd), cos, sin)
+    v = _project(attn, hidden, "v", hd)
+    out = quantized_cache_attention(q, k, v, config, scaling, steady)
     out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
     return attn.o_proj(out)
+
+
+def quantized_cache_attention(
+    q: Tensor, k: Tensor, v: Tensor, config: KVDecision, scaling: float, steady: bool = False
+) -> Tensor:
+    """Causal attention ``(B, Hq, T, D)`` of the exact ``q`` / ``k`` / ``v`` (keys rotated) with
+    the cache in form ``config`` (``kv_quant`` or ``kv_dense``): query ``t`` reads the tokens
+    the store holds dequantized (``steady`` as in :func:`block_forward`), the sinks and the
+    residual window exact."""
+    if isinstance(config, KVDenseConfig):
+        return compressed_attention(q, k, v, None, None, None, scaling)
+    if not isinstance(config, KVQuantConfig):
+        raise TypeError(f"no simulation for {type(config).__name__}")
+    s = config.sink  # the store's blocks start after the sink tokens
+    fq = fake_quant_keys_all if steady else fake_quant_keys
+    k_deq = torch.cat([k[:, :, :s], fq(k[:, :, s:], config.key_bits, config.key_group)], 2)
+    v_deq = fake_quant_values(v, config.value_bits, config.value_group)
+    n_q = _n_quantized(config, q.shape[2], q.device, steady)
+    return compressed_attention(q, k, v, k_deq, v_deq, n_q, scaling, s)
 
 
 @torch.no_grad()

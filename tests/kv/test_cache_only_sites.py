@@ -1,0 +1,160 @@
+"""Cache-only attention sites: decoder blocks without separate q/k/v/o linears (Phi-3's fused
+qkv_proj, Phi's dense, OPT's out_proj, GPT-2's Conv1D) take the quantized caches, priced by
+replaying the block through its own forward with the attention function simulating the cache;
+the forms that rewrite the block (low-rank, MLA) are refused with the reason."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+from transformers.cache_utils import DynamicCache
+
+import slimfx
+from slimfx.forms.kv.calibrate import capture_attention_inputs
+from slimfx.forms.kv.candidates import _errors, kv_site_options
+from slimfx.forms.kv.config import KVDenseConfig, KVQuantConfig
+from slimfx.forms.kv.replay import BlockCall
+from slimfx.ir.find import describe_cache_attention, inspect_attention_sites
+from slimfx.planning.problem import Budget
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+_SMALL = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)  # fmt: skip
+FORMS = [KVQuantConfig(4, 4, 16, 16, sink=2), KVQuantConfig(2, 2, 16, 16, residual=8)]
+
+
+def _model(family: str):  # noqa: ANN202
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "phi3":
+        return tf.Phi3ForCausalLM(tf.Phi3Config(**_SMALL, pad_token_id=0)).eval()
+    if family == "opt":
+        cfg = tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                           num_attention_heads=4, word_embed_proj_dim=64)  # fmt: skip
+        return tf.OPTForCausalLM(cfg).eval()
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4)).eval()
+    if family == "llama":
+        return tf.LlamaForCausalLM(tf.LlamaConfig(**_SMALL)).eval()
+    raise ValueError(family)
+
+
+def _calib(n=3, length=40):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 256, (1, length), generator=g) for _ in range(n)]
+
+
+def test_sites_of_blocks_without_llama_projections():
+    import transformers as tf
+
+    sites, rejected = inspect_attention_sites(_model("phi3"))
+    assert not rejected and len(sites) == 2
+    s = sites[1]
+    assert (s.cache_only, s.num_heads, s.num_kv_heads, s.head_dim, s.layer_idx) == (
+        True, 4, 2, 16, 1,
+    )  # fmt: skip
+    assert s.projections == (("o", "model.layers.1.self_attn.o_proj"),)  # qkv_proj is fused
+    gpt2 = inspect_attention_sites(_model("gpt2"))[0][0]
+    assert gpt2.cache_only and gpt2.projection("o") == "transformer.h.0.attn.c_proj"
+    assert not inspect_attention_sites(_model("llama"))[0][0].cache_only
+
+    neox = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4))  # fmt: skip
+    sites, rejected = inspect_attention_sites(neox)
+    assert not sites and "takes the cache as layer_past" in rejected["gpt_neox.layers.0.attention"]
+    bert = tf.BertModel(tf.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4))  # fmt: skip
+    sites, rejected = inspect_attention_sites(bert)
+    assert not sites and "not causal" in next(iter(rejected.values()))
+
+
+def test_the_replayed_block_error_equals_the_block_simulation_on_llama():
+    """The replay (the block's own forward, the attention function simulating the cache) gives
+    the error block_forward gives a Llama block, where both apply."""
+    model = _model("llama")
+    site = inspect_attention_sites(model)[0][0]
+    batches = _calib()
+    inputs = capture_attention_inputs(model, [site], batches)[site.fqn]
+    whole = dataclasses.replace(site, cache_only=True)
+    calls = capture_attention_inputs(model, [whole], batches)[site.fqn]
+    assert all(isinstance(c, BlockCall) for c in calls)
+    forms = [KVDenseConfig(), *FORMS]
+    want = _errors(model, site, inputs, forms, {})
+    got = _errors(model, whole, calls, forms, {})
+    assert want[0] == got[0] == 0.0 and min(want[1:]) > 1e-4
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=0)
+    assert model.config._attn_implementation == "sdpa"  # restored after the replay
+
+
+@pytest.mark.parametrize("family", ["phi3", "opt", "gpt2"])
+def test_a_kv_budget_compresses_their_caches_and_generates(family, tmp_path):
+    model = _model(family)
+    out = slimfx.optimize(
+        model, Budget(kv=0.4, context=512), calibration=_calib(4, 48), progress=False,
+        kv_forms=["default", "mla", *FORMS],
+    )  # fmt: skip
+    rep = slimfx.report_of(out)
+    assert [k.status for k in rep.kv_sites] == ["applied", "applied"]
+    assert rep.totals["kv_ratio"] <= 0.4
+    notes = " ".join(rep.notes)
+    assert "no separate q_proj/k_proj/v_proj/o_proj linears" in notes  # low-rank, MLA refused
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 256, (2, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(max_new_tokens=60, min_new_tokens=60, do_sample=False, attention_mask=mask)
+    cache = DynamicCache()
+    got = out.generate(ids, past_key_values=cache, **kw)  # in place (optimize installs it)
+    assert all(type(la).__name__ == "QuantizedKVLayer" for la in cache.layers)
+    assert sum(la.n_stored > 0 for la in cache.layers) == 2
+    slimfx.save(out, tmp_path / "s")
+    back = slimfx.load(tmp_path / "s")
+    out.set_attn_implementation("sdpa")  # the plain path: store dequantized, sdpa
+    plain = out.generate(ids, **kw)
+    assert got.tolist() == plain.tolist()
+    assert out.generate(ids, cache_implementation="static", **kw).tolist() == plain.tolist()
+    assert back.generate(ids, **kw).tolist() == plain.tolist()
+    dense = model.generate(ids, **kw)
+    assert dense.shape == plain.shape
+
+
+def test_the_replay_refuses_a_block_that_does_not_attend_as_its_site_says():
+    model = _model("phi3")
+    site = inspect_attention_sites(model)[0][0]
+    calls = capture_attention_inputs(model, [site], _calib(2))[site.fqn]
+    wrong = dataclasses.replace(site, num_kv_heads=1)  # a config that misstates the kv heads
+    so, refused = kv_site_options(model, wrong, calls, None, forms=FORMS, context=128)
+    assert [type(o.decision) for o in so.options] == [KVDenseConfig]
+    assert "attends with 4 query and 2 key heads of 16 dims, not the 1 kv heads" in " ".join(
+        refused.values()
+    )
+
+    class OwnAttention(nn.Module):  # attention computed in its own code
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer_idx, self.num_heads, self.head_dim = 0, 2, 16
+            self.config = model.config
+            self.o_proj = nn.Linear(32, 32)
+
+        def forward(self, hidden_states, past_key_values=None, **kwargs):
+            return self.o_proj(hidden_states), None
+
+    own = OwnAttention()
+    site = describe_cache_attention(own, "own")
+    assert site.cache_only and site.num_heads == 2
+    holder = nn.Module()
+    holder.own = own
+    holder.config = model.config
+    holder.set_attn_implementation = model.set_attn_implementation
+    calls = [BlockCall((torch.randn(1, 5, 32),), {})]
+    so, refused = kv_site_options(holder, site, calls, None, forms=FORMS[:1])
+    assert "does not call transformers' attention interface" in refused[FORMS[0].short()]
+    assert model.config._attn_implementation == "sdpa"

@@ -434,9 +434,9 @@ def describe_cache_attention(
 ) -> AttentionSite | str:
     """A *cache-only* site (``AttentionSite.cache_only``) for a Hugging Face decoder attention
     block that :func:`describe_attention` refuses for its projections, or why not: a module
-    named ``…Attention`` with a layer index whose ``forward`` takes ``past_key_values`` (the
-    transformers ``Cache`` whose layer a quantized form replaces) — Phi-3 (fused
-    ``qkv_proj``), Phi, OPT, GPT-2. Heads, kv-heads and head_dim come from the module, then
+    named ``…Attention`` with a layer index whose ``forward`` takes ``past_key_values`` or
+    ``layer_past`` (the transformers ``Cache`` whose layer a quantized form replaces) — Phi-3
+    (fused ``qkv_proj``), Phi, OPT, GPT-2, GPT-NeoX. Heads, kv-heads and head_dim come from the module, then
     its config; whether the block really calls transformers' attention interface with keys of
     that shape is checked when its candidates are measured (``forms.kv.simulate``)."""
     import inspect
@@ -449,11 +449,10 @@ def describe_cache_attention(
     if not _is_causal(module, config):
         return f"{name} is not causal (an encoder's attention): it keeps no KV cache"
     params = inspect.signature(module.forward).parameters
-    if "past_key_values" not in params:
-        cache = next((p for p in ("layer_past", "past_key_value") if p in params), None)
+    if not any(p in params for p in ("past_key_values", "layer_past")):
         return (
-            f"unsupported attention variant {name}: its forward takes the cache as "
-            f"{cache or 'no argument'} (the KV forms hold a layer of past_key_values)"
+            f"unsupported attention variant {name}: its forward takes no past_key_values / "
+            "layer_past (the transformers Cache whose layer a KV form replaces)"
         )
     sources = [module] + ([config] if config is not None else [])
     heads = _first_int(sources, "num_heads", "num_attention_heads", "n_head")

@@ -1,5 +1,6 @@
 """Cache-only attention sites: decoder blocks without separate q/k/v/o linears (Phi-3's fused
-qkv_proj, Phi's dense, OPT's out_proj, GPT-2's Conv1D) take the quantized caches, priced by
+qkv_proj, Phi's dense, OPT's out_proj, GPT-2's Conv1D, GPT-NeoX's query_key_value and its
+cache passed as layer_past) take the quantized caches, priced by
 replaying the block through its own forward with the attention function simulating the cache;
 the forms that rewrite the block (low-rank, MLA) are refused with the reason."""
 
@@ -41,6 +42,10 @@ def _model(family: str):  # noqa: ANN202
         return tf.OPTForCausalLM(cfg).eval()
     if family == "gpt2":
         return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4)).eval()
+    if family == "neox":
+        cfg = tf.GPTNeoXConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+        return tf.GPTNeoXForCausalLM(cfg).eval()
     if family == "llama":
         return tf.LlamaForCausalLM(tf.LlamaConfig(**_SMALL)).eval()
     raise ValueError(family)
@@ -65,11 +70,19 @@ def test_sites_of_blocks_without_llama_projections():
     assert gpt2.cache_only and gpt2.projection("o") == "transformer.h.0.attn.c_proj"
     assert not inspect_attention_sites(_model("llama"))[0][0].cache_only
 
-    neox = tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-        num_attention_heads=4))  # fmt: skip
-    sites, rejected = inspect_attention_sites(neox)
-    assert not sites and "takes the cache as layer_past" in rejected["gpt_neox.layers.0.attention"]
+    neox = inspect_attention_sites(_model("neox"))[0][0]  # the cache comes as layer_past
+    assert (neox.cache_only, neox.head_dim, neox.rope_dim) == (True, 16, 4)
+    assert neox.projection("o") == "gpt_neox.layers.0.attention.dense"
+
+    class NoCache(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer_idx, self.num_heads, self.head_dim, self.is_causal = 0, 2, 16, True
+
+        def forward(self, hidden_states):
+            return hidden_states
+
+    assert "takes no past_key_values / layer_past" in describe_cache_attention(NoCache())
     bert = tf.BertModel(tf.BertConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=1, num_attention_heads=4))  # fmt: skip
     sites, rejected = inspect_attention_sites(bert)
@@ -94,7 +107,7 @@ def test_the_replayed_block_error_equals_the_block_simulation_on_llama():
     assert model.config._attn_implementation == "sdpa"  # restored after the replay
 
 
-@pytest.mark.parametrize("family", ["phi3", "opt", "gpt2"])
+@pytest.mark.parametrize("family", ["phi3", "opt", "gpt2", "neox"])
 def test_a_kv_budget_compresses_their_caches_and_generates(family, tmp_path):
     model = _model(family)
     out = slimfx.optimize(
@@ -158,3 +171,21 @@ def test_the_replay_refuses_a_block_that_does_not_attend_as_its_site_says():
     so, refused = kv_site_options(holder, site, calls, None, forms=FORMS[:1])
     assert "does not call transformers' attention interface" in refused[FORMS[0].short()]
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_a_fused_qkv_block_exports_its_quantized_cache_to_onnxruntime(tmp_path):
+    """Phi-3's step graph over its quantized caches (export_onnx_kv) runs in onnxruntime with
+    torch's greedy tokens: nothing in the export needs separate projections."""
+    pytest.importorskip("onnxruntime")
+    from slimfx.backends.onnx_kv import export_onnx_kv
+    from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
+
+    out = slimfx.optimize(
+        _model("phi3"), Budget(kv=0.4, context=512), calibration=_calib(4, 48), progress=False,
+        kv_forms=FORMS,
+    )  # fmt: skip
+    res = export_onnx_kv(out, tmp_path / "kv.onnx")
+    assert [f.kind for f in res.forms] == ["kv_quant", "kv_quant"]
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
+    want = out.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
+    assert OrtKVDecoder(res.path).generate(ids, 30).tolist() == want.tolist()

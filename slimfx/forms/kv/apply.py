@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from slimfx.ir.sites import AttentionSite
 from slimfx.planning.plan import Plan
 
-from .cache import KV_FORM_ATTR, LatentLayer, _StoreLayer, layer_for
+from .cache import KV_FORM_ATTR, LatentLayer, _StoreLayer, call_cache, layer_for
 from .config import KVDecision, KVDenseConfig
 
 __all__ = ["apply_kv_plan", "split_plan", "empty_kv_like_plan", "upgrade_cache_layer"]
@@ -57,9 +57,10 @@ def split_plan(plan: Plan) -> tuple[Plan, dict[str, Any]]:
 
 
 def upgrade_cache_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook (module docstring): give the cache passed as ``past_key_values`` this
-    module's compressed layer, or leave a compressed layer a caller built as it is."""
-    cache = kwargs.get("past_key_values")
+    """Forward pre-hook (module docstring): give the cache passed as ``past_key_values`` (or
+    ``layer_past``) this module's compressed layer, or leave a compressed layer a caller built
+    as it is."""
+    cache = call_cache(kwargs)
     form = getattr(module, KV_FORM_ATTR, None)
     if cache is None or form is None or isinstance(form, KVDenseConfig):
         return

@@ -61,6 +61,8 @@ __all__ = [
     "layer_for",
     "kv_forms_of",
     "KV_FORM_ATTR",
+    "CACHE_KWARGS",
+    "call_cache",
     "hides_tokens",
     "latent_segments",
     "encode_store",
@@ -443,6 +445,14 @@ class QuantizedLatentLayer(_LatentSide, _StoreLayer):
 
 #: attribute of an attention module holding its KV form (``slimfx.forms.kv.apply``)
 KV_FORM_ATTR = "_slimfx_kv_form"
+#: the keyword an attention module's caller passes the transformers ``Cache`` under (most
+#: blocks: ``past_key_values``; GPT-NeoX: ``layer_past``)
+CACHE_KWARGS = ("past_key_values", "layer_past")
+
+
+def call_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache an attention module's call received (``CACHE_KWARGS``), or ``None``."""
+    return next((kwargs[k] for k in CACHE_KWARGS if kwargs.get(k) is not None), None)
 
 
 def kv_forms_of(model: Any) -> dict[int, KVDecision]:

@@ -60,6 +60,7 @@ def capture_attention_inputs(
 ) -> dict[str, list[Any]]:
     """Per site fqn, one ``(hidden, cos, sin)`` per batch — for a cache-only site, whose block
     is replayed as it is (``replay.BlockCall``), the whole call."""
+    from .cache import CACHE_KWARGS
     from .replay import BlockCall
 
     out: dict[str, list[Any]] = {s.fqn: [] for s in sites}
@@ -67,7 +68,7 @@ def capture_attention_inputs(
 
     def keep(fqn: str, args: tuple, kwargs: dict) -> None:
         if fqn in whole:
-            kw = {k: _detached(v) for k, v in kwargs.items() if k != "past_key_values"}
+            kw = {k: _detached(v) for k, v in kwargs.items() if k not in CACHE_KWARGS}
             out[fqn].append(BlockCall(_detached(args), kw))
             return
         pe = kwargs.get("position_embeddings")

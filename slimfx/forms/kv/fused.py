@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimfx.forms.kv.cache import QuantizedKVLayer, hides_tokens
+from slimfx.forms.kv.cache import QuantizedKVLayer, call_cache, hides_tokens
 from slimfx.forms.kv.static_cache import StaticQuantizedKVLayer
 
 __all__ = [
@@ -113,7 +113,7 @@ def _bind_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     """Forward pre-hook: find this call's cache layer; fused mode for a quantized one — only
     while the model's attention function is this module's (``update`` returning the window
     alone to any other function would drop the store from attention)."""
-    cache = kwargs.get("past_key_values")
+    cache = call_cache(kwargs)
     layers = getattr(cache, "layers", None) or []
     idx = module.layer_idx
     layer = layers[idx] if idx < len(layers) else None

@@ -254,7 +254,8 @@ def cmd_report(a: argparse.Namespace) -> int:
 
 
 def diff_reports(a, b) -> str:
-    """Per-site differences between two reports (decision, bytes, measured SQNR)."""
+    """Per-site differences between two reports (decision, bytes, measured SQNR), the KV
+    cache's attention layers included (form, bytes per token)."""
     lines = [f"A: {a.headline()}", f"B: {b.headline()}"]
     sb = {s.fqn: s for s in b.sites}
     for s in a.sites:
@@ -265,6 +266,15 @@ def diff_reports(a, b) -> str:
             sq = lambda e: "" if e.measured_sqnr_db is None else f" {e.measured_sqnr_db:.1f} dB"  # noqa: E731
             lines.append(f"~ {s.fqn}: {s.chosen}{sq(s)} → {o.chosen}{sq(o)}")
     lines += [f"+ {f}: only in B" for f in sb if f not in {s.fqn for s in a.sites}]
+    ka, kb = {k.fqn: k for k in a.kv_sites}, {k.fqn: k for k in b.kv_sites}
+    per_token = lambda k: f"{k.chosen} ({k.kv_bytes_per_token_after:.0f} B/token)"  # noqa: E731
+    for fqn, k in ka.items():
+        o = kb.get(fqn)
+        if o is None:
+            lines.append(f"- {fqn} (KV cache {k.chosen}): only in A")
+        elif o.chosen != k.chosen:
+            lines.append(f"~ {fqn}: {per_token(k)} → {per_token(o)}")
+    lines += [f"+ {f} (KV cache {k.chosen}): only in B" for f, k in kb.items() if f not in ka]
     if len(lines) == 2:
         lines.append("same decisions at every site")
     return "\n".join(lines)

@@ -403,13 +403,16 @@ class Report:
     # ------------------------------------------------------------------- plot
     def plot(self, path: str | Path) -> Path:
         """PNG with two panels: bits per weight (and rank) chosen per layer, and the
-        error-vs-budget frontier of the solved problem with the chosen point marked."""
+        error-vs-budget frontier of the solved problem with the chosen point marked; with KV
+        sites a third: each attention layer's cache bytes per token, 16-bit and chosen."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 4.5))
+        n = 3 if self.kv_sites else 2
+        fig, axes = plt.subplots(1, n, figsize=(7 * n, 4.5))
+        ax1, ax2 = axes[0], axes[1]
         xs = range(len(self.sites))
         bits = [16 * s.bytes_after / max(s.bytes_before, 1) for s in self.sites]
         colors, labels = _form_styles()
@@ -440,8 +443,35 @@ class Report:
         ax2.set_xlabel("memory budget (fraction of dense 16-bit bytes)")
         ax2.set_ylabel("summed estimated error")
         ax2.set_title("Error–budget frontier")
+        if self.kv_sites:
+            self._plot_kv(axes[2], colors, labels)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+    def _plot_kv(self, ax: Any, colors: dict[str, str], labels: dict[str, str]) -> None:
+        """Per attention layer: the 16-bit cache's bytes per token (outline) and the chosen
+        form's (bar, coloured by kind)."""
+        from matplotlib.patches import Patch
+
+        ks = self.kv_sites
+        xs = range(len(ks))
+        kinds = [k.decision.get("kind", "kv_dense") for k in ks]
+        ax.bar(xs, [k.kv_bytes_per_token_before for k in ks], width=0.9, fill=False,
+               edgecolor="0.5", label="16-bit")  # fmt: skip
+        ax.bar(xs, [k.kv_bytes_per_token_after for k in ks], width=0.9,
+               color=[colors.get(k, _UNKNOWN_COLOUR) for k in kinds])  # fmt: skip
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("attention layer")
+        ax.set_ylabel("KV cache bytes per token")
+        ctx = f" (at {self.budget['context']} tokens)" if self.budget.get("context") else ""
+        ax.set_title(f"KV cache per layer{ctx}")
+        present = list(dict.fromkeys(kinds))
+        handles = [Patch(color=colors.get(k, _UNKNOWN_COLOUR), label=labels.get(k, k))
+                   for k in present]  # fmt: skip
+        ax.legend(handles=[Patch(fill=False, edgecolor="0.5", label="16-bit"), *handles],
+                  fontsize=7)  # fmt: skip

@@ -305,6 +305,45 @@ def test_cli_onnx_export_runs_in_onnxruntime(tmp_path, capsys):
     assert main(["export", str(tmp_path / "missing"), "--onnx", str(tmp_path / "c.onnx")]) == 2
 
 
+def test_report_diff_and_plot_show_the_kv_cache_layers(tmp_path, capsys):
+    """Two runs that differ only in their KV forms are not "the same decisions": the diff
+    lists each attention layer whose cache form changed, and the plot has the KV panel."""
+    from slimfx.cli import diff_reports, main
+
+    runs = {}
+    for name, kv in (("a", "0.6"), ("b", "0.3")):
+        runs[name] = tmp_path / name
+        assert main(["optimize", "--model", "tiny", "--kv", kv, "--context", "512",
+                     "--n-calib", "3", "--seq-len", "32", "--out", str(runs[name]),
+                     "--quiet"]) == 0
+    a, b = (slimfx.load(runs[n]) for n in "ab")
+    ra, rb = slimfx.report_of(a), slimfx.report_of(b)
+    changed = [k.fqn for k, o in zip(ra.kv_sites, rb.kv_sites) if k.chosen != o.chosen]
+    assert changed  # the budgets differ enough to change a form
+    capsys.readouterr()
+    assert main(["report", str(runs["a"]), "--diff", str(runs["b"])]) == 0
+    text = capsys.readouterr().out
+    assert "same decisions at every site" not in text
+    for fqn in changed:
+        line = next(x for x in text.splitlines() if x.startswith(f"~ {fqn}:"))
+        assert "B/token) → " in line
+    assert diff_reports(ra, ra).endswith("same decisions at every site")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    calls = []
+    real = plt.subplots
+    plt.subplots = lambda *a, **k: calls.append(a) or real(*a, **k)
+    try:
+        assert ra.plot(tmp_path / "kv.png").stat().st_size > 0
+    finally:
+        plt.subplots = real
+    assert calls == [(1, 3)]
+
+
 def test_cli_exports_the_decode_step_over_a_compressed_cache(tmp_path, capsys):
     """`--kv-cache` on a model with a KV budget exports the step over its compressed cache
     (plain `export_onnx` refuses one) and `--kv-forms mla` reaches the MLA conversions; both

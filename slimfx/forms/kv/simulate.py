@@ -294,16 +294,22 @@ def attention_error(
 
 class SimulatedKVAttention(nn.Module):
     """Drop-in for a HF attention module in *evaluation* of causal, unpadded, cache-less
-    forwards (perplexity): runs :func:`block_forward` with ``config``. Any attention mask is
-    taken to be the plain causal one; a cache passed in is refused."""
+    forwards (perplexity): runs :func:`block_forward` with ``config`` (``steady``: the cache
+    as at long context, every past token older than the residual window read from the store).
+    Any attention mask is taken to be the plain causal one; a cache passed in is refused."""
 
     def __init__(
-        self, attn: nn.Module, config: KVDecision, factors: dict[str, Tensor] | None = None
+        self,
+        attn: nn.Module,
+        config: KVDecision,
+        factors: dict[str, Tensor] | None = None,
+        steady: bool = False,
     ) -> None:
         super().__init__()
         self.attn = attn
         self.config = config
         self.factors = factors
+        self.steady = steady
 
     def forward(
         self,
@@ -316,4 +322,7 @@ class SimulatedKVAttention(nn.Module):
         if past_key_values is not None:
             raise ValueError("SimulatedKVAttention evaluates without a cache (use_cache=False)")
         cos, sin = position_embeddings
-        return block_forward(self.attn, hidden_states, cos, sin, self.config, self.factors), None
+        out = block_forward(
+            self.attn, hidden_states, cos, sin, self.config, self.factors, self.steady
+        )
+        return out, None

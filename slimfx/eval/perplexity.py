@@ -7,7 +7,10 @@ the logits predicts token ``t + 1``, so each window contributes ``L - 1`` predic
 
     perplexity = exp(NLL / (n · (L - 1))).
 
-Log-probabilities are computed in float32 whatever the model's dtype.
+Log-probabilities are computed in float32 whatever the model's dtype. ``perplexity(...,
+decode=True)`` computes the same logits as ``generate()`` would: one token per forward through
+the model's own cache (a fresh ``DynamicCache`` per batch of windows, which a model with a
+compressed KV cache upgrades to its forms), so the cache's compression is part of the score.
 """
 
 from __future__ import annotations
@@ -84,14 +87,33 @@ def perplexity_of_logits_fn(
     return math.exp(total / count)
 
 
+def _decoded_logits(model: torch.nn.Module, ids: Tensor) -> Tensor:
+    """Logits of ``ids`` ``(b, L)`` one token per forward through a fresh ``DynamicCache``;
+    the last position, which scores nothing, is left 0."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache()
+    steps = [
+        _as_logits(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True))
+        for t in range(ids.shape[1] - 1)
+    ]
+    return torch.cat([*steps, torch.zeros_like(steps[-1])], dim=1)
+
+
 def perplexity(
-    model: torch.nn.Module, windows: Tensor, batch_size: int = 4, progress: bool = True
+    model: torch.nn.Module,
+    windows: Tensor,
+    batch_size: int = 4,
+    progress: bool = True,
+    decode: bool = False,
 ) -> float:
     """Perplexity of a causal LM (any module whose forward takes ids and returns logits, such
     as a Hugging Face ``*ForCausalLM``) over ``windows`` of shape ``(n, L)``.
 
     The model runs in eval mode with ``config.use_cache`` off; both settings are restored
-    afterwards. Windows are moved to the device of the model's first parameter.
+    afterwards. Windows are moved to the device of the model's first parameter. ``decode``:
+    the logits of token-by-token decoding through the model's own cache (module docstring) —
+    ``L − 1`` forwards per batch instead of one.
     """
     try:
         device = next(model.parameters()).device
@@ -104,9 +126,11 @@ def perplexity(
         config.use_cache = False
     model.eval()
     try:
-        return perplexity_of_logits_fn(
-            lambda ids: model(ids.to(device)), windows, batch_size=batch_size, progress=progress
-        )
+        if decode:
+            fn = lambda ids: _decoded_logits(model, ids.to(device))  # noqa: E731
+        else:
+            fn = lambda ids: model(ids.to(device))  # noqa: E731
+        return perplexity_of_logits_fn(fn, windows, batch_size=batch_size, progress=progress)
     finally:
         model.train(was_training)
         if had_cache is not None:

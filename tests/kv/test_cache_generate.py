@@ -3,6 +3,8 @@ simulation, a 16-bit cache equals dense, greedy int8 tokens equal dense."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers.cache_utils import DynamicCache
@@ -112,3 +114,33 @@ def test_crop_reaches_only_the_16bit_window(tiny_llama):
     assert layer.get_seq_length() == 6
     with pytest.raises(ValueError, match="only the 2 tokens of the 16-bit window"):
         layer.crop(-3)
+
+
+def test_perplexity_decoded_through_the_models_own_cache(tiny_llama):
+    """``perplexity(decode=True)`` scores the logits generate() computes: equal to the one-pass
+    perplexity for a 16-bit cache, and it sees a quantized cache, which a cache-less forward
+    never exercises (that one gives the dense perplexity)."""
+    import slimfx
+    from slimfx.eval import perplexity
+    from slimfx.planning.problem import Budget
+
+    g = torch.Generator().manual_seed(4)
+    w = torch.randint(0, 256, (3, 30), generator=g)
+    dense = perplexity(tiny_llama, w, progress=False)
+    assert perplexity(tiny_llama, w, progress=False, decode=True) == pytest.approx(dense, rel=1e-5)
+    calib = [torch.randint(0, 256, (1, 40), generator=g) for _ in range(3)]
+    out = slimfx.optimize(tiny_llama, Budget(kv=0.4, context=256), calibration=calib,
+                          kv_forms=[KVQuantConfig(2, 2, 8, 8)], progress=False)  # fmt: skip
+    assert perplexity(out, w, progress=False) == pytest.approx(dense, rel=1e-6)
+    decoded = perplexity(out, w, progress=False, decode=True)
+    assert abs(decoded / dense - 1) > 1e-3
+    # the same number from the logits of the model's decode steps, by hand
+    nll = 0.0
+    with torch.no_grad():
+        for row in w:
+            cache = DynamicCache()
+            for t in range(w.shape[1] - 1):
+                logits = out(row[None, t : t + 1], past_key_values=cache, use_cache=True).logits
+                nll -= torch.log_softmax(logits[0, -1].float(), -1)[row[t + 1]].item()
+        assert type(cache.layers[0]).__name__ == "QuantizedKVLayer"
+    assert decoded == pytest.approx(math.exp(nll / (w.numel() - w.shape[0])), rel=1e-5)

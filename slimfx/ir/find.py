@@ -38,6 +38,7 @@ __all__ = [
     "find_attention_sites",
     "describe_attention",
     "describe_cache_attention",
+    "logit_softcap",
     "inspect_attention_sites",
     "attention_variant_reasons",
     "ATTENTION_VARIANTS",
@@ -350,7 +351,18 @@ _PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
 _QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
 
 #: the attention variants a form may refuse, named for ``attention_variant_reasons``.
-ATTENTION_VARIANTS = ("no_rope", "partial_rotary", "qk_norm", "sliding_window")
+ATTENTION_VARIANTS = ("no_rope", "partial_rotary", "qk_norm", "sliding_window", "softcap")
+
+
+def logit_softcap(module: nn.Module, config: Any = None) -> float | None:
+    """The attention-logit soft-cap of a Hugging Face block (Gemma 2's
+    ``attn_logit_softcapping``: the module's, else its config's), ``None`` without one."""
+    config = getattr(module, "config", None) if config is None else config
+    for obj in (module, config):
+        cap = getattr(obj, "attn_logit_softcapping", None)
+        if isinstance(cap, (int, float)) and not isinstance(cap, bool) and cap > 0:
+            return float(cap)
+    return None
 
 
 def _sliding_window(module: nn.Module, config: Any, layer_idx: int | None) -> int | None:
@@ -421,6 +433,7 @@ def describe_attention(
         layer_idx=layer_idx,
         module_type=name,
         qk_norm=norm,
+        softcap=logit_softcap(module, config),
     )
 
 
@@ -485,6 +498,7 @@ def describe_cache_attention(
         layer_idx=layer_idx,
         module_type=name,
         cache_only=True,
+        softcap=logit_softcap(module, config),
     )
 
 
@@ -507,6 +521,11 @@ def attention_variant_reasons(site: AttentionSite) -> dict[str, str]:
     if site.sliding_window is not None:
         out["sliding_window"] = (
             f"sliding-window attention (window {site.sliding_window}) is unsupported"
+        )
+    if site.softcap is not None:
+        out["softcap"] = (
+            f"unsupported attention variant {name}: attention logits soft-capped at "
+            f"{site.softcap:g}, which the rewritten block's attention does not apply"
         )
     return out
 

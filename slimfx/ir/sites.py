@@ -74,7 +74,8 @@ class AttentionSite:
     q/k projections and RoPE (``"k_norm"``, …), ``None`` without one. ``cache_only``: a block
     without separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears (Phi-3's fused
     ``qkv_proj``, Phi's ``dense``, OPT's ``out_proj``) whose cache can be compressed where it
-    is held, but whose computation no form rewrites (quantized caches only).
+    is held, but whose computation no form rewrites (quantized caches only). ``softcap``: the
+    attention-logit soft-cap (Gemma 2's ``attn_logit_softcapping``), ``None`` without one.
     """
 
     fqn: str
@@ -90,6 +91,7 @@ class AttentionSite:
     module_type: str | None = None
     qk_norm: str | None = None
     cache_only: bool = False
+    softcap: float | None = None
     kind: ClassVar[str] = "attention"
 
     def __post_init__(self) -> None:

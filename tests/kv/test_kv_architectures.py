@@ -171,3 +171,53 @@ def test_an_infeasible_cache_budget_names_the_layers_and_reasons_that_limit_it()
     mixed = build(seed=0, layer_types=["full_attention", "sliding_attention"], sliding_window=8)
     with pytest.raises(InfeasibleBudgetError, match=r"1 of 2 attention layer\(s\) .*layers\.1"):
         slimfx.optimize(mixed, Budget(kv=0.3, context=256), calibration=calib, progress=False)
+
+
+def test_soft_capped_attention_is_simulated_with_its_cap_and_refused_by_rewriting_forms(
+    monkeypatch,
+):
+    """Gemma 2 caps its attention logits (``attn_logit_softcapping``): the cache simulation
+    that prices the quantized caches applies the cap (its logits equal token-by-token decoding
+    through the real cache; without the cap they do not), and the forms that rewrite the block
+    (low-rank caches, MLA), whose attention has no cap, are refused with the reason."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(**_SMALL, head_dim=16, attn_logit_softcapping=0.05,
+                          layer_types=["full_attention"] * 2)  # fmt: skip
+    model = tf.Gemma2ForCausalLM(cfg).eval()
+    for p in model.parameters():  # larger logits, so that the cap matters
+        p.data *= 3.0
+    sites, _ = inspect_attention_sites(model)
+    assert [s.softcap for s in sites] == [0.05, 0.05]
+    form = KVQuantConfig(4, 4, 4, 8, 0)
+    ids = torch.randint(0, 256, (1, 19), generator=torch.Generator().manual_seed(3))
+    cache = KVCache.for_model(model, form)
+    with torch.no_grad():
+        got = torch.cat([
+            model(ids[:, t : t + 1], past_key_values=cache, position_ids=torch.tensor([[t]])).logits
+            for t in range(ids.shape[1])
+        ], 1)  # fmt: skip
+        mods = dict(model.named_modules())
+        orig = {s.fqn: mods[s.fqn] for s in sites}
+        for s in sites:
+            parent, _, child = s.fqn.rpartition(".")
+            setattr(mods[parent], child, SimulatedKVAttention(orig[s.fqn], form))
+        want = model(ids, use_cache=False).logits
+        import slimfx.forms.kv.simulate as sim
+
+        monkeypatch.setattr(sim, "logit_softcap", lambda attn: None)  # without the cap
+        uncapped = model(ids, use_cache=False).logits
+        monkeypatch.undo()
+    torch.testing.assert_close(got, want, atol=3e-5, rtol=1e-4)
+    assert (uncapped - want).abs().max() > 1e-2
+
+    model = tf.Gemma2ForCausalLM(cfg).eval()
+    calib = [torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(i))
+             for i in range(3)]  # fmt: skip
+    out = slimfx.optimize(model, Budget(kv=0.5, context=512), calibration=calib,
+                          kv_forms=["default", "mla"], progress=False)  # fmt: skip
+    notes = " ".join(slimfx.report_of(out).notes)
+    assert "soft-capped at 0.05 (Gemma 2): the low-rank block's attention" in notes
+    assert "logits soft-capped at 0.05, which the rewritten block's attention" in notes  # MLA
+    assert {k.decision.get("kind") for k in slimfx.report_of(out).kv_sites} == {"kv_quant"}

@@ -142,6 +142,11 @@ def _why_not(config: KVDecision, site: AttentionSite, sites: set[str] | None) ->
         return why
     if site.cache_only:
         return cache_only_reason(site)
+    if site.softcap is not None:
+        return (
+            f"attention logits soft-capped at {site.softcap:g} (Gemma 2): the low-rank "
+            "block's attention does not apply the cap"
+        )
     if site.qk_norm is not None:
         return (
             f"keys pass through the per-head {site.qk_norm} after k_proj: they are not linear in "

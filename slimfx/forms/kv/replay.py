@@ -33,7 +33,7 @@ SIMULATED_ATTENTION = "slimfx_kv_simulated"
 _FORM_ATTR = "_slimfx_simulated_form"
 _SEEN_ATTR = "_slimfx_simulated_calls"
 #: attention-function arguments that change the attention's math, which the simulation lacks
-_UNSUPPORTED = ("softcap", "s_aux", "sinks")
+_UNSUPPORTED = ("s_aux", "sinks")
 
 
 class SiteMismatch(ValueError):
@@ -75,7 +75,8 @@ def simulated_attention(
         )
     setattr(module, _SEEN_ATTR, getattr(module, _SEEN_ATTR, 0) + 1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = quantized_cache_attention(query, key, value, form, scale, steady=True)
+    cap = kwargs.get("softcap")
+    out = quantized_cache_attention(query, key, value, form, scale, True, cap)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -34,6 +34,7 @@ from slimfx.forms.kv.numerics import (
     quantize_values,
     split_latent,
 )
+from slimfx.ir.find import logit_softcap
 
 __all__ = [
     "apply_rope",
@@ -148,12 +149,16 @@ def _project(attn: nn.Module, hidden: Tensor, role: str, hd: int) -> Tensor:
 
 
 def tiered_attention(
-    q: Tensor, tiers: list[tuple[Tensor, Tensor, Tensor | None]], scaling: float
+    q: Tensor,
+    tiers: list[tuple[Tensor, Tensor, Tensor | None]],
+    scaling: float,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention ``(B, Hq, T, D)`` where query ``t`` reads key/value ``j`` from the tier
     whose ``(T, T)`` mask holds at ``[t, j]`` (the masks partition the causal triangle; the last
-    tier's mask may be None: every pair the others leave). GQA: kv heads repeated. Softmax in
-    float32; output in ``q.dtype``."""
+    tier's mask may be None: every pair the others leave). GQA: kv heads repeated. ``softcap``:
+    scores soft-capped to ``softcap · tanh(score / softcap)`` (Gemma 2). Softmax in float32;
+    output in ``q.dtype``."""
     B, Hq, T, D = q.shape
     rep = Hq // tiers[0][0].shape[1]
 
@@ -171,6 +176,8 @@ def tiered_attention(
     s = torch.zeros(B, Hq, T, T, device=q.device)
     for (k, _, _), m in zip(tiers, masks):
         s = torch.where(m, qf @ r(k).transpose(-1, -2) * scaling, s)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     p = torch.softmax(s.masked_fill(~causal, float("-inf")), dim=-1)
     out = sum((p * m.to(p.dtype)) @ r(v) for (_, v, _), m in zip(tiers, masks))
     return out.to(q.dtype)
@@ -185,16 +192,17 @@ def compressed_attention(
     n_quantized: Tensor | None,
     scaling: float,
     sink: int = 0,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention ``(B, Hq, T, D)`` where query ``t`` reads ``k_deq``/``v_deq`` for keys
-    ``sink ≤ j < sink + n_quantized[t]`` and ``k``/``v`` otherwise (GQA: kv heads repeated).
-    Softmax in float32; output in ``q.dtype``."""
+    ``sink ≤ j < sink + n_quantized[t]`` and ``k``/``v`` otherwise (GQA: kv heads repeated;
+    ``softcap`` as :func:`tiered_attention`). Softmax in float32; output in ``q.dtype``."""
     if n_quantized is None or k_deq is None:
-        return tiered_attention(q, [(k, v, None)], scaling)
+        return tiered_attention(q, [(k, v, None)], scaling, softcap)
     T = q.shape[2]
     j = torch.arange(T, device=q.device)
     use_q = (j[None, :] < sink + n_quantized.to(q.device)[:, None]) & (j[None, :] >= sink)
-    return tiered_attention(q, [(k_deq, v_deq, use_q), (k, v, None)], scaling)
+    return tiered_attention(q, [(k_deq, v_deq, use_q), (k, v, None)], scaling, softcap)
 
 
 def block_forward(
@@ -244,20 +252,27 @@ def block_forward(
         return attn.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
     k = apply_rope(_project(attn, hidden, "k", hd), cos, sin)
     v = _project(attn, hidden, "v", hd)
-    out = quantized_cache_attention(q, k, v, config, scaling, steady)
+    cap = logit_softcap(attn)
+    out = quantized_cache_attention(q, k, v, config, scaling, steady, cap)
     out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
     return attn.o_proj(out)
 
 
 def quantized_cache_attention(
-    q: Tensor, k: Tensor, v: Tensor, config: KVDecision, scaling: float, steady: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    config: KVDecision,
+    scaling: float,
+    steady: bool = False,
+    softcap: float | None = None,
 ) -> Tensor:
     """Causal attention ``(B, Hq, T, D)`` of the exact ``q`` / ``k`` / ``v`` (keys rotated) with
     the cache in form ``config`` (``kv_quant`` or ``kv_dense``): query ``t`` reads the tokens
     the store holds dequantized (``steady`` as in :func:`block_forward`), the sinks and the
-    residual window exact."""
+    residual window exact; ``softcap`` as :func:`tiered_attention`."""
     if isinstance(config, KVDenseConfig):
-        return compressed_attention(q, k, v, None, None, None, scaling)
+        return compressed_attention(q, k, v, None, None, None, scaling, softcap=softcap)
     if not isinstance(config, KVQuantConfig):
         raise TypeError(f"no simulation for {type(config).__name__}")
     s = config.sink  # the store's blocks start after the sink tokens
@@ -265,7 +280,7 @@ def quantized_cache_attention(
     k_deq = torch.cat([k[:, :, :s], fq(k[:, :, s:], config.key_bits, config.key_group)], 2)
     v_deq = fake_quant_values(v, config.value_bits, config.value_group)
     n_q = _n_quantized(config, q.shape[2], q.device, steady)
-    return compressed_attention(q, k, v, k_deq, v_deq, n_q, scaling, s)
+    return compressed_attention(q, k, v, k_deq, v_deq, n_q, scaling, s, softcap)
 
 
 @torch.no_grad()

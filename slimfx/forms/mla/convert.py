@@ -37,7 +37,7 @@ __all__ = [
 
 #: attention variants MLA cannot convert: it keeps RoPE on one decoupled key over every head
 #: dim, needs keys linear in the hidden state, and its latent cache keeps every token.
-MLA_REFUSES = ("no_rope", "partial_rotary", "qk_norm", "sliding_window")
+MLA_REFUSES = ("no_rope", "partial_rotary", "qk_norm", "sliding_window", "softcap")
 
 
 def describe_block(

@@ -78,14 +78,39 @@ def find(pl: Planning, graph_sites: list[AttentionSite] = ()) -> None:  # type: 
 
 
 def collect(pl: Planning) -> None:
-    """The block inputs the KV candidates' errors are measured on."""
-    from slimfx.forms.kv.calibrate import capture_attention_inputs
+    """The block inputs the KV candidates' errors are measured on. First each block the
+    forms would rewrite is checked against its reimplementation (``calibrate.
+    simulation_mismatch``): one that differs becomes cache-only, with the difference in the
+    reason, rather than priced and rewritten as a block it is not."""
+    import dataclasses
+
+    from slimfx.forms.kv.calibrate import (
+        SIMULATION_TOLERANCE,
+        capture_attention_inputs,
+        simulation_mismatch,
+    )
     from slimfx.forms.kv.candidates import KV_ERROR_BATCHES
 
     assert pl.model is not None
     batches = pl.fit_batches[:KV_ERROR_BATCHES]
     if not batches:
         raise ValueError("pricing KV-cache forms needs calibration batches (calibration=...)")
+    diff = simulation_mismatch(pl.model, pl.attention_sites, batches[0])
+    bad = {f: d for f, d in diff.items() if not d <= SIMULATION_TOLERANCE}
+    if bad:
+        pl.attention_sites = [
+            dataclasses.replace(s, cache_only=(
+                f"{s.module_type or 'the block'}'s output differs from the Llama-style block "
+                f"slimfx rewrites by {bad[s.fqn]:.1e} (relative, float32, on calibration text: "
+                "another RoPE layout or attention variant)"
+            )) if s.fqn in bad else s
+            for s in pl.attention_sites
+        ]  # fmt: skip
+        pl.notes.append(
+            f"{len(bad)} attention site(s) (e.g. {next(iter(bad))}) compute their attention "
+            "otherwise than the Llama-style block the low-rank caches and MLA rebuild: priced by "
+            "replaying the block itself, quantized caches only"
+        )
     pl.attention_inputs = capture_attention_inputs(pl.model, pl.attention_sites, batches)
     pl.notes.append(
         f"KV cache: candidate errors measured on {len(batches)} calibration batch(es) per "
@@ -182,9 +207,11 @@ def add_options(pl: Planning) -> None:
         for short, why in refused.items():
             pl.kv_refused.setdefault(why, []).append(f"{site.fqn} ({short})")
         added.append(so)
-    for why, where in pl.kv_refused.items():
+    for why, where in pl.kv_refused.items():  # entries "fqn (form)"
+        n_sites = len({w.split(" (", 1)[0] for w in where})
         pl.notes.append(
-            f"KV candidates not offered at {len(where)} site(s) (e.g. {where[0]}): {why}"
+            f"KV candidates not offered: {len(where)} form(s) at {n_sites} site(s) (e.g. "
+            f"{where[0]}): {why}"
         )
     # every option's latency: one attention step of the workload for the budget's batch at its
     # context; without a context the cache read is not priced (a step attends over its own

@@ -497,7 +497,10 @@ def describe_cache_attention(
         sliding_window=_sliding_window(module, config, layer_idx),
         layer_idx=layer_idx,
         module_type=name,
-        cache_only=True,
+        cache_only=(
+            f"{name} has no separate q_proj/k_proj/v_proj/o_proj linears (fused or renamed "
+            "projections)"
+        ),
         softcap=logit_softcap(module, config),
     )
 

@@ -71,10 +71,12 @@ class AttentionSite:
     (``num_heads · head_dim`` when not given); ``rope_dim``, ``sliding_window`` and
     ``layer_idx`` as in ``AttentionShape``. ``module_type``: the class name of the attention
     module (``"LlamaAttention"``); ``qk_norm``: the attribute of a per-head norm between the
-    q/k projections and RoPE (``"k_norm"``, …), ``None`` without one. ``cache_only``: a block
-    without separate ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears (Phi-3's fused
-    ``qkv_proj``, Phi's ``dense``, OPT's ``out_proj``) whose cache can be compressed where it
-    is held, but whose computation no form rewrites (quantized caches only). ``softcap``: the
+    q/k projections and RoPE (``"k_norm"``, …), ``None`` without one. ``cache_only``: why the
+    block's cache can be compressed where it is held but its computation is rewritten by no
+    form (quantized caches only), ``None`` for a block any form may take: no separate
+    ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears (Phi-3's fused ``qkv_proj``, Phi's
+    ``dense``, OPT's ``out_proj``), or an attention the rewritten blocks do not reproduce
+    (measured at calibration: Cohere's interleaved RoPE). ``softcap``: the
     attention-logit soft-cap (Gemma 2's ``attn_logit_softcapping``), ``None`` without one.
     """
 
@@ -90,7 +92,7 @@ class AttentionSite:
     layer_idx: int | None = None
     module_type: str | None = None
     qk_norm: str | None = None
-    cache_only: bool = False
+    cache_only: str | None = None
     softcap: float | None = None
     kind: ClassVar[str] = "attention"
 

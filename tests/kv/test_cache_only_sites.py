@@ -62,7 +62,7 @@ def test_sites_of_blocks_without_llama_projections():
     sites, rejected = inspect_attention_sites(_model("phi3"))
     assert not rejected and len(sites) == 2
     s = sites[1]
-    assert (s.cache_only, s.num_heads, s.num_kv_heads, s.head_dim, s.layer_idx) == (
+    assert (bool(s.cache_only), s.num_heads, s.num_kv_heads, s.head_dim, s.layer_idx) == (
         True, 4, 2, 16, 1,
     )  # fmt: skip
     assert s.projections == (("o", "model.layers.1.self_attn.o_proj"),)  # qkv_proj is fused
@@ -71,7 +71,7 @@ def test_sites_of_blocks_without_llama_projections():
     assert not inspect_attention_sites(_model("llama"))[0][0].cache_only
 
     neox = inspect_attention_sites(_model("neox"))[0][0]  # the cache comes as layer_past
-    assert (neox.cache_only, neox.head_dim, neox.rope_dim) == (True, 16, 4)
+    assert (bool(neox.cache_only), neox.head_dim, neox.rope_dim) == (True, 16, 4)
     assert neox.projection("o") == "gpt_neox.layers.0.attention.dense"
 
     class NoCache(nn.Module):
@@ -96,7 +96,7 @@ def test_the_replayed_block_error_equals_the_block_simulation_on_llama():
     site = inspect_attention_sites(model)[0][0]
     batches = _calib()
     inputs = capture_attention_inputs(model, [site], batches)[site.fqn]
-    whole = dataclasses.replace(site, cache_only=True)
+    whole = dataclasses.replace(site, cache_only="replayed")
     calls = capture_attention_inputs(model, [whole], batches)[site.fqn]
     assert all(isinstance(c, BlockCall) for c in calls)
     forms = [KVDenseConfig(), *FORMS]
@@ -189,3 +189,34 @@ def test_a_fused_qkv_block_exports_its_quantized_cache_to_onnxruntime(tmp_path):
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(3))
     want = out.generate(ids, max_new_tokens=30, min_new_tokens=30, do_sample=False)
     assert OrtKVDecoder(res.path).generate(ids, 30).tolist() == want.tolist()
+
+
+def test_a_block_unlike_its_reimplementation_becomes_cache_only():
+    """Cohere rotates interleaved pairs, which the Llama-style reimplementation (what prices
+    the candidates and what a low-rank block computes) does not: the check at calibration
+    measures the difference, and the site is priced by replaying the block and offered the
+    quantized caches only — not rewritten into a block that computes something else."""
+    import transformers as tf
+
+    from slimfx.forms.kv.calibrate import simulation_mismatch
+
+    torch.manual_seed(0)
+    cohere = tf.CohereForCausalLM(tf.CohereConfig(**_SMALL)).eval()
+    batch = _calib(1)[0]
+    diff = simulation_mismatch(cohere, inspect_attention_sites(cohere)[0], batch)
+    assert len(diff) == 2 and min(diff.values()) > 1e-3
+    llama = _model("llama")
+    assert max(simulation_mismatch(llama, inspect_attention_sites(llama)[0], batch).values()) < 1e-6
+
+    out = slimfx.optimize(cohere, Budget(kv=0.4, context=512), calibration=_calib(4, 48),
+                          progress=False, kv_forms=["default", "mla"])  # fmt: skip
+    rep = slimfx.report_of(out)
+    assert {k.decision.get("kind") for k in rep.kv_sites} == {"kv_quant"}
+    notes = " ".join(rep.notes)
+    assert "2 attention site(s) (e.g. model.layers.0.self_attn) compute their attention" in notes
+    assert "CohereAttention's output differs from the Llama-style block" in notes
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=40, min_new_tokens=40, do_sample=False)
+    got = out.generate(ids, **kw)
+    out.set_attn_implementation("sdpa")
+    assert out.generate(ids, **kw).tolist() == got.tolist()

@@ -17,7 +17,13 @@ from torch import Tensor, nn
 
 from slimfx.ir.sites import AttentionSite
 
-__all__ = ["capture_attention_inputs", "attention_grams", "fit_site"]
+from .cache import CACHE_KWARGS
+from .config import KVDenseConfig
+
+__all__ = [
+    "capture_attention_inputs", "attention_grams", "fit_site", "simulation_mismatch",
+    "SIMULATION_TOLERANCE",
+]  # fmt: skip
 
 
 @torch.no_grad()
@@ -60,7 +66,6 @@ def capture_attention_inputs(
 ) -> dict[str, list[Any]]:
     """Per site fqn, one ``(hidden, cos, sin)`` per batch — for a cache-only site, whose block
     is replayed as it is (``replay.BlockCall``), the whole call."""
-    from .cache import CACHE_KWARGS
     from .replay import BlockCall
 
     out: dict[str, list[Any]] = {s.fqn: [] for s in sites}
@@ -75,6 +80,58 @@ def capture_attention_inputs(
         out[fqn].append((_hidden(args, kwargs), pe[0].detach(), pe[1].detach()))
 
     _run(model, sites, batches, keep)
+    return out
+
+
+def _float32(x: Any) -> Any:
+    if isinstance(x, Tensor) and x.is_floating_point():
+        return x.float()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_float32(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _float32(v) for k, v in x.items()}
+    return x
+
+
+#: the relative difference above which a block is not the one ``simulation_mismatch``
+#: reimplements (float32 rounding gives ~1e-7)
+SIMULATION_TOLERANCE = 1e-4
+
+
+@torch.no_grad()
+def simulation_mismatch(
+    model: nn.Module, sites: list[AttentionSite], batch: Tensor
+) -> dict[str, float]:
+    """Per site whose block the forms rewrite (not ``cache_only``): the relative difference
+    ``‖y_sim − y‖ / ‖y‖`` between the block's own output ``y`` on ``batch``'s call and
+    :func:`~slimfx.forms.kv.simulate.block_forward`'s dense reimplementation of it ``y_sim``
+    (what the candidates are priced with, and what the low-rank block computes) — both in
+    float32, on a copy of the block. Llama-style blocks differ by rounding (~1e-7); a block
+    whose attention is something else (Cohere's interleaved RoPE pairs) by far more."""
+    import copy
+
+    from .simulate import block_forward
+
+    todo = [s for s in sites if not s.cache_only]
+    calls: dict[str, tuple[tuple, dict]] = {}
+
+    def keep(fqn: str, args: tuple, kwargs: dict) -> None:
+        kw = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+        calls.setdefault(fqn, (args, kw))
+
+    _run(model, todo, [batch], keep)
+    mods = dict(model.named_modules())
+    out: dict[str, float] = {}
+    for s in todo:
+        if s.fqn not in calls or calls[s.fqn][1].get("position_embeddings") is None:
+            continue
+        args, kwargs = _float32(calls[s.fqn])
+        attn = copy.deepcopy(mods[s.fqn]).float()
+        y = attn(*args, **kwargs)
+        y = (y[0] if isinstance(y, tuple) else y).double()
+        cos, sin = kwargs["position_embeddings"]
+        y_sim = block_forward(attn, _hidden(args, kwargs), cos, sin, KVDenseConfig()).double()
+        out[s.fqn] = float((y_sim - y).norm() / y.norm().clamp_min(1e-30))
     return out
 
 

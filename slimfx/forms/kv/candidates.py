@@ -166,9 +166,8 @@ def _why_not(config: KVDecision, site: AttentionSite, sites: set[str] | None) ->
 def cache_only_reason(site: AttentionSite) -> str:
     """Why a cache-only site takes no form that rewrites its block (low-rank caches, MLA)."""
     return (
-        f"{site.module_type or 'the block'} has no separate q_proj/k_proj/v_proj/o_proj linears "
-        "(fused or renamed projections): only quantized caches, which keep the block's own "
-        "computation, are offered there"
+        f"{site.cache_only}: only quantized caches, which keep the block's own computation, "
+        "are offered there"
     )
 
 

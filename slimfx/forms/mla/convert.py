@@ -53,6 +53,28 @@ def describe_block(
     return why[0] if why else site
 
 
+def _unlike_llama(model: nn.Module, sites: Mapping[int, AttentionSite]) -> dict[int, str]:
+    """Layer → why, for each block whose output is not the Llama-style attention MLA is fitted
+    to (``forms.kv.calibrate.simulation_mismatch`` on a probe of random token ids: Cohere's
+    interleaved RoPE pairs)."""
+    from slimfx.forms.kv.calibrate import SIMULATION_TOLERANCE, simulation_mismatch
+
+    if not sites:
+        return {}
+    vocab = int(getattr(model.config, "vocab_size", 2))
+    probe = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    diff = simulation_mismatch(model, list(sites.values()), probe.to(device))
+    by_fqn = {s.fqn: i for i, s in sites.items()}
+    return {
+        by_fqn[f]: f"unsupported attention variant: the block's output differs from the "
+        f"Llama-style attention MLA is fitted to by {d:.1e} (relative, float32; e.g. another "
+        "RoPE layout)"
+        for f, d in diff.items()
+        if not d <= SIMULATION_TOLERANCE
+    }
+
+
 class _Stop(Exception):
     pass
 
@@ -209,14 +231,18 @@ def convert_model(
     hf_cfg = model.config
     plan = {i: cfg for i in range(len(blocks))} if isinstance(cfg, MLAConfig) else dict(cfg)
     result = MLAConversion()
-    shapes = {}
+    shapes, sites = {}, {}
+    names = {id(m): n for n, m in model.named_modules()}
     for i, c in sorted(plan.items()):
-        site = describe_block(blocks[i].self_attn, hf_cfg, i)
+        attn = blocks[i].self_attn
+        site = describe_block(attn, hf_cfg, i, names.get(id(attn), ""))
         reason = site if isinstance(site, str) else c.reason_invalid(site.site_shape)
         if reason:
             result.rejected[i] = reason
         else:
-            shapes[i] = site.site_shape  # type: ignore[union-attr]
+            shapes[i], sites[i] = site.site_shape, site  # type: ignore[union-attr]
+    result.rejected.update(_unlike_llama(model, sites))
+    shapes = {i: sh for i, sh in shapes.items() if i not in result.rejected}
     if result.rejected and strict:
         raise ValueError(
             "MLA conversion rejected (model unchanged): "

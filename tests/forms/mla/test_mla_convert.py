@@ -230,6 +230,28 @@ def test_rejects_sliding_window_and_leaves_model_unchanged():
     assert not any(isinstance(b.self_attn, MLAAttention) for b in model.model.layers)
 
 
+def test_rejects_an_attention_unlike_the_llama_block_and_leaves_model_unchanged():
+    """Cohere rotates interleaved RoPE pairs; MLA's fit assumes Llama's halves. The probe
+    (simulation_mismatch on random ids) measures the difference and the conversion refuses."""
+    from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = CohereForCausalLM(CohereConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        num_hidden_layers=2, vocab_size=256)).eval()  # fmt: skip
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"layer 0: .*differs from the Llama-style attention"):
+        convert_model(model, MLAConfig(rank=8, rope_pairs=2), calib_batches())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(isinstance(b.self_attn, MLAAttention) for b in model.model.layers)
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        num_hidden_layers=2, vocab_size=256, head_dim=16,
+        layer_types=["full_attention"] * 2)).eval()  # fmt: skip
+    with pytest.raises(ValueError, match=r"soft-capped at 50"):
+        convert_model(gemma2, MLAConfig(rank=8, rope_pairs=2), calib_batches())
+
+
 def test_qwen2_with_biases_converts_exactly_at_full_rank():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 

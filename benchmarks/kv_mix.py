@@ -127,6 +127,8 @@ def main() -> int:
         help="joint: only the dense row, the joint budget and the hand splits",
     )  # fmt: skip
     a = ap.parse_args()
+    if a.mla_only and a.rows == "joint":
+        ap.error("--rows joint has no rows with --mla-only (it compares per-layer MLA ranks)")
     if a.mla_ranks:  # the ladder plan_model offers and the uniform rows below both read it
         MLA_LADDER["rank_fractions"] = tuple(float(f) for f in a.mla_ranks.split(","))
     torch.manual_seed(0)
@@ -195,7 +197,7 @@ def main() -> int:
     dense = run("dense", None, uniform_plan(pl, KVDenseConfig()), 1.0)
     shape = pl.attention_sites[0].site_shape
     uniform = [] if a.mla_only or a.rows == "joint" else default_kv_forms(shape)[1:]
-    if a.mla or a.mla_only:  # the MLA ladder's configs (the same at every layer: one shape)
+    if (a.mla or a.mla_only) and a.rows == "all":  # the MLA ladder's configs (one shape)
         base = ladder_context(shape.head_dim).base
         full = base.full_rank(shape)
         for bits in MLA_LADDER["latent_bits"]:

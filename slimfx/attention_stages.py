@@ -112,11 +112,40 @@ def collect(pl: Planning) -> None:
             "replaying the block itself, quantized caches only"
         )
     pl.attention_inputs = capture_attention_inputs(pl.model, pl.attention_sites, batches)
+    _drop_unreplayable(pl)
     pl.notes.append(
         f"KV cache: candidate errors measured on {len(batches)} calibration batch(es) per "
         "attention site, in the steady state (every past token beyond the sinks read from the "
         "compressed store, as at long context)"
     )
+
+
+def _drop_unreplayable(pl: Planning) -> None:
+    """Cache-only sites whose block does not attend as the site says (``replay.check_replay``
+    on the first calibration call: DeepSeek's own latent attention, a block that computes its
+    attention itself) are no sites for the KV cache: dropped with the reason — an error when
+    none is left."""
+    from slimfx.forms.kv.replay import check_replay
+
+    assert pl.model is not None
+    dropped = {}
+    for s in pl.attention_sites:
+        calls = pl.attention_inputs.get(s.fqn) or []
+        why = check_replay(pl.model, s, calls[0]) if s.cache_only and calls else None
+        if why:
+            dropped[s.fqn] = why
+            pl.notes.append(f"{s.fqn}: not an attention site for the KV cache — {why}")
+    if not dropped:
+        return
+    pl.attention_sites = [s for s in pl.attention_sites if s.fqn not in dropped]
+    for f in dropped:
+        pl.attention_inputs.pop(f, None)
+    if not pl.attention_sites:
+        f, why = next(iter(dropped.items()))
+        raise ValueError(
+            f"the budget counts the KV cache but the model has no attention site: {f}: {why}"
+            + (f" (and {len(dropped) - 1} more)" if len(dropped) > 1 else "")
+        )
 
 
 def _bias_bytes(pl: Planning, fqns: list[str]) -> int:
@@ -243,8 +272,12 @@ def explain_infeasible(pl: Planning, exc: InfeasibleBudgetError) -> InfeasibleBu
     """``exc`` with what limits the cache, for a budget that counts it: the attention layers
     left with the 16-bit cache alone, and each reason a KV form was refused (the report's notes
     never reach a user whose budget fails)."""
+    msg = str(exc)
     if not pl.budget.prices_cache or pl.problem is None:
         return exc
+    if not (msg.startswith(("kv budget", "total budget")) or "together with kv budget" in msg
+            or "together with total budget" in msg):  # fmt: skip
+        return exc  # a memory / latency limit alone: the cache is not what limits it
     kinds = [so for so in pl.problem.sites if so.kind == "attention"]
     fixed = [so.name for so in kinds if len(so.options) == 1]
     parts = []

@@ -329,8 +329,7 @@ class _Export:
         kwargs: dict[str, Any] = {}
         if opts["opset"] is not None:
             kwargs["opset_version"] = opts["opset"]
-        onnx_ops.export_options["accuracy_level"] = opts["accuracy_level"]
-        try:
+        with onnx_ops.accuracy_level(opts["accuracy_level"]):
             prog = torch.onnx.export(
                 self.program,
                 (),
@@ -342,8 +341,6 @@ class _Export:
                 verbose=False,
                 **kwargs,
             )
-        finally:
-            onnx_ops.export_options["accuracy_level"] = 0
         self.ir_model = prog.model
         return PassResult("to_onnx", True)
 

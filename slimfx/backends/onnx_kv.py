@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
-from slimfx.backends import onnx_decode
+from slimfx.backends import onnx_decode, onnx_ops
 from slimfx.backends.onnx_attention import export_attention
 from slimfx.backends.onnx_graph import (
     WRAP,
@@ -331,8 +331,6 @@ def _to_onnx(
     import onnx
     import onnx_ir as ir
 
-    from slimfx.backends import onnx_ops
-
     prog = torch.onnx.export(
         program,
         (),
@@ -378,11 +376,13 @@ def export_onnx_kv(
     model: nn.Module,
     path: str | os.PathLike[str],
     form: KVDecision | dict[int, KVDecision] | None = None,
+    accuracy_level: int = 0,
 ) -> KVExportResult:
     """Export a Hugging Face causal LM's decode step over its compressed KV cache (module
     docstring) to ``path`` and its flush graphs next to it. ``form``: as
     :func:`export_forms` (``None``: the forms the model carries). Batch, sequence, window and
-    store lengths stay dynamic. The model (float32 or float16 weights) is left unchanged."""
+    store lengths stay dynamic. ``accuracy_level``: as ``export_onnx``'s (the step graph's
+    ``MatMulNBits``). The model (float32 or float16 weights) is left unchanged."""
     path = Path(path)
     forms = export_forms(model, form)
     if any(p.dtype == torch.bfloat16 for p in model.parameters()):
@@ -478,8 +478,9 @@ def export_onnx_kv(
     flush_glob = f"{glob.escape(path.stem)}.flush*.onnx"
 
     def write(tmp: Path) -> None:
-        for prog, name, *rest in graphs:
-            _to_onnx(prog, tmp / name, *rest)
+        with onnx_ops.accuracy_level(accuracy_level):
+            for prog, name, *rest in graphs:
+                _to_onnx(prog, tmp / name, *rest)
 
     # the step graph renamed last; the decoder checks each flush's form; a previous export's
     # extra flush graphs are removed

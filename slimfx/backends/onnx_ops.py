@@ -33,7 +33,8 @@ exported dense (``DequantT``) and the export notes say so.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -55,13 +56,25 @@ __all__ = [
     "translation_table",
     "translation_name",
     "export_options",
+    "accuracy_level",
 ]
 
 FOLD_DOMAIN = "slimfx.fold"
 MSFT_DOMAIN = "com.microsoft"
 
-#: Options read by the translations while one export runs (set by ``export_onnx``).
+#: Options read by the translations while one export runs (set by :func:`accuracy_level`).
 export_options: dict[str, Any] = {"accuracy_level": 0}
+
+
+@contextmanager
+def accuracy_level(level: int) -> Iterator[None]:
+    """Within the block, the ``MatMulNBits`` the translations emit carry ``accuracy_level``
+    ``level`` (0: float compute); reset to 0 afterwards, also on an error."""
+    export_options["accuracy_level"] = int(level)
+    try:
+        yield
+    finally:
+        export_options["accuracy_level"] = 0
 
 _TYPES = [
     f"tensor({t})"

@@ -443,15 +443,18 @@ _OUT_PROJS = ("o_proj", "dense", "out_proj", "c_proj")
 
 
 def describe_cache_attention(
-    module: nn.Module, fqn: str = "", config: Any = None
+    module: nn.Module, fqn: str = "", config: Any = None, causal: bool | None = None
 ) -> AttentionSite | str:
     """A *cache-only* site (``AttentionSite.cache_only``) for a Hugging Face decoder attention
     block that :func:`describe_attention` refuses for its projections, or why not: a module
     named ``…Attention`` with a layer index whose ``forward`` takes ``past_key_values`` or
     ``layer_past`` (the transformers ``Cache`` whose layer a quantized form replaces) — Phi-3
-    (fused ``qkv_proj``), Phi, OPT, GPT-2, GPT-NeoX. Heads, kv-heads and head_dim come from the module, then
-    its config; whether the block really calls transformers' attention interface with keys of
-    that shape is checked when its candidates are measured (``forms.kv.simulate``)."""
+    (fused ``qkv_proj``), Phi, OPT, GPT-2, GPT-NeoX. Heads, kv-heads and head_dim come from
+    the module, then ``config`` (the module's when not given); ``causal``: known from the
+    model (a ``…ForCausalLM``), else read as :func:`find_attention_sites` does; whether the
+    block really calls
+    transformers' attention interface with keys of that shape is checked on calibration text
+    before it is priced (``forms.kv.replay.check_replay``)."""
     import inspect
 
     name = type(module).__name__
@@ -459,7 +462,7 @@ def describe_cache_attention(
     layer_idx = getattr(module, "layer_idx", None)
     if not isinstance(layer_idx, int) or isinstance(layer_idx, bool):
         return "no layer_idx: not a decoder attention with a cache layer"
-    if not _is_causal(module, config):
+    if not (causal if causal is not None else _is_causal(module, config)):
         return f"{name} is not causal (an encoder's attention): it keeps no KV cache"
     params = inspect.signature(module.forward).parameters
     if not any(p in params for p in ("past_key_values", "layer_past")):
@@ -547,13 +550,21 @@ def inspect_attention_sites(
         raise ValueError(f"unknown attention variants {sorted(unknown)}; {ATTENTION_VARIANTS}")
     sites: list[AttentionSite] = []
     rejected: dict[str, str] = {}
+    root = getattr(model, "config", None)
+    lm = type(model).__name__.endswith(("ForCausalLM", "LMHeadModel")) or None
     for fqn, m in model.named_modules():
         if isinstance(m, nn.MultiheadAttention) or all(hasattr(m, p) for p in _PROJS):
             got = describe_attention(m, fqn)
         elif type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx"):
-            got = describe_cache_attention(m, fqn)
+            got = describe_cache_attention(m, fqn, getattr(m, "config", None) or root, lm)
         else:
             continue
+        if not isinstance(got, str) and getattr(root, "is_encoder_decoder", False):
+            got = (
+                f"{type(m).__name__} is in an encoder-decoder model, whose generate() keeps an "
+                "EncoderDecoderCache (self- and cross-attention caches): the KV forms hold the "
+                "layers of a decoder-only cache"
+            )
         if isinstance(got, str):
             rejected[fqn] = got
             continue

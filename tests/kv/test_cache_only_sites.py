@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache
 
 import slimfx
 from slimfx.forms.kv.calibrate import capture_attention_inputs
-from slimfx.forms.kv.candidates import _errors, kv_site_options
+from slimfx.forms.kv.candidates import _errors
 from slimfx.forms.kv.config import KVDenseConfig, KVQuantConfig
 from slimfx.forms.kv.replay import BlockCall
 from slimfx.ir.find import describe_cache_attention, inspect_attention_sites
@@ -139,16 +139,23 @@ def test_a_kv_budget_compresses_their_caches_and_generates(family, tmp_path):
     assert dense.shape == plain.shape
 
 
-def test_the_replay_refuses_a_block_that_does_not_attend_as_its_site_says():
+def test_a_block_that_does_not_attend_as_its_site_says_is_no_site():
+    """The replay checks each cache-only site on a calibration call before pricing: keys of
+    another shape than the site's (its cache bytes would be priced wrong too) or no call of the
+    attention interface drop the site, with the reason; none left is an error."""
+    import transformers as tf
+
+    from slimfx.forms.kv.replay import check_replay
+
     model = _model("phi3")
     site = inspect_attention_sites(model)[0][0]
     calls = capture_attention_inputs(model, [site], _calib(2))[site.fqn]
+    assert check_replay(model, site, calls[0]) is None
     wrong = dataclasses.replace(site, num_kv_heads=1)  # a config that misstates the kv heads
-    so, refused = kv_site_options(model, wrong, calls, None, forms=FORMS, context=128)
-    assert [type(o.decision) for o in so.options] == [KVDenseConfig]
-    assert "attends with 4 query and 2 key heads of 16 dims, not the 1 kv heads" in " ".join(
-        refused.values()
+    assert "attends with 4 query and 2 key heads of 16 dims, not the 1 kv heads" in (
+        check_replay(model, wrong, calls[0])
     )
+    assert model.config._attn_implementation == "sdpa"
 
     class OwnAttention(nn.Module):  # attention computed in its own code
         def __init__(self) -> None:
@@ -167,10 +174,40 @@ def test_the_replay_refuses_a_block_that_does_not_attend_as_its_site_says():
     holder.own = own
     holder.config = model.config
     holder.set_attn_implementation = model.set_attn_implementation
-    calls = [BlockCall((torch.randn(1, 5, 32),), {})]
-    so, refused = kv_site_options(holder, site, calls, None, forms=FORMS[:1])
-    assert "does not call transformers' attention interface" in refused[FORMS[0].short()]
-    assert model.config._attn_implementation == "sdpa"
+    why = check_replay(holder, site, BlockCall((torch.randn(1, 5, 32),), {}))
+    assert "does not call transformers' attention interface" in why
+
+    # DeepSeek-V3 (its own latent attention: keys of 24 dims where the config says 8) and
+    # Falcon (attention in its own code) are no KV sites: optimize says why, nothing changes
+    ds = tf.DeepseekV3ForCausalLM(tf.DeepseekV3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+        n_routed_experts=4, num_experts_per_tok=2, first_k_dense_replace=2)).eval()  # fmt: skip
+    with pytest.raises(ValueError, match=r"no attention site: .*keys? heads of 24 dims, not the"):
+        slimfx.optimize(ds, Budget(total_bytes=1e6, context=256), calibration=_calib(2),
+                        progress=False)  # fmt: skip
+    falcon = tf.FalconForCausalLM(tf.FalconConfig(vocab_size=256, hidden_size=64,
+                                                  num_hidden_layers=2, num_attention_heads=4))
+    with pytest.raises(ValueError, match="does not call transformers' attention interface"):
+        slimfx.optimize(falcon.eval(), Budget(kv=0.5, context=256), calibration=_calib(2),
+                        progress=False)  # fmt: skip
+
+
+def test_encoder_decoder_and_encoder_blocks_are_no_kv_sites_and_lms_are_causal():
+    import transformers as tf
+
+    bart = tf.BartForConditionalGeneration(tf.BartConfig(
+        vocab_size=256, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64))  # fmt: skip
+    sites, rejected = inspect_attention_sites(bart)
+    assert not sites
+    assert "EncoderDecoderCache" in rejected["model.decoder.layers.0.self_attn"]
+    assert "not causal" in rejected["model.encoder.layers.0.self_attn"]
+    bloom = tf.BloomForCausalLM(tf.BloomConfig(vocab_size=256, hidden_size=64, n_layer=1,
+                                               n_head=4))  # fmt: skip
+    sites, rejected = inspect_attention_sites(bloom)  # causal: a …ForCausalLM
+    assert not rejected and sites[0].cache_only and sites[0].causal
 
 
 def test_a_fused_qkv_block_exports_its_quantized_cache_to_onnxruntime(tmp_path):

@@ -171,6 +171,13 @@ def test_an_infeasible_cache_budget_names_the_layers_and_reasons_that_limit_it()
     mixed = build(seed=0, layer_types=["full_attention", "sliding_attention"], sliding_window=8)
     with pytest.raises(InfeasibleBudgetError, match=r"1 of 2 attention layer\(s\) .*layers\.1"):
         slimfx.optimize(mixed, Budget(kv=0.3, context=256), calibration=calib, progress=False)
+    # a weight limit that fails alone: the cache is not what limits it, nothing about it added
+    with pytest.raises(InfeasibleBudgetError) as err:
+        slimfx.optimize(mixed, Budget(memory=0.01, kv=0.7, context=256), calibration=calib,
+                        progress=False)  # fmt: skip
+    assert str(err.value).startswith("memory budget") and "What limits the cache" not in str(
+        err.value
+    )
 
 
 def test_soft_capped_attention_is_simulated_with_its_cap_and_refused_by_rewriting_forms(

@@ -18,9 +18,8 @@ forms into the site's :class:`~slimfx.planning.problem.SiteOptions`:
 - **covers**: a low-rank form owns the site's k_proj and v_proj linear sites.
 
 A form the site cannot take (``config.check``, keys behind a q/k norm for the low-rank forms, k/v
-projections that are not sites of the problem, a cache-only site for the low-rank forms, a
-block the replay finds attending otherwise than its site says) is left out, with the reason
-returned.
+projections that are not sites of the problem, a cache-only site or a soft-capped attention for
+the low-rank forms) is left out, with the reason returned.
 """
 
 from __future__ import annotations
@@ -49,7 +48,6 @@ from .config import (
     KVLowRankConfig,
     KVQuantConfig,
 )
-from .replay import SiteMismatch
 
 __all__ = [
     "default_kv_forms", "kv_costs", "kv_site_options", "cache_only_reason", "KV_ERROR_BATCHES",
@@ -245,13 +243,7 @@ def kv_site_options(
             if gram is None:
                 raise ValueError(f"{site.fqn}: {c.short()} needs the input Gram of k_proj")
             factors[lr] = fit_site(model, site, gram, lr)
-    try:
-        errors = _errors(model, site, inputs, chosen, factors)
-    except SiteMismatch as e:  # the block does not attend as its site says: 16-bit only
-        why = f"the cache simulation cannot replay {site.module_type or 'this block'}: {e}"
-        refused.update({c.short(): why for c in chosen if not isinstance(c, KVDenseConfig)})
-        chosen = [KVDenseConfig()]
-        errors = [0.0]
+    errors = _errors(model, site, inputs, chosen, factors)
     covers = tuple(str(site.projection(r)) for r in ("k", "v"))
     options = []
     for c, e in zip(chosen, errors):

@@ -11,7 +11,9 @@ function with the 16-bit form gives the reference output, so both go through one
 
 The replay also checks the site: a block whose forward never reaches the attention interface,
 or hands it keys of another shape than the site's heads and head_dim, raises
-:class:`SiteMismatch` (its candidates are then refused with that reason).
+:class:`SiteMismatch`; :func:`check_replay` runs that check on one calibration call before
+pricing, and such a block is dropped from the sites with the reason (its cache bytes, priced
+from the site's shape, would be wrong too).
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .config import KVDecision
+from .config import KVDecision, KVDenseConfig
 from .simulate import quantized_cache_attention
 
-__all__ = ["BlockCall", "SIMULATED_ATTENTION", "SiteMismatch", "replay_block", "simulated_attention"]
+__all__ = [
+    "BlockCall", "SIMULATED_ATTENTION", "SiteMismatch", "check_replay", "replay_block",
+    "simulated_attention",
+]  # fmt: skip
 
 SIMULATED_ATTENTION = "slimfx_kv_simulated"
 _FORM_ATTR = "_slimfx_simulated_form"
@@ -95,6 +100,20 @@ def simulating(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.set_attn_implementation(previous)
+
+
+def check_replay(model: nn.Module, site: Any, call: BlockCall) -> str | None:
+    """Why ``site``'s block cannot be priced by replaying ``call`` (it does not attend as the
+    site says: no attention-interface call, keys of another shape, an attention argument the
+    simulation lacks), or ``None``. A block that fails this is no site for the KV cache: its
+    cache bytes, taken from the site's heads and head_dim, would be wrong too."""
+    attn = dict(model.named_modules())[site.fqn]
+    try:
+        with simulating(model):
+            replay_block(attn, call, KVDenseConfig(), site.num_kv_heads, site.head_dim)
+    except SiteMismatch as e:
+        return f"the cache simulation cannot replay {site.module_type or 'this block'}: {e}"
+    return None
 
 
 @torch.no_grad()

@@ -77,16 +77,10 @@ def export_attention(model: nn.Module) -> Iterator[None]:
     """Within the block ``model`` (a Hugging Face model; anything else is left alone) runs
     :func:`grouped_attention`; its previous attention function is restored afterwards, also
     when the export fails."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(model, "set_attn_implementation"):
+    if getattr(model, "config", None) is None or not hasattr(model, "set_attn_implementation"):
         yield
         return
-    from slimfx.forms.kv.fused import register_attention
+    from slimfx.forms.kv.fused import attention_function
 
-    previous = config.get_text_config(decoder=True)._attn_implementation
-    register_attention(EXPORT_ATTENTION, grouped_attention)
-    model.set_attn_implementation(EXPORT_ATTENTION)
-    try:
+    with attention_function(model, EXPORT_ATTENTION, grouped_attention):
         yield
-    finally:
-        model.set_attn_implementation(previous)

@@ -38,6 +38,8 @@ leaves CUDA graphs out of such a step).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +149,19 @@ def register_attention(name: str, fn: Any) -> None:
 
     AttentionInterface.register(name, fn)
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+
+
+@contextmanager
+def attention_function(model: nn.Module, name: str, fn: Any) -> Iterator[None]:
+    """Within the block, ``model`` (a Hugging Face model) runs the attention function ``fn``
+    (registered as ``name``); its previous one is restored afterwards, also on an error."""
+    previous = model.config.get_text_config(decoder=True)._attn_implementation
+    register_attention(name, fn)
+    model.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
 
 
 def _register() -> None:

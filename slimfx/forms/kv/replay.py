@@ -89,17 +89,12 @@ def simulated_attention(
 def simulating(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model`` (a Hugging Face model) runs :func:`simulated_attention`;
     its previous attention function is restored afterwards, also on an error."""
-    from .fused import register_attention
+    from .fused import attention_function
 
     if not hasattr(model, "set_attn_implementation"):
         raise SiteMismatch(f"{type(model).__name__} cannot switch its attention function")
-    previous = model.config.get_text_config(decoder=True)._attn_implementation
-    register_attention(SIMULATED_ATTENTION, simulated_attention)
-    model.set_attn_implementation(SIMULATED_ATTENTION)
-    try:
+    with attention_function(model, SIMULATED_ATTENTION, simulated_attention):
         yield
-    finally:
-        model.set_attn_implementation(previous)
 
 
 def check_replay(model: nn.Module, site: Any, call: BlockCall) -> str | None:

@@ -174,6 +174,9 @@ def test_a_block_that_does_not_attend_as_its_site_says_is_no_site():
     holder.set_attn_implementation = model.set_attn_implementation
     why = check_replay(holder, site, BlockCall((torch.randn(1, 5, 32),), {}))
     assert "does not call transformers' attention interface" in why
+    why = check_replay(holder, site, BlockCall((torch.randn(1, 5, 7),), {}))  # wrong width
+    assert "its forward raised RuntimeError" in why
+    assert model.config._attn_implementation == "sdpa"
 
     # DeepSeek-V3 (its own latent attention: keys of 24 dims where the config says 8) and
     # Falcon (attention in its own code) are no KV sites: optimize says why, nothing changes

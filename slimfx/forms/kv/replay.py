@@ -100,14 +100,20 @@ def simulating(model: nn.Module) -> Iterator[None]:
 def check_replay(model: nn.Module, site: Any, call: BlockCall) -> str | None:
     """Why ``site``'s block cannot be priced by replaying ``call`` (it does not attend as the
     site says: no attention-interface call, keys of another shape, an attention argument the
-    simulation lacks), or ``None``. A block that fails this is no site for the KV cache: its
-    cache bytes, taken from the site's heads and head_dim, would be wrong too."""
+    simulation lacks, an error its forward raises replayed so), or ``None``. A block that
+    fails this is no site for the KV cache: its cache bytes, taken from the site's heads and
+    head_dim, would be wrong too."""
     attn = dict(model.named_modules())[site.fqn]
     try:
         with simulating(model):
             replay_block(attn, call, KVDenseConfig(), site.num_kv_heads, site.head_dim)
     except SiteMismatch as e:
         return f"the cache simulation cannot replay {site.module_type or 'this block'}: {e}"
+    except Exception as e:  # noqa: BLE001 — an unknown block failing its replay is refused
+        return (
+            f"the cache simulation cannot replay {site.module_type or 'this block'}: its "
+            f"forward raised {type(e).__name__}: {e}"
+        )
     return None
 
 

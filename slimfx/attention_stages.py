@@ -95,13 +95,13 @@ def collect(pl: Planning) -> None:
     batches = pl.fit_batches[:KV_ERROR_BATCHES]
     if not batches:
         raise ValueError("pricing KV-cache forms needs calibration batches (calibration=...)")
-    diff = simulation_mismatch(pl.model, pl.attention_sites, batches[0])
+    diff = simulation_mismatch(pl.model, pl.attention_sites)
     bad = {f: d for f, d in diff.items() if not d <= SIMULATION_TOLERANCE}
     if bad:
         pl.attention_sites = [
             dataclasses.replace(s, cache_only=(
                 f"{s.module_type or 'the block'}'s output differs from the Llama-style block "
-                f"slimfx rewrites by {bad[s.fqn]:.1e} (relative, float32, on calibration text: "
+                f"slimfx rewrites by {bad[s.fqn]:.1e} (relative, float32, on a probe call: "
                 "another RoPE layout or attention variant)"
             )) if s.fqn in bad else s
             for s in pl.attention_sites

@@ -266,3 +266,56 @@ def test_rewritten_model_decoding_equals_the_one_pass_simulation(form):
         assert layer.sink_keys.shape == (1, 2, form.sink, 16)
         if form.kind == "kv_lowrank":  # all floats: fp32 is twice the 16-bit reference bytes
             assert layer.nbytes() == 2 * form.cache_bytes(sites[0].site_shape, ids.shape[1])
+
+
+def test_a_nope_layer_rewritten_at_full_rank_keeps_its_logits():
+    """SmolLM3's no-RoPE layers (``use_rope=False``): the low-rank block and the simulation
+    rotate nothing there (both rotated every layer: the block then computed another attention)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.SmolLM3Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, no_rope_layers=[1, 0],
+    )  # fmt: skip
+    model = tf.SmolLM3ForCausalLM(cfg).eval()
+    ids = torch.randint(3, 256, (1, 21), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+    sites, _ = inspect_attention_sites(model)
+    assert [s.rope_dim for s in sites] == [16, 0]
+    _rewrite(model, KVLowRankConfig(32, 32, 2))
+    with torch.no_grad():
+        got = model(ids, use_cache=False).logits
+        cache = KVCache.for_model(model, KVLowRankConfig(32, 32, 2))
+        steps = torch.cat([model(ids[:, t : t + 1], past_key_values=cache).logits
+                           for t in range(ids.shape[1])], 1)  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(steps, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["stablelm qk_layernorm", "smollm3 nope", "llama training"])
+def test_blocks_the_simulation_reproduces_are_not_flagged(variant):
+    """The check that makes a block cache-only passes blocks the reimplementation reproduces:
+    per-head q/k layernorms (StableLM), NoPE layers, a model left in training mode with
+    attention dropout (the check copies the block in eval mode); the probe is unpadded."""
+    import transformers as tf
+
+    from slimfx.forms.kv.calibrate import simulation_mismatch
+
+    small = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    torch.manual_seed(0)
+    if variant.startswith("stablelm"):
+        model = tf.StableLmForCausalLM(tf.StableLmConfig(**small, qk_layernorm=True))
+    elif variant.startswith("smollm3"):
+        model = tf.SmolLM3ForCausalLM(tf.SmolLM3Config(
+            **small, pad_token_id=0, bos_token_id=1, eos_token_id=2, no_rope_layers=[1, 0]))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**small, attention_dropout=0.5))
+    assert model.training  # as built: the check must not depend on it
+    sites, _ = inspect_attention_sites(model)
+    diff = simulation_mismatch(model, sites)
+    assert len(diff) == 2 and max(diff.values()) < 1e-6
+    assert model.training

@@ -22,7 +22,7 @@ from .config import KVDenseConfig
 
 __all__ = [
     "capture_attention_inputs", "attention_grams", "fit_site", "simulation_mismatch",
-    "SIMULATION_TOLERANCE",
+    "SIMULATION_TOLERANCE", "probe_ids",
 ]  # fmt: skip
 
 
@@ -98,35 +98,50 @@ def _float32(x: Any) -> Any:
 SIMULATION_TOLERANCE = 1e-4
 
 
+def probe_ids(model: nn.Module, length: int = 32) -> Tensor:
+    """``(1, length)`` seeded random token ids within the model's embedding rows, on its
+    device: an unpadded call (no mask) for checks that need a forward, not text."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None) or int(getattr(model.config, "vocab_size", 2))
+    g = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    return torch.randint(0, vocab, (1, length), generator=g).to(device)
+
+
 @torch.no_grad()
-def simulation_mismatch(
-    model: nn.Module, sites: list[AttentionSite], batch: Tensor
-) -> dict[str, float]:
-    """Per site whose block the forms rewrite (not ``cache_only``): the relative difference
-    ``‖y_sim − y‖ / ‖y‖`` between the block's own output ``y`` on ``batch``'s call and
+def simulation_mismatch(model: nn.Module, sites: list[AttentionSite]) -> dict[str, float]:
+    """Per site whose block the forms rewrite (not ``cache_only``, no sliding window — those
+    take no form): the relative difference ``‖y_sim − y‖ / ‖y‖`` between the block's own
+    output ``y`` on a probe call (:func:`probe_ids`: unpadded, causal) and
     :func:`~slimfx.forms.kv.simulate.block_forward`'s dense reimplementation of it ``y_sim``
     (what the candidates are priced with, and what the low-rank block computes) — both in
-    float32, on a copy of the block. Llama-style blocks differ by rounding (~1e-7); a block
-    whose attention is something else (Cohere's interleaved RoPE pairs) by far more."""
+    float32, on an eval-mode copy of the block. Llama-style blocks differ by rounding (~1e-7);
+    a block whose attention is something else (Cohere's interleaved RoPE pairs) by far more."""
     import copy
 
     from .simulate import block_forward
 
-    todo = [s for s in sites if not s.cache_only]
+    todo = [s for s in sites if not s.cache_only and s.sliding_window is None]
     calls: dict[str, tuple[tuple, dict]] = {}
 
     def keep(fqn: str, args: tuple, kwargs: dict) -> None:
         kw = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         calls.setdefault(fqn, (args, kw))
 
-    _run(model, todo, [batch], keep)
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        _run(model, todo, [probe_ids(model)], keep)
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
     mods = dict(model.named_modules())
     out: dict[str, float] = {}
     for s in todo:
         if s.fqn not in calls or calls[s.fqn][1].get("position_embeddings") is None:
             continue
         args, kwargs = _float32(calls[s.fqn])
-        attn = copy.deepcopy(mods[s.fqn]).float()
+        attn = copy.deepcopy(mods[s.fqn]).float().eval()
         y = attn(*args, **kwargs)
         y = (y[0] if isinstance(y, tuple) else y).double()
         cos, sin = kwargs["position_embeddings"]

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
-from slimfx.forms.kv.simulate import apply_rope, rebuild
+from slimfx.forms.kv.simulate import apply_rope, rebuild, rope_of
 from slimfx.ir.sites import AttentionSite
 
 __all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary", "merge_sinks"]
@@ -66,6 +66,7 @@ class LowRankKVAttention(nn.Module):
         self.num_key_value_groups = attn.num_key_value_groups
         self.attention_dropout = getattr(attn, "attention_dropout", 0.0)
         self.is_causal = True
+        self.use_rope = getattr(attn, "use_rope", True)  # False: a NoPE layer (SmolLM3)
         self.form = form
         self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
         dt, dev = attn.k_proj.weight.dtype, attn.k_proj.weight.device
@@ -102,7 +103,7 @@ class LowRankKVAttention(nn.Module):
 
         B, T, _ = hidden_states.shape
         hd = self.head_dim
-        cos, sin = position_embeddings
+        cos, sin = rope_of(self, *position_embeddings)
         q = self.q_proj(hidden_states).view(B, T, -1, hd).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         lk = self.k_down(hidden_states).unsqueeze(1)  # (B, 1, T, rank)
@@ -136,7 +137,7 @@ class LowRankKVAttention(nn.Module):
                     "KV model needs slimfx's KVCache (past_key_values=KVCache.for_model(...))"
                 )
             lk, lv = past_key_values.update(lk, lv, self.layer_idx, positions=position_ids)
-            cos, sin = self._rotary[0](hidden_states, layer.positions)
+            cos, sin = rope_of(self, *self._rotary[0](hidden_states, layer.positions))
         k = rebuild(lk.squeeze(1), self.k_up, self.k_bias)
         S = k.shape[1]
         k = apply_rope(k.view(B, S, -1, hd).transpose(1, 2), cos, sin)

@@ -87,14 +87,21 @@ def simulated_attention(
 
 @contextmanager
 def simulating(model: nn.Module) -> Iterator[None]:
-    """Within the block, ``model`` (a Hugging Face model) runs :func:`simulated_attention`;
-    its previous attention function is restored afterwards, also on an error."""
+    """Within the block, ``model`` (a Hugging Face model) runs :func:`simulated_attention`, in
+    eval mode (no dropout in a replay); its previous attention function and training flags are
+    restored afterwards, also on an error."""
     from .fused import attention_function
 
     if not hasattr(model, "set_attn_implementation"):
         raise SiteMismatch(f"{type(model).__name__} cannot switch its attention function")
-    with attention_function(model, SIMULATED_ATTENTION, simulated_attention):
-        yield
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with attention_function(model, SIMULATED_ATTENTION, simulated_attention):
+            yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
 
 
 def check_replay(model: nn.Module, site: Any, call: BlockCall) -> str | None:
@@ -109,6 +116,8 @@ def check_replay(model: nn.Module, site: Any, call: BlockCall) -> str | None:
             replay_block(attn, call, KVDenseConfig(), site.num_kv_heads, site.head_dim)
     except SiteMismatch as e:
         return f"the cache simulation cannot replay {site.module_type or 'this block'}: {e}"
+    except (MemoryError, torch.OutOfMemoryError):
+        raise  # the machine's limit, not the block's: no reason to drop the site
     except Exception as e:  # noqa: BLE001 — an unknown block failing its replay is refused
         return (
             f"the cache simulation cannot replay {site.module_type or 'this block'}: its "

@@ -38,6 +38,7 @@ from slimfx.ir.find import logit_softcap
 
 __all__ = [
     "apply_rope",
+    "rope_of",
     "rebuild",
     "fake_quant_keys",
     "fake_quant_keys_all",
@@ -53,6 +54,14 @@ __all__ = [
 def _rotate_half(x: Tensor) -> Tensor:
     h = x.shape[-1] // 2
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def rope_of(attn: nn.Module, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` as ``attn`` applies them: the identity rotation on a layer that takes no
+    RoPE (SmolLM3's ``use_rope=False`` layers), else as given."""
+    if getattr(attn, "use_rope", True):
+        return cos, sin
+    return torch.ones_like(cos), torch.zeros_like(sin)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -139,7 +148,7 @@ def _project(attn: nn.Module, hidden: Tensor, role: str, hd: int) -> Tensor:
     """``role``'s projection of ``hidden`` as heads ``(B, H, T, D)``, through the block's
     q/k norm when it has one (per head: Qwen3-style; over the whole width: OLMo-2-style)."""
     x = getattr(attn, f"{role}_proj")(hidden)
-    norm = getattr(attn, f"{role}_norm", None)
+    norm = getattr(attn, f"{role}_norm", None) or getattr(attn, f"{role}_layernorm", None)
     if norm is None:
         return _heads(x, hd)
     weight = getattr(norm, "weight", None)
@@ -223,6 +232,7 @@ def block_forward(
     hd = attn.head_dim
     scaling = float(getattr(attn, "scaling", hd**-0.5))
     T = hidden.shape[1]
+    cos, sin = rope_of(attn, cos, sin)
     q = apply_rope(_project(attn, hidden, "q", hd), cos, sin)
     if isinstance(config, (KVLowRankConfig, KVLatentQuantConfig)):
         if factors is None:

@@ -273,3 +273,27 @@ def test_padded_calibration_leaves_llama_blocks_rewritable(tiny_llama):
     notes = " ".join(slimfx.report_of(out).notes)
     assert "compute their attention otherwise" not in notes
     assert any(k.owns for k in slimfx.report_of(out).kv_sites)  # a low-rank form was possible
+
+
+def test_switching_the_attention_function_restores_each_sub_models_own():
+    """A multimodal model whose text and vision parts run different attention functions gets
+    each back after a replay (or an export) switched them (it came back all 'eager')."""
+    import transformers as tf
+
+    from slimfx.forms.kv.replay import SIMULATED_ATTENTION, simulating
+
+    text = dict(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                num_attention_heads=4, num_key_value_heads=4,
+                rope_scaling={"type": "mrope", "mrope_section": [16, 8, 8]})  # fmt: skip
+    cfg = tf.Qwen2VLConfig(text_config=text,
+                           vision_config=dict(depth=1, embed_dim=32, num_heads=2, hidden_size=256))
+    model = tf.Qwen2VLForConditionalGeneration(cfg).eval()
+    model.set_attn_implementation({"text_config": "eager", "vision_config": "sdpa", "": "eager"})
+
+    def impls():
+        c = model.config
+        return c.text_config._attn_implementation, c.vision_config._attn_implementation
+
+    with simulating(model):
+        assert impls() == (SIMULATED_ATTENTION, SIMULATED_ATTENTION)
+    assert impls() == ("eager", "sdpa")

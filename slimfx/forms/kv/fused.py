@@ -151,11 +151,23 @@ def register_attention(name: str, fn: Any) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
+def _implementations(config: Any) -> dict[str, Any]:
+    """``config``'s attention implementation and its sub-configs', in the nested form
+    ``set_attn_implementation`` takes (``""``: the config's own)."""
+    out: dict[str, Any] = {"": config._attn_implementation}
+    for key in getattr(config, "sub_configs", None) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "_attn_implementation"):
+            out[key] = _implementations(sub)
+    return out
+
+
 @contextmanager
 def attention_function(model: nn.Module, name: str, fn: Any) -> Iterator[None]:
     """Within the block, ``model`` (a Hugging Face model) runs the attention function ``fn``
-    (registered as ``name``); its previous one is restored afterwards, also on an error."""
-    previous = model.config.get_text_config(decoder=True)._attn_implementation
+    (registered as ``name``); its previous ones — each sub-model's (a multimodal model's text
+    and vision parts may differ) — are restored afterwards, also on an error."""
+    previous = _implementations(model.config)
     register_attention(name, fn)
     model.set_attn_implementation(name)
     try:

@@ -223,8 +223,8 @@ def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecod
             f"{type(model).__name__}: no attention module with a layer_idx (an o_proj, or a "
             "class named …Attention): a Hugging Face decoder is needed"
         )
-    previous = model.config.get_text_config(decoder=True)._attn_implementation
-    if previous == FUSED_ATTENTION:  # installed already (optimize does): the same handle
+    current = model.config.get_text_config(decoder=True)._attn_implementation
+    if current == FUSED_ATTENTION:  # installed already (optimize does): the same handle
         handle = getattr(model, _HANDLE_ATTR, None)
         if handle is None:
             raise ValueError(
@@ -234,9 +234,10 @@ def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecod
         for m in handle.modules:
             setattr(m, _KERNEL_ATTR, kernel)
         return handle
+    previous = _implementations(model.config)
     _register()
     model.set_attn_implementation(FUSED_ATTENTION)  # first: a model that refuses is unchanged
-    handle = FusedDecode(model, previous)
+    handle = FusedDecode(model, previous)  # each sub-model's, restored by undo()
     for m in attn:
         setattr(m, _KERNEL_ATTR, kernel)
         setattr(m, _LAYER_ATTR, None)

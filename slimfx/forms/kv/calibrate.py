@@ -9,7 +9,8 @@ whole call (:class:`~slimfx.forms.kv.replay.BlockCall`, replayed through the blo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,7 +23,7 @@ from .config import KVDenseConfig
 
 __all__ = [
     "capture_attention_inputs", "attention_grams", "fit_site", "simulation_mismatch",
-    "SIMULATION_TOLERANCE", "probe_ids",
+    "SIMULATION_TOLERANCE", "probe_ids", "eval_mode",
 ]  # fmt: skip
 
 
@@ -98,6 +99,19 @@ def _float32(x: Any) -> Any:
 SIMULATION_TOLERANCE = 1e-4
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within the block ``model`` is in eval mode; every module's training flag is restored
+    afterwards, also on an error."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
 def probe_ids(model: nn.Module, length: int = 32) -> Tensor:
     """``(1, length)`` seeded random token ids within the model's embedding rows, on its
     device: an unpadded call (no mask) for checks that need a forward, not text."""
@@ -128,13 +142,8 @@ def simulation_mismatch(model: nn.Module, sites: list[AttentionSite]) -> dict[st
         kw = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         calls.setdefault(fqn, (args, kw))
 
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model):
         _run(model, todo, [probe_ids(model)], keep)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
     mods = dict(model.named_modules())
     out: dict[str, float] = {}
     for s in todo:

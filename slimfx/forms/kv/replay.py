@@ -90,18 +90,13 @@ def simulating(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model`` (a Hugging Face model) runs :func:`simulated_attention`, in
     eval mode (no dropout in a replay); its previous attention function and training flags are
     restored afterwards, also on an error."""
+    from .calibrate import eval_mode
     from .fused import attention_function
 
     if not hasattr(model, "set_attn_implementation"):
         raise SiteMismatch(f"{type(model).__name__} cannot switch its attention function")
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with attention_function(model, SIMULATED_ATTENTION, simulated_attention):
-            yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with eval_mode(model), attention_function(model, SIMULATED_ATTENTION, simulated_attention):
+        yield
 
 
 def check_replay(model: nn.Module, site: Any, call: BlockCall) -> str | None:

@@ -272,11 +272,9 @@ def explain_infeasible(pl: Planning, exc: InfeasibleBudgetError) -> InfeasibleBu
     """``exc`` with what limits the cache, for a budget that counts it: the attention layers
     left with the 16-bit cache alone, and each reason a KV form was refused (the report's notes
     never reach a user whose budget fails)."""
-    msg = str(exc)
     if not pl.budget.prices_cache or pl.problem is None:
         return exc
-    if not (msg.startswith(("kv budget", "total budget")) or "together with kv budget" in msg
-            or "together with total budget" in msg):  # fmt: skip
+    if not {"kv", "total"} & set(exc.limits):
         return exc  # a memory / latency limit alone: the cache is not what limits it
     kinds = [so for so in pl.problem.sites if so.kind == "attention"]
     fixed = [so.name for so in kinds if len(so.options) == 1]
@@ -291,7 +289,7 @@ def explain_infeasible(pl: Planning, exc: InfeasibleBudgetError) -> InfeasibleBu
         parts.append(f"{len(where)} form(s) refused at {len(sites)} site(s), e.g. {where[0]}: {why}")
     if not parts:
         return exc
-    return InfeasibleBudgetError(f"{exc}. What limits the cache: " + "; ".join(parts))
+    return InfeasibleBudgetError(f"{exc}. What limits the cache: " + "; ".join(parts), exc.limits)
 
 
 class _MeasuredKL:

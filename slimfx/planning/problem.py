@@ -37,7 +37,13 @@ __all__ = ["Option", "SiteOptions", "BudgetProblem", "Budget", "InfeasibleBudget
 
 
 class InfeasibleBudgetError(ValueError):
-    """Raised when no choice of options meets the budget; names the smallest achievable."""
+    """Raised when no choice of options meets the budget; names the smallest achievable.
+    ``limits``: the budget dimensions that cannot be met (``"memory"``, ``"latency"``,
+    ``"kv"``, ``"total"``; together when each alone is reachable)."""
+
+    def __init__(self, message: str, limits: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.limits = tuple(limits)
 
 
 @dataclass(frozen=True)

@@ -421,9 +421,9 @@ def solve(problem: BudgetProblem, budget: Budget, method: str = "auto") -> Solut
     if lim.fits(sites, start):  # the unconstrained optimum already fits
         return done(start, name, "optimal")
     if lim.cap is not None and sum(int(s.b.min()) for s in sites) > lim.cap:
-        raise InfeasibleBudgetError(_memory_message(problem, budget, sites, lim))
+        raise InfeasibleBudgetError(_memory_message(problem, budget, sites, lim), ("memory",))
     if lim.lat is not None and float(sum(s.t.min() for s in sites)) > lim.lat:
-        raise InfeasibleBudgetError(_latency_message(problem, budget, sites, lim))
+        raise InfeasibleBudgetError(_latency_message(problem, budget, sites, lim), ("latency",))
 
     if method == "dp":
         ch, status = solve_dp(sites, lim.cap, DP_MAX_CELLS)  # type: ignore[arg-type]
@@ -442,7 +442,9 @@ def solve(problem: BudgetProblem, budget: Budget, method: str = "auto") -> Solut
         note = f"milp unavailable or failed ({type(exc).__name__}: {exc}); greedy used"
         return done(_polish(sites, ch, lim), "greedy", status, note)
     if ch is None:  # proven infeasible: each limit alone is reachable, both together not
-        raise InfeasibleBudgetError(_joint_message(problem, budget, sites, lim))
+        raise InfeasibleBudgetError(
+            _joint_message(problem, budget, sites, lim), ("memory", "latency")
+        )
     return done(_polish(sites, ch, lim), "milp", status)
 
 
@@ -494,11 +496,12 @@ def _solve_general(
             parts.append(("kv", lim.extra[dim], lambda s, d=dim: s.c[d], _kv_parts))
     if TOTAL_BYTES in lim.extra:
         parts.append(("total", lim.extra[TOTAL_BYTES], lambda s: s.c[TOTAL_BYTES], _total_parts))
-    for _, cap, get, describe in parts:
+    for label, cap, get, describe in parts:
         if _smallest(sites, get) > cap:
             limit, smallest = describe(problem, budget, sites, lim)
             raise InfeasibleBudgetError(
-                f"{limit} is infeasible{_cap_note(budget)}: the smallest achievable is {smallest}"
+                f"{limit} is infeasible{_cap_note(budget)}: the smallest achievable is {smallest}",
+                (label,),
             )
     bytes_first = not parts and budget.max_error is not None
     ch, status = solve_milp(sites, lim, "bytes" if bytes_first else "error")
@@ -507,7 +510,8 @@ def _solve_general(
         raise InfeasibleBudgetError(
             " together with ".join(limit for _, limit, _ in described)
             + f" is infeasible{_cap_note(budget)}, though each alone is reachable: "
-            + ", ".join(f"the smallest achievable {label} is {low}" for label, _, low in described)
+            + ", ".join(f"the smallest achievable {label} is {low}" for label, _, low in described),
+            tuple(label for label, *_ in described),
         )
     return done(_polish(sites, ch, lim), "milp", status)
 

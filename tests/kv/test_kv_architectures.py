@@ -162,6 +162,7 @@ def test_an_infeasible_cache_budget_names_the_layers_and_reasons_that_limit_it()
     with pytest.raises(InfeasibleBudgetError) as err:
         slimfx.optimize(swa, Budget(kv=0.5, context=256), calibration=calib, progress=False)
     msg = str(err.value)
+    assert err.value.limits == ("kv",)
     assert "the smallest achievable is 1.000 of dense" in msg
     assert "2 of 2 attention layer(s) can take no KV form and keep the 16-bit cache" in msg
     assert "sliding-window attention (window 8)" in msg
@@ -175,9 +176,8 @@ def test_an_infeasible_cache_budget_names_the_layers_and_reasons_that_limit_it()
     with pytest.raises(InfeasibleBudgetError) as err:
         slimfx.optimize(mixed, Budget(memory=0.01, kv=0.7, context=256), calibration=calib,
                         progress=False)  # fmt: skip
-    assert str(err.value).startswith("memory budget") and "What limits the cache" not in str(
-        err.value
-    )
+    assert err.value.limits == ("memory",) and str(err.value).startswith("memory budget")
+    assert "What limits the cache" not in str(err.value)
 
 
 def test_soft_capped_attention_is_simulated_with_its_cap_and_refused_by_rewriting_forms(

@@ -14,13 +14,15 @@ Called from ``slimfx.stages`` when the budget counts the KV cache (``Budget(kv=â
   context (``cost.target.estimate_attention_latency``: the cache read, rebuilds, and the
   projections an owning form replaces), so a latency budget sees the cache too;
 - ``apply``: the chosen KV forms applied to the rewritten model (``forms.kv.apply``);
-- ``explain_infeasible``: an infeasible cache budget's error, with the layers and reasons that
-  limit the cache.
+- ``explain_infeasible`` (``explaining_infeasible`` around the solve): an infeasible cache
+  budget's error, with the layers and reasons that limit the cache.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from slimfx.planning.problem import BudgetProblem, InfeasibleBudgetError
@@ -29,7 +31,10 @@ if TYPE_CHECKING:
     from slimfx.ir.sites import AttentionSite
     from slimfx.stages import Planning
 
-__all__ = ["wanted", "find", "collect", "add_options", "apply", "split", "explain_infeasible"]
+__all__ = [
+    "wanted", "find", "collect", "add_options", "apply", "split", "explain_infeasible",
+    "explaining_infeasible",
+]  # fmt: skip
 
 
 def wanted(pl: Planning) -> bool:
@@ -266,6 +271,16 @@ def add_options(pl: Planning) -> None:
         [*p.sites, *added], p.workload, p.target,
         {**p.meta, "kv_context": context, "kv_batch": pl.budget.batch or 1},
     )
+
+
+@contextmanager
+def explaining_infeasible(pl: Planning) -> Iterator[None]:
+    """Within the block an ``InfeasibleBudgetError`` is re-raised as
+    :func:`explain_infeasible` words it."""
+    try:
+        yield
+    except InfeasibleBudgetError as exc:
+        raise explain_infeasible(pl, exc) from None
 
 
 def explain_infeasible(pl: Planning, exc: InfeasibleBudgetError) -> InfeasibleBudgetError:

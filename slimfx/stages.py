@@ -42,7 +42,7 @@ from slimfx.passes.swap import apply_plan
 from slimfx.passes.validate import validate_plan
 from slimfx.planning.configs import DEFAULT_FAMILIES, DenseConfig
 from slimfx.planning.plan import Plan
-from slimfx.planning.problem import Budget, BudgetProblem, InfeasibleBudgetError
+from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.planning.solve import frontier as solve_frontier
 from slimfx.planning.solve import solve as solve_budget
 from slimfx.pool import site_pool
@@ -363,10 +363,8 @@ def solve(pl: Planning) -> PassResult:
     """Solve the budget and turn the solution into the Plan."""
     opts = pl.options
     assert pl.problem is not None and pl.model is not None
-    try:
+    with attention.explaining_infeasible(pl):  # a cache budget's error says what limits it
         pl.solution = solve_budget(pl.problem, pl.budget, method=opts.solver)
-    except InfeasibleBudgetError as exc:
-        raise attention.explain_infeasible(pl, exc) from None
     if pl.solution.note:
         pl.notes.append(f"solver: {pl.solution.note}")
     grown = pl.solution.bytes - pl.problem.dense_bytes

@@ -46,6 +46,7 @@ from slimfx.backends.onnx_graph import (
     write_files,
 )
 from slimfx.backends.ort import OrtModel, ort_session
+from slimfx.ir.capture import eval_mode
 from slimfx.ir.match import node_module_path
 from slimfx.passes.base import PassResult
 from slimfx.passes.manager import PassManager, TimingInstrument
@@ -218,13 +219,8 @@ def _export_in_eval_mode(
 ) -> torch.export.ExportedProgram:
     """``torch.export`` of ``wrapped`` (non-strict) with ``model`` in eval mode; every module's
     training flag is restored afterwards, so the user's model is left as it was."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
+    with eval_mode(model):
         return torch.export.export(wrapped, args, dynamic_shapes=shapes, strict=False)
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def _export_decode_step(

@@ -83,6 +83,7 @@ from slimfx.backends.onnx_kv_latent import (
 from slimfx.forms.kv.cache import kv_forms_of
 from slimfx.forms.kv.config import KVDecision, KVDenseConfig, KVLatentQuantConfig, KVQuantConfig
 from slimfx.forms.kv.lowrank import LowRankKVAttention
+from slimfx.ir.capture import eval_mode
 from slimfx.planning.shapes import AttentionShape
 
 __all__ = [
@@ -428,19 +429,13 @@ def export_onnx_kv(
         tuple({2: AUTO} for _ in sinks),
     )
     step = _Step(model, forms)
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        with torch.no_grad(), export_attention(model):
-            program = torch.export.export(
-                step,
-                (ids, tuple(windows), tuple(stores), tuple(sinks)),
-                dynamic_shapes=shapes,
-                strict=False,
-            )
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with eval_mode(model), torch.no_grad(), export_attention(model):
+        program = torch.export.export(
+            step,
+            (ids, tuple(windows), tuple(stores), tuple(sinks)),
+            dynamic_shapes=shapes,
+            strict=False,
+        )
     ins, outs = _names(groups)
     # one name per symbol: ORT plans buffers as if equal names were equal sizes
     axes: list[tuple] = [("batch", "seq")]

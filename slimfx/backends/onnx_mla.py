@@ -47,6 +47,7 @@ from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _rename_axes, writ
 from slimfx.backends.ort import OrtModel
 from slimfx.forms.mla.cache import MLALatentLayer
 from slimfx.forms.mla.module import MLAAttention, quantize_latent
+from slimfx.ir.capture import eval_mode
 
 __all__ = [
     "cache_kinds",
@@ -328,22 +329,16 @@ def export_mla_onnx(
     shapes: Any = ({0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
     in_names = ["input_ids", *(c.name for c in layout)]
     out_names = ["logits", *(c.name.replace("past_", "present_", 1) for c in layout)]
-    flags = {m: m.training for m in model.modules()}
     path = Path(path)
-    try:
-        model.eval()
-        with export_blocks(model) as mla_layers, torch.no_grad():
-            program = torch.export.export(
-                wrapped, (ids, tuple(past)), dynamic_shapes=shapes, strict=False
-            )
-            kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
-            onnx_prog = torch.onnx.export(
-                program, (), dynamo=True, input_names=in_names, output_names=out_names,
-                optimize=True, verbose=False, **kwargs,
-            )
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with eval_mode(model), export_blocks(model) as mla_layers, torch.no_grad():
+        program = torch.export.export(
+            wrapped, (ids, tuple(past)), dynamic_shapes=shapes, strict=False
+        )
+        kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
+        onnx_prog = torch.onnx.export(
+            program, (), dynamo=True, input_names=in_names, output_names=out_names,
+            optimize=True, verbose=False, **kwargs,
+        )
     _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model))
     def write(tmp: Path) -> None:
         ir.save(onnx_prog.model, tmp / path.name)

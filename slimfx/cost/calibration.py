@@ -59,6 +59,7 @@ from slimfx.cost.sensitivity import (
     probe_weights,
     robust_normalize,
 )
+from slimfx.ir.capture import eval_mode
 from slimfx.ir.sites import LinearSite
 
 __all__ = [
@@ -219,22 +220,6 @@ def _module(modules: Mapping[str, nn.Module], fqn: str) -> nn.Module:
         return modules[fqn]
     except KeyError:
         raise ValueError(f"site {fqn!r} is not a module of the model") from None
-
-
-class _ModeGuard:
-    """Puts every submodule in eval mode and restores each one's own training flag."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.flags = {m: m.training for m in model.modules()}
-        self.model = model
-
-    def __enter__(self) -> _ModeGuard:
-        self.model.eval()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for m, flag in self.flags.items():
-            m.training = flag
 
 
 class GramRecorder:
@@ -421,7 +406,7 @@ def collect_stats(
     grams = GramRecorder(modules, sites)
     fish = _FisherRecorder(modules, sites) if fisher else None
     bar = tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)
-    with _ModeGuard(model), grams:
+    with eval_mode(model), grams:
         if fish is None:
             with torch.no_grad():
                 for batch in bar:
@@ -452,7 +437,7 @@ def _collect_measured(
     start = time.perf_counter()
     batches = check_batches(batches)
     stats = collect_stats(model, sites, batches, progress=progress)
-    with _ModeGuard(model):
+    with eval_mode(model):
         raw = measured_raw(model, list(sites), batches, call_model, stats.fit_gram)
     stats.sensitivity, stats.sensitivity_scale = robust_normalize(raw)
     stats.estimator, stats.seconds = "measured", time.perf_counter() - start
@@ -485,7 +470,7 @@ def collect_sensitivity(
     grams = GramRecorder(modules, sites)
     rec = ProbeRecorder(modules, sites, weights, extra)
     bar = tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)
-    with _ModeGuard(model), grams, rec, torch.enable_grad():
+    with eval_mode(model), grams, rec, torch.enable_grad():
         for batch in bar:
             loss = _loss_of(model, batch, loss_fn)
             rec.backward(loss)

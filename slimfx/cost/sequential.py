@@ -41,12 +41,12 @@ from tqdm.auto import tqdm
 from slimfx.cost.calibration import (
     CalibrationStats,
     GramRecorder,
-    _ModeGuard,
     call_model,
     check_batches,
     model_device,
     to_device,
 )
+from slimfx.ir.capture import eval_mode
 from slimfx.ir.sites import LinearSite
 
 __all__ = ["find_blocks", "run_sequential", "OnBlock"]
@@ -208,7 +208,7 @@ def run_sequential(
     chain, tail = _plan(model, sites)
     device = model_device(model)
     index = 0
-    with _ModeGuard(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if chain:
             inputs = _capture_inputs(model, model.get_submodule(chain[0][0]), batches)
             bar = tqdm(chain, desc="sequential", unit="block", disable=not progress, leave=False)

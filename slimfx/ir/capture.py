@@ -20,6 +20,8 @@ import os
 import re
 import sysconfig
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +29,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "eval_mode",
     "FQN_KEY",
     "ORIGIN_KEY",
     "CaptureError",
@@ -88,6 +91,19 @@ class Captured:
     example_kwargs: dict[str, Any] | None = field(default=None, repr=False)
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Within the block every submodule of ``model`` is in eval mode; each one's own training
+    flag is restored afterwards, also on an error (the user's model is left as it was)."""
+    flags = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
 def capture(
     model: nn.Module,
     args: tuple[Any, ...] = (),
@@ -106,27 +122,23 @@ def capture(
     """
     if not isinstance(args, tuple):
         args = (args,)
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        program = torch.export.export(
-            model, args, kwargs, strict=strict, dynamic_shapes=dynamic_shapes
-        )
-    except Exception as exc:  # noqa: BLE001 - every export failure becomes a CaptureError
-        err = _capture_error(model, exc)
-        if not fallback:
-            raise err from exc
-        return Captured(
-            program=None,
-            gm=None,
-            method="module",
-            fallback_reason=str(err),
-            example_args=args,
-            example_kwargs=kwargs,
-        )
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
+    with eval_mode(model):
+        try:
+            program = torch.export.export(
+                model, args, kwargs, strict=strict, dynamic_shapes=dynamic_shapes
+            )
+        except Exception as exc:  # noqa: BLE001 - every export failure becomes a CaptureError
+            err = _capture_error(model, exc)
+            if not fallback:
+                raise err from exc
+            return Captured(
+                program=None,
+                gm=None,
+                method="module",
+                fallback_reason=str(err),
+                example_args=args,
+                example_kwargs=kwargs,
+            )
     gm = program.graph_module
     stamp_fqns(gm, model)
     return Captured(

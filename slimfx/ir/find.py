@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfx.ir.capture import Captured
+from slimfx.ir.capture import Captured, eval_mode
 from slimfx.ir.match import weight_owner
 from slimfx.ir.sites import AttentionSite, LinearSite
 
@@ -224,17 +224,13 @@ def discover_linear_sites(
 
         return hook
 
-    flags = {m: m.training for m in model.modules()}
     handles = [m.register_forward_pre_hook(hook_for(fqn)) for fqn, m in linears]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(*example_args, **(example_kwargs or {}))
     finally:
         for h in handles:
             h.remove()
-        for m, flag in flags.items():
-            m.training = flag
 
     groups = _assign_groups(calls, {fqn: id(inputs[fqn]) for fqn in calls})
     sites = [

@@ -38,9 +38,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from slimfx import validate
-from slimfx.cost.calibration import CalibrationStats, _ModeGuard, prepare_batches
+from slimfx.cost.calibration import CalibrationStats, prepare_batches
 from slimfx.cost.sequential import _capture_inputs, _plan
 from slimfx.cost.target import MeasuredCache, Target
+from slimfx.ir.capture import eval_mode
 from slimfx.ir.find import discover_linear_sites
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult
@@ -297,7 +298,7 @@ def optimize_checkpoint(
         )
         inputs = wd.load(inp, start)
     else:
-        with _ModeGuard(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             inputs = _capture_inputs(model, model.get_submodule(names[0]), local)
         wd.save(inp, 0, inputs)
     fail_after = os.environ.get(FAIL_AFTER_BLOCK_ENV)
@@ -310,7 +311,7 @@ def optimize_checkpoint(
     for i in bar:
         name = names[i]
         block = ckpt.materialize(model, name)
-        with _ModeGuard(block), torch.no_grad():
+        with eval_mode(block), torch.no_grad():
             sites = block_sites(block, name, inputs[0], keep)
             t_stat = time.perf_counter()
             stats, nxt = block_statistics(model, block, sites, inputs, mine, comm, clock)
@@ -347,7 +348,7 @@ def optimize_checkpoint(
     del entries
     tstats = None
     if tail:  # sites after the blocks (an untied head): the model's forward over the last states
-        with _ModeGuard(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             tstats = tail_statistics(model, names, tail, local, final, mine, as_tuple, comm)
         parts.append(price(model, tail, tstats, comm, **pricing))
         thin.update(tstats.underdetermined())
@@ -523,7 +524,7 @@ def _streamed_fisher(
     per-batch moments are summed in batch order."""
     per: dict[int, Moments] = {}
     grads = []
-    with _ModeGuard(model):
+    with eval_mode(model):
         for j, b in enumerate(mine):
             g, per[b] = head_backward(model, names, tail, local[j], final[j], as_tuple)
             grads.append(g)
@@ -535,7 +536,7 @@ def _streamed_fisher(
         inputs = wd.load(inp, i)
         sites = by_block[names[i]]
         per = {}
-        with _ModeGuard(block):
+        with eval_mode(block):
             for j, b in enumerate(mine):
                 grads[j], per[b] = block_fisher(model, block, sites, inputs[j], grads[j])
         moments.update(fisher_moments(comm.gather(per)))

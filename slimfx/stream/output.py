@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from slimfx.cost.calibration import CalibrationStats, GramRecorder, _ModeGuard, call_model
+from slimfx.cost.calibration import CalibrationStats, GramRecorder, call_model
 from slimfx.cost.sequential import _capture_inputs, _run_block
+from slimfx.ir.capture import eval_mode
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult
 from slimfx.passes.swap import apply_plan, empty_like_plan
@@ -114,7 +115,7 @@ def _prefix_stats(
     model: nn.Module, block: nn.Module, sites: list[LinearSite], inputs: list[Any]
 ) -> CalibrationStats:
     """The Grams of ``block``'s sites (dense) on ``inputs``, the rewritten prefix's outputs."""
-    with _ModeGuard(block), torch.no_grad():
+    with eval_mode(block), torch.no_grad():
         with GramRecorder(dict(model.named_modules()), sites) as rec:
             _run_block(block, inputs, torch.device("cpu"))
     return rec.stats()
@@ -156,7 +157,7 @@ def write_output(
         (output.tmp / "config.json").write_text(layout_model.config.to_json_string())
         file = StreamedSafetensors(output.tmp / "model.safetensors", layout, {"format": "pt"})
         try:
-            with _ModeGuard(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad():
                 inputs = _capture_inputs(model, model.get_submodule(names[0]), held)
                 fit = (
                     None
@@ -174,7 +175,7 @@ def write_output(
                     stats = stats_of(name) if bs else None
                 _apply(model, plan, bs, stats, merged)
                 block = model.get_submodule(name)
-                with _ModeGuard(block), torch.no_grad():
+                with eval_mode(block), torch.no_grad():
                     if dense:
                         measured.update(_measure_block(block, name, dense, inputs))
                     inputs = _run_block(block, inputs, torch.device("cpu"))
@@ -184,7 +185,7 @@ def write_output(
                 release(block)
             dense = _dense_ref(model, plan, tail)
             if fit is not None and tail:  # the head's Grams behind the rewritten blocks
-                with _ModeGuard(model), torch.no_grad():
+                with eval_mode(model), torch.no_grad():
                     with replayed(model, names, [stream_of(x) for x in fit], as_tuple):
                         with GramRecorder(dict(model.named_modules()), tail) as rec:
                             for b in sequential or []:
@@ -194,7 +195,7 @@ def write_output(
                 tail_stats = stats_of("") if tail else None
             _apply(model, plan, tail, tail_stats, merged)
             if dense:
-                with _ModeGuard(model), torch.no_grad():
+                with eval_mode(model), torch.no_grad():
                     with replayed(model, names, [stream_of(x) for x in inputs], as_tuple):
                         measured.update(measure_site_errors(model, dense, held))
             file.write(stored_tensors(model, "", file.pending()))

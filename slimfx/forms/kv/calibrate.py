@@ -9,13 +9,13 @@ whole call (:class:`~slimfx.forms.kv.replay.BlockCall`, replayed through the blo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from slimfx.ir.capture import eval_mode
 from slimfx.ir.sites import AttentionSite
 
 from .cache import CACHE_KWARGS
@@ -23,7 +23,7 @@ from .config import KVDenseConfig
 
 __all__ = [
     "capture_attention_inputs", "attention_grams", "fit_site", "simulation_mismatch",
-    "SIMULATION_TOLERANCE", "probe_ids", "eval_mode",
+    "SIMULATION_TOLERANCE", "probe_ids",
 ]  # fmt: skip
 
 
@@ -54,11 +54,14 @@ def _hidden(args: tuple, kwargs: dict) -> Tensor:
     return kwargs.get("hidden_states", args[0] if args else None).detach()
 
 
-def _detached(x: Any) -> Any:
+def _tensors(x: Any, fn: Any) -> Any:
+    """``x`` with ``fn`` applied to every tensor in it (through tuples, lists and dicts)."""
     if isinstance(x, Tensor):
-        return x.detach()
+        return fn(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(_detached(v) for v in x)
+        return type(x)(_tensors(v, fn) for v in x)
+    if isinstance(x, dict):
+        return {k: _tensors(v, fn) for k, v in x.items()}
     return x
 
 
@@ -74,8 +77,8 @@ def capture_attention_inputs(
 
     def keep(fqn: str, args: tuple, kwargs: dict) -> None:
         if fqn in whole:
-            kw = {k: _detached(v) for k, v in kwargs.items() if k not in CACHE_KWARGS}
-            out[fqn].append(BlockCall(_detached(args), kw))
+            kw = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
+            out[fqn].append(BlockCall(*_tensors((args, kw), Tensor.detach)))
             return
         pe = kwargs.get("position_embeddings")
         out[fqn].append((_hidden(args, kwargs), pe[0].detach(), pe[1].detach()))
@@ -84,32 +87,9 @@ def capture_attention_inputs(
     return out
 
 
-def _float32(x: Any) -> Any:
-    if isinstance(x, Tensor) and x.is_floating_point():
-        return x.float()
-    if isinstance(x, (tuple, list)):
-        return type(x)(_float32(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _float32(v) for k, v in x.items()}
-    return x
-
-
 #: the relative difference above which a block is not the one ``simulation_mismatch``
 #: reimplements (float32 rounding gives ~1e-7)
 SIMULATION_TOLERANCE = 1e-4
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Within the block ``model`` is in eval mode; every module's training flag is restored
-    afterwards, also on an error."""
-    flags = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
 
 
 def probe_ids(model: nn.Module, length: int = 32) -> Tensor:
@@ -149,7 +129,7 @@ def simulation_mismatch(model: nn.Module, sites: list[AttentionSite]) -> dict[st
     for s in todo:
         if s.fqn not in calls or calls[s.fqn][1].get("position_embeddings") is None:
             continue
-        args, kwargs = _float32(calls[s.fqn])
+        args, kwargs = _tensors(calls[s.fqn], lambda t: t.float() if t.is_floating_point() else t)
         attn = copy.deepcopy(mods[s.fqn]).float().eval()
         y = attn(*args, **kwargs)
         y = (y[0] if isinstance(y, tuple) else y).double()

@@ -90,7 +90,8 @@ def simulating(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model`` (a Hugging Face model) runs :func:`simulated_attention`, in
     eval mode (no dropout in a replay); its previous attention function and training flags are
     restored afterwards, also on an error."""
-    from .calibrate import eval_mode
+    from slimfx.ir.capture import eval_mode
+
     from .fused import attention_function
 
     if not hasattr(model, "set_attn_implementation"):

@@ -35,6 +35,7 @@ from slimfx.cost.calibration import (
 from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import run_sequential
 from slimfx.cost.target import MeasuredCache, Target, roofline_caveat
+from slimfx.ir.match import linear_weight
 from slimfx.ir.sites import AttentionSite, LinearSite
 from slimfx.passes.base import PassResult
 from slimfx.passes.manager import Instrument, PassManager, TimingInstrument
@@ -315,7 +316,7 @@ def candidates(pl: Planning) -> PassResult:
     model, opts = pl.model, pl.options
     assert model is not None
     mods = dict(model.named_modules())
-    weights = {s.fqn: mods[s.fqn].weight.detach() for s in pl.sites}
+    weights = {s.fqn: linear_weight(mods[s.fqn]).detach() for s in pl.sites}
     allow = None
     if opts.backend is not None:
         from slimfx.backends.capabilities import allow_fn
@@ -417,7 +418,7 @@ def apply(pl: Planning) -> PassResult:
         mods = dict(model.named_modules())
         pl.dense_ref = {
             s.fqn: (
-                keep(mods[s.fqn].weight),
+                keep(linear_weight(mods[s.fqn])),
                 None if mods[s.fqn].bias is None else keep(mods[s.fqn].bias),
             )
             for s in pl.sites
@@ -521,9 +522,11 @@ def measure_site_errors(
     model: nn.Module,
     dense: Mapping[str, tuple[Tensor, Tensor | None]],
     batches: Sequence,
+    call: Callable[[Any], Any] | None = None,
 ) -> dict[str, tuple[float, float]]:
     """(SQNR dB, relative error) of each rewritten layer's output on ``batches``: the
-    rewritten module against the dense weight it replaced, on the same inputs."""
+    rewritten module against the dense weight it replaced, on the same inputs. ``call(batch)``
+    runs one batch (default: ``model`` called on it as a calibration batch)."""
     mods = dict(model.named_modules())
     acc: dict[str, list[float]] = {k: [0.0, 0.0] for k in dense}
     handles = []
@@ -542,7 +545,7 @@ def measure_site_errors(
         for name in dense:
             handles.append(mods[name].register_forward_hook(hook(name)))
         for b in batches:
-            _call(model, b)
+            _call(model, b) if call is None else call(b)
     finally:
         for h in handles:
             h.remove()

@@ -8,6 +8,11 @@ or ``p_fc1_weight`` against candidate FQNs, e.g. a Plan's). The site is the modu
 weight (the node's own module when its ``.weight`` is that tensor, else an ``nn.Linear`` holding
 it, as in ``slimfx.ir.find``); linears reading the same input node share a group. A linear whose
 weight is computed in the graph, or belongs to no linear module, is left alone and reported.
+
+A transformers ``Conv1D`` (GPT-2's layers) runs ``addmm(b, x, W)`` with its weight stored
+in × out; with the model, such a node becomes ``linear(x, t(W), b)`` first
+(:func:`conv1d_as_linear`, the same product), so the graph rewrite sees it as any other linear
+and its site's dense weight is ``W.t()`` (``ir.match.linear_weight``).
 """
 
 from __future__ import annotations
@@ -16,13 +21,23 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, fx, nn
 
 from slimfx.ir.capture import FQN_KEY, normalize_module_path
-from slimfx.ir.match import linear_args, linear_nodes, node_module_path, weight_owner
+from slimfx.ir.graph import finalize, node_value, replace_node
+from slimfx.ir.match import (
+    is_conv1d,
+    linear_args,
+    linear_nodes,
+    node_module_path,
+    weight_owner,
+)
 from slimfx.ir.sites import LinearSite
 
-__all__ = ["GraphSites", "graph_linear_sites", "param_name_from_placeholder"]
+__all__ = ["GraphSites", "graph_linear_sites", "param_name_from_placeholder", "conv1d_as_linear"]
+
+_ADDMM = (torch.addmm, torch.ops.aten.addmm.default)
 
 
 @dataclass
@@ -66,6 +81,47 @@ def param_name_from_placeholder(name: str, candidates: Iterable[str] = ()) -> st
     return by_spelling.get(mangled)
 
 
+def _input_tensor(gm: fx.GraphModule, node: Any, inputs: dict[fx.Node, Any]) -> Any:
+    """The tensor a placeholder or ``get_attr`` node stands for (``None`` for other nodes)."""
+    if isinstance(node, fx.Node) and node.op == "placeholder":
+        return inputs.get(node)
+    if isinstance(node, fx.Node) and node.op == "get_attr":
+        return _attr(gm, str(node.target))
+    return None
+
+
+def conv1d_as_linear(
+    gm: fx.GraphModule, inputs: dict[fx.Node, Any], modules: dict[str, nn.Module]
+) -> int:
+    """Rewrite each ``addmm(b, x, W)`` whose ``W`` is a ``Conv1D`` module's weight (looked up
+    by identity in ``modules``) into ``linear(x, t(W), b)``; returns how many. ``gm`` is edited
+    in place and recompiled when anything changed."""
+    owners = {id(m.weight): m for m in modules.values() if is_conv1d(m)}
+    done = 0
+    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ADDMM]:
+        if len(node.args) != 3 or node.kwargs:  # beta / alpha scale the product: not a linear
+            continue
+        b, x, w = node.args
+        tensor = _input_tensor(gm, w, inputs)
+        if not isinstance(tensor, Tensor) or id(tensor) not in owners:
+            continue
+        with gm.graph.inserting_before(node):
+            wt = gm.graph.call_function(torch.t, (w,))
+        val = node_value(w)
+        if isinstance(val, Tensor):
+            wt.meta["val"] = wt.meta["example_value"] = val.t()
+        path = node_module_path(node, modules) or ""
+        replace_node(
+            gm, node, torch._C._nn.linear, (x, wt, b),
+            origin={"pass": "conv1d_as_linear", "rule": "Conv1D", "site": path},
+            recompile=False,
+        )  # fmt: skip
+        done += 1
+    if done:
+        finalize(gm)
+    return done
+
+
 def graph_linear_sites(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -84,17 +140,18 @@ def graph_linear_sites(
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
         modules = dict(model.named_modules())
+        conv1d_as_linear(gm, inputs, modules)
     candidates = list(candidates)
 
     found: dict[str, dict[str, Any]] = {}
     unresolved: list[tuple[fx.Node, str]] = []
     for node in linear_nodes(gm):
         x, w, b = linear_args(node)
-        tensor, spelled = None, None
-        if isinstance(w, fx.Node) and w.op == "placeholder":
-            tensor, spelled = inputs.get(w), str(w.target)
-        elif isinstance(w, fx.Node) and w.op == "get_attr":
-            tensor, spelled = _attr(gm, str(w.target)), str(w.target)
+        in_out = isinstance(w, fx.Node) and w.op == "call_function" and w.target is torch.t
+        if in_out:  # a Conv1D's weight, turned by conv1d_as_linear
+            w = w.args[0]
+        tensor = _input_tensor(gm, w, inputs)
+        spelled = str(w.target) if tensor is not None else None
         if not isinstance(tensor, Tensor) or tensor.dim() != 2:
             what = w.op if isinstance(w, fx.Node) else type(w).__name__
             unresolved.append((node, f"weight is not a graph input or attribute ({what})"))
@@ -117,8 +174,9 @@ def graph_linear_sites(
             continue
         entry = found.setdefault(
             owner,
-            {"tensor": tensor, "bias": b is not None, "x": x, "node": node.name, "tied": tied},
-        )
+            {"tensor": tensor, "bias": b is not None, "x": x, "node": node.name, "tied": tied,
+             "in_out": in_out},
+        )  # fmt: skip
         if entry["tensor"] is not tensor:
             unresolved.append((node, f"module {owner!r} multiplies by two different weights"))
             continue
@@ -140,7 +198,7 @@ def graph_linear_sites(
     sites = []
     for fqn, e in found.items():
         group = first_of.setdefault(e["x"], fqn)
-        out_f, in_f = e["tensor"].shape
+        out_f, in_f = e["tensor"].t().shape if e["in_out"] else e["tensor"].shape
         sites.append(
             LinearSite(
                 fqn=fqn,
@@ -165,7 +223,7 @@ def graph_linear_sites(
             left_alone.setdefault(path, f"linear node {node.name} left alone: {why}")
     return GraphSites(
         sites=sites,
-        weights={fqn: e["tensor"] for fqn, e in found.items()},
+        weights={fqn: e["tensor"].t() if e["in_out"] else e["tensor"] for fqn, e in found.items()},
         unresolved=[f"{n.name}: {why}" for n, why in unresolved],
         left_alone=left_alone,
     )

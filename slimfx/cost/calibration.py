@@ -60,6 +60,7 @@ from slimfx.cost.sensitivity import (
     robust_normalize,
 )
 from slimfx.ir.capture import eval_mode
+from slimfx.ir.match import linear_weight
 from slimfx.ir.sites import LinearSite
 
 __all__ = [
@@ -466,7 +467,7 @@ def collect_sensitivity(
     batches, sites, start, modules = _begin(model, sites, batches)
     if stack_tokens is not None and loss_fn is None:
         batches = stack_windows(batches, stack_tokens)
-    weights = {s.fqn: _module(modules, s.fqn).weight for s in sites}
+    weights = {s.fqn: linear_weight(_module(modules, s.fqn)) for s in sites}
     grams = GramRecorder(modules, sites)
     rec = ProbeRecorder(modules, sites, weights, extra)
     bar = tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)

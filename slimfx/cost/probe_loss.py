@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.cost.sensitivity import PROBES, probe_deltas, relative_error
+from slimfx.ir.match import linear_weight
 from slimfx.ir.sites import LinearSite
 from slimfx.numerics.divergence import kl_sum
 
@@ -67,7 +68,7 @@ def measured_raw(
         raw: dict[str, float] = {}
         for s in sites:
             m = mods[s.fqn]
-            W = m.weight.detach()
+            W = linear_weight(m).detach()
             deltas = probe_deltas(W)
             gram = gram_of(s.fqn)
             logs = []

@@ -5,12 +5,13 @@ Linear sites come from the exported graph when there is one::
     aten.linear(x, W, b?)                      W a parameter
     aten.mm(x', aten.t(W))                     x' = view(x)   (decomposed graphs)
     aten.addmm(b, x', aten.permute(W, [1, 0]))
+    aten.addmm(b, x', W)                       W of a transformers Conv1D (stored in × out)
 
 one site per module (a module called twice gives one site, at its first call), in graph order.
 Linears reading the same graph node (looking through the views a decomposition adds) share a
 ``group`` named after the first member: q/k/v share one input Gram matrix, gate/up another.
-When capture fell back to the module tree, ``discover_linear_sites`` walks ``nn.Linear``
-modules instead and groups them by running the model once with forward-pre-hooks.
+When capture fell back to the module tree, ``discover_linear_sites`` walks ``nn.Linear`` (and
+``Conv1D``) modules instead and groups them by running the model once with forward-pre-hooks.
 
 Attention sites are module-level metadata (heads, kv-heads, head_dim, causality, rotary dims,
 window, layer index, projections); ``site.site_shape`` is their ``AttentionShape``.
@@ -29,7 +30,7 @@ import torch
 from torch import nn
 
 from slimfx.ir.capture import Captured, eval_mode
-from slimfx.ir.match import weight_owner
+from slimfx.ir.match import is_conv1d, is_linear_module, linear_weight, weight_owner
 from slimfx.ir.sites import AttentionSite, LinearSite
 
 __all__ = [
@@ -72,18 +73,17 @@ def _make_site(
     group: str,
     node: str | None,
 ) -> LinearSite:
-    w = module.weight
-    out_f, in_f = w.shape
+    out_f, in_f = linear_weight(module).shape
     own = f"{fqn}.weight" if fqn else "weight"
     return LinearSite(
         fqn=fqn,
         in_features=int(in_f),
         out_features=int(out_f),
-        dtype=str(w.dtype),
+        dtype=str(module.weight.dtype),
         has_bias=has_bias,
         weight=own,
         group=group,
-        tied=_tied_names(model, w, own),
+        tied=_tied_names(model, module.weight, own),
         node=node,
     )
 
@@ -136,20 +136,27 @@ def _strip_views(node: Any) -> Any:
     return node
 
 
-def _match_linear(node: torch.fx.Node, params: dict[str, str]) -> tuple[str, Any, bool] | None:
-    """``(weight FQN, input key node, has_bias)`` when ``node`` computes x·Wᵀ (+b)."""
+def _match_linear(
+    node: torch.fx.Node, params: dict[str, str]
+) -> tuple[str, Any, bool, bool] | None:
+    """``(weight FQN, input key node, has_bias, in_out)`` when ``node`` computes x·Wᵀ (+b);
+    ``in_out``: the weight enters untransposed (``addmm(b, x, W)``), a site only when its
+    module is a ``Conv1D``."""
     if node.op != "call_function":
         return None
     if node.target in _LINEAR:
         w = _param_of(node.args[1], params)
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        return (w, node.args[0], bias is not None) if w else None
+        return (w, node.args[0], bias is not None, False) if w else None
     if node.target in _MM:
         w = _transposed_param(node.args[1], params)
-        return (w, _strip_views(node.args[0]), False) if w else None
+        return (w, _strip_views(node.args[0]), False, False) if w else None
     if node.target in _ADDMM:
         w = _transposed_param(node.args[2], params)
-        return (w, _strip_views(node.args[1]), True) if w else None
+        if w:
+            return (w, _strip_views(node.args[1]), True, False)
+        w = _param_of(node.args[2], params)
+        return (w, _strip_views(node.args[1]), True, True) if w else None
     return None
 
 
@@ -172,7 +179,7 @@ def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
         match = _match_linear(node, params)
         if match is None:
             continue
-        weight_fqn, key, has_bias = match
+        weight_fqn, key, has_bias, in_out = match
         weight = named.get(weight_fqn)
         if weight is None:
             raise ValueError(
@@ -181,7 +188,7 @@ def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
             )
         aliases = [n for n, p in model.named_parameters(remove_duplicate=False) if p is weight]
         fqn = weight_owner(modules, node, weight, (weight_fqn, *aliases))
-        if fqn is None or fqn in found:
+        if fqn is None or fqn in found or in_out != is_conv1d(modules[fqn]):
             continue
         found[fqn] = (node.name, has_bias, key)
         order.append(fqn)
@@ -201,7 +208,8 @@ def discover_linear_sites(
     example_args: tuple[Any, ...] = (),
     example_kwargs: dict[str, Any] | None = None,
 ) -> list[LinearSite]:
-    """Linear sites from the module tree: every ``nn.Linear`` of ``model`` (``node=None``).
+    """Linear sites from the module tree: every ``nn.Linear`` (or ``Conv1D``) of ``model``
+    (``node=None``).
 
     Without example inputs each linear is its own group, in ``named_modules`` order. With
     example inputs the model runs once (eval mode, no grad; hooks removed and training flags
@@ -209,7 +217,7 @@ def discover_linear_sites(
     share a group, sites come in call order, and linears that were never called are left out.
     """
     modules = dict(model.named_modules())
-    linears = [(fqn, m) for fqn, m in modules.items() if isinstance(m, nn.Linear)]
+    linears = [(fqn, m) for fqn, m in modules.items() if is_linear_module(m)]
     if not example_args and not example_kwargs:
         return [_make_site(model, fqn, m, m.bias is not None, fqn, None) for fqn, m in linears]
 

@@ -13,6 +13,9 @@ these functions::
         weight_is(W, "a.b.weight") whether the W node is that parameter (get_attr, a lifted
                                   export placeholder p_a_b_weight, a dynamo placeholder)
         weight_owner(...)         the module owning this use of a weight tensor
+        linear_weight(module)     a linear module's weight as out × in (a transformers
+                                  ``Conv1D`` — GPT-2's layers — stores it in × out and runs
+                                  ``addmm(b, x, W)``; ``is_conv1d`` tells it apart)
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ __all__ = [
     "node_module_path",
     "weight_is",
     "weight_owner",
+    "is_conv1d",
+    "is_linear_module",
+    "linear_weight",
 ]
 
 #: call_function targets that compute ``x Wᵀ + b``.
@@ -91,6 +97,32 @@ def weight_is(node: Any, weight_fqn: str) -> bool:
     return bool(m) and "_modules_" not in m.group(1) and "_parameters_" not in m.group(1)
 
 
+def is_conv1d(module: Any) -> bool:
+    """Whether ``module`` is a transformers ``Conv1D`` (GPT-2, GPT-2-derived models): a linear
+    whose weight is stored in × out (``nf`` outputs) and applied as ``addmm(b, x, W)``."""
+    w = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(w, Tensor)
+        and w.dim() == 2
+        and w.shape[1] == module.nf
+    )
+
+
+def is_linear_module(module: Any) -> bool:
+    """An ``nn.Linear`` or a transformers ``Conv1D``: the modules a linear site may be."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The weight of a linear module as out × in (a view, not a copy): ``module.weight``, or
+    its transpose for a ``Conv1D``. Every reader of a site's weight values goes through this;
+    identity checks (ties, aliases) keep using ``module.weight``."""
+    w = module.weight
+    return w.t() if is_conv1d(module) else w
+
+
 def _has_2d_weight(module: nn.Module | None, tensor: Tensor) -> bool:
     w = getattr(module, "weight", None)
     return w is tensor and isinstance(w, Tensor) and w.dim() == 2
@@ -114,6 +146,6 @@ def weight_owner(
         if name == "weight" or name.endswith(".weight"):
             cand = name.rpartition(".")[0]
             mod = modules.get(cand)
-            if isinstance(mod, nn.Linear) and mod.weight is tensor:
+            if is_linear_module(mod) and mod.weight is tensor:
                 return cand
     return None

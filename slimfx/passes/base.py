@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx import forms
+from slimfx.ir.match import linear_weight
 from slimfx.ir.modules import SlimLinear, module_for
 from slimfx.ir.sites import LinearSite, Site
 from slimfx.numerics import factorize
@@ -93,7 +94,7 @@ class Rule:
         tensors: dict[str, Tensor] | None = None,
     ) -> SlimLinear:
         """The module that replaces ``linear`` (weight and bias read from it)."""
-        weight = linear.weight.detach()
+        weight = linear_weight(linear).detach()
         bias = None if getattr(linear, "bias", None) is None else linear.bias.detach()
         tensors = tensors if tensors is not None else self.factorize(weight, decision, gram)
         cls = module_for(decision)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx.ir.match import linear_weight
 from slimfx.ir.modules import module_for
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import (
@@ -91,6 +92,7 @@ def _dense_linear(model_modules: Mapping[str, nn.Module], site: LinearSite) -> n
         raise ValueError(
             f"site {site.fqn!r} is a {type(mod).__name__} without a 2-D weight (already rewritten?)"
         )
+    w = linear_weight(mod)
     if tuple(w.shape) != site.shape:
         raise ValueError(
             f"site {site.fqn!r}: the module's weight has shape {tuple(w.shape)} but the site says "
@@ -134,7 +136,7 @@ def _plan_jobs(
             continue
         weight = None
         if modules is not None:
-            weight = _dense_linear(modules, site).weight.detach()
+            weight = linear_weight(_dense_linear(modules, site)).detach()
             if check_weights:
                 _check_finite(site, weight)
             else:

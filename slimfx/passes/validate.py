@@ -15,6 +15,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from slimfx.ir.match import linear_weight
 from slimfx.ir.sites import AttentionSite, LinearSite
 from slimfx.planning.plan import Plan
 from slimfx.planning.shapes import LinearShape
@@ -74,6 +75,7 @@ def weight_sites(model: nn.Module, names: Iterable[str] | None = None) -> list[L
         w = getattr(mod, "weight", None)
         if not (isinstance(w, Tensor) and w.dim() == 2):
             continue
+        w = linear_weight(mod)
         b = getattr(mod, "bias", None)
         out.append(
             LinearSite(

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from slimfx.cost.calibration import CalibrationStats, GramRecorder, call_model
 from slimfx.cost.sequential import _capture_inputs, _run_block
 from slimfx.ir.capture import eval_mode
+from slimfx.ir.match import linear_weight
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult
 from slimfx.passes.swap import apply_plan, empty_like_plan
@@ -71,17 +72,10 @@ def _measure_block(
     dense: Mapping[str, tuple[Tensor, Tensor | None]],
     inputs: Sequence[Any],
 ) -> dict[str, tuple[float, float]]:
-    """``measure_site_errors`` on one block: its calls as keyword batches, names full."""
+    """``measure_site_errors`` on one block, called as the model called it; names full."""
     pre = f"{name}."
     local = {k[len(pre) :]: v for k, v in dense.items()}
-    batches = []
-    for args, kwargs in inputs:
-        kw = dict(kwargs)
-        kw["hidden_states"] = stream_of((args, kwargs))
-        if len(args) > 1:
-            raise ValueError("a block called with more than one positional argument")
-        batches.append(kw)
-    got = measure_site_errors(block, local, batches)
+    got = measure_site_errors(block, local, inputs, lambda call: block(*call[0], **call[1]))
     return {pre + k: v for k, v in got.items()}
 
 
@@ -91,7 +85,7 @@ def _dense_ref(model: nn.Module, plan: Plan, sites: Sequence[LinearSite]) -> dic
         if not isinstance(plan[s.fqn], DenseConfig):
             m = model.get_submodule(s.fqn)
             b = None if m.bias is None else m.bias.detach().clone()
-            ref[s.fqn] = (m.weight.detach().clone(), b)
+            ref[s.fqn] = (linear_weight(m).detach().clone(), b)
     return ref
 
 

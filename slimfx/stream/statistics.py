@@ -30,6 +30,7 @@ from slimfx.cost.calibration import (
 from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import _run_block
 from slimfx.ir.find import discover_linear_sites
+from slimfx.ir.match import linear_weight
 from slimfx.ir.sites import LinearSite
 from slimfx.planning.problem import BudgetProblem, SiteOptions
 from slimfx.stream.blocks import Inputs, block_backward, replayed, stream_of
@@ -149,7 +150,8 @@ def price(
     mine = [i for i, r in enumerate(owner) if r == comm.rank]
     local = None
     if mine:
-        weights = {sites[i].fqn: model.get_submodule(sites[i].fqn).weight.detach() for i in mine}
+        weights = {sites[i].fqn: linear_weight(model.get_submodule(sites[i].fqn)).detach()
+                   for i in mine}
         local = build_problem([sites[i] for i in mine], weights, stats, progress=False,
                               **options)[0]  # fmt: skip
     if not comm.active and local is not None:

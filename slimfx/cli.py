@@ -317,7 +317,15 @@ def _export(model, a: argparse.Namespace, ids) -> str:
 def cmd_export(a: argparse.Namespace) -> int:
     import slimfx
 
-    model = slimfx.load(a.dir, verify=not a.no_verify)
+    try:
+        model = slimfx.load(a.dir, verify=not a.no_verify)
+    except ValueError as e:
+        if "pass model=" not in str(e):
+            raise
+        raise SystemExit(
+            f"slimfx export: {e}. The command line rebuilds Hugging Face models only: in Python, "
+            "slimfx.load(dir, model=<a fresh instance>) and slimfx.export_onnx(...)"
+        ) from e
     import torch
 
     print(_export(model, a, torch.zeros(1, 16, dtype=torch.long)))

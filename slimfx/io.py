@@ -161,6 +161,35 @@ def _verify(d: Path, info: Mapping[str, Any]) -> None:
             )
 
 
+def _hf_skeleton(d: Path, model_class: str) -> nn.Module:
+    """A fresh Hugging Face model of the saved class, from the saved ``config.json``: the
+    manifest's ``model_class`` when it is a transformers class (only ``transformers.*`` is
+    imported), else the config's first ``architectures`` entry."""
+    import importlib
+
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(d)
+    module, _, name = model_class.rpartition(".")
+    cls = None
+    if module == "transformers" or module.startswith("transformers."):
+        try:
+            cls = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            cls = None
+    for arch in [] if cls is not None else list(getattr(cfg, "architectures", None) or []):
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            break
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(
+            f"{d}: saved from {model_class or 'an unnamed class'}, which is not a transformers "
+            "model class this transformers version has (nor is any of the config's "
+            "architectures): pass model= (a fresh instance of it)"
+        )
+    return cls._from_config(cfg)
+
+
 def load(
     directory: str | Path, model: nn.Module | None = None, *, verify: bool = True,
     cpu_kernels: bool = True,
@@ -203,10 +232,7 @@ def load(
             raise ValueError(
                 "this model is not a Hugging Face model: pass model= (a fresh instance)"
             )
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        cfg = AutoConfig.from_pretrained(d)
-        model = AutoModelForCausalLM.from_config(cfg)
+        model = _hf_skeleton(d, str(info.get("model_class", "")))
     model = check_skeleton(model)
     model.eval()
     sites = discover_linear_sites(model)

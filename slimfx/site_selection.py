@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from slimfx import validate
 from slimfx.ir.capture import capture as capture_graph
-from slimfx.ir.find import find_linear_sites
+from slimfx.ir.find import find_linear_sites, graph_weight_readers, wider_than_linear
 from slimfx.ir.sites import LinearSite
 
 __all__ = ["find_sites", "select_sites"]
@@ -62,13 +62,34 @@ def find_sites(
         attention.extend(found)
         if refused:
             info["attention_rejected"] = refused
-    left = validate.direct_weight_readers(model, [s.fqn for s in sites])  # e.g. MHA's out_proj
+    scanned = validate.direct_weight_readers(model, [s.fqn for s in sites])  # MHA's out_proj
+    seen = graph_weight_readers(captured, model, sites)  # a scanned read the graph never runs
+    left = scanned if seen is None else {f: scanned.get(f, why) for f, why in seen.items()}
+    left |= wider_than_linear(captured, model, sites)  # e.g. a MoE router
     if left:
         sites = [s for s in sites if s.fqn not in left]
         info["left_alone"] = left
     if captured.fallback_reason:
         info["fallback_reason"] = captured.fallback_reason
+    uncovered = _uncovered(model)
+    if uncovered:
+        info["uncovered"] = uncovered
     return sites, info
+
+
+def _uncovered(model: nn.Module) -> str | None:
+    """What a report must say when a large share of the weights sits in tensors no linear site
+    can hold: 3-D (or larger) parameters, e.g. the batched expert weights of a
+    mixture-of-experts layer."""
+    total = sum(p.numel() for p in model.parameters())
+    big = [(n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 3]
+    share = sum(k for _, k in big) / max(total, 1)
+    if share < 0.01:
+        return None
+    kind = "batched MoE experts" if "expert" in big[0][0] else "e.g. convolutions"
+    return (f"{sum(k for _, k in big):,} parameters ({share:.0%} of the model) are in "
+            f"{len(big)} tensor(s) of 3 or more dimensions, e.g. {big[0][0]} ({kind}): no "
+            "linear site holds them, so they stay as they are and outside the budget")
 
 
 _TIED_WHY = (

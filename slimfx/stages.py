@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from slimfx import attention_stages as attention
 from slimfx import validate
+from slimfx.cost.batches import naming_batch
 from slimfx.cost.calibration import (
     CalibrationStats,
     collect_planning_stats,
@@ -207,10 +208,9 @@ def start(pl: Planning) -> None:
     if opts.calibration is not None:
         if isinstance(opts.calibration, (str, bytes)):
             raise TypeError("calibration must be a list of batches or strings, not one string")
-        pl.batches = prepare_batches(
-            validate.calibration_items(opts.calibration), tokenizer=opts.tokenizer,
-            seq_len=opts.seq_len,
-        )  # fmt: skip
+        items = validate.calibration_items(opts.calibration)
+        seq_len = validate.window_length(pl.model, items, opts.seq_len, pl.notes)
+        pl.batches = prepare_batches(items, tokenizer=opts.tokenizer, seq_len=seq_len)
         pl.batches = validate.check_batches(pl.model, pl.batches, pl.notes)
         if not pl.batches:
             raise ValueError("calibration is empty: pass at least one batch of real inputs")
@@ -233,6 +233,7 @@ def capture(pl: Planning) -> PassResult:
     graph_attention: list[AttentionSite] = []
     sites, pl.capture = find_sites(model, example, graph_attention)
     pl.notes += [f"{k}: {why}" for k, why in pl.capture.get("left_alone", {}).items()]
+    pl.notes += [f"weights: {pl.capture['uncovered']}"] if "uncovered" in pl.capture else []
     if pl.capture["method"] != "export":
         pl.notes.append(
             "torch.export failed; sites found by module-level discovery instead: "
@@ -419,7 +420,7 @@ def apply(pl: Planning) -> PassResult:
         pl.dense_ref = {
             s.fqn: (
                 keep(linear_weight(mods[s.fqn])),
-                None if mods[s.fqn].bias is None else keep(mods[s.fqn].bias),
+                None if getattr(mods[s.fqn], "bias", None) is None else keep(mods[s.fqn].bias),
             )
             for s in pl.sites
             if s.fqn in plan and not isinstance(plan[s.fqn], DenseConfig)
@@ -544,8 +545,9 @@ def measure_site_errors(
     try:
         for name in dense:
             handles.append(mods[name].register_forward_hook(hook(name)))
-        for b in batches:
-            _call(model, b) if call is None else call(b)
+        for i, b in enumerate(batches):
+            with naming_batch(i, b, model, "held-out calibration batch"):
+                _call(model, b) if call is None else call(b)
     finally:
         for h in handles:
             h.remove()

@@ -131,6 +131,19 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.dev
 # --------------------------------------------------------------------------- calibration
 
 
+def window_length(model: nn.Module, items: Sequence[Any], seq_len: int, notes: list[str]) -> int:
+    """The token window texts are cut into: ``seq_len``, or the model's
+    ``max_position_embeddings`` where that is shorter (with a note) — a 77-position text
+    encoder cannot run the default 256-token windows."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    texts = any(isinstance(c, str) for c in items)
+    if texts and isinstance(limit, int) and 0 < limit < seq_len:
+        notes.append(f"calibration: texts cut into {limit}-token windows, the model's "
+                     f"max_position_embeddings (seq_len={seq_len} asked for longer ones)")
+        return limit
+    return seq_len
+
+
 def calibration_items(calibration: Any, name: str = "calibration") -> list[Any]:
     """The batches of ``calibration`` as a list: a list, tuple or generator of batches; a bare
     tensor or a bare dict (one batch of keyword tensors) is one batch. Each batch must be
@@ -231,6 +244,8 @@ def check_batches(
     cast: set[str] = set()
     out: list[Any] = []
     width: tuple[int, int] | None = None
+    floats_run = False  # a float batch ran through a model with an embedding
+    pads = (0, 0)  # (padding positions, positions) of the attention masks
     for i, b in enumerate(batches):
         if isinstance(b, str):
             raise TypeError(f"{name} batch {i}: a text needs a tokenizer= to become token ids")
@@ -250,7 +265,13 @@ def check_batches(
                     "calibration must be finite"
                 )
         main = _main_input(b)
-        if main is not None and emb is not None and main[0] != "'inputs_embeds'":
+        floats_run = floats_run or bool(
+            main is not None and emb is not None and main[1].is_floating_point()
+            and _runs(model, b)
+        )  # an embedding that is not the input's (Whisper's features, a positional table)
+        if main is not None and emb is not None and main[0] != "'inputs_embeds'" and not (
+            floats_run and main[1].is_floating_point()
+        ):
             where, t = main
             if t.is_floating_point() or t.dtype == torch.bool:
                 raise TypeError(
@@ -296,8 +317,17 @@ def check_batches(
             return t
 
         out.append(_rebuild(b, fix))
+        mask = b.get("attention_mask") if isinstance(b, Mapping) else None
+        if isinstance(mask, Tensor) and mask.numel():
+            pads = (pads[0] + int((mask == 0).sum()), pads[1] + mask.numel())
     if cast and notes is not None:
         notes.append(f"{name}: floating inputs {' and '.join(sorted(cast))}")
+    if pads[0] and notes is not None:
+        notes.append(
+            f"{name}: {pads[0]} of {pads[1]} positions are padding (attention_mask 0); their "
+            "activations count in the statistics like real tokens — unpadded windows (texts "
+            "with a tokenizer) avoid that"
+        )
     return out
 
 

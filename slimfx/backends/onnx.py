@@ -26,7 +26,8 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,8 +133,51 @@ class _LogitsOnly(nn.Module):
         return out.logits if hasattr(out, "logits") else out[0]
 
 
+class _NoCache(nn.Module):
+    """``model(*args, use_cache=False)``: a Hugging Face model that keeps a cache (an
+    encoder-decoder) returns no cache object the export cannot carry."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        setattr(self, WRAP, model)
+
+    def forward(self, *args: Any) -> Any:
+        return getattr(self, WRAP)(*args, use_cache=False)
+
+
+def _keeps_cache(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "use_cache", None) is not None
+
+
+@contextmanager
+def traceable_experts(model: nn.Module) -> Iterator[None]:
+    """Within the block, a Hugging Face mixture-of-experts model runs its experts as batched
+    matmuls: its default grouped kernel traces to a custom op ONNX has no function for
+    (``transformers::grouped_mm_fallback``). Each config's choice is restored on exit."""
+    cfgs = {
+        id(c): c
+        for m in model.modules()
+        if (c := getattr(m, "config", None)) is not None and hasattr(c, "_experts_implementation")
+    }
+    saved = {k: c._experts_implementation for k, c in cfgs.items()}
+    try:
+        for c in cfgs.values():
+            if c._experts_implementation in (None, "grouped_mm"):
+                c._experts_implementation = "batched_mm"
+        yield
+    finally:
+        for k, c in cfgs.items():
+            c._experts_implementation = saved[k]
+
+
 def _is_hf_lm(model: nn.Module) -> bool:
-    return hasattr(model, "config") and hasattr(model, "generate")
+    """A Hugging Face causal LM (exported as ids → logits); an encoder-decoder is not one."""
+    config = getattr(model, "config", None)
+    return (
+        config is not None
+        and hasattr(model, "generate")
+        and not getattr(config, "is_encoder_decoder", False)
+    )
 
 
 def _check_example_fits(model: nn.Module, example_inputs: Sequence[Any]) -> None:
@@ -144,7 +188,7 @@ def _check_example_fits(model: nn.Module, example_inputs: Sequence[Any]) -> None
         f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
         for t in example_inputs
     ]
-    kw = {"use_cache": False} if _is_hf_lm(model) else {}
+    kw = {"use_cache": False} if _is_hf_lm(model) or _keeps_cache(model) else {}
     try:
         with torch.no_grad():
             model(*example_inputs, **kw)
@@ -177,17 +221,19 @@ def _export_program(
         shapes: Any = ({0: Dim("batch"), 1: Dim("seq")},) if dynamic else None
         in_names, out_names = ["input_ids"], ["logits"]
     else:
-        wrapped = model
+        wrapped = _NoCache(model) if _keeps_cache(model) else model
         in_names = out_names = None
         shapes = None
-        if dynamic:
+        if dynamic:  # every axis but a float input's last (its features); ids: all of them
             auto = torch.export.Dim.AUTO
             shapes = tuple(
-                {d: auto for d in range(a.dim() - 1)}
+                {d: auto for d in range(a.dim() - (1 if a.is_floating_point() else 0))}
                 if isinstance(a, Tensor) and a.dim() > 1
                 else None
                 for a in args
             )
+            if isinstance(wrapped, _NoCache):  # forward(*args): one entry holding them all
+                shapes = (shapes,)
     program = _export_in_eval_mode(model, wrapped, args, shapes)
     names: dict[str, str] = {}
     if hf and dynamic:
@@ -311,7 +357,7 @@ class _Export:
         self.site_bytes: dict[str, int] = {}
 
     def torch_export(self, opts: dict) -> PassResult:
-        with torch.no_grad():
+        with torch.no_grad(), traceable_experts(self.model):
             self.program, self.in_names, self.out_names, self.axis_names = _export_program(
                 self.model, self.args, self.dynamic, self.kv_cache
             )
@@ -413,8 +459,9 @@ def export_onnx(
       past_value_i → logits, present_key_i, present_value_i`` (``slimfx.backends.onnx_decode``):
       one graph for prefill (empty cache) and per-token decode; :class:`OrtModel` runs it
       (``step``, ``generate``).
-    - ``dynamic``: batch and sequence axes of a causal LM (the leading axes of other models'
-      inputs) stay symbolic, so one file serves any shape.
+    - ``dynamic``: batch and sequence axes of a causal LM (of other models' inputs, every
+      axis of an integer input — token ids — and all but the last of a float one) stay
+      symbolic where the model allows, so one file serves any batch and length.
     - ``external_data``: weights in ``<path>.data``; ``None`` = only above 1.5 GB of weights.
     - ``opset``: the default-domain opset (torch's default when ``None``).
     - ``accuracy_level``: MatMulNBits' compute accuracy (0 = float compute, the reference's

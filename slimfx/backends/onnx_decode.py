@@ -40,7 +40,12 @@ def cache_geometry(config: Any) -> tuple[int, int, int]:
     """``(layers, kv_heads, head_dim)`` of a Hugging Face decoder config."""
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    kv_heads = getattr(config, "num_key_value_heads", None)
+    if kv_heads is None and getattr(config, "new_decoder_architecture", False):  # Falcon 40B+
+        kv_heads = getattr(config, "num_kv_heads", None)
+    if kv_heads is None and getattr(config, "multi_query", False):  # Falcon, GPTBigCode
+        kv_heads = 1
+    kv_heads = int(kv_heads or heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return layers, kv_heads, int(head_dim)
 
@@ -78,7 +83,9 @@ class DecodeStep(nn.Module):
 
         model = getattr(self, self._wrap_name)
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=model.config)
+        # full layers, not the config's sliding ones: a sliding layer crops itself in a Python
+        # branch the trace would freeze at the example's length; the mask applies the window
+        cache = DynamicCache(ddp_cache_data=pairs)
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
         present: list[Tensor] = []
         for layer in out.past_key_values.layers:

@@ -4,7 +4,8 @@ calibration statistics (``cost.calibration``), sequential mode and the stages.""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ __all__ = [
     "STACK_TOKENS",
     "stack_windows",
     "model_device", "to_device", "is_hf", "call_model", "check_batches", "prepare_batches",
+    "naming_batch", "CalibrationBatchError",
 ]  # fmt: skip
 
 
@@ -39,6 +41,55 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+class CalibrationBatchError(ValueError):
+    """The model failed on a calibration batch; the message names the batch and its shapes."""
+
+
+def _shapes(batch: Any) -> str:
+    if isinstance(batch, Tensor):
+        return f"{tuple(batch.shape)} {batch.dtype}"
+    if isinstance(batch, Mapping):
+        items = batch.items()
+    elif isinstance(batch, (tuple, list)):
+        items = enumerate(batch)
+    else:
+        return type(batch).__name__
+    return ", ".join(f"{k}: {tuple(v.shape)}" for k, v in items if isinstance(v, Tensor))
+
+
+def _positions_hint(model: nn.Module, batch: Any) -> str:
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else batch
+    if isinstance(limit, int) and isinstance(ids, Tensor) and ids.dim() >= 1:
+        if not ids.is_floating_point() and ids.shape[-1] > limit:
+            return (f"; the model takes at most {limit} positions and this batch has "
+                    f"{ids.shape[-1]}: calibrate on shorter windows (seq_len={limit} or less)")
+    return ""
+
+
+@contextmanager
+def naming_batch(
+    i: int, batch: Any, model: nn.Module, what: str | None = None
+) -> Iterator[None]:
+    """An error raised while ``model`` runs calibration batch ``i`` (``what`` names the kind,
+    e.g. stacked windows; default "calibration batch") becomes a
+    :class:`CalibrationBatchError` naming the batch, its shapes and, where the batch is
+    longer than the model's positions, that limit. Out-of-memory and interrupts pass as they
+    are."""
+    try:
+        yield
+    except CalibrationBatchError:
+        raise
+    except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as e:
+        if isinstance(e, torch.OutOfMemoryError):
+            raise
+        raise CalibrationBatchError(
+            f"{what or 'calibration batch'} {i} ({_shapes(batch)}): running the model on it "
+            f"failed — {type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            f"{_positions_hint(model, batch)}"
+        ) from e
+
+
 def is_hf(model: nn.Module) -> bool:
     """A Hugging Face style model (called with ``input_ids=`` keyword)."""
     return hasattr(model, "config")
@@ -58,7 +109,7 @@ def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
         if labels and "labels" not in kwargs:
             if "input_ids" not in kwargs:
                 raise ValueError("fisher=True on a dict batch needs 'input_ids' or 'labels'")
-            kwargs["labels"] = kwargs["input_ids"]
+            kwargs["labels"] = kwargs["input_ids"].long()  # the loss takes int64 targets
         return model(**kwargs)
     if isinstance(batch, (tuple, list)):
         if labels:
@@ -70,7 +121,7 @@ def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
             if getattr(model.config, "use_cache", None) is not None:
                 kwargs["use_cache"] = False
             if labels:
-                kwargs["labels"] = batch
+                kwargs["labels"] = batch.long()  # the loss takes int64 targets
             return model(**kwargs)
         if labels:
             raise ValueError("fisher=True on a model without an LM loss needs loss_fn")

@@ -45,6 +45,7 @@ from slimfx.cost.batches import (  # model_device … prepare_batches: re-export
     check_batches,
     is_hf,
     model_device,
+    naming_batch,
     prepare_batches,
     stack_windows,
     to_device,
@@ -345,8 +346,9 @@ def _loss_of(
         loss = out.get("loss")
     if not isinstance(loss, Tensor):
         raise ValueError(
-            "fisher=True needs a loss: the model returned none for labels=input_ids; pass "
-            "loss_fn(model, batch) -> scalar tensor"
+            "fisher=True needs a loss: the model returned none for labels=input_ids; calibrate "
+            "with dict batches holding the labels the model's loss takes (optimize), pass "
+            "loss_fn(model, batch) -> scalar tensor (collect_stats), or fisher=False"
         )
     return loss
 
@@ -410,13 +412,15 @@ def collect_stats(
     with eval_mode(model), grams:
         if fish is None:
             with torch.no_grad():
-                for batch in bar:
-                    call_model(model, batch)
+                for i, batch in enumerate(bar):
+                    with naming_batch(i, batch, model):
+                        call_model(model, batch)
         else:
             with fish, torch.enable_grad():
-                for batch in bar:
-                    loss = _loss_of(model, batch, loss_fn)
-                    fish.backward(loss)
+                for i, batch in enumerate(bar):
+                    with naming_batch(i, batch, model):
+                        loss = _loss_of(model, batch, loss_fn)
+                        fish.backward(loss)
                     del loss
     sens = fish.sensitivity() if fish is not None else None
     stats = grams.stats(sens, time.perf_counter() - start)
@@ -465,16 +469,18 @@ def collect_sensitivity(
     stacked, up to this many tokens per pass (``cost.batches.stack_windows``: the same sums,
     fewer and larger products); ``None`` runs each batch alone."""
     batches, sites, start, modules = _begin(model, sites, batches)
-    if stack_tokens is not None and loss_fn is None:
+    stacked = stack_tokens is not None and loss_fn is None
+    if stacked:
         batches = stack_windows(batches, stack_tokens)
     weights = {s.fqn: linear_weight(_module(modules, s.fqn)) for s in sites}
     grams = GramRecorder(modules, sites)
     rec = ProbeRecorder(modules, sites, weights, extra)
     bar = tqdm(batches, desc="calibration", unit="batch", disable=not progress, leave=False)
     with eval_mode(model), grams, rec, torch.enable_grad():
-        for batch in bar:
-            loss = _loss_of(model, batch, loss_fn)
-            rec.backward(loss)
+        for i, batch in enumerate(bar):
+            with naming_batch(i, batch, model, "stacked calibration batch" if stacked else None):
+                loss = _loss_of(model, batch, loss_fn)
+                rec.backward(loss)
             del loss
     stats = grams.stats(None, 0.0)
 
@@ -491,9 +497,16 @@ def collect_sensitivity(
 
 
 def is_causal_lm(model: nn.Module) -> bool:
-    """A Hugging Face model that generates (a causal LM: it returns a loss for labels=ids)."""
+    """A Hugging Face model that generates from its own ids (a causal LM: it returns a loss for
+    labels=ids); not an encoder-decoder (T5, BART, Whisper), whose labels are another text."""
     can = getattr(model, "can_generate", None)
-    return hasattr(model, "config") and callable(can) and bool(can())
+    config = getattr(model, "config", None)
+    return (
+        config is not None
+        and not getattr(config, "is_encoder_decoder", False)
+        and callable(can)
+        and bool(can())
+    )
 
 
 def collect_planning_stats(
@@ -507,7 +520,8 @@ def collect_planning_stats(
     """:func:`collect_stats` for a solve, and a note for the report (or ``None``).
 
     ``fisher=None`` (``optimize``'s default): loss sensitivity for a causal LM calibrated on
-    token ids, none otherwise; when that default cannot take a loss it falls back to unweighted
+    token ids or an encoder-decoder calibrated with ``labels`` in every dict batch, none
+    otherwise; when that default cannot take a loss it falls back to unweighted
     errors and the note says why. ``True`` / ``False`` are obeyed (``True`` raises as usual).
     ``estimator``: how the sensitivity is estimated (:data:`~slimfx.cost.sensitivity.ESTIMATORS`;
     "geo", the default, the geometric mean of the Fisher and probe weights; "fisher", the
@@ -524,8 +538,15 @@ def collect_planning_stats(
         or (isinstance(b, dict) and "input_ids" in b)
         for b in batches
     )
-    if not (is_causal_lm(model) and ids):
-        return collect_stats(model, sites, batches, fisher=False, progress=progress), None
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    labelled = all(isinstance(b, dict) and "labels" in b for b in batches)
+    if not ((is_causal_lm(model) and ids) or (seq2seq and labelled)):
+        note = None
+        if seq2seq:
+            note = ("sensitivity: errors unweighted — an encoder-decoder's loss needs its "
+                    "target text: calibrate with dict batches holding labels= (the target ids) "
+                    "to weight each site by its loss sensitivity")
+        return collect_stats(model, sites, batches, fisher=False, progress=progress), note
     try:
         stats = collect_stats(
             model, sites, batches, fisher=True, progress=progress, estimator=estimator
@@ -537,5 +558,6 @@ def collect_planning_stats(
     how = describe(estimator)
     return stats, (
         "sensitivity: each site's error weighted by its loss sensitivity on the calibration "
-        f"text — {how} (the default for a causal LM; fisher=False turns it off)"
+        f"text — {how} (the default for a causal LM, and for an encoder-decoder calibrated "
+        "with labels; fisher=False turns it off)"
     )

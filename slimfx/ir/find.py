@@ -6,6 +6,8 @@ Linear sites come from the exported graph when there is one::
     aten.mm(x', aten.t(W))                     x' = view(x)   (decomposed graphs)
     aten.addmm(b, x', aten.permute(W, [1, 0]))
     aten.addmm(b, x', W)                       W of a transformers Conv1D (stored in × out)
+    aten.matmul(x, W.T)                        in an nn.Linear subclass (Falcon's FalconLinear;
+                                               its bias, if any, is added after)
 
 one site per module (a module called twice gives one site, at its first call), in graph order.
 Linears reading the same graph node (looking through the views a decomposition adds) share a
@@ -29,13 +31,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimfx.ir.capture import Captured, eval_mode
+from slimfx.ir.capture import FQN_KEY, Captured, eval_mode
 from slimfx.ir.match import is_conv1d, is_linear_module, linear_weight, weight_owner
 from slimfx.ir.sites import AttentionSite, LinearSite
 
 __all__ = [
     "find_linear_sites",
     "discover_linear_sites",
+    "wider_than_linear",
+    "graph_weight_readers",
     "find_attention_sites",
     "describe_attention",
     "describe_cache_attention",
@@ -49,6 +53,7 @@ __all__ = [
 _aten = torch.ops.aten
 _LINEAR = {_aten.linear.default}
 _MM = {_aten.mm.default}
+_MATMUL = {_aten.matmul.default}
 _ADDMM = {_aten.addmm.default}
 _VIEWS = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default}
 
@@ -121,7 +126,7 @@ def _transposed_param(node: Any, params: dict[str, str]) -> str | None:
     if not isinstance(node, torch.fx.Node) or node.op != "call_function":
         return None
     t = node.target
-    if t == _aten.t.default:
+    if t in (_aten.t.default, _aten.numpy_T.default):
         return _param_of(node.args[0], params)
     if t == _aten.permute.default and list(node.args[1]) == [1, 0]:
         return _param_of(node.args[0], params)
@@ -138,10 +143,11 @@ def _strip_views(node: Any) -> Any:
 
 def _match_linear(
     node: torch.fx.Node, params: dict[str, str]
-) -> tuple[str, Any, bool, bool] | None:
+) -> tuple[str, Any, bool | None, bool] | None:
     """``(weight FQN, input key node, has_bias, in_out)`` when ``node`` computes x·Wᵀ (+b);
     ``in_out``: the weight enters untransposed (``addmm(b, x, W)``), a site only when its
-    module is a ``Conv1D``."""
+    module is a ``Conv1D``; ``has_bias`` ``None``: a ``matmul`` whose bias (if any) its module
+    adds after, a site only in an ``nn.Linear`` subclass."""
     if node.op != "call_function":
         return None
     if node.target in _LINEAR:
@@ -151,6 +157,9 @@ def _match_linear(
     if node.target in _MM:
         w = _transposed_param(node.args[1], params)
         return (w, _strip_views(node.args[0]), False, False) if w else None
+    if node.target in _MATMUL:
+        w = _transposed_param(node.args[1], params)
+        return (w, _strip_views(node.args[0]), None, False) if w else None
     if node.target in _ADDMM:
         w = _transposed_param(node.args[2], params)
         if w:
@@ -190,6 +199,10 @@ def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
         fqn = weight_owner(modules, node, weight, (weight_fqn, *aliases))
         if fqn is None or fqn in found or in_out != is_conv1d(modules[fqn]):
             continue
+        if has_bias is None:  # x @ W.T in a Linear subclass: its bias is its own
+            if not isinstance(modules[fqn], nn.Linear):
+                continue
+            has_bias = modules[fqn].bias is not None
         found[fqn] = (node.name, has_bias, key)
         order.append(fqn)
 
@@ -198,6 +211,68 @@ def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
         _make_site(model, fqn, modules[fqn], found[fqn][1], groups[fqn], found[fqn][0])
         for fqn in order
     ]
+
+
+_PASSIVE = _VIEWS | {
+    _aten.t.default, _aten.numpy_T.default, _aten.permute.default, _aten.transpose.int,
+    _aten.alias.default, _aten.contiguous.default, _aten.to.dtype, _aten._to_copy.default,
+}  # fmt: skip
+
+
+def wider_than_linear(
+    captured: Captured, model: nn.Module, sites: list[LinearSite]
+) -> dict[str, str]:
+    """FQN → reason for each site whose module is not an ``nn.Linear`` / ``Conv1D`` and whose
+    forward computes more than its linear (a MoE router: the product, then softmax and top-k).
+    The module swap replaces whole modules, so such a site stays dense; a module that only
+    applies ``F.linear`` to its weight is kept."""
+    if captured.program is None:
+        return {}
+    modules = dict(model.named_modules())
+    wide = {s.fqn for s in sites if not is_linear_module(modules.get(s.fqn))}
+    extra: dict[str, set[str]] = {}
+    for node in captured.program.graph.nodes:
+        fqn = node.meta.get(FQN_KEY)
+        if fqn in wide and node.op == "call_function" and node.target not in _PASSIVE:
+            if node.target not in _LINEAR | _MM | _ADDMM | _MATMUL:
+                extra.setdefault(fqn, set()).add(str(getattr(node.target, "__name__", node.target)))
+    return {
+        fqn: (f"a {type(modules[fqn]).__name__} whose forward computes more than its linear "
+              f"({', '.join(sorted(ops)[:3])}): the module swap replaces whole linear modules, so "
+              "it stays dense (the torch.compile backend rewrites the product itself)")
+        for fqn, ops in extra.items()
+    }  # fmt: skip
+
+
+def graph_weight_readers(
+    captured: Captured, model: nn.Module, sites: list[LinearSite]
+) -> dict[str, str] | None:
+    """FQN → reason for each site whose ``weight`` or ``bias`` the captured graph reads outside
+    the site module's own call (``nn.MultiheadAttention`` hands ``out_proj.weight`` to its
+    fused forward): a rewritten module there would break the reader. Uses by a module that
+    shares the tensor (a tied embedding) do not count. ``None`` without a graph."""
+    if captured.program is None:
+        return None
+    lifted = captured.program.graph_signature.inputs_to_parameters  # placeholder → parameter
+    by_param = {p: n for n, p in lifted.items()}
+    placeholders = {n.name: n for n in captured.program.graph.nodes if n.op == "placeholder"}
+    named = dict(model.named_parameters(remove_duplicate=False))
+    out: dict[str, str] = {}
+    for s in sites:
+        own = f"{s.fqn}." if s.fqn else ""
+        for attr in ("weight", "bias"):
+            tensor = named.get(own + attr)
+            aliases = [n for n, p in named.items() if p is tensor] if tensor is not None else []
+            ph = next((placeholders.get(by_param[a]) for a in aliases if a in by_param), None)
+            owners = {a.rpartition(".")[0] for a in aliases}
+            for user in [] if ph is None else list(ph.users):
+                path = user.meta.get(FQN_KEY)
+                if not isinstance(path, str) or path in owners or path.startswith(own):
+                    continue
+                out.setdefault(s.fqn, (
+                    f"left dense: {path or 'the model'} reads `{s.fqn}.{attr}` outside the "
+                    "module's own call, so a rewritten module there would break it"))  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- module sites

@@ -84,7 +84,7 @@ def _dense_ref(model: nn.Module, plan: Plan, sites: Sequence[LinearSite]) -> dic
     for s in sites:
         if not isinstance(plan[s.fqn], DenseConfig):
             m = model.get_submodule(s.fqn)
-            b = None if m.bias is None else m.bias.detach().clone()
+            b = None if getattr(m, "bias", None) is None else m.bias.detach().clone()
             ref[s.fqn] = (linear_weight(m).detach().clone(), b)
     return ref
 

@@ -211,3 +211,26 @@ def test_grouped_attention_equals_sdpa(rep, Tq, Tk, masked):
         sees = ref_mask.any(-1)[:, 0]  # (B, Tq)
         got, want = got[sees], want[sees]
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)  # bool: such rows 0, as sdpa
+
+
+@pytest.mark.parametrize("example_len", [8, 24], ids=["example-inside-window", "beyond-window"])
+def test_sliding_window_steps_past_the_window_match_the_full_forward(tmp_path, example_len):
+    """transformers' sliding-window cache layer crops itself with a Python branch: traced at
+    the example's length it froze one branch into the step graph (logits off by up to 0.3 past
+    the window). The step keeps every token and the mask applies the window."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=128, sliding_window=16)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 256, (1, 28), generator=torch.Generator().manual_seed(5))
+    export_onnx(model, tmp_path / "swa.onnx", (ids[:, :example_len],), kv_cache=True)
+    om = ort_session(str(tmp_path / "swa.onnx"))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits.numpy()
+    logits, past = om.step(ids[:, :6])
+    for t in range(6, 28):
+        logits, past = om.step(ids[:, t : t + 1], past)
+        np.testing.assert_allclose(logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)

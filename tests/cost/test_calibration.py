@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from slimfx.cost.batches import CalibrationBatchError
 from slimfx.cost.calibration import CalibrationStats, collect_stats, prepare_batches
 from slimfx.ir.sites import LinearSite
 
@@ -111,8 +112,10 @@ def test_hooks_removed_when_the_forward_fails(tiny_mlp: nn.Module) -> None:
     with pytest.raises(ValueError, match="has 7 features, the site says 16"):
         collect_stats(tiny_mlp, sites, [torch.randn(3, 7)], progress=False)
     assert hooks_left(tiny_mlp) == 0
-    with pytest.raises(RuntimeError):  # float64 input into float32 weights: the model fails
+    # float64 input into float32 weights: the model fails, and the error names the batch
+    with pytest.raises(CalibrationBatchError, match=r"batch 0 \(\(3, 16\) torch.float64\)") as e:
         collect_stats(tiny_mlp, sites, [torch.randn(3, 16, dtype=torch.float64)], progress=False)
+    assert isinstance(e.value.__cause__, RuntimeError)
     assert hooks_left(tiny_mlp) == 0
 
 

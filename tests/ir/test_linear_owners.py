@@ -1,0 +1,210 @@
+"""Linear layers that are not a plain ``nn.Linear`` call: Falcon's ``FalconLinear``
+(``x @ W.T`` then ``+ b``) is a site; a MoE router (``F.linear`` on its weight, then softmax and
+top-k in the same forward) is not one for the module swap — it stays dense with the reason —
+while a module that only applies ``F.linear`` to its weight still is. Cache geometry and
+int32 calibration ids on the families that exposed them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import slimfx
+from slimfx.backends.onnx_decode import cache_geometry
+from slimfx.ir.capture import capture
+from slimfx.ir.find import find_linear_sites, wider_than_linear
+from slimfx.planning.configs import LowRankConfig
+from slimfx.planning.plan import Plan
+
+tf = pytest.importorskip("transformers")
+
+
+def _calib(n: int = 2, vocab: int = 256) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (2, 32), generator=g) for _ in range(n)]
+
+
+IDS = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(2))
+
+
+def _falcon(**kw):  # noqa: ANN003, ANN202
+    torch.manual_seed(0)
+    cfg = tf.FalconConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          **kw)  # fmt: skip
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_falcon_linear_is_a_site_and_rewrites_exactly_at_full_rank() -> None:
+    model = _falcon(bias=True)
+    sites = find_linear_sites(capture(model, (IDS,), {"use_cache": False}), model)
+    names = [s.fqn for s in sites if s.fqn != "lm_head"]
+    assert len(names) == 8 and "transformer.h.0.mlp.dense_4h_to_h" in names
+    by = {s.fqn: s for s in sites}
+    assert by["transformer.h.0.mlp.dense_4h_to_h"].shape == (64, 256)
+    assert by["transformer.h.0.mlp.dense_4h_to_h"].has_bias  # added after the matmul
+    from slimfx.passes import apply_plan
+    from slimfx.passes.rules.lowrank import LinearToLowRank
+
+    plan = Plan({n: LowRankConfig(min(by[n].shape), "svd") for n in names})
+    small, _ = apply_plan(model, plan, sites, rules={"lowrank": LinearToLowRank(require_savings=False)})
+    with torch.no_grad():
+        torch.testing.assert_close(small(IDS).logits, model(IDS).logits, atol=2e-4, rtol=1e-4)
+
+
+def test_falcon_optimizes_under_a_budget() -> None:
+    model = _falcon()
+    small = slimfx.optimize(model, 0.5, calibration=_calib(), progress=False)
+    assert slimfx.report_of(small).totals["rewritten"] == 8
+    assert small.generate(IDS, max_new_tokens=3, do_sample=False).shape == (1, 13)
+
+
+class _Router(nn.Module):
+    """A MoE-style router: the product, then softmax and top-k, in one forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.topk(F.linear(x, self.weight).softmax(-1), 2)
+
+
+class _Plain(nn.Module):
+    """Not an nn.Linear either, but its forward is only the product: a site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(16, 16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+class _Gated(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+        self.plain = _Plain()
+        self.gate = _Router()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.plain(self.proj(x))
+        w, idx = self.gate(h)
+        return h * w.sum(-1, keepdim=True) + idx.sum(-1, keepdim=True)
+
+
+def test_a_router_stays_dense_with_the_reason_and_a_functional_linear_is_a_site() -> None:
+    torch.manual_seed(0)
+    model = _Gated().eval()
+    x = torch.randn(4, 8, 16)
+    cap = capture(model, (x,))
+    sites = find_linear_sites(cap, model)
+    assert {s.fqn for s in sites} == {"proj", "plain", "gate"}  # the graph sees three products
+    wide = wider_than_linear(cap, model, sites)
+    assert set(wide) == {"gate"} and "softmax" in wide["gate"] and "stays dense" in wide["gate"]
+    small = slimfx.optimize(model, 0.5, calibration=[x, x + 1], progress=False)
+    rep = slimfx.report_of(small)
+    assert {e.fqn for e in rep.sites} == {"proj", "plain"}
+    assert any(n.startswith("gate: a _Router whose forward computes more") for n in rep.notes)
+    assert isinstance(small.gate, _Router)
+    with torch.no_grad():
+        assert small(x).shape == model(x).shape
+
+
+def test_mixtral_routers_stay_dense_and_the_model_generates() -> None:
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    small = slimfx.optimize(model, 0.5, calibration=_calib(), progress=False)
+    rep = slimfx.report_of(small)
+    assert not any(".mlp.gate" in e.fqn for e in rep.sites)
+    assert any(".mlp.gate: a " in n and "stays dense" in n for n in rep.notes)
+    assert small.generate(IDS, max_new_tokens=3, do_sample=False).shape == (1, 13)
+
+
+@pytest.mark.parametrize(
+    ("build", "kv"),
+    [
+        (lambda: tf.FalconConfig(num_attention_heads=4), 1),  # multi_query by default
+        (lambda: tf.FalconConfig(num_attention_heads=4, new_decoder_architecture=True,
+                                 num_kv_heads=2), 2),  # fmt: skip
+        (lambda: tf.GPTBigCodeConfig(n_head=4, multi_query=True), 1),
+        (lambda: tf.GPTBigCodeConfig(n_head=4, multi_query=False), 4),
+        (lambda: tf.LlamaConfig(num_attention_heads=4, num_key_value_heads=2), 2),
+    ],
+)
+def test_cache_geometry_knows_multi_query_configs(build, kv) -> None:  # noqa: ANN001
+    assert cache_geometry(build())[1] == kv
+
+
+def test_falcon_decode_step_export_runs_in_onnxruntime(tmp_path) -> None:
+    model = _falcon()
+    slimfx.export_onnx(model, tmp_path / "f.onnx", (IDS,), kv_cache=True)
+    got = slimfx.ort_session(str(tmp_path / "f.onnx")).generate(IDS, 4)
+    want = model.generate(IDS, max_new_tokens=4, do_sample=False)
+    assert got.tolist() == want.tolist()
+
+
+def test_int32_ids_calibrate_with_the_loss() -> None:
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    calib = [c.to(torch.int32) for c in _calib()]
+    small = slimfx.optimize(model, 0.5, calibration=calib, progress=False, sensitivity="fisher")
+    assert any("loss sensitivity" in n and "unavailable" not in n
+               for n in slimfx.report_of(small).notes)  # fmt: skip
+
+
+def test_moe_expert_tensors_outside_every_site_are_noted() -> None:
+    torch.manual_seed(0)
+    cfg = tf.Qwen2MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                            moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                            num_experts=4, num_experts_per_tok=2)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    small = slimfx.optimize(model, 0.6, calibration=_calib(), progress=False)
+    note = next(n for n in slimfx.report_of(small).notes if n.startswith("weights: "))
+    assert "batched MoE experts" in note and "experts" in note and "outside the budget" in note
+
+
+def test_mixtral_exports_to_onnx_with_batched_experts_and_keeps_its_choice(tmp_path) -> None:
+    """The default grouped expert kernel traces to a custom op ONNX has no function for; the
+    export runs the experts as batched matmuls and puts the config's choice back."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           num_local_experts=4, num_experts_per_tok=2)  # fmt: skip
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    before = model.config._experts_implementation
+    slimfx.export_onnx(model, tmp_path / "moe.onnx", (IDS,))
+    assert model.config._experts_implementation == before
+    om = slimfx.ort_session(str(tmp_path / "moe.onnx"))
+    ids = IDS[:, :7]
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits.numpy()
+    np.testing.assert_allclose(om(ids.numpy()), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("slow_but_exact", [False, True])
+def test_a_weight_read_only_in_a_branch_not_taken_does_not_leave_the_site_dense(slow_but_exact):
+    """BLOOM's attention reads ``dense.weight`` itself only with ``pretraining_tp > 1`` and
+    ``slow_but_exact``: the source mentions it, the captured graph says whether it runs."""
+    torch.manual_seed(0)
+    cfg = tf.BloomConfig(vocab_size=256, hidden_size=64, n_layer=1, n_head=4,
+                         pretraining_tp=2 if slow_but_exact else 1, slow_but_exact=slow_but_exact)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    small = slimfx.optimize(model, 0.5, calibration=_calib(), progress=False)
+    rep = slimfx.report_of(small)
+    dense = "transformer.h.0.self_attention.dense"
+    # taken, the branch multiplies by slices of the weight: no linear of the graph is that
+    # module's, so it is no site at all (before, the default config lost the site too)
+    assert (dense in {e.fqn for e in rep.sites}) is not slow_but_exact
+    if slow_but_exact:
+        assert type(small.get_submodule(dense)) is nn.Linear

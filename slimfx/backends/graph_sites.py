@@ -9,14 +9,17 @@ weight (the node's own module when its ``.weight`` is that tensor, else an ``nn.
 it, as in ``slimfx.ir.find``); linears reading the same input node share a group. A linear whose
 weight is computed in the graph, or belongs to no linear module, is left alone and reported.
 
-A transformers ``Conv1D`` (GPT-2's layers) runs ``addmm(b, x, W)`` with its weight stored
-in × out; with the model, such a node becomes ``linear(x, t(W), b)`` first
-(:func:`conv1d_as_linear`, the same product), so the graph rewrite sees it as any other linear
-and its site's dense weight is ``W.t()`` (``ir.match.linear_weight``).
+Two other spellings of a linear become ``linear`` calls first, with the model
+(:func:`as_linear_calls`, the same products), so the graph rewrite sees them as any other: a
+transformers ``Conv1D`` (GPT-2's layers, weight stored in × out) runs ``addmm(b, x, W)`` →
+``linear(x, t(W), b)`` (its site's dense weight is ``W.t()``, ``ir.match.linear_weight``); an
+``nn.Linear`` subclass computing ``x @ W.T`` (Falcon's ``FalconLinear``; its bias is added
+after) → ``linear(x, W)``.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,9 +38,10 @@ from slimfx.ir.match import (
 )
 from slimfx.ir.sites import LinearSite
 
-__all__ = ["GraphSites", "graph_linear_sites", "param_name_from_placeholder", "conv1d_as_linear"]
+__all__ = ["GraphSites", "graph_linear_sites", "param_name_from_placeholder", "as_linear_calls"]
 
 _ADDMM = (torch.addmm, torch.ops.aten.addmm.default)
+_MATMUL = (torch.matmul, operator.matmul, torch.ops.aten.matmul.default)
 
 
 @dataclass
@@ -90,31 +94,53 @@ def _input_tensor(gm: fx.GraphModule, node: Any, inputs: dict[fx.Node, Any]) -> 
     return None
 
 
-def conv1d_as_linear(
+def _transposed(node: Any) -> Any:
+    """``W`` when ``node`` is ``W.T`` / ``W.t()`` / ``t(W)`` in a dynamo or export graph."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",)):
+        return node.args[0]
+    if node.op == "call_method" and node.target == "t":
+        return node.args[0]
+    if node.op == "call_function" and node.target in (torch.t, torch.ops.aten.t.default):
+        return node.args[0]
+    return None
+
+
+def as_linear_calls(
     gm: fx.GraphModule, inputs: dict[fx.Node, Any], modules: dict[str, nn.Module]
 ) -> int:
-    """Rewrite each ``addmm(b, x, W)`` whose ``W`` is a ``Conv1D`` module's weight (looked up
-    by identity in ``modules``) into ``linear(x, t(W), b)``; returns how many. ``gm`` is edited
-    in place and recompiled when anything changed."""
-    owners = {id(m.weight): m for m in modules.values() if is_conv1d(m)}
+    """Rewrite each ``addmm(b, x, W)`` whose ``W`` is a ``Conv1D`` module's weight into
+    ``linear(x, t(W), b)``, and each ``matmul(x, W.T)`` whose ``W`` is an ``nn.Linear``
+    (subclass) module's weight into ``linear(x, W)`` (weights looked up by identity in
+    ``modules``); returns how many. ``gm`` is edited in place, recompiled when anything
+    changed."""
+    conv = {id(m.weight) for m in modules.values() if is_conv1d(m)}
+    lin = {id(m.weight) for m in modules.values() if isinstance(m, nn.Linear)}
     done = 0
-    for node in [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _ADDMM]:
-        if len(node.args) != 3 or node.kwargs:  # beta / alpha scale the product: not a linear
+    for node in [n for n in gm.graph.nodes if n.op == "call_function"]:
+        if node.target in _ADDMM and len(node.args) == 3 and not node.kwargs:  # no beta / alpha
+            b, x, w = node.args
+            if id(_input_tensor(gm, w, inputs)) not in conv:
+                continue
+            with gm.graph.inserting_before(node):
+                wt = gm.graph.call_function(torch.t, (w,))
+            val = node_value(w)
+            if isinstance(val, Tensor):
+                wt.meta["val"] = wt.meta["example_value"] = val.t()
+            args, rule = (x, wt, b), "Conv1D"
+        elif node.target in _MATMUL and len(node.args) == 2 and not node.kwargs:
+            x, wt = node.args
+            w = _transposed(wt)
+            if w is None or id(_input_tensor(gm, w, inputs)) not in lin:
+                continue
+            args, rule = (x, w), "x @ W.T"
+        else:
             continue
-        b, x, w = node.args
-        tensor = _input_tensor(gm, w, inputs)
-        if not isinstance(tensor, Tensor) or id(tensor) not in owners:
-            continue
-        with gm.graph.inserting_before(node):
-            wt = gm.graph.call_function(torch.t, (w,))
-        val = node_value(w)
-        if isinstance(val, Tensor):
-            wt.meta["val"] = wt.meta["example_value"] = val.t()
         path = node_module_path(node, modules) or ""
         replace_node(
-            gm, node, torch._C._nn.linear, (x, wt, b),
-            origin={"pass": "conv1d_as_linear", "rule": "Conv1D", "site": path},
-            recompile=False,
+            gm, node, torch._C._nn.linear, args,
+            origin={"pass": "as_linear_calls", "rule": rule, "site": path}, recompile=False,
         )  # fmt: skip
         done += 1
     if done:
@@ -140,7 +166,7 @@ def graph_linear_sites(
         for name, p in model.named_parameters(remove_duplicate=False):
             names.setdefault(id(p), []).append(name)
         modules = dict(model.named_modules())
-        conv1d_as_linear(gm, inputs, modules)
+        as_linear_calls(gm, inputs, modules)
     candidates = list(candidates)
 
     found: dict[str, dict[str, Any]] = {}
@@ -148,7 +174,7 @@ def graph_linear_sites(
     for node in linear_nodes(gm):
         x, w, b = linear_args(node)
         in_out = isinstance(w, fx.Node) and w.op == "call_function" and w.target is torch.t
-        if in_out:  # a Conv1D's weight, turned by conv1d_as_linear
+        if in_out:  # a Conv1D's weight, turned by as_linear_calls
             w = w.args[0]
         tensor = _input_tensor(gm, w, inputs)
         spelled = str(w.target) if tensor is not None else None

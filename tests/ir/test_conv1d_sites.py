@@ -12,7 +12,7 @@ import torch
 
 import slimfx
 from slimfx.backends import compile as sc
-from slimfx.backends.graph_sites import conv1d_as_linear
+from slimfx.backends.graph_sites import as_linear_calls
 from slimfx.ir.capture import capture
 from slimfx.ir.find import discover_linear_sites, find_linear_sites
 from slimfx.ir.match import is_conv1d, linear_weight
@@ -102,7 +102,7 @@ def test_gpt2_optimize_generate_save_load_onnx(tmp_path) -> None:
     np.testing.assert_allclose(got, _logits(small).numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_conv1d_as_linear_turns_each_addmm_into_the_same_linear() -> None:
+def test_as_linear_calls_turns_each_addmm_into_the_same_linear() -> None:
     """In a dynamo graph each Conv1D runs ``addmm(b, x, W)``; the rewrite makes it
     ``linear(x, t(W), b)``: four per block, same output."""
     model = _gpt2(layers=1)
@@ -111,7 +111,7 @@ def test_conv1d_as_linear_turns_each_addmm_into_the_same_linear() -> None:
 
     def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
         ph = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        counts.append(conv1d_as_linear(gm, dict(zip(ph, example_inputs)), modules))
+        counts.append(as_linear_calls(gm, dict(zip(ph, example_inputs)), modules))
         addmm = [n for n in gm.graph.nodes if n.target in (torch.addmm, torch.ops.aten.addmm.default)]
         assert not addmm
         return gm.forward

@@ -208,3 +208,32 @@ def test_a_weight_read_only_in_a_branch_not_taken_does_not_leave_the_site_dense(
     assert (dense in {e.fqn for e in rep.sites}) is not slow_but_exact
     if slow_but_exact:
         assert type(small.get_submodule(dense)) is nn.Linear
+
+
+def test_the_compile_backend_rewrites_falcon_like_the_module_swap() -> None:
+    from slimfx.backends import compile as sc
+
+    torch._dynamo.reset()
+    sc.clear_sessions()
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _falcon(bias=True)
+        names = [f"transformer.h.{i}.{k}" for i in range(2) for k in
+                 ("self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                  "mlp.dense_4h_to_h")]  # fmt: skip
+        plan = Plan({k: LowRankConfig(8, "svd") for k in names})
+        swapped = slimfx.optimize(model, plan=plan, calibration=_calib(), cpu_kernels=False,
+                                  fisher=False, progress=False)  # fmt: skip
+        be = slimfx.backend(plan=plan, model=model, calibration=_calib(), cpu_kernels=False,
+                            fisher=False)  # fmt: skip
+        compiled = torch.compile(model, backend=be)
+        with torch.no_grad():
+            got, want = compiled(IDS, use_cache=False).logits, swapped(IDS, use_cache=False).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        applied = [e.fqn for e in sc.report_of_compiled(compiled).sites if e.status == "applied"]
+        assert sorted(applied) == sorted(names)
+    finally:
+        torch.set_num_threads(n)
+        torch._dynamo.reset()
+        sc.clear_sessions()

@@ -94,16 +94,29 @@ def _input_tensor(gm: fx.GraphModule, node: Any, inputs: dict[fx.Node, Any]) -> 
     return None
 
 
+_T_FUNCTIONS = (torch.t, torch.ops.aten.t.default, torch.ops.aten.numpy_T.default)
+_TRANSPOSE = ("transpose", torch.transpose, torch.ops.aten.transpose.int)
+_PERMUTE = ("permute", torch.permute, torch.ops.aten.permute.default)
+
+
 def _transposed(node: Any) -> Any:
-    """``W`` when ``node`` is ``W.T`` / ``W.t()`` / ``t(W)`` in a dynamo or export graph."""
-    if not isinstance(node, fx.Node):
+    """``W`` when ``node`` is its 2-D transpose in a dynamo or export graph: ``W.T``, ``W.mT``,
+    ``W.t()``, ``t(W)``, ``W.transpose(0, 1)``, ``W.permute(1, 0)`` (method or function)."""
+    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
         return None
-    if node.op == "call_function" and node.target is getattr and node.args[1:] in (("T",), ("mT",)):
-        return node.args[0]
-    if node.op == "call_method" and node.target == "t":
-        return node.args[0]
-    if node.op == "call_function" and node.target in (torch.t, torch.ops.aten.t.default):
-        return node.args[0]
+    if not node.args:
+        return None
+    w, rest, t = node.args[0], tuple(node.args[1:]), node.target
+    dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    mod2 = [d % 2 for d in dims] if all(isinstance(d, int) for d in dims) else []
+    if t is getattr:
+        return w if rest in (("T",), ("mT",)) else None
+    if t in _T_FUNCTIONS or (t == "t" and not rest):
+        return w
+    if t in _TRANSPOSE and sorted(mod2) == [0, 1]:
+        return w
+    if t in _PERMUTE and mod2 == [1, 0]:
+        return w
     return None
 
 

@@ -237,3 +237,48 @@ def test_the_compile_backend_rewrites_falcon_like_the_module_swap() -> None:
         torch.set_num_threads(n)
         torch._dynamo.reset()
         sc.clear_sessions()
+
+
+_SPELLINGS = {
+    "T": lambda w: w.T,
+    "t()": lambda w: w.t(),
+    "transpose": lambda w: w.transpose(0, 1),
+    "permute": lambda w: w.permute(1, 0),
+    "torch.transpose": lambda w: torch.transpose(w, -1, -2),
+}
+
+
+@pytest.mark.parametrize("spell", sorted(_SPELLINGS))
+def test_every_spelling_of_x_at_w_transposed_is_rewritten_under_compile(spell: str) -> None:
+    from slimfx.backends import compile as sc
+
+    class MyLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ _SPELLINGS[spell](self.weight) + self.bias
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = MyLinear(32, 64), MyLinear(64, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.relu(self.a(x)))
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = Net().eval()
+    plan = Plan({"a": LowRankConfig(8, "svd"), "b": LowRankConfig(8, "svd")})
+    x = torch.randn(2, 5, 32)
+    try:
+        swapped = slimfx.optimize(net, plan=plan, calibration=[x], cpu_kernels=False,
+                                  progress=False, fisher=False)  # fmt: skip
+        be = slimfx.backend(plan=plan, model=net, calibration=[x], cpu_kernels=False,
+                            inner="aot_eager", fisher=False)  # fmt: skip
+        compiled = torch.compile(net, backend=be)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), swapped(x), atol=1e-5, rtol=1e-5)
+        rep = sc.report_of_compiled(compiled)
+        assert {e.fqn: e.status for e in rep.sites} == {"a": "applied", "b": "applied"}
+    finally:
+        torch._dynamo.reset()
+        sc.clear_sessions()

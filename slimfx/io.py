@@ -161,7 +161,7 @@ def _verify(d: Path, info: Mapping[str, Any]) -> None:
             )
 
 
-def _hf_skeleton(d: Path, model_class: str) -> nn.Module:
+def _hf_skeleton(d: Path, saved_class: str) -> nn.Module:
     """A fresh Hugging Face model of the saved class, from the saved ``config.json``: the
     manifest's ``model_class`` when it is a transformers class (only ``transformers.*`` is
     imported), else the config's first ``architectures`` entry."""
@@ -169,21 +169,26 @@ def _hf_skeleton(d: Path, model_class: str) -> nn.Module:
 
     import transformers
 
-    cfg = transformers.AutoConfig.from_pretrained(d)
-    module, _, name = model_class.rpartition(".")
+    cfg = transformers.AutoConfig.from_pretrained(d, trust_remote_code=False)
+
+    def model_class(obj: Any) -> type | None:
+        ok = isinstance(obj, type) and issubclass(obj, transformers.PreTrainedModel)
+        return obj if ok else None
+
+    module, _, name = saved_class.rpartition(".")
     cls = None
     if module == "transformers" or module.startswith("transformers."):
         try:
-            cls = getattr(importlib.import_module(module), name, None)
+            cls = model_class(getattr(importlib.import_module(module), name, None))
         except ImportError:
             cls = None
     for arch in [] if cls is not None else list(getattr(cfg, "architectures", None) or []):
-        cls = getattr(transformers, arch, None)
+        cls = model_class(getattr(transformers, arch, None))
         if cls is not None:
             break
-    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+    if cls is None:
         raise ValueError(
-            f"{d}: saved from {model_class or 'an unnamed class'}, which is not a transformers "
+            f"{d}: saved from {saved_class or 'an unnamed class'}, which is not a transformers "
             "model class this transformers version has (nor is any of the config's "
             "architectures): pass model= (a fresh instance of it)"
         )

@@ -5,14 +5,16 @@ split, and how a model is called on a calibration batch. Used by ``slimfx.stages
 from __future__ import annotations
 
 import fnmatch
+import math
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from slimfx import validate
+from slimfx.cost.batches import naming_batch
 from slimfx.ir.capture import capture as capture_graph
 from slimfx.ir.find import find_linear_sites, graph_weight_readers, wider_than_linear
 from slimfx.ir.sites import LinearSite
@@ -24,10 +26,24 @@ def _is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config") and hasattr(model, "generate")
 
 
+def _keywords(model: nn.Module, batch: Mapping) -> dict:
+    """A dict batch as a Hugging Face model's keywords: no cache object returned (an
+    encoder-decoder's would stop the capture), integer labels as int64 (the loss's targets)."""
+    kw = dict(batch)
+    if _is_hf(model) and getattr(model.config, "use_cache", None) is not None:
+        kw.setdefault("use_cache", False)
+    lab = kw.get("labels")
+    if isinstance(lab, Tensor) and not lab.is_floating_point() and lab.dtype != torch.long:
+        kw["labels"] = lab.long()
+    return kw
+
+
 def _example_call(model: nn.Module, batch: Any, max_tokens: int = 16) -> tuple[tuple, dict]:
     """Arguments for capturing ``model`` from one calibration batch (trimmed for speed)."""
     if isinstance(batch, Mapping):
-        return (), dict(batch)
+        kw = _keywords(model, batch)
+        kw.pop("labels", None)  # the loss is no part of the graph the sites come from
+        return (), kw
     if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
         return (), {"input_ids": batch[:1, :max_tokens], "use_cache": False}
     if isinstance(batch, (tuple, list)):
@@ -37,7 +53,7 @@ def _example_call(model: nn.Module, batch: Any, max_tokens: int = 16) -> tuple[t
 
 def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, Mapping):
-        return model(**batch)
+        return model(**_keywords(model, batch))
     if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
         return model(input_ids=batch, use_cache=False)
     if isinstance(batch, (tuple, list)):
@@ -53,7 +69,9 @@ def find_sites(
     (``ir.attention_graph``; their refusals go to ``info["attention_rejected"]``)."""
     t0 = time.perf_counter()
     captured = capture_graph(model, example[0], example[1], fallback=True)
-    sites = find_linear_sites(captured, model)
+    call = example[1] or example[0]  # module discovery runs the model on the first batch
+    with naming_batch(0, call if len(example[0]) != 1 else example[0][0], model):
+        sites = find_linear_sites(captured, model)
     info = {"method": captured.method, "seconds": round(time.perf_counter() - t0, 2)}
     if attention is not None:
         from slimfx.ir.attention_graph import find_graph_attention_sites
@@ -62,9 +80,14 @@ def find_sites(
         attention.extend(found)
         if refused:
             info["attention_rejected"] = refused
-    scanned = validate.direct_weight_readers(model, [s.fqn for s in sites])  # MHA's out_proj
-    seen = graph_weight_readers(captured, model, sites)  # a scanned read the graph never runs
+    # a parent reading a child's weight (MHA's out_proj): the graph says whether a value read
+    # runs (BLOOM's is in a branch its default config skips); metadata reads (T5's
+    # `wo.weight.dtype`) leave no node, so the source decides those, as without a graph
+    fqns = [s.fqn for s in sites]
+    scanned = validate.direct_weight_readers(model, fqns)
+    seen = graph_weight_readers(captured, model, sites)
     left = scanned if seen is None else {f: scanned.get(f, why) for f, why in seen.items()}
+    left |= validate.direct_weight_readers(model, fqns, metadata=True)
     left |= wider_than_linear(captured, model, sites)  # e.g. a MoE router
     if left:
         sites = [s for s in sites if s.fqn not in left]
@@ -86,6 +109,7 @@ def _uncovered(model: nn.Module) -> str | None:
     share = sum(k for _, k in big) / max(total, 1)
     if share < 0.01:
         return None
+    big.sort(key=lambda nk: "expert" not in nk[0])  # name an expert tensor where there is one
     kind = "batched MoE experts" if "expert" in big[0][0] else "e.g. convolutions"
     return (f"{sum(k for _, k in big):,} parameters ({share:.0%} of the model) are in "
             f"{len(big)} tensor(s) of 3 or more dimensions, e.g. {big[0][0]} ({kind}): no "
@@ -165,3 +189,46 @@ def _needs_gram(decision: Any) -> bool:
     from slimfx.api import needs_gram  # the api owns the list of activation-aware forms
 
     return needs_gram(decision)
+
+
+@torch.no_grad()
+def measure_site_errors(
+    model: nn.Module,
+    dense: Mapping[str, tuple[Tensor, Tensor | None]],
+    batches: Sequence,
+    call: Callable[[Any], Any] | None = None,
+    what: str = "held-out batch",
+    first: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """(SQNR dB, relative error) of each rewritten layer's output on ``batches``: the
+    rewritten module against the dense weight it replaced, on the same inputs. ``call(batch)``
+    runs one batch (default: ``model`` called on it as a calibration batch); an error names
+    batch ``first + i`` as ``what``."""
+    mods = dict(model.named_modules())
+    acc: dict[str, list[float]] = {k: [0.0, 0.0] for k in dense}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        W, b = dense[name]
+
+        def fn(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            ref = torch.nn.functional.linear(args[0].to(W.dtype), W, b).double()
+            acc[name][0] += float((ref * ref).sum())
+            acc[name][1] += float(((ref - out.double()) ** 2).sum())
+
+        return fn
+
+    try:
+        for name in dense:
+            handles.append(mods[name].register_forward_hook(hook(name)))
+        for i, b in enumerate(batches):
+            with naming_batch(first + i, b, model, what):
+                _call(model, b) if call is None else call(b)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for k, (sig, err) in acc.items():
+        rel = err / sig if sig > 0 else float("nan")
+        out[k] = (10 * math.log10(sig / err) if err > 0 else float("inf"), rel)
+    return out

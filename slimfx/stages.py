@@ -15,18 +15,15 @@ travel as one ``PlanningOptions`` object.
 from __future__ import annotations
 
 import copy
-import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from slimfx import attention_stages as attention
 from slimfx import validate
-from slimfx.cost.batches import naming_batch
 from slimfx.cost.calibration import (
     CalibrationStats,
     collect_planning_stats,
@@ -50,13 +47,13 @@ from slimfx.planning.solve import solve as solve_budget
 from slimfx.pool import site_pool
 from slimfx.report_builder import target_name
 from slimfx.site_selection import (
-    _call,
     _check_weights,
     _drop_tied_sites,
     _example_call,
     _needs_gram,
     _split_heldout,
     find_sites,
+    measure_site_errors,
     select_sites,
 )
 from slimfx.stage_memory import MemoryInstrument, TrimAfter, rss_mb, trim_heap
@@ -452,7 +449,10 @@ def apply(pl: Planning) -> PassResult:
 def measure(pl: Planning) -> PassResult:
     """Each rewritten layer's output error on the held-out batches."""
     if pl.dense_ref and pl.rewritten is not None:
-        pl.measured = measure_site_errors(pl.rewritten, pl.dense_ref, pl.eval_batches)
+        first = 0 if pl.heldout is not None or len(pl.batches) < 2 else len(pl.fit_batches)
+        what = "heldout batch" if pl.heldout is not None else "calibration batch"
+        pl.measured = measure_site_errors(pl.rewritten, pl.dense_ref, pl.eval_batches,
+                                          what=what, first=first)  # fmt: skip
     return _done("measure")
 
 
@@ -516,46 +516,6 @@ def plan_model(
     pl = Planning(Budget.of(budget), opts, model)
     start(pl)
     return run_stages(pl, planning_stages(opts), instruments)
-
-
-@torch.no_grad()
-def measure_site_errors(
-    model: nn.Module,
-    dense: Mapping[str, tuple[Tensor, Tensor | None]],
-    batches: Sequence,
-    call: Callable[[Any], Any] | None = None,
-) -> dict[str, tuple[float, float]]:
-    """(SQNR dB, relative error) of each rewritten layer's output on ``batches``: the
-    rewritten module against the dense weight it replaced, on the same inputs. ``call(batch)``
-    runs one batch (default: ``model`` called on it as a calibration batch)."""
-    mods = dict(model.named_modules())
-    acc: dict[str, list[float]] = {k: [0.0, 0.0] for k in dense}
-    handles = []
-
-    def hook(name: str) -> Callable:
-        W, b = dense[name]
-
-        def fn(mod: nn.Module, args: tuple, out: Tensor) -> None:
-            ref = torch.nn.functional.linear(args[0].to(W.dtype), W, b).double()
-            acc[name][0] += float((ref * ref).sum())
-            acc[name][1] += float(((ref - out.double()) ** 2).sum())
-
-        return fn
-
-    try:
-        for name in dense:
-            handles.append(mods[name].register_forward_hook(hook(name)))
-        for i, b in enumerate(batches):
-            with naming_batch(i, b, model, "held-out calibration batch"):
-                _call(model, b) if call is None else call(b)
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for k, (sig, err) in acc.items():
-        rel = err / sig if sig > 0 else float("nan")
-        out[k] = (10 * math.log10(sig / err) if err > 0 else float("inf"), rel)
-    return out
 
 
 def _copy_sharing(model: nn.Module, plan: Plan, sites: Sequence[LinearSite]) -> nn.Module:

@@ -131,11 +131,18 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype | None, torch.dev
 # --------------------------------------------------------------------------- calibration
 
 
+#: families whose position ids start after the padding index (RoBERTa's layout)
+_PADDING_OFFSET = re.compile(r"roberta|camembert|longformer|data2vec-text|xmod|ibert|luke|mpnet")
+
+
 def window_length(model: nn.Module, items: Sequence[Any], seq_len: int, notes: list[str]) -> int:
     """The token window texts are cut into: ``seq_len``, or the model's
     ``max_position_embeddings`` where that is shorter (with a note) — a 77-position text
     encoder cannot run the default 256-token windows."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and _PADDING_OFFSET.search(str(getattr(config, "model_type", ""))):
+        limit -= int(getattr(config, "pad_token_id", None) or 1) + 1  # positions start after it
     texts = any(isinstance(c, str) for c in items)
     if texts and isinstance(limit, int) and 0 < limit < seq_len:
         notes.append(f"calibration: texts cut into {limit}-token windows, the model's "
@@ -246,6 +253,16 @@ def check_batches(
     width: tuple[int, int] | None = None
     floats_run = False  # a float batch ran through a model with an embedding
     pads = (0, 0)  # (padding positions, positions) of the attention masks
+
+    def fix(t: Tensor) -> Tensor:
+        if device is not None and t.device != device:
+            cast.add(f"moved from {t.device} to the model's {device}")
+            t = t.to(device)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            cast.add(f"cast from {t.dtype} to the model's {dtype}")
+            t = t.to(dtype)
+        return t
+
     for i, b in enumerate(batches):
         if isinstance(b, str):
             raise TypeError(f"{name} batch {i}: a text needs a tokenizer= to become token ids")
@@ -267,7 +284,7 @@ def check_batches(
         main = _main_input(b)
         floats_run = floats_run or bool(
             main is not None and emb is not None and main[1].is_floating_point()
-            and _runs(model, b)
+            and _runs(model, _rebuild(b, fix))
         )  # an embedding that is not the input's (Whisper's features, a positional table)
         if main is not None and emb is not None and main[0] != "'inputs_embeds'" and not (
             floats_run and main[1].is_floating_point()
@@ -277,7 +294,9 @@ def check_batches(
                 raise TypeError(
                     f"{name} batch {i}: {where} is {t.dtype}, but {type(model).__name__} takes "
                     "token ids (an integer tensor, e.g. torch.long)"
-                )
+                    + ("; run on this batch as features, it fails too" if emb is not None
+                       and t.is_floating_point() else "")
+                )  # fmt: skip
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= emb.num_embeddings:
                 bad = lo if lo < 0 else hi
@@ -292,7 +311,9 @@ def check_batches(
                     f"{name} batch {i}: {where} is {t.dtype}, but the model's first layer "
                     f"({first[0]}, a Linear) takes floating-point features"
                 )
-            if (t.dim() == 0 or t.shape[-1] != linear.in_features) and not _runs(model, b):
+            if (t.dim() == 0 or t.shape[-1] != linear.in_features) and not _runs(
+                model, _rebuild(b, fix)
+            ):
                 raise ValueError(
                     f"{name} batch {i}: {where} has shape {tuple(t.shape)}, but the model's "
                     f"first layer ({first[0]}) takes {linear.in_features} features in the last "
@@ -307,14 +328,6 @@ def check_batches(
                 )
             width = width or (i, w)
 
-        def fix(t: Tensor) -> Tensor:
-            if device is not None and t.device != device:
-                cast.add(f"moved from {t.device} to the model's {device}")
-                t = t.to(device)
-            if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-                cast.add(f"cast from {t.dtype} to the model's {dtype}")
-                t = t.to(dtype)
-            return t
 
         out.append(_rebuild(b, fix))
         mask = b.get("attention_mask") if isinstance(b, Mapping) else None
@@ -388,12 +401,19 @@ def _forward_source(cls: type) -> str:
         return ""
 
 
-def direct_weight_readers(model: nn.Module, fqns: Iterable[str]) -> dict[str, str]:
+_META = r"(dtype|device|shape|size|dim|ndim|numel|stride|is_\w+|requires_grad|data|type)\b"
+
+
+def direct_weight_readers(
+    model: nn.Module, fqns: Iterable[str], metadata: bool = False
+) -> dict[str, str]:
     """FQN → reason for every site whose parent module's ``forward`` reads the child's
     ``weight`` (or ``bias``) attribute itself instead of calling the child — e.g.
     ``nn.MultiheadAttention`` hands ``out_proj.weight`` to ``F.multi_head_attention_forward``.
     A slimfx module there has no dense ``weight``, so the parent would fail; such sites are
-    left dense (no form keeps a ``weight`` view)."""
+    left dense (no form keeps a ``weight`` view). ``metadata``: only reads of the tensor's
+    metadata (T5's ``self.wo.weight.dtype``, ``isinstance(self.x.weight, …)``) — no graph
+    node shows those, so a captured graph cannot clear them."""
     out: dict[str, str] = {}
     for fqn in fqns:
         parent_name, _, child = fqn.rpartition(".")
@@ -404,7 +424,9 @@ def direct_weight_readers(model: nn.Module, fqns: Iterable[str]) -> dict[str, st
         except AttributeError:
             continue
         src = _forward_source(type(parent))
-        if re.search(rf"\bself\.{re.escape(child)}\.(weight|bias)\b", src):
+        ref = rf"self\.{re.escape(child)}\.(weight|bias)"
+        pattern = rf"\b{ref}\s*\.\s*{_META}|isinstance\(\s*{ref}" if metadata else rf"\b{ref}\b"
+        if re.search(pattern, src):
             out[fqn] = (
                 f"left dense: its parent {type(parent).__name__} reads "
                 f"`{child}.weight` directly instead of calling it, so a rewritten module "

@@ -544,9 +544,11 @@ def test_fisher_default_off_without_an_lm_and_falls_back_with_a_note(monkeypatch
 
     real = calibration.collect_stats
 
+    from slimfx.cost.batches import NoLossError
+
     def no_loss(*a, fisher=False, **k):  # a causal LM whose loss cannot be taken
         if fisher:
-            raise ValueError("fisher=True needs a loss")
+            raise NoLossError("fisher=True needs a loss")
         return real(*a, fisher=fisher, **k)
 
     monkeypatch.setattr(calibration, "collect_stats", no_loss)

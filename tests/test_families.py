@@ -79,7 +79,11 @@ def test_every_linear_is_a_site_and_most_are_rewritten_close_to_dense(name: str)
     assert type(small) is type(model)
     rep = slimfx.report_of(small)
     found = {e.fqn for e in rep.sites}
-    assert found == linears, f"not sites: {sorted(linears - found)}; extra: {found - linears}"
+    # left dense with a reason: a parent's source reads the child's weight (BLOOM's attention
+    # in its tensor-parallel branch); anything else missing is a site silently lost
+    left = {n.split(": ")[0] for n in rep.notes if ": left dense: " in n}
+    assert found | left == linears, f"not sites: {sorted(linears - found - left)}"
+    assert not found & left and len(left) <= len(linears) // 4
     assert all(e.status in ("applied", "skipped") for e in rep.sites)
     assert rep.totals["rewritten"] >= len(linears) // 2
     with torch.no_grad():

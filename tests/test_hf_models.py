@@ -62,7 +62,7 @@ def test_load_without_model_rebuilds_the_saved_class(tmp_path, build) -> None:  
     torch.testing.assert_close(got.logits, want.logits, atol=1e-6, rtol=1e-6)
 
 
-def test_load_names_an_unknown_class_instead_of_guessing(tmp_path) -> None:
+def test_load_names_an_unknown_class_instead_of_guessing(tmp_path, monkeypatch) -> None:
     small = slimfx.optimize(_bert(), 0.5, calibration=[_ids(2, 16)], progress=False)
     slimfx.save(small, tmp_path / "m")
     man = tmp_path / "m" / "slimfx.json"
@@ -72,14 +72,23 @@ def test_load_names_an_unknown_class_instead_of_guessing(tmp_path) -> None:
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["architectures"] = ["NoSuchModelClass"]
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    import importlib
+
+    imported = []
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module",
+                        lambda name, *a: imported.append(name) or real(name, *a))  # fmt: skip
     with pytest.raises(ValueError, match="mypackage.models.Custom.*pass model="):
         slimfx.load(tmp_path / "m", verify=False)
+    assert not any(n.startswith("mypackage") for n in imported)
 
 
-def test_onnx_of_an_encoder_runs_other_batch_sizes_and_lengths(tmp_path) -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+def test_onnx_of_an_encoder_runs_other_batch_sizes_and_lengths(tmp_path, batch) -> None:
+    """A batch-1 example (the CLI's) too: torch.export fixes an axis its example has at 1."""
     small = slimfx.optimize(_bert(tf.BertModel), 0.5, calibration=[_ids(2, 16)] * 2,
                             progress=False, cpu_kernels=False)  # fmt: skip
-    slimfx.export_onnx(small, tmp_path / "e.onnx", (_ids(2, 16),))
+    slimfx.export_onnx(small, tmp_path / "e.onnx", (_ids(batch, 16),))
     sess = ort.InferenceSession(str(tmp_path / "e.onnx"), providers=["CPUExecutionProvider"])
     ids = _ids(3, 21, seed=7)
     (got, *_) = sess.run(None, {sess.get_inputs()[0].name: ids.numpy()})
@@ -117,10 +126,36 @@ def test_encoder_decoder_is_weighted_only_with_its_target_text() -> None:
     assert len({round(e.sensitivity, 6) for e in rep.sites}) > 1
 
 
-def test_a_batch_the_model_cannot_run_is_named_with_the_position_limit() -> None:
+@pytest.mark.parametrize("bad", [0, 1, 3], ids=["first", "held-out", "fitted"])
+def test_a_batch_the_model_cannot_run_is_named_with_the_position_limit(bad: int) -> None:
+    """Named by the user's index wherever it fails: capture (the first), the fitted batches'
+    statistics, the held-out measurement (the last of 9)."""
+    calib = [_ids(2, 16, seed=i) for i in range(9)]
+    calib[8 if bad == 1 else bad] = _ids(1, 100)
     model = _bert(tf.BertModel, positions=64)
-    with pytest.raises(CalibrationBatchError, match=r"batch 0 \(\(1, 100\).*at most 64 positions"):
-        slimfx.optimize(model, 0.5, calibration=[_ids(2, 16), _ids(1, 100)], progress=False)
+    want = rf"calibration batch {8 if bad == 1 else bad} \(.*\(1, 100\).*at most 64 positions"
+    with pytest.raises(CalibrationBatchError, match=want):
+        slimfx.optimize(model, 0.5, calibration=calib, progress=False)
+
+
+def test_a_model_error_during_the_weighted_pass_is_raised_not_swallowed(monkeypatch) -> None:
+    """The default weighting falls back to unweighted errors when there is no loss to take —
+    not when the model itself fails (that would hide the error and run every batch twice)."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    real = type(model).forward
+
+    def broken(self, *a, labels=None, **k):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if labels is not None:
+            raise RuntimeError("the loss code broke")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(model), "forward", broken)
+    with pytest.raises(CalibrationBatchError, match="the loss code broke"):
+        slimfx.optimize(model, 0.5, calibration=[_ids(2, 16, seed=i) for i in range(3)],
+                        progress=False)  # fmt: skip
 
 
 def test_texts_are_cut_to_the_models_positions_with_a_note() -> None:
@@ -147,6 +182,9 @@ def test_float_features_into_a_model_with_an_embedding_are_taken_when_it_runs_th
     x = torch.randn(4, 10, 32)
     small = slimfx.optimize(PositionFirst().eval(), 0.5, calibration=[x, x + 1], progress=False)
     assert slimfx.report_of(small).totals["rewritten"] >= 1
+    wide = slimfx.optimize(PositionFirst().eval(), 0.5, progress=False,
+                           calibration=[x.double(), x.double() + 1])  # cast first, then run
+    assert any("cast from torch.float64" in n for n in slimfx.report_of(wide).notes)
     with pytest.raises(TypeError, match="takes token ids"):  # floats its ids input cannot take
         slimfx.optimize(_bert(tf.BertModel), 0.5, calibration=[torch.rand(2, 16)],
                         progress=False)  # fmt: skip

@@ -211,6 +211,9 @@ def graph_linear_sites(
         if owner is None:
             unresolved.append((node, f"no linear module owns weight {spelled}"))
             continue
+        if in_out and not (model is not None and is_conv1d(modules.get(owner))):
+            unresolved.append((node, f"weight {spelled} enters transposed (not a Conv1D's)"))
+            continue
         entry = found.setdefault(
             owner,
             {"tensor": tensor, "bias": b is not None, "x": x, "node": node.name, "tied": tied,

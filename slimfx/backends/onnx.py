@@ -225,6 +225,7 @@ def _export_program(
         in_names = out_names = None
         shapes = None
         if dynamic:  # every axis but a float input's last (its features); ids: all of them
+            args = _grown(model, args)
             auto = torch.export.Dim.AUTO
             shapes = tuple(
                 {d: auto for d in range(a.dim() - (1 if a.is_floating_point() else 0))}
@@ -245,6 +246,25 @@ def _export_program(
                 if isinstance(dim, torch.SymInt):
                     names[str(dim)] = axis
     return program, in_names, out_names, names
+
+
+def _grown(model: nn.Module, args: tuple) -> tuple:
+    """``args`` with a batch axis of 1 repeated to 2 — every tensor input of ≥ 2 dims, when all
+    of them have batch 1 — so the export keeps the batch axis dynamic (torch.export fixes an
+    axis its example has at size 1); the given ``args`` when the model does not take that."""
+    ts = [a for a in args if isinstance(a, Tensor) and a.dim() >= 2]
+    if not ts or any(t.shape[0] != 1 for t in ts):
+        return args
+    grown = tuple(
+        a.repeat(2, *([1] * (a.dim() - 1))) if isinstance(a, Tensor) and a.dim() >= 2 else a
+        for a in args
+    )
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(*grown, **({"use_cache": False} if _keeps_cache(model) else {}))
+    except Exception:  # noqa: BLE001 - a model tied to batch 1 keeps its example
+        return args
+    return grown
 
 
 def _example_ids(args: tuple, dynamic: bool, what: str) -> Tensor:

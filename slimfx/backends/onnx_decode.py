@@ -41,9 +41,11 @@ def cache_geometry(config: Any) -> tuple[int, int, int]:
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
     kv_heads = getattr(config, "num_key_value_heads", None)
-    if kv_heads is None and getattr(config, "new_decoder_architecture", False):  # Falcon 40B+
-        kv_heads = getattr(config, "num_kv_heads", None)
-    if kv_heads is None and getattr(config, "multi_query", False):  # Falcon, GPTBigCode
+    # Falcon's new decoder architecture caches keys expanded to every head; its multi-query
+    # default (and GPTBigCode's) caches one
+    if kv_heads is None and getattr(config, "new_decoder_architecture", False):
+        kv_heads = heads
+    if kv_heads is None and getattr(config, "multi_query", False):
         kv_heads = 1
     kv_heads = int(kv_heads or heads)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads

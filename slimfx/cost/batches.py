@@ -15,7 +15,7 @@ __all__ = [
     "STACK_TOKENS",
     "stack_windows",
     "model_device", "to_device", "is_hf", "call_model", "check_batches", "prepare_batches",
-    "naming_batch", "CalibrationBatchError",
+    "naming_batch", "CalibrationBatchError", "NoLossError",
 ]  # fmt: skip
 
 
@@ -43,6 +43,11 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
 
 class CalibrationBatchError(ValueError):
     """The model failed on a calibration batch; the message names the batch and its shapes."""
+
+
+class NoLossError(ValueError):
+    """The batch or the model gives no loss to weight by (no labels, no LM head): the default
+    weighting falls back to unweighted errors; ``fisher=True`` raises it."""
 
 
 def _shapes(batch: Any) -> str:
@@ -78,10 +83,12 @@ def naming_batch(
     are."""
     try:
         yield
-    except CalibrationBatchError:
+    except (CalibrationBatchError, NoLossError):
         raise
     except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as e:
-        if isinstance(e, torch.OutOfMemoryError):
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or (
+            "not enough memory" in str(e)
+        ):
             raise
         raise CalibrationBatchError(
             f"{what or 'calibration batch'} {i} ({_shapes(batch)}): running the model on it "
@@ -108,12 +115,15 @@ def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
         kwargs = dict(batch)
         if labels and "labels" not in kwargs:
             if "input_ids" not in kwargs:
-                raise ValueError("fisher=True on a dict batch needs 'input_ids' or 'labels'")
-            kwargs["labels"] = kwargs["input_ids"].long()  # the loss takes int64 targets
+                raise NoLossError("fisher=True on a dict batch needs 'input_ids' or 'labels'")
+            kwargs["labels"] = kwargs["input_ids"]
+        lab = kwargs.get("labels")
+        if isinstance(lab, Tensor) and not lab.is_floating_point() and lab.dtype != torch.long:
+            kwargs["labels"] = lab.long()  # the loss takes int64 targets
         return model(**kwargs)
     if isinstance(batch, (tuple, list)):
         if labels:
-            raise ValueError("fisher=True on a tuple batch needs loss_fn")
+            raise NoLossError("fisher=True on a tuple batch needs loss_fn")
         return model(*batch)
     if isinstance(batch, Tensor):
         if is_hf(model) and not batch.is_floating_point():
@@ -124,7 +134,7 @@ def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
                 kwargs["labels"] = batch.long()  # the loss takes int64 targets
             return model(**kwargs)
         if labels:
-            raise ValueError("fisher=True on a model without an LM loss needs loss_fn")
+            raise NoLossError("fisher=True on a model without an LM loss needs loss_fn")
         return model(batch)
     raise TypeError(f"unsupported calibration batch type {type(batch).__name__}")
 

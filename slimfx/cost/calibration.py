@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from slimfx.cost.batches import (  # model_device … prepare_batches: re-exported (see __all__)
     STACK_TOKENS,
+    NoLossError,
     call_model,
     check_batches,
     is_hf,
@@ -345,7 +346,7 @@ def _loss_of(
     if loss is None and isinstance(out, dict):
         loss = out.get("loss")
     if not isinstance(loss, Tensor):
-        raise ValueError(
+        raise NoLossError(
             "fisher=True needs a loss: the model returned none for labels=input_ids; calibrate "
             "with dict batches holding the labels the model's loss takes (optimize), pass "
             "loss_fn(model, batch) -> scalar tensor (collect_stats), or fisher=False"
@@ -551,7 +552,7 @@ def collect_planning_stats(
         stats = collect_stats(
             model, sites, batches, fisher=True, progress=progress, estimator=estimator
         )
-    except ValueError as e:
+    except NoLossError as e:  # a model or batch without a loss; its own errors propagate
         note = (f"sensitivity: loss sensitivity (the causal-LM default) unavailable — {e}; "
                 "errors unweighted")
         return collect_stats(model, sites, batches, fisher=False, progress=progress), note

@@ -199,10 +199,10 @@ def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
         fqn = weight_owner(modules, node, weight, (weight_fqn, *aliases))
         if fqn is None or fqn in found or in_out != is_conv1d(modules[fqn]):
             continue
-        if has_bias is None:  # x @ W.T in a Linear subclass: its bias is its own
-            if not isinstance(modules[fqn], nn.Linear):
-                continue
-            has_bias = modules[fqn].bias is not None
+        if has_bias is None and not isinstance(modules[fqn], nn.Linear):
+            continue  # x @ W.T is a linear only in a Linear subclass
+        if not has_bias:  # F.linear(x, W) / x @ W.T, then `+ self.bias` in the same module
+            has_bias = _adds_own_bias(program, params, fqn)
         found[fqn] = (node.name, has_bias, key)
         order.append(fqn)
 
@@ -216,26 +216,56 @@ def find_linear_sites(captured: Captured, model: nn.Module) -> list[LinearSite]:
 _PASSIVE = _VIEWS | {
     _aten.t.default, _aten.numpy_T.default, _aten.permute.default, _aten.transpose.int,
     _aten.alias.default, _aten.contiguous.default, _aten.to.dtype, _aten._to_copy.default,
+    _aten.dropout.default,  # eval mode: the identity the swapped module also computes
 }  # fmt: skip
+_ADD = {_aten.add.Tensor}
+
+
+def _adds_own_bias(program: Any, params: dict[str, str], fqn: str, node: Any = None) -> bool:
+    """Whether ``node`` (default: any node of the module at ``fqn``) adds the module's own
+    ``bias`` parameter."""
+    own = f"{fqn}.bias" if fqn else "bias"
+    nodes = [node] if node is not None else program.graph.nodes
+    return any(
+        n.op == "call_function" and n.target in _ADD and n.meta.get(FQN_KEY) == fqn
+        and any(_param_of(a, params) == own for a in n.args)
+        for n in nodes
+    )  # fmt: skip
+
+
+def _plain_forward(module: nn.Module | None) -> bool:
+    """``nn.Linear`` / ``Conv1D`` running their own forward: nothing but the product (+ b)."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    return is_conv1d(module) and type(module).__module__.startswith("transformers.")
 
 
 def wider_than_linear(
     captured: Captured, model: nn.Module, sites: list[LinearSite]
 ) -> dict[str, str]:
-    """FQN → reason for each site whose module is not an ``nn.Linear`` / ``Conv1D`` and whose
-    forward computes more than its linear (a MoE router: the product, then softmax and top-k).
-    The module swap replaces whole modules, so such a site stays dense; a module that only
-    applies ``F.linear`` to its weight is kept."""
+    """FQN → reason for each site whose module's forward (its children included) computes
+    more than its product and its own bias add — a MoE router's softmax and top-k, a scale
+    after the product in an ``nn.Linear`` subclass. The module swap replaces whole modules,
+    so such a site stays dense. Views, casts, eval-mode dropout and adding the module's own
+    ``bias`` are part of a linear."""
     if captured.program is None:
         return {}
     modules = dict(model.named_modules())
-    wide = {s.fqn for s in sites if not is_linear_module(modules.get(s.fqn))}
+    wide = {s.fqn for s in sites if not _plain_forward(modules.get(s.fqn))}
+    if not wide:
+        return {}
+    params = dict(captured.program.graph_signature.inputs_to_parameters)
     extra: dict[str, set[str]] = {}
     for node in captured.program.graph.nodes:
-        fqn = node.meta.get(FQN_KEY)
-        if fqn in wide and node.op == "call_function" and node.target not in _PASSIVE:
-            if node.target not in _LINEAR | _MM | _ADDMM | _MATMUL:
-                extra.setdefault(fqn, set()).add(str(getattr(node.target, "__name__", node.target)))
+        path = node.meta.get(FQN_KEY)
+        if node.op != "call_function" or not isinstance(path, str):
+            continue
+        fqn = next((f for f in wide if path == f or path.startswith(f + ".")), None)
+        if fqn is None or node.target in _PASSIVE | _LINEAR | _MM | _ADDMM | _MATMUL:
+            continue
+        if _adds_own_bias(None, params, fqn, node):
+            continue
+        extra.setdefault(fqn, set()).add(str(getattr(node.target, "__name__", node.target)))
     return {
         fqn: (f"a {type(modules[fqn]).__name__} whose forward computes more than its linear "
               f"({', '.join(sorted(ops)[:3])}): the module swap replaces whole linear modules, so "

@@ -40,10 +40,8 @@ def _keywords(model: nn.Module, batch: Mapping) -> dict:
 
 def _example_call(model: nn.Module, batch: Any, max_tokens: int = 16) -> tuple[tuple, dict]:
     """Arguments for capturing ``model`` from one calibration batch (trimmed for speed)."""
-    if isinstance(batch, Mapping):
-        kw = _keywords(model, batch)
-        kw.pop("labels", None)  # the loss is no part of the graph the sites come from
-        return (), kw
+    if isinstance(batch, Mapping):  # labels kept: an encoder-decoder's decoder reads them
+        return (), _keywords(model, batch)
     if _is_hf(model) and isinstance(batch, Tensor) and not batch.is_floating_point():
         return (), {"input_ids": batch[:1, :max_tokens], "use_cache": False}
     if isinstance(batch, (tuple, list)):

@@ -425,7 +425,12 @@ def direct_weight_readers(
             continue
         src = _forward_source(type(parent))
         ref = rf"self\.{re.escape(child)}\.(weight|bias)"
-        pattern = rf"\b{ref}\s*\.\s*{_META}|isinstance\(\s*{ref}" if metadata else rf"\b{ref}\b"
+        by_name = rf"getattr\(\s*self\.{re.escape(child)}\s*,\s*[\"'](weight|bias)[\"']"
+        pattern = (
+            rf"\b{ref}\s*\.\s*{_META}|\b(isinstance|len|getattr|torch\.is_\w+)\(\s*{ref}"
+            rf"|{by_name}"
+            if metadata else rf"\b{ref}\b|{by_name}"
+        )  # fmt: skip
         if re.search(pattern, src):
             out[fqn] = (
                 f"left dense: its parent {type(parent).__name__} reads "

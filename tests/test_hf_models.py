@@ -197,3 +197,48 @@ def test_padding_in_the_calibration_is_noted() -> None:
     small = slimfx.optimize(_bert(tf.BertModel), 0.5, progress=False,
                             calibration=[{"input_ids": ids, "attention_mask": mask}] * 2)
     assert any("12 of 64 positions are padding" in n for n in slimfx.report_of(small).notes)
+
+
+def test_an_encoder_decoder_calibrated_with_labels_only_is_weighted() -> None:
+    """Its decoder reads the labels (shifted right): the capture keeps them."""
+    torch.manual_seed(0)
+    cfg = tf.T5Config(vocab_size=V, d_model=64, d_kv=16, d_ff=128, num_layers=1,
+                      num_decoder_layers=1, num_heads=4, decoder_start_token_id=0)  # fmt: skip
+    model = tf.T5ForConditionalGeneration(cfg).eval()
+    calib = [{"input_ids": _ids(2, 12, seed=i), "labels": _ids(2, 6, seed=i + 9)}
+             for i in range(2)]  # fmt: skip
+    rep = slimfx.report_of(slimfx.optimize(model, 0.5, calibration=calib, progress=False))
+    assert rep.totals["rewritten"] > 0
+    assert any("weighted by its loss sensitivity" in n for n in rep.notes)
+
+
+def test_a_causal_lm_without_labels_falls_back_to_unweighted_errors() -> None:
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    real = type(model).forward
+
+    def no_labels(self, input_ids=None, attention_mask=None, use_cache=None):  # noqa: ANN001, ANN202
+        return real(self, input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    type(model).forward = no_labels
+    try:
+        rep = slimfx.report_of(slimfx.optimize(model, 0.5, progress=False,
+                                               calibration=[_ids(2, 16, seed=i) for i in range(3)]))
+    finally:
+        type(model).forward = real
+    assert any("unavailable" in n and "takes no labels" in n for n in rep.notes)
+
+
+@pytest.mark.parametrize("message", [
+    "DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 bytes",
+    "CUDA out of memory. Tried to allocate 2.00 GiB",
+])
+def test_running_out_of_memory_is_not_blamed_on_the_batch(message: str) -> None:
+    from slimfx.cost.batches import naming_batch
+
+    with pytest.raises(RuntimeError, match="allocate") as e:
+        with naming_batch(0, _ids(2, 4), nn.Linear(2, 2)):
+            raise RuntimeError(message)
+    assert not isinstance(e.value, CalibrationBatchError)

@@ -4,6 +4,8 @@ calibration statistics (``cost.calibration``), sequential mode and the stages.""
 
 from __future__ import annotations
 
+import inspect
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -41,6 +43,11 @@ def to_device(obj: Any, device: torch.device | str) -> Any:
     return obj
 
 
+#: a CPU allocation failure is a plain RuntimeError: these words in its message
+_OOM = re.compile(r"out of memory|not enough memory|can't allocate memory|cannot allocate memory"
+                  r"|DefaultCPUAllocator", re.IGNORECASE)
+
+
 class CalibrationBatchError(ValueError):
     """The model failed on a calibration batch; the message names the batch and its shapes."""
 
@@ -72,6 +79,30 @@ def _positions_hint(model: nn.Module, batch: Any) -> str:
     return ""
 
 
+def _weight_reader_error(e: AttributeError) -> AttributeError:
+    """``e`` (a missing ``weight``), or — where a module's own code read it from a slimfx
+    rewrite of its child — an error naming that module and its rewritten children."""
+    from slimfx.ir.modules import SlimLinear
+
+    if "'weight'" not in str(e):
+        return e
+    tb, selves = e.__traceback__, []
+    while tb is not None:
+        selves.append(tb.tb_frame.f_locals.get("self"))
+        tb = tb.tb_next
+    parent = next((m for m in reversed(selves)
+                   if isinstance(m, nn.Module) and not isinstance(m, SlimLinear)), None)  # fmt: skip
+    kids = [n for n, c in parent.named_modules() if isinstance(c, SlimLinear)] if parent else []
+    if not kids:
+        return e
+    shown = ", ".join(kids[:3]) + (f" and {len(kids) - 3} more" if len(kids) > 3 else "")
+    return AttributeError(
+        f"{type(parent).__name__} reads the `weight` of a rewritten layer inside it ({shown}) "
+        "instead of calling it, and a slimfx rewrite holds no dense weight: keep that layer "
+        f"dense with optimize(..., exclude=[...]) — ({e})"
+    )
+
+
 @contextmanager
 def naming_batch(
     i: int, batch: Any, model: nn.Module, what: str | None = None
@@ -85,10 +116,10 @@ def naming_batch(
         yield
     except (CalibrationBatchError, NoLossError):
         raise
+    except AttributeError as e:
+        raise _weight_reader_error(e) from e
     except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as e:
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower() or (
-            "not enough memory" in str(e)
-        ):
+        if isinstance(e, torch.OutOfMemoryError) or _OOM.search(str(e)):
             raise
         raise CalibrationBatchError(
             f"{what or 'calibration batch'} {i} ({_shapes(batch)}): running the model on it "
@@ -102,6 +133,15 @@ def is_hf(model: nn.Module) -> bool:
     return hasattr(model, "config")
 
 
+def _takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` accepts the keyword ``name`` (or any keyword)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name or p.kind is p.VAR_KEYWORD for p in params)
+
+
 def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
     """Run ``model`` on one calibration batch.
 
@@ -111,6 +151,8 @@ def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
     ``labels=input_ids`` for a Hugging Face language-model loss.
     """
     batch = to_device(batch, model_device(model))
+    if labels and not _takes(model, "labels"):
+        raise NoLossError(f"{type(model).__name__}.forward takes no labels= (no built-in loss)")
     if isinstance(batch, dict):
         kwargs = dict(batch)
         if labels and "labels" not in kwargs:

@@ -221,16 +221,27 @@ _PASSIVE = _VIEWS | {
 _ADD = {_aten.add.Tensor}
 
 
-def _adds_own_bias(program: Any, params: dict[str, str], fqn: str, node: Any = None) -> bool:
-    """Whether ``node`` (default: any node of the module at ``fqn``) adds the module's own
-    ``bias`` parameter."""
+def _bias_add(node: Any, params: dict[str, str], fqn: str) -> bool:
+    """Whether ``node`` is ``y + b``: the module's own ``bias`` added (no ``alpha``) to the
+    output of its bias-free product (``F.linear(x, W)`` / ``x @ W.T``, through views)."""
+    if node.op != "call_function" or node.target not in _ADD or node.kwargs or len(node.args) != 2:
+        return False
     own = f"{fqn}.bias" if fqn else "bias"
-    nodes = [node] if node is not None else program.graph.nodes
-    return any(
-        n.op == "call_function" and n.target in _ADD and n.meta.get(FQN_KEY) == fqn
-        and any(_param_of(a, params) == own for a in n.args)
-        for n in nodes
-    )  # fmt: skip
+    bias = [a for a in node.args if _param_of(a, params) == own]
+    other = [_strip_views(a) for a in node.args if _param_of(a, params) != own]
+    if len(bias) != 1 or len(other) != 1 or not isinstance(other[0], torch.fx.Node):
+        return False
+    y = other[0]
+    if y.op != "call_function" or y.meta.get(FQN_KEY) != fqn:
+        return False
+    if y.target in _LINEAR:
+        return (y.args[2] if len(y.args) > 2 else y.kwargs.get("bias")) is None
+    return y.target in _MATMUL | _MM
+
+
+def _adds_own_bias(program: Any, params: dict[str, str], fqn: str) -> bool:
+    """Whether the module at ``fqn`` adds its own bias after its product (``_bias_add``)."""
+    return any(_bias_add(n, params, fqn) for n in program.graph.nodes)
 
 
 def _plain_forward(module: nn.Module | None) -> bool:
@@ -248,10 +259,11 @@ def wider_than_linear(
     after the product in an ``nn.Linear`` subclass. The module swap replaces whole modules,
     so such a site stays dense. Views, casts, eval-mode dropout and adding the module's own
     ``bias`` are part of a linear."""
-    if captured.program is None:
-        return {}
     modules = dict(model.named_modules())
     wide = {s.fqn for s in sites if not _plain_forward(modules.get(s.fqn))}
+    if captured.program is None:  # no graph to read their forwards: leave them dense
+        return {f: (f"a {type(modules[f]).__name__} with its own forward, and no captured graph "
+                    "to check that it computes only its linear: it stays dense") for f in wide}
     if not wide:
         return {}
     params = dict(captured.program.graph_signature.inputs_to_parameters)
@@ -260,10 +272,11 @@ def wider_than_linear(
         path = node.meta.get(FQN_KEY)
         if node.op != "call_function" or not isinstance(path, str):
             continue
-        fqn = next((f for f in wide if path == f or path.startswith(f + ".")), None)
+        owners = [f for f in wide if path == f or path.startswith(f + ".")]
+        fqn = max(owners, key=len) if owners else None  # the innermost wide module
         if fqn is None or node.target in _PASSIVE | _LINEAR | _MM | _ADDMM | _MATMUL:
             continue
-        if _adds_own_bias(None, params, fqn, node):
+        if _bias_add(node, params, fqn):
             continue
         extra.setdefault(fqn, set()).add(str(getattr(node.target, "__name__", node.target)))
     return {

@@ -236,11 +236,36 @@ class _BiasAfter(nn.Module):
         return F.linear(x, self.weight) + self.bias
 
 
+class _AlphaBias(_BiasAfter):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.add(F.linear(x, self.weight), self.bias, alpha=3)
+
+
+class _BiasTwice(_BiasAfter):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.bias
+
+
+class _LoRA(nn.Linear):
+    """A LoRA-style wrapper whose B is itself a scaling Linear subclass: the wrapper and its
+    B stay dense (the innermost module's forward is what a site must compute), A is a site."""
+
+    def __init__(self) -> None:
+        super().__init__(16, 16)
+        self.lora_A = nn.Linear(16, 4, bias=False)
+        self.lora_B = _Scaled(4, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias) + self.lora_B(self.lora_A(x))
+
+
 @pytest.mark.parametrize(
     ("cls", "site"),
-    [(_Scaled, False), (_SoftmaxRouter, False), (_BiasAfter, True)],
-    ids=["scale-after-product", "softmax-child", "bias-added-after"],
-)
+    [(_Scaled, False), (_SoftmaxRouter, False), (_BiasAfter, True), (_AlphaBias, False),
+     (_BiasTwice, False), (_LoRA, False)],
+    ids=["scale-after-product", "softmax-child", "bias-added-after", "bias-times-alpha",
+         "bias-twice", "lora-wrapper"],
+)  # fmt: skip
 def test_what_a_module_computes_beyond_its_product_decides_if_it_is_a_site(cls, site) -> None:
     class Net(nn.Module):
         def __init__(self) -> None:
@@ -258,6 +283,9 @@ def test_what_a_module_computes_beyond_its_product_decides_if_it_is_a_site(cls, 
     rep = slimfx.report_of(small)
     assert ("m" in {e.fqn for e in rep.sites}) is site
     assert any(n.startswith("m: a ") for n in rep.notes) is not site
+    if cls is _LoRA:
+        assert "m.lora_A" in {e.fqn for e in rep.sites}
+        assert any(n.startswith("m.lora_B: a _Scaled") for n in rep.notes)
     with torch.no_grad():
         ref = net(x)
         rel = float((small(x) - ref).norm() / ref.norm())
@@ -307,3 +335,30 @@ def test_every_spelling_of_x_at_w_transposed_is_rewritten_under_compile(spell: s
     finally:
         torch._dynamo.reset()
         sc.clear_sessions()
+
+
+def test_without_a_graph_a_linear_with_its_own_forward_stays_dense() -> None:
+    from slimfx.ir.capture import Captured
+    from slimfx.ir.find import discover_linear_sites
+
+    net = nn.Sequential(nn.Linear(16, 16), _Scaled(16, 16))
+    sites = discover_linear_sites(net)
+    wide = wider_than_linear(Captured(program=None, gm=None, method="module"), net, sites)
+    assert set(wide) == {"1"} and "no captured graph" in wide["1"]
+
+
+def test_a_weight_read_the_source_scan_misses_is_named_when_it_fails() -> None:
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blk = nn.ModuleList([nn.Linear(16, 16)])
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            w = self.blk[0].weight  # an alias: neither the scan nor the graph sees the read
+            return self.blk[0](x.to(w.dtype))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 16)
+    with pytest.raises(AttributeError, match=r"Block reads the `weight` of a rewritten layer "
+                                             r"inside it \(blk.0\).*exclude="):  # fmt: skip
+        slimfx.optimize(Block().eval(), 0.5, calibration=[x, x + 1], progress=False)

@@ -152,7 +152,8 @@ def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
     """
     batch = to_device(batch, model_device(model))
     if labels and not _takes(model, "labels"):
-        raise NoLossError(f"{type(model).__name__}.forward takes no labels= (no built-in loss)")
+        raise NoLossError(f"{type(model).__name__}.forward takes no labels= (no built-in loss): "
+                          "fisher=True needs loss_fn(model, batch) (collect_stats) there")
     if isinstance(batch, dict):
         kwargs = dict(batch)
         if labels and "labels" not in kwargs:

@@ -29,6 +29,7 @@ from torch import Tensor, fx, nn
 
 from slimfx.ir.capture import FQN_KEY, normalize_module_path
 from slimfx.ir.graph import finalize, node_value, replace_node
+from slimfx.ir.graph_linear import transposed_of
 from slimfx.ir.match import (
     is_conv1d,
     linear_args,
@@ -94,32 +95,6 @@ def _input_tensor(gm: fx.GraphModule, node: Any, inputs: dict[fx.Node, Any]) -> 
     return None
 
 
-_T_FUNCTIONS = (torch.t, torch.ops.aten.t.default, torch.ops.aten.numpy_T.default)
-_TRANSPOSE = ("transpose", torch.transpose, torch.ops.aten.transpose.int)
-_PERMUTE = ("permute", torch.permute, torch.ops.aten.permute.default)
-
-
-def _transposed(node: Any) -> Any:
-    """``W`` when ``node`` is its 2-D transpose in a dynamo or export graph: ``W.T``, ``W.mT``,
-    ``W.t()``, ``t(W)``, ``W.transpose(0, 1)``, ``W.permute(1, 0)`` (method or function)."""
-    if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
-        return None
-    if not node.args:
-        return None
-    w, rest, t = node.args[0], tuple(node.args[1:]), node.target
-    dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
-    mod2 = [d % 2 for d in dims] if all(isinstance(d, int) for d in dims) else []
-    if t is getattr:
-        return w if rest in (("T",), ("mT",)) else None
-    if t in _T_FUNCTIONS or (t == "t" and not rest):
-        return w
-    if t in _TRANSPOSE and sorted(mod2) == [0, 1]:
-        return w
-    if t in _PERMUTE and mod2 == [1, 0]:
-        return w
-    return None
-
-
 def as_linear_calls(
     gm: fx.GraphModule, inputs: dict[fx.Node, Any], modules: dict[str, nn.Module]
 ) -> int:
@@ -144,7 +119,7 @@ def as_linear_calls(
             args, rule = (x, wt, b), "Conv1D"
         elif node.target in _MATMUL and len(node.args) == 2 and not node.kwargs:
             x, wt = node.args
-            w = _transposed(wt)
+            w = transposed_of(wt)
             if w is None or id(_input_tensor(gm, w, inputs)) not in lin:
                 continue
             args, rule = (x, w), "x @ W.T"

@@ -27,7 +27,10 @@ from slimfx.ir.capture import FQN_KEY, Captured
 from slimfx.ir.match import is_conv1d
 from slimfx.ir.sites import LinearSite
 
-__all__ = ["match_linear", "adds_own_bias", "wider_than_linear", "graph_weight_readers"]
+__all__ = [
+    "match_linear", "transposed_of", "adds_own_bias", "wider_than_linear",
+    "graph_weight_readers",
+]  # fmt: skip
 
 _aten = torch.ops.aten
 _LINEAR = {_aten.linear.default}
@@ -44,18 +47,36 @@ def _param_of(node: Any, params: dict[str, str]) -> str | None:
     return None
 
 
-def _transposed_param(node: Any, params: dict[str, str]) -> str | None:
-    """Parameter FQN when ``node`` is ``t(W)`` / ``permute(W, [1, 0])`` / ``transpose(W, 0, 1)``."""
-    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+_T_FUNCTIONS = (torch.t, _aten.t.default, _aten.numpy_T.default)
+_TRANSPOSE = ("transpose", torch.transpose, _aten.transpose.int)
+_PERMUTE = ("permute", torch.permute, _aten.permute.default)
+
+
+def transposed_of(node: Any) -> Any:
+    """``W`` when ``node`` is its 2-D transpose, in an export or a dynamo graph: ``t(W)``,
+    ``W.T``, ``W.mT``, ``W.t()``, ``W.transpose(0, 1)``, ``W.permute(1, 0)`` (aten op, torch
+    function or method); else ``None``."""
+    if not isinstance(node, torch.fx.Node) or node.op not in ("call_function", "call_method"):
         return None
-    t = node.target
-    if t in (_aten.t.default, _aten.numpy_T.default):
-        return _param_of(node.args[0], params)
-    if t == _aten.permute.default and list(node.args[1]) == [1, 0]:
-        return _param_of(node.args[0], params)
-    if t == _aten.transpose.int and {d % 2 for d in node.args[1:3]} == {0, 1}:
-        return _param_of(node.args[0], params)
+    if not node.args:
+        return None
+    w, rest, t = node.args[0], tuple(node.args[1:]), node.target
+    dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    mod2 = [d % 2 for d in dims] if all(isinstance(d, int) for d in dims) else []
+    if t is getattr:
+        return w if rest in (("T",), ("mT",)) else None
+    if t in _T_FUNCTIONS or (t == "t" and not rest):
+        return w
+    if t in _TRANSPOSE and sorted(mod2) == [0, 1]:
+        return w
+    if t in _PERMUTE and mod2 == [1, 0]:
+        return w
     return None
+
+
+def _transposed_param(node: Any, params: dict[str, str]) -> str | None:
+    """Parameter FQN when ``node`` is the 2-D transpose of a lifted parameter."""
+    return _param_of(transposed_of(node), params)
 
 
 def _strip_views(node: Any) -> Any:

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from slimfx.cost.batches import unpad
+
 __all__ = [
     "check_model",
     "unwrap_compiled",
@@ -252,7 +254,9 @@ def check_batches(
     out: list[Any] = []
     width: tuple[int, int] | None = None
     floats_run = False  # a float batch ran through a model with an embedding
-    pads = (0, 0)  # (padding positions, positions) of the attention masks
+    pads = [0, 0]  # padding positions of the attention masks: removed, kept
+    total, kept = 0, []  # positions of the masks; batches whose padding stays
+    seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
 
     def fix(t: Tensor) -> Tensor:
         if device is not None and t.device != device:
@@ -329,17 +333,30 @@ def check_batches(
             width = width or (i, w)
 
 
-        out.append(_rebuild(b, fix))
+        rows = unpad(b, seq2seq)
+        out.extend(_rebuild(r, fix) for r in rows or [b])
         mask = b.get("attention_mask") if isinstance(b, Mapping) else None
         if isinstance(mask, Tensor) and mask.numel():
-            pads = (pads[0] + int((mask == 0).sum()), pads[1] + mask.numel())
+            n = int((mask == 0).sum())
+            pads[0 if rows else 1] += n
+            if n and not rows:
+                kept.append(i)
+            total += mask.numel()
     if cast and notes is not None:
         notes.append(f"{name}: floating inputs {' and '.join(sorted(cast))}")
     if pads[0] and notes is not None:
         notes.append(
-            f"{name}: {pads[0]} of {pads[1]} positions are padding (attention_mask 0); their "
-            "activations count in the statistics like real tokens — unpadded windows (texts "
-            "with a tokenizer) avoid that"
+            f"{name}: padded batches split into their rows without the padding ({pads[0]} of "
+            f"{total} positions were padding, attention_mask 0), so that statistics, errors "
+            "and the loss see real tokens at the positions generate() gives them"
+        )
+    if pads[1] and notes is not None:
+        notes.append(
+            f"{name}: {pads[1]} of {total} positions are padding (attention_mask 0) in "
+            f"batch(es) {', '.join(map(str, kept[:5]))}{' …' if len(kept) > 5 else ''}, whose "
+            "masks are not one run of tokens per row (or which hold tensors of another batch "
+            "size) and so stay as they are: their activations count in the statistics like "
+            "real tokens — unpadded windows (texts with a tokenizer) avoid that"
         )
     return out
 

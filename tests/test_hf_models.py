@@ -190,13 +190,21 @@ def test_float_features_into_a_model_with_an_embedding_are_taken_when_it_runs_th
                         progress=False)  # fmt: skip
 
 
-def test_padding_in_the_calibration_is_noted() -> None:
+def test_padding_in_the_calibration_is_removed_and_noted() -> None:
+    """An encoder's right-padded rows, unpadded, compute what they did (its mask hid the pads
+    from the real tokens); the statistics no longer see the pads."""
     ids = _ids(2, 16)
     mask = torch.ones_like(ids)
     mask[1, 10:] = 0
-    small = slimfx.optimize(_bert(tf.BertModel), 0.5, progress=False,
+    model = _bert(tf.BertModel)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).last_hidden_state[1, :10]
+        row = model(input_ids=ids[1:, :10]).last_hidden_state[0]
+    torch.testing.assert_close(row, full, rtol=1e-5, atol=1e-5)
+    small = slimfx.optimize(model, 0.5, progress=False,
                             calibration=[{"input_ids": ids, "attention_mask": mask}] * 2)
-    assert any("12 of 64 positions are padding" in n for n in slimfx.report_of(small).notes)
+    assert any("without the padding (12 of 64 positions" in n
+               for n in slimfx.report_of(small).notes)  # fmt: skip
 
 
 def test_an_encoder_decoder_calibrated_with_labels_only_is_weighted() -> None:

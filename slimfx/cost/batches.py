@@ -17,7 +17,7 @@ __all__ = [
     "STACK_TOKENS",
     "stack_windows",
     "model_device", "to_device", "is_hf", "call_model", "check_batches", "prepare_batches",
-    "naming_batch", "CalibrationBatchError", "NoLossError",
+    "naming_batch", "CalibrationBatchError", "NoLossError", "unpad",
 ]  # fmt: skip
 
 
@@ -128,6 +128,59 @@ def naming_batch(
         ) from e
 
 
+#: dict keys holding one entry per token (shape ``(batch, tokens, …)``) in a padded batch
+_PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
+              "labels", "special_tokens_mask")
+
+
+def unpad(batch: Any, seq2seq: bool = False) -> list[dict[str, Any]] | None:
+    """A padded dict batch as batches without padding, or ``None`` where it has no padding or
+    cannot be split.
+
+    Each row keeps the positions its 2-D 0/1 ``attention_mask`` marks, which must be one run
+    (left, right or both sides padded); rows of equal length go back into one batch, in the
+    order they came. The per-token keys (:data:`_PER_TOKEN`; ``labels`` not for a
+    sequence-to-sequence model, ``seq2seq``, whose labels are the target's) are cut to the
+    run; other tensors with the batch's leading size are taken row by row. A batch with
+    another tensor (another leading size), a mask with a hole or an all-padding row is not
+    split (``None``). Padding positions would otherwise run through the model like tokens:
+    left-padded rows put pad tokens at the first positions and shift the real ones'."""
+    mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.is_floating_point():
+        return None
+    keep = mask != 0
+    if bool(keep.all()) or not bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    n, t = keep.shape
+    per_token = [k for k in _PER_TOKEN if not (seq2seq and k == "labels")]
+    for k, v in batch.items():
+        if isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != n):
+            return None
+        if k in per_token and isinstance(v, Tensor) and tuple(v.shape[:2]) != (n, t):
+            return None
+    spans = []
+    for row in keep:
+        idx = row.nonzero().flatten()
+        if idx.numel() == 0 or idx.numel() != int(idx[-1] - idx[0]) + 1:
+            return None  # an all-padding row, or a hole: not one run
+        spans.append((int(idx[0]), int(idx[-1]) + 1))
+    groups: dict[int, list[int]] = {}
+    for i, (a, b) in enumerate(spans):
+        groups.setdefault(b - a, []).append(i)
+    out = []
+    for rows in groups.values():
+        part: dict[str, Any] = {}
+        for k, v in batch.items():
+            if not isinstance(v, Tensor):
+                part[k] = v
+            elif k in per_token:
+                part[k] = torch.cat([v[i : i + 1, spans[i][0] : spans[i][1]] for i in rows])
+            else:
+                part[k] = v[rows]
+        out.append(part)
+    return out
+
+
 def is_hf(model: nn.Module) -> bool:
     """A Hugging Face style model (called with ``input_ids=`` keyword)."""
     return hasattr(model, "config")
@@ -159,7 +212,10 @@ def call_model(model: nn.Module, batch: Any, *, labels: bool = False) -> Any:
         if labels and "labels" not in kwargs:
             if "input_ids" not in kwargs:
                 raise NoLossError("fisher=True on a dict batch needs 'input_ids' or 'labels'")
-            kwargs["labels"] = kwargs["input_ids"]
+            ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+            if isinstance(mask, Tensor) and isinstance(ids, Tensor) and mask.shape == ids.shape:
+                ids = ids.masked_fill(mask == 0, -100)  # padding is no target of the loss
+            kwargs["labels"] = ids
         lab = kwargs.get("labels")
         if isinstance(lab, Tensor) and not lab.is_floating_point() and lab.dtype != torch.long:
             kwargs["labels"] = lab.long()  # the loss takes int64 targets

@@ -1,0 +1,125 @@
+"""Padded calibration batches are split into rows without their padding (``cost.batches.unpad``,
+applied by ``validate.check_batches``): left-padded rows put pad tokens at the first positions
+and shift the real ones', which corrupts every statistic (SmolLM2 at budget 0.3: held-out
+perplexity 57.3 with left-padded calibration vs 34.6 on the same texts unpadded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimfx
+from slimfx import validate
+from slimfx.cost.batches import call_model, unpad
+
+tf = pytest.importorskip("transformers")
+
+V = 100
+
+
+def _padded(lengths: list[int], side: str, t: int = 12, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(len(lengths), t, dtype=torch.long)
+    mask = torch.zeros(len(lengths), t, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        cols = slice(t - n, t) if side == "left" else slice(0, n)
+        ids[i, cols] = torch.randint(3, V, (n,), generator=g)
+        mask[i, cols] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_rows_keep_their_tokens_and_equal_lengths_share_a_batch(side: str) -> None:
+    b = _padded([5, 12, 5, 8], side)
+    b["token_type_ids"] = torch.arange(12).expand(4, 12) * b["attention_mask"]
+    b["row_scale"] = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    b["flag"] = "kept"
+    rows = unpad(b)
+    assert [r["input_ids"].shape for r in rows] == [(2, 5), (1, 12), (1, 8)]
+    real = [b["input_ids"][i][b["attention_mask"][i] == 1] for i in range(4)]
+    assert torch.equal(rows[0]["input_ids"], torch.stack([real[0], real[2]]))
+    assert torch.equal(rows[1]["input_ids"][0], real[1])
+    assert torch.equal(rows[2]["input_ids"][0], real[3])
+    assert all(bool((r["attention_mask"] == 1).all()) for r in rows)
+    assert torch.equal(rows[0]["row_scale"], torch.tensor([1.0, 3.0]))
+    assert torch.equal(rows[0]["token_type_ids"][1], b["token_type_ids"][2][b["attention_mask"][2] == 1])
+    assert rows[2]["flag"] == "kept"
+
+
+def test_batches_that_cannot_be_split_stay_as_they_are() -> None:
+    b = _padded([5, 12], "right")
+    assert unpad({"input_ids": b["input_ids"]}) is None  # no mask
+    assert unpad(_padded([12, 12], "right")) is None  # no padding
+    holed = {k: v.clone() for k, v in b.items()}
+    holed["attention_mask"][1, 4] = 0  # packed sequences: a hole inside a row
+    assert unpad(holed) is None
+    empty = {k: v.clone() for k, v in b.items()}
+    empty["attention_mask"][0] = 0
+    assert unpad(empty) is None  # an all-padding row
+    assert unpad({**b, "other": torch.zeros(3, 2)}) is None  # another batch size
+    assert unpad({**b, "attention_mask": b["attention_mask"] * 2}) is None  # not 0/1
+    assert unpad({**b, "attention_mask": b["attention_mask"].float()}) is None
+    assert unpad({**b, "attention_mask": b["attention_mask"][:, None, None]}) is None  # 4-D
+
+
+def test_a_sequence_to_sequence_batch_keeps_its_target_labels_whole() -> None:
+    b = _padded([5, 12], "right")
+    b["labels"] = torch.full((2, 12), 7)
+    rows = unpad(b, seq2seq=True)
+    assert [r["labels"].shape for r in rows] == [(1, 12), (1, 12)]
+    assert [r["labels"].shape for r in unpad(b)] == [(1, 5), (1, 12)]
+
+
+def test_padding_is_no_target_when_labels_come_from_the_ids() -> None:
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, labels=None):  # noqa: ANN001, ANN201
+            seen["labels"] = labels
+            return input_ids
+
+    b = _padded([5, 12], "left")
+    call_model(Probe(), b, labels=True)
+    want = b["input_ids"].masked_fill(b["attention_mask"] == 0, -100)
+    assert torch.equal(seen["labels"], want)
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return tf.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _site_errors(model: torch.nn.Module, calibration: list) -> dict:
+    torch.manual_seed(0)
+    rep = slimfx.report_of(slimfx.optimize(model, 0.5, calibration=calibration, progress=False))
+    return rep, {s.fqn: ([c["error"] for c in s.candidates], s.sensitivity) for s in rep.sites}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_calibration_plans_as_its_rows_unpadded(side: str) -> None:
+    """The same real tokens, padded into one batch or given row by row: the same statistics,
+    errors and loss weights, hence the same plan (left padding moved every one before)."""
+    model = _llama()
+    b = _padded([7, 12, 9], side)
+    rows = [b["input_ids"][i][b["attention_mask"][i] == 1][None] for i in range(3)]
+    rep, padded = _site_errors(model, [b])
+    _, plain = _site_errors(model, rows)
+    assert padded.keys() == plain.keys() and padded
+    for fqn, (errors, weight) in plain.items():
+        assert padded[fqn][0] == pytest.approx(errors, rel=1e-4, abs=1e-9), fqn
+        assert padded[fqn][1] == pytest.approx(weight, rel=1e-4), fqn
+    assert any("split into their rows without the padding (8 of 36 positions" in n
+               for n in rep.notes)  # fmt: skip
+
+
+def test_batches_kept_padded_are_named_in_a_note() -> None:
+    model = _llama()
+    b = _padded([7, 12], "right")
+    b["attention_mask"][1, 3] = 0
+    notes: list[str] = []
+    out = validate.check_batches(model, [_padded([12, 12], "left"), b], notes)
+    assert len(out) == 2 and out[1]["input_ids"].shape == (2, 12)
+    assert any("6 of 48 positions are padding (attention_mask 0) in batch(es) 1," in n
+               for n in notes), notes  # fmt: skip

@@ -41,7 +41,7 @@ from slimfx.passes.swap import apply_plan
 from slimfx.passes.validate import validate_plan
 from slimfx.planning.configs import DEFAULT_FAMILIES, DenseConfig
 from slimfx.planning.plan import Plan
-from slimfx.planning.problem import Budget, BudgetProblem
+from slimfx.planning.problem import Budget, BudgetProblem, InfeasibleBudgetError
 from slimfx.planning.solve import frontier as solve_frontier
 from slimfx.planning.solve import solve as solve_budget
 from slimfx.pool import site_pool
@@ -142,6 +142,8 @@ class Planning:
     attention_sites: list[AttentionSite] = field(default_factory=list)
     attention_inputs: dict[str, list] = field(default_factory=dict)
     kv_refused: dict[str, list[str]] = field(default_factory=dict)
+    #: candidates the backend cannot run: reason → ["fqn [decision]", ...]
+    backend_refused: dict[str, list[str]] = field(default_factory=dict)
     plan: Plan | None = None
     capture: dict[str, Any] = field(default_factory=dict)
     fit_batches: list = field(default_factory=list)
@@ -350,20 +352,37 @@ def candidates(pl: Planning) -> PassResult:
         pl.notes.append(roofline_caveat(name, opts.backend))
     if pl.attention_sites:
         attention.add_options(pl)
+    if allow is not None:
+        pl.backend_refused = dict(allow.refused)  # type: ignore[attr-defined]
     if pl.problem.meta.get("not_allowed"):
         pl.notes.append(
             f"backend {opts.backend}: {pl.problem.meta['not_allowed']} candidate(s) it cannot "
-            "run natively were not offered"
+            f"run natively were not offered ({_refusals(pl.backend_refused)})"
         )
     return _done("candidates", True)
+
+
+def _refusals(refused: dict[str, list[str]], n: int = 3) -> str:
+    """The most frequent reasons in ``refused`` (reason → what it refused), each with a count
+    and an example."""
+    top = sorted(refused.items(), key=lambda kv: -len(kv[1]))[:n]
+    return "; ".join(f"{len(w)} × {why} (e.g. {w[0]})" for why, w in top)
 
 
 def solve(pl: Planning) -> PassResult:
     """Solve the budget and turn the solution into the Plan."""
     opts = pl.options
     assert pl.problem is not None and pl.model is not None
-    with attention.explaining_infeasible(pl):  # a cache budget's error says what limits it
-        pl.solution = solve_budget(pl.problem, pl.budget, method=opts.solver)
+    try:
+        with attention.explaining_infeasible(pl):  # a cache budget's error says what limits it
+            pl.solution = solve_budget(pl.problem, pl.budget, method=opts.solver)
+    except InfeasibleBudgetError as exc:
+        if not pl.backend_refused:
+            raise
+        raise InfeasibleBudgetError(
+            f"{exc}. Backend {opts.backend} cannot run {pl.problem.meta.get('not_allowed', 0)} "
+            f"candidate(s), not offered: {_refusals(pl.backend_refused)}", exc.limits
+        ) from None
     if pl.solution.note:
         pl.notes.append(f"solver: {pl.solution.note}")
     grown = pl.solution.bytes - pl.problem.dense_bytes

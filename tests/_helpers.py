@@ -143,3 +143,17 @@ def load_benchmark(name: str) -> ModuleType:
     sys.modules[spec.name] = mod  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(mod)
     return mod
+
+
+def needs_triton_kernels() -> None:
+    """Skip the calling test where the Triton kernels cannot run: no triton, or on the CPU an
+    interpreter too old for them (``slimfx.kernels.interpreter_reason``: triton < 3.7)."""
+    import pytest
+
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available():
+        from slimfx.kernels import interpreter_reason
+
+        why = interpreter_reason()
+        if why:
+            pytest.skip(why)

@@ -13,7 +13,7 @@ import json
 
 import pytest
 import torch
-from _helpers import load_benchmark
+from _helpers import load_benchmark, needs_triton_kernels
 from torch import nn
 
 pytest.importorskip("transformers")
@@ -184,6 +184,7 @@ def test_bounds_arithmetic(e2e):
 
 
 def test_main_cpu_tiny_end_to_end(e2e, tmp_path, capsys):
+    needs_triton_kernels()
     out = tmp_path / "e2e.json"
     rc = e2e.main(["--device", "cpu", "--tiny", "--tokens", "2", "--runs", "1", "--warmup", "1",
                    "--profile-steps", "1", "--json", str(out)])

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+from _helpers import needs_triton_kernels
 
 import slimfx
 from slimfx.cost.measure import DEFAULT_SHAPES, default_decisions
@@ -205,7 +206,7 @@ def test_cli_calibrate_onnx(tmp_path, capsys) -> None:  # noqa: ANN001
 def test_calibrate_triton_records_the_kernel_that_ran(tmp_path) -> None:  # noqa: ANN001
     """backend triton times the lowered modules (the Triton interpreter on this CPU); each
     entry names the kernel that ran — F.linear for dense."""
-    pytest.importorskip("triton")
+    needs_triton_kernels()
     if torch.cuda.is_available():
         pytest.skip("checks the interpreter path")
     ds = [DenseConfig(), LowRankConfig(4), QuantConfig(4, 32, False)]

@@ -197,15 +197,21 @@ def allow_fn(
     backend: str, *, device: str | torch.device | None = None
 ) -> Callable[[LinearSite, Decision], bool]:
     """A ``(site, decision) -> bool`` filter for candidate generation: only what ``backend``
-    runs natively is offered to the solver. Answers are cached per (site, decision)."""
+    runs natively is offered to the solver. Answers are cached per (site, decision); the
+    filter's ``refused`` dict maps each reason to the ``"fqn [decision]"`` it refused."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     cache: dict[tuple[LinearSite, Decision], bool] = {}
+    refused: dict[str, list[str]] = {}
 
     def allow(site: LinearSite, decision: Decision) -> bool:
         key = (site, decision)
         if key not in cache:
-            cache[key] = supports(backend, site, decision, device=device)[0]
+            ok, why = supports(backend, site, decision, device=device)
+            cache[key] = ok
+            if not ok:
+                refused.setdefault(why, []).append(f"{site.fqn} [{decision.short()}]")
         return cache[key]
 
+    allow.refused = refused  # type: ignore[attr-defined]
     return allow

@@ -217,8 +217,10 @@ def _export_program(
         what = "a Hugging Face causal LM is exported as ids → logits"
         args = (_example_ids(args, dynamic, what),)
         wrapped: nn.Module = _LogitsOnly(model)
-        Dim = torch.export.Dim
-        shapes: Any = ({0: Dim("batch"), 1: Dim("seq")},) if dynamic else None
+        # AUTO, not named dims: torch 2.11's export turns a stride check of the attention into
+        # a guard named dims reject; that both axes stay dynamic is checked after the export
+        auto = torch.export.Dim.AUTO
+        shapes: Any = ({0: auto, 1: auto},) if dynamic else None
         in_names, out_names = ["input_ids"], ["logits"]
     else:
         wrapped = _NoCache(model) if _keeps_cache(model) else model
@@ -245,6 +247,12 @@ def _export_program(
             for axis, dim in zip(("batch", "seq"), val.shape):
                 if isinstance(dim, torch.SymInt):
                     names[str(dim)] = axis
+                else:  # the ids → logits export (the decode step returned above)
+                    raise OnnxExportError(
+                        f"the export fixed the {axis} axis of input_ids at {dim} (the model's "
+                        "code specializes it), so the ONNX graph would take only that size; "
+                        "export with dynamic=False to accept a fixed shape"
+                    )
     return program, in_names, out_names, names
 
 

@@ -148,10 +148,12 @@ def _bind(target: Any, node: fx.Node) -> dict[str, Any]:
 
 def _hint(n: Any) -> int:
     if isinstance(n, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
+        from torch.fx.experimental import symbolic_shapes as ss
 
+        # torch ≥ 2.13 names it optimization_hint; 2.11 / 2.12 hint_int
+        hint = getattr(ss, "optimization_hint", None) or ss.hint_int
         try:
-            return int(optimization_hint(n, fallback=1))
+            return int(hint(n, fallback=1))
         except Exception:  # noqa: BLE001 - a size with no hint at all: assume one row
             return 1
     return int(n)

@@ -141,9 +141,10 @@ def unpad(batch: Any, seq2seq: bool = False) -> list[dict[str, Any]] | None:
     (left, right or both sides padded); rows of equal length go back into one batch, in the
     order they came. The per-token keys (:data:`_PER_TOKEN`; ``labels`` not for a
     sequence-to-sequence model, ``seq2seq``, whose labels are the target's) are cut to the
-    run; other tensors with the batch's leading size are taken row by row. A batch with
-    another tensor (another leading size), a mask with a hole or an all-padding row is not
-    split (``None``). Padding positions would otherwise run through the model like tokens:
+    run; other tensors with the batch's leading size are taken row by row. A batch without
+    ``input_ids`` / ``inputs_embeds``, with another tensor of another leading size or with an
+    axis as long as the mask's (a decoder's ids: per token or not cannot be told), a mask with
+    a hole or an all-padding row is not split (``None``). Padding positions would otherwise run through the model like tokens:
     left-padded rows put pad tokens at the first positions and shift the real ones'."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
     if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.is_floating_point():
@@ -153,11 +154,15 @@ def unpad(batch: Any, seq2seq: bool = False) -> list[dict[str, Any]] | None:
         return None
     n, t = keep.shape
     per_token = [k for k in _PER_TOKEN if not (seq2seq and k == "labels")]
+    if not any(isinstance(batch.get(k), Tensor) for k in ("input_ids", "inputs_embeds")):
+        return None  # the mask may not be over tokens (audio frames, image patches)
     for k, v in batch.items():
         if isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != n):
             return None
         if k in per_token and isinstance(v, Tensor) and tuple(v.shape[:2]) != (n, t):
             return None
+        if k not in per_token and isinstance(v, Tensor) and t in v.shape[1:]:
+            return None  # as long as the tokens: per token or not, it cannot tell
     spans = []
     for row in keep:
         idx = row.nonzero().flatten()

@@ -38,6 +38,7 @@ __all__ = [
     "triton_available",
     "device_reason",
     "interpret_mode",
+    "interpreter_reason",
 ]
 
 SupportsFn = Callable[..., tuple[bool, str]]
@@ -58,6 +59,29 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off", "no")
 
 
+#: the first Triton release whose interpreter runs these kernels on CPU tensors
+INTERPRETER_MIN = (3, 7)
+
+
+def interpreter_reason() -> str:
+    """Why Triton's interpreter cannot run slimfx's kernels here ('' when it can): before 3.7
+    it cannot run a loop whose bounds come from the program id (every split loop here); the
+    same kernels compile and run on a GPU with those releases."""
+    import triton
+
+    try:
+        version = tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:  # a development build: assume it can
+        return ""
+    if version >= INTERPRETER_MIN:
+        return ""
+    return (
+        f"Triton {triton.__version__}'s interpreter cannot run loops bounded by the program "
+        "id, which these kernels use: interpreting them on the CPU needs triton ≥ "
+        f"{'.'.join(map(str, INTERPRETER_MIN))} (compiled on a GPU they run with this release)"
+    )
+
+
 def device_reason(x: Tensor, jit_fn: Any, tensors: dict[str, Tensor | None]) -> str:
     """Empty string when ``jit_fn`` (a Triton kernel) can run on ``x``'s device, else why not.
 
@@ -74,7 +98,7 @@ def device_reason(x: Tensor, jit_fn: Any, tensors: dict[str, Tensor | None]) -> 
         return ""
     if x.device.type == "cpu":
         if type(jit_fn).__name__ == "InterpretedFunction":
-            return ""
+            return interpreter_reason()
         if not interpret_mode():
             return "x on cpu and TRITON_INTERPRET is not set"
         return (

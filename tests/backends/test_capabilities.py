@@ -131,6 +131,30 @@ def test_allow_fn_filters_and_caches():
     assert allow(s, LowRankConfig(4)) and not allow(s, Sparse24Config())
 
 
+def test_allow_fn_keeps_each_refusals_reason():
+    allow = allow_fn("onnx")
+    s = _site("a")
+    assert not allow(s, Sparse24Config()) and not allow(s, Sparse24Config())  # cached
+    (why, where), = allow.refused.items()
+    assert "priced as dense" in why and where == ["a [2:4 wanda +comp]"]
+
+
+def test_a_budget_only_the_refused_forms_could_meet_says_the_backend_refused_them(tiny_mlp):
+    """Every candidate left out by the backend: the infeasible error says so, with the reason
+    (it read "the smallest achievable is 1.000 of dense" alone)."""
+    import slimfx
+    from slimfx.planning.problem import InfeasibleBudgetError
+
+    batches = [torch.randn(64, 16, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    with pytest.raises(InfeasibleBudgetError) as e:
+        slimfx.optimize(tiny_mlp, 0.6, calibration=batches, families=("sparse24",),
+                        backend="onnx", progress=False)  # fmt: skip
+    msg = str(e.value)
+    assert "smallest achievable is 1.000 of dense" in msg
+    assert "Backend onnx cannot run" in msg and "× no: priced as dense" in msg, msg
+    assert "(e.g. 0 [2:4" in msg
+
+
 def test_optimize_with_backend_onnx(tiny_mlp):
     import slimfx
 
@@ -160,3 +184,21 @@ def test_optimize_with_backend_onnx(tiny_mlp):
     slimfx.optimize(
         tiny_mlp, None, plan=plan, example_inputs=(batches[0],), backend="eager", progress=False
     )
+
+
+def test_an_interpreter_too_old_for_the_kernels_is_named(monkeypatch):
+    """Triton 3.6's interpreter cannot run the kernels' split loops: on the CPU the kernels
+    decline with that reason (lowering falls back and says so) instead of failing mid-run."""
+    triton = pytest.importorskip("triton")
+    from slimfx.kernels import device_reason, interpreter_reason
+
+    class InterpretedFunction:  # what @triton.jit gives under TRITON_INTERPRET=1
+        pass
+
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    why = interpreter_reason()
+    assert why.startswith("Triton 3.6.0's interpreter cannot run loops") and "≥ 3.7" in why
+    assert device_reason(torch.zeros(2), InterpretedFunction(), {}) == why
+    for version in ("3.7.1", "4.0.0", "3.7.0+git1234"):
+        monkeypatch.setattr(triton, "__version__", version)
+        assert interpreter_reason() == "" and device_reason(torch.zeros(2), InterpretedFunction(), {}) == ""

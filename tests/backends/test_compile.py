@@ -14,6 +14,7 @@ import importlib.metadata
 
 import pytest
 import torch
+from _helpers import needs_triton_kernels
 from torch import fx, nn
 
 import slimfx
@@ -146,6 +147,7 @@ def test_budget_without_planner_names_the_top_level_entry() -> None:
 def test_default_entry_point_rewrites_nothing_lowers_and_matches_eager(tiny_mlp) -> None:
     """backend="slimfx" with no options: no plan, so the linears stay; the slimfx op already in
     the (module-swapped) model is lowered to its Triton kernel; inductor compiles."""
+    needs_triton_kernels()
     sites = discover_linear_sites(tiny_mlp)
     model, _ = apply_plan(tiny_mlp, Plan({"2": LowRankConfig(4, "svd")}), sites)
     x = torch.randn(4, 16, generator=torch.Generator().manual_seed(5))

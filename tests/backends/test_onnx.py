@@ -14,6 +14,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from _helpers import needs_triton_kernels
 from torch import nn
 
 onnx = pytest.importorskip("onnx")
@@ -223,7 +224,7 @@ def test_external_data_when_forced(tmp_path):
 
 
 def test_triton_lowered_modules_export_like_the_reference(tmp_path):
-    pytest.importorskip("triton")
+    needs_triton_kernels()
     from slimfx.backends.triton_lowering import lower_module
 
     model = _linears(64, 64, 32, bias=True)

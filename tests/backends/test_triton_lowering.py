@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from _helpers import needs_triton_kernels
 from torch import fx, nn
 
 from slimfx.backends.triton_lowering import (
@@ -77,6 +78,7 @@ def x() -> torch.Tensor:
 
 
 def test_graph_nodes_lowered_and_match_reference(x) -> None:
+    needs_triton_kernels()
     model = swapped(QuantConfig(bits=4, group_size=16))
     batch = torch.export.Dim("batch", min=1, max=64)  # symbolic sizes: checked at their hints
     gm = torch.export.export(model, (x,), dynamic_shapes=({0: batch},)).module()
@@ -102,6 +104,7 @@ def test_graph_nodes_lowered_and_match_reference(x) -> None:
 
 
 def test_graph_fallback_keeps_reference_op_with_reason(x) -> None:
+    needs_triton_kernels()
     model = swapped(QuantConfig(bits=4, group_size=8))  # the kernel wants groups of ≥ 16
     gm = torch.export.export(model, (x,)).module()
     gm, result = lower_to_triton(gm)
@@ -125,6 +128,7 @@ def test_graph_of_unsupported_dtype_is_left_as_is(x) -> None:
 
 
 def test_module_swapped_model_switches_class_and_matches(x) -> None:
+    needs_triton_kernels()
     model = swapped(QuantConfig(bits=4, group_size=16))
     with torch.no_grad():
         ref = model(x)
@@ -148,6 +152,7 @@ def test_module_swapped_model_switches_class_and_matches(x) -> None:
 
 
 def test_module_call_with_unchecked_dtype_warns_and_runs_reference(x) -> None:
+    needs_triton_kernels()
     model = swapped(QuantConfig(bits=4, group_size=16))
     lower_to_triton(model)
     low = model[2]
@@ -168,6 +173,7 @@ def test_module_of_unsupported_dtype_stays_with_reason() -> None:
 
 
 def test_sparse24_graph_and_module_lowered(x) -> None:
+    needs_triton_kernels()
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(32, 16)).eval()
     plan = Plan({"0": Sparse24Config(mask="magnitude", compensate=False)})

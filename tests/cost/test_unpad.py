@@ -60,14 +60,21 @@ def test_batches_that_cannot_be_split_stay_as_they_are() -> None:
     assert unpad({**b, "attention_mask": b["attention_mask"] * 2}) is None  # not 0/1
     assert unpad({**b, "attention_mask": b["attention_mask"].float()}) is None
     assert unpad({**b, "attention_mask": b["attention_mask"][:, None, None]}) is None  # 4-D
+    # a mask over audio frames (Whisper's features), not tokens
+    assert unpad({"input_features": torch.zeros(2, 8, 12), "attention_mask": b["attention_mask"]}) is None
+    # a decoder's ids as long as the encoder's: per token or not cannot be told
+    assert unpad({**b, "decoder_input_ids": b["input_ids"].clone()}) is None
+    assert unpad({**b, "decoder_input_ids": b["input_ids"][:, :5]}) is not None
 
 
 def test_a_sequence_to_sequence_batch_keeps_its_target_labels_whole() -> None:
     b = _padded([5, 12], "right")
+    b["labels"] = torch.full((2, 6), 7)
+    assert [r["labels"].shape for r in unpad(b, seq2seq=True)] == [(1, 6), (1, 6)]
+    assert unpad(b) is None  # a causal LM's labels are per token: these do not fit
     b["labels"] = torch.full((2, 12), 7)
-    rows = unpad(b, seq2seq=True)
-    assert [r["labels"].shape for r in rows] == [(1, 12), (1, 12)]
     assert [r["labels"].shape for r in unpad(b)] == [(1, 5), (1, 12)]
+    assert unpad(b, seq2seq=True) is None  # target as long as the source: cannot tell
 
 
 def test_padding_is_no_target_when_labels_come_from_the_ids() -> None:

@@ -47,6 +47,10 @@ def triton_skip_reason() -> str:
         return f"triton not installed ({e}); the Triton kernels are untestable here"
     if DEVICE.type == "cpu" and not INTERPRET:
         return "no CUDA and TRITON_INTERPRET disabled"
+    if DEVICE.type == "cpu":
+        from slimfx.kernels import interpreter_reason
+
+        return interpreter_reason()
     return ""
 
 

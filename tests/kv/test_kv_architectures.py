@@ -193,6 +193,7 @@ def test_soft_capped_attention_is_simulated_with_its_cap_and_refused_by_rewritin
     cfg = tf.Gemma2Config(**_SMALL, head_dim=16, attn_logit_softcapping=0.05,
                           layer_types=["full_attention"] * 2)  # fmt: skip
     model = tf.Gemma2ForCausalLM(cfg).eval()
+    model.set_attn_implementation("eager")  # applies the cap (5.17 defaults to sdpa: no cap)
     for p in model.parameters():  # larger logits, so that the cap matters
         p.data *= 3.0
     sites, _ = inspect_attention_sites(model)
@@ -228,3 +229,20 @@ def test_soft_capped_attention_is_simulated_with_its_cap_and_refused_by_rewritin
     assert "soft-capped at 0.05 (Gemma 2): the low-rank block's attention" in notes
     assert "logits soft-capped at 0.05, which the rewritten block's attention" in notes  # MLA
     assert {k.decision.get("kind") for k in slimfx.report_of(out).kv_sites} == {"kv_quant"}
+
+
+def test_the_simulation_caps_only_where_the_blocks_attention_function_does():
+    """transformers 5.17 runs Gemma 2 under ``sdpa`` by default, which ignores the soft-cap:
+    the simulation prices what the model computes (later releases refuse sdpa with a cap)."""
+    from types import SimpleNamespace
+
+    from slimfx.forms.kv.simulate import applied_softcap
+
+    attn = torch.nn.Module()
+    attn.attn_logit_softcapping = 50.0
+    for impl, cap in (("eager", 50.0), ("flex_attention", 50.0), ("sdpa", None)):
+        attn.config = SimpleNamespace(_attn_implementation=impl)
+        assert applied_softcap(attn) == cap, impl
+    attn.attn_logit_softcapping = None
+    attn.config = SimpleNamespace(_attn_implementation="eager", attn_logit_softcapping=None)
+    assert applied_softcap(attn) is None

@@ -152,13 +152,14 @@ def register_attention(name: str, fn: Any) -> None:
 
 
 def _implementations(config: Any) -> dict[str, Any]:
-    """``config``'s attention implementation and its sub-configs', in the nested form
-    ``set_attn_implementation`` takes (``""``: the config's own)."""
+    """``config``'s attention implementation and its sub-configs', in the form
+    ``set_attn_implementation`` takes (``""``: the config's own): one level of strings, the
+    form every transformers release with that method reads (5.17 takes no nested dicts)."""
     out: dict[str, Any] = {"": config._attn_implementation}
     for key in getattr(config, "sub_configs", None) or {}:
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "_attn_implementation"):
-            out[key] = _implementations(sub)
+            out[key] = sub._attn_implementation
     return out
 
 

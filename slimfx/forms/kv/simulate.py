@@ -262,10 +262,18 @@ def block_forward(
         return attn.o_proj(out.transpose(1, 2).reshape(*hidden.shape[:-1], -1))
     k = apply_rope(_project(attn, hidden, "k", hd), cos, sin)
     v = _project(attn, hidden, "v", hd)
-    cap = logit_softcap(attn)
-    out = quantized_cache_attention(q, k, v, config, scaling, steady, cap)
+    out = quantized_cache_attention(q, k, v, config, scaling, steady, applied_softcap(attn))
     out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
     return attn.o_proj(out)
+
+
+def applied_softcap(attn: nn.Module) -> float | None:
+    """The logit soft-cap ``attn``'s attention function applies: its ``logit_softcap``, but
+    none where the block runs transformers' ``sdpa`` function, which takes no cap (transformers
+    5.17 runs Gemma 2 there and ignores it; later releases refuse it) — the simulation prices
+    the block the model computes."""
+    impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
+    return None if impl == "sdpa" else logit_softcap(attn)
 
 
 def quantized_cache_attention(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import needs_triton_kernels
 
 from forms.mla._tiny import calib_batches, tiny_gqa_llama
 from slimfx.forms.mla.cache import (
@@ -109,7 +110,7 @@ def test_generate_through_the_triton_decode_kernel():
 
     if not torch.cuda.is_available() and not interpret_mode():
         pytest.skip("no CUDA and TRITON_INTERPRET unset: the kernel cannot run here")
-    pytest.importorskip("triton")
+    needs_triton_kernels()
     model, _ = _converted(kv_heads=3)
     ref = _generate(model, past_key_values=MLALatentCache(model.config.num_hidden_layers))
     for blk in model.model.layers:

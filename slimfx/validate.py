@@ -333,14 +333,14 @@ def check_batches(
             width = width or (i, w)
 
 
-        rows = unpad(b, seq2seq)
+        rows, why = unpad(b, seq2seq)
         out.extend(_rebuild(r, fix) for r in rows or [b])
         mask = b.get("attention_mask") if isinstance(b, Mapping) else None
         if isinstance(mask, Tensor) and mask.numel():
             n = int((mask == 0).sum())
             pads[0 if rows else 1] += n
-            if n and not rows:
-                kept.append(i)
+            if why:
+                kept.append(f"batch {i}: {why}")
             total += mask.numel()
     if cast and notes is not None:
         notes.append(f"{name}: floating inputs {' and '.join(sorted(cast))}")
@@ -352,11 +352,9 @@ def check_batches(
         )
     if pads[1] and notes is not None:
         notes.append(
-            f"{name}: {pads[1]} of {total} positions are padding (attention_mask 0) in "
-            f"batch(es) {', '.join(map(str, kept[:5]))}{' …' if len(kept) > 5 else ''}, whose "
-            "masks are not one run of tokens per row (or which hold tensors of another batch "
-            "size) and so stay as they are: their activations count in the statistics like "
-            "real tokens — unpadded windows (texts with a tokenizer) avoid that"
+            f"{name}: {pads[1]} of {total} positions are padding (attention_mask 0) in batches "
+            f"kept as they are ({'; '.join(kept[:3])}{' …' if len(kept) > 3 else ''}): their "
+            "activations count in the statistics like real tokens"
         )
     return out
 

@@ -128,46 +128,74 @@ def naming_batch(
         ) from e
 
 
-#: dict keys holding one entry per token (shape ``(batch, tokens, …)``) in a padded batch
+#: dict keys holding one entry per token (shape ``(batch, tokens, …)``) in a padded batch;
+#: ``labels`` only where they are integer and shaped so (:func:`_kinds`)
 _PER_TOKEN = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds",
-              "labels", "special_tokens_mask")
+              "special_tokens_mask")
 
 
-def unpad(batch: Any, seq2seq: bool = False) -> list[dict[str, Any]] | None:
-    """A padded dict batch as batches without padding, or ``None`` where it has no padding or
-    cannot be split.
+def _kinds(batch: Mapping, n: int, t: int, seq2seq: bool) -> tuple[set[str], set[str]]:
+    """``(per-token keys, keys known to be per row)`` of a padded batch of ``n`` rows of ``t``
+    positions. Labels are per token when integer and ``(n, t)`` (a causal LM's, a token
+    classifier's); a sequence classifier's ``(n,)`` / float multi-label targets and a
+    sequence-to-sequence model's target side (``labels``, ``decoder_*``) are per row."""
+    per_token = {k for k in _PER_TOKEN if isinstance(batch.get(k), Tensor)}
+    per_row: set[str] = set()
+    lab = batch.get("labels")
+    if isinstance(lab, Tensor):
+        if (not seq2seq and not lab.is_floating_point() and lab.dim() >= 2
+                and tuple(lab.shape[:2]) == (n, t)):  # fmt: skip
+            per_token.add("labels")
+        else:
+            per_row.add("labels")
+    if seq2seq:
+        per_row |= {k for k in batch if k.startswith("decoder_")}
+    return per_token, per_row
+
+
+def unpad(batch: Any, seq2seq: bool = False) -> tuple[list[dict[str, Any]] | None, str]:
+    """``(batches, "")``: a padded dict batch as batches without padding; ``(None, "")``
+    where it holds no padding mask or no padding; ``(None, why)`` where it cannot be split.
 
     Each row keeps the positions its 2-D 0/1 ``attention_mask`` marks, which must be one run
     (left, right or both sides padded); rows of equal length go back into one batch, in the
-    order they came. The per-token keys (:data:`_PER_TOKEN`; ``labels`` not for a
-    sequence-to-sequence model, ``seq2seq``, whose labels are the target's) are cut to the
-    run; other tensors with the batch's leading size are taken row by row. A batch without
-    ``input_ids`` / ``inputs_embeds``, with another tensor of another leading size or with an
-    axis as long as the mask's (a decoder's ids: per token or not cannot be told), a mask with
-    a hole or an all-padding row is not split (``None``). Padding positions would otherwise run through the model like tokens:
-    left-padded rows put pad tokens at the first positions and shift the real ones'."""
+    order they came. The per-token keys (:func:`_kinds`; a ``(1, t)`` one is broadcast) are
+    cut to the run; other tensors with the batch's leading size are taken row by row. Padding
+    positions would otherwise run through the model like tokens: left-padded rows put pad
+    tokens at the first positions and shift the real ones'."""
     mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-    if not isinstance(mask, Tensor) or mask.dim() != 2 or mask.is_floating_point():
-        return None
+    if not isinstance(mask, Tensor) or mask.dim() != 2 or not mask.numel():
+        return None, ""
     keep = mask != 0
-    if bool(keep.all()) or not bool(((mask == 0) | (mask == 1)).all()):
-        return None
-    n, t = keep.shape
-    per_token = [k for k in _PER_TOKEN if not (seq2seq and k == "labels")]
+    if bool(keep.all()):
+        return None, ""
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        return None, "its attention_mask holds values other than 0 and 1"
     if not any(isinstance(batch.get(k), Tensor) for k in ("input_ids", "inputs_embeds")):
-        return None  # the mask may not be over tokens (audio frames, image patches)
+        return None, "no input_ids / inputs_embeds: its mask need not be over tokens"
+    n, t = keep.shape
+    per_token, per_row = _kinds(batch, n, t, seq2seq)
+    full = {}
     for k, v in batch.items():
-        if isinstance(v, Tensor) and (v.dim() == 0 or v.shape[0] != n):
-            return None
-        if k in per_token and isinstance(v, Tensor) and tuple(v.shape[:2]) != (n, t):
-            return None
-        if k not in per_token and isinstance(v, Tensor) and t in v.shape[1:]:
-            return None  # as long as the tokens: per token or not, it cannot tell
+        if not isinstance(v, Tensor):
+            continue
+        if k in per_token and v.dim() >= 2 and v.shape[0] == 1 and v.shape[1] == t:
+            v = v.expand(n, *v.shape[1:])  # broadcast position_ids
+        if v.dim() == 0 or v.shape[0] != n:
+            return None, f"{k!r} has {v.shape[0] if v.dim() else 'no'} rows, the mask {n}"
+        if k in per_token and tuple(v.shape[:2]) != (n, t):
+            return None, f"{k!r} of shape {tuple(v.shape)} does not match the mask's {(n, t)}"
+        if k not in per_token | per_row and t in v.shape[1:]:
+            return None, (f"{k!r} has an axis as long as the mask ({t}): whether it is per "
+                          "token cannot be told")
+        full[k] = v
     spans = []
-    for row in keep:
+    for i, row in enumerate(keep):
         idx = row.nonzero().flatten()
-        if idx.numel() == 0 or idx.numel() != int(idx[-1] - idx[0]) + 1:
-            return None  # an all-padding row, or a hole: not one run
+        if idx.numel() == 0:
+            return None, f"row {i} is all padding"
+        if idx.numel() != int(idx[-1] - idx[0]) + 1:
+            return None, f"row {i}'s mask has a hole (packed sequences?)"
         spans.append((int(idx[0]), int(idx[-1]) + 1))
     groups: dict[int, list[int]] = {}
     for i, (a, b) in enumerate(spans):
@@ -176,14 +204,14 @@ def unpad(batch: Any, seq2seq: bool = False) -> list[dict[str, Any]] | None:
     for rows in groups.values():
         part: dict[str, Any] = {}
         for k, v in batch.items():
-            if not isinstance(v, Tensor):
+            if k not in full:
                 part[k] = v
             elif k in per_token:
-                part[k] = torch.cat([v[i : i + 1, spans[i][0] : spans[i][1]] for i in rows])
+                part[k] = torch.cat([full[k][i : i + 1, spans[i][0] : spans[i][1]] for i in rows])
             else:
                 part[k] = v[rows]
         out.append(part)
-    return out
+    return out, ""
 
 
 def is_hf(model: nn.Module) -> bool:

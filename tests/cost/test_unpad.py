@@ -34,7 +34,8 @@ def test_rows_keep_their_tokens_and_equal_lengths_share_a_batch(side: str) -> No
     b["token_type_ids"] = torch.arange(12).expand(4, 12) * b["attention_mask"]
     b["row_scale"] = torch.tensor([1.0, 2.0, 3.0, 4.0])
     b["flag"] = "kept"
-    rows = unpad(b)
+    rows, why = unpad(b)
+    assert why == ""
     assert [r["input_ids"].shape for r in rows] == [(2, 5), (1, 12), (1, 8)]
     real = [b["input_ids"][i][b["attention_mask"][i] == 1] for i in range(4)]
     assert torch.equal(rows[0]["input_ids"], torch.stack([real[0], real[2]]))
@@ -46,35 +47,59 @@ def test_rows_keep_their_tokens_and_equal_lengths_share_a_batch(side: str) -> No
     assert rows[2]["flag"] == "kept"
 
 
-def test_batches_that_cannot_be_split_stay_as_they_are() -> None:
+def test_broadcast_position_ids_and_float_masks_split_too() -> None:
     b = _padded([5, 12], "right")
-    assert unpad({"input_ids": b["input_ids"]}) is None  # no mask
-    assert unpad(_padded([12, 12], "right")) is None  # no padding
+    rows, _ = unpad({**b, "position_ids": torch.arange(12)[None]})
+    assert [r["position_ids"].tolist() for r in rows] == [[list(range(5))], [list(range(12))]]
+    rows, _ = unpad({**b, "attention_mask": b["attention_mask"].float()})
+    assert [r["input_ids"].shape for r in rows] == [(1, 5), (1, 12)]
+
+
+def test_batches_that_cannot_be_split_stay_as_they_are_with_the_reason() -> None:
+    b = _padded([5, 12], "right")
+    assert unpad({"input_ids": b["input_ids"]}) == (None, "")  # no mask
+    assert unpad(_padded([12, 12], "right")) == (None, "")  # no padding
+
+    def why(batch: dict) -> str:
+        rows, reason = unpad(batch)
+        assert rows is None and reason
+        return reason
+
     holed = {k: v.clone() for k, v in b.items()}
     holed["attention_mask"][1, 4] = 0  # packed sequences: a hole inside a row
-    assert unpad(holed) is None
+    assert why(holed) == "row 1's mask has a hole (packed sequences?)"
     empty = {k: v.clone() for k, v in b.items()}
     empty["attention_mask"][0] = 0
-    assert unpad(empty) is None  # an all-padding row
-    assert unpad({**b, "other": torch.zeros(3, 2)}) is None  # another batch size
-    assert unpad({**b, "attention_mask": b["attention_mask"] * 2}) is None  # not 0/1
-    assert unpad({**b, "attention_mask": b["attention_mask"].float()}) is None
-    assert unpad({**b, "attention_mask": b["attention_mask"][:, None, None]}) is None  # 4-D
+    assert why(empty) == "row 0 is all padding"
+    assert why({**b, "other": torch.zeros(3, 2)}) == "'other' has 3 rows, the mask 2"
+    assert "other than 0 and 1" in why({**b, "attention_mask": b["attention_mask"] * 2})
+    assert unpad({**b, "attention_mask": b["attention_mask"][:, None, None]}) == (None, "")
     # a mask over audio frames (Whisper's features), not tokens
-    assert unpad({"input_features": torch.zeros(2, 8, 12), "attention_mask": b["attention_mask"]}) is None
-    # a decoder's ids as long as the encoder's: per token or not cannot be told
-    assert unpad({**b, "decoder_input_ids": b["input_ids"].clone()}) is None
-    assert unpad({**b, "decoder_input_ids": b["input_ids"][:, :5]}) is not None
+    frames = {"input_features": torch.zeros(2, 8, 12), "attention_mask": b["attention_mask"]}
+    assert why(frames) == "no input_ids / inputs_embeds: its mask need not be over tokens"
+    # an unknown tensor as long as the tokens: per token or not cannot be told
+    assert "'extra' has an axis as long as the mask (12)" in why({**b, "extra": b["input_ids"]})
+    assert unpad({**b, "extra": b["input_ids"][:, :5]})[0] is not None
 
 
-def test_a_sequence_to_sequence_batch_keeps_its_target_labels_whole() -> None:
+def test_labels_per_token_only_where_they_are_token_targets() -> None:
     b = _padded([5, 12], "right")
-    b["labels"] = torch.full((2, 6), 7)
-    assert [r["labels"].shape for r in unpad(b, seq2seq=True)] == [(1, 6), (1, 6)]
-    assert unpad(b) is None  # a causal LM's labels are per token: these do not fit
-    b["labels"] = torch.full((2, 12), 7)
-    assert [r["labels"].shape for r in unpad(b)] == [(1, 5), (1, 12)]
-    assert unpad(b, seq2seq=True) is None  # target as long as the source: cannot tell
+    # a causal LM's / token classifier's labels: cut with the tokens
+    rows, _ = unpad({**b, "labels": b["input_ids"].clone()})
+    assert [r["labels"].shape for r in rows] == [(1, 5), (1, 12)]
+    # a sequence classifier's labels (n,) and float multi-label targets (n, t): per row
+    rows, _ = unpad({**b, "labels": torch.tensor([0, 1])})
+    assert [r["labels"].tolist() for r in rows] == [[0], [1]]
+    rows, _ = unpad({**b, "labels": torch.rand(2, 12)})
+    assert [r["labels"].shape for r in rows] == [(1, 12), (1, 12)]
+    # an encoder-decoder's target side, of another length or padded to the source's length
+    for length in (6, 12):
+        tgt = {"labels": torch.full((2, length), 7), "decoder_attention_mask": torch.ones(2, length)}
+        rows, _ = unpad({**b, **tgt}, seq2seq=True)
+        assert [r["labels"].shape for r in rows] == [(1, length), (1, length)]
+        assert [r["input_ids"].shape for r in rows] == [(1, 5), (1, 12)]
+    rows, _ = unpad({**b, "labels": torch.full((2, 6), 7)})  # not per token: kept per row
+    assert [r["labels"].shape for r in rows] == [(1, 6), (1, 6)]
 
 
 def test_padding_is_no_target_when_labels_come_from_the_ids() -> None:
@@ -128,5 +153,5 @@ def test_batches_kept_padded_are_named_in_a_note() -> None:
     notes: list[str] = []
     out = validate.check_batches(model, [_padded([12, 12], "left"), b], notes)
     assert len(out) == 2 and out[1]["input_ids"].shape == (2, 12)
-    assert any("6 of 48 positions are padding (attention_mask 0) in batch(es) 1," in n
-               for n in notes), notes  # fmt: skip
+    assert any("6 of 48 positions are padding (attention_mask 0) in batches kept as they are "
+               "(batch 1: row 1's mask has a hole" in n for n in notes), notes  # fmt: skip

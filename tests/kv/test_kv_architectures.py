@@ -246,3 +246,27 @@ def test_the_simulation_caps_only_where_the_blocks_attention_function_does():
     attn.attn_logit_softcapping = None
     attn.config = SimpleNamespace(_attn_implementation="eager", attn_logit_softcapping=None)
     assert applied_softcap(attn) is None
+
+
+def test_the_replay_caps_only_where_the_function_it_stands_in_for_does():
+    """The replay (cache-only sites) takes the block's own ``softcap`` argument, applied only
+    when the model ran a function that applies it (not transformers' ``sdpa``)."""
+    import transformers as tf
+
+    from slimfx.forms.kv import replay
+    from slimfx.forms.kv.config import KVDenseConfig
+
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**_SMALL)).eval()
+    mod = torch.nn.Module()
+    setattr(mod, replay._FORM_ATTR, (KVDenseConfig(), (2, 16)))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, 5, 16, generator=g) * 3 for h in (4, 2, 2))
+    out = {}
+    for impl in ("eager", "sdpa"):
+        model.set_attn_implementation(impl)
+        with replay.simulating(model):
+            out[impl] = replay.simulated_attention(mod, q, k, v, None, softcap=0.5)[0]
+            out[impl + " no cap"] = replay.simulated_attention(mod, q, k, v, None)[0]
+        assert model.config._attn_implementation == impl  # restored
+    torch.testing.assert_close(out["sdpa"], out["sdpa no cap"])
+    assert (out["eager"] - out["eager no cap"]).abs().max() > 1e-2

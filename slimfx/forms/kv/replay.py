@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,9 @@ __all__ = [
 SIMULATED_ATTENTION = "slimfx_kv_simulated"
 _FORM_ATTR = "_slimfx_simulated_form"
 _SEEN_ATTR = "_slimfx_simulated_calls"
+#: whether the function the replay stands in for applies a ``softcap`` it is handed
+#: (transformers' ``sdpa`` does not: 5.17 ignores it, later releases refuse it)
+_APPLIES_CAP: ContextVar[bool] = ContextVar("slimfx_replay_applies_cap", default=True)
 #: attention-function arguments that change the attention's math, which the simulation lacks
 _UNSUPPORTED = ("s_aux", "sinks")
 
@@ -80,7 +84,7 @@ def simulated_attention(
         )
     setattr(module, _SEEN_ATTR, getattr(module, _SEEN_ATTR, 0) + 1)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
-    cap = kwargs.get("softcap")
+    cap = kwargs.get("softcap") if _APPLIES_CAP.get() else None
     out = quantized_cache_attention(query, key, value, form, scale, True, cap)
     return out.transpose(1, 2).contiguous(), None
 
@@ -96,8 +100,15 @@ def simulating(model: nn.Module) -> Iterator[None]:
 
     if not hasattr(model, "set_attn_implementation"):
         raise SiteMismatch(f"{type(model).__name__} cannot switch its attention function")
-    with eval_mode(model), attention_function(model, SIMULATED_ATTENTION, simulated_attention):
-        yield
+    config = getattr(model, "config", None)
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    token = _APPLIES_CAP.set(getattr(text, "_attn_implementation", None) != "sdpa")
+    try:
+        with eval_mode(model), attention_function(model, SIMULATED_ATTENTION,
+                                                  simulated_attention):  # fmt: skip
+            yield
+    finally:
+        _APPLIES_CAP.reset(token)
 
 
 def check_replay(model: nn.Module, site: Any, call: BlockCall) -> str | None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from slimfx.cost.batches import batch_units, first_batches
 from slimfx.planning.problem import BudgetProblem, InfeasibleBudgetError
 
 if TYPE_CHECKING:
@@ -97,7 +98,7 @@ def collect(pl: Planning) -> None:
     from slimfx.forms.kv.candidates import KV_ERROR_BATCHES
 
     assert pl.model is not None
-    batches = pl.fit_batches[:KV_ERROR_BATCHES]
+    batches = first_batches(pl.fit_batches, KV_ERROR_BATCHES)  # the user's first batches
     if not batches:
         raise ValueError("pricing KV-cache forms needs calibration batches (calibration=...)")
     diff = simulation_mismatch(pl.model, pl.attention_sites)
@@ -119,7 +120,8 @@ def collect(pl: Planning) -> None:
     pl.attention_inputs = capture_attention_inputs(pl.model, pl.attention_sites, batches)
     _drop_unreplayable(pl)
     pl.notes.append(
-        f"KV cache: candidate errors measured on {len(batches)} calibration batch(es) per "
+        f"KV cache: candidate errors measured on {len(batch_units(batches))} calibration "
+        "batch(es) per "
         "attention site, in the steady state (every past token beyond the sinks read from the "
         "compressed store, as at long context)"
     )
@@ -337,7 +339,8 @@ class _MeasuredKL:
             return None
         if self.replay is None:
             try:
-                self.replay = LayerReplay(self.pl.model, self.pl.fit_batches[:KL_BATCHES])
+                self.replay = LayerReplay(self.pl.model, first_batches(self.pl.fit_batches,
+                                                                       KL_BATCHES))
             except ValueError as e:
                 self.failed = str(e)
                 return None

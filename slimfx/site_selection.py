@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx import validate
-from slimfx.cost.batches import naming_batch
+from slimfx.cost.batches import batch_units, naming_batch
 from slimfx.ir.capture import capture as capture_graph
 from slimfx.ir.find import find_linear_sites, graph_weight_readers, wider_than_linear
 from slimfx.ir.sites import LinearSite
@@ -177,9 +177,10 @@ def _check_weights(model: nn.Module, sites: Sequence[LinearSite]) -> None:
 def _split_heldout(batches: list, heldout: Sequence | None) -> tuple[list, list, str | None]:
     if heldout is not None:
         return batches, list(heldout), None
-    if len(batches) >= 2:
-        k = max(1, len(batches) // 8)
-        return batches[:-k], batches[-k:], None
+    units = batch_units(batches)  # the user's batches (a padded one split into its rows)
+    if len(units) >= 2:
+        k = max(1, len(units) // 8)
+        return sum(units[:-k], []), sum(units[-k:], []), None
     return batches, batches, "only one calibration batch: the measured SQNR uses the same batch"
 
 

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from slimfx import attention_stages as attention
 from slimfx import validate
+from slimfx.cost.batches import batch_units
 from slimfx.cost.calibration import (
     CalibrationStats,
     collect_planning_stats,
@@ -380,8 +381,8 @@ def solve(pl: Planning) -> PassResult:
         if not pl.backend_refused:
             raise
         raise InfeasibleBudgetError(
-            f"{exc}. Backend {opts.backend} cannot run {pl.problem.meta.get('not_allowed', 0)} "
-            f"candidate(s), not offered: {_refusals(pl.backend_refused)}", exc.limits
+            f"{exc} (backend {opts.backend} left out {pl.problem.meta.get('not_allowed', 0)} "
+            f"candidate(s) it cannot run: {_refusals(pl.backend_refused)})", exc.limits
         ) from None
     if pl.solution.note:
         pl.notes.append(f"solver: {pl.solution.note}")
@@ -468,7 +469,8 @@ def apply(pl: Planning) -> PassResult:
 def measure(pl: Planning) -> PassResult:
     """Each rewritten layer's output error on the held-out batches."""
     if pl.dense_ref and pl.rewritten is not None:
-        first = 0 if pl.heldout is not None or len(pl.batches) < 2 else len(pl.fit_batches)
+        fit = len(batch_units(pl.fit_batches))  # the user's batches (a padded one split)
+        first = 0 if pl.heldout is not None or len(batch_units(pl.batches)) < 2 else fit
         what = "heldout batch" if pl.heldout is not None else "calibration batch"
         pl.measured = measure_site_errors(pl.rewritten, pl.dense_ref, pl.eval_batches,
                                           what=what, first=first)  # fmt: skip

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from slimfx.cost.batches import unpad
+from slimfx.cost.batches import Piece, is_hf, unpad
 
 __all__ = [
     "check_model",
@@ -257,6 +257,7 @@ def check_batches(
     pads = [0, 0]  # padding positions of the attention masks: removed, kept
     total, kept = 0, []  # positions of the masks; batches whose padding stays
     seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    hf = is_hf(model)  # takes rows of any length (its own masks and positions)
 
     def fix(t: Tensor) -> Tensor:
         if device is not None and t.device != device:
@@ -333,10 +334,17 @@ def check_batches(
             width = width or (i, w)
 
 
-        rows, why = unpad(b, seq2seq)
-        out.extend(_rebuild(r, fix) for r in rows or [b])
+        rows, why = unpad(b, seq2seq) if hf else (None, "")
+        for piece in rows or [b]:
+            r = _rebuild(piece, fix)
+            if isinstance(r, dict):  # errors and fit / held-out splits count the user's batches
+                r = Piece(r)
+                r.origin, r.rows = i, getattr(piece, "rows", None)
+            out.append(r)
         mask = b.get("attention_mask") if isinstance(b, Mapping) else None
-        if isinstance(mask, Tensor) and mask.numel():
+        if not hf and isinstance(mask, Tensor) and mask.dim() == 2 and bool((mask == 0).any()):
+            why = "not a Hugging Face model: its rows may need their padded length"
+        if isinstance(mask, Tensor) and mask.dim() == 2 and mask.numel():
             n = int((mask == 0).sum())
             pads[0 if rows else 1] += n
             if why:

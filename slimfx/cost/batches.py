@@ -17,7 +17,8 @@ __all__ = [
     "STACK_TOKENS",
     "stack_windows",
     "model_device", "to_device", "is_hf", "call_model", "check_batches", "prepare_batches",
-    "naming_batch", "CalibrationBatchError", "NoLossError", "unpad",
+    "naming_batch", "CalibrationBatchError", "NoLossError", "unpad", "Piece", "batch_units",
+    "first_batches",
 ]  # fmt: skip
 
 
@@ -112,6 +113,10 @@ def naming_batch(
     :class:`CalibrationBatchError` naming the batch, its shapes and, where the batch is
     longer than the model's positions, that limit. Out-of-memory and interrupts pass as they
     are."""
+    origin, rows = getattr(batch, "origin", None), getattr(batch, "rows", None)
+    if origin is not None:
+        i = origin
+    part = "" if rows is None else f"its row(s) {', '.join(map(str, rows))} without padding: "
     try:
         yield
     except (CalibrationBatchError, NoLossError):
@@ -122,7 +127,7 @@ def naming_batch(
         if isinstance(e, torch.OutOfMemoryError) or _OOM.search(str(e)):
             raise
         raise CalibrationBatchError(
-            f"{what or 'calibration batch'} {i} ({_shapes(batch)}): running the model on it "
+            f"{what or 'calibration batch'} {i} ({part}{_shapes(batch)}): running the model on it "
             f"failed — {type(e).__name__}: {' '.join(str(e).split())[:300]}"
             f"{_positions_hint(model, batch)}"
         ) from e
@@ -153,7 +158,35 @@ def _kinds(batch: Mapping, n: int, t: int, seq2seq: bool) -> tuple[set[str], set
     return per_token, per_row
 
 
-def unpad(batch: Any, seq2seq: bool = False) -> tuple[list[dict[str, Any]] | None, str]:
+class Piece(dict):
+    """Rows of a user's calibration batch ``origin``, as one batch (keyword arguments): the
+    rows ``rows`` of it without their padding (:func:`unpad`; ``rows`` ``None``: all of it,
+    as given). Errors name the user's batch; splits into fit and held-out batches and "the
+    first k batches" count the user's batches (:func:`batch_units`)."""
+
+    origin: int | None = None
+    rows: tuple[int, ...] | None = None
+
+
+def batch_units(batches: Sequence[Any]) -> list[list[Any]]:
+    """``batches`` grouped into the user's batches: consecutive :class:`Piece` s of one origin
+    together, anything else alone."""
+    units: list[list[Any]] = []
+    for b in batches:
+        origin = getattr(b, "origin", None)
+        if units and origin is not None and getattr(units[-1][0], "origin", None) == origin:
+            units[-1].append(b)
+        else:
+            units.append([b])
+    return units
+
+
+def first_batches(batches: Sequence[Any], k: int) -> list[Any]:
+    """The pieces of the first ``k`` of the user's batches (:func:`batch_units`)."""
+    return [b for unit in batch_units(batches)[:k] for b in unit]
+
+
+def unpad(batch: Any, seq2seq: bool = False) -> tuple[list[Piece] | None, str]:
     """``(batches, "")``: a padded dict batch as batches without padding; ``(None, "")``
     where it holds no padding mask or no padding; ``(None, why)`` where it cannot be split.
 
@@ -202,7 +235,8 @@ def unpad(batch: Any, seq2seq: bool = False) -> tuple[list[dict[str, Any]] | Non
         groups.setdefault(b - a, []).append(i)
     out = []
     for rows in groups.values():
-        part: dict[str, Any] = {}
+        part = Piece()
+        part.rows = tuple(rows)
         for k, v in batch.items():
             if k not in full:
                 part[k] = v

@@ -123,9 +123,10 @@ def _llama() -> torch.nn.Module:
     return tf.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def _site_errors(model: torch.nn.Module, calibration: list) -> dict:
+def _site_errors(model: torch.nn.Module, calibration: list, heldout: list) -> dict:
     torch.manual_seed(0)
-    rep = slimfx.report_of(slimfx.optimize(model, 0.5, calibration=calibration, progress=False))
+    rep = slimfx.report_of(slimfx.optimize(model, 0.5, calibration=calibration, heldout=heldout,
+                                           progress=False))  # fmt: skip
     return rep, {s.fqn: ([c["error"] for c in s.candidates], s.sensitivity) for s in rep.sites}
 
 
@@ -136,8 +137,8 @@ def test_a_padded_calibration_plans_as_its_rows_unpadded(side: str) -> None:
     model = _llama()
     b = _padded([7, 12, 9], side)
     rows = [b["input_ids"][i][b["attention_mask"][i] == 1][None] for i in range(3)]
-    rep, padded = _site_errors(model, [b])
-    _, plain = _site_errors(model, rows)
+    rep, padded = _site_errors(model, [b], rows)  # every batch fits (held-out ones given)
+    _, plain = _site_errors(model, rows, rows)
     assert padded.keys() == plain.keys() and padded
     for fqn, (errors, weight) in plain.items():
         assert padded[fqn][0] == pytest.approx(errors, rel=1e-4, abs=1e-9), fqn
@@ -155,3 +156,86 @@ def test_batches_kept_padded_are_named_in_a_note() -> None:
     assert len(out) == 2 and out[1]["input_ids"].shape == (2, 12)
     assert any("6 of 48 positions are padding (attention_mask 0) in batches kept as they are "
                "(batch 1: row 1's mask has a hole" in n for n in notes), notes  # fmt: skip
+
+
+def test_the_users_batches_are_what_fit_and_held_out_splits_and_errors_count() -> None:
+    """A padded batch splits into pieces of one user batch: one batch stays one (fit = held
+    out, as before), the held-out share is taken in user batches, errors name the user's."""
+    from slimfx.cost.batches import CalibrationBatchError, batch_units
+    from slimfx.site_selection import _split_heldout
+
+    notes: list[str] = []
+    model = _llama()
+    pieces = validate.check_batches(model, [_padded([5, 12, 12, 7], "right")], notes)
+    assert [p["input_ids"].shape for p in pieces] == [(1, 5), (2, 12), (1, 7)]
+    assert [(p.origin, p.rows) for p in pieces] == [(0, (0,)), (0, (1, 2)), (0, (3,))]
+    fit, held, note = _split_heldout(pieces, None)
+    assert fit == held == pieces and note.startswith("only one calibration batch")
+    many = validate.check_batches(model, [_padded([5, 12], "left", seed=i) for i in range(8)])
+    assert len(many) == 16 and len(batch_units(many)) == 8
+    fit, held, _ = _split_heldout(many, None)
+    assert [p.origin for p in held] == [7, 7] and len(fit) == 14
+
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=V, n_embd=32, n_layer=1, n_head=4,
+                                            n_positions=16)).eval()  # fmt: skip
+    calib = [_padded([5, 12], "right", t=12), _padded([20, 8], "right", t=20)]
+    with pytest.raises(CalibrationBatchError, match=r"calibration batch 1 \(its row\(s\) 0 "
+                       r"without padding: input_ids: \(1, 20\)"):  # fmt: skip
+        slimfx.optimize(gpt2, 0.5, calibration=calib, progress=False)
+
+
+def test_a_model_not_from_hugging_face_keeps_its_padded_length() -> None:
+    """Its rows may need their padded length (a flatten-then-linear head): kept, with why."""
+
+    class Fixed(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.mix = torch.nn.Embedding(V, 8), torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(12 * 8, 4)
+
+        def forward(self, input_ids, attention_mask):  # noqa: ANN001, ANN201
+            h = self.mix(self.emb(input_ids)) * attention_mask[..., None]
+            return self.head(h.flatten(1))
+
+    rep = slimfx.report_of(slimfx.optimize(Fixed().eval(), 0.5, progress=False,
+                                           calibration=[_padded([5, 12], "right")] * 2))
+    assert any("kept as they are (batch 0: not a Hugging Face model" in n for n in rep.notes)
+
+
+def test_a_4d_mask_is_no_padding() -> None:
+    ids = torch.randint(3, V, (2, 6))
+    causal = torch.tril(torch.ones(6, 6))[None, None].expand(2, 1, 6, 6).clone()
+    notes: list[str] = []
+    out = validate.check_batches(_llama(), [{"input_ids": ids, "attention_mask": causal}], notes)
+    assert out[0]["attention_mask"].shape == (2, 1, 6, 6) and not any("padding" in n for n in notes)
+
+
+def test_the_attention_functions_are_restored_however_deep() -> None:
+    """A sub-config with sub-configs (T5Gemma 2's encoder: text and vision) comes back as it
+    was after a switch of the attention function (one level only on transformers 5.17)."""
+    from transformers import CONFIG_MAPPING
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from slimfx.forms.kv.fused import attention_function
+
+    if "t5gemma2" not in CONFIG_MAPPING:
+        pytest.skip("transformers without T5Gemma 2")
+    with torch.device("meta"):
+        model = tf.T5Gemma2ForConditionalGeneration(CONFIG_MAPPING["t5gemma2"]())
+
+    def walk(c, key="top"):  # noqa: ANN001, ANN202
+        out = {key: c._attn_implementation}
+        for k in c.sub_configs:
+            if getattr(c, k, None) is not None:
+                out |= walk(getattr(c, k), f"{key}.{k}")
+        return out
+
+    try:
+        model.set_attn_implementation({"": "sdpa", "encoder": {"": "sdpa", "vision_config": "eager"}})
+    except ValueError:
+        pytest.skip("this transformers takes no nested attention settings")
+    before = walk(model.config)
+    assert before["top.encoder.vision_config"] == "eager"
+    with attention_function(model, "slimfx_probe", sdpa_attention_forward):
+        assert walk(model.config)["top.encoder.vision_config"] == "slimfx_probe"
+    assert walk(model.config) == before

@@ -151,16 +151,28 @@ def register_attention(name: str, fn: Any) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
-def _implementations(config: Any) -> dict[str, Any]:
-    """``config``'s attention implementation and its sub-configs', in the form
-    ``set_attn_implementation`` takes (``""``: the config's own): one level of strings, the
-    form every transformers release with that method reads (5.17 takes no nested dicts)."""
+def _implementations(config: Any, depth: int = -1) -> dict[str, Any]:
+    """``config``'s attention implementation and its sub-configs', in the nested form
+    ``set_attn_implementation`` takes (``""``: the config's own), ``depth`` levels of
+    sub-configs deep (-1: all)."""
     out: dict[str, Any] = {"": config._attn_implementation}
     for key in getattr(config, "sub_configs", None) or {}:
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "_attn_implementation"):
-            out[key] = sub._attn_implementation
+            out[key] = (sub._attn_implementation if depth == 1
+                        else _implementations(sub, depth - 1))  # fmt: skip
     return out
+
+
+def _restore(model: nn.Module, previous: dict[str, Any]) -> None:
+    """Set ``model``'s attention implementations back to ``previous``
+    (:func:`_implementations`); a transformers release that takes no nested dicts (5.17)
+    gets the first level as strings."""
+    try:
+        model.set_attn_implementation(previous)
+    except (ValueError, TypeError):
+        flat = {k: v[""] if isinstance(v, dict) else v for k, v in previous.items()}
+        model.set_attn_implementation(flat)
 
 
 @contextmanager
@@ -174,7 +186,7 @@ def attention_function(model: nn.Module, name: str, fn: Any) -> Iterator[None]:
     try:
         yield
     finally:
-        model.set_attn_implementation(previous)
+        _restore(model, previous)
 
 
 def _register() -> None:

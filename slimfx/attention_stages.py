@@ -121,9 +121,8 @@ def collect(pl: Planning) -> None:
     _drop_unreplayable(pl)
     pl.notes.append(
         f"KV cache: candidate errors measured on {len(batch_units(batches))} calibration "
-        "batch(es) per "
-        "attention site, in the steady state (every past token beyond the sinks read from the "
-        "compressed store, as at long context)"
+        "batch(es) per attention site, in the steady state (every past token beyond the sinks "
+        "read from the compressed store, as at long context)"
     )
 
 

@@ -151,16 +151,14 @@ def register_attention(name: str, fn: Any) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
 
 
-def _implementations(config: Any, depth: int = -1) -> dict[str, Any]:
+def _implementations(config: Any) -> dict[str, Any]:
     """``config``'s attention implementation and its sub-configs', in the nested form
-    ``set_attn_implementation`` takes (``""``: the config's own), ``depth`` levels of
-    sub-configs deep (-1: all)."""
+    ``set_attn_implementation`` takes (``""``: the config's own)."""
     out: dict[str, Any] = {"": config._attn_implementation}
     for key in getattr(config, "sub_configs", None) or {}:
         sub = getattr(config, key, None)
         if sub is not None and hasattr(sub, "_attn_implementation"):
-            out[key] = (sub._attn_implementation if depth == 1
-                        else _implementations(sub, depth - 1))  # fmt: skip
+            out[key] = _implementations(sub)
     return out
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import KVDecision, KVDenseConfig
-from .simulate import quantized_cache_attention
+from .simulate import applies_softcap, quantized_cache_attention
 
 __all__ = [
     "BlockCall", "SIMULATED_ATTENTION", "SiteMismatch", "check_replay", "replay_block",
@@ -102,7 +102,7 @@ def simulating(model: nn.Module) -> Iterator[None]:
         raise SiteMismatch(f"{type(model).__name__} cannot switch its attention function")
     config = getattr(model, "config", None)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    token = _APPLIES_CAP.set(getattr(text, "_attn_implementation", None) != "sdpa")
+    token = _APPLIES_CAP.set(applies_softcap(getattr(text, "_attn_implementation", None)))
     try:
         with eval_mode(model), attention_function(model, SIMULATED_ATTENTION,
                                                   simulated_attention):  # fmt: skip

@@ -267,13 +267,18 @@ def block_forward(
     return attn.o_proj(out)
 
 
+def applies_softcap(implementation: str | None) -> bool:
+    """Whether transformers' attention function ``implementation`` applies a logit soft-cap
+    it is handed: every one but ``sdpa`` (transformers 5.17 runs Gemma 2 there and ignores
+    the cap; later releases refuse it)."""
+    return implementation != "sdpa"
+
+
 def applied_softcap(attn: nn.Module) -> float | None:
-    """The logit soft-cap ``attn``'s attention function applies: its ``logit_softcap``, but
-    none where the block runs transformers' ``sdpa`` function, which takes no cap (transformers
-    5.17 runs Gemma 2 there and ignores it; later releases refuse it) — the simulation prices
-    the block the model computes."""
+    """The logit soft-cap ``attn``'s attention function applies (:func:`applies_softcap`):
+    the simulation prices the block the model computes."""
     impl = getattr(getattr(attn, "config", None), "_attn_implementation", None)
-    return None if impl == "sdpa" else logit_softcap(attn)
+    return logit_softcap(attn) if applies_softcap(impl) else None
 
 
 def quantized_cache_attention(

@@ -333,7 +333,6 @@ def check_batches(
                 )
             width = width or (i, w)
 
-
         rows, why = unpad(b, seq2seq) if hf else (None, "")
         for piece in rows or [b]:
             r = _rebuild(piece, fix)
@@ -342,11 +341,11 @@ def check_batches(
                 r.origin, r.rows = i, getattr(piece, "rows", None)
             out.append(r)
         mask = b.get("attention_mask") if isinstance(b, Mapping) else None
-        if not hf and isinstance(mask, Tensor) and mask.dim() == 2 and bool((mask == 0).any()):
-            why = "not a Hugging Face model: its rows may need their padded length"
         if isinstance(mask, Tensor) and mask.dim() == 2 and mask.numel():
             n = int((mask == 0).sum())
             pads[0 if rows else 1] += n
+            if n and not hf:
+                why = "not a Hugging Face model: its rows may need their padded length"
             if why:
                 kept.append(f"batch {i}: {why}")
             total += mask.numel()

@@ -31,9 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
 
-    from slimfx.cost.attention_price import attention_latency
-    from slimfx.cost.measure_attention import measure_attention, parse_attention_shapes
-    from slimfx.cost.target import MeasuredCache, estimate_attention_latency
+    from slimfx.cost.measure_attention import parse_attention_shapes
     from slimfx.forms.kv.config import KVDenseConfig, KVLowRankConfig, KVQuantConfig
 
     shape = parse_attention_shapes(a.shape)[0]
@@ -45,7 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     forms = [f for f in forms if f.check(shape) is None]
     batches = sorted({b for b, have in CHECKS for b in (b, *have)})
-    work = Path(tempfile.mkdtemp(prefix="attention_batches_"))
+    with tempfile.TemporaryDirectory(prefix="attention_batches_") as d:
+        return _run(a, shape, forms, batches, Path(d))
+
+
+def _run(a, shape, forms, batches, work: Path) -> int:  # noqa: ANN001
+    from slimfx.cost.attention_price import attention_latency
+    from slimfx.cost.measure_attention import measure_attention
+    from slimfx.cost.target import MeasuredCache, estimate_attention_latency
+
     cache = measure_attention(
         "cpu", [shape], forms, (a.context,), work / "m.json", batches=batches, steps=a.steps,
         progress=False,

@@ -89,6 +89,49 @@ def kv_ort_matches_torch(model, dec, forms, ids, steps: int, atol: float):  # no
     return cache
 
 
+def left_padded(seed: int, lengths: tuple[int, ...], vocab: int = 256):  # noqa: ANN201
+    """A batch of prompts of ``lengths`` left-padded to the longest (pad id 0) and its mask."""
+    g = torch.Generator().manual_seed(seed)
+    n = max(lengths)
+    ids = torch.zeros(len(lengths), n, dtype=torch.long)
+    mask = torch.zeros(len(lengths), n, dtype=torch.long)
+    for r, t in enumerate(lengths):
+        ids[r, n - t :] = torch.randint(1, vocab, (t,), generator=g)
+        mask[r, n - t :] = 1
+    return ids, mask
+
+
+def kv_padded_ort_matches_torch(model, dec, forms, ids, mask, steps: int, atol: float):  # noqa: ANN001, ANN201
+    """A left-padded batch under its ``mask``: the prefill and ``steps`` greedy steps in torch
+    with slimfx's ``KVCache`` of ``forms`` (positions and mask as ``generate()`` gives them)
+    and through the ONNX decoder ``dec``; every call's logits agree within ``atol`` on the
+    real rows, and ``dec.generate`` gives HF ``generate()``'s tokens. Returns the tokens."""
+    import numpy as np
+
+    from slimfx.forms.kv.cache import KVCache
+
+    forms = [forms[i] for i in range(len(forms))]
+    cache, m, x = KVCache(forms), mask.clone(), ids
+    dec.reset(batch=ids.shape[0])
+    with torch.no_grad():
+        for i in range(steps + 1):
+            pos = (m.cumsum(-1) - 1).masked_fill(m == 0, 0)[:, -x.shape[1] :]
+            ref = model(input_ids=x, attention_mask=m, position_ids=pos, past_key_values=cache,
+                        use_cache=True).logits  # fmt: skip
+            got = dec.step(x, m.numpy()) if i == 0 else dec.step(x)
+            real = m[:, -x.shape[1] :].bool().numpy()
+            np.testing.assert_allclose(got[real], ref.numpy()[real], atol=atol, rtol=0,
+                                       err_msg=f"call {i}")  # fmt: skip
+            x = ref[:, -1].argmax(-1)[:, None]
+            m = torch.cat([m, torch.ones_like(x)], dim=1)
+        want = model.generate(ids, attention_mask=mask, past_key_values=KVCache(forms),
+                              max_new_tokens=steps, do_sample=False, pad_token_id=0)  # fmt: skip
+    eos = model.generation_config.eos_token_id  # generate() ends rows there: so does dec
+    got = dec.generate(ids, steps, attention_mask=mask, eos_token_id=eos, pad_token_id=0)
+    np.testing.assert_array_equal(got, want.numpy())
+    return got
+
+
 def tiny_qwen2_biased(attn: str = "sdpa", layers: int = 2):  # noqa: ANN201
     """A ``layers``-layer Qwen2ForCausalLM (hidden 64, 4 heads, 2 kv heads, vocab 256), eval
     mode, seeded, its biases drawn large (N(0, 0.5)) so that a test sees them in the K/V it

@@ -304,20 +304,24 @@ def _export_decode_step(
     ids = _example_ids(args, dynamic, "kv_cache=True exports the decode step")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     past = onnx_decode.empty_past(model.config, ids.shape[0], length=3, dtype=dtype)
+    mask = onnx_decode.example_mask(ids.shape[0], 3 + ids.shape[1])
     wrapped = onnx_decode.DecodeStep(model, WRAP)
     auto = torch.export.Dim.AUTO
     shapes: Any = (
-        ({0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past)) if dynamic else None
+        ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
+        if dynamic
+        else None
     )
     with export_attention(model):  # GQA without expanding the cache (onnx_attention)
-        program = _export_in_eval_mode(model, wrapped, (ids, tuple(past)), shapes)
+        program = _export_in_eval_mode(model, wrapped, (ids, mask, tuple(past)), shapes)
     in_names, out_names = onnx_decode.io_names(wrapped.layers)
     names: dict[str, str] = {}
     if dynamic:
         ph = [n for n in program.graph.nodes if n.op == "placeholder"][-len(in_names):]
         for i, node in enumerate(ph):
             val = node.meta.get("val")
-            axes = ("batch", "seq") if i == 0 else ("batch", None, "past_seq", None)
+            axes = (("batch", "seq") if i == 0 else ("batch", "total") if i == 1
+                    else ("batch", None, "past_seq", None))  # fmt: skip
             for axis, dim in zip(axes, () if val is None else val.shape):
                 if axis and isinstance(dim, torch.SymInt):
                     names.setdefault(str(dim), axis)

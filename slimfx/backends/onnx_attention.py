@@ -19,6 +19,7 @@ in place for the duration of an export and restores the model's attention functi
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,20 +39,30 @@ def grouped_attention(
     attention_mask: Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
+    softcap: float | None = None,
+    apply_softcap: bool = True,
+    s_aux: Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
     """Softmax attention of ``query`` ``(B, Hq, Tq, D)`` over ``key`` / ``value`` ``(B, Hkv,
     Tk, D)`` (``Hq`` a multiple of ``Hkv``; query head ``h`` reads kv head ``h // (Hq/Hkv)``)
     under ``attention_mask`` (bool, ``True`` = attend, or additive; ``(B | 1, 1, Tq, ≥ Tk)``);
     without a mask a causal module's queries are the last ``Tq`` positions. Returns ``(B, Tq,
-    Hq, D)`` as transformers' attention functions do. ``dropout`` is not applied (export runs
-    in eval mode)."""
+    Hq, D)`` as transformers' attention functions do. ``softcap`` (Gemma 2's logit soft-cap:
+    ``cap·tanh(s/cap)`` of the scaled scores, before the mask) is applied when
+    ``apply_softcap`` — the model's own attention function applies it
+    (:func:`export_attention`). ``s_aux`` (GPT-OSS's learned sinks, one logit per query
+    head) joins each softmax as a column of its own that takes weight and no value, as the
+    model's eager function computes it. ``dropout`` is not applied (export runs in eval
+    mode)."""
     B, Hq, Tq, D = query.shape
     Hkv, Tk = key.shape[1], key.shape[2]
     rep = Hq // Hkv
     scale = D**-0.5 if scaling is None else scaling
     q = (query * scale).reshape(B, Hkv, rep * Tq, D)
     s = torch.matmul(q, key.transpose(-1, -2)).view(B, Hkv, rep, Tq, Tk)
+    if softcap is not None and apply_softcap:
+        s = torch.tanh(s / softcap) * softcap
     mask = attention_mask
     if mask is None and getattr(module, "is_causal", True):
         i = torch.arange(Tq, device=query.device)[:, None] + (Tk - Tq)
@@ -64,7 +75,11 @@ def grouped_attention(
             seen = m.any(-1, keepdim=True)
         else:
             s = s + m
-    p = torch.softmax(s, dim=-1)
+    if s_aux is None:
+        p = torch.softmax(s, dim=-1)
+    else:  # query head h = kv head h // rep, its r-th: the sink logits laid out likewise
+        sink = s_aux.to(s.dtype).view(1, Hkv, rep, 1, 1).expand(B, Hkv, rep, Tq, 1)
+        p = torch.softmax(torch.cat([s, sink], dim=-1), dim=-1)[..., :Tk]
     if seen is not None:
         p = p * seen
     p = p.view(B, Hkv, rep * Tq, Tk)
@@ -81,6 +96,10 @@ def export_attention(model: nn.Module) -> Iterator[None]:
         yield
         return
     from slimfx.forms.kv.fused import attention_function
+    from slimfx.forms.kv.simulate import applies_softcap
 
-    with attention_function(model, EXPORT_ATTENTION, grouped_attention):
+    # a soft-cap the model's function ignores (transformers 5.17's sdpa) stays unapplied
+    cap = applies_softcap(getattr(model.config, "_attn_implementation", None))
+    with attention_function(model, EXPORT_ATTENTION,
+                            functools.partial(grouped_attention, apply_softcap=cap)):  # fmt: skip
         yield

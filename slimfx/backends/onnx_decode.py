@@ -2,21 +2,27 @@
 
 ``export_onnx(model, path, (ids,), kv_cache=True)`` exports a Hugging Face causal LM as
 
-    input_ids (batch, seq), past_key_i / past_value_i (batch, kv_heads, past_seq, head_dim)
+    input_ids (batch, seq), attention_mask (batch, past_seq + seq),
+    past_key_i / past_value_i (batch, kv_heads, past_seq, head_dim)
         → logits (batch, seq, vocab), present_key_i / present_value_i (…, past_seq + seq, …)
 
 for every layer ``i``. One graph serves prefill (``past_seq = 0``: the cache inputs are empty)
 and decode (``seq = 1`` after a prefill), so ONNX Runtime runs a real KV-cache decode step
-instead of re-reading the whole prefix. Rows of a batch share one length (no padding mask:
-positions are ``past_seq … past_seq + seq − 1``).
+instead of re-reading the whole prefix. ``attention_mask`` is Hugging Face's: 1 for a token,
+0 for padding, over the cached positions and the call's; a batch of prompts of different
+lengths is left-padded to one length, as for ``generate()``. The graph derives the positions
+from it as ``generate()`` does (the running count of tokens; :func:`mask_kwargs`), so padded
+rows compute what each prompt alone would, and an all-ones mask is an unpadded batch.
 
 :class:`OrtModel` (``slimfx.backends.onnx``) recognises such a graph: ``ort_model(ids)`` feeds
-an empty cache and returns the logits, ``ort_model.step(ids, past)`` returns logits and the new
-cache, and ``ort_model.generate(ids, max_new_tokens)`` decodes greedily.
+an empty cache and returns the logits, ``ort_model.step(ids, past, attention_mask)`` returns
+logits and the new cache, and ``ort_model.generate(ids, max_new_tokens, attention_mask)``
+decodes greedily. (A graph exported before the mask input existed runs unpadded batches.)
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,14 +32,22 @@ from torch import Tensor, nn
 
 __all__ = [
     "DecodeStep",
+    "MASK",
     "cache_geometry",
+    "check_left_padded",
+    "check_mask",
     "empty_past",
+    "example_mask",
+    "greedy",
     "io_names",
     "is_kv_graph",
+    "mask_kwargs",
+    "positions_of",
 ]
 
 PAST_KEY, PAST_VALUE = "past_key_", "past_value_"
 PRESENT_KEY, PRESENT_VALUE = "present_key_", "present_value_"
+MASK = "attention_mask"
 
 
 def cache_geometry(config: Any) -> tuple[int, int, int]:
@@ -54,11 +68,103 @@ def cache_geometry(config: Any) -> tuple[int, int, int]:
 
 def io_names(layers: int) -> tuple[list[str], list[str]]:
     """Graph input and output names of a decode-step export with ``layers`` layers."""
-    ins, outs = ["input_ids"], ["logits"]
+    ins, outs = ["input_ids", MASK], ["logits"]
     for i in range(layers):
         ins += [f"{PAST_KEY}{i}", f"{PAST_VALUE}{i}"]
         outs += [f"{PRESENT_KEY}{i}", f"{PRESENT_VALUE}{i}"]
     return ins, outs
+
+
+def mask_kwargs(model: nn.Module, attention_mask: Tensor, past_length: Any, seq: Any) -> dict:
+    """The keyword arguments a step call gives ``model`` for a padding ``attention_mask``
+    ``(batch, past_length + seq)``: the mask, and where the model's forward takes
+    ``position_ids`` those ``generate()`` derives — the running count of tokens, padding at 0 —
+    for the call's ``seq`` positions (a model without the argument, e.g. BLOOM's ALiBi, reads
+    the mask itself). The mask's length is tied to the cache's for the export."""
+    torch._check(attention_mask.shape[1] == past_length + seq)
+    kw: dict[str, Tensor] = {"attention_mask": attention_mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kw["position_ids"] = positions_of(attention_mask)[:, past_length:]
+    return kw
+
+
+def positions_of(attention_mask: Tensor) -> Tensor:
+    """Every token's position id under a padding mask, as ``generate()`` derives them: the
+    running count of tokens before it; padding at 0."""
+    mask = attention_mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def example_mask(batch: int, length: int) -> Tensor:
+    """An export's example mask: all ones but the first position of row 0 (padding), so the
+    trace takes the padded path wherever a model checks for padding."""
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, 0] = 0
+    return mask
+
+
+def check_mask(attention_mask: Any, batch: int, length: int) -> np.ndarray:
+    """A step's ``attention_mask`` as the int64 ``(batch, length)`` array the graphs take
+    (``None``: all ones), or a ``ValueError`` saying what is wrong with it."""
+    if attention_mask is None:
+        return np.ones((batch, length), np.int64)
+    m = attention_mask
+    arr = m.detach().cpu().numpy() if isinstance(m, Tensor) else np.asarray(m)
+    if arr.shape != (batch, length):
+        raise ValueError(
+            f"attention_mask has shape {tuple(arr.shape)}; this step needs ({batch}, {length}): "
+            "a column for every cached token and every token of the call"
+        )
+    if not np.isin(arr, (0, 1)).all():
+        raise ValueError("attention_mask holds values other than 0 and 1")
+    return arr.astype(np.int64)
+
+
+def check_left_padded(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (a prompt's, from :func:`check_mask`) if every row ends in a token, else a
+    ``ValueError``: generation appends after the last column, so a row padded on the right
+    would continue from padding."""
+    bad = np.flatnonzero(mask[:, -1] == 0)
+    if bad.size:
+        raise ValueError(
+            f"attention_mask row(s) {', '.join(map(str, bad[:8]))} do not end in tokens: "
+            "generation continues after the last column, so pad prompts on the left "
+            "(tokenizer.padding_side = 'left')"
+        )
+    return mask
+
+
+def greedy(
+    step: Any,
+    seq: np.ndarray,
+    mask: np.ndarray,
+    max_new_tokens: int,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+) -> np.ndarray:
+    """Greedy decoding as ``generate(do_sample=False)`` does it: ``step(ids, mask)`` gives the
+    logits of ``ids`` after what it holds, under the padding ``mask`` of every token so far;
+    first the prompt ``seq`` (batch, len) with its ``mask`` (:func:`check_left_padded`), then
+    one token a call. A row that emitted one of ``eos_token_id`` continues with
+    ``pad_token_id`` (``None``: the first end token), and decoding stops once every row has;
+    ``eos_token_id=None``: no end token, ``max_new_tokens`` for every row (``generate()`` reads
+    the model's generation config; pass ``model.generation_config.eos_token_id`` to match it).
+    Returns prompt + new tokens."""
+    check_left_padded(mask)
+    eos = np.asarray([] if eos_token_id is None else eos_token_id, np.int64).reshape(-1)
+    pad = int(eos[0]) if pad_token_id is None and eos.size else pad_token_id
+    done = np.zeros(seq.shape[0], bool)
+    logits = step(seq, mask)
+    for i in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1).astype(np.int64)
+        nxt = np.where(done, pad if pad is not None else nxt, nxt)[:, None]
+        done |= np.isin(nxt[:, 0], eos)
+        seq = np.concatenate([seq, nxt], axis=1)
+        mask = np.concatenate([mask, np.ones_like(nxt)], axis=1)
+        if done.all() or i + 1 == max_new_tokens:  # the last token needs no further step
+            break
+        logits = step(nxt, mask)
+    return seq
 
 
 def empty_past(config: Any, batch: int, length: int = 0, dtype=torch.float32) -> list[Tensor]:
@@ -80,7 +186,9 @@ class DecodeStep(nn.Module):
         setattr(self, wrap_name, model)
         self.layers = cache_geometry(model.config)[0]
 
-    def forward(self, input_ids: Tensor, past: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, past: Sequence[Tensor]
+    ) -> tuple[Tensor, ...]:
         from transformers import DynamicCache
 
         model = getattr(self, self._wrap_name)
@@ -88,7 +196,8 @@ class DecodeStep(nn.Module):
         # full layers, not the config's sliding ones: a sliding layer crops itself in a Python
         # branch the trace would freeze at the example's length; the mask applies the window
         cache = DynamicCache(ddp_cache_data=pairs)
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        kw = mask_kwargs(model, attention_mask, past[0].shape[2], input_ids.shape[1])
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kw)
         present: list[Tensor] = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
@@ -96,8 +205,10 @@ class DecodeStep(nn.Module):
 
 
 def is_kv_graph(input_names: Sequence[str]) -> bool:
-    """True when a graph's inputs are those of a decode-step export."""
-    return len(input_names) > 1 and input_names[1] == f"{PAST_KEY}0"
+    """True when a graph's inputs are those of a decode-step export (with or without the
+    mask input of :data:`MASK`)."""
+    names = [n for n in input_names[1:] if n != MASK]
+    return bool(names) and names[0] == f"{PAST_KEY}0"
 
 
 def empty_feeds(session: Any, batch: int) -> dict[str, np.ndarray]:
@@ -105,6 +216,8 @@ def empty_feeds(session: Any, batch: int) -> dict[str, np.ndarray]:
     type each input declares (``tensor(float)``, ``tensor(float16)``)."""
     feeds = {}
     for inp in session.get_inputs()[1:]:
+        if inp.name == MASK:
+            continue
         _, kv_heads, _, head_dim = inp.shape
         dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
         feeds[inp.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)

@@ -3,7 +3,8 @@
 
 ``export_onnx_kv(model, path)`` writes two kinds of graph:
 
-- the **step graph** ``path``: ``input_ids (batch, seq)`` and, per group ``j`` of layers
+- the **step graph** ``path``: ``input_ids (batch, seq)``, ``attention_mask (batch, cached +
+  seq)`` (Hugging Face's padding mask, as in :mod:`slimfx.backends.onnx_decode`) and, per group ``j`` of layers
   sharing a form (in the order of first appearance; one tensor per group, not per layer:
   ``torch.export`` and the ONNX translation slow down sharply with the number of dynamic
   inputs), the 16-bit window ``window_j`` ``(layers, 2, batch, kv_heads, W, head_dim)`` (keys
@@ -242,6 +243,7 @@ class _Step(nn.Module):
     def forward(
         self,
         input_ids: Tensor,
+        attention_mask: Tensor,
         windows: Sequence[Tensor],
         stores: Sequence[Tensor],
         sinks: Sequence[Tensor],
@@ -251,13 +253,15 @@ class _Step(nn.Module):
         model = getattr(self, WRAP)
         layers: list[Any] = [None] * len(self.forms)
         stores, sinks = iter(stores), iter(sinks)
+        positions = onnx_decode.positions_of(attention_mask)  # each cached token's and new
         for (f, idx), win in zip(self.groups, windows):
             st = [next(stores) for _ in _store_names(f)] or None
             sk = next(sinks) if _has_sink(f) else None
             for n, i in enumerate(idx):
                 one = None if st is None else [a[n] for a in st]
                 if isinstance(f, LATENT_FORMS):
-                    layers[i] = ExportLatentLayer(win[n], one, None if sk is None else sk[n], f)
+                    layers[i] = ExportLatentLayer(win[n], one, None if sk is None else sk[n], f,
+                                                  positions)  # fmt: skip
                 else:
                     layers[i] = _ExportLayer(win[n], one, f)
         # every layer caches the same tokens (groups split them differently between window
@@ -266,7 +270,9 @@ class _Step(nn.Module):
         for la in layers:
             torch._check(la.get_seq_length() == first.get_seq_length())
         cache = Cache(layers=layers)
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        kw = onnx_decode.mask_kwargs(model, attention_mask, first.get_seq_length(),
+                                     input_ids.shape[1])  # fmt: skip
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kw)
         present, present_sinks = [], []
         for (f, idx), win in zip(self.groups, windows):
             new = torch.stack([layers[i].present() for i in idx])
@@ -292,7 +298,7 @@ class _Flush(nn.Module):
 
 
 def _names(groups: Sequence[tuple[KVDecision, list[int]]]) -> tuple[list[str], list[str]]:
-    ins, outs = ["input_ids"], ["logits"]
+    ins, outs = ["input_ids", onnx_decode.MASK], ["logits"]
     for j in range(len(groups)):
         ins.append(f"window_{j}")
         outs.append(f"present_window_{j}")
@@ -422,7 +428,9 @@ def export_onnx_kv(
             if isinstance(f, KVQuantConfig):
                 stores += [_random(sh, dt) for sh, dt in quant_store_shapes(f, (L, B, H), D, NB)]
         store_shapes += [_store_dynamic(f)] * len(_store_names(f))
+    mask = onnx_decode.example_mask(B, total + ids.shape[1])
     shapes = (
+        {0: AUTO, 1: AUTO},
         {0: AUTO, 1: AUTO},
         tuple(win_shapes),
         tuple(store_shapes),
@@ -432,13 +440,13 @@ def export_onnx_kv(
     with eval_mode(model), torch.no_grad(), export_attention(model):
         program = torch.export.export(
             step,
-            (ids, tuple(windows), tuple(stores), tuple(sinks)),
+            (ids, mask, tuple(windows), tuple(stores), tuple(sinks)),
             dynamic_shapes=shapes,
             strict=False,
         )
     ins, outs = _names(groups)
     # one name per symbol: ORT plans buffers as if equal names were equal sizes
-    axes: list[tuple] = [("batch", "seq")]
+    axes: list[tuple] = [("batch", "seq"), ("batch", "total")]
     for j, (f, _) in enumerate(groups):
         latent = isinstance(f, LATENT_FORMS)
         axes.append((None, "batch", f"window_{j}") if latent else

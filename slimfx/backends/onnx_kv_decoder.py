@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from slimfx.backends import onnx_decode
 from slimfx.backends.onnx_kv import (
     META_GEOMETRY,
     META_KEY,
@@ -75,7 +77,8 @@ class OrtKVDecoder:
     group's ``(layers, batch, W, rk + rv)``), ``stores[j]`` (its store arrays, ``None``
     without a store) and ``sinks[j]`` (a low-rank group's sink buffer, else ``None``);
     ``layer_window(i)`` / ``layer_store(i)`` / ``layer_sink(i)`` give one layer's;
-    ``cache_nbytes()`` their bytes, ``seq_length`` the cached tokens."""
+    ``cache_nbytes()`` their bytes, ``seq_length`` the cached tokens, ``attention_mask`` their
+    padding mask (a batch of prompts of different lengths runs left-padded under it)."""
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
         self.path = Path(path)
@@ -91,7 +94,8 @@ class OrtKVDecoder:
                 self.flush_sessions[j], n = _flush_session(fpath, f, threads), n + 1
         inp = self.session.get_inputs()
         self.input_names = [i.name for i in inp]
-        self.dtype = np.float16 if inp[1].type == "tensor(float16)" else np.float32
+        win = next(i for i in inp if i.name.startswith("window_"))
+        self.dtype = np.float16 if win.type == "tensor(float16)" else np.float32
         self.kv_heads, self.head_dim = _geometry(meta, inp)
         self._where = {i: (j, n) for j, (_, idx) in enumerate(self.groups) for n, i in
                        enumerate(idx)}  # fmt: skip
@@ -101,6 +105,7 @@ class OrtKVDecoder:
         """Empty the cache for a batch of ``batch`` rows."""
         H, D = self.kv_heads, self.head_dim
         self.batch, self.seq_length = batch, 0
+        self.attention_mask = np.ones((batch, 0), np.int64)
         self.windows, self.stores, self.sinks = [], [], []
         self.n_stored = [0] * len(self.groups)
         for f, idx in self.groups:
@@ -179,15 +184,30 @@ class OrtKVDecoder:
             self.n_stored[j] += move
             self.windows[j] = np.concatenate([w[..., :s, :], w[..., s + move :, :]], axis=-2)
 
-    def step(self, ids: Tensor | np.ndarray) -> np.ndarray:
-        """Logits of ``ids`` (batch, seq) after the cached tokens; the cache then holds them."""
+    def step(
+        self, ids: Tensor | np.ndarray, attention_mask: Tensor | np.ndarray | None = None
+    ) -> np.ndarray:
+        """Logits of ``ids`` (batch, seq) after the cached tokens; the cache then holds them.
+        ``attention_mask`` ``(batch, cached + seq)``: Hugging Face's padding mask over the
+        cached tokens and the call's (``None``: the mask held so far, the call's tokens real)."""
         arr = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
         arr = arr.astype(np.int64).reshape(-1, arr.shape[-1])
         if arr.shape[0] != self.batch:
             raise ValueError(f"batch {arr.shape[0]} ≠ the cache's {self.batch}: call reset()")
+        if attention_mask is None:
+            new = np.ones((self.batch, arr.shape[1]), np.int64)
+            attention_mask = np.concatenate([self.attention_mask, new], axis=1)
+        mask = onnx_decode.check_mask(attention_mask, self.batch, self.seq_length + arr.shape[1])
+        if onnx_decode.MASK not in self.input_names and not mask.all():
+            raise ValueError(
+                f"{self.path.name} has no attention_mask input (exported by an earlier slimfx): "
+                "it runs unpadded batches only; export it again for padded ones"
+            )
         self.flush()
         feeds: dict[str, np.ndarray] = {"input_ids": arr}
-        names = iter(self.input_names[1:])
+        names = iter(n for n in self.input_names[1:] if n != onnx_decode.MASK)
+        if onnx_decode.MASK in self.input_names:
+            feeds[onnx_decode.MASK] = mask
         held = [*self.windows, *(a for st in self.stores for a in st or ())]
         held += [sk for sk in self.sinks if sk is not None]
         for a in held:
@@ -198,25 +218,37 @@ class OrtKVDecoder:
         sinks = iter(out[1 + n :])
         self.sinks = [None if sk is None else next(sinks) for sk in self.sinks]
         self.seq_length += arr.shape[1]
+        self.attention_mask = mask
         return out[0]
 
     def generate(
-        self, ids: Tensor | np.ndarray, max_new_tokens: int, prefill_chunk: int | None = None
+        self,
+        ids: Tensor | np.ndarray,
+        max_new_tokens: int,
+        prefill_chunk: int | None = None,
+        attention_mask: Tensor | np.ndarray | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
     ) -> np.ndarray:
         """Greedy decoding from a fresh cache: the prompt in calls of ``prefill_chunk`` tokens
-        (``None``: one call), then one token a call; returns prompt + new tokens."""
+        (``None``: one call), then one token a call; returns prompt + new tokens.
+        ``attention_mask`` (batch, prompt length): the prompts' padding, as for
+        ``generate()`` (left-padded); ``eos_token_id`` / ``pad_token_id`` as
+        ``OrtModel.generate``'s."""
         seq = ids.detach().cpu().numpy() if isinstance(ids, Tensor) else np.asarray(ids)
         seq = seq.astype(np.int64).reshape(-1, seq.shape[-1])
+        mask = onnx_decode.check_mask(attention_mask, *seq.shape)
         self.reset(seq.shape[0])
         chunk = prefill_chunk or seq.shape[1]
-        for a in range(0, seq.shape[1], chunk):
-            logits = self.step(seq[:, a : a + chunk])
-        for i in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            seq = np.concatenate([seq, nxt], axis=1)
-            if i + 1 < max_new_tokens:
-                logits = self.step(nxt)
-        return seq
+
+        def step(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+            if self.seq_length:
+                return self.step(x, m)
+            for a in range(0, x.shape[1], chunk):  # the prompt
+                logits = self.step(x[:, a : a + chunk], m[:, : a + chunk])
+            return logits
+
+        return onnx_decode.greedy(step, seq, mask, max_new_tokens, eos_token_id, pad_token_id)
 
     def store_nbytes(self) -> int:
         """Bytes of the quantized store arrays held now."""

@@ -25,8 +25,9 @@ a group ``j`` of such layers sharing a form carries
   gather over positions; ``present_sink_j`` returns the buffer with this call's sink tokens
   written (entries of positions not reached yet are unspecified and never read).
 
-Keys are rebuilt from the latent and rotated with cos/sin of positions ``0 … S−1`` (the
-driver feeds consecutive tokens, so cache index = position id), then attention runs as in
+Keys are rebuilt from the latent and rotated with cos/sin of each cached token's position id
+— the running count of tokens in the step's padding mask, as the torch layer records the
+position ids ``generate()`` passes (``0 … S−1`` in an unpadded row) — then attention runs as in
 torch. The per-channel store grows by whole blocks in a flush graph (:class:`LatentFlush`), as
 for ``kv_quant``; the per-token store by single tokens.
 """
@@ -187,7 +188,9 @@ class ExportLatentLayer(DynamicLayer):
     """The cache layer the step graph traces for a low-rank layer: ``window`` ``(B, W, rk +
     rv)``, the store arrays and the ``sink`` buffer ``(2, B, Hkv, sink, D)`` are graph inputs.
     ``update`` returns the latent of every cached token and the call's (``sinks ‖ store ‖
-    recent window ‖ new``, as ``QuantizedLatentLayer.update``), ``positions`` are ``0 … S−1``;
+    recent window ‖ new``, as ``QuantizedLatentLayer.update``); ``positions`` ``(B, S)``: the
+    position ids of every cached token and the call's (from the padding mask; ``None``:
+    ``0 … S−1``);
     :meth:`merge_sinks` puts the sink tokens' exact K/V in place (module docstring)."""
 
     def __init__(
@@ -196,6 +199,7 @@ class ExportLatentLayer(DynamicLayer):
         store: Sequence[Tensor] | None,
         sink: Tensor | None,
         form: KVLowRankConfig | KVLatentQuantConfig,
+        positions: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.window, self.store, self.sink, self.form = window, store, sink, form
@@ -206,7 +210,7 @@ class ExportLatentLayer(DynamicLayer):
         if store is not None:
             n = store[0].shape[1]
             self.stored = n * form.group if form.axis == "channel" else n  # type: ignore[union-attr]
-        self.positions: Tensor | None = None
+        self.positions: Tensor | None = positions
         self.new: Tensor | None = None
         self.present_sink: Tensor | None = None
 
@@ -229,7 +233,8 @@ class ExportLatentLayer(DynamicLayer):
             parts = [self.window[:, :s], torch.cat([k, v], dim=-1), self.window[:, s:], new]
         lat = torch.cat(parts, dim=1)
         S = n0 + key_states.shape[2]
-        self.positions = torch.arange(S, device=lat.device).unsqueeze(0).expand(B, S)
+        if self.positions is None:  # no mask given: consecutive positions from 0
+            self.positions = torch.arange(S, device=lat.device).unsqueeze(0).expand(B, S)
         r = self.key_rank
         return lat[..., :r].unsqueeze(1), lat[..., r:].unsqueeze(1)
 

@@ -3,7 +3,8 @@
 ``export_mla_onnx(model, "m.onnx", ids)`` writes one decode-step graph (the contract of
 ``export_onnx(..., kv_cache=True)`` in ``slimfx.backends.onnx_decode``)::
 
-    input_ids (batch, seq), past_key_i, past_value_i[, past_scale_i]
+    input_ids (batch, seq), attention_mask (batch, past_seq + seq), past_key_i, past_value_i[,
+    past_scale_i]
         → logits, present_key_i, present_value_i[, present_scale_i]
 
 where, for a layer converted to MLA (:class:`~slimfx.forms.mla.module.MLAAttention`), the cache
@@ -14,14 +15,14 @@ slots the block fills in the torch caches; an int8-latent block (``latent_bits=8
 1), as ``MLALatentCache(latent_bits=8)`` does; a layer left unconverted keeps its keys and
 values (batch, kv_heads, past_seq, head_dim). One graph serves prefill (empty cache) and
 per-token decode; :class:`LatentOrtModel` (``latent_ort_session``) runs it (``step``,
-``generate``; a graph without int8 layers also runs in the plain ``OrtModel``). Rows of a
-batch share one length (no padding mask).
+``generate``; a graph without int8 layers also runs in the plain ``OrtModel``), padded
+batches under their ``attention_mask`` as there.
 
 Inside, every converted block is the absorbed form written with plain ops: the query projection
 and the per-head key-space map (MatMul), RoPE on the kept entries (Gather of cos/sin, Mul, Add),
 the latent and RoPE-key projections (MatMul), ``q_lat = q_nope W_uk`` (MatMul), scores
 ``q_rope k_ropeᵀ + q_lat cᵀ`` (two MatMul over the latent cache: keys and values are never
-rebuilt), a causal mask from positions, Softmax, ``ctx = p c`` (MatMul over the latent), the
+rebuilt), the model's causal and padding mask, Softmax, ``ctx = p c`` (MatMul over the latent), the
 value up-projection per head (MatMul) and ``o_proj`` (MatMul). The int8 latent is quantized
 (per-token scale, Round, Clip, Cast) and dequantized (Cast, Mul) in the graph exactly as in
 torch.
@@ -143,7 +144,9 @@ class LatentDecodeStep(nn.Module):
         setattr(self, wrap_name, model)
         self.kinds = [_kind(blk.self_attn) for blk in _layers(model)]
 
-    def forward(self, input_ids: Tensor, past: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    def forward(
+        self, input_ids: Tensor, attention_mask: Tensor, past: Sequence[Tensor]
+    ) -> tuple[Tensor, ...]:
         from transformers.cache_utils import Cache, DynamicLayer
 
         model = getattr(self, self._wrap_name)
@@ -165,7 +168,8 @@ class LatentDecodeStep(nn.Module):
                 layer.keys, layer.values = a, b
             layers.append(layer)
         cache = Cache(layers=layers)
-        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        kw = onnx_decode.mask_kwargs(model, attention_mask, past[0].shape[2], input_ids.shape[1])
+        out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kw)
         present: list[Tensor] = []
         for kind, layer in zip(self.kinds, cache.layers):
             if kind == "mla8":
@@ -180,27 +184,26 @@ class LatentOrtModel(OrtModel):
     the empty cache of a prefill is built from the graph's declared cache inputs (int8 codes
     included), so ``step`` and ``generate`` run any latent layout."""
 
-    def step(
-        self, ids: Tensor | np.ndarray, past: Sequence[np.ndarray] | None = None
-    ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """``(logits, present)`` for ``ids`` after ``past`` (``None``: an empty cache)."""
-        if past is None:
-            batch = int(np.asarray(ids).reshape(-1, np.asarray(ids).shape[-1]).shape[0])
-            types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                     "tensor(int8)": np.int8}
-            past = [
-                np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype=types[inp.type])
-                for inp in self.session.get_inputs()[1:]
-            ]
-        return super().step(ids, past)
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        """The cache inputs of a prefill, empty, in each input's declared type (int8 codes
+        included)."""
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                 "tensor(int8)": np.int8}  # fmt: skip
+        return {
+            inp.name: np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype=types[inp.type])
+            for inp in self.session.get_inputs()[1:]
+            if inp.name != onnx_decode.MASK
+        }
 
 
 class MLAExportBlock(nn.Module):
     """The absorbed form of an :class:`MLAAttention` in export-friendly ops (module docstring).
 
     Same call contract as the block it wraps (``forward(hidden_states, position_embeddings,
-    attention_mask, past_key_values)``); the mask it uses is the causal one over the cache
-    (queries at the last ``seq`` positions), HF's ``attention_mask`` is ignored."""
+    attention_mask, past_key_values)``); it attends under the model's 4-D ``attention_mask``
+    (causal and padding; a query that sees no token — a padding position — gets zero weights,
+    as the export's other attention does), or without one causally over the cache (queries at
+    the last ``seq`` positions)."""
 
     def __init__(self, mla: MLAAttention) -> None:
         super().__init__()
@@ -245,10 +248,19 @@ class MLAExportBlock(nn.Module):
         scores = torch.matmul(q_lat, latent.transpose(-1, -2))
         if n2:
             scores = scores + torch.matmul(q_rope, k_rope.transpose(-1, -2))
-        q_pos = torch.arange(T, device=latent.device) + (S - T)
-        causal = torch.arange(S, device=latent.device)[None, :] <= q_pos[:, None]  # (T, S)
-        scores = (scores * m.scaling).masked_fill(~causal, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
+        if attention_mask is None:
+            q_pos = torch.arange(T, device=latent.device) + (S - T)
+            mask = torch.arange(S, device=latent.device)[None, :] <= q_pos[:, None]  # (T, S)
+        else:
+            mask = attention_mask[:, :, -T:, :S]  # (B | 1, 1, T, S)
+        scores = scores * m.scaling
+        if mask.dtype == torch.bool:
+            probs = torch.softmax(scores.masked_fill(~mask, torch.finfo(scores.dtype).min), -1)
+            # a padding query that sees no token: zero weights, not NaN (which the cache's
+            # padding values would carry into the next layers' real tokens)
+            probs = probs * mask.any(-1, keepdim=True)
+        else:
+            probs = torch.softmax(scores + mask, dim=-1)
         ctx = torch.matmul(probs, latent)  # (B, H, T, r): attention over the latent
         v = torch.matmul(ctx, self.w_uv_heads) + self.b_uv_heads  # (B, H, T, d)
         return m.o_proj(v.transpose(1, 2).reshape(B, T, H * d)), None
@@ -324,15 +336,16 @@ def export_mla_onnx(
     ids = ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)  # no 0/1 axes
     layout = latent_cache_layout(model, dtype)
     past = empty_latent_past(model, ids.shape[0], length=3, dtype=dtype)
+    mask = onnx_decode.example_mask(ids.shape[0], 3 + ids.shape[1])
     wrapped = LatentDecodeStep(model, WRAP)
     auto = torch.export.Dim.AUTO
-    shapes: Any = ({0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
-    in_names = ["input_ids", *(c.name for c in layout)]
+    shapes: Any = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
+    in_names = ["input_ids", onnx_decode.MASK, *(c.name for c in layout)]
     out_names = ["logits", *(c.name.replace("past_", "present_", 1) for c in layout)]
     path = Path(path)
     with eval_mode(model), export_blocks(model) as mla_layers, torch.no_grad():
         program = torch.export.export(
-            wrapped, (ids, tuple(past)), dynamic_shapes=shapes, strict=False
+            wrapped, (ids, mask, tuple(past)), dynamic_shapes=shapes, strict=False
         )
         kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
         onnx_prog = torch.onnx.export(
@@ -367,7 +380,8 @@ def _axis_names(ir_model: Any) -> dict[str, str]:
 
     names: dict[str, str] = {}
     for k, v in enumerate(ir_model.graph.inputs):
-        axes = ("batch", "seq") if k == 0 else ("batch", None, "past_seq", None)
+        axes = (("batch", "seq") if k == 0 else ("batch", "total") if k == 1
+                else ("batch", None, "past_seq", None))  # fmt: skip
         if v.shape is not None and len(v.shape) != len(axes):
             continue
         for axis, dim in zip(axes, v.shape or ()):

@@ -35,9 +35,10 @@ class OrtModel:
     so it plugs into ``slimfx.eval.perplexity_of_logits_fn(ort_model, windows)``.
     ``ort_model.session`` is the ``onnxruntime.InferenceSession``.
 
-    A decode-step graph (``export_onnx(..., kv_cache=True)``) takes ``ort_model(ids)`` with an
-    empty cache; ``step(ids, past)`` returns ``(logits, present)`` and ``generate(ids, n)``
-    decodes greedily with the cache (``kv_cache`` is True for such a graph).
+    A decode-step graph (``export_onnx(..., kv_cache=True)``) takes ``ort_model(ids[,
+    attention_mask])`` with an empty cache; ``step(ids, past, attention_mask)`` returns
+    ``(logits, present)`` and ``generate(ids, n, attention_mask)`` decodes greedily with the
+    cache (``kv_cache`` is True for such a graph); a padded batch's mask is Hugging Face's.
     """
 
     def __init__(
@@ -57,42 +58,75 @@ class OrtModel:
         return self.session.run(None, dict(feeds))
 
     def step(
-        self, ids: Tensor | np.ndarray, past: Sequence[np.ndarray] | None = None
+        self,
+        ids: Tensor | np.ndarray,
+        past: Sequence[np.ndarray] | None = None,
+        attention_mask: Tensor | np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One decode-step call: ``(logits, present)`` for ``ids`` after the cache ``past``
-        (``None``: empty, i.e. prefill). ``present`` is the next call's ``past``."""
+        (``None``: empty, i.e. prefill). ``present`` is the next call's ``past``.
+        ``attention_mask`` ``(batch, past_seq + seq)``: 1 for a token, 0 for padding, over
+        the cached tokens and the call's — a padded batch passes it on every call (``None``:
+        no padding anywhere; the step keeps nothing between calls, ``generate`` carries it)."""
         if not self.kv_cache:
             raise ValueError(
                 f"{self.path.name} has no KV-cache inputs; export it with kv_cache=True"
             )
         arr = _ids_array(ids)
+        cache_names = [n for n in self.input_names[1:] if n != onnx_decode.MASK]
         if past is None:
-            feeds = onnx_decode.empty_feeds(self.session, arr.shape[0])
+            feeds = self.empty_cache(arr.shape[0])
         else:
-            if len(past) != len(self.input_names) - 1:
+            if len(past) != len(cache_names):
                 raise ValueError(
-                    f"past has {len(past)} tensors, the graph takes {len(self.input_names) - 1}"
+                    f"past has {len(past)} tensors, the graph takes {len(cache_names)}"
                 )
-            feeds = dict(zip(self.input_names[1:], past))
+            feeds = dict(zip(cache_names, past))
         feeds[self.input_names[0]] = arr
+        past_len = feeds[cache_names[0]].shape[2] if cache_names else 0
+        mask = onnx_decode.check_mask(attention_mask, arr.shape[0], past_len + arr.shape[1])
+        if onnx_decode.MASK in self.input_names:
+            feeds[onnx_decode.MASK] = mask
+        elif not mask.all():
+            raise ValueError(
+                f"{self.path.name} has no attention_mask input (exported by an earlier slimfx): "
+                "it runs unpadded batches only; export it again for padded ones"
+            )
         out = self.session.run(None, feeds)
         return out[0], out[1:]
 
-    def generate(self, ids: Tensor | np.ndarray, max_new_tokens: int) -> Tensor | np.ndarray:
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        """The cache inputs of a prefill: each empty, as the graph declares it."""
+        return onnx_decode.empty_feeds(self.session, batch)
+
+    def generate(
+        self,
+        ids: Tensor | np.ndarray,
+        max_new_tokens: int,
+        attention_mask: Tensor | np.ndarray | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+    ) -> Tensor | np.ndarray:
         """Greedy decoding with the KV cache: the prompt in one prefill call, then one token a
-        call; returns prompt + new tokens (torch in → torch out)."""
+        call; returns prompt + new tokens (torch in → torch out). ``attention_mask`` (batch,
+        seq): the prompts' padding, as for ``generate()`` (left-padded: the new tokens follow
+        each prompt's last token). With ``eos_token_id``, a row that ended continues with
+        ``pad_token_id`` and decoding stops when every row has ended, as ``generate()`` does
+        (``onnx_decode.greedy``)."""
         seq = _ids_array(ids)
-        logits, past = self.step(seq)
-        for i in range(max_new_tokens):
-            nxt = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            seq = np.concatenate([seq, nxt], axis=1)
-            if i + 1 < max_new_tokens:  # the last token needs no further step
-                logits, past = self.step(nxt, past)
-        return torch.from_numpy(seq) if isinstance(ids, Tensor) else seq
+        held: list[Any] = [None]
+
+        def step(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            logits, held[0] = self.step(x, held[0], attention_mask=mask)
+            return logits
+
+        mask = onnx_decode.check_mask(attention_mask, *seq.shape)
+        out = onnx_decode.greedy(step, seq, mask, max_new_tokens, eos_token_id, pad_token_id)
+        return torch.from_numpy(out) if isinstance(ids, Tensor) else out
 
     def __call__(self, *inputs: Tensor | np.ndarray) -> Tensor | np.ndarray:
-        if self.kv_cache and len(inputs) == 1:
-            out = self.step(inputs[0])[0]
+        if self.kv_cache and len(inputs) in (1, 2):  # ids[, attention_mask]
+            out = self.step(inputs[0], attention_mask=inputs[1] if len(inputs) == 2 else None)[0]
             return torch.from_numpy(out) if isinstance(inputs[0], Tensor) else out
         if len(inputs) != len(self.input_names):
             raise ValueError(

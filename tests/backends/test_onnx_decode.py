@@ -13,6 +13,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+from _helpers import left_padded
 from torch import nn
 
 onnx = pytest.importorskip("onnx")
@@ -63,7 +64,7 @@ def test_graph_io_names_and_dynamic_axes(decode):
     model, result, ort_model = decode
     layers = model.config.num_hidden_layers
     assert ort_model.kv_cache
-    assert ort_model.input_names == ["input_ids"] + [
+    assert ort_model.input_names == ["input_ids", "attention_mask"] + [
         f"past_{kv}_{i}" for i in range(layers) for kv in ("key", "value")
     ]
     assert ort_model.output_names[0] == "logits"
@@ -72,7 +73,8 @@ def test_graph_io_names_and_dynamic_axes(decode):
     ]
     g = onnx.load(str(result.path), load_external_data=False).graph
     assert _dims(g.input[0]) == ["batch", "seq"]
-    assert _dims(g.input[1]) == ["batch", 2, "past_seq", 16]  # 2 kv heads, head_dim 16
+    assert _dims(g.input[1]) == ["batch", "total"]  # past_seq + seq
+    assert _dims(g.input[2]) == ["batch", 2, "past_seq", 16]  # 2 kv heads, head_dim 16
     assert _dims(g.output[0]) == ["batch", "seq", 256]
 
 
@@ -124,6 +126,68 @@ def test_greedy_generation_matches_hf_generate(decode):
     assert got.shape == (1, 18)
     assert torch.equal(got, ref)
     assert torch.equal(ort_model.generate(prompt, 0), prompt)
+
+
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(decode):
+    """Prompts of different lengths in one batch, left-padded under their attention mask:
+    ONNX Runtime's greedy tokens are HF ``generate()``'s on the same batch and each row's are
+    those of its prompt alone; the real positions' prefill logits are the unpadded prompt's."""
+    model, _, ort_model = decode
+    ids, mask = left_padded(11, (9, 4, 6))
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                         pad_token_id=0)  # fmt: skip
+    got = ort_model.generate(ids, 8, attention_mask=mask)
+    assert torch.equal(got, ref)
+    for r in range(3):
+        alone = ids[r : r + 1, int((mask[r] == 0).sum()) :]
+        assert torch.equal(got[r, -8:], ort_model.generate(alone, 8)[0, -8:])
+    logits, _ = ort_model.step(ids, attention_mask=mask)
+    with torch.no_grad():
+        alone = model(ids[1:2, 5:]).logits[0].numpy()
+    np.testing.assert_allclose(logits[1, 5:], alone, atol=ATOL, rtol=0)
+    np.testing.assert_array_equal(ort_model(ids.numpy(), mask.numpy()), logits)  # (ids, mask)
+    # the padded and unpadded graph: an all-ones mask is the default
+    np.testing.assert_array_equal(
+        ort_model.step(ids)[0], ort_model.step(ids, attention_mask=np.ones_like(mask))[0]
+    )
+
+
+def test_generation_ends_rows_at_the_end_token_as_hf_generate(decode):
+    """With ``eos_token_id``, a row that emitted it continues with ``pad_token_id`` and
+    decoding stops once every row has (fewer than ``max_new_tokens`` then): HF ``generate()``'s
+    tokens, padded batch included."""
+    model, _, ort_model = decode
+    ids, mask = left_padded(11, (9, 4, 6))
+    free = ort_model.generate(ids, 10, attention_mask=mask)
+    eos = int(free[1, 9 + 2])  # row 1's third new token ends it; others end later or not
+    want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                          eos_token_id=eos, pad_token_id=7)  # fmt: skip
+    got = ort_model.generate(ids, 10, attention_mask=mask, eos_token_id=eos, pad_token_id=7)
+    assert torch.equal(got, want)
+    assert (got[1, 9 + 3 :] == 7).all() and got.shape[1] <= 9 + 10
+    # every row ending at once stops decoding there
+    first = [int(t) for t in free[:, 9]]
+    short = ort_model.generate(ids, 10, attention_mask=mask, eos_token_id=first)
+    assert short.shape[1] == 9 + 1
+
+
+def test_a_bad_attention_mask_is_refused(decode):
+    _, _, ort_model = decode
+    ids = np.ones((2, 3), np.int64)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 2\); this step needs "
+                       r"\(2, 3\)"):  # fmt: skip
+        ort_model.step(ids, attention_mask=np.ones((2, 2)))
+    with pytest.raises(ValueError, match="values other than 0 and 1"):
+        ort_model.step(ids, attention_mask=np.full((2, 3), 2))
+    _, present = ort_model.step(ids)
+    with pytest.raises(ValueError, match=r"this step needs \(2, 4\)"):  # cached + new tokens
+        ort_model.step(ids[:, :1], present, attention_mask=np.ones((2, 1)))
+    right = np.array([[1, 1, 1], [1, 1, 0]])  # generation would continue after the padding
+    with pytest.raises(ValueError, match=r"row\(s\) 1 do not end in tokens.*pad prompts on the "
+                       "left"):  # fmt: skip
+        ort_model.generate(ids, 2, attention_mask=right)
+    assert ort_model.generate(ids, 2, attention_mask=np.array([[1, 0, 1], [0, 1, 1]])).shape == (
+        2, 5)  # a hole: positions by the running count, as generate() takes it
 
 
 def test_kv_cache_needs_a_causal_lm(tmp_path):
@@ -234,3 +298,111 @@ def test_sliding_window_steps_past_the_window_match_the_full_forward(tmp_path, e
     for t in range(6, 28):
         logits, past = om.step(ids[:, t : t + 1], past)
         np.testing.assert_allclose(logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
+
+
+def test_gemma2_soft_cap_and_sliding_window_under_padding(tmp_path):
+    """Gemma 2 (eager attention: transformers runs it there) with a soft-cap that bites (sharp
+    q/k, cap 2) and a window of 4: the step graph applies the cap as the model does — the
+    export's attention function once dropped it (0.13 off in these logits) — and a left-padded
+    batch generates HF ``generate()``'s tokens, its real positions' logits torch's."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.Gemma2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, max_position_embeddings=128, sliding_window=4,
+                          attn_logit_softcapping=2.0, final_logit_softcapping=1.0)  # fmt: skip
+    model = tf.Gemma2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(15)
+    model.generation_config.eos_token_id = None
+    ids, mask = left_padded(11, (9, 4, 6))
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=pos).logits
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        uncapped = model(ids, attention_mask=mask, position_ids=pos).logits
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = 2.0
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)  # fmt: skip
+    real = mask.bool().numpy()
+    assert (ref - uncapped).abs().numpy()[real].max() > 1e-2  # the cap matters here
+    export_onnx(model, tmp_path / "g2.onnx", (ids[:1, :4],), kv_cache=True)
+    om = ort_session(tmp_path / "g2.onnx", threads=1)
+    got = om.step(ids, attention_mask=mask)[0]
+    np.testing.assert_allclose(got[real], ref.numpy()[real], atol=ATOL, rtol=0)
+    assert torch.equal(om.generate(ids, 6, attention_mask=mask), want)
+
+
+def test_a_graph_without_the_mask_input_runs_unpadded_and_refuses_padding(tmp_path):
+    """A decode-step graph written before the mask input existed (here a stand-in of that
+    layout: ids and a one-layer cache in, logits and the grown cache out) still steps and
+    generates unpadded batches; a mask with padding is refused by name, not dropped."""
+    from onnx import TensorProto, helper
+
+    f, i64 = TensorProto.FLOAT, TensorProto.INT64
+    cache = ["batch", 1, "past", 2]
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["x"], to=f),
+        helper.make_node("Unsqueeze", ["x", "axes"], ["x3"]),  # (batch, seq, 1) "logits"
+        helper.make_node("Concat", ["x3", "x3", "x3"], ["logits"], axis=-1),
+        helper.make_node("Unsqueeze", ["x3", "one"], ["x4"]),  # (batch, 1, seq, 1)
+        helper.make_node("Concat", ["x4", "x4"], ["kv"], axis=-1),
+        helper.make_node("Concat", ["past_key_0", "kv"], ["present_key_0"], axis=2),
+        helper.make_node("Concat", ["past_value_0", "kv"], ["present_value_0"], axis=2),
+    ]
+    graph = helper.make_graph(
+        nodes, "old_step",
+        [helper.make_tensor_value_info("input_ids", i64, ["batch", "seq"]),
+         helper.make_tensor_value_info("past_key_0", f, cache),
+         helper.make_tensor_value_info("past_value_0", f, cache)],
+        [helper.make_tensor_value_info("logits", f, ["batch", "seq", 3]),
+         helper.make_tensor_value_info("present_key_0", f, cache),
+         helper.make_tensor_value_info("present_value_0", f, cache)],
+        [helper.make_tensor("axes", i64, [1], [-1]), helper.make_tensor("one", i64, [1], [1])],
+    )  # fmt: skip
+    path = tmp_path / "old.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    om = ort_session(path, threads=1)
+    assert om.kv_cache and "attention_mask" not in om.input_names
+    ids = np.array([[0, 1, 2], [2, 0, 1]])  # argmax of logits [x, x, x] is 0: tokens 0
+    logits, present = om.step(ids)
+    assert logits.shape == (2, 3, 3) and present[0].shape == (2, 1, 3, 2)
+    assert om.generate(ids, 2).shape == (2, 5)
+    om.step(ids, attention_mask=np.ones((2, 3)))  # all ones: no padding, runs
+    with pytest.raises(ValueError, match="no attention_mask input.*unpadded batches only"):
+        om.generate(ids, 2, attention_mask=np.array([[0, 1, 1], [1, 1, 1]]))
+
+
+def test_gpt_oss_learned_sinks_are_in_the_step_graph(tmp_path):
+    """GPT-OSS hands its attention function learned sink logits (``s_aux``, one per query
+    head): the export's attention takes them as the model's eager function does — dropped, the
+    logits were 0.41 off — and a left-padded batch generates HF ``generate()``'s tokens."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.GptOssConfig(vocab_size=256, hidden_size=64, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+                          sliding_window=4, max_position_embeddings=128,
+                          layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    model = tf.GptOssForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.normal_(0, 2.0)
+    model.generation_config.eos_token_id = None
+    ids, mask = left_padded(11, (9, 4, 6))
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                              pad_token_id=0)  # fmt: skip
+    export_onnx(model, tmp_path / "oss.onnx", (ids[:1, :4],), kv_cache=True)
+    om = ort_session(tmp_path / "oss.onnx", threads=1)
+    real = mask.bool().numpy()
+    got = om.step(ids, attention_mask=mask)[0]
+    np.testing.assert_allclose(got[real], ref.logits.numpy()[real], atol=ATOL, rtol=0)
+    assert torch.equal(om.generate(ids, 6, attention_mask=mask), want)

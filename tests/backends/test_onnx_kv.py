@@ -14,7 +14,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import codes_close, kv_ort_matches_torch, kv_torch_calls
+from _helpers import (
+    codes_close,
+    kv_ort_matches_torch,
+    kv_padded_ort_matches_torch,
+    kv_torch_calls,
+    left_padded,
+)
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -125,6 +131,18 @@ def test_chunked_prefill_and_generate_match_torch(exported):
         np.testing.assert_allclose(dec.step(c), r.numpy(), atol=ATOL, rtol=0)
 
 
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_a_left_padded_batch_matches_torch_generate(exported, name):
+    """Prompts of 13, 5 and 9 tokens left-padded into one batch under their attention mask:
+    the real positions' logits of the prefill and of 30 greedy steps (across flushes; the
+    padding enters the first blocks as it does in torch) are torch's with the same cache
+    forms, and the greedy tokens HF ``generate()``'s."""
+    model, _, dec = exported[name]
+    forms = FORMS_A if name == "A" else FORMS_B
+    ids, mask = left_padded(3, (13, 5, 9))
+    kv_padded_ort_matches_torch(model, dec, forms, ids, mask, steps=30, atol=ATOL)
+
 @pytest.mark.parametrize("tokens", [1, 9, 40, 61])
 def test_cache_bytes_are_what_the_config_prices(exported, tokens):
     """After ``flush()`` the store arrays hold exactly the config's quantized bytes and the
@@ -154,7 +172,10 @@ def test_graph_inputs_and_ops(exported):
     g = onnx.load(str(res.path)).graph
     inputs = {i.name: i for i in g.input}
     elem = onnx.TensorProto
-    assert len(inputs) == 1 + 2 + 12  # two forms: two groups of one layer
+    assert len(inputs) == 2 + 2 + 12  # ids, mask; two forms: two groups of one layer
+    mask = [d.dim_param or d.dim_value for d in inputs["attention_mask"].type.tensor_type.shape.dim]
+    assert inputs["attention_mask"].type.tensor_type.elem_type == elem.INT64
+    assert mask == ["batch", "total"]
     for j, f in FORMS_A.items():
         dims = {}
         for n in STORE_NAMES:
@@ -178,8 +199,9 @@ def test_graph_inputs_and_ops(exported):
     _, res_b, dec_b = exported["B"]
     g_b = onnx.load(str(res_b.path)).graph
     names = [i.name for i in g_b.input]
-    assert names == ["input_ids", "window_0", "window_1", *(f"{n}_0" for n in STORE_NAMES)]
-    stacked = [d.dim_param or d.dim_value for d in g_b.input[1].type.tensor_type.shape.dim]
+    assert names == ["input_ids", "attention_mask", "window_0", "window_1",
+                     *(f"{n}_0" for n in STORE_NAMES)]  # fmt: skip
+    stacked = [d.dim_param or d.dim_value for d in g_b.input[2].type.tensor_type.shape.dim]
     assert stacked[:3] == [2, 2, "batch"]
     assert [idx for _, idx in dec_b.groups] == [[0, 2], [1]]
     assert len(res_b.flush_paths) == 1

@@ -16,7 +16,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _helpers import codes_close, kv_ort_matches_torch, kv_torch_calls, tiny_qwen2_biased
+from _helpers import (
+    codes_close,
+    kv_ort_matches_torch,
+    kv_padded_ort_matches_torch,
+    kv_torch_calls,
+    left_padded,
+    tiny_qwen2_biased,
+)
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -147,6 +154,18 @@ def test_one_token_calls_from_the_start_and_generate(exported):
     np.testing.assert_array_equal(seq, want.numpy())
 
 
+
+@pytest.mark.parametrize("name", ["A", "B"])
+def test_a_left_padded_batch_rotates_rebuilt_keys_at_its_position_ids(exported, name):
+    """Prompts of 13, 5 and 9 tokens left-padded into one batch: the graph rotates the rebuilt
+    keys at the position ids the mask gives, as the torch layer (at cache positions they were
+    0.19 off in these logits); the real positions' logits of the prefill and of 24 greedy steps
+    are torch's with the same forms, the tokens HF ``generate()``'s."""
+    ids, mask = left_padded(3, (13, 5, 9))
+    model, _, dec = exported[name]
+    forms = {"A": FORMS_A, "B": FORMS_B}[name]
+    kv_padded_ort_matches_torch(model, dec, forms, ids, mask, 24, ATOL)
+
 @pytest.mark.parametrize("tokens", [5, 17, 40])
 def test_cache_bytes_are_what_the_config_prices(exported, tokens):
     """After ``flush()`` store + latent window + sink buffer hold the config's bytes (the
@@ -180,7 +199,8 @@ def test_graph_inputs(exported):
 
     names = [i.name for i in g.input]
     store = [f"{p}_{t}_0" for p in ("k", "k_tail", "v", "v_tail") for t in ("codes", "scale", "min")]
-    assert names == ["input_ids", "window_0", "window_1", *store, "sink_0", "sink_1"]
+    assert names == ["input_ids", "attention_mask", "window_0", "window_1", *store, "sink_0",
+                     "sink_1"]  # fmt: skip
     f = FORMS_A[0]
     assert dims("window_0")[1] == [1, "batch", "window_0", 40]
     # key latent: 2 groups × (4 channels at 4 bits + 4 at 2 bits)
@@ -206,7 +226,8 @@ def test_graph_inputs(exported):
     # quantized cache; KIVI's sinks sit in its window
     _, res_b, dec_b = exported["B"]
     names_b = [i.name for i in onnx.load(str(res_b.path)).graph.input]
-    assert names_b[:3] == ["input_ids", "window_0", "window_1"] and "sink_0" not in names_b
+    assert names_b[:4] == ["input_ids", "attention_mask", "window_0", "window_1"]
+    assert "sink_0" not in names_b
     assert dims_of(res_b.path, "window_0")[:2] == [2, "batch"]
     assert [idx for _, idx in dec_b.groups] == [[0, 2], [1]]
     assert res_b.forms == [FORMS_B[i] for i in range(3)]

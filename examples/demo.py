@@ -87,6 +87,7 @@ def main() -> None:
         same = "same tokens as torch" if torch.equal(ort_out, out) else "DIFFERENT tokens"
         print(f"onnxruntime generate() with the KV cache ({same}):",
               tok.decode(ort_out[0], skip_special_tokens=True))
+        padded_batch(small, ort_model, tok)
     save_dir = out_dir / "model"  # a slimfx save holds its own files only: the ONNX sits beside
     slimfx.save(
         small,
@@ -94,6 +95,32 @@ def main() -> None:
         extras={"report.md": lambda p: p.write_text(rep.to_markdown()), "report.png": rep.plot},
     )
     print(f"wrote {save_dir}/: report.md, report.json, plan.json, report.png, model.safetensors")
+
+
+def padded_batch(small, ort_model, tok) -> None:  # noqa: ANN001
+    """Prompts of different lengths in one left-padded batch, in ONNX Runtime and in torch:
+    each row's new tokens against its prompt decoded alone."""
+    texts = ["Rain", "The bushfires near Sydney", "Prime Minister John Howard said on Tuesday"]
+    tok.padding_side = "left"
+    batch = tok(texts, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    kw = dict(eos_token_id=small.generation_config.eos_token_id, pad_token_id=tok.pad_token_id)
+
+    def new(out: torch.Tensor, n: int) -> str:  # the new tokens (an ended row's padding dropped)
+        return tok.decode(out[n:], skip_special_tokens=True)
+
+    ort_rows = [new(g, ids.shape[1]) for g in ort_model.generate(ids, 12, mask, **kw)]
+    torch_rows = [new(g, ids.shape[1]) for g in small.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, **kw)]  # fmt: skip
+    same = {"onnxruntime": 0, "torch": 0}
+    for t, o, p in zip(texts, ort_rows, torch_rows):
+        one = tok(t, return_tensors="pt").input_ids
+        same["onnxruntime"] += o == new(ort_model.generate(one, 12, **kw)[0], one.shape[1])
+        alone = small.generate(one, max_new_tokens=12, do_sample=False, **kw)[0]
+        same["torch"] += p == new(alone, one.shape[1])
+    print(f"{len(texts)} prompts in one left-padded batch (attention_mask), rows = the prompt "
+          f"decoded alone: onnxruntime {same['onnxruntime']}/{len(texts)}, torch "
+          f"{same['torch']}/{len(texts)}; onnxruntime:", " | ".join(ort_rows))
 
 
 if __name__ == "__main__":

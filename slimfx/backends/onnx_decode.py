@@ -34,6 +34,7 @@ __all__ = [
     "DecodeStep",
     "MASK",
     "cache_geometry",
+    "cache_inputs",
     "check_left_padded",
     "check_mask",
     "empty_past",
@@ -41,6 +42,7 @@ __all__ = [
     "greedy",
     "io_names",
     "is_kv_graph",
+    "mask_feed",
     "mask_kwargs",
     "positions_of",
 ]
@@ -75,16 +77,24 @@ def io_names(layers: int) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def mask_kwargs(model: nn.Module, attention_mask: Tensor, past_length: Any, seq: Any) -> dict:
+def mask_kwargs(
+    model: nn.Module,
+    attention_mask: Tensor,
+    past_length: Any,
+    seq: Any,
+    positions: Tensor | None = None,
+) -> dict:
     """The keyword arguments a step call gives ``model`` for a padding ``attention_mask``
     ``(batch, past_length + seq)``: the mask, and where the model's forward takes
     ``position_ids`` those ``generate()`` derives — the running count of tokens, padding at 0 —
     for the call's ``seq`` positions (a model without the argument, e.g. BLOOM's ALiBi, reads
-    the mask itself). The mask's length is tied to the cache's for the export."""
+    the mask itself; ``positions``: every token's, :func:`positions_of` the mask, when the
+    caller has them). The mask's length is tied to the cache's for the export."""
     torch._check(attention_mask.shape[1] == past_length + seq)
     kw: dict[str, Tensor] = {"attention_mask": attention_mask}
     if "position_ids" in inspect.signature(model.forward).parameters:
-        kw["position_ids"] = positions_of(attention_mask)[:, past_length:]
+        pos = positions_of(attention_mask) if positions is None else positions
+        kw["position_ids"] = pos[:, past_length:]
     return kw
 
 
@@ -207,8 +217,27 @@ class DecodeStep(nn.Module):
 def is_kv_graph(input_names: Sequence[str]) -> bool:
     """True when a graph's inputs are those of a decode-step export (with or without the
     mask input of :data:`MASK`)."""
-    names = [n for n in input_names[1:] if n != MASK]
+    names = cache_inputs(input_names)
     return bool(names) and names[0] == f"{PAST_KEY}0"
+
+
+def cache_inputs(input_names: Sequence[str]) -> list[str]:
+    """A decode-step graph's cache inputs, in order: every input after the ids but the mask."""
+    return [n for n in input_names[1:] if n != MASK]
+
+
+def mask_feed(input_names: Sequence[str], mask: np.ndarray, graph: str) -> dict[str, np.ndarray]:
+    """The feed of a step's ``mask`` (:func:`check_mask`) to the graph ``graph`` with
+    ``input_names``: the mask input's; a graph exported before it existed takes none, and
+    refuses a mask with padding rather than dropping it."""
+    if MASK in input_names:
+        return {MASK: mask}
+    if not mask.all():
+        raise ValueError(
+            f"{graph} has no attention_mask input (exported by an earlier slimfx): it runs "
+            "unpadded batches only; export it again for padded ones"
+        )
+    return {}
 
 
 def empty_feeds(session: Any, batch: int) -> dict[str, np.ndarray]:

@@ -271,7 +271,7 @@ class _Step(nn.Module):
             torch._check(la.get_seq_length() == first.get_seq_length())
         cache = Cache(layers=layers)
         kw = onnx_decode.mask_kwargs(model, attention_mask, first.get_seq_length(),
-                                     input_ids.shape[1])  # fmt: skip
+                                     input_ids.shape[1], positions)  # fmt: skip
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kw)
         present, present_sinks = [], []
         for (f, idx), win in zip(self.groups, windows):

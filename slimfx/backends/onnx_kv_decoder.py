@@ -198,16 +198,9 @@ class OrtKVDecoder:
             new = np.ones((self.batch, arr.shape[1]), np.int64)
             attention_mask = np.concatenate([self.attention_mask, new], axis=1)
         mask = onnx_decode.check_mask(attention_mask, self.batch, self.seq_length + arr.shape[1])
-        if onnx_decode.MASK not in self.input_names and not mask.all():
-            raise ValueError(
-                f"{self.path.name} has no attention_mask input (exported by an earlier slimfx): "
-                "it runs unpadded batches only; export it again for padded ones"
-            )
+        feeds = {"input_ids": arr, **onnx_decode.mask_feed(self.input_names, mask, self.path.name)}
         self.flush()
-        feeds: dict[str, np.ndarray] = {"input_ids": arr}
-        names = iter(n for n in self.input_names[1:] if n != onnx_decode.MASK)
-        if onnx_decode.MASK in self.input_names:
-            feeds[onnx_decode.MASK] = mask
+        names = iter(onnx_decode.cache_inputs(self.input_names))
         held = [*self.windows, *(a for st in self.stores for a in st or ())]
         held += [sk for sk in self.sinks if sk is not None]
         for a in held:

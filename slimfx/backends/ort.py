@@ -73,7 +73,7 @@ class OrtModel:
                 f"{self.path.name} has no KV-cache inputs; export it with kv_cache=True"
             )
         arr = _ids_array(ids)
-        cache_names = [n for n in self.input_names[1:] if n != onnx_decode.MASK]
+        cache_names = onnx_decode.cache_inputs(self.input_names)
         if past is None:
             feeds = self.empty_cache(arr.shape[0])
         else:
@@ -85,13 +85,7 @@ class OrtModel:
         feeds[self.input_names[0]] = arr
         past_len = feeds[cache_names[0]].shape[2] if cache_names else 0
         mask = onnx_decode.check_mask(attention_mask, arr.shape[0], past_len + arr.shape[1])
-        if onnx_decode.MASK in self.input_names:
-            feeds[onnx_decode.MASK] = mask
-        elif not mask.all():
-            raise ValueError(
-                f"{self.path.name} has no attention_mask input (exported by an earlier slimfx): "
-                "it runs unpadded batches only; export it again for padded ones"
-            )
+        feeds.update(onnx_decode.mask_feed(self.input_names, mask, self.path.name))
         out = self.session.run(None, feeds)
         return out[0], out[1:]
 

@@ -240,14 +240,16 @@ def mask_feed(input_names: Sequence[str], mask: np.ndarray, graph: str) -> dict[
     return {}
 
 
-def empty_feeds(session: Any, batch: int) -> dict[str, np.ndarray]:
+def empty_feeds(session: Any, batch: int, int8: bool = False) -> dict[str, np.ndarray]:
     """Empty cache inputs for an ONNX Runtime session of a decode-step graph, in the element
-    type each input declares (``tensor(float)``, ``tensor(float16)``)."""
+    type each input declares (``tensor(float)``, ``tensor(float16)``; ``tensor(int8)`` — an
+    int8 latent's codes — with ``int8``, else fed as float)."""
+    types = {"tensor(float16)": np.float16, **({"tensor(int8)": np.int8} if int8 else {})}
     feeds = {}
     for inp in session.get_inputs()[1:]:
         if inp.name == MASK:
             continue
         _, kv_heads, _, head_dim = inp.shape
-        dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
+        dtype = types.get(inp.type, np.float32)
         feeds[inp.name] = np.zeros((batch, kv_heads, 0, head_dim), dtype=dtype)
     return feeds

@@ -4,7 +4,8 @@
 ``export_onnx_kv(model, path)`` writes two kinds of graph:
 
 - the **step graph** ``path``: ``input_ids (batch, seq)``, ``attention_mask (batch, cached +
-  seq)`` (Hugging Face's padding mask, as in :mod:`slimfx.backends.onnx_decode`) and, per group ``j`` of layers
+  seq)`` (Hugging Face's padding mask, as in :mod:`slimfx.backends.onnx_decode`) and, per
+  group ``j`` of layers
   sharing a form (in the order of first appearance; one tensor per group, not per layer:
   ``torch.export`` and the ONNX translation slow down sharply with the number of dynamic
   inputs), the 16-bit window ``window_j`` ``(layers, 2, batch, kv_heads, W, head_dim)`` (keys

@@ -22,8 +22,8 @@ Inside, every converted block is the absorbed form written with plain ops: the q
 and the per-head key-space map (MatMul), RoPE on the kept entries (Gather of cos/sin, Mul, Add),
 the latent and RoPE-key projections (MatMul), ``q_lat = q_nope W_uk`` (MatMul), scores
 ``q_rope k_ropeᵀ + q_lat cᵀ`` (two MatMul over the latent cache: keys and values are never
-rebuilt), the model's causal and padding mask, Softmax, ``ctx = p c`` (MatMul over the latent), the
-value up-projection per head (MatMul) and ``o_proj`` (MatMul). The int8 latent is quantized
+rebuilt), the model's causal and padding mask, Softmax, ``ctx = p c`` (MatMul over the
+latent), the value up-projection per head (MatMul) and ``o_proj`` (MatMul). The int8 latent is quantized
 (per-token scale, Round, Clip, Cast) and dequantized (Cast, Mul) in the graph exactly as in
 torch.
 """
@@ -187,13 +187,7 @@ class LatentOrtModel(OrtModel):
     def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
         """The cache inputs of a prefill, empty, in each input's declared type (int8 codes
         included)."""
-        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-                 "tensor(int8)": np.int8}  # fmt: skip
-        return {
-            inp.name: np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype=types[inp.type])
-            for inp in self.session.get_inputs()[1:]
-            if inp.name != onnx_decode.MASK
-        }
+        return onnx_decode.empty_feeds(self.session, batch, int8=True)
 
 
 class MLAExportBlock(nn.Module):

@@ -18,12 +18,13 @@ a group ``j`` of such layers sharing a form carries
 
   with ``w`` the segment's channels over all head groups;
 - with ``sink > 0``, ``sink_j`` ``(layers, 2, batch, kv_heads, sink, head_dim)``: the exact
-  rotated keys (``[:, 0]``) and values of the first ``sink`` tokens. Its length is fixed, so
-  the graph has no shape-dependent branch: the attention module computes the exact K/V of every
-  token of the call, and :meth:`ExportLatentLayer.merge_sinks` takes, for the first ``sink``
-  cache positions, the held entry (a past token) or the call's (a token of this call) by a
-  gather over positions; ``present_sink_j`` returns the buffer with this call's sink tokens
-  written (entries of positions not reached yet are unspecified and never read).
+  rotated keys (``[:, 0]``) and values of each row's first ``sink`` real tokens (slot ``j``:
+  the row's ``j``-th token that is not padding, :mod:`slimfx.forms.kv.sinks`). Its length is
+  fixed, so the graph has no shape-dependent branch: the attention module computes the exact
+  K/V of every token of the call, and :meth:`ExportLatentLayer.merge_sinks` takes, for each
+  row's sink columns (read from the padding mask), the held slot (a past token) or the call's
+  (a token of this call) by per-row gathers; ``present_sink_j`` returns the buffer with this
+  call's sink tokens written (slots of tokens not reached yet are unspecified, never read).
 
 Keys are rebuilt from the latent and rotated with cos/sin of each cached token's position id
 — the running count of tokens in the step's padding mask, as the torch layer records the
@@ -43,8 +44,8 @@ from transformers.cache_utils import DynamicLayer
 
 from slimfx.forms.kv.cache import latent_segments
 from slimfx.forms.kv.config import KVDecision, KVLatentQuantConfig, KVLowRankConfig
-from slimfx.forms.kv.lowrank import merge_sinks
 from slimfx.forms.kv.numerics import _minmax, join_latent, split_latent
+from slimfx.forms.kv.sinks import merge_sinks, real_columns
 
 __all__ = [
     "LATENT_FORMS",
@@ -244,11 +245,12 @@ class ExportLatentLayer(DynamicLayer):
         return self.new
 
     def merge_sinks(
-        self, k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Rebuilt K/V with the first ``sink`` positions exact (``lowrank.merge_sinks``);
-        sets ``present_sink``."""
+        self, k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor, mask: Any
+    ) -> tuple[Tensor, Any]:
+        """Rebuilt K/V with each row's sink tokens exact (``sinks.merge_sinks``, the real
+        tokens read from the model's ``mask``); sets ``present_sink``."""
         assert self.sink is not None
-        n0 = self.get_seq_length()
-        k, v, self.present_sink = merge_sinks(k, v, ek, ev, self.sink, n0, self.form.sink)
+        n0, S = self.get_seq_length(), k.shape[2]
+        real = real_columns(mask, k.shape[0], S, S)
+        k, v, self.present_sink = merge_sinks(k, v, ek, ev, self.sink, n0, self.form.sink, real)
         return k, v

@@ -246,6 +246,10 @@ def _rope_dim(config: Any, head_dim: int, layer_idx: int | None = None) -> int:
             return 0
     params = getattr(config, "rope_parameters", None)
     params = params if isinstance(params, dict) else {}
+    if params and all(isinstance(v, dict) for v in params.values()):  # per layer type (Gemma 3)
+        types = getattr(config, "layer_types", None) or ()
+        kind = types[layer_idx] if layer_idx is not None and layer_idx < len(types) else None
+        params = params.get(kind) or next(iter(params.values()))
     if getattr(config, "rope_theta", None) is None and params.get("rope_theta") is None:
         return 0
     factor = getattr(config, "partial_rotary_factor", None) or params.get("partial_rotary_factor")
@@ -305,7 +309,8 @@ MHA_REASON = (
     "encoding, q/k/v fused in in_proj_weight): there is no cache to compress"
 )
 _PROJS = ("q_proj", "k_proj", "v_proj", "o_proj")
-_QK_NORMS = ("q_norm", "k_norm", "q_layernorm", "k_layernorm")
+#: per-head (or per-width) q/k norm attributes, the keys' first (the site names the first found)
+_QK_NORMS = ("k_norm", "k_layernorm", "key_layernorm", "q_norm", "q_layernorm", "query_layernorm")
 
 #: the attention variants a form may refuse, named for ``attention_variant_reasons``.
 ATTENTION_VARIANTS = ("no_rope", "partial_rotary", "qk_norm", "sliding_window", "softcap")

@@ -159,12 +159,17 @@ def test_one_token_calls_from_the_start_and_generate(exported):
 def test_a_left_padded_batch_rotates_rebuilt_keys_at_its_position_ids(exported, name):
     """Prompts of 13, 5 and 9 tokens left-padded into one batch: the graph rotates the rebuilt
     keys at the position ids the mask gives, as the torch layer (at cache positions they were
-    0.19 off in these logits); the real positions' logits of the prefill and of 24 greedy steps
-    are torch's with the same forms, the tokens HF ``generate()``'s."""
+    0.19 off in these logits), and keeps each row's own first tokens as its sinks, as the torch
+    layer; the real positions' logits of the prefill and of 24 greedy steps are torch's with the
+    same forms, the tokens HF ``generate()``'s, also with the prefill in chunks of 4."""
     ids, mask = left_padded(3, (13, 5, 9))
     model, _, dec = exported[name]
     forms = {"A": FORMS_A, "B": FORMS_B}[name]
-    kv_padded_ort_matches_torch(model, dec, forms, ids, mask, 24, ATOL)
+    got = kv_padded_ort_matches_torch(model, dec, forms, ids, mask, 24, ATOL)
+    # a chunked prefill: the 5-token row's first two chunks are all padding, its sinks come later
+    chunked = dec.generate(ids, 24, attention_mask=mask, prefill_chunk=4, pad_token_id=0,
+                           eos_token_id=model.generation_config.eos_token_id)  # fmt: skip
+    np.testing.assert_array_equal(chunked, got)
 
 @pytest.mark.parametrize("tokens", [5, 17, 40])
 def test_cache_bytes_are_what_the_config_prices(exported, tokens):

@@ -270,3 +270,46 @@ def test_the_replay_caps_only_where_the_function_it_stands_in_for_does():
         assert model.config._attn_implementation == impl  # restored
     torch.testing.assert_close(out["sdpa"], out["sdpa no cap"])
     assert (out["eager"] - out["eager no cap"]).abs().max() > 1e-2
+
+
+def test_partial_rotary_blocks_take_a_low_rank_cache():
+    """StableLM rotates 4 of each head's 16 dims: the low-rank cache rebuilds the keys before
+    RoPE and rotates those 4 as the block does, so the full-rank rewrite generates the model's
+    tokens and logits on a left-padded batch, and a kv budget plans low-rank caches there
+    (before, the planner refused them as "partial RoPE")."""
+    import transformers as tf
+
+    from slimfx.forms.kv.calibrate import attention_grams, fit_site
+    from slimfx.forms.kv.config import KVLowRankConfig
+    from slimfx.forms.kv.lowrank import apply_lowrank_kv
+
+    def build():  # noqa: ANN202
+        torch.manual_seed(0)
+        cfg = tf.StableLmConfig(**_SMALL, partial_rotary_factor=0.25, pad_token_id=0)
+        return tf.StableLmForCausalLM(cfg).eval()
+
+    model, ref = build(), build()
+    sites, _ = inspect_attention_sites(model)
+    assert [s.rope_dim for s in sites] == [4, 4]
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(3, 256, (1, 40), generator=g) for _ in range(3)]
+    full = KVLowRankConfig(32, 32, 1, sink=2)  # every k/v dim: the block itself
+    grams = attention_grams(model, sites, calib)
+    factors = {s.fqn: fit_site(model, s, grams[s.fqn], full) for s in sites}
+    apply_lowrank_kv(model, sites, {s.fqn: full for s in sites}, factors)
+    ids = torch.randint(3, 256, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, attention_mask=mask,
+              output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        got = model.generate(ids, past_key_values=KVCache.for_model(model, full), **kw)
+        want = ref.generate(ids, **kw)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4,
+                               rtol=1e-4)  # fmt: skip
+    out = slimfx.optimize(build(), Budget(kv=0.5), calibration=calib, progress=False,
+                          kv_forms=[KVLowRankConfig(12, 12, 1)])  # fmt: skip
+    rep = slimfx.report_of(out)
+    assert [(k.status, bool(k.owns)) for k in rep.kv_sites] == [("applied", True)] * 2
+    assert out.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False).shape == (2, 14)

@@ -51,6 +51,7 @@ from slimfx.forms.kv.numerics import (
     quantize_values,
     split_latent,
 )
+from slimfx.forms.kv.sinks import merge_sinks, real_columns
 from slimfx.kernels.kv_attention.folded import hides_tokens  # re-exported: the caches' mask test
 
 __all__ = [
@@ -271,14 +272,17 @@ class _LatentSide:
     """Side tensors of the latent layers, batch first: ``positions`` ``(B, T)`` of every cached
     token (the rewritten attention rotates the rebuilt keys with them) and, when the form keeps
     sink tokens, their exact post-RoPE keys and values ``sink_keys`` / ``sink_values``
-    ``(B, Hkv, sink, D)``."""
+    ``(B, Hkv, sink, D)``: slot ``j`` holds the row's ``j``-th real token (:mod:`.sinks`)."""
 
     positions: Tensor | None
     sink_keys: Tensor | None
     sink_values: Tensor | None
+    config: Any
 
     def _init_side(self) -> None:
         self.positions = self.sink_keys = self.sink_values = None
+        self.sinks_full = False  # every row's sink slots written (no more exact K/V needed)
+        self._call_start = 0
 
     def _record(self, positions: Tensor | None, key_states: Tensor) -> None:
         if positions is None:
@@ -291,13 +295,43 @@ class _LatentSide:
             else torch.cat([self.positions, positions], 1)
         )
 
-    def add_sink(self, keys: Tensor, values: Tensor) -> None:
-        """Append exact keys/values of sink tokens ``(B, Hkv, n, D)``."""
-        if self.sink_keys is None:
-            self.sink_keys, self.sink_values = keys, values
-        else:
-            self.sink_keys = torch.cat([self.sink_keys, keys], 2)
-            self.sink_values = torch.cat([self.sink_values, values], 2)
+    def sink_span(self, mask: Any, T: int) -> int:
+        """Called before the update: how many of the call's first tokens may be sink tokens
+        of some row (the attention computes their exact K/V, and no more). Without padding
+        that is known from the lengths; with it, from the mask — one device sync per call
+        until every row's slots are written (a row of padding has its sinks later)."""
+        sink = self.config.sink
+        n0 = self._call_start = self.get_seq_length()  # type: ignore[attr-defined]
+        S = n0 + T
+        if self.sinks_full:
+            return 0
+        if not (isinstance(mask, Tensor) and mask.dim() in (2, 4)):
+            self.sinks_full = S >= sink
+            return max(0, min(sink, S) - n0)
+        real = real_columns(mask, mask.shape[0], S, S)
+        count = real.long().cumsum(1)
+        in_call = (real & (count <= sink))[:, n0:].any(0)  # (T,) a sink of some row
+        last = (in_call * torch.arange(1, T + 1, device=mask.device)).max()
+        span, least = torch.stack([last, count[:, -1].min()]).tolist()
+        self.sinks_full = least >= sink
+        return int(span)
+
+    def merge_sinks(
+        self, k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor, mask: Any
+    ) -> tuple[Tensor, Any]:
+        """Rebuilt K/V with each row's sink tokens exact (:func:`.sinks.merge_sinks`; ``ek`` /
+        ``ev``: the first tokens of the call, :meth:`sink_span`); the slots updated."""
+        B, H, S, D = k.shape
+        sink = self.config.sink
+        held = (
+            k.new_zeros(2, B, H, sink, D)
+            if self.sink_keys is None
+            else torch.stack([self.sink_keys, self.sink_values])
+        )
+        real = real_columns(mask, B, S, S)
+        k, v, present = merge_sinks(k, v, ek, ev, held, self._call_start, sink, real)
+        self.sink_keys, self.sink_values = present[0], present[1]
+        return k, v
 
     def update(
         self,

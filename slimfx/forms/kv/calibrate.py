@@ -157,10 +157,11 @@ def attention_grams(
 def fit_site(model: nn.Module, site: AttentionSite, gram: Tensor, config: Any) -> dict[str, Tensor]:
     """Low-rank factors of ``site``'s k/v projections for a ``KVLowRankConfig`` or
     ``KVLatentQuantConfig`` (``config.method`` picks the output weighting)."""
+    from slimfx.forms.kv.candidates import cache_only_reason
     from slimfx.forms.kv.numerics import fit_lowrank_kv, key_output_weight, value_output_weight
 
     lr = getattr(config, "lowrank", config)
-    why = lr.check(site.site_shape)
+    why = cache_only_reason(site) if site.cache_only else lr.check(site.site_shape)
     if why:
         raise ValueError(f"{site.fqn}: {why}")
     mods = dict(model.named_modules())

@@ -134,7 +134,13 @@ def kv_costs(
     return out
 
 
-def _why_not(config: KVDecision, site: AttentionSite, sites: set[str] | None) -> str | None:
+def site_refusal(
+    config: KVDecision, site: AttentionSite, sites: set[str] | None = None
+) -> str | None:
+    """Why ``site`` cannot take ``config`` (``None``: it can): the form's own shape check, then,
+    for a form that rewrites the block (low-rank caches), what the rewritten block would not
+    compute as the original does; ``sites``: the problem's linear sites (a rewriting form owns
+    the k/v projections, which must be among them)."""
     why = config.check(site.site_shape)
     if why or not config.owns:
         return why
@@ -147,11 +153,10 @@ def _why_not(config: KVDecision, site: AttentionSite, sites: set[str] | None) ->
         )
     if site.qk_norm is not None:
         return (
-            f"keys pass through the per-head {site.qk_norm} after k_proj: they are not linear in "
-            "the hidden state, so a low-rank cache cannot rebuild them"
+            f"the block normalizes its queries/keys per head ({site.qk_norm}) after the "
+            "projections: normalized keys are not linear in the hidden state, so a low-rank "
+            "cache cannot rebuild them"
         )
-    if site.rope_dim not in (0, site.head_dim):
-        return "partial RoPE: the low-rank cache rotates every key dim it rebuilds"
     missing = [r for r in config.owns if sites is not None and site.projection(r) not in sites]
     if missing:
         return (
@@ -229,7 +234,7 @@ def kv_site_options(
     refused: dict[str, str] = {}
     chosen: list[KVDecision] = []
     for c in default_kv_forms(shape) if forms is None else forms:
-        why = _why_not(c, site, linear_sites)
+        why = site_refusal(c, site, linear_sites)
         if why:
             refused[c.short()] = why
         elif c not in chosen:

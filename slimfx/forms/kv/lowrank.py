@@ -11,15 +11,16 @@ stores latent and positions; on every call the module rebuilds K from the whole 
 unchanged. Keys are therefore rebuilt *before* RoPE, as Palu requires: a post-RoPE key is not
 low rank in a fixed basis. With no cache (``use_cache=False``) the latent of the call is used.
 
-Sink tokens (``form.sink > 0``): the module keeps the original ``k_proj`` / ``v_proj``; for the
-first ``sink`` tokens of the sequence it computes their exact K (rotated) and V, hands them to
-the cache layer (``add_sink``), and on every read they replace the rebuilt K/V of those
-positions. Their latent is cached too, so the latent stays one row per token. "The first
-tokens of this call that are sinks" depends on the cached length — a branch one exported graph
-cannot hold — so with a branch-free cache layer (one with ``merge_sinks``: the ONNX export's,
-:mod:`slimfx.backends.onnx_kv_latent`, and the static caches for torch.compile) the module
-computes every call token's exact K/V and the layer puts the first ``sink`` positions' in
-place by a gather over positions.
+Sink tokens (``form.sink > 0``): the module keeps the original ``k_proj`` / ``v_proj``; for
+each row's first ``sink`` real tokens (not padding: a left-padded row's first tokens sit after
+its padding) it computes their exact K (rotated) and V, the cache layer holds them in ``sink``
+slots per row, and on every read they replace the rebuilt K/V of their columns
+(:mod:`slimfx.forms.kv.sinks`: the real columns read from the model's attention mask, per-row
+gathers, no shape-dependent branch). Their latent is cached too, so the latent stays one row
+per token. The dynamic layer (``sink_span``) has the module compute the exact K/V of only the
+call's tokens that may be sinks; the branch-free ones (the ONNX export's,
+:mod:`slimfx.backends.onnx_kv_latent`, and the static caches for torch.compile) take every
+call token's, which one graph serves for every call.
 
 Rebuilding costs ``O(context · rank · kv_dim)`` per step. A one-token (decode) call absorbs
 the value up-projection: the attention weights contract with the value latent and each head's
@@ -39,9 +40,10 @@ from torch import Tensor, nn
 
 from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.simulate import apply_rope, rebuild, rope_of
+from slimfx.forms.kv.sinks import Sinks, merge_sinks, real_columns
 from slimfx.ir.sites import AttentionSite
 
-__all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary", "merge_sinks"]
+__all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary"]
 
 
 class LowRankKVAttention(nn.Module):
@@ -112,22 +114,13 @@ class LowRankKVAttention(nn.Module):
         if past_key_values is not None:
             layers = getattr(past_key_values, "layers", [])
             layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
-        # a branch-free cache layer (the ONNX export's, the static ones) merges the sinks
-        # without a shape-dependent branch: it takes every call token's exact K/V and keeps
-        # those of the first ``sink`` positions
-        branchless = hasattr(layer, "merge_sinks")
-        sink_k = sink_v = None
-        if branchless and self.sink:
-            sink_k, sink_v = self._exact(hidden_states, cos, sin)
-        elif not branchless:
-            n0 = layer.get_seq_length() if hasattr(layer, "positions") else 0
-            need = max(0, min(self.sink, n0 + T) - n0)  # this call's tokens that are sinks
-            if need:
-                sink_k, sink_v = self._exact(hidden_states[:, :need], cos[:, :need], sin[:, :need])
-                if hasattr(layer, "add_sink"):
-                    layer.add_sink(sink_k, sink_v)
-            if hasattr(layer, "add_sink") and layer.sink_keys is not None:
-                sink_k, sink_v = layer.sink_keys, layer.sink_values
+        ek = ev = None
+        if self.sink:  # the exact K/V of the call's tokens that may be sinks (module docstring)
+            m = layer.sink_span(attention_mask, T) if hasattr(layer, "sink_span") else T
+            whole = m is T or (isinstance(m, int) and isinstance(T, int) and m >= T)
+            h, c, s = (hidden_states, cos, sin) if whole else (
+                hidden_states[:, :m], cos[:, :m], sin[:, :m])  # fmt: skip
+            ek, ev = self._exact(h, c, s)
         if past_key_values is not None:
             if position_ids is None:
                 raise ValueError("LowRankKVAttention needs position_ids with a cache")
@@ -141,9 +134,13 @@ class LowRankKVAttention(nn.Module):
         k = rebuild(lk.squeeze(1), self.k_up, self.k_bias)
         S = k.shape[1]
         k = apply_rope(k.view(B, S, -1, hd).transpose(1, 2), cos, sin)
-        ns = 0 if branchless or sink_k is None else sink_k.shape[2]
-        if ns:  # the first tokens' exact K/V replace their rebuilt ones
-            k = torch.cat([sink_k.to(k.dtype), k[:, :, ns:]], dim=2)
+        sinks = None
+        if ek is not None and layer is None:  # no cache: the call's own first tokens
+            held = k.new_zeros(2, B, k.shape[1], self.sink, hd)
+            real = real_columns(attention_mask, B, S, S)
+            k, sinks, _ = merge_sinks(k, None, ek, ev, held, 0, self.sink, real)
+        elif ek is not None:
+            k, sinks = layer.merge_sinks(k, None, ek, ev, attention_mask)
         mask_ok = attention_mask is None or (
             isinstance(attention_mask, Tensor) and attention_mask.dim() == 4
         )  # the absorbed path reads a 4-D additive / boolean mask
@@ -151,58 +148,48 @@ class LowRankKVAttention(nn.Module):
         fn = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        if branchless and absorb:
-            out = self._branchless_step(fn, q, k, lv.squeeze(1), layer, sink_k, sink_v,
-                                        attention_mask, kwargs)  # fmt: skip
-            return self.o_proj(out.reshape(B, T, -1)), None
-        if absorb and T == 1:  # (no dropout)
-            out = self._absorbed(q, k, lv.squeeze(1), attention_mask, sink_v if ns else None)
+        if absorb:
+            out = self._step(fn, q, k, lv.squeeze(1), sinks, attention_mask, kwargs)
             return self.o_proj(out.reshape(B, T, -1)), None
         v = rebuild(lv.squeeze(1), self.v_up, self.v_bias).view(B, S, -1, hd).transpose(1, 2)
-        if branchless and sink_k is not None:
-            k, v = layer.merge_sinks(k, v, sink_k, sink_v)
-        elif ns:
-            v = torch.cat([sink_v.to(v.dtype), v[:, :, ns:]], dim=2)
+        if sinks is not None:
+            v = sinks.merge_values(v)
         out, weights = fn(
             self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **kwargs
         )
         out = out.reshape(B, T, -1).contiguous()
         return self.o_proj(out), weights
 
-    def _branchless_step(
-        self, fn: Any, q: Tensor, k: Tensor, lv: Tensor, layer: Any, sink_k: Tensor | None,
-        sink_v: Tensor | None, mask: Tensor | None, kwargs: dict[str, Any],
+    def _step(
+        self, fn: Any, q: Tensor, k: Tensor, lv: Tensor, sinks: Sinks | None,
+        mask: Tensor | None, kwargs: dict[str, Any],
     ) -> Tensor:  # fmt: skip
-        """A branch-free layer's step (ONNX export, static caches): the sinks' exact keys put in
-        place, then one-token calls attend absorbed (:meth:`_absorbed`) and longer calls over
-        rebuilt values. Where the call length is symbolic (an exported graph for every length)
-        the choice is a ``torch.cond`` — an ``If`` in ONNX — else a Python branch. Returns
-        ``(B, T, Hq, D)``."""
+        """One call over keys ``k`` (sinks in place) and the value latent ``lv``: one-token
+        calls attend absorbed (:meth:`_absorbed`), longer calls over rebuilt values (the
+        sinks' exact ones merged). Where the call length is symbolic (an exported graph for
+        every length) the choice is a ``torch.cond`` — an ``If`` in ONNX — else a Python
+        branch. Returns ``(B, T, Hq, D)``."""
         B, Hq, T, D = q.shape
-        head = None  # the sinks' exact values, positions 0 … sink−1 (those ≥ S unspecified)
-        if sink_k is not None:
-            k, head = layer.merge_sinks(k, None, sink_k, sink_v)
-        extra = [t for t in (head, mask) if t is not None]
+        n_sinks = 0 if sinks is None else len(sinks)
+        extra = [*(sinks or ()), *([] if mask is None else [mask])]
 
-        def split(rest: tuple[Tensor, ...]) -> tuple[Tensor | None, Tensor | None]:
-            it = iter(rest)
-            return (None if head is None else next(it)), (None if mask is None else next(it))
+        def split(rest: tuple[Tensor, ...]) -> tuple[Sinks | None, Tensor | None]:
+            s = Sinks(*rest[:n_sinks]) if n_sinks else None
+            return s, (rest[n_sinks] if mask is not None else None)
 
         def flat(out: Tensor) -> Tensor:  # (B, T, Hq, D) → a fresh dense (B·T, Hq·D)
             return out.reshape(-1, Hq * D).clone(memory_format=torch.contiguous_format)
 
         def absorbed(q: Tensor, k: Tensor, lv: Tensor, *rest: Tensor) -> Tensor:
-            h, m = split(rest)
-            return flat(self._absorbed(q, k, lv, m, h))
+            s, m = split(rest)
+            return flat(self._absorbed(q, k, lv, m, s))
 
         def rebuilt(q: Tensor, k: Tensor, lv: Tensor, *rest: Tensor) -> Tensor:
-            h, m = split(rest)
+            s, m = split(rest)
             S = k.shape[2]
             v = rebuild(lv, self.v_up, self.v_bias).view(B, S, -1, D).transpose(1, 2)
-            if h is not None:  # positions < sink take the exact values
-                pos = torch.arange(S, device=v.device)
-                exact = h.to(v.dtype).index_select(2, torch.clamp(pos, max=h.shape[2] - 1))
-                v = torch.where((pos < h.shape[2]).view(1, 1, S, 1), exact, v)
+            if s is not None:
+                v = s.merge_values(v)
             out, _ = fn(self, q, k, v, m, dropout=0.0, scaling=self.scaling, **kwargs)
             return flat(out)
 
@@ -217,18 +204,18 @@ class LowRankKVAttention(nn.Module):
         return out.view(B, T, -1, D)
 
     def _absorbed(
-        self, q: Tensor, k: Tensor, lv: Tensor, mask: Tensor | None, sink_v: Tensor | None
+        self, q: Tensor, k: Tensor, lv: Tensor, mask: Tensor | None, sinks: Sinks | None
     ) -> Tensor:
         """Attention with the value up-projection absorbed: each head's softmax weights
         contract with the value *latent* ``lv`` ``(B, S, rank)`` and the result goes through
         that head's rows of ``v_up`` (+ bias), instead of rebuilding every cached token's V
         (``S·rank·kv_dim`` → ``heads·S·rank`` multiply-adds per query: the decode path).
-        ``q`` ``(B, Hq, T, D)``, ``k`` ``(B, Hkv, S, D)`` with the sinks' exact keys in place,
-        ``sink_v`` ``(B, Hkv, n, D)`` the exact values of positions ``0 … n−1`` (those ≥ S
-        ignored: their weight is 0), which replace the rebuilt ones by a correction over those
-        ``n`` positions — static lengths, no shape-dependent slice; ``mask`` 4-D (``(B, 1, T,
-        ≥S)``) or ``None`` (no mask: a one-token call). Softmax in float32 as transformers'
-        eager attention; equal to it up to rounding (tested). Returns ``(B, T, Hq, D)``."""
+        ``q`` ``(B, Hq, T, D)``, ``k`` ``(B, Hkv, S, D)`` with the sinks' exact keys in place;
+        ``sinks``: the sinks' exact values replace their rebuilt ones by a correction over
+        each row's ``sink`` slots (a slot not cached yet weighs 0) — static lengths, no
+        shape-dependent slice; ``mask`` 4-D (``(B, 1, T, ≥S)``) or ``None`` (no mask: a
+        one-token call). Softmax in float32 as transformers' eager attention; equal to it up to
+        rounding (tested). Returns ``(B, T, Hq, D)``."""
         B, Hq, T, D = q.shape
         Hkv, S = k.shape[1], k.shape[2]
         rep = Hq // Hkv
@@ -244,13 +231,14 @@ class LowRankKVAttention(nn.Module):
         out = torch.einsum("bgjrtz,gjdz->bgjrtd", ctx, up).reshape(B, Hkv, rep, T, D)
         if self.v_bias is not None:  # rebuilt values carry the bias; weights sum to 1
             out = out + self.v_bias.to(q.dtype).view(1, Hkv, 1, 1, D)
-        if sink_v is not None:  # the sinks' exact values replace their rebuilt ones
-            n = sink_v.shape[2]
-            pos = torch.arange(n, device=q.device)
-            at = torch.clamp(pos, max=S - 1)  # positions past S (a short sequence) weigh 0
-            ph = p.index_select(-1, at) * (pos < S).to(p.dtype)
-            vh = rebuild(lv.index_select(1, at), self.v_up, self.v_bias)
-            delta = sink_v.to(q.dtype) - vh.view(B, n, Hkv, D).transpose(1, 2)
+        if sinks is not None:  # the sinks' exact values replace their rebuilt ones
+            n = sinks.col.shape[1]
+            at = sinks.col.clamp(max=S - 1)  # (B, n): each slot's column (uncached: weight 0)
+            ph = p.gather(-1, at.view(B, 1, 1, 1, n).expand(B, Hkv, rep, T, n))
+            ph = ph * sinks.has.to(p.dtype).view(B, 1, 1, 1, n)
+            lat = lv.gather(1, at.unsqueeze(-1).expand(B, n, lv.shape[-1]))
+            vh = rebuild(lat, self.v_up, self.v_bias)
+            delta = sinks.values.to(q.dtype) - vh.view(B, n, Hkv, D).transpose(1, 2)
             out = out + torch.einsum("bhrts,bhsd->bhrtd", ph, delta)
         return out.reshape(B, Hq, T, D).transpose(1, 2)
 
@@ -258,38 +246,10 @@ class LowRankKVAttention(nn.Module):
         """The original projections' K (rotated) and V of ``hidden`` ``(B, n, hidden)``:
         ``(B, Hkv, n, head_dim)`` each."""
         B, n, _ = hidden.shape
-        k = self.k_proj(hidden).view(B, n, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden).view(B, n, -1, self.head_dim).transpose(1, 2)
+        H = self.k_proj.out_features // self.head_dim
+        k = self.k_proj(hidden).view(B, n, H, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden).view(B, n, H, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
-
-
-def merge_sinks(
-    k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor, held: Tensor, n0: Any, sink: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Sink tokens without a shape-dependent branch (the ONNX export's and the static cache's
-    path). ``k`` / ``v`` ``(B, Hkv, S, D)``: K/V rebuilt for cache positions ``0 … S−1``;
-    ``ek`` / ``ev`` ``(B, Hkv, T, D)``: the exact K/V of the call's tokens, at positions
-    ``n0 … n0+T−1`` (``n0``: the cached length before the call, an int, SymInt or 0-dim
-    tensor); ``held`` ``(2, B, Hkv, sink, D)``: the exact K/V of the sink tokens cached before.
-    Returns ``k`` / ``v`` with each position ``p < sink`` exact — ``held[:, …, p]`` for a past
-    token, the call's for this call's — and the sink buffer after the call (entries of
-    positions not reached yet unspecified, never read). ``v=None`` (values kept latent): the
-    returned ``v`` is the exact values of positions ``0 … sink−1`` alone (the buffer's)."""
-    T, S = ek.shape[2], k.shape[2]
-    exact = torch.stack([torch.cat([held[0], ek], 2), torch.cat([held[1], ev], 2)]).to(k.dtype)
-
-    def index(n: int) -> Tensor:  # position p → entry of `exact` (past: p, call: sink+p−n0)
-        p = torch.arange(n, device=k.device)
-        i = torch.where(p < n0, p, p - n0 + sink)
-        return torch.where(i < sink + T, i, torch.zeros_like(i))
-
-    keep = (torch.arange(S, device=k.device) < sink).view(1, 1, S, 1)
-    present = exact.index_select(3, index(sink))
-    if v is None:  # values kept latent: the exact values of positions 0 … sink−1 alone
-        return torch.where(keep, exact[0].index_select(2, index(S)), k), present[1], present
-    full = exact.index_select(3, index(S))
-    k, v = torch.where(keep, full[0], k), torch.where(keep, full[1], v)
-    return k, v, present
 
 
 def find_rotary(model: nn.Module) -> nn.Module:
@@ -307,20 +267,34 @@ def apply_lowrank_kv(
     factors: dict[str, dict[str, Tensor]],
 ) -> list[str]:
     """Replace each site in ``forms`` (by fqn) by :class:`LowRankKVAttention` with its
-    ``factors``; every site is checked before any is replaced, so a refusal leaves the model
-    unchanged. Returns the rewritten fqns."""
+    ``factors``; every site is checked before any is replaced — the form's shape check, the
+    block variants the rewritten block does not compute (``candidates.site_refusal``: q/k
+    norms, soft-capped logits, a cache-only block) and, on a probe call, that the
+    block is the Llama-style attention the rewrite rebuilds (``calibrate.simulation_mismatch``:
+    another RoPE layout) — so a refusal leaves the model unchanged. Returns the rewritten
+    fqns."""
+    from slimfx.forms.kv.calibrate import SIMULATION_TOLERANCE, simulation_mismatch
+    from slimfx.forms.kv.candidates import site_refusal
+
     todo = [s for s in sites if s.fqn in forms]
     if not todo:  # (a model without RoPE may still take quantized caches)
         return []
-    rotary = find_rotary(model)
-    mods = dict(model.named_modules())
     for s in todo:
-        lr = getattr(forms[s.fqn], "lowrank", forms[s.fqn])
-        why = lr.check(s.site_shape)
+        why = site_refusal(forms[s.fqn], s)
         if why:
             raise ValueError(f"{s.fqn}: {why}")
         if s.fqn not in factors:
             raise ValueError(f"{s.fqn}: no low-rank factors given")
+    rotary = find_rotary(model)
+    bad = {f: d for f, d in simulation_mismatch(model, todo).items() if not d <= SIMULATION_TOLERANCE}
+    if bad:
+        f, d = next(iter(bad.items()))
+        raise ValueError(
+            f"{f}: the block's output differs from the Llama-style attention a low-rank cache "
+            f"rebuilds by {d:.1e} (relative, float32, on a probe call: another RoPE layout or "
+            f"attention variant){f' — and {len(bad) - 1} more block(s)' if len(bad) > 1 else ''}"
+        )
+    mods = dict(model.named_modules())
     for s in todo:
         parent, _, child = s.fqn.rpartition(".")
         new = LowRankKVAttention(mods[s.fqn], factors[s.fqn], forms[s.fqn], rotary)

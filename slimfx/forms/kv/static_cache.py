@@ -34,7 +34,8 @@ the call's last token are masked by the static attention mask).
 
 The latent layers also give the low-rank attention (:mod:`.lowrank`) the positions ``0 … M−1``
 and the sink tokens' exact K/V: a ``(2, B, Hkv, sink, D)`` buffer merged by
-``lowrank.merge_sinks`` (no shape-dependent branch), updated in place.
+``sinks.merge_sinks`` (no shape-dependent branch; slot ``j`` holds each row's ``j``-th real
+token), updated in place.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ from slimfx.forms.kv.config import (
     KVLowRankConfig,
     KVQuantConfig,
 )
-from slimfx.forms.kv.lowrank import merge_sinks
+from slimfx.forms.kv.sinks import merge_sinks, real_columns
 
 __all__ = [
     "StaticQuantizedKVLayer",
@@ -311,14 +312,16 @@ class _StaticLatentSide:
         return out
 
     def merge_sinks(
-        self, k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """The sink positions' exact K/V in place of the rebuilt ones; the buffer updated."""
+        self, k: Tensor, v: Tensor | None, ek: Tensor, ev: Tensor, mask: Any
+    ) -> tuple[Tensor, Any]:
+        """Each row's sink tokens' exact K/V in place of the rebuilt ones (``mask``: the
+        model's, which says which slots hold padding); the buffer updated."""
         sink = self.config.sink
+        B, H, S, D = k.shape
         if self.exact_sinks is None:  # the first call: the K/V shapes are known now
-            B, H, _, D = k.shape
             self.exact_sinks = torch.zeros(2, B, H, sink, D, dtype=k.dtype, device=k.device)
-        k, v, present = merge_sinks(k, v, ek, ev, self.exact_sinks, self._start, sink)
+        real = real_columns(mask, B, S, self._start + ek.shape[2])
+        k, v, present = merge_sinks(k, v, ek, ev, self.exact_sinks, self._start, sink, real)
         self.exact_sinks.copy_(present)
         return k, v
 

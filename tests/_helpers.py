@@ -150,6 +150,22 @@ def tiny_qwen2_biased(attn: str = "sdpa", layers: int = 2):  # noqa: ANN201
     return model
 
 
+def lowrank_qwen2(attn: str, forms: list):  # noqa: ANN201
+    """:func:`tiny_qwen2_biased` with layer ``i``'s attention rewritten to the low-rank KV
+    form ``forms[i]`` (factors fitted on three seeded random calibration sequences)."""
+    from slimfx.forms.kv.calibrate import attention_grams, fit_site
+    from slimfx.forms.kv.lowrank import apply_lowrank_kv
+    from slimfx.ir.find import inspect_attention_sites
+
+    model = tiny_qwen2_biased(attn)
+    sites, _ = inspect_attention_sites(model)
+    g = torch.Generator().manual_seed(5)
+    grams = attention_grams(model, sites, [torch.randint(3, 256, (1, 24), generator=g)] * 3)
+    factors = {s.fqn: fit_site(model, s, grams[s.fqn], forms[i]) for i, s in enumerate(sites)}
+    apply_lowrank_kv(model, sites, {s.fqn: forms[i] for i, s in enumerate(sites)}, factors)
+    return model
+
+
 def compiled_static_steps(model, ids, forms, max_len: int, steps: int, backend, atol: float):  # noqa: ANN001, ANN201
     """Prefill ``ids`` eagerly into two ``StaticKVCache`` of ``forms`` (as transformers does),
     then ``steps`` greedy one-token steps of the whole model, eager on one cache and compiled

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import tiny_qwen2_biased
+from _helpers import lowrank_qwen2
 
 from slimfx.forms.kv.cache import KVCache
-from slimfx.forms.kv.calibrate import attention_grams, fit_site
 from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
-from slimfx.forms.kv.lowrank import LowRankKVAttention, apply_lowrank_kv
+from slimfx.forms.kv.lowrank import LowRankKVAttention
 from slimfx.forms.kv.static_cache import StaticKVCache
-from slimfx.ir.find import inspect_attention_sites
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,12 +22,7 @@ FORMS = [
 
 
 def _model(attn: str):
-    model = tiny_qwen2_biased(attn)
-    sites, _ = inspect_attention_sites(model)
-    g = torch.Generator().manual_seed(5)
-    grams = attention_grams(model, sites, [torch.randint(3, 256, (1, 24), generator=g)] * 3)
-    factors = {s.fqn: fit_site(model, s, grams[s.fqn], FORMS[i]) for i, s in enumerate(sites)}
-    apply_lowrank_kv(model, sites, {s.fqn: FORMS[i] for i, s in enumerate(sites)}, factors)
+    model = lowrank_qwen2(attn, FORMS)
     return model
 
 

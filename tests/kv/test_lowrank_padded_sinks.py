@@ -87,6 +87,8 @@ def test_real_columns_and_slots():
     for mask in (m2, m4, add):
         assert real_columns(mask, 2, 5, 5).tolist() == m2.bool().tolist()
     assert real_columns(None, 2, 5, 3).tolist() == [[True] * 3 + [False] * 2] * 2
+    with pytest.warns(UserWarning, match="cannot be read for padding; the sinks are the first"):
+        assert real_columns(object(), 2, 5, 5).all()  # (flex attention's block mask)
     # 2 sinks; columns 0–2 cached before with slot 0 of row 1 written (its column 0)
     k = torch.zeros(2, 1, 5, 1)
     held = torch.full((2, 2, 1, 2, 1), -1.0)
@@ -99,3 +101,18 @@ def test_real_columns_and_slots():
     assert present[0, 1, 0, :, 0].tolist() == [7.0, -1.0]  # row 1: both slots from before
     assert out[0, 0, :, 0].tolist() == [0.0, 0.0, -1.0, 10.0, 0.0]
     assert out[1, 0, :, 0].tolist() == [7.0, 0.0, -1.0, 0.0, 0.0]
+
+
+def test_beam_search_reorders_the_static_sinks():
+    """Beams split while the 2-token row's last sink is still being written: the static
+    layers reorder their sinks' exact K/V and slot positions with the beams (they did not:
+    a beam read another beam's sink, a different token), as the dynamic layers do."""
+    model = _model("sdpa")
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, num_beams=2, num_return_sequences=2, do_sample=False,
+              max_new_tokens=6, pad_token_id=0, return_dict_in_generate=True)  # fmt: skip
+    with torch.no_grad():
+        want = model.generate(ids, past_key_values=KVCache(FORMS), **kw)
+        got = model.generate(ids, past_key_values=StaticKVCache(FORMS, ids.shape[1] + 6), **kw)
+    assert got.sequences.tolist() == want.sequences.tolist()
+    torch.testing.assert_close(got.sequences_scores, want.sequences_scores, atol=1e-5, rtol=0)

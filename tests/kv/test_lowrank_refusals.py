@@ -72,3 +72,21 @@ def test_site_facts_of_per_layer_type_rope_and_renamed_qk_norms():
     assert [s.qk_norm for s in sites] == ["k_norm", "k_norm"]  # the keys' norm named first
     hunyuan = _model("HunYuanDenseV1", head_dim=16)
     assert inspect_attention_sites(hunyuan)[0][0].qk_norm == "key_layernorm"
+
+
+def test_the_probe_runs_at_full_float32_precision(tiny_llama):
+    """Reduced-precision float32 matmuls (TF32 on a GPU, bf16 inner products on an AMX CPU)
+    moved a Llama block's probe by ~3e-3 and refused it as another attention; the probe runs
+    at "highest" and the caller's setting is restored."""
+    sites, _ = inspect_attention_sites(tiny_llama)
+    calib = [torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(5))]
+    grams = attention_grams(tiny_llama, sites, calib)
+    factors = {s.fqn: fit_site(tiny_llama, s, grams[s.fqn], FORM) for s in sites}
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        done = apply_lowrank_kv(tiny_llama, sites, {s.fqn: FORM for s in sites}, factors)
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert done == [s.fqn for s in sites]

@@ -128,13 +128,15 @@ def _install(
     decisions: Mapping[str, KVDecision],
     sites: list[AttentionSite],
     factors: Mapping[str, dict[str, Tensor]],
+    probe: bool = True,
 ) -> list[str]:
     """Swap the low-rank sites' attention for ``LowRankKVAttention`` with ``factors``, mark
-    every compressed site with its form and hook; returns the marked fqns."""
+    every compressed site with its form and hook; returns the marked fqns. ``probe``: check
+    the blocks on a probe call first (``apply_lowrank_kv``)."""
     from .lowrank import apply_lowrank_kv
 
     lowrank = {k: d for k, d in decisions.items() if d.owns}
-    apply_lowrank_kv(model, sites, lowrank, dict(factors))  # type: ignore[arg-type]
+    apply_lowrank_kv(model, sites, lowrank, dict(factors), probe=probe)  # type: ignore[arg-type]
     mods = dict(model.named_modules())
     done = []
     for k, d in decisions.items():
@@ -172,10 +174,11 @@ def empty_kv_like_plan(
     model: nn.Module, decisions: Mapping[str, KVDecision], sites: list[AttentionSite]
 ) -> nn.Module:
     """Give a freshly built ``model`` the modules ``apply_kv_plan`` made (low-rank attention
-    with zero factors of the decided ranks, hooks), so the saved state dict loads into it."""
+    with zero factors of the decided ranks, hooks), so the saved state dict loads into it; no
+    probe call (the weights are not loaded yet: the plan was checked when it was made)."""
     by_fqn = _check(decisions, sites)
     zeros = {k: _zero_factors(model, by_fqn[k], d) for k, d in decisions.items() if d.owns}
-    _install(model, decisions, sites, zeros)
+    _install(model, decisions, sites, zeros, probe=False)
     return model
 
 

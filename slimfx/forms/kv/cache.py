@@ -297,9 +297,10 @@ class _LatentSide:
 
     def sink_span(self, mask: Any, T: int) -> int:
         """Called before the update: how many of the call's first tokens may be sink tokens
-        of some row (the attention computes their exact K/V, and no more). Without padding
-        that is known from the lengths; with it, from the mask — one device sync per call
-        until every row's slots are written (a row of padding has its sinks later)."""
+        of some row (the attention computes their exact K/V, and no more). Without a mask that
+        is known from the lengths; with one (padding, or eager attention's causal mask), from
+        the mask — one device sync per call until every row's slots are written (a padded row
+        gets its sinks later)."""
         sink = self.config.sink
         n0 = self._call_start = self.get_seq_length()  # type: ignore[attr-defined]
         S = n0 + T
@@ -452,7 +453,8 @@ def decode_store(
 
 class QuantizedLatentLayer(_LatentSide, _StoreLayer):
     """The latent of :class:`LatentLayer`, quantized outside the 16-bit window (per token or
-    per channel in blocks, ``config.axis``); the sink tokens' latents stay 16-bit."""
+    per channel in blocks, ``config.axis``); the first ``sink`` columns' latents stay 16-bit
+    (the sinks of an unpadded row; any row's sinks read their exact K/V instead)."""
 
     def __init__(self, config: KVLatentQuantConfig) -> None:
         super().__init__()

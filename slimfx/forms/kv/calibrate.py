@@ -9,7 +9,8 @@ whole call (:class:`~slimfx.forms.kv.replay.BlockCall`, replayed through the blo
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -87,6 +88,24 @@ def capture_attention_inputs(
     return out
 
 
+@contextmanager
+def full_precision() -> Iterator[None]:
+    """float32 matmuls at full precision inside (``"highest"``: no TF32, no bf16 inner
+    products), the caller's setting restored after. A caller who set precision through the
+    per-backend ``fp32_precision`` API (which torch will not read back as one setting) is left
+    as is."""
+    try:
+        before = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        yield
+        return
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 #: the relative difference above which a block is not the one ``simulation_mismatch``
 #: reimplements (float32 rounding gives ~1e-7)
 SIMULATION_TOLERANCE = 1e-4
@@ -110,11 +129,9 @@ def simulation_mismatch(model: nn.Module, sites: list[AttentionSite]) -> dict[st
     :func:`~slimfx.forms.kv.simulate.block_forward`'s dense reimplementation of it ``y_sim``
     (what the candidates are priced with, and what the low-rank block computes) — both in
     float32, on an eval-mode copy of the block. Llama-style blocks differ by rounding (~1e-7);
-    a block whose attention is something else (Cohere's interleaved RoPE pairs) by far more."""
-    import copy
-
-    from .simulate import block_forward
-
+    a block whose attention is something else (Cohere's interleaved RoPE pairs) by far more.
+    Run at full float32 precision (:func:`full_precision`: TF32 / reduced-precision matmuls
+    would differ by ~1e-3 and refuse a Llama block)."""
     todo = [s for s in sites if not s.cache_only and s.sliding_window is None]
     calls: dict[str, tuple[tuple, dict]] = {}
 
@@ -122,8 +139,16 @@ def simulation_mismatch(model: nn.Module, sites: list[AttentionSite]) -> dict[st
         kw = {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS}
         calls.setdefault(fqn, (args, kw))
 
-    with eval_mode(model):
+    with eval_mode(model), full_precision():
         _run(model, todo, [probe_ids(model)], keep)
+        return _mismatch(model, todo, calls)
+
+
+def _mismatch(model: nn.Module, todo: list[AttentionSite], calls: dict) -> dict[str, float]:
+    import copy
+
+    from .simulate import block_forward
+
     mods = dict(model.named_modules())
     out: dict[str, float] = {}
     for s in todo:

@@ -265,14 +265,15 @@ def apply_lowrank_kv(
     sites: list[AttentionSite],
     forms: dict[str, KVLowRankConfig | KVLatentQuantConfig],
     factors: dict[str, dict[str, Tensor]],
+    probe: bool = True,
 ) -> list[str]:
     """Replace each site in ``forms`` (by fqn) by :class:`LowRankKVAttention` with its
     ``factors``; every site is checked before any is replaced — the form's shape check, the
     block variants the rewritten block does not compute (``candidates.site_refusal``: q/k
     norms, soft-capped logits, a cache-only block) and, on a probe call, that the
     block is the Llama-style attention the rewrite rebuilds (``calibrate.simulation_mismatch``:
-    another RoPE layout) — so a refusal leaves the model unchanged. Returns the rewritten
-    fqns."""
+    another RoPE layout; ``probe=False``: not, for a skeleton whose weights are not loaded
+    yet) — so a refusal leaves the model unchanged. Returns the rewritten fqns."""
     from slimfx.forms.kv.calibrate import SIMULATION_TOLERANCE, simulation_mismatch
     from slimfx.forms.kv.candidates import site_refusal
 
@@ -286,7 +287,8 @@ def apply_lowrank_kv(
         if s.fqn not in factors:
             raise ValueError(f"{s.fqn}: no low-rank factors given")
     rotary = find_rotary(model)
-    bad = {f: d for f, d in simulation_mismatch(model, todo).items() if not d <= SIMULATION_TOLERANCE}
+    diff = simulation_mismatch(model, todo) if probe else {}
+    bad = {f: d for f, d in diff.items() if not d <= SIMULATION_TOLERANCE}
     if bad:
         f, d = next(iter(bad.items()))
         raise ValueError(

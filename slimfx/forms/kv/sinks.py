@@ -10,10 +10,16 @@ row's ``j``-th real token. :func:`merge_sinks` writes the call's sink tokens int
 and puts every slot in place of the rebuilt K (and V) of its column — gathers over per-row
 indices, no shape-dependent branch, so one exported graph or one compiled static step serves
 every padding. Without padding slot ``j`` is column ``j``.
+
+Not covered: flex attention's block mask cannot be read as a tensor — the sinks are then the
+first columns, which a left-padded row fills with padding (a warning says so) —, and a 4-D mask
+that packs several sequences in one row keeps only the row's first real tokens exact, not
+each packed sequence's.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, NamedTuple
 
 import torch
@@ -29,13 +35,20 @@ def real_columns(mask: Any, B: int, S: Any, valid: Any) -> Tensor:
     last query row — each row's last token is real (a prompt that ends in padding is refused
     by the drivers) and sees every real token before it under a causal, padding-aware mask; a
     chunk of a left-padded prompt that is all padding sees nothing, and rightly marks nothing.
-    A 2-D padding mask (flash attention's) is read as is. No mask (or one that cannot be read,
-    a flex block mask): the first ``valid`` columns, the tokens written so far."""
+    A 2-D padding mask (flash attention's) is read as is. No mask: the first ``valid`` columns,
+    the tokens written so far; so too a mask that cannot be read (a flex block mask), with a
+    warning."""
     if isinstance(mask, Tensor) and mask.dim() in (2, 4):
         row = mask[:, 0, -1, :S] if mask.dim() == 4 else mask[:, :S]
         if row.dtype != torch.bool:
             row = row > torch.finfo(row.dtype).min / 2 if row.is_floating_point() else row != 0
         return row.expand(B, row.shape[-1])
+    if mask is not None and not isinstance(mask, Tensor):
+        warnings.warn(
+            f"low-rank KV sinks: a {type(mask).__name__} cannot be read for padding; the sinks are "
+            "the first cache columns, which a left-padded row fills with padding",
+            stacklevel=2,
+        )
     cols = torch.arange(S, device=mask.device if isinstance(mask, Tensor) else None)
     return (cols < valid).unsqueeze(0).expand(B, -1)
 

@@ -221,6 +221,14 @@ class _StaticStoreLayer(StaticLayer):
                 t.zero_()
         super().reset()
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: the ring (``keys`` / ``values``, transformers' part), the store and the
+        sink buffer follow the beams, the latter in place."""
+        super().reorder_cache(beam_idx)
+        if self.is_initialized:
+            for t in (*self.store.values(), self.sink_keys, self.sink_values):
+                t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
 
 class StaticQuantizedKVLayer(_StaticStoreLayer):
     """Static-shape KIVI layer (module docstring)."""
@@ -324,6 +332,15 @@ class _StaticLatentSide:
         k, v, present = merge_sinks(k, v, ek, ev, self.exact_sinks, self._start, sink, real)
         self.exact_sinks.copy_(present)
         return k, v
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: the sinks' exact K/V and the slots' positions follow the beams too (a
+        row whose sinks are still being written reads its own beam's)."""
+        super().reorder_cache(beam_idx)  # type: ignore[misc]
+        if self.exact_sinks is not None:
+            self.exact_sinks.copy_(self.exact_sinks.index_select(1, beam_idx.to(self.exact_sinks.device)))
+        if self.positions is not None:
+            self.positions.copy_(self.positions.index_select(0, beam_idx.to(self.positions.device)))
 
     def reset(self) -> None:
         if self.exact_sinks is not None:

@@ -242,13 +242,15 @@ def load(
     model.eval()
     sites = discover_linear_sites(model)
     linear, kv = split_plan(plan)
+    if kv:  # the attention sites as optimize found them: before the linears are rewritten
+        from slimfx.ir.find import inspect_attention_sites
+
+        att = inspect_attention_sites(model)[0]
     empty_like_plan(model, linear, sites)
     if kv:  # attention sites: compressed caches (low-rank k/v modules, cache hooks), MLA
         from slimfx.forms.mla.config import MLAConfig
         from slimfx.forms.mla.plan import empty_mla_like_plan
-        from slimfx.ir.find import inspect_attention_sites
 
-        att = inspect_attention_sites(model)[0]
         mla = {k: d for k, d in kv.items() if isinstance(d, MLAConfig)}
         empty_kv_like_plan(model, {k: d for k, d in kv.items() if k not in mla}, att)
         empty_mla_like_plan(model, mla, att)

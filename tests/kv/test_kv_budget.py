@@ -261,6 +261,26 @@ def test_lowrank_kv_owns_its_projections_saves_loads_and_replays(tiny_llama, tmp
         torch.testing.assert_close(again(ids).logits, out(ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_a_weights_and_cache_budget_with_low_rank_caches_saves_and_loads(tiny_llama, tmp_path):
+    """The q/o projections are rewritten too: loading finds the attention sites before it
+    rewrites the linears, as optimize did (after, the blocks were no sites: the load failed
+    with "KV decisions name [...] which are not attention sites")."""
+    forms = [KVDenseConfig(), KVLowRankConfig(16, 24, 1, "whitened", sink=2)]
+    out = slimfx.optimize(tiny_llama, Budget(memory=0.5, kv=0.7), calibration=_calib(),
+                          kv_forms=forms, progress=False)  # fmt: skip
+    rep = slimfx.report_of(out)
+    assert any(k.owns for k in rep.kv_sites)
+    assert any(s.chosen != "dense" and s.fqn.endswith(("q_proj", "o_proj")) for s in rep.sites)
+    slimfx.save(out, tmp_path / "m")
+    back = slimfx.load(tmp_path / "m")
+    ids = torch.randint(0, 256, (1, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, out(ids).logits, rtol=0, atol=0)
+    assert kv_forms_of(back) == kv_forms_of(out)
+    kw = dict(max_new_tokens=6, do_sample=False)
+    assert back.generate(ids, **kw).tolist() == out.generate(ids, **kw).tolist()
+
+
 def test_full_rank_lowrank_kv_equals_dense(tiny_llama):
     from slimfx.forms.kv.apply import apply_kv_plan
     from slimfx.forms.kv.calibrate import attention_grams

@@ -346,11 +346,9 @@ def test_report_diff_and_plot_show_the_kv_cache_layers(tmp_path, capsys):
 
 def test_cli_exports_the_decode_step_over_a_compressed_cache(tmp_path, capsys):
     """`--kv-cache` on a model with a KV budget exports the step over its compressed cache
-    (plain `export_onnx` refuses one) and `--kv-forms mla` reaches the MLA conversions; both
-    run in onnxruntime with torch's greedy tokens."""
+    (plain `export_onnx` refuses one), which runs in onnxruntime with torch's greedy tokens."""
     pytest.importorskip("onnxruntime")
     from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
-    from slimfx.backends.onnx_mla import latent_ort_session
     from slimfx.cli import main
 
     ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(2))
@@ -363,10 +361,24 @@ def test_cli_exports_the_decode_step_over_a_compressed_cache(tmp_path, capsys):
     model = slimfx.load(out)
     want = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert OrtKVDecoder(tmp_path / "kv.onnx").generate(ids, 8).tolist() == want.tolist()
+
+
+@pytest.mark.slow  # the default run is at its time limit; the MLA export runs in test_kv_budget_export
+def test_cli_exports_the_mla_decode_step_and_an_accuracy_level(tmp_path, capsys):
+    """`--kv-forms mla` reaches the MLA conversions and `--kv-cache` exports their latent step,
+    which runs in onnxruntime with torch's greedy tokens; `--accuracy-level` reaches the
+    compressed-cache step graph's MatMulNBits."""
+    pytest.importorskip("onnxruntime")
+    from slimfx.backends.onnx_mla import latent_ort_session
+    from slimfx.cli import main
+
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(2))
+    out = tmp_path / "kv"
+    assert main(["optimize", "--model", "tiny", "--kv", "0.4", "--context", "512", "--n-calib",
+                 "3", "--seq-len", "32", "--out", str(out), "--quiet"]) == 0
     assert main(["export", str(out), "--onnx", str(tmp_path / "x.onnx"), "--kv-cache",
                  "--accuracy-level", "4"]) == 0  # the step graph's MatMulNBits setting
     capsys.readouterr()
-
     mla = tmp_path / "mla"
     assert main(["optimize", "--model", "tiny", "--kv", "0.6", "--context", "512",
                  "--kv-forms", "mla", "--n-calib", "3", "--seq-len", "32", "--out", str(mla),

@@ -1,6 +1,7 @@
 """ONNX Runtime decode over the low-rank KV caches (``slimfx.backends.onnx_kv_latent``).
 
-A tiny random Llama (2–3 layers, 2 kv heads × head_dim 16) has its attention rewritten by
+A tiny random Llama (2–3 layers, 2 kv heads × head_dim 16; mix A's with large attention
+biases, as Qwen2's k/v projections have) has its attention rewritten by
 ``apply_lowrank_kv`` (factors fitted on random calibration tokens), is exported with per-layer
 ``kv_latent_quant`` / ``kv_lowrank`` / ``kv_quant`` / ``kv_dense`` forms and driven by
 :class:`OrtKVDecoder`; the reference is the same torch model called step by step with slimfx's
@@ -22,7 +23,6 @@ from _helpers import (
     kv_padded_ort_matches_torch,
     kv_torch_calls,
     left_padded,
-    tiny_qwen2_biased,
 )
 
 onnx = pytest.importorskip("onnx")
@@ -74,11 +74,17 @@ def _calib() -> list[torch.Tensor]:
     return [torch.randint(0, 256, (1, 24), generator=g) for _ in range(3)]
 
 
-def _rewritten(forms: dict, layers: int = 2, seed: int = 0):
-    """A tiny Llama whose layers with a low-rank form in ``forms`` are rewritten."""
+def _rewritten(forms: dict, layers: int = 2, seed: int = 0, bias: bool = False):
+    """A tiny Llama whose layers with a low-rank form in ``forms`` are rewritten; ``bias``:
+    with attention biases drawn large (N(0, 0.5): Qwen2-style k/v biases the rebuilt K/V,
+    the absorbed step's value bias and the sinks' exact K/V must carry)."""
     from slimfx.models import tiny_llama
 
-    model = tiny_llama(seed=seed, num_hidden_layers=layers)
+    model = tiny_llama(seed=seed, num_hidden_layers=layers, attention_bias=bias)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if bias and n.endswith("_proj.bias"):
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
     sites, _ = inspect_attention_sites(model)
     low = {s.fqn: forms[i] for i, s in enumerate(sites) if forms[i].kind != "kv_quant"
            and forms[i].kind != "kv_dense"}  # fmt: skip
@@ -96,7 +102,7 @@ def exported(tmp_path_factory):
     d = tmp_path_factory.mktemp("onnx_kv_latent")
     torch.set_num_threads(1)
     for name, forms in (("A", FORMS_A), ("B", FORMS_B)):
-        model = _rewritten(forms, layers=len(forms))
+        model = _rewritten(forms, layers=len(forms), bias=name == "A")
         res = export_onnx_kv(model, d / f"tiny_{name}.onnx", forms)
         out[name] = (model, res, OrtKVDecoder(res.path, threads=1))
     return out
@@ -124,6 +130,8 @@ def test_logits_every_step_match_torch_kvcache(exported, name):
     model, _, dec = exported[name]
     forms = FORMS_A if name == "A" else FORMS_B
     cache = kv_ort_matches_torch(model, dec, forms, _ids(2, 11), steps=30, atol=ATOL)
+    if name == "A":  # the k/v biases: in the rebuilt K/V, the absorbed step, the sinks
+        assert all(la.self_attn.k_bias is not None for la in model.model.layers)
     for i, f in forms.items():
         layer = cache.layers[i]
         if isinstance(f, KVLatentQuantConfig):
@@ -274,20 +282,3 @@ def test_refusals_and_model_unchanged(tmp_path):
     quant = KVLatentQuantConfig(16, 24, 2, "attention", 8, 8, 0, sink=3)
     assert export_forms(model, {0: FORMS_A[0], 1: quant}) == [FORMS_A[0], quant]
     assert export_forms(model) == [FORMS_A[0], FORMS_A[1]]  # unmarked: the modules' forms
-
-
-def test_qwen2_biases(tmp_path):
-    """Qwen2's k/v projections have biases: the rebuilt K/V add them (the absorbed one-token
-    step adds the value bias after the latent), the sink tokens' exact K/V come from the biased
-    projections — in ONNX Runtime as in torch. One layer, the quantized latent with sinks
-    (the 16-bit latent shares the code)."""
-    model = tiny_qwen2_biased(layers=1)
-    sites, _ = inspect_attention_sites(model)
-    forms = {0: FORMS_A[0]}
-    grams = attention_grams(model, sites, _calib())
-    factors = {s.fqn: fit_site(model, s, grams[s.fqn], forms[i]) for i, s in enumerate(sites)}
-    apply_lowrank_kv(model, sites, {s.fqn: forms[i] for i, s in enumerate(sites)}, factors)
-    assert model.model.layers[0].self_attn.k_bias is not None
-    res = export_onnx_kv(model, tmp_path / "qwen2.onnx", forms)
-    dec = OrtKVDecoder(res.path, threads=1)
-    kv_ort_matches_torch(model, dec, forms, _ids(2, 9, seed=2), steps=16, atol=ATOL)

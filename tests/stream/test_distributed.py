@@ -94,6 +94,7 @@ def test_two_ranks_equal_one(tmp_path: Path, fisher: bool) -> None:
     assert not (tmp_path / ".two.slimfx-work").exists()
 
 
+@pytest.mark.slow  # the default run is at its time limit: sequential mode is tested in one process
 def test_two_ranks_sequential_equal_one(tmp_path: Path) -> None:
     """Sequential mode under torch.distributed: the statistics and candidates are spread over
     the ranks, rank 0 refits each block on the rewritten prefix and writes — the same plan and

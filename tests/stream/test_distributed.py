@@ -70,11 +70,10 @@ def _two_ranks(
     return proc.stdout
 
 
-# the plain pass under two ranks (no gradient statistics) only in the slow run: the Fisher one
-# spreads the same work plus the gradients, and the default run is at its time limit
-@pytest.mark.parametrize(
-    "fisher", [pytest.param(False, marks=pytest.mark.slow), True], ids=["plain", "fisher"]
-)
+# in the slow run only (the default run is at its time limit): the default run keeps two ranks
+# = one process through torchrun and the CLI (tests/stream/test_cli.py, Fisher-weighted)
+@pytest.mark.slow
+@pytest.mark.parametrize("fisher", [False, True], ids=["plain", "fisher"])
 def test_two_ranks_equal_one(tmp_path: Path, fisher: bool) -> None:
     ckpt = save_checkpoint(tmp_path / "ckpt", tie=False)
     one = optimize_checkpoint(

@@ -41,7 +41,9 @@ def _killed_run(ckpt: Path, out: Path, fisher: bool, after: int) -> subprocess.C
     )
 
 
-@pytest.mark.parametrize("fisher", [False, True], ids=["plain", "fisher"])
+@pytest.mark.parametrize(  # plain in the slow run only: the default run is at its time limit
+    "fisher", [pytest.param(False, marks=pytest.mark.slow), True], ids=["plain", "fisher"]
+)
 def test_killed_run_resumes_from_the_next_block(tmp_path: Path, fisher: bool) -> None:
     ckpt = save_checkpoint(tmp_path / "ckpt", tie=False)
     whole = optimize_checkpoint(

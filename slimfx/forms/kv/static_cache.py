@@ -215,9 +215,13 @@ class _StaticStoreLayer(StaticLayer):
             values = values.index_copy(2, pos, value_states)
         return keys, values
 
+    def _buffers(self) -> tuple[Tensor, ...]:
+        """The store's arrays and the sink buffer: batch first, besides transformers' ring."""
+        return (*self.store.values(), self.sink_keys, self.sink_values)
+
     def reset(self) -> None:
         if self.is_initialized:
-            for t in (*self.store.values(), self.sink_keys, self.sink_values):
+            for t in self._buffers():
                 t.zero_()
         super().reset()
 
@@ -226,7 +230,7 @@ class _StaticStoreLayer(StaticLayer):
         sink buffer follow the beams, the latter in place."""
         super().reorder_cache(beam_idx)
         if self.is_initialized:
-            for t in (*self.store.values(), self.sink_keys, self.sink_values):
+            for t in self._buffers():
                 t.copy_(t.index_select(0, beam_idx.to(t.device)))
 
 

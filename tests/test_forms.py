@@ -14,7 +14,7 @@ from slimfx import api, forms
 from slimfx.backends import capabilities, onnx_ops, triton_lowering
 from slimfx.cost.families import FAMILIES
 from slimfx.cost.target import estimate_latency
-from slimfx.ir.modules import SlimLinear, module_for
+from slimfx.ir.modules import SlimLinear, dense_weight, module_for
 from slimfx.ir.sites import LinearSite
 from slimfx.kernels import Kernel, kernels_of, select
 from slimfx.numerics import factorize, form_error, reconstruct
@@ -87,6 +87,30 @@ def test_every_config_prices_itself(form: forms.Form) -> None:
     assert reconstruct(d, factorize(W, d)).shape == W.shape
     err = form_error(W, d)
     assert err == 0.0 if form.kind == "dense" else 0.0 < err < 1.0
+
+
+@pytest.mark.parametrize("form", [f for f in LINEAR if not f.native], ids=lambda f: f.kind)
+def test_a_rewritten_linears_dense_weight_is_what_its_forward_multiplies_by(
+    form: forms.Form,
+) -> None:
+    """``ir.modules.dense_weight``: what MLA fits on when a weights budget rewrote the q/o
+    projections of a block it converts."""
+    d = form.config() if form.kind != "lowrank" else LowRankConfig(4)
+    torch.manual_seed(0)
+    W, b = torch.randn(32, 128), torch.randn(32)
+    m = form.get("module").empty(d, 128, 32, True).load_factors(factorize(W, d), b)
+    with torch.no_grad():
+        want = (m(torch.eye(128)) - b).T
+    got = dense_weight(m)
+    assert got.shape == (32, 128) and not torch.allclose(got, W, atol=1e-4)  # not the original
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_dense_weight_of_plain_layers() -> None:
+    lin = torch.nn.Linear(8, 4)
+    assert dense_weight(lin) is lin.weight
+    with pytest.raises(TypeError, match="ReLU is not a linear module"):
+        dense_weight(torch.nn.ReLU())
 
 
 def test_a_linear_form_refuses_another_shape_kind() -> None:

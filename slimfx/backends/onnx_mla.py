@@ -43,8 +43,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from slimfx.backends import onnx_decode
-from slimfx.backends.onnx_graph import WRAP, OnnxExportError, _rename_axes, write_files
+from slimfx.backends import onnx_decode, onnx_ops
+from slimfx.backends.onnx_graph import (
+    WRAP,
+    OnnxExportError,
+    _fold_markers,
+    _rename_axes,
+    write_files,
+)
 from slimfx.backends.ort import OrtModel
 from slimfx.forms.mla.cache import MLALatentLayer
 from slimfx.forms.mla.module import MLAAttention, quantize_latent
@@ -310,6 +316,8 @@ def export_mla_onnx(
     import onnx
     import onnx_ir as ir
 
+    from slimfx.backends.onnx import _check_translatable
+
     t0 = time.perf_counter()
     if not any(isinstance(b.self_attn, MLAAttention) for b in _layers(model)):
         raise OnnxExportError("export_mla_onnx: the model has no MLAAttention block; use "
@@ -341,11 +349,14 @@ def export_mla_onnx(
         program = torch.export.export(
             wrapped, (ids, mask, tuple(past)), dynamic_shapes=shapes, strict=False
         )
+        _check_translatable(program)  # linears a weights budget rewrote (q/o, MLP): their ops
         kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
         onnx_prog = torch.onnx.export(
             program, (), dynamo=True, input_names=in_names, output_names=out_names,
-            optimize=True, verbose=False, **kwargs,
+            custom_translation_table=onnx_ops.translation_table(), optimize=True,
+            verbose=False, **kwargs,
         )
+    _fold_markers(onnx_prog.model.graph)
     _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model))
     def write(tmp: Path) -> None:
         ir.save(onnx_prog.model, tmp / path.name)

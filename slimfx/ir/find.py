@@ -343,8 +343,21 @@ def _sliding_window(module: nn.Module, config: Any, layer_idx: int | None) -> in
     return cfg_win if getattr(config, "use_sliding_window", True) else None
 
 
+def _projection(module: nn.Module, name: str, rewritten: tuple[str, ...]) -> bool:
+    """Whether ``module.name`` is a usable projection: an ``nn.Linear``, or, for a name in
+    ``rewritten``, any module with integer ``in_features`` / ``out_features`` (a linear a
+    form rewrote, ``slimfx.ir.modules.SlimLinear``)."""
+    p = getattr(module, name, None)
+    if isinstance(p, nn.Linear):
+        return True
+    return name in rewritten and isinstance(p, nn.Module) and all(
+        isinstance(getattr(p, a, None), int) for a in ("in_features", "out_features")
+    )
+
+
 def describe_attention(
-    module: nn.Module, fqn: str = "", config: Any = None, layer_idx: int | None = None
+    module: nn.Module, fqn: str = "", config: Any = None, layer_idx: int | None = None,
+    rewritten: tuple[str, ...] = (),
 ) -> AttentionSite | str:
     """The :class:`AttentionSite` of one Hugging Face decoder attention block, or why not.
 
@@ -355,11 +368,13 @@ def describe_attention(
     module's when not given; ``partial_rotary_factor``, ``no_rope_layers``), the window as in
     ``_sliding_window``. Variants a form may refuse (no RoPE, partial rotary, a q/k norm, a
     window) are recorded on the site; :func:`attention_variant_reasons` words them.
+    ``rewritten``: projections that may already be rewritten linears (MLA reads ``q_proj`` /
+    ``o_proj`` only through their forward and dense-equivalent weight).
     """
     if isinstance(module, nn.MultiheadAttention):
         return MHA_REASON
     name = type(module).__name__
-    missing = [p for p in _PROJS if not isinstance(getattr(module, p, None), nn.Linear)]
+    missing = [p for p in _PROJS if not _projection(module, p, rewritten)]
     if missing:
         return (
             f"unsupported attention variant {name}: no nn.Linear {', '.join(missing)} "

@@ -56,13 +56,19 @@ def test_optimized_low_rank_cache_runs_in_onnxruntime(tmp_path):
 
 
 def test_optimized_mla_layers_run_in_onnxruntime(tiny_llama, tmp_path):
+    """A weights + KV budget: MLA blocks whose q/o projections are quantized export (their ops
+    through the linear forms' translations) and generate torch's tokens in ONNX Runtime."""
     from slimfx.backends.onnx_mla import export_mla_onnx, latent_ort_session
+    from slimfx.forms.mla.module import MLAAttention
+    from slimfx.ir.modules import SlimLinear
 
     out = slimfx.optimize(
-        tiny_llama, Budget(kv=0.6), calibration=_calib(), kv_forms=[KVDenseConfig(), "mla"],
-        progress=False,
+        tiny_llama, Budget(memory=0.5, kv=0.6), calibration=_calib(),
+        kv_forms=[KVDenseConfig(), "mla"], progress=False,
     )  # fmt: skip
     assert not any(m.training for m in out.modules())  # the MLA modules in eval mode too
+    mla = [m for m in out.modules() if isinstance(m, MLAAttention)]
+    assert mla and any(isinstance(m.q_proj, SlimLinear) for m in mla)
     ids = _calib()[0][:, :9]
     export_mla_onnx(out, tmp_path / "mla.onnx", ids)
     want = out.generate(ids, max_new_tokens=12, do_sample=False)

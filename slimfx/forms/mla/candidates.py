@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from slimfx.forms.kv.config import KVDenseConfig
 from slimfx.forms.kv.simulate import block_forward
+from slimfx.ir.modules import dense_weight
 from slimfx.ir.sites import AttentionSite
 from slimfx.planning.shapes import AttentionShape
 
@@ -161,8 +162,8 @@ def mla_candidates(
         key = replace(cfg, latent_bits=16)
         if key not in fits:
             fits[key] = fit_mla(
-                cfg, attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight,
-                attn.o_proj.weight, attn.k_proj.bias, attn.v_proj.bias, shape.num_heads,
+                cfg, dense_weight(attn.q_proj), attn.k_proj.weight, attn.v_proj.weight,
+                dense_weight(attn.o_proj), attn.k_proj.bias, attn.v_proj.bias, shape.num_heads,
                 shape.num_kv_heads, inv_freq, calib if cfg.needs_data else None,
             )
         w = fits[key]

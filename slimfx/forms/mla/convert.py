@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.ir.find import attention_variant_reasons, describe_attention
+from slimfx.ir.modules import dense_weight
 from slimfx.ir.sites import AttentionSite
 
 from .config import MLAConfig
@@ -38,6 +39,10 @@ __all__ = [
 #: attention variants MLA cannot convert: it keeps RoPE on one decoupled key over every head
 #: dim, needs keys linear in the hidden state, and its latent cache keeps every token.
 MLA_REFUSES = ("no_rope", "partial_rotary", "qk_norm", "sliding_window", "softcap")
+#: the block's projections MLA takes as they are, rewritten or not (a weights budget may give
+#: them a linear form): it calls them and fits on their dense equivalent (``dense_weight``);
+#: ``k_proj`` / ``v_proj`` are the conversion's own and must still be ``nn.Linear``
+REWRITTEN_OK = ("q_proj", "o_proj")
 
 
 def describe_block(
@@ -46,7 +51,7 @@ def describe_block(
     """The attention site of ``attn`` (a Hugging Face Llama / Qwen2-style block of a model with
     ``config``), or why MLA cannot convert it (``slimfx.ir.find.describe_attention`` and the
     variants in ``MLA_REFUSES``)."""
-    site = describe_attention(attn, fqn, config, layer_idx)
+    site = describe_attention(attn, fqn, config, layer_idx, rewritten=REWRITTEN_OK)
     if isinstance(site, str):
         return site
     why = [r for v, r in attention_variant_reasons(site).items() if v in MLA_REFUSES]
@@ -136,7 +141,7 @@ def attention_distances(
     d = attn.k_proj.out_features // K
     half = d // 2
     L = seq_len
-    xw = x.reshape(-1, L, x.shape[-1]).to(attn.q_proj.weight)
+    xw = x.reshape(-1, L, x.shape[-1]).to(attn.k_proj.weight)
     pos = torch.arange(L, dtype=torch.float64)
     ang = pos[:, None] * inv_freq.double()[None, :half]
     cos = torch.cat([ang.cos(), ang.cos()], -1).float()
@@ -174,7 +179,7 @@ def attention_calib(
     n = x64.shape[0]
     d = attn.k_proj.out_features // num_kv_heads
     half = d // 2
-    dev, dt = attn.q_proj.weight.device, attn.q_proj.weight.dtype
+    dev, dt = attn.k_proj.weight.device, attn.k_proj.weight.dtype
 
     def pair_norm(lin: nn.Linear, heads: int) -> Tensor:
         y = lin(x.to(dev, dt)).float().cpu().reshape(n, heads, d)
@@ -268,8 +273,8 @@ def convert_model(
             )
         w = fit_mla(
             c,
-            attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.o_proj.weight,
-            attn.k_proj.bias, attn.v_proj.bias,
+            dense_weight(attn.q_proj), attn.k_proj.weight, attn.v_proj.weight,
+            dense_weight(attn.o_proj), attn.k_proj.bias, attn.v_proj.bias,
             shape.num_heads, shape.num_kv_heads, inv_freq, calib,
         )
         blocks[i].self_attn = MLAAttention(

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimfx.ir.modules import dense_weight
+
 from .numerics import MLAWeights
 
 __all__ = ["MLAAttention", "ABSORB_MODES", "quantize_latent"]
@@ -94,7 +96,7 @@ class MLAAttention(nn.Module):
         #: supports the call (no padding mask); else (or when False) the torch path
         self.decode_kernel = False
         self.last_decode_path = ""
-        dt, dev = orig.q_proj.weight.dtype, orig.q_proj.weight.device
+        dt, dev = orig.k_proj.weight.dtype, orig.k_proj.weight.device  # k/v: owned, dense
         self.q_proj = orig.q_proj
         self.k_rope_proj = _linear(weights.w_krope, weights.b_krope, dt, dev)
         self.kv_down = _linear(weights.w_dkv, None, dt, dev)
@@ -132,10 +134,11 @@ class MLAAttention(nn.Module):
         """``W_o,h W_uv,g`` per query head (H, D, r) and the output bias ``W_o b`` (D)."""
         K, H, d, r = self.num_kv_heads, self.num_heads, self.head_dim, self.rank
         w_uv = self.v_up.weight.reshape(K, d, r)
-        wo = self.o_proj.weight.reshape(-1, H, d).transpose(0, 1)  # (H, D, d)
+        w_o = dense_weight(self.o_proj)
+        wo = w_o.reshape(-1, H, d).transpose(0, 1)  # (H, D, d)
         w_o_lat = wo @ w_uv.repeat_interleave(H // K, dim=0)  # (H, D, r)
         b_heads = self.v_up.bias.reshape(K, d).repeat_interleave(H // K, dim=0).reshape(-1)
-        bias = self.o_proj.weight @ b_heads
+        bias = w_o @ b_heads
         if self.o_proj.bias is not None:
             bias = bias + self.o_proj.bias
         return w_o_lat, bias

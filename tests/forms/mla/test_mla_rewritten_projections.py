@@ -29,9 +29,24 @@ def _rewrite(lin: torch.nn.Linear, decision) -> SlimLinear:
     return mod.load_factors(t, lin.bias)
 
 
-def _with_rewritten_q_o(kv_heads: int):
-    """A tiny model whose every block has an int4 q_proj and a low-rank o_proj."""
-    model = tiny_gqa_llama(kv_heads)
+def _qwen2_with_biases():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                      intermediate_size=128, num_hidden_layers=2, vocab_size=256)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for blk in model.model.layers:  # random init leaves biases at 0: make them count
+            for lin in (blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj):
+                lin.bias.normal_(0, 0.5)
+    return model
+
+
+def _with_rewritten_q_o(kv_heads: int, model=None):
+    """A tiny model whose every block has an int4 q_proj and a low-rank o_proj (``model``:
+    that model, else a Llama with ``kv_heads``)."""
+    model = tiny_gqa_llama(kv_heads) if model is None else model
     for blk in model.model.layers:
         attn = blk.self_attn
         attn.q_proj = _rewrite(attn.q_proj, QuantConfig(4, 16, False))
@@ -44,9 +59,15 @@ def _logits(model, ids):
         return model(ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("kv_heads", [1, 2, "qwen2-biases"])
 def test_full_rank_conversion_of_a_block_with_rewritten_q_o_equals_that_block(kv_heads):
-    model = _with_rewritten_q_o(kv_heads)
+    """Llama with 1 or 2 kv heads, and Qwen2 with large q/k/v biases (3 kv heads; the int4
+    q_proj keeps its bias)."""
+    base = None
+    if kv_heads == "qwen2-biases":
+        base, kv_heads = _qwen2_with_biases(), 3
+    model = _with_rewritten_q_o(kv_heads, base)
+    dense = _qwen2_with_biases() if base is not None else tiny_gqa_llama(kv_heads)
     ids = eval_ids()
     ref = _logits(model, ids)
     q_o = [(b.self_attn.q_proj, b.self_attn.o_proj) for b in model.model.layers]
@@ -59,7 +80,7 @@ def test_full_rank_conversion_of_a_block_with_rewritten_q_o_equals_that_block(kv
         assert blk.self_attn.q_proj is q and blk.self_attn.o_proj is o  # kept, not densified
     torch.testing.assert_close(_logits(model, ids), ref, atol=ATOL, rtol=0)
     # the rewritten projections really differ from the dense ones (the test can fail)
-    assert (ref - _logits(tiny_gqa_llama(kv_heads), ids)).abs().max() > 1e-3
+    assert (ref - _logits(dense, ids)).abs().max() > 1e-3
 
 
 def test_absorbed_equals_unabsorbed_and_folding_with_a_low_rank_o_proj():

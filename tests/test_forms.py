@@ -14,7 +14,8 @@ from slimfx import api, forms
 from slimfx.backends import capabilities, onnx_ops, triton_lowering
 from slimfx.cost.families import FAMILIES
 from slimfx.cost.target import estimate_latency
-from slimfx.ir.modules import SlimLinear, dense_weight, module_for
+from slimfx.forms.mla.module import dense_weight
+from slimfx.ir.modules import SlimLinear, module_for
 from slimfx.ir.sites import LinearSite
 from slimfx.kernels import Kernel, kernels_of, select
 from slimfx.numerics import factorize, form_error, reconstruct
@@ -93,7 +94,7 @@ def test_every_config_prices_itself(form: forms.Form) -> None:
 def test_a_rewritten_linears_dense_weight_is_what_its_forward_multiplies_by(
     form: forms.Form,
 ) -> None:
-    """``ir.modules.dense_weight``: what MLA fits on when a weights budget rewrote the q/o
+    """``forms.mla.module.dense_weight``: what MLA fits on when a weights budget rewrote the q/o
     projections of a block it converts."""
     d = form.config() if form.kind != "lowrank" else LowRankConfig(4)
     torch.manual_seed(0)

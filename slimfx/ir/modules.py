@@ -18,7 +18,7 @@ from slimfx.formats import RUNTIME_BITS, packed_width
 from slimfx.ir import cpu_packed, ops
 from slimfx.planning.configs import Decision, LowRankConfig, LowRankQuantConfig, QuantConfig
 
-__all__ = ["SlimLinear", "LowRankLinear", "module_for", "dense_weight"]
+__all__ = ["SlimLinear", "LowRankLinear", "module_for"]
 
 
 #: where a module's tensors live (the ``device`` argument of every constructor below)
@@ -167,19 +167,3 @@ def module_for(decision: Decision) -> type[SlimLinear]:
         raise KeyError(f"no module realizes decision kind {decision.kind!r}: {why}")
     return form.get("module")
 
-
-def dense_weight(module: nn.Module) -> Tensor:
-    """The dense (out × in) weight a linear module computes: an ``nn.Linear``'s (a ``Conv1D``'s
-    transposed, ``ir.match.linear_weight``), a :class:`SlimLinear`'s rebuilt from its form's
-    tensors (``numerics.reconstruct``: what its reference op multiplies by). Anything else
-    raises ``TypeError``."""
-    from slimfx import numerics
-    from slimfx.ir.match import is_linear_module, linear_weight
-
-    if isinstance(module, SlimLinear):
-        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-        tensors = {n: t for n, t in own if n != "bias" and t is not None}
-        return numerics.reconstruct(module.decision, tensors)
-    if is_linear_module(module):
-        return linear_weight(module)
-    raise TypeError(f"{type(module).__name__} is not a linear module (no dense weight)")

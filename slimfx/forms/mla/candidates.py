@@ -33,13 +33,12 @@ from torch import Tensor, nn
 
 from slimfx.forms.kv.config import KVDenseConfig
 from slimfx.forms.kv.simulate import block_forward
-from slimfx.ir.modules import dense_weight
 from slimfx.ir.sites import AttentionSite
 from slimfx.planning.shapes import AttentionShape
 
 from .config import MLAConfig
 from .convert import _inv_freq, _layers, attention_calib, convert_model, describe_block
-from .module import MLAAttention
+from .module import MLAAttention, dense_weight
 from .numerics import MLAWeights, fit_mla
 
 __all__ = ["DEFAULT_RANK_FRACTIONS", "MLAContext", "mla_candidates", "apply_mla", "site_layer"]

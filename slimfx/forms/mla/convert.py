@@ -20,11 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.ir.find import attention_variant_reasons, describe_attention
-from slimfx.ir.modules import dense_weight
 from slimfx.ir.sites import AttentionSite
 
 from .config import MLAConfig
-from .module import MLAAttention
+from .module import MLAAttention, dense_weight
 from .numerics import AttentionCalib, fit_mla
 
 __all__ = [

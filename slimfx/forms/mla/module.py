@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimfx.ir.modules import dense_weight
+from slimfx.ir.match import is_linear_module, linear_weight
+from slimfx.ir.modules import SlimLinear
+from slimfx.numerics import reconstruct
 
 from .numerics import MLAWeights
 
-__all__ = ["MLAAttention", "ABSORB_MODES", "quantize_latent"]
+__all__ = ["MLAAttention", "ABSORB_MODES", "quantize_latent", "dense_weight"]
 
 ABSORB_MODES = ("auto", "always", "never")
 
@@ -47,6 +49,20 @@ def _linear(w: Tensor, b: Tensor | None, dtype: torch.dtype, device: torch.devic
         if b is not None:
             lin.bias.copy_(b)
     return lin
+
+
+def dense_weight(module: nn.Module) -> Tensor:
+    """The dense (out × in) weight a projection computes: an ``nn.Linear``'s (a ``Conv1D``'s
+    transposed, ``ir.match.linear_weight``), a rewritten linear's (:class:`SlimLinear`) rebuilt
+    from its form's tensors (``numerics.reconstruct``: what its reference op multiplies by) —
+    what MLA fits on when a weights budget rewrote the block's q_proj / o_proj. Anything else
+    raises ``TypeError``."""
+    if isinstance(module, SlimLinear):
+        own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        return reconstruct(module.decision, {n: t for n, t in own if n != "bias" and t is not None})
+    if is_linear_module(module):
+        return linear_weight(module)
+    raise TypeError(f"{type(module).__name__} is not a linear module (no dense weight)")
 
 
 def quantize_latent(latent: Tensor) -> tuple[Tensor, Tensor]:

@@ -166,4 +166,3 @@ def module_for(decision: Decision) -> type[SlimLinear]:
         why = form.why_not("module")
         raise KeyError(f"no module realizes decision kind {decision.kind!r}: {why}")
     return form.get("module")
-

@@ -94,13 +94,28 @@ def uniform_plan(pl, form) -> Plan:
     return Plan(decisions, shapes, {}, owned)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
+def add_data_args(ap: argparse.ArgumentParser) -> None:
+    """The calibration / held-out windows and the context the cache is counted at."""
     ap.add_argument("--n-calib", type=int, default=16)
     ap.add_argument("--n-eval", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--corpus", default="news")
     ap.add_argument("--context", type=int, default=8192)
+
+
+def smollm2_and_windows(a: argparse.Namespace) -> tuple:
+    """``(model, tokenizer, calibration windows, held-out windows)`` as ``add_data_args`` say."""
+    torch.manual_seed(0)
+    model, tok = load_smollm2()
+    model.eval()
+    calib = calibration_batches(tok, name=a.corpus, n=a.n_calib, seq_len=a.seq_len)
+    held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
+    return model, tok, calib, held
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    add_data_args(ap)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--json", default="")
     ap.add_argument("--mla", action="store_true", help="offer MLA conversions too")
@@ -131,11 +146,7 @@ def main() -> int:
         ap.error("--rows joint has no rows with --mla-only (it compares per-layer MLA ranks)")
     if a.mla_ranks:  # the ladder plan_model offers and the uniform rows below both read it
         MLA_LADDER["rank_fractions"] = tuple(float(f) for f in a.mla_ranks.split(","))
-    torch.manual_seed(0)
-    model, tok = load_smollm2()
-    model.eval()
-    calib = calibration_batches(tok, name=a.corpus, n=a.n_calib, seq_len=a.seq_len)
-    held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
+    model, tok, calib, held = smollm2_and_windows(a)
     # the total budget of the joint row; the problem is priced once for it
     t0 = time.perf_counter()
     kv_forms = ["default", "mla"] if a.mla else None

@@ -29,15 +29,13 @@ import time
 
 import torch
 from _common import dump, run_meta
-from kv_mix import evaluate, uniform_plan
+from kv_mix import add_data_args, evaluate, smollm2_and_windows, uniform_plan
 
 import slimfx
-from slimfx.data.text import calibration_batches, heldout_windows
 from slimfx.forms.kv.apply import split_plan
 from slimfx.forms.kv.config import KVDenseConfig
 from slimfx.forms.mla.config import MLAConfig
 from slimfx.forms.mla.module import MLAAttention
-from slimfx.models import load_smollm2
 from slimfx.planning.problem import Budget, InfeasibleBudgetError
 from slimfx.planning.shapes import KV_CACHE_BYTES
 from slimfx.planning.solve import solve
@@ -92,19 +90,11 @@ def generate(model, tok, calib, held, context: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--n-calib", type=int, default=16)
-    ap.add_argument("--n-eval", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--corpus", default="news")
-    ap.add_argument("--context", type=int, default=8192)
+    add_data_args(ap)
     ap.add_argument("--generate", action="store_true", help="also build and decode the joint model")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
-    torch.manual_seed(0)
-    model, tok = load_smollm2()
-    model.eval()
-    calib = calibration_batches(tok, name=a.corpus, n=a.n_calib, seq_len=a.seq_len)
-    held = heldout_windows(tok, name=a.corpus, n=a.n_eval, seq_len=a.seq_len)
+    model, tok, calib, held = smollm2_and_windows(a)
     t0 = time.perf_counter()
     pl = plan_model(
         model,

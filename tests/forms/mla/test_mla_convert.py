@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from forms.mla._tiny import calib_batches, eval_ids, tiny_gqa_llama
+from forms.mla._tiny import calib_batches, eval_ids, qwen2_with_biases, tiny_gqa_llama
 from slimfx.forms.mla.config import MLAConfig
 from slimfx.forms.mla.convert import (
     attention_calib,
@@ -253,16 +253,7 @@ def test_rejects_an_attention_unlike_the_llama_block_and_leaves_model_unchanged(
 
 
 def test_qwen2_with_biases_converts_exactly_at_full_rank():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
-                      intermediate_size=128, num_hidden_layers=2, vocab_size=256)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for blk in model.model.layers:  # random init leaves biases at 0: make them count
-            for lin in (blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj):
-                lin.bias.normal_(0, 0.5)
+    model = qwen2_with_biases()
     ids = eval_ids()
     ref = _logits(model, ids)
     convert_model(model, MLAConfig(rank=3 * D_HEAD, rope_pairs=D_HEAD // 2), calib_batches())

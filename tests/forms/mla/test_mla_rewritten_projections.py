@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import slimfx
-from forms.mla._tiny import calib_batches, eval_ids, tiny_gqa_llama
+from forms.mla._tiny import calib_batches, eval_ids, qwen2_with_biases, tiny_gqa_llama
 from slimfx.forms.kv.config import KVDenseConfig
 from slimfx.forms.mla.config import MLAConfig
 from slimfx.forms.mla.convert import convert_model, describe_block
@@ -27,20 +27,6 @@ def _rewrite(lin: torch.nn.Linear, decision) -> SlimLinear:
     mod = module_for(decision).empty(decision, lin.in_features, lin.out_features,
                                      lin.bias is not None)
     return mod.load_factors(t, lin.bias)
-
-
-def _qwen2_with_biases():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    cfg = Qwen2Config(hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
-                      intermediate_size=128, num_hidden_layers=2, vocab_size=256)
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for blk in model.model.layers:  # random init leaves biases at 0: make them count
-            for lin in (blk.self_attn.q_proj, blk.self_attn.k_proj, blk.self_attn.v_proj):
-                lin.bias.normal_(0, 0.5)
-    return model
 
 
 def _with_rewritten_q_o(kv_heads: int, model=None):
@@ -65,9 +51,9 @@ def test_full_rank_conversion_of_a_block_with_rewritten_q_o_equals_that_block(kv
     q_proj keeps its bias)."""
     base = None
     if kv_heads == "qwen2-biases":
-        base, kv_heads = _qwen2_with_biases(), 3
+        base, kv_heads = qwen2_with_biases(), 3
     model = _with_rewritten_q_o(kv_heads, base)
-    dense = _qwen2_with_biases() if base is not None else tiny_gqa_llama(kv_heads)
+    dense = qwen2_with_biases() if base is not None else tiny_gqa_llama(kv_heads)
     ids = eval_ids()
     ref = _logits(model, ids)
     q_o = [(b.self_attn.q_proj, b.self_attn.o_proj) for b in model.model.layers]

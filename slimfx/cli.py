@@ -87,8 +87,6 @@ def _check_optimize_args(a: argparse.Namespace):
         if streamed:
             raise ValueError("--kv-forms: the streamed optimize of a checkpoint directory takes "
                              "no KV budget")
-        if "mla" in a.kv_forms and a.onnx and a.kv_cache and a.accuracy_level:
-            raise ValueError(f"--accuracy-level with --kv-forms mla: {_MLA_ACCURACY}")
     memory = a.budget if a.budget is not None or a.bits or a.latency or cache_only else 0.8
     memory = None if memory is None else Budget.of(memory).memory  # a fraction in (0, 1]
     budget = Budget(
@@ -281,10 +279,6 @@ def diff_reports(a, b) -> str:
     return "\n".join(lines)
 
 
-_MLA_ACCURACY = ("the decode-step export over MLA's latent cache (export_mla_onnx) takes no "
-                 "MatMulNBits accuracy level")
-
-
 def _export(model, a: argparse.Namespace, ids) -> str:
     """``--onnx`` (``--kv-cache``): the decode step over the cache the model keeps — 16-bit
     (``export_onnx``), compressed KV caches (``onnx_kv.export_onnx_kv``: a step graph and
@@ -299,9 +293,8 @@ def _export(model, a: argparse.Namespace, ids) -> str:
     if mla:
         from slimfx.backends.onnx_mla import export_mla_onnx
 
-        if a.accuracy_level:
-            raise ValueError(f"--accuracy-level: {_MLA_ACCURACY}")
-        res = export_mla_onnx(model, a.onnx, ids)  # refuses a mix with compressed KV caches
+        # refuses a mix with compressed KV caches
+        res = export_mla_onnx(model, a.onnx, ids, accuracy_level=a.accuracy_level)
         return (f"wrote {res.path}: the decode step over the MLA latent cache of layer(s) "
                 f"{', '.join(map(str, res.mla_layers))} ({res.cache_bytes_per_token} B/token); "
                 "slimfx.backends.onnx_mla.latent_ort_session runs it")

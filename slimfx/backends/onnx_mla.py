@@ -306,9 +306,12 @@ def export_mla_onnx(
     example_ids: Tensor,
     *,
     opset: int | None = None,
+    accuracy_level: int = 0,
 ) -> MLAOnnxExport:
     """Export the decode step of ``model`` (a Hugging Face Llama-style causal LM with
     :class:`MLAAttention` blocks) with its latent cache to ``path`` (module docstring).
+    ``accuracy_level``: of the ``MatMulNBits`` that linears a weights budget quantized become
+    (as in ``export_onnx``; 0: float compute, 4: int8 activations).
 
     ``example_ids``: (batch, seq) token ids to trace with (batch and sequence axes and the cache
     length stay dynamic). Raises :class:`OnnxExportError` for a model without MLA blocks or
@@ -351,11 +354,12 @@ def export_mla_onnx(
         )
         _check_translatable(program)  # linears a weights budget rewrote (q/o, MLP): their ops
         kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
-        onnx_prog = torch.onnx.export(
-            program, (), dynamo=True, input_names=in_names, output_names=out_names,
-            custom_translation_table=onnx_ops.translation_table(), optimize=True,
-            verbose=False, **kwargs,
-        )
+        with onnx_ops.accuracy_level(accuracy_level):
+            onnx_prog = torch.onnx.export(
+                program, (), dynamo=True, input_names=in_names, output_names=out_names,
+                custom_translation_table=onnx_ops.translation_table(), optimize=True,
+                verbose=False, **kwargs,
+            )
     _fold_markers(onnx_prog.model.graph)
     _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model))
     def write(tmp: Path) -> None:

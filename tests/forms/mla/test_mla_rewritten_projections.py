@@ -127,3 +127,26 @@ def test_a_weights_and_kv_budget_with_mla_rewrites_q_o_and_converts_k_v(tmp_path
     back = slimfx.load(tmp_path / "m")
     torch.testing.assert_close(_logits(back, ids), _logits(out, ids), atol=0, rtol=0)
     assert back.generate(ids, max_new_tokens=8, do_sample=False).tolist() == want.tolist()
+
+
+def test_mla_export_carries_the_accuracy_level_of_the_quantized_q_o(tmp_path):
+    """``export_mla_onnx(..., accuracy_level=4)``: the MatMulNBits an int4 q_proj inside an MLA
+    block becomes takes ONNX Runtime's int8-activation compute; the step still follows torch
+    (logits within what int8 activations cost). (The default level is checked against torch's
+    tokens through ``optimize`` in ``tests/kv/test_kv_budget_export.py``.)"""
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from slimfx.backends.onnx_mla import export_mla_onnx, latent_ort_session
+
+    torch.set_num_threads(1)
+    model = _with_rewritten_q_o(2, tiny_gqa_llama(2, num_hidden_layers=1))
+    convert_model(model, MLAConfig(rank=10, rope_pairs=2), calib_batches())
+    ids = eval_ids()[:1, :9]
+    res = export_mla_onnx(model, tmp_path / "m.onnx", ids, accuracy_level=4)
+    nbits = [n for n in onnx.load(str(res.path)).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) == 1  # the int4 q_proj (o_proj is low-rank: two MatMul)
+    assert [a.i for a in nbits[0].attribute if a.name == "accuracy_level"] == [4]
+    logits, _ = latent_ort_session(res.path, threads=1).step(ids)
+    ref = _logits(model, ids)
+    err = (torch.as_tensor(logits) - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 0.05  # int8 activations: close, not equal

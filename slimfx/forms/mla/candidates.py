@@ -157,13 +157,14 @@ def mla_candidates(
     den = sum(float(y.square().sum()) for y in refs)
     out = []
     fits: dict[MLAConfig, MLAWeights] = {}  # the fit does not depend on the latent's bits
+    w_q, w_o = dense_weight(attn.q_proj), dense_weight(attn.o_proj)  # once, not per config
     for cfg in configs:
         key = replace(cfg, latent_bits=16)
         if key not in fits:
             fits[key] = fit_mla(
-                cfg, dense_weight(attn.q_proj), attn.k_proj.weight, attn.v_proj.weight,
-                dense_weight(attn.o_proj), attn.k_proj.bias, attn.v_proj.bias, shape.num_heads,
-                shape.num_kv_heads, inv_freq, calib if cfg.needs_data else None,
+                cfg, w_q, attn.k_proj.weight, attn.v_proj.weight, w_o, attn.k_proj.bias,
+                attn.v_proj.bias, shape.num_heads, shape.num_kv_heads, inv_freq,
+                calib if cfg.needs_data else None,
             )
         w = fits[key]
         conv = MLAAttention(attn, w, shape.num_heads, shape.num_kv_heads, absorb="never",

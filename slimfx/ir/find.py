@@ -34,6 +34,7 @@ from slimfx.ir.graph_linear import (
     wider_than_linear,
 )
 from slimfx.ir.match import is_conv1d, is_linear_module, linear_weight, weight_owner
+from slimfx.ir.modules import SlimLinear
 from slimfx.ir.sites import AttentionSite, LinearSite
 
 __all__ = [
@@ -345,14 +346,10 @@ def _sliding_window(module: nn.Module, config: Any, layer_idx: int | None) -> in
 
 def _projection(module: nn.Module, name: str, rewritten: tuple[str, ...]) -> bool:
     """Whether ``module.name`` is a usable projection: an ``nn.Linear``, or, for a name in
-    ``rewritten``, any module with integer ``in_features`` / ``out_features`` (a linear a
-    form rewrote, ``slimfx.ir.modules.SlimLinear``)."""
+    ``rewritten``, a linear a form rewrote (``slimfx.ir.modules.SlimLinear``: what a reader of
+    its dense equivalent can rebuild)."""
     p = getattr(module, name, None)
-    if isinstance(p, nn.Linear):
-        return True
-    return name in rewritten and isinstance(p, nn.Module) and all(
-        isinstance(getattr(p, a, None), int) for a in ("in_features", "out_features")
-    )
+    return isinstance(p, nn.Linear) or (name in rewritten and isinstance(p, SlimLinear))
 
 
 def describe_attention(

@@ -10,20 +10,24 @@ converted by ``apply_mla``, held-out perplexity):
 - dense;
 - weights only: ``Budget(memory=m, kv=1.0, context=C)`` for m in (0.5, 0.35);
 - MLA only: ``Budget(kv=f, context=C)`` (linears dense) for f in (0.475, 0.37);
-- joint: ``Budget(memory=m, kv=f, context=C)`` for every (m, f) pair of the two.
+- joint: ``Budget(memory=m, kv=f, context=C)`` for every (m, f) pair of the two, solved twice:
+  with MLA's factors 16-bit only (the problem's ``factor_bits=8`` options removed) and with the
+  int8-factor options the weights budget brings (``MLAConfig(factor_bits=8)``).
 
-Each row: perplexity, weight fraction, KV fraction, MLA layers, and how many q_proj/o_proj of
-the MLA layers are rewritten (not dense). ``--generate`` also builds the joint model with
+Each row: perplexity, weight fraction, KV fraction, MLA layers (of them with int8 factors), and
+how many q_proj/o_proj of the MLA layers are rewritten (not dense). ``--joint-only`` skips the
+weights-only and MLA-only rows. ``--generate`` also builds the joint model with
 ``slimfx.optimize`` at ``Budget(memory=0.5, kv=0.475, context=C)`` (a second planning run),
 greedily decodes 20 tokens from a news prompt and lists the report's MLA blocks.
 
     python benchmarks/mla_joint.py [--n-calib 16] [--n-eval 8] [--context 8192]
-        [--generate] [--json out.json]
+        [--joint-only] [--generate] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -36,7 +40,7 @@ from slimfx.forms.kv.apply import split_plan
 from slimfx.forms.kv.config import KVDenseConfig
 from slimfx.forms.mla.config import MLAConfig
 from slimfx.forms.mla.module import MLAAttention
-from slimfx.planning.problem import Budget, InfeasibleBudgetError
+from slimfx.planning.problem import Budget, BudgetProblem, InfeasibleBudgetError
 from slimfx.planning.shapes import KV_CACHE_BYTES
 from slimfx.planning.solve import solve
 from slimfx.stages import PlanningOptions, plan_model
@@ -45,12 +49,26 @@ MEMORY = (0.5, 0.35)
 KV = (0.475, 0.37)
 
 
-def mla_counts(pl, plan) -> tuple[int, int]:
-    """(MLA layers, rewritten q_proj/o_proj among them) of ``plan``."""
+def mla_counts(pl, plan) -> tuple[int, int, int]:
+    """(MLA layers, of them with int8 factors, rewritten q_proj/o_proj among them) of
+    ``plan``."""
     _, kv = split_plan(plan)
-    mla = [a for a in pl.attention_sites if isinstance(kv.get(a.fqn), MLAConfig)]
-    qo = sum(plan[a.projection(r)].kind != "dense" for a in mla for r in "qo")
-    return len(mla), qo
+    mla = [kv[a.fqn] for a in pl.attention_sites if isinstance(kv.get(a.fqn), MLAConfig)]
+    f8 = sum(c.factor_bits == 8 for c in mla)
+    sites = [a for a in pl.attention_sites if isinstance(kv.get(a.fqn), MLAConfig)]
+    qo = sum(plan[a.projection(r)].kind != "dense" for a in sites for r in "qo")
+    return len(mla), f8, qo
+
+
+def factors_16_bit(problem: BudgetProblem) -> BudgetProblem:
+    """``problem`` without the MLA options whose factors are int8."""
+    sites = [
+        dataclasses.replace(
+            so, options=[o for o in so.options if getattr(o.decision, "factor_bits", 16) == 16]
+        )
+        for so in problem.sites
+    ]
+    return BudgetProblem(sites, problem.workload, problem.target, problem.meta)
 
 
 def generate(model, tok, calib, held, context: int) -> dict:
@@ -92,6 +110,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     add_data_args(ap)
     ap.add_argument("--generate", action="store_true", help="also build and decode the joint model")
+    ap.add_argument("--joint-only", action="store_true", help="only the dense and joint rows")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     model, tok, calib, held = smollm2_and_windows(a)
@@ -107,17 +126,19 @@ def main() -> int:
     print(f"planning: {plan_s:.0f} s", file=sys.stderr, flush=True)
     shapes = {s.fqn: s.site_shape for s in [*pl.sites, *pl.attention_sites]}
     rows = []
-    print("| row | ppl | weight frac | kv frac | MLA layers | rewritten q/o in MLA | s |")
+    print("| row | ppl | weight frac | kv frac | MLA layers (int8 factors) | rewritten q/o in MLA "
+          "| s |")
     print("|---|---|---|---|---|---|---|", flush=True)
+    only16 = factors_16_bit(pl.problem)
 
-    def run(label: str, budget: Budget | None) -> None:
+    def run(label: str, budget: Budget | None, problem: BudgetProblem = pl.problem) -> None:
         t = time.perf_counter()
         wf = kf = 1.0
         if budget is None:
             plan = uniform_plan(pl, KVDenseConfig())
         else:
             try:
-                sol = solve(pl.problem, budget)
+                sol = solve(problem, budget)
             except InfeasibleBudgetError as e:
                 print(f"| {label} | infeasible: {e} |", flush=True)
                 rows.append({"label": label, "budget": budget.to_dict(), "error": str(e)})
@@ -125,7 +146,7 @@ def main() -> int:
             plan = sol.to_plan(shapes)
             wf, kf = sol.bytes / W, sol.costs.get(KV_CACHE_BYTES, 0) / C
         ppl = evaluate(pl, plan, held)
-        n_mla, qo = mla_counts(pl, plan)
+        n_mla, f8, qo = mla_counts(pl, plan)
         s = time.perf_counter() - t
         rows.append(
             {
@@ -135,22 +156,27 @@ def main() -> int:
                 "weight_fraction": wf,
                 "kv_fraction": kf,
                 "mla_layers": n_mla,
+                "mla_int8_factor_layers": f8,
                 "mla_rewritten_qo": qo,
                 "seconds": s,
             }
         )
         print(
-            f"| {label} | {ppl:.2f} | {wf:.3f} | {kf:.3f} | {n_mla} | {qo} | {s:.0f} |", flush=True
+            f"| {label} | {ppl:.2f} | {wf:.3f} | {kf:.3f} | {n_mla} ({f8}) | {qo} | {s:.0f} |",
+            flush=True,
         )
 
     run("dense", None)
-    for m in MEMORY:
-        run(f"weights memory={m}", Budget(memory=m, kv=1.0, context=a.context))
-    for f in KV:
-        run(f"MLA kv={f}", Budget(kv=f, context=a.context))
+    if not a.joint_only:
+        for m in MEMORY:
+            run(f"weights memory={m}", Budget(memory=m, kv=1.0, context=a.context))
+        for f in KV:
+            run(f"MLA kv={f}", Budget(kv=f, context=a.context))
     for m in MEMORY:
         for f in KV:
-            run(f"joint memory={m} kv={f}", Budget(memory=m, kv=f, context=a.context))
+            b = Budget(memory=m, kv=f, context=a.context)
+            run(f"joint memory={m} kv={f}, 16-bit factors", b, only16)
+            run(f"joint memory={m} kv={f}, int8 factors offered", b)
     gen = generate(model, tok, calib, held, a.context) if a.generate else None
     meta = run_meta(
         planning_seconds=plan_s,

@@ -13,7 +13,10 @@ For each MLA config (every block converted, calibration as ``mla_quality.py``):
 The dense row is ``slimfx.backends.onnx.export_onnx(model, ..., kv_cache=True)``.
 
     OMP_NUM_THREADS=1 python benchmarks/mla_onnx.py [--contexts 256,1024] [--steps 32]
-        [--threads 1] [--json out.json]
+        [--threads 1] [--configs 1,2] [--json out.json]
+
+``--configs``: which of ``CONFIGS`` to run (0-based indices; default all); the dense row always
+runs.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from slimfx.models import load_smollm2
 CONFIGS = {
     "1/2 16-bit r144 8p": MLAConfig(rank=144, rope_pairs=8),
     "1/2 int8 r262 10p": MLAConfig(rank=262, rope_pairs=10, latent_bits=8),
+    "1/2 int8 r262 10p, int8 factors": MLAConfig(
+        rank=262, rope_pairs=10, latent_bits=8, factor_bits=8
+    ),
 }
 
 
@@ -92,8 +98,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-calib", type=int, default=16)
+    ap.add_argument("--configs", default="", help="indices into CONFIGS (default: all)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    labels = list(CONFIGS)
+    if a.configs:
+        labels = [labels[int(i)] for i in a.configs.split(",")]
     contexts = [int(c) for c in a.contexts.split(",")]
     torch.manual_seed(0)
     model, tok = load_smollm2()
@@ -116,7 +126,8 @@ def main() -> None:
 
     inputs = capture_attention_inputs(model, calib, range(len(model.model.layers)))
     originals = [blk.self_attn for blk in model.model.layers]
-    for label, cfg in CONFIGS.items():
+    for label in labels:
+        cfg = CONFIGS[label]
         try:
             convert_model(model, cfg, calib, inputs=inputs)
             t = time.time()

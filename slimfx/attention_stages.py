@@ -203,6 +203,7 @@ def add_options(pl: Planning) -> None:
     context = pl.budget.context
     added = []
     kl = _MeasuredKL(pl)
+    mla_offered = False
     for site in pl.attention_sites:
         o_fqn, k_fqn, v_fqn = (site.projection(r) for r in ("o", "k", "v"))
         weight = pl.problem.site(o_fqn).sensitivity if o_fqn in linear else 1.0
@@ -229,9 +230,11 @@ def add_options(pl: Planning) -> None:
         if mla and site.cache_only:
             refused["mla"] = cache_only_reason(site)
         elif mla:
+            mla_offered = True
             opts, why = mla_options(
                 pl.model, site, inputs, None, weight=weight, context=context,
                 linear_sites=linear, measure=kl.measure(site), fit_inputs=kl.fit_inputs(site),
+                int8_factors=pl.budget.prices_weights,
             )  # fmt: skip
             if why:
                 refused["mla"] = why
@@ -242,6 +245,11 @@ def add_options(pl: Planning) -> None:
         for short, why in refused.items():
             pl.kv_refused.setdefault(why, []).append(f"{site.fqn} ({short})")
         added.append(so)
+    if mla_offered and not pl.budget.prices_weights:
+        pl.notes.append(
+            "MLA with int8 factors not offered: this budget does not count weight bytes, "
+            "which is all they save (they add error)"
+        )
     for why, where in pl.kv_refused.items():  # entries "fqn (form)"
         n_sites = len({w.split(" (", 1)[0] for w in where})
         pl.notes.append(

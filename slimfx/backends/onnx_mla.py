@@ -208,15 +208,8 @@ class MLAExportBlock(nn.Module):
     def __init__(self, mla: MLAAttention) -> None:
         super().__init__()
         self.mla = mla
-        K, H, d, r = mla.num_kv_heads, mla.num_heads, mla.head_dim, mla.rank
-        w_uv = mla.v_up.weight.detach().reshape(K, d, r).repeat_interleave(H // K, dim=0)
-        b_uv = mla.v_up.bias.detach().reshape(K, 1, d).repeat_interleave(H // K, dim=0)
-        # per query head: value up-projection (H, r, d) and bias (H, 1, d), laid out for MatMul
-        self.register_buffer("w_uv_heads", w_uv.transpose(1, 2).contiguous(), persistent=False)
-        self.register_buffer("b_uv_heads", b_uv.contiguous(), persistent=False)
-        self.register_buffer(
-            "q_mix_t", mla.q_mix.detach().transpose(1, 2).contiguous(), persistent=False
-        )
+        # the value up-projection and q_mix are read from the block (int8 factors through
+        # ``slimfx::dequant_rows``: the graph keeps their codes) and laid out in the graph
 
     def forward(
         self,
@@ -231,10 +224,14 @@ class MLAExportBlock(nn.Module):
         if position_embeddings is None:
             raise ValueError("MLAExportBlock needs position_embeddings (cos, sin) from the model")
         B, T, _ = hidden_states.shape
-        H, d, n2 = m.num_heads, m.head_dim, 2 * m.rope_entries
+        H, K, d, n2 = m.num_heads, m.num_kv_heads, m.head_dim, 2 * m.rope_entries
         cos, sin = position_embeddings
+        r = m.rank
+        q_mix_t = m.query_mix().transpose(1, 2)  # (H, d, K·d)
+        w_uv = m.v_up.weight.view(K, d, r).transpose(1, 2)  # (K, r, d): per kv head
+        b_uv = m.v_up.bias.view(K, 1, d)
         q = m.q_proj(hidden_states).view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
-        q = torch.matmul(q, self.q_mix_t)  # (B, H, T, K·d): the shared key space
+        q = torch.matmul(q, q_mix_t)  # (B, H, T, K·d): the shared key space
         q_rope = m._rope(q[..., :n2], cos, sin)
         q_lat = torch.matmul(q[..., n2:], m.k_up.weight)  # (B, H, T, r)
         k_rope = m._rope(m.k_rope_proj(hidden_states)[:, None], cos, sin)  # (B, 1, T, 2N)
@@ -262,7 +259,8 @@ class MLAExportBlock(nn.Module):
         else:
             probs = torch.softmax(scores + mask, dim=-1)
         ctx = torch.matmul(probs, latent)  # (B, H, T, r): attention over the latent
-        v = torch.matmul(ctx, self.w_uv_heads) + self.b_uv_heads  # (B, H, T, d)
+        ctx = ctx.reshape(B, K, (H // K) * T, r)  # a kv head's query heads, stacked
+        v = (torch.matmul(ctx, w_uv) + b_uv).reshape(B, H, T, d)  # (B, H, T, d)
         return m.o_proj(v.transpose(1, 2).reshape(B, T, H * d)), None
 
 

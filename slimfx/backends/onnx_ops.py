@@ -5,6 +5,7 @@
     slimfx::sparse24_linear(x, values, meta, b)  → MatMul(x, Sᵀ) [+ Add b]      (densified)
     slimfx::quant_lowrank_linear(…)              → MatMulNBits(x, …) + MatMul(MatMul(x, Vᵀ), Uᵀ)
     slimfx::sparse24_lowrank_linear(…)           → MatMul(x, (S + U·V)ᵀ) [+ Add b] (densified)
+    slimfx::dequant_rows(codes, scale)           → DequantizeLinear(codes, scale, axis=0)
 
 Each form names its op's translation (``slimfx.forms``: ``Form.onnx_translation``); an op
 whose form has none is not in the table, and the export refuses it with the form's reason. The
@@ -222,13 +223,26 @@ def sparse24_lowrank_linear_onnx(
     return _add_bias(op.MatMul(x, _DENSE24_T(values, meta, U, V, K=K)), bias)
 
 
+def dequant_rows_onnx(codes: Any, scale: Any) -> Any:
+    """int8 rows × one scale per row: ``DequantizeLinear`` along axis 0 (the codes stay int8
+    initializers; the exporter's optimizer and ONNX Runtime keep DequantizeLinear unfolded)."""
+    return op.DequantizeLinear(codes, scale, axis=0)
+
+
+#: slimfx ops that belong to no linear form, with their translations
+_OTHER_TRANSLATIONS: dict[str, Callable[..., Any]] = {"dequant_rows": dequant_rows_onnx}
+
+
 def translations() -> dict[str, Callable[..., Any]]:
     """Op name (without namespace or ``_triton`` suffix) → translation, for every registered
-    form that has one."""
+    form that has one, and the slimfx ops outside the forms (``dequant_rows``)."""
     return {
-        f.op_name: f.get("onnx_translation")
-        for f in forms.forms()
-        if f.has("op") and f.has("onnx_translation")
+        **{
+            f.op_name: f.get("onnx_translation")
+            for f in forms.forms()
+            if f.has("op") and f.has("onnx_translation")
+        },
+        **_OTHER_TRANSLATIONS,
     }
 
 
@@ -248,6 +262,8 @@ def translation_name(target: object) -> str | None:
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in _NAMESPACES:
         return None
     name = target._schema.name.split("::", 1)[1].removesuffix("_triton")
+    if name in _OTHER_TRANSLATIONS:
+        return name
     form = forms.form_of_op(name)
     return name if form is not None and form.has("onnx_translation") else None
 

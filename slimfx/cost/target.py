@@ -264,6 +264,7 @@ def estimate_attention_latency(
     ``context`` tokens cached after the step (``decision.step_work``)::
 
         bytes = batch·(cache_floats·fb + cache_ints + 2·rebuilt·fb) + weight_floats·fb
+                + weight_ints
         t = max(bytes / bandwidth, batch·flops / (peak · eff)) + launches · launch_s
 
     ``eff``: the dequantization efficiency for forms that expand codes; on a target with fused
@@ -276,7 +277,7 @@ def estimate_attention_latency(
     rebuilt = 0 if fused else w.rebuilt
     fb = tgt.float_bytes
     bytes_read = batch * (w.cache_floats * fb + w.cache_ints + 2 * rebuilt * fb)
-    bytes_read += w.weight_floats * fb
+    bytes_read += w.weight_floats * fb + w.weight_ints
     eff = tgt.dequant_efficiency if w.dequantizes else 1.0
     roof = max(bytes_read / tgt.bandwidth_Bps, batch * w.flops / (tgt.peak_flops * eff))
     return roof + max(1, w.launches - (2 if fused else 0)) * tgt.launch_s

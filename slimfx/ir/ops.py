@@ -6,6 +6,11 @@ never appear in op names. Kernels register faster implementations in ``slimfx.ke
 Each form names its op (``slimfx.forms``: ``Form.op``); :func:`slimfx_ops` registers them all.
 
     slimfx::lowrank_linear(x, U, V, bias?)   = x @ Vᵀ @ Uᵀ + bias      U: out×r, V: r×in
+    slimfx::dequant_rows(codes, scale)      = codes · scale[:, None]   codes: int8 R×n, scale: R
+
+``dequant_rows`` belongs to no linear form: MLA's int8 factors (``slimfx.forms.mla.factors``)
+call it while a model is exported, so the ONNX graph carries their int8 codes into a
+``DequantizeLinear`` (which neither the exporter's optimizer nor ONNX Runtime folds away).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lowrank_linear", "slimfx_ops"]
+__all__ = ["lowrank_linear", "dequant_rows", "slimfx_ops"]
 
 
 @torch.library.custom_op("slimfx::lowrank_linear", mutates_args=())
@@ -48,6 +53,20 @@ def _lowrank_backward(ctx, grad):  # noqa: ANN001
 
 
 lowrank_linear.register_autograd(_lowrank_backward, setup_context=_lowrank_setup)
+
+
+@torch.library.custom_op("slimfx::dequant_rows", mutates_args=())
+def dequant_rows(codes: Tensor, scale: Tensor) -> Tensor:
+    """Symmetric int8 rows back to floats: ``codes (R, n) · scale (R,)`` per row."""
+    return codes.to(scale.dtype) * scale[:, None]
+
+
+@dequant_rows.register_fake
+def _(codes: Tensor, scale: Tensor) -> Tensor:
+    torch._check(codes.dim() == 2 and scale.dim() == 1, lambda: "codes (R, n), scale (R,)")
+    torch._check(codes.shape[0] == scale.shape[0], lambda: "one scale per row of codes")
+    return codes.new_empty(codes.shape, dtype=scale.dtype)
+
 
 def slimfx_ops() -> dict[str, object]:
     """Op name → ``torch.ops`` packet of every registered form's op (importing, and so

@@ -253,6 +253,14 @@ class Budget:
             )
 
     @property
+    def prices_weights(self) -> bool:
+        """Whether this budget limits weight bytes (``memory``, ``bits``, ``total_bytes``) or
+        minimizes bytes (``max_error`` alone, or no limit at all)."""
+        if any(v is not None for v in (self.memory, self.bits, self.total_bytes)):
+            return True
+        return self.latency is None and self.kv is None
+
+    @property
     def prices_cache(self) -> bool:
         """Whether this budget counts the KV cache (``kv`` or ``total_bytes``)."""
         return self.kv is not None or self.total_bytes is not None

@@ -124,6 +124,8 @@ class AttentionWork:
     - ``weight_floats``: weight entries the form's own projections read per step (the k/v
       factors of a low-rank cache, the converted projections of MLA; 0 when the k/v projections
       stay linear sites of their own), read once per step whatever the batch;
+      ``weight_ints``: integer weight codes and their 16-bit scales read per step, in bytes
+      (MLA's int8 factors; what they are dequantized to counts in ``weight_floats``);
     - ``flops``: arithmetic of the step (attention, rebuilds, dequantization, own projections);
     - ``rebuilt``: floating-point entries a runtime writes and reads back (dequantized or
       rebuilt keys/values/latents) when no fused kernel reads the cache in place;
@@ -140,6 +142,7 @@ class AttentionWork:
     launches: int
     dequantizes: bool = False
     fused: bool = False
+    weight_ints: int = 0
 
 
 Shape = LinearShape | AttentionShape

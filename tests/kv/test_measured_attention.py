@@ -148,7 +148,8 @@ def test_default_decisions_are_what_the_solver_is_offered() -> None:
     ds = default_attention_decisions(SMOL)
     assert ds[: len(default_kv_forms(SMOL))] == default_kv_forms(SMOL)
     mla = [d for d in ds if isinstance(d, MLAConfig)]
-    assert len(mla) == 6 and {d.latent_bits for d in mla} == {8, 16}
+    assert len(mla) == 12 and {(d.latent_bits, d.factor_bits) for d in mla} == {
+        (8, 16), (16, 16), (8, 8), (16, 8)}
     assert {d.rope_pairs for d in mla} == {10}
     assert parse_attention_shapes(None) == list(DEFAULT_ATTENTION_SHAPES) == [SMOL]
     assert parse_attention_shapes("none") == []

@@ -56,11 +56,14 @@ class MLAContext:
     offer (default: ``base.rope_pairs``). ``latent_bits``: latent widths to offer; by default
     both (on SmolLM2 the int8 latent's error is within 1.1% of the 16-bit one at about 0.6× the
     bytes, ``benchmarks/RESULTS.md``, so the 16-bit options are dominated there).
+    ``factor_bits``: widths of the converted block's own projections to offer (16; 8: int8
+    rows, about half the weight bytes — worth offering when the budget counts weights).
     ``inv_freq``: RoPE inverse frequencies (default: the model's ``rotary_emb.inv_freq``)."""
 
     base: MLAConfig = MLAConfig()
     rope_pairs: tuple[int, ...] | None = None
     latent_bits: tuple[int, ...] = (16, 8)
+    factor_bits: tuple[int, ...] = (16,)
     inv_freq: Tensor | None = None
 
 
@@ -98,8 +101,10 @@ def _configs(
             raise ValueError(f"{fqn}: MLA variant rope_pairs={p} refused: {why}")
         full = probe.full_rank(shape)
         ranks = sorted({min(full, max(1, round(f * full))) for f in rank_fractions})
-        for bits in ctx.latent_bits:
-            out += [replace(probe, rank=r, latent_bits=bits) for r in ranks]
+        for fbits in ctx.factor_bits:
+            for bits in ctx.latent_bits:
+                out += [replace(probe, rank=r, latent_bits=bits, factor_bits=fbits)
+                        for r in ranks]
     return out
 
 
@@ -127,7 +132,7 @@ def mla_candidates(
     deduplicated, at least 1). ``context``: the other variants offered (:class:`MLAContext`).
     ``measure``: called with each candidate's config and converted block (e.g. to measure its
     loss, :class:`~slimfx.forms.mla.measured.LayerReplay`). Candidates are ordered by RoPE
-    pairs, latent bits, then rank."""
+    pairs, factor bits, latent bits, then rank."""
     ctx = context or MLAContext()
     if not inputs:
         raise ValueError(f"{site.fqn}: no calibration inputs for the MLA candidates")
@@ -156,10 +161,10 @@ def mla_candidates(
     refs = [block_forward(attn, h, c, s, KVDenseConfig()).float() for h, c, s in inputs]
     den = sum(float(y.square().sum()) for y in refs)
     out = []
-    fits: dict[MLAConfig, MLAWeights] = {}  # the fit does not depend on the latent's bits
+    fits: dict[MLAConfig, MLAWeights] = {}  # nor on the latent's or the factors' bits
     w_q, w_o = dense_weight(attn.q_proj), dense_weight(attn.o_proj)  # once, not per config
     for cfg in configs:
-        key = replace(cfg, latent_bits=16)
+        key = replace(cfg, latent_bits=16, factor_bits=16)
         if key not in fits:
             fits[key] = fit_mla(
                 cfg, w_q, attn.k_proj.weight, attn.v_proj.weight, w_o, attn.k_proj.bias,
@@ -168,7 +173,7 @@ def mla_candidates(
             )
         w = fits[key]
         conv = MLAAttention(attn, w, shape.num_heads, shape.num_kv_heads, absorb="never",
-                            latent_bits=cfg.latent_bits)
+                            latent_bits=cfg.latent_bits, factor_bits=cfg.factor_bits)
         num = 0.0
         for (h, c, s), y in zip(inputs, refs):
             yc = conv(h, position_embeddings=(c, s), attention_mask=None)[0].float()

@@ -17,7 +17,9 @@ Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_p
 - weight bytes of the owned projections: ``2·(D·K·2p + D·r + r·K·(d − 2p) + r·K·d) + 2·K·d``
   (RoPE key rows, down-projection, key and value up-projections, value bias), plus with
   ``rope_mix="pca"`` the mixing ``U_i`` (K×K per frequency: ``2·(d/2)·K²``), replacing the
-  original ``2·2·D·K·d`` (+ bias). The absorbed decode form additionally stores
+  original ``2·2·D·K·d`` (+ bias). With ``factor_bits=8`` every one of those matrices (and
+  ``q_mix``) is stored as int8 codes, 1 byte each, plus a 16-bit scale per row
+  (:mod:`~slimfx.forms.mla.factors`); the biases stay 16-bit. The absorbed decode form additionally stores
   ``W_uk`` folded into each query head (``H·r·d``) and ``W_uv`` folded into the output
   projection (``H·r·D``): ``absorbed_extra_bytes``.
 """
@@ -36,7 +38,8 @@ from slimfx.planning.shapes import (
 )
 
 __all__ = [
-    "MLAConfig", "MLA_METHODS", "MLA_OBJECTIVES", "ROPE_SELECTIONS", "ROPE_MIXES", "LATENT_BITS"
+    "MLAConfig", "MLA_METHODS", "MLA_OBJECTIVES", "ROPE_SELECTIONS", "ROPE_MIXES", "LATENT_BITS",
+    "FACTOR_BITS",
 ]
 
 #: ``svd``: weight-only SVD of the norm-balanced ``[W_k_nope; W_v]`` (MHA2MLA-style, no data);
@@ -61,6 +64,8 @@ ROPE_SELECTIONS = ("norm", "high_freq", "norm_freq", "norm_attn")
 #: frequency are first mixed by the eigenvectors of their calibrated second moment.
 ROPE_MIXES = ("none", "pca")
 LATENT_BITS = (16, 8)
+#: the converted block's own projections: 16-bit, or int8 rows (one scale per output row)
+FACTOR_BITS = (16, 8)
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -82,6 +87,7 @@ class MLAConfig(Decision):
     losing its rotation outright — a fixed 2×2 map per head and pair, folded into the query. ``refine``: refit the up-projections by closed-form least squares on
     calibration activations (inputs seen by the converted model when the caller gives them).
     ``latent_bits``: 16 or 8 (int8 latent cache, one 16-bit scale per token).
+    ``factor_bits``: 16 or 8 (the block's own projections stored as int8 rows).
     """
 
     kind: ClassVar[str] = "mla"
@@ -96,6 +102,7 @@ class MLAConfig(Decision):
     rope_fold: bool = False
     refine: bool = False
     latent_bits: int = 16
+    factor_bits: int = 16
 
     def __post_init__(self) -> None:
         _check(
@@ -119,6 +126,7 @@ class MLAConfig(Decision):
         _check(isinstance(self.refine, bool), "MLAConfig.refine must be a bool")
         _check(isinstance(self.rope_fold, bool), "MLAConfig.rope_fold must be a bool")
         _check(self.latent_bits in LATENT_BITS, f"MLAConfig.latent_bits must be in {LATENT_BITS}")
+        _check(self.factor_bits in FACTOR_BITS, f"MLAConfig.factor_bits must be in {FACTOR_BITS}")
 
     @property
     def needs_data(self) -> bool:
@@ -177,8 +185,10 @@ class MLAConfig(Decision):
         scores ``q_rope k_ropeᵀ + q_lat cᵀ`` with every head a row of one product over the
         shared cache, the context stays r wide until ``v_up``: nothing rebuilt); longer steps
         rebuild every cached token's keys and values (unabsorbed). An int8 latent is
-        dequantized whole every step (the cache layer does it). ``q_proj`` and ``o_proj`` stay
-        linear sites of their own; ``branchless`` changes nothing here."""
+        dequantized whole every step (the cache layer does it), and int8 factors every step too
+        (their codes read, the float matrices written and read back: no fused int8 kernel).
+        ``q_proj`` and ``o_proj`` stay linear sites of their own; ``branchless`` changes nothing
+        here."""
         if not (isinstance(context, int) and isinstance(tokens, int) and context >= 1
                 and tokens >= 1):
             raise ValueError(f"context and tokens are ints ≥ 1, got {context!r}, {tokens!r}")
@@ -190,6 +200,11 @@ class MLAConfig(Decision):
         nope = K * d - n2
         weights = H * K * d * d + D * n2 + D * r + r * nope + r * K * d
         flops = 2 * T * (H * d * K * d + D * n2 + D * r) + 4 * T * (H + 1) * n2  # ...; RoPE
+        weight_ints, launches = 0, 6
+        if self.factor_bits == 8:  # codes and row scales read, each matrix rebuilt (r + w)
+            weight_ints = weights + 2 * self._factor_rows(shape)
+            flops += 2 * weights
+            weights, launches = 2 * weights, launches + 10
         if T == 1:
             flops += 2 * H * nope * r + 2 * H * C * (n2 + r) + 2 * H * C * r + 2 * H * r * d
             rebuilt = 0
@@ -201,11 +216,20 @@ class MLAConfig(Decision):
         ints = self.cache_bytes(shape, C) - 2 * floats
         if int8:  # the cache layer dequantizes the whole latent each step
             rebuilt, flops = rebuilt + C * r, flops + 4 * C * r
-        return AttentionWork(floats, ints, weights, flops, rebuilt, 6, int8, not int8)
+        return AttentionWork(
+            floats, ints, weights, flops, rebuilt, launches, int8, not int8, weight_ints
+        )
 
     def owned_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
         """Reference bytes of the original ``k_proj`` + ``v_proj`` this decision replaces."""
         return 2 * 2 * shape.hidden_size * shape.kv_dim + (2 * 2 * shape.kv_dim if bias else 0)
+
+    def _factor_rows(self, shape: AttentionShape) -> int:
+        """Rows of the converted block's matrices (one int8 scale each with ``factor_bits=8``):
+        RoPE key rows, down-projection, key and value up-projections, ``q_mix``."""
+        K, d, r = shape.num_kv_heads, shape.head_dim, self.rank
+        n2 = 2 * K * self.rope_pairs
+        return n2 + r + (K * d - n2) + K * d + shape.num_heads * K * d
 
     def converted_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
         """Reference bytes of what the converted block stores besides q_proj/o_proj (unabsorbed
@@ -213,13 +237,19 @@ class MLAConfig(Decision):
         down-projection, the key and value up-projections, the value bias, each query head's
         map into the mixed key space ``q_mix`` (``H × K·d × d``; the RoRoPE mixing lives in it
         and in the RoPE rows) at 16 bits, and the N kept frequencies' indices at 2 bytes each —
-        the module's tensors, so priced bytes = stored bytes (``tests/forms/mla``)."""
+        the module's tensors, so priced bytes = stored bytes (``tests/forms/mla``). With
+        ``factor_bits=8`` the matrices are int8 codes (1 byte) plus a 16-bit scale per row."""
         D, H, K, d, r = (
             shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, self.rank
         )
         n2 = 2 * K * self.rope_pairs
-        floats = D * n2 + D * r + r * (K * d - n2) + r * K * d + K * d + H * K * d * d
-        return 2 * (floats + (n2 if bias else 0)) + 2 * (n2 // 2)
+        matrices = D * n2 + D * r + r * (K * d - n2) + r * K * d + H * K * d * d
+        biases = K * d + (n2 if bias else 0)
+        if self.factor_bits == 8:
+            stored = matrices + 2 * self._factor_rows(shape) + 2 * biases
+        else:
+            stored = 2 * (matrices + biases)
+        return stored + 2 * (n2 // 2)
 
     def weight_bytes_delta(self, shape: AttentionShape, bias: bool = False) -> int:
         """Weight bytes added (positive) or removed (negative) by the conversion."""
@@ -249,6 +279,7 @@ class MLAConfig(Decision):
 
     def short(self) -> str:
         q = " int8" if self.latent_bits == 8 else ""
+        q += " f8" if self.factor_bits == 8 else ""
         ref = ("+ls" if self.refine else "") + ("" if self.rope_mix == "none" else " rorope")
         ref += " fold" if self.rope_fold else ""
         return (

@@ -277,7 +277,8 @@ def convert_model(
             shape.num_heads, shape.num_kv_heads, inv_freq, calib,
         )
         blocks[i].self_attn = MLAAttention(
-            attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb, latent_bits=c.latent_bits
+            attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb,
+            latent_bits=c.latent_bits, factor_bits=c.factor_bits,
         )
         blocks[i].self_attn.mla_config = c
         blocks[i].self_attn.train(attn.training)  # a new module starts in training mode

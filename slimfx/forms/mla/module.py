@@ -33,6 +33,7 @@ from slimfx.ir.match import is_linear_module, linear_weight
 from slimfx.ir.modules import SlimLinear
 from slimfx.numerics import reconstruct
 
+from .factors import Int8Factor, Int8Rows
 from .numerics import MLAWeights
 
 __all__ = ["MLAAttention", "ABSORB_MODES", "quantize_latent", "dense_weight"]
@@ -89,11 +90,16 @@ class MLAAttention(nn.Module):
 
     def __init__(
         self, orig: nn.Module, weights: MLAWeights, num_heads: int, num_kv_heads: int,
-        absorb: str = "auto", latent_bits: int = 16,
+        absorb: str = "auto", latent_bits: int = 16, factor_bits: int = 16,
     ) -> None:
         super().__init__()
         if latent_bits not in (16, 8):
             raise ValueError(f"latent_bits must be 16 or 8, got {latent_bits}")
+        if factor_bits not in (16, 8):
+            raise ValueError(f"factor_bits must be 16 or 8, got {factor_bits}")
+        #: 8: the block's own projections (RoPE key rows, down, key/value up, ``q_mix``) are
+        #: stored as int8 rows (:mod:`~slimfx.forms.mla.factors`), dequantized where used
+        self.factor_bits = factor_bits
         #: 8: the latent is rounded to int8 (one scale per token) as soon as it is computed, so
         #: every path (no cache, any cache) sees what an int8 latent cache holds
         self.latent_bits = latent_bits
@@ -114,14 +120,18 @@ class MLAAttention(nn.Module):
         self.last_decode_path = ""
         dt, dev = orig.k_proj.weight.dtype, orig.k_proj.weight.device  # k/v: owned, dense
         self.q_proj = orig.q_proj
-        self.k_rope_proj = _linear(weights.w_krope, weights.b_krope, dt, dev)
-        self.kv_down = _linear(weights.w_dkv, None, dt, dev)
-        self.k_up = _linear(weights.w_uk, None, dt, dev)
-        self.v_up = _linear(weights.w_uv, weights.b_uv, dt, dev)
+        proj = _linear if factor_bits == 16 else Int8Factor
+        self.k_rope_proj = proj(weights.w_krope, weights.b_krope, dt, dev)
+        self.kv_down = proj(weights.w_dkv, None, dt, dev)
+        self.k_up = proj(weights.w_uk, None, dt, dev)
+        self.v_up = proj(weights.w_uv, weights.b_uv, dt, dev)
         self.o_proj = orig.o_proj
         freq = weights.rope_freq.to(dev)
         self.register_buffer("rope_freq", freq, persistent=True)  # (N,)
-        self.register_buffer("q_mix", weights.q_mix.to(dev, dt), persistent=True)  # (H, Kd, d)
+        if factor_bits == 16:
+            self.register_buffer("q_mix", weights.q_mix.to(dev, dt), persistent=True)  # (H,Kd,d)
+        else:
+            self.q_mix_rows = Int8Rows(weights.q_mix, dt, dev)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -139,12 +149,17 @@ class MLAAttention(nn.Module):
         s = sin[..., idx][:, None].to(x.dtype)
         return x * c + _rotate_half(x) * s
 
+    def query_mix(self) -> Tensor:
+        """``q_mix`` (H, K·d, d): each query head's map into the shared key space (the stored
+        16-bit buffer, or its int8 rows dequantized)."""
+        return self.q_mix if self.factor_bits == 16 else self.q_mix_rows.weight
+
     def _queries(self, hidden_states: Tensor) -> Tensor:
         """``q'`` (B, H, T, K·d): every head's query on the shared key space."""
         B, T, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
         q = self.q_proj(hidden_states).view(B, T, H, d)
-        return torch.einsum("bthd,hed->bhte", q, self.q_mix)
+        return torch.einsum("bthd,hed->bhte", q, self.query_mix().to(q.dtype))
 
     def absorbed_weights(self) -> tuple[Tensor, Tensor]:
         """``W_o,h W_uv,g`` per query head (H, D, r) and the output bias ``W_o b`` (D)."""

@@ -26,15 +26,22 @@ from .config import MLAConfig
 __all__ = ["MLA_LADDER", "ladder_context", "mla_options", "empty_mla_like_plan"]
 
 #: the MLA candidates the solver is offered per site: latent ranks (fractions of the full
-#: rank) × int8 / 16-bit latents, with RoPE kept on 10 of 32 frequency pairs per kv head
-#: (the best measured on SmolLM2; ``rope_share`` of the pairs at other head dims)
-MLA_LADDER = dict(rank_fractions=(0.25, 0.5, 0.75), latent_bits=(8, 16), rope_share=10 / 32)
+#: rank) × int8 / 16-bit latents × 16-bit / int8 factors (the int8 ones only where the budget
+#: counts weights: ``mla_options(int8_factors=)``), with RoPE kept on 10 of 32 frequency pairs
+#: per kv head (the best measured on SmolLM2; ``rope_share`` of the pairs at other head dims)
+MLA_LADDER = dict(
+    rank_fractions=(0.25, 0.5, 0.75), latent_bits=(8, 16), factor_bits=(16, 8),
+    rope_share=10 / 32,
+)
 
 
-def ladder_context(head_dim: int) -> MLAContext:
-    """The ladder's MLA variants at a head dim: ``rope_share`` of its pairs, both latent widths."""
+def ladder_context(head_dim: int, int8_factors: bool = True) -> MLAContext:
+    """The ladder's MLA variants at a head dim: ``rope_share`` of its pairs, both latent widths,
+    both factor widths (16-bit only without ``int8_factors``)."""
     pairs = max(1, round(MLA_LADDER["rope_share"] * head_dim / 2))  # type: ignore[operator]
-    return MLAContext(base=MLAConfig(rope_pairs=pairs), latent_bits=MLA_LADDER["latent_bits"])
+    fbits = MLA_LADDER["factor_bits"] if int8_factors else (16,)
+    return MLAContext(base=MLAConfig(rope_pairs=pairs), latent_bits=MLA_LADDER["latent_bits"],
+                      factor_bits=fbits)  # type: ignore[arg-type]
 
 
 def mla_options(
@@ -48,17 +55,19 @@ def mla_options(
     linear_sites: set[str] | None = None,
     measure: Callable[[MLAConfig, nn.Module], None] | None = None,
     fit_inputs: Tensor | None = None,
+    int8_factors: bool = True,
 ) -> tuple[list[Option], str | None]:
     """The site's MLA options, or ``([], why)`` when MLA cannot convert it; ``measure`` is
     handed each candidate's converted block; ``fit_inputs``: the block inputs its fit's
-    statistics come from (``mla_candidates``)."""
+    statistics come from (``mla_candidates``); ``int8_factors``: offer the int8-factor
+    variants too (worth it only where weight bytes are priced: they add error)."""
     owned = [site.projection(r) for r in ("k", "v")]
     if linear_sites is not None and any(f not in linear_sites for f in owned):
         return [], "k_proj/v_proj are not sites of this problem: MLA owns and replaces them"
     try:
         cands = mla_candidates(
             model, site, inputs, gram, MLA_LADDER["rank_fractions"],
-            ladder_context(site.head_dim), measure, fit_inputs,
+            ladder_context(site.head_dim, int8_factors), measure, fit_inputs,
         )  # type: ignore[arg-type]  # fmt: skip
     except ValueError as e:
         return [], str(e).split(": ", 1)[-1]
@@ -90,7 +99,7 @@ def empty_mla_like_plan(
         new = mla_shell(
             orig, sh.num_heads, sh.num_kv_heads, sh.head_dim, cfg.rank,
             sh.num_kv_heads * cfg.rope_pairs, rope_bias=orig.k_proj.bias is not None,
-            latent_bits=cfg.latent_bits,
+            latent_bits=cfg.latent_bits, factor_bits=cfg.factor_bits,
         )  # fmt: skip
         new.mla_config = cfg
         new.train(orig.training)

@@ -73,6 +73,7 @@ def _layer_record(attn: MLAAttention) -> dict[str, Any]:
         "rope_bias": attn.k_rope_proj.bias is not None,
         "absorb": attn.absorb,
         "latent_bits": attn.latent_bits,
+        "factor_bits": attn.factor_bits,
     }
 
 
@@ -149,6 +150,7 @@ def mla_shell(
     rope_bias: bool,
     absorb: str = "auto",
     latent_bits: int = 16,
+    factor_bits: int = 16,
 ) -> MLAAttention:
     """An :class:`MLAAttention` replacing ``orig`` with zero weights of these shapes (filled by
     loading a saved state dict): ``rope_entries`` kept RoPE entries (K·pairs), latent ``rank``."""
@@ -165,7 +167,8 @@ def mla_shell(
         w_uv=z(K * d, r),
         b_uv=z(K * d),
     )
-    return MLAAttention(orig, w, H, K, absorb=absorb, latent_bits=latent_bits)
+    return MLAAttention(orig, w, H, K, absorb=absorb, latent_bits=latent_bits,
+                        factor_bits=factor_bits)
 
 
 def _shell(orig: nn.Module, rec: dict[str, Any]) -> MLAAttention:
@@ -174,6 +177,7 @@ def _shell(orig: nn.Module, rec: dict[str, Any]) -> MLAAttention:
         orig, int(rec["num_heads"]), int(rec["num_kv_heads"]), int(rec["head_dim"]),
         int(rec["rank"]), int(rec["rope_entries"]), rope_bias=bool(rec["rope_bias"]),
         absorb=rec["absorb"], latent_bits=int(rec["latent_bits"]),
+        factor_bits=int(rec.get("factor_bits", 16)),
     )  # fmt: skip
     if rec.get("config") is not None:
         attn.mla_config = decision_from_dict(rec["config"])

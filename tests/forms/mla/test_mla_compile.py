@@ -1,7 +1,10 @@
 """A converted model's decode step with the static latent cache under ``torch.compile``
-(inductor, CPU): one graph, no recompilation across steps, the eager model's tokens."""
+(inductor, CPU): one graph, no recompilation across steps, the eager model's tokens — with
+16-bit and int8 factors."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -36,7 +39,8 @@ def _greedy(model, step):
 def test_static_latent_cache_decode_step_compiles_and_matches_eager():
     pytest.importorskip("torch._inductor")
     model = tiny_gqa_llama(2)
-    convert_model(model, MLAConfig(rank=12, rope_pairs=2), calib_batches())
+    cfg = MLAConfig(rank=12, rope_pairs=2)  # layer 1 with int8 factors: both kinds compile
+    convert_model(model, {0: cfg, 1: replace(cfg, factor_bits=8)}, calib_batches())
 
     def step(tok, cache, pos):
         return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits[:, -1]

@@ -67,6 +67,13 @@ def _float_expands(path) -> list[str]:  # noqa: ANN001
     return [n.name for n in g.node if n.op_type == "Expand" and types.get(n.output[0]) in floats]
 
 
+def _int8_initializer_elements(path) -> int:
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    return sum(int(np.prod(t.dims)) for t in g.initializer if t.data_type == onnx.TensorProto.INT8)
+
+
 def _axes_are_named(path, cfg: MLAConfig, kv_heads: int) -> None:
     """The graph's dynamic axes carry readable names; the latent and RoPE-key widths stay."""
     import onnx
@@ -82,7 +89,8 @@ def _axes_are_named(path, cfg: MLAConfig, kv_heads: int) -> None:
 
 @pytest.mark.parametrize(
     "kv_heads,kw",
-    [(2, {}), (3, {"rope_pairs": 0, "rank": 9}), (1, {"latent_bits": 8, "rope_pairs": 3})],
+    [(2, {}), (3, {"rope_pairs": 0, "rank": 9}),
+     (1, {"latent_bits": 8, "rope_pairs": 3, "factor_bits": 8})],
 )
 def test_ort_decode_with_latent_cache_matches_torch(tmp_path, kv_heads, kw):
     model = tiny_gqa_llama(kv_heads, attention_bias=kw.get("latent_bits") == 8)
@@ -111,6 +119,11 @@ def test_ort_decode_with_latent_cache_matches_torch(tmp_path, kv_heads, kw):
         assert res.cache_bytes_per_token == 2 * (4 * cfg.rank + rope_bytes)
     # attention runs over the latent: no per-head keys or values are expanded or rebuilt
     assert _float_expands(res.path) == [] and res.op_counts["Softmax"] == 2
+    if cfg.factor_bits == 8:  # ORT holds the factors as the int8 codes torch holds
+        assert _int8_initializer_elements(res.path) == sum(
+            t.numel() for b in model.model.layers for t in b.self_attn.buffers()
+            if t.dtype == torch.int8
+        )
     _axes_are_named(res.path, cfg, kv_heads)
     # the model in torch is the one it was: its MLA blocks are back after the export
     assert all(isinstance(b.self_attn, MLAAttention) for b in model.model.layers)

@@ -1,0 +1,81 @@
+"""The converted block's own projections stored as int8 (``MLAConfig(factor_bits=8)``).
+
+An MLA conversion adds weights of its own — the RoPE key rows, the down-projection, the key and
+value up-projections and each query head's map into the shared key space (``q_mix``) — which
+at 16 bits outweigh the k_proj / v_proj they replace (SmolLM2: 1.02–1.04×). Under a weight
+budget they crowd the other linears, so the factors are offered as int8 too: symmetric codes
+with one scale per output row (``scale = max|row| / 127`` rounded to the model's dtype first,
+so the codes are exact against the stored scale), dequantized where they are used.
+
+:class:`Int8Rows` holds one such tensor (any shape; the rows are its last dimension) and gives
+it back as ``weight``; :class:`Int8Factor` is the projection ``x ↦ x Wᵀ + b`` of one, with the
+``in_features`` / ``out_features`` / ``weight`` / ``bias`` of the ``nn.Linear`` it replaces, so
+the block's absorbed decode (which reads ``k_up.weight`` / ``v_up.weight``) and its ONNX export
+run unchanged. Bytes: 1 per code, 2 per row scale (priced as 16-bit, as every float), biases at
+16 bits (``MLAConfig.converted_weight_bytes``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import slimfx.ir.ops  # noqa: F401  (registers slimfx::dequant_rows)
+
+__all__ = ["Int8Rows", "Int8Factor", "quantize_rows"]
+
+
+def quantize_rows(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 codes of ``w`` with one ``dtype`` scale per row (last dim reduced):
+    ``(codes, scale)`` with ``scale`` of shape ``(*w.shape[:-1], 1)``; a zero row gets a tiny
+    scale and zero codes."""
+    wf = w.detach().float()
+    tiny = torch.finfo(dtype).tiny
+    scale = (wf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(tiny).to(dtype)
+    codes = torch.round(wf / scale.float()).clamp_(-127, 127).to(torch.int8)
+    return codes, scale
+
+
+class Int8Rows(nn.Module):
+    """One tensor stored as int8 codes ``(rows, n)`` and one scale per row ``(rows,)`` (the
+    tensor's leading dims flattened into rows); ``weight`` dequantizes it to its shape."""
+
+    def __init__(self, w: Tensor, dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.shape = tuple(int(n) for n in w.shape)
+        codes, scale = quantize_rows(w.reshape(-1, w.shape[-1]), dtype)
+        self.register_buffer("codes", codes.to(device), persistent=True)
+        self.register_buffer("scale", scale[:, 0].to(device), persistent=True)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized tensor, ``codes · scale``, in the scale's dtype; while exporting,
+        through ``slimfx::dequant_rows`` (an ONNX ``DequantizeLinear`` of the int8 codes)."""
+        if torch.compiler.is_exporting():
+            w = torch.ops.slimfx.dequant_rows(self.codes, self.scale)
+        else:
+            w = self.codes.to(self.scale.dtype) * self.scale[:, None]
+        return w.view(self.shape)
+
+
+class Int8Factor(Int8Rows):
+    """``F.linear(x, codes · scale, bias)``: an ``nn.Linear`` (out × in) of the converted block
+    whose weight is stored as :class:`Int8Rows`; the bias stays in the model's dtype."""
+
+    def __init__(
+        self, w: Tensor, b: Tensor | None, dtype: torch.dtype, device: torch.device | None = None
+    ) -> None:
+        super().__init__(w, dtype, device)
+        self.out_features, self.in_features = self.shape
+        if b is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(b.detach().to(device=device, dtype=dtype).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, int8 rows")

@@ -19,9 +19,9 @@ Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_p
   ``rope_mix="pca"`` the mixing ``U_i`` (K×K per frequency: ``2·(d/2)·K²``), replacing the
   original ``2·2·D·K·d`` (+ bias). With ``factor_bits=8`` every one of those matrices (and
   ``q_mix``) is stored as int8 codes, 1 byte each, plus a 16-bit scale per row
-  (:mod:`~slimfx.forms.mla.factors`); the biases stay 16-bit. The absorbed decode form additionally stores
-  ``W_uk`` folded into each query head (``H·r·d``) and ``W_uv`` folded into the output
-  projection (``H·r·D``): ``absorbed_extra_bytes``.
+  (:mod:`~slimfx.forms.mla.factors`); the biases stay 16-bit. The absorbed decode form
+  additionally stores ``W_uk`` folded into each query head (``H·r·d``) and ``W_uv`` folded
+  into the output projection (``H·r·D``): ``absorbed_extra_bytes``.
 """
 
 from __future__ import annotations

@@ -58,6 +58,12 @@ class Int8Rows(nn.Module):
             w = self.codes.to(self.scale.dtype) * self.scale[:, None]
         return w.view(self.shape)
 
+    def codes_and_scales(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """The codes in ``dtype`` in the tensor's shape and the scales ``(*shape[:-1])``: a
+        product with the tensor is the product with the codes, scaled after — one pass over the
+        codes instead of a dequantized copy (the scale is on the small side of the product)."""
+        return self.codes.view(self.shape).to(dtype), self.scale.view(self.shape[:-1]).to(dtype)
+
 
 class Int8Factor(Int8Rows):
     """``F.linear(x, codes · scale, bias)``: an ``nn.Linear`` (out × in) of the converted block
@@ -74,7 +80,11 @@ class Int8Factor(Int8Rows):
             self.bias = nn.Parameter(b.detach().to(device=device, dtype=dtype).clone())
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype), self.bias)
+        if torch.compiler.is_exporting():  # DequantizeLinear of the codes, then MatMul
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
+        codes, scale = self.codes_and_scales(x.dtype)
+        y = F.linear(x, codes) * scale  # (x Cᵀ) · s = x (s C)ᵀ
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -159,7 +159,10 @@ class MLAAttention(nn.Module):
         B, T, _ = hidden_states.shape
         H, d = self.num_heads, self.head_dim
         q = self.q_proj(hidden_states).view(B, T, H, d)
-        return torch.einsum("bthd,hed->bhte", q, self.query_mix().to(q.dtype))
+        if self.factor_bits == 8:  # rows of q_mix scaled after the product
+            codes, scale = self.q_mix_rows.codes_and_scales(q.dtype)  # (H, K·d, d), (H, K·d)
+            return torch.einsum("bthd,hed->bhte", q, codes) * scale[None, :, None, :]
+        return torch.einsum("bthd,hed->bhte", q, self.q_mix.to(q.dtype))
 
     def absorbed_weights(self) -> tuple[Tensor, Tensor]:
         """``W_o,h W_uv,g`` per query head (H, D, r) and the output bias ``W_o b`` (D)."""
@@ -236,7 +239,11 @@ class MLAAttention(nn.Module):
     ) -> Tensor:
         B, H, T, _ = q_rope.shape
         r, S = self.rank, latent.shape[2]
-        q_lat = q_nope @ self.k_up.weight  # (B, H, T, r) = W_ukᵀ q'_nope per head
+        if self.factor_bits == 8:  # W_uk = diag(s) C: q_nope W_uk = (q_nope · s) C
+            codes, scale = self.k_up.codes_and_scales(q_nope.dtype)
+            q_lat = (q_nope * scale) @ codes
+        else:
+            q_lat = q_nope @ self.k_up.weight  # (B, H, T, r) = W_ukᵀ q'_nope per head
         if self.decode_kernel and T == 1:
             ctx = self._kernel_step(q_rope, q_lat, k_rope, latent, mask)
             if ctx is not None:
@@ -267,8 +274,13 @@ class MLAAttention(nn.Module):
         ``W_o,h W_uv,g``, which ``absorbed_weights`` gives)."""
         B, H, T, r = ctx.shape
         K, d = self.num_kv_heads, self.head_dim
-        w_uv = self.v_up.weight.view(K, d, r)
-        v = torch.einsum("bkgtr,kdr->btkgd", ctx.view(B, K, H // K, T, r), w_uv)
+        if self.factor_bits == 8:  # W_uv = diag(s) C: scale the (K, d) outputs after
+            codes, scale = self.v_up.codes_and_scales(ctx.dtype)
+            v = torch.einsum("bkgtr,kdr->btkgd", ctx.view(B, K, H // K, T, r),
+                             codes.view(K, d, r)) * scale.view(K, 1, d)
+        else:
+            w_uv = self.v_up.weight.view(K, d, r)
+            v = torch.einsum("bkgtr,kdr->btkgd", ctx.view(B, K, H // K, T, r), w_uv)
         v = v + self.v_up.bias.view(K, 1, d)
         return self.o_proj(v.reshape(B, T, H * d))
 

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.backends import onnx_decode, onnx_ops
+from slimfx.backends.capabilities import matmul_nbits_block
 from slimfx.backends.onnx_graph import (
     WRAP,
     OnnxExportError,
@@ -54,6 +55,7 @@ from slimfx.backends.onnx_graph import (
 from slimfx.backends.ort import OrtModel
 from slimfx.forms.mla.cache import MLALatentLayer
 from slimfx.forms.mla.module import MLAAttention, quantize_latent
+from slimfx.ir import ops_quant  # noqa: F401  (registers slimfx::quant_linear)
 from slimfx.ir.capture import eval_mode
 
 __all__ = [
@@ -209,7 +211,57 @@ class MLAExportBlock(nn.Module):
         super().__init__()
         self.mla = mla
         # the value up-projection and q_mix are read from the block (int8 factors through
-        # ``slimfx::dequant_rows``: the graph keeps their codes) and laid out in the graph
+        # ``slimfx::dequant_rows``: the graph keeps their codes) and laid out in the graph.
+        # With int8 factors, the products over the hidden states (latent, RoPE key rows) and
+        # each stored q_mix map run as 8-bit MatMulNBits where the input width has a block
+        # (``nbits``): the codes in slimfx's int8 linear format (code + 128, one scale per
+        # row), which ONNX Runtime multiplies without a dequantized copy
+        self.nbits: dict[str, int] = {}
+        if mla.factor_bits != 8:
+            return
+        keep = {"persistent": False}
+        D, d = mla.kv_down.in_features, mla.head_dim
+        mats = {"kv_down": mla.kv_down, "k_rope_proj": mla.k_rope_proj}
+        for name, f in mats.items():
+            if f.out_features and matmul_nbits_block(D) is not None:
+                self.register_buffer(f"{name}_q", _uint8(f.codes), **keep)
+                self.register_buffer(f"{name}_s", f.scale[:, None].clone(), **keep)
+                self.nbits[name] = D
+        if matmul_nbits_block(d) is not None:
+            S = mla.q_mix_heads  # codes (S·K·d, d), one scale per row
+            codes, scale = mla.q_mix_rows.codes.view(S, -1, d), mla.q_mix_rows.scale.view(S, -1)
+            for s in range(S):
+                self.register_buffer(f"q_mix{s}_q", _uint8(codes[s]), **keep)
+                self.register_buffer(f"q_mix{s}_s", scale[s][:, None].clone(), **keep)
+            self.nbits["q_mix"] = d
+
+    def _q8(self, x: Tensor, name: str, bias: Tensor | None = None) -> Tensor:
+        """``x`` times the int8 rows of buffer pair ``name`` (slimfx::quant_linear: 8 bits, one
+        group per row; MatMulNBits in the graph)."""
+        q, s = getattr(self, f"{name}_q"), getattr(self, f"{name}_s")
+        return torch.ops.slimfx.quant_linear(x, q, s.to(x.dtype), None, bias, 8, q.shape[1])
+
+    def _queries(self, hidden_states: Tensor) -> Tensor:
+        """``q'`` (B, H, T, K·d): every head's query mapped into the shared key space, one
+        product per stored map (a kv group's query heads stacked as its rows)."""
+        m = self.mla
+        B, T, _ = hidden_states.shape
+        H, d, S = m.num_heads, m.head_dim, m.q_mix_heads
+        q = m.q_proj(hidden_states).view(B, T, S, H // S, d)
+        if "q_mix" in self.nbits:  # one 8-bit product per stored map
+            out = torch.stack([self._q8(q[:, :, s], f"q_mix{s}") for s in range(S)], dim=1)
+        else:  # (B, S, G·T, d) @ (S, d, K·d)
+            rows = q.permute(0, 2, 3, 1, 4).reshape(B, S, -1, d)
+            out = torch.matmul(rows, m.stored_query_mix().transpose(1, 2))
+            out = out.view(B, S, H // S, T, -1).transpose(2, 3)
+        # out: (B, S, T, G, K·d) → (B, H, T, K·d)
+        return out.permute(0, 1, 3, 2, 4).reshape(B, H, T, -1)
+
+    def _hidden_product(self, name: str, hidden_states: Tensor) -> Tensor:
+        """The block's projection ``name`` (latent or RoPE key rows) of the hidden states."""
+        if name in self.nbits:
+            return self._q8(hidden_states, name, getattr(self.mla, name).bias)
+        return getattr(self.mla, name)(hidden_states)
 
     def forward(
         self,
@@ -227,15 +279,13 @@ class MLAExportBlock(nn.Module):
         H, K, d, n2 = m.num_heads, m.num_kv_heads, m.head_dim, 2 * m.rope_entries
         cos, sin = position_embeddings
         r = m.rank
-        q_mix_t = m.query_mix().transpose(1, 2)  # (H, d, K·d)
         w_uv = m.v_up.weight.view(K, d, r).transpose(1, 2)  # (K, r, d): per kv head
         b_uv = m.v_up.bias.view(K, 1, d)
-        q = m.q_proj(hidden_states).view(B, T, H, d).transpose(1, 2)  # (B, H, T, d)
-        q = torch.matmul(q, q_mix_t)  # (B, H, T, K·d): the shared key space
+        q = self._queries(hidden_states)  # (B, H, T, K·d): the shared key space
         q_rope = m._rope(q[..., :n2], cos, sin)
         q_lat = torch.matmul(q[..., n2:], m.k_up.weight)  # (B, H, T, r)
-        k_rope = m._rope(m.k_rope_proj(hidden_states)[:, None], cos, sin)  # (B, 1, T, 2N)
-        latent = m.kv_down(hidden_states)[:, None]  # (B, 1, T, r)
+        k_rope = m._rope(self._hidden_product("k_rope_proj", hidden_states)[:, None], cos, sin)
+        latent = self._hidden_product("kv_down", hidden_states)[:, None]  # (B, 1, T, r)
         if m.latent_bits == 8:
             codes, scales = quantize_latent(latent)
             latent = codes.to(latent.dtype) * scales
@@ -262,6 +312,11 @@ class MLAExportBlock(nn.Module):
         ctx = ctx.reshape(B, K, (H // K) * T, r)  # a kv head's query heads, stacked
         v = (torch.matmul(ctx, w_uv) + b_uv).reshape(B, H, T, d)  # (B, H, T, d)
         return m.o_proj(v.transpose(1, 2).reshape(B, T, H * d)), None
+
+
+def _uint8(codes: Tensor) -> Tensor:
+    """Symmetric int8 codes in slimfx's int8 linear format: ``code + 128`` as uint8."""
+    return (codes.to(torch.int16) + 128).to(torch.uint8).contiguous()
 
 
 @contextmanager

@@ -173,7 +173,8 @@ def mla_candidates(
             )
         w = fits[key]
         conv = MLAAttention(attn, w, shape.num_heads, shape.num_kv_heads, absorb="never",
-                            latent_bits=cfg.latent_bits, factor_bits=cfg.factor_bits)
+                            latent_bits=cfg.latent_bits, factor_bits=cfg.factor_bits,
+                            per_head_q_mix=cfg.rope_fold)
         num = 0.0
         for (h, c, s), y in zip(inputs, refs):
             yc = conv(h, position_embeddings=(c, s), attention_mask=None)[0].float()

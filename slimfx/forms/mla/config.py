@@ -198,7 +198,7 @@ class MLAConfig(Decision):
         )
         n2 = 2 * K * self.rope_pairs
         nope = K * d - n2
-        weights = H * K * d * d + D * n2 + D * r + r * nope + r * K * d
+        weights = self.q_mix_heads(shape) * K * d * d + D * n2 + D * r + r * nope + r * K * d
         flops = 2 * T * (H * d * K * d + D * n2 + D * r) + 4 * T * (H + 1) * n2  # ...; RoPE
         weight_ints, launches = 0, 6
         if self.factor_bits == 8:  # codes and row scales read, each matrix rebuilt (r + w)
@@ -224,26 +224,32 @@ class MLAConfig(Decision):
         """Reference bytes of the original ``k_proj`` + ``v_proj`` this decision replaces."""
         return 2 * 2 * shape.hidden_size * shape.kv_dim + (2 * 2 * shape.kv_dim if bias else 0)
 
+    def q_mix_heads(self, shape: AttentionShape) -> int:
+        """Maps ``q_mix`` stores: one per kv group (every query head of a group reads the
+        group's columns of the key-space map), one per query head with ``rope_fold`` (a
+        per-head rotation folded in)."""
+        return shape.num_heads if self.rope_fold else shape.num_kv_heads
+
     def _factor_rows(self, shape: AttentionShape) -> int:
         """Rows of the converted block's matrices (one int8 scale each with ``factor_bits=8``):
         RoPE key rows, down-projection, key and value up-projections, ``q_mix``."""
         K, d, r = shape.num_kv_heads, shape.head_dim, self.rank
         n2 = 2 * K * self.rope_pairs
-        return n2 + r + (K * d - n2) + K * d + shape.num_heads * K * d
+        return n2 + r + (K * d - n2) + K * d + self.q_mix_heads(shape) * K * d
 
     def converted_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
         """Reference bytes of what the converted block stores besides q_proj/o_proj (unabsorbed
         form): the RoPE key rows (``2N × D``, N = K·p; their bias with ``bias``), the
         down-projection, the key and value up-projections, the value bias, each query head's
-        map into the mixed key space ``q_mix`` (``H × K·d × d``; the RoRoPE mixing lives in it
+        map into the mixed key space ``q_mix`` (``S × K·d × d``, one map per kv group — S = K —
+        or with ``rope_fold`` per query head — S = H; the RoRoPE mixing lives in it
         and in the RoPE rows) at 16 bits, and the N kept frequencies' indices at 2 bytes each —
         the module's tensors, so priced bytes = stored bytes (``tests/forms/mla``). With
         ``factor_bits=8`` the matrices are int8 codes (1 byte) plus a 16-bit scale per row."""
-        D, H, K, d, r = (
-            shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, self.rank
-        )
+        D, K, d, r = shape.hidden_size, shape.num_kv_heads, shape.head_dim, self.rank
         n2 = 2 * K * self.rope_pairs
-        matrices = D * n2 + D * r + r * (K * d - n2) + r * K * d + H * K * d * d
+        S = self.q_mix_heads(shape)
+        matrices = D * n2 + D * r + r * (K * d - n2) + r * K * d + S * K * d * d
         biases = K * d + (n2 if bias else 0)
         if self.factor_bits == 8:
             stored = matrices + 2 * self._factor_rows(shape) + 2 * biases

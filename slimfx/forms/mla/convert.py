@@ -278,7 +278,7 @@ def convert_model(
         )
         blocks[i].self_attn = MLAAttention(
             attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb,
-            latent_bits=c.latent_bits, factor_bits=c.factor_bits,
+            latent_bits=c.latent_bits, factor_bits=c.factor_bits, per_head_q_mix=c.rope_fold,
         )
         blocks[i].self_attn.mla_config = c
         blocks[i].self_attn.train(attn.training)  # a new module starts in training mode

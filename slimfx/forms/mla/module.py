@@ -66,6 +66,17 @@ def dense_weight(module: nn.Module) -> Tensor:
     raise TypeError(f"{type(module).__name__} is not a linear module (no dense weight)")
 
 
+def _grouped(q_mix: Tensor, num_kv_heads: int) -> Tensor:
+    """``q_mix`` (H, K·d, d) as one map per kv group (K, K·d, d); ``ValueError`` when the query
+    heads of a group have different maps (a per-head map: ``per_head_q_mix=True``)."""
+    G = q_mix.shape[0] // num_kv_heads
+    one = q_mix[::G]
+    if not torch.equal(one.repeat_interleave(G, 0), q_mix):
+        raise ValueError("q_mix differs between the query heads of a kv group (a per-head map, "
+                         "e.g. rope_fold's): build the block with per_head_q_mix=True")
+    return one.clone()
+
+
 def quantize_latent(latent: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per token: ``codes = round(c / s)``, ``s = max|c| / 127`` (s ≥ tiny)."""
     scale = latent.abs().amax(dim=-1, keepdim=True).float() / 127.0
@@ -91,6 +102,7 @@ class MLAAttention(nn.Module):
     def __init__(
         self, orig: nn.Module, weights: MLAWeights, num_heads: int, num_kv_heads: int,
         absorb: str = "auto", latent_bits: int = 16, factor_bits: int = 16,
+        per_head_q_mix: bool = False,
     ) -> None:
         super().__init__()
         if latent_bits not in (16, 8):
@@ -128,10 +140,15 @@ class MLAAttention(nn.Module):
         self.o_proj = orig.o_proj
         freq = weights.rope_freq.to(dev)
         self.register_buffer("rope_freq", freq, persistent=True)  # (N,)
+        #: q_mix is stored once per kv group (the fit gives every query head of a group the
+        #: same map, the group's columns of the key-space map) unless ``per_head_q_mix``
+        #: (``rope_fold`` folds a per-head rotation into it)
+        self.per_head_q_mix = per_head_q_mix or num_heads == num_kv_heads
+        q_mix = weights.q_mix if self.per_head_q_mix else _grouped(weights.q_mix, num_kv_heads)
         if factor_bits == 16:
-            self.register_buffer("q_mix", weights.q_mix.to(dev, dt), persistent=True)  # (H,Kd,d)
+            self.register_buffer("q_mix", q_mix.to(dev, dt), persistent=True)  # (H | K, Kd, d)
         else:
-            self.q_mix_rows = Int8Rows(weights.q_mix, dt, dev)
+            self.q_mix_rows = Int8Rows(q_mix, dt, dev)
 
     # -- helpers ------------------------------------------------------------------------------
     @property
@@ -149,20 +166,45 @@ class MLAAttention(nn.Module):
         s = sin[..., idx][:, None].to(x.dtype)
         return x * c + _rotate_half(x) * s
 
-    def query_mix(self) -> Tensor:
-        """``q_mix`` (H, K·d, d): each query head's map into the shared key space (the stored
-        16-bit buffer, or its int8 rows dequantized)."""
+    @property
+    def q_mix_heads(self) -> int:
+        """Maps ``q_mix`` stores: one per query head, or one per kv group."""
+        return self.num_heads if self.per_head_q_mix else self.num_kv_heads
+
+    def stored_query_mix(self) -> Tensor:
+        """``q_mix`` as stored (``q_mix_heads``, K·d, d): the 16-bit buffer, or its int8 rows
+        dequantized."""
         return self.q_mix if self.factor_bits == 16 else self.q_mix_rows.weight
 
+    def query_mix(self) -> Tensor:
+        """``q_mix`` (H, K·d, d): each query head's map into the shared key space."""
+        m = self.stored_query_mix()
+        return m if self.per_head_q_mix else m.repeat_interleave(self.num_heads // len(m), 0)
+
     def _queries(self, hidden_states: Tensor) -> Tensor:
-        """``q'`` (B, H, T, K·d): every head's query on the shared key space."""
+        """``q'`` (B, H, T, K·d): every head's query on the shared key space (the query heads
+        of a group read the group's one map when q_mix is stored per group)."""
         B, T, _ = hidden_states.shape
-        H, d = self.num_heads, self.head_dim
-        q = self.q_proj(hidden_states).view(B, T, H, d)
+        H, d, S = self.num_heads, self.head_dim, self.q_mix_heads
+        q = self.q_proj(hidden_states).view(B, T, S, H // S, d)
         if self.factor_bits == 8:  # rows of q_mix scaled after the product
-            codes, scale = self.q_mix_rows.codes_and_scales(q.dtype)  # (H, K·d, d), (H, K·d)
-            return torch.einsum("bthd,hed->bhte", q, codes) * scale[None, :, None, :]
-        return torch.einsum("bthd,hed->bhte", q, self.q_mix.to(q.dtype))
+            codes, scale = self.q_mix_rows.codes_and_scales(q.dtype)  # (S, K·d, d), (S, K·d)
+            out = torch.einsum("btsgd,sed->bsgte", q, codes) * scale[None, :, None, None, :]
+        else:
+            out = torch.einsum("btsgd,sed->bsgte", q, self.q_mix.to(q.dtype))
+        return out.reshape(B, H, T, -1)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any) -> None:
+        """Saves made before q_mix was stored per kv group hold it per query head: take each
+        group's one map (refused, by the strict load, when the heads of a group differ)."""
+        key = prefix + "q_mix"
+        t = state_dict.get(key)
+        if (t is not None and self.factor_bits == 16 and not self.per_head_q_mix
+                and t.shape[0] == self.num_heads):
+            G = self.num_heads // self.num_kv_heads
+            if torch.equal(t[::G].repeat_interleave(G, 0), t):
+                state_dict[key] = t[::G]
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def absorbed_weights(self) -> tuple[Tensor, Tensor]:
         """``W_o,h W_uv,g`` per query head (H, D, r) and the output bias ``W_o b`` (D)."""

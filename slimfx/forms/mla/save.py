@@ -74,6 +74,7 @@ def _layer_record(attn: MLAAttention) -> dict[str, Any]:
         "absorb": attn.absorb,
         "latent_bits": attn.latent_bits,
         "factor_bits": attn.factor_bits,
+        "q_mix_heads": attn.q_mix_heads,
     }
 
 
@@ -151,6 +152,7 @@ def mla_shell(
     absorb: str = "auto",
     latent_bits: int = 16,
     factor_bits: int = 16,
+    per_head_q_mix: bool = False,
 ) -> MLAAttention:
     """An :class:`MLAAttention` replacing ``orig`` with zero weights of these shapes (filled by
     loading a saved state dict): ``rope_entries`` kept RoPE entries (K·pairs), latent ``rank``."""
@@ -168,7 +170,7 @@ def mla_shell(
         b_uv=z(K * d),
     )
     return MLAAttention(orig, w, H, K, absorb=absorb, latent_bits=latent_bits,
-                        factor_bits=factor_bits)
+                        factor_bits=factor_bits, per_head_q_mix=per_head_q_mix)
 
 
 def _shell(orig: nn.Module, rec: dict[str, Any]) -> MLAAttention:
@@ -178,6 +180,8 @@ def _shell(orig: nn.Module, rec: dict[str, Any]) -> MLAAttention:
         int(rec["rank"]), int(rec["rope_entries"]), rope_bias=bool(rec["rope_bias"]),
         absorb=rec["absorb"], latent_bits=int(rec["latent_bits"]),
         factor_bits=int(rec.get("factor_bits", 16)),
+        # saves before q_mix was stored per kv group hold one map per query head
+        per_head_q_mix=int(rec.get("q_mix_heads", rec["num_heads"])) == int(rec["num_heads"]),
     )  # fmt: skip
     if rec.get("config") is not None:
         attn.mla_config = decision_from_dict(rec["config"])

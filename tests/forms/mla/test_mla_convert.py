@@ -104,7 +104,9 @@ def test_rorope_mixing_is_exact_with_every_pair_kept(kv_heads):
     convert_model(model, cfg, calib_batches())
     attn = model.model.layers[0].self_attn
     assert attn.k_rope_proj.out_features == kv_heads * D_HEAD
-    mix = attn.q_mix.double()  # per head: T_g, the columns of its kv head in the orthogonal map
+    mix = attn.query_mix().double()  # per head: T_g, its kv head's columns of the orthogonal map
+    # stored once per kv group: the 6 heads read their group's map
+    assert attn.q_mix.shape == (kv_heads, kv_heads * D_HEAD, D_HEAD)
     eye = torch.eye(D_HEAD, dtype=torch.float64).expand(6, -1, -1)
     torch.testing.assert_close(torch.einsum("ked,kef->kdf", mix, mix), eye, atol=1e-6, rtol=0)
     torch.testing.assert_close(_logits(model, ids), ref, atol=ATOL, rtol=0)
@@ -278,8 +280,8 @@ def test_config_bytes_for_smollm2_shape():
     q = MLAConfig(rank=168, rope_pairs=4, latent_bits=8)
     assert q.kv_bytes_per_token(SMOL) == 168 + 2 + 48
     # k_rope rows 576·24, down 576·168, k_up 168·3·56, v_up 168·192, value bias 192, q_mix
-    # 9·192·64, and the 12 kept frequencies' indices (2 bytes each)
-    expect = 2 * (576 * 24 + 576 * 168 + 168 * 168 + 168 * 192 + 9 * 192 * 64) + 2 * 192 + 2 * 12
+    # 3·192·64 (one map per kv group), and the 12 kept frequencies' indices (2 bytes each)
+    expect = 2 * (576 * 24 + 576 * 168 + 168 * 168 + 168 * 192 + 3 * 192 * 64) + 2 * 192 + 2 * 12
     assert cfg.converted_weight_bytes(SMOL) == expect
     assert cfg.weight_bytes_delta(SMOL) == expect - 2 * 2 * 576 * 192
     assert cfg.costs(SMOL) == {WEIGHT_BYTES: expect, KV_BYTES_PER_TOKEN: 384}
@@ -289,6 +291,9 @@ def test_config_bytes_for_smollm2_shape():
     # the RoRoPE-style mixing is folded into q_mix and the RoPE rows: no tensor of its own
     mixed = MLAConfig(rank=168, rope_pairs=4, rope_mix="pca")
     assert mixed.converted_weight_bytes(SMOL) == expect
+    # rope_fold folds a rotation per query head into q_mix: 9 maps
+    folded = MLAConfig(rank=168, rope_pairs=4, rope_fold=True)
+    assert folded.converted_weight_bytes(SMOL) == expect + 2 * 6 * 192 * 64
 
 
 def test_config_validation_and_json_round_trip():
@@ -340,7 +345,8 @@ def test_rope_fold_keeps_full_rank_exact_and_changes_dropped_pairs_only():
     a, b = tiny_gqa_llama(2), tiny_gqa_llama(2)
     convert_model(a, part, calib_batches())
     convert_model(b, dataclasses.replace(part, rope_fold=True), calib_batches())
-    qa, qb = a.model.layers[0].self_attn.q_mix, b.model.layers[0].self_attn.q_mix
+    qa, qb = a.model.layers[0].self_attn.query_mix(), b.model.layers[0].self_attn.q_mix
+    assert qb.shape[0] == 6 and b.model.layers[0].self_attn.per_head_q_mix  # a map per head
     assert torch.equal(qa[:, :8], qb[:, :8])  # the 2·K·p kept RoPE rows are untouched
     assert not torch.allclose(qa[:, 8:], qb[:, 8:])
 
@@ -351,7 +357,7 @@ def test_absorbed_extra_bytes_match_the_absorbed_matrices():
     convert_model(model, cfg, calib_batches())
     attn = model.model.layers[0].self_attn
     w_o_lat, _ = attn.absorbed_weights()
-    q_abs = torch.einsum("nr,hnd->hrd", attn.k_up.weight, attn.q_mix[:, 12:])  # (H, r, d)
+    q_abs = torch.einsum("nr,hnd->hrd", attn.k_up.weight, attn.query_mix()[:, 12:])  # (H, r, d)
     shape = AttentionShape(96, 6, 3, D_HEAD, rope_dim=D_HEAD)
     assert cfg.absorbed_extra_bytes(shape) == 2 * (q_abs.numel() + w_o_lat.numel())
 

@@ -67,11 +67,21 @@ def _float_expands(path) -> list[str]:  # noqa: ANN001
     return [n.name for n in g.node if n.op_type == "Expand" and types.get(n.output[0]) in floats]
 
 
-def _int8_initializer_elements(path) -> int:
+def _factor_code_elements(attn) -> int:
+    """Code entries of an int8-factor block as an export stores them: q_mix per stored map
+    (the exporter keeps one copy of equal constants)."""
+    heads = attn.q_mix_rows.codes.view(attn.q_mix_heads, -1)
+    return sum(getattr(attn, n).codes.numel() for n in ("kv_down", "k_rope_proj", "k_up", "v_up")
+               ) + torch.unique(heads, dim=0).numel()
+
+
+def _byte_initializer_elements(path) -> int:
+    """Elements of the graph's int8 and uint8 initializers (the cache carries no initializer)."""
     import onnx
 
     g = onnx.load(str(path)).graph
-    return sum(int(np.prod(t.dims)) for t in g.initializer if t.data_type == onnx.TensorProto.INT8)
+    one_byte = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return sum(int(np.prod(t.dims)) for t in g.initializer if t.data_type in one_byte)
 
 
 def _axes_are_named(path, cfg: MLAConfig, kv_heads: int) -> None:
@@ -89,8 +99,8 @@ def _axes_are_named(path, cfg: MLAConfig, kv_heads: int) -> None:
 
 @pytest.mark.parametrize(
     "kv_heads,kw",
-    [(2, {}), (3, {"rope_pairs": 0, "rank": 9}),
-     (1, {"latent_bits": 8, "rope_pairs": 3, "factor_bits": 8})],
+    [(2, {"factor_bits": 8}), (3, {"rope_pairs": 0, "rank": 9}),
+     (1, {"latent_bits": 8, "rope_pairs": 3})],
 )
 def test_ort_decode_with_latent_cache_matches_torch(tmp_path, kv_heads, kw):
     model = tiny_gqa_llama(kv_heads, attention_bias=kw.get("latent_bits") == 8)
@@ -119,11 +129,14 @@ def test_ort_decode_with_latent_cache_matches_torch(tmp_path, kv_heads, kw):
         assert res.cache_bytes_per_token == 2 * (4 * cfg.rank + rope_bytes)
     # attention runs over the latent: no per-head keys or values are expanded or rebuilt
     assert _float_expands(res.path) == [] and res.op_counts["Softmax"] == 2
-    if cfg.factor_bits == 8:  # ORT holds the factors as the int8 codes torch holds
-        assert _int8_initializer_elements(res.path) == sum(
-            t.numel() for b in model.model.layers for t in b.self_attn.buffers()
-            if t.dtype == torch.int8
+    if cfg.factor_bits == 8:  # ORT holds the factors as the int8 codes torch holds: the
+        # products over the hidden states and q_mix's per head as 8-bit MatMulNBits (latent,
+        # RoPE rows and 6 heads per layer), k_up / v_up as DequantizeLinear of int8 codes
+        assert _byte_initializer_elements(res.path) == sum(
+            _factor_code_elements(b.self_attn) for b in model.model.layers
         )
+        assert res.op_counts["MatMulNBits"] == 2 * (2 + 2)  # q_mix: one per kv group
+        assert res.op_counts["DequantizeLinear"] == 2 * 2
     _axes_are_named(res.path, cfg, kv_heads)
     # the model in torch is the one it was: its MLA blocks are back after the export
     assert all(isinstance(b.self_attn, MLAAttention) for b in model.model.layers)

@@ -109,3 +109,24 @@ def test_load_into_converted_skeleton_is_refused(tmp_path):
     save_converted(model, tmp_path / "m")
     with pytest.raises(ValueError, match="already converted"):
         load_converted(tmp_path / "m", model=model)
+
+
+def test_a_state_dict_with_q_mix_per_query_head_loads_into_the_per_group_block(tmp_path):
+    """Saves made before q_mix was stored once per kv group hold one map per query head: they
+    load (each group's map taken once) and compute the same logits; a state dict whose heads of
+    a group differ is refused by the strict load."""
+    model, cfg = _converted(kv_heads=2)
+    ids = eval_ids()
+    with torch.no_grad():
+        ref = model(ids).logits
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    for i, blk in enumerate(model.model.layers):
+        assert blk.self_attn.q_mix.shape[0] == 2  # per kv group now
+        old[f"model.layers.{i}.self_attn.q_mix"] = blk.self_attn.query_mix().clone()  # 6 maps
+    fresh, _ = _converted(kv_heads=2)
+    fresh.load_state_dict(old, strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, ref, atol=0, rtol=0)
+    old["model.layers.0.self_attn.q_mix"][1] += 1.0  # head 1 differs from head 0 of its group
+    with pytest.raises(RuntimeError, match="size mismatch for model.layers.0.self_attn.q_mix"):
+        fresh.load_state_dict(old, strict=True)

@@ -15,9 +15,10 @@ Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_p
 - KV bytes per token: ``2·r + 2·K·2p`` (16-bit latent), or ``r + 2 + 2·K·2p`` with an int8
   latent (symmetric, one 16-bit scale per token).
 - weight bytes of the owned projections: ``2·(D·K·2p + D·r + r·K·(d − 2p) + r·K·d) + 2·K·d``
-  (RoPE key rows, down-projection, key and value up-projections, value bias), plus with
-  ``rope_mix="pca"`` the mixing ``U_i`` (K×K per frequency: ``2·(d/2)·K²``), replacing the
-  original ``2·2·D·K·d`` (+ bias). With ``factor_bits=8`` every one of those matrices (and
+  (RoPE key rows, down-projection, key and value up-projections, value bias), plus each
+  kv group's map into the shared key space ``q_mix`` (``2·K·d·d`` per group, per query head
+  with ``rope_fold``; ``rope_mix="pca"``'s mixing lives in it and in the RoPE rows), replacing
+  the original ``2·2·D·K·d`` (+ bias). With ``factor_bits=8`` every one of those matrices (and
   ``q_mix``) is stored as int8 codes, 1 byte each, plus a 16-bit scale per row
   (:mod:`~slimfx.forms.mla.factors`); the biases stay 16-bit. The absorbed decode form
   additionally stores ``W_uk`` folded into each query head (``H·r·d``) and ``W_uv`` folded

@@ -188,3 +188,11 @@ def test_optimize_offers_int8_factors_under_a_weights_budget(tiny_llama, tmp_pat
     assert {k.decision.get("factor_bits") for k in only_kv.kv_sites} <= {16, None}
     why = "MLA with int8 factors not offered: this budget does not count weight bytes"
     assert any(why in n for n in only_kv.notes) and not any(why in n for n in rep.notes)
+
+
+def test_which_budgets_price_weight_bytes():
+    assert Budget(memory=0.5).prices_weights and Budget(bits=4).prices_weights
+    assert Budget(total_bytes=1e9, context=4096).prices_weights
+    assert Budget(memory=0.5, kv=0.5).prices_weights
+    assert Budget(max_error=0.1).prices_weights  # minimizes bytes
+    assert not Budget(kv=0.5).prices_weights and not Budget(latency=0.5).prices_weights

@@ -25,8 +25,9 @@ the latent and RoPE-key projections (MatMul), ``q_lat = q_nope W_uk`` (MatMul), 
 rebuilt), the model's causal and padding mask, Softmax, ``ctx = p c`` (MatMul over the
 latent), the value up-projection per kv head (MatMul) and ``o_proj`` (MatMul). The int8 latent
 is quantized (per-token scale, Round, Clip, Cast) and dequantized (Cast, Mul) in the graph
-exactly as in torch. A block with int8 factors (``factor_bits=8``) runs each product with them
-as an 8-bit ``MatMulNBits`` over the codes (:class:`MLAExportBlock`).
+exactly as in torch. A block with int8 factors (``factor_bits=8``) runs the products over the
+hidden states and each q_mix map as 8-bit ``MatMulNBits`` over the codes, and dequantizes
+``k_up`` / ``v_up`` (``DequantizeLinear``; :class:`MLAExportBlock`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimfx.backends import onnx_decode, onnx_ops
@@ -212,11 +212,14 @@ class MLAExportBlock(nn.Module):
     def __init__(self, mla: MLAAttention) -> None:
         super().__init__()
         self.mla = mla
-        # 16-bit factors are read from the block and laid out in the graph. With int8 factors
-        # every product runs as an 8-bit MatMulNBits (``nbits``: the products laid out so): the
-        # codes in slimfx's int8 linear format (code + 128, one scale per row), which ONNX
-        # Runtime multiplies without a dequantized copy; a product whose input width has no
-        # block keeps the block's tensors (``slimfx::dequant_rows``: DequantizeLinear)
+        # the value up-projection and q_mix are read from the block (int8 factors through
+        # ``slimfx::dequant_rows``: the graph keeps their codes) and laid out in the graph.
+        # With int8 factors, the products over the hidden states (latent, RoPE key rows) and
+        # each stored q_mix map run as 8-bit MatMulNBits where the input width has a block
+        # (``nbits``): the codes in slimfx's int8 linear format (code + 128, one scale per
+        # row), which ONNX Runtime multiplies without a dequantized copy. k_up / v_up stay
+        # DequantizeLinear + MatMul: as MatMulNBits (widths padded to 16, one product per kv
+        # head) SmolLM2's decode step measured 57.0 vs 53.0 ms (benchmarks/RESULTS.md)
         self.nbits: dict[str, int] = {}
         if mla.factor_bits != 8:
             return
@@ -235,49 +238,12 @@ class MLAExportBlock(nn.Module):
                 self.register_buffer(f"q_mix{s}_q", _uint8(codes[s]), **keep)
                 self.register_buffer(f"q_mix{s}_s", scale[s][:, None].clone(), **keep)
             self.nbits["q_mix"] = d
-        # k_up: q_lat = q_nope W_uk = (q_nope · s) C — the codes transposed (r × nope), unit
-        # scales; v_up per kv head: C_k (d × r) with its row scales. The input widths (nope,
-        # r) are padded with zero codes to a multiple of 16 (a MatMulNBits block), the inputs
-        # with zeros in the graph
-        nope, r, K = mla.k_up.out_features, mla.rank, mla.num_kv_heads
-        if nope:
-            t = _padded(mla.k_up.codes.t(), _block16(nope))
-            self.register_buffer("k_up_q", _uint8(t), **keep)
-            self.register_buffer("k_up_s", torch.ones(r, 1, dtype=mla.k_up.scale.dtype), **keep)
-            self.nbits["k_up"] = nope
-        codes, scale = mla.v_up.codes.view(K, d, r), mla.v_up.scale.view(K, d, 1)
-        for k in range(K):
-            self.register_buffer(f"v_up{k}_q", _uint8(_padded(codes[k], _block16(r))), **keep)
-            self.register_buffer(f"v_up{k}_s", scale[k].clone(), **keep)
-        self.nbits["v_up"] = r
 
     def _q8(self, x: Tensor, name: str, bias: Tensor | None = None) -> Tensor:
         """``x`` times the int8 rows of buffer pair ``name`` (slimfx::quant_linear: 8 bits, one
-        group per row; MatMulNBits in the graph); ``x`` padded with zeros to the codes' width."""
+        group per row; MatMulNBits in the graph)."""
         q, s = getattr(self, f"{name}_q"), getattr(self, f"{name}_s")
-        if x.shape[-1] < q.shape[1]:
-            x = F.pad(x, (0, q.shape[1] - x.shape[-1]))
         return torch.ops.slimfx.quant_linear(x, q, s.to(x.dtype), None, bias, 8, q.shape[1])
-
-    def _latent_queries(self, q_nope: Tensor) -> Tensor:
-        """``q_lat = q_nope W_uk`` (B, H, T, r)."""
-        m = self.mla
-        if "k_up" in self.nbits:
-            return self._q8(q_nope * m.k_up.scale.to(q_nope.dtype), "k_up")
-        return torch.matmul(q_nope, m.k_up.weight)
-
-    def _values(self, ctx: Tensor) -> Tensor:
-        """``W_uv,g ctx_h + b_g`` per query head (B, H, T, d) from the latent contexts."""
-        m = self.mla
-        B, H, T, r = ctx.shape
-        K, d = m.num_kv_heads, m.head_dim
-        ctx = ctx.reshape(B, K, (H // K) * T, r)  # a kv head's query heads, stacked
-        b_uv = m.v_up.bias.view(K, 1, d)
-        if "v_up" in self.nbits:
-            v = torch.stack([self._q8(ctx[:, k], f"v_up{k}") for k in range(K)], dim=1)
-        else:
-            v = torch.matmul(ctx, m.v_up.weight.view(K, d, r).transpose(1, 2))  # (K, r, d)
-        return (v + b_uv).reshape(B, H, T, d)
 
     def _queries(self, hidden_states: Tensor) -> Tensor:
         """``q'`` (B, H, T, K·d): every head's query mapped into the shared key space, one
@@ -314,11 +280,14 @@ class MLAExportBlock(nn.Module):
         if position_embeddings is None:
             raise ValueError("MLAExportBlock needs position_embeddings (cos, sin) from the model")
         B, T, _ = hidden_states.shape
-        H, d, n2 = m.num_heads, m.head_dim, 2 * m.rope_entries
+        H, K, d, n2 = m.num_heads, m.num_kv_heads, m.head_dim, 2 * m.rope_entries
         cos, sin = position_embeddings
+        r = m.rank
+        w_uv = m.v_up.weight.view(K, d, r).transpose(1, 2)  # (K, r, d): per kv head
+        b_uv = m.v_up.bias.view(K, 1, d)
         q = self._queries(hidden_states)  # (B, H, T, K·d): the shared key space
         q_rope = m._rope(q[..., :n2], cos, sin)
-        q_lat = self._latent_queries(q[..., n2:])  # (B, H, T, r)
+        q_lat = torch.matmul(q[..., n2:], m.k_up.weight)  # (B, H, T, r)
         k_rope = m._rope(self._hidden_product("k_rope_proj", hidden_states)[:, None], cos, sin)
         latent = self._hidden_product("kv_down", hidden_states)[:, None]  # (B, 1, T, r)
         if m.latent_bits == 8:
@@ -344,20 +313,9 @@ class MLAExportBlock(nn.Module):
         else:
             probs = torch.softmax(scores + mask, dim=-1)
         ctx = torch.matmul(probs, latent)  # (B, H, T, r): attention over the latent
-        v = self._values(ctx)  # (B, H, T, d)
+        ctx = ctx.reshape(B, K, (H // K) * T, r)  # a kv head's query heads, stacked
+        v = (torch.matmul(ctx, w_uv) + b_uv).reshape(B, H, T, d)  # (B, H, T, d)
         return m.o_proj(v.transpose(1, 2).reshape(B, T, H * d)), None
-
-
-def _block16(n: int) -> int:
-    """``n`` rounded up to a multiple of 16 (a width MatMulNBits takes)."""
-    return -(-n // 16) * 16
-
-
-def _padded(codes: Tensor, width: int) -> Tensor:
-    """int8 ``codes`` (N × n) with zero codes appended up to ``width`` columns."""
-    out = torch.zeros(codes.shape[0], width, dtype=codes.dtype)
-    out[:, : codes.shape[1]] = codes
-    return out
 
 
 def _uint8(codes: Tensor) -> Tensor:

@@ -1,18 +1,19 @@
 """The converted block's own projections stored as int8 (``MLAConfig(factor_bits=8)``).
 
 An MLA conversion adds weights of its own — the RoPE key rows, the down-projection, the key and
-value up-projections and each query head's map into the shared key space (``q_mix``) — which
-at 16 bits outweigh the k_proj / v_proj they replace (SmolLM2: 1.02–1.04×). Under a weight
-budget they crowd the other linears, so the factors are offered as int8 too: symmetric codes
-with one scale per output row (``scale = max|row| / 127`` rounded to the model's dtype first,
-so the codes are exact against the stored scale), dequantized where they are used.
+value up-projections and each kv group's map into the shared key space (``q_mix``) — which
+count in the weight budget and crowd the other linears there, so they are offered as int8 too:
+symmetric codes with one scale per output row (``scale = max|row| / 127`` rounded to the
+model's dtype first, so the codes are exact against the stored scale).
 
-:class:`Int8Rows` holds one such tensor (any shape; the rows are its last dimension) and gives
-it back as ``weight``; :class:`Int8Factor` is the projection ``x ↦ x Wᵀ + b`` of one, with the
+:class:`Int8Rows` holds one such tensor (its leading dims flattened into rows) and gives it back
+as ``weight``, or as codes and scales (``codes_and_scales``) for a product that applies the row
+scales to its output; :class:`Int8Factor` is the projection ``x ↦ x Wᵀ + b`` of one, with the
 ``in_features`` / ``out_features`` / ``weight`` / ``bias`` of the ``nn.Linear`` it replaces, so
-the block's absorbed decode (which reads ``k_up.weight`` / ``v_up.weight``) and its ONNX export
-run unchanged. Bytes: 1 per code, 2 per row scale (priced as 16-bit, as every float), biases at
-16 bits (``MLAConfig.converted_weight_bytes``).
+code that reads ``.weight`` runs unchanged. ONNX: ``MLAExportBlock`` (``backends/onnx_mla``)
+lays the products over the hidden states and q_mix out as 8-bit MatMulNBits; ``weight`` read
+while exporting (k_up, v_up) goes through ``slimfx::dequant_rows`` (``DequantizeLinear``). Bytes: 1 per code, 2 per row scale
+(priced as 16-bit, as every float), biases at 16 bits (``MLAConfig.converted_weight_bytes``).
 """
 
 from __future__ import annotations

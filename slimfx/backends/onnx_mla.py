@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from slimfx import formats
 from slimfx.backends import onnx_decode, onnx_ops
 from slimfx.backends.capabilities import matmul_nbits_block
 from slimfx.backends.onnx_graph import (
@@ -319,8 +320,10 @@ class MLAExportBlock(nn.Module):
 
 
 def _uint8(codes: Tensor) -> Tensor:
-    """Symmetric int8 codes in slimfx's int8 linear format: ``code + 128`` as uint8."""
-    return (codes.to(torch.int16) + 128).to(torch.uint8).contiguous()
+    """Symmetric int8 codes in slimfx's int8 linear format (``slimfx.formats``): the code plus
+    the symmetric zero point, as uint8."""
+    shifted = codes.to(torch.int16) + formats.symmetric_offset(8)
+    return formats.pack_codes(shifted.to(torch.uint8), 8)
 
 
 @contextmanager

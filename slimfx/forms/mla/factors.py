@@ -12,8 +12,9 @@ scales to its output; :class:`Int8Factor` is the projection ``x ↦ x Wᵀ + b``
 ``in_features`` / ``out_features`` / ``weight`` / ``bias`` of the ``nn.Linear`` it replaces, so
 code that reads ``.weight`` runs unchanged. ONNX: ``MLAExportBlock`` (``backends/onnx_mla``)
 lays the products over the hidden states and q_mix out as 8-bit MatMulNBits; ``weight`` read
-while exporting (k_up, v_up) goes through ``slimfx::dequant_rows`` (``DequantizeLinear``). Bytes: 1 per code, 2 per row scale
-(priced as 16-bit, as every float), biases at 16 bits (``MLAConfig.converted_weight_bytes``).
+while exporting (k_up, v_up) goes through ``slimfx::dequant_rows`` (``DequantizeLinear``).
+Bytes: 1 per code, 2 per row scale (priced as 16-bit, as every float), biases at 16 bits
+(``MLAConfig.converted_weight_bytes``).
 """
 
 from __future__ import annotations

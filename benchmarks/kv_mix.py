@@ -21,9 +21,14 @@ corpus's second half. With ``--steady`` each cache is simulated as at long conte
 candidates are priced in, and what a cache counted at ``--context`` tokens holds for nearly
 every query), which the first tokens of a 256-token window otherwise see exact.
 
+The problem is priced under a budget that counts weight bytes, so the low-rank caches (and
+MLA) are also offered with their own weights as int8 rows (``factor_bits=8``); with
+``--compare-factors`` the joint row and the hand splits are each solved twice, without those
+options (``factors_16_bit``) and with them.
+
     python benchmarks/kv_mix.py [--n-calib 16] [--n-eval 8] [--context 8192] [--batch 16]
         [--mla | --mla-only [--mla-ranks 0.25,0.5,0.75]] [--steady] [--rows all|joint]
-        [--json out.json]
+        [--compare-factors] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ from slimfx.forms.mla.plan import MLA_LADDER, ladder_context
 from slimfx.models import load_smollm2
 from slimfx.passes.swap import apply_plan
 from slimfx.planning.plan import Plan
-from slimfx.planning.problem import Budget, InfeasibleBudgetError
+from slimfx.planning.problem import Budget, BudgetProblem, InfeasibleBudgetError
 from slimfx.planning.shapes import KV_CACHE_BYTES
 from slimfx.planning.solve import solve
 from slimfx.stages import PlanningOptions, plan_model
@@ -76,6 +81,18 @@ def evaluate(pl, plan: Plan, held: torch.Tensor, steady: bool = False) -> float:
         setattr(mods[parent], child, SimulatedKVAttention(mods[site.fqn], d, factors, steady))
     with torch.no_grad():
         return perplexity(model, held, progress=False)
+
+
+def factors_16_bit(problem: BudgetProblem) -> BudgetProblem:
+    """``problem`` without the options whose own weights are int8 rows (``factor_bits=8``:
+    low-rank caches, MLA)."""
+    sites = [
+        dataclasses.replace(
+            so, options=[o for o in so.options if getattr(o.decision, "factor_bits", 16) == 16]
+        )
+        for so in problem.sites
+    ]
+    return BudgetProblem(sites, problem.workload, problem.target, problem.meta)
 
 
 def uniform_plan(pl, form) -> Plan:
@@ -141,6 +158,10 @@ def main() -> int:
         "--rows", default="all", choices=["all", "joint"],
         help="joint: only the dense row, the joint budget and the hand splits",
     )  # fmt: skip
+    ap.add_argument(
+        "--compare-factors", action="store_true",
+        help="solve the joint row and the hand splits also without the int8-factor options",
+    )  # fmt: skip
     a = ap.parse_args()
     if a.mla_only and a.rows == "joint":
         ap.error("--rows joint has no rows with --mla-only (it compares per-layer MLA ranks)")
@@ -172,12 +193,15 @@ def main() -> int:
     shapes = {s.fqn: s.site_shape for s in [*pl.sites, *pl.attention_sites]}
     rows = []
 
-    def run(label: str, budget: Budget | None, plan: Plan | None = None, frac: float | None = None):
+    only16 = factors_16_bit(pl.problem)
+
+    def run(label: str, budget: Budget | None, plan: Plan | None = None, frac: float | None = None,
+            problem: BudgetProblem | None = None):  # fmt: skip
         t = time.perf_counter()
         sol = None
         if plan is None:
             try:
-                sol = solve(pl.problem, budget)
+                sol = solve(problem or pl.problem, budget)
             except InfeasibleBudgetError as e:
                 print(f"| {label} | infeasible: {e} |", flush=True)
                 return None
@@ -195,14 +219,15 @@ def main() -> int:
             else sol.bytes + a.batch * sol.costs.get(KV_CACHE_BYTES, 0),
             "ppl": ppl,
             "forms": forms,
+            "int8_factor_layers": sum(getattr(d, "factor_bits", 16) == 8 for d in kv.values()),
             "seconds": time.perf_counter() - t,
         }
         rows.append(row)
         wf = "" if row["weight_fraction"] is None else f"{row['weight_fraction']:.3f}"
         print(
-            f"| {label} | {row['kv_fraction']:.3f} | {wf} | {ppl:.2f} | {len(forms)} forms |",
-            flush=True,
-        )
+            f"| {label} | {row['kv_fraction']:.3f} | {wf} | {ppl:.2f} | {len(forms)} forms "
+            f"| {row['int8_factor_layers']} |", flush=True,
+        )  # fmt: skip
         return row
 
     dense = run("dense", None, uniform_plan(pl, KVDenseConfig()), 1.0)
@@ -225,14 +250,15 @@ def main() -> int:
     else:
         for f in (0.5, 0.25, 0.125) if a.rows == "all" else ():
             run(f"solver mix kv={f:g}", Budget(kv=f, context=a.context))
-        run(
-            f"joint total={X / 1e9:.3f} GB",
-            Budget(total_bytes=X, context=a.context, batch=a.batch),
-        )
+        twice = ((", 16-bit factors", only16), ("", None)) if a.compare_factors else (("", None),)
+        joint = Budget(total_bytes=X, context=a.context, batch=a.batch)
+        for tag, problem in twice:
+            run(f"joint total={X / 1e9:.3f} GB{tag}", joint, problem=problem)
         for m in (0.25, 0.3, 0.35, 0.5, 0.8, 1.0):
             k = (X - m * W) / (a.batch * C)
-            if 0 < k <= 1:
-                run(f"hand split memory={m} kv={k:.3f}", Budget(memory=m, kv=k, context=a.context))
+            for tag, problem in twice if 0 < k <= 1 else ():
+                run(f"hand split memory={m} kv={k:.3f}{tag}",
+                    Budget(memory=m, kv=k, context=a.context), problem=problem)  # fmt: skip
     meta = run_meta(
         steady=a.steady,
         dense_ppl=dense["ppl"] if dense else None,

@@ -27,13 +27,12 @@ greedily decodes 20 tokens from a news prompt and lists the report's MLA blocks.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 
 import torch
 from _common import dump, run_meta
-from kv_mix import add_data_args, evaluate, smollm2_and_windows, uniform_plan
+from kv_mix import add_data_args, evaluate, factors_16_bit, smollm2_and_windows, uniform_plan
 
 import slimfx
 from slimfx.forms.kv.apply import split_plan
@@ -58,17 +57,6 @@ def mla_counts(pl, plan) -> tuple[int, int, int]:
     sites = [a for a in pl.attention_sites if isinstance(kv.get(a.fqn), MLAConfig)]
     qo = sum(plan[a.projection(r)].kind != "dense" for a in sites for r in "qo")
     return len(mla), f8, qo
-
-
-def factors_16_bit(problem: BudgetProblem) -> BudgetProblem:
-    """``problem`` without the MLA options whose factors are int8."""
-    sites = [
-        dataclasses.replace(
-            so, options=[o for o in so.options if getattr(o.decision, "factor_bits", 16) == 16]
-        )
-        for so in problem.sites
-    ]
-    return BudgetProblem(sites, problem.workload, problem.target, problem.meta)
 
 
 def generate(model, tok, calib, held, context: int) -> dict:

@@ -195,6 +195,7 @@ def add_options(pl: Planning) -> None:
     from slimfx.cost.candidates import time_attention_site
     from slimfx.cost.target import workload_of
     from slimfx.forms.kv.candidates import cache_only_reason, kv_site_options
+    from slimfx.forms.kv.config import KVDecision
     from slimfx.forms.mla.plan import mla_options
     from slimfx.planning.problem import SiteOptions
 
@@ -226,6 +227,7 @@ def add_options(pl: Planning) -> None:
             forms=forms,
             linear_sites=linear,
             bias_bytes=_bias_bytes(pl, [str(k_fqn), str(v_fqn)]),
+            int8_factors=pl.budget.prices_weights,
         )
         if mla and site.cache_only:
             refused["mla"] = cache_only_reason(site)
@@ -245,9 +247,13 @@ def add_options(pl: Planning) -> None:
         for short, why in refused.items():
             pl.kv_refused.setdefault(why, []).append(f"{site.fqn} ({short})")
         added.append(so)
-    if mla_offered and not pl.budget.prices_weights:
+    lowrank_offered = any(isinstance(o.decision, KVDecision) and o.decision.owns
+                          for so in added for o in so.options)  # fmt: skip
+    if (mla_offered or lowrank_offered) and not pl.budget.prices_weights:
+        what = " and ".join(w for w, on in (("MLA", mla_offered), ("low-rank caches",
+                            lowrank_offered)) if on)  # fmt: skip
         pl.notes.append(
-            "MLA with int8 factors not offered: this budget does not count weight bytes, "
+            f"{what} with int8 factors not offered: this budget does not count weight bytes, "
             "which is all they save (they add error)"
         )
     for why, where in pl.kv_refused.items():  # entries "fqn (form)"

@@ -72,12 +72,16 @@ def parse_attention_shapes(text: str | None) -> list[AttentionShape]:
 
 def default_attention_decisions(shape: AttentionShape) -> list[Decision]:
     """What the solver is offered at a site of ``shape``: the default KV-cache candidates
-    (``forms.kv.candidates.default_kv_forms``) and the MLA ladder (``forms.mla.plan``)."""
+    (``forms.kv.candidates.default_kv_forms``; the low-rank ones also with int8 factors, as a
+    budget that counts weights offers them) and the MLA ladder (``forms.mla.plan``)."""
+    from dataclasses import replace
+
     from slimfx.forms.kv.candidates import default_kv_forms
     from slimfx.forms.mla.candidates import _configs
     from slimfx.forms.mla.plan import MLA_LADDER, ladder_context
 
-    out: list[Decision] = list(default_kv_forms(shape))
+    kv = default_kv_forms(shape)
+    out: list[Decision] = [*kv, *(replace(d, factor_bits=8) for d in kv if d.owns)]
     try:
         ctx = ladder_context(shape.head_dim)
         out += _configs(shape, MLA_LADDER["rank_fractions"], ctx, "shape")  # type: ignore[arg-type]

@@ -8,9 +8,10 @@ Each form names its op (``slimfx.forms``: ``Form.op``); :func:`slimfx_ops` regis
     slimfx::lowrank_linear(x, U, V, bias?)   = x @ Vᵀ @ Uᵀ + bias      U: out×r, V: r×in
     slimfx::dequant_rows(codes, scale)      = codes · scale[:, None]   codes: int8 R×n, scale: R
 
-``dequant_rows`` belongs to no linear form: MLA's int8 factors (``slimfx.forms.mla.factors``)
-call it while a model is exported, so the ONNX graph carries their int8 codes into a
-``DequantizeLinear`` (which neither the exporter's optimizer nor ONNX Runtime folds away).
+``dequant_rows`` belongs to no linear form: the int8 rows of MLA and of the low-rank caches
+(``slimfx.ir.int8_rows``) call it while a model is exported, so the ONNX graph carries their
+int8 codes into a ``DequantizeLinear`` (which neither the exporter's optimizer nor ONNX
+Runtime folds away).
 """
 
 from __future__ import annotations

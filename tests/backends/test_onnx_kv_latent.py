@@ -14,6 +14,8 @@ the graph's inputs, and the refusals (model unchanged).
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -55,8 +57,8 @@ FORMS_A = {
         16, 24, 2, "whitened", 4, 4, 2, sink=2, axis="channel", low_bits=2, key_low=8,
         value_low=8,
     ),
-    # 16-bit latent, 3 sink tokens
-    1: KVLowRankConfig(16, 24, 2, "attention", sink=3),
+    # 16-bit latent, 3 sink tokens, the block's own weights as int8 rows
+    1: KVLowRankConfig(16, 24, 2, "attention", sink=3, factor_bits=8),
 }  # fmt: skip
 _PER_TOKEN = KVLatentQuantConfig(24, 16, 2, "attention", 8, 4, 3)
 FORMS_B = {
@@ -226,6 +228,15 @@ def test_graph_inputs(exported):
     assert outs == ["logits", "present_window_0", "present_window_1", "present_sink_0",
                     "present_sink_1"]  # fmt: skip
     assert len(res.flush_paths) == 1  # the 16-bit latent has no store to flush into
+    # layer 1's int8 factors: its codes are int8 initializers (one each: down, up and the
+    # sinks' projections), dequantized in the graph
+    attn = exported["A"][0].model.layers[1].self_attn
+    codes = [m.codes for m in attn.modules() if hasattr(m, "codes")]
+    inits = [onnx.numpy_helper.to_array(t) for t in g.initializer
+             if t.data_type == onnx.TensorProto.INT8]  # fmt: skip
+    assert len(codes) == 6 and len(inits) == 6
+    assert sorted(int(a.sum()) for a in inits) == sorted(int(c.sum()) for c in codes)
+    assert sum(n.op_type == "DequantizeLinear" for n in g.node) >= 4
     # one If per low-rank layer (torch.cond on the call length): one-token calls attend over
     # the value latent (absorbed: einsums with the latent and v_up, no value rebuilt), longer
     # ones over rebuilt values (the attention's two MatMuls)
@@ -278,7 +289,10 @@ def test_refusals_and_model_unchanged(tmp_path):
     assert not (tmp_path / "x.onnx").exists()
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # the same factors with a quantized latent cache are accepted
-    quant = KVLatentQuantConfig(16, 24, 2, "attention", 8, 8, 0, sink=3)
+    # the same factors with a quantized latent cache are accepted; with 16-bit factors not
+    quant = KVLatentQuantConfig(16, 24, 2, "attention", 8, 8, 0, sink=3, factor_bits=8)
     assert export_forms(model, {0: FORMS_A[0], 1: quant}) == [FORMS_A[0], quant]
+    with pytest.raises(OnnxExportError, match=r"does not match the layer's factors \(kv "
+                       r"lowrank k16 v24 g2 attention s3 f8\)"):  # fmt: skip
+        export_forms(model, {0: FORMS_A[0], 1: dataclasses.replace(quant, factor_bits=16)})
     assert export_forms(model) == [FORMS_A[0], FORMS_A[1]]  # unmarked: the modules' forms

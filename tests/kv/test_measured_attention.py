@@ -5,6 +5,7 @@ where they contradict the roofline."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -146,7 +147,10 @@ def test_default_decisions_are_what_the_solver_is_offered() -> None:
     from slimfx.forms.kv.candidates import default_kv_forms
 
     ds = default_attention_decisions(SMOL)
-    assert ds[: len(default_kv_forms(SMOL))] == default_kv_forms(SMOL)
+    kv = default_kv_forms(SMOL)
+    assert ds[: len(kv)] == kv
+    f8 = [d for d in ds if getattr(d, "factor_bits", 16) == 8 and not isinstance(d, MLAConfig)]
+    assert f8 == [dataclasses.replace(d, factor_bits=8) for d in kv if d.owns] and len(f8) == 8
     mla = [d for d in ds if isinstance(d, MLAConfig)]
     assert len(mla) == 12 and {(d.latent_bits, d.factor_bits) for d in mla} == {
         (8, 16), (16, 16), (8, 8), (16, 8)}

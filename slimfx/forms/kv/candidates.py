@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -50,8 +51,8 @@ from .config import (
 )
 
 __all__ = [
-    "default_kv_forms", "kv_costs", "kv_site_options", "cache_only_reason", "KV_ERROR_BATCHES",
-    "SINK",
+    "default_kv_forms", "kv_costs", "kv_site_options", "cache_only_reason", "fit_key",
+    "KV_ERROR_BATCHES", "SINK",
 ]  # fmt: skip
 
 #: calibration batches the error of each KV candidate is measured on (block replays are cheap,
@@ -166,6 +167,12 @@ def site_refusal(
     return None
 
 
+def fit_key(config: KVLowRankConfig) -> KVLowRankConfig:
+    """The factorization ``config`` is fitted as: the rounding of ``factor_bits=8`` comes after
+    the fit (:func:`.simulate.stored_factors`), so both widths share one."""
+    return replace(config, factor_bits=16)
+
+
 def cache_only_reason(site: AttentionSite) -> str:
     """Why a cache-only site takes no form that rewrites its block (low-rank caches, MLA)."""
     return (
@@ -197,7 +204,7 @@ def _errors(
         if site.cache_only:
             return replay_block(attn, x, c, site.num_kv_heads, site.head_dim)
         lr = getattr(c, "lowrank", c)
-        f = factors.get(lr) if isinstance(lr, KVLowRankConfig) else None
+        f = factors.get(fit_key(lr)) if isinstance(lr, KVLowRankConfig) else None
         return block_forward(attn, *x, c, f, steady=steady)
 
     with simulating(model) if site.cache_only else nullcontext():
@@ -221,13 +228,17 @@ def kv_site_options(
     forms: Sequence[KVDecision] | None = None,
     linear_sites: set[str] | None = None,
     bias_bytes: int = 0,
+    int8_factors: bool = False,
 ) -> tuple[SiteOptions, dict[str, str]]:
     """The site's options (module docstring) and, per refused form (its ``short()``), why.
 
     ``inputs``: ``(hidden, cos, sin)`` per calibration batch as the block received them;
     ``gram``: ``XᵀX`` of the block's input (k_proj's input Gram) for the low-rank fits;
     ``weight``: the site's loss-sensitivity weight; ``linear_sites``: the problem's linear
-    sites (a low-rank form is offered only when k_proj and v_proj are among them)."""
+    sites (a low-rank form is offered only when k_proj and v_proj are among them);
+    ``int8_factors``: offer every low-rank form also with ``factor_bits=8`` (its own weights
+    as int8 rows: fewer weight bytes, the rounding in its error) — for a budget that counts
+    weight bytes; both share one fit."""
     from .calibrate import fit_site
 
     shape = site.site_shape
@@ -241,13 +252,16 @@ def kv_site_options(
             chosen.append(c)
     if not any(isinstance(c, KVDenseConfig) for c in chosen):
         chosen.insert(0, KVDenseConfig())  # the 16-bit cache is always an option
+    if int8_factors:  # each form that adds weights also with them as int8 rows
+        chosen += [f8 for c in chosen if c.owns
+                   and (f8 := replace(c, factor_bits=8)) not in chosen]  # fmt: skip
     factors: dict[KVLowRankConfig, dict[str, Tensor]] = {}
     for c in chosen:
         lr = getattr(c, "lowrank", c)
-        if isinstance(lr, KVLowRankConfig) and lr not in factors:
+        if isinstance(lr, KVLowRankConfig) and fit_key(lr) not in factors:
             if gram is None:
                 raise ValueError(f"{site.fqn}: {c.short()} needs the input Gram of k_proj")
-            factors[lr] = fit_site(model, site, gram, lr)
+            factors[fit_key(lr)] = fit_site(model, site, gram, lr)
     errors = _errors(model, site, inputs, chosen, factors)
     covers = tuple(str(site.projection(r)) for r in ("k", "v"))
     options = []

@@ -27,7 +27,8 @@ context held by one sequence.
   the weights change too: ``weight_bytes = 2·(rank·hidden + rank·H·D/groups)`` for each of k, v.
   ``sink`` first tokens also hold their exact K/V (16-bit, ``2·H·D·2`` bytes each, on top of
   their latent); the original k/v projections are then kept too (their bytes count in
-  ``projection_weight_bytes``).
+  ``projection_weight_bytes``). ``factor_bits=8`` stores all those matrices as int8 codes with a
+  16-bit scale per row: ``entries + 2·rows`` bytes instead of ``2·entries``.
 - ``kv_latent_quant``:     the latent quantized per token with one (scale, min) per
   ``group`` latent values (per head group), the residual window as for ``kv_quant``
   (block of ``key_group``-free: whole tokens, so ``Q(L) = max(0, L − residual)``); or per
@@ -60,6 +61,8 @@ __all__ = [
 ]
 
 KV_BITS = (2, 4, 8)
+#: widths of a low-rank cache's own weights (16-bit, or int8 rows with a scale each)
+FACTOR_BITS = (16, 8)
 SCALE_BYTES = 2  # float16 scale, float16 minimum
 LOWRANK_KV_METHODS = ("whitened", "attention")
 
@@ -271,6 +274,9 @@ class KVLowRankConfig(KVDecision):
     ``whitened`` (SVD of W·L with L Lᵀ the input Gram, Palu / SVD-LLM) or ``attention``
     (also weighted on the output side: keys by the query energy per rotary pair, values by
     o_proj's columns, so the fit minimizes the error of scores and of the block output).
+    ``factor_bits``: 16, or 8 — the block's own weights (down- and up-projections, the sinks'
+    k/v projections; not the biases) stored as int8 rows with one 16-bit scale each
+    (:mod:`slimfx.ir.int8_rows`), which halves what the form adds to a weight budget.
     """
 
     kind: ClassVar[str] = "kv_lowrank"
@@ -280,9 +286,12 @@ class KVLowRankConfig(KVDecision):
     groups: int = 1
     method: str = "attention"
     sink: int = 0
+    factor_bits: int = 16
 
     def __post_init__(self) -> None:
         _nonneg_int("sink", self.sink)
+        _check(self.factor_bits in FACTOR_BITS,
+               f"factor_bits must be one of {FACTOR_BITS}, got {self.factor_bits!r}")
         _pos_int("key_rank", self.key_rank)
         _pos_int("value_rank", self.value_rank)
         _pos_int("groups", self.groups)
@@ -319,9 +328,21 @@ class KVLowRankConfig(KVDecision):
         return 2 * self.latent_width * tokens + s * shape.kv_bytes_per_token(16)
 
     def projection_weight_bytes(self, shape: AttentionShape) -> int:
-        group_dim = shape.kv_dim // self.groups
-        dense = 2 * 2 * shape.hidden_size * shape.kv_dim if self.sink else 0  # sinks' exact K/V
-        return 2 * self.latent_width * (shape.hidden_size + group_dim) + dense
+        """The down- and up-projections (and the sinks' k/v projections) as stored: 2 bytes
+        per entry, or with ``factor_bits=8`` a byte per code plus a 16-bit scale per row (a
+        down-projection row per latent channel, an up-projection row per kv dim)."""
+        entries, rows = self._own_matrices(shape)
+        return 2 * entries if self.factor_bits == 16 else entries + 2 * rows
+
+    def _own_matrices(self, shape: AttentionShape) -> tuple[int, int]:
+        """``(entries, rows)`` of the block's own weight matrices: down (latent × hidden),
+        up (2 · kv_dim × rank per group), the sinks' k/v projections (2 · kv_dim × hidden)."""
+        hidden, kv = shape.hidden_size, shape.kv_dim
+        entries = self.latent_width * (hidden + kv // self.groups)
+        rows = self.latent_width + 2 * kv
+        if self.sink:  # the sinks' exact K/V need the original projections
+            entries, rows = entries + 2 * hidden * kv, rows + 2 * kv
+        return entries, rows
 
     def step_work(
         self, shape: AttentionShape, context: int, tokens: int = 1, branchless: bool = False
@@ -353,16 +374,21 @@ class KVLowRankConfig(KVDecision):
             flops += 2 * C * rv * gd + 2 * H * D * C * T
             rebuilt += C * kv
         weights = self.latent_width * (hidden + gd)
+        rows = self.latent_width + 2 * kv
         if branchless and self.sink:  # every call token's exact K/V
-            weights += 2 * hidden * kv
+            weights, rows = weights + 2 * hidden * kv, rows + 2 * kv
             flops += 4 * T * hidden * kv
         floats = latent_floats * self.latent_width + s * 2 * kv
+        if self.factor_bits == 8:  # codes and row scales read, each matrix made float (w + r)
+            return AttentionWork(floats, 0, 2 * weights, flops + 2 * weights, rebuilt, 9,
+                                 weight_ints=weights + 2 * rows)  # fmt: skip
         return AttentionWork(floats, 0, weights, flops, rebuilt, 5)
 
     def short(self) -> str:
         g = f" g{self.groups}" if self.groups > 1 else ""
         sink = f" s{self.sink}" if self.sink else ""
-        return f"kv lowrank k{self.key_rank} v{self.value_rank}{g} {self.method}{sink}"
+        f8 = " f8" if self.factor_bits == 8 else ""
+        return f"kv lowrank k{self.key_rank} v{self.value_rank}{g} {self.method}{sink}{f8}"
 
 
 @register_decision
@@ -397,9 +423,10 @@ class KVLatentQuantConfig(KVDecision):
     low_bits: int = 0
     key_low: int = 0
     value_low: int = 0
+    factor_bits: int = 16
 
     def __post_init__(self) -> None:
-        self.lowrank  # validates ranks, method and sink  # noqa: B018
+        self.lowrank  # validates ranks, method, sink and factor_bits  # noqa: B018
         _check(self.bits in KV_BITS, f"bits must be one of {KV_BITS}, got {self.bits!r}")
         _check(self.axis in ("token", "channel"), "axis must be 'token' or 'channel'")
         _pos_int("group", self.group)
@@ -431,7 +458,9 @@ class KVLatentQuantConfig(KVDecision):
     @property
     def lowrank(self) -> KVLowRankConfig:
         """The factorization this form quantizes the latent of."""
-        return KVLowRankConfig(self.key_rank, self.value_rank, self.groups, self.method, self.sink)
+        return KVLowRankConfig(
+            self.key_rank, self.value_rank, self.groups, self.method, self.sink, self.factor_bits
+        )
 
     def check(self, shape: AttentionShape) -> str | None:
         why = self.lowrank.check(shape)
@@ -491,7 +520,7 @@ class KVLatentQuantConfig(KVDecision):
         n = q * self.lowrank.latent_width
         return AttentionWork(
             w.cache_floats, ints, w.weight_floats, w.flops + DEQUANT_OPS * n, w.rebuilt + n,
-            w.launches + 2, True,
+            w.launches + 2, True, weight_ints=w.weight_ints,
         )  # fmt: skip
 
     def short(self) -> str:

@@ -22,6 +22,11 @@ call's tokens that may be sinks; the branch-free ones (the ONNX export's,
 :mod:`slimfx.backends.onnx_kv_latent`, and the static caches for torch.compile) take every
 call token's, which one graph serves for every call.
 
+With ``factor_bits=8`` the down-projections and the sinks' projections are
+:class:`~slimfx.ir.int8_rows.Int8Factor` (int8 codes, a scale per row, applied to the product's
+output) and the up-projections :class:`~slimfx.ir.int8_rows.Int8Rows`, dequantized where used
+(:meth:`LowRankKVAttention.up`: a ``kv_dim × rank`` matrix per step, small beside the rebuild).
+
 Rebuilding costs ``O(context · rank · kv_dim)`` per step. A one-token (decode) call absorbs
 the value up-projection: the attention weights contract with the value latent and each head's
 rows of ``v_up`` apply after (``O(heads · context · rank)``); keys are still rebuilt — past
@@ -41,6 +46,7 @@ from torch import Tensor, nn
 from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.simulate import apply_rope, rebuild, rope_of
 from slimfx.forms.kv.sinks import Sinks, merge_sinks, real_columns
+from slimfx.ir.int8_rows import Int8Factor, Int8Rows
 from slimfx.ir.sites import AttentionSite
 
 __all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary"]
@@ -72,24 +78,40 @@ class LowRankKVAttention(nn.Module):
         self.form = form
         self.q_proj, self.o_proj = attn.q_proj, attn.o_proj
         dt, dev = attn.k_proj.weight.dtype, attn.k_proj.weight.device
-        hidden = attn.k_proj.in_features
-        self.k_down = nn.Linear(
-            hidden, factors["k_down"].shape[0], bias=False, device=dev, dtype=dt
-        )
-        self.v_down = nn.Linear(
-            hidden, factors["v_down"].shape[0], bias=False, device=dev, dtype=dt
-        )
-        with torch.no_grad():
-            self.k_down.weight.copy_(factors["k_down"])
-            self.v_down.weight.copy_(factors["v_down"])
-        self.k_up = nn.Parameter(factors["k_up"].to(device=dev, dtype=dt), requires_grad=False)
-        self.v_up = nn.Parameter(factors["v_up"].to(device=dev, dtype=dt), requires_grad=False)
+        self.factor_bits = getattr(form, "factor_bits", 16)
+        int8 = self.factor_bits == 8
+        for name in ("k_down", "v_down"):
+            w = factors[name]
+            if int8:
+                setattr(self, name, Int8Factor(w, None, dt, dev))
+                continue
+            lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=dev, dtype=dt)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            setattr(self, name, lin)
+        for name in ("k_up", "v_up"):  # (groups, group_dim, rank per group)
+            if int8:  # the rows are the kv dims: one scale each
+                setattr(self, f"{name}_rows", Int8Rows(factors[name], dt, dev))
+            else:
+                w = factors[name].to(device=dev, dtype=dt)
+                setattr(self, name, nn.Parameter(w, requires_grad=False))
         self.k_bias = attn.k_proj.bias
         self.v_bias = attn.v_proj.bias
         self.sink = getattr(form, "sink", 0)
         if self.sink:  # the sink tokens' exact K/V need the original projections
             self.k_proj, self.v_proj = attn.k_proj, attn.v_proj
+            if int8:  # as int8 rows, the bias shared with the rebuilt K/V's
+                self.k_proj, self.v_proj = (
+                    _int8_projection(p, dt, dev) for p in (attn.k_proj, attn.v_proj)
+                )
         self._rotary = (rotary,)  # not a submodule: the model owns it
+
+    def up(self, role: str) -> Tensor:
+        """The ``role`` ("k" / "v") up-projection ``(groups, group_dim, rank per group)``:
+        the 16-bit parameter, or the int8 rows dequantized (``factor_bits=8``)."""
+        if self.factor_bits == 8:
+            return getattr(self, f"{role}_up_rows").weight
+        return getattr(self, f"{role}_up")
 
     def forward(
         self,
@@ -131,7 +153,7 @@ class LowRankKVAttention(nn.Module):
                 )
             lk, lv = past_key_values.update(lk, lv, self.layer_idx, positions=position_ids)
             cos, sin = rope_of(self, *self._rotary[0](hidden_states, layer.positions))
-        k = rebuild(lk.squeeze(1), self.k_up, self.k_bias)
+        k = rebuild(lk.squeeze(1), self.up("k"), self.k_bias)
         S = k.shape[1]
         k = apply_rope(k.view(B, S, -1, hd).transpose(1, 2), cos, sin)
         sinks = None
@@ -151,7 +173,7 @@ class LowRankKVAttention(nn.Module):
         if absorb:
             out = self._step(fn, q, k, lv.squeeze(1), sinks, attention_mask, kwargs)
             return self.o_proj(out.reshape(B, T, -1)), None
-        v = rebuild(lv.squeeze(1), self.v_up, self.v_bias).view(B, S, -1, hd).transpose(1, 2)
+        v = rebuild(lv.squeeze(1), self.up("v"), self.v_bias).view(B, S, -1, hd).transpose(1, 2)
         if sinks is not None:
             v = sinks.merge_values(v)
         out, weights = fn(
@@ -187,7 +209,7 @@ class LowRankKVAttention(nn.Module):
         def rebuilt(q: Tensor, k: Tensor, lv: Tensor, *rest: Tensor) -> Tensor:
             s, m = split(rest)
             S = k.shape[2]
-            v = rebuild(lv, self.v_up, self.v_bias).view(B, S, -1, D).transpose(1, 2)
+            v = rebuild(lv, self.up("v"), self.v_bias).view(B, S, -1, D).transpose(1, 2)
             if s is not None:
                 v = s.merge_values(v)
             out, _ = fn(self, q, k, v, m, dropout=0.0, scaling=self.scaling, **kwargs)
@@ -224,10 +246,11 @@ class LowRankKVAttention(nn.Module):
             m = mask[:, :, -T:, :S].unsqueeze(2)  # (B, 1, 1, T, S)
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
         p = scores.float().softmax(-1).to(q.dtype)
-        g, _, r = self.v_up.shape
+        v_up = self.up("v")
+        g, _, r = v_up.shape
         pg = p.reshape(B, g, Hkv // g, rep, T, S)
         ctx = torch.einsum("bgjrts,bsgz->bgjrtz", pg, lv.reshape(B, S, g, r))
-        up = self.v_up.to(q.dtype).view(g, Hkv // g, D, r)
+        up = v_up.to(q.dtype).view(g, Hkv // g, D, r)
         out = torch.einsum("bgjrtz,gjdz->bgjrtd", ctx, up).reshape(B, Hkv, rep, T, D)
         if self.v_bias is not None:  # rebuilt values carry the bias; weights sum to 1
             out = out + self.v_bias.to(q.dtype).view(1, Hkv, 1, 1, D)
@@ -237,7 +260,7 @@ class LowRankKVAttention(nn.Module):
             ph = p.gather(-1, at.view(B, 1, 1, 1, n).expand(B, Hkv, rep, T, n))
             ph = ph * sinks.has.to(p.dtype).view(B, 1, 1, 1, n)
             lat = lv.gather(1, at.unsqueeze(-1).expand(B, n, lv.shape[-1]))
-            vh = rebuild(lat, self.v_up, self.v_bias)
+            vh = rebuild(lat, v_up, self.v_bias)
             delta = sinks.values.to(q.dtype) - vh.view(B, n, Hkv, D).transpose(1, 2)
             out = out + torch.einsum("bhrts,bhsd->bhrtd", ph, delta)
         return out.reshape(B, Hq, T, D).transpose(1, 2)
@@ -250,6 +273,14 @@ class LowRankKVAttention(nn.Module):
         k = self.k_proj(hidden).view(B, n, H, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(B, n, H, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
+
+
+def _int8_projection(proj: nn.Module, dtype: torch.dtype, device: torch.device) -> Int8Factor:
+    """``proj`` (an ``nn.Linear``) as int8 rows, its bias the same parameter."""
+    out = Int8Factor(proj.weight, None, dtype, device)
+    if proj.bias is not None:
+        out.bias = proj.bias
+    return out
 
 
 def find_rotary(model: nn.Module) -> nn.Module:

@@ -35,6 +35,7 @@ from slimfx.forms.kv.numerics import (
     split_latent,
 )
 from slimfx.ir.find import logit_softcap
+from slimfx.ir.int8_rows import dequantized
 
 __all__ = [
     "apply_rope",
@@ -46,6 +47,7 @@ __all__ = [
     "compressed_attention",
     "quantized_cache_attention",
     "block_forward",
+    "stored_factors",
     "attention_error",
     "SimulatedKVAttention",
 ]
@@ -237,6 +239,8 @@ def block_forward(
     if isinstance(config, (KVLowRankConfig, KVLatentQuantConfig)):
         if factors is None:
             raise ValueError(f"{config.kind} needs the low-rank factors (fit_lowrank_kv)")
+        if config.factor_bits == 8:
+            factors = stored_factors(factors, attn)
         lk = hidden @ factors["k_down"].to(hidden.dtype).T
         lv = hidden @ factors["v_down"].to(hidden.dtype).T
         kb = getattr(attn.k_proj, "bias", None)
@@ -246,9 +250,9 @@ def block_forward(
         tiers = []
         j = torch.arange(T, device=hidden.device)
         sink = config.sink
-        if sink:  # the sink tokens' exact K/V (original projections)
-            ke = apply_rope(_heads(attn.k_proj(hidden), hd), cos, sin)
-            ve = _heads(attn.v_proj(hidden), hd)
+        if sink:  # the sink tokens' exact K/V (original projections, as stored)
+            ke = apply_rope(_heads(_sink_projection(attn, hidden, factors, "k"), hd), cos, sin)
+            ve = _heads(_sink_projection(attn, hidden, factors, "v"), hd)
             tiers.append((ke, ve, (j < sink)[None, :].expand(T, T)))
         if isinstance(config, KVLatentQuantConfig):
             lkq = _fake_quant_latent(lk, config, "key", steady)
@@ -265,6 +269,27 @@ def block_forward(
     out = quantized_cache_attention(q, k, v, config, scaling, steady, applied_softcap(attn))
     out = out.transpose(1, 2).reshape(*hidden.shape[:-1], -1)
     return attn.o_proj(out)
+
+
+def stored_factors(factors: dict[str, Tensor], attn: nn.Module) -> dict[str, Tensor]:
+    """A fit's low-rank ``factors`` as a block with ``factor_bits=8`` stores them (int8 rows
+    with a scale in the model's dtype, :func:`slimfx.ir.int8_rows.dequantized`), with the sinks'
+    k/v projections so stored too (``k_sink`` / ``v_sink``)."""
+    dtype = attn.k_proj.weight.dtype
+    out = {k: dequantized(w, dtype) for k, w in factors.items()}
+    for r in ("k", "v"):
+        out[f"{r}_sink"] = dequantized(getattr(attn, f"{r}_proj").weight.detach(), dtype)
+    return out
+
+
+def _sink_projection(attn: nn.Module, hidden: Tensor, factors: dict[str, Tensor], r: str) -> Tensor:
+    """The sink tokens' exact ``r`` ("k" / "v") projection of ``hidden``: the block's own, or
+    its int8 rows (``factors[r + "_sink"]``, :func:`stored_factors`) plus its bias."""
+    proj = getattr(attn, f"{r}_proj")
+    w = factors.get(f"{r}_sink")
+    if w is None:
+        return proj(hidden)
+    return torch.nn.functional.linear(hidden, w.to(hidden.dtype), proj.bias)
 
 
 def applies_softcap(implementation: str | None) -> bool:

@@ -20,7 +20,7 @@ Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_p
   with ``rope_fold``; ``rope_mix="pca"``'s mixing lives in it and in the RoPE rows), replacing
   the original ``2·2·D·K·d`` (+ bias). With ``factor_bits=8`` every one of those matrices (and
   ``q_mix``) is stored as int8 codes, 1 byte each, plus a 16-bit scale per row
-  (:mod:`~slimfx.forms.mla.factors`); the biases stay 16-bit. The absorbed decode form
+  (:mod:`~slimfx.ir.int8_rows`); the biases stay 16-bit. The absorbed decode form
   additionally stores ``W_uk`` folded into each query head (``H·r·d``) and ``W_uv`` folded
   into the output projection (``H·r·D``): ``absorbed_extra_bytes``.
 """

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimfx.ir.int8_rows import Int8Factor, Int8Rows
 from slimfx.ir.match import is_linear_module, linear_weight
 from slimfx.ir.modules import SlimLinear
 from slimfx.numerics import reconstruct
 
-from .factors import Int8Factor, Int8Rows
 from .numerics import MLAWeights
 
 __all__ = ["MLAAttention", "ABSORB_MODES", "quantize_latent", "dense_weight"]
@@ -110,7 +110,7 @@ class MLAAttention(nn.Module):
         if factor_bits not in (16, 8):
             raise ValueError(f"factor_bits must be 16 or 8, got {factor_bits}")
         #: 8: the block's own projections (RoPE key rows, down, key/value up, ``q_mix``) are
-        #: stored as int8 rows (:mod:`~slimfx.forms.mla.factors`), dequantized where used
+        #: stored as int8 rows (:mod:`~slimfx.ir.int8_rows`), dequantized where used
         self.factor_bits = factor_bits
         #: 8: the latent is rounded to int8 (one scale per token) as soon as it is computed, so
         #: every path (no cache, any cache) sees what an int8 latent cache holds

@@ -17,10 +17,10 @@ from slimfx.forms.kv.config import KVDenseConfig
 from slimfx.forms.mla.candidates import MLAContext, mla_candidates
 from slimfx.forms.mla.config import MLAConfig
 from slimfx.forms.mla.convert import convert_model
-from slimfx.forms.mla.factors import Int8Factor, Int8Rows, quantize_rows
 from slimfx.forms.mla.module import MLAAttention
 from slimfx.forms.mla.save import load_converted, save_converted
 from slimfx.ir.find import describe_attention
+from slimfx.ir.int8_rows import Int8Factor, Int8Rows, quantize_rows
 from slimfx.planning.configs import decision_from_dict
 from slimfx.planning.problem import Budget
 from slimfx.planning.shapes import AttentionShape

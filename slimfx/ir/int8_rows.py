@@ -1,20 +1,21 @@
-"""The converted block's own projections stored as int8 (``MLAConfig(factor_bits=8)``).
+"""Weights a rewritten attention block adds, stored as int8 rows (``factor_bits=8``).
 
-An MLA conversion adds weights of its own — the RoPE key rows, the down-projection, the key and
-value up-projections and each kv group's map into the shared key space (``q_mix``) — which
-count in the weight budget and crowd the other linears there, so they are offered as int8 too:
-symmetric codes with one scale per output row (``scale = max|row| / 127`` rounded to the
-model's dtype first, so the codes are exact against the stored scale).
+MLA (``MLAConfig``) and the low-rank KV caches (``KVLowRankConfig`` / ``KVLatentQuantConfig``)
+add weights of their own — MLA's RoPE key rows, down-projection, key and value up-projections
+and q_mix maps; a low-rank cache's down- and up-projections and the k/v projections its sink
+tokens keep — which count in the weight budget and crowd the other linears there, so each is
+offered as int8 too: symmetric codes with one scale per output row (``scale = max|row| / 127``
+rounded to the model's dtype first, so the codes are exact against the stored scale).
 
 :class:`Int8Rows` holds one such tensor (its leading dims flattened into rows) and gives it back
 as ``weight``, or as codes and scales (``codes_and_scales``) for a product that applies the row
 scales to its output; :class:`Int8Factor` is the projection ``x ↦ x Wᵀ + b`` of one, with the
 ``in_features`` / ``out_features`` / ``weight`` / ``bias`` of the ``nn.Linear`` it replaces, so
-code that reads ``.weight`` runs unchanged. ONNX: ``MLAExportBlock`` (``backends/onnx_mla``)
-lays the products over the hidden states and q_mix out as 8-bit MatMulNBits; ``weight`` read
-while exporting (k_up, v_up) goes through ``slimfx::dequant_rows`` (``DequantizeLinear``).
-Bytes: 1 per code, 2 per row scale (priced as 16-bit, as every float), biases at 16 bits
-(``MLAConfig.converted_weight_bytes``).
+code that reads ``.weight`` runs unchanged. ONNX: ``weight`` read while exporting goes through
+``slimfx::dequant_rows`` (``DequantizeLinear`` of the int8 codes); MLA's export block
+(``backends/onnx_mla``) lays its products over the hidden states and q_mix out as 8-bit
+MatMulNBits instead. Bytes: 1 per code, 2 per row scale (priced as 16-bit, as every float),
+biases at 16 bits (``int8_rows_bytes``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,20 @@ from torch import Tensor, nn
 
 import slimfx.ir.ops  # noqa: F401  (registers slimfx::dequant_rows)
 
-__all__ = ["Int8Rows", "Int8Factor", "quantize_rows"]
+__all__ = ["Int8Rows", "Int8Factor", "quantize_rows", "int8_rows_bytes", "dequantized"]
+
+
+def int8_rows_bytes(rows: int, width: int) -> int:
+    """Reference bytes of a ``rows × width`` matrix stored as int8 rows: a byte per code and a
+    16-bit scale per row."""
+    return rows * (width + 2)
+
+
+def dequantized(w: Tensor, dtype: torch.dtype) -> Tensor:
+    """``w`` as :class:`Int8Rows` stores it in a ``dtype`` model (codes · scale, rows along the
+    last dim), in ``w``'s dtype: what a fit's candidate with int8 factors computes with."""
+    codes, scale = quantize_rows(w.reshape(-1, w.shape[-1]), dtype)
+    return (codes.to(scale.dtype) * scale).view(w.shape).to(w.dtype)
 
 
 def quantize_rows(w: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -11,6 +11,10 @@ the values slot. What the caches here hold per token and layer:
   dtype); ``update`` returns the dequantized latent, the decode kernel reads the codes.
 - :class:`MLAStaticLatentCache`: preallocated ``StaticLayer`` s of ``max_cache_len`` tokens for
   ``torch.compile`` (16-bit latent); the attention mask covers the unused tail.
+
+An int8-latent block handed a cache whose layer is a still-empty plain ``DynamicLayer`` (the
+default ``DynamicCache`` of ``generate()``) swaps it for an int8 :class:`MLALatentLayer` first
+(:func:`hold_int8_latent`), so the default cache holds what the block is priced at.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
 from .module import quantize_latent
 
-__all__ = ["MLALatentLayer", "MLALatentCache", "MLAStaticLatentCache", "quantize_latent"]
+__all__ = [
+    "MLALatentLayer", "MLALatentCache", "MLAStaticLatentCache", "quantize_latent", "hold_int8_latent",
+]
 
 
 class MLALatentLayer(DynamicLayer):
@@ -82,6 +88,25 @@ class MLALatentLayer(DynamicLayer):
             self.latent_codes = self.latent_codes.index_select(0, beam_idx)
             self.latent_scales = self.latent_scales.index_select(0, beam_idx)
             self.keys = self.latent_codes
+
+
+def hold_int8_latent(cache: Any, layer_idx: int) -> None:
+    """Give ``cache`` (a transformers cache an int8-latent block was handed) an int8
+    :class:`MLALatentLayer` for ``layer_idx`` where it holds a still-empty plain
+    ``DynamicLayer`` (what ``generate()``'s default ``DynamicCache`` gives), so the latent is
+    held as the int8 codes the block is priced at, not dequantized; any other layer — a
+    compressed one already, a static one (16-bit, for ``torch.compile``), an exporter's stand-in,
+    one holding tokens — is left as it is."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return
+    replicate = getattr(cache, "layer_class_to_replicate", None)
+    while replicate is not None and len(layers) <= layer_idx:
+        layers.append(replicate())
+    if layer_idx < len(layers):
+        layer = layers[layer_idx]
+        if type(layer) is DynamicLayer and not layer.is_initialized:
+            layers[layer_idx] = MLALatentLayer(8)
 
 
 class MLALatentCache(Cache):

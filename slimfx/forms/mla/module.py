@@ -220,14 +220,18 @@ class MLAAttention(nn.Module):
         return w_o_lat, bias
 
     @staticmethod
-    def _mask(mask: Tensor | None, T: int, S: int, device: torch.device) -> Tensor | None:
-        """SDPA mask: HF's bool / additive mask sliced to ``S`` keys, or a causal mask with
-        the queries at the last ``T`` positions when HF passed none."""
+    def _mask(
+        mask: Tensor | None, T: int, S: int, past: int | Tensor, device: torch.device
+    ) -> Tensor | None:
+        """SDPA mask: HF's bool / additive mask sliced to ``S`` keys; when HF passed none, a
+        causal mask with the ``T`` queries in cache slots ``past … past + T − 1`` (``past``:
+        the tokens cached before this call) — a static cache's ``S`` preallocated slots past
+        them are not attended; ``None`` for a one-token call that reads every slot."""
         if mask is not None:
             return mask[..., :S]
-        if T == 1:
+        if T == 1 and isinstance(past, int) and past + 1 == S:
             return None
-        q_pos = torch.arange(S - T, S, device=device)[:, None]
+        q_pos = past + torch.arange(T, device=device)[:, None]
         return torch.arange(S, device=device)[None, :] <= q_pos
 
     # -- forward ------------------------------------------------------------------------------
@@ -253,10 +257,17 @@ class MLAAttention(nn.Module):
         if self.latent_bits == 8:
             codes, scales = quantize_latent(latent)
             latent = codes.to(latent.dtype) * scales
+        past: int | Tensor = 0  # tokens cached before this call (a static layer: a tensor)
         if past_key_values is not None:
+            if self.latent_bits == 8:  # the default DynamicCache holds the int8 codes
+                from .cache import hold_int8_latent
+
+                hold_int8_latent(past_key_values, self.layer_idx)
+            if attention_mask is None:
+                past = past_key_values.get_seq_length(self.layer_idx)
             latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)
         S = latent.shape[2]
-        mask = self._mask(attention_mask, T, S, hidden_states.device)
+        mask = self._mask(attention_mask, T, S, past, hidden_states.device)
         absorbed = self.absorb == "always" or (self.absorb == "auto" and T == 1)
         if absorbed:
             out = self._absorbed(q_rope, q_nope, k_rope, latent, mask)

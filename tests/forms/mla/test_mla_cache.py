@@ -9,6 +9,7 @@ from _helpers import needs_triton_kernels
 from forms.mla._tiny import calib_batches, tiny_gqa_llama
 from slimfx.forms.mla.cache import (
     MLALatentCache,
+    MLALatentLayer,
     MLAStaticLatentCache,
     quantize_latent,
 )
@@ -60,6 +61,28 @@ def test_static_latent_cache_generates_the_same_tokens():
     assert cache.layers[0].keys.shape == (2, 1, 32, 20)
 
 
+@pytest.mark.parametrize("latent_bits", [16, 8])
+def test_a_static_cache_without_a_mask_attends_to_the_written_slots_only(latent_bits):
+    """transformers passes no attention mask to the layers when none is given: the block's own
+    causal mask puts the queries at the slots written so far — not at the end of the static
+    cache's preallocated slots (it did: the prompt attended to empty slots, wrong tokens)."""
+    from transformers import StaticCache
+
+    model, _ = _converted(kv_heads=3, latent_bits=latent_bits)
+    ids = torch.randint(3, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        for cache in (MLAStaticLatentCache(2, 32), StaticCache(model.config, max_cache_len=32)):
+            got = [model(ids[:, :8], past_key_values=cache, use_cache=True).logits]
+            got += [model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits
+                    for t in range(8, 12)]  # fmt: skip
+            torch.testing.assert_close(torch.cat(got, 1), full, atol=2e-5, rtol=1e-5)
+        want = model.generate(ids, max_new_tokens=NEW, do_sample=False)
+        got = model.generate(ids, max_new_tokens=NEW, do_sample=False,
+                             cache_implementation="static")  # fmt: skip
+    assert torch.equal(got, want)
+
+
 def test_int8_latent_cache_bytes_and_tokens():
     """The cache holds MLAConfig.kv_bytes_per_token per token and layer at 16-bit storage (fp32
     model here: the stored RoPE keys and scales take 4 bytes, so count them at their size)."""
@@ -76,6 +99,26 @@ def test_int8_latent_cache_bytes_and_tokens():
     # the block rounds its latent to int8 itself, so caching the codes changes nothing:
     # generate() with the int8 cache = generate() without a cache
     assert torch.equal(out, _generate(model, use_cache=False))
+
+
+def test_the_default_cache_of_an_int8_latent_model_holds_the_codes():
+    """generate()'s own DynamicCache gets int8 latent layers (as the block is priced), not the
+    dequantized latent in the model's dtype; a 16-bit latent model keeps its plain layers."""
+    from transformers.cache_utils import DynamicLayer
+
+    model, _ = _converted(latent_bits=8)
+    kw = dict(max_new_tokens=NEW, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = model.generate(_prompt(), **kw)
+    explicit = MLALatentCache(model.config.num_hidden_layers, latent_bits=8)
+    assert torch.equal(out.sequences, _generate(model, past_key_values=explicit))
+    layers = out.past_key_values.layers
+    assert all(type(ly) is MLALatentLayer and ly.latent_bits == 8 for ly in layers)
+    assert sum(ly.nbytes() for ly in layers) == explicit.nbytes()
+    model16, _ = _converted()
+    with torch.no_grad():
+        out16 = model16.generate(_prompt(), **kw)
+    assert all(type(ly) is DynamicLayer for ly in out16.past_key_values.layers)
 
 
 def test_int8_latent_block_rounds_its_latent():

@@ -33,7 +33,7 @@ def _greedy(model, step):
             tok = lg.argmax(-1, keepdim=True)
             toks.append(tok)
             logits.append(lg)
-    return torch.cat(toks, 1), torch.stack(logits)
+    return torch.cat(toks, 1), torch.stack(logits), prompt
 
 
 def test_static_latent_cache_decode_step_compiles_and_matches_eager():
@@ -45,12 +45,16 @@ def test_static_latent_cache_decode_step_compiles_and_matches_eager():
     def step(tok, cache, pos):
         return model(tok, past_key_values=cache, use_cache=True, cache_position=pos).logits[:, -1]
 
-    ref_tokens, ref_logits = _greedy(model, step)
+    ref_tokens, ref_logits, prompt = _greedy(model, step)
     assert model.model.layers[0].self_attn.last_decode_path == "torch"  # the absorbed form ran
+    with torch.no_grad():  # eager static steps = the cache-free forward (no mask was passed)
+        seq = torch.cat([prompt, ref_tokens[:, :STEPS]], 1)
+        full = model(seq, use_cache=False).logits[:, PROMPT:]
+    torch.testing.assert_close(ref_logits.transpose(0, 1), full, atol=2e-5, rtol=1e-5)
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="inductor")  # a graph break raises
     with torch._dynamo.config.patch(error_on_recompile=True):
-        tokens, logits = _greedy(model, compiled)
+        tokens, logits, _ = _greedy(model, compiled)
     assert torch.equal(tokens, ref_tokens)
     # inductor fuses and reorders fp32 reductions: measured ≤ 3e-7 on these logits (|.| ≤ 1)
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)

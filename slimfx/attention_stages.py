@@ -202,6 +202,12 @@ def add_options(pl: Planning) -> None:
     assert pl.problem is not None and pl.model is not None
     linear = {s.name for s in pl.problem.sites}
     context = pl.budget.context
+    longest = getattr(getattr(pl.model, "config", None), "max_position_embeddings", None)
+    if context is not None and isinstance(longest, int) and context > longest:
+        pl.notes.append(
+            f"context={context} exceeds the model's max_position_embeddings={longest}: the "
+            "cache is priced at that context, longer than the model was made for"
+        )
     added = []
     kl = _MeasuredKL(pl)
     mla_offered = False

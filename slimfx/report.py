@@ -248,12 +248,27 @@ class Report:
             f"{t['kv_compressed']}/{t['kv_sites']} layers compressed)"
         )
 
+    def _kv_lines(self) -> list[str]:
+        """The KV cache per layer for the short table: one line per chosen form with its layers
+        and bytes per token."""
+        forms: dict[str, list[KVEntry]] = {}
+        for k in self.kv_sites:
+            forms.setdefault(k.chosen, []).append(k)
+        out = []
+        for chosen, ks in forms.items():
+            where = ", ".join(k.fqn if k.layer is None else str(k.layer) for k in ks)
+            per = sorted({f"{k.kv_bytes_per_token_after:.1f}" for k in ks})
+            out.append(f"KV cache {chosen}: {len(ks)} layer(s) [{where}], "
+                       f"{'/'.join(per)} B/token each")  # fmt: skip
+        return out
+
     def _kv_markdown(self) -> list[str]:
         if not self.kv_sites:
             return []
+        ctx = self.budget.get("context")
         head = [
-            "layer", "site", "chosen", "B/token", "of dense", "weights", "est.err", "latency",
-            "latency from", "decode step", "status",
+            "layer", "site", "chosen", "B/token", "of dense", f"cache @ {ctx or '–'} tokens",
+            "weights", "est.err", "latency", "latency from", "decode step", "status",
         ]  # fmt: skip
         out = ["", "## KV cache", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for k in self.kv_sites:
@@ -262,7 +277,9 @@ class Report:
                 "| " + " | ".join([
                     "" if k.layer is None else str(k.layer), k.fqn, k.chosen,
                     f"{k.kv_bytes_per_token_before:.0f} → {k.kv_bytes_per_token_after:.1f}",
-                    f"{frac:.3f}", _mb(k.weight_bytes_after) if k.owns else "–",
+                    f"{frac:.3f}",
+                    "–" if k.cache_bytes_after is None else _mb(k.cache_bytes_after),
+                    _mb(k.weight_bytes_after) if k.owns else "–",
                     f"{k.est_error:.4f}", _ratio(k.latency_after_s, k.latency_before_s),
                     k.latency_source, k.decode_step or "–", k.status,
                 ]) + " |"
@@ -325,6 +342,7 @@ class Report:
             more = sum(s.status != "skipped" for s in self.sites) - len(shown)
             if more > 0:
                 lines.append(f"… {more} more rewritten sites (to_markdown() lists all)")
+        lines += self._kv_lines()
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 

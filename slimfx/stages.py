@@ -252,6 +252,12 @@ def capture(pl: Planning) -> PassResult:
     pl.sites = sites
     if attention.wanted(pl):
         attention.find(pl, graph_attention)
+    elif opts.kv_forms is not None and opts.plan is None:
+        given = ", ".join(f if isinstance(f, str) else f.short() for f in opts.kv_forms)
+        pl.notes.append(
+            f"kv_forms [{given}] not offered: this budget does not count the KV cache (give it "
+            "kv= or total_bytes=)"
+        )
     return _done("capture")
 
 

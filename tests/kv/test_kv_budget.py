@@ -305,6 +305,41 @@ def test_a_kv_budget_without_calibration_or_attention_is_refused(tiny_llama, tin
         slimfx.optimize(tiny_llama, Budget(kv=0.01), calibration=_calib(2), progress=False)
 
 
+def test_calibration_windows_too_short_to_read_the_store_are_refused(tiny_llama):
+    """Windows of 5 tokens with 4 sink tokens: no query reads a token a quantized cache stores,
+    so its error would be 0 and the smallest cache (int2) would win blind — refused by name,
+    the model unchanged; 6 tokens measure it."""
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    forms = [KVDenseConfig(), KVQuantConfig(2, 2, 32, 16, 0, 4)]
+    with pytest.raises(ValueError, match=r"calibration windows of 5 tokens at most are too "
+                       r"short to measure kv int2 .*calibrate on longer windows"):  # fmt: skip
+        slimfx.optimize(tiny_llama, Budget(kv=0.5), calibration=_calib(2, T=5), kv_forms=forms,
+                        progress=False)  # fmt: skip
+    assert all(torch.equal(v, tiny_llama.state_dict()[k]) for k, v in before.items())
+    out = slimfx.optimize(tiny_llama, Budget(kv=0.5), calibration=_calib(2, T=6), kv_forms=forms,
+                          progress=False)  # fmt: skip
+    assert all(k.est_error > 0 for k in slimfx.report_of(out).kv_sites)
+
+
+def test_the_report_lists_each_layers_cache_and_notes_what_it_did_not_price(tiny_llama):
+    """The short table names each chosen cache form with its layers; the markdown gives each
+    layer's cache at the context; a context beyond the model's positions is noted, and so are
+    kv_forms under a budget that does not count the cache."""
+    forms = [KVDenseConfig(), KVQuantConfig(4, 4, 32, 16, 0, 4)]
+    ctx = 4 * tiny_llama.config.max_position_embeddings
+    out = slimfx.optimize(tiny_llama, Budget(kv=0.5, context=ctx), calibration=_calib(2),
+                          kv_forms=forms, progress=False)  # fmt: skip
+    rep = slimfx.report_of(out)
+    per = rep.kv_sites[0].kv_bytes_per_token_after
+    assert f"KV cache {forms[1].short()}: 2 layer(s) [0, 1], {per:.1f} B/token each" in str(rep)
+    assert f"| cache @ {ctx} tokens |" in rep.to_markdown()
+    assert any(f"context={ctx} exceeds the model's max_position_embeddings" in n for n in rep.notes)
+    mem = slimfx.optimize(tiny_llama, Budget(memory=0.5), calibration=_calib(2),
+                          kv_forms=["mla", forms[1]], progress=False)  # fmt: skip
+    why = f"kv_forms [mla, {forms[1].short()}] not offered: this budget does not count the KV"
+    assert any(why in n for n in slimfx.report_of(mem).notes)
+
+
 @pytest.mark.slow
 def test_static_cache_under_torch_compile_equals_eager(tiny_llama):
     """generate() with transformers' StaticCache: the pre-hook puts the static quantized layer

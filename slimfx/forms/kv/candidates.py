@@ -214,7 +214,18 @@ def _errors(
             for i, c in enumerate(configs):
                 if not isinstance(c, KVDenseConfig):
                     num[i] += float(((run(x, c, True).double() - y) ** 2).sum())
-    return [n / den if den > 0 else 0.0 for n in num]
+    if den == 0:  # a block whose output is 0: every form's error is its absolute one
+        return [float(n) for n in num]
+    blind = [c.short() for c, n in zip(configs, num) if n == 0 and not isinstance(c, KVDenseConfig)]
+    if blind:  # a compressed cache whose stored tokens no query read: its error is unknown
+        longest = max((x[0].shape[1] for x in inputs if isinstance(x, tuple)), default="?")
+        raise ValueError(
+            f"{site.fqn}: calibration windows of {longest} tokens at most are too short to "
+            f"measure {', '.join(blind)}: no query reads a token it stores compressed (its "
+            "sink tokens and residual window stay exact), so its error would count as 0 — "
+            "calibrate on longer windows"
+        )
+    return [n / den for n in num]
 
 
 def kv_site_options(

@@ -8,9 +8,11 @@ and ``--layers`` layers (a speed benchmark: only shapes matter), every layer's a
 rewritten to the default 1/8 latent ``latent k88 v136 int4 ch k48v72@int2 g64 s4`` (factors
 fitted on random tokens). The prompt is prefilled in calls of 512 tokens, then ``--steps``
 one-token calls are timed (the first two dropped). Also printed: the largest logit difference
-between the two latent graphs (same function, another summation order).
+between the two latent graphs (same function, another summation order). ``--int8-factors``
+adds the absorbed graph of the same factors stored as int8 rows (``factor_bits=8``: the
+down-projections, up-projections and the sinks' k/v projections dequantized in the graph).
 
-    OMP_NUM_THREADS=1 python benchmarks/kv_ort_decode.py --contexts 2048 8192 16384
+    OMP_NUM_THREADS=1 python benchmarks/kv_ort_decode.py --contexts 2048 8192 16384 [--int8-factors]
 """
 
 from __future__ import annotations
@@ -28,8 +30,12 @@ FORM = dict(key_rank=88, value_rank=136, groups=1, method="whitened", bits=4, gr
             residual=0, sink=4, axis="channel", low_bits=2, key_low=48, value_low=72)  # fmt: skip
 
 
-def _export(folder: Path, layers: int) -> dict[str, Path]:
-    """dense / rebuilt / absorbed step graphs of one random model."""
+def _export(folder: Path, layers: int, int8_factors: bool = False) -> dict[str, Path]:
+    """dense / rebuilt / absorbed (/ absorbed with int8 factors) step graphs of one random
+    model."""
+    import copy
+    import dataclasses
+
     import torch
 
     from slimfx.backends.onnx_kv import export_onnx_kv
@@ -49,6 +55,11 @@ def _export(folder: Path, layers: int) -> dict[str, Path]:
     g = torch.Generator().manual_seed(0)
     grams = attention_grams(model, sites, [torch.randint(0, 2048, (1, 128), generator=g)] * 4)
     factors = {s.fqn: fit_site(model, s, grams[s.fqn], form) for s in sites}
+    if int8_factors:
+        f8, m8 = dataclasses.replace(form, factor_bits=8), copy.deepcopy(model)
+        apply_lowrank_kv(m8, sites, {s.fqn: f8 for s in sites}, factors)
+        paths["absorbed_f8"] = folder / "absorbed_f8.onnx"
+        export_onnx_kv(m8, paths["absorbed_f8"], f8)
     apply_lowrank_kv(model, sites, {s.fqn: form for s in sites}, factors)
     for name, absorb in (("rebuilt", False), ("absorbed", True)):
         LowRankKVAttention.absorb_decode = absorb
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--work", default="", help="folder for the exports (default: a temp dir)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--int8-factors", action="store_true", help="also the int8-factor graph")
     a = ap.parse_args(argv)
     import numpy as np
     import torch
@@ -77,11 +89,11 @@ def main(argv: list[str] | None = None) -> int:
 
     folder = Path(a.work or tempfile.mkdtemp(prefix="kv_ort_decode_"))
     folder.mkdir(parents=True, exist_ok=True)
-    paths = _export(folder, a.layers)
+    paths = _export(folder, a.layers, a.int8_factors)
     decs = {k: OrtKVDecoder(p, threads=1) for k, p in paths.items()}
     rows = []
     print("| context | dense ms/step | rebuilt | absorbed | absorbed / rebuilt | absorbed / dense "
-          "| max logit diff |")
+          f"| max logit diff |{' absorbed, int8 factors |' if a.int8_factors else ''}")
     for C in a.contexts:
         ids = torch.randint(0, 2048, (1, C), generator=torch.Generator().manual_seed(C))
         last = {}
@@ -100,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         diff = float(np.abs(last["rebuilt"] - last["absorbed"]).max())
         row = dict(context=C, **{f"ms_{k}": v for k, v in ms.items()}, max_logit_diff=diff)
         rows.append(row)
+        f8 = (f" | {ms['absorbed_f8']:.1f} ({ms['absorbed_f8'] / ms['absorbed']:.2f}× absorbed)"
+              if "absorbed_f8" in ms else "")  # fmt: skip
         print(f"| {C} | {ms['dense']:.1f} | {ms['rebuilt']:.1f} | {ms['absorbed']:.1f} | "
               f"{ms['absorbed'] / ms['rebuilt']:.2f} | {ms['absorbed'] / ms['dense']:.2f} | "
-              f"{diff:.1e} |", flush=True)
+              f"{diff:.1e}{f8} |", flush=True)
         dump(a.json, run_meta(layers=a.layers, form=FORM), rows)
     return 0
 

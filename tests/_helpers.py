@@ -166,6 +166,33 @@ def lowrank_qwen2(attn: str, forms: list):  # noqa: ANN201
     return model
 
 
+def lowrank_decode(model, ids, mask, forms, absorb: bool, steps: int = 12, static: bool = False):  # noqa: ANN001, ANN201
+    """Prefill ``ids`` (under ``mask``) into slimfx's cache of ``forms``, then ``steps`` greedy
+    one-token calls; the logits of every decode call. ``absorb``: the low-rank attention's
+    absorbed one-token path (else values rebuilt); ``static``: the branch-free static latent
+    layers (sinks merged by a gather) instead of the dynamic ones."""
+    from slimfx.forms.kv.cache import KVCache
+    from slimfx.forms.kv.lowrank import LowRankKVAttention
+    from slimfx.forms.kv.static_cache import StaticKVCache
+
+    LowRankKVAttention.absorb_decode = absorb
+    try:
+        cache = StaticKVCache(forms, ids.shape[1] + steps) if static else KVCache(forms)
+        out = []
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            r = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
+            for _ in range(steps):
+                tok = r.logits[:, -1:].argmax(-1)
+                mask = torch.cat([mask, torch.ones_like(tok)], 1)
+                pos = pos[:, -1:] + 1
+                r = model(tok, attention_mask=mask, position_ids=pos, past_key_values=cache)
+                out.append(r.logits)
+    finally:
+        LowRankKVAttention.absorb_decode = True
+    return torch.cat(out, 1)
+
+
 def compiled_static_steps(model, ids, forms, max_len: int, steps: int, backend, atol: float):  # noqa: ANN001, ANN201
     """Prefill ``ids`` eagerly into two ``StaticKVCache`` of ``forms`` (as transformers does),
     then ``steps`` greedy one-token steps of the whole model, eager on one cache and compiled

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import lowrank_qwen2
+from _helpers import lowrank_decode, lowrank_qwen2
 
 from slimfx.forms.kv.cache import KVCache
 from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.lowrank import LowRankKVAttention
-from slimfx.forms.kv.static_cache import StaticKVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,27 +23,6 @@ FORMS = [
 def _model(attn: str):
     model = lowrank_qwen2(attn, FORMS)
     return model
-
-
-def _decode(model, ids, mask, absorb: bool, steps: int = 12, static: bool = False):
-    """Prefill then ``steps`` greedy one-token calls; the logits of every decode call.
-    ``static``: the branch-free static latent layers (sinks merged by a gather) instead."""
-    LowRankKVAttention.absorb_decode = absorb
-    try:
-        cache = StaticKVCache(FORMS, ids.shape[1] + steps) if static else KVCache(FORMS)
-        out = []
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            r = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
-            for _ in range(steps):
-                tok = r.logits[:, -1:].argmax(-1)
-                mask = torch.cat([mask, torch.ones_like(tok)], 1)
-                pos = pos[:, -1:] + 1
-                r = model(tok, attention_mask=mask, position_ids=pos, past_key_values=cache)
-                out.append(r.logits)
-    finally:
-        LowRankKVAttention.absorb_decode = True
-    return torch.cat(out, 1)
 
 
 @pytest.mark.parametrize(("attn", "static"), [("eager", False), ("sdpa", False), ("sdpa", True)])
@@ -65,9 +43,9 @@ def test_absorbed_decode_equals_rebuilding_v(attn, static):
 
     LowRankKVAttention._absorbed = spy
     try:
-        got = _decode(model, ids, mask, absorb=True, static=static)
+        got = lowrank_decode(model, ids, mask, FORMS, absorb=True, static=static)
         n_absorbed = len(calls)
-        want = _decode(model, ids, mask, absorb=False, static=static)
+        want = lowrank_decode(model, ids, mask, FORMS, absorb=False, static=static)
     finally:
         LowRankKVAttention._absorbed = orig
     assert n_absorbed == 12 * 2 and len(calls) == n_absorbed  # every decode call, both layers

@@ -9,17 +9,15 @@ import dataclasses
 
 import pytest
 import torch
-from _helpers import tiny_qwen2_biased
+from _helpers import lowrank_decode, tiny_qwen2_biased
 
 import slimfx
 from slimfx.forms.kv import calibrate
-from slimfx.forms.kv.cache import KVCache
 from slimfx.forms.kv.calibrate import attention_grams, capture_attention_inputs, fit_site
 from slimfx.forms.kv.candidates import kv_site_options
 from slimfx.forms.kv.config import KVDenseConfig, KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.lowrank import LowRankKVAttention, apply_lowrank_kv
 from slimfx.forms.kv.simulate import block_forward
-from slimfx.forms.kv.static_cache import StaticKVCache
 from slimfx.ir.find import inspect_attention_sites
 from slimfx.ir.int8_rows import Int8Factor, Int8Rows
 from slimfx.planning.configs import decision_from_dict
@@ -107,34 +105,15 @@ def test_the_block_computes_what_its_simulation_prices():
     assert 1e-5 < rel < 2e-2
 
 
-def _decode(model, ids, forms, static: bool, absorb: bool, steps: int = 8):
-    LowRankKVAttention.absorb_decode = absorb
-    try:
-        cache = StaticKVCache(forms, ids.shape[1] + steps) if static else KVCache(forms)
-        mask = torch.ones_like(ids)
-        mask[1, :3] = 0
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = []
-        with torch.no_grad():
-            r = model(ids, attention_mask=mask, position_ids=pos, past_key_values=cache)
-            for _ in range(steps):
-                tok = r.logits[:, -1:].argmax(-1)
-                mask = torch.cat([mask, torch.ones_like(tok)], 1)
-                pos = pos[:, -1:] + 1
-                r = model(tok, attention_mask=mask, position_ids=pos, past_key_values=cache)
-                out.append(r.logits)
-    finally:
-        LowRankKVAttention.absorb_decode = True
-    return torch.cat(out, 1)
-
-
 def test_decode_dynamic_static_absorbed_agree():
     model, sites, factors, _, _ = _fitted()
     m8 = _rewritten(model, sites, factors, F8)
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
-    want = _decode(m8, ids, F8, static=False, absorb=False)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # the second row left-padded by 3
+    want = lowrank_decode(m8, ids, mask, F8, absorb=False, steps=8)
     for static, absorb in ((False, True), (True, True), (True, False)):
-        got = _decode(m8, ids, F8, static=static, absorb=absorb)
+        got = lowrank_decode(m8, ids, mask, F8, absorb=absorb, steps=8, static=static)
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 

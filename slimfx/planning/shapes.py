@@ -109,6 +109,14 @@ class AttentionShape:
         """Bytes the dense cache holds per token (keys and values) at ``bits`` per element."""
         return 2 * self.kv_dim * bits // 8
 
+    def held_tokens(self, tokens: int) -> int:
+        """Tokens this layer's 16-bit cache holds at a context of ``tokens``: all of them, or
+        with a sliding window the last ``sliding_window − 1`` (what transformers' dynamic
+        sliding layer keeps between steps; a step reads them and its own token)."""
+        if self.sliding_window is None:
+            return tokens
+        return min(tokens, max(self.sliding_window - 1, 1))
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **asdict(self)}
 

@@ -8,7 +8,9 @@ scales and minimums at 2 bytes each (stored as float16).
 Notation: ``H`` = num_kv_heads, ``D`` = head_dim, ``hidden`` = hidden_size, ``L`` = tokens of
 context held by one sequence.
 
-- dense (16-bit):          per token ``2·H·D·2``.
+- dense (16-bit):          per token ``2·H·D·2``; a sliding-window layer holds only its last
+  ``window − 1`` tokens (``AttentionShape.held_tokens``, as transformers' cache keeps them), so
+  at a context its cache stops growing and its steady rate is 0.
 - ``kv_quant`` (KIVI):     keys per channel with one (scale, min) per ``key_group`` tokens,
   values per token with one (scale, min) per ``value_group`` channels; asymmetric min/max.
   Quantized bytes per token::
@@ -168,15 +170,20 @@ class KVDenseConfig(KVDecision):
         return None
 
     def cache_bytes(self, shape: AttentionShape, tokens: int) -> int:
-        return tokens * shape.kv_bytes_per_token(16)
+        """A sliding-window layer holds its window, not the context (``held_tokens``)."""
+        return shape.held_tokens(tokens) * shape.kv_bytes_per_token(16)
 
     def steady_bytes_per_token(self, shape: AttentionShape) -> float:
-        return float(shape.kv_bytes_per_token(16))
+        """0 for a sliding-window layer: its cache stops growing at the window."""
+        return 0.0 if shape.sliding_window is not None else float(shape.kv_bytes_per_token(16))
 
     def step_work(
         self, shape: AttentionShape, context: int, tokens: int = 1, branchless: bool = False
     ) -> AttentionWork:
+        """A step reads the cached tokens (a sliding window's at most) and its own."""
         C = _step_context(context, tokens)
+        if shape.sliding_window is not None:
+            C = min(C, shape.held_tokens(C) + tokens)
         return AttentionWork(C * 2 * shape.kv_dim, 0, 0, _attend_flops(shape, C, tokens), 0, 1)
 
     def short(self) -> str:

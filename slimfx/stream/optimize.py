@@ -221,6 +221,12 @@ def optimize_checkpoint(
             "sensitivity='fisher' (streamed exactly, block by block) or fisher=False"
         )
     outp = Path(os.path.abspath(out))
+    src = Path(os.path.abspath(path))
+    if outp == src or outp in src.parents:
+        raise ValueError(
+            f"out={str(out)!r} {'is' if outp == src else 'holds'} the checkpoint being read "
+            f"({path}): the save would replace it — write the result elsewhere"
+        )
     comm = Comm()
     check_save_target(outp, overwrite)
     cache = MeasuredCache.of(latency_cache, target)

@@ -140,6 +140,18 @@ def test_a_kv_cache_budget_is_refused_not_ignored(tmp_path: Path) -> None:
     _assert_nothing_written(tmp_path)
 
 
+def test_an_output_that_would_replace_the_checkpoint_is_refused(tmp_path: Path) -> None:
+    """out = the checkpoint, or a folder holding it, with overwrite=True: the save would delete
+    the checkpoint being read — refused before anything is read or written."""
+    ckpt = save_checkpoint(tmp_path / "ckpt", True)
+    files = {f.name: f.read_bytes() for f in ckpt.iterdir()}
+    for out, word in ((ckpt, "is"), (tmp_path, "holds")):
+        with pytest.raises(ValueError, match=f"{word} the checkpoint being read .*elsewhere"):
+            optimize_checkpoint(ckpt, 0.5, calibration=calibration(), out=out, overwrite=True,
+                                progress=False)  # fmt: skip
+    assert {f.name: f.read_bytes() for f in ckpt.iterdir()} == files
+
+
 def test_failed_write_leaves_no_loadable_directory(tmp_path: Path, monkeypatch) -> None:
     from slimfx.stream import writer
 

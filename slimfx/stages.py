@@ -35,6 +35,7 @@ from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import run_sequential
 from slimfx.cost.target import MeasuredCache, Target, roofline_caveat
 from slimfx.ir.match import linear_weight
+from slimfx.ir.modules import hooked
 from slimfx.ir.sites import AttentionSite, LinearSite
 from slimfx.passes.base import PassResult
 from slimfx.passes.manager import Instrument, PassManager, TimingInstrument
@@ -435,6 +436,12 @@ def apply(pl: Planning) -> PassResult:
     model, full = pl.model, pl.plan
     assert model is not None and full is not None
     plan, kv = attention.split(full)  # linear decisions for the module swap; KV forms after it
+    swapped = hooked(model, [*plan.rewrites(), *(k for k, d in kv.items() if d.owns)])
+    if swapped:
+        pl.notes.append(
+            f"{len(swapped)} rewritten module(s) had forward hooks (e.g. {swapped[0]}): they "
+            "run on the modules that replace them, with the rewritten outputs"
+        )
     if pl.eval_batches:
         # the caller's model is rewritten only with ``inplace``: otherwise its own tensors are
         # the dense reference (a copy would hold every rewritten weight twice more)

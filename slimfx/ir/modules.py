@@ -18,7 +18,7 @@ from slimfx.formats import RUNTIME_BITS, packed_width
 from slimfx.ir import cpu_packed, ops
 from slimfx.planning.configs import Decision, LowRankConfig, LowRankQuantConfig, QuantConfig
 
-__all__ = ["SlimLinear", "LowRankLinear", "module_for"]
+__all__ = ["SlimLinear", "LowRankLinear", "module_for", "carry_hooks", "hooked"]
 
 
 #: where a module's tensors live (the ``device`` argument of every constructor below)
@@ -166,3 +166,28 @@ def module_for(decision: Decision) -> type[SlimLinear]:
         why = form.why_not("module")
         raise KeyError(f"no module realizes decision kind {decision.kind!r}: {why}")
     return form.get("module")
+
+
+#: an ``nn.Module``'s forward-hook tables (hooks, and the flags keyed by hook id)
+_HOOK_TABLES = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+)  # fmt: skip
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` (the module a rewrite puts where ``old`` was) the forward hooks and
+    pre-hooks registered on ``old``: the very tables when ``new`` has none of its own, so a
+    handle the caller kept still removes them; else copies, in order."""
+    share = not any(getattr(new, t) for t in _HOOK_TABLES)
+    for t in _HOOK_TABLES:
+        if share:
+            object.__setattr__(new, t, getattr(old, t))
+        else:
+            getattr(new, t).update(getattr(old, t))
+
+
+def hooked(model: nn.Module, fqns: Any) -> list[str]:
+    """The modules among ``fqns`` that have forward hooks or pre-hooks registered."""
+    mods = dict(model.named_modules())
+    return [f for f in fqns if f in mods and (mods[f]._forward_hooks or mods[f]._forward_pre_hooks)]

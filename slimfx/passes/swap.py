@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.ir.match import linear_weight
-from slimfx.ir.modules import module_for
+from slimfx.ir.modules import carry_hooks, module_for
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import (
     PassResult,
@@ -154,8 +154,11 @@ def _plan_jobs(
 
 
 def _set_module(model: nn.Module, fqn: str, new: nn.Module) -> None:
+    """Put ``new`` at ``fqn``; the forward hooks registered on the module it replaces run on
+    it (``ir.modules.carry_hooks``)."""
     parent_name, _, child = fqn.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
+    carry_hooks(getattr(parent, child), new)
     setattr(parent, child, new)
 
 

@@ -47,6 +47,7 @@ from slimfx.forms.kv.config import KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.simulate import apply_rope, rebuild, rope_of
 from slimfx.forms.kv.sinks import Sinks, merge_sinks, real_columns
 from slimfx.ir.int8_rows import Int8Factor, Int8Rows
+from slimfx.ir.modules import carry_hooks
 from slimfx.ir.sites import AttentionSite
 
 __all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary"]
@@ -332,5 +333,6 @@ def apply_lowrank_kv(
         parent, _, child = s.fqn.rpartition(".")
         new = LowRankKVAttention(mods[s.fqn], factors[s.fqn], forms[s.fqn], rotary)
         new.train(mods[s.fqn].training)  # a new module starts in training mode
+        carry_hooks(mods[s.fqn], new)
         setattr(mods[parent] if parent else model, child, new)
     return [s.fqn for s in todo]

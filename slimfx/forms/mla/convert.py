@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx.ir.find import attention_variant_reasons, describe_attention
+from slimfx.ir.modules import carry_hooks
 from slimfx.ir.sites import AttentionSite
 
 from .config import MLAConfig
@@ -282,6 +283,7 @@ def convert_model(
         )
         blocks[i].self_attn.mla_config = c
         blocks[i].self_attn.train(attn.training)  # a new module starts in training mode
+        carry_hooks(attn, blocks[i].self_attn)
         result.converted.append(i)
         result.configs[i] = c
     return result

@@ -403,6 +403,23 @@ def test_fisher_default_off_without_an_lm_and_falls_back_with_a_note(monkeypatch
         slimfx.optimize(tiny_llama(), 0.8, calibration=_calib(3), fisher=True, progress=False)
 
 
+def test_labels_with_no_target_token_give_no_weighting_not_nan_weights():
+    """Dict batches whose labels are all -100 give a NaN loss: the default falls back to
+    unweighted errors and says why (it had weighted every site 1.0 behind a note claiming
+    loss sensitivity); fisher=True raises."""
+    from slimfx.models import tiny_llama
+
+    ids = _calib(2)
+    batches = [dict(input_ids=b, labels=torch.full_like(b, -100)) for b in ids]
+    rep = slimfx.report_of(slimfx.optimize(tiny_llama(), 0.8, calibration=batches,
+                                           families=("lowrank",), progress=False))  # fmt: skip
+    note = next(n for n in rep.notes if n.startswith("sensitivity"))
+    assert "unavailable" in note and "no target token (all -100)" in note
+    assert {s.sensitivity for s in rep.sites} == {1.0}
+    with pytest.raises(ValueError, match=r"loss is nan .*no target token"):
+        slimfx.optimize(tiny_llama(), 0.8, calibration=batches, fisher=True, progress=False)
+
+
 def test_roofline_latency_budget_says_what_it_cannot_know():
     """A latency budget without measurements is priced by the roofline; the report says what
     that misses for the runtime at hand (eager CPU dequantizes every call)."""

@@ -351,6 +351,11 @@ def _loss_of(
             "with dict batches holding the labels the model's loss takes (optimize), pass "
             "loss_fn(model, batch) -> scalar tensor (collect_stats), or fisher=False"
         )
+    if not bool(torch.isfinite(loss.detach()).all()):  # NaN gradients would weight every site
+        raise NoLossError(
+            f"the batch's loss is {loss.detach().float().mean().item()} — labels with no target "
+            "token (all -100), or a forward that overflows — so it gives no loss sensitivity"
+        )
     return loss
 
 

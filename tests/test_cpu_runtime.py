@@ -99,6 +99,19 @@ def test_cpu_kernels_false_and_backend_name_the_runtime():
     assert quant and all(s.runtime.startswith("reference op") for s in quant)
 
 
+def test_an_int8_linear_whose_width_the_kernel_cannot_take_runs_the_reference_op():
+    """in_features 70: torch's int8 kernel crashed the process on the first forward; the site
+    now runs the reference op (the reason: ``test_kernel_choice_reasons``)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(70, 128)).eval()
+    x = torch.randn(64, 70)
+    new = slimfx.optimize(model, 0.6, calibration=[x], families=("int8",), progress=False)
+    (site,) = slimfx.report_of(new).sites
+    assert site.chosen.startswith("int8") and site.runtime.startswith("reference op")
+    with torch.no_grad():
+        assert float((new(x) - model(x)).norm() / model(x).norm()) < 0.02
+
+
 def test_cpu_roofline_prices_the_reference_ops():
     shape = LinearShape(576, 1536)
     t = {name: estimate_latency(d, shape, False, "cpu", "decode") for name, d in {

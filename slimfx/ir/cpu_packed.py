@@ -104,6 +104,12 @@ def cpu_kernel_for(
     if bits == 8:
         if not _has("_weight_int8pack_mm"):
             return None, "this torch has no aten._weight_int8pack_mm"
+        width = group_size if group_size < in_features else in_features  # one call's K
+        if width % 16:  # torch 2.13's kernel crashes the process on 24, 70, 72, 147 …
+            return None, (  # … and returns garbage at 8: its K must be a multiple of 16
+                f"a call's input width {width} (group or in_features) is not a multiple of 16, "
+                "which aten._weight_int8pack_mm needs"
+            )
         return "int8pack", "aten._weight_int8pack_mm reads the int8 codes (one call per group)"
     return None, f"no packed CPU kernel for {bits}-bit codes"
 

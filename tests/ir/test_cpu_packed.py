@@ -153,6 +153,12 @@ def test_kernel_choice_reasons() -> None:
     assert kernel is None and "group size 48" in why
     assert cpu_packed.cpu_kernel_for(4, 96, 96, 32)[0] == "int4pack"  # per channel, via 32
     assert cpu_packed.cpu_kernel_for(8, 48, 96, 40)[0] == "int8pack"
+    # int8: each call's K (a group, or in_features per channel) a multiple of 16 — torch's
+    # kernel crashed the process at in_features 70 and returned garbage at 8
+    assert cpu_packed.cpu_kernel_for(8, 128, 80, 40)[0] == "int8pack"  # per channel, 80
+    for bits_group, width in (((8, 128), 70), ((8, 8), 64), ((8, 24), 72)):
+        kernel, why = cpu_packed.cpu_kernel_for(*bits_group, width, 32)
+        assert kernel is None and "not a multiple of 16" in why, (bits_group, width)
     odd = _quant(QuantConfig(4, 32, False), out_f=40)
     rt = prepare_cpu(odd)[""]
     assert rt.kernel == "reference op" and rt.slower_than_dense and "multiple of 16" in rt.reason

@@ -306,6 +306,7 @@ def calibration(pl: Planning) -> PassResult:
             pl.notes.append(note)
     else:  # a replayed plan needs the Grams only
         pl.stats = collect_stats(model, pl.sites, fit, fisher=False, progress=opts.progress)
+    pl.stats.check_not_silent()  # all-zero inputs: every error would measure 0
     if pl.attention_sites and plan is None:
         attention.collect(pl)
     thin = pl.stats.underdetermined()

@@ -420,6 +420,22 @@ def test_labels_with_no_target_token_give_no_weighting_not_nan_weights():
         slimfx.optimize(tiny_llama(), 0.8, calibration=batches, fisher=True, progress=False)
 
 
+def test_all_zero_calibration_inputs_are_refused_by_site():
+    """A broken loader's all-zero features: every candidate of the first layer measured error
+    0 and the solver took int4 GPTQ, 99% wrong on real inputs, behind est.err 0 / SQNR inf —
+    refused, naming the site, the model unchanged; excluding the site plans the rest."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32))
+    before = {k: v.clone() for k, v in mlp.state_dict().items()}
+    with pytest.raises(ValueError, match=r"calibration inputs of 1 site\(s\) \(0\) are all "
+                       r"zero.*exclude= those sites"):  # fmt: skip
+        slimfx.optimize(mlp, 0.5, calibration=[torch.zeros(64, 64)], progress=False)
+    assert all(torch.equal(v, mlp.state_dict()[k]) for k, v in before.items())
+    out = slimfx.optimize(mlp, 0.8, calibration=[torch.zeros(64, 64)], exclude=["0"],
+                          progress=False)  # fmt: skip
+    assert [s.fqn for s in slimfx.report_of(out).sites if s.status != "skipped"] == ["2"]
+
+
 def test_roofline_latency_budget_says_what_it_cannot_know():
     """A latency budget without measurements is priced by the roofline; the report says what
     that misses for the runtime at hand (eager CPU dequantizes every call)."""

@@ -149,6 +149,29 @@ class CalibrationStats:
             if self.tokens.get(grp, 0) < g.shape[0]
         }
 
+    def silent(self) -> dict[str, list[str]]:
+        """Groups whose every calibration input was exactly zero (a Gram of trace 0 over the
+        tokens they saw): group → the sites reading it. No candidate's error can be measured
+        there — each would measure 0."""
+        dead = {grp for grp, g in self.grams.items()
+                if self.tokens.get(grp, 0) > 0 and not bool(g.diagonal().abs().sum() > 0)}  # fmt: skip
+        out: dict[str, list[str]] = {grp: [] for grp in sorted(dead)}
+        for fqn, grp in self.site_group.items():
+            if grp in out:
+                out[grp].append(fqn)
+        return {grp: sites or [grp] for grp, sites in out.items()}
+
+    def check_not_silent(self) -> None:
+        """Raise a ``ValueError`` naming the sites :meth:`silent` finds (the solver would take
+        their smallest form as exact: a broken data loader gave a broken model)."""
+        sites = [f for fs in self.silent().values() for f in fs]
+        if sites:
+            raise ValueError(
+                f"the calibration inputs of {len(sites)} site(s) ({', '.join(sites[:3])}"
+                f"{' …' if len(sites) > 3 else ''}) are all zero: every candidate's error there "
+                "would measure 0 — calibrate on real data, or exclude= those sites"
+            )
+
     def group_of(self, fqn: str) -> str:
         """The group whose Gram ``fqn`` reads (the FQN itself for an unknown site)."""
         return self.site_group.get(fqn, fqn)

@@ -323,6 +323,8 @@ def optimize_checkpoint(
             stats, nxt = block_statistics(model, block, sites, inputs, mine, comm, clock)
             t_price = time.perf_counter()
             clock["statistics"] += t_price - t_stat
+            if stats:
+                stats.check_not_silent()  # all-zero inputs: every error would measure 0
             problem = price(model, sites, stats, comm, **pricing) if stats else None
             clock["candidates"] += time.perf_counter() - t_price
             as_tuple = i == len(names) - 1 and isinstance(
@@ -356,6 +358,7 @@ def optimize_checkpoint(
     if tail:  # sites after the blocks (an untied head): the model's forward over the last states
         with eval_mode(model), torch.no_grad():
             tstats = tail_statistics(model, names, tail, local, final, mine, as_tuple, comm)
+        tstats.check_not_silent()
         parts.append(price(model, tail, tstats, comm, **pricing))
         thin.update(tstats.underdetermined())
     sites = [s for n in names for s in by_block[n]] + tail

@@ -48,6 +48,35 @@ __all__ = [
 REPORT_ATTR = "slimfx_report"
 
 
+class _DefaultBudget(float):
+    """``optimize``'s default budget (0.5): a float that says it was not given, so a replayed
+    plan reports the budget it was solved for and notes a given one as unused."""
+
+
+DEFAULT_BUDGET = _DefaultBudget(0.5)
+
+
+def _budget_of(budget: float | Budget | None, plan: Plan | None, notes: list[str]) -> Budget:
+    """The run's budget: ``budget``, or for a replayed ``plan`` the one it was solved for
+    (``plan.meta["budget"]``; none recorded: no budget) — a given budget is not used then,
+    and a note says so."""
+    if plan is None:
+        return Budget.of(budget)
+    rec = plan.meta.get("budget")
+    try:
+        own = Budget(**rec) if isinstance(rec, dict) else Budget()
+    except (TypeError, ValueError):
+        own = Budget()
+    given = None if budget is DEFAULT_BUDGET else Budget.of(budget)
+    if given is not None and given != own:
+        shown = ", ".join(f"{k}={v}" for k, v in given.to_dict().items() if v is not None)
+        notes.append(
+            f"budget ({shown or 'none'}) not used: a replayed plan is applied as it is, "
+            "reported with the budget it was solved for"
+        )
+    return own
+
+
 def report_of(model: nn.Module) -> Report:
     """The report of a model returned by ``optimize`` (KeyError-like error otherwise)."""
     rep = getattr(model, REPORT_ATTR, None)
@@ -66,7 +95,7 @@ def needs_gram(decision: Decision) -> bool:
 
 def optimize(
     model: nn.Module,
-    budget: float | Budget | None = 0.5,
+    budget: float | Budget | None = DEFAULT_BUDGET,
     *,
     calibration: Sequence | None = None,
     tokenizer: Any = None,
@@ -168,7 +197,9 @@ def optimize(
         return run_in_transaction(model, optimize, {**locals(), "model": model})
     t_start = time.perf_counter()
     # every keyword of this signature that is a planning option (PlanningOptions' fields)
-    pl = Planning(Budget.of(budget), PlanningOptions.of(locals()), model)
+    notes: list[str] = []
+    pl = Planning(_budget_of(budget, plan, notes), PlanningOptions.of(locals()), model)
+    pl.notes += notes
     pl.sequential, pl.inplace = sequential, inplace
     start(pl)
     run_stages(pl, optimize_stages(pl.options))

@@ -94,6 +94,11 @@ def _check_optimize_args(a: argparse.Namespace):
         context=a.context, batch=a.batch,
     )  # fmt: skip
     plan = slimfx.Plan.load(a.plan) if a.plan else None
+    given = a.budget is not None or a.bits or a.latency or a.kv or a.total_bytes
+    if plan is not None and not given:  # the replay reports the plan's own budget
+        from slimfx.api import DEFAULT_BUDGET
+
+        budget = DEFAULT_BUDGET  # type: ignore[assignment]
     if a.latency_cache and not Path(a.latency_cache).is_file():
         raise FileNotFoundError(f"--latency-cache {a.latency_cache}: no such file")
     check_save_target(Path(a.out), a.overwrite)

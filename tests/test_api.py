@@ -125,6 +125,15 @@ def test_plan_replay_without_cost_model_or_solver(optimized, monkeypatch):
     assert [s.fqn for s in replayed.sites] == [s.fqn for s in solved.sites]
     for key in ("bytes_before", "bytes_after", "est_latency_ratio"):
         assert replayed.totals[key] == pytest.approx(solved.totals[key], rel=1e-9), key
+    # the replay reports the budget the plan was solved for (not optimize's default 0.5); a
+    # budget given with the plan is not used, and a note says so
+    assert replayed.budget["memory"] == 0.6 and "budget memory=0.6" in replayed.headline()
+    assert not any("not used: a replayed plan" in n for n in replayed.notes)
+    other = slimfx.report_of(slimfx.optimize(model, 0.9, plan=plan, calibration=_calib(),
+                                             progress=False))  # fmt: skip
+    assert other.budget["memory"] == 0.6 and other.totals["rewritten"] == replayed.totals[
+        "rewritten"]  # fmt: skip
+    assert any(n.startswith("budget (memory=0.9) not used: a replayed plan") for n in other.notes)
 
 
 def test_budget_one_changes_nothing():

@@ -199,6 +199,9 @@ def optimize(
     # every keyword of this signature that is a planning option (PlanningOptions' fields)
     notes: list[str] = []
     pl = Planning(_budget_of(budget, plan, notes), PlanningOptions.of(locals()), model)
+    if plan is None and not any(v is not None for v in pl.budget.to_dict().values()):
+        notes.append("no budget (budget=None or an empty Budget): nothing is constrained, so "
+                     "every site keeps its most accurate form, dense")  # fmt: skip
     pl.notes += notes
     pl.sequential, pl.inplace = sequential, inplace
     start(pl)

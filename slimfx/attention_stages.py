@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from slimfx.stages import Planning
 
 __all__ = [
-    "wanted", "find", "collect", "add_options", "apply", "split", "explain_infeasible",
-    "explaining_infeasible",
+    "wanted", "note_unpriced", "find", "collect", "add_options", "apply", "split",
+    "explain_infeasible", "explaining_infeasible",
 ]  # fmt: skip
 
 
@@ -44,6 +44,18 @@ def wanted(pl: Planning) -> bool:
     if plan is not None:  # decisions of attention-kind forms (KV caches, MLA)
         return bool(split(plan)[1])
     return pl.budget.prices_cache
+
+
+def note_unpriced(pl: Planning) -> None:
+    """A run that prices no KV form (:func:`wanted` false): ``kv_forms=`` given anyway is
+    noted as not offered."""
+    forms = pl.options.kv_forms
+    if forms is not None and pl.options.plan is None:
+        given = ", ".join(f if isinstance(f, str) else f.short() for f in forms)
+        pl.notes.append(
+            f"kv_forms [{given}] not offered: this budget does not count the KV cache (give it "
+            "kv= or total_bytes=)"
+        )
 
 
 def find(pl: Planning, graph_sites: list[AttentionSite] = ()) -> None:  # type: ignore[assignment]

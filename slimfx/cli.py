@@ -48,6 +48,11 @@ def _calibration(tokenizer, name: str, n: int, seq_len: int, model=None):
     )
 
 
+def _families(a: argparse.Namespace) -> tuple[str, ...]:
+    """``--families``, comma-separated, spaces around the names dropped ("int4, int8")."""
+    return tuple(f.strip() for f in a.families.split(",") if f.strip())
+
+
 def _check_optimize_args(a: argparse.Namespace):
     """Every ``slimfx optimize`` argument checked before the model loads: the budget, the
     plan file, names, counts, the latency cache and the output directory."""
@@ -76,7 +81,7 @@ def _check_optimize_args(a: argparse.Namespace):
                              "directory (the streamed optimize)")
     if a.calib not in CORPORA and not (streamed and a.calib == "random"):
         raise ValueError(f"unknown --calib {a.calib!r}; known: {', '.join(sorted(CORPORA))}")
-    check_options(target=a.target, workload=a.workload, families=a.families.split(","),
+    check_options(target=a.target, workload=a.workload, families=_families(a),
                   seq_len=a.seq_len)
     cache_only = a.kv is not None or a.total_bytes is not None
     if a.kv_forms is not None:
@@ -161,7 +166,7 @@ def cmd_optimize_checkpoint(a: argparse.Namespace, budget) -> int:
     t0 = time.perf_counter()
     res = optimize_checkpoint(
         a.model, budget, calibration=calib, out=a.out, target=a.target, workload=a.workload,
-        families=tuple(a.families.split(",")), fisher=a.fisher,
+        families=_families(a), fisher=a.fisher,
         sensitivity=a.sensitivity or "fisher",  # what a block-by-block backward gives
         latency_cache=a.latency_cache, overwrite=a.overwrite, progress=not a.quiet,
         sequential=a.sequential,
@@ -194,7 +199,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
         plan=plan,
         target=a.target,
         workload=a.workload,
-        families=tuple(a.families.split(",")),
+        families=_families(a),
         sequential=a.sequential,
         fisher=a.fisher,
         sensitivity=a.sensitivity or "geo",

@@ -141,10 +141,12 @@ def _drop_tied_sites(
 
 
 def select_sites(
-    sites: list[LinearSite], include: Sequence[str] | None, exclude: Sequence[str] | None
+    sites: list[LinearSite], include: Sequence[str] | None, exclude: Sequence[str] | None,
+    notes: list[str] | None = None,
 ) -> list[LinearSite]:
     """Filter sites by glob patterns; a pattern matching nothing raises (a typo would
-    otherwise silently optimize nothing or everything)."""
+    otherwise silently optimize nothing or everything). ``notes``: gets a line naming the
+    sites the patterns left out."""
     for label, pats in (("include", include), ("exclude", exclude)):
         if isinstance(pats, str):
             raise TypeError(f"{label} takes a list of patterns, not one string")
@@ -159,6 +161,12 @@ def select_sites(
     ]
     if not keep:
         raise ValueError("include/exclude leave no linear site to optimize")
+    out = [s.fqn for s in sites if s not in keep]
+    if out and notes is not None:
+        notes.append(
+            f"include/exclude left out {len(out)} linear site(s) (e.g. {', '.join(out[:3])}): "
+            "they stay as they are, outside the report"
+        )
     return keep
 
 

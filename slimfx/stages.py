@@ -242,7 +242,7 @@ def capture(pl: Planning) -> PassResult:
         )
     if not sites:
         raise ValueError("no linear layers found in this model: nothing to optimize")
-    sites = select_sites(sites, opts.include, opts.exclude)
+    sites = select_sites(sites, opts.include, opts.exclude, pl.notes)
     if opts.plan is not None and opts.include is None:
         decided = {*opts.plan.decisions, *opts.plan.owned_by}
         why = "not in the replayed plan: left dense and outside the report, as in its solve"
@@ -253,12 +253,8 @@ def capture(pl: Planning) -> PassResult:
     pl.sites = sites
     if attention.wanted(pl):
         attention.find(pl, graph_attention)
-    elif opts.kv_forms is not None and opts.plan is None:
-        given = ", ".join(f if isinstance(f, str) else f.short() for f in opts.kv_forms)
-        pl.notes.append(
-            f"kv_forms [{given}] not offered: this budget does not count the KV cache (give it "
-            "kv= or total_bytes=)"
-        )
+    else:
+        attention.note_unpriced(pl)
     return _done("capture")
 
 

@@ -445,6 +445,19 @@ def test_all_zero_calibration_inputs_are_refused_by_site():
     assert [s.fqn for s in slimfx.report_of(out).sites if s.status != "skipped"] == ["2"]
 
 
+def test_excluded_sites_and_an_empty_budget_are_noted():
+    from slimfx.models import tiny_llama
+
+    rep = slimfx.report_of(slimfx.optimize(tiny_llama(), 0.6, calibration=_calib(2),
+                                           exclude=["*mlp*"], progress=False))  # fmt: skip
+    assert any(n.startswith("include/exclude left out 6 linear site(s) (e.g. "
+                            "model.layers.0.mlp.gate_proj") for n in rep.notes)  # fmt: skip
+    empty = slimfx.report_of(slimfx.optimize(tiny_llama(), slimfx.Budget(), calibration=_calib(2),
+                                             progress=False))  # fmt: skip
+    assert empty.totals["rewritten"] == 0
+    assert any(n.startswith("no budget (budget=None or an empty Budget)") for n in empty.notes)
+
+
 def test_roofline_latency_budget_says_what_it_cannot_know():
     """A latency budget without measurements is priced by the roofline; the report says what
     that misses for the runtime at hand (eager CPU dequantizes every call)."""

@@ -177,3 +177,12 @@ def test_cli_calibrate_target_without_cuda_says_so(tmp_path, capsys):
     assert main(["calibrate-target", "--device", "cuda", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "no CUDA device here" in err and not out.exists()
+
+
+def test_families_take_spaces_after_the_commas():
+    import argparse
+
+    from slimfx.cli import _families
+
+    assert _families(argparse.Namespace(families="int4, int8 ,lowrank,")) == (
+        "int4", "int8", "lowrank")  # fmt: skip

@@ -44,6 +44,7 @@ from slimfx.backends.onnx_graph import (
     _markers_by_site,
     _rename_axes,
     _site_summary,
+    export_path,
     write_files,
 )
 from slimfx.backends.ort import OrtModel, ort_session
@@ -517,7 +518,7 @@ def export_onnx(
     _check_example_fits(model, example_inputs)
     if kv_cache:
         _check_cache_is_16bit(model)
-    run = _Export(model, Path(path), tuple(example_inputs), dynamic, kv_cache)
+    run = _Export(model, export_path(path), tuple(example_inputs), dynamic, kv_cache)
     timing = TimingInstrument()
     stages = [run.torch_export, run.check_translatable, run.to_onnx, run.fold_markers, run.save]
     PassManager(stages, [timing]).run(

@@ -24,6 +24,17 @@ class OnnxExportError(ValueError):
     """The model cannot be exported to ONNX as it is (the message says where and why)."""
 
 
+def export_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` as the file an export writes, checked before the (slow) export: not a
+    directory, in a directory that exists."""
+    out = Path(path)
+    if out.is_dir():
+        raise OnnxExportError(f"{out} is a directory: give the path of the .onnx file to write")
+    if not out.parent.is_dir():
+        raise OnnxExportError(f"{out.parent} does not exist: create it, or write elsewhere")
+    return out
+
+
 def write_files(
     path: Path, write: Callable[[Path], Any], stale: Callable[[Path], bool] | None = None
 ) -> None:

@@ -69,6 +69,7 @@ from slimfx.backends.onnx_graph import (
     OnnxExportError,
     _fold_markers,
     _rename_axes,
+    export_path,
     write_files,
 )
 from slimfx.backends.onnx_kv_latent import (
@@ -391,7 +392,7 @@ def export_onnx_kv(
     :func:`export_forms` (``None``: the forms the model carries). Batch, sequence, window and
     store lengths stay dynamic. ``accuracy_level``: as ``export_onnx``'s (the step graph's
     ``MatMulNBits``). The model (float32 or float16 weights) is left unchanged."""
-    path = Path(path)
+    path = export_path(path)
     forms = export_forms(model, form)
     if any(p.dtype == torch.bfloat16 for p in model.parameters()):
         raise OnnxExportError(

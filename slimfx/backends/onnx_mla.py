@@ -53,6 +53,7 @@ from slimfx.backends.onnx_graph import (
     OnnxExportError,
     _fold_markers,
     _rename_axes,
+    export_path,
     write_files,
 )
 from slimfx.backends.ort import OrtModel
@@ -407,7 +408,7 @@ def export_mla_onnx(
     shapes: Any = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
     in_names = ["input_ids", onnx_decode.MASK, *(c.name for c in layout)]
     out_names = ["logits", *(c.name.replace("past_", "present_", 1) for c in layout)]
-    path = Path(path)
+    path = export_path(path)
     with eval_mode(model), export_blocks(model) as mla_layers, torch.no_grad():
         program = torch.export.export(
             wrapped, (ids, mask, tuple(past)), dynamic_shapes=shapes, strict=False

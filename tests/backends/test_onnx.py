@@ -281,6 +281,20 @@ def test_bfloat16_model_is_refused(tmp_path):
         export_onnx(model, tmp_path / "bf16.onnx", (torch.randn(2, 16, dtype=torch.bfloat16),))
 
 
+def test_a_path_that_cannot_be_written_is_refused_before_the_export(tmp_path, monkeypatch):
+    """A directory, or a file in a missing folder: refused up front (it had exported for
+    seconds, then raised an IsADirectoryError naming an internal temporary path)."""
+    from slimfx.backends import onnx as onnx_mod
+
+    monkeypatch.setattr(onnx_mod._Export, "torch_export", lambda self: 1 / 0)  # never reached
+    model, x = _linears(16, 16), (torch.randn(2, 16),)
+    with pytest.raises(OnnxExportError, match="is a directory: give the path of the .onnx"):
+        export_onnx(model, tmp_path, x)
+    with pytest.raises(OnnxExportError, match="does not exist"):
+        export_onnx(model, tmp_path / "no" / "m.onnx", x)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- real model
 
 

@@ -458,6 +458,18 @@ def test_excluded_sites_and_an_empty_budget_are_noted():
     assert any(n.startswith("no budget (budget=None or an empty Budget)") for n in empty.notes)
 
 
+def test_an_infeasible_weight_budget_names_the_sites_with_nothing_smaller():
+    """Only the tied lm_head included: every rewrite keeps the embedding's dense copy, so a
+    bytes budget is infeasible — the error says which site cannot shrink and the likely why."""
+    from slimfx.models import tiny_llama
+
+    with pytest.raises(InfeasibleBudgetError, match=r"smallest achievable is 1\.000 of dense .*"
+                       r"1 of 1 linear site\(s\) have no form smaller than dense \(lm_head: a "
+                       r"tied weight keeps its dense copy"):  # fmt: skip
+        slimfx.optimize(tiny_llama(), 0.9, include=["lm_head"], calibration=_calib(2),
+                        progress=False)  # fmt: skip
+
+
 def test_roofline_latency_budget_says_what_it_cannot_know():
     """A latency budget without measurements is priced by the roofline; the report says what
     that misses for the runtime at hand (eager CPU dequantizes every call)."""

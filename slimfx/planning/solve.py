@@ -309,9 +309,17 @@ def _memory_parts(
     bits = f"{budget.bits:g} bits/weight = " if budget.bits is not None else ""
     smallest = _smallest(sites, lambda s: s.b)
     f = _frac(smallest, dense)
+    stuck = [so.name for so in problem.sites if so.kind != "attention"
+             and min(o.bytes for o in so.options) >= so.dense_bytes]  # fmt: skip
+    why = (
+        f"; {len(stuck)} of {sum(so.kind != 'attention' for so in problem.sites)} linear "
+        f"site(s) have no form smaller than dense ({', '.join(stuck[:3])}"
+        f"{' …' if len(stuck) > 3 else ''}: a tied weight keeps its dense copy, or no "
+        "family's layout fits the shape)" if stuck else ""
+    )
     return (
         f"memory budget {bits}{_frac(limit, dense):.3f} ({_fmt_bytes(limit)})",
-        f"{f:.3f} of dense ({_fmt_bytes(smallest)}, {16 * f:.1f} bits/weight)",
+        f"{f:.3f} of dense ({_fmt_bytes(smallest)}, {16 * f:.1f} bits/weight){why}",
     )
 
 

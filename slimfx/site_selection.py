@@ -59,6 +59,30 @@ def _call(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
+def _unfound_linears(model: nn.Module, known: set[str]) -> dict[str, str]:
+    """``nn.Linear`` modules that are neither sites nor already left alone with a reason: why
+    (their weight parametrized, one module under several names, or never called)."""
+    from torch.nn.utils import parametrize
+
+    names: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, nn.Linear):
+            names.setdefault(id(m), []).append(name)
+    out = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.Linear) or name in known:
+            continue
+        if parametrize.is_parametrized(m):
+            out[name] = ("not a site: its weight is parametrized (torch.nn.utils.parametrize, "
+                         "weight_norm), which a rewrite would drop")  # fmt: skip
+        elif len(names[id(m)]) > 1:
+            out[name] = (f"not a site: one module registered under {len(names[id(m)])} names "
+                         f"({', '.join(names[id(m)])}); left as it is")  # fmt: skip
+        else:
+            out[name] = "not a site: the captured forward never calls it"
+    return out
+
+
 def find_sites(
     model: nn.Module, example: tuple[tuple, dict], attention: list | None = None
 ) -> tuple[list[LinearSite], dict[str, Any]]:
@@ -87,6 +111,7 @@ def find_sites(
     left = scanned if seen is None else {f: scanned.get(f, why) for f, why in seen.items()}
     left |= validate.direct_weight_readers(model, fqns, metadata=True)
     left |= wider_than_linear(captured, model, sites)  # e.g. a MoE router
+    left |= _unfound_linears(model, {s.fqn for s in sites} | set(left))
     if left:
         sites = [s for s in sites if s.fqn not in left]
         info["left_alone"] = left

@@ -470,6 +470,34 @@ def test_an_infeasible_weight_budget_names_the_sites_with_nothing_smaller():
                         progress=False)  # fmt: skip
 
 
+def test_linears_that_are_not_sites_are_noted_with_why():
+    """A parametrized linear and one never called stay as they are, each with a note (they had
+    vanished from the report without a word)."""
+    from torch.nn.utils import parametrize
+
+    class Half(torch.nn.Module):
+        def forward(self, w):
+            return w * 0.5
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+            self.unused, self.o = torch.nn.Linear(32, 32), torch.nn.Linear(32, 16)
+
+        def forward(self, x):
+            return self.o(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    m = M().eval()
+    parametrize.register_parametrization(m.b, "weight", Half())
+    rep = slimfx.report_of(slimfx.optimize(m, 0.6, calibration=[torch.randn(64, 32)],
+                                           progress=False))  # fmt: skip
+    assert {s.fqn for s in rep.sites} == {"a", "o"}
+    assert any(n.startswith("b: not a site: its weight is parametrized") for n in rep.notes)
+    assert "unused: not a site: the captured forward never calls it" in rep.notes
+
+
 def test_roofline_latency_budget_says_what_it_cannot_know():
     """A latency budget without measurements is priced by the roofline; the report says what
     that misses for the runtime at hand (eager CPU dequantizes every call)."""

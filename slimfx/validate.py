@@ -235,6 +235,18 @@ def _rebuild(batch: Any, fn: Any) -> Any:
     return type(batch)(fn(t) if isinstance(t, Tensor) else t for t in batch)
 
 
+def _forward_names(model: nn.Module) -> tuple[set[str], bool]:
+    """``model.forward``'s named parameters, and whether it takes ``**kwargs`` too."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set(), False
+    var = inspect.Parameter.VAR_KEYWORD
+    return {p.name for p in params if p.kind != var}, any(p.kind == var for p in params)
+
+
 def check_batches(
     model: nn.Module, batches: Sequence[Any], notes: list[str] | None = None,
     name: str = "calibration",
@@ -268,9 +280,13 @@ def check_batches(
             t = t.to(dtype)
         return t
 
+    named, loose = _forward_names(model)
+    stray: set[str] = set()
     for i, b in enumerate(batches):
         if isinstance(b, str):
             raise TypeError(f"{name} batch {i}: a text needs a tokenizer= to become token ids")
+        if isinstance(b, Mapping) and loose:  # **kwargs would swallow a misspelled key
+            stray |= {str(k) for k in b if k not in named}
         tensors = _tensors_of(b)
         if not tensors:
             raise TypeError(f"{name} batch {i}: holds no tensor (expected {_BATCH_KINDS})")
@@ -362,6 +378,12 @@ def check_batches(
             f"{name}: {pads[1]} of {total} positions are padding (attention_mask 0) in batches "
             f"kept as they are ({'; '.join(kept[:3])}{' …' if len(kept) > 3 else ''}): their "
             "activations count in the statistics like real tokens"
+        )
+    if stray and notes is not None:
+        notes.append(
+            f"{name}: batch key(s) {sorted(stray)} are not named arguments of "
+            f"{type(model).__name__}.forward — they go to its **kwargs, where the model may "
+            "ignore them (a misspelled key?)"
         )
     return out
 

@@ -498,6 +498,18 @@ def test_linears_that_are_not_sites_are_noted_with_why():
     assert "unused: not a site: the captured forward never calls it" in rep.notes
 
 
+def test_a_batch_key_the_forward_does_not_name_is_noted():
+    from slimfx.models import tiny_llama
+
+    x = _calib(1)[0]
+    rep = slimfx.report_of(slimfx.optimize(
+        tiny_llama(), 0.8, calibration=[dict(input_ids=x, attention_masks=torch.ones_like(x))],
+        progress=False,
+    ))  # fmt: skip
+    assert any(n.startswith("calibration: batch key(s) ['attention_masks'] are not named "
+                            "arguments of LlamaForCausalLM.forward") for n in rep.notes)  # fmt: skip
+
+
 def test_roofline_latency_budget_says_what_it_cannot_know():
     """A latency budget without measurements is priced by the roofline; the report says what
     that misses for the runtime at hand (eager CPU dequantizes every call)."""

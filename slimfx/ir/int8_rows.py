@@ -15,7 +15,8 @@ code that reads ``.weight`` runs unchanged. ONNX: ``weight`` read while exportin
 ``slimfx::dequant_rows`` (``DequantizeLinear`` of the int8 codes); MLA's export block
 (``backends/onnx_mla``) lays its products over the hidden states and q_mix out as 8-bit
 MatMulNBits instead. Bytes: 1 per code, 2 per row scale (priced as 16-bit, as every float),
-biases at 16 bits (``int8_rows_bytes``).
+biases at 16 bits (``MLAConfig.converted_weight_bytes``, ``KVLowRankConfig.
+projection_weight_bytes``).
 """
 
 from __future__ import annotations
@@ -26,13 +27,7 @@ from torch import Tensor, nn
 
 import slimfx.ir.ops  # noqa: F401  (registers slimfx::dequant_rows)
 
-__all__ = ["Int8Rows", "Int8Factor", "quantize_rows", "int8_rows_bytes", "dequantized"]
-
-
-def int8_rows_bytes(rows: int, width: int) -> int:
-    """Reference bytes of a ``rows × width`` matrix stored as int8 rows: a byte per code and a
-    16-bit scale per row."""
-    return rows * (width + 2)
+__all__ = ["Int8Rows", "Int8Factor", "quantize_rows", "dequantized"]
 
 
 def dequantized(w: Tensor, dtype: torch.dtype) -> Tensor:

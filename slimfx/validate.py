@@ -318,6 +318,11 @@ def check_batches(
                     + ("; run on this batch as features, it fails too" if emb is not None
                        and t.is_floating_point() else "")
                 )  # fmt: skip
+            if t.dim() > 2 and hf:  # (batch, seq) ids; the capture would fail in its tracer
+                raise ValueError(
+                    f"{name} batch {i}: {where} has shape {tuple(t.shape)}; token ids are "
+                    "(batch, seq) or (seq,)"
+                )
             lo, hi = int(t.min()), int(t.max())
             if lo < 0 or hi >= emb.num_embeddings:
                 bad = lo if lo < 0 else hi

@@ -68,6 +68,14 @@ def test_token_ids_outside_vocab(bad, shown):
                     rf"calibration batch 1: token id {shown} is outside \[0, 256\)")
 
 
+def test_token_ids_of_three_dims_are_rejected_before_the_capture():
+    m = llama()
+    calib = [c[None] for c in ids(2)]
+    fails_untouched(m, IDS, lambda: _opt(m, calib), ValueError,
+                    r"calibration batch 0: the tensor has shape \(1, \d+, \d+\); token ids are "
+                    r"\(batch, seq\) or \(seq,\)")
+
+
 def test_nan_in_a_batch_is_rejected_before_the_whitening():
     m = mlp()
     calib = feats(3)

@@ -61,13 +61,10 @@ def _call(model: nn.Module, batch: Any) -> Any:
 
 def _unfound_linears(model: nn.Module, known: set[str]) -> dict[str, str]:
     """``nn.Linear`` modules that are neither sites nor already left alone with a reason: why
-    (their weight parametrized, one module under several names, or never called)."""
+    (their weight parametrized, or never called; one module under several names is a site
+    that the tied-weight rule keeps dense, with its own note)."""
     from torch.nn.utils import parametrize
 
-    names: dict[int, list[str]] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, nn.Linear):
-            names.setdefault(id(m), []).append(name)
     out = {}
     for name, m in model.named_modules():
         if not isinstance(m, nn.Linear) or name in known:
@@ -75,9 +72,6 @@ def _unfound_linears(model: nn.Module, known: set[str]) -> dict[str, str]:
         if parametrize.is_parametrized(m):
             out[name] = ("not a site: its weight is parametrized (torch.nn.utils.parametrize, "
                          "weight_norm), which a rewrite would drop")  # fmt: skip
-        elif len(names[id(m)]) > 1:
-            out[name] = (f"not a site: one module registered under {len(names[id(m)])} names "
-                         f"({', '.join(names[id(m)])}); left as it is")  # fmt: skip
         else:
             out[name] = "not a site: the captured forward never calls it"
     return out

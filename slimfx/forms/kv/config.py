@@ -341,13 +341,14 @@ class KVLowRankConfig(KVDecision):
         entries, rows = self._own_matrices(shape)
         return 2 * entries if self.factor_bits == 16 else entries + 2 * rows
 
-    def _own_matrices(self, shape: AttentionShape) -> tuple[int, int]:
+    def _own_matrices(self, shape: AttentionShape, sinks: bool = True) -> tuple[int, int]:
         """``(entries, rows)`` of the block's own weight matrices: down (latent × hidden),
-        up (2 · kv_dim × rank per group), the sinks' k/v projections (2 · kv_dim × hidden)."""
+        up (2 · kv_dim × rank per group) and, with ``sinks``, the sinks' k/v projections
+        (2 · kv_dim × hidden)."""
         hidden, kv = shape.hidden_size, shape.kv_dim
         entries = self.latent_width * (hidden + kv // self.groups)
         rows = self.latent_width + 2 * kv
-        if self.sink:  # the sinks' exact K/V need the original projections
+        if sinks and self.sink:  # the sinks' exact K/V need the original projections
             entries, rows = entries + 2 * hidden * kv, rows + 2 * kv
         return entries, rows
 
@@ -380,10 +381,8 @@ class KVLowRankConfig(KVDecision):
         else:
             flops += 2 * C * rv * gd + 2 * H * D * C * T
             rebuilt += C * kv
-        weights = self.latent_width * (hidden + gd)
-        rows = self.latent_width + 2 * kv
+        weights, rows = self._own_matrices(shape, sinks=branchless)  # read per step
         if branchless and self.sink:  # every call token's exact K/V
-            weights, rows = weights + 2 * hidden * kv, rows + 2 * kv
             flops += 4 * T * hidden * kv
         floats = latent_floats * self.latent_width + s * 2 * kv
         if self.factor_bits == 8:  # codes and row scales read, each matrix made float (w + r)

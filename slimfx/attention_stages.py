@@ -78,6 +78,7 @@ def find(pl: Planning, graph_sites: list[AttentionSite] = ()) -> None:  # type: 
             )
     for node, why in pl.capture.get("attention_rejected", {}).items():
         pl.notes.append(f"graph attention node {node}: not a site — {why}")
+    _note_unbound_windows(pl, sites)
     if not sites:
         why = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3]) or (
             "no module with q_proj/k_proj/v_proj/o_proj (a Hugging Face Llama/Qwen2/Gemma-style "
@@ -93,6 +94,29 @@ def find(pl: Planning, graph_sites: list[AttentionSite] = ()) -> None:  # type: 
             f"the budget counts the KV cache but the model has no attention site: {why}"
         )
     pl.attention_sites = sites
+
+
+def _note_unbound_windows(pl: Planning, sites: list[AttentionSite]) -> None:
+    """Layers whose configured sliding window reaches ``max_position_embeddings`` are sites of
+    full attention (``ir.find.unbound_window``); say so, and what differs past the window."""
+    from slimfx.ir.find import _raw_sliding_window, unbound_window
+
+    config = getattr(pl.model, "config", None)
+    win = unbound_window(config)
+    if win is None:
+        return
+    full = [
+        s.fqn
+        for s in sites
+        if _raw_sliding_window(pl.model.get_submodule(s.fqn), config, s.layer_idx) is not None
+    ]
+    if full:
+        pl.notes.append(
+            f"sliding_window={win} reaches max_position_embeddings="
+            f"{config.max_position_embeddings}: {len(full)} attention layer(s) ({full[0]}{', …' if len(full) > 1 else ''}) are priced and compressed as full "
+            f"attention (the window drops no token within the model's positions; a compressed "
+            f"cache keeps every token, also past {win}, where transformers' would drop the oldest)"
+        )
 
 
 def collect(pl: Planning) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "describe_attention",
     "describe_cache_attention",
     "logit_softcap",
+    "unbound_window",
     "inspect_attention_sites",
     "attention_variant_reasons",
     "ATTENTION_VARIANTS",
@@ -329,6 +330,29 @@ def logit_softcap(module: nn.Module, config: Any = None) -> float | None:
 
 
 def _sliding_window(module: nn.Module, config: Any, layer_idx: int | None) -> int | None:
+    """The window that binds: :func:`_raw_sliding_window`, unless it reaches
+    ``max_position_embeddings`` (Phi-3-128k's 262144 against 131072 positions), where every
+    token the model was made for is in the window — full attention (:func:`unbound_window`)."""
+    win = _raw_sliding_window(module, config, layer_idx)
+    return None if win is not None and _never_binds(win, config) else win
+
+
+def _never_binds(window: int, config: Any) -> bool:
+    longest = getattr(config, "max_position_embeddings", None) if config is not None else None
+    return isinstance(longest, int) and not isinstance(longest, bool) and window >= longest
+
+
+def unbound_window(config: Any) -> int | None:
+    """The config's ``sliding_window`` where it reaches ``max_position_embeddings`` (so no
+    layer's window ever drops a token within the model's positions); else ``None``. Such
+    layers are full-attention sites, and transformers' sliding cache layers built for them
+    may be replaced by a full compressed layer (``forms.kv.apply.upgrade_cache_layer``)."""
+    win = getattr(config, "sliding_window", None) if config is not None else None
+    ok = isinstance(win, int) and not isinstance(win, bool) and win > 0
+    return win if ok and _never_binds(win, config) else None
+
+
+def _raw_sliding_window(module: nn.Module, config: Any, layer_idx: int | None) -> int | None:
     """The module's ``sliding_window``; else the config's, on a layer ``layer_types`` marks
     ``"sliding_attention"`` (without ``layer_types``: when ``use_sliding_window`` is not off)."""
     win = getattr(module, "sliding_window", None)

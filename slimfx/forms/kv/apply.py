@@ -35,7 +35,13 @@ from slimfx.planning.plan import Plan
 from .cache import KV_FORM_ATTR, LatentLayer, _StoreLayer, call_cache, layer_for
 from .config import KVDecision, KVDenseConfig
 
-__all__ = ["apply_kv_plan", "split_plan", "empty_kv_like_plan", "upgrade_cache_layer"]
+__all__ = [
+    "apply_kv_plan",
+    "split_plan",
+    "empty_kv_like_plan",
+    "upgrade_cache_layer",
+    "plain_layer_kind",
+]
 
 _HOOK_ATTR = "_slimfx_kv_hook"
 
@@ -75,20 +81,19 @@ def upgrade_cache_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
     while replicate is not None and len(layers) <= idx:
         layers.append(replicate())
     layer = layers[idx]
-    from transformers.cache_utils import DynamicLayer, StaticLayer
-
     from .static_cache import StaticLatentLayer, _StaticStoreLayer, static_layer_for
 
     if isinstance(layer, (_StoreLayer, LatentLayer, _StaticStoreLayer, StaticLatentLayer)):
         return  # a compressed layer: a KVCache (or this hook) built it
-    if type(layer) not in (DynamicLayer, StaticLayer):
+    kind = plain_layer_kind(layer, getattr(module, "config", None))
+    if kind is None:
         return  # a layer class of the caller's (an export's stand-in): theirs to hold
 
     empty = not getattr(layer, "is_initialized", False)
-    if type(layer) is DynamicLayer and empty:
+    if kind == "dynamic" and empty:
         layers[idx] = layer_for(form)
         return
-    if type(layer) is StaticLayer and empty:
+    if kind == "static" and empty:
         layers[idx] = static_layer_for(form, layer.max_cache_len)
         return
     raise TypeError(
@@ -97,6 +102,32 @@ def upgrade_cache_layer(module: nn.Module, args: tuple, kwargs: dict) -> None:
         f"as {form.short()} — pass no cache (generate() builds one), an empty DynamicCache, "
         "or slimfx.forms.kv.cache.KVCache.for_model(model)"
     )
+
+
+def plain_layer_kind(layer: Any, config: Any) -> str | None:
+    """``"dynamic"`` / ``"static"`` for transformers' 16-bit cache layers a compressed layer may
+    replace: ``DynamicLayer`` / ``StaticLayer``, and their sliding-window classes where the
+    model's window never binds (``ir.find.unbound_window``: transformers builds sliding layers
+    from the raw config, e.g. Phi-3-128k's window of 262144 over 131072 positions); else
+    ``None`` (a layer class of the caller's)."""
+    from transformers.cache_utils import (
+        DynamicLayer,
+        DynamicSlidingWindowLayer,
+        StaticLayer,
+        StaticSlidingWindowLayer,
+    )
+
+    from slimfx.ir.find import unbound_window
+
+    if type(layer) is DynamicLayer:
+        return "dynamic"
+    if type(layer) is StaticLayer:
+        return "static"
+    if unbound_window(config) is None:
+        return None
+    if type(layer) is DynamicSlidingWindowLayer:
+        return "dynamic"
+    return "static" if type(layer) is StaticSlidingWindowLayer else None
 
 
 def _mark(module: nn.Module, form: KVDecision) -> None:

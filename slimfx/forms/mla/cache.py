@@ -90,10 +90,11 @@ class MLALatentLayer(DynamicLayer):
             self.keys = self.latent_codes
 
 
-def hold_int8_latent(cache: Any, layer_idx: int) -> None:
+def hold_int8_latent(cache: Any, layer_idx: int, config: Any = None) -> None:
     """Give ``cache`` (a transformers cache an int8-latent block was handed) an int8
     :class:`MLALatentLayer` for ``layer_idx`` where it holds a still-empty plain
-    ``DynamicLayer`` (what ``generate()``'s default ``DynamicCache`` gives), so the latent is
+    ``DynamicLayer`` (what ``generate()``'s default ``DynamicCache`` gives; or its sliding
+    class where ``config``'s window never binds, ``forms.kv.apply.plain_layer_kind``), so the latent is
     held as the int8 codes the block is priced at, not dequantized; any other layer — a
     compressed one already, a static one (16-bit, for ``torch.compile``), an exporter's stand-in,
     one holding tokens — is left as it is."""
@@ -105,7 +106,9 @@ def hold_int8_latent(cache: Any, layer_idx: int) -> None:
         layers.append(replicate())
     if layer_idx < len(layers):
         layer = layers[layer_idx]
-        if type(layer) is DynamicLayer and not layer.is_initialized:
+        from slimfx.forms.kv.apply import plain_layer_kind
+
+        if plain_layer_kind(layer, config) == "dynamic" and not layer.is_initialized:
             layers[layer_idx] = MLALatentLayer(8)
 
 

@@ -262,7 +262,7 @@ class MLAAttention(nn.Module):
             if self.latent_bits == 8:  # the default DynamicCache holds the int8 codes
                 from .cache import hold_int8_latent
 
-                hold_int8_latent(past_key_values, self.layer_idx)
+                hold_int8_latent(past_key_values, self.layer_idx, self.config)
             if attention_mask is None:
                 past = past_key_values.get_seq_length(self.layer_idx)
             latent, k_rope = past_key_values.update(latent, k_rope, self.layer_idx)

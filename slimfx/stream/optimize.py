@@ -185,9 +185,10 @@ def optimize_checkpoint(
     checkpoint streamed here is a causal LM calibrated on token ids, as ``optimize``'s default
     would); ``sensitivity`` other than "fisher" raises. ``dtype``: cast floating tensors on
     read (default: as stored). ``work``: the directory where finished blocks' statistics are
-    kept (default ``.<out name>.slimfx-work`` beside ``out``); a run killed after block k
-    resumes from block k+1 when called again with the same arguments; removed after success
-    unless ``keep_work``. ``overwrite`` as for ``slimfx.save``. A missing shard, a missing
+    kept (default ``.<out name>.slimfx-work`` beside ``out``; a new or empty directory, or a
+    previous run's — one holding other files is refused); a run killed after block k resumes
+    from block k+1 when called again with the same arguments; its files are removed after
+    success unless ``keep_work``. ``overwrite`` as for ``slimfx.save``. A missing shard, a missing
     tensor or a shape mismatch raises ``CheckpointError`` before anything is written.
     ``sequential``: as for ``optimize`` — the plan is solved as usual, then each block is
     fitted with Grams taken on the outputs of the already rewritten blocks (the calibration

@@ -7,15 +7,18 @@
 Each file is written to a temporary name, fsynced and renamed into place, and a block's
 statistics are written before the activations of the next block, so a run killed at any point
 finds a consistent prefix: blocks ``< k`` done and the inputs of block ``k``. A work directory
-whose fingerprint differs (another checkpoint, calibration or option) is cleared.
+whose fingerprint differs (another checkpoint, calibration or option) is cleared of these files.
+Only these files are ever deleted: a directory holding anything else (a user's scratch folder)
+is refused, and after a successful run the directory itself goes only if this class created it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,11 @@ def fingerprint(parts: dict[str, Any], batches: Sequence[torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+#: the names a work directory's own files have (``state.json``, ``<kind>_<i>.pt``, their
+#: ``.tmp`` while being written)
+_OWN = re.compile(r"(state\.json|[a-z][a-z0-9-]*_\d{5}\.pt)(\.tmp)?")
+
+
 class WorkDir:
     """Block statistics and activations of one streamed run (see the module docstring)."""
 
@@ -41,18 +49,41 @@ class WorkDir:
         self.path = Path(path)
         self.key = key
         self.cleared = False
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"work={str(self.path)!r} is a file, not a directory")
+        foreign = sorted(p.name for p in self._entries() if not _OWN.fullmatch(p.name))
+        if foreign:
+            raise ValueError(
+                f"work={str(self.path)!r} holds files a streamed run did not write "
+                f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}): give a new or "
+                "empty directory (the work directory is cleared when it is stale and removed "
+                "after the run)"
+            )
         state = self.path / "state.json"
+        created = not self.path.exists()
         if state.is_file():
             try:
-                same = json.loads(state.read_text()).get("key") == key
-            except ValueError:
+                old = json.loads(state.read_text())
+                same, created = old.get("key") == key, bool(old.get("created", True))
+            except (ValueError, AttributeError):
                 same = False
             if not same:
-                shutil.rmtree(self.path)
+                self._clear()
                 self.cleared = True
+        self.created = created
         self.path.mkdir(parents=True, exist_ok=True)
         if not state.is_file():
-            self._atomic(state, lambda p: p.write_text(json.dumps({"key": key})))
+            body = json.dumps({"key": key, "created": created})
+            self._atomic(state, lambda p: p.write_text(body))
+
+    def _entries(self) -> list[Path]:
+        return list(self.path.iterdir()) if self.path.is_dir() else []
+
+    def _clear(self) -> None:
+        """Delete this class's own files (only those: see ``_OWN``)."""
+        for p in self._entries():
+            if _OWN.fullmatch(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
 
     @staticmethod
     def _atomic(path: Path, write: Any) -> None:
@@ -93,5 +124,9 @@ class WorkDir:
         return k
 
     def remove(self) -> None:
-        """Delete the work directory (after a successful write)."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        """Delete the run's files (after a successful write), and the directory where this
+        class created it and nothing else is left in it."""
+        self._clear()
+        if self.created and self.path.is_dir() and not self._entries():
+            with contextlib.suppress(OSError):  # another rank removed it (or wrote into it)
+                self.path.rmdir()

@@ -83,3 +83,32 @@ def test_work_of_another_calibration_is_not_reused(tmp_path: Path) -> None:
         ckpt, 0.4, calibration=other, fisher=False, out=tmp_path / "fresh", progress=False
     )
     assert res.plan.to_dict() == fresh.plan.to_dict()
+
+
+def test_a_work_directory_holding_other_files_is_refused_and_kept(tmp_path: Path) -> None:
+    """``work=`` naming a user's folder: refused before anything is written (it was deleted
+    with everything in it after the run, or at the start where it held a ``state.json``)."""
+    ckpt = save_checkpoint(tmp_path / "ckpt", tie=True)
+    for files in ({"notes.txt": "mine"}, {"state.json": '{"key": "x"}', "model.ckpt": "mine"}):
+        scratch = tmp_path / "scratch"
+        scratch.mkdir()
+        for name, text in files.items():
+            (scratch / name).write_text(text)
+        with pytest.raises(ValueError, match="holds files a streamed run did not write"):
+            optimize_checkpoint(ckpt, 0.4, calibration=calibration(), fisher=False,
+                                out=tmp_path / "out", work=scratch, progress=False)  # fmt: skip
+        assert {p.name: p.read_text() for p in scratch.iterdir()} == files
+        assert not (tmp_path / "out").exists()
+        for p in scratch.iterdir():
+            p.unlink()
+        scratch.rmdir()
+
+
+def test_an_empty_work_directory_given_is_emptied_not_removed(tmp_path: Path) -> None:
+    ckpt = save_checkpoint(tmp_path / "ckpt", tie=True)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    optimize_checkpoint(ckpt, 0.4, calibration=calibration(), fisher=False,
+                        out=tmp_path / "out", work=scratch, progress=False)  # fmt: skip
+    assert scratch.is_dir() and not any(scratch.iterdir())
+    assert slimfx.load(tmp_path / "out") is not None

@@ -40,6 +40,9 @@ __all__ = ["save", "load", "is_slimfx_save", "check_save_target", "SAVE_FORMAT"]
 SAVE_FORMAT = "slimfx.save"
 SAVE_VERSION = 1
 #: files an earlier save (or the CLI beside it) may hold without ``overwrite=True``
+#: the generation settings of a model that generates (written beside config.json)
+GENERATION_CONFIG = "generation_config.json"
+
 _OWN_FILES = {
     "plan.json",
     "report.json",
@@ -137,6 +140,9 @@ def save(
         if hasattr(model, "config") and hasattr(model.config, "to_json_string"):
             (tmp / "config.json").write_text(model.config.to_json_string())
             info["hf"] = True
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "to_json_string"):  # eos ids, lengths, penalties
+            (tmp / GENERATION_CONFIG).write_text(gen.to_json_string(use_diff=False))
         for name, write in (extras or {}).items():
             write(tmp / name)
         return files.finish(tmp, d, "slimfx.json", info)
@@ -255,6 +261,10 @@ def load(
         empty_kv_like_plan(model, {k: d for k, d in kv.items() if k not in mla}, att)
         empty_mla_like_plan(model, mla, att)
     load_model(model, str(d / "model.safetensors"), strict=True)
+    if (d / GENERATION_CONFIG).is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(d)
     if cpu_kernels:
         from slimfx.ir.cpu_runtime import prepare_cpu
 

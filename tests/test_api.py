@@ -252,6 +252,25 @@ def test_save_load_round_trip(optimized, tmp_path):
     assert slimfx.report_of(loaded).totals == slimfx.report_of(new).totals
 
 
+def test_save_load_keeps_the_generation_settings(tmp_path):
+    """generation_config.json is saved and read back: eos ids, lengths and penalties (before,
+    load rebuilt a default one from config.json: 21 tokens before the save, 36 after)."""
+    from slimfx.models import tiny_llama
+
+    model = tiny_llama()
+    model.generation_config.eos_token_id = [2, 7]
+    model.generation_config.max_new_tokens = 5
+    model.generation_config.repetition_penalty = 1.3
+    new = slimfx.optimize(model, 0.6, calibration=_calib(3), progress=False)
+    slimfx.save(new, tmp_path / "m")
+    loaded = slimfx.load(tmp_path / "m")
+    got = loaded.generation_config
+    assert (got.eos_token_id, got.max_new_tokens, got.repetition_penalty) == ([2, 7], 5, 1.3)
+    x = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(loaded.generate(x, do_sample=False), new.generate(x, do_sample=False))
+
+
 def test_budget_object_bits_and_latency():
     from slimfx.models import tiny_llama
 

@@ -36,6 +36,8 @@ def test_streamed_equals_in_memory(tmp_path: Path, tie: bool, fisher: bool) -> N
     assert res.plan.to_dict() == ref_report.meta["plan"]
     assert len(res.plan.rewrites()) >= 15  # the budget rewrites nearly every site: not vacuous
     loaded = slimfx.load(tmp_path / "out")
+    gen = "generation_config.json"  # the checkpoint's generation settings, kept
+    assert (tmp_path / "out" / gen).read_text() == (ckpt / gen).read_text()
     a, b = ref.state_dict(), loaded.state_dict()
     assert set(a) == set(b)
     different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]

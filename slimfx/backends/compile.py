@@ -68,7 +68,13 @@ from slimfx.backends.compile_records import (
     compile_report,
     merge_records,
 )
-from slimfx.backends.cpu_pack import pack_graph_cpu, wants_cpu_pack
+from slimfx.backends.cpu_pack import (
+    GRAD_REASON,
+    grads_on_cpu,
+    not_packed,
+    pack_graph_cpu,
+    wants_cpu_pack,
+)
 from slimfx.backends.graph_sites import GraphSites, graph_linear_sites, param_name_from_placeholder
 from slimfx.backends.triton_lowering import lower_graph, not_lowered
 from slimfx.passes.base import PassResult, Rule, SiteRecord
@@ -207,6 +213,11 @@ class _Subgraph:
         self.lowering = packed
         return gm, packed
 
+    def skip_pack(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
+        """Records why a CPU graph with gradients keeps its reference quantized ops."""
+        self.lowering = not_packed(gm, GRAD_REASON)
+        return gm, self.lowering
+
     def lower(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
         """Lower slimfx ops to Triton kernel ops (not when gradients may flow)."""
         if torch.is_grad_enabled() and any(
@@ -297,6 +308,8 @@ class SlimfxBackend:
             passes.append(run.lower)
         if self.cpu_kernels and wants_cpu_pack(example_inputs):
             passes.append(run.pack_cpu)  # what Triton did not take, on a CPU graph
+        elif self.cpu_kernels and grads_on_cpu(example_inputs) and not self.lower_to_triton:
+            passes.append(run.skip_pack)  # recorded: the reference ops run
         passes.append(constant_sources)
         timing = TimingInstrument()
         gm, _ = PassManager(passes, [timing]).run(gm)

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor
 
+from slimfx.backends.cpu_pack import GRAD_REASON
 from slimfx.ir.sites import LinearSite
 from slimfx.passes.base import PassResult, SiteRecord
 from slimfx.planning.configs import DenseConfig
@@ -28,7 +29,8 @@ __all__ = ["DEFAULT_NOTE", "Planned", "GraphRecord", "merge_records", "compile_r
 DEFAULT_NOTE = (
     "no budget and no plan: no linear was rewritten (a budget needs calibration data: use "
     "slimfx.backend(budget=..., model=..., calibration=...) or pass a plan); slimfx ops already "
-    "in the graph were lowered to Triton kernels where a kernel accepts them"
+    "in the graph (a model slimfx.optimize returned) were lowered to Triton kernels, or on the "
+    "CPU packed for torch's kernels, where a kernel accepts them (the sites' records say which)"
 )
 
 
@@ -196,6 +198,10 @@ def compile_report(be: Any, graphs: Sequence[GraphRecord]) -> Report:
                 f"activation-aware (e.g. {maybe[0].fqn}: {maybe[0].decision}) were fitted "
                 "with identity Grams; pass calibration= to slimfx.backend to match optimize()"
             )
+    unpacked = [g.index for g in graphs if g.lowering is not None and any(
+        r.reason == GRAD_REASON for r in g.lowering.records)]
+    if unpacked:
+        notes.append(f"graph(s) {', '.join(map(str, unpacked))}: {GRAD_REASON}")
     unresolved = [u for g in graphs for u in g.unresolved]
     if unresolved:
         notes.append(f"{len(unresolved)} linear node(s) left alone: {'; '.join(unresolved[:3])}")

@@ -19,13 +19,22 @@ from typing import Any
 
 import torch
 from torch import Tensor, fx
+from torch._subclasses.fake_tensor import FakeTensor
 
 from slimfx.backends.triton_lowering import _arg_value, _bind, _op_name, _out_in, _site_of
 from slimfx.ir import cpu_packed
 from slimfx.ir.graph import finalize
 from slimfx.passes.base import PassResult, SiteRecord
 
-__all__ = ["PASS_NAME", "pack_graph_cpu", "wants_cpu_pack"]
+__all__ = [
+    "PASS_NAME",
+    "GRAD_REASON",
+    "LIFTED_REASON",
+    "pack_graph_cpu",
+    "not_packed",
+    "grads_on_cpu",
+    "wants_cpu_pack",
+]
 
 PASS_NAME = "pack_cpu_kernels"
 _OPS = ("quant_linear", "quant_lowrank_linear")
@@ -36,6 +45,13 @@ def _lowrank_plus(
 ) -> Tensor:
     """``y + x·Vᵀ·Uᵀ + bias`` (the low-rank correction of a packed quantized core)."""
     return y + torch.nn.functional.linear(torch.nn.functional.linear(x, V), U, bias)
+
+
+#: why a quantized op whose codes reach the graph as inputs keeps the reference op
+LIFTED_REASON = (
+    "codes are graph inputs (module buffers torch.compile lifted), not constants to pack: the "
+    "reference op runs (exact; slimfx.prepare_cpu(model) packs them before compiling)"
+)
 
 
 def pack_graph_cpu(gm: fx.GraphModule, activations: str = "auto") -> tuple[fx.GraphModule,
@@ -59,6 +75,9 @@ def pack_graph_cpu(gm: fx.GraphModule, activations: str = "auto") -> tuple[fx.Gr
         ):
             records.append(SiteRecord(site, name, "fallback",
                                       "codes are not constants of the graph", extra=shape))
+            continue
+        if any(isinstance(t, FakeTensor) for t in (q, s, z)):  # buffers dynamo lifted to inputs
+            records.append(SiteRecord(site, name, "fallback", LIFTED_REASON, extra=shape))
             continue
         x_val = values["x"][0]
         if not isinstance(x_val, Tensor) or x_val.device.type != "cpu" or q.device.type != "cpu":
@@ -107,6 +126,31 @@ def pack_graph_cpu(gm: fx.GraphModule, activations: str = "auto") -> tuple[fx.Gr
     return gm, PassResult(
         name=PASS_NAME, modified=changed, records=records, seconds=time.perf_counter() - t0
     )
+
+
+#: why a CPU graph through which gradients may flow keeps the reference quantized ops
+GRAD_REASON = (
+    "gradients may flow through this graph (grad mode on, inputs that require grad) and the "
+    "packed CPU kernels have no backward: the reference op runs, dequantizing its weight on "
+    "every call (call the compiled model under torch.no_grad / torch.inference_mode)"
+)
+
+
+def not_packed(gm: fx.GraphModule, reason: str) -> PassResult:
+    """A ``fallback`` record carrying ``reason`` for every quantized op node of ``gm``."""
+    records = [
+        SiteRecord(_site_of(n), name, "fallback", reason, extra={"shape": _out_in(n)})
+        for n in gm.graph.nodes
+        if n.op == "call_function" and (name := _op_name(n.target)) in _OPS
+    ]
+    return PassResult(name=PASS_NAME, modified=False, records=records)
+
+
+def grads_on_cpu(example_inputs: Any) -> bool:
+    """A CPU graph that gradients may flow through (what keeps :func:`wants_cpu_pack` off)."""
+    tensors = [t for t in example_inputs if isinstance(t, Tensor)]
+    on_cpu = bool(tensors) and all(t.device.type == "cpu" for t in tensors)
+    return on_cpu and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def wants_cpu_pack(example_inputs: Any) -> bool:

@@ -9,6 +9,7 @@ from torch import nn
 
 import slimfx.backends.compile as sc
 from slimfx.backends import plan_backend
+from slimfx.backends.cpu_pack import GRAD_REASON, LIFTED_REASON
 from slimfx.ir.cpu_runtime import prepare_cpu, release_cpu
 from slimfx.ir.find import discover_linear_sites
 from slimfx.passes import apply_plan
@@ -87,4 +88,28 @@ def test_no_packing_when_gradients_flow_or_disabled() -> None:
     be2 = plan_backend(plan=PLAN, model=net, inner="eager")
     out = torch.compile(net, backend=be2)(x.requires_grad_(True))  # grad wanted: reference ops
     out.sum().backward()
-    assert be2.graphs[0].lowering is None and x.grad is not None
+    assert x.grad is not None
+    # recorded and noted (it ran the reference ops silently, 22× dense on a 512-wide Llama)
+    records = be2.graphs[0].lowering.records
+    assert {r.fqn: r.status for r in records} == dict.fromkeys(["fc1", "fc2", "fc3"], "fallback")
+    assert all(r.reason == GRAD_REASON for r in records)
+    assert f"graph(s) 0: {GRAD_REASON}" in be2.report.notes
+
+
+def test_a_model_optimize_left_unpacked_compiles_with_its_reference_ops() -> None:
+    """cpu_kernels=False (or release_cpu): the codes are module buffers, which dynamo lifts to
+    graph inputs — fake tensors while compiling. Packing them crashed the compile ("Cannot
+    access data pointer of Tensor"); they keep the exact reference op, with the reason."""
+    torch.manual_seed(0)
+    net = Net().eval()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(2))
+    swapped, _ = apply_plan(net, PLAN, discover_linear_sites(net))
+    with torch.no_grad():
+        ref = swapped(x)
+        compiled = torch.compile(swapped, backend="slimfx", options={"inner": "aot_eager", "lower_to_triton": False})
+        y = compiled(x)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-6)
+    report = sc.report_of_compiled(compiled)
+    assert {e.fqn: e.status for e in report.sites if e.fqn in ("fc1", "fc2")} == {
+        "fc1": "fallback", "fc2": "fallback"}
+    assert report.site("fc1").reason == LIFTED_REASON

@@ -239,6 +239,26 @@ def optimize(
     return new_model
 
 
+def lower_for_backend(model: nn.Module, report: Any) -> dict[str, str]:
+    """A model optimized for ``backend="triton"`` (``report.meta["backend"]``): its slimfx
+    linears switched to their Triton kernels where one accepts the module's dtype and device
+    (``backends.triton_lowering.lower_module``, in place); those that keep the reference op
+    are noted with why. Returns the lowered sites' kernels by name."""
+    if report.meta.get("backend") != "triton":
+        return {}
+    from slimfx.backends.triton_lowering import lower_module
+
+    records = lower_module(model)[1].records
+    kept = [r for r in records if r.status != "applied"]
+    note = kept and (
+        f"backend='triton': {len(kept)} of {len(records)} rewritten linear(s) keep the "
+        f"reference op, no Triton kernel taking them (e.g. {kept[0].fqn}: {kept[0].reason})"
+    )
+    if note and note not in report.notes:  # load() lowers a saved model again
+        report.notes.append(note)
+    return {r.fqn: str(r.extra.get("kernel")) for r in records if r.status == "applied"}
+
+
 #: the runtime a report's latency estimates assume, by ``optimize``'s ``backend``
 RUNTIMES = {None: "torch-eager", "eager": "torch-eager", "compile": "torch-compile",
             "triton": "triton", "onnx": "onnxruntime"}
@@ -258,11 +278,15 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
             report.notes.append(note)
     for k in report.kv_sites:
         k.decode_step = decode_step_label(k.decision.get("kind"), model)
+    lowered = lower_for_backend(model, report)
     runs = prepare_cpu(model) if pack else cpu_runtimes(model)
     for s in report.sites:
         rt = runs.get(s.fqn)
-        if rt is not None:
+        if s.fqn in lowered:
+            s.runtime = f"triton {lowered[s.fqn]}"
+        elif rt is not None:
             s.runtime = rt.label() + rt.caveat()
+        if rt is not None:
             s.extra["cpu_runtime"] = rt.to_dict()  # kernel, activations, reason, flags
     slow = sorted(n for n, rt in runs.items() if rt.slower_than_dense)
     if slow:

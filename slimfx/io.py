@@ -265,6 +265,10 @@ def load(
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(d)
+    if report is not None:  # optimized for backend="triton": its kernels again
+        from slimfx.api import lower_for_backend
+
+        lower_for_backend(model, report)
     if cpu_kernels:
         from slimfx.ir.cpu_runtime import prepare_cpu
 

@@ -208,3 +208,30 @@ def test_combined_form_has_no_lowering_and_says_so(x) -> None:
     _, result = lower_to_triton(model)
     (rec,) = result.records
     assert rec.status == "fallback" and "no Triton-lowered form of LowRankQuantLinear" in rec.reason
+
+
+def test_optimize_for_the_triton_backend_runs_its_kernels(tmp_path) -> None:
+    """optimize(backend="triton") priced the Triton runtime but returned the reference modules
+    (nothing lowered them): its linears now run the Triton kernels, the report says which, and
+    load() lowers a saved one again."""
+    needs_triton_kernels()
+    import slimfx
+    from slimfx.backends.triton_lowering import _Lowered
+    from slimfx.models import tiny_llama
+
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randint(0, 256, (1, 32), generator=gen) for _ in range(3)]
+    model = tiny_llama()
+    out = slimfx.optimize(model, 0.5, calibration=calib, backend="triton", progress=False)
+    rep = slimfx.report_of(out)
+    plan = slimfx.Plan.from_dict(rep.meta["plan"])
+    ref = slimfx.optimize(model, plan=plan, calibration=calib, cpu_kernels=False, progress=False)
+    lowered = {n for n, m in out.named_modules() if isinstance(m, _Lowered)}
+    assert lowered and lowered == {s.fqn for s in rep.sites if s.status == "applied"}
+    assert all(rep.site(n).runtime.startswith("triton ") for n in lowered)
+    ids = torch.randint(0, 256, (1, 5), generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(out(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+    slimfx.save(out, tmp_path / "m")
+    back = slimfx.load(tmp_path / "m")
+    assert {n for n, m in back.named_modules() if isinstance(m, _Lowered)} == lowered

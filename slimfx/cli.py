@@ -482,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return a.fn(a)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # FileNotFound, FileExists, PermissionError, …
         print(f"slimfx: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 __all__ = [
     "sha256", "fsync", "backup", "recover", "exchange", "discard", "commit", "clean_stale",
-    "tmp_dir", "writing", "finish", "hashes", "flush", "TMP", "OLD",
+    "tmp_dir", "writing", "finish", "hashes", "flush", "TMP", "OLD", "target",
+    "check_replaceable",
 ]  # fmt: skip
 
 TMP = ".slimfx-tmp-"
@@ -110,11 +111,51 @@ def clean_stale(d: Path) -> None:
         shutil.rmtree(backup(d), ignore_errors=True)
 
 
+def target(directory: str | os.PathLike[str]) -> Path:
+    """The directory a save of ``directory`` replaces: absolute, symlinks resolved (a link
+    ``proj/model -> /mnt/big/model`` saves into ``/mnt/big/model`` and stays a link)."""
+    return Path(os.path.realpath(directory))
+
+
+def check_replaceable(d: Path) -> None:
+    """Raise ``ValueError`` where a commit could not replace ``d`` (see :func:`target`), before
+    anything is computed or written: ``d`` is a mount point (it cannot be renamed), the working
+    directory or one holding it (it would be deleted from under the process), or its parent
+    cannot be written to."""
+    if os.path.ismount(d):
+        raise ValueError(
+            f"{d} is a mount point: a save replaces its directory, which a mount point cannot "
+            "be — save into a folder inside it"
+        )
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if d == cwd or d in cwd.parents:
+        raise ValueError(
+            f"{d} {'is' if d == cwd else 'holds'} the working directory: a save replaces the "
+            "directory, which would delete it from under this process — save into a subfolder"
+        )
+    parent = d.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write to {parent}: no permission to create {d} there")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def tmp_dir(d: Path) -> Path:
-    """A fresh temporary directory next to ``d`` (its parent created), stale ones removed."""
+    """A fresh temporary directory next to ``d`` (its parent created), stale ones removed; it
+    gets ``d``'s mode where ``d`` exists, else what the umask gives a new directory (not
+    ``mkdtemp``'s private 0700: a server running as another user reads the save)."""
     d.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(d)
-    return Path(tempfile.mkdtemp(prefix=f".{d.name}{TMP}", dir=d.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}{TMP}", dir=d.parent))
+    mode = (d.stat().st_mode & 0o7777) if d.is_dir() else (0o777 & ~_umask())
+    os.chmod(tmp, mode)
+    return tmp
 
 
 def finish(tmp: Path, d: Path, manifest: str, info: dict) -> Path:
@@ -122,6 +163,10 @@ def finish(tmp: Path, d: Path, manifest: str, info: dict) -> Path:
     written as the JSON ``manifest``, everything flushed, ``tmp`` committed as ``d``."""
     info["files"] = hashes(tmp)
     (tmp / manifest).write_text(json.dumps(info, indent=1))
+    mode = 0o666 & ~_umask()
+    for p in tmp.iterdir():  # safetensors writes its file private (0600)
+        if p.is_file():
+            os.chmod(p, mode)
     flush(tmp)
     commit(tmp, d)
     return d

@@ -24,7 +24,6 @@ speed; a mismatch otherwise raises ``ValueError`` naming the file.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -82,7 +81,9 @@ def is_slimfx_save(directory: str | Path) -> bool:
 
 
 def check_save_target(d: Path, overwrite: bool = False) -> None:
-    """Raise ``FileExistsError`` when ``save(..., overwrite=overwrite)`` may not write ``d``."""
+    """Raise ``FileExistsError`` when ``save(..., overwrite=overwrite)`` may not write ``d``,
+    ``ValueError`` where no save could replace it (``files.check_replaceable``)."""
+    d = files.target(d)
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is a file; slimfx.save writes a directory")
     if d.is_dir() and any(d.iterdir()) and not overwrite and not is_slimfx_save(d):
@@ -93,6 +94,7 @@ def check_save_target(d: Path, overwrite: bool = False) -> None:
             "save elsewhere, or pass overwrite=True (CLI --overwrite) to replace the whole "
             "directory"
         )
+    files.check_replaceable(d)
 
 
 def save(
@@ -125,7 +127,7 @@ def save(
     for name in extras or {}:
         if name in ("slimfx.json", "plan.json", "model.safetensors") or Path(name).name != name:
             raise ValueError(f"extras: {name!r} is not a free file name in a save")
-    d = Path(os.path.abspath(directory))  # "." and "out/" name a directory with a parent
+    d = files.target(directory)  # "." and "out/" name a directory with a parent; links resolved
     files.recover(d)
     check_save_target(d, overwrite)
     with files.writing(d) as tmp:

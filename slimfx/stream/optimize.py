@@ -193,6 +193,7 @@ def optimize_checkpoint(
     ``sequential``: as for ``optimize`` — the plan is solved as usual, then each block is
     fitted with Grams taken on the outputs of the already rewritten blocks (the calibration
     batches carried through the write, on rank 0)."""
+    from slimfx import files
     from slimfx.io import check_save_target
 
     t_start = time.perf_counter()
@@ -221,8 +222,8 @@ def optimize_checkpoint(
             "every site's probe compressions in one backward through the whole model; use "
             "sensitivity='fisher' (streamed exactly, block by block) or fisher=False"
         )
-    outp = Path(os.path.abspath(out))
-    src = Path(os.path.abspath(path))
+    outp = files.target(out)
+    src = files.target(path)
     if outp == src or outp in src.parents:
         raise ValueError(
             f"out={str(out)!r} {'is' if outp == src else 'holds'} the checkpoint being read "

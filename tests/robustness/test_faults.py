@@ -336,6 +336,10 @@ def test_cli_bad_plan_and_budget_are_checked_before_the_model_loads(tmp_path, mo
         assert cli.main(base + args) == 2
         assert msg in capsys.readouterr().err, args
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    # an --out the save could not write: found before the optimize (it failed after it)
+    monkeypatch.setattr("slimfx.files.os.access", lambda p, mode: False)
+    assert cli.main(base + ["--out", str(tmp_path / "ro" / "o")]) == 2
+    assert f"cannot write to {tmp_path}: no permission" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- saved files
@@ -411,6 +415,44 @@ def test_save_refuses_a_foreign_directory_unless_overwrite(saved, tmp_path):
         slimfx.save(new, d)
     with pytest.raises(FileExistsError, match="is a file"):
         slimfx.save(new, d / "extra.txt")
+
+
+def test_a_save_keeps_links_modes_and_the_working_directory(saved, tmp_path, monkeypatch):
+    """A symlinked target is saved where it points (it became a real folder, the old save
+    left behind the link); the save is readable by others as the umask allows (it was 0700,
+    the weights 0600) and an existing folder keeps its mode; the working directory, a folder
+    holding it and a mount point are refused (the swap would delete or cannot rename them)."""
+    import os
+    import stat
+
+    new, _ = saved
+    big = tmp_path / "big" / "model"
+    slimfx.save(new, big)
+    os.chmod(big, 0o750)
+    (tmp_path / "proj").mkdir()
+    link = tmp_path / "proj" / "model"
+    link.symlink_to(big)
+    old_umask = os.umask(0o022)
+    try:
+        slimfx.save(new, link)
+        fresh = tmp_path / "fresh"
+        slimfx.save(new, fresh)
+    finally:
+        os.umask(old_umask)
+    assert link.is_symlink() and link.resolve() == big.resolve()
+    assert not [p for p in (tmp_path / "proj").iterdir() if p != link]  # no leftovers
+    assert stat.S_IMODE(big.stat().st_mode) == 0o750  # the folder's own mode kept
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in fresh.iterdir()} == {0o644}
+    assert torch.equal(out_of(slimfx.load(link, mlp(1)), X), out_of(new, X))
+    monkeypatch.chdir(fresh)
+    for target in (".", fresh, tmp_path):
+        with pytest.raises(ValueError, match="the working directory: a save replaces"):
+            slimfx.save(new, target, overwrite=True)
+    assert (fresh / "model.safetensors").is_file()
+    monkeypatch.setattr("slimfx.files.os.path.ismount", lambda p: str(p) == str(big))
+    with pytest.raises(ValueError, match="is a mount point"):
+        slimfx.save(new, big)
 
 
 def test_export_onnx_blames_a_wrong_width_input(saved, tmp_path):

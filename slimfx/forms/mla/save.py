@@ -25,7 +25,6 @@ left ``dir`` missing). A non-empty directory that is not an MLA save is refused 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -114,7 +113,7 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError("save_converted: the model has no Hugging Face config to rebuild it from")
-    d = Path(os.path.abspath(directory))
+    d = files.target(directory)
     files.recover(d)
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is a file; save_converted writes a directory")
@@ -123,6 +122,7 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
             f"{d} is a non-empty directory that is not an earlier MLA save; save elsewhere or "
             "pass overwrite=True to replace it"
         )
+    files.check_replaceable(d)
     with files.writing(d) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(config.to_json_string())

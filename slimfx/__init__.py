@@ -4,6 +4,9 @@
     print(slimfx.report_of(model))
 """
 
+# every form's decision kind registered, so Plan.load reads KV-cache and MLA decisions in a
+# fresh process (the registry and configs only: light)
+from slimfx import forms  # noqa: E402,I001
 from slimfx.planning.configs import (
     DenseConfig,
     LowRankConfig,

@@ -272,3 +272,26 @@ def test_default_forms_are_valid_and_the_mixed_latents_sit_at_their_shares(head_
     assert len(mixed) == 3
     for got, want in zip(mixed, (0.1, 0.125, 0.25)):
         assert abs(got - want) < 0.035, (mixed, shape)
+
+
+def test_a_plan_with_attention_decisions_loads_in_a_fresh_process():
+    """``import slimfx`` registers every form: Plan.load of a KV / MLA plan failed ("kind
+    'kv_quant' is unknown") unless something had imported the form folders first."""
+    import json
+    import subprocess
+    import sys
+
+    from slimfx.forms.mla.config import MLAConfig
+    from slimfx.planning.plan import Plan
+
+    plan = Plan({"a.self_attn": KVQuantConfig(4, 4, 32, 64, 0, 0),
+                 "b.self_attn": MLAConfig(rank=32, rope_pairs=2)})  # fmt: skip
+    code = (
+        "import json, sys, slimfx\n"
+        "p = slimfx.Plan.from_dict(json.loads(sys.stdin.read()))\n"
+        "print(sorted(d.kind for d in p.values()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(plan.to_dict()),
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["['kv_quant',", "'mla']"]

@@ -378,7 +378,7 @@ def _ints(flag: str, text: str) -> list[int]:
 def _onnx_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache", action="store_true",
                    help="export the decode step: ids + KV cache → logits + KV cache")
-    p.add_argument("--accuracy-level", type=int, default=0,
+    p.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
                    help="MatMulNBits accuracy_level (0 float compute, 4 int8 activations)")
 
 
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batches", default="1",
                    help="sequences per attention step (default %(default)s)")
     c.add_argument("--threads", type=int, default=None, help="intra-op threads")
-    c.add_argument("--accuracy-level", type=int, default=0,
+    c.add_argument("--accuracy-level", type=int, default=0, choices=range(5),
                    help="MatMulNBits accuracy_level (onnx): 0 float compute, 4 int8 activations")
     c.add_argument("--rotate-mb", type=float, default=64,
                    help="MiB of weight copies each form is spread over so that caches do not "

@@ -190,6 +190,9 @@ def _check_example_fits(model: nn.Module, example_inputs: Sequence[Any]) -> None
         for t in example_inputs
     ]
     kw = {"use_cache": False} if _is_hf_lm(model) or _keeps_cache(model) else {}
+    if _is_hf_lm(model) and len(example_inputs) == 1 and isinstance(example_inputs[0], Tensor):
+        if example_inputs[0].dim() == 1:  # ids of one row: the export adds the batch axis too
+            example_inputs = (example_inputs[0][None],)
     try:
         with torch.no_grad():
             model(*example_inputs, **kw)
@@ -516,6 +519,12 @@ def export_onnx(
             "no bfloat16 MatMul / MatMulNBits; export model.float() (or .half()) instead"
         )
     _check_example_fits(model, example_inputs)
+    onnx_ops.check_accuracy_level(accuracy_level)
+    if kv_cache and not dynamic:
+        raise ValueError(
+            "kv_cache=True needs dynamic=True: the decode step's cache grows by a token each "
+            "step (a static graph would fix its length at the example's)"
+        )
     if kv_cache:
         _check_cache_is_16bit(model)
     run = _Export(model, export_path(path), tuple(example_inputs), dynamic, kv_cache)

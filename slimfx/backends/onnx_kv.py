@@ -392,6 +392,7 @@ def export_onnx_kv(
     :func:`export_forms` (``None``: the forms the model carries). Batch, sequence, window and
     store lengths stay dynamic. ``accuracy_level``: as ``export_onnx``'s (the step graph's
     ``MatMulNBits``). The model (float32 or float16 weights) is left unchanged."""
+    onnx_ops.check_accuracy_level(accuracy_level)
     path = export_path(path)
     forms = export_forms(model, form)
     if any(p.dtype == torch.bfloat16 for p in model.parameters()):

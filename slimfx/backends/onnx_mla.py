@@ -377,6 +377,7 @@ def export_mla_onnx(
     ``example_ids``: (batch, seq) token ids to trace with (batch and sequence axes and the cache
     length stay dynamic). Raises :class:`OnnxExportError` for a model without MLA blocks or
     with bfloat16 weights (ONNX Runtime's CPU provider has no bfloat16 MatMul)."""
+    onnx_ops.check_accuracy_level(accuracy_level)
     import onnx
     import onnx_ir as ir
 

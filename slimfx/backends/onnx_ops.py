@@ -67,10 +67,18 @@ MSFT_DOMAIN = "com.microsoft"
 export_options: dict[str, Any] = {"accuracy_level": 0}
 
 
+def check_accuracy_level(level: Any) -> None:
+    """``MatMulNBits``' ``accuracy_level`` is 0–4 (0: float compute; 1–4: fp32, fp16, bf16,
+    int8 compute); anything else raises ``ValueError`` (ONNX Runtime ran a 9 silently)."""
+    if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 4:
+        raise ValueError(f"accuracy_level must be an int 0–4, got {level!r}")
+
+
 @contextmanager
 def accuracy_level(level: int) -> Iterator[None]:
     """Within the block, the ``MatMulNBits`` the translations emit carry ``accuracy_level``
     ``level`` (0: float compute); reset to 0 afterwards, also on an error."""
+    check_accuracy_level(level)
     export_options["accuracy_level"] = int(level)
     try:
         yield

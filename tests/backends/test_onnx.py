@@ -295,6 +295,43 @@ def test_a_path_that_cannot_be_written_is_refused_before_the_export(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_bad_export_options_are_refused_before_the_export(tmp_path, monkeypatch):
+    """accuracy_level outside 0–4 (ONNX Runtime ran a 9 silently) and a decode step with
+    dynamic=False (its cache length froze at the example's: the file could not run) are
+    refused up front, for every export."""
+    from slimfx.backends import onnx as onnx_mod
+    from slimfx.backends.onnx_kv import export_onnx_kv
+    from slimfx.backends.onnx_mla import export_mla_onnx
+    from slimfx.models import tiny_llama
+
+    monkeypatch.setattr(onnx_mod._Export, "torch_export", lambda self: 1 / 0)  # never reached
+    model, ids = tiny_llama(), (torch.randint(0, 256, (1, 6)),)
+    for level in (9, -1, 1.0, True):
+        with pytest.raises(ValueError, match="accuracy_level must be an int 0–4"):
+            export_onnx(model, tmp_path / "a.onnx", ids, accuracy_level=level)
+    with pytest.raises(ValueError, match="accuracy_level must be an int 0–4"):
+        export_onnx_kv(model, tmp_path / "a.onnx", accuracy_level=5)
+    with pytest.raises(ValueError, match="accuracy_level must be an int 0–4"):
+        export_mla_onnx(model, tmp_path / "a.onnx", ids[0], accuracy_level=5)
+    with pytest.raises(ValueError, match="kv_cache=True needs dynamic=True"):
+        export_onnx(model, tmp_path / "a.onnx", ids, kv_cache=True, dynamic=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_row_of_ids_exports(tmp_path):
+    """1-D example ids: the export adds the batch axis (the fit check ran the model on them
+    first and blamed a shape mismatch)."""
+    from slimfx.models import tiny_llama
+
+    model = tiny_llama()
+    ids = torch.arange(1, 9)
+    res = export_onnx(model, tmp_path / "m.onnx", (ids,))
+    got = ort_session(res.path, threads=1)(ids[None])
+    with torch.no_grad():
+        want = model(ids[None]).logits
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
 # --------------------------------------------------------------------------- real model
 
 

@@ -307,14 +307,18 @@ def _export(model, a: argparse.Namespace, ids) -> str:
         res = export_mla_onnx(model, a.onnx, ids, accuracy_level=a.accuracy_level)
         return (f"wrote {res.path}: the decode step over the MLA latent cache of layer(s) "
                 f"{', '.join(map(str, res.mla_layers))} ({res.cache_bytes_per_token} B/token); "
-                "slimfx.backends.onnx_mla.latent_ort_session runs it")
+                "slimfx.backends.onnx_mla.latent_ort_session runs it" + _notes(res.notes))
     from slimfx.backends.onnx_kv import export_onnx_kv
 
     res = export_onnx_kv(model, a.onnx, accuracy_level=a.accuracy_level)
     flush = "".join(f", {p.name}" for p in res.flush_paths)
     return (f"wrote {res.path.name}{flush} in {res.path.parent}: the decode step over the "
             f"compressed KV cache of layer(s) {', '.join(map(str, compressed))}; "
-            "slimfx.backends.onnx_kv_decoder.OrtKVDecoder runs it")
+            "slimfx.backends.onnx_kv_decoder.OrtKVDecoder runs it" + _notes(res.notes))
+
+
+def _notes(notes: list[str]) -> str:
+    return "".join(f"\nnote: {n}" for n in notes)
 
 
 def cmd_export(a: argparse.Namespace) -> int:

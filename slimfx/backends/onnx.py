@@ -44,6 +44,7 @@ from slimfx.backends.onnx_graph import (
     _markers_by_site,
     _rename_axes,
     _site_summary,
+    densified_notes,
     export_path,
     write_files,
 )
@@ -423,7 +424,7 @@ class _Export:
         return PassResult("to_onnx", True)
 
     def fold_markers(self, opts: dict) -> PassResult:
-        markers = _markers_by_site(self.ir_model)
+        self.markers = markers = _markers_by_site(self.ir_model)
         folded = _fold_markers(self.ir_model.graph)  # every slimfx.fold marker → an initializer
         _rename_axes(self.ir_model, self.axis_names)
         self.how, self.site_bytes = _site_summary(self.ir_model, markers)
@@ -537,19 +538,7 @@ def export_onnx(
         run.path, run.data_path, run.ir_model, run.how, run.site_bytes
     )
     counts = Counter(n.op_type for n in ir_model.graph.all_nodes())
-    notes = []
-    dense24 = [f for f, h in how.items() if "2:4 densified" in h]
-    deq = [f for f, h in how.items() if "quantized weight densified" in h]
-    if dense24:
-        notes.append(
-            f"exported dense: onnxruntime has no 2:4 kernel — {len(dense24)} site(s): "
-            + ", ".join(dense24)
-        )
-    if deq:
-        notes.append(
-            f"exported dense: no power-of-two MatMulNBits block ≥ 16 divides the group — "
-            f"{len(deq)} site(s): " + ", ".join(deq)
-        )
+    notes = densified_notes(run.markers)
     float_dtypes = {str(p.dtype) for p in model.parameters() if p.is_floating_point()}
     if "torch.float32" in float_dtypes and how:
         notes.append(

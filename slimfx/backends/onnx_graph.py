@@ -188,6 +188,33 @@ def _site_summary(
     return how, nbytes
 
 
+def densified_notes(markers: dict[str, list[str]]) -> list[str]:
+    """The notes for sites a graph exports dense (``_markers_by_site`` before the fold): 2:4
+    (no ONNX Runtime kernel) and quantized groups no ``MatMulNBits`` block fits."""
+    notes = []
+    d24 = sorted(f for f, m in markers.items() if "Dense24T" in m)
+    deq = sorted(f for f, m in markers.items() if "DequantT" in m and f not in d24)
+    if d24:
+        notes.append(
+            f"exported dense: onnxruntime has no 2:4 kernel — {len(d24)} site(s): "
+            + ", ".join(d24)
+        )
+    if deq:
+        notes.append(
+            f"exported dense: no power-of-two MatMulNBits block ≥ 16 divides the group — "
+            f"{len(deq)} site(s): " + ", ".join(deq)
+        )
+    return notes
+
+
+def annotate_notes(model: Any, path: Path, notes: list[str]) -> None:
+    """Append an export's notes to the model's slimfx report, if it has one (as
+    ``export_onnx`` does), naming the file."""
+    rep = getattr(model, "slimfx_report", None)  # slimfx.api.REPORT_ATTR
+    if rep is not None and hasattr(rep, "notes"):
+        rep.notes.extend(f"onnx {path.name}: {n}" for n in notes)
+
+
 def _markers_by_site(model: Any) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for node in model.graph:

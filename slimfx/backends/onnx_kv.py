@@ -68,7 +68,10 @@ from slimfx.backends.onnx_graph import (
     WRAP,
     OnnxExportError,
     _fold_markers,
+    _markers_by_site,
     _rename_axes,
+    annotate_notes,
+    densified_notes,
     export_path,
     write_files,
 )
@@ -336,7 +339,8 @@ def _to_onnx(
     outs: list[str],
     axes: dict[str, str],
     meta: dict[str, str],
-) -> None:
+) -> list[str]:
+    """Write one graph; returns the notes of the sites it exports dense (``densified_notes``)."""
     import onnx
     import onnx_ir as ir
 
@@ -351,11 +355,13 @@ def _to_onnx(
         verbose=False,
     )
     model = prog.model
+    notes = densified_notes(_markers_by_site(model))
     _fold_markers(model.graph)
     _rename_axes(model, axes)
     model.metadata_props.update(meta)
     ir.save(model, path)
     onnx.checker.check_model(str(path))
+    return notes
 
 
 def _axis_names(program: Any, n_inputs: int, axes: Sequence[Sequence[str | None]]) -> dict:
@@ -379,6 +385,8 @@ class KVExportResult:
     flush_paths: list[Path]
     forms: list[KVDecision]
     flush_forms: list[KVDecision] = field(default_factory=list)
+    #: what the graphs do not export as the report prices it (2:4 sites exported dense, …)
+    notes: list[str] = field(default_factory=list)
 
 
 def export_onnx_kv(
@@ -483,15 +491,18 @@ def export_onnx_kv(
 
     flush_glob = f"{glob.escape(path.stem)}.flush*.onnx"
 
+    notes: list[str] = []
+
     def write(tmp: Path) -> None:
         with onnx_ops.accuracy_level(accuracy_level):
             for prog, name, *rest in graphs:
-                _to_onnx(prog, tmp / name, *rest)
+                notes.extend(n for n in _to_onnx(prog, tmp / name, *rest) if n not in notes)
 
     # the step graph renamed last; the decoder checks each flush's form; a previous export's
     # extra flush graphs are removed
     write_files(path, write, stale=lambda p: fnmatch.fnmatchcase(p.name, flush_glob))
-    return KVExportResult(path, flush_paths, forms, flush_forms)
+    annotate_notes(model, path, notes)
+    return KVExportResult(path, flush_paths, forms, flush_forms, notes)
 
 
 AUTO = torch.export.Dim.AUTO

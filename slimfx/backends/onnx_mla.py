@@ -52,7 +52,10 @@ from slimfx.backends.onnx_graph import (
     WRAP,
     OnnxExportError,
     _fold_markers,
+    _markers_by_site,
     _rename_axes,
+    annotate_notes,
+    densified_notes,
     export_path,
     write_files,
 )
@@ -422,6 +425,7 @@ def export_mla_onnx(
                 custom_translation_table=onnx_ops.translation_table(), optimize=True,
                 verbose=False, **kwargs,
             )
+    notes = densified_notes(_markers_by_site(onnx_prog.model))
     _fold_markers(onnx_prog.model.graph)
     _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model))
     def write(tmp: Path) -> None:
@@ -432,7 +436,7 @@ def export_mla_onnx(
     counts = Counter(n.op_type for n in onnx_prog.model.graph.all_nodes())
     per_token = sum(c.heads * c.width * torch.empty((), dtype=c.dtype).element_size()
                     for c in layout)
-    notes = []
+    annotate_notes(model, path, notes)
     return MLAOnnxExport(
         path=path,
         file_bytes=path.stat().st_size,

@@ -86,3 +86,21 @@ def test_the_16bit_cache_export_refuses_a_compressed_cache(tiny_llama, tmp_path)
     with pytest.raises(OnnxExportError, match=r"compressed KV cache .*export_onnx_kv"):
         export_onnx(out, tmp_path / "x.onnx", (_calib()[0][:, :9],), kv_cache=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_a_kv_export_notes_the_sites_it_exports_dense(tmp_path):
+    """A 2:4 site goes dense through ONNX Runtime in the decode-step graph too: the result,
+    the model's report and the CLI line say so, as export_onnx does (they said nothing)."""
+    from slimfx.backends.onnx_kv import export_onnx_kv
+    from slimfx.models import tiny_llama
+    from slimfx.planning.configs import Sparse24Config
+    from slimfx.planning.plan import Plan
+
+    plan = Plan({"model.layers.0.mlp.up_proj": Sparse24Config(),
+                 "model.layers.0.self_attn": KVQuantConfig(4, 4, 8, 16, 0, 0)})  # fmt: skip
+    out = slimfx.optimize(tiny_llama(num_hidden_layers=1), plan=plan, calibration=_calib(),
+                          progress=False)  # fmt: skip
+    res = export_onnx_kv(out, tmp_path / "kv.onnx")
+    want = "exported dense: onnxruntime has no 2:4 kernel — 1 site(s): model.layers.0.mlp.up_proj"
+    assert res.notes == [want]
+    assert f"onnx kv.onnx: {want}" in slimfx.report_of(out).notes

@@ -213,13 +213,13 @@ def optimize(
     )  # fmt: skip
     report.solver = pl.solver
     report.capture = pl.capture
-    report.notes = pl.notes
+    report.notes = [*pl.notes, *(n for n in report.notes if n not in pl.notes)]
     loss_checks(report, pl.rewritten, pl.dense_ref, pl.eval_batches, pl.stats, measure_loss)
     if pl.problem is not None:
         report.frontier = pl.frontier
     pl.timings["total"] = time.perf_counter() - t_start
     report.timings = pl.timings
-    report.meta = {"model_class": type(model).__name__, "plan": pl.plan.to_dict()}
+    report.meta = {**report.meta, "model_class": type(model).__name__, "plan": pl.plan.to_dict()}
     if pl.memory:  # resident MB around each stage (stages.MemoryInstrument)
         report.meta["stage_memory_mb"] = pl.memory
     if pl.family_seconds:  # each candidate family's seconds in the candidates stage

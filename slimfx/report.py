@@ -198,7 +198,10 @@ class Report:
             "bytes_ratio": _r(after / dense if dense else 1.0),
             "bits_per_weight": _r(16 * after / dense if dense else 16.0, 3),
             # the solver's objective: each site's error weighted by its sensitivity
-            "est_error_sum": _r(sum(s.sensitivity * s.est_error for s in self.sites)),
+            "est_error_sum": (
+                _r(sum(s.sensitivity * s.est_error for s in self.sites)) if self.estimated
+                else None  # a replayed plan: nothing estimated
+            ),
             "est_latency_ratio": _r(lat1 / lat0 if lat0 else 1.0),
             "latency_sources": sorted({s.latency_source for s in self.sites}),
         }
@@ -280,11 +283,19 @@ class Report:
                     f"{frac:.3f}",
                     "–" if k.cache_bytes_after is None else _mb(k.cache_bytes_after),
                     _mb(k.weight_bytes_after) if k.owns else "–",
-                    f"{k.est_error:.4f}", _ratio(k.latency_after_s, k.latency_before_s),
+                    self._err(k.est_error), _ratio(k.latency_after_s, k.latency_before_s),
                     k.latency_source, k.decode_step or "–", k.status,
                 ]) + " |"
             )  # fmt: skip
         return out
+
+    @property
+    def estimated(self) -> bool:
+        """False for a replayed plan's report: no cost model ran (errors read "–")."""
+        return self.meta.get("estimated", True) is not False
+
+    def _err(self, value: float) -> str:
+        return f"{value:.4f}" if self.estimated else "–"
 
     def site(self, fqn: str) -> SiteEntry:
         for s in self.sites:
@@ -303,7 +314,7 @@ class Report:
                 s.chosen,
                 s.runner_up or "",
                 f"{s.bytes_after / max(s.bytes_before, 1):.2f}",
-                f"{s.est_error:.4f}",
+                self._err(s.est_error),
                 sq,
             ]
             if full:
@@ -458,6 +469,9 @@ class Report:
             ax2.plot([t["bytes_ratio"]], [t["est_error_sum"]], "r*", ms=12, label="chosen")
             ax2.set_yscale("log")
             ax2.legend()
+        else:
+            why = "a replayed plan: no cost model ran" if not self.estimated else "no frontier"
+            ax2.text(0.5, 0.5, why, ha="center", va="center", transform=ax2.transAxes)
         ax2.set_xlabel("memory budget (fraction of dense 16-bit bytes)")
         ax2.set_ylabel("summed estimated error")
         ax2.set_title("Error–budget frontier")

@@ -126,7 +126,17 @@ def build_report(
         for a in attention_sites or ()
         if a.fqn in plan
     ]
+    if problem is None:  # a replayed plan: no cost model ran, nothing was estimated
+        report.meta["estimated"] = False
+        report.notes.append(REPLAY_NOTE)
     return report
+
+
+#: the note of a replayed plan's report (its error columns read "–")
+REPLAY_NOTE = (
+    "replayed plan: no cost model ran, so the estimated errors (est.err), the runner-ups and "
+    "the frontier are not known ('–'); the measured SQNR columns are"
+)
 
 
 def _site_options(problem: BudgetProblem | None, name: str) -> SiteOptions | None:

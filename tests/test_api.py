@@ -134,6 +134,16 @@ def test_plan_replay_without_cost_model_or_solver(optimized, monkeypatch):
     assert other.budget["memory"] == 0.6 and other.totals["rewritten"] == replayed.totals[
         "rewritten"]  # fmt: skip
     assert any(n.startswith("budget (memory=0.9) not used: a replayed plan") for n in other.notes)
+    # nothing estimated: "–", not an est.err of 0.0000 beside a measured SQNR (and a note)
+    from slimfx.report_builder import REPLAY_NOTE
+
+    assert solved.estimated and not replayed.estimated and REPLAY_NOTE in replayed.notes
+    assert replayed.totals["est_error_sum"] is None and solved.totals["est_error_sum"] > 0
+    applied = next(s for s in replayed.sites if s.status == "applied")
+    row = next(line for line in str(replayed).splitlines() if line.startswith(applied.fqn))
+    assert " – " in row and "0.0000" not in row
+    again = slimfx.Report.from_dict(json.loads(json.dumps(replayed.to_dict())))
+    assert not again.estimated  # kept through report.json
 
 
 def test_budget_one_changes_nothing():

@@ -9,6 +9,7 @@ its estimates, when the Plan was solved under a budget (:class:`Planned`), else 
 
 from __future__ import annotations
 
+import difflib
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -105,6 +106,11 @@ def _gram_free(fqn: str, plan: Plan) -> bool:
     return (d.kind, getattr(d, "method", None)) in {("lowrank", "svd"), ("quant", "rtn")}
 
 
+def _closest(name: str, compiled: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(compiled), n=1, cutoff=0.6)
+    return f" so far; the closest compiled site is {close[0]!r}" if close else ""
+
+
 def merge_records(be: Any, graphs: Sequence[GraphRecord]) -> PassResult:
     """One record per site of backend ``be`` over ``graphs``: ``applied`` when applied in
     some sub-graph (``extra``: graphs, factor_cache_hits), else the rejection, else why it
@@ -158,7 +164,9 @@ def merge_records(be: Any, graphs: Sequence[GraphRecord]) -> PassResult:
             rec.extra["graphs"] = [i for i, _ in rows]
         else:
             d = be.plan[fqn] if be.plan is not None and fqn in be.plan else DenseConfig()
-            why = "dense" if isinstance(d, DenseConfig) else "not in any compiled graph"
+            why = "dense" if isinstance(d, DenseConfig) else (
+                "not in any compiled graph" + _closest(fqn, [f for f in per if f != fqn])
+            )  # or a misspelt plan name: without model= nothing checked it before
             rec = SiteRecord(fqn, d.short(), "skipped", why)
         records.append(rec)
     return PassResult(
@@ -202,6 +210,12 @@ def compile_report(be: Any, graphs: Sequence[GraphRecord]) -> Report:
         r.reason == GRAD_REASON for r in g.lowering.records)]
     if unpacked:
         notes.append(f"graph(s) {', '.join(map(str, unpacked))}: {GRAD_REASON}")
+    absent = [r for r in result.records if r.reason.startswith("not in any compiled graph")]
+    if absent and graphs:
+        notes.append(
+            f"{len(absent)} planned site(s) in no compiled graph so far (a name the model does "
+            f"not have, or a part not called yet), e.g. {absent[0].fqn}: {absent[0].reason}"
+        )
     unresolved = [u for g in graphs for u in g.unresolved]
     if unresolved:
         notes.append(f"{len(unresolved)} linear node(s) left alone: {'; '.join(unresolved[:3])}")

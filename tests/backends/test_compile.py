@@ -329,7 +329,8 @@ def test_recompile_of_the_same_graph_hits_the_cache_and_absent_sites_are_reporte
     assert len(calls) == 2 and len(be.factor_cache) == 2
     report = be.report
     assert report.site("fc3").status == "skipped"
-    assert report.site("fc3").reason == "not in any compiled graph"
+    assert report.site("fc3").reason == (
+        "not in any compiled graph so far; the closest compiled site is 'fc2'")
     assert report.site("fc1").extra["graphs"] == [0, 1]
     assert report.site("fc1").extra["factor_cache_hits"] == 1
 
@@ -340,6 +341,19 @@ def test_plan_names_are_checked_against_the_model(two) -> None:
     # the same check as optimize and the module swap: shapes too
     with pytest.raises(ValueError, match=r"shapes do not match.*'fc2'.*\(3, 3\)"):
         plan_backend(plan=Plan({"fc2": DenseConfig()}, {"fc2": (3, 3)}), model=two)
+
+
+def test_a_misspelt_plan_name_without_a_model_is_noted(two, x16) -> None:
+    """Without model= nothing checks plan names up front: a typo rewrote nothing silently;
+    the site's reason and a note name the closest site of the compiled graphs."""
+    plan = Plan({"fc_2": LowRankConfig(3, "svd")})
+    be = plan_backend(plan=plan, inner="eager")
+    gm, inputs = dynamo_like(two, x16, "L_self_modules_fc2_parameters_weight_")
+    be(gm, inputs)
+    why = "not in any compiled graph so far; the closest compiled site is 'fc2'"
+    assert be.report.site("fc_2").reason == why
+    assert any(n.startswith("1 planned site(s) in no compiled graph so far") and
+               n.endswith(f"e.g. fc_2: {why}") for n in be.report.notes)  # fmt: skip
 
 
 def test_report_of_compiled_finds_the_session_or_says_why(two) -> None:

@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 __all__ = [
     "optimize",
     "report_of",
+    "report_of_compiled",
     "save",
     "load",
     "Plan",
@@ -49,6 +50,10 @@ def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers
         from slimfx import api
 
         return getattr(api, name)
+    if name == "report_of_compiled":  # the report of a slimfx torch.compile backend
+        from slimfx.backends.compile import report_of_compiled
+
+        return report_of_compiled
     if name in ("save", "load"):
         from slimfx import io
 

@@ -78,10 +78,20 @@ def _budget_of(budget: float | Budget | None, plan: Plan | None, notes: list[str
 
 
 def report_of(model: nn.Module) -> Report:
-    """The report of a model returned by ``optimize`` (KeyError-like error otherwise)."""
+    """The report of a model returned by ``optimize`` (or of its ``torch.compile`` wrapper);
+    a ``ValueError`` otherwise, pointing a model compiled with a slimfx backend to
+    :func:`slimfx.report_of_compiled`."""
     rep = getattr(model, REPORT_ATTR, None)
+    orig = getattr(model, "_orig_mod", None)
+    if rep is None and orig is not None:
+        rep = getattr(orig, REPORT_ATTR, None)
     if rep is None:
-        raise ValueError("this model was not returned by slimfx.optimize (it has no report)")
+        compiled = orig is not None or getattr(model, "_compiled_call_impl", None) is not None
+        raise ValueError(
+            "this model was not returned by slimfx.optimize (it has no report)"
+            + ("; a model compiled with backend='slimfx' (or slimfx.backend(...)) has its "
+               "compile report in slimfx.report_of_compiled(compiled)" if compiled else "")
+        )
     return rep
 
 

@@ -536,7 +536,8 @@ def report_of_compiled(compiled_or_backend: Any) -> Report:
     obj = compiled_or_backend
     if isinstance(obj, SlimfxBackend):
         return obj.report
-    be, options, mode = _walk(obj)
+    inner = getattr(obj, "_compiled_call_impl", None)  # model.compile(backend=...)
+    be, options, mode = _walk(obj if inner is None else inner)
     if be is None:
         raise ValueError(
             f"{type(obj).__name__} was not compiled with a slimfx backend (no report); "
@@ -544,7 +545,7 @@ def report_of_compiled(compiled_or_backend: Any) -> Report:
         )
     if be is slimfx_backend:
         be = _session(options, mode)
-    orig = getattr(obj, "_orig_mod", None)
+    orig = getattr(obj, "_orig_mod", obj if inner is not None else None)
     if isinstance(orig, nn.Module) and be is default_session():
         params = list(orig.parameters())
         return be.report_for([g for g in be.graphs if g.uses_any(params)])

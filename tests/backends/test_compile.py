@@ -368,6 +368,11 @@ def test_report_of_compiled_finds_the_session_or_says_why(two) -> None:
     ]
     be = plan_backend(plan=TWO_PLAN, inner="eager")
     assert report_of_compiled(torch.compile(two, backend=be)).sites == be.report.sites
+    # model.compile(backend=...) (the route generate() takes) and the public names
+    two.compile(backend=be)
+    assert slimfx.report_of_compiled(two).sites == be.report.sites
+    with pytest.raises(ValueError, match=r"compile report in slimfx.report_of_compiled"):
+        slimfx.report_of(torch.compile(two, backend=be))
 
 
 def test_linear_submodule_calls_are_reported_not_rewritten(two, x16) -> None:

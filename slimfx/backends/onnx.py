@@ -46,6 +46,7 @@ from slimfx.backends.onnx_graph import (
     _site_summary,
     densified_notes,
     export_path,
+    save_graph,
     write_files,
 )
 from slimfx.backends.ort import OrtModel, ort_session
@@ -58,8 +59,6 @@ from slimfx.planning.shapes import LinearShape
 # OrtModel and ort_session live in slimfx.backends.ort; re-exported here for one import line.
 __all__ = ["ExportResult", "OnnxExportError", "OrtModel", "export_onnx", "ort_session"]
 
-#: Above this many bytes of weights the file gets its weights in an external data file.
-EXTERNAL_DATA_THRESHOLD = 1_500_000_000
 _REPORT_ATTR = "slimfx_report"  # where slimfx.optimize leaves its report (slimfx.api)
 
 
@@ -431,26 +430,15 @@ class _Export:
         return PassResult("fold_markers", bool(folded))
 
     def save(self, opts: dict) -> PassResult:
-        import onnx
-        import onnx_ir as ir
-
-        weight_bytes = sum(
-            int(v.const_value.nbytes)
-            for v in self.ir_model.graph.initializers.values()
-            if v.const_value is not None
-        )
-        external = opts["external_data"]
-        use_external = weight_bytes > EXTERNAL_DATA_THRESHOLD if external is None else external
         path = self.path
-        self.data_path = path.with_name(path.name + ".data") if use_external else None
-        name = None if self.data_path is None else self.data_path.name
+        names: list[str | None] = []
 
-        def write(tmp: Path) -> None:  # a fresh folder: no old data file to append to
-            ir.save(self.ir_model, tmp / path.name, external_data=name)
-            onnx.checker.check_model(str(tmp / path.name))
+        def write(tmp: Path) -> None:
+            names.append(save_graph(self.ir_model, tmp / path.name, opts["external_data"]))
 
         # a previous export's external data is stale when this one has none (or another name)
         write_files(path, write, stale=lambda p: p.name == path.name + ".data")
+        self.data_path = path.with_name(names[0]) if names[0] else None
         return PassResult("save", True)
 
 

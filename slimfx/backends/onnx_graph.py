@@ -35,6 +35,29 @@ def export_path(path: str | os.PathLike[str]) -> Path:
     return out
 
 
+#: weights above this many bytes go to ``<file>.data`` (protobuf's limit is 2 GB)
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+
+
+def save_graph(ir_model: Any, path: Path, external: bool | None = None) -> str | None:
+    """Write ``ir_model`` at ``path`` (a fresh folder: no old data file to append to), its
+    weights in ``<name>.data`` beside it when ``external`` (``None``: above
+    ``EXTERNAL_DATA_THRESHOLD``), and check it; returns the data file's name or ``None``."""
+    import onnx
+    import onnx_ir as ir
+
+    weight_bytes = sum(
+        int(v.const_value.nbytes)
+        for v in ir_model.graph.initializers.values()
+        if v.const_value is not None
+    )
+    use = weight_bytes > EXTERNAL_DATA_THRESHOLD if external is None else external
+    name = path.name + ".data" if use else None
+    ir.save(ir_model, path, external_data=name)
+    onnx.checker.check_model(str(path))
+    return name
+
+
 def write_files(
     path: Path, write: Callable[[Path], Any], stale: Callable[[Path], bool] | None = None
 ) -> None:

@@ -73,6 +73,7 @@ from slimfx.backends.onnx_graph import (
     annotate_notes,
     densified_notes,
     export_path,
+    save_graph,
     write_files,
 )
 from slimfx.backends.onnx_kv_latent import (
@@ -341,9 +342,6 @@ def _to_onnx(
     meta: dict[str, str],
 ) -> list[str]:
     """Write one graph; returns the notes of the sites it exports dense (``densified_notes``)."""
-    import onnx
-    import onnx_ir as ir
-
     prog = torch.onnx.export(
         program,
         (),
@@ -359,8 +357,7 @@ def _to_onnx(
     _fold_markers(model.graph)
     _rename_axes(model, axes)
     model.metadata_props.update(meta)
-    ir.save(model, path)
-    onnx.checker.check_model(str(path))
+    save_graph(model, path)  # weights beside it past the threshold (protobuf's 2 GB)
     return notes
 
 
@@ -489,7 +486,7 @@ def export_onnx_kv(
         graphs.append((prog, fpath.name, f_ins, _store_names(f), f_axes, f_meta))
         flush_paths.append(fpath)
 
-    flush_glob = f"{glob.escape(path.stem)}.flush*.onnx"
+    flush_glob = f"{glob.escape(path.stem)}.flush*.onnx*"  # with a flush's external data
 
     notes: list[str] = []
 
@@ -500,7 +497,8 @@ def export_onnx_kv(
 
     # the step graph renamed last; the decoder checks each flush's form; a previous export's
     # extra flush graphs are removed
-    write_files(path, write, stale=lambda p: fnmatch.fnmatchcase(p.name, flush_glob))
+    write_files(path, write, stale=lambda p: fnmatch.fnmatchcase(p.name, flush_glob)
+                or p.name == path.name + ".data")
     annotate_notes(model, path, notes)
     return KVExportResult(path, flush_paths, forms, flush_forms, notes)
 

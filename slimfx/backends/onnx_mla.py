@@ -57,6 +57,7 @@ from slimfx.backends.onnx_graph import (
     annotate_notes,
     densified_notes,
     export_path,
+    save_graph,
     write_files,
 )
 from slimfx.backends.ort import OrtModel
@@ -381,8 +382,6 @@ def export_mla_onnx(
     length stay dynamic). Raises :class:`OnnxExportError` for a model without MLA blocks or
     with bfloat16 weights (ONNX Runtime's CPU provider has no bfloat16 MatMul)."""
     onnx_ops.check_accuracy_level(accuracy_level)
-    import onnx
-    import onnx_ir as ir
 
     from slimfx.backends.onnx import _check_translatable
 
@@ -428,18 +427,18 @@ def export_mla_onnx(
     notes = densified_notes(_markers_by_site(onnx_prog.model))
     _fold_markers(onnx_prog.model.graph)
     _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model))
-    def write(tmp: Path) -> None:
-        ir.save(onnx_prog.model, tmp / path.name)
-        onnx.checker.check_model(str(tmp / path.name))
+    def write(tmp: Path) -> None:  # weights beside it past the threshold (protobuf's 2 GB)
+        save_graph(onnx_prog.model, tmp / path.name)
 
-    write_files(path, write)
+    write_files(path, write, stale=lambda p: p.name == path.name + ".data")
     counts = Counter(n.op_type for n in onnx_prog.model.graph.all_nodes())
     per_token = sum(c.heads * c.width * torch.empty((), dtype=c.dtype).element_size()
                     for c in layout)
     annotate_notes(model, path, notes)
     return MLAOnnxExport(
         path=path,
-        file_bytes=path.stat().st_size,
+        file_bytes=sum(p.stat().st_size for p in (path, path.with_name(path.name + ".data"))
+                       if p.exists()),
         op_counts=dict(counts),
         mla_layers=mla_layers,
         cache_layout=layout,

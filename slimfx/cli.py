@@ -50,7 +50,8 @@ def _calibration(tokenizer, name: str, n: int, seq_len: int, model=None):
 
 def _families(a: argparse.Namespace) -> tuple[str, ...]:
     """``--families``, comma-separated, spaces around the names dropped ("int4, int8")."""
-    return tuple(f.strip() for f in a.families.split(",") if f.strip())
+    text = ",".join(DEFAULT_FAMILIES) if a.families is None else a.families
+    return tuple(f.strip() for f in text.split(",") if f.strip())
 
 
 def _check_optimize_args(a: argparse.Namespace):
@@ -81,6 +82,15 @@ def _check_optimize_args(a: argparse.Namespace):
                              "directory (the streamed optimize)")
     if a.calib not in CORPORA and not (streamed and a.calib == "random"):
         raise ValueError(f"unknown --calib {a.calib!r}; known: {', '.join(sorted(CORPORA))}")
+    if a.model == "tiny":  # random weights, no tokenizer: random ids, no held-out text
+        given = [f for f, on in (("--eval", a.eval), (f"--calib {a.calib}", a.calib != "lee"))
+                 if on]
+        if given:
+            raise ValueError(f"{', '.join(given)}: the tiny random model calibrates on random "
+                             "token ids and has no held-out text (use --model smollm2)")
+    if a.plan and a.families is not None:
+        raise ValueError("--families chooses the solver's candidates; a replayed --plan has "
+                         "its forms already: give one of them")
     check_options(target=a.target, workload=a.workload, families=_families(a),
                   seq_len=a.seq_len)
     cache_only = a.kv is not None or a.total_bytes is not None
@@ -250,6 +260,9 @@ def _read_report(path: str):
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    if a.diff and (a.plot or a.markdown):
+        raise ValueError("--diff prints what changed between two reports; --plot and "
+                         "--markdown write one report: give them in another call")
     rep = _read_report(a.path)
     if a.diff:
         other = _read_report(a.diff)
@@ -346,6 +359,8 @@ def cmd_calibrate_target(a: argparse.Namespace) -> int:
     from slimfx.cost.measure_attention import parse_attention_shapes
     from slimfx.latency_calibration import calibrate_target, parse_shapes
 
+    if a.threads is not None and a.threads < 1:
+        raise ValueError(f"--threads must be ≥ 1, got {a.threads}")
     device = a.device or ("cpu" if a.backend == "onnx" or not torch.cuda.is_available() else "cuda")
     backend = a.backend or ("triton" if device.startswith("cuda") else "eager")
     target = a.target or {"onnx": "ort-cpu"}.get(backend, "h100" if device != "cpu" else "cpu")
@@ -394,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="smollm2 | tiny | a Hugging Face checkpoint directory (config.json + "
                    "safetensors), optimized one decoder block at a time (docs/STREAMING.md)")
     o.add_argument("--budget", type=float, default=None,
-                   help="fraction of 16-bit bytes (default 0.8 unless --bits or --latency)")
+                   help="fraction of 16-bit bytes (default 0.8 unless --bits, --latency, --kv "
+                   "or --total-bytes: those bound the model alone)")
     o.add_argument("--bits", type=float, default=None, help="effective bits/weight instead")
     o.add_argument("--latency", type=float, default=None,
                    help="latency budget: a fraction of the dense linears' time for --workload")
@@ -417,8 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration text: lee (news) | wiki; random (ids) for a directory")
     o.add_argument("--n-calib", type=int, default=16)
     o.add_argument("--seq-len", type=int, default=256)
-    o.add_argument("--families", default=",".join(DEFAULT_FAMILIES),
-                   help="candidate families, comma-separated")
+    o.add_argument("--families", default=None,
+                   help="candidate families, comma-separated (default "
+                   f"{','.join(DEFAULT_FAMILIES)})")
     o.add_argument("--target", default="cpu")
     o.add_argument("--workload", default="decode", choices=["decode", "prefill"])
     o.add_argument("--sequential", action="store_true")

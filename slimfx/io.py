@@ -24,6 +24,7 @@ speed; a mismatch otherwise raises ``ValueError`` naming the file.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,11 @@ def save(
 def _verify(d: Path, info: Mapping[str, Any]) -> None:
     listed = info.get("files")
     if listed is None:  # a save from before checksums: nothing to verify against
+        warnings.warn(
+            f"{d / 'slimfx.json'} lists no file checksums (a save from before they were "
+            "recorded, or an edited manifest): nothing was verified; save it again to add them",
+            stacklevel=3,
+        )
         return
     if not isinstance(listed, Mapping):
         raise ValueError(f"{d / 'slimfx.json'}: field 'files' must be an object")
@@ -262,7 +268,15 @@ def load(
         mla = {k: d for k, d in kv.items() if isinstance(d, MLAConfig)}
         empty_kv_like_plan(model, {k: d for k, d in kv.items() if k not in mla}, att)
         empty_mla_like_plan(model, mla, att)
-    load_model(model, str(d / "model.safetensors"), strict=True)
+    try:
+        load_model(model, str(d / "model.safetensors"), strict=True)
+    except Exception as e:  # noqa: BLE001 - a file verify=False did not check (truncated, edited)
+        raise ValueError(
+            f"{d / 'model.safetensors'} does not load into the model its plan.json and "
+            f"config.json describe ({type(e).__name__}: {str(e)[:300]})"
+            + ("; load(..., verify=True) checks every file against the manifest first"
+               if not verify else "")
+        ) from e
     if (d / GENERATION_CONFIG).is_file():
         from transformers import GenerationConfig
 

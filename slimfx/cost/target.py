@@ -451,7 +451,12 @@ class MeasuredCache:
 
     def load(self) -> MeasuredCache:
         """Read the file (replacing what is in memory)."""
-        data = json.loads(self.path.read_text())
+        try:
+            data = json.loads(self.path.read_text())
+        except ValueError as e:
+            raise ValueError(f"{self.path}: not a latency cache (not JSON: {e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.path}: not a latency cache (a JSON {type(data).__name__})")
         if data.get("version", 1) > self.version:
             raise ValueError(
                 f"{self.path}: cache version {data['version']} is newer than {self.version}"

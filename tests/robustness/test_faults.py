@@ -316,6 +316,8 @@ def test_cli_bad_plan_and_budget_are_checked_before_the_model_loads(tmp_path, mo
 
     monkeypatch.setattr(cli, "_load_model", no_load)
     bad = _plan_file(tmp_path, version="1")
+    ok = tmp_path / "ok"
+    ok.mkdir()
     (tmp_path / "file").write_text("x")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
@@ -331,6 +333,11 @@ def test_cli_bad_plan_and_budget_are_checked_before_the_model_loads(tmp_path, mo
         (["--total-bytes", "1e6", "--out", str(tmp_path / "o")], "give context="),
         (["--kv", "0", "--out", str(tmp_path / "o")], "kv budget is a fraction"),
         (["--kv", "0.5", "--batch", "4", "--out", str(tmp_path / "o")], "batch= scales"),
+        # flags that were silently ignored
+        (["--eval", "--out", str(tmp_path / "o")], "--eval: the tiny random model"),
+        (["--calib", "wiki", "--out", str(tmp_path / "o")], "--calib wiki: the tiny random"),
+        (["--plan", str(_plan_file(ok)), "--families", "lowrank", "--out",
+          str(tmp_path / "o")], "a replayed --plan has its forms already"),
     ]
     for args, msg in cases:
         assert cli.main(base + args) == 2
@@ -378,6 +385,42 @@ def test_cli_report_on_bad_json(saved, tmp_path, capsys):
     )
     assert main(["report", str(tmp_path / "nosites.json")]) == 2
     assert "nosites.json: not a valid slimfx report (KeyError: 'sites')" in capsys.readouterr().err
+
+
+def test_cli_flags_that_cannot_go_together_are_refused(saved, tmp_path, capsys):
+    from slimfx.cli import main
+
+    assert main(["report", str(saved[1]), "--diff", str(saved[1]), "--plot",
+                 str(tmp_path / "p.png")]) == 2  # fmt: skip
+    assert "--diff prints what changed" in capsys.readouterr().err
+    assert main(["calibrate-target", "--threads", "0", "--out",
+                 str(tmp_path / "t.json")]) == 2  # fmt: skip
+    assert "--threads must be ≥ 1, got 0" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad.json: not a latency cache \(not JSON"):
+        from slimfx.cost.target import MeasuredCache
+
+        MeasuredCache(bad).load()
+
+
+def test_unverified_loads_name_the_file_and_old_manifests_warn(saved, tmp_path):
+    import shutil
+
+    _, d = saved
+    c = tmp_path / "cut"
+    shutil.copytree(d, c)
+    f = c / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:200])  # truncated
+    with pytest.raises(ValueError, match=r"model.safetensors does not load .*verify=True\) checks"):
+        slimfx.load(c, mlp(1), verify=False)
+    m = tmp_path / "nofiles"
+    shutil.copytree(d, m)
+    info = json.loads((m / "slimfx.json").read_text())
+    del info["files"]
+    (m / "slimfx.json").write_text(json.dumps(info))
+    with pytest.warns(UserWarning, match="lists no file checksums"):
+        slimfx.load(m, mlp(1))
 
 
 def test_bit_flip_is_caught_on_load_and_verify_false_skips(saved, tmp_path):

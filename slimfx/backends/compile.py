@@ -530,9 +530,10 @@ def _walk(obj: Any) -> tuple[Any, Mapping[str, Any] | None, str | None]:
 def report_of_compiled(compiled_or_backend: Any) -> Report:
     """The Report of a slimfx-compiled model or function, or of a backend object.
 
-    For ``torch.compile(model, backend="slimfx")`` without options the default session is
-    shared by every such compilation in the process; the report keeps the sub-graphs whose
-    inputs include ``model``'s parameters (a compiled function: all of them)."""
+    A session of the ``"slimfx"`` entry point may serve several models (without options the
+    default session serves every such compilation in the process; one options dict or mode
+    serves every model compiled with it): the report of a model keeps the sub-graphs whose
+    inputs include its parameters (a compiled function: all of them)."""
     obj = compiled_or_backend
     if isinstance(obj, SlimfxBackend):
         return obj.report
@@ -543,10 +544,11 @@ def report_of_compiled(compiled_or_backend: Any) -> Report:
             f"{type(obj).__name__} was not compiled with a slimfx backend (no report); "
             "compile with backend='slimfx' or backend=slimfx.backend(...)"
         )
-    if be is slimfx_backend:
+    entry = be is slimfx_backend  # a session of the entry point: may serve other models too
+    if entry:
         be = _session(options, mode)
     orig = getattr(obj, "_orig_mod", obj if inner is not None else None)
-    if isinstance(orig, nn.Module) and be is default_session():
+    if isinstance(orig, nn.Module) and entry:  # the sub-graphs that read this model's weights
         params = list(orig.parameters())
         return be.report_for([g for g in be.graphs if g.uses_any(params)])
     return be.report

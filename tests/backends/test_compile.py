@@ -343,6 +343,21 @@ def test_plan_names_are_checked_against_the_model(two) -> None:
         plan_backend(plan=Plan({"fc2": DenseConfig()}, {"fc2": (3, 3)}), model=two)
 
 
+def test_models_compiled_with_one_options_dict_report_their_own_graphs(x16) -> None:
+    """One options dict is one session: each model's report keeps the sub-graphs that read
+    its own weights (model a's report listed model b's graphs and bytes too)."""
+    torch.manual_seed(0)
+    a, b = Two().eval(), Broken().eval()
+    opts = {"plan": Plan({"fc1": LowRankConfig(4, "svd")}), "inner": "eager"}
+    ca = torch.compile(a, backend="slimfx", options=opts)
+    cb = torch.compile(b, backend="slimfx", options=opts)
+    with torch.no_grad():
+        ca(x16), cb(x16)
+    ra, rb = report_of_compiled(ca), report_of_compiled(cb)
+    assert ra.capture["graphs"] == 1 and rb.capture["graphs"] == 2
+    assert "fc3" not in {e.fqn for e in ra.sites} and "fc3" in {e.fqn for e in rb.sites}
+
+
 def test_a_misspelt_plan_name_without_a_model_is_noted(two, x16) -> None:
     """Without model= nothing checks plan names up front: a typo rewrote nothing silently;
     the site's reason and a note name the closest site of the compiled graphs."""

@@ -166,6 +166,27 @@ def _checkpoint_calibration(a: argparse.Namespace):
     return calibration_batches(tok, name=a.calib, n=a.n_calib, seq_len=a.seq_len)
 
 
+def _report_md(path: Path) -> None:
+    import json
+
+    from slimfx.report import Report
+
+    rep = Report.from_dict(json.loads((path.parent / "report.json").read_text()))
+    path.write_text(rep.to_markdown())
+
+
+def _report_png(path: Path) -> None:
+    import json
+
+    from slimfx.report import Report
+
+    Report.from_dict(json.loads((path.parent / "report.json").read_text())).plot(path)
+
+
+#: what the CLI writes beside a save: the report as markdown and as a plot (from report.json)
+_REPORT_FILES = {"report.md": _report_md, "report.png": _report_png}
+
+
 def cmd_optimize_checkpoint(a: argparse.Namespace, budget) -> int:
     """``slimfx optimize --model DIR``: the layer-streamed optimize (``slimfx.stream``), on
     every rank of a torchrun launch."""
@@ -179,13 +200,14 @@ def cmd_optimize_checkpoint(a: argparse.Namespace, budget) -> int:
         families=_families(a), fisher=a.fisher,
         sensitivity=a.sensitivity or "fisher",  # what a block-by-block backward gives
         latency_cache=a.latency_cache, overwrite=a.overwrite, progress=not a.quiet,
-        sequential=a.sequential,
+        sequential=a.sequential, extras=_REPORT_FILES,
     )  # fmt: skip
     if res.report is not None:  # rank 0 wrote
         print(res.report)
         print(f"optimize (streamed{', distributed' if dist else ''}) took "
               f"{time.perf_counter() - t0:.1f} s, peak RSS {res.peak_rss_mb:.0f} MB")
-        print(f"wrote {res.out}/plan.json, report.json, model.safetensors")
+        print(f"wrote {res.out}/plan.json, report.json, report.md, report.png, "
+              "model.safetensors")
     if dist:
         import torch.distributed as tdist
 
@@ -224,8 +246,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     from slimfx.io import save
 
     out = Path(a.out)
-    save(new, out, overwrite=a.overwrite, extras={
-        "report.md": lambda p: p.write_text(rep.to_markdown()), "report.png": rep.plot})
+    save(new, out, overwrite=a.overwrite, extras=_REPORT_FILES)
     if a.eval and held is not None:
         from slimfx.eval import perplexity
 

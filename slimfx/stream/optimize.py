@@ -28,7 +28,7 @@ import os
 import resource
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,6 +173,7 @@ def optimize_checkpoint(
     work: str | os.PathLike[str] | None = None,
     keep_work: bool = False,
     overwrite: bool = False,
+    extras: Mapping[str, Callable[[Path], Any]] | None = None,
     progress: bool = True,
     sequential: bool = False,
 ) -> StreamResult:
@@ -188,7 +189,7 @@ def optimize_checkpoint(
     kept (default ``.<out name>.slimfx-work`` beside ``out``; a new or empty directory, or a
     previous run's — one holding other files is refused); a run killed after block k resumes
     from block k+1 when called again with the same arguments; its files are removed after
-    success unless ``keep_work``. ``overwrite`` as for ``slimfx.save``. A missing shard, a missing
+    success unless ``keep_work``. ``overwrite``, ``extras`` as for ``slimfx.save``. A missing shard, a missing
     tensor or a shape mismatch raises ``CheckpointError`` before anything is written.
     ``sequential``: as for ``optimize`` — the plan is solved as usual, then each block is
     fitted with Grams taken on the outputs of the already rewritten blocks (the calibration
@@ -466,7 +467,7 @@ def optimize_checkpoint(
         if memory.memory:
             report.meta["stage_memory_mb"] = memory.memory
         report.meta["stage_parts_s"] = breakdown
-        output.commit(report)
+        output.commit(report, extras or {})
     except BaseException:
         output.discard()
         raise
@@ -511,6 +512,7 @@ def _report(
     report.capture = {"method": "stream", "blocks": blocks}
     report.frontier = solve_frontier(problem, [round(0.1 * i, 1) for i in range(1, 11)])
     report.meta = {"model_class": model_class, "plan": plan.to_dict(), "stream": True}
+    report.runtime = "torch-eager"  # what slimfx.load(out) runs (api.RUNTIMES)
     report.finalize()
     return report
 

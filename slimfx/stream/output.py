@@ -49,12 +49,15 @@ class Output:
         self.tmp = files.tmp_dir(out)
         self.model_class = ""
 
-    def commit(self, report: Report) -> None:
-        """Write the report and the manifest, flush, and exchange the directory into place."""
+    def commit(self, report: Report, extras: Mapping[str, Callable[[Path], Any]] = {}) -> None:
+        """Write the report, ``extras`` (as ``slimfx.save``'s) and the manifest, flush, and
+        exchange the directory into place."""
         from slimfx import files
         from slimfx.io import SAVE_FORMAT, SAVE_VERSION
 
         report.save(self.tmp / "report.json")
+        for name, write in extras.items():
+            write(self.tmp / name)
         info: dict[str, Any] = {
             "format": SAVE_FORMAT,
             "version": SAVE_VERSION,

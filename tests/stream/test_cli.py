@@ -37,6 +37,11 @@ def test_cli_streams_a_checkpoint_directory(tmp_path: Path, capsys) -> None:
     assert loaded.slimfx_report.meta["plan"] == slimfx.report_of(ref).meta["plan"]
     a, b = ref.state_dict(), loaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
+    # the report files the in-memory CLI writes (hashed like every file), and its runtime
+    rep = loaded.slimfx_report
+    assert (out / "report.md").read_text() == rep.to_markdown()
+    assert (out / "report.png").stat().st_size > 1000
+    assert rep.runtime == "torch-eager" and "torch-eager on" in rep.headline()
 
 
 def test_cli_refuses_a_missing_shard_before_writing(tmp_path: Path, capsys) -> None:

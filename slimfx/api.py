@@ -304,5 +304,6 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
             f"on the CPU in PyTorch eager, {len(slow)} rewritten linear(s) run a reference op "
             f"slower than the dense layer ({runs[slow[0]].reason}; e.g. {slow[0]}); their "
             "'runs as' column says so — price a latency budget with `slimfx calibrate-target "
-            "--backend torch`, or deploy them with backend='onnx' / 'triton'"
+            "--backend torch`, or deploy them with backend='triton' (or 'onnx', but for 2:4 "
+            "sites, which ONNX Runtime runs dense)"
         )

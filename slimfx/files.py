@@ -114,7 +114,7 @@ def clean_stale(d: Path) -> None:
 def target(directory: str | os.PathLike[str]) -> Path:
     """The directory a save of ``directory`` replaces: absolute, symlinks resolved (a link
     ``proj/model -> /mnt/big/model`` saves into ``/mnt/big/model`` and stays a link)."""
-    return Path(os.path.realpath(directory))
+    return Path(os.path.realpath(os.path.expanduser(directory)))
 
 
 def check_replaceable(d: Path) -> None:

@@ -226,8 +226,11 @@ def load(
     from slimfx.forms.kv.apply import empty_kv_like_plan, split_plan
     from slimfx.ir.find import discover_linear_sites
 
-    d = Path(directory)
+    d = Path(directory).expanduser()
     files.recover(d)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{d} {'is a file, not' if d.exists() else 'does not exist:'} "
+                                "a directory written by slimfx.save")
     if not (d / "plan.json").exists():
         raise FileNotFoundError(f"{d} has no plan.json: not a directory written by slimfx.save")
     info = _manifest(d)

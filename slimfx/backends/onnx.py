@@ -46,6 +46,7 @@ from slimfx.backends.onnx_graph import (
     _site_summary,
     densified_notes,
     export_path,
+    inside_save_notes,
     save_graph,
     write_files,
 )
@@ -526,7 +527,7 @@ def export_onnx(
         run.path, run.data_path, run.ir_model, run.how, run.site_bytes
     )
     counts = Counter(n.op_type for n in ir_model.graph.all_nodes())
-    notes = densified_notes(run.markers)
+    notes = densified_notes(run.markers) + inside_save_notes(path)
     float_dtypes = {str(p.dtype) for p in model.parameters() if p.is_floating_point()}
     if "torch.float32" in float_dtypes and how:
         notes.append(

@@ -27,12 +27,23 @@ class OnnxExportError(ValueError):
 def export_path(path: str | os.PathLike[str]) -> Path:
     """``path`` as the file an export writes, checked before the (slow) export: not a
     directory, in a directory that exists."""
-    out = Path(path)
+    out = Path(os.path.expanduser(path))
     if out.is_dir():
         raise OnnxExportError(f"{out} is a directory: give the path of the .onnx file to write")
     if not out.parent.is_dir():
         raise OnnxExportError(f"{out.parent} does not exist: create it, or write elsewhere")
     return out
+
+
+def inside_save_notes(path: Path) -> list[str]:
+    """A note when ``path`` lies in a folder ``slimfx.save`` wrote: a later save there replaces
+    the whole folder (and refuses to without ``overwrite``, naming this file)."""
+    if not (path.parent / "slimfx.json").is_file():
+        return []
+    return [
+        f"{path.name} is inside the slimfx save {path.parent}: a later slimfx.save there "
+        "replaces the whole folder, this export included — keep exports beside it"
+    ]
 
 
 #: weights above this many bytes go to ``<file>.data`` (protobuf's limit is 2 GB)

@@ -73,6 +73,7 @@ from slimfx.backends.onnx_graph import (
     annotate_notes,
     densified_notes,
     export_path,
+    inside_save_notes,
     save_graph,
     write_files,
 )
@@ -499,6 +500,7 @@ def export_onnx_kv(
     # extra flush graphs are removed
     write_files(path, write, stale=lambda p: fnmatch.fnmatchcase(p.name, flush_glob)
                 or p.name == path.name + ".data")
+    notes += inside_save_notes(path)
     annotate_notes(model, path, notes)
     return KVExportResult(path, flush_paths, forms, flush_forms, notes)
 

@@ -57,6 +57,7 @@ from slimfx.backends.onnx_graph import (
     annotate_notes,
     densified_notes,
     export_path,
+    inside_save_notes,
     save_graph,
     write_files,
 )
@@ -434,6 +435,7 @@ def export_mla_onnx(
     counts = Counter(n.op_type for n in onnx_prog.model.graph.all_nodes())
     per_token = sum(c.heads * c.width * torch.empty((), dtype=c.dtype).element_size()
                     for c in layout)
+    notes += inside_save_notes(path)
     annotate_notes(model, path, notes)
     return MLAOnnxExport(
         path=path,

@@ -318,6 +318,19 @@ def test_bad_export_options_are_refused_before_the_export(tmp_path, monkeypatch)
     assert list(tmp_path.iterdir()) == []
 
 
+def test_home_paths_and_exports_inside_a_save(tmp_path, monkeypatch):
+    """``~`` is the home folder (it was "~ does not exist"); an export into a folder
+    slimfx.save wrote is noted: a later save there replaces the folder, this file too."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model, x = _linears(16, 16), (torch.randn(2, 16),)
+    res = export_onnx(model, "~/m.onnx", x)
+    assert res.path == tmp_path / "m.onnx" and res.path.is_file()
+    assert not any("inside the slimfx save" in n for n in res.notes)
+    (tmp_path / "slimfx.json").write_text("{}")
+    res = export_onnx(model, tmp_path / "m.onnx", x)
+    assert any(n.startswith(f"m.onnx is inside the slimfx save {tmp_path}") for n in res.notes)
+
+
 def test_one_row_of_ids_exports(tmp_path):
     """1-D example ids: the export adds the batch axis (the fit check ran the model on them
     first and blamed a shape mismatch)."""

@@ -221,6 +221,7 @@ def compile_report(be: Any, graphs: Sequence[GraphRecord]) -> Report:
         notes.append(f"{len(unresolved)} linear node(s) left alone: {'; '.join(unresolved[:3])}")
     report.notes = [*report.notes, *(n for n in [*notes, *be.notes] if n not in report.notes)]
     report.capture = {"method": "dynamo", "graphs": len(graphs)}
+    report.runtime = "torch-compile"  # what runs the graphs (api.RUNTIMES)
     timings = dict(report.timings)
     for g in graphs:  # the per-sub-graph pipelines' passes, summed over sub-graphs
         for name, seconds in g.timings:

@@ -355,6 +355,7 @@ def test_models_compiled_with_one_options_dict_report_their_own_graphs(x16) -> N
         ca(x16), cb(x16)
     ra, rb = report_of_compiled(ca), report_of_compiled(cb)
     assert ra.capture["graphs"] == 1 and rb.capture["graphs"] == 2
+    assert ra.runtime == "torch-compile" and "(torch-compile on cpu/decode" in ra.headline()
     assert "fc3" not in {e.fqn for e in ra.sites} and "fc3" in {e.fqn for e in rb.sites}
 
 

@@ -99,8 +99,8 @@ def as_linear_calls(
     gm: fx.GraphModule, inputs: dict[fx.Node, Any], modules: dict[str, nn.Module]
 ) -> int:
     """Rewrite each ``addmm(b, x, W)`` whose ``W`` is a ``Conv1D`` module's weight into
-    ``linear(x, t(W), b)``, and each ``matmul(x, W.T)`` whose ``W`` is an ``nn.Linear``
-    (subclass) module's weight into ``linear(x, W)`` (weights looked up by identity in
+    ``linear(x, t(W), b)``, and each ``matmul(x, W.T)`` / ``addmm(b, x, W.T)`` whose ``W`` is
+    an ``nn.Linear`` (subclass) module's weight into ``linear(x, W[, b])`` (weights looked up by identity in
     ``modules``); returns how many. ``gm`` is edited in place, recompiled when anything
     changed."""
     conv = {id(m.weight) for m in modules.values() if is_conv1d(m)}
@@ -110,13 +110,17 @@ def as_linear_calls(
         if node.target in _ADDMM and len(node.args) == 3 and not node.kwargs:  # no beta / alpha
             b, x, w = node.args
             if id(_input_tensor(gm, w, inputs)) not in conv:
-                continue
-            with gm.graph.inserting_before(node):
-                wt = gm.graph.call_function(torch.t, (w,))
-            val = node_value(w)
-            if isinstance(val, Tensor):
-                wt.meta["val"] = wt.meta["example_value"] = val.t()
-            args, rule = (x, wt, b), "Conv1D"
+                wl = transposed_of(w)  # addmm(b, x, W.T) in an nn.Linear subclass
+                if wl is None or id(_input_tensor(gm, wl, inputs)) not in lin:
+                    continue
+                args, rule = (x, wl, b), "addmm(b, x, W.T)"
+            else:
+                with gm.graph.inserting_before(node):
+                    wt = gm.graph.call_function(torch.t, (w,))
+                val = node_value(w)
+                if isinstance(val, Tensor):
+                    wt.meta["val"] = wt.meta["example_value"] = val.t()
+                args, rule = (x, wt, b), "Conv1D"
         elif node.target in _MATMUL and len(node.args) == 2 and not node.kwargs:
             x, wt = node.args
             w = transposed_of(wt)

@@ -337,6 +337,35 @@ def test_every_spelling_of_x_at_w_transposed_is_rewritten_under_compile(spell: s
         sc.clear_sessions()
 
 
+def test_an_addmm_linear_subclass_is_rewritten_under_compile_as_by_optimize() -> None:
+    """``torch.addmm(b, x, W.T)`` in an nn.Linear subclass: optimize rewrote it, the compile
+    backend left it dense ("not in any compiled graph", though it was in one)."""
+    from slimfx.backends import compile as sc
+
+    class AddmmLinear(nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(self.bias, x, self.weight.t())
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = nn.Sequential(AddmmLinear(32, 64), nn.ReLU(), AddmmLinear(64, 32)).eval()
+    plan = Plan({"0": LowRankConfig(8, "svd"), "2": LowRankConfig(8, "svd")})
+    x = torch.randn(6, 32)
+    try:
+        swapped = slimfx.optimize(net, plan=plan, calibration=[x], cpu_kernels=False,
+                                  progress=False, fisher=False)  # fmt: skip
+        be = slimfx.backend(plan=plan, model=net, calibration=[x], cpu_kernels=False,
+                            inner="aot_eager", fisher=False)  # fmt: skip
+        compiled = torch.compile(net, backend=be)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), swapped(x), atol=1e-5, rtol=1e-5)
+        rep = sc.report_of_compiled(compiled)
+        assert {e.fqn: e.status for e in rep.sites} == {"0": "applied", "2": "applied"}
+    finally:
+        torch._dynamo.reset()
+        sc.clear_sessions()
+
+
 def test_without_a_graph_a_linear_with_its_own_forward_stays_dense() -> None:
     from slimfx.ir.capture import Captured
     from slimfx.ir.find import discover_linear_sites

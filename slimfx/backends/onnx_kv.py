@@ -49,10 +49,9 @@ drives the graphs in ONNX Runtime.
 
 from __future__ import annotations
 
-import fnmatch
-import glob
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -487,7 +486,8 @@ def export_onnx_kv(
         graphs.append((prog, fpath.name, f_ins, _store_names(f), f_axes, f_meta))
         flush_paths.append(fpath)
 
-    flush_glob = f"{glob.escape(path.stem)}.flush*.onnx*"  # with a flush's external data
+    # a previous export's flush graphs (and their external data); nothing else of the folder
+    flush_name = re.compile(rf"{re.escape(path.stem)}\.flush\d+\.onnx(\.data)?")
 
     notes: list[str] = []
 
@@ -498,7 +498,7 @@ def export_onnx_kv(
 
     # the step graph renamed last; the decoder checks each flush's form; a previous export's
     # extra flush graphs are removed
-    write_files(path, write, stale=lambda p: fnmatch.fnmatchcase(p.name, flush_glob)
+    write_files(path, write, stale=lambda p: bool(flush_name.fullmatch(p.name))
                 or p.name == path.name + ".data")
     notes += inside_save_notes(path)
     annotate_notes(model, path, notes)

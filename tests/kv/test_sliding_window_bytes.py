@@ -67,3 +67,41 @@ def test_a_budget_on_a_model_with_sliding_layers_counts_the_cache_they_hold():
     assert held == [WINDOW - 1] * 5
     for k, n in zip(rep.kv_sites[:5], held):
         assert k.cache_bytes_after == k.cache_bytes_before == n * 128
+
+
+def _gemma2():
+    import transformers as tf
+
+    cfg = tf.Gemma2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=16,
+        max_position_embeddings=2048,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return tf.Gemma2ForCausalLM(cfg).eval()
+
+
+def test_the_explicit_cache_keeps_a_sliding_layers_window_and_softcap_is_not_fused():
+    """KVCache.for_model gave a 16-bit sliding layer a full DynamicLayer (223 tokens held
+    where the model's own cache holds 15); Gemma 2's soft-cap: the report advised
+    use_fused_decode, after which every prefill failed (sdpa has no softcap) — it is refused."""
+    from slimfx.forms.kv.cache import KVCache
+    from slimfx.forms.kv.fused import use_fused_decode
+
+    calib = [torch.randint(0, 256, (1, 48), generator=torch.Generator().manual_seed(i))
+             for i in range(3)]  # fmt: skip
+    model = _gemma2()
+    out = slimfx.optimize(model, Budget(kv=0.5, context=512), calibration=calib, progress=False)
+    assert [k.chosen for k in slimfx.report_of(out).kv_sites][0] == "kv dense"
+    prompt = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(9))
+    kw = dict(max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    own = out.generate(prompt, **kw)
+    explicit = out.generate(prompt, past_key_values=KVCache.for_model(out), **kw)
+    assert torch.equal(own.sequences, explicit.sequences)
+    held = [ly.keys.shape[2] for ly in explicit.past_key_values.layers[:1]]
+    assert held == [own.past_key_values.layers[0].keys.shape[2]] == [15]
+    note = next(n for n in slimfx.report_of(out).notes if "dequantize their whole" in n)
+    assert "soft-capped at 50" in note and "use_fused_decode(model)" not in note
+    with pytest.raises(ValueError, match="soft-capped at 50, which sdpa does not apply"):
+        use_fused_decode(out)
+    assert torch.equal(out.generate(prompt, **kw).sequences, own.sequences)  # unchanged

@@ -501,6 +501,23 @@ def kv_forms_of(model: Any) -> dict[int, KVDecision]:
     return out
 
 
+def _layer_types(config: Any, n: int) -> tuple[list[str], list[int | None]]:
+    """Each decoder layer's attention type and sliding window as transformers builds its
+    cache layers (``get_layer_types_and_kwargs``; else ``layer_types`` and the config's
+    window)."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+    except ImportError:  # an older transformers: the config's layer_types
+        types = list(getattr(config, "layer_types", None) or ["full_attention"] * n)
+        win = getattr(config, "sliding_window", None)
+        return types, [win if t == "sliding_attention" else None for t in types]
+    types, kwargs = get_layer_types_and_kwargs(config)
+    types = list(types)
+    wins = [kw.get("sliding_window") if t == "sliding_attention" else None
+            for t, kw in zip(types, kwargs)]  # fmt: skip
+    return types, wins
+
+
 def layer_for(form: KVDecision) -> DynamicLayer:
     """A fresh cache layer for one decoder layer in ``form``."""
     if isinstance(form, KVDenseConfig):
@@ -530,22 +547,34 @@ class KVCache(Cache):
     ) -> KVCache:
         """One layer per decoder layer of ``model``: ``form`` for all, or per layer index (the
         missing ones ``default``, else 16-bit); ``None``: the forms the model's attention
-        modules carry (``kv_forms_of``: a model ``optimize`` gave KV decisions).
-        Sliding-window layers are refused."""
+        modules carry (``kv_forms_of``: a model ``optimize`` gave KV decisions). A 16-bit
+        sliding-window layer is transformers' own (it keeps its window: a full layer grew
+        with the context); a compressed form on one is refused, unless the window never binds
+        (``ir.find.unbound_window``)."""
+        from transformers.cache_utils import DynamicSlidingWindowLayer
+
+        from slimfx.ir.find import unbound_window
+
         if form is None:
             form = kv_forms_of(model)
         config = model.config.get_text_config(decoder=True)
         n = config.num_hidden_layers
-        types = getattr(config, "layer_types", None) or ["full_attention"] * n
-        forms = []
+        types, windows = _layer_types(config, n)
+        forms, sliding = [], []
         for i in range(n):
             f = form.get(i, default or KVDenseConfig()) if isinstance(form, dict) else form
-            if types[i] != "full_attention" and not isinstance(f, KVDenseConfig):
-                raise ValueError(
-                    f"layer {i} is {types[i]!r}: {f.kind} supports full attention only"
-                )
+            if types[i] != "full_attention" and unbound_window(config) is None:
+                if not isinstance(f, KVDenseConfig):
+                    raise ValueError(
+                        f"layer {i} is {types[i]!r}: {f.kind} supports full attention only"
+                    )
+                if windows[i] is not None:
+                    sliding.append(i)
             forms.append(f)
-        return cls(forms)
+        cache = cls(forms)
+        for i in sliding:
+            cache.layers[i] = DynamicSlidingWindowLayer(sliding_window=windows[i])
+        return cache
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds now."""

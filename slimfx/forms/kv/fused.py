@@ -217,6 +217,22 @@ class FusedDecode:
             delattr(self.model, _HANDLE_ATTR)
 
 
+def sdpa_cannot_run(model: nn.Module, attn: list[nn.Module]) -> str | None:
+    """Why transformers' sdpa cannot run ``model``'s attention (what the fused function hands
+    every call but the one-token steps): soft-capped logits (Gemma 2) or attention sinks
+    (gpt-oss); ``None`` when it can."""
+    from slimfx.ir.find import logit_softcap
+
+    config = getattr(model, "config", None)
+    for m in attn:
+        cap = logit_softcap(m, config)
+        if cap is not None:
+            return f"attention logits soft-capped at {cap:g}, which sdpa does not apply"
+        if isinstance(getattr(m, "sinks", None), torch.Tensor):
+            return "attention sinks (learned per-head logits), which sdpa does not apply"
+    return None
+
+
 def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecode:
     """Run the decode steps of ``model`` (a Hugging Face decoder) over quantized cache layers
     with the store read in place (module docstring). ``kernel``: ``None`` the Triton kernel for
@@ -234,6 +250,9 @@ def use_fused_decode(model: nn.Module, kernel: bool | None = None) -> FusedDecod
             f"{type(model).__name__}: no attention module with a layer_idx (an o_proj, or a "
             "class named …Attention): a Hugging Face decoder is needed"
         )
+    why = sdpa_cannot_run(model, attn)
+    if why:
+        raise ValueError(f"{type(model).__name__}: {why}: use_fused_decode runs prefill by sdpa")
     current = model.config.get_text_config(decoder=True)._attn_implementation
     if current == FUSED_ATTENTION:  # installed already (optimize does): the same handle
         handle = getattr(model, _HANDLE_ATTR, None)
@@ -279,6 +298,11 @@ def install_in_place_decode(model: nn.Module) -> str | None:
     if impl == FUSED_ATTENTION:
         return None  # installed already (a model optimized again, or loaded into)
     if impl != "sdpa":
+        attn = [m for m in model.modules() if isinstance(getattr(m, KV_FORM_ATTR, None),
+                                                          KVQuantConfig)]  # fmt: skip
+        why = sdpa_cannot_run(model, attn)
+        if why:
+            return f"{plain}: the model runs attention {impl!r} ({why}), so it cannot be read in place"
         return (
             f"{plain}: the model runs attention {impl!r}, which use_fused_decode would replace "
             "by sdpa for prefill — call slimfx.forms.kv.fused.use_fused_decode(model) to read "

@@ -74,10 +74,10 @@ def __getattr__(name: str):  # lazy: keep `import slimfx` light (no transformers
         import slimfx.forms as forms
 
         return forms if name == "forms" else forms.register_form
-    if name in ("prepare_cpu", "release_cpu"):  # packed CPU kernels (slimfx.ir.cpu_runtime)
-        from slimfx.ir import cpu_runtime
+    if name in ("prepare_cpu", "release_cpu"):  # packed CPU kernels; the report follows
+        from slimfx import api
 
-        return getattr(cpu_runtime, name)
+        return getattr(api, name)
     if name == "Report":
         from slimfx.report import Report
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -290,6 +290,16 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
         k.decode_step = decode_step_label(k.decision.get("kind"), model)
     lowered = lower_for_backend(model, report)
     runs = prepare_cpu(model) if pack else cpu_runtimes(model)
+    runs_as(report, runs, lowered)
+
+
+_SLOW_NOTE = "rewritten linear(s) run a reference op slower than the dense layer"
+
+
+def runs_as(report: Any, runs: Mapping[str, Any], lowered: Mapping[str, str] = {}) -> None:
+    """Write what runs each site (``runs``: ``ir.cpu_runtime``'s by name; ``lowered``: Triton
+    kernels) into ``report``'s "runs as" column, and its note on the sites slower than dense,
+    replacing an earlier one (``prepare_cpu`` / ``release_cpu`` / ``load`` call it again)."""
     for s in report.sites:
         rt = runs.get(s.fqn)
         if s.fqn in lowered:
@@ -298,12 +308,40 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
             s.runtime = rt.label() + rt.caveat()
         if rt is not None:
             s.extra["cpu_runtime"] = rt.to_dict()  # kernel, activations, reason, flags
-    slow = sorted(n for n, rt in runs.items() if rt.slower_than_dense)
+    report.notes = [n for n in report.notes if _SLOW_NOTE not in n]
+    slow = sorted(n for n, rt in runs.items() if rt.slower_than_dense and n not in lowered)
     if slow:
         report.notes.append(
-            f"on the CPU in PyTorch eager, {len(slow)} rewritten linear(s) run a reference op "
-            f"slower than the dense layer ({runs[slow[0]].reason}; e.g. {slow[0]}); their "
+            f"on the CPU in PyTorch eager, {len(slow)} {_SLOW_NOTE} "
+            f"({runs[slow[0]].reason}; e.g. {slow[0]}); their "
             "'runs as' column says so — price a latency budget with `slimfx calibrate-target "
             "--backend torch`, or deploy them with backend='triton' (or 'onnx', but for 2:4 "
             "sites, which ONNX Runtime runs dense)"
         )
+
+
+def prepare_cpu(model: nn.Module, **kwargs: Any) -> dict[str, Any]:
+    """``slimfx.ir.cpu_runtime.prepare_cpu`` (pack the quantized linears for torch's CPU
+    kernels), then the model's report says what runs each site now."""
+    from slimfx.ir import cpu_runtime
+
+    runs = cpu_runtime.prepare_cpu(model, **kwargs)
+    _refresh_runs_as(model, runs)
+    return runs
+
+
+def release_cpu(model: nn.Module) -> Any:
+    """``slimfx.ir.cpu_runtime.release_cpu`` (back to the reference ops), then the model's
+    report says what runs each site now."""
+    from slimfx.ir import cpu_runtime
+
+    out = cpu_runtime.release_cpu(model)
+    _refresh_runs_as(model, cpu_runtime.cpu_runtimes(model))
+    return out
+
+
+def _refresh_runs_as(model: nn.Module, runs: Mapping[str, Any]) -> None:
+    rep = getattr(model, REPORT_ATTR, None)
+    if rep is not None:
+        lowered = {s.fqn: s.runtime[7:] for s in rep.sites if s.runtime.startswith("triton ")}
+        runs_as(rep, runs, lowered)

@@ -297,9 +297,11 @@ def load(
 
         install_in_place_decode(model)
     if report is not None:
-        from slimfx.api import REPORT_ATTR
+        from slimfx.api import REPORT_ATTR, _refresh_runs_as
+        from slimfx.ir.cpu_runtime import cpu_runtimes
 
         setattr(model, REPORT_ATTR, report)
+        _refresh_runs_as(model, cpu_runtimes(model))  # what runs each site in this process
     return model
 
 

@@ -99,6 +99,30 @@ def test_cpu_kernels_false_and_backend_name_the_runtime():
     assert quant and all(s.runtime.startswith("reference op") for s in quant)
 
 
+def test_the_report_follows_prepare_cpu_release_cpu_and_load(tmp_path):
+    """The "runs as" column and the slower-than-dense note are rewritten when the packed path
+    is switched on or off or a save is loaded (they kept what optimize had installed)."""
+    from slimfx.models import tiny_llama
+
+    new = slimfx.optimize(tiny_llama(), 0.6, calibration=_calib(), progress=False,
+                          fisher=False, families=("int8",), cpu_kernels=False)  # fmt: skip
+    rep = slimfx.report_of(new)
+    quant = [s for s in rep.sites if s.status == "applied"]
+
+    def slow_notes():
+        return [n for n in rep.notes if "slower than the dense layer" in n]
+
+    assert all(s.runtime.startswith("reference op") for s in quant) and len(slow_notes()) == 1
+    slimfx.prepare_cpu(new)
+    assert all(s.runtime.startswith("int8pack") for s in quant) and slow_notes() == []
+    slimfx.release_cpu(new)
+    assert all(s.runtime.startswith("reference op") for s in quant) and len(slow_notes()) == 1
+    slimfx.save(new, tmp_path / "m")
+    back = slimfx.report_of(slimfx.load(tmp_path / "m"))  # load packs them
+    assert all(back.site(s.fqn).runtime.startswith("int8pack") for s in quant)
+    assert not [n for n in back.notes if "slower than the dense layer" in n]
+
+
 def test_an_int8_linear_whose_width_the_kernel_cannot_take_runs_the_reference_op():
     """in_features 70: torch's int8 kernel crashed the process on the first forward; the site
     now runs the reference op (the reason: ``test_kernel_choice_reasons``)."""

@@ -419,7 +419,9 @@ def test_fisher_default_off_without_an_lm_and_falls_back_with_a_note(monkeypatch
     rep = slimfx.report_of(slimfx.optimize(lin, 0.8, calibration=xs, families=("lowrank",),
                                            progress=False))
     assert {s.sensitivity for s in rep.sites} == {1.0}
-    assert not any(n.startswith("sensitivity") for n in rep.notes)
+    # said (an encoder such as BERT was weighted 1.0 everywhere without a word)
+    assert any(n.startswith("sensitivity: errors unweighted — Sequential calibrated on "
+                            "non-token inputs is not a causal LM") for n in rep.notes)
 
     from slimfx.cost import calibration
 

@@ -570,11 +570,15 @@ def collect_planning_stats(
     seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
     labelled = all(isinstance(b, dict) and "labels" in b for b in batches)
     if not ((is_causal_lm(model) and ids) or (seq2seq and labelled)):
-        note = None
         if seq2seq:
             note = ("sensitivity: errors unweighted — an encoder-decoder's loss needs its "
                     "target text: calibrate with dict batches holding labels= (the target ids) "
                     "to weight each site by its loss sensitivity")
+        else:  # an encoder, a model that is no LM, float inputs: no loss of its own to weigh
+            note = (f"sensitivity: errors unweighted — {type(model).__name__} calibrated on "
+                    f"{'these batches' if ids else 'non-token inputs'} is not a causal LM, "
+                    "whose loss the default weighs by; fisher=True weighs by the model's own "
+                    "loss where its forward returns one")
         return collect_stats(model, sites, batches, fisher=False, progress=progress), note
     try:
         stats = collect_stats(

@@ -353,6 +353,10 @@ class Report:
             more = sum(s.status != "skipped" for s in self.sites) - len(shown)
             if more > 0:
                 lines.append(f"… {more} more rewritten sites (to_markdown() lists all)")
+        dense = [s.fqn for s in self.sites if s.status == "skipped" and s.chosen == "dense"]
+        if dense and shown:  # kept dense: the solver's choice under the budget, or a reason
+            lines.append(f"… {len(dense)} site(s) kept dense, e.g. {dense[0]} "
+                         "(to_markdown() lists each with its reason)")
         lines += self._kv_lines()
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -62,6 +62,9 @@ def test_same_class_smaller_and_report(optimized):
             assert s.runner_up is not None and len(s.candidates) > 1
         else:
             assert s.chosen == "dense"
+    dense = [s.fqn for s in rep.sites if s.status != "applied"]
+    if dense:  # the short table says how many it leaves out (it hid them)
+        assert f"… {len(dense)} site(s) kept dense, e.g. {dense[0]}" in str(rep)
 
 
 def test_input_model_untouched(optimized):

@@ -301,10 +301,30 @@ _SPELLINGS = {
 }
 
 
-@pytest.mark.parametrize("spell", sorted(_SPELLINGS))
-def test_every_spelling_of_x_at_w_transposed_is_rewritten_under_compile(spell: str) -> None:
+def _compile_rewrites_like_optimize(net: nn.Module, names: tuple[str, str], x: torch.Tensor):
+    """The compile backend rewrites ``net``'s two linears (rank-8 SVD) as optimize's module
+    swap does: same output, both sites applied."""
     from slimfx.backends import compile as sc
 
+    plan = Plan({n: LowRankConfig(8, "svd") for n in names})
+    torch._dynamo.reset()
+    try:
+        swapped = slimfx.optimize(net, plan=plan, calibration=[x], cpu_kernels=False,
+                                  progress=False, fisher=False)  # fmt: skip
+        be = slimfx.backend(plan=plan, model=net, calibration=[x], cpu_kernels=False,
+                            inner="aot_eager", fisher=False)  # fmt: skip
+        compiled = torch.compile(net, backend=be)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), swapped(x), atol=1e-5, rtol=1e-5)
+        rep = sc.report_of_compiled(compiled)
+        assert {e.fqn: e.status for e in rep.sites} == dict.fromkeys(names, "applied")
+    finally:
+        torch._dynamo.reset()
+        sc.clear_sessions()
+
+
+@pytest.mark.parametrize("spell", sorted(_SPELLINGS))
+def test_every_spelling_of_x_at_w_transposed_is_rewritten_under_compile(spell: str) -> None:
     class MyLinear(nn.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x @ _SPELLINGS[spell](self.weight) + self.bias
@@ -317,53 +337,21 @@ def test_every_spelling_of_x_at_w_transposed_is_rewritten_under_compile(spell: s
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.b(torch.relu(self.a(x)))
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
-    net = Net().eval()
-    plan = Plan({"a": LowRankConfig(8, "svd"), "b": LowRankConfig(8, "svd")})
-    x = torch.randn(2, 5, 32)
-    try:
-        swapped = slimfx.optimize(net, plan=plan, calibration=[x], cpu_kernels=False,
-                                  progress=False, fisher=False)  # fmt: skip
-        be = slimfx.backend(plan=plan, model=net, calibration=[x], cpu_kernels=False,
-                            inner="aot_eager", fisher=False)  # fmt: skip
-        compiled = torch.compile(net, backend=be)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(x), swapped(x), atol=1e-5, rtol=1e-5)
-        rep = sc.report_of_compiled(compiled)
-        assert {e.fqn: e.status for e in rep.sites} == {"a": "applied", "b": "applied"}
-    finally:
-        torch._dynamo.reset()
-        sc.clear_sessions()
+    _compile_rewrites_like_optimize(Net().eval(), ("a", "b"), torch.randn(2, 5, 32))
 
 
 def test_an_addmm_linear_subclass_is_rewritten_under_compile_as_by_optimize() -> None:
     """``torch.addmm(b, x, W.T)`` in an nn.Linear subclass: optimize rewrote it, the compile
     backend left it dense ("not in any compiled graph", though it was in one)."""
-    from slimfx.backends import compile as sc
 
     class AddmmLinear(nn.Linear):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.addmm(self.bias, x, self.weight.t())
 
-    torch._dynamo.reset()
     torch.manual_seed(0)
     net = nn.Sequential(AddmmLinear(32, 64), nn.ReLU(), AddmmLinear(64, 32)).eval()
-    plan = Plan({"0": LowRankConfig(8, "svd"), "2": LowRankConfig(8, "svd")})
-    x = torch.randn(6, 32)
-    try:
-        swapped = slimfx.optimize(net, plan=plan, calibration=[x], cpu_kernels=False,
-                                  progress=False, fisher=False)  # fmt: skip
-        be = slimfx.backend(plan=plan, model=net, calibration=[x], cpu_kernels=False,
-                            inner="aot_eager", fisher=False)  # fmt: skip
-        compiled = torch.compile(net, backend=be)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(x), swapped(x), atol=1e-5, rtol=1e-5)
-        rep = sc.report_of_compiled(compiled)
-        assert {e.fqn: e.status for e in rep.sites} == {"0": "applied", "2": "applied"}
-    finally:
-        torch._dynamo.reset()
-        sc.clear_sessions()
+    _compile_rewrites_like_optimize(net, ("0", "2"), torch.randn(6, 32))
 
 
 def test_without_a_graph_a_linear_with_its_own_forward_stays_dense() -> None:

@@ -77,7 +77,9 @@ def find(pl: Planning, graph_sites: list[AttentionSite] = ()) -> None:  # type: 
                 "Hugging Face attention modules (a layer_idx into a transformers Cache)"
             )
     for node, why in pl.capture.get("attention_rejected", {}).items():
-        pl.notes.append(f"graph attention node {node}: not a site — {why}")
+        inside = node.rpartition(" in ")[2]  # "<node> in <module>": a site found there is one
+        if not any(inside == s.fqn or inside.startswith(f"{s.fqn}.") for s in sites):
+            pl.notes.append(f"graph attention node {node}: not a site — {why}")
     _note_unbound_windows(pl, sites)
     if not sites:
         why = "; ".join(f"{k}: {v}" for k, v in list(rejected.items())[:3]) or (

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from slimfx.ir.capture import Captured
-from slimfx.ir.match import LINEAR_TARGETS
+from slimfx.ir.match import LINEAR_TARGETS, node_module_path
 from slimfx.ir.sites import AttentionSite, LinearSite
 
 __all__ = ["find_graph_attention_sites", "SDPA_TARGETS"]
@@ -124,7 +124,9 @@ def find_graph_attention_sites(
         qshape = _shape(q)
         if bad or qshape is None or len(qshape) != 4:
             why = ", ".join(f"{r} reaches {f or 'no linear site'}" for r, f in bad.items())
-            rejected[node.name] = why or "the query has no (batch, heads, tokens, head_dim) shape"
+            why = why or "the query has no (batch, heads, tokens, head_dim) shape"
+            path = node_module_path(node, modules)  # the module it ran in, where known
+            rejected[node.name if path is None else f"{node.name} in {path}"] = why
             continue
         proj = {r: next(iter(f)) for r, f in roles.items()}
         heads, head_dim = qshape[1], qshape[3]

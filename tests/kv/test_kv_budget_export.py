@@ -88,10 +88,16 @@ def test_the_16bit_cache_export_refuses_a_compressed_cache(tiny_llama, tmp_path)
     assert not (tmp_path / "x.onnx").exists()
 
 
-def test_a_kv_export_notes_the_sites_it_exports_dense(tmp_path):
-    """A 2:4 site goes dense through ONNX Runtime in the decode-step graph too: the result,
-    the model's report and the CLI line say so, as export_onnx does (they said nothing)."""
+def test_a_kv_export_notes_dense_sites_and_keeps_large_weights_beside_the_graph(
+    tmp_path, monkeypatch
+):
+    """A 2:4 site goes dense through ONNX Runtime in the decode-step graph too: the result and
+    the model's report say so, as export_onnx does (they said nothing). Past the threshold the
+    step graph's weights go to ``<file>.data`` as export_onnx's do (one file could not pass
+    protobuf's 2 GB); ONNX Runtime reads it, and a smaller export removes the stale file."""
+    from slimfx.backends import onnx_graph
     from slimfx.backends.onnx_kv import export_onnx_kv
+    from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
     from slimfx.models import tiny_llama
     from slimfx.planning.configs import Sparse24Config
     from slimfx.planning.plan import Plan
@@ -100,31 +106,16 @@ def test_a_kv_export_notes_the_sites_it_exports_dense(tmp_path):
                  "model.layers.0.self_attn": KVQuantConfig(4, 4, 8, 16, 0, 0)})  # fmt: skip
     out = slimfx.optimize(tiny_llama(num_hidden_layers=1), plan=plan, calibration=_calib(),
                           progress=False)  # fmt: skip
+    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
     res = export_onnx_kv(out, tmp_path / "kv.onnx")
     want = "exported dense: onnxruntime has no 2:4 kernel — 1 site(s): model.layers.0.mlp.up_proj"
     assert res.notes == [want]
     assert f"onnx kv.onnx: {want}" in slimfx.report_of(out).notes
-
-
-def test_a_large_kv_export_keeps_its_weights_beside_the_graph(tmp_path, monkeypatch):
-    """Past the threshold the step graph's weights go to ``<file>.data`` as export_onnx's do
-    (one file could not pass protobuf's 2 GB: a ~500M-parameter fp32 model failed at save);
-    ONNX Runtime reads it, and a smaller export later removes the stale data file."""
-    from slimfx.backends import onnx_graph
-    from slimfx.backends.onnx_kv import export_onnx_kv
-    from slimfx.backends.onnx_kv_decoder import OrtKVDecoder
-    from slimfx.models import tiny_llama
-
-    forms = [KVQuantConfig(4, 4, 8, 16, 0, 0)]
-    out = slimfx.optimize(tiny_llama(num_hidden_layers=1), Budget(kv=0.45), calibration=_calib(),
-                          kv_forms=forms, progress=False)  # fmt: skip
-    monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 10_000)
-    res = export_onnx_kv(out, tmp_path / "kv.onnx")
     data = tmp_path / "kv.onnx.data"
     assert data.stat().st_size > 100_000  # the large initializers (small ones stay inline)
     ids = _calib()[0][:, :9]
-    want = out.generate(ids, max_new_tokens=6, do_sample=False)
-    assert OrtKVDecoder(res.path).generate(ids, 6).tolist() == want.tolist()
+    tokens = out.generate(ids, max_new_tokens=6, do_sample=False)
+    assert OrtKVDecoder(res.path).generate(ids, 6).tolist() == tokens.tolist()
     monkeypatch.setattr(onnx_graph, "EXTERNAL_DATA_THRESHOLD", 10**12)
     export_onnx_kv(out, tmp_path / "kv.onnx")
     assert not data.exists()

@@ -83,6 +83,7 @@ def main() -> None:
           "torch's packed kernels)")
 
     out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)  # a fresh checkout has no out/ yet
     if not a.no_onnx:
         t0 = time.perf_counter()
         res = slimfx.export_onnx(small, out_dir / "smollm2_kv.onnx", (prompt,), kv_cache=True)

@@ -249,13 +249,13 @@ def optimize(
     return new_model
 
 
-def lower_for_backend(model: nn.Module, report: Any) -> dict[str, str]:
+def lower_for_backend(model: nn.Module, report: Any) -> None:
     """A model optimized for ``backend="triton"`` (``report.meta["backend"]``): its slimfx
     linears switched to their Triton kernels where one accepts the module's dtype and device
     (``backends.triton_lowering.lower_module``, in place); those that keep the reference op
-    are noted with why. Returns the lowered sites' kernels by name."""
+    are noted with why."""
     if report.meta.get("backend") != "triton":
-        return {}
+        return
     from slimfx.backends.triton_lowering import lower_module
 
     records = lower_module(model)[1].records
@@ -266,7 +266,6 @@ def lower_for_backend(model: nn.Module, report: Any) -> dict[str, str]:
     )
     if note and note not in report.notes:  # load() lowers a saved model again
         report.notes.append(note)
-    return {r.fqn: str(r.extra.get("kernel")) for r in records if r.status == "applied"}
 
 
 #: the runtime a report's latency estimates assume, by ``optimize``'s ``backend``
@@ -288,18 +287,23 @@ def _install_runtime(model: nn.Module, report: Any, backend: str | None, pack: b
             report.notes.append(note)
     for k in report.kv_sites:
         k.decode_step = decode_step_label(k.decision.get("kind"), model)
-    lowered = lower_for_backend(model, report)
-    runs = prepare_cpu(model) if pack else cpu_runtimes(model)
-    runs_as(report, runs, lowered)
+    lower_for_backend(model, report)
+    runs_as(report, model, prepare_cpu(model) if pack else cpu_runtimes(model))
 
 
 _SLOW_NOTE = "rewritten linear(s) run a reference op slower than the dense layer"
 
 
-def runs_as(report: Any, runs: Mapping[str, Any], lowered: Mapping[str, str] = {}) -> None:
-    """Write what runs each site (``runs``: ``ir.cpu_runtime``'s by name; ``lowered``: Triton
-    kernels) into ``report``'s "runs as" column, and its note on the sites slower than dense,
-    replacing an earlier one (``prepare_cpu`` / ``release_cpu`` / ``load`` call it again)."""
+def runs_as(report: Any, model: nn.Module, runs: Mapping[str, Any]) -> None:
+    """Write what runs each site of ``model`` (its Triton-lowered modules' kernels, else
+    ``runs``: ``ir.cpu_runtime``'s by name) into ``report``'s "runs as" column, and its note on
+    the sites slower than dense, replacing an earlier one (``prepare_cpu`` / ``release_cpu`` /
+    ``load`` call it again)."""
+    lowered = {  # what lower_module set (unlower removes it)
+        n: str(m.slimfx_lowering["kernel"])
+        for n, m in model.named_modules()
+        if isinstance(getattr(m, "slimfx_lowering", None), dict)
+    }
     for s in report.sites:
         rt = runs.get(s.fqn)
         if s.fqn in lowered:
@@ -343,5 +347,4 @@ def release_cpu(model: nn.Module) -> Any:
 def _refresh_runs_as(model: nn.Module, runs: Mapping[str, Any]) -> None:
     rep = getattr(model, REPORT_ATTR, None)
     if rep is not None:
-        lowered = {s.fqn: s.runtime[7:] for s in rep.sites if s.runtime.startswith("triton ")}
-        runs_as(rep, runs, lowered)
+        runs_as(rep, model, runs)

@@ -58,7 +58,6 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, fx, nn
 
 from slimfx.backends.compile_records import (
@@ -70,6 +69,7 @@ from slimfx.backends.compile_records import (
 )
 from slimfx.backends.cpu_pack import (
     GRAD_REASON,
+    grads_may_flow,
     grads_on_cpu,
     not_packed,
     pack_graph_cpu,
@@ -220,9 +220,7 @@ class _Subgraph:
 
     def lower(self, gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
         """Lower slimfx ops to Triton kernel ops (not when gradients may flow)."""
-        if torch.is_grad_enabled() and any(
-            isinstance(t, Tensor) and t.requires_grad for t in self.example_inputs
-        ):
+        if grads_may_flow(self.example_inputs):
             self.lowering = not_lowered(gm, NO_GRAD_REASON)
         else:
             gm, self.lowering = lower_graph(gm)

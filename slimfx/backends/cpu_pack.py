@@ -21,7 +21,14 @@ import torch
 from torch import Tensor, fx
 from torch._subclasses.fake_tensor import FakeTensor
 
-from slimfx.backends.triton_lowering import _arg_value, _bind, _op_name, _out_in, _site_of
+from slimfx.backends.triton_lowering import (
+    _arg_value,
+    _bind,
+    _op_name,
+    _out_in,
+    _site_of,
+    not_lowered,
+)
 from slimfx.ir import cpu_packed
 from slimfx.ir.graph import finalize
 from slimfx.passes.base import PassResult, SiteRecord
@@ -33,6 +40,7 @@ __all__ = [
     "pack_graph_cpu",
     "not_packed",
     "grads_on_cpu",
+    "grads_may_flow",
     "wants_cpu_pack",
 ]
 
@@ -138,24 +146,26 @@ GRAD_REASON = (
 
 def not_packed(gm: fx.GraphModule, reason: str) -> PassResult:
     """A ``fallback`` record carrying ``reason`` for every quantized op node of ``gm``."""
-    records = [
-        SiteRecord(_site_of(n), name, "fallback", reason, extra={"shape": _out_in(n)})
-        for n in gm.graph.nodes
-        if n.op == "call_function" and (name := _op_name(n.target)) in _OPS
-    ]
-    return PassResult(name=PASS_NAME, modified=False, records=records)
+    return not_lowered(gm, reason, ops=_OPS, pass_name=PASS_NAME)
+
+
+def grads_may_flow(example_inputs: Any) -> bool:
+    """Grad mode is on and an input of the graph requires grad (kernel ops have no backward)."""
+    return torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in example_inputs
+    )
+
+
+def _on_cpu(example_inputs: Any) -> bool:
+    tensors = [t for t in example_inputs if isinstance(t, Tensor)]
+    return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
 
 
 def grads_on_cpu(example_inputs: Any) -> bool:
     """A CPU graph that gradients may flow through (what keeps :func:`wants_cpu_pack` off)."""
-    tensors = [t for t in example_inputs if isinstance(t, Tensor)]
-    on_cpu = bool(tensors) and all(t.device.type == "cpu" for t in tensors)
-    return on_cpu and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return _on_cpu(example_inputs) and grads_may_flow(example_inputs)
 
 
 def wants_cpu_pack(example_inputs: Any) -> bool:
     """Whether a dynamo graph runs on the CPU without gradients (the pass's precondition)."""
-    tensors = [t for t in example_inputs if isinstance(t, Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
+    return _on_cpu(example_inputs) and not grads_may_flow(example_inputs)

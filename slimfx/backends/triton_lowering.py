@@ -268,15 +268,23 @@ def lower_graph(gm: fx.GraphModule) -> tuple[fx.GraphModule, PassResult]:
     )
 
 
-def not_lowered(gm: fx.GraphModule, reason: str) -> PassResult:
-    """The lowering record of a graph left as it is on purpose: every slimfx op node of
-    ``gm`` gets a ``fallback`` record carrying ``reason``."""
+def not_lowered(
+    gm: fx.GraphModule,
+    reason: str,
+    ops: tuple[str, ...] | None = None,
+    pass_name: str = PASS_NAME,
+) -> PassResult:
+    """The record of a graph left as it is on purpose: every slimfx op node of ``gm`` (of
+    ``ops`` only, when given) gets a ``fallback`` record carrying ``reason``, under
+    ``pass_name`` (the CPU pack names its own)."""
     records = [
         SiteRecord(_site_of(n), name, "fallback", reason, extra={"shape": _out_in(n)})
         for n in gm.graph.nodes
-        if n.op == "call_function" and (name := _op_name(n.target)) is not None
+        if n.op == "call_function"
+        and (name := _op_name(n.target)) is not None
+        and (ops is None or name in ops)
     ]
-    return PassResult(name=PASS_NAME, modified=False, records=records)
+    return PassResult(name=pass_name, modified=False, records=records)
 
 
 # --------------------------------------------------------------------------- modules

@@ -166,21 +166,21 @@ def _checkpoint_calibration(a: argparse.Namespace):
     return calibration_batches(tok, name=a.calib, n=a.n_calib, seq_len=a.seq_len)
 
 
-def _report_md(path: Path) -> None:
+def _saved_report(path: Path):
+    """The report.json written beside ``path`` (in the save being written)."""
     import json
 
     from slimfx.report import Report
 
-    rep = Report.from_dict(json.loads((path.parent / "report.json").read_text()))
-    path.write_text(rep.to_markdown())
+    return Report.from_dict(json.loads((path.parent / "report.json").read_text()))
+
+
+def _report_md(path: Path) -> None:
+    path.write_text(_saved_report(path).to_markdown())
 
 
 def _report_png(path: Path) -> None:
-    import json
-
-    from slimfx.report import Report
-
-    Report.from_dict(json.loads((path.parent / "report.json").read_text())).plot(path)
+    _saved_report(path).plot(path)
 
 
 #: what the CLI writes beside a save: the report as markdown and as a plot (from report.json)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from slimfx.backends import onnx_decode, onnx_ops
 from slimfx.backends.onnx_attention import export_attention
 from slimfx.backends.onnx_graph import (
+    _REPORT_ATTR,
     WRAP,
     OnnxExportError,
     _fold_markers,
@@ -60,7 +61,6 @@ from slimfx.planning.shapes import LinearShape
 # OrtModel and ort_session live in slimfx.backends.ort; re-exported here for one import line.
 __all__ = ["ExportResult", "OnnxExportError", "OrtModel", "export_onnx", "ort_session"]
 
-_REPORT_ATTR = "slimfx_report"  # where slimfx.optimize leaves its report (slimfx.api)
 
 
 @dataclass

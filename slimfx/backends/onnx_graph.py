@@ -24,6 +24,9 @@ class OnnxExportError(ValueError):
     """The model cannot be exported to ONNX as it is (the message says where and why)."""
 
 
+_REPORT_ATTR = "slimfx_report"  # where slimfx.optimize leaves its report (slimfx.api)
+
+
 def export_path(path: str | os.PathLike[str]) -> Path:
     """``path`` as the file an export writes, checked before the (slow) export: not a
     directory, in a directory that exists."""
@@ -244,7 +247,7 @@ def densified_notes(markers: dict[str, list[str]]) -> list[str]:
 def annotate_notes(model: Any, path: Path, notes: list[str]) -> None:
     """Append an export's notes to the model's slimfx report, if it has one (as
     ``export_onnx`` does), naming the file."""
-    rep = getattr(model, "slimfx_report", None)  # slimfx.api.REPORT_ATTR
+    rep = getattr(model, _REPORT_ATTR, None)
     if rep is not None and hasattr(rep, "notes"):
         rep.notes.extend(f"onnx {path.name}: {n}" for n in notes)
 

@@ -320,7 +320,8 @@ class Report:
             if full:
                 lat = s.latency_after_s / s.latency_before_s if s.latency_before_s else 1.0
                 row += [f"{s.sensitivity:.2f}", f"{lat:.2f}", s.latency_source, s.runtime]
-            row.append(s.status + (f": {s.reason}" if s.reason and s.status != "skipped" else ""))
+            # a skipped site's reason is shown unless it only repeats "dense" (older reports)
+            row.append(s.status + (f": {s.reason}" if s.reason not in ("", "dense") else ""))
             rows.append(row)
         return rows
 
@@ -447,17 +448,18 @@ class Report:
         fig, axes = plt.subplots(1, n, figsize=(7 * n, 4.5))
         ax1, ax2 = axes[0], axes[1]
         xs = range(len(self.sites))
-        bits = [16 * s.bytes_after / max(s.bytes_before, 1) for s in self.sites]
+        bits = self._bits_per_weight()
         colors, labels = _form_styles()
         kinds = [s.decision.get("kind", "dense") for s in self.sites]
-        ax1.bar(xs, bits, color=[colors.get(k, _UNKNOWN_COLOUR) for k in kinds], width=0.9)
+        ax1.bar(xs, bits, color=[colors.get(k, _UNKNOWN_COLOUR) for k in kinds], width=0.9,
+                hatch=["//" if s.chosen.startswith("owned by") else "" for s in self.sites])  # fmt: skip
         for i, s in enumerate(self.sites):
             r = s.decision.get("rank")
             if r is not None and len(self.sites) <= 80:
                 ax1.text(i, bits[i], str(r), ha="center", va="bottom", fontsize=5, rotation=90)
         ax1.set_xlabel("site (graph order)")
         ax1.set_ylabel("bits per weight (16 = dense)")
-        ax1.set_title("Chosen form per layer (rank annotated for low-rank)")
+        ax1.set_title("Chosen form per layer (rank annotated; hatched: owned by a KV cache)")
         from matplotlib.patches import Patch
 
         present = [k for k in colors if k in kinds]
@@ -486,6 +488,19 @@ class Report:
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
+
+    def _bits_per_weight(self) -> list[float]:
+        """Each linear site's bits per weight; a k/v projection a low-rank KV cache owns has
+        no bytes of its own (0 in ``bytes_after``): it shows its share of the owner's weight
+        bytes (its projections' factors), split by their 16-bit bytes."""
+        share: dict[str, float] = {}
+        before = {s.fqn: s.bytes_before for s in self.sites}
+        for k in self.kv_sites:
+            total = sum(before.get(f, 0) for f in k.owns)
+            for f in k.owns:
+                if total:
+                    share[f] = k.weight_bytes_after * before.get(f, 0) / total
+        return [16 * share.get(s.fqn, s.bytes_after) / max(s.bytes_before, 1) for s in self.sites]
 
     def _plot_kv(self, ax: Any, colors: dict[str, str], labels: dict[str, str]) -> None:
         """Per attention layer: the 16-bit cache's bytes per token (outline) and the chosen

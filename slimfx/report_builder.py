@@ -37,6 +37,19 @@ def runner_up(options: list, chosen_idx: int) -> Any:
     return min(cheaper, key=lambda o: (o.error, -o.bytes)) if cheaper else None
 
 
+def _dense_reason(problem: BudgetProblem | None, fqn: str, budget: Budget) -> str:
+    """Why a site the plan keeps dense is dense: the solver chose it over compressed
+    candidates under the budget, it had none, nothing was constrained, or a replayed plan
+    says so."""
+    if problem is None:
+        return "the plan keeps it dense"
+    if all(v is None for v in budget.to_dict().values()):
+        return "no budget: the most accurate form"
+    if any(not isinstance(o.decision, DenseConfig) for o in problem.site(fqn).options):
+        return "the solver's choice under the budget"
+    return "no compressed candidate fits this site"
+
+
 def build_report(
     sites: list[LinearSite],
     plan: Plan,
@@ -90,6 +103,8 @@ def build_report(
         if s.tied and not isinstance(d, DenseConfig):
             e.bytes_after += e.bytes_before  # the tied module keeps a dense copy
             e.extra.setdefault("note", "tied weight: the other user keeps a dense copy")
+        if isinstance(d, DenseConfig) and e.reason in ("", "dense"):
+            e.reason = _dense_reason(problem, s.fqn, budget)
         if problem is not None:
             so = problem.site(s.fqn)
             idx = so.index_of(d)

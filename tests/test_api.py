@@ -490,6 +490,11 @@ def test_excluded_sites_and_an_empty_budget_are_noted():
                                              progress=False))  # fmt: skip
     assert empty.totals["rewritten"] == 0
     assert any(n.startswith("no budget (budget=None or an empty Budget)") for n in empty.notes)
+    # a dense site says why it is dense, in its status cell too (it read "skipped")
+    assert {s.reason for s in empty.sites} == {"no budget: the most accurate form"}
+    kept = [s for s in rep.sites if s.chosen == "dense"]
+    assert kept and {s.reason for s in kept} == {"the solver's choice under the budget"}
+    assert "| skipped: the solver's choice under the budget |" in rep.to_markdown()
 
 
 def test_an_infeasible_weight_budget_names_the_sites_with_nothing_smaller():

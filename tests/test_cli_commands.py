@@ -4,6 +4,7 @@ calibrate-target's refusal without CUDA."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -121,7 +122,10 @@ def test_cli_exports_the_decode_step_over_a_compressed_cache(tmp_path, capsys):
     assert "over the compressed KV cache of layer(s) 0, 1" in capsys.readouterr().out
     model = slimfx.load(out)
     want = model.generate(ids, max_new_tokens=8, do_sample=False)
-    assert OrtKVDecoder(tmp_path / "kv.onnx").generate(ids, 8).tolist() == want.tolist()
+    dec = OrtKVDecoder(tmp_path / "kv.onnx")
+    got = dec.generate(ids, 8)  # torch in, torch out (it returned numpy), numpy in, numpy out
+    assert isinstance(got, torch.Tensor) and torch.equal(got, want)
+    assert isinstance(dec.generate(ids.numpy(), 8), np.ndarray)
 
 
 @pytest.mark.slow  # the default run is at its time limit; the MLA export runs in test_kv_budget_export

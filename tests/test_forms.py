@@ -243,6 +243,23 @@ def test_a_report_with_an_unregistered_kind_still_plots(tmp_path) -> None:  # no
     assert rep.plot(tmp_path / "p.png").stat().st_size > 0
 
 
+def test_the_plot_gives_kv_owned_projections_their_share_of_the_factors() -> None:
+    """k/v projections a low-rank KV cache replaced hold no bytes of their own; the bits panel
+    shows the owner's factor bytes split between them by their 16-bit sizes (it drew 0)."""
+    from slimfx.report import KVEntry
+
+    owned = {"kind": "kv_lowrank", "rank": 8}
+    rep = Report(
+        sites=[
+            SiteEntry("q", (64, 64), decision={"kind": "int8"}, bytes_before=800, bytes_after=400),
+            SiteEntry("k", (32, 64), chosen="owned by attn", decision=owned, bytes_before=400),
+            SiteEntry("v", (16, 64), chosen="owned by attn", decision=owned, bytes_before=200),
+        ],
+        kv_sites=[KVEntry("attn", weight_bytes_after=150, owns=["k", "v"])],
+    )
+    assert rep._bits_per_weight() == [8.0, 16 * 100 / 400, 16 * 50 / 200]
+
+
 def test_registering_twice_or_with_a_mismatched_config_is_refused() -> None:
     lowrank = forms.form_of("lowrank")
     with pytest.raises(ValueError, match="'lowrank' already has a registered form"):

@@ -222,9 +222,10 @@ class OrtKVDecoder:
         attention_mask: Tensor | np.ndarray | None = None,
         eos_token_id: int | Sequence[int] | None = None,
         pad_token_id: int | None = None,
-    ) -> np.ndarray:
+    ) -> Tensor | np.ndarray:
         """Greedy decoding from a fresh cache: the prompt in calls of ``prefill_chunk`` tokens
-        (``None``: one call), then one token a call; returns prompt + new tokens.
+        (``None``: one call), then one token a call; returns prompt + new tokens (torch in →
+        torch out, as ``OrtModel.generate``).
         ``attention_mask`` (batch, prompt length): the prompts' padding, as for
         ``generate()`` (left-padded); ``eos_token_id`` / ``pad_token_id`` as
         ``OrtModel.generate``'s."""
@@ -241,7 +242,8 @@ class OrtKVDecoder:
                 logits = self.step(x[:, a : a + chunk], m[:, : a + chunk])
             return logits
 
-        return onnx_decode.greedy(step, seq, mask, max_new_tokens, eos_token_id, pad_token_id)
+        out = onnx_decode.greedy(step, seq, mask, max_new_tokens, eos_token_id, pad_token_id)
+        return torch.from_numpy(out) if isinstance(ids, Tensor) else out
 
     def store_nbytes(self) -> int:
         """Bytes of the quantized store arrays held now."""

@@ -30,7 +30,8 @@ Two targets, one entry point, :func:`lower_to_triton`:
   holds, and the module deep-copies and pickles (the subclasses live in this module). The
   module's ``slimfx_lowering`` attribute records the kernel and the (dtype, device) pairs it
   was checked for; a call with another pair is checked again, and one no kernel accepts runs
-  the reference op with a warning that gives the reason. :func:`unlower` switches back.
+  the reference op with a warning that gives the reason; so does a call that may need
+  gradients (the kernel ops have no backward). :func:`unlower` switches back.
 """
 
 from __future__ import annotations
@@ -309,6 +310,14 @@ def _sparse24_args(mod: nn.Module) -> dict[str, Any]:
     return {"values": mod.values, "meta": mod.meta, "bias": mod.bias}
 
 
+#: warned once per lowered module when a forward may need gradients
+GRAD_WARNING = (
+    "{}: gradients may flow (grad mode on, the input or a weight requires grad) and the Triton "
+    "kernels have no backward: the reference op runs (call the model under torch.no_grad() or "
+    "torch.inference_mode() for the kernel)"
+)
+
+
 class _Lowered:
     """Mixin of the lowered module classes: forward through the kernel op when a kernel
     accepts this call's (dtype, device), else the reference op with a warning."""
@@ -335,8 +344,22 @@ class _Lowered:
         )
         return False
 
+    def _grads_may_flow(self, x: Tensor) -> bool:
+        """Grad mode on and ``x`` or a weight of this module requires grad: the kernel ops
+        have no backward (their output would carry no gradient), so the reference op runs,
+        with a warning the first time."""
+        params = self.parameters(recurse=False)  # type: ignore[attr-defined]
+        if not torch.is_grad_enabled() or not (
+            x.requires_grad or any(p.requires_grad for p in params)
+        ):
+            return False
+        if not self.slimfx_lowering.get("grad_warned"):
+            self.slimfx_lowering["grad_warned"] = True
+            warnings.warn(GRAD_WARNING.format(type(self).__name__), stacklevel=3)
+        return True
+
     def forward(self, x: Tensor) -> Tensor:
-        if not self._kernel_ok(x):
+        if self._grads_may_flow(x) or not self._kernel_ok(x):
             return super().forward(x)  # type: ignore[misc]
         low = self._slimfx_lowering
         return low.target()(x, **low.args(self))  # type: ignore[arg-type]

@@ -163,6 +163,32 @@ def test_module_call_with_unchecked_dtype_warns_and_runs_reference(x) -> None:
     assert (torch.float64, torch.device("cpu")) in low.slimfx_lowering["declined"]
 
 
+def test_a_forward_that_needs_gradients_runs_the_reference_op_with_a_warning(x) -> None:
+    """The kernel ops have no backward: with grad mode on and a weight (or the input) that
+    requires grad, a lowered module ran the kernel and its output carried no gradient to the
+    low-rank factors. The reference op runs instead (the same gradients as never lowered),
+    with one warning per module; under no_grad the kernel runs."""
+    needs_triton_kernels()
+    model = swapped(QuantConfig(bits=4, group_size=16))
+    ref = copy.deepcopy(model)
+    lower_to_triton(model)
+    with pytest.warns(UserWarning, match=r"TritonLowRankLinear: gradients may flow .* the "
+                      r"reference op runs"):  # fmt: skip
+        model(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(model[2].U.grad, ref[2].U.grad)
+    assert model[2].slimfx_lowering["grad_warned"]
+    calls, want = [], ref(x).detach()
+    real = LowRankLinear.forward
+    LowRankLinear.forward = lambda self, x: calls.append(1) or real(self, x)
+    try:
+        with torch.no_grad():
+            close(model(x), want)
+    finally:
+        LowRankLinear.forward = real
+    assert calls == []  # the kernel, not the reference op, under no_grad
+
+
 def test_module_of_unsupported_dtype_stays_with_reason() -> None:
     model = swapped(QuantConfig(bits=8, group_size=None), dtype=torch.float64)
     _, result = lower_to_triton(model)

@@ -42,10 +42,10 @@ import torch
 from torch import Tensor, nn
 from transformers.cache_utils import DynamicLayer
 
-from slimfx.forms.kv.cache import latent_segments
 from slimfx.forms.kv.config import KVDecision, KVLatentQuantConfig, KVLowRankConfig
 from slimfx.forms.kv.numerics import _minmax, join_latent, split_latent
 from slimfx.forms.kv.sinks import merge_sinks, real_columns
+from slimfx.forms.kv.store import latent_segments
 
 __all__ = [
     "LATENT_FORMS",

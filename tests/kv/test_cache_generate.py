@@ -105,15 +105,17 @@ def test_cache_refuses_sliding_window_layers():
     assert isinstance(mixed.layers[0], QuantizedKVLayer)
 
 
-def test_crop_reaches_only_the_16bit_window(tiny_llama):
+def test_crop_reaches_into_the_store(tiny_llama):
+    """A crop past the 16-bit window (refused before) gives the stored block back to it
+    (tests/kv/test_cache_crop.py checks the reads)."""
     layer = QuantizedKVLayer(KVQuantConfig(4, 4, 4, 8, 2))
     layer.update(torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
     layer.flush()
     assert layer.n_stored == 4 and layer.get_seq_length() == 9
     layer.crop(-3)
-    assert layer.get_seq_length() == 6
-    with pytest.raises(ValueError, match="only the 2 tokens of the 16-bit window"):
-        layer.crop(-3)
+    assert layer.get_seq_length() == 6 and layer.n_stored == 4
+    layer.crop(-3)
+    assert layer.get_seq_length() == 3 and layer.n_stored == 0 and layer.store is None
 
 
 def test_perplexity_decoded_through_the_models_own_cache(tiny_llama):

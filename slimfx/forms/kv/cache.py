@@ -43,15 +43,13 @@ from slimfx.forms.kv.config import (
     KVLowRankConfig,
     KVQuantConfig,
 )
-from slimfx.forms.kv.numerics import (
-    dequantize_keys,
-    dequantize_values,
-    join_latent,
-    quantize_keys,
-    quantize_values,
-    split_latent,
-)
 from slimfx.forms.kv.sinks import merge_sinks, real_columns
+from slimfx.forms.kv.store import (
+    decode_store,
+    drop_stored,
+    encode_store,
+    latent_segments,
+)
 from slimfx.kernels.kv_attention.folded import hides_tokens  # re-exported: the caches' mask test
 
 __all__ = [
@@ -78,8 +76,6 @@ def _nbytes(*tensors: Tensor | None) -> int:
 class _StoreLayer(DynamicLayer):
     """A 16-bit window (``self.keys``/``self.values``) in front of a quantized store held in
     ``self.store`` (name → tensor, all with batch first and tokens third)."""
-
-    is_croppable = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -174,17 +170,27 @@ class _StoreLayer(DynamicLayer):
         self._map(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` tokens (transformers' convention; assisted
+        generation crops rejected draft tokens). Stored blocks the shorter cache would not
+        hold yet (``config.quantized_tokens``) come back to the 16-bit window dequantized —
+        as read, so the kept tokens' values do not change — and are stored again when they
+        leave it."""
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove")
         n = -tokens_to_remove
         if n == 0 or not self.is_initialized:
             return
-        croppable = self.keys.shape[-2] - (self.sink if self.n_stored else 0)
-        if n > croppable:
-            raise ValueError(
-                f"cannot crop {n} tokens: only the {croppable} tokens of the 16-bit "
-                "window can be removed from a compressed cache"
-            )
+        total = self.get_seq_length()
+        if n > total:
+            raise ValueError(f"cannot crop {n} tokens: the layer holds {total}")
+        keep = min(self.n_stored, self._target(total - n))
+        if keep < self.n_stored:
+            back_k, back_v = (t[:, :, keep:] for t in self._dequantize())
+            s = self.sink
+            self.keys = torch.cat([self.keys[:, :, :s], back_k, self.keys[:, :, s:]], dim=2)
+            self.values = torch.cat([self.values[:, :, :s], back_v, self.values[:, :, s:]], 2)
+            self.store = drop_stored(self.store, self.n_stored, keep) if keep else None
+            self.n_stored = keep
         self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
 
 
@@ -354,6 +360,14 @@ class _LatentSide:
     def _side_nbytes(self) -> int:
         return _nbytes(self.sink_keys, self.sink_values)
 
+    def _crop_side(self, n: int) -> None:
+        """The side tensors after the layer's last ``n`` tokens were cropped: their positions
+        go; a cropped token may have filled a row's sink slot, so the slots are checked again
+        on the next call (a slot is written whenever its token arrives)."""
+        if n and self.positions is not None:
+            self.positions = self.positions[:, :-n]
+            self.sinks_full = False
+
     def _map_side(self, fn: Any) -> None:
         for name in ("positions", "sink_keys", "sink_values"):
             t = getattr(self, name)
@@ -365,8 +379,6 @@ class LatentLayer(_LatentSide, DynamicLayer):
     """The 16-bit low-rank latent ``(B, 1, T, rank)`` of keys and of values, the position id of
     every cached token and the sink tokens' exact K/V (:class:`_LatentSide`). Pass
     ``positions=`` to ``update``."""
-
-    is_croppable = False
 
     def __init__(self, config: KVLowRankConfig | KVLatentQuantConfig | None = None) -> None:
         super().__init__()
@@ -391,64 +403,11 @@ class LatentLayer(_LatentSide, DynamicLayer):
         self._map_side(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove:
-            raise ValueError("a latent cache layer cannot be cropped")
-
-
-def latent_segments(config: KVLatentQuantConfig, role: str) -> list[tuple[str, int, int]]:
-    """``(store name prefix, channels per head group, bits)`` of the role's ("key" / "value")
-    latent segments: ``k`` / ``v`` for the full-width channels, ``k_tail`` / ``v_tail`` for
-    the ``low_bits`` ones (``config.segments``)."""
-    pre = role[0]
-    return [(pre if b == config.bits else f"{pre}_tail", n, b)
-            for n, b in config.segments(role)]  # fmt: skip
-
-
-def encode_store(
-    config: KVQuantConfig | KVLatentQuantConfig, keys: Tensor, values: Tensor
-) -> dict[str, Tensor]:
-    """The store arrays (name → tensor, batch first, tokens third) of ``keys`` / ``values``
-    ``(B, H, T, D)`` — a ``kv_quant`` layer's K/V, or a ``kv_latent_quant`` layer's key and
-    value latents ``(B, 1, T, rank)`` — in ``config``'s layout (:mod:`.numerics`). Per-channel
-    arrays have one row per block of tokens (``T`` a multiple of the block), the rest one per
-    token."""
-    c = config
-    if isinstance(c, KVQuantConfig):
-        kq, ks, km = quantize_keys(keys, c.key_bits, c.key_group)
-        vq, vs, vm = quantize_values(values, c.value_bits, c.value_group)
-        return {"k_codes": kq, "k_scale": ks, "k_min": km,
-                "v_codes": vq, "v_scale": vs, "v_min": vm}  # fmt: skip
-    quant = quantize_values if c.axis == "token" else quantize_keys
-    out: dict[str, Tensor] = {}
-    for role, x in (("key", keys), ("value", values)):
-        segs = latent_segments(c, role)
-        parts = [x] if len(segs) == 1 else split_latent(x, c.groups, [n for _, n, _ in segs])
-        for (name, _, bits), part in zip(segs, parts):
-            codes, scale, mn = quant(part, bits, c.group)
-            out |= {f"{name}_codes": codes, f"{name}_scale": scale, f"{name}_min": mn}
-    return out
-
-
-def decode_store(
-    config: KVQuantConfig | KVLatentQuantConfig, store: dict[str, Tensor], dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Inverse of :func:`encode_store`: keys and values (or latents) in ``dtype``."""
-    c, s = config, store
-    if isinstance(c, KVQuantConfig):
-        k = dequantize_keys(s["k_codes"], s["k_scale"], s["k_min"], c.key_bits, c.key_group, dtype)
-        v = dequantize_values(
-            s["v_codes"], s["v_scale"], s["v_min"], c.value_bits, c.value_group, dtype
-        )
-        return k, v
-    deq = dequantize_values if c.axis == "token" else dequantize_keys
-    out = []
-    for role in ("key", "value"):
-        parts = [
-            deq(s[f"{nm}_codes"], s[f"{nm}_scale"], s[f"{nm}_min"], bits, c.group, dtype)
-            for nm, _, bits in latent_segments(c, role)
-        ]
-        out.append(parts[0] if len(parts) == 1 else join_latent(parts, c.groups))
-    return out[0], out[1]
+        """Remove the last ``-tokens_to_remove`` tokens (16-bit latent: exact)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove")
+        super().crop(tokens_to_remove)
+        self._crop_side(-tokens_to_remove)
 
 
 class QuantizedLatentLayer(_LatentSide, _StoreLayer):
@@ -477,6 +436,10 @@ class QuantizedLatentLayer(_LatentSide, _StoreLayer):
     def _map(self, fn: Any) -> None:
         super()._map(fn)
         self._map_side(fn)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._crop_side(-tokens_to_remove)
 
 
 #: attribute of an attention module holding its KV form (``slimfx.forms.kv.apply``)

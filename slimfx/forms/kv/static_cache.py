@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, StaticLayer
 
-from slimfx.forms.kv.cache import decode_store, encode_store, hides_tokens
+from slimfx.forms.kv.cache import hides_tokens
 from slimfx.forms.kv.config import (
     KVDecision,
     KVDenseConfig,
@@ -55,8 +55,10 @@ from slimfx.forms.kv.config import (
     KVQuantConfig,
 )
 from slimfx.forms.kv.sinks import merge_sinks, real_columns
+from slimfx.forms.kv.store import decode_store, encode_store
 
 __all__ = [
+    "StaticCacheNoCrop",
     "StaticQuantizedKVLayer",
     "StaticQuantizedLatentLayer",
     "StaticLatentLayer",
@@ -392,7 +394,21 @@ def static_layer_for(form: KVDecision, max_cache_len: int) -> StaticLayer:
     raise TypeError(f"no static cache layer for {type(form).__name__}")
 
 
-class StaticKVCache(Cache):
+class StaticCacheNoCrop(Cache):
+    """A static cache refuses to be cropped up front, as transformers refuses its own
+    ``StaticCache`` for assisted generation (its check names that class only, so these failed
+    after the prefill with an ``AttributeError``)."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove:
+            raise ValueError(
+                f"{type(self).__name__} is static and cannot be cropped: assisted generation "
+                "and prompt lookup (assistant_model=, prompt_lookup_num_tokens=) need the "
+                "dynamic cache (generate()'s default, or KVCache.for_model(model))"
+            )
+
+
+class StaticKVCache(StaticCacheNoCrop):
     """A static transformers ``Cache`` whose layer ``i`` holds layer ``i``'s cache in
     ``forms[i]`` (:func:`static_layer_for`)."""
 

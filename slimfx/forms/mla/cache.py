@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
 
+from slimfx.forms.kv.static_cache import StaticCacheNoCrop
+
 from .module import quantize_latent
 
 __all__ = [
@@ -130,7 +132,7 @@ class MLALatentCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-class MLAStaticLatentCache(Cache):
+class MLAStaticLatentCache(StaticCacheNoCrop):
     """Static latent cache of ``max_cache_len`` tokens per layer (16-bit latent), for
     ``torch.compile``: the buffers are allocated on the first update and written in place."""
 

@@ -222,7 +222,8 @@ def convert_model(
     absorb: str = "auto",
     inputs: Mapping[int, Tensor] | None = None,
 ) -> MLAConversion:
-    """Replace attention blocks of ``model`` in place by :class:`MLAAttention`.
+    """Replace attention blocks of ``model`` in place by :class:`MLAAttention` — all or none:
+    a failure or an interrupt while fitting leaves the model as it was.
 
     ``cfg``: one config for every layer or a mapping layer index → config (others untouched).
     ``batches``: calibration input ids, each (1, L); needed unless every config is data-free.
@@ -260,30 +261,36 @@ def convert_model(
     seq_len = int(batches[0].shape[-1]) if batches else 1
     if needs_data and (inputs is None or any(i not in inputs for i in todo)):
         inputs = capture_attention_inputs(model, batches, todo)
-    for i in todo:
-        c, shape, attn = plan[i], shapes[i], blocks[i].self_attn
-        calib = None
-        if needs_data:
-            x_new = None
-            if c.refine and result.converted:
-                x_new = capture_attention_inputs(model, batches, [i], stop_after=i)[i]
-            calib = attention_calib(
-                attn, inputs[i], shape.num_heads, shape.num_kv_heads, seq_len, x_new,  # type: ignore[index]
-                inv_freq if (c.rope_fold or c.rope_select == "norm_attn") else None,
+    originals = {i: blocks[i].self_attn for i in todo}
+    try:  # all or nothing: an error or an interrupt mid-way puts the converted blocks back
+        for i in todo:
+            c, shape, attn = plan[i], shapes[i], blocks[i].self_attn
+            calib = None
+            if needs_data:
+                x_new = None
+                if c.refine and result.converted:
+                    x_new = capture_attention_inputs(model, batches, [i], stop_after=i)[i]
+                calib = attention_calib(
+                    attn, inputs[i], shape.num_heads, shape.num_kv_heads, seq_len, x_new,  # type: ignore[index]
+                    inv_freq if (c.rope_fold or c.rope_select == "norm_attn") else None,
+                )
+            w = fit_mla(
+                c,
+                dense_weight(attn.q_proj), attn.k_proj.weight, attn.v_proj.weight,
+                dense_weight(attn.o_proj), attn.k_proj.bias, attn.v_proj.bias,
+                shape.num_heads, shape.num_kv_heads, inv_freq, calib,
             )
-        w = fit_mla(
-            c,
-            dense_weight(attn.q_proj), attn.k_proj.weight, attn.v_proj.weight,
-            dense_weight(attn.o_proj), attn.k_proj.bias, attn.v_proj.bias,
-            shape.num_heads, shape.num_kv_heads, inv_freq, calib,
-        )
-        blocks[i].self_attn = MLAAttention(
-            attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb,
-            latent_bits=c.latent_bits, factor_bits=c.factor_bits, per_head_q_mix=c.rope_fold,
-        )
-        blocks[i].self_attn.mla_config = c
-        blocks[i].self_attn.train(attn.training)  # a new module starts in training mode
-        carry_hooks(attn, blocks[i].self_attn)
-        result.converted.append(i)
-        result.configs[i] = c
+            blocks[i].self_attn = MLAAttention(
+                attn, w, shape.num_heads, shape.num_kv_heads, absorb=absorb,
+                latent_bits=c.latent_bits, factor_bits=c.factor_bits, per_head_q_mix=c.rope_fold,
+            )
+            blocks[i].self_attn.mla_config = c
+            blocks[i].self_attn.train(attn.training)  # a new module starts in training mode
+            carry_hooks(attn, blocks[i].self_attn)
+            result.converted.append(i)
+            result.configs[i] = c
+    except BaseException:
+        for i in result.converted:
+            blocks[i].self_attn = originals[i]
+        raise
     return result

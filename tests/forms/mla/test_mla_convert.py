@@ -232,6 +232,31 @@ def test_rejects_sliding_window_and_leaves_model_unchanged():
     assert not any(isinstance(b.self_attn, MLAAttention) for b in model.model.layers)
 
 
+@pytest.mark.parametrize("error", [KeyboardInterrupt, RuntimeError])
+def test_an_error_or_interrupt_mid_conversion_leaves_the_model_unchanged(monkeypatch, error):
+    """Layer 1's fit fails (an interrupt, an out-of-memory): layer 0 had been swapped already
+    and stayed so — the model was half converted. Every block is put back."""
+    import slimfx.forms.mla.convert as conv
+
+    model = tiny_gqa_llama(2)
+    ids = eval_ids()
+    ref, blocks = _logits(model, ids), [b.self_attn for b in model.model.layers]
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error("stop")
+        return fit_mla(*a, **k)
+
+    monkeypatch.setattr(conv, "fit_mla", failing)
+    with pytest.raises(error):
+        convert_model(model, MLAConfig(rank=12, rope_pairs=4), calib_batches())
+    assert len(calls) == 2
+    assert [b.self_attn for b in model.model.layers] == blocks
+    torch.testing.assert_close(_logits(model, ids), ref, atol=0, rtol=0)
+
+
 def test_rejects_an_attention_unlike_the_llama_block_and_leaves_model_unchanged():
     """Cohere rotates interleaved RoPE pairs; MLA's fit assumes Llama's halves. The probe
     (simulation_mismatch on random ids) measures the difference and the conversion refuses."""

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 import time
 from pathlib import Path
@@ -378,6 +379,7 @@ def cmd_calibrate_target(a: argparse.Namespace) -> int:
     import torch
 
     from slimfx.cost.measure_attention import parse_attention_shapes
+    from slimfx.cost.target import TARGETS
     from slimfx.latency_calibration import calibrate_target, parse_shapes
 
     if a.threads is not None and a.threads < 1:
@@ -385,6 +387,13 @@ def cmd_calibrate_target(a: argparse.Namespace) -> int:
     device = a.device or ("cpu" if a.backend == "onnx" or not torch.cuda.is_available() else "cuda")
     backend = a.backend or ("triton" if device.startswith("cuda") else "eager")
     target = a.target or {"onnx": "ort-cpu"}.get(backend, "h100" if device != "cpu" else "cpu")
+    if target not in TARGETS:  # optimize(target=<name>) would refuse it after the long run
+        near = difflib.get_close_matches(target, list(TARGETS), n=1, cutoff=0.5)
+        raise ValueError(
+            f"unknown target {target!r}{f' (did you mean {near[0]!r}?)' if near else ''}; "
+            f"known: {', '.join(sorted(TARGETS))}. For a device of your own, calibrate from "
+            "Python (slimfx.calibrate_target) and pass optimize(target=slimfx.cost.target.Target(…))"
+        )
     cache = calibrate_target(
         target,
         out=a.out,
@@ -423,7 +432,11 @@ def _onnx_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slimfx", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="slimfx",
+        description="slimfx: optimize a model under a budget, read or diff its report, export "
+        "it to ONNX, measure kernel times for latency budgets (calibrate-target).",
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     o = sub.add_parser("optimize", help="optimize a model under a budget and save it")
     o.add_argument("--model", default="smollm2",

@@ -56,11 +56,9 @@ def triton_runner(module: nn.Module) -> tuple[Callable[[torch.Tensor], Any], dic
     if not result.records:
         return module, {"runtime": "torch eager", "kernel": "F.linear"}
     rec = result.records[0]
-    if rec.status == "applied":
-        kernel = str(rec.extra.get("kernel", "?"))
-    else:
-        kernel = f"reference op (fallback: {rec.reason})"
-    return module, {"runtime": "triton", "kernel": kernel}
+    if rec.status != "applied":  # what runs is torch's reference op, not a Triton kernel
+        return module, {"runtime": "torch eager", "kernel": f"reference op (fallback: {rec.reason})"}
+    return module, {"runtime": "triton", "kernel": str(rec.extra.get("kernel", "?"))}
 
 
 def parse_shapes(text: str | None) -> list[tuple[int, int]]:
@@ -136,6 +134,14 @@ def calibrate_target(
         runner = OnnxLinearRunner(threads=threads, accuracy_level=accuracy_level)
         dtype = torch.float32
     elif backend == "triton":
+        from slimfx.kernels import interpret_mode
+
+        if dev.type == "cpu" and not interpret_mode():
+            raise ValueError(
+                "backend triton on cpu: no Triton kernel runs on the CPU (TRITON_INTERPRET is "
+                "not set), so every entry would time the reference ops under the triton label; "
+                "calibrate on the GPU the kernels will run on, or use backend eager / onnx"
+            )
         runner = triton_runner
     old = torch.get_num_threads()
     if threads is not None and backend != "onnx":

@@ -33,7 +33,7 @@ from slimfx.cost.calibration import (
 )
 from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import run_sequential
-from slimfx.cost.target import MeasuredCache, Target, roofline_caveat
+from slimfx.cost.target import MeasuredCache, Target, roofline_caveat, runtime_mismatch
 from slimfx.ir.match import linear_weight
 from slimfx.ir.modules import hooked
 from slimfx.ir.sites import AttentionSite, LinearSite
@@ -353,6 +353,9 @@ def candidates(pl: Planning) -> PassResult:
             f"latency: {src.get('measured', 0)} of {sum(src.values())} options measured "
             f"({pl.cache.describe(name)}), the rest from the roofline"
         )
+        mismatch = runtime_mismatch(pl.cache.summary(name).get("runtime", []), opts.backend)
+        if mismatch:
+            pl.notes.append(mismatch)
     elif pl.budget.latency is not None:
         pl.notes.append(roofline_caveat(name, opts.backend))
     if pl.attention_sites:

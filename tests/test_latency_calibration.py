@@ -90,6 +90,9 @@ def test_calibrate_onnx_writes_ort_measurements(tmp_path) -> None:  # noqa: ANN0
     assert set(labels) == {"dense", "lowrank r=8", "int4 g32 asym rtn"}
     assert labels["int4 g32 asym rtn"]["ops"] == "MatMulNBits 4"  # four copies in one graph
     assert all(i["accuracy_level"] == 4 and i["copies"] == 4 for i in labels.values())
+    # where it was measured: ORT's threads (not torch's), torch's version, the machine
+    assert all(i["threads"] == 1 and i["torch"] == torch.__version__ and i["machine"]
+               for i in labels.values())  # fmt: skip
     site = LinearSite("lin", 64, 32, "torch.float32", False, "lin.weight", "lin")
     reread = MeasuredCache.of(out, "ort-cpu")
     assert latency(QuantConfig(4, 32, False, "gptq"), site, "ort-cpu", "decode", reread)[1] == (
@@ -97,15 +100,28 @@ def test_calibrate_onnx_writes_ort_measurements(tmp_path) -> None:  # noqa: ANN0
     )
     assert latency(Sparse24Config(), site, "ort-cpu", "decode", reread)[1] == "roofline"
     assert "accuracy_level 4" in reread.describe("ort-cpu")
+    assert f"torch {torch.__version__}" in reread.describe("ort-cpu")
 
 
-def test_calibrate_rejects_bad_requests(tmp_path) -> None:  # noqa: ANN001
+def test_calibrate_rejects_bad_requests(tmp_path, monkeypatch, capsys) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match="unknown backend 'tvm'"):
         calibrate_target("x", out=tmp_path / "a.json", backend="tvm")
     with pytest.raises(ValueError, match="ONNX Runtime's CPU provider"):
         calibrate_target("x", out=tmp_path / "a.json", backend="onnx", device="meta")
     with pytest.raises(ValueError, match="float32"):
         calibrate_target("x", out=tmp_path / "a.json", backend="onnx", dtype=torch.bfloat16)
+    # no Triton kernel runs on this CPU without the interpreter: every entry would have timed
+    # the reference ops under a "triton" runtime (and the cache priced plans as if measured)
+    with monkeypatch.context() as m:
+        m.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="backend triton on cpu: no Triton kernel runs"):
+            calibrate_target("cpu", out=tmp_path / "a.json", backend="triton")
+    assert not (tmp_path / "a.json").exists()
+    # a typo'd target name is refused by the CLI (optimize(target=...) refused it after the run)
+    from slimfx.cli import main
+
+    assert main(["calibrate-target", "--target", "h1OO", "--out", str(tmp_path / "b.json")]) == 2
+    assert "unknown target 'h1OO' (did you mean 'h100'?)" in capsys.readouterr().err
     assert parse_shapes(None) == list(DEFAULT_SHAPES) == parse_shapes("SmolLM2")
     assert parse_shapes("576x1536, 8x4") == [(576, 1536), (8, 4)]
     with pytest.raises(ValueError, match="IN x OUT"):
@@ -161,6 +177,9 @@ def test_measured_latencies_steer_the_solver(tmp_path) -> None:  # noqa: ANN001
     assert meas.totals["est_latency_ratio"] <= 0.9 + 1e-9
     note = next(n for n in meas.notes if n.startswith("latency: "))
     assert "options measured (" in note and "synthetic" in note
+    # the synthetic runtime is not the ONNX Runtime backend=onnx deploys on: said so
+    assert any(n.startswith("latency cache measured with synthetic, not onnxruntime")
+               for n in meas.notes)  # fmt: skip
     with pytest.raises(ValueError, match="no measurement for target 'cpu'"):
         slimfx.optimize(model, Budget(latency=0.9), **{**kw, "target": "cpu"},
                         latency_cache=path)

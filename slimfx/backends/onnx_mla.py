@@ -435,6 +435,13 @@ def export_mla_onnx(
     counts = Counter(n.op_type for n in onnx_prog.model.graph.all_nodes())
     per_token = sum(c.heads * c.width * torch.empty((), dtype=c.dtype).element_size()
                     for c in layout)
+    wide = [c for c in layout if c.dtype.is_floating_point and c.dtype.itemsize > 2]
+    if wide:  # a float32 model: its latent and RoPE keys are held at 4 bytes, priced at 2
+        notes.append(
+            f"the graph holds the latent cache in {wide[0].dtype} like the model "
+            f"({per_token} B/token over all layers), where slimfx's report prices it at 16 "
+            "bits: ONNX Runtime's cache is that much larger than the report's"
+        )
     notes += inside_save_notes(path)
     annotate_notes(model, path, notes)
     return MLAOnnxExport(

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from slimfx import forms
+from slimfx.cost.cache_file import where_measured
 from slimfx.cost.target import (
     MeasuredCache,
     Workload,
@@ -243,7 +244,7 @@ def measure_target(
                 key = MeasuredCache.key(
                     "linear", wl.tokens, in_f, out_f, str(dtype), decision, target_name
                 )
-                cache.put(key, secs, torch_device=str(dev), copies=n, **info)
+                cache.put(key, secs, torch_device=str(dev), copies=n, **{**where_measured(dev), **info})
             del mod, fn
         cache.save()  # after each shape: a run cut short keeps what it measured
     cache.save()

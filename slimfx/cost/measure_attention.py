@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from slimfx.cost.cache_file import where_measured
 from slimfx.cost.target import MeasuredCache, measured_dtype
 from slimfx.planning.configs import Decision
 from slimfx.planning.shapes import AttentionShape
@@ -321,7 +322,7 @@ def measure_attention(
             key = MeasuredCache.attention_key(
                 shape, tokens, ctx, batch, str(dtype), decision, target_name
             )
-            cache.put(key, s, torch_device=str(dev), steps=steps, **info)
+            cache.put(key, s, torch_device=str(dev), steps=steps, **{**where_measured(dev), **info})
         del model, kv_cache
         cache.save()  # after each form: a run cut short keeps what it measured
     cache.save()

@@ -37,7 +37,6 @@ JSON file keyed by (op, N = tokens, K = in, M = out, dtype, decision, target), w
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from slimfx.cost.cache_file import read_cache, write_cache
 from slimfx.ir.sites import LinearSite
 from slimfx.planning.configs import Decision
 from slimfx.planning.shapes import AttentionShape, LinearShape
@@ -67,6 +67,7 @@ __all__ = [
     "compute_dtype",
     "measured_dtype",
     "roofline_caveat",
+    "runtime_mismatch",
 ]
 
 
@@ -308,7 +309,6 @@ def _densified_per_call(decision: Decision, shape: LinearShape) -> bool:
 
 # --------------------------------------------------------------------------- measurements
 
-_KEY_FIELDS = ("op", "N", "K", "M", "dtype", "decision", "device")
 
 #: decision fields that change the stored values but not the layout or the kernels run
 _VALUE_ONLY_FIELDS = ("method", "mask", "compensate")
@@ -431,11 +431,11 @@ class MeasuredCache:
 
     def summary(self, target: str) -> dict[str, Any]:
         """What measured ``target``'s entries: the file, the entry count and, from the info
-        saved with each entry, the sorted distinct runtimes, torch devices, accuracy levels and
-        threads (only the fields some entry has)."""
+        saved with each entry, the sorted distinct runtimes, torch devices, accuracy levels,
+        threads and torch versions (only the fields some entry has)."""
         infos = [self.info.get(k, {}) for k in self.entries if k[6] == target]
         out: dict[str, Any] = {"file": self.path.name, "target": target, "entries": len(infos)}
-        for f in ("runtime", "torch_device", "accuracy_level", "threads"):
+        for f in ("runtime", "torch_device", "accuracy_level", "threads", "torch"):
             vals = sorted({i[f] for i in infos if i.get(f) is not None}, key=str)
             if vals:
                 out[f] = vals
@@ -445,43 +445,24 @@ class MeasuredCache:
         """:meth:`summary` in one line (for report notes)."""
         s = self.summary(target)
         fmt = (("runtime", "{}"), ("torch_device", "on {}"), ("accuracy_level",
-               "accuracy_level {}"), ("threads", "{} threads"))
+               "accuracy_level {}"), ("threads", "{} threads"), ("torch", "torch {}"))
         parts = [f.format("/".join(map(str, s[k]))) for k, f in fmt if k in s]
         return f"{s['entries']} entries in {s['file']}" + (": " + ", ".join(parts) if parts else "")
 
     def load(self) -> MeasuredCache:
-        """Read the file (replacing what is in memory)."""
-        try:
-            data = json.loads(self.path.read_text())
-        except ValueError as e:
-            raise ValueError(f"{self.path}: not a latency cache (not JSON: {e})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{self.path}: not a latency cache (a JSON {type(data).__name__})")
-        if data.get("version", 1) > self.version:
-            raise ValueError(
-                f"{self.path}: cache version {data['version']} is newer than {self.version}"
-            )
-        self.entries, self.info = {}, {}
-        for rec in data.get("entries", []):
-            k = self.key(*(rec[f] for f in _KEY_FIELDS))
-            self.entries[k] = float(rec["seconds"])
-            extra = {f: v for f, v in rec.items() if f not in _KEY_FIELDS and f != "seconds"}
-            if extra:
-                self.info[k] = extra
+        """Read the file (replacing what is in memory); a file that is not a latency cache,
+        or an entry without its fields or with seconds that are not a positive number, is a
+        ``ValueError`` naming the file (and the entry)."""
+        self.entries, self.info = read_cache(self.path, self.version, self.key)
         return self
 
     def save(self) -> None:
-        """Write the file atomically (sorted, stable JSON)."""
-        records = []
-        for k in sorted(self.entries):
-            rec: dict[str, Any] = dict(zip(_KEY_FIELDS, k))
-            rec["seconds"] = self.entries[k]
-            rec.update(self.info.get(k, {}))
-            records.append(rec)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps({"version": self.version, "entries": records}, indent=1))
-        os.replace(tmp, self.path)
+        """Write the file atomically (sorted, stable JSON), merged with what the file holds
+        now: entries another process wrote since this cache was read are kept (this cache's
+        own win where both measured the same key; ``cache_file.write_cache``)."""
+        self.entries, self.info = write_cache(
+            self.path, self.entries, self.info, self.version, self.key
+        )
 
     def get(self, key: tuple[Any, ...]) -> float | None:
         """Seconds for ``key`` (from :meth:`key`), or ``None``."""
@@ -522,6 +503,24 @@ def latency(
                 return got, "measured"
     shape = LinearShape(site.in_features, site.out_features)
     return estimate_latency(decision, shape, site.has_bias, tgt, wl), "roofline"
+
+
+#: the runtime label a latency cache's entries carry for what each backend runs
+_BACKEND_RUNTIME = {"onnx": "onnxruntime", "triton": "triton"}
+
+
+def runtime_mismatch(runtimes: list[str], backend: str | None) -> str:
+    """A note when no entry of a latency cache was measured with the runtime ``backend``
+    deploys on (``runtimes``: the cache's ``summary``; eager and compile: torch eager), else
+    ``''``: the prices are another runtime's."""
+    want = _BACKEND_RUNTIME.get(backend or "eager", "torch eager")
+    if not runtimes or any(r.startswith(want) for r in runtimes):
+        return ""
+    return (
+        f"latency cache measured with {', '.join(runtimes)}, not {want}, which runs this "
+        f"model (backend={backend!r}): its latencies are another runtime's — calibrate with "
+        "the same backend (`slimfx calibrate-target --backend …`)"
+    )
 
 
 def roofline_caveat(target: str, backend: str | None) -> str:

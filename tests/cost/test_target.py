@@ -171,3 +171,68 @@ def test_cache_of_paths_and_targets(tmp_path: Path) -> None:
     assert got.describe("ort-cpu") == (
         "1 entries in c.json: onnxruntime 1.2, accuracy_level 4, 2 threads"
     )
+
+
+def _one_entry(path: Path, **over) -> None:  # noqa: ANN003
+    rec = {"op": "linear", "N": 1, "K": 64, "M": 32, "dtype": "torch.float32",
+           "decision": "dense", "device": "cpu", "seconds": 1e-5, **over}  # fmt: skip
+    path.write_text(json.dumps({"version": 1, "entries": [rec]}))
+
+
+@pytest.mark.parametrize(
+    "over,why",
+    [
+        ({"seconds": float("nan")}, r"entry 0 \(linear dense\): seconds nan is not a positive"),
+        ({"seconds": -1.0}, r"entry 0 \(linear dense\): seconds -1.0 is not a positive"),
+        ({"seconds": "fast"}, r"entry 0: could not convert string to float: 'fast'"),
+        ({"N": None}, r"entry 0 has no|entry 0: "),
+    ],
+)
+def test_a_cache_entry_that_is_not_a_measurement_is_refused_naming_it(tmp_path, over, why):
+    """NaN seconds made a memory budget of 0 B 'infeasible' with an unasked-for memory limit,
+    negative ones priced every site at -1 s; a missing field was a bare KeyError."""
+    path = tmp_path / "c.json"
+    _one_entry(path, **over)
+    if over == {"N": None}:
+        rec = json.loads(path.read_text())
+        del rec["entries"][0]["N"]
+        path.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match=rf"c.json: not a latency cache \(({why})"):
+        MeasuredCache(path)
+
+
+def test_a_cache_file_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.json"
+    for data in ({"version": "1", "entries": []}, {"version": 1, "entries": {"a": 1}}):
+        path.write_text(json.dumps(data))
+        with pytest.raises(ValueError, match="'version' must be an integer and 'entries' a list"):
+            MeasuredCache(path)
+
+
+def test_two_writers_of_one_cache_keep_each_others_entries(tmp_path: Path) -> None:
+    """Two calibrations into one file: each read it once and wrote its own copy over it, so
+    the last writer dropped the first's entries (and both used one temp file)."""
+    path = tmp_path / "c.json"
+    a, b = MeasuredCache(path), MeasuredCache(path)
+    ka = MeasuredCache.key("linear", 1, 64, 32, "torch.float32", DenseConfig(), "cpu")
+    kb = MeasuredCache.key("linear", 1, 64, 64, "torch.float32", DenseConfig(), "cpu")
+    a.put(ka, 1e-5, runtime="torch eager")
+    a.save()
+    b.put(kb, 2e-5, runtime="torch eager")
+    b.put(ka, 3e-5, runtime="torch eager")  # b measured ka too, later: its value wins
+    b.save()
+    disk = MeasuredCache(path)
+    assert disk.entries == {ka: 3e-5, kb: 2e-5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.json", "c.json.lock"]
+
+
+def test_a_cache_measured_by_another_runtime_is_noted() -> None:
+    from slimfx.cost.target import runtime_mismatch
+
+    assert runtime_mismatch(["torch eager"], None) == ""
+    assert runtime_mismatch(["onnxruntime 1.24"], "onnx") == ""
+    assert runtime_mismatch([], "onnx") == ""
+    note = runtime_mismatch(["torch eager", "triton"], "onnx")
+    assert note.startswith("latency cache measured with torch eager, triton, not onnxruntime, "
+                           "which runs this model (backend='onnx')")  # fmt: skip
+    assert "not torch eager" in runtime_mismatch(["onnxruntime 1.24"], "compile")

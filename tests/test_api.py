@@ -305,7 +305,7 @@ def test_smollm2_few_layers_real_text():
     from slimfx.eval import perplexity
 
     model, tok = models.load_smollm2()
-    calib = calibration_batches(tok, name="lee", n=8, seq_len=256)  # 2048 tokens ≥ 1536 inputs
+    calib = calibration_batches(tok, name="lee", n=6, seq_len=256)  # 1536 tokens: ≥ 1536 inputs
     held = heldout_windows(tok, name="lee", n=2, seq_len=128)
     new = slimfx.optimize(
         model, 0.7, calibration=calib, include=["model.layers.0.*", "model.layers.1.*"],

@@ -322,8 +322,9 @@ def add_options(pl: Planning) -> None:
         src = Counter(o.source for so in added for o in so.options)
         pl.notes.append(
             f"attention steps: {src.get('measured', 0)} of {src.total()} options measured, "
-            f"{src.get('measured, roofline-scaled', 0)} scaled from a measurement by the "
-            f"roofline, the rest from the roofline"
+            f"{src.get('measured, extrapolated', 0)} extrapolated along the measured contexts "
+            f"or batches, {src.get('measured, roofline-scaled', 0)} scaled from a measurement "
+            "by the roofline, the rest from the roofline"
         )
     p = pl.problem
     pl.problem = BudgetProblem(

@@ -117,8 +117,8 @@ class KVEntry:
     solver summed ``sensitivity ×`` it). ``latency_*_s``: one attention step of the workload
     at the context with the 16-bit cache / the chosen form (the cache read, rebuilds and the
     projections the form owns), ``latency_source`` where the chosen form's came from
-    (``cost.attention_price.attention_latency``: ``measured``, ``measured, roofline-scaled`` or
-    ``roofline``). ``decode_step``: what runs this layer's one-token steps in the returned model
+    (``cost.attention_price.attention_latency``: ``measured``, ``measured, extrapolated``,
+    ``measured, roofline-scaled`` or ``roofline``). ``decode_step``: what runs this layer's one-token steps in the returned model
     (``forms.kv.fused.decode_step_label``: a quantized store read in place or dequantized every
     step, …)."""
 

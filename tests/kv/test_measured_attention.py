@@ -51,8 +51,8 @@ def test_the_lookup_interpolates_extrapolates_and_scales_by_the_roofline(tmp_pat
     assert price(1024) == (1e-3, "measured") and price(8192) == (8e-3, "measured")
     s, src = price(4096)
     assert src == "measured" and s == pytest.approx(1e-3 + 7e-3 * 3072 / 7168, rel=1e-12)
-    s, src = price(16384)  # along the line through the two largest
-    assert src == "measured" and s == pytest.approx(8e-3 + 7e-3 * 8192 / 7168, rel=1e-12)
+    s, src = price(16384)  # along the line through the two largest: said so
+    assert src == "measured, extrapolated" and s == pytest.approx(8e-3 + 7e-3 * 8192 / 7168, rel=1e-12)
     roof = lambda c: estimate_attention_latency(INT4, SMOL, "cpu", "decode", c)  # noqa: E731
     s, src = price(256)  # below: the smallest measurement scaled by the roofline's ratio
     assert src == "measured, roofline-scaled"
@@ -75,7 +75,7 @@ def test_the_lookup_interpolates_extrapolates_and_scales_by_the_roofline(tmp_pat
     at1, at4 = price(4096)[0], 3e-3 + 17e-3 * 3072 / 7168
     assert src == "measured" and s == pytest.approx(at1 + (at4 - at1) / 3, rel=1e-12)
     s, src = price(1024, batch=16)
-    assert src == "measured" and s == pytest.approx(3e-3 + (3e-3 - 1e-3) * 12 / 3, rel=1e-12)
+    assert src == "measured, extrapolated" and s == pytest.approx(3e-3 + (3e-3 - 1e-3) * 12 / 3, rel=1e-12)
     assert price(4096, batch=4) == (pytest.approx(at4, rel=1e-12), "measured")
     # a value-only field (the fit method) runs the same step: one measurement serves both
     lr = KVLowRankConfig(64, 128, 1, "whitened", 4)

@@ -30,7 +30,7 @@ from slimfx.stages import (
     select_sites,
     start,
 )
-from slimfx.validate import check_model
+from slimfx.validate import check_flags, check_model
 
 __all__ = [
     "optimize",
@@ -203,6 +203,10 @@ def optimize(
     never dequantized. ``model.set_attn_implementation("sdpa")`` returns to the plain path.
     """
     model = check_model(model)  # unwraps torch.compile; refuses TorchScript, meta, rewritten
+    check_flags({"inplace": inplace, "sequential": sequential, "fisher?": fisher,
+                 "progress": progress, "measure_loss": measure_loss, "cpu_kernels": cpu_kernels})
+    if families is None:  # the default candidates (the CLI's "not given")
+        families = DEFAULT_FAMILIES
     if inplace and not in_transaction(model):  # all or nothing, KeyboardInterrupt included
         return run_in_transaction(model, optimize, {**locals(), "model": model})
     t_start = time.perf_counter()

@@ -33,6 +33,7 @@ from torch import nn
 
 from slimfx import files
 from slimfx.passes.swap import empty_like_plan
+from slimfx.passes.transaction import transaction
 from slimfx.planning.plan import Plan
 
 __all__ = ["save", "load", "is_slimfx_save", "check_save_target", "SAVE_FORMAT"]
@@ -221,11 +222,6 @@ def load(
     (``slimfx.prepare_cpu``), as ``optimize`` does; ``False`` keeps the reference ops. Quantized
     KV caches are read in place at decode steps, as ``optimize`` installs it
     (``slimfx.forms.kv.fused.install_in_place_decode``)."""
-    from safetensors.torch import load_model
-
-    from slimfx.forms.kv.apply import empty_kv_like_plan, split_plan
-    from slimfx.ir.find import discover_linear_sites
-
     d = Path(directory).expanduser()
     files.recover(d)
     if not d.is_dir():
@@ -254,8 +250,25 @@ def load(
             raise ValueError(
                 "this model is not a Hugging Face model: pass model= (a fresh instance)"
             )
-        model = _hf_skeleton(d, str(info.get("model_class", "")))
+        return _build_into(_hf_skeleton(d, str(info.get("model_class", ""))), d, plan, report,
+                           verify, cpu_kernels)  # fmt: skip
     model = check_skeleton(model)
+    # the caller's skeleton: a failure (an edited plan.json, a truncated file) puts its module
+    # tree back as it was (it was left half rewritten with empty factors)
+    with transaction(model):
+        return _build_into(model, d, plan, report, verify, cpu_kernels)
+
+
+def _build_into(
+    model: nn.Module, d: Path, plan: Plan, report: Any, verify: bool, cpu_kernels: bool
+) -> nn.Module:
+    """``load``'s rewrite of the skeleton ``model`` into the saved plan's forms and its weights
+    from ``d``."""
+    from safetensors.torch import load_model
+
+    from slimfx.forms.kv.apply import empty_kv_like_plan, split_plan
+    from slimfx.ir.find import discover_linear_sites
+
     model.eval()
     sites = discover_linear_sites(model)
     linear, kv = split_plan(plan)
@@ -268,8 +281,8 @@ def load(
         from slimfx.forms.mla.config import MLAConfig
         from slimfx.forms.mla.plan import empty_mla_like_plan
 
-        mla = {k: d for k, d in kv.items() if isinstance(d, MLAConfig)}
-        empty_kv_like_plan(model, {k: d for k, d in kv.items() if k not in mla}, att)
+        mla = {k: c for k, c in kv.items() if isinstance(c, MLAConfig)}
+        empty_kv_like_plan(model, {k: c for k, c in kv.items() if k not in mla}, att)
         empty_mla_like_plan(model, mla, att)
     try:
         load_model(model, str(d / "model.safetensors"), strict=True)

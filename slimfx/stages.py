@@ -198,11 +198,14 @@ def start(pl: Planning) -> None:
     pl.model = validate.check_model(pl.model)  # unwraps torch.compile; refuses TorchScript, meta
     validate.check_options(
         target=opts.target, workload=opts.workload, families=opts.families,
-        seq_len=opts.seq_len, include=opts.include, exclude=opts.exclude,
+        seq_len=opts.seq_len, include=opts.include, exclude=opts.exclude, solver=opts.solver,
+        sensitivity=opts.sensitivity, backend=opts.backend, example_inputs=opts.example_inputs,
     )  # fmt: skip
     if opts.heldout is not None:
-        held = validate.calibration_items(opts.heldout, "heldout")
-        pl.heldout = validate.check_batches(pl.model, held, pl.notes, "heldout")
+        pl.heldout = validate.heldout_batches(pl.model, opts, pl.notes)
+    if opts.fisher is False and opts.sensitivity != "geo":
+        pl.notes.append(f"sensitivity={opts.sensitivity!r} is not used: fisher=False leaves "
+                        "every site's error unweighted")  # fmt: skip
     if opts.plan is not None and not isinstance(opts.plan, Plan):
         raise TypeError(f"plan must be a slimfx Plan, got {type(opts.plan).__name__}")
     pl.cache = MeasuredCache.of(opts.latency_cache, opts.target)

@@ -155,7 +155,8 @@ def window_length(model: nn.Module, items: Sequence[Any], seq_len: int, notes: l
 
 def calibration_items(calibration: Any, name: str = "calibration") -> list[Any]:
     """The batches of ``calibration`` as a list: a list, tuple or generator of batches; a bare
-    tensor or a bare dict (one batch of keyword tensors) is one batch. Each batch must be
+    tensor or a bare dict (one batch of keyword tensors) is one batch, and so is a batch of one
+    tensor (``(ids,)``, ``[ids]``: what a DataLoader over a TensorDataset yields). Each batch must be
     {_BATCH_KINDS}; anything else is a ``TypeError`` naming the batch index."""
     if isinstance(calibration, (str, bytes)):
         raise TypeError(f"{name} must be a list of batches or strings, not one string")
@@ -169,6 +170,10 @@ def calibration_items(calibration: Any, name: str = "calibration") -> list[Any]:
             f"{type(calibration).__name__}"
         )
     for i, b in enumerate(items):
+        if isinstance(b, (tuple, list)) and len(b) == 1 and isinstance(b[0], Tensor):
+            # a DataLoader over a TensorDataset yields [ids]: the same batch as the tensor (a
+            # Hugging Face model then gets it as input_ids, not as its first positional arg)
+            items[i] = b = b[0]
         if isinstance(b, (Tensor, str)):
             continue
         if isinstance(b, Mapping):
@@ -404,11 +409,32 @@ def check_options(
     seq_len: Any = 256,
     include: Any = None,
     exclude: Any = None,
+    solver: Any = "auto",
+    sensitivity: Any = "geo",
+    backend: Any = None,
+    example_inputs: Any = None,
 ) -> None:
     """Names and numbers of ``optimize``'s options, checked before any work: unknown names
-    raise ``ValueError`` listing the known ones."""
+    raise ``ValueError`` listing the known ones (a solver, estimator or backend typo surfaced
+    after calibration, minutes in)."""
+    from slimfx.backends.capabilities import BACKENDS
     from slimfx.cost.families import FAMILIES
+    from slimfx.cost.sensitivity import ESTIMATORS
     from slimfx.cost.target import TARGETS, WORKLOADS, Target, Workload
+    from slimfx.planning.solve import METHODS
+
+    for name, known, value in (("solver", METHODS, solver), ("sensitivity", ESTIMATORS,
+                               sensitivity), ("backend", (None, *BACKENDS), backend)):  # fmt: skip
+        if not isinstance(value, (str, type(None))) or value not in known:
+            names = ", ".join(repr(k) for k in known)
+            raise ValueError(f"unknown {name} {value!r}; known: {names}")
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        raise TypeError(
+            "example_inputs is a tuple of the model's positional arguments, e.g. (ids,); got "
+            f"{type(example_inputs).__name__}"
+        )
+    if include is not None and not isinstance(include, str) and len(list(include)) == 0:
+        raise ValueError("include=[] selects no site: pass None (every site) or patterns")
 
     if not isinstance(target, Target):
         if not isinstance(target, str):
@@ -437,6 +463,31 @@ def check_options(
         for p in pats or ():
             if not isinstance(p, str):
                 raise TypeError(f"{label} patterns must be strings, got {p!r}")
+
+
+def heldout_batches(model: nn.Module, opts: Any, notes: list[str]) -> list[Any]:
+    """``optimize(heldout=…)`` as model batches, checked as the calibration is: texts
+    tokenized with its ``tokenizer`` into windows of its length (they were refused although a
+    tokenizer was given); an empty list refused (it blanked the SQNR column silently)."""
+    from slimfx.cost.batches import prepare_batches
+
+    held = calibration_items(opts.heldout, "heldout")
+    if not held:
+        raise ValueError(
+            "heldout is empty: pass held-out batches, or None to hold out part of the calibration"
+        )
+    seq_len = window_length(model, held, opts.seq_len, notes)
+    held = prepare_batches(held, tokenizer=opts.tokenizer, seq_len=seq_len)
+    return check_batches(model, held, notes, "heldout")
+
+
+def check_flags(flags: Mapping[str, Any]) -> None:
+    """``optimize``'s on/off keywords (name → value), each a bool — ``inplace="no"`` rewrote
+    the caller's model — or ``None`` where the name ends in ``?`` (``fisher``: its automatic
+    default)."""
+    for name, value in flags.items():
+        if not (isinstance(value, bool) or (value is None and name.endswith("?"))):
+            raise TypeError(f"{name.rstrip('?')} must be True or False, got {value!r}")
 
 
 # --------------------------------------------------------------------------- sites

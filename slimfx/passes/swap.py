@@ -68,8 +68,9 @@ def raise_rejections(where: str, rejected: list[SiteRecord]) -> None:
     """The strict-mode error: one line per rejected site with its decision and reason."""
     lines = "\n".join(f"  {r.fqn} [{r.decision}]: {r.reason}" for r in rejected)
     raise ValueError(
-        f"{where}: {len(rejected)} site(s) rejected, nothing was modified "
-        f"(strict=False applies the rest and records these):\n{lines}"
+        f"{where}: {len(rejected)} site(s) rejected, nothing was modified (a plan: change or "
+        f"drop these decisions; {where}(..., strict=False) applies the rest and records "
+        f"these):\n{lines}"
     )
 
 

@@ -181,6 +181,27 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _is_int(x: object) -> bool:
+    """An int that is not a bool (``True`` is an int to Python; a rank of ``True`` is a typo)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_rank(rank: object) -> None:
+    _check(_is_int(rank) and rank >= 1, f"rank must be an int ≥ 1, got {rank!r}")  # type: ignore[operator]
+
+
+def _check_quant(bits: object, group_size: object, symmetric: object) -> None:
+    """The quantized fields a hand-written plan may get wrong: ``bits`` 2, 3, 4 or 8 (an int:
+    ``4.0`` crashed later), ``group_size`` a positive int or ``None`` (``true`` was a group of
+    1), ``symmetric`` a bool (the string ``"false"`` was applied as symmetric)."""
+    _check(_is_int(bits) and bits in QUANT_BITS, f"bits must be 2, 3, 4 or 8, got {bits!r}")
+    _check(
+        group_size is None or (_is_int(group_size) and group_size > 0),  # type: ignore[operator]
+        f"group_size must be a positive int or None, got {group_size!r}",
+    )
+    _check(isinstance(symmetric, bool), f"symmetric must be true or false, got {symmetric!r}")
+
+
 def _lowrank_floats(rank: int, shape: LinearShape) -> int:
     return rank * (shape.in_features + shape.out_features)
 
@@ -237,7 +258,7 @@ class LowRankConfig(Decision):
     method: str = "whitened"
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be ≥ 1, got {self.rank}")
+        _check_rank(self.rank)
         _check(self.method in LOWRANK_METHODS, f"method must be one of {LOWRANK_METHODS}")
 
     def storage(self, shape: LinearShape) -> tuple[int, int]:
@@ -281,11 +302,7 @@ class QuantConfig(Decision):
     method: str = "rtn"
 
     def __post_init__(self) -> None:
-        _check(self.bits in QUANT_BITS, f"bits must be 2, 3, 4 or 8, got {self.bits}")
-        _check(
-            self.group_size is None or (isinstance(self.group_size, int) and self.group_size > 0),
-            f"group_size must be a positive int or None, got {self.group_size}",
-        )
+        _check_quant(self.bits, self.group_size, self.symmetric)
         _check(self.method in QUANT_METHODS, f"method must be one of {QUANT_METHODS}")
 
     def n_groups(self, in_features: int) -> int:
@@ -333,6 +350,8 @@ class Sparse24Config(Decision):
 
     def __post_init__(self) -> None:
         _check(self.mask in SPARSE_MASKS, f"mask must be one of {SPARSE_MASKS}")
+        _check(isinstance(self.compensate, bool),
+               f"compensate must be true or false, got {self.compensate!r}")  # fmt: skip
 
     def storage(self, shape: LinearShape) -> tuple[int, int]:
         return _sparse24_storage(linear_shape(self, shape))
@@ -367,7 +386,7 @@ class LowRankQuantConfig(Decision):
     method: str = "lorc"
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be ≥ 1, got {self.rank}")
+        _check_rank(self.rank)
         _check(self.method in LOWRANK_QUANT_METHODS, f"method must be one of {LOWRANK_QUANT_METHODS}")
         self.quant  # validates bits / group size  # noqa: B018
 
@@ -412,7 +431,7 @@ class Sparse24LowRankConfig(Decision):
     mask: str = "wanda"
 
     def __post_init__(self) -> None:
-        _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be ≥ 1, got {self.rank}")
+        _check_rank(self.rank)
         _check(self.mask in SPARSE_MASKS, f"mask must be one of {SPARSE_MASKS}")
 
     def storage(self, shape: LinearShape) -> tuple[int, int]:

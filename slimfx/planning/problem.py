@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -198,8 +199,10 @@ class Budget:
     def __post_init__(self) -> None:
         for name in ("memory", "bits", "latency", "max_error", "kv", "total_bytes"):  # numbers only
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
                 raise TypeError(f"Budget.{name} must be a number, got {v!r} ({type(v).__name__})")
+            if v is not None and not isinstance(v, (int, float)):  # numpy's float32, …
+                object.__setattr__(self, name, v := float(v))
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"Budget.{name} must be finite, got {v!r}")
         if self.kv is not None and not (
@@ -272,14 +275,14 @@ class Budget:
             return cls()
         if isinstance(budget, Budget):
             return budget
-        if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
             raise TypeError(f"budget must be a fraction in (0, 1] or a Budget, got {budget!r}")
         if not (0 < budget <= 1):
             raise ValueError(
                 f"budget={budget} is not a fraction in (0, 1]; use Budget(memory=bytes) for "
                 "an absolute byte count"
             )
-        return cls(memory=float(budget))
+        return cls(memory=float(budget))  # numpy's float32 (a Real, not a float) too
 
     def memory_bytes(self, dense_bytes: int) -> float | None:
         """The byte limit for a problem whose dense reference is ``dense_bytes``."""

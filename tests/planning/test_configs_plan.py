@@ -86,16 +86,26 @@ def test_composite_bytes_are_sums_of_parts():
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: LowRankConfig(0), "rank must be ≥ 1"),
+        (lambda: LowRankConfig(0), "rank must be an int ≥ 1, got 0"),
+        # what a hand-edited plan.json gets wrong: types (true is an int to Python, "4" printed
+        # as 4, "false" applied as symmetric, 4.0 crashed after capture)
+        (lambda: LowRankConfig(True), "rank must be an int ≥ 1, got True"),
+        (lambda: LowRankConfig("4"), "rank must be an int ≥ 1, got '4'"),
+        (lambda: QuantConfig(4.0), "bits must be 2, 3, 4 or 8, got 4.0"),
+        (lambda: QuantConfig("4"), "bits must be 2, 3, 4 or 8, got '4'"),
+        (lambda: QuantConfig(4, True), "group_size must be a positive int or None, got True"),
+        (lambda: QuantConfig(4, 32, "false"), "symmetric must be true or false, got 'false'"),
+        (lambda: Sparse24Config(compensate="no"), "compensate must be true or false, got 'no'"),
+        (lambda: LowRankQuantConfig(symmetric=1), "symmetric must be true or false, got 1"),
         (lambda: LowRankConfig(4, "qr"), "method must be one of"),
         (lambda: QuantConfig(5), "bits must be 2, 3, 4 or 8, got 5"),
         (lambda: QuantConfig(4, 0), "group_size must be a positive int or None"),
         (lambda: QuantConfig(4, 128, method="hqq"), "method must be one of"),
         (lambda: Sparse24Config("random"), "mask must be one of"),
-        (lambda: LowRankQuantConfig(rank=0), "rank must be ≥ 1"),
+        (lambda: LowRankQuantConfig(rank=0), "rank must be an int ≥ 1"),
         (lambda: LowRankQuantConfig(bits=5), "bits must be 2, 3, 4 or 8"),
         (lambda: LowRankQuantConfig(method="qlora"), "method must be one of"),
-        (lambda: Sparse24LowRankConfig(rank=-1), "rank must be ≥ 1"),
+        (lambda: Sparse24LowRankConfig(rank=-1), "rank must be an int ≥ 1"),
         (lambda: Sparse24LowRankConfig(mask="random"), "mask must be one of"),
     ],
 )

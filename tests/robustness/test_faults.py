@@ -207,11 +207,74 @@ def test_budget_field_types(make, exc, match):
         ({"workload": "train"}, r"unknown workload 'train'; known: decode, prefill"),
         ({"families": ("int3",)}, r"unknown family \['int3'\]; known: .*int8"),
         ({"seq_len": 0}, r"seq_len must be an int ≥ 1, got 0"),
+        # found before any work (they surfaced after calibration or capture, minutes in)
+        ({"solver": "milpp"}, r"unknown solver 'milpp'; known: 'auto', 'milp'"),
+        ({"sensitivity": "fishr"}, r"unknown sensitivity 'fishr'; known: 'geo'"),
+        ({"backend": "onxx"}, r"unknown backend 'onxx'; known: None, 'eager'"),
+        ({"include": []}, r"include=\[\] selects no site: pass None"),
     ],
 )
 def test_option_names_are_listed(kw, match):
     m = mlp()
     fails_untouched(m, X, lambda: _opt(m, feats(2), **kw), ValueError, match)
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"inplace": "no"}, r"inplace must be True or False, got 'no'"),  # it rewrote in place
+        ({"fisher": "yes"}, r"fisher must be True or False, got 'yes'"),
+        ({"example_inputs": X}, r"example_inputs is a tuple of the model's positional arguments"),
+    ],
+)
+def test_flags_and_example_inputs_are_typed(kw, match):
+    m = mlp()
+    fails_untouched(m, X, lambda: _opt(m, feats(2), **kw), TypeError, match)
+
+
+def test_numbers_of_other_types_and_default_families_are_taken():
+    """numpy's float32 budget (a Real, not a float) was refused; families=None crashed after
+    the capture: the defaults."""
+    import numpy as np
+
+    a = slimfx.report_of(_opt(mlp(), feats(2), budget=np.float32(0.6), families=None))
+    b = slimfx.report_of(_opt(mlp(), feats(2), budget=0.6, families=None))
+    assert a.budget["memory"] == pytest.approx(0.6) and isinstance(a.budget["memory"], float)
+    assert [s.chosen for s in a.sites] == [s.chosen for s in b.sites]
+    assert Budget(memory=np.float64(0.5), kv=np.float32(0.25)).kv == 0.25
+
+
+def test_a_dataloader_of_id_tensors_plans_as_the_tensors():
+    """A DataLoader over a TensorDataset yields [ids]: a Hugging Face model got it as a
+    positional argument — the capture failed, the errors went unweighted ('not a causal LM')
+    and 5 of 14 sites chose another form."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    batch = torch.cat(ids(4, 16))
+    loader = DataLoader(TensorDataset(batch), batch_size=2)
+    runs = [slimfx.report_of(_opt(llama(), c, budget=0.5, families=None))
+            for c in (list(batch.split(2)), loader)]  # fmt: skip
+    assert runs[1].capture["method"] == "export"
+    assert [s.chosen for s in runs[0].sites] == [s.chosen for s in runs[1].sites]
+    assert not any("not a causal LM" in n for n in runs[1].notes)
+
+
+def test_heldout_texts_are_tokenized_and_an_empty_heldout_is_refused():
+    from slimfx.models import tiny_llama
+
+    def tok(text):  # noqa: ANN001, ANN202 - a tokenizer: ids of the characters
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+    texts = ["the cat sat on the mat " * 8, "a dog ran in the park " * 8]
+    kw = dict(calibration=texts, tokenizer=tok, seq_len=32, progress=False)
+    rep = slimfx.report_of(slimfx.optimize(tiny_llama(), 0.6, heldout=["held out text " * 10],
+                                           **kw))  # fmt: skip
+    assert all(s.measured_sqnr_db is not None for s in rep.sites if s.status == "applied")
+    m = tiny_llama()
+    with pytest.raises(ValueError, match="heldout is empty: pass held-out batches"):
+        slimfx.optimize(m, 0.6, heldout=[], **kw)
+    note = slimfx.report_of(slimfx.optimize(m, 0.6, fisher=False, sensitivity="probe", **kw))
+    assert any(n.startswith("sensitivity='probe' is not used: fisher=False") for n in note.notes)
 
 
 def test_failing_inplace_rewrite_rolls_back(monkeypatch):
@@ -402,6 +465,27 @@ def test_cli_flags_that_cannot_go_together_are_refused(saved, tmp_path, capsys):
         from slimfx.cost.target import MeasuredCache
 
         MeasuredCache(bad).load()
+
+
+def test_a_failed_load_leaves_the_callers_skeleton_as_it_was(saved, tmp_path):
+    """A hand-edited plan.json (verify=False) whose forms no longer match the weights: the load
+    fails naming the weights file, and the skeleton passed as model= keeps its own modules (it
+    was left half rewritten, with empty factors)."""
+    import shutil
+
+    _, d = saved
+    c = tmp_path / "edited"
+    shutil.copytree(d, c)
+    plan = json.loads((c / "plan.json").read_text())
+    site = next(k for k, v in plan["decisions"].items() if v["kind"] != "dense")
+    plan["decisions"][site] = {"kind": "lowrank", "rank": 3, "method": "svd"}
+    (c / "plan.json").write_text(json.dumps(plan))
+    skeleton = mlp(1)
+    before = [(n, type(m)) for n, m in skeleton.named_modules()]
+    with pytest.raises(ValueError, match=r"model.safetensors does not load into the model"):
+        slimfx.load(c, skeleton, verify=False)
+    assert [(n, type(m)) for n, m in skeleton.named_modules()] == before
+    assert out_of(skeleton, X).shape == (2, 16) and not hasattr(skeleton, "slimfx_report")
 
 
 def test_unverified_loads_name_the_file_and_old_manifests_warn(saved, tmp_path):

@@ -44,6 +44,21 @@ SAVE_VERSION = 1
 #: the generation settings of a model that generates (written beside config.json)
 GENERATION_CONFIG = "generation_config.json"
 
+#: a checkpoint's tokenizer files, which the streamed optimize copies into its output (so
+#: ``AutoTokenizer.from_pretrained(out)`` works as on the checkpoint)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
 _OWN_FILES = {
     "plan.json",
     "report.json",
@@ -53,6 +68,7 @@ _OWN_FILES = {
     "report.md",
     "report.png",
     "generation_config.json",
+    *TOKENIZER_FILES,
 }
 
 

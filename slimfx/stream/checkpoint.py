@@ -15,8 +15,9 @@ their module again from the config on the CPU.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ __all__ = ["Checkpoint", "CheckpointError", "release"]
 
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
+#: safetensors' names of the floating dtypes (a float parameter stored otherwise is refused)
+_FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64", "F8_E4M3", "F8_E5M2"})
 
 
 class CheckpointError(ValueError):
@@ -51,9 +54,12 @@ class Checkpoint:
         self._headers: dict[str, dict[str, Any]] = {}
 
     def _index(self) -> dict[str, str]:
-        """tensor name → shard file name; a listed shard that does not exist raises."""
+        """tensor name → shard file name; a listed shard that does not exist raises. Where
+        both are present, ``model.safetensors`` wins over the index, as ``from_pretrained``
+        reads them."""
         index = self.path / _INDEX
-        if index.is_file():
+        single = self.path / _SINGLE
+        if index.is_file() and not single.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (ValueError, KeyError, TypeError) as e:
@@ -65,31 +71,46 @@ class Checkpoint:
                     f"{', '.join(missing)}"
                 )
             return dict(weight_map)
-        single = self.path / _SINGLE
         if not single.is_file():
             raise CheckpointError(f"{self.path}: no {_SINGLE} and no {_INDEX}")
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
+        with self._open(_SINGLE) as f:
             return {k: _SINGLE for k in f.keys()}
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The stored shape of tensor ``name`` (read from the shard header only)."""
-        from safetensors import safe_open
+    @contextlib.contextmanager
+    def _open(self, file: str) -> Iterator[Any]:
+        """``safe_open`` of a shard; a file that is not safetensors (truncated, emptied) is a
+        :class:`CheckpointError` naming it."""
+        from safetensors import SafetensorError, safe_open
 
+        try:
+            with safe_open(str(self.path / file), framework="pt") as f:
+                yield f
+        except (SafetensorError, OSError) as e:
+            raise CheckpointError(f"{self.path / file}: not a readable safetensors file ({e})") from e
+
+    def _header(self, name: str) -> tuple[tuple[int, ...], str]:
+        """The stored shape and safetensors dtype name (``F32``, ``BF16``, ``I8`` …) of tensor
+        ``name``, read from its shard's header only."""
         file = self.files[name]
         head = self._headers.get(file)
         if head is None:
-            with safe_open(str(self.path / file), framework="pt") as f:
+            with self._open(file) as f:
                 head = self._headers[file] = {
-                    k: tuple(f.get_slice(k).get_shape()) for k in f.keys()
+                    k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+                    for k in f.keys()
                 }
+        if name not in head:
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} is not in {file}, where {_INDEX} places it"
+            )
         return head[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The stored shape of tensor ``name`` (read from the shard header only)."""
+        return self._header(name)[0]
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """The tensors ``names``, read shard by shard (each opened once)."""
-        from safetensors import safe_open
-
         by_file: dict[str, list[str]] = {}
         for n in names:
             if n not in self.files:
@@ -97,12 +118,21 @@ class Checkpoint:
             by_file.setdefault(self.files[n], []).append(n)
         out: dict[str, torch.Tensor] = {}
         for file, keys in by_file.items():
-            with safe_open(str(self.path / file), framework="pt") as f:
+            with self._open(file) as f:
                 for k in keys:
                     t = f.get_tensor(k)
                     if self.dtype is not None and t.is_floating_point():
                         t = t.to(self.dtype)
                     out[k] = t
+        return out
+
+    def file_stamps(self) -> list[tuple[str, int, int]]:
+        """``(file, size, mtime_ns)`` of every weights file: what a resume's fingerprint
+        compares (the names alone missed weights saved again under the same names)."""
+        out = []
+        for f in sorted(set(self.files.values())):
+            st = (self.path / f).stat()
+            out.append((f, st.st_size, st.st_mtime_ns))
         return out
 
     def config(self) -> Any:
@@ -142,14 +172,17 @@ class Checkpoint:
             if stored is None:
                 missing.append(names[0])
             elif self.shape(stored) != tuple(t.shape):
-                wrong.append(f"{stored}: checkpoint {self.shape(stored)}, model {tuple(t.shape)}")
+                wrong.append(f"shape mismatch: {stored}: checkpoint {self.shape(stored)}, "
+                             f"model {tuple(t.shape)}")  # fmt: skip
+            elif t.is_floating_point() and self._header(stored)[1] not in _FLOAT_DTYPES:
+                wrong.append(f"type mismatch: {stored}: stored as {self._header(stored)[1]}, "
+                             f"the model's {names[0]} is {t.dtype}")  # fmt: skip
         if missing or wrong:
-            lines = [f"missing: {m}" for m in missing[:10]] + [
-                f"shape mismatch: {w}" for w in wrong[:10]
-            ]
+            lines = [f"missing: {m}" for m in missing[:10]] + wrong[:10]
             raise CheckpointError(
                 f"{self.path} does not match its config.json ({len(missing)} tensor(s) missing, "
-                f"{len(wrong)} shape mismatch(es)); nothing was written:\n  " + "\n  ".join(lines)
+                f"{len(wrong)} shape or type mismatch(es)); nothing was written:\n  "
+                + "\n  ".join(lines)
             )
 
     def materialize(self, model: nn.Module, prefix: str, skip: Iterable[str] = ()) -> nn.Module:
@@ -168,6 +201,8 @@ class Checkpoint:
             if stored is None:
                 raise CheckpointError(f"{self.path}: tensor {full[0]!r} is not in the checkpoint")
             value = self.read([stored])[stored]
+            if value.is_floating_point() and value.dtype != t.dtype:  # as from_pretrained
+                value = value.to(t.dtype)  # e.g. fp32 norms in a bf16 checkpoint
             for n in names:
                 _set_tensor(module, n, value, isinstance(t, nn.Parameter))
         _rebuild_buffers(module, model, skipped)
@@ -223,6 +258,21 @@ def _rebuild_buffers(module: nn.Module, model: nn.Module, skipped: tuple[str, ..
         for attr, v in vars(fresh).items():  # e.g. attention_scaling computed with the buffers
             if not attr.startswith("_") and not isinstance(v, (nn.Module, torch.Tensor)):
                 setattr(mod, attr, v)
+
+
+def refuse_mixed_attention(model: nn.Module) -> None:
+    """Refuse a model whose layers attend differently (``config.layer_types``: full and
+    sliding-window layers, as Qwen2 with ``max_window_layers``): the streamed run captures
+    block 0's arguments once and passes its attention mask to every block, so the others'
+    statistics — and the weights written — would be wrong."""
+    types = list(getattr(model.config, "layer_types", None) or ())
+    if len(set(types)) > 1:
+        counts = ", ".join(f"{t} ×{types.count(t)}" for t in dict.fromkeys(types))
+        raise CheckpointError(
+            f"{type(model).__name__}: its layers attend differently ({counts}); the streamed "
+            "optimize passes block 0's attention mask to every block, so it refuses such "
+            "models: optimize them in memory (slimfx.optimize)"
+        )
 
 
 def release(module: nn.Module) -> None:

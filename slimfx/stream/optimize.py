@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from slimfx import validate
 from slimfx.cost.calibration import CalibrationStats, prepare_batches
 from slimfx.cost.sequential import _capture_inputs, _plan
-from slimfx.cost.target import MeasuredCache, Target
+from slimfx.cost.target import MeasuredCache, Target, roofline_caveat, runtime_mismatch
 from slimfx.ir.capture import eval_mode
 from slimfx.ir.find import discover_linear_sites
 from slimfx.ir.sites import LinearSite
@@ -52,8 +52,14 @@ from slimfx.planning.solve import frontier as solve_frontier
 from slimfx.planning.solve import solve as solve_budget
 from slimfx.report import Report
 from slimfx.report_builder import build_report, target_name
-from slimfx.stages import MemoryInstrument, _drop_tied_sites, _split_heldout, select_sites
-from slimfx.stream.checkpoint import Checkpoint, release
+from slimfx.stages import (
+    MemoryInstrument,
+    _check_weights,
+    _drop_tied_sites,
+    _split_heldout,
+    select_sites,
+)
+from slimfx.stream.checkpoint import Checkpoint, refuse_mixed_attention, release
 from slimfx.stream.dist import Comm
 from slimfx.stream.output import write_output
 from slimfx.stream.statistics import (
@@ -235,10 +241,17 @@ def optimize_checkpoint(
     cache = MeasuredCache.of(latency_cache, target)
     ckpt = Checkpoint(path, dtype)
     model = ckpt.skeleton()  # raises on a missing shard / tensor or a shape mismatch
+    refuse_mixed_attention(model)
+    if work is not None:
+        wp = files.target(work)
+        for label, d in (("out", outp), ("the checkpoint", src)):
+            if wp == d or d in wp.parents:
+                raise ValueError(f"work={str(work)!r} is inside {label} ({d}): give a work "
+                                 "folder of its own")  # fmt: skip
 
     # ---------------------------------------------------------------- sites and blocks
     all_sites = discover_linear_sites(model)
-    chosen = select_sites(all_sites, include, exclude)
+    chosen = select_sites(all_sites, include, exclude, notes)
     if include is None and bud.latency is None:
         chosen = _drop_tied_sites(chosen, notes)
     keep = {s.fqn for s in chosen}
@@ -256,6 +269,7 @@ def optimize_checkpoint(
     t = time.perf_counter()
     memory.before("", None)
     ckpt.materialize(model, "", skip=names)
+    _check_weights(model, [s for s in chosen if not s.fqn.startswith(inside)])  # the head
     batches = _token_batches(model, calibration, tokenizer, seq_len, "calibration")
     held_in = _token_batches(model, heldout, tokenizer, seq_len, "heldout") if heldout else None
     fit, held, note = _split_heldout(batches, held_in)
@@ -269,7 +283,7 @@ def optimize_checkpoint(
         {
             "checkpoint": str(Path(path).resolve()),
             "config": (Path(path) / "config.json").read_text(),
-            "files": sorted(ckpt.files.values()),
+            "files": ckpt.file_stamps(),  # weights re-saved under the same names: not reused
             "dtype": str(dtype),
             "families": list(families),
             "target": target_name(target),
@@ -320,6 +334,7 @@ def optimize_checkpoint(
     for i in bar:
         name = names[i]
         block = ckpt.materialize(model, name)
+        _check_weights(model, [s for s in chosen if s.fqn.startswith(f"{name}.")])
         with eval_mode(block), torch.no_grad():
             sites = block_sites(block, name, inputs[0], keep)
             t_stat = time.perf_counter()
@@ -508,6 +523,14 @@ def _report(
     """The report ``optimize`` would build for this plan and problem."""
     report = build_report(sites, plan, problem, result, measured, bud, target, workload, cache)
     report.solver = solver
+    name = target_name(target)  # the latency notes the in-memory candidates stage writes
+    if cache is not None:
+        src = problem.meta.get("latency_sources", {})
+        notes.append(f"latency: {src.get('measured', 0)} of {sum(src.values())} options "
+                     f"measured ({cache.describe(name)}), the rest from the roofline")  # fmt: skip
+        notes += [m for m in [runtime_mismatch(cache.summary(name).get("runtime", []), None)] if m]
+    elif bud.latency is not None:
+        notes.append(roofline_caveat(name, None))
     report.notes = notes
     report.capture = {"method": "stream", "blocks": blocks}
     report.frontier = solve_frontier(problem, [round(0.1 * i, 1) for i in range(1, 11)])

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from slimfx.cost.calibration import CalibrationStats, GramRecorder, call_model
 from slimfx.cost.sequential import _capture_inputs, _run_block
-from slimfx.io import GENERATION_CONFIG
+from slimfx.io import GENERATION_CONFIG, TOKENIZER_FILES
 from slimfx.ir.capture import eval_mode
 from slimfx.ir.match import linear_weight
 from slimfx.ir.sites import LinearSite
@@ -153,9 +153,9 @@ def write_output(
     try:
         plan.save(output.tmp / "plan.json")
         (output.tmp / "config.json").write_text(layout_model.config.to_json_string())
-        gen = ckpt.path / GENERATION_CONFIG  # the checkpoint's generation settings, kept
-        if gen.is_file():
-            shutil.copyfile(gen, output.tmp / GENERATION_CONFIG)
+        for name in (GENERATION_CONFIG, *TOKENIZER_FILES):  # generation settings, tokenizer
+            if (ckpt.path / name).is_file():
+                shutil.copyfile(ckpt.path / name, output.tmp / name)
         file = StreamedSafetensors(output.tmp / "model.safetensors", layout, {"format": "pt"})
         try:
             with eval_mode(model), torch.no_grad():

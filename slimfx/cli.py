@@ -147,12 +147,17 @@ def _init_distributed() -> bool:
 def _checkpoint_calibration(a: argparse.Namespace):
     """The streamed run's calibration: the corpus through the checkpoint's tokenizer, or
     seeded random ids with ``--calib random`` (random-weight checkpoints, smoke tests)."""
-    import json
 
     import torch
 
     if a.calib == "random":
-        vocab = json.loads((Path(a.model) / "config.json").read_text())["vocab_size"]
+        from transformers import AutoConfig
+
+        try:  # the text config's vocabulary (a config.json without model_type: named)
+            vocab = AutoConfig.from_pretrained(a.model).get_text_config().vocab_size
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"--model {a.model}: config.json does not describe a model "
+                             f"transformers knows ({e})") from None
         g = torch.Generator().manual_seed(0)
         return [torch.randint(0, vocab, (1, a.seq_len), generator=g) for _ in range(a.n_calib)]
     try:

@@ -55,6 +55,12 @@ def test_cli_refuses_a_missing_shard_before_writing(tmp_path: Path, capsys) -> N
     err = capsys.readouterr().err
     assert f"shard file(s) listed in model.safetensors.index.json are missing: {gone}" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    # a config.json transformers cannot read: named, rc 2 (a KeyError traceback)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["model_type"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert main(["optimize", "--model", str(ckpt), *ARGS, "--out", str(out)]) == 2
+    assert "config.json does not describe a model transformers knows" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -150,6 +150,13 @@ def window_length(model: nn.Module, items: Sequence[Any], seq_len: int, notes: l
         notes.append(f"calibration: texts cut into {limit}-token windows, the model's "
                      f"max_position_embeddings (seq_len={seq_len} asked for longer ones)")
         return limit
+    ids = [m[1] for m in map(_main_input, items) if m is not None and m[1].dim() >= 1
+           and not m[1].is_floating_point()]  # fmt: skip  (token ids, not features)
+    longest = max((t.shape[-1] for t in ids), default=0)
+    if isinstance(limit, int) and 0 < limit < longest:  # RoPE runs past it, off its training
+        notes.append(f"calibration: batches of up to {longest} tokens, past the model's "
+                     f"max_position_embeddings ({limit}): the statistics include positions it "
+                     "was not trained for")  # fmt: skip
     return seq_len
 
 

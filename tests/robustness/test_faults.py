@@ -259,6 +259,19 @@ def test_a_dataloader_of_id_tensors_plans_as_the_tensors():
     assert not any("not a causal LM" in n for n in runs[1].notes)
 
 
+def test_token_batches_past_the_models_positions_are_noted():
+    """A RoPE model runs past max_position_embeddings without a word (GPT-2 and BERT fail):
+    the statistics then include positions it was not trained for."""
+    m = llama()
+    n = m.config.max_position_embeddings
+    long = [torch.randint(0, 256, (1, n + 8), generator=torch.Generator().manual_seed(1))]
+    notes = slimfx.report_of(_opt(m, long, families=None)).notes
+    assert any(x.startswith(f"calibration: batches of up to {n + 8} tokens, past the model's "
+                            f"max_position_embeddings ({n})") for x in notes)  # fmt: skip
+    assert not any("past the model's" in x for x in slimfx.report_of(_opt(llama(), ids(2, 16),
+                                                                           families=None)).notes)
+
+
 def test_heldout_texts_are_tokenized_and_an_empty_heldout_is_refused():
     from slimfx.models import tiny_llama
 

@@ -203,9 +203,6 @@ def start(pl: Planning) -> None:
     )  # fmt: skip
     if opts.heldout is not None:
         pl.heldout = validate.heldout_batches(pl.model, opts, pl.notes)
-    if opts.fisher is False and opts.sensitivity != "geo":
-        pl.notes.append(f"sensitivity={opts.sensitivity!r} is not used: fisher=False leaves "
-                        "every site's error unweighted")  # fmt: skip
     if opts.plan is not None and not isinstance(opts.plan, Plan):
         raise TypeError(f"plan must be a slimfx Plan, got {type(opts.plan).__name__}")
     pl.cache = MeasuredCache.of(opts.latency_cache, opts.target)
@@ -218,6 +215,7 @@ def start(pl: Planning) -> None:
         pl.batches = validate.check_batches(pl.model, pl.batches, pl.notes)
         if not pl.batches:
             raise ValueError("calibration is empty: pass at least one batch of real inputs")
+    pl.notes += validate.option_notes(opts, pl.batches, pl.heldout)
 
 
 def capture(pl: Planning) -> PassResult:

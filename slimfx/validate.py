@@ -488,6 +488,22 @@ def heldout_batches(model: nn.Module, opts: Any, notes: list[str]) -> list[Any]:
     return check_batches(model, held, notes, "heldout")
 
 
+def option_notes(opts: Any, batches: Sequence[Any], heldout: Sequence[Any] | None) -> list[str]:
+    """Notes on options that do less than they seem to: ``sensitivity=`` with ``fisher=False``
+    (no weighting runs), held-out batches that are calibration batches (the measured SQNR is
+    then not held out)."""
+    notes = []
+    if opts.fisher is False and opts.sensitivity != "geo":
+        notes.append(f"sensitivity={opts.sensitivity!r} is not used: fisher=False leaves every "
+                     "site's error unweighted")  # fmt: skip
+    same = [i for i, h in enumerate(heldout or ()) if isinstance(h, Tensor) and any(
+        isinstance(b, Tensor) and b.shape == h.shape and torch.equal(b, h) for b in batches)]  # fmt: skip
+    if same:
+        notes.append(f"heldout: {len(same)} of {len(heldout or ())} batch(es) are calibration "
+                     f"batches (e.g. batch {same[0]}): their measured SQNR is not held out")  # fmt: skip
+    return notes
+
+
 def check_flags(flags: Mapping[str, Any]) -> None:
     """``optimize``'s on/off keywords (name → value), each a bool — ``inplace="no"`` rewrote
     the caller's model — or ``None`` where the name ends in ``?`` (``fisher``: its automatic

@@ -288,6 +288,11 @@ def test_heldout_texts_are_tokenized_and_an_empty_heldout_is_refused():
         slimfx.optimize(m, 0.6, heldout=[], **kw)
     note = slimfx.report_of(slimfx.optimize(m, 0.6, fisher=False, sensitivity="probe", **kw))
     assert any(n.startswith("sensitivity='probe' is not used: fisher=False") for n in note.notes)
+    # held-out batches that are calibration batches: the SQNR column is not held out — noted
+    calib = ids(3, 16)
+    rep = slimfx.report_of(_opt(llama(), calib, heldout=[calib[1]], families=None))
+    assert "heldout: 1 of 1 batch(es) are calibration batches (e.g. batch 0): their measured " \
+        "SQNR is not held out" in rep.notes
 
 
 def test_failing_inplace_rewrite_rolls_back(monkeypatch):

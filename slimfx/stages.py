@@ -33,7 +33,7 @@ from slimfx.cost.calibration import (
 )
 from slimfx.cost.candidates import build_problem
 from slimfx.cost.sequential import run_sequential
-from slimfx.cost.target import MeasuredCache, Target, roofline_caveat, runtime_mismatch
+from slimfx.cost.target import MeasuredCache, Target, latency_notes
 from slimfx.ir.match import linear_weight
 from slimfx.ir.modules import hooked
 from slimfx.ir.sites import AttentionSite, LinearSite
@@ -347,18 +347,8 @@ def candidates(pl: Planning) -> PassResult:
         allow=allow,
         family_seconds=pl.family_seconds,
     )
-    name = target_name(opts.target)
-    if pl.cache is not None:
-        src = pl.problem.meta["latency_sources"]
-        pl.notes.append(
-            f"latency: {src.get('measured', 0)} of {sum(src.values())} options measured "
-            f"({pl.cache.describe(name)}), the rest from the roofline"
-        )
-        mismatch = runtime_mismatch(pl.cache.summary(name).get("runtime", []), opts.backend)
-        if mismatch:
-            pl.notes.append(mismatch)
-    elif pl.budget.latency is not None:
-        pl.notes.append(roofline_caveat(name, opts.backend))
+    pl.notes += latency_notes(pl.cache, pl.problem.meta.get("latency_sources", {}),
+                              target_name(opts.target), opts.backend, pl.budget.latency)  # fmt: skip
     if pl.attention_sites:
         attention.add_options(pl)
     if allow is not None:

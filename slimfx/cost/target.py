@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,7 @@ __all__ = [
     "measured_dtype",
     "roofline_caveat",
     "runtime_mismatch",
+    "latency_notes",
 ]
 
 
@@ -521,6 +523,21 @@ def runtime_mismatch(runtimes: list[str], backend: str | None) -> str:
         f"model (backend={backend!r}): its latencies are another runtime's — calibrate with "
         "the same backend (`slimfx calibrate-target --backend …`)"
     )
+
+
+def latency_notes(
+    cache: MeasuredCache | None, sources: Mapping[str, int], target: str, backend: str | None,
+    latency_budget: float | None,
+) -> list[str]:
+    """The report notes on how the linear options were priced: with a cache, how many were
+    measured (and by what) and whether by another runtime than ``backend`` deploys on; a
+    latency budget without one, the roofline's caveat (``optimize`` and the streamed one)."""
+    if cache is not None:
+        notes = [f"latency: {sources.get('measured', 0)} of {sum(sources.values())} options "
+                 f"measured ({cache.describe(target)}), the rest from the roofline"]  # fmt: skip
+        mismatch = runtime_mismatch(cache.summary(target).get("runtime", []), backend)
+        return notes + ([mismatch] if mismatch else [])
+    return [roofline_caveat(target, backend)] if latency_budget is not None else []
 
 
 def roofline_caveat(target: str, backend: str | None) -> str:

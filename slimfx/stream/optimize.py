@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from slimfx import validate
 from slimfx.cost.calibration import CalibrationStats, prepare_batches
 from slimfx.cost.sequential import _capture_inputs, _plan
-from slimfx.cost.target import MeasuredCache, Target, roofline_caveat, runtime_mismatch
+from slimfx.cost.target import MeasuredCache, Target, latency_notes
 from slimfx.ir.capture import eval_mode
 from slimfx.ir.find import discover_linear_sites
 from slimfx.ir.sites import LinearSite
@@ -523,14 +523,8 @@ def _report(
     """The report ``optimize`` would build for this plan and problem."""
     report = build_report(sites, plan, problem, result, measured, bud, target, workload, cache)
     report.solver = solver
-    name = target_name(target)  # the latency notes the in-memory candidates stage writes
-    if cache is not None:
-        src = problem.meta.get("latency_sources", {})
-        notes.append(f"latency: {src.get('measured', 0)} of {sum(src.values())} options "
-                     f"measured ({cache.describe(name)}), the rest from the roofline")  # fmt: skip
-        notes += [m for m in [runtime_mismatch(cache.summary(name).get("runtime", []), None)] if m]
-    elif bud.latency is not None:
-        notes.append(roofline_caveat(name, None))
+    notes += latency_notes(cache, problem.meta.get("latency_sources", {}), target_name(target),
+                           None, bud.latency)  # as the in-memory candidates stage; fmt: skip
     report.notes = notes
     report.capture = {"method": "stream", "blocks": blocks}
     report.frontier = solve_frontier(problem, [round(0.1 * i, 1) for i in range(1, 11)])

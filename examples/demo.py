@@ -100,7 +100,7 @@ def main() -> None:
         save_dir,
         extras={"report.md": lambda p: p.write_text(rep.to_markdown()), "report.png": rep.plot},
     )
-    print(f"wrote {save_dir}/: report.md, report.json, plan.json, report.png, model.safetensors")
+    print(f"wrote {save_dir}/: report.md, report.json, plan.json, report.png, slimfx.safetensors")
 
 
 def padded_batch(small, ort_model, tok) -> None:  # noqa: ANN001

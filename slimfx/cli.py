@@ -213,7 +213,7 @@ def cmd_optimize_checkpoint(a: argparse.Namespace, budget) -> int:
         print(f"optimize (streamed{', distributed' if dist else ''}) took "
               f"{time.perf_counter() - t0:.1f} s, peak RSS {res.peak_rss_mb:.0f} MB")
         print(f"wrote {res.out}/plan.json, report.json, report.md, report.png, "
-              "model.safetensors")
+              "slimfx.safetensors")
     if dist:
         import torch.distributed as tdist
 
@@ -264,7 +264,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
               f"dense {p0:.3f} → slimfx {p1:.3f}")
     if a.onnx:
         print(_export(new, a, calib[0][:, :16]))
-    print(f"wrote {out}/plan.json, report.json, report.md, report.png, model.safetensors")
+    print(f"wrote {out}/plan.json, report.json, report.md, report.png, slimfx.safetensors")
     return 0
 
 

@@ -1,11 +1,14 @@
 """Saving and loading rewritten models, all or nothing, checked on load.
 
-``slimfx.save(model, dir)`` writes ``plan.json`` (what was rewritten), ``model.safetensors``
+``slimfx.save(model, dir)`` writes ``plan.json`` (what was rewritten), ``slimfx.safetensors``
 (every tensor, compressed forms included; shared tensors stored once), ``report.json`` when the
 model has a report, for a Hugging Face model its ``config.json``, and the manifest
 ``slimfx.json`` with the SHA-256 of every other file. ``slimfx.load(dir)`` verifies those
 hashes, rebuilds the architecture (from the HF config, or from a skeleton ``model=`` you pass),
-swaps in empty slimfx modules of the planned shapes, and loads the tensors.
+swaps in empty slimfx modules of the planned shapes, and loads the tensors. The weights file
+is not named ``model.safetensors`` on purpose: ``from_pretrained`` on a save then fails ("no
+file named model.safetensors") instead of building the dense model with the rewritten weights
+missing and randomly initialized. Saves of format version 1 (``model.safetensors``) still load.
 ``torch.save`` / ``torch.load(weights_only=False)`` of the whole module also works.
 
 Atomicity: every file is written (and fsynced) into a temporary directory beside ``dir``,
@@ -36,10 +39,14 @@ from slimfx.passes.swap import empty_like_plan
 from slimfx.passes.transaction import transaction
 from slimfx.planning.plan import Plan
 
-__all__ = ["save", "load", "is_slimfx_save", "check_save_target", "SAVE_FORMAT"]
+__all__ = ["save", "load", "is_slimfx_save", "check_save_target", "SAVE_FORMAT", "WEIGHTS_FILE"]
 
 SAVE_FORMAT = "slimfx.save"
-SAVE_VERSION = 1
+SAVE_VERSION = 2
+#: the weights of a save (format version 2; version 1 named them ``model.safetensors``, which
+#: ``from_pretrained`` read as a dense checkpoint with weights missing)
+WEIGHTS_FILE = "slimfx.safetensors"
+_V1_WEIGHTS_FILE = "model.safetensors"
 #: files an earlier save (or the CLI beside it) may hold without ``overwrite=True``
 #: the generation settings of a model that generates (written beside config.json)
 GENERATION_CONFIG = "generation_config.json"
@@ -62,7 +69,8 @@ TOKENIZER_FILES = (
 _OWN_FILES = {
     "plan.json",
     "report.json",
-    "model.safetensors",
+    WEIGHTS_FILE,
+    _V1_WEIGHTS_FILE,
     "config.json",
     "slimfx.json",
     "report.md",
@@ -82,7 +90,29 @@ def _manifest(d: Path) -> dict[str, Any] | None:
     info = read_json_object(p, "slimfx save manifest")
     if info.get("format", SAVE_FORMAT) != SAVE_FORMAT or "model_class" not in info:
         raise ValueError(f"{p}: not a slimfx save manifest (no model_class / wrong format)")
+    version = info.get("version", 1)
+    if not isinstance(version, int) or version > SAVE_VERSION:
+        raise ValueError(f"{p}: save format version {version!r}; this slimfx reads versions up "
+                         f"to {SAVE_VERSION} (saved by a newer slimfx?)")
     return info
+
+
+def manifest_info(model_class: str, hf: bool) -> dict[str, Any]:
+    """The manifest fields of a save written now (``files.finish`` adds the checksums)."""
+    info: dict[str, Any] = {
+        "format": SAVE_FORMAT,
+        "version": SAVE_VERSION,
+        "model_class": model_class,
+        "weights": WEIGHTS_FILE,
+    }
+    if hf:
+        info["hf"] = True
+    return info
+
+
+def weights_path(d: Path, info: Mapping[str, Any]) -> Path:
+    """The weights file of the save at ``d`` with manifest ``info``."""
+    return d / (WEIGHTS_FILE if info.get("version", 1) >= 2 else _V1_WEIGHTS_FILE)
 
 
 def is_slimfx_save(directory: str | Path) -> bool:
@@ -143,7 +173,7 @@ def save(
         raise ValueError("save() expects a model returned by slimfx.optimize (it carries the plan)")
     plan = Plan.from_dict(rep.meta["plan"])
     for name in extras or {}:
-        if name in ("slimfx.json", "plan.json", "model.safetensors") or Path(name).name != name:
+        if name in ("slimfx.json", "plan.json", WEIGHTS_FILE) or Path(name).name != name:
             raise ValueError(f"extras: {name!r} is not a free file name in a save")
     d = files.target(directory)  # "." and "out/" name a directory with a parent; links resolved
     files.recover(d)
@@ -151,15 +181,11 @@ def save(
     with files.writing(d) as tmp:
         plan.save(tmp / "plan.json")
         rep.save(tmp / "report.json")
-        save_model(model, str(tmp / "model.safetensors"))
-        info: dict[str, Any] = {
-            "format": SAVE_FORMAT,
-            "version": SAVE_VERSION,
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-        }
-        if hasattr(model, "config") and hasattr(model.config, "to_json_string"):
+        save_model(model, str(tmp / WEIGHTS_FILE))
+        hf = hasattr(model, "config") and hasattr(model.config, "to_json_string")
+        info = manifest_info(f"{type(model).__module__}.{type(model).__qualname__}", hf)
+        if hf:
             (tmp / "config.json").write_text(model.config.to_json_string())
-            info["hf"] = True
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "to_json_string"):  # eos ids, lengths, penalties
             (tmp / GENERATION_CONFIG).write_text(gen.to_json_string(use_diff=False))
@@ -266,17 +292,18 @@ def load(
             raise ValueError(
                 "this model is not a Hugging Face model: pass model= (a fresh instance)"
             )
-        return _build_into(_hf_skeleton(d, str(info.get("model_class", ""))), d, plan, report,
-                           verify, cpu_kernels)  # fmt: skip
+        return _build_into(_hf_skeleton(d, str(info.get("model_class", ""))), d, info, plan,
+                           report, verify, cpu_kernels)  # fmt: skip
     model = check_skeleton(model)
     # the caller's skeleton: a failure (an edited plan.json, a truncated file) puts its module
     # tree back as it was (it was left half rewritten with empty factors)
     with transaction(model):
-        return _build_into(model, d, plan, report, verify, cpu_kernels)
+        return _build_into(model, d, info, plan, report, verify, cpu_kernels)
 
 
 def _build_into(
-    model: nn.Module, d: Path, plan: Plan, report: Any, verify: bool, cpu_kernels: bool
+    model: nn.Module, d: Path, info: Mapping[str, Any], plan: Plan, report: Any, verify: bool,
+    cpu_kernels: bool,
 ) -> nn.Module:
     """``load``'s rewrite of the skeleton ``model`` into the saved plan's forms and its weights
     from ``d``."""
@@ -300,11 +327,12 @@ def _build_into(
         mla = {k: c for k, c in kv.items() if isinstance(c, MLAConfig)}
         empty_kv_like_plan(model, {k: c for k, c in kv.items() if k not in mla}, att)
         empty_mla_like_plan(model, mla, att)
+    weights = weights_path(d, info)
     try:
-        load_model(model, str(d / "model.safetensors"), strict=True)
+        load_model(model, str(weights), strict=True)
     except Exception as e:  # noqa: BLE001 - a file verify=False did not check (truncated, edited)
         raise ValueError(
-            f"{d / 'model.safetensors'} does not load into the model its plan.json and "
+            f"{weights} does not load into the model its plan.json and "
             f"config.json describe ({type(e).__name__}: {str(e)[:300]})"
             + ("; load(..., verify=True) checks every file against the manifest first"
                if not verify else "")

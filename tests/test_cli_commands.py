@@ -17,7 +17,7 @@ def test_cli_optimize_and_report(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["optimize", "--model", "tiny", "--budget", "0.7", "--n-calib", "3",
                  "--seq-len", "32", "--out", str(out), "--quiet"]) == 0
-    for f in ("plan.json", "report.json", "report.md", "report.png", "model.safetensors"):
+    for f in ("plan.json", "report.json", "report.md", "report.png", "slimfx.safetensors"):
         assert (out / f).exists(), f
     capsys.readouterr()
     assert main(["report", str(out)]) == 0

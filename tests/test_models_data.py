@@ -319,3 +319,32 @@ def test_smollm2_cache_builds_atomically_and_matches(smollm2, tmp_path) -> None:
     assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
     ref, new = model.state_dict(), fresh.state_dict()
     assert ref.keys() == new.keys() and all(torch.equal(ref[k], new[k]) for k in ref)
+
+
+def test_a_cache_another_process_built_meanwhile_is_kept_and_a_stale_one_replaced(
+    tmp_path, monkeypatch
+) -> None:
+    """Two processes converting at once (``make test`` runs two): the second build keeps the
+    first's complete cache, which the first may be reading; a stale cache is replaced without
+    a moment where the folder is half there."""
+    monkeypatch.setattr(smollm2_mod, "_cache_is_valid",
+                        lambda d: os.path.isfile(os.path.join(d, "done")))
+
+    def built(name: str, done: bool) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.safetensors").write_text(name)
+        if done:
+            (d / "done").write_text("")
+        return str(d)
+
+    folder = str(tmp_path / "smollm2")
+    theirs = built("smollm2", done=True)
+    mine = built(".smollm2.tmp-mine", done=True)
+    smollm2_mod._move_into_place(mine, folder)
+    assert (tmp_path / "smollm2" / "model.safetensors").read_text() == "smollm2"
+    assert os.path.isdir(mine)  # left for the caller's cleanup
+    os.remove(os.path.join(theirs, "done"))  # now a stale, incomplete cache
+    smollm2_mod._move_into_place(mine, folder)
+    assert (tmp_path / "smollm2" / "model.safetensors").read_text() == ".smollm2.tmp-mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]  # nothing set aside left

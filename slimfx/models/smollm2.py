@@ -159,15 +159,30 @@ def _build_cache(folder: str) -> None:
             os.chmod(os.path.join(tmp, name), 0o644)
         with open(os.path.join(tmp, _MARKER), "w", encoding="utf-8") as f:
             json.dump(_source_record(gguf), f)
-        if os.path.isdir(folder):  # stale or incomplete cache: replace it
-            shutil.rmtree(folder)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if not _cache_is_valid(folder):  # another process did not win the race either
-                raise
+        _move_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: str, folder: str) -> None:
+    """Rename the built ``tmp`` to ``folder``. A valid cache another process put there
+    meanwhile is kept (it may be loading from it); a stale one is renamed aside first, so
+    ``folder`` is at every moment absent, stale or complete, never half written."""
+    if _cache_is_valid(folder):
+        return
+    if os.path.isdir(folder):
+        aside = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-",
+                                 dir=os.path.dirname(folder))
+        try:
+            os.rename(folder, os.path.join(aside, "stale"))
+        except OSError:  # another process moved it first
+            pass
+        shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        if not _cache_is_valid(folder):  # another process did not win the race either
+            raise
 
 
 def load_smollm2(

@@ -72,6 +72,11 @@ class Checkpoint:
                 )
             return dict(weight_map)
         if not single.is_file():
+            if (self.path / "slimfx.json").is_file():
+                raise CheckpointError(
+                    f"{self.path}: a slimfx save (already rewritten), not a checkpoint; "
+                    "stream the dense original, or slimfx.load this one"
+                )
             raise CheckpointError(f"{self.path}: no {_SINGLE} and no {_INDEX}")
         with self._open(_SINGLE) as f:
             return {k: _SINGLE for k in f.keys()}

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from slimfx.cost.calibration import CalibrationStats, GramRecorder, call_model
 from slimfx.cost.sequential import _capture_inputs, _run_block
-from slimfx.io import GENERATION_CONFIG, TOKENIZER_FILES
+from slimfx.io import GENERATION_CONFIG, TOKENIZER_FILES, WEIGHTS_FILE
 from slimfx.ir.capture import eval_mode
 from slimfx.ir.match import linear_weight
 from slimfx.ir.sites import LinearSite
@@ -53,18 +53,12 @@ class Output:
         """Write the report, ``extras`` (as ``slimfx.save``'s) and the manifest, flush, and
         exchange the directory into place."""
         from slimfx import files
-        from slimfx.io import SAVE_FORMAT, SAVE_VERSION
+        from slimfx.io import manifest_info
 
         report.save(self.tmp / "report.json")
         for name, write in extras.items():
             write(self.tmp / name)
-        info: dict[str, Any] = {
-            "format": SAVE_FORMAT,
-            "version": SAVE_VERSION,
-            "model_class": self.model_class,
-            "hf": True,
-        }
-        files.finish(self.tmp, self.out, "slimfx.json", info)
+        files.finish(self.tmp, self.out, "slimfx.json", manifest_info(self.model_class, hf=True))
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -156,7 +150,7 @@ def write_output(
         for name in (GENERATION_CONFIG, *TOKENIZER_FILES):  # generation settings, tokenizer
             if (ckpt.path / name).is_file():
                 shutil.copyfile(ckpt.path / name, output.tmp / name)
-        file = StreamedSafetensors(output.tmp / "model.safetensors", layout, {"format": "pt"})
+        file = StreamedSafetensors(output.tmp / WEIGHTS_FILE, layout, {"format": "pt"})
         try:
             with eval_mode(model), torch.no_grad():
                 inputs = _capture_inputs(model, model.get_submodule(names[0]), held)

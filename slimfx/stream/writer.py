@@ -1,7 +1,7 @@
 """Writing a rewritten model block by block into a directory ``slimfx.load`` reads.
 
-The layout of ``model.safetensors`` (every tensor's name, dtype and shape) is known before a
-single block is rewritten: the solved plan applied with ``empty_like_plan`` to a meta-device
+The layout of the save's ``slimfx.safetensors`` (every tensor's name, dtype and shape) is known
+before a single block is rewritten: the solved plan applied with ``empty_like_plan`` to a meta-device
 skeleton gives the rewritten model's state dict without storage. :class:`StreamedSafetensors`
 writes the safetensors header for that layout first, then each tensor's bytes at its reserved
 offset as its block is rewritten, so only one block's tensors are ever in memory. A tensor

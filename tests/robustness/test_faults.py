@@ -500,7 +500,7 @@ def test_a_failed_load_leaves_the_callers_skeleton_as_it_was(saved, tmp_path):
     (c / "plan.json").write_text(json.dumps(plan))
     skeleton = mlp(1)
     before = [(n, type(m)) for n, m in skeleton.named_modules()]
-    with pytest.raises(ValueError, match=r"model.safetensors does not load into the model"):
+    with pytest.raises(ValueError, match=r"slimfx.safetensors does not load into the model"):
         slimfx.load(c, skeleton, verify=False)
     assert [(n, type(m)) for n, m in skeleton.named_modules()] == before
     assert out_of(skeleton, X).shape == (2, 16) and not hasattr(skeleton, "slimfx_report")
@@ -512,9 +512,9 @@ def test_unverified_loads_name_the_file_and_old_manifests_warn(saved, tmp_path):
     _, d = saved
     c = tmp_path / "cut"
     shutil.copytree(d, c)
-    f = c / "model.safetensors"
+    f = c / "slimfx.safetensors"
     f.write_bytes(f.read_bytes()[:200])  # truncated
-    with pytest.raises(ValueError, match=r"model.safetensors does not load .*verify=True\) checks"):
+    with pytest.raises(ValueError, match=r"slimfx.safetensors does not load .*verify=True\) checks"):
         slimfx.load(c, mlp(1), verify=False)
     m = tmp_path / "nofiles"
     shutil.copytree(d, m)
@@ -531,13 +531,13 @@ def test_bit_flip_is_caught_on_load_and_verify_false_skips(saved, tmp_path):
     new, d = saved
     c = tmp_path / "flip"
     shutil.copytree(d, c)
-    f = c / "model.safetensors"
+    f = c / "slimfx.safetensors"
     raw = bytearray(f.read_bytes())
     raw[-3] ^= 0x10  # a bit in the last tensor's data
     f.write_bytes(bytes(raw))
     skeleton = mlp(1)
     frozen = Frozen(skeleton, X)
-    with pytest.raises(ValueError, match=r"model.safetensors: SHA-256 mismatch"):
+    with pytest.raises(ValueError, match=r"slimfx.safetensors: SHA-256 mismatch"):
         slimfx.load(c, skeleton)
     frozen.check()  # checked before the skeleton is touched
     loaded = slimfx.load(c, mlp(1), verify=False)
@@ -594,7 +594,7 @@ def test_a_save_keeps_links_modes_and_the_working_directory(saved, tmp_path, mon
     for target in (".", fresh, tmp_path):
         with pytest.raises(ValueError, match="the working directory: a save replaces"):
             slimfx.save(new, target, overwrite=True)
-    assert (fresh / "model.safetensors").is_file()
+    assert (fresh / "slimfx.safetensors").is_file()
     monkeypatch.setattr("slimfx.files.os.path.ismount", lambda p: str(p) == str(big))
     with pytest.raises(ValueError, match="is a mount point"):
         slimfx.save(new, big)

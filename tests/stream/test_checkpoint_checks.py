@@ -117,6 +117,9 @@ def test_a_work_folder_inside_out_is_refused_and_tokenizer_files_are_copied(tmp_
     for name in ("tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / "out" / name).read_bytes() == (ckpt / name).read_bytes()
     slimfx.load(tmp_path / "out")  # the manifest covers them
+    assert (tmp_path / "out" / "slimfx.safetensors").is_file()  # not from_pretrained's name
+    with pytest.raises(CheckpointError, match=r"a slimfx save \(already rewritten\)"):
+        _run(tmp_path / "out", tmp_path / "out2")
 
 
 def test_the_streamed_report_has_the_in_memory_notes(tmp_path: Path) -> None:

@@ -179,12 +179,12 @@ def test_failed_write_leaves_no_loadable_directory(tmp_path: Path, monkeypatch) 
     first = optimize_checkpoint(
         ckpt, 0.5, calibration=calibration(), fisher=False, out=tmp_path / "out", progress=False
     )
-    before = (tmp_path / "out" / "model.safetensors").read_bytes()
+    before = (tmp_path / "out" / "slimfx.safetensors").read_bytes()
     calls["n"] = 0
     monkeypatch.setattr(writer.StreamedSafetensors, "write", failing)
     with pytest.raises(OSError):
         optimize_checkpoint(
             ckpt, 0.3, calibration=calibration(), fisher=False, out=tmp_path / "out", progress=False
         )
-    assert (tmp_path / "out" / "model.safetensors").read_bytes() == before
+    assert (tmp_path / "out" / "slimfx.safetensors").read_bytes() == before
     assert slimfx.load(tmp_path / "out").slimfx_report.meta["plan"] == first.plan.to_dict()

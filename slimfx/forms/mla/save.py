@@ -4,7 +4,10 @@
 
 - ``config.json`` (and ``generation_config.json`` when the model has one): the original
   architecture, from which ``load_converted`` rebuilds the model;
-- ``model.safetensors``: every tensor of the converted model (tied tensors stored once);
+- ``slimfx.safetensors``: every tensor of the converted model (tied tensors stored once; not
+  ``model.safetensors``, so that ``from_pretrained`` fails on the save instead of building
+  the dense model with the converted attention's weights missing — version 1 saves, which
+  used that name, still load);
 - ``mla.json``: per converted layer its :class:`~slimfx.forms.mla.config.MLAConfig` and the
   shapes of its :class:`~slimfx.forms.mla.module.MLAAttention` (heads, kv heads, latent rank,
   RoPE entries, whether the RoPE key has a bias, ``absorb``), the model class and dtype, and
@@ -40,9 +43,10 @@ from .numerics import MLAWeights
 __all__ = ["save_converted", "load_converted", "converted_layers", "MLA_SAVE_FORMAT"]
 
 MLA_SAVE_FORMAT = "slimfx.mla"
-MLA_SAVE_VERSION = 1
+MLA_SAVE_VERSION = 2
 _MANIFEST = "mla.json"
-_OWN = {_MANIFEST, "config.json", "generation_config.json", "model.safetensors"}
+_WEIGHTS = "slimfx.safetensors"  # version 1: "model.safetensors"
+_OWN = {_MANIFEST, "config.json", "generation_config.json", _WEIGHTS, "model.safetensors"}
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
@@ -124,7 +128,7 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
         )
     files.check_replaceable(d)
     with files.writing(d) as tmp:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_model(model, str(tmp / _WEIGHTS))
         (tmp / "config.json").write_text(config.to_json_string())
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "to_json_string"):
@@ -227,6 +231,7 @@ def load_converted(
             raise ValueError(f"load_converted: layer {i} of model= is already converted; pass "
                              "a fresh instance of the original architecture")
         blocks[i].self_attn = _shell(blocks[i].self_attn, rec)
-    load_model(model, str(d / "model.safetensors"), strict=True)
+    weights = _WEIGHTS if int(info.get("version", 1)) >= 2 else "model.safetensors"
+    load_model(model, str(d / weights), strict=True)
     return model.eval()
 

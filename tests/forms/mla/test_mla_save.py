@@ -96,7 +96,7 @@ def test_resave_replaces_and_corruption_is_detected(tmp_path):
     d = save_converted(model, tmp_path / "m")
     save_converted(model, d)  # an earlier MLA save is replaced without overwrite=True
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left
-    blob = d / "model.safetensors"
+    blob = d / "slimfx.safetensors"
     data = bytearray(blob.read_bytes())
     data[-1] ^= 0xFF
     blob.write_bytes(bytes(data))
@@ -130,3 +130,23 @@ def test_a_state_dict_with_q_mix_per_query_head_loads_into_the_per_group_block(t
     old["model.layers.0.self_attn.q_mix"][1] += 1.0  # head 1 differs from head 0 of its group
     with pytest.raises(RuntimeError, match="size mismatch for model.layers.0.self_attn.q_mix"):
         fresh.load_state_dict(old, strict=True)
+
+
+def test_from_pretrained_refuses_an_mla_save_and_version_1_saves_still_load(tmp_path):
+    """The weights are not ``model.safetensors``: ``from_pretrained`` built the dense model
+    with the converted attention's weights missing; now it fails. A version-1 save still
+    loads."""
+    from transformers import AutoModelForCausalLM
+
+    model, _ = _converted()
+    d = save_converted(model, tmp_path / "m")
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(d)
+    (d / "slimfx.safetensors").rename(d / "model.safetensors")
+    info = json.loads((d / "mla.json").read_text())
+    info["files"]["model.safetensors"] = info["files"].pop("slimfx.safetensors")
+    (d / "mla.json").write_text(json.dumps({**info, "version": 1}))
+    ids = eval_ids()
+    with torch.no_grad():
+        assert torch.equal(load_converted(d)(ids, use_cache=False).logits,
+                           model(ids, use_cache=False).logits)

@@ -67,7 +67,7 @@ def build_report(
     (a replayed plan) latencies priced again for ``target`` / ``workload`` from ``cache`` or
     the roofline. ``measured``: site → (SQNR dB, relative error) on held-out batches."""
     records: dict[str, SiteRecord] = {r.fqn: r for r in result.records}
-    entries = []
+    entries, tied = [], []
     for s in sites:
         if s.fqn in plan.owned_by:  # a k/v projection a low-rank KV cache replaced
             owner = plan.owned_by[s.fqn]
@@ -103,6 +103,7 @@ def build_report(
         if s.tied and not isinstance(d, DenseConfig):
             e.bytes_after += e.bytes_before  # the tied module keeps a dense copy
             e.extra.setdefault("note", "tied weight: the other user keeps a dense copy")
+            tied.append(e)
         if isinstance(d, DenseConfig) and e.reason in ("", "dense"):
             e.reason = _dense_reason(problem, s.fqn, budget)
         if problem is not None:
@@ -144,6 +145,12 @@ def build_report(
     if problem is None:  # a replayed plan: no cost model ran, nothing was estimated
         report.meta["estimated"] = False
         report.notes.append(REPLAY_NOTE)
+    if tied:
+        extra = sum(e.bytes_after - e.bytes_before for e in tied)
+        report.notes.append(
+            f"{', '.join(e.fqn for e in tied)}: a tied weight rewritten (its other user keeps "
+            f"the dense copy), {extra / 1e6:.2f} MB more than dense in total"
+        )
     return report
 
 

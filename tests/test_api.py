@@ -14,7 +14,7 @@ import slimfx
 from slimfx import api, stages
 from slimfx.cost.sensitivity import FLOOR
 from slimfx.ir.modules import SlimLinear
-from slimfx.planning.configs import LowRankConfig
+from slimfx.planning.configs import LowRankConfig, QuantConfig
 from slimfx.planning.problem import Budget, InfeasibleBudgetError
 
 
@@ -407,6 +407,17 @@ def test_tied_head_is_offered_when_included_or_under_a_latency_budget():
     again = slimfx.report_of(slimfx.optimize(model, plan=plan, calibration=_calib(3), progress=False))
     assert [s.fqn for s in again.sites] == [s.fqn for s in rep.sites]
     assert again.totals["bytes_after"] == rep.totals["bytes_after"]
+    # rewritten, the tied head costs more than dense: the report says so, not only its entry
+    raw = slimfx.report_of(inc).meta["plan"]
+    raw["decisions"]["lm_head"] = QuantConfig(8, None).to_dict()
+    head = slimfx.report_of(slimfx.optimize(model, plan=slimfx.Plan.from_dict(raw),
+                                            calibration=_calib(3), progress=False))
+    entry = next(s for s in head.sites if s.fqn == "lm_head")
+    assert entry.bytes_after > entry.bytes_before
+    assert [n for n in head.notes if "tied weight rewritten" in n] == [
+        f"lm_head: a tied weight rewritten (its other user keeps the dense copy), "
+        f"{(entry.bytes_after - entry.bytes_before) / 1e6:.2f} MB more than dense in total"
+    ]
 
 
 def test_fisher_is_the_default_for_causal_lms_and_the_report_keeps_errors_unweighted():

@@ -44,6 +44,7 @@ from slimfx.cost.target import MeasuredCache, Target, latency_notes
 from slimfx.ir.capture import eval_mode
 from slimfx.ir.find import discover_linear_sites
 from slimfx.ir.sites import LinearSite
+from slimfx.loss_check import floor_warning
 from slimfx.passes.base import PassResult
 from slimfx.planning.configs import DEFAULT_FAMILIES
 from slimfx.planning.plan import Plan
@@ -475,6 +476,7 @@ def optimize_checkpoint(
             notes,
             len(names),
             type(model).__name__,
+            output.params,
         )
         timings["total"] = time.perf_counter() - t_start
         report.timings = timings
@@ -519,18 +521,22 @@ def _report(
     notes: list[str],
     blocks: int,
     model_class: str,
+    params: tuple[int | None, int | None],
 ) -> Report:
     """The report ``optimize`` would build for this plan and problem."""
     report = build_report(sites, plan, problem, result, measured, bud, target, workload, cache)
     report.solver = solver
     notes += latency_notes(cache, problem.meta.get("latency_sources", {}), target_name(target),
                            None, bud.latency)  # as the in-memory candidates stage; fmt: skip
-    report.notes = notes
+    report.notes = [*notes, *(n for n in report.notes if n not in notes)]
     report.capture = {"method": "stream", "blocks": blocks}
     report.frontier = solve_frontier(problem, [round(0.1 * i, 1) for i in range(1, 11)])
     report.meta = {"model_class": model_class, "plan": plan.to_dict(), "stream": True}
     report.runtime = "torch-eager"  # what slimfx.load(out) runs (api.RUNTIMES)
-    report.finalize()
+    report.finalize(*params)
+    note = floor_warning(report)  # as optimize's diagnostics
+    if note:
+        report.notes.append(note)
     return report
 
 

@@ -48,6 +48,8 @@ class Output:
         files.recover(out)
         self.tmp = files.tmp_dir(out)
         self.model_class = ""
+        #: the model's parameter counts before and after the rewrite (the report's totals)
+        self.params: tuple[int | None, int | None] = (None, None)
 
     def commit(self, report: Report, extras: Mapping[str, Callable[[Path], Any]] = {}) -> None:
         """Write the report, ``extras`` (as ``slimfx.save``'s) and the manifest, flush, and
@@ -138,9 +140,12 @@ def write_output(
     block, and ``stats_of`` is not read."""
     sites = [s for n in names for s in block_sites[n]] + tail
     layout_model = ckpt.skeleton()
+    before = sum(p.numel() for p in layout_model.parameters())
     empty_like_plan(layout_model, plan, sites)
     layout, _aliases = layout_of(layout_model)
     output = Output(out)
+    output.params = (before, sum(t.numel() for t in (*layout_model.parameters(),
+                                                     *layout_model.buffers())))  # as optimize
     output.model_class = f"{type(model).__module__}.{type(model).__qualname__}"
     merged = PassResult(name="apply_plan(stream)")
     measured: dict[str, tuple[float, float]] = {}

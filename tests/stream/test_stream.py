@@ -44,6 +44,8 @@ def test_streamed_equals_in_memory(tmp_path: Path, tie: bool, fisher: bool) -> N
     assert different == [], "bit-for-bit equality of every tensor"
     # the sensitivities (streamed backward vs one backward through the model) agree exactly
     got, want = _sites(res.report), _sites(ref_report)
+    counts = ("params_before", "params_after")
+    assert [res.report.totals[k] for k in counts] == [ref_report.totals[k] for k in counts]
     assert {k: got[k].sensitivity for k in got} == {k: want[k].sensitivity for k in want}
     if fisher:
         assert len({round(s.sensitivity, 6) for s in got.values()}) > 3  # not all equal to 1

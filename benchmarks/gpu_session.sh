@@ -1,16 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement (KV-cache and MLA decode attention, linear kernels, end-to-end decode,
-# calibrate-target) on a lent GPU machine. A session's device time is short (15 minutes, the
-# machine's start included), so the steps of the open issues come first and the first call runs
-# only them; the rest follow if time is left. No argument runs every step; names pick steps:
-#   run(command="bash benchmarks/gpu_session.sh kv_attention mla_decode", timeout_s=240)
-#   run(command="bash benchmarks/gpu_session.sh kernels calibrate_target e2e_decode",
-#       timeout_s=520)
-#   run(command="bash benchmarks/gpu_session.sh attention_steps", timeout_s=200)  # if time is left
-# Results land in $OUT (the device tool brings them back): one JSON and one log per step. Each
-# step has its own time limit so that one slow step cannot eat the others; a step that fails or
-# times out is logged and the next one runs. The machine fetches nothing: slimfx is imported
-# from this checkout (PYTHONPATH), never installed from an index.
+# calibrate-target) in one call on a CUDA machine. Usage:
+#   OUT=results/ bash benchmarks/gpu_session.sh [step ...]
+# No argument runs every step; names pick steps, the decode-attention ones first when time is
+# short: `kv_attention mla_decode` (~4 min), then `kernels calibrate_target e2e_decode`
+# (~9 min), then `attention_steps` (~3 min). Results land in $OUT: one JSON and one log per
+# step. Each step has its own time limit so that one slow step cannot eat the others; a step
+# that fails or times out is logged and the next one runs. Nothing is fetched: slimfx is
+# imported from this checkout (PYTHONPATH), never installed from an index.
 set -u
 OUT="${OUT:-/tmp/slimfx_gpu}"
 mkdir -p "$OUT"

@@ -389,7 +389,8 @@ def solve(pl: Planning) -> PassResult:
         pl.notes.append(
             f"the chosen attention forms add {grown / 1e6:.2f} MB of weights over the dense "
             "linears (low-rank caches keep the original k/v projections for their sink tokens; "
-            "MLA stores its query maps): memory=1.0 in the Budget forbids that"
+            "MLA stores its query maps); a kv= budget alone does not bound the weights: add "
+            "memory=1.0 to the Budget to keep them at most dense"
         )
     pl.plan = pl.solution.to_plan(
         shapes={s.fqn: s.site_shape for s in [*pl.sites, *pl.attention_sites]},

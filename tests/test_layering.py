@@ -55,6 +55,7 @@ RULES: dict[str, tuple] = {
         "slimfx.numerics",
         "slimfx.report",
         "slimfx.report_builder",
+        "slimfx.loss_check",  # the report's sensitivity-floor warning, as optimize gives it
         "slimfx.stages",
         "slimfx.validate",
         "slimfx.io",

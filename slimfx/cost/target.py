@@ -371,7 +371,7 @@ class MeasuredCache:
         cls, shape: AttentionShape, tokens: int, context: int, batch: int, dtype: str,
         decision: Decision | str, device: str,
     ) -> tuple[str, int, int, int, str, str, str]:
-        """The key of one attention step (``measure_attention``): op ``attention:H/KxD@hidden``
+        """The key of one attention step (``measure_attention``): op ``attention:H/HkvxD@hidden``
         (heads, kv heads, head_dim, hidden size; ``~W`` for a sliding window), N = the step's
         tokens, K = the context after it, M = the batch."""
         w = "" if shape.sliding_window is None else f"~{shape.sliding_window}"

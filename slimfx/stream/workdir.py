@@ -1,7 +1,8 @@
 """The work directory of a streamed run: what each finished block left, so a killed run resumes.
 
     <work>/state.json        the run's fingerprint (checkpoint, calibration, options)
-    <work>/block_00007.pt    block 7's sites, Gram matrices, token counts and priced options
+    <work>/block_00007.pt    block 7's sites and priced options
+    <work>/stats_00007.pt    block 7's Gram matrices and token counts
     <work>/in_00008.pt       the calibration activations entering block 8
 
 Each file is written to a temporary name, fsynced and renamed into place, and a block's

@@ -313,6 +313,7 @@ def test_gemma2_soft_cap_and_sliding_window_under_padding(tmp_path):
                           head_dim=16, max_position_embeddings=128, sliding_window=4,
                           attn_logit_softcapping=2.0, final_logit_softcapping=1.0)  # fmt: skip
     model = tf.Gemma2ForCausalLM(cfg).eval()
+    model.set_attn_implementation("eager")  # 5.17 defaults Gemma 2 to sdpa (no soft-cap)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n.endswith(("q_proj.weight", "k_proj.weight")):

@@ -476,6 +476,8 @@ def _layer_types(config: Any, n: int) -> tuple[list[str], list[int | None]]:
         return types, [win if t == "sliding_attention" else None for t in types]
     types, kwargs = get_layer_types_and_kwargs(config)
     types = list(types)
+    if isinstance(kwargs, dict):  # transformers before per-layer kwargs (5.17): one for all
+        kwargs = [kwargs] * len(types)
     wins = [kw.get("sliding_window") if t == "sliding_attention" else None
             for t, kw in zip(types, kwargs)]  # fmt: skip
     return types, wins

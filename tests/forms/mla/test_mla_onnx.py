@@ -64,7 +64,12 @@ def _float_expands(path) -> list[str]:  # noqa: ANN001
     g = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
     types = {v.name: v.type.tensor_type.elem_type for v in (*g.value_info, *g.input, *g.output)}
     floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
-    return [n.name for n in g.node if n.op_type == "Expand" and types.get(n.output[0]) in floats]
+    def rotary(n):  # noqa: ANN001, ANN202  transformers 5.17's RoPE broadcasts inv_freq by Expand
+        scopes = {p.key: p.value for p in n.metadata_props}.get("pkg.torch.onnx.name_scopes", "")
+        return "rotary_emb" in scopes
+
+    return [n.name for n in g.node if n.op_type == "Expand" and types.get(n.output[0]) in floats
+            and not rotary(n)]  # fmt: skip
 
 
 def _factor_code_elements(attn) -> int:

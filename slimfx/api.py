@@ -18,7 +18,7 @@ from slimfx.planning.configs import DEFAULT_FAMILIES, Decision
 from slimfx.planning.plan import Plan
 from slimfx.planning.problem import Budget
 from slimfx.report import Report
-from slimfx.report_builder import build_report, target_name
+from slimfx.report_builder import build_report, lead_notes, target_name
 from slimfx.stages import (
     Planning,
     PlanningOptions,
@@ -227,7 +227,7 @@ def optimize(
     )  # fmt: skip
     report.solver = pl.solver
     report.capture = pl.capture
-    report.notes = [*pl.notes, *(n for n in report.notes if n not in pl.notes)]
+    lead_notes(report, pl.notes)
     loss_checks(report, pl.rewritten, pl.dense_ref, pl.eval_batches, pl.stats, measure_loss)
     if pl.problem is not None:
         report.frontier = pl.frontier

@@ -53,7 +53,7 @@ def plan_for_compile(model: nn.Module, *, budget: Any = None, **options: Any) ->
             pl.sites, pl.plan, pl.problem, result, {}, pl.budget, target, workload, pl.cache
         )
         report.solver = pl.solver
-        report.notes = [*pl.notes, *(n for n in report.notes if n not in pl.notes)]
+        report_builder.lead_notes(report, pl.notes)
         report.timings = {**pl.timings, "plan": seconds}
         report.meta = {
             "model_class": type(model).__name__,

@@ -103,7 +103,6 @@ def manifest_info(model_class: str, hf: bool) -> dict[str, Any]:
         "format": SAVE_FORMAT,
         "version": SAVE_VERSION,
         "model_class": model_class,
-        "weights": WEIGHTS_FILE,
     }
     if hf:
         info["hf"] = True
@@ -111,7 +110,8 @@ def manifest_info(model_class: str, hf: bool) -> dict[str, Any]:
 
 
 def weights_path(d: Path, info: Mapping[str, Any]) -> Path:
-    """The weights file of the save at ``d`` with manifest ``info``."""
+    """The weights file of the save at ``d`` with manifest ``info`` (its format version names
+    it)."""
     return d / (WEIGHTS_FILE if info.get("version", 1) >= 2 else _V1_WEIGHTS_FILE)
 
 

@@ -154,6 +154,12 @@ def build_report(
     return report
 
 
+def lead_notes(report: Report, notes: list[str]) -> None:
+    """Put the pipeline's ``notes`` first in ``report.notes``, then the builder's own ones
+    (a replayed plan, a rewritten tied weight) not already among them."""
+    report.notes = [*notes, *(n for n in report.notes if n not in notes)]
+
+
 #: the note of a replayed plan's report (its error columns read "–")
 REPLAY_NOTE = (
     "replayed plan: no cost model ran, so the estimated errors (est.err), the runner-ups and "

@@ -52,7 +52,7 @@ from slimfx.planning.problem import Budget, BudgetProblem
 from slimfx.planning.solve import frontier as solve_frontier
 from slimfx.planning.solve import solve as solve_budget
 from slimfx.report import Report
-from slimfx.report_builder import build_report, target_name
+from slimfx.report_builder import build_report, lead_notes, target_name
 from slimfx.stages import (
     MemoryInstrument,
     _check_weights,
@@ -528,7 +528,7 @@ def _report(
     report.solver = solver
     notes += latency_notes(cache, problem.meta.get("latency_sources", {}), target_name(target),
                            None, bud.latency)  # as the in-memory candidates stage; fmt: skip
-    report.notes = [*notes, *(n for n in report.notes if n not in notes)]
+    lead_notes(report, notes)
     report.capture = {"method": "stream", "blocks": blocks}
     report.frontier = solve_frontier(problem, [round(0.1 * i, 1) for i in range(1, 11)])
     report.meta = {"model_class": model_class, "plan": plan.to_dict(), "stream": True}

@@ -93,7 +93,7 @@ def _manifest(d: Path) -> dict[str, Any] | None:
     version = info.get("version", 1)
     if not isinstance(version, int) or version > SAVE_VERSION:
         raise ValueError(f"{p}: save format version {version!r}; this slimfx reads versions up "
-                         f"to {SAVE_VERSION} (saved by a newer slimfx?)")
+                         f"to {SAVE_VERSION}: saved by a newer slimfx, upgrade it to load this save")
     return info
 
 

@@ -308,9 +308,14 @@ def _export_decode_step(
     """The decode-step graph (``slimfx.backends.onnx_decode``): ids + cache → logits + cache."""
     ids = _example_ids(args, dynamic, "kv_cache=True exports the decode step")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    past = onnx_decode.empty_past(model.config, ids.shape[0], length=3, dtype=dtype)
-    mask = onnx_decode.example_mask(ids.shape[0], 3 + ids.shape[1])
-    wrapped = onnx_decode.DecodeStep(model, WRAP)
+    windows = onnx_decode.model_windows(model)
+    past = onnx_decode.empty_past(model.config, ids.shape[0], dtype=dtype)
+    for i in range(len(past)):
+        n = onnx_decode.example_past_length(windows.get(i // 2))
+        past[i] = past[i].new_zeros(*past[i].shape[:2], n, past[i].shape[3])
+    mask = onnx_decode.example_mask(ids.shape[0], onnx_decode.example_past_length(None)
+                                    + ids.shape[1])  # fmt: skip
+    wrapped = onnx_decode.DecodeStep(model, WRAP, windows)
     auto = torch.export.Dim.AUTO
     shapes: Any = (
         ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
@@ -325,8 +330,10 @@ def _export_decode_step(
         ph = [n for n in program.graph.nodes if n.op == "placeholder"][-len(in_names):]
         for i, node in enumerate(ph):
             val = node.meta.get("val")
+            layer = (i - 2) // 2
+            past_axis = f"window_{windows[layer]}_past" if layer in windows else "past_seq"
             axes = (("batch", "seq") if i == 0 else ("batch", "total") if i == 1
-                    else ("batch", None, "past_seq", None))  # fmt: skip
+                    else ("batch", None, past_axis, None))  # fmt: skip
             for axis, dim in zip(axes, () if val is None else val.shape):
                 if axis and isinstance(dim, torch.SymInt):
                     names.setdefault(str(dim), axis)
@@ -421,6 +428,8 @@ class _Export:
                 **kwargs,
             )
         self.ir_model = prog.model
+        if self.kv_cache:  # the step's window layers, for the drivers (onnx_decode.windows_of)
+            onnx_decode.record_windows(self.ir_model, self.model)
         return PassResult("to_onnx", True)
 
     def fold_markers(self, opts: dict) -> PassResult:

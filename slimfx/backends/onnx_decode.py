@@ -14,6 +14,12 @@ lengths is left-padded to one length, as for ``generate()``. The graph derives t
 from it as ``generate()`` does (the running count of tokens; :func:`mask_kwargs`), so padded
 rows compute what each prompt alone would, and an all-ones mask is an unpadded batch.
 
+A sliding-window layer (Mistral's, Gemma 2/3's local layers, gpt-oss's) keeps only the last
+``window - 1`` tokens, as transformers' cache does: its ``past_key_i`` has its own length
+axis (``window_<W>_past``), the graph's metadata names those layers (:data:`META_WINDOWS`),
+and the cache then stays at the window the report prices. Once every layer's window is full
+the cache no longer tells how many tokens came before; the mask does (:func:`past_length`).
+
 :class:`OrtModel` (``slimfx.backends.onnx``) recognises such a graph: ``ort_model(ids)`` feeds
 an empty cache and returns the logits, ``ort_model.step(ids, past, attention_mask)`` returns
 logits and the new cache, and ``ort_model.generate(ids, max_new_tokens, attention_mask)``
@@ -22,7 +28,9 @@ decodes greedily. (A graph exported before the mask input existed runs unpadded 
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,20 +41,30 @@ from torch import Tensor, nn
 __all__ = [
     "DecodeStep",
     "MASK",
+    "META_WINDOWS",
+    "PAST_KEY",
     "cache_geometry",
     "cache_inputs",
     "check_left_padded",
     "check_mask",
     "empty_past",
     "example_mask",
+    "example_past_length",
     "greedy",
     "io_names",
     "is_kv_graph",
     "mask_feed",
     "mask_kwargs",
+    "model_windows",
+    "past_length",
+    "record_windows",
+    "windows_of",
     "positions_of",
+    "window_layer",
 ]
 
+#: the graph's metadata key of its sliding-window layers: ``{"layer": window}`` as JSON
+META_WINDOWS = "slimfx.kv_windows"
 PAST_KEY, PAST_VALUE = "past_key_", "past_value_"
 PRESENT_KEY, PRESENT_VALUE = "present_key_", "present_value_"
 MASK = "attention_mask"
@@ -183,18 +201,69 @@ def empty_past(config: Any, batch: int, length: int = 0, dtype=torch.float32) ->
     return [torch.zeros(batch, kv_heads, length, head_dim, dtype=dtype) for _ in range(2 * layers)]
 
 
+def window_layer(keys: Tensor, values: Tensor, window: int, seen: Any) -> Any:
+    """A traceable stand-in for transformers' ``DynamicSlidingWindowLayer`` holding ``keys`` /
+    ``values`` (at most the last ``window - 1`` of the ``seen`` tokens before the call): the
+    call attends over those and its own tokens, and the layer keeps the last ``window - 1``,
+    as transformers' does — in symbolic sizes, where transformers' layer branches in Python on
+    the length (a branch the trace would freeze at the example's)."""
+    return _window_layer_class()(keys, values, window, seen)
+
+
+@functools.cache
+def _window_layer_class() -> type:
+    from transformers.cache_utils import DynamicLayer
+
+    class WindowLayer(DynamicLayer):
+        is_sliding = True
+
+        def __init__(self, keys: Tensor, values: Tensor, window: int, seen: Any) -> None:
+            super().__init__()
+            self.keys, self.values, self.is_initialized = keys, values, True
+            self.dtype, self.device = keys.dtype, keys.device
+            self.sliding_window, self.seen = window, seen
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kw: Any):  # noqa: ANN202
+            k = torch.cat([self.keys, key_states], dim=-2)
+            v = torch.cat([self.values, value_states], dim=-2)
+            n = k.shape[-2]
+            start = torch.sym_max(n - (self.sliding_window - 1), 0)
+            self.keys, self.values = k.narrow(-2, start, n - start), v.narrow(-2, start, n - start)
+            return k, v
+
+        def get_seq_length(self) -> Any:
+            return self.seen
+
+        def get_mask_sizes(self, query: Any, *args: Any) -> tuple[Any, Any]:
+            # transformers passes the query length (5.2x) or the call's cache positions
+            q = query.shape[0] if isinstance(query, Tensor) else query
+            held = self.keys.shape[-2]
+            return held + q, self.seen - held
+
+    return WindowLayer
+
+
+def example_past_length(window: int | None) -> int:
+    """The export's example cache length of a layer: distinct for full and window layers (a
+    window layer holds fewer tokens than were seen, so its length is its own graph axis)."""
+    return 3 if window is None else 2
+
+
 class DecodeStep(nn.Module):
     """``(ids, k_0, v_0, …) → (logits, k'_0, v'_0, …)`` around a Hugging Face causal LM.
 
     The wrapped model sits under the attribute name ``wrap_name`` so that the export can strip
-    that prefix from module paths (site names stay those of the user's model).
+    that prefix from module paths (site names stay those of the user's model). A sliding-window
+    layer (``windows``: layer → window) keeps the last ``window - 1`` tokens, as transformers'
+    cache does (:func:`window_layer`); the others every token.
     """
 
-    def __init__(self, model: nn.Module, wrap_name: str) -> None:
+    def __init__(self, model: nn.Module, wrap_name: str, windows: dict[int, int]) -> None:
         super().__init__()
         self._wrap_name = wrap_name
         setattr(self, wrap_name, model)
         self.layers = cache_geometry(model.config)[0]
+        self.windows = dict(windows)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, past: Sequence[Tensor]
@@ -202,16 +271,75 @@ class DecodeStep(nn.Module):
         from transformers import DynamicCache
 
         model = getattr(self, self._wrap_name)
+        seq = input_ids.shape[1]
+        seen = attention_mask.shape[1] - seq  # tokens before the call
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)]
-        # full layers, not the config's sliding ones: a sliding layer crops itself in a Python
-        # branch the trace would freeze at the example's length; the mask applies the window
         cache = DynamicCache(ddp_cache_data=pairs)
-        kw = mask_kwargs(model, attention_mask, past[0].shape[2], input_ids.shape[1])
+        for i, window in self.windows.items():
+            cache.layers[i] = window_layer(past[2 * i], past[2 * i + 1], window, seen)
+        for i in range(self.layers):
+            if i not in self.windows:  # a full layer holds every token seen
+                torch._check(past[2 * i].shape[2] == seen)
+        kw = mask_kwargs(model, attention_mask, seen, seq)
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kw)
         present: list[Tensor] = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
+
+
+def model_windows(model: nn.Module) -> dict[int, int]:
+    """Layer → sliding window of ``model``'s layers whose cache keeps only its window."""
+    from slimfx.forms.kv.cache import sliding_layers
+
+    return sliding_layers(model.config.get_text_config(decoder=True))
+
+
+def record_windows(ir_model: Any, model: nn.Module) -> None:
+    """Write ``model``'s window layers into an exported graph's metadata (:data:`META_WINDOWS`)."""
+    ir_model.metadata_props[META_WINDOWS] = json.dumps(model_windows(model))
+
+
+def windows_of(session: Any) -> dict[int, int]:
+    """Layer → window of a decode-step graph's sliding-window layers (whose cache inputs hold
+    at most ``window - 1`` tokens), from its metadata; none in a graph exported before them
+    (its layers keep every token)."""
+    raw = session.get_modelmeta().custom_metadata_map.get(META_WINDOWS)
+    return {int(k): int(v) for k, v in json.loads(raw).items()} if raw else {}
+
+
+def past_length(
+    past_lengths: Sequence[int], windows: dict[int, int], mask_length: int | None, seq: int
+) -> int:
+    """Tokens before a step call, from each layer's cache length (``past_lengths``, one per
+    layer) and, where one is given, the length of the call's mask: a full layer holds all of
+    them (:func:`check_mask` then checks the mask against it); window layers alone say it only
+    until their windows are full (then the mask must). A ``ValueError`` when the layers
+    disagree, or the mask with window layers alone."""
+    full = sorted({n for i, n in enumerate(past_lengths) if i not in windows})
+    held = [(i, n, windows[i]) for i, n in enumerate(past_lengths) if i in windows]
+    if len(full) > 1:
+        raise ValueError(f"the cache's full layers hold different lengths {full}")
+    if full:
+        seen = full[0]
+    elif mask_length is not None:
+        seen = mask_length - seq
+    elif all(n < w - 1 for _, n, w in held):
+        return held[0][1]  # no window is full yet: each holds every token seen
+    else:
+        raise ValueError(
+            "every layer keeps a sliding window and it is full, so the cache does not say how "
+            "many tokens came before: pass attention_mask (batch, tokens so far + seq)"
+        )
+    for i, n, w in held:
+        if n != min(seen, w - 1):
+            why = (f"attention_mask has {mask_length} columns for a call of {seq}"
+                   if not full else f"the full layers hold {seen}")  # fmt: skip
+            raise ValueError(
+                f"layer {i} keeps a sliding window of {w} (the last {w - 1} tokens) and holds "
+                f"{n}, but {why} (it would hold {min(max(seen, 0), w - 1)})"
+            )
+    return seen
 
 
 def is_kv_graph(input_names: Sequence[str]) -> bool:

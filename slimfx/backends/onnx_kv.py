@@ -6,7 +6,10 @@
 - the **step graph** ``path``: ``input_ids (batch, seq)``, ``attention_mask (batch, cached +
   seq)`` (Hugging Face's padding mask, as in :mod:`slimfx.backends.onnx_decode`) and, per
   group ``j`` of layers
-  sharing a form (in the order of first appearance; one tensor per group, not per layer:
+  sharing a form and a sliding window (a ``kv_dense`` layer on a sliding window is grouped
+  apart and keeps the window's last ``window - 1`` tokens, as transformers' cache and
+  ``export_onnx``'s step do; the graph's metadata names such layers, ``onnx_decode.META_WINDOWS``)
+  (in the order of first appearance; one tensor per group, not per layer:
   ``torch.export`` and the ONNX translation slow down sharply with the number of dynamic
   inputs), the 16-bit window ``window_j`` ``(layers, 2, batch, kv_heads, W, head_dim)`` (keys
   at ``[:, 0]``, values at ``[:, 1]``) and, for a ``kv_quant`` group, its quantized store →
@@ -187,12 +190,17 @@ def dequantize_store(
     return k.flatten(-3, -2).to(dtype), v.flatten(-3, -2).to(dtype)
 
 
-def _groups(forms: Sequence[KVDecision]) -> list[tuple[KVDecision, list[int]]]:
-    """Layers grouped by form, in the order of first appearance: ``[(form, layers)]``."""
+def _groups(
+    forms: Sequence[KVDecision], windows: dict[int, int] | None = None
+) -> list[tuple[KVDecision, list[int]]]:
+    """Layers grouped by form and sliding window (``windows``: layer → window; such a group's
+    layers hold their window's last tokens, not every token), in the order of first
+    appearance: ``[(form, layers)]``."""
+    windows = windows or {}
     out: list[tuple[KVDecision, list[int]]] = []
     for i, f in enumerate(forms):
         for g, layers in out:
-            if g == f:
+            if g == f and windows.get(layers[0]) == windows.get(i):
                 layers.append(i)
                 break
         else:
@@ -240,11 +248,13 @@ class _Step(nn.Module):
     low-rank group with sinks, its sink buffer (few graph inputs: tracing time grows with
     them)."""
 
-    def __init__(self, model: nn.Module, forms: Sequence[KVDecision]) -> None:
+    def __init__(
+        self, model: nn.Module, forms: Sequence[KVDecision], windows: dict[int, int]
+    ) -> None:
         super().__init__()
         setattr(self, WRAP, model)
-        self.forms = list(forms)
-        self.groups = _groups(forms)
+        self.forms, self.windows = list(forms), dict(windows)
+        self.groups = _groups(forms, windows)
 
     def forward(
         self,
@@ -260,12 +270,16 @@ class _Step(nn.Module):
         layers: list[Any] = [None] * len(self.forms)
         stores, sinks = iter(stores), iter(sinks)
         positions = onnx_decode.positions_of(attention_mask)  # each cached token's and new
+        seen = attention_mask.shape[1] - input_ids.shape[1]
         for (f, idx), win in zip(self.groups, windows):
             st = [next(stores) for _ in _store_names(f)] or None
             sk = next(sinks) if _has_sink(f) else None
             for n, i in enumerate(idx):
                 one = None if st is None else [a[n] for a in st]
-                if isinstance(f, LATENT_FORMS):
+                if i in self.windows:  # 16-bit, its window's last tokens (export_onnx_kv)
+                    layers[i] = onnx_decode.window_layer(win[n][0], win[n][1], self.windows[i],
+                                                         seen)  # fmt: skip
+                elif isinstance(f, LATENT_FORMS):
                     layers[i] = ExportLatentLayer(win[n], one, None if sk is None else sk[n], f,
                                                   positions)  # fmt: skip
                 else:
@@ -281,6 +295,10 @@ class _Step(nn.Module):
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kw)
         present, present_sinks = [], []
         for (f, idx), win in zip(self.groups, windows):
+            if idx[0] in self.windows:  # the window layers cropped what they hold
+                present.append(torch.stack([torch.stack([layers[i].keys, layers[i].values])
+                                            for i in idx]))  # fmt: skip
+                continue
             new = torch.stack([layers[i].present() for i in idx])
             present.append(torch.cat([win, new], dim=-2))
             if _has_sink(f):
@@ -407,11 +425,12 @@ def export_onnx_kv(
         )
     _, H, D = onnx_decode.cache_geometry(model.config)
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    slide = onnx_decode.model_windows(model)
     for i, f in enumerate(forms):
-        why = f.check(AttentionShape(H * D, H, H, D))
+        why = f.check(AttentionShape(H * D, H, H, D, sliding_window=slide.get(i)))
         if why:
             raise OnnxExportError(f"layer {i}: {f.short()}: {why}")
-    groups = _groups(forms)
+    groups = _groups(forms, slide)
     # example sizes ≥ 2 (torch.export specializes axes of 0 and 1), each window longer than
     # its sink tokens (a window sliced at the sink would otherwise be specialized), the same
     # cached length in every group (window + NB blocks)
@@ -430,8 +449,9 @@ def export_onnx_kv(
                 stores += [_random(shape, dt) for shape, dt in latent_store_shapes(f, (L, B), n)]
             if _has_sink(f):
                 sinks.append(torch.randn(L, 2, B, H, f.sink, D, dtype=dtype))
-        else:
-            windows.append(torch.randn(L, 2, B, H, total - n, D, dtype=dtype))
+        else:  # a window group's own length: it holds fewer tokens than were seen
+            held = onnx_decode.example_past_length(slide[idx[0]]) if idx[0] in slide else total - n
+            windows.append(torch.randn(L, 2, B, H, held, D, dtype=dtype))
             win_shapes.append({2: AUTO, 4: AUTO})
             if isinstance(f, KVQuantConfig):
                 stores += [_random(sh, dt) for sh, dt in quant_store_shapes(f, (L, B, H), D, NB)]
@@ -444,7 +464,7 @@ def export_onnx_kv(
         tuple(store_shapes),
         tuple({2: AUTO} for _ in sinks),
     )
-    step = _Step(model, forms)
+    step = _Step(model, forms, slide)
     with eval_mode(model), torch.no_grad(), export_attention(model):
         program = torch.export.export(
             step,
@@ -462,7 +482,8 @@ def export_onnx_kv(
     for j, (f, _) in enumerate(groups):
         axes += [_store_axis_names(f, f"blocks_{j}")] * len(_store_names(f))
     axes += [(None, None, "batch")] * len(sinks)
-    meta = {META_KEY: json.dumps([f.to_dict() for f in forms]), META_GEOMETRY: json.dumps([H, D])}
+    meta = {META_KEY: json.dumps([f.to_dict() for f in forms]), META_GEOMETRY: json.dumps([H, D]),
+            onnx_decode.META_WINDOWS: json.dumps(slide)}
     graphs = [(program, path.name, ins, outs, _axis_names(program, len(ins), axes), meta)]
 
     flush_forms = [f for f, _ in groups if _store_names(f)]

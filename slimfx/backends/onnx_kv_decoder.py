@@ -4,7 +4,8 @@
 per group of layers sharing a form, the tokens that the torch cache layer's ``flush`` would
 move (``config.quantized_tokens(n)`` of the ``n`` cached tokens), runs the step, keeps the
 returned windows (and a low-rank group's sink buffer); ``generate`` decodes greedily, the
-prompt in chunks of ``prefill_chunk`` tokens. Layers in ``kv_dense`` keep a 16-bit window only,
+prompt in chunks of ``prefill_chunk`` tokens. Layers in ``kv_dense`` keep a 16-bit window only
+(on a sliding-window layer, the step graph keeps its last ``window - 1`` tokens there),
 ``kv_lowrank`` layers a latent window (and the sink buffer), the quantized forms a window and a
 store. Each flush graph must carry the form of its group (checked when the decoder opens it).
 """
@@ -85,7 +86,7 @@ class OrtKVDecoder:
         self.session = inference_session(self.path, threads)
         meta = self.session.get_modelmeta().custom_metadata_map  # not onnx.load: no 2nd copy
         self.forms: list[KVDecision] = [decision_from_dict(d) for d in json.loads(meta[META_KEY])]
-        self.groups = _groups(self.forms)
+        self.groups = _groups(self.forms, onnx_decode.windows_of(self.session))
         self.flush_sessions: dict[int, Any] = {}
         n = 0
         for j, (f, _) in enumerate(self.groups):

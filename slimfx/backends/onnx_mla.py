@@ -160,6 +160,8 @@ class LatentDecodeStep(nn.Module):
         self._wrap_name = wrap_name
         setattr(self, wrap_name, model)
         self.kinds = [_kind(blk.self_attn) for blk in _layers(model)]
+        # layers left on a sliding window keep its last tokens (MLA refuses such layers)
+        self.windows = onnx_decode.model_windows(model)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, past: Sequence[Tensor]
@@ -167,9 +169,10 @@ class LatentDecodeStep(nn.Module):
         from transformers.cache_utils import Cache, DynamicLayer
 
         model = getattr(self, self._wrap_name)
+        seen = attention_mask.shape[1] - input_ids.shape[1]  # tokens before the call
         layers: list[Any] = []
         k = 0
-        for kind in self.kinds:
+        for i, kind in enumerate(self.kinds):
             if kind == "mla8":
                 codes, rope, scales = past[k:k + 3]
                 k += 3
@@ -177,15 +180,20 @@ class LatentDecodeStep(nn.Module):
                 layer.lazy_initialization(rope, rope)
                 layer.latent_codes, layer.latent_scales = codes, scales
                 layer.keys, layer.values = codes, rope
+            elif kind == "kv" and i in self.windows:
+                layer = onnx_decode.window_layer(past[k], past[k + 1], self.windows[i], seen)
+                k += 2
             else:
                 a, b = past[k:k + 2]
                 k += 2
                 layer = DynamicLayer()
                 layer.lazy_initialization(a, b)
                 layer.keys, layer.values = a, b
+            if i not in self.windows:  # every other layer holds every token seen
+                torch._check(layer.keys.shape[2] == seen)
             layers.append(layer)
         cache = Cache(layers=layers)
-        kw = onnx_decode.mask_kwargs(model, attention_mask, past[0].shape[2], input_ids.shape[1])
+        kw = onnx_decode.mask_kwargs(model, attention_mask, seen, input_ids.shape[1])
         out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, **kw)
         present: list[Tensor] = []
         for kind, layer in zip(self.kinds, cache.layers):
@@ -405,9 +413,13 @@ def export_mla_onnx(
     ids = ids[None] if ids.dim() == 1 else ids
     ids = ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)  # no 0/1 axes
     layout = latent_cache_layout(model, dtype)
-    past = empty_latent_past(model, ids.shape[0], length=3, dtype=dtype)
-    mask = onnx_decode.example_mask(ids.shape[0], 3 + ids.shape[1])
     wrapped = LatentDecodeStep(model, WRAP)
+    past = empty_latent_past(model, ids.shape[0], length=3, dtype=dtype)
+    for k, c in enumerate(layout):  # a window layer's own length (onnx_decode)
+        w = wrapped.windows.get(_layer_of(c.name))
+        past[k] = past[k][:, :, : onnx_decode.example_past_length(w)]
+    mask = onnx_decode.example_mask(ids.shape[0], onnx_decode.example_past_length(None)
+                                    + ids.shape[1])  # fmt: skip
     auto = torch.export.Dim.AUTO
     shapes: Any = ({0: auto, 1: auto}, {0: auto, 1: auto}, tuple({0: auto, 2: auto} for _ in past))
     in_names = ["input_ids", onnx_decode.MASK, *(c.name for c in layout)]
@@ -427,7 +439,8 @@ def export_mla_onnx(
             )
     notes = densified_notes(_markers_by_site(onnx_prog.model))
     _fold_markers(onnx_prog.model.graph)
-    _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model))
+    _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model, wrapped.windows))
+    onnx_decode.record_windows(onnx_prog.model, model)
     def write(tmp: Path) -> None:  # weights beside it past the threshold (protobuf's 2 GB)
         save_graph(onnx_prog.model, tmp / path.name)
 
@@ -457,14 +470,22 @@ def export_mla_onnx(
     )
 
 
-def _axis_names(ir_model: Any) -> dict[str, str]:
-    """Symbol → readable name for the graph inputs' dynamic axes (batch, seq, past_seq)."""
+def _layer_of(name: str) -> int:
+    """The layer of a cache input (``past_key_3`` → 3)."""
+    return int(name.rsplit("_", 1)[1])
+
+
+def _axis_names(ir_model: Any, windows: dict[int, int]) -> dict[str, str]:
+    """Symbol → readable name for the graph inputs' dynamic axes (batch, seq, past_seq; a
+    sliding-window layer's past its own, as in ``export_onnx``)."""
     import onnx_ir as ir
 
     names: dict[str, str] = {}
     for k, v in enumerate(ir_model.graph.inputs):
+        w = windows.get(_layer_of(v.name)) if k > 1 else None
+        past = "past_seq" if w is None else f"window_{w}_past"
         axes = (("batch", "seq") if k == 0 else ("batch", "total") if k == 1
-                else ("batch", None, "past_seq", None))  # fmt: skip
+                else ("batch", None, past, None))  # fmt: skip
         if v.shape is not None and len(v.shape) != len(axes):
             continue
         for axis, dim in zip(axes, v.shape or ()):

@@ -52,6 +52,8 @@ class OrtModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.kv_cache = onnx_decode.is_kv_graph(self.input_names)
+        #: layer → sliding window of the step's layers that keep only their window
+        self.windows = onnx_decode.windows_of(self.session) if self.kv_cache else {}
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """All outputs for ``feeds`` (input name → array), as ``session.run`` returns them."""
@@ -67,7 +69,9 @@ class OrtModel:
         (``None``: empty, i.e. prefill). ``present`` is the next call's ``past``.
         ``attention_mask`` ``(batch, past_seq + seq)``: 1 for a token, 0 for padding, over
         the cached tokens and the call's — a padded batch passes it on every call (``None``:
-        no padding anywhere; the step keeps nothing between calls, ``generate`` carries it)."""
+        no padding anywhere; the step keeps nothing between calls, ``generate`` carries it).
+        A model whose every layer keeps a sliding window needs it once the windows are full
+        (``past_seq`` is then the tokens seen, more than the cache holds; ``self.windows``)."""
         if not self.kv_cache:
             raise ValueError(
                 f"{self.path.name} has no KV-cache inputs; export it with kv_cache=True"
@@ -83,8 +87,12 @@ class OrtModel:
                 )
             feeds = dict(zip(cache_names, past))
         feeds[self.input_names[0]] = arr
-        past_len = feeds[cache_names[0]].shape[2] if cache_names else 0
-        mask = onnx_decode.check_mask(attention_mask, arr.shape[0], past_len + arr.shape[1])
+        seq = arr.shape[1]
+        lengths = [feeds[n].shape[2] for n in cache_names  # each layer's (keys or latent)
+                   if n.startswith(onnx_decode.PAST_KEY)]
+        mask_len = None if attention_mask is None else np.shape(attention_mask)[-1]
+        past_len = onnx_decode.past_length(lengths, self.windows, mask_len, seq)
+        mask = onnx_decode.check_mask(attention_mask, arr.shape[0], past_len + seq)
         feeds.update(onnx_decode.mask_feed(self.input_names, mask, self.path.name))
         out = self.session.run(None, feeds)
         return out[0], out[1:]

@@ -281,7 +281,11 @@ def test_grouped_attention_equals_sdpa(rep, Tq, Tk, masked):
 def test_sliding_window_steps_past_the_window_match_the_full_forward(tmp_path, example_len):
     """transformers' sliding-window cache layer crops itself with a Python branch: traced at
     the example's length it froze one branch into the step graph (logits off by up to 0.3 past
-    the window). The step keeps every token and the mask applies the window."""
+    the window). The step's window layers crop in sizes instead: each keeps the last
+    ``window - 1`` tokens as transformers' cache does (ONNX Runtime held every token before),
+    from prompts inside and beyond the window, and the logits are the full forward's. Once
+    every layer's window is full the cache no longer says how many tokens came before: a step
+    without the mask is refused, not run at the wrong positions."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -292,12 +296,25 @@ def test_sliding_window_steps_past_the_window_match_the_full_forward(tmp_path, e
     ids = torch.randint(0, 256, (1, 28), generator=torch.Generator().manual_seed(5))
     export_onnx(model, tmp_path / "swa.onnx", (ids[:, :example_len],), kv_cache=True)
     om = ort_session(str(tmp_path / "swa.onnx"))
+    assert om.windows == {0: 16, 1: 16}
     with torch.no_grad():
         full = model(ids, use_cache=False).logits.numpy()
-    logits, past = om.step(ids[:, :6])
-    for t in range(6, 28):
-        logits, past = om.step(ids[:, t : t + 1], past)
-        np.testing.assert_allclose(logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
+    for prompt in (6, 20):
+        logits, past = om.step(ids[:, :prompt])
+        np.testing.assert_allclose(logits[0], full[0, :prompt], atol=2e-5, rtol=1e-4)
+        assert [p.shape[2] for p in past] == [min(prompt, 15)] * 4
+        for t in range(prompt, 28):
+            mask = np.ones((1, t + 1), np.int64)
+            logits, past = om.step(ids[:, t : t + 1], past, attention_mask=mask)
+            np.testing.assert_allclose(logits[:, -1], full[:, t], atol=2e-5, rtol=1e-4)
+            assert past[0].shape[2] == min(t + 1, 15)
+    with pytest.raises(ValueError, match="sliding window and it is full.*pass attention_mask"):
+        om.step(ids[:, :1], past)
+    with pytest.raises(ValueError, match="layer 0 keeps a sliding window of 16 .*holds 15, "
+                       "but attention_mask has 10 columns for a call of 1"):  # fmt: skip
+        om.step(ids[:, :1], past, attention_mask=np.ones((1, 10), np.int64))
+    _, early = om.step(ids[:, :5])  # windows not yet full: the cache says 5 came before
+    assert om.step(ids[:, 5:6], early)[1][0].shape[2] == 6
 
 
 def test_gemma2_soft_cap_and_sliding_window_under_padding(tmp_path):
@@ -334,8 +351,10 @@ def test_gemma2_soft_cap_and_sliding_window_under_padding(tmp_path):
     assert (ref - uncapped).abs().numpy()[real].max() > 1e-2  # the cap matters here
     export_onnx(model, tmp_path / "g2.onnx", (ids[:1, :4],), kv_cache=True)
     om = ort_session(tmp_path / "g2.onnx", threads=1)
-    got = om.step(ids, attention_mask=mask)[0]
+    got, present = om.step(ids, attention_mask=mask)
     np.testing.assert_allclose(got[real], ref.numpy()[real], atol=ATOL, rtol=0)
+    # the sliding layer 0 keeps its window's last 3 tokens, the global layer 1 all 9
+    assert om.windows == {0: 4} and [p.shape[2] for p in present] == [3, 3, 9, 9]
     assert torch.equal(om.generate(ids, 6, attention_mask=mask), want)
 
 

@@ -58,6 +58,7 @@ __all__ = [
     "QuantizedLatentLayer",
     "KVCache",
     "layer_for",
+    "sliding_layers",
     "kv_forms_of",
     "KV_FORM_ATTR",
     "CACHE_KWARGS",
@@ -483,6 +484,19 @@ def _layer_types(config: Any, n: int) -> tuple[list[str], list[int | None]]:
     return types, wins
 
 
+def sliding_layers(config: Any) -> dict[int, int]:
+    """Decoder layer → sliding window, for the layers whose cache transformers crops to the
+    window (``DynamicSlidingWindowLayer``: the last ``window - 1`` tokens); none where the
+    window never binds (``ir.find.unbound_window``). ``config``: the decoder's."""
+    from slimfx.ir.find import unbound_window
+
+    if unbound_window(config) is not None:
+        return {}
+    types, windows = _layer_types(config, int(config.num_hidden_layers))
+    return {i: int(w) for i, (t, w) in enumerate(zip(types, windows))
+            if t == "sliding_attention" and w is not None}  # fmt: skip
+
+
 def layer_for(form: KVDecision) -> DynamicLayer:
     """A fresh cache layer for one decoder layer in ``form``."""
     if isinstance(form, KVDenseConfig):
@@ -524,8 +538,8 @@ class KVCache(Cache):
             form = kv_forms_of(model)
         config = model.config.get_text_config(decoder=True)
         n = config.num_hidden_layers
-        types, windows = _layer_types(config, n)
-        forms, sliding = [], []
+        types, _ = _layer_types(config, n)
+        forms = []
         for i in range(n):
             f = form.get(i, default or KVDenseConfig()) if isinstance(form, dict) else form
             if types[i] != "full_attention" and unbound_window(config) is None:
@@ -533,12 +547,10 @@ class KVCache(Cache):
                     raise ValueError(
                         f"layer {i} is {types[i]!r}: {f.kind} supports full attention only"
                     )
-                if windows[i] is not None:
-                    sliding.append(i)
             forms.append(f)
         cache = cls(forms)
-        for i in sliding:
-            cache.layers[i] = DynamicSlidingWindowLayer(sliding_window=windows[i])
+        for i, window in sliding_layers(config).items():
+            cache.layers[i] = DynamicSlidingWindowLayer(sliding_window=window)
         return cache
 
     def nbytes(self) -> int:

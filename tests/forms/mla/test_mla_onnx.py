@@ -221,3 +221,28 @@ def test_refuses_unconverted_and_bf16_models(tmp_path):
     with pytest.raises(OnnxExportError, match="bfloat16"):
         export_mla_onnx(model.to(torch.bfloat16), tmp_path / "b.onnx", _prompt())
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_a_sliding_layer_left_unconverted_keeps_its_window(tmp_path):
+    """A Qwen2 whose second layer attends over a sliding window of 4 (MLA refuses such a
+    layer): the first converted, the second keeps its keys and values — only the last 3
+    tokens in ONNX Runtime, as transformers' sliding cache layer does (the graph held every
+    token before) — and every step's logits past the window are torch's."""
+    import transformers as tf
+
+    cfg = tf.Qwen2Config(hidden_size=96, num_attention_heads=6, num_key_value_heads=3,
+                         intermediate_size=128, num_hidden_layers=2, vocab_size=256,
+                         use_sliding_window=True, sliding_window=4,
+                         layer_types=["full_attention", "sliding_attention"])  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Qwen2ForCausalLM(cfg).eval()
+    convert_model(model, {0: MLAConfig(rank=12, rope_pairs=2)}, calib_batches())
+    assert [isinstance(b.self_attn, MLAAttention) for b in model.model.layers] == [True, False]
+    prompt = _prompt(batch=2, length=7)
+    res = export_mla_onnx(model, tmp_path / "m.onnx", prompt)
+    sess = latent_ort_session(res.path, threads=1)
+    assert sess.windows == {1: 4}
+    ort_logits, ort_tokens, past = _ort_steps(sess, prompt)
+    assert past[0].shape[2] == 7 + STEPS - 1 and past[2].shape[2] == 3  # latent; window
+    torch.testing.assert_close(ort_logits, _torch_steps(model, prompt, ort_tokens), atol=ATOL,
+                               rtol=0)

@@ -18,6 +18,12 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def calib_tokens(n: int = 6, length: int = 32, seed: int = 0, vocab: int = 256) -> list[torch.Tensor]:
+    """``n`` random (1, ``length``) token batches (a tiny model's calibration)."""
+    g = gen(seed)
+    return [torch.randint(0, vocab, (1, length), generator=g) for _ in range(n)]
+
+
 def correlated_gram(
     in_f: int, n: int = 1024, seed: int = 0, channel_spread: float = 0.5
 ) -> torch.Tensor:

@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import calib_tokens as _calib
 
 import slimfx
 from slimfx.cost.target import estimate_latency
 from slimfx.ir.modules import SlimLinear
 from slimfx.planning.configs import DenseConfig, LowRankConfig, QuantConfig, Sparse24Config
 from slimfx.planning.shapes import LinearShape
-
-
-def _calib(n: int = 6, length: int = 32, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 256, (1, length), generator=g) for _ in range(n)]
 
 
 def _packed(model: torch.nn.Module) -> list[str]:

@@ -10,6 +10,14 @@ import torch
 from torch import nn
 
 
+def opt(model: nn.Module, calib: list, **kw) -> nn.Module:
+    """``slimfx.optimize`` quietly at 0.6 (``budget=`` to change) over int8 by default."""
+    import slimfx
+
+    kw.setdefault("families", ("int8",))
+    return slimfx.optimize(model, kw.pop("budget", 0.6), calibration=calib, progress=False, **kw)
+
+
 def mlp(seed: int = 0, widths: tuple[int, ...] = (32, 64, 16)) -> nn.Sequential:
     """A seeded Linear-ReLU stack in eval mode; the global RNG is left alone."""
     g = torch.Generator().manual_seed(seed)

@@ -1,12 +1,15 @@
 """`make demo`: optimize SmolLM2-135M on real news text under one budget, print the report
 and the perplexity before and after, write the plot, and export the result to ONNX with its
-KV-cache decode step, run in onnxruntime.
+KV-cache decode step, run in onnxruntime; then the same weights budget with the KV cache in it
+(`Budget(memory=…, kv=…, context=8192)`): the cache form the solver picks per layer, the
+perplexity, and the cache measured after a 2048-token prompt.
 
-    python examples/demo.py [--budget 0.3] [--families lowrank,int8,int4,int4_gptq]
-                            [--out out/demo] [--no-fisher] [--no-onnx]
+    python examples/demo.py [--budget 0.3] [--kv 0.25] [--families lowrank,int8,int4,int4_gptq]
+                            [--out out/demo] [--no-fisher] [--no-onnx] [--no-kv]
 
 The budget is a fraction of the linears' bytes at 16 bits per weight (0.3 ≈ 4.8 bits/weight,
-scales and zero points counted); the solver mixes the families per layer.
+scales and zero points counted); the solver mixes the families per layer. ``--kv`` is a
+fraction of the 16-bit cache's bytes at 8192 tokens.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def main() -> None:
     ap.add_argument("--out", default="out/demo")
     ap.add_argument("--no-fisher", action="store_true", help="unweighted error (faster)")
     ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    ap.add_argument("--kv", type=float, default=0.25, help="KV-cache budget (fraction)")
+    ap.add_argument("--no-kv", action="store_true", help="skip the KV-cache part (~3 min)")
     a = ap.parse_args()
     torch.manual_seed(0)
 
@@ -101,6 +106,42 @@ def main() -> None:
         extras={"report.md": lambda p: p.write_text(rep.to_markdown()), "report.png": rep.plot},
     )
     print(f"wrote {save_dir}/: report.md, report.json, plan.json, report.png, slimfx.safetensors")
+    if not a.no_kv:
+        kv_cache(model, tok, calib, held, a, prompt, p1)
+
+
+def kv_cache(model, tok, calib, held, a, prompt, p_weights) -> None:  # noqa: ANN001
+    """The weights budget with the KV cache in it: the cache forms per layer, the perplexity,
+    greedy tokens with the cache held compressed, and the cache measured after a long prompt."""
+    from slimfx.forms.kv.cache import KVCache
+
+    t0 = time.perf_counter()
+    budget = slimfx.Budget(memory=a.budget, kv=a.kv, context=8192)
+    both = slimfx.optimize(model, budget, calibration=calib,
+                           families=tuple(a.families.split(",")), fisher=not a.no_fisher)  # fmt: skip
+    print(f"\nweights and KV cache under one budget (memory={a.budget}, kv={a.kv}, "
+          f"context=8192): optimize {time.perf_counter() - t0:.1f} s")
+    for line in str(slimfx.report_of(both)).splitlines():
+        if line.startswith(("slimfx:", "KV cache")):
+            print(line)
+    p = perplexity(both, held)
+    print(f"perplexity: {p:.2f} (weights alone {p_weights:.2f}; {held.shape[1]}-token windows "
+          "read part of their past from the 16-bit window and sinks, so a long context loses "
+          "more: benchmarks/kv_mix.py --steady)")
+    out = both.generate(prompt, max_new_tokens=20, do_sample=False)
+    print("generate() with the compressed cache:", tok.decode(out[0], skip_special_tokens=True))
+    long = heldout_windows(tok, name="lee", n=1, seq_len=2048)
+    held_mb = {}
+    for name, m in (("dense", model), ("slimfx", both)):
+        cache = KVCache.for_model(m)  # what generate() holds (the forms the model carries)
+        with torch.no_grad():  # the prompt, then one token: a step moves full blocks to the store
+            nxt = m(input_ids=long, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            m(input_ids=nxt, past_key_values=cache, use_cache=True)
+        held_mb[name] = cache.nbytes() / 2**20
+    print(f"KV cache after a {long.shape[1]}-token prompt and a token (fp32 model): "
+          f"{held_mb['dense']:.1f} MB → {held_mb['slimfx']:.1f} MB "
+          f"({held_mb['slimfx'] / held_mb['dense']:.2f}×; the tokens of a block not yet full "
+          "stay in the model's precision)")
 
 
 def padded_batch(small, ort_model, tok) -> None:  # noqa: ANN001

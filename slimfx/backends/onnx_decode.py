@@ -57,10 +57,10 @@ __all__ = [
     "mask_kwargs",
     "model_windows",
     "past_length",
-    "record_windows",
-    "windows_of",
     "positions_of",
+    "record_windows",
     "window_layer",
+    "windows_of",
 ]
 
 #: the graph's metadata key of its sliding-window layers: ``{"layer": window}`` as JSON
@@ -235,7 +235,7 @@ def _window_layer_class() -> type:
             return self.seen
 
         def get_mask_sizes(self, query: Any, *args: Any) -> tuple[Any, Any]:
-            # transformers passes the query length (5.2x) or the call's cache positions
+            # transformers 5 passes the query length; earlier versions the cache positions
             q = query.shape[0] if isinstance(query, Tensor) else query
             held = self.keys.shape[-2]
             return held + q, self.seen - held
@@ -320,8 +320,8 @@ def past_length(
     held = [(i, n, windows[i]) for i, n in enumerate(past_lengths) if i in windows]
     if len(full) > 1:
         raise ValueError(f"the cache's full layers hold different lengths {full}")
-    if full:
-        seen = full[0]
+    if full or not held:
+        seen = full[0] if full else 0
     elif mask_length is not None:
         seen = mask_length - seq
     elif all(n < w - 1 for _, n, w in held):

@@ -426,3 +426,22 @@ def test_gpt_oss_learned_sinks_are_in_the_step_graph(tmp_path):
     got = om.step(ids, attention_mask=mask)[0]
     np.testing.assert_allclose(got[real], ref.logits.numpy()[real], atol=ATOL, rtol=0)
     assert torch.equal(om.generate(ids, 6, attention_mask=mask), want)
+
+
+def test_past_length_reads_the_tokens_seen_from_full_layers_or_the_mask():
+    """The step's tokens before the call: a full layer's length; with window layers alone,
+    their length until a window is full, then the mask's; a window layer holding other than
+    its window's share of them is named."""
+    from slimfx.backends.onnx_decode import past_length
+
+    assert past_length([5, 5], {}, None, 1) == 5
+    assert past_length([3, 7], {0: 4}, None, 1) == 7  # layer 0 holds its window's last 3
+    assert past_length([2, 2], {0: 4, 1: 4}, None, 1) == 2  # windows not full yet
+    assert past_length([3, 3], {0: 4, 1: 4}, 10, 1) == 9  # full: the mask says 9
+    with pytest.raises(ValueError, match="sliding window and it is full.*pass attention_mask"):
+        past_length([3, 3], {0: 4, 1: 4}, None, 1)
+    with pytest.raises(ValueError, match=r"layer 0 keeps a sliding window of 4 \(the last 3 "
+                       r"tokens\) and holds 2, but the full layers hold 7 \(it would hold 3\)"):
+        past_length([2, 7], {0: 4}, None, 1)
+    with pytest.raises(ValueError, match="full layers hold different lengths"):
+        past_length([5, 6], {}, None, 1)

@@ -330,10 +330,9 @@ def _export_decode_step(
         ph = [n for n in program.graph.nodes if n.op == "placeholder"][-len(in_names):]
         for i, node in enumerate(ph):
             val = node.meta.get("val")
-            layer = (i - 2) // 2
-            past_axis = f"window_{windows[layer]}_past" if layer in windows else "past_seq"
+            past = onnx_decode.past_axis(windows.get((i - 2) // 2))
             axes = (("batch", "seq") if i == 0 else ("batch", "total") if i == 1
-                    else ("batch", None, past_axis, None))  # fmt: skip
+                    else ("batch", None, past, None))  # fmt: skip
             for axis, dim in zip(axes, () if val is None else val.shape):
                 if axis and isinstance(dim, torch.SymInt):
                     names.setdefault(str(dim), axis)

@@ -56,6 +56,7 @@ __all__ = [
     "mask_feed",
     "mask_kwargs",
     "model_windows",
+    "past_axis",
     "past_length",
     "positions_of",
     "record_windows",
@@ -241,6 +242,12 @@ def _window_layer_class() -> type:
             return held + q, self.seen - held
 
     return WindowLayer
+
+
+def past_axis(window: int | None) -> str:
+    """The name of a cache input's length axis: ``past_seq`` (every token seen), a window
+    layer's ``window_<W>_past`` (its own size: ONNX Runtime takes equal names for equal sizes)."""
+    return "past_seq" if window is None else f"window_{window}_past"
 
 
 def example_past_length(window: int | None) -> int:

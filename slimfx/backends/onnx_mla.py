@@ -482,8 +482,7 @@ def _axis_names(ir_model: Any, windows: dict[int, int]) -> dict[str, str]:
 
     names: dict[str, str] = {}
     for k, v in enumerate(ir_model.graph.inputs):
-        w = windows.get(_layer_of(v.name)) if k > 1 else None
-        past = "past_seq" if w is None else f"window_{w}_past"
+        past = onnx_decode.past_axis(windows.get(_layer_of(v.name)) if k > 1 else None)
         axes = (("batch", "seq") if k == 0 else ("batch", "total") if k == 1
                 else ("batch", None, past, None))  # fmt: skip
         if v.shape is not None and len(v.shape) != len(axes):

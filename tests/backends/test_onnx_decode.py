@@ -297,6 +297,7 @@ def test_sliding_window_steps_past_the_window_match_the_full_forward(tmp_path, e
     export_onnx(model, tmp_path / "swa.onnx", (ids[:, :example_len],), kv_cache=True)
     om = ort_session(str(tmp_path / "swa.onnx"))
     assert om.windows == {0: 16, 1: 16}
+    assert [i.shape[2] for i in om.session.get_inputs()[2:]] == ["window_16_past"] * 4
     with torch.no_grad():
         full = model(ids, use_cache=False).logits.numpy()
     for prompt in (6, 20):
@@ -355,6 +356,8 @@ def test_gemma2_soft_cap_and_sliding_window_under_padding(tmp_path):
     np.testing.assert_allclose(got[real], ref.numpy()[real], atol=ATOL, rtol=0)
     # the sliding layer 0 keeps its window's last 3 tokens, the global layer 1 all 9
     assert om.windows == {0: 4} and [p.shape[2] for p in present] == [3, 3, 9, 9]
+    assert [i.shape[2] for i in om.session.get_inputs()[2:]] == (["window_4_past"] * 2
+                                                                 + ["past_seq"] * 2)  # fmt: skip
     assert torch.equal(om.generate(ids, 6, attention_mask=mask), want)
 
 

@@ -5,7 +5,8 @@ caches on layers 0 and 3 and 16-bit caches on the sliding layer and on layer 2 �
 one form that hold different tokens. The step graph's window layer keeps
 the last ``window - 1`` tokens, as transformers' sliding cache layer does — ONNX Runtime held
 every token there before — and every call's logits stay torch's, unpadded and left-padded,
-across steps well past the window. A compressed form on the sliding layer is refused.
+across steps well past the window. A compressed form on the sliding layer is refused; a model
+optimized under a KV budget exports and generates its own tokens in ONNX Runtime.
 """
 
 from __future__ import annotations
@@ -82,3 +83,36 @@ def test_a_compressed_form_on_the_sliding_layer_is_refused(tmp_path):
                        r"\(window 6\) is not supported"):  # fmt: skip
         export_onnx_kv(model, tmp_path / "x.onnx", _INT4)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_optimize_with_a_kv_budget_then_onnx_runtime_generates_its_tokens(tmp_path):
+    """The user's path on a model mixing sliding and full layers: ``optimize`` with a KV
+    budget compresses the full layers only (the sliding ones keep their 16-bit window, priced
+    at it), ``export_onnx_kv`` exports what the model carries, and ONNX Runtime — a left-padded
+    batch, the prompt in chunks — generates HF ``generate()``'s tokens, the sliding layers
+    holding their window."""
+    import slimfx
+
+    cfg = tf.Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, use_sliding_window=True, sliding_window=8,
+                         layer_types=["sliding_attention", "full_attention"] * 2)  # fmt: skip
+    torch.manual_seed(0)
+    model = tf.Qwen2ForCausalLM(cfg).eval()
+    model.generation_config.eos_token_id = None
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randint(0, 256, (1, 64), generator=g) for _ in range(6)]
+    small = slimfx.optimize(model, slimfx.Budget(kv=0.4, context=128), calibration=calib,
+                            progress=False)  # fmt: skip
+    res = export_onnx_kv(small, tmp_path / "q.onnx")
+    assert [f.kind for f in res.forms][::2] == ["kv_dense", "kv_dense"]  # the sliding layers
+    assert all(f.kind != "kv_dense" for f in res.forms[1::2])
+    dec = OrtKVDecoder(res.path, threads=1)
+    ids = torch.randint(1, 256, (2, 20), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    want = small.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False,
+                          pad_token_id=0)  # fmt: skip
+    got = dec.generate(ids, 16, attention_mask=mask, pad_token_id=0, prefill_chunk=7)
+    assert torch.equal(got, want)  # torch in, torch out
+    assert dec.layer_window(0)[0].shape[2] == dec.layer_window(2)[0].shape[2] == 7

@@ -309,10 +309,9 @@ def _export_decode_step(
     ids = _example_ids(args, dynamic, "kv_cache=True exports the decode step")
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     windows = onnx_decode.model_windows(model)
-    past = onnx_decode.empty_past(model.config, ids.shape[0], dtype=dtype)
-    for i in range(len(past)):
-        n = onnx_decode.example_past_length(windows.get(i // 2))
-        past[i] = past[i].new_zeros(*past[i].shape[:2], n, past[i].shape[3])
+    past = onnx_decode.empty_past(model.config, ids.shape[0], length=3, dtype=dtype)
+    for i in range(len(past)):  # a window layer's own length
+        past[i] = past[i][:, :, : onnx_decode.example_past_length(windows.get(i // 2))]
     mask = onnx_decode.example_mask(ids.shape[0], onnx_decode.example_past_length(None)
                                     + ids.shape[1])  # fmt: skip
     wrapped = onnx_decode.DecodeStep(model, WRAP, windows)
@@ -428,7 +427,8 @@ class _Export:
             )
         self.ir_model = prog.model
         if self.kv_cache:  # the step's window layers, for the drivers (onnx_decode.windows_of)
-            onnx_decode.record_windows(self.ir_model, self.model)
+            windows = onnx_decode.model_windows(self.model)
+            self.ir_model.metadata_props.update(onnx_decode.windows_meta(windows))
         return PassResult("to_onnx", True)
 
     def fold_markers(self, opts: dict) -> PassResult:

@@ -59,8 +59,8 @@ __all__ = [
     "past_axis",
     "past_length",
     "positions_of",
-    "record_windows",
     "window_layer",
+    "windows_meta",
     "windows_of",
 ]
 
@@ -302,9 +302,10 @@ def model_windows(model: nn.Module) -> dict[int, int]:
     return sliding_layers(model.config.get_text_config(decoder=True))
 
 
-def record_windows(ir_model: Any, model: nn.Module) -> None:
-    """Write ``model``'s window layers into an exported graph's metadata (:data:`META_WINDOWS`)."""
-    ir_model.metadata_props[META_WINDOWS] = json.dumps(model_windows(model))
+def windows_meta(windows: dict[int, int]) -> dict[str, str]:
+    """The graph metadata naming a step's window layers (:data:`META_WINDOWS`; read back by
+    :func:`windows_of`)."""
+    return {META_WINDOWS: json.dumps(windows)}
 
 
 def windows_of(session: Any) -> dict[int, int]:

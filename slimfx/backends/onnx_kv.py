@@ -483,7 +483,7 @@ def export_onnx_kv(
         axes += [_store_axis_names(f, f"blocks_{j}")] * len(_store_names(f))
     axes += [(None, None, "batch")] * len(sinks)
     meta = {META_KEY: json.dumps([f.to_dict() for f in forms]), META_GEOMETRY: json.dumps([H, D]),
-            onnx_decode.META_WINDOWS: json.dumps(slide)}
+            **onnx_decode.windows_meta(slide)}
     graphs = [(program, path.name, ins, outs, _axis_names(program, len(ins), axes), meta)]
 
     flush_forms = [f for f, _ in groups if _store_names(f)]

@@ -440,7 +440,7 @@ def export_mla_onnx(
     notes = densified_notes(_markers_by_site(onnx_prog.model))
     _fold_markers(onnx_prog.model.graph)
     _rename_axes(onnx_prog.model, _axis_names(onnx_prog.model, wrapped.windows))
-    onnx_decode.record_windows(onnx_prog.model, model)
+    onnx_prog.model.metadata_props.update(onnx_decode.windows_meta(wrapped.windows))
     def write(tmp: Path) -> None:  # weights beside it past the threshold (protobuf's 2 GB)
         save_graph(onnx_prog.model, tmp / path.name)
 

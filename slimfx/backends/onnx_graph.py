@@ -4,9 +4,10 @@ file bytes). Used by ``slimfx.backends.onnx.export_onnx``'s pipeline."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,35 @@ def inside_save_notes(path: Path) -> list[str]:
         f"{path.name} is inside the slimfx save {path.parent}: a later slimfx.save there "
         "replaces the whole folder, this export included — keep exports beside it"
     ]
+
+
+@contextlib.contextmanager
+def linear_time_rewrites() -> Iterator[None]:
+    """Within the block, the exporter's optimizer (``torch.onnx.export(optimize=True)``: the
+    onnxscript rewriter's default rules) runs without its rules of several output nodes: those
+    are matched by trying each candidate node against every node of the graph (``SlicesSplit``:
+    two ``Slice`` of one tensor → a ``Split``), quadratic in the graph's size — on a 30-layer
+    decode step with a low-rank KV cache most of the export's time. The graph only keeps such
+    slices apart. Left as it is where the onnxscript version has no such rule list."""
+    try:
+        from onnxscript import rewriter
+    except ImportError:  # pragma: no cover - the exports need onnxscript anyway
+        yield
+        return
+    rules = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if not isinstance(rules, tuple):
+        yield
+        return
+
+    def single_output(rule: Any) -> bool:
+        pattern = getattr(rule, "_target_pattern", None)
+        return len(getattr(pattern, "output_nodes", ())) <= 1
+
+    rewriter._DEFAULT_REWRITE_RULES = tuple(r for r in rules if single_output(r))
+    try:
+        yield
+    finally:
+        rewriter._DEFAULT_REWRITE_RULES = rules
 
 
 #: weights above this many bytes go to ``<file>.data`` (protobuf's limit is 2 GB)

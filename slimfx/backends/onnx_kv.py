@@ -52,10 +52,11 @@ drives the graphs in ONNX Runtime.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ from transformers.cache_utils import DynamicLayer
 
 from slimfx.backends import onnx_decode, onnx_ops
 from slimfx.backends.onnx_attention import export_attention
+from slimfx.backends.onnx_branches import lazy_branches
 from slimfx.backends.onnx_graph import (
     WRAP,
     OnnxExportError,
@@ -76,6 +78,7 @@ from slimfx.backends.onnx_graph import (
     densified_notes,
     export_path,
     inside_save_notes,
+    linear_time_rewrites,
     save_graph,
     write_files,
 )
@@ -92,7 +95,7 @@ from slimfx.backends.onnx_kv_latent import (
 )
 from slimfx.forms.kv.cache import kv_forms_of
 from slimfx.forms.kv.config import KVDecision, KVDenseConfig, KVLatentQuantConfig, KVQuantConfig
-from slimfx.forms.kv.lowrank import LowRankKVAttention
+from slimfx.forms.kv.lowrank import LowRankKVAttention, onnx_branches
 from slimfx.ir.capture import eval_mode
 from slimfx.planning.shapes import AttentionShape
 
@@ -360,23 +363,37 @@ def _to_onnx(
     meta: dict[str, str],
 ) -> list[str]:
     """Write one graph; returns the notes of the sites it exports dense (``densified_notes``)."""
-    prog = torch.onnx.export(
-        program,
-        (),
-        dynamo=True,
-        custom_translation_table=onnx_ops.translation_table(),
-        input_names=ins,
-        output_names=outs,
-        optimize=True,
-        verbose=False,
-    )
+    with linear_time_rewrites():
+        prog = torch.onnx.export(
+            program,
+            (),
+            dynamo=True,
+            custom_translation_table=onnx_ops.translation_table(),
+            input_names=ins,
+            output_names=outs,
+            optimize=True,
+            verbose=False,
+        )
     model = prog.model
+    lazy_branches(model)
     notes = densified_notes(_markers_by_site(model))
     _fold_markers(model.graph)
     _rename_axes(model, axes)
     model.metadata_props.update(meta)
     save_graph(model, path)  # weights beside it past the threshold (protobuf's 2 GB)
     return notes
+
+
+@contextlib.contextmanager
+def step_tracing() -> Iterator[None]:
+    """How the step graph is traced (``benchmarks/onnx_export_time.py`` times it against a
+    ``torch.cond`` traced with the fake-tensor cache on): a low-rank layer's two paths as plain
+    code picked by ``slimfx::one_token_or`` (:func:`~slimfx.forms.kv.lowrank.onnx_branches`;
+    the ``If`` is made after the export, :mod:`slimfx.backends.onnx_branches`), and
+    fake-tensor caching off — with this many symbolic sizes a cache hit rebuilds its output's
+    symbolic strides, slower than running the op's meta function again."""
+    with onnx_branches(), torch._dynamo.config.patch(fake_tensor_cache_enabled=False):
+        yield
 
 
 def _axis_names(program: Any, n_inputs: int, axes: Sequence[Sequence[str | None]]) -> dict:
@@ -465,7 +482,7 @@ def export_onnx_kv(
         tuple({2: AUTO} for _ in sinks),
     )
     step = _Step(model, forms, slide)
-    with eval_mode(model), torch.no_grad(), export_attention(model):
+    with eval_mode(model), torch.no_grad(), export_attention(model), step_tracing():
         program = torch.export.export(
             step,
             (ids, mask, tuple(windows), tuple(stores), tuple(sinks)),

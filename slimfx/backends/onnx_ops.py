@@ -6,6 +6,9 @@
     slimfx::quant_lowrank_linear(…)              → MatMulNBits(x, …) + MatMul(MatMul(x, Vᵀ), Uᵀ)
     slimfx::sparse24_lowrank_linear(…)           → MatMul(x, (S + U·V)ᵀ) [+ Add b] (densified)
     slimfx::dequant_rows(codes, scale)           → DequantizeLinear(codes, scale, axis=0)
+    slimfx::one_token_or(length, one, more)      → slimfx.branch::OneTokenOr(length == 1, one, more)
+                                                   (made an ``If`` after the export:
+                                                   :mod:`slimfx.backends.onnx_branches`)
 
 Each form names its op's translation (``slimfx.forms``: ``Form.onnx_translation``); an op
 whose form has none is not in the table, and the export refuses it with the form's reason. The
@@ -51,6 +54,7 @@ from slimfx.formats import dequantize as dequantize_weight
 
 __all__ = [
     "FOLD_DOMAIN",
+    "BRANCH_DOMAIN",
     "MSFT_DOMAIN",
     "translations",
     "FOLDERS",
@@ -61,6 +65,7 @@ __all__ = [
 ]
 
 FOLD_DOMAIN = "slimfx.fold"
+BRANCH_DOMAIN = "slimfx.branch"
 MSFT_DOMAIN = "com.microsoft"
 
 #: Options read by the translations while one export runs (set by :func:`accuracy_level`).
@@ -87,7 +92,7 @@ def accuracy_level(level: int) -> Iterator[None]:
 
 _TYPES = [
     f"tensor({t})"
-    for t in ("float", "float16", "bfloat16", "double", "uint8", "int8", "int32", "int64")
+    for t in ("float", "float16", "bfloat16", "double", "uint8", "int8", "int32", "int64", "bool")
 ]
 _ATTR = {int: OpSchema.AttrType.INT, str: OpSchema.AttrType.STRING}
 
@@ -237,8 +242,21 @@ def dequant_rows_onnx(codes: Any, scale: Any) -> Any:
     return op.DequantizeLinear(codes, scale, axis=0)
 
 
+_ONE_TOKEN_OR = _schema(BRANCH_DOMAIN, "OneTokenOr", [("cond", False), ("one", False),
+                                                      ("more", False)], {})  # fmt: skip
+
+
+def one_token_or_onnx(length: Any, one: Any, more: Any) -> Any:
+    """A marker node of ``slimfx.branch`` over ``length == 1``; the export replaces it by an
+    ``If`` (:func:`slimfx.backends.onnx_branches.lazy_branches`)."""
+    return _ONE_TOKEN_OR(op.Equal(length, op.Constant(value_int=1)), one, more)
+
+
 #: slimfx ops that belong to no linear form, with their translations
-_OTHER_TRANSLATIONS: dict[str, Callable[..., Any]] = {"dequant_rows": dequant_rows_onnx}
+_OTHER_TRANSLATIONS: dict[str, Callable[..., Any]] = {
+    "dequant_rows": dequant_rows_onnx,
+    "one_token_or": one_token_or_onnx,
+}
 
 
 def translations() -> dict[str, Callable[..., Any]]:

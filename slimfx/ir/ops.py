@@ -7,11 +7,19 @@ Each form names its op (``slimfx.forms``: ``Form.op``); :func:`slimfx_ops` regis
 
     slimfx::lowrank_linear(x, U, V, bias?)   = x @ Vᵀ @ Uᵀ + bias      U: out×r, V: r×in
     slimfx::dequant_rows(codes, scale)      = codes · scale[:, None]   codes: int8 R×n, scale: R
+    slimfx::one_token_or(length, one, more) = one if length == 1 else more
 
 ``dequant_rows`` belongs to no linear form: the int8 rows of MLA and of the low-rank caches
 (``slimfx.ir.int8_rows``) call it while a model is exported, so the ONNX graph carries their
 int8 codes into a ``DequantizeLinear`` (which neither the exporter's optimizer nor ONNX
 Runtime folds away).
+
+``one_token_or`` belongs to no form either: an ONNX export of a low-rank KV model computes a
+layer's one-token path and its longer-call path and picks by the call length
+(:class:`~slimfx.forms.kv.lowrank.LowRankKVAttention`); the export turns the pick into an ONNX
+``If`` whose branches hold the nodes each path alone needs
+(:mod:`slimfx.backends.onnx_branches`), so ONNX Runtime runs only the chosen path. Tracing the
+two paths as plain code is faster than tracing a ``torch.cond`` over them.
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["lowrank_linear", "dequant_rows", "slimfx_ops"]
+__all__ = ["lowrank_linear", "dequant_rows", "one_token_or", "slimfx_ops"]
 
 
 @torch.library.custom_op("slimfx::lowrank_linear", mutates_args=())
@@ -67,6 +75,26 @@ def _(codes: Tensor, scale: Tensor) -> Tensor:
     torch._check(codes.dim() == 2 and scale.dim() == 1, lambda: "codes (R, n), scale (R,)")
     torch._check(codes.shape[0] == scale.shape[0], lambda: "one scale per row of codes")
     return codes.new_empty(codes.shape, dtype=scale.dtype)
+
+
+@torch.library.custom_op("slimfx::one_token_or", mutates_args=())
+def one_token_or(length: int, one: Tensor, more: Tensor) -> Tensor:
+    """A copy of ``one`` when ``length == 1``, else of ``more`` (same shape and dtype)."""
+    if one.shape != more.shape or one.dtype != more.dtype:
+        raise ValueError(
+            f"one_token_or: one {tuple(one.shape)} {one.dtype} and more {tuple(more.shape)} "
+            f"{more.dtype} differ"
+        )
+    return (one if length == 1 else more).clone()
+
+
+@one_token_or.register_fake
+def _(length: int, one: Tensor, more: Tensor) -> Tensor:
+    torch._check(one.dim() == more.dim(), lambda: "one and more: the same rank")
+    torch._check(one.dtype == more.dtype, lambda: "one and more: the same dtype")
+    for a, b in zip(one.shape, more.shape):
+        torch._check(a == b, lambda: "one and more: the same shape")
+    return one.new_empty(one.shape)
 
 
 def slimfx_ops() -> dict[str, object]:

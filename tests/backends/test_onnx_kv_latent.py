@@ -237,9 +237,12 @@ def test_graph_inputs(exported):
     assert len(codes) == 6 and len(inits) == 6
     assert sorted(int(a.sum()) for a in inits) == sorted(int(c.sum()) for c in codes)
     assert sum(n.op_type == "DequantizeLinear" for n in g.node) >= 4
-    # one If per low-rank layer (torch.cond on the call length): one-token calls attend over
-    # the value latent (absorbed: einsums with the latent and v_up, no value rebuilt), longer
-    # ones over rebuilt values (the attention's two MatMuls)
+    # one If per low-rank layer (slimfx::one_token_or on the call length, made an If after
+    # the export): one-token calls attend over the value latent (absorbed: einsums with the
+    # latent and v_up, no value rebuilt), longer ones over rebuilt values (the attention's two
+    # MatMuls); no marker of the pick is left
+    assert all(n.domain != "slimfx.branch" for n in g.node)
+    assert "slimfx.branch" not in {o.domain for o in onnx.load(str(res.path)).opset_import}
     ifs = [n for n in g.node if n.op_type == "If"]
     assert len(ifs) == 2
     for n in ifs:

@@ -31,13 +31,17 @@ Rebuilding costs ``O(context · rank · kv_dim)`` per step. A one-token (decode)
 the value up-projection: the attention weights contract with the value latent and each head's
 rows of ``v_up`` apply after (``O(heads · context · rank)``); keys are still rebuilt — past
 RoPE a key up-projection cannot fold into the query. With a branch-free cache layer the same
-holds; where the call length is symbolic (an exported graph serves every length) the choice is
-a ``torch.cond`` — an ``If`` in ONNX. Attention masks other than a 4-D one (flash attention's
+holds; where the call length is symbolic (a traced graph serves every length) the choice is
+a ``torch.cond``, except under :func:`onnx_branches` (the ONNX exports): both paths are traced as
+plain code and ``slimfx::one_token_or`` picks, which the export makes an ONNX ``If``
+(:mod:`slimfx.backends.onnx_branches`) — tracing the ``torch.cond`` took twice as long. Attention masks other than a 4-D one (flash attention's
 2-D padding mask, flex attention's block mask) take the rebuilding path.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -50,7 +54,7 @@ from slimfx.ir.int8_rows import Int8Factor, Int8Rows
 from slimfx.ir.modules import carry_hooks
 from slimfx.ir.sites import AttentionSite
 
-__all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary"]
+__all__ = ["LowRankKVAttention", "apply_lowrank_kv", "find_rotary", "onnx_branches"]
 
 
 class LowRankKVAttention(nn.Module):
@@ -59,6 +63,9 @@ class LowRankKVAttention(nn.Module):
     (:meth:`_absorbed`) instead of rebuilding V; False: always rebuild."""
 
     absorb_decode = True
+    #: set while an ONNX export traces (:func:`onnx_branches`): a symbolic call length picks
+    #: the path by ``slimfx::one_token_or`` instead of a ``torch.cond``
+    onnx_branches = False
 
     def __init__(
         self,
@@ -190,7 +197,8 @@ class LowRankKVAttention(nn.Module):
         """One call over keys ``k`` (sinks in place) and the value latent ``lv``: one-token
         calls attend absorbed (:meth:`_absorbed`), longer calls over rebuilt values (the
         sinks' exact ones merged). Where the call length is symbolic (an exported graph for
-        every length) the choice is a ``torch.cond`` — an ``If`` in ONNX — else a Python
+        every length) the choice is a ``torch.cond`` (under :func:`onnx_branches`
+        ``slimfx::one_token_or`` over both paths, an ``If`` once exported), else a Python
         branch. Returns ``(B, T, Hq, D)``."""
         B, Hq, T, D = q.shape
         n_sinks = 0 if sinks is None else len(sinks)
@@ -221,6 +229,8 @@ class LowRankKVAttention(nn.Module):
         ops = (q, k, lv, *extra)
         if isinstance(T, int):
             out = (absorbed if T == 1 else rebuilt)(*ops)
+        elif LowRankKVAttention.onnx_branches:  # both traced; the export makes it an ``If``
+            out = torch.ops.slimfx.one_token_or(T, absorbed(*ops), rebuilt(*ops))
         else:
             torch._check(T >= 1)  # (the strides then simplify to plain products)
             out = torch.cond(T == 1, absorbed, rebuilt, ops)
@@ -274,6 +284,19 @@ class LowRankKVAttention(nn.Module):
         k = self.k_proj(hidden).view(B, n, H, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden).view(B, n, H, self.head_dim).transpose(1, 2)
         return apply_rope(k, cos, sin), v
+
+
+@contextmanager
+def onnx_branches() -> Iterator[None]:
+    """Within the block, a low-rank KV layer traced with a symbolic call length computes both
+    paths and picks by ``slimfx::one_token_or`` (an ONNX ``If`` once the export has run
+    :func:`slimfx.backends.onnx_branches.lazy_branches`) instead of a ``torch.cond``."""
+    before = LowRankKVAttention.onnx_branches
+    LowRankKVAttention.onnx_branches = True
+    try:
+        yield
+    finally:
+        LowRankKVAttention.onnx_branches = before
 
 
 def _int8_projection(proj: nn.Module, dtype: torch.dtype, device: torch.device) -> Int8Factor:

@@ -32,10 +32,11 @@ the value up-projection: the attention weights contract with the value latent an
 rows of ``v_up`` apply after (``O(heads · context · rank)``); keys are still rebuilt — past
 RoPE a key up-projection cannot fold into the query. With a branch-free cache layer the same
 holds; where the call length is symbolic (a traced graph serves every length) the choice is
-a ``torch.cond``, except under :func:`onnx_branches` (the ONNX exports): both paths are traced as
-plain code and ``slimfx::one_token_or`` picks, which the export makes an ONNX ``If``
-(:mod:`slimfx.backends.onnx_branches`) — tracing the ``torch.cond`` took twice as long. Attention masks other than a 4-D one (flash attention's
-2-D padding mask, flex attention's block mask) take the rebuilding path.
+a ``torch.cond``, except under :func:`onnx_branches` (the ONNX exports): both paths are traced
+as plain code and ``slimfx::one_token_or`` picks, which the export makes an ONNX ``If``
+(:mod:`slimfx.backends.onnx_branches`) — tracing the ``torch.cond`` took twice as long.
+Attention masks other than a 4-D one (flash attention's 2-D padding mask, flex attention's
+block mask) take the rebuilding path.
 """
 
 from __future__ import annotations

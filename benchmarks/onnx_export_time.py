@@ -33,9 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import dump, run_meta  # noqa: E402
+from kv_ort_decode import FORM  # noqa: E402  (the 1/8 latent)
 
-FORM = dict(key_rank=88, value_rank=136, groups=1, method="whitened", bits=4, group=64,
-            residual=0, sink=4, axis="channel", low_bits=2, key_low=48, value_low=72)  # fmt: skip
 MODES = ("before", "now")
 
 

@@ -48,6 +48,7 @@ from slimfx.backends.onnx_graph import (
     densified_notes,
     export_path,
     inside_save_notes,
+    linear_time_rewrites,
     save_graph,
     write_files,
 )
@@ -413,7 +414,7 @@ class _Export:
         kwargs: dict[str, Any] = {}
         if opts["opset"] is not None:
             kwargs["opset_version"] = opts["opset"]
-        with onnx_ops.accuracy_level(opts["accuracy_level"]):
+        with onnx_ops.accuracy_level(opts["accuracy_level"]), linear_time_rewrites():
             prog = torch.onnx.export(
                 self.program,
                 (),

@@ -58,6 +58,7 @@ from slimfx.backends.onnx_graph import (
     densified_notes,
     export_path,
     inside_save_notes,
+    linear_time_rewrites,
     save_graph,
     write_files,
 )
@@ -431,7 +432,7 @@ def export_mla_onnx(
         )
         _check_translatable(program)  # linears a weights budget rewrote (q/o, MLP): their ops
         kwargs: dict[str, Any] = {} if opset is None else {"opset_version": opset}
-        with onnx_ops.accuracy_level(accuracy_level):
+        with onnx_ops.accuracy_level(accuracy_level), linear_time_rewrites():
             onnx_prog = torch.onnx.export(
                 program, (), dynamo=True, input_names=in_names, output_names=out_names,
                 custom_translation_table=onnx_ops.translation_table(), optimize=True,

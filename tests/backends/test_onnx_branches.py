@@ -1,5 +1,6 @@
 """``slimfx::one_token_or`` and the export pass that makes its marker an ONNX ``If``
-(``slimfx.backends.onnx_branches.lazy_branches``).
+(``slimfx.backends.onnx_branches.lazy_branches``); the exporter's optimizer without its
+quadratic rules (``onnx_graph.linear_time_rewrites``).
 
 A hand-built graph: a node both paths read, a node of one path another output also reads, and a
 path whose ``Reshape`` fails for some lengths — so running the graph in ONNX Runtime shows which
@@ -119,3 +120,26 @@ def test_one_token_or_picks_by_length_and_copies() -> None:
     assert torch.equal(torch.ops.slimfx.one_token_or(4, one, more), more)
     with pytest.raises(ValueError, match="differ"):
         torch.ops.slimfx.one_token_or(1, one, torch.ones(3, 2))
+
+
+def test_the_exports_optimizer_runs_without_its_quadratic_rules_then_all_again() -> None:
+    """``linear_time_rewrites``: inside, the rewriter's default rules keep only patterns of one
+    output node (``SlicesSplit``, matched against every node pair, is gone); after the block —
+    also one left by an error — the very same rule list is back."""
+    from onnxscript import rewriter
+
+    from slimfx.backends.onnx_graph import linear_time_rewrites
+
+    before = getattr(rewriter, "_DEFAULT_REWRITE_RULES", None)
+    if not isinstance(before, tuple):  # the exports then leave the optimizer as it is
+        pytest.skip("this onnxscript has no default rule list to filter")
+    names = [r.name for r in before]
+    assert "SlicesSplit" in names
+    with linear_time_rewrites():
+        inside = rewriter._DEFAULT_REWRITE_RULES
+        assert all(len(r._target_pattern.output_nodes) == 1 for r in inside)
+        assert [r.name for r in inside] == [n for n in names if n != "SlicesSplit"]
+    assert rewriter._DEFAULT_REWRITE_RULES is before
+    with pytest.raises(RuntimeError), linear_time_rewrites():
+        raise RuntimeError("export failed")
+    assert rewriter._DEFAULT_REWRITE_RULES is before

@@ -40,7 +40,6 @@ def _ancestors(value: Any) -> set[Any]:
 def _exclusive(order: list[Any], value: Any, marker: Any, slot: int) -> list[Any]:
     """The nodes only ``value``'s path needs, in graph order: ``value`` reaches the rest of
     the graph through input ``slot`` of ``marker`` alone."""
-    graph = marker.graph
     ancestors = _ancestors(value)
     own: set[Any] = set()
 
@@ -48,15 +47,13 @@ def _exclusive(order: list[Any], value: Any, marker: Any, slot: int) -> list[Any
         for out in node.outputs:
             if out.is_graph_output():
                 return False
-            for user, idx in out.uses():
-                if user is marker and idx == slot and out is value:
-                    continue
-                if user not in own or user.graph is not graph:
+            for user, idx in out.uses():  # a subgraph's reader is never in ``own``
+                if user not in own and not (user is marker and idx == slot):
                     return False
         return True
 
-    for node in reversed(order):
-        if node in ancestors and node.graph is graph and only_here(node):
+    for node in reversed(order):  # ancestors of a main-graph value are main-graph nodes
+        if node in ancestors and only_here(node):
             own.add(node)
     return [n for n in order if n in own]
 

@@ -373,11 +373,31 @@ def cmd_export(a: argparse.Namespace) -> int:
             f"slimfx export: {e}. The command line rebuilds Hugging Face models only: in Python, "
             "slimfx.load(dir, model=<a fresh instance>) and slimfx.export_onnx(...)"
         ) from e
+    if a.deepseek:
+        print(_export_deepseek(model, a))
+        return 0
     import torch
 
     # batch 2: torch.export fixes an example axis of size 1, so a batch-1 example would too
     print(_export(model, a, torch.zeros(2, 16, dtype=torch.long)))
     return 0
+
+
+def _export_deepseek(model, a: argparse.Namespace) -> str:
+    """``--deepseek DIR``: every block MLA → a DeepSeek-V3 checkpoint (``forms/mla/deepseek``)."""
+    from slimfx.forms.mla.deepseek import DeepSeekMismatch, export_deepseek_v3
+
+    try:
+        info = export_deepseek_v3(model, a.deepseek, overwrite=a.overwrite,
+                                  drop_latent_rounding=a.drop_latent_rounding)
+    except DeepSeekMismatch as e:
+        raise ValueError(str(e)) from e  # reported as an error, not a traceback
+    lines = [f"wrote {info.path}: a DeepSeek-V3 checkpoint (kv_lora_rank {info.kv_lora_rank}, "
+             f"qk_rope_head_dim {info.qk_rope_head_dim}, {info.cache_values} cache values per "
+             f"token and layer); logits within {info.max_abs_logit_diff:.2g} of the model's "
+             f"(scale {info.logit_scale:.3g})"]
+    lines += [f"  engines: {n}" for n in info.engine_notes]
+    return "\n".join(lines)
 
 
 def cmd_calibrate_target(a: argparse.Namespace) -> int:
@@ -501,9 +521,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default=None, help="write the PNG here")
     r.add_argument("--diff", default=None, help="compare with another report")
     r.set_defaults(fn=cmd_report)
-    e = sub.add_parser("export", help="export a saved optimized model to ONNX")
+    e = sub.add_parser("export", help="export a saved optimized model to ONNX (or, every block "
+                       "converted to MLA, as a DeepSeek-V3 checkpoint)")
     e.add_argument("dir")
-    e.add_argument("--onnx", required=True)
+    to = e.add_mutually_exclusive_group(required=True)
+    to.add_argument("--onnx")
+    to.add_argument("--deepseek", metavar="DIR",
+                    help="write a DeepSeek-V3 checkpoint transformers loads (every block MLA)")
+    e.add_argument("--drop-latent-rounding", action="store_true",
+                   help="--deepseek: export int8-latent blocks without the rounding")
+    e.add_argument("--overwrite", action="store_true",
+                   help="--deepseek: replace a non-empty directory")
     e.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the saved files (faster load)")
     _onnx_flags(e)

@@ -190,3 +190,41 @@ def test_families_take_spaces_after_the_commas():
 
     assert _families(argparse.Namespace(families="int4, int8 ,lowrank,")) == (
         "int4", "int8", "lowrank")  # fmt: skip
+
+
+def test_cli_exports_an_mla_model_as_a_deepseek_checkpoint(tmp_path, capsys):
+    """`export --deepseek` writes a checkpoint transformers loads as DeepSeek-V3 with the saved
+    model's logits; a model with a layer not converted is an error, nothing written."""
+    pytest.importorskip("transformers.models.deepseek_v3")
+    from transformers import AutoModelForCausalLM
+
+    from slimfx.cli import main
+
+    mla = tmp_path / "mla"
+    assert main(["optimize", "--model", "tiny", "--kv", "0.6", "--context", "512",
+                 "--kv-forms", "mla", "--n-calib", "3", "--seq-len", "32", "--out", str(mla),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    # the solver chose int8 latents, which DeepSeek's 16-bit latent cache cannot hold
+    assert main(["export", str(mla), "--deepseek", str(tmp_path / "ds")]) == 2
+    assert "--drop-latent-rounding" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+    assert main(["export", str(mla), "--deepseek", str(tmp_path / "ds"),
+                 "--drop-latent-rounding"]) == 0
+    assert "a DeepSeek-V3 checkpoint (kv_lora_rank" in capsys.readouterr().out
+    ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    model = slimfx.load(mla)
+    for blk in model.model.layers:
+        blk.self_attn.latent_bits = 16  # what the checkpoint computes
+    with torch.no_grad():
+        want = model(ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "ds")(ids).logits
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    dense = tmp_path / "dense"
+    assert main(["optimize", "--model", "tiny", "--kv", "0.5", "--context", "512", "--n-calib",
+                 "3", "--seq-len", "32", "--out", str(dense), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(dense), "--deepseek", str(tmp_path / "no")]) == 2
+    assert "every layer must be converted to MLA" in capsys.readouterr().err
+    assert not (tmp_path / "no").exists()
+    assert main(["export", str(mla), "--deepseek", str(tmp_path / "ds")]) == 2  # not empty

@@ -11,6 +11,8 @@
 - :mod:`.measured`  ``LayerReplay``: an option's price as the measured KL of converting one
                     block (the solver's MLA errors), ``rescale`` onto the proxy's scale
 - :mod:`.save`      ``save_converted`` / ``load_converted``: the converted model on disk
+- :mod:`.deepseek`  ``export_deepseek_v3``: the converted model as a DeepSeek-V3 checkpoint
+                    transformers loads with the same logits
 
 The cache classes import transformers; import :mod:`.cache` directly when needed.
 """
@@ -28,6 +30,9 @@ _EXPORTS = {
     "MLAConfig": "config",
     "MLAContext": "candidates",
     "MLAConversion": "convert",
+    "DeepSeekExport": "deepseek",
+    "deepseek_v3_model": "deepseek",
+    "export_deepseek_v3": "deepseek",
     "MLAWeights": "numerics",
     "LayerReplay": "measured",
     "apply_mla": "candidates",

@@ -8,6 +8,8 @@ The decision owns the block's ``k_proj`` and ``v_proj``. Per token the converted
 - the RoPE key: ``rope_pairs`` rotary frequency pairs (2 dims each) per kv head, computed
   exactly from the original ``k_proj`` rows and rotated as before. The other pairs lose their
   rotation in both query and key (partial RoPE): they become position-free and enter the latent.
+  ``rope_select="per_frequency"`` keeps ``d/2`` entries instead (one per frequency), ``K·p``
+  below then reads ``d/2`` (``MLAConfig.rope_entries``).
 
 Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_pairs,
 ``r`` = rank; floating point priced at 16 bits):
@@ -60,7 +62,12 @@ MLA_OBJECTIVES = ("kv", "attention")
 #: ``norm_attn`` weights the ``norm`` score by 1 − |E_w e^{iθΔ}|², the spread of the pair's
 #: rotation under the distances the original heads attend over (``w`` measured on calibration
 #: text): what is left after ``rope_fold`` replaces the rotation by its mean.
-ROPE_SELECTIONS = ("norm", "high_freq", "norm_freq", "norm_attn")
+#: ``per_frequency`` keeps one entry per frequency, the first mixed component of each (with
+#: ``rope_mix="pca"``, the one holding most of the frequency's key energy): ``head_dim / 2``
+#: entries whatever ``rope_pairs`` says, every layer at the same frequencies — the default RoPE
+#: schedule, which a DeepSeek-V3 checkpoint served by engines that accept only that can express
+#: (``forms/mla/deepseek``).
+ROPE_SELECTIONS = ("norm", "high_freq", "norm_freq", "norm_attn", "per_frequency")
 #: ``none``: an entry is one kv head's pair; ``pca`` (RoRoPE-style): the K pairs of one
 #: frequency are first mixed by the eigenvectors of their calibrated second moment.
 ROPE_MIXES = ("none", "pca")
@@ -149,22 +156,34 @@ class MLAConfig(Decision):
             )
         if shape.sliding_window is not None:
             return "sliding-window attention is unsupported (the latent cache keeps every token)"
-        if 2 * self.rope_pairs > shape.head_dim:
+        if self.rope_select == "per_frequency":
+            if self.rope_mix != "pca":
+                return ("rope_select='per_frequency' keeps each frequency's first mixed "
+                        "component: it needs rope_mix='pca'")
+        elif 2 * self.rope_pairs > shape.head_dim:
             return f"rope_pairs={self.rope_pairs} exceeds head_dim/2={shape.head_dim // 2}"
         full = self.full_rank(shape)
         if self.rank > full:
             return f"rank {self.rank} exceeds the full latent rank {full} of this block"
         return None
 
+    def rope_entries(self, num_kv_heads: int, head_dim: int) -> int:
+        """RoPE entries (pairs) the RoPE key keeps: ``K·rope_pairs``, or ``head_dim / 2`` with
+        ``rope_select="per_frequency"``."""
+        if self.rope_select == "per_frequency":
+            return head_dim // 2
+        return num_kv_heads * self.rope_pairs
+
     def full_rank(self, shape: AttentionShape) -> int:
-        """The rank at which the latent loses nothing: min(hidden, K·(d − 2p) + K·d)."""
-        nope = shape.head_dim - 2 * self.rope_pairs
-        return min(shape.hidden_size, shape.num_kv_heads * (nope + shape.head_dim))
+        """The rank at which the latent loses nothing: min(hidden, K·d − 2N + K·d) with N the
+        kept RoPE entries."""
+        n2 = 2 * self.rope_entries(shape.num_kv_heads, shape.head_dim)
+        return min(shape.hidden_size, 2 * shape.num_kv_heads * shape.head_dim - n2)
 
     # -- bytes ------------------------------------------------------------------------------
     def kv_bytes_per_token(self, shape: AttentionShape) -> int:
         """Exact bytes the latent cache holds per token of context for this block."""
-        rope = 2 * shape.num_kv_heads * 2 * self.rope_pairs
+        rope = 2 * 2 * self.rope_entries(shape.num_kv_heads, shape.head_dim)
         latent = 2 * self.rank if self.latent_bits == 16 else self.rank + 2
         return latent + rope
 
@@ -197,7 +216,7 @@ class MLAConfig(Decision):
         D, H, K, d, r = (
             shape.hidden_size, shape.num_heads, shape.num_kv_heads, shape.head_dim, self.rank
         )
-        n2 = 2 * K * self.rope_pairs
+        n2 = 2 * self.rope_entries(K, d)
         nope = K * d - n2
         weights = self.q_mix_heads(shape) * K * d * d + D * n2 + D * r + r * nope + r * K * d
         flops = 2 * T * (H * d * K * d + D * n2 + D * r) + 4 * T * (H + 1) * n2  # ...; RoPE
@@ -235,7 +254,7 @@ class MLAConfig(Decision):
         """Rows of the converted block's matrices (one int8 scale each with ``factor_bits=8``):
         RoPE key rows, down-projection, key and value up-projections, ``q_mix``."""
         K, d, r = shape.num_kv_heads, shape.head_dim, self.rank
-        n2 = 2 * K * self.rope_pairs
+        n2 = 2 * self.rope_entries(K, d)
         return n2 + r + (K * d - n2) + K * d + self.q_mix_heads(shape) * K * d
 
     def converted_weight_bytes(self, shape: AttentionShape, bias: bool = False) -> int:
@@ -248,7 +267,7 @@ class MLAConfig(Decision):
         the module's tensors, so priced bytes = stored bytes (``tests/forms/mla``). With
         ``factor_bits=8`` the matrices are int8 codes (1 byte) plus a 16-bit scale per row."""
         D, K, d, r = shape.hidden_size, shape.num_kv_heads, shape.head_dim, self.rank
-        n2 = 2 * K * self.rope_pairs
+        n2 = 2 * self.rope_entries(K, d)
         S = self.q_mix_heads(shape)
         matrices = D * n2 + D * r + r * (K * d - n2) + r * K * d + S * K * d * d
         biases = K * d + (n2 if bias else 0)
@@ -289,7 +308,9 @@ class MLAConfig(Decision):
         q += " f8" if self.factor_bits == 8 else ""
         ref = ("+ls" if self.refine else "") + ("" if self.rope_mix == "none" else " rorope")
         ref += " fold" if self.rope_fold else ""
+        rope = ("per_frequency" if self.rope_select == "per_frequency"
+                else f"{self.rope_pairs}p/{self.rope_select}")
         return (
-            f"mla r={self.rank} rope={self.rope_pairs}p/{self.rope_select} "
+            f"mla r={self.rank} rope={rope} "
             f"{self.method}/{self.objective}{ref}{q}"
         )

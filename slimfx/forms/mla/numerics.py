@@ -169,9 +169,12 @@ def key_space(
             score = score * spread.reshape(K, group, half).mean(1).T
         else:
             score = score * spread.mean(0)[:, None]
-    n_keep = K * cfg.rope_pairs
-    order = torch.argsort(score.flatten(), descending=True, stable=True)
-    kept = torch.sort(order[:n_keep]).values
+    if cfg.rope_select == "per_frequency":  # the first component of every frequency
+        kept = torch.arange(half) * K
+    else:
+        order = torch.argsort(score.flatten(), descending=True, stable=True)
+        kept = torch.sort(order[: K * cfg.rope_pairs]).values
+    n_keep = int(kept.numel())
     kept_set = set(kept.tolist())
     dropped = [e for e in range(half * K) if e not in kept_set]
     T = torch.zeros(K * d, K * d, dtype=f64)

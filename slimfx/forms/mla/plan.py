@@ -98,7 +98,7 @@ def empty_mla_like_plan(
         sh, orig = by_fqn[fqn].site_shape, mods[fqn]
         new = mla_shell(
             orig, sh.num_heads, sh.num_kv_heads, sh.head_dim, cfg.rank,
-            sh.num_kv_heads * cfg.rope_pairs, rope_bias=orig.k_proj.bias is not None,
+            cfg.rope_entries(sh.num_kv_heads, sh.head_dim), rope_bias=orig.k_proj.bias is not None,
             latent_bits=cfg.latent_bits, factor_bits=cfg.factor_bits,
             per_head_q_mix=cfg.rope_fold,
         )  # fmt: skip

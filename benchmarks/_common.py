@@ -40,3 +40,10 @@ def dump(path: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     if path:
         with open(path, "w") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
+
+
+def chosen(configs: dict[str, Any], indices: str) -> list[str]:
+    """The labels of ``configs`` at ``--configs``' comma-separated 0-based indices (every
+    label when ``indices`` is empty)."""
+    labels = list(configs)
+    return [labels[int(i)] for i in indices.split(",")] if indices else labels

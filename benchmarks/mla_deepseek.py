@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import chosen
 
 from slimfx.data.text import calibration_batches, heldout_windows
 from slimfx.eval.perplexity import perplexity
@@ -83,9 +84,7 @@ def main() -> None:
     a = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    labels = list(CONFIGS)
-    if a.configs:
-        labels = [labels[int(i)] for i in a.configs.split(",")]
+    labels = chosen(CONFIGS, a.configs)
     torch.manual_seed(0)
     model, tok = load_smollm2()
     calib = calibration_batches(tok, n=a.n_calib, seq_len=a.seq_len)

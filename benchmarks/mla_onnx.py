@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import chosen
 
 from slimfx.backends.onnx import export_onnx
 from slimfx.backends.onnx_mla import export_mla_onnx, latent_ort_session
@@ -101,9 +102,7 @@ def main() -> None:
     ap.add_argument("--configs", default="", help="indices into CONFIGS (default: all)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
-    labels = list(CONFIGS)
-    if a.configs:
-        labels = [labels[int(i)] for i in a.configs.split(",")]
+    labels = chosen(CONFIGS, a.configs)
     contexts = [int(c) for c in a.contexts.split(",")]
     torch.manual_seed(0)
     model, tok = load_smollm2()

@@ -49,6 +49,13 @@ CONFIGS = {
     "1/2 16-bit r128 per_frequency (whitened), rms_norm_eps 1e-6: engine-ready": (
         MLAConfig(rank=128, rope_select="per_frequency", method="whitened"),
         {"rms_norm_eps": 1e-6, "rtol": 0.05}),
+    # the first components of the 18 fastest frequencies (K·p = 3·6): plain RoPE, base θ^(18/32)
+    "1/2 16-bit r156 per_frequency 18 (pca)": (
+        MLAConfig(rank=156, rope_pairs=6, rope_select="per_frequency"), {}),
+    "1/2 16-bit r156 per_frequency 18 (whitened/attention), rms_norm_eps 1e-6: engine-ready": (
+        MLAConfig(rank=156, rope_pairs=6, rope_select="per_frequency", method="whitened",
+                  objective="attention"),
+        {"rms_norm_eps": 1e-6, "rtol": 0.05}),
 }
 
 

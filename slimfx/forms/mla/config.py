@@ -8,8 +8,8 @@ The decision owns the block's ``k_proj`` and ``v_proj``. Per token the converted
 - the RoPE key: ``rope_pairs`` rotary frequency pairs (2 dims each) per kv head, computed
   exactly from the original ``k_proj`` rows and rotated as before. The other pairs lose their
   rotation in both query and key (partial RoPE): they become position-free and enter the latent.
-  ``rope_select="per_frequency"`` keeps ``d/2`` entries instead (one per frequency), ``K·p``
-  below then reads ``d/2`` (``MLAConfig.rope_entries``).
+  ``rope_select="per_frequency"`` keeps at most ``d/2`` entries (one per frequency), ``K·p``
+  below then reads ``min(K·p, d/2)`` (``MLAConfig.rope_entries``).
 
 Bytes (``H`` heads, ``K`` kv heads, ``d`` head_dim, ``D`` hidden, ``p`` = rope_pairs,
 ``r`` = rank; floating point priced at 16 bits):
@@ -62,11 +62,11 @@ MLA_OBJECTIVES = ("kv", "attention")
 #: ``norm_attn`` weights the ``norm`` score by 1 − |E_w e^{iθΔ}|², the spread of the pair's
 #: rotation under the distances the original heads attend over (``w`` measured on calibration
 #: text): what is left after ``rope_fold`` replaces the rotation by its mean.
-#: ``per_frequency`` keeps one entry per frequency, the first mixed component of each (with
-#: ``rope_mix="pca"``, the one holding most of the frequency's key energy): ``head_dim / 2``
-#: entries whatever ``rope_pairs`` says, every layer at the same frequencies — the default RoPE
-#: schedule, which a DeepSeek-V3 checkpoint served by engines that accept only that can express
-#: (``forms/mla/deepseek``).
+#: ``per_frequency`` keeps one entry per frequency, the first mixed component (with
+#: ``rope_mix="pca"``, the one holding most of the frequency's key energy) of the ``K·p``
+#: fastest frequencies (all ``head_dim / 2`` at most): every layer at the same frequencies, a
+#: geometric prefix of the schedule — plain RoPE with another base, which a DeepSeek-V3
+#: checkpoint served by engines that accept only that can express (``forms/mla/deepseek``).
 ROPE_SELECTIONS = ("norm", "high_freq", "norm_freq", "norm_attn", "per_frequency")
 #: ``none``: an entry is one kv head's pair; ``pca`` (RoRoPE-style): the K pairs of one
 #: frequency are first mixed by the eigenvectors of their calibrated second moment.
@@ -168,10 +168,10 @@ class MLAConfig(Decision):
         return None
 
     def rope_entries(self, num_kv_heads: int, head_dim: int) -> int:
-        """RoPE entries (pairs) the RoPE key keeps: ``K·rope_pairs``, or ``head_dim / 2`` with
-        ``rope_select="per_frequency"``."""
+        """RoPE entries (pairs) the RoPE key keeps: ``K·rope_pairs`` (at most ``head_dim / 2``
+        with ``rope_select="per_frequency"``, one per frequency)."""
         if self.rope_select == "per_frequency":
-            return head_dim // 2
+            return min(num_kv_heads * self.rope_pairs, head_dim // 2)
         return num_kv_heads * self.rope_pairs
 
     def full_rank(self, shape: AttentionShape) -> int:

@@ -269,9 +269,14 @@ def _rope_config(src: nn.Module, order: list[int], M: int) -> tuple[dict[str, An
     theta = float(src.config.rope_parameters.get("rope_theta", 10000.0))
     att = float(getattr(rot, "attention_scaling", 1.0))
     dim = 2 * M
-    default = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    if att == 1.0 and torch.equal(default, target):
-        return {"rope_type": "default", "rope_theta": theta}, None
+    # plain RoPE of the key's width when the frequencies are a geometric prefix 1, q, q², …
+    # (q = base^(-1/M)): within two float32 ulps of what transformers computes for that base
+    half = rot.inv_freq.numel()  # the source's pairs: its base scaled to the key's width first
+    bases = [theta ** (M / half)] + ([float(target[1].double() ** -M)] if M > 1 else [])
+    for base in bases:
+        default = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        if att == 1.0 and bool(((default.double() / target.double()) - 1).abs().max() <= 2.5e-7):
+            return {"rope_type": "default", "rope_theta": base}, None
     maxpos = int(src.config.max_position_embeddings)
     factors = _longrope_factors(target, theta, dim)
     params = {"rope_type": "longrope", "rope_theta": theta, "short_factor": factors,
@@ -325,7 +330,7 @@ def deepseek_v3_model(
 def _build(
     model: nn.Module, drop_latent_rounding: bool, rms_norm_eps: float | None
 ) -> tuple[nn.Module, DeepSeekExport]:
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
 
     layers = _check(model, drop_latent_rounding)
     src = model.config
@@ -378,7 +383,7 @@ def _build(
             state[f"{p}mlp.{n}.weight"] = _dense(getattr(blk.mlp, n))
         state[p + "input_layernorm.weight"] = blk.input_layernorm.weight
         state[p + "post_attention_layernorm.weight"] = blk.post_attention_layernorm.weight
-    ds = DeepseekV3ForCausalLM(config).to(dtype).eval()
+    ds = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()  # built in the dtype
     ds.load_state_dict({k: v.detach().to("cpu", dtype) for k, v in state.items()}, strict=True)
     if getattr(model, "generation_config", None) is not None:
         ds.generation_config = model.generation_config

@@ -169,8 +169,8 @@ def key_space(
             score = score * spread.reshape(K, group, half).mean(1).T
         else:
             score = score * spread.mean(0)[:, None]
-    if cfg.rope_select == "per_frequency":  # the first component of every frequency
-        kept = torch.arange(half) * K
+    if cfg.rope_select == "per_frequency":  # the first component of the fastest frequencies
+        kept = torch.arange(min(K * cfg.rope_pairs, half)) * K
     else:
         order = torch.argsort(score.flatten(), descending=True, stable=True)
         kept = torch.sort(order[: K * cfg.rope_pairs]).values

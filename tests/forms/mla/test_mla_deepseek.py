@@ -239,6 +239,20 @@ def test_per_frequency_whitened_conversion_is_engine_ready():
     _close(_logits(model), _logits(ds))
 
 
+def test_fastest_frequencies_are_plain_rope_with_another_base():
+    # the first component of the 3 fastest of 8 frequencies: 1, q, q² with q = θ^(-1/8), which
+    # DeepSeek's plain RoPE over 3 pairs computes with base θ^(3/8)
+    cfg = MLAConfig(rank=20, rope_pairs=1, rope_select="per_frequency", method="whitened")
+    model = _converted(tiny_gqa_llama(3, rms_norm_eps=1e-6), cfg)
+    ds, info = deepseek_v3_model(model)
+    assert info.rope_type == "default" and info.qk_rope_head_dim == 6
+    theta = model.config.rope_parameters["rope_theta"]
+    assert ds.config.rope_parameters["rope_theta"] == pytest.approx(theta ** (3 / 8), rel=1e-6)
+    assert info.engine_notes == []
+    ids = torch.randint(3, 256, (1, 120), generator=torch.Generator().manual_seed(4))
+    _close(_logits(model, ids), _logits(ds, ids), rtol=1e-5)
+
+
 def test_rms_norm_eps_for_engines_is_checked(tmp_path):
     cfg = MLAConfig(rank=20, rope_select="per_frequency", method="whitened")
     model = _converted(tiny_gqa_llama(3, rms_norm_eps=1e-5), cfg)
@@ -261,7 +275,9 @@ def test_per_frequency_needs_pca_mixing():
     shape = AttentionShape(hidden_size=96, num_heads=6, num_kv_heads=3, head_dim=16, rope_dim=16)
     bad = MLAConfig(rank=20, rope_select="per_frequency", rope_mix="none")
     assert "needs rope_mix='pca'" in bad.reason_invalid(shape)
-    good = MLAConfig(rank=20, rope_select="per_frequency", rope_pairs=1)
+    # the first component of the K·p fastest frequencies, at most every one of them
+    assert MLAConfig(rank=20, rope_select="per_frequency", rope_pairs=1).rope_entries(3, 16) == 3
+    good = MLAConfig(rank=20, rope_select="per_frequency")  # 8 pairs: 24 > 8 frequencies
     assert good.rope_entries(3, 16) == 8 and good.reason_invalid(shape) is None
     assert good.kv_bytes_per_token(shape) == 2 * 20 + 2 * 16
     assert good.full_rank(shape) == 2 * 3 * 16 - 16

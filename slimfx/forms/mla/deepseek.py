@@ -19,8 +19,9 @@ How each piece maps (``docs/MLA.md``):
   holds, per frequency, as many pairs as the layer keeping the most; the frequencies are given
   per dimension by ``longrope`` factors (equal short and long factors, attention factor = the
   source's RoPE scaling), chosen so that transformers computes the source's inverse frequencies
-  bit for bit. Where the kept frequencies are the default schedule of the RoPE key's width the
-  config uses plain RoPE instead. Pairs are stored interleaved (``rope_interleave=True``).
+  to within one float32 ulp. Where the kept frequencies are a geometric prefix of the schedule
+  (``rope_select="per_frequency"``) the config is plain RoPE with the base that gives them.
+  Pairs are stored interleaved (``rope_interleave=True``).
 - **keys and values per head**: DeepSeek's ``kv_b_proj`` rebuilds keys and values for every
   query head; a GQA conversion repeats its kv head's rows (weights grow, the cache does not).
 - **scaling**: DeepSeek scales scores by ``(qk_nope + qk_rope)^-0.5``; the query rows carry the
@@ -147,11 +148,6 @@ def _longrope_factors(target: Tensor, base: float, dim: int) -> list[float]:
     return [float(f) for f in cands.gather(1, pick[:, None])[:, 0].tolist()]
 
 
-def _interleave(n: int) -> Tensor:
-    """Row order taking ``[firsts; seconds]`` (n pairs) to interleaved ``(first, second)``."""
-    return torch.stack([torch.arange(n), torch.arange(n) + n], dim=1).reshape(-1)
-
-
 def _check(model: nn.Module, drop_latent_rounding: bool) -> dict[int, MLAAttention]:
     layers = converted_layers(model)
     blocks = model.model.layers
@@ -260,8 +256,8 @@ def _needs_bias(attn: MLAAttention) -> bool:
 
 
 def _rope_config(src: nn.Module, order: list[int], M: int) -> tuple[dict[str, Any], str | None]:
-    """DeepSeek's ``rope_parameters`` computing the source's frequencies ``order`` exactly, and
-    a note when they are not plain RoPE."""
+    """DeepSeek's ``rope_parameters`` computing the source's frequencies ``order`` (to within
+    two float32 ulps), and a note when they are not plain RoPE."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     rot = src.model.rotary_emb

@@ -364,6 +364,13 @@ def _notes(notes: list[str]) -> str:
 def cmd_export(a: argparse.Namespace) -> int:
     import slimfx
 
+    onnx_only = [f for f, on in (("--kv-cache", a.kv_cache), ("--accuracy-level", a.accuracy_level))
+                 if on]
+    ds_only = [f for f, on in (("--drop-latent-rounding", a.drop_latent_rounding),
+                               ("--overwrite", a.overwrite)) if on]
+    if (a.deepseek and onnx_only) or (a.onnx and ds_only):
+        raise ValueError(f"{', '.join(onnx_only if a.deepseek else ds_only)} does not apply to "
+                         f"{'--deepseek' if a.deepseek else '--onnx'}")
     try:
         model = slimfx.load(a.dir, verify=not a.no_verify)
     except ValueError as e:

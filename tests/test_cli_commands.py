@@ -228,3 +228,8 @@ def test_cli_exports_an_mla_model_as_a_deepseek_checkpoint(tmp_path, capsys):
     assert "every layer must be converted to MLA" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
     assert main(["export", str(mla), "--deepseek", str(tmp_path / "ds")]) == 2  # not empty
+    capsys.readouterr()
+    assert main(["export", str(mla), "--deepseek", str(tmp_path / "x"), "--kv-cache"]) == 2
+    assert "--kv-cache does not apply to --deepseek" in capsys.readouterr().err
+    assert main(["export", str(mla), "--onnx", str(tmp_path / "x.onnx"), "--overwrite"]) == 2
+    assert "--overwrite does not apply to --onnx" in capsys.readouterr().err

@@ -308,9 +308,7 @@ class MLAConfig(Decision):
         q += " f8" if self.factor_bits == 8 else ""
         ref = ("+ls" if self.refine else "") + ("" if self.rope_mix == "none" else " rorope")
         ref += " fold" if self.rope_fold else ""
-        rope = ("per_frequency" if self.rope_select == "per_frequency"
-                else f"{self.rope_pairs}p/{self.rope_select}")
         return (
-            f"mla r={self.rank} rope={rope} "
+            f"mla r={self.rank} rope={self.rope_pairs}p/{self.rope_select} "
             f"{self.method}/{self.objective}{ref}{q}"
         )

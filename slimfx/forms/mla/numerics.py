@@ -170,7 +170,7 @@ def key_space(
         else:
             score = score * spread.mean(0)[:, None]
     if cfg.rope_select == "per_frequency":  # the first component of the fastest frequencies
-        kept = torch.arange(min(K * cfg.rope_pairs, half)) * K
+        kept = torch.arange(cfg.rope_entries(K, d)) * K
     else:
         order = torch.argsort(score.flatten(), descending=True, stable=True)
         kept = torch.sort(order[: K * cfg.rope_pairs]).values

@@ -44,10 +44,11 @@ CONFIGS = {
         MLAConfig(rank=144, rope_pairs=8, method="whitened"), {}),
     "int8 r262 10p, exported at 16 bits": (
         MLAConfig(rank=262, rope_pairs=10, latent_bits=8), {"drop_latent_rounding": True}),
-    "1/2 16-bit r128 per_frequency (pca)": (
-        MLAConfig(rank=128, rope_select="per_frequency"), {}),
-    "1/2 16-bit r128 per_frequency (whitened), rms_norm_eps 1e-6: engine-ready": (
-        MLAConfig(rank=128, rope_select="per_frequency", method="whitened"),
+    # every frequency's first component (K·p = 33 ≥ 32 frequencies)
+    "1/2 16-bit r128 per_frequency all 32 (pca)": (
+        MLAConfig(rank=128, rope_pairs=11, rope_select="per_frequency"), {}),
+    "1/2 16-bit r128 per_frequency all 32 (whitened), rms_norm_eps 1e-6": (
+        MLAConfig(rank=128, rope_pairs=11, rope_select="per_frequency", method="whitened"),
         {"rms_norm_eps": 1e-6, "rtol": 0.05}),
     # the first components of the 18 fastest frequencies (K·p = 3·6): plain RoPE, base θ^(18/32)
     "1/2 16-bit r156 per_frequency 18 (pca)": (

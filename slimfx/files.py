@@ -1,10 +1,12 @@
-"""All-or-nothing directory writes, shared by every save (``slimfx.io``, ``forms.mla.save``).
+"""All-or-nothing directory writes, shared by every save (``slimfx.io``, ``forms.mla.save``,
+``forms.mla.deepseek``).
 
 A save is written into a fresh temporary directory next to the target (``tmp_dir``), each file
 hashed and flushed (``seal``), then swapped in by ``commit``: one atomic directory exchange
 where the OS has it (Linux ``renameat2``), else two renames with the old save parked at
 ``backup(d)`` in between — ``recover(d)`` (called by every load and save) puts it back when an
-interruption fell between them. ``clean_stale`` removes what an interrupted save left. A leaf:
+interruption fell between them. ``clean_stale`` removes what an interrupted save left;
+``writable_target`` checks a target before any work. A leaf:
 imports nothing from slimfx. Callers use the functions through the module
 (``files.fsync(...)``) so that tests can stand in for the disk flush or the exchange.
 """
@@ -18,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -138,6 +140,26 @@ def check_replaceable(d: Path) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"cannot write to {parent}: no permission to create {d} there")
+
+
+def writable_target(
+    directory: str | os.PathLike[str], what: str, overwrite: bool,
+    ours: Callable[[Path], bool] | None = None, kind: str = "",
+) -> Path:
+    """The directory ``what`` (a save or export) writes for ``directory`` (:func:`target`), an
+    interrupted earlier commit put back (:func:`recover`), checked before any work: a file
+    there, or a non-empty directory that is not ``ours`` (``kind`` names what ``ours`` accepts,
+    for the message) without ``overwrite``, raise ``FileExistsError``; then
+    :func:`check_replaceable`."""
+    d = target(directory)
+    recover(d)
+    if d.exists() and not d.is_dir():
+        raise FileExistsError(f"{d} exists and is a file; {what} writes a directory")
+    if d.is_dir() and any(d.iterdir()) and not overwrite and not (ours is not None and ours(d)):
+        raise FileExistsError(f"{d} is a non-empty directory{kind}; save elsewhere or pass "
+                              "overwrite=True to replace it")
+    check_replaceable(d)
+    return d
 
 
 def _umask() -> int:

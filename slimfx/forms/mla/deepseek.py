@@ -453,21 +453,11 @@ def export_deepseek_v3(
     (``check_ids``, ``rtol``, ``rms_norm_eps``: see :func:`deepseek_v3_model`). All or nothing:
     the directory appears complete or not at all; a non-empty directory is replaced only with
     ``overwrite=True``."""
+    d = files.writable_target(directory, "export_deepseek_v3", overwrite)  # before the work
     ds, info = deepseek_v3_model(model, drop_latent_rounding=drop_latent_rounding,
                                  rms_norm_eps=rms_norm_eps, check_ids=check_ids, rtol=rtol)
-    d = files.target(directory)
-    files.recover(d)
-    if d.exists() and not d.is_dir():
-        raise FileExistsError(f"{d} exists and is a file; export_deepseek_v3 writes a directory")
-    if d.is_dir() and any(d.iterdir()) and not overwrite:
-        raise FileExistsError(f"{d} is a non-empty directory; pass overwrite=True to replace it")
-    files.check_replaceable(d)
     info.path = str(d)
     with files.writing(d) as tmp:
         ds.save_pretrained(tmp)
-        return _finish(tmp, d, info)
-
-
-def _finish(tmp: Path, d: Path, info: DeepSeekExport) -> DeepSeekExport:
-    files.finish(tmp, d, _MANIFEST, {"format": "slimfx.deepseek_v3", **info.to_dict()})
+        files.finish(tmp, d, _MANIFEST, {"format": "slimfx.deepseek_v3", **info.to_dict()})
     return info

@@ -117,16 +117,8 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError("save_converted: the model has no Hugging Face config to rebuild it from")
-    d = files.target(directory)
-    files.recover(d)
-    if d.exists() and not d.is_dir():
-        raise FileExistsError(f"{d} exists and is a file; save_converted writes a directory")
-    if d.is_dir() and any(d.iterdir()) and not overwrite and not _is_mla_save(d):
-        raise FileExistsError(
-            f"{d} is a non-empty directory that is not an earlier MLA save; save elsewhere or "
-            "pass overwrite=True to replace it"
-        )
-    files.check_replaceable(d)
+    d = files.writable_target(directory, "save_converted", overwrite, _is_mla_save,
+                              " that is not an earlier MLA save")
     with files.writing(d) as tmp:
         save_model(model, str(tmp / _WEIGHTS))
         (tmp / "config.json").write_text(config.to_json_string())

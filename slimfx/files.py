@@ -156,8 +156,11 @@ def writable_target(
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is a file; {what} writes a directory")
     if d.is_dir() and any(d.iterdir()) and not overwrite and not (ours is not None and ours(d)):
-        raise FileExistsError(f"{d} is a non-empty directory{kind}; save elsewhere or pass "
-                              "overwrite=True to replace it")
+        names = sorted(p.name for p in d.iterdir())
+        shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        raise FileExistsError(f"{d} is a non-empty directory{kind} ({shown}); save elsewhere, "
+                              "or pass overwrite=True (CLI --overwrite) to replace the whole "
+                              "directory")
     check_replaceable(d)
     return d
 

@@ -128,21 +128,13 @@ def is_slimfx_save(directory: str | Path) -> bool:
     return all(p.name in own for p in d.iterdir())
 
 
-def check_save_target(d: Path, overwrite: bool = False) -> None:
-    """Raise ``FileExistsError`` when ``save(..., overwrite=overwrite)`` may not write ``d``,
-    ``ValueError`` where no save could replace it (``files.check_replaceable``)."""
-    d = files.target(d)
-    if d.exists() and not d.is_dir():
-        raise FileExistsError(f"{d} exists and is a file; slimfx.save writes a directory")
-    if d.is_dir() and any(d.iterdir()) and not overwrite and not is_slimfx_save(d):
-        names = sorted(p.name for p in d.iterdir() if p.name not in _OWN_FILES)
-        shown = ", ".join(names[:5]) or "no slimfx.json manifest"
-        raise FileExistsError(
-            f"{d} is a non-empty directory that is not an earlier slimfx save ({shown}); "
-            "save elsewhere, or pass overwrite=True (CLI --overwrite) to replace the whole "
-            "directory"
-        )
-    files.check_replaceable(d)
+def check_save_target(d: Path, overwrite: bool = False) -> Path:
+    """The directory ``save(..., overwrite=overwrite)`` writes for ``d``, checked before any
+    work (``files.writable_target``): ``FileExistsError`` for a file there or a non-empty
+    directory that is not an earlier slimfx save, ``ValueError`` where no save could replace
+    it."""
+    return files.writable_target(d, "slimfx.save", overwrite, is_slimfx_save,
+                                 " that is not an earlier slimfx save")
 
 
 def save(
@@ -175,9 +167,7 @@ def save(
     for name in extras or {}:
         if name in ("slimfx.json", "plan.json", WEIGHTS_FILE) or Path(name).name != name:
             raise ValueError(f"extras: {name!r} is not a free file name in a save")
-    d = files.target(directory)  # "." and "out/" name a directory with a parent; links resolved
-    files.recover(d)
-    check_save_target(d, overwrite)
+    d = check_save_target(directory, overwrite)  # "." and "out/" resolved; before any work
     with files.writing(d) as tmp:
         plan.save(tmp / "plan.json")
         rep.save(tmp / "report.json")

@@ -200,7 +200,7 @@ def test_refusals_write_nothing(tmp_path):
     keep = tmp_path / "b"
     keep.mkdir()
     (keep / "mine.txt").write_text("user file")
-    with pytest.raises(FileExistsError, match="non-empty directory"):
+    with pytest.raises(FileExistsError, match=r"non-empty directory \(mine\.txt\).*overwrite"):
         export_deepseek_v3(model, keep)
     assert [p.name for p in keep.iterdir()] == ["mine.txt"]
 

@@ -86,7 +86,7 @@ def test_refuses_unconverted_model_and_foreign_directory(tmp_path):
     model, _ = _converted()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not an earlier MLA save"):
+    with pytest.raises(FileExistsError, match=r"not an earlier MLA save \(notes\.txt\)"):
         save_converted(model, tmp_path / "b")
     assert (tmp_path / "b" / "notes.txt").read_text() == "keep me"
 

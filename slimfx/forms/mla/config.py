@@ -96,6 +96,10 @@ class MLAConfig(Decision):
     calibration activations (inputs seen by the converted model when the caller gives them).
     ``latent_bits``: 16 or 8 (int8 latent cache, one 16-bit scale per token).
     ``factor_bits``: 16 or 8 (the block's own projections stored as int8 rows).
+    ``rope_share``: the kept entries are chosen once for every layer converted with it (each
+    layer's scores normalized and summed; ``convert_model``), which then carries them as
+    ``rope_kept`` (entries ``i·K + j``: frequency ``i``, component ``j``; ``K·rope_pairs`` of
+    them): every layer at the same frequencies, so a DeepSeek-V3 export needs no padding.
     """
 
     kind: ClassVar[str] = "mla"
@@ -111,8 +115,21 @@ class MLAConfig(Decision):
     refine: bool = False
     latent_bits: int = 16
     factor_bits: int = 16
+    rope_share: bool = False
+    rope_kept: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.rope_kept is not None:  # a plan's JSON gives a list
+            kept = tuple(self.rope_kept)
+            _check(
+                all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in kept)
+                and len(set(kept)) == len(kept),
+                f"MLAConfig.rope_kept must be distinct entry indices ≥ 0, got {self.rope_kept!r}",
+            )
+            object.__setattr__(self, "rope_kept", tuple(sorted(kept)))
+            _check(self.rope_select != "per_frequency",
+                   "MLAConfig.rope_kept names the entries: rope_select='per_frequency' chooses "
+                   "them itself")
         _check(
             isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1,
             f"MLAConfig.rank must be an int ≥ 1, got {self.rank!r}",
@@ -133,6 +150,10 @@ class MLAConfig(Decision):
         _check(self.rope_mix in ROPE_MIXES, f"MLAConfig.rope_mix must be one of {ROPE_MIXES}")
         _check(isinstance(self.refine, bool), "MLAConfig.refine must be a bool")
         _check(isinstance(self.rope_fold, bool), "MLAConfig.rope_fold must be a bool")
+        _check(isinstance(self.rope_share, bool), "MLAConfig.rope_share must be a bool")
+        _check(not (self.rope_share and self.rope_select == "per_frequency"),
+               "rope_select='per_frequency' keeps the same entries in every layer already: "
+               "rope_share has nothing to choose")
         _check(self.latent_bits in LATENT_BITS, f"MLAConfig.latent_bits must be in {LATENT_BITS}")
         _check(self.factor_bits in FACTOR_BITS, f"MLAConfig.factor_bits must be in {FACTOR_BITS}")
 
@@ -162,6 +183,13 @@ class MLAConfig(Decision):
                         "component: it needs rope_mix='pca'")
         elif 2 * self.rope_pairs > shape.head_dim:
             return f"rope_pairs={self.rope_pairs} exceeds head_dim/2={shape.head_dim // 2}"
+        if self.rope_kept is not None:
+            K, half = shape.num_kv_heads, shape.head_dim // 2
+            top = max(self.rope_kept, default=-1)
+            if len(self.rope_kept) != K * self.rope_pairs or top >= K * half:
+                return (f"rope_kept holds {len(self.rope_kept)} entries up to {top}: this "
+                        f"block keeps K·rope_pairs = "
+                        f"{K * self.rope_pairs} of its {K * half} entries")
         full = self.full_rank(shape)
         if self.rank > full:
             return f"rank {self.rank} exceeds the full latent rank {full} of this block"
@@ -308,6 +336,7 @@ class MLAConfig(Decision):
         q += " f8" if self.factor_bits == 8 else ""
         ref = ("+ls" if self.refine else "") + ("" if self.rope_mix == "none" else " rorope")
         ref += " fold" if self.rope_fold else ""
+        ref += " shared" if self.rope_share or self.rope_kept is not None else ""
         return (
             f"mla r={self.rank} rope={self.rope_pairs}p/{self.rope_select} "
             f"{self.method}/{self.objective}{ref}{q}"

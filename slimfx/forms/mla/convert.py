@@ -14,7 +14,8 @@ are fitted on the inputs the already-converted layers give (sequential, closed f
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +26,7 @@ from slimfx.ir.sites import AttentionSite
 
 from .config import MLAConfig
 from .module import MLAAttention, dense_weight
-from .numerics import AttentionCalib, fit_mla
+from .numerics import AttentionCalib, entry_scores, fit_mla
 
 __all__ = [
     "MLAConversion",
@@ -204,6 +205,47 @@ def attention_calib(
     return calib
 
 
+def _shared_entries(
+    blocks: Sequence[nn.Module], layers: Sequence[int], plan: Mapping[int, MLAConfig],
+    shapes: Mapping[int, Any], inputs: Mapping[int, Tensor] | None, seq_len: int,
+    inv_freq: Tensor,
+) -> tuple[int, ...]:
+    """The RoPE entries ``rope_share`` keeps in every one of ``layers``: the ``K·rope_pairs``
+    best by the layers' scores (``numerics.entry_scores``), each layer's normalized to sum 1
+    and then summed. The layers must agree on the shape of the choice."""
+    first = plan[layers[0]]
+    key = lambda i: (  # noqa: E731
+        shapes[i].num_kv_heads, shapes[i].head_dim, plan[i].rope_pairs, plan[i].rope_select,
+        plan[i].rope_mix,
+    )
+    if len({key(i) for i in layers}) > 1:
+        raise ValueError(
+            "rope_share chooses one set of RoPE entries for every layer converted with it: those "
+            "layers differ in kv heads, head_dim, rope_pairs, rope_select or rope_mix "
+            f"({sorted({key(i) for i in layers})}); convert them separately"
+        )
+    f64 = torch.float64
+    total = None
+    for i in layers:
+        c, shape, attn = plan[i], shapes[i], blocks[i].self_attn
+        calib = None
+        if c.needs_data:
+            calib = attention_calib(
+                attn, inputs[i], shape.num_heads, shape.num_kv_heads, seq_len, None,  # type: ignore[index]
+                inv_freq if c.rope_select == "norm_attn" else None,
+            )
+        _, score = entry_scores(
+            c, dense_weight(attn.q_proj).detach().to(f64), attn.k_proj.weight.detach().to(f64),
+            None if calib is None else calib.gram.to(f64), calib, inv_freq,
+            shape.num_heads, shape.num_kv_heads,
+        )
+        score = score.flatten() / score.sum().clamp_min(1e-300)
+        total = score if total is None else total + score
+    order = torch.argsort(total, descending=True, stable=True)  # type: ignore[arg-type]
+    n = shapes[layers[0]].num_kv_heads * first.rope_pairs
+    return tuple(sorted(order[:n].tolist()))
+
+
 @dataclass
 class MLAConversion:
     """What ``convert_model`` did: converted layer indices, the configs used, and the reason
@@ -261,6 +303,10 @@ def convert_model(
     seq_len = int(batches[0].shape[-1]) if batches else 1
     if needs_data and (inputs is None or any(i not in inputs for i in todo)):
         inputs = capture_attention_inputs(model, batches, todo)
+    shared = [i for i in todo if plan[i].rope_share and plan[i].rope_kept is None]
+    if shared:
+        kept = _shared_entries(blocks, shared, plan, shapes, inputs, seq_len, inv_freq)
+        plan.update({i: replace(plan[i], rope_kept=kept) for i in shared})
     originals = {i: blocks[i].self_attn for i in todo}
     try:  # all or nothing: an error or an interrupt mid-way puts the converted blocks back
         for i in todo:

@@ -43,7 +43,7 @@ from slimfx.numerics.lowrank import whiten
 
 from .config import MLAConfig
 
-__all__ = ["AttentionCalib", "MLAWeights", "key_space", "fit_mla"]
+__all__ = ["AttentionCalib", "MLAWeights", "entry_scores", "key_space", "fit_mla"]
 
 
 @dataclass
@@ -112,18 +112,13 @@ def _drift(freq: Tensor, seq_len: int) -> Tensor:
     return 1.0 - (w[None, :] * torch.cos(freq[:, None] * delta[None, :])).sum(1)
 
 
-def key_space(
+def entry_scores(
     cfg: MLAConfig, wq: Tensor, wk: Tensor, gram: Tensor | None, calib: AttentionCalib | None,
     inv_freq: Tensor, H: int, K: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(T, rope_freq, kept_rows)``: the orthogonal key-space map (K·d × K·d, rows ordered
-    kept-a, kept-b, nope), the kept entries' frequencies and, for tests, which rows are kept.
-
-    Entries are (frequency i, component j): without mixing component j is kv head j; with
-    ``rope_mix="pca"`` the components are the eigenvectors of the keys' per-frequency K×K
-    second moment (RoRoPE-style: RoPE commutes with mixing heads at one frequency, so the
-    positional energy of a frequency concentrates in its first components). The ``K·p`` entries
-    with the best score keep their rotation."""
+) -> tuple[Tensor, Tensor]:
+    """``(U, score)``: per frequency ``i`` the K×K map ``U[i]`` whose rows are the entries'
+    components (the identity without mixing) and the score of each entry ``(i, j)``,
+    ``score[i, j]`` (``cfg.rope_select``'s rule; see :func:`key_space`)."""
     d = wk.shape[0] // K
     half = d // 2
     group = H // K
@@ -169,7 +164,28 @@ def key_space(
             score = score * spread.reshape(K, group, half).mean(1).T
         else:
             score = score * spread.mean(0)[:, None]
-    if cfg.rope_select == "per_frequency":  # the first component of the fastest frequencies
+    return U, score
+
+
+def key_space(
+    cfg: MLAConfig, wq: Tensor, wk: Tensor, gram: Tensor | None, calib: AttentionCalib | None,
+    inv_freq: Tensor, H: int, K: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(T, rope_freq, kept_rows)``: the orthogonal key-space map (K·d × K·d, rows ordered
+    kept-a, kept-b, nope), the kept entries' frequencies and, for tests, which rows are kept.
+
+    Entries are (frequency i, component j): without mixing component j is kv head j; with
+    ``rope_mix="pca"`` the components are the eigenvectors of the keys' per-frequency K×K
+    second moment (RoRoPE-style: RoPE commutes with mixing heads at one frequency, so the
+    positional energy of a frequency concentrates in its first components). The ``K·p`` entries
+    with the best score keep their rotation; ``cfg.rope_kept`` names them instead (entry
+    ``i·K + j``: one choice shared by several layers, ``convert_model(share_rope=True)``)."""
+    d = wk.shape[0] // K
+    half = d // 2
+    U, score = entry_scores(cfg, wq, wk, gram, calib, inv_freq, H, K)
+    if cfg.rope_kept is not None:
+        kept = torch.tensor(sorted(cfg.rope_kept), dtype=torch.long)
+    elif cfg.rope_select == "per_frequency":  # the first component of the fastest frequencies
         kept = torch.arange(cfg.rope_entries(K, d)) * K
     else:
         order = torch.argsort(score.flatten(), descending=True, stable=True)
@@ -177,7 +193,7 @@ def key_space(
     n_keep = int(kept.numel())
     kept_set = set(kept.tolist())
     dropped = [e for e in range(half * K) if e not in kept_set]
-    T = torch.zeros(K * d, K * d, dtype=f64)
+    T = torch.zeros(K * d, K * d, dtype=torch.float64)
 
     def fill(row: int, entry: int, part: int) -> None:
         i, j = divmod(entry, K)

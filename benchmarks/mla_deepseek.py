@@ -56,7 +56,12 @@ CONFIGS = {
     "1/2 16-bit r156 per_frequency 18 (whitened/attention), rms_norm_eps 1e-6: engine-ready": (
         MLAConfig(rank=156, rope_pairs=6, rope_select="per_frequency", method="whitened",
                   objective="attention"),
-        {"rms_norm_eps": 1e-6, "rtol": 0.05}),
+        {"rms_norm_eps": 1e-6, "rtol": 0.05, "untie_head": True}),
+    # one choice of RoPE entries for all layers: the checkpoint's RoPE key is not padded
+    "1/2 16-bit r144 8p shared (pca)": (
+        MLAConfig(rank=144, rope_pairs=8, rope_share=True), {}),
+    "1/2 16-bit r132 10p shared (pca)": (
+        MLAConfig(rank=132, rope_pairs=10, rope_share=True), {}),
 }
 
 

@@ -367,7 +367,9 @@ def cmd_export(a: argparse.Namespace) -> int:
     onnx_only = [f for f, on in (("--kv-cache", a.kv_cache), ("--accuracy-level", a.accuracy_level))
                  if on]
     ds_only = [f for f, on in (("--drop-latent-rounding", a.drop_latent_rounding),
-                               ("--overwrite", a.overwrite)) if on]
+                               ("--overwrite", a.overwrite), ("--untie-head", a.untie_head),
+                               ("--rms-norm-eps", a.rms_norm_eps is not None),
+                               ("--rtol", a.rtol is not None)) if on]
     if (a.deepseek and onnx_only) or (a.onnx and ds_only):
         raise ValueError(f"{', '.join(onnx_only if a.deepseek else ds_only)} does not apply to "
                          f"{'--deepseek' if a.deepseek else '--onnx'}")
@@ -396,7 +398,9 @@ def _export_deepseek(model, a: argparse.Namespace) -> str:
 
     try:
         info = export_deepseek_v3(model, a.deepseek, overwrite=a.overwrite,
-                                  drop_latent_rounding=a.drop_latent_rounding)
+                                  drop_latent_rounding=a.drop_latent_rounding,
+                                  untie_head=a.untie_head, rms_norm_eps=a.rms_norm_eps,
+                                  rtol=a.rtol)
     except DeepSeekMismatch as e:
         raise ValueError(str(e)) from e  # reported as an error, not a traceback
     lines = [f"wrote {info.path}: a DeepSeek-V3 checkpoint (kv_lora_rank {info.kv_lora_rank}, "
@@ -539,6 +543,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--deepseek: export int8-latent blocks without the rounding")
     e.add_argument("--overwrite", action="store_true",
                    help="--deepseek: replace a non-empty directory")
+    e.add_argument("--untie-head", action="store_true",
+                   help="--deepseek: write lm_head.weight apart from a tied embedding")
+    e.add_argument("--rms-norm-eps", type=float, default=None,
+                   help="--deepseek: the config's rms_norm_eps (1e-6: what engines use for the "
+                   "latent norm agrees with transformers)")
+    e.add_argument("--rtol", type=float, default=None,
+                   help="--deepseek: the logit check's tolerance, relative to the logits' scale")
     e.add_argument("--no-verify", action="store_true",
                    help="skip the SHA-256 check of the saved files (faster load)")
     _onnx_flags(e)

@@ -200,12 +200,19 @@ def finish(tmp: Path, d: Path, manifest: str, info: dict) -> Path:
 @contextlib.contextmanager
 def writing(d: Path) -> Iterator[Path]:
     """A fresh ``tmp_dir(d)`` to write a save into, removed when the body raises (a Ctrl-C
-    too); the body ends with ``finish``."""
+    too), with the parent directories it created for ``d`` where they are still empty; the
+    body ends with ``finish``."""
+    made = [q for q in (d.parent, *d.parent.parents) if not q.exists()]  # deepest first
     tmp = tmp_dir(d)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for q in made:
+            try:
+                q.rmdir()  # only an empty directory: another writer's files stay
+            except OSError:
+                break
         raise
 
 

@@ -194,16 +194,20 @@ def test_families_take_spaces_after_the_commas():
 
 def test_cli_exports_an_mla_model_as_a_deepseek_checkpoint(tmp_path, capsys):
     """`export --deepseek` writes a checkpoint transformers loads as DeepSeek-V3 with the saved
-    model's logits; a model with a layer not converted is an error, nothing written."""
+    model's logits — its linears rewritten by a weights budget too, which run packed CPU kernels
+    (bf16 activations) once loaded: the check compares their exact products —; a model with a
+    layer not converted is an error, nothing written."""
     pytest.importorskip("transformers.models.deepseek_v3")
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
     from slimfx.cli import main
+    from slimfx.ir.cpu_runtime import cpu_runtimes, reference_ops
 
     mla = tmp_path / "mla"
-    assert main(["optimize", "--model", "tiny", "--kv", "0.6", "--context", "512",
-                 "--kv-forms", "mla", "--n-calib", "3", "--seq-len", "32", "--out", str(mla),
-                 "--quiet"]) == 0
+    assert main(["optimize", "--model", "tiny", "--budget", "0.5", "--kv", "0.6", "--context",
+                 "512", "--kv-forms", "mla", "--n-calib", "3", "--seq-len", "32", "--out",
+                 str(mla), "--quiet"]) == 0
     capsys.readouterr()
     # the solver chose int8 latents, which DeepSeek's 16-bit latent cache cannot hold
     assert main(["export", str(mla), "--deepseek", str(tmp_path / "ds")]) == 2
@@ -211,15 +215,29 @@ def test_cli_exports_an_mla_model_as_a_deepseek_checkpoint(tmp_path, capsys):
     assert not (tmp_path / "ds").exists()
     assert main(["export", str(mla), "--deepseek", str(tmp_path / "ds"),
                  "--drop-latent-rounding"]) == 0
-    assert "a DeepSeek-V3 checkpoint (kv_lora_rank" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "a DeepSeek-V3 checkpoint (kv_lora_rank" in out and "tie_word_embeddings=True" in out
     ids = torch.randint(3, 256, (1, 9), generator=torch.Generator().manual_seed(2))
     model = slimfx.load(mla)
+    assert any(r.kernel != "reference op" for r in cpu_runtimes(model).values())  # packed
     for blk in model.model.layers:
         blk.self_attn.latent_bits = 16  # what the checkpoint computes
-    with torch.no_grad():
+    with torch.no_grad(), reference_ops(model):
         want = model(ids).logits
+    with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(tmp_path / "ds")(ids).logits
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # --untie-head writes lm_head.weight; --rms-norm-eps (the tiny model has 1e-6) changes every
+    # norm: refused without --rtol, which the error names
+    args = ["export", str(mla), "--deepseek", str(tmp_path / "ds2"), "--drop-latent-rounding",
+            "--untie-head", "--rms-norm-eps", "1e-5"]
+    assert main(args) == 2
+    assert "replaces the source's" in capsys.readouterr().err
+    assert not (tmp_path / "ds2").exists()
+    assert main([*args, "--rtol", "0.05"]) == 0
+    assert "tie_word_embeddings" not in capsys.readouterr().out
+    with safe_open(str(tmp_path / "ds2" / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" in f.keys()
     dense = tmp_path / "dense"
     assert main(["optimize", "--model", "tiny", "--kv", "0.5", "--context", "512", "--n-calib",
                  "3", "--seq-len", "32", "--out", str(dense), "--quiet"]) == 0
@@ -233,3 +251,5 @@ def test_cli_exports_an_mla_model_as_a_deepseek_checkpoint(tmp_path, capsys):
     assert "--kv-cache does not apply to --deepseek" in capsys.readouterr().err
     assert main(["export", str(mla), "--onnx", str(tmp_path / "x.onnx"), "--overwrite"]) == 2
     assert "--overwrite does not apply to --onnx" in capsys.readouterr().err
+    assert main(["export", str(mla), "--onnx", str(tmp_path / "x.onnx"), "--rtol", "1"]) == 2
+    assert "--rtol does not apply to --onnx" in capsys.readouterr().err

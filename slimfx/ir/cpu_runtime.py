@@ -16,6 +16,8 @@ Per form (``slimfx.ir.cpu_packed`` holds the kernels):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -25,7 +27,8 @@ from slimfx.ir import cpu_packed
 from slimfx.ir.modules import SlimLinear
 
 __all__ = [
-    "CpuRuntime", "prepare_cpu", "release_cpu", "cpu_runtimes", "runtime_of", "packed_bytes",
+    "CpuRuntime", "prepare_cpu", "release_cpu", "reference_ops", "cpu_runtimes", "runtime_of",
+    "packed_bytes",
 ]
 
 
@@ -159,6 +162,22 @@ def release_cpu(model: nn.Module) -> int:
         if isinstance(m, SlimLinear) and m.__dict__.pop("_cpu_packed", None) is not None:
             n += 1
     return n
+
+
+@contextmanager
+def reference_ops(model: nn.Module) -> Iterator[None]:
+    """Inside: ``model``'s rewritten linears run their reference ops (the exact dequantized
+    product; the packed kernels round fp32 activations to bf16); after, the same packed copies
+    are back, also after an error."""
+    held = {}
+    for m in model.modules():
+        if isinstance(m, SlimLinear) and "_cpu_packed" in m.__dict__:
+            held[m] = m.__dict__.pop("_cpu_packed")
+    try:
+        yield
+    finally:
+        for m, packed in held.items():
+            m.__dict__["_cpu_packed"] = packed
 
 
 def cpu_runtimes(model: nn.Module) -> dict[str, CpuRuntime]:

@@ -228,3 +228,19 @@ def test_inplace_optimize_interrupted_anywhere_is_all_or_nothing():
             assert torch.equal(out_of(model, X), want)
             outcome["rewritten"] += 1
     assert outcome["untouched"] > 50 and outcome["rewritten"] > 0, outcome
+
+
+def test_an_interrupted_save_removes_the_parent_directories_it_made(tmp_path):
+    d = tmp_path / "a" / "b" / "m"
+    with pytest.raises(KeyboardInterrupt):
+        with files.writing(d) as tmp:
+            (tmp / "weights").write_text("partial")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    # a parent that holds something else (or existed before) stays
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "mine.txt").write_text("user file")
+    with pytest.raises(RuntimeError):
+        with files.writing(d):
+            raise RuntimeError("failed")
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["mine.txt"]

@@ -19,7 +19,7 @@ How each piece maps (``docs/MLA.md``):
   holds, per frequency, as many pairs as the layer keeping the most; the frequencies are given
   per dimension by ``longrope`` factors (equal short and long factors, attention factor = the
   source's RoPE scaling), chosen so that transformers computes the source's inverse frequencies
-  to within one float32 ulp. Where the kept frequencies are a geometric prefix of the schedule
+  to within two float32 ulps (mostly exactly). Where the kept frequencies are a geometric prefix of the schedule
   (``rope_select="per_frequency"``) the config is plain RoPE with the base that gives them.
   Pairs are stored interleaved (``rope_interleave=True``).
 - **keys and values per head**: DeepSeek's ``kv_b_proj`` rebuilds keys and values for every
@@ -40,6 +40,7 @@ replace by DeepSeek-YaRN, the latent norm's eps taken from ``rms_norm_eps``).
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,7 @@ import torch
 from torch import Tensor, nn
 
 from slimfx import files
+from slimfx.ir.cpu_runtime import reference_ops
 
 from .module import MLAAttention, dense_weight
 from .save import converted_layers
@@ -132,7 +134,7 @@ def _longrope_factors(target: Tensor, base: float, dim: int) -> list[float]:
     """Per-pair factors for which transformers' longrope (``1 / (f · base ** (2i / dim))`` in
     float32) gives ``target`` (float32): among the float32 values within 64 ulps of the real
     solution, the one whose result is nearest (exact where one rounds to it; a product of two
-    float32 values cannot reach every float32, so some frequencies come out one ulp off)."""
+    float32 values cannot reach every float32, so some frequencies come out an ulp or two off)."""
     shape = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     powers = base**shape
     f0 = (1.0 / (target.double() * powers.double())).float()
@@ -155,7 +157,8 @@ def _check(model: nn.Module, drop_latent_rounding: bool) -> dict[int, MLAAttenti
     if not layers or missing:
         raise ValueError(
             "export_deepseek_v3: every layer must be converted to MLA (DeepSeek-V3 has one "
-            f"attention shape for all layers); not converted: layers {missing}")
+            f"attention shape for all layers); not converted: layers {missing} (slimfx optimize "
+            "offers only MLA with --kv-forms mla)")
     rounded = [i for i, a in layers.items() if a.latent_bits != 16]
     if rounded and not drop_latent_rounding:
         raise ValueError(
@@ -304,7 +307,7 @@ def _dense(mod: nn.Module) -> Tensor:
 
 def deepseek_v3_model(
     model: nn.Module, *, drop_latent_rounding: bool = False, rms_norm_eps: float | None = None,
-    check_ids: Tensor | None = None, rtol: float | None = None,
+    check_ids: Tensor | None = None, rtol: float | None = None, untie_head: bool = False,
 ) -> tuple[nn.Module, DeepSeekExport]:
     """The DeepSeek-V3 model (transformers' ``DeepseekV3ForCausalLM``, in ``model``'s dtype, on
     the CPU) computing what ``model`` — a causal LM whose every block is ``MLAAttention`` —
@@ -315,16 +318,24 @@ def deepseek_v3_model(
     Llama-style (a scaled embedding, ``1 + w`` norms, residual multipliers).
     ``rms_norm_eps``: the config's (default: the source's); ``1e-6`` makes engines that read it
     for the latent norm agree with transformers, at the price of the decoder norms' eps
-    changing (the logit check measures what that costs)."""
+    changing (the logit check measures what that costs: pass ``rtol`` to accept it).
+    ``untie_head``: a head tied to the embedding gets its own ``lm_head.weight`` (engines whose
+    DeepSeek model has no tied head need it; ``vocab × hidden`` more bytes)."""
     model = getattr(model, "_orig_mod", model)
-    ds, info = _build(model, drop_latent_rounding, rms_norm_eps)
-    _verify(model, ds, info, check_ids, rtol)
+    ds, info = _build(model, drop_latent_rounding, rms_norm_eps, untie_head)
+    src_eps = getattr(model.config, "rms_norm_eps", None)
+    hint = (f"rms_norm_eps={rms_norm_eps:g} replaces the source's {src_eps:g} in every decoder "
+            "norm: pass rtol= (CLI --rtol) to accept what that changes"
+            if rms_norm_eps is not None and src_eps is not None and rms_norm_eps != src_eps
+            else "a decoder that is not Llama-style — a scaled embedding, 1 + w norms, residual "
+            "multipliers — has no DeepSeek-V3 equivalent")
+    _verify(model, ds, info, check_ids, rtol, hint)
     return ds, info
 
 
 @torch.no_grad()
 def _build(
-    model: nn.Module, drop_latent_rounding: bool, rms_norm_eps: float | None
+    model: nn.Module, drop_latent_rounding: bool, rms_norm_eps: float | None, untie_head: bool
 ) -> tuple[nn.Module, DeepSeekExport]:
     from transformers import AutoModelForCausalLM, DeepseekV3Config
 
@@ -349,7 +360,7 @@ def _build(
     dtype = next(model.parameters()).dtype
     head = _dense(model.lm_head)
     # a tied head a weights budget rewrote is no longer the embedding: DeepSeek gets its own
-    tied = bool(getattr(src, "tie_word_embeddings", False)) and torch.equal(
+    tied = not untie_head and bool(getattr(src, "tie_word_embeddings", False)) and torch.equal(
         head.to(dtype), model.model.embed_tokens.weight.detach().cpu())
     eps = float(getattr(src, "rms_norm_eps", 1e-6) if rms_norm_eps is None else rms_norm_eps)
     config = DeepseekV3Config(
@@ -362,6 +373,7 @@ def _build(
         rope_parameters=rope, rope_interleave=True, attention_bias=attention_bias,
         bos_token_id=src.bos_token_id, eos_token_id=src.eos_token_id,
         pad_token_id=getattr(src, "pad_token_id", None), dtype=dtype,
+        num_nextn_predict_layers=0,  # no multi-token-prediction layer is written
     )
     state: dict[str, Tensor] = {"model.embed_tokens.weight": model.model.embed_tokens.weight,
                                 "model.norm.weight": model.model.norm.weight,
@@ -382,7 +394,7 @@ def _build(
     ds = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()  # built in the dtype
     ds.load_state_dict({k: v.detach().to("cpu", dtype) for k, v in state.items()}, strict=True)
     if getattr(model, "generation_config", None) is not None:
-        ds.generation_config = model.generation_config
+        ds.generation_config = copy.deepcopy(model.generation_config)
     notes = [rope_note] if rope_note else []
     if attention_bias:
         notes.append("attention_bias=True (the latent fit's value bias folded into o_proj"
@@ -391,7 +403,11 @@ def _build(
     if eps != LATENT_NORM_EPS:
         notes.append(f"rms_norm_eps is {eps:g}: transformers normalizes the latent with eps "
                      f"{LATENT_NORM_EPS:g}, engines that take rms_norm_eps for it (vLLM, "
-                     f"SGLang) would scale the latent by {math.sqrt(eps / LATENT_NORM_EPS):.3g}")
+                     f"SGLang) would scale the latent by {math.sqrt(LATENT_NORM_EPS / eps):.3g}")
+    if tied:
+        notes.append("tie_word_embeddings=True (no lm_head.weight in the checkpoint): vLLM's "
+                     "DeepSeek model (its code read) builds a head of its own and ties none; "
+                     "untie_head=True (CLI --untie-head) writes it")
     if src.hidden_act != "silu":
         notes.append(f"hidden_act {src.hidden_act!r}: vLLM's DeepSeek MLP supports only silu")
     info = DeepSeekExport(
@@ -411,10 +427,11 @@ def _logits(model: nn.Module, ids: Tensor) -> Tensor:
 
 def _verify(
     model: nn.Module, ds: nn.Module, info: DeepSeekExport, check_ids: Tensor | None,
-    rtol: float | None,
+    rtol: float | None, hint: str,
 ) -> None:
     """Fill ``info``'s logit difference; raise :class:`DeepSeekMismatch` above the tolerance.
-    The converted model runs without its latent rounding (what the checkpoint computes)."""
+    The converted model runs without its latent rounding and with its rewritten linears' exact
+    products (what the checkpoint computes; packed CPU kernels round activations to bf16)."""
     if check_ids is None:
         gen = torch.Generator().manual_seed(0)
         check_ids = torch.randint(0, int(model.config.vocab_size), (2, 24), generator=gen)
@@ -423,7 +440,8 @@ def _verify(
     try:
         for a in rounded:
             a.latent_bits = 16
-        ref = _logits(model, check_ids.to(device)).cpu()
+        with reference_ops(model):
+            ref = _logits(model, check_ids.to(device)).cpu()
     finally:
         for a, bits in rounded.items():
             a.latent_bits = bits
@@ -436,26 +454,26 @@ def _verify(
         raise DeepSeekMismatch(
             f"export_deepseek_v3: the DeepSeek-V3 model's logits differ from the converted "
             f"model's by {info.max_abs_logit_diff:.3g} (scale {info.logit_scale:.3g}, allowed "
-            f"{tol:g} of it; model_type {getattr(model.config, 'model_type', '?')!r}: a "
-            "decoder that is not Llama-style — a scaled embedding, 1 + w norms, residual "
-            "multipliers — has no DeepSeek-V3 equivalent)")
+            f"{tol:g} of it; model_type {getattr(model.config, 'model_type', '?')!r}: {hint})")
 
 
 def export_deepseek_v3(
     model: nn.Module, directory: str | Path, *, check_ids: Tensor | None = None,
     drop_latent_rounding: bool = False, rms_norm_eps: float | None = None,
-    rtol: float | None = None, overwrite: bool = False,
+    rtol: float | None = None, untie_head: bool = False, overwrite: bool = False,
 ) -> DeepSeekExport:
     """Write ``model`` (every block converted to MLA) as a DeepSeek-V3 checkpoint that
     ``AutoModelForCausalLM.from_pretrained(directory)`` loads: ``config.json``,
     ``model.safetensors``, ``generation_config.json`` and ``slimfx_export.json`` (the returned
     :class:`DeepSeekExport`). The two models' logits are compared before anything is written
-    (``check_ids``, ``rtol``, ``rms_norm_eps``: see :func:`deepseek_v3_model`). All or nothing:
+    (``check_ids``, ``rtol``, ``rms_norm_eps``, ``untie_head``: see :func:`deepseek_v3_model`).
+    All or nothing:
     the directory appears complete or not at all; a non-empty directory is replaced only with
     ``overwrite=True``."""
     d = files.writable_target(directory, "export_deepseek_v3", overwrite)  # before the work
     ds, info = deepseek_v3_model(model, drop_latent_rounding=drop_latent_rounding,
-                                 rms_norm_eps=rms_norm_eps, check_ids=check_ids, rtol=rtol)
+                                 rms_norm_eps=rms_norm_eps, check_ids=check_ids, rtol=rtol,
+                                 untie_head=untie_head)
     info.path = str(d)
     with files.writing(d) as tmp:
         ds.save_pretrained(tmp)

@@ -46,6 +46,10 @@ def test_gqa_conversion_same_logits(kv_heads):
     assert c.qk_rope_head_dim == info.qk_rope_head_dim and c.qk_rope_head_dim >= 2 * 2 * kv_heads
     assert c.qk_nope_head_dim == kv_heads * 16 - 2 * 2 * kv_heads
     assert c.rope_interleave and c.first_k_dense_replace == c.num_hidden_layers
+    assert c.num_nextn_predict_layers == 0  # no multi-token-prediction layer is written
+    # the generation settings are copied, not shared with the source
+    assert ds.generation_config is not model.generation_config
+    assert ds.generation_config.to_dict() == model.generation_config.to_dict()
     _close(_logits(model), _logits(ds))
 
 
@@ -228,11 +232,12 @@ def test_a_mismatch_is_caught_before_writing(tmp_path, monkeypatch):
 
 def test_per_frequency_whitened_conversion_is_engine_ready():
     # one entry per frequency (the default RoPE schedule, the same in every layer: no padding),
-    # an uncentred fit (no bias), the latent norm's eps in the config: nothing left to note
+    # an uncentred fit (no bias), the latent norm's eps in the config, the tied head written
+    # apart: nothing left to note
     cfg = MLAConfig(rank=20, rope_select="per_frequency", method="whitened")
     model = _converted(tiny_gqa_llama(3, rms_norm_eps=1e-6), cfg)
     assert all(b.self_attn.rope_entries == 8 for b in model.model.layers)
-    ds, info = deepseek_v3_model(model)
+    ds, info = deepseek_v3_model(model, untie_head=True)
     assert info.rope_type == "default" and not info.attention_bias
     assert info.qk_rope_head_dim == 16 and info.converted_cache_values == [36, 36]
     assert info.cache_values == 36 and info.engine_notes == []
@@ -244,7 +249,7 @@ def test_fastest_frequencies_are_plain_rope_with_another_base():
     # DeepSeek's plain RoPE over 3 pairs computes with base θ^(3/8)
     cfg = MLAConfig(rank=20, rope_pairs=1, rope_select="per_frequency", method="whitened")
     model = _converted(tiny_gqa_llama(3, rms_norm_eps=1e-6), cfg)
-    ds, info = deepseek_v3_model(model)
+    ds, info = deepseek_v3_model(model, untie_head=True)
     assert info.rope_type == "default" and info.qk_rope_head_dim == 6
     theta = model.config.rope_parameters["rope_theta"]
     assert ds.config.rope_parameters["rope_theta"] == pytest.approx(theta ** (3 / 8), rel=1e-6)
@@ -257,13 +262,15 @@ def test_rms_norm_eps_for_engines_is_checked(tmp_path):
     cfg = MLAConfig(rank=20, rope_select="per_frequency", method="whitened")
     model = _converted(tiny_gqa_llama(3, rms_norm_eps=1e-5), cfg)
     _, kept = deepseek_v3_model(model)
-    assert any("rms_norm_eps is 1e-05" in n and "3.16" in n for n in kept.engine_notes)
+    # an engine taking eps 1e-5 for the latent norm divides by √1e-5 where transformers takes √1e-6
+    assert any("rms_norm_eps is 1e-05" in n and "by 0.316" in n for n in kept.engine_notes)
     # the decoder norms' eps changed: a tiny random model's small hidden states feel it, and
-    # the check says so (the export writes nothing)
-    with pytest.raises(deepseek.DeepSeekMismatch, match="logits differ"):
+    # the check says so, naming the change asked for (the export writes nothing)
+    with pytest.raises(deepseek.DeepSeekMismatch,
+                       match=r"logits differ.*rms_norm_eps=1e-06 replaces the source's 1e-05.*rtol="):
         export_deepseek_v3(model, tmp_path / "ds", rms_norm_eps=1e-6)
     assert not (tmp_path / "ds").exists()
-    ds, info = deepseek_v3_model(model, rms_norm_eps=1e-6, rtol=0.05)
+    ds, info = deepseek_v3_model(model, rms_norm_eps=1e-6, rtol=0.05, untie_head=True)
     assert ds.config.rms_norm_eps == 1e-6 and info.engine_notes == []
     info = export_deepseek_v3(model, tmp_path / "ds", rms_norm_eps=1e-6, rtol=0.05)
     assert 1e-4 < info.max_abs_logit_diff / info.logit_scale < 0.05
@@ -286,11 +293,19 @@ def test_per_frequency_needs_pca_mixing():
 def test_tied_head_rewritten_apart_from_the_embedding_gets_its_own():
     model = _converted(tiny_gqa_llama(2, tie_word_embeddings=True),
                        MLAConfig(rank=12, rope_pairs=2, method="pca"))
-    ds, _ = deepseek_v3_model(model)
+    ds, info = deepseek_v3_model(model)
     assert ds.config.tie_word_embeddings and ds.lm_head.weight is ds.model.embed_tokens.weight
+    assert any(n.startswith("tie_word_embeddings=True") for n in info.engine_notes)
+    # untie_head: the same matrix, stored apart (engines without a tied DeepSeek head)
+    ds, info = deepseek_v3_model(model, untie_head=True)
+    assert not ds.config.tie_word_embeddings
+    assert ds.lm_head.weight is not ds.model.embed_tokens.weight
+    assert torch.equal(ds.lm_head.weight, ds.model.embed_tokens.weight)
+    assert not any("tie_word_embeddings" in n for n in info.engine_notes)
+    _close(_logits(model), _logits(ds))
     # a weights budget's form on a tied lm_head computes another matrix than the embedding
     head = torch.nn.Linear(96, 256, bias=False)
     model.lm_head = head
     ds, _ = deepseek_v3_model(model)
-    assert not ds.config.tie_word_embeddings
-    assert torch.equal(ds.lm_head.weight, head.weight) and _logits(ds).shape[-1] == 256
+    assert not ds.config.tie_word_embeddings and torch.equal(ds.lm_head.weight, head.weight)
+    _close(_logits(model), _logits(ds))

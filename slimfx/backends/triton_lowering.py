@@ -151,8 +151,11 @@ def _hint(n: Any) -> int:
     if isinstance(n, torch.SymInt):
         from torch.fx.experimental import symbolic_shapes as ss
 
-        # torch ≥ 2.13 names it optimization_hint; 2.11 / 2.12 hint_int
-        hint = getattr(ss, "optimization_hint", None) or ss.hint_int
+        # torch ≥ 2.13 names it optimization_hint; 2.11 size_hint (its hint_int, kept for
+        # older releases, warns FutureWarning there)
+        hint = (
+            getattr(ss, "optimization_hint", None) or getattr(ss, "size_hint", None) or ss.hint_int
+        )
         try:
             return int(hint(n, fallback=1))
         except Exception:  # noqa: BLE001 - a size with no hint at all: assume one row

@@ -466,7 +466,8 @@ def split(plan: Any) -> tuple[Any, dict]:
 def apply(pl: Planning, decisions: dict) -> list[str]:
     """Apply the attention decisions to ``pl.rewritten``: KV forms (low-rank ones fitted from
     k_proj's Gram), then MLA conversions (fitted on the calibration batches through the
-    rewritten model, ``forms.mla.candidates.apply_mla``)."""
+    rewritten model, ``forms.mla.candidates.apply_mla``); an MLA decision the fit completed
+    (``rope_share``'s chosen ``rope_kept``) replaces the plan's."""
     from slimfx.forms.kv.apply import apply_kv_plan
     from slimfx.forms.mla.candidates import apply_mla
     from slimfx.forms.mla.config import MLAConfig
@@ -483,4 +484,9 @@ def apply(pl: Planning, decisions: dict) -> list[str]:
         if not pl.fit_batches:
             raise ValueError("MLA decisions are fitted on calibration data: pass calibration=")
         done += apply_mla(pl.rewritten, pl.attention_sites, mla, pl.fit_batches)
+        mods = dict(pl.rewritten.named_modules())
+        for fqn, asked in mla.items():  # a shared RoPE choice is made while fitting: the plan
+            got = getattr(mods.get(fqn), "mla_config", None)  # records it (rope_kept)
+            if got is not None and got != asked and pl.plan is not None:
+                pl.plan.decisions[fqn] = got
     return done

@@ -407,6 +407,10 @@ def _export_deepseek(model, a: argparse.Namespace) -> str:
              f"qk_rope_head_dim {info.qk_rope_head_dim}, {info.cache_values} cache values per "
              f"token and layer); logits within {info.max_abs_logit_diff:.2g} of the model's "
              f"(scale {info.logit_scale:.3g})"]
+    held = info.converted_cache_values
+    if min(held) < info.cache_values:
+        lines.append(f"  padding: the blocks hold {min(held)}–{max(held)} values per token, the "
+                     f"checkpoint {info.cache_values} (one shape for every layer)")
     lines += [f"  engines: {n}" for n in info.engine_notes]
     return "\n".join(lines)
 
@@ -546,8 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--untie-head", action="store_true",
                    help="--deepseek: write lm_head.weight apart from a tied embedding")
     e.add_argument("--rms-norm-eps", type=float, default=None,
-                   help="--deepseek: the config's rms_norm_eps (1e-6: what engines use for the "
-                   "latent norm agrees with transformers)")
+                   help="--deepseek: the config's rms_norm_eps (1e-6 for engines' latent norm)")
     e.add_argument("--rtol", type=float, default=None,
                    help="--deepseek: the logit check's tolerance, relative to the logits' scale")
     e.add_argument("--no-verify", action="store_true",

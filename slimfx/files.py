@@ -20,7 +20,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 __all__ = [
@@ -144,23 +144,27 @@ def check_replaceable(d: Path) -> None:
 
 def writable_target(
     directory: str | os.PathLike[str], what: str, overwrite: bool,
-    ours: Callable[[Path], bool] | None = None, kind: str = "",
+    ours: Callable[[Path], bool] | None = None, kind: str = "", own: Collection[str] = (),
+    cli: bool = True,
 ) -> Path:
     """The directory ``what`` (a save or export) writes for ``directory`` (:func:`target`), an
     interrupted earlier commit put back (:func:`recover`), checked before any work: a file
     there, or a non-empty directory that is not ``ours`` (``kind`` names what ``ours`` accepts,
-    for the message) without ``overwrite``, raise ``FileExistsError``; then
-    :func:`check_replaceable`."""
+    for the message) without ``overwrite``, raise ``FileExistsError`` naming its first files,
+    those not in ``own`` (the names ``what`` writes) first; ``cli``: the message names the CLI's
+    ``--overwrite`` too. Then :func:`check_replaceable`."""
     d = target(directory)
     recover(d)
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is a file; {what} writes a directory")
     if d.is_dir() and any(d.iterdir()) and not overwrite and not (ours is not None and ours(d)):
-        names = sorted(p.name for p in d.iterdir())
+        names = sorted((p.name for p in d.iterdir()), key=lambda n: (n in own, n))
         shown = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        if ours is not None and names[0] in own:
+            shown += ": no valid manifest"
+        flag = " (CLI --overwrite)" if cli else ""
         raise FileExistsError(f"{d} is a non-empty directory{kind} ({shown}); save elsewhere, "
-                              "or pass overwrite=True (CLI --overwrite) to replace the whole "
-                              "directory")
+                              f"or pass overwrite=True{flag} to replace the whole directory")
     check_replaceable(d)
     return d
 

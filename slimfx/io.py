@@ -115,17 +115,21 @@ def weights_path(d: Path, info: Mapping[str, Any]) -> Path:
     return d / (WEIGHTS_FILE if info.get("version", 1) >= 2 else _V1_WEIGHTS_FILE)
 
 
-def is_slimfx_save(directory: str | Path) -> bool:
-    """Whether ``directory`` holds an earlier ``slimfx.save`` and nothing else."""
-    d = Path(directory)
+def _own_names(d: Path) -> tuple[set[str], bool]:
+    """The file names a save at ``d`` may hold (its manifest's too), and whether it has a
+    readable manifest."""
     try:
         info = _manifest(d)
     except ValueError:
-        return False
-    if info is None:
-        return False
-    own = _OWN_FILES | set(info.get("files", {}))
-    return all(p.name in own for p in d.iterdir())
+        info = None
+    return _OWN_FILES | set((info or {}).get("files", {})), info is not None
+
+
+def is_slimfx_save(directory: str | Path) -> bool:
+    """Whether ``directory`` holds an earlier ``slimfx.save`` and nothing else."""
+    d = Path(directory)
+    own, manifest = _own_names(d)
+    return manifest and all(p.name in own for p in d.iterdir())
 
 
 def check_save_target(d: Path, overwrite: bool = False) -> Path:
@@ -134,7 +138,8 @@ def check_save_target(d: Path, overwrite: bool = False) -> Path:
     directory that is not an earlier slimfx save, ``ValueError`` where no save could replace
     it."""
     return files.writable_target(d, "slimfx.save", overwrite, is_slimfx_save,
-                                 " that is not an earlier slimfx save")
+                                 " that is not an earlier slimfx save",
+                                 own=_own_names(files.target(d))[0])
 
 
 def save(

@@ -143,6 +143,16 @@ def test_save_refuses_a_foreign_directory_unless_overwrite(saved, tmp_path):
         slimfx.save(new, d)
     with pytest.raises(FileExistsError, match="is a file"):
         slimfx.save(new, d / "extra.txt")
+    # the user's files are named before a save's own names; a save without its manifest is
+    # said to be one
+    (d / "zz-notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"save \(extra\.txt, zz-notes\.txt, plan\.json"):
+        slimfx.save(new, d)
+    (d / "zz-notes.txt").unlink()
+    (d / "extra.txt").unlink()
+    (d / "slimfx.json").unlink()
+    with pytest.raises(FileExistsError, match=r"slimfx save \([^)]*: no valid manifest\)"):
+        slimfx.save(new, d)
 
 
 def test_a_save_keeps_links_modes_and_the_working_directory(saved, tmp_path, monkeypatch):

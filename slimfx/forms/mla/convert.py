@@ -218,11 +218,15 @@ def _shared_entries(
         shapes[i].num_kv_heads, shapes[i].head_dim, plan[i].rope_pairs, plan[i].rope_select,
         plan[i].rope_mix,
     )
-    if len({key(i) for i in layers}) > 1:
+    groups: dict[tuple, list[int]] = {}
+    for i in layers:
+        groups.setdefault(key(i), []).append(i)
+    if len(groups) > 1:  # a conversion-wide choice: refused even with strict=False
         raise ValueError(
             "rope_share chooses one set of RoPE entries for every layer converted with it: those "
-            "layers differ in kv heads, head_dim, rope_pairs, rope_select or rope_mix "
-            f"({sorted({key(i) for i in layers})}); convert them separately"
+            "layers differ in (kv heads, head_dim, rope_pairs, rope_select, rope_mix): "
+            + "; ".join(f"layers {v}: {k}" for k, v in groups.items())
+            + " — convert them separately (model unchanged)"
         )
     f64 = torch.float64
     total = None

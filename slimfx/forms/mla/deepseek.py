@@ -157,8 +157,10 @@ def _check(model: nn.Module, drop_latent_rounding: bool) -> dict[int, MLAAttenti
     if not layers or missing:
         raise ValueError(
             "export_deepseek_v3: every layer must be converted to MLA (DeepSeek-V3 has one "
-            f"attention shape for all layers); not converted: layers {missing} (slimfx optimize "
-            "offers only MLA with --kv-forms mla)")
+            f"attention shape for all layers); not converted: layers {missing} (a budget may keep "
+            "a layer's 16-bit cache, even with only MLA offered: convert every layer with "
+            "slimfx.forms.mla.convert_model, one config for all — the checkpoint pads each layer "
+            "to the largest rank)")
     rounded = [i for i, a in layers.items() if a.latent_bits != 16]
     if rounded and not drop_latent_rounding:
         raise ValueError(
@@ -321,11 +323,15 @@ def deepseek_v3_model(
     changing (the logit check measures what that costs: pass ``rtol`` to accept it).
     ``untie_head``: a head tied to the embedding gets its own ``lm_head.weight`` (engines whose
     DeepSeek model has no tied head need it; ``vocab × hidden`` more bytes)."""
+    for name, v in (("rms_norm_eps", rms_norm_eps), ("rtol", rtol)):
+        if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"export_deepseek_v3: {name} must be a finite number > 0, got {v!r}")
     model = getattr(model, "_orig_mod", model)
     ds, info = _build(model, drop_latent_rounding, rms_norm_eps, untie_head)
     src_eps = getattr(model.config, "rms_norm_eps", None)
     hint = (f"rms_norm_eps={rms_norm_eps:g} replaces the source's {src_eps:g} in every decoder "
-            "norm: pass rtol= (CLI --rtol) to accept what that changes"
+            f"norm: {'a larger' if rtol is not None else 'pass'} rtol= (CLI --rtol) accepts "
+            "what that changes"
             if rms_norm_eps is not None and src_eps is not None and rms_norm_eps != src_eps
             else "a decoder that is not Llama-style — a scaled embedding, 1 + w norms, residual "
             "multipliers — has no DeepSeek-V3 equivalent")

@@ -179,7 +179,7 @@ def key_space(
     second moment (RoRoPE-style: RoPE commutes with mixing heads at one frequency, so the
     positional energy of a frequency concentrates in its first components). The ``K·p`` entries
     with the best score keep their rotation; ``cfg.rope_kept`` names them instead (entry
-    ``i·K + j``: one choice shared by several layers, ``convert_model(share_rope=True)``)."""
+    ``i·K + j``: one choice shared by several layers, ``MLAConfig(rope_share=True)``)."""
     d = wk.shape[0] // K
     half = d // 2
     U, score = entry_scores(cfg, wq, wk, gram, calib, inv_freq, H, K)

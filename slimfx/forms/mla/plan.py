@@ -28,17 +28,17 @@ __all__ = ["MLA_LADDER", "ladder_context", "mla_options", "empty_mla_like_plan"]
 #: the MLA candidates the solver is offered per site: latent ranks (fractions of the full
 #: rank) × int8 / 16-bit latents × 16-bit / int8 factors (the int8 ones only where the budget
 #: counts weights: ``mla_options(int8_factors=)``), with RoPE kept on 10 of 32 frequency pairs
-#: per kv head (the best measured on SmolLM2; ``rope_share`` of the pairs at other head dims)
+#: per kv head (the best measured on SmolLM2; ``rope_fraction`` of the pairs at other head dims)
 MLA_LADDER = dict(
     rank_fractions=(0.25, 0.5, 0.75), latent_bits=(8, 16), factor_bits=(16, 8),
-    rope_share=10 / 32,
+    rope_fraction=10 / 32,
 )
 
 
 def ladder_context(head_dim: int, int8_factors: bool = True) -> MLAContext:
-    """The ladder's MLA variants at a head dim: ``rope_share`` of its pairs, both latent widths,
+    """The ladder's MLA variants at a head dim: ``rope_fraction`` of its pairs, both latent widths,
     both factor widths (16-bit only without ``int8_factors``)."""
-    pairs = max(1, round(MLA_LADDER["rope_share"] * head_dim / 2))  # type: ignore[operator]
+    pairs = max(1, round(MLA_LADDER["rope_fraction"] * head_dim / 2))  # type: ignore[operator]
     fbits = MLA_LADDER["factor_bits"] if int8_factors else (16,)
     return MLAContext(base=MLAConfig(rope_pairs=pairs), latent_bits=MLA_LADDER["latent_bits"],
                       factor_bits=fbits)  # type: ignore[arg-type]

@@ -118,7 +118,7 @@ def save_converted(model: nn.Module, directory: str | Path, *, overwrite: bool =
     if config is None or not hasattr(config, "to_json_string"):
         raise ValueError("save_converted: the model has no Hugging Face config to rebuild it from")
     d = files.writable_target(directory, "save_converted", overwrite, _is_mla_save,
-                              " that is not an earlier MLA save")
+                              " that is not an earlier MLA save", cli=False)
     with files.writing(d) as tmp:
         save_model(model, str(tmp / _WEIGHTS))
         (tmp / "config.json").write_text(config.to_json_string())

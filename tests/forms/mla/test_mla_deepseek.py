@@ -270,6 +270,11 @@ def test_rms_norm_eps_for_engines_is_checked(tmp_path):
                        match=r"logits differ.*rms_norm_eps=1e-06 replaces the source's 1e-05.*rtol="):
         export_deepseek_v3(model, tmp_path / "ds", rms_norm_eps=1e-6)
     assert not (tmp_path / "ds").exists()
+    with pytest.raises(deepseek.DeepSeekMismatch, match="a larger rtol="):
+        deepseek_v3_model(model, rms_norm_eps=1e-6, rtol=1e-5)
+    for bad in ({"rtol": 0.0}, {"rtol": float("nan")}, {"rms_norm_eps": 0}, {"rms_norm_eps": -1e-6}):
+        with pytest.raises(ValueError, match="must be a finite number > 0"):
+            deepseek_v3_model(model, **bad)
     ds, info = deepseek_v3_model(model, rms_norm_eps=1e-6, rtol=0.05, untie_head=True)
     assert ds.config.rms_norm_eps == 1e-6 and info.engine_notes == []
     info = export_deepseek_v3(model, tmp_path / "ds", rms_norm_eps=1e-6, rtol=0.05)

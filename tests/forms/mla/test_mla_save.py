@@ -86,8 +86,9 @@ def test_refuses_unconverted_model_and_foreign_directory(tmp_path):
     model, _ = _converted()
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=r"not an earlier MLA save \(notes\.txt\)"):
+    with pytest.raises(FileExistsError, match=r"not an earlier MLA save \(notes\.txt\)") as e:
         save_converted(model, tmp_path / "b")
+    assert "CLI" not in str(e.value)  # save_converted has no command line
     assert (tmp_path / "b" / "notes.txt").read_text() == "keep me"
 
 
